@@ -1,0 +1,41 @@
+// `strata generate`: load a model and generate from one prompt locally,
+// streaming the text (or one JSON object per token with --json).
+#ifndef STRATA_CLI_GENERATE_COMMAND_H_
+#define STRATA_CLI_GENERATE_COMMAND_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+
+namespace strata::cli {
+
+struct GenerateFlags {
+  std::string model_dir;
+  std::string prompt;
+  std::string prompt_ids;  // comma-separated
+  int max_tokens = 64;
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  int top_k = 0;
+  uint64_t seed = 0;
+  std::string backend = "cpu";
+  std::string dummy_weights;
+  bool logprobs = false;
+  bool json = false;
+  bool ignore_eos = false;
+  std::vector<std::string> stop;
+  std::string stop_token_ids;
+  int threads = 0;
+  int max_batch_tokens = 2048;
+};
+
+// Registers the subcommand; `run` is called with its flags when chosen.
+void AddGenerateCommand(CLI::App& app, GenerateFlags& flags, int& exit_code);
+
+int RunGenerate(const GenerateFlags& flags);
+
+}  // namespace strata::cli
+
+#endif  // STRATA_CLI_GENERATE_COMMAND_H_

@@ -1,0 +1,22 @@
+// The strata binary. Subcommands:
+//   generate   local generation from one prompt (cli/generate_command.h)
+#include <cstdio>
+
+#include "CLI/CLI.hpp"
+#include "cli/generate_command.h"
+#include "common/logging.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"strata: LLM serving with tiered, recallable KV cache"};
+  app.require_subcommand(1);
+  std::string log_level = "warn";
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off");
+  int exit_code = 0;
+  strata::cli::GenerateFlags generate_flags;
+  strata::cli::AddGenerateCommand(app, generate_flags, exit_code);
+  app.parse_complete_callback([&] {
+    if (!strata::SetLogLevel(log_level)) std::fprintf(stderr, "unknown --log-level %s\n", log_level.c_str());
+  });
+  CLI11_PARSE(app, argc, argv);
+  return exit_code;
+}

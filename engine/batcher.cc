@@ -1,0 +1,290 @@
+#include "engine/batcher.h"
+
+#include <algorithm>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace strata::engine {
+
+std::string_view FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kCancelled:
+      return "cancelled";
+  }
+  return "?";
+}
+
+struct Batcher::Sequence {
+  explicit Sequence(GenerationRequest r) : req(std::move(r)), sampler(req.sampling) {
+    tokens = req.prompt;
+  }
+  GenerationRequest req;
+  std::vector<int32_t> tokens;  // prompt + generated
+  int num_computed = 0;         // tokens whose KV is in the cache
+  int generated = 0;
+  std::vector<int32_t> pages;
+  Sampler sampler;
+  std::optional<IncrementalDetokenizer> detok;
+  std::string text;   // decoded output so far
+  size_t emitted = 0;  // bytes of `text` already returned
+  bool finished = false;
+};
+
+Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions options)
+    : model_(model),
+      tokenizer_(tokenizer),
+      options_(options),
+      pages_(model->options().num_pages) {
+  for (int id : model->config().eos_token_ids) eos_ids_.push_back(id);
+  if (tokenizer_ != nullptr) {
+    for (int32_t id : tokenizer_->eos_ids()) {
+      if (std::find(eos_ids_.begin(), eos_ids_.end(), id) == eos_ids_.end()) eos_ids_.push_back(id);
+    }
+  }
+}
+
+Batcher::~Batcher() = default;
+
+absl::Status Batcher::Add(GenerationRequest request) {
+  const ModelConfig& config = model_->config();
+  const ModelOptions& opts = model_->options();
+  auto bad = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat("request ", request.id, ": ", what));
+  };
+  if (request.prompt.empty()) return bad("prompt is empty");
+  for (int32_t id : request.prompt) {
+    if (id < 0 || id >= config.vocab_size) {
+      return bad(absl::StrCat("prompt token id ", id, " outside the vocabulary of ", config.vocab_size));
+    }
+  }
+  for (int32_t id : request.stop_token_ids) {
+    if (id < 0 || id >= config.vocab_size) {
+      return bad(absl::StrCat("stop token id ", id, " outside the vocabulary"));
+    }
+  }
+  if (request.max_tokens <= 0) return bad("max_tokens must be positive");
+  if (static_cast<int>(request.prompt.size()) >= opts.max_context) {
+    return bad(absl::StrCat("prompt of ", request.prompt.size(), " tokens leaves no room in the context of ",
+                            opts.max_context));
+  }
+  const int64_t pages_needed = (static_cast<int64_t>(request.prompt.size()) + opts.page_size) / opts.page_size;
+  if (pages_needed > pages_.num_pages()) {
+    return bad(absl::StrCat("prompt needs ", pages_needed, " KV pages, the cache has ", pages_.num_pages()));
+  }
+  if (!request.stop_strings.empty() && tokenizer_ == nullptr) {
+    return bad("stop strings need a tokenizer");
+  }
+  for (const auto& s : request.stop_strings) {
+    if (s.empty()) return bad("stop strings must not be empty");
+  }
+  STRATA_RETURN_IF_ERROR(request.sampling.Validate());
+  auto same_id = [&](const std::unique_ptr<Sequence>& s) { return s->req.id == request.id; };
+  if (std::any_of(waiting_.begin(), waiting_.end(), same_id) ||
+      std::any_of(running_.begin(), running_.end(), same_id)) {
+    return bad("a request with this id is already running");
+  }
+  auto seq = std::make_unique<Sequence>(std::move(request));
+  if (tokenizer_ != nullptr) seq->detok.emplace(tokenizer_, /*skip_special_tokens=*/true);
+  waiting_.push_back(std::move(seq));
+  return absl::OkStatus();
+}
+
+void Batcher::Cancel(uint64_t request_id) {
+  auto cancel = [&](auto& container) {
+    for (auto it = container.begin(); it != container.end(); ++it) {
+      if ((*it)->req.id == request_id) {
+        pages_.Free((*it)->pages);
+        container.erase(it);
+        cancelled_.push_back(request_id);
+        return true;
+      }
+    }
+    return false;
+  };
+  if (!cancel(waiting_)) cancel(running_);
+}
+
+bool Batcher::EnsurePages(Sequence& seq, int tokens) {
+  const int page_size = model_->options().page_size;
+  const int needed = (tokens + page_size - 1) / page_size - static_cast<int>(seq.pages.size());
+  return needed <= 0 || pages_.Allocate(needed, seq.pages);
+}
+
+void Batcher::Preempt(Sequence& seq) {
+  pages_.Free(seq.pages);
+  seq.num_computed = 0;  // recomputed from its tokens (prompt + output so far)
+}
+
+void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>& events) {
+  // Text held back (a possible stop-string prefix, bytes of an unfinished
+  // character) goes out with the last event. Stop conditions have already
+  // settled the text themselves.
+  if (reason == FinishReason::kLength) {
+    if (seq.detok) seq.text += seq.detok->Flush();
+    events.back().text += seq.text.substr(seq.emitted);
+    seq.emitted = seq.text.size();
+  }
+  events.back().finish = reason;
+  seq.finished = true;
+  pages_.Free(seq.pages);
+}
+
+void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<TokenEvent>& events) {
+  const ModelOptions& opts = model_->options();
+  seq.tokens.push_back(token.id);
+  ++seq.generated;
+  events.push_back({seq.req.id, token.id, token.logprob, "", FinishReason::kNone});
+
+  const bool is_eos = !seq.req.ignore_eos &&
+                      std::find(eos_ids_.begin(), eos_ids_.end(), token.id) != eos_ids_.end();
+  const bool is_stop_id = std::find(seq.req.stop_token_ids.begin(), seq.req.stop_token_ids.end(),
+                                    token.id) != seq.req.stop_token_ids.end();
+  if (is_eos || is_stop_id) {
+    if (seq.detok) seq.text += seq.detok->Flush();
+    events.back().text = seq.text.substr(seq.emitted);
+    seq.emitted = seq.text.size();
+    Finish(seq, FinishReason::kStop, events);
+    return;
+  }
+  if (seq.detok) seq.text += seq.detok->Push(token.id);
+
+  // Stop strings: cut the text at the earliest match.
+  size_t longest_stop = 0;
+  size_t match = std::string::npos;
+  for (const auto& stop : seq.req.stop_strings) {
+    longest_stop = std::max(longest_stop, stop.size());
+    const size_t from = seq.emitted >= stop.size() ? seq.emitted - stop.size() + 1 : 0;
+    const size_t at = seq.text.find(stop, from);
+    if (at != std::string::npos) match = std::min(match, at);
+  }
+  if (match != std::string::npos) {
+    events.back().text = seq.text.substr(seq.emitted, match > seq.emitted ? match - seq.emitted : 0);
+    seq.text.resize(std::max(match, seq.emitted));
+    seq.emitted = seq.text.size();
+    Finish(seq, FinishReason::kStop, events);
+    return;
+  }
+  if (seq.generated >= seq.req.max_tokens ||
+      static_cast<int>(seq.tokens.size()) >= opts.max_context) {
+    Finish(seq, FinishReason::kLength, events);
+    return;
+  }
+  // Hold back a tail that could still grow into a stop string.
+  size_t hold = 0;
+  for (const auto& stop : seq.req.stop_strings) {
+    for (size_t len = std::min(stop.size() - 1, seq.text.size() - seq.emitted); len > hold; --len) {
+      if (seq.text.compare(seq.text.size() - len, len, stop, 0, len) == 0) {
+        hold = len;
+        break;
+      }
+    }
+  }
+  const size_t ready = seq.text.size() - hold;
+  if (ready > seq.emitted) {
+    events.back().text = seq.text.substr(seq.emitted, ready - seq.emitted);
+    seq.emitted = ready;
+  }
+}
+
+absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
+  std::vector<TokenEvent> events;
+  for (uint64_t id : cancelled_) events.push_back({id, -1, 0.0f, "", FinishReason::kCancelled});
+  cancelled_.clear();
+
+  const ModelOptions& opts = model_->options();
+  StepInput in;
+  in.query_start.push_back(0);
+  std::vector<Sequence*> step_seqs;
+  std::vector<int> step_rows;  // chunk length per sequence in the step
+  std::vector<bool> samples;   // whether the sequence samples this step
+  int budget = opts.max_batch_tokens;
+  auto add_rows = [&](Sequence& seq, int count, bool sample) {
+    for (int j = 0; j < count; ++j) {
+      in.token_ids.push_back(seq.tokens[seq.num_computed + j]);
+      in.positions.push_back(seq.num_computed + j);
+    }
+    in.query_start.push_back(static_cast<int32_t>(in.token_ids.size()));
+    in.context_len.push_back(seq.num_computed + count);
+    in.block_tables.push_back(seq.pages);
+    if (sample) in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
+    step_seqs.push_back(&seq);
+    step_rows.push_back(count);
+    samples.push_back(sample);
+    budget -= count;
+  };
+
+  // 1. Decodes, oldest first; preempt the newest when pages run out.
+  for (size_t i = 0; i < running_.size() && budget > 0 &&
+                     static_cast<int>(step_seqs.size()) < opts.max_seqs;) {
+    Sequence& seq = *running_[i];
+    if (EnsurePages(seq, seq.num_computed + 1)) {
+      add_rows(seq, 1, true);
+      ++i;
+      continue;
+    }
+    Sequence& victim = *running_.back();
+    Preempt(victim);
+    waiting_.push_front(std::move(running_.back()));
+    running_.pop_back();
+    // If the victim was `seq` itself, the loop ends (i == size).
+  }
+  // 2. Prefill chunks, oldest first, in the remaining budget.
+  int prefill_budget = options_.max_prefill_tokens_per_step > 0
+                           ? std::min(budget, options_.max_prefill_tokens_per_step)
+                           : budget;
+  for (auto& seq_ptr : waiting_) {
+    if (prefill_budget <= 0 || static_cast<int>(step_seqs.size()) >= opts.max_seqs) break;
+    Sequence& seq = *seq_ptr;
+    const int remaining = static_cast<int>(seq.tokens.size()) - seq.num_computed;
+    const int chunk = std::min(remaining, prefill_budget);
+    if (!EnsurePages(seq, seq.num_computed + chunk)) break;  // wait for pages
+    add_rows(seq, chunk, chunk == remaining);
+    prefill_budget -= chunk;
+  }
+  last_step_tokens_ = static_cast<int>(in.token_ids.size());
+  if (in.token_ids.empty()) {
+    if (!waiting_.empty() && running_.empty()) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("request ", waiting_.front()->req.id, " does not fit in the KV cache (",
+                       pages_.num_free(), " free pages)"));
+    }
+    return events;
+  }
+
+  STRATA_ASSIGN_OR_RETURN(std::vector<float> logits, model_->Forward(in));
+  const int vocab = model_->config().vocab_size;
+  int logit_index = 0;
+  for (size_t k = 0; k < step_seqs.size(); ++k) {
+    Sequence& seq = *step_seqs[k];
+    seq.num_computed += step_rows[k];
+    if (!samples[k]) continue;
+    const float* row = logits.data() + static_cast<size_t>(logit_index++) * vocab;
+    const SampledToken token = seq.sampler.Sample(std::span<const float>(row, vocab));
+    EmitToken(seq, token, events);
+  }
+  // Sequences whose prompt is done join the running batch; finished leave.
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    Sequence& seq = **it;
+    if (seq.finished) {
+      it = waiting_.erase(it);
+    } else if (seq.num_computed == static_cast<int>(seq.tokens.size()) - 1 && seq.generated > 0 &&
+               seq.num_computed > 0) {
+      running_.push_back(std::move(*it));
+      it = waiting_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::erase_if(running_, [](const std::unique_ptr<Sequence>& s) { return s->finished; });
+  return events;
+}
+
+}  // namespace strata::engine

@@ -1,0 +1,110 @@
+// Batcher: continuous batching over a Model.
+//
+// Requests join and leave the running batch between steps. Each Step():
+//  1. every running sequence whose prompt is done contributes one decode
+//     token (taking a new KV page when it crosses a page boundary);
+//  2. waiting sequences contribute prefill chunks, oldest first, up to the
+//     step's token budget (long prompts are split over several steps);
+//  3. the Model runs the mixed batch once; each sequence that produced
+//     logits samples its next token, which is detokenized and checked
+//     against the stop conditions (EOS, stop token ids, stop strings, max
+//     tokens, context length).
+// When KV pages run out, the newest running sequence is preempted: its
+// pages are freed and it is recomputed from its tokens later (its output so
+// far is kept, so the stream it produces does not change).
+//
+// Thread-safety: not thread-safe; one thread owns the batcher and calls
+// Add, Cancel and Step.
+#ifndef STRATA_ENGINE_BATCHER_H_
+#define STRATA_ENGINE_BATCHER_H_
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model.h"
+#include "engine/page_allocator.h"
+#include "engine/sampler.h"
+#include "engine/tokenizer.h"
+
+namespace strata::engine {
+
+struct GenerationRequest {
+  uint64_t id = 0;
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  int max_tokens = 16;
+  std::vector<int32_t> stop_token_ids;
+  std::vector<std::string> stop_strings;
+  bool ignore_eos = false;
+};
+
+enum class FinishReason { kNone, kStop, kLength, kCancelled };
+std::string_view FinishReasonName(FinishReason reason);
+
+// One generated token of one request.
+struct TokenEvent {
+  uint64_t request_id = 0;
+  int32_t token_id = 0;
+  float logprob = 0.0f;
+  std::string text;  // complete UTF-8; empty for held-back bytes and specials
+  FinishReason finish = FinishReason::kNone;  // set on the request's last event
+};
+
+struct BatcherOptions {
+  // Prefill tokens per step are limited by the model's max_batch_tokens;
+  // this caps them lower so decodes are not starved by long prompts.
+  int max_prefill_tokens_per_step = 0;  // 0: max_batch_tokens
+};
+
+class Batcher {
+ public:
+  // tokenizer may be null (then events carry no text and stop strings are
+  // refused). Model and tokenizer must outlive the batcher.
+  Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions options = {});
+  ~Batcher();
+
+  // Queues a request. InvalidArgument for an empty prompt, ids outside the
+  // vocabulary, a prompt that leaves no room to generate, bad sampling
+  // values, or a duplicate id.
+  absl::Status Add(GenerationRequest request);
+  // Stops a request; its KV is freed now and a final event with kCancelled
+  // is returned by the next Step. Unknown ids are ignored.
+  void Cancel(uint64_t request_id);
+
+  bool HasWork() const { return !waiting_.empty() || !running_.empty() || !cancelled_.empty(); }
+  // Runs one step; returns the tokens it produced.
+  absl::StatusOr<std::vector<TokenEvent>> Step();
+
+  int num_running() const { return static_cast<int>(running_.size()); }
+  int num_waiting() const { return static_cast<int>(waiting_.size()); }
+  int free_pages() const { return pages_.num_free(); }
+  // Tokens processed by the last step (prefill + decode).
+  int last_step_tokens() const { return last_step_tokens_; }
+
+ private:
+  struct Sequence;
+
+  bool EnsurePages(Sequence& seq, int tokens);
+  void Preempt(Sequence& seq);
+  void Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>& events);
+  void EmitToken(Sequence& seq, const SampledToken& token, std::vector<TokenEvent>& events);
+
+  Model* model_;
+  const Tokenizer* tokenizer_;
+  BatcherOptions options_;
+  PageAllocator pages_;
+  std::vector<int32_t> eos_ids_;
+  std::deque<std::unique_ptr<Sequence>> waiting_;   // prefill not finished
+  std::vector<std::unique_ptr<Sequence>> running_;  // decoding
+  std::vector<uint64_t> cancelled_;
+  int last_step_tokens_ = 0;
+};
+
+}  // namespace strata::engine
+
+#endif  // STRATA_ENGINE_BATCHER_H_

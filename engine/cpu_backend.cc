@@ -1,0 +1,337 @@
+#include "engine/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
+#include "common/thread_pool.h"
+
+namespace strata::engine {
+namespace {
+
+absl::Status ShapeError(absl::string_view op, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("cpu ", op, ": ", what));
+}
+
+absl::Status Expect(absl::string_view op, const Tensor& t, DType dtype, int rank,
+                    absl::string_view name) {
+  if (!t.defined()) return ShapeError(op, absl::StrCat(name, " is undefined"));
+  if (t.dtype() != dtype || t.rank() != rank) {
+    return ShapeError(op, absl::StrCat(name, " must be ", DTypeName(dtype), " of rank ", rank,
+                                       ", got ", t.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+// The same summation order for every call, so results do not depend on
+// which rows are batched together. Eight partial sums let the compiler
+// vectorise without reassociating (no -ffast-math needed).
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  }
+  for (; i < n; ++i) acc[i & 7] += a[i] * b[i];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int num_threads) : pool_(num_threads) {}
+
+  std::string_view name() const override { return "cpu"; }
+  DType activation_dtype() const override { return DType::kF32; }
+
+  absl::StatusOr<Tensor> Allocate(DType dtype, std::vector<int64_t> shape) override {
+    if (dtype != DType::kF32 && dtype != DType::kI32) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cpu backend stores F32 and I32 only, asked for ", DTypeName(dtype)));
+    }
+    int64_t n = 1;
+    for (int64_t d : shape) {
+      if (d < 0) return absl::InvalidArgumentError("cpu Allocate: negative dimension");
+      n *= d;
+    }
+    const size_t bytes = std::max<size_t>(64, static_cast<size_t>(n) * 4);
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(absl::StrCat("cpu Allocate: out of memory for ", bytes, " bytes"));
+    }
+    return Tensor(std::shared_ptr<void>(p, std::free), dtype, std::move(shape));
+  }
+
+  absl::Status CopyFromHost(const void* src, DType src_dtype, int64_t count, Tensor& dst,
+                            int64_t dst_offset) override {
+    if (dst_offset < 0 || count < 0 || dst_offset + count > dst.numel()) {
+      return ShapeError("CopyFromHost", absl::StrCat("range [", dst_offset, ", ", dst_offset + count,
+                                                     ") outside ", dst.DebugString()));
+    }
+    if (dst.dtype() == DType::kI32) {
+      if (src_dtype != DType::kI32) return ShapeError("CopyFromHost", "I32 tensors take I32 data only");
+      std::memcpy(dst.data_as<int32_t>() + dst_offset, src, count * 4);
+      return absl::OkStatus();
+    }
+    float* out = dst.data_as<float>() + dst_offset;
+    switch (src_dtype) {
+      case DType::kF32:
+        std::memcpy(out, src, count * 4);
+        break;
+      case DType::kBF16: {
+        const auto* in = static_cast<const uint16_t*>(src);
+        pool_.ParallelFor(count, 1 << 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) out[i] = Bf16ToFloat(in[i]);
+        });
+        break;
+      }
+      case DType::kF16: {
+        const auto* in = static_cast<const uint16_t*>(src);
+        pool_.ParallelFor(count, 1 << 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) out[i] = Fp16ToFloat(in[i]);
+        });
+        break;
+      }
+      case DType::kI32:
+        return ShapeError("CopyFromHost", "I32 data into an F32 tensor");
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status CopyToHost(const Tensor& src, void* dst) override {
+    std::memcpy(dst, src.data(), src.numel() * 4);
+    return absl::OkStatus();
+  }
+
+  absl::Status FillRandom(Tensor& t, uint64_t seed, float scale) override {
+    if (t.dtype() != DType::kF32) return ShapeError("FillRandom", "needs an F32 tensor");
+    float* p = t.data_as<float>();
+    pool_.ParallelFor(t.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) p[i] = scale * HashUniform(seed, static_cast<uint64_t>(i));
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Fill(Tensor& t, float value) override {
+    if (t.dtype() == DType::kI32) {
+      std::fill_n(t.data_as<int32_t>(), t.numel(), static_cast<int32_t>(value));
+    } else {
+      std::fill_n(t.data_as<float>(), t.numel(), value);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Synchronize() override { return absl::OkStatus(); }
+
+  absl::Status Gather(const Tensor& table, const Tensor& ids, Tensor& out) override {
+    if (auto s = Expect("Gather", table, DType::kF32, 2, "table"); !s.ok()) return s;
+    if (auto s = Expect("Gather", ids, DType::kI32, 1, "ids"); !s.ok()) return s;
+    const int64_t rows = ids.dim(0), width = table.dim(1);
+    if (out.numel() != rows * width) return ShapeError("Gather", "out has the wrong size");
+    const int32_t* id = ids.data_as<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      if (id[r] < 0 || id[r] >= table.dim(0)) {
+        return ShapeError("Gather", absl::StrCat("id ", id[r], " outside [0, ", table.dim(0), ")"));
+      }
+      std::memcpy(out.data_as<float>() + r * width, table.data_as<float>() + id[r] * width, width * 4);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    const int64_t width = weight.numel();
+    if (x.numel() % width != 0 || out.numel() != x.numel()) return ShapeError("RmsNorm", "shape mismatch");
+    const int64_t rows = x.numel() / width;
+    pool_.ParallelFor(rows, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        NormRow(x.data_as<float>() + r * width, weight.data_as<float>(), width, eps,
+                out.data_as<float>() + r * width);
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+                          Tensor& out) override {
+    const int64_t width = weight.numel();
+    if (residual.numel() != x.numel() || out.numel() != x.numel() || x.numel() % width != 0) {
+      return ShapeError("AddRmsNorm", "shape mismatch");
+    }
+    const int64_t rows = x.numel() / width;
+    pool_.ParallelFor(rows, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        float* res = residual.data_as<float>() + r * width;
+        const float* in = x.data_as<float>() + r * width;
+        for (int64_t i = 0; i < width; ++i) res[i] += in[i];
+        NormRow(res, weight.data_as<float>(), width, eps, out.data_as<float>() + r * width);
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Linear(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out) override {
+    if (auto s = Expect("Linear", weight, DType::kF32, 2, "weight"); !s.ok()) return s;
+    const int64_t n = weight.dim(0), k = weight.dim(1);
+    if (x.numel() % k != 0) {
+      return ShapeError("Linear", absl::StrCat("x ", x.DebugString(), " vs weight ", weight.DebugString()));
+    }
+    const int64_t t = x.numel() / k;
+    if (out.numel() != t * n) return ShapeError("Linear", "out has the wrong size");
+    if (bias.defined() && bias.numel() != n) return ShapeError("Linear", "bias has the wrong size");
+    const float* xp = x.data_as<float>();
+    const float* wp = weight.data_as<float>();
+    const float* bp = bias.defined() ? bias.data_as<float>() : nullptr;
+    float* op = out.data_as<float>();
+    // Columns in blocks so each weight row is read once per block of tokens.
+    pool_.ParallelFor(n, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        const float* w = wp + j * k;
+        const float add = bp ? bp[j] : 0.0f;
+        for (int64_t r = 0; r < t; ++r) op[r * n + j] = Dot(xp + r * k, w, k) + add;
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status Rope(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
+                    const Tensor& inv_freq) override {
+    const int64_t width = layout.row_width();
+    const int d = layout.head_dim, half = d / 2;
+    if (qkv.numel() % width != 0) return ShapeError("Rope", "qkv width mismatch");
+    const int64_t t = qkv.numel() / width;
+    if (positions.numel() != t || inv_freq.numel() != half || inv_freq.dtype() != DType::kF32) {
+      return ShapeError("Rope", "positions or inv_freq size mismatch");
+    }
+    const int heads = layout.num_q_heads + layout.num_kv_heads;
+    pool_.ParallelFor(t, 4, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float pos = static_cast<float>(positions.data_as<int32_t>()[r]);
+        for (int i = 0; i < half; ++i) {
+          const float angle = pos * inv_freq.data_as<float>()[i];
+          const float c = std::cos(angle), s = std::sin(angle);
+          for (int h = 0; h < heads; ++h) {
+            float* x = qkv.data_as<float>() + r * width + int64_t{h} * d;
+            const float x0 = x[i], x1 = x[i + half];
+            x[i] = x0 * c - x1 * s;
+            x[i + half] = x1 * c + x0 * s;
+          }
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status SiluMul(const Tensor& gate_up, Tensor& out) override {
+    const int64_t inter = out.dim(-1);
+    if (gate_up.numel() != 2 * out.numel()) return ShapeError("SiluMul", "shape mismatch");
+    const int64_t t = out.numel() / inter;
+    pool_.ParallelFor(t, 4, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* g = gate_up.data_as<float>() + r * 2 * inter;
+        float* o = out.data_as<float>() + r * inter;
+        for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * g[inter + i];
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
+                       Tensor& k_cache, Tensor& v_cache) override {
+    const int64_t width = layout.row_width();
+    const int64_t kv_width = int64_t{layout.num_kv_heads} * layout.head_dim;
+    const int64_t t = qkv.numel() / width;
+    if (slots.numel() != t) return ShapeError("WriteKv", "slots size mismatch");
+    const int64_t capacity = k_cache.numel() / kv_width;
+    const int64_t q_width = int64_t{layout.num_q_heads} * layout.head_dim;
+    for (int64_t r = 0; r < t; ++r) {
+      const int32_t slot = slots.data_as<int32_t>()[r];
+      if (slot < 0 || slot >= capacity) {
+        return ShapeError("WriteKv", absl::StrCat("slot ", slot, " outside the cache of ", capacity));
+      }
+      const float* row = qkv.data_as<float>() + r * width;
+      std::memcpy(k_cache.data_as<float>() + slot * kv_width, row + q_width, kv_width * 4);
+      std::memcpy(v_cache.data_as<float>() + slot * kv_width, row + q_width + kv_width, kv_width * 4);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Attention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
+                         const Tensor& v_cache, const AttentionBatch& batch, float scale,
+                         int sliding_window, Tensor& out) override {
+    const int64_t width = layout.row_width();
+    const int d = layout.head_dim;
+    const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, group = hq / hkv;
+    const int64_t kv_width = int64_t{hkv} * d;
+    const int64_t t = qkv.numel() / width;
+    if (out.numel() != t * hq * d) return ShapeError("Attention", "out size mismatch");
+    if (static_cast<int>(batch.host_query_start.size()) != batch.num_seqs + 1 ||
+        batch.host_query_start.back() != t) {
+      return ShapeError("Attention", "query_start does not cover the batch");
+    }
+    // Which sequence each row belongs to.
+    std::vector<int32_t> row_seq(t);
+    for (int s = 0; s < batch.num_seqs; ++s) {
+      for (int32_t r = batch.host_query_start[s]; r < batch.host_query_start[s + 1]; ++r) row_seq[r] = s;
+    }
+    const int32_t* table = batch.block_table.data_as<int32_t>();
+    pool_.ParallelFor(t * hq, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> scores;
+      for (int64_t item = b; item < e; ++item) {
+        const int64_t r = item / hq;
+        const int h = static_cast<int>(item % hq);
+        const int s = row_seq[r];
+        const int q_len = batch.host_query_start[s + 1] - batch.host_query_start[s];
+        const int pos = batch.host_context_len[s] - q_len + static_cast<int>(r - batch.host_query_start[s]);
+        const int first = sliding_window > 0 ? std::max(0, pos - sliding_window + 1) : 0;
+        const float* q = qkv.data_as<float>() + r * width + int64_t{h} * d;
+        const int kvh = h / group;
+        scores.resize(pos - first + 1);
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int p = first; p <= pos; ++p) {
+          const int64_t slot = int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} *
+                                   batch.page_size + p % batch.page_size;
+          const float sc = Dot(q, k_cache.data_as<float>() + slot * kv_width + int64_t{kvh} * d, d) * scale;
+          scores[p - first] = sc;
+          max_score = std::max(max_score, sc);
+        }
+        float denom = 0;
+        for (float& sc : scores) {
+          sc = std::exp(sc - max_score);
+          denom += sc;
+        }
+        float* o = out.data_as<float>() + r * hq * d + int64_t{h} * d;
+        std::fill_n(o, d, 0.0f);
+        for (int p = first; p <= pos; ++p) {
+          const int64_t slot = int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} *
+                                   batch.page_size + p % batch.page_size;
+          const float* v = v_cache.data_as<float>() + slot * kv_width + int64_t{kvh} * d;
+          const float w = scores[p - first] / denom;
+          for (int i = 0; i < d; ++i) o[i] += w * v[i];
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+ private:
+  static void NormRow(const float* x, const float* w, int64_t n, float eps, float* out) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+  }
+
+  ThreadPool pool_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> CreateCpuBackend(int num_threads) {
+  return std::make_unique<CpuBackend>(num_threads);
+}
+
+}  // namespace strata::engine

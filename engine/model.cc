@@ -1,0 +1,210 @@
+#include "engine/model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace strata::engine {
+
+Model::Model(const ModelConfig& config, ModelWeights weights, Backend* backend,
+             const ModelOptions& options)
+    : config_(config), weights_(std::move(weights)), backend_(backend), options_(options) {
+  layout_ = {config.num_q_heads, config.num_kv_heads, config.head_dim};
+}
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
+                                                     ModelWeights weights, Backend* backend,
+                                                     const ModelOptions& options) {
+  ModelOptions o = options;
+  if (o.max_batch_tokens <= 0 || o.max_seqs <= 0 || o.max_context <= 0 || o.page_size <= 0) {
+    return absl::InvalidArgumentError("model options: sizes must be positive");
+  }
+  o.max_context = std::min(o.max_context, config.max_position_embeddings);
+  o.max_seqs = std::min(o.max_seqs, o.max_batch_tokens);
+  const int blocks = (o.max_context + o.page_size - 1) / o.page_size;
+  if (o.num_pages <= 0) o.num_pages = blocks * o.max_seqs;
+  if (o.max_logit_rows <= 0) o.max_logit_rows = o.max_seqs;
+  o.max_logit_rows = std::min(o.max_logit_rows, o.max_batch_tokens);
+  std::unique_ptr<Model> model(new Model(config, std::move(weights), backend, o));
+  model->max_blocks_per_seq_ = blocks;
+  STRATA_RETURN_IF_ERROR(model->AllocateBuffers());
+  return model;
+}
+
+int64_t Model::kv_bytes_per_token() const {
+  return int64_t{2} * config_.num_layers * config_.num_kv_heads * config_.head_dim *
+         static_cast<int64_t>(DTypeSize(backend_->activation_dtype()));
+}
+
+absl::Status Model::AllocateBuffers() {
+  Backend& b = *backend_;
+  const DType dt = b.activation_dtype();
+  const int64_t t = options_.max_batch_tokens, s = options_.max_seqs;
+  const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
+  for (int i = 0; i < config_.num_layers; ++i) {
+    const std::vector<int64_t> shape = {options_.num_pages, options_.page_size, config_.num_kv_heads,
+                                        config_.head_dim};
+    STRATA_ASSIGN_OR_RETURN(Tensor k, b.Allocate(dt, shape));
+    STRATA_ASSIGN_OR_RETURN(Tensor v, b.Allocate(dt, shape));
+    k_cache_.push_back(std::move(k));
+    v_cache_.push_back(std::move(v));
+  }
+  const std::vector<float> inv_freq = config_.RopeInvFreq();
+  STRATA_ASSIGN_OR_RETURN(inv_freq_, b.Allocate(DType::kF32, {static_cast<int64_t>(inv_freq.size())}));
+  STRATA_RETURN_IF_ERROR(
+      b.CopyFromHost(inv_freq.data(), DType::kF32, inv_freq.size(), inv_freq_, 0));
+  STRATA_ASSIGN_OR_RETURN(ids_, b.Allocate(DType::kI32, {t}));
+  STRATA_ASSIGN_OR_RETURN(positions_, b.Allocate(DType::kI32, {t}));
+  STRATA_ASSIGN_OR_RETURN(slots_, b.Allocate(DType::kI32, {t}));
+  STRATA_ASSIGN_OR_RETURN(query_start_, b.Allocate(DType::kI32, {s + 1}));
+  STRATA_ASSIGN_OR_RETURN(context_len_, b.Allocate(DType::kI32, {s}));
+  STRATA_ASSIGN_OR_RETURN(block_table_, b.Allocate(DType::kI32, {s, max_blocks_per_seq_}));
+  const int64_t logit_rows = options_.max_logit_rows;
+  STRATA_ASSIGN_OR_RETURN(logit_rows_, b.Allocate(DType::kI32, {logit_rows}));
+  STRATA_ASSIGN_OR_RETURN(residual_, b.Allocate(dt, {t, h}));
+  STRATA_ASSIGN_OR_RETURN(normed_, b.Allocate(dt, {t, h}));
+  STRATA_ASSIGN_OR_RETURN(qkv_, b.Allocate(dt, {t, layout_.row_width()}));
+  STRATA_ASSIGN_OR_RETURN(attn_, b.Allocate(dt, {t, int64_t{config_.num_q_heads} * config_.head_dim}));
+  STRATA_ASSIGN_OR_RETURN(proj_, b.Allocate(dt, {t, h}));
+  STRATA_ASSIGN_OR_RETURN(gate_up_, b.Allocate(dt, {t, 2 * inter}));
+  STRATA_ASSIGN_OR_RETURN(act_, b.Allocate(dt, {t, inter}));
+  STRATA_ASSIGN_OR_RETURN(last_, b.Allocate(dt, {logit_rows, h}));
+  STRATA_ASSIGN_OR_RETURN(logits_, b.Allocate(dt, {logit_rows, config_.vocab_size}));
+  host_table_.assign(static_cast<size_t>(s) * max_blocks_per_seq_, 0);
+  return b.Synchronize();
+}
+
+absl::Status Model::Validate(const StepInput& in) const {
+  const int64_t t = static_cast<int64_t>(in.token_ids.size());
+  const int num_seqs = static_cast<int>(in.context_len.size());
+  auto bad = [](const std::string& what) { return absl::InvalidArgumentError("forward step: " + what); };
+  if (t == 0) return bad("no tokens");
+  if (t > options_.max_batch_tokens) {
+    return bad(absl::StrCat(t, " tokens exceed max_batch_tokens ", options_.max_batch_tokens));
+  }
+  if (num_seqs == 0 || num_seqs > options_.max_seqs) {
+    return bad(absl::StrCat(num_seqs, " sequences (allowed 1..", options_.max_seqs, ")"));
+  }
+  if (in.positions.size() != in.token_ids.size()) return bad("positions and token_ids differ in length");
+  if (static_cast<int>(in.query_start.size()) != num_seqs + 1 || in.query_start[0] != 0 ||
+      in.query_start.back() != t || static_cast<int>(in.block_tables.size()) != num_seqs) {
+    return bad("query_start / block_tables do not match the sequences");
+  }
+  if (static_cast<int>(in.logit_rows.size()) > options_.max_logit_rows) {
+    return bad("logit_rows names more than max_logit_rows rows");
+  }
+  for (int32_t id : in.token_ids) {
+    if (id < 0 || id >= config_.vocab_size) {
+      return bad(absl::StrCat("token id ", id, " outside the vocabulary of ", config_.vocab_size));
+    }
+  }
+  for (int32_t r : in.logit_rows) {
+    if (r < 0 || r >= t) return bad(absl::StrCat("logit row ", r, " outside the step"));
+  }
+  for (int s = 0; s < num_seqs; ++s) {
+    const int q_len = in.query_start[s + 1] - in.query_start[s];
+    const int ctx = in.context_len[s];
+    if (q_len <= 0 || ctx < q_len) return bad(absl::StrCat("sequence ", s, ": bad query/context length"));
+    if (ctx > options_.max_context) {
+      return bad(absl::StrCat("sequence ", s, ": context ", ctx, " exceeds max_context ", options_.max_context));
+    }
+    const auto& table = in.block_tables[s];
+    if (static_cast<int64_t>(table.size()) * options_.page_size < ctx ||
+        static_cast<int>(table.size()) > max_blocks_per_seq_) {
+      return bad(absl::StrCat("sequence ", s, ": block table of ", table.size(), " pages for ", ctx, " tokens"));
+    }
+    for (int32_t page : table) {
+      if (page < 0 || page >= options_.num_pages) return bad(absl::StrCat("page ", page, " outside the cache"));
+    }
+    for (int j = 0; j < q_len; ++j) {
+      if (in.positions[in.query_start[s] + j] != ctx - q_len + j) {
+        return bad(absl::StrCat("sequence ", s, ": positions must continue the cached context"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
+  STRATA_RETURN_IF_ERROR(Validate(in));
+  Backend& b = *backend_;
+  const int64_t t = static_cast<int64_t>(in.token_ids.size());
+  const int num_seqs = static_cast<int>(in.context_len.size());
+  const int rows_out = static_cast<int>(in.logit_rows.size());
+
+  // Slots and the block table for this step.
+  host_slots_.resize(t);
+  AttentionBatch batch;
+  batch.num_seqs = num_seqs;
+  batch.max_blocks_per_seq = max_blocks_per_seq_;
+  batch.page_size = options_.page_size;
+  batch.host_query_start = in.query_start;
+  batch.host_context_len = in.context_len;
+  for (int s = 0; s < num_seqs; ++s) {
+    const auto& table = in.block_tables[s];
+    std::copy(table.begin(), table.end(), host_table_.begin() + int64_t{s} * max_blocks_per_seq_);
+    for (int32_t r = in.query_start[s]; r < in.query_start[s + 1]; ++r) {
+      const int32_t pos = in.positions[r];
+      host_slots_[r] = table[pos / options_.page_size] * options_.page_size + pos % options_.page_size;
+    }
+    batch.max_query_len = std::max(batch.max_query_len, in.query_start[s + 1] - in.query_start[s]);
+    batch.max_context_len = std::max(batch.max_context_len, in.context_len[s]);
+  }
+  Tensor ids = ids_.Rows(0, t), positions = positions_.Rows(0, t), slots = slots_.Rows(0, t);
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.token_ids.data(), DType::kI32, t, ids, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.positions.data(), DType::kI32, t, positions, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_slots_.data(), DType::kI32, t, slots, 0));
+  batch.query_start = query_start_.Rows(0, num_seqs + 1);
+  batch.context_len = context_len_.Rows(0, num_seqs);
+  batch.block_table = block_table_.Rows(0, num_seqs);
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.query_start.data(), DType::kI32, num_seqs + 1, batch.query_start, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.context_len.data(), DType::kI32, num_seqs, batch.context_len, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_table_.data(), DType::kI32,
+                                        int64_t{num_seqs} * max_blocks_per_seq_, batch.block_table, 0));
+
+  Tensor residual = residual_.Rows(0, t), normed = normed_.Rows(0, t), qkv = qkv_.Rows(0, t);
+  Tensor attn = attn_.Rows(0, t), proj = proj_.Rows(0, t), gate_up = gate_up_.Rows(0, t),
+         act = act_.Rows(0, t);
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
+
+  STRATA_RETURN_IF_ERROR(b.Gather(weights_.embed, ids, residual));
+  for (int i = 0; i < config_.num_layers; ++i) {
+    const LayerWeights& l = weights_.layers[i];
+    if (i == 0) {
+      STRATA_RETURN_IF_ERROR(b.RmsNorm(residual, l.input_norm, eps, normed));
+    } else {  // adds the previous layer's MLP output
+      STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, l.input_norm, eps, normed));
+    }
+    STRATA_RETURN_IF_ERROR(b.Linear(normed, l.qkv, l.qkv_bias, qkv));
+    STRATA_RETURN_IF_ERROR(b.Rope(qkv, layout_, positions, inv_freq_));
+    STRATA_RETURN_IF_ERROR(b.WriteKv(qkv, layout_, slots, k_cache_[i], v_cache_[i]));
+    STRATA_RETURN_IF_ERROR(b.Attention(qkv, layout_, k_cache_[i], v_cache_[i], batch, scale,
+                                       config_.sliding_window, attn));
+    STRATA_RETURN_IF_ERROR(b.Linear(attn, l.o_proj, Tensor(), proj));
+    STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, l.post_norm, eps, normed));
+    STRATA_RETURN_IF_ERROR(b.Linear(normed, l.gate_up, Tensor(), gate_up));
+    STRATA_RETURN_IF_ERROR(b.SiluMul(gate_up, act));
+    STRATA_RETURN_IF_ERROR(b.Linear(act, l.down, Tensor(), proj));
+  }
+  // Only the requested rows go through the final norm and lm_head; a step
+  // of prefill chunks that end mid-prompt needs none.
+  if (rows_out == 0) {
+    STRATA_RETURN_IF_ERROR(b.Synchronize());
+    return std::vector<float>();
+  }
+  Tensor rows = logit_rows_.Rows(0, rows_out), last = last_.Rows(0, rows_out);
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.logit_rows.data(), DType::kI32, rows_out, rows, 0));
+  STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, weights_.final_norm, eps, normed));
+  STRATA_RETURN_IF_ERROR(b.Gather(normed, rows, last));
+  Tensor logits = logits_.Rows(0, rows_out);
+  STRATA_RETURN_IF_ERROR(b.Linear(last, weights_.lm_head, Tensor(), logits));
+  std::vector<float> out(static_cast<size_t>(rows_out) * config_.vocab_size);
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(logits, out.data()));
+  return out;
+}
+
+}  // namespace strata::engine

@@ -1,0 +1,90 @@
+// Model: the Llama-family transformer forward pass, written once against
+// engine::Backend, over a paged KV cache.
+//
+// One Forward call runs one batcher step: any mix of prefill chunks and
+// decode tokens from different sequences (StepInput). Each layer:
+//   h = norm(x); qkv = h Wqkv (+b); rope(q, k); write k, v to the cache;
+//   a = paged causal attention; x += a Wo; h = norm(x);
+//   x += down(silu(h Wgate) * h Wup)
+// and the last hidden state of the requested rows goes through the final
+// norm and lm_head. Activation buffers are allocated once, for the largest
+// step the options allow, so a step allocates nothing.
+//
+// Thread-safety: one thread at a time (it drives a Backend).
+#ifndef STRATA_ENGINE_MODEL_H_
+#define STRATA_ENGINE_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/model_config.h"
+#include "engine/weights.h"
+
+namespace strata::engine {
+
+struct ModelOptions {
+  int max_batch_tokens = 2048;  // tokens per step (prefill chunks + decodes)
+  int max_seqs = 64;            // sequences per step
+  int max_context = 4096;       // tokens per sequence (capped by the config)
+  int page_size = 16;           // tokens per KV page
+  int num_pages = 0;            // KV pages in the cache; 0: max_seqs full contexts
+  int max_logit_rows = 0;       // rows of logits per step; 0: max_seqs
+};
+
+// The tokens of one step, grouped by sequence (see AttentionBatch).
+struct StepInput {
+  std::vector<int32_t> token_ids;    // [T]
+  std::vector<int32_t> positions;    // [T]
+  std::vector<int32_t> query_start;  // [S + 1]
+  std::vector<int32_t> context_len;  // [S]: cache length after this step
+  // Per sequence, its pages in order (at least ceil(context_len / page_size)).
+  std::vector<std::vector<int32_t>> block_tables;
+  // Rows whose next-token logits are wanted (e.g. each sequence's last row);
+  // may be empty when no sequence samples in this step.
+  std::vector<int32_t> logit_rows;
+};
+
+class Model {
+ public:
+  static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config,
+                                                       ModelWeights weights, Backend* backend,
+                                                       const ModelOptions& options);
+
+  // Runs the step; returns logits [logit_rows.size(), vocab] in fp32.
+  // Validates the input (ids in the vocabulary, positions in the context,
+  // pages in the cache) and returns InvalidArgument instead of running.
+  absl::StatusOr<std::vector<float>> Forward(const StepInput& input);
+
+  const ModelConfig& config() const { return config_; }
+  const ModelOptions& options() const { return options_; }
+  Backend& backend() { return *backend_; }
+  int64_t weight_bytes() const { return weights_.bytes; }
+  int64_t kv_bytes_per_token() const;
+
+ private:
+  Model(const ModelConfig& config, ModelWeights weights, Backend* backend,
+        const ModelOptions& options);
+  absl::Status AllocateBuffers();
+  absl::Status Validate(const StepInput& input) const;
+
+  ModelConfig config_;
+  ModelWeights weights_;
+  Backend* backend_;
+  ModelOptions options_;
+  QkvLayout layout_;
+  int max_blocks_per_seq_ = 0;
+
+  std::vector<Tensor> k_cache_, v_cache_;  // per layer [pages, page, Hkv, D]
+  Tensor inv_freq_;
+  // Step buffers sized for max_batch_tokens / max_seqs.
+  Tensor ids_, positions_, slots_, query_start_, context_len_, block_table_, logit_rows_;
+  Tensor residual_, normed_, qkv_, attn_, proj_, gate_up_, act_, last_, logits_;
+  std::vector<int32_t> host_slots_, host_table_;
+};
+
+}  // namespace strata::engine
+
+#endif  // STRATA_ENGINE_MODEL_H_
