@@ -11,8 +11,12 @@
 
 namespace strata::testing_util {
 
+// The fixtures live in the source tree; STRATA_FIXTURES_DIR in the
+// environment overrides the compiled-in path (e.g. when the test binaries
+// run on another machine from a copy of the tree).
 inline std::string FixturePath(const std::string& relative) {
-  return std::string(STRATA_FIXTURES_DIR) + "/" + relative;
+  const char* env = std::getenv("STRATA_FIXTURES_DIR");
+  return std::string(env != nullptr ? env : STRATA_FIXTURES_DIR) + "/" + relative;
 }
 
 // A fresh directory under the test temp dir, removed at destruction.

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds strata with the CUDA backend and gathers the binaries and the
+# non-system shared libraries they need into .gpu/{bin,lib}, so they can be
+# copied to a GPU machine that has the NVIDIA driver and CUDA runtime
+# libraries (cuBLAS) but not the Debian packages strata builds against.
+#
+# On the GPU machine, from the repository root:
+#   export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64
+#   STRATA_FIXTURES_DIR=$PWD/tests/fixtures .gpu/bin/strata_cuda_tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/build.sh -DSTRATA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a
+rm -rf .gpu
+mkdir -p .gpu/bin .gpu/lib
+for b in build/cli/strata build/tests/strata_engine_tests build/tests/cuda/strata_cuda_tests; do
+  cp "$b" .gpu/bin/
+done
+# Shared libraries, minus the C runtime and the CUDA libraries the GPU
+# machine provides itself.
+for b in .gpu/bin/*; do
+  ldd "$b" | awk '$3 ~ /^\// {print $3}'
+done | sort -u | grep -v -E '/(libc|libm|libpthread|libdl|librt|libgcc_s|libstdc\+\+|ld-linux[^/]*|libcublas[^/]*|libcublasLt[^/]*|libcudart[^/]*|libcuda)\.so' \
+  | while read -r lib; do cp -L "$lib" .gpu/lib/; done
+# libstdc++ from Debian 12 is older than the GPU machine's; ship it anyway so
+# either host works.
+cp -L "$(g++ -print-file-name=libstdc++.so.6)" .gpu/lib/
+du -sh .gpu
