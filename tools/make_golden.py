@@ -19,6 +19,7 @@ tests/fixtures):
 
 Usage: python3 tools/make_golden.py [OUT]
 """
+import copy
 import json
 import os
 import sys
@@ -161,29 +162,57 @@ def make_sentencepiece():
     print(f"tokenizer sentencepiece: vocab {sp.get_piece_size()}, {len(cases)} cases")
 
 
+def greedy_with_margin(model, ids, steps=32):
+    """Greedy continuation and the smallest top-1/top-2 logit gap on its path."""
+    with torch.no_grad():
+        out = model.generate(ids[None], max_new_tokens=steps, do_sample=False,
+                             min_new_tokens=steps, pad_token_id=0)
+        full = model(out).logits[0, len(ids) - 1:-1].float()
+        top2 = full.topk(2, dim=-1).values
+    return out[0, len(ids):], (top2[:, 0] - top2[:, 1]).min().item()
+
+
+def max_row_rel_error(a, b):
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+
 def save_golden(model, d, vocab, seed):
+    """Writes golden.safetensors for two prompt lengths.
+
+    A greedy path can only be compared across precisions where its top-1 /
+    top-2 margins exceed the precision's rounding noise, so for each length
+    the prompt with the widest smallest margin among 16 candidates is kept
+    (its margin is recorded). bf16_error_<i> is transformers' own bf16
+    forward's max row relative logit error against the fp32 reference: the
+    yardstick the bf16 CUDA backend is held to.
+    """
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
     tensors, summary = {}, {"prompts": []}
     min_margin = float("inf")
     for i, length in enumerate((7, 40)):
-        # A counting run with a random prefix: the trained pattern plus noise.
-        ids = torch.randint(3, vocab, (length,), generator=g)
-        ids[length // 2:] = (ids[length // 2] + torch.arange(length - length // 2)) % vocab
+        best = None
+        for _ in range(16):
+            # A counting run with a random prefix: the trained pattern plus noise.
+            ids = torch.randint(3, vocab, (length,), generator=g)
+            ids[length // 2:] = (ids[length // 2] + torch.arange(length - length // 2)) % vocab
+            greedy, margin = greedy_with_margin(model, ids)
+            if best is None or margin > best[2]:
+                best = (ids, greedy, margin)
+        ids, greedy, margin = best
         with torch.no_grad():
             logits = model(ids[None]).logits[0].float()
-            out = model.generate(ids[None], max_new_tokens=32, do_sample=False,
-                                 min_new_tokens=32, pad_token_id=0)
-            greedy = out[0, length:]
-            full = model(out).logits[0, length - 1:-1].float()
-            top2 = full.topk(2, dim=-1).values
-            margin = (top2[:, 0] - top2[:, 1]).min().item()
+            logits_bf16 = model_bf16(ids[None]).logits[0].float()
+        bf16_error = max_row_rel_error(logits_bf16, logits)
         min_margin = min(min_margin, margin)
         tensors[f"prompt_{i}"] = ids.to(torch.int32)
         tensors[f"logits_{i}"] = logits.contiguous()
         tensors[f"greedy_{i}"] = greedy.to(torch.int32).contiguous()
-        summary["prompts"].append({"length": length, "greedy_min_margin": margin})
+        tensors[f"bf16_error_{i}"] = torch.tensor([bf16_error], dtype=torch.float32)
+        summary["prompts"].append({"length": length, "greedy_min_margin": margin,
+                                   "transformers_bf16_max_row_rel_error": bf16_error})
     save_file(tensors, os.path.join(d, "golden.safetensors"))
     write_json(os.path.join(d, "golden.json"), summary)
     return min_margin

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every GPU test and the generation smoke benchmarks on a GPU machine,
+# from a bundle made by tools/gpu-bundle.sh. Logs go to the folder given as
+# the first argument (default ./gpu-out). Prints a short summary last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export STRATA_FIXTURES_DIR=$PWD/tests/fixtures
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+
+.gpu/bin/strata_cuda_tests > "$out/cuda_tests.log" 2>&1
+cuda_rc=$?
+.gpu/bin/strata_engine_tests > "$out/engine_tests.log" 2>&1
+engine_rc=$?
+grep -E "relative error|FAILED|Failure" "$out/cuda_tests.log" | head -40
+
+echo "--- tiny model on cuda"
+.gpu/bin/strata generate --backend cuda --model models/tiny-llama --prompt "Return the number of" --max-tokens 40
+
+# Decode speed at batch 1 with a 1000-token prompt, random weights at real
+# shapes; the summary line has time to first token and decode tokens/s.
+ids=$(seq -s, 10 1009)
+for preset in llama-3-1b llama-3-8b qwen2-0.5b; do
+  .gpu/bin/strata generate --backend cuda --dummy-weights "$preset" --prompt-ids "$ids" \
+    --max-tokens 128 --ignore-eos --json > "$out/gen_$preset.jsonl" 2>"$out/gen_$preset.err"
+  echo "$preset $(tail -1 "$out/gen_$preset.jsonl")"
+done
+
+echo "=== summary"
+echo "cuda tests: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/cuda_tests.log" | head -2 | tr '\n' ' ') rc=$cuda_rc"
+echo "engine tests: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/engine_tests.log" | head -2 | tr '\n' ' ') rc=$engine_rc"

@@ -1,0 +1,773 @@
+#include "cuda/cuda_backend.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/hash/hash.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "cuda/cuda_utils.h"
+#include "cuda/kernels/attention.h"
+#include "cuda/kernels/elementwise.h"
+
+namespace strata::cuda {
+namespace {
+
+using engine::AttentionBatch;
+using engine::DType;
+using engine::QkvLayout;
+using engine::Tensor;
+
+// Host <-> device transfers are staged through kStagingSlots pinned buffers
+// of kStagingBytes each, used round-robin, so that copying the next chunk
+// into pinned memory on the host overlaps the DMA (and conversion) of the
+// previous ones. An event per slot says when its last transfer finished.
+constexpr int kStagingSlots = 4;
+constexpr size_t kStagingBytes = size_t{16} << 20;
+// cuBLASLt workspace; 32 MiB is what cuBLAS recommends for Hopper.
+constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
+
+std::string ShapeString(const Tensor& t) {
+  if (!t.defined()) return "<undefined>";
+  return t.DebugString();
+}
+
+// Largest power of two (<= 256) dividing the address: what cuBLASLt needs to
+// know to pick kernels that are legal for views at arbitrary row offsets.
+uint32_t PointerAlignment(const void* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  uint32_t alignment = 256;
+  while (alignment > 1 && (address % alignment) != 0) alignment >>= 1;
+  return alignment;
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Returns InvalidArgument "<op>: <what> (<tensor shapes>)" unless `ok`.
+absl::Status Check(bool ok, const char* op, absl::string_view what,
+                   std::initializer_list<const Tensor*> tensors = {}) {
+  if (ok) return absl::OkStatus();
+  std::vector<std::string> shapes;
+  for (const Tensor* t : tensors) shapes.push_back(ShapeString(*t));
+  return absl::InvalidArgumentError(absl::StrCat(op, ": ", what, shapes.empty() ? "" : " (",
+                                                 absl::StrJoin(shapes, ", "),
+                                                 shapes.empty() ? "" : ")"));
+}
+
+// ---- cuBLASLt plans ---------------------------------------------------------
+
+struct LtDescDeleter {
+  void operator()(cublasLtMatmulDescOpaque_t* d) const { cublasLtMatmulDescDestroy(d); }
+};
+struct LtLayoutDeleter {
+  void operator()(cublasLtMatrixLayoutOpaque_t* l) const { cublasLtMatrixLayoutDestroy(l); }
+};
+struct LtPreferenceDeleter {
+  void operator()(cublasLtMatmulPreferenceOpaque_t* p) const { cublasLtMatmulPreferenceDestroy(p); }
+};
+using LtDesc = std::unique_ptr<cublasLtMatmulDescOpaque_t, LtDescDeleter>;
+using LtLayout = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LtLayoutDeleter>;
+using LtPreference = std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, LtPreferenceDeleter>;
+
+// One GEMM configuration: shapes, bias epilogue and the pointer alignments
+// the heuristic was asked for.
+struct GemmKey {
+  int64_t tokens;
+  int64_t in_features;
+  int64_t out_features;
+  bool bias;
+  uint32_t align_x;
+  uint32_t align_w;
+  uint32_t align_out;
+  uint32_t align_bias;
+
+  bool operator==(const GemmKey&) const = default;
+  template <typename H>
+  friend H AbslHashValue(H h, const GemmKey& k) {
+    return H::combine(std::move(h), k.tokens, k.in_features, k.out_features, k.bias, k.align_x,
+                      k.align_w, k.align_out, k.align_bias);
+  }
+};
+
+// A cached cuBLASLt matmul: descriptors plus the heuristic's algorithm, or
+// `use_fallback` when cuBLASLt offers no algorithm for this configuration
+// (then cublasGemmEx plus a bias kernel is used).
+struct GemmPlan {
+  LtDesc desc;
+  LtLayout a;  // weight [N, K] row-major == K x N column-major, transposed
+  LtLayout b;  // x [T, K] row-major == K x T column-major
+  LtLayout c;  // out [T, N] row-major == N x T column-major
+  cublasLtMatmulAlgo_t algo{};
+  size_t workspace_bytes = 0;
+  bool use_fallback = false;
+};
+
+// ---- The backend ------------------------------------------------------------
+
+class CudaBackend final : public engine::Backend {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(int device);
+
+  std::string_view name() const override { return name_; }
+  DType activation_dtype() const override { return DType::kBF16; }
+
+  absl::StatusOr<Tensor> Allocate(DType dtype, std::vector<int64_t> shape) override;
+  absl::Status CopyFromHost(const void* src, DType src_dtype, int64_t count, Tensor& dst,
+                            int64_t dst_offset) override;
+  absl::Status CopyToHost(const Tensor& src, void* dst) override;
+  absl::Status FillRandom(Tensor& t, uint64_t seed, float scale) override;
+  absl::Status Fill(Tensor& t, float value) override;
+  absl::Status Synchronize() override;
+
+  absl::Status Gather(const Tensor& table, const Tensor& ids, Tensor& out) override;
+  absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
+  absl::Status AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
+                          Tensor& out) override;
+  absl::Status Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                      Tensor& out) override;
+  absl::Status Rope(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
+                    const Tensor& inv_freq) override;
+  absl::Status SiluMul(const Tensor& gate_up, Tensor& out) override;
+  absl::Status WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
+                       Tensor& k_cache, Tensor& v_cache) override;
+  absl::Status Attention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
+                         const Tensor& v_cache, const AttentionBatch& batch, float scale,
+                         int sliding_window, Tensor& out) override;
+
+  ~CudaBackend() override {
+    // Finish queued work before members (buffers, handles) are released.
+    LogIfError(cudaSetDevice(device_), "cudaSetDevice");
+    if (stream_.get() != nullptr)
+      LogIfError(cudaStreamSynchronize(stream_.get()), "cudaStreamSynchronize");
+  }
+
+ private:
+  CudaBackend() = default;
+
+  // Makes this backend's device current for the calling thread (cheap when
+  // it already is), so a process can drive backends on several GPUs.
+  absl::Status Activate() const;
+  cudaStream_t stream() const { return stream_.get(); }
+  absl::StatusOr<GemmPlan*> GetGemmPlan(const GemmKey& key, const void* bias);
+
+  int device_ = 0;
+  int num_sms_ = 1;
+  std::string name_;
+  CudaStream stream_;
+  CublasHandle cublas_;
+  CublasLtHandle cublas_lt_;
+  DeviceBuffer gemm_workspace_;
+  std::array<PinnedBuffer, kStagingSlots> pinned_;
+  std::array<DeviceBuffer, kStagingSlots> device_staging_;
+  std::array<CudaEvent, kStagingSlots> staging_done_;
+  int next_slot_ = 0;
+  DeviceBuffer copy_scratch_;         // CopyToHost conversions
+  DeviceBuffer attention_workspace_;  // split-KV decode partials
+  absl::flat_hash_map<GemmKey, std::unique_ptr<GemmPlan>> gemm_plans_;
+};
+
+absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
+  int count = 0;
+  const cudaError_t count_error = cudaGetDeviceCount(&count);
+  if (count_error != cudaSuccess) {
+    // Clear the sticky "last error" so later, unrelated checks don't see it.
+    cudaGetLastError();
+    return absl::UnavailableError(absl::StrCat(
+        "no usable CUDA device: cudaGetDeviceCount failed: ", cudaGetErrorName(count_error), " (",
+        cudaGetErrorString(count_error), ")"));
+  }
+  if (count == 0) return absl::UnavailableError("no usable CUDA device: no GPU found");
+  if (device < 0 || device >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("CUDA device ", device, " does not exist (", count, " device(s) found)"));
+  }
+
+  auto backend = std::unique_ptr<CudaBackend>(new CudaBackend());
+  backend->device_ = device;
+  STRATA_RETURN_IF_ERROR(backend->Activate());
+  cudaDeviceProp prop{};
+  STRATA_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&prop, device));
+  if (prop.major < 8) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("CUDA device ", device, " (", prop.name, ", sm_", prop.major, prop.minor,
+                     ") lacks bf16 support; compute capability 8.0 or newer is required"));
+  }
+  backend->num_sms_ = prop.multiProcessorCount;
+  backend->name_ = absl::StrCat("cuda:", device, " (", prop.name, ")");
+
+  STRATA_ASSIGN_OR_RETURN(backend->stream_, CudaStream::Create());
+  STRATA_ASSIGN_OR_RETURN(backend->cublas_, CublasHandle::Create());
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasSetStream(backend->cublas_.get(), backend->stream()));
+  STRATA_ASSIGN_OR_RETURN(backend->cublas_lt_, CublasLtHandle::Create());
+  STRATA_ASSIGN_OR_RETURN(backend->gemm_workspace_, DeviceBuffer::Allocate(kGemmWorkspaceBytes));
+  for (int i = 0; i < kStagingSlots; ++i) {
+    STRATA_ASSIGN_OR_RETURN(backend->pinned_[i], PinnedBuffer::Allocate(kStagingBytes));
+    STRATA_ASSIGN_OR_RETURN(backend->device_staging_[i], DeviceBuffer::Allocate(kStagingBytes));
+    STRATA_ASSIGN_OR_RETURN(backend->staging_done_[i], CudaEvent::Create());
+  }
+  return backend;
+}
+
+absl::Status CudaBackend::Activate() const {
+  STRATA_CUDA_RETURN_IF_ERROR(cudaSetDevice(device_));
+  return absl::OkStatus();
+}
+
+// ---- Memory -----------------------------------------------------------------
+
+absl::StatusOr<Tensor> CudaBackend::Allocate(DType dtype, std::vector<int64_t> shape) {
+  int64_t numel = 1;
+  for (int64_t d : shape) {
+    if (d < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Allocate: negative dimension in [", absl::StrJoin(shape, ", "), "]"));
+    }
+    numel *= d;
+  }
+  STRATA_RETURN_IF_ERROR(Activate());
+  // Never allocate zero bytes: cudaMalloc(0) yields nullptr, which would make
+  // an empty tensor look undefined.
+  const size_t bytes = std::max<size_t>(static_cast<size_t>(numel) * engine::DTypeSize(dtype), 16);
+  void* ptr = nullptr;
+  const cudaError_t error = cudaMalloc(&ptr, bytes);
+  if (error != cudaSuccess) {
+    cudaGetLastError();  // out-of-memory is not sticky; clear it for later checks
+    size_t free_bytes = 0;
+    size_t total_bytes = 0;
+    cudaMemGetInfo(&free_bytes, &total_bytes);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("Allocate(", engine::DTypeName(dtype), "[", absl::StrJoin(shape, ", "), "], ",
+                     bytes, " bytes) on cuda:", device_, " failed: ", cudaGetErrorString(error),
+                     "; ", free_bytes, " of ", total_bytes, " bytes free"));
+  }
+  const int device = device_;
+  // cudaFree implicitly synchronises the device, so freeing a tensor that
+  // queued kernels still use is safe.
+  std::shared_ptr<void> storage(ptr, [device](void* p) {
+    int current = -1;
+    cudaGetDevice(&current);
+    if (current != device) cudaSetDevice(device);
+    LogIfError(cudaFree(p), "cudaFree (tensor storage)");
+    if (current != device && current >= 0) cudaSetDevice(current);
+  });
+  return Tensor(std::move(storage), dtype, std::move(shape));
+}
+
+absl::Status CudaBackend::CopyFromHost(const void* src, DType src_dtype, int64_t count, Tensor& dst,
+                                       int64_t dst_offset) {
+  constexpr char kOp[] = "CopyFromHost";
+  STRATA_RETURN_IF_ERROR(Check(dst.defined(), kOp, "destination is undefined"));
+  STRATA_RETURN_IF_ERROR(Check(
+      count >= 0 && dst_offset >= 0 && dst_offset + count <= dst.numel(), kOp,
+      absl::StrCat("elements [", dst_offset, ", ", dst_offset + count, ") out of range"), {&dst}));
+  const bool int_copy = src_dtype == DType::kI32 || dst.dtype() == DType::kI32;
+  STRATA_RETURN_IF_ERROR(Check(!int_copy || src_dtype == dst.dtype(), kOp,
+                               absl::StrCat("cannot convert ", engine::DTypeName(src_dtype), " to ",
+                                            engine::DTypeName(dst.dtype())),
+                               {&dst}));
+  if (count == 0) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(Check(src != nullptr, kOp, "source is null"));
+  STRATA_RETURN_IF_ERROR(Activate());
+
+  const size_t src_size = engine::DTypeSize(src_dtype);
+  const size_t dst_size = engine::DTypeSize(dst.dtype());
+  const bool same = src_dtype == dst.dtype();
+  const int64_t chunk_elems = static_cast<int64_t>(kStagingBytes / src_size);
+  const auto* host = static_cast<const char*>(src);
+  char* device_base = static_cast<char*>(dst.data()) + dst_offset * dst_size;
+  for (int64_t done = 0; done < count; done += chunk_elems) {
+    const int64_t n = std::min(chunk_elems, count - done);
+    const size_t bytes = static_cast<size_t>(n) * src_size;
+    const int slot = next_slot_;
+    next_slot_ = (next_slot_ + 1) % kStagingSlots;
+    // The slot's previous transfer must have left the pinned (and device
+    // staging) buffer before it is overwritten.
+    STRATA_RETURN_IF_ERROR(staging_done_[slot].Synchronize());
+    std::memcpy(pinned_[slot].data(), host + done * src_size, bytes);
+    char* device_dst = device_base + done * dst_size;
+    if (same) {
+      STRATA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_dst, pinned_[slot].data(), bytes,
+                                                  cudaMemcpyHostToDevice, stream()));
+    } else {
+      STRATA_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_staging_[slot].data(),
+                                                  pinned_[slot].data(), bytes,
+                                                  cudaMemcpyHostToDevice, stream()));
+      STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchConvert(device_staging_[slot].data(), src_dtype,
+                                                         device_dst, dst.dtype(), n, stream()));
+    }
+    STRATA_RETURN_IF_ERROR(staging_done_[slot].Record(stream()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::CopyToHost(const Tensor& src, void* dst) {
+  constexpr char kOp[] = "CopyToHost";
+  STRATA_RETURN_IF_ERROR(Check(src.defined(), kOp, "source is undefined"));
+  const int64_t count = src.numel();
+  if (count == 0) return Synchronize();
+  STRATA_RETURN_IF_ERROR(Check(dst != nullptr, kOp, "destination is null"));
+  STRATA_RETURN_IF_ERROR(Activate());
+
+  // fp32 and int32 tensors are copied as they are; bf16/fp16 are widened to
+  // fp32 on the device chunk by chunk, then copied.
+  const DType out_dtype = src.dtype() == DType::kI32 ? DType::kI32 : DType::kF32;
+  const size_t src_size = engine::DTypeSize(src.dtype());
+  const int64_t chunk_elems = static_cast<int64_t>(kStagingBytes / 4);
+  if (src.dtype() != out_dtype) {
+    STRATA_RETURN_IF_ERROR(copy_scratch_.EnsureSize(kStagingBytes));
+  }
+  for (int64_t done = 0; done < count; done += chunk_elems) {
+    const int64_t n = std::min(chunk_elems, count - done);
+    const char* device_src = static_cast<const char*>(src.data()) + done * src_size;
+    const void* from = device_src;
+    if (src.dtype() != out_dtype) {
+      STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchConvert(
+          device_src, src.dtype(), copy_scratch_.data(), out_dtype, n, stream()));
+      from = copy_scratch_.data();
+    }
+    const int slot = next_slot_;
+    next_slot_ = (next_slot_ + 1) % kStagingSlots;
+    STRATA_RETURN_IF_ERROR(staging_done_[slot].Synchronize());
+    const size_t bytes = static_cast<size_t>(n) * 4;
+    STRATA_CUDA_RETURN_IF_ERROR(
+        cudaMemcpyAsync(pinned_[slot].data(), from, bytes, cudaMemcpyDeviceToHost, stream()));
+    STRATA_RETURN_IF_ERROR(staging_done_[slot].Record(stream()));
+    // Waits for everything enqueued before, which is what CopyToHost
+    // promises, and for this chunk.
+    STRATA_RETURN_IF_ERROR(staging_done_[slot].Synchronize());
+    std::memcpy(static_cast<char*>(dst) + done * 4, pinned_[slot].data(), bytes);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::FillRandom(Tensor& t, uint64_t seed, float scale) {
+  STRATA_RETURN_IF_ERROR(Check(t.defined() && t.dtype() != DType::kI32, "FillRandom",
+                               "needs a defined floating-point tensor", {&t}));
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(
+      kernels::LaunchFillRandom(t.data(), t.dtype(), t.numel(), seed, scale, stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Fill(Tensor& t, float value) {
+  STRATA_RETURN_IF_ERROR(Check(t.defined(), "Fill", "tensor is undefined"));
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchFill(t.data(), t.dtype(), t.numel(), value, stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Synchronize() {
+  STRATA_RETURN_IF_ERROR(Activate());
+  return stream_.Synchronize();
+}
+
+// ---- Operators --------------------------------------------------------------
+
+absl::Status CudaBackend::Gather(const Tensor& table, const Tensor& ids, Tensor& out) {
+  constexpr char kOp[] = "Gather";
+  STRATA_RETURN_IF_ERROR(Check(table.defined() && ids.defined() && out.defined(), kOp,
+                               "undefined tensor", {&table, &ids, &out}));
+  STRATA_RETURN_IF_ERROR(Check(table.rank() == 2 && ids.rank() == 1 && out.rank() == 2 &&
+                                   out.dim(0) == ids.dim(0) && out.dim(1) == table.dim(1),
+                               kOp, "expected table [V, H], ids [T], out [T, H]",
+                               {&table, &ids, &out}));
+  STRATA_RETURN_IF_ERROR(Check(
+      table.dtype() == DType::kBF16 && out.dtype() == DType::kBF16 && ids.dtype() == DType::kI32,
+      kOp, "expected bf16 table/out and i32 ids", {&table, &ids, &out}));
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchGather(table.data(), ids.data_as<int32_t>(),
+                                                    out.data(), ids.dim(0), table.dim(1),
+                                                    table.dim(0), stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+  constexpr char kOp[] = "RmsNorm";
+  STRATA_RETURN_IF_ERROR(Check(x.defined() && weight.defined() && out.defined(), kOp,
+                               "undefined tensor", {&x, &weight, &out}));
+  STRATA_RETURN_IF_ERROR(Check(
+      x.rank() >= 1 && weight.rank() == 1 && weight.dim(0) == x.dim(-1) && out.shape() == x.shape(),
+      kOp, "expected x [T, H], weight [H], out [T, H]", {&x, &weight, &out}));
+  STRATA_RETURN_IF_ERROR(Check(
+      x.dtype() == DType::kBF16 && weight.dtype() == DType::kBF16 && out.dtype() == DType::kBF16,
+      kOp, "expected bf16 tensors", {&x, &weight, &out}));
+  const int64_t hidden = x.dim(-1);
+  if (hidden == 0) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(
+      x.data(), nullptr, weight.data(), eps, out.data(), x.numel() / hidden, hidden, stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& weight,
+                                     float eps, Tensor& out) {
+  constexpr char kOp[] = "AddRmsNorm";
+  STRATA_RETURN_IF_ERROR(
+      Check(residual.defined() && x.defined() && weight.defined() && out.defined(), kOp,
+            "undefined tensor", {&residual, &x, &weight, &out}));
+  STRATA_RETURN_IF_ERROR(Check(x.rank() >= 1 && weight.rank() == 1 && weight.dim(0) == x.dim(-1) &&
+                                   out.shape() == x.shape() && residual.shape() == x.shape(),
+                               kOp, "expected residual, x, out [T, H] and weight [H]",
+                               {&residual, &x, &weight, &out}));
+  STRATA_RETURN_IF_ERROR(Check(residual.dtype() == DType::kBF16 && x.dtype() == DType::kBF16 &&
+                                   weight.dtype() == DType::kBF16 && out.dtype() == DType::kBF16,
+                               kOp, "expected bf16 tensors", {&residual, &x, &weight, &out}));
+  const int64_t hidden = x.dim(-1);
+  if (hidden == 0) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRmsNorm(x.data(), residual.data(), weight.data(), eps,
+                                                     out.data(), x.numel() / hidden, hidden,
+                                                     stream()));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GemmPlan*> CudaBackend::GetGemmPlan(const GemmKey& key, const void* bias) {
+  auto it = gemm_plans_.find(key);
+  if (it != gemm_plans_.end()) return it->second.get();
+
+  auto plan = std::make_unique<GemmPlan>();
+  cublasLtMatmulDesc_t desc = nullptr;
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  plan->desc.reset(desc);
+  const cublasOperation_t trans_a = CUBLAS_OP_T;
+  const cublasOperation_t trans_b = CUBLAS_OP_N;
+  STRATA_CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a, sizeof(trans_a)));
+  STRATA_CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b, sizeof(trans_b)));
+  if (key.bias) {
+    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    const cudaDataType_t bias_type = CUDA_R_16BF;
+    STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
+    // The heuristic reads the pointer's value to learn its alignment.
+    STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+        desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
+  const uint64_t m = static_cast<uint64_t>(key.out_features);
+  const uint64_t n = static_cast<uint64_t>(key.tokens);
+  const uint64_t k = static_cast<uint64_t>(key.in_features);
+  cublasLtMatrixLayout_t layout = nullptr;
+  STRATA_CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, k, m, static_cast<int64_t>(k)));
+  plan->a.reset(layout);
+  STRATA_CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, k, n, static_cast<int64_t>(k)));
+  plan->b.reset(layout);
+  STRATA_CUBLAS_RETURN_IF_ERROR(
+      cublasLtMatrixLayoutCreate(&layout, CUDA_R_16BF, m, n, static_cast<int64_t>(m)));
+  plan->c.reset(layout);
+
+  cublasLtMatmulPreference_t pref_raw = nullptr;
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&pref_raw));
+  LtPreference pref(pref_raw);
+  const uint64_t workspace = gemm_workspace_.size();
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+      pref_raw, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+      pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.align_w, sizeof(key.align_w)));
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+      pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.align_x, sizeof(key.align_x)));
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+      pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.align_out, sizeof(key.align_out)));
+  STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+      pref_raw, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.align_out, sizeof(key.align_out)));
+
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(cublas_lt_.get(), desc, plan->a.get(), plan->b.get(),
+                                     plan->c.get(), plan->c.get(), pref_raw, 1, &result, &found);
+  if (status != CUBLAS_STATUS_SUCCESS || found == 0 || result.state != CUBLAS_STATUS_SUCCESS) {
+    // Odd sizes or alignments cuBLASLt has no kernel for: cublasGemmEx
+    // handles every layout.
+    plan->use_fallback = true;
+  } else {
+    plan->algo = result.algo;
+    plan->workspace_bytes = result.workspaceSize;
+  }
+  GemmPlan* raw = plan.get();
+  gemm_plans_.emplace(key, std::move(plan));
+  return raw;
+}
+
+absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                 Tensor& out) {
+  constexpr char kOp[] = "Linear";
+  STRATA_RETURN_IF_ERROR(Check(x.defined() && weight.defined() && out.defined(), kOp,
+                               "undefined tensor", {&x, &weight, &out}));
+  STRATA_RETURN_IF_ERROR(
+      Check(x.rank() == 2 && weight.rank() == 2 && out.rank() == 2 && x.dim(1) == weight.dim(1) &&
+                out.dim(0) == x.dim(0) && out.dim(1) == weight.dim(0),
+            kOp, "expected x [T, K], weight [N, K], out [T, N]", {&x, &weight, &out}));
+  STRATA_RETURN_IF_ERROR(
+      Check(!bias.defined() || (bias.rank() == 1 && bias.dim(0) == weight.dim(0)), kOp,
+            "expected bias [N]", {&weight, &bias}));
+  STRATA_RETURN_IF_ERROR(Check(x.dtype() == DType::kBF16 && weight.dtype() == DType::kBF16 &&
+                                   out.dtype() == DType::kBF16 &&
+                                   (!bias.defined() || bias.dtype() == DType::kBF16),
+                               kOp, "expected bf16 tensors", {&x, &weight, &out}));
+  const int64_t tokens = x.dim(0);
+  const int64_t in_features = x.dim(1);
+  const int64_t out_features = weight.dim(0);
+  if (tokens == 0 || out_features == 0) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(Activate());
+  if (in_features == 0) {
+    // An empty sum: out = bias or 0.
+    STRATA_CUDA_RETURN_IF_ERROR(
+        kernels::LaunchFill(out.data(), out.dtype(), out.numel(), 0.0f, stream()));
+    if (bias.defined()) {
+      STRATA_CUDA_RETURN_IF_ERROR(
+          kernels::LaunchAddBias(out.data(), bias.data(), tokens, out_features, stream()));
+    }
+    return absl::OkStatus();
+  }
+
+  // cuBLAS is column-major: the row-major out [T, N] is the column-major
+  // N x T matrix D, and D = op(A) B where A is the weight [N, K] seen as the
+  // column-major K x N matrix with op = transpose, and B is x [T, K] seen as
+  // the column-major K x T matrix.
+  const bool fuse_bias = bias.defined() && Aligned16(bias.data());
+  const GemmKey key{tokens,
+                    in_features,
+                    out_features,
+                    fuse_bias,
+                    PointerAlignment(x.data()),
+                    PointerAlignment(weight.data()),
+                    PointerAlignment(out.data()),
+                    fuse_bias ? PointerAlignment(bias.data()) : 0u};
+  STRATA_ASSIGN_OR_RETURN(GemmPlan * plan, GetGemmPlan(key, fuse_bias ? bias.data() : nullptr));
+  const float alpha = 1.0f;
+  const float beta = 0.0f;
+  if (!plan->use_fallback) {
+    if (fuse_bias) {
+      const void* bias_ptr = bias.data();
+      STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescSetAttribute(
+          plan->desc.get(), CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
+    }
+    STRATA_CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(
+        cublas_lt_.get(), plan->desc.get(), &alpha, weight.data(), plan->a.get(), x.data(),
+        plan->b.get(), &beta, out.data(), plan->c.get(), out.data(), plan->c.get(), &plan->algo,
+        gemm_workspace_.data(), plan->workspace_bytes, stream()));
+    if (bias.defined() && !fuse_bias) {
+      STRATA_CUDA_RETURN_IF_ERROR(
+          kernels::LaunchAddBias(out.data(), bias.data(), tokens, out_features, stream()));
+    }
+    return absl::OkStatus();
+  }
+  STRATA_CUBLAS_RETURN_IF_ERROR(
+      cublasGemmEx(cublas_.get(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_features),
+                   static_cast<int>(tokens), static_cast<int>(in_features), &alpha, weight.data(),
+                   CUDA_R_16BF, static_cast<int>(in_features), x.data(), CUDA_R_16BF,
+                   static_cast<int>(in_features), &beta, out.data(), CUDA_R_16BF,
+                   static_cast<int>(out_features), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (bias.defined()) {
+    STRATA_CUDA_RETURN_IF_ERROR(
+        kernels::LaunchAddBias(out.data(), bias.data(), tokens, out_features, stream()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Rope(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
+                               const Tensor& inv_freq) {
+  constexpr char kOp[] = "Rope";
+  STRATA_RETURN_IF_ERROR(Check(qkv.defined() && positions.defined() && inv_freq.defined(), kOp,
+                               "undefined tensor", {&qkv, &positions, &inv_freq}));
+  STRATA_RETURN_IF_ERROR(Check(layout.head_dim > 0 && layout.head_dim % 2 == 0 &&
+                                   layout.num_q_heads > 0 && layout.num_kv_heads >= 0,
+                               kOp,
+                               absl::StrCat("bad layout: Hq=", layout.num_q_heads,
+                                            " Hkv=", layout.num_kv_heads, " D=", layout.head_dim)));
+  STRATA_RETURN_IF_ERROR(
+      Check(qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && positions.rank() == 1 &&
+                positions.dim(0) == qkv.dim(0) && inv_freq.rank() == 1 &&
+                inv_freq.dim(0) == layout.head_dim / 2,
+            kOp,
+            absl::StrCat("expected qkv [T, ", layout.row_width(), "], positions [T], inv_freq [",
+                         layout.head_dim / 2, "]"),
+            {&qkv, &positions, &inv_freq}));
+  STRATA_RETURN_IF_ERROR(Check(qkv.dtype() == DType::kBF16 && positions.dtype() == DType::kI32 &&
+                                   inv_freq.dtype() == DType::kF32,
+                               kOp, "expected bf16 qkv, i32 positions, f32 inv_freq",
+                               {&qkv, &positions, &inv_freq}));
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRope(
+      qkv.data(), qkv.dim(0), qkv.dim(1), layout.num_q_heads, layout.num_kv_heads, layout.head_dim,
+      positions.data_as<int32_t>(), inv_freq.data_as<float>(), stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SiluMul(const Tensor& gate_up, Tensor& out) {
+  constexpr char kOp[] = "SiluMul";
+  STRATA_RETURN_IF_ERROR(
+      Check(gate_up.defined() && out.defined(), kOp, "undefined tensor", {&gate_up, &out}));
+  STRATA_RETURN_IF_ERROR(Check(gate_up.rank() == 2 && out.rank() == 2 &&
+                                   gate_up.dim(0) == out.dim(0) && gate_up.dim(1) == 2 * out.dim(1),
+                               kOp, "expected gate_up [T, 2I], out [T, I]", {&gate_up, &out}));
+  STRATA_RETURN_IF_ERROR(Check(gate_up.dtype() == DType::kBF16 && out.dtype() == DType::kBF16, kOp,
+                               "expected bf16 tensors", {&gate_up, &out}));
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(
+      kernels::LaunchSiluMul(gate_up.data(), out.data(), out.dim(0), out.dim(1), stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
+                                  Tensor& k_cache, Tensor& v_cache) {
+  constexpr char kOp[] = "WriteKv";
+  STRATA_RETURN_IF_ERROR(
+      Check(qkv.defined() && slots.defined() && k_cache.defined() && v_cache.defined(), kOp,
+            "undefined tensor", {&qkv, &slots, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(Check(
+      qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && slots.rank() == 1 &&
+          slots.dim(0) == qkv.dim(0) && k_cache.rank() == 4 && k_cache.shape() == v_cache.shape() &&
+          k_cache.dim(2) == layout.num_kv_heads && k_cache.dim(3) == layout.head_dim,
+      kOp,
+      absl::StrCat("expected qkv [T, ", layout.row_width(), "], slots [T], caches [P, S, ",
+                   layout.num_kv_heads, ", ", layout.head_dim, "]"),
+      {&qkv, &slots, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(
+      Check(qkv.dtype() == DType::kBF16 && slots.dtype() == DType::kI32 &&
+                k_cache.dtype() == DType::kBF16 && v_cache.dtype() == DType::kBF16,
+            kOp, "expected bf16 qkv and caches, i32 slots", {&qkv, &slots, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKv(
+      qkv.data(), qkv.dim(0), qkv.dim(1), layout.num_q_heads, layout.num_kv_heads, layout.head_dim,
+      slots.data_as<int32_t>(), k_cache.data(), v_cache.data(), k_cache.dim(0) * k_cache.dim(1),
+      stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
+                                    const Tensor& k_cache, const Tensor& v_cache,
+                                    const AttentionBatch& batch, float scale, int sliding_window,
+                                    Tensor& out) {
+  constexpr char kOp[] = "Attention";
+  STRATA_RETURN_IF_ERROR(
+      Check(qkv.defined() && k_cache.defined() && v_cache.defined() && out.defined(), kOp,
+            "undefined tensor", {&qkv, &k_cache, &v_cache, &out}));
+  const int hq = layout.num_q_heads;
+  const int hkv = layout.num_kv_heads;
+  const int d = layout.head_dim;
+  STRATA_RETURN_IF_ERROR(Check(
+      hq > 0 && hkv > 0 && hq % hkv == 0 && d > 0 && d % 8 == 0 && d <= kernels::kMaxHeadDim, kOp,
+      absl::StrCat("unsupported layout Hq=", hq, " Hkv=", hkv, " D=", d,
+                   " (need Hq % Hkv == 0 and D a multiple of 8 up to ", kernels::kMaxHeadDim,
+                   ")")));
+  const int num_seqs = batch.num_seqs;
+  STRATA_RETURN_IF_ERROR(
+      Check(num_seqs >= 0 && static_cast<int>(batch.host_query_start.size()) == num_seqs + 1 &&
+                static_cast<int>(batch.host_context_len.size()) == num_seqs && batch.page_size > 0,
+            kOp,
+            absl::StrCat("inconsistent batch: num_seqs=", num_seqs, " host_query_start has ",
+                         batch.host_query_start.size(), ", host_context_len has ",
+                         batch.host_context_len.size(), ", page_size=", batch.page_size)));
+  const int64_t tokens = num_seqs > 0 ? batch.host_query_start[num_seqs] : 0;
+  STRATA_RETURN_IF_ERROR(Check(
+      qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && qkv.dim(0) >= tokens &&
+          out.rank() == 2 && out.dim(0) == qkv.dim(0) && out.dim(1) == int64_t{hq} * d &&
+          k_cache.rank() == 4 && k_cache.shape() == v_cache.shape() &&
+          k_cache.dim(1) == batch.page_size && k_cache.dim(2) == hkv && k_cache.dim(3) == d,
+      kOp,
+      absl::StrCat("expected qkv [T, ", layout.row_width(), "], out [T, ", int64_t{hq} * d,
+                   "], caches [P, ", batch.page_size, ", ", hkv, ", ", d, "] with T >= ", tokens),
+      {&qkv, &out, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(Check(qkv.dtype() == DType::kBF16 && out.dtype() == DType::kBF16 &&
+                                   k_cache.dtype() == DType::kBF16 &&
+                                   v_cache.dtype() == DType::kBF16,
+                               kOp, "expected bf16 tensors", {&qkv, &out, &k_cache, &v_cache}));
+  if (num_seqs == 0 || tokens == 0) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(Check(
+      batch.query_start.defined() && batch.context_len.defined() && batch.block_table.defined() &&
+          batch.query_start.dtype() == DType::kI32 && batch.context_len.dtype() == DType::kI32 &&
+          batch.block_table.dtype() == DType::kI32 && batch.query_start.numel() >= num_seqs + 1 &&
+          batch.context_len.numel() >= num_seqs &&
+          batch.block_table.numel() >= int64_t{num_seqs} * batch.max_blocks_per_seq,
+      kOp, "batch tensors must be i32 query_start [S+1], context_len [S], block_table [S, B]",
+      {&batch.query_start, &batch.context_len, &batch.block_table}));
+  // The kernels move 16 bytes at a time.
+  STRATA_RETURN_IF_ERROR(Check(Aligned16(qkv.data()) && Aligned16(out.data()) &&
+                                   Aligned16(k_cache.data()) && Aligned16(v_cache.data()),
+                               kOp, "qkv, out and the caches must be 16-byte aligned",
+                               {&qkv, &out, &k_cache, &v_cache}));
+
+  // Validate the host copies: they size the launch and guard the kernels'
+  // block-table reads.
+  bool has_decode = false;
+  bool has_prefill = false;
+  int max_query_len = 0;
+  int max_context_len = 0;
+  for (int s = 0; s < num_seqs; ++s) {
+    const int q_len = batch.host_query_start[s + 1] - batch.host_query_start[s];
+    const int ctx = batch.host_context_len[s];
+    const int64_t pages_needed = (int64_t{ctx} + batch.page_size - 1) / batch.page_size;
+    if (q_len < 0 || ctx < q_len || pages_needed > batch.max_blocks_per_seq ||
+        (q_len > 0 && ctx == 0)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, ": sequence ", s, " has q_len ", q_len, " and context_len ", ctx,
+                       " (need 0 <= q_len <= context_len and context_len <= max_blocks_per_seq (",
+                       batch.max_blocks_per_seq, ") * page_size (", batch.page_size, "))"));
+    }
+    has_decode |= q_len == 1;
+    has_prefill |= q_len > 1;
+    max_query_len = std::max(max_query_len, q_len);
+    max_context_len = std::max(max_context_len, ctx);
+  }
+
+  kernels::PagedAttentionParams params;
+  params.qkv = qkv.data();
+  params.qkv_row_width = qkv.dim(1);
+  params.k_cache = k_cache.data();
+  params.v_cache = v_cache.data();
+  params.out = out.data();
+  params.query_start = batch.query_start.data_as<int32_t>();
+  params.context_len = batch.context_len.data_as<int32_t>();
+  params.block_table = batch.block_table.data_as<int32_t>();
+  params.num_seqs = num_seqs;
+  params.max_blocks_per_seq = batch.max_blocks_per_seq;
+  params.page_size = batch.page_size;
+  params.num_q_heads = hq;
+  params.num_kv_heads = hkv;
+  params.head_dim = d;
+  params.scale = scale;
+  params.sliding_window = sliding_window;
+  params.max_query_len = max_query_len;
+  params.max_context_len = max_context_len;
+  params.has_decode = has_decode;
+  params.has_prefill = has_prefill;
+
+  STRATA_RETURN_IF_ERROR(Activate());
+  const int num_splits = kernels::ChooseDecodeSplits(params, num_sms_);
+  const size_t workspace_bytes = kernels::DecodeWorkspaceBytes(params, num_splits);
+  if (workspace_bytes > 0) {
+    STRATA_RETURN_IF_ERROR(attention_workspace_.EnsureSize(workspace_bytes));
+  }
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
+      params, num_splits, workspace_bytes > 0 ? attention_workspace_.data() : nullptr, stream()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<engine::Backend>> CreateCudaBackend(int device) {
+  STRATA_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(device));
+  return std::unique_ptr<engine::Backend>(std::move(backend));
+}
+
+}  // namespace strata::cuda

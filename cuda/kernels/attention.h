@@ -1,0 +1,76 @@
+// Launcher for paged causal attention over a mixed batch of prefill chunks
+// and decode tokens (engine::Backend::Attention on the GPU).
+//
+// Two kernels share the work, each skipping the sequences of the other:
+//  - decode (sequences with exactly one query token): one thread block per
+//    (sequence, kv head, key split) computes every query head of the GQA
+//    group against the keys of its split with an fp32 online softmax; when a
+//    sequence's keys are split over several blocks (long contexts, small
+//    batches) a combine kernel merges the partial results.
+//  - prefill (sequences with more than one query token): one thread block per
+//    (sequence, kv head, tile of 64 query rows), where a row is a (token,
+//    query head of the group) pair, walks 64-key tiles staged in shared
+//    memory, so each K/V tile is read once for all heads of the group.
+//
+// All arithmetic is fp32 on CUDA cores; q, k, v and out are bf16.
+//
+// Thread-safety: no state; concurrent calls on different streams are safe
+// when they use different workspaces.
+#ifndef STRATA_CUDA_KERNELS_ATTENTION_H_
+#define STRATA_CUDA_KERNELS_ATTENTION_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace strata::cuda::kernels {
+
+struct PagedAttentionParams {
+  // [T, qkv_row_width] bf16; query head h of token t starts at
+  // t * qkv_row_width + h * head_dim. 16-byte aligned.
+  const void* qkv = nullptr;
+  int64_t qkv_row_width = 0;
+  // [num_pages, page_size, num_kv_heads, head_dim] bf16, 16-byte aligned.
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  // [T, num_q_heads * head_dim] bf16, 16-byte aligned.
+  void* out = nullptr;
+  // Device arrays as in engine::AttentionBatch.
+  const int32_t* query_start = nullptr;  // [num_seqs + 1]
+  const int32_t* context_len = nullptr;  // [num_seqs]
+  const int32_t* block_table = nullptr;  // [num_seqs, max_blocks_per_seq]
+  int num_seqs = 0;
+  int max_blocks_per_seq = 0;
+  int page_size = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;  // a multiple of 8, at most kMaxHeadDim
+  float scale = 1.0f;
+  int sliding_window = 0;  // <= 0: unlimited
+
+  // Launch sizing, from the host copies of the batch.
+  int max_query_len = 0;
+  int max_context_len = 0;
+  bool has_decode = false;   // some sequence has q_len == 1
+  bool has_prefill = false;  // some sequence has q_len > 1
+};
+
+inline constexpr int kMaxHeadDim = 256;
+
+// How many blocks the decode kernel splits each sequence's keys over, for a
+// GPU with `num_sms` multiprocessors: enough blocks to fill the GPU, no split
+// shorter than a few hundred keys.
+int ChooseDecodeSplits(const PagedAttentionParams& params, int num_sms);
+
+// Workspace bytes LaunchPagedAttention needs with `num_splits` (0 if 1).
+size_t DecodeWorkspaceBytes(const PagedAttentionParams& params, int num_splits);
+
+// Enqueues the attention kernels. `workspace` must hold
+// DecodeWorkspaceBytes(params, num_splits) bytes (16-byte aligned).
+cudaError_t LaunchPagedAttention(const PagedAttentionParams& params, int num_splits,
+                                 void* workspace, cudaStream_t stream);
+
+}  // namespace strata::cuda::kernels
+
+#endif  // STRATA_CUDA_KERNELS_ATTENTION_H_

@@ -1,0 +1,168 @@
+// The whole model on the CUDA backend against Hugging Face transformers
+// (the golden fixtures of tools/make_golden.py): logits within bf16
+// tolerance (twice the error of transformers' own bf16 forward), the same
+// 32 greedy tokens (the fixture prompts have wide greedy margins), and a
+// mixed continuous batch giving the same greedy tokens as each sequence
+// alone. Skips without a GPU.
+#include <cmath>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_backend.h"
+#include "engine/batcher.h"
+#include "engine/model_loader.h"
+#include "engine/safetensors.h"
+#include "gtest/gtest.h"
+#include "tests/engine/test_util.h"
+
+namespace strata::cuda {
+namespace {
+
+using engine::Batcher;
+using engine::GenerationRequest;
+using engine::ModelOptions;
+using testing_util::FixturePath;
+
+std::unique_ptr<engine::Backend> MakeBackendOrSkip() {
+  auto backend = CreateCudaBackend(0);
+  if (!backend.ok()) return nullptr;
+  return *std::move(backend);
+}
+
+struct Golden {
+  std::vector<int32_t> prompt, greedy;
+  std::vector<float> logits;
+  float transformers_bf16_error = 0;  // HF's own bf16 forward vs its fp32 logits
+};
+
+std::vector<Golden> ReadGolden(const std::string& dir) {
+  auto file = engine::SafetensorsFile::Open(dir + "/golden.safetensors");
+  EXPECT_TRUE(file.ok()) << file.status();
+  std::vector<Golden> out;
+  const auto& t = (*file)->tensors();
+  for (int i = 0; t.count("prompt_" + std::to_string(i)); ++i) {
+    auto ints = [&](const std::string& n) {
+      const auto& v = t.at(n);
+      const auto* p = reinterpret_cast<const int32_t*>(v.data);
+      return std::vector<int32_t>(p, p + v.numel());
+    };
+    const auto& l = t.at("logits_" + std::to_string(i));
+    const auto* lp = reinterpret_cast<const float*>(l.data);
+    const auto& e = t.at("bf16_error_" + std::to_string(i));
+    out.push_back({ints("prompt_" + std::to_string(i)), ints("greedy_" + std::to_string(i)),
+                   std::vector<float>(lp, lp + l.numel()),
+                   *reinterpret_cast<const float*>(e.data)});
+  }
+  return out;
+}
+
+std::vector<int32_t> Generate(engine::Model* model, const GenerationRequest& r) {
+  Batcher batcher(model, nullptr);
+  EXPECT_TRUE(batcher.Add(r).ok());
+  std::vector<int32_t> tokens;
+  while (batcher.HasWork()) {
+    auto events = batcher.Step();
+    EXPECT_TRUE(events.ok()) << events.status();
+    if (!events.ok()) break;
+    for (const auto& e : *events) tokens.push_back(e.token_id);
+  }
+  return tokens;
+}
+
+class CudaGoldenTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaGoldenTest, LogitsWithinBf16ToleranceAndSameGreedyTokens) {
+  auto backend = MakeBackendOrSkip();
+  if (!backend) GTEST_SKIP() << "no usable GPU";
+  const std::string dir = FixturePath("models/" + GetParam());
+  ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 128;
+  options.max_batch_tokens = 64;
+  options.max_logit_rows = 64;
+  auto loaded = engine::LoadModel({dir, ""}, backend.get(), options);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  engine::Model& model = *loaded->model;
+  const int vocab = model.config().vocab_size;
+  for (const Golden& gold : ReadGolden(dir)) {
+    const int n = static_cast<int>(gold.prompt.size());
+    engine::StepInput in;
+    in.token_ids = gold.prompt;
+    for (int i = 0; i < n; ++i) in.positions.push_back(i), in.logit_rows.push_back(i);
+    in.query_start = {0, n};
+    in.context_len = {n};
+    in.block_tables = {{}};
+    for (int p = 0; p * options.page_size < n; ++p) in.block_tables[0].push_back(p);
+    auto logits = model.Forward(in);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    double worst = 0;
+    for (int r = 0; r < n; ++r) {
+      double num = 0, den = 0;
+      for (int c = 0; c < vocab; ++c) {
+        const double a = (*logits)[r * vocab + c], b = gold.logits[r * vocab + c];
+        ASSERT_TRUE(std::isfinite(a));
+        num += (a - b) * (a - b);
+        den += b * b;
+      }
+      worst = std::max(worst, std::sqrt(num / den));
+    }
+    // bf16 tolerance: no worse than twice transformers' own bf16 forward on
+    // the same weights and prompt (both measured against the fp32 logits).
+    const double limit = std::max(2.0 * gold.transformers_bf16_error, 5e-3);
+    std::printf("%s prompt of %d tokens: max row relative error %.2e (transformers bf16: %.2e)\n",
+                GetParam().c_str(), n, worst, gold.transformers_bf16_error);
+    EXPECT_LT(worst, limit) << GetParam();
+
+    GenerationRequest r;
+    r.prompt = gold.prompt;
+    r.max_tokens = static_cast<int>(gold.greedy.size());
+    r.ignore_eos = true;
+    EXPECT_EQ(Generate(&model, r), gold.greedy) << GetParam() << " prompt of " << n;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaGoldenTest,
+                         ::testing::Values("llama_gqa", "qwen2_tied", "llama3_rope", "mistral_window"));
+
+TEST(CudaBatchingTest, MixedBatchEqualsEachSequenceAlone) {
+  auto backend = MakeBackendOrSkip();
+  if (!backend) GTEST_SKIP() << "no usable GPU";
+  ModelOptions options;
+  options.max_seqs = 8;
+  options.max_context = 160;
+  options.max_batch_tokens = 48;
+  options.page_size = 8;
+  auto loaded = engine::LoadModel({FixturePath("models/qwen2_tied"), ""}, backend.get(), options);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  std::vector<GenerationRequest> reqs;
+  const int lens[] = {3, 17, 40, 61, 1, 90};
+  for (int i = 0; i < 6; ++i) {
+    std::mt19937 rng(200 + i);
+    GenerationRequest r;
+    r.id = i;
+    r.max_tokens = 12 + 3 * i;
+    r.ignore_eos = true;
+    // Counting runs: the pattern the golden models learned, so greedy
+    // margins are wide and bf16 rounding cannot flip a token.
+    const int start = static_cast<int>(rng() % 400) + 3;
+    for (int j = 0; j < lens[i]; ++j) r.prompt.push_back((start + j) % 512);
+    reqs.push_back(r);
+  }
+  std::map<uint64_t, std::vector<int32_t>> alone, batched;
+  for (const auto& r : reqs) alone[r.id] = Generate(loaded->model.get(), r);
+  Batcher batcher(loaded->model.get(), nullptr);
+  const int arrivals[] = {0, 0, 2, 5, 6, 9};
+  size_t next = 0;
+  for (int step = 0; next < reqs.size() || batcher.HasWork(); ++step) {
+    while (next < reqs.size() && arrivals[next] <= step) ASSERT_TRUE(batcher.Add(reqs[next++]).ok());
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+    for (const auto& e : *events) batched[e.request_id].push_back(e.token_id);
+  }
+  for (const auto& r : reqs) EXPECT_EQ(batched[r.id], alone[r.id]) << "request " << r.id;
+}
+
+}  // namespace
+}  // namespace strata::cuda
