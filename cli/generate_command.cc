@@ -7,10 +7,13 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include <grpcpp/grpcpp.h>
+
 #include "cli/backend_factory.h"
 #include "engine/batcher.h"
 #include "engine/model_loader.h"
 #include "nlohmann/json.hpp"
+#include "strata/v1/generate.grpc.pb.h"
 
 namespace strata::cli {
 namespace {
@@ -35,10 +38,152 @@ int Fail(const absl::Status& status) {
   return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
 }
 
+// Prints generated tokens as they arrive, in the format the flags ask for,
+// and the closing summary. Shared by local and remote generation so their
+// output is identical.
+class TokenPrinter {
+ public:
+  TokenPrinter(const GenerateFlags& f, bool has_text) : f_(f), has_text_(has_text) {
+    if (!f_.json && !f_.logprobs && has_text_) std::fputs(f_.prompt.c_str(), stdout);
+  }
+
+  void Token(int32_t id, float logprob, const std::string& text) {
+    const auto now = Clock::now();
+    if (completion_tokens_++ == 0) first_token_ = now;
+    last_token_ = now;
+    if (f_.json) {
+      nlohmann::json j = {{"token_id", id}, {"text", text}, {"logprob", logprob}};
+      std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    } else if (f_.logprobs || !has_text_) {
+      std::printf("%d\t%.6f\t%s\n", id, logprob, text.c_str());
+    } else {
+      std::fputs(text.c_str(), stdout);
+    }
+    std::fflush(stdout);
+  }
+
+  // Text that came without a token of its own (held-back text at the end).
+  void TrailingText(const std::string& text) {
+    if (text.empty()) return;
+    if (f_.json) {
+      std::cout << nlohmann::json({{"text", text}}).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+                << "\n";
+    } else {
+      std::fputs(text.c_str(), stdout);
+    }
+  }
+
+  void Summary(size_t prompt_tokens, const std::string& finish, double load_s) {
+    const double ttft = std::chrono::duration<double>(first_token_ - start_).count();
+    const double decode_s = std::chrono::duration<double>(last_token_ - first_token_).count();
+    const double tok_s = completion_tokens_ > 1 && decode_s > 0 ? (completion_tokens_ - 1) / decode_s : 0.0;
+    if (f_.json) {
+      nlohmann::json summary = {{"summary",
+                                 {{"prompt_tokens", prompt_tokens},
+                                  {"completion_tokens", completion_tokens_},
+                                  {"finish_reason", finish},
+                                  {"time_to_first_token_ms", ttft * 1e3},
+                                  {"decode_tokens_per_s", tok_s},
+                                  {"load_s", load_s},
+                                  {"backend", f_.server.empty() ? f_.backend : "server " + f_.server}}}};
+      std::cout << summary.dump() << "\n";
+    } else {
+      if (!f_.logprobs && has_text_) std::fputs("\n", stdout);
+      std::fprintf(stderr,
+                   "[%zu prompt tokens, %d generated, finish: %s, time to first token %.1f ms, "
+                   "%.1f tokens/s]\n",
+                   prompt_tokens, completion_tokens_, finish.c_str(), ttft * 1e3, tok_s);
+    }
+  }
+
+ private:
+  const GenerateFlags& f_;
+  const bool has_text_;
+  const Clock::time_point start_ = Clock::now();
+  Clock::time_point first_token_ = start_, last_token_ = start_;
+  int completion_tokens_ = 0;
+};
+
+std::string FinishName(v1::FinishReason reason) {
+  switch (reason) {
+    case v1::FINISH_REASON_STOP:
+      return "stop";
+    case v1::FINISH_REASON_LENGTH:
+      return "length";
+    case v1::FINISH_REASON_CANCELLED:
+      return "cancelled";
+    case v1::FINISH_REASON_ERROR:
+      return "error";
+    default:
+      return "none";
+  }
+}
+
+absl::StatusCode FromGrpc(grpc::StatusCode code) {
+  return code == grpc::StatusCode::INVALID_ARGUMENT ? absl::StatusCode::kInvalidArgument
+                                                     : absl::StatusCode::kUnavailable;
+}
+
+int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
+              const std::vector<int32_t>& stop_ids) {
+  auto channel = grpc::CreateChannel(f.server, grpc::InsecureChannelCredentials());
+  auto stub = v1::Generation::NewStub(channel);
+  v1::GenerateRequest request;
+  if (prompt_ids.empty()) {
+    request.set_text(f.prompt);
+  } else {
+    request.mutable_token_ids()->mutable_ids()->Add(prompt_ids.begin(), prompt_ids.end());
+  }
+  v1::SamplingParams* sampling = request.mutable_sampling();
+  sampling->set_temperature(f.temperature);
+  sampling->set_top_p(f.top_p);
+  sampling->set_top_k(f.top_k);
+  sampling->set_seed(f.seed);
+  v1::StoppingCriteria* stopping = request.mutable_stopping();
+  stopping->set_max_tokens(f.max_tokens);
+  for (const auto& s : f.stop) stopping->add_stop(s);
+  stopping->mutable_stop_token_ids()->Add(stop_ids.begin(), stop_ids.end());
+  stopping->set_ignore_eos(f.ignore_eos);
+  request.set_return_logprobs(true);
+
+  grpc::ClientContext context;
+  if (f.timeout_seconds > 0) {
+    context.set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::milliseconds(static_cast<int64_t>(f.timeout_seconds * 1000)));
+  }
+  TokenPrinter printer(f, /*has_text=*/true);
+  auto reader = stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  size_t prompt_tokens = prompt_ids.size();
+  std::string finish = "none";
+  while (reader->Read(&response)) {
+    const int n = response.token_ids_size();
+    for (int i = 0; i < n; ++i) {
+      // A response's text belongs to its tokens together; print it with the last.
+      printer.Token(response.token_ids(i), i < response.logprobs_size() ? response.logprobs(i) : 0.0f,
+                    i == n - 1 ? response.text() : "");
+    }
+    if (n == 0) printer.TrailingText(response.text());
+    if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      finish = FinishName(response.finish_reason());
+      prompt_tokens = response.usage().prompt_tokens();
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  if (!status.ok()) {
+    return Fail(absl::Status(FromGrpc(status.error_code()),
+                             absl::StrCat(f.server, ": ", status.error_message())));
+  }
+  printer.Summary(prompt_tokens, finish, 0.0);
+  return 0;
+}
+
 }  // namespace
 
 void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
-  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt with a local model");
+  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt, locally or from a server");
+  cmd->add_option("--server", f.server, "HOST:PORT of a strata server (instead of a local model)");
+  cmd->add_option("--timeout", f.timeout_seconds, "With --server: deadline of the call in seconds (0: none)");
   cmd->add_option("--model", f.model_dir, "Hugging Face model directory");
   auto* prompt = cmd->add_option("--prompt", f.prompt, "Prompt text");
   auto* ids = cmd->add_option("--prompt-ids", f.prompt_ids, "Prompt as comma-separated token ids");
@@ -63,19 +208,24 @@ void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
 }
 
 int RunGenerate(const GenerateFlags& f) {
-  if (f.model_dir.empty() && f.dummy_weights.empty()) {
-    return Fail(absl::InvalidArgumentError("give --model DIR or --dummy-weights PRESET"));
-  }
   if (f.prompt.empty() && f.prompt_ids.empty()) {
     return Fail(absl::InvalidArgumentError("give --prompt TEXT or --prompt-ids 1,2,3"));
   }
-  auto backend = CreateBackend(f.backend, f.threads);
-  if (!backend.ok()) return Fail(backend.status());
-
   auto prompt_ids = ParseIds(f.prompt_ids, "--prompt-ids");
   if (!prompt_ids.ok()) return Fail(prompt_ids.status());
   auto stop_ids = ParseIds(f.stop_token_ids, "--stop-token-ids");
   if (!stop_ids.ok()) return Fail(stop_ids.status());
+  if (!f.server.empty()) {
+    if (!f.model_dir.empty() || !f.dummy_weights.empty()) {
+      return Fail(absl::InvalidArgumentError("--server excludes --model and --dummy-weights"));
+    }
+    return RunRemote(f, *prompt_ids, *stop_ids);
+  }
+  if (f.model_dir.empty() && f.dummy_weights.empty()) {
+    return Fail(absl::InvalidArgumentError("give --model DIR, --dummy-weights PRESET or --server HOST:PORT"));
+  }
+  auto backend = CreateBackend(f.backend, f.threads);
+  if (!backend.ok()) return Fail(backend.status());
 
   engine::ModelSource source{f.model_dir, f.dummy_weights};
   // Size the context for this one request.
@@ -111,51 +261,17 @@ int RunGenerate(const GenerateFlags& f) {
   request.ignore_eos = f.ignore_eos;
   if (auto s = batcher.Add(request); !s.ok()) return Fail(s);
 
-  const auto start = Clock::now();
-  Clock::time_point first_token, last_token;
-  int completion_tokens = 0;
+  TokenPrinter printer(f, tokenizer != nullptr);
   engine::FinishReason finish = engine::FinishReason::kNone;
-  if (!f.json && !f.logprobs && tokenizer != nullptr) std::fputs(f.prompt.c_str(), stdout);
   while (batcher.HasWork()) {
     auto events = batcher.Step();
     if (!events.ok()) return Fail(events.status());
     for (const engine::TokenEvent& e : *events) {
-      last_token = Clock::now();
-      if (completion_tokens++ == 0) first_token = last_token;
-      if (f.json) {
-        nlohmann::json j = {{"token_id", e.token_id}, {"text", e.text}, {"logprob", e.logprob}};
-        std::cout << j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-      } else if (f.logprobs || tokenizer == nullptr) {
-        std::printf("%d\t%.6f\t%s\n", e.token_id, e.logprob, e.text.c_str());
-      } else {
-        std::fputs(e.text.c_str(), stdout);
-      }
-      std::fflush(stdout);
+      if (e.token_id >= 0) printer.Token(e.token_id, e.logprob, e.text);
       if (e.finish != engine::FinishReason::kNone) finish = e.finish;
     }
   }
-  const double ttft = std::chrono::duration<double>(first_token - start).count();
-  const double decode_s = std::chrono::duration<double>(last_token - first_token).count();
-  const double tok_s = completion_tokens > 1 && decode_s > 0 ? (completion_tokens - 1) / decode_s : 0.0;
-  if (f.json) {
-    nlohmann::json summary = {
-        {"summary",
-         {{"prompt_tokens", prompt.size()},
-          {"completion_tokens", completion_tokens},
-          {"finish_reason", std::string(engine::FinishReasonName(finish))},
-          {"time_to_first_token_ms", ttft * 1e3},
-          {"decode_tokens_per_s", tok_s},
-          {"load_s", loaded->load_seconds},
-          {"backend", f.backend}}}};
-    std::cout << summary.dump() << "\n";
-  } else {
-    if (!f.logprobs && tokenizer != nullptr) std::fputs("\n", stdout);
-    std::fprintf(stderr,
-                 "[%d prompt tokens, %d generated, finish: %s, time to first token %.1f ms, "
-                 "%.1f tokens/s]\n",
-                 static_cast<int>(prompt.size()), completion_tokens,
-                 std::string(engine::FinishReasonName(finish)).c_str(), ttft * 1e3, tok_s);
-  }
+  printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)), loaded->load_seconds);
   return 0;
 }
 

@@ -1,5 +1,7 @@
-// `strata generate`: load a model and generate from one prompt locally,
-// streaming the text (or one JSON object per token with --json).
+// `strata generate`: generate from one prompt, streaming the text (or one
+// JSON object per token with --json), either with a model loaded locally
+// (--model / --dummy-weights) or from a running `strata serve`
+// (--server HOST:PORT), with the same flags and the same output.
 #ifndef STRATA_CLI_GENERATE_COMMAND_H_
 #define STRATA_CLI_GENERATE_COMMAND_H_
 
@@ -12,6 +14,8 @@
 namespace strata::cli {
 
 struct GenerateFlags {
+  std::string server;  // HOST:PORT of a strata server; empty: run locally
+  double timeout_seconds = 0;  // with --server: the call's deadline (0: none)
   std::string model_dir;
   std::string prompt;
   std::string prompt_ids;  // comma-separated

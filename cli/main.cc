@@ -1,9 +1,11 @@
 // The strata binary. Subcommands:
-//   generate   local generation from one prompt (cli/generate_command.h)
+//   generate   generation from one prompt, locally or from a server (cli/generate_command.h)
+//   serve      the gRPC Generate API in one process (cli/serve_command.h)
 #include <cstdio>
 
 #include "CLI/CLI.hpp"
 #include "cli/generate_command.h"
+#include "cli/serve_command.h"
 #include "common/logging.h"
 
 int main(int argc, char** argv) {
@@ -14,6 +16,8 @@ int main(int argc, char** argv) {
   int exit_code = 0;
   strata::cli::GenerateFlags generate_flags;
   strata::cli::AddGenerateCommand(app, generate_flags, exit_code);
+  strata::cli::ServeFlags serve_flags;
+  strata::cli::AddServeCommand(app, serve_flags, exit_code);
   app.parse_complete_callback([&] {
     if (!strata::SetLogLevel(log_level)) std::fprintf(stderr, "unknown --log-level %s\n", log_level.c_str());
   });

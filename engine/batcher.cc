@@ -18,6 +18,8 @@ std::string_view FinishReasonName(FinishReason reason) {
       return "length";
     case FinishReason::kCancelled:
       return "cancelled";
+    case FinishReason::kError:
+      return "error";
   }
   return "?";
 }
@@ -54,6 +56,20 @@ Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions option
 Batcher::~Batcher() = default;
 
 absl::Status Batcher::Add(GenerationRequest request) {
+  STRATA_RETURN_IF_ERROR(Validate(request));
+  auto same_id = [&](const std::unique_ptr<Sequence>& s) { return s->req.id == request.id; };
+  if (std::any_of(waiting_.begin(), waiting_.end(), same_id) ||
+      std::any_of(running_.begin(), running_.end(), same_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request ", request.id, ": a request with this id is already running"));
+  }
+  auto seq = std::make_unique<Sequence>(std::move(request));
+  if (tokenizer_ != nullptr) seq->detok.emplace(tokenizer_, /*skip_special_tokens=*/true);
+  waiting_.push_back(std::move(seq));
+  return absl::OkStatus();
+}
+
+absl::Status Batcher::Validate(const GenerationRequest& request) const {
   const ModelConfig& config = model_->config();
   const ModelOptions& opts = model_->options();
   auto bad = [&](const std::string& what) {
@@ -85,15 +101,7 @@ absl::Status Batcher::Add(GenerationRequest request) {
   for (const auto& s : request.stop_strings) {
     if (s.empty()) return bad("stop strings must not be empty");
   }
-  STRATA_RETURN_IF_ERROR(request.sampling.Validate());
-  auto same_id = [&](const std::unique_ptr<Sequence>& s) { return s->req.id == request.id; };
-  if (std::any_of(waiting_.begin(), waiting_.end(), same_id) ||
-      std::any_of(running_.begin(), running_.end(), same_id)) {
-    return bad("a request with this id is already running");
-  }
-  auto seq = std::make_unique<Sequence>(std::move(request));
-  if (tokenizer_ != nullptr) seq->detok.emplace(tokenizer_, /*skip_special_tokens=*/true);
-  waiting_.push_back(std::move(seq));
+  if (absl::Status s = request.sampling.Validate(); !s.ok()) return bad(std::string(s.message()));
   return absl::OkStatus();
 }
 
@@ -141,7 +149,7 @@ void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<To
   const ModelOptions& opts = model_->options();
   seq.tokens.push_back(token.id);
   ++seq.generated;
-  events.push_back({seq.req.id, token.id, token.logprob, "", FinishReason::kNone});
+  events.push_back({seq.req.id, token.id, token.logprob, "", FinishReason::kNone, ""});
 
   const bool is_eos = !seq.req.ignore_eos &&
                       std::find(eos_ids_.begin(), eos_ids_.end(), token.id) != eos_ids_.end();
@@ -196,7 +204,7 @@ void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<To
 
 absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   std::vector<TokenEvent> events;
-  for (uint64_t id : cancelled_) events.push_back({id, -1, 0.0f, "", FinishReason::kCancelled});
+  for (uint64_t id : cancelled_) events.push_back({id, -1, 0.0f, "", FinishReason::kCancelled, ""});
   cancelled_.clear();
 
   const ModelOptions& opts = model_->options();

@@ -43,7 +43,7 @@ struct GenerationRequest {
   bool ignore_eos = false;
 };
 
-enum class FinishReason { kNone, kStop, kLength, kCancelled };
+enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
 std::string_view FinishReasonName(FinishReason reason);
 
 // One generated token of one request.
@@ -53,6 +53,7 @@ struct TokenEvent {
   float logprob = 0.0f;
   std::string text;  // complete UTF-8; empty for held-back bytes and specials
   FinishReason finish = FinishReason::kNone;  // set on the request's last event
+  std::string error;  // with kError: what went wrong
 };
 
 struct BatcherOptions {
@@ -72,6 +73,9 @@ class Batcher {
   // vocabulary, a prompt that leaves no room to generate, bad sampling
   // values, or a duplicate id.
   absl::Status Add(GenerationRequest request);
+  // The checks of Add that depend only on the request and the (immutable)
+  // model, tokenizer and cache size: safe to call from any thread.
+  absl::Status Validate(const GenerationRequest& request) const;
   // Stops a request; its KV is freed now and a final event with kCancelled
   // is returned by the next Step. Unknown ids are ignored.
   void Cancel(uint64_t request_id);

@@ -11,16 +11,6 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
-// sentencepiece_processor.h declares `namespace absl { using std::string_view; }`
-// and was built with absl::string_view == std::string_view, but Debian's
-// abseil defines its own absl::string_view class, so the two cannot meet in
-// one translation unit. Renaming the header's `absl` keeps its declarations
-// (std::string_view underneath, hence the same symbols) out of abseil's way.
-// Every standard header it includes is included above, before the rename.
-#define absl strata_sentencepiece_absl
-#include <sentencepiece_processor.h>
-#undef absl
-
 namespace strata::engine {
 namespace {
 
@@ -148,13 +138,14 @@ SentencePieceTokenizer::~SentencePieceTokenizer() = default;
 absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::FromSerializedProto(
     const std::string& model_proto, const std::string& path, Options options) {
   std::unique_ptr<SentencePieceTokenizer> tokenizer(new SentencePieceTokenizer);
-  tokenizer->processor_ = std::make_unique<sentencepiece::SentencePieceProcessor>();
-  const auto status = tokenizer->processor_->LoadFromSerializedProto(std::string_view(model_proto));
-  if (!status.ok()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(path, ": not a valid sentencepiece model: ", status.ToString()));
+  auto processor = CreateSentencePieceProcessor();
+  if (!processor.ok()) return processor.status();
+  tokenizer->processor_ = *std::move(processor);
+  std::string error;
+  if (!tokenizer->processor_->Load(model_proto, &error)) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid sentencepiece model: ", error));
   }
-  const sentencepiece::SentencePieceProcessor& sp = *tokenizer->processor_;
+  const SentencePieceProcessor& sp = *tokenizer->processor_;
   tokenizer->options_ = options;
   tokenizer->add_dummy_prefix_ = ReadAddDummyPrefix(model_proto);
   const int size = sp.GetPieceSize();
@@ -162,7 +153,7 @@ absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::
   tokenizer->token_bytes_.resize(size);
   tokenizer->is_control_.assign(size, false);
   for (int id = 0; id < size; ++id) {
-    const std::string& piece = sp.IdToPiece(id);
+    const std::string piece = sp.IdToPiece(id);
     std::string& bytes = tokenizer->token_bytes_[id];
     if (sp.IsControl(id)) {
       bytes = piece;
@@ -191,9 +182,9 @@ absl::StatusOr<std::vector<int32_t>> SentencePieceTokenizer::Encode(std::string_
   auto encode_text = [&](std::string_view segment) -> absl::Status {
     if (segment.empty()) return absl::OkStatus();
     piece_ids.clear();
-    const auto status = processor_->Encode(segment, &piece_ids);
-    if (!status.ok()) {
-      return absl::InternalError(absl::StrCat("sentencepiece Encode failed: ", status.ToString()));
+    std::string error;
+    if (!processor_->Encode(std::string(segment), &piece_ids, &error)) {
+      return absl::InternalError(absl::StrCat("sentencepiece Encode failed: ", error));
     }
     ids.insert(ids.end(), piece_ids.begin(), piece_ids.end());
     return absl::OkStatus();
@@ -237,9 +228,9 @@ absl::StatusOr<std::string> SentencePieceTokenizer::Decode(const std::vector<int
     piece_ids.push_back(id);
   }
   std::string text;
-  const auto status = processor_->Decode(piece_ids, &text);
-  if (!status.ok()) {
-    return absl::InternalError(absl::StrCat("sentencepiece Decode failed: ", status.ToString()));
+  std::string error;
+  if (!processor_->Decode(piece_ids, &text, &error)) {
+    return absl::InternalError(absl::StrCat("sentencepiece Decode failed: ", error));
   }
   return text;
 }
@@ -254,7 +245,7 @@ bool SentencePieceTokenizer::IsSpecial(int32_t id) const {
 }
 
 std::optional<int32_t> SentencePieceTokenizer::TokenToId(std::string_view token) const {
-  const int id = processor_->PieceToId(token);
+  const int id = processor_->PieceToId(std::string(token));
   // PieceToId answers unk_id for pieces it does not know.
   if (id < 0 || id >= vocab_size()) return std::nullopt;
   if (processor_->IdToPiece(id) != token) return std::nullopt;

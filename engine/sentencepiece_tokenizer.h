@@ -1,5 +1,6 @@
 // SentencePieceTokenizer: a tokenizer.model (Llama-2, Mistral, Gemma style)
-// run through libsentencepiece.
+// run through libsentencepiece (loaded via the shim of
+// engine/sentencepiece_library.h).
 //
 // Encoding is the processor's, plus the bos/eos the loader asks for. Control
 // pieces written in the text (e.g. "<s>") are cut out first and become their
@@ -25,11 +26,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/sentencepiece_library.h"
 #include "engine/tokenizer.h"
-
-namespace sentencepiece {
-class SentencePieceProcessor;
-}  // namespace sentencepiece
 
 namespace strata::engine {
 
@@ -68,7 +66,7 @@ class SentencePieceTokenizer : public Tokenizer {
  private:
   SentencePieceTokenizer();
 
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+  std::unique_ptr<SentencePieceProcessor> processor_;
   Options options_;
   bool add_dummy_prefix_ = true;
   std::vector<std::string> token_bytes_;  // TokenBytes per id

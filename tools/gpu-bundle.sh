@@ -12,8 +12,9 @@ cd "$(dirname "$0")/.."
 bash tools/build.sh -DSTRATA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a
 rm -rf .gpu
 mkdir -p .gpu/bin .gpu/lib
-for b in build/cli/strata build/tests/strata_engine_tests build/tests/cuda/strata_cuda_tests; do
-  cp "$b" .gpu/bin/
+for b in build/cli/strata build/tests/strata_engine_tests build/tests/cuda/strata_cuda_tests \
+         build/engine/libstrata_sentencepiece_shim.so; do
+  cp "$b" .gpu/bin/  # the shim is found next to the executables
 done
 # Shared libraries, minus the C runtime and the CUDA libraries the GPU
 # machine provides itself.

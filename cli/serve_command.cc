@@ -1,0 +1,140 @@
+#include "cli/serve_command.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "cli/backend_factory.h"
+#include "common/http_server.h"
+#include "common/logging.h"
+#include "common/metrics.h"
+#include "engine/async_engine.h"
+#include "engine/model_loader.h"
+#include "router/generation_service.h"
+#include "router/server_metrics.h"
+
+namespace strata::cli {
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "strata serve: %s\n", std::string(status.message()).c_str());
+  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+}  // namespace
+
+void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
+  CLI::App* cmd = app.add_subcommand("serve", "Serve the gRPC Generate API (router, prefill and decode in one process)");
+  cmd->add_option("--model", f.model_dir, "Hugging Face model directory");
+  cmd->add_option("--dummy-weights", f.dummy_weights, "Random weights: a preset, or \"config\" for --model's config");
+  cmd->add_option("--host", f.host, "Address to listen on");
+  cmd->add_option("--port", f.port, "gRPC port (0: pick a free one)")->check(CLI::Range(0, 65535));
+  cmd->add_option("--metrics-port", f.metrics_port, "HTTP port for /metrics (0: pick a free one; -1: off)")
+      ->check(CLI::Range(-1, 65535));
+  cmd->add_option("--backend", f.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
+  cmd->add_option("--max-seqs", f.max_seqs, "Sequences per decode batch")->check(CLI::Range(1, 4096));
+  cmd->add_option("--max-context", f.max_context, "Tokens per sequence (prompt + completion)")->check(CLI::Range(2, 1 << 22));
+  cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Tokens per step")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--kv-pages", f.kv_pages, "KV cache pages of 16 tokens (0: max-seqs full contexts)")->check(CLI::Range(0, 1 << 24));
+  cmd->add_option("--max-in-flight", f.max_in_flight, "Requests admitted at once; more get RESOURCE_EXHAUSTED")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--default-max-tokens", f.default_max_tokens, "max_tokens when a request sets none")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--grace-seconds", f.grace_seconds, "On SIGTERM, how long in-flight requests may run on")->check(CLI::Range(0.0, 3600.0));
+  cmd->callback([&f, &exit_code] { exit_code = RunServe(f); });
+}
+
+int RunServe(const ServeFlags& f) {
+  if (f.model_dir.empty() && f.dummy_weights.empty()) {
+    return Fail(absl::InvalidArgumentError("give --model DIR or --dummy-weights PRESET"));
+  }
+  // Block the shutdown signals in every thread; the main thread waits for
+  // them with sigwait once the server runs.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto backend = CreateBackend(f.backend, f.threads);
+  if (!backend.ok()) return Fail(backend.status());
+  engine::ModelOptions options;
+  options.max_seqs = f.max_seqs;
+  options.max_context = f.max_context;
+  options.max_batch_tokens = f.max_batch_tokens;
+  options.num_pages = f.kv_pages;
+  auto loaded = engine::LoadModel({f.model_dir, f.dummy_weights}, backend->get(), options);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const engine::Model& model = *loaded->model;
+
+  metrics::Registry registry;
+  auto server_metrics = router::ServerMetrics::Create(&registry);
+  if (!server_metrics.ok()) return Fail(server_metrics.status());
+  engine::AsyncEngine engine(loaded->model.get(), loaded->tokenizer.get());
+
+  router::ServiceOptions service_options;
+  service_options.model_name = !f.model_dir.empty()
+                                   ? std::filesystem::path(f.model_dir).lexically_normal().filename().string()
+                                   : f.dummy_weights;
+  if (service_options.model_name.empty()) service_options.model_name = f.model_dir;
+  service_options.architecture = model.config().architecture;
+  service_options.limits.context_length = model.options().max_context;
+  service_options.limits.vocab_size = model.config().vocab_size;
+  service_options.limits.default_max_tokens = f.default_max_tokens;
+  service_options.limits.profiles = {"default"};
+  service_options.max_requests_in_flight = f.max_in_flight;
+  router::GenerationService service(&engine, loaded->tokenizer.get(), server_metrics->get(),
+                                    service_options);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return Fail(absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port)));
+  }
+
+  std::unique_ptr<HttpServer> metrics_server;
+  if (f.metrics_port >= 0) {
+    metrics_server = std::make_unique<HttpServer>();
+    absl::Status handled = metrics_server->Handle("/metrics", [&](const HttpRequest&) {
+      (*server_metrics)->UpdateGauges(engine.GetStats(), service.requests_in_flight());
+      return HttpResponse{200, metrics::kTextContentType, registry.RenderText()};
+    });
+    if (!handled.ok()) return Fail(handled);
+    handled = metrics_server->Handle("/healthz", [](const HttpRequest&) {
+      return HttpResponse{200, "text/plain; charset=utf-8", "ok\n"};
+    });
+    if (!handled.ok()) return Fail(handled);
+    if (absl::Status s = metrics_server->Start(f.host, f.metrics_port); !s.ok()) return Fail(s);
+  }
+  // One parseable line on stdout says where the server listens.
+  std::printf("strata serve: listening on %s:%d", f.host.c_str(), port);
+  if (metrics_server) std::printf(" metrics on %s:%d", f.host.c_str(), metrics_server->port());
+  std::printf("\n");
+  std::fflush(stdout);
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  STRATA_LOG_WARN("received signal {}: draining (grace {} s)", signal_number, f.grace_seconds);
+  server->GetHealthCheckService()->SetServingStatus(false);
+  // Refuses new calls now; in-flight calls may finish until the deadline,
+  // after which gRPC cancels them (their handlers cancel the sequences).
+  server->Shutdown(std::chrono::system_clock::now() +
+                   std::chrono::milliseconds(static_cast<int64_t>(f.grace_seconds * 1000)));
+  server->Wait();
+  engine.Stop();
+  if (metrics_server) metrics_server->Stop();
+  std::printf("strata serve: stopped\n");
+  return 0;
+}
+
+}  // namespace strata::cli

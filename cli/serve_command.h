@@ -1,0 +1,37 @@
+// `strata serve`: router, prefill and decode in one process, serving the
+// strata.v1.Generation gRPC API (plus health and reflection) and Prometheus
+// metrics over HTTP. SIGTERM or SIGINT drains: new requests are refused,
+// in-flight ones may finish within the grace period and are cancelled after
+// it, and the process exits 0.
+#ifndef STRATA_CLI_SERVE_COMMAND_H_
+#define STRATA_CLI_SERVE_COMMAND_H_
+
+#include <string>
+
+#include "CLI/CLI.hpp"
+
+namespace strata::cli {
+
+struct ServeFlags {
+  std::string model_dir;
+  std::string dummy_weights;
+  std::string host = "0.0.0.0";
+  int port = 50051;  // 0 picks a free port (printed on stdout)
+  int metrics_port = -1;  // -1: no metrics endpoint; 0 picks a free port
+  std::string backend = "cpu";
+  int threads = 0;
+  int max_seqs = 64;
+  int max_context = 4096;
+  int max_batch_tokens = 2048;
+  int kv_pages = 0;
+  int max_in_flight = 256;
+  int default_max_tokens = 256;
+  double grace_seconds = 30;
+};
+
+void AddServeCommand(CLI::App& app, ServeFlags& flags, int& exit_code);
+int RunServe(const ServeFlags& flags);
+
+}  // namespace strata::cli
+
+#endif  // STRATA_CLI_SERVE_COMMAND_H_

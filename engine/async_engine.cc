@@ -1,0 +1,124 @@
+#include "engine/async_engine.h"
+
+#include <utility>
+
+#include "common/logging.h"
+
+namespace strata::engine {
+
+AsyncEngine::AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOptions options)
+    : model_(model), batcher_(model, tokenizer, options) {
+  free_pages_ = batcher_.free_pages();
+  thread_ = std::thread([this] { Loop(); });
+}
+
+AsyncEngine::~AsyncEngine() { Stop(); }
+
+absl::Status AsyncEngine::Submit(GenerationRequest request, EventSink sink) {
+  if (absl::Status s = batcher_.Validate(request); !s.ok()) return s;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (stop_) return absl::UnavailableError("the engine is shutting down");
+  waiting_.fetch_add(1);
+  pending_.emplace_back(std::move(request), std::move(sink));
+  cv_.notify_one();
+  return absl::OkStatus();
+}
+
+void AsyncEngine::Cancel(uint64_t request_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  cancels_.push_back(request_id);
+  cv_.notify_one();
+}
+
+void AsyncEngine::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_ && !thread_.joinable()) return;
+    stop_ = true;
+    cv_.notify_one();
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+AsyncEngine::Stats AsyncEngine::GetStats() const {
+  Stats s;
+  s.waiting = waiting_.load();
+  s.running = running_.load();
+  s.free_pages = free_pages_.load();
+  s.total_pages = model_->options().num_pages;
+  s.steps = steps_.load();
+  return s;
+}
+
+void AsyncEngine::FailAll(const std::string& error) {
+  for (auto& [id, sink] : sinks_) {
+    batcher_.Cancel(id);
+    TokenEvent e;
+    e.request_id = id;
+    e.token_id = -1;
+    e.finish = FinishReason::kError;
+    e.error = error;
+    sink(e);
+  }
+  sinks_.clear();
+  // Drain the cancellation events the batcher queued for them.
+  if (batcher_.HasWork()) (void)batcher_.Step();
+}
+
+void AsyncEngine::Loop() {
+  while (true) {
+    std::vector<std::pair<GenerationRequest, EventSink>> pending;
+    std::vector<uint64_t> cancels;
+    bool stopping;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !pending_.empty() || !cancels_.empty() || batcher_.HasWork(); });
+      pending.swap(pending_);
+      cancels.swap(cancels_);
+      stopping = stop_;
+    }
+    for (auto& [request, sink] : pending) {
+      const uint64_t id = request.id;
+      if (absl::Status s = batcher_.Add(std::move(request)); !s.ok()) {
+        TokenEvent e;
+        e.request_id = id;
+        e.token_id = -1;
+        e.finish = FinishReason::kError;
+        e.error = std::string(s.message());
+        sink(e);
+        waiting_.fetch_sub(1);
+        continue;
+      }
+      sinks_.emplace(id, std::move(sink));
+    }
+    if (stopping) {
+      for (const auto& [id, sink] : sinks_) cancels.push_back(id);
+    }
+    for (uint64_t id : cancels) batcher_.Cancel(id);
+
+    if (batcher_.HasWork()) {
+      auto events = batcher_.Step();
+      steps_.fetch_add(1);
+      if (!events.ok()) {
+        STRATA_LOG_ERROR("engine step failed: {}", events.status().ToString());
+        FailAll(std::string(events.status().message()));
+      } else {
+        for (const TokenEvent& e : *events) {
+          auto it = sinks_.find(e.request_id);
+          if (it == sinks_.end()) continue;
+          it->second(e);
+          if (e.finish != FinishReason::kNone) sinks_.erase(it);
+        }
+      }
+    }
+    waiting_ = batcher_.num_waiting();
+    running_ = batcher_.num_running();
+    free_pages_ = batcher_.free_pages();
+    if (stopping && !batcher_.HasWork()) {
+      // Requests submitted after stop_ was set were refused; none remain.
+      return;
+    }
+  }
+}
+
+}  // namespace strata::engine

@@ -1,0 +1,82 @@
+// AsyncEngine: a Batcher on its own thread, for servers.
+//
+// RPC handlers on many threads Submit requests and Cancel them; the engine
+// thread moves them into the Batcher between steps, runs steps while there
+// is work, and hands each TokenEvent to its request's sink. A cancelled
+// request's KV is freed before the next step, so it stops within one step.
+// If a step fails (a backend error), every request in flight gets a final
+// kError event and the engine keeps serving new requests.
+//
+// Thread-safety: every public method is thread-safe. Sinks are called on the
+// engine thread and must return quickly (e.g. push into a queue).
+#ifndef STRATA_ENGINE_ASYNC_ENGINE_H_
+#define STRATA_ENGINE_ASYNC_ENGINE_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "engine/batcher.h"
+
+namespace strata::engine {
+
+class AsyncEngine {
+ public:
+  using EventSink = std::function<void(const TokenEvent& event)>;
+
+  struct Stats {
+    int waiting = 0;      // submitted, prefill not finished
+    int running = 0;      // decoding
+    int free_pages = 0;   // KV pages free
+    int total_pages = 0;  // KV pages in the cache
+    int64_t steps = 0;    // steps run so far
+  };
+
+  // Model and tokenizer (may be null) must outlive the engine.
+  AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOptions options = {});
+  ~AsyncEngine();  // Stop()s
+
+  AsyncEngine(const AsyncEngine&) = delete;
+  AsyncEngine& operator=(const AsyncEngine&) = delete;
+
+  // Validates and queues a request; the sink then receives its events, the
+  // last one with a finish reason. InvalidArgument as Batcher::Add;
+  // Unavailable after Stop.
+  absl::Status Submit(GenerationRequest request, EventSink sink);
+  // Stops a request; its sink receives a final kCancelled event (unless it
+  // already finished). Unknown ids are ignored.
+  void Cancel(uint64_t request_id);
+  // Cancels everything in flight (their sinks get kCancelled) and joins the
+  // engine thread. Idempotent.
+  void Stop();
+
+  Stats GetStats() const;
+
+ private:
+  void Loop();
+  void FailAll(const std::string& error);
+
+  Model* model_;
+  Batcher batcher_;  // touched only by the engine thread (and Validate, const)
+  std::map<uint64_t, EventSink> sinks_;  // engine thread only
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::pair<GenerationRequest, EventSink>> pending_;
+  std::vector<uint64_t> cancels_;
+  bool stop_ = false;
+
+  std::atomic<int> waiting_{0}, running_{0}, free_pages_{0};
+  std::atomic<int64_t> steps_{0};
+  std::thread thread_;
+};
+
+}  // namespace strata::engine
+
+#endif  // STRATA_ENGINE_ASYNC_ENGINE_H_

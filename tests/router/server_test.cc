@@ -1,0 +1,454 @@
+// Integration tests of `strata serve`: the server runs as its own process on
+// a loopback port and is driven over real gRPC (and HTTP for /metrics):
+// streaming, agreement with local `strata generate`, concurrency,
+// cancellation and deadlines (KV freed, seen in the metrics), every
+// invalid-argument case, queue full, the health service, and SIGTERM drain.
+#include <fcntl.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "strata/v1/generate.grpc.pb.h"
+
+extern char** environ;
+
+namespace strata {
+namespace {
+
+using ::testing::HasSubstr;
+using Clock = std::chrono::steady_clock;
+
+const std::string kModel = std::string(STRATA_SOURCE_DIR) + "/models/tiny-llama";
+
+// A `strata serve` child process on free loopback ports.
+class ServerProcess {
+ public:
+  explicit ServerProcess(std::vector<std::string> extra_args = {}) {
+    std::vector<std::string> args = {STRATA_BINARY, "serve", "--model", kModel, "--host", "127.0.0.1",
+                                     "--port", "0", "--metrics-port", "0", "--threads", "2",
+                                     "--max-context", "2048"};
+    if (std::find(extra_args.begin(), extra_args.end(), "--grace-seconds") == extra_args.end()) {
+      extra_args.insert(extra_args.end(), {"--grace-seconds", "10"});
+    }
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int out[2];
+    EXPECT_EQ(pipe(out), 0);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+    posix_spawn_file_actions_addclose(&actions, out[0]);
+    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    close(out[1]);
+    stdout_fd_ = out[0];
+    const std::string line = ReadLine(std::chrono::seconds(30));
+    std::smatch m;
+    if (std::regex_search(line, m, std::regex(R"(listening on [0-9.]+:(\d+) metrics on [0-9.]+:(\d+))"))) {
+      port_ = std::stoi(m[1]);
+      metrics_port_ = std::stoi(m[2]);
+    }
+    EXPECT_GT(port_, 0) << "server said: " << line;
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials());
+    stub_ = v1::Generation::NewStub(channel_);
+  }
+
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (stdout_fd_ >= 0) close(stdout_fd_);
+  }
+
+  // Sends SIGTERM and returns the exit status (or -1 on timeout).
+  int Terminate(std::chrono::seconds timeout) {
+    kill(pid_, SIGTERM);
+    return Wait(timeout);
+  }
+  int Wait(std::chrono::seconds timeout) {
+    const auto end = Clock::now() + timeout;
+    while (Clock::now() < end) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return -1;
+  }
+
+  std::string ReadLine(std::chrono::milliseconds timeout) {
+    std::string line;
+    const auto end = Clock::now() + timeout;
+    char c;
+    while (Clock::now() < end) {
+      pollfd p{stdout_fd_, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      if (read(stdout_fd_, &c, 1) != 1) break;
+      if (c == '\n') break;
+      line += c;
+    }
+    return line;
+  }
+
+  v1::Generation::Stub& stub() { return *stub_; }
+  std::shared_ptr<grpc::Channel> channel() { return channel_; }
+
+  // GET /metrics over a raw socket.
+  std::string Metrics() {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(metrics_port_);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      close(fd);
+      return "";
+    }
+    const std::string req = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    (void)!write(fd, req.data(), req.size());
+    std::string body;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, n);
+    close(fd);
+    return body;
+  }
+
+  // The value of one sample line of /metrics (e.g. a name with labels).
+  double Metric(const std::string& sample) {
+    const std::string text = Metrics();
+    const size_t at = text.find("\n" + sample + " ");
+    if (at == std::string::npos) return -1;
+    return std::stod(text.substr(at + sample.size() + 2));
+  }
+
+  // Polls a metric until pred holds (or a timeout); returns its last value.
+  double WaitForMetric(const std::string& sample, std::function<bool(double)> pred) {
+    double v = -1;
+    for (int i = 0; i < 200; ++i) {
+      v = Metric(sample);
+      if (pred(v)) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return v;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int stdout_fd_ = -1;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Generation::Stub> stub_;
+};
+
+v1::GenerateRequest TextRequest(const std::string& text, int max_tokens, float temperature = 0, uint64_t seed = 0) {
+  v1::GenerateRequest r;
+  r.set_text(text);
+  r.mutable_sampling()->set_temperature(temperature);
+  r.mutable_sampling()->set_seed(seed);
+  r.mutable_stopping()->set_max_tokens(max_tokens);
+  r.set_return_logprobs(true);
+  return r;
+}
+
+struct Completion {
+  std::vector<int32_t> tokens;
+  std::string text;
+  int responses = 0;
+  v1::GenerateResponse last;
+  grpc::Status status;
+};
+
+Completion Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& request,
+                    std::chrono::milliseconds deadline = std::chrono::milliseconds(0)) {
+  grpc::ClientContext ctx;
+  if (deadline.count() > 0) ctx.set_deadline(std::chrono::system_clock::now() + deadline);
+  Completion c;
+  auto reader = stub.Generate(&ctx, request);
+  v1::GenerateResponse r;
+  while (reader->Read(&r)) {
+    ++c.responses;
+    c.tokens.insert(c.tokens.end(), r.token_ids().begin(), r.token_ids().end());
+    c.text += r.text();
+    c.last = r;
+  }
+  c.status = reader->Finish();
+  return c;
+}
+
+class ServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { server_ = new ServerProcess(); }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  static ServerProcess* server_;
+};
+ServerProcess* ServerTest::server_ = nullptr;
+
+TEST_F(ServerTest, StreamsTokensWithUsageAndLogprobs) {
+  Completion c = Generate(server_->stub(), TextRequest("Return the number of", 24));
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+  EXPECT_GT(c.responses, 1);  // streamed, not one message at the end
+  EXPECT_FALSE(c.text.empty());
+  EXPECT_NE(c.last.finish_reason(), v1::FINISH_REASON_UNSPECIFIED);
+  EXPECT_EQ(c.last.usage().completion_tokens(), c.tokens.size());
+  EXPECT_EQ(c.last.usage().prompt_tokens(), 5u);
+  EXPECT_GT(c.last.usage().time_to_first_token_seconds(), 0);
+  EXPECT_FALSE(c.last.request_id().empty());
+}
+
+TEST_F(ServerTest, MatchesLocalGenerateForTheSameSeed) {
+  const std::string cmd = std::string(STRATA_BINARY) + " generate --model " + kModel +
+                          " --prompt 'Return the number of' --max-tokens 20 --temperature 0.8 --top-p 0.9" +
+                          " --seed 11 --json --threads 2";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::vector<int32_t> local;
+  char line[4096];
+  while (fgets(line, sizeof(line), p)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.contains("token_id")) local.push_back(j["token_id"].get<int32_t>());
+  }
+  ASSERT_EQ(pclose(p), 0);
+  v1::GenerateRequest r = TextRequest("Return the number of", 20, 0.8f, 11);
+  r.mutable_sampling()->set_top_p(0.9f);
+  Completion c = Generate(server_->stub(), r);
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message();
+  EXPECT_EQ(c.tokens, local);
+}
+
+TEST_F(ServerTest, ConcurrentRequestsGetTheirOwnTokens) {
+  const std::vector<std::string> prompts = {"Return the number of", "Create a new", "The default is",
+                                            "Raise an exception if", "This module provides",
+                                            "Return True if", "Set the value of", "Close the file"};
+  std::vector<Completion> alone;
+  for (const auto& p : prompts) alone.push_back(Generate(server_->stub(), TextRequest(p, 16)));
+  std::vector<Completion> together(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] { together[i] = Generate(server_->stub(), TextRequest(prompts[i], 16)); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << prompts[i];
+    EXPECT_EQ(together[i].text, alone[i].text) << prompts[i];
+  }
+}
+
+TEST_F(ServerTest, CancellationMidStreamFreesKv) {
+  const double cancelled_before = server_->Metric("strata_requests_total{finish_reason=\"cancelled\"}");
+  v1::GenerateRequest r = TextRequest("Return the number of", 1800);
+  r.mutable_stopping()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  auto reader = server_->stub().Generate(&ctx, r);
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(reader->Read(&resp));
+  ASSERT_TRUE(reader->Read(&resp));
+  EXPECT_GT(server_->Metric("strata_kv_cache_pages_used"), 0);
+  ctx.TryCancel();
+  while (reader->Read(&resp)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(server_->WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
+  EXPECT_EQ(server_->WaitForMetric("strata_requests_total{finish_reason=\"cancelled\"}",
+                                   [&](double v) { return v == cancelled_before + 1; }),
+            cancelled_before + 1);
+}
+
+TEST_F(ServerTest, DeadlineExceededStopsTheSequence) {
+  v1::GenerateRequest r = TextRequest("Return the number of", 1800);
+  r.mutable_stopping()->set_ignore_eos(true);
+  Completion c = Generate(server_->stub(), r, std::chrono::milliseconds(150));
+  EXPECT_EQ(c.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_EQ(server_->WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
+  EXPECT_GE(server_->WaitForMetric("strata_requests_total{finish_reason=\"deadline_exceeded\"}",
+                                   [](double v) { return v >= 1; }),
+            1);
+}
+
+TEST_F(ServerTest, InvalidArgumentsNameTheField) {
+  struct Case {
+    std::function<void(v1::GenerateRequest&)> edit;
+    std::string field;
+  } cases[] = {
+      {[](auto& r) { r.set_text(""); }, "text: the prompt is empty"},
+      {[](auto& r) { r.clear_input(); }, "input: set text or token_ids"},
+      {[](auto& r) { r.mutable_token_ids(); }, "token_ids: the prompt is empty"},
+      {[](auto& r) { r.mutable_token_ids()->add_ids(999999); }, "token_ids: id 999999"},
+      {[](auto& r) {
+         std::string long_text;
+         for (int i = 0; i < 1000; ++i) long_text += "Return the number of ";
+         r.set_text(long_text);
+       },
+       "context length"},
+      {[](auto& r) { r.mutable_stopping()->set_max_tokens(0); }, "stopping.max_tokens"},
+      {[](auto& r) { r.mutable_stopping()->set_max_tokens(100000000); }, "stopping.max_tokens"},
+      {[](auto& r) { r.mutable_sampling()->set_temperature(-1); }, "sampling.temperature"},
+      {[](auto& r) { r.mutable_sampling()->set_top_p(0); }, "sampling.top_p"},
+      {[](auto& r) { r.mutable_sampling()->set_top_p(1.5); }, "sampling.top_p"},
+      {[](auto& r) { r.mutable_sampling()->set_top_k(-3); }, "sampling.top_k"},
+      {[](auto& r) { r.set_profile("nope"); }, "profile: unknown profile \"nope\""},
+      {[](auto& r) { r.mutable_stopping()->add_stop(""); }, "stopping.stop"},
+      {[](auto& r) { r.mutable_stopping()->add_stop_token_ids(-1); }, "stopping.stop_token_ids"},
+      {[](auto& r) { r.set_request_id(std::string(200, 'x')); }, "request_id"},
+  };
+  for (const auto& c : cases) {
+    v1::GenerateRequest r = TextRequest("hello", 4);
+    c.edit(r);
+    Completion out = Generate(server_->stub(), r);
+    EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.field;
+    EXPECT_THAT(out.status.error_message(), HasSubstr(c.field));
+  }
+  EXPECT_GE(server_->Metric("strata_requests_rejected_total{reason=\"invalid_argument\"}"), 15);
+}
+
+TEST_F(ServerTest, TokenizeAndModelInfo) {
+  grpc::ClientContext ctx1, ctx2;
+  v1::TokenizeRequest treq;
+  treq.set_text("Return the number of");
+  v1::TokenizeResponse tresp;
+  ASSERT_TRUE(server_->stub().Tokenize(&ctx1, treq, &tresp).ok());
+  EXPECT_EQ(tresp.token_ids_size(), 5);
+  EXPECT_EQ(tresp.token_ids(0), 0);  // bos
+  v1::ModelInfoResponse info;
+  ASSERT_TRUE(server_->stub().ModelInfo(&ctx2, v1::ModelInfoRequest(), &info).ok());
+  EXPECT_EQ(info.name(), "tiny-llama");
+  EXPECT_EQ(info.architecture(), "LlamaForCausalLM");
+  EXPECT_EQ(info.context_length(), 2048u);
+  EXPECT_EQ(info.vocab_size(), 2048u);
+  EXPECT_THAT(info.profiles(), ::testing::Contains("default"));
+}
+
+TEST_F(ServerTest, HealthServiceAndMetricsEndpoint) {
+  // grpc.health.v1.Health/Check with an empty request; SERVING is field 1 = 1.
+  grpc::GenericStub generic(server_->channel());
+  grpc::ClientContext ctx;
+  grpc::ByteBuffer request, response;
+  grpc::Slice empty;
+  request = grpc::ByteBuffer(&empty, 1);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                    [&](grpc::Status s) {
+                      std::lock_guard<std::mutex> lock(mu);
+                      status = s;
+                      done = true;
+                      cv.notify_one();
+                    });
+  std::unique_lock<std::mutex> lock(mu);
+  ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return done; }));
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(response.Dump(&slices).ok());
+  std::string bytes;
+  for (auto& s : slices) bytes += std::string(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_EQ(bytes, std::string("\x08\x01", 2));
+
+  const std::string metrics = server_->Metrics();
+  EXPECT_THAT(metrics, HasSubstr("Content-Type: text/plain; version=0.0.4"));
+  for (const char* name : {"strata_requests_total", "strata_time_to_first_token_seconds_bucket",
+                           "strata_inter_token_latency_seconds_count", "strata_requests_waiting",
+                           "strata_requests_running", "strata_kv_cache_usage_ratio",
+                           "strata_router_overhead_seconds_sum"}) {
+    EXPECT_THAT(metrics, HasSubstr(name));
+  }
+}
+
+TEST(ServerAdmissionTest, QueueFullIsResourceExhausted) {
+  ServerProcess server({"--max-in-flight", "2"});
+  v1::GenerateRequest longr = TextRequest("Return the number of", 1800);
+  longr.mutable_stopping()->set_ignore_eos(true);
+  grpc::ClientContext c1, c2;
+  auto r1 = server.stub().Generate(&c1, longr);
+  auto r2 = server.stub().Generate(&c2, longr);
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(r1->Read(&resp));
+  ASSERT_TRUE(r2->Read(&resp));
+  Completion third = Generate(server.stub(), TextRequest("hello", 4));
+  EXPECT_EQ(third.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(third.status.error_message(), HasSubstr("retry later"));
+  c1.TryCancel();
+  c2.TryCancel();
+  while (r1->Read(&resp)) {
+  }
+  while (r2->Read(&resp)) {
+  }
+  r1->Finish();
+  r2->Finish();
+  // Room again once the server has seen them go.
+  EXPECT_EQ(server.WaitForMetric("strata_requests_in_flight", [](double v) { return v == 0; }), 0);
+  Completion again = Generate(server.stub(), TextRequest("hello", 4));
+  EXPECT_TRUE(again.status.ok()) << again.status.error_message();
+}
+
+TEST(ServerShutdownTest, SigtermDrainsInFlightRequestsAndExitsZero) {
+  ServerProcess server;
+  v1::GenerateRequest r = TextRequest("Return the number of", 300);
+  r.mutable_stopping()->set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  auto reader = server.stub().Generate(&ctx, r);
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(reader->Read(&resp));
+  std::vector<int32_t> tokens(resp.token_ids().begin(), resp.token_ids().end());
+  std::thread terminate([&] { EXPECT_EQ(server.Terminate(std::chrono::seconds(20)), 0); });
+  v1::GenerateResponse last;
+  while (reader->Read(&resp)) {
+    tokens.insert(tokens.end(), resp.token_ids().begin(), resp.token_ids().end());
+    last = resp;
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens.size(), 300u);  // the in-flight request finished
+  EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  terminate.join();
+  // Nothing listens any more.
+  Completion after = Generate(server.stub(), TextRequest("hello", 4), std::chrono::milliseconds(2000));
+  EXPECT_FALSE(after.status.ok());
+}
+
+TEST(ServerShutdownTest, GracePeriodCancelsWhatDoesNotFinish) {
+  ServerProcess server({"--grace-seconds", "0.3"});
+  v1::GenerateRequest r = TextRequest("Return the number of", 1900);
+  r.mutable_stopping()->set_ignore_eos(true);
+  r.mutable_sampling()->set_temperature(0);
+  grpc::ClientContext ctx;
+  auto reader = server.stub().Generate(&ctx, r);
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(reader->Read(&resp));
+  const auto start = Clock::now();
+  EXPECT_EQ(server.Terminate(std::chrono::seconds(20)), 0);
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(5));
+  while (reader->Read(&resp)) {
+  }
+  EXPECT_FALSE(reader->Finish().ok());
+}
+
+}  // namespace
+}  // namespace strata
