@@ -89,6 +89,7 @@ class TokenPrinter {
       std::cout << summary.dump() << "\n";
     } else {
       if (!f_.logprobs && has_text_) std::fputs("\n", stdout);
+      std::fflush(stdout);
       std::fprintf(stderr,
                    "[%zu prompt tokens, %d generated, finish: %s, time to first token %.1f ms, "
                    "%.1f tokens/s]\n",
