@@ -5,6 +5,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -16,6 +17,7 @@
 #include "common/metrics.h"
 #include "engine/async_engine.h"
 #include "engine/model_loader.h"
+#include "kvtier/profile.h"
 #include "router/generation_service.h"
 #include "router/server_metrics.h"
 
@@ -46,6 +48,7 @@ void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
   cmd->add_option("--max-in-flight", f.max_in_flight, "Requests admitted at once; more get RESOURCE_EXHAUSTED")->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--default-max-tokens", f.default_max_tokens, "max_tokens when a request sets none")->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--grace-seconds", f.grace_seconds, "On SIGTERM, how long in-flight requests may run on")->check(CLI::Range(0.0, 3600.0));
+  cmd->add_option("--profile", f.profiles, "KV profile YAML file a request may name (repeatable)");
   cmd->callback([&f, &exit_code] { exit_code = RunServe(f); });
 }
 
@@ -60,6 +63,18 @@ int RunServe(const ServeFlags& f) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  // Profiles first: a bad file should fail before the model loads.
+  std::vector<std::string> profile_names = {kvtier::DefaultProfile().name};
+  for (const std::string& path : f.profiles) {
+    auto profile = kvtier::LoadProfile(path);
+    if (!profile.ok()) return Fail(profile.status());
+    if (absl::Status s = kvtier::CheckSupported(*profile, path); !s.ok()) return Fail(s);
+    if (std::find(profile_names.begin(), profile_names.end(), profile->name) != profile_names.end()) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(path, ": profile \"", profile->name, "\" is defined twice")));
+    }
+    profile_names.push_back(profile->name);
+  }
 
   auto backend = CreateBackend(f.backend, f.threads);
   if (!backend.ok()) return Fail(backend.status());
@@ -86,7 +101,7 @@ int RunServe(const ServeFlags& f) {
   service_options.limits.context_length = model.options().max_context;
   service_options.limits.vocab_size = model.config().vocab_size;
   service_options.limits.default_max_tokens = f.default_max_tokens;
-  service_options.limits.profiles = {"default"};
+  service_options.limits.profiles = profile_names;
   service_options.max_requests_in_flight = f.max_in_flight;
   router::GenerationService service(&engine, loaded->tokenizer.get(), server_metrics->get(),
                                     service_options);

@@ -7,6 +7,7 @@
 #define STRATA_CLI_SERVE_COMMAND_H_
 
 #include <string>
+#include <vector>
 
 #include "CLI/CLI.hpp"
 
@@ -27,6 +28,7 @@ struct ServeFlags {
   int max_in_flight = 256;
   int default_max_tokens = 256;
   double grace_seconds = 30;
+  std::vector<std::string> profiles;  // KV profile YAML files
 };
 
 void AddServeCommand(CLI::App& app, ServeFlags& flags, int& exit_code);

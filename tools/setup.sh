@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build ccache pkg-config git python3
   libabsl-dev nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev
   libpcre2-dev libutf8proc-dev libsentencepiece-dev sentencepiece
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libyaml-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

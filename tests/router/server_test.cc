@@ -452,3 +452,43 @@ TEST(ServerShutdownTest, GracePeriodCancelsWhatDoesNotFinish) {
 
 }  // namespace
 }  // namespace strata
+
+namespace strata {
+namespace {
+
+std::string WriteTemp(const std::string& name, const std::string& text) {
+  const std::string path = ::testing::TempDir() + name;
+  FILE* f = fopen(path.c_str(), "w");
+  fputs(text.c_str(), f);
+  fclose(f);
+  return path;
+}
+
+TEST(ServerProfileTest, RequestsMayNameALoadedProfile) {
+  const std::string path = WriteTemp("chat_profile.yaml", "name: chat\nkv_policy: {type: full}\n");
+  ServerProcess server({"--profile", path});
+  grpc::ClientContext ctx;
+  v1::ModelInfoResponse info;
+  ASSERT_TRUE(server.stub().ModelInfo(&ctx, v1::ModelInfoRequest(), &info).ok());
+  EXPECT_THAT(info.profiles(), ::testing::ElementsAre("default", "chat"));
+  v1::GenerateRequest r = TextRequest("hello", 4);
+  r.set_profile("chat");
+  EXPECT_TRUE(Generate(server.stub(), r).status.ok());
+}
+
+TEST(ServerProfileTest, BadProfileFailsStartupWithAClearError) {
+  const std::string path = WriteTemp("bad_profile.yaml", "name: chat\nkv_policy: {type: full, budget: 3}\n");
+  const std::string cmd = std::string(STRATA_BINARY) + " serve --model " + kModel + " --port 0 --profile " + path + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  std::string out;
+  char buf[512];
+  while (fgets(buf, sizeof(buf), p)) out += buf;
+  const int status = pclose(p);
+  EXPECT_NE(WEXITSTATUS(status), 0);
+  EXPECT_THAT(out, HasSubstr("kv_policy.budget: unknown key"));
+  EXPECT_THAT(out, HasSubstr(path));
+}
+
+}  // namespace
+}  // namespace strata

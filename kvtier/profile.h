@@ -1,0 +1,83 @@
+// KvProfile: a named KV policy and tier budget, as a workload tunes it.
+//
+// A profile file is YAML, validated when loaded: unknown keys, values of the
+// wrong type or out of range are errors naming the file, the key and what
+// is wrong. Example (every key but `name` is optional):
+//
+//   name: long-doc-qa
+//   kv_policy:
+//     type: full            # full | streaming | quest | clusterkv
+//     budget_tokens: 1024   # selected tokens per step (quest, clusterkv)
+//     sink_tokens: 16       # always-attended first tokens (streaming, clusterkv)
+//     window_tokens: 320    # recent tokens always attended
+//     tokens_per_cluster: 80
+//     kmeans_iterations: 20
+//     full_layers: 2        # first layers that always attend to everything
+//     quest_page_tokens: 16
+//   codec: bf16             # bf16 | fp8_e4m3 | int8 | int4
+//   tiers:
+//     gpu_bytes: 8GiB       # plain integers or KB/MB/GB/TB (1000) or KiB/MiB/GiB/TiB (1024)
+//     host_bytes: 64GiB
+//     ssd_path: /var/lib/strata/kv
+//     ssd_bytes: 512GiB
+//     ssd_write_admission: cold   # never | cold | always
+//
+// Which policies and codecs a server can run is checked separately
+// (CheckSupported), so a profile file stays valid as the system grows.
+//
+// Thread-safety: plain values and pure functions.
+#ifndef STRATA_KVTIER_PROFILE_H_
+#define STRATA_KVTIER_PROFILE_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace strata::kvtier {
+
+struct KvPolicyConfig {
+  std::string type = "full";
+  int budget_tokens = 1024;
+  int sink_tokens = 16;
+  int window_tokens = 320;
+  int tokens_per_cluster = 80;
+  int kmeans_iterations = 20;
+  int full_layers = 2;
+  int quest_page_tokens = 16;
+};
+
+struct TierConfig {
+  int64_t gpu_bytes = 0;   // 0: whatever the KV cache was sized to
+  int64_t host_bytes = 0;  // 0: no host tier
+  std::string ssd_path;    // empty: no SSD tier
+  int64_t ssd_bytes = 0;
+  std::string ssd_write_admission = "cold";
+};
+
+struct KvProfile {
+  std::string name;
+  KvPolicyConfig policy;
+  std::string codec = "bf16";
+  TierConfig tiers;
+};
+
+// The profile a server uses when none is given: exact attention, bf16, the
+// GPU tier only.
+KvProfile DefaultProfile();
+
+// Parses profile YAML; `source` names it in errors.
+absl::StatusOr<KvProfile> ParseProfile(const std::string& yaml_text, const std::string& source);
+absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
+
+// Unimplemented naming the key when this build cannot run the profile yet
+// (today: kv_policy.type full, codec bf16, no host or SSD tier).
+absl::Status CheckSupported(const KvProfile& profile, const std::string& source);
+
+// Parses "8GiB", "512 MB", "1024": InvalidArgument otherwise.
+absl::StatusOr<int64_t> ParseByteSize(const std::string& text);
+
+}  // namespace strata::kvtier
+
+#endif  // STRATA_KVTIER_PROFILE_H_
