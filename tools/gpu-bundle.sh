@@ -9,11 +9,12 @@
 #   STRATA_FIXTURES_DIR=$PWD/tests/fixtures .gpu/bin/strata_cuda_tests
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export STRATA_BUILD_DIR=build-gpu
 bash tools/build.sh -DSTRATA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a
 rm -rf .gpu
 mkdir -p .gpu/bin .gpu/lib
-for b in build/cli/strata build/tests/strata_engine_tests build/tests/cuda/strata_cuda_tests \
-         build/engine/libstrata_sentencepiece_shim.so; do
+for b in build-gpu/cli/strata build-gpu/tests/strata_engine_tests build-gpu/tests/cuda/strata_cuda_tests \
+         build-gpu/tests/strata_router_tests build-gpu/engine/libstrata_sentencepiece_shim.so; do
   cp "$b" .gpu/bin/  # the shim is found next to the executables
 done
 # Shared libraries, minus the C runtime and the CUDA libraries the GPU
