@@ -28,6 +28,18 @@ for preset in llama-3-1b llama-3-8b qwen2-0.5b; do
   echo "$preset $(tail -1 "$out/gen_$preset.jsonl")"
 done
 
+# strata serve on the GPU: the client's tokens equal local generation's.
+echo "--- serve on cuda"
+.gpu/bin/strata serve --backend cuda --model models/tiny-llama --host 127.0.0.1 --port 0 > "$out/serve.log" 2>&1 &
+server=$!
+for _ in $(seq 100); do grep -q "listening on" "$out/serve.log" && break; sleep 0.2; done
+address=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$out/serve.log")
+remote=$(.gpu/bin/strata generate --server "$address" --prompt "Return the number of" --max-tokens 32 --json | grep -v summary)
+local=$(.gpu/bin/strata generate --backend cuda --model models/tiny-llama --prompt "Return the number of" --max-tokens 32 --json | grep -v summary)
+kill -TERM $server; wait $server; serve_rc=$?
+[ "$remote" == "$local" ] && serve_match=yes || serve_match=no
+
 echo "=== summary"
+echo "serve on cuda: client tokens equal local: $serve_match, server exit $serve_rc"
 echo "cuda tests: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/cuda_tests.log" | head -2 | tr '\n' ' ') rc=$cuda_rc"
 echo "engine tests: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/engine_tests.log" | head -2 | tr '\n' ' ') rc=$engine_rc"
