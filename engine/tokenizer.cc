@@ -2,14 +2,13 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "engine/bpe_tokenizer.h"
+#include "engine/mapped_file.h"
 #include "engine/sentencepiece_tokenizer.h"
 #include "nlohmann/json.hpp"
 
@@ -24,17 +23,8 @@ bool IsRegularFile(const fs::path& path) {
   return fs::is_regular_file(path, ec);
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::ostringstream contents;
-  contents << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
-  return std::move(contents).str();
-}
-
 absl::StatusOr<Json> ReadJsonObject(const std::string& path) {
-  STRATA_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  STRATA_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   Json json = Json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (json.is_discarded())
     return absl::InvalidArgumentError(absl::StrCat(path, ": not valid JSON"));
@@ -180,7 +170,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& mode
 
   const std::string json_path = (dir / "tokenizer.json").string();
   if (IsRegularFile(json_path)) {
-    STRATA_ASSIGN_OR_RETURN(std::string text, ReadFile(json_path));
+    STRATA_ASSIGN_OR_RETURN(std::string text, ReadFileToString(json_path));
     STRATA_ASSIGN_OR_RETURN(std::unique_ptr<BpeTokenizer> tokenizer,
                             BpeTokenizer::FromJson(text, json_path));
     // add_bos_token is not consulted here: for tokenizer.json the post
@@ -191,7 +181,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& mode
 
   const std::string model_path = (dir / "tokenizer.model").string();
   if (IsRegularFile(model_path)) {
-    STRATA_ASSIGN_OR_RETURN(std::string proto, ReadFile(model_path));
+    STRATA_ASSIGN_OR_RETURN(std::string proto, ReadFileToString(model_path));
     SentencePieceTokenizer::Options options;
     options.add_bos = config.add_bos_token.value_or(true);
     options.add_eos = config.add_eos_token.value_or(false);
