@@ -14,7 +14,7 @@ bash tools/build.sh -DSTRATA_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a
 rm -rf .gpu
 mkdir -p .gpu/bin .gpu/lib
 for b in build-gpu/cli/strata build-gpu/tests/strata_engine_tests build-gpu/tests/cuda/strata_cuda_tests \
-         build-gpu/engine/libstrata_sentencepiece_shim.so; do
+         build-gpu/bench/strata_kernel_bench build-gpu/engine/libstrata_sentencepiece_shim.so; do
   cp "$b" .gpu/bin/  # the shim is found next to the executables
 done
 # Shared libraries, minus the C runtime and the CUDA libraries the GPU
