@@ -5,14 +5,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "bench/load_generator.h"
+#include "cli/exit_status.h"
 
 namespace strata::cli {
 namespace {
 
-int Fail(const absl::Status& status) {
-  std::fprintf(stderr, "strata bench serve: %s\n", std::string(status.message()).c_str());
-  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-}
+int Fail(const absl::Status& status) { return ExitWithError("strata bench serve", status); }
 
 }  // namespace
 

@@ -1,5 +1,7 @@
 #include "cli/generate_command.h"
 
+#include <grpcpp/grpcpp.h>
+
 #include <chrono>
 #include <cstdio>
 #include <iostream>
@@ -7,9 +9,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
-#include <grpcpp/grpcpp.h>
-
 #include "cli/backend_factory.h"
+#include "cli/exit_status.h"
 #include "engine/batcher.h"
 #include "engine/model_loader.h"
 #include "nlohmann/json.hpp"
@@ -33,10 +34,7 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text, const cha
   return ids;
 }
 
-int Fail(const absl::Status& status) {
-  std::fprintf(stderr, "strata generate: %s\n", std::string(status.message()).c_str());
-  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-}
+int Fail(const absl::Status& status) { return ExitWithError("strata generate", status); }
 
 // Prints generated tokens as they arrive, in the format the flags ask for,
 // and the closing summary. Shared by local and remote generation so their

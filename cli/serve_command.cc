@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/backend_factory.h"
+#include "cli/exit_status.h"
 #include "common/http_server.h"
 #include "common/logging.h"
 #include "common/metrics.h"
@@ -24,10 +25,7 @@
 namespace strata::cli {
 namespace {
 
-int Fail(const absl::Status& status) {
-  std::fprintf(stderr, "strata serve: %s\n", std::string(status.message()).c_str());
-  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-}
+int Fail(const absl::Status& status) { return ExitWithError("strata serve", status); }
 
 }  // namespace
 
