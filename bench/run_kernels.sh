@@ -8,8 +8,8 @@ out=${1:-gpu-out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
-py=/opt/torch/.venv/bin/python3
-[ -x "$py" ] || py=python3
+# The Python with PyTorch and transformers for the peer: $STRATA_PYTHON, else python3.
+py=${STRATA_PYTHON:-python3}
 PYTHONUNBUFFERED=1 "$py" bench/sdpa_peer.py > "$out/peer.jsonl" 2> "$out/peer.err" || tail -5 "$out/peer.err"
 .gpu/bin/strata_kernel_bench | tee "$out/strata.jsonl" | grep -v '^{'
 echo "--- peer (PyTorch)"

@@ -4,7 +4,7 @@
 # copied to a GPU machine that has the NVIDIA driver and CUDA runtime
 # libraries (cuBLAS) but not the Debian packages strata builds against.
 #
-# On the GPU machine, from the repository root:
+# On a GPU machine, from the repository root:
 #   export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64
 #   STRATA_FIXTURES_DIR=$PWD/tests/fixtures .gpu/bin/strata_cuda_tests
 set -euo pipefail
@@ -23,7 +23,6 @@ for b in .gpu/bin/*; do
   ldd "$b" | awk '$3 ~ /^\// {print $3}'
 done | sort -u | grep -v -E '/(libc|libm|libpthread|libdl|librt|libgcc_s|libstdc\+\+|ld-linux[^/]*|libcublas[^/]*|libcublasLt[^/]*|libcudart[^/]*|libcuda)\.so' \
   | while read -r lib; do cp -L "$lib" .gpu/lib/; done
-# libstdc++ from Debian 12 is older than the GPU machine's; ship it anyway so
-# either host works.
+# Ship Debian 12's libstdc++ too, so hosts with an older one work.
 cp -L "$(g++ -print-file-name=libstdc++.so.6)" .gpu/lib/
 du -sh .gpu

@@ -2,7 +2,7 @@
 """Creates the golden fixtures strata's engine tests compare against.
 
 Runs where PyTorch, transformers, tokenizers and sentencepiece are installed
-(the GPU machine; no GPU is needed). Writes, under OUT (default
+(a GPU is used when present but not needed). Writes, under OUT (default
 tests/fixtures):
 
   models/<name>/        config.json, *.safetensors (some sharded), and
