@@ -259,10 +259,18 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   }
   last_step_tokens_ = static_cast<int>(in.token_ids.size());
   if (in.token_ids.empty()) {
+    // Nothing runs and the oldest waiting sequence still cannot get its
+    // pages: it needs more than the whole cache. It ends with an error; the
+    // requests behind it go on.
     if (!waiting_.empty() && running_.empty()) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("request ", waiting_.front()->req.id, " does not fit in the KV cache (",
-                       pages_.num_free(), " free pages)"));
+      Sequence& seq = *waiting_.front();
+      TokenEvent e{seq.req.id, -1, 0.0f, "", FinishReason::kError, ""};
+      e.error = absl::StrCat("request ", seq.req.id, " needs ", seq.tokens.size(),
+                             " tokens of KV cache; the cache holds ",
+                             int64_t{pages_.num_pages()} * opts.page_size);
+      events.push_back(std::move(e));
+      pages_.Free(seq.pages);
+      waiting_.pop_front();
     }
     return events;
   }

@@ -118,6 +118,31 @@ TEST(BatcherTest, PreemptionUnderPagePressureKeepsOutputs) {
   EXPECT_EQ(batcher.free_pages(), 30);
 }
 
+TEST(BatcherTest, ASequenceOutgrowingTheWholeCacheFailsAloneWithAnError) {
+  ModelOptions options;
+  options.max_seqs = 2;
+  options.max_context = 96;
+  options.page_size = 4;
+  options.num_pages = 6;  // 24 tokens in all
+  auto model = LoadGolden("llama_gqa", options);
+  Batcher batcher(model.get(), nullptr);
+  ASSERT_TRUE(batcher.Add(Request(1, RandomPrompt(10, 1), 40)).ok());  // needs 50 tokens
+  ASSERT_TRUE(batcher.Add(Request(2, RandomPrompt(5, 2), 4)).ok());
+  std::map<uint64_t, std::vector<TokenEvent>> events;
+  for (int step = 0; batcher.HasWork() && step < 500; ++step) {
+    auto out = batcher.Step();
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (auto& e : *out) events[e.request_id].push_back(e);
+  }
+  EXPECT_FALSE(batcher.HasWork());
+  ASSERT_FALSE(events[1].empty());
+  EXPECT_EQ(events[1].back().finish, FinishReason::kError);
+  EXPECT_THAT(events[1].back().error, ::testing::HasSubstr("the cache holds 24"));
+  ASSERT_EQ(events[2].size(), 4u);
+  EXPECT_EQ(events[2].back().finish, FinishReason::kLength);
+  EXPECT_EQ(batcher.free_pages(), 6);
+}
+
 TEST(BatcherTest, CancelFreesPagesAndReportsCancelled) {
   ModelOptions options;
   options.max_seqs = 2;
