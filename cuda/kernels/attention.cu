@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "cuda/kernels/attention.h"
+#include "cuda/kernels/prefill_attention_tc.h"
 
 namespace strata::cuda::kernels {
 namespace {
@@ -56,44 +57,88 @@ __device__ __forceinline__ float ExpDiff(float a, float b) {
 // Decode kernel
 // =============================================================================
 //
-// Block = 4 warps. A "group" of kTG consecutive lanes handles one key at a
-// time, each lane holding 8 consecutive elements of the head dimension (one
-// 16-byte load); kTG is the power of two >= head_dim / 8, so lanes past the
-// head dimension idle. Each block processes up to kMaxG query heads of one kv
-// head (heads g_begin .. g_begin + g_count of the group) for one sequence,
-// over one split of its keys, in chunks of kDecodeChunk keys:
-//   0. the chunk's cache slots (block-table lookups) -> shared memory,
-//   1. scores of the chunk's keys -> shared memory (scaled q . k),
-//   2. block max of the chunk -> new running max, rescale accumulators,
-//   3. p = exp(score - max) in place, per-thread partial sums of p,
-//   4. acc[g][d] += p * v for the lane's 8 dims.
-// Steps 1 and 4 issue kUnroll independent 16-byte loads per lane before using
-// them: decode is bound by memory latency, and one load in flight per lane
-// leaves most of the bandwidth unused. At the end the per-group accumulators
-// are reduced across groups (warp shuffles, then shared memory across warps).
+// Decode reads every K and V row of the sequence once and does little
+// arithmetic per byte, so it is bound by memory bandwidth, which only comes
+// with many bytes in flight per SM (about 3 TB/s x 1 us / 132 SMs = 24 KB, more
+// under load). The design therefore keeps several 2 KiB tiles per warp in
+// flight with cp.async while the warp computes an older one, and avoids block
+// barriers in the key loop so that no warp waits for another.
+//
+// Block = 4 warps; each block processes up to kMaxG query heads of one kv head
+// (heads g_begin .. g_begin + g_count of the group) for one sequence, over one
+// split of its keys. A "group" of kTG consecutive lanes handles one key, each
+// lane holding 8 consecutive elements of the head dimension (one 16-byte
+// chunk); kTG is the power of two >= head_dim / 8, so lanes past the head
+// dimension idle. A tile is kDecodeSteps such keys per group, i.e. 2 KiB of K
+// and 2 KiB of V for a power-of-two head_dim. The split's tiles are dealt out
+// round-robin to the warps, and each warp runs its own pipeline of
+// kDecodeStages tiles and its own online softmax (in log2 units: q carries
+// scale * log2(e), so probabilities are one ex2 each). Every lane copies
+// exactly the 16-byte chunks it later reads, so shared memory serves as an
+// asynchronous per-lane register file and needs no barrier or warp sync. The
+// warps' partial results are merged once at the end through shared memory.
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
-constexpr int kDecodeChunk = 256;
-constexpr int kDecodeMaxG = 8;  // query heads per block; larger groups use more blocks
+constexpr int kDecodeSteps = 4;   // keys per group per tile
+constexpr int kDecodeStages = 3;  // tiles per warp in shared memory
+constexpr int kDecodeMaxG = 8;    // query heads per block; larger groups use more blocks
+// One warp's K (or V) tile: kDecodeSteps chunks of 16 bytes per lane.
+constexpr int kDecodeTileBytes = kDecodeSteps * 32 * 16;
+constexpr size_t kDecodeSmemBytes = size_t{kDecodeWarps} * kDecodeStages * 2 * kDecodeTileBytes;
+// The final merge reuses the pipeline buffers: [warps][kMaxG][D] partial
+// accumulators, then [warps][kMaxG] maxima and sums.
+static_assert(size_t{kDecodeWarps} * kDecodeMaxG * (kMaxHeadDim + 2) * sizeof(float) <=
+              kDecodeSmemBytes);
 
-// Shared memory: max(logits [kMaxG][chunk], out partials [warps][kMaxG][D]),
-// then [warps][kMaxG] floats for block reductions, then the chunk's slots.
-size_t DecodeSmemBytes(int max_g, int head_dim) {
-  const size_t main = std::max<size_t>(size_t{1} * max_g * kDecodeChunk,
-                                       size_t{1} * kDecodeWarps * max_g * head_dim);
-  return (main + size_t{1} * kDecodeWarps * max_g) * sizeof(float) + kDecodeChunk * sizeof(int32_t);
+// Resident blocks per SM that the launch bounds ask the compiler to allow
+// (registers <= 65536 / (threads * blocks)); shared memory allows 4 (48 KiB
+// each). With 8 query heads, q and the accumulators alone take 128 registers.
+constexpr int DecodeBlocksPerSm(int max_g) { return max_g <= 4 ? 4 : 2; }
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies 16 bytes global -> shared asynchronously; zero-fills when !valid
+// (src is then not read).
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// 2^x with the hardware approximation (2 ulp); ex2(-inf) = 0.
+__device__ __forceinline__ float Ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Eight bf16 (as four packed words) -> fp32: a bf16 is the high half of a float.
+__device__ __forceinline__ void Unpack8(const uint4 w, float (&out)[8]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
 }
 
 template <int kTG, int kMaxG>
-__global__ void __launch_bounds__(kDecodeThreads)
+__global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
     PagedDecodeKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                       int head_chunks, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
-  constexpr int kGroupsPerWarp = 32 / kTG;
-  constexpr int kGroups = kDecodeWarps * kGroupsPerWarp;
-  // Loads in flight per lane. Measured on H100 (Llama-8B shapes): 2 beats 1
-  // slightly and 4 loses (registers cut occupancy from 4 to 3 blocks/SM).
-  constexpr int kUnroll = 2;
+  constexpr int kKeysPerStep = 32 / kTG;  // keys a warp handles per step
+  constexpr int kTileKeys = kKeysPerStep * kDecodeSteps;
+  constexpr float kLog2e = 1.4426950408889634f;
 
   const int seq = blockIdx.x;
   const int kv_head = blockIdx.y / head_chunks;
@@ -121,18 +166,19 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int group_lane = lane % kTG;
-  const int group = warp * kGroupsPerWarp + lane / kTG;
+  const int key_in_step = lane / kTG;
   const int d0 = group_lane * 8;
   const bool d_active = d0 < D;
 
-  extern __shared__ __align__(16) float smem[];
-  float* logits = smem;                                                     // [kMaxG][kDecodeChunk]
-  float* red = smem + max(kMaxG * kDecodeChunk, kDecodeWarps * kMaxG * D);  // [warps][kMaxG]
-  int32_t* slots = reinterpret_cast<int32_t*>(red + kDecodeWarps * kMaxG);  // [kDecodeChunk]
+  extern __shared__ __align__(16) unsigned char decode_smem[];
+  // This warp's stages: [stage][K, V][step][lane] 16-byte chunks.
+  unsigned char* const warp_buf = decode_smem + warp * kDecodeStages * 2 * kDecodeTileBytes;
+  const uint32_t warp_buf_addr = SharedAddress(warp_buf) + lane * 16;
 
-  // This lane's slice of each query head, pre-scaled.
+  // This lane's slice of each query head, pre-scaled into log2 units.
   const int64_t t = q_begin;
   const int head0 = kv_head * G + g_begin;  // first query head of this block
+  const float q_scale = p.scale * kLog2e;
   float q[kMaxG][8];
 #pragma unroll
   for (int g = 0; g < kMaxG; ++g) {
@@ -141,7 +187,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
                 static_cast<int64_t>(head0 + g) * D + d0,
             q[g]);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) q[g][e] *= p.scale;
+      for (int e = 0; e < 8; ++e) q[g][e] *= q_scale;
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) q[g][e] = 0.0f;
@@ -149,8 +195,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
 
   float acc[kMaxG][8];
-  float m[kMaxG];  // running max, identical in every thread
-  float l[kMaxG];  // this thread's share of the running sum
+  float m[kMaxG];  // running max (log2 units), identical in every lane of the warp
+  float l[kMaxG];  // running sum of this lane's keys
 #pragma unroll
   for (int g = 0; g < kMaxG; ++g) {
     m[g] = kNegInf;
@@ -159,159 +205,145 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
   }
 
-  const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
-  const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
+  const bf16* const k_cache = static_cast<const bf16*>(p.k_cache);
+  const bf16* const v_cache = static_cast<const bf16*>(p.v_cache);
   const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   const int64_t head_offset = static_cast<int64_t>(kv_head) * D + d0;
+  const int32_t* const table = p.block_table + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  const int page_size = p.page_size;
+  // Pages are 16 tokens in practice: shift and mask instead of dividing.
+  const bool page_pow2 = (page_size & (page_size - 1)) == 0;
+  const int page_shift = __ffs(page_size) - 1;
 
-  for (int chunk_start = k_begin; chunk_start < k_end; chunk_start += kDecodeChunk) {
-    const int chunk_len = min(kDecodeChunk, k_end - chunk_start);
+  const int num_tiles = k_end > k_begin ? (k_end - k_begin + kTileKeys - 1) / kTileKeys : 0;
+  const int my_tiles = num_tiles > warp ? (num_tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
+  auto tile_start = [&](int j) { return k_begin + (warp + j * kDecodeWarps) * kTileKeys; };
 
-    // 0. Slots, so the loops below do no dependent block-table loads. (The
-    // previous chunk ended with a barrier, so nobody still reads them.)
-    for (int i = tid; i < chunk_len; i += kDecodeThreads) {
-      slots[i] = static_cast<int32_t>(SlotOf(p, seq, chunk_start + i));
-    }
-    __syncthreads();
-
-    // 1. Scores. The loop bound is uniform so every lane reaches the shuffles.
-    for (int base = 0; base < chunk_len; base += kGroups * kUnroll) {
-      float k[kUnroll][8];
+  // Block-table entries of this lane's keys of the next tile to issue, loaded
+  // one tile ahead so their latency does not stall the copies.
+  int next_page[kDecodeSteps];
+  auto load_pages = [&](int j) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int kk = base + u * kGroups + group;
-        if (kk < chunk_len && d_active) {
-          Load8(k_cache + static_cast<int64_t>(slots[kk]) * slot_stride + head_offset, k[u]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) k[u][e] = 0.0f;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int kk = base + u * kGroups + group;
-        float dot[kMaxG];
-#pragma unroll
-        for (int g = 0; g < kMaxG; ++g) {
-          dot[g] = 0.0f;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) dot[g] += q[g][e] * k[u][e];
-        }
-#pragma unroll
-        for (int offset = kTG / 2; offset > 0; offset >>= 1) {
-#pragma unroll
-          for (int g = 0; g < kMaxG; ++g) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], offset);
-        }
-        if (kk < chunk_len && group_lane == 0) {
-#pragma unroll
-          for (int g = 0; g < kMaxG; ++g) {
-            if (g < g_count) logits[g * kDecodeChunk + kk] = dot[g];
-          }
-        }
+    for (int u = 0; u < kDecodeSteps; ++u) {
+      const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
+      next_page[u] = 0;
+      if (j < my_tiles && key < k_end) {
+        next_page[u] = table[page_pow2 ? key >> page_shift : key / page_size];
       }
     }
-    __syncthreads();
-
-    // 2. Chunk max -> running max; rescale.
-    float cmax[kMaxG];
+  };
+  // Starts the copies of the warp's tile j (if any) and commits a group
+  // either way, so that group counts stay uniform.
+  auto issue = [&](int j) {
+    if (j < my_tiles && d_active) {
+      const uint32_t dst = warp_buf_addr + (j % kDecodeStages) * 2 * kDecodeTileBytes;
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) cmax[g] = kNegInf;
-    for (int i = tid; i < chunk_len; i += kDecodeThreads) {
+      for (int u = 0; u < kDecodeSteps; ++u) {
+        const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
+        const bool valid = key < k_end;
+        const int in_page = page_pow2 ? key & (page_size - 1) : key % page_size;
+        const int64_t offset =
+            valid ? (static_cast<int64_t>(next_page[u]) * page_size + in_page) * slot_stride +
+                        head_offset
+                  : 0;
+        CpAsync16(dst + u * 512, k_cache + offset, valid);
+        CpAsync16(dst + kDecodeTileBytes + u * 512, v_cache + offset, valid);
+      }
+    }
+    CpAsyncCommit();
+    load_pages(j + 1);
+  };
+
+  load_pages(0);
+#pragma unroll
+  for (int j = 0; j < kDecodeStages - 1; ++j) issue(j);
+
+  for (int j = 0; j < my_tiles; ++j) {
+    issue(j + kDecodeStages - 1);      // into the stage tile j - 1 used
+    CpAsyncWait<kDecodeStages - 1>();  // tile j has landed
+    const unsigned char* const buf =
+        warp_buf + (j % kDecodeStages) * 2 * kDecodeTileBytes + lane * 16;
+    const int start = tile_start(j);
+
+    // Scores. Inactive lanes contribute zeros (their chunks were not copied).
+    float s[kDecodeSteps][kMaxG];
+#pragma unroll
+    for (int u = 0; u < kDecodeSteps; ++u) {
+      float k[8];
+      const uint4 raw =
+          d_active ? *reinterpret_cast<const uint4*>(buf + u * 512) : make_uint4(0, 0, 0, 0);
+      Unpack8(raw, k);
 #pragma unroll
       for (int g = 0; g < kMaxG; ++g) {
-        if (g < g_count) cmax[g] = fmaxf(cmax[g], logits[g * kDecodeChunk + i]);
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dot = fmaf(q[g][e], k[e], dot);
+        s[u][g] = dot;
       }
-    }
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
+      for (int offset = kTG / 2; offset > 0; offset >>= 1) {
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        cmax[g] = fmaxf(cmax[g], __shfl_xor_sync(0xffffffffu, cmax[g], offset));
+        for (int g = 0; g < kMaxG; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], offset);
       }
-      if (lane == 0) red[warp * kMaxG + g] = cmax[g];
-    }
-    __syncthreads();
-    float new_m[kMaxG];
+      const bool valid = start + u * kKeysPerStep + key_in_step < k_end;
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      float mx = m[g];
-#pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) mx = fmaxf(mx, red[w * kMaxG + g]);
-      new_m[g] = mx;
-      const float alpha = ExpDiff(m[g], mx);
-      l[g] *= alpha;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
-      m[g] = mx;
+      for (int g = 0; g < kMaxG; ++g) s[u][g] = valid ? s[u][g] : kNegInf;
     }
 
-    // 3. Probabilities in place.
-    for (int i = tid; i < chunk_len; i += kDecodeThreads) {
+    // Tile max over the whole warp; rescale only when it grows (rare after
+    // the first tiles). The tile's first key is valid, so the max is finite.
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) {
+      float mx = s[0][g];
+#pragma unroll
+      for (int u = 1; u < kDecodeSteps; ++u) mx = fmaxf(mx, s[u][g]);
+#pragma unroll
+      for (int offset = kTG; offset < 32; offset <<= 1) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+      }
+      if (mx > m[g]) {                       // warp-uniform
+        const float alpha = Ex2(m[g] - mx);  // 0 while m is -inf
+        l[g] *= alpha;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
+        m[g] = mx;
+      }
+    }
+
+    // Probabilities (masked keys: ex2(-inf) = 0, their V chunks are zeros)
+    // and the weighted sum of values.
+#pragma unroll
+    for (int u = 0; u < kDecodeSteps; ++u) {
+      float v[8];
+      const uint4 raw = d_active ? *reinterpret_cast<const uint4*>(buf + kDecodeTileBytes + u * 512)
+                                 : make_uint4(0, 0, 0, 0);
+      Unpack8(raw, v);
 #pragma unroll
       for (int g = 0; g < kMaxG; ++g) {
-        if (g < g_count) {
-          const float pr = ExpDiff(logits[g * kDecodeChunk + i], new_m[g]);
-          logits[g * kDecodeChunk + i] = pr;
-          l[g] += pr;
-        }
+        const float pr = Ex2(s[u][g] - m[g]);
+        l[g] += pr;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pr, v[e], acc[g][e]);
       }
     }
-    __syncthreads();
+  }
+  CpAsyncWait<0>();  // only empty groups remain, but the buffers get reused
+  __syncthreads();
 
-    // 4. Weighted sum of values.
-    if (d_active) {
-      for (int base = group; base < chunk_len; base += kGroups * kUnroll) {
-        float v[kUnroll][8];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int kk = base + u * kGroups;
-          if (kk < chunk_len) {
-            Load8(v_cache + static_cast<int64_t>(slots[kk]) * slot_stride + head_offset, v[u]);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int kk = base + u * kGroups;
-          if (kk < chunk_len) {
-#pragma unroll
-            for (int g = 0; g < kMaxG; ++g) {
-              if (g < g_count) {
-                const float pr = logits[g * kDecodeChunk + kk];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[g][e] += pr * v[u][e];
-              }
-            }
-          }
-        }
-      }
-    }
-    // The next chunk overwrites logits, red and slots.
-    __syncthreads();
-  }
-
-  // Reduce the running sums over the block.
-#pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      l[g] += __shfl_xor_sync(0xffffffffu, l[g], offset);
-    }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int g = 0; g < kMaxG; ++g) red[warp * kMaxG + g] = l[g];
-  }
-  // Reduce the accumulators over the groups of a warp (lanes with equal
-  // group_lane hold the same dims), then over warps through shared memory.
+  // Sum over the groups of a warp (lanes with equal group_lane hold the same
+  // dims and, within a group, the same key sums).
 #pragma unroll
   for (int offset = kTG; offset < 32; offset <<= 1) {
 #pragma unroll
     for (int g = 0; g < kMaxG; ++g) {
+      l[g] += __shfl_xor_sync(0xffffffffu, l[g], offset);
 #pragma unroll
       for (int e = 0; e < 8; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
     }
   }
-  float* partial = smem;  // [warps][kMaxG][D]; logits are no longer needed
+  float* const partial = reinterpret_cast<float*>(decode_smem);  // [warps][kMaxG][D]
+  float* const red_m = partial + kDecodeWarps * kMaxG * D;       // [warps][kMaxG]
+  float* const red_l = red_m + kDecodeWarps * kMaxG;             // [warps][kMaxG]
   if (lane < kTG && d_active) {
 #pragma unroll
     for (int g = 0; g < kMaxG; ++g) {
@@ -321,18 +353,32 @@ __global__ void __launch_bounds__(kDecodeThreads)
       }
     }
   }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < kMaxG; ++g) {
+      red_m[warp * kMaxG + g] = m[g];
+      red_l[warp * kMaxG + g] = l[g];
+    }
+  }
   __syncthreads();
 
+  // Merge the warps: weights 2^(m_w - M); a warp without keys has m_w = -inf
+  // and weight 0. M is -inf only for an empty split (all weights then 0).
   const int64_t out_stride = static_cast<int64_t>(p.num_q_heads) * D;
   for (int i = tid; i < g_count * D; i += kDecodeThreads) {
     const int g = i / D;
     const int d = i - g * D;
+    float big_m = kNegInf;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) big_m = fmaxf(big_m, red_m[w * kMaxG + g]);
     float sum = 0.0f;
     float total = 0.0f;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) {
-      sum += partial[(w * kMaxG + g) * D + d];
-      total += red[w * kMaxG + g];
+      const float mw = red_m[w * kMaxG + g];
+      const float weight = mw == kNegInf ? 0.0f : Ex2(mw - big_m);
+      sum += weight * partial[(w * kMaxG + g) * D + d];
+      total += weight * red_l[w * kMaxG + g];
     }
     const int head = head0 + g;
     if (num_splits == 1) {
@@ -343,11 +389,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const int64_t idx = (static_cast<int64_t>(split) * p.num_seqs + seq) * p.num_q_heads + head;
       ws_acc[idx * D + d] = sum;
       if (d == 0) {
-        // Select m[g] with constant indices so m stays in registers.
-        float m_g = kNegInf;
-#pragma unroll
-        for (int gg = 0; gg < kMaxG; ++gg) m_g = gg == g ? m[gg] : m_g;
-        ws_ml[idx * 2] = m_g;
+        ws_ml[idx * 2] = big_m;
         ws_ml[idx * 2 + 1] = total;
       }
     }
@@ -355,8 +397,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
 }
 
 // Merges the per-split partial results of the decode kernel: with split maxima
-// m_j, sums l_j and accumulators a_j, out = sum_j e^(m_j - M) a_j /
-// sum_j e^(m_j - M) l_j where M = max_j m_j. Empty splits have m_j = -inf.
+// m_j (log2 units), sums l_j and accumulators a_j, out = sum_j 2^(m_j - M) a_j /
+// sum_j 2^(m_j - M) l_j where M = max_j m_j. Empty splits have m_j = -inf.
 __global__ void DecodeCombineKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                                     const float* __restrict__ ws_acc,
                                     const float* __restrict__ ws_ml) {
@@ -370,16 +412,17 @@ __global__ void DecodeCombineKernel(const __grid_constant__ PagedAttentionParams
 
   float max_m = kNegInf;
   for (int j = 0; j < num_splits; ++j) max_m = fmaxf(max_m, ws_ml[(j * stride + base) * 2]);
+  // The query's own key is in some split, so max_m is finite.
   float total = 0.0f;
   for (int j = 0; j < num_splits; ++j) {
-    total += ExpDiff(ws_ml[(j * stride + base) * 2], max_m) * ws_ml[(j * stride + base) * 2 + 1];
+    total += Ex2(ws_ml[(j * stride + base) * 2] - max_m) * ws_ml[(j * stride + base) * 2 + 1];
   }
   bf16* out = static_cast<bf16*>(p.out) + static_cast<int64_t>(q_begin) * p.num_q_heads * D +
               static_cast<int64_t>(head) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float sum = 0.0f;
     for (int j = 0; j < num_splits; ++j) {
-      const float w = ExpDiff(ws_ml[(j * stride + base) * 2], max_m);
+      const float w = Ex2(ws_ml[(j * stride + base) * 2] - max_m);
       if (w != 0.0f) sum += w * ws_acc[(j * stride + base) * D + d];
     }
     out[d] = __float2bfloat16_rn(sum / total);
@@ -635,9 +678,8 @@ cudaError_t LaunchDecodeG(const PagedAttentionParams& p, int num_splits, float* 
   const int G = p.num_q_heads / p.num_kv_heads;
   const int head_chunks = (G + kMaxG - 1) / kMaxG;
   const dim3 grid(p.num_seqs, p.num_kv_heads * head_chunks, num_splits);
-  const size_t smem = DecodeSmemBytes(kMaxG, p.head_dim);
-  PagedDecodeKernel<kTG, kMaxG>
-      <<<grid, kDecodeThreads, smem, stream>>>(p, num_splits, head_chunks, ws_acc, ws_ml);
+  PagedDecodeKernel<kTG, kMaxG><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
+      p, num_splits, head_chunks, ws_acc, ws_ml);
   return cudaGetLastError();
 }
 
@@ -695,6 +737,9 @@ cudaError_t LaunchPrefillD(const PagedAttentionParams& p, cudaStream_t stream) {
 }
 
 cudaError_t LaunchPrefill(const PagedAttentionParams& p, cudaStream_t stream) {
+  // Head dims 64 and 128 run on the tensor cores; the CUDA-core kernel below
+  // remains for every other head dim.
+  if (CanUseTensorCorePrefill(p)) return LaunchTensorCorePrefill(p, stream);
   if (p.head_dim <= 32) return LaunchPrefillD<32>(p, stream);
   if (p.head_dim <= 64) return LaunchPrefillD<64>(p, stream);
   if (p.head_dim <= 128) return LaunchPrefillD<128>(p, stream);
@@ -707,18 +752,33 @@ int ChooseDecodeSplits(const PagedAttentionParams& p, int num_sms) {
   if (!p.has_decode || p.num_seqs <= 0 || p.num_kv_heads <= 0) return 1;
   const int G = p.num_q_heads / p.num_kv_heads;
   const int head_chunks = (G + kDecodeMaxG - 1) / kDecodeMaxG;
-  const int64_t blocks = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads * head_chunks;
-  // About 3 blocks per SM: roughly what can be resident at the decode
-  // kernel's register use, so every SM has loads in flight. (Measured on
-  // H100: 3 beats 2, 6 and 12 for 1-64 sequences of 1k-32k tokens.)
-  const int64_t target = 3 * static_cast<int64_t>(std::max(num_sms, 1));
-  if (blocks >= target) return 1;
+  const int64_t units = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads * head_chunks;
+  // Blocks that fit on the GPU at once. Each block streams its keys at about
+  // the same rate, so the time goes as (waves of blocks) x (keys per block):
+  // take the fewest splits whose last wave is at least 90% full, which also
+  // keeps the combine's extra traffic small.
+  const int64_t slots = static_cast<int64_t>(std::max(num_sms, 1)) *
+                        DecodeBlocksPerSm(NextPow2(std::min(G, kDecodeMaxG)));
   int keys = p.max_context_len;
   if (p.sliding_window > 0) keys = std::min(keys, p.sliding_window);
+  // A split shorter than this spends more time filling its pipeline and in
+  // the combine than it saves.
   constexpr int kMinKeysPerSplit = 256;
-  const int64_t by_keys = std::max(1, (keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
-  const int64_t by_occupancy = (target + blocks - 1) / blocks;
-  return static_cast<int>(std::clamp<int64_t>(std::min(by_keys, by_occupancy), 1, 256));
+  const int max_splits = static_cast<int>(
+      std::clamp<int64_t>((keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit, 1, 256));
+  int best = 1;
+  double best_fill = 0.0;
+  for (int s = 1; s <= max_splits; ++s) {
+    const int64_t blocks = units * s;
+    const int64_t waves = (blocks + slots - 1) / slots;
+    const double fill = static_cast<double>(blocks) / static_cast<double>(waves * slots);
+    if (fill >= 0.9) return s;
+    if (fill > best_fill) {
+      best_fill = fill;
+      best = s;
+    }
+  }
+  return best;
 }
 
 size_t DecodeWorkspaceBytes(const PagedAttentionParams& p, int num_splits) {

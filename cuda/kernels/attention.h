@@ -4,15 +4,19 @@
 // Two kernels share the work, each skipping the sequences of the other:
 //  - decode (sequences with exactly one query token): one thread block per
 //    (sequence, kv head, key split) computes every query head of the GQA
-//    group against the keys of its split with an fp32 online softmax; when a
-//    sequence's keys are split over several blocks (long contexts, small
-//    batches) a combine kernel merges the partial results.
-//  - prefill (sequences with more than one query token): one thread block per
+//    group against the keys of its split with an fp32 online softmax; each
+//    warp streams its own share of the keys through a cp.async pipeline of
+//    K/V tiles, and when a sequence's keys are split over several blocks
+//    (long contexts, small batches) a combine kernel merges the partials.
+//  - prefill (sequences with more than one query token): for head_dim 64 and
+//    128, the tensor-core kernel of prefill_attention_tc.h (mma.sync bf16,
+//    fp32 accumulation); for other head dims, one thread block per
 //    (sequence, kv head, tile of 64 query rows), where a row is a (token,
 //    query head of the group) pair, walks 64-key tiles staged in shared
-//    memory, so each K/V tile is read once for all heads of the group.
+//    memory on CUDA cores. Either way each K/V tile is read once for all
+//    heads of the group.
 //
-// All arithmetic is fp32 on CUDA cores; q, k, v and out are bf16.
+// q, k, v and out are bf16; softmax and accumulation are fp32.
 //
 // Thread-safety: no state; concurrent calls on different streams are safe
 // when they use different workspaces.

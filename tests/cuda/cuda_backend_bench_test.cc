@@ -66,8 +66,9 @@ class CudaBackendBench : public ::testing::Test {
   }
 
   // Times attention for `num_seqs` sequences of (q_len, context) each.
-  void BenchAttention(const char* label, int num_seqs, int q_len, int context, int window = 0) {
-    const QkvLayout layout{32, 8, 128};
+  void BenchAttention(const char* label, int num_seqs, int q_len, int context, int window = 0,
+                      int q_heads = 32, int kv_heads = 8, int head_dim = 128) {
+    const QkvLayout layout{q_heads, kv_heads, head_dim};
     const int page_size = 16;
     const int blocks = (context + page_size - 1) / page_size;
     const int num_pages = num_seqs * blocks;
@@ -78,9 +79,9 @@ class CudaBackendBench : public ::testing::Test {
     for (int s = 0; s <= num_seqs; ++s) qs[s] = s * q_len;
     const int64_t tokens = int64_t{num_seqs} * q_len;
     Tensor qkv = Random({tokens, layout.row_width()});
-    Tensor k = Random({num_pages, page_size, 8, 128});
-    Tensor v = Random({num_pages, page_size, 8, 128});
-    Tensor out = Random({tokens, 32 * 128});
+    Tensor k = Random({num_pages, page_size, kv_heads, head_dim});
+    Tensor v = Random({num_pages, page_size, kv_heads, head_dim});
+    Tensor out = Random({tokens, int64_t{q_heads} * head_dim});
     AttentionBatch batch;
     batch.query_start = Ints({num_seqs + 1}, qs);
     batch.context_len = Ints({num_seqs}, ctx);
@@ -96,7 +97,7 @@ class CudaBackendBench : public ::testing::Test {
         Time([&] { return backend_->Attention(qkv, layout, k, v, batch, 0.088f, window, out); });
     // Bytes of K and V read at least once.
     const double kv_bytes =
-        2.0 * num_seqs * std::min(context, window > 0 ? window : context) * 8 * 128 * 2;
+        2.0 * num_seqs * std::min(context, window > 0 ? window : context) * kv_heads * head_dim * 2;
     std::printf("[bench] attention %-28s %9.1f us  (%.0f GB/s of KV)\n", label, us,
                 kv_bytes / us / 1e3);
   }
@@ -107,6 +108,11 @@ class CudaBackendBench : public ::testing::Test {
 
 TEST_F(CudaBackendBench, DISABLED_Attention) {
   BenchAttention("decode 1 x 32k", 1, 1, 32768);
+  BenchAttention("decode 16 x 32k", 16, 1, 32768);
+  BenchAttention("decode 16 x 32k GQA1 (8/8)", 16, 1, 32768, 0, 8, 8, 128);
+  BenchAttention("decode 16 x 32k GQA8 (64/8)", 16, 1, 32768, 0, 64, 8, 128);
+  BenchAttention("decode 16 x 32k d64", 16, 1, 32768, 0, 32, 8, 64);
+  BenchAttention("decode 64 x 2k d64", 64, 1, 2048, 0, 32, 8, 64);
   BenchAttention("decode 8 x 4k", 8, 1, 4096);
   BenchAttention("decode 64 x 2k", 64, 1, 2048);
   BenchAttention("decode 256 x 1k", 256, 1, 1024);

@@ -823,5 +823,33 @@ TEST_F(CudaBackendOpsTest, RejectsBadShapes) {
   EXPECT_NE(s.message().find("Linear"), std::string_view::npos) << s;
 }
 
+// Prefill on the tensor-core kernel (head_dim 64 and 128): q_len not a
+// multiple of the 64-row tile, chunks continuing a context, GQA 1/4/8, pages
+// of 16 and 64 (a 64-key tile spans several pages or part of one), windows
+// that cut through tiles, and a long chunk.
+INSTANTIATE_TEST_SUITE_P(
+    TensorCorePrefill, CudaAttentionTest,
+    ::testing::Values(
+        AttentionCase{"tc_mha_d64", 4, 4, 64, 16, {{100, 100}, {3, 3}, {64, 64}}},
+        AttentionCase{"tc_gqa4_d128_page64", 8, 2, 128, 64, {{77, 77}, {190, 450}}},
+        AttentionCase{"tc_gqa8_d128", 16, 2, 128, 16, {{33, 1000}, {129, 129}}},
+        AttentionCase{"tc_gqa4_d64_mixed", 8, 2, 64, 16, {{1, 70}, {200, 333}, {1, 1}, {17, 80}}},
+        AttentionCase{"tc_window37_d128", 8, 2, 128, 16, {{250, 600}, {90, 90}}, 37},
+        AttentionCase{"tc_window300_d64_page64", 8, 1, 64, 64, {{500, 900}}, 300},
+        AttentionCase{"tc_long_chunk_gqa4_d128", 8, 2, 128, 16, {{4000, 5000}}}),
+    [](const ::testing::TestParamInfo<AttentionCase>& info) { return info.param.name; });
+
+// Decode on the cp.async-pipelined kernel: pages whose size is not a power of
+// two (block-table division path), a page of one token, long contexts split
+// over many blocks whose last tile is partial, and windows in such splits.
+INSTANTIATE_TEST_SUITE_P(
+    PipelinedDecode, CudaAttentionTest,
+    ::testing::Values(
+        AttentionCase{"decode_page24_gqa4_d128", 8, 2, 128, 24, Decodes({1, 23, 25, 3001})},
+        AttentionCase{"decode_page1_mha_d64", 2, 2, 64, 1, Decodes({1, 2, 77})},
+        AttentionCase{"decode_split_gqa8_d64", 16, 2, 64, 16, Decodes({9999, 1, 4113})},
+        AttentionCase{"decode_window_gqa1_d128", 2, 2, 128, 16, Decodes({7000, 300, 2}), 1000}),
+    [](const ::testing::TestParamInfo<AttentionCase>& info) { return info.param.name; });
+
 }  // namespace
 }  // namespace strata::cuda

@@ -1,0 +1,416 @@
+// Tensor-core prefill attention (see prefill_attention_tc.h for the design).
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 with .bf16, g = lane / 4,
+// t = lane % 4):
+//   A (16x16, row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..),
+//     a3 = (g+8, 2t+8..);
+//   B (16x8, "col": k contiguous per column n): b0 = (k 2t..2t+1, n g),
+//     b1 = (k 2t+8.., n g);
+//   C (16x8 fp32): c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..2t+1).
+// S = Q K^T takes K[key][dim] as B directly (dims contiguous per key), so K
+// is read with plain ldmatrix; O = P V needs V[key][dim] as B with keys
+// contiguous per dim, so V is read with ldmatrix.trans. The C layout of two
+// adjacent 8-key S tiles is exactly the A layout of a 16-key P chunk, so P
+// never leaves registers.
+//
+// Shared memory rows (one per query row or key) hold head_dim bf16 in 16-byte
+// chunks; chunk c of row r is stored at chunk c ^ (r % 8), so the 8 rows an
+// ldmatrix phase reads at one logical chunk land in 8 different bank groups.
+#include "cuda/kernels/prefill_attention_tc.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace strata::cuda::kernels {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// Query rows per block are 16 per warp; kMinRows is the smallest block (the
+// grid-size check in CanUseTensorCorePrefill uses it).
+constexpr int kMinRows = 64;
+// Warps per block. 8 (128 query rows, one block per SM) beat 4 (64 rows, two
+// blocks per SM) on an H100 at 8k/32k tokens, 2.49 vs 3.13 ms at 8k: the same
+// 8 warps per SM, but each K/V tile fetched from L2 serves twice the rows.
+constexpr int kLaunchWarps = 8;
+constexpr int kKeys = 64;           // keys per K/V tile
+constexpr int kStages = 2;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int kD, int kWarps>
+constexpr size_t SmemBytes() {
+  // Q tile + kStages x (K tile + V tile), bf16.
+  return size_t{2} * kD * (16 * kWarps + 2 * kStages * kKeys);
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile.
+template <int kD>
+__device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
+  return static_cast<uint32_t>(row * (kD * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills the destination
+// (keys past the context, rows past the chunk) without reading `src`.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a * b on the tensor cores, bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// ex2.approx: one MUFU instruction; exp2f without fast math adds range
+// handling that the softmax does not need (its inputs are <= 0 or -inf).
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two resident blocks of 4 warps, or one of 8: both 8 warps per SM at the
+// ~246 registers the head_dim 128 instance needs.
+template <int kD, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
+    TensorCorePrefillKernel(const __grid_constant__ PagedAttentionParams p) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kRows = 16 * kWarps;  // query rows per block
+  constexpr int kChunks = kD / 8;               // 16-byte chunks per row
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  constexpr int kKPasses = kKeys / kRowsPerPass;
+  constexpr int kQPasses = kRows / kRowsPerPass;
+  constexpr int kDTiles = kD / 8;    // 8-wide n tiles of O
+  constexpr int kDSteps = kD / 16;   // 16-wide k steps of S = Q K^T
+  constexpr int kKeyTiles = kKeys / 8;
+  static_assert(kThreads % kChunks == 0 && kKeys % kRowsPerPass == 0, "copy shape");
+
+  const int seq = blockIdx.z;
+  const int kv_head = blockIdx.x;
+  const int q_begin = p.query_start[seq];
+  const int q_len = p.query_start[seq + 1] - q_begin;
+  if (q_len <= 1) return;  // decode sequences belong to the decode kernel
+
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int rows_total = q_len * G;
+  // Row tiles run last-first: the tiles nearest the end of the chunk see the
+  // most keys, and starting them first keeps the tail of the grid short.
+  const int row_tiles = (rows_total + kRows - 1) / kRows;
+  const int tile = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
+  if (tile >= row_tiles) return;
+  const int row0 = tile * kRows;
+
+  const int ctx = p.context_len[seq];
+  const int first_pos = ctx - q_len;  // position of local token 0
+  const int window = p.sliding_window;
+  const int last_row = min(rows_total - 1, row0 + kRows - 1);
+  const int pos_first = first_pos + row0 / G;
+  const int pos_last = first_pos + last_row / G;
+  const int key_lo = window > 0 ? max(0, pos_first - window + 1) : 0;
+  const int key_hi = pos_last + 1;  // exclusive
+  const int num_tiles = (key_hi - key_lo + kKeys - 1) / kKeys;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t q_smem = smem_base;
+  const uint32_t k_smem = q_smem + kRows * kD * 2;                // [kStages][kKeys][kD]
+  const uint32_t v_smem = k_smem + kStages * kKeys * kD * 2;      // [kStages][kKeys][kD]
+  constexpr uint32_t kStageBytes = kKeys * kD * 2;
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int chunk = tid % kChunks;  // this thread's 16-byte chunk in copies
+  const int copy_row = tid / kChunks;
+
+  const bf16* qkv = static_cast<const bf16*>(p.qkv);
+  const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
+  const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
+  const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * kD;
+  const int32_t* table = p.block_table + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+
+  // Q tile: rows past the chunk are zero (their results are never stored).
+#pragma unroll
+  for (int i = 0; i < kQPasses; ++i) {
+    const int r = copy_row + i * kRowsPerPass;
+    const int row = row0 + r;
+    const bf16* src = qkv;
+    int bytes = 0;
+    if (row < rows_total) {
+      const int j = row / G;
+      const int head = kv_head * G + (row - j * G);
+      src = qkv + static_cast<int64_t>(q_begin + j) * p.qkv_row_width +
+            static_cast<int64_t>(head) * kD + chunk * 8;
+      bytes = 16;
+    }
+    CpAsync16(q_smem + SwizzledOffset<kD>(r, chunk), src, bytes);
+  }
+  CpAsyncCommit();
+
+  // Gathers keys key0 .. key0 + kKeys - 1 of K and V into `stage`: each key
+  // row is looked up in the block table on its own, so a tile may span any
+  // number of pages. Keys at or past key_hi are zero-filled so that a NaN in
+  // an unwritten cache slot cannot reach O through 0 * NaN.
+  auto load_tile = [&](int key0, int stage) {
+#pragma unroll
+    for (int i = 0; i < kKPasses; ++i) {
+      const int r = copy_row + i * kRowsPerPass;
+      const int pos = key0 + r;
+      int64_t offset = 0;
+      int bytes = 0;
+      if (pos < key_hi) {
+        const int page = table[pos / p.page_size];
+        const int64_t slot = static_cast<int64_t>(page) * p.page_size + pos % p.page_size;
+        offset = slot * slot_stride + static_cast<int64_t>(kv_head) * kD + chunk * 8;
+        bytes = 16;
+      }
+      const uint32_t dst = SwizzledOffset<kD>(r, chunk) + stage * kStageBytes;
+      CpAsync16(k_smem + dst, k_cache + offset, bytes);
+      CpAsync16(v_smem + dst, v_cache + offset, bytes);
+    }
+  };
+
+  load_tile(key_lo, 0);
+  CpAsyncCommit();
+  CpAsyncWait<1>();  // Q has landed (tile 0 may still be in flight)
+  __syncthreads();
+
+  // Q fragments for this warp's 16 rows, kept in registers for all tiles.
+  uint32_t q_frag[kDSteps][4];
+#pragma unroll
+  for (int ks = 0; ks < kDSteps; ++ks) {
+    const int r = warp * 16 + (lane % 16);
+    LdMatrixX4(q_smem + SwizzledOffset<kD>(r, 2 * ks + lane / 16), q_frag[ks]);
+  }
+
+  // This thread's two rows: g and g + 8 of the warp's 16. Rows past the chunk
+  // take the last row's position so their softmax stays finite (never stored).
+  const int g = lane / 4;
+  const int t = lane % 4;
+  int row_pos[2];
+  int row_lo[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = min(row0 + warp * 16 + g + 8 * h, rows_total - 1);
+    row_pos[h] = first_pos + row / G;
+    row_lo[h] = window > 0 ? row_pos[h] - window + 1 : 0;
+  }
+  const float scale_log2 = p.scale * kLog2e;  // softmax in base 2
+
+  float o[kDTiles][4];
+#pragma unroll
+  for (int n = 0; n < kDTiles; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  }
+  float m[2] = {-INFINITY, -INFINITY};  // running max, in scaled log2 units
+  float l[2] = {0.0f, 0.0f};            // this thread's share of the row sums
+
+  for (int it = 0; it < num_tiles; ++it) {
+    const int key0 = key_lo + it * kKeys;
+    const int stage = it % kStages;
+    // Prefetch the next tile into the other stage while this one is used;
+    // the barrier at the end of the previous iteration freed that stage.
+    if (it + 1 < num_tiles) load_tile(key0 + kKeys, (it + 1) % kStages);
+    CpAsyncCommit();  // possibly empty, keeping the group count uniform
+    CpAsyncWait<1>();
+    __syncthreads();
+
+    const uint32_t k_tile = k_smem + stage * kStageBytes;
+    const uint32_t v_tile = v_smem + stage * kStageBytes;
+
+    // S = Q K^T for this warp's 16 rows x 64 keys.
+    float s[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+    }
+#pragma unroll
+    for (int ks = 0; ks < kDSteps; ++ks) {
+#pragma unroll
+      for (int np = 0; np < kKeyTiles / 2; ++np) {
+        // Matrices: keys np*16 + 0..7 at dims ks*16 + 0..7 / 8..15, then keys
+        // np*16 + 8..15 likewise: b0/b1 of key tiles 2np and 2np + 1.
+        const int key = np * 16 + (lane % 8) + (lane / 16) * 8;
+        uint32_t b[4];
+        LdMatrixX4(k_tile + SwizzledOffset<kD>(key, 2 * ks + (lane / 8) % 2), b);
+        Mma(s[2 * np], q_frag[ks], b[0], b[1]);
+        Mma(s[2 * np + 1], q_frag[ks], b[2], b[3]);
+      }
+    }
+
+    // Masks only where the tile crosses some row's visible range: the causal
+    // edge (a key past the first row's position) or a window's lower edge.
+    const bool need_mask =
+        key0 + kKeys - 1 > pos_first || (window > 0 && key0 < pos_last - window + 1);
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[n][e] * scale_log2;
+        if (need_mask) {
+          const int key = key0 + n * 8 + 2 * t + (e & 1);
+          const int h = e / 2;
+          if (key > row_pos[h] || key < row_lo[h]) v = -INFINITY;
+        }
+        s[n][e] = v;
+      }
+    }
+
+    // Online softmax; the 4 lanes of a quad share a row.
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = m[h];
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // A row that has seen only masked keys keeps max -inf; subtracting 0
+      // then gives exp2(-inf) = 0 instead of NaN from -inf - -inf.
+      const float base = mx == -INFINITY ? 0.0f : mx;
+      alpha[h] = FastExp2(m[h] - base);
+      m[h] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n) {
+        s[n][2 * h] = FastExp2(s[n][2 * h] - base);
+        s[n][2 * h + 1] = FastExp2(s[n][2 * h + 1] - base);
+        sum += s[n][2 * h] + s[n][2 * h + 1];
+      }
+      l[h] = l[h] * alpha[h] + sum;
+    }
+#pragma unroll
+    for (int n = 0; n < kDTiles; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+
+    // O += P V: P chunk kc (keys kc*16 .. +15) is S tiles 2kc and 2kc + 1.
+#pragma unroll
+    for (int kc = 0; kc < kKeys / 16; ++kc) {
+      const uint32_t a[4] = {PackBf16(s[2 * kc][0], s[2 * kc][1]),
+                             PackBf16(s[2 * kc][2], s[2 * kc][3]),
+                             PackBf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                             PackBf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < kD / 16; ++dp) {
+        // Matrices (transposed): keys kc*16 + 0..7 / 8..15 at dims dp*16 +
+        // 0..7, then the same at dims dp*16 + 8..15: b0/b1 of dim tiles 2dp
+        // and 2dp + 1.
+        const int key = kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+        uint32_t b[4];
+        LdMatrixX4Trans(v_tile + SwizzledOffset<kD>(key, 2 * dp + lane / 16), b);
+        Mma(o[2 * dp], a, b[0], b[1]);
+        Mma(o[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+  }
+
+  // Normalise and store. l > 0 for stored rows: every row sees its own key.
+  bf16* out = static_cast<bf16*>(p.out);
+  const int64_t out_stride = static_cast<int64_t>(p.num_q_heads) * kD;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = l[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int row = row0 + warp * 16 + g + 8 * h;
+    if (row >= rows_total) continue;
+    const float inv = 1.0f / sum;
+    const int j = row / G;
+    const int head = kv_head * G + (row - j * G);
+    bf16* dst = out + static_cast<int64_t>(q_begin + j) * out_stride +
+                static_cast<int64_t>(head) * kD + 2 * t;
+#pragma unroll
+    for (int n = 0; n < kDTiles; ++n) {
+      *reinterpret_cast<__nv_bfloat162*>(dst + n * 8) =
+          __floats2bfloat162_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+    }
+  }
+}
+
+template <int kD, int kWarps>
+cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kRows = 16 * kWarps;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int64_t row_tiles = (static_cast<int64_t>(p.max_query_len) * G + kRows - 1) / kRows;
+  constexpr size_t kSmem = SmemBytes<kD, kWarps>();
+  // Above 48 KiB dynamic shared memory needs an explicit opt-in (per device,
+  // so it is set on every launch rather than cached).
+  const cudaError_t attr = cudaFuncSetAttribute(
+      TensorCorePrefillKernel<kD, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      static_cast<int>(kSmem));
+  if (attr != cudaSuccess) return attr;
+  // x = kv head, y = row tile (reversed in the kernel), z = sequence: blocks
+  // are dispatched x-fastest, so all heads of the heaviest tiles go first.
+  const dim3 grid(p.num_kv_heads, static_cast<unsigned>(row_tiles), p.num_seqs);
+  TensorCorePrefillKernel<kD, kWarps><<<grid, kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool CanUseTensorCorePrefill(const PagedAttentionParams& p) {
+  if (p.head_dim != 64 && p.head_dim != 128) return false;
+  if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 || p.page_size <= 0) return false;
+  if (p.num_kv_heads > 65535 || p.num_seqs > 65535) return false;
+  const int64_t row_tiles =
+      (static_cast<int64_t>(p.max_query_len) * (p.num_q_heads / p.num_kv_heads) + kMinRows - 1) /
+      kMinRows;
+  // The qkv rows and head offsets must keep 16-byte alignment for cp.async.
+  return row_tiles <= 65535 && p.qkv_row_width % 8 == 0;
+}
+
+cudaError_t LaunchTensorCorePrefill(const PagedAttentionParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64:
+      return Launch<64, kLaunchWarps>(p, stream);
+    case 128:
+      return Launch<128, kLaunchWarps>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace strata::cuda::kernels
