@@ -13,8 +13,9 @@
 int main(int argc, char** argv) {
   CLI::App app{"strata: LLM serving with tiered, recallable KV cache"};
   app.require_subcommand(1);
-  std::string log_level = "warn";
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off");
+  std::string log_level;
+  CLI::Option* log_level_option =
+      app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off (default: $STRATA_LOG_LEVEL or warn)");
   int exit_code = 0;
   strata::cli::GenerateFlags generate_flags;
   strata::cli::AddGenerateCommand(app, generate_flags, exit_code);
@@ -23,7 +24,9 @@ int main(int argc, char** argv) {
   strata::cli::BenchFlags bench_flags;
   strata::cli::AddBenchCommand(app, bench_flags, exit_code);
   app.parse_complete_callback([&] {
-    if (!strata::SetLogLevel(log_level)) std::fprintf(stderr, "unknown --log-level %s\n", log_level.c_str());
+    if (log_level_option->count() > 0 && !strata::SetLogLevel(log_level)) {
+      std::fprintf(stderr, "unknown --log-level %s\n", log_level.c_str());
+    }
   });
   CLI11_PARSE(app, argc, argv);
   return exit_code;
