@@ -29,21 +29,28 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-// Query rows per block are 16 per warp; kMinRows is the smallest block (the
+// Each warp owns kWarpTiles m16 tiles of query rows (16 * kWarpTiles rows),
+// so every K/V fragment that ldmatrix brings out of shared memory feeds
+// kWarpTiles MMAs. kMinRows bounds the rows of any block from below (the
 // grid-size check in CanUseTensorCorePrefill uses it).
 constexpr int kMinRows = 64;
-// Warps per block. 8 (128 query rows, one block per SM) beat 4 (64 rows, two
-// blocks per SM) on an H100 at 8k/32k tokens, 2.49 vs 3.13 ms at 8k: the same
-// 8 warps per SM, but each K/V tile fetched from L2 serves twice the rows.
+// 8 warps x 32 rows (256 rows per block, one block per SM). Measured on an
+// H100 at the Llama-3-8B shape (8k / 32k causal): 8 x 16 rows 2.55 / 37.9 ms,
+// 4 x 32 rows (two blocks per SM) 2.66 / 38.7 ms, 8 x 32 rows 2.52 / 36.0 ms.
+// Halving the shared-memory traffic per MMA gained only ~5% at 32k: the
+// kernel is bound by latency (two warps per scheduler, each running
+// QK^T -> softmax -> PV in series), not by shared-memory bandwidth; the
+// larger block gains mostly from each K/V tile serving twice the rows.
 constexpr int kLaunchWarps = 8;
+constexpr int kLaunchWarpTiles = 2;
 constexpr int kKeys = 64;           // keys per K/V tile
 constexpr int kStages = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int kD, int kWarps>
+template <int kD, int kWarps, int kWarpTiles>
 constexpr size_t SmemBytes() {
   // Q tile + kStages x (K tile + V tile), bf16.
-  return size_t{2} * kD * (16 * kWarps + 2 * kStages * kKeys);
+  return size_t{2} * kD * (16 * kWarpTiles * kWarps + 2 * kStages * kKeys);
 }
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile.
@@ -104,20 +111,31 @@ __device__ __forceinline__ float FastExp2(float x) {
   return y;
 }
 
-// Two resident blocks of 4 warps, or one of 8: both 8 warps per SM at the
-// ~246 registers the head_dim 128 instance needs.
-template <int kD, int kWarps>
+// 8 warps per SM in all shapes (two blocks of 4 warps or one of 8): at up to
+// 255 registers a thread no more fit.
+template <int kD, int kWarps, int kWarpTiles>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     TensorCorePrefillKernel(const __grid_constant__ PagedAttentionParams p) {
   constexpr int kThreads = kWarps * 32;
-  constexpr int kRows = 16 * kWarps;  // query rows per block
-  constexpr int kChunks = kD / 8;               // 16-byte chunks per row
+  constexpr int kWarpRows = 16 * kWarpTiles;
+  constexpr int kRows = kWarpRows * kWarps;  // query rows per block
+  constexpr int kChunks = kD / 8;            // 16-byte chunks per row
   constexpr int kRowsPerPass = kThreads / kChunks;
   constexpr int kKPasses = kKeys / kRowsPerPass;
   constexpr int kQPasses = kRows / kRowsPerPass;
   constexpr int kDTiles = kD / 8;    // 8-wide n tiles of O
   constexpr int kDSteps = kD / 16;   // 16-wide k steps of S = Q K^T
-  constexpr int kKeyTiles = kKeys / 8;
+  // Keys per softmax step: with two m tiles the 64-key tile is consumed in
+  // two 32-key steps (not unrolled), since O (128 registers at head_dim 128)
+  // plus S of 64 keys (64) spill; unrolled, ptxas interleaves the steps and
+  // spills too. At head_dim 64 the 64-key step spilled as well (24 bytes).
+  constexpr int kSubKeys = kWarpTiles >= 2 ? 32 : kKeys;
+  constexpr int kKeyTiles = kSubKeys / 8;
+  // Q fragments take 4 * kDSteps registers per m tile; with two tiles at
+  // head_dim 128 (64 registers) they would not fit beside O (128) and S (64),
+  // so that shape re-reads them from shared memory at every k step.
+  constexpr bool kQInRegs = kWarpTiles * kDSteps <= 8;
+  constexpr int kQRegSteps = kQInRegs ? kDSteps : 1;
   static_assert(kThreads % kChunks == 0 && kKeys % kRowsPerPass == 0, "copy shape");
 
   const int seq = blockIdx.z;
@@ -210,36 +228,57 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   CpAsyncWait<1>();  // Q has landed (tile 0 may still be in flight)
   __syncthreads();
 
-  // Q fragments for this warp's 16 rows, kept in registers for all tiles.
-  uint32_t q_frag[kDSteps][4];
+  // Row of this lane's ldmatrix address within m tile mi of this warp's Q.
+  const int q_lane_row = warp * kWarpRows + (lane % 16);
+  // Q fragments kept in registers for all tiles where they fit (see kQInRegs).
+  uint32_t q_frag[kWarpTiles][kQRegSteps][4];
+  if constexpr (kQInRegs) {
 #pragma unroll
-  for (int ks = 0; ks < kDSteps; ++ks) {
-    const int r = warp * 16 + (lane % 16);
-    LdMatrixX4(q_smem + SwizzledOffset<kD>(r, 2 * ks + lane / 16), q_frag[ks]);
+    for (int mi = 0; mi < kWarpTiles; ++mi) {
+#pragma unroll
+      for (int ks = 0; ks < kDSteps; ++ks) {
+        LdMatrixX4(q_smem + SwizzledOffset<kD>(q_lane_row + 16 * mi, 2 * ks + lane / 16),
+                   q_frag[mi][ks]);
+      }
+    }
   }
 
-  // This thread's two rows: g and g + 8 of the warp's 16. Rows past the chunk
-  // take the last row's position so their softmax stays finite (never stored).
+  // This thread's rows: g and g + 8 of each of the warp's m tiles. Rows past
+  // the chunk take the last row's position so their softmax stays finite
+  // (never stored).
   const int g = lane / 4;
   const int t = lane % 4;
-  int row_pos[2];
-  int row_lo[2];
+  int row_pos[kWarpTiles][2];
+  int row_lo[kWarpTiles][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = min(row0 + warp * 16 + g + 8 * h, rows_total - 1);
-    row_pos[h] = first_pos + row / G;
-    row_lo[h] = window > 0 ? row_pos[h] - window + 1 : 0;
+  for (int mi = 0; mi < kWarpTiles; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = min(row0 + warp * kWarpRows + 16 * mi + g + 8 * h, rows_total - 1);
+      row_pos[mi][h] = first_pos + row / G;
+      row_lo[mi][h] = window > 0 ? row_pos[mi][h] - window + 1 : 0;
+    }
   }
   const float scale_log2 = p.scale * kLog2e;  // softmax in base 2
 
-  float o[kDTiles][4];
+  float o[kWarpTiles][kDTiles][4];
 #pragma unroll
-  for (int n = 0; n < kDTiles; ++n) {
+  for (int mi = 0; mi < kWarpTiles; ++mi) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+    for (int n = 0; n < kDTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mi][n][e] = 0.0f;
+    }
   }
-  float m[2] = {-INFINITY, -INFINITY};  // running max, in scaled log2 units
-  float l[2] = {0.0f, 0.0f};            // this thread's share of the row sums
+  // Running max (scaled log2 units) and this thread's share of the row sums,
+  // per m tile and half (row g or g + 8).
+  float m[kWarpTiles][2];
+  float l[kWarpTiles][2];
+#pragma unroll
+  for (int mi = 0; mi < kWarpTiles; ++mi) {
+    m[mi][0] = m[mi][1] = -INFINITY;
+    l[mi][0] = l[mi][1] = 0.0f;
+  }
 
   for (int it = 0; it < num_tiles; ++it) {
     const int key0 = key_lo + it * kKeys;
@@ -251,98 +290,134 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     CpAsyncWait<1>();
     __syncthreads();
 
-    const uint32_t k_tile = k_smem + stage * kStageBytes;
-    const uint32_t v_tile = v_smem + stage * kStageBytes;
+#pragma unroll 1
+    for (int sub = 0; sub < kKeys / kSubKeys; ++sub) {
+      const int key0s = key0 + sub * kSubKeys;
+      const uint32_t k_tile = k_smem + stage * kStageBytes + sub * kSubKeys * kD * 2;
+      const uint32_t v_tile = v_smem + stage * kStageBytes + sub * kSubKeys * kD * 2;
 
-    // S = Q K^T for this warp's 16 rows x 64 keys.
-    float s[kKeyTiles][4];
+      // S = Q K^T for this warp's rows x kSubKeys keys.
+      float s[kWarpTiles][kKeyTiles][4];
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
+      for (int mi = 0; mi < kWarpTiles; ++mi) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
-    }
+        for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
-    for (int ks = 0; ks < kDSteps; ++ks) {
-#pragma unroll
-      for (int np = 0; np < kKeyTiles / 2; ++np) {
-        // Matrices: keys np*16 + 0..7 at dims ks*16 + 0..7 / 8..15, then keys
-        // np*16 + 8..15 likewise: b0/b1 of key tiles 2np and 2np + 1.
-        const int key = np * 16 + (lane % 8) + (lane / 16) * 8;
-        uint32_t b[4];
-        LdMatrixX4(k_tile + SwizzledOffset<kD>(key, 2 * ks + (lane / 8) % 2), b);
-        Mma(s[2 * np], q_frag[ks], b[0], b[1]);
-        Mma(s[2 * np + 1], q_frag[ks], b[2], b[3]);
-      }
-    }
-
-    // Masks only where the tile crosses some row's visible range: the causal
-    // edge (a key past the first row's position) or a window's lower edge.
-    const bool need_mask =
-        key0 + kKeys - 1 > pos_first || (window > 0 && key0 < pos_last - window + 1);
-#pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = s[n][e] * scale_log2;
-        if (need_mask) {
-          const int key = key0 + n * 8 + 2 * t + (e & 1);
-          const int h = e / 2;
-          if (key > row_pos[h] || key < row_lo[h]) v = -INFINITY;
+          for (int e = 0; e < 4; ++e) s[mi][n][e] = 0.0f;
         }
-        s[n][e] = v;
       }
-    }
+#pragma unroll
+      for (int ks = 0; ks < kDSteps; ++ks) {
+        uint32_t q_step[kWarpTiles][4];
+#pragma unroll
+        for (int mi = 0; mi < kWarpTiles; ++mi) {
+          if constexpr (kQInRegs) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) q_step[mi][e] = q_frag[mi][ks][e];
+          } else {
+            LdMatrixX4(q_smem + SwizzledOffset<kD>(q_lane_row + 16 * mi, 2 * ks + lane / 16),
+                       q_step[mi]);
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < kKeyTiles / 2; ++np) {
+          // Matrices: keys np*16 + 0..7 at dims ks*16 + 0..7 / 8..15, then keys
+          // np*16 + 8..15 likewise: b0/b1 of key tiles 2np and 2np + 1.
+          const int key = np * 16 + (lane % 8) + (lane / 16) * 8;
+          uint32_t b[4];
+          LdMatrixX4(k_tile + SwizzledOffset<kD>(key, 2 * ks + (lane / 8) % 2), b);
+#pragma unroll
+          for (int mi = 0; mi < kWarpTiles; ++mi) {
+            Mma(s[mi][2 * np], q_step[mi], b[0], b[1]);
+            Mma(s[mi][2 * np + 1], q_step[mi], b[2], b[3]);
+          }
+        }
+      }
 
-    // Online softmax; the 4 lanes of a quad share a row.
-    float alpha[2];
+      // Masks only where the tile crosses some row's visible range: the causal
+      // edge (a key past the first row's position) or a window's lower edge.
+      const bool need_mask =
+          key0s + kSubKeys - 1 > pos_first || (window > 0 && key0s < pos_last - window + 1);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float mx = m[h];
+      for (int mi = 0; mi < kWarpTiles; ++mi) {
 #pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row that has seen only masked keys keeps max -inf; subtracting 0
-      // then gives exp2(-inf) = 0 instead of NaN from -inf - -inf.
-      const float base = mx == -INFINITY ? 0.0f : mx;
-      alpha[h] = FastExp2(m[h] - base);
-      m[h] = mx;
-      float sum = 0.0f;
+        for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
-      for (int n = 0; n < kKeyTiles; ++n) {
-        s[n][2 * h] = FastExp2(s[n][2 * h] - base);
-        s[n][2 * h + 1] = FastExp2(s[n][2 * h + 1] - base);
-        sum += s[n][2 * h] + s[n][2 * h + 1];
+          for (int e = 0; e < 4; ++e) {
+            float v = s[mi][n][e] * scale_log2;
+            if (need_mask) {
+              const int key = key0s + n * 8 + 2 * t + (e & 1);
+              const int h = e / 2;
+              if (key > row_pos[mi][h] || key < row_lo[mi][h]) v = -INFINITY;
+            }
+            s[mi][n][e] = v;
+          }
+        }
       }
-      l[h] = l[h] * alpha[h] + sum;
-    }
-#pragma unroll
-    for (int n = 0; n < kDTiles; ++n) {
-      o[n][0] *= alpha[0];
-      o[n][1] *= alpha[0];
-      o[n][2] *= alpha[1];
-      o[n][3] *= alpha[1];
-    }
 
-    // O += P V: P chunk kc (keys kc*16 .. +15) is S tiles 2kc and 2kc + 1.
+      // Online softmax; the 4 lanes of a quad share a row.
 #pragma unroll
-    for (int kc = 0; kc < kKeys / 16; ++kc) {
-      const uint32_t a[4] = {PackBf16(s[2 * kc][0], s[2 * kc][1]),
-                             PackBf16(s[2 * kc][2], s[2 * kc][3]),
-                             PackBf16(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                             PackBf16(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+      for (int mi = 0; mi < kWarpTiles; ++mi) {
+        float alpha[2];
 #pragma unroll
-      for (int dp = 0; dp < kD / 16; ++dp) {
-        // Matrices (transposed): keys kc*16 + 0..7 / 8..15 at dims dp*16 +
-        // 0..7, then the same at dims dp*16 + 8..15: b0/b1 of dim tiles 2dp
-        // and 2dp + 1.
-        const int key = kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
-        uint32_t b[4];
-        LdMatrixX4Trans(v_tile + SwizzledOffset<kD>(key, 2 * dp + lane / 16), b);
-        Mma(o[2 * dp], a, b[0], b[1]);
-        Mma(o[2 * dp + 1], a, b[2], b[3]);
+        for (int h = 0; h < 2; ++h) {
+          float mx = m[mi][h];
+#pragma unroll
+          for (int n = 0; n < kKeyTiles; ++n) {
+            mx = fmaxf(mx, fmaxf(s[mi][n][2 * h], s[mi][n][2 * h + 1]));
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          // A row that has seen only masked keys keeps max -inf; subtracting 0
+          // then gives exp2(-inf) = 0 instead of NaN from -inf - -inf.
+          const float base = mx == -INFINITY ? 0.0f : mx;
+          alpha[h] = FastExp2(m[mi][h] - base);
+          m[mi][h] = mx;
+          float sum = 0.0f;
+#pragma unroll
+          for (int n = 0; n < kKeyTiles; ++n) {
+            s[mi][n][2 * h] = FastExp2(s[mi][n][2 * h] - base);
+            s[mi][n][2 * h + 1] = FastExp2(s[mi][n][2 * h + 1] - base);
+            sum += s[mi][n][2 * h] + s[mi][n][2 * h + 1];
+          }
+          l[mi][h] = l[mi][h] * alpha[h] + sum;
+        }
+#pragma unroll
+        for (int n = 0; n < kDTiles; ++n) {
+          o[mi][n][0] *= alpha[0];
+          o[mi][n][1] *= alpha[0];
+          o[mi][n][2] *= alpha[1];
+          o[mi][n][3] *= alpha[1];
+        }
       }
-    }
+
+      // O += P V: P chunk kc (keys kc*16 .. +15) is S tiles 2kc and 2kc + 1.
+#pragma unroll
+      for (int kc = 0; kc < kSubKeys / 16; ++kc) {
+        uint32_t a[kWarpTiles][4];
+#pragma unroll
+        for (int mi = 0; mi < kWarpTiles; ++mi) {
+          a[mi][0] = PackBf16(s[mi][2 * kc][0], s[mi][2 * kc][1]);
+          a[mi][1] = PackBf16(s[mi][2 * kc][2], s[mi][2 * kc][3]);
+          a[mi][2] = PackBf16(s[mi][2 * kc + 1][0], s[mi][2 * kc + 1][1]);
+          a[mi][3] = PackBf16(s[mi][2 * kc + 1][2], s[mi][2 * kc + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < kD / 16; ++dp) {
+          // Matrices (transposed): keys kc*16 + 0..7 / 8..15 at dims dp*16 +
+          // 0..7, then the same at dims dp*16 + 8..15: b0/b1 of dim tiles 2dp
+          // and 2dp + 1.
+          const int key = kc * 16 + (lane % 8) + ((lane / 8) % 2) * 8;
+          uint32_t b[4];
+          LdMatrixX4Trans(v_tile + SwizzledOffset<kD>(key, 2 * dp + lane / 16), b);
+#pragma unroll
+          for (int mi = 0; mi < kWarpTiles; ++mi) {
+            Mma(o[mi][2 * dp], a[mi], b[0], b[1]);
+            Mma(o[mi][2 * dp + 1], a[mi], b[2], b[3]);
+          }
+        }
+      }
+    }  // sub
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
 
@@ -350,42 +425,45 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   bf16* out = static_cast<bf16*>(p.out);
   const int64_t out_stride = static_cast<int64_t>(p.num_q_heads) * kD;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = l[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const int row = row0 + warp * 16 + g + 8 * h;
-    if (row >= rows_total) continue;
-    const float inv = 1.0f / sum;
-    const int j = row / G;
-    const int head = kv_head * G + (row - j * G);
-    bf16* dst = out + static_cast<int64_t>(q_begin + j) * out_stride +
-                static_cast<int64_t>(head) * kD + 2 * t;
+  for (int mi = 0; mi < kWarpTiles; ++mi) {
 #pragma unroll
-    for (int n = 0; n < kDTiles; ++n) {
-      *reinterpret_cast<__nv_bfloat162*>(dst + n * 8) =
-          __floats2bfloat162_rn(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+    for (int h = 0; h < 2; ++h) {
+      float sum = l[mi][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = row0 + warp * kWarpRows + 16 * mi + g + 8 * h;
+      if (row >= rows_total) continue;
+      const float inv = 1.0f / sum;
+      const int j = row / G;
+      const int head = kv_head * G + (row - j * G);
+      bf16* dst = out + static_cast<int64_t>(q_begin + j) * out_stride +
+                  static_cast<int64_t>(head) * kD + 2 * t;
+#pragma unroll
+      for (int n = 0; n < kDTiles; ++n) {
+        *reinterpret_cast<__nv_bfloat162*>(dst + n * 8) =
+            __floats2bfloat162_rn(o[mi][n][2 * h] * inv, o[mi][n][2 * h + 1] * inv);
+      }
     }
   }
 }
 
-template <int kD, int kWarps>
+template <int kD, int kWarps, int kWarpTiles>
 cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
   constexpr int kThreads = kWarps * 32;
-  constexpr int kRows = 16 * kWarps;
+  constexpr int kRows = 16 * kWarpTiles * kWarps;
   const int G = p.num_q_heads / p.num_kv_heads;
   const int64_t row_tiles = (static_cast<int64_t>(p.max_query_len) * G + kRows - 1) / kRows;
-  constexpr size_t kSmem = SmemBytes<kD, kWarps>();
+  constexpr size_t kSmem = SmemBytes<kD, kWarps, kWarpTiles>();
   // Above 48 KiB dynamic shared memory needs an explicit opt-in (per device,
   // so it is set on every launch rather than cached).
   const cudaError_t attr = cudaFuncSetAttribute(
-      TensorCorePrefillKernel<kD, kWarps>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      TensorCorePrefillKernel<kD, kWarps, kWarpTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
       static_cast<int>(kSmem));
   if (attr != cudaSuccess) return attr;
   // x = kv head, y = row tile (reversed in the kernel), z = sequence: blocks
   // are dispatched x-fastest, so all heads of the heaviest tiles go first.
   const dim3 grid(p.num_kv_heads, static_cast<unsigned>(row_tiles), p.num_seqs);
-  TensorCorePrefillKernel<kD, kWarps><<<grid, kThreads, kSmem, stream>>>(p);
+  TensorCorePrefillKernel<kD, kWarps, kWarpTiles><<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -405,9 +483,9 @@ bool CanUseTensorCorePrefill(const PagedAttentionParams& p) {
 cudaError_t LaunchTensorCorePrefill(const PagedAttentionParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
     case 64:
-      return Launch<64, kLaunchWarps>(p, stream);
+      return Launch<64, kLaunchWarps, kLaunchWarpTiles>(p, stream);
     case 128:
-      return Launch<128, kLaunchWarps>(p, stream);
+      return Launch<128, kLaunchWarps, kLaunchWarpTiles>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }
