@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "engine/backend.h"
 #include "kvtier/kmeans.h"
 
 namespace strata::kvtier {
@@ -101,7 +102,7 @@ absl::Status ClusterIndex::AppendWindow(std::span<const float> keys,
   }
   // Each window gets its own seed, so equal windows at different times do
   // not start from the same key index by construction.
-  const uint64_t seed = options_.seed ^ SplitMix64(static_cast<uint64_t>(windows_appended_ + 1));
+  const uint64_t seed = options_.seed ^ engine::SplitMix64(static_cast<uint64_t>(windows_appended_ + 1));
   STRATA_RETURN_IF_ERROR(AddClusters(keys, positions, options_.clusters_per_window, seed, pool));
   next_position_ = positions.back() + 1;
   ++windows_appended_;

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/thread_pool.h"
+#include "engine/backend.h"
 
 namespace strata::kvtier {
 namespace {
@@ -33,13 +34,6 @@ float Dot(const float* a, const float* b, int d) {
 }
 
 }  // namespace
-
-uint64_t SplitMix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, int clusters,
                                           int iterations, uint64_t seed, ThreadPool* pool) {
@@ -84,7 +78,7 @@ absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, in
   {
     std::vector<float> best(n, -std::numeric_limits<float>::infinity());
     std::vector<char> chosen(n, 0);
-    int64_t pick = static_cast<int64_t>(SplitMix64(seed) % static_cast<uint64_t>(n));
+    int64_t pick = static_cast<int64_t>(engine::SplitMix64(seed) % static_cast<uint64_t>(n));
     for (int k = 0; k < c; ++k) {
       chosen[pick] = 1;
       std::copy(&kn[pick * d], &kn[pick * d] + d, &cn[static_cast<size_t>(k) * d]);

@@ -12,7 +12,7 @@
 // Determinism (the CUDA kernels are tested against this, so every choice is
 // spelled out):
 //   - initialisation is farthest-first over cosine distance: the first
-//     centroid is key `SplitMix64(seed) % n`; each next one is the key whose
+//     centroid is key `engine::SplitMix64(seed) % n` (engine/backend.h); each next one is the key whose
 //     best cosine similarity to the centroids chosen so far is lowest (ties:
 //     lowest key index). It is cheap, needs no random draws beyond the first
 //     and spreads the start over distinct directions;
@@ -58,10 +58,6 @@ struct KMeansResult {
 absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, int clusters,
                                           int iterations, uint64_t seed,
                                           ThreadPool* pool = nullptr);
-
-// The mixing function used for the first pick (public so kernels and tests
-// can reproduce it).
-uint64_t SplitMix64(uint64_t x);
 
 }  // namespace strata::kvtier
 
