@@ -211,7 +211,12 @@ class ServerTest : public ::testing::Test {
 ServerProcess* ServerTest::server_ = nullptr;
 
 TEST_F(ServerTest, StreamsTokensWithUsageAndLogprobs) {
-  Completion c = Generate(server_->stub(), TextRequest("Return the number of", 24));
+  // Long enough (~0.1 s on two CPU cores) that tokens arrive over many
+  // responses even when the test machine is busy; a handler may coalesce
+  // the tokens that are ready, so a short completion can come as one.
+  v1::GenerateRequest r = TextRequest("Return the number of", 300);
+  r.mutable_stopping()->set_ignore_eos(true);
+  Completion c = Generate(server_->stub(), r);
   ASSERT_TRUE(c.status.ok()) << c.status.error_message();
   EXPECT_GT(c.responses, 1);  // streamed, not one message at the end
   EXPECT_FALSE(c.text.empty());
