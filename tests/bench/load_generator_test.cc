@@ -6,12 +6,6 @@
 // tiny model, driven by RunBenchmark and by the strata binary.
 #include "bench/load_generator.h"
 
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -26,8 +20,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-
-extern char** environ;
+#include "tests/router/server_process.h"
 
 namespace strata::bench {
 namespace {
@@ -354,65 +347,12 @@ TEST(ValidateOptionsTest, ChecksEachFlag) {
 // ---------------------------------------------------------------------------
 // Integration: a real server
 
-using Clock = std::chrono::steady_clock;
-const std::string kModel = std::string(STRATA_SOURCE_DIR) + "/models/tiny-llama";
 
-// A `strata serve` child process on a free loopback port.
-class ServerProcess {
+// The server under load: a `strata serve` child process (shared with the
+// router tests).
+class ServerProcess : public testing_util::ServerProcess {
  public:
-  ServerProcess() {
-    std::vector<std::string> args = {STRATA_BINARY,    "serve",     "--model",         kModel,
-                                     "--host",         "127.0.0.1", "--port",          "0",
-                                     "--metrics-port", "0",         "--threads",       "2",
-                                     "--max-context",  "2048",      "--grace-seconds", "5"};
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int out[2];
-    EXPECT_EQ(pipe(out), 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&actions, out[0]);
-    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
-    close(out[1]);
-    stdout_fd_ = out[0];
-    const std::string line = ReadLine(std::chrono::seconds(30));
-    std::smatch m;
-    if (std::regex_search(line, m, std::regex(R"(listening on [0-9.]+:(\d+))"))) {
-      address_ = "127.0.0.1:" + std::string(m[1]);
-    }
-    EXPECT_FALSE(address_.empty()) << "server said: " << line;
-  }
-
-  ~ServerProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (stdout_fd_ >= 0) close(stdout_fd_);
-  }
-
-  const std::string& address() const { return address_; }
-
- private:
-  std::string ReadLine(std::chrono::milliseconds timeout) {
-    std::string line;
-    const auto end = Clock::now() + timeout;
-    char c;
-    while (Clock::now() < end) {
-      pollfd p{stdout_fd_, POLLIN, 0};
-      if (poll(&p, 1, 50) <= 0) continue;
-      if (read(stdout_fd_, &c, 1) != 1 || c == '\n') break;
-      line += c;
-    }
-    return line;
-  }
-
-  pid_t pid_ = -1;
-  int stdout_fd_ = -1;
-  std::string address_;
+  ServerProcess() : testing_util::ServerProcess({"--grace-seconds", "5"}) {}
 };
 
 class BenchServeTest : public ::testing::Test {

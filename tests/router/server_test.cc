@@ -26,8 +26,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "strata/v1/generate.grpc.pb.h"
-
-extern char** environ;
+#include "tests/router/server_process.h"
 
 namespace strata {
 namespace {
@@ -35,134 +34,8 @@ namespace {
 using ::testing::HasSubstr;
 using Clock = std::chrono::steady_clock;
 
-const std::string kModel = std::string(STRATA_SOURCE_DIR) + "/models/tiny-llama";
-
-// A `strata serve` child process on free loopback ports.
-class ServerProcess {
- public:
-  explicit ServerProcess(std::vector<std::string> extra_args = {}) {
-    std::vector<std::string> args = {STRATA_BINARY, "serve", "--model", kModel, "--host", "127.0.0.1",
-                                     "--port", "0", "--metrics-port", "0", "--threads", "2",
-                                     "--max-context", "2048"};
-    if (std::find(extra_args.begin(), extra_args.end(), "--grace-seconds") == extra_args.end()) {
-      extra_args.insert(extra_args.end(), {"--grace-seconds", "10"});
-    }
-    args.insert(args.end(), extra_args.begin(), extra_args.end());
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int out[2];
-    EXPECT_EQ(pipe(out), 0);
-    posix_spawn_file_actions_t actions;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-    posix_spawn_file_actions_addclose(&actions, out[0]);
-    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
-    posix_spawn_file_actions_destroy(&actions);
-    close(out[1]);
-    stdout_fd_ = out[0];
-    const std::string line = ReadLine(std::chrono::seconds(30));
-    std::smatch m;
-    if (std::regex_search(line, m, std::regex(R"(listening on [0-9.]+:(\d+) metrics on [0-9.]+:(\d+))"))) {
-      port_ = std::stoi(m[1]);
-      metrics_port_ = std::stoi(m[2]);
-    }
-    EXPECT_GT(port_, 0) << "server said: " << line;
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_), grpc::InsecureChannelCredentials());
-    stub_ = v1::Generation::NewStub(channel_);
-  }
-
-  ~ServerProcess() {
-    if (pid_ > 0) {
-      kill(pid_, SIGKILL);
-      waitpid(pid_, nullptr, 0);
-    }
-    if (stdout_fd_ >= 0) close(stdout_fd_);
-  }
-
-  // Sends SIGTERM and returns the exit status (or -1 on timeout).
-  int Terminate(std::chrono::seconds timeout) {
-    kill(pid_, SIGTERM);
-    return Wait(timeout);
-  }
-  int Wait(std::chrono::seconds timeout) {
-    const auto end = Clock::now() + timeout;
-    while (Clock::now() < end) {
-      int status = 0;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    return -1;
-  }
-
-  std::string ReadLine(std::chrono::milliseconds timeout) {
-    std::string line;
-    const auto end = Clock::now() + timeout;
-    char c;
-    while (Clock::now() < end) {
-      pollfd p{stdout_fd_, POLLIN, 0};
-      if (poll(&p, 1, 50) <= 0) continue;
-      if (read(stdout_fd_, &c, 1) != 1) break;
-      if (c == '\n') break;
-      line += c;
-    }
-    return line;
-  }
-
-  v1::Generation::Stub& stub() { return *stub_; }
-  std::shared_ptr<grpc::Channel> channel() { return channel_; }
-
-  // GET /metrics over a raw socket.
-  std::string Metrics() {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(metrics_port_);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-      close(fd);
-      return "";
-    }
-    const std::string req = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
-    (void)!write(fd, req.data(), req.size());
-    std::string body;
-    char buf[4096];
-    ssize_t n;
-    while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, n);
-    close(fd);
-    return body;
-  }
-
-  // The value of one sample line of /metrics (e.g. a name with labels).
-  double Metric(const std::string& sample) {
-    const std::string text = Metrics();
-    const size_t at = text.find("\n" + sample + " ");
-    if (at == std::string::npos) return -1;
-    return std::stod(text.substr(at + sample.size() + 2));
-  }
-
-  // Polls a metric until pred holds (or a timeout); returns its last value.
-  double WaitForMetric(const std::string& sample, std::function<bool(double)> pred) {
-    double v = -1;
-    for (int i = 0; i < 200; ++i) {
-      v = Metric(sample);
-      if (pred(v)) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(25));
-    }
-    return v;
-  }
-
- private:
-  pid_t pid_ = -1;
-  int stdout_fd_ = -1;
-  int port_ = 0;
-  int metrics_port_ = 0;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::Generation::Stub> stub_;
-};
+using testing_util::ServerProcess;
+const std::string& kModel = testing_util::kTinyModel;
 
 v1::GenerateRequest TextRequest(const std::string& text, int max_tokens, float temperature = 0, uint64_t seed = 0) {
   v1::GenerateRequest r;

@@ -1,0 +1,172 @@
+// ServerProcess: a `strata serve` child process on free loopback ports, for
+// tests that drive the server over real gRPC and HTTP (tests/router,
+// tests/bench). Needs STRATA_BINARY (the strata executable) and
+// STRATA_SOURCE_DIR (for models/tiny-llama) defined by the test target.
+//
+// Thread-safety: one thread owns it; the gRPC stub it hands out is
+// thread-safe.
+#ifndef STRATA_TESTS_ROUTER_SERVER_PROCESS_H_
+#define STRATA_TESTS_ROUTER_SERVER_PROCESS_H_
+
+#include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <regex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "strata/v1/generate.grpc.pb.h"
+
+extern char** environ;
+
+namespace strata::testing_util {
+
+inline const std::string kTinyModel = std::string(STRATA_SOURCE_DIR) + "/models/tiny-llama";
+
+// See the file comment. Extra arguments are appended to the serve command
+// (a --grace-seconds among them replaces the default of 10).
+class ServerProcess {
+ public:
+  explicit ServerProcess(std::vector<std::string> extra_args = {}) {
+    std::vector<std::string> args = {STRATA_BINARY,    "serve",     "--model",   kTinyModel,
+                                     "--host",         "127.0.0.1", "--port",    "0",
+                                     "--metrics-port", "0",         "--threads", "2",
+                                     "--max-context",  "2048"};
+    if (std::find(extra_args.begin(), extra_args.end(), "--grace-seconds") == extra_args.end()) {
+      extra_args.insert(extra_args.end(), {"--grace-seconds", "10"});
+    }
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int out[2];
+    EXPECT_EQ(pipe(out), 0);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+    posix_spawn_file_actions_addclose(&actions, out[0]);
+    EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    close(out[1]);
+    stdout_fd_ = out[0];
+    const std::string line = ReadLine(std::chrono::seconds(30));
+    std::smatch m;
+    if (std::regex_search(line, m,
+                          std::regex(R"(listening on [0-9.]+:(\d+) metrics on [0-9.]+:(\d+))"))) {
+      port_ = std::stoi(m[1]);
+      metrics_port_ = std::stoi(m[2]);
+    }
+    EXPECT_GT(port_, 0) << "server said: " << line;
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port_),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::Generation::NewStub(channel_);
+  }
+
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (stdout_fd_ >= 0) close(stdout_fd_);
+  }
+
+  // Sends SIGTERM and returns the exit status (or -1 on timeout).
+  int Terminate(std::chrono::seconds timeout) {
+    kill(pid_, SIGTERM);
+    return Wait(timeout);
+  }
+  int Wait(std::chrono::seconds timeout) {
+    const auto end = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < end) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return -1;
+  }
+
+  std::string ReadLine(std::chrono::milliseconds timeout) {
+    std::string line;
+    const auto end = std::chrono::steady_clock::now() + timeout;
+    char c;
+    while (std::chrono::steady_clock::now() < end) {
+      pollfd p{stdout_fd_, POLLIN, 0};
+      if (poll(&p, 1, 50) <= 0) continue;
+      if (read(stdout_fd_, &c, 1) != 1) break;
+      if (c == '\n') break;
+      line += c;
+    }
+    return line;
+  }
+
+  v1::Generation::Stub& stub() { return *stub_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::shared_ptr<grpc::Channel> channel() { return channel_; }
+
+  // GET /metrics over a raw socket.
+  std::string Metrics() {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(metrics_port_);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+      close(fd);
+      return "";
+    }
+    const std::string req = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    (void)!write(fd, req.data(), req.size());
+    std::string body;
+    char buf[4096];
+    ssize_t n;
+    while ((n = read(fd, buf, sizeof(buf))) > 0) body.append(buf, n);
+    close(fd);
+    return body;
+  }
+
+  // The value of one sample line of /metrics (e.g. a name with labels).
+  double Metric(const std::string& sample) {
+    const std::string text = Metrics();
+    const size_t at = text.find("\n" + sample + " ");
+    if (at == std::string::npos) return -1;
+    return std::stod(text.substr(at + sample.size() + 2));
+  }
+
+  // Polls a metric until pred holds (or a timeout); returns its last value.
+  double WaitForMetric(const std::string& sample, std::function<bool(double)> pred) {
+    double v = -1;
+    for (int i = 0; i < 200; ++i) {
+      v = Metric(sample);
+      if (pred(v)) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(25));
+    }
+    return v;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  int stdout_fd_ = -1;
+  int port_ = 0;
+  int metrics_port_ = 0;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Generation::Stub> stub_;
+};
+
+}  // namespace strata::testing_util
+
+#endif  // STRATA_TESTS_ROUTER_SERVER_PROCESS_H_
