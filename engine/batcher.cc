@@ -257,7 +257,6 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     add_rows(seq, chunk, chunk == remaining);
     prefill_budget -= chunk;
   }
-  last_step_tokens_ = static_cast<int>(in.token_ids.size());
   if (in.token_ids.empty()) {
     // Nothing runs and the oldest waiting sequence still cannot get its
     // pages: it needs more than the whole cache. It ends with an error; the

@@ -87,8 +87,6 @@ class Batcher {
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   int free_pages() const { return pages_.num_free(); }
-  // Tokens processed by the last step (prefill + decode).
-  int last_step_tokens() const { return last_step_tokens_; }
 
  private:
   struct Sequence;
@@ -106,7 +104,6 @@ class Batcher {
   std::deque<std::unique_ptr<Sequence>> waiting_;   // prefill not finished
   std::vector<std::unique_ptr<Sequence>> running_;  // decoding
   std::vector<uint64_t> cancelled_;
-  int last_step_tokens_ = 0;
 };
 
 }  // namespace strata::engine

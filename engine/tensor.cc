@@ -50,13 +50,6 @@ Tensor Tensor::Rows(int64_t begin, int64_t end) const {
   return view;
 }
 
-Tensor Tensor::Reshaped(std::vector<int64_t> shape) const {
-  Tensor view = *this;
-  view.shape_ = std::move(shape);
-  assert(view.numel() == numel());
-  return view;
-}
-
 std::string Tensor::DebugString() const {
   return absl::StrCat(DTypeName(dtype_), "[", absl::StrJoin(shape_, ", "), "]");
 }

@@ -48,8 +48,6 @@ class Tensor {
 
   // A view of rows [begin, end) along the first dimension, sharing storage.
   Tensor Rows(int64_t begin, int64_t end) const;
-  // A view with the same elements and a different shape (same numel).
-  Tensor Reshaped(std::vector<int64_t> shape) const;
 
   std::string DebugString() const;
 

@@ -135,7 +135,6 @@ TEST(SafetensorsTest, RejectsCorruptFiles) {
     EXPECT_THAT(std::string(f.status().message()), HasSubstr(path));
   }
   // Size that does not match the shape.
-  std::string mismatched = MakeSafetensors({{"a", "F32", {2, 3}}});
   {
     nlohmann::json h = {{"a", {{"dtype", "F32"}, {"shape", {2, 3}}, {"data_offsets", {0, 20}}}}};
     const std::string hs = h.dump();
@@ -224,7 +223,7 @@ TEST(ModelLoadingTest, TruncatedShard) {
   EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("truncated file?"));
 }
 
-TEST(ModelLoadingTest, DummyWeightsForEveryPresetShapeCheck) {
+TEST(ModelLoadingTest, DummyWeightsFillTheTinyPresetWithRandomValues) {
   auto backend = CreateCpuBackend(1);
   auto config = PresetModelConfig("tiny");
   ASSERT_TRUE(config.ok());
