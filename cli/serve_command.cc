@@ -18,6 +18,7 @@
 #include "common/metrics.h"
 #include "engine/async_engine.h"
 #include "engine/model_loader.h"
+#include "kvtier/kv_policy.h"
 #include "kvtier/profile.h"
 #include "router/generation_service.h"
 #include "router/server_metrics.h"
@@ -42,6 +43,9 @@ void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
   cmd->add_option("--max-seqs", f.max_seqs, "Sequences per decode batch")->check(CLI::Range(1, 4096));
   cmd->add_option("--max-context", f.max_context, "Tokens per sequence (prompt + completion)")->check(CLI::Range(2, 1 << 22));
   cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Tokens per step")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--max-sparse-seqs", f.max_sparse_seqs,
+                  "Sequences of sparse-policy profiles decoding sparsely at once (more decode densely)")
+      ->check(CLI::Range(1, 4096));
   cmd->add_option("--kv-pages", f.kv_pages, "KV cache pages of 16 tokens (0: max-seqs full contexts)")->check(CLI::Range(0, 1 << 24));
   cmd->add_option("--max-in-flight", f.max_in_flight, "Requests admitted at once; more get RESOURCE_EXHAUSTED")->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--default-max-tokens", f.default_max_tokens, "max_tokens when a request sets none")->check(CLI::Range(1, 1 << 20));
@@ -64,6 +68,7 @@ int RunServe(const ServeFlags& f) {
 
   // Profiles first: a bad file should fail before the model loads.
   std::vector<std::string> profile_names = {kvtier::DefaultProfile().name};
+  std::vector<kvtier::KvPolicyConfig> policies = {kvtier::DefaultProfile().policy};
   for (const std::string& path : f.profiles) {
     auto profile = kvtier::LoadProfile(path);
     if (!profile.ok()) return Fail(profile.status());
@@ -72,6 +77,7 @@ int RunServe(const ServeFlags& f) {
       return Fail(absl::InvalidArgumentError(absl::StrCat(path, ": profile \"", profile->name, "\" is defined twice")));
     }
     profile_names.push_back(profile->name);
+    policies.push_back(profile->policy);
   }
 
   auto backend = CreateBackend(f.backend, f.threads);
@@ -84,6 +90,16 @@ int RunServe(const ServeFlags& f) {
   auto loaded = engine::LoadModel({f.model_dir, f.dummy_weights}, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Model& model = *loaded->model;
+  // Requests name a profile; its index selects the KV policy.
+  std::unique_ptr<kvtier::KvPolicyRunner> kv_policies;
+  if (std::any_of(policies.begin(), policies.end(),
+                  [](const kvtier::KvPolicyConfig& p) { return p.type != "full"; })) {
+    auto runner = kvtier::KvPolicyRunner::Create(loaded->model.get(), policies,
+                                                 {.max_sparse_seqs = f.max_sparse_seqs});
+    if (!runner.ok()) return Fail(runner.status());
+    kv_policies = std::move(*runner);
+    loaded->model->set_attention_planner(kv_policies.get());
+  }
 
   metrics::Registry registry;
   auto server_metrics = router::ServerMetrics::Create(&registry);

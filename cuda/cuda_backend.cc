@@ -23,6 +23,8 @@
 #include "cuda/cuda_utils.h"
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/elementwise.h"
+#include "cuda/kernels/kv_cluster.h"
+#include "cuda/kernels/kv_select.h"
 
 namespace strata::cuda {
 namespace {
@@ -148,6 +150,22 @@ class CudaBackend final : public engine::Backend {
                          const Tensor& v_cache, const AttentionBatch& batch, float scale,
                          int sliding_window, Tensor& out) override;
 
+  absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const engine::SequenceRange& range,
+                           int num_clusters, int iterations, int first_block, Tensor& centroids,
+                           Tensor& extents) override;
+  absl::Status KeyBounds(const Tensor& k_cache, const engine::SequenceRange& range,
+                         int block_tokens, int first_block, Tensor& lo, Tensor& hi,
+                         Tensor& extents) override;
+  absl::Status ScoreBlocks(const Tensor& qkv, const QkvLayout& layout,
+                           const engine::SparsePlan& plan, int entry_begin, int entry_end,
+                           engine::BlockScoring scoring, const Tensor& summary_a,
+                           const Tensor& summary_b, Tensor& scores) override;
+  absl::Status SelectTokens(const Tensor& scores, const Tensor& extents,
+                            engine::SparsePlan& plan) override;
+  absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
+                               const Tensor& v_cache, const AttentionBatch& batch,
+                               const engine::SparsePlan& plan, float scale, Tensor& out) override;
+
   ~CudaBackend() override {
     // Finish queued work before members (buffers, handles) are released.
     LogIfError(cudaSetDevice(device_), "cudaSetDevice");
@@ -163,6 +181,8 @@ class CudaBackend final : public engine::Backend {
   absl::Status Activate() const;
   cudaStream_t stream() const { return stream_.get(); }
   absl::StatusOr<GemmPlan*> GetGemmPlan(const GemmKey& key, const void* bias);
+  // Sizes the split-K decode workspace and enqueues the attention kernels.
+  absl::Status LaunchAttention(const kernels::PagedAttentionParams& params);
 
   int device_ = 0;
   int num_sms_ = 1;
@@ -177,6 +197,7 @@ class CudaBackend final : public engine::Backend {
   int next_slot_ = 0;
   DeviceBuffer copy_scratch_;         // CopyToHost conversions
   DeviceBuffer attention_workspace_;  // split-KV decode partials
+  DeviceBuffer cluster_workspace_;    // ClusterKeys scratch
   absl::flat_hash_map<GemmKey, std::unique_ptr<GemmPlan>> gemm_plans_;
 };
 
@@ -654,6 +675,18 @@ absl::Status CudaBackend::WriteKv(const Tensor& qkv, const QkvLayout& layout, co
   return absl::OkStatus();
 }
 
+absl::Status CudaBackend::LaunchAttention(const kernels::PagedAttentionParams& params) {
+  STRATA_RETURN_IF_ERROR(Activate());
+  const int num_splits = kernels::ChooseDecodeSplits(params, num_sms_);
+  const size_t workspace_bytes = kernels::DecodeWorkspaceBytes(params, num_splits);
+  if (workspace_bytes > 0) {
+    STRATA_RETURN_IF_ERROR(attention_workspace_.EnsureSize(workspace_bytes));
+  }
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
+      params, num_splits, workspace_bytes > 0 ? attention_workspace_.data() : nullptr, stream()));
+  return absl::OkStatus();
+}
+
 absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
                                     const Tensor& k_cache, const Tensor& v_cache,
                                     const AttentionBatch& batch, float scale, int sliding_window,
@@ -752,15 +785,261 @@ absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
   params.has_decode = has_decode;
   params.has_prefill = has_prefill;
 
-  STRATA_RETURN_IF_ERROR(Activate());
-  const int num_splits = kernels::ChooseDecodeSplits(params, num_sms_);
-  const size_t workspace_bytes = kernels::DecodeWorkspaceBytes(params, num_splits);
-  if (workspace_bytes > 0) {
-    STRATA_RETURN_IF_ERROR(attention_workspace_.EnsureSize(workspace_bytes));
+  return LaunchAttention(params);
+}
+
+// ---- Sparse decoding ----------------------------------------------------------
+
+// Checks a cache [P, S, Hkv, D] and a sequence range against each other.
+absl::Status CheckSequenceRange(const char* op, const Tensor& k_cache,
+                                const engine::SequenceRange& range) {
+  if (!k_cache.defined() || k_cache.rank() != 4 || k_cache.dtype() != DType::kBF16 ||
+      k_cache.dim(3) % 8 != 0 || k_cache.dim(3) > kernels::kMaxHeadDim ||
+      !Aligned16(k_cache.data())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": cache must be bf16 [pages, page_size, Hkv, D] (D a multiple of 8 up to ",
+        kernels::kMaxHeadDim, ", 16-byte aligned), got ", ShapeString(k_cache)));
   }
-  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
-      params, num_splits, workspace_bytes > 0 ? attention_workspace_.data() : nullptr, stream()));
+  const int64_t pages = (int64_t{range.begin} + range.count + range.page_size - 1) /
+                        std::max(range.page_size, 1);
+  if (range.page_size != k_cache.dim(1) || range.begin < 0 || range.count < 1 ||
+      !range.block_table.defined() || range.block_table.dtype() != DType::kI32 ||
+      range.block_table.numel() < pages) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        op, ": range [", range.begin, ", +", range.count, ") with page_size ", range.page_size,
+        " does not fit the block table ", ShapeString(range.block_table), " and the cache ",
+        ShapeString(k_cache)));
+  }
   return absl::OkStatus();
+}
+
+// Checks one pool slot [Hkv, max_blocks, last_dim] of `dtype` with room for
+// `blocks_needed` blocks.
+absl::Status CheckPoolSlot(const char* op, const char* name, const Tensor& t, DType dtype,
+                           int64_t hkv, int64_t last_dim, int64_t blocks_needed) {
+  if (!t.defined() || t.dtype() != dtype || t.rank() != 3 || t.dim(0) != hkv ||
+      t.dim(2) != last_dim || t.dim(1) < blocks_needed) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", name, " must be ", DTypeName(dtype),
+                                                   " [", hkv, ", >= ", blocks_needed, ", ",
+                                                   last_dim, "], got ", ShapeString(t)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
+                                      const engine::SequenceRange& range, int num_clusters,
+                                      int iterations, int first_block, Tensor& centroids,
+                                      Tensor& extents) {
+  constexpr char kOp[] = "ClusterKeys";
+  STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
+  STRATA_RETURN_IF_ERROR(Check(v_cache.defined() && v_cache.shape() == k_cache.shape() &&
+                                   v_cache.dtype() == DType::kBF16 && Aligned16(v_cache.data()),
+                               kOp, "v_cache must match k_cache", {&k_cache, &v_cache}));
+  const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
+  if (num_clusters < 1 || num_clusters > range.count || iterations < 1 || first_block < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": need 1 <= num_clusters (", num_clusters, ") <= count (",
+                     range.count, "), iterations >= 1 and first_block >= 0"));
+  }
+  STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "centroids", centroids, DType::kBF16, hkv, d,
+                                       int64_t{first_block} + num_clusters));
+  STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "extents", extents, DType::kI32, hkv, 2,
+                                       int64_t{first_block} + num_clusters));
+  STRATA_RETURN_IF_ERROR(Check(extents.dim(1) == centroids.dim(1), kOp,
+                               "centroids and extents differ in max_blocks",
+                               {&centroids, &extents}));
+  kernels::ClusterKeysParams p;
+  p.k_cache = k_cache.data();
+  p.v_cache = v_cache.data();
+  p.block_table = range.block_table.data_as<int32_t>();
+  p.page_size = range.page_size;
+  p.begin = range.begin;
+  p.count = range.count;
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.head_dim = static_cast<int>(d);
+  p.num_clusters = num_clusters;
+  p.iterations = iterations;
+  p.first_block = first_block;
+  p.max_blocks = static_cast<int>(centroids.dim(1));
+  p.centroids = centroids.data();
+  p.extents = extents.data_as<int32_t>();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_RETURN_IF_ERROR(cluster_workspace_.EnsureSize(kernels::ClusterKeysWorkspaceBytes(p)));
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchClusterKeys(p, cluster_workspace_.data(), stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::KeyBounds(const Tensor& k_cache, const engine::SequenceRange& range,
+                                    int block_tokens, int first_block, Tensor& lo, Tensor& hi,
+                                    Tensor& extents) {
+  constexpr char kOp[] = "KeyBounds";
+  STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
+  const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
+  if (block_tokens < 1 || range.count % block_tokens != 0 || first_block < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kOp, ": count (", range.count, ") must be a positive multiple of block_tokens (",
+        block_tokens, ")"));
+  }
+  const int blocks = range.count / block_tokens;
+  STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "lo", lo, DType::kBF16, hkv, d, first_block + blocks));
+  STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "hi", hi, DType::kBF16, hkv, d, first_block + blocks));
+  STRATA_RETURN_IF_ERROR(
+      CheckPoolSlot(kOp, "extents", extents, DType::kI32, hkv, 2, first_block + blocks));
+  STRATA_RETURN_IF_ERROR(Check(hi.dim(1) == lo.dim(1) && extents.dim(1) == lo.dim(1), kOp,
+                               "lo, hi and extents differ in max_blocks", {&lo, &hi, &extents}));
+  kernels::KeyBoundsParams p;
+  p.k_cache = k_cache.data();
+  p.block_table = range.block_table.data_as<int32_t>();
+  p.page_size = range.page_size;
+  p.begin = range.begin;
+  p.num_blocks = blocks;
+  p.block_tokens = block_tokens;
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.head_dim = static_cast<int>(d);
+  p.first_block = first_block;
+  p.max_blocks = static_cast<int>(lo.dim(1));
+  p.lo = lo.data();
+  p.hi = hi.data();
+  p.extents = extents.data_as<int32_t>();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchKeyBounds(p, stream()));
+  return absl::OkStatus();
+}
+
+// The largest num_blocks among plan entries [begin, end), from the host copy.
+int MaxNumBlocks(const engine::SparsePlan& plan, int begin, int end) {
+  int most = 0;
+  for (int i = begin; i < end; ++i) most = std::max(most, plan.host(i, engine::kPlanNumBlocks));
+  return most;
+}
+
+absl::Status CudaBackend::ScoreBlocks(const Tensor& qkv, const QkvLayout& layout,
+                                      const engine::SparsePlan& plan, int entry_begin,
+                                      int entry_end, engine::BlockScoring scoring,
+                                      const Tensor& summary_a, const Tensor& summary_b,
+                                      Tensor& scores) {
+  constexpr char kOp[] = "ScoreBlocks";
+  const int hkv = layout.num_kv_heads, d = layout.head_dim;
+  STRATA_RETURN_IF_ERROR(Check(entry_begin >= 0 && entry_begin <= entry_end &&
+                                   entry_end <= plan.num_entries,
+                               kOp, "entry range outside the plan"));
+  const bool bounds = scoring == engine::BlockScoring::kKeyBounds;
+  STRATA_RETURN_IF_ERROR(Check(
+      qkv.defined() && qkv.dtype() == DType::kBF16 && qkv.rank() == 2 &&
+          qkv.dim(1) == layout.row_width() && summary_a.defined() &&
+          summary_a.dtype() == DType::kBF16 && summary_a.rank() == 4 && summary_a.dim(1) == hkv &&
+          summary_a.dim(2) == plan.max_blocks && summary_a.dim(3) == d &&
+          (!bounds || (summary_b.defined() && summary_b.shape() == summary_a.shape() &&
+                       summary_b.dtype() == DType::kBF16)) &&
+          scores.defined() && scores.dtype() == DType::kF32 &&
+          scores.numel() >= int64_t{plan.num_entries} * hkv * plan.max_blocks,
+      kOp, "expected bf16 qkv and summaries [slots, Hkv, max_blocks, D], f32 scores [P, Hkv, max_blocks]",
+      {&qkv, &summary_a, &summary_b, &scores}));
+  for (int i = entry_begin; i < entry_end; ++i) {
+    if (plan.host(i, engine::kPlanSlot) >= summary_a.dim(0) ||
+        plan.host(i, engine::kPlanRow) >= qkv.dim(0)) {
+      return absl::InvalidArgumentError(absl::StrCat(kOp, ": entry ", i, " outside the summaries or rows"));
+    }
+  }
+  if (entry_begin == entry_end) return absl::OkStatus();
+  kernels::ScoreBlocksParams p;
+  p.qkv = qkv.data();
+  p.qkv_row_width = qkv.dim(1);
+  p.entries = plan.entries.data_as<int32_t>();
+  p.entry_begin = entry_begin;
+  p.entry_end = entry_end;
+  p.num_q_heads = layout.num_q_heads;
+  p.num_kv_heads = hkv;
+  p.head_dim = d;
+  p.max_blocks = plan.max_blocks;
+  p.max_num_blocks = MaxNumBlocks(plan, entry_begin, entry_end);
+  p.key_bounds = bounds;
+  p.summary_a = summary_a.data();
+  p.summary_b = bounds ? summary_b.data() : nullptr;
+  p.scores = scores.data_as<float>();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchScoreBlocks(p, stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SelectTokens(const Tensor& scores, const Tensor& extents,
+                                       engine::SparsePlan& plan) {
+  constexpr char kOp[] = "SelectTokens";
+  STRATA_RETURN_IF_ERROR(Check(extents.defined() && extents.dtype() == DType::kI32 &&
+                                   extents.rank() == 4 && extents.dim(2) == plan.max_blocks &&
+                                   extents.dim(3) == 2,
+                               kOp, "extents must be i32 [slots, Hkv, max_blocks, 2]", {&extents}));
+  const int64_t hkv = extents.dim(1);
+  STRATA_RETURN_IF_ERROR(Check(
+      scores.defined() && scores.dtype() == DType::kF32 &&
+          scores.numel() >= plan.num_entries * hkv * plan.max_blocks,
+      kOp, "scores must be f32 [P, Hkv, max_blocks]", {&scores}));
+  for (int i = 0; i < plan.num_entries; ++i) {
+    if (plan.host(i, engine::kPlanSlot) >= extents.dim(0)) {
+      return absl::InvalidArgumentError(absl::StrCat(kOp, ": entry ", i, " names a slot outside the extents"));
+    }
+  }
+  if (plan.num_entries == 0) return absl::OkStatus();
+  kernels::SelectTokensParams p;
+  p.scores = scores.data_as<float>();
+  p.extents = extents.data_as<int32_t>();
+  p.entries = plan.entries.data_as<int32_t>();
+  p.num_entries = plan.num_entries;
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.max_blocks = plan.max_blocks;
+  p.max_num_blocks = MaxNumBlocks(plan, 0, plan.num_entries);
+  p.max_keys = plan.max_keys;
+  p.key_index = plan.key_index.data_as<int32_t>();
+  p.key_count = plan.key_count.data_as<int32_t>();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchSelectTokens(p, stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& layout,
+                                          const Tensor& k_cache, const Tensor& v_cache,
+                                          const AttentionBatch& batch,
+                                          const engine::SparsePlan& plan, float scale,
+                                          Tensor& out) {
+  constexpr char kOp[] = "SparseAttention";
+  const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, d = layout.head_dim;
+  STRATA_RETURN_IF_ERROR(Check(
+      qkv.defined() && k_cache.defined() && v_cache.defined() && out.defined() && hq > 0 &&
+          hkv > 0 && hq % hkv == 0 && d % 8 == 0 && d <= kernels::kMaxHeadDim &&
+          qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && out.rank() == 2 &&
+          out.dim(0) == qkv.dim(0) && out.dim(1) == int64_t{hq} * d && k_cache.rank() == 4 &&
+          k_cache.shape() == v_cache.shape() && k_cache.dim(1) == batch.page_size &&
+          k_cache.dim(2) == hkv && k_cache.dim(3) == d && qkv.dtype() == DType::kBF16 &&
+          out.dtype() == DType::kBF16 && k_cache.dtype() == DType::kBF16 &&
+          v_cache.dtype() == DType::kBF16 && Aligned16(qkv.data()) && Aligned16(out.data()) &&
+          Aligned16(k_cache.data()) && Aligned16(v_cache.data()),
+      kOp, "expected bf16 qkv [T, row], out [T, Hq*D] and caches [P, page, Hkv, D]",
+      {&qkv, &out, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(plan, batch, qkv.dim(0), INT32_MAX, hkv));
+  if (plan.num_entries == 0) return absl::OkStatus();
+
+  kernels::PagedAttentionParams params;
+  params.qkv = qkv.data();
+  params.qkv_row_width = qkv.dim(1);
+  params.k_cache = k_cache.data();
+  params.v_cache = v_cache.data();
+  params.out = out.data();
+  params.block_table = batch.block_table.data_as<int32_t>();
+  params.num_seqs = plan.num_entries;
+  params.max_blocks_per_seq = batch.max_blocks_per_seq;
+  params.page_size = batch.page_size;
+  params.num_q_heads = hq;
+  params.num_kv_heads = hkv;
+  params.head_dim = d;
+  params.scale = scale;
+  params.plan_entries = plan.entries.data_as<int32_t>();
+  params.key_index = plan.key_index.data_as<int32_t>();
+  params.key_count = plan.key_count.data_as<int32_t>();
+  params.max_keys = plan.max_keys;
+  params.max_query_len = 1;
+  params.max_context_len = plan.max_keys;
+  params.has_decode = true;
+  return LaunchAttention(params);
 }
 
 }  // namespace

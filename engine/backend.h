@@ -63,6 +63,78 @@ struct AttentionBatch {
   std::vector<int32_t> host_context_len;  // host copy of context_len
 };
 
+// ---- Sparse decoding ------------------------------------------------------
+//
+// KV policies (kvtier/kv_policy.h) make a decode step attend to a subset of a
+// sequence's cached tokens. They address tokens by LOGICAL INDEX: index i of
+// sequence s lives at slot block_table[s][i / page_size] * page_size +
+// i % page_size. Before any clustering the logical index is the position;
+// ClusterKeys then reorders a range per KV head so each cluster's tokens
+// are contiguous (positions are baked into the keys by RoPE, and every
+// cached token precedes the decode query, so attention does not depend on
+// where a key sits).
+//
+// A policy summarises blocks of tokens (clusters or Quest pages) into
+// per-sequence pools owned by the policy, indexed by a pool slot:
+//   summaries: activation dtype [slots, Hkv, max_blocks, D]
+//   extents:   kI32 [slots, Hkv, max_blocks, 2] = (first logical index, size)
+
+// Columns of SparsePlan::entries: one row per planned decode query.
+enum SparsePlanField : int {
+  kPlanRow = 0,         // the query's row in qkv and out
+  kPlanSeq = 1,         // its sequence in the AttentionBatch (block-table row)
+  kPlanSlot = 2,        // its pool slot (summaries, extents)
+  kPlanNumBlocks = 3,   // blocks in its pools, <= max_blocks
+  kPlanBudget = 4,      // tokens selected from the blocks
+  kPlanSinkEnd = 5,     // logical [0, sink_end) is always attended
+  kPlanTailBegin = 6,   // logical [tail_begin, context_len) is always attended
+  kPlanContextLen = 7,  // cached tokens including the query's own
+  kSparsePlanFields = 8,
+};
+
+// The sparse decode queries of one layer. Entries are built on the host and
+// copied once per step; key_index / key_count are filled on the device by
+// SelectTokens and read by SparseAttention, so a step needs no host round
+// trip.
+struct SparsePlan {
+  Tensor entries;                      // kI32 [P, kSparsePlanFields] (device)
+  std::vector<int32_t> host_entries;   // host copy of entries
+  int num_entries = 0;                 // P
+  int max_blocks = 0;                  // block stride of scores, summaries, extents
+  int max_keys = 0;                    // key stride of key_index
+  Tensor key_index;                    // kI32 [>= P, Hkv, max_keys]: logical indices
+  Tensor key_count;                    // kI32 [>= P, Hkv]
+
+  int32_t host(int entry, SparsePlanField field) const {
+    return host_entries[static_cast<size_t>(entry) * kSparsePlanFields + field];
+  }
+};
+
+// Checks a plan against the batch and the cache before any kernel reads it:
+// rows, sequences and slots in range, 0 <= sink_end <= tail_begin <
+// context_len == the sequence's context, num_blocks <= max_blocks, and
+// sink_end + min(budget, tail_begin - sink_end) + (context_len - tail_begin)
+// <= max_keys (blocks hold tokens of [sink_end, tail_begin) only).
+absl::Status ValidateSparsePlan(const SparsePlan& plan, const AttentionBatch& batch,
+                                int64_t num_rows, int num_slots, int num_kv_heads);
+
+// How block scores are computed (ScoreBlocks).
+enum class BlockScoring {
+  // ClusterKV: sum over the KV group's query heads of q . centroid.
+  kCentroid,
+  // Quest: sum over the group of sum_d max(q[d] * lo[d], q[d] * hi[d]), an
+  // upper bound of q . k over the block's keys.
+  kKeyBounds,
+};
+
+// One sequence's token range, for the per-sequence summary operators.
+struct SequenceRange {
+  Tensor block_table;  // kI32 [>= ceil((begin + count) / page_size)] (device)
+  int page_size = 0;
+  int begin = 0;       // first logical index
+  int count = 0;       // tokens
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -124,6 +196,53 @@ class Backend {
   virtual absl::Status Attention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                                  const Tensor& v_cache, const AttentionBatch& batch, float scale,
                                  int sliding_window, Tensor& out) = 0;
+
+  // ---- Sparse decoding (see SparsePlan) -------------------------------------
+  // ClusterKV's k-means over range.count keys of every KV head of one
+  // sequence and layer, then the reordering. Per KV head, with x_t the keys
+  // (fp32) of logical indices begin + t and C = num_clusters (1 <= C <= count):
+  //   init: c_j = x_{floor(j * count / C)};
+  //   `iterations` times: assign each key to argmax_j cos(x_t, c_j) (a zero
+  //     vector has similarity 0; ties go to the lowest j), then c_j = the
+  //     mean of its RAW keys (an empty cluster keeps its centroid).
+  // Then the K and V rows of the range are reordered so that cluster 0's
+  // tokens come first (ascending t), then cluster 1's, and so on; block
+  // first_block + j of the pools gets centroid c_j and extent
+  // (begin + tokens of clusters < j, size of j).
+  // centroids: activation dtype [Hkv, max_blocks, D]; extents: kI32
+  // [Hkv, max_blocks, 2] (one pool slot).
+  virtual absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
+                                   int num_clusters, int iterations, int first_block,
+                                   Tensor& centroids, Tensor& extents) = 0;
+  // Quest's page summaries: block first_block + j covers logical indices
+  // [begin + j * block_tokens, + block_tokens) (range.count is a multiple of
+  // block_tokens); lo / hi [Hkv, max_blocks, D] get the per-channel min and
+  // max of its keys and extents [Hkv, max_blocks, 2] its extent.
+  virtual absl::Status KeyBounds(const Tensor& k_cache, const SequenceRange& range,
+                                 int block_tokens, int first_block, Tensor& lo, Tensor& hi,
+                                 Tensor& extents) = 0;
+  // scores kF32 [P, Hkv, max_blocks]: for plan entries [entry_begin,
+  // entry_end) and their blocks b < num_blocks, the score of block b of
+  // their slot (summary_b is unused for kCentroid). Other blocks untouched.
+  virtual absl::Status ScoreBlocks(const Tensor& qkv, const QkvLayout& layout,
+                                   const SparsePlan& plan, int entry_begin, int entry_end,
+                                   BlockScoring scoring, const Tensor& summary_a,
+                                   const Tensor& summary_b, Tensor& scores) = 0;
+  // Fills plan.key_index / key_count: per entry and KV head, the logical
+  // indices [0, sink_end), then blocks in descending score (ties: lower
+  // block) with their extents' indices in order until `budget` tokens (the
+  // last block truncated to its first indices), then [tail_begin,
+  // context_len). extents: kI32 [slots, Hkv, max_blocks, 2].
+  virtual absl::Status SelectTokens(const Tensor& scores, const Tensor& extents,
+                                    SparsePlan& plan) = 0;
+  // Decode attention of each plan entry's query row over exactly the keys
+  // plan.key_index names (no causal mask: every cached key precedes the
+  // query). Query head h reads KV head h / (Hq / Hkv); writes the entries'
+  // rows of out [T, Hq * D] only.
+  virtual absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout,
+                                       const Tensor& k_cache, const Tensor& v_cache,
+                                       const AttentionBatch& batch, const SparsePlan& plan,
+                                       float scale, Tensor& out) = 0;
 };
 
 #if defined(__CUDACC__)

@@ -109,7 +109,7 @@ void Batcher::Cancel(uint64_t request_id) {
   auto cancel = [&](auto& container) {
     for (auto it = container.begin(); it != container.end(); ++it) {
       if ((*it)->req.id == request_id) {
-        pages_.Free((*it)->pages);
+        ReleaseKv(**it);
         container.erase(it);
         cancelled_.push_back(request_id);
         return true;
@@ -126,8 +126,15 @@ bool Batcher::EnsurePages(Sequence& seq, int tokens) {
   return needed <= 0 || pages_.Allocate(needed, seq.pages);
 }
 
-void Batcher::Preempt(Sequence& seq) {
+void Batcher::ReleaseKv(Sequence& seq) {
   pages_.Free(seq.pages);
+  if (AttentionPlanner* planner = model_->attention_planner(); planner != nullptr) {
+    planner->Release(static_cast<int64_t>(seq.req.id));
+  }
+}
+
+void Batcher::Preempt(Sequence& seq) {
+  ReleaseKv(seq);
   seq.num_computed = 0;  // recomputed from its tokens (prompt + output so far)
 }
 
@@ -142,7 +149,7 @@ void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>
   }
   events.back().finish = reason;
   seq.finished = true;
-  pages_.Free(seq.pages);
+  ReleaseKv(seq);
 }
 
 void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<TokenEvent>& events) {
@@ -222,6 +229,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     in.query_start.push_back(static_cast<int32_t>(in.token_ids.size()));
     in.context_len.push_back(seq.num_computed + count);
     in.block_tables.push_back(seq.pages);
+    in.seq_ids.push_back(static_cast<int64_t>(seq.req.id));
+    in.kv_policies.push_back(seq.req.kv_policy);
     if (sample) in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
     step_seqs.push_back(&seq);
     step_rows.push_back(count);
@@ -268,7 +277,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
                              " tokens of KV cache; the cache holds ",
                              int64_t{pages_.num_pages()} * opts.page_size);
       events.push_back(std::move(e));
-      pages_.Free(seq.pages);
+      ReleaseKv(seq);
       waiting_.pop_front();
     }
     return events;

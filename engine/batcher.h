@@ -41,6 +41,9 @@ struct GenerationRequest {
   std::vector<int32_t> stop_token_ids;
   std::vector<std::string> stop_strings;
   bool ignore_eos = false;
+  // The KV policy of the model's AttentionPlanner this request uses (0: the
+  // default). Checked by the planner's owner, not by the batcher.
+  int32_t kv_policy = 0;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
@@ -92,6 +95,8 @@ class Batcher {
   struct Sequence;
 
   bool EnsurePages(Sequence& seq, int tokens);
+  // Frees the sequence's KV pages and tells the model's planner it is gone.
+  void ReleaseKv(Sequence& seq);
   void Preempt(Sequence& seq);
   void Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>& events);
   void EmitToken(Sequence& seq, const SampledToken& token, std::vector<TokenEvent>& events);

@@ -9,7 +9,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/status_macros.h"
 #include "common/thread_pool.h"
+#include "engine/kmeans.h"
 
 namespace strata::engine {
 namespace {
@@ -317,7 +319,265 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
+  // ---- Sparse decoding -----------------------------------------------------
+  absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
+                           int num_clusters, int iterations, int first_block, Tensor& centroids,
+                           Tensor& extents) override {
+    constexpr char kOp[] = "ClusterKeys";
+    STRATA_RETURN_IF_ERROR(CheckCache(kOp, k_cache, v_cache));
+    const int hkv = static_cast<int>(k_cache.dim(2)), d = static_cast<int>(k_cache.dim(3));
+    STRATA_RETURN_IF_ERROR(CheckRange(kOp, range, k_cache));
+    if (num_clusters < 1 || num_clusters > range.count || iterations < 1) {
+      return ShapeError(kOp, absl::StrCat("need 1 <= num_clusters (", num_clusters,
+                                          ") <= count (", range.count, ") and iterations >= 1"));
+    }
+    STRATA_RETURN_IF_ERROR(CheckPool(kOp, centroids, DType::kF32, hkv, d, first_block + num_clusters, "centroids"));
+    STRATA_RETURN_IF_ERROR(CheckPool(kOp, extents, DType::kI32, hkv, 2, first_block + num_clusters, "extents"));
+    const int64_t max_blocks = centroids.dim(1);
+    if (extents.dim(1) != max_blocks) return ShapeError(kOp, "centroids and extents differ in max_blocks");
+    std::vector<int64_t> slots(range.count);
+    for (int t = 0; t < range.count; ++t) slots[t] = Slot(range, range.begin + t);
+    std::vector<float> keys(static_cast<size_t>(range.count) * d);
+    std::vector<float> k_rows(keys.size()), v_rows(keys.size());
+    for (int h = 0; h < hkv; ++h) {
+      for (int t = 0; t < range.count; ++t) {
+        std::memcpy(&keys[int64_t{t} * d], CacheRow(k_cache, slots[t], h), d * 4);
+      }
+      auto result = KMeansCosine(keys, d, num_clusters, iterations, &pool_);
+      if (!result.ok()) return result.status();
+      // Reorder: cluster-major, ascending t within a cluster (a stable sort).
+      std::vector<int32_t> order(range.count);
+      for (int t = 0; t < range.count; ++t) order[t] = t;
+      std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+        return result->assignment[a] < result->assignment[b];
+      });
+      for (int t = 0; t < range.count; ++t) {
+        std::memcpy(&k_rows[int64_t{t} * d], CacheRow(k_cache, slots[order[t]], h), d * 4);
+        std::memcpy(&v_rows[int64_t{t} * d], CacheRow(v_cache, slots[order[t]], h), d * 4);
+      }
+      for (int t = 0; t < range.count; ++t) {
+        std::memcpy(CacheRow(k_cache, slots[t], h), &k_rows[int64_t{t} * d], d * 4);
+        std::memcpy(CacheRow(v_cache, slots[t], h), &v_rows[int64_t{t} * d], d * 4);
+      }
+      int32_t start = range.begin;
+      for (int j = 0; j < num_clusters; ++j) {
+        const int64_t block = int64_t{h} * max_blocks + first_block + j;
+        std::memcpy(centroids.data_as<float>() + block * d, &result->centroids[int64_t{j} * d], d * 4);
+        extents.data_as<int32_t>()[block * 2] = start;
+        extents.data_as<int32_t>()[block * 2 + 1] = result->sizes[j];
+        start += result->sizes[j];
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status KeyBounds(const Tensor& k_cache, const SequenceRange& range, int block_tokens,
+                         int first_block, Tensor& lo, Tensor& hi, Tensor& extents) override {
+    constexpr char kOp[] = "KeyBounds";
+    STRATA_RETURN_IF_ERROR(CheckCache(kOp, k_cache, k_cache));
+    const int hkv = static_cast<int>(k_cache.dim(2)), d = static_cast<int>(k_cache.dim(3));
+    STRATA_RETURN_IF_ERROR(CheckRange(kOp, range, k_cache));
+    if (block_tokens < 1 || range.count % block_tokens != 0) {
+      return ShapeError(kOp, "count must be a positive multiple of block_tokens");
+    }
+    const int blocks = range.count / block_tokens;
+    STRATA_RETURN_IF_ERROR(CheckPool(kOp, lo, DType::kF32, hkv, d, first_block + blocks, "lo"));
+    STRATA_RETURN_IF_ERROR(CheckPool(kOp, hi, DType::kF32, hkv, d, first_block + blocks, "hi"));
+    STRATA_RETURN_IF_ERROR(CheckPool(kOp, extents, DType::kI32, hkv, 2, first_block + blocks, "extents"));
+    const int64_t max_blocks = lo.dim(1);
+    if (hi.dim(1) != max_blocks || extents.dim(1) != max_blocks) {
+      return ShapeError(kOp, "lo, hi and extents differ in max_blocks");
+    }
+    for (int h = 0; h < hkv; ++h) {
+      for (int j = 0; j < blocks; ++j) {
+        const int64_t block = int64_t{h} * max_blocks + first_block + j;
+        float* l = lo.data_as<float>() + block * d;
+        float* u = hi.data_as<float>() + block * d;
+        std::fill_n(l, d, std::numeric_limits<float>::infinity());
+        std::fill_n(u, d, -std::numeric_limits<float>::infinity());
+        const int first = range.begin + j * block_tokens;
+        for (int t = first; t < first + block_tokens; ++t) {
+          const float* k = CacheRow(k_cache, Slot(range, t), h);
+          for (int i = 0; i < d; ++i) {
+            l[i] = std::min(l[i], k[i]);
+            u[i] = std::max(u[i], k[i]);
+          }
+        }
+        extents.data_as<int32_t>()[block * 2] = first;
+        extents.data_as<int32_t>()[block * 2 + 1] = block_tokens;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ScoreBlocks(const Tensor& qkv, const QkvLayout& layout, const SparsePlan& plan,
+                           int entry_begin, int entry_end, BlockScoring scoring,
+                           const Tensor& summary_a, const Tensor& summary_b,
+                           Tensor& scores) override {
+    constexpr char kOp[] = "ScoreBlocks";
+    const int hkv = layout.num_kv_heads, d = layout.head_dim, group = layout.num_q_heads / hkv;
+    if (entry_begin < 0 || entry_begin > entry_end || entry_end > plan.num_entries) {
+      return ShapeError(kOp, "entry range outside the plan");
+    }
+    if (summary_a.dtype() != DType::kF32 || summary_a.rank() != 4 || summary_a.dim(1) != hkv ||
+        summary_a.dim(2) != plan.max_blocks || summary_a.dim(3) != d ||
+        (scoring == BlockScoring::kKeyBounds && summary_b.shape() != summary_a.shape())) {
+      return ShapeError(kOp, "summaries must be F32 [slots, Hkv, max_blocks, D]");
+    }
+    if (scores.dtype() != DType::kF32 ||
+        scores.numel() < int64_t{plan.num_entries} * hkv * plan.max_blocks) {
+      return ShapeError(kOp, "scores must be F32 [P, Hkv, max_blocks]");
+    }
+    const int64_t width = layout.row_width();
+    for (int i = entry_begin; i < entry_end; ++i) {
+      const int64_t slot = plan.host(i, kPlanSlot);
+      if (slot >= summary_a.dim(0)) return ShapeError(kOp, "slot outside the summaries");
+      const float* q_row = qkv.data_as<float>() + int64_t{plan.host(i, kPlanRow)} * width;
+      for (int h = 0; h < hkv; ++h) {
+        for (int b = 0; b < plan.host(i, kPlanNumBlocks); ++b) {
+          const int64_t block = (slot * hkv + h) * plan.max_blocks + b;
+          const float* a = summary_a.data_as<float>() + block * d;
+          float score = 0.0f;
+          for (int g = 0; g < group; ++g) {
+            const float* q = q_row + int64_t{h * group + g} * d;
+            if (scoring == BlockScoring::kCentroid) {
+              score += Dot(q, a, d);
+            } else {
+              const float* u = summary_b.data_as<float>() + block * d;
+              float bound = 0.0f;
+              for (int j = 0; j < d; ++j) bound += std::max(q[j] * a[j], q[j] * u[j]);
+              score += bound;
+            }
+          }
+          scores.data_as<float>()[(int64_t{i} * hkv + h) * plan.max_blocks + b] = score;
+        }
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SelectTokens(const Tensor& scores, const Tensor& extents, SparsePlan& plan) override {
+    constexpr char kOp[] = "SelectTokens";
+    if (extents.dtype() != DType::kI32 || extents.rank() != 4 || extents.dim(2) != plan.max_blocks ||
+        extents.dim(3) != 2) {
+      return ShapeError(kOp, "extents must be I32 [slots, Hkv, max_blocks, 2]");
+    }
+    const int hkv = static_cast<int>(extents.dim(1));
+    if (scores.numel() < int64_t{plan.num_entries} * hkv * plan.max_blocks) {
+      return ShapeError(kOp, "scores too small for the plan");
+    }
+    for (int i = 0; i < plan.num_entries; ++i) {
+      const int64_t slot = plan.host(i, kPlanSlot);
+      if (slot >= extents.dim(0)) return ShapeError(kOp, "slot outside the extents");
+      const int blocks = plan.host(i, kPlanNumBlocks);
+      for (int h = 0; h < hkv; ++h) {
+        int32_t* out = plan.key_index.data_as<int32_t>() + (int64_t{i} * hkv + h) * plan.max_keys;
+        int n = 0;
+        for (int t = 0; t < plan.host(i, kPlanSinkEnd); ++t) out[n++] = t;
+        const float* sc = scores.data_as<float>() + (int64_t{i} * hkv + h) * plan.max_blocks;
+        const int32_t* ext = extents.data_as<int32_t>() + (slot * hkv + h) * plan.max_blocks * 2;
+        std::vector<int32_t> order(blocks);
+        for (int b = 0; b < blocks; ++b) order[b] = b;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int32_t a, int32_t b) { return sc[a] > sc[b]; });
+        int left = plan.host(i, kPlanBudget);
+        for (int32_t b : order) {
+          if (left <= 0) break;
+          const int take = std::min(left, ext[b * 2 + 1]);
+          for (int t = 0; t < take; ++t) out[n++] = ext[b * 2] + t;
+          left -= take;
+        }
+        for (int t = plan.host(i, kPlanTailBegin); t < plan.host(i, kPlanContextLen); ++t) out[n++] = t;
+        plan.key_count.data_as<int32_t>()[int64_t{i} * hkv + h] = n;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
+                               const Tensor& v_cache, const AttentionBatch& batch,
+                               const SparsePlan& plan, float scale, Tensor& out) override {
+    const int d = layout.head_dim;
+    const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, group = hq / hkv;
+    const int64_t width = layout.row_width();
+    const int32_t* table = batch.block_table.data_as<int32_t>();
+    pool_.ParallelFor(int64_t{plan.num_entries} * hq, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> scores;
+      for (int64_t item = b; item < e; ++item) {
+        const int i = static_cast<int>(item / hq);
+        const int h = static_cast<int>(item % hq), kvh = h / group;
+        const int64_t row = plan.host(i, kPlanRow);
+        const int32_t* seq_table = table + int64_t{plan.host(i, kPlanSeq)} * batch.max_blocks_per_seq;
+        const int64_t list = int64_t{i} * hkv + kvh;
+        const int32_t* keys = plan.key_index.data_as<int32_t>() + list * plan.max_keys;
+        const int n = plan.key_count.data_as<int32_t>()[list];
+        const float* q = qkv.data_as<float>() + row * width + int64_t{h} * d;
+        auto slot_of = [&](int32_t index) {
+          return int64_t{seq_table[index / batch.page_size]} * batch.page_size + index % batch.page_size;
+        };
+        scores.resize(n);
+        float max_score = -std::numeric_limits<float>::infinity();
+        for (int j = 0; j < n; ++j) {
+          scores[j] = Dot(q, CacheRow(k_cache, slot_of(keys[j]), kvh), d) * scale;
+          max_score = std::max(max_score, scores[j]);
+        }
+        float denom = 0;
+        for (float& sc : scores) {
+          sc = std::exp(sc - max_score);
+          denom += sc;
+        }
+        float* o = out.data_as<float>() + row * hq * d + int64_t{h} * d;
+        std::fill_n(o, d, 0.0f);
+        for (int j = 0; j < n; ++j) {
+          const float* v = CacheRow(v_cache, slot_of(keys[j]), kvh);
+          const float w = scores[j] / denom;
+          for (int x = 0; x < d; ++x) o[x] += w * v[x];
+        }
+      }
+    });
+    return absl::OkStatus();
+  }
+
  private:
+  // Row of KV head h at `slot` of a cache [pages, page_size, Hkv, D].
+  static float* CacheRow(const Tensor& cache, int64_t slot, int h) {
+    return cache.data_as<float>() + (slot * cache.dim(2) + h) * cache.dim(3);
+  }
+  static int64_t Slot(const SequenceRange& range, int32_t index) {
+    return int64_t{range.block_table.data_as<int32_t>()[index / range.page_size]} * range.page_size +
+           index % range.page_size;
+  }
+  static absl::Status CheckCache(absl::string_view op, const Tensor& k, const Tensor& v) {
+    if (k.dtype() != DType::kF32 || k.rank() != 4 || v.shape() != k.shape()) {
+      return ShapeError(op, "caches must be F32 [pages, page_size, Hkv, D]");
+    }
+    return absl::OkStatus();
+  }
+  static absl::Status CheckRange(absl::string_view op, const SequenceRange& range,
+                                 const Tensor& cache) {
+    if (range.page_size != cache.dim(1) || range.begin < 0 || range.count < 1 ||
+        range.block_table.dtype() != DType::kI32 ||
+        (int64_t{range.begin} + range.count + range.page_size - 1) / range.page_size >
+            range.block_table.numel()) {
+      return ShapeError(op, "token range outside the block table or page size mismatch");
+    }
+    const int32_t* table = range.block_table.data_as<int32_t>();
+    for (int64_t p = range.begin / range.page_size;
+         p < (int64_t{range.begin} + range.count + range.page_size - 1) / range.page_size; ++p) {
+      if (table[p] < 0 || table[p] >= cache.dim(0)) return ShapeError(op, "page outside the cache");
+    }
+    return absl::OkStatus();
+  }
+  static absl::Status CheckPool(absl::string_view op, const Tensor& t, DType dtype, int hkv,
+                                int64_t last_dim, int blocks_needed, absl::string_view name) {
+    if (t.dtype() != dtype || t.rank() != 3 || t.dim(0) != hkv || t.dim(2) != last_dim ||
+        t.dim(1) < blocks_needed) {
+      return ShapeError(op, absl::StrCat(name, " must be ", DTypeName(dtype), " [Hkv, >= ",
+                                         blocks_needed, ", ", last_dim, "], got ", t.DebugString()));
+    }
+    return absl::OkStatus();
+  }
+
   static void NormRow(const float* x, const float* w, int64_t n, float eps, float* out) {
     double ss = 0;
     for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];

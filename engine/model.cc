@@ -93,6 +93,10 @@ absl::Status Model::Validate(const StepInput& in) const {
       in.query_start.back() != t || static_cast<int>(in.block_tables.size()) != num_seqs) {
     return bad("query_start / block_tables do not match the sequences");
   }
+  if ((!in.seq_ids.empty() && static_cast<int>(in.seq_ids.size()) != num_seqs) ||
+      (!in.kv_policies.empty() && static_cast<int>(in.kv_policies.size()) != num_seqs)) {
+    return bad("seq_ids / kv_policies must be empty or name every sequence");
+  }
   if (static_cast<int>(in.logit_rows.size()) > options_.max_logit_rows) {
     return bad("logit_rows names more than max_logit_rows rows");
   }
@@ -165,6 +169,8 @@ absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_table_.data(), DType::kI32,
                                         int64_t{num_seqs} * max_blocks_per_seq_, batch.block_table, 0));
 
+  if (planner_ != nullptr) STRATA_RETURN_IF_ERROR(planner_->BeginStep(in, batch));
+
   Tensor residual = residual_.Rows(0, t), normed = normed_.Rows(0, t), qkv = qkv_.Rows(0, t);
   Tensor attn = attn_.Rows(0, t), proj = proj_.Rows(0, t), gate_up = gate_up_.Rows(0, t),
          act = act_.Rows(0, t);
@@ -182,8 +188,22 @@ absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
     STRATA_RETURN_IF_ERROR(b.Linear(normed, l.qkv, l.qkv_bias, qkv));
     STRATA_RETURN_IF_ERROR(b.Rope(qkv, layout_, positions, inv_freq_));
     STRATA_RETURN_IF_ERROR(b.WriteKv(qkv, layout_, slots, k_cache_[i], v_cache_[i]));
-    STRATA_RETURN_IF_ERROR(b.Attention(qkv, layout_, k_cache_[i], v_cache_[i], batch, scale,
-                                       config_.sliding_window, attn));
+    const SparsePlan* plan = nullptr;
+    if (planner_ != nullptr) {
+      STRATA_ASSIGN_OR_RETURN(plan, planner_->PlanLayer(i, qkv, k_cache_[i], v_cache_[i]));
+    }
+    // A plan that covers every sequence of a pure decode step replaces the
+    // dense attention; otherwise its rows overwrite the dense result.
+    const bool sparse_only = plan != nullptr && plan->num_entries == num_seqs &&
+                             batch.max_query_len == 1;
+    if (!sparse_only) {
+      STRATA_RETURN_IF_ERROR(b.Attention(qkv, layout_, k_cache_[i], v_cache_[i], batch, scale,
+                                         config_.sliding_window, attn));
+    }
+    if (plan != nullptr && plan->num_entries > 0) {
+      STRATA_RETURN_IF_ERROR(
+          b.SparseAttention(qkv, layout_, k_cache_[i], v_cache_[i], batch, *plan, scale, attn));
+    }
     STRATA_RETURN_IF_ERROR(b.Linear(attn, l.o_proj, Tensor(), proj));
     STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, l.post_norm, eps, normed));
     STRATA_RETURN_IF_ERROR(b.Linear(normed, l.gate_up, Tensor(), gate_up));

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/attention_planner.h"
 #include "engine/backend.h"
 #include "engine/model_config.h"
 #include "engine/weights.h"
@@ -45,6 +46,11 @@ struct StepInput {
   // Rows whose next-token logits are wanted (e.g. each sequence's last row);
   // may be empty when no sequence samples in this step.
   std::vector<int32_t> logit_rows;
+  // For an AttentionPlanner: each sequence's id (stable across steps) and
+  // the KV policy its request chose (an index the planner defines; 0 is the
+  // default). Empty means ids 0..S-1 and policy 0.
+  std::vector<int64_t> seq_ids;
+  std::vector<int32_t> kv_policies;
 };
 
 class Model {
@@ -61,6 +67,13 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
   Backend& backend() { return *backend_; }
+  // Decode steps ask `planner` (may be null: dense attention) which tokens to
+  // attend to. Not owned; must outlive the model's use of it.
+  void set_attention_planner(AttentionPlanner* planner) { planner_ = planner; }
+  AttentionPlanner* attention_planner() const { return planner_; }
+  // The layer's paged caches [num_pages, page_size, Hkv, D].
+  Tensor& k_cache(int layer) { return k_cache_[layer]; }
+  Tensor& v_cache(int layer) { return v_cache_[layer]; }
   int64_t weight_bytes() const { return weights_.bytes; }
   int64_t kv_bytes_per_token() const;
 
@@ -73,6 +86,7 @@ class Model {
   ModelConfig config_;
   ModelWeights weights_;
   Backend* backend_;
+  AttentionPlanner* planner_ = nullptr;
   ModelOptions options_;
   QkvLayout layout_;
   int max_blocks_per_seq_ = 0;

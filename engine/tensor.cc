@@ -50,6 +50,13 @@ Tensor Tensor::Rows(int64_t begin, int64_t end) const {
   return view;
 }
 
+Tensor Tensor::Row(int64_t i) const {
+  assert(rank() >= 2);
+  Tensor view = Rows(i, i + 1);
+  view.shape_.erase(view.shape_.begin());
+  return view;
+}
+
 std::string Tensor::DebugString() const {
   return absl::StrCat(DTypeName(dtype_), "[", absl::StrJoin(shape_, ", "), "]");
 }

@@ -48,6 +48,9 @@ class Tensor {
 
   // A view of rows [begin, end) along the first dimension, sharing storage.
   Tensor Rows(int64_t begin, int64_t end) const;
+  // Row i along the first dimension with that dimension dropped (e.g. one
+  // pool slot of [slots, H, B, D] as [H, B, D]), sharing storage.
+  Tensor Row(int64_t i) const;
 
   std::string DebugString() const;
 

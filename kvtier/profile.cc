@@ -175,7 +175,6 @@ absl::Status CheckSupported(const KvProfile& p, const std::string& source) {
     return absl::UnimplementedError(absl::StrCat(source, ": ", key, " ", value,
                                                  " is not available in this build yet (profile \"", p.name, "\")"));
   };
-  if (p.policy.type != "full") return unsupported("kv_policy.type", p.policy.type);
   if (p.codec != "bf16") return unsupported("codec", p.codec);
   if (p.tiers.gpu_bytes > 0) {
     return unsupported("tiers.gpu_bytes", "(a per-profile GPU budget; size the cache with --kv-pages)");

@@ -33,6 +33,12 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
     return Bad("profile", absl::StrCat("unknown profile \"", request.profile(), "\" (available: ",
                                        absl::StrJoin(limits.profiles, ", "), ")"));
   }
+  // The engine knows a profile by its index (profiles[0] is the default).
+  if (!request.profile().empty()) {
+    out.kv_policy = static_cast<int32_t>(
+        std::find(limits.profiles.begin(), limits.profiles.end(), request.profile()) -
+        limits.profiles.begin());
+  }
   switch (request.input_case()) {
     case v1::GenerateRequest::kText: {
       if (request.text().empty()) return Bad("text", "the prompt is empty");

@@ -21,7 +21,9 @@ struct RequestLimits {
   int context_length = 0;  // prompt + completion tokens
   int vocab_size = 0;
   int default_max_tokens = 256;
-  std::vector<std::string> profiles;  // names a request may give
+  // Names a request may give; a request's profile becomes its
+  // GenerationRequest::kv_policy, the index in this list (0: the default).
+  std::vector<std::string> profiles;
 };
 
 // Validates `request` and builds the engine request (without its id).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# End-to-end checks of `strata generate` on the bundled tiny model.
+# End-to-end checks of `strata generate` on the bundled tiny model, and of
+# `strata bench kv-policies` on the bundled retrieval model.
 # Usage: cli_test.sh STRATA_BINARY SOURCE_DIR
 set -euo pipefail
 strata=$1
@@ -51,4 +52,13 @@ expect_error "outside the vocabulary" generate --model "$model" --prompt-ids 1,9
 expect_error "--backend" generate --model "$model" --prompt hi --backend tpu
 expect_error "unknown model preset" generate --dummy-weights gpt-5 --prompt-ids 1
 expect_error "is not a token id" generate --model "$model" --prompt-ids 1,x
+expect_error "is not one of" bench kv-policies --model "$src/models/retrieval-llama" --policies full,h2o
+
+# The KV-policy accuracy benchmark on the trained retrieval model: two
+# 4096-token cases, dense and ClusterKV; both must find the needle.
+out=$("$strata" bench kv-policies --model "$src/models/retrieval-llama" --max-cases 2 \
+      --policies full,clusterkv --budgets 256 --fidelity-steps 1 2>/dev/null) \
+  || fail "bench kv-policies"
+echo "$out" | grep -Eq "^full +0 +1\.000" || fail "kv-policies full accuracy: $out"
+echo "$out" | grep -Eq "^clusterkv +256 +1\.000" || fail "kv-policies clusterkv accuracy: $out"
 echo "cli tests passed"

@@ -22,6 +22,7 @@
 #include <cstdint>
 
 #include "cuda/kernels/attention.h"
+#include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/prefill_attention_tc.h"
 
 namespace strata::cuda::kernels {
@@ -145,18 +146,31 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
   const int head_chunk = blockIdx.y - kv_head * head_chunks;
   const int split = blockIdx.z;
 
-  const int q_begin = p.query_start[seq];
-  const int q_len = p.query_start[seq + 1] - q_begin;
-  if (q_len != 1) return;  // not a decode sequence (uniform across the block)
+  const bool sparse = p.plan_entries != nullptr;
+  int q_begin, table_row, key_lo, key_hi;
+  const int32_t* key_list = nullptr;  // sparse: logical index of each key
+  if (sparse) {
+    const int32_t* entry = p.plan_entries + seq * kPlanFields;
+    q_begin = entry[kPlanRowCol];
+    table_row = entry[kPlanSeqCol];
+    const int64_t list = static_cast<int64_t>(seq) * p.num_kv_heads + kv_head;
+    key_list = p.key_index + list * p.max_keys;
+    key_lo = 0;
+    key_hi = min(p.key_count[list], p.max_keys);
+  } else {
+    q_begin = p.query_start[seq];
+    if (p.query_start[seq + 1] - q_begin != 1) return;  // not a decode sequence
+    table_row = seq;
+    const int ctx = p.context_len[seq];
+    const int pos = ctx - 1;
+    key_lo = p.sliding_window > 0 ? max(0, pos - p.sliding_window + 1) : 0;
+    key_hi = ctx;
+  }
 
   const int D = p.head_dim;
   const int G = p.num_q_heads / p.num_kv_heads;
   const int g_begin = head_chunk * kMaxG;
   const int g_count = min(kMaxG, G - g_begin);
-  const int ctx = p.context_len[seq];
-  const int pos = ctx - 1;
-  const int key_lo = p.sliding_window > 0 ? max(0, pos - p.sliding_window + 1) : 0;
-  const int key_hi = ctx;
   const int num_keys = max(0, key_hi - key_lo);
   const int per_split = (num_keys + num_splits - 1) / num_splits;
   const int k_begin = key_lo + split * per_split;
@@ -209,7 +223,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
   const bf16* const v_cache = static_cast<const bf16*>(p.v_cache);
   const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   const int64_t head_offset = static_cast<int64_t>(kv_head) * D + d0;
-  const int32_t* const table = p.block_table + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
+  const int32_t* const table = p.block_table + static_cast<int64_t>(table_row) * p.max_blocks_per_seq;
   const int page_size = p.page_size;
   // Pages are 16 tokens in practice: shift and mask instead of dividing.
   const bool page_pow2 = (page_size & (page_size - 1)) == 0;
@@ -219,16 +233,20 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
   const int my_tiles = num_tiles > warp ? (num_tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
   auto tile_start = [&](int j) { return k_begin + (warp + j * kDecodeWarps) * kTileKeys; };
 
-  // Block-table entries of this lane's keys of the next tile to issue, loaded
-  // one tile ahead so their latency does not stall the copies.
-  int next_page[kDecodeSteps];
+  // Cache slots of this lane's keys of the next tile to issue, looked up one
+  // tile ahead so the latency of the key list and block table does not stall
+  // the copies.
+  int64_t next_slot[kDecodeSteps];
   auto load_pages = [&](int j) {
 #pragma unroll
     for (int u = 0; u < kDecodeSteps; ++u) {
       const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
-      next_page[u] = 0;
+      next_slot[u] = 0;
       if (j < my_tiles && key < k_end) {
-        next_page[u] = table[page_pow2 ? key >> page_shift : key / page_size];
+        const int index = sparse ? key_list[key] : key;
+        const int page = table[page_pow2 ? index >> page_shift : index / page_size];
+        const int in_page = page_pow2 ? index & (page_size - 1) : index % page_size;
+        next_slot[u] = static_cast<int64_t>(page) * page_size + in_page;
       }
     }
   };
@@ -241,11 +259,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
       for (int u = 0; u < kDecodeSteps; ++u) {
         const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
         const bool valid = key < k_end;
-        const int in_page = page_pow2 ? key & (page_size - 1) : key % page_size;
-        const int64_t offset =
-            valid ? (static_cast<int64_t>(next_page[u]) * page_size + in_page) * slot_stride +
-                        head_offset
-                  : 0;
+        const int64_t offset = valid ? next_slot[u] * slot_stride + head_offset : 0;
         CpAsync16(dst + u * 512, k_cache + offset, valid);
         CpAsync16(dst + kDecodeTileBytes + u * 512, v_cache + offset, valid);
       }
@@ -382,7 +396,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
     }
     const int head = head0 + g;
     if (num_splits == 1) {
-      // total > 0: the query's own position is always visible.
+      // total > 0: the query's own position is always visible (a sparse
+      // plan always lists it in the tail).
       static_cast<bf16*>(p.out)[t * out_stride + static_cast<int64_t>(head) * D + d] =
           __float2bfloat16_rn(sum / total);
     } else {
@@ -404,8 +419,13 @@ __global__ void DecodeCombineKernel(const __grid_constant__ PagedAttentionParams
                                     const float* __restrict__ ws_ml) {
   const int seq = blockIdx.x;
   const int head = blockIdx.y;
-  const int q_begin = p.query_start[seq];
-  if (p.query_start[seq + 1] - q_begin != 1) return;
+  int q_begin;
+  if (p.plan_entries != nullptr) {
+    q_begin = p.plan_entries[seq * kPlanFields];
+  } else {
+    q_begin = p.query_start[seq];
+    if (p.query_start[seq + 1] - q_begin != 1) return;
+  }
   const int D = p.head_dim;
   const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.num_q_heads;
   const int64_t base = static_cast<int64_t>(seq) * p.num_q_heads + head;

@@ -53,6 +53,17 @@ struct PagedAttentionParams {
   float scale = 1.0f;
   int sliding_window = 0;  // <= 0: unlimited
 
+  // Sparse decode (engine::Backend::SparseAttention): when plan_entries is
+  // set, the decode kernel's sequence x is plan entry x ([num_seqs,
+  // kPlanFields] of cuda/kernels/kv_select.h): its query row is column 0, its
+  // block-table row column 1, and KV head h attends to exactly the logical
+  // indices key_index[x][h][0, key_count[x][h]). query_start and context_len
+  // are then unused, and max_context_len bounds key_count.
+  const int32_t* plan_entries = nullptr;
+  const int32_t* key_index = nullptr;  // [num_seqs, num_kv_heads, max_keys]
+  const int32_t* key_count = nullptr;  // [num_seqs, num_kv_heads]
+  int max_keys = 0;
+
   // Launch sizing, from the host copies of the batch.
   int max_query_len = 0;
   int max_context_len = 0;

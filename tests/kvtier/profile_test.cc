@@ -39,10 +39,13 @@ tiers:
   EXPECT_EQ(p->tiers.gpu_bytes, int64_t{8} << 30);
   EXPECT_EQ(p->tiers.host_bytes, 64000000000);
   EXPECT_EQ(p->tiers.ssd_bytes, int64_t{1} << 40);
-  // This build runs exact attention only, and says which key is the reason.
+  // This build has no int4 codec yet, and says which key is the reason.
   absl::Status s = CheckSupported(*p, "p.yaml");
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("kv_policy.type clusterkv"));
+  EXPECT_THAT(std::string(s.message()), HasSubstr("codec int4"));
+  p->codec = "bf16";
+  p->tiers = {};
+  EXPECT_TRUE(CheckSupported(*p, "p.yaml").ok());
 }
 
 TEST(ProfileTest, DefaultsAreTheDefaultProfile) {

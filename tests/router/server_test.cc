@@ -354,6 +354,27 @@ TEST(ServerProfileTest, RequestsMayNameALoadedProfile) {
   EXPECT_TRUE(Generate(server.stub(), r).status.ok());
 }
 
+TEST(ServerProfileTest, SparsePolicyProfilesServeTheirRequests) {
+  // A ClusterKV profile small enough that a 300-token prompt is clustered
+  // and decodes over sinks + 32 selected tokens + the tail; the default
+  // profile stays dense in the same server.
+  const std::string path = WriteTemp(
+      "sparse_profile.yaml",
+      "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
+      "window_tokens: 16, tokens_per_cluster: 16, full_layers: 1}\n");
+  ServerProcess server({"--profile", path});
+  std::string prompt;
+  for (int i = 0; i < 60; ++i) prompt += "Return the number of items in the list. ";
+  v1::GenerateRequest r = TextRequest(prompt, 24);
+  r.mutable_stopping()->set_ignore_eos(true);
+  v1::GenerateRequest dense = r;
+  r.set_profile("sparse");
+  const auto sparse_result = Generate(server.stub(), r);
+  ASSERT_TRUE(sparse_result.status.ok()) << sparse_result.status.error_message();
+  EXPECT_EQ(sparse_result.tokens.size(), 24u);
+  EXPECT_TRUE(Generate(server.stub(), dense).status.ok());
+}
+
 TEST(ServerProfileTest, BadProfileFailsStartupWithAClearError) {
   const std::string path = WriteTemp("bad_profile.yaml", "name: chat\nkv_policy: {type: full, budget: 3}\n");
   const std::string cmd = std::string(STRATA_BINARY) + " serve --model " + kModel + " --port 0 --profile " + path + " 2>&1";

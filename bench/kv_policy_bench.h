@@ -1,0 +1,102 @@
+// Benchmarks of the KV policies (kvtier/kv_policy.h) behind
+// `strata bench kv-policies` and `strata bench kv-speed`.
+//
+// Accuracy (EvalPolicy): a trained retrieval model (models/retrieval-llama)
+// answers needle-in-a-haystack prompts from an eval set; per policy and
+// budget it reports exact-match accuracy (overall, per context length and
+// per needle depth) and, against the dense run of the same prompts:
+//   - greedy agreement: the fraction of generated positions whose token
+//     equals the dense run's token at that position;
+//   - top-k recall: of each query head's k highest exact attention weights
+//     (over the whole context), the fraction the policy attends to;
+//   - attention output error: |o_sparse - o_full| / |o_full| per query head;
+//   - reselection: of the tokens selected from blocks, the fraction the same
+//     (sequence, layer, KV head) had selected at the previous step, i.e. the
+//     hit rate of a GPU cache that keeps last step's selection.
+// The attention metrics are computed on the host from copies of the caches
+// on the first `fidelity_steps` decode steps.
+//
+// Speed (MeasureDecodeSpeed): a batch of sequences is prefilled to a given
+// context once, then each policy decodes `steps` steps over it; reports the
+// mean step time and, for ClusterKV, the clustering time (its first step
+// minus a regular one) as a fraction of the prefill time.
+//
+// Thread-safety: functions drive the given model; one caller at a time.
+#ifndef STRATA_BENCH_KV_POLICY_BENCH_H_
+#define STRATA_BENCH_KV_POLICY_BENCH_H_
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/model.h"
+#include "kvtier/profile.h"
+
+namespace strata::bench {
+
+// One eval prompt: {"length": L, "depth": d, "prompt": [...], "answer": [...]}.
+struct RetrievalCase {
+  int length = 0;
+  double depth = 0.0;
+  std::vector<int32_t> prompt;
+  std::vector<int32_t> answer;
+};
+
+// Reads JSON lines; InvalidArgument naming the line for a malformed case or
+// ids outside [0, vocab_size).
+absl::StatusOr<std::vector<RetrievalCase>> LoadRetrievalCases(const std::string& path,
+                                                              int vocab_size);
+
+struct AccuracyCount {
+  int correct = 0;
+  int total = 0;
+  double rate() const { return total > 0 ? static_cast<double>(correct) / total : 0.0; }
+};
+
+struct PolicyEval {
+  kvtier::KvPolicyConfig config;
+  AccuracyCount overall;
+  std::map<int, AccuracyCount> by_length;
+  std::map<int, AccuracyCount> by_depth_percent;  // depth * 100, rounded
+  double greedy_agreement = 1.0;
+  double topk_recall = 1.0;
+  double output_error = 0.0;
+  double reselection = 0.0;
+  int64_t attention_samples = 0;  // (query head, layer, step) triples measured
+  // The generated tokens per case (the dense run's are the reference).
+  std::vector<std::vector<int32_t>> outputs;
+};
+
+struct EvalOptions {
+  int generate_tokens = 0;   // per case; 0: the answer length
+  int max_batch = 16;        // sequences decoding together
+  int fidelity_steps = 2;    // decode steps with attention metrics (0: none)
+  int topk = 32;
+};
+
+// Runs every case under `config` (type "full" runs densely). `reference`
+// (the dense run) may be null; then agreement is not computed.
+absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPolicyConfig& config,
+                                      const std::vector<RetrievalCase>& cases,
+                                      const PolicyEval* reference, const EvalOptions& options);
+
+struct SpeedResult {
+  kvtier::KvPolicyConfig config;
+  int batch = 0;
+  int context = 0;
+  double step_ms = 0.0;        // mean decode step
+  double first_step_ms = 0.0;  // includes clustering / page summaries
+  double prefill_s = 0.0;      // of the whole batch
+};
+
+// Prefills `batch` sequences of `context` tokens (random ids) once, then
+// for each config decodes `steps` timed steps after `warmup` untimed ones.
+absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
+    engine::Model* model, const std::vector<kvtier::KvPolicyConfig>& configs, int batch,
+    int context, int steps, int warmup);
+
+}  // namespace strata::bench
+
+#endif  // STRATA_BENCH_KV_POLICY_BENCH_H_

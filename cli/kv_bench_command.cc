@@ -1,0 +1,271 @@
+#include "cli/kv_bench_command.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "bench/kv_policy_bench.h"
+#include "cli/backend_factory.h"
+#include "cli/exit_status.h"
+#include "engine/model_loader.h"
+#include "kvtier/kv_policy.h"
+#include "nlohmann/json.hpp"
+
+namespace strata::cli {
+namespace {
+
+kvtier::KvPolicyConfig MakeConfig(const KvBenchFlags& f, const std::string& type, int budget) {
+  kvtier::KvPolicyConfig c;
+  c.type = type;
+  c.budget_tokens = budget;
+  c.sink_tokens = f.sink_tokens;
+  c.window_tokens = f.window_tokens;
+  c.tokens_per_cluster = f.tokens_per_cluster;
+  c.kmeans_iterations = f.kmeans_iterations;
+  c.full_layers = f.full_layers;
+  return c;
+}
+
+// full once, the sparse policies once per budget.
+absl::StatusOr<std::vector<kvtier::KvPolicyConfig>> Configs(const KvBenchFlags& f) {
+  std::vector<kvtier::KvPolicyConfig> configs;
+  for (const std::string& type : f.policies) {
+    if (absl::Status s = kvtier::ParsePolicyKind(type).status(); !s.ok()) return s;
+    if (type == "full") {
+      configs.push_back(MakeConfig(f, type, 0));
+      continue;
+    }
+    for (int budget : f.budgets) {
+      if (budget < 0) return absl::InvalidArgumentError("--budgets must be >= 0");
+      configs.push_back(MakeConfig(f, type, budget));
+    }
+  }
+  // full first: it is the reference of the others.
+  std::stable_partition(configs.begin(), configs.end(),
+                        [](const kvtier::KvPolicyConfig& c) { return c.type == "full"; });
+  return configs;
+}
+
+struct Loaded {
+  std::unique_ptr<engine::Backend> backend;
+  engine::LoadedModel model;
+};
+
+absl::StatusOr<Loaded> Load(const KvBenchFlags& f, engine::ModelOptions options) {
+  Loaded l;
+  auto backend = CreateBackend(f.backend, f.threads);
+  if (!backend.ok()) return backend.status();
+  l.backend = std::move(*backend);
+  engine::ModelSource source{f.model, f.dummy_weights};
+  auto model = engine::LoadModel(source, l.backend.get(), options);
+  if (!model.ok()) return model.status();
+  l.model = std::move(*model);
+  return l;
+}
+
+absl::Status WriteJson(const std::string& path, const nlohmann::json& j) {
+  if (path.empty()) return absl::OkStatus();
+  std::ofstream out(path);
+  out << j.dump(2) << "\n";
+  out.close();
+  if (!out) return absl::UnavailableError(absl::StrCat("cannot write --json ", path));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
+  auto common = [&f](CLI::App* cmd) {
+    cmd->add_option("--model", f.model, "Hugging Face model directory");
+    cmd->add_option("--dummy-weights", f.dummy_weights,
+                    "Random weights: a preset (llama-3-8b, ...) or `config` (shapes from --model)");
+    cmd->add_option("--backend", f.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+    cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
+    cmd->add_option("--policies", f.policies, "Comma-separated: full, streaming, quest, clusterkv")
+        ->delimiter(',');
+    cmd->add_option("--budgets", f.budgets, "Token budgets of the sparse policies")->delimiter(',');
+    cmd->add_option("--full-layers", f.full_layers, "First layers that stay dense");
+    cmd->add_option("--sink-tokens", f.sink_tokens, "Always-attended first tokens");
+    cmd->add_option("--window-tokens", f.window_tokens, "Always-attended recent tokens");
+    cmd->add_option("--tokens-per-cluster", f.tokens_per_cluster, "ClusterKV: tokens per cluster");
+    cmd->add_option("--kmeans-iterations", f.kmeans_iterations, "ClusterKV: k-means iterations");
+    cmd->add_option("--json", f.json, "Also write the results as JSON to FILE");
+  };
+  CLI::App* acc = bench.add_subcommand(
+      "kv-policies", "Retrieval accuracy and attention fidelity of the KV policies per budget");
+  common(acc);
+  acc->add_option("--eval", f.eval, "Eval set (JSON lines; default MODEL/eval.jsonl)");
+  acc->add_option("--max-batch", f.max_batch, "Sequences decoded together");
+  acc->add_option("--generate", f.generate, "Tokens generated per case (0: the answer length)");
+  acc->add_option("--fidelity-steps", f.fidelity_steps,
+                  "Decode steps per batch with attention metrics (0: none)");
+  acc->add_option("--max-cases", f.max_cases, "Use only the first N cases (0: all)");
+  acc->callback([&f, &exit_code] {
+    if (f.policies.empty()) f.policies = {"full", "streaming", "quest", "clusterkv"};
+    if (f.budgets.empty()) f.budgets = {256, 512, 1024, 2048};
+    exit_code = RunKvPolicies(f);
+  });
+  CLI::App* speed = bench.add_subcommand(
+      "kv-speed", "Decode step time of the KV policies at a long context, same run");
+  common(speed);
+  speed->add_option("--context", f.context, "Prefilled tokens per sequence");
+  speed->add_option("--batch", f.batches, "Batch sizes")->delimiter(',');
+  speed->add_option("--steps", f.steps, "Timed decode steps per policy");
+  speed->add_option("--warmup", f.warmup, "Untimed decode steps first (the first clusters)");
+  speed->callback([&f, &exit_code] {
+    if (f.policies.empty()) f.policies = {"full", "quest", "clusterkv"};
+    if (f.budgets.empty()) f.budgets = {1024, 2048};
+    if (f.batches.empty()) f.batches = {1, 8};
+    exit_code = RunKvSpeed(f);
+  });
+}
+
+int RunKvPolicies(const KvBenchFlags& f) {
+  constexpr char kCmd[] = "strata bench kv-policies";
+  if (f.model.empty()) return ExitWithError(kCmd, absl::InvalidArgumentError("--model is required"));
+  auto configs = Configs(f);
+  if (!configs.ok()) return ExitWithError(kCmd, configs.status());
+  if (configs->empty() || (*configs)[0].type != "full") {
+    return ExitWithError(kCmd, absl::InvalidArgumentError("--policies must include full (the reference)"));
+  }
+  // The eval set decides the context the model needs.
+  engine::ModelOptions probe;
+  probe.max_seqs = 1;
+  probe.max_context = 64;
+  probe.max_batch_tokens = 64;
+  auto config_probe = Load(f, probe);
+  if (!config_probe.ok()) return ExitWithError(kCmd, config_probe.status());
+  const std::string eval = f.eval.empty() ? f.model + "/eval.jsonl" : f.eval;
+  auto cases = bench::LoadRetrievalCases(eval, config_probe->model.model->config().vocab_size);
+  if (!cases.ok()) return ExitWithError(kCmd, cases.status());
+  if (f.max_cases > 0 && static_cast<int>(cases->size()) > f.max_cases) cases->resize(f.max_cases);
+  config_probe = absl::InternalError("released");
+
+  bench::EvalOptions eo;
+  eo.generate_tokens = f.generate;
+  eo.max_batch = f.max_batch;
+  eo.fidelity_steps = f.fidelity_steps;
+  int longest = 0, answer = 0;
+  for (const auto& c : *cases) {
+    longest = std::max(longest, static_cast<int>(c.prompt.size()));
+    answer = std::max(answer, static_cast<int>(c.answer.size()));
+  }
+  engine::ModelOptions options;
+  options.max_seqs = f.max_batch;
+  options.max_context = longest + std::max(f.generate, answer) + 1;
+  options.max_batch_tokens = 4096;
+  auto loaded = Load(f, options);
+  if (!loaded.ok()) return ExitWithError(kCmd, loaded.status());
+  engine::Model* model = loaded->model.model.get();
+
+  std::vector<bench::PolicyEval> evals;
+  for (const auto& config : *configs) {
+    auto r = bench::EvalPolicy(model, config, *cases, evals.empty() ? nullptr : &evals[0], eo);
+    if (!r.ok()) return ExitWithError(kCmd, r.status());
+    std::fprintf(stderr, "%s budget %d: accuracy %.3f\n", config.type.c_str(), config.budget_tokens,
+                 r->overall.rate());
+    evals.push_back(std::move(*r));
+  }
+  // The table: one row per policy and budget.
+  std::printf("%-10s %6s %9s %10s %11s %10s %12s", "policy", "budget", "accuracy", "agreement",
+              "top32-recall", "out-error", "reselection");
+  for (const auto& [len, _] : evals[0].by_length) std::printf(" %8s", absl::StrCat("acc@", len).c_str());
+  std::printf("\n");
+  nlohmann::json rows = nlohmann::json::array();
+  for (const auto& e : evals) {
+    std::printf("%-10s %6d %9.3f %10.3f %11.3f %10.4f %12.3f", e.config.type.c_str(),
+                e.config.type == "full" ? 0 : e.config.budget_tokens, e.overall.rate(),
+                e.greedy_agreement, e.topk_recall, e.output_error, e.reselection);
+    nlohmann::json by_length, by_depth;
+    for (const auto& [len, count] : e.by_length) {
+      std::printf(" %8.3f", count.rate());
+      by_length[std::to_string(len)] = count.rate();
+    }
+    for (const auto& [depth, count] : e.by_depth_percent) by_depth[std::to_string(depth)] = count.rate();
+    std::printf("\n");
+    rows.push_back({{"policy", e.config.type},
+                    {"budget", e.config.budget_tokens},
+                    {"accuracy", e.overall.rate()},
+                    {"cases", e.overall.total},
+                    {"greedy_agreement", e.greedy_agreement},
+                    {"top32_recall", e.topk_recall},
+                    {"output_error", e.output_error},
+                    {"reselection", e.reselection},
+                    {"attention_samples", e.attention_samples},
+                    {"accuracy_by_length", by_length},
+                    {"accuracy_by_depth_percent", by_depth}});
+  }
+  std::printf("\nAccuracy by needle depth (%%):\n%-10s %6s", "policy", "budget");
+  for (const auto& [depth, _] : evals[0].by_depth_percent) std::printf(" %5d", depth);
+  std::printf("\n");
+  for (const auto& e : evals) {
+    std::printf("%-10s %6d", e.config.type.c_str(), e.config.type == "full" ? 0 : e.config.budget_tokens);
+    for (const auto& [depth, count] : e.by_depth_percent) std::printf(" %5.2f", count.rate());
+    std::printf("\n");
+  }
+  nlohmann::json j = {{"model", f.model},
+                      {"backend", f.backend},
+                      {"eval", eval},
+                      {"full_layers", f.full_layers},
+                      {"sink_tokens", f.sink_tokens},
+                      {"window_tokens", f.window_tokens},
+                      {"tokens_per_cluster", f.tokens_per_cluster},
+                      {"kmeans_iterations", f.kmeans_iterations},
+                      {"results", rows}};
+  if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
+  return 0;
+}
+
+int RunKvSpeed(const KvBenchFlags& f) {
+  constexpr char kCmd[] = "strata bench kv-speed";
+  auto configs = Configs(f);
+  if (!configs.ok()) return ExitWithError(kCmd, configs.status());
+  if (f.steps < 1 || f.warmup < 1 || f.context < 1) {
+    return ExitWithError(kCmd, absl::InvalidArgumentError("--steps, --warmup and --context must be >= 1"));
+  }
+  const int max_batch = *std::max_element(f.batches.begin(), f.batches.end());
+  engine::ModelOptions options;
+  options.max_seqs = max_batch;
+  options.max_context = f.context + f.warmup + f.steps;
+  options.max_batch_tokens = 8192;
+  options.max_logit_rows = max_batch;
+  auto loaded = Load(f, options);
+  if (!loaded.ok()) return ExitWithError(kCmd, loaded.status());
+  engine::Model* model = loaded->model.model.get();
+  std::printf("%-10s %6s %5s %8s %12s %14s %10s %14s\n", "policy", "budget", "batch", "context",
+              "step_ms", "speedup_vs_full", "first_ms", "cluster_frac");
+  nlohmann::json rows = nlohmann::json::array();
+  for (int batch : f.batches) {
+    auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup);
+    if (!results.ok()) return ExitWithError(kCmd, results.status());
+    const double full_ms = (*results)[0].config.type == "full" ? (*results)[0].step_ms : 0.0;
+    for (const auto& r : *results) {
+      // Clustering (or page summaries) happen in the first step only.
+      const double extra_s = std::max(0.0, r.first_step_ms - r.step_ms) / 1e3;
+      const double frac = extra_s / r.prefill_s;
+      const double speedup = full_ms > 0 ? full_ms / r.step_ms : 0.0;
+      std::printf("%-10s %6d %5d %8d %12.3f %14.2f %10.2f %14.4f\n", r.config.type.c_str(),
+                  r.config.type == "full" ? 0 : r.config.budget_tokens, batch, f.context, r.step_ms,
+                  speedup, r.first_step_ms, frac);
+      rows.push_back({{"policy", r.config.type},
+                      {"budget", r.config.budget_tokens},
+                      {"batch", batch},
+                      {"context", f.context},
+                      {"step_ms", r.step_ms},
+                      {"speedup_vs_full", speedup},
+                      {"first_step_ms", r.first_step_ms},
+                      {"prefill_s", r.prefill_s},
+                      {"first_step_extra_over_prefill", frac}});
+    }
+    std::fflush(stdout);
+  }
+  nlohmann::json j = {{"model", f.model.empty() ? f.dummy_weights : f.model},
+                      {"backend", f.backend},
+                      {"results", rows}};
+  if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
+  return 0;
+}
+
+}  // namespace strata::cli

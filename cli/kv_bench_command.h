@@ -1,0 +1,55 @@
+// `strata bench kv-policies` and `strata bench kv-speed`: the accuracy and
+// speed benchmarks of the KV policies (the work is in bench/kv_policy_bench.h;
+// this file holds the flags and the tables).
+//
+//   strata bench kv-policies --model models/retrieval-llama [--backend cuda]
+//       [--policies full,streaming,quest,clusterkv] [--budgets 256,512,1024,2048]
+//       [--full-layers 2] [--json FILE]
+//   strata bench kv-speed --dummy-weights llama-3-8b --backend cuda
+//       [--context 32768] [--batch 1,8] [--budgets 1024,2048] [--json FILE]
+//
+// Exit status: 0; 2 for invalid flags or inputs; 1 when a run fails.
+#ifndef STRATA_CLI_KV_BENCH_COMMAND_H_
+#define STRATA_CLI_KV_BENCH_COMMAND_H_
+
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+
+namespace strata::cli {
+
+struct KvBenchFlags {
+  std::string model;
+  std::string dummy_weights;
+  std::string backend = "cpu";
+  int threads = 0;
+  std::string eval;  // default: MODEL/eval.jsonl
+  std::vector<std::string> policies;
+  std::vector<int> budgets;
+  int full_layers = 2;
+  int sink_tokens = 16;
+  int window_tokens = 320;
+  int tokens_per_cluster = 80;
+  int kmeans_iterations = 20;
+  int max_batch = 16;
+  int generate = 0;
+  int fidelity_steps = 2;
+  int max_cases = 0;
+  // kv-speed
+  int context = 32768;
+  std::vector<int> batches;
+  int steps = 20;
+  int warmup = 3;
+  std::string json;
+};
+
+// Registers kv-policies and kv-speed under `bench`.
+void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& flags, int& exit_code);
+
+int RunKvPolicies(const KvBenchFlags& flags);
+int RunKvSpeed(const KvBenchFlags& flags);
+
+}  // namespace strata::cli
+
+#endif  // STRATA_CLI_KV_BENCH_COMMAND_H_

@@ -1,0 +1,714 @@
+// ClusterKV's key clustering on the GPU (see kv_cluster.h; the recipe and the
+// CPU reference are engine/kmeans.h and engine/cpu_backend.cc).
+//
+// Pipeline of one call (all KV heads at once, every step one launch over
+// all heads, no host round trip):
+//   1. gather the range's K rows into a contiguous scratch [H, n, D] (bf16);
+//   2. seed centroid j with key floor(j * n / C), store its fp32 copy and
+//      its normalised bf16 copy;
+//   3. per iteration:
+//      a. assignment on tensor cores: [n x D] raw keys times [D x C]
+//         normalised centroids (mma.sync m16n8k16 bf16, fp32 accumulate),
+//         argmax per key. A key's norm is a positive factor common to all
+//         its similarities, so argmax_j x . c_j / |c_j| is the cosine argmax
+//         without normalising the keys (and a zero key scores 0 everywhere,
+//         which goes to cluster 0 like the reference). A pass that changes
+//         no assignment clears nothing in the flag, and every later launch
+//         of the call returns at once when it sees that;
+//      b. a stable radix sort of (head * C + cluster, t) pairs (CUB), which
+//         yields every cluster's members in ascending t;
+//      c. segment bounds of the sorted keys, then one warp per cluster sums
+//         its raw keys in that fixed order (deterministic, no float
+//         atomics) and writes the new fp32 centroid and its normalised bf16
+//         copy (an empty cluster keeps its centroid);
+//   4. extents by a scan of the cluster sizes, centroids to the pool (bf16);
+//   5. reorder: the sorted order is exactly the cluster-major, ascending-t
+//      order the reference's stable sort produces, so row i of the range
+//      gets the key of sorted position i: K rows from the scratch, then V
+//      (gathered into the same scratch, which keeps the workspace at one
+//      [H, n, D] copy).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
+
+#include "cuda/kernels/kv_cluster.h"
+
+namespace strata::cuda::kernels {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+// Centroids per shared-memory chunk of the assignment kernel, and the warps
+// of its blocks.
+constexpr int kChunk = 64;
+constexpr int kAssignWarps = 8;
+constexpr int kMaxHeadDimCluster = 256;
+
+size_t AlignUp(size_t v, size_t a) { return (v + a - 1) / a * a; }
+int RoundUp(int v, int m) { return (v + m - 1) / m * m; }
+
+// Byte offsets of the workspace's arrays.
+struct Workspace {
+  size_t scratch = 0;    // bf16 [H, n, D]: K rows, later V rows
+  size_t centroid = 0;   // f32 [H, C, D]: raw centroids
+  size_t normed = 0;     // bf16 [H, Cpad, Dpad]: normalised centroids, zero padded
+  size_t assign = 0;     // i32 [H, n]
+  size_t keys_in = 0;    // u32 [H * n]: head * C + cluster
+  size_t keys_out = 0;
+  size_t vals_in = 0;    // i32 [H * n]: t
+  size_t vals_out = 0;
+  size_t seg_begin = 0;  // i32 [H * C]: sorted positions of each cluster
+  size_t seg_end = 0;
+  size_t changed = 0;    // i32 [iterations]
+  size_t sort_temp = 0;
+  size_t sort_temp_bytes = 0;
+  size_t total = 0;
+  int end_bit = 1;  // radix-sort key bits
+};
+
+Workspace PlanWorkspace(const ClusterKeysParams& p) {
+  Workspace w;
+  const size_t h = static_cast<size_t>(std::max(p.num_kv_heads, 0));
+  const size_t n = static_cast<size_t>(std::max(p.count, 0));
+  const size_t d = static_cast<size_t>(std::max(p.head_dim, 0));
+  const size_t c = static_cast<size_t>(std::max(p.num_clusters, 0));
+  const size_t c_pad = static_cast<size_t>(RoundUp(std::max(p.num_clusters, 1), kChunk));
+  const size_t d_pad = static_cast<size_t>(RoundUp(std::max(p.head_dim, 1), 16));
+  size_t off = 0;
+  auto take = [&off](size_t bytes) {
+    const size_t at = off;
+    off = AlignUp(off + bytes, 256);
+    return at;
+  };
+  w.scratch = take(h * n * d * sizeof(bf16));
+  w.centroid = take(h * c * d * sizeof(float));
+  w.normed = take(h * c_pad * d_pad * sizeof(bf16));
+  w.assign = take(h * n * sizeof(int32_t));
+  w.keys_in = take(h * n * sizeof(uint32_t));
+  w.keys_out = take(h * n * sizeof(uint32_t));
+  w.vals_in = take(h * n * sizeof(int32_t));
+  w.vals_out = take(h * n * sizeof(int32_t));
+  w.seg_begin = take(h * c * sizeof(int32_t));
+  w.seg_end = take(h * c * sizeof(int32_t));
+  w.changed = take(static_cast<size_t>(std::max(p.iterations, 1)) * sizeof(int32_t));
+  uint64_t max_key = h * c > 0 ? h * c - 1 : 0;
+  w.end_bit = 1;
+  while ((max_key >> w.end_bit) != 0) ++w.end_bit;
+  // A size query only: CUB reads no data when the temp pointer is null.
+  cub::DeviceRadixSort::SortPairs(nullptr, w.sort_temp_bytes, static_cast<const uint32_t*>(nullptr),
+                                  static_cast<uint32_t*>(nullptr),
+                                  static_cast<const int32_t*>(nullptr),
+                                  static_cast<int32_t*>(nullptr), static_cast<int>(h * n), 0,
+                                  w.end_bit);
+  w.sort_temp = take(w.sort_temp_bytes);
+  w.total = off;
+  return w;
+}
+
+__device__ __forceinline__ int64_t SlotOf(const int32_t* table, int page_size, int index) {
+  return static_cast<int64_t>(table[index / page_size]) * page_size + index % page_size;
+}
+
+// scratch[h][t] = cache row of logical index begin + t, head h; one thread
+// per 16-byte chunk.
+__global__ void GatherRowsKernel(const bf16* __restrict__ cache, const int32_t* __restrict__ table,
+                                 int page_size, int begin, int n, int heads, int d,
+                                 bf16* __restrict__ scratch) {
+  const int chunks = d / 8;
+  const int64_t total = static_cast<int64_t>(heads) * n * chunks;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(i % chunks);
+    const int64_t ht = i / chunks;
+    const int t = static_cast<int>(ht % n);
+    const int h = static_cast<int>(ht / n);
+    const int64_t slot = SlotOf(table, page_size, begin + t);
+    const uint4 v =
+        *reinterpret_cast<const uint4*>(cache + (slot * heads + h) * d + c * 8);
+    *reinterpret_cast<uint4*>(scratch + ht * d + c * 8) = v;
+  }
+}
+
+// Row begin + i of the range, head h, gets scratch row vals[h * n + i].
+__global__ void ScatterRowsKernel(const bf16* __restrict__ scratch,
+                                  const int32_t* __restrict__ sorted_t,
+                                  const int32_t* __restrict__ table, int page_size, int begin,
+                                  int n, int heads, int d, bf16* __restrict__ cache) {
+  const int chunks = d / 8;
+  const int64_t total = static_cast<int64_t>(heads) * n * chunks;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int c = static_cast<int>(i % chunks);
+    const int64_t hi = i / chunks;
+    const int row = static_cast<int>(hi % n);
+    const int h = static_cast<int>(hi / n);
+    const int t = sorted_t[hi];
+    const uint4 v = *reinterpret_cast<const uint4*>(scratch + (int64_t{h} * n + t) * d + c * 8);
+    const int64_t slot = SlotOf(table, page_size, begin + row);
+    *reinterpret_cast<uint4*>(cache + (slot * heads + h) * d + c * 8) = v;
+  }
+}
+
+// assign = -1 (so the first pass counts as a change), vals_in = t.
+__global__ void InitStateKernel(int n, int heads, int32_t* __restrict__ assign,
+                                int32_t* __restrict__ vals_in) {
+  const int64_t total = static_cast<int64_t>(heads) * n;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    assign[i] = -1;
+    vals_in[i] = static_cast<int32_t>(i % n);
+  }
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Writes the normalised bf16 copy of centroid row `c` (lane-strided dims
+// lane * 2 + 64 k) into `normed_row`; a zero centroid normalises to zero.
+__device__ __forceinline__ void WriteNormed(const float (&c)[8], int lane, int d,
+                                            bf16* __restrict__ normed_row) {
+  float sq = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    sq += c[2 * k] * c[2 * k] + c[2 * k + 1] * c[2 * k + 1];
+  }
+  sq = WarpSum(sq);
+  const float inv = sq > 0.0f ? rsqrtf(sq) : 0.0f;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int dim = lane * 2 + 64 * k;
+    if (dim < d) {
+      *reinterpret_cast<__nv_bfloat162*>(normed_row + dim) =
+          __floats2bfloat162_rn(c[2 * k] * inv, c[2 * k + 1] * inv);
+    }
+  }
+}
+
+// One warp per (head, cluster slot j < Cpad): seeds centroid j < C with key
+// floor(j * n / C); padding rows j >= C and columns >= D are zero.
+__global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int heads, int d,
+                                    int d_pad, int clusters, int c_pad,
+                                    float* __restrict__ centroid, bf16* __restrict__ normed) {
+  const int lane = threadIdx.x % 32;
+  const int gw = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (gw >= heads * c_pad) return;
+  const int h = gw / c_pad, j = gw % c_pad;
+  bf16* normed_row = normed + static_cast<int64_t>(gw) * d_pad;
+  for (int dim = lane; dim < d_pad; dim += 32) {
+    if (j >= clusters || dim >= d) normed_row[dim] = __float2bfloat16(0.0f);
+  }
+  if (j >= clusters) return;
+  const int64_t seed = static_cast<int64_t>(j) * n / clusters;
+  const bf16* key = scratch + (int64_t{h} * n + seed) * d;
+  float* out = centroid + (int64_t{h} * clusters + j) * d;
+  float c[8] = {};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int dim = lane * 2 + 64 * k;
+    if (dim < d) {
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(key + dim));
+      c[2 * k] = v.x;
+      c[2 * k + 1] = v.y;
+      out[dim] = v.x;
+      out[dim + 1] = v.y;
+    }
+  }
+  WriteNormed(c, lane, d, normed_row);
+}
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SmemAddr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Keeps (best, index) the better of itself and (s, j): a larger score, and
+// on equal scores the lower cluster (the reference's strict > over an
+// ascending j).
+__device__ __forceinline__ void Better(float s, int j, float& best, int& index) {
+  if (s > best || (s == best && j < index)) {
+    best = s;
+    index = j;
+  }
+}
+
+// The assignment pass. Block = kAssignWarps warps, each owning kMt m-tiles
+// of 16 keys whose A fragments (raw bf16 keys, kKs k-steps of 16 dims) stay
+// in registers; centroids stream through shared memory in chunks of kChunk
+// (cp.async, double buffered; rows padded by 8 bf16 so that the B-fragment
+// loads of a warp hit 32 distinct banks). Each thread keeps the best
+// (score, cluster) of its two rows per m-tile over the clusters it sees;
+// a quad shuffle then merges the 4 threads that share a row.
+template <int kKs, int kMt>
+// Two blocks per SM (at most 128 registers a thread) keep 16 warps resident
+// to hide the shared-memory and mma latencies.
+__global__ void __launch_bounds__(kAssignWarps * 32, 2)
+    AssignKernel(const bf16* __restrict__ keys, const bf16* __restrict__ normed, int n, int d,
+                 int clusters, int c_pad, int32_t* __restrict__ assign,
+                 uint32_t* __restrict__ sort_keys, int* __restrict__ changed,
+                 const int* __restrict__ run_if) {
+  if (run_if != nullptr && *run_if == 0) return;  // converged earlier
+  constexpr int kDp = kKs * 16;
+  constexpr int kStride = kDp + 8;
+  extern __shared__ uint4 smem_raw[];
+  bf16* smem = reinterpret_cast<bf16*>(smem_raw);
+
+  const int h = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, q = lane % 4;
+  const int row0 = (blockIdx.x * kAssignWarps + warp) * kMt * 16;
+  const bf16* key_head = keys + static_cast<int64_t>(h) * n * d;
+
+  uint32_t a[kMt][kKs][4];
+#pragma unroll
+  for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = min(row0 + m * 16 + g + half * 8, n - 1);
+      const bf16* r = key_head + static_cast<int64_t>(row) * d;
+#pragma unroll
+      for (int ks = 0; ks < kKs; ++ks) {
+        const int col = ks * 16 + 2 * q;
+        a[m][ks][half] = col < d ? *reinterpret_cast<const uint32_t*>(r + col) : 0u;
+        a[m][ks][2 + half] = col + 8 < d ? *reinterpret_cast<const uint32_t*>(r + col + 8) : 0u;
+      }
+    }
+  }
+
+  const bf16* cen_head = normed + static_cast<int64_t>(h) * c_pad * kDp;
+  auto load_chunk = [&](int chunk, int buf) {
+    constexpr int kVecsPerRow = kDp / 8;
+    const bf16* src = cen_head + static_cast<int64_t>(chunk) * kChunk * kDp;
+    bf16* dst = smem + buf * kChunk * kStride;
+    for (int i = threadIdx.x; i < kChunk * kVecsPerRow; i += blockDim.x) {
+      const int r = i / kVecsPerRow, v = i % kVecsPerRow;
+      CpAsync16(dst + r * kStride + v * 8, src + r * kDp + v * 8);
+    }
+  };
+
+  float best[kMt][2];
+  int index[kMt][2];
+#pragma unroll
+  for (int m = 0; m < kMt; ++m) {
+    best[m][0] = best[m][1] = -INFINITY;
+    index[m][0] = index[m][1] = 0;
+  }
+  const int num_chunks = c_pad / kChunk;
+  load_chunk(0, 0);
+  CpAsyncCommit();
+  for (int chunk = 0; chunk < num_chunks; ++chunk) {
+    if (chunk + 1 < num_chunks) load_chunk(chunk + 1, (chunk + 1) & 1);
+    CpAsyncCommit();  // possibly empty: keeps the group count uniform
+    CpAsyncWait<1>();
+    __syncthreads();
+    const bf16* s = smem + (chunk & 1) * kChunk * kStride;
+#pragma unroll 2
+    for (int nt = 0; nt < kChunk / 8; ++nt) {
+      float acc[kMt][4] = {};
+      const bf16* b_row = s + (nt * 8 + g) * kStride + 2 * q;
+#pragma unroll
+      for (int ks = 0; ks < kKs; ++ks) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(b_row + ks * 16);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(b_row + ks * 16 + 8);
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) MmaBf16(acc[m], a[m][ks], b0, b1);
+      }
+      const int j0 = chunk * kChunk + nt * 8 + 2 * q;
+      // Clusters are visited in ascending order per thread, so strict >
+      // keeps the lowest of equal scores; padding clusters never win.
+      if (j0 < clusters) {
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) {
+          if (acc[m][0] > best[m][0]) best[m][0] = acc[m][0], index[m][0] = j0;
+          if (acc[m][2] > best[m][1]) best[m][1] = acc[m][2], index[m][1] = j0;
+        }
+      }
+      if (j0 + 1 < clusters) {
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) {
+          if (acc[m][1] > best[m][0]) best[m][0] = acc[m][1], index[m][0] = j0 + 1;
+          if (acc[m][3] > best[m][1]) best[m][1] = acc[m][3], index[m][1] = j0 + 1;
+        }
+      }
+    }
+    __syncthreads();  // the buffer is refilled by the next iteration's copy
+  }
+
+  bool any_change = false;
+#pragma unroll
+  for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float b = best[m][half];
+      int j = index[m][half];
+#pragma unroll
+      for (int off = 1; off < 4; off <<= 1) {
+        const float ob = __shfl_xor_sync(0xffffffffu, b, off);
+        const int oj = __shfl_xor_sync(0xffffffffu, j, off);
+        Better(ob, oj, b, j);
+      }
+      const int row = row0 + m * 16 + g + half * 8;
+      if (q == 0 && row < n) {
+        const int64_t at = static_cast<int64_t>(h) * n + row;
+        if (assign[at] != j) {
+          assign[at] = j;
+          any_change = true;
+        }
+        sort_keys[at] = static_cast<uint32_t>(h * clusters + j);
+      }
+    }
+  }
+  if (__any_sync(0xffffffffu, any_change) && lane == 0) *changed = 1;
+}
+
+// Marks each cluster's run in the sorted keys: seg_begin / seg_end of key k
+// are its first and one-past-last sorted positions (both stay 0 for an empty
+// cluster, zeroed beforehand).
+__global__ void ZeroSegmentsKernel(int total, int32_t* __restrict__ seg_begin,
+                                   int32_t* __restrict__ seg_end, const int* __restrict__ run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    seg_begin[i] = 0;
+    seg_end[i] = 0;
+  }
+}
+
+__global__ void MarkSegmentsKernel(const uint32_t* __restrict__ sorted_keys, int total,
+                                   int32_t* __restrict__ seg_begin, int32_t* __restrict__ seg_end,
+                                   const int* __restrict__ run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    const uint32_t k = sorted_keys[i];
+    if (i == 0 || sorted_keys[i - 1] != k) seg_begin[k] = i;
+    if (i == total - 1 || sorted_keys[i + 1] != k) seg_end[k] = i + 1;
+  }
+}
+
+// One warp per (head, cluster): the fp32 sum of its raw keys, divided by the
+// size; an empty cluster keeps its centroid. Then the normalised bf16 copy
+// for the next assignment pass.
+//
+// A row is read by kLanes lanes of 8 dims each (16-byte loads), so a warp
+// reads 32 / kLanes member rows at once, four times unrolled: enough loads in
+// flight that the walk over a cluster's members is not latency bound. The
+// members are dealt to the row slots in a fixed order and the slots merged
+// by a fixed shuffle tree, so the result does not depend on timing.
+template <int kLanes>
+__global__ void UpdateCentroidsKernel(const bf16* __restrict__ keys,
+                                      const int32_t* __restrict__ sorted_t,
+                                      const int32_t* __restrict__ seg_begin,
+                                      const int32_t* __restrict__ seg_end, int n, int heads, int d,
+                                      int d_pad, int clusters, int c_pad,
+                                      float* __restrict__ centroid, bf16* __restrict__ normed,
+                                      const int* __restrict__ run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
+  constexpr int kSlots = 32 / kLanes;
+  const int lane = threadIdx.x % 32;
+  const int gw = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (gw >= heads * clusters) return;
+  const int h = gw / clusters, j = gw % clusters;
+  const int chunk = lane % kLanes, slot = lane / kLanes;
+  const int dim = chunk * 8;  // this lane's 8 dims (none when dim >= d)
+  const bool has_dims = dim < d;
+  const int first = seg_begin[gw], last = seg_end[gw];
+  float* cen = centroid + static_cast<int64_t>(gw) * d;
+  float c[8] = {};
+  if (last > first) {
+    const bf16* key_head = keys + static_cast<int64_t>(h) * n * d;
+    for (int base = first; base < last; base += 32) {
+      const int my_t = base + lane < last ? sorted_t[base + lane] : 0;
+      const int m = min(32, last - base);
+      for (int i = 0; i < m; i += 4 * kSlots) {
+        uint4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int member = i + u * kSlots + slot;  // < 32 + 4 * kSlots
+          const int t = __shfl_sync(0xffffffffu, my_t, member & 31);
+          v[u] = (member < m && has_dims)
+                     ? *reinterpret_cast<const uint4*>(key_head + static_cast<int64_t>(t) * d + dim)
+                     : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 f = __bfloat1622float2(pairs[k]);
+            c[2 * k] += f.x;
+            c[2 * k + 1] += f.y;
+          }
+        }
+      }
+    }
+    // Merge the row slots: afterwards every lane of a chunk holds the sum.
+#pragma unroll
+    for (int off = kLanes; off < 32; off <<= 1) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) c[k] += __shfl_xor_sync(0xffffffffu, c[k], off);
+    }
+    const float inv_size = 1.0f / static_cast<float>(last - first);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) c[k] *= inv_size;
+    if (slot == 0 && has_dims) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) cen[dim + k] = c[k];
+    }
+  } else if (has_dims) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) c[k] = cen[dim + k];
+  }
+  // |c|^2 over the chunks of slot 0 (every slot holds the same values).
+  float sq = 0.0f;
+  if (has_dims) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) sq += c[k] * c[k];
+  }
+#pragma unroll
+  for (int off = 1; off < kLanes; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+  const float inv = sq > 0.0f ? rsqrtf(sq) : 0.0f;
+  if (slot == 0 && has_dims) {
+    bf16* out = normed + (static_cast<int64_t>(h) * c_pad + j) * d_pad + dim;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      reinterpret_cast<__nv_bfloat162*>(out)[k] =
+          __floats2bfloat162_rn(c[2 * k] * inv, c[2 * k + 1] * inv);
+    }
+  }
+}
+
+// One block per head: extents from an exclusive scan of the cluster sizes
+// (in cluster order), and the centroids into the pool as bf16.
+constexpr int kFinalThreads = 256;
+__global__ void __launch_bounds__(kFinalThreads)
+    FinalizeKernel(const int32_t* __restrict__ seg_begin, const int32_t* __restrict__ seg_end,
+                   const float* __restrict__ centroid, int begin, int d, int clusters,
+                   int first_block, int max_blocks, bf16* __restrict__ out_centroids,
+                   int32_t* __restrict__ extents) {
+  using Scan = cub::BlockScan<int, kFinalThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int h = blockIdx.x;
+  int carry = 0;
+  for (int base = 0; base < clusters; base += kFinalThreads) {
+    const int j = base + threadIdx.x;
+    const int64_t k = static_cast<int64_t>(h) * clusters + j;
+    const int size = j < clusters ? seg_end[k] - seg_begin[k] : 0;
+    int before = 0, chunk_total = 0;
+    Scan(scan_storage).ExclusiveSum(size, before, chunk_total);
+    if (j < clusters) {
+      const int64_t block = static_cast<int64_t>(h) * max_blocks + first_block + j;
+      extents[block * 2] = begin + carry + before;
+      extents[block * 2 + 1] = size;
+    }
+    carry += chunk_total;
+    __syncthreads();  // scan_storage is reused
+  }
+  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(clusters) * d; i += kFinalThreads) {
+    const int j = static_cast<int>(i / d), dim = static_cast<int>(i % d);
+    out_centroids[(static_cast<int64_t>(h) * max_blocks + first_block + j) * d + dim] =
+        __float2bfloat16(centroid[(static_cast<int64_t>(h) * clusters + j) * d + dim]);
+  }
+}
+
+int GridFor(int64_t work, int threads) {
+  return static_cast<int>(std::min<int64_t>((work + threads - 1) / threads, 65536));
+}
+
+cudaError_t LaunchUpdate(int d, int64_t warps, const bf16* keys, const int32_t* sorted_t,
+                         const int32_t* seg_begin, const int32_t* seg_end, int n, int heads,
+                         int d_pad, int clusters, int c_pad, float* centroid, bf16* normed,
+                         const int* run_if, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int grid = static_cast<int>((warps * 32 + kThreads - 1) / kThreads);
+  const int chunks = d / 8;
+  if (chunks <= 4) {
+    UpdateCentroidsKernel<4><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
+                                                            heads, d, d_pad, clusters, c_pad,
+                                                            centroid, normed, run_if);
+  } else if (chunks <= 8) {
+    UpdateCentroidsKernel<8><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
+                                                            heads, d, d_pad, clusters, c_pad,
+                                                            centroid, normed, run_if);
+  } else if (chunks <= 16) {
+    UpdateCentroidsKernel<16><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end,
+                                                             n, heads, d, d_pad, clusters, c_pad,
+                                                             centroid, normed, run_if);
+  } else {
+    UpdateCentroidsKernel<32><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end,
+                                                             n, heads, d, d_pad, clusters, c_pad,
+                                                             centroid, normed, run_if);
+  }
+  return cudaGetLastError();
+}
+
+template <int kKs>
+cudaError_t LaunchAssignFor(const ClusterKeysParams& p, const bf16* keys, const bf16* normed,
+                            int c_pad, int32_t* assign, uint32_t* sort_keys, int* changed,
+                            const int* run_if, cudaStream_t stream) {
+  // Two m-tiles per warp halve the shared-memory traffic per mma; beyond
+  // 128 dims their A fragments would not fit the registers.
+  constexpr int kMt = kKs <= 8 ? 2 : 1;
+  constexpr int kRows = kAssignWarps * kMt * 16;
+  const size_t smem = 2 * kChunk * (kKs * 16 + 8) * sizeof(bf16);
+  cudaError_t err = cudaFuncSetAttribute(AssignKernel<kKs, kMt>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.count + kRows - 1) / kRows, p.num_kv_heads);
+  AssignKernel<kKs, kMt><<<grid, kAssignWarps * 32, smem, stream>>>(
+      keys, normed, p.count, p.head_dim, p.num_clusters, c_pad, assign, sort_keys, changed,
+      run_if);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchAssign(const ClusterKeysParams& p, const bf16* keys, const bf16* normed,
+                         int c_pad, int32_t* assign, uint32_t* sort_keys, int* changed,
+                         const int* run_if, cudaStream_t stream) {
+  switch ((p.head_dim + 15) / 16) {
+#define STRATA_ASSIGN_CASE(ks) \
+  case ks:                     \
+    return LaunchAssignFor<ks>(p, keys, normed, c_pad, assign, sort_keys, changed, run_if, stream);
+    STRATA_ASSIGN_CASE(1)
+    STRATA_ASSIGN_CASE(2)
+    STRATA_ASSIGN_CASE(3)
+    STRATA_ASSIGN_CASE(4)
+    STRATA_ASSIGN_CASE(5)
+    STRATA_ASSIGN_CASE(6)
+    STRATA_ASSIGN_CASE(7)
+    STRATA_ASSIGN_CASE(8)
+    STRATA_ASSIGN_CASE(9)
+    STRATA_ASSIGN_CASE(10)
+    STRATA_ASSIGN_CASE(11)
+    STRATA_ASSIGN_CASE(12)
+    STRATA_ASSIGN_CASE(13)
+    STRATA_ASSIGN_CASE(14)
+    STRATA_ASSIGN_CASE(15)
+    STRATA_ASSIGN_CASE(16)
+#undef STRATA_ASSIGN_CASE
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+bool Valid(const ClusterKeysParams& p) {
+  return p.k_cache != nullptr && p.v_cache != nullptr && p.block_table != nullptr &&
+         p.centroids != nullptr && p.extents != nullptr && p.page_size >= 1 && p.begin >= 0 &&
+         p.count >= 1 && p.num_kv_heads >= 1 && p.head_dim >= 8 && p.head_dim % 8 == 0 &&
+         p.head_dim <= kMaxHeadDimCluster && p.num_clusters >= 1 &&
+         p.num_clusters <= p.count && p.iterations >= 1 && p.first_block >= 0 &&
+         int64_t{p.first_block} + p.num_clusters <= p.max_blocks &&
+         int64_t{p.begin} + p.count <= INT32_MAX &&
+         int64_t{p.num_kv_heads} * p.count <= INT32_MAX &&
+         int64_t{p.num_kv_heads} * p.num_clusters <= INT32_MAX;
+}
+
+}  // namespace
+
+size_t ClusterKeysWorkspaceBytes(const ClusterKeysParams& params) {
+  return PlanWorkspace(params).total;
+}
+
+cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
+                              cudaStream_t stream) {
+  const ClusterKeysParams& p = params;
+  if (!Valid(p) || workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  const Workspace w = PlanWorkspace(p);
+  char* base = static_cast<char*>(workspace);
+  bf16* scratch = reinterpret_cast<bf16*>(base + w.scratch);
+  float* centroid = reinterpret_cast<float*>(base + w.centroid);
+  bf16* normed = reinterpret_cast<bf16*>(base + w.normed);
+  int32_t* assign = reinterpret_cast<int32_t*>(base + w.assign);
+  uint32_t* keys_in = reinterpret_cast<uint32_t*>(base + w.keys_in);
+  uint32_t* keys_out = reinterpret_cast<uint32_t*>(base + w.keys_out);
+  int32_t* vals_in = reinterpret_cast<int32_t*>(base + w.vals_in);
+  int32_t* vals_out = reinterpret_cast<int32_t*>(base + w.vals_out);
+  int32_t* seg_begin = reinterpret_cast<int32_t*>(base + w.seg_begin);
+  int32_t* seg_end = reinterpret_cast<int32_t*>(base + w.seg_end);
+  int* changed = reinterpret_cast<int*>(base + w.changed);
+  void* sort_temp = base + w.sort_temp;
+
+  const int heads = p.num_kv_heads, n = p.count, d = p.head_dim, c = p.num_clusters;
+  const int d_pad = RoundUp(d, 16), c_pad = RoundUp(c, kChunk);
+  const int64_t items = int64_t{heads} * n;
+  constexpr int kThreads = 256;
+  bf16* k_cache = static_cast<bf16*>(p.k_cache);
+  bf16* v_cache = static_cast<bf16*>(p.v_cache);
+
+  cudaError_t err = cudaMemsetAsync(changed, 0, sizeof(int) * p.iterations, stream);
+  if (err != cudaSuccess) return err;
+  GatherRowsKernel<<<GridFor(items * (d / 8), kThreads), kThreads, 0, stream>>>(
+      k_cache, p.block_table, p.page_size, p.begin, n, heads, d, scratch);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  InitStateKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(n, heads, assign, vals_in);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  InitCentroidsKernel<<<GridFor(int64_t{heads} * c_pad * 32, kThreads), kThreads, 0, stream>>>(
+      scratch, n, heads, d, d_pad, c, c_pad, centroid, normed);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+
+  for (int it = 0; it < p.iterations; ++it) {
+    // Iteration it runs only while the previous pass changed something; the
+    // flag of a skipped pass stays 0, so once one is skipped all later are.
+    const int* run_assign = it == 0 ? nullptr : changed + it - 1;
+    const int* run_update = changed + it;
+    err = LaunchAssign(p, scratch, normed, c_pad, assign, keys_in, changed + it, run_assign,
+                       stream);
+    if (err != cudaSuccess) return err;
+    size_t temp_bytes = w.sort_temp_bytes;
+    err = cub::DeviceRadixSort::SortPairs(sort_temp, temp_bytes, keys_in, keys_out, vals_in,
+                                          vals_out, static_cast<int>(items), 0, w.end_bit,
+                                          stream);
+    if (err != cudaSuccess) return err;
+    const int segments = heads * c;
+    ZeroSegmentsKernel<<<GridFor(segments, kThreads), kThreads, 0, stream>>>(segments, seg_begin,
+                                                                             seg_end, run_update);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    MarkSegmentsKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(
+        keys_out, static_cast<int>(items), seg_begin, seg_end, run_update);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = LaunchUpdate(d, int64_t{segments}, scratch, vals_out, seg_begin, seg_end, n, heads,
+                       d_pad, c, c_pad, centroid, normed, run_update, stream);
+    if (err != cudaSuccess) return err;
+  }
+  // The segments describe the final assignment: the last pass that changed
+  // anything marked them, and every later sort reproduced the same order.
+  FinalizeKernel<<<heads, kFinalThreads, 0, stream>>>(seg_begin, seg_end, centroid, p.begin, d, c,
+                                                      p.first_block, p.max_blocks,
+                                                      static_cast<bf16*>(p.centroids), p.extents);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  ScatterRowsKernel<<<GridFor(items * (d / 8), kThreads), kThreads, 0, stream>>>(
+      scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, k_cache);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  GatherRowsKernel<<<GridFor(items * (d / 8), kThreads), kThreads, 0, stream>>>(
+      v_cache, p.block_table, p.page_size, p.begin, n, heads, d, scratch);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  ScatterRowsKernel<<<GridFor(items * (d / 8), kThreads), kThreads, 0, stream>>>(
+      scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, v_cache);
+  return cudaGetLastError();
+}
+
+}  // namespace strata::cuda::kernels

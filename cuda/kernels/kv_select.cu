@@ -1,0 +1,314 @@
+// Per-step token selection of the sparse KV policies (see kv_select.h; the
+// CPU reference is engine/cpu_backend.cc).
+//
+// All three kernels are memory bound and small: KeyBounds reads the range's
+// keys once, ScoreBlocks reads each entry's summaries once, SelectTokens
+// reads one row of scores and extents per (entry, KV head).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "cuda/kernels/kv_select.h"
+
+namespace strata::cuda::kernels {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kMaxHeadDimSelect = 256;
+
+__device__ __forceinline__ int64_t SlotOf(const int32_t* table, int page_size, int index) {
+  return static_cast<int64_t>(table[index / page_size]) * page_size + index % page_size;
+}
+
+// ---- KeyBounds ----------------------------------------------------------------
+
+// Block (j, h): one thread per pair of channels walks the block's keys.
+__global__ void KeyBoundsKernel(KeyBoundsParams p) {
+  const int j = blockIdx.x, h = blockIdx.y;
+  const int dim = threadIdx.x * 2;
+  const int first = p.begin + j * p.block_tokens;
+  const int64_t block = static_cast<int64_t>(h) * p.max_blocks + p.first_block + j;
+  if (dim < p.head_dim) {
+    const bf16* cache = static_cast<const bf16*>(p.k_cache);
+    float2 lo = make_float2(INFINITY, INFINITY), hi = make_float2(-INFINITY, -INFINITY);
+    for (int t = first; t < first + p.block_tokens; ++t) {
+      const int64_t slot = SlotOf(p.block_table, p.page_size, t);
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+          cache + (slot * p.num_kv_heads + h) * p.head_dim + dim));
+      lo.x = fminf(lo.x, v.x);
+      lo.y = fminf(lo.y, v.y);
+      hi.x = fmaxf(hi.x, v.x);
+      hi.y = fmaxf(hi.y, v.y);
+    }
+    // Min and max of bf16 values are bf16 values: the rounding is exact.
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(p.lo) + block * p.head_dim + dim) =
+        __floats2bfloat162_rn(lo.x, lo.y);
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<bf16*>(p.hi) + block * p.head_dim + dim) =
+        __floats2bfloat162_rn(hi.x, hi.y);
+  }
+  if (threadIdx.x == 0) {
+    p.extents[block * 2] = first;
+    p.extents[block * 2 + 1] = p.block_tokens;
+  }
+}
+
+// ---- ScoreBlocks --------------------------------------------------------------
+
+constexpr int kScoreWarps = 8;
+
+// Block (entry, KV head, group of kScoreWarps blocks): the group's queries
+// in fp32 shared memory (for centroids only their sum, since
+// sum_g q_g . c = (sum_g q_g) . c), then one warp per summary block.
+__global__ void __launch_bounds__(kScoreWarps * 32) ScoreBlocksKernel(ScoreBlocksParams p) {
+  extern __shared__ float q_smem[];  // [group or 1, head_dim]
+  const int entry = p.entry_begin + blockIdx.x;
+  const int h = blockIdx.y;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int d = p.head_dim;
+  const int32_t* e = p.entries + static_cast<int64_t>(entry) * kPlanFields;
+  const int row = e[kPlanRowCol], slot = e[kPlanSlotCol], num_blocks = e[kPlanNumBlocksCol];
+  const int block0 = blockIdx.z * kScoreWarps;
+  if (block0 >= num_blocks) return;  // uniform over the block
+
+  const bf16* q = static_cast<const bf16*>(p.qkv) + static_cast<int64_t>(row) * p.qkv_row_width +
+                  static_cast<int64_t>(h) * group * d;
+  if (p.key_bounds) {
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) q_smem[i] = __bfloat162float(q[i]);
+  } else {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+      float s = 0.0f;
+      for (int g = 0; g < group; ++g) s += __bfloat162float(q[g * d + i]);
+      q_smem[i] = s;
+    }
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = block0 + warp;
+  if (b >= num_blocks) return;
+  const int64_t block = (static_cast<int64_t>(slot) * p.num_kv_heads + h) * p.max_blocks + b;
+  const bf16* a = static_cast<const bf16*>(p.summary_a) + block * d;
+  float score = 0.0f;
+  if (p.key_bounds) {
+    const bf16* u = static_cast<const bf16*>(p.summary_b) + block * d;
+    for (int dim = lane * 2; dim < d; dim += 64) {
+      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a + dim));
+      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(u + dim));
+      for (int g = 0; g < group; ++g) {
+        const float q0 = q_smem[g * d + dim], q1 = q_smem[g * d + dim + 1];
+        score += fmaxf(q0 * lo.x, q0 * hi.x) + fmaxf(q1 * lo.y, q1 * hi.y);
+      }
+    }
+  } else {
+    for (int dim = lane * 2; dim < d; dim += 64) {
+      const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a + dim));
+      score += q_smem[dim] * c.x + q_smem[dim + 1] * c.y;
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) score += __shfl_xor_sync(0xffffffffu, score, off);
+  if (lane == 0) {
+    p.scores[(static_cast<int64_t>(entry) * p.num_kv_heads + h) * p.max_blocks + b] = score;
+  }
+}
+
+// ---- SelectTokens -------------------------------------------------------------
+
+constexpr int kSelectThreads = 512;
+// Largest num_blocks sorted in shared memory (128 KiB of keys); beyond it a
+// quadratic ranking without shared memory takes over.
+constexpr int kMaxSortBlocks = 16384;
+
+// A 64-bit key whose ascending order is descending score, then ascending
+// block: the reference's stable sort by score (-0 equals +0 there).
+__device__ __forceinline__ uint64_t OrderKey(float score, int block) {
+  if (score == 0.0f) score = 0.0f;
+  uint32_t bits = __float_as_uint(score);
+  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ascending in score
+  return (static_cast<uint64_t>(~bits) << 32) | static_cast<uint32_t>(block);
+}
+
+__host__ __device__ int NextPow2(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Writes the `take` indices of extent (first, ...) at out[at, at + take),
+// clipped to max_keys.
+__device__ __forceinline__ void WriteRun(int32_t* out, int at, int first, int take, int max_keys) {
+  for (int u = 0; u < take && at + u < max_keys; ++u) out[at + u] = first + u;
+}
+
+// One block per (entry, KV head). sort_capacity > 0: the blocks' keys are
+// bitonic-sorted in shared memory (sort_capacity slots, a power of two >=
+// every entry's num_blocks); else each block's start in the selection order
+// is computed directly as the sum of the sizes of the blocks ranked before
+// it (O(num_blocks^2), for very large block counts only).
+__global__ void __launch_bounds__(kSelectThreads) SelectTokensKernel(SelectTokensParams p,
+                                                                      int sort_capacity) {
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  using Reduce = cub::BlockReduce<int, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ typename Reduce::TempStorage reduce_storage;
+  extern __shared__ uint64_t sort_keys[];
+
+  const int entry = blockIdx.x, h = blockIdx.y;
+  const int32_t* e = p.entries + static_cast<int64_t>(entry) * kPlanFields;
+  const int slot = e[kPlanSlotCol], num_blocks = e[kPlanNumBlocksCol];
+  const int budget = max(e[kPlanBudgetCol], 0), sink_end = e[kPlanSinkEndCol];
+  const int tail_begin = e[kPlanTailBeginCol], context_len = e[kPlanContextLenCol];
+  const int64_t list = static_cast<int64_t>(entry) * p.num_kv_heads + h;
+  int32_t* out = p.key_index + list * p.max_keys;
+  const float* scores = p.scores + list * p.max_blocks;
+  const int32_t* ext =
+      p.extents + (static_cast<int64_t>(slot) * p.num_kv_heads + h) * p.max_blocks * 2;
+
+  for (int t = threadIdx.x; t < sink_end && t < p.max_keys; t += blockDim.x) out[t] = t;
+
+  int taken = 0;  // tokens selected from the blocks, valid in every thread
+  if (sort_capacity > 0) {
+    const int n = NextPow2(max(num_blocks, 1));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      sort_keys[i] = i < num_blocks ? OrderKey(scores[i], i) : ~uint64_t{0};
+    }
+    __syncthreads();
+    for (int k = 2; k <= n; k <<= 1) {
+      for (int j = k >> 1; j > 0; j >>= 1) {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+          const int partner = i ^ j;
+          if (partner > i) {
+            const uint64_t x = sort_keys[i], y = sort_keys[partner];
+            const bool ascending = (i & k) == 0;
+            if ((x > y) == ascending) {
+              sort_keys[i] = y;
+              sort_keys[partner] = x;
+            }
+          }
+        }
+        __syncthreads();
+      }
+    }
+    // Walk the sorted blocks in chunks, an exclusive scan of their sizes
+    // giving each one's place in the selection.
+    int carry = 0;
+    for (int base = 0; base < num_blocks && carry < budget; base += blockDim.x) {
+      const int i = base + threadIdx.x;
+      int block = 0, size = 0;
+      if (i < num_blocks) {
+        block = static_cast<int>(sort_keys[i] & 0xffffffffu);
+        size = max(ext[block * 2 + 1], 0);
+      }
+      int before = 0, chunk_total = 0;
+      Scan(scan_storage).ExclusiveSum(size, before, chunk_total);
+      const int start = carry + before;
+      if (i < num_blocks && start < budget) {
+        WriteRun(out, sink_end + start, ext[block * 2], min(size, budget - start), p.max_keys);
+      }
+      carry += chunk_total;
+      __syncthreads();  // scan_storage is reused
+    }
+    taken = min(carry, budget);
+  } else {
+    int total = 0;
+    for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
+      const uint64_t key = OrderKey(scores[b], b);
+      const int size = max(ext[b * 2 + 1], 0);
+      total += size;
+      int64_t start = 0;
+      for (int o = 0; o < num_blocks; ++o) {
+        if (OrderKey(scores[o], o) < key) start += max(ext[o * 2 + 1], 0);
+      }
+      if (start < budget) {
+        WriteRun(out, sink_end + static_cast<int>(start), ext[b * 2],
+                 min(size, budget - static_cast<int>(start)), p.max_keys);
+      }
+    }
+    total = Reduce(reduce_storage).Sum(total);
+    __shared__ int shared_total;
+    if (threadIdx.x == 0) shared_total = total;
+    __syncthreads();
+    taken = min(shared_total, budget);
+  }
+
+  const int tail_at = sink_end + taken;
+  for (int t = tail_begin + threadIdx.x; t < context_len; t += blockDim.x) {
+    const int at = tail_at + (t - tail_begin);
+    if (at < p.max_keys) out[at] = t;
+  }
+  if (threadIdx.x == 0) {
+    p.key_count[list] = min(tail_at + max(context_len - tail_begin, 0), p.max_keys);
+  }
+}
+
+}  // namespace
+
+cudaError_t LaunchKeyBounds(const KeyBoundsParams& params, cudaStream_t stream) {
+  const KeyBoundsParams& p = params;
+  if (p.k_cache == nullptr || p.block_table == nullptr || p.lo == nullptr || p.hi == nullptr ||
+      p.extents == nullptr || p.page_size < 1 || p.begin < 0 || p.num_blocks < 0 ||
+      p.block_tokens < 1 || p.num_kv_heads < 1 || p.num_kv_heads > 65535 || p.head_dim < 2 ||
+      p.head_dim % 2 != 0 || p.head_dim > kMaxHeadDimSelect || p.first_block < 0 ||
+      int64_t{p.first_block} + p.num_blocks > p.max_blocks ||
+      int64_t{p.begin} + int64_t{p.num_blocks} * p.block_tokens > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.num_blocks == 0) return cudaSuccess;
+  const dim3 grid(p.num_blocks, p.num_kv_heads);
+  KeyBoundsKernel<<<grid, (p.head_dim / 2 + 31) / 32 * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchScoreBlocks(const ScoreBlocksParams& params, cudaStream_t stream) {
+  const ScoreBlocksParams& p = params;
+  if (p.qkv == nullptr || p.entries == nullptr || p.summary_a == nullptr ||
+      p.scores == nullptr || (p.key_bounds && p.summary_b == nullptr) || p.entry_begin < 0 ||
+      p.entry_end < p.entry_begin || p.num_kv_heads < 1 || p.num_kv_heads > 65535 ||
+      p.num_q_heads < p.num_kv_heads || p.num_q_heads % p.num_kv_heads != 0 || p.head_dim < 2 ||
+      p.head_dim % 2 != 0 || p.head_dim > kMaxHeadDimSelect || p.max_num_blocks < 0 ||
+      p.max_num_blocks > p.max_blocks ||
+      p.qkv_row_width < int64_t{p.num_q_heads} * p.head_dim) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.entry_begin == p.entry_end || p.max_num_blocks == 0) return cudaSuccess;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const size_t smem = sizeof(float) * p.head_dim * (p.key_bounds ? group : 1);
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;
+  const int z = (p.max_num_blocks + kScoreWarps - 1) / kScoreWarps;
+  if (z > 65535) return cudaErrorInvalidValue;
+  const dim3 grid(p.entry_end - p.entry_begin, p.num_kv_heads, z);
+  ScoreBlocksKernel<<<grid, kScoreWarps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchSelectTokens(const SelectTokensParams& params, cudaStream_t stream) {
+  const SelectTokensParams& p = params;
+  if (p.scores == nullptr || p.extents == nullptr || p.entries == nullptr ||
+      p.key_index == nullptr || p.key_count == nullptr || p.num_entries < 0 ||
+      p.num_kv_heads < 1 || p.num_kv_heads > 65535 || p.max_blocks < 0 ||
+      p.max_num_blocks < 0 || p.max_num_blocks > p.max_blocks || p.max_keys < 1) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.num_entries == 0) return cudaSuccess;
+  int capacity = 0;
+  size_t smem = 0;
+  if (p.max_num_blocks <= kMaxSortBlocks) {
+    capacity = NextPow2(std::max(p.max_num_blocks, 1));
+    smem = sizeof(uint64_t) * capacity;
+    if (smem > 48 * 1024) {
+      cudaError_t err = cudaFuncSetAttribute(
+          SelectTokensKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+    }
+  }
+  const dim3 grid(p.num_entries, p.num_kv_heads);
+  SelectTokensKernel<<<grid, kSelectThreads, smem, stream>>>(p, capacity);
+  return cudaGetLastError();
+}
+
+}  // namespace strata::cuda::kernels

@@ -1,0 +1,41 @@
+// engine::AttentionPlanner: the hook through which a KV policy
+// (kvtier/kv_policy.h) makes decode steps attend to chosen tokens instead of
+// the whole cache.
+//
+// Model::Forward calls BeginStep once per step with the step's sequences,
+// then PlanLayer once per layer after the layer's keys are in the cache and
+// before its attention. PlanLayer may reorganise that layer's cache (e.g.
+// cluster and reorder a sequence's keys) and returns the layer's plan: the
+// decode queries that attend sparsely (Backend::SparseAttention), or null
+// when every query of the layer attends densely. Sequences are identified
+// across steps by StepInput::seq_ids; Release forgets one whose KV is gone
+// (finished, cancelled or preempted).
+//
+// Thread-safety: driven by the thread that runs the model.
+#ifndef STRATA_ENGINE_ATTENTION_PLANNER_H_
+#define STRATA_ENGINE_ATTENTION_PLANNER_H_
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+
+namespace strata::engine {
+
+struct StepInput;
+
+class AttentionPlanner {
+ public:
+  virtual ~AttentionPlanner() = default;
+
+  // `batch` holds the step's device tables; it stays valid until the step ends.
+  virtual absl::Status BeginStep(const StepInput& input, const AttentionBatch& batch) = 0;
+  virtual absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const Tensor& qkv,
+                                                      Tensor& k_cache, Tensor& v_cache) = 0;
+  virtual void Release(int64_t seq_id) = 0;
+};
+
+}  // namespace strata::engine
+
+#endif  // STRATA_ENGINE_ATTENTION_PLANNER_H_

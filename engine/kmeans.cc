@@ -1,0 +1,108 @@
+#include "engine/kmeans.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/thread_pool.h"
+
+namespace strata::engine {
+namespace {
+
+// Writes row / |row| (zeros for a zero row) into out.
+void Normalise(const float* row, int d, float* out) {
+  double sq = 0.0;
+  for (int j = 0; j < d; ++j) sq += static_cast<double>(row[j]) * row[j];
+  const double inv = sq > 0.0 ? 1.0 / std::sqrt(sq) : 0.0;
+  for (int j = 0; j < d; ++j) out[j] = static_cast<float>(row[j] * inv);
+}
+
+float Dot(const float* a, const float* b, int d) {
+  float s = 0.0f;
+  for (int j = 0; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
+}  // namespace
+
+absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, int clusters,
+                                          int iterations, ThreadPool* pool) {
+  if (d < 1) return absl::InvalidArgumentError(absl::StrCat("kmeans: d must be >= 1, got ", d));
+  if (keys.size() % static_cast<size_t>(d) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kmeans: ", keys.size(), " values are not a whole number of rows of ", d));
+  }
+  if (clusters < 1 || iterations < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kmeans: clusters and iterations must be >= 1, got ", clusters, " and ", iterations));
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (!std::isfinite(keys[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kmeans: key ", i / d, " has a non-finite value"));
+    }
+  }
+  const int64_t n = static_cast<int64_t>(keys.size() / d);
+  const int c = static_cast<int>(std::min<int64_t>(clusters, n));
+  KMeansResult r;
+  r.num_clusters = c;
+  if (n == 0) return r;
+
+  std::vector<float> kn(keys.size());  // normalised keys
+  for (int64_t i = 0; i < n; ++i) Normalise(&keys[i * d], d, &kn[i * d]);
+  r.centroids.resize(static_cast<size_t>(c) * d);
+  for (int j = 0; j < c; ++j) {
+    const int64_t seed_key = int64_t{j} * n / c;
+    std::copy_n(&keys[seed_key * d], d, &r.centroids[static_cast<size_t>(j) * d]);
+  }
+  std::vector<float> cn(r.centroids.size());  // normalised centroids
+  r.assignment.assign(n, -1);
+  r.sizes.assign(c, 0);
+  std::vector<int32_t> next(n);
+  std::vector<double> sums(static_cast<size_t>(c) * d);
+
+  auto assign_range = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int32_t best_k = 0;
+      float best_s = Dot(&kn[i * d], &cn[0], d);
+      for (int k = 1; k < c; ++k) {
+        const float s = Dot(&kn[i * d], &cn[static_cast<size_t>(k) * d], d);
+        if (s > best_s) {  // strict: ties keep the lowest cluster index
+          best_s = s;
+          best_k = k;
+        }
+      }
+      next[i] = best_k;
+    }
+  };
+  for (int it = 0; it < iterations; ++it) {
+    for (int k = 0; k < c; ++k) {
+      Normalise(&r.centroids[static_cast<size_t>(k) * d], d, &cn[static_cast<size_t>(k) * d]);
+    }
+    if (pool != nullptr) {
+      pool->ParallelFor(n, 64, assign_range);
+    } else {
+      assign_range(0, n);
+    }
+    if (next == r.assignment) break;  // the centroids are already its means
+    r.assignment.swap(next);
+    std::fill(sums.begin(), sums.end(), 0.0);
+    std::fill(r.sizes.begin(), r.sizes.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int k = r.assignment[i];
+      ++r.sizes[k];
+      for (int j = 0; j < d; ++j) sums[static_cast<size_t>(k) * d + j] += keys[i * d + j];
+    }
+    for (int k = 0; k < c; ++k) {
+      if (r.sizes[k] == 0) continue;  // keeps its centroid
+      for (int j = 0; j < d; ++j) {
+        r.centroids[static_cast<size_t>(k) * d + j] =
+            static_cast<float>(sums[static_cast<size_t>(k) * d + j] / r.sizes[k]);
+      }
+    }
+  }
+  return r;
+}
+
+}  // namespace strata::engine

@@ -1,0 +1,55 @@
+// KMeansCosine: ClusterKV's key clustering, the CPU reference of the CUDA
+// kernel behind Backend::ClusterKeys (both follow this exact recipe, so they
+// agree wherever no similarity is a near-tie).
+//
+// ClusterKV groups keys by direction, because attention weight follows
+// q . k and keys pointing the same way are recalled together. So:
+//   - assignment: each key goes to the centroid of maximum cosine similarity
+//     (a zero vector normalises to zero, so its similarity is 0 to
+//     everything and never NaN; ties go to the lowest cluster index);
+//   - update: a centroid is the mean of the RAW keys assigned to it, since
+//     decode scores clusters by q . centroid and the raw mean is what that
+//     dot product should approximate (the mean of q . k). An empty cluster
+//     keeps its centroid.
+//   - initialisation: centroid j is key floor(j * n / C). Keys of nearby
+//     positions tend to be alike, so spreading the seeds over the positions
+//     spreads them over the directions too; it needs no sequential pass
+//     (farthest-first seeding costs C passes over the keys, too slow on a
+//     GPU at 32k tokens) and no random state.
+// Each iteration assigns, then updates; it stops early when no assignment
+// changed. The returned centroids are the raw means of the returned
+// assignment (or the kept centroid of an empty cluster). Sums are fp64.
+//
+// Thread-safety: a pure function. With a pool, the assignment step runs in
+// parallel (each key independently), which does not change the result.
+#ifndef STRATA_ENGINE_KMEANS_H_
+#define STRATA_ENGINE_KMEANS_H_
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace strata {
+class ThreadPool;
+}  // namespace strata
+
+namespace strata::engine {
+
+struct KMeansResult {
+  int num_clusters = 0;             // min(requested clusters, n)
+  std::vector<int32_t> assignment;  // [n], cluster of each key
+  std::vector<float> centroids;     // [num_clusters, d]
+  std::vector<int32_t> sizes;       // [num_clusters], members per cluster (may be 0)
+};
+
+// keys: [n, d] row-major, n = keys.size() / d. InvalidArgument when d < 1,
+// keys.size() is not a multiple of d, clusters < 1 or iterations < 1, or a
+// key is not finite. n == 0 gives no clusters.
+absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, int clusters,
+                                          int iterations, ThreadPool* pool = nullptr);
+
+}  // namespace strata::engine
+
+#endif  // STRATA_ENGINE_KMEANS_H_

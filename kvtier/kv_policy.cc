@@ -1,0 +1,376 @@
+#include "kvtier/kv_policy.h"
+
+#include <algorithm>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace strata::kvtier {
+namespace {
+
+using engine::SparsePlan;
+using engine::Tensor;
+
+int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+class FullPolicy final : public KvPolicy {
+ public:
+  explicit FullPolicy(const KvPolicyConfig& c) : KvPolicy(c) {}
+  PolicyKind kind() const override { return PolicyKind::kFull; }
+  int MaxBlocks(int) const override { return 0; }
+  int MaxKeys(int max_context) const override { return max_context; }
+  void Advance(int, SequenceState&, std::vector<SummaryWork>&) const override {}
+};
+
+// Sinks + the last window + budget tokens: the budget extends the window.
+class StreamingPolicy final : public KvPolicy {
+ public:
+  explicit StreamingPolicy(const KvPolicyConfig& c) : KvPolicy(c) {}
+  PolicyKind kind() const override { return PolicyKind::kStreaming; }
+  int MaxBlocks(int) const override { return 0; }
+  int MaxKeys(int max_context) const override {
+    return std::min(max_context, config_.sink_tokens + config_.window_tokens + config_.budget_tokens);
+  }
+  int Budget() const override { return 0; }
+  void Advance(int context_len, SequenceState& s, std::vector<SummaryWork>&) const override {
+    s.sink_end = std::min(config_.sink_tokens, context_len - 1);
+    s.tail_begin = std::max(s.sink_end,
+                            context_len - config_.window_tokens - config_.budget_tokens);
+    s.tail_begin = std::min(s.tail_begin, context_len - 1);  // the query itself
+  }
+};
+
+class QuestPolicy final : public KvPolicy {
+ public:
+  explicit QuestPolicy(const KvPolicyConfig& c) : KvPolicy(c) {}
+  PolicyKind kind() const override { return PolicyKind::kQuest; }
+  int MaxBlocks(int max_context) const override {
+    return CeilDiv(max_context, config_.quest_page_tokens);
+  }
+  int MaxKeys(int max_context) const override {
+    return std::min<int64_t>(max_context, int64_t{config_.sink_tokens} + config_.budget_tokens +
+                                              config_.window_tokens + config_.quest_page_tokens);
+  }
+  void Advance(int context_len, SequenceState& s, std::vector<SummaryWork>& work) const override {
+    const int page = config_.quest_page_tokens;
+    if (s.num_blocks == 0) s.sink_end = std::min(config_.sink_tokens, context_len - 1);
+    const int bounded_end = s.sink_end + page * s.num_blocks;
+    // Pages end at least `window` tokens (and the query) before the context end.
+    const int limit = context_len - std::max(config_.window_tokens, 1);
+    const int new_pages = limit > bounded_end ? (limit - bounded_end) / page : 0;
+    if (new_pages > 0) {
+      work.push_back({SummaryWork::kKeyBounds, bounded_end, new_pages * page, 0, s.num_blocks});
+      s.num_blocks += new_pages;
+    }
+    s.tail_begin = s.sink_end + page * s.num_blocks;
+  }
+};
+
+class ClusterKvPolicy final : public KvPolicy {
+ public:
+  static constexpr int kClustersPerWindow = 8;
+  explicit ClusterKvPolicy(const KvPolicyConfig& c) : KvPolicy(c) {}
+  PolicyKind kind() const override { return PolicyKind::kClusterKv; }
+  int Window() const { return std::max(config_.window_tokens, 1); }
+  int MaxBlocks(int max_context) const override {
+    return CeilDiv(max_context, config_.tokens_per_cluster) +
+           kClustersPerWindow * CeilDiv(max_context, Window());
+  }
+  int MaxKeys(int max_context) const override {
+    return std::min<int64_t>(max_context,
+                             int64_t{config_.sink_tokens} + config_.budget_tokens + 2 * Window());
+  }
+  void Advance(int context_len, SequenceState& s, std::vector<SummaryWork>& work) const override {
+    const int window = Window();
+    if (s.num_blocks == 0) {
+      s.sink_end = std::min(config_.sink_tokens, context_len - 1);
+      s.tail_begin = s.sink_end;
+      // The prompt: everything between the sinks and the last window, once
+      // it fills at least one cluster.
+      const int count = context_len - window - s.sink_end;
+      if (count >= config_.tokens_per_cluster) {
+        const int clusters = CeilDiv(count, config_.tokens_per_cluster);
+        work.push_back({SummaryWork::kCluster, s.sink_end, count, clusters, 0});
+        s.num_blocks = clusters;
+        s.tail_begin = s.sink_end + count;
+      }
+    }
+    // Generated tokens: a full window beyond the last window becomes clusters.
+    while (context_len - s.tail_begin >= 2 * window) {
+      const int clusters = std::min(kClustersPerWindow, window);
+      work.push_back({SummaryWork::kCluster, s.tail_begin, window, clusters, s.num_blocks});
+      s.num_blocks += clusters;
+      s.tail_begin += window;
+    }
+  }
+};
+
+// Entries are planned ClusterKV first, then Quest, then streaming, so each
+// scoring runs over one contiguous range.
+int KindOrder(PolicyKind kind) {
+  switch (kind) {
+    case PolicyKind::kClusterKv: return 0;
+    case PolicyKind::kQuest: return 1;
+    default: return 2;
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<PolicyKind> ParsePolicyKind(std::string_view type) {
+  if (type == "full") return PolicyKind::kFull;
+  if (type == "streaming") return PolicyKind::kStreaming;
+  if (type == "quest") return PolicyKind::kQuest;
+  if (type == "clusterkv") return PolicyKind::kClusterKv;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "kv_policy.type \"", std::string(type), "\" is not one of full, streaming, quest, clusterkv"));
+}
+
+std::string_view PolicyKindName(PolicyKind kind) {
+  switch (kind) {
+    case PolicyKind::kFull: return "full";
+    case PolicyKind::kStreaming: return "streaming";
+    case PolicyKind::kQuest: return "quest";
+    case PolicyKind::kClusterKv: return "clusterkv";
+  }
+  return "?";
+}
+
+absl::StatusOr<std::unique_ptr<KvPolicy>> KvPolicy::Create(const KvPolicyConfig& c) {
+  STRATA_ASSIGN_OR_RETURN(PolicyKind kind, ParsePolicyKind(c.type));
+  if (c.budget_tokens < 0 || c.sink_tokens < 0 || c.window_tokens < 0 || c.full_layers < 0 ||
+      c.tokens_per_cluster < 1 || c.kmeans_iterations < 1 || c.quest_page_tokens < 1) {
+    return absl::InvalidArgumentError(
+        "kv_policy: budget, sinks, window and full_layers must be >= 0; tokens_per_cluster, "
+        "kmeans_iterations and quest_page_tokens >= 1");
+  }
+  switch (kind) {
+    case PolicyKind::kFull: return std::make_unique<FullPolicy>(c);
+    case PolicyKind::kStreaming: return std::make_unique<StreamingPolicy>(c);
+    case PolicyKind::kQuest: return std::make_unique<QuestPolicy>(c);
+    case PolicyKind::kClusterKv: return std::make_unique<ClusterKvPolicy>(c);
+  }
+  return absl::InternalError("unreachable");
+}
+
+absl::StatusOr<std::unique_ptr<KvPolicyRunner>> KvPolicyRunner::Create(
+    engine::Model* model, const std::vector<KvPolicyConfig>& policies,
+    const KvPolicyRunnerOptions& options) {
+  if (policies.empty()) return absl::InvalidArgumentError("kv policy runner: no policies");
+  if (options.max_sparse_seqs < 1) {
+    return absl::InvalidArgumentError("kv policy runner: max_sparse_seqs must be >= 1");
+  }
+  if (model->config().sliding_window > 0) {
+    for (const KvPolicyConfig& c : policies) {
+      if (c.type != "full") {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "kv_policy.type ", c.type, " needs a model without sliding-window attention"));
+      }
+    }
+  }
+  std::unique_ptr<KvPolicyRunner> runner(new KvPolicyRunner(model, options));
+  const int max_context = model->options().max_context;
+  for (const KvPolicyConfig& c : policies) {
+    STRATA_ASSIGN_OR_RETURN(std::unique_ptr<KvPolicy> p, KvPolicy::Create(c));
+    runner->any_clusterkv_ |= p->kind() == PolicyKind::kClusterKv;
+    runner->any_quest_ |= p->kind() == PolicyKind::kQuest;
+    if (p->kind() != PolicyKind::kFull) {
+      runner->max_blocks_ = std::max(runner->max_blocks_, p->MaxBlocks(max_context));
+      runner->max_keys_ = std::max(runner->max_keys_, p->MaxKeys(max_context));
+    }
+    runner->policies_.push_back(std::move(p));
+  }
+  STRATA_RETURN_IF_ERROR(runner->Allocate());
+  return runner;
+}
+
+absl::Status KvPolicyRunner::Allocate() {
+  if (max_keys_ == 0) return absl::OkStatus();  // only full policies
+  engine::Backend& b = model_->backend();
+  const engine::ModelConfig& config = model_->config();
+  const int64_t slots = options_.max_sparse_seqs, hkv = config.num_kv_heads,
+                d = config.head_dim, blocks = std::max(max_blocks_, 1);
+  const engine::DType dt = b.activation_dtype();
+  for (int l = 0; l < config.num_layers; ++l) {
+    STRATA_ASSIGN_OR_RETURN(Tensor ext, b.Allocate(engine::DType::kI32, {slots, hkv, blocks, 2}));
+    extents_.push_back(std::move(ext));
+    if (any_clusterkv_) {
+      STRATA_ASSIGN_OR_RETURN(Tensor c, b.Allocate(dt, {slots, hkv, blocks, d}));
+      centroids_.push_back(std::move(c));
+    }
+    if (any_quest_) {
+      STRATA_ASSIGN_OR_RETURN(Tensor lo, b.Allocate(dt, {slots, hkv, blocks, d}));
+      STRATA_ASSIGN_OR_RETURN(Tensor hi, b.Allocate(dt, {slots, hkv, blocks, d}));
+      lo_.push_back(std::move(lo));
+      hi_.push_back(std::move(hi));
+    }
+  }
+  STRATA_ASSIGN_OR_RETURN(scores_, b.Allocate(engine::DType::kF32, {slots, hkv, blocks}));
+  plan_.max_blocks = static_cast<int>(blocks);
+  plan_.max_keys = max_keys_;
+  STRATA_ASSIGN_OR_RETURN(plan_.entries, b.Allocate(engine::DType::kI32, {slots, engine::kSparsePlanFields}));
+  STRATA_ASSIGN_OR_RETURN(plan_.key_index, b.Allocate(engine::DType::kI32, {slots, hkv, max_keys_}));
+  STRATA_ASSIGN_OR_RETURN(plan_.key_count, b.Allocate(engine::DType::kI32, {slots, hkv}));
+  for (int s = options_.max_sparse_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
+  return b.Synchronize();
+}
+
+absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
+                                       const engine::AttentionBatch& batch) {
+  batch_ = &batch;
+  entries_.clear();
+  for (int s = 0; s < batch.num_seqs; ++s) {
+    const int policy = in.kv_policies.empty() ? 0 : in.kv_policies[s];
+    if (policy < 0 || policy >= num_policies()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv policy ", policy, " is not configured (", num_policies(), " are)"));
+    }
+    const KvPolicy& p = *policies_[policy];
+    if (p.kind() == PolicyKind::kFull) continue;
+    const int64_t id = in.seq_ids.empty() ? s : in.seq_ids[s];
+    if (in.query_start[s + 1] - in.query_start[s] != 1) continue;  // a prefill chunk
+    auto it = sequences_.find(id);
+    if (it == sequences_.end()) {
+      if (free_slots_.empty()) {
+        ++stats_.dense_no_slot;
+        continue;
+      }
+      it = sequences_.emplace(id, Sequence{policy, {}}).first;
+      it->second.state.slot = free_slots_.back();
+      free_slots_.pop_back();
+    }
+    Sequence& seq = it->second;
+    if (seq.policy != policy) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", id, " changed its kv policy"));
+    }
+    Entry e{&p, s, id, {}, {}};
+    const int ctx = in.context_len[s];
+    p.Advance(ctx, seq.state, e.work);
+    e.fields[engine::kPlanRow] = in.query_start[s];
+    e.fields[engine::kPlanSeq] = s;
+    e.fields[engine::kPlanSlot] = seq.state.slot;
+    e.fields[engine::kPlanNumBlocks] = seq.state.num_blocks;
+    e.fields[engine::kPlanBudget] = p.Budget();
+    e.fields[engine::kPlanSinkEnd] = seq.state.sink_end;
+    e.fields[engine::kPlanTailBegin] = seq.state.tail_begin;
+    e.fields[engine::kPlanContextLen] = ctx;
+    entries_.push_back(std::move(e));
+  }
+  std::stable_sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
+    return KindOrder(a.policy->kind()) < KindOrder(b.policy->kind());
+  });
+  return absl::OkStatus();
+}
+
+absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Tensor& qkv,
+                                                            Tensor& k_cache, Tensor& v_cache) {
+  engine::Backend& b = model_->backend();
+  const int page_size = model_->options().page_size;
+  // The entries of this layer (policies whose full layers are behind), their
+  // summary work first.
+  std::vector<int32_t> host;
+  int num_clusterkv = 0, num_quest = 0;
+  for (const Entry& e : entries_) {
+    if (!e.policy->SparseLayer(layer)) {
+      ++stats_.dense_queries;
+      continue;
+    }
+    const int slot = e.fields[engine::kPlanSlot];
+    engine::SequenceRange range;
+    range.block_table = batch_->block_table.Row(e.batch_seq);
+    range.page_size = page_size;
+    for (const SummaryWork& w : e.work) {
+      range.begin = w.begin;
+      range.count = w.count;
+      Tensor extents = extents_[layer].Row(slot);
+      if (w.kind == SummaryWork::kCluster) {
+        Tensor centroids = centroids_[layer].Row(slot);
+        STRATA_RETURN_IF_ERROR(b.ClusterKeys(k_cache, v_cache, range, w.clusters,
+                                             e.policy->config().kmeans_iterations, w.first_block,
+                                             centroids, extents));
+        ++stats_.clusterings;
+      } else {
+        Tensor lo = lo_[layer].Row(slot), hi = hi_[layer].Row(slot);
+        STRATA_RETURN_IF_ERROR(b.KeyBounds(k_cache, range, e.policy->config().quest_page_tokens,
+                                           w.first_block, lo, hi, extents));
+      }
+    }
+    num_clusterkv += e.policy->kind() == PolicyKind::kClusterKv;
+    num_quest += e.policy->kind() == PolicyKind::kQuest;
+    host.insert(host.end(), e.fields.begin(), e.fields.end());
+  }
+  const int n = static_cast<int>(host.size() / engine::kSparsePlanFields);
+  if (n == 0) return nullptr;
+  stats_.sparse_queries += n;
+  plan_.num_entries = n;
+  if (host != uploaded_) {
+    STRATA_RETURN_IF_ERROR(b.CopyFromHost(host.data(), engine::DType::kI32,
+                                          static_cast<int64_t>(host.size()), plan_.entries, 0));
+    uploaded_ = host;
+  }
+  plan_.host_entries = std::move(host);
+  STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(plan_, *batch_, qkv.dim(0),
+                                                    options_.max_sparse_seqs,
+                                                    model_->config().num_kv_heads));
+  const engine::QkvLayout layout{model_->config().num_q_heads, model_->config().num_kv_heads,
+                                 model_->config().head_dim};
+  if (num_clusterkv > 0) {
+    STRATA_RETURN_IF_ERROR(b.ScoreBlocks(qkv, layout, plan_, 0, num_clusterkv,
+                                         engine::BlockScoring::kCentroid, centroids_[layer],
+                                         Tensor(), scores_));
+  }
+  if (num_quest > 0) {
+    STRATA_RETURN_IF_ERROR(b.ScoreBlocks(qkv, layout, plan_, num_clusterkv,
+                                         num_clusterkv + num_quest,
+                                         engine::BlockScoring::kKeyBounds, lo_[layer], hi_[layer],
+                                         scores_));
+  }
+  STRATA_RETURN_IF_ERROR(b.SelectTokens(scores_, extents_[layer], plan_));
+  if (options_.track_selection) STRATA_RETURN_IF_ERROR(TrackSelection(layer));
+  if (observer_) STRATA_RETURN_IF_ERROR(observer_(layer, qkv, k_cache, v_cache, *batch_, plan_));
+  return &plan_;
+}
+
+absl::Status KvPolicyRunner::TrackSelection(int layer) {
+  engine::Backend& b = model_->backend();
+  const int hkv = model_->config().num_kv_heads;
+  std::vector<int32_t> index(plan_.key_index.numel()), count(plan_.key_count.numel());
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(plan_.key_index, index.data()));
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(plan_.key_count, count.data()));
+  int i = 0;
+  for (const Entry& e : entries_) {
+    if (!e.policy->SparseLayer(layer)) continue;
+    auto& per_layer = last_selection_[e.seq_id];
+    per_layer.resize(static_cast<size_t>(model_->config().num_layers) * hkv);
+    const int sink_end = e.fields[engine::kPlanSinkEnd];
+    const int tail = e.fields[engine::kPlanContextLen] - e.fields[engine::kPlanTailBegin];
+    for (int h = 0; h < hkv; ++h) {
+      const int32_t* keys = &index[(static_cast<size_t>(i) * hkv + h) * plan_.max_keys];
+      const int selected = count[static_cast<size_t>(i) * hkv + h] - sink_end - tail;
+      std::vector<int32_t> now(keys + sink_end, keys + sink_end + std::max(selected, 0));
+      std::sort(now.begin(), now.end());
+      std::vector<int32_t>& last = per_layer[static_cast<size_t>(layer) * hkv + h];
+      if (!last.empty()) {
+        std::vector<int32_t> common;
+        std::set_intersection(now.begin(), now.end(), last.begin(), last.end(),
+                              std::back_inserter(common));
+        stats_.selected_tokens += static_cast<int64_t>(now.size());
+        stats_.reselected_tokens += static_cast<int64_t>(common.size());
+      }
+      last = std::move(now);
+    }
+    ++i;
+  }
+  return absl::OkStatus();
+}
+
+void KvPolicyRunner::Release(int64_t seq_id) {
+  last_selection_.erase(seq_id);
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) return;
+  free_slots_.push_back(it->second.state.slot);
+  sequences_.erase(it);
+}
+
+}  // namespace strata::kvtier

@@ -1,0 +1,191 @@
+// KV policies: which cached tokens a decode step attends to.
+//
+// KvPolicy is one configured policy (a profile's kv_policy). It keeps no
+// per-sequence state itself: KvPolicyRunner owns that and asks the policy,
+// at each decode step, how a sequence's block summaries must grow and which
+// ranges it always attends to. Every sparse policy attends to the first
+// sink tokens, a recent tail and `budget` tokens chosen from summarised
+// blocks in between, so policies compare at an equal token budget:
+//   - full: every token (no plan; the dense kernels run).
+//   - streaming (StreamingLLM): sinks + the last window + budget tokens; no
+//     blocks.
+//   - quest (Quest): blocks are pages of quest_page_tokens consecutive
+//     tokens, summarised by their per-channel key min / max and scored by the
+//     upper bound of q . k; the tail is the last window tokens plus the
+//     unfinished page.
+//   - clusterkv (ClusterKV): at the first decode step the keys between the
+//     sinks and the last window are clustered (k-means, cosine, about one
+//     cluster per tokens_per_cluster) and reordered cluster-major; each time
+//     the unclustered tail reaches 2 x window tokens its oldest window
+//     becomes 8 more clusters. Blocks are clusters, scored by q . centroid.
+// The first full_layers layers always attend densely.
+//
+// KvPolicyRunner implements engine::AttentionPlanner for a Model: it keeps
+// each sequence's state, a pool slot per sparse sequence (summaries of
+// every layer), and the per-step SparsePlan. A sequence that finds no free
+// slot decodes densely (counted in Stats::dense_no_slot).
+//
+// Thread-safety: KvPolicy is immutable. KvPolicyRunner is driven by the
+// model's thread (it is the model's planner); stats() may be read by that
+// thread only.
+#ifndef STRATA_KVTIER_KV_POLICY_H_
+#define STRATA_KVTIER_KV_POLICY_H_
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "engine/attention_planner.h"
+#include "engine/backend.h"
+#include "engine/model.h"
+#include "kvtier/profile.h"
+
+namespace strata::kvtier {
+
+enum class PolicyKind { kFull, kStreaming, kQuest, kClusterKv };
+absl::StatusOr<PolicyKind> ParsePolicyKind(std::string_view type);
+std::string_view PolicyKindName(PolicyKind kind);
+
+// A sparse sequence's bookkeeping (the same for every layer).
+struct SequenceState {
+  int slot = -1;        // pool slot
+  int num_blocks = 0;   // summarised blocks
+  int sink_end = 0;     // [0, sink_end) always attended
+  int tail_begin = 0;   // [tail_begin, context) always attended
+};
+
+// Summary work for one sequence, run on each sparse layer of the step.
+struct SummaryWork {
+  enum Kind { kCluster, kKeyBounds } kind = kCluster;
+  int begin = 0;        // first logical index
+  int count = 0;        // tokens
+  int clusters = 0;     // kCluster: clusters to form
+  int first_block = 0;  // pool block of the first new block
+};
+
+class KvPolicy {
+ public:
+  // InvalidArgument for an unknown type or parameters the policy cannot use.
+  static absl::StatusOr<std::unique_ptr<KvPolicy>> Create(const KvPolicyConfig& config);
+  virtual ~KvPolicy() = default;
+
+  const KvPolicyConfig& config() const { return config_; }
+  virtual PolicyKind kind() const = 0;
+  bool SparseLayer(int layer) const {
+    return kind() != PolicyKind::kFull && layer >= config_.full_layers;
+  }
+  // Pool blocks a sequence of up to max_context tokens can need.
+  virtual int MaxBlocks(int max_context) const = 0;
+  // Keys a query can attend to at most (sinks + budget + tail).
+  virtual int MaxKeys(int max_context) const = 0;
+  // Tokens chosen from the blocks per step.
+  virtual int Budget() const { return config_.budget_tokens; }
+  // Brings `state` to a decode step whose context (the query included) is
+  // context_len tokens, appending the summary work that needs.
+  virtual void Advance(int context_len, SequenceState& state,
+                       std::vector<SummaryWork>& work) const = 0;
+
+ protected:
+  explicit KvPolicy(const KvPolicyConfig& config) : config_(config) {}
+  KvPolicyConfig config_;
+};
+
+struct KvPolicyRunnerOptions {
+  // Sequences that can decode sparsely at once (pool slots); more decode
+  // densely. Pools take slots x layers x (summaries + extents).
+  int max_sparse_seqs = 8;
+  // Copies every layer's selection to the host to count how much of it the
+  // previous step had selected too (Stats::reselected_tokens). Costs a
+  // synchronisation per layer: for evaluation, not serving.
+  bool track_selection = false;
+};
+
+// Called after a layer's plan is selected, before its attention (evaluation
+// hooks read the plan and the caches through the backend).
+using PlanObserver = std::function<absl::Status(
+    int layer, const engine::Tensor& qkv, const engine::Tensor& k_cache,
+    const engine::Tensor& v_cache, const engine::AttentionBatch& batch,
+    const engine::SparsePlan& plan)>;
+
+class KvPolicyRunner final : public engine::AttentionPlanner {
+ public:
+  struct Stats {
+    int64_t sparse_queries = 0;     // (decode query, layer) pairs attended sparsely
+    int64_t dense_queries = 0;      // decode queries of sparse policies on dense layers
+    int64_t dense_no_slot = 0;      // decode steps of sequences that found no slot
+    int64_t clusterings = 0;        // ClusterKeys calls
+    int64_t selected_tokens = 0;    // with track_selection: tokens taken from blocks
+    int64_t reselected_tokens = 0;  // ... of which the same (seq, layer, head) had last step
+  };
+
+  // policies[i] serves requests with kv_policy i (0 is the default). The
+  // runner sizes its pools for `model` and installs nothing: the caller does
+  // model->set_attention_planner(runner).
+  static absl::StatusOr<std::unique_ptr<KvPolicyRunner>> Create(
+      engine::Model* model, const std::vector<KvPolicyConfig>& policies,
+      const KvPolicyRunnerOptions& options = {});
+
+  absl::Status BeginStep(const engine::StepInput& input,
+                         const engine::AttentionBatch& batch) override;
+  absl::StatusOr<const engine::SparsePlan*> PlanLayer(int layer, const engine::Tensor& qkv,
+                                                      engine::Tensor& k_cache,
+                                                      engine::Tensor& v_cache) override;
+  void Release(int64_t seq_id) override;
+
+  int num_policies() const { return static_cast<int>(policies_.size()); }
+  const KvPolicy& policy(int i) const { return *policies_[i]; }
+  const Stats& stats() const { return stats_; }
+  int num_free_slots() const { return static_cast<int>(free_slots_.size()); }
+  void set_observer(PlanObserver observer) { observer_ = std::move(observer); }
+
+ private:
+  struct Sequence {
+    int policy = 0;
+    SequenceState state;
+  };
+  // One planned decode query of this step.
+  struct Entry {
+    const KvPolicy* policy;
+    int batch_seq;
+    int64_t seq_id;
+    std::vector<SummaryWork> work;
+    std::array<int32_t, engine::kSparsePlanFields> fields;
+  };
+
+  KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options)
+      : model_(model), options_(options) {}
+  absl::Status Allocate();
+  absl::Status TrackSelection(int layer);
+
+  engine::Model* model_;
+  KvPolicyRunnerOptions options_;
+  std::vector<std::unique_ptr<KvPolicy>> policies_;
+  bool any_clusterkv_ = false, any_quest_ = false;
+  int max_blocks_ = 0;
+  int max_keys_ = 0;
+
+  // Per layer: [slots, Hkv, max_blocks, D] summaries and [.., 2] extents.
+  std::vector<engine::Tensor> centroids_, lo_, hi_, extents_;
+  engine::Tensor scores_;  // F32 [slots, Hkv, max_blocks]
+  engine::SparsePlan plan_;
+  std::vector<int32_t> uploaded_;  // host entries last copied to plan_.entries
+
+  absl::flat_hash_map<int64_t, Sequence> sequences_;
+  std::vector<int> free_slots_;
+  std::vector<Entry> entries_;  // this step's, ClusterKV first, then Quest, then streaming
+  const engine::AttentionBatch* batch_ = nullptr;
+  PlanObserver observer_;
+  Stats stats_;
+  // track_selection: last step's selected indices per (seq, layer, kv head).
+  absl::flat_hash_map<int64_t, std::vector<std::vector<int32_t>>> last_selection_;
+};
+
+}  // namespace strata::kvtier
+
+#endif  // STRATA_KVTIER_KV_POLICY_H_
