@@ -25,4 +25,6 @@ done | sort -u | grep -v -E '/(libc|libm|libpthread|libdl|librt|libgcc_s|libstdc
   | while read -r lib; do cp -L "$lib" .gpu/lib/; done
 # Ship Debian 12's libstdc++ too, so hosts with an older one work.
 cp -L "$(g++ -print-file-name=libstdc++.so.6)" .gpu/lib/
+# Symbols are not needed to run (and the bundle travels with the tree).
+strip --strip-unneeded .gpu/bin/strata .gpu/bin/strata_*_tests .gpu/bin/strata_kernel_bench .gpu/lib/*.so* 2>/dev/null || true
 du -sh .gpu
