@@ -6,7 +6,6 @@
 #include "absl/strings/str_cat.h"
 #include "bench/load_generator.h"
 #include "cli/exit_status.h"
-#include "cli/kv_bench_command.h"
 
 namespace strata::cli {
 namespace {
@@ -58,8 +57,7 @@ void AddBenchCommand(CLI::App& app, BenchFlags& f, int& exit_code) {
     f.concurrency_given = concurrency->count() > 0;
     exit_code = RunBenchServe(f);
   });
-  static KvBenchFlags kv_flags;  // lives as long as the parsed app
-  AddKvBenchCommands(*bench, kv_flags, exit_code);
+  AddKvBenchCommands(*bench, f.kv, exit_code);
 }
 
 int RunBenchServe(const BenchFlags& f) {

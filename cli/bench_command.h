@@ -14,6 +14,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "cli/kv_bench_command.h"
 
 namespace strata::cli {
 
@@ -42,9 +43,11 @@ struct BenchFlags {
   // --rate 0 is an error, a missing one means closed loop).
   bool rate_given = false;
   bool concurrency_given = false;
+  // `bench kv-policies` / `bench kv-speed`.
+  KvBenchFlags kv;
 };
 
-// Registers `bench` and its `serve` subcommand.
+// Registers `bench` with its `serve`, `kv-policies` and `kv-speed` subcommands.
 void AddBenchCommand(CLI::App& app, BenchFlags& flags, int& exit_code);
 
 int RunBenchServe(const BenchFlags& flags);

@@ -675,6 +675,28 @@ absl::Status CudaBackend::WriteKv(const Tensor& qkv, const QkvLayout& layout, co
   return absl::OkStatus();
 }
 
+// The parameters dense and sparse attention share: tensors, the block
+// table, head geometry and scale.
+kernels::PagedAttentionParams AttentionParams(const Tensor& qkv, const QkvLayout& layout,
+                                              const Tensor& k_cache, const Tensor& v_cache,
+                                              const AttentionBatch& batch, float scale,
+                                              Tensor& out) {
+  kernels::PagedAttentionParams params;
+  params.qkv = qkv.data();
+  params.qkv_row_width = qkv.dim(1);
+  params.k_cache = k_cache.data();
+  params.v_cache = v_cache.data();
+  params.out = out.data();
+  params.block_table = batch.block_table.data_as<int32_t>();
+  params.max_blocks_per_seq = batch.max_blocks_per_seq;
+  params.page_size = batch.page_size;
+  params.num_q_heads = layout.num_q_heads;
+  params.num_kv_heads = layout.num_kv_heads;
+  params.head_dim = layout.head_dim;
+  params.scale = scale;
+  return params;
+}
+
 absl::Status CudaBackend::LaunchAttention(const kernels::PagedAttentionParams& params) {
   STRATA_RETURN_IF_ERROR(Activate());
   const int num_splits = kernels::ChooseDecodeSplits(params, num_sms_);
@@ -763,22 +785,11 @@ absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
     max_context_len = std::max(max_context_len, ctx);
   }
 
-  kernels::PagedAttentionParams params;
-  params.qkv = qkv.data();
-  params.qkv_row_width = qkv.dim(1);
-  params.k_cache = k_cache.data();
-  params.v_cache = v_cache.data();
-  params.out = out.data();
+  kernels::PagedAttentionParams params =
+      AttentionParams(qkv, layout, k_cache, v_cache, batch, scale, out);
   params.query_start = batch.query_start.data_as<int32_t>();
   params.context_len = batch.context_len.data_as<int32_t>();
-  params.block_table = batch.block_table.data_as<int32_t>();
   params.num_seqs = num_seqs;
-  params.max_blocks_per_seq = batch.max_blocks_per_seq;
-  params.page_size = batch.page_size;
-  params.num_q_heads = hq;
-  params.num_kv_heads = hkv;
-  params.head_dim = d;
-  params.scale = scale;
   params.sliding_window = sliding_window;
   params.max_query_len = max_query_len;
   params.max_context_len = max_context_len;
@@ -1018,20 +1029,9 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
   STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(plan, batch, qkv.dim(0), INT32_MAX, hkv));
   if (plan.num_entries == 0) return absl::OkStatus();
 
-  kernels::PagedAttentionParams params;
-  params.qkv = qkv.data();
-  params.qkv_row_width = qkv.dim(1);
-  params.k_cache = k_cache.data();
-  params.v_cache = v_cache.data();
-  params.out = out.data();
-  params.block_table = batch.block_table.data_as<int32_t>();
+  kernels::PagedAttentionParams params =
+      AttentionParams(qkv, layout, k_cache, v_cache, batch, scale, out);
   params.num_seqs = plan.num_entries;
-  params.max_blocks_per_seq = batch.max_blocks_per_seq;
-  params.page_size = batch.page_size;
-  params.num_q_heads = hq;
-  params.num_kv_heads = hkv;
-  params.head_dim = d;
-  params.scale = scale;
   params.plan_entries = plan.entries.data_as<int32_t>();
   params.key_index = plan.key_index.data_as<int32_t>();
   params.key_count = plan.key_count.data_as<int32_t>();

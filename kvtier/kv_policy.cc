@@ -1,7 +1,7 @@
 #include "kvtier/kv_policy.h"
 
 #include <algorithm>
-#include <set>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"

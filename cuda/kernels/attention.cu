@@ -24,6 +24,7 @@
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/prefill_attention_tc.h"
+#include "cuda/kernels/ptx.cuh"
 
 namespace strata::cuda::kernels {
 namespace {
@@ -96,25 +97,6 @@ static_assert(size_t{kDecodeWarps} * kDecodeMaxG * (kMaxHeadDim + 2) * sizeof(fl
 // (registers <= 65536 / (threads * blocks)); shared memory allows 4 (48 KiB
 // each). With 8 query heads, q and the accumulators alone take 128 registers.
 constexpr int DecodeBlocksPerSm(int max_g) { return max_g <= 4 ? 4 : 2; }
-
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Copies 16 bytes global -> shared asynchronously; zero-fills when !valid
-// (src is then not read).
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void CpAsyncCommit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 // 2^x with the hardware approximation (2 ulp); ex2(-inf) = 0.
 __device__ __forceinline__ float Ex2(float x) {
@@ -260,8 +242,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
         const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
         const bool valid = key < k_end;
         const int64_t offset = valid ? next_slot[u] * slot_stride + head_offset : 0;
-        CpAsync16(dst + u * 512, k_cache + offset, valid);
-        CpAsync16(dst + kDecodeTileBytes + u * 512, v_cache + offset, valid);
+        CpAsync16(dst + u * 512, k_cache + offset, valid ? 16 : 0);
+        CpAsync16(dst + kDecodeTileBytes + u * 512, v_cache + offset, valid ? 16 : 0);
       }
     }
     CpAsyncCommit();

@@ -37,6 +37,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "cuda/kernels/kv_cluster.h"
+#include "cuda/kernels/ptx.cuh"
 
 namespace strata::cuda::kernels {
 namespace {
@@ -224,28 +225,6 @@ __global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int
   WriteNormed(c, lane, d, normed_row);
 }
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(SmemAddr(smem)), "l"(gmem));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void MmaBf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Keeps (best, index) the better of itself and (s, j): a larger score, and
 // on equal scores the lower cluster (the reference's strict > over an
 // ascending j).
@@ -306,7 +285,7 @@ __global__ void __launch_bounds__(kAssignWarps * 32, 2)
     bf16* dst = smem + buf * kChunk * kStride;
     for (int i = threadIdx.x; i < kChunk * kVecsPerRow; i += blockDim.x) {
       const int r = i / kVecsPerRow, v = i % kVecsPerRow;
-      CpAsync16(dst + r * kStride + v * 8, src + r * kDp + v * 8);
+      CpAsync16(SharedAddress(dst + r * kStride + v * 8), src + r * kDp + v * 8);
     }
   };
 

@@ -24,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/kernels/ptx.cuh"
+
 namespace strata::cuda::kernels {
 namespace {
 
@@ -57,45 +59,6 @@ constexpr size_t SmemBytes() {
 template <int kD>
 __device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
   return static_cast<uint32_t>(row * (kD * 2) + ((chunk ^ (row & 7)) << 4));
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 zero-fills the destination
-// (keys past the context, rows past the chunk) without reading `src`.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void CpAsyncCommit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t (&r)[4]) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// c += a * b on the tensor cores, bf16 inputs, fp32 accumulators.
-__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
@@ -328,8 +291,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
           LdMatrixX4(k_tile + SwizzledOffset<kD>(key, 2 * ks + (lane / 8) % 2), b);
 #pragma unroll
           for (int mi = 0; mi < kWarpTiles; ++mi) {
-            Mma(s[mi][2 * np], q_step[mi], b[0], b[1]);
-            Mma(s[mi][2 * np + 1], q_step[mi], b[2], b[3]);
+            MmaBf16(s[mi][2 * np], q_step[mi], b[0], b[1]);
+            MmaBf16(s[mi][2 * np + 1], q_step[mi], b[2], b[3]);
           }
         }
       }
@@ -412,8 +375,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
           LdMatrixX4Trans(v_tile + SwizzledOffset<kD>(key, 2 * dp + lane / 16), b);
 #pragma unroll
           for (int mi = 0; mi < kWarpTiles; ++mi) {
-            Mma(o[mi][2 * dp], a[mi], b[0], b[1]);
-            Mma(o[mi][2 * dp + 1], a[mi], b[2], b[3]);
+            MmaBf16(o[mi][2 * dp], a[mi], b[0], b[1]);
+            MmaBf16(o[mi][2 * dp + 1], a[mi], b[2], b[3]);
           }
         }
       }

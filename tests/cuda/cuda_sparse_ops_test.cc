@@ -34,6 +34,7 @@
 #include "engine/cpu_backend.h"
 #include "engine/tensor.h"
 #include "gtest/gtest.h"
+#include "tests/cuda/cuda_test_util.h"
 
 namespace strata::cuda {
 namespace {
@@ -47,140 +48,15 @@ using engine::SequenceRange;
 using engine::SparsePlan;
 using engine::Tensor;
 
-constexpr float kBf16Tolerance = 1e-2f;
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+using testing_util::kBf16Tolerance;
+using testing_util::kNaN;
+using testing_util::RelL2Close;
+using testing_util::RoundBf16;
+
 constexpr int32_t kPoisonIndex = -7;
 
-#define STRATA_ASSERT_OK(expr)                                                     \
-  do {                                                                             \
-    const absl::Status strata_test_status_ = (expr);                               \
-    ASSERT_TRUE(strata_test_status_.ok()) << #expr << ": " << strata_test_status_; \
-  } while (0)
-
-#define STRATA_TEST_CONCAT_INNER_(a, b) a##b
-#define STRATA_TEST_CONCAT_(a, b) STRATA_TEST_CONCAT_INNER_(a, b)
-#define STRATA_ASSERT_OK_AND_ASSIGN(lhs, expr) \
-  STRATA_ASSERT_OK_AND_ASSIGN_IMPL_(STRATA_TEST_CONCAT_(strata_test_or_, __LINE__), lhs, expr)
-#define STRATA_ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr) \
-  auto tmp = (expr);                                      \
-  ASSERT_TRUE(tmp.ok()) << #expr << ": " << tmp.status(); \
-  lhs = std::move(tmp).value()
-
-float RoundBf16(float v) { return engine::Bf16ToFloat(engine::FloatToBf16(v)); }
-
-uint64_t FreshSeed() {
-  static std::mt19937_64 seeder = [] {
-    if (const char* env = std::getenv("STRATA_TEST_SEED"); env != nullptr) {
-      return std::mt19937_64(std::strtoull(env, nullptr, 10));
-    }
-    std::random_device device;
-    return std::mt19937_64((uint64_t{device()} << 32) ^ device());
-  }();
-  return seeder();
-}
-
-::testing::AssertionResult RelL2Close(const std::string& what, const std::vector<float>& expected,
-                                      const std::vector<float>& actual, float tolerance) {
-  if (expected.size() != actual.size()) {
-    return ::testing::AssertionFailure() << what << ": size mismatch " << expected.size()
-                                         << " vs " << actual.size();
-  }
-  double diff_sq = 0.0, ref_sq = 0.0, max_abs = 0.0;
-  size_t max_index = 0;
-  for (size_t i = 0; i < expected.size(); ++i) {
-    if (!std::isfinite(actual[i]) || !std::isfinite(expected[i])) {
-      return ::testing::AssertionFailure() << what << ": non-finite value at element " << i
-                                           << " (cpu " << expected[i] << ", cuda " << actual[i]
-                                           << ")";
-    }
-    const double d = static_cast<double>(actual[i]) - expected[i];
-    diff_sq += d * d;
-    ref_sq += static_cast<double>(expected[i]) * expected[i];
-    if (std::fabs(d) > max_abs) {
-      max_abs = std::fabs(d);
-      max_index = i;
-    }
-  }
-  const double rel = ref_sq > 0 ? std::sqrt(diff_sq / ref_sq) : std::sqrt(diff_sq);
-  if (rel <= tolerance) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure()
-         << what << ": relative L2 error " << rel << " > " << tolerance << " over "
-         << expected.size() << " elements; worst element " << max_index << ": cpu "
-         << expected[max_index] << " vs cuda " << actual[max_index];
-}
-
-class CudaSparseOpsTest : public ::testing::Test {
+class CudaSparseOpsTest : public testing_util::CudaVsCpuTest {
  protected:
-  static void SetUpTestSuite() {
-    absl::StatusOr<std::unique_ptr<Backend>> cuda = CreateCudaBackend(0);
-    if (cuda.ok()) {
-      cuda_ = std::move(cuda).value().release();
-    } else {
-      *setup_status_ = cuda.status();
-    }
-    cpu_ = engine::CreateCpuBackend(0).release();
-  }
-  static void TearDownTestSuite() {
-    delete cuda_;
-    cuda_ = nullptr;
-    delete cpu_;
-    cpu_ = nullptr;
-  }
-
-  void SetUp() override {
-    if (cuda_ == nullptr) {
-      if (absl::IsUnavailable(*setup_status_)) {
-        GTEST_SKIP() << "no usable GPU: " << *setup_status_;
-      }
-      FAIL() << "CreateCudaBackend failed on a machine with a GPU: " << *setup_status_;
-    }
-    seed_ = FreshSeed();
-    rng_.seed(seed_);
-  }
-
-  Backend& cpu() { return *cpu_; }
-  Backend& cuda() { return *cuda_; }
-  std::string Seed() const { return absl::StrCat("seed ", seed_, " (STRATA_TEST_SEED)"); }
-
-  absl::StatusOr<Tensor> Upload(Backend& backend, DType dtype, std::vector<int64_t> shape,
-                                const std::vector<float>& values) {
-    absl::StatusOr<Tensor> t = backend.Allocate(dtype, std::move(shape));
-    if (!t.ok()) return t.status();
-    if (t->numel() != static_cast<int64_t>(values.size())) {
-      return absl::InvalidArgumentError("Upload: value count does not match the shape");
-    }
-    absl::Status s = backend.CopyFromHost(values.data(), DType::kF32, t->numel(), *t, 0);
-    if (!s.ok()) return s;
-    return t;
-  }
-  absl::StatusOr<Tensor> Upload(Backend& backend, std::vector<int64_t> shape,
-                                const std::vector<float>& values) {
-    return Upload(backend, backend.activation_dtype(), std::move(shape), values);
-  }
-  absl::StatusOr<Tensor> UploadI32(Backend& backend, std::vector<int64_t> shape,
-                                   const std::vector<int32_t>& values) {
-    absl::StatusOr<Tensor> t = backend.Allocate(DType::kI32, std::move(shape));
-    if (!t.ok()) return t.status();
-    if (t->numel() != static_cast<int64_t>(values.size())) {
-      return absl::InvalidArgumentError("UploadI32: value count does not match the shape");
-    }
-    absl::Status s = backend.CopyFromHost(values.data(), DType::kI32, t->numel(), *t, 0);
-    if (!s.ok()) return s;
-    return t;
-  }
-  absl::StatusOr<std::vector<float>> Download(Backend& backend, const Tensor& t) {
-    std::vector<float> host(static_cast<size_t>(t.numel()));
-    absl::Status s = backend.CopyToHost(t, host.data());
-    if (!s.ok()) return s;
-    return host;
-  }
-  absl::StatusOr<std::vector<int32_t>> DownloadI32(Backend& backend, const Tensor& t) {
-    std::vector<int32_t> host(static_cast<size_t>(t.numel()));
-    absl::Status s = backend.CopyToHost(t, host.data());
-    if (!s.ok()) return s;
-    return host;
-  }
-
   // n random bf16-representable values from the CUDA backend's FillRandom
   // (uniform in [-scale, scale]).
   absl::StatusOr<std::vector<float>> RandomBf16(int64_t n, float scale) {
@@ -224,16 +100,7 @@ class CudaSparseOpsTest : public ::testing::Test {
     return plan;
   }
 
-  static Backend* cpu_;
-  static Backend* cuda_;
-  static absl::Status* setup_status_;
-  uint64_t seed_ = 0;
-  std::mt19937_64 rng_;
 };
-
-Backend* CudaSparseOpsTest::cpu_ = nullptr;
-Backend* CudaSparseOpsTest::cuda_ = nullptr;
-absl::Status* CudaSparseOpsTest::setup_status_ = new absl::Status();
 
 std::vector<int32_t> Entry(int row, int seq, int slot, int num_blocks, int budget, int sink_end,
                            int tail_begin, int context_len) {
@@ -332,7 +199,7 @@ TEST_F(CudaSparseOpsTest, ScoreBlocksMatchesCpu) {
         STRATA_ASSERT_OK_AND_ASSIGN(Tensor sb, Upload(*be, pool_shape, b));
         STRATA_ASSERT_OK_AND_ASSIGN(
             Tensor scores,
-            Upload(*be, DType::kF32, {num_entries, c.hkv, max_blocks}, nan_scores));
+            UploadAs(*be, DType::kF32, {num_entries, c.hkv, max_blocks}, nan_scores));
         STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan,
                                     MakePlan(*be, entries, max_blocks, 16, c.hkv));
         STRATA_ASSERT_OK(be->ScoreBlocks(q, layout, plan, 1, num_entries, scoring, sa,
@@ -402,7 +269,7 @@ class CudaSelectTest : public CudaSparseOpsTest {
     int which = 0;
     for (Backend* be : {&cpu(), &cuda()}) {
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor scores,
-                                  Upload(*be, DType::kF32, {p, s.hkv, s.max_blocks}, s.scores));
+                                  UploadAs(*be, DType::kF32, {p, s.hkv, s.max_blocks}, s.scores));
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor ext,
                                   UploadI32(*be, {s.slots, s.hkv, s.max_blocks, 2}, s.extents));
       STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan,
@@ -526,7 +393,7 @@ TEST_F(CudaSelectTest, ScoreThenSelectAgreesWithCpu) {
       }
       STRATA_ASSERT_OK_AND_ASSIGN(
           Tensor scores,
-          Upload(*be, DType::kF32, {p, c.hkv, max_blocks},
+          UploadAs(*be, DType::kF32, {p, c.hkv, max_blocks},
                  std::vector<float>(size_t{p} * c.hkv * max_blocks, 0.0f)));
       STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan, MakePlan(*be, entries, max_blocks, max_keys,
                                                             c.hkv));
