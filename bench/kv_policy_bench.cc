@@ -250,10 +250,10 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
 
 absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     engine::Model* model, const std::vector<kvtier::KvPolicyConfig>& configs, int batch,
-    int context, int steps, int warmup) {
+    int context, int steps, int warmup, bool op_timing) {
   const engine::ModelOptions& o = model->options();
   const int page = o.page_size;
-  const int total = context + warmup + steps;
+  const int total = context + warmup + steps * (op_timing ? 2 : 1);
   const int pages_per_seq = (total + page - 1) / page;
   if (batch < 1 || batch > o.max_seqs || context < 1 || total > o.max_context ||
       int64_t{batch} * pages_per_seq > o.num_pages) {
@@ -303,7 +303,14 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     for (auto& id : ids) id = next_id++;
     double timed = 0;
     absl::Status status;
-    for (int k = 0; k < warmup + steps && status.ok(); ++k) {
+    const int runs = warmup + steps * (op_timing ? 2 : 1);
+    double profiled = 0;
+    for (int k = 0; k < runs && status.ok(); ++k) {
+      const bool profile = k >= warmup + steps;
+      if (profile && k == warmup + steps) {
+        status = model->backend().TakeOpTimes().status();  // drops earlier records
+        model->backend().SetOpTiming(true);
+      }
       engine::StepInput in;
       in.query_start.push_back(0);
       for (int s = 0; s < batch; ++s) {
@@ -319,7 +326,20 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
       status = model->Forward(in).status();
       const double seconds = Seconds(start);
       if (k == 0) r.first_step_ms = seconds * 1e3;
-      if (k >= warmup) timed += seconds;
+      if (k >= warmup && !profile) timed += seconds;
+      if (profile) profiled += seconds;
+    }
+    if (op_timing) {
+      model->backend().SetOpTiming(false);
+      absl::StatusOr<std::vector<engine::OpTime>> times = model->backend().TakeOpTimes();
+      if (status.ok()) status = times.status();
+      if (times.ok()) {
+        for (engine::OpTime& t : *times) {
+          t.ms /= steps;
+          r.op_times.push_back(std::move(t));
+        }
+      }
+      r.timed_step_ms = profiled * 1e3 / steps;
     }
     if (runner != nullptr) {
       for (int64_t id : ids) runner->Release(id);

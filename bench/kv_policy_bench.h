@@ -89,13 +89,19 @@ struct SpeedResult {
   double step_ms = 0.0;        // mean decode step
   double first_step_ms = 0.0;  // includes clustering / page summaries
   double prefill_s = 0.0;      // of the whole batch
+  // With op timing: per-operator device time per step over `steps` more
+  // steps run with timing on, and their wall time per step (the difference
+  // is time the device waited for the host).
+  std::vector<engine::OpTime> op_times;
+  double timed_step_ms = 0.0;
 };
 
 // Prefills `batch` sequences of `context` tokens (random ids) once, then
-// for each config decodes `steps` timed steps after `warmup` untimed ones.
+// for each config decodes `steps` timed steps after `warmup` untimed ones
+// (and, with `op_timing`, `steps` more with the backend's op timing on).
 absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     engine::Model* model, const std::vector<kvtier::KvPolicyConfig>& configs, int batch,
-    int context, int steps, int warmup);
+    int context, int steps, int warmup, bool op_timing = false);
 
 }  // namespace strata::bench
 

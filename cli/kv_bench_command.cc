@@ -114,6 +114,8 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
   speed->add_option("--batch", f.batches, "Batch sizes")->delimiter(',');
   speed->add_option("--steps", f.steps, "Timed decode steps per policy");
   speed->add_option("--warmup", f.warmup, "Untimed decode steps first (the first clusters)");
+  speed->add_flag("--op-timing", f.op_timing,
+                  "Also print each operator's device time per step (from extra steps)");
   speed->callback([&f, &exit_code] {
     if (f.policies.empty()) f.policies = {"full", "quest", "clusterkv"};
     if (f.budgets.empty()) f.budgets = {1024, 2048};
@@ -228,7 +230,7 @@ int RunKvSpeed(const KvBenchFlags& f) {
   const int max_batch = *std::max_element(f.batches.begin(), f.batches.end());
   engine::ModelOptions options;
   options.max_seqs = max_batch;
-  options.max_context = f.context + f.warmup + f.steps;
+  options.max_context = f.context + f.warmup + f.steps * (f.op_timing ? 2 : 1);
   options.max_batch_tokens = 8192;
   options.max_logit_rows = max_batch;
   auto loaded = Load(f, options);
@@ -238,7 +240,8 @@ int RunKvSpeed(const KvBenchFlags& f) {
               "step_ms", "speedup_vs_full", "first_ms", "cluster_frac");
   nlohmann::json rows = nlohmann::json::array();
   for (int batch : f.batches) {
-    auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup);
+    auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup,
+                                                f.op_timing);
     if (!results.ok()) return ExitWithError(kCmd, results.status());
     const double full_ms = (*results)[0].config.type == "full" ? (*results)[0].step_ms : 0.0;
     for (const auto& r : *results) {
@@ -249,7 +252,23 @@ int RunKvSpeed(const KvBenchFlags& f) {
       std::printf("%-10s %6d %5d %8d %12.3f %14.2f %10.2f %14.4f\n", r.config.type.c_str(),
                   r.config.type == "full" ? 0 : r.config.budget_tokens, batch, f.context, r.step_ms,
                   speedup, r.first_step_ms, frac);
+      nlohmann::json ops = nlohmann::json::array();
+      if (f.op_timing) {
+        double device_ms = 0;
+        for (const engine::OpTime& t : r.op_times) device_ms += t.ms;
+        std::printf("    %-16s %10s %10s %8s\n", "op", "calls/step", "ms/step", "share");
+        for (const engine::OpTime& t : r.op_times) {
+          std::printf("    %-16s %10.1f %10.3f %8.3f\n", t.op.c_str(),
+                      static_cast<double>(t.calls) / f.steps, t.ms, t.ms / r.timed_step_ms);
+          ops.push_back({{"op", t.op}, {"calls_per_step", static_cast<double>(t.calls) / f.steps},
+                         {"ms_per_step", t.ms}});
+        }
+        std::printf("    %-16s %10s %10.3f %8.3f  (wall %.3f ms/step with timing on)\n",
+                    "device idle", "", r.timed_step_ms - device_ms,
+                    (r.timed_step_ms - device_ms) / r.timed_step_ms, r.timed_step_ms);
+      }
       rows.push_back({{"policy", r.config.type},
+                      {"op_times", ops},
                       {"budget", r.config.budget_tokens},
                       {"batch", batch},
                       {"context", f.context},

@@ -41,6 +41,7 @@ struct KvBenchFlags {
   std::vector<int> batches;
   int steps = 20;
   int warmup = 3;
+  bool op_timing = false;
   std::string json;
 };
 

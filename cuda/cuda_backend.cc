@@ -25,6 +25,7 @@
 #include "cuda/kernels/elementwise.h"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/kv_select.h"
+#include "cuda/op_timer.h"
 
 namespace strata::cuda {
 namespace {
@@ -134,6 +135,8 @@ class CudaBackend final : public engine::Backend {
   absl::Status FillRandom(Tensor& t, uint64_t seed, float scale) override;
   absl::Status Fill(Tensor& t, float value) override;
   absl::Status Synchronize() override;
+  void SetOpTiming(bool enabled) override { op_timer_.set_enabled(enabled); }
+  absl::StatusOr<std::vector<engine::OpTime>> TakeOpTimes() override { return op_timer_.Take(); }
 
   absl::Status Gather(const Tensor& table, const Tensor& ids, Tensor& out) override;
   absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override;
@@ -198,6 +201,7 @@ class CudaBackend final : public engine::Backend {
   DeviceBuffer copy_scratch_;         // CopyToHost conversions
   DeviceBuffer attention_workspace_;  // split-KV decode partials
   DeviceBuffer cluster_workspace_;    // ClusterKeys scratch
+  OpTimer op_timer_;
   absl::flat_hash_map<GemmKey, std::unique_ptr<GemmPlan>> gemm_plans_;
 };
 
@@ -290,6 +294,7 @@ absl::StatusOr<Tensor> CudaBackend::Allocate(DType dtype, std::vector<int64_t> s
 
 absl::Status CudaBackend::CopyFromHost(const void* src, DType src_dtype, int64_t count, Tensor& dst,
                                        int64_t dst_offset) {
+  OpTimer::Scope timed(&op_timer_, "CopyFromHost", stream());
   constexpr char kOp[] = "CopyFromHost";
   STRATA_RETURN_IF_ERROR(Check(dst.defined(), kOp, "destination is undefined"));
   STRATA_RETURN_IF_ERROR(Check(
@@ -336,6 +341,7 @@ absl::Status CudaBackend::CopyFromHost(const void* src, DType src_dtype, int64_t
 }
 
 absl::Status CudaBackend::CopyToHost(const Tensor& src, void* dst) {
+  OpTimer::Scope timed(&op_timer_, "CopyToHost", stream());
   constexpr char kOp[] = "CopyToHost";
   STRATA_RETURN_IF_ERROR(Check(src.defined(), kOp, "source is undefined"));
   const int64_t count = src.numel();
@@ -399,6 +405,7 @@ absl::Status CudaBackend::Synchronize() {
 // ---- Operators --------------------------------------------------------------
 
 absl::Status CudaBackend::Gather(const Tensor& table, const Tensor& ids, Tensor& out) {
+  OpTimer::Scope timed(&op_timer_, "Gather", stream());
   constexpr char kOp[] = "Gather";
   STRATA_RETURN_IF_ERROR(Check(table.defined() && ids.defined() && out.defined(), kOp,
                                "undefined tensor", {&table, &ids, &out}));
@@ -417,6 +424,7 @@ absl::Status CudaBackend::Gather(const Tensor& table, const Tensor& ids, Tensor&
 }
 
 absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) {
+  OpTimer::Scope timed(&op_timer_, "RmsNorm", stream());
   constexpr char kOp[] = "RmsNorm";
   STRATA_RETURN_IF_ERROR(Check(x.defined() && weight.defined() && out.defined(), kOp,
                                "undefined tensor", {&x, &weight, &out}));
@@ -436,6 +444,7 @@ absl::Status CudaBackend::RmsNorm(const Tensor& x, const Tensor& weight, float e
 
 absl::Status CudaBackend::AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& weight,
                                      float eps, Tensor& out) {
+  OpTimer::Scope timed(&op_timer_, "AddRmsNorm", stream());
   constexpr char kOp[] = "AddRmsNorm";
   STRATA_RETURN_IF_ERROR(
       Check(residual.defined() && x.defined() && weight.defined() && out.defined(), kOp,
@@ -530,6 +539,7 @@ absl::StatusOr<GemmPlan*> CudaBackend::GetGemmPlan(const GemmKey& key, const voi
 
 absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
                                  Tensor& out) {
+  OpTimer::Scope timed(&op_timer_, "Linear", stream());
   constexpr char kOp[] = "Linear";
   STRATA_RETURN_IF_ERROR(Check(x.defined() && weight.defined() && out.defined(), kOp,
                                "undefined tensor", {&x, &weight, &out}));
@@ -607,6 +617,7 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& weight, const Te
 
 absl::Status CudaBackend::Rope(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
                                const Tensor& inv_freq) {
+  OpTimer::Scope timed(&op_timer_, "Rope", stream());
   constexpr char kOp[] = "Rope";
   STRATA_RETURN_IF_ERROR(Check(qkv.defined() && positions.defined() && inv_freq.defined(), kOp,
                                "undefined tensor", {&qkv, &positions, &inv_freq}));
@@ -635,6 +646,7 @@ absl::Status CudaBackend::Rope(Tensor& qkv, const QkvLayout& layout, const Tenso
 }
 
 absl::Status CudaBackend::SiluMul(const Tensor& gate_up, Tensor& out) {
+  OpTimer::Scope timed(&op_timer_, "SiluMul", stream());
   constexpr char kOp[] = "SiluMul";
   STRATA_RETURN_IF_ERROR(
       Check(gate_up.defined() && out.defined(), kOp, "undefined tensor", {&gate_up, &out}));
@@ -651,6 +663,7 @@ absl::Status CudaBackend::SiluMul(const Tensor& gate_up, Tensor& out) {
 
 absl::Status CudaBackend::WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
                                   Tensor& k_cache, Tensor& v_cache) {
+  OpTimer::Scope timed(&op_timer_, "WriteKv", stream());
   constexpr char kOp[] = "WriteKv";
   STRATA_RETURN_IF_ERROR(
       Check(qkv.defined() && slots.defined() && k_cache.defined() && v_cache.defined(), kOp,
@@ -713,6 +726,7 @@ absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
                                     const Tensor& k_cache, const Tensor& v_cache,
                                     const AttentionBatch& batch, float scale, int sliding_window,
                                     Tensor& out) {
+  OpTimer::Scope timed(&op_timer_, "Attention", stream());
   constexpr char kOp[] = "Attention";
   STRATA_RETURN_IF_ERROR(
       Check(qkv.defined() && k_cache.defined() && v_cache.defined() && out.defined(), kOp,
@@ -841,6 +855,7 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
                                       const engine::SequenceRange& range, int num_clusters,
                                       int iterations, int first_block, Tensor& centroids,
                                       Tensor& extents) {
+  OpTimer::Scope timed(&op_timer_, "ClusterKeys", stream());
   constexpr char kOp[] = "ClusterKeys";
   STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
   STRATA_RETURN_IF_ERROR(Check(v_cache.defined() && v_cache.shape() == k_cache.shape() &&
@@ -883,6 +898,7 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
 absl::Status CudaBackend::KeyBounds(const Tensor& k_cache, const engine::SequenceRange& range,
                                     int block_tokens, int first_block, Tensor& lo, Tensor& hi,
                                     Tensor& extents) {
+  OpTimer::Scope timed(&op_timer_, "KeyBounds", stream());
   constexpr char kOp[] = "KeyBounds";
   STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
@@ -929,6 +945,7 @@ absl::Status CudaBackend::ScoreBlocks(const Tensor& qkv, const QkvLayout& layout
                                       int entry_end, engine::BlockScoring scoring,
                                       const Tensor& summary_a, const Tensor& summary_b,
                                       Tensor& scores) {
+  OpTimer::Scope timed(&op_timer_, "ScoreBlocks", stream());
   constexpr char kOp[] = "ScoreBlocks";
   const int hkv = layout.num_kv_heads, d = layout.head_dim;
   STRATA_RETURN_IF_ERROR(Check(entry_begin >= 0 && entry_begin <= entry_end &&
@@ -975,6 +992,7 @@ absl::Status CudaBackend::ScoreBlocks(const Tensor& qkv, const QkvLayout& layout
 
 absl::Status CudaBackend::SelectTokens(const Tensor& scores, const Tensor& extents,
                                        engine::SparsePlan& plan) {
+  OpTimer::Scope timed(&op_timer_, "SelectTokens", stream());
   constexpr char kOp[] = "SelectTokens";
   STRATA_RETURN_IF_ERROR(Check(extents.defined() && extents.dtype() == DType::kI32 &&
                                    extents.rank() == 4 && extents.dim(2) == plan.max_blocks &&
@@ -1012,6 +1030,7 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
                                           const AttentionBatch& batch,
                                           const engine::SparsePlan& plan, float scale,
                                           Tensor& out) {
+  OpTimer::Scope timed(&op_timer_, "SparseAttention", stream());
   constexpr char kOp[] = "SparseAttention";
   const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, d = layout.head_dim;
   STRATA_RETURN_IF_ERROR(Check(

@@ -21,6 +21,7 @@
 #define STRATA_ENGINE_BACKEND_H_
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -135,6 +136,14 @@ struct SequenceRange {
   int count = 0;       // tokens
 };
 
+// Device time spent in one operator over a span of work
+// (Backend::TakeOpTimes).
+struct OpTime {
+  std::string op;
+  int64_t calls = 0;
+  double ms = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -162,6 +171,14 @@ class Backend {
   virtual absl::Status Fill(Tensor& t, float value) = 0;
   // Waits for all enqueued work; reports asynchronous errors.
   virtual absl::Status Synchronize() = 0;
+
+  // ---- Profiling ----------------------------------------------------------
+  // While enabled, the backend records each operator's device time (the CUDA
+  // backend with timing events; backends that cannot time record nothing).
+  // TakeOpTimes waits for enqueued work and returns the per-operator totals
+  // since the previous call. Timing adds a little host work per operator.
+  virtual void SetOpTiming(bool /*enabled*/) {}
+  virtual absl::StatusOr<std::vector<OpTime>> TakeOpTimes() { return std::vector<OpTime>(); }
 
   // ---- Operators ----------------------------------------------------------
   // out[i, :] = table[ids[i], :]. table [V, H], ids kI32 [T], out [T, H].

@@ -329,7 +329,9 @@ TEST_P(PolicyModelTest, ABudgetCoveringTheContextGivesTheDenseTokens) {
   EXPECT_EQ(sparse, dense);
   EXPECT_GT((*runner)->stats().sparse_queries, 0);
   EXPECT_EQ((*runner)->num_free_slots(), 8);  // every sequence released
-  if (GetParam() == "clusterkv") EXPECT_GT((*runner)->stats().clusterings, 0);
+  if (GetParam() == "clusterkv") {
+    EXPECT_GT((*runner)->stats().clusterings, 0);
+  }
 }
 
 TEST_P(PolicyModelTest, ASmallBudgetAttendsToSinksSelectionAndTail) {
