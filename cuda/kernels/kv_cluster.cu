@@ -55,17 +55,17 @@ int RoundUp(int v, int m) { return (v + m - 1) / m * m; }
 
 // Byte offsets of the workspace's arrays.
 struct Workspace {
-  size_t scratch = 0;    // bf16 [H, n, D]: K rows, later V rows
-  size_t centroid = 0;   // f32 [H, C, D]: raw centroids
-  size_t normed = 0;     // bf16 [H, Cpad, Dpad]: normalised centroids, zero padded
-  size_t assign = 0;     // i32 [H, n]
-  size_t keys_in = 0;    // u32 [H * n]: head * C + cluster
+  size_t scratch = 0;   // bf16 [H, n, D]: K rows, later V rows
+  size_t centroid = 0;  // f32 [H, C, D]: raw centroids
+  size_t normed = 0;    // bf16 [H, Cpad, Dpad]: normalised centroids, zero padded
+  size_t assign = 0;    // i32 [H, n]
+  size_t keys_in = 0;   // u32 [H * n]: head * C + cluster
   size_t keys_out = 0;
-  size_t vals_in = 0;    // i32 [H * n]: t
+  size_t vals_in = 0;  // i32 [H * n]: t
   size_t vals_out = 0;
   size_t seg_begin = 0;  // i32 [H * C]: sorted positions of each cluster
   size_t seg_end = 0;
-  size_t changed = 0;    // i32 [iterations]
+  size_t changed = 0;  // i32 [iterations]
   size_t sort_temp = 0;
   size_t sort_temp_bytes = 0;
   size_t total = 0;
@@ -101,11 +101,10 @@ Workspace PlanWorkspace(const ClusterKeysParams& p) {
   w.end_bit = 1;
   while ((max_key >> w.end_bit) != 0) ++w.end_bit;
   // A size query only: CUB reads no data when the temp pointer is null.
-  cub::DeviceRadixSort::SortPairs(nullptr, w.sort_temp_bytes, static_cast<const uint32_t*>(nullptr),
-                                  static_cast<uint32_t*>(nullptr),
-                                  static_cast<const int32_t*>(nullptr),
-                                  static_cast<int32_t*>(nullptr), static_cast<int>(h * n), 0,
-                                  w.end_bit);
+  cub::DeviceRadixSort::SortPairs(
+      nullptr, w.sort_temp_bytes, static_cast<const uint32_t*>(nullptr),
+      static_cast<uint32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+      static_cast<int32_t*>(nullptr), static_cast<int>(h * n), 0, w.end_bit);
   w.sort_temp = take(w.sort_temp_bytes);
   w.total = off;
   return w;
@@ -129,8 +128,7 @@ __global__ void GatherRowsKernel(const bf16* __restrict__ cache, const int32_t* 
     const int t = static_cast<int>(ht % n);
     const int h = static_cast<int>(ht / n);
     const int64_t slot = SlotOf(table, page_size, begin + t);
-    const uint4 v =
-        *reinterpret_cast<const uint4*>(cache + (slot * heads + h) * d + c * 8);
+    const uint4 v = *reinterpret_cast<const uint4*>(cache + (slot * heads + h) * d + c * 8);
     *reinterpret_cast<uint4*>(scratch + ht * d + c * 8) = v;
   }
 }
@@ -479,9 +477,12 @@ __global__ void UpdateCentroidsKernel(const bf16* __restrict__ keys,
   }
 }
 
-// One block per head: extents from an exclusive scan of the cluster sizes
-// (in cluster order), and the centroids into the pool as bf16.
+// Grid (head, slice): block (h, 0) writes head h's extents from an
+// exclusive scan of the cluster sizes (in cluster order); every block copies
+// its slice of the head's centroids into the pool as bf16 (spread over
+// kFinalSlices blocks, a single block per head would take ~100 us).
 constexpr int kFinalThreads = 256;
+constexpr int kFinalSlices = 16;
 __global__ void __launch_bounds__(kFinalThreads)
     FinalizeKernel(const int32_t* __restrict__ seg_begin, const int32_t* __restrict__ seg_end,
                    const float* __restrict__ centroid, int begin, int d, int clusters,
@@ -490,25 +491,29 @@ __global__ void __launch_bounds__(kFinalThreads)
   using Scan = cub::BlockScan<int, kFinalThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   const int h = blockIdx.x;
-  int carry = 0;
-  for (int base = 0; base < clusters; base += kFinalThreads) {
-    const int j = base + threadIdx.x;
-    const int64_t k = static_cast<int64_t>(h) * clusters + j;
-    const int size = j < clusters ? seg_end[k] - seg_begin[k] : 0;
-    int before = 0, chunk_total = 0;
-    Scan(scan_storage).ExclusiveSum(size, before, chunk_total);
-    if (j < clusters) {
-      const int64_t block = static_cast<int64_t>(h) * max_blocks + first_block + j;
-      extents[block * 2] = begin + carry + before;
-      extents[block * 2 + 1] = size;
+  if (blockIdx.y == 0) {
+    int carry = 0;
+    for (int base = 0; base < clusters; base += kFinalThreads) {
+      const int j = base + threadIdx.x;
+      const int64_t k = static_cast<int64_t>(h) * clusters + j;
+      const int size = j < clusters ? seg_end[k] - seg_begin[k] : 0;
+      int before = 0, chunk_total = 0;
+      Scan(scan_storage).ExclusiveSum(size, before, chunk_total);
+      if (j < clusters) {
+        const int64_t block = static_cast<int64_t>(h) * max_blocks + first_block + j;
+        extents[block * 2] = begin + carry + before;
+        extents[block * 2 + 1] = size;
+      }
+      carry += chunk_total;
+      __syncthreads();  // scan_storage is reused
     }
-    carry += chunk_total;
-    __syncthreads();  // scan_storage is reused
   }
-  for (int64_t i = threadIdx.x; i < static_cast<int64_t>(clusters) * d; i += kFinalThreads) {
-    const int j = static_cast<int>(i / d), dim = static_cast<int>(i % d);
-    out_centroids[(static_cast<int64_t>(h) * max_blocks + first_block + j) * d + dim] =
-        __float2bfloat16(centroid[(static_cast<int64_t>(h) * clusters + j) * d + dim]);
+  const int64_t total = static_cast<int64_t>(clusters) * d;
+  const float* src = centroid + static_cast<int64_t>(h) * clusters * d;
+  bf16* dst = out_centroids + (static_cast<int64_t>(h) * max_blocks + first_block) * d;
+  for (int64_t i = blockIdx.y * kFinalThreads + threadIdx.x; i < total;
+       i += int64_t{kFinalSlices} * kFinalThreads) {
+    dst[i] = __float2bfloat16(src[i]);  // both [clusters, d], rows contiguous
   }
 }
 
@@ -532,12 +537,12 @@ cudaError_t LaunchUpdate(int d, int64_t warps, const bf16* keys, const int32_t* 
                                                             heads, d, d_pad, clusters, c_pad,
                                                             centroid, normed, run_if);
   } else if (chunks <= 16) {
-    UpdateCentroidsKernel<16><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end,
-                                                             n, heads, d, d_pad, clusters, c_pad,
+    UpdateCentroidsKernel<16><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
+                                                             heads, d, d_pad, clusters, c_pad,
                                                              centroid, normed, run_if);
   } else {
-    UpdateCentroidsKernel<32><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end,
-                                                             n, heads, d, d_pad, clusters, c_pad,
+    UpdateCentroidsKernel<32><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
+                                                             heads, d, d_pad, clusters, c_pad,
                                                              centroid, normed, run_if);
   }
   return cudaGetLastError();
@@ -552,14 +557,12 @@ cudaError_t LaunchAssignFor(const ClusterKeysParams& p, const bf16* keys, const 
   constexpr int kMt = kKs <= 8 ? 2 : 1;
   constexpr int kRows = kAssignWarps * kMt * 16;
   const size_t smem = 2 * kChunk * (kKs * 16 + 8) * sizeof(bf16);
-  cudaError_t err = cudaFuncSetAttribute(AssignKernel<kKs, kMt>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  cudaError_t err = cudaFuncSetAttribute(
+      AssignKernel<kKs, kMt>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((p.count + kRows - 1) / kRows, p.num_kv_heads);
   AssignKernel<kKs, kMt><<<grid, kAssignWarps * 32, smem, stream>>>(
-      keys, normed, p.count, p.head_dim, p.num_clusters, c_pad, assign, sort_keys, changed,
-      run_if);
+      keys, normed, p.count, p.head_dim, p.num_clusters, c_pad, assign, sort_keys, changed, run_if);
   return cudaGetLastError();
 }
 
@@ -596,8 +599,8 @@ bool Valid(const ClusterKeysParams& p) {
   return p.k_cache != nullptr && p.v_cache != nullptr && p.block_table != nullptr &&
          p.centroids != nullptr && p.extents != nullptr && p.page_size >= 1 && p.begin >= 0 &&
          p.count >= 1 && p.num_kv_heads >= 1 && p.head_dim >= 8 && p.head_dim % 8 == 0 &&
-         p.head_dim <= kMaxHeadDimCluster && p.num_clusters >= 1 &&
-         p.num_clusters <= p.count && p.iterations >= 1 && p.first_block >= 0 &&
+         p.head_dim <= kMaxHeadDimCluster && p.num_clusters >= 1 && p.num_clusters <= p.count &&
+         p.iterations >= 1 && p.first_block >= 0 &&
          int64_t{p.first_block} + p.num_clusters <= p.max_blocks &&
          int64_t{p.begin} + p.count <= INT32_MAX &&
          int64_t{p.num_kv_heads} * p.count <= INT32_MAX &&
@@ -654,13 +657,12 @@ cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
     // flag of a skipped pass stays 0, so once one is skipped all later are.
     const int* run_assign = it == 0 ? nullptr : changed + it - 1;
     const int* run_update = changed + it;
-    err = LaunchAssign(p, scratch, normed, c_pad, assign, keys_in, changed + it, run_assign,
-                       stream);
+    err =
+        LaunchAssign(p, scratch, normed, c_pad, assign, keys_in, changed + it, run_assign, stream);
     if (err != cudaSuccess) return err;
     size_t temp_bytes = w.sort_temp_bytes;
     err = cub::DeviceRadixSort::SortPairs(sort_temp, temp_bytes, keys_in, keys_out, vals_in,
-                                          vals_out, static_cast<int>(items), 0, w.end_bit,
-                                          stream);
+                                          vals_out, static_cast<int>(items), 0, w.end_bit, stream);
     if (err != cudaSuccess) return err;
     const int segments = heads * c;
     ZeroSegmentsKernel<<<GridFor(segments, kThreads), kThreads, 0, stream>>>(segments, seg_begin,
@@ -669,15 +671,15 @@ cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
     MarkSegmentsKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(
         keys_out, static_cast<int>(items), seg_begin, seg_end, run_update);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = LaunchUpdate(d, int64_t{segments}, scratch, vals_out, seg_begin, seg_end, n, heads,
-                       d_pad, c, c_pad, centroid, normed, run_update, stream);
+    err = LaunchUpdate(d, int64_t{segments}, scratch, vals_out, seg_begin, seg_end, n, heads, d_pad,
+                       c, c_pad, centroid, normed, run_update, stream);
     if (err != cudaSuccess) return err;
   }
   // The segments describe the final assignment: the last pass that changed
   // anything marked them, and every later sort reproduced the same order.
-  FinalizeKernel<<<heads, kFinalThreads, 0, stream>>>(seg_begin, seg_end, centroid, p.begin, d, c,
-                                                      p.first_block, p.max_blocks,
-                                                      static_cast<bf16*>(p.centroids), p.extents);
+  FinalizeKernel<<<dim3(heads, kFinalSlices), kFinalThreads, 0, stream>>>(
+      seg_begin, seg_end, centroid, p.begin, d, c, p.first_block, p.max_blocks,
+      static_cast<bf16*>(p.centroids), p.extents);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   ScatterRowsKernel<<<GridFor(items * (d / 8), kThreads), kThreads, 0, stream>>>(
       scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, k_cache);
