@@ -4,7 +4,7 @@
 # copied to a GPU machine that has the NVIDIA driver and CUDA runtime
 # libraries (cuBLAS) but not the Debian packages strata builds against.
 #
-# On a GPU machine, from the repository root:
+# On a GPU machine, from the repository root (after `tar xzf .gpu.tar.gz`):
 #   export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64
 #   STRATA_FIXTURES_DIR=$PWD/tests/fixtures .gpu/bin/strata_cuda_tests
 set -euo pipefail
@@ -27,4 +27,7 @@ done | sort -u | grep -v -E '/(libc|libm|libpthread|libdl|librt|libgcc_s|libstdc
 cp -L "$(g++ -print-file-name=libstdc++.so.6)" .gpu/lib/
 # Symbols are not needed to run (and the bundle travels with the tree).
 strip --strip-unneeded .gpu/bin/strata .gpu/bin/strata_*_tests .gpu/bin/strata_kernel_bench .gpu/lib/*.so* 2>/dev/null || true
-du -sh .gpu
+# One compressed file is what travels to the GPU machine: unpack it there
+# with `tar xzf .gpu.tar.gz` in the repository root.
+tar czf .gpu.tar.gz .gpu
+du -sh .gpu .gpu.tar.gz
