@@ -168,6 +168,8 @@ class CudaBackend final : public engine::Backend {
   absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                                const Tensor& v_cache, const AttentionBatch& batch,
                                const engine::SparsePlan& plan, float scale, Tensor& out) override;
+  absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
+                            Tensor& token_ids, Tensor& logprobs) override;
 
   ~CudaBackend() override {
     // Finish queued work before members (buffers, handles) are released.
@@ -1059,6 +1061,11 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
   params.max_context_len = plan.max_keys;
   params.has_decode = true;
   return LaunchAttention(params);
+}
+
+absl::Status CudaBackend::SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
+                                       Tensor& token_ids, Tensor& logprobs) {
+  return absl::UnimplementedError("SampleTokens: not yet on the CUDA backend");
 }
 
 }  // namespace
