@@ -25,6 +25,7 @@
 #include "cuda/kernels/elementwise.h"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/kv_select.h"
+#include "cuda/kernels/sampling.h"
 #include "cuda/op_timer.h"
 
 namespace strata::cuda {
@@ -1065,7 +1066,20 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
 
 absl::Status CudaBackend::SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                                        Tensor& token_ids, Tensor& logprobs) {
-  return absl::UnimplementedError("SampleTokens: not yet on the CUDA backend");
+  OpTimer::Scope timed(&op_timer_, "SampleTokens", stream());
+  STRATA_RETURN_IF_ERROR(engine::ValidateSampleTokens("SampleTokens", logits, DType::kBF16,
+                                                      sampling, token_ids, logprobs));
+  if (logits.dim(0) == 0) return absl::OkStatus();
+  kernels::SampleTokensParams p;
+  p.logits = logits.data();
+  p.rows = static_cast<int>(logits.dim(0));
+  p.vocab = static_cast<int>(logits.dim(1));
+  p.params = sampling.params.data_as<int32_t>();
+  p.token_ids = token_ids.data_as<int32_t>();
+  p.logprobs = logprobs.data_as<float>();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchSampleTokens(p, stream()));
+  return absl::OkStatus();
 }
 
 }  // namespace
