@@ -25,6 +25,7 @@
 #include "cuda/kernels/elementwise.h"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/kv_select.h"
+#include "cuda/kernels/sampling.h"
 #include "cuda/op_timer.h"
 
 namespace strata::cuda {
@@ -168,6 +169,8 @@ class CudaBackend final : public engine::Backend {
   absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                                const Tensor& v_cache, const AttentionBatch& batch,
                                const engine::SparsePlan& plan, float scale, Tensor& out) override;
+  absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
+                            Tensor& token_ids, Tensor& logprobs) override;
 
   ~CudaBackend() override {
     // Finish queued work before members (buffers, handles) are released.
@@ -1059,6 +1062,24 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
   params.max_context_len = plan.max_keys;
   params.has_decode = true;
   return LaunchAttention(params);
+}
+
+absl::Status CudaBackend::SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
+                                       Tensor& token_ids, Tensor& logprobs) {
+  OpTimer::Scope timed(&op_timer_, "SampleTokens", stream());
+  STRATA_RETURN_IF_ERROR(engine::ValidateSampleTokens("SampleTokens", logits, DType::kBF16,
+                                                      sampling, token_ids, logprobs));
+  if (logits.dim(0) == 0) return absl::OkStatus();
+  kernels::SampleTokensParams p;
+  p.logits = logits.data();
+  p.rows = static_cast<int>(logits.dim(0));
+  p.vocab = static_cast<int>(logits.dim(1));
+  p.params = sampling.params.data_as<int32_t>();
+  p.token_ids = token_ids.data_as<int32_t>();
+  p.logprobs = logprobs.data_as<float>();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchSampleTokens(p, stream()));
+  return absl::OkStatus();
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 #include "engine/backend.h"
 
 #include <algorithm>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 
@@ -52,6 +53,84 @@ absl::Status ValidateSparsePlan(const SparsePlan& plan, const AttentionBatch& ba
     if (int64_t{sink_end} + std::min(budget, tail_begin - sink_end) + (ctx - tail_begin) >
         plan.max_keys) {
       return bad(i, absl::StrCat("sinks + budget + tail exceed max_keys ", plan.max_keys));
+    }
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+int32_t FloatField(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
+}
+float FieldFloat(int32_t b) {
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+}  // namespace
+
+SamplingRow SamplingTable::row(int r) const {
+  const int32_t* f = host_params.data() + static_cast<size_t>(r) * kSamplingFields;
+  SamplingRow out;
+  out.params.temperature = FieldFloat(f[kSampleTemperature]);
+  out.params.top_k = f[kSampleTopK];
+  out.params.top_p = FieldFloat(f[kSampleTopP]);
+  out.params.seed = uint64_t{static_cast<uint32_t>(f[kSampleSeedLo])} |
+                    (uint64_t{static_cast<uint32_t>(f[kSampleSeedHi])} << 32);
+  out.counter = static_cast<uint32_t>(f[kSampleCounter]);
+  return out;
+}
+
+std::vector<int32_t> EncodeSamplingRows(std::span<const SamplingRow> rows) {
+  std::vector<int32_t> out(rows.size() * kSamplingFields);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    int32_t* f = out.data() + r * kSamplingFields;
+    const SamplingParams& p = rows[r].params;
+    f[kSampleTemperature] = FloatField(p.temperature);
+    f[kSampleTopK] = p.top_k;
+    f[kSampleTopP] = FloatField(p.top_p);
+    f[kSampleSeedLo] = static_cast<int32_t>(static_cast<uint32_t>(p.seed));
+    f[kSampleSeedHi] = static_cast<int32_t>(static_cast<uint32_t>(p.seed >> 32));
+    f[kSampleCounter] = static_cast<int32_t>(rows[r].counter);
+  }
+  return out;
+}
+
+absl::Status ValidateSampleTokens(absl::string_view op, const Tensor& logits, DType logits_dtype,
+                                  const SamplingTable& sampling, const Tensor& token_ids,
+                                  const Tensor& logprobs) {
+  auto bad = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what));
+  };
+  if (!logits.defined() || logits.rank() != 2 || logits.dtype() != logits_dtype ||
+      logits.dim(1) < 1) {
+    return bad(absl::StrCat("logits must be ", DTypeName(logits_dtype), " [R, V] with V >= 1, got ",
+                            logits.defined() ? logits.DebugString() : "<undefined>"));
+  }
+  const int64_t r = logits.dim(0);
+  if (sampling.host_params.size() % kSamplingFields != 0 || sampling.num_rows() != r) {
+    return bad(absl::StrCat("the sampling table holds ",
+                            sampling.host_params.size() / double{kSamplingFields}, " rows for ", r,
+                            " rows of logits"));
+  }
+  if (logits.dim(1) > (int64_t{1} << 30)) return bad("vocabulary too large");
+  if (r == 0) return absl::OkStatus();
+  if (!sampling.params.defined() || sampling.params.dtype() != DType::kI32 ||
+      sampling.params.rank() != 2 || sampling.params.dim(0) < r ||
+      sampling.params.dim(1) != kSamplingFields) {
+    return bad(absl::StrCat("sampling params must be i32 [>= ", r, ", ", kSamplingFields, "]"));
+  }
+  if (!token_ids.defined() || token_ids.dtype() != DType::kI32 || token_ids.numel() != r ||
+      !logprobs.defined() || logprobs.dtype() != DType::kF32 || logprobs.numel() != r) {
+    return bad(absl::StrCat("token_ids must be i32 [", r, "] and logprobs f32 [", r, "]"));
+  }
+  for (int i = 0; i < r; ++i) {
+    if (absl::Status s = sampling.row(i).params.Validate(); !s.ok()) {
+      return bad(absl::StrCat("row ", i, ": ", s.message()));
     }
   }
   return absl::OkStatus();

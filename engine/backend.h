@@ -21,12 +21,15 @@
 #define STRATA_ENGINE_BACKEND_H_
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "engine/sampler.h"
 #include "engine/tensor.h"
 
 namespace strata::engine {
@@ -135,6 +138,40 @@ struct SequenceRange {
   int begin = 0;       // first logical index
   int count = 0;       // tokens
 };
+
+// ---- Sampling --------------------------------------------------------------
+
+// Columns of SamplingTable::params: one row per sampled logits row. Floats
+// are stored as their IEEE bits.
+enum SamplingField : int {
+  kSampleTemperature = 0,  // float bits; 0: greedy
+  kSampleTopK = 1,         // 0: all tokens
+  kSampleTopP = 2,         // float bits, (0, 1]
+  kSampleSeedLo = 3,       // low 32 bits of the seed
+  kSampleSeedHi = 4,       // high 32 bits of the seed
+  kSampleCounter = 5,      // the row's counter (tokens generated so far)
+  kSamplingFields = 6,
+};
+
+// The per-row parameters of SampleTokens; built on the host and copied once
+// per step. The host copy lets a backend validate them without a device
+// round trip.
+struct SamplingTable {
+  Tensor params;                     // kI32 [>= R, kSamplingFields] (device)
+  std::vector<int32_t> host_params;  // host copy: R rows
+  int num_rows() const { return static_cast<int>(host_params.size() / kSamplingFields); }
+  SamplingRow row(int r) const;
+};
+
+// The host rows of a SamplingTable for `rows`.
+std::vector<int32_t> EncodeSamplingRows(std::span<const SamplingRow> rows);
+
+// Checks SampleTokens' arguments: logits [R, V] of `logits_dtype`, V >= 1,
+// the table's R rows with valid parameters (SamplingParams::Validate),
+// token_ids kI32 [R], logprobs kF32 [R]. InvalidArgument naming `op`.
+absl::Status ValidateSampleTokens(absl::string_view op, const Tensor& logits, DType logits_dtype,
+                                  const SamplingTable& sampling, const Tensor& token_ids,
+                                  const Tensor& logprobs);
 
 // Device time spent in one operator over a span of work
 // (Backend::TakeOpTimes).
@@ -260,6 +297,23 @@ class Backend {
                                        const Tensor& k_cache, const Tensor& v_cache,
                                        const AttentionBatch& batch, const SparsePlan& plan,
                                        float scale, Tensor& out) = 0;
+
+  // ---- Sampling -------------------------------------------------------------
+  // Samples one token per row of logits [R, V] (activation dtype) with the
+  // row's parameters (engine/sampler.h gives the semantics):
+  //  - temperature 0: the argmax, ties to the lowest id;
+  //  - otherwise, with tokens ordered by descending logit (ties: lower id),
+  //    the first top_k (0: all), then the shortest prefix of those whose
+  //    mass reaches top_p of theirs, where a token's mass is
+  //    sample_math::Weight((logit - max) / T) (exp in 2^-32 fixed point, so
+  //    sums are exact); the token drawn is the kept token with the highest
+  //    sample_math::Score (Gumbel-max over a counter-based hash of
+  //    (seed, counter, id)), an exact draw from softmax(logits / T)
+  //    renormalised over the kept set.
+  // token_ids kI32 [R] gets the ids and logprobs kF32 [R] log_softmax(logits)
+  // at them. Every backend returns the same ids for the same logits.
+  virtual absl::Status SampleTokens(const Tensor& logits, const SamplingTable& sampling,
+                                    Tensor& token_ids, Tensor& logprobs) = 0;
 };
 
 #if defined(__CUDACC__)

@@ -25,15 +25,12 @@ std::string_view FinishReasonName(FinishReason reason) {
 }
 
 struct Batcher::Sequence {
-  explicit Sequence(GenerationRequest r) : req(std::move(r)), sampler(req.sampling) {
-    tokens = req.prompt;
-  }
+  explicit Sequence(GenerationRequest r) : req(std::move(r)) { tokens = req.prompt; }
   GenerationRequest req;
   std::vector<int32_t> tokens;  // prompt + generated
   int num_computed = 0;         // tokens whose KV is in the cache
   int generated = 0;
   std::vector<int32_t> pages;
-  Sampler sampler;
   std::optional<IncrementalDetokenizer> detok;
   std::string text;   // decoded output so far
   size_t emitted = 0;  // bytes of `text` already returned
@@ -220,6 +217,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   std::vector<Sequence*> step_seqs;
   std::vector<int> step_rows;  // chunk length per sequence in the step
   std::vector<bool> samples;   // whether the sequence samples this step
+  std::vector<SamplingRow> sampling;  // per logit row
   int budget = opts.max_batch_tokens;
   auto add_rows = [&](Sequence& seq, int count, bool sample) {
     for (int j = 0; j < count; ++j) {
@@ -231,7 +229,13 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     in.block_tables.push_back(seq.pages);
     in.seq_ids.push_back(static_cast<int64_t>(seq.req.id));
     in.kv_policies.push_back(seq.req.kv_policy);
-    if (sample) in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
+    if (sample) {
+      in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
+      // The counter is the index of the token being generated, so a seed
+      // draws the same completion whatever else is batched (and after a
+      // preemption).
+      sampling.push_back({seq.req.sampling, static_cast<uint32_t>(seq.generated)});
+    }
     step_seqs.push_back(&seq);
     step_rows.push_back(count);
     samples.push_back(sample);
@@ -283,16 +287,13 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     return events;
   }
 
-  STRATA_ASSIGN_OR_RETURN(std::vector<float> logits, model_->Forward(in));
-  const int vocab = model_->config().vocab_size;
-  int logit_index = 0;
+  STRATA_ASSIGN_OR_RETURN(std::vector<SampledToken> sampled, model_->ForwardSample(in, sampling));
+  size_t sample_index = 0;
   for (size_t k = 0; k < step_seqs.size(); ++k) {
     Sequence& seq = *step_seqs[k];
     seq.num_computed += step_rows[k];
     if (!samples[k]) continue;
-    const float* row = logits.data() + static_cast<size_t>(logit_index++) * vocab;
-    const SampledToken token = seq.sampler.Sample(std::span<const float>(row, vocab));
-    EmitToken(seq, token, events);
+    EmitToken(seq, sampled[sample_index++], events);
   }
   // Sequences whose prompt is done join the running batch; finished leave.
   for (auto it = waiting_.begin(); it != waiting_.end();) {

@@ -5,8 +5,9 @@
 //     token (taking a new KV page when it crosses a page boundary);
 //  2. waiting sequences contribute prefill chunks, oldest first, up to the
 //     step's token budget (long prompts are split over several steps);
-//  3. the Model runs the mixed batch once; each sequence that produced
-//     logits samples its next token, which is detokenized and checked
+//  3. the Model runs the mixed batch once and samples on the backend
+//     (Model::ForwardSample) the next token of each sequence that reached
+//     the end of its tokens, which is detokenized and checked
 //     against the stop conditions (EOS, stop token ids, stop strings, max
 //     tokens, context length).
 // When KV pages run out, the newest running sequence is preempted: its

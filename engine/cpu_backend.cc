@@ -12,6 +12,7 @@
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "engine/kmeans.h"
+#include "engine/sample_math.h"
 
 namespace strata::engine {
 namespace {
@@ -41,6 +42,79 @@ inline float Dot(const float* a, const float* b, int64_t n) {
   }
   for (; i < n; ++i) acc[i & 7] += a[i] * b[i];
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// The reference of Backend::SampleTokens for one row: the definition
+// written out with a sort (the CUDA kernel reaches the same set with radix
+// selects).
+SampledToken SampleRow(const float* logits, int64_t vocab, const SamplingRow& row,
+                       std::vector<int32_t>& order) {
+  namespace sm = sample_math;
+  int32_t best = 0;
+  uint32_t best_key = sm::Key(logits[0]);
+  for (int64_t i = 1; i < vocab; ++i) {
+    const uint32_t k = sm::Key(logits[i]);
+    if (k > best_key) {
+      best_key = k;
+      best = static_cast<int32_t>(i);
+    }
+  }
+  const float max_logit = logits[best];
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+  const double log_z = max_logit + std::log(sum);
+  auto result = [&](int32_t id) {
+    return SampledToken{id, static_cast<float>(logits[id] - log_z)};
+  };
+  const SamplingParams& p = row.params;
+  if (p.temperature == 0.0f) return result(best);
+
+  // Descending logit, ties by lower id.
+  auto before = [&](int32_t a, int32_t b) {
+    const uint32_t ka = sm::Key(logits[a]), kb = sm::Key(logits[b]);
+    return ka > kb || (ka == kb && a < b);
+  };
+  const int64_t k = p.top_k > 0 ? std::min<int64_t>(p.top_k, vocab) : vocab;
+  order.resize(vocab);
+  for (int64_t i = 0; i < vocab; ++i) order[i] = static_cast<int32_t>(i);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), before);
+  const float inv_t = std::min(1.0f / p.temperature, 3.0e38f);
+  auto x_of = [&](int32_t id) { return (logits[id] - max_logit) * inv_t; };
+  int64_t keep = k;
+  if (p.top_p < 1.0f) {
+    uint64_t total = 0;
+    for (int64_t j = 0; j < k; ++j) total += sm::Weight(x_of(order[j]));
+    const double target = sm::TopPTarget(p.top_p, total);
+    // Walk groups of equal logits: the group where the mass crosses the
+    // target keeps just enough of its (lowest-id) tokens.
+    uint64_t above = 0;
+    for (int64_t j = 0; j < k;) {
+      const uint32_t key = sm::Key(logits[order[j]]);
+      int64_t end = j + 1;
+      while (end < k && sm::Key(logits[order[end]]) == key) ++end;
+      const uint64_t w = sm::Weight(x_of(order[j]));
+      const uint64_t group = w * static_cast<uint64_t>(end - j);
+      if (static_cast<double>(above + group) >= target) {
+        keep = j + sm::TopPTieCount(target, above, w, end - j);
+        break;
+      }
+      above += group;
+      j = end;
+    }
+  }
+  const uint64_t row_key = sm::RowKey(p.seed, row.counter);
+  int32_t chosen = -1;
+  float chosen_score = 0.0f;
+  for (int64_t j = 0; j < keep; ++j) {
+    const int32_t id = order[j];
+    if (!(x_of(id) >= sm::kRaceFloor)) continue;  // cannot win
+    const float score = sm::Score(logits[id], max_logit, inv_t, row_key, static_cast<uint32_t>(id));
+    if (chosen < 0 || score > chosen_score || (score == chosen_score && id < chosen)) {
+      chosen = id;
+      chosen_score = score;
+    }
+  }
+  return result(chosen < 0 ? best : chosen);
 }
 
 class CpuBackend final : public Backend {
@@ -533,6 +607,26 @@ class CpuBackend final : public Backend {
           const float w = scores[j] / denom;
           for (int x = 0; x < d; ++x) o[x] += w * v[x];
         }
+      }
+    });
+    return absl::OkStatus();
+  }
+
+  absl::Status SampleTokens(const Tensor& logits, const SamplingTable& sampling, Tensor& token_ids,
+                            Tensor& logprobs) override {
+    STRATA_RETURN_IF_ERROR(ValidateSampleTokens("cpu SampleTokens", logits, DType::kF32, sampling,
+                                                token_ids, logprobs));
+    const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+    const float* l = logits.data_as<float>();
+    int32_t* ids = token_ids.data_as<int32_t>();
+    float* lp = logprobs.data_as<float>();
+    pool_.ParallelFor(rows, 1, [&](int64_t b, int64_t e) {
+      std::vector<int32_t> order;
+      for (int64_t r = b; r < e; ++r) {
+        const SampledToken t =
+            SampleRow(l + r * vocab, vocab, sampling.row(static_cast<int>(r)), order);
+        ids[r] = t.id;
+        lp[r] = t.logprob;
       }
     });
     return absl::OkStatus();

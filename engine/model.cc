@@ -73,6 +73,9 @@ absl::Status Model::AllocateBuffers() {
   STRATA_ASSIGN_OR_RETURN(act_, b.Allocate(dt, {t, inter}));
   STRATA_ASSIGN_OR_RETURN(last_, b.Allocate(dt, {logit_rows, h}));
   STRATA_ASSIGN_OR_RETURN(logits_, b.Allocate(dt, {logit_rows, config_.vocab_size}));
+  STRATA_ASSIGN_OR_RETURN(sample_params_, b.Allocate(DType::kI32, {logit_rows, kSamplingFields}));
+  STRATA_ASSIGN_OR_RETURN(sampled_ids_, b.Allocate(DType::kI32, {logit_rows}));
+  STRATA_ASSIGN_OR_RETURN(sampled_logprobs_, b.Allocate(DType::kF32, {logit_rows}));
   host_table_.assign(static_cast<size_t>(s) * max_blocks_per_seq_, 0);
   return b.Synchronize();
 }
@@ -133,6 +136,47 @@ absl::Status Model::Validate(const StepInput& in) const {
 }
 
 absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
+  STRATA_ASSIGN_OR_RETURN(Tensor logits, RunStep(in));
+  if (!logits.defined()) return std::vector<float>();
+  std::vector<float> out(static_cast<size_t>(logits.numel()));
+  STRATA_RETURN_IF_ERROR(backend_->CopyToHost(logits, out.data()));
+  return out;
+}
+
+absl::StatusOr<std::vector<SampledToken>> Model::ForwardSample(const StepInput& in,
+                                                               std::span<const SamplingRow> rows) {
+  if (rows.size() != in.logit_rows.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "forward step: ", rows.size(), " sampling rows for ", in.logit_rows.size(), " logit rows"));
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (absl::Status s = rows[i].params.Validate(); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward step: sampling row ", i, ": ", s.message()));
+    }
+  }
+  STRATA_ASSIGN_OR_RETURN(Tensor logits, RunStep(in));
+  if (!logits.defined()) return std::vector<SampledToken>();
+  Backend& b = *backend_;
+  const int n = static_cast<int>(rows.size());
+  SamplingTable table;
+  table.host_params = EncodeSamplingRows(rows);
+  table.params = sample_params_.Rows(0, n);
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(table.host_params.data(), DType::kI32,
+                                        static_cast<int64_t>(table.host_params.size()),
+                                        table.params, 0));
+  Tensor ids = sampled_ids_.Rows(0, n), logprobs = sampled_logprobs_.Rows(0, n);
+  STRATA_RETURN_IF_ERROR(b.SampleTokens(logits, table, ids, logprobs));
+  std::vector<int32_t> host_ids(n);
+  std::vector<float> host_logprobs(n);
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(ids, host_ids.data()));
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(logprobs, host_logprobs.data()));
+  std::vector<SampledToken> out(n);
+  for (int i = 0; i < n; ++i) out[i] = {host_ids[i], host_logprobs[i]};
+  return out;
+}
+
+absl::StatusOr<Tensor> Model::RunStep(const StepInput& in) {
   STRATA_RETURN_IF_ERROR(Validate(in));
   Backend& b = *backend_;
   const int64_t t = static_cast<int64_t>(in.token_ids.size());
@@ -214,7 +258,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
   // of prefill chunks that end mid-prompt needs none.
   if (rows_out == 0) {
     STRATA_RETURN_IF_ERROR(b.Synchronize());
-    return std::vector<float>();
+    return Tensor();
   }
   Tensor rows = logit_rows_.Rows(0, rows_out), last = last_.Rows(0, rows_out);
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.logit_rows.data(), DType::kI32, rows_out, rows, 0));
@@ -222,9 +266,7 @@ absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
   STRATA_RETURN_IF_ERROR(b.Gather(normed, rows, last));
   Tensor logits = logits_.Rows(0, rows_out);
   STRATA_RETURN_IF_ERROR(b.Linear(last, weights_.lm_head, Tensor(), logits));
-  std::vector<float> out(static_cast<size_t>(rows_out) * config_.vocab_size);
-  STRATA_RETURN_IF_ERROR(b.CopyToHost(logits, out.data()));
-  return out;
+  return logits;
 }
 
 }  // namespace strata::engine

@@ -16,12 +16,14 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
 #include "engine/model_config.h"
+#include "engine/sampler.h"
 #include "engine/weights.h"
 
 namespace strata::engine {
@@ -63,6 +65,12 @@ class Model {
   // Validates the input (ids in the vocabulary, positions in the context,
   // pages in the cache) and returns InvalidArgument instead of running.
   absl::StatusOr<std::vector<float>> Forward(const StepInput& input);
+  // Runs the step and samples one token per logit row on the backend
+  // (Backend::SampleTokens) with rows[i] for logit_rows[i]; only the ids and
+  // logprobs come back to the host. InvalidArgument when rows does not
+  // match logit_rows or a row's parameters are invalid.
+  absl::StatusOr<std::vector<SampledToken>> ForwardSample(const StepInput& input,
+                                                          std::span<const SamplingRow> rows);
 
   const ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
@@ -82,6 +90,9 @@ class Model {
         const ModelOptions& options);
   absl::Status AllocateBuffers();
   absl::Status Validate(const StepInput& input) const;
+  // The forward pass shared by Forward and ForwardSample: returns the
+  // device logits [logit_rows.size(), vocab] (undefined when no rows).
+  absl::StatusOr<Tensor> RunStep(const StepInput& input);
 
   ModelConfig config_;
   ModelWeights weights_;
@@ -96,6 +107,7 @@ class Model {
   // Step buffers sized for max_batch_tokens / max_seqs.
   Tensor ids_, positions_, slots_, query_start_, context_len_, block_table_, logit_rows_;
   Tensor residual_, normed_, qkv_, attn_, proj_, gate_up_, act_, last_, logits_;
+  Tensor sample_params_, sampled_ids_, sampled_logprobs_;  // [max_logit_rows, ...]
   std::vector<int32_t> host_slots_, host_table_;
 };
 

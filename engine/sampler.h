@@ -1,19 +1,21 @@
-// Sampling the next token from a row of logits.
+// Sampling parameters of a request and the sampled token.
 //
-// Greedy when temperature is 0; otherwise softmax(logits / temperature)
-// restricted to the top_k most likely tokens and then to the smallest set
-// whose probability reaches top_p, drawn with the sequence's own seeded
-// generator (so a seed reproduces a completion whatever else is batched).
-// The reported logprob is the chosen token's log-probability under the
-// model's unmodified distribution (before temperature, top-k and top-p).
+// Greedy when temperature is 0 (ties to the lowest id, like torch.argmax);
+// otherwise softmax(logits / temperature) restricted to the top_k most likely
+// tokens, then to the smallest prefix of them (descending probability, ties
+// by lower id) whose renormalised mass reaches top_p, drawn from the
+// renormalised kept set. The draw is a function of (seed, counter) only,
+// where the counter is the number of tokens the sequence has generated, so a
+// seed reproduces a completion whatever else is batched. The reported
+// logprob is the chosen token's log-probability under the model's unmodified
+// distribution (log_softmax of the raw logits).
 //
-// Thread-safety: a Sampler belongs to one sequence.
+// Backend::SampleTokens (engine/backend.h) implements this on the device;
+// the CPU backend's operator is the reference.
 #ifndef STRATA_ENGINE_SAMPLER_H_
 #define STRATA_ENGINE_SAMPLER_H_
 
 #include <cstdint>
-#include <random>
-#include <span>
 
 #include "absl/status/status.h"
 
@@ -29,20 +31,15 @@ struct SamplingParams {
   absl::Status Validate() const;
 };
 
+// One row of a sampling step: the sequence's parameters and its counter.
+struct SamplingRow {
+  SamplingParams params;
+  uint32_t counter = 0;  // tokens generated so far by the sequence
+};
+
 struct SampledToken {
   int32_t id = 0;
   float logprob = 0.0f;
-};
-
-class Sampler {
- public:
-  explicit Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) {}
-
-  SampledToken Sample(std::span<const float> logits);
-
- private:
-  SamplingParams params_;
-  std::mt19937_64 rng_;
 };
 
 }  // namespace strata::engine

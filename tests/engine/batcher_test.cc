@@ -76,7 +76,11 @@ TEST_P(BatchInvarianceTest, MixedBatchEqualsEachSequenceAlone) {
   std::vector<GenerationRequest> reqs;
   const int lens[] = {3, 17, 40, 61, 1, 90};
   const int max_tokens[] = {30, 12, 25, 8, 20, 16};
-  for (int i = 0; i < 6; ++i) reqs.push_back(Request(i, RandomPrompt(lens[i], 100 + i), max_tokens[i]));
+  for (int i = 0; i < 6; ++i) {
+    reqs.push_back(Request(i, RandomPrompt(lens[i], 100 + i), max_tokens[i]));
+    // Half of them sample: a seed draws the same tokens whatever is batched.
+    if (i % 2 == 1) reqs.back().sampling = {0.9f, i == 3 ? 0 : 20, i == 5 ? 1.0f : 0.9f, 1000u + i};
+  }
 
   std::map<uint64_t, std::vector<int32_t>> alone;
   for (const auto& r : reqs) {
