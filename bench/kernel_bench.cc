@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "cuda/cuda_backend.h"
 #include "engine/model.h"
+#include "engine/sampler.h"
 #include "engine/model_config.h"
 #include "engine/weights.h"
 
@@ -196,7 +197,10 @@ void Run() {
       in.block_tables.push_back(table);
       in.logit_rows.push_back(s);
     }
-    const double t = TimeIt(b, 7, 3, [&] { Check(model->Forward(in).status(), "decode step"); });
+    // A serving step: greedy sampling on the device, token ids back.
+    const std::vector<engine::SamplingRow> rows(seqs);
+    const double t =
+        TimeIt(b, 7, 3, [&] { Check(model->ForwardSample(in, rows).status(), "decode step"); });
     // Bytes a step must read: every weight once and each sequence's KV.
     const double step_bytes = weight_bytes + seqs * ctx * kv_per_token;
     Report({"decode step b" + std::to_string(seqs) + " ctx1k: time", t * 1e3, "ms", 0, "-"});

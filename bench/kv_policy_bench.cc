@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "engine/batcher.h"
+#include "engine/sampler.h"
 #include "kvtier/kv_policy.h"
 #include "nlohmann/json.hpp"
 
@@ -322,8 +323,10 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
         in.logit_rows.push_back(s);
         in.seq_ids.push_back(ids[s]);
       }
+      // A serving step: greedy sampling on the device, token ids back.
+      const std::vector<engine::SamplingRow> rows(batch);
       const auto start = Clock::now();
-      status = model->Forward(in).status();
+      status = model->ForwardSample(in, rows).status();
       const double seconds = Seconds(start);
       if (k == 0) r.first_step_ms = seconds * 1e3;
       if (k >= warmup && !profile) timed += seconds;

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -188,7 +189,7 @@ class CudaBackend final : public engine::Backend {
   cudaStream_t stream() const { return stream_.get(); }
   absl::StatusOr<GemmPlan*> GetGemmPlan(const GemmKey& key, const void* bias);
   // Sizes the split-K decode workspace and enqueues the attention kernels.
-  absl::Status LaunchAttention(const kernels::PagedAttentionParams& params);
+  absl::Status LaunchAttention(const kernels::PagedAttentionParams& params, const Tensor& k_cache);
 
   int device_ = 0;
   int num_sms_ = 1;
@@ -713,8 +714,16 @@ kernels::PagedAttentionParams AttentionParams(const Tensor& qkv, const QkvLayout
   return params;
 }
 
-absl::Status CudaBackend::LaunchAttention(const kernels::PagedAttentionParams& params) {
+absl::Status CudaBackend::LaunchAttention(const kernels::PagedAttentionParams& params,
+                                          const Tensor& k_cache) {
   STRATA_RETURN_IF_ERROR(Activate());
+  // The decode kernel addresses cache rows (page * page_size + offset) in
+  // 32 bits.
+  if (k_cache.dim(0) * k_cache.dim(1) > std::numeric_limits<int32_t>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("Attention: a cache of ", k_cache.dim(0),
+                                                   " pages of ", k_cache.dim(1),
+                                                   " tokens exceeds 2^31 token slots"));
+  }
   const int num_splits = kernels::ChooseDecodeSplits(params, num_sms_);
   const size_t workspace_bytes = kernels::DecodeWorkspaceBytes(params, num_splits);
   if (workspace_bytes > 0) {
@@ -813,7 +822,7 @@ absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
   params.has_decode = has_decode;
   params.has_prefill = has_prefill;
 
-  return LaunchAttention(params);
+  return LaunchAttention(params, k_cache);
 }
 
 // ---- Sparse decoding ----------------------------------------------------------
@@ -828,15 +837,15 @@ absl::Status CheckSequenceRange(const char* op, const Tensor& k_cache,
         op, ": cache must be bf16 [pages, page_size, Hkv, D] (D a multiple of 8 up to ",
         kernels::kMaxHeadDim, ", 16-byte aligned), got ", ShapeString(k_cache)));
   }
-  const int64_t pages = (int64_t{range.begin} + range.count + range.page_size - 1) /
-                        std::max(range.page_size, 1);
+  const int64_t pages =
+      (int64_t{range.begin} + range.count + range.page_size - 1) / std::max(range.page_size, 1);
   if (range.page_size != k_cache.dim(1) || range.begin < 0 || range.count < 1 ||
       !range.block_table.defined() || range.block_table.dtype() != DType::kI32 ||
       range.block_table.numel() < pages) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        op, ": range [", range.begin, ", +", range.count, ") with page_size ", range.page_size,
-        " does not fit the block table ", ShapeString(range.block_table), " and the cache ",
-        ShapeString(k_cache)));
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": range [", range.begin, ", +", range.count, ") with page_size ",
+                     range.page_size, " does not fit the block table ",
+                     ShapeString(range.block_table), " and the cache ", ShapeString(k_cache)));
   }
   return absl::OkStatus();
 }
@@ -866,9 +875,9 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
                                kOp, "v_cache must match k_cache", {&k_cache, &v_cache}));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
   if (num_clusters < 1 || num_clusters > range.count || iterations < 1 || first_block < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kOp, ": need 1 <= num_clusters (", num_clusters, ") <= count (",
-                     range.count, "), iterations >= 1 and first_block >= 0"));
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": need 1 <= num_clusters (", num_clusters,
+                                                   ") <= count (", range.count,
+                                                   "), iterations >= 1 and first_block >= 0"));
   }
   STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "centroids", centroids, DType::kBF16, hkv, d,
                                        int64_t{first_block} + num_clusters));
@@ -906,9 +915,9 @@ absl::Status CudaBackend::KeyBounds(const Tensor& k_cache, const engine::Sequenc
   STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
   if (block_tokens < 1 || range.count % block_tokens != 0 || first_block < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kOp, ": count (", range.count, ") must be a positive multiple of block_tokens (",
-        block_tokens, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": count (", range.count,
+                     ") must be a positive multiple of block_tokens (", block_tokens, ")"));
   }
   const int blocks = range.count / block_tokens;
   STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "lo", lo, DType::kBF16, hkv, d, first_block + blocks));
@@ -951,9 +960,9 @@ absl::Status CudaBackend::ScoreBlocks(const Tensor& qkv, const QkvLayout& layout
   OpTimer::Scope timed(&op_timer_, "ScoreBlocks", stream());
   constexpr char kOp[] = "ScoreBlocks";
   const int hkv = layout.num_kv_heads, d = layout.head_dim;
-  STRATA_RETURN_IF_ERROR(Check(entry_begin >= 0 && entry_begin <= entry_end &&
-                                   entry_end <= plan.num_entries,
-                               kOp, "entry range outside the plan"));
+  STRATA_RETURN_IF_ERROR(
+      Check(entry_begin >= 0 && entry_begin <= entry_end && entry_end <= plan.num_entries, kOp,
+            "entry range outside the plan"));
   const bool bounds = scoring == engine::BlockScoring::kKeyBounds;
   STRATA_RETURN_IF_ERROR(Check(
       qkv.defined() && qkv.dtype() == DType::kBF16 && qkv.rank() == 2 &&
@@ -964,12 +973,15 @@ absl::Status CudaBackend::ScoreBlocks(const Tensor& qkv, const QkvLayout& layout
                        summary_b.dtype() == DType::kBF16)) &&
           scores.defined() && scores.dtype() == DType::kF32 &&
           scores.numel() >= int64_t{plan.num_entries} * hkv * plan.max_blocks,
-      kOp, "expected bf16 qkv and summaries [slots, Hkv, max_blocks, D], f32 scores [P, Hkv, max_blocks]",
+      kOp,
+      "expected bf16 qkv and summaries [slots, Hkv, max_blocks, D], f32 scores [P, Hkv, "
+      "max_blocks]",
       {&qkv, &summary_a, &summary_b, &scores}));
   for (int i = entry_begin; i < entry_end; ++i) {
     if (plan.host(i, engine::kPlanSlot) >= summary_a.dim(0) ||
         plan.host(i, engine::kPlanRow) >= qkv.dim(0)) {
-      return absl::InvalidArgumentError(absl::StrCat(kOp, ": entry ", i, " outside the summaries or rows"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, ": entry ", i, " outside the summaries or rows"));
     }
   }
   if (entry_begin == entry_end) return absl::OkStatus();
@@ -1002,13 +1014,13 @@ absl::Status CudaBackend::SelectTokens(const Tensor& scores, const Tensor& exten
                                    extents.dim(3) == 2,
                                kOp, "extents must be i32 [slots, Hkv, max_blocks, 2]", {&extents}));
   const int64_t hkv = extents.dim(1);
-  STRATA_RETURN_IF_ERROR(Check(
-      scores.defined() && scores.dtype() == DType::kF32 &&
-          scores.numel() >= plan.num_entries * hkv * plan.max_blocks,
-      kOp, "scores must be f32 [P, Hkv, max_blocks]", {&scores}));
+  STRATA_RETURN_IF_ERROR(Check(scores.defined() && scores.dtype() == DType::kF32 &&
+                                   scores.numel() >= plan.num_entries * hkv * plan.max_blocks,
+                               kOp, "scores must be f32 [P, Hkv, max_blocks]", {&scores}));
   for (int i = 0; i < plan.num_entries; ++i) {
     if (plan.host(i, engine::kPlanSlot) >= extents.dim(0)) {
-      return absl::InvalidArgumentError(absl::StrCat(kOp, ": entry ", i, " names a slot outside the extents"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(kOp, ": entry ", i, " names a slot outside the extents"));
     }
   }
   if (plan.num_entries == 0) return absl::OkStatus();
@@ -1036,18 +1048,18 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
   OpTimer::Scope timed(&op_timer_, "SparseAttention", stream());
   constexpr char kOp[] = "SparseAttention";
   const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, d = layout.head_dim;
-  STRATA_RETURN_IF_ERROR(Check(
-      qkv.defined() && k_cache.defined() && v_cache.defined() && out.defined() && hq > 0 &&
-          hkv > 0 && hq % hkv == 0 && d % 8 == 0 && d <= kernels::kMaxHeadDim &&
-          qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && out.rank() == 2 &&
-          out.dim(0) == qkv.dim(0) && out.dim(1) == int64_t{hq} * d && k_cache.rank() == 4 &&
-          k_cache.shape() == v_cache.shape() && k_cache.dim(1) == batch.page_size &&
-          k_cache.dim(2) == hkv && k_cache.dim(3) == d && qkv.dtype() == DType::kBF16 &&
-          out.dtype() == DType::kBF16 && k_cache.dtype() == DType::kBF16 &&
-          v_cache.dtype() == DType::kBF16 && Aligned16(qkv.data()) && Aligned16(out.data()) &&
-          Aligned16(k_cache.data()) && Aligned16(v_cache.data()),
-      kOp, "expected bf16 qkv [T, row], out [T, Hq*D] and caches [P, page, Hkv, D]",
-      {&qkv, &out, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(
+      Check(qkv.defined() && k_cache.defined() && v_cache.defined() && out.defined() && hq > 0 &&
+                hkv > 0 && hq % hkv == 0 && d % 8 == 0 && d <= kernels::kMaxHeadDim &&
+                qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && out.rank() == 2 &&
+                out.dim(0) == qkv.dim(0) && out.dim(1) == int64_t{hq} * d && k_cache.rank() == 4 &&
+                k_cache.shape() == v_cache.shape() && k_cache.dim(1) == batch.page_size &&
+                k_cache.dim(2) == hkv && k_cache.dim(3) == d && qkv.dtype() == DType::kBF16 &&
+                out.dtype() == DType::kBF16 && k_cache.dtype() == DType::kBF16 &&
+                v_cache.dtype() == DType::kBF16 && Aligned16(qkv.data()) && Aligned16(out.data()) &&
+                Aligned16(k_cache.data()) && Aligned16(v_cache.data()),
+            kOp, "expected bf16 qkv [T, row], out [T, Hq*D] and caches [P, page, Hkv, D]",
+            {&qkv, &out, &k_cache, &v_cache}));
   STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(plan, batch, qkv.dim(0), INT32_MAX, hkv));
   if (plan.num_entries == 0) return absl::OkStatus();
 
@@ -1061,7 +1073,7 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
   params.max_query_len = 1;
   params.max_context_len = plan.max_keys;
   params.has_decode = true;
-  return LaunchAttention(params);
+  return LaunchAttention(params, k_cache);
 }
 
 absl::Status CudaBackend::SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,

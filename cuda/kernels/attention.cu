@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/kv_select.h"
@@ -96,7 +97,11 @@ static_assert(size_t{kDecodeWarps} * kDecodeMaxG * (kMaxHeadDim + 2) * sizeof(fl
 // Resident blocks per SM that the launch bounds ask the compiler to allow
 // (registers <= 65536 / (threads * blocks)); shared memory allows 4 (48 KiB
 // each). With 8 query heads, q and the accumulators alone take 128 registers.
-constexpr int DecodeBlocksPerSm(int max_g) { return max_g <= 4 ? 4 : 2; }
+// A sparse kernel keeps a second set of look-ahead registers (the key
+// list), which at 4 blocks would spill.
+constexpr int DecodeBlocksPerSm(int max_g, bool sparse) {
+  return max_g <= 4 ? (sparse ? 3 : 4) : 2;
+}
 
 // 2^x with the hardware approximation (2 ulp); ex2(-inf) = 0.
 __device__ __forceinline__ float Ex2(float x) {
@@ -115,8 +120,8 @@ __device__ __forceinline__ void Unpack8(const uint4 w, float (&out)[8]) {
   }
 }
 
-template <int kTG, int kMaxG>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
+template <int kTG, int kMaxG, bool kSparse>
+__global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSparse))
     PagedDecodeKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                       int head_chunks, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
   constexpr int kKeysPerStep = 32 / kTG;  // keys a warp handles per step
@@ -128,7 +133,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
   const int head_chunk = blockIdx.y - kv_head * head_chunks;
   const int split = blockIdx.z;
 
-  const bool sparse = p.plan_entries != nullptr;
+  constexpr bool sparse = kSparse;  // plan_entries is set
   int q_begin, table_row, key_lo, key_hi;
   const int32_t* key_list = nullptr;  // sparse: logical index of each key
   if (sparse) {
@@ -205,7 +210,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
   const bf16* const v_cache = static_cast<const bf16*>(p.v_cache);
   const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   const int64_t head_offset = static_cast<int64_t>(kv_head) * D + d0;
-  const int32_t* const table = p.block_table + static_cast<int64_t>(table_row) * p.max_blocks_per_seq;
+  const int32_t* const table =
+      p.block_table + static_cast<int64_t>(table_row) * p.max_blocks_per_seq;
   const int page_size = p.page_size;
   // Pages are 16 tokens in practice: shift and mask instead of dividing.
   const bool page_pow2 = (page_size & (page_size - 1)) == 0;
@@ -215,48 +221,78 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
   const int my_tiles = num_tiles > warp ? (num_tiles - warp + kDecodeWarps - 1) / kDecodeWarps : 0;
   auto tile_start = [&](int j) { return k_begin + (warp + j * kDecodeWarps) * kTileKeys; };
 
-  // Cache slots of this lane's keys of the next tile to issue, looked up one
-  // tile ahead so the latency of the key list and block table does not stall
-  // the copies.
-  int64_t next_slot[kDecodeSteps];
-  auto load_pages = [&](int j) {
+  // Where this lane's keys of a tile live, fetched well before the tile's
+  // copies are issued so that the dependent loads (key list -> block table
+  // -> cache slot) do not stall the pipeline: a sparse kernel reads the
+  // logical indices of tile t when tile t - 4 is issued, every kernel reads
+  // the block-table entries when tile t - 2 is, and the slots are consumed
+  // when tile t is. Tiles alternate between two register sets by parity
+  // (the loop below is unrolled by 2 so that every set index is a
+  // compile-time constant).
+  int index_set[2][kDecodeSteps];  // sparse: logical index, -1 past the split
+  int slot_set[2][kDecodeSteps];   // page * page_size + offset in page
+  auto index_of = [&](int tile, int u, const int(&index)[kDecodeSteps]) {
+    if constexpr (kSparse) return index[u];
+    const int key = tile_start(tile) + u * kKeysPerStep + key_in_step;
+    return tile < my_tiles && key < k_end ? key : -1;
+  };
+  auto fetch_indices = [&](int tile, int(&index)[kDecodeSteps]) {
+    if constexpr (kSparse) {
+#pragma unroll
+      for (int u = 0; u < kDecodeSteps; ++u) {
+        const int key = tile_start(tile) + u * kKeysPerStep + key_in_step;
+        index[u] = tile < my_tiles && key < k_end ? key_list[key] : -1;
+      }
+    }
+  };
+  auto look_up_slots = [&](int tile, const int(&index)[kDecodeSteps], int(&slot)[kDecodeSteps]) {
 #pragma unroll
     for (int u = 0; u < kDecodeSteps; ++u) {
-      const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
-      next_slot[u] = 0;
-      if (j < my_tiles && key < k_end) {
-        const int index = sparse ? key_list[key] : key;
-        const int page = table[page_pow2 ? index >> page_shift : index / page_size];
-        const int in_page = page_pow2 ? index & (page_size - 1) : index % page_size;
-        next_slot[u] = static_cast<int64_t>(page) * page_size + in_page;
+      const int at = index_of(tile, u, index);
+      slot[u] = 0;
+      if (at >= 0) {
+        const int page = table[page_pow2 ? at >> page_shift : at / page_size];
+        slot[u] = page * page_size + (page_pow2 ? at & (page_size - 1) : at % page_size);
       }
     }
   };
   // Starts the copies of the warp's tile j (if any) and commits a group
-  // either way, so that group counts stay uniform.
-  auto issue = [&](int j) {
+  // either way, so that group counts stay uniform; then refills the set of
+  // j's parity with the slots of tile j + 2 and the indices of tile j + 4.
+  auto issue = [&](int j, auto parity) {
+    constexpr int kSet = decltype(parity)::value;
     if (j < my_tiles && d_active) {
       const uint32_t dst = warp_buf_addr + (j % kDecodeStages) * 2 * kDecodeTileBytes;
 #pragma unroll
       for (int u = 0; u < kDecodeSteps; ++u) {
         const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
         const bool valid = key < k_end;
-        const int64_t offset = valid ? next_slot[u] * slot_stride + head_offset : 0;
+        const int64_t offset =
+            valid ? static_cast<int64_t>(slot_set[kSet][u]) * slot_stride + head_offset : 0;
         CpAsync16(dst + u * 512, k_cache + offset, valid ? 16 : 0);
         CpAsync16(dst + kDecodeTileBytes + u * 512, v_cache + offset, valid ? 16 : 0);
       }
     }
     CpAsyncCommit();
-    load_pages(j + 1);
+    look_up_slots(j + 2, index_set[kSet], slot_set[kSet]);
+    fetch_indices(j + 4, index_set[kSet]);
   };
+  using Even = std::integral_constant<int, 0>;
+  using Odd = std::integral_constant<int, 1>;
+  static_assert(kDecodeStages == 3, "the parity sets assume issue runs 2 tiles ahead");
 
-  load_pages(0);
-#pragma unroll
-  for (int j = 0; j < kDecodeStages - 1; ++j) issue(j);
+  fetch_indices(0, index_set[0]);
+  fetch_indices(1, index_set[1]);
+  look_up_slots(0, index_set[0], slot_set[0]);
+  look_up_slots(1, index_set[1], slot_set[1]);
+  fetch_indices(2, index_set[0]);
+  fetch_indices(3, index_set[1]);
+  issue(0, Even());
+  issue(1, Odd());
 
-  for (int j = 0; j < my_tiles; ++j) {
-    issue(j + kDecodeStages - 1);      // into the stage tile j - 1 used
-    CpAsyncWait<kDecodeStages - 1>();  // tile j has landed
+  auto step = [&](int j, auto parity) {
+    issue(j + kDecodeStages - 1, parity);  // into the stage tile j - 1 used (same parity as j)
+    CpAsyncWait<kDecodeStages - 1>();      // tile j has landed
     const unsigned char* const buf =
         warp_buf + (j % kDecodeStages) * 2 * kDecodeTileBytes + lane * 16;
     const int start = tile_start(j);
@@ -322,6 +358,10 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG))
         for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pr, v[e], acc[g][e]);
       }
     }
+  };
+  for (int j = 0; j < my_tiles; j += 2) {
+    step(j, Even());
+    if (j + 1 < my_tiles) step(j + 1, Odd());
   }
   CpAsyncWait<0>();  // only empty groups remain, but the buffers get reused
   __syncthreads();
@@ -680,8 +720,13 @@ cudaError_t LaunchDecodeG(const PagedAttentionParams& p, int num_splits, float* 
   const int G = p.num_q_heads / p.num_kv_heads;
   const int head_chunks = (G + kMaxG - 1) / kMaxG;
   const dim3 grid(p.num_seqs, p.num_kv_heads * head_chunks, num_splits);
-  PagedDecodeKernel<kTG, kMaxG><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
-      p, num_splits, head_chunks, ws_acc, ws_ml);
+  if (p.plan_entries != nullptr) {
+    PagedDecodeKernel<kTG, kMaxG, true><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
+        p, num_splits, head_chunks, ws_acc, ws_ml);
+  } else {
+    PagedDecodeKernel<kTG, kMaxG, false><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
+        p, num_splits, head_chunks, ws_acc, ws_ml);
+  }
   return cudaGetLastError();
 }
 
@@ -759,8 +804,9 @@ int ChooseDecodeSplits(const PagedAttentionParams& p, int num_sms) {
   // the same rate, so the time goes as (waves of blocks) x (keys per block):
   // take the fewest splits whose last wave is at least 90% full, which also
   // keeps the combine's extra traffic small.
-  const int64_t slots = static_cast<int64_t>(std::max(num_sms, 1)) *
-                        DecodeBlocksPerSm(NextPow2(std::min(G, kDecodeMaxG)));
+  const int64_t slots =
+      static_cast<int64_t>(std::max(num_sms, 1)) *
+      DecodeBlocksPerSm(NextPow2(std::min(G, kDecodeMaxG)), p.plan_entries != nullptr);
   int keys = p.max_context_len;
   if (p.sliding_window > 0) keys = std::min(keys, p.sliding_window);
   // A split shorter than this spends more time filling its pipeline and in
