@@ -626,7 +626,8 @@ absl::Status CudaBackend::Rope(Tensor& qkv, const QkvLayout& layout, const Tenso
   STRATA_RETURN_IF_ERROR(Check(qkv.defined() && positions.defined() && inv_freq.defined(), kOp,
                                "undefined tensor", {&qkv, &positions, &inv_freq}));
   STRATA_RETURN_IF_ERROR(Check(layout.head_dim > 0 && layout.head_dim % 2 == 0 &&
-                                   layout.num_q_heads > 0 && layout.num_kv_heads >= 0,
+                                   layout.head_dim <= 1024 && layout.num_q_heads > 0 &&
+                                   layout.num_kv_heads >= 0,
                                kOp,
                                absl::StrCat("bad layout: Hq=", layout.num_q_heads,
                                             " Hkv=", layout.num_kv_heads, " D=", layout.head_dim)));

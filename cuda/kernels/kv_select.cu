@@ -60,10 +60,14 @@ __global__ void KeyBoundsKernel(KeyBoundsParams p) {
 // ---- ScoreBlocks --------------------------------------------------------------
 
 constexpr int kScoreWarps = 8;
+constexpr int kScoreRowsPerWarp = 8;
+constexpr int kScoreRowsPerCta = kScoreWarps * kScoreRowsPerWarp;
 
-// Block (entry, KV head, group of kScoreWarps blocks): the group's queries
-// in fp32 shared memory (for centroids only their sum, since
-// sum_g q_g . c = (sum_g q_g) . c), then one warp per summary block.
+// Block (entry, KV head, group of kScoreRowsPerCta summary blocks): the
+// group's queries in fp32 shared memory (for centroids only their sum, since
+// sum_g q_g . c = (sum_g q_g) . c), then each warp scores kScoreRowsPerWarp
+// summary rows with the loads of all its rows in flight at once (a score is
+// a few hundred bytes: latency, not bandwidth, bounds this kernel).
 __global__ void __launch_bounds__(kScoreWarps * 32) ScoreBlocksKernel(ScoreBlocksParams p) {
   extern __shared__ float q_smem[];  // [group or 1, head_dim]
   const int entry = p.entry_begin + blockIdx.x;
@@ -72,7 +76,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) ScoreBlocksKernel(ScoreBlock
   const int d = p.head_dim;
   const int32_t* e = p.entries + static_cast<int64_t>(entry) * kPlanFields;
   const int row = e[kPlanRowCol], slot = e[kPlanSlotCol], num_blocks = e[kPlanNumBlocksCol];
-  const int block0 = blockIdx.z * kScoreWarps;
+  const int block0 = blockIdx.z * kScoreRowsPerCta;
   if (block0 >= num_blocks) return;  // uniform over the block
 
   const bf16* q = static_cast<const bf16*>(p.qkv) + static_cast<int64_t>(row) * p.qkv_row_width +
@@ -89,37 +93,61 @@ __global__ void __launch_bounds__(kScoreWarps * 32) ScoreBlocksKernel(ScoreBlock
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = block0 + warp;
-  if (b >= num_blocks) return;
-  const int64_t block = (static_cast<int64_t>(slot) * p.num_kv_heads + h) * p.max_blocks + b;
-  const bf16* a = static_cast<const bf16*>(p.summary_a) + block * d;
-  float score = 0.0f;
-  if (p.key_bounds) {
-    const bf16* u = static_cast<const bf16*>(p.summary_b) + block * d;
-    for (int dim = lane * 2; dim < d; dim += 64) {
-      const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a + dim));
-      const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(u + dim));
-      for (int g = 0; g < group; ++g) {
-        const float q0 = q_smem[g * d + dim], q1 = q_smem[g * d + dim + 1];
-        score += fmaxf(q0 * lo.x, q0 * hi.x) + fmaxf(q1 * lo.y, q1 * hi.y);
+  const int first = block0 + warp * kScoreRowsPerWarp;
+  if (first >= num_blocks) return;
+  const int64_t base = (static_cast<int64_t>(slot) * p.num_kv_heads + h) * p.max_blocks;
+  float score[kScoreRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kScoreRowsPerWarp; ++r) score[r] = 0.0f;
+  for (int dim = lane * 2; dim < d; dim += 64) {
+    // Rows past num_blocks re-read the last valid row (never written back).
+    float2 a[kScoreRowsPerWarp], b[kScoreRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kScoreRowsPerWarp; ++r) {
+      const int64_t block = base + min(first + r, num_blocks - 1);
+      a[r] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+          static_cast<const bf16*>(p.summary_a) + block * d + dim));
+      if (p.key_bounds) {
+        b[r] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+            static_cast<const bf16*>(p.summary_b) + block * d + dim));
       }
     }
-  } else {
-    for (int dim = lane * 2; dim < d; dim += 64) {
-      const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(a + dim));
-      score += q_smem[dim] * c.x + q_smem[dim + 1] * c.y;
+    if (p.key_bounds) {
+      for (int g = 0; g < group; ++g) {
+        const float q0 = q_smem[g * d + dim], q1 = q_smem[g * d + dim + 1];
+#pragma unroll
+        for (int r = 0; r < kScoreRowsPerWarp; ++r) {
+          score[r] += fmaxf(q0 * a[r].x, q0 * b[r].x) + fmaxf(q1 * a[r].y, q1 * b[r].y);
+        }
+      }
+    } else {
+      const float q0 = q_smem[dim], q1 = q_smem[dim + 1];
+#pragma unroll
+      for (int r = 0; r < kScoreRowsPerWarp; ++r) score[r] += q0 * a[r].x + q1 * a[r].y;
     }
   }
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) score += __shfl_xor_sync(0xffffffffu, score, off);
-  if (lane == 0) {
-    p.scores[(static_cast<int64_t>(entry) * p.num_kv_heads + h) * p.max_blocks + b] = score;
+  for (int r = 0; r < kScoreRowsPerWarp; ++r) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) score[r] += __shfl_xor_sync(0xffffffffu, score[r], off);
+  }
+  if (lane < kScoreRowsPerWarp && first + lane < num_blocks) {
+    float mine = score[0];
+#pragma unroll
+    for (int r = 1; r < kScoreRowsPerWarp; ++r) mine = lane == r ? score[r] : mine;
+    p.scores[(static_cast<int64_t>(entry) * p.num_kv_heads + h) * p.max_blocks + first + lane] =
+        mine;
   }
 }
 
 // ---- SelectTokens -------------------------------------------------------------
 
 constexpr int kSelectThreads = 512;
+// Up to this many blocks (ClusterKV's ~410 clusters at 32k), each block's
+// place is ranked directly against keys staged in shared memory: 2 keys per
+// thread, no barriers, a few microseconds, where the bitonic sort's 45+
+// barrier-separated phases take ~11 us.
+constexpr int kMaxRankBlocks = 1024;
 // Largest num_blocks sorted in shared memory (128 KiB of keys); beyond it a
 // quadratic ranking without shared memory takes over.
 constexpr int kMaxSortBlocks = 16384;
@@ -145,13 +173,15 @@ __device__ __forceinline__ void WriteRun(int32_t* out, int at, int first, int ta
   for (int u = 0; u < take && at + u < max_keys; ++u) out[at + u] = first + u;
 }
 
-// One block per (entry, KV head). sort_capacity > 0: the blocks' keys are
-// bitonic-sorted in shared memory (sort_capacity slots, a power of two >=
-// every entry's num_blocks); else each block's start in the selection order
-// is computed directly as the sum of the sizes of the blocks ranked before
-// it (O(num_blocks^2), for very large block counts only).
-__global__ void __launch_bounds__(kSelectThreads) SelectTokensKernel(SelectTokensParams p,
-                                                                      int sort_capacity) {
+// One block per (entry, KV head). Each summary block's start in the
+// selection order is the sum of the sizes of the blocks ranked before it:
+// up to kMaxRankBlocks blocks that sum is computed directly over keys in
+// shared memory; beyond, with sort_capacity > 0, the keys are bitonic-sorted
+// in shared memory (sort_capacity slots, a power of two >= every entry's
+// num_blocks) and scanned; else the direct sum reads the scores from global
+// memory (O(num_blocks^2), for very large block counts only).
+__global__ void __launch_bounds__(kSelectThreads)
+    SelectTokensKernel(SelectTokensParams p, int sort_capacity) {
   using Scan = cub::BlockScan<int, kSelectThreads>;
   using Reduce = cub::BlockReduce<int, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -172,7 +202,29 @@ __global__ void __launch_bounds__(kSelectThreads) SelectTokensKernel(SelectToken
   for (int t = threadIdx.x; t < sink_end && t < p.max_keys; t += blockDim.x) out[t] = t;
 
   int taken = 0;  // tokens selected from the blocks, valid in every thread
-  if (sort_capacity > 0) {
+  if (num_blocks <= kMaxRankBlocks) {
+    __shared__ uint64_t rank_keys[kMaxRankBlocks];
+    __shared__ int rank_sizes[kMaxRankBlocks];
+    int total = 0;
+    for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
+      rank_keys[b] = OrderKey(scores[b], b);
+      rank_sizes[b] = max(ext[b * 2 + 1], 0);
+      total += rank_sizes[b];
+    }
+    total = Reduce(reduce_storage).Sum(total);  // valid in thread 0
+    __shared__ int rank_total;
+    if (threadIdx.x == 0) rank_total = total;
+    __syncthreads();
+    for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
+      const uint64_t key = rank_keys[b];
+      int start = 0;  // sizes of the blocks ranked before b (keys are distinct)
+      for (int o = 0; o < num_blocks; ++o) start += rank_keys[o] < key ? rank_sizes[o] : 0;
+      if (start < budget) {
+        WriteRun(out, sink_end + start, ext[b * 2], min(rank_sizes[b], budget - start), p.max_keys);
+      }
+    }
+    taken = min(rank_total, budget);
+  } else if (sort_capacity > 0) {
     const int n = NextPow2(max(num_blocks, 1));
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       sort_keys[i] = i < num_blocks ? OrderKey(scores[i], i) : ~uint64_t{0};
@@ -266,20 +318,19 @@ cudaError_t LaunchKeyBounds(const KeyBoundsParams& params, cudaStream_t stream) 
 
 cudaError_t LaunchScoreBlocks(const ScoreBlocksParams& params, cudaStream_t stream) {
   const ScoreBlocksParams& p = params;
-  if (p.qkv == nullptr || p.entries == nullptr || p.summary_a == nullptr ||
-      p.scores == nullptr || (p.key_bounds && p.summary_b == nullptr) || p.entry_begin < 0 ||
+  if (p.qkv == nullptr || p.entries == nullptr || p.summary_a == nullptr || p.scores == nullptr ||
+      (p.key_bounds && p.summary_b == nullptr) || p.entry_begin < 0 ||
       p.entry_end < p.entry_begin || p.num_kv_heads < 1 || p.num_kv_heads > 65535 ||
       p.num_q_heads < p.num_kv_heads || p.num_q_heads % p.num_kv_heads != 0 || p.head_dim < 2 ||
       p.head_dim % 2 != 0 || p.head_dim > kMaxHeadDimSelect || p.max_num_blocks < 0 ||
-      p.max_num_blocks > p.max_blocks ||
-      p.qkv_row_width < int64_t{p.num_q_heads} * p.head_dim) {
+      p.max_num_blocks > p.max_blocks || p.qkv_row_width < int64_t{p.num_q_heads} * p.head_dim) {
     return cudaErrorInvalidValue;
   }
   if (p.entry_begin == p.entry_end || p.max_num_blocks == 0) return cudaSuccess;
   const int group = p.num_q_heads / p.num_kv_heads;
   const size_t smem = sizeof(float) * p.head_dim * (p.key_bounds ? group : 1);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;
-  const int z = (p.max_num_blocks + kScoreWarps - 1) / kScoreWarps;
+  const int z = (p.max_num_blocks + kScoreRowsPerCta - 1) / kScoreRowsPerCta;
   if (z > 65535) return cudaErrorInvalidValue;
   const dim3 grid(p.entry_end - p.entry_begin, p.num_kv_heads, z);
   ScoreBlocksKernel<<<grid, kScoreWarps * 32, smem, stream>>>(p);
@@ -289,15 +340,15 @@ cudaError_t LaunchScoreBlocks(const ScoreBlocksParams& params, cudaStream_t stre
 cudaError_t LaunchSelectTokens(const SelectTokensParams& params, cudaStream_t stream) {
   const SelectTokensParams& p = params;
   if (p.scores == nullptr || p.extents == nullptr || p.entries == nullptr ||
-      p.key_index == nullptr || p.key_count == nullptr || p.num_entries < 0 ||
-      p.num_kv_heads < 1 || p.num_kv_heads > 65535 || p.max_blocks < 0 ||
-      p.max_num_blocks < 0 || p.max_num_blocks > p.max_blocks || p.max_keys < 1) {
+      p.key_index == nullptr || p.key_count == nullptr || p.num_entries < 0 || p.num_kv_heads < 1 ||
+      p.num_kv_heads > 65535 || p.max_blocks < 0 || p.max_num_blocks < 0 ||
+      p.max_num_blocks > p.max_blocks || p.max_keys < 1) {
     return cudaErrorInvalidValue;
   }
   if (p.num_entries == 0) return cudaSuccess;
   int capacity = 0;
   size_t smem = 0;
-  if (p.max_num_blocks <= kMaxSortBlocks) {
+  if (p.max_num_blocks > kMaxRankBlocks && p.max_num_blocks <= kMaxSortBlocks) {
     capacity = NextPow2(std::max(p.max_num_blocks, 1));
     smem = sizeof(uint64_t) * capacity;
     if (smem > 48 * 1024) {
