@@ -5,7 +5,8 @@
 //
 // Limits measured here: device-to-device copy bandwidth (bytes read + bytes
 // written) and bf16 GEMM throughput through the backend's cuBLASLt path at a
-// large shape. Figures: decode and prefill attention kernels, whole-model
+// large shape. Figures: Linear at decode sizes (1, 8 and 9 tokens at the
+// Llama-3-8B projection shapes), decode and prefill attention kernels, whole-model
 // decode steps and prefill at the Llama-3-8B shape with random weights.
 #include <cuda_runtime_api.h>
 
@@ -21,8 +22,8 @@
 #include "absl/status/status.h"
 #include "cuda/cuda_backend.h"
 #include "engine/model.h"
-#include "engine/sampler.h"
 #include "engine/model_config.h"
+#include "engine/sampler.h"
 #include "engine/weights.h"
 
 namespace strata::bench {
@@ -152,6 +153,40 @@ void Run() {
     Report({"bf16 GEMM 8192^3 (cuBLASLt)", 2.0 * n * n * n / t / 1e12, "TFLOP/s", 0, "-"});
   }
   const double gemm_peak = rows.back().value;
+
+  // Linear at decode sizes, the Llama-3-8B projections: reading W once is
+  // the whole cost. Up to 8 tokens take the weight-streaming kernel, 9 take
+  // cuBLASLt (the same bytes, for comparison). Several copies of W are
+  // cycled so that none is still in L2 (50 MB on an H100) from the previous
+  // call.
+  {
+    struct Shape {
+      const char* name;
+      int64_t n, k;
+    };
+    for (const Shape& s :
+         {Shape{"qkv", 6144, 4096}, Shape{"o_proj", 4096, 4096}, Shape{"gate_up", 28672, 4096},
+          Shape{"down", 4096, 14336}, Shape{"lm_head", 128256, 4096}}) {
+      const double w_bytes = 2.0 * s.n * s.k;
+      const int copies = std::max(2, static_cast<int>(std::ceil(256e6 / w_bytes)));
+      std::vector<Tensor> ws;
+      for (int i = 0; i < copies; ++i) ws.push_back(Random(b, {s.n, s.k}, 20 + i));
+      const std::string shape = std::to_string(s.n) + "x" + std::to_string(s.k);
+      for (int64_t tokens : {1, 8, 9}) {
+        Tensor x = Random(b, {tokens, s.k}, 30);
+        Tensor y = Check(b.Allocate(b.activation_dtype(), {tokens, s.n}), "y");
+        int next = 0;
+        const double t = TimeIt(b, 7, copies * ((20 + copies - 1) / copies), [&] {
+          Check(b.Linear(x, ws[next], Tensor(), y), "linear");
+          next = (next + 1) % copies;
+        });
+        const std::string what = "linear T=" + std::to_string(tokens) + " " + s.name + " " + shape +
+                                 (tokens > 8 ? " cuBLASLt" : "");
+        if (tokens == 1) Report({what + ": time", t * 1e6, "us", 0, "-"});
+        Report({what + ": W rate", w_bytes / t / 1e12, "TB/s", copy_bw / 1e12, "device copy"});
+      }
+    }
+  }
 
   // Decode attention: batch 16, 32k context, bf16 KV. Bytes: K and V once.
   {

@@ -332,6 +332,18 @@ TEST_P(CudaLinearTest, MatchesCpu) {
     (backend == &cpu() ? cpu_out : cuda_out) = out;
   }
   ExpectClose(what, cpu_out, cuda_out);
+  // Element by element too: a few wrong rows (e.g. the tail of a tile) would
+  // hardly move the relative L2 error of a large output.
+  STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> expected, Download(cpu(), cpu_out));
+  STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> actual, Download(cuda(), cuda_out));
+  int bad = 0;
+  for (size_t i = 0; i < expected.size() && bad < 5; ++i) {
+    if (!(std::fabs(actual[i] - expected[i]) <= 0.02f + 0.02f * std::fabs(expected[i]))) {
+      ADD_FAILURE() << what << ": token " << i / c.out << " feature " << i % c.out << " cpu "
+                    << expected[i] << " cuda " << actual[i];
+      ++bad;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -343,7 +355,21 @@ INSTANTIATE_TEST_SUITE_P(
                       // Odd inner size: rows are 2-byte aligned only.
                       LinearCase{5, 37, 13, true, 0}, LinearCase{4, 37, 29, false, 1},
                       // Views at row offsets that break 256-byte alignment.
-                      LinearCase{3, 96, 40, true, 1}, LinearCase{8, 128, 64, false, 3}),
+                      LinearCase{3, 96, 40, true, 1}, LinearCase{8, 128, 64, false, 3},
+                      // Up to 8 tokens with K % 8 == 0 take the weight-streaming
+                      // kernel: N not a multiple of its 16-row tile, K not a
+                      // multiple of its 32- or 256-column steps (8, 24, 1032).
+                      LinearCase{1, 8, 40, true, 0}, LinearCase{3, 8, 17, false, 0},
+                      LinearCase{5, 24, 7, true, 0}, LinearCase{2, 1032, 1000, true, 0},
+                      LinearCase{5, 1032, 1000, false, 0}, LinearCase{8, 1032, 333, true, 0},
+                      LinearCase{3, 4096, 300, true, 0}, LinearCase{5, 4096, 2048, true, 0},
+                      LinearCase{8, 4096, 4100, false, 0}, LinearCase{2, 4096, 6144, false, 0},
+                      LinearCase{1, 14336, 200, false, 0}, LinearCase{2, 14336, 33, true, 0},
+                      LinearCase{8, 14336, 130, true, 0}, LinearCase{3, 1032, 100, true, 1},
+                      LinearCase{8, 4096, 64, true, 5},
+                      // 9 tokens and K % 8 != 0 stay on cuBLASLt.
+                      LinearCase{9, 4096, 1000, true, 0}, LinearCase{9, 1032, 300, false, 0},
+                      LinearCase{2, 100, 50, false, 1}),
     [](const ::testing::TestParamInfo<LinearCase>& info) {
       const LinearCase& c = info.param;
       return absl::StrCat("T", c.tokens, "_K", c.in, "_N", c.out, c.bias ? "_bias" : "",
