@@ -5,7 +5,7 @@
 //
 // Limits measured here: device-to-device copy bandwidth (bytes read + bytes
 // written) and bf16 GEMM throughput through the backend's cuBLASLt path at a
-// large shape. Figures: Linear at decode sizes (1, 8 and 9 tokens at the
+// large shape. Figures: Linear at decode sizes (1 and 8 tokens at the
 // Llama-3-8B projection shapes), decode and prefill attention kernels, whole-model
 // decode steps and prefill at the Llama-3-8B shape with random weights.
 #include <cuda_runtime_api.h>
@@ -72,9 +72,11 @@ struct Row {
 std::vector<Row> rows;
 
 void Report(Row r) {
-  std::printf("{\"figure\": \"%s\", \"value\": %.6g, \"unit\": \"%s\", \"limit\": %.6g, \"limit_name\": \"%s\", \"ratio\": %.4f}\n",
-              r.figure.c_str(), r.value, r.unit.c_str(), r.limit, r.limit_name.c_str(),
-              r.limit > 0 ? r.value / r.limit : 0.0);
+  std::printf(
+      "{\"figure\": \"%s\", \"value\": %.6g, \"unit\": \"%s\", \"limit\": %.6g, \"limit_name\": "
+      "\"%s\", \"ratio\": %.4f}\n",
+      r.figure.c_str(), r.value, r.unit.c_str(), r.limit, r.limit_name.c_str(),
+      r.limit > 0 ? r.value / r.limit : 0.0);
   std::fflush(stdout);
   rows.push_back(std::move(r));
 }
@@ -107,8 +109,10 @@ double TimeAttention(Backend& b, int seqs, int q_len, int ctx, int reps) {
   batch.query_start = Check(b.Allocate(DType::kI32, {seqs + 1}), "qs");
   batch.context_len = Check(b.Allocate(DType::kI32, {seqs}), "cl");
   batch.block_table = Check(b.Allocate(DType::kI32, {seqs, blocks}), "bt");
-  Check(b.CopyFromHost(batch.host_query_start.data(), DType::kI32, seqs + 1, batch.query_start, 0), "copy");
-  Check(b.CopyFromHost(batch.host_context_len.data(), DType::kI32, seqs, batch.context_len, 0), "copy");
+  Check(b.CopyFromHost(batch.host_query_start.data(), DType::kI32, seqs + 1, batch.query_start, 0),
+        "copy");
+  Check(b.CopyFromHost(batch.host_context_len.data(), DType::kI32, seqs, batch.context_len, 0),
+        "copy");
   Check(b.CopyFromHost(table.data(), DType::kI32, table.size(), batch.block_table, 0), "copy");
   return TimeIt(b, reps, 3, [&] {
     Check(b.Attention(qkv, layout, kc, vc, batch, 1.0f / std::sqrt(128.0f), 0, out), "attention");
@@ -155,10 +159,9 @@ void Run() {
   const double gemm_peak = rows.back().value;
 
   // Linear at decode sizes, the Llama-3-8B projections: reading W once is
-  // the whole cost. Up to 8 tokens take the weight-streaming kernel, 9 take
-  // cuBLASLt (the same bytes, for comparison). Several copies of W are
-  // cycled so that none is still in L2 (50 MB on an H100) from the previous
-  // call.
+  // the whole cost, so the rate is compared with the copy bandwidth. Several
+  // copies of W are cycled so that none is still in L2 (50 MB on an H100)
+  // from the previous call.
   {
     struct Shape {
       const char* name;
@@ -172,7 +175,7 @@ void Run() {
       std::vector<Tensor> ws;
       for (int i = 0; i < copies; ++i) ws.push_back(Random(b, {s.n, s.k}, 20 + i));
       const std::string shape = std::to_string(s.n) + "x" + std::to_string(s.k);
-      for (int64_t tokens : {1, 8, 9}) {
+      for (int64_t tokens : {1, 8}) {
         Tensor x = Random(b, {tokens, s.k}, 30);
         Tensor y = Check(b.Allocate(b.activation_dtype(), {tokens, s.n}), "y");
         int next = 0;
@@ -180,8 +183,7 @@ void Run() {
           Check(b.Linear(x, ws[next], Tensor(), y), "linear");
           next = (next + 1) % copies;
         });
-        const std::string what = "linear T=" + std::to_string(tokens) + " " + s.name + " " + shape +
-                                 (tokens > 8 ? " cuBLASLt" : "");
+        const std::string what = "linear T=" + std::to_string(tokens) + " " + s.name + " " + shape;
         if (tokens == 1) Report({what + ": time", t * 1e6, "us", 0, "-"});
         Report({what + ": W rate", w_bytes / t / 1e12, "TB/s", copy_bw / 1e12, "device copy"});
       }
@@ -193,16 +195,17 @@ void Run() {
     const double t = TimeAttention(b, 16, 1, 32768, 7);
     const double kv_bytes = 16.0 * 32768 * 8 * 128 * 2 * 2;
     Report({"decode attention b16 ctx32k: time", t * 1e3, "ms", 0, "-"});
-    Report({"decode attention b16 ctx32k: KV bandwidth", kv_bytes / t / 1e12, "TB/s", copy_bw / 1e12,
-            "device copy"});
+    Report({"decode attention b16 ctx32k: KV bandwidth", kv_bytes / t / 1e12, "TB/s",
+            copy_bw / 1e12, "device copy"});
   }
   // Prefill attention, causal, one sequence: FLOPs 4 * S^2 / 2 * Hq * d.
   for (int s : {8192, 32768}) {
     const double t = TimeAttention(b, 1, s, s, s > 8192 ? 3 : 5);
     const double flops = 4.0 * s * s / 2 * 32 * 128;
-    Report({"prefill attention causal " + std::to_string(s / 1024) + "k: time", t * 1e3, "ms", 0, "-"});
-    Report({"prefill attention causal " + std::to_string(s / 1024) + "k: throughput", flops / t / 1e12,
-            "TFLOP/s", gemm_peak, "bf16 GEMM"});
+    Report({"prefill attention causal " + std::to_string(s / 1024) + "k: time", t * 1e3, "ms", 0,
+            "-"});
+    Report({"prefill attention causal " + std::to_string(s / 1024) + "k: throughput",
+            flops / t / 1e12, "TFLOP/s", gemm_peak, "bf16 GEMM"});
   }
 
   // Whole model at the Llama-3-8B shape, random weights.
@@ -239,8 +242,8 @@ void Run() {
     // Bytes a step must read: every weight once and each sequence's KV.
     const double step_bytes = weight_bytes + seqs * ctx * kv_per_token;
     Report({"decode step b" + std::to_string(seqs) + " ctx1k: time", t * 1e3, "ms", 0, "-"});
-    Report({"decode step b" + std::to_string(seqs) + " ctx1k: weights+KV read rate", step_bytes / t / 1e12,
-            "TB/s", copy_bw / 1e12, "device copy"});
+    Report({"decode step b" + std::to_string(seqs) + " ctx1k: weights+KV read rate",
+            step_bytes / t / 1e12, "TB/s", copy_bw / 1e12, "device copy"});
     Report({"decode b" + std::to_string(seqs) + " ctx1k: throughput", seqs / t, "tok/s", 0, "-"});
   }
   // Prefill of one 8k prompt: FLOPs = 2 * params * tokens + causal attention.
@@ -261,20 +264,23 @@ void Run() {
     // Every layer's matmuls for every token; the embedding is a gather and
     // the lm_head runs for the last row only.
     const double vocab_matrix = double(config.vocab_size) * config.hidden_size;
-    const double matmul_flops = 2.0 * (config.NumParameters() - 2 * vocab_matrix) * s + 2.0 * vocab_matrix;
+    const double matmul_flops =
+        2.0 * (config.NumParameters() - 2 * vocab_matrix) * s + 2.0 * vocab_matrix;
     const double attn_flops = 4.0 * s * s / 2 * 32 * 128 * config.num_layers;
     Report({"prefill 8k prompt: time", t * 1e3, "ms", 0, "-"});
-    Report({"prefill 8k prompt: throughput", (matmul_flops + attn_flops) / t / 1e12, "TFLOP/s", gemm_peak,
-            "bf16 GEMM"});
+    Report({"prefill 8k prompt: throughput", (matmul_flops + attn_flops) / t / 1e12, "TFLOP/s",
+            gemm_peak, "bf16 GEMM"});
   }
 
-  std::printf("\n%-48s %12s %-8s %12s  %-26s %7s\n", "figure", "value", "unit", "limit", "limit is", "ratio");
+  std::printf("\n%-48s %12s %-8s %12s  %-26s %7s\n", "figure", "value", "unit", "limit", "limit is",
+              "ratio");
   for (const Row& r : rows) {
     if (r.limit > 0) {
-      std::printf("%-48s %12.4g %-8s %12.4g  %-26s %7.3f\n", r.figure.c_str(), r.value, r.unit.c_str(), r.limit,
-                  r.limit_name.c_str(), r.value / r.limit);
+      std::printf("%-48s %12.4g %-8s %12.4g  %-26s %7.3f\n", r.figure.c_str(), r.value,
+                  r.unit.c_str(), r.limit, r.limit_name.c_str(), r.value / r.limit);
     } else {
-      std::printf("%-48s %12.4g %-8s %12s  %-26s %7s\n", r.figure.c_str(), r.value, r.unit.c_str(), "", "", "");
+      std::printf("%-48s %12.4g %-8s %12s  %-26s %7s\n", r.figure.c_str(), r.value, r.unit.c_str(),
+                  "", "", "");
     }
   }
 }

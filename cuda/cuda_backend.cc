@@ -24,7 +24,6 @@
 #include "cuda/cuda_utils.h"
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/elementwise.h"
-#include "cuda/kernels/gemv.h"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/sampling.h"
@@ -572,18 +571,6 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& weight, const Te
       STRATA_CUDA_RETURN_IF_ERROR(
           kernels::LaunchAddBias(out.data(), bias.data(), tokens, out_features, stream()));
     }
-    return absl::OkStatus();
-  }
-
-  // Decode sizes: the product only streams W. cuBLASLt's kernels for them
-  // reach 2.3-2.8 TB/s on an H100 (and add a split-K reduction kernel for
-  // N = 4096), below the device copy rate; the weight-streaming kernel keeps
-  // more loads in flight.
-  if (kernels::SmallBatchLinearSupported(x.data(), weight.data(), tokens, in_features,
-                                         out_features)) {
-    STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchSmallBatchLinear(
-        x.data(), weight.data(), bias.defined() ? bias.data() : nullptr, out.data(), tokens,
-        in_features, out_features, stream()));
     return absl::OkStatus();
   }
 

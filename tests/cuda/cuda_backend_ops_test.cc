@@ -356,9 +356,7 @@ INSTANTIATE_TEST_SUITE_P(
                       LinearCase{5, 37, 13, true, 0}, LinearCase{4, 37, 29, false, 1},
                       // Views at row offsets that break 256-byte alignment.
                       LinearCase{3, 96, 40, true, 1}, LinearCase{8, 128, 64, false, 3},
-                      // Up to 8 tokens with K % 8 == 0 take the weight-streaming
-                      // kernel: N not a multiple of its 16-row tile, K not a
-                      // multiple of its 32- or 256-column steps (8, 24, 1032).
+                      // Decode sizes (up to 8 tokens) at odd and model shapes.
                       LinearCase{1, 8, 40, true, 0}, LinearCase{3, 8, 17, false, 0},
                       LinearCase{5, 24, 7, true, 0}, LinearCase{2, 1032, 1000, true, 0},
                       LinearCase{5, 1032, 1000, false, 0}, LinearCase{8, 1032, 333, true, 0},
@@ -367,7 +365,6 @@ INSTANTIATE_TEST_SUITE_P(
                       LinearCase{1, 14336, 200, false, 0}, LinearCase{2, 14336, 33, true, 0},
                       LinearCase{8, 14336, 130, true, 0}, LinearCase{3, 1032, 100, true, 1},
                       LinearCase{8, 4096, 64, true, 5},
-                      // 9 tokens and K % 8 != 0 stay on cuBLASLt.
                       LinearCase{9, 4096, 1000, true, 0}, LinearCase{9, 1032, 300, false, 0},
                       LinearCase{2, 100, 50, false, 1}),
     [](const ::testing::TestParamInfo<LinearCase>& info) {
