@@ -121,6 +121,11 @@ struct GemmPlan {
   bool use_fallback = false;
 };
 
+absl::Status CaptureError(const char* op) {
+  return absl::FailedPreconditionError(
+      absl::StrCat(op, " is not allowed while a graph is being captured"));
+}
+
 // ---- The backend ------------------------------------------------------------
 
 class CudaBackend final : public engine::Backend {
@@ -138,6 +143,9 @@ class CudaBackend final : public engine::Backend {
   absl::Status Fill(Tensor& t, float value) override;
   absl::Status Synchronize() override;
   void SetOpTiming(bool enabled) override { op_timer_.set_enabled(enabled); }
+  absl::Status BeginCapture() override;
+  absl::StatusOr<int> EndCapture() override;
+  absl::Status ReplayGraph(int graph) override;
   absl::StatusOr<std::vector<engine::OpTime>> TakeOpTimes() override { return op_timer_.Take(); }
 
   absl::Status Gather(const Tensor& table, const Tensor& ids, Tensor& out) override;
@@ -206,6 +214,8 @@ class CudaBackend final : public engine::Backend {
   DeviceBuffer attention_workspace_;  // split-KV decode partials
   DeviceBuffer cluster_workspace_;    // ClusterKeys scratch
   OpTimer op_timer_;
+  bool capturing_ = false;             // between BeginCapture and EndCapture
+  std::vector<CudaGraphExec> graphs_;  // by id
   absl::flat_hash_map<GemmKey, std::unique_ptr<GemmPlan>> gemm_plans_;
 };
 
@@ -259,6 +269,7 @@ absl::Status CudaBackend::Activate() const {
 // ---- Memory -----------------------------------------------------------------
 
 absl::StatusOr<Tensor> CudaBackend::Allocate(DType dtype, std::vector<int64_t> shape) {
+  if (capturing_) return CaptureError("Allocate");
   int64_t numel = 1;
   for (int64_t d : shape) {
     if (d < 0) {
@@ -298,6 +309,7 @@ absl::StatusOr<Tensor> CudaBackend::Allocate(DType dtype, std::vector<int64_t> s
 
 absl::Status CudaBackend::CopyFromHost(const void* src, DType src_dtype, int64_t count, Tensor& dst,
                                        int64_t dst_offset) {
+  if (capturing_) return CaptureError("CopyFromHost");
   OpTimer::Scope timed(&op_timer_, "CopyFromHost", stream());
   constexpr char kOp[] = "CopyFromHost";
   STRATA_RETURN_IF_ERROR(Check(dst.defined(), kOp, "destination is undefined"));
@@ -345,6 +357,7 @@ absl::Status CudaBackend::CopyFromHost(const void* src, DType src_dtype, int64_t
 }
 
 absl::Status CudaBackend::CopyToHost(const Tensor& src, void* dst) {
+  if (capturing_) return CaptureError("CopyToHost");
   OpTimer::Scope timed(&op_timer_, "CopyToHost", stream());
   constexpr char kOp[] = "CopyToHost";
   STRATA_RETURN_IF_ERROR(Check(src.defined(), kOp, "source is undefined"));
@@ -402,8 +415,50 @@ absl::Status CudaBackend::Fill(Tensor& t, float value) {
 }
 
 absl::Status CudaBackend::Synchronize() {
+  if (capturing_) return CaptureError("Synchronize");
   STRATA_RETURN_IF_ERROR(Activate());
   return stream_.Synchronize();
+}
+
+absl::Status CudaBackend::BeginCapture() {
+  if (capturing_) return CaptureError("BeginCapture");
+  // Timing events recorded inside a capture would not be timed.
+  if (op_timer_.enabled()) {
+    return absl::FailedPreconditionError("graph capture is off while op timing is on");
+  }
+  STRATA_RETURN_IF_ERROR(Activate());
+  // Thread-local mode: an unsafe call (an allocation, a synchronous copy)
+  // from this thread fails instead of being silently left out.
+  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> CudaBackend::EndCapture() {
+  if (!capturing_) return absl::FailedPreconditionError("EndCapture without BeginCapture");
+  capturing_ = false;
+  cudaGraph_t graph = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(stream(), &graph);
+  if (end != cudaSuccess) {
+    cudaGetLastError();  // an invalidated capture is not a sticky error
+    if (graph != nullptr) LogIfError(cudaGraphDestroy(graph), "cudaGraphDestroy");
+    return absl::FailedPreconditionError(
+        absl::StrCat("graph capture failed: ", cudaGetErrorString(end)));
+  }
+  absl::StatusOr<CudaGraphExec> exec = CudaGraphExec::Instantiate(graph);
+  LogIfError(cudaGraphDestroy(graph), "cudaGraphDestroy");
+  if (!exec.ok()) return exec.status();
+  graphs_.push_back(*std::move(exec));
+  return static_cast<int>(graphs_.size()) - 1;
+}
+
+absl::Status CudaBackend::ReplayGraph(int graph) {
+  if (capturing_) return CaptureError("ReplayGraph");
+  if (graph < 0 || graph >= static_cast<int>(graphs_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("ReplayGraph: no graph ", graph));
+  }
+  STRATA_RETURN_IF_ERROR(Activate());
+  return graphs_[graph].Launch(stream());
 }
 
 // ---- Operators --------------------------------------------------------------
@@ -728,6 +783,9 @@ absl::Status CudaBackend::LaunchAttention(const kernels::PagedAttentionParams& p
   const int num_splits = kernels::ChooseDecodeSplits(params, num_sms_);
   const size_t workspace_bytes = kernels::DecodeWorkspaceBytes(params, num_splits);
   if (workspace_bytes > 0) {
+    if (capturing_ && workspace_bytes > attention_workspace_.size()) {
+      return CaptureError("Growing the attention workspace");
+    }
     STRATA_RETURN_IF_ERROR(attention_workspace_.EnsureSize(workspace_bytes));
   }
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(

@@ -123,6 +123,34 @@ absl::Status CudaEvent::Synchronize() const {
   return absl::OkStatus();
 }
 
+// ---- CudaGraphExec ----------------------------------------------------------
+
+absl::StatusOr<CudaGraphExec> CudaGraphExec::Instantiate(cudaGraph_t graph) {
+  CudaGraphExec exec;
+  STRATA_CUDA_RETURN_IF_ERROR(cudaGraphInstantiate(&exec.exec_, graph, 0));
+  return exec;
+}
+
+CudaGraphExec& CudaGraphExec::operator=(CudaGraphExec&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    exec_ = std::exchange(other.exec_, nullptr);
+  }
+  return *this;
+}
+
+void CudaGraphExec::Reset() {
+  if (exec_ != nullptr) {
+    LogIfError(cudaGraphExecDestroy(exec_), "cudaGraphExecDestroy");
+    exec_ = nullptr;
+  }
+}
+
+absl::Status CudaGraphExec::Launch(cudaStream_t stream) const {
+  STRATA_CUDA_RETURN_IF_ERROR(cudaGraphLaunch(exec_, stream));
+  return absl::OkStatus();
+}
+
 // ---- cuBLAS handles ---------------------------------------------------------
 
 absl::StatusOr<CublasHandle> CublasHandle::Create() {

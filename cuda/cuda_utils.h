@@ -109,6 +109,25 @@ class CudaEvent {
   cudaEvent_t event_ = nullptr;
 };
 
+// An owned, instantiated CUDA graph.
+class CudaGraphExec {
+ public:
+  // Instantiates `graph` (which stays owned by the caller).
+  static absl::StatusOr<CudaGraphExec> Instantiate(cudaGraph_t graph);
+  CudaGraphExec() = default;
+  CudaGraphExec(CudaGraphExec&& other) noexcept : exec_(std::exchange(other.exec_, nullptr)) {}
+  CudaGraphExec& operator=(CudaGraphExec&& other) noexcept;
+  CudaGraphExec(const CudaGraphExec&) = delete;
+  CudaGraphExec& operator=(const CudaGraphExec&) = delete;
+  ~CudaGraphExec() { Reset(); }
+
+  absl::Status Launch(cudaStream_t stream) const;
+
+ private:
+  void Reset();
+  cudaGraphExec_t exec_ = nullptr;
+};
+
 // An owned cuBLAS handle.
 class CublasHandle {
  public:

@@ -55,9 +55,9 @@ struct QkvLayout {
 // The device tensors are built by the caller (engine/batch.h); the host
 // copies size the launches without a device round trip.
 struct AttentionBatch {
-  Tensor query_start;   // kI32 [S + 1] (device)
-  Tensor context_len;   // kI32 [S] (device)
-  Tensor block_table;   // kI32 [S, max_blocks_per_seq] (device)
+  Tensor query_start;  // kI32 [S + 1] (device)
+  Tensor context_len;  // kI32 [S] (device)
+  Tensor block_table;  // kI32 [S, max_blocks_per_seq] (device)
   int num_seqs = 0;
   int max_blocks_per_seq = 0;
   int max_query_len = 0;    // host copy: largest q_len in this step
@@ -101,13 +101,13 @@ enum SparsePlanField : int {
 // SelectTokens and read by SparseAttention, so a step needs no host round
 // trip.
 struct SparsePlan {
-  Tensor entries;                      // kI32 [P, kSparsePlanFields] (device)
-  std::vector<int32_t> host_entries;   // host copy of entries
-  int num_entries = 0;                 // P
-  int max_blocks = 0;                  // block stride of scores, summaries, extents
-  int max_keys = 0;                    // key stride of key_index
-  Tensor key_index;                    // kI32 [>= P, Hkv, max_keys]: logical indices
-  Tensor key_count;                    // kI32 [>= P, Hkv]
+  Tensor entries;                     // kI32 [P, kSparsePlanFields] (device)
+  std::vector<int32_t> host_entries;  // host copy of entries
+  int num_entries = 0;                // P
+  int max_blocks = 0;                 // block stride of scores, summaries, extents
+  int max_keys = 0;                   // key stride of key_index
+  Tensor key_index;                   // kI32 [>= P, Hkv, max_keys]: logical indices
+  Tensor key_count;                   // kI32 [>= P, Hkv]
 
   int32_t host(int entry, SparsePlanField field) const {
     return host_entries[static_cast<size_t>(entry) * kSparsePlanFields + field];
@@ -135,8 +135,8 @@ enum class BlockScoring {
 struct SequenceRange {
   Tensor block_table;  // kI32 [>= ceil((begin + count) / page_size)] (device)
   int page_size = 0;
-  int begin = 0;       // first logical index
-  int count = 0;       // tokens
+  int begin = 0;  // first logical index
+  int count = 0;  // tokens
 };
 
 // ---- Sampling --------------------------------------------------------------
@@ -217,6 +217,26 @@ class Backend {
   virtual void SetOpTiming(bool /*enabled*/) {}
   virtual absl::StatusOr<std::vector<OpTime>> TakeOpTimes() { return std::vector<OpTime>(); }
 
+  // ---- Graphs -------------------------------------------------------------
+  // Between BeginCapture and EndCapture the operators are recorded into a
+  // graph instead of running; EndCapture returns its id, and ReplayGraph
+  // enqueues the whole recording at once, as one launch (the CUDA backend:
+  // CUDA graphs). A replay uses exactly the tensors, shapes and launch
+  // choices of the recording; only the contents of the tensors may differ.
+  // While capturing, copies to or from the host, Synchronize and
+  // allocations fail, as do operators that would need one (e.g. a larger
+  // workspace): the caller then abandons the capture with EndCapture and
+  // runs the step directly. Backends without graphs return Unimplemented.
+  virtual absl::Status BeginCapture() {
+    return absl::UnimplementedError(std::string(name()) + " backend has no graphs");
+  }
+  virtual absl::StatusOr<int> EndCapture() {
+    return absl::UnimplementedError(std::string(name()) + " backend has no graphs");
+  }
+  virtual absl::Status ReplayGraph(int /*graph*/) {
+    return absl::UnimplementedError(std::string(name()) + " backend has no graphs");
+  }
+
   // ---- Operators ----------------------------------------------------------
   // out[i, :] = table[ids[i], :]. table [V, H], ids kI32 [T], out [T, H].
   // Ids outside [0, V) are an error (checked by the caller on the host).
@@ -224,8 +244,8 @@ class Backend {
   // out = x / rms(x) * weight, per row. x, out [T, H]; weight [H].
   virtual absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) = 0;
   // residual += x; out = RmsNorm(residual). All [T, H].
-  virtual absl::Status AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
-                                  Tensor& out) = 0;
+  virtual absl::Status AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& weight,
+                                  float eps, Tensor& out) = 0;
   // out[T, N] = x[T, K] . weight[N, K]^T (+ bias[N] if bias is defined).
   virtual absl::Status Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
                               Tensor& out) = 0;

@@ -45,15 +45,18 @@ absl::Status Model::AllocateBuffers() {
   const int64_t t = options_.max_batch_tokens, s = options_.max_seqs;
   const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
   for (int i = 0; i < config_.num_layers; ++i) {
-    const std::vector<int64_t> shape = {options_.num_pages, options_.page_size, config_.num_kv_heads,
-                                        config_.head_dim};
+    // One page more than the sequences may use: padding rows of decode
+    // graphs write their keys there.
+    const std::vector<int64_t> shape = {options_.num_pages + 1, options_.page_size,
+                                        config_.num_kv_heads, config_.head_dim};
     STRATA_ASSIGN_OR_RETURN(Tensor k, b.Allocate(dt, shape));
     STRATA_ASSIGN_OR_RETURN(Tensor v, b.Allocate(dt, shape));
     k_cache_.push_back(std::move(k));
     v_cache_.push_back(std::move(v));
   }
   const std::vector<float> inv_freq = config_.RopeInvFreq();
-  STRATA_ASSIGN_OR_RETURN(inv_freq_, b.Allocate(DType::kF32, {static_cast<int64_t>(inv_freq.size())}));
+  STRATA_ASSIGN_OR_RETURN(inv_freq_,
+                          b.Allocate(DType::kF32, {static_cast<int64_t>(inv_freq.size())}));
   STRATA_RETURN_IF_ERROR(
       b.CopyFromHost(inv_freq.data(), DType::kF32, inv_freq.size(), inv_freq_, 0));
   STRATA_ASSIGN_OR_RETURN(ids_, b.Allocate(DType::kI32, {t}));
@@ -67,7 +70,8 @@ absl::Status Model::AllocateBuffers() {
   STRATA_ASSIGN_OR_RETURN(residual_, b.Allocate(dt, {t, h}));
   STRATA_ASSIGN_OR_RETURN(normed_, b.Allocate(dt, {t, h}));
   STRATA_ASSIGN_OR_RETURN(qkv_, b.Allocate(dt, {t, layout_.row_width()}));
-  STRATA_ASSIGN_OR_RETURN(attn_, b.Allocate(dt, {t, int64_t{config_.num_q_heads} * config_.head_dim}));
+  STRATA_ASSIGN_OR_RETURN(attn_,
+                          b.Allocate(dt, {t, int64_t{config_.num_q_heads} * config_.head_dim}));
   STRATA_ASSIGN_OR_RETURN(proj_, b.Allocate(dt, {t, h}));
   STRATA_ASSIGN_OR_RETURN(gate_up_, b.Allocate(dt, {t, 2 * inter}));
   STRATA_ASSIGN_OR_RETURN(act_, b.Allocate(dt, {t, inter}));
@@ -77,13 +81,16 @@ absl::Status Model::AllocateBuffers() {
   STRATA_ASSIGN_OR_RETURN(sampled_ids_, b.Allocate(DType::kI32, {logit_rows}));
   STRATA_ASSIGN_OR_RETURN(sampled_logprobs_, b.Allocate(DType::kF32, {logit_rows}));
   host_table_.assign(static_cast<size_t>(s) * max_blocks_per_seq_, 0);
+  spare_page_ = options_.num_pages;
   return b.Synchronize();
 }
 
 absl::Status Model::Validate(const StepInput& in) const {
   const int64_t t = static_cast<int64_t>(in.token_ids.size());
   const int num_seqs = static_cast<int>(in.context_len.size());
-  auto bad = [](const std::string& what) { return absl::InvalidArgumentError("forward step: " + what); };
+  auto bad = [](const std::string& what) {
+    return absl::InvalidArgumentError("forward step: " + what);
+  };
   if (t == 0) return bad("no tokens");
   if (t > options_.max_batch_tokens) {
     return bad(absl::StrCat(t, " tokens exceed max_batch_tokens ", options_.max_batch_tokens));
@@ -91,7 +98,8 @@ absl::Status Model::Validate(const StepInput& in) const {
   if (num_seqs == 0 || num_seqs > options_.max_seqs) {
     return bad(absl::StrCat(num_seqs, " sequences (allowed 1..", options_.max_seqs, ")"));
   }
-  if (in.positions.size() != in.token_ids.size()) return bad("positions and token_ids differ in length");
+  if (in.positions.size() != in.token_ids.size())
+    return bad("positions and token_ids differ in length");
   if (static_cast<int>(in.query_start.size()) != num_seqs + 1 || in.query_start[0] != 0 ||
       in.query_start.back() != t || static_cast<int>(in.block_tables.size()) != num_seqs) {
     return bad("query_start / block_tables do not match the sequences");
@@ -114,17 +122,21 @@ absl::Status Model::Validate(const StepInput& in) const {
   for (int s = 0; s < num_seqs; ++s) {
     const int q_len = in.query_start[s + 1] - in.query_start[s];
     const int ctx = in.context_len[s];
-    if (q_len <= 0 || ctx < q_len) return bad(absl::StrCat("sequence ", s, ": bad query/context length"));
+    if (q_len <= 0 || ctx < q_len)
+      return bad(absl::StrCat("sequence ", s, ": bad query/context length"));
     if (ctx > options_.max_context) {
-      return bad(absl::StrCat("sequence ", s, ": context ", ctx, " exceeds max_context ", options_.max_context));
+      return bad(absl::StrCat("sequence ", s, ": context ", ctx, " exceeds max_context ",
+                              options_.max_context));
     }
     const auto& table = in.block_tables[s];
     if (static_cast<int64_t>(table.size()) * options_.page_size < ctx ||
         static_cast<int>(table.size()) > max_blocks_per_seq_) {
-      return bad(absl::StrCat("sequence ", s, ": block table of ", table.size(), " pages for ", ctx, " tokens"));
+      return bad(absl::StrCat("sequence ", s, ": block table of ", table.size(), " pages for ", ctx,
+                              " tokens"));
     }
     for (int32_t page : table) {
-      if (page < 0 || page >= options_.num_pages) return bad(absl::StrCat("page ", page, " outside the cache"));
+      if (page < 0 || page >= options_.num_pages)
+        return bad(absl::StrCat("page ", page, " outside the cache"));
     }
     for (int j = 0; j < q_len; ++j) {
       if (in.positions[in.query_start[s] + j] != ctx - q_len + j) {
@@ -155,65 +167,191 @@ absl::StatusOr<std::vector<SampledToken>> Model::ForwardSample(const StepInput& 
           absl::StrCat("forward step: sampling row ", i, ": ", s.message()));
     }
   }
-  STRATA_ASSIGN_OR_RETURN(Tensor logits, RunStep(in));
-  if (!logits.defined()) return std::vector<SampledToken>();
-  Backend& b = *backend_;
+  bool sampled = false;
+  if (options_.decode_graphs && !graphs_unsupported_ && planner_ == nullptr) {
+    STRATA_RETURN_IF_ERROR(Validate(in));
+    STRATA_ASSIGN_OR_RETURN(sampled, SampleDecodeGraph(in, rows));
+  }
   const int n = static_cast<int>(rows.size());
-  SamplingTable table;
-  table.host_params = EncodeSamplingRows(rows);
-  table.params = sample_params_.Rows(0, n);
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(table.host_params.data(), DType::kI32,
-                                        static_cast<int64_t>(table.host_params.size()),
-                                        table.params, 0));
-  Tensor ids = sampled_ids_.Rows(0, n), logprobs = sampled_logprobs_.Rows(0, n);
-  STRATA_RETURN_IF_ERROR(b.SampleTokens(logits, table, ids, logprobs));
+  if (!sampled) {
+    STRATA_ASSIGN_OR_RETURN(Tensor logits, RunStep(in));
+    if (!logits.defined()) return std::vector<SampledToken>();
+    STRATA_RETURN_IF_ERROR(Sample(logits, rows, n));
+  }
+  Backend& b = *backend_;
   std::vector<int32_t> host_ids(n);
   std::vector<float> host_logprobs(n);
-  STRATA_RETURN_IF_ERROR(b.CopyToHost(ids, host_ids.data()));
-  STRATA_RETURN_IF_ERROR(b.CopyToHost(logprobs, host_logprobs.data()));
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(sampled_ids_.Rows(0, n), host_ids.data()));
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(sampled_logprobs_.Rows(0, n), host_logprobs.data()));
   std::vector<SampledToken> out(n);
   for (int i = 0; i < n; ++i) out[i] = {host_ids[i], host_logprobs[i]};
   return out;
 }
 
+absl::Status Model::UploadSamplingRows(std::span<const SamplingRow> rows, int padded_rows) {
+  std::vector<SamplingRow> padded(rows.begin(), rows.end());
+  padded.resize(padded_rows);  // greedy rows for the padding
+  sampling_table_.host_params = EncodeSamplingRows(padded);
+  sampling_table_.params = sample_params_.Rows(0, padded_rows);
+  return backend_->CopyFromHost(sampling_table_.host_params.data(), DType::kI32,
+                                static_cast<int64_t>(sampling_table_.host_params.size()),
+                                sampling_table_.params, 0);
+}
+
+absl::Status Model::SampleUploaded(const Tensor& logits, int padded_rows) {
+  Tensor ids = sampled_ids_.Rows(0, padded_rows), logprobs = sampled_logprobs_.Rows(0, padded_rows);
+  return backend_->SampleTokens(logits, sampling_table_, ids, logprobs);
+}
+
+absl::Status Model::Sample(const Tensor& logits, std::span<const SamplingRow> rows,
+                           int padded_rows) {
+  STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, padded_rows));
+  return SampleUploaded(logits, padded_rows);
+}
+
+absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
+                                              std::span<const SamplingRow> rows) {
+  const int seqs = static_cast<int>(in.context_len.size());
+  if (static_cast<int>(in.token_ids.size()) != seqs ||
+      static_cast<int>(in.logit_rows.size()) != seqs) {
+    return false;
+  }
+  for (int i = 0; i < seqs; ++i) {
+    if (in.logit_rows[i] != i) return false;
+  }
+  auto next_pow2 = [](int v) {
+    int p = 1;
+    while (p < v) p <<= 1;
+    return p;
+  };
+  const int cap = std::min({options_.max_seqs, options_.max_batch_tokens, options_.max_logit_rows});
+  int bucket = seqs <= 8 ? next_pow2(seqs) : (seqs + 15) / 16 * 16;
+  if (bucket > cap) bucket = seqs;
+  const int context_bound =
+      next_pow2(*std::max_element(in.context_len.begin(), in.context_len.end()));
+  const std::pair<int, int> key{bucket, context_bound};
+
+  Backend& b = *backend_;
+  const int padding = bucket - seqs;
+  STRATA_ASSIGN_OR_RETURN(AttentionBatch batch, Upload(in, padding));
+  auto compute_and_sample = [&]() -> absl::Status {
+    STRATA_ASSIGN_OR_RETURN(Tensor logits, Compute(batch, bucket, bucket));
+    return Sample(logits, rows, bucket);
+  };
+  auto it = decode_graphs_.find(key);
+  if (it == decode_graphs_.end()) {
+    if (decode_graphs_seen_.insert(key).second) {
+      // First sight: run directly, which sizes workspaces and GEMM plans.
+      STRATA_RETURN_IF_ERROR(compute_and_sample());
+      return true;
+    }
+    // The sampling table is uploaded before the capture (a host copy);
+    // the recording holds the compute and the sampling kernel.
+    STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, bucket));
+    const absl::Status begin = b.BeginCapture();
+    if (absl::IsUnimplemented(begin)) {
+      graphs_unsupported_ = true;
+      STRATA_RETURN_IF_ERROR(compute_and_sample());
+      return true;
+    }
+    if (begin.ok()) {
+      const absl::Status recorded = [&]() -> absl::Status {
+        STRATA_ASSIGN_OR_RETURN(Tensor logits, Compute(batch, bucket, bucket));
+        return SampleUploaded(logits, bucket);
+      }();
+      absl::StatusOr<int> graph = b.EndCapture();
+      if (recorded.ok() && graph.ok()) it = decode_graphs_.emplace(key, *graph).first;
+    }
+    if (it == decode_graphs_.end()) {
+      // Not capturable now (e.g. op timing is on, or a workspace had to
+      // grow): this step runs directly, a later one captures.
+      STRATA_RETURN_IF_ERROR(compute_and_sample());
+      return true;
+    }
+  }
+  STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, bucket));
+  STRATA_RETURN_IF_ERROR(b.ReplayGraph(it->second));
+  return true;
+}
+
 absl::StatusOr<Tensor> Model::RunStep(const StepInput& in) {
   STRATA_RETURN_IF_ERROR(Validate(in));
-  Backend& b = *backend_;
-  const int64_t t = static_cast<int64_t>(in.token_ids.size());
-  const int num_seqs = static_cast<int>(in.context_len.size());
-  const int rows_out = static_cast<int>(in.logit_rows.size());
+  STRATA_ASSIGN_OR_RETURN(AttentionBatch batch, Upload(in, 0));
+  if (planner_ != nullptr) STRATA_RETURN_IF_ERROR(planner_->BeginStep(in, batch));
+  STRATA_ASSIGN_OR_RETURN(Tensor logits, Compute(batch, static_cast<int64_t>(in.token_ids.size()),
+                                                 static_cast<int>(in.logit_rows.size())));
+  // A step of prefill chunks that end mid-prompt has no logits; still,
+  // its errors surface here.
+  if (!logits.defined()) STRATA_RETURN_IF_ERROR(backend_->Synchronize());
+  return logits;
+}
 
-  // Slots and the block table for this step.
-  host_slots_.resize(t);
+absl::StatusOr<AttentionBatch> Model::Upload(const StepInput& in, int padding) {
+  Backend& b = *backend_;
+  const int real_tokens = static_cast<int>(in.token_ids.size());
+  const int real_seqs = static_cast<int>(in.context_len.size());
+  const int64_t t = real_tokens + padding;
+  const int num_seqs = real_seqs + padding;
+  const int rows_out = static_cast<int>(in.logit_rows.size()) + padding;
+
   AttentionBatch batch;
   batch.num_seqs = num_seqs;
   batch.max_blocks_per_seq = max_blocks_per_seq_;
   batch.page_size = options_.page_size;
   batch.host_query_start = in.query_start;
   batch.host_context_len = in.context_len;
-  for (int s = 0; s < num_seqs; ++s) {
+  host_ids_.assign(in.token_ids.begin(), in.token_ids.end());
+  host_positions_.assign(in.positions.begin(), in.positions.end());
+  host_logit_rows_.assign(in.logit_rows.begin(), in.logit_rows.end());
+  host_slots_.resize(t);
+  for (int s = 0; s < real_seqs; ++s) {
     const auto& table = in.block_tables[s];
     std::copy(table.begin(), table.end(), host_table_.begin() + int64_t{s} * max_blocks_per_seq_);
     for (int32_t r = in.query_start[s]; r < in.query_start[s + 1]; ++r) {
       const int32_t pos = in.positions[r];
-      host_slots_[r] = table[pos / options_.page_size] * options_.page_size + pos % options_.page_size;
+      host_slots_[r] =
+          table[pos / options_.page_size] * options_.page_size + pos % options_.page_size;
     }
     batch.max_query_len = std::max(batch.max_query_len, in.query_start[s + 1] - in.query_start[s]);
     batch.max_context_len = std::max(batch.max_context_len, in.context_len[s]);
   }
+  for (int k = 0; k < padding; ++k) {
+    const int row = real_tokens + k;
+    host_ids_.push_back(0);
+    host_positions_.push_back(0);
+    host_slots_[row] = spare_page_ * options_.page_size;
+    host_table_[int64_t{real_seqs + k} * max_blocks_per_seq_] = spare_page_;
+    batch.host_query_start.push_back(row + 1);
+    batch.host_context_len.push_back(1);
+    host_logit_rows_.push_back(row);
+    batch.max_query_len = std::max(batch.max_query_len, 1);
+    batch.max_context_len = std::max(batch.max_context_len, 1);
+  }
   Tensor ids = ids_.Rows(0, t), positions = positions_.Rows(0, t), slots = slots_.Rows(0, t);
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.token_ids.data(), DType::kI32, t, ids, 0));
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.positions.data(), DType::kI32, t, positions, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_ids_.data(), DType::kI32, t, ids, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_positions_.data(), DType::kI32, t, positions, 0));
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_slots_.data(), DType::kI32, t, slots, 0));
   batch.query_start = query_start_.Rows(0, num_seqs + 1);
   batch.context_len = context_len_.Rows(0, num_seqs);
   batch.block_table = block_table_.Rows(0, num_seqs);
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.query_start.data(), DType::kI32, num_seqs + 1, batch.query_start, 0));
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.context_len.data(), DType::kI32, num_seqs, batch.context_len, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(batch.host_query_start.data(), DType::kI32, num_seqs + 1,
+                                        batch.query_start, 0));
+  STRATA_RETURN_IF_ERROR(
+      b.CopyFromHost(batch.host_context_len.data(), DType::kI32, num_seqs, batch.context_len, 0));
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_table_.data(), DType::kI32,
-                                        int64_t{num_seqs} * max_blocks_per_seq_, batch.block_table, 0));
+                                        int64_t{num_seqs} * max_blocks_per_seq_, batch.block_table,
+                                        0));
+  if (rows_out > 0) {
+    Tensor rows = logit_rows_.Rows(0, rows_out);
+    STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_logit_rows_.data(), DType::kI32, rows_out, rows, 0));
+  }
+  return batch;
+}
 
-  if (planner_ != nullptr) STRATA_RETURN_IF_ERROR(planner_->BeginStep(in, batch));
+absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, int rows_out) {
+  Backend& b = *backend_;
+  const int num_seqs = batch.num_seqs;
+  Tensor ids = ids_.Rows(0, t), positions = positions_.Rows(0, t), slots = slots_.Rows(0, t);
 
   Tensor residual = residual_.Rows(0, t), normed = normed_.Rows(0, t), qkv = qkv_.Rows(0, t);
   Tensor attn = attn_.Rows(0, t), proj = proj_.Rows(0, t), gate_up = gate_up_.Rows(0, t),
@@ -238,8 +376,8 @@ absl::StatusOr<Tensor> Model::RunStep(const StepInput& in) {
     }
     // A plan that covers every sequence of a pure decode step replaces the
     // dense attention; otherwise its rows overwrite the dense result.
-    const bool sparse_only = plan != nullptr && plan->num_entries == num_seqs &&
-                             batch.max_query_len == 1;
+    const bool sparse_only =
+        plan != nullptr && plan->num_entries == num_seqs && batch.max_query_len == 1;
     if (!sparse_only) {
       STRATA_RETURN_IF_ERROR(b.Attention(qkv, layout_, k_cache_[i], v_cache_[i], batch, scale,
                                          config_.sliding_window, attn));
@@ -256,12 +394,8 @@ absl::StatusOr<Tensor> Model::RunStep(const StepInput& in) {
   }
   // Only the requested rows go through the final norm and lm_head; a step
   // of prefill chunks that end mid-prompt needs none.
-  if (rows_out == 0) {
-    STRATA_RETURN_IF_ERROR(b.Synchronize());
-    return Tensor();
-  }
+  if (rows_out == 0) return Tensor();
   Tensor rows = logit_rows_.Rows(0, rows_out), last = last_.Rows(0, rows_out);
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(in.logit_rows.data(), DType::kI32, rows_out, rows, 0));
   STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, weights_.final_norm, eps, normed));
   STRATA_RETURN_IF_ERROR(b.Gather(normed, rows, last));
   Tensor logits = logits_.Rows(0, rows_out);

@@ -15,8 +15,11 @@
 #define STRATA_ENGINE_MODEL_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <set>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -35,6 +38,12 @@ struct ModelOptions {
   int page_size = 16;           // tokens per KV page
   int num_pages = 0;            // KV pages in the cache; 0: max_seqs full contexts
   int max_logit_rows = 0;       // rows of logits per step; 0: max_seqs
+  // ForwardSample replays pure decode steps from backend graphs
+  // (Backend::BeginCapture) when no attention planner is set: the batch is
+  // padded to a bucket (1, 2, 4, 8, then multiples of 16) with rows that
+  // write to a spare cache page, and one graph is recorded per (bucket,
+  // power-of-two context bound), the second time that pair is seen.
+  bool decode_graphs = true;
 };
 
 // The tokens of one step, grouped by sequence (see AttentionBatch).
@@ -83,6 +92,8 @@ class Model {
   Tensor& k_cache(int layer) { return k_cache_[layer]; }
   Tensor& v_cache(int layer) { return v_cache_[layer]; }
   int64_t weight_bytes() const { return weights_.bytes; }
+  // Decode graphs recorded so far (ModelOptions::decode_graphs).
+  int num_decode_graphs() const { return static_cast<int>(decode_graphs_.size()); }
   int64_t kv_bytes_per_token() const;
 
  private:
@@ -93,6 +104,23 @@ class Model {
   // The forward pass shared by Forward and ForwardSample: returns the
   // device logits [logit_rows.size(), vocab] (undefined when no rows).
   absl::StatusOr<Tensor> RunStep(const StepInput& input);
+  // RunStep's parts: the step's inputs to the device (no validation), with
+  // `padding` extra one-token sequences at position 0 that write to the
+  // spare page and ask for logits; and the layers plus lm_head over the
+  // uploaded step (`tokens` rows, the first `rows_out` logit rows).
+  absl::StatusOr<AttentionBatch> Upload(const StepInput& input, int padding);
+  absl::StatusOr<Tensor> Compute(const AttentionBatch& batch, int64_t tokens, int rows_out);
+  // Uploads the sampling rows (padded with greedy rows to `padded_rows`)
+  // into sampling_table_; enqueues Backend::SampleTokens over logits with
+  // it into sampled_ids_ / sampled_logprobs_; both.
+  absl::Status UploadSamplingRows(std::span<const SamplingRow> rows, int padded_rows);
+  absl::Status SampleUploaded(const Tensor& logits, int padded_rows);
+  absl::Status Sample(const Tensor& logits, std::span<const SamplingRow> rows, int padded_rows);
+  // ForwardSample's compute for a validated step through a decode graph,
+  // leaving the tokens in sampled_ids_ / sampled_logprobs_; false when the
+  // step is not a pure decode step of one logit row per sequence in order
+  // (then the caller runs it directly).
+  absl::StatusOr<bool> SampleDecodeGraph(const StepInput& input, std::span<const SamplingRow> rows);
 
   ModelConfig config_;
   ModelWeights weights_;
@@ -108,7 +136,17 @@ class Model {
   Tensor ids_, positions_, slots_, query_start_, context_len_, block_table_, logit_rows_;
   Tensor residual_, normed_, qkv_, attn_, proj_, gate_up_, act_, last_, logits_;
   Tensor sample_params_, sampled_ids_, sampled_logprobs_;  // [max_logit_rows, ...]
+  SamplingTable sampling_table_;                           // the last uploaded rows
   std::vector<int32_t> host_slots_, host_table_;
+  // Host staging of a (padded) step's small arrays.
+  std::vector<int32_t> host_ids_, host_positions_, host_logit_rows_;
+
+  // Decode graphs: ids by (padded batch, context bound); pairs seen once
+  // (run directly, so workspaces and GEMM plans exist before a capture).
+  std::map<std::pair<int, int>, int> decode_graphs_;
+  std::set<std::pair<int, int>> decode_graphs_seen_;
+  bool graphs_unsupported_ = false;
+  int spare_page_ = 0;  // a cache page no sequence owns: padding rows write here
 };
 
 }  // namespace strata::engine

@@ -124,7 +124,8 @@ TEST_P(CudaGoldenTest, LogitsWithinBf16ToleranceAndSameGreedyTokens) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaGoldenTest,
-                         ::testing::Values("llama_gqa", "qwen2_tied", "llama3_rope", "mistral_window"));
+                         ::testing::Values("llama_gqa", "qwen2_tied", "llama3_rope",
+                                           "mistral_window"));
 
 TEST(CudaBatchingTest, MixedBatchEqualsEachSequenceAlone) {
   auto backend = MakeBackendOrSkip();
@@ -156,12 +157,66 @@ TEST(CudaBatchingTest, MixedBatchEqualsEachSequenceAlone) {
   const int arrivals[] = {0, 0, 2, 5, 6, 9};
   size_t next = 0;
   for (int step = 0; next < reqs.size() || batcher.HasWork(); ++step) {
-    while (next < reqs.size() && arrivals[next] <= step) ASSERT_TRUE(batcher.Add(reqs[next++]).ok());
+    while (next < reqs.size() && arrivals[next] <= step)
+      ASSERT_TRUE(batcher.Add(reqs[next++]).ok());
     auto events = batcher.Step();
     ASSERT_TRUE(events.ok()) << events.status();
     for (const auto& e : *events) batched[e.request_id].push_back(e.token_id);
   }
   for (const auto& r : reqs) EXPECT_EQ(batched[r.id], alone[r.id]) << "request " << r.id;
+}
+
+// Decode steps replayed from CUDA graphs (padded to a batch bucket, one
+// graph per bucket and context bound) give the tokens of steps run
+// directly, for a continuous batch whose size and contexts keep changing.
+TEST(CudaDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
+  auto backend = MakeBackendOrSkip();
+  if (!backend) GTEST_SKIP() << "no usable GPU";
+  std::map<uint64_t, std::vector<int32_t>> tokens[2];
+  std::map<uint64_t, std::vector<float>> logprobs[2];
+  int graphs[2] = {0, 0};
+  for (int graphed = 0; graphed < 2; ++graphed) {
+    ModelOptions options;
+    options.max_seqs = 16;
+    options.max_context = 300;
+    options.max_batch_tokens = 64;
+    options.page_size = 8;
+    options.decode_graphs = graphed == 1;
+    auto loaded = engine::LoadModel({FixturePath("models/llama_gqa"), ""}, backend.get(), options);
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    Batcher batcher(loaded->model.get(), nullptr);
+    // 11 requests arriving over time: batch sizes 1..11 (padded to 1, 2, 4,
+    // 8 and 16) and contexts crossing 64, 128 and 256.
+    for (int step = 0; step < 400 && (step < 40 || batcher.HasWork()); ++step) {
+      if (step % 4 == 0 && step / 4 < 11) {
+        const int i = step / 4;
+        GenerationRequest r;
+        r.id = i;
+        r.max_tokens = 30 + 17 * i;
+        r.ignore_eos = true;
+        for (int j = 0; j < 5 + 9 * i; ++j) r.prompt.push_back((37 * i + j) % 512);
+        ASSERT_TRUE(batcher.Add(r).ok());
+      }
+      auto events = batcher.Step();
+      ASSERT_TRUE(events.ok()) << events.status();
+      for (const auto& e : *events) {
+        tokens[graphed][e.request_id].push_back(e.token_id);
+        logprobs[graphed][e.request_id].push_back(e.logprob);
+      }
+    }
+    graphs[graphed] = loaded->model->num_decode_graphs();
+  }
+  EXPECT_EQ(graphs[0], 0);
+  EXPECT_GE(graphs[1], 5);  // buckets 1..16 and several context bounds
+  ASSERT_EQ(tokens[0].size(), 11u);
+  for (const auto& [id, direct] : tokens[0]) {
+    EXPECT_EQ(tokens[1][id], direct) << "request " << id;
+    ASSERT_EQ(logprobs[1][id].size(), logprobs[0][id].size());
+    for (size_t k = 0; k < direct.size(); ++k) {
+      EXPECT_NEAR(logprobs[1][id][k], logprobs[0][id][k], 0.05)
+          << "request " << id << " token " << k;
+    }
+  }
 }
 
 }  // namespace
