@@ -159,6 +159,9 @@ class CudaBackend final : public engine::Backend {
   absl::Status SiluMul(const Tensor& gate_up, Tensor& out) override;
   absl::Status WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
                        Tensor& k_cache, Tensor& v_cache) override;
+  absl::Status RopeWriteKv(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
+                           const Tensor& inv_freq, const Tensor& slots, Tensor& k_cache,
+                           Tensor& v_cache) override;
   absl::Status Attention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                          const Tensor& v_cache, const AttentionBatch& batch, float scale,
                          int sliding_window, Tensor& out) override;
@@ -454,6 +457,9 @@ absl::StatusOr<int> CudaBackend::EndCapture() {
 
 absl::Status CudaBackend::ReplayGraph(int graph) {
   if (capturing_) return CaptureError("ReplayGraph");
+  // A replay would hide the operators from the op timing.
+  if (op_timer_.enabled())
+    return absl::FailedPreconditionError("graph replay while op timing is on");
   if (graph < 0 || graph >= static_cast<int>(graphs_.size())) {
     return absl::InvalidArgumentError(absl::StrCat("ReplayGraph: no graph ", graph));
   }
@@ -674,30 +680,57 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& weight, const Te
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Rope(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
-                               const Tensor& inv_freq) {
-  OpTimer::Scope timed(&op_timer_, "Rope", stream());
-  constexpr char kOp[] = "Rope";
-  STRATA_RETURN_IF_ERROR(Check(qkv.defined() && positions.defined() && inv_freq.defined(), kOp,
+namespace {
+
+// Argument checks of Rope (and RopeWriteKv).
+absl::Status CheckRopeArgs(const char* op, const Tensor& qkv, const QkvLayout& layout,
+                           const Tensor& positions, const Tensor& inv_freq) {
+  STRATA_RETURN_IF_ERROR(Check(qkv.defined() && positions.defined() && inv_freq.defined(), op,
                                "undefined tensor", {&qkv, &positions, &inv_freq}));
   STRATA_RETURN_IF_ERROR(Check(layout.head_dim > 0 && layout.head_dim % 2 == 0 &&
                                    layout.head_dim <= 1024 && layout.num_q_heads > 0 &&
                                    layout.num_kv_heads >= 0,
-                               kOp,
+                               op,
                                absl::StrCat("bad layout: Hq=", layout.num_q_heads,
                                             " Hkv=", layout.num_kv_heads, " D=", layout.head_dim)));
   STRATA_RETURN_IF_ERROR(
       Check(qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && positions.rank() == 1 &&
                 positions.dim(0) == qkv.dim(0) && inv_freq.rank() == 1 &&
                 inv_freq.dim(0) == layout.head_dim / 2,
-            kOp,
+            op,
             absl::StrCat("expected qkv [T, ", layout.row_width(), "], positions [T], inv_freq [",
                          layout.head_dim / 2, "]"),
             {&qkv, &positions, &inv_freq}));
-  STRATA_RETURN_IF_ERROR(Check(qkv.dtype() == DType::kBF16 && positions.dtype() == DType::kI32 &&
-                                   inv_freq.dtype() == DType::kF32,
-                               kOp, "expected bf16 qkv, i32 positions, f32 inv_freq",
-                               {&qkv, &positions, &inv_freq}));
+  return Check(qkv.dtype() == DType::kBF16 && positions.dtype() == DType::kI32 &&
+                   inv_freq.dtype() == DType::kF32,
+               op, "expected bf16 qkv, i32 positions, f32 inv_freq", {&qkv, &positions, &inv_freq});
+}
+
+// Argument checks of WriteKv (and RopeWriteKv).
+absl::Status CheckWriteKvArgs(const char* op, const Tensor& qkv, const QkvLayout& layout,
+                              const Tensor& slots, const Tensor& k_cache, const Tensor& v_cache) {
+  STRATA_RETURN_IF_ERROR(
+      Check(qkv.defined() && slots.defined() && k_cache.defined() && v_cache.defined(), op,
+            "undefined tensor", {&qkv, &slots, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(Check(
+      qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && slots.rank() == 1 &&
+          slots.dim(0) == qkv.dim(0) && k_cache.rank() == 4 && k_cache.shape() == v_cache.shape() &&
+          k_cache.dim(2) == layout.num_kv_heads && k_cache.dim(3) == layout.head_dim,
+      op,
+      absl::StrCat("expected qkv [T, ", layout.row_width(), "], slots [T], caches [P, S, ",
+                   layout.num_kv_heads, ", ", layout.head_dim, "]"),
+      {&qkv, &slots, &k_cache, &v_cache}));
+  return Check(qkv.dtype() == DType::kBF16 && slots.dtype() == DType::kI32 &&
+                   k_cache.dtype() == DType::kBF16 && v_cache.dtype() == DType::kBF16,
+               op, "expected bf16 qkv and caches, i32 slots", {&qkv, &slots, &k_cache, &v_cache});
+}
+
+}  // namespace
+
+absl::Status CudaBackend::Rope(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
+                               const Tensor& inv_freq) {
+  OpTimer::Scope timed(&op_timer_, "Rope", stream());
+  STRATA_RETURN_IF_ERROR(CheckRopeArgs("Rope", qkv, layout, positions, inv_freq));
   STRATA_RETURN_IF_ERROR(Activate());
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRope(
       qkv.data(), qkv.dim(0), qkv.dim(1), layout.num_q_heads, layout.num_kv_heads, layout.head_dim,
@@ -724,27 +757,26 @@ absl::Status CudaBackend::SiluMul(const Tensor& gate_up, Tensor& out) {
 absl::Status CudaBackend::WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
                                   Tensor& k_cache, Tensor& v_cache) {
   OpTimer::Scope timed(&op_timer_, "WriteKv", stream());
-  constexpr char kOp[] = "WriteKv";
-  STRATA_RETURN_IF_ERROR(
-      Check(qkv.defined() && slots.defined() && k_cache.defined() && v_cache.defined(), kOp,
-            "undefined tensor", {&qkv, &slots, &k_cache, &v_cache}));
-  STRATA_RETURN_IF_ERROR(Check(
-      qkv.rank() == 2 && qkv.dim(1) == layout.row_width() && slots.rank() == 1 &&
-          slots.dim(0) == qkv.dim(0) && k_cache.rank() == 4 && k_cache.shape() == v_cache.shape() &&
-          k_cache.dim(2) == layout.num_kv_heads && k_cache.dim(3) == layout.head_dim,
-      kOp,
-      absl::StrCat("expected qkv [T, ", layout.row_width(), "], slots [T], caches [P, S, ",
-                   layout.num_kv_heads, ", ", layout.head_dim, "]"),
-      {&qkv, &slots, &k_cache, &v_cache}));
-  STRATA_RETURN_IF_ERROR(
-      Check(qkv.dtype() == DType::kBF16 && slots.dtype() == DType::kI32 &&
-                k_cache.dtype() == DType::kBF16 && v_cache.dtype() == DType::kBF16,
-            kOp, "expected bf16 qkv and caches, i32 slots", {&qkv, &slots, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(CheckWriteKvArgs("WriteKv", qkv, layout, slots, k_cache, v_cache));
   STRATA_RETURN_IF_ERROR(Activate());
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKv(
       qkv.data(), qkv.dim(0), qkv.dim(1), layout.num_q_heads, layout.num_kv_heads, layout.head_dim,
       slots.data_as<int32_t>(), k_cache.data(), v_cache.data(), k_cache.dim(0) * k_cache.dim(1),
       stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RopeWriteKv(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
+                                      const Tensor& inv_freq, const Tensor& slots, Tensor& k_cache,
+                                      Tensor& v_cache) {
+  OpTimer::Scope timed(&op_timer_, "RopeWriteKv", stream());
+  STRATA_RETURN_IF_ERROR(CheckRopeArgs("RopeWriteKv", qkv, layout, positions, inv_freq));
+  STRATA_RETURN_IF_ERROR(CheckWriteKvArgs("RopeWriteKv", qkv, layout, slots, k_cache, v_cache));
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRopeWriteKv(
+      qkv.data(), qkv.dim(0), qkv.dim(1), layout.num_q_heads, layout.num_kv_heads, layout.head_dim,
+      positions.data_as<int32_t>(), inv_freq.data_as<float>(), slots.data_as<int32_t>(),
+      k_cache.data(), v_cache.data(), k_cache.dim(0) * k_cache.dim(1), stream()));
   return absl::OkStatus();
 }
 

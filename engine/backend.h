@@ -226,7 +226,9 @@ class Backend {
   // While capturing, copies to or from the host, Synchronize and
   // allocations fail, as do operators that would need one (e.g. a larger
   // workspace): the caller then abandons the capture with EndCapture and
-  // runs the step directly. Backends without graphs return Unimplemented.
+  // runs the step directly. ReplayGraph returns FailedPrecondition when it
+  // cannot replay now (the CUDA backend: while op timing is on). Backends
+  // without graphs return Unimplemented.
   virtual absl::Status BeginCapture() {
     return absl::UnimplementedError(std::string(name()) + " backend has no graphs");
   }
@@ -264,6 +266,14 @@ class Backend {
   // page * page_size + offset. slots kI32 [T].
   virtual absl::Status WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
                                Tensor& k_cache, Tensor& v_cache) = 0;
+  // Rope, then WriteKv of the rotated keys: one operator, so a backend can
+  // fuse the two (the CUDA backend does); by default it runs both.
+  virtual absl::Status RopeWriteKv(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
+                                   const Tensor& inv_freq, const Tensor& slots, Tensor& k_cache,
+                                   Tensor& v_cache) {
+    if (absl::Status s = Rope(qkv, layout, positions, inv_freq); !s.ok()) return s;
+    return WriteKv(qkv, layout, slots, k_cache, v_cache);
+  }
   // Causal paged attention for a mixed batch of prefill chunks and decode
   // tokens (see AttentionBatch). Query head h reads KV head
   // h / (Hq / Hkv). out [T, Hq * D]. sliding_window <= 0 means unlimited.

@@ -270,7 +270,14 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
     }
   }
   STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, bucket));
-  STRATA_RETURN_IF_ERROR(b.ReplayGraph(it->second));
+  const absl::Status replay = b.ReplayGraph(it->second);
+  // FailedPrecondition: the backend cannot replay now (e.g. its op timing
+  // is on); the step runs directly.
+  if (absl::IsFailedPrecondition(replay)) {
+    STRATA_RETURN_IF_ERROR(compute_and_sample());
+  } else {
+    STRATA_RETURN_IF_ERROR(replay);
+  }
   return true;
 }
 
@@ -368,8 +375,8 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
       STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, l.input_norm, eps, normed));
     }
     STRATA_RETURN_IF_ERROR(b.Linear(normed, l.qkv, l.qkv_bias, qkv));
-    STRATA_RETURN_IF_ERROR(b.Rope(qkv, layout_, positions, inv_freq_));
-    STRATA_RETURN_IF_ERROR(b.WriteKv(qkv, layout_, slots, k_cache_[i], v_cache_[i]));
+    STRATA_RETURN_IF_ERROR(
+        b.RopeWriteKv(qkv, layout_, positions, inv_freq_, slots, k_cache_[i], v_cache_[i]));
     const SparsePlan* plan = nullptr;
     if (planner_ != nullptr) {
       STRATA_ASSIGN_OR_RETURN(plan, planner_->PlanLayer(i, qkv, k_cache_[i], v_cache_[i]));

@@ -267,6 +267,52 @@ __global__ void RopeKernel(bf16* qkv, int64_t row_width, int num_heads, int head
   }
 }
 
+// RoPE and the KV write in one pass: one block per token.
+__global__ void RopeWriteKvKernel(bf16* qkv, int64_t row_width, int num_q_heads, int num_kv_heads,
+                                  int head_dim, const int32_t* __restrict__ positions,
+                                  const float* __restrict__ inv_freq,
+                                  const int32_t* __restrict__ slots, bf16* __restrict__ k_cache,
+                                  bf16* __restrict__ v_cache, int64_t num_slots) {
+  __shared__ float cos_smem[kRopeMaxHalf];
+  __shared__ float sin_smem[kRopeMaxHalf];
+  const int64_t t = blockIdx.x;
+  const int half = head_dim / 2;
+  const float pos = static_cast<float>(positions[t]);
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    sincosf(pos * inv_freq[i], &sin_smem[i], &cos_smem[i]);
+  }
+  const int64_t slot = slots[t];
+  const bool cached = slot >= 0 && slot < num_slots;
+  const int64_t kv_width = static_cast<int64_t>(num_kv_heads) * head_dim;
+  bf16* row = qkv + t * row_width;
+  // V needs no rotation: copy it while the angles are computed.
+  if (cached) {
+    const bf16* v_src = row + static_cast<int64_t>(num_q_heads + num_kv_heads) * head_dim;
+    bf16* v_dst = v_cache + slot * kv_width;
+    for (int64_t i = threadIdx.x; i < kv_width; i += blockDim.x) v_dst[i] = v_src[i];
+  }
+  __syncthreads();
+  const int pairs = (num_q_heads + num_kv_heads) * half;
+  bf16* k_dst = cached ? k_cache + slot * kv_width : nullptr;
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int h = p / half;
+    const int i = p - h * half;
+    const float s = sin_smem[i], c = cos_smem[i];
+    bf16* head = row + static_cast<int64_t>(h) * head_dim;
+    const float x0 = __bfloat162float(head[i]);
+    const float x1 = __bfloat162float(head[i + half]);
+    const bf16 y0 = __float2bfloat16_rn(x0 * c - x1 * s);
+    const bf16 y1 = __float2bfloat16_rn(x1 * c + x0 * s);
+    head[i] = y0;
+    head[i + half] = y1;
+    if (h >= num_q_heads && cached) {
+      bf16* k_head = k_dst + static_cast<int64_t>(h - num_q_heads) * head_dim;
+      k_head[i] = y0;
+      k_head[i + half] = y1;
+    }
+  }
+}
+
 // ---- KV write ---------------------------------------------------------------
 
 template <int kVec>
@@ -438,6 +484,19 @@ cudaError_t LaunchRope(void* qkv, int64_t num_tokens, int64_t row_width, int num
   const int heads = num_q_heads + num_kv_heads;
   RopeKernel<<<num_tokens, RowBlock(int64_t{heads} * head_dim / 2), 0, stream>>>(
       static_cast<bf16*>(qkv), row_width, heads, head_dim, positions, inv_freq);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRopeWriteKv(void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
+                              int num_kv_heads, int head_dim, const int32_t* positions,
+                              const float* inv_freq, const int32_t* slots, void* k_cache,
+                              void* v_cache, int64_t num_slots, cudaStream_t stream) {
+  if (num_tokens <= 0) return cudaSuccess;
+  if (head_dim / 2 > kRopeMaxHalf) return cudaErrorInvalidValue;
+  const int heads = num_q_heads + num_kv_heads;
+  RopeWriteKvKernel<<<num_tokens, RowBlock(int64_t{heads} * head_dim / 2), 0, stream>>>(
+      static_cast<bf16*>(qkv), row_width, num_q_heads, num_kv_heads, head_dim, positions, inv_freq,
+      slots, static_cast<bf16*>(k_cache), static_cast<bf16*>(v_cache), num_slots);
   return cudaGetLastError();
 }
 

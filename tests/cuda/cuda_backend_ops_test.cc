@@ -60,7 +60,6 @@ class CudaBackendOpsTest : public testing_util::CudaVsCpuTest {
     for (float& x : v) x = RoundBf16((sign(rng_) ? scale : -scale) * magnitude(rng_));
     return v;
   }
-
 };
 
 // ---- Memory -----------------------------------------------------------------
@@ -364,9 +363,8 @@ INSTANTIATE_TEST_SUITE_P(
                       LinearCase{8, 4096, 4100, false, 0}, LinearCase{2, 4096, 6144, false, 0},
                       LinearCase{1, 14336, 200, false, 0}, LinearCase{2, 14336, 33, true, 0},
                       LinearCase{8, 14336, 130, true, 0}, LinearCase{3, 1032, 100, true, 1},
-                      LinearCase{8, 4096, 64, true, 5},
-                      LinearCase{9, 4096, 1000, true, 0}, LinearCase{9, 1032, 300, false, 0},
-                      LinearCase{2, 100, 50, false, 1}),
+                      LinearCase{8, 4096, 64, true, 5}, LinearCase{9, 4096, 1000, true, 0},
+                      LinearCase{9, 1032, 300, false, 0}, LinearCase{2, 100, 50, false, 1}),
     [](const ::testing::TestParamInfo<LinearCase>& info) {
       const LinearCase& c = info.param;
       return absl::StrCat("T", c.tokens, "_K", c.in, "_N", c.out, c.bias ? "_bias" : "",
@@ -457,6 +455,53 @@ TEST_F(CudaBackendOpsTest, WriteKv) {
     // Copies of bf16 values: exact, including the untouched slots.
     ExpectClose(what + " k_cache", caches[0][0], caches[1][0], 0.0f);
     ExpectClose(what + " v_cache", caches[0][1], caches[1][1], 0.0f);
+  }
+}
+
+// The fused operator against the CPU's Rope then WriteKv (the interface's
+// default): rotated q and k in qkv, rotated k and v in the caches, other
+// slots untouched.
+TEST_F(CudaBackendOpsTest, RopeWriteKvMatchesRopeThenWriteKv) {
+  struct Case {
+    int hq, hkv, d, page_size, pages;
+    int64_t tokens;
+  };
+  for (const Case& c : {Case{8, 2, 64, 16, 10, 21}, Case{32, 8, 128, 16, 8, 64},
+                        Case{4, 4, 48, 8, 4, 7}, Case{2, 1, 16, 8, 5, 1}}) {
+    const QkvLayout layout{c.hq, c.hkv, c.d};
+    const int64_t width = layout.row_width();
+    const std::string what =
+        absl::StrCat("RopeWriteKv Hq=", c.hq, " Hkv=", c.hkv, " D=", c.d, " T=", c.tokens);
+    const std::vector<int64_t> cache_shape = {c.pages, c.page_size, c.hkv, c.d};
+    const int64_t cache_numel = int64_t{c.pages} * c.page_size * c.hkv * c.d;
+    std::vector<float> qkv = RandomValues(c.tokens * width, 2.0f);
+    std::vector<float> k_init = RandomValues(cache_numel);
+    std::vector<float> v_init = RandomValues(cache_numel);
+    std::vector<int32_t> positions(c.tokens);
+    std::uniform_int_distribution<int32_t> pos_dist(0, 40000);
+    for (int32_t& p : positions) p = pos_dist(rng_);
+    std::vector<int32_t> slots(int64_t{c.pages} * c.page_size);
+    std::iota(slots.begin(), slots.end(), 0);
+    std::shuffle(slots.begin(), slots.end(), rng_);
+    slots.resize(c.tokens);
+    const std::vector<float> inv_freq = InvFreq(c.d, 500000.0f);
+    Tensor out[2][3];
+    int which = 0;
+    for (Backend* backend : {&cpu(), &cuda()}) {
+      STRATA_ASSERT_OK_AND_ASSIGN(out[which][0], Upload(*backend, {c.tokens, width}, qkv));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor pos, UploadI32(*backend, {c.tokens}, positions));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor freq,
+                                  UploadAs(*backend, DType::kF32, {c.d / 2}, inv_freq));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor s, UploadI32(*backend, {c.tokens}, slots));
+      STRATA_ASSERT_OK_AND_ASSIGN(out[which][1], Upload(*backend, cache_shape, k_init));
+      STRATA_ASSERT_OK_AND_ASSIGN(out[which][2], Upload(*backend, cache_shape, v_init));
+      STRATA_ASSERT_OK(
+          backend->RopeWriteKv(out[which][0], layout, pos, freq, s, out[which][1], out[which][2]));
+      ++which;
+    }
+    ExpectClose(what + " qkv", out[0][0], out[1][0]);
+    ExpectClose(what + " k_cache", out[0][1], out[1][1]);
+    ExpectClose(what + " v_cache", out[0][2], out[1][2], 0.0f);  // copies: exact
   }
 }
 
