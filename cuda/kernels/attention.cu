@@ -439,6 +439,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
 __global__ void DecodeCombineKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                                     const float* __restrict__ ws_acc,
                                     const float* __restrict__ ws_ml) {
+  extern __shared__ float combine_smem[];  // [num_splits] weights, then [num_splits] sums
   const int seq = blockIdx.x;
   const int head = blockIdx.y;
   int q_begin;
@@ -451,22 +452,31 @@ __global__ void DecodeCombineKernel(const __grid_constant__ PagedAttentionParams
   const int D = p.head_dim;
   const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.num_q_heads;
   const int64_t base = static_cast<int64_t>(seq) * p.num_q_heads + head;
+  float* const weight = combine_smem;
+  float* const sums = combine_smem + num_splits;
 
+  // The splits' maxima and sums are read once, in parallel, into shared
+  // memory (a serial walk over them per thread costs a dependent L2 round
+  // trip per split).
+  for (int j = threadIdx.x; j < num_splits; j += blockDim.x) {
+    weight[j] = ws_ml[(j * stride + base) * 2];
+    sums[j] = ws_ml[(j * stride + base) * 2 + 1];
+  }
+  __syncthreads();
   float max_m = kNegInf;
-  for (int j = 0; j < num_splits; ++j) max_m = fmaxf(max_m, ws_ml[(j * stride + base) * 2]);
+  for (int j = 0; j < num_splits; ++j) max_m = fmaxf(max_m, weight[j]);
   // The query's own key is in some split, so max_m is finite.
   float total = 0.0f;
-  for (int j = 0; j < num_splits; ++j) {
-    total += Ex2(ws_ml[(j * stride + base) * 2] - max_m) * ws_ml[(j * stride + base) * 2 + 1];
-  }
+  for (int j = 0; j < num_splits; ++j) total += Ex2(weight[j] - max_m) * sums[j];
+  __syncthreads();  // every thread has read the maxima
+  for (int j = threadIdx.x; j < num_splits; j += blockDim.x) weight[j] = Ex2(weight[j] - max_m);
+  __syncthreads();
   bf16* out = static_cast<bf16*>(p.out) + static_cast<int64_t>(q_begin) * p.num_q_heads * D +
               static_cast<int64_t>(head) * D;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float sum = 0.0f;
-    for (int j = 0; j < num_splits; ++j) {
-      const float w = Ex2(ws_ml[(j * stride + base) * 2] - max_m);
-      if (w != 0.0f) sum += w * ws_acc[(j * stride + base) * D + d];
-    }
+#pragma unroll 4
+    for (int j = 0; j < num_splits; ++j) sum += weight[j] * ws_acc[(j * stride + base) * D + d];
     out[d] = __float2bfloat16_rn(sum / total);
   }
 }
@@ -841,7 +851,7 @@ cudaError_t LaunchPagedAttention(const PagedAttentionParams& p, int num_splits, 
   if (p.num_seqs <= 0) return cudaSuccess;
   if (p.head_dim <= 0 || p.head_dim % 8 != 0 || p.head_dim > kMaxHeadDim || p.num_kv_heads <= 0 ||
       p.num_q_heads % p.num_kv_heads != 0 || p.page_size <= 0 || num_splits < 1 ||
-      num_splits > 65535) {
+      num_splits > 4096) {
     return cudaErrorInvalidValue;
   }
   if (p.has_decode) {
@@ -855,7 +865,8 @@ cudaError_t LaunchPagedAttention(const PagedAttentionParams& p, int num_splits, 
     if (num_splits > 1) {
       const dim3 grid(p.num_seqs, p.num_q_heads);
       const int block = std::min(256, ((p.head_dim + 31) / 32) * 32);
-      DecodeCombineKernel<<<grid, block, 0, stream>>>(p, num_splits, ws_acc, ws_ml);
+      DecodeCombineKernel<<<grid, block, 2 * num_splits * sizeof(float), stream>>>(p, num_splits,
+                                                                                   ws_acc, ws_ml);
       const cudaError_t combine = cudaGetLastError();
       if (combine != cudaSuccess) return combine;
     }
