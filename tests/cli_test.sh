@@ -61,4 +61,13 @@ out=$("$strata" bench kv-policies --model "$src/models/retrieval-llama" --max-ca
   || fail "bench kv-policies"
 echo "$out" | grep -Eq "^full +0 +1\.000" || fail "kv-policies full accuracy: $out"
 echo "$out" | grep -Eq "^clusterkv +256 +1\.000" || fail "kv-policies clusterkv accuracy: $out"
+# The decode-speed benchmark on the CPU with random tiny weights: every
+# policy row, ClusterKV clustering its prompt, and the op-timing lines.
+out=$("$strata" bench kv-speed --dummy-weights tiny --context 400 --batch 1,2 --budgets 64 \
+      --policies full,clusterkv --window-tokens 64 --steps 2 --warmup 1 --op-timing 2>/dev/null) \
+  || fail "bench kv-speed"
+echo "$out" | grep -Eq "^full +0 +2 +400 " || fail "kv-speed full row: $out"
+echo "$out" | grep -Eq "^clusterkv +64 +2 +400 " || fail "kv-speed clusterkv row: $out"
+echo "$out" | grep -q "device idle" || fail "kv-speed op timing: $out"
+expect_error "must be >= 1" bench kv-speed --dummy-weights tiny --steps 0
 echo "cli tests passed"
