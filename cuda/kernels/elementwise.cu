@@ -236,38 +236,13 @@ __global__ void SiluMulKernel(const bf16* __restrict__ gate_up, bf16* __restrict
 
 // ---- Rope -------------------------------------------------------------------
 
-// One block per token: the token's D/2 rotation angles are computed once
-// into shared memory, then threads walk the (head, i < D/2) pairs of the q
-// and k heads. sincosf (not the __sinf approximation) because angles reach
-// position * inv_freq[0] = tens of thousands of radians.
+// RoPE, and with slots the KV write, in one pass: one block per token. The
+// token's D/2 rotation angles are computed once into shared memory, then
+// threads walk the (head, i < D/2) pairs of the q and k heads. sincosf (not
+// the __sinf approximation) because angles reach position * inv_freq[0] =
+// tens of thousands of radians. Without slots (plain RoPE) nothing goes to
+// the caches.
 constexpr int kRopeMaxHalf = 512;
-__global__ void RopeKernel(bf16* qkv, int64_t row_width, int num_heads, int head_dim,
-                           const int32_t* __restrict__ positions,
-                           const float* __restrict__ inv_freq) {
-  __shared__ float cos_smem[kRopeMaxHalf];
-  __shared__ float sin_smem[kRopeMaxHalf];
-  const int64_t t = blockIdx.x;
-  const int half = head_dim / 2;
-  const float pos = static_cast<float>(positions[t]);
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    sincosf(pos * inv_freq[i], &sin_smem[i], &cos_smem[i]);
-  }
-  __syncthreads();
-  bf16* row = qkv + t * row_width;
-  const int pairs = num_heads * half;
-  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-    const int h = p / half;
-    const int i = p - h * half;
-    const float s = sin_smem[i], c = cos_smem[i];
-    bf16* head = row + static_cast<int64_t>(h) * head_dim;
-    const float x0 = __bfloat162float(head[i]);
-    const float x1 = __bfloat162float(head[i + half]);
-    head[i] = __float2bfloat16_rn(x0 * c - x1 * s);
-    head[i + half] = __float2bfloat16_rn(x1 * c + x0 * s);
-  }
-}
-
-// RoPE and the KV write in one pass: one block per token.
 __global__ void RopeWriteKvKernel(bf16* qkv, int64_t row_width, int num_q_heads, int num_kv_heads,
                                   int head_dim, const int32_t* __restrict__ positions,
                                   const float* __restrict__ inv_freq,
@@ -281,7 +256,7 @@ __global__ void RopeWriteKvKernel(bf16* qkv, int64_t row_width, int num_q_heads,
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     sincosf(pos * inv_freq[i], &sin_smem[i], &cos_smem[i]);
   }
-  const int64_t slot = slots[t];
+  const int64_t slot = slots != nullptr ? slots[t] : -1;
   const bool cached = slot >= 0 && slot < num_slots;
   const int64_t kv_width = static_cast<int64_t>(num_kv_heads) * head_dim;
   bf16* row = qkv + t * row_width;
@@ -479,12 +454,9 @@ cudaError_t LaunchSiluMul(const void* gate_up, void* out, int64_t num_tokens, in
 cudaError_t LaunchRope(void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
                        int num_kv_heads, int head_dim, const int32_t* positions,
                        const float* inv_freq, cudaStream_t stream) {
-  if (num_tokens <= 0) return cudaSuccess;
-  if (head_dim / 2 > kRopeMaxHalf) return cudaErrorInvalidValue;
-  const int heads = num_q_heads + num_kv_heads;
-  RopeKernel<<<num_tokens, RowBlock(int64_t{heads} * head_dim / 2), 0, stream>>>(
-      static_cast<bf16*>(qkv), row_width, heads, head_dim, positions, inv_freq);
-  return cudaGetLastError();
+  return LaunchRopeWriteKv(qkv, num_tokens, row_width, num_q_heads, num_kv_heads, head_dim,
+                           positions, inv_freq, /*slots=*/nullptr, /*k_cache=*/nullptr,
+                           /*v_cache=*/nullptr, /*num_slots=*/0, stream);
 }
 
 cudaError_t LaunchRopeWriteKv(void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,

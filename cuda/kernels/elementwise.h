@@ -61,7 +61,7 @@ cudaError_t LaunchRope(void* qkv, int64_t num_tokens, int64_t row_width, int num
 // LaunchRope then LaunchWriteKv in one kernel: each token's angles are
 // computed once, the rotated q and k heads go back to qkv, and the rotated
 // k and the v heads to the caches (tokens with a slot outside [0,
-// num_slots) are not written to the caches).
+// num_slots) are not written to the caches; null slots: none are).
 cudaError_t LaunchRopeWriteKv(void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
                               int num_kv_heads, int head_dim, const int32_t* positions,
                               const float* inv_freq, const int32_t* slots, void* k_cache,
