@@ -169,7 +169,6 @@ absl::StatusOr<std::vector<SampledToken>> Model::ForwardSample(const StepInput& 
   }
   bool sampled = false;
   if (options_.decode_graphs && !graphs_unsupported_ && planner_ == nullptr) {
-    STRATA_RETURN_IF_ERROR(Validate(in));
     STRATA_ASSIGN_OR_RETURN(sampled, SampleDecodeGraph(in, rows));
   }
   const int n = static_cast<int>(rows.size());
@@ -219,6 +218,7 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
   for (int i = 0; i < seqs; ++i) {
     if (in.logit_rows[i] != i) return false;
   }
+  STRATA_RETURN_IF_ERROR(Validate(in));
   auto next_pow2 = [](int v) {
     int p = 1;
     while (p < v) p <<= 1;

@@ -116,10 +116,10 @@ class Model {
   absl::Status UploadSamplingRows(std::span<const SamplingRow> rows, int padded_rows);
   absl::Status SampleUploaded(const Tensor& logits, int padded_rows);
   absl::Status Sample(const Tensor& logits, std::span<const SamplingRow> rows, int padded_rows);
-  // ForwardSample's compute for a validated step through a decode graph,
-  // leaving the tokens in sampled_ids_ / sampled_logprobs_; false when the
-  // step is not a pure decode step of one logit row per sequence in order
-  // (then the caller runs it directly).
+  // ForwardSample's validation and compute for a step through a decode
+  // graph, leaving the tokens in sampled_ids_ / sampled_logprobs_; false
+  // (nothing done) when the step is not a pure decode step of one logit row
+  // per sequence in order, which the caller then runs directly.
   absl::StatusOr<bool> SampleDecodeGraph(const StepInput& input, std::span<const SamplingRow> rows);
 
   ModelConfig config_;
