@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "cuda/kernels/attention.h"
+#include "cuda/kernels/dependent_launch.cuh"
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/prefill_attention_tc.h"
 #include "cuda/kernels/ptx.cuh"
@@ -124,6 +125,7 @@ template <int kTG, int kMaxG, bool kSparse>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSparse))
     PagedDecodeKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                       int head_chunks, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
+  WaitForPrerequisites();
   constexpr int kKeysPerStep = 32 / kTG;  // keys a warp handles per step
   constexpr int kTileKeys = kKeysPerStep * kDecodeSteps;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -439,6 +441,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
 __global__ void DecodeCombineKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                                     const float* __restrict__ ws_acc,
                                     const float* __restrict__ ws_ml) {
+  WaitForPrerequisites();
   extern __shared__ float combine_smem[];  // [num_splits] weights, then [num_splits] sums
   const int seq = blockIdx.x;
   const int head = blockIdx.y;
@@ -730,14 +733,10 @@ cudaError_t LaunchDecodeG(const PagedAttentionParams& p, int num_splits, float* 
   const int G = p.num_q_heads / p.num_kv_heads;
   const int head_chunks = (G + kMaxG - 1) / kMaxG;
   const dim3 grid(p.num_seqs, p.num_kv_heads * head_chunks, num_splits);
-  if (p.plan_entries != nullptr) {
-    PagedDecodeKernel<kTG, kMaxG, true><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
-        p, num_splits, head_chunks, ws_acc, ws_ml);
-  } else {
-    PagedDecodeKernel<kTG, kMaxG, false><<<grid, kDecodeThreads, kDecodeSmemBytes, stream>>>(
-        p, num_splits, head_chunks, ws_acc, ws_ml);
-  }
-  return cudaGetLastError();
+  auto kernel = p.plan_entries != nullptr ? PagedDecodeKernel<kTG, kMaxG, true>
+                                          : PagedDecodeKernel<kTG, kMaxG, false>;
+  return LaunchDependent(kernel, grid, kDecodeThreads, kDecodeSmemBytes, stream, p, num_splits,
+                         head_chunks, ws_acc, ws_ml);
 }
 
 template <int kTG>
@@ -865,9 +864,9 @@ cudaError_t LaunchPagedAttention(const PagedAttentionParams& p, int num_splits, 
     if (num_splits > 1) {
       const dim3 grid(p.num_seqs, p.num_q_heads);
       const int block = std::min(256, ((p.head_dim + 31) / 32) * 32);
-      DecodeCombineKernel<<<grid, block, 2 * num_splits * sizeof(float), stream>>>(p, num_splits,
-                                                                                   ws_acc, ws_ml);
-      const cudaError_t combine = cudaGetLastError();
+      const cudaError_t combine =
+          LaunchDependent(DecodeCombineKernel, grid, block, 2 * num_splits * sizeof(float), stream,
+                          p, num_splits, ws_acc, ws_ml);
       if (combine != cudaSuccess) return combine;
     }
   }

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/kernels/dependent_launch.cuh"
 #include "cuda/kernels/elementwise.h"
 #include "engine/backend.h"
 
@@ -147,6 +148,7 @@ __global__ void FillKernel(Dst* __restrict__ dst, int64_t n, Dst value) {
 template <int kVec>
 __global__ void GatherKernel(const bf16* __restrict__ table, const int32_t* __restrict__ ids,
                              bf16* __restrict__ out, int64_t hidden, int64_t vocab) {
+  WaitForPrerequisites();
   const int64_t t = blockIdx.x;
   const int64_t id = ids[t];
   bf16* dst = out + t * hidden;
@@ -173,6 +175,7 @@ __global__ void GatherKernel(const bf16* __restrict__ table, const int32_t* __re
 template <int kVec, bool kResidual>
 __global__ void RmsNormKernel(const bf16* x, bf16* residual, const bf16* __restrict__ weight,
                               float eps, bf16* out, int64_t hidden) {
+  WaitForPrerequisites();
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const bf16* x_row = x + row * hidden;
@@ -217,6 +220,7 @@ __global__ void RmsNormKernel(const bf16* x, bf16* residual, const bf16* __restr
 template <int kVec>
 __global__ void SiluMulKernel(const bf16* __restrict__ gate_up, bf16* __restrict__ out,
                               int64_t num_tokens, int64_t intermediate) {
+  WaitForPrerequisites();
   const int64_t vecs_per_row = intermediate / kVec;
   const int64_t total = num_tokens * vecs_per_row;
   for (int64_t v = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; v < total;
@@ -248,6 +252,7 @@ __global__ void RopeWriteKvKernel(bf16* qkv, int64_t row_width, int num_q_heads,
                                   const float* __restrict__ inv_freq,
                                   const int32_t* __restrict__ slots, bf16* __restrict__ k_cache,
                                   bf16* __restrict__ v_cache, int64_t num_slots) {
+  WaitForPrerequisites();
   __shared__ float cos_smem[kRopeMaxHalf];
   __shared__ float sin_smem[kRopeMaxHalf];
   const int64_t t = blockIdx.x;
@@ -403,11 +408,11 @@ cudaError_t LaunchGather(const void* table, const int32_t* ids, void* out, int64
   const auto* t = static_cast<const bf16*>(table);
   auto* o = static_cast<bf16*>(out);
   if (hidden % 8 == 0 && Aligned16(table) && Aligned16(out)) {
-    GatherKernel<8><<<num_tokens, RowBlock(hidden / 8), 0, stream>>>(t, ids, o, hidden, vocab);
-  } else {
-    GatherKernel<1><<<num_tokens, RowBlock(hidden), 0, stream>>>(t, ids, o, hidden, vocab);
+    return LaunchDependent(GatherKernel<8>, num_tokens, RowBlock(hidden / 8), 0, stream, t, ids, o,
+                           hidden, vocab);
   }
-  return cudaGetLastError();
+  return LaunchDependent(GatherKernel<1>, num_tokens, RowBlock(hidden), 0, stream, t, ids, o,
+                         hidden, vocab);
 }
 
 cudaError_t LaunchRmsNorm(const void* x, void* residual, const void* weight, float eps, void* out,
@@ -420,20 +425,9 @@ cudaError_t LaunchRmsNorm(const void* x, void* residual, const void* weight, flo
   const bool vec = hidden % 8 == 0 && Aligned16(x) && Aligned16(weight) && Aligned16(out) &&
                    (residual == nullptr || Aligned16(residual));
   const int block = RowBlock(vec ? hidden / 8 : hidden);
-  if (residual != nullptr) {
-    if (vec) {
-      RmsNormKernel<8, true><<<num_tokens, block, 0, stream>>>(xp, rp, wp, eps, op, hidden);
-    } else {
-      RmsNormKernel<1, true><<<num_tokens, block, 0, stream>>>(xp, rp, wp, eps, op, hidden);
-    }
-  } else {
-    if (vec) {
-      RmsNormKernel<8, false><<<num_tokens, block, 0, stream>>>(xp, rp, wp, eps, op, hidden);
-    } else {
-      RmsNormKernel<1, false><<<num_tokens, block, 0, stream>>>(xp, rp, wp, eps, op, hidden);
-    }
-  }
-  return cudaGetLastError();
+  auto kernel = residual != nullptr ? (vec ? RmsNormKernel<8, true> : RmsNormKernel<1, true>)
+                                    : (vec ? RmsNormKernel<8, false> : RmsNormKernel<1, false>);
+  return LaunchDependent(kernel, num_tokens, block, 0, stream, xp, rp, wp, eps, op, hidden);
 }
 
 cudaError_t LaunchSiluMul(const void* gate_up, void* out, int64_t num_tokens, int64_t intermediate,
@@ -442,13 +436,11 @@ cudaError_t LaunchSiluMul(const void* gate_up, void* out, int64_t num_tokens, in
   const auto* g = static_cast<const bf16*>(gate_up);
   auto* o = static_cast<bf16*>(out);
   if (intermediate % 8 == 0 && Aligned16(gate_up) && Aligned16(out)) {
-    SiluMulKernel<8><<<GridFor(num_tokens * intermediate / 8), kBlock, 0, stream>>>(
-        g, o, num_tokens, intermediate);
-  } else {
-    SiluMulKernel<1>
-        <<<GridFor(num_tokens * intermediate), kBlock, 0, stream>>>(g, o, num_tokens, intermediate);
+    return LaunchDependent(SiluMulKernel<8>, GridFor(num_tokens * intermediate / 8), kBlock, 0,
+                           stream, g, o, num_tokens, intermediate);
   }
-  return cudaGetLastError();
+  return LaunchDependent(SiluMulKernel<1>, GridFor(num_tokens * intermediate), kBlock, 0, stream, g,
+                         o, num_tokens, intermediate);
 }
 
 cudaError_t LaunchRope(void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
@@ -466,10 +458,10 @@ cudaError_t LaunchRopeWriteKv(void* qkv, int64_t num_tokens, int64_t row_width, 
   if (num_tokens <= 0) return cudaSuccess;
   if (head_dim / 2 > kRopeMaxHalf) return cudaErrorInvalidValue;
   const int heads = num_q_heads + num_kv_heads;
-  RopeWriteKvKernel<<<num_tokens, RowBlock(int64_t{heads} * head_dim / 2), 0, stream>>>(
-      static_cast<bf16*>(qkv), row_width, num_q_heads, num_kv_heads, head_dim, positions, inv_freq,
-      slots, static_cast<bf16*>(k_cache), static_cast<bf16*>(v_cache), num_slots);
-  return cudaGetLastError();
+  return LaunchDependent(RopeWriteKvKernel, num_tokens, RowBlock(int64_t{heads} * head_dim / 2), 0,
+                         stream, static_cast<bf16*>(qkv), row_width, num_q_heads, num_kv_heads,
+                         head_dim, positions, inv_freq, slots, static_cast<bf16*>(k_cache),
+                         static_cast<bf16*>(v_cache), num_slots);
 }
 
 cudaError_t LaunchWriteKv(const void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,

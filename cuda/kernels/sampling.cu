@@ -9,6 +9,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "cuda/kernels/dependent_launch.cuh"
 #include "cuda/kernels/sampling.h"
 #include "engine/backend.h"
 #include "engine/sample_math.h"
@@ -186,6 +187,7 @@ __device__ int NthIdWithKey(const uint16_t* row, int vocab, uint32_t key, int n,
 
 template <bool kVec>
 __global__ void __launch_bounds__(kThreads) SampleTokensKernel(SampleTokensParams p) {
+  WaitForPrerequisites();
   __shared__ SharedState s;
   const int tid = threadIdx.x;
   const int vocab = p.vocab;
@@ -365,12 +367,9 @@ bool Aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 
 cudaError_t LaunchSampleTokens(const SampleTokensParams& params, cudaStream_t stream) {
   if (params.rows <= 0) return cudaSuccess;
-  if (params.vocab % 8 == 0 && Aligned16(params.logits)) {
-    SampleTokensKernel<true><<<params.rows, kThreads, 0, stream>>>(params);
-  } else {
-    SampleTokensKernel<false><<<params.rows, kThreads, 0, stream>>>(params);
-  }
-  return cudaGetLastError();
+  auto kernel = params.vocab % 8 == 0 && Aligned16(params.logits) ? SampleTokensKernel<true>
+                                                                  : SampleTokensKernel<false>;
+  return LaunchDependent(kernel, params.rows, kThreads, 0, stream, params);
 }
 
 }  // namespace strata::cuda::kernels
