@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "cli/backend_factory.h"
@@ -160,6 +161,11 @@ int RunServe(const ServeFlags& f) {
   server->Shutdown(std::chrono::system_clock::now() +
                    std::chrono::milliseconds(static_cast<int64_t>(f.grace_seconds * 1000)));
   server->Wait();
+  // Wait() returns once every handler has returned, but a call's final
+  // status may still sit in the transport's buffers; exiting at once can
+  // cut it off, and a client that received every token would see its call
+  // fail. Give the transports a moment to write them out.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
   engine.Stop();
   if (metrics_server) metrics_server->Stop();
   std::printf("strata serve: stopped\n");
