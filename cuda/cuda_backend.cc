@@ -48,7 +48,7 @@ constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
 // GEMMs with at most this many tokens get their algorithm by timing up to
 // kAutotuneCandidates of cuBLASLt's heuristic candidates.
 constexpr int64_t kAutotuneMaxTokens = 64;
-constexpr int kAutotuneCandidates = 8;
+constexpr int kAutotuneCandidates = 32;
 // Bytes written between timed runs so the weight is not served from L2
 // (50 MB on an H100).
 constexpr size_t kL2FlushBytes = size_t{128} << 20;
