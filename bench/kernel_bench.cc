@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <functional>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -81,20 +82,23 @@ void Report(Row r) {
   rows.push_back(std::move(r));
 }
 
-Tensor Random(Backend& b, std::vector<int64_t> shape, uint64_t seed) {
-  Tensor t = Check(b.Allocate(b.activation_dtype(), std::move(shape)), "allocate");
+Tensor Random(Backend& b, std::vector<int64_t> shape, uint64_t seed,
+              std::optional<DType> dtype = std::nullopt) {
+  Tensor t = Check(b.Allocate(dtype.value_or(b.activation_dtype()), std::move(shape)), "allocate");
   Check(b.FillRandom(t, seed, 1.0f), "fill");
   return t;
 }
 
 // Paged attention over `seqs` sequences with `q_len` new tokens each on a
-// context of `ctx`, Llama-3-8B heads (32 q, 8 kv, d 128), pages of 16.
-double TimeAttention(Backend& b, int seqs, int q_len, int ctx, int reps) {
+// context of `ctx`, Llama-3-8B heads (32 q, 8 kv, d 128), pages of 16, the
+// caches in `kv_dtype` (bf16 or fp8 e4m3).
+double TimeAttention(Backend& b, int seqs, int q_len, int ctx, int reps,
+                     DType kv_dtype = DType::kBF16) {
   const engine::QkvLayout layout{32, 8, 128};
   const int page = 16, blocks = (ctx + page - 1) / page;
   Tensor qkv = Random(b, {int64_t{seqs} * q_len, layout.row_width()}, 1);
-  Tensor kc = Random(b, {int64_t{seqs} * blocks, page, 8, 128}, 2);
-  Tensor vc = Random(b, {int64_t{seqs} * blocks, page, 8, 128}, 3);
+  Tensor kc = Random(b, {int64_t{seqs} * blocks, page, 8, 128}, 2, kv_dtype);
+  Tensor vc = Random(b, {int64_t{seqs} * blocks, page, 8, 128}, 3, kv_dtype);
   Tensor out = Check(b.Allocate(b.activation_dtype(), {int64_t{seqs} * q_len, 32 * 128}), "out");
   engine::AttentionBatch batch;
   batch.num_seqs = seqs;
@@ -197,6 +201,15 @@ void Run() {
     Report({"decode attention b16 ctx32k: time", t * 1e3, "ms", 0, "-"});
     Report({"decode attention b16 ctx32k: KV bandwidth", kv_bytes / t / 1e12, "TB/s",
             copy_bw / 1e12, "device copy"});
+    // The same with an fp8 e4m3 cache: half the bytes. Its peer figure is
+    // SDPA on the bf16 cache (bench/sdpa_peer.py), the speed a user gives up
+    // nothing but fp8 rounding to beat.
+    const double t8 = TimeAttention(b, 16, 1, 32768, 7, DType::kF8E4M3);
+    Report({"decode attention b16 ctx32k fp8 KV: time", t8 * 1e3, "ms", 0, "-"});
+    Report({"decode attention b16 ctx32k fp8 KV: KV bandwidth", kv_bytes / 2 / t8 / 1e12, "TB/s",
+            copy_bw / 1e12, "device copy"});
+    Report({"decode attention b16 ctx32k fp8 KV: speedup over bf16 KV", t / t8, "x", 2.0,
+            "bytes ratio"});
   }
   // Prefill attention, causal, one sequence: FLOPs 4 * S^2 / 2 * Hq * d.
   for (int s : {8192, 32768}) {
@@ -206,6 +219,11 @@ void Run() {
             "-"});
     Report({"prefill attention causal " + std::to_string(s / 1024) + "k: throughput",
             flops / t / 1e12, "TFLOP/s", gemm_peak, "bf16 GEMM"});
+    if (s == 8192) {
+      const double t8 = TimeAttention(b, 1, s, s, 5, DType::kF8E4M3);
+      Report({"prefill attention causal 8k fp8 KV: throughput", flops / t8 / 1e12, "TFLOP/s",
+              gemm_peak, "bf16 GEMM"});
+    }
   }
 
   // Whole model at the Llama-3-8B shape, random weights.

@@ -203,6 +203,8 @@ void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
   cmd->add_option("--stop-token-ids", f.stop_token_ids, "Comma-separated ids that end generation");
   cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
   cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Prefill chunk size")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype, "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
+      ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
   cmd->callback([&f, &exit_code] { exit_code = RunGenerate(f); });
 }
 
@@ -234,6 +236,9 @@ int RunGenerate(const GenerateFlags& f) {
   options.max_seqs = 1;
   options.max_batch_tokens = f.max_batch_tokens;
   options.max_context = prompt_guess + f.max_tokens + 1;
+  auto kv_cache = engine::ParseKvCacheType(f.kv_cache_dtype);
+  if (!kv_cache.ok()) return Fail(kv_cache.status());
+  options.kv_cache = *kv_cache;
   auto loaded = engine::LoadModel(source, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Tokenizer* tokenizer = loaded->tokenizer.get();

@@ -33,6 +33,7 @@ struct GenerateFlags {
   std::string stop_token_ids;
   int threads = 0;
   int max_batch_tokens = 2048;
+  std::string kv_cache_dtype = "auto";
 };
 
 // Registers the subcommand; `run` is called with its flags when chosen.

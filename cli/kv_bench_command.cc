@@ -9,6 +9,7 @@
 #include "bench/kv_policy_bench.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
+#include "common/status_macros.h"
 #include "engine/model_loader.h"
 #include "kvtier/kv_policy.h"
 #include "nlohmann/json.hpp"
@@ -55,6 +56,7 @@ struct Loaded {
 
 absl::StatusOr<Loaded> Load(const KvBenchFlags& f, engine::ModelOptions options) {
   Loaded l;
+  STRATA_ASSIGN_OR_RETURN(options.kv_cache, engine::ParseKvCacheType(f.kv_cache_dtype));
   auto backend = CreateBackend(f.backend, f.threads);
   if (!backend.ok()) return backend.status();
   l.backend = std::move(*backend);
@@ -91,6 +93,8 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
     cmd->add_option("--window-tokens", f.window_tokens, "Always-attended recent tokens");
     cmd->add_option("--tokens-per-cluster", f.tokens_per_cluster, "ClusterKV: tokens per cluster");
     cmd->add_option("--kmeans-iterations", f.kmeans_iterations, "ClusterKV: k-means iterations");
+    cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype, "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
+        ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
     cmd->add_option("--json", f.json, "Also write the results as JSON to FILE");
   };
   CLI::App* acc = bench.add_subcommand(

@@ -47,6 +47,8 @@ void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
   cmd->add_option("--max-sparse-seqs", f.max_sparse_seqs,
                   "Sequences of sparse-policy profiles decoding sparsely at once (more decode densely)")
       ->check(CLI::Range(1, 4096));
+  cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype, "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
+      ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
   cmd->add_option("--kv-pages", f.kv_pages, "KV cache pages of 16 tokens (0: max-seqs full contexts)")->check(CLI::Range(0, 1 << 24));
   cmd->add_option("--max-in-flight", f.max_in_flight, "Requests admitted at once; more get RESOURCE_EXHAUSTED")->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--default-max-tokens", f.default_max_tokens, "max_tokens when a request sets none")->check(CLI::Range(1, 1 << 20));
@@ -88,6 +90,9 @@ int RunServe(const ServeFlags& f) {
   options.max_context = f.max_context;
   options.max_batch_tokens = f.max_batch_tokens;
   options.num_pages = f.kv_pages;
+  auto kv_cache = engine::ParseKvCacheType(f.kv_cache_dtype);
+  if (!kv_cache.ok()) return Fail(kv_cache.status());
+  options.kv_cache = *kv_cache;
   auto loaded = engine::LoadModel({f.model_dir, f.dummy_weights}, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Model& model = *loaded->model;

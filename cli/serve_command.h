@@ -25,6 +25,7 @@ struct ServeFlags {
   int max_context = 4096;
   int max_batch_tokens = 2048;
   int kv_pages = 0;
+  std::string kv_cache_dtype = "auto";
   int max_sparse_seqs = 8;
   int max_in_flight = 256;
   int default_max_tokens = 256;

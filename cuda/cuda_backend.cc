@@ -781,6 +781,9 @@ absl::Status CheckRopeArgs(const char* op, const Tensor& qkv, const QkvLayout& l
                op, "expected bf16 qkv, i32 positions, f32 inv_freq", {&qkv, &positions, &inv_freq});
 }
 
+// The dtypes a KV cache may be stored in.
+bool IsKvCacheDType(DType dtype) { return dtype == DType::kBF16 || dtype == DType::kF8E4M3; }
+
 // Argument checks of WriteKv (and RopeWriteKv).
 absl::Status CheckWriteKvArgs(const char* op, const Tensor& qkv, const QkvLayout& layout,
                               const Tensor& slots, const Tensor& k_cache, const Tensor& v_cache) {
@@ -796,8 +799,9 @@ absl::Status CheckWriteKvArgs(const char* op, const Tensor& qkv, const QkvLayout
                    layout.num_kv_heads, ", ", layout.head_dim, "]"),
       {&qkv, &slots, &k_cache, &v_cache}));
   return Check(qkv.dtype() == DType::kBF16 && slots.dtype() == DType::kI32 &&
-                   k_cache.dtype() == DType::kBF16 && v_cache.dtype() == DType::kBF16,
-               op, "expected bf16 qkv and caches, i32 slots", {&qkv, &slots, &k_cache, &v_cache});
+                   IsKvCacheDType(k_cache.dtype()) && v_cache.dtype() == k_cache.dtype(),
+               op, "expected bf16 qkv, i32 slots and bf16 or f8_e4m3 caches of one dtype",
+               {&qkv, &slots, &k_cache, &v_cache});
 }
 
 }  // namespace
@@ -837,7 +841,7 @@ absl::Status CudaBackend::WriteKv(const Tensor& qkv, const QkvLayout& layout, co
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchWriteKv(
       qkv.data(), qkv.dim(0), qkv.dim(1), layout.num_q_heads, layout.num_kv_heads, layout.head_dim,
       slots.data_as<int32_t>(), k_cache.data(), v_cache.data(), k_cache.dim(0) * k_cache.dim(1),
-      stream()));
+      k_cache.dtype(), stream()));
   return absl::OkStatus();
 }
 
@@ -851,7 +855,7 @@ absl::Status CudaBackend::RopeWriteKv(Tensor& qkv, const QkvLayout& layout, cons
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRopeWriteKv(
       qkv.data(), qkv.dim(0), qkv.dim(1), layout.num_q_heads, layout.num_kv_heads, layout.head_dim,
       positions.data_as<int32_t>(), inv_freq.data_as<float>(), slots.data_as<int32_t>(),
-      k_cache.data(), v_cache.data(), k_cache.dim(0) * k_cache.dim(1), stream()));
+      k_cache.data(), v_cache.data(), k_cache.dim(0) * k_cache.dim(1), k_cache.dtype(), stream()));
   return absl::OkStatus();
 }
 
@@ -866,6 +870,7 @@ kernels::PagedAttentionParams AttentionParams(const Tensor& qkv, const QkvLayout
   params.qkv_row_width = qkv.dim(1);
   params.k_cache = k_cache.data();
   params.v_cache = v_cache.data();
+  params.kv_fp8 = k_cache.dtype() == DType::kF8E4M3;
   params.out = out.data();
   params.block_table = batch.block_table.data_as<int32_t>();
   params.max_blocks_per_seq = batch.max_blocks_per_seq;
@@ -936,9 +941,10 @@ absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
                    "], caches [P, ", batch.page_size, ", ", hkv, ", ", d, "] with T >= ", tokens),
       {&qkv, &out, &k_cache, &v_cache}));
   STRATA_RETURN_IF_ERROR(Check(qkv.dtype() == DType::kBF16 && out.dtype() == DType::kBF16 &&
-                                   k_cache.dtype() == DType::kBF16 &&
-                                   v_cache.dtype() == DType::kBF16,
-                               kOp, "expected bf16 tensors", {&qkv, &out, &k_cache, &v_cache}));
+                                   IsKvCacheDType(k_cache.dtype()) &&
+                                   v_cache.dtype() == k_cache.dtype(),
+                               kOp, "expected bf16 qkv and out, bf16 or f8_e4m3 caches of one dtype",
+                               {&qkv, &out, &k_cache, &v_cache}));
   if (num_seqs == 0 || tokens == 0) return absl::OkStatus();
   STRATA_RETURN_IF_ERROR(Check(
       batch.query_start.defined() && batch.context_len.defined() && batch.block_table.defined() &&
@@ -996,11 +1002,11 @@ absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
 // Checks a cache [P, S, Hkv, D] and a sequence range against each other.
 absl::Status CheckSequenceRange(const char* op, const Tensor& k_cache,
                                 const engine::SequenceRange& range) {
-  if (!k_cache.defined() || k_cache.rank() != 4 || k_cache.dtype() != DType::kBF16 ||
+  if (!k_cache.defined() || k_cache.rank() != 4 || !IsKvCacheDType(k_cache.dtype()) ||
       k_cache.dim(3) % 8 != 0 || k_cache.dim(3) > kernels::kMaxHeadDim ||
       !Aligned16(k_cache.data())) {
     return absl::InvalidArgumentError(absl::StrCat(
-        op, ": cache must be bf16 [pages, page_size, Hkv, D] (D a multiple of 8 up to ",
+        op, ": cache must be bf16 or f8_e4m3 [pages, page_size, Hkv, D] (D a multiple of 8 up to ",
         kernels::kMaxHeadDim, ", 16-byte aligned), got ", ShapeString(k_cache)));
   }
   const int64_t pages =
@@ -1037,7 +1043,7 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
   constexpr char kOp[] = "ClusterKeys";
   STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
   STRATA_RETURN_IF_ERROR(Check(v_cache.defined() && v_cache.shape() == k_cache.shape() &&
-                                   v_cache.dtype() == DType::kBF16 && Aligned16(v_cache.data()),
+                                   v_cache.dtype() == k_cache.dtype() && Aligned16(v_cache.data()),
                                kOp, "v_cache must match k_cache", {&k_cache, &v_cache}));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
   if (num_clusters < 1 || num_clusters > range.count || iterations < 1 || first_block < 0) {
@@ -1055,6 +1061,7 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
   kernels::ClusterKeysParams p;
   p.k_cache = k_cache.data();
   p.v_cache = v_cache.data();
+  p.kv_fp8 = k_cache.dtype() == DType::kF8E4M3;
   p.block_table = range.block_table.data_as<int32_t>();
   p.page_size = range.page_size;
   p.begin = range.begin;
@@ -1094,6 +1101,7 @@ absl::Status CudaBackend::KeyBounds(const Tensor& k_cache, const engine::Sequenc
                                "lo, hi and extents differ in max_blocks", {&lo, &hi, &extents}));
   kernels::KeyBoundsParams p;
   p.k_cache = k_cache.data();
+  p.kv_fp8 = k_cache.dtype() == DType::kF8E4M3;
   p.block_table = range.block_table.data_as<int32_t>();
   p.page_size = range.page_size;
   p.begin = range.begin;
@@ -1221,10 +1229,12 @@ absl::Status CudaBackend::SparseAttention(const Tensor& qkv, const QkvLayout& la
                 out.dim(0) == qkv.dim(0) && out.dim(1) == int64_t{hq} * d && k_cache.rank() == 4 &&
                 k_cache.shape() == v_cache.shape() && k_cache.dim(1) == batch.page_size &&
                 k_cache.dim(2) == hkv && k_cache.dim(3) == d && qkv.dtype() == DType::kBF16 &&
-                out.dtype() == DType::kBF16 && k_cache.dtype() == DType::kBF16 &&
-                v_cache.dtype() == DType::kBF16 && Aligned16(qkv.data()) && Aligned16(out.data()) &&
-                Aligned16(k_cache.data()) && Aligned16(v_cache.data()),
-            kOp, "expected bf16 qkv [T, row], out [T, Hq*D] and caches [P, page, Hkv, D]",
+                out.dtype() == DType::kBF16 && IsKvCacheDType(k_cache.dtype()) &&
+                v_cache.dtype() == k_cache.dtype() && Aligned16(qkv.data()) &&
+                Aligned16(out.data()) && Aligned16(k_cache.data()) && Aligned16(v_cache.data()),
+            kOp,
+            "expected bf16 qkv [T, row], out [T, Hq*D] and bf16 or f8_e4m3 caches [P, page, Hkv, "
+            "D]",
             {&qkv, &out, &k_cache, &v_cache}));
   STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(plan, batch, qkv.dim(0), INT32_MAX, hkv));
   if (plan.num_entries == 0) return absl::OkStatus();

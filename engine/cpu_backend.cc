@@ -125,16 +125,17 @@ class CpuBackend final : public Backend {
   DType activation_dtype() const override { return DType::kF32; }
 
   absl::StatusOr<Tensor> Allocate(DType dtype, std::vector<int64_t> shape) override {
-    if (dtype != DType::kF32 && dtype != DType::kI32) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("cpu backend stores F32 and I32 only, asked for ", DTypeName(dtype)));
+    if (dtype != DType::kF32 && dtype != DType::kI32 && dtype != DType::kF8E4M3) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu backend stores F32, I32 and F8_E4M3 (KV caches) only, asked for ",
+          DTypeName(dtype)));
     }
     int64_t n = 1;
     for (int64_t d : shape) {
       if (d < 0) return absl::InvalidArgumentError("cpu Allocate: negative dimension");
       n *= d;
     }
-    const size_t bytes = std::max<size_t>(64, static_cast<size_t>(n) * 4);
+    const size_t bytes = std::max<size_t>(64, static_cast<size_t>(n) * DTypeSize(dtype));
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (p == nullptr) {
       return absl::ResourceExhaustedError(absl::StrCat("cpu Allocate: out of memory for ", bytes, " bytes"));
@@ -151,6 +152,15 @@ class CpuBackend final : public Backend {
     if (dst.dtype() == DType::kI32) {
       if (src_dtype != DType::kI32) return ShapeError("CopyFromHost", "I32 tensors take I32 data only");
       std::memcpy(dst.data_as<int32_t>() + dst_offset, src, count * 4);
+      return absl::OkStatus();
+    }
+    if (dst.dtype() == DType::kF8E4M3) {
+      // Widen to fp32 first, then round each value to fp8.
+      std::vector<float> wide(static_cast<size_t>(count));
+      Tensor staging(std::shared_ptr<void>(wide.data(), [](void*) {}), DType::kF32, {count});
+      STRATA_RETURN_IF_ERROR(CopyFromHost(src, src_dtype, count, staging, 0));
+      uint8_t* out = dst.data_as<uint8_t>() + dst_offset;
+      for (int64_t i = 0; i < count; ++i) out[i] = FloatToFp8E4M3(wide[i]);
       return absl::OkStatus();
     }
     float* out = dst.data_as<float>() + dst_offset;
@@ -172,6 +182,11 @@ class CpuBackend final : public Backend {
         });
         break;
       }
+      case DType::kF8E4M3: {
+        const auto* in = static_cast<const uint8_t*>(src);
+        for (int64_t i = 0; i < count; ++i) out[i] = Fp8E4M3ToFloat(in[i]);
+        break;
+      }
       case DType::kI32:
         return ShapeError("CopyFromHost", "I32 data into an F32 tensor");
     }
@@ -179,11 +194,24 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status CopyToHost(const Tensor& src, void* dst) override {
+    if (src.dtype() == DType::kF8E4M3) {
+      const uint8_t* in = src.data_as<uint8_t>();
+      float* out = static_cast<float*>(dst);
+      for (int64_t i = 0; i < src.numel(); ++i) out[i] = Fp8E4M3ToFloat(in[i]);
+      return absl::OkStatus();
+    }
     std::memcpy(dst, src.data(), src.numel() * 4);
     return absl::OkStatus();
   }
 
   absl::Status FillRandom(Tensor& t, uint64_t seed, float scale) override {
+    if (t.dtype() == DType::kF8E4M3) {
+      uint8_t* p = t.data_as<uint8_t>();
+      for (int64_t i = 0; i < t.numel(); ++i) {
+        p[i] = FloatToFp8E4M3(scale * HashUniform(seed, static_cast<uint64_t>(i)));
+      }
+      return absl::OkStatus();
+    }
     if (t.dtype() != DType::kF32) return ShapeError("FillRandom", "needs an F32 tensor");
     float* p = t.data_as<float>();
     pool_.ParallelFor(t.numel(), 1 << 16, [&](int64_t b, int64_t e) {
@@ -195,6 +223,8 @@ class CpuBackend final : public Backend {
   absl::Status Fill(Tensor& t, float value) override {
     if (t.dtype() == DType::kI32) {
       std::fill_n(t.data_as<int32_t>(), t.numel(), static_cast<int32_t>(value));
+    } else if (t.dtype() == DType::kF8E4M3) {
+      std::fill_n(t.data_as<uint8_t>(), t.numel(), FloatToFp8E4M3(value));
     } else {
       std::fill_n(t.data_as<float>(), t.numel(), value);
     }
@@ -317,6 +347,7 @@ class CpuBackend final : public Backend {
 
   absl::Status WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
                        Tensor& k_cache, Tensor& v_cache) override {
+    STRATA_RETURN_IF_ERROR(CheckCache("WriteKv", k_cache, v_cache));
     const int64_t width = layout.row_width();
     const int64_t kv_width = int64_t{layout.num_kv_heads} * layout.head_dim;
     const int64_t t = qkv.numel() / width;
@@ -329,8 +360,8 @@ class CpuBackend final : public Backend {
         return ShapeError("WriteKv", absl::StrCat("slot ", slot, " outside the cache of ", capacity));
       }
       const float* row = qkv.data_as<float>() + r * width;
-      std::memcpy(k_cache.data_as<float>() + slot * kv_width, row + q_width, kv_width * 4);
-      std::memcpy(v_cache.data_as<float>() + slot * kv_width, row + q_width + kv_width, kv_width * 4);
+      StoreCacheValues(row + q_width, kv_width, k_cache, slot * kv_width);
+      StoreCacheValues(row + q_width + kv_width, kv_width, v_cache, slot * kv_width);
     }
     return absl::OkStatus();
   }
@@ -338,10 +369,10 @@ class CpuBackend final : public Backend {
   absl::Status Attention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                          const Tensor& v_cache, const AttentionBatch& batch, float scale,
                          int sliding_window, Tensor& out) override {
+    STRATA_RETURN_IF_ERROR(CheckCache("Attention", k_cache, v_cache));
     const int64_t width = layout.row_width();
     const int d = layout.head_dim;
     const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, group = hq / hkv;
-    const int64_t kv_width = int64_t{hkv} * d;
     const int64_t t = qkv.numel() / width;
     if (out.numel() != t * hq * d) return ShapeError("Attention", "out size mismatch");
     if (static_cast<int>(batch.host_query_start.size()) != batch.num_seqs + 1 ||
@@ -356,6 +387,7 @@ class CpuBackend final : public Backend {
     const int32_t* table = batch.block_table.data_as<int32_t>();
     pool_.ParallelFor(t * hq, 1, [&](int64_t b, int64_t e) {
       std::vector<float> scores;
+      std::vector<float> row_buffer(d);
       for (int64_t item = b; item < e; ++item) {
         const int64_t r = item / hq;
         const int h = static_cast<int>(item % hq);
@@ -370,7 +402,7 @@ class CpuBackend final : public Backend {
         for (int p = first; p <= pos; ++p) {
           const int64_t slot = int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} *
                                    batch.page_size + p % batch.page_size;
-          const float sc = Dot(q, k_cache.data_as<float>() + slot * kv_width + int64_t{kvh} * d, d) * scale;
+          const float sc = Dot(q, ReadCacheRow(k_cache, slot, kvh, row_buffer.data()), d) * scale;
           scores[p - first] = sc;
           max_score = std::max(max_score, sc);
         }
@@ -384,7 +416,7 @@ class CpuBackend final : public Backend {
         for (int p = first; p <= pos; ++p) {
           const int64_t slot = int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} *
                                    batch.page_size + p % batch.page_size;
-          const float* v = v_cache.data_as<float>() + slot * kv_width + int64_t{kvh} * d;
+          const float* v = ReadCacheRow(v_cache, slot, kvh, row_buffer.data());
           const float w = scores[p - first] / denom;
           for (int i = 0; i < d; ++i) o[i] += w * v[i];
         }
@@ -412,10 +444,13 @@ class CpuBackend final : public Backend {
     std::vector<int64_t> slots(range.count);
     for (int t = 0; t < range.count; ++t) slots[t] = Slot(range, range.begin + t);
     std::vector<float> keys(static_cast<size_t>(range.count) * d);
-    std::vector<float> k_rows(keys.size()), v_rows(keys.size());
+    // The reorder moves stored rows as bytes, so fp8 rows are not re-rounded.
+    const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(k_cache.dtype());
+    std::vector<uint8_t> k_rows(range.count * row_bytes), v_rows(range.count * row_bytes);
+    std::vector<float> row(d);
     for (int h = 0; h < hkv; ++h) {
       for (int t = 0; t < range.count; ++t) {
-        std::memcpy(&keys[int64_t{t} * d], CacheRow(k_cache, slots[t], h), d * 4);
+        std::memcpy(&keys[int64_t{t} * d], ReadCacheRow(k_cache, slots[t], h, row.data()), d * 4);
       }
       auto result = KMeansCosine(keys, d, num_clusters, iterations, &pool_);
       if (!result.ok()) return result.status();
@@ -426,12 +461,12 @@ class CpuBackend final : public Backend {
         return result->assignment[a] < result->assignment[b];
       });
       for (int t = 0; t < range.count; ++t) {
-        std::memcpy(&k_rows[int64_t{t} * d], CacheRow(k_cache, slots[order[t]], h), d * 4);
-        std::memcpy(&v_rows[int64_t{t} * d], CacheRow(v_cache, slots[order[t]], h), d * 4);
+        std::memcpy(&k_rows[t * row_bytes], CacheRowBytes(k_cache, slots[order[t]], h), row_bytes);
+        std::memcpy(&v_rows[t * row_bytes], CacheRowBytes(v_cache, slots[order[t]], h), row_bytes);
       }
       for (int t = 0; t < range.count; ++t) {
-        std::memcpy(CacheRow(k_cache, slots[t], h), &k_rows[int64_t{t} * d], d * 4);
-        std::memcpy(CacheRow(v_cache, slots[t], h), &v_rows[int64_t{t} * d], d * 4);
+        std::memcpy(CacheRowBytes(k_cache, slots[t], h), &k_rows[t * row_bytes], row_bytes);
+        std::memcpy(CacheRowBytes(v_cache, slots[t], h), &v_rows[t * row_bytes], row_bytes);
       }
       int32_t start = range.begin;
       for (int j = 0; j < num_clusters; ++j) {
@@ -462,6 +497,7 @@ class CpuBackend final : public Backend {
     if (hi.dim(1) != max_blocks || extents.dim(1) != max_blocks) {
       return ShapeError(kOp, "lo, hi and extents differ in max_blocks");
     }
+    std::vector<float> row(d);
     for (int h = 0; h < hkv; ++h) {
       for (int j = 0; j < blocks; ++j) {
         const int64_t block = int64_t{h} * max_blocks + first_block + j;
@@ -471,7 +507,7 @@ class CpuBackend final : public Backend {
         std::fill_n(u, d, -std::numeric_limits<float>::infinity());
         const int first = range.begin + j * block_tokens;
         for (int t = first; t < first + block_tokens; ++t) {
-          const float* k = CacheRow(k_cache, Slot(range, t), h);
+          const float* k = ReadCacheRow(k_cache, Slot(range, t), h, row.data());
           for (int i = 0; i < d; ++i) {
             l[i] = std::min(l[i], k[i]);
             u[i] = std::max(u[i], k[i]);
@@ -571,12 +607,14 @@ class CpuBackend final : public Backend {
   absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                                const Tensor& v_cache, const AttentionBatch& batch,
                                const SparsePlan& plan, float scale, Tensor& out) override {
+    STRATA_RETURN_IF_ERROR(CheckCache("SparseAttention", k_cache, v_cache));
     const int d = layout.head_dim;
     const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, group = hq / hkv;
     const int64_t width = layout.row_width();
     const int32_t* table = batch.block_table.data_as<int32_t>();
     pool_.ParallelFor(int64_t{plan.num_entries} * hq, 1, [&](int64_t b, int64_t e) {
       std::vector<float> scores;
+      std::vector<float> row_buffer(d);
       for (int64_t item = b; item < e; ++item) {
         const int i = static_cast<int>(item / hq);
         const int h = static_cast<int>(item % hq), kvh = h / group;
@@ -592,7 +630,7 @@ class CpuBackend final : public Backend {
         scores.resize(n);
         float max_score = -std::numeric_limits<float>::infinity();
         for (int j = 0; j < n; ++j) {
-          scores[j] = Dot(q, CacheRow(k_cache, slot_of(keys[j]), kvh), d) * scale;
+          scores[j] = Dot(q, ReadCacheRow(k_cache, slot_of(keys[j]), kvh, row_buffer.data()), d) * scale;
           max_score = std::max(max_score, scores[j]);
         }
         float denom = 0;
@@ -603,7 +641,7 @@ class CpuBackend final : public Backend {
         float* o = out.data_as<float>() + row * hq * d + int64_t{h} * d;
         std::fill_n(o, d, 0.0f);
         for (int j = 0; j < n; ++j) {
-          const float* v = CacheRow(v_cache, slot_of(keys[j]), kvh);
+          const float* v = ReadCacheRow(v_cache, slot_of(keys[j]), kvh, row_buffer.data());
           const float w = scores[j] / denom;
           for (int x = 0; x < d; ++x) o[x] += w * v[x];
         }
@@ -633,17 +671,43 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  // Row of KV head h at `slot` of a cache [pages, page_size, Hkv, D].
-  static float* CacheRow(const Tensor& cache, int64_t slot, int h) {
-    return cache.data_as<float>() + (slot * cache.dim(2) + h) * cache.dim(3);
+  // KV caches [pages, page_size, Hkv, D] are F32 or F8E4M3; fp8 rows are
+  // widened on every read and rounded once on write, exactly as the CUDA
+  // backend does, so both see the same values.
+  //
+  // The stored row of KV head h at `slot`.
+  static uint8_t* CacheRowBytes(const Tensor& cache, int64_t slot, int h) {
+    return cache.data_as<uint8_t>() +
+           (slot * cache.dim(2) + h) * cache.dim(3) * DTypeSize(cache.dtype());
+  }
+  // The row as fp32: the cache itself (F32) or `scratch` (D floats) holding it.
+  static const float* ReadCacheRow(const Tensor& cache, int64_t slot, int h, float* scratch) {
+    if (cache.dtype() == DType::kF32) {
+      return cache.data_as<float>() + (slot * cache.dim(2) + h) * cache.dim(3);
+    }
+    const uint8_t* in = CacheRowBytes(cache, slot, h);
+    for (int64_t i = 0; i < cache.dim(3); ++i) scratch[i] = Fp8E4M3ToFloat(in[i]);
+    return scratch;
+  }
+  // Stores n values at element `offset` of the cache.
+  static void StoreCacheValues(const float* values, int64_t n, Tensor& cache, int64_t offset) {
+    if (cache.dtype() == DType::kF32) {
+      std::memcpy(cache.data_as<float>() + offset, values, n * 4);
+      return;
+    }
+    uint8_t* out = cache.data_as<uint8_t>() + offset;
+    for (int64_t i = 0; i < n; ++i) out[i] = FloatToFp8E4M3(values[i]);
   }
   static int64_t Slot(const SequenceRange& range, int32_t index) {
     return int64_t{range.block_table.data_as<int32_t>()[index / range.page_size]} * range.page_size +
            index % range.page_size;
   }
   static absl::Status CheckCache(absl::string_view op, const Tensor& k, const Tensor& v) {
-    if (k.dtype() != DType::kF32 || k.rank() != 4 || v.shape() != k.shape()) {
-      return ShapeError(op, "caches must be F32 [pages, page_size, Hkv, D]");
+    if ((k.dtype() != DType::kF32 && k.dtype() != DType::kF8E4M3) || k.rank() != 4 ||
+        v.shape() != k.shape() || v.dtype() != k.dtype()) {
+      return ShapeError(op, absl::StrCat("caches must be F32 or F8_E4M3 [pages, page_size, Hkv, D] "
+                                         "of one dtype, got ",
+                                         k.DebugString(), " and ", v.DebugString()));
     }
     return absl::OkStatus();
   }

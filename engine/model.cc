@@ -15,6 +15,17 @@ Model::Model(const ModelConfig& config, ModelWeights weights, Backend* backend,
   layout_ = {config.num_q_heads, config.num_kv_heads, config.head_dim};
 }
 
+absl::StatusOr<KvCacheType> ParseKvCacheType(std::string_view name) {
+  if (name == "auto") return KvCacheType::kActivation;
+  if (name == "fp8" || name == "fp8_e4m3") return KvCacheType::kFp8E4M3;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown KV cache dtype \"", std::string(name), "\": expected auto or fp8_e4m3"));
+}
+
+const char* KvCacheTypeName(KvCacheType type) {
+  return type == KvCacheType::kFp8E4M3 ? "fp8_e4m3" : "auto";
+}
+
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
                                                      ModelWeights weights, Backend* backend,
                                                      const ModelOptions& options) {
@@ -36,7 +47,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
 
 int64_t Model::kv_bytes_per_token() const {
   return int64_t{2} * config_.num_layers * config_.num_kv_heads * config_.head_dim *
-         static_cast<int64_t>(DTypeSize(backend_->activation_dtype()));
+         static_cast<int64_t>(DTypeSize(kv_cache_dtype()));
 }
 
 absl::Status Model::AllocateBuffers() {
@@ -49,8 +60,8 @@ absl::Status Model::AllocateBuffers() {
     // graphs write their keys there.
     const std::vector<int64_t> shape = {options_.num_pages + 1, options_.page_size,
                                         config_.num_kv_heads, config_.head_dim};
-    STRATA_ASSIGN_OR_RETURN(Tensor k, b.Allocate(dt, shape));
-    STRATA_ASSIGN_OR_RETURN(Tensor v, b.Allocate(dt, shape));
+    STRATA_ASSIGN_OR_RETURN(Tensor k, b.Allocate(kv_cache_dtype(), shape));
+    STRATA_ASSIGN_OR_RETURN(Tensor v, b.Allocate(kv_cache_dtype(), shape));
     k_cache_.push_back(std::move(k));
     v_cache_.push_back(std::move(v));
   }

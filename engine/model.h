@@ -19,6 +19,7 @@
 #include <memory>
 #include <set>
 #include <span>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -30,6 +31,21 @@
 #include "engine/weights.h"
 
 namespace strata::engine {
+
+// How the KV cache stores keys and values.
+enum class KvCacheType {
+  kActivation,  // the backend's activation dtype (bf16 on CUDA, fp32 on CPU)
+  // fp8 e4m3: half the bytes of bf16, so twice the tokens per byte of cache
+  // and half the bytes a decode step reads. Values are rounded (nearest
+  // even) when written and saturate at +-448; there is no scale factor, the
+  // same as vLLM's fp8 cache without calibrated scales.
+  kFp8E4M3,
+};
+
+// Parses a --kv-cache-dtype value: "auto" (the activation dtype) or
+// "fp8_e4m3" (also "fp8").
+absl::StatusOr<KvCacheType> ParseKvCacheType(std::string_view name);
+const char* KvCacheTypeName(KvCacheType type);
 
 struct ModelOptions {
   int max_batch_tokens = 2048;  // tokens per step (prefill chunks + decodes)
@@ -44,6 +60,7 @@ struct ModelOptions {
   // write to a spare cache page, and one graph is recorded per (bucket,
   // power-of-two context bound), the second time that pair is seen.
   bool decode_graphs = true;
+  KvCacheType kv_cache = KvCacheType::kActivation;
 };
 
 // The tokens of one step, grouped by sequence (see AttentionBatch).
@@ -95,6 +112,11 @@ class Model {
   // Decode graphs recorded so far (ModelOptions::decode_graphs).
   int num_decode_graphs() const { return static_cast<int>(decode_graphs_.size()); }
   int64_t kv_bytes_per_token() const;
+  // The dtype the KV caches are stored in (ModelOptions::kv_cache).
+  DType kv_cache_dtype() const {
+    return options_.kv_cache == KvCacheType::kFp8E4M3 ? DType::kF8E4M3
+                                                      : backend_->activation_dtype();
+  }
 
  private:
   Model(const ModelConfig& config, ModelWeights weights, Backend* backend,

@@ -3,6 +3,7 @@
 #include <cassert>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -17,6 +18,8 @@ size_t DTypeSize(DType dtype) {
     case DType::kF16:
     case DType::kBF16:
       return 2;
+    case DType::kF8E4M3:
+      return 1;
   }
   return 0;
 }
@@ -31,6 +34,8 @@ const char* DTypeName(DType dtype) {
       return "BF16";
     case DType::kI32:
       return "I32";
+    case DType::kF8E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
@@ -120,6 +125,39 @@ uint16_t FloatToFp16(float f) {
   const uint32_t rest = m & 0x1fff;
   if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) ++half;
   return sign | static_cast<uint16_t>(half);
+}
+
+float Fp8E4M3ToFloat(uint8_t v) {
+  const float sign = (v & 0x80) ? -1.0f : 1.0f;
+  const int exp = (v >> 3) & 0xf;
+  const int mant = v & 0x7;
+  if (exp == 0xf && mant == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  if (exp == 0) return sign * std::ldexp(static_cast<float>(mant), -9);  // subnormal
+  return sign * std::ldexp(static_cast<float>(8 + mant), exp - 10);
+}
+
+uint8_t FloatToFp8E4M3(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
+  if (std::isnan(f)) return sign | 0x7f;
+  const float a = std::fabs(f);
+  if (a >= 448.0f) return sign | 0x7e;  // saturate (448 is the largest finite value)
+  if (a < 0.015625f) {
+    // Subnormal range (below 2^-6): multiples of 2^-9. Rounding up to 8
+    // gives 0x08, the smallest normal, as it should.
+    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
+  }
+  int exp;
+  const float frac = std::frexp(a, &exp);  // a = frac * 2^exp, frac in [0.5, 1)
+  // a = (1 + m / 8) * 2^(exp - 1); 16 * frac - 8 = m exactly before rounding.
+  int mant = static_cast<int>(std::nearbyint(16.0f * frac - 8.0f));
+  int biased = exp - 1 + 7;
+  if (mant == 8) {
+    mant = 0;
+    ++biased;
+  }
+  return sign | static_cast<uint8_t>((biased << 3) | mant);
 }
 
 }  // namespace strata::engine

@@ -21,7 +21,10 @@
 
 namespace strata::engine {
 
-enum class DType : uint8_t { kF32, kF16, kBF16, kI32 };
+// kF8E4M3 is the OCP FP8 E4M3 format (bias 7, no infinities, max 448, one
+// NaN pattern per sign); it is a storage type only (the KV cache option), and
+// operators widen it to fp32 before any arithmetic.
+enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kF8E4M3 };
 
 size_t DTypeSize(DType dtype);
 const char* DTypeName(DType dtype);
@@ -66,6 +69,11 @@ float Bf16ToFloat(uint16_t v);
 uint16_t FloatToBf16(float f);
 float Fp16ToFloat(uint16_t v);
 uint16_t FloatToFp16(float f);
+// fp8 e4m3 <-> fp32 on the host: round to nearest even, finite values beyond
+// the range (and infinities) saturate to +-448, NaN stays NaN. Matches the
+// CUDA conversion with __NV_SATFINITE bit for bit.
+float Fp8E4M3ToFloat(uint8_t v);
+uint8_t FloatToFp8E4M3(float f);
 
 }  // namespace strata::engine
 

@@ -32,6 +32,12 @@ a=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 -
 b=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 --top-p 0.95 --top-k 50 --seed 7 --max-tokens 16 --json)
 [[ $(echo "$a" | grep -v summary) == "$(echo "$b" | grep -v summary)" ]] || fail "same seed, different tokens"
 
+# An fp8 e4m3 KV cache generates text too (its accuracy cost is measured
+# in bench/RESULTS.md).
+out=$("$strata" generate --model "$model" --prompt "Return the number of" --max-tokens 12 \
+      --kv-cache-dtype fp8_e4m3 2>/dev/null) || fail "--kv-cache-dtype fp8_e4m3"
+[[ ${#out} -gt 25 ]] || fail "no completion with an fp8 cache: $out"
+
 # Dummy weights at a preset shape run without a checkpoint.
 "$strata" generate --dummy-weights tiny --prompt-ids 1,2,3 --max-tokens 4 --json >/dev/null \
   || fail "--dummy-weights tiny"
@@ -52,6 +58,7 @@ expect_error "outside the vocabulary" generate --model "$model" --prompt-ids 1,9
 expect_error "--backend" generate --model "$model" --prompt hi --backend tpu
 expect_error "unknown model preset" generate --dummy-weights gpt-5 --prompt-ids 1
 expect_error "is not a token id" generate --model "$model" --prompt-ids 1,x
+expect_error "--kv-cache-dtype" generate --model "$model" --prompt hi --kv-cache-dtype int3
 expect_error "is not one of" bench kv-policies --model "$src/models/retrieval-llama" --policies full,h2o
 
 # The KV-policy accuracy benchmark on the trained retrieval model: two

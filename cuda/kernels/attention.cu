@@ -15,6 +15,8 @@
 //    memory, so a stale or NaN value in an unused cache slot can never leak
 //    into a result through 0 * NaN.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,6 +34,7 @@ namespace strata::cuda::kernels {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using fp8 = __nv_fp8_e4m3;
 
 constexpr float kNegInf = -INFINITY;
 
@@ -43,6 +46,23 @@ __device__ __forceinline__ void Load8(const bf16* p, float (&out)[8]) {
   const Bf16x8 packed = *reinterpret_cast<const Bf16x8*>(p);
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i] = __bfloat162float(packed.v[i]);
+}
+
+// Eight fp8 e4m3 values (as two packed words, lowest byte first) -> fp32,
+// exactly: e4m3 -> f16x2 is one cvt per pair, then f16 -> f32.
+__device__ __forceinline__ void UnpackFp8x8(const uint2 w, float (&out)[8]) {
+  const uint32_t words[2] = {w.x, w.y};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const auto pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+
+__device__ __forceinline__ void Load8(const fp8* p, float (&out)[8]) {
+  UnpackFp8x8(*reinterpret_cast<const uint2*>(p), out);
 }
 
 // Returns the cache slot of position `pos` of sequence `seq`.
@@ -87,8 +107,14 @@ constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kDecodeSteps = 4;   // keys per group per tile
 constexpr int kDecodeStages = 3;  // tiles per warp in shared memory
 constexpr int kDecodeMaxG = 8;    // query heads per block; larger groups use more blocks
-// One warp's K (or V) tile: kDecodeSteps chunks of 16 bytes per lane.
-constexpr int kDecodeTileBytes = kDecodeSteps * 32 * 16;
+// One warp's K (or V) tile: kDecodeSteps chunks of 8 elements per lane (16
+// bytes of bf16, 8 of fp8).
+template <typename Cache>
+constexpr int DecodeTileBytes() {
+  return kDecodeSteps * 32 * 8 * static_cast<int>(sizeof(Cache));
+}
+// Sized for bf16; an fp8 pipeline uses half of it.
+constexpr int kDecodeTileBytes = DecodeTileBytes<bf16>();
 constexpr size_t kDecodeSmemBytes = size_t{kDecodeWarps} * kDecodeStages * 2 * kDecodeTileBytes;
 // The final merge reuses the pipeline buffers: [warps][kMaxG][D] partial
 // accumulators, then [warps][kMaxG] maxima and sums.
@@ -121,11 +147,32 @@ __device__ __forceinline__ void Unpack8(const uint4 w, float (&out)[8]) {
   }
 }
 
-template <int kTG, int kMaxG, bool kSparse>
+// A lane's 8 elements of one key: 16 bytes of bf16 or 8 of fp8, staged
+// through shared memory by cp.async and widened to fp32 when read.
+template <typename Cache>
+__device__ __forceinline__ void CopyChunk(uint32_t dst, const Cache* src, bool valid) {
+  if constexpr (sizeof(Cache) == 2) {
+    CpAsync16(dst, src, valid ? 16 : 0);
+  } else {
+    CpAsync8(dst, src, valid ? 8 : 0);
+  }
+}
+template <typename Cache>
+__device__ __forceinline__ void ReadChunk(const unsigned char* src, bool active, float (&out)[8]) {
+  if constexpr (sizeof(Cache) == 2) {
+    Unpack8(active ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0), out);
+  } else {
+    UnpackFp8x8(active ? *reinterpret_cast<const uint2*>(src) : make_uint2(0, 0), out);
+  }
+}
+
+template <int kTG, int kMaxG, bool kSparse, typename Cache>
 __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSparse))
     PagedDecodeKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                       int head_chunks, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
   WaitForPrerequisites();
+  constexpr int kChunkBytes = 8 * static_cast<int>(sizeof(Cache));
+  constexpr int kTileBytes = DecodeTileBytes<Cache>();
   constexpr int kKeysPerStep = 32 / kTG;  // keys a warp handles per step
   constexpr int kTileKeys = kKeysPerStep * kDecodeSteps;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -174,9 +221,9 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   const bool d_active = d0 < D;
 
   extern __shared__ __align__(16) unsigned char decode_smem[];
-  // This warp's stages: [stage][K, V][step][lane] 16-byte chunks.
-  unsigned char* const warp_buf = decode_smem + warp * kDecodeStages * 2 * kDecodeTileBytes;
-  const uint32_t warp_buf_addr = SharedAddress(warp_buf) + lane * 16;
+  // This warp's stages: [stage][K, V][step][lane] chunks of kChunkBytes.
+  unsigned char* const warp_buf = decode_smem + warp * kDecodeStages * 2 * kTileBytes;
+  const uint32_t warp_buf_addr = SharedAddress(warp_buf) + lane * kChunkBytes;
 
   // This lane's slice of each query head, pre-scaled into log2 units.
   const int64_t t = q_begin;
@@ -208,8 +255,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
     for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
   }
 
-  const bf16* const k_cache = static_cast<const bf16*>(p.k_cache);
-  const bf16* const v_cache = static_cast<const bf16*>(p.v_cache);
+  const Cache* const k_cache = static_cast<const Cache*>(p.k_cache);
+  const Cache* const v_cache = static_cast<const Cache*>(p.v_cache);
   const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   const int64_t head_offset = static_cast<int64_t>(kv_head) * D + d0;
   const int32_t* const table =
@@ -264,15 +311,15 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   auto issue = [&](int j, auto parity) {
     constexpr int kSet = decltype(parity)::value;
     if (j < my_tiles && d_active) {
-      const uint32_t dst = warp_buf_addr + (j % kDecodeStages) * 2 * kDecodeTileBytes;
+      const uint32_t dst = warp_buf_addr + (j % kDecodeStages) * 2 * kTileBytes;
 #pragma unroll
       for (int u = 0; u < kDecodeSteps; ++u) {
         const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
         const bool valid = key < k_end;
         const int64_t offset =
             valid ? static_cast<int64_t>(slot_set[kSet][u]) * slot_stride + head_offset : 0;
-        CpAsync16(dst + u * 512, k_cache + offset, valid ? 16 : 0);
-        CpAsync16(dst + kDecodeTileBytes + u * 512, v_cache + offset, valid ? 16 : 0);
+        CopyChunk(dst + u * 32 * kChunkBytes, k_cache + offset, valid);
+        CopyChunk(dst + kTileBytes + u * 32 * kChunkBytes, v_cache + offset, valid);
       }
     }
     CpAsyncCommit();
@@ -296,7 +343,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
     issue(j + kDecodeStages - 1, parity);  // into the stage tile j - 1 used (same parity as j)
     CpAsyncWait<kDecodeStages - 1>();      // tile j has landed
     const unsigned char* const buf =
-        warp_buf + (j % kDecodeStages) * 2 * kDecodeTileBytes + lane * 16;
+        warp_buf + (j % kDecodeStages) * 2 * kTileBytes + lane * kChunkBytes;
     const int start = tile_start(j);
 
     // Scores. Inactive lanes contribute zeros (their chunks were not copied).
@@ -304,9 +351,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
 #pragma unroll
     for (int u = 0; u < kDecodeSteps; ++u) {
       float k[8];
-      const uint4 raw =
-          d_active ? *reinterpret_cast<const uint4*>(buf + u * 512) : make_uint4(0, 0, 0, 0);
-      Unpack8(raw, k);
+      ReadChunk<Cache>(buf + u * 32 * kChunkBytes, d_active, k);
 #pragma unroll
       for (int g = 0; g < kMaxG; ++g) {
         float dot = 0.0f;
@@ -349,9 +394,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
 #pragma unroll
     for (int u = 0; u < kDecodeSteps; ++u) {
       float v[8];
-      const uint4 raw = d_active ? *reinterpret_cast<const uint4*>(buf + kDecodeTileBytes + u * 512)
-                                 : make_uint4(0, 0, 0, 0);
-      Unpack8(raw, v);
+      ReadChunk<Cache>(buf + kTileBytes + u * 32 * kChunkBytes, d_active, v);
 #pragma unroll
       for (int g = 0; g < kMaxG; ++g) {
         const float pr = Ex2(s[u][g] - m[g]);
@@ -514,7 +557,7 @@ size_t PrefillSmemBytes(int head_dim) {
   return (qt + kv + pp) * sizeof(float);
 }
 
-template <int kMaxD>
+template <int kMaxD, typename Cache>
 __global__ void __launch_bounds__(kPrefillThreads)
     PagedPrefillKernel(const __grid_constant__ PagedAttentionParams p) {
   constexpr int kCols = kMaxD / 16;  // output dims per thread (tx + 16 * c)
@@ -549,8 +592,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const int tx = tid & 15;
   const int chunks = D / 8;  // 8-element (16-byte) pieces per head vector
   const bf16* qkv = static_cast<const bf16*>(p.qkv);
-  const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
-  const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
+  const Cache* k_cache = static_cast<const Cache*>(p.k_cache);
+  const Cache* v_cache = static_cast<const Cache*>(p.v_cache);
   const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * D;
   const int64_t kv_head_offset = static_cast<int64_t>(kv_head) * D;
 
@@ -733,8 +776,11 @@ cudaError_t LaunchDecodeG(const PagedAttentionParams& p, int num_splits, float* 
   const int G = p.num_q_heads / p.num_kv_heads;
   const int head_chunks = (G + kMaxG - 1) / kMaxG;
   const dim3 grid(p.num_seqs, p.num_kv_heads * head_chunks, num_splits);
-  auto kernel = p.plan_entries != nullptr ? PagedDecodeKernel<kTG, kMaxG, true>
-                                          : PagedDecodeKernel<kTG, kMaxG, false>;
+  const bool sparse = p.plan_entries != nullptr;
+  auto kernel = p.kv_fp8 ? (sparse ? PagedDecodeKernel<kTG, kMaxG, true, fp8>
+                                   : PagedDecodeKernel<kTG, kMaxG, false, fp8>)
+                         : (sparse ? PagedDecodeKernel<kTG, kMaxG, true, bf16>
+                                   : PagedDecodeKernel<kTG, kMaxG, false, bf16>);
   return LaunchDependent(kernel, grid, kDecodeThreads, kDecodeSmemBytes, stream, p, num_splits,
                          head_chunks, ws_acc, ws_ml);
 }
@@ -775,21 +821,26 @@ cudaError_t LaunchDecode(const PagedAttentionParams& p, int num_splits, float* w
   }
 }
 
-template <int kMaxD>
-cudaError_t LaunchPrefillD(const PagedAttentionParams& p, cudaStream_t stream) {
+template <int kMaxD, typename Cache>
+cudaError_t LaunchPrefillDC(const PagedAttentionParams& p, cudaStream_t stream) {
   const int G = p.num_q_heads / p.num_kv_heads;
   const int64_t row_tiles = (static_cast<int64_t>(p.max_query_len) * G + kBQ - 1) / kBQ;
   if (row_tiles > 65535) return cudaErrorInvalidConfiguration;
   const size_t smem = PrefillSmemBytes(p.head_dim);
   // Above 48 KiB dynamic shared memory needs an explicit opt-in (per device,
   // so it is set on every launch rather than cached).
-  const cudaError_t attr =
-      cudaFuncSetAttribute(PagedPrefillKernel<kMaxD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem));
+  const cudaError_t attr = cudaFuncSetAttribute(PagedPrefillKernel<kMaxD, Cache>,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(smem));
   if (attr != cudaSuccess) return attr;
   const dim3 grid(p.num_seqs, p.num_kv_heads, static_cast<unsigned>(row_tiles));
-  PagedPrefillKernel<kMaxD><<<grid, kPrefillThreads, smem, stream>>>(p);
+  PagedPrefillKernel<kMaxD, Cache><<<grid, kPrefillThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <int kMaxD>
+cudaError_t LaunchPrefillD(const PagedAttentionParams& p, cudaStream_t stream) {
+  return p.kv_fp8 ? LaunchPrefillDC<kMaxD, fp8>(p, stream) : LaunchPrefillDC<kMaxD, bf16>(p, stream);
 }
 
 cudaError_t LaunchPrefill(const PagedAttentionParams& p, cudaStream_t stream) {

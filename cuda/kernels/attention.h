@@ -16,7 +16,9 @@
 //    memory on CUDA cores. Either way each K/V tile is read once for all
 //    heads of the group.
 //
-// q, k, v and out are bf16; softmax and accumulation are fp32.
+// q and out are bf16, the caches bf16 or fp8 e4m3 (PagedAttentionParams::
+// kv_fp8; the decode kernel then streams half the bytes); softmax and
+// accumulation are fp32.
 //
 // Thread-safety: no state; concurrent calls on different streams are safe
 // when they use different workspaces.
@@ -35,9 +37,11 @@ struct PagedAttentionParams {
   // t * qkv_row_width + h * head_dim. 16-byte aligned.
   const void* qkv = nullptr;
   int64_t qkv_row_width = 0;
-  // [num_pages, page_size, num_kv_heads, head_dim] bf16, 16-byte aligned.
+  // [num_pages, page_size, num_kv_heads, head_dim], 16-byte aligned: bf16,
+  // or fp8 e4m3 when kv_fp8 (widened to fp32 exactly on load).
   const void* k_cache = nullptr;
   const void* v_cache = nullptr;
+  bool kv_fp8 = false;
   // [T, num_q_heads * head_dim] bf16, 16-byte aligned.
   void* out = nullptr;
   // Device arrays as in engine::AttentionBatch.

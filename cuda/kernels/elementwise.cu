@@ -7,10 +7,12 @@
 // to scalar accesses, so views at odd offsets stay correct.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kernels/dependent_launch.cuh"
 #include "cuda/kernels/elementwise.h"
@@ -20,6 +22,7 @@ namespace strata::cuda::kernels {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using fp8 = __nv_fp8_e4m3;
 using engine::DType;
 
 constexpr int kBlock = 256;
@@ -37,6 +40,7 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(bf16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToFloat(fp8 v) { return static_cast<float>(v); }
 
 template <typename T>
 __device__ __forceinline__ T FromFloat(float v);
@@ -51,6 +55,13 @@ __device__ __forceinline__ bf16 FromFloat<bf16>(float v) {
 template <>
 __device__ __forceinline__ __half FromFloat<__half>(float v) {
   return __float2half_rn(v);
+}
+// Round to nearest even, saturating to +-448 (engine::FloatToFp8E4M3).
+template <>
+__device__ __forceinline__ fp8 FromFloat<fp8>(float v) {
+  fp8 out;
+  out.__x = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  return out;
 }
 
 // 8 bf16 values moved as one 16-byte access.
@@ -120,6 +131,9 @@ cudaError_t LaunchConvertFrom(const Src* src, void* dst, DType dst_dtype, int64_
       break;
     case DType::kF16:
       ConvertKernel<<<GridFor(n), kBlock, 0, stream>>>(src, static_cast<__half*>(dst), n);
+      break;
+    case DType::kF8E4M3:
+      ConvertKernel<<<GridFor(n), kBlock, 0, stream>>>(src, static_cast<fp8*>(dst), n);
       break;
     case DType::kI32:
       return cudaErrorInvalidValue;
@@ -246,12 +260,15 @@ __global__ void SiluMulKernel(const bf16* __restrict__ gate_up, bf16* __restrict
 // the __sinf approximation) because angles reach position * inv_freq[0] =
 // tens of thousands of radians. Without slots (plain RoPE) nothing goes to
 // the caches.
+// Cache is the cache's element type (bf16 or fp8 e4m3): the rotated keys
+// are rounded to bf16 first, as they are in qkv, then (fp8) to the cache.
 constexpr int kRopeMaxHalf = 512;
+template <typename Cache>
 __global__ void RopeWriteKvKernel(bf16* qkv, int64_t row_width, int num_q_heads, int num_kv_heads,
                                   int head_dim, const int32_t* __restrict__ positions,
                                   const float* __restrict__ inv_freq,
-                                  const int32_t* __restrict__ slots, bf16* __restrict__ k_cache,
-                                  bf16* __restrict__ v_cache, int64_t num_slots) {
+                                  const int32_t* __restrict__ slots, Cache* __restrict__ k_cache,
+                                  Cache* __restrict__ v_cache, int64_t num_slots) {
   WaitForPrerequisites();
   __shared__ float cos_smem[kRopeMaxHalf];
   __shared__ float sin_smem[kRopeMaxHalf];
@@ -268,12 +285,18 @@ __global__ void RopeWriteKvKernel(bf16* qkv, int64_t row_width, int num_q_heads,
   // V needs no rotation: copy it while the angles are computed.
   if (cached) {
     const bf16* v_src = row + static_cast<int64_t>(num_q_heads + num_kv_heads) * head_dim;
-    bf16* v_dst = v_cache + slot * kv_width;
-    for (int64_t i = threadIdx.x; i < kv_width; i += blockDim.x) v_dst[i] = v_src[i];
+    Cache* v_dst = v_cache + slot * kv_width;
+    for (int64_t i = threadIdx.x; i < kv_width; i += blockDim.x) {
+      if constexpr (std::is_same_v<Cache, bf16>) {
+        v_dst[i] = v_src[i];
+      } else {
+        v_dst[i] = FromFloat<Cache>(__bfloat162float(v_src[i]));
+      }
+    }
   }
   __syncthreads();
   const int pairs = (num_q_heads + num_kv_heads) * half;
-  bf16* k_dst = cached ? k_cache + slot * kv_width : nullptr;
+  Cache* k_dst = cached ? k_cache + slot * kv_width : nullptr;
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int h = p / half;
     const int i = p - h * half;
@@ -286,36 +309,58 @@ __global__ void RopeWriteKvKernel(bf16* qkv, int64_t row_width, int num_q_heads,
     head[i] = y0;
     head[i + half] = y1;
     if (h >= num_q_heads && cached) {
-      bf16* k_head = k_dst + static_cast<int64_t>(h - num_q_heads) * head_dim;
-      k_head[i] = y0;
-      k_head[i + half] = y1;
+      Cache* k_head = k_dst + static_cast<int64_t>(h - num_q_heads) * head_dim;
+      if constexpr (std::is_same_v<Cache, bf16>) {
+        k_head[i] = y0;
+        k_head[i + half] = y1;
+      } else {
+        k_head[i] = FromFloat<Cache>(__bfloat162float(y0));
+        k_head[i + half] = FromFloat<Cache>(__bfloat162float(y1));
+      }
     }
   }
 }
 
 // ---- KV write ---------------------------------------------------------------
 
-template <int kVec>
+// Cache is bf16 (values copied, 16 bytes per access when kVec is 8) or fp8
+// e4m3 (values rounded; 16 bytes of bf16 in, 8 bytes out).
+template <int kVec, typename Cache>
 __global__ void WriteKvKernel(const bf16* __restrict__ qkv, int64_t row_width, int64_t k_offset,
                               int64_t kv_width, const int32_t* __restrict__ slots,
-                              bf16* __restrict__ k_cache, bf16* __restrict__ v_cache,
+                              Cache* __restrict__ k_cache, Cache* __restrict__ v_cache,
                               int64_t num_slots) {
   const int64_t t = blockIdx.x;
   const int64_t slot = slots[t];
   if (slot < 0 || slot >= num_slots) return;
   const bf16* k_src = qkv + t * row_width + k_offset;
   const bf16* v_src = k_src + kv_width;
-  bf16* k_dst = k_cache + slot * kv_width;
-  bf16* v_dst = v_cache + slot * kv_width;
-  if constexpr (kVec == 8) {
-    for (int64_t i = threadIdx.x; i < kv_width / 8; i += blockDim.x) {
+  Cache* k_dst = k_cache + slot * kv_width;
+  Cache* v_dst = v_cache + slot * kv_width;
+  for (int64_t i = threadIdx.x; i < kv_width / kVec; i += blockDim.x) {
+    if constexpr (std::is_same_v<Cache, bf16> && kVec == 8) {
       reinterpret_cast<Bf16x8*>(k_dst)[i] = reinterpret_cast<const Bf16x8*>(k_src)[i];
       reinterpret_cast<Bf16x8*>(v_dst)[i] = reinterpret_cast<const Bf16x8*>(v_src)[i];
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < kv_width; i += blockDim.x) {
+    } else if constexpr (std::is_same_v<Cache, bf16>) {
       k_dst[i] = k_src[i];
       v_dst[i] = v_src[i];
+    } else {
+      float k[kVec], v[kVec];
+      LoadBf16<kVec>(k_src + i * kVec, k);
+      LoadBf16<kVec>(v_src + i * kVec, v);
+      alignas(8) Cache k_out[kVec], v_out[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        k_out[e] = FromFloat<Cache>(k[e]);
+        v_out[e] = FromFloat<Cache>(v[e]);
+      }
+      if constexpr (kVec == 8) {
+        *reinterpret_cast<uint2*>(k_dst + i * 8) = *reinterpret_cast<const uint2*>(k_out);
+        *reinterpret_cast<uint2*>(v_dst + i * 8) = *reinterpret_cast<const uint2*>(v_out);
+      } else {
+        k_dst[i] = k_out[0];
+        v_dst[i] = v_out[0];
+      }
     }
   }
 }
@@ -354,6 +399,8 @@ cudaError_t LaunchConvert(const void* src, DType src_dtype, void* dst, DType dst
       return LaunchConvertFrom(static_cast<const bf16*>(src), dst, dst_dtype, n, stream);
     case DType::kF16:
       return LaunchConvertFrom(static_cast<const __half*>(src), dst, dst_dtype, n, stream);
+    case DType::kF8E4M3:
+      return LaunchConvertFrom(static_cast<const fp8*>(src), dst, dst_dtype, n, stream);
     case DType::kI32:
       break;
   }
@@ -373,6 +420,9 @@ cudaError_t LaunchFillRandom(void* dst, DType dst_dtype, int64_t n, uint64_t see
     case DType::kF16:
       FillRandomKernel<<<GridFor(n), kBlock, 0, stream>>>(static_cast<__half*>(dst), n, seed,
                                                           scale);
+      break;
+    case DType::kF8E4M3:
+      FillRandomKernel<<<GridFor(n), kBlock, 0, stream>>>(static_cast<fp8*>(dst), n, seed, scale);
       break;
     case DType::kI32:
       return cudaErrorInvalidValue;
@@ -394,6 +444,12 @@ cudaError_t LaunchFill(void* dst, DType dst_dtype, int64_t n, float value, cudaS
       FillKernel<<<GridFor(n), kBlock, 0, stream>>>(static_cast<__half*>(dst), n,
                                                     __float2half_rn(value));
       break;
+    case DType::kF8E4M3: {
+      fp8 v;
+      v.__x = __nv_cvt_float_to_fp8(value, __NV_SATFINITE, __NV_E4M3);
+      FillKernel<<<GridFor(n), kBlock, 0, stream>>>(static_cast<fp8*>(dst), n, v);
+      break;
+    }
     case DType::kI32:
       FillKernel<<<GridFor(n), kBlock, 0, stream>>>(static_cast<int32_t*>(dst), n,
                                                     static_cast<int32_t>(value));
@@ -448,42 +504,65 @@ cudaError_t LaunchRope(void* qkv, int64_t num_tokens, int64_t row_width, int num
                        const float* inv_freq, cudaStream_t stream) {
   return LaunchRopeWriteKv(qkv, num_tokens, row_width, num_q_heads, num_kv_heads, head_dim,
                            positions, inv_freq, /*slots=*/nullptr, /*k_cache=*/nullptr,
-                           /*v_cache=*/nullptr, /*num_slots=*/0, stream);
+                           /*v_cache=*/nullptr, /*num_slots=*/0, DType::kBF16, stream);
 }
 
 cudaError_t LaunchRopeWriteKv(void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
                               int num_kv_heads, int head_dim, const int32_t* positions,
                               const float* inv_freq, const int32_t* slots, void* k_cache,
-                              void* v_cache, int64_t num_slots, cudaStream_t stream) {
+                              void* v_cache, int64_t num_slots, DType cache_dtype,
+                              cudaStream_t stream) {
   if (num_tokens <= 0) return cudaSuccess;
   if (head_dim / 2 > kRopeMaxHalf) return cudaErrorInvalidValue;
   const int heads = num_q_heads + num_kv_heads;
-  return LaunchDependent(RopeWriteKvKernel, num_tokens, RowBlock(int64_t{heads} * head_dim / 2), 0,
-                         stream, static_cast<bf16*>(qkv), row_width, num_q_heads, num_kv_heads,
-                         head_dim, positions, inv_freq, slots, static_cast<bf16*>(k_cache),
-                         static_cast<bf16*>(v_cache), num_slots);
+  const int block = RowBlock(int64_t{heads} * head_dim / 2);
+  switch (cache_dtype) {
+    case DType::kBF16:
+      return LaunchDependent(RopeWriteKvKernel<bf16>, num_tokens, block, 0, stream,
+                             static_cast<bf16*>(qkv), row_width, num_q_heads, num_kv_heads,
+                             head_dim, positions, inv_freq, slots, static_cast<bf16*>(k_cache),
+                             static_cast<bf16*>(v_cache), num_slots);
+    case DType::kF8E4M3:
+      return LaunchDependent(RopeWriteKvKernel<fp8>, num_tokens, block, 0, stream,
+                             static_cast<bf16*>(qkv), row_width, num_q_heads, num_kv_heads,
+                             head_dim, positions, inv_freq, slots, static_cast<fp8*>(k_cache),
+                             static_cast<fp8*>(v_cache), num_slots);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t LaunchWriteKv(const void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
                           int num_kv_heads, int head_dim, const int32_t* slots, void* k_cache,
-                          void* v_cache, int64_t num_slots, cudaStream_t stream) {
+                          void* v_cache, int64_t num_slots, DType cache_dtype,
+                          cudaStream_t stream) {
   if (num_tokens <= 0) return cudaSuccess;
   const int64_t kv_width = int64_t{num_kv_heads} * head_dim;
   const int64_t k_offset = int64_t{num_q_heads} * head_dim;
   const auto* q = static_cast<const bf16*>(qkv);
-  auto* k = static_cast<bf16*>(k_cache);
-  auto* v = static_cast<bf16*>(v_cache);
   // Rows start at multiples of row_width and heads at multiples of head_dim
-  // (itself a multiple of 8), so 16-byte alignment of the bases and widths
-  // carries over to every row.
+  // (itself a multiple of 8), so the alignment of the bases and widths
+  // carries over to every row: 16 bytes for bf16 rows, 8 for fp8 rows.
+  const bool fp8_cache = cache_dtype == DType::kF8E4M3;
+  if (!fp8_cache && cache_dtype != DType::kBF16) return cudaErrorInvalidValue;
+  const uintptr_t cache_align = fp8_cache ? 7 : 15;
   const bool vec = kv_width % 8 == 0 && k_offset % 8 == 0 && row_width % 8 == 0 && Aligned16(qkv) &&
-                   Aligned16(k_cache) && Aligned16(v_cache);
-  if (vec) {
-    WriteKvKernel<8><<<num_tokens, RowBlock(kv_width / 8), 0, stream>>>(
-        q, row_width, k_offset, kv_width, slots, k, v, num_slots);
+                   (reinterpret_cast<uintptr_t>(k_cache) & cache_align) == 0 &&
+                   (reinterpret_cast<uintptr_t>(v_cache) & cache_align) == 0;
+  const int block = RowBlock(vec ? kv_width / 8 : kv_width);
+  auto launch = [&](auto* k, auto* v) {
+    if (vec) {
+      WriteKvKernel<8><<<num_tokens, block, 0, stream>>>(q, row_width, k_offset, kv_width, slots,
+                                                         k, v, num_slots);
+    } else {
+      WriteKvKernel<1><<<num_tokens, block, 0, stream>>>(q, row_width, k_offset, kv_width, slots,
+                                                         k, v, num_slots);
+    }
+  };
+  if (fp8_cache) {
+    launch(static_cast<fp8*>(k_cache), static_cast<fp8*>(v_cache));
   } else {
-    WriteKvKernel<1><<<num_tokens, RowBlock(kv_width), 0, stream>>>(
-        q, row_width, k_offset, kv_width, slots, k, v, num_slots);
+    launch(static_cast<bf16*>(k_cache), static_cast<bf16*>(v_cache));
   }
   return cudaGetLastError();
 }

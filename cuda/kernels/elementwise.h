@@ -22,9 +22,9 @@
 
 namespace strata::cuda::kernels {
 
-// dst[i] = convert(src[i]) for i < n. src_dtype is F32/F16/BF16/I32 and
-// dst_dtype F32/F16/BF16/I32; I32 converts only to I32. Rounding to bf16/fp16
-// is round-to-nearest-even.
+// dst[i] = convert(src[i]) for i < n. src_dtype and dst_dtype are
+// F32/F16/BF16/F8E4M3/I32; I32 converts only to I32. Rounding to
+// bf16/fp16/fp8 is round-to-nearest-even; fp8 saturates to +-448.
 cudaError_t LaunchConvert(const void* src, engine::DType src_dtype, void* dst,
                           engine::DType dst_dtype, int64_t n, cudaStream_t stream);
 
@@ -33,7 +33,7 @@ cudaError_t LaunchConvert(const void* src, engine::DType src_dtype, void* dst,
 cudaError_t LaunchFillRandom(void* dst, engine::DType dst_dtype, int64_t n, uint64_t seed,
                              float scale, cudaStream_t stream);
 
-// dst[i] = value (F32, BF16, F16; I32 receives static_cast<int32_t>(value)).
+// dst[i] = value (F32, BF16, F16, F8E4M3; I32 receives static_cast<int32_t>(value)).
 cudaError_t LaunchFill(void* dst, engine::DType dst_dtype, int64_t n, float value,
                        cudaStream_t stream);
 
@@ -61,18 +61,23 @@ cudaError_t LaunchRope(void* qkv, int64_t num_tokens, int64_t row_width, int num
 // LaunchRope then LaunchWriteKv in one kernel: each token's angles are
 // computed once, the rotated q and k heads go back to qkv, and the rotated
 // k and the v heads to the caches (tokens with a slot outside [0,
-// num_slots) are not written to the caches; null slots: none are).
+// num_slots) are not written to the caches; null slots: none are). The
+// caches are `cache_dtype` (BF16 or F8E4M3; fp8 values are the bf16 ones
+// rounded again).
 cudaError_t LaunchRopeWriteKv(void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
                               int num_kv_heads, int head_dim, const int32_t* positions,
                               const float* inv_freq, const int32_t* slots, void* k_cache,
-                              void* v_cache, int64_t num_slots, cudaStream_t stream);
+                              void* v_cache, int64_t num_slots, engine::DType cache_dtype,
+                              cudaStream_t stream);
 
 // Copies the k and v heads of each qkv row into the paged caches
 // [num_slots = pages * page_size, num_kv_heads, head_dim] at slots[t].
-// Slots outside [0, num_slots) (e.g. -1 padding) are skipped.
+// Slots outside [0, num_slots) (e.g. -1 padding) are skipped. The caches
+// are `cache_dtype`: BF16, or F8E4M3 (rounded to nearest even, saturating).
 cudaError_t LaunchWriteKv(const void* qkv, int64_t num_tokens, int64_t row_width, int num_q_heads,
                           int num_kv_heads, int head_dim, const int32_t* slots, void* k_cache,
-                          void* v_cache, int64_t num_slots, cudaStream_t stream);
+                          void* v_cache, int64_t num_slots, engine::DType cache_dtype,
+                          cudaStream_t stream);
 
 // out[i] += bias[i % n] for a [rows, n] bf16 matrix (used when a GEMM cannot
 // fuse the bias).

@@ -28,6 +28,8 @@
 //      (gathered into the same scratch, which keeps the workspace at one
 //      [H, n, D] copy).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -114,9 +116,44 @@ __device__ __forceinline__ int64_t SlotOf(const int32_t* table, int page_size, i
   return static_cast<int64_t>(table[index / page_size]) * page_size + index % page_size;
 }
 
+// 8 cache elements (bf16: 16 bytes; fp8 e4m3: 8 bytes) <-> 8 bf16. fp8
+// widens to bf16 exactly, and those bf16 values narrow back to the same
+// fp8 bytes, so a gather / scatter round trip reorders fp8 rows losslessly.
+__device__ __forceinline__ uint4 Load8AsBf16(const bf16* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+__device__ __forceinline__ uint4 Load8AsBf16(const __nv_fp8_e4m3* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const uint32_t words[2] = {raw.x, raw.y};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+    out[i] = *reinterpret_cast<const uint32_t*>(&b);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+__device__ __forceinline__ void Store8FromBf16(bf16* p, uint4 v) {
+  *reinterpret_cast<uint4*>(p) = v;
+}
+__device__ __forceinline__ void Store8FromBf16(__nv_fp8_e4m3* p, uint4 v) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  uint32_t out[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
+    const uint32_t pair = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
+    out[i / 2] |= (pair & 0xffffu) << (16 * (i % 2));
+  }
+  *reinterpret_cast<uint2*>(p) = make_uint2(out[0], out[1]);
+}
+
 // scratch[h][t] = cache row of logical index begin + t, head h; one thread
-// per 16-byte chunk.
-__global__ void GatherRowsKernel(const bf16* __restrict__ cache, const int32_t* __restrict__ table,
+// per 8 elements.
+template <typename Cache>
+__global__ void GatherRowsKernel(const Cache* __restrict__ cache, const int32_t* __restrict__ table,
                                  int page_size, int begin, int n, int heads, int d,
                                  bf16* __restrict__ scratch) {
   const int chunks = d / 8;
@@ -128,16 +165,17 @@ __global__ void GatherRowsKernel(const bf16* __restrict__ cache, const int32_t* 
     const int t = static_cast<int>(ht % n);
     const int h = static_cast<int>(ht / n);
     const int64_t slot = SlotOf(table, page_size, begin + t);
-    const uint4 v = *reinterpret_cast<const uint4*>(cache + (slot * heads + h) * d + c * 8);
+    const uint4 v = Load8AsBf16(cache + (slot * heads + h) * d + c * 8);
     *reinterpret_cast<uint4*>(scratch + ht * d + c * 8) = v;
   }
 }
 
 // Row begin + i of the range, head h, gets scratch row vals[h * n + i].
+template <typename Cache>
 __global__ void ScatterRowsKernel(const bf16* __restrict__ scratch,
                                   const int32_t* __restrict__ sorted_t,
                                   const int32_t* __restrict__ table, int page_size, int begin,
-                                  int n, int heads, int d, bf16* __restrict__ cache) {
+                                  int n, int heads, int d, Cache* __restrict__ cache) {
   const int chunks = d / 8;
   const int64_t total = static_cast<int64_t>(heads) * n * chunks;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
@@ -149,7 +187,7 @@ __global__ void ScatterRowsKernel(const bf16* __restrict__ scratch,
     const int t = sorted_t[hi];
     const uint4 v = *reinterpret_cast<const uint4*>(scratch + (int64_t{h} * n + t) * d + c * 8);
     const int64_t slot = SlotOf(table, page_size, begin + row);
-    *reinterpret_cast<uint4*>(cache + (slot * heads + h) * d + c * 8) = v;
+    Store8FromBf16(cache + (slot * heads + h) * d + c * 8, v);
   }
 }
 
@@ -613,8 +651,11 @@ size_t ClusterKeysWorkspaceBytes(const ClusterKeysParams& params) {
   return PlanWorkspace(params).total;
 }
 
-cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
-                              cudaStream_t stream) {
+namespace {
+
+template <typename Cache>
+cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspace,
+                                 cudaStream_t stream) {
   const ClusterKeysParams& p = params;
   if (!Valid(p) || workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {
     return cudaErrorInvalidValue;
@@ -638,8 +679,8 @@ cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
   const int d_pad = RoundUp(d, 16), c_pad = RoundUp(c, kChunk);
   const int64_t items = int64_t{heads} * n;
   constexpr int kThreads = 256;
-  bf16* k_cache = static_cast<bf16*>(p.k_cache);
-  bf16* v_cache = static_cast<bf16*>(p.v_cache);
+  Cache* k_cache = static_cast<Cache*>(p.k_cache);
+  Cache* v_cache = static_cast<Cache*>(p.v_cache);
 
   cudaError_t err = cudaMemsetAsync(changed, 0, sizeof(int) * p.iterations, stream);
   if (err != cudaSuccess) return err;
@@ -690,6 +731,14 @@ cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
   ScatterRowsKernel<<<GridFor(items * (d / 8), kThreads), kThreads, 0, stream>>>(
       scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, v_cache);
   return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
+                              cudaStream_t stream) {
+  return params.kv_fp8 ? LaunchClusterKeysFor<__nv_fp8_e4m3>(params, workspace, stream)
+                       : LaunchClusterKeysFor<bf16>(params, workspace, stream);
 }
 
 }  // namespace strata::cuda::kernels

@@ -21,8 +21,10 @@
 namespace strata::cuda::kernels {
 
 struct ClusterKeysParams {
-  void* k_cache = nullptr;  // bf16 [num_pages, page_size, num_kv_heads, head_dim]
+  // [num_pages, page_size, num_kv_heads, head_dim], bf16 or (kv_fp8) fp8 e4m3.
+  void* k_cache = nullptr;
   void* v_cache = nullptr;
+  bool kv_fp8 = false;
   const int32_t* block_table = nullptr;  // the sequence's pages (device)
   int page_size = 0;
   int begin = 0;  // first logical index clustered

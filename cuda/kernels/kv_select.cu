@@ -5,6 +5,8 @@
 // keys once, ScoreBlocks reads each entry's summaries once, SelectTokens
 // reads one row of scores and extents per (entry, KV head).
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,12 +36,18 @@ __global__ void KeyBoundsKernel(KeyBoundsParams p) {
   const int first = p.begin + j * p.block_tokens;
   const int64_t block = static_cast<int64_t>(h) * p.max_blocks + p.first_block + j;
   if (dim < p.head_dim) {
-    const bf16* cache = static_cast<const bf16*>(p.k_cache);
     float2 lo = make_float2(INFINITY, INFINITY), hi = make_float2(-INFINITY, -INFINITY);
     for (int t = first; t < first + p.block_tokens; ++t) {
       const int64_t slot = SlotOf(p.block_table, p.page_size, t);
-      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
-          cache + (slot * p.num_kv_heads + h) * p.head_dim + dim));
+      const int64_t at = (slot * p.num_kv_heads + h) * p.head_dim + dim;
+      // fp8 values are bf16 values too, so the bf16 bounds below stay exact.
+      const float2 v =
+          p.kv_fp8 ? __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(
+                         *reinterpret_cast<const __nv_fp8x2_storage_t*>(
+                             static_cast<const __nv_fp8_e4m3*>(p.k_cache) + at),
+                         __NV_E4M3)))
+                   : __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+                         static_cast<const bf16*>(p.k_cache) + at));
       lo.x = fminf(lo.x, v.x);
       lo.y = fminf(lo.y, v.y);
       hi.x = fmaxf(hi.x, v.x);

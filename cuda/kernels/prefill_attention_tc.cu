@@ -19,6 +19,8 @@
 #include "cuda/kernels/prefill_attention_tc.h"
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -49,10 +51,12 @@ constexpr int kKeys = 64;           // keys per K/V tile
 constexpr int kStages = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int kD, int kWarps, int kWarpTiles>
+template <int kD, int kWarps, int kWarpTiles, bool kFp8>
 constexpr size_t SmemBytes() {
-  // Q tile + kStages x (K tile + V tile), bf16.
-  return size_t{2} * kD * (16 * kWarpTiles * kWarps + 2 * kStages * kKeys);
+  // Q tile + kStages x (K tile + V tile), bf16; with an fp8 cache also
+  // kStages x (K + V) of the raw fp8 tiles the copies land in.
+  return size_t{2} * kD * (16 * kWarpTiles * kWarps + 2 * kStages * kKeys) +
+         (kFp8 ? size_t{1} * kStages * 2 * kKeys * kD : 0);
 }
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled tile.
@@ -76,7 +80,11 @@ __device__ __forceinline__ float FastExp2(float x) {
 
 // 8 warps per SM in all shapes (two blocks of 4 warps or one of 8): at up to
 // 255 registers a thread no more fit.
-template <int kD, int kWarps, int kWarpTiles>
+// kFp8: the caches hold fp8 e4m3. Each thread's cp.async copies then land
+// in raw fp8 staging, and once they have arrived the same thread widens its
+// own chunks into the bf16 tile (exactly), so the rest of the kernel is the
+// same and the copies stay asynchronous.
+template <int kD, int kWarps, int kWarpTiles, bool kFp8>
 __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     TensorCorePrefillKernel(const __grid_constant__ PagedAttentionParams p) {
   constexpr int kThreads = kWarps * 32;
@@ -132,6 +140,9 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   const uint32_t k_smem = q_smem + kRows * kD * 2;                // [kStages][kKeys][kD]
   const uint32_t v_smem = k_smem + kStages * kKeys * kD * 2;      // [kStages][kKeys][kD]
   constexpr uint32_t kStageBytes = kKeys * kD * 2;
+  // kFp8: [kStages][K, V][kKeys][kD] fp8, rows unswizzled.
+  const uint32_t raw_smem = v_smem + kStages * kStageBytes;
+  constexpr uint32_t kRawBytes = kKeys * kD;  // one fp8 K (or V) tile
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
@@ -140,8 +151,6 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   const int copy_row = tid / kChunks;
 
   const bf16* qkv = static_cast<const bf16*>(p.qkv);
-  const bf16* k_cache = static_cast<const bf16*>(p.k_cache);
-  const bf16* v_cache = static_cast<const bf16*>(p.v_cache);
   const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * kD;
   const int32_t* table = p.block_table + static_cast<int64_t>(seq) * p.max_blocks_per_seq;
 
@@ -180,9 +189,44 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
         offset = slot * slot_stride + static_cast<int64_t>(kv_head) * kD + chunk * 8;
         bytes = 16;
       }
-      const uint32_t dst = SwizzledOffset<kD>(r, chunk) + stage * kStageBytes;
-      CpAsync16(k_smem + dst, k_cache + offset, bytes);
-      CpAsync16(v_smem + dst, v_cache + offset, bytes);
+      if constexpr (kFp8) {
+        const uint32_t raw = raw_smem + stage * 2 * kRawBytes + r * kD + chunk * 8;
+        CpAsync8(raw, static_cast<const __nv_fp8_e4m3*>(p.k_cache) + offset, bytes / 2);
+        CpAsync8(raw + kRawBytes, static_cast<const __nv_fp8_e4m3*>(p.v_cache) + offset,
+                 bytes / 2);
+      } else {
+        const uint32_t dst = SwizzledOffset<kD>(r, chunk) + stage * kStageBytes;
+        CpAsync16(k_smem + dst, static_cast<const bf16*>(p.k_cache) + offset, bytes);
+        CpAsync16(v_smem + dst, static_cast<const bf16*>(p.v_cache) + offset, bytes);
+      }
+    }
+  };
+  // kFp8: widens this thread's chunks of `stage` (its copies have landed)
+  // into the bf16 tiles. Zero-filled chunks widen to zeros.
+  auto widen_tile = [&](int stage) {
+    if constexpr (kFp8) {
+      const unsigned char* raw_base = smem + (raw_smem - smem_base) + stage * 2 * kRawBytes;
+#pragma unroll
+      for (int i = 0; i < kKPasses; ++i) {
+        const int r = copy_row + i * kRowsPerPass;
+        const uint32_t dst = SwizzledOffset<kD>(r, chunk) + stage * kStageBytes;
+#pragma unroll
+        for (int kv = 0; kv < 2; ++kv) {
+          const uint2 raw =
+              *reinterpret_cast<const uint2*>(raw_base + kv * kRawBytes + r * kD + chunk * 8);
+          const uint32_t words[2] = {raw.x, raw.y};
+          uint32_t packed[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const auto pair = static_cast<__nv_fp8x2_storage_t>(words[e / 2] >> (16 * (e % 2)));
+            const float2 f =
+                __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+            packed[e] = PackBf16(f.x, f.y);
+          }
+          *reinterpret_cast<uint4*>(smem + (kv == 0 ? k_smem : v_smem) - smem_base + dst) =
+              make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        }
+      }
     }
   };
 
@@ -251,6 +295,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     if (it + 1 < num_tiles) load_tile(key0 + kKeys, (it + 1) % kStages);
     CpAsyncCommit();  // possibly empty, keeping the group count uniform
     CpAsyncWait<1>();
+    widen_tile(stage);
     __syncthreads();
 
 #pragma unroll 1
@@ -410,23 +455,23 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   }
 }
 
-template <int kD, int kWarps, int kWarpTiles>
+template <int kD, int kWarps, int kWarpTiles, bool kFp8>
 cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kRows = 16 * kWarpTiles * kWarps;
   const int G = p.num_q_heads / p.num_kv_heads;
   const int64_t row_tiles = (static_cast<int64_t>(p.max_query_len) * G + kRows - 1) / kRows;
-  constexpr size_t kSmem = SmemBytes<kD, kWarps, kWarpTiles>();
+  constexpr size_t kSmem = SmemBytes<kD, kWarps, kWarpTiles, kFp8>();
   // Above 48 KiB dynamic shared memory needs an explicit opt-in (per device,
   // so it is set on every launch rather than cached).
   const cudaError_t attr = cudaFuncSetAttribute(
-      TensorCorePrefillKernel<kD, kWarps, kWarpTiles>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      TensorCorePrefillKernel<kD, kWarps, kWarpTiles, kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
       static_cast<int>(kSmem));
   if (attr != cudaSuccess) return attr;
   // x = kv head, y = row tile (reversed in the kernel), z = sequence: blocks
   // are dispatched x-fastest, so all heads of the heaviest tiles go first.
   const dim3 grid(p.num_kv_heads, static_cast<unsigned>(row_tiles), p.num_seqs);
-  TensorCorePrefillKernel<kD, kWarps, kWarpTiles><<<grid, kThreads, kSmem, stream>>>(p);
+  TensorCorePrefillKernel<kD, kWarps, kWarpTiles, kFp8><<<grid, kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -446,9 +491,11 @@ bool CanUseTensorCorePrefill(const PagedAttentionParams& p) {
 cudaError_t LaunchTensorCorePrefill(const PagedAttentionParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
     case 64:
-      return Launch<64, kLaunchWarps, kLaunchWarpTiles>(p, stream);
+      return p.kv_fp8 ? Launch<64, kLaunchWarps, kLaunchWarpTiles, true>(p, stream)
+                      : Launch<64, kLaunchWarps, kLaunchWarpTiles, false>(p, stream);
     case 128:
-      return Launch<128, kLaunchWarps, kLaunchWarpTiles>(p, stream);
+      return p.kv_fp8 ? Launch<128, kLaunchWarps, kLaunchWarpTiles, true>(p, stream)
+                      : Launch<128, kLaunchWarps, kLaunchWarpTiles, false>(p, stream);
     default:
       return cudaErrorInvalidValue;
   }

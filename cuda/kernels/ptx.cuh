@@ -24,6 +24,12 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src
                "r"(src_bytes)
                : "memory");
 }
+// The same for 8 bytes (cp.async.ca: .cg takes only 16-byte copies).
+__device__ __forceinline__ void CpAsync8(uint32_t dst, const void* src, int src_bytes = 8) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
 __device__ __forceinline__ void CpAsyncCommit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }

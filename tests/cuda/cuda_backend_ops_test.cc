@@ -12,6 +12,7 @@
 // The tests skip when there is no usable GPU (CreateCudaBackend returns
 // Unavailable), as on CI runners with nvcc but no device.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -75,6 +76,43 @@ TEST_F(CudaBackendOpsTest, CopyF32ToBf16RoundTrip) {
   for (size_t i = 0; i < host.size(); ++i) {
     ASSERT_EQ(back[i], RoundBf16(host[i])) << "element " << i << " of F32 -> BF16, " << Seed();
   }
+}
+
+// fp8 e4m3 on the device against engine::FloatToFp8E4M3 on the host, bit
+// for bit: every encoding, ties in the normal and subnormal ranges,
+// saturation, and random values over the whole range.
+TEST_F(CudaBackendOpsTest, CopyF32ToFp8MatchesHostRounding) {
+  std::vector<float> values;
+  for (int v = 0; v < 256; ++v) {
+    if ((v & 0x7f) != 0x7f) values.push_back(engine::Fp8E4M3ToFloat(static_cast<uint8_t>(v)));
+  }
+  for (float x : {1.0625f, 1.1875f, 0.0009765625f, 0.0029296875f, 0.0156f, 447.0f, 449.0f, 464.0f,
+                  1e6f, -1e30f, std::numeric_limits<float>::infinity(), 0.0f, -0.0f}) {
+    values.push_back(x);
+  }
+  std::uniform_real_distribution<float> mag(-14.0f, 10.0f);
+  for (int i = 0; i < 20000; ++i) {
+    values.push_back(std::exp2(mag(rng_)) * (i % 2 ? 1.0f : -1.0f));
+  }
+  const int64_t n = static_cast<int64_t>(values.size());
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor t, UploadAs(cuda(), DType::kF8E4M3, {n}, values));
+  EXPECT_EQ(t.nbytes(), static_cast<size_t>(n));
+  STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> back, Download(cuda(), t));
+  for (int64_t i = 0; i < n; ++i) {
+    const float expected = engine::Fp8E4M3ToFloat(engine::FloatToFp8E4M3(values[i]));
+    ASSERT_EQ(std::bit_cast<uint32_t>(back[i]), std::bit_cast<uint32_t>(expected))
+        << "value " << values[i] << ": cuda " << back[i] << ", host " << expected;
+  }
+  // Fill and FillRandom round the same way.
+  STRATA_ASSERT_OK(cuda().Fill(t, 3.3f));
+  STRATA_ASSERT_OK_AND_ASSIGN(back, Download(cuda(), t));
+  EXPECT_EQ(back[n - 1], engine::Fp8E4M3ToFloat(engine::FloatToFp8E4M3(3.3f)));
+  STRATA_ASSERT_OK(cuda().FillRandom(t, 5, 300.0f));
+  STRATA_ASSERT_OK_AND_ASSIGN(back, Download(cuda(), t));
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor host_t, cpu().Allocate(DType::kF8E4M3, {n}));
+  STRATA_ASSERT_OK(cpu().FillRandom(host_t, 5, 300.0f));
+  STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> host_back, Download(cpu(), host_t));
+  EXPECT_EQ(back, host_back);
 }
 
 TEST_F(CudaBackendOpsTest, CopyF16AndBf16ToBf16) {
@@ -442,19 +480,27 @@ TEST_F(CudaBackendOpsTest, WriteKv) {
     std::iota(slots.begin(), slots.end(), 0);
     std::shuffle(slots.begin(), slots.end(), rng_);
     slots.resize(c.tokens);
-    Tensor caches[2][2];
-    int which = 0;
-    for (Backend* backend : {&cpu(), &cuda()}) {
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor q, Upload(*backend, {c.tokens, layout.row_width()}, qkv));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor s, UploadI32(*backend, {c.tokens}, slots));
-      STRATA_ASSERT_OK_AND_ASSIGN(caches[which][0], Upload(*backend, cache_shape, k_init));
-      STRATA_ASSERT_OK_AND_ASSIGN(caches[which][1], Upload(*backend, cache_shape, v_init));
-      STRATA_ASSERT_OK(backend->WriteKv(q, layout, s, caches[which][0], caches[which][1]));
-      ++which;
+    for (const bool fp8 : {false, true}) {
+      Tensor caches[2][2];
+      int which = 0;
+      for (Backend* backend : {&cpu(), &cuda()}) {
+        const DType kv_dtype = fp8 ? DType::kF8E4M3 : backend->activation_dtype();
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor q,
+                                    Upload(*backend, {c.tokens, layout.row_width()}, qkv));
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor s, UploadI32(*backend, {c.tokens}, slots));
+        STRATA_ASSERT_OK_AND_ASSIGN(caches[which][0],
+                                    UploadAs(*backend, kv_dtype, cache_shape, k_init));
+        STRATA_ASSERT_OK_AND_ASSIGN(caches[which][1],
+                                    UploadAs(*backend, kv_dtype, cache_shape, v_init));
+        STRATA_ASSERT_OK(backend->WriteKv(q, layout, s, caches[which][0], caches[which][1]));
+        ++which;
+      }
+      // Copies of bf16 values (fp8: each rounded once, the same way on both
+      // backends): exact, including the untouched slots.
+      const std::string kind = fp8 ? " (fp8 e4m3)" : "";
+      ExpectClose(what + " k_cache" + kind, caches[0][0], caches[1][0], 0.0f);
+      ExpectClose(what + " v_cache" + kind, caches[0][1], caches[1][1], 0.0f);
     }
-    // Copies of bf16 values: exact, including the untouched slots.
-    ExpectClose(what + " k_cache", caches[0][0], caches[1][0], 0.0f);
-    ExpectClose(what + " v_cache", caches[0][1], caches[1][1], 0.0f);
   }
 }
 
@@ -485,23 +531,32 @@ TEST_F(CudaBackendOpsTest, RopeWriteKvMatchesRopeThenWriteKv) {
     std::shuffle(slots.begin(), slots.end(), rng_);
     slots.resize(c.tokens);
     const std::vector<float> inv_freq = InvFreq(c.d, 500000.0f);
-    Tensor out[2][3];
-    int which = 0;
-    for (Backend* backend : {&cpu(), &cuda()}) {
-      STRATA_ASSERT_OK_AND_ASSIGN(out[which][0], Upload(*backend, {c.tokens, width}, qkv));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor pos, UploadI32(*backend, {c.tokens}, positions));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor freq,
-                                  UploadAs(*backend, DType::kF32, {c.d / 2}, inv_freq));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor s, UploadI32(*backend, {c.tokens}, slots));
-      STRATA_ASSERT_OK_AND_ASSIGN(out[which][1], Upload(*backend, cache_shape, k_init));
-      STRATA_ASSERT_OK_AND_ASSIGN(out[which][2], Upload(*backend, cache_shape, v_init));
-      STRATA_ASSERT_OK(
-          backend->RopeWriteKv(out[which][0], layout, pos, freq, s, out[which][1], out[which][2]));
-      ++which;
+    for (const bool fp8 : {false, true}) {
+      Tensor out[2][3];
+      int which = 0;
+      for (Backend* backend : {&cpu(), &cuda()}) {
+        const DType kv_dtype = fp8 ? DType::kF8E4M3 : backend->activation_dtype();
+        STRATA_ASSERT_OK_AND_ASSIGN(out[which][0], Upload(*backend, {c.tokens, width}, qkv));
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor pos, UploadI32(*backend, {c.tokens}, positions));
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor freq,
+                                    UploadAs(*backend, DType::kF32, {c.d / 2}, inv_freq));
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor s, UploadI32(*backend, {c.tokens}, slots));
+        STRATA_ASSERT_OK_AND_ASSIGN(out[which][1],
+                                    UploadAs(*backend, kv_dtype, cache_shape, k_init));
+        STRATA_ASSERT_OK_AND_ASSIGN(out[which][2],
+                                    UploadAs(*backend, kv_dtype, cache_shape, v_init));
+        STRATA_ASSERT_OK(backend->RopeWriteKv(out[which][0], layout, pos, freq, s, out[which][1],
+                                              out[which][2]));
+        ++which;
+      }
+      // fp8 keys: the CUDA kernel rounds the rotated key to bf16 (as in qkv)
+      // and then to fp8, the CPU straight to fp8; a double rounding may
+      // move a value by one fp8 step, well inside the tolerance.
+      const std::string kind = fp8 ? " (fp8 e4m3)" : "";
+      ExpectClose(what + " qkv" + kind, out[0][0], out[1][0]);
+      ExpectClose(what + " k_cache" + kind, out[0][1], out[1][1], fp8 ? 2e-2f : kBf16Tolerance);
+      ExpectClose(what + " v_cache" + kind, out[0][2], out[1][2], 0.0f);  // copies: exact
     }
-    ExpectClose(what + " qkv", out[0][0], out[1][0]);
-    ExpectClose(what + " k_cache", out[0][1], out[1][1]);
-    ExpectClose(what + " v_cache", out[0][2], out[1][2], 0.0f);  // copies: exact
   }
 }
 
@@ -589,33 +644,38 @@ TEST_P(CudaAttentionTest, MatchesCpu) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
   const std::vector<int64_t> cache_shape = {num_pages, c.page_size, c.hkv, c.d};
 
-  Tensor outs[2];
-  int which = 0;
-  for (Backend* backend : {&cpu(), &cuda()}) {
-    STRATA_ASSERT_OK_AND_ASSIGN(Tensor q, Upload(*backend, {tokens, layout.row_width()}, qkv));
-    STRATA_ASSERT_OK_AND_ASSIGN(Tensor k, Upload(*backend, cache_shape, k_cache));
-    STRATA_ASSERT_OK_AND_ASSIGN(Tensor v, Upload(*backend, cache_shape, v_cache));
-    AttentionBatch batch;
-    STRATA_ASSERT_OK_AND_ASSIGN(batch.query_start,
-                                UploadI32(*backend, {num_seqs + 1}, query_start));
-    STRATA_ASSERT_OK_AND_ASSIGN(batch.context_len, UploadI32(*backend, {num_seqs}, context_len));
-    STRATA_ASSERT_OK_AND_ASSIGN(batch.block_table,
-                                UploadI32(*backend, {num_seqs, max_blocks}, block_table));
-    batch.num_seqs = num_seqs;
-    batch.max_blocks_per_seq = max_blocks;
-    batch.page_size = c.page_size;
-    batch.host_query_start = query_start;
-    batch.host_context_len = context_len;
-    for (const SeqSpec& s : c.seqs) {
-      batch.max_query_len = std::max(batch.max_query_len, s.q_len);
-      batch.max_context_len = std::max(batch.max_context_len, s.context_len);
+  // Both cache dtypes: the activation dtype, and fp8 e4m3 on both backends
+  // (the CPU reference rounds the same way, so the tolerance is unchanged).
+  for (const bool fp8 : {false, true}) {
+    Tensor outs[2];
+    int which = 0;
+    for (Backend* backend : {&cpu(), &cuda()}) {
+      const DType kv_dtype = fp8 ? DType::kF8E4M3 : backend->activation_dtype();
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor q, Upload(*backend, {tokens, layout.row_width()}, qkv));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor k, UploadAs(*backend, kv_dtype, cache_shape, k_cache));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor v, UploadAs(*backend, kv_dtype, cache_shape, v_cache));
+      AttentionBatch batch;
+      STRATA_ASSERT_OK_AND_ASSIGN(batch.query_start,
+                                  UploadI32(*backend, {num_seqs + 1}, query_start));
+      STRATA_ASSERT_OK_AND_ASSIGN(batch.context_len, UploadI32(*backend, {num_seqs}, context_len));
+      STRATA_ASSERT_OK_AND_ASSIGN(batch.block_table,
+                                  UploadI32(*backend, {num_seqs, max_blocks}, block_table));
+      batch.num_seqs = num_seqs;
+      batch.max_blocks_per_seq = max_blocks;
+      batch.page_size = c.page_size;
+      batch.host_query_start = query_start;
+      batch.host_context_len = context_len;
+      for (const SeqSpec& s : c.seqs) {
+        batch.max_query_len = std::max(batch.max_query_len, s.q_len);
+        batch.max_context_len = std::max(batch.max_context_len, s.context_len);
+      }
+      STRATA_ASSERT_OK_AND_ASSIGN(outs[which], Poisoned(*backend, {tokens, int64_t{c.hq} * c.d}));
+      STRATA_ASSERT_OK(
+          backend->Attention(q, layout, k, v, batch, scale, c.sliding_window, outs[which]));
+      ++which;
     }
-    STRATA_ASSERT_OK_AND_ASSIGN(outs[which], Poisoned(*backend, {tokens, int64_t{c.hq} * c.d}));
-    STRATA_ASSERT_OK(
-        backend->Attention(q, layout, k, v, batch, scale, c.sliding_window, outs[which]));
-    ++which;
+    ExpectClose(fp8 ? what + " (fp8 e4m3 cache)" : what, outs[0], outs[1]);
   }
-  ExpectClose(what, outs[0], outs[1]);
 }
 
 std::vector<SeqSpec> Decodes(std::initializer_list<int> contexts) {

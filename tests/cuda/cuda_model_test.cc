@@ -169,7 +169,10 @@ TEST(CudaBatchingTest, MixedBatchEqualsEachSequenceAlone) {
 // Decode steps replayed from CUDA graphs (padded to a batch bucket, one
 // graph per bucket and context bound) give the tokens of steps run
 // directly, for a continuous batch whose size and contexts keep changing.
-TEST(CudaDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
+// Param: the KV cache is fp8 e4m3 (else bf16).
+class CudaDecodeGraphTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(CudaDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
   auto backend = MakeBackendOrSkip();
   if (!backend) GTEST_SKIP() << "no usable GPU";
   std::map<uint64_t, std::vector<int32_t>> tokens[2];
@@ -182,6 +185,7 @@ TEST(CudaDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
     options.max_batch_tokens = 64;
     options.page_size = 8;
     options.decode_graphs = graphed == 1;
+    if (GetParam()) options.kv_cache = engine::KvCacheType::kFp8E4M3;
     auto loaded = engine::LoadModel({FixturePath("models/llama_gqa"), ""}, backend.get(), options);
     ASSERT_TRUE(loaded.ok()) << loaded.status();
     Batcher batcher(loaded->model.get(), nullptr);
@@ -218,6 +222,11 @@ TEST(CudaDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
     }
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(KvCache, CudaDecodeGraphTest, ::testing::Values(false, true),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "fp8_e4m3" : "bf16";
+                         });
 
 }  // namespace
 }  // namespace strata::cuda

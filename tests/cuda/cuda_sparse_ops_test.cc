@@ -14,10 +14,10 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
-#include <functional>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -57,6 +57,15 @@ constexpr int32_t kPoisonIndex = -7;
 
 class CudaSparseOpsTest : public testing_util::CudaVsCpuTest {
  protected:
+  // A KV cache in the backend's activation dtype, or fp8 e4m3 while
+  // kv_fp8_ is set (the tests run each case both ways).
+  absl::StatusOr<Tensor> UploadCache(Backend& backend, std::vector<int64_t> shape,
+                                     const std::vector<float>& values) {
+    return UploadAs(backend, kv_fp8_ ? DType::kF8E4M3 : backend.activation_dtype(),
+                    std::move(shape), values);
+  }
+  bool kv_fp8_ = false;
+
   // n random bf16-representable values from the CUDA backend's FillRandom
   // (uniform in [-scale, scale]).
   absl::StatusOr<std::vector<float>> RandomBf16(int64_t n, float scale) {
@@ -88,9 +97,9 @@ class CudaSparseOpsTest : public testing_util::CudaVsCpuTest {
     if (!e.ok()) return e.status();
     plan.entries = *e;
     const int64_t lists = int64_t{plan.num_entries} * hkv;
-    absl::StatusOr<Tensor> index = UploadI32(
-        backend, {plan.num_entries, hkv, max_keys},
-        std::vector<int32_t>(static_cast<size_t>(lists * max_keys), kPoisonIndex));
+    absl::StatusOr<Tensor> index =
+        UploadI32(backend, {plan.num_entries, hkv, max_keys},
+                  std::vector<int32_t>(static_cast<size_t>(lists * max_keys), kPoisonIndex));
     if (!index.ok()) return index.status();
     plan.key_index = *index;
     absl::StatusOr<Tensor> count =
@@ -99,7 +108,6 @@ class CudaSparseOpsTest : public testing_util::CudaVsCpuTest {
     plan.key_count = *count;
     return plan;
   }
-
 };
 
 std::vector<int32_t> Entry(int row, int seq, int slot, int num_blocks, int budget, int sink_end,
@@ -113,51 +121,55 @@ TEST_F(CudaSparseOpsTest, KeyBoundsMatchesCpu) {
   struct Case {
     int hkv, d, page_size, begin, num_blocks, block_tokens, first_block, max_blocks;
   };
-  for (const Case& c : {Case{2, 128, 16, 16, 13, 16, 3, 20}, Case{4, 64, 16, 5, 9, 24, 0, 9},
-                        Case{1, 64, 32, 40, 1, 7, 11, 12}, Case{8, 128, 16, 0, 37, 16, 1, 50}}) {
-    SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " begin ", c.begin, " blocks ",
-                              c.num_blocks, " x ", c.block_tokens, ", ", Seed()));
-    const int tokens = c.begin + c.num_blocks * c.block_tokens;
-    const int num_pages = (tokens + c.page_size - 1) / c.page_size + 3;
-    const std::vector<int32_t> table = ShuffledPages(num_pages);
-    const std::vector<int64_t> cache_shape = {num_pages, c.page_size, c.hkv, c.d};
-    STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> k,
-                                RandomBf16(int64_t{num_pages} * c.page_size * c.hkv * c.d, 2.0f));
-    const std::vector<int64_t> pool_shape = {c.hkv, c.max_blocks, c.d};
-    const std::vector<float> nan_pool(static_cast<size_t>(c.hkv) * c.max_blocks * c.d, kNaN);
-    std::vector<float> lo_out[2], hi_out[2];
-    std::vector<int32_t> ext_out[2];
-    int which = 0;
-    for (Backend* b : {&cpu(), &cuda()}) {
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, Upload(*b, cache_shape, k));
-      SequenceRange range;
-      STRATA_ASSERT_OK_AND_ASSIGN(range.block_table, UploadI32(*b, {num_pages}, table));
-      range.page_size = c.page_size;
-      range.begin = c.begin;
-      range.count = c.num_blocks * c.block_tokens;
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor lo, Upload(*b, pool_shape, nan_pool));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor hi, Upload(*b, pool_shape, nan_pool));
-      STRATA_ASSERT_OK_AND_ASSIGN(
-          Tensor ext, UploadI32(*b, {c.hkv, c.max_blocks, 2},
-                                std::vector<int32_t>(size_t{2} * c.hkv * c.max_blocks, -1)));
-      STRATA_ASSERT_OK(b->KeyBounds(kc, range, c.block_tokens, c.first_block, lo, hi, ext));
-      STRATA_ASSERT_OK_AND_ASSIGN(lo_out[which], Download(*b, lo));
-      STRATA_ASSERT_OK_AND_ASSIGN(hi_out[which], Download(*b, hi));
-      STRATA_ASSERT_OK_AND_ASSIGN(ext_out[which], DownloadI32(*b, ext));
-      ++which;
-    }
-    EXPECT_EQ(ext_out[0], ext_out[1]);
-    // Min and max of identical bf16 inputs are exact on both backends; the
-    // blocks outside [first_block, + num_blocks) stay NaN on both.
-    for (size_t i = 0; i < lo_out[0].size(); ++i) {
-      const int block = static_cast<int>(i / c.d % c.max_blocks);
-      const bool written = block >= c.first_block && block < c.first_block + c.num_blocks;
-      if (written) {
-        ASSERT_EQ(lo_out[0][i], lo_out[1][i]) << "lo element " << i;
-        ASSERT_EQ(hi_out[0][i], hi_out[1][i]) << "hi element " << i;
-      } else {
-        ASSERT_TRUE(std::isnan(lo_out[1][i]) && std::isnan(hi_out[1][i]))
-            << "cuda wrote outside its blocks at element " << i;
+  for (const bool fp8 : {false, true}) {
+    kv_fp8_ = fp8;
+    for (const Case& c : {Case{2, 128, 16, 16, 13, 16, 3, 20}, Case{4, 64, 16, 5, 9, 24, 0, 9},
+                          Case{1, 64, 32, 40, 1, 7, 11, 12}, Case{8, 128, 16, 0, 37, 16, 1, 50}}) {
+      SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " begin ", c.begin, " blocks ",
+                                c.num_blocks, " x ", c.block_tokens, fp8 ? " fp8" : "", ", ",
+                                Seed()));
+      const int tokens = c.begin + c.num_blocks * c.block_tokens;
+      const int num_pages = (tokens + c.page_size - 1) / c.page_size + 3;
+      const std::vector<int32_t> table = ShuffledPages(num_pages);
+      const std::vector<int64_t> cache_shape = {num_pages, c.page_size, c.hkv, c.d};
+      STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> k,
+                                  RandomBf16(int64_t{num_pages} * c.page_size * c.hkv * c.d, 2.0f));
+      const std::vector<int64_t> pool_shape = {c.hkv, c.max_blocks, c.d};
+      const std::vector<float> nan_pool(static_cast<size_t>(c.hkv) * c.max_blocks * c.d, kNaN);
+      std::vector<float> lo_out[2], hi_out[2];
+      std::vector<int32_t> ext_out[2];
+      int which = 0;
+      for (Backend* b : {&cpu(), &cuda()}) {
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, UploadCache(*b, cache_shape, k));
+        SequenceRange range;
+        STRATA_ASSERT_OK_AND_ASSIGN(range.block_table, UploadI32(*b, {num_pages}, table));
+        range.page_size = c.page_size;
+        range.begin = c.begin;
+        range.count = c.num_blocks * c.block_tokens;
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor lo, Upload(*b, pool_shape, nan_pool));
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor hi, Upload(*b, pool_shape, nan_pool));
+        STRATA_ASSERT_OK_AND_ASSIGN(
+            Tensor ext, UploadI32(*b, {c.hkv, c.max_blocks, 2},
+                                  std::vector<int32_t>(size_t{2} * c.hkv * c.max_blocks, -1)));
+        STRATA_ASSERT_OK(b->KeyBounds(kc, range, c.block_tokens, c.first_block, lo, hi, ext));
+        STRATA_ASSERT_OK_AND_ASSIGN(lo_out[which], Download(*b, lo));
+        STRATA_ASSERT_OK_AND_ASSIGN(hi_out[which], Download(*b, hi));
+        STRATA_ASSERT_OK_AND_ASSIGN(ext_out[which], DownloadI32(*b, ext));
+        ++which;
+      }
+      EXPECT_EQ(ext_out[0], ext_out[1]);
+      // Min and max of identical bf16 inputs are exact on both backends; the
+      // blocks outside [first_block, + num_blocks) stay NaN on both.
+      for (size_t i = 0; i < lo_out[0].size(); ++i) {
+        const int block = static_cast<int>(i / c.d % c.max_blocks);
+        const bool written = block >= c.first_block && block < c.first_block + c.num_blocks;
+        if (written) {
+          ASSERT_EQ(lo_out[0][i], lo_out[1][i]) << "lo element " << i;
+          ASSERT_EQ(hi_out[0][i], hi_out[1][i]) << "hi element " << i;
+        } else {
+          ASSERT_TRUE(std::isnan(lo_out[1][i]) && std::isnan(hi_out[1][i]))
+              << "cuda wrote outside its blocks at element " << i;
+        }
       }
     }
   }
@@ -200,8 +212,7 @@ TEST_F(CudaSparseOpsTest, ScoreBlocksMatchesCpu) {
         STRATA_ASSERT_OK_AND_ASSIGN(
             Tensor scores,
             UploadAs(*be, DType::kF32, {num_entries, c.hkv, max_blocks}, nan_scores));
-        STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan,
-                                    MakePlan(*be, entries, max_blocks, 16, c.hkv));
+        STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan, MakePlan(*be, entries, max_blocks, 16, c.hkv));
         STRATA_ASSERT_OK(be->ScoreBlocks(q, layout, plan, 1, num_entries, scoring, sa,
                                          scoring == BlockScoring::kKeyBounds ? sb : Tensor(),
                                          scores));
@@ -236,8 +247,8 @@ TEST_F(CudaSparseOpsTest, ScoreBlocksMatchesCpu) {
 struct SelectSetup {
   int hkv = 0, slots = 0, max_blocks = 0;
   std::vector<int32_t> entries;
-  std::vector<float> scores;    // [P, hkv, max_blocks]
-  std::vector<int32_t> extents; // [slots, hkv, max_blocks, 2]
+  std::vector<float> scores;     // [P, hkv, max_blocks]
+  std::vector<int32_t> extents;  // [slots, hkv, max_blocks, 2]
   int max_keys = 0;
 };
 
@@ -288,8 +299,8 @@ TEST_F(CudaSelectTest, SelectTokensMatchesCpuExactly) {
   struct Case {
     int num_blocks_a, num_blocks_b, max_blocks, max_size;
   };
-  for (const Case& c : {Case{37, 5, 40, 90}, Case{2100, 1000, 2100, 16},
-                        Case{17000, 3, 17001, 3}}) {
+  for (const Case& c :
+       {Case{37, 5, 40, 90}, Case{2100, 1000, 2100, 16}, Case{17000, 3, 17001, 3}}) {
     SCOPED_TRACE(absl::StrCat("blocks ", c.num_blocks_a, " / ", c.num_blocks_b, ", ", Seed()));
     SelectSetup s;
     s.hkv = 2;
@@ -299,13 +310,12 @@ TEST_F(CudaSelectTest, SelectTokensMatchesCpuExactly) {
     const int total_a = 16 + c.num_blocks_a * c.max_size;  // an upper bound of the tokens
     // Budgets: mid, 0, larger than all blocks, 1 (truncates the first
     // block), and a mid one over few blocks.
-    for (const auto& e :
-         {Entry(0, 0, 1, c.num_blocks_a, total_a / 3, 16, total_a, total_a + 50),
-          Entry(1, 1, 0, c.num_blocks_a, 0, 16, total_a, total_a + 7),
-          Entry(2, 2, 2, c.num_blocks_b, 1 << 20, 4, total_a, total_a + 1),
-          Entry(3, 3, 1, c.num_blocks_a, 1, 0, total_a + 3, total_a + 20),
-          Entry(4, 4, 0, c.num_blocks_b, 100, 16, total_a, total_a + 320),
-          Entry(5, 5, 2, 0, 55, 16, total_a, total_a + 2)}) {
+    for (const auto& e : {Entry(0, 0, 1, c.num_blocks_a, total_a / 3, 16, total_a, total_a + 50),
+                          Entry(1, 1, 0, c.num_blocks_a, 0, 16, total_a, total_a + 7),
+                          Entry(2, 2, 2, c.num_blocks_b, 1 << 20, 4, total_a, total_a + 1),
+                          Entry(3, 3, 1, c.num_blocks_a, 1, 0, total_a + 3, total_a + 20),
+                          Entry(4, 4, 0, c.num_blocks_b, 100, 16, total_a, total_a + 320),
+                          Entry(5, 5, 2, 0, 55, 16, total_a, total_a + 2)}) {
       s.entries.insert(s.entries.end(), e.begin(), e.end());
     }
     const int p = 6;
@@ -372,10 +382,10 @@ TEST_F(CudaSelectTest, ScoreThenSelectAgreesWithCpu) {
     for (Backend* be : {&cpu(), &cuda()}) {
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, Upload(*be, {num_pages, page_size, c.hkv, c.d}, k));
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor q, Upload(*be, {3, layout.row_width()}, qkv));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor lo, be->Allocate(be->activation_dtype(),
-                                                          {2, c.hkv, max_blocks, c.d}));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor hi, be->Allocate(be->activation_dtype(),
-                                                          {2, c.hkv, max_blocks, c.d}));
+      STRATA_ASSERT_OK_AND_ASSIGN(
+          Tensor lo, be->Allocate(be->activation_dtype(), {2, c.hkv, max_blocks, c.d}));
+      STRATA_ASSERT_OK_AND_ASSIGN(
+          Tensor hi, be->Allocate(be->activation_dtype(), {2, c.hkv, max_blocks, c.d}));
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor ext, be->Allocate(DType::kI32, {2, c.hkv, max_blocks, 2}));
       for (int seq = 0; seq < 2; ++seq) {
         SequenceRange range;
@@ -388,17 +398,15 @@ TEST_F(CudaSelectTest, ScoreThenSelectAgreesWithCpu) {
         range.begin = sinks;
         range.count = blocks * block_tokens;
         Tensor lo_slot = lo.Row(seq), hi_slot = hi.Row(seq), ext_slot = ext.Row(seq);
-        STRATA_ASSERT_OK(
-            be->KeyBounds(kc, range, block_tokens, 0, lo_slot, hi_slot, ext_slot));
+        STRATA_ASSERT_OK(be->KeyBounds(kc, range, block_tokens, 0, lo_slot, hi_slot, ext_slot));
       }
       STRATA_ASSERT_OK_AND_ASSIGN(
-          Tensor scores,
-          UploadAs(*be, DType::kF32, {p, c.hkv, max_blocks},
-                 std::vector<float>(size_t{p} * c.hkv * max_blocks, 0.0f)));
-      STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan, MakePlan(*be, entries, max_blocks, max_keys,
-                                                            c.hkv));
-      STRATA_ASSERT_OK(be->ScoreBlocks(q, layout, plan, 0, p, BlockScoring::kKeyBounds, lo, hi,
-                                       scores));
+          Tensor scores, UploadAs(*be, DType::kF32, {p, c.hkv, max_blocks},
+                                  std::vector<float>(size_t{p} * c.hkv * max_blocks, 0.0f)));
+      STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan,
+                                  MakePlan(*be, entries, max_blocks, max_keys, c.hkv));
+      STRATA_ASSERT_OK(
+          be->ScoreBlocks(q, layout, plan, 0, p, BlockScoring::kKeyBounds, lo, hi, scores));
       STRATA_ASSERT_OK(be->SelectTokens(scores, ext, plan));
       STRATA_ASSERT_OK_AND_ASSIGN(scores_out[which], Download(*be, scores));
       STRATA_ASSERT_OK_AND_ASSIGN(index[which], DownloadI32(*be, plan.key_index));
@@ -456,91 +464,96 @@ TEST_F(CudaSparseOpsTest, SparseAttentionMatchesCpu) {
     int hq, hkv, d, page_size;
     std::vector<int> contexts;
   };
-  for (const Case& c : {Case{8, 2, 128, 16, {1000, 333, 2049, 17}},
-                        Case{8, 2, 64, 16, {700, 5, 4096}}, Case{4, 4, 64, 32, {130, 260}}}) {
-    SCOPED_TRACE(absl::StrCat("hq ", c.hq, " hkv ", c.hkv, " d ", c.d, ", ", Seed()));
-    const QkvLayout layout{c.hq, c.hkv, c.d};
-    const int num_seqs = static_cast<int>(c.contexts.size());
-    int max_pages = 0, total_pages = 0;
-    for (int ctx : c.contexts) {
-      max_pages = std::max(max_pages, (ctx + c.page_size - 1) / c.page_size);
-      total_pages += (ctx + c.page_size - 1) / c.page_size;
-    }
-    const int num_pages = total_pages + 3;
-    const std::vector<int32_t> pages = ShuffledPages(num_pages);
-    std::vector<int32_t> table(size_t{static_cast<size_t>(num_seqs)} * max_pages, 0);
-    std::vector<int32_t> query_start(num_seqs + 1), context_len(c.contexts);
-    int next = 0;
-    for (int s = 0; s < num_seqs; ++s) {
-      for (int pg = 0; pg < (c.contexts[s] + c.page_size - 1) / c.page_size; ++pg) {
-        table[s * max_pages + pg] = pages[next++];
+  for (const bool fp8 : {false, true}) {
+    kv_fp8_ = fp8;
+    for (const Case& c : {Case{8, 2, 128, 16, {1000, 333, 2049, 17}},
+                          Case{8, 2, 64, 16, {700, 5, 4096}}, Case{4, 4, 64, 32, {130, 260}}}) {
+      SCOPED_TRACE(
+          absl::StrCat("hq ", c.hq, " hkv ", c.hkv, " d ", c.d, fp8 ? " fp8" : "", ", ", Seed()));
+      const QkvLayout layout{c.hq, c.hkv, c.d};
+      const int num_seqs = static_cast<int>(c.contexts.size());
+      int max_pages = 0, total_pages = 0;
+      for (int ctx : c.contexts) {
+        max_pages = std::max(max_pages, (ctx + c.page_size - 1) / c.page_size);
+        total_pages += (ctx + c.page_size - 1) / c.page_size;
       }
-      query_start[s + 1] = s + 1;
-    }
-    // Plan: one entry per sequence but in reverse order (entry != row),
-    // index lists of sinks ++ a random subset in random order ++ tail.
-    std::vector<int32_t> entries;
-    const int max_keys = 1500;
-    std::vector<std::vector<int32_t>> lists;
-    for (int e = 0; e < num_seqs; ++e) {
-      const int s = num_seqs - 1 - e, ctx = c.contexts[s];
-      const int sink_end = std::min(16, ctx - 1), tail_begin = std::max(sink_end, ctx - 64);
-      const int budget = std::min(tail_begin - sink_end, 700);
-      const auto row = Entry(s, s, e, 0, budget, sink_end, tail_begin, ctx);
-      entries.insert(entries.end(), row.begin(), row.end());
-      for (int h = 0; h < c.hkv; ++h) {
-        std::vector<int32_t> list;
-        for (int t = 0; t < sink_end; ++t) list.push_back(t);
-        std::vector<int32_t> middle(tail_begin - sink_end);
-        std::iota(middle.begin(), middle.end(), sink_end);
-        std::shuffle(middle.begin(), middle.end(), rng_);
-        list.insert(list.end(), middle.begin(), middle.begin() + budget);
-        for (int t = tail_begin; t < ctx; ++t) list.push_back(t);
-        lists.push_back(list);
+      const int num_pages = total_pages + 3;
+      const std::vector<int32_t> pages = ShuffledPages(num_pages);
+      std::vector<int32_t> table(size_t{static_cast<size_t>(num_seqs)} * max_pages, 0);
+      std::vector<int32_t> query_start(num_seqs + 1), context_len(c.contexts);
+      int next = 0;
+      for (int s = 0; s < num_seqs; ++s) {
+        for (int pg = 0; pg < (c.contexts[s] + c.page_size - 1) / c.page_size; ++pg) {
+          table[s * max_pages + pg] = pages[next++];
+        }
+        query_start[s + 1] = s + 1;
       }
+      // Plan: one entry per sequence but in reverse order (entry != row),
+      // index lists of sinks ++ a random subset in random order ++ tail.
+      std::vector<int32_t> entries;
+      const int max_keys = 1500;
+      std::vector<std::vector<int32_t>> lists;
+      for (int e = 0; e < num_seqs; ++e) {
+        const int s = num_seqs - 1 - e, ctx = c.contexts[s];
+        const int sink_end = std::min(16, ctx - 1), tail_begin = std::max(sink_end, ctx - 64);
+        const int budget = std::min(tail_begin - sink_end, 700);
+        const auto row = Entry(s, s, e, 0, budget, sink_end, tail_begin, ctx);
+        entries.insert(entries.end(), row.begin(), row.end());
+        for (int h = 0; h < c.hkv; ++h) {
+          std::vector<int32_t> list;
+          for (int t = 0; t < sink_end; ++t) list.push_back(t);
+          std::vector<int32_t> middle(tail_begin - sink_end);
+          std::iota(middle.begin(), middle.end(), sink_end);
+          std::shuffle(middle.begin(), middle.end(), rng_);
+          list.insert(list.end(), middle.begin(), middle.begin() + budget);
+          for (int t = tail_begin; t < ctx; ++t) list.push_back(t);
+          lists.push_back(list);
+        }
+      }
+      std::vector<int32_t> key_index(lists.size() * max_keys, 0), key_count(lists.size());
+      for (size_t l = 0; l < lists.size(); ++l) {
+        key_count[l] = static_cast<int32_t>(lists[l].size());
+        std::copy(lists[l].begin(), lists[l].end(), key_index.begin() + l * max_keys);
+      }
+      const int64_t cache_numel = int64_t{num_pages} * c.page_size * c.hkv * c.d;
+      STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> k, RandomBf16(cache_numel, 1.0f));
+      STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> v, RandomBf16(cache_numel, 1.0f));
+      STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> qkv,
+                                  RandomBf16(num_seqs * layout.row_width(), 3.0f));
+      const std::vector<int64_t> cache_shape = {num_pages, c.page_size, c.hkv, c.d};
+      const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+      std::vector<float> out[2];
+      int which = 0;
+      for (Backend* be : {&cpu(), &cuda()}) {
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor q, Upload(*be, {num_seqs, layout.row_width()}, qkv));
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, UploadCache(*be, cache_shape, k));
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor vc, UploadCache(*be, cache_shape, v));
+        AttentionBatch batch;
+        STRATA_ASSERT_OK_AND_ASSIGN(batch.query_start, UploadI32(*be, {num_seqs + 1}, query_start));
+        STRATA_ASSERT_OK_AND_ASSIGN(batch.context_len, UploadI32(*be, {num_seqs}, context_len));
+        STRATA_ASSERT_OK_AND_ASSIGN(batch.block_table,
+                                    UploadI32(*be, {num_seqs, max_pages}, table));
+        batch.num_seqs = num_seqs;
+        batch.max_blocks_per_seq = max_pages;
+        batch.page_size = c.page_size;
+        batch.max_query_len = 1;
+        batch.max_context_len = *std::max_element(c.contexts.begin(), c.contexts.end());
+        batch.host_query_start = query_start;
+        batch.host_context_len = context_len;
+        STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan, MakePlan(*be, entries, 1, max_keys, c.hkv));
+        STRATA_ASSERT_OK_AND_ASSIGN(plan.key_index,
+                                    UploadI32(*be, {num_seqs, c.hkv, max_keys}, key_index));
+        STRATA_ASSERT_OK_AND_ASSIGN(plan.key_count, UploadI32(*be, {num_seqs, c.hkv}, key_count));
+        STRATA_ASSERT_OK_AND_ASSIGN(
+            Tensor o,
+            Upload(*be, {num_seqs, int64_t{c.hq} * c.d},
+                   std::vector<float>(size_t{static_cast<size_t>(num_seqs)} * c.hq * c.d, kNaN)));
+        STRATA_ASSERT_OK(be->SparseAttention(q, layout, kc, vc, batch, plan, scale, o));
+        STRATA_ASSERT_OK_AND_ASSIGN(out[which], Download(*be, o));
+        ++which;
+      }
+      EXPECT_TRUE(RelL2Close("sparse attention", out[0], out[1], kBf16Tolerance));
     }
-    std::vector<int32_t> key_index(lists.size() * max_keys, 0), key_count(lists.size());
-    for (size_t l = 0; l < lists.size(); ++l) {
-      key_count[l] = static_cast<int32_t>(lists[l].size());
-      std::copy(lists[l].begin(), lists[l].end(), key_index.begin() + l * max_keys);
-    }
-    const int64_t cache_numel = int64_t{num_pages} * c.page_size * c.hkv * c.d;
-    STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> k, RandomBf16(cache_numel, 1.0f));
-    STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> v, RandomBf16(cache_numel, 1.0f));
-    STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> qkv,
-                                RandomBf16(num_seqs * layout.row_width(), 3.0f));
-    const std::vector<int64_t> cache_shape = {num_pages, c.page_size, c.hkv, c.d};
-    const float scale = 1.0f / std::sqrt(static_cast<float>(c.d));
-    std::vector<float> out[2];
-    int which = 0;
-    for (Backend* be : {&cpu(), &cuda()}) {
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor q, Upload(*be, {num_seqs, layout.row_width()}, qkv));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, Upload(*be, cache_shape, k));
-      STRATA_ASSERT_OK_AND_ASSIGN(Tensor vc, Upload(*be, cache_shape, v));
-      AttentionBatch batch;
-      STRATA_ASSERT_OK_AND_ASSIGN(batch.query_start, UploadI32(*be, {num_seqs + 1}, query_start));
-      STRATA_ASSERT_OK_AND_ASSIGN(batch.context_len, UploadI32(*be, {num_seqs}, context_len));
-      STRATA_ASSERT_OK_AND_ASSIGN(batch.block_table, UploadI32(*be, {num_seqs, max_pages}, table));
-      batch.num_seqs = num_seqs;
-      batch.max_blocks_per_seq = max_pages;
-      batch.page_size = c.page_size;
-      batch.max_query_len = 1;
-      batch.max_context_len = *std::max_element(c.contexts.begin(), c.contexts.end());
-      batch.host_query_start = query_start;
-      batch.host_context_len = context_len;
-      STRATA_ASSERT_OK_AND_ASSIGN(SparsePlan plan, MakePlan(*be, entries, 1, max_keys, c.hkv));
-      STRATA_ASSERT_OK_AND_ASSIGN(plan.key_index,
-                                  UploadI32(*be, {num_seqs, c.hkv, max_keys}, key_index));
-      STRATA_ASSERT_OK_AND_ASSIGN(plan.key_count, UploadI32(*be, {num_seqs, c.hkv}, key_count));
-      STRATA_ASSERT_OK_AND_ASSIGN(
-          Tensor o, Upload(*be, {num_seqs, int64_t{c.hq} * c.d},
-                           std::vector<float>(size_t{static_cast<size_t>(num_seqs)} * c.hq * c.d,
-                                              kNaN)));
-      STRATA_ASSERT_OK(be->SparseAttention(q, layout, kc, vc, batch, plan, scale, o));
-      STRATA_ASSERT_OK_AND_ASSIGN(out[which], Download(*be, o));
-      ++which;
-    }
-    EXPECT_TRUE(RelL2Close("sparse attention", out[0], out[1], kBf16Tolerance));
   }
 }
 
@@ -562,8 +575,8 @@ class CudaClusterTest : public CudaSparseOpsTest {
 
   void RunOn(Backend& be, const Setup& s, ClusterOut& out) {
     const std::vector<int64_t> shape = {s.num_pages, s.page_size, s.hkv, s.d};
-    STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, Upload(be, shape, s.k));
-    STRATA_ASSERT_OK_AND_ASSIGN(Tensor vc, Upload(be, shape, s.v));
+    STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, UploadCache(be, shape, s.k));
+    STRATA_ASSERT_OK_AND_ASSIGN(Tensor vc, UploadCache(be, shape, s.v));
     SequenceRange range;
     STRATA_ASSERT_OK_AND_ASSIGN(range.block_table,
                                 UploadI32(be, {static_cast<int64_t>(s.table.size())}, s.table));
@@ -571,13 +584,14 @@ class CudaClusterTest : public CudaSparseOpsTest {
     range.begin = s.begin;
     range.count = s.count;
     STRATA_ASSERT_OK_AND_ASSIGN(
-        Tensor cen, Upload(be, {s.hkv, s.max_blocks, s.d},
-                           std::vector<float>(size_t{static_cast<size_t>(s.hkv)} * s.max_blocks * s.d, kNaN)));
+        Tensor cen,
+        Upload(be, {s.hkv, s.max_blocks, s.d},
+               std::vector<float>(size_t{static_cast<size_t>(s.hkv)} * s.max_blocks * s.d, kNaN)));
     STRATA_ASSERT_OK_AND_ASSIGN(
         Tensor ext, UploadI32(be, {s.hkv, s.max_blocks, 2},
                               std::vector<int32_t>(size_t{2} * s.hkv * s.max_blocks, -1)));
-    STRATA_ASSERT_OK(be.ClusterKeys(kc, vc, range, s.clusters, s.iterations, s.first_block, cen,
-                                    ext));
+    STRATA_ASSERT_OK(
+        be.ClusterKeys(kc, vc, range, s.clusters, s.iterations, s.first_block, cen, ext));
     STRATA_ASSERT_OK_AND_ASSIGN(out.k, Download(be, kc));
     STRATA_ASSERT_OK_AND_ASSIGN(out.v, Download(be, vc));
     STRATA_ASSERT_OK_AND_ASSIGN(out.centroids, Download(be, cen));
@@ -613,62 +627,68 @@ TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
   struct Case {
     int hkv, d, page_size, begin, clusters, run, iterations, first_block, max_blocks;
   };
-  for (const Case& c : {Case{2, 128, 16, 16, 7, 37, 5, 0, 7}, Case{3, 64, 16, 5, 13, 23, 8, 4, 20},
-                        Case{1, 128, 32, 16, 1, 51, 3, 2, 3}, Case{2, 64, 16, 0, 70, 9, 20, 1, 80}}) {
-    SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " C ", c.clusters, " run ", c.run, ", ",
-                              Seed()));
-    Setup s;
-    s.hkv = c.hkv;
-    s.d = c.d;
-    s.page_size = c.page_size;
-    s.begin = c.begin;
-    s.count = c.clusters * c.run;
-    s.clusters = c.clusters;
-    s.iterations = c.iterations;
-    s.first_block = c.first_block;
-    s.max_blocks = c.max_blocks;
-    MakeSetup(s);
-    if (HasFatalFailure()) return;
-    std::normal_distribution<float> gauss(0.0f, 1.0f);
-    std::uniform_real_distribution<float> length(0.5f, 2.0f);
-    std::uniform_int_distribution<int> any_cluster(0, c.clusters - 1);
-    for (int h = 0; h < c.hkv; ++h) {
-      std::vector<std::vector<float>> dirs(c.clusters, std::vector<float>(c.d));
-      for (auto& dir : dirs) {
-        for (float& x : dir) x = gauss(rng_);
-      }
-      for (int t = 0; t < s.count; ++t) {
-        const int j = t % c.run == 0 ? t / c.run : any_cluster(rng_);
-        const float len = length(rng_);
-        const int64_t row = RowOf(s, s.begin + t, h);
-        for (int i = 0; i < c.d; ++i) {
-          s.k[row + i] = RoundBf16(len * (dirs[j][i] + 0.1f * gauss(rng_)));
+  for (const bool fp8 : {false, true}) {
+    kv_fp8_ = fp8;
+    for (const Case& c :
+         {Case{2, 128, 16, 16, 7, 37, 5, 0, 7}, Case{3, 64, 16, 5, 13, 23, 8, 4, 20},
+          Case{1, 128, 32, 16, 1, 51, 3, 2, 3}, Case{2, 64, 16, 0, 70, 9, 20, 1, 80}}) {
+      SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " C ", c.clusters, " run ", c.run,
+                                fp8 ? " fp8" : "", ", ", Seed()));
+      Setup s;
+      s.hkv = c.hkv;
+      s.d = c.d;
+      s.page_size = c.page_size;
+      s.begin = c.begin;
+      s.count = c.clusters * c.run;
+      s.clusters = c.clusters;
+      s.iterations = c.iterations;
+      s.first_block = c.first_block;
+      s.max_blocks = c.max_blocks;
+      MakeSetup(s);
+      if (HasFatalFailure()) return;
+      std::normal_distribution<float> gauss(0.0f, 1.0f);
+      std::uniform_real_distribution<float> length(0.5f, 2.0f);
+      std::uniform_int_distribution<int> any_cluster(0, c.clusters - 1);
+      for (int h = 0; h < c.hkv; ++h) {
+        std::vector<std::vector<float>> dirs(c.clusters, std::vector<float>(c.d));
+        for (auto& dir : dirs) {
+          for (float& x : dir) x = gauss(rng_);
+        }
+        for (int t = 0; t < s.count; ++t) {
+          const int j = t % c.run == 0 ? t / c.run : any_cluster(rng_);
+          const float len = length(rng_);
+          const int64_t row = RowOf(s, s.begin + t, h);
+          for (int i = 0; i < c.d; ++i) {
+            const float x = len * (dirs[j][i] + 0.1f * gauss(rng_));
+            s.k[row + i] = fp8 ? engine::Fp8E4M3ToFloat(engine::FloatToFp8E4M3(x)) : RoundBf16(x);
+          }
         }
       }
-    }
-    ClusterOut out[2];
-    RunOn(cpu(), s, out[0]);
-    RunOn(cuda(), s, out[1]);
-    if (HasFatalFailure()) return;
-    EXPECT_EQ(out[0].extents, out[1].extents);
-    EXPECT_EQ(out[0].k, out[1].k) << "reordered K differs";
-    EXPECT_EQ(out[0].v, out[1].v) << "reordered V differs";
-    std::vector<float> expected, actual;
-    for (int h = 0; h < c.hkv; ++h) {
-      for (int j = 0; j < c.clusters; ++j) {
-        const size_t at = (size_t{static_cast<size_t>(h)} * c.max_blocks + c.first_block + j) * c.d;
-        for (int i = 0; i < c.d; ++i) {
-          expected.push_back(out[0].centroids[at + i]);
-          actual.push_back(out[1].centroids[at + i]);
+      ClusterOut out[2];
+      RunOn(cpu(), s, out[0]);
+      RunOn(cuda(), s, out[1]);
+      if (HasFatalFailure()) return;
+      EXPECT_EQ(out[0].extents, out[1].extents);
+      EXPECT_EQ(out[0].k, out[1].k) << "reordered K differs";
+      EXPECT_EQ(out[0].v, out[1].v) << "reordered V differs";
+      std::vector<float> expected, actual;
+      for (int h = 0; h < c.hkv; ++h) {
+        for (int j = 0; j < c.clusters; ++j) {
+          const size_t at =
+              (size_t{static_cast<size_t>(h)} * c.max_blocks + c.first_block + j) * c.d;
+          for (int i = 0; i < c.d; ++i) {
+            expected.push_back(out[0].centroids[at + i]);
+            actual.push_back(out[1].centroids[at + i]);
+          }
         }
       }
-    }
-    EXPECT_TRUE(RelL2Close("centroids", expected, actual, kBf16Tolerance));
-    // Blocks outside the call's stay untouched.
-    for (size_t i = 0; i < out[1].centroids.size(); ++i) {
-      const int block = static_cast<int>(i / c.d % c.max_blocks);
-      if (block < c.first_block || block >= c.first_block + c.clusters) {
-        ASSERT_TRUE(std::isnan(out[1].centroids[i])) << "centroid pool element " << i;
+      EXPECT_TRUE(RelL2Close("centroids", expected, actual, kBf16Tolerance));
+      // Blocks outside the call's stay untouched.
+      for (size_t i = 0; i < out[1].centroids.size(); ++i) {
+        const int block = static_cast<int>(i / c.d % c.max_blocks);
+        if (block < c.first_block || block >= c.first_block + c.clusters) {
+          ASSERT_TRUE(std::isnan(out[1].centroids[i])) << "centroid pool element " << i;
+        }
       }
     }
   }
@@ -737,7 +757,8 @@ TEST_F(CudaClusterTest, RandomKeysAreConsistent) {
         ASSERT_EQ(out.extents[e], at) << "head " << h << " cluster " << j;
         ASSERT_GE(out.extents[e + 1], 0);
         at += out.extents[e + 1];
-        const size_t cat = (size_t{static_cast<size_t>(h)} * s.max_blocks + s.first_block + j) * c.d;
+        const size_t cat =
+            (size_t{static_cast<size_t>(h)} * s.max_blocks + s.first_block + j) * c.d;
         cen[j].assign(out.centroids.begin() + cat, out.centroids.begin() + cat + c.d);
       }
       ASSERT_EQ(at, c.begin + c.count) << "head " << h;
@@ -751,8 +772,8 @@ TEST_F(CudaClusterTest, RandomKeysAreConsistent) {
           const int64_t row = RowOf(s, t, h);
           for (int i = 0; i < c.d; ++i) mean[i] += out.k[row + i] / size;
         }
-        EXPECT_TRUE(RelL2Close(absl::StrCat("centroid ", j, " of head ", h), mean, got,
-                               kBf16Tolerance));
+        EXPECT_TRUE(
+            RelL2Close(absl::StrCat("centroid ", j, " of head ", h), mean, got, kBf16Tolerance));
       }
       // Every key's cluster has (near-)maximum cosine similarity.
       std::vector<double> norms(c.clusters);
@@ -817,9 +838,10 @@ TEST_F(CudaClusterTest, Timing32k) {
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count() /
       reps;
   const double flop = 2.0 * hkv * count * clusters * d * iterations;
-  std::printf("[ClusterKeys] count %d, C %d, Hkv %d, D %d, %d iterations: %.3f ms per call "
-              "(assignment GEMMs %.1f GFLOP -> %.1f TFLOP/s effective)\n",
-              count, clusters, hkv, d, iterations, ms, flop * 1e-9, flop / (ms * 1e-3) * 1e-12);
+  std::printf(
+      "[ClusterKeys] count %d, C %d, Hkv %d, D %d, %d iterations: %.3f ms per call "
+      "(assignment GEMMs %.1f GFLOP -> %.1f TFLOP/s effective)\n",
+      count, clusters, hkv, d, iterations, ms, flop * 1e-9, flop / (ms * 1e-3) * 1e-12);
   STRATA_ASSERT_OK_AND_ASSIGN(std::vector<int32_t> extents, DownloadI32(cuda(), ext));
   for (int h = 0; h < hkv; ++h) {
     int at = begin;
