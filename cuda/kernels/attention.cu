@@ -125,8 +125,10 @@ static_assert(size_t{kDecodeWarps} * kDecodeMaxG * (kMaxHeadDim + 2) * sizeof(fl
 // (registers <= 65536 / (threads * blocks)); shared memory allows 4 (48 KiB
 // each). With 8 query heads, q and the accumulators alone take 128 registers.
 // A sparse kernel keeps a second set of look-ahead registers (the key
-// list), which at 4 blocks would spill.
-constexpr int DecodeBlocksPerSm(int max_g, bool sparse) {
+// list), which at 4 blocks would spill. The tensor-core path (mma, see
+// below) needs 130-155 registers whatever the group size: 3 blocks.
+constexpr int DecodeBlocksPerSm(int max_g, bool sparse, bool mma = false) {
+  if (mma) return 3;
   return max_g <= 4 ? (sparse ? 3 : 4) : 2;
 }
 
@@ -166,13 +168,70 @@ __device__ __forceinline__ void ReadChunk(const unsigned char* src, bool active,
   }
 }
 
-template <int kTG, int kMaxG, bool kSparse, typename Cache>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSparse))
+// ---- Tensor-core path (fp8 cache, head_dim 128) ------------------------------
+//
+// With an fp8 cache the CUDA-core loop above spends more instructions per
+// byte than the memory system needs (widening each element to fp32, then
+// one FMA per query head for S and again for P V, plus the reductions over
+// the lanes of a key), and falls short of the bandwidth. For head_dim 128
+// the decode kernel therefore runs both products on the tensor cores
+// (mma.sync m16n8k16, fp16 inputs, fp32 accumulation; fp8 -> fp16 is exact):
+//   S = Q K^T: A = the group's query heads (rows; at most 8 of 16 used),
+//     B = 8 keys of the tile, 2 n tiles per 16-key tile;
+//   O^T += V^T P^T: A = V^T (16 dims x 16 keys, 8 m tiles for 128 dims),
+//     B = P^T, which is exactly the C layout of the two S tiles, so P stays
+//     in registers.
+// The head dimension is summed over in S and never leaves O's rows, so each
+// lane may read dims in whatever order suits its loads, as long as Q uses
+// the same one: lane (g = lane / 4, t = lane % 4) reads bytes 32t..32t+31 of
+// key row g for S (k step ks takes bytes 32t + 4ks..+3), and bytes
+// 32j + 4g..+3 (j = 0..3) of keys 2t, 2t + 1, 2t + 8, 2t + 9 for P V, which
+// a byte permute turns into V^T fragments: O^T row g of m tile mt is dim
+// 32 (mt / 2) + 4g + 2 (mt % 2) and row g + 8 the dim after it.
+// A tile's K (and V) rows are 128 bytes in shared memory with 16-byte chunk
+// c of row r stored at chunk c ^ (r % 8), which keeps both read patterns
+// free of bank conflicts.
+constexpr int kMmaHeadDim = 128;
+
+__device__ __forceinline__ uint32_t Fp8x2ToHalf2(uint32_t pair) {
+  const __half2_raw h =
+      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
+__device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// c += a * b (m16n8k16, fp16 in, fp32 accumulate); a1 = a3 = 0 (rows 8..15
+// of A are unused: at most 8 query heads, or the zero rows of V^T's pairs
+// are supplied explicitly by the caller).
+__device__ __forceinline__ void MmaF16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                       uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Byte offset of 16-byte chunk c of row r in a swizzled 128-byte-row tile.
+__device__ __forceinline__ uint32_t MmaTileOffset(int r, int c) {
+  return static_cast<uint32_t>(r * kMmaHeadDim + ((c ^ (r & 7)) << 4));
+}
+
+// kMma: the tensor-core path above (fp8 cache, head_dim 128, kTG 8: a lane
+// copies 16 dims of a key per chunk); otherwise CUDA cores, 8 dims per lane.
+template <int kTG, int kMaxG, bool kSparse, typename Cache, bool kMma = false>
+__global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSparse, kMma))
     PagedDecodeKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                       int head_chunks, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
   WaitForPrerequisites();
-  constexpr int kChunkBytes = 8 * static_cast<int>(sizeof(Cache));
-  constexpr int kTileBytes = DecodeTileBytes<Cache>();
+  static_assert(!kMma || (std::is_same_v<Cache, fp8> && kTG == 8 && kMaxG <= 8),
+                "the tensor-core path is for fp8 caches with head_dim 128");
+  constexpr int kChunkBytes = kMma ? 16 : 8 * static_cast<int>(sizeof(Cache));
+  constexpr int kTileBytes = kDecodeSteps * 32 * kChunkBytes;
   constexpr int kKeysPerStep = 32 / kTG;  // keys a warp handles per step
   constexpr int kTileKeys = kKeysPerStep * kDecodeSteps;
   constexpr float kLog2e = 1.4426950408889634f;
@@ -217,7 +276,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   const int warp = tid >> 5;
   const int group_lane = lane % kTG;
   const int key_in_step = lane / kTG;
-  const int d0 = group_lane * 8;
+  const int d0 = group_lane * (kMma ? 16 : 8);
   const bool d_active = d0 < D;
 
   extern __shared__ __align__(16) unsigned char decode_smem[];
@@ -229,9 +288,30 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   const int64_t t = q_begin;
   const int head0 = kv_head * G + g_begin;  // first query head of this block
   const float q_scale = p.scale * kLog2e;
-  float q[kMaxG][8];
+  // CUDA-core path: q[g] holds dims d0..d0+7 of head g. Tensor-core path:
+  // the fp16 A fragments of Q, qa[ks] = dims 32t + 4ks + {0,1} and {2,3} of
+  // head row lane / 4 (zero past the group).
+  float q[kMma ? 1 : kMaxG][8];
+  uint32_t qa[kMma ? 8 : 1][2];
+  const int mma_g = lane >> 2;  // tensor-core path: this lane's A/C row
+  const int mma_t = lane & 3;   // and column pair
+  if constexpr (kMma) {
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+    for (int c = 0; c < 4; ++c) {
+      float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (mma_g < g_count) {
+        Load8(static_cast<const bf16*>(p.qkv) + t * p.qkv_row_width +
+                  static_cast<int64_t>(head0 + mma_g) * D + 32 * mma_t + 8 * c,
+              v);
+      }
+      qa[2 * c][0] = PackHalf2(v[0] * q_scale, v[1] * q_scale);
+      qa[2 * c][1] = PackHalf2(v[2] * q_scale, v[3] * q_scale);
+      qa[2 * c + 1][0] = PackHalf2(v[4] * q_scale, v[5] * q_scale);
+      qa[2 * c + 1][1] = PackHalf2(v[6] * q_scale, v[7] * q_scale);
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < (kMma ? 0 : kMaxG); ++g) {
     if (g < g_count && d_active) {
       Load8(static_cast<const bf16*>(p.qkv) + t * p.qkv_row_width +
                 static_cast<int64_t>(head0 + g) * D + d0,
@@ -254,6 +334,12 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[g][e] = 0.0f;
   }
+  // Tensor-core path: O^T fragments (8 m tiles of 16 dims x 8 heads) and the
+  // softmax state of row mma_g (m[0], l[0]; l summed over the row's lanes at
+  // the end).
+  float o[kMma ? 8 : 1][4];
+#pragma unroll
+  for (int mt = 0; mt < (kMma ? 8 : 1); ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.0f;
 
   const Cache* const k_cache = static_cast<const Cache*>(p.k_cache);
   const Cache* const v_cache = static_cast<const Cache*>(p.v_cache);
@@ -311,15 +397,23 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   auto issue = [&](int j, auto parity) {
     constexpr int kSet = decltype(parity)::value;
     if (j < my_tiles && d_active) {
-      const uint32_t dst = warp_buf_addr + (j % kDecodeStages) * 2 * kTileBytes;
+      const uint32_t stage = (j % kDecodeStages) * 2 * kTileBytes;
 #pragma unroll
       for (int u = 0; u < kDecodeSteps; ++u) {
         const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
         const bool valid = key < k_end;
         const int64_t offset =
             valid ? static_cast<int64_t>(slot_set[kSet][u]) * slot_stride + head_offset : 0;
-        CopyChunk(dst + u * 32 * kChunkBytes, k_cache + offset, valid);
-        CopyChunk(dst + kTileBytes + u * 32 * kChunkBytes, v_cache + offset, valid);
+        if constexpr (kMma) {
+          const uint32_t at = SharedAddress(warp_buf) + stage +
+                              MmaTileOffset(u * kKeysPerStep + key_in_step, group_lane);
+          CpAsync16(at, k_cache + offset, valid ? 16 : 0);
+          CpAsync16(at + kTileBytes, v_cache + offset, valid ? 16 : 0);
+        } else {
+          const uint32_t dst = warp_buf_addr + stage + u * 32 * kChunkBytes;
+          CopyChunk(dst, k_cache + offset, valid);
+          CopyChunk(dst + kTileBytes, v_cache + offset, valid);
+        }
       }
     }
     CpAsyncCommit();
@@ -342,65 +436,151 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   auto step = [&](int j, auto parity) {
     issue(j + kDecodeStages - 1, parity);  // into the stage tile j - 1 used (same parity as j)
     CpAsyncWait<kDecodeStages - 1>();      // tile j has landed
-    const unsigned char* const buf =
-        warp_buf + (j % kDecodeStages) * 2 * kTileBytes + lane * kChunkBytes;
     const int start = tile_start(j);
-
-    // Scores. Inactive lanes contribute zeros (their chunks were not copied).
-    float s[kDecodeSteps][kMaxG];
+    if constexpr (kMma) {
+      const unsigned char* const tile = warp_buf + (j % kDecodeStages) * 2 * kTileBytes;
+      // S for tile keys nt * 8 + 2t + {0, 1}, row mma_g.
+      float s[2][4];
 #pragma unroll
-    for (int u = 0; u < kDecodeSteps; ++u) {
-      float k[8];
-      ReadChunk<Cache>(buf + u * 32 * kChunkBytes, d_active, k);
+      for (int nt = 0; nt < 2; ++nt) {
+        const int row = nt * 8 + mma_g;
+        const uint4 lo = *reinterpret_cast<const uint4*>(tile + MmaTileOffset(row, 2 * mma_t));
+        const uint4 hi = *reinterpret_cast<const uint4*>(tile + MmaTileOffset(row, 2 * mma_t + 1));
+        const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+          MmaF16(s[nt], qa[ks][0], 0u, qa[ks][1], 0u, Fp8x2ToHalf2(w[ks] & 0xffffu),
+                 Fp8x2ToHalf2(w[ks] >> 16));
+        }
+      }
+      // Online softmax of row mma_g over the tile (its 16 keys are spread
+      // over the row's 4 lanes).
+      float mx = kNegInf;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const bool valid = start + nt * 8 + 2 * mma_t + e < k_end;
+          s[nt][e] = valid ? s[nt][e] : kNegInf;
+          mx = fmaxf(mx, s[nt][e]);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // The tile's first key is valid, so mx is finite.
+      const float m_new = fmaxf(m[0], mx);
+      const float alpha = Ex2(m[0] - m_new);  // 0 while m is -inf
+      m[0] = m_new;
+      float pr[2][2];
+      float row_sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          pr[nt][e] = Ex2(s[nt][e] - m_new);
+          row_sum += pr[nt][e];
+        }
+      }
+      l[0] = l[0] * alpha + row_sum;
+      // O^T columns 2t, 2t + 1 are heads 2t, 2t + 1: their rescale factors
+      // live in the lanes of rows 2t and 2t + 1.
+      if (__any_sync(0xffffffffu, alpha != 1.0f)) {
+        const float alpha_lo = __shfl_sync(0xffffffffu, alpha, 8 * mma_t);
+        const float alpha_hi = __shfl_sync(0xffffffffu, alpha, 8 * mma_t + 4);
+#pragma unroll
+        for (int mt = 0; mt < 8; ++mt) {
+          o[mt][0] *= alpha_lo;
+          o[mt][1] *= alpha_hi;
+          o[mt][2] *= alpha_lo;
+          o[mt][3] *= alpha_hi;
+        }
+      }
+      const uint32_t pb0 = PackHalf2(pr[0][0], pr[0][1]);  // keys 2t, 2t + 1
+      const uint32_t pb1 = PackHalf2(pr[1][0], pr[1][1]);  // keys 2t + 8, 2t + 9
+      // O^T += V^T P^T, two m tiles (one 4-byte column group j) at a time.
+      const unsigned char* const v_tile = tile + kTileBytes;
+      const int k0 = 2 * mma_t;
+#pragma unroll
+      for (int j4 = 0; j4 < 4; ++j4) {
+        const int chunk = 2 * j4 + (mma_g >> 2);
+        const int byte = 4 * (mma_g & 3);
+        uint32_t w[4];  // keys k0, k0 + 1, k0 + 8, k0 + 9
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int key = k0 + (i & 1) + 8 * (i >> 1);
+          w[i] = *reinterpret_cast<const uint32_t*>(v_tile + MmaTileOffset(key, chunk) + byte);
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          // Dims 2 * half and 2 * half + 1 of the group: (key, key + 1)
+          // pairs of each, as fp16.
+          const uint32_t sel = half == 0 ? 0x5140u : 0x7362u;
+          const uint32_t near = __byte_perm(w[0], w[1], sel);
+          const uint32_t far = __byte_perm(w[2], w[3], sel);
+          MmaF16(o[2 * j4 + half], Fp8x2ToHalf2(near & 0xffffu), Fp8x2ToHalf2(near >> 16),
+                 Fp8x2ToHalf2(far & 0xffffu), Fp8x2ToHalf2(far >> 16), pb0, pb1);
+        }
+      }
+    } else {
+      const unsigned char* const buf =
+          warp_buf + (j % kDecodeStages) * 2 * kTileBytes + lane * kChunkBytes;
+      // Scores. Inactive lanes contribute zeros (their chunks were not copied).
+      float s[kDecodeSteps][kMaxG];
+#pragma unroll
+      for (int u = 0; u < kDecodeSteps; ++u) {
+        float k[8];
+        ReadChunk<Cache>(buf + u * 32 * kChunkBytes, d_active, k);
+#pragma unroll
+        for (int g = 0; g < kMaxG; ++g) {
+          float dot = 0.0f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) dot = fmaf(q[g][e], k[e], dot);
+          s[u][g] = dot;
+        }
+#pragma unroll
+        for (int offset = kTG / 2; offset > 0; offset >>= 1) {
+#pragma unroll
+          for (int g = 0; g < kMaxG; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], offset);
+        }
+        const bool valid = start + u * kKeysPerStep + key_in_step < k_end;
+#pragma unroll
+        for (int g = 0; g < kMaxG; ++g) s[u][g] = valid ? s[u][g] : kNegInf;
+      }
+
+      // Tile max over the whole warp; rescale only when it grows (rare after
+      // the first tiles). The tile's first key is valid, so the max is finite.
 #pragma unroll
       for (int g = 0; g < kMaxG; ++g) {
-        float dot = 0.0f;
+        float mx = s[0][g];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dot = fmaf(q[g][e], k[e], dot);
-        s[u][g] = dot;
+        for (int u = 1; u < kDecodeSteps; ++u) mx = fmaxf(mx, s[u][g]);
+#pragma unroll
+        for (int offset = kTG; offset < 32; offset <<= 1) {
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+        }
+        if (mx > m[g]) {                       // warp-uniform
+          const float alpha = Ex2(m[g] - mx);  // 0 while m is -inf
+          l[g] *= alpha;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
+          m[g] = mx;
+        }
       }
-#pragma unroll
-      for (int offset = kTG / 2; offset > 0; offset >>= 1) {
-#pragma unroll
-        for (int g = 0; g < kMaxG; ++g) s[u][g] += __shfl_xor_sync(0xffffffffu, s[u][g], offset);
-      }
-      const bool valid = start + u * kKeysPerStep + key_in_step < k_end;
-#pragma unroll
-      for (int g = 0; g < kMaxG; ++g) s[u][g] = valid ? s[u][g] : kNegInf;
-    }
 
-    // Tile max over the whole warp; rescale only when it grows (rare after
-    // the first tiles). The tile's first key is valid, so the max is finite.
+      // Probabilities (masked keys: ex2(-inf) = 0, their V chunks are zeros)
+      // and the weighted sum of values.
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      float mx = s[0][g];
+      for (int u = 0; u < kDecodeSteps; ++u) {
+        float v[8];
+        ReadChunk<Cache>(buf + kTileBytes + u * 32 * kChunkBytes, d_active, v);
 #pragma unroll
-      for (int u = 1; u < kDecodeSteps; ++u) mx = fmaxf(mx, s[u][g]);
+        for (int g = 0; g < kMaxG; ++g) {
+          const float pr = Ex2(s[u][g] - m[g]);
+          l[g] += pr;
 #pragma unroll
-      for (int offset = kTG; offset < 32; offset <<= 1) {
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
-      }
-      if (mx > m[g]) {                       // warp-uniform
-        const float alpha = Ex2(m[g] - mx);  // 0 while m is -inf
-        l[g] *= alpha;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
-        m[g] = mx;
-      }
-    }
-
-    // Probabilities (masked keys: ex2(-inf) = 0, their V chunks are zeros)
-    // and the weighted sum of values.
-#pragma unroll
-    for (int u = 0; u < kDecodeSteps; ++u) {
-      float v[8];
-      ReadChunk<Cache>(buf + kTileBytes + u * 32 * kChunkBytes, d_active, v);
-#pragma unroll
-      for (int g = 0; g < kMaxG; ++g) {
-        const float pr = Ex2(s[u][g] - m[g]);
-        l[g] += pr;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pr, v[e], acc[g][e]);
+          for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pr, v[e], acc[g][e]);
+        }
       }
     }
   };
@@ -411,34 +591,52 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   CpAsyncWait<0>();  // only empty groups remain, but the buffers get reused
   __syncthreads();
 
-  // Sum over the groups of a warp (lanes with equal group_lane hold the same
-  // dims and, within a group, the same key sums).
-#pragma unroll
-  for (int offset = kTG; offset < 32; offset <<= 1) {
-#pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      l[g] += __shfl_xor_sync(0xffffffffu, l[g], offset);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
-    }
-  }
   float* const partial = reinterpret_cast<float*>(decode_smem);  // [warps][kMaxG][D]
   float* const red_m = partial + kDecodeWarps * kMaxG * D;       // [warps][kMaxG]
   float* const red_l = red_m + kDecodeWarps * kMaxG;             // [warps][kMaxG]
-  if (lane < kTG && d_active) {
+  if constexpr (kMma) {
+    l[0] += __shfl_xor_sync(0xffffffffu, l[0], 1);
+    l[0] += __shfl_xor_sync(0xffffffffu, l[0], 2);
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      if (g < g_count) {
+    for (int mt = 0; mt < 8; ++mt) {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) partial[(warp * kMaxG + g) * D + d0 + e] = acc[g][e];
+      for (int e = 0; e < 4; ++e) {
+        const int head = 2 * mma_t + (e & 1);
+        const int dim = 32 * (mt >> 1) + 4 * mma_g + 2 * (mt & 1) + (e >> 1);
+        if (head < g_count) partial[(warp * kMaxG + head) * D + dim] = o[mt][e];
       }
     }
-  }
-  if (lane == 0) {
+    if (mma_t == 0 && mma_g < kMaxG) {
+      red_m[warp * kMaxG + mma_g] = m[0];
+      red_l[warp * kMaxG + mma_g] = l[0];
+    }
+  } else {
+    // Sum over the groups of a warp (lanes with equal group_lane hold the same
+    // dims and, within a group, the same key sums).
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      red_m[warp * kMaxG + g] = m[g];
-      red_l[warp * kMaxG + g] = l[g];
+    for (int offset = kTG; offset < 32; offset <<= 1) {
+#pragma unroll
+      for (int g = 0; g < kMaxG; ++g) {
+        l[g] += __shfl_xor_sync(0xffffffffu, l[g], offset);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
+      }
+    }
+    if (lane < kTG && d_active) {
+#pragma unroll
+      for (int g = 0; g < kMaxG; ++g) {
+        if (g < g_count) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) partial[(warp * kMaxG + g) * D + d0 + e] = acc[g][e];
+        }
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int g = 0; g < kMaxG; ++g) {
+        red_m[warp * kMaxG + g] = m[g];
+        red_l[warp * kMaxG + g] = l[g];
+      }
     }
   }
   __syncthreads();
@@ -781,6 +979,14 @@ cudaError_t LaunchDecodeG(const PagedAttentionParams& p, int num_splits, float* 
                                    : PagedDecodeKernel<kTG, kMaxG, false, fp8>)
                          : (sparse ? PagedDecodeKernel<kTG, kMaxG, true, bf16>
                                    : PagedDecodeKernel<kTG, kMaxG, false, bf16>);
+  if constexpr (kTG == 16) {
+    // head_dim 128: an fp8 cache takes the tensor-core path (16 dims per
+    // lane and chunk, so 8 lanes per key).
+    if (p.kv_fp8 && p.head_dim == kMmaHeadDim) {
+      kernel = sparse ? PagedDecodeKernel<8, kMaxG, true, fp8, true>
+                      : PagedDecodeKernel<8, kMaxG, false, fp8, true>;
+    }
+  }
   return LaunchDependent(kernel, grid, kDecodeThreads, kDecodeSmemBytes, stream, p, num_splits,
                          head_chunks, ws_acc, ws_ml);
 }
@@ -829,9 +1035,9 @@ cudaError_t LaunchPrefillDC(const PagedAttentionParams& p, cudaStream_t stream) 
   const size_t smem = PrefillSmemBytes(p.head_dim);
   // Above 48 KiB dynamic shared memory needs an explicit opt-in (per device,
   // so it is set on every launch rather than cached).
-  const cudaError_t attr = cudaFuncSetAttribute(PagedPrefillKernel<kMaxD, Cache>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(smem));
+  const cudaError_t attr =
+      cudaFuncSetAttribute(PagedPrefillKernel<kMaxD, Cache>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (attr != cudaSuccess) return attr;
   const dim3 grid(p.num_seqs, p.num_kv_heads, static_cast<unsigned>(row_tiles));
   PagedPrefillKernel<kMaxD, Cache><<<grid, kPrefillThreads, smem, stream>>>(p);
@@ -840,7 +1046,8 @@ cudaError_t LaunchPrefillDC(const PagedAttentionParams& p, cudaStream_t stream) 
 
 template <int kMaxD>
 cudaError_t LaunchPrefillD(const PagedAttentionParams& p, cudaStream_t stream) {
-  return p.kv_fp8 ? LaunchPrefillDC<kMaxD, fp8>(p, stream) : LaunchPrefillDC<kMaxD, bf16>(p, stream);
+  return p.kv_fp8 ? LaunchPrefillDC<kMaxD, fp8>(p, stream)
+                  : LaunchPrefillDC<kMaxD, bf16>(p, stream);
 }
 
 cudaError_t LaunchPrefill(const PagedAttentionParams& p, cudaStream_t stream) {
@@ -866,7 +1073,8 @@ int ChooseDecodeSplits(const PagedAttentionParams& p, int num_sms) {
   // keeps the combine's extra traffic small.
   const int64_t slots =
       static_cast<int64_t>(std::max(num_sms, 1)) *
-      DecodeBlocksPerSm(NextPow2(std::min(G, kDecodeMaxG)), p.plan_entries != nullptr);
+      DecodeBlocksPerSm(NextPow2(std::min(G, kDecodeMaxG)), p.plan_entries != nullptr,
+                        p.kv_fp8 && p.head_dim == kMmaHeadDim);
   int keys = p.max_context_len;
   if (p.sliding_window > 0) keys = std::min(keys, p.sliding_window);
   // A split shorter than this spends more time filling its pipeline and in
