@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 
 #include "absl/status/status.h"
@@ -27,6 +28,17 @@ absl::Status Expect(absl::string_view op, const Tensor& t, DType dtype, int rank
   if (t.dtype() != dtype || t.rank() != rank) {
     return ShapeError(op, absl::StrCat(name, " must be ", DTypeName(dtype), " of rank ", rank,
                                        ", got ", t.DebugString()));
+  }
+  return absl::OkStatus();
+}
+
+// The operators other than the KV-cache ones compute on F32 tensors only
+// (the backend also stores F8E4M3 caches, which they must not misread).
+absl::Status ExpectF32(absl::string_view op, std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors) {
+    if (t->defined() && t->dtype() != DType::kF32) {
+      return ShapeError(op, absl::StrCat("expected F32 tensors, got ", t->DebugString()));
+    }
   }
   return absl::OkStatus();
 }
@@ -126,9 +138,9 @@ class CpuBackend final : public Backend {
 
   absl::StatusOr<Tensor> Allocate(DType dtype, std::vector<int64_t> shape) override {
     if (dtype != DType::kF32 && dtype != DType::kI32 && dtype != DType::kF8E4M3) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "cpu backend stores F32, I32 and F8_E4M3 (KV caches) only, asked for ",
-          DTypeName(dtype)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("cpu backend stores F32, I32 and F8_E4M3 (KV caches) only, asked for ",
+                       DTypeName(dtype)));
     }
     int64_t n = 1;
     for (int64_t d : shape) {
@@ -138,7 +150,8 @@ class CpuBackend final : public Backend {
     const size_t bytes = std::max<size_t>(64, static_cast<size_t>(n) * DTypeSize(dtype));
     void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (p == nullptr) {
-      return absl::ResourceExhaustedError(absl::StrCat("cpu Allocate: out of memory for ", bytes, " bytes"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu Allocate: out of memory for ", bytes, " bytes"));
     }
     return Tensor(std::shared_ptr<void>(p, std::free), dtype, std::move(shape));
   }
@@ -146,11 +159,13 @@ class CpuBackend final : public Backend {
   absl::Status CopyFromHost(const void* src, DType src_dtype, int64_t count, Tensor& dst,
                             int64_t dst_offset) override {
     if (dst_offset < 0 || count < 0 || dst_offset + count > dst.numel()) {
-      return ShapeError("CopyFromHost", absl::StrCat("range [", dst_offset, ", ", dst_offset + count,
-                                                     ") outside ", dst.DebugString()));
+      return ShapeError("CopyFromHost",
+                        absl::StrCat("range [", dst_offset, ", ", dst_offset + count, ") outside ",
+                                     dst.DebugString()));
     }
     if (dst.dtype() == DType::kI32) {
-      if (src_dtype != DType::kI32) return ShapeError("CopyFromHost", "I32 tensors take I32 data only");
+      if (src_dtype != DType::kI32)
+        return ShapeError("CopyFromHost", "I32 tensors take I32 data only");
       std::memcpy(dst.data_as<int32_t>() + dst_offset, src, count * 4);
       return absl::OkStatus();
     }
@@ -236,6 +251,7 @@ class CpuBackend final : public Backend {
   absl::Status Gather(const Tensor& table, const Tensor& ids, Tensor& out) override {
     if (auto s = Expect("Gather", table, DType::kF32, 2, "table"); !s.ok()) return s;
     if (auto s = Expect("Gather", ids, DType::kI32, 1, "ids"); !s.ok()) return s;
+    STRATA_RETURN_IF_ERROR(ExpectF32("Gather", {&out}));
     const int64_t rows = ids.dim(0), width = table.dim(1);
     if (out.numel() != rows * width) return ShapeError("Gather", "out has the wrong size");
     const int32_t* id = ids.data_as<int32_t>();
@@ -243,14 +259,17 @@ class CpuBackend final : public Backend {
       if (id[r] < 0 || id[r] >= table.dim(0)) {
         return ShapeError("Gather", absl::StrCat("id ", id[r], " outside [0, ", table.dim(0), ")"));
       }
-      std::memcpy(out.data_as<float>() + r * width, table.data_as<float>() + id[r] * width, width * 4);
+      std::memcpy(out.data_as<float>() + r * width, table.data_as<float>() + id[r] * width,
+                  width * 4);
     }
     return absl::OkStatus();
   }
 
   absl::Status RmsNorm(const Tensor& x, const Tensor& weight, float eps, Tensor& out) override {
+    STRATA_RETURN_IF_ERROR(ExpectF32("RmsNorm", {&x, &weight, &out}));
     const int64_t width = weight.numel();
-    if (x.numel() % width != 0 || out.numel() != x.numel()) return ShapeError("RmsNorm", "shape mismatch");
+    if (x.numel() % width != 0 || out.numel() != x.numel())
+      return ShapeError("RmsNorm", "shape mismatch");
     const int64_t rows = x.numel() / width;
     pool_.ParallelFor(rows, 16, [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
@@ -263,6 +282,7 @@ class CpuBackend final : public Backend {
 
   absl::Status AddRmsNorm(Tensor& residual, const Tensor& x, const Tensor& weight, float eps,
                           Tensor& out) override {
+    STRATA_RETURN_IF_ERROR(ExpectF32("AddRmsNorm", {&residual, &x, &weight, &out}));
     const int64_t width = weight.numel();
     if (residual.numel() != x.numel() || out.numel() != x.numel() || x.numel() % width != 0) {
       return ShapeError("AddRmsNorm", "shape mismatch");
@@ -279,11 +299,14 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Linear(const Tensor& x, const Tensor& weight, const Tensor& bias, Tensor& out) override {
+  absl::Status Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                      Tensor& out) override {
     if (auto s = Expect("Linear", weight, DType::kF32, 2, "weight"); !s.ok()) return s;
+    STRATA_RETURN_IF_ERROR(ExpectF32("Linear", {&x, &bias, &out}));
     const int64_t n = weight.dim(0), k = weight.dim(1);
     if (x.numel() % k != 0) {
-      return ShapeError("Linear", absl::StrCat("x ", x.DebugString(), " vs weight ", weight.DebugString()));
+      return ShapeError("Linear",
+                        absl::StrCat("x ", x.DebugString(), " vs weight ", weight.DebugString()));
     }
     const int64_t t = x.numel() / k;
     if (out.numel() != t * n) return ShapeError("Linear", "out has the wrong size");
@@ -293,18 +316,21 @@ class CpuBackend final : public Backend {
     const float* bp = bias.defined() ? bias.data_as<float>() : nullptr;
     float* op = out.data_as<float>();
     // Columns in blocks so each weight row is read once per block of tokens.
-    pool_.ParallelFor(n, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        const float* w = wp + j * k;
-        const float add = bp ? bp[j] : 0.0f;
-        for (int64_t r = 0; r < t; ++r) op[r * n + j] = Dot(xp + r * k, w, k) + add;
-      }
-    });
+    pool_.ParallelFor(n, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)),
+                      [&](int64_t b, int64_t e) {
+                        for (int64_t j = b; j < e; ++j) {
+                          const float* w = wp + j * k;
+                          const float add = bp ? bp[j] : 0.0f;
+                          for (int64_t r = 0; r < t; ++r)
+                            op[r * n + j] = Dot(xp + r * k, w, k) + add;
+                        }
+                      });
     return absl::OkStatus();
   }
 
   absl::Status Rope(Tensor& qkv, const QkvLayout& layout, const Tensor& positions,
                     const Tensor& inv_freq) override {
+    STRATA_RETURN_IF_ERROR(ExpectF32("Rope", {&qkv, &inv_freq}));
     const int64_t width = layout.row_width();
     const int d = layout.head_dim, half = d / 2;
     if (qkv.numel() % width != 0) return ShapeError("Rope", "qkv width mismatch");
@@ -332,6 +358,7 @@ class CpuBackend final : public Backend {
   }
 
   absl::Status SiluMul(const Tensor& gate_up, Tensor& out) override {
+    STRATA_RETURN_IF_ERROR(ExpectF32("SiluMul", {&gate_up, &out}));
     const int64_t inter = out.dim(-1);
     if (gate_up.numel() != 2 * out.numel()) return ShapeError("SiluMul", "shape mismatch");
     const int64_t t = out.numel() / inter;
@@ -347,7 +374,8 @@ class CpuBackend final : public Backend {
 
   absl::Status WriteKv(const Tensor& qkv, const QkvLayout& layout, const Tensor& slots,
                        Tensor& k_cache, Tensor& v_cache) override {
-    STRATA_RETURN_IF_ERROR(CheckCache("WriteKv", k_cache, v_cache));
+    STRATA_RETURN_IF_ERROR(CheckCache("WriteKv", k_cache, v_cache, &layout));
+    STRATA_RETURN_IF_ERROR(ExpectF32("WriteKv", {&qkv}));
     const int64_t width = layout.row_width();
     const int64_t kv_width = int64_t{layout.num_kv_heads} * layout.head_dim;
     const int64_t t = qkv.numel() / width;
@@ -357,7 +385,8 @@ class CpuBackend final : public Backend {
     for (int64_t r = 0; r < t; ++r) {
       const int32_t slot = slots.data_as<int32_t>()[r];
       if (slot < 0 || slot >= capacity) {
-        return ShapeError("WriteKv", absl::StrCat("slot ", slot, " outside the cache of ", capacity));
+        return ShapeError("WriteKv",
+                          absl::StrCat("slot ", slot, " outside the cache of ", capacity));
       }
       const float* row = qkv.data_as<float>() + r * width;
       StoreCacheValues(row + q_width, kv_width, k_cache, slot * kv_width);
@@ -369,7 +398,8 @@ class CpuBackend final : public Backend {
   absl::Status Attention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                          const Tensor& v_cache, const AttentionBatch& batch, float scale,
                          int sliding_window, Tensor& out) override {
-    STRATA_RETURN_IF_ERROR(CheckCache("Attention", k_cache, v_cache));
+    STRATA_RETURN_IF_ERROR(CheckCache("Attention", k_cache, v_cache, &layout));
+    STRATA_RETURN_IF_ERROR(ExpectF32("Attention", {&qkv, &out}));
     const int64_t width = layout.row_width();
     const int d = layout.head_dim;
     const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, group = hq / hkv;
@@ -382,7 +412,8 @@ class CpuBackend final : public Backend {
     // Which sequence each row belongs to.
     std::vector<int32_t> row_seq(t);
     for (int s = 0; s < batch.num_seqs; ++s) {
-      for (int32_t r = batch.host_query_start[s]; r < batch.host_query_start[s + 1]; ++r) row_seq[r] = s;
+      for (int32_t r = batch.host_query_start[s]; r < batch.host_query_start[s + 1]; ++r)
+        row_seq[r] = s;
     }
     const int32_t* table = batch.block_table.data_as<int32_t>();
     pool_.ParallelFor(t * hq, 1, [&](int64_t b, int64_t e) {
@@ -393,15 +424,17 @@ class CpuBackend final : public Backend {
         const int h = static_cast<int>(item % hq);
         const int s = row_seq[r];
         const int q_len = batch.host_query_start[s + 1] - batch.host_query_start[s];
-        const int pos = batch.host_context_len[s] - q_len + static_cast<int>(r - batch.host_query_start[s]);
+        const int pos =
+            batch.host_context_len[s] - q_len + static_cast<int>(r - batch.host_query_start[s]);
         const int first = sliding_window > 0 ? std::max(0, pos - sliding_window + 1) : 0;
         const float* q = qkv.data_as<float>() + r * width + int64_t{h} * d;
         const int kvh = h / group;
         scores.resize(pos - first + 1);
         float max_score = -std::numeric_limits<float>::infinity();
         for (int p = first; p <= pos; ++p) {
-          const int64_t slot = int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} *
-                                   batch.page_size + p % batch.page_size;
+          const int64_t slot =
+              int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} * batch.page_size +
+              p % batch.page_size;
           const float sc = Dot(q, ReadCacheRow(k_cache, slot, kvh, row_buffer.data()), d) * scale;
           scores[p - first] = sc;
           max_score = std::max(max_score, sc);
@@ -414,8 +447,9 @@ class CpuBackend final : public Backend {
         float* o = out.data_as<float>() + r * hq * d + int64_t{h} * d;
         std::fill_n(o, d, 0.0f);
         for (int p = first; p <= pos; ++p) {
-          const int64_t slot = int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} *
-                                   batch.page_size + p % batch.page_size;
+          const int64_t slot =
+              int64_t{table[s * batch.max_blocks_per_seq + p / batch.page_size]} * batch.page_size +
+              p % batch.page_size;
           const float* v = ReadCacheRow(v_cache, slot, kvh, row_buffer.data());
           const float w = scores[p - first] / denom;
           for (int i = 0; i < d; ++i) o[i] += w * v[i];
@@ -434,13 +468,16 @@ class CpuBackend final : public Backend {
     const int hkv = static_cast<int>(k_cache.dim(2)), d = static_cast<int>(k_cache.dim(3));
     STRATA_RETURN_IF_ERROR(CheckRange(kOp, range, k_cache));
     if (num_clusters < 1 || num_clusters > range.count || iterations < 1) {
-      return ShapeError(kOp, absl::StrCat("need 1 <= num_clusters (", num_clusters,
-                                          ") <= count (", range.count, ") and iterations >= 1"));
+      return ShapeError(kOp, absl::StrCat("need 1 <= num_clusters (", num_clusters, ") <= count (",
+                                          range.count, ") and iterations >= 1"));
     }
-    STRATA_RETURN_IF_ERROR(CheckPool(kOp, centroids, DType::kF32, hkv, d, first_block + num_clusters, "centroids"));
-    STRATA_RETURN_IF_ERROR(CheckPool(kOp, extents, DType::kI32, hkv, 2, first_block + num_clusters, "extents"));
+    STRATA_RETURN_IF_ERROR(
+        CheckPool(kOp, centroids, DType::kF32, hkv, d, first_block + num_clusters, "centroids"));
+    STRATA_RETURN_IF_ERROR(
+        CheckPool(kOp, extents, DType::kI32, hkv, 2, first_block + num_clusters, "extents"));
     const int64_t max_blocks = centroids.dim(1);
-    if (extents.dim(1) != max_blocks) return ShapeError(kOp, "centroids and extents differ in max_blocks");
+    if (extents.dim(1) != max_blocks)
+      return ShapeError(kOp, "centroids and extents differ in max_blocks");
     std::vector<int64_t> slots(range.count);
     for (int t = 0; t < range.count; ++t) slots[t] = Slot(range, range.begin + t);
     std::vector<float> keys(static_cast<size_t>(range.count) * d);
@@ -471,7 +508,8 @@ class CpuBackend final : public Backend {
       int32_t start = range.begin;
       for (int j = 0; j < num_clusters; ++j) {
         const int64_t block = int64_t{h} * max_blocks + first_block + j;
-        std::memcpy(centroids.data_as<float>() + block * d, &result->centroids[int64_t{j} * d], d * 4);
+        std::memcpy(centroids.data_as<float>() + block * d, &result->centroids[int64_t{j} * d],
+                    d * 4);
         extents.data_as<int32_t>()[block * 2] = start;
         extents.data_as<int32_t>()[block * 2 + 1] = result->sizes[j];
         start += result->sizes[j];
@@ -492,7 +530,8 @@ class CpuBackend final : public Backend {
     const int blocks = range.count / block_tokens;
     STRATA_RETURN_IF_ERROR(CheckPool(kOp, lo, DType::kF32, hkv, d, first_block + blocks, "lo"));
     STRATA_RETURN_IF_ERROR(CheckPool(kOp, hi, DType::kF32, hkv, d, first_block + blocks, "hi"));
-    STRATA_RETURN_IF_ERROR(CheckPool(kOp, extents, DType::kI32, hkv, 2, first_block + blocks, "extents"));
+    STRATA_RETURN_IF_ERROR(
+        CheckPool(kOp, extents, DType::kI32, hkv, 2, first_block + blocks, "extents"));
     const int64_t max_blocks = lo.dim(1);
     if (hi.dim(1) != max_blocks || extents.dim(1) != max_blocks) {
       return ShapeError(kOp, "lo, hi and extents differ in max_blocks");
@@ -566,10 +605,11 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status SelectTokens(const Tensor& scores, const Tensor& extents, SparsePlan& plan) override {
+  absl::Status SelectTokens(const Tensor& scores, const Tensor& extents,
+                            SparsePlan& plan) override {
     constexpr char kOp[] = "SelectTokens";
-    if (extents.dtype() != DType::kI32 || extents.rank() != 4 || extents.dim(2) != plan.max_blocks ||
-        extents.dim(3) != 2) {
+    if (extents.dtype() != DType::kI32 || extents.rank() != 4 ||
+        extents.dim(2) != plan.max_blocks || extents.dim(3) != 2) {
       return ShapeError(kOp, "extents must be I32 [slots, Hkv, max_blocks, 2]");
     }
     const int hkv = static_cast<int>(extents.dim(1));
@@ -597,7 +637,8 @@ class CpuBackend final : public Backend {
           for (int t = 0; t < take; ++t) out[n++] = ext[b * 2] + t;
           left -= take;
         }
-        for (int t = plan.host(i, kPlanTailBegin); t < plan.host(i, kPlanContextLen); ++t) out[n++] = t;
+        for (int t = plan.host(i, kPlanTailBegin); t < plan.host(i, kPlanContextLen); ++t)
+          out[n++] = t;
         plan.key_count.data_as<int32_t>()[int64_t{i} * hkv + h] = n;
       }
     }
@@ -607,7 +648,8 @@ class CpuBackend final : public Backend {
   absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                                const Tensor& v_cache, const AttentionBatch& batch,
                                const SparsePlan& plan, float scale, Tensor& out) override {
-    STRATA_RETURN_IF_ERROR(CheckCache("SparseAttention", k_cache, v_cache));
+    STRATA_RETURN_IF_ERROR(CheckCache("SparseAttention", k_cache, v_cache, &layout));
+    STRATA_RETURN_IF_ERROR(ExpectF32("SparseAttention", {&qkv, &out}));
     const int d = layout.head_dim;
     const int hq = layout.num_q_heads, hkv = layout.num_kv_heads, group = hq / hkv;
     const int64_t width = layout.row_width();
@@ -619,18 +661,21 @@ class CpuBackend final : public Backend {
         const int i = static_cast<int>(item / hq);
         const int h = static_cast<int>(item % hq), kvh = h / group;
         const int64_t row = plan.host(i, kPlanRow);
-        const int32_t* seq_table = table + int64_t{plan.host(i, kPlanSeq)} * batch.max_blocks_per_seq;
+        const int32_t* seq_table =
+            table + int64_t{plan.host(i, kPlanSeq)} * batch.max_blocks_per_seq;
         const int64_t list = int64_t{i} * hkv + kvh;
         const int32_t* keys = plan.key_index.data_as<int32_t>() + list * plan.max_keys;
         const int n = plan.key_count.data_as<int32_t>()[list];
         const float* q = qkv.data_as<float>() + row * width + int64_t{h} * d;
         auto slot_of = [&](int32_t index) {
-          return int64_t{seq_table[index / batch.page_size]} * batch.page_size + index % batch.page_size;
+          return int64_t{seq_table[index / batch.page_size]} * batch.page_size +
+                 index % batch.page_size;
         };
         scores.resize(n);
         float max_score = -std::numeric_limits<float>::infinity();
         for (int j = 0; j < n; ++j) {
-          scores[j] = Dot(q, ReadCacheRow(k_cache, slot_of(keys[j]), kvh, row_buffer.data()), d) * scale;
+          scores[j] =
+              Dot(q, ReadCacheRow(k_cache, slot_of(keys[j]), kvh, row_buffer.data()), d) * scale;
           max_score = std::max(max_score, scores[j]);
         }
         float denom = 0;
@@ -699,15 +744,22 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < n; ++i) out[i] = FloatToFp8E4M3(values[i]);
   }
   static int64_t Slot(const SequenceRange& range, int32_t index) {
-    return int64_t{range.block_table.data_as<int32_t>()[index / range.page_size]} * range.page_size +
+    return int64_t{range.block_table.data_as<int32_t>()[index / range.page_size]} *
+               range.page_size +
            index % range.page_size;
   }
-  static absl::Status CheckCache(absl::string_view op, const Tensor& k, const Tensor& v) {
-    if ((k.dtype() != DType::kF32 && k.dtype() != DType::kF8E4M3) || k.rank() != 4 ||
-        v.shape() != k.shape() || v.dtype() != k.dtype()) {
+  // The caches' dtype and shape, and with a layout their (Hkv, D).
+  static absl::Status CheckCache(absl::string_view op, const Tensor& k, const Tensor& v,
+                                 const QkvLayout* layout = nullptr) {
+    if (!k.defined() || !v.defined() || (k.dtype() != DType::kF32 && k.dtype() != DType::kF8E4M3) ||
+        k.rank() != 4 || v.shape() != k.shape() || v.dtype() != k.dtype()) {
       return ShapeError(op, absl::StrCat("caches must be F32 or F8_E4M3 [pages, page_size, Hkv, D] "
                                          "of one dtype, got ",
                                          k.DebugString(), " and ", v.DebugString()));
+    }
+    if (layout != nullptr && (k.dim(2) != layout->num_kv_heads || k.dim(3) != layout->head_dim)) {
+      return ShapeError(op, absl::StrCat("caches ", k.DebugString(), " do not match Hkv ",
+                                         layout->num_kv_heads, ", D ", layout->head_dim));
     }
     return absl::OkStatus();
   }
@@ -730,8 +782,9 @@ class CpuBackend final : public Backend {
                                 int64_t last_dim, int blocks_needed, absl::string_view name) {
     if (t.dtype() != dtype || t.rank() != 3 || t.dim(0) != hkv || t.dim(2) != last_dim ||
         t.dim(1) < blocks_needed) {
-      return ShapeError(op, absl::StrCat(name, " must be ", DTypeName(dtype), " [Hkv, >= ",
-                                         blocks_needed, ", ", last_dim, "], got ", t.DebugString()));
+      return ShapeError(
+          op, absl::StrCat(name, " must be ", DTypeName(dtype), " [Hkv, >= ", blocks_needed, ", ",
+                           last_dim, "], got ", t.DebugString()));
     }
     return absl::OkStatus();
   }

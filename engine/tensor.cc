@@ -140,7 +140,7 @@ uint8_t FloatToFp8E4M3(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof(bits));
   const uint8_t sign = static_cast<uint8_t>((bits >> 24) & 0x80);
-  if (std::isnan(f)) return sign | 0x7f;
+  if (std::isnan(f)) return 0x7f;  // the canonical NaN, as the CUDA conversion gives
   const float a = std::fabs(f);
   if (a >= 448.0f) return sign | 0x7e;  // saturate (448 is the largest finite value)
   if (a < 0.015625f) {

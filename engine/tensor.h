@@ -70,8 +70,8 @@ uint16_t FloatToBf16(float f);
 float Fp16ToFloat(uint16_t v);
 uint16_t FloatToFp16(float f);
 // fp8 e4m3 <-> fp32 on the host: round to nearest even, finite values beyond
-// the range (and infinities) saturate to +-448, NaN stays NaN. Matches the
-// CUDA conversion with __NV_SATFINITE bit for bit.
+// the range (and infinities) saturate to +-448, NaN becomes 0x7f. Matches
+// the CUDA conversion with __NV_SATFINITE bit for bit.
 float Fp8E4M3ToFloat(uint8_t v);
 uint8_t FloatToFp8E4M3(float f);
 

@@ -28,6 +28,7 @@
 #include "cuda/kernels/dependent_launch.cuh"
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/prefill_attention_tc.h"
+#include "cuda/kernels/prefill_attention_wgmma.h"
 #include "cuda/kernels/ptx.cuh"
 
 namespace strata::cuda::kernels {
@@ -99,8 +100,10 @@ __device__ __forceinline__ float ExpDiff(float a, float b) {
 // kDecodeStages tiles and its own online softmax (in log2 units: q carries
 // scale * log2(e), so probabilities are one ex2 each). Every lane copies
 // exactly the 16-byte chunks it later reads, so shared memory serves as an
-// asynchronous per-lane register file and needs no barrier or warp sync. The
-// warps' partial results are merged once at the end through shared memory.
+// asynchronous per-lane register file and needs no barrier or warp sync
+// (the tensor-core path below reads other lanes' chunks and adds warp
+// syncs). The warps' partial results are merged once at the end through
+// shared memory.
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
@@ -204,9 +207,7 @@ __device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// c += a * b (m16n8k16, fp16 in, fp32 accumulate); a1 = a3 = 0 (rows 8..15
-// of A are unused: at most 8 query heads, or the zero rows of V^T's pairs
-// are supplied explicitly by the caller).
+// c += a * b (m16n8k16, fp16 in, fp32 accumulate).
 __device__ __forceinline__ void MmaF16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                        uint32_t a3, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -304,10 +305,15 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
                   static_cast<int64_t>(head0 + mma_g) * D + 32 * mma_t + 8 * c,
               v);
       }
-      qa[2 * c][0] = PackHalf2(v[0] * q_scale, v[1] * q_scale);
-      qa[2 * c][1] = PackHalf2(v[2] * q_scale, v[3] * q_scale);
-      qa[2 * c + 1][0] = PackHalf2(v[4] * q_scale, v[5] * q_scale);
-      qa[2 * c + 1][1] = PackHalf2(v[6] * q_scale, v[7] * q_scale);
+      // Saturated to fp16's range: a bf16 query beyond it (never seen in a
+      // real model) must not turn into inf and NaN.
+      float x[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = fminf(fmaxf(v[e] * q_scale, -65504.0f), 65504.0f);
+      qa[2 * c][0] = PackHalf2(x[0], x[1]);
+      qa[2 * c][1] = PackHalf2(x[2], x[3]);
+      qa[2 * c + 1][0] = PackHalf2(x[4], x[5]);
+      qa[2 * c + 1][1] = PackHalf2(x[6], x[7]);
     }
   }
 #pragma unroll
@@ -436,6 +442,10 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   auto step = [&](int j, auto parity) {
     issue(j + kDecodeStages - 1, parity);  // into the stage tile j - 1 used (same parity as j)
     CpAsyncWait<kDecodeStages - 1>();      // tile j has landed
+    // The tensor-core path reads chunks other lanes copied: their copies must
+    // be visible (and, below, every lane done reading before the stage is
+    // refilled).
+    if constexpr (kMma) __syncwarp();
     const int start = tile_start(j);
     if constexpr (kMma) {
       const unsigned char* const tile = warp_buf + (j % kDecodeStages) * 2 * kTileBytes;
@@ -522,6 +532,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
                  Fp8x2ToHalf2(far & 0xffffu), Fp8x2ToHalf2(far >> 16), pb0, pb1);
         }
       }
+      __syncwarp();  // every lane has read this stage before it is refilled
     } else {
       const unsigned char* const buf =
           warp_buf + (j % kDecodeStages) * 2 * kTileBytes + lane * kChunkBytes;
@@ -1053,6 +1064,7 @@ cudaError_t LaunchPrefillD(const PagedAttentionParams& p, cudaStream_t stream) {
 cudaError_t LaunchPrefill(const PagedAttentionParams& p, cudaStream_t stream) {
   // Head dims 64 and 128 run on the tensor cores; the CUDA-core kernel below
   // remains for every other head dim.
+  if (CanUseWgmmaPrefill(p)) return LaunchWgmmaPrefill(p, stream);
   if (CanUseTensorCorePrefill(p)) return LaunchTensorCorePrefill(p, stream);
   if (p.head_dim <= 32) return LaunchPrefillD<32>(p, stream);
   if (p.head_dim <= 64) return LaunchPrefillD<64>(p, stream);

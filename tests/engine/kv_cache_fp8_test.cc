@@ -48,7 +48,8 @@ TEST(Fp8E4M3Test, KnownValues) {
   EXPECT_EQ(FloatToFp8E4M3(1e6f), 0x7e);
   EXPECT_EQ(FloatToFp8E4M3(-500.0f), 0xfe);
   EXPECT_EQ(FloatToFp8E4M3(std::numeric_limits<float>::infinity()), 0x7e);
-  EXPECT_EQ(FloatToFp8E4M3(std::numeric_limits<float>::quiet_NaN()) & 0x7f, 0x7f);
+  EXPECT_EQ(FloatToFp8E4M3(std::numeric_limits<float>::quiet_NaN()), 0x7f);
+  EXPECT_EQ(FloatToFp8E4M3(-std::numeric_limits<float>::quiet_NaN()), 0x7f);
   // Round to nearest, ties to even: 1 + 1/16 lies halfway between 1 and
   // 1 + 1/8 (mantissa 0 is even); 1 + 3/16 between 1 + 1/8 and 1 + 2/8.
   EXPECT_EQ(FloatToFp8E4M3(1.0625f), 0x38);
@@ -221,6 +222,37 @@ TEST_F(CpuFp8CacheTest, MixedCacheDtypesAreRejected) {
   const absl::Status s = cpu_->WriteKv(qkv, {1, 1, 8}, slots, k, v);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
   EXPECT_NE(s.message().find("one dtype"), std::string::npos) << s;
+}
+
+TEST_F(CpuFp8CacheTest, CacheNotMatchingTheLayoutIsRejected) {
+  // Caches of head_dim 128 with a layout of head_dim 64: an error, not a
+  // read past the row buffer.
+  const std::vector<float> zeros(2 * 16 * 2 * 128, 0.0f);
+  Tensor k = Make(DType::kF8E4M3, {2, 16, 2, 128}, zeros);
+  Tensor v = Make(DType::kF8E4M3, {2, 16, 2, 128}, zeros);
+  const QkvLayout layout{4, 2, 64};
+  Tensor qkv =
+      Make(DType::kF32, {1, layout.row_width()}, std::vector<float>(layout.row_width(), 1.0f));
+  Tensor out = Make(DType::kF32, {1, 4 * 64}, std::vector<float>(4 * 64, 0.0f));
+  AttentionBatch batch;
+  batch.num_seqs = 1;
+  batch.max_blocks_per_seq = 1;
+  batch.page_size = 16;
+  batch.max_query_len = 1;
+  batch.max_context_len = 1;
+  batch.host_query_start = {0, 1};
+  batch.host_context_len = {1};
+  batch.query_start = MakeI32({2}, batch.host_query_start);
+  batch.context_len = MakeI32({1}, batch.host_context_len);
+  batch.block_table = MakeI32({1, 1}, {0});
+  const absl::Status s = cpu_->Attention(qkv, layout, k, v, batch, 0.125f, 0, out);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_NE(s.message().find("do not match"), std::string::npos) << s;
+  // Non-cache operators refuse fp8 tensors instead of reading them as fp32.
+  Tensor x8 = Make(DType::kF8E4M3, {1, 128}, std::vector<float>(128, 1.0f));
+  Tensor w = Make(DType::kF32, {128}, std::vector<float>(128, 1.0f));
+  Tensor y = Make(DType::kF32, {1, 128}, std::vector<float>(128, 0.0f));
+  EXPECT_TRUE(absl::IsInvalidArgument(cpu_->RmsNorm(x8, w, 1e-5f, y)));
 }
 
 // ---- Whole model ---------------------------------------------------------------
