@@ -39,9 +39,13 @@ constexpr int kThreads = 256;
 // (Three stages with copies two tiles ahead measured slower on an H100:
 // 2.40 against 2.15 ms at 8k, as did issuing the copies after S's wgmmas.)
 constexpr int kStages = 2;
+// V keeps one stage more: warpgroup 1 multiplies by a tile's V one
+// iteration after the other warpgroup (see the main loop).
+constexpr int kVStages = 3;
 constexpr uint32_t kBlockBytes = 128 * 128;       // one 64-dim column block of a tile
 constexpr uint32_t kTileBytes = 2 * kBlockBytes;  // 128 rows x 128 dims, bf16
-constexpr size_t kSmemBytes = 1024 + size_t{kTileBytes} * (1 + 2 * kStages);  // + alignment
+constexpr size_t kSmemBytes =
+    1024 + size_t{kTileBytes} * (1 + kStages + kVStages);  // + alignment: 193 KiB
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kRows == kKeys, "tiles share one layout");
 
@@ -185,11 +189,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t base = (SharedAddress(smem_raw) + 1023u) & ~1023u;
   const uint32_t q_smem = base;
   const uint32_t k_smem = q_smem + kTileBytes;            // [kStages] tiles
-  const uint32_t v_smem = k_smem + kStages * kTileBytes;  // [kStages] tiles
+  const uint32_t v_smem = k_smem + kStages * kTileBytes;  // [kVStages] tiles
 
   const int tid = threadIdx.x;
   const int warp = tid / 32;
-  const int wg = warp / 4;  // warpgroup: rows 64 wg .. 64 wg + 63 of the block
+  // Warpgroup: rows 64 wg .. 64 wg + 63 of the block. Read through a shuffle
+  // so that the compiler sees a warp-uniform value: wgmma under a branch it
+  // considers divergent gets serialized.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
@@ -224,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // are zero-filled so that a NaN in an unwritten cache slot cannot reach O
   // through 0 * NaN. (Reading the block-table entries a tile ahead, in
   // registers, measured slower on an H100: 2.45-2.55 against 2.15 ms at 8k.)
-  auto load_tile = [&](int key0, int stage) {
+  auto load_tile = [&](int key0, int k_stage, int v_stage) {
 #pragma unroll
     for (int i = 0; i < kKeys * 16 / kThreads; ++i) {
       const int id = tid + i * kThreads;
@@ -238,12 +245,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         offset = slot * slot_stride + static_cast<int64_t>(kv_head) * kD + c * 8;
         bytes = 16;
       }
-      const uint32_t dst = stage * kTileBytes + TileOffset(r, c);
-      CpAsync16(k_smem + dst, k_cache + offset, bytes);
-      CpAsync16(v_smem + dst, v_cache + offset, bytes);
+      CpAsync16(k_smem + k_stage * kTileBytes + TileOffset(r, c), k_cache + offset, bytes);
+      CpAsync16(v_smem + v_stage * kTileBytes + TileOffset(r, c), v_cache + offset, bytes);
     }
   };
-  load_tile(key_lo, 0);
+  load_tile(key_lo, 0, 0);
   CpAsyncCommit();
 
   // This thread's rows: g and g + 8 of its warp's 16. Rows past the chunk
@@ -263,20 +269,37 @@ __global__ void __launch_bounds__(kThreads, 1)
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
 
+  // O += P V of the tile whose V sits in `v_stage` (P in pa).
+  uint32_t pa[kKeys / 16][4];
+  auto issue_pv = [&](int v_stage) {
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      const uint64_t desc_v =
+          Descriptor(v_smem + v_stage * kTileBytes + 16 * kk * 128, kBlockBytes, 1024);
+      WgmmaRS(o, pa[kk], desc_v);
+    }
+  };
+
+  // The two warpgroups are staggered: warpgroup 1 issues O += P V of the
+  // previous tile together with S of this one, so each warpgroup's softmax
+  // runs while the other's products keep the tensor cores busy (in lockstep,
+  // both softmaxes would leave them idle at once).
   for (int it = 0; it < num_tiles; ++it) {
     const int key0 = key_lo + it * kKeys;
     const int stage = it % kStages;
-    // Copies of the next tile into the other stage, freed by the barrier at
-    // the end of the previous iteration.
-    if (it + 1 < num_tiles) load_tile(key0 + kKeys, (it + 1) % kStages);
+    // Copies of the next tile into the stages freed by the barrier at the
+    // end of the previous iteration (V's: last read two tiles ago).
+    if (it + 1 < num_tiles) load_tile(key0 + kKeys, (it + 1) % kStages, (it + 1) % kVStages);
     CpAsyncCommit();   // possibly empty, keeping the group count uniform
     CpAsyncWait<1>();  // Q and this tile have landed (this thread's copies)
     FenceProxyAsync();
     __syncthreads();  // every thread's copies of this tile are visible
 
-    // S = Q K^T: 8 k steps of 16 dims.
+    // S = Q K^T: 8 k steps of 16 dims (warpgroup 1: after the previous P V).
     float s[64];
+    PinRegisters(o);
     WgmmaFence();
+    if (wg == 1 && it > 0) issue_pv((it - 1) % kVStages);
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
       const uint32_t k_offset = (ks / 4) * kBlockBytes + (ks % 4) * 32;
@@ -287,6 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     WgmmaCommit();
     WgmmaWait<0>();
     PinRegisters(s);
+    PinRegisters(o);
 
     // Masks only where the tile crosses some row's visible range: the causal
     // edge (a key past the first row's position) or a window's lower edge.
@@ -343,7 +367,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         o[4 * j + 3] *= alpha[1];
       }
     }
-    uint32_t pa[kKeys / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       pa[kk][0] = PackBf16(s[8 * kk], s[8 * kk + 1]);
@@ -352,19 +375,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
     }
 
-    // O += P V: 8 k steps of 16 keys.
+    // Warpgroup 0: O += P V now (warpgroup 1: next iteration).
+    if (wg == 0) {
+      PinRegisters(o);
+      WgmmaFence();
+      issue_pv(it % kVStages);
+      WgmmaCommit();
+      WgmmaWait<0>();
+      PinRegisters(o);
+    }
+    __syncthreads();  // the next iteration's copies overwrite these stages
+  }
+  if (wg == 1 && num_tiles > 0) {
     PinRegisters(o);
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      const uint64_t desc_v =
-          Descriptor(v_smem + stage * kTileBytes + 16 * kk * 128, kBlockBytes, 1024);
-      WgmmaRS(o, pa[kk], desc_v);
-    }
+    issue_pv((num_tiles - 1) % kVStages);
     WgmmaCommit();
     WgmmaWait<0>();
     PinRegisters(o);
-    __syncthreads();  // the next iteration's copies overwrite this stage
   }
 
   // Normalise and store. l > 0 for stored rows: every row sees its own key.
