@@ -287,13 +287,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int it = 0; it < num_tiles; ++it) {
     const int key0 = key_lo + it * kKeys;
     const int stage = it % kStages;
-    // Copies of the next tile into the stages freed by the barrier at the
-    // end of the previous iteration (V's: last read two tiles ago).
-    if (it + 1 < num_tiles) load_tile(key0 + kKeys, (it + 1) % kStages, (it + 1) % kVStages);
-    CpAsyncCommit();   // possibly empty, keeping the group count uniform
-    CpAsyncWait<1>();  // Q and this tile have landed (this thread's copies)
+    CpAsyncWait<0>();  // Q and this tile have landed (this thread's copies)
     FenceProxyAsync();
-    __syncthreads();  // every thread's copies of this tile are visible
+    // Every thread's copies of this tile are visible, and both warpgroups
+    // are done with the previous iteration, so the stages of the next tile
+    // are free (K's held tile it - 1; V's held tile it - 2, which warpgroup 1
+    // multiplied by in the previous iteration).
+    __syncthreads();
+    if (it + 1 < num_tiles) load_tile(key0 + kKeys, (it + 1) % kStages, (it + 1) % kVStages);
+    CpAsyncCommit();
 
     // S = Q K^T: 8 k steps of 16 dims (warpgroup 1: after the previous P V).
     float s[64];
@@ -384,7 +386,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       WgmmaWait<0>();
       PinRegisters(o);
     }
-    __syncthreads();  // the next iteration's copies overwrite these stages
   }
   if (wg == 1 && num_tiles > 0) {
     PinRegisters(o);
