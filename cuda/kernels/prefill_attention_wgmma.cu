@@ -1,22 +1,10 @@
 // Warpgroup tensor-core prefill attention (see prefill_attention_wgmma.h).
 //
-// Shared-memory tiles (Q, and each stage of K and V) hold 128 rows of 128
-// bf16 as two column blocks of 64 (128 bytes per row): block b covers dims
-// 64b..64b+63, row r of it starts at byte r * 128, and its 16-byte chunk c is
-// stored at chunk c ^ (r % 8). That is the 128-byte swizzle the tensor cores
-// apply to 1024-byte-aligned groups of 8 rows, so a matrix descriptor with
-// swizzle mode 128B reads the tiles as written:
-//   K-major operands (Q as A, K as B for S = Q K^T): 8-row groups 1024 bytes
-//     apart (stride byte offset); k step ks (16 dims) starts 32 * (ks % 4)
-//     bytes into block ks / 4;
-//   V as B of O = P V, N-major ("transposed"): 8-key groups 1024 bytes apart
-//     (stride byte offset), the two 64-dim blocks 16 KiB apart (leading byte
-//     offset); k step kk (16 keys) starts at row 16 kk.
-// Accumulator layout (m64nNk16, fp32), warp w of a warpgroup, lane (g =
-// lane / 4, t = lane % 4): d[4j + e] is row 16w + g + 8 (e / 2), column
-// 8j + 2t + e % 2, the mma.sync C layout repeated over the 8-column groups;
-// the A-from-registers layout is mma.sync's A layout, so S's columns 16kk ..
-// 16kk + 15 become P's A fragment for k step kk without moving.
+// Q, and each stage of K and V, is a 128-row tile in the 128-byte-swizzled
+// layout of wgmma.cuh: Q (A) and K (B) are K-major operands of S = Q K^T,
+// V the N-major B operand of O = P V. S's accumulators for columns
+// 16kk .. 16kk + 15 are exactly P's A fragment for k step kk, so P never
+// leaves registers.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -25,6 +13,7 @@
 
 #include "cuda/kernels/prefill_attention_wgmma.h"
 #include "cuda/kernels/ptx.cuh"
+#include "cuda/kernels/wgmma.cuh"
 
 namespace strata::cuda::kernels {
 namespace {
@@ -42,50 +31,12 @@ constexpr int kStages = 2;
 // V keeps one stage more: warpgroup 1 multiplies by a tile's V one
 // iteration after the other warpgroup (see the main loop).
 constexpr int kVStages = 3;
-constexpr uint32_t kBlockBytes = 128 * 128;       // one 64-dim column block of a tile
-constexpr uint32_t kTileBytes = 2 * kBlockBytes;  // 128 rows x 128 dims, bf16
+constexpr uint32_t kBlockBytes = SwizzledBlockBytes(128);  // one 64-dim column block
+constexpr uint32_t kTileBytes = 2 * kBlockBytes;           // 128 rows x 128 dims, bf16
 constexpr size_t kSmemBytes =
     1024 + size_t{kTileBytes} * (1 + kStages + kVStages);  // + alignment: 193 KiB
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kRows == kKeys, "tiles share one layout");
-
-// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a tile.
-__device__ __forceinline__ uint32_t TileOffset(int row, int chunk) {
-  return (chunk >> 3) * kBlockBytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
-}
-
-// A wgmma shared-memory matrix descriptor with the 128-byte swizzle.
-__device__ __forceinline__ uint64_t Descriptor(uint32_t smem_addr, uint32_t leading_bytes,
-                                               uint32_t stride_bytes) {
-  uint64_t desc = (smem_addr & 0x3ffffu) >> 4;
-  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3fffu) << 16;
-  desc |= static_cast<uint64_t>((stride_bytes >> 4) & 0x3fffu) << 32;
-  desc |= uint64_t{1} << 62;  // swizzle mode: 128 bytes
-  return desc;
-}
-
-__device__ __forceinline__ void WgmmaFence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void WgmmaCommit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void WgmmaWait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-// Keeps the compiler from moving accesses of accumulator registers across
-// the asynchronous wgmma issue / wait points.
-template <int kN>
-__device__ __forceinline__ void PinRegisters(float (&r)[kN]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-// Orders this thread's generic-proxy shared-memory writes (cp.async) before
-// the tensor cores' (async-proxy) reads that follow the next barrier.
-__device__ __forceinline__ void FenceProxyAsync() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
 
 __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -97,64 +48,6 @@ __device__ __forceinline__ float FastExp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// d (64 x 128, fp32) = (scale_d ? d : 0) + A B on one warpgroup, A and B
-// bf16 from shared memory (descriptors), both K-major: S = Q K^T.
-__device__ __forceinline__ void WgmmaSS(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                        int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
-      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
-      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
-      "%56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
-        "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-// d (64 x 128, fp32) += A B on one warpgroup, A (64 x 16 bf16) from
-// registers in the mma.sync A layout, B bf16 from shared memory, N-major
-// (transposed): O += P V.
-__device__ __forceinline__ void WgmmaRS(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, "
-      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "
-      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "
-      "%56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
-        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
-        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
-        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
-        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
-        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
-        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
-        "+f"(d[63])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
-#endif
 
 __global__ void __launch_bounds__(kThreads, 1)
     WgmmaPrefillKernel(const __grid_constant__ PagedAttentionParams p) {
@@ -222,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             static_cast<int64_t>(head) * kD + c * 8;
       bytes = 16;
     }
-    CpAsync16(q_smem + TileOffset(r, c), src, bytes);
+    CpAsync16(q_smem + SwizzledTileOffset(128, r, c), src, bytes);
   }
   CpAsyncCommit();
 
@@ -245,8 +138,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         offset = slot * slot_stride + static_cast<int64_t>(kv_head) * kD + c * 8;
         bytes = 16;
       }
-      CpAsync16(k_smem + k_stage * kTileBytes + TileOffset(r, c), k_cache + offset, bytes);
-      CpAsync16(v_smem + v_stage * kTileBytes + TileOffset(r, c), v_cache + offset, bytes);
+      CpAsync16(k_smem + k_stage * kTileBytes + SwizzledTileOffset(128, r, c), k_cache + offset,
+                bytes);
+      CpAsync16(v_smem + v_stage * kTileBytes + SwizzledTileOffset(128, r, c), v_cache + offset,
+                bytes);
     }
   };
   load_tile(key_lo, 0, 0);

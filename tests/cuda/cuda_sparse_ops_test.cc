@@ -700,8 +700,11 @@ TEST_F(CudaClusterTest, RandomKeysAreConsistent) {
   struct Case {
     int hkv, d, begin, count, clusters, iterations;
   };
+  // Head dim 128 runs the wgmma assignment (centroids in chunks of 128: 300
+  // takes three, 520 five), other head dims the mma.sync kernel.
   for (const Case& c : {Case{2, 128, 16, 1000, 13, 60}, Case{4, 64, 7, 777, 31, 60},
-                        Case{2, 128, 16, 3001, 37, 100}}) {
+                        Case{2, 128, 16, 3001, 37, 100}, Case{2, 128, 5, 9000, 300, 12},
+                        Case{1, 128, 0, 41000, 520, 6}}) {
     SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " count ", c.count, " C ", c.clusters,
                               ", ", Seed()));
     Setup s;
