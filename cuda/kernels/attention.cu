@@ -110,14 +110,11 @@ constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kDecodeSteps = 4;   // keys per group per tile
 constexpr int kDecodeStages = 3;  // tiles per warp in shared memory
 constexpr int kDecodeMaxG = 8;    // query heads per block; larger groups use more blocks
-// One warp's K (or V) tile: kDecodeSteps chunks of 8 elements per lane (16
-// bytes of bf16, 8 of fp8).
-template <typename Cache>
-constexpr int DecodeTileBytes() {
-  return kDecodeSteps * 32 * 8 * static_cast<int>(sizeof(Cache));
-}
-// Sized for bf16; an fp8 pipeline uses half of it.
-constexpr int kDecodeTileBytes = DecodeTileBytes<bf16>();
+// One warp's K (or V) tile at its largest: kDecodeSteps chunks of 16 bytes
+// per lane (8 bf16 elements; an fp8 pipeline copies 8-byte chunks and uses
+// half, the tensor-core path 16 bytes of 16 fp8 elements). The shared memory
+// is sized for it either way, since the final merge reuses it.
+constexpr int kDecodeTileBytes = kDecodeSteps * 32 * 16;
 constexpr size_t kDecodeSmemBytes = size_t{kDecodeWarps} * kDecodeStages * 2 * kDecodeTileBytes;
 // The final merge reuses the pipeline buffers: [warps][kMaxG][D] partial
 // accumulators, then [warps][kMaxG] maxima and sums.
@@ -1062,8 +1059,8 @@ cudaError_t LaunchPrefillD(const PagedAttentionParams& p, cudaStream_t stream) {
 }
 
 cudaError_t LaunchPrefill(const PagedAttentionParams& p, cudaStream_t stream) {
-  // Head dims 64 and 128 run on the tensor cores; the CUDA-core kernel below
-  // remains for every other head dim.
+  // Head dims 64 and 128 run on the tensor cores (wgmma for 128 on a bf16
+  // cache); the CUDA-core kernel below remains for every other head dim.
   if (CanUseWgmmaPrefill(p)) return LaunchWgmmaPrefill(p, stream);
   if (CanUseTensorCorePrefill(p)) return LaunchTensorCorePrefill(p, stream);
   if (p.head_dim <= 32) return LaunchPrefillD<32>(p, stream);

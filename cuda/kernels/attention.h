@@ -8,9 +8,11 @@
 //    warp streams its own share of the keys through a cp.async pipeline of
 //    K/V tiles, and when a sequence's keys are split over several blocks
 //    (long contexts, small batches) a combine kernel merges the partials.
-//  - prefill (sequences with more than one query token): for head_dim 64 and
-//    128, the tensor-core kernel of prefill_attention_tc.h (mma.sync bf16,
-//    fp32 accumulation); for other head dims, one thread block per
+//  - prefill (sequences with more than one query token): for head_dim 128 on
+//    a bf16 cache, the warpgroup-MMA kernel of prefill_attention_wgmma.h
+//    (sm_90a); for head_dim 64, and 128 on an fp8 cache, the tensor-core
+//    kernel of prefill_attention_tc.h (mma.sync bf16, fp32 accumulation);
+//    for other head dims, one thread block per
 //    (sequence, kv head, tile of 64 query rows), where a row is a (token,
 //    query head of the group) pair, walks 64-key tiles staged in shared
 //    memory on CUDA cores. Either way each K/V tile is read once for all
