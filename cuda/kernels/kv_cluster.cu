@@ -415,13 +415,18 @@ __global__ void __launch_bounds__(kAssignWarps * 32, 2)
 // the result is the same as AssignKernel's. On an H100 at 32k keys x 410
 // clusters x 8 heads: 94.5 us per pass against AssignKernel's 120. (A
 // persistent variant holding a head's centroids in shared memory, S of the
-// next chunk issued before the current chunk's argmax, took 103 us.)
-constexpr int kWgAssignRows = 128;  // keys per block
+// next chunk issued before the current chunk's argmax, took 103 us; four
+// warpgroups (256 keys) per block, one block per SM, 109 us.)
+constexpr int kWgAssignGroups = 2;  // warpgroups per block; two blocks per SM
+constexpr int kWgAssignThreads = 128 * kWgAssignGroups;
+constexpr int kWgAssignRows = 64 * kWgAssignGroups;  // keys per block
 constexpr int kWgAssignHeadDim = 128;
-constexpr uint32_t kWgAssignTileBytes = 2 * SwizzledBlockBytes(128);          // 128 rows x 128 bf16
-constexpr size_t kWgAssignSmemBytes = 1024 + 3 * size_t{kWgAssignTileBytes};  // keys + 2 chunks
+constexpr uint32_t kWgAssignKeyBytes = 2 * SwizzledBlockBytes(kWgAssignRows);
+constexpr uint32_t kWgAssignTileBytes = 2 * SwizzledBlockBytes(128);  // 128 centroids x 128
+constexpr size_t kWgAssignSmemBytes =
+    1024 + kWgAssignKeyBytes + 2 * size_t{kWgAssignTileBytes};  // keys + 2 chunks
 
-__global__ void __launch_bounds__(256, 2)
+__global__ void __launch_bounds__(kWgAssignThreads, 2)
     AssignWgmmaKernel(const bf16* __restrict__ keys, const bf16* __restrict__ normed, int n,
                       int clusters, int c_pad, int32_t* __restrict__ assign,
                       uint32_t* __restrict__ sort_keys, int* __restrict__ changed,
@@ -440,22 +445,22 @@ __global__ void __launch_bounds__(256, 2)
   extern __shared__ __align__(1024) unsigned char wg_assign_smem[];
   const uint32_t base = (SharedAddress(wg_assign_smem) + 1023u) & ~1023u;
   const uint32_t key_smem = base;
-  const uint32_t cen_smem = base + kWgAssignTileBytes;  // [2] chunks
+  const uint32_t cen_smem = base + kWgAssignKeyBytes;  // [2] chunks
 
   const bf16* key_head = keys + static_cast<int64_t>(h) * n * kD;
 #pragma unroll
-  for (int i = 0; i < kWgAssignRows * 16 / 256; ++i) {
-    const int id = tid + i * 256;
+  for (int i = 0; i < kWgAssignRows * 16 / kWgAssignThreads; ++i) {
+    const int id = tid + i * kWgAssignThreads;
     const int r = id / 16, c = id % 16;
     const int row = row0 + r;
-    CpAsync16(key_smem + SwizzledTileOffset(128, r, c),
+    CpAsync16(key_smem + SwizzledTileOffset(kWgAssignRows, r, c),
               key_head + static_cast<int64_t>(min(row, n - 1)) * kD + c * 8, row < n ? 16 : 0);
   }
   const bf16* cen_head = normed + static_cast<int64_t>(h) * c_pad * kD;
   auto load_chunk = [&](int chunk, int buf) {
 #pragma unroll
-    for (int i = 0; i < 128 * 16 / 256; ++i) {
-      const int id = tid + i * 256;
+    for (int i = 0; i < 128 * 16 / kWgAssignThreads; ++i) {
+      const int id = tid + i * kWgAssignThreads;
       const int r = id / 16, c = id % 16;
       CpAsync16(cen_smem + buf * kWgAssignTileBytes + SwizzledTileOffset(128, r, c),
                 cen_head + (static_cast<int64_t>(chunk) * 128 + r) * kD + c * 8);
@@ -477,9 +482,11 @@ __global__ void __launch_bounds__(256, 2)
     WgmmaFence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      const uint32_t k_offset = (ks / 4) * kBlock + (ks % 4) * 32;
-      WgmmaSS(s, Descriptor(key_smem + 64 * wg * 128 + k_offset, 16, 1024),
-              Descriptor(cen_smem + (chunk & 1) * kWgAssignTileBytes + k_offset, 16, 1024),
+      const uint32_t in_row = (ks % 4) * 32;
+      const uint32_t key_offset = (ks / 4) * SwizzledBlockBytes(kWgAssignRows) + in_row;
+      const uint32_t cen_offset = (ks / 4) * kBlock + in_row;
+      WgmmaSS(s, Descriptor(key_smem + 64 * wg * 128 + key_offset, 16, 1024),
+              Descriptor(cen_smem + (chunk & 1) * kWgAssignTileBytes + cen_offset, 16, 1024),
               ks > 0 ? 1 : 0);
     }
     WgmmaCommit();
@@ -751,7 +758,7 @@ cudaError_t LaunchAssign(const ClusterKeysParams& p, const bf16* keys, const bf1
                              static_cast<int>(kWgAssignSmemBytes));
     if (err != cudaSuccess) return err;
     const dim3 grid((p.count + kWgAssignRows - 1) / kWgAssignRows, p.num_kv_heads);
-    AssignWgmmaKernel<<<grid, 256, kWgAssignSmemBytes, stream>>>(
+    AssignWgmmaKernel<<<grid, kWgAssignThreads, kWgAssignSmemBytes, stream>>>(
         keys, normed, p.count, p.num_clusters, c_pad, assign, sort_keys, changed, run_if);
     return cudaGetLastError();
   }
