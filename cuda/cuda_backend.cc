@@ -24,6 +24,7 @@
 #include "cuda/cuda_utils.h"
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/elementwise.h"
+#include "cuda/kernels/gemv.h"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/sampling.h"
@@ -126,6 +127,9 @@ struct GemmPlan {
   cublasLtMatmulAlgo_t algo{};
   size_t workspace_bytes = 0;
   bool use_fallback = false;
+  // At decode sizes strata's own kernel (kernels/gemv.h) when it timed
+  // faster than every cuBLASLt candidate.
+  bool use_gemv = false;
 };
 
 absl::Status CaptureError(const char* op) {
@@ -217,9 +221,15 @@ class CudaBackend final : public engine::Backend {
                                         const GemmOperands& operands);
   // The index of the fastest of `count` candidate algorithms for `plan`,
   // timed on the operands with L2 flushed between runs.
-  absl::StatusOr<int> FastestGemm(const GemmPlan& plan,
-                                  const cublasLtMatmulHeuristicResult_t* candidates, int count,
-                                  const GemmOperands& operands);
+  struct FastestCandidate {
+    int index = 0;
+    float ms = 0.0f;  // its time over the timed runs; 0 if none was timed
+  };
+  absl::StatusOr<FastestCandidate> FastestGemm(const GemmPlan& plan,
+                                               const cublasLtMatmulHeuristicResult_t* candidates,
+                                               int count, const GemmOperands& operands);
+  // kernels::LaunchGemv on the operands, timed like FastestGemm's candidates.
+  absl::StatusOr<float> TimeGemv(const GemmKey& key, const GemmOperands& operands);
   // Sizes the split-K decode workspace and enqueues the attention kernels.
   absl::Status LaunchAttention(const kernels::PagedAttentionParams& params, const Tensor& k_cache);
 
@@ -622,21 +632,29 @@ absl::StatusOr<GemmPlan*> CudaBackend::GetGemmPlan(const GemmKey& key, const voi
     // handles every layout.
     plan->use_fallback = true;
   } else {
-    int best = 0;
+    FastestCandidate best;
     if (autotune && found > 1) {
       STRATA_ASSIGN_OR_RETURN(best, FastestGemm(*plan, results.data(), found, operands));
     }
-    plan->algo = results[best].algo;
-    plan->workspace_bytes = results[best].workspaceSize;
+    plan->algo = results[best.index].algo;
+    plan->workspace_bytes = results[best.index].workspaceSize;
+    // strata's GEMV (which adds any bias itself) competes at up to
+    // kGemvMaxTokens tokens.
+    if (autotune && best.ms > 0.0f &&
+        kernels::CanUseGemv(key.tokens, key.in_features, key.out_features, operands.x,
+                            operands.weight)) {
+      STRATA_ASSIGN_OR_RETURN(const float gemv_ms, TimeGemv(key, operands));
+      plan->use_gemv = gemv_ms < best.ms;
+    }
   }
   GemmPlan* raw = plan.get();
   gemm_plans_.emplace(key, std::move(plan));
   return raw;
 }
 
-absl::StatusOr<int> CudaBackend::FastestGemm(const GemmPlan& plan,
-                                             const cublasLtMatmulHeuristicResult_t* candidates,
-                                             int count, const GemmOperands& operands) {
+absl::StatusOr<CudaBackend::FastestCandidate> CudaBackend::FastestGemm(
+    const GemmPlan& plan, const cublasLtMatmulHeuristicResult_t* candidates, int count,
+    const GemmOperands& operands) {
   STRATA_ASSIGN_OR_RETURN(DeviceBuffer flush, DeviceBuffer::Allocate(kL2FlushBytes));
   STRATA_ASSIGN_OR_RETURN(CudaEvent start, CudaEvent::Create(/*timing=*/true));
   STRATA_ASSIGN_OR_RETURN(CudaEvent stop, CudaEvent::Create(/*timing=*/true));
@@ -672,7 +690,27 @@ absl::StatusOr<int> CudaBackend::FastestGemm(const GemmPlan& plan,
       best_ms = total_ms;
     }
   }
-  return best;
+  return FastestCandidate{best, best_ms};
+}
+
+absl::StatusOr<float> CudaBackend::TimeGemv(const GemmKey& key, const GemmOperands& operands) {
+  STRATA_ASSIGN_OR_RETURN(DeviceBuffer flush, DeviceBuffer::Allocate(kL2FlushBytes));
+  STRATA_ASSIGN_OR_RETURN(CudaEvent start, CudaEvent::Create(/*timing=*/true));
+  STRATA_ASSIGN_OR_RETURN(CudaEvent stop, CudaEvent::Create(/*timing=*/true));
+  float total_ms = 0.0f;
+  for (int run = 0; run < 4; ++run) {  // the first run is a warm-up
+    STRATA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(flush.data(), run, kL2FlushBytes, stream()));
+    STRATA_RETURN_IF_ERROR(start.Record(stream()));
+    STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchGemv(operands.x, operands.weight, operands.bias,
+                                                    operands.out, static_cast<int>(key.tokens),
+                                                    key.in_features, key.out_features, stream()));
+    STRATA_RETURN_IF_ERROR(stop.Record(stream()));
+    STRATA_RETURN_IF_ERROR(stop.Synchronize());
+    float ms = 0.0f;
+    STRATA_CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+    if (run > 0) total_ms += ms;
+  }
+  return total_ms;
 }
 
 absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& weight, const Tensor& bias,
@@ -726,6 +764,12 @@ absl::Status CudaBackend::Linear(const Tensor& x, const Tensor& weight, const Te
                                                         fuse_bias ? bias.data() : nullptr}));
   const float alpha = 1.0f;
   const float beta = 0.0f;
+  if (plan->use_gemv) {
+    STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchGemv(
+        x.data(), weight.data(), bias.defined() ? bias.data() : nullptr, out.data(),
+        static_cast<int>(tokens), in_features, out_features, stream()));
+    return absl::OkStatus();
+  }
   if (!plan->use_fallback) {
     if (fuse_bias) {
       const void* bias_ptr = bias.data();
@@ -940,11 +984,11 @@ absl::Status CudaBackend::Attention(const Tensor& qkv, const QkvLayout& layout,
       absl::StrCat("expected qkv [T, ", layout.row_width(), "], out [T, ", int64_t{hq} * d,
                    "], caches [P, ", batch.page_size, ", ", hkv, ", ", d, "] with T >= ", tokens),
       {&qkv, &out, &k_cache, &v_cache}));
-  STRATA_RETURN_IF_ERROR(Check(qkv.dtype() == DType::kBF16 && out.dtype() == DType::kBF16 &&
-                                   IsKvCacheDType(k_cache.dtype()) &&
-                                   v_cache.dtype() == k_cache.dtype(),
-                               kOp, "expected bf16 qkv and out, bf16 or f8_e4m3 caches of one dtype",
-                               {&qkv, &out, &k_cache, &v_cache}));
+  STRATA_RETURN_IF_ERROR(
+      Check(qkv.dtype() == DType::kBF16 && out.dtype() == DType::kBF16 &&
+                IsKvCacheDType(k_cache.dtype()) && v_cache.dtype() == k_cache.dtype(),
+            kOp, "expected bf16 qkv and out, bf16 or f8_e4m3 caches of one dtype",
+            {&qkv, &out, &k_cache, &v_cache}));
   if (num_seqs == 0 || tokens == 0) return absl::OkStatus();
   STRATA_RETURN_IF_ERROR(Check(
       batch.query_start.defined() && batch.context_len.defined() && batch.block_table.defined() &&

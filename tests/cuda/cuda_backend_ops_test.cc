@@ -11,6 +11,8 @@
 //
 // The tests skip when there is no usable GPU (CreateCudaBackend returns
 // Unavailable), as on CI runners with nvcc but no device.
+#include <cuda_runtime_api.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -30,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/kernels/gemv.h"
 #include "engine/backend.h"
 #include "engine/cpu_backend.h"
 #include "engine/tensor.h"
@@ -381,6 +384,56 @@ TEST_P(CudaLinearTest, MatchesCpu) {
       ++bad;
     }
   }
+}
+
+// The decode-size GEMV directly (Linear picks it only where it times faster
+// than cuBLASLt, so the shapes above may not reach it): against the CPU
+// Linear, element by element, including widths that are not a multiple of
+// the kernel's 1024-element step, odd row counts and a bias.
+TEST_F(CudaBackendOpsTest, GemvMatchesCpuLinear) {
+  struct Case {
+    int tokens;
+    int64_t in, out;
+    bool bias;
+  };
+  for (const Case& c : {Case{1, 4096, 4096, false}, Case{1, 72, 5, true}, Case{2, 1000, 333, true},
+                        Case{3, 2056, 130, false}, Case{4, 14336, 64, true}}) {
+    const std::string what = absl::StrCat("Gemv T=", c.tokens, " K=", c.in, " N=", c.out,
+                                          c.bias ? " + bias" : "", " [", Seed(), "]");
+    std::vector<float> x = RandomValues(c.tokens * c.in);
+    std::vector<float> w = RandomValues(c.out * c.in, 1.0f / std::sqrt(static_cast<float>(c.in)));
+    std::vector<float> b = RandomValues(c.out, 0.5f);
+    Tensor outs[2];
+    for (Backend* backend : {&cpu(), &cuda()}) {
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor xt, Upload(*backend, {c.tokens, c.in}, x));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor wt, Upload(*backend, {c.out, c.in}, w));
+      Tensor bt;
+      if (c.bias) {
+        STRATA_ASSERT_OK_AND_ASSIGN(bt, Upload(*backend, {c.out}, b));
+      }
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor out, Poisoned(*backend, {c.tokens, c.out}));
+      if (backend == &cpu()) {
+        STRATA_ASSERT_OK(backend->Linear(xt, wt, bt, out));
+      } else {
+        STRATA_ASSERT_OK(backend->Synchronize());
+        ASSERT_TRUE(kernels::CanUseGemv(c.tokens, c.in, c.out, xt.data(), wt.data()));
+        ASSERT_EQ(kernels::LaunchGemv(xt.data(), wt.data(), c.bias ? bt.data() : nullptr,
+                                      out.data(), c.tokens, c.in, c.out, nullptr),
+                  cudaSuccess);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      }
+      outs[backend == &cpu() ? 0 : 1] = out;
+    }
+    ExpectClose(what, outs[0], outs[1]);
+    STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> expected, Download(cpu(), outs[0]));
+    STRATA_ASSERT_OK_AND_ASSIGN(std::vector<float> actual, Download(cuda(), outs[1]));
+    for (size_t i = 0; i < expected.size(); ++i) {
+      ASSERT_LE(std::fabs(actual[i] - expected[i]), 0.02f + 0.02f * std::fabs(expected[i]))
+          << what << ": token " << i / c.out << " feature " << i % c.out;
+    }
+  }
+  EXPECT_FALSE(kernels::CanUseGemv(5, 64, 64, nullptr, nullptr));  // too many tokens
+  EXPECT_FALSE(kernels::CanUseGemv(1, 60, 64, nullptr, nullptr));  // K not a multiple of 8
 }
 
 INSTANTIATE_TEST_SUITE_P(
