@@ -26,6 +26,7 @@
 
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/dependent_launch.cuh"
+#include "cuda/kernels/fp8.cuh"
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/prefill_attention_tc.h"
 #include "cuda/kernels/prefill_attention_wgmma.h"
@@ -49,21 +50,8 @@ __device__ __forceinline__ void Load8(const bf16* p, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = __bfloat162float(packed.v[i]);
 }
 
-// Eight fp8 e4m3 values (as two packed words, lowest byte first) -> fp32,
-// exactly: e4m3 -> f16x2 is one cvt per pair, then f16 -> f32.
-__device__ __forceinline__ void UnpackFp8x8(const uint2 w, float (&out)[8]) {
-  const uint32_t words[2] = {w.x, w.y};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const auto pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
-    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-    out[2 * i] = f.x;
-    out[2 * i + 1] = f.y;
-  }
-}
-
 __device__ __forceinline__ void Load8(const fp8* p, float (&out)[8]) {
-  UnpackFp8x8(*reinterpret_cast<const uint2*>(p), out);
+  Fp8x8ToFloat(*reinterpret_cast<const uint2*>(p), out);
 }
 
 // Returns the cache slot of position `pos` of sequence `seq`.
@@ -164,7 +152,7 @@ __device__ __forceinline__ void ReadChunk(const unsigned char* src, bool active,
   if constexpr (sizeof(Cache) == 2) {
     Unpack8(active ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0), out);
   } else {
-    UnpackFp8x8(active ? *reinterpret_cast<const uint2*>(src) : make_uint2(0, 0), out);
+    Fp8x8ToFloat(active ? *reinterpret_cast<const uint2*>(src) : make_uint2(0, 0), out);
   }
 }
 
@@ -192,12 +180,6 @@ __device__ __forceinline__ void ReadChunk(const unsigned char* src, bool active,
 // c of row r stored at chunk c ^ (r % 8), which keeps both read patterns
 // free of bank conflicts.
 constexpr int kMmaHeadDim = 128;
-
-__device__ __forceinline__ uint32_t Fp8x2ToHalf2(uint32_t pair) {
-  const __half2_raw h =
-      __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(pair), __NV_E4M3);
-  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
-}
 
 __device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
@@ -457,8 +439,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
         for (int ks = 0; ks < 8; ++ks) {
-          MmaF16(s[nt], qa[ks][0], 0u, qa[ks][1], 0u, Fp8x2ToHalf2(w[ks] & 0xffffu),
-                 Fp8x2ToHalf2(w[ks] >> 16));
+          MmaF16(s[nt], qa[ks][0], 0u, qa[ks][1], 0u, Fp8x2ToHalf2Bits(w[ks] & 0xffffu),
+                 Fp8x2ToHalf2Bits(w[ks] >> 16));
         }
       }
       // Online softmax of row mma_g over the tile (its 16 keys are spread
@@ -525,8 +507,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
           const uint32_t sel = half == 0 ? 0x5140u : 0x7362u;
           const uint32_t near = __byte_perm(w[0], w[1], sel);
           const uint32_t far = __byte_perm(w[2], w[3], sel);
-          MmaF16(o[2 * j4 + half], Fp8x2ToHalf2(near & 0xffffu), Fp8x2ToHalf2(near >> 16),
-                 Fp8x2ToHalf2(far & 0xffffu), Fp8x2ToHalf2(far >> 16), pb0, pb1);
+          MmaF16(o[2 * j4 + half], Fp8x2ToHalf2Bits(near & 0xffffu), Fp8x2ToHalf2Bits(near >> 16),
+                 Fp8x2ToHalf2Bits(far & 0xffffu), Fp8x2ToHalf2Bits(far >> 16), pb0, pb1);
         }
       }
       __syncwarp();  // every lane has read this stage before it is refilled

@@ -552,11 +552,11 @@ cudaError_t LaunchWriteKv(const void* qkv, int64_t num_tokens, int64_t row_width
   const int block = RowBlock(vec ? kv_width / 8 : kv_width);
   auto launch = [&](auto* k, auto* v) {
     if (vec) {
-      WriteKvKernel<8><<<num_tokens, block, 0, stream>>>(q, row_width, k_offset, kv_width, slots,
-                                                         k, v, num_slots);
+      WriteKvKernel<8><<<num_tokens, block, 0, stream>>>(q, row_width, k_offset, kv_width, slots, k,
+                                                         v, num_slots);
     } else {
-      WriteKvKernel<1><<<num_tokens, block, 0, stream>>>(q, row_width, k_offset, kv_width, slots,
-                                                         k, v, num_slots);
+      WriteKvKernel<1><<<num_tokens, block, 0, stream>>>(q, row_width, k_offset, kv_width, slots, k,
+                                                         v, num_slots);
     }
   };
   if (fp8_cache) {

@@ -38,6 +38,7 @@
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
+#include "cuda/kernels/fp8.cuh"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/ptx.cuh"
 #include "cuda/kernels/wgmma.cuh"
@@ -132,9 +133,7 @@ __device__ __forceinline__ uint4 Load8AsBf16(const __nv_fp8_e4m3* p) {
   uint32_t out[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const __nv_fp8x2_storage_t pair =
-        static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
-    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    const float2 f = Fp8x2ToFloat2(words[i / 2] >> (16 * (i % 2)));
     const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
     out[i] = *reinterpret_cast<const uint32_t*>(&b);
   }
@@ -149,8 +148,7 @@ __device__ __forceinline__ void Store8FromBf16(__nv_fp8_e4m3* p, uint4 v) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&words[i]));
-    const uint32_t pair = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-    out[i / 2] |= (pair & 0xffffu) << (16 * (i % 2));
+    out[i / 2] |= Float2ToFp8x2(f) << (16 * (i % 2));
   }
   *reinterpret_cast<uint2*>(p) = make_uint2(out[0], out[1]);
 }

@@ -14,6 +14,7 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "cuda/kernels/fp8.cuh"
 #include "cuda/kernels/kv_select.h"
 
 namespace strata::cuda::kernels {
@@ -41,13 +42,10 @@ __global__ void KeyBoundsKernel(KeyBoundsParams p) {
       const int64_t slot = SlotOf(p.block_table, p.page_size, t);
       const int64_t at = (slot * p.num_kv_heads + h) * p.head_dim + dim;
       // fp8 values are bf16 values too, so the bf16 bounds below stay exact.
-      const float2 v =
-          p.kv_fp8 ? __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(
-                         *reinterpret_cast<const __nv_fp8x2_storage_t*>(
-                             static_cast<const __nv_fp8_e4m3*>(p.k_cache) + at),
-                         __NV_E4M3)))
-                   : __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
-                         static_cast<const bf16*>(p.k_cache) + at));
+      const float2 v = p.kv_fp8 ? Fp8x2ToFloat2(*reinterpret_cast<const uint16_t*>(
+                                      static_cast<const __nv_fp8_e4m3*>(p.k_cache) + at))
+                                : __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(
+                                      static_cast<const bf16*>(p.k_cache) + at));
       lo.x = fminf(lo.x, v.x);
       lo.y = fminf(lo.y, v.y);
       hi.x = fmaxf(hi.x, v.x);

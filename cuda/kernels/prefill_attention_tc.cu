@@ -16,8 +16,6 @@
 // Shared memory rows (one per query row or key) hold head_dim bf16 in 16-byte
 // chunks; chunk c of row r is stored at chunk c ^ (r % 8), so the 8 rows an
 // ldmatrix phase reads at one logical chunk land in 8 different bank groups.
-#include "cuda/kernels/prefill_attention_tc.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -26,6 +24,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/kernels/fp8.cuh"
+#include "cuda/kernels/prefill_attention_tc.h"
 #include "cuda/kernels/ptx.cuh"
 
 namespace strata::cuda::kernels {
@@ -47,7 +47,7 @@ constexpr int kMinRows = 64;
 // larger block gains mostly from each K/V tile serving twice the rows.
 constexpr int kLaunchWarps = 8;
 constexpr int kLaunchWarpTiles = 2;
-constexpr int kKeys = 64;           // keys per K/V tile
+constexpr int kKeys = 64;  // keys per K/V tile
 constexpr int kStages = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   constexpr int kRowsPerPass = kThreads / kChunks;
   constexpr int kKPasses = kKeys / kRowsPerPass;
   constexpr int kQPasses = kRows / kRowsPerPass;
-  constexpr int kDTiles = kD / 8;    // 8-wide n tiles of O
-  constexpr int kDSteps = kD / 16;   // 16-wide k steps of S = Q K^T
+  constexpr int kDTiles = kD / 8;   // 8-wide n tiles of O
+  constexpr int kDSteps = kD / 16;  // 16-wide k steps of S = Q K^T
   // Keys per softmax step: with two m tiles the 64-key tile is consumed in
   // two 32-key steps (not unrolled), since O (128 registers at head_dim 128)
   // plus S of 64 keys (64) spill; unrolled, ptxas interleaves the steps and
@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   extern __shared__ __align__(128) unsigned char smem[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t q_smem = smem_base;
-  const uint32_t k_smem = q_smem + kRows * kD * 2;                // [kStages][kKeys][kD]
-  const uint32_t v_smem = k_smem + kStages * kKeys * kD * 2;      // [kStages][kKeys][kD]
+  const uint32_t k_smem = q_smem + kRows * kD * 2;            // [kStages][kKeys][kD]
+  const uint32_t v_smem = k_smem + kStages * kKeys * kD * 2;  // [kStages][kKeys][kD]
   constexpr uint32_t kStageBytes = kKeys * kD * 2;
   // kFp8: [kStages][K, V][kKeys][kD] fp8, rows unswizzled.
   const uint32_t raw_smem = v_smem + kStages * kStageBytes;
@@ -192,8 +192,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
       if constexpr (kFp8) {
         const uint32_t raw = raw_smem + stage * 2 * kRawBytes + r * kD + chunk * 8;
         CpAsync8(raw, static_cast<const __nv_fp8_e4m3*>(p.k_cache) + offset, bytes / 2);
-        CpAsync8(raw + kRawBytes, static_cast<const __nv_fp8_e4m3*>(p.v_cache) + offset,
-                 bytes / 2);
+        CpAsync8(raw + kRawBytes, static_cast<const __nv_fp8_e4m3*>(p.v_cache) + offset, bytes / 2);
       } else {
         const uint32_t dst = SwizzledOffset<kD>(r, chunk) + stage * kStageBytes;
         CpAsync16(k_smem + dst, static_cast<const bf16*>(p.k_cache) + offset, bytes);
@@ -218,9 +217,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
           uint32_t packed[4];
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const auto pair = static_cast<__nv_fp8x2_storage_t>(words[e / 2] >> (16 * (e % 2)));
-            const float2 f =
-                __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+            const float2 f = Fp8x2ToFloat2(words[e / 2] >> (16 * (e % 2)));
             packed[e] = PackBf16(f.x, f.y);
           }
           *reinterpret_cast<uint4*>(smem + (kv == 0 ? k_smem : v_smem) - smem_base + dst) =
@@ -425,7 +422,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
           }
         }
       }
-    }  // sub
+    }                 // sub
     __syncthreads();  // the next iteration's prefetch overwrites this stage
   }
 
@@ -464,9 +461,9 @@ cudaError_t Launch(const PagedAttentionParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = SmemBytes<kD, kWarps, kWarpTiles, kFp8>();
   // Above 48 KiB dynamic shared memory needs an explicit opt-in (per device,
   // so it is set on every launch rather than cached).
-  const cudaError_t attr = cudaFuncSetAttribute(
-      TensorCorePrefillKernel<kD, kWarps, kWarpTiles, kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-      static_cast<int>(kSmem));
+  const cudaError_t attr =
+      cudaFuncSetAttribute(TensorCorePrefillKernel<kD, kWarps, kWarpTiles, kFp8>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
   if (attr != cudaSuccess) return attr;
   // x = kv head, y = row tile (reversed in the kernel), z = sequence: blocks
   // are dispatched x-fastest, so all heads of the heaviest tiles go first.
