@@ -96,6 +96,9 @@ int RunServe(const ServeFlags& f) {
   auto loaded = engine::LoadModel({f.model_dir, f.dummy_weights}, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Model& model = *loaded->model;
+  STRATA_LOG_INFO("KV cache: {} pages of {} tokens, {} ({} bytes per token)",
+                  model.options().num_pages, model.options().page_size,
+                  engine::KvCacheTypeName(model.options().kv_cache), model.kv_bytes_per_token());
   // Requests name a profile; its index selects the KV policy.
   std::unique_ptr<kvtier::KvPolicyRunner> kv_policies;
   if (std::any_of(policies.begin(), policies.end(),
