@@ -120,13 +120,6 @@ constexpr int DecodeBlocksPerSm(int max_g, bool sparse, bool mma = false) {
   return max_g <= 4 ? (sparse ? 3 : 4) : 2;
 }
 
-// 2^x with the hardware approximation (2 ulp); ex2(-inf) = 0.
-__device__ __forceinline__ float Ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // Eight bf16 (as four packed words) -> fp32: a bf16 is the high half of a float.
 __device__ __forceinline__ void Unpack8(const uint4 w, float (&out)[8]) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
@@ -459,7 +452,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // The tile's first key is valid, so mx is finite.
       const float m_new = fmaxf(m[0], mx);
-      const float alpha = Ex2(m[0] - m_new);  // 0 while m is -inf
+      const float alpha = FastExp2(m[0] - m_new);  // 0 while m is -inf
       m[0] = m_new;
       float pr[2][2];
       float row_sum = 0.0f;
@@ -467,7 +460,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          pr[nt][e] = Ex2(s[nt][e] - m_new);
+          pr[nt][e] = FastExp2(s[nt][e] - m_new);
           row_sum += pr[nt][e];
         }
       }
@@ -549,8 +542,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
         for (int offset = kTG; offset < 32; offset <<= 1) {
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
         }
-        if (mx > m[g]) {                       // warp-uniform
-          const float alpha = Ex2(m[g] - mx);  // 0 while m is -inf
+        if (mx > m[g]) {                            // warp-uniform
+          const float alpha = FastExp2(m[g] - mx);  // 0 while m is -inf
           l[g] *= alpha;
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[g][e] *= alpha;
@@ -566,7 +559,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
         ReadChunk<Cache>(buf + kTileBytes + u * 32 * kChunkBytes, d_active, v);
 #pragma unroll
         for (int g = 0; g < kMaxG; ++g) {
-          const float pr = Ex2(s[u][g] - m[g]);
+          const float pr = FastExp2(s[u][g] - m[g]);
           l[g] += pr;
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(pr, v[e], acc[g][e]);
@@ -645,7 +638,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) {
       const float mw = red_m[w * kMaxG + g];
-      const float weight = mw == kNegInf ? 0.0f : Ex2(mw - big_m);
+      const float weight = mw == kNegInf ? 0.0f : FastExp2(mw - big_m);
       sum += weight * partial[(w * kMaxG + g) * D + d];
       total += weight * red_l[w * kMaxG + g];
     }
@@ -701,9 +694,10 @@ __global__ void DecodeCombineKernel(const __grid_constant__ PagedAttentionParams
   for (int j = 0; j < num_splits; ++j) max_m = fmaxf(max_m, weight[j]);
   // The query's own key is in some split, so max_m is finite.
   float total = 0.0f;
-  for (int j = 0; j < num_splits; ++j) total += Ex2(weight[j] - max_m) * sums[j];
+  for (int j = 0; j < num_splits; ++j) total += FastExp2(weight[j] - max_m) * sums[j];
   __syncthreads();  // every thread has read the maxima
-  for (int j = threadIdx.x; j < num_splits; j += blockDim.x) weight[j] = Ex2(weight[j] - max_m);
+  for (int j = threadIdx.x; j < num_splits; j += blockDim.x)
+    weight[j] = FastExp2(weight[j] - max_m);
   __syncthreads();
   bf16* out = static_cast<bf16*>(p.out) + static_cast<int64_t>(q_begin) * p.num_q_heads * D +
               static_cast<int64_t>(head) * D;

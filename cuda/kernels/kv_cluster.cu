@@ -274,6 +274,26 @@ __device__ __forceinline__ void Better(float s, int j, float& best, int& index) 
   }
 }
 
+// Merges the best (score, cluster) of the 4 lanes of a quad that share key
+// `row` (mma C layout), then the quad's first lane (`writer`) stores the
+// assignment and the sort key. Returns whether the assignment changed.
+__device__ __forceinline__ bool StoreAssignment(float best, int index, int row, bool writer, int h,
+                                                int n, int clusters, int32_t* __restrict__ assign,
+                                                uint32_t* __restrict__ sort_keys) {
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    const float other_best = __shfl_xor_sync(0xffffffffu, best, off);
+    const int other_index = __shfl_xor_sync(0xffffffffu, index, off);
+    Better(other_best, other_index, best, index);
+  }
+  if (!writer || row >= n) return false;
+  const int64_t at = static_cast<int64_t>(h) * n + row;
+  sort_keys[at] = static_cast<uint32_t>(h * clusters + index);
+  if (assign[at] == index) return false;
+  assign[at] = index;
+  return true;
+}
+
 // The assignment pass. Block = kAssignWarps warps, each owning kMt m-tiles
 // of 16 keys whose A fragments (raw bf16 keys, kKs k-steps of 16 dims) stay
 // in registers; centroids stream through shared memory in chunks of kChunk
@@ -381,23 +401,8 @@ __global__ void __launch_bounds__(kAssignWarps * 32, 2)
   for (int m = 0; m < kMt; ++m) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float b = best[m][half];
-      int j = index[m][half];
-#pragma unroll
-      for (int off = 1; off < 4; off <<= 1) {
-        const float ob = __shfl_xor_sync(0xffffffffu, b, off);
-        const int oj = __shfl_xor_sync(0xffffffffu, j, off);
-        Better(ob, oj, b, j);
-      }
-      const int row = row0 + m * 16 + g + half * 8;
-      if (q == 0 && row < n) {
-        const int64_t at = static_cast<int64_t>(h) * n + row;
-        if (assign[at] != j) {
-          assign[at] = j;
-          any_change = true;
-        }
-        sort_keys[at] = static_cast<uint32_t>(h * clusters + j);
-      }
+      any_change |= StoreAssignment(best[m][half], index[m][half], row0 + m * 16 + g + half * 8,
+                                    q == 0, h, n, clusters, assign, sort_keys);
     }
   }
   if (__any_sync(0xffffffffu, any_change) && lane == 0) *changed = 1;
@@ -510,23 +515,9 @@ __global__ void __launch_bounds__(kWgAssignThreads, 2)
   bool any_change = false;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float b = best[half];
-    int j = index[half];
-#pragma unroll
-    for (int off = 1; off < 4; off <<= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, b, off);
-      const int oj = __shfl_xor_sync(0xffffffffu, j, off);
-      Better(ob, oj, b, j);
-    }
-    const int row = row0 + 64 * wg + 16 * (warp % 4) + g + 8 * half;
-    if (q == 0 && row < n) {
-      const int64_t at = static_cast<int64_t>(h) * n + row;
-      if (assign[at] != j) {
-        assign[at] = j;
-        any_change = true;
-      }
-      sort_keys[at] = static_cast<uint32_t>(h * clusters + j);
-    }
+    any_change |=
+        StoreAssignment(best[half], index[half], row0 + 64 * wg + 16 * (warp % 4) + g + 8 * half,
+                        q == 0, h, n, clusters, assign, sort_keys);
   }
   if (__any_sync(0xffffffffu, any_change) && lane == 0) *changed = 1;
 #else

@@ -26,6 +26,7 @@
 
 #include "cuda/kernels/fp8.cuh"
 #include "cuda/kernels/prefill_attention_tc.h"
+#include "cuda/kernels/prefill_tile.cuh"
 #include "cuda/kernels/ptx.cuh"
 
 namespace strata::cuda::kernels {
@@ -65,19 +66,6 @@ __device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
   return static_cast<uint32_t>(row * (kD * 2) + ((chunk ^ (row & 7)) << 4));
 }
 
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// ex2.approx: one MUFU instruction; exp2f without fast math adds range
-// handling that the softmax does not need (its inputs are <= 0 or -inf).
-__device__ __forceinline__ float FastExp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // 8 warps per SM in all shapes (two blocks of 4 warps or one of 8): at up to
 // 255 registers a thread no more fit.
 // kFp8: the caches hold fp8 e4m3. Each thread's cp.async copies then land
@@ -109,29 +97,20 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
   constexpr int kQRegSteps = kQInRegs ? kDSteps : 1;
   static_assert(kThreads % kChunks == 0 && kKeys % kRowsPerPass == 0, "copy shape");
 
+  PrefillTile block_tile;
+  if (!GetPrefillTile(p, kRows, block_tile)) return;
   const int seq = blockIdx.z;
   const int kv_head = blockIdx.x;
-  const int q_begin = p.query_start[seq];
-  const int q_len = p.query_start[seq + 1] - q_begin;
-  if (q_len <= 1) return;  // decode sequences belong to the decode kernel
-
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int rows_total = q_len * G;
-  // Row tiles run last-first: the tiles nearest the end of the chunk see the
-  // most keys, and starting them first keeps the tail of the grid short.
-  const int row_tiles = (rows_total + kRows - 1) / kRows;
-  const int tile = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
-  if (tile >= row_tiles) return;
-  const int row0 = tile * kRows;
-
-  const int ctx = p.context_len[seq];
-  const int first_pos = ctx - q_len;  // position of local token 0
+  const int q_begin = block_tile.q_begin;
+  const int G = block_tile.group;
+  const int rows_total = block_tile.rows_total;
+  const int row0 = block_tile.row0;
+  const int first_pos = block_tile.first_pos;
   const int window = p.sliding_window;
-  const int last_row = min(rows_total - 1, row0 + kRows - 1);
-  const int pos_first = first_pos + row0 / G;
-  const int pos_last = first_pos + last_row / G;
-  const int key_lo = window > 0 ? max(0, pos_first - window + 1) : 0;
-  const int key_hi = pos_last + 1;  // exclusive
+  const int pos_first = block_tile.pos_first;
+  const int pos_last = block_tile.pos_last;
+  const int key_lo = block_tile.key_lo;
+  const int key_hi = block_tile.key_hi;  // exclusive
   const int num_tiles = (key_hi - key_lo + kKeys - 1) / kKeys;
 
   extern __shared__ __align__(128) unsigned char smem[];

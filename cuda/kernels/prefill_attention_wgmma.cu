@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "cuda/kernels/prefill_attention_wgmma.h"
+#include "cuda/kernels/prefill_tile.cuh"
 #include "cuda/kernels/ptx.cuh"
 #include "cuda/kernels/wgmma.cuh"
 
@@ -38,43 +39,23 @@ constexpr size_t kSmemBytes =
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kRows == kKeys, "tiles share one layout");
 
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ float FastExp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
 __global__ void __launch_bounds__(kThreads, 1)
     WgmmaPrefillKernel(const __grid_constant__ PagedAttentionParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  PrefillTile block_tile;
+  if (!GetPrefillTile(p, kRows, block_tile)) return;
   const int seq = blockIdx.z;
   const int kv_head = blockIdx.x;
-  const int q_begin = p.query_start[seq];
-  const int q_len = p.query_start[seq + 1] - q_begin;
-  if (q_len <= 1) return;  // decode sequences belong to the decode kernel
-
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int rows_total = q_len * G;
-  // Row tiles run last-first: the tiles nearest the end of the chunk see the
-  // most keys, and starting them first keeps the tail of the grid short.
-  const int row_tiles = (rows_total + kRows - 1) / kRows;
-  const int tile = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
-  if (tile >= row_tiles) return;
-  const int row0 = tile * kRows;
-
-  const int ctx = p.context_len[seq];
-  const int first_pos = ctx - q_len;  // position of local token 0
+  const int q_begin = block_tile.q_begin;
+  const int G = block_tile.group;
+  const int rows_total = block_tile.rows_total;
+  const int row0 = block_tile.row0;
+  const int first_pos = block_tile.first_pos;
   const int window = p.sliding_window;
-  const int last_row = min(rows_total - 1, row0 + kRows - 1);
-  const int pos_first = first_pos + row0 / G;
-  const int pos_last = first_pos + last_row / G;
-  const int key_lo = window > 0 ? max(0, pos_first - window + 1) : 0;
-  const int key_hi = pos_last + 1;  // exclusive
+  const int pos_first = block_tile.pos_first;
+  const int pos_last = block_tile.pos_last;
+  const int key_lo = block_tile.key_lo;
+  const int key_hi = block_tile.key_hi;  // exclusive
   const int num_tiles = (key_hi - key_lo + kKeys - 1) / kKeys;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
