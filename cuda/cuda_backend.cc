@@ -915,6 +915,7 @@ kernels::PagedAttentionParams AttentionParams(const Tensor& qkv, const QkvLayout
   params.k_cache = k_cache.data();
   params.v_cache = v_cache.data();
   params.kv_fp8 = k_cache.dtype() == DType::kF8E4M3;
+  params.num_cache_slots = k_cache.dim(0) * k_cache.dim(1);
   params.out = out.data();
   params.block_table = batch.block_table.data_as<int32_t>();
   params.max_blocks_per_seq = batch.max_blocks_per_seq;

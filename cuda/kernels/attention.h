@@ -44,6 +44,9 @@ struct PagedAttentionParams {
   const void* k_cache = nullptr;
   const void* v_cache = nullptr;
   bool kv_fp8 = false;
+  // num_pages * page_size: the slots each cache holds (0 if unknown; the
+  // copy-engine prefill kernel needs it to describe the caches).
+  int64_t num_cache_slots = 0;
   // [T, num_q_heads * head_dim] bf16, 16-byte aligned.
   void* out = nullptr;
   // Device arrays as in engine::AttentionBatch.

@@ -868,6 +868,25 @@ INSTANTIATE_TEST_SUITE_P(
         AttentionCase{"tc_long_chunk_gqa4_d128", 8, 2, 128, 16, {{4000, 5000}}}),
     [](const ::testing::TestParamInfo<AttentionCase>& info) { return info.param.name; });
 
+// Prefill with head_dim 128 on a bf16 cache on Hopper: the copy-engine
+// kernel, whose copies are whole pages of 8 to 64 slots or 128-slot spans of
+// longer pages, and whose last tile of a block is zeroed past the context
+// (the caches hold NaN there). A page of 24 slots fits neither and falls
+// back to the mma.sync kernel; on other GPUs every case does. Windows start
+// tiles below the window (aligned to 128 keys) and mask the keys below it.
+INSTANTIATE_TEST_SUITE_P(
+    CopyEnginePrefill, CudaAttentionTest,
+    ::testing::Values(
+        AttentionCase{"tma_page8_gqa4", 8, 2, 128, 8, {{300, 300}, {129, 1000}, {2, 9}}},
+        AttentionCase{"tma_page32_gqa8", 16, 2, 128, 32, {{127, 127}, {128, 256}, {1, 40}}},
+        AttentionCase{"tma_page256_gqa4", 8, 2, 128, 256, {{200, 700}, {513, 513}}},
+        AttentionCase{"tma_page512_mha", 2, 2, 128, 512, {{300, 1100}}},
+        AttentionCase{"tma_window200_page256", 8, 2, 128, 256, {{500, 900}, {3, 250}}, 200},
+        AttentionCase{"tma_window129_page16", 8, 1, 128, 16, {{600, 1000}}, 129},
+        AttentionCase{"page24_fallback_d128", 8, 2, 128, 24, {{100, 100}, {50, 77}}},
+        AttentionCase{"tma_long_gqa4", 32, 8, 128, 16, {{2048, 3000}}}),
+    [](const ::testing::TestParamInfo<AttentionCase>& info) { return info.param.name; });
+
 // Decode on the cp.async-pipelined kernel: pages whose size is not a power of
 // two (block-table division path), a page of one token, long contexts split
 // over many blocks whose last tile is partial, and windows in such splits.
