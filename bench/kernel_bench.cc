@@ -123,7 +123,20 @@ double TimeAttention(Backend& b, int seqs, int q_len, int ctx, int reps,
   });
 }
 
-void Run() {
+void RunModel(Backend& b, double copy_bw, double gemm_peak,
+              const std::function<bool(const char*)>& wanted);
+void PrintTable();
+
+// Sections a run can be limited to (all when none is named); the limits are
+// always measured, since every ratio needs them.
+constexpr const char* kSections[] = {"linear", "decode-attention", "prefill-attention", "decode",
+                                     "prefill"};
+
+void Run(const std::vector<std::string>& sections) {
+  auto wanted = [&](const char* section) {
+    return sections.empty() ||
+           std::find(sections.begin(), sections.end(), section) != sections.end();
+  };
   auto backend = Check(cuda::CreateCudaBackend(0), "cuda backend");
   Backend& b = *backend;
   cudaDeviceProp prop;
@@ -166,7 +179,7 @@ void Run() {
   // the whole cost, so the rate is compared with the copy bandwidth. Several
   // copies of W are cycled so that none is still in L2 (50 MB on an H100)
   // from the previous call.
-  {
+  if (wanted("linear")) {
     struct Shape {
       const char* name;
       int64_t n, k;
@@ -195,7 +208,7 @@ void Run() {
   }
 
   // Decode attention: batch 16, 32k context, bf16 KV. Bytes: K and V once.
-  {
+  if (wanted("decode-attention")) {
     const double t = TimeAttention(b, 16, 1, 32768, 7);
     const double kv_bytes = 16.0 * 32768 * 8 * 128 * 2 * 2;
     Report({"decode attention b16 ctx32k: time", t * 1e3, "ms", 0, "-"});
@@ -213,6 +226,7 @@ void Run() {
   }
   // Prefill attention, causal, one sequence: FLOPs 4 * S^2 / 2 * Hq * d.
   for (int s : {8192, 32768}) {
+    if (!wanted("prefill-attention")) break;
     const double t = TimeAttention(b, 1, s, s, s > 8192 ? 3 : 5);
     const double flops = 4.0 * s * s / 2 * 32 * 128;
     Report({"prefill attention causal " + std::to_string(s / 1024) + "k: time", t * 1e3, "ms", 0,
@@ -226,7 +240,13 @@ void Run() {
     }
   }
 
-  // Whole model at the Llama-3-8B shape, random weights.
+  if (wanted("decode") || wanted("prefill")) RunModel(b, copy_bw, gemm_peak, wanted);
+  PrintTable();
+}
+
+// Whole model at the Llama-3-8B shape, random weights.
+void RunModel(Backend& b, double copy_bw, double gemm_peak,
+              const std::function<bool(const char*)>& wanted) {
   const engine::ModelConfig config = Check(engine::PresetModelConfig("llama-3-8b"), "preset");
   engine::ModelOptions options;
   options.max_seqs = 64;
@@ -240,6 +260,7 @@ void Run() {
 
   // Decode steps at context 1k: `seqs` sequences, one token each.
   for (int seqs : {1, 8, 16, 32, 64}) {
+    if (!wanted("decode")) break;
     engine::StepInput in;
     in.query_start.push_back(0);
     const int ctx = 1024, per_seq = ctx / 16 + 1;
@@ -265,7 +286,7 @@ void Run() {
     Report({"decode b" + std::to_string(seqs) + " ctx1k: throughput", seqs / t, "tok/s", 0, "-"});
   }
   // Prefill of one 8k prompt: FLOPs = 2 * params * tokens + causal attention.
-  {
+  if (wanted("prefill")) {
     const int s = 8192;
     engine::StepInput in;
     for (int i = 0; i < s; ++i) {
@@ -289,7 +310,9 @@ void Run() {
     Report({"prefill 8k prompt: throughput", (matmul_flops + attn_flops) / t / 1e12, "TFLOP/s",
             gemm_peak, "bf16 GEMM"});
   }
+}
 
+void PrintTable() {
   std::printf("\n%-48s %12s %-8s %12s  %-26s %7s\n", "figure", "value", "unit", "limit", "limit is",
               "ratio");
   for (const Row& r : rows) {
@@ -306,7 +329,20 @@ void Run() {
 }  // namespace
 }  // namespace strata::bench
 
-int main() {
-  strata::bench::Run();
+int main(int argc, char** argv) {
+  std::vector<std::string> sections;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (std::find(std::begin(strata::bench::kSections), std::end(strata::bench::kSections), arg) ==
+        std::end(strata::bench::kSections)) {
+      std::fprintf(stderr,
+                   "usage: strata_kernel_bench [SECTION...]\nunknown section '%s'; sections: "
+                   "linear decode-attention prefill-attention decode prefill\n",
+                   arg.c_str());
+      return 2;
+    }
+    sections.push_back(arg);
+  }
+  strata::bench::Run(sections);
   return 0;
 }

@@ -8,9 +8,9 @@
 // S's accumulators for columns 16kk .. 16kk + 15 are exactly P's A fragment
 // for k step kk, so P never leaves registers.
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <cudaTypedefs.h>
 
 #include <cmath>
 #include <cstdint>
@@ -37,18 +37,19 @@ constexpr int kConsumerWarps = 8;
 // fits the 64 K register file.
 constexpr int kLoaderRegisters = 24;
 constexpr int kConsumerRegisters = 240;
-// K/V stages in flight.
-constexpr int kStages = 2;
 // Copies are pages, or 128-key spans of pages longer than a tile, of at least
 // 8 rows: a copy then covers whole 1024-byte swizzle atoms.
 constexpr int kMinCopyRows = 8;
 constexpr uint32_t kBlockBytes = SwizzledBlockBytes(128);  // one 64-dim column block
 constexpr uint32_t kTileBytes = 2 * kBlockBytes;           // 128 rows x 128 dims, bf16
 constexpr uint32_t kRowBytes = kD * 2;                     // one key row of a tile
-// Barriers: K full / empty and V full / empty per stage, and the tail's.
-constexpr int kBarriers = 4 * kStages + 1;
-constexpr size_t kSmemBytes =
-    1024 + size_t{kTileBytes} * (1 + 2 * kStages) + 8 * kBarriers;  // + alignment: 161 KiB
+// K/V stages in flight. (Three measured no faster on an H100, nor did the
+// consumer warpgroups taking turns to issue their products through named
+// barriers, FlashAttention-3's "ping-pong": 8k and 32k within 1%.)
+constexpr int kStages = 2;
+// Shared memory: Q, the stages, and the barriers (K full / empty and V
+// full / empty per stage, and the tail's), + alignment: 161 KiB.
+constexpr size_t kSmemBytes = 1024 + size_t{kTileBytes} * (1 + 2 * kStages) + 8 * (4 * kStages + 1);
 constexpr float kLog2e = 1.4426950408889634f;
 static_assert(kRows == kKeys, "tiles share one layout");
 
@@ -159,8 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int chunk = i % chunks;
           const uint32_t addr = (part < 2 ? k_dst : v_dst) + (part % 2) * kBlockBytes +
                                 static_cast<uint32_t>(valid) * 128 + chunk * 16;
-          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0)
-                       : "memory");
+          asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
         }
         FenceProxyAsync();
         __syncwarp();
@@ -226,24 +226,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     float l[2] = {0.0f, 0.0f};
     uint32_t pa[kKeys / 16][4];  // P of the tile whose P V is next
 
+    // Descriptors are built once: a descriptor's low bits are the address
+    // / 16, so one at a byte offset from another is that one + offset / 16
+    // (shared addresses stay below 256 KiB, inside the 14-bit field).
+    const uint64_t q_desc = Descriptor(q_smem + 64 * cg * 128, 16, 1024);
+    const uint64_t k_desc = Descriptor(k_smem, 16, 1024);
+    const uint64_t v_desc = Descriptor(v_smem, kBlockBytes, 1024);
     // S = Q K^T of the tile in `stage`: 8 k steps of 16 dims.
     auto issue_s = [&](int stage) {
+      const uint64_t k_stage_desc = k_desc + stage * (kTileBytes >> 4);
 #pragma unroll
       for (int ks = 0; ks < kD / 16; ++ks) {
-        const uint32_t k_offset = (ks / 4) * kBlockBytes + (ks % 4) * 32;
-        const uint64_t desc_q = Descriptor(q_smem + 64 * cg * 128 + k_offset, 16, 1024);
-        const uint64_t desc_k = Descriptor(k_smem + stage * kTileBytes + k_offset, 16, 1024);
-        WgmmaSS(s, desc_q, desc_k, ks > 0 ? 1 : 0);
+        const uint32_t k_offset = ((ks / 4) * kBlockBytes + (ks % 4) * 32) >> 4;
+        WgmmaSS(s, q_desc + k_offset, k_stage_desc + k_offset, ks > 0 ? 1 : 0);
       }
       WgmmaCommit();
     };
     // O += P V of the tile whose V sits in `stage`.
     auto issue_pv = [&](int stage) {
+      const uint64_t v_stage_desc = v_desc + stage * (kTileBytes >> 4);
 #pragma unroll
       for (int kk = 0; kk < kKeys / 16; ++kk) {
-        const uint64_t desc_v =
-            Descriptor(v_smem + stage * kTileBytes + 16 * kk * 128, kBlockBytes, 1024);
-        WgmmaRS(o, pa[kk], desc_v);
+        WgmmaRS(o, pa[kk], v_stage_desc + ((16 * kk * 128) >> 4));
       }
       WgmmaCommit();
     };
@@ -257,9 +261,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     // unscaled: the running max is kept on raw scores (the scale is
     // positive) and the scale folds into the exponent's FMA. Returns each
     // row's rescale factor for O.
-    auto softmax = [&](int key0, float (&alpha)[2]) {
-      const bool need_mask = key0 + kKeys - 1 > pos_first ||
-                             (window > 0 && key0 < pos_last - window + 1);
+    auto softmax = [&](int key0, float(&alpha)[2]) {
+      const bool need_mask =
+          key0 + kKeys - 1 > pos_first || (window > 0 && key0 < pos_last - window + 1);
       if (need_mask) {
 #pragma unroll
         for (int j = 0; j < kKeys / 8; ++j) {
@@ -325,11 +329,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int stage = it % kStages;
       const int prev = (it - 1) % kStages;
       MbarrierWait(k_full(stage), (it / kStages) & 1);
+      MbarrierWait(v_full(prev), ((it - 1) / kStages) & 1);
       PinRegisters(s);
       PinRegisters(o);
       WgmmaFence();
       issue_s(stage);
-      MbarrierWait(v_full(prev), ((it - 1) / kStages) & 1);
       issue_pv(prev);
       WgmmaWait<1>();  // S has landed; P V may still run
       PinRegisters(s);
@@ -433,8 +437,7 @@ bool CanUseWgmmaPrefill(const PagedAttentionParams& p) {
   if (p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0) return false;
   if (p.num_kv_heads > 65535 || p.num_seqs > 65535 || p.qkv_row_width % 8 != 0) return false;
   // Each copy is whole pages of at least 8 rows, or a 128-key span of one.
-  if (p.page_size < kMinCopyRows ||
-      (kKeys % p.page_size != 0 && p.page_size % kKeys != 0)) {
+  if (p.page_size < kMinCopyRows || (kKeys % p.page_size != 0 && p.page_size % kKeys != 0)) {
     return false;
   }
   if (p.num_cache_slots <= 0 || p.num_cache_slots > (int64_t{1} << 31)) return false;
