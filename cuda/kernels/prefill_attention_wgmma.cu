@@ -55,8 +55,10 @@ static_assert(kRows == kKeys, "tiles share one layout");
 
 __global__ void __launch_bounds__(kThreads, 1)
     WgmmaPrefillKernel(const __grid_constant__ PagedAttentionParams p,
-                       const __grid_constant__ CUtensorMap k_map,
-                       const __grid_constant__ CUtensorMap v_map) {
+                       const __grid_constant__ CUtensorMap k_page_map,
+                       const __grid_constant__ CUtensorMap v_page_map,
+                       const __grid_constant__ CUtensorMap k_tile_map,
+                       const __grid_constant__ CUtensorMap v_tile_map) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   PrefillTile block_tile;
   if (!GetPrefillTile(p, kRows, block_tile)) return;
@@ -103,9 +105,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
 
   if (wg == 0) {
-    // ---- Loader: one warp walks the tiles, each lane copying one page (or
-    // one 128-key span of a long page) of K and then of V per tile, each
-    // stage once the consumers have released it.
+    // ---- Loader: one warp walks the tiles and copies K and then V of each
+    // into a stage once the consumers have released it. A tile whose pages
+    // are consecutive slots (as the page allocator hands out a prompt's
+    // pages) is one copy per 64-dim column block; otherwise each lane copies
+    // one page (or one 128-key span of a long page). Small copies cost: at
+    // 8k keys one 16 KiB copy per column block ran 1.18x faster than sixteen
+    // of 2 KiB (pages of 16) on an H100.
     SetMaxRegistersDec<kLoaderRegisters>();
     if (warp != 0) return;
     const int32_t* table = p.block_table + static_cast<int64_t>(blockIdx.z) * p.max_blocks_per_seq;
@@ -130,27 +136,36 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
       const uint32_t k_dst = k_smem + stage * kTileBytes;
       const uint32_t v_dst = v_smem + stage * kTileBytes;
-      for (int c = lane; c < copies; c += 32) {
-        const int pos = key0 + c * copy_rows;
-        const int slot = table[pos / p.page_size] * p.page_size + pos % p.page_size;
-        const uint32_t offset = static_cast<uint32_t>(c * copy_rows) * 128;
-        const uint32_t bar = tail ? tail_bar : k_full(stage);
-        TmaLoad3d(k_dst + offset, &k_map, 0, kv_head, slot, bar);
-        TmaLoad3d(k_dst + kBlockBytes + offset, &k_map, 64, kv_head, slot, bar);
+      // copies <= 128 / kMinCopyRows = 16: one lane each.
+      int slot = 0;
+      if (lane < copies) {
+        const int pos = key0 + lane * copy_rows;
+        slot = table[pos / p.page_size] * p.page_size + pos % p.page_size;
       }
+      const int first_slot = __shfl_sync(0xffffffffu, slot, 0);
+      const bool one_run =
+          !tail && __all_sync(0xffffffffu, lane >= copies || slot == first_slot + lane * copy_rows);
+      // Copies K or V of this tile into the tile at `dst`.
+      auto copy_tile = [&](uint32_t dst, const CUtensorMap* page_map, const CUtensorMap* tile_map,
+                           uint32_t bar) {
+        if (one_run) {
+          if (lane == 0) {
+            TmaLoad3d(dst, tile_map, 0, kv_head, first_slot, bar);
+            TmaLoad3d(dst + kBlockBytes, tile_map, 64, kv_head, first_slot, bar);
+          }
+        } else if (lane < copies) {
+          const uint32_t offset = static_cast<uint32_t>(lane * copy_rows) * 128;
+          TmaLoad3d(dst + offset, page_map, 0, kv_head, slot, bar);
+          TmaLoad3d(dst + kBlockBytes + offset, page_map, 64, kv_head, slot, bar);
+        }
+      };
+      copy_tile(k_dst, &k_page_map, &k_tile_map, tail ? tail_bar : k_full(stage));
       if (!tail) {
         MbarrierWait(v_empty(stage), parity ^ 1);
         if (lane == 0) MbarrierArriveExpectTx(v_full(stage), bytes);
         __syncwarp();
       }
-      for (int c = lane; c < copies; c += 32) {
-        const int pos = key0 + c * copy_rows;
-        const int slot = table[pos / p.page_size] * p.page_size + pos % p.page_size;
-        const uint32_t offset = static_cast<uint32_t>(c * copy_rows) * 128;
-        const uint32_t bar = tail ? tail_bar : v_full(stage);
-        TmaLoad3d(v_dst + offset, &v_map, 0, kv_head, slot, bar);
-        TmaLoad3d(v_dst + kBlockBytes + offset, &v_map, 64, kv_head, slot, bar);
-      }
+      copy_tile(v_dst, &v_page_map, &v_tile_map, tail ? tail_bar : v_full(stage));
       if (tail) {
         MbarrierWait(tail_bar, 0);  // a block has at most one tail tile
         // Rows valid .. 127 of both column blocks of K and V: 16-byte zeros.
@@ -461,9 +476,12 @@ cudaError_t LaunchWgmmaPrefill(const PagedAttentionParams& p, cudaStream_t strea
   const int G = p.num_q_heads / p.num_kv_heads;
   const int64_t row_tiles = (static_cast<int64_t>(p.max_query_len) * G + kRows - 1) / kRows;
   const int copy_rows = p.page_size < kKeys ? p.page_size : kKeys;
-  CUtensorMap k_map, v_map;
-  if (!EncodeCacheMap(p.k_cache, p, copy_rows, &k_map) ||
-      !EncodeCacheMap(p.v_cache, p, copy_rows, &v_map)) {
+  // Maps whose boxes are a page (or 128-slot span), and a whole tile.
+  CUtensorMap k_page_map, v_page_map, k_tile_map, v_tile_map;
+  if (!EncodeCacheMap(p.k_cache, p, copy_rows, &k_page_map) ||
+      !EncodeCacheMap(p.v_cache, p, copy_rows, &v_page_map) ||
+      !EncodeCacheMap(p.k_cache, p, kKeys, &k_tile_map) ||
+      !EncodeCacheMap(p.v_cache, p, kKeys, &v_tile_map)) {
     return cudaErrorInvalidValue;
   }
   // Above 48 KiB dynamic shared memory needs an explicit opt-in (per device,
@@ -474,7 +492,8 @@ cudaError_t LaunchWgmmaPrefill(const PagedAttentionParams& p, cudaStream_t strea
   if (attr != cudaSuccess) return attr;
   // x = kv head, y = row tile (reversed in the kernel), z = sequence.
   const dim3 grid(p.num_kv_heads, static_cast<unsigned>(row_tiles), p.num_seqs);
-  WgmmaPrefillKernel<<<grid, kThreads, kSmemBytes, stream>>>(p, k_map, v_map);
+  WgmmaPrefillKernel<<<grid, kThreads, kSmemBytes, stream>>>(p, k_page_map, v_page_map, k_tile_map,
+                                                             v_tile_map);
   return cudaGetLastError();
 }
 

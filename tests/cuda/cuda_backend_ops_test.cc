@@ -625,13 +625,17 @@ struct AttentionCase {
   int hq, hkv, d, page_size;
   std::vector<SeqSpec> seqs;
   int sliding_window = 0;
+  // Pages handed out in order, as a fresh page allocator does, instead of
+  // shuffled: a sequence's pages are then consecutive slots.
+  bool pages_in_order = false;
 };
 
 std::string Describe(const AttentionCase& c) {
   std::vector<std::string> seqs;
   for (const SeqSpec& s : c.seqs) seqs.push_back(absl::StrCat(s.q_len, "/", s.context_len));
   return absl::StrCat("Attention ", c.name, ": Hq=", c.hq, " Hkv=", c.hkv, " D=", c.d,
-                      " page=", c.page_size, " window=", c.sliding_window, " seqs(q_len/context)=[",
+                      " page=", c.page_size, c.pages_in_order ? " (in order)" : "",
+                      " window=", c.sliding_window, " seqs(q_len/context)=[",
                       absl::StrJoin(seqs, " "), "]");
 }
 
@@ -660,7 +664,7 @@ TEST_P(CudaAttentionTest, MatchesCpu) {
   const int num_pages = total_pages + 3;
   std::vector<int32_t> pool(num_pages);
   std::iota(pool.begin(), pool.end(), 0);
-  std::shuffle(pool.begin(), pool.end(), rng_);
+  if (!c.pages_in_order) std::shuffle(pool.begin(), pool.end(), rng_);
   std::vector<int32_t> block_table(int64_t{num_seqs} * max_blocks, -1);
   std::vector<int32_t> query_start(num_seqs + 1, 0);
   std::vector<int32_t> context_len(num_seqs);
@@ -870,8 +874,9 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Prefill with head_dim 128 on a bf16 cache on Hopper: the copy-engine
 // kernel, whose copies are whole pages of 8 to 64 slots or 128-slot spans of
-// longer pages, and whose last tile of a block is zeroed past the context
-// (the caches hold NaN there). A page of 24 slots fits neither and falls
+// longer pages, or whole tiles where pages are in order (consecutive slots),
+// and whose last tile of a block is zeroed past the context (the caches hold
+// NaN there). A page of 24 slots fits neither and falls
 // back to the mma.sync kernel; on other GPUs every case does. Windows start
 // tiles below the window (aligned to 128 keys) and mask the keys below it.
 INSTANTIATE_TEST_SUITE_P(
@@ -884,7 +889,11 @@ INSTANTIATE_TEST_SUITE_P(
         AttentionCase{"tma_window200_page256", 8, 2, 128, 256, {{500, 900}, {3, 250}}, 200},
         AttentionCase{"tma_window129_page16", 8, 1, 128, 16, {{600, 1000}}, 129},
         AttentionCase{"page24_fallback_d128", 8, 2, 128, 24, {{100, 100}, {50, 77}}},
-        AttentionCase{"tma_long_gqa4", 32, 8, 128, 16, {{2048, 3000}}}),
+        AttentionCase{"tma_long_gqa4", 32, 8, 128, 16, {{2048, 3000}}},
+        AttentionCase{
+            "tma_in_order_gqa4", 8, 2, 128, 16, {{700, 1000}, {300, 300}, {1, 77}}, 0, true},
+        AttentionCase{"tma_in_order_page8_window", 8, 1, 128, 8, {{600, 900}}, 250, true},
+        AttentionCase{"tma_in_order_page64_mha", 4, 4, 128, 64, {{513, 513}}, 0, true}),
     [](const ::testing::TestParamInfo<AttentionCase>& info) { return info.param.name; });
 
 // Decode on the cp.async-pipelined kernel: pages whose size is not a power of
