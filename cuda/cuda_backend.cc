@@ -1166,6 +1166,7 @@ absl::Status CudaBackend::KeyBounds(const Tensor& k_cache, const engine::Sequenc
 
 // The largest num_blocks among plan entries [begin, end), from the host copy.
 int MaxNumBlocks(const engine::SparsePlan& plan, int begin, int end) {
+  if (plan.num_blocks_bound > 0) return plan.num_blocks_bound;  // validated >= every entry's
   int most = 0;
   for (int i = begin; i < end; ++i) most = std::max(most, plan.host(i, engine::kPlanNumBlocks));
   return most;

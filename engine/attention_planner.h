@@ -11,11 +11,20 @@
 // across steps by StepInput::seq_ids; Release forgets one whose KV is gone
 // (finished, cancelled or preempted).
 //
+// Decode steps may replay from recorded CUDA graphs: after BeginStep the
+// model asks GraphKey, and a planner whose layer plans this step are only
+// kernel launches (no cache reorganisation, no host reads) uploads what
+// they read and returns a key naming every host value the launches depend
+// on. The model then records PlanLayer's launches once per key and replays
+// them, calling Replayed instead of PlanLayer on later steps with that key.
+//
 // Thread-safety: driven by the thread that runs the model.
 #ifndef STRATA_ENGINE_ATTENTION_PLANNER_H_
 #define STRATA_ENGINE_ATTENTION_PLANNER_H_
 
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -31,9 +40,14 @@ class AttentionPlanner {
 
   // `batch` holds the step's device tables; it stays valid until the step ends.
   virtual absl::Status BeginStep(const StepInput& input, const AttentionBatch& batch) = 0;
-  virtual absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const Tensor& qkv,
-                                                      Tensor& k_cache, Tensor& v_cache) = 0;
+  virtual absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const Tensor& qkv, Tensor& k_cache,
+                                                      Tensor& v_cache) = 0;
   virtual void Release(int64_t seq_id) = 0;
+  // After BeginStep: the key of this step's layer plans when they can be
+  // replayed from a recording, nullopt when PlanLayer must run.
+  virtual absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() { return std::nullopt; }
+  // The step ran from a recording made under the current GraphKey.
+  virtual void Replayed() {}
 };
 
 }  // namespace strata::engine

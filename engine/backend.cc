@@ -13,13 +13,17 @@ absl::Status ValidateSparsePlan(const SparsePlan& plan, const AttentionBatch& ba
     return absl::InvalidArgumentError(absl::StrCat("sparse plan entry ", entry, ": ", what));
   };
   const int p = plan.num_entries;
-  if (p < 0 || static_cast<int64_t>(plan.host_entries.size()) !=
-                   int64_t{p} * kSparsePlanFields) {
+  if (p < 0 || static_cast<int64_t>(plan.host_entries.size()) != int64_t{p} * kSparsePlanFields) {
     return absl::InvalidArgumentError("sparse plan: host_entries does not hold num_entries rows");
   }
   if (p == 0) return absl::OkStatus();
   if (plan.max_keys < 1 || plan.max_blocks < 0) {
     return absl::InvalidArgumentError("sparse plan: max_keys must be >= 1 and max_blocks >= 0");
+  }
+  if (plan.num_blocks_bound < 0 || plan.num_blocks_bound > plan.max_blocks) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("sparse plan: num_blocks_bound ", plan.num_blocks_bound,
+                     " outside [0, max_blocks ", plan.max_blocks, "]"));
   }
   if (!plan.entries.defined() || plan.entries.dtype() != DType::kI32 ||
       plan.entries.numel() < int64_t{p} * kSparsePlanFields || !plan.key_index.defined() ||
@@ -36,13 +40,19 @@ absl::Status ValidateSparsePlan(const SparsePlan& plan, const AttentionBatch& ba
     const int32_t tail_begin = plan.host(i, kPlanTailBegin);
     const int32_t ctx = plan.host(i, kPlanContextLen);
     if (row < 0 || row >= num_rows) return bad(i, absl::StrCat("row ", row, " outside the step"));
-    if (seq < 0 || seq >= batch.num_seqs) return bad(i, absl::StrCat("sequence ", seq, " outside the batch"));
+    if (seq < 0 || seq >= batch.num_seqs)
+      return bad(i, absl::StrCat("sequence ", seq, " outside the batch"));
     if (batch.host_query_start[seq + 1] - batch.host_query_start[seq] != 1 ||
         batch.host_query_start[seq] != row) {
       return bad(i, "row is not the single query row of a decode sequence");
     }
-    if (slot < 0 || slot >= num_slots) return bad(i, absl::StrCat("slot ", slot, " outside the pools"));
+    if (slot < 0 || slot >= num_slots)
+      return bad(i, absl::StrCat("slot ", slot, " outside the pools"));
     if (blocks < 0 || blocks > plan.max_blocks) return bad(i, "num_blocks outside [0, max_blocks]");
+    if (plan.num_blocks_bound > 0 && blocks > plan.num_blocks_bound) {
+      return bad(i, absl::StrCat("num_blocks ", blocks, " above num_blocks_bound ",
+                                 plan.num_blocks_bound));
+    }
     if (budget < 0) return bad(i, "negative budget");
     if (!(0 <= sink_end && sink_end <= tail_begin && tail_begin < ctx &&
           ctx == batch.host_context_len[seq])) {

@@ -106,8 +106,13 @@ struct SparsePlan {
   int num_entries = 0;                // P
   int max_blocks = 0;                 // block stride of scores, summaries, extents
   int max_keys = 0;                   // key stride of key_index
-  Tensor key_index;                   // kI32 [>= P, Hkv, max_keys]: logical indices
-  Tensor key_count;                   // kI32 [>= P, Hkv]
+  // An upper bound of every entry's num_blocks that the backends size their
+  // launches by (0: the largest num_blocks of the entries). A planner whose
+  // steps replay from recorded graphs rounds it up, so that launches keep
+  // their shape while blocks are appended.
+  int num_blocks_bound = 0;
+  Tensor key_index;  // kI32 [>= P, Hkv, max_keys]: logical indices
+  Tensor key_count;  // kI32 [>= P, Hkv]
 
   int32_t host(int entry, SparsePlanField field) const {
     return host_entries[static_cast<size_t>(entry) * kSparsePlanFields + field];

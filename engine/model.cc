@@ -18,8 +18,8 @@ Model::Model(const ModelConfig& config, ModelWeights weights, Backend* backend,
 absl::StatusOr<KvCacheType> ParseKvCacheType(std::string_view name) {
   if (name == "auto") return KvCacheType::kActivation;
   if (name == "fp8" || name == "fp8_e4m3") return KvCacheType::kFp8E4M3;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown KV cache dtype \"", std::string(name), "\": expected auto or fp8_e4m3"));
+  return absl::InvalidArgumentError(absl::StrCat("unknown KV cache dtype \"", std::string(name),
+                                                 "\": expected auto or fp8_e4m3"));
 }
 
 const char* KvCacheTypeName(KvCacheType type) {
@@ -179,7 +179,7 @@ absl::StatusOr<std::vector<SampledToken>> Model::ForwardSample(const StepInput& 
     }
   }
   bool sampled = false;
-  if (options_.decode_graphs && !graphs_unsupported_ && planner_ == nullptr) {
+  if (options_.decode_graphs && !graphs_unsupported_) {
     STRATA_ASSIGN_OR_RETURN(sampled, SampleDecodeGraph(in, rows));
   }
   const int n = static_cast<int>(rows.size());
@@ -238,9 +238,12 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
   const int cap = std::min({options_.max_seqs, options_.max_batch_tokens, options_.max_logit_rows});
   int bucket = seqs <= 8 ? next_pow2(seqs) : (seqs + 15) / 16 * 16;
   if (bucket > cap) bucket = seqs;
+  // Padding rows would be planned as dense queries, turning a sparse step
+  // into a dense one with sparse rows on top.
+  if (planner_ != nullptr && bucket != seqs) return false;
   const int context_bound =
       next_pow2(*std::max_element(in.context_len.begin(), in.context_len.end()));
-  const std::pair<int, int> key{bucket, context_bound};
+  std::vector<int32_t> key{bucket, context_bound};
 
   Backend& b = *backend_;
   const int padding = bucket - seqs;
@@ -249,7 +252,17 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
     STRATA_ASSIGN_OR_RETURN(Tensor logits, Compute(batch, bucket, bucket));
     return Sample(logits, rows, bucket);
   };
+  if (planner_ != nullptr) {
+    STRATA_RETURN_IF_ERROR(planner_->BeginStep(in, batch));
+    STRATA_ASSIGN_OR_RETURN(std::optional<std::vector<int32_t>> planner_key, planner_->GraphKey());
+    if (!planner_key.has_value()) {
+      STRATA_RETURN_IF_ERROR(compute_and_sample());
+      return true;
+    }
+    key.insert(key.end(), planner_key->begin(), planner_key->end());
+  }
   auto it = decode_graphs_.find(key);
+  bool recorded_now = false;  // PlanLayer ran (and counted) in this step
   if (it == decode_graphs_.end()) {
     if (decode_graphs_seen_.insert(key).second) {
       // First sight: run directly, which sizes workspaces and GEMM plans.
@@ -272,6 +285,7 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
       }();
       absl::StatusOr<int> graph = b.EndCapture();
       if (recorded.ok() && graph.ok()) it = decode_graphs_.emplace(key, *graph).first;
+      recorded_now = true;
     }
     if (it == decode_graphs_.end()) {
       // Not capturable now (e.g. op timing is on, or a workspace had to
@@ -288,6 +302,7 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
     STRATA_RETURN_IF_ERROR(compute_and_sample());
   } else {
     STRATA_RETURN_IF_ERROR(replay);
+    if (planner_ != nullptr && !recorded_now) planner_->Replayed();
   }
   return true;
 }

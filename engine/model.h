@@ -141,7 +141,9 @@ class Model {
   // ForwardSample's validation and compute for a step through a decode
   // graph, leaving the tokens in sampled_ids_ / sampled_logprobs_; false
   // (nothing done) when the step is not a pure decode step of one logit row
-  // per sequence in order, which the caller then runs directly.
+  // per sequence in order (with a planner: and no padding), which the
+  // caller then runs directly. With a planner whose GraphKey is nullopt the
+  // step runs directly here.
   absl::StatusOr<bool> SampleDecodeGraph(const StepInput& input, std::span<const SamplingRow> rows);
 
   ModelConfig config_;
@@ -163,10 +165,11 @@ class Model {
   // Host staging of a (padded) step's small arrays.
   std::vector<int32_t> host_ids_, host_positions_, host_logit_rows_;
 
-  // Decode graphs: ids by (padded batch, context bound); pairs seen once
-  // (run directly, so workspaces and GEMM plans exist before a capture).
-  std::map<std::pair<int, int>, int> decode_graphs_;
-  std::set<std::pair<int, int>> decode_graphs_seen_;
+  // Decode graphs: ids by (padded batch, context bound, the planner's
+  // GraphKey); keys seen once (run directly, so workspaces and GEMM plans
+  // exist before a capture).
+  std::map<std::vector<int32_t>, int> decode_graphs_;
+  std::set<std::vector<int32_t>> decode_graphs_seen_;
   bool graphs_unsupported_ = false;
   int spare_page_ = 0;  // a cache page no sequence owns: padding rows write here
 };

@@ -30,13 +30,14 @@ class StreamingPolicy final : public KvPolicy {
   PolicyKind kind() const override { return PolicyKind::kStreaming; }
   int MaxBlocks(int) const override { return 0; }
   int MaxKeys(int max_context) const override {
-    return std::min(max_context, config_.sink_tokens + config_.window_tokens + config_.budget_tokens);
+    return std::min(max_context,
+                    config_.sink_tokens + config_.window_tokens + config_.budget_tokens);
   }
   int Budget() const override { return 0; }
   void Advance(int context_len, SequenceState& s, std::vector<SummaryWork>&) const override {
     s.sink_end = std::min(config_.sink_tokens, context_len - 1);
-    s.tail_begin = std::max(s.sink_end,
-                            context_len - config_.window_tokens - config_.budget_tokens);
+    s.tail_begin =
+        std::max(s.sink_end, context_len - config_.window_tokens - config_.budget_tokens);
     s.tail_begin = std::min(s.tail_begin, context_len - 1);  // the query itself
   }
 };
@@ -110,9 +111,12 @@ class ClusterKvPolicy final : public KvPolicy {
 // scoring runs over one contiguous range.
 int KindOrder(PolicyKind kind) {
   switch (kind) {
-    case PolicyKind::kClusterKv: return 0;
-    case PolicyKind::kQuest: return 1;
-    default: return 2;
+    case PolicyKind::kClusterKv:
+      return 0;
+    case PolicyKind::kQuest:
+      return 1;
+    default:
+      return 2;
   }
 }
 
@@ -123,16 +127,21 @@ absl::StatusOr<PolicyKind> ParsePolicyKind(std::string_view type) {
   if (type == "streaming") return PolicyKind::kStreaming;
   if (type == "quest") return PolicyKind::kQuest;
   if (type == "clusterkv") return PolicyKind::kClusterKv;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "kv_policy.type \"", std::string(type), "\" is not one of full, streaming, quest, clusterkv"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("kv_policy.type \"", std::string(type),
+                   "\" is not one of full, streaming, quest, clusterkv"));
 }
 
 std::string_view PolicyKindName(PolicyKind kind) {
   switch (kind) {
-    case PolicyKind::kFull: return "full";
-    case PolicyKind::kStreaming: return "streaming";
-    case PolicyKind::kQuest: return "quest";
-    case PolicyKind::kClusterKv: return "clusterkv";
+    case PolicyKind::kFull:
+      return "full";
+    case PolicyKind::kStreaming:
+      return "streaming";
+    case PolicyKind::kQuest:
+      return "quest";
+    case PolicyKind::kClusterKv:
+      return "clusterkv";
   }
   return "?";
 }
@@ -146,10 +155,14 @@ absl::StatusOr<std::unique_ptr<KvPolicy>> KvPolicy::Create(const KvPolicyConfig&
         "kmeans_iterations and quest_page_tokens >= 1");
   }
   switch (kind) {
-    case PolicyKind::kFull: return std::make_unique<FullPolicy>(c);
-    case PolicyKind::kStreaming: return std::make_unique<StreamingPolicy>(c);
-    case PolicyKind::kQuest: return std::make_unique<QuestPolicy>(c);
-    case PolicyKind::kClusterKv: return std::make_unique<ClusterKvPolicy>(c);
+    case PolicyKind::kFull:
+      return std::make_unique<FullPolicy>(c);
+    case PolicyKind::kStreaming:
+      return std::make_unique<StreamingPolicy>(c);
+    case PolicyKind::kQuest:
+      return std::make_unique<QuestPolicy>(c);
+    case PolicyKind::kClusterKv:
+      return std::make_unique<ClusterKvPolicy>(c);
   }
   return absl::InternalError("unreachable");
 }
@@ -189,8 +202,8 @@ absl::Status KvPolicyRunner::Allocate() {
   if (max_keys_ == 0) return absl::OkStatus();  // only full policies
   engine::Backend& b = model_->backend();
   const engine::ModelConfig& config = model_->config();
-  const int64_t slots = options_.max_sparse_seqs, hkv = config.num_kv_heads,
-                d = config.head_dim, blocks = std::max(max_blocks_, 1);
+  const int64_t slots = options_.max_sparse_seqs, hkv = config.num_kv_heads, d = config.head_dim,
+                blocks = std::max(max_blocks_, 1);
   const engine::DType dt = b.activation_dtype();
   for (int l = 0; l < config.num_layers; ++l) {
     STRATA_ASSIGN_OR_RETURN(Tensor ext, b.Allocate(engine::DType::kI32, {slots, hkv, blocks, 2}));
@@ -209,8 +222,10 @@ absl::Status KvPolicyRunner::Allocate() {
   STRATA_ASSIGN_OR_RETURN(scores_, b.Allocate(engine::DType::kF32, {slots, hkv, blocks}));
   plan_.max_blocks = static_cast<int>(blocks);
   plan_.max_keys = max_keys_;
-  STRATA_ASSIGN_OR_RETURN(plan_.entries, b.Allocate(engine::DType::kI32, {slots, engine::kSparsePlanFields}));
-  STRATA_ASSIGN_OR_RETURN(plan_.key_index, b.Allocate(engine::DType::kI32, {slots, hkv, max_keys_}));
+  STRATA_ASSIGN_OR_RETURN(plan_.entries,
+                          b.Allocate(engine::DType::kI32, {slots, engine::kSparsePlanFields}));
+  STRATA_ASSIGN_OR_RETURN(plan_.key_index,
+                          b.Allocate(engine::DType::kI32, {slots, hkv, max_keys_}));
   STRATA_ASSIGN_OR_RETURN(plan_.key_count, b.Allocate(engine::DType::kI32, {slots, hkv}));
   for (int s = options_.max_sparse_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
   return b.Synchronize();
@@ -220,6 +235,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
                                        const engine::AttentionBatch& batch) {
   batch_ = &batch;
   entries_.clear();
+  plan_.num_blocks_bound = 0;  // GraphKey may round it up
   for (int s = 0; s < batch.num_seqs; ++s) {
     const int policy = in.kv_policies.empty() ? 0 : in.kv_policies[s];
     if (policy < 0 || policy >= num_policies()) {
@@ -261,6 +277,60 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
     return KindOrder(a.policy->kind()) < KindOrder(b.policy->kind());
   });
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
+  if (options_.track_selection || observer_) return std::nullopt;
+  int most_blocks = 0;
+  for (const Entry& e : entries_) {
+    if (!e.work.empty()) return std::nullopt;
+    most_blocks = std::max(most_blocks, e.fields[engine::kPlanNumBlocks]);
+  }
+  std::vector<int32_t> key, fields;
+  int64_t dense = 0, sparse = 0;
+  int num_clusterkv = 0, num_quest = 0;
+  for (int layer = 0; layer < model_->config().num_layers; ++layer) {
+    std::vector<int32_t> host;
+    int clusterkv = 0, quest = 0;
+    for (const Entry& e : entries_) {
+      if (!e.policy->SparseLayer(layer)) {
+        ++dense;
+        continue;
+      }
+      host.insert(host.end(), e.fields.begin(), e.fields.end());
+      clusterkv += e.policy->kind() == PolicyKind::kClusterKv;
+      quest += e.policy->kind() == PolicyKind::kQuest;
+    }
+    const int n = static_cast<int>(host.size() / engine::kSparsePlanFields);
+    key.push_back(n);
+    if (n == 0) continue;
+    if (fields.empty()) {
+      fields = std::move(host);
+      num_clusterkv = clusterkv;
+      num_quest = quest;
+    } else if (host != fields) {
+      return std::nullopt;  // layers plan different entries: uploads mid-step
+    }
+    sparse += n;
+  }
+  plan_.num_blocks_bound = std::min(
+      max_blocks_, (most_blocks + kBlocksBoundStep - 1) / kBlocksBoundStep * kBlocksBoundStep);
+  if (!fields.empty() && fields != uploaded_) {
+    STRATA_RETURN_IF_ERROR(model_->backend().CopyFromHost(
+        fields.data(), engine::DType::kI32, static_cast<int64_t>(fields.size()), plan_.entries, 0));
+    uploaded_ = fields;
+  }
+  key.push_back(num_clusterkv);
+  key.push_back(num_quest);
+  key.push_back(plan_.num_blocks_bound);
+  graph_dense_queries_ = dense;
+  graph_sparse_queries_ = sparse;
+  return key;
+}
+
+void KvPolicyRunner::Replayed() {
+  stats_.dense_queries += graph_dense_queries_;
+  stats_.sparse_queries += graph_sparse_queries_;
 }
 
 absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Tensor& qkv,
@@ -310,9 +380,8 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
     uploaded_ = host;
   }
   plan_.host_entries = std::move(host);
-  STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(plan_, *batch_, qkv.dim(0),
-                                                    options_.max_sparse_seqs,
-                                                    model_->config().num_kv_heads));
+  STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(
+      plan_, *batch_, qkv.dim(0), options_.max_sparse_seqs, model_->config().num_kv_heads));
   const engine::QkvLayout layout{model_->config().num_q_heads, model_->config().num_kv_heads,
                                  model_->config().head_dim};
   if (num_clusterkv > 0) {
@@ -321,10 +390,9 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
                                          Tensor(), scores_));
   }
   if (num_quest > 0) {
-    STRATA_RETURN_IF_ERROR(b.ScoreBlocks(qkv, layout, plan_, num_clusterkv,
-                                         num_clusterkv + num_quest,
-                                         engine::BlockScoring::kKeyBounds, lo_[layer], hi_[layer],
-                                         scores_));
+    STRATA_RETURN_IF_ERROR(
+        b.ScoreBlocks(qkv, layout, plan_, num_clusterkv, num_clusterkv + num_quest,
+                      engine::BlockScoring::kKeyBounds, lo_[layer], hi_[layer], scores_));
   }
   STRATA_RETURN_IF_ERROR(b.SelectTokens(scores_, extents_[layer], plan_));
   if (options_.track_selection) STRATA_RETURN_IF_ERROR(TrackSelection(layer));

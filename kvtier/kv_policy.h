@@ -54,10 +54,10 @@ std::string_view PolicyKindName(PolicyKind kind);
 
 // A sparse sequence's bookkeeping (the same for every layer).
 struct SequenceState {
-  int slot = -1;        // pool slot
-  int num_blocks = 0;   // summarised blocks
-  int sink_end = 0;     // [0, sink_end) always attended
-  int tail_begin = 0;   // [tail_begin, context) always attended
+  int slot = -1;       // pool slot
+  int num_blocks = 0;  // summarised blocks
+  int sink_end = 0;    // [0, sink_end) always attended
+  int tail_begin = 0;  // [tail_begin, context) always attended
 };
 
 // Summary work for one sequence, run on each sparse layer of the step.
@@ -108,10 +108,10 @@ struct KvPolicyRunnerOptions {
 
 // Called after a layer's plan is selected, before its attention (evaluation
 // hooks read the plan and the caches through the backend).
-using PlanObserver = std::function<absl::Status(
-    int layer, const engine::Tensor& qkv, const engine::Tensor& k_cache,
-    const engine::Tensor& v_cache, const engine::AttentionBatch& batch,
-    const engine::SparsePlan& plan)>;
+using PlanObserver =
+    std::function<absl::Status(int layer, const engine::Tensor& qkv, const engine::Tensor& k_cache,
+                               const engine::Tensor& v_cache, const engine::AttentionBatch& batch,
+                               const engine::SparsePlan& plan)>;
 
 class KvPolicyRunner final : public engine::AttentionPlanner {
  public:
@@ -137,6 +137,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                                                       engine::Tensor& k_cache,
                                                       engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
+  // Replayable when no entry has summary work this step (clustering, key
+  // bounds), every sparse layer plans the same entries, and neither
+  // track_selection nor an observer reads the plans back. The key: each
+  // layer's entry count, the ClusterKV / Quest split, and num_blocks_bound
+  // (the entries' largest block count rounded up to kBlocksBoundStep, so a
+  // recording serves until that many more blocks are appended).
+  absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override;
+  void Replayed() override;
+  static constexpr int kBlocksBoundStep = 64;
 
   int num_policies() const { return static_cast<int>(policies_.size()); }
   const KvPolicy& policy(int i) const { return *policies_[i]; }
@@ -175,6 +184,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   engine::Tensor scores_;  // F32 [slots, Hkv, max_blocks]
   engine::SparsePlan plan_;
   std::vector<int32_t> uploaded_;  // host entries last copied to plan_.entries
+  // What PlanLayer adds to the stats in a step under the current GraphKey.
+  int64_t graph_dense_queries_ = 0, graph_sparse_queries_ = 0;
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;
   std::vector<int> free_slots_;

@@ -15,6 +15,7 @@
 #include "engine/model_loader.h"
 #include "engine/safetensors.h"
 #include "gtest/gtest.h"
+#include "kvtier/kv_policy.h"
 #include "tests/engine/test_util.h"
 
 namespace strata::cuda {
@@ -226,6 +227,78 @@ TEST_P(CudaDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
 INSTANTIATE_TEST_SUITE_P(KvCache, CudaDecodeGraphTest, ::testing::Values(false, true),
                          [](const ::testing::TestParamInfo<bool>& info) {
                            return info.param ? "fp8_e4m3" : "bf16";
+                         });
+
+// Sparse decode steps (a KV policy's plans) replayed from CUDA graphs give
+// the tokens and the policy statistics of steps run directly: steps that
+// cluster or bound new keys run directly, the others replay, and the
+// recordings follow the batch as it grows and shrinks. Param: the policy.
+class CudaSparseDecodeGraphTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaSparseDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
+  auto backend = MakeBackendOrSkip();
+  if (!backend) GTEST_SKIP() << "no usable GPU";
+  std::map<uint64_t, std::vector<int32_t>> tokens[2];
+  kvtier::KvPolicyRunner::Stats stats[2];
+  int graphs[2] = {0, 0};
+  for (int graphed = 0; graphed < 2; ++graphed) {
+    ModelOptions options;
+    options.max_seqs = 8;
+    options.max_context = 400;
+    options.max_batch_tokens = 128;
+    options.page_size = 8;
+    options.decode_graphs = graphed == 1;
+    auto loaded = engine::LoadModel({FixturePath("models/llama_gqa"), ""}, backend.get(), options);
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    kvtier::KvPolicyConfig config;
+    config.type = GetParam();
+    config.budget_tokens = 48;  // well below the contexts: the selection matters
+    config.sink_tokens = 4;
+    config.window_tokens = 24;
+    config.tokens_per_cluster = 8;
+    config.kmeans_iterations = 5;
+    config.quest_page_tokens = 8;
+    config.full_layers = 1;
+    auto runner = kvtier::KvPolicyRunner::Create(loaded->model.get(), {config});
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    loaded->model->set_attention_planner(runner->get());
+    Batcher batcher(loaded->model.get(), nullptr);
+    // 6 requests arriving over time (batches of 1 to 6 with one padding-free
+    // bucket each of 1, 2, 4 and 8 only when the count matches).
+    for (int step = 0; step < 400 && (step < 30 || batcher.HasWork()); ++step) {
+      if (step % 5 == 0 && step / 5 < 6) {
+        const int i = step / 5;
+        GenerationRequest r;
+        r.id = i;
+        r.max_tokens = 60 + 13 * i;
+        r.ignore_eos = true;
+        for (int j = 0; j < 90 + 31 * i; ++j) r.prompt.push_back((41 * i + 3 * j) % 512);
+        ASSERT_TRUE(batcher.Add(r).ok());
+      }
+      auto events = batcher.Step();
+      ASSERT_TRUE(events.ok()) << events.status();
+      for (const auto& e : *events) tokens[graphed][e.request_id].push_back(e.token_id);
+    }
+    graphs[graphed] = loaded->model->num_decode_graphs();
+    stats[graphed] = (*runner)->stats();
+    loaded->model->set_attention_planner(nullptr);
+  }
+  EXPECT_EQ(graphs[0], 0);
+  EXPECT_GE(graphs[1], 2);
+  EXPECT_GT(stats[0].sparse_queries, 0);
+  EXPECT_EQ(stats[1].sparse_queries, stats[0].sparse_queries);
+  EXPECT_EQ(stats[1].dense_queries, stats[0].dense_queries);
+  EXPECT_EQ(stats[1].clusterings, stats[0].clusterings);
+  ASSERT_EQ(tokens[0].size(), 6u);
+  for (const auto& [id, direct] : tokens[0]) {
+    EXPECT_EQ(tokens[1][id], direct) << "request " << id;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, CudaSparseDecodeGraphTest,
+                         ::testing::Values("clusterkv", "quest"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
                          });
 
 }  // namespace
