@@ -15,8 +15,9 @@
 // model asks GraphKey, and a planner whose layer plans this step are only
 // kernel launches (no cache reorganisation, no host reads) uploads what
 // they read and returns a key naming every host value the launches depend
-// on. The model then records PlanLayer's launches once per key and replays
-// them, calling Replayed instead of PlanLayer on later steps with that key.
+// on, the planner's identity among them (a recording holds its buffers). The model then records
+// PlanLayer's launches once per key and replays them, calling Replayed instead of PlanLayer on
+// later steps with that key.
 //
 // Thread-safety: driven by the thread that runs the model.
 #ifndef STRATA_ENGINE_ATTENTION_PLANNER_H_

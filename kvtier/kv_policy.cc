@@ -1,6 +1,7 @@
 #include "kvtier/kv_policy.h"
 
 #include <algorithm>
+#include <atomic>
 #include <iterator>
 
 #include "absl/strings/str_cat.h"
@@ -279,6 +280,12 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   return absl::OkStatus();
 }
 
+KvPolicyRunner::KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options)
+    : model_(model), options_(options) {
+  static std::atomic<int32_t> instances{0};
+  instance_ = instances.fetch_add(1);
+}
+
 absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
   if (options_.track_selection || observer_) return std::nullopt;
   int most_blocks = 0;
@@ -286,7 +293,7 @@ absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
     if (!e.work.empty()) return std::nullopt;
     most_blocks = std::max(most_blocks, e.fields[engine::kPlanNumBlocks]);
   }
-  std::vector<int32_t> key, fields;
+  std::vector<int32_t> key{instance_}, fields;
   int64_t dense = 0, sparse = 0;
   int num_clusterkv = 0, num_quest = 0;
   for (int layer = 0; layer < model_->config().num_layers; ++layer) {

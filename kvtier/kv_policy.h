@@ -142,7 +142,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // track_selection nor an observer reads the plans back. The key: each
   // layer's entry count, the ClusterKV / Quest split, and num_blocks_bound
   // (the entries' largest block count rounded up to kBlocksBoundStep, so a
-  // recording serves until that many more blocks are appended).
+  // recording serves until that many more blocks are appended), after this
+  // runner's instance number: recordings hold this runner's buffers, so no
+  // other runner (even one at the same address) may replay them.
   absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override;
   void Replayed() override;
   static constexpr int kBlocksBoundStep = 64;
@@ -167,13 +169,13 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     std::array<int32_t, engine::kSparsePlanFields> fields;
   };
 
-  KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options)
-      : model_(model), options_(options) {}
+  KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
   absl::Status Allocate();
   absl::Status TrackSelection(int layer);
 
   engine::Model* model_;
   KvPolicyRunnerOptions options_;
+  int32_t instance_;  // distinct for every runner of the process
   std::vector<std::unique_ptr<KvPolicy>> policies_;
   bool any_clusterkv_ = false, any_quest_ = false;
   int max_blocks_ = 0;

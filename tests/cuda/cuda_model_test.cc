@@ -232,24 +232,35 @@ INSTANTIATE_TEST_SUITE_P(KvCache, CudaDecodeGraphTest, ::testing::Values(false, 
 // Sparse decode steps (a KV policy's plans) replayed from CUDA graphs give
 // the tokens and the policy statistics of steps run directly: steps that
 // cluster or bound new keys run directly, the others replay, and the
-// recordings follow the batch as it grows and shrinks. Param: the policy.
+// recordings follow the batch as it grows and shrinks. A second runner on
+// the same model (same settings, new buffers) records its own graphs rather
+// than replaying the first one's. Param: the policy.
 class CudaSparseDecodeGraphTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaSparseDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
   auto backend = MakeBackendOrSkip();
   if (!backend) GTEST_SKIP() << "no usable GPU";
-  std::map<uint64_t, std::vector<int32_t>> tokens[2];
-  kvtier::KvPolicyRunner::Stats stats[2];
-  int graphs[2] = {0, 0};
-  for (int graphed = 0; graphed < 2; ++graphed) {
+  std::map<uint64_t, std::vector<int32_t>> tokens[3];  // direct, graphed, graphed again
+  kvtier::KvPolicyRunner::Stats stats[3];
+  int graphs[3] = {0, 0, 0};
+  // Run 0 on its own model; runs 1 and 2 share one, each with a new runner.
+  std::unique_ptr<engine::LoadedModel> direct_model, graphed_model;
+  for (int run = 0; run < 3; ++run) {
+    const int graphed = run > 0 ? 1 : 0;
     ModelOptions options;
     options.max_seqs = 8;
     options.max_context = 400;
     options.max_batch_tokens = 128;
     options.page_size = 8;
     options.decode_graphs = graphed == 1;
-    auto loaded = engine::LoadModel({FixturePath("models/llama_gqa"), ""}, backend.get(), options);
-    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    if (run < 2) {
+      auto loaded =
+          engine::LoadModel({FixturePath("models/llama_gqa"), ""}, backend.get(), options);
+      ASSERT_TRUE(loaded.ok()) << loaded.status();
+      (run == 0 ? direct_model : graphed_model) =
+          std::make_unique<engine::LoadedModel>(std::move(*loaded));
+    }
+    engine::LoadedModel* loaded = run == 0 ? direct_model.get() : graphed_model.get();
     kvtier::KvPolicyConfig config;
     config.type = GetParam();
     config.budget_tokens = 48;  // well below the contexts: the selection matters
@@ -277,21 +288,24 @@ TEST_P(CudaSparseDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
       }
       auto events = batcher.Step();
       ASSERT_TRUE(events.ok()) << events.status();
-      for (const auto& e : *events) tokens[graphed][e.request_id].push_back(e.token_id);
+      for (const auto& e : *events) tokens[run][e.request_id].push_back(e.token_id);
     }
-    graphs[graphed] = loaded->model->num_decode_graphs();
-    stats[graphed] = (*runner)->stats();
+    graphs[run] = loaded->model->num_decode_graphs();
+    stats[run] = (*runner)->stats();
     loaded->model->set_attention_planner(nullptr);
   }
   EXPECT_EQ(graphs[0], 0);
   EXPECT_GE(graphs[1], 2);
+  EXPECT_GT(graphs[2], graphs[1]);  // the second runner recorded its own
   EXPECT_GT(stats[0].sparse_queries, 0);
-  EXPECT_EQ(stats[1].sparse_queries, stats[0].sparse_queries);
-  EXPECT_EQ(stats[1].dense_queries, stats[0].dense_queries);
-  EXPECT_EQ(stats[1].clusterings, stats[0].clusterings);
   ASSERT_EQ(tokens[0].size(), 6u);
-  for (const auto& [id, direct] : tokens[0]) {
-    EXPECT_EQ(tokens[1][id], direct) << "request " << id;
+  for (int run = 1; run < 3; ++run) {
+    EXPECT_EQ(stats[run].sparse_queries, stats[0].sparse_queries) << "run " << run;
+    EXPECT_EQ(stats[run].dense_queries, stats[0].dense_queries) << "run " << run;
+    EXPECT_EQ(stats[run].clusterings, stats[0].clusterings) << "run " << run;
+    for (const auto& [id, direct] : tokens[0]) {
+      EXPECT_EQ(tokens[run][id], direct) << "run " << run << " request " << id;
+    }
   }
 }
 
