@@ -187,7 +187,7 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
       return fidelity.Measure(model->backend(), qkv, k, v, batch, plan);
     });
   }
-  model->set_attention_planner(runner.get());
+  STRATA_RETURN_IF_ERROR(model->set_attention_planner(runner.get()));
   result.outputs.resize(cases.size());
   absl::Status status;
   for (size_t first = 0; first < cases.size() && status.ok(); first += options.max_batch) {
@@ -216,8 +216,9 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
       }
     }
   }
-  model->set_attention_planner(nullptr);
+  const absl::Status unset = model->set_attention_planner(nullptr);
   STRATA_RETURN_IF_ERROR(status);
+  STRATA_RETURN_IF_ERROR(unset);
 
   int64_t agree = 0, compared = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
@@ -294,7 +295,7 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
       STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config},
                                                                      {.max_sparse_seqs = batch}));
     }
-    model->set_attention_planner(runner.get());
+    STRATA_RETURN_IF_ERROR(model->set_attention_planner(runner.get()));
     SpeedResult r;
     r.config = config;
     r.batch = batch;
@@ -347,8 +348,9 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     if (runner != nullptr) {
       for (int64_t id : ids) runner->Release(id);
     }
-    model->set_attention_planner(nullptr);
+    const absl::Status unset = model->set_attention_planner(nullptr);
     STRATA_RETURN_IF_ERROR(status);
+    STRATA_RETURN_IF_ERROR(unset);
     r.step_ms = timed * 1e3 / steps;
     results.push_back(r);
   }

@@ -107,7 +107,9 @@ int RunServe(const ServeFlags& f) {
                                                  {.max_sparse_seqs = f.max_sparse_seqs});
     if (!runner.ok()) return Fail(runner.status());
     kv_policies = std::move(*runner);
-    loaded->model->set_attention_planner(kv_policies.get());
+    if (absl::Status s = loaded->model->set_attention_planner(kv_policies.get()); !s.ok()) {
+      return Fail(s);
+    }
   }
 
   metrics::Registry registry;

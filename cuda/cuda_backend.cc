@@ -157,6 +157,7 @@ class CudaBackend final : public engine::Backend {
   absl::Status BeginCapture() override;
   absl::StatusOr<int> EndCapture() override;
   absl::Status ReplayGraph(int graph) override;
+  absl::Status ReleaseGraph(int graph) override;
   absl::StatusOr<std::vector<engine::OpTime>> TakeOpTimes() override { return op_timer_.Take(); }
 
   absl::Status Gather(const Tensor& table, const Tensor& ids, Tensor& out) override;
@@ -491,11 +492,22 @@ absl::Status CudaBackend::ReplayGraph(int graph) {
   // A replay would hide the operators from the op timing.
   if (op_timer_.enabled())
     return absl::FailedPreconditionError("graph replay while op timing is on");
-  if (graph < 0 || graph >= static_cast<int>(graphs_.size())) {
+  if (graph < 0 || graph >= static_cast<int>(graphs_.size()) || !graphs_[graph].valid()) {
     return absl::InvalidArgumentError(absl::StrCat("ReplayGraph: no graph ", graph));
   }
   STRATA_RETURN_IF_ERROR(Activate());
   return graphs_[graph].Launch(stream());
+}
+
+absl::Status CudaBackend::ReleaseGraph(int graph) {
+  if (capturing_) return CaptureError("ReleaseGraph");
+  if (graph < 0 || graph >= static_cast<int>(graphs_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("ReleaseGraph: no graph ", graph));
+  }
+  // Replays already enqueued must finish before the executable goes.
+  STRATA_RETURN_IF_ERROR(Synchronize());
+  graphs_[graph] = CudaGraphExec();
+  return absl::OkStatus();
 }
 
 // ---- Operators --------------------------------------------------------------
@@ -1166,8 +1178,10 @@ absl::Status CudaBackend::KeyBounds(const Tensor& k_cache, const engine::Sequenc
 
 // The largest num_blocks among plan entries [begin, end), from the host copy.
 int MaxNumBlocks(const engine::SparsePlan& plan, int begin, int end) {
-  if (plan.num_blocks_bound > 0) return plan.num_blocks_bound;  // validated >= every entry's
-  int most = 0;
+  // num_blocks_bound keeps the launch shape fixed across steps; the entries'
+  // own maximum still wins, so a bound set too low cannot leave blocks
+  // unscored or overflow the selection's shared-memory sort.
+  int most = plan.num_blocks_bound;
   for (int i = begin; i < end; ++i) most = std::max(most, plan.host(i, engine::kPlanNumBlocks));
   return most;
 }

@@ -122,6 +122,7 @@ class CudaGraphExec {
   ~CudaGraphExec() { Reset(); }
 
   absl::Status Launch(cudaStream_t stream) const;
+  bool valid() const { return exec_ != nullptr; }
 
  private:
   void Reset();

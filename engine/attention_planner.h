@@ -13,11 +13,13 @@
 //
 // Decode steps may replay from recorded CUDA graphs: after BeginStep the
 // model asks GraphKey, and a planner whose layer plans this step are only
-// kernel launches (no cache reorganisation, no host reads) uploads what
-// they read and returns a key naming every host value the launches depend
-// on, the planner's identity among them (a recording holds its buffers). The model then records
-// PlanLayer's launches once per key and replays them, calling Replayed instead of PlanLayer on
-// later steps with that key.
+// kernel launches (no cache reorganisation, no host reads) uploads what they
+// read and returns a key naming every host value the launches depend on,
+// the planner's identity among them (a recording holds its buffers). The
+// model then records PlanLayer's launches once per key and replays them on
+// later steps with that key, so PlanLayer may run for such a step once, not
+// at all, or twice (a capture that failed, then the direct run); the model
+// calls CountGraphStep once when the step has run.
 //
 // Thread-safety: driven by the thread that runs the model.
 #ifndef STRATA_ENGINE_ATTENTION_PLANNER_H_
@@ -47,8 +49,9 @@ class AttentionPlanner {
   // After BeginStep: the key of this step's layer plans when they can be
   // replayed from a recording, nullopt when PlanLayer must run.
   virtual absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() { return std::nullopt; }
-  // The step ran from a recording made under the current GraphKey.
-  virtual void Replayed() {}
+  // A step that GraphKey gave a key has run (replayed, recorded or direct):
+  // the planner counts its statistics here, not in PlanLayer.
+  virtual void CountGraphStep() {}
 };
 
 }  // namespace strata::engine

@@ -243,6 +243,11 @@ class Backend {
   virtual absl::Status ReplayGraph(int /*graph*/) {
     return absl::UnimplementedError(std::string(name()) + " backend has no graphs");
   }
+  // Frees a recording once the work enqueued so far is done with it; its id
+  // is not reused, and replaying it is InvalidArgument.
+  virtual absl::Status ReleaseGraph(int /*graph*/) {
+    return absl::UnimplementedError(std::string(name()) + " backend has no graphs");
+  }
 
   // ---- Operators ----------------------------------------------------------
   // out[i, :] = table[ids[i], :]. table [V, H], ids kI32 [T], out [T, H].

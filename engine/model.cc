@@ -261,50 +261,64 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
     }
     key.insert(key.end(), planner_key->begin(), planner_key->end());
   }
-  auto it = decode_graphs_.find(key);
-  bool recorded_now = false;  // PlanLayer ran (and counted) in this step
-  if (it == decode_graphs_.end()) {
-    if (decode_graphs_seen_.insert(key).second) {
-      // First sight: run directly, which sizes workspaces and GEMM plans.
-      STRATA_RETURN_IF_ERROR(compute_and_sample());
-      return true;
-    }
-    // The sampling table is uploaded before the capture (a host copy);
-    // the recording holds the compute and the sampling kernel.
-    STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, bucket));
-    const absl::Status begin = b.BeginCapture();
-    if (absl::IsUnimplemented(begin)) {
-      graphs_unsupported_ = true;
-      STRATA_RETURN_IF_ERROR(compute_and_sample());
-      return true;
-    }
-    if (begin.ok()) {
-      const absl::Status recorded = [&]() -> absl::Status {
-        STRATA_ASSIGN_OR_RETURN(Tensor logits, Compute(batch, bucket, bucket));
-        return SampleUploaded(logits, bucket);
-      }();
-      absl::StatusOr<int> graph = b.EndCapture();
-      if (recorded.ok() && graph.ok()) it = decode_graphs_.emplace(key, *graph).first;
-      recorded_now = true;
-    }
+  // The step runs from its graph, recording it first when the key is seen
+  // the second time, or directly.
+  auto run_step = [&]() -> absl::Status {
+    auto it = decode_graphs_.find(key);
     if (it == decode_graphs_.end()) {
-      // Not capturable now (e.g. op timing is on, or a workspace had to
-      // grow): this step runs directly, a later one captures.
-      STRATA_RETURN_IF_ERROR(compute_and_sample());
-      return true;
+      if (decode_graphs_seen_.insert(key).second) {
+        // First sight: run directly, which sizes workspaces and GEMM plans.
+        return compute_and_sample();
+      }
+      // The sampling table is uploaded before the capture (a host copy);
+      // the recording holds the compute and the sampling kernel.
+      STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, bucket));
+      const absl::Status begin = b.BeginCapture();
+      if (absl::IsUnimplemented(begin)) {
+        graphs_unsupported_ = true;
+        return compute_and_sample();
+      }
+      if (begin.ok()) {
+        const absl::Status recorded = [&]() -> absl::Status {
+          STRATA_ASSIGN_OR_RETURN(Tensor logits, Compute(batch, bucket, bucket));
+          return SampleUploaded(logits, bucket);
+        }();
+        absl::StatusOr<int> graph = b.EndCapture();
+        if (recorded.ok() && graph.ok()) it = decode_graphs_.emplace(key, *graph).first;
+      }
+      if (it == decode_graphs_.end()) {
+        // Not capturable now (e.g. op timing is on, or a workspace had to
+        // grow): this step runs directly, a later one captures.
+        return compute_and_sample();
+      }
+    }
+    STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, bucket));
+    const absl::Status replay = b.ReplayGraph(it->second);
+    // FailedPrecondition: the backend cannot replay now (e.g. its op timing
+    // is on); the step runs directly.
+    if (absl::IsFailedPrecondition(replay)) return compute_and_sample();
+    return replay;
+  };
+  STRATA_RETURN_IF_ERROR(run_step());
+  // Whichever way it ran (PlanLayer may have run twice, or not at all).
+  if (planner_ != nullptr) planner_->CountGraphStep();
+  return true;
+}
+
+absl::Status Model::set_attention_planner(AttentionPlanner* planner) {
+  if (planner == planner_) return absl::OkStatus();
+  planner_ = planner;
+  // Keys longer than (bucket, context bound) carry a planner's GraphKey.
+  for (auto it = decode_graphs_.begin(); it != decode_graphs_.end();) {
+    if (it->first.size() > 2) {
+      STRATA_RETURN_IF_ERROR(backend_->ReleaseGraph(it->second));
+      decode_graphs_seen_.erase(it->first);
+      it = decode_graphs_.erase(it);
+    } else {
+      ++it;
     }
   }
-  STRATA_RETURN_IF_ERROR(UploadSamplingRows(rows, bucket));
-  const absl::Status replay = b.ReplayGraph(it->second);
-  // FailedPrecondition: the backend cannot replay now (e.g. its op timing
-  // is on); the step runs directly.
-  if (absl::IsFailedPrecondition(replay)) {
-    STRATA_RETURN_IF_ERROR(compute_and_sample());
-  } else {
-    STRATA_RETURN_IF_ERROR(replay);
-    if (planner_ != nullptr && !recorded_now) planner_->Replayed();
-  }
-  return true;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Tensor> Model::RunStep(const StepInput& in) {

@@ -55,10 +55,12 @@ struct ModelOptions {
   int num_pages = 0;            // KV pages in the cache; 0: max_seqs full contexts
   int max_logit_rows = 0;       // rows of logits per step; 0: max_seqs
   // ForwardSample replays pure decode steps from backend graphs
-  // (Backend::BeginCapture) when no attention planner is set: the batch is
-  // padded to a bucket (1, 2, 4, 8, then multiples of 16) with rows that
-  // write to a spare cache page, and one graph is recorded per (bucket,
-  // power-of-two context bound), the second time that pair is seen.
+  // (Backend::BeginCapture): the batch is padded to a bucket (1, 2, 4, 8,
+  // then multiples of 16) with rows that write to a spare cache page, and
+  // one graph is recorded per (bucket, power-of-two context bound), the
+  // second time that pair is seen. With an attention planner, only steps
+  // that need no padding and whose plans the planner can replay
+  // (AttentionPlanner::GraphKey, part of the key) use graphs.
   bool decode_graphs = true;
   KvCacheType kv_cache = KvCacheType::kActivation;
 };
@@ -102,8 +104,9 @@ class Model {
   const ModelOptions& options() const { return options_; }
   Backend& backend() { return *backend_; }
   // Decode steps ask `planner` (may be null: dense attention) which tokens to
-  // attend to. Not owned; must outlive the model's use of it.
-  void set_attention_planner(AttentionPlanner* planner) { planner_ = planner; }
+  // attend to. Not owned; must outlive the model's use of it. Decode graphs
+  // recorded with another planner (they hold its buffers) are released.
+  absl::Status set_attention_planner(AttentionPlanner* planner);
   AttentionPlanner* attention_planner() const { return planner_; }
   // The layer's paged caches [num_pages, page_size, Hkv, D].
   Tensor& k_cache(int layer) { return k_cache_[layer]; }

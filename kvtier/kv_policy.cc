@@ -237,6 +237,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   batch_ = &batch;
   entries_.clear();
   plan_.num_blocks_bound = 0;  // GraphKey may round it up
+  graph_step_ = false;
   for (int s = 0; s < batch.num_seqs; ++s) {
     const int policy = in.kv_policies.empty() ? 0 : in.kv_policies[s];
     if (policy < 0 || policy >= num_policies()) {
@@ -332,10 +333,11 @@ absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
   key.push_back(plan_.num_blocks_bound);
   graph_dense_queries_ = dense;
   graph_sparse_queries_ = sparse;
+  graph_step_ = true;
   return key;
 }
 
-void KvPolicyRunner::Replayed() {
+void KvPolicyRunner::CountGraphStep() {
   stats_.dense_queries += graph_dense_queries_;
   stats_.sparse_queries += graph_sparse_queries_;
 }
@@ -350,7 +352,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
   int num_clusterkv = 0, num_quest = 0;
   for (const Entry& e : entries_) {
     if (!e.policy->SparseLayer(layer)) {
-      ++stats_.dense_queries;
+      if (!graph_step_) ++stats_.dense_queries;
       continue;
     }
     const int slot = e.fields[engine::kPlanSlot];
@@ -379,7 +381,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
   }
   const int n = static_cast<int>(host.size() / engine::kSparsePlanFields);
   if (n == 0) return nullptr;
-  stats_.sparse_queries += n;
+  if (!graph_step_) stats_.sparse_queries += n;
   plan_.num_entries = n;
   if (host != uploaded_) {
     STRATA_RETURN_IF_ERROR(b.CopyFromHost(host.data(), engine::DType::kI32,

@@ -146,7 +146,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // runner's instance number: recordings hold this runner's buffers, so no
   // other runner (even one at the same address) may replay them.
   absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override;
-  void Replayed() override;
+  void CountGraphStep() override;
   static constexpr int kBlocksBoundStep = 64;
 
   int num_policies() const { return static_cast<int>(policies_.size()); }
@@ -186,7 +186,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   engine::Tensor scores_;  // F32 [slots, Hkv, max_blocks]
   engine::SparsePlan plan_;
   std::vector<int32_t> uploaded_;  // host entries last copied to plan_.entries
-  // What PlanLayer adds to the stats in a step under the current GraphKey.
+  // This step has a GraphKey: PlanLayer leaves the stats to CountGraphStep,
+  // which adds what PlanLayer would have.
+  bool graph_step_ = false;
   int64_t graph_dense_queries_ = 0, graph_sparse_queries_ = 0;
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;

@@ -6,10 +6,11 @@
 // serves all query heads of the group. The block is warp-specialized, as in
 // FlashAttention-3:
 //   warpgroup 0 loads: one warp copies each 128-key tile of K and V with the
-//     bulk tensor copy engine (TMA, one copy per page and 64-dim column
-//     block, the block table read once per page) into two shared-memory
-//     stages, completing on mbarriers; it gives its registers to the others
-//     (setmaxnreg);
+//     bulk tensor copy engine (TMA) into two shared-memory stages,
+//     completing on mbarriers: one copy per 64-dim column block when the
+//     tile's pages are consecutive slots, else one per page and column
+//     block (the block table read once per page); it gives its registers to
+//     the others (setmaxnreg);
 //   warpgroups 1 and 2 compute 64 rows each. Per tile:
 //     S = Q K^T: wgmma m64n128k16, Q and K read by the tensor cores straight
 //       from shared memory (128-byte swizzled tiles, described by matrix
@@ -21,7 +22,10 @@
 //       the A-operand layout) and V from shared memory, read transposed.
 // Causal and sliding-window masks apply only to tiles that straddle a row's
 // visible range; keys past the context are zeroed in shared memory before
-// use, so a NaN in an unwritten cache slot never reaches O. Sequences with
+// use, so a NaN in an unwritten cache slot never reaches O. With a sliding
+// window, tiles start on 128-key boundaries below the window: those keys
+// are masked (P = 0), which assumes their pages stay mapped and hold what
+// was written there (strata never unmaps pages below a window). Sequences with
 // one query token belong to the decode kernel and are skipped.
 //
 // Thread-safety: no state; concurrent launches on different streams are safe.

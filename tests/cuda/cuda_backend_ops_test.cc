@@ -885,6 +885,7 @@ INSTANTIATE_TEST_SUITE_P(
         AttentionCase{"tma_page8_gqa4", 8, 2, 128, 8, {{300, 300}, {129, 1000}, {2, 9}}},
         AttentionCase{"tma_page32_gqa8", 16, 2, 128, 32, {{127, 127}, {128, 256}, {1, 40}}},
         AttentionCase{"tma_page256_gqa4", 8, 2, 128, 256, {{200, 700}, {513, 513}}},
+        AttentionCase{"tma_page128_gqa4", 8, 2, 128, 128, {{129, 400}, {256, 256}}},
         AttentionCase{"tma_page512_mha", 2, 2, 128, 512, {{300, 1100}}},
         AttentionCase{"tma_window200_page256", 8, 2, 128, 256, {{500, 900}, {3, 250}}, 200},
         AttentionCase{"tma_window129_page16", 8, 1, 128, 16, {{600, 1000}}, 129},

@@ -232,9 +232,10 @@ INSTANTIATE_TEST_SUITE_P(KvCache, CudaDecodeGraphTest, ::testing::Values(false, 
 // Sparse decode steps (a KV policy's plans) replayed from CUDA graphs give
 // the tokens and the policy statistics of steps run directly: steps that
 // cluster or bound new keys run directly, the others replay, and the
-// recordings follow the batch as it grows and shrinks. A second runner on
-// the same model (same settings, new buffers) records its own graphs rather
-// than replaying the first one's. Param: the policy.
+// recordings follow the batch as it grows and shrinks. Unsetting a runner
+// releases its recordings, and a second runner on the same model (same
+// settings, new buffers) records its own rather than replaying the first
+// one's. Param: the policy.
 class CudaSparseDecodeGraphTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaSparseDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
@@ -272,10 +273,10 @@ TEST_P(CudaSparseDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
     config.full_layers = 1;
     auto runner = kvtier::KvPolicyRunner::Create(loaded->model.get(), {config});
     ASSERT_TRUE(runner.ok()) << runner.status();
-    loaded->model->set_attention_planner(runner->get());
+    ASSERT_TRUE(loaded->model->set_attention_planner(runner->get()).ok());
     Batcher batcher(loaded->model.get(), nullptr);
-    // 6 requests arriving over time (batches of 1 to 6 with one padding-free
-    // bucket each of 1, 2, 4 and 8 only when the count matches).
+    // 6 requests arriving over time: batches of 1 to 6, of which those of 1,
+    // 2 and 4 need no padding and replay.
     for (int step = 0; step < 400 && (step < 30 || batcher.HasWork()); ++step) {
       if (step % 5 == 0 && step / 5 < 6) {
         const int i = step / 5;
@@ -292,11 +293,12 @@ TEST_P(CudaSparseDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
     }
     graphs[run] = loaded->model->num_decode_graphs();
     stats[run] = (*runner)->stats();
-    loaded->model->set_attention_planner(nullptr);
+    // Releases this runner's recordings (they hold its buffers).
+    ASSERT_TRUE(loaded->model->set_attention_planner(nullptr).ok());
   }
   EXPECT_EQ(graphs[0], 0);
   EXPECT_GE(graphs[1], 2);
-  EXPECT_GT(graphs[2], graphs[1]);  // the second runner recorded its own
+  EXPECT_EQ(graphs[2], graphs[1]);  // the second runner's own, the first's released
   EXPECT_GT(stats[0].sparse_queries, 0);
   ASSERT_EQ(tokens[0].size(), 6u);
   for (int run = 1; run < 3; ++run) {

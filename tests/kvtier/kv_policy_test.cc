@@ -323,9 +323,9 @@ TEST_P(PolicyModelTest, ABudgetCoveringTheContextGivesTheDenseTokens) {
   c.quest_page_tokens = 8;
   auto runner = KvPolicyRunner::Create(model.get(), {c});
   ASSERT_TRUE(runner.ok()) << runner.status();
-  model->set_attention_planner(runner->get());
+  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
   const auto sparse = Generate(model.get());
-  model->set_attention_planner(nullptr);
+  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
   EXPECT_EQ(sparse, dense);
   EXPECT_GT((*runner)->stats().sparse_queries, 0);
   EXPECT_EQ((*runner)->num_free_slots(), 8);  // every sequence released
@@ -362,9 +362,9 @@ TEST_P(PolicyModelTest, ASmallBudgetAttendsToSinksSelectionAndTail) {
     }
     return absl::OkStatus();
   });
-  model->set_attention_planner(runner->get());
+  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
   const auto out = Generate(model.get());
-  model->set_attention_planner(nullptr);
+  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
   EXPECT_GT(checked, 0);
   for (const auto& [id, tokens] : out) EXPECT_EQ(tokens.size(), 40u) << id;
   if (GetParam() != "streaming") {
@@ -384,9 +384,9 @@ TEST(KvPolicyRunnerTest, SequencesBeyondTheSlotsDecodeDensely) {
   c.tokens_per_cluster = 8;
   auto runner = KvPolicyRunner::Create(model.get(), {c}, {.max_sparse_seqs = 1});
   ASSERT_TRUE(runner.ok());
-  model->set_attention_planner(runner->get());
+  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
   EXPECT_EQ(Generate(model.get()), dense);
-  model->set_attention_planner(nullptr);
+  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
   EXPECT_GT((*runner)->stats().dense_no_slot, 0);
   EXPECT_EQ((*runner)->num_free_slots(), 1);
 }
@@ -396,7 +396,7 @@ TEST(KvPolicyRunnerTest, PerRequestPoliciesAndErrors) {
   const auto dense = Generate(model.get());
   auto runner = KvPolicyRunner::Create(model.get(), {Config("full", 0, 0, 0), Config("quest", 4096, 4, 16)});
   ASSERT_TRUE(runner.ok());
-  model->set_attention_planner(runner->get());
+  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
   EXPECT_EQ(Generate(model.get(), 0), dense);
   EXPECT_EQ((*runner)->stats().sparse_queries, 0);
   EXPECT_EQ(Generate(model.get(), 1), dense);
@@ -411,7 +411,7 @@ TEST(KvPolicyRunnerTest, PerRequestPoliciesAndErrors) {
   absl::Status failed;
   while (batcher.HasWork() && failed.ok()) failed = batcher.Step().status();
   EXPECT_THAT(std::string(failed.message()), ::testing::HasSubstr("kv policy 5 is not configured"));
-  model->set_attention_planner(nullptr);
+  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
 
   auto mistral = LoadGolden("mistral_window");
   EXPECT_EQ(KvPolicyRunner::Create(mistral.get(), {Config("clusterkv", 10, 1, 1)}).status().code(),
