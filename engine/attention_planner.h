@@ -46,6 +46,11 @@ class AttentionPlanner {
   virtual absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const Tensor& qkv, Tensor& k_cache,
                                                       Tensor& v_cache) = 0;
   virtual void Release(int64_t seq_id) = 0;
+  // Whether GraphKey may ever give a key. When it may, graphed steps are
+  // padded to their batch bucket with one-token sequences past the input's
+  // (BeginStep's batch holds them), which the planner must plan too for the
+  // step to stay sparse; when not, every step runs directly and unpadded.
+  virtual bool Replayable() const { return false; }
   // After BeginStep: the key of this step's layer plans when they can be
   // replayed from a recording, nullopt when PlanLayer must run.
   virtual absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() { return std::nullopt; }

@@ -219,6 +219,13 @@ absl::Status Model::Sample(const Tensor& logits, std::span<const SamplingRow> ro
   return SampleUploaded(logits, padded_rows);
 }
 
+int DecodeGraphBucket(int seqs) {
+  if (seqs > 8) return (seqs + 15) / 16 * 16;
+  int bucket = 1;
+  while (bucket < seqs) bucket <<= 1;
+  return bucket;
+}
+
 absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
                                               std::span<const SamplingRow> rows) {
   const int seqs = static_cast<int>(in.context_len.size());
@@ -235,12 +242,10 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
     while (p < v) p <<= 1;
     return p;
   };
+  if (planner_ != nullptr && !planner_->Replayable()) return false;
   const int cap = std::min({options_.max_seqs, options_.max_batch_tokens, options_.max_logit_rows});
-  int bucket = seqs <= 8 ? next_pow2(seqs) : (seqs + 15) / 16 * 16;
+  int bucket = DecodeGraphBucket(seqs);
   if (bucket > cap) bucket = seqs;
-  // Padding rows would be planned as dense queries, turning a sparse step
-  // into a dense one with sparse rows on top.
-  if (planner_ != nullptr && bucket != seqs) return false;
   const int context_bound =
       next_pow2(*std::max_element(in.context_len.begin(), in.context_len.end()));
   std::vector<int32_t> key{bucket, context_bound};

@@ -59,8 +59,8 @@ struct ModelOptions {
   // then multiples of 16) with rows that write to a spare cache page, and
   // one graph is recorded per (bucket, power-of-two context bound), the
   // second time that pair is seen. With an attention planner, only steps
-  // that need no padding and whose plans the planner can replay
-  // (AttentionPlanner::GraphKey, part of the key) use graphs.
+  // whose plans the planner can replay (AttentionPlanner::GraphKey, part of
+  // the key) use graphs; it plans the padding rows too.
   bool decode_graphs = true;
   KvCacheType kv_cache = KvCacheType::kActivation;
 };
@@ -82,6 +82,11 @@ struct StepInput {
   std::vector<int64_t> seq_ids;
   std::vector<int32_t> kv_policies;
 };
+
+// The batch size a graphed decode step of `seqs` sequences is padded to:
+// 1, 2, 4 or 8, then a multiple of 16 (ModelOptions::decode_graphs; the
+// model pads no further than its own limits).
+int DecodeGraphBucket(int seqs);
 
 class Model {
  public:
@@ -144,7 +149,7 @@ class Model {
   // ForwardSample's validation and compute for a step through a decode
   // graph, leaving the tokens in sampled_ids_ / sampled_logprobs_; false
   // (nothing done) when the step is not a pure decode step of one logit row
-  // per sequence in order (with a planner: and no padding), which the
+  // per sequence in order (or the planner is not Replayable), which the
   // caller then runs directly. With a planner whose GraphKey is nullopt the
   // step runs directly here.
   absl::StatusOr<bool> SampleDecodeGraph(const StepInput& input, std::span<const SamplingRow> rows);

@@ -220,14 +220,17 @@ absl::Status KvPolicyRunner::Allocate() {
       hi_.push_back(std::move(hi));
     }
   }
-  STRATA_ASSIGN_OR_RETURN(scores_, b.Allocate(engine::DType::kF32, {slots, hkv, blocks}));
+  // Per plan entry: the sequences of a step, and the padding rows of a
+  // graphed step of that many (BeginStep).
+  const int64_t entries = engine::DecodeGraphBucket(options_.max_sparse_seqs);
+  STRATA_ASSIGN_OR_RETURN(scores_, b.Allocate(engine::DType::kF32, {entries, hkv, blocks}));
   plan_.max_blocks = static_cast<int>(blocks);
   plan_.max_keys = max_keys_;
   STRATA_ASSIGN_OR_RETURN(plan_.entries,
-                          b.Allocate(engine::DType::kI32, {slots, engine::kSparsePlanFields}));
+                          b.Allocate(engine::DType::kI32, {entries, engine::kSparsePlanFields}));
   STRATA_ASSIGN_OR_RETURN(plan_.key_index,
-                          b.Allocate(engine::DType::kI32, {slots, hkv, max_keys_}));
-  STRATA_ASSIGN_OR_RETURN(plan_.key_count, b.Allocate(engine::DType::kI32, {slots, hkv}));
+                          b.Allocate(engine::DType::kI32, {entries, hkv, max_keys_}));
+  STRATA_ASSIGN_OR_RETURN(plan_.key_count, b.Allocate(engine::DType::kI32, {entries, hkv}));
   for (int s = options_.max_sparse_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
   return b.Synchronize();
 }
@@ -236,9 +239,14 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
                                        const engine::AttentionBatch& batch) {
   batch_ = &batch;
   entries_.clear();
+  const int num_input = static_cast<int>(in.context_len.size());
+  if (num_input > batch.num_seqs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv policies: ", num_input, " sequences in a batch of ", batch.num_seqs));
+  }
   plan_.num_blocks_bound = 0;  // GraphKey may round it up
   graph_step_ = false;
-  for (int s = 0; s < batch.num_seqs; ++s) {
+  for (int s = 0; s < num_input; ++s) {
     const int policy = in.kv_policies.empty() ? 0 : in.kv_policies[s];
     if (policy < 0 || policy >= num_policies()) {
       return absl::InvalidArgumentError(
@@ -275,6 +283,29 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
     e.fields[engine::kPlanContextLen] = ctx;
     entries_.push_back(std::move(e));
   }
+  // Rows past the input pad a graphed step to its bucket (one-token
+  // sequences the model adds). When every sequence of the step is planned,
+  // so are they: each attends to its one key, and the plan still covers
+  // every row (else the step attends densely anyway).
+  if (!entries_.empty() && static_cast<int>(entries_.size()) == num_input) {
+    for (int s = num_input; s < batch.num_seqs; ++s) {
+      const int row = batch.host_query_start[s];
+      if (batch.host_query_start[s + 1] - row != 1 || batch.host_context_len[s] != 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("kv policies: padding row ", s, " is not a one-token sequence"));
+      }
+      Entry e{entries_.front().policy, s, -1, {}, {}, /*padding=*/true};
+      e.fields[engine::kPlanRow] = row;
+      e.fields[engine::kPlanSeq] = s;
+      e.fields[engine::kPlanSlot] = 0;  // no blocks: its summaries are never read
+      e.fields[engine::kPlanNumBlocks] = 0;
+      e.fields[engine::kPlanBudget] = 0;
+      e.fields[engine::kPlanSinkEnd] = 0;
+      e.fields[engine::kPlanTailBegin] = 0;
+      e.fields[engine::kPlanContextLen] = 1;
+      entries_.push_back(std::move(e));
+    }
+  }
   std::stable_sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
     return KindOrder(a.policy->kind()) < KindOrder(b.policy->kind());
   });
@@ -288,7 +319,7 @@ KvPolicyRunner::KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions
 }
 
 absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
-  if (options_.track_selection || observer_) return std::nullopt;
+  if (!Replayable()) return std::nullopt;
   int most_blocks = 0;
   for (const Entry& e : entries_) {
     if (!e.work.empty()) return std::nullopt;
@@ -300,14 +331,16 @@ absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
   for (int layer = 0; layer < model_->config().num_layers; ++layer) {
     std::vector<int32_t> host;
     int clusterkv = 0, quest = 0;
+    int real = 0;  // entries that are sequences (the stats count those)
     for (const Entry& e : entries_) {
       if (!e.policy->SparseLayer(layer)) {
-        ++dense;
+        dense += !e.padding;
         continue;
       }
       host.insert(host.end(), e.fields.begin(), e.fields.end());
       clusterkv += e.policy->kind() == PolicyKind::kClusterKv;
       quest += e.policy->kind() == PolicyKind::kQuest;
+      real += !e.padding;
     }
     const int n = static_cast<int>(host.size() / engine::kSparsePlanFields);
     key.push_back(n);
@@ -319,7 +352,7 @@ absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
     } else if (host != fields) {
       return std::nullopt;  // layers plan different entries: uploads mid-step
     }
-    sparse += n;
+    sparse += real;
   }
   plan_.num_blocks_bound = std::min(
       max_blocks_, (most_blocks + kBlocksBoundStep - 1) / kBlocksBoundStep * kBlocksBoundStep);
@@ -352,7 +385,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
   int num_clusterkv = 0, num_quest = 0;
   for (const Entry& e : entries_) {
     if (!e.policy->SparseLayer(layer)) {
-      if (!graph_step_) ++stats_.dense_queries;
+      if (!graph_step_ && !e.padding) ++stats_.dense_queries;
       continue;
     }
     const int slot = e.fields[engine::kPlanSlot];
@@ -381,7 +414,10 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
   }
   const int n = static_cast<int>(host.size() / engine::kSparsePlanFields);
   if (n == 0) return nullptr;
-  if (!graph_step_) stats_.sparse_queries += n;
+  if (!graph_step_) {
+    for (const Entry& e : entries_)
+      stats_.sparse_queries += !e.padding && e.policy->SparseLayer(layer);
+  }
   plan_.num_entries = n;
   if (host != uploaded_) {
     STRATA_RETURN_IF_ERROR(b.CopyFromHost(host.data(), engine::DType::kI32,
@@ -418,6 +454,10 @@ absl::Status KvPolicyRunner::TrackSelection(int layer) {
   int i = 0;
   for (const Entry& e : entries_) {
     if (!e.policy->SparseLayer(layer)) continue;
+    if (e.padding) {  // not a sequence (never present while tracking: not Replayable)
+      ++i;
+      continue;
+    }
     auto& per_layer = last_selection_[e.seq_id];
     per_layer.resize(static_cast<size_t>(model_->config().num_layers) * hkv);
     const int sink_end = e.fields[engine::kPlanSinkEnd];

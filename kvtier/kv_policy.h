@@ -145,6 +145,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // recording serves until that many more blocks are appended), after this
   // runner's instance number: recordings hold this runner's buffers, so no
   // other runner (even one at the same address) may replay them.
+  bool Replayable() const override { return !options_.track_selection && !observer_; }
   absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override;
   void CountGraphStep() override;
   static constexpr int kBlocksBoundStep = 64;
@@ -167,6 +168,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t seq_id;
     std::vector<SummaryWork> work;
     std::array<int32_t, engine::kSparsePlanFields> fields;
+    // A padding row of a graphed step (past the input's sequences): planned
+    // like the step's first entry so that the step stays sparse, over its
+    // one key; not a sequence, and not counted in the stats.
+    bool padding = false;
   };
 
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);

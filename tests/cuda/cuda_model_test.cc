@@ -275,8 +275,8 @@ TEST_P(CudaSparseDecodeGraphTest, ReplayedStepsEqualDirectSteps) {
     ASSERT_TRUE(runner.ok()) << runner.status();
     ASSERT_TRUE(loaded->model->set_attention_planner(runner->get()).ok());
     Batcher batcher(loaded->model.get(), nullptr);
-    // 6 requests arriving over time: batches of 1 to 6, of which those of 1,
-    // 2 and 4 need no padding and replay.
+    // 6 requests arriving over time: batches of 1 to 6, those of 3, 5 and 6
+    // padded (to 4, 8, 8) with rows the runner plans as well.
     for (int step = 0; step < 400 && (step < 30 || batcher.HasWork()); ++step) {
       if (step % 5 == 0 && step / 5 < 6) {
         const int i = step / 5;
