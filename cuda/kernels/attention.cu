@@ -30,6 +30,7 @@
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/prefill_attention_tc.h"
 #include "cuda/kernels/prefill_attention_wgmma.h"
+#include "cuda/kernels/prefill_tile.cuh"
 #include "cuda/kernels/ptx.cuh"
 
 namespace strata::cuda::kernels {
@@ -787,11 +788,8 @@ __global__ void __launch_bounds__(kPrefillThreads)
     const int row = row0 + r;
     float v[8];
     if (row < rows_total) {
-      const int j = row / G;
-      const int head = kv_head * G + (row - j * G);
-      Load8(qkv + static_cast<int64_t>(q_begin + j) * p.qkv_row_width +
-                static_cast<int64_t>(head) * D + c * 8,
-            v);
+      const QueryRowPlace at = PlaceQueryRow(q_begin, G, kv_head, row);
+      Load8(qkv + at.token * p.qkv_row_width + static_cast<int64_t>(at.head) * D + c * 8, v);
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] *= p.scale;
     } else {
@@ -932,12 +930,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
   for (int i = 0; i < 4; ++i) {
     const int row = row0 + ty * 4 + i;
     if (row >= rows_total) continue;
-    const int j = row / G;
-    const int head = kv_head * G + (row - j * G);
+    const QueryRowPlace at = PlaceQueryRow(q_begin, G, kv_head, row);
     // l > 0: every row sees at least its own position.
     const float inv_l = 1.0f / l[i];
-    bf16* dst =
-        out + static_cast<int64_t>(q_begin + j) * out_stride + static_cast<int64_t>(head) * D;
+    bf16* dst = out + at.token * out_stride + static_cast<int64_t>(at.head) * D;
 #pragma unroll
     for (int c = 0; c < kCols; ++c) {
       const int d = tx + 16 * c;

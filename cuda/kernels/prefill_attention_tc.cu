@@ -141,10 +141,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
     const bf16* src = qkv;
     int bytes = 0;
     if (row < rows_total) {
-      const int j = row / G;
-      const int head = kv_head * G + (row - j * G);
-      src = qkv + static_cast<int64_t>(q_begin + j) * p.qkv_row_width +
-            static_cast<int64_t>(head) * kD + chunk * 8;
+      const QueryRowPlace at = PlaceQueryRow(q_begin, G, kv_head, row);
+      src = qkv + at.token * p.qkv_row_width + static_cast<int64_t>(at.head) * kD + chunk * 8;
       bytes = 16;
     }
     CpAsync16(q_smem + SwizzledOffset<kD>(r, chunk), src, bytes);
@@ -418,10 +416,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8 / kWarps)
       const int row = row0 + warp * kWarpRows + 16 * mi + g + 8 * h;
       if (row >= rows_total) continue;
       const float inv = 1.0f / sum;
-      const int j = row / G;
-      const int head = kv_head * G + (row - j * G);
-      bf16* dst = out + static_cast<int64_t>(q_begin + j) * out_stride +
-                  static_cast<int64_t>(head) * kD + 2 * t;
+      const QueryRowPlace at = PlaceQueryRow(q_begin, G, kv_head, row);
+      bf16* dst = out + at.token * out_stride + static_cast<int64_t>(at.head) * kD + 2 * t;
 #pragma unroll
       for (int n = 0; n < kDTiles; ++n) {
         *reinterpret_cast<__nv_bfloat162*>(dst + n * 8) =

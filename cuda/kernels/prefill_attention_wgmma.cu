@@ -209,10 +209,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bf16* src = qkv;
       int bytes = 0;
       if (row < rows_total) {
-        const int j = row / G;
-        const int head = kv_head * G + (row - j * G);
-        src = qkv + static_cast<int64_t>(q_begin + j) * p.qkv_row_width +
-              static_cast<int64_t>(head) * kD + c * 8;
+        const QueryRowPlace at = PlaceQueryRow(q_begin, G, kv_head, row);
+        src = qkv + at.token * p.qkv_row_width + static_cast<int64_t>(at.head) * kD + c * 8;
         bytes = 16;
       }
       CpAsync16(q_smem + SwizzledTileOffset(128, r, c), src, bytes);
@@ -392,10 +390,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int row = row0 + 64 * cg + 16 * (warp % 4) + g + 8 * h;
       if (row >= rows_total) continue;
       const float inv = 1.0f / sum;
-      const int j = row / G;
-      const int head = kv_head * G + (row - j * G);
-      bf16* dst = out + static_cast<int64_t>(q_begin + j) * out_stride +
-                  static_cast<int64_t>(head) * kD + 2 * t;
+      const QueryRowPlace at = PlaceQueryRow(q_begin, G, kv_head, row);
+      bf16* dst = out + at.token * out_stride + static_cast<int64_t>(at.head) * kD + 2 * t;
 #pragma unroll
       for (int n = 0; n < kD / 8; ++n) {
         *reinterpret_cast<__nv_bfloat162*>(dst + n * 8) =

@@ -1,9 +1,11 @@
-// The share of a prefill that one thread block of the tensor-core prefill
-// kernels owns (prefill_attention_tc.cu, prefill_attention_wgmma.cu): grid z
-// is the sequence, grid y the tile of query rows, counted from the end of the
-// chunk (the tiles nearest the end see the most keys, and starting them
-// first keeps the tail of the grid short); a row is a (token, query head of
-// the GQA group) pair. Device code only: include from .cu files.
+// Prefill query rows: a row is a (token, query head of the GQA group) pair,
+// and PlaceQueryRow says where one lives in qkv and out (every prefill
+// kernel). PrefillTile is the share of a prefill that one thread block of
+// the tensor-core prefill kernels owns (prefill_attention_tc.cu,
+// prefill_attention_wgmma.cu): grid z is the sequence, grid y the tile of
+// query rows, counted from the end of the chunk (the tiles nearest the end
+// see the most keys, and starting them first keeps the tail of the grid
+// short). Device code only: include from .cu files.
 #ifndef STRATA_CUDA_KERNELS_PREFILL_TILE_CUH_
 #define STRATA_CUDA_KERNELS_PREFILL_TILE_CUH_
 
@@ -45,6 +47,19 @@ __device__ __forceinline__ bool GetPrefillTile(const PagedAttentionParams& p, in
   tile.key_lo = p.sliding_window > 0 ? max(0, tile.pos_first - p.sliding_window + 1) : 0;
   tile.key_hi = tile.pos_last + 1;
   return true;
+}
+
+// Where query row `row` of a sequence's chunk lives: rows are (token, query
+// head of the group) pairs, G = `group` rows a token, so row r is token
+// q_begin + r / G (its row in qkv and in out) and head kv_head * G + r % G.
+struct QueryRowPlace {
+  int64_t token;
+  int head;
+};
+__device__ __forceinline__ QueryRowPlace PlaceQueryRow(int q_begin, int group, int kv_head,
+                                                       int row) {
+  const int j = row / group;
+  return {static_cast<int64_t>(q_begin) + j, kv_head * group + (row - j * group)};
 }
 
 }  // namespace strata::cuda::kernels
