@@ -137,14 +137,14 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                                                       engine::Tensor& k_cache,
                                                       engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
-  // Replayable when no entry has summary work this step (clustering, key
-  // bounds), every sparse layer plans the same entries, and neither
-  // track_selection nor an observer reads the plans back. The key: each
+  // Replayable unless track_selection or an observer reads the plans back.
+  // GraphKey then gives a key when no entry has summary work this step
+  // (clustering, key bounds) and every sparse layer plans the same entries.
+  // The key: this runner's instance number (recordings hold its buffers, so
+  // no other runner, even one at the same address, may replay them), each
   // layer's entry count, the ClusterKV / Quest split, and num_blocks_bound
   // (the entries' largest block count rounded up to kBlocksBoundStep, so a
-  // recording serves until that many more blocks are appended), after this
-  // runner's instance number: recordings hold this runner's buffers, so no
-  // other runner (even one at the same address) may replay them.
+  // recording serves until that many more blocks are appended).
   bool Replayable() const override { return !options_.track_selection && !observer_; }
   absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override;
   void CountGraphStep() override;
