@@ -753,6 +753,13 @@ INSTANTIATE_TEST_SUITE_P(
         AttentionCase{"decode_gqa5_d64_page32", 10, 2, 64, 32, Decodes({31, 32, 33, 500})},
         AttentionCase{"decode_gqa7_d256", 7, 1, 256, 16, Decodes({1, 300})},
         AttentionCase{"decode_gqa12_d64", 12, 1, 64, 16, Decodes({50, 600})},
+        // head_dim 128 on an fp8 cache pairs kv heads when there are at most
+        // 4 query heads per kv head and an even number of kv heads: 3 query
+        // heads per kv head (A rows 3 and 7 idle), two pairs, and an odd kv
+        // head count, which takes the one-head path.
+        AttentionCase{"decode_gqa3_d128_page32", 6, 2, 128, 32, Decodes({1, 33, 700})},
+        AttentionCase{"decode_gqa4_d128_page8", 16, 4, 128, 8, Decodes({8, 9, 1500})},
+        AttentionCase{"decode_gqa4_d128_odd_kv", 12, 3, 128, 16, Decodes({17, 900})},
         // 32k context, split over many blocks, plus a short neighbour.
         AttentionCase{"decode_32k_gqa4_d128", 8, 2, 128, 16, Decodes({32768, 20000, 7})},
         // Prefill only, from an empty cache.
