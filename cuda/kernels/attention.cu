@@ -620,7 +620,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       for (int e = 0; e < 4; ++e) {
         const int col = 2 * mma_t + (e & 1);
         const int dim = 32 * (mt >> 1) + 4 * mma_g + 2 * (mt & 1) + (e >> 1);
-        if (kPair ? (col & 3) < G : col < g_count) partial[(warp * kMaxG + col) * D + dim] = o[mt][e];
+        if (kPair ? (col & 3) < G : col < g_count)
+          partial[(warp * kMaxG + col) * D + dim] = o[mt][e];
       }
     }
     if (mma_t == 0 && mma_g < kMaxG) {
