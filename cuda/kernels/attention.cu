@@ -116,9 +116,17 @@ static_assert(size_t{kDecodeWarps} * kDecodeMaxG * (kMaxHeadDim + 2) * sizeof(fl
 // A sparse kernel keeps a second set of look-ahead registers (the key
 // list), which at 4 blocks would spill. The tensor-core path (mma, see
 // below) needs 130-155 registers whatever the group size: 3 blocks.
-constexpr int DecodeBlocksPerSm(int max_g, bool sparse, bool mma = false) {
-  if (mma) return 3;
+// The bf16 tensor-core path (wide: 256-byte rows, see below) stages twice
+// the bytes per tile, 96 KiB per block: 2 blocks.
+constexpr int DecodeBlocksPerSm(int max_g, bool sparse, bool mma = false, bool wide = false) {
+  if (mma) return wide ? 2 : 3;
   return max_g <= 4 ? (sparse ? 3 : 4) : 2;
+}
+// Steps per tile and shared memory per block: the wide path copies twice
+// the steps of 16-byte chunks per tile.
+constexpr int DecodeSteps(bool wide) { return wide ? 2 * kDecodeSteps : kDecodeSteps; }
+constexpr size_t DecodeSmemBytes(bool wide) {
+  return size_t{kDecodeWarps} * kDecodeStages * 2 * DecodeSteps(wide) * 32 * 16;
 }
 
 // Eight bf16 (as four packed words) -> fp32: a bf16 is the high half of a float.
@@ -173,6 +181,17 @@ __device__ __forceinline__ void ReadChunk(const unsigned char* src, bool active,
 // A tile's K (and V) rows are 128 bytes in shared memory with 16-byte chunk
 // c of row r stored at chunk c ^ (r % 8), which keeps both read patterns
 // free of bank conflicts.
+//
+// A bf16 cache takes the tensor cores for head_dim 128 too: at the copy
+// rate the CUDA-core loop issues an instruction on 58% of the cycles, and the
+// DRAM then delivers 2-3% less than with the arithmetic removed. The bf16
+// path is the standard one (mma.sync m16n8k16 on bf16, fp32 accumulation):
+// rows are 256 bytes (16 chunks, chunk c of row r at c ^ (r % 8)); S takes
+// its K^T fragments with ldmatrix, 4 dims-chunks per x4 load, with Q's A
+// fragments read straight from qkv as bf16 pairs (exact; the scale is
+// applied to S in fp32); P V takes V^T fragments with ldmatrix.trans, and
+// O^T row g of m tile mt is dim 16 mt + g, row g + 8 the dim 8 after it. P
+// is rounded to bf16 for the product, as in FlashAttention.
 constexpr int kMmaHeadDim = 128;
 
 __device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
@@ -190,9 +209,11 @@ __device__ __forceinline__ void MmaF16(float (&c)[4], uint32_t a0, uint32_t a1, 
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Byte offset of 16-byte chunk c of row r in a swizzled 128-byte-row tile.
+// Byte offset of 16-byte chunk c of row r in a swizzled tile of kRowBytes
+// rows (128 for fp8, 256 for bf16 keys of head_dim 128).
+template <int kRowBytes = kMmaHeadDim>
 __device__ __forceinline__ uint32_t MmaTileOffset(int r, int c) {
-  return static_cast<uint32_t>(r * kMmaHeadDim + ((c ^ (r & 7)) << 4));
+  return static_cast<uint32_t>(r * kRowBytes + ((c ^ (r & 7)) << 4));
 }
 
 // ---- Paired kv heads (tensor-core path, dense, group size <= 4) ---------------
@@ -215,22 +236,27 @@ __device__ __forceinline__ uint32_t MmaTileOffset(int r, int c) {
 // O^T column c is query head c % 4 of kv head h + c / 4. A sparse plan lists
 // its keys per kv head, so only dense decoding pairs heads.
 //
-// kMma: the tensor-core path above (fp8 cache, head_dim 128, kTG 8: a lane
-// copies 16 dims of a key per chunk); otherwise CUDA cores, 8 dims per lane.
+// kMma: the tensor-core path above (head_dim 128; fp8 with kTG 8, a lane
+// copying 16 dims of a key per chunk, or bf16 with kTG 16, 8 dims);
+// otherwise CUDA cores, 8 dims per lane.
 template <int kTG, int kMaxG, bool kSparse, typename Cache, bool kMma = false, bool kPair = false>
-__global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSparse, kMma))
+__global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSparse, kMma,
+                                                                    kMma && sizeof(Cache) == 2))
     PagedDecodeKernel(const __grid_constant__ PagedAttentionParams p, int num_splits,
                       int head_chunks, float* __restrict__ ws_acc, float* __restrict__ ws_ml) {
   WaitForPrerequisites();
-  static_assert(!kMma || (std::is_same_v<Cache, fp8> && kTG == 8 && kMaxG <= 8),
-                "the tensor-core path is for fp8 caches with head_dim 128");
+  static_assert(!kMma || (kMaxG <= 8 && (std::is_same_v<Cache, fp8> ? kTG == 8 : kTG == 16)),
+                "the tensor-core path is for head_dim 128");
   static_assert(!kPair || (kMma && !kSparse && kMaxG == 8),
                 "paired kv heads are a dense tensor-core path with 8 O^T columns");
+  constexpr bool kWide = kMma && sizeof(Cache) == 2;  // bf16 tensor cores: 256-byte rows
+  constexpr int kRowBytes = kMmaHeadDim * static_cast<int>(sizeof(Cache));  // (kMma)
+  constexpr int kSteps = DecodeSteps(kWide);
   constexpr int kChunkBytes = kMma ? 16 : 8 * static_cast<int>(sizeof(Cache));
-  constexpr int kTileBytes = kDecodeSteps * 32 * kChunkBytes;
+  constexpr int kTileBytes = kSteps * 32 * kChunkBytes;
   constexpr int kLanesPerSlot = kTG * (kPair ? 2 : 1);  // lanes that copy one key slot
   constexpr int kKeysPerStep = 32 / kLanesPerSlot;      // keys a warp handles per step
-  constexpr int kTileKeys = kKeysPerStep * kDecodeSteps;
+  constexpr int kTileKeys = kKeysPerStep * kSteps;
   constexpr float kLog2e = 1.4426950408889634f;
 
   const int seq = blockIdx.x;
@@ -275,7 +301,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   const int group_lane = lane % kTG;
   const int key_in_step = lane / kLanesPerSlot;
   const int pair_head = kPair ? (lane / kTG) & 1 : 0;  // kPair: which head this lane copies
-  const int d0 = group_lane * (kMma ? 16 : 8);
+  const int d0 = group_lane * (kChunkBytes / static_cast<int>(sizeof(Cache)));
   const bool d_active = d0 < D;
 
   extern __shared__ __align__(16) unsigned char decode_smem[];
@@ -288,22 +314,33 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   const int head0 = kv_head * G + g_begin;  // first query head of this block
   const float q_scale = p.scale * kLog2e;
   // CUDA-core path: q[g] holds dims d0..d0+7 of head g. Tensor-core path:
-  // the fp16 A fragments of Q, qa[ks] = dims 32t + 4ks + {0,1} and {2,3} of
-  // head row lane / 4 (zero past the group).
+  // the A fragments of Q for head row lane / 4 (zero past the group), rows
+  // 8..15 being zero: fp8, fp16 pairs qa[ks] = dims 32t + 4ks + {0,1} and
+  // {2,3}, pre-scaled; bf16, the bf16 pairs at dims 16ks + 2t and 16ks + 8 +
+  // 2t as stored (S is scaled after the product).
   float q[kMma ? 1 : kMaxG][8];
   uint32_t qa[kMma ? 8 : 1][2];
   const int mma_g = lane >> 2;  // tensor-core path: this lane's A/C row
   const int mma_t = lane & 3;   // and column pair
-  if constexpr (kMma) {
+  int q_head = -1;              // tensor-core path: the query head of A row mma_g, if any
+  if (kPair) {
+    if ((mma_g & 3) < G) q_head = (kv_head + (mma_g >> 2)) * G + (mma_g & 3);
+  } else if (mma_g < g_count) {
+    q_head = head0 + mma_g;
+  }
+  if constexpr (kWide) {
+    const uint32_t* const q_row =
+        reinterpret_cast<const uint32_t*>(static_cast<const bf16*>(p.qkv) + t * p.qkv_row_width +
+                                          static_cast<int64_t>(max(q_head, 0)) * D);
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      qa[ks][0] = q_head >= 0 ? q_row[8 * ks + mma_t] : 0u;
+      qa[ks][1] = q_head >= 0 ? q_row[8 * ks + 4 + mma_t] : 0u;
+    }
+  } else if constexpr (kMma) {
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int q_head = -1;  // the query head of A row mma_g, if any
-      if (kPair) {
-        if ((mma_g & 3) < G) q_head = (kv_head + (mma_g >> 2)) * G + (mma_g & 3);
-      } else if (mma_g < g_count) {
-        q_head = head0 + mma_g;
-      }
       if (q_head >= 0) {
         Load8(static_cast<const bf16*>(p.qkv) + t * p.qkv_row_width +
                   static_cast<int64_t>(q_head) * D + 32 * mma_t + 8 * c,
@@ -374,25 +411,25 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
   // when tile t is. Tiles alternate between two register sets by parity
   // (the loop below is unrolled by 2 so that every set index is a
   // compile-time constant).
-  int index_set[2][kDecodeSteps];  // sparse: logical index, -1 past the split
-  int slot_set[2][kDecodeSteps];   // page * page_size + offset in page
-  auto index_of = [&](int tile, int u, const int(&index)[kDecodeSteps]) {
+  int index_set[2][kSteps];  // sparse: logical index, -1 past the split
+  int slot_set[2][kSteps];   // page * page_size + offset in page
+  auto index_of = [&](int tile, int u, const int(&index)[kSteps]) {
     if constexpr (kSparse) return index[u];
     const int key = tile_start(tile) + u * kKeysPerStep + key_in_step;
     return tile < my_tiles && key < k_end ? key : -1;
   };
-  auto fetch_indices = [&](int tile, int(&index)[kDecodeSteps]) {
+  auto fetch_indices = [&](int tile, int(&index)[kSteps]) {
     if constexpr (kSparse) {
 #pragma unroll
-      for (int u = 0; u < kDecodeSteps; ++u) {
+      for (int u = 0; u < kSteps; ++u) {
         const int key = tile_start(tile) + u * kKeysPerStep + key_in_step;
         index[u] = tile < my_tiles && key < k_end ? key_list[key] : -1;
       }
     }
   };
-  auto look_up_slots = [&](int tile, const int(&index)[kDecodeSteps], int(&slot)[kDecodeSteps]) {
+  auto look_up_slots = [&](int tile, const int(&index)[kSteps], int(&slot)[kSteps]) {
 #pragma unroll
-    for (int u = 0; u < kDecodeSteps; ++u) {
+    for (int u = 0; u < kSteps; ++u) {
       const int at = index_of(tile, u, index);
       slot[u] = 0;
       if (at >= 0) {
@@ -409,14 +446,15 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
     if (j < my_tiles && d_active) {
       const uint32_t stage = (j % kDecodeStages) * 2 * kTileBytes;
 #pragma unroll
-      for (int u = 0; u < kDecodeSteps; ++u) {
+      for (int u = 0; u < kSteps; ++u) {
         const int key = tile_start(j) + u * kKeysPerStep + key_in_step;
         const bool valid = key < k_end;
         const int64_t offset =
             valid ? static_cast<int64_t>(slot_set[kSet][u]) * slot_stride + head_offset : 0;
         if constexpr (kMma) {
           const int row = pair_head * 8 + u * kKeysPerStep + key_in_step;
-          const uint32_t at = SharedAddress(warp_buf) + stage + MmaTileOffset(row, group_lane);
+          const uint32_t at =
+              SharedAddress(warp_buf) + stage + MmaTileOffset<kRowBytes>(row, group_lane);
           CpAsync16(at, k_cache + offset, valid ? 16 : 0);
           CpAsync16(at + kTileBytes, v_cache + offset, valid ? 16 : 0);
         } else {
@@ -458,15 +496,34 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       float s[2][4];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const int row = nt * 8 + mma_g;
-        const uint4 lo = *reinterpret_cast<const uint4*>(tile + MmaTileOffset(row, 2 * mma_t));
-        const uint4 hi = *reinterpret_cast<const uint4*>(tile + MmaTileOffset(row, 2 * mma_t + 1));
-        const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        if constexpr (kWide) {
+          // K^T fragments of 4 dim chunks per ldmatrix: lane l addresses
+          // row l % 8 of chunk 4 c4 + l / 8.
+          const uint32_t rows = SharedAddress(tile);
 #pragma unroll
-        for (int ks = 0; ks < 8; ++ks) {
-          MmaF16(s[nt], qa[ks][0], 0u, qa[ks][1], 0u, Fp8x2ToHalf2Bits(w[ks] & 0xffffu),
-                 Fp8x2ToHalf2Bits(w[ks] >> 16));
+          for (int c4 = 0; c4 < 4; ++c4) {
+            uint32_t b[4];
+            LdMatrixX4(rows + MmaTileOffset<kRowBytes>(nt * 8 + (lane & 7), 4 * c4 + (lane >> 3)),
+                       b);
+            const uint32_t a_lo[4] = {qa[2 * c4][0], 0u, qa[2 * c4][1], 0u};
+            const uint32_t a_hi[4] = {qa[2 * c4 + 1][0], 0u, qa[2 * c4 + 1][1], 0u};
+            MmaBf16(s[nt], a_lo, b[0], b[1]);
+            MmaBf16(s[nt], a_hi, b[2], b[3]);
+          }
+          s[nt][0] *= q_scale;
+          s[nt][1] *= q_scale;
+        } else {
+          const int row = nt * 8 + mma_g;
+          const uint4 lo = *reinterpret_cast<const uint4*>(tile + MmaTileOffset(row, 2 * mma_t));
+          const uint4 hi =
+              *reinterpret_cast<const uint4*>(tile + MmaTileOffset(row, 2 * mma_t + 1));
+          const uint32_t w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+          for (int ks = 0; ks < 8; ++ks) {
+            MmaF16(s[nt], qa[ks][0], 0u, qa[ks][1], 0u, Fp8x2ToHalf2Bits(w[ks] & 0xffffu),
+                   Fp8x2ToHalf2Bits(w[ks] >> 16));
+          }
         }
       }
       // Online softmax of row mma_g over the tile (its 16 keys are spread
@@ -512,13 +569,27 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
           o[mt][3] *= alpha_hi;
         }
       }
-      const uint32_t pb0 = PackHalf2(pr[0][0], pr[0][1]);  // keys 2t, 2t + 1
-      const uint32_t pb1 = PackHalf2(pr[1][0], pr[1][1]);  // keys 2t + 8, 2t + 9
-      // O^T += V^T P^T, two m tiles (one 4-byte column group j) at a time.
+      // B = P^T: keys 2t, 2t + 1 and 2t + 8, 2t + 9 of row mma_g.
+      const uint32_t pb0 = kWide ? PackBf16(pr[0][0], pr[0][1]) : PackHalf2(pr[0][0], pr[0][1]);
+      const uint32_t pb1 = kWide ? PackBf16(pr[1][0], pr[1][1]) : PackHalf2(pr[1][0], pr[1][1]);
       const unsigned char* const v_tile = tile + kTileBytes;
+      if constexpr (kWide) {
+        // O^T += V^T P^T per m tile of 16 dims: ldmatrix.trans of rows
+        // (keys) l % 8 + 8 (l / 16), chunk 2 mt + (l / 8) % 2 gives the
+        // A fragments of V^T.
+        const uint32_t rows = SharedAddress(v_tile);
+        const int v_row = (lane & 7) + ((lane >> 4) << 3);
+#pragma unroll
+        for (int mt = 0; mt < 8; ++mt) {
+          uint32_t a[4];
+          LdMatrixX4Trans(rows + MmaTileOffset<kRowBytes>(v_row, 2 * mt + ((lane >> 3) & 1)), a);
+          MmaBf16(o[mt], a, pb0, pb1);
+        }
+      }
+      // fp8: O^T += V^T P^T, two m tiles (one 4-byte column group j) at a time.
       const int k0 = 2 * mma_t;
 #pragma unroll
-      for (int j4 = 0; j4 < 4; ++j4) {
+      for (int j4 = 0; j4 < (kWide ? 0 : 4); ++j4) {
         const int chunk = 2 * j4 + (mma_g >> 2);
         const int byte = 4 * (mma_g & 3);
         uint32_t w[4];  // keys k0, k0 + 1, k0 + 8, k0 + 9
@@ -543,9 +614,9 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       const unsigned char* const buf =
           warp_buf + (j % kDecodeStages) * 2 * kTileBytes + lane * kChunkBytes;
       // Scores. Inactive lanes contribute zeros (their chunks were not copied).
-      float s[kDecodeSteps][kMaxG];
+      float s[kSteps][kMaxG];
 #pragma unroll
-      for (int u = 0; u < kDecodeSteps; ++u) {
+      for (int u = 0; u < kSteps; ++u) {
         float k[8];
         ReadChunk<Cache>(buf + u * 32 * kChunkBytes, d_active, k);
 #pragma unroll
@@ -571,7 +642,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       for (int g = 0; g < kMaxG; ++g) {
         float mx = s[0][g];
 #pragma unroll
-        for (int u = 1; u < kDecodeSteps; ++u) mx = fmaxf(mx, s[u][g]);
+        for (int u = 1; u < kSteps; ++u) mx = fmaxf(mx, s[u][g]);
 #pragma unroll
         for (int offset = kTG; offset < 32; offset <<= 1) {
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
@@ -588,7 +659,7 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       // Probabilities (masked keys: ex2(-inf) = 0, their V chunks are zeros)
       // and the weighted sum of values.
 #pragma unroll
-      for (int u = 0; u < kDecodeSteps; ++u) {
+      for (int u = 0; u < kSteps; ++u) {
         float v[8];
         ReadChunk<Cache>(buf + kTileBytes + u * 32 * kChunkBytes, d_active, v);
 #pragma unroll
@@ -619,7 +690,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = 2 * mma_t + (e & 1);
-        const int dim = 32 * (mt >> 1) + 4 * mma_g + 2 * (mt & 1) + (e >> 1);
+        const int dim = kWide ? 16 * mt + mma_g + 8 * (e >> 1)
+                              : 32 * (mt >> 1) + 4 * mma_g + 2 * (mt & 1) + (e >> 1);
         if (kPair ? (col & 3) < G : col < g_count)
           partial[(warp * kMaxG + col) * D + dim] = o[mt][e];
       }
@@ -989,8 +1061,24 @@ int NextPow2(int v) {
 // head, and an even number of kv heads.
 bool PairsKvHeads(const PagedAttentionParams& p) {
   const int G = p.num_q_heads / p.num_kv_heads;
-  return p.kv_fp8 && p.head_dim == kMmaHeadDim && p.plan_entries == nullptr && G <= 4 &&
+  return p.head_dim == kMmaHeadDim && p.plan_entries == nullptr && G <= 4 &&
          p.num_kv_heads % 2 == 0;
+}
+
+// Launches a decode kernel with the shared memory its path stages (above
+// 48 KiB needs an opt-in, per device, so it is set on every launch).
+template <typename... Args>
+cudaError_t LaunchDecodeKernel(void (*kernel)(Args...), dim3 grid, bool wide, cudaStream_t stream,
+                               const PagedAttentionParams& p, int num_splits, int head_chunks,
+                               float* ws_acc, float* ws_ml) {
+  const size_t smem = DecodeSmemBytes(wide);
+  if (smem > 48 * 1024) {
+    const cudaError_t attr = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (attr != cudaSuccess) return attr;
+  }
+  return LaunchDependent(kernel, grid, kDecodeThreads, smem, stream, p, num_splits, head_chunks,
+                         ws_acc, ws_ml);
 }
 
 template <int kTG, int kMaxG>
@@ -998,10 +1086,12 @@ cudaError_t LaunchDecodeG(const PagedAttentionParams& p, int num_splits, float* 
                           float* ws_ml, cudaStream_t stream) {
   const int G = p.num_q_heads / p.num_kv_heads;
   const bool sparse = p.plan_entries != nullptr;
+  const bool wide = !p.kv_fp8 && p.head_dim == kMmaHeadDim;  // bf16 on the tensor cores
   if (PairsKvHeads(p)) {
     const dim3 grid(p.num_seqs, p.num_kv_heads / 2, num_splits);
-    return LaunchDependent(PagedDecodeKernel<8, 8, false, fp8, true, true>, grid, kDecodeThreads,
-                           kDecodeSmemBytes, stream, p, num_splits, 1, ws_acc, ws_ml);
+    return LaunchDecodeKernel(p.kv_fp8 ? PagedDecodeKernel<8, 8, false, fp8, true, true>
+                                       : PagedDecodeKernel<16, 8, false, bf16, true, true>,
+                              grid, wide, stream, p, num_splits, 1, ws_acc, ws_ml);
   }
   const int head_chunks = (G + kMaxG - 1) / kMaxG;
   const dim3 grid(p.num_seqs, p.num_kv_heads * head_chunks, num_splits);
@@ -1010,15 +1100,16 @@ cudaError_t LaunchDecodeG(const PagedAttentionParams& p, int num_splits, float* 
                          : (sparse ? PagedDecodeKernel<kTG, kMaxG, true, bf16>
                                    : PagedDecodeKernel<kTG, kMaxG, false, bf16>);
   if constexpr (kTG == 16) {
-    // head_dim 128: an fp8 cache takes the tensor-core path (16 dims per
-    // lane and chunk, so 8 lanes per key).
-    if (p.kv_fp8 && p.head_dim == kMmaHeadDim) {
-      kernel = sparse ? PagedDecodeKernel<8, kMaxG, true, fp8, true>
-                      : PagedDecodeKernel<8, kMaxG, false, fp8, true>;
+    // head_dim 128 takes the tensor-core path: fp8 with 16 dims per lane
+    // and chunk (8 lanes per key), bf16 with 8 (16 lanes per key).
+    if (p.head_dim == kMmaHeadDim) {
+      kernel = p.kv_fp8 ? (sparse ? PagedDecodeKernel<8, kMaxG, true, fp8, true>
+                                  : PagedDecodeKernel<8, kMaxG, false, fp8, true>)
+                        : (sparse ? PagedDecodeKernel<16, kMaxG, true, bf16, true>
+                                  : PagedDecodeKernel<16, kMaxG, false, bf16, true>);
     }
   }
-  return LaunchDependent(kernel, grid, kDecodeThreads, kDecodeSmemBytes, stream, p, num_splits,
-                         head_chunks, ws_acc, ws_ml);
+  return LaunchDecodeKernel(kernel, grid, wide, stream, p, num_splits, head_chunks, ws_acc, ws_ml);
 }
 
 template <int kTG>
@@ -1106,7 +1197,7 @@ int ChooseDecodeSplits(const PagedAttentionParams& p, int num_sms) {
   const int64_t slots =
       static_cast<int64_t>(std::max(num_sms, 1)) *
       DecodeBlocksPerSm(NextPow2(std::min(G, kDecodeMaxG)), p.plan_entries != nullptr,
-                        p.kv_fp8 && p.head_dim == kMmaHeadDim);
+                        p.head_dim == kMmaHeadDim, !p.kv_fp8 && p.head_dim == kMmaHeadDim);
   int keys = p.max_context_len;
   if (p.sliding_window > 0) keys = std::min(keys, p.sliding_window);
   // A split shorter than this spends more time filling its pipeline and in
