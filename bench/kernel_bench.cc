@@ -136,8 +136,8 @@ void PrintTable();
 
 // Sections a run can be limited to (all when none is named); the limits are
 // always measured, since every ratio needs them.
-constexpr const char* kSections[] = {"linear", "decode-attention", "prefill-attention", "decode",
-                                     "prefill"};
+constexpr const char* kSections[] = {"linear",  "decode-attention", "prefill-attention",
+                                     "cluster", "decode",           "prefill"};
 
 void Run(const std::vector<std::string>& sections) {
   auto wanted = [&](const char* section) {
@@ -250,6 +250,44 @@ void Run(const std::vector<std::string>& sections) {
     }
   }
 
+  // ClusterKV's k-means of one layer of one sequence after a 32k prefill:
+  // 32k keys x 8 kv heads, one cluster per 80 tokens, 20 passes, then the
+  // reorder. The caches are refilled with the same random values before
+  // each call (a clustered cache would seed the next call differently), and
+  // the refill, timed alone, is subtracted. Its rate is the assignment
+  // passes' FLOPs (2 x keys x clusters x d per pass) against the GEMM rate.
+  if (wanted("cluster")) {
+    const int n = 32768, heads = 8, d = 128, clusters = n / 80, passes = 20, page = 16;
+    Tensor kc = Random(b, {n / page, page, heads, d}, 2);
+    Tensor vc = Random(b, {n / page, page, heads, d}, 3);
+    std::vector<int32_t> table(n / page);
+    std::iota(table.begin(), table.end(), 0);
+    engine::SequenceRange range;
+    range.block_table = Check(b.Allocate(DType::kI32, {n / page}), "table");
+    Check(b.CopyFromHost(table.data(), DType::kI32, n / page, range.block_table, 0), "copy");
+    range.page_size = page;
+    range.count = n;
+    Tensor centroids = Check(b.Allocate(DType::kBF16, {heads, 512, d}), "centroids");
+    Tensor extents = Check(b.Allocate(DType::kI32, {heads, 512, 2}), "extents");
+    auto refill = [&] {
+      Check(b.FillRandom(kc, 2, 1.0f), "fill");
+      Check(b.FillRandom(vc, 3, 1.0f), "fill");
+    };
+    const double t_fill = TimeIt(b, 5, 3, refill);
+    const double t =
+        TimeIt(b, 5, 3,
+               [&] {
+                 refill();
+                 Check(b.ClusterKeys(kc, vc, range, clusters, passes, 0, centroids, extents),
+                       "cluster");
+               }) -
+        t_fill;
+    Report({"clustering 32k keys x 8 heads, 409 clusters, 20 passes: time", t * 1e3, "ms", 0, "-"});
+    const double flops = 2.0 * passes * heads * n * clusters * d;
+    Report(
+        {"clustering: assignment FLOP rate", flops / t / 1e12, "TFLOP/s", gemm_peak, "bf16 GEMM"});
+  }
+
   if (wanted("decode") || wanted("prefill")) RunModel(b, copy_bw, gemm_peak, wanted);
   PrintTable();
 }
@@ -347,7 +385,7 @@ int main(int argc, char** argv) {
         std::end(strata::bench::kSections)) {
       std::fprintf(stderr,
                    "usage: strata_kernel_bench [SECTION...]\nunknown section '%s'; sections: "
-                   "linear decode-attention prefill-attention decode prefill\n",
+                   "linear decode-attention prefill-attention cluster decode prefill\n",
                    arg.c_str());
       return 2;
     }
