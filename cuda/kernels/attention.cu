@@ -74,7 +74,7 @@ __device__ __forceinline__ float ExpDiff(float a, float b) {
 // Decode reads every K and V row of the sequence once and does little
 // arithmetic per byte, so it is bound by memory bandwidth, which only comes
 // with many bytes in flight per SM (about 3 TB/s x 1 us / 132 SMs = 24 KB, more
-// under load). The design therefore keeps several 2 KiB tiles per warp in
+// under load). The design therefore keeps several 2-4 KiB tiles per warp in
 // flight with cp.async while the warp computes an older one, and avoids block
 // barriers in the key loop so that no warp waits for another.
 //
@@ -84,7 +84,9 @@ __device__ __forceinline__ float ExpDiff(float a, float b) {
 // lane holding 8 consecutive elements of the head dimension (one 16-byte
 // chunk); kTG is the power of two >= head_dim / 8, so lanes past the head
 // dimension idle. A tile is kDecodeSteps such keys per group, i.e. 2 KiB of K
-// and 2 KiB of V for a power-of-two head_dim. The split's tiles are dealt out
+// and 2 KiB of V for a power-of-two head_dim (the tensor-core paths below
+// arrange their tiles differently: 16 keys, or 8 slots of two kv heads, of
+// 128-byte fp8 or 256-byte bf16 rows). The split's tiles are dealt out
 // round-robin to the warps, and each warp runs its own pipeline of
 // kDecodeStages tiles and its own online softmax (in log2 units: q carries
 // scale * log2(e), so probabilities are one ex2 each). Every lane copies
@@ -99,10 +101,11 @@ constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kDecodeSteps = 4;   // keys per group per tile
 constexpr int kDecodeStages = 3;  // tiles per warp in shared memory
 constexpr int kDecodeMaxG = 8;    // query heads per block; larger groups use more blocks
-// One warp's K (or V) tile at its largest: kDecodeSteps chunks of 16 bytes
-// per lane (8 bf16 elements; an fp8 pipeline copies 8-byte chunks and uses
-// half, the tensor-core path 16 bytes of 16 fp8 elements). The shared memory
-// is sized for it either way, since the final merge reuses it.
+// One warp's K (or V) tile on every path but the bf16 tensor-core one:
+// kDecodeSteps chunks of 16 bytes per lane (8 bf16 elements; an fp8 pipeline
+// copies 8-byte chunks and uses half, the fp8 tensor-core path 16 bytes of 16
+// fp8 elements). The bf16 tensor-core path copies twice the steps
+// (DecodeSmemBytes below). The final merge reuses the buffers.
 constexpr int kDecodeTileBytes = kDecodeSteps * 32 * 16;
 constexpr size_t kDecodeSmemBytes = size_t{kDecodeWarps} * kDecodeStages * 2 * kDecodeTileBytes;
 // The final merge reuses the pipeline buffers: [warps][kMaxG][D] partial
@@ -158,7 +161,7 @@ __device__ __forceinline__ void ReadChunk(const unsigned char* src, bool active,
   }
 }
 
-// ---- Tensor-core path (fp8 cache, head_dim 128) ------------------------------
+// ---- Tensor-core path (head_dim 128; fp8, then bf16) --------------------------
 //
 // With an fp8 cache the CUDA-core loop above spends more instructions per
 // byte than the memory system needs (widening each element to fp32, then
@@ -219,10 +222,11 @@ __device__ __forceinline__ uint32_t MmaTileOffset(int r, int c) {
 // ---- Paired kv heads (tensor-core path, dense, group size <= 4) ---------------
 //
 // The cache stores a slot's kv heads side by side, so one kv head's key is
-// a 128-byte run 1 KiB (8 heads) away from the next slot's. Read one head
-// per block, the DRAM sees short scattered runs: 0.80-0.83 of its peak, while
-// the same kernel reading head-major runs was 4% faster. With kPair a warp
-// reads two adjacent kv heads of each slot, one 256-byte run, at no extra
+// (fp8) a 128-byte run 1 KiB (8 heads) away from the next slot's. Read one
+// head per block, the DRAM sees short scattered runs: 0.80-0.83 of its peak,
+// while the same kernel reading head-major runs was 4% faster. With kPair a
+// warp reads two adjacent kv heads of each slot, one 256-byte run (512 for
+// bf16), at no extra
 // tensor-core work, because the one-head path leaves A rows idle when the
 // group has at most 4 query heads:
 //   - A rows 0..3 are kv head h's query heads, rows 4..7 head h + 1's
@@ -556,8 +560,9 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
         }
       }
       l[0] = l[0] * alpha + row_sum;
-      // O^T columns 2t, 2t + 1 are heads 2t, 2t + 1: their rescale factors
-      // live in the lanes of rows 2t and 2t + 1.
+      // O^T columns 2t, 2t + 1 are A rows 2t, 2t + 1 (query heads; with
+      // kPair, of either kv head): their rescale factors live in the lanes
+      // of rows 2t and 2t + 1.
       if (__any_sync(0xffffffffu, alpha != 1.0f)) {
         const float alpha_lo = __shfl_sync(0xffffffffu, alpha, 8 * mma_t);
         const float alpha_hi = __shfl_sync(0xffffffffu, alpha, 8 * mma_t + 4);
@@ -1057,8 +1062,8 @@ int NextPow2(int v) {
 }
 
 // Whether dense decoding takes the paired-kv-head tensor-core path (see
-// kPair above): an fp8 cache with head_dim 128, at most 4 query heads per kv
-// head, and an even number of kv heads.
+// kPair above): head_dim 128 (either cache dtype), at most 4 query heads per
+// kv head, and an even number of kv heads.
 bool PairsKvHeads(const PagedAttentionParams& p) {
   const int G = p.num_q_heads / p.num_kv_heads;
   return p.head_dim == kMmaHeadDim && p.plan_entries == nullptr && G <= 4 &&

@@ -1,6 +1,6 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) helpers the kernels share: the
 // 128-byte-swizzled shared-memory tile layout and its matrix descriptors,
-// the m64n128k16 bf16 instructions with fp32 accumulators, and the fences
+// the m64n{128,64,32}k16 bf16 instructions with fp32 accumulators, and the fences
 // and waits around them. Device code only: include from .cu files built for
 // sm_90a; the instruction wrappers exist only when compiling for it
 // (__CUDA_ARCH_FEAT_SM90_ALL).

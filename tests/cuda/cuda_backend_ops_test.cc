@@ -753,13 +753,22 @@ INSTANTIATE_TEST_SUITE_P(
         AttentionCase{"decode_gqa5_d64_page32", 10, 2, 64, 32, Decodes({31, 32, 33, 500})},
         AttentionCase{"decode_gqa7_d256", 7, 1, 256, 16, Decodes({1, 300})},
         AttentionCase{"decode_gqa12_d64", 12, 1, 64, 16, Decodes({50, 600})},
-        // head_dim 128 on an fp8 cache pairs kv heads when there are at most
-        // 4 query heads per kv head and an even number of kv heads: 3 query
-        // heads per kv head (A rows 3 and 7 idle), two pairs, and an odd kv
-        // head count, which takes the one-head path.
+        // head_dim 128 runs on the tensor cores and pairs kv heads when there
+        // are at most 4 query heads per kv head and an even number of kv
+        // heads: 3 query heads per kv head (A rows 3 and 7 idle), two pairs,
+        // and an odd kv head count, which takes the one-head path.
         AttentionCase{"decode_gqa3_d128_page32", 6, 2, 128, 32, Decodes({1, 33, 700})},
         AttentionCase{"decode_gqa4_d128_page8", 16, 4, 128, 8, Decodes({8, 9, 1500})},
         AttentionCase{"decode_gqa4_d128_odd_kv", 12, 3, 128, 16, Decodes({17, 900})},
+        // One split (no context above 128 keys): the kernels write the output
+        // themselves; the others merge splits, in the last split block (up
+        // to 16 splits) or in a separate kernel.
+        AttentionCase{"decode_d128_one_split", 8, 2, 128, 16, Decodes({1, 5, 64, 128, 100})},
+        // Unpaired tensor-core shapes: 6 query heads per kv head (8 O^T
+        // columns, 6 used), 10 (two head chunks), 2 with an odd kv head count.
+        AttentionCase{"decode_gqa6_d128", 12, 2, 128, 16, Decodes({3, 300, 1200})},
+        AttentionCase{"decode_gqa10_d128", 20, 2, 128, 16, Decodes({77, 2100})},
+        AttentionCase{"decode_gqa2_d128_odd_kv", 6, 3, 128, 16, Decodes({129, 640})},
         // 32k context, split over many blocks, plus a short neighbour.
         AttentionCase{"decode_32k_gqa4_d128", 8, 2, 128, 16, Decodes({32768, 20000, 7})},
         // Prefill only, from an empty cache.
@@ -785,6 +794,8 @@ INSTANTIATE_TEST_SUITE_P(
         AttentionCase{"window4096_decode_long", 8, 2, 128, 16, Decodes({10000, 4096, 4097, 5}),
                       4096},
         AttentionCase{"window1_mixed", 4, 2, 64, 16, {{1, 20}, {9, 9}}, 1},
+        AttentionCase{"window100_decode_gqa2_d128", 4, 2, 128, 16, Decodes({99, 100, 101, 900}),
+                      100},
         AttentionCase{"window100_prefill_gqa8", 8, 1, 128, 16, {{300, 700}}, 100}),
     [](const ::testing::TestParamInfo<AttentionCase>& info) { return info.param.name; });
 

@@ -701,10 +701,13 @@ TEST_F(CudaClusterTest, RandomKeysAreConsistent) {
     int hkv, d, begin, count, clusters, iterations;
   };
   // Head dim 128 runs the wgmma assignment (centroids in chunks of 128: 300
-  // takes three, 520 five), other head dims the mma.sync kernel.
+  // takes three, 520 five; the last chunk is scored 32, 64 or 128 columns
+  // wide: 13 and 37 take 32, 160 and 192 end on exactly 32 and 64, 200 on 72
+  // of 128), other head dims the mma.sync kernel.
   for (const Case& c : {Case{2, 128, 16, 1000, 13, 60}, Case{4, 64, 7, 777, 31, 60},
                         Case{2, 128, 16, 3001, 37, 100}, Case{2, 128, 5, 9000, 300, 12},
-                        Case{1, 128, 0, 41000, 520, 6}}) {
+                        Case{1, 128, 0, 41000, 520, 6}, Case{1, 128, 3, 4000, 160, 8},
+                        Case{1, 128, 0, 4000, 192, 8}, Case{2, 128, 9, 5000, 200, 8}}) {
     SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " count ", c.count, " C ", c.clusters,
                               ", ", Seed()));
     Setup s;
