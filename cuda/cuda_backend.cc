@@ -233,6 +233,9 @@ class CudaBackend final : public engine::Backend {
   absl::StatusOr<float> TimeGemv(const GemmKey& key, const GemmOperands& operands);
   // Sizes the split-K decode workspace and enqueues the attention kernels.
   absl::Status LaunchAttention(const kernels::PagedAttentionParams& params, const Tensor& k_cache);
+  // Grows `buffer` to at least `bytes`, keeping the old allocation alive
+  // while recorded graphs may point into it.
+  absl::Status GrowKeepingGraphsSafe(DeviceBuffer& buffer, size_t bytes);
 
   int device_ = 0;
   int num_sms_ = 1;
@@ -247,6 +250,9 @@ class CudaBackend final : public engine::Backend {
   int next_slot_ = 0;
   DeviceBuffer copy_scratch_;         // CopyToHost conversions
   DeviceBuffer attention_workspace_;  // split-KV decode partials
+  // Allocations that graphs recorded before a buffer grew may still use
+  // (GrowKeepingGraphsSafe); freed with the backend, after the graphs.
+  std::vector<DeviceBuffer> retired_buffers_;
   DeviceBuffer cluster_workspace_;    // ClusterKeys scratch
   OpTimer op_timer_;
   bool capturing_ = false;             // between BeginCapture and EndCapture
@@ -939,6 +945,17 @@ kernels::PagedAttentionParams AttentionParams(const Tensor& qkv, const QkvLayout
   return params;
 }
 
+absl::Status CudaBackend::GrowKeepingGraphsSafe(DeviceBuffer& buffer, size_t bytes) {
+  if (bytes <= buffer.size()) return absl::OkStatus();
+  // Recorded graphs hold the buffer's address: while any is held, the old
+  // allocation is kept rather than freed, so that a replay never writes
+  // into freed memory.
+  const bool graphs_held =
+      std::any_of(graphs_.begin(), graphs_.end(), [](const CudaGraphExec& g) { return g.valid(); });
+  if (graphs_held && buffer.size() > 0) retired_buffers_.push_back(std::move(buffer));
+  return buffer.EnsureSize(bytes);
+}
+
 absl::Status CudaBackend::LaunchAttention(const kernels::PagedAttentionParams& params,
                                           const Tensor& k_cache) {
   STRATA_RETURN_IF_ERROR(Activate());
@@ -955,7 +972,7 @@ absl::Status CudaBackend::LaunchAttention(const kernels::PagedAttentionParams& p
     if (capturing_ && workspace_bytes > attention_workspace_.size()) {
       return CaptureError("Growing the attention workspace");
     }
-    STRATA_RETURN_IF_ERROR(attention_workspace_.EnsureSize(workspace_bytes));
+    STRATA_RETURN_IF_ERROR(GrowKeepingGraphsSafe(attention_workspace_, workspace_bytes));
   }
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchPagedAttention(
       params, num_splits, workspace_bytes > 0 ? attention_workspace_.data() : nullptr, stream()));
