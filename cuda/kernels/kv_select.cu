@@ -150,10 +150,14 @@ __global__ void __launch_bounds__(kScoreWarps * 32) ScoreBlocksKernel(ScoreBlock
 
 constexpr int kSelectThreads = 512;
 // Up to this many blocks (ClusterKV's ~410 clusters at 32k), each block's
-// place is ranked directly against keys staged in shared memory: 2 keys per
-// thread, no barriers, a few microseconds, where the bitonic sort's 45+
-// barrier-separated phases take ~11 us.
+// place is ranked directly against keys staged in shared memory, with no
+// barriers, where the bitonic sort's 45+ barrier-separated phases take ~11
+// us. The ranking is spread over kRankLanes threads per block and over
+// several CTAs per (entry, KV head), kRankPerCta blocks each, so that no
+// thread walks more than num_blocks / kRankLanes keys.
 constexpr int kMaxRankBlocks = 1024;
+constexpr int kRankLanes = 4;
+constexpr int kRankPerCta = kSelectThreads / kRankLanes;
 // Largest num_blocks sorted in shared memory (128 KiB of keys); beyond it a
 // quadratic ranking without shared memory takes over.
 constexpr int kMaxSortBlocks = 16384;
@@ -179,13 +183,15 @@ __device__ __forceinline__ void WriteRun(int32_t* out, int at, int first, int ta
   for (int u = 0; u < take && at + u < max_keys; ++u) out[at + u] = first + u;
 }
 
-// One block per (entry, KV head). Each summary block's start in the
-// selection order is the sum of the sizes of the blocks ranked before it:
-// up to kMaxRankBlocks blocks that sum is computed directly over keys in
-// shared memory; beyond, with sort_capacity > 0, the keys are bitonic-sorted
-// in shared memory (sort_capacity slots, a power of two >= every entry's
-// num_blocks) and scanned; else the direct sum reads the scores from global
-// memory (O(num_blocks^2), for very large block counts only).
+// Grid (entry, KV head, slice). Each summary block's start in the selection
+// order is the sum of the sizes of the blocks ranked before it: up to
+// kMaxRankBlocks blocks that sum is computed directly over keys in shared
+// memory, CTA z ranking blocks [z * kRankPerCta, + kRankPerCta); beyond (one
+// slice), with sort_capacity > 0, the keys are bitonic-sorted in shared
+// memory (sort_capacity slots, a power of two >= every entry's num_blocks)
+// and scanned; else the direct sum reads the scores from global memory
+// (O(num_blocks^2), for very large block counts only). Slice 0 writes the
+// sinks, the tail and the count.
 __global__ void __launch_bounds__(kSelectThreads)
     SelectTokensKernel(SelectTokensParams p, int sort_capacity) {
   using Scan = cub::BlockScan<int, kSelectThreads>;
@@ -205,7 +211,10 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int32_t* ext =
       p.extents + (static_cast<int64_t>(slot) * p.num_kv_heads + h) * p.max_blocks * 2;
 
-  for (int t = threadIdx.x; t < sink_end && t < p.max_keys; t += blockDim.x) out[t] = t;
+  const bool first_slice = blockIdx.z == 0;
+  if (first_slice) {
+    for (int t = threadIdx.x; t < sink_end && t < p.max_keys; t += blockDim.x) out[t] = t;
+  }
 
   int taken = 0;  // tokens selected from the blocks, valid in every thread
   if (num_blocks <= kMaxRankBlocks) {
@@ -221,11 +230,23 @@ __global__ void __launch_bounds__(kSelectThreads)
     __shared__ int rank_total;
     if (threadIdx.x == 0) rank_total = total;
     __syncthreads();
-    for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
-      const uint64_t key = rank_keys[b];
+    // kRankLanes adjacent lanes share block b, each summing every
+    // kRankLanes-th key, then a shuffle adds their parts. The CTAs of the
+    // grid's slices take kRankPerCta blocks at a time (the loop bounds are
+    // uniform over the CTA, so every lane reaches the shuffle).
+    const int part = threadIdx.x % kRankLanes;
+    for (int b0 = blockIdx.z * kRankPerCta; b0 < num_blocks; b0 += gridDim.z * kRankPerCta) {
+      const int b = b0 + threadIdx.x / kRankLanes;
+      const uint64_t key = b < num_blocks ? rank_keys[b] : 0;
       int start = 0;  // sizes of the blocks ranked before b (keys are distinct)
-      for (int o = 0; o < num_blocks; ++o) start += rank_keys[o] < key ? rank_sizes[o] : 0;
-      if (start < budget) {
+      for (int o = part; o < num_blocks; o += kRankLanes) {
+        start += rank_keys[o] < key ? rank_sizes[o] : 0;
+      }
+#pragma unroll
+      for (int off = 1; off < kRankLanes; off <<= 1) {
+        start += __shfl_xor_sync(0xffffffffu, start, off);
+      }
+      if (part == 0 && b < num_blocks && start < budget) {
         WriteRun(out, sink_end + start, ext[b * 2], min(rank_sizes[b], budget - start), p.max_keys);
       }
     }
@@ -294,6 +315,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     taken = min(shared_total, budget);
   }
 
+  if (!first_slice) return;
   const int tail_at = sink_end + taken;
   for (int t = tail_begin + threadIdx.x; t < context_len; t += blockDim.x) {
     const int at = tail_at + (t - tail_begin);
@@ -363,7 +385,10 @@ cudaError_t LaunchSelectTokens(const SelectTokensParams& params, cudaStream_t st
       if (err != cudaSuccess) return err;
     }
   }
-  const dim3 grid(p.num_entries, p.num_kv_heads);
+  const int slices = p.max_num_blocks <= kMaxRankBlocks
+                         ? std::max(1, (p.max_num_blocks + kRankPerCta - 1) / kRankPerCta)
+                         : 1;
+  const dim3 grid(p.num_entries, p.num_kv_heads, slices);
   SelectTokensKernel<<<grid, kSelectThreads, smem, stream>>>(p, capacity);
   return cudaGetLastError();
 }

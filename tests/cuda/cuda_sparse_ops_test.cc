@@ -299,8 +299,12 @@ TEST_F(CudaSelectTest, SelectTokensMatchesCpuExactly) {
   struct Case {
     int num_blocks_a, num_blocks_b, max_blocks, max_size;
   };
-  for (const Case& c :
-       {Case{37, 5, 40, 90}, Case{2100, 1000, 2100, 16}, Case{17000, 3, 17001, 3}}) {
+  // Up to 1024 blocks the ranking spreads over CTAs of 128 blocks each
+  // (410: four, 1024: eight; 130 leaves two CTAs without blocks); 2100 and
+  // 17000 take the sort and the direct sum (and their 1000- and 3-block
+  // entries the ranking in one CTA).
+  for (const Case& c : {Case{37, 5, 40, 90}, Case{410, 130, 410, 90}, Case{1024, 700, 1024, 20},
+                        Case{2100, 1000, 2100, 16}, Case{17000, 3, 17001, 3}}) {
     SCOPED_TRACE(absl::StrCat("blocks ", c.num_blocks_a, " / ", c.num_blocks_b, ", ", Seed()));
     SelectSetup s;
     s.hkv = 2;
