@@ -226,9 +226,8 @@ __device__ __forceinline__ uint32_t MmaTileOffset(int r, int c) {
 // head per block, the DRAM sees short scattered runs: 0.80-0.83 of its peak,
 // while the same kernel reading head-major runs was 4% faster. With kPair a
 // warp reads two adjacent kv heads of each slot, one 256-byte run (512 for
-// bf16), at no extra
-// tensor-core work, because the one-head path leaves A rows idle when the
-// group has at most 4 query heads:
+// bf16), at no extra tensor-core work, because the one-head path leaves A
+// rows idle when the group has at most 4 query heads:
 //   - A rows 0..3 are kv head h's query heads, rows 4..7 head h + 1's
 //     (rows g % 4 >= G are zero);
 //   - a tile is 8 slots; its rows 0..7 are head h's keys, rows 8..15 head
