@@ -251,7 +251,8 @@ class CudaBackend final : public engine::Backend {
   DeviceBuffer copy_scratch_;         // CopyToHost conversions
   DeviceBuffer attention_workspace_;  // split-KV decode partials
   // Allocations that graphs recorded before a buffer grew may still use
-  // (GrowKeepingGraphsSafe); freed with the backend, after the graphs.
+  // (GrowKeepingGraphsSafe); freed once no graph is held (ReleaseGraph) or
+  // with the backend, after the graphs.
   std::vector<DeviceBuffer> retired_buffers_;
   DeviceBuffer cluster_workspace_;    // ClusterKeys scratch
   OpTimer op_timer_;
@@ -513,6 +514,11 @@ absl::Status CudaBackend::ReleaseGraph(int graph) {
   // Replays already enqueued must finish before the executable goes.
   STRATA_RETURN_IF_ERROR(Synchronize());
   graphs_[graph] = CudaGraphExec();
+  // With no graph left, nothing can use the buffers kept for graphs.
+  if (std::none_of(graphs_.begin(), graphs_.end(),
+                   [](const CudaGraphExec& g) { return g.valid(); })) {
+    retired_buffers_.clear();
+  }
   return absl::OkStatus();
 }
 

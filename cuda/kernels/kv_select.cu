@@ -152,9 +152,10 @@ constexpr int kSelectThreads = 512;
 // Up to this many blocks (ClusterKV's ~410 clusters at 32k), each block's
 // place is ranked directly against keys staged in shared memory, with no
 // barriers, where the bitonic sort's 45+ barrier-separated phases take ~11
-// us. The ranking is spread over kRankLanes threads per block and over
-// several CTAs per (entry, KV head), kRankPerCta blocks each, so that no
-// thread walks more than num_blocks / kRankLanes keys.
+// us. The ranking is spread over kRankLanes threads per block and, when no
+// entry has more than kMaxRankBlocks blocks, over several CTAs per (entry,
+// KV head), kRankPerCta blocks each, so that a thread walks num_blocks /
+// kRankLanes keys.
 constexpr int kMaxRankBlocks = 1024;
 constexpr int kRankLanes = 4;
 constexpr int kRankPerCta = kSelectThreads / kRankLanes;
