@@ -236,6 +236,11 @@ class CudaBackend final : public engine::Backend {
   // Grows `buffer` to at least `bytes`, keeping the old allocation alive
   // while recorded graphs may point into it.
   absl::Status GrowKeepingGraphsSafe(DeviceBuffer& buffer, size_t bytes);
+  // Whether any recorded graph is still held (not released).
+  bool HoldsGraphs() const {
+    return std::any_of(graphs_.begin(), graphs_.end(),
+                       [](const CudaGraphExec& g) { return g.valid(); });
+  }
 
   int device_ = 0;
   int num_sms_ = 1;
@@ -515,10 +520,7 @@ absl::Status CudaBackend::ReleaseGraph(int graph) {
   STRATA_RETURN_IF_ERROR(Synchronize());
   graphs_[graph] = CudaGraphExec();
   // With no graph left, nothing can use the buffers kept for graphs.
-  if (std::none_of(graphs_.begin(), graphs_.end(),
-                   [](const CudaGraphExec& g) { return g.valid(); })) {
-    retired_buffers_.clear();
-  }
+  if (!HoldsGraphs()) retired_buffers_.clear();
   return absl::OkStatus();
 }
 
@@ -956,9 +958,7 @@ absl::Status CudaBackend::GrowKeepingGraphsSafe(DeviceBuffer& buffer, size_t byt
   // Recorded graphs hold the buffer's address: while any is held, the old
   // allocation is kept rather than freed, so that a replay never writes
   // into freed memory.
-  const bool graphs_held =
-      std::any_of(graphs_.begin(), graphs_.end(), [](const CudaGraphExec& g) { return g.valid(); });
-  if (graphs_held && buffer.size() > 0) retired_buffers_.push_back(std::move(buffer));
+  if (HoldsGraphs() && buffer.size() > 0) retired_buffers_.push_back(std::move(buffer));
   return buffer.EnsureSize(bytes);
 }
 
