@@ -89,6 +89,9 @@ struct SpeedResult {
   double step_ms = 0.0;        // mean decode step
   double first_step_ms = 0.0;  // includes clustering / page summaries
   double prefill_s = 0.0;      // of the whole batch
+  // Device time of the first step's summary work (ClusterKeys, KeyBounds),
+  // timed per operator; -1 when the backend does not time operators.
+  double summary_ms = -1.0;
   // With op timing: per-operator device time per step over `steps` more
   // steps run with timing on, and their wall time per step (the difference
   // is time the device waited for the host).
