@@ -24,6 +24,36 @@ float Dot(const float* a, const float* b, int d) {
   return s;
 }
 
+// The seed keys of the header's initialisation; kn holds the n normalised
+// keys.
+std::vector<int64_t> SeedKeys(const std::vector<float>& kn, int64_t n, int d, int c,
+                              ThreadPool* pool) {
+  const int c0 = (c + 1) / 2;
+  std::vector<int64_t> seeds(c);
+  for (int j = 0; j < c0; ++j) seeds[j] = int64_t{j} * n / c0;
+  if (c == c0) return seeds;
+  std::vector<float> max_cos(n);
+  auto score_range = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float best = Dot(&kn[i * d], &kn[seeds[0] * d], d);
+      for (int j = 1; j < c0; ++j) best = std::max(best, Dot(&kn[i * d], &kn[seeds[j] * d], d));
+      max_cos[i] = best;
+    }
+  };
+  if (pool != nullptr) {
+    pool->ParallelFor(n, 64, score_range);
+  } else {
+    score_range(0, n);
+  }
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return max_cos[a] < max_cos[b]; });
+  std::sort(order.begin(), order.begin() + (c - c0));
+  std::copy_n(order.begin(), c - c0, seeds.begin() + c0);
+  return seeds;
+}
+
 }  // namespace
 
 absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, int clusters,
@@ -52,9 +82,9 @@ absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, in
   std::vector<float> kn(keys.size());  // normalised keys
   for (int64_t i = 0; i < n; ++i) Normalise(&keys[i * d], d, &kn[i * d]);
   r.centroids.resize(static_cast<size_t>(c) * d);
+  const std::vector<int64_t> seeds = SeedKeys(kn, n, d, c, pool);
   for (int j = 0; j < c; ++j) {
-    const int64_t seed_key = int64_t{j} * n / c;
-    std::copy_n(&keys[seed_key * d], d, &r.centroids[static_cast<size_t>(j) * d]);
+    std::copy_n(&keys[seeds[j] * d], d, &r.centroids[static_cast<size_t>(j) * d]);
   }
   std::vector<float> cn(r.centroids.size());  // normalised centroids
   r.assignment.assign(n, -1);

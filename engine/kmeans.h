@@ -11,11 +11,18 @@
 //     decode scores clusters by q . centroid and the raw mean is what that
 //     dot product should approximate (the mean of q . k). An empty cluster
 //     keeps its centroid.
-//   - initialisation: centroid j is key floor(j * n / C). Keys of nearby
-//     positions tend to be alike, so spreading the seeds over the positions
-//     spreads them over the directions too; it needs no sequential pass
-//     (farthest-first seeding costs C passes over the keys, too slow on a
-//     GPU at 32k tokens) and no random state.
+//   - initialisation, in two halves. First c0 = ceil(C / 2) seeds spread
+//     over the positions: seed j is key floor(j * n / c0) (keys of nearby
+//     positions tend to be alike, so this spreads them over the directions
+//     too). Then the other C - c0 seeds are the keys least like all of
+//     those: the C - c0 of lowest maximum cosine similarity to the first
+//     seeds (ties to the lower index), taken in ascending key order. Without
+//     them a few keys unlike the rest (a needle among filler) join a large
+//     cluster whose mean dilutes them, and decode never recalls them; the
+//     paper's code seeds by k-means++ (D^2 sampling), whose C sequential
+//     passes over 32k keys are too slow on a GPU, so this is its one-pass,
+//     deterministic form. (Retrieval accuracy at budget 1024: 95.5% with
+//     position seeds only, 98.9% with these; bench/RESULTS.md.)
 // Each iteration assigns, then updates; it stops early when no assignment
 // changed. The returned centroids are the raw means of the returned
 // assignment (or the kept centroid of an empty cluster). Sums are fp64.

@@ -4,8 +4,11 @@
 // Pipeline of one call (all KV heads at once, every step one launch over
 // all heads, no host round trip):
 //   1. gather the range's K rows into a contiguous scratch [H, n, D] (bf16);
-//   2. seed centroid j with key floor(j * n / C), store its fp32 copy and
-//      its normalised bf16 copy;
+//   2. seed (engine/kmeans.h): centroids j < c0 = ceil(C / 2) are keys
+//      floor(j * n / c0); one assignment pass against those gives each key's
+//      best cosine similarity, a stable radix sort by it the C - c0 least
+//      similar keys, which seed the other centroids in ascending t. Store
+//      each centroid's fp32 copy and its normalised bf16 copy;
 //   3. per iteration:
 //      a. assignment on tensor cores: [n x D] raw keys times [D x C]
 //         normalised centroids (mma.sync m16n8k16 bf16, fp32 accumulate),
@@ -74,10 +77,14 @@ struct Workspace {
   size_t seg_begin = 0;  // i32 [H * C]: sorted positions of each cluster
   size_t seg_end = 0;
   size_t changed = 0;  // i32 [iterations]
+  size_t best = 0;     // f32 [H * n]: seeding, each key's best score against the first seeds
+  size_t seeds = 0;    // i32 [H, C]: seed keys
   size_t sort_temp = 0;
   size_t sort_temp_bytes = 0;
   size_t total = 0;
-  int end_bit = 1;  // radix-sort key bits
+  int end_bit = 1;       // radix-sort key bits of an iteration: head * C + cluster
+  int head_bits = 0;     // bits of a head index (seeding sort: head, then similarity)
+  int seed_end_bit = 0;  // radix-sort key bits of the seeding sort
 };
 
 Workspace PlanWorkspace(const ClusterKeysParams& p) {
@@ -105,14 +112,22 @@ Workspace PlanWorkspace(const ClusterKeysParams& p) {
   w.seg_begin = take(h * c * sizeof(int32_t));
   w.seg_end = take(h * c * sizeof(int32_t));
   w.changed = take(static_cast<size_t>(std::max(p.iterations, 1)) * sizeof(int32_t));
+  w.best = take(h * n * sizeof(float));
+  w.seeds = take(h * c * sizeof(int32_t));
   uint64_t max_key = h * c > 0 ? h * c - 1 : 0;
   w.end_bit = 1;
   while ((max_key >> w.end_bit) != 0) ++w.end_bit;
-  // A size query only: CUB reads no data when the temp pointer is null.
-  cub::DeviceRadixSort::SortPairs(
-      nullptr, w.sort_temp_bytes, static_cast<const uint32_t*>(nullptr),
-      static_cast<uint32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-      static_cast<int32_t*>(nullptr), static_cast<int>(h * n), 0, w.end_bit);
+  while (h > 0 && ((h - 1) >> w.head_bits) != 0) ++w.head_bits;
+  w.seed_end_bit = 32;
+  // Size queries only: CUB reads no data when the temp pointer is null.
+  for (const int end_bit : {w.end_bit, w.seed_end_bit}) {
+    size_t bytes = 0;
+    cub::DeviceRadixSort::SortPairs(
+        nullptr, bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+        static_cast<int>(h * n), 0, end_bit);
+    w.sort_temp_bytes = std::max(w.sort_temp_bytes, bytes);
+  }
   w.sort_temp = take(w.sort_temp_bytes);
   w.total = off;
   return w;
@@ -234,10 +249,12 @@ __device__ __forceinline__ void WriteNormed(const float (&c)[8], int lane, int d
 }
 
 // One warp per (head, cluster slot j < Cpad): seeds centroid j < C with key
-// floor(j * n / C); padding rows j >= C and columns >= D are zero.
+// seeds[head * C + j], or without a seed list key floor(j * n / C); padding
+// rows j >= C and columns >= D are zero.
 __global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int heads, int d,
                                     int d_pad, int clusters, int c_pad,
-                                    float* __restrict__ centroid, bf16* __restrict__ normed) {
+                                    const int32_t* __restrict__ seeds, float* __restrict__ centroid,
+                                    bf16* __restrict__ normed) {
   const int lane = threadIdx.x % 32;
   const int gw = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   if (gw >= heads * c_pad) return;
@@ -247,7 +264,8 @@ __global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int
     if (j >= clusters || dim >= d) normed_row[dim] = __float2bfloat16(0.0f);
   }
   if (j >= clusters) return;
-  const int64_t seed = static_cast<int64_t>(j) * n / clusters;
+  const int64_t seed = seeds != nullptr ? seeds[static_cast<int64_t>(h) * clusters + j]
+                                        : static_cast<int64_t>(j) * n / clusters;
   const bf16* key = scratch + (int64_t{h} * n + seed) * d;
   float* out = centroid + (int64_t{h} * clusters + j) * d;
   float c[8] = {};
@@ -265,6 +283,81 @@ __global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int
   WriteNormed(c, lane, d, normed_row);
 }
 
+// ---- Seeding: the keys least like the first, position-spread seeds ----------
+
+// One warp per (head, key): the key's maximum cosine similarity to the first
+// seeds (its best score over its norm; 0 for a zero key), as a sort key that
+// orders a head's keys by ascending similarity: head in the top head_bits,
+// then the similarity mapped monotonically onto the remaining bits.
+__global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float* __restrict__ best,
+                                   int n, int heads, int d, int head_bits,
+                                   uint32_t* __restrict__ sort_keys,
+                                   int32_t* __restrict__ sort_vals) {
+  const int lane = threadIdx.x % 32;
+  const int64_t total = int64_t{heads} * n;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  const int value_bits = 32 - head_bits;
+  const double top = static_cast<double>((uint64_t{1} << value_bits) - 1);
+  for (int64_t key = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; key < total;
+       key += warps) {
+    float sq = 0.0f;
+    for (int dim = lane * 8; dim < d; dim += 256) {
+      const uint4 w = *reinterpret_cast<const uint4*>(scratch + key * d + dim);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&w);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(pairs[k]);
+        sq += f.x * f.x + f.y * f.y;
+      }
+    }
+    sq = WarpSum(sq);
+    if (lane == 0) {
+      const float cosv = sq > 0.0f ? fminf(fmaxf(best[key] * rsqrtf(sq), -1.0f), 1.0f) : 0.0f;
+      const uint32_t value = static_cast<uint32_t>((static_cast<double>(cosv) + 1.0) * 0.5 * top);
+      const uint32_t head = static_cast<uint32_t>(key / n);
+      sort_keys[key] = (head_bits > 0 ? head << value_bits : 0u) | value;
+      sort_vals[key] = static_cast<int32_t>(key % n);
+    }
+  }
+}
+
+// Flags the first `count` keys of every head's sorted order (the farthest).
+__global__ void MarkFarthestKernel(const int32_t* __restrict__ sorted_t, int n, int heads,
+                                   int count, int32_t* __restrict__ flags) {
+  const int64_t total = int64_t{heads} * count;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t h = i / count, r = i % count;
+    flags[h * n + sorted_t[h * n + r]] = 1;
+  }
+}
+
+// Block per head: seeds j < c0 are keys floor(j * n / c0), seeds c0.. the
+// flagged keys in ascending t (an ordered compaction, tile by tile).
+constexpr int kSeedThreads = 1024;
+__global__ void __launch_bounds__(kSeedThreads)
+    SeedListKernel(const int32_t* __restrict__ flags, int n, int clusters, int c0,
+                   int32_t* __restrict__ seeds) {
+  using Scan = cub::BlockScan<int, kSeedThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int h = blockIdx.x;
+  int32_t* head_seeds = seeds + static_cast<int64_t>(h) * clusters;
+  for (int j = threadIdx.x; j < c0; j += kSeedThreads) {
+    head_seeds[j] = static_cast<int32_t>(static_cast<int64_t>(j) * n / c0);
+  }
+  const int32_t* head_flags = flags + static_cast<int64_t>(h) * n;
+  int carry = c0;
+  for (int base = 0; base < n; base += kSeedThreads) {
+    const int t = base + threadIdx.x;
+    const int flag = t < n ? head_flags[t] : 0;
+    int before = 0, tile_total = 0;
+    Scan(scan_storage).ExclusiveSum(flag, before, tile_total);
+    if (flag != 0 && carry + before < clusters) head_seeds[carry + before] = t;
+    carry += tile_total;
+    __syncthreads();  // scan_storage is reused
+  }
+}
+
 // Keeps (best, index) the better of itself and (s, j): a larger score, and
 // on equal scores the lower cluster (the reference's strict > over an
 // ascending j).
@@ -277,10 +370,12 @@ __device__ __forceinline__ void Better(float s, int j, float& best, int& index) 
 
 // Merges the best (score, cluster) of the 4 lanes of a quad that share key
 // `row` (mma C layout), then the quad's first lane (`writer`) stores the
-// assignment and the sort key. Returns whether the assignment changed.
+// assignment and the sort key (and, when best_out is set, the best score).
+// Returns whether the assignment changed.
 __device__ __forceinline__ bool StoreAssignment(float best, int index, int row, bool writer, int h,
                                                 int n, int clusters, int32_t* __restrict__ assign,
-                                                uint32_t* __restrict__ sort_keys) {
+                                                uint32_t* __restrict__ sort_keys,
+                                                float* __restrict__ best_out) {
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
     const float other_best = __shfl_xor_sync(0xffffffffu, best, off);
@@ -289,6 +384,7 @@ __device__ __forceinline__ bool StoreAssignment(float best, int index, int row, 
   }
   if (!writer || row >= n) return false;
   const int64_t at = static_cast<int64_t>(h) * n + row;
+  if (best_out != nullptr) best_out[at] = best;
   sort_keys[at] = static_cast<uint32_t>(h * clusters + index);
   if (assign[at] == index) return false;
   assign[at] = index;
@@ -309,7 +405,7 @@ __global__ void __launch_bounds__(kAssignWarps * 32, 2)
     AssignKernel(const bf16* __restrict__ keys, const bf16* __restrict__ normed, int n, int d,
                  int clusters, int c_pad, int32_t* __restrict__ assign,
                  uint32_t* __restrict__ sort_keys, int* __restrict__ changed,
-                 const int* __restrict__ run_if) {
+                 const int* __restrict__ run_if, float* __restrict__ best_out) {
   if (run_if != nullptr && *run_if == 0) return;  // converged earlier
   constexpr int kDp = kKs * 16;
   constexpr int kStride = kDp + 8;
@@ -403,7 +499,7 @@ __global__ void __launch_bounds__(kAssignWarps * 32, 2)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       any_change |= StoreAssignment(best[m][half], index[m][half], row0 + m * 16 + g + half * 8,
-                                    q == 0, h, n, clusters, assign, sort_keys);
+                                    q == 0, h, n, clusters, assign, sort_keys, best_out);
     }
   }
   if (__any_sync(0xffffffffu, any_change) && lane == 0) *changed = 1;
@@ -436,7 +532,7 @@ __global__ void __launch_bounds__(kWgAssignThreads, 2)
     AssignWgmmaKernel(const bf16* __restrict__ keys, const bf16* __restrict__ normed, int n,
                       int clusters, int c_pad, int32_t* __restrict__ assign,
                       uint32_t* __restrict__ sort_keys, int* __restrict__ changed,
-                      const int* __restrict__ run_if) {
+                      const int* __restrict__ run_if, float* __restrict__ best_out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if (run_if != nullptr && *run_if == 0) return;  // converged earlier
   constexpr int kD = kWgAssignHeadDim;
@@ -548,7 +644,7 @@ __global__ void __launch_bounds__(kWgAssignThreads, 2)
   for (int half = 0; half < 2; ++half) {
     any_change |=
         StoreAssignment(best[half], index[half], row0 + 64 * wg + 16 * (warp % 4) + g + 8 * half,
-                        q == 0, h, n, clusters, assign, sort_keys);
+                        q == 0, h, n, clusters, assign, sort_keys, best_out);
   }
   if (__any_sync(0xffffffffu, any_change) && lane == 0) *changed = 1;
 #else
@@ -752,9 +848,9 @@ cudaError_t LaunchUpdate(int d, int64_t warps, const bf16* keys, const int32_t* 
 }
 
 template <int kKs>
-cudaError_t LaunchAssignFor(const ClusterKeysParams& p, const bf16* keys, const bf16* normed,
-                            int c_pad, int32_t* assign, uint32_t* sort_keys, int* changed,
-                            const int* run_if, cudaStream_t stream) {
+cudaError_t LaunchAssignFor(int n, int heads, int d, int clusters, const bf16* keys,
+                            const bf16* normed, int c_pad, int32_t* assign, uint32_t* sort_keys,
+                            int* changed, const int* run_if, float* best_out, cudaStream_t stream) {
   // Two m-tiles per warp halve the shared-memory traffic per mma; beyond
   // 128 dims their A fragments would not fit the registers.
   constexpr int kMt = kKs <= 8 ? 2 : 1;
@@ -763,29 +859,33 @@ cudaError_t LaunchAssignFor(const ClusterKeysParams& p, const bf16* keys, const 
   cudaError_t err = cudaFuncSetAttribute(
       AssignKernel<kKs, kMt>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid((p.count + kRows - 1) / kRows, p.num_kv_heads);
+  const dim3 grid((n + kRows - 1) / kRows, heads);
   AssignKernel<kKs, kMt><<<grid, kAssignWarps * 32, smem, stream>>>(
-      keys, normed, p.count, p.head_dim, p.num_clusters, c_pad, assign, sort_keys, changed, run_if);
+      keys, normed, n, d, clusters, c_pad, assign, sort_keys, changed, run_if, best_out);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchAssign(const ClusterKeysParams& p, const bf16* keys, const bf16* normed,
-                         int c_pad, int32_t* assign, uint32_t* sort_keys, int* changed,
-                         const int* run_if, cudaStream_t stream) {
-  if (p.head_dim == kWgAssignHeadDim && c_pad % 128 == 0 && WgmmaAssignUsable()) {
+// One assignment pass of n keys per head against `clusters` normalised
+// centroids (rows of c_pad); best_out (optional) receives each key's best
+// score.
+cudaError_t LaunchAssign(int n, int heads, int d, int clusters, const bf16* keys,
+                         const bf16* normed, int c_pad, int32_t* assign, uint32_t* sort_keys,
+                         int* changed, const int* run_if, float* best_out, cudaStream_t stream) {
+  if (d == kWgAssignHeadDim && c_pad % 128 == 0 && WgmmaAssignUsable()) {
     cudaError_t err =
         cudaFuncSetAttribute(AssignWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(kWgAssignSmemBytes));
     if (err != cudaSuccess) return err;
-    const dim3 grid((p.count + kWgAssignRows - 1) / kWgAssignRows, p.num_kv_heads);
+    const dim3 grid((n + kWgAssignRows - 1) / kWgAssignRows, heads);
     AssignWgmmaKernel<<<grid, kWgAssignThreads, kWgAssignSmemBytes, stream>>>(
-        keys, normed, p.count, p.num_clusters, c_pad, assign, sort_keys, changed, run_if);
+        keys, normed, n, clusters, c_pad, assign, sort_keys, changed, run_if, best_out);
     return cudaGetLastError();
   }
-  switch ((p.head_dim + 15) / 16) {
-#define STRATA_ASSIGN_CASE(ks) \
-  case ks:                     \
-    return LaunchAssignFor<ks>(p, keys, normed, c_pad, assign, sort_keys, changed, run_if, stream);
+  switch ((d + 15) / 16) {
+#define STRATA_ASSIGN_CASE(ks)                                                                \
+  case ks:                                                                                    \
+    return LaunchAssignFor<ks>(n, heads, d, clusters, keys, normed, c_pad, assign, sort_keys, \
+                               changed, run_if, best_out, stream);
     STRATA_ASSIGN_CASE(1)
     STRATA_ASSIGN_CASE(2)
     STRATA_ASSIGN_CASE(3)
@@ -848,6 +948,8 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
   int32_t* seg_begin = reinterpret_cast<int32_t*>(base + w.seg_begin);
   int32_t* seg_end = reinterpret_cast<int32_t*>(base + w.seg_end);
   int* changed = reinterpret_cast<int*>(base + w.changed);
+  float* best = reinterpret_cast<float*>(base + w.best);
+  int32_t* seeds = reinterpret_cast<int32_t*>(base + w.seeds);
   void* sort_temp = base + w.sort_temp;
 
   const int heads = p.num_kv_heads, n = p.count, d = p.head_dim, c = p.num_clusters;
@@ -857,15 +959,50 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
   Cache* k_cache = static_cast<Cache*>(p.k_cache);
   Cache* v_cache = static_cast<Cache*>(p.v_cache);
 
-  cudaError_t err = cudaMemsetAsync(changed, 0, sizeof(int) * p.iterations, stream);
-  if (err != cudaSuccess) return err;
   GatherRowsKernel<<<GridFor(items * (d / 8), kThreads), kThreads, 0, stream>>>(
       k_cache, p.block_table, p.page_size, p.begin, n, heads, d, scratch);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  // Seeding (engine/kmeans.h): c0 seeds spread over the positions, then the
+  // c - c0 keys least like them. One assignment pass against the first
+  // seeds gives each key's best score, a sort by similarity (stable: ties
+  // keep ascending t) the farthest keys, an ordered compaction the list.
+  const int c0 = (c + 1) / 2;
+  if (c > c0) {
+    const int c_pad0 = RoundUp(c0, kCentroidPad);
+    InitCentroidsKernel<<<GridFor(int64_t{heads} * c_pad0 * 32, kThreads), kThreads, 0, stream>>>(
+        scratch, n, heads, d, d_pad, c0, c_pad0, nullptr, centroid, normed);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = LaunchAssign(n, heads, d, c0, scratch, normed, c_pad0, assign, keys_in, changed, nullptr,
+                       best, stream);
+    if (err != cudaSuccess) return err;
+    FarthestKeysKernel<<<GridFor(items * 32, kThreads), kThreads, 0, stream>>>(
+        scratch, best, n, heads, d, w.head_bits, keys_in, vals_in);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    size_t temp_bytes = w.sort_temp_bytes;
+    err =
+        cub::DeviceRadixSort::SortPairs(sort_temp, temp_bytes, keys_in, keys_out, vals_in, vals_out,
+                                        static_cast<int>(items), 0, w.seed_end_bit, stream);
+    if (err != cudaSuccess) return err;
+    int32_t* flags = assign;  // reset by InitStateKernel below
+    if ((err = cudaMemsetAsync(flags, 0, sizeof(int32_t) * items, stream)) != cudaSuccess) {
+      return err;
+    }
+    MarkFarthestKernel<<<GridFor(int64_t{heads} * (c - c0), kThreads), kThreads, 0, stream>>>(
+        vals_out, n, heads, c - c0, flags);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    SeedListKernel<<<heads, kSeedThreads, 0, stream>>>(flags, n, c, c0, seeds);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+
+  if ((err = cudaMemsetAsync(changed, 0, sizeof(int) * p.iterations, stream)) != cudaSuccess) {
+    return err;
+  }
   InitStateKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(n, heads, assign, vals_in);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   InitCentroidsKernel<<<GridFor(int64_t{heads} * c_pad * 32, kThreads), kThreads, 0, stream>>>(
-      scratch, n, heads, d, d_pad, c, c_pad, centroid, normed);
+      scratch, n, heads, d, d_pad, c, c_pad, c > c0 ? seeds : nullptr, centroid, normed);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   for (int it = 0; it < p.iterations; ++it) {
@@ -873,8 +1010,8 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
     // flag of a skipped pass stays 0, so once one is skipped all later are.
     const int* run_assign = it == 0 ? nullptr : changed + it - 1;
     const int* run_update = changed + it;
-    err =
-        LaunchAssign(p, scratch, normed, c_pad, assign, keys_in, changed + it, run_assign, stream);
+    err = LaunchAssign(n, heads, d, c, scratch, normed, c_pad, assign, keys_in, changed + it,
+                       run_assign, nullptr, stream);
     if (err != cudaSuccess) return err;
     size_t temp_bytes = w.sort_temp_bytes;
     err = cub::DeviceRadixSort::SortPairs(sort_temp, temp_bytes, keys_in, keys_out, vals_in,

@@ -622,11 +622,14 @@ class CudaClusterTest : public CudaSparseOpsTest {
   }
 };
 
-// Planted clusters: well separated random directions, keys of random
-// lengths around them; the seed keys floor(j * count / C) of every cluster
-// lie in cluster j (count = C * L, seed j at j * L), the other keys in
-// random clusters, so the reorder is a real permutation. Both backends must
-// find the same clusters: identical extents and reordered caches.
+// Planted clusters, shaped by the seeding (engine/kmeans.h): c0 = ceil(C /
+// 2) well separated random directions with keys of random lengths around
+// them, whose first seeds floor(j * count / c0) lie in cluster j (the other
+// keys in random ones, so the reorder is a real permutation), and C - c0
+// single keys in random directions at random positions, which are by far
+// the least like the first seeds and so seed the other clusters. Both
+// backends must find the same clusters: identical extents and reordered
+// caches.
 TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
   struct Case {
     int hkv, d, page_size, begin, clusters, run, iterations, first_block, max_blocks;
@@ -635,15 +638,17 @@ TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
     kv_fp8_ = fp8;
     for (const Case& c :
          {Case{2, 128, 16, 16, 7, 37, 5, 0, 7}, Case{3, 64, 16, 5, 13, 23, 8, 4, 20},
-          Case{1, 128, 32, 16, 1, 51, 3, 2, 3}, Case{2, 64, 16, 0, 70, 9, 20, 1, 80}}) {
+          Case{1, 128, 32, 16, 1, 51, 3, 2, 3}, Case{2, 64, 16, 0, 70, 9, 20, 1, 80},
+          Case{2, 128, 16, 3, 300, 6, 6, 0, 300}}) {
       SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " C ", c.clusters, " run ", c.run,
                                 fp8 ? " fp8" : "", ", ", Seed()));
+      const int c0 = (c.clusters + 1) / 2, singles = c.clusters - c0;
       Setup s;
       s.hkv = c.hkv;
       s.d = c.d;
       s.page_size = c.page_size;
       s.begin = c.begin;
-      s.count = c.clusters * c.run;
+      s.count = c0 * c.run + singles;
       s.clusters = c.clusters;
       s.iterations = c.iterations;
       s.first_block = c.first_block;
@@ -652,18 +657,26 @@ TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
       if (HasFatalFailure()) return;
       std::normal_distribution<float> gauss(0.0f, 1.0f);
       std::uniform_real_distribution<float> length(0.5f, 2.0f);
-      std::uniform_int_distribution<int> any_cluster(0, c.clusters - 1);
+      std::uniform_int_distribution<int> any_cluster(0, c0 - 1);
       for (int h = 0; h < c.hkv; ++h) {
-        std::vector<std::vector<float>> dirs(c.clusters, std::vector<float>(c.d));
+        // -1: a single key; j >= 0: the first seed of cluster j.
+        std::vector<int> role(s.count, -2);
+        for (int j = 0; j < c0; ++j) role[int64_t{j} * s.count / c0] = j;
+        for (int placed = 0; placed < singles;) {
+          const int t = std::uniform_int_distribution<int>(0, s.count - 1)(rng_);
+          if (role[t] == -2) role[t] = -1, ++placed;
+        }
+        std::vector<std::vector<float>> dirs(c0, std::vector<float>(c.d));
         for (auto& dir : dirs) {
           for (float& x : dir) x = gauss(rng_);
         }
         for (int t = 0; t < s.count; ++t) {
-          const int j = t % c.run == 0 ? t / c.run : any_cluster(rng_);
           const float len = length(rng_);
+          const int j = role[t] >= 0 ? role[t] : any_cluster(rng_);
           const int64_t row = RowOf(s, s.begin + t, h);
           for (int i = 0; i < c.d; ++i) {
-            const float x = len * (dirs[j][i] + 0.1f * gauss(rng_));
+            const float x =
+                role[t] == -1 ? len * gauss(rng_) : len * (dirs[j][i] + 0.1f * gauss(rng_));
             s.k[row + i] = fp8 ? engine::Fp8E4M3ToFloat(engine::FloatToFp8E4M3(x)) : RoundBf16(x);
           }
         }

@@ -109,6 +109,36 @@ TEST(KMeansCosineTest, AssignsByDirectionNotDistance) {
   EXPECT_FLOAT_EQ(r->centroids[x * d + 1], 0.0f);
 }
 
+// A few keys unlike the rest (a needle in filler) get clusters of their own:
+// the second half of the seeds are the keys least like the first half, which
+// are spread over the positions. With every seed taken from the positions
+// the needles would join filler clusters and their means.
+TEST(KMeansCosineTest, KeysUnlikeTheSpreadSeedsSeedTheirOwnClusters) {
+  const int d = 8, n = 300;
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> keys(static_cast<size_t>(n) * d);
+  for (int i = 0; i < n; ++i) {
+    // Filler: around e0, then around e1; the needles point along e5 and e6.
+    const int axis = i == 37 ? 5 : i == 250 ? 6 : i < n / 2 ? 0 : 1;
+    for (int j = 0; j < d; ++j) keys[i * d + j] = (j == axis ? 1.0f : 0.0f) + 0.05f * normal(rng);
+  }
+  // C = 4: seeds 0 and 1 are keys 0 and 150, seeds 2 and 3 the needles.
+  auto r = KMeansCosine(keys, d, 4, 20);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ExpectConsistent(keys, d, *r);
+  EXPECT_EQ(r->assignment[37], 2);
+  EXPECT_EQ(r->assignment[250], 3);
+  EXPECT_EQ(r->sizes[2], 1);
+  EXPECT_EQ(r->sizes[3], 1);
+  // The filler splits by its two directions.
+  for (int i = 0; i < n; ++i) {
+    if (i != 37 && i != 250) {
+      EXPECT_EQ(r->assignment[i], i < n / 2 ? 0 : 1) << "key " << i;
+    }
+  }
+}
+
 TEST(KMeansCosineTest, Deterministic) {
   const int d = 8;
   std::mt19937_64 rng(3);
