@@ -29,6 +29,7 @@
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/sampling.h"
 #include "cuda/op_timer.h"
+#include "engine/kmeans.h"
 
 namespace strata::cuda {
 namespace {
@@ -1114,6 +1115,9 @@ absl::Status CheckPoolSlot(const char* op, const char* name, const Tensor& t, DT
   }
   return absl::OkStatus();
 }
+
+// The kernel ranks seed candidates in the CPU reference's buckets.
+static_assert(kernels::kClusterSeedSimilarityBits == engine::kSeedSimilarityBits);
 
 absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
                                       const engine::SequenceRange& range, int num_clusters,

@@ -32,12 +32,12 @@ std::vector<int64_t> SeedKeys(const std::vector<float>& kn, int64_t n, int d, in
   std::vector<int64_t> seeds(c);
   for (int j = 0; j < c0; ++j) seeds[j] = int64_t{j} * n / c0;
   if (c == c0) return seeds;
-  std::vector<float> max_cos(n);
+  std::vector<uint32_t> max_cos(n);  // bucketed
   auto score_range = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float best = Dot(&kn[i * d], &kn[seeds[0] * d], d);
       for (int j = 1; j < c0; ++j) best = std::max(best, Dot(&kn[i * d], &kn[seeds[j] * d], d));
-      max_cos[i] = best;
+      max_cos[i] = SeedSimilarityBucket(best);
     }
   };
   if (pool != nullptr) {
@@ -55,6 +55,12 @@ std::vector<int64_t> SeedKeys(const std::vector<float>& kn, int64_t n, int d, in
 }
 
 }  // namespace
+
+uint32_t SeedSimilarityBucket(float cosine) {
+  const double c = std::clamp(static_cast<double>(cosine), -1.0, 1.0);
+  constexpr double kTop = static_cast<double>((uint32_t{1} << kSeedSimilarityBits) - 1);
+  return static_cast<uint32_t>((c + 1.0) * 0.5 * kTop);
+}
 
 absl::StatusOr<KMeansResult> KMeansCosine(std::span<const float> keys, int d, int clusters,
                                           int iterations, ThreadPool* pool) {

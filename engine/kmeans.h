@@ -16,7 +16,10 @@
 //     positions tend to be alike, so this spreads them over the directions
 //     too). Then the other C - c0 seeds are the keys least like all of
 //     those: the C - c0 of lowest maximum cosine similarity to the first
-//     seeds (ties to the lower index), taken in ascending key order. Without
+//     seeds, taken in ascending key order. Similarities are compared in
+//     buckets of kSeedSimilarityBits over [-1, 1] (SeedSimilarityBucket),
+//     ties to the lower index, so that the GPU's bf16 arithmetic and this
+//     reference rank alike and its radix sort stays short. Without
 //     them a few keys unlike the rest (a needle among filler) join a large
 //     cluster whose mean dilutes them, and decode never recalls them; the
 //     paper's code seeds by k-means++ (D^2 sampling), whose C sequential
@@ -43,6 +46,12 @@ class ThreadPool;
 }  // namespace strata
 
 namespace strata::engine {
+
+// The seeding's similarity buckets (see above): floor((cos + 1) / 2 *
+// (2^kSeedSimilarityBits - 1)) of the cosine clamped to [-1, 1]. The CUDA
+// kernel uses the same (cuda/kernels/kv_cluster.h).
+inline constexpr int kSeedSimilarityBits = 13;
+uint32_t SeedSimilarityBucket(float cosine);
 
 struct KMeansResult {
   int num_clusters = 0;             // min(requested clusters, n)

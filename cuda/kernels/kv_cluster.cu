@@ -6,9 +6,10 @@
 //   1. gather the range's K rows into a contiguous scratch [H, n, D] (bf16);
 //   2. seed (engine/kmeans.h): centroids j < c0 = ceil(C / 2) are keys
 //      floor(j * n / c0); one assignment pass against those gives each key's
-//      best cosine similarity, a stable radix sort by it the C - c0 least
-//      similar keys, which seed the other centroids in ascending t. Store
-//      each centroid's fp32 copy and its normalised bf16 copy;
+//      best cosine similarity, a stable radix sort by its bucket the C - c0
+//      least similar keys, a stable compaction of their flags the same keys
+//      in ascending t, which seed the other centroids. Store each centroid's
+//      fp32 copy and its normalised bf16 copy;
 //   3. per iteration:
 //      a. assignment on tensor cores: [n x D] raw keys times [D x C]
 //         normalised centroids (mma.sync m16n8k16 bf16, fp32 accumulate),
@@ -40,6 +41,7 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_select.cuh>
 #include <type_traits>
 
 #include "cuda/kernels/fp8.cuh"
@@ -80,7 +82,7 @@ struct Workspace {
   size_t best = 0;     // f32 [H * n]: seeding, each key's best score against the first seeds
   size_t seeds = 0;    // i32 [H, C]: seed keys
   size_t sort_temp = 0;
-  size_t sort_temp_bytes = 0;
+  size_t sort_temp_bytes = 0;  // CUB's radix sorts and the seeding's compaction
   size_t total = 0;
   int end_bit = 1;       // radix-sort key bits of an iteration: head * C + cluster
   int head_bits = 0;     // bits of a head index (seeding sort: head, then similarity)
@@ -118,7 +120,7 @@ Workspace PlanWorkspace(const ClusterKeysParams& p) {
   w.end_bit = 1;
   while ((max_key >> w.end_bit) != 0) ++w.end_bit;
   while (h > 0 && ((h - 1) >> w.head_bits) != 0) ++w.head_bits;
-  w.seed_end_bit = 32;
+  w.seed_end_bit = w.head_bits + kClusterSeedSimilarityBits;
   // Size queries only: CUB reads no data when the temp pointer is null.
   for (const int end_bit : {w.end_bit, w.seed_end_bit}) {
     size_t bytes = 0;
@@ -128,6 +130,11 @@ Workspace PlanWorkspace(const ClusterKeysParams& p) {
         static_cast<int>(h * n), 0, end_bit);
     w.sort_temp_bytes = std::max(w.sort_temp_bytes, bytes);
   }
+  size_t select_bytes = 0;
+  cub::DeviceSelect::Flagged(nullptr, select_bytes, static_cast<const int32_t*>(nullptr),
+                             static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr),
+                             static_cast<int*>(nullptr), static_cast<int>(h * n));
+  w.sort_temp_bytes = std::max(w.sort_temp_bytes, select_bytes);
   w.sort_temp = take(w.sort_temp_bytes);
   w.total = off;
   return w;
@@ -285,24 +292,28 @@ __global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int
 
 // ---- Seeding: the keys least like the first, position-spread seeds ----------
 
-// One warp per (head, key): the key's maximum cosine similarity to the first
-// seeds (its best score over its norm; 0 for a zero key), as a sort key that
-// orders a head's keys by ascending similarity: head in the top head_bits,
-// then the similarity mapped monotonically onto the remaining bits.
+// Each key's similarity bucket (engine::SeedSimilarityBucket of its best
+// score over its norm; 0 similarity for a zero key) as a sort key that
+// orders a head's keys by ascending similarity: head index above
+// kClusterSeedSimilarityBits bucket bits; the value is t. A row is read by
+// `lanes` lanes (a power of two >= d / 8, 16 bytes each), so a warp reads
+// 32 / lanes rows at once.
 __global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float* __restrict__ best,
-                                   int n, int heads, int d, int head_bits,
+                                   int n, int heads, int d, int lanes,
                                    uint32_t* __restrict__ sort_keys,
                                    int32_t* __restrict__ sort_vals) {
   const int lane = threadIdx.x % 32;
+  const int sub = lane / lanes, chunk = lane % lanes;
+  const int rows_per_warp = 32 / lanes;
   const int64_t total = int64_t{heads} * n;
-  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
-  const int value_bits = 32 - head_bits;
-  const double top = static_cast<double>((uint64_t{1} << value_bits) - 1);
-  for (int64_t key = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32; key < total;
-       key += warps) {
+  const int64_t stride = int64_t{gridDim.x} * (blockDim.x / 32) * rows_per_warp;
+  constexpr double kTop = static_cast<double>((1u << kClusterSeedSimilarityBits) - 1);
+  const int64_t first = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32 * rows_per_warp;
+  for (int64_t base = first; base < total; base += stride) {
+    const int64_t key = base + sub;
     float sq = 0.0f;
-    for (int dim = lane * 8; dim < d; dim += 256) {
-      const uint4 w = *reinterpret_cast<const uint4*>(scratch + key * d + dim);
+    if (key < total && chunk * 8 < d) {
+      const uint4 w = *reinterpret_cast<const uint4*>(scratch + key * d + chunk * 8);
       const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&w);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -310,12 +321,12 @@ __global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float
         sq += f.x * f.x + f.y * f.y;
       }
     }
-    sq = WarpSum(sq);
-    if (lane == 0) {
+    for (int off = 1; off < lanes; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    if (chunk == 0 && key < total) {
       const float cosv = sq > 0.0f ? fminf(fmaxf(best[key] * rsqrtf(sq), -1.0f), 1.0f) : 0.0f;
-      const uint32_t value = static_cast<uint32_t>((static_cast<double>(cosv) + 1.0) * 0.5 * top);
+      const uint32_t bucket = static_cast<uint32_t>((static_cast<double>(cosv) + 1.0) * 0.5 * kTop);
       const uint32_t head = static_cast<uint32_t>(key / n);
-      sort_keys[key] = (head_bits > 0 ? head << value_bits : 0u) | value;
+      sort_keys[key] = (head << kClusterSeedSimilarityBits) | bucket;
       sort_vals[key] = static_cast<int32_t>(key % n);
     }
   }
@@ -332,29 +343,18 @@ __global__ void MarkFarthestKernel(const int32_t* __restrict__ sorted_t, int n, 
   }
 }
 
-// Block per head: seeds j < c0 are keys floor(j * n / c0), seeds c0.. the
-// flagged keys in ascending t (an ordered compaction, tile by tile).
-constexpr int kSeedThreads = 1024;
-__global__ void __launch_bounds__(kSeedThreads)
-    SeedListKernel(const int32_t* __restrict__ flags, int n, int clusters, int c0,
-                   int32_t* __restrict__ seeds) {
-  using Scan = cub::BlockScan<int, kSeedThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const int h = blockIdx.x;
-  int32_t* head_seeds = seeds + static_cast<int64_t>(h) * clusters;
-  for (int j = threadIdx.x; j < c0; j += kSeedThreads) {
-    head_seeds[j] = static_cast<int32_t>(static_cast<int64_t>(j) * n / c0);
-  }
-  const int32_t* head_flags = flags + static_cast<int64_t>(h) * n;
-  int carry = c0;
-  for (int base = 0; base < n; base += kSeedThreads) {
-    const int t = base + threadIdx.x;
-    const int flag = t < n ? head_flags[t] : 0;
-    int before = 0, tile_total = 0;
-    Scan(scan_storage).ExclusiveSum(flag, before, tile_total);
-    if (flag != 0 && carry + before < clusters) head_seeds[carry + before] = t;
-    carry += tile_total;
-    __syncthreads();  // scan_storage is reused
+// seeds[h][j]: key floor(j * n / c0) for j < c0, else the (j - c0)-th flagged
+// key of head h in ascending t (`flagged`: every head's flagged t, head by
+// head, from a stable compaction).
+__global__ void SeedListKernel(const int32_t* __restrict__ flagged, int n, int heads, int clusters,
+                               int c0, int32_t* __restrict__ seeds) {
+  const int64_t total = int64_t{heads} * clusters;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t h = i / clusters;
+    const int j = static_cast<int>(i % clusters);
+    seeds[i] = j < c0 ? static_cast<int32_t>(int64_t{j} * n / c0)
+                      : flagged[h * (clusters - c0) + (j - c0)];
   }
 }
 
@@ -911,9 +911,9 @@ cudaError_t LaunchAssign(int n, int heads, int d, int clusters, const bf16* keys
 bool Valid(const ClusterKeysParams& p) {
   return p.k_cache != nullptr && p.v_cache != nullptr && p.block_table != nullptr &&
          p.centroids != nullptr && p.extents != nullptr && p.page_size >= 1 && p.begin >= 0 &&
-         p.count >= 1 && p.num_kv_heads >= 1 && p.head_dim >= 8 && p.head_dim % 8 == 0 &&
-         p.head_dim <= kMaxHeadDimCluster && p.num_clusters >= 1 && p.num_clusters <= p.count &&
-         p.iterations >= 1 && p.first_block >= 0 &&
+         p.count >= 1 && p.num_kv_heads >= 1 && p.num_kv_heads <= 65535 && p.head_dim >= 8 &&
+         p.head_dim % 8 == 0 && p.head_dim <= kMaxHeadDimCluster && p.num_clusters >= 1 &&
+         p.num_clusters <= p.count && p.iterations >= 1 && p.first_block >= 0 &&
          int64_t{p.first_block} + p.num_clusters <= p.max_blocks &&
          int64_t{p.begin} + p.count <= INT32_MAX &&
          int64_t{p.num_kv_heads} * p.count <= INT32_MAX &&
@@ -966,8 +966,8 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
 
   // Seeding (engine/kmeans.h): c0 seeds spread over the positions, then the
   // c - c0 keys least like them. One assignment pass against the first
-  // seeds gives each key's best score, a sort by similarity (stable: ties
-  // keep ascending t) the farthest keys, an ordered compaction the list.
+  // seeds gives each key's best score, a sort by similarity bucket (stable:
+  // ties keep ascending t) the farthest keys, a stable compaction the list.
   const int c0 = (c + 1) / 2;
   if (c > c0) {
     const int c_pad0 = RoundUp(c0, kCentroidPad);
@@ -977,8 +977,10 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
     err = LaunchAssign(n, heads, d, c0, scratch, normed, c_pad0, assign, keys_in, changed, nullptr,
                        best, stream);
     if (err != cudaSuccess) return err;
-    FarthestKeysKernel<<<GridFor(items * 32, kThreads), kThreads, 0, stream>>>(
-        scratch, best, n, heads, d, w.head_bits, keys_in, vals_in);
+    int lanes = 1;
+    while (lanes * 8 < d) lanes *= 2;  // d <= 256: at most 32
+    FarthestKeysKernel<<<GridFor(items * lanes, kThreads), kThreads, 0, stream>>>(
+        scratch, best, n, heads, d, lanes, keys_in, vals_in);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     size_t temp_bytes = w.sort_temp_bytes;
     err =
@@ -992,7 +994,14 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
     MarkFarthestKernel<<<GridFor(int64_t{heads} * (c - c0), kThreads), kThreads, 0, stream>>>(
         vals_out, n, heads, c - c0, flags);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    SeedListKernel<<<heads, kSeedThreads, 0, stream>>>(flags, n, c, c0, seeds);
+    // vals_in still holds every key's t (the sort reads its input only);
+    // the count lands in `changed`, cleared below.
+    temp_bytes = w.sort_temp_bytes;
+    err = cub::DeviceSelect::Flagged(sort_temp, temp_bytes, vals_in, flags, vals_out, changed,
+                                     static_cast<int>(items), stream);
+    if (err != cudaSuccess) return err;
+    SeedListKernel<<<GridFor(int64_t{heads} * c, kThreads), kThreads, 0, stream>>>(
+        vals_out, n, heads, c, c0, seeds);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 

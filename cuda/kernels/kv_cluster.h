@@ -39,6 +39,11 @@ struct ClusterKeysParams {
   int32_t* extents = nullptr;  // [num_kv_heads, max_blocks, 2] = (first index, size)
 };
 
+// Bits of the seeding's similarity buckets; equal to
+// engine::kSeedSimilarityBits (the CPU reference's, checked where both are
+// seen).
+inline constexpr int kClusterSeedSimilarityBits = 13;
+
 // Scratch bytes LaunchClusterKeys needs for these sizes.
 size_t ClusterKeysWorkspaceBytes(const ClusterKeysParams& params);
 
