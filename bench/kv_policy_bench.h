@@ -18,8 +18,9 @@
 //
 // Speed (MeasureDecodeSpeed): a batch of sequences is prefilled to a given
 // context once, then each policy decodes `steps` steps over it; reports the
-// mean step time and, for ClusterKV, the clustering time (its first step
-// minus a regular one) as a fraction of the prefill time.
+// mean step time and the first step's summary work (ClusterKV's clustering,
+// Quest's page bounds): its operators' device time where the backend times
+// operators, else the first step minus a regular one.
 //
 // Thread-safety: functions drive the given model; one caller at a time.
 #ifndef STRATA_BENCH_KV_POLICY_BENCH_H_

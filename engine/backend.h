@@ -296,8 +296,9 @@ class Backend {
   // sequence and layer, then the reordering. Per KV head, with x_t the keys
   // (fp32) of logical indices begin + t and C = num_clusters (1 <= C <= count):
   //   init: with c0 = ceil(C / 2), c_j = x_{floor(j * count / c0)} for j <
-  //     c0, and c_{c0..C-1} = the C - c0 keys of lowest max_{j<c0} cos(x_t,
-  //     c_j) (ties to the lower t), in ascending t (engine/kmeans.h: why);
+  //     c0, and c_{c0..C-1} = the C - c0 other keys of lowest max_{j<c0}
+  //     cos(x_t, c_j), compared in SeedSimilarityBucket buckets (ties to the
+  //     lower t), in ascending t (engine/kmeans.h: why);
   //   `iterations` times: assign each key to argmax_j cos(x_t, c_j) (a zero
   //     vector has similarity 0; ties go to the lowest j), then c_j = the
   //     mean of its RAW keys (an empty cluster keeps its centroid).

@@ -45,6 +45,7 @@ std::vector<int64_t> SeedKeys(const std::vector<float>& kn, int64_t n, int d, in
   } else {
     score_range(0, n);
   }
+  for (int j = 0; j < c0; ++j) max_cos[seeds[j]] = (uint32_t{1} << kSeedSimilarityBits) - 1;
   std::vector<int64_t> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),
@@ -58,7 +59,7 @@ std::vector<int64_t> SeedKeys(const std::vector<float>& kn, int64_t n, int d, in
 
 uint32_t SeedSimilarityBucket(float cosine) {
   const double c = std::clamp(static_cast<double>(cosine), -1.0, 1.0);
-  constexpr double kTop = static_cast<double>((uint32_t{1} << kSeedSimilarityBits) - 1);
+  constexpr double kTop = static_cast<double>((uint32_t{1} << kSeedSimilarityBits) - 2);
   return static_cast<uint32_t>((c + 1.0) * 0.5 * kTop);
 }
 

@@ -1,6 +1,7 @@
 // KMeansCosine: ClusterKV's key clustering, the CPU reference of the CUDA
 // kernel behind Backend::ClusterKeys (both follow this exact recipe, so they
-// agree wherever no similarity is a near-tie).
+// agree wherever no similarity is a near-tie or near a seeding bucket's
+// edge).
 //
 // ClusterKV groups keys by direction, because attention weight follows
 // q . k and keys pointing the same way are recalled together. So:
@@ -17,9 +18,9 @@
 //     too). Then the other C - c0 seeds are the keys least like all of
 //     those: the C - c0 of lowest maximum cosine similarity to the first
 //     seeds, taken in ascending key order. Similarities are compared in
-//     buckets of kSeedSimilarityBits over [-1, 1] (SeedSimilarityBucket),
-//     ties to the lower index, so that the GPU's bf16 arithmetic and this
-//     reference rank alike and its radix sort stays short. Without
+//     buckets (SeedSimilarityBucket; ties to the lower index), which keeps
+//     the GPU's radix sort at 16 key bits for 8 heads; the first seeds
+//     themselves rank last, so none is taken twice. Without
 //     them a few keys unlike the rest (a needle among filler) join a large
 //     cluster whose mean dilutes them, and decode never recalls them; the
 //     paper's code seeds by k-means++ (D^2 sampling), whose C sequential
@@ -48,7 +49,8 @@ class ThreadPool;
 namespace strata::engine {
 
 // The seeding's similarity buckets (see above): floor((cos + 1) / 2 *
-// (2^kSeedSimilarityBits - 1)) of the cosine clamped to [-1, 1]. The CUDA
+// (2^kSeedSimilarityBits - 2)) of the cosine clamped to [-1, 1]; the top
+// bucket, 2^kSeedSimilarityBits - 1, is the first seeds' own. The CUDA
 // kernel uses the same (cuda/kernels/kv_cluster.h).
 inline constexpr int kSeedSimilarityBits = 13;
 uint32_t SeedSimilarityBucket(float cosine);

@@ -263,43 +263,48 @@ __global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int
                                     const int32_t* __restrict__ seeds, float* __restrict__ centroid,
                                     bf16* __restrict__ normed) {
   const int lane = threadIdx.x % 32;
-  const int gw = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  if (gw >= heads * c_pad) return;
-  const int h = gw / c_pad, j = gw % c_pad;
-  bf16* normed_row = normed + static_cast<int64_t>(gw) * d_pad;
-  for (int dim = lane; dim < d_pad; dim += 32) {
-    if (j >= clusters || dim >= d) normed_row[dim] = __float2bfloat16(0.0f);
-  }
-  if (j >= clusters) return;
-  const int64_t seed = seeds != nullptr ? seeds[static_cast<int64_t>(h) * clusters + j]
-                                        : static_cast<int64_t>(j) * n / clusters;
-  const bf16* key = scratch + (int64_t{h} * n + seed) * d;
-  float* out = centroid + (int64_t{h} * clusters + j) * d;
-  float c[8] = {};
-#pragma unroll
-  for (int k = 0; k < 4; ++k) {
-    const int dim = lane * 2 + 64 * k;
-    if (dim < d) {
-      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(key + dim));
-      c[2 * k] = v.x;
-      c[2 * k + 1] = v.y;
-      out[dim] = v.x;
-      out[dim + 1] = v.y;
+  const int64_t total = int64_t{heads} * c_pad;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t gw = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32; gw < total;
+       gw += warps) {
+    const int64_t h = gw / c_pad;
+    const int j = static_cast<int>(gw % c_pad);
+    bf16* normed_row = normed + gw * d_pad;
+    for (int dim = lane; dim < d_pad; dim += 32) {
+      if (j >= clusters || dim >= d) normed_row[dim] = __float2bfloat16(0.0f);
     }
+    if (j >= clusters) continue;
+    const int64_t seed =
+        seeds != nullptr ? seeds[h * clusters + j] : static_cast<int64_t>(j) * n / clusters;
+    const bf16* key = scratch + (h * n + seed) * d;
+    float* out = centroid + (h * clusters + j) * d;
+    float c[8] = {};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int dim = lane * 2 + 64 * k;
+      if (dim < d) {
+        const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(key + dim));
+        c[2 * k] = v.x;
+        c[2 * k + 1] = v.y;
+        out[dim] = v.x;
+        out[dim + 1] = v.y;
+      }
+    }
+    WriteNormed(c, lane, d, normed_row);
   }
-  WriteNormed(c, lane, d, normed_row);
 }
 
 // ---- Seeding: the keys least like the first, position-spread seeds ----------
 
 // Each key's similarity bucket (engine::SeedSimilarityBucket of its best
-// score over its norm; 0 similarity for a zero key) as a sort key that
+// score over its norm; 0 similarity for a zero key; the top bucket for the
+// first seeds themselves) as a sort key that
 // orders a head's keys by ascending similarity: head index above
 // kClusterSeedSimilarityBits bucket bits; the value is t. A row is read by
 // `lanes` lanes (a power of two >= d / 8, 16 bytes each), so a warp reads
 // 32 / lanes rows at once.
 __global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float* __restrict__ best,
-                                   int n, int heads, int d, int lanes,
+                                   int n, int heads, int d, int c0, int lanes,
                                    uint32_t* __restrict__ sort_keys,
                                    int32_t* __restrict__ sort_vals) {
   const int lane = threadIdx.x % 32;
@@ -307,7 +312,8 @@ __global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float
   const int rows_per_warp = 32 / lanes;
   const int64_t total = int64_t{heads} * n;
   const int64_t stride = int64_t{gridDim.x} * (blockDim.x / 32) * rows_per_warp;
-  constexpr double kTop = static_cast<double>((1u << kClusterSeedSimilarityBits) - 1);
+  constexpr uint32_t kSeedBucket = (1u << kClusterSeedSimilarityBits) - 1;  // the first seeds'
+  constexpr double kTop = static_cast<double>(kSeedBucket - 1);
   const int64_t first = (blockIdx.x * int64_t{blockDim.x} + threadIdx.x) / 32 * rows_per_warp;
   for (int64_t base = first; base < total; base += stride) {
     const int64_t key = base + sub;
@@ -324,10 +330,16 @@ __global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float
     for (int off = 1; off < lanes; off <<= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
     if (chunk == 0 && key < total) {
       const float cosv = sq > 0.0f ? fminf(fmaxf(best[key] * rsqrtf(sq), -1.0f), 1.0f) : 0.0f;
-      const uint32_t bucket = static_cast<uint32_t>((static_cast<double>(cosv) + 1.0) * 0.5 * kTop);
+      const int64_t t = key % n;
+      // t is a first seed when floor(j * n / c0) == t for j = ceil(t * c0 / n).
+      const int64_t j = (t * c0 + n - 1) / n;
+      const bool first_seed = j < c0 && j * n / c0 == t;
+      const uint32_t bucket =
+          first_seed ? kSeedBucket
+                     : static_cast<uint32_t>((static_cast<double>(cosv) + 1.0) * 0.5 * kTop);
       const uint32_t head = static_cast<uint32_t>(key / n);
       sort_keys[key] = (head << kClusterSeedSimilarityBits) | bucket;
-      sort_vals[key] = static_cast<int32_t>(key % n);
+      sort_vals[key] = static_cast<int32_t>(t);
     }
   }
 }
@@ -980,7 +992,7 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
     int lanes = 1;
     while (lanes * 8 < d) lanes *= 2;  // d <= 256: at most 32
     FarthestKeysKernel<<<GridFor(items * lanes, kThreads), kThreads, 0, stream>>>(
-        scratch, best, n, heads, d, lanes, keys_in, vals_in);
+        scratch, best, n, heads, d, c0, lanes, keys_in, vals_in);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     size_t temp_bytes = w.sort_temp_bytes;
     err =

@@ -639,7 +639,8 @@ TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
     for (const Case& c :
          {Case{2, 128, 16, 16, 7, 37, 5, 0, 7}, Case{3, 64, 16, 5, 13, 23, 8, 4, 20},
           Case{1, 128, 32, 16, 1, 51, 3, 2, 3}, Case{2, 64, 16, 0, 70, 9, 20, 1, 80},
-          Case{2, 128, 16, 3, 300, 6, 6, 0, 300}}) {
+          Case{2, 128, 16, 3, 300, 6, 6, 0, 300}, Case{2, 72, 16, 1, 9, 20, 6, 0, 9},
+          Case{3, 16, 16, 0, 11, 17, 6, 2, 13}}) {
       SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " C ", c.clusters, " run ", c.run,
                                 fp8 ? " fp8" : "", ", ", Seed()));
       const int c0 = (c.clusters + 1) / 2, singles = c.clusters - c0;
@@ -685,6 +686,13 @@ TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
       RunOn(cpu(), s, out[0]);
       RunOn(cuda(), s, out[1]);
       if (HasFatalFailure()) return;
+      // The single keys seed clusters of their own: the last C - c0.
+      for (int h = 0; h < c.hkv; ++h) {
+        for (int j = c0; j < c.clusters; ++j) {
+          const size_t e = (size_t{static_cast<size_t>(h)} * c.max_blocks + c.first_block + j) * 2;
+          EXPECT_EQ(out[1].extents[e + 1], 1) << "head " << h << " cluster " << j;
+        }
+      }
       EXPECT_EQ(out[0].extents, out[1].extents);
       EXPECT_EQ(out[0].k, out[1].k) << "reordered K differs";
       EXPECT_EQ(out[0].v, out[1].v) << "reordered V differs";
