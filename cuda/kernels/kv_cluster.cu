@@ -298,11 +298,10 @@ __global__ void InitCentroidsKernel(const bf16* __restrict__ scratch, int n, int
 
 // Each key's similarity bucket (engine::SeedSimilarityBucket of its best
 // score over its norm; 0 similarity for a zero key; the top bucket for the
-// first seeds themselves) as a sort key that
-// orders a head's keys by ascending similarity: head index above
-// kClusterSeedSimilarityBits bucket bits; the value is t. A row is read by
-// `lanes` lanes (a power of two >= d / 8, 16 bytes each), so a warp reads
-// 32 / lanes rows at once.
+// first seeds themselves) as a sort key that orders a head's keys by
+// ascending similarity: head index above kClusterSeedSimilarityBits bucket
+// bits; the value is t. A row is read by `lanes` lanes (a power of two >=
+// d / 8, 16 bytes each), so a warp reads 32 / lanes rows at once.
 __global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float* __restrict__ best,
                                    int n, int heads, int d, int c0, int lanes,
                                    uint32_t* __restrict__ sort_keys,
