@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Plots retrieval accuracy against token budget per KV policy.
+"""Plots task accuracy against token budget per KV policy.
 
 Usage: python3 bench/plot_kv_accuracy.py RESULTS_JSON [RESULTS_JSON ...] OUT_PNG
 Each RESULTS_JSON is `strata bench kv-policies --json` output; one panel per
@@ -7,6 +7,7 @@ file (e.g. full_layers 2 and 0), one line per sparse policy, and the dense
 (`full`) accuracy as a horizontal reference.
 """
 import json
+import os
 import sys
 
 import matplotlib
@@ -31,9 +32,10 @@ def main():
             ax.plot([b for b, _ in points], [a for _, a in points], marker="o", label=policy)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("token budget (sinks and window excluded)")
-        ax.set_ylabel("retrieval exact match")
+        ax.set_ylabel("exact match")
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"retrieval-llama, full_layers {data['full_layers']}")
+        model = os.path.basename(os.path.normpath(data.get("model", "retrieval-llama")))
+        ax.set_title(f"{model}, full_layers {data['full_layers']}")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -98,7 +98,7 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
     cmd->add_option("--json", f.json, "Also write the results as JSON to FILE");
   };
   CLI::App* acc = bench.add_subcommand(
-      "kv-policies", "Retrieval accuracy and attention fidelity of the KV policies per budget");
+      "kv-policies", "Task accuracy and attention fidelity of the KV policies per budget");
   common(acc);
   acc->add_option("--eval", f.eval, "Eval set (JSON lines; default MODEL/eval.jsonl)");
   acc->add_option("--max-batch", f.max_batch, "Sequences decoded together");
@@ -203,7 +203,8 @@ int RunKvPolicies(const KvBenchFlags& f) {
                     {"accuracy_by_length", by_length},
                     {"accuracy_by_depth_percent", by_depth}});
   }
-  std::printf("\nAccuracy by needle depth (%%):\n%-10s %6s", "policy", "budget");
+  std::printf("\nAccuracy by eval-set depth (%%: needle depth, or spread of the marks):\n%-10s %6s",
+              "policy", "budget");
   for (const auto& [depth, _] : evals[0].by_depth_percent) std::printf(" %5d", depth);
   std::printf("\n");
   for (const auto& e : evals) {
