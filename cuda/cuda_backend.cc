@@ -1135,6 +1135,11 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
                                                    ") <= count (", range.count,
                                                    "), iterations >= 1 and first_block >= 0"));
   }
+  if (num_clusters > kernels::kClusterKeysMaxClusters) {
+    return absl::InvalidArgumentError(absl::StrCat(kOp, ": num_clusters (", num_clusters,
+                                                   ") exceeds the CUDA backend's limit of ",
+                                                   kernels::kClusterKeysMaxClusters, " per head"));
+  }
   STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "centroids", centroids, DType::kBF16, hkv, d,
                                        int64_t{first_block} + num_clusters));
   STRATA_RETURN_IF_ERROR(CheckPoolSlot(kOp, "extents", extents, DType::kI32, hkv, 2,

@@ -1,8 +1,8 @@
 // ClusterKV's key clustering on the GPU (see kv_cluster.h; the recipe and the
 // CPU reference are engine/kmeans.h and engine/cpu_backend.cc).
 //
-// Pipeline of one call (all KV heads at once, every step one launch over
-// all heads, no host round trip):
+// Pipeline of one call (every step one launch over all KV heads, or over
+// each group of ClusterKeysParams::head_group heads; no host round trip):
 //   1. gather the range's K rows into a contiguous scratch [H, n, D] (bf16);
 //   2. seed (engine/kmeans.h): centroids j < c0 = ceil(C / 2) are keys
 //      floor(j * n / c0); one assignment pass against those gives each key's
@@ -12,19 +12,23 @@
 //      fp32 copy and its normalised bf16 copy;
 //   3. per iteration:
 //      a. assignment on tensor cores: [n x D] raw keys times [D x C]
-//         normalised centroids (mma.sync m16n8k16 bf16, fp32 accumulate),
-//         argmax per key. A key's norm is a positive factor common to all
-//         its similarities, so argmax_j x . c_j / |c_j| is the cosine argmax
-//         without normalising the keys (and a zero key scores 0 everywhere,
-//         which goes to cluster 0 like the reference). A pass that changes
-//         no assignment clears nothing in the flag, and every later launch
-//         of the call returns at once when it sees that;
-//      b. a stable radix sort of (head * C + cluster, t) pairs (CUB), which
-//         yields every cluster's members in ascending t;
-//      c. segment bounds of the sorted keys, then one warp per cluster sums
-//         its raw keys in that fixed order (deterministic, no float
-//         atomics) and writes the new fp32 centroid and its normalised bf16
-//         copy (an empty cluster keeps its centroid);
+//         normalised centroids (bf16, fp32 accumulate; mma.sync, or wgmma
+//         for head_dim 128 on sm_90a: ClusterAssignKernel), argmax per key.
+//         A key's norm is a positive factor common to all its
+//         similarities, so argmax_j x . c_j / |c_j| is the cosine argmax
+//         without normalising the keys (and a zero key scores 0
+//         everywhere, which goes to cluster 0 like the reference). A pass
+//         that changes no assignment clears nothing in the flag, and every
+//         later launch of the call returns at once when it sees that;
+//      b. every cluster's members in ascending t (ClusterMemberOrder): a
+//         stable CUB radix sort of (head * C + cluster, t) pairs and the
+//         segment bounds of the sorted keys, or a counting sort (counts
+//         per (cluster, 1024-key tile) from the assignment, a scan per
+//         head into positions and bounds, a block sort per tile);
+//      c. one warp per cluster sums its raw keys in that fixed order
+//         (deterministic, no float atomics) and writes the new fp32
+//         centroid and its normalised bf16 copy (an empty cluster keeps its
+//         centroid);
 //   4. extents by a scan of the cluster sizes, centroids to the pool (bf16);
 //   5. reorder: the sorted order is exactly the cluster-major, ascending-t
 //      order the reference's stable sort produces, so row i of the range
@@ -39,6 +43,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_select.cuh>
@@ -47,6 +52,8 @@
 #include "cuda/kernels/fp8.cuh"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/ptx.cuh"
+#include "cuda/kernels/tensor_map.h"
+#include "cuda/kernels/tma.cuh"
 #include "cuda/kernels/wgmma.cuh"
 
 namespace strata::cuda::kernels {
@@ -62,6 +69,12 @@ constexpr int kChunk = 64;
 constexpr int kCentroidPad = 128;
 constexpr int kAssignWarps = 8;
 constexpr int kMaxHeadDimCluster = 256;
+// Keys per member tile of the per-pass counting sort (see
+// MemberOffsetsKernel); a sort key is cluster << kMemberTileBits | t in tile.
+constexpr int kMemberTileBits = 10;
+constexpr int kMemberTile = 1 << kMemberTileBits;
+static_assert((uint64_t{kClusterKeysMaxClusters} + 1) << kMemberTileBits <= (uint64_t{1} << 32),
+              "a member tile's sort key (cluster, t in tile) must fit 32 bits");
 
 size_t AlignUp(size_t v, size_t a) { return (v + a - 1) / a * a; }
 int RoundUp(int v, int m) { return (v + m - 1) / m * m; }
@@ -72,19 +85,22 @@ struct Workspace {
   size_t centroid = 0;  // f32 [H, C, D]: raw centroids
   size_t normed = 0;    // bf16 [H, Cpad, Dpad]: normalised centroids, zero padded
   size_t assign = 0;    // i32 [H, n]
-  size_t keys_in = 0;   // u32 [H * n]: head * C + cluster
+  size_t keys_in = 0;   // u32 [H * n]: sort keys (seeding; radix-sort passes: head * C + cluster)
   size_t keys_out = 0;
-  size_t vals_in = 0;  // i32 [H * n]: t
-  size_t vals_out = 0;
-  size_t seg_begin = 0;  // i32 [H * C]: sorted positions of each cluster
+  size_t vals_in = 0;      // i32 [H * n]: sort values, t
+  size_t vals_out = 0;     // i32 [H * n]: seeding, then each pass's t in cluster order
+  size_t tile_counts = 0;  // i32 [H, C, tiles]: keys per (cluster, member tile)
+  size_t tile_base = 0;    // i32 [H, C, tiles]: their first sorted position in the head
+  size_t seg_begin = 0;    // i32 [H * C]: sorted positions of each cluster
   size_t seg_end = 0;
-  size_t changed = 0;  // i32 [iterations]
+  size_t changed = 0;  // i32 [H, iterations]: per head group, whether a pass changed anything
   size_t best = 0;     // f32 [H * n]: seeding, each key's best score against the first seeds
   size_t seeds = 0;    // i32 [H, C]: seed keys
   size_t sort_temp = 0;
   size_t sort_temp_bytes = 0;  // CUB's radix sorts and the seeding's compaction
   size_t total = 0;
-  int end_bit = 1;       // radix-sort key bits of an iteration: head * C + cluster
+  int end_bit = 1;         // radix-sort key bits of a pass: head * C + cluster
+  int member_end_bit = 0;  // block-sort key bits of a member tile: cluster, t in tile
   int head_bits = 0;     // bits of a head index (seeding sort: head, then similarity)
   int seed_end_bit = 0;  // radix-sort key bits of the seeding sort
 };
@@ -111,14 +127,21 @@ Workspace PlanWorkspace(const ClusterKeysParams& p) {
   w.keys_out = take(h * n * sizeof(uint32_t));
   w.vals_in = take(h * n * sizeof(int32_t));
   w.vals_out = take(h * n * sizeof(int32_t));
+  // Only the counting sort has tile arrays (they grow with n x C).
+  const size_t tiles =
+      p.member_order == ClusterMemberOrder::kCountingSort ? (n + kMemberTile - 1) / kMemberTile : 0;
+  w.tile_counts = take(h * c * tiles * sizeof(int32_t));
+  w.tile_base = take(h * c * tiles * sizeof(int32_t));
   w.seg_begin = take(h * c * sizeof(int32_t));
   w.seg_end = take(h * c * sizeof(int32_t));
-  w.changed = take(static_cast<size_t>(std::max(p.iterations, 1)) * sizeof(int32_t));
+  w.changed = take(h * static_cast<size_t>(std::max(p.iterations, 1)) * sizeof(int32_t));
   w.best = take(h * n * sizeof(float));
   w.seeds = take(h * c * sizeof(int32_t));
-  uint64_t max_key = h * c > 0 ? h * c - 1 : 0;
-  w.end_bit = 1;
+  const uint64_t max_key = h * c > 0 ? h * c - 1 : 0;
   while ((max_key >> w.end_bit) != 0) ++w.end_bit;
+  int cluster_bits = 0;  // enough for the value c (tile keys past n)
+  while ((c >> cluster_bits) != 0) ++cluster_bits;
+  w.member_end_bit = kMemberTileBits + cluster_bits;
   while (h > 0 && ((h - 1) >> w.head_bits) != 0) ++w.head_bits;
   w.seed_end_bit = w.head_bits + kClusterSeedSimilarityBits;
   // Size queries only: CUB reads no data when the temp pointer is null.
@@ -217,14 +240,15 @@ __global__ void ScatterRowsKernel(const bf16* __restrict__ scratch,
   }
 }
 
-// assign = -1 (so the first pass counts as a change), vals_in = t.
+// assign = -1 (so the first pass counts as a change) and, for the radix
+// sort's values, vals_in = t.
 __global__ void InitStateKernel(int n, int heads, int32_t* __restrict__ assign,
                                 int32_t* __restrict__ vals_in) {
   const int64_t total = static_cast<int64_t>(heads) * n;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
     assign[i] = -1;
-    vals_in[i] = static_cast<int32_t>(i % n);
+    if (vals_in != nullptr) vals_in[i] = static_cast<int32_t>(i % n);
   }
 }
 
@@ -379,14 +403,27 @@ __device__ __forceinline__ void Better(float s, int j, float& best, int& index) 
   }
 }
 
+// Where an assignment pass writes. Every pass sets `assign` (H x n) and,
+// when it changes some key's cluster, *changed = 1; the optional outputs are
+// the radix-sort keys head * C + cluster (sort_keys, H x n), the counts per
+// (head, cluster, member tile) for the counting sort (tile_counts; integer
+// atomics, so the counts do not depend on timing), and each key's best
+// score (best_out, H x n). A pass runs only while *run_if (when set) is
+// nonzero.
+struct AssignOutputs {
+  int32_t* assign = nullptr;
+  uint32_t* sort_keys = nullptr;
+  int32_t* tile_counts = nullptr;
+  float* best_out = nullptr;
+  int* changed = nullptr;
+  const int* run_if = nullptr;
+};
+
 // Merges the best (score, cluster) of the 4 lanes of a quad that share key
 // `row` (mma C layout), then the quad's first lane (`writer`) stores the
-// assignment and the sort key (and, when best_out is set, the best score).
-// Returns whether the assignment changed.
+// outputs. Returns whether the assignment changed.
 __device__ __forceinline__ bool StoreAssignment(float best, int index, int row, bool writer, int h,
-                                                int n, int clusters, int32_t* __restrict__ assign,
-                                                uint32_t* __restrict__ sort_keys,
-                                                float* __restrict__ best_out) {
+                                                int n, int clusters, const AssignOutputs& out) {
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
     const float other_best = __shfl_xor_sync(0xffffffffu, best, off);
@@ -395,10 +432,16 @@ __device__ __forceinline__ bool StoreAssignment(float best, int index, int row, 
   }
   if (!writer || row >= n) return false;
   const int64_t at = static_cast<int64_t>(h) * n + row;
-  if (best_out != nullptr) best_out[at] = best;
-  sort_keys[at] = static_cast<uint32_t>(h * clusters + index);
-  if (assign[at] == index) return false;
-  assign[at] = index;
+  if (out.best_out != nullptr) out.best_out[at] = best;
+  if (out.sort_keys != nullptr) out.sort_keys[at] = static_cast<uint32_t>(h * clusters + index);
+  if (out.tile_counts != nullptr) {
+    const int tiles = (n + kMemberTile - 1) / kMemberTile;
+    atomicAdd(
+        out.tile_counts + (static_cast<int64_t>(h) * clusters + index) * tiles + row / kMemberTile,
+        1);
+  }
+  if (out.assign[at] == index) return false;
+  out.assign[at] = index;
   return true;
 }
 
@@ -414,10 +457,8 @@ template <int kKs, int kMt>
 // to hide the shared-memory and mma latencies.
 __global__ void __launch_bounds__(kAssignWarps * 32, 2)
     AssignKernel(const bf16* __restrict__ keys, const bf16* __restrict__ normed, int n, int d,
-                 int clusters, int c_pad, int32_t* __restrict__ assign,
-                 uint32_t* __restrict__ sort_keys, int* __restrict__ changed,
-                 const int* __restrict__ run_if, float* __restrict__ best_out) {
-  if (run_if != nullptr && *run_if == 0) return;  // converged earlier
+                 int clusters, int c_pad, const __grid_constant__ AssignOutputs out) {
+  if (out.run_if != nullptr && *out.run_if == 0) return;  // converged earlier
   constexpr int kDp = kKs * 16;
   constexpr int kStride = kDp + 8;
   extern __shared__ uint4 smem_raw[];
@@ -510,10 +551,10 @@ __global__ void __launch_bounds__(kAssignWarps * 32, 2)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       any_change |= StoreAssignment(best[m][half], index[m][half], row0 + m * 16 + g + half * 8,
-                                    q == 0, h, n, clusters, assign, sort_keys, best_out);
+                                    q == 0, h, n, clusters, out);
     }
   }
-  if (__any_sync(0xffffffffu, any_change) && lane == 0) *changed = 1;
+  if (__any_sync(0xffffffffu, any_change) && lane == 0) *out.changed = 1;
 }
 
 // The assignment pass on warpgroup MMA (sm_90a) for head_dim 128. A block of
@@ -541,11 +582,9 @@ constexpr size_t kWgAssignSmemBytes =
 
 __global__ void __launch_bounds__(kWgAssignThreads, 2)
     AssignWgmmaKernel(const bf16* __restrict__ keys, const bf16* __restrict__ normed, int n,
-                      int clusters, int c_pad, int32_t* __restrict__ assign,
-                      uint32_t* __restrict__ sort_keys, int* __restrict__ changed,
-                      const int* __restrict__ run_if, float* __restrict__ best_out) {
+                      int clusters, int c_pad, const __grid_constant__ AssignOutputs out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if (run_if != nullptr && *run_if == 0) return;  // converged earlier
+  if (out.run_if != nullptr && *out.run_if == 0) return;  // converged earlier
   constexpr int kD = kWgAssignHeadDim;
   constexpr uint32_t kBlock = SwizzledBlockBytes(128);
   const int h = blockIdx.y;
@@ -655,9 +694,9 @@ __global__ void __launch_bounds__(kWgAssignThreads, 2)
   for (int half = 0; half < 2; ++half) {
     any_change |=
         StoreAssignment(best[half], index[half], row0 + 64 * wg + 16 * (warp % 4) + g + 8 * half,
-                        q == 0, h, n, clusters, assign, sort_keys, best_out);
+                        q == 0, h, n, clusters, out);
   }
-  if (__any_sync(0xffffffffu, any_change) && lane == 0) *changed = 1;
+  if (__any_sync(0xffffffffu, any_change) && lane == 0) *out.changed = 1;
 #else
   __trap();  // built without sm_90a: WgmmaAssignUsable keeps launches away
 #endif
@@ -672,8 +711,276 @@ bool WgmmaAssignUsable() {
          major == 9;
 }
 
-// Marks each cluster's run in the sorted keys: seg_begin / seg_end of key k
-// are its first and one-past-last sorted positions (both stay 0 for an empty
+// ---- Assignment, warp-specialized (sm_90a, head_dim 128) --------------------
+//
+// ClusterAssignKernel::kPipelined64 / kPipelined128. A persistent block per
+// SM walks (head, key tile) items. One warp copies each item's key tile
+// (128 x kMt keys) and then its centroid chunks (128 centroids; of the last
+// chunk 32, 64 or all 128 rows, as it is scored) through the copy engine:
+// key tiles into two buffers, chunks into a ring of kStages, each with full
+// and empty mbarriers, so copies run ahead of the products and no block
+// barrier is taken per chunk. Two scoring warpgroups own 64 x kMt keys each:
+// their kMt m-tiles share every chunk, so a chunk read from L2 serves 128 x
+// kMt keys (AssignWgmmaKernel: 128). The products are AssignWgmmaKernel's
+// (same operands, same k order), so the assignment is the same.
+template <int kMt, int kStages>
+struct PipelinedAssignShape {
+  static constexpr int kTileKeys = 128 * kMt;  // keys per item
+  static constexpr uint32_t kKeyBytes = 2 * SwizzledBlockBytes(kTileKeys);
+  static constexpr uint32_t kChunkBytes = 2 * SwizzledBlockBytes(128);
+  static constexpr int kBarriers = 2 * 2 + 2 * kStages;  // key full / empty, chunk full / empty
+  static constexpr size_t kSmemBytes =
+      1024 + 2 * size_t{kKeyBytes} + kStages * size_t{kChunkBytes} + 8 * kBarriers;
+};
+constexpr int kPipelinedThreads = 384;  // warpgroup 0 copies (one warp of it), 1 and 2 score
+constexpr int kPipelinedScoreWarps = 8;
+// Registers after the role split: 40 * 128 + 232 * 256 fits the 64 K file;
+// a scoring thread holds kMt x 64 accumulators.
+constexpr int kPipelinedCopyRegisters = 40;
+constexpr int kPipelinedScoreRegisters = 232;
+// 64 keys a warpgroup: four chunk stages (193 KiB of shared memory); 128:
+// three (225 KiB).
+constexpr int kPipelinedStages64 = 4;
+constexpr int kPipelinedStages128 = 3;
+static_assert(PipelinedAssignShape<2, kPipelinedStages128>::kSmemBytes <= 232448,
+              "above the H100's 227 KiB of shared memory per block");
+
+// Keeps each of this thread's two rows' best (score, cluster) over the
+// chunk's first 2 kRegs columns (s: one m-tile's accumulators), as
+// AssignWgmmaKernel does: the highest score, on ties the lowest cluster;
+// padding clusters (>= clusters) and NaN never win. Four chains over
+// consecutive column ranges, merged in column order, keep the dependency
+// chains short.
+template <int kRegs>
+__device__ __forceinline__ void KeepBest(const float (&s)[kRegs], int chunk, int clusters, int q,
+                                         float (&best)[2], int (&index)[2]) {
+  constexpr int kGroups = kRegs / 4;  // 8-column groups
+  constexpr int kChains = kGroups >= 4 ? 4 : kGroups;
+  constexpr int kPerChain = kGroups / kChains;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float chain_best[kChains];
+    int chain_index[kChains];
+#pragma unroll
+    for (int k = 0; k < kChains; ++k) {
+      chain_best[k] = -INFINITY;
+      chain_index[k] = 0;
+#pragma unroll
+      for (int jj = 0; jj < kPerChain; ++jj) {
+        const int j = k * kPerChain + jj;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = chunk * 128 + 8 * j + 2 * q + e;
+          const float v = s[4 * j + 2 * r + e];
+          if (col < clusters && v > chain_best[k]) chain_best[k] = v, chain_index[k] = col;
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kChains; ++k) {
+      if (chain_best[k] > best[r]) best[r] = chain_best[k], index[r] = chain_index[k];
+    }
+  }
+}
+
+template <int kMt, int kStages>
+__global__ void __launch_bounds__(kPipelinedThreads, 1)
+    AssignPipelinedKernel(const __grid_constant__ CUtensorMap key_map,
+                          const __grid_constant__ CUtensorMap centroid_map, int n, int heads,
+                          int clusters, int c_pad, const __grid_constant__ AssignOutputs out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = PipelinedAssignShape<kMt, kStages>;
+  if (out.run_if != nullptr && *out.run_if == 0) return;  // converged earlier
+  extern __shared__ __align__(1024) unsigned char pipelined_smem[];
+  const uint32_t base = (SharedAddress(pipelined_smem) + 1023u) & ~1023u;
+  const uint32_t key_smem = base;                               // [2] key tiles
+  const uint32_t chunk_smem = key_smem + 2 * Shape::kKeyBytes;  // [kStages] chunks
+  const uint32_t bars = chunk_smem + kStages * Shape::kChunkBytes;
+  auto key_full = [&](int b) { return bars + 8 * b; };
+  auto key_empty = [&](int b) { return bars + 8 * (2 + b); };
+  auto chunk_full = [&](int stage) { return bars + 8 * (4 + stage); };
+  auto chunk_empty = [&](int stage) { return bars + 8 * (4 + kStages + stage); };
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int b = 0; b < 2; ++b) {
+      MbarrierInit(key_full(b), 1);
+      MbarrierInit(key_empty(b), kPipelinedScoreWarps);
+    }
+    for (int stage = 0; stage < kStages; ++stage) {
+      MbarrierInit(chunk_full(stage), 1);
+      MbarrierInit(chunk_empty(stage), kPipelinedScoreWarps);
+    }
+    FenceBarrierInit();
+  }
+  __syncthreads();
+
+  const int warp = tid / 32, lane = tid % 32;
+  // Read through a shuffle so the compiler sees a warp-uniform value.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
+  const int tiles_per_head = (n + Shape::kTileKeys - 1) / Shape::kTileKeys;
+  const int items = heads * tiles_per_head;
+  const int num_chunks = c_pad / 128;
+  // The last chunk holds 1..128 real clusters: copied and scored 32, 64 or
+  // 128 rows wide.
+  const int tail = clusters - (num_chunks - 1) * 128;
+  const int last_columns = tail <= 32 ? 32 : tail <= 64 ? 64 : 128;
+
+  if (wg == 0) {
+    SetMaxRegistersDec<kPipelinedCopyRegisters>();
+    if (warp != 0) return;
+    int key_it = 0, chunk_it = 0;
+    for (int item = blockIdx.x; item < items; item += gridDim.x, ++key_it) {
+      const int h = item / tiles_per_head;
+      const int row0 = (item % tiles_per_head) * Shape::kTileKeys;
+      const int kb = key_it & 1;
+      MbarrierWait(key_empty(kb), ((key_it >> 1) & 1) ^ 1);
+      if (lane == 0) {
+        // Rows past n land as zeros (out of the map's bounds) and are never
+        // stored.
+        const uint32_t dst = key_smem + kb * Shape::kKeyBytes;
+        MbarrierArriveExpectTx(key_full(kb), Shape::kKeyBytes);
+        TmaLoad3d(dst, &key_map, 0, row0, h, key_full(kb));
+        TmaLoad3d(dst + SwizzledBlockBytes(Shape::kTileKeys), &key_map, 64, row0, h, key_full(kb));
+      }
+      __syncwarp();
+      for (int chunk = 0; chunk < num_chunks; ++chunk, ++chunk_it) {
+        const int stage = chunk_it % kStages;
+        MbarrierWait(chunk_empty(stage), ((chunk_it / kStages) & 1) ^ 1);
+        const int groups = (chunk == num_chunks - 1 ? last_columns : 128) / 32;
+        if (lane == 0) {
+          MbarrierArriveExpectTx(chunk_full(stage), groups * 2 * SwizzledBlockBytes(32));
+        }
+        __syncwarp();
+        if (lane < 2 * groups) {  // column block lane % 2, 32-row group lane / 2
+          const int block = lane & 1, group = lane >> 1;
+          TmaLoad3d(chunk_smem + stage * Shape::kChunkBytes + block * SwizzledBlockBytes(128) +
+                        group * SwizzledBlockBytes(32),
+                    &centroid_map, 64 * block, chunk * 128 + 32 * group, h, chunk_full(stage));
+        }
+      }
+    }
+  } else {
+    SetMaxRegistersInc<kPipelinedScoreRegisters>();
+    const int cg = wg - 1;  // rows 64 kMt cg .. of each key tile
+    const int g = lane / 4, q = lane % 4;
+    bool any_change = false;
+    int key_it = 0, chunk_it = 0;
+    for (int item = blockIdx.x; item < items; item += gridDim.x, ++key_it) {
+      const int h = item / tiles_per_head;
+      const int row0 = (item % tiles_per_head) * Shape::kTileKeys;
+      const int kb = key_it & 1;
+      const uint32_t keys_at = key_smem + kb * Shape::kKeyBytes;
+      MbarrierWait(key_full(kb), (key_it >> 1) & 1);
+      float best[kMt][2];
+      int index[kMt][2];
+#pragma unroll
+      for (int m = 0; m < kMt; ++m) {
+        best[m][0] = best[m][1] = -INFINITY;
+        index[m][0] = index[m][1] = 0;
+      }
+      // Scores the chunk in `stage` (its first 2 kRegs columns) for the kMt
+      // m-tiles, releases the stage, keeps the rows' best.
+      auto score = [&](int chunk, int stage, auto accumulators) {
+        constexpr int kRegs = decltype(accumulators)::value;
+        float s[kMt][kRegs];
+        WgmmaFence();
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+          for (int ks = 0; ks < kWgAssignHeadDim / 16; ++ks) {
+            const uint32_t in_row = (ks % 4) * 32;
+            const uint64_t a =
+                Descriptor(keys_at + 64 * (cg * kMt + m) * 128 +
+                               (ks / 4) * SwizzledBlockBytes(Shape::kTileKeys) + in_row,
+                           16, 1024);
+            const uint64_t b = Descriptor(chunk_smem + stage * Shape::kChunkBytes +
+                                              (ks / 4) * SwizzledBlockBytes(128) + in_row,
+                                          16, 1024);
+            if constexpr (kRegs == 64) {
+              WgmmaSS(s[m], a, b, ks > 0 ? 1 : 0);
+            } else if constexpr (kRegs == 32) {
+              WgmmaSS64(s[m], a, b, ks > 0 ? 1 : 0);
+            } else {
+              WgmmaSS32(s[m], a, b, ks > 0 ? 1 : 0);
+            }
+          }
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) PinRegisters(s[m]);
+        __syncwarp();
+        if (lane == 0) MbarrierArrive(chunk_empty(stage));
+#pragma unroll
+        for (int m = 0; m < kMt; ++m) KeepBest(s[m], chunk, clusters, q, best[m], index[m]);
+      };
+      for (int chunk = 0; chunk < num_chunks; ++chunk, ++chunk_it) {
+        const int stage = chunk_it % kStages;
+        MbarrierWait(chunk_full(stage), (chunk_it / kStages) & 1);
+        const int columns = chunk == num_chunks - 1 ? last_columns : 128;
+        if (columns == 128) {
+          score(chunk, stage, std::integral_constant<int, 64>());
+        } else if (columns == 64) {
+          score(chunk, stage, std::integral_constant<int, 32>());
+        } else {
+          score(chunk, stage, std::integral_constant<int, 16>());
+        }
+      }
+      __syncwarp();
+      if (lane == 0) MbarrierArrive(key_empty(kb));  // the last chunk's products are done
+#pragma unroll
+      for (int m = 0; m < kMt; ++m) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = row0 + 64 * (cg * kMt + m) + 16 * (warp % 4) + g + 8 * half;
+          any_change |=
+              StoreAssignment(best[m][half], index[m][half], row, q == 0, h, n, clusters, out);
+        }
+      }
+    }
+    if (__any_sync(0xffffffffu, any_change) && lane == 0) *out.changed = 1;
+  }
+#else
+  __trap();  // built without sm_90a: PipelinedAssignUsable keeps launches away
+#endif
+}
+
+// Whether the device runs AssignPipelinedKernel (compute capability 9.x and
+// a driver with the tensor-map encoder).
+bool PipelinedAssignUsable() { return WgmmaAssignUsable() && TensorMapEncoder() != nullptr; }
+
+template <int kMt, int kStages>
+cudaError_t LaunchPipelinedAssign(int n, int heads, int clusters, const bf16* keys,
+                                  const bf16* normed, int c_pad, const AssignOutputs& out,
+                                  cudaStream_t stream) {
+  using Shape = PipelinedAssignShape<kMt, kStages>;
+  CUtensorMap key_map, centroid_map;
+  if (!EncodeBf16RowsMap(keys, n, heads, Shape::kTileKeys, &key_map) ||
+      !EncodeBf16RowsMap(normed, c_pad, heads, 32, &centroid_map)) {
+    return cudaErrorInvalidValue;
+  }
+  auto* kernel = AssignPipelinedKernel<kMt, kStages>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Shape::kSmemBytes));
+  if (err != cudaSuccess) return err;
+  int device = 0, sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t items = int64_t{heads} * ((n + Shape::kTileKeys - 1) / Shape::kTileKeys);
+  const int grid = static_cast<int>(std::min<int64_t>(items, sms));
+  kernel<<<grid, kPipelinedThreads, Shape::kSmemBytes, stream>>>(key_map, centroid_map, n, heads,
+                                                                 clusters, c_pad, out);
+  return cudaGetLastError();
+}
+
+// ---- Members in cluster order ------------------------------------------------
+//
+// ClusterMemberOrder::kRadixSort: a CUB radix sort of (head * C + cluster,
+// t) pairs, stable, so each cluster's members come in ascending t; then
+// each cluster's run in the sorted keys: seg_begin / seg_end of key k are
+// its first and one-past-last sorted positions (both stay 0 for an empty
 // cluster, zeroed beforehand).
 __global__ void ZeroSegmentsKernel(int total, int32_t* __restrict__ seg_begin,
                                    int32_t* __restrict__ seg_end, const int* __restrict__ run_if) {
@@ -692,6 +999,116 @@ __global__ void MarkSegmentsKernel(const uint32_t* __restrict__ sorted_keys, int
     const uint32_t k = sorted_keys[i];
     if (i == 0 || sorted_keys[i - 1] != k) seg_begin[k] = i;
     if (i == total - 1 || sorted_keys[i + 1] != k) seg_end[k] = i + 1;
+  }
+}
+
+// ClusterMemberOrder::kCountingSort yields the same order (cluster-major,
+// ascending t within a cluster, every head's keys at h * n ..) without a
+// global sort, counting over member tiles of kMemberTile keys: the
+// assignment counts each (cluster, tile); MemberOffsetsKernel scans a
+// head's counts (cluster-major, tile-minor) into each group's first sorted
+// position; PlaceMembersKernel sorts each tile by (cluster, t) in shared
+// memory and writes every key's t at its group's position plus its rank in
+// the group. Integer counts and unique sort keys: the result does not
+// depend on timing.
+
+// Grid: one block per head. Also clears the counts for the next pass and
+// writes each cluster's sorted range [seg_begin, seg_end) (head h's keys
+// occupy sorted positions h * n .. h * n + n - 1).
+constexpr int kOffsetThreads = 1024;
+constexpr int kOffsetItems = 8;
+__global__ void __launch_bounds__(kOffsetThreads)
+    MemberOffsetsKernel(int32_t* __restrict__ tile_counts, int n, int clusters,
+                        int32_t* __restrict__ tile_base, int32_t* __restrict__ seg_begin,
+                        int32_t* __restrict__ seg_end, const int* __restrict__ run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
+  using Scan = cub::BlockScan<int, kOffsetThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  const int h = blockIdx.x;
+  const int tiles = (n + kMemberTile - 1) / kMemberTile;
+  const int64_t total = int64_t{clusters} * tiles;
+  int32_t* counts = tile_counts + h * total;
+  int32_t* base = tile_base + h * total;
+  int carry = 0;
+  for (int64_t first = 0; first < total; first += int64_t{kOffsetThreads} * kOffsetItems) {
+    const int64_t mine = first + int64_t{threadIdx.x} * kOffsetItems;
+    int v[kOffsetItems];
+#pragma unroll
+    for (int k = 0; k < kOffsetItems; ++k) v[k] = mine + k < total ? counts[mine + k] : 0;
+    int chunk_total = 0;
+    Scan(scan_storage).ExclusiveSum(v, v, chunk_total);
+#pragma unroll
+    for (int k = 0; k < kOffsetItems; ++k) {
+      if (mine + k < total) {
+        base[mine + k] = carry + v[k];
+        counts[mine + k] = 0;
+      }
+    }
+    carry += chunk_total;
+    __syncthreads();  // scan_storage is reused; base is read below
+  }
+  const int64_t seg0 = int64_t{h} * clusters;
+  for (int j = threadIdx.x; j < clusters; j += kOffsetThreads) {
+    seg_begin[seg0 + j] = h * n + base[int64_t{j} * tiles];
+    seg_end[seg0 + j] = h * n + (j + 1 < clusters ? base[int64_t{j + 1} * tiles] : n);
+  }
+}
+
+struct MaxOp {
+  __device__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
+
+// Grid (tile, head). Sort keys (cluster << kMemberTileBits | t in tile) are
+// unique, so the block sort needs no stability; keys past n sort last as
+// cluster `clusters` and are dropped.
+constexpr int kPlaceThreads = 256;
+constexpr int kPlaceItems = kMemberTile / kPlaceThreads;
+__global__ void __launch_bounds__(kPlaceThreads)
+    PlaceMembersKernel(const int32_t* __restrict__ assign, const int32_t* __restrict__ tile_base,
+                       int n, int clusters, int end_bit, int32_t* __restrict__ sorted_t,
+                       const int* __restrict__ run_if) {
+  if (run_if != nullptr && *run_if == 0) return;
+  using Sort = cub::BlockRadixSort<uint32_t, kPlaceThreads, kPlaceItems>;
+  using Scan = cub::BlockScan<int, kPlaceThreads>;
+  __shared__ union {
+    typename Sort::TempStorage sort;
+    typename Scan::TempStorage scan;
+    uint32_t keys[kMemberTile];
+  } smem;
+  const int tile = blockIdx.x, h = blockIdx.y, tiles = gridDim.x;
+  uint32_t key[kPlaceItems];
+#pragma unroll
+  for (int k = 0; k < kPlaceItems; ++k) {
+    const int local = threadIdx.x * kPlaceItems + k;
+    const int t = tile * kMemberTile + local;
+    const int cluster = t < n ? assign[int64_t{h} * n + t] : clusters;
+    key[k] = (static_cast<uint32_t>(cluster) << kMemberTileBits) | static_cast<uint32_t>(local);
+  }
+  Sort(smem.sort).Sort(key, 0, end_bit);  // blocked: this thread holds positions 4i .. 4i + 3
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kPlaceItems; ++k) smem.keys[threadIdx.x * kPlaceItems + k] = key[k];
+  __syncthreads();
+  // Each position's group start: the last position at or before it whose
+  // predecessor is in another cluster (a running max of group heads).
+  int start[kPlaceItems];
+#pragma unroll
+  for (int k = 0; k < kPlaceItems; ++k) {
+    const int p = threadIdx.x * kPlaceItems + k;
+    const bool head =
+        p == 0 || (smem.keys[p - 1] >> kMemberTileBits) != (key[k] >> kMemberTileBits);
+    start[k] = head ? p : 0;
+  }
+  __syncthreads();  // smem.keys is reused by the scan
+  Scan(smem.scan).InclusiveScan(start, start, MaxOp());
+#pragma unroll
+  for (int k = 0; k < kPlaceItems; ++k) {
+    const int cluster = static_cast<int>(key[k] >> kMemberTileBits);
+    if (cluster >= clusters) continue;
+    const int p = threadIdx.x * kPlaceItems + k;
+    const int64_t group = (int64_t{h} * clusters + cluster) * tiles + tile;
+    sorted_t[int64_t{h} * n + tile_base[group] + (p - start[k])] =
+        tile * kMemberTile + static_cast<int>(key[k] & (kMemberTile - 1));
   }
 }
 
@@ -860,8 +1277,8 @@ cudaError_t LaunchUpdate(int d, int64_t warps, const bf16* keys, const int32_t* 
 
 template <int kKs>
 cudaError_t LaunchAssignFor(int n, int heads, int d, int clusters, const bf16* keys,
-                            const bf16* normed, int c_pad, int32_t* assign, uint32_t* sort_keys,
-                            int* changed, const int* run_if, float* best_out, cudaStream_t stream) {
+                            const bf16* normed, int c_pad, const AssignOutputs& out,
+                            cudaStream_t stream) {
   // Two m-tiles per warp halve the shared-memory traffic per mma; beyond
   // 128 dims their A fragments would not fit the registers.
   constexpr int kMt = kKs <= 8 ? 2 : 1;
@@ -871,32 +1288,40 @@ cudaError_t LaunchAssignFor(int n, int heads, int d, int clusters, const bf16* k
       AssignKernel<kKs, kMt>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid((n + kRows - 1) / kRows, heads);
-  AssignKernel<kKs, kMt><<<grid, kAssignWarps * 32, smem, stream>>>(
-      keys, normed, n, d, clusters, c_pad, assign, sort_keys, changed, run_if, best_out);
+  AssignKernel<kKs, kMt>
+      <<<grid, kAssignWarps * 32, smem, stream>>>(keys, normed, n, d, clusters, c_pad, out);
   return cudaGetLastError();
 }
 
 // One assignment pass of n keys per head against `clusters` normalised
-// centroids (rows of c_pad); best_out (optional) receives each key's best
-// score.
+// centroids (rows of c_pad), by `kernel` where it applies (head_dim 128 on
+// sm_90a; kAuto: the measured fastest), else by the mma.sync kernel.
 cudaError_t LaunchAssign(int n, int heads, int d, int clusters, const bf16* keys,
-                         const bf16* normed, int c_pad, int32_t* assign, uint32_t* sort_keys,
-                         int* changed, const int* run_if, float* best_out, cudaStream_t stream) {
-  if (d == kWgAssignHeadDim && c_pad % 128 == 0 && WgmmaAssignUsable()) {
+                         const bf16* normed, int c_pad, const AssignOutputs& out,
+                         ClusterAssignKernel kernel, cudaStream_t stream) {
+  const bool wgmma_shape = d == kWgAssignHeadDim && c_pad % 128 == 0;
+  if (wgmma_shape && kernel == ClusterAssignKernel::kPipelined64 && PipelinedAssignUsable()) {
+    return LaunchPipelinedAssign<1, kPipelinedStages64>(n, heads, clusters, keys, normed, c_pad,
+                                                        out, stream);
+  }
+  if (wgmma_shape && kernel == ClusterAssignKernel::kPipelined128 && PipelinedAssignUsable()) {
+    return LaunchPipelinedAssign<2, kPipelinedStages128>(n, heads, clusters, keys, normed, c_pad,
+                                                         out, stream);
+  }
+  if (wgmma_shape && WgmmaAssignUsable()) {
     cudaError_t err =
         cudaFuncSetAttribute(AssignWgmmaKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(kWgAssignSmemBytes));
     if (err != cudaSuccess) return err;
     const dim3 grid((n + kWgAssignRows - 1) / kWgAssignRows, heads);
-    AssignWgmmaKernel<<<grid, kWgAssignThreads, kWgAssignSmemBytes, stream>>>(
-        keys, normed, n, clusters, c_pad, assign, sort_keys, changed, run_if, best_out);
+    AssignWgmmaKernel<<<grid, kWgAssignThreads, kWgAssignSmemBytes, stream>>>(keys, normed, n,
+                                                                              clusters, c_pad, out);
     return cudaGetLastError();
   }
   switch ((d + 15) / 16) {
-#define STRATA_ASSIGN_CASE(ks)                                                                \
-  case ks:                                                                                    \
-    return LaunchAssignFor<ks>(n, heads, d, clusters, keys, normed, c_pad, assign, sort_keys, \
-                               changed, run_if, best_out, stream);
+#define STRATA_ASSIGN_CASE(ks) \
+  case ks:                     \
+    return LaunchAssignFor<ks>(n, heads, d, clusters, keys, normed, c_pad, out, stream);
     STRATA_ASSIGN_CASE(1)
     STRATA_ASSIGN_CASE(2)
     STRATA_ASSIGN_CASE(3)
@@ -924,7 +1349,8 @@ bool Valid(const ClusterKeysParams& p) {
          p.centroids != nullptr && p.extents != nullptr && p.page_size >= 1 && p.begin >= 0 &&
          p.count >= 1 && p.num_kv_heads >= 1 && p.num_kv_heads <= 65535 && p.head_dim >= 8 &&
          p.head_dim % 8 == 0 && p.head_dim <= kMaxHeadDimCluster && p.num_clusters >= 1 &&
-         p.num_clusters <= p.count && p.iterations >= 1 && p.first_block >= 0 &&
+         p.num_clusters <= p.count && p.num_clusters <= kClusterKeysMaxClusters &&
+         p.iterations >= 1 && p.head_group >= 0 && p.first_block >= 0 &&
          int64_t{p.first_block} + p.num_clusters <= p.max_blocks &&
          int64_t{p.begin} + p.count <= INT32_MAX &&
          int64_t{p.num_kv_heads} * p.count <= INT32_MAX &&
@@ -938,6 +1364,79 @@ size_t ClusterKeysWorkspaceBytes(const ClusterKeysParams& params) {
 }
 
 namespace {
+
+// The arrays one group's k-means loop works on: its heads' slices of the
+// workspace. Sort keys and sorted positions are local to the group (its
+// first head is head 0), which the final extents and reorder do not see:
+// they read cluster sizes and, per head, t in cluster order.
+struct GroupArrays {
+  const bf16* keys = nullptr;
+  bf16* normed = nullptr;
+  float* centroid = nullptr;
+  int32_t* assign = nullptr;
+  uint32_t* keys_in = nullptr;
+  uint32_t* keys_out = nullptr;
+  int32_t* vals_in = nullptr;
+  int32_t* vals_out = nullptr;
+  int32_t* seg_begin = nullptr;
+  int32_t* seg_end = nullptr;
+  int32_t* tile_counts = nullptr;
+  int32_t* tile_base = nullptr;
+  int* changed = nullptr;  // [iterations], zeroed
+};
+
+// p.iterations passes (assignment, member order, update) over `heads`
+// heads.
+cudaError_t RunIterations(const ClusterKeysParams& p, const Workspace& w, void* sort_temp,
+                          const GroupArrays& g, int heads, bool counting, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int n = p.count, d = p.head_dim, c = p.num_clusters;
+  const int d_pad = RoundUp(d, 16), c_pad = RoundUp(c, kCentroidPad);
+  const int64_t items = int64_t{heads} * n;
+  const int tiles = (n + kMemberTile - 1) / kMemberTile;
+  const int segments = heads * c;
+  cudaError_t err = cudaSuccess;
+  for (int it = 0; it < p.iterations; ++it) {
+    // Iteration it runs only while the previous pass changed something; the
+    // flag of a skipped pass stays 0, so once one is skipped all later are.
+    const int* run_update = g.changed + it;
+    AssignOutputs pass_out;
+    pass_out.assign = g.assign;
+    pass_out.changed = g.changed + it;
+    pass_out.run_if = it == 0 ? nullptr : g.changed + it - 1;
+    if (counting) {
+      pass_out.tile_counts = g.tile_counts;
+    } else {
+      pass_out.sort_keys = g.keys_in;
+    }
+    err = LaunchAssign(n, heads, d, c, g.keys, g.normed, c_pad, pass_out, p.assign_kernel, stream);
+    if (err != cudaSuccess) return err;
+    if (counting) {
+      MemberOffsetsKernel<<<heads, kOffsetThreads, 0, stream>>>(g.tile_counts, n, c, g.tile_base,
+                                                                g.seg_begin, g.seg_end, run_update);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      PlaceMembersKernel<<<dim3(tiles, heads), kPlaceThreads, 0, stream>>>(
+          g.assign, g.tile_base, n, c, w.member_end_bit, g.vals_out, run_update);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    } else {
+      size_t temp_bytes = w.sort_temp_bytes;
+      err = cub::DeviceRadixSort::SortPairs(sort_temp, temp_bytes, g.keys_in, g.keys_out, g.vals_in,
+                                            g.vals_out, static_cast<int>(items), 0, w.end_bit,
+                                            stream);
+      if (err != cudaSuccess) return err;
+      ZeroSegmentsKernel<<<GridFor(segments, kThreads), kThreads, 0, stream>>>(
+          segments, g.seg_begin, g.seg_end, run_update);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      MarkSegmentsKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(
+          g.keys_out, static_cast<int>(items), g.seg_begin, g.seg_end, run_update);
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    err = LaunchUpdate(d, int64_t{segments}, g.keys, g.vals_out, g.seg_begin, g.seg_end, n, heads,
+                       d_pad, c, c_pad, g.centroid, g.normed, run_update, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
 
 template <typename Cache>
 cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspace,
@@ -956,6 +1455,8 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
   uint32_t* keys_out = reinterpret_cast<uint32_t*>(base + w.keys_out);
   int32_t* vals_in = reinterpret_cast<int32_t*>(base + w.vals_in);
   int32_t* vals_out = reinterpret_cast<int32_t*>(base + w.vals_out);
+  int32_t* tile_counts = reinterpret_cast<int32_t*>(base + w.tile_counts);
+  int32_t* tile_base = reinterpret_cast<int32_t*>(base + w.tile_base);
   int32_t* seg_begin = reinterpret_cast<int32_t*>(base + w.seg_begin);
   int32_t* seg_end = reinterpret_cast<int32_t*>(base + w.seg_end);
   int* changed = reinterpret_cast<int*>(base + w.changed);
@@ -985,8 +1486,11 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
     InitCentroidsKernel<<<GridFor(int64_t{heads} * c_pad0 * 32, kThreads), kThreads, 0, stream>>>(
         scratch, n, heads, d, d_pad, c0, c_pad0, nullptr, centroid, normed);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = LaunchAssign(n, heads, d, c0, scratch, normed, c_pad0, assign, keys_in, changed, nullptr,
-                       best, stream);
+    AssignOutputs seed_out;
+    seed_out.assign = assign;
+    seed_out.best_out = best;
+    seed_out.changed = changed;
+    err = LaunchAssign(n, heads, d, c0, scratch, normed, c_pad0, seed_out, p.assign_kernel, stream);
     if (err != cudaSuccess) return err;
     int lanes = 1;
     while (lanes * 8 < d) lanes *= 2;  // d <= 256: at most 32
@@ -1016,40 +1520,50 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 
-  if ((err = cudaMemsetAsync(changed, 0, sizeof(int) * p.iterations, stream)) != cudaSuccess) {
+  // One flag per (head group, iteration).
+  if ((err = cudaMemsetAsync(changed, 0, sizeof(int) * heads * p.iterations, stream)) !=
+      cudaSuccess) {
     return err;
   }
-  InitStateKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(n, heads, assign, vals_in);
+  // kAuto: the radix sort, measured fastest so far.
+  const bool counting = p.member_order == ClusterMemberOrder::kCountingSort;
+  const int tiles = (n + kMemberTile - 1) / kMemberTile;
+  if (counting) {
+    err = cudaMemsetAsync(tile_counts, 0, sizeof(int32_t) * heads * c * tiles, stream);
+    if (err != cudaSuccess) return err;
+  }
+  InitStateKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(n, heads, assign,
+                                                                     counting ? nullptr : vals_in);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   InitCentroidsKernel<<<GridFor(int64_t{heads} * c_pad * 32, kThreads), kThreads, 0, stream>>>(
       scratch, n, heads, d, d_pad, c, c_pad, c > c0 ? seeds : nullptr, centroid, normed);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  for (int it = 0; it < p.iterations; ++it) {
-    // Iteration it runs only while the previous pass changed something; the
-    // flag of a skipped pass stays 0, so once one is skipped all later are.
-    const int* run_assign = it == 0 ? nullptr : changed + it - 1;
-    const int* run_update = changed + it;
-    err = LaunchAssign(n, heads, d, c, scratch, normed, c_pad, assign, keys_in, changed + it,
-                       run_assign, nullptr, stream);
-    if (err != cudaSuccess) return err;
-    size_t temp_bytes = w.sort_temp_bytes;
-    err = cub::DeviceRadixSort::SortPairs(sort_temp, temp_bytes, keys_in, keys_out, vals_in,
-                                          vals_out, static_cast<int>(items), 0, w.end_bit, stream);
-    if (err != cudaSuccess) return err;
-    const int segments = heads * c;
-    ZeroSegmentsKernel<<<GridFor(segments, kThreads), kThreads, 0, stream>>>(segments, seg_begin,
-                                                                             seg_end, run_update);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    MarkSegmentsKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(
-        keys_out, static_cast<int>(items), seg_begin, seg_end, run_update);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    err = LaunchUpdate(d, int64_t{segments}, scratch, vals_out, seg_begin, seg_end, n, heads, d_pad,
-                       c, c_pad, centroid, normed, run_update, stream);
+  // Each group of heads runs its own k-means loop over its slices of the
+  // arrays, with its own convergence flags.
+  const int group = p.head_group > 0 ? std::min(p.head_group, heads) : heads;
+  for (int h0 = 0; h0 < heads; h0 += group) {
+    GroupArrays g;
+    g.keys = scratch + int64_t{h0} * n * d;
+    g.normed = normed + int64_t{h0} * c_pad * d_pad;
+    g.centroid = centroid + int64_t{h0} * c * d;
+    g.assign = assign + int64_t{h0} * n;
+    g.keys_in = keys_in + int64_t{h0} * n;
+    g.keys_out = keys_out + int64_t{h0} * n;
+    g.vals_in = vals_in + int64_t{h0} * n;
+    g.vals_out = vals_out + int64_t{h0} * n;
+    g.seg_begin = seg_begin + int64_t{h0} * c;
+    g.seg_end = seg_end + int64_t{h0} * c;
+    if (counting) {
+      g.tile_counts = tile_counts + int64_t{h0} * c * tiles;
+      g.tile_base = tile_base + int64_t{h0} * c * tiles;
+    }
+    g.changed = changed + int64_t{h0 / group} * p.iterations;
+    err = RunIterations(p, w, sort_temp, g, std::min(group, heads - h0), counting, stream);
     if (err != cudaSuccess) return err;
   }
-  // The segments describe the final assignment: the last pass that changed
-  // anything marked them, and every later sort reproduced the same order.
+  // The segments and vals_out describe the final assignment: the last pass
+  // that changed anything placed them, and later passes left them alone.
   FinalizeKernel<<<dim3(heads, kFinalSlices), kFinalThreads, 0, stream>>>(
       seg_begin, seg_end, centroid, p.begin, d, c, p.first_block, p.max_blocks,
       static_cast<bf16*>(p.centroids), p.extents);

@@ -2,7 +2,7 @@
 // (engine::Backend::ClusterKeys; the recipe and its CPU reference are in
 // engine/kmeans.h and engine/cpu_backend.cc).
 //
-// For one sequence and one layer, every KV head at once: k-means with cosine
+// For one sequence and one layer, every KV head: k-means with cosine
 // assignment over the keys of logical indices [begin, begin + count), then
 // the in-place reordering of those K and V rows into cluster-major order,
 // and the clusters' centroids and extents written into one pool slot.
@@ -20,6 +20,24 @@
 
 namespace strata::cuda::kernels {
 
+// Kernel variants of an iteration's steps, for tests and benchmarks that
+// compare them. kAuto is kWgmma with kRadixSort, the pair whose H100 timings
+// bench/RESULTS.md records; CudaClusterTest.KernelVariantTiming32k
+// (tests/cuda) times every combination side by side.
+//
+// Assignment of head_dim-128 keys on sm_90a (other shapes always use the
+// mma.sync kernel): kWgmma, blocks of two warpgroups of 64 keys with the
+// centroid chunks double buffered by cp.async; kPipelined64 and
+// kPipelined128, persistent warp-specialized blocks whose copy warp streams
+// key tiles and centroid chunks through the copy engine (TMA) to two
+// warpgroups of 64 or 128 keys each. All give the same assignment.
+enum class ClusterAssignKernel { kAuto, kWgmma, kPipelined64, kPipelined128 };
+// How each pass orders every cluster's members (ascending t): kRadixSort, a
+// CUB radix sort of all keys by (head, cluster); kCountingSort, counts per
+// (cluster, 1024-key tile) from the assignment, a scan per head and a block
+// sort per tile. Both give the same order.
+enum class ClusterMemberOrder { kAuto, kRadixSort, kCountingSort };
+
 struct ClusterKeysParams {
   // [num_pages, page_size, num_kv_heads, head_dim], bf16 or (kv_fp8) fp8 e4m3.
   void* k_cache = nullptr;
@@ -31,18 +49,29 @@ struct ClusterKeysParams {
   int count = 0;  // tokens clustered, >= 1
   int num_kv_heads = 0;
   int head_dim = 0;  // a multiple of 8, at most 256
-  int num_clusters = 0;  // 1 <= num_clusters <= count
+  int num_clusters = 0;  // 1 <= num_clusters <= min(count, kClusterKeysMaxClusters)
   int iterations = 0;    // >= 1
   int first_block = 0;   // pool block of cluster 0
   int max_blocks = 0;    // block stride of the pools
   void* centroids = nullptr;   // bf16 [num_kv_heads, max_blocks, head_dim]
   int32_t* extents = nullptr;  // [num_kv_heads, max_blocks, 2] = (first index, size)
+  ClusterAssignKernel assign_kernel = ClusterAssignKernel::kAuto;
+  ClusterMemberOrder member_order = ClusterMemberOrder::kAuto;
+  // KV heads whose k-means loops run together (each group's passes all
+  // finish before the next group's start, so a group's keys can stay in
+  // L2 across its passes); 0 = all heads at once. Any value gives the
+  // same clusters: every head's k-means is independent of the others'.
+  int head_group = 0;
 };
 
 // Bits of the seeding's similarity buckets; equal to
 // engine::kSeedSimilarityBits (the CPU reference's, checked where both are
 // seen).
 inline constexpr int kClusterSeedSimilarityBits = 13;
+
+// Most clusters one call makes per head (the per-pass counting sort packs a
+// cluster and a key's place in its 1024-key tile into 32 bits).
+inline constexpr int kClusterKeysMaxClusters = (1 << 22) - 1;
 
 // Scratch bytes LaunchClusterKeys needs for these sizes.
 size_t ClusterKeysWorkspaceBytes(const ClusterKeysParams& params);

@@ -18,6 +18,7 @@
 #include "cuda/kernels/prefill_attention_wgmma.h"
 #include "cuda/kernels/prefill_tile.cuh"
 #include "cuda/kernels/ptx.cuh"
+#include "cuda/kernels/tensor_map.h"
 #include "cuda/kernels/tma.cuh"
 #include "cuda/kernels/wgmma.cuh"
 
@@ -402,24 +403,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #else
   __trap();  // built without sm_90a: CanUseWgmmaPrefill keeps launches away
 #endif
-}
-
-// The driver's tensor-map encoder, looked up once through the runtime (so
-// that strata needs no link-time dependency on the driver library); null
-// when the driver does not provide it.
-PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                             cudaEnableDefault, &found);
-    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
-      if (err != cudaSuccess) cudaGetLastError();  // this lookup's error, not sticky
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encoder;
 }
 
 // A bf16 cache [num_cache_slots, Hkv, 128] as a 3-d tensor (dims, innermost

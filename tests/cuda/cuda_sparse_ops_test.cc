@@ -11,12 +11,15 @@
 // of the page size.
 //
 // The tests skip when there is no usable GPU.
+#include <cuda_runtime_api.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <map>
@@ -30,6 +33,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/kernels/kv_cluster.h"
+#include "cuda/kernels/tensor_map.h"
 #include "engine/backend.h"
 #include "engine/cpu_backend.h"
 #include "engine/tensor.h"
@@ -563,6 +568,51 @@ TEST_F(CudaSparseOpsTest, SparseAttentionMatchesCpu) {
 
 // ---- ClusterKeys ----------------------------------------------------------------
 
+// The kernel variants (kv_cluster.h) in every combination, with all heads
+// at once and in groups of 2 and 4.
+struct ClusterVariant {
+  kernels::ClusterAssignKernel assign;
+  kernels::ClusterMemberOrder order;
+  int head_group;
+  std::string name;
+};
+// Whether the device runs the pipelined assignment kernels (elsewhere the
+// launcher falls back to another kernel, which would make their
+// comparisons vacuous).
+bool PipelinedAssignRuns() {
+  int device = 0, major = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+         major == 9 && kernels::TensorMapEncoder() != nullptr;
+}
+
+std::vector<ClusterVariant> AllClusterVariants() {
+  using kernels::ClusterAssignKernel;
+  using kernels::ClusterMemberOrder;
+  std::vector<ClusterVariant> all;
+  const bool pipelined = PipelinedAssignRuns();
+  for (const auto& [assign, assign_name] :
+       {std::pair{ClusterAssignKernel::kWgmma, "wgmma"},
+        std::pair{ClusterAssignKernel::kPipelined64, "pipelined 64"},
+        std::pair{ClusterAssignKernel::kPipelined128, "pipelined 128"}}) {
+    if (assign != ClusterAssignKernel::kWgmma && !pipelined) continue;
+    for (const auto& [order, order_name] :
+         {std::pair{ClusterMemberOrder::kRadixSort, "radix sort"},
+          std::pair{ClusterMemberOrder::kCountingSort, "counting sort"}}) {
+      for (const int group : {0, 2, 4}) {
+        all.push_back({assign, order, group,
+                       absl::StrCat(assign_name, " + ", order_name,
+                                    group > 0 ? absl::StrCat(", ", group, "-head groups") : "")});
+      }
+    }
+  }
+  return all;
+}
+
+bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
 struct ClusterOut {
   std::vector<float> k, v, centroids;
   std::vector<int32_t> extents;
@@ -577,7 +627,10 @@ class CudaClusterTest : public CudaSparseOpsTest {
     std::vector<float> k, v;  // the whole caches
   };
 
-  void RunOn(Backend& be, const Setup& s, ClusterOut& out) {
+  // ClusterKeys of the setup on `be`; with a variant (on the GPU only),
+  // through the launcher with those kernels (the backend runs kAuto).
+  void RunOn(Backend& be, const Setup& s, ClusterOut& out,
+             const ClusterVariant* variant = nullptr) {
     const std::vector<int64_t> shape = {s.num_pages, s.page_size, s.hkv, s.d};
     STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, UploadCache(be, shape, s.k));
     STRATA_ASSERT_OK_AND_ASSIGN(Tensor vc, UploadCache(be, shape, s.v));
@@ -594,12 +647,58 @@ class CudaClusterTest : public CudaSparseOpsTest {
     STRATA_ASSERT_OK_AND_ASSIGN(
         Tensor ext, UploadI32(be, {s.hkv, s.max_blocks, 2},
                               std::vector<int32_t>(size_t{2} * s.hkv * s.max_blocks, -1)));
-    STRATA_ASSERT_OK(
-        be.ClusterKeys(kc, vc, range, s.clusters, s.iterations, s.first_block, cen, ext));
+    if (variant == nullptr) {
+      STRATA_ASSERT_OK(
+          be.ClusterKeys(kc, vc, range, s.clusters, s.iterations, s.first_block, cen, ext));
+    } else {
+      kernels::ClusterKeysParams p;
+      p.k_cache = kc.data();
+      p.v_cache = vc.data();
+      p.kv_fp8 = kc.dtype() == DType::kF8E4M3;
+      p.block_table = range.block_table.data_as<int32_t>();
+      p.page_size = s.page_size;
+      p.begin = s.begin;
+      p.count = s.count;
+      p.num_kv_heads = s.hkv;
+      p.head_dim = s.d;
+      p.num_clusters = s.clusters;
+      p.iterations = s.iterations;
+      p.first_block = s.first_block;
+      p.max_blocks = s.max_blocks;
+      p.centroids = cen.data();
+      p.extents = ext.data_as<int32_t>();
+      p.assign_kernel = variant->assign;
+      p.member_order = variant->order;
+      p.head_group = variant->head_group;
+      void* workspace = nullptr;
+      ASSERT_EQ(cudaMalloc(&workspace, kernels::ClusterKeysWorkspaceBytes(p)), cudaSuccess);
+      STRATA_ASSERT_OK(be.Synchronize());
+      const cudaError_t launched = kernels::LaunchClusterKeys(p, workspace, nullptr);
+      const cudaError_t finished = cudaDeviceSynchronize();
+      cudaFree(workspace);
+      ASSERT_EQ(launched, cudaSuccess) << cudaGetErrorString(launched);
+      ASSERT_EQ(finished, cudaSuccess) << cudaGetErrorString(finished);
+    }
     STRATA_ASSERT_OK_AND_ASSIGN(out.k, Download(be, kc));
     STRATA_ASSERT_OK_AND_ASSIGN(out.v, Download(be, vc));
     STRATA_ASSERT_OK_AND_ASSIGN(out.centroids, Download(be, cen));
     STRATA_ASSERT_OK_AND_ASSIGN(out.extents, DownloadI32(be, ext));
+  }
+
+  // A setup of random keys and values (MakeSetup) for these sizes.
+  Setup RandomSetup(int hkv, int d, int begin, int count, int clusters, int iterations,
+                    int first_block, int max_blocks) {
+    Setup s;
+    s.hkv = hkv;
+    s.d = d;
+    s.begin = begin;
+    s.count = count;
+    s.clusters = clusters;
+    s.iterations = iterations;
+    s.first_block = first_block;
+    s.max_blocks = max_blocks;
+    MakeSetup(s);
+    return s;
   }
 
   // Offset of the row of logical index `index`, head h, in a cache.
@@ -640,7 +739,9 @@ TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
          {Case{2, 128, 16, 16, 7, 37, 5, 0, 7}, Case{3, 64, 16, 5, 13, 23, 8, 4, 20},
           Case{1, 128, 32, 16, 1, 51, 3, 2, 3}, Case{2, 64, 16, 0, 70, 9, 20, 1, 80},
           Case{2, 128, 16, 3, 300, 6, 6, 0, 300}, Case{2, 72, 16, 1, 9, 20, 6, 0, 9},
-          Case{3, 16, 16, 0, 11, 17, 6, 2, 13}}) {
+          Case{3, 16, 16, 0, 11, 17, 6, 2, 13},
+          // Several 1024-key member tiles (the last one partial).
+          Case{2, 128, 16, 3, 30, 150, 6, 0, 30}, Case{1, 64, 16, 0, 20, 250, 5, 0, 20}}) {
       SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " C ", c.clusters, " run ", c.run,
                                 fp8 ? " fp8" : "", ", ", Seed()));
       const int c0 = (c.clusters + 1) / 2, singles = c.clusters - c0;
@@ -696,6 +797,17 @@ TEST_F(CudaClusterTest, PlantedClustersMatchCpu) {
       EXPECT_EQ(out[0].extents, out[1].extents);
       EXPECT_EQ(out[0].k, out[1].k) << "reordered K differs";
       EXPECT_EQ(out[0].v, out[1].v) << "reordered V differs";
+      // Every kernel variant (KernelVariantsAgree) on data that converges
+      // early: the backend's result bit for bit.
+      for (const ClusterVariant& variant : AllClusterVariants()) {
+        SCOPED_TRACE(variant.name);
+        ClusterOut got;
+        RunOn(cuda(), s, got, &variant);
+        if (HasFatalFailure()) return;
+        EXPECT_EQ(got.extents, out[1].extents);
+        EXPECT_TRUE(SameBits(got.k, out[1].k) && SameBits(got.v, out[1].v)) << "reorder differs";
+        EXPECT_TRUE(SameBits(got.centroids, out[1].centroids)) << "centroids differ";
+      }
       std::vector<float> expected, actual;
       for (int h = 0; h < c.hkv; ++h) {
         for (int j = 0; j < c.clusters; ++j) {
@@ -735,16 +847,8 @@ TEST_F(CudaClusterTest, RandomKeysAreConsistent) {
                         Case{1, 128, 0, 4000, 192, 8}, Case{2, 128, 9, 5000, 200, 8}}) {
     SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " count ", c.count, " C ", c.clusters,
                               ", ", Seed()));
-    Setup s;
-    s.hkv = c.hkv;
-    s.d = c.d;
-    s.begin = c.begin;
-    s.count = c.count;
-    s.clusters = c.clusters;
-    s.iterations = c.iterations;
-    s.first_block = 2;
-    s.max_blocks = c.clusters + 5;
-    MakeSetup(s);
+    const Setup s = RandomSetup(c.hkv, c.d, c.begin, c.count, c.clusters, c.iterations,
+                                /*first_block=*/2, /*max_blocks=*/c.clusters + 5);
     if (HasFatalFailure()) return;
     ClusterOut out;
     RunOn(cuda(), s, out);
@@ -882,6 +986,121 @@ TEST_F(CudaClusterTest, Timing32k) {
     }
     ASSERT_EQ(at, begin + count);
   }
+}
+
+// Every variant gives the backend's (kAuto) result bit for bit: the
+// assignment kernels compute the same products in the same order, the
+// member orders are the same order, so the updates sum the same values in
+// the same order, and each head's k-means is independent of the others'.
+TEST_F(CudaClusterTest, KernelVariantsAgree) {
+  struct Case {
+    int hkv, d, begin, count, clusters, iterations;
+  };
+  // Head dim 128 (the wgmma kernels): the last centroid chunk 32 (C 13,
+  // 37, 160), 64 (192, 300) and 128 (200, 600) columns wide; counts that
+  // end inside a 128- and a 256-key tile and span several 1024-key member
+  // tiles. 40000 keys x 4 heads give the persistent kernels several items
+  // per block (key buffers reused) and 5 chunks (the stage ring wraps); 60
+  // iterations over 1000 keys converge early (the passes after are
+  // skipped). Head dim 64: the mma.sync kernel with either member order.
+  for (const Case& c :
+       {Case{2, 128, 16, 1000, 13, 8}, Case{3, 128, 5, 3001, 37, 10}, Case{1, 128, 0, 5000, 160, 6},
+        Case{2, 128, 9, 4100, 192, 6}, Case{2, 128, 3, 2900, 200, 6}, Case{1, 128, 0, 9000, 300, 5},
+        Case{4, 128, 0, 40000, 600, 4}, Case{3, 128, 16, 1000, 13, 60},
+        Case{2, 64, 7, 2777, 31, 8}}) {
+    SCOPED_TRACE(absl::StrCat("hkv ", c.hkv, " d ", c.d, " count ", c.count, " C ", c.clusters,
+                              ", ", Seed()));
+    const Setup s = RandomSetup(c.hkv, c.d, c.begin, c.count, c.clusters, c.iterations,
+                                /*first_block=*/1, /*max_blocks=*/c.clusters + 3);
+    if (HasFatalFailure()) return;
+    ClusterOut expected;
+    RunOn(cuda(), s, expected);
+    if (HasFatalFailure()) return;
+    for (const ClusterVariant& variant : AllClusterVariants()) {
+      SCOPED_TRACE(variant.name);
+      ClusterOut got;
+      RunOn(cuda(), s, got, &variant);
+      if (HasFatalFailure()) return;
+      EXPECT_EQ(got.extents, expected.extents);
+      EXPECT_TRUE(SameBits(got.k, expected.k)) << "reordered K differs";
+      EXPECT_TRUE(SameBits(got.v, expected.v)) << "reordered V differs";
+      EXPECT_TRUE(SameBits(got.centroids, expected.centroids)) << "centroids differ";
+    }
+  }
+}
+
+// Timing32k's case through every variant, each call on the same random
+// caches (refilled before it): prints each variant's time per call, the
+// comparison kAuto is chosen by, and checks that all give the same
+// clusters.
+TEST_F(CudaClusterTest, KernelVariantTiming32k) {
+  const int hkv = 8, d = 128, count = 32768, clusters = 410, iterations = 20, page_size = 16;
+  const int pages = count / page_size;
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, cuda().Allocate(DType::kBF16, {pages, page_size, hkv, d}));
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor vc, cuda().Allocate(DType::kBF16, {pages, page_size, hkv, d}));
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor table, UploadI32(cuda(), {pages}, ShuffledPages(pages)));
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor cen, cuda().Allocate(DType::kBF16, {hkv, 512, d}));
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor ext, cuda().Allocate(DType::kI32, {hkv, 512, 2}));
+  kernels::ClusterKeysParams p;
+  p.k_cache = kc.data();
+  p.v_cache = vc.data();
+  p.block_table = table.data_as<int32_t>();
+  p.page_size = page_size;
+  p.count = count;
+  p.num_kv_heads = hkv;
+  p.head_dim = d;
+  p.num_clusters = clusters;
+  p.iterations = iterations;
+  p.max_blocks = 512;
+  p.centroids = cen.data();
+  p.extents = ext.data_as<int32_t>();
+  p.member_order = kernels::ClusterMemberOrder::kCountingSort;  // the larger workspace
+  void* workspace = nullptr;
+  ASSERT_EQ(cudaMalloc(&workspace, kernels::ClusterKeysWorkspaceBytes(p)), cudaSuccess);
+  cudaEvent_t start = nullptr, stop = nullptr;
+  ASSERT_EQ(cudaEventCreate(&start), cudaSuccess);
+  ASSERT_EQ(cudaEventCreate(&stop), cudaSuccess);
+  ClusterOut first;
+  const std::vector<ClusterVariant> variants = AllClusterVariants();
+  for (const ClusterVariant& variant : variants) {
+    SCOPED_TRACE(variant.name);
+    p.assign_kernel = variant.assign;
+    p.member_order = variant.order;
+    p.head_group = variant.head_group;
+    std::vector<float> ms;
+    for (int rep = 0; rep < 4; ++rep) {  // the first warms up
+      STRATA_ASSERT_OK(cuda().FillRandom(kc, seed_, 1.0f));
+      STRATA_ASSERT_OK(cuda().FillRandom(vc, seed_ + 1, 1.0f));
+      STRATA_ASSERT_OK(cuda().Synchronize());
+      ASSERT_EQ(cudaEventRecord(start, nullptr), cudaSuccess);
+      ASSERT_EQ(kernels::LaunchClusterKeys(p, workspace, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaEventRecord(stop, nullptr), cudaSuccess);
+      ASSERT_EQ(cudaEventSynchronize(stop), cudaSuccess);
+      float elapsed = 0.0f;
+      ASSERT_EQ(cudaEventElapsedTime(&elapsed, start, stop), cudaSuccess);
+      if (rep > 0) ms.push_back(elapsed);
+    }
+    std::sort(ms.begin(), ms.end());
+    std::printf("[ClusterKeys variants] %-45s %.3f ms per call (min of 3; max %.3f)\n",
+                variant.name.c_str(), ms.front(), ms.back());
+    // Every call clustered the same caches: the same clusters, reordered
+    // keys and centroids as the first variant's.
+    ClusterOut got;
+    STRATA_ASSERT_OK_AND_ASSIGN(got.extents, DownloadI32(cuda(), ext));
+    STRATA_ASSERT_OK_AND_ASSIGN(got.k, Download(cuda(), kc));
+    STRATA_ASSERT_OK_AND_ASSIGN(got.centroids, Download(cuda(), cen));
+    if (first.extents.empty()) {
+      first = std::move(got);
+    } else {
+      EXPECT_EQ(got.extents, first.extents) << "clusters differ from " << variants[0].name;
+      EXPECT_TRUE(SameBits(got.k, first.k)) << "reordered K differs from " << variants[0].name;
+      EXPECT_TRUE(SameBits(got.centroids, first.centroids))
+          << "centroids differ from " << variants[0].name;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaFree(workspace);
 }
 
 }  // namespace
