@@ -47,6 +47,7 @@
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_select.cuh>
+#include <cuda/functional>
 #include <type_traits>
 
 #include "cuda/kernels/fp8.cuh"
@@ -1054,10 +1055,6 @@ __global__ void __launch_bounds__(kOffsetThreads)
   }
 }
 
-struct MaxOp {
-  __device__ int operator()(int a, int b) const { return a > b ? a : b; }
-};
-
 // Grid (tile, head). Sort keys (cluster << kMemberTileBits | t in tile) are
 // unique, so the block sort needs no stability; keys past n sort last as
 // cluster `clusters` and are dropped.
@@ -1100,7 +1097,7 @@ __global__ void __launch_bounds__(kPlaceThreads)
     start[k] = head ? p : 0;
   }
   __syncthreads();  // smem.keys is reused by the scan
-  Scan(smem.scan).InclusiveScan(start, start, MaxOp());
+  Scan(smem.scan).InclusiveScan(start, start, ::cuda::maximum<int>());
 #pragma unroll
   for (int k = 0; k < kPlaceItems; ++k) {
     const int cluster = static_cast<int>(key[k] >> kMemberTileBits);
