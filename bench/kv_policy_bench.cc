@@ -197,6 +197,11 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
       engine::GenerationRequest r;
       r.id = i;
       r.prompt = cases[i].prompt;
+      // At least one prompt token stays in the prefill.
+      const size_t fed =
+          std::min(static_cast<size_t>(std::max(options.query_in_decode, 0)), r.prompt.size() - 1);
+      r.decode_tokens.assign(r.prompt.end() - static_cast<std::ptrdiff_t>(fed), r.prompt.end());
+      r.prompt.resize(r.prompt.size() - fed);
       r.max_tokens = options.generate_tokens > 0 ? options.generate_tokens
                                                  : static_cast<int>(cases[i].answer.size());
       r.ignore_eos = true;

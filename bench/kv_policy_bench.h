@@ -16,6 +16,13 @@
 // The attention metrics are computed on the host from copies of the caches
 // on the first `fidelity_steps` decode steps.
 //
+// With EvalOptions::query_in_decode = N, each prompt's last N tokens (the
+// question) are fed through decode steps after the rest has been prefilled
+// (GenerationRequest::decode_tokens): the question then reads the context
+// only through the policy's selection, as a later turn over a compressed
+// context would. With N = 0 the question is prefilled densely with the
+// context, and only the answer's tokens after the first see the policy.
+//
 // Speed (MeasureDecodeSpeed): a batch of sequences is prefilled to a given
 // context once, then each policy decodes `steps` steps over it; reports the
 // mean step time and the first step's summary work (ClusterKV's clustering,
@@ -75,6 +82,7 @@ struct EvalOptions {
   int max_batch = 16;        // sequences decoding together
   int fidelity_steps = 2;    // decode steps with attention metrics (0: none)
   int topk = 32;
+  int query_in_decode = 0;  // prompt tokens fed through decode steps (see above)
 };
 
 // Runs every case under `config` (type "full" runs densely). `reference`

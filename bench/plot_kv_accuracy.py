@@ -35,7 +35,8 @@ def main():
         ax.set_ylabel("exact match")
         ax.set_ylim(-0.02, 1.02)
         model = os.path.basename(os.path.normpath(data.get("model", "retrieval-llama")))
-        ax.set_title(f"{model}, full_layers {data['full_layers']}")
+        query = ", question in decode" if data.get("query_in_decode", 0) else ""
+        ax.set_title(f"{model}, full_layers {data['full_layers']}{query}")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

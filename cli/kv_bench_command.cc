@@ -106,6 +106,10 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
   acc->add_option("--fidelity-steps", f.fidelity_steps,
                   "Decode steps per batch with attention metrics (0: none)");
   acc->add_option("--max-cases", f.max_cases, "Use only the first N cases (0: all)");
+  acc->add_option("--query-in-decode", f.query_in_decode,
+                  "Feed each prompt's last N tokens (the question) through decode steps, after "
+                  "the context is prefilled and, by a sparse policy, summarised")
+      ->check(CLI::NonNegativeNumber);
   acc->callback([&f, &exit_code] {
     if (f.policies.empty()) f.policies = {"full", "streaming", "quest", "clusterkv"};
     if (f.budgets.empty()) f.budgets = {256, 512, 1024, 2048};
@@ -153,6 +157,7 @@ int RunKvPolicies(const KvBenchFlags& f) {
   eo.generate_tokens = f.generate;
   eo.max_batch = f.max_batch;
   eo.fidelity_steps = f.fidelity_steps;
+  eo.query_in_decode = f.query_in_decode;
   int longest = 0, answer = 0;
   for (const auto& c : *cases) {
     longest = std::max(longest, static_cast<int>(c.prompt.size()));
@@ -216,6 +221,7 @@ int RunKvPolicies(const KvBenchFlags& f) {
                       {"backend", f.backend},
                       {"eval", eval},
                       {"full_layers", f.full_layers},
+                      {"query_in_decode", f.query_in_decode},
                       {"sink_tokens", f.sink_tokens},
                       {"window_tokens", f.window_tokens},
                       {"tokens_per_cluster", f.tokens_per_cluster},

@@ -36,6 +36,7 @@ struct KvBenchFlags {
   int generate = 0;
   int fidelity_steps = 2;
   int max_cases = 0;
+  int query_in_decode = 0;
   std::string kv_cache_dtype = "auto";
   // kv-speed
   int context = 32768;

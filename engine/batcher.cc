@@ -27,9 +27,11 @@ std::string_view FinishReasonName(FinishReason reason) {
 struct Batcher::Sequence {
   explicit Sequence(GenerationRequest r) : req(std::move(r)) { tokens = req.prompt; }
   GenerationRequest req;
-  std::vector<int32_t> tokens;  // prompt + generated
+  std::vector<int32_t> tokens;  // prompt + decode tokens fed so far + generated
   int num_computed = 0;         // tokens whose KV is in the cache
   int generated = 0;
+  size_t decode_fed = 0;  // req.decode_tokens appended to `tokens`
+  bool sampled = false;   // this step computed its last token's logits
   std::vector<int32_t> pages;
   std::optional<IncrementalDetokenizer> detok;
   std::string text;   // decoded output so far
@@ -78,15 +80,27 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
       return bad(absl::StrCat("prompt token id ", id, " outside the vocabulary of ", config.vocab_size));
     }
   }
+  for (int32_t id : request.decode_tokens) {
+    if (id < 0 || id >= config.vocab_size) {
+      return bad(
+          absl::StrCat("decode token id ", id, " outside the vocabulary of ", config.vocab_size));
+    }
+  }
   for (int32_t id : request.stop_token_ids) {
     if (id < 0 || id >= config.vocab_size) {
       return bad(absl::StrCat("stop token id ", id, " outside the vocabulary"));
     }
   }
   if (request.max_tokens <= 0) return bad("max_tokens must be positive");
-  if (static_cast<int>(request.prompt.size()) >= opts.max_context) {
-    return bad(absl::StrCat("prompt of ", request.prompt.size(), " tokens leaves no room in the context of ",
-                            opts.max_context));
+  if (static_cast<int64_t>(request.prompt.size()) +
+          static_cast<int64_t>(request.decode_tokens.size()) >=
+      opts.max_context) {
+    const std::string what =
+        request.decode_tokens.empty()
+            ? absl::StrCat("prompt of ", request.prompt.size(), " tokens leaves")
+            : absl::StrCat("prompt of ", request.prompt.size(), " tokens and ",
+                           request.decode_tokens.size(), " decode tokens leave");
+    return bad(absl::StrCat(what, " no room in the context of ", opts.max_context));
   }
   const int64_t pages_needed = (static_cast<int64_t>(request.prompt.size()) + opts.page_size) / opts.page_size;
   if (pages_needed > pages_.num_pages()) {
@@ -292,16 +306,22 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   for (size_t k = 0; k < step_seqs.size(); ++k) {
     Sequence& seq = *step_seqs[k];
     seq.num_computed += step_rows[k];
+    seq.sampled = samples[k];
     if (!samples[k]) continue;
-    EmitToken(seq, sampled[sample_index++], events);
+    const SampledToken& token = sampled[sample_index++];
+    if (seq.decode_fed < seq.req.decode_tokens.size()) {
+      // Validate() left room for every decode token before max_context.
+      seq.tokens.push_back(seq.req.decode_tokens[seq.decode_fed++]);
+      continue;
+    }
+    EmitToken(seq, token, events);
   }
   // Sequences whose prompt is done join the running batch; finished leave.
   for (auto it = waiting_.begin(); it != waiting_.end();) {
     Sequence& seq = **it;
     if (seq.finished) {
       it = waiting_.erase(it);
-    } else if (seq.num_computed == static_cast<int>(seq.tokens.size()) - 1 && seq.generated > 0 &&
-               seq.num_computed > 0) {
+    } else if (seq.sampled && seq.num_computed == static_cast<int>(seq.tokens.size()) - 1) {
       running_.push_back(std::move(*it));
       it = waiting_.erase(it);
     } else {

@@ -13,6 +13,10 @@
 // When KV pages run out, the newest running sequence is preempted: its
 // pages are freed and it is recomputed from its tokens later (its output so
 // far is kept, so the stream it produces does not change).
+// A request's decode_tokens are fed after its prompt one decode step each,
+// as if they had been generated (nothing is emitted for them): the way a
+// new turn's question meets a long context whose KV has already been
+// prefilled and, under a sparse KV policy, compressed.
 //
 // Thread-safety: not thread-safe; one thread owns the batcher and calls
 // Add, Cancel and Step.
@@ -45,6 +49,10 @@ struct GenerationRequest {
   // The KV policy of the model's AttentionPlanner this request uses (0: the
   // default). Checked by the planner's owner, not by the batcher.
   int32_t kv_policy = 0;
+  // Tokens fed one per decode step after the prompt's prefill, before
+  // sampling starts (see the file comment); their steps emit no events and
+  // do not count against max_tokens.
+  std::vector<int32_t> decode_tokens;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
@@ -74,7 +82,8 @@ class Batcher {
   ~Batcher();
 
   // Queues a request. InvalidArgument for an empty prompt, ids outside the
-  // vocabulary, a prompt that leaves no room to generate, bad sampling
+  // vocabulary, a prompt (with its decode tokens) that leaves no room to
+  // generate, bad sampling
   // values, or a duplicate id.
   absl::Status Add(GenerationRequest request);
   // The checks of Add that depend only on the request and the (immutable)

@@ -21,9 +21,11 @@
 namespace strata::cuda::kernels {
 
 // Kernel variants of an iteration's steps, for tests and benchmarks that
-// compare them. kAuto is kWgmma with kRadixSort, the pair whose H100 timings
-// bench/RESULTS.md records; CudaClusterTest.KernelVariantTiming32k
-// (tests/cuda) times every combination side by side.
+// compare them. kAuto is kPipelined128 (kWgmma where the copy-engine tensor
+// map cannot be made) with the counting sort while its count arrays stay
+// small (else the radix sort), all heads at once: the fastest agreeing
+// combination in CudaClusterTest.KernelVariantTiming32k on an H100 (3.15 ms
+// against 3.72 ms for kWgmma with the radix sort; bench/RESULTS.md).
 //
 // Assignment of head_dim-128 keys on sm_90a (other shapes always use the
 // mma.sync kernel): kWgmma, blocks of two warpgroups of 64 keys with the

@@ -188,6 +188,25 @@ TEST(BatcherTest, StopTokenIdsAndMaxTokens) {
   EXPECT_EQ(stopped.size(), first + 1);
 }
 
+// Decode tokens continue the prompt one decode step each, emit nothing, and
+// leave the sampled continuation exactly as if they had been prefilled.
+TEST(BatcherTest, DecodeTokensContinueThePromptSilently) {
+  ModelOptions options;
+  options.max_seqs = 3;
+  options.max_context = 64;
+  auto model = LoadGolden("llama_gqa", options);
+  Batcher batcher(model.get(), nullptr);
+  const std::vector<int32_t> prompt = RandomPrompt(14, 5);
+  GenerationRequest split = Request(2, std::vector<int32_t>(prompt.begin(), prompt.end() - 3), 6);
+  split.decode_tokens.assign(prompt.end() - 3, prompt.end());
+  GenerationRequest all_fed = Request(3, {prompt[0]}, 6);
+  all_fed.decode_tokens.assign(prompt.begin() + 1, prompt.end());
+  auto out = RunRequests(batcher, {Request(1, prompt, 6), split, all_fed}, {0, 0, 1});
+  ASSERT_EQ(out[1].size(), 6u);
+  EXPECT_EQ(out[2], out[1]);
+  EXPECT_EQ(out[3], out[1]);
+}
+
 TEST(BatcherTest, RejectsBadRequests) {
   ModelOptions options;
   options.max_seqs = 1;
@@ -203,6 +222,12 @@ TEST(BatcherTest, RejectsBadRequests) {
   expect_bad(Request(1, {1, 512}, 4), "token id 512 outside the vocabulary");
   expect_bad(Request(1, RandomPrompt(32, 1), 4), "leaves no room");
   expect_bad(Request(1, {1, 2}, 0), "max_tokens");
+  GenerationRequest fed = Request(1, {1, 2}, 4);
+  fed.decode_tokens = {3, 600};
+  expect_bad(fed, "decode token id 600 outside the vocabulary");
+  fed = Request(1, RandomPrompt(30, 1), 4);
+  fed.decode_tokens = {3, 4};
+  expect_bad(fed, "leave no room");
   GenerationRequest r = Request(1, {1, 2}, 4);
   r.sampling.top_p = 0;
   expect_bad(r, "top_p");
