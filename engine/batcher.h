@@ -83,8 +83,7 @@ class Batcher {
 
   // Queues a request. InvalidArgument for an empty prompt, ids outside the
   // vocabulary, a prompt (with its decode tokens) that leaves no room to
-  // generate, bad sampling
-  // values, or a duplicate id.
+  // generate, bad sampling values, or a duplicate id.
   absl::Status Add(GenerationRequest request);
   // The checks of Add that depend only on the request and the (immutable)
   // model, tokenizer and cache size: safe to call from any thread.
