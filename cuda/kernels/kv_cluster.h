@@ -32,8 +32,11 @@ namespace strata::cuda::kernels {
 // centroid chunks double buffered by cp.async; kPipelined64 and
 // kPipelined128, persistent warp-specialized blocks whose copy warp streams
 // key tiles and centroid chunks through the copy engine (TMA) to two
-// warpgroups of 64 or 128 keys each. All give the same assignment.
-enum class ClusterAssignKernel { kAuto, kWgmma, kPipelined64, kPipelined128 };
+// warpgroups of 64 or 128 keys each; kResident, blocks that keep one head's
+// centroids in shared memory (at most 512 clusters; more fall back to
+// kPipelined128) and stream 64-key tiles to three warpgroups. All give the
+// same assignment.
+enum class ClusterAssignKernel { kAuto, kWgmma, kPipelined64, kPipelined128, kResident };
 // How each pass orders every cluster's members (ascending t): kRadixSort, a
 // CUB radix sort of all keys by (head, cluster); kCountingSort, counts per
 // (cluster, 1024-key tile) from the assignment, a scan per head and a block

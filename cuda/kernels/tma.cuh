@@ -77,6 +77,12 @@ __device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Arrives at barrier `id` without waiting: with NamedBarrierSync on the
+// same id from other warps, a one-way signal ("you may go on").
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // Lowers / raises this warpgroup's per-thread register budget (a multiple
 // of 8 in 24..256). The kernel needs a register cap at entry

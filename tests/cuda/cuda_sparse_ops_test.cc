@@ -594,7 +594,8 @@ std::vector<ClusterVariant> AllClusterVariants() {
   for (const auto& [assign, assign_name] :
        {std::pair{ClusterAssignKernel::kWgmma, "wgmma"},
         std::pair{ClusterAssignKernel::kPipelined64, "pipelined 64"},
-        std::pair{ClusterAssignKernel::kPipelined128, "pipelined 128"}}) {
+        std::pair{ClusterAssignKernel::kPipelined128, "pipelined 128"},
+        std::pair{ClusterAssignKernel::kResident, "resident"}}) {
     if (assign != ClusterAssignKernel::kWgmma && !pipelined) continue;
     for (const auto& [order, order_name] :
          {std::pair{ClusterMemberOrder::kRadixSort, "radix sort"},
