@@ -78,6 +78,13 @@ constexpr int kMemberTile = 1 << kMemberTileBits;
 static_assert((uint64_t{kClusterKeysMaxClusters} + 1) << kMemberTileBits <= (uint64_t{1} << 32),
               "a member tile's sort key (cluster, t in tile) must fit 32 bits");
 
+// AssignResidentKernel's most blocks per head: 32, so the centroid update's
+// walk over the blocks' member orders deals the members as the global order
+// does. kAuto takes the kernel only from kResidentAutoMinHeads KV heads on,
+// where the cap idles no SM of an H100.
+constexpr int kResidentMaxBlocks = 32;
+constexpr int kResidentAutoMinHeads = 4;
+
 size_t AlignUp(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 // kAuto's member order: the counting sort (measured faster on an H100 at 32k
@@ -107,6 +114,8 @@ struct Workspace {
   size_t vals_out = 0;     // i32 [H * n]: seeding, then each pass's t in cluster order
   size_t tile_counts = 0;  // i32 [2, H, C, tiles]: keys per (cluster, member tile), by pass parity
   size_t tile_base = 0;    // i32 [H, C, tiles]: their first sorted position in the head
+  size_t block_counts = 0;  // i32 [H, kResidentMaxBlocks, C]: BlockMembers::counts
+  size_t block_starts = 0;  // i32 [H, kResidentMaxBlocks, C]: BlockMembers::starts
   size_t seg_begin = 0;    // i32 [H * C]: sorted positions of each cluster
   size_t seg_end = 0;
   size_t changed = 0;  // i32 [H, iterations]: per head group, whether a pass changed anything
@@ -147,6 +156,9 @@ Workspace PlanWorkspace(const ClusterKeysParams& p) {
   const size_t tiles = UseCountingSort(p) ? (n + kMemberTile - 1) / kMemberTile : 0;
   w.tile_counts = take(2 * h * c * tiles * sizeof(int32_t));
   w.tile_base = take(h * c * tiles * sizeof(int32_t));
+  const size_t block_slots = tiles > 0 ? h * kResidentMaxBlocks * c : 0;
+  w.block_counts = take(block_slots * sizeof(int32_t));
+  w.block_starts = take(block_slots * sizeof(int32_t));
   w.seg_begin = take(h * c * sizeof(int32_t));
   w.seg_end = take(h * c * sizeof(int32_t));
   w.changed = take(h * static_cast<size_t>(std::max(p.iterations, 1)) * sizeof(int32_t));
@@ -449,6 +461,19 @@ __device__ __forceinline__ void Better(float s, int j, float& best, int& index) 
   }
 }
 
+// The member order a resident assignment pass leaves (see BlockMemberOrder):
+// block b of head h owns keys [key0(b), key0(b + 1)) with key0(b) =
+// (b * head_tiles / blocks) * 64, head_tiles = ceil(n / 64); `sorted` holds,
+// at those places of head h's n, the block's t in (cluster, t) order;
+// `counts` and `starts` each cluster's count and first
+// place in that range ([H, C, blocks]: a cluster's blocks side by side for
+// the update's warp).
+struct BlockMembers {
+  int32_t* sorted = nullptr;  // null: not wanted
+  int32_t* counts = nullptr;
+  int32_t* starts = nullptr;
+};
+
 // Where an assignment pass writes. Every pass sets `assign` (H x n) and,
 // when it changes some key's cluster, *changed = 1; the optional outputs are
 // the radix-sort keys head * C + cluster (sort_keys, H x n), the counts per
@@ -463,6 +488,10 @@ struct AssignOutputs {
   float* best_out = nullptr;
   int* changed = nullptr;
   const int* run_if = nullptr;
+  // AssignResidentKernel only (BlockMemberOrder): each block's keys in
+  // (cluster, t) order, and per (head, block, cluster) their count and
+  // first place in the block's range.
+  BlockMembers members;
 };
 
 // Merges the best (score, cluster) of the 4 lanes of a quad that share key
@@ -1098,9 +1127,119 @@ constexpr size_t kResidentSmemBytes = 1024 + kResidentMaxChunks * size_t{kReside
                                       kResidentStages * size_t{kResidentKeyBytes} +
                                       8 * kResidentBarriers;
 static_assert(kResidentSmemBytes <= 232448, "above the H100's 227 KiB of shared memory per block");
+static_assert((4 * kResidentScoreGroups + 1) * kResidentMaxChunks * 128 * sizeof(int) <=
+                  kResidentSmemBytes,
+              "BlockMemberOrder's counts reuse the block's shared memory");
 // 32 * 128 + 152 * 384 registers fit the 64 K file.
 constexpr int kResidentCopyRegisters = 32;
 constexpr int kResidentScoreRegisters = 152;
+
+// BlockMemberOrder: a resident assignment block, once its keys are
+// assigned, orders them by (cluster, t) itself, so a pass needs no
+// MemberOffsetsKernel and PlaceMembersKernel (17.6 us of a 98 us pass at
+// 32k keys x 410 clusters x 8 heads); the centroid update walks each
+// cluster's members block by block (UpdateCentroidsKernel), which gives the
+// same members in the same order as the global sort. Run by the block's
+// kResidentScoreGroups warpgroups (named barrier 4) after their last
+// products, in the shared memory they no longer need: per-warp counts of
+// each cluster over a contiguous share of the keys (integer atomics), the
+// block's counts and starts (a scan over the clusters), then each warp
+// places its share in t order, ranking equal clusters within 32 keys with
+// __match_any_sync. The result does not depend on timing.
+constexpr int kOrderWarps = 4 * kResidentScoreGroups;
+constexpr int kOrderThreads = 32 * kOrderWarps;
+__device__ void BlockMemberOrder(int* smem, int h, int key0, int count, int n, int clusters,
+                                 const AssignOutputs& out) {
+  const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid % 32;
+  int* warp_counts = smem;                      // [kOrderWarps, clusters]
+  int* starts = smem + kOrderWarps * clusters;  // [clusters]
+  const int32_t* assign = out.assign + int64_t{h} * n + key0;
+  int32_t* sorted = out.members.sorted + int64_t{h} * n + key0;
+  // [h, j, block]: BlockMembers' layout.
+  auto slot = [&](int j) { return (int64_t{h} * clusters + j) * gridDim.x + blockIdx.x; };
+  const int share = ((count + kOrderWarps - 1) / kOrderWarps + 31) / 32 * 32;
+  const int begin = min(count, warp * share), end = min(count, begin + share);
+  for (int i = tid; i < kOrderWarps * clusters; i += kOrderThreads) warp_counts[i] = 0;
+  NamedBarrierSync(4, kOrderThreads);
+  // The share's clusters are read kBatch per lane at a time: one memory
+  // latency per batch, not per 32 keys.
+  constexpr int kBatch = 8;
+  for (int k0 = begin; k0 < end; k0 += 32 * kBatch) {
+    int cluster[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int k = k0 + 32 * u + lane;
+      cluster[u] = k < end ? assign[k] : -1;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (cluster[u] >= 0) atomicAdd(&warp_counts[warp * clusters + cluster[u]], 1);
+    }
+  }
+  NamedBarrierSync(4, kOrderThreads);
+  for (int j = tid; j < clusters; j += kOrderThreads) {
+    int total = 0;
+    for (int w = 0; w < kOrderWarps; ++w) total += warp_counts[w * clusters + j];
+    starts[j] = total;
+    out.members.counts[slot(j)] = total;
+  }
+  NamedBarrierSync(4, kOrderThreads);
+  if (warp == 0) {  // exclusive scan of the totals, a run of clusters per lane
+    const int per_lane = (clusters + 31) / 32, first = lane * per_lane;
+    int sum = 0;
+    for (int j = first; j < min(clusters, first + per_lane); ++j) sum += starts[j];
+    int inclusive = sum;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int up = __shfl_up_sync(0xffffffffu, inclusive, off);
+      if (lane >= off) inclusive += up;
+    }
+    int run = inclusive - sum;
+    for (int j = first; j < min(clusters, first + per_lane); ++j) {
+      const int size = starts[j];
+      starts[j] = run;
+      run += size;
+    }
+  }
+  NamedBarrierSync(4, kOrderThreads);
+  for (int j = tid; j < clusters; j += kOrderThreads) {
+    int run = starts[j];
+    out.members.starts[slot(j)] = run;
+    for (int w = 0; w < kOrderWarps; ++w) {  // each warp's next place for j
+      const int c = warp_counts[w * clusters + j];
+      warp_counts[w * clusters + j] = run;
+      run += c;
+    }
+  }
+  NamedBarrierSync(4, kOrderThreads);
+  for (int b0 = begin; b0 < end; b0 += 32 * kBatch) {
+    int batch[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int k = b0 + 32 * u + lane;
+      batch[u] = k < end ? assign[k] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (b0 + 32 * u >= end) break;  // warp-uniform
+      const int k = b0 + 32 * u + lane;
+      const bool valid = k < end;
+      const unsigned mask = __ballot_sync(0xffffffffu, valid);
+      const int cluster = batch[u];
+      unsigned peers = 0;
+      if (valid) {
+        peers = __match_any_sync(mask, cluster);
+        const int rank = __popc(peers & ((1u << lane) - 1u));
+        sorted[warp_counts[warp * clusters + cluster] + rank] = key0 + k;
+      }
+      __syncwarp();
+      if (valid && lane == 31 - __clz(peers)) {
+        warp_counts[warp * clusters + cluster] += __popc(peers);
+      }
+      __syncwarp();
+    }
+  }
+}
 
 // Grid (block of the head, head): block b of `blocks_per_head` scores the
 // head's 64-key tiles [b T / blocks, (b + 1) T / blocks).
@@ -1258,10 +1397,33 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
     }
     if (cg == 0) NamedBarrierSync(1, 256);
     if (__any_sync(0xffffffffu, any_change) && lane == 0) *out.changed = 1;
+    if (out.members.sorted != nullptr) {
+      // The assignments this block stored are visible to all its threads
+      // after the barrier; every product is done, so the shared memory is
+      // free.
+      NamedBarrierSync(4, kOrderThreads);
+      const int key0 = first_tile * 64;
+      BlockMemberOrder(reinterpret_cast<int*>(resident_smem), h, key0,
+                       min(n, (first_tile + tiles) * 64) - key0, n, clusters, out);
+    }
   }
 #else
   __trap();  // built without sm_90a: PipelinedAssignUsable keeps launches away
 #endif
+}
+
+// Blocks per head of AssignResidentKernel: whole heads per SM count (8
+// heads on 132 SMs: 16 blocks each, 4 SMs idle), at least one per head, at
+// most one per 64-key tile and kResidentMaxBlocks.
+cudaError_t ResidentBlocksPerHead(int n, int heads, int* blocks) {
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int head_tiles = (n + 63) / 64;
+  *blocks = std::max(1, std::min({sms / std::max(heads, 1), head_tiles, kResidentMaxBlocks}));
+  return cudaSuccess;
 }
 
 cudaError_t LaunchResidentAssign(int n, int heads, int clusters, const bf16* keys,
@@ -1277,14 +1439,8 @@ cudaError_t LaunchResidentAssign(int n, int heads, int clusters, const bf16* key
       cudaFuncSetAttribute(AssignResidentKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(kResidentSmemBytes));
   if (err != cudaSuccess) return err;
-  int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
-  // Whole heads per SM count (8 heads on 132 SMs: 16 blocks each, 4 SMs
-  // idle), at least one block per head, at most one per tile.
-  const int head_tiles = (n + 63) / 64;
-  const int blocks_per_head = std::max(1, std::min(sms / std::max(heads, 1), head_tiles));
+  int blocks_per_head = 0;
+  if ((err = ResidentBlocksPerHead(n, heads, &blocks_per_head)) != cudaSuccess) return err;
   AssignResidentKernel<<<dim3(blocks_per_head, heads), kResidentThreads, kResidentSmemBytes,
                          stream>>>(key_map, centroid_map, n, clusters, c_pad, out);
   return cudaGetLastError();
@@ -1461,14 +1617,19 @@ __global__ void __launch_bounds__(kPlaceThreads)
 // flight that the walk over a cluster's members is not latency bound. The
 // members are dealt to the row slots in a fixed order and the slots merged
 // by a fixed shuffle tree, so the result does not depend on timing.
-template <int kLanes>
+//
+// kWalk: the members come from the resident assignment's per-block order
+// (BlockMembers, `blocks` blocks per head, at most 32 for the same dealing
+// as the global order), block by block, 32 at a time from the cluster's
+// first: the same members in the same order as sorted_t[seg_begin ..].
+template <int kLanes, bool kWalk>
 __global__ void UpdateCentroidsKernel(const bf16* __restrict__ keys,
                                       const int32_t* __restrict__ sorted_t,
                                       const int32_t* __restrict__ seg_begin,
-                                      const int32_t* __restrict__ seg_end, int n, int heads, int d,
-                                      int d_pad, int clusters, int c_pad,
-                                      float* __restrict__ centroid, bf16* __restrict__ normed,
-                                      const int* __restrict__ run_if) {
+                                      const int32_t* __restrict__ seg_end, BlockMembers members,
+                                      int blocks, int n, int heads, int d, int d_pad, int clusters,
+                                      int c_pad, float* __restrict__ centroid,
+                                      bf16* __restrict__ normed, const int* __restrict__ run_if) {
   if (run_if != nullptr && *run_if == 0) return;
   constexpr int kSlots = 32 / kLanes;
   const int lane = threadIdx.x % 32;
@@ -1478,43 +1639,80 @@ __global__ void UpdateCentroidsKernel(const bf16* __restrict__ keys,
   const int chunk = lane % kLanes, slot = lane / kLanes;
   const int dim = chunk * 8;  // this lane's 8 dims (none when dim >= d)
   const bool has_dims = dim < d;
-  const int first = seg_begin[gw], last = seg_end[gw];
   float* cen = centroid + static_cast<int64_t>(gw) * d;
   float c[8] = {};
-  if (last > first) {
-    const bf16* key_head = keys + static_cast<int64_t>(h) * n * d;
-    for (int base = first; base < last; base += 32) {
-      const int my_t = base + lane < last ? sorted_t[base + lane] : 0;
-      const int m = min(32, last - base);
-      for (int i = 0; i < m; i += 4 * kSlots) {
-        uint4 v[4];
+  const bf16* key_head = keys + static_cast<int64_t>(h) * n * d;
+  // Adds the m (<= 32) members whose t lane i holds in my_t, i < m.
+  auto add32 = [&](int my_t, int m) {
+    for (int i = 0; i < m; i += 4 * kSlots) {
+      uint4 v[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int member = i + u * kSlots + slot;  // < 32 + 4 * kSlots
-          const int t = __shfl_sync(0xffffffffu, my_t, member & 31);
-          v[u] = (member < m && has_dims)
-                     ? *reinterpret_cast<const uint4*>(key_head + static_cast<int64_t>(t) * d + dim)
-                     : make_uint4(0, 0, 0, 0);
-        }
+      for (int u = 0; u < 4; ++u) {
+        const int member = i + u * kSlots + slot;  // < 32 + 4 * kSlots
+        const int t = __shfl_sync(0xffffffffu, my_t, member & 31);
+        v[u] = (member < m && has_dims)
+                   ? *reinterpret_cast<const uint4*>(key_head + static_cast<int64_t>(t) * d + dim)
+                   : make_uint4(0, 0, 0, 0);
+      }
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
+      for (int u = 0; u < 4; ++u) {
+        const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v[u]);
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const float2 f = __bfloat1622float2(pairs[k]);
-            c[2 * k] += f.x;
-            c[2 * k + 1] += f.y;
-          }
+        for (int k = 0; k < 4; ++k) {
+          const float2 f = __bfloat1622float2(pairs[k]);
+          c[2 * k] += f.x;
+          c[2 * k + 1] += f.y;
         }
       }
     }
+  };
+  int size = 0;
+  if constexpr (kWalk) {
+    const int head_tiles = (n + 63) / 64;
+    for (int b0 = 0; b0 < blocks; b0 += 32) {
+      const int b = b0 + lane;
+      const int64_t at = (int64_t{h} * clusters + j) * blocks + b;
+      const int count = b < blocks ? members.counts[at] : 0;
+      // Where the block's members of j sit in head h's order.
+      const int place = b < blocks ? (b * head_tiles / blocks) * 64 + members.starts[at] : 0;
+      int inclusive = count;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int up = __shfl_up_sync(0xffffffffu, inclusive, off);
+        if (lane >= off) inclusive += up;
+      }
+      const int before = inclusive - count;
+      const int group = __shfl_sync(0xffffffffu, inclusive, 31);
+      for (int base = 0; base < group; base += 32) {
+        const int member = base + lane;
+        int src = 0;  // the last lane whose block starts at or before `member`
+#pragma unroll
+        for (int step = 16; step > 0; step >>= 1) {
+          if (__shfl_sync(0xffffffffu, before, src + step) <= member) src += step;
+        }
+        const int src_place = __shfl_sync(0xffffffffu, place, src);
+        const int src_before = __shfl_sync(0xffffffffu, before, src);
+        const int my_t =
+            member < group ? members.sorted[int64_t{h} * n + src_place + (member - src_before)] : 0;
+        add32(my_t, min(32, group - base));
+      }
+      size += group;
+    }
+  } else {
+    const int first = seg_begin[gw], last = seg_end[gw];
+    for (int base = first; base < last; base += 32) {
+      add32(base + lane < last ? sorted_t[base + lane] : 0, min(32, last - base));
+    }
+    size = last - first;
+  }
+  if (size > 0) {
     // Merge the row slots: afterwards every lane of a chunk holds the sum.
 #pragma unroll
     for (int off = kLanes; off < 32; off <<= 1) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) c[k] += __shfl_xor_sync(0xffffffffu, c[k], off);
     }
-    const float inv_size = 1.0f / static_cast<float>(last - first);
+    const float inv_size = 1.0f / static_cast<float>(size);
 #pragma unroll
     for (int k = 0; k < 8; ++k) c[k] *= inv_size;
     if (slot == 0 && has_dims) {
@@ -1589,29 +1787,30 @@ int GridFor(int64_t work, int threads) {
 }
 
 cudaError_t LaunchUpdate(int d, int64_t warps, const bf16* keys, const int32_t* sorted_t,
-                         const int32_t* seg_begin, const int32_t* seg_end, int n, int heads,
-                         int d_pad, int clusters, int c_pad, float* centroid, bf16* normed,
-                         const int* run_if, cudaStream_t stream) {
+                         const int32_t* seg_begin, const int32_t* seg_end,
+                         const BlockMembers* members, int blocks, int n, int heads, int d_pad,
+                         int clusters, int c_pad, float* centroid, bf16* normed, const int* run_if,
+                         cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int grid = static_cast<int>((warps * 32 + kThreads - 1) / kThreads);
   const int chunks = d / 8;
-  if (chunks <= 4) {
-    UpdateCentroidsKernel<4><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
-                                                            heads, d, d_pad, clusters, c_pad,
-                                                            centroid, normed, run_if);
+#define STRATA_UPDATE(lanes, walk)                                                                \
+  UpdateCentroidsKernel<lanes, walk><<<grid, kThreads, 0, stream>>>(                              \
+      keys, sorted_t, seg_begin, seg_end, members != nullptr ? *members : BlockMembers{}, blocks, \
+      n, heads, d, d_pad, clusters, c_pad, centroid, normed, run_if)
+  if (members != nullptr) {
+    if (chunks != 16 || blocks > 32) return cudaErrorInvalidValue;  // resident shapes only
+    STRATA_UPDATE(16, true);
+  } else if (chunks <= 4) {
+    STRATA_UPDATE(4, false);
   } else if (chunks <= 8) {
-    UpdateCentroidsKernel<8><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
-                                                            heads, d, d_pad, clusters, c_pad,
-                                                            centroid, normed, run_if);
+    STRATA_UPDATE(8, false);
   } else if (chunks <= 16) {
-    UpdateCentroidsKernel<16><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
-                                                             heads, d, d_pad, clusters, c_pad,
-                                                             centroid, normed, run_if);
+    STRATA_UPDATE(16, false);
   } else {
-    UpdateCentroidsKernel<32><<<grid, kThreads, 0, stream>>>(keys, sorted_t, seg_begin, seg_end, n,
-                                                             heads, d, d_pad, clusters, c_pad,
-                                                             centroid, normed, run_if);
+    STRATA_UPDATE(32, false);
   }
+#undef STRATA_UPDATE
   return cudaGetLastError();
 }
 
@@ -1636,13 +1835,19 @@ cudaError_t LaunchAssignFor(int n, int heads, int d, int clusters, const bf16* k
 // One assignment pass of n keys per head against `clusters` normalised
 // centroids (rows of c_pad), by `kernel` where it applies (head_dim 128 on
 // sm_90a; kAuto: the measured fastest), else by the mma.sync kernel.
+// Whether LaunchAssign runs AssignResidentKernel for these sizes.
+bool UsesResidentAssign(int heads, int d, int c_pad, ClusterAssignKernel kernel) {
+  return d == kWgAssignHeadDim && c_pad % 128 == 0 && c_pad <= kResidentMaxChunks * 128 &&
+         (kernel == ClusterAssignKernel::kResident ||
+          (kernel == ClusterAssignKernel::kAuto && heads >= kResidentAutoMinHeads)) &&
+         PipelinedAssignUsable();
+}
+
 cudaError_t LaunchAssign(int n, int heads, int d, int clusters, const bf16* keys,
                          const bf16* normed, int c_pad, const AssignOutputs& out,
                          ClusterAssignKernel kernel, cudaStream_t stream) {
   const bool wgmma_shape = d == kWgAssignHeadDim && c_pad % 128 == 0;
-  if (wgmma_shape && c_pad <= kResidentMaxChunks * 128 &&
-      (kernel == ClusterAssignKernel::kResident || kernel == ClusterAssignKernel::kAuto) &&
-      PipelinedAssignUsable()) {
+  if (UsesResidentAssign(heads, d, c_pad, kernel)) {
     return LaunchResidentAssign(n, heads, clusters, keys, normed, c_pad, out, stream);
   }
   if (wgmma_shape && kernel == ClusterAssignKernel::kPipelined64 && PipelinedAssignUsable()) {
@@ -1730,8 +1935,21 @@ struct GroupArrays {
   int32_t* seg_end = nullptr;
   int32_t* tile_counts[2] = {nullptr, nullptr};  // by pass parity; both zeroed
   int32_t* tile_base = nullptr;
+  BlockMembers members;    // counts, starts; sorted in keys_out
   int* changed = nullptr;  // [iterations], zeroed
 };
+
+// Counts the final assignment per (head, cluster, member tile), for the
+// global member order after passes that ordered their members per block.
+__global__ void CountMembersKernel(const int32_t* __restrict__ assign, int n, int heads,
+                                   int clusters, int32_t* __restrict__ tile_counts) {
+  const int tiles = (n + kMemberTile - 1) / kMemberTile;
+  const int rows = heads * n;
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += gridDim.x * blockDim.x) {
+    const int h = r / n, t = r - h * n;
+    atomicAdd(tile_counts + (int64_t{h} * clusters + assign[r]) * tiles + t / kMemberTile, 1);
+  }
+}
 
 // p.iterations passes (assignment, member order, update) over `heads`
 // heads.
@@ -1744,6 +1962,11 @@ cudaError_t RunIterations(const ClusterKeysParams& p, const Workspace& w, void* 
   const int tiles = (n + kMemberTile - 1) / kMemberTile;
   const int segments = heads * c;
   cudaError_t err = cudaSuccess;
+  // The resident assignment orders each block's members itself
+  // (BlockMemberOrder); the global order is then made once, at the end.
+  const bool block_order = counting && UsesResidentAssign(heads, d, c_pad, p.assign_kernel);
+  int blocks = 0;
+  if (block_order && (err = ResidentBlocksPerHead(n, heads, &blocks)) != cudaSuccess) return err;
   for (int it = 0; it < p.iterations; ++it) {
     // Iteration it runs only while the previous pass changed something; the
     // flag of a skipped pass stays 0, so once one is skipped all later are.
@@ -1752,14 +1975,18 @@ cudaError_t RunIterations(const ClusterKeysParams& p, const Workspace& w, void* 
     pass_out.assign = g.assign;
     pass_out.changed = g.changed + it;
     pass_out.run_if = it == 0 ? nullptr : g.changed + it - 1;
-    if (counting) {
+    if (block_order) {
+      pass_out.members = g.members;
+    } else if (counting) {
       pass_out.tile_counts = g.tile_counts[it % 2];
     } else {
       pass_out.sort_keys = g.keys_in;
     }
     err = LaunchAssign(n, heads, d, c, g.keys, g.normed, c_pad, pass_out, p.assign_kernel, stream);
     if (err != cudaSuccess) return err;
-    if (counting) {
+    if (block_order) {
+      // Nothing more: the update walks the blocks' orders.
+    } else if (counting) {
       MemberOffsetsKernel<<<dim3((c + kOffsetClusters - 1) / kOffsetClusters, heads),
                             kOffsetThreads, 0, stream>>>(
           g.tile_counts[it % 2], g.tile_counts[(it + 1) % 2], n, c, g.tile_base, g.seg_begin,
@@ -1781,9 +2008,28 @@ cudaError_t RunIterations(const ClusterKeysParams& p, const Workspace& w, void* 
           g.keys_out, static_cast<int>(items), g.seg_begin, g.seg_end, run_update);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
-    err = LaunchUpdate(d, int64_t{segments}, g.keys, g.vals_out, g.seg_begin, g.seg_end, n, heads,
-                       d_pad, c, c_pad, g.centroid, g.normed, run_update, stream);
+    err = LaunchUpdate(d, int64_t{segments}, g.keys, g.vals_out, g.seg_begin, g.seg_end,
+                       block_order ? &g.members : nullptr, blocks, n, heads, d_pad, c, c_pad,
+                       g.centroid, g.normed, run_update, stream);
     if (err != cudaSuccess) return err;
+  }
+  if (block_order) {
+    // The reorder and the extents need the final assignment's global order
+    // (seg_begin / seg_end, vals_out): counted and placed once.
+    const size_t count_bytes = sizeof(int32_t) * heads * c * tiles;
+    if ((err = cudaMemsetAsync(g.tile_counts[0], 0, count_bytes, stream)) != cudaSuccess) {
+      return err;
+    }
+    CountMembersKernel<<<GridFor(items, kThreads), kThreads, 0, stream>>>(g.assign, n, heads, c,
+                                                                          g.tile_counts[0]);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    MemberOffsetsKernel<<<dim3((c + kOffsetClusters - 1) / kOffsetClusters, heads), kOffsetThreads,
+                          0, stream>>>(g.tile_counts[0], g.tile_counts[1], n, c, g.tile_base,
+                                       g.seg_begin, g.seg_end, nullptr);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    PlaceMembersKernel<<<dim3(tiles, heads), kPlaceThreads, 0, stream>>>(
+        g.assign, g.tile_base, n, c, w.member_end_bit, g.vals_out, nullptr);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
@@ -1807,6 +2053,8 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
   int32_t* vals_out = reinterpret_cast<int32_t*>(base + w.vals_out);
   int32_t* tile_counts = reinterpret_cast<int32_t*>(base + w.tile_counts);
   int32_t* tile_base = reinterpret_cast<int32_t*>(base + w.tile_base);
+  int32_t* block_counts = reinterpret_cast<int32_t*>(base + w.block_counts);
+  int32_t* block_starts = reinterpret_cast<int32_t*>(base + w.block_starts);
   int32_t* seg_begin = reinterpret_cast<int32_t*>(base + w.seg_begin);
   int32_t* seg_end = reinterpret_cast<int32_t*>(base + w.seg_end);
   int* changed = reinterpret_cast<int*>(base + w.changed);
@@ -1907,6 +2155,9 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
       for (int parity = 0; parity < 2; ++parity) {
         g.tile_counts[parity] = tile_counts + (int64_t{parity} * heads + h0) * c * tiles;
       }
+      g.members.sorted = reinterpret_cast<int32_t*>(g.keys_out);
+      g.members.counts = block_counts + int64_t{h0} * kResidentMaxBlocks * c;
+      g.members.starts = block_starts + int64_t{h0} * kResidentMaxBlocks * c;
       g.tile_base = tile_base + int64_t{h0} * c * tiles;
     }
     g.changed = changed + int64_t{h0 / group} * p.iterations;
