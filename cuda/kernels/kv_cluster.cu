@@ -51,6 +51,7 @@
 #include <cuda/functional>
 #include <type_traits>
 
+#include "cuda/kernels/dependent_launch.cuh"
 #include "cuda/kernels/fp8.cuh"
 #include "cuda/kernels/kv_cluster.h"
 #include "cuda/kernels/ptx.cuh"
@@ -1128,8 +1129,8 @@ constexpr size_t kResidentSmemBytes = 1024 + kResidentMaxChunks * size_t{kReside
                                       8 * kResidentBarriers;
 static_assert(kResidentSmemBytes <= 232448, "above the H100's 227 KiB of shared memory per block");
 static_assert((4 * kResidentScoreGroups + 1) * kResidentMaxChunks * 128 * sizeof(int) <=
-                  kResidentSmemBytes,
-              "BlockMemberOrder's counts reuse the block's shared memory");
+                  kResidentMaxChunks * size_t{kResidentChunkBytes},
+              "BlockMemberOrder's counts reuse the centroids' shared memory");
 // 32 * 128 + 152 * 384 registers fit the 64 K file.
 constexpr int kResidentCopyRegisters = 32;
 constexpr int kResidentScoreRegisters = 152;
@@ -1149,11 +1150,10 @@ constexpr int kResidentScoreRegisters = 152;
 constexpr int kOrderWarps = 4 * kResidentScoreGroups;
 constexpr int kOrderThreads = 32 * kOrderWarps;
 __device__ void BlockMemberOrder(int* smem, int h, int key0, int count, int n, int clusters,
-                                 const AssignOutputs& out) {
+                                 const int32_t* assign, const AssignOutputs& out) {
   const int tid = threadIdx.x - 128, warp = tid / 32, lane = tid % 32;
   int* warp_counts = smem;                      // [kOrderWarps, clusters]
   int* starts = smem + kOrderWarps * clusters;  // [clusters]
-  const int32_t* assign = out.assign + int64_t{h} * n + key0;
   int32_t* sorted = out.members.sorted + int64_t{h} * n + key0;
   // [h, j, block]: BlockMembers' layout.
   auto slot = [&](int j) { return (int64_t{h} * clusters + j) * gridDim.x + blockIdx.x; };
@@ -1248,6 +1248,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
                          const __grid_constant__ CUtensorMap centroid_map, int n, int clusters,
                          int c_pad, const __grid_constant__ AssignOutputs out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  WaitForPrerequisites();  // launched dependent on the previous pass's update
   if (out.run_if != nullptr && *out.run_if == 0) return;  // converged earlier
   extern __shared__ __align__(1024) unsigned char resident_smem[];
   const uint32_t base = (SharedAddress(resident_smem) + 1023u) & ~1023u;
@@ -1402,9 +1403,9 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
       // after the barrier; every product is done, so the shared memory is
       // free.
       NamedBarrierSync(4, kOrderThreads);
-      const int key0 = first_tile * 64;
-      BlockMemberOrder(reinterpret_cast<int*>(resident_smem), h, key0,
-                       min(n, (first_tile + tiles) * 64) - key0, n, clusters, out);
+      const int key0 = first_tile * 64, count = min(n, (first_tile + tiles) * 64) - key0;
+      BlockMemberOrder(reinterpret_cast<int*>(resident_smem), h, key0, count, n, clusters,
+                       out.assign + int64_t{h} * n + key0, out);
     }
   }
 #else
@@ -1441,9 +1442,11 @@ cudaError_t LaunchResidentAssign(int n, int heads, int clusters, const bf16* key
   if (err != cudaSuccess) return err;
   int blocks_per_head = 0;
   if ((err = ResidentBlocksPerHead(n, heads, &blocks_per_head)) != cudaSuccess) return err;
-  AssignResidentKernel<<<dim3(blocks_per_head, heads), kResidentThreads, kResidentSmemBytes,
-                         stream>>>(key_map, centroid_map, n, clusters, c_pad, out);
-  return cudaGetLastError();
+  // Dependent launch: the blocks start as the previous kernel drains (the
+  // update's largest clusters finish last).
+  return LaunchDependent(AssignResidentKernel, dim3(blocks_per_head, heads), kResidentThreads,
+                         kResidentSmemBytes, stream, key_map, centroid_map, n, clusters, c_pad,
+                         out);
 }
 
 // ---- Members in cluster order ------------------------------------------------
@@ -1630,6 +1633,7 @@ __global__ void UpdateCentroidsKernel(const bf16* __restrict__ keys,
                                       int blocks, int n, int heads, int d, int d_pad, int clusters,
                                       int c_pad, float* __restrict__ centroid,
                                       bf16* __restrict__ normed, const int* __restrict__ run_if) {
+  WaitForPrerequisites();  // launched dependent on the pass's assignment
   if (run_if != nullptr && *run_if == 0) return;
   constexpr int kSlots = 32 / kLanes;
   const int lane = threadIdx.x % 32;
@@ -1794,10 +1798,13 @@ cudaError_t LaunchUpdate(int d, int64_t warps, const bf16* keys, const int32_t* 
   constexpr int kThreads = 256;
   const int grid = static_cast<int>((warps * 32 + kThreads - 1) / kThreads);
   const int chunks = d / 8;
-#define STRATA_UPDATE(lanes, walk)                                                                \
-  UpdateCentroidsKernel<lanes, walk><<<grid, kThreads, 0, stream>>>(                              \
-      keys, sorted_t, seg_begin, seg_end, members != nullptr ? *members : BlockMembers{}, blocks, \
-      n, heads, d, d_pad, clusters, c_pad, centroid, normed, run_if)
+  cudaError_t err = cudaSuccess;
+  // Dependent launches: a pass's kernels start as the one before drains.
+#define STRATA_UPDATE(lanes, walk)                                                                 \
+  err = LaunchDependent(UpdateCentroidsKernel<lanes, walk>, dim3(grid), dim3(kThreads), 0, stream, \
+                        keys, sorted_t, seg_begin, seg_end,                                        \
+                        members != nullptr ? *members : BlockMembers{}, blocks, n, heads, d,       \
+                        d_pad, clusters, c_pad, centroid, normed, run_if)
   if (members != nullptr) {
     if (chunks != 16 || blocks > 32) return cudaErrorInvalidValue;  // resident shapes only
     STRATA_UPDATE(16, true);
@@ -1811,7 +1818,7 @@ cudaError_t LaunchUpdate(int d, int64_t warps, const bf16* keys, const int32_t* 
     STRATA_UPDATE(32, false);
   }
 #undef STRATA_UPDATE
-  return cudaGetLastError();
+  return err;
 }
 
 template <int kKs>
