@@ -1,8 +1,8 @@
 // ClusterKV's key clustering on the GPU (see kv_cluster.h; the recipe and the
 // CPU reference are engine/kmeans.h and engine/cpu_backend.cc).
 //
-// Pipeline of one call (every step one launch over all KV heads, or over
-// each group of ClusterKeysParams::head_group heads; no host round trip):
+// Pipeline of one call (every step one launch over all KV heads; no host
+// round trip):
 //   1. gather the range's K rows into a contiguous scratch [H, n, D] (bf16);
 //   2. seed (engine/kmeans.h): centroids j < c0 = ceil(C / 2) are keys
 //      floor(j * n / c0); one assignment pass against those gives each key's
@@ -24,11 +24,15 @@
 //         stable CUB radix sort of (head * C + cluster, t) pairs and the
 //         segment bounds of the sorted keys, or a counting sort (counts
 //         per (cluster, 1024-key tile) from the assignment, a scan per
-//         head into positions and bounds, a block sort per tile);
+//         head into positions and bounds, a block sort per tile), or, with
+//         the resident assignment, each of its blocks orders its own keys
+//         (BlockMemberOrder) and the global order is made once, after the
+//         last pass;
 //      c. one warp per cluster sums its raw keys in that fixed order
 //         (deterministic, no float atomics) and writes the new fp32
 //         centroid and its normalised bf16 copy (an empty cluster keeps its
-//         centroid);
+//         centroid). The assignment and the update launch dependent on each
+//         other (dependent_launch.cuh), so each starts as the other drains;
 //   4. extents by a scan of the cluster sizes, centroids to the pool (bf16);
 //   5. reorder: the sorted order is exactly the cluster-major, ascending-t
 //      order the reference's stable sort produces, so row i of the range
@@ -119,7 +123,7 @@ struct Workspace {
   size_t block_starts = 0;  // i32 [H, kResidentMaxBlocks, C]: BlockMembers::starts
   size_t seg_begin = 0;    // i32 [H * C]: sorted positions of each cluster
   size_t seg_end = 0;
-  size_t changed = 0;  // i32 [H, iterations]: per head group, whether a pass changed anything
+  size_t changed = 0;  // i32 [iterations]: whether a pass changed anything
   size_t best = 0;     // f32 [H * n]: seeding, each key's best score against the first seeds
   size_t seeds = 0;    // i32 [H, C]: seed keys
   size_t sort_temp = 0;
@@ -162,7 +166,7 @@ Workspace PlanWorkspace(const ClusterKeysParams& p) {
   w.block_starts = take(block_slots * sizeof(int32_t));
   w.seg_begin = take(h * c * sizeof(int32_t));
   w.seg_end = take(h * c * sizeof(int32_t));
-  w.changed = take(h * static_cast<size_t>(std::max(p.iterations, 1)) * sizeof(int32_t));
+  w.changed = take(static_cast<size_t>(std::max(p.iterations, 1)) * sizeof(int32_t));
   w.best = take(h * n * sizeof(float));
   w.seeds = take(h * c * sizeof(int32_t));
   const uint64_t max_key = h * c > 0 ? h * c - 1 : 0;
@@ -796,7 +800,9 @@ bool WgmmaAssignUsable() {
 
 // ---- Assignment, warp-specialized (sm_90a, head_dim 128) --------------------
 //
-// ClusterAssignKernel::kPipelined64 / kPipelined128. A persistent block per
+// ClusterAssignKernel::kPipelined (kMt 2, kPipelinedStages; one m-tile a
+// warpgroup measured slower on an H100, 2.55 against 2.51 ms a 32k
+// clustering, and was dropped). A persistent block per
 // SM walks (head, key tile) items. One warp copies each item's key tile
 // (128 x kMt keys) and then its centroid chunks (128 centroids; of the last
 // chunk 32, 64 or all 128 rows, as it is scored) through the copy engine:
@@ -821,11 +827,9 @@ constexpr int kPipelinedScoreWarps = 8;
 // a scoring thread holds kMt x 64 accumulators.
 constexpr int kPipelinedCopyRegisters = 40;
 constexpr int kPipelinedScoreRegisters = 232;
-// 64 keys a warpgroup: four chunk stages (193 KiB of shared memory); 128:
-// three (225 KiB).
-constexpr int kPipelinedStages64 = 4;
-constexpr int kPipelinedStages128 = 3;
-static_assert(PipelinedAssignShape<2, kPipelinedStages128>::kSmemBytes <= 232448,
+// 128 keys a warpgroup: three chunk stages (225 KiB of shared memory).
+constexpr int kPipelinedStages = 3;
+static_assert(PipelinedAssignShape<2, kPipelinedStages>::kSmemBytes <= 232448,
               "above the H100's 227 KiB of shared memory per block");
 
 // Keeps each of this thread's two rows' best (score, cluster) over the
@@ -1857,16 +1861,12 @@ cudaError_t LaunchAssign(int n, int heads, int d, int clusters, const bf16* keys
   if (UsesResidentAssign(heads, d, c_pad, kernel)) {
     return LaunchResidentAssign(n, heads, clusters, keys, normed, c_pad, out, stream);
   }
-  if (wgmma_shape && kernel == ClusterAssignKernel::kPipelined64 && PipelinedAssignUsable()) {
-    return LaunchPipelinedAssign<1, kPipelinedStages64>(n, heads, clusters, keys, normed, c_pad,
-                                                        out, stream);
-  }
   if (wgmma_shape &&
-      (kernel == ClusterAssignKernel::kPipelined128 || kernel == ClusterAssignKernel::kAuto ||
+      (kernel == ClusterAssignKernel::kPipelined || kernel == ClusterAssignKernel::kAuto ||
        kernel == ClusterAssignKernel::kResident) &&
       PipelinedAssignUsable()) {
-    return LaunchPipelinedAssign<2, kPipelinedStages128>(n, heads, clusters, keys, normed, c_pad,
-                                                         out, stream);
+    return LaunchPipelinedAssign<2, kPipelinedStages>(n, heads, clusters, keys, normed, c_pad, out,
+                                                      stream);
   }
   if (wgmma_shape && WgmmaAssignUsable()) {
     cudaError_t err =
@@ -1910,7 +1910,7 @@ bool Valid(const ClusterKeysParams& p) {
          p.count >= 1 && p.num_kv_heads >= 1 && p.num_kv_heads <= 65535 && p.head_dim >= 8 &&
          p.head_dim % 8 == 0 && p.head_dim <= kMaxHeadDimCluster && p.num_clusters >= 1 &&
          p.num_clusters <= p.count && p.num_clusters <= kClusterKeysMaxClusters &&
-         p.iterations >= 1 && p.head_group >= 0 && p.first_block >= 0 &&
+         p.iterations >= 1 && p.first_block >= 0 &&
          int64_t{p.first_block} + p.num_clusters <= p.max_blocks &&
          int64_t{p.begin} + p.count <= INT32_MAX &&
          int64_t{p.num_kv_heads} * p.count <= INT32_MAX &&
@@ -1925,11 +1925,8 @@ size_t ClusterKeysWorkspaceBytes(const ClusterKeysParams& params) {
 
 namespace {
 
-// The arrays one group's k-means loop works on: its heads' slices of the
-// workspace. Sort keys and sorted positions are local to the group (its
-// first head is head 0), which the final extents and reorder do not see:
-// they read cluster sizes and, per head, t in cluster order.
-struct GroupArrays {
+// The workspace arrays the k-means passes work on.
+struct PassArrays {
   const bf16* keys = nullptr;
   bf16* normed = nullptr;
   float* centroid = nullptr;
@@ -1958,10 +1955,9 @@ __global__ void CountMembersKernel(const int32_t* __restrict__ assign, int n, in
   }
 }
 
-// p.iterations passes (assignment, member order, update) over `heads`
-// heads.
+// p.iterations passes (assignment, member order, update) over all heads.
 cudaError_t RunIterations(const ClusterKeysParams& p, const Workspace& w, void* sort_temp,
-                          const GroupArrays& g, int heads, bool counting, cudaStream_t stream) {
+                          const PassArrays& g, int heads, bool counting, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int n = p.count, d = p.head_dim, c = p.num_clusters;
   const int d_pad = RoundUp(d, 16), c_pad = RoundUp(c, kCentroidPad);
@@ -2125,9 +2121,8 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 
-  // One flag per (head group, iteration).
-  if ((err = cudaMemsetAsync(changed, 0, sizeof(int) * heads * p.iterations, stream)) !=
-      cudaSuccess) {
+  // One flag per iteration.
+  if ((err = cudaMemsetAsync(changed, 0, sizeof(int) * p.iterations, stream)) != cudaSuccess) {
     return err;
   }
   const bool counting = UseCountingSort(p);
@@ -2143,34 +2138,28 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
       scratch, n, heads, d, d_pad, c, c_pad, c > c0 ? seeds : nullptr, centroid, normed);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  // Each group of heads runs its own k-means loop over its slices of the
-  // arrays, with its own convergence flags.
-  const int group = p.head_group > 0 ? std::min(p.head_group, heads) : heads;
-  for (int h0 = 0; h0 < heads; h0 += group) {
-    GroupArrays g;
-    g.keys = scratch + int64_t{h0} * n * d;
-    g.normed = normed + int64_t{h0} * c_pad * d_pad;
-    g.centroid = centroid + int64_t{h0} * c * d;
-    g.assign = assign + int64_t{h0} * n;
-    g.keys_in = keys_in + int64_t{h0} * n;
-    g.keys_out = keys_out + int64_t{h0} * n;
-    g.vals_in = vals_in + int64_t{h0} * n;
-    g.vals_out = vals_out + int64_t{h0} * n;
-    g.seg_begin = seg_begin + int64_t{h0} * c;
-    g.seg_end = seg_end + int64_t{h0} * c;
-    if (counting) {
-      for (int parity = 0; parity < 2; ++parity) {
-        g.tile_counts[parity] = tile_counts + (int64_t{parity} * heads + h0) * c * tiles;
-      }
-      g.members.sorted = reinterpret_cast<int32_t*>(g.keys_out);
-      g.members.counts = block_counts + int64_t{h0} * kResidentMaxBlocks * c;
-      g.members.starts = block_starts + int64_t{h0} * kResidentMaxBlocks * c;
-      g.tile_base = tile_base + int64_t{h0} * c * tiles;
-    }
-    g.changed = changed + int64_t{h0 / group} * p.iterations;
-    err = RunIterations(p, w, sort_temp, g, std::min(group, heads - h0), counting, stream);
-    if (err != cudaSuccess) return err;
+  PassArrays g;
+  g.keys = scratch;
+  g.normed = normed;
+  g.centroid = centroid;
+  g.assign = assign;
+  g.keys_in = keys_in;
+  g.keys_out = keys_out;
+  g.vals_in = vals_in;
+  g.vals_out = vals_out;
+  g.seg_begin = seg_begin;
+  g.seg_end = seg_end;
+  if (counting) {
+    g.tile_counts[0] = tile_counts;
+    g.tile_counts[1] = tile_counts + int64_t{heads} * c * tiles;
+    g.tile_base = tile_base;
+    g.members.sorted = reinterpret_cast<int32_t*>(keys_out);
+    g.members.counts = block_counts;
+    g.members.starts = block_starts;
   }
+  g.changed = changed;
+  err = RunIterations(p, w, sort_temp, g, heads, counting, stream);
+  if (err != cudaSuccess) return err;
   // The segments and vals_out describe the final assignment: the last pass
   // that changed anything placed them, and later passes left them alone.
   FinalizeKernel<<<dim3(heads, kFinalSlices), kFinalThreads, 0, stream>>>(

@@ -21,26 +21,30 @@
 namespace strata::cuda::kernels {
 
 // Kernel variants of an iteration's steps, for tests and benchmarks that
-// compare them. kAuto is kPipelined128 (kWgmma where the copy-engine tensor
-// map cannot be made) with the counting sort while its count arrays stay
-// small (else the radix sort), all heads at once: the fastest agreeing
-// combination in CudaClusterTest.KernelVariantTiming32k on an H100 (3.15 ms
-// against 3.72 ms for kWgmma with the radix sort; bench/RESULTS.md).
+// compare them. kAuto is the fastest agreeing combination in
+// CudaClusterTest.KernelVariantTiming32k on an H100 (bench/RESULTS.md): with
+// the counting sort while its count arrays stay small (else the radix
+// sort), kResident from 4 KV heads on where a head's centroids fit, else
+// kPipelined (kWgmma where the copy-engine tensor map cannot be made). At
+// 32k keys x 8 heads x 410 clusters x 20 passes: 2.02 ms, against 2.42 ms
+// for kPipelined and 3.7 ms for kWgmma with the radix sort.
 //
 // Assignment of head_dim-128 keys on sm_90a (other shapes always use the
 // mma.sync kernel): kWgmma, blocks of two warpgroups of 64 keys with the
-// centroid chunks double buffered by cp.async; kPipelined64 and
-// kPipelined128, persistent warp-specialized blocks whose copy warp streams
-// key tiles and centroid chunks through the copy engine (TMA) to two
-// warpgroups of 64 or 128 keys each; kResident, blocks that keep one head's
-// centroids in shared memory (at most 512 clusters; more fall back to
-// kPipelined128) and stream 64-key tiles to three warpgroups. All give the
-// same assignment.
-enum class ClusterAssignKernel { kAuto, kWgmma, kPipelined64, kPipelined128, kResident };
+// centroid chunks double buffered by cp.async; kPipelined, persistent
+// warp-specialized blocks whose copy warp streams 256-key tiles and
+// centroid chunks through the copy engine (TMA) to two warpgroups;
+// kResident, blocks that keep one head's centroids in shared memory (at
+// most 512 clusters; more fall back to kPipelined) and stream 64-key tiles
+// to three warpgroups, and with the counting sort also order their own
+// keys by cluster. All give the same assignment.
+enum class ClusterAssignKernel { kAuto, kWgmma, kPipelined, kResident };
 // How each pass orders every cluster's members (ascending t): kRadixSort, a
 // CUB radix sort of all keys by (head, cluster); kCountingSort, counts per
 // (cluster, 1024-key tile) from the assignment, a scan per head and a block
-// sort per tile. Both give the same order.
+// sort per tile (with kResident: each assignment block sorts its own keys,
+// and the scan and tile sorts run once, for the reorder). Both give the
+// same order.
 enum class ClusterMemberOrder { kAuto, kRadixSort, kCountingSort };
 
 struct ClusterKeysParams {
@@ -62,11 +66,6 @@ struct ClusterKeysParams {
   int32_t* extents = nullptr;  // [num_kv_heads, max_blocks, 2] = (first index, size)
   ClusterAssignKernel assign_kernel = ClusterAssignKernel::kAuto;
   ClusterMemberOrder member_order = ClusterMemberOrder::kAuto;
-  // KV heads whose k-means loops run together (each group's passes all
-  // finish before the next group's start, so a group's keys can stay in
-  // L2 across its passes); 0 = all heads at once. Any value gives the
-  // same clusters: every head's k-means is independent of the others'.
-  int head_group = 0;
 };
 
 // Bits of the seeding's similarity buckets; equal to

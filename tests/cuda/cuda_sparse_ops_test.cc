@@ -568,12 +568,10 @@ TEST_F(CudaSparseOpsTest, SparseAttentionMatchesCpu) {
 
 // ---- ClusterKeys ----------------------------------------------------------------
 
-// The kernel variants (kv_cluster.h) in every combination, with all heads
-// at once and in groups of 2 and 4.
+// The kernel variants (kv_cluster.h) in every combination.
 struct ClusterVariant {
   kernels::ClusterAssignKernel assign;
   kernels::ClusterMemberOrder order;
-  int head_group;
   std::string name;
 };
 // Whether the device runs the pipelined assignment kernels (elsewhere the
@@ -593,18 +591,13 @@ std::vector<ClusterVariant> AllClusterVariants() {
   const bool pipelined = PipelinedAssignRuns();
   for (const auto& [assign, assign_name] :
        {std::pair{ClusterAssignKernel::kWgmma, "wgmma"},
-        std::pair{ClusterAssignKernel::kPipelined64, "pipelined 64"},
-        std::pair{ClusterAssignKernel::kPipelined128, "pipelined 128"},
+        std::pair{ClusterAssignKernel::kPipelined, "pipelined"},
         std::pair{ClusterAssignKernel::kResident, "resident"}}) {
     if (assign != ClusterAssignKernel::kWgmma && !pipelined) continue;
     for (const auto& [order, order_name] :
          {std::pair{ClusterMemberOrder::kRadixSort, "radix sort"},
           std::pair{ClusterMemberOrder::kCountingSort, "counting sort"}}) {
-      for (const int group : {0, 2, 4}) {
-        all.push_back({assign, order, group,
-                       absl::StrCat(assign_name, " + ", order_name,
-                                    group > 0 ? absl::StrCat(", ", group, "-head groups") : "")});
-      }
+      all.push_back({assign, order, absl::StrCat(assign_name, " + ", order_name)});
     }
   }
   return all;
@@ -670,7 +663,6 @@ class CudaClusterTest : public CudaSparseOpsTest {
       p.extents = ext.data_as<int32_t>();
       p.assign_kernel = variant->assign;
       p.member_order = variant->order;
-      p.head_group = variant->head_group;
       void* workspace = nullptr;
       ASSERT_EQ(cudaMalloc(&workspace, kernels::ClusterKeysWorkspaceBytes(p)), cudaSuccess);
       STRATA_ASSERT_OK(be.Synchronize());
@@ -1067,7 +1059,6 @@ TEST_F(CudaClusterTest, KernelVariantTiming32k) {
     SCOPED_TRACE(variant.name);
     p.assign_kernel = variant.assign;
     p.member_order = variant.order;
-    p.head_group = variant.head_group;
     std::vector<float> ms;
     for (int rep = 0; rep < 4; ++rep) {  // the first warms up
       STRATA_ASSERT_OK(cuda().FillRandom(kc, seed_, 1.0f));
