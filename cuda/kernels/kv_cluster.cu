@@ -119,8 +119,8 @@ struct Workspace {
   size_t vals_out = 0;     // i32 [H * n]: seeding, then each pass's t in cluster order
   size_t tile_counts = 0;  // i32 [2, H, C, tiles]: keys per (cluster, member tile), by pass parity
   size_t tile_base = 0;    // i32 [H, C, tiles]: their first sorted position in the head
-  size_t block_counts = 0;  // i32 [H, kResidentMaxBlocks, C]: BlockMembers::counts
-  size_t block_starts = 0;  // i32 [H, kResidentMaxBlocks, C]: BlockMembers::starts
+  size_t block_counts = 0;  // i32 [H, C, blocks <= kResidentMaxBlocks]: BlockMembers::counts
+  size_t block_starts = 0;  // i32 [H, C, blocks <= kResidentMaxBlocks]: BlockMembers::starts
   size_t seg_begin = 0;    // i32 [H * C]: sorted positions of each cluster
   size_t seg_end = 0;
   size_t changed = 0;  // i32 [iterations]: whether a pass changed anything
@@ -234,8 +234,9 @@ __device__ __forceinline__ void Store8FromBf16(__nv_fp8_e4m3* p, uint4 v) {
 // The copies between the paged cache and the head-major scratch. A block
 // covers kCopyThreads / (d / 8) cache rows (one thread per 8 elements) in
 // the cache's order, (t, h), so its cache side is one contiguous run and
-// the scratch side one 256-byte row per head: in (h, t) order the cache
-// side was 256-byte pieces 2 KiB apart, about 65% of the DRAM peak.
+// the scratch side one 256-byte row per head (in (h, t) order the cache
+// side was 256-byte pieces 2 KiB apart: 50 and 54 us for the 32k x 8-head
+// gather and scatter on an H100, now 47 and 49, ~2.8 TB/s).
 constexpr int kCopyThreads = 256;
 
 // scratch[h][t] = cache row of logical index begin + t, head h.
@@ -386,7 +387,7 @@ __global__ void FarthestKeysKernel(const bf16* __restrict__ scratch, const float
     // Every load first (the rows and their best scores), then the sums: a
     // row, its best and then the next row one after another kept one load
     // in flight per lane, and the kernel at 52 us for 67 MB at 32k keys x 8
-    // heads.
+    // heads (43 us now; ~22 would be the DRAM's rate).
     uint4 w[kGroups];
     float key_best[kGroups];
 #pragma unroll
@@ -838,10 +839,11 @@ static_assert(PipelinedAssignShape<2, kPipelinedStages>::kSmemBytes <= 232448,
 // padding clusters (>= clusters) and NaN never win. kBounded: the chunk may
 // hold padding columns (the last one).
 //
-// The argmax limits the kernel (it runs on the ALU pipe, half rate, while
-// the other warpgroup's products run), so it is a pairwise tree per row,
-// three ALU operations a merge and five levels deep, instead of chains of
-// compare-and-select that stalled on each other's latency. A merge keeps
+// The argmax competes with the products for the kernel's time (it runs on
+// the ALU pipe, half rate), so it is a pairwise tree per row, three ALU
+// operations a merge and five levels deep: 370 instructions a 128-column
+// chunk of two m-tiles, against 439 for chains of compare-and-select. A
+// merge keeps
 // the left (lower-column) side when it equals the pair's fmaxf, which
 // ignores NaN: the larger score wins, ties go left, and NaN never wins
 // against a number. Padding columns enter as NaN.
@@ -1105,13 +1107,14 @@ cudaError_t LaunchPipelinedAssign(int n, int heads, int clusters, const bf16* ke
 // ---- Assignment with the centroids resident in shared memory -------------
 //
 // AssignResidentKernel: the pipelined kernel's products and argmax, laid out
-// so that neither the L2 nor the argmax limits it. At 32k keys x 410
-// clusters x 8 heads the pipelined kernel ran at about half the tensor
-// cores' rate: every 256-key item streamed its head's 106 KB of centroids
-// from L2 again (170 KB an item, ~3 TB/s of L2 reads at its speed), and a
-// warpgroup's argmax over a chunk (about 1000 cycles on the half-rate ALU
-// pipe) took as long as the other warpgroup's products, so neither hid the
-// other.
+// so that the L2 and the argmax limit it less. At 32k keys x 410 clusters x
+// 8 heads on an H100 the pipelined kernel takes 60 us a pass, its tensor
+// pipe about half busy: every 256-key item streams its head's 106 KB of
+// centroids from L2 again (170 KB an item, ~3 TB/s of L2 reads at its
+// speed), and a warpgroup's argmax over a chunk (about 1000 cycles on the
+// half-rate ALU pipe) takes as long as the other warpgroup's products, so
+// neither hides the other. This kernel takes 49 us (tensor pipe 63% busy,
+// ALU 52%; ~28 us would be the tensor cores' rate).
 //
 // Here a block serves one head: its copy warp loads the head's centroids
 // once (at most kResidentMaxChunks chunks of 128) and then streams 64-key
