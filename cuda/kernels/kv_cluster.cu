@@ -813,6 +813,13 @@ bool WgmmaAssignUsable() {
 // their kMt m-tiles share every chunk, so a chunk read from L2 serves 128 x
 // kMt keys (AssignWgmmaKernel: 128). The products are AssignWgmmaKernel's
 // (same operands, same k order), so the assignment is the same.
+// The last centroid chunk holds 1..128 real clusters: the copy-engine
+// kernels copy and score it 32, 64 or 128 rows wide.
+__device__ __forceinline__ int LastChunkColumns(int clusters, int num_chunks) {
+  const int tail = clusters - (num_chunks - 1) * 128;
+  return tail <= 32 ? 32 : tail <= 64 ? 64 : 128;
+}
+
 template <int kMt, int kStages>
 struct PipelinedAssignShape {
   static constexpr int kTileKeys = 128 * kMt;  // keys per item
@@ -916,10 +923,7 @@ __global__ void __launch_bounds__(kPipelinedThreads, 1)
   const int tiles_per_head = (n + Shape::kTileKeys - 1) / Shape::kTileKeys;
   const int items = heads * tiles_per_head;
   const int num_chunks = c_pad / 128;
-  // The last chunk holds 1..128 real clusters: copied and scored 32, 64 or
-  // 128 rows wide.
-  const int tail = clusters - (num_chunks - 1) * 128;
-  const int last_columns = tail <= 32 ? 32 : tail <= 64 ? 64 : 128;
+  const int last_columns = LastChunkColumns(clusters, num_chunks);
 
   if (wg == 0) {
     SetMaxRegistersDec<kPipelinedCopyRegisters>();
@@ -1284,10 +1288,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1)
   const int first_tile = static_cast<int>(int64_t{blockIdx.x} * head_tiles / gridDim.x);
   const int tiles = static_cast<int>(int64_t{blockIdx.x + 1} * head_tiles / gridDim.x) - first_tile;
   const int num_chunks = c_pad / 128;
-  // The last chunk holds 1..128 real clusters: copied and scored 32, 64 or
-  // 128 rows wide.
-  const int tail = clusters - (num_chunks - 1) * 128;
-  const int last_columns = tail <= 32 ? 32 : tail <= 64 ? 64 : 128;
+  const int last_columns = LastChunkColumns(clusters, num_chunks);
 
   if (wg == 0) {
     SetMaxRegistersDec<kResidentCopyRegisters>();
