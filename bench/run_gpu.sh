@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every GPU test and the generation smoke benchmarks on a GPU machine,
 # from a bundle made by tools/gpu-bundle.sh. Logs go to the folder given as
-# the first argument (default ./gpu-out). Prints a short summary last.
+# the first argument (default ./gpu-out). Prints a short summary last, and
+# exits non-zero when any GPU or engine test failed, or when the served
+# tokens differ from local generation's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
@@ -43,3 +45,9 @@ echo "=== summary"
 echo "serve on cuda: client tokens equal local: $serve_match, server exit $serve_rc"
 echo "cuda tests: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/cuda_tests.log" | head -2 | tr '\n' ' ') rc=$cuda_rc"
 echo "engine tests: $(grep -E '^\[  (PASSED|FAILED)  \]' "$out/engine_tests.log" | head -2 | tr '\n' ' ') rc=$engine_rc"
+
+status=0
+[ "$cuda_rc" -eq 0 ] || { echo "FAILED: cuda tests (exit $cuda_rc)"; status=1; }
+[ "$engine_rc" -eq 0 ] || { echo "FAILED: engine tests (exit $engine_rc)"; status=1; }
+[ "$serve_match" == yes ] && [ "$serve_rc" -eq 0 ] || { echo "FAILED: serve on cuda"; status=1; }
+exit $status

@@ -8,21 +8,24 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
-#include "common/http_server.h"
 #include "common/logging.h"
 #include "common/metrics.h"
+#include "common/metrics_server.h"
 #include "engine/async_engine.h"
 #include "engine/model_loader.h"
 #include "kvtier/kv_policy.h"
 #include "kvtier/profile.h"
 #include "router/generation_service.h"
 #include "router/server_metrics.h"
+#include "router/transport_options.h"
 
 namespace strata::cli {
 namespace {
@@ -53,6 +56,12 @@ void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
   cmd->add_option("--max-in-flight", f.max_in_flight, "Requests admitted at once; more get RESOURCE_EXHAUSTED")->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--default-max-tokens", f.default_max_tokens, "max_tokens when a request sets none")->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--grace-seconds", f.grace_seconds, "On SIGTERM, how long in-flight requests may run on")->check(CLI::Range(0.0, 3600.0));
+  cmd->add_option("--max-request-bytes", f.max_request_bytes,
+                  "Largest serialized request accepted; larger ones get INVALID_ARGUMENT")
+      ->check(CLI::Range(size_t{1} << 10, size_t{1} << 30));
+  cmd->add_option("--max-undelivered-tokens", f.max_undelivered_tokens,
+                  "Tokens a stream may have undelivered (its client not reading) before it is cancelled")
+      ->check(CLI::Range(1, 1 << 24));
   cmd->add_option("--profile", f.profiles, "KV profile YAML file a request may name (repeatable)");
   cmd->callback([&f, &exit_code] { exit_code = RunServe(f); });
 }
@@ -96,6 +105,16 @@ int RunServe(const ServeFlags& f) {
   auto loaded = engine::LoadModel({f.model_dir, f.dummy_weights}, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Model& model = *loaded->model;
+  // A cache that cannot hold one full context would fail long requests
+  // mid-stream: refuse it now, naming the numbers and the flags.
+  const int64_t cache_tokens = int64_t{model.options().num_pages} * model.options().page_size;
+  if (cache_tokens < model.options().max_context) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "the KV cache holds ", cache_tokens, " tokens (--kv-pages ", model.options().num_pages,
+        " of ", model.options().page_size, "), less than one full context of ",
+        model.options().max_context, " tokens (--max-context): raise --kv-pages or lower "
+        "--max-context")));
+  }
   STRATA_LOG_INFO("KV cache: {} pages of {} tokens, {} ({} bytes per token)",
                   model.options().num_pages, model.options().page_size,
                   engine::KvCacheTypeName(model.options().kv_cache), model.kv_bytes_per_token());
@@ -112,10 +131,19 @@ int RunServe(const ServeFlags& f) {
     }
   }
 
-  metrics::Registry registry;
+  prometheus::Registry registry;
   auto server_metrics = router::ServerMetrics::Create(&registry);
   if (!server_metrics.ok()) return Fail(server_metrics.status());
-  engine::AsyncEngine engine(loaded->model.get(), loaded->tokenizer.get());
+  // The KV planner's statistics may be read on the engine thread only:
+  // publish them after each step.
+  std::function<void()> after_step;
+  if (kv_policies != nullptr) {
+    after_step = [runner = kv_policies.get(), m = server_metrics->get()] {
+      m->UpdateKvPolicyStats(runner->stats());
+    };
+  }
+  engine::AsyncEngine engine(loaded->model.get(), loaded->tokenizer.get(), {},
+                             std::move(after_step));
 
   router::ServiceOptions service_options;
   service_options.model_name = !f.model_dir.empty()
@@ -126,8 +154,13 @@ int RunServe(const ServeFlags& f) {
   service_options.limits.context_length = model.options().max_context;
   service_options.limits.vocab_size = model.config().vocab_size;
   service_options.limits.default_max_tokens = f.default_max_tokens;
+  service_options.limits.max_request_bytes = f.max_request_bytes;
+  if (loaded->tokenizer != nullptr) {
+    service_options.limits.max_token_bytes = router::MaxTokenBytes(*loaded->tokenizer);
+  }
   service_options.limits.profiles = profile_names;
   service_options.max_requests_in_flight = f.max_in_flight;
+  service_options.max_undelivered_tokens = f.max_undelivered_tokens;
   router::GenerationService service(&engine, loaded->tokenizer.get(), server_metrics->get(),
                                     service_options);
 
@@ -137,23 +170,21 @@ int RunServe(const ServeFlags& f) {
   int port = 0;
   builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
+  router::TransportOptions transport;
+  transport.max_request_bytes = f.max_request_bytes;
+  router::ApplyTransportOptions(transport, &builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return Fail(absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port)));
   }
 
-  std::unique_ptr<HttpServer> metrics_server;
+  // /metrics refreshes the gauges from the engine before each scrape.
+  metrics::RefreshingCollectable scraped(&registry, [&] {
+    (*server_metrics)->UpdateGauges(engine.GetStats(), service.requests_in_flight());
+  });
+  std::unique_ptr<MetricsServer> metrics_server;
   if (f.metrics_port >= 0) {
-    metrics_server = std::make_unique<HttpServer>();
-    absl::Status handled = metrics_server->Handle("/metrics", [&](const HttpRequest&) {
-      (*server_metrics)->UpdateGauges(engine.GetStats(), service.requests_in_flight());
-      return HttpResponse{200, metrics::kTextContentType, registry.RenderText()};
-    });
-    if (!handled.ok()) return Fail(handled);
-    handled = metrics_server->Handle("/healthz", [](const HttpRequest&) {
-      return HttpResponse{200, "text/plain; charset=utf-8", "ok\n"};
-    });
-    if (!handled.ok()) return Fail(handled);
+    metrics_server = std::make_unique<MetricsServer>(&scraped);
     if (absl::Status s = metrics_server->Start(f.host, f.metrics_port); !s.ok()) return Fail(s);
   }
   // One parseable line on stdout says where the server listens.
@@ -164,7 +195,16 @@ int RunServe(const ServeFlags& f) {
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  STRATA_LOG_WARN("received signal {}: draining (grace {} s)", signal_number, f.grace_seconds);
+  STRATA_LOG_WARN("received signal {}: draining (grace {} s); a second signal exits at once",
+                  signal_number, f.grace_seconds);
+  // A second SIGTERM or SIGINT during the drain: the operator wants out now.
+  std::thread([signals] {
+    int second = 0;
+    sigset_t wait_for = signals;
+    sigwait(&wait_for, &second);
+    std::fprintf(stderr, "strata serve: second signal %d during the drain, exiting now\n", second);
+    std::_Exit(128 + second);
+  }).detach();
   server->GetHealthCheckService()->SetServingStatus(false);
   // Refuses new calls now; in-flight calls may finish until the deadline,
   // after which gRPC cancels them (their handlers cancel the sequences).

@@ -2,14 +2,17 @@
 // strata.v1.Generation gRPC API (plus health and reflection) and Prometheus
 // metrics over HTTP. SIGTERM or SIGINT drains: new requests are refused,
 // in-flight ones may finish within the grace period and are cancelled after
-// it, and the process exits 0.
+// it, and the process exits 0; a second signal during the drain exits at
+// once (128 + the signal).
 #ifndef STRATA_CLI_SERVE_COMMAND_H_
 #define STRATA_CLI_SERVE_COMMAND_H_
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "router/request_conversion.h"
 
 namespace strata::cli {
 
@@ -28,6 +31,8 @@ struct ServeFlags {
   std::string kv_cache_dtype = "auto";
   int max_sparse_seqs = 8;
   int max_in_flight = 256;
+  size_t max_request_bytes = router::kDefaultMaxRequestBytes;
+  int max_undelivered_tokens = 8192;
   int default_max_tokens = 256;
   double grace_seconds = 30;
   std::vector<std::string> profiles;  // KV profile YAML files

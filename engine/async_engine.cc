@@ -6,8 +6,9 @@
 
 namespace strata::engine {
 
-AsyncEngine::AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOptions options)
-    : model_(model), batcher_(model, tokenizer, options) {
+AsyncEngine::AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOptions options,
+                         std::function<void()> after_step)
+    : model_(model), batcher_(model, tokenizer, options), after_step_(std::move(after_step)) {
   free_pages_ = batcher_.free_pages();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -47,6 +48,8 @@ AsyncEngine::Stats AsyncEngine::GetStats() const {
   s.free_pages = free_pages_.load();
   s.total_pages = model_->options().num_pages;
   s.steps = steps_.load();
+  s.preemptions = preemptions_.load();
+  s.failed_sequences = failed_sequences_.load();
   return s;
 }
 
@@ -110,7 +113,10 @@ void AsyncEngine::Loop() {
           if (e.finish != FinishReason::kNone) sinks_.erase(it);
         }
       }
+      if (after_step_) after_step_();
     }
+    preemptions_ = batcher_.num_preemptions();
+    failed_sequences_ = batcher_.num_failed();
     waiting_ = batcher_.num_waiting();
     running_ = batcher_.num_running();
     free_pages_ = batcher_.free_pages();

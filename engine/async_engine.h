@@ -4,8 +4,10 @@
 // thread moves them into the Batcher between steps, runs steps while there
 // is work, and hands each TokenEvent to its request's sink. A cancelled
 // request's KV is freed before the next step, so it stops within one step.
-// If a step fails (a backend error), every request in flight gets a final
-// kError event and the engine keeps serving new requests.
+// A sequence whose own step goes wrong (non-finite logits) gets a final
+// kError event alone. If a whole step fails (a backend error), every
+// request in flight gets a final kError event and the engine keeps serving
+// new requests.
 //
 // Thread-safety: every public method is thread-safe. Sinks are called on the
 // engine thread and must return quickly (e.g. push into a queue).
@@ -36,10 +38,16 @@ class AsyncEngine {
     int free_pages = 0;   // KV pages free
     int total_pages = 0;  // KV pages in the cache
     int64_t steps = 0;    // steps run so far
+    int64_t preemptions = 0;       // sequences preempted (recomputed later)
+    int64_t failed_sequences = 0;  // sequences ended by an error of their own
   };
 
-  // Model and tokenizer (may be null) must outlive the engine.
-  AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOptions options = {});
+  // Model and tokenizer (may be null) must outlive the engine. `after_step`
+  // (optional) runs on the engine thread after every step: the place to
+  // read state only that thread may touch, e.g. the KV planner's
+  // statistics.
+  AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOptions options = {},
+              std::function<void()> after_step = nullptr);
   ~AsyncEngine();  // Stop()s
 
   AsyncEngine(const AsyncEngine&) = delete;
@@ -73,7 +81,8 @@ class AsyncEngine {
   bool stop_ = false;
 
   std::atomic<int> waiting_{0}, running_{0}, free_pages_{0};
-  std::atomic<int64_t> steps_{0};
+  std::atomic<int64_t> steps_{0}, preemptions_{0}, failed_sequences_{0};
+  std::function<void()> after_step_;
   std::thread thread_;
 };
 

@@ -1,9 +1,12 @@
 #include "engine/batcher.h"
 
 #include <algorithm>
+#include <cmath>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 
 namespace strata::engine {
@@ -33,6 +36,9 @@ struct Batcher::Sequence {
   size_t decode_fed = 0;  // req.decode_tokens appended to `tokens`
   bool sampled = false;   // this step computed its last token's logits
   std::vector<int32_t> pages;
+  // Token ids that end the sequence: its stop_token_ids, and the model's
+  // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
+  absl::flat_hash_set<int32_t> stop_ids;
   std::optional<IncrementalDetokenizer> detok;
   std::string text;   // decoded output so far
   size_t emitted = 0;  // bytes of `text` already returned
@@ -63,6 +69,8 @@ absl::Status Batcher::Add(GenerationRequest request) {
         absl::StrCat("request ", request.id, ": a request with this id is already running"));
   }
   auto seq = std::make_unique<Sequence>(std::move(request));
+  seq->stop_ids.insert(seq->req.stop_token_ids.begin(), seq->req.stop_token_ids.end());
+  if (!seq->req.ignore_eos) seq->stop_ids.insert(eos_ids_.begin(), eos_ids_.end());
   if (tokenizer_ != nullptr) seq->detok.emplace(tokenizer_, /*skip_special_tokens=*/true);
   waiting_.push_back(std::move(seq));
   return absl::OkStatus();
@@ -138,13 +146,16 @@ bool Batcher::EnsurePages(Sequence& seq, int tokens) {
 }
 
 void Batcher::ReleaseKv(Sequence& seq) {
-  pages_.Free(seq.pages);
+  if (absl::Status s = pages_.Free(seq.pages); !s.ok()) {
+    STRATA_LOG_ERROR("request {}: {}", seq.req.id, s.ToString());
+  }
   if (AttentionPlanner* planner = model_->attention_planner(); planner != nullptr) {
     planner->Release(static_cast<int64_t>(seq.req.id));
   }
 }
 
 void Batcher::Preempt(Sequence& seq) {
+  ++num_preemptions_;
   ReleaseKv(seq);
   seq.num_computed = 0;  // recomputed from its tokens (prompt + output so far)
 }
@@ -163,17 +174,21 @@ void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>
   ReleaseKv(seq);
 }
 
+void Batcher::FailSequence(Sequence& seq, const std::string& error,
+                           std::vector<TokenEvent>& events) {
+  ++num_failed_;
+  events.push_back({seq.req.id, -1, 0.0f, "", FinishReason::kError, error});
+  seq.finished = true;
+  ReleaseKv(seq);
+}
+
 void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<TokenEvent>& events) {
   const ModelOptions& opts = model_->options();
   seq.tokens.push_back(token.id);
   ++seq.generated;
   events.push_back({seq.req.id, token.id, token.logprob, "", FinishReason::kNone, ""});
 
-  const bool is_eos = !seq.req.ignore_eos &&
-                      std::find(eos_ids_.begin(), eos_ids_.end(), token.id) != eos_ids_.end();
-  const bool is_stop_id = std::find(seq.req.stop_token_ids.begin(), seq.req.stop_token_ids.end(),
-                                    token.id) != seq.req.stop_token_ids.end();
-  if (is_eos || is_stop_id) {
+  if (seq.stop_ids.contains(token.id)) {
     if (seq.detok) seq.text += seq.detok->Flush();
     events.back().text = seq.text.substr(seq.emitted);
     seq.emitted = seq.text.size();
@@ -309,6 +324,18 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     seq.sampled = samples[k];
     if (!samples[k]) continue;
     const SampledToken& token = sampled[sample_index++];
+    if (!std::isfinite(token.logprob)) {
+      // The model's output for this sequence is NaN or infinite (bad
+      // weights, an overflow, a corrupt KV block): whatever token was drawn
+      // from it is noise. The sequence ends with an error; the others in
+      // the batch, computed row by row, go on.
+      FailSequence(seq,
+                   absl::StrCat("request ", seq.req.id, ": the model's logits at position ",
+                                seq.num_computed, " are not finite (NaN or infinity); the "
+                                "sequence was stopped"),
+                   events);
+      continue;
+    }
     if (seq.decode_fed < seq.req.decode_tokens.size()) {
       // Validate() left room for every decode token before max_context.
       seq.tokens.push_back(seq.req.decode_tokens[seq.decode_fed++]);

@@ -10,6 +10,8 @@
 //     the end of its tokens, which is detokenized and checked
 //     against the stop conditions (EOS, stop token ids, stop strings, max
 //     tokens, context length).
+// A sequence whose logits come out non-finite ends alone with kError (see
+// FailSequence); the rest of the batch carries on.
 // When KV pages run out, the newest running sequence is preempted: its
 // pages are freed and it is recomputed from its tokens later (its output so
 // far is kept, so the stream it produces does not change).
@@ -99,6 +101,10 @@ class Batcher {
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   int free_pages() const { return pages_.num_free(); }
+  // Sequences preempted (KV freed, recomputed later) so far.
+  int64_t num_preemptions() const { return num_preemptions_; }
+  // Sequences ended by an error of their own (see FailSequence) so far.
+  int64_t num_failed() const { return num_failed_; }
 
  private:
   struct Sequence;
@@ -108,6 +114,9 @@ class Batcher {
   void ReleaseKv(Sequence& seq);
   void Preempt(Sequence& seq);
   void Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>& events);
+  // Ends one sequence with kError and `error`, freeing its KV; the step and
+  // the other sequences go on.
+  void FailSequence(Sequence& seq, const std::string& error, std::vector<TokenEvent>& events);
   void EmitToken(Sequence& seq, const SampledToken& token, std::vector<TokenEvent>& events);
 
   Model* model_;
@@ -118,6 +127,8 @@ class Batcher {
   std::deque<std::unique_ptr<Sequence>> waiting_;   // prefill not finished
   std::vector<std::unique_ptr<Sequence>> running_;  // decoding
   std::vector<uint64_t> cancelled_;
+  int64_t num_preemptions_ = 0;
+  int64_t num_failed_ = 0;
 };
 
 }  // namespace strata::engine

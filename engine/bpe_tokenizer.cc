@@ -67,7 +67,12 @@ absl::StatusOr<std::optional<std::string>> GetString(const Json& obj, const char
 
 absl::StatusOr<int32_t> GetId(const Json& v, const std::string& path, absl::string_view field) {
   if (!v.is_number_integer()) return FieldError(path, field, "token id is not an integer");
-  int64_t id = v.get<int64_t>();
+  // JSON integers past int64 are unsigned; reading them as int64 would wrap.
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(kMaxTokenId)) {
+    return FieldError(path, field,
+                      absl::StrCat("token id ", v.get<uint64_t>(), " is out of range"));
+  }
+  const int64_t id = v.get<int64_t>();
   if (id < 0 || id > kMaxTokenId) {
     return FieldError(path, field, absl::StrCat("token id ", id, " is out of range"));
   }

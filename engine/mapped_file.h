@@ -4,11 +4,16 @@
 // tensor is copied once, into the backend's memory (converting its dtype on
 // the way), and never staged in an intermediate heap buffer.
 //
+// Both readers here take regular files only: a FIFO, device, socket or
+// directory is refused (InvalidArgument naming the path and what it is)
+// without blocking on it and before anything is read.
+//
 // Thread-safety: immutable after Open; safe to read from any thread.
 #ifndef STRATA_ENGINE_MAPPED_FILE_H_
 #define STRATA_ENGINE_MAPPED_FILE_H_
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -18,7 +23,8 @@ namespace strata::engine {
 
 class MappedFile {
  public:
-  // Maps `path` read-only. Errors name the path and the system error.
+  // Maps `path` read-only. Errors name the path and the system error
+  // (NotFound when it does not exist).
   static absl::StatusOr<std::unique_ptr<MappedFile>> Open(const std::string& path);
   ~MappedFile();
 
@@ -38,7 +44,8 @@ class MappedFile {
   size_t size_;
 };
 
-// Reads a whole (small) file into a string, e.g. a JSON config.
+// Reads a whole (small) regular file into a string, e.g. a JSON config.
+// Errors as for MappedFile::Open.
 absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 }  // namespace strata::engine

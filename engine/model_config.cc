@@ -1,12 +1,14 @@
 #include "engine/model_config.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <optional>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "engine/mapped_file.h"
@@ -62,19 +64,39 @@ class Fields {
     if (!it->is_string()) return Error(field, "must be a string");
     return it->get<std::string>();
   }
-  // An int or a list of ints (bos/eos ids).
-  absl::StatusOr<std::vector<int>> IntList(const std::string& field) const {
+  // A token id or a list of them (bos/eos ids). Every id must be an integer
+  // in [0, 2^31): nothing is truncated to int, and the error names the
+  // field and the value. Validate() then checks them against vocab_size.
+  absl::StatusOr<std::vector<int>> TokenIds(const std::string& field) const {
     std::vector<int> out;
     const auto it = j_.find(field);
     if (it == j_.end() || it->is_null()) return out;
-    if (it->is_number_integer()) {
-      out.push_back(it->get<int>());
-      return out;
+    if (!it->is_number_integer() && !it->is_array()) {
+      return Error(field, "must be an integer token id or a list of them");
     }
-    if (!it->is_array()) return Error(field, "must be an integer or a list of integers");
-    for (const auto& v : *it) {
-      if (!v.is_number_integer()) return Error(field, "must hold only integers");
-      out.push_back(v.get<int>());
+    const bool list = it->is_array();
+    std::vector<const json*> values;
+    if (list) {
+      for (const json& v : *it) values.push_back(&v);
+    } else {
+      values.push_back(&*it);
+    }
+    for (const json* value : values) {
+      const json& v = *value;
+      if (!v.is_number_integer()) {
+        return Error(field,
+                     list ? "must hold only integer token ids" : "must be an integer token id");
+      }
+      const bool in_range = v.is_number_unsigned()
+                                ? v.get<uint64_t>() <= uint64_t{INT32_MAX}
+                                : v.get<int64_t>() >= 0 && v.get<int64_t>() <= int64_t{INT32_MAX};
+      if (!in_range) {
+        return Error(field, absl::StrCat("holds token id ",
+                                         v.is_number_unsigned() ? absl::StrCat(v.get<uint64_t>())
+                                                                : absl::StrCat(v.get<int64_t>()),
+                                         ", outside [0, 2147483647]"));
+      }
+      out.push_back(static_cast<int>(v.get<int64_t>()));
     }
     return out;
   }
@@ -130,6 +152,23 @@ absl::StatusOr<RopeConfig> ParseRope(const json& root, const std::string& source
   return rope;
 }
 
+// The largest model Validate accepts: 2^45 (35 trillion) parameters, far
+// beyond any real checkpoint. The bound keeps every tensor's element count,
+// and the sums of them, exact in int64 (and in double).
+constexpr double kMaxParameters = static_cast<double>(int64_t{1} << 45);
+
+// The parameter count in floating point, which cannot overflow whatever the
+// sizes; exact for any count up to 2^53.
+double ParameterCount(const ModelConfig& c) {
+  const double h = c.hidden_size;
+  const double qkv = (static_cast<double>(c.num_q_heads) + 2.0 * c.num_kv_heads) * c.head_dim;
+  const double per_layer = h * qkv + (c.qkv_bias ? qkv : 0.0) +
+                           static_cast<double>(c.num_q_heads) * c.head_dim * h +
+                           3.0 * h * c.intermediate_size + 2.0 * h;
+  return static_cast<double>(c.vocab_size) * h * (c.tie_word_embeddings ? 1.0 : 2.0) +
+         c.num_layers * per_layer + h;
+}
+
 }  // namespace
 
 std::vector<float> ModelConfig::RopeInvFreq() const {
@@ -161,11 +200,10 @@ std::vector<float> ModelConfig::RopeInvFreq() const {
 }
 
 int64_t ModelConfig::NumParameters() const {
-  const int64_t h = hidden_size;
-  const int64_t qkv = int64_t{num_q_heads + 2 * num_kv_heads} * head_dim;
-  const int64_t per_layer = h * qkv + (qkv_bias ? qkv : 0) + int64_t{num_q_heads} * head_dim * h +
-                            3 * h * intermediate_size + 2 * h;
-  return int64_t{vocab_size} * h * (tie_word_embeddings ? 1 : 2) + num_layers * per_layer + h;
+  const double n = ParameterCount(*this);
+  // Saturates for sizes Validate refuses.
+  if (n >= static_cast<double>(int64_t{1} << 62)) return int64_t{1} << 62;
+  return static_cast<int64_t>(n);
 }
 
 absl::Status ModelConfig::Validate() const {
@@ -187,6 +225,18 @@ absl::Status ModelConfig::Validate() const {
   if (max_position_embeddings <= 0) return bad("max_position_embeddings must be positive");
   if (!(rms_norm_eps > 0)) return bad("rms_norm_eps must be positive");
   if (!(rope.theta > 0)) return bad("rope_theta must be positive");
+  // Sizes the runtime multiplies out: the fused q/k/v row width must fit an
+  // int, and the whole model int64 element counts with room to spare.
+  const int64_t qkv_width =
+      (int64_t{num_q_heads} + 2 * int64_t{num_kv_heads}) * int64_t{head_dim};
+  if (qkv_width > INT32_MAX) {
+    return bad(absl::StrCat("num_attention_heads and num_key_value_heads are implausibly large (",
+                            num_q_heads, ", ", num_kv_heads, ")"));
+  }
+  if (ParameterCount(*this) > kMaxParameters) {
+    return bad(absl::StrFormat("the sizes are implausibly large (%.3g parameters)",
+                               ParameterCount(*this)));
+  }
   for (int id : bos_token_ids) {
     if (id < 0 || id >= vocab_size) return bad(absl::StrCat("bos_token_id ", id, " outside the vocabulary"));
   }
@@ -232,8 +282,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
   STRATA_ASSIGN_OR_RETURN(c.rms_norm_eps, f.Double("rms_norm_eps", 1e-6));
   STRATA_ASSIGN_OR_RETURN(c.tie_word_embeddings, f.Bool("tie_word_embeddings", false));
   STRATA_ASSIGN_OR_RETURN(c.rope, ParseRope(root, source));
-  STRATA_ASSIGN_OR_RETURN(c.bos_token_ids, f.IntList("bos_token_id"));
-  STRATA_ASSIGN_OR_RETURN(c.eos_token_ids, f.IntList("eos_token_id"));
+  STRATA_ASSIGN_OR_RETURN(c.bos_token_ids, f.TokenIds("bos_token_id"));
+  STRATA_ASSIGN_OR_RETURN(c.eos_token_ids, f.TokenIds("eos_token_id"));
   if (qwen2) {
     c.qkv_bias = true;
     STRATA_ASSIGN_OR_RETURN(bool use_sliding, f.Bool("use_sliding_window", false));
@@ -269,11 +319,12 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
     if (gen.is_discarded() || !gen.is_object()) {
       return absl::InvalidArgumentError(absl::StrCat(gen_path, ": not a valid JSON object"));
     }
-    STRATA_ASSIGN_OR_RETURN(std::vector<int> eos, Fields(gen, gen_path).IntList("eos_token_id"));
+    STRATA_ASSIGN_OR_RETURN(std::vector<int> eos, Fields(gen, gen_path).TokenIds("eos_token_id"));
     for (int id : eos) {
-      if (id < 0 || id >= config.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(gen_path, ": eos_token_id ", id, " outside the vocabulary"));
+      if (id >= config.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(gen_path, ": eos_token_id ", id,
+                                                       " outside the vocabulary (vocab_size ",
+                                                       config.vocab_size, ")"));
       }
       if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), id) ==
           config.eos_token_ids.end()) {

@@ -35,37 +35,38 @@ int64_t TensorView::numel() const {
   return n;
 }
 
-absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  STRATA_ASSIGN_OR_RETURN(auto mapped, MappedFile::Open(path));
+absl::StatusOr<SafetensorsContents> ParseSafetensors(absl::Span<const uint8_t> bytes,
+                                                     const std::string& source) {
   auto bad = [&](const std::string& what) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": invalid safetensors file: ", what));
+    return absl::InvalidArgumentError(absl::StrCat(source, ": invalid safetensors file: ", what));
   };
-  if (mapped->size() < 8) return bad("shorter than its 8-byte header length");
+  if (bytes.size() < 8) return bad("shorter than its 8-byte header length");
   uint64_t header_len = 0;
-  std::memcpy(&header_len, mapped->data(), 8);  // little-endian on every supported host
-  if (header_len > kMaxHeaderBytes || header_len > mapped->size() - 8) {
-    return bad(absl::StrCat("header length ", header_len, " exceeds the file size ",
-                            mapped->size(), " (truncated file?)"));
+  std::memcpy(&header_len, bytes.data(), 8);  // little-endian on every supported host
+  if (header_len > kMaxHeaderBytes || header_len > bytes.size() - 8) {
+    return bad(absl::StrCat("header length ", header_len, " exceeds the file size ", bytes.size(),
+                            " (truncated file?)"));
   }
-  const char* header_begin = reinterpret_cast<const char*>(mapped->data() + 8);
+  const char* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
   const json header = json::parse(header_begin, header_begin + header_len, nullptr, false);
   if (header.is_discarded() || !header.is_object()) return bad("header is not a JSON object");
 
-  const uint8_t* data_begin = mapped->data() + 8 + header_len;
-  const uint64_t data_size = mapped->size() - 8 - header_len;
+  const uint8_t* data_begin = bytes.data() + 8 + header_len;
+  const uint64_t data_size = bytes.size() - 8 - header_len;
 
-  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile(std::move(mapped)));
+  SafetensorsContents contents;
   std::vector<std::pair<uint64_t, uint64_t>> ranges;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       if (!entry.is_object()) return bad("__metadata__ is not an object");
       for (const auto& [k, v] : entry.items()) {
-        if (v.is_string()) file->metadata_[k] = v.get<std::string>();
+        if (v.is_string()) contents.metadata[k] = v.get<std::string>();
       }
       continue;
     }
-    auto bad_tensor = [&](const std::string& what) {
-      return bad(absl::StrCat("tensor \"", name, "\": ", what));
+    // (clang 14 cannot capture a structured binding.)
+    auto bad_tensor = [&, &tensor_name = name](const std::string& what) {
+      return bad(absl::StrCat("tensor \"", tensor_name, "\": ", what));
     };
     if (!entry.is_object()) return bad_tensor("entry is not an object");
     const auto dtype_it = entry.find("dtype");
@@ -79,7 +80,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     }
     TensorView view;
     view.name = name;
-    view.file = path;
+    view.file = source;
     auto dtype = ParseDType(dtype_it->get<std::string>());
     if (!dtype.ok()) return bad_tensor(std::string(dtype.status().message()));
     view.dtype = *dtype;
@@ -87,7 +88,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     for (const auto& d : *shape_it) {
       if (!d.is_number_unsigned()) return bad_tensor("shape holds a non-integer");
       const uint64_t dim = d.get<uint64_t>();
-      if (dim > (uint64_t{1} << 40) || (dim > 0 && static_cast<uint64_t>(numel) > (uint64_t{1} << 42) / dim)) {
+      if (dim > (uint64_t{1} << 40) ||
+          (dim > 0 && static_cast<uint64_t>(numel) > (uint64_t{1} << 42) / dim)) {
         return bad_tensor("shape is implausibly large");
       }
       view.shape.push_back(static_cast<int64_t>(dim));
@@ -107,13 +109,22 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std
     view.data = data_begin + begin;
     view.nbytes = end - begin;
     ranges.emplace_back(begin, end);
-    file->tensors_.emplace(name, std::move(view));
+    contents.tensors.emplace(name, std::move(view));
   }
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i) {
     if (ranges[i].first < ranges[i - 1].second) return bad("tensors overlap in the data section");
   }
-  return file;
+  return contents;
+}
+
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
+  STRATA_ASSIGN_OR_RETURN(auto mapped, MappedFile::Open(path));
+  STRATA_ASSIGN_OR_RETURN(
+      SafetensorsContents contents,
+      ParseSafetensors(absl::MakeConstSpan(mapped->data(), mapped->size()), path));
+  return std::unique_ptr<SafetensorsFile>(
+      new SafetensorsFile(std::move(mapped), std::move(contents)));
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsModel>> SafetensorsModel::Open(const std::string& dir) {

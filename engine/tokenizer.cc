@@ -1,6 +1,7 @@
 #include "engine/tokenizer.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <filesystem>
 #include <utility>
 
@@ -18,9 +19,13 @@ namespace {
 using Json = nlohmann::json;
 namespace fs = std::filesystem;
 
-bool IsRegularFile(const fs::path& path) {
+// Whether `path` names something (following symlinks). Whatever is there is
+// then read with ReadFileToString, which refuses anything but a regular file
+// (a FIFO, device or directory) with an error naming the path, so a
+// tokenizer.json that is not a file is reported rather than skipped.
+bool Exists(const fs::path& path) {
   std::error_code ec;
-  return fs::is_regular_file(path, ec);
+  return fs::exists(path, ec);
 }
 
 absl::StatusOr<Json> ReadJsonObject(const std::string& path) {
@@ -84,7 +89,7 @@ absl::Status ReadOptionalBool(const Json& config, const char* key, const std::st
 absl::StatusOr<SpecialTokenConfig> ReadSpecialTokenConfig(const fs::path& dir) {
   SpecialTokenConfig config;
   config.config_path = (dir / "tokenizer_config.json").string();
-  if (IsRegularFile(config.config_path)) {
+  if (Exists(config.config_path)) {
     STRATA_ASSIGN_OR_RETURN(Json json, ReadJsonObject(config.config_path));
     STRATA_RETURN_IF_ERROR(
         ReadTokenField(json, "bos_token", config.config_path, &config.has_bos, &config.bos_token));
@@ -96,7 +101,7 @@ absl::StatusOr<SpecialTokenConfig> ReadSpecialTokenConfig(const fs::path& dir) {
         ReadOptionalBool(json, "add_eos_token", config.config_path, &config.add_eos_token));
   }
   config.generation_path = (dir / "generation_config.json").string();
-  if (IsRegularFile(config.generation_path)) {
+  if (Exists(config.generation_path)) {
     STRATA_ASSIGN_OR_RETURN(Json json, ReadJsonObject(config.generation_path));
     auto it = json.find("eos_token_id");
     if (it != json.end() && !it->is_null()) {
@@ -112,7 +117,20 @@ absl::StatusOr<SpecialTokenConfig> ReadSpecialTokenConfig(const fs::path& dir) {
           return absl::InvalidArgumentError(absl::StrCat(
               config.generation_path, ": eos_token_id: expected an integer or a list of them"));
         }
-        config.generation_eos_ids.push_back(v->get<int64_t>());
+        // Ids past int64 (JSON unsigned) or int32 are refused here, not
+        // truncated; the vocabulary check follows once the tokenizer is
+        // loaded.
+        if (v->is_number_unsigned() && v->get<uint64_t>() > uint64_t{INT32_MAX}) {
+          return absl::InvalidArgumentError(absl::StrCat(config.generation_path, ": eos_token_id ",
+                                                         v->get<uint64_t>(),
+                                                         " is outside [0, 2147483647]"));
+        }
+        const int64_t id = v->get<int64_t>();
+        if (id < 0 || id > INT32_MAX) {
+          return absl::InvalidArgumentError(absl::StrCat(config.generation_path, ": eos_token_id ",
+                                                         id, " is outside [0, 2147483647]"));
+        }
+        config.generation_eos_ids.push_back(id);
       }
     }
   }
@@ -169,7 +187,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& mode
   STRATA_ASSIGN_OR_RETURN(SpecialTokenConfig config, ReadSpecialTokenConfig(dir));
 
   const std::string json_path = (dir / "tokenizer.json").string();
-  if (IsRegularFile(json_path)) {
+  if (Exists(json_path)) {
     STRATA_ASSIGN_OR_RETURN(std::string text, ReadFileToString(json_path));
     STRATA_ASSIGN_OR_RETURN(std::unique_ptr<BpeTokenizer> tokenizer,
                             BpeTokenizer::FromJson(text, json_path));
@@ -180,7 +198,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& mode
   }
 
   const std::string model_path = (dir / "tokenizer.model").string();
-  if (IsRegularFile(model_path)) {
+  if (Exists(model_path)) {
     STRATA_ASSIGN_OR_RETURN(std::string proto, ReadFileToString(model_path));
     SentencePieceTokenizer::Options options;
     options.add_bos = config.add_bos_token.value_or(true);

@@ -1,191 +1,326 @@
 #include "router/generation_service.h"
 
 #include <chrono>
-#include <condition_variable>
-#include <deque>
-#include <memory>
 #include <mutex>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "router/wire.h"
 
 namespace strata::router {
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// How often a handler waiting for tokens checks its call for cancellation.
-constexpr auto kCancelPollInterval = std::chrono::milliseconds(10);
+// The server learns of an expired deadline as a cancellation that can
+// arrive slightly before its own copy of the deadline (set on arrival from
+// the client's timeout), hence the tolerance.
 constexpr auto kDeadlineTolerance = std::chrono::milliseconds(100);
-
-// Events of one request, handed from the engine thread to its handler.
-struct EventQueue {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<std::pair<engine::TokenEvent, Clock::time_point>> events;
-};
-
-grpc::Status ToGrpc(const absl::Status& s) {
-  grpc::StatusCode code = grpc::StatusCode::INTERNAL;
-  switch (s.code()) {
-    case absl::StatusCode::kInvalidArgument:
-      code = grpc::StatusCode::INVALID_ARGUMENT;
-      break;
-    case absl::StatusCode::kResourceExhausted:
-      code = grpc::StatusCode::RESOURCE_EXHAUSTED;
-      break;
-    case absl::StatusCode::kUnavailable:
-      code = grpc::StatusCode::UNAVAILABLE;
-      break;
-    case absl::StatusCode::kFailedPrecondition:
-      code = grpc::StatusCode::FAILED_PRECONDITION;
-      break;
-    default:
-      break;
-  }
-  return grpc::Status(code, std::string(s.message()));
-}
-
-// Decrements the in-flight count when the handler returns.
-class InFlightGuard {
- public:
-  explicit InFlightGuard(std::atomic<int>& count) : count_(count) {}
-  ~InFlightGuard() { count_.fetch_sub(1); }
-
- private:
-  std::atomic<int>& count_;
-};
 
 }  // namespace
 
-GenerationService::GenerationService(engine::AsyncEngine* engine, const engine::Tokenizer* tokenizer,
-                                     ServerMetrics* metrics, ServiceOptions options)
-    : engine_(engine), tokenizer_(tokenizer), metrics_(metrics), options_(std::move(options)) {}
+// One Generate call: the reactor gRPC drives, and the sink the engine feeds.
+//
+// It lives until both gRPC is done with the call (OnDone) and, when the
+// request was admitted, the engine has sent the sequence's last event: two
+// references, and the last one to go deletes it. All state below mu_ is
+// touched by gRPC's threads and the engine thread.
+class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+ public:
+  GenerateStream(GenerationService* service, grpc::CallbackServerContext* context,
+                 const grpc::ByteBuffer& request);
 
-grpc::Status GenerationService::Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
-                                         grpc::ServerWriter<v1::GenerateResponse>* writer) {
-  const Clock::time_point arrival = Clock::now();
-  auto converted = ToEngineRequest(*request, tokenizer_, options_.limits);
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  ~GenerateStream() override = default;
+
+  // Runs on the engine thread.
+  void OnEngineEvent(const engine::TokenEvent& event, Clock::time_point at);
+  // Ends a call that was never admitted.
+  void Reject(const absl::Status& status, const std::string& reason);
+  // Starts the next write, or the call's finish, when one is due. Requires
+  // mu_. gRPC runs no reaction inline from StartWrite, Finish or TryCancel
+  // (this reactor is not inlineable), so they may be called under mu_.
+  void AdvanceLocked();
+  void CountFinishLocked(const std::string& reason);
+  void Unref();
+
+  GenerationService* const service_;
+  grpc::CallbackServerContext* const context_;
+  const Clock::time_point arrival_ = Clock::now();
+  // gRPC's reference, plus the engine's while it holds the sequence.
+  std::atomic<int> refs_{1};
+
+  std::mutex mu_;
+  uint64_t id_ = 0;
+  std::string request_id_;
+  bool return_logprobs_ = false;
+  int prompt_tokens_ = 0;
+  bool admitted_ = false;     // counted in the service's in-flight requests
+  bool engine_done_ = false;  // the engine sent the sequence's last event
+  // Tokens and text not yet handed to a write, coalesced into one response.
+  v1::GenerateResponse pending_;
+  bool has_pending_ = false;
+  bool pending_is_last_ = false;
+  int undelivered_tokens_ = 0;  // in pending_ plus the write in flight
+  int in_flight_write_tokens_ = 0;
+  grpc::ByteBuffer out_;  // the write in flight
+  bool writing_ = false;
+  bool finish_called_ = false;
+  bool cancelled_ = false;  // by the client, its deadline, or as too slow
+  grpc::Status cancel_status_;
+  grpc::Status end_status_;    // after the last response
+  // An admitted request is counted once in strata_requests_total, by what
+  // ended it first: the engine's finish reason, or the client (cancelled,
+  // deadline_exceeded, client_too_slow) while the sequence still ran.
+  bool finish_counted_ = false;
+  int completion_tokens_ = 0;
+  Clock::time_point first_token_, last_token_;
+};
+
+GenerateStream::GenerateStream(GenerationService* service, grpc::CallbackServerContext* context,
+                               const grpc::ByteBuffer& bytes)
+    : service_(service), context_(context) {
+  service_->open_streams_.fetch_add(1);
+  const ServiceOptions& options = service_->options_;
+  v1::GenerateRequest request;
+  if (absl::Status s = ParseMessage(bytes, options.limits.max_request_bytes, &request); !s.ok()) {
+    Reject(s, "invalid_argument");
+    return;
+  }
+  auto converted = ToEngineRequest(request, service_->tokenizer_, options.limits);
   if (!converted.ok()) {
-    if (metrics_) metrics_->OnRejected("invalid_argument");
-    return ToGrpc(converted.status());
+    Reject(converted.status(), "invalid_argument");
+    return;
   }
-  if (in_flight_.fetch_add(1) >= options_.max_requests_in_flight) {
-    in_flight_.fetch_sub(1);
-    if (metrics_) metrics_->OnRejected("queue_full");
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("the server has ", options_.max_requests_in_flight,
-                                     " requests in flight; retry later"));
+  if (service_->in_flight_.fetch_add(1) >= options.max_requests_in_flight) {
+    service_->in_flight_.fetch_sub(1);
+    Reject(absl::ResourceExhaustedError(absl::StrCat("the server has ",
+                                                     options.max_requests_in_flight,
+                                                     " requests in flight; retry later")),
+           "queue_full");
+    return;
   }
-  InFlightGuard guard(in_flight_);
-
-  const uint64_t id = next_id_.fetch_add(1);
-  const std::string request_id =
-      request->request_id().empty() ? absl::StrCat("req-", id) : request->request_id();
+  std::lock_guard<std::mutex> lock(mu_);  // the engine's first event waits for the rest
+  admitted_ = true;
+  id_ = service_->next_id_.fetch_add(1);
+  request_id_ = request.request_id().empty() ? absl::StrCat("req-", id_) : request.request_id();
+  return_logprobs_ = request.return_logprobs();
   engine::GenerationRequest engine_request = *std::move(converted);
-  engine_request.id = id;
-  const int prompt_tokens = static_cast<int>(engine_request.prompt.size());
-
-  auto queue = std::make_shared<EventQueue>();
-  absl::Status submitted = engine_->Submit(std::move(engine_request), [queue](const engine::TokenEvent& e) {
-    std::lock_guard<std::mutex> lock(queue->mu);
-    queue->events.emplace_back(e, Clock::now());
-    queue->cv.notify_one();
-  });
+  engine_request.id = id_;
+  prompt_tokens_ = static_cast<int>(engine_request.prompt.size());
+  refs_.fetch_add(1);  // the engine's, dropped with its last event
+  absl::Status submitted = service_->engine_->Submit(
+      std::move(engine_request),
+      [this](const engine::TokenEvent& e) { OnEngineEvent(e, Clock::now()); });
   if (!submitted.ok()) {
-    if (metrics_) metrics_->OnRejected(submitted.code() == absl::StatusCode::kUnavailable ? "unavailable" : "invalid_argument");
-    return ToGrpc(submitted);
+    admitted_ = false;
+    service_->in_flight_.fetch_sub(1);
+    refs_.fetch_sub(1);  // gRPC's remains: OnDone follows the finish
+    if (service_->metrics_) {
+      service_->metrics_->OnRejected(
+          submitted.code() == absl::StatusCode::kUnavailable ? "unavailable" : "invalid_argument");
+    }
+    finish_called_ = true;
+    Finish(ToGrpcStatus(submitted));
+    return;
   }
-  if (metrics_) metrics_->OnAdmitted(Clock::now() - arrival);
+  if (service_->metrics_) service_->metrics_->OnAdmitted(Clock::now() - arrival_);
+}
 
-  // The call ended early (client cancellation, deadline, closed stream):
-  // stop the sequence, which frees its KV before the next engine step.
-  auto cancelled = [&] {
-    engine_->Cancel(id);
-    // The server learns of an expired deadline as a cancellation that can
-    // arrive slightly before its own copy of the deadline (set on arrival
-    // from the client's timeout), hence the tolerance.
-    const bool deadline = context->deadline() <= std::chrono::system_clock::now() + kDeadlineTolerance;
-    if (metrics_) metrics_->OnFinished(deadline ? "deadline_exceeded" : "cancelled");
-    return grpc::Status(deadline ? grpc::StatusCode::DEADLINE_EXCEEDED : grpc::StatusCode::CANCELLED,
-                        deadline ? "deadline exceeded" : "cancelled by the client");
-  };
-  int completion_tokens = 0;
-  Clock::time_point first_token, last_token;
-  std::deque<std::pair<engine::TokenEvent, Clock::time_point>> batch;
-  while (true) {
-    {
-      std::unique_lock<std::mutex> lock(queue->mu);
-      queue->cv.wait_for(lock, kCancelPollInterval, [&] { return !queue->events.empty(); });
-      batch.swap(queue->events);
-    }
-    if (batch.empty()) {
-      if (context->IsCancelled()) return cancelled();
-      continue;
-    }
-    v1::GenerateResponse response;
-    response.set_request_id(request_id);
-    engine::FinishReason finish = engine::FinishReason::kNone;
-    std::string error;
-    for (const auto& [event, at] : batch) {
-      if (event.token_id >= 0) {
-        response.add_token_ids(event.token_id);
-        if (request->return_logprobs()) response.add_logprobs(event.logprob);
-        if (completion_tokens++ == 0) {
-          first_token = at;
-          if (metrics_) metrics_->ObserveTimeToFirstToken(at - arrival);
-        } else if (metrics_) {
-          metrics_->ObserveInterTokenLatency(at - last_token);
-        }
-        last_token = at;
+void GenerateStream::Reject(const absl::Status& status, const std::string& reason) {
+  if (service_->metrics_) service_->metrics_->OnRejected(reason);
+  std::lock_guard<std::mutex> lock(mu_);
+  finish_called_ = true;
+  Finish(ToGrpcStatus(status));
+}
+
+void GenerateStream::OnEngineEvent(const engine::TokenEvent& e, Clock::time_point at) {
+  ServerMetrics* metrics = service_->metrics_;
+  bool last = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (e.token_id >= 0) {
+      pending_.add_token_ids(e.token_id);
+      if (return_logprobs_) pending_.add_logprobs(e.logprob);
+      if (completion_tokens_++ == 0) {
+        first_token_ = at;
+        if (metrics) metrics->ObserveTimeToFirstToken(at - arrival_);
+      } else if (metrics) {
+        metrics->ObserveInterTokenLatency(at - last_token_);
       }
-      response.mutable_text()->append(event.text);
-      if (event.finish != engine::FinishReason::kNone) {
-        finish = event.finish;
-        error = event.error;
+      last_token_ = at;
+      ++undelivered_tokens_;
+    }
+    pending_.mutable_text()->append(e.text);
+    has_pending_ = true;
+    if (e.finish != engine::FinishReason::kNone) {
+      last = true;
+      engine_done_ = true;
+      pending_is_last_ = true;
+      pending_.set_finish_reason(ToProtoFinishReason(e.finish));
+      pending_.set_error(e.error);
+      v1::Usage* usage = pending_.mutable_usage();
+      usage->set_prompt_tokens(prompt_tokens_);
+      usage->set_completion_tokens(completion_tokens_);
+      if (completion_tokens_ > 0) {
+        usage->set_time_to_first_token_seconds(
+            std::chrono::duration<double>(first_token_ - arrival_).count());
       }
+      end_status_ = e.finish == engine::FinishReason::kError
+                        ? grpc::Status(grpc::StatusCode::INTERNAL, e.error)
+                        : grpc::Status::OK;
+      CountFinishLocked(std::string(engine::FinishReasonName(e.finish)));
+      // The engine has freed the sequence: its slot is free, whether or not
+      // the client ever reads what is left.
+      service_->in_flight_.fetch_sub(1);
+      admitted_ = false;
+    } else if (undelivered_tokens_ > service_->options_.max_undelivered_tokens && !cancelled_ &&
+               !finish_called_) {
+      // The client's transport has taken nothing for this many tokens: it
+      // is not reading. Stop generating for it and end its call.
+      STRATA_LOG_INFO("request {}: {} tokens undelivered; the client is not reading, cancelling",
+                      request_id_, undelivered_tokens_);
+      cancelled_ = true;
+      cancel_status_ = grpc::Status(
+          grpc::StatusCode::RESOURCE_EXHAUSTED,
+          absl::StrCat("the client did not read its stream: ", undelivered_tokens_,
+                       " tokens undelivered (the limit is ",
+                       service_->options_.max_undelivered_tokens, ")"));
+      CountFinishLocked("client_too_slow");
+      service_->engine_->Cancel(id_);
+      context_->TryCancel();
     }
-    batch.clear();
-    if (finish != engine::FinishReason::kNone) {
-      response.set_finish_reason(ToProtoFinishReason(finish));
-      response.set_error(error);
-      v1::Usage* usage = response.mutable_usage();
-      usage->set_prompt_tokens(prompt_tokens);
-      usage->set_completion_tokens(completion_tokens);
-      if (completion_tokens > 0) {
-        usage->set_time_to_first_token_seconds(std::chrono::duration<double>(first_token - arrival).count());
-      }
-    }
-    if (!writer->Write(response)) return cancelled();  // the client went away
-    if (finish != engine::FinishReason::kNone) {
-      if (metrics_) metrics_->OnFinished(std::string(engine::FinishReasonName(finish)));
-      if (finish == engine::FinishReason::kError) return grpc::Status(grpc::StatusCode::INTERNAL, error);
-      return grpc::Status::OK;
-    }
+    AdvanceLocked();
+  }
+  if (last) Unref();
+}
+
+void GenerateStream::AdvanceLocked() {
+  if (finish_called_ || writing_) return;
+  if (cancelled_) {
+    finish_called_ = true;
+    Finish(cancel_status_);
+    return;
+  }
+  if (!has_pending_) return;
+  pending_.set_request_id(request_id_);
+  if (absl::Status s = SerializeMessage(pending_, &out_); !s.ok()) {
+    STRATA_LOG_ERROR("request {}: cannot serialize a response: {}", request_id_, s.ToString());
+    finish_called_ = true;
+    if (!engine_done_) service_->engine_->Cancel(id_);
+    Finish(grpc::Status(grpc::StatusCode::INTERNAL, "cannot serialize a response"));
+    return;
+  }
+  const bool last = pending_is_last_;
+  pending_.Clear();
+  has_pending_ = false;
+  in_flight_write_tokens_ = undelivered_tokens_;
+  if (last) {
+    finish_called_ = true;
+    StartWriteAndFinish(&out_, grpc::WriteOptions(), end_status_);
+  } else {
+    writing_ = true;
+    StartWrite(&out_);
   }
 }
 
-grpc::Status GenerationService::Tokenize(grpc::ServerContext*, const v1::TokenizeRequest* request,
-                                         v1::TokenizeResponse* response) {
-  if (tokenizer_ == nullptr) {
-    return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION, "this server has no tokenizer");
+void GenerateStream::OnWriteDone(bool ok) {
+  std::lock_guard<std::mutex> lock(mu_);
+  writing_ = false;
+  if (ok) {
+    undelivered_tokens_ -= in_flight_write_tokens_;
+    in_flight_write_tokens_ = 0;
+  } else if (!cancelled_) {
+    // The stream broke (the client went away): nothing more can reach it.
+    cancelled_ = true;
+    cancel_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed");
+    if (!engine_done_) {
+      CountFinishLocked("cancelled");
+      service_->engine_->Cancel(id_);
+    }
   }
-  const bool add_special = !request->has_add_special_tokens() || request->add_special_tokens();
-  auto ids = tokenizer_->Encode(request->text(), add_special);
-  if (!ids.ok()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, absl::StrCat("text: ", ids.status().message()));
-  response->mutable_token_ids()->Add(ids->begin(), ids->end());
-  return grpc::Status::OK;
+  AdvanceLocked();
 }
 
-grpc::Status GenerationService::ModelInfo(grpc::ServerContext*, const v1::ModelInfoRequest*,
-                                          v1::ModelInfoResponse* response) {
+void GenerateStream::OnCancel() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!cancelled_) {
+    cancelled_ = true;
+    const bool deadline = context_->deadline() <= std::chrono::system_clock::now() + kDeadlineTolerance;
+    cancel_status_ = deadline ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded")
+                              : grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+    if (admitted_ && !engine_done_) {
+      CountFinishLocked(deadline ? "deadline_exceeded" : "cancelled");
+      service_->engine_->Cancel(id_);
+    }
+  }
+  AdvanceLocked();
+}
+
+void GenerateStream::CountFinishLocked(const std::string& reason) {
+  if (finish_counted_) return;
+  finish_counted_ = true;
+  if (service_->metrics_) service_->metrics_->OnFinished(reason);
+}
+
+void GenerateStream::OnDone() {
+  service_->open_streams_.fetch_sub(1);
+  Unref();
+}
+
+void GenerateStream::Unref() {
+  if (refs_.fetch_sub(1) == 1) delete this;
+}
+
+GenerationService::GenerationService(engine::AsyncEngine* engine,
+                                     const engine::Tokenizer* tokenizer, ServerMetrics* metrics,
+                                     ServiceOptions options)
+    : engine_(engine), tokenizer_(tokenizer), metrics_(metrics), options_(std::move(options)) {
+  RouteLibraryLogs();
+}
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request) {
+  return new GenerateStream(this, context, *request);
+}
+
+grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* context,
+                                                      const grpc::ByteBuffer* bytes,
+                                                      grpc::ByteBuffer* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  v1::TokenizeRequest request;
+  if (absl::Status s = ParseMessage(*bytes, options_.limits.max_request_bytes, &request); !s.ok()) {
+    reactor->Finish(ToGrpcStatus(s));
+    return reactor;
+  }
+  auto ids = TokenizeText(request, tokenizer_);
+  if (!ids.ok()) {
+    reactor->Finish(ToGrpcStatus(ids.status()));
+    return reactor;
+  }
+  v1::TokenizeResponse out;
+  out.mutable_token_ids()->Add(ids->begin(), ids->end());
+  reactor->Finish(ToGrpcStatus(SerializeMessage(out, response)));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::ModelInfo(grpc::CallbackServerContext* context,
+                                                       const v1::ModelInfoRequest*,
+                                                       v1::ModelInfoResponse* response) {
   response->set_name(options_.model_name);
   response->set_architecture(options_.architecture);
   response->set_context_length(options_.limits.context_length);
   response->set_vocab_size(options_.limits.vocab_size);
   for (const auto& p : options_.limits.profiles) response->add_profiles(p);
   response->set_default_profile(options_.default_profile);
-  return grpc::Status::OK;
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
 }
 
 }  // namespace strata::router

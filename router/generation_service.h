@@ -1,15 +1,29 @@
 // GenerationService: the public strata.v1.Generation gRPC service in front
 // of an AsyncEngine (router, prefill and decode in one process).
 //
-// Generate validates the request (INVALID_ARGUMENT naming the field), admits
-// it against a bounded number of requests in flight (RESOURCE_EXHAUSTED
-// beyond it, so memory stays bounded), submits it to the engine and streams
-// the tokens back as they come. It watches the call's context: on client
-// cancellation or deadline the request is cancelled in the engine, which
-// frees its KV before the next step.
+// Every call is served on gRPC's callback API: no thread waits on a call,
+// so thousands of concurrent streams cost memory in proportion to their
+// undelivered tokens and a bounded number of gRPC threads.
 //
-// Thread-safety: gRPC calls the handlers from many threads; the service's
-// state is atomics and the thread-safe engine.
+// Generate parses the request itself (a message that does not parse, e.g. a
+// string field that is not UTF-8, is INVALID_ARGUMENT naming why), validates
+// it (INVALID_ARGUMENT naming the field), admits it against a bounded number
+// of requests in flight (RESOURCE_EXHAUSTED beyond it), submits it to the
+// engine and streams the tokens back as they come, coalescing the tokens
+// that are ready into one response while the previous write is in flight.
+//
+// A request holds its in-flight slot while the engine holds its sequence:
+// from admission to the engine's last event. A client that stops reading
+// therefore loses nothing but its own stream: its slot is free once its
+// generation ends, and if it falls `max_undelivered_tokens` behind, its
+// sequence is cancelled (KV freed) and its call too.
+//
+// Client cancellation or an expired deadline cancels the sequence in the
+// engine, which frees its KV before the next step.
+//
+// Thread-safety: gRPC calls the handlers from many threads and the engine
+// calls the streams' sinks from its own; the service's state is atomics and
+// each stream's state is under its own mutex.
 #ifndef STRATA_ROUTER_GENERATION_SERVICE_H_
 #define STRATA_ROUTER_GENERATION_SERVICE_H_
 
@@ -29,31 +43,51 @@ struct ServiceOptions {
   std::string architecture;
   RequestLimits limits;
   std::string default_profile = "default";
-  int max_requests_in_flight = 256;  // waiting + running
+  int max_requests_in_flight = 256;  // waiting + running in the engine
+  // Tokens generated for a stream and not yet taken by its client's
+  // transport (gRPC's flow control window full). Beyond this the client is
+  // not reading: its sequence and call are cancelled.
+  int max_undelivered_tokens = 8192;
 };
 
-class GenerationService final : public v1::Generation::Service {
+// The generated service with Generate and Tokenize taking raw bytes (parsed
+// by the router, see the file comment) and ModelInfo typed.
+using GenerationServiceBase = v1::Generation::WithRawCallbackMethod_Generate<
+    v1::Generation::WithRawCallbackMethod_Tokenize<
+        v1::Generation::WithCallbackMethod_ModelInfo<v1::Generation::Service>>>;
+
+class GenerateStream;
+
+class GenerationService final : public GenerationServiceBase {
  public:
   // engine, tokenizer (may be null) and metrics (may be null) must outlive
-  // the service.
+  // the service, and the service every call (the gRPC server's Wait()).
   GenerationService(engine::AsyncEngine* engine, const engine::Tokenizer* tokenizer,
                     ServerMetrics* metrics, ServiceOptions options);
 
-  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
-                        grpc::ServerWriter<v1::GenerateResponse>* writer) override;
-  grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* request,
-                        v1::TokenizeResponse* response) override;
-  grpc::Status ModelInfo(grpc::ServerContext* context, const v1::ModelInfoRequest* request,
-                         v1::ModelInfoResponse* response) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* context,
+                                                       const grpc::ByteBuffer* request) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const grpc::ByteBuffer* request,
+                                     grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* ModelInfo(grpc::CallbackServerContext* context,
+                                      const v1::ModelInfoRequest* request,
+                                      v1::ModelInfoResponse* response) override;
 
+  // Requests admitted whose sequence the engine still holds.
   int requests_in_flight() const { return in_flight_.load(); }
+  // Generate calls gRPC has not finished with (admitted or not).
+  int open_streams() const { return open_streams_.load(); }
 
  private:
+  friend class GenerateStream;
+
   engine::AsyncEngine* engine_;
   const engine::Tokenizer* tokenizer_;
   ServerMetrics* metrics_;
   ServiceOptions options_;
   std::atomic<int> in_flight_{0};
+  std::atomic<int> open_streams_{0};
   std::atomic<uint64_t> next_id_{1};
 };
 

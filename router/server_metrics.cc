@@ -1,6 +1,7 @@
 #include "router/server_metrics.h"
 
-#include "common/logging.h"
+#include <algorithm>
+
 #include "common/status_macros.h"
 
 namespace strata::router {
@@ -8,69 +9,81 @@ namespace {
 
 double Seconds(ServerMetrics::Duration d) { return std::chrono::duration<double>(d).count(); }
 
-template <typename T>
-T* Child(metrics::Family<T>* family, const std::string& label) {
-  auto child = family->WithLabels({label});
-  if (!child.ok()) {
-    STRATA_LOG_WARN("metric {}: {}", family->name(), child.status().ToString());
-    return nullptr;
-  }
-  return *child;
-}
-
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(metrics::Registry* r) {
+absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus::Registry* r) {
   std::unique_ptr<ServerMetrics> m(new ServerMetrics());
-  STRATA_ASSIGN_OR_RETURN(m->finished_, r->RegisterCounter("strata_requests_total",
-                                                           "Generate requests finished, by finish reason.",
-                                                           {"finish_reason"}));
-  STRATA_ASSIGN_OR_RETURN(m->rejected_, r->RegisterCounter("strata_requests_rejected_total",
-                                                           "Generate requests refused before admission, by reason.",
-                                                           {"reason"}));
-  // Children that exist from the start render as 0 before the first event.
-  for (const char* reason : {"stop", "length", "cancelled", "deadline_exceeded", "error"}) {
-    Child(m->finished_, reason);
-  }
-  for (const char* reason : {"invalid_argument", "queue_full", "unavailable"}) Child(m->rejected_, reason);
+  STRATA_ASSIGN_OR_RETURN(
+      m->finished_,
+      metrics::FixedLabelCounter::Create(
+          r, "strata_requests_total", "Generate requests finished, by finish reason.",
+          "finish_reason",
+          {"stop", "length", "cancelled", "deadline_exceeded", "client_too_slow", "error"}));
+  STRATA_ASSIGN_OR_RETURN(m->rejected_,
+                          metrics::FixedLabelCounter::Create(
+                              r, "strata_requests_rejected_total",
+                              "Generate requests refused before admission, by reason.", "reason",
+                              {"invalid_argument", "queue_full", "unavailable"}));
 
-  STRATA_ASSIGN_OR_RETURN(std::vector<double> latency, metrics::ExponentialBuckets(0.0005, 2.0, 18));
-  STRATA_ASSIGN_OR_RETURN(auto* ttft, r->RegisterHistogram("strata_time_to_first_token_seconds",
-                                                           "From request arrival to its first generated token.",
-                                                           {}, latency));
-  STRATA_ASSIGN_OR_RETURN(auto* itl, r->RegisterHistogram("strata_inter_token_latency_seconds",
-                                                          "Between consecutive generated tokens of a request.",
-                                                          {}, latency));
+  STRATA_ASSIGN_OR_RETURN(std::vector<double> latency,
+                          metrics::ExponentialBuckets(0.0005, 2.0, 18));
+  STRATA_ASSIGN_OR_RETURN(
+      m->ttft_,
+      metrics::AddHistogram(r, "strata_time_to_first_token_seconds",
+                            "From request arrival to its first generated token.", latency));
+  STRATA_ASSIGN_OR_RETURN(
+      m->itl_,
+      metrics::AddHistogram(r, "strata_inter_token_latency_seconds",
+                            "Between consecutive generated tokens of a request.", latency));
   STRATA_ASSIGN_OR_RETURN(std::vector<double> fine, metrics::ExponentialBuckets(0.00001, 2.0, 16));
-  STRATA_ASSIGN_OR_RETURN(auto* overhead,
-                          r->RegisterHistogram("strata_router_overhead_seconds",
-                                               "From request arrival to its hand-off to the engine "
-                                               "(validation, tokenization, admission).",
-                                               {}, fine));
-  STRATA_ASSIGN_OR_RETURN(m->ttft_, ttft->WithLabels({}));
-  STRATA_ASSIGN_OR_RETURN(m->itl_, itl->WithLabels({}));
-  STRATA_ASSIGN_OR_RETURN(m->overhead_, overhead->WithLabels({}));
+  STRATA_ASSIGN_OR_RETURN(
+      m->overhead_, metrics::AddHistogram(r, "strata_router_overhead_seconds",
+                                          "From request arrival to its hand-off to the engine "
+                                          "(validation, tokenization, admission).",
+                                          fine));
 
-  auto gauge = [&](const char* name, const char* help) -> absl::StatusOr<metrics::Gauge*> {
-    STRATA_ASSIGN_OR_RETURN(auto* family, r->RegisterGauge(name, help));
-    return family->WithLabels({});
+  STRATA_ASSIGN_OR_RETURN(m->in_flight_,
+                          metrics::AddGauge(r, "strata_requests_in_flight",
+                                            "Generate requests admitted and not finished."));
+  STRATA_ASSIGN_OR_RETURN(m->waiting_,
+                          metrics::AddGauge(r, "strata_requests_waiting",
+                                            "Sequences queued for prefill in the engine."));
+  STRATA_ASSIGN_OR_RETURN(m->running_, metrics::AddGauge(r, "strata_requests_running",
+                                                         "Sequences in the running decode batch."));
+  STRATA_ASSIGN_OR_RETURN(m->pages_used_, metrics::AddGauge(r, "strata_kv_cache_pages_used",
+                                                            "KV cache pages held by sequences."));
+  STRATA_ASSIGN_OR_RETURN(m->pages_total_, metrics::AddGauge(r, "strata_kv_cache_pages_total",
+                                                             "KV cache pages in the cache."));
+  STRATA_ASSIGN_OR_RETURN(m->usage_, metrics::AddGauge(r, "strata_kv_cache_usage_ratio",
+                                                       "Fraction of KV cache pages in use."));
+  auto counter = [&](TotalCounter& c, const char* name, const char* help) -> absl::Status {
+    STRATA_ASSIGN_OR_RETURN(c.counter, metrics::AddCounter(r, name, help));
+    return absl::OkStatus();
   };
-  STRATA_ASSIGN_OR_RETURN(m->in_flight_, gauge("strata_requests_in_flight", "Generate requests admitted and not finished."));
-  STRATA_ASSIGN_OR_RETURN(m->waiting_, gauge("strata_requests_waiting", "Sequences queued for prefill in the engine."));
-  STRATA_ASSIGN_OR_RETURN(m->running_, gauge("strata_requests_running", "Sequences in the running decode batch."));
-  STRATA_ASSIGN_OR_RETURN(m->pages_used_, gauge("strata_kv_cache_pages_used", "KV cache pages held by sequences."));
-  STRATA_ASSIGN_OR_RETURN(m->pages_total_, gauge("strata_kv_cache_pages_total", "KV cache pages in the cache."));
-  STRATA_ASSIGN_OR_RETURN(m->usage_, gauge("strata_kv_cache_usage_ratio", "Fraction of KV cache pages in use."));
+  STRATA_RETURN_IF_ERROR(counter(m->preemptions_, "strata_preemptions_total",
+                                 "Sequences preempted for KV pages (recomputed later)."));
+  STRATA_RETURN_IF_ERROR(counter(m->failed_sequences_, "strata_sequences_failed_total",
+                                 "Sequences ended by an error of their own (e.g. non-finite "
+                                 "logits); the rest of their batch went on."));
+  STRATA_RETURN_IF_ERROR(counter(m->sparse_queries_, "strata_kv_policy_sparse_queries_total",
+                                 "(Decode query, layer) pairs a sparse KV policy attended over "
+                                 "its selection instead of the whole context."));
+  STRATA_RETURN_IF_ERROR(counter(m->dense_no_slot_, "strata_kv_policy_dense_no_slot_total",
+                                 "Decode steps of sparse-policy sequences that found no slot "
+                                 "(--max-sparse-seqs) and decoded densely."));
+  STRATA_RETURN_IF_ERROR(counter(m->clusterings_, "strata_kv_policy_clusterings_total",
+                                 "ClusterKV k-means clusterings of a sequence's keys."));
   return m;
 }
 
-void ServerMetrics::OnRejected(const std::string& reason) {
-  if (auto* c = Child(rejected_, reason)) c->Increment();
+void ServerMetrics::TotalCounter::Advance(int64_t total) {
+  if (total > seen) counter->Increment(static_cast<double>(total - seen));
+  seen = std::max(seen, total);
 }
+
+void ServerMetrics::OnRejected(const std::string& reason) { rejected_.Increment(reason); }
 void ServerMetrics::OnAdmitted(Duration d) { overhead_->Observe(Seconds(d)); }
-void ServerMetrics::OnFinished(const std::string& reason) {
-  if (auto* c = Child(finished_, reason)) c->Increment();
-}
+void ServerMetrics::OnFinished(const std::string& reason) { finished_.Increment(reason); }
 void ServerMetrics::ObserveTimeToFirstToken(Duration d) { ttft_->Observe(Seconds(d)); }
 void ServerMetrics::ObserveInterTokenLatency(Duration d) { itl_->Observe(Seconds(d)); }
 
@@ -82,6 +95,16 @@ void ServerMetrics::UpdateGauges(const engine::AsyncEngine::Stats& s, int reques
   pages_used_->Set(used);
   pages_total_->Set(s.total_pages);
   usage_->Set(s.total_pages > 0 ? static_cast<double>(used) / s.total_pages : 0.0);
+  std::lock_guard<std::mutex> lock(totals_mu_);
+  preemptions_.Advance(s.preemptions);
+  failed_sequences_.Advance(s.failed_sequences);
+}
+
+void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& stats) {
+  std::lock_guard<std::mutex> lock(totals_mu_);
+  sparse_queries_.Advance(stats.sparse_queries);
+  dense_no_slot_.Advance(stats.dense_no_slot);
+  clusterings_.Advance(stats.clusterings);
 }
 
 }  // namespace strata::router

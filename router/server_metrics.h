@@ -11,18 +11,40 @@
 //   strata_requests_in_flight                   admitted and not finished
 //   strata_requests_waiting / _running          in the engine's queue / batch
 //   strata_kv_cache_pages_used / _total, strata_kv_cache_usage_ratio
+//   strata_preemptions_total                    sequences preempted for KV
+//                                               pages (recomputed later)
+//   strata_sequences_failed_total               sequences ended by an error
+//                                               of their own
+//   strata_kv_policy_sparse_queries_total       (decode query, layer) pairs a
+//                                               sparse KV policy served
+//   strata_kv_policy_dense_no_slot_total        decode steps of sparse-policy
+//                                               sequences that found no slot
+//   strata_kv_policy_clusterings_total          ClusterKV clusterings
 //
-// Thread-safety: thread-safe (the metrics are atomics).
+// The counters have a child from the start for each reason strata gives
+// (finish_reason: stop, length, cancelled, deadline_exceeded,
+// client_too_slow, error; reason: invalid_argument, queue_full,
+// unavailable), so each renders as 0 before its first event; any other
+// reason counts as "other", so that the label values stay a fixed set.
+//
+// Thread-safety: thread-safe (prometheus-cpp's metrics are atomics, and its
+// histograms take a short mutex per observation).
 #ifndef STRATA_ROUTER_SERVER_METRICS_H_
 #define STRATA_ROUTER_SERVER_METRICS_H_
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "common/metrics.h"
 #include "engine/async_engine.h"
+#include "kvtier/kv_policy.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 
 namespace strata::router {
 
@@ -31,30 +53,46 @@ class ServerMetrics {
   using Duration = std::chrono::steady_clock::duration;
 
   // Registers the families in `registry`, which must outlive this object.
-  static absl::StatusOr<std::unique_ptr<ServerMetrics>> Create(metrics::Registry* registry);
+  static absl::StatusOr<std::unique_ptr<ServerMetrics>> Create(prometheus::Registry* registry);
 
   void OnRejected(const std::string& reason);
   void OnAdmitted(Duration router_overhead);
   void OnFinished(const std::string& finish_reason);
   void ObserveTimeToFirstToken(Duration d);
   void ObserveInterTokenLatency(Duration d);
-  // Refreshes the gauges (called before each scrape).
+  // Refreshes the gauges and the engine's counters (called before each
+  // scrape).
   void UpdateGauges(const engine::AsyncEngine::Stats& stats, int requests_in_flight);
+  // Brings the KV policy counters up to `stats` (the runner's running
+  // totals). Thread-safe; cheap enough to call after every engine step,
+  // on the engine thread, the only one that may read the runner's stats.
+  void UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& stats);
 
  private:
   ServerMetrics() = default;
 
-  metrics::CounterFamily* finished_ = nullptr;
-  metrics::CounterFamily* rejected_ = nullptr;
-  metrics::Histogram* ttft_ = nullptr;
-  metrics::Histogram* itl_ = nullptr;
-  metrics::Histogram* overhead_ = nullptr;
-  metrics::Gauge* in_flight_ = nullptr;
-  metrics::Gauge* waiting_ = nullptr;
-  metrics::Gauge* running_ = nullptr;
-  metrics::Gauge* pages_used_ = nullptr;
-  metrics::Gauge* pages_total_ = nullptr;
-  metrics::Gauge* usage_ = nullptr;
+  metrics::FixedLabelCounter finished_;
+  metrics::FixedLabelCounter rejected_;
+  prometheus::Histogram* ttft_ = nullptr;
+  prometheus::Histogram* itl_ = nullptr;
+  prometheus::Histogram* overhead_ = nullptr;
+  prometheus::Gauge* in_flight_ = nullptr;
+  prometheus::Gauge* waiting_ = nullptr;
+  prometheus::Gauge* running_ = nullptr;
+  prometheus::Gauge* pages_used_ = nullptr;
+  prometheus::Gauge* pages_total_ = nullptr;
+  prometheus::Gauge* usage_ = nullptr;
+
+  // Counters fed from running totals kept elsewhere: each update adds what
+  // grew since the last one.
+  struct TotalCounter {
+    prometheus::Counter* counter = nullptr;
+    int64_t seen = 0;
+    void Advance(int64_t total);
+  };
+  std::mutex totals_mu_;
+  TotalCounter preemptions_, failed_sequences_;
+  TotalCounter sparse_queries_, dense_no_slot_, clusterings_;
 };
 
 }  // namespace strata::router

@@ -129,6 +129,27 @@ TEST_F(CudaSamplingTest, SampleTokensManyCountersOfOneRow) {
   Compare("counters", logits, vocab, rows);
 }
 
+TEST_F(CudaSamplingTest, NonFiniteRowsGiveANonFiniteLogprobOnBothBackends) {
+  // The batcher ends a sequence whose sampled logprob is not finite (its
+  // logits are NaN or infinite); both backends must report it so. Row 0 is
+  // all NaN (a NaN hidden state), row 1 has a +inf, row 2 is healthy.
+  constexpr int64_t kVocab = 1000;
+  std::vector<float> logits(3 * kVocab, 0.25f);
+  for (int64_t i = 0; i < kVocab; ++i) logits[i] = std::nanf("");
+  logits[kVocab + 17] = INFINITY;
+  std::vector<SamplingRow> rows(3);
+  for (auto& row : rows) row.params = {1.0f, 0, 1.0f, 5};
+  rows[0].params.temperature = 0.0f;
+  for (Backend* backend : {&cpu(), &cuda()}) {
+    std::vector<SampledToken> out;
+    Run(*backend, logits, kVocab, rows, &out);
+    ASSERT_EQ(out.size(), 3u);
+    EXPECT_FALSE(std::isfinite(out[0].logprob)) << (backend == &cpu() ? "cpu" : "cuda");
+    EXPECT_FALSE(std::isfinite(out[1].logprob)) << (backend == &cpu() ? "cpu" : "cuda");
+    EXPECT_TRUE(std::isfinite(out[2].logprob)) << (backend == &cpu() ? "cpu" : "cuda");
+  }
+}
+
 TEST_F(CudaSamplingTest, SampleTokensRejectsBadArguments) {
   STRATA_ASSERT_OK_AND_ASSIGN(Tensor l, Upload(cuda(), {1, 8}, std::vector<float>(8, 0.5f)));
   STRATA_ASSERT_OK_AND_ASSIGN(Tensor ids, cuda().Allocate(DType::kI32, {1}));

@@ -1,6 +1,10 @@
 // Continuous batching: sequences joining and leaving a running batch,
 // chunked prefill and preemption all give exactly the tokens each sequence
 // gets alone; stop conditions and cancellation behave as documented.
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <limits>
 #include <map>
 #include <random>
 #include <string>
@@ -11,6 +15,7 @@
 #include "engine/model_loader.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tests/engine/test_util.h"
 
 namespace strata::engine {
@@ -118,6 +123,8 @@ TEST(BatcherTest, PreemptionUnderPagePressureKeepsOutputs) {
   }
   Batcher batcher(model.get(), nullptr);
   auto batched = RunRequests(batcher, reqs, {0, 0, 0, 0});
+  // The pressure was real: sequences were preempted and recomputed.
+  EXPECT_GT(batcher.num_preemptions(), 0);
   for (const auto& r : reqs) EXPECT_EQ(batched[r.id], alone[r.id]) << "request " << r.id;
   EXPECT_EQ(batcher.free_pages(), 30);
 }
@@ -292,6 +299,103 @@ TEST(BatcherTest, StopStringsCutTheTextAndHoldBackPrefixes) {
   r.stop_strings = {full.substr(10, 2) + "#"};
   EXPECT_EQ(run_text(r, &finish), full);
   EXPECT_EQ(finish, FinishReason::kLength);
+}
+
+// A copy of the llama_gqa fixture whose embedding row of `token` is NaN:
+// any sequence that reads the token gets non-finite logits from then on,
+// and no other sequence does (every operator works row by row or within a
+// sequence).
+std::unique_ptr<Model> LoadWithPoisonedToken(const testing_util::TempDir& dir, int32_t token,
+                                             ModelOptions options) {
+  dir.CopyFrom(FixturePath("models/llama_gqa"));
+  const std::string path = dir.path() + "/model.safetensors";
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  uint64_t header_len = 0;
+  f.read(reinterpret_cast<char*>(&header_len), 8);
+  std::string header(header_len, '\0');
+  f.read(header.data(), static_cast<std::streamsize>(header_len));
+  const auto entry = nlohmann::json::parse(header).at("model.embed_tokens.weight");
+  EXPECT_EQ(entry.at("dtype"), "F32");
+  const int64_t hidden = entry.at("shape")[1].get<int64_t>();
+  const int64_t begin = entry.at("data_offsets")[0].get<int64_t>();
+  f.seekp(static_cast<std::streamoff>(8 + header_len + begin + token * hidden * 4));
+  const std::vector<float> nan_row(hidden, std::numeric_limits<float>::quiet_NaN());
+  f.write(reinterpret_cast<const char*>(nan_row.data()), static_cast<std::streamsize>(hidden * 4));
+  f.close();
+  auto loaded = LoadModel({dir.path(), ""}, g_backend.get(), options);
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  return std::move(loaded->model);
+}
+
+TEST(BatcherTest, NonFiniteLogitsFailTheirSequenceAloneWithAClearError) {
+  ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 96;
+  options.page_size = 4;
+  constexpr int32_t kPoison = 499;
+  testing_util::TempDir dir;
+  auto model = LoadWithPoisonedToken(dir, kPoison, options);
+  ASSERT_NE(model, nullptr);
+  // Prompts of tokens 3..502 except the poisoned one.
+  std::vector<GenerationRequest> healthy;
+  for (int i = 0; i < 3; ++i) {
+    std::vector<int32_t> prompt = RandomPrompt(8 + 3 * i, 40 + i);
+    for (auto& t : prompt) t = t == kPoison ? kPoison + 1 : t;
+    healthy.push_back(Request(10 + i, prompt, 12));
+  }
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  for (const auto& r : healthy) {
+    Batcher b(model.get(), nullptr);
+    alone[r.id] = RunRequests(b, {r}, {0})[r.id];
+    ASSERT_EQ(alone[r.id].size(), 12u);
+  }
+
+  Batcher batcher(model.get(), nullptr);
+  std::vector<int32_t> poisoned_prompt = RandomPrompt(9, 77);
+  poisoned_prompt[4] = kPoison;
+  ASSERT_TRUE(batcher.Add(Request(1, poisoned_prompt, 12)).ok());
+  for (const auto& r : healthy) ASSERT_TRUE(batcher.Add(r).ok());
+  std::map<uint64_t, std::vector<TokenEvent>> events;
+  for (int step = 0; batcher.HasWork() && step < 200; ++step) {
+    auto out = batcher.Step();
+    ASSERT_TRUE(out.ok()) << out.status();  // the step itself succeeds
+    for (auto& e : *out) events[e.request_id].push_back(e);
+  }
+  ASSERT_EQ(events[1].size(), 1u);  // no token came out of the NaN
+  EXPECT_EQ(events[1].back().finish, FinishReason::kError);
+  EXPECT_THAT(events[1].back().error, ::testing::HasSubstr("not finite"));
+  EXPECT_EQ(batcher.num_failed(), 1);
+  for (const auto& r : healthy) {
+    std::vector<int32_t> tokens;
+    for (const auto& e : events[r.id]) tokens.push_back(e.token_id);
+    EXPECT_EQ(tokens, alone[r.id]) << "request " << r.id;
+    EXPECT_EQ(events[r.id].back().finish, FinishReason::kLength);
+  }
+  EXPECT_EQ(batcher.free_pages(), model->options().num_pages);
+}
+
+TEST(BatcherTest, ManyStopTokenIdsAreHonoured) {
+  ModelOptions options;
+  options.max_seqs = 2;
+  options.max_context = 96;
+  auto model = LoadGolden("llama_gqa", options);
+  GenerationRequest free_run = Request(1, RandomPrompt(6, 3), 20);
+  Batcher alone(model.get(), nullptr);
+  const std::vector<int32_t> tokens = RunRequests(alone, {free_run}, {0})[1];
+  ASSERT_GE(tokens.size(), 6u);
+  // Five hundred stop ids, the fifth generated token among them (and none of
+  // the first four).
+  GenerationRequest stopped = Request(2, free_run.prompt, 20);
+  for (int32_t id = 0; static_cast<int>(stopped.stop_token_ids.size()) < 500 && id < 512; ++id) {
+    if (std::find(tokens.begin(), tokens.begin() + 4, id) == tokens.begin() + 4) {
+      stopped.stop_token_ids.push_back(id);
+    }
+  }
+  ASSERT_NE(std::find(stopped.stop_token_ids.begin(), stopped.stop_token_ids.end(), tokens[4]),
+            stopped.stop_token_ids.end());
+  Batcher batcher(model.get(), nullptr);
+  const std::vector<int32_t> out = RunRequests(batcher, {stopped}, {0})[2];
+  EXPECT_EQ(out, std::vector<int32_t>(tokens.begin(), tokens.begin() + 5));
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/tokenizer.h"
+#include "tests/engine/test_util.h"
 
 namespace strata::engine {
 namespace {
@@ -137,7 +138,7 @@ TEST(IncrementalDetokenizerTest, StripsOnlyTheFirstLeadingSpace) {
 class FixtureDetokenizerTest : public testing::TestWithParam<std::string> {};
 
 TEST_P(FixtureDetokenizerTest, EmojiHeldBackUntilComplete) {
-  auto tokenizer = LoadTokenizer(std::string(STRATA_FIXTURES_DIR) + "/tokenizers/" + GetParam());
+  auto tokenizer = LoadTokenizer(testing_util::FixturePath("tokenizers/" + GetParam()));
   ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
   const std::string emoji = "\xF0\x9F\x98\x80";  // U+1F600, not in the fixtures' corpus
   auto ids = (*tokenizer)->Encode(emoji, false);

@@ -18,6 +18,7 @@
 
 #include "absl/status/status.h"
 #include "nlohmann/json.hpp"
+#include "tests/engine/test_util.h"
 
 namespace strata::engine {
 namespace {
@@ -25,7 +26,7 @@ namespace {
 using Json = nlohmann::json;
 
 std::string FixtureDir(const std::string& name) {
-  return std::string(STRATA_FIXTURES_DIR) + "/tokenizers/" + name;
+  return testing_util::FixturePath("tokenizers/" + name);
 }
 
 std::string ReadFile(const std::string& path) {

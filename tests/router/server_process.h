@@ -1,6 +1,6 @@
 // ServerProcess: a `strata serve` child process on free loopback ports, for
 // tests that drive the server over real gRPC and HTTP (tests/router,
-// tests/bench). Needs STRATA_BINARY (the strata executable) and
+// tests/bench). Its stderr goes to a file (Stderr()). Needs STRATA_BINARY (the strata executable) and
 // STRATA_SOURCE_DIR (for models/tiny-llama) defined by the test target.
 //
 // Thread-safety: one thread owns it; the gRPC stub it hands out is
@@ -8,6 +8,7 @@
 #ifndef STRATA_TESTS_ROUTER_SERVER_PROCESS_H_
 #define STRATA_TESTS_ROUTER_SERVER_PROCESS_H_
 
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -18,6 +19,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <fstream>
+#include <iterator>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -57,6 +60,11 @@ class ServerProcess {
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
     posix_spawn_file_actions_addclose(&actions, out[0]);
+    static int instance = 0;
+    stderr_path_ = ::testing::TempDir() + "strata_serve_" + std::to_string(getpid()) + "_" +
+                   std::to_string(instance++) + ".stderr";
+    posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, stderr_path_.c_str(),
+                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
     EXPECT_EQ(posix_spawn(&pid_, argv[0], &actions, nullptr, argv.data(), environ), 0);
     posix_spawn_file_actions_destroy(&actions);
     close(out[1]);
@@ -80,7 +88,16 @@ class ServerProcess {
       waitpid(pid_, nullptr, 0);
     }
     if (stdout_fd_ >= 0) close(stdout_fd_);
+    unlink(stderr_path_.c_str());
   }
+
+  // Everything the server wrote to stderr so far.
+  std::string Stderr() const {
+    std::ifstream in(stderr_path_, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  // Sends a signal without waiting.
+  void Signal(int signal_number) { kill(pid_, signal_number); }
 
   // Sends SIGTERM and returns the exit status (or -1 on timeout).
   int Terminate(std::chrono::seconds timeout) {
@@ -148,19 +165,22 @@ class ServerProcess {
   }
 
   // Polls a metric until pred holds (or a timeout); returns its last value.
-  double WaitForMetric(const std::string& sample, std::function<bool(double)> pred) {
+  double WaitForMetric(const std::string& sample, std::function<bool(double)> pred,
+                       std::chrono::milliseconds timeout = std::chrono::seconds(5)) {
     double v = -1;
-    for (int i = 0; i < 200; ++i) {
+    const auto end = std::chrono::steady_clock::now() + timeout;
+    do {
       v = Metric(sample);
       if (pred(v)) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(25));
-    }
+    } while (std::chrono::steady_clock::now() < end);
     return v;
   }
 
  private:
   pid_t pid_ = -1;
   int stdout_fd_ = -1;
+  std::string stderr_path_;
   int port_ = 0;
   int metrics_port_ = 0;
   std::shared_ptr<grpc::Channel> channel_;

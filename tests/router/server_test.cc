@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <regex>
@@ -49,6 +50,7 @@ v1::GenerateRequest TextRequest(const std::string& text, int max_tokens, float t
 
 struct Completion {
   std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
   std::string text;
   int responses = 0;
   v1::GenerateResponse last;
@@ -65,6 +67,7 @@ Completion Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& reque
   while (reader->Read(&r)) {
     ++c.responses;
     c.tokens.insert(c.tokens.end(), r.token_ids().begin(), r.token_ids().end());
+    c.logprobs.insert(c.logprobs.end(), r.logprobs().begin(), r.logprobs().end());
     c.text += r.text();
     c.last = r;
   }
@@ -98,6 +101,19 @@ TEST_F(ServerTest, StreamsTokensWithUsageAndLogprobs) {
   EXPECT_EQ(c.last.usage().prompt_tokens(), 5u);
   EXPECT_GT(c.last.usage().time_to_first_token_seconds(), 0);
   EXPECT_FALSE(c.last.request_id().empty());
+  // One logprob per token, each a log-probability.
+  ASSERT_EQ(c.logprobs.size(), c.tokens.size());
+  for (float lp : c.logprobs) {
+    EXPECT_TRUE(std::isfinite(lp));
+    EXPECT_LE(lp, 0.0f);
+  }
+  // Without return_logprobs, none.
+  r.set_return_logprobs(false);
+  r.mutable_stopping()->set_max_tokens(8);
+  Completion plain = Generate(server_->stub(), r);
+  ASSERT_TRUE(plain.status.ok());
+  EXPECT_EQ(plain.tokens.size(), 8u);
+  EXPECT_TRUE(plain.logprobs.empty());
 }
 
 TEST_F(ServerTest, MatchesLocalGenerateForTheSameSeed) {
@@ -107,10 +123,14 @@ TEST_F(ServerTest, MatchesLocalGenerateForTheSameSeed) {
   FILE* p = popen(cmd.c_str(), "r");
   ASSERT_NE(p, nullptr);
   std::vector<int32_t> local;
+  std::vector<float> local_logprobs;
   char line[4096];
   while (fgets(line, sizeof(line), p)) {
     auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.contains("token_id")) local.push_back(j["token_id"].get<int32_t>());
+    if (j.contains("token_id")) {
+      local.push_back(j["token_id"].get<int32_t>());
+      local_logprobs.push_back(j["logprob"].get<float>());
+    }
   }
   ASSERT_EQ(pclose(p), 0);
   v1::GenerateRequest r = TextRequest("Return the number of", 20, 0.8f, 11);
@@ -118,6 +138,11 @@ TEST_F(ServerTest, MatchesLocalGenerateForTheSameSeed) {
   Completion c = Generate(server_->stub(), r);
   ASSERT_TRUE(c.status.ok()) << c.status.error_message();
   EXPECT_EQ(c.tokens, local);
+  // The same model on the same backend: the same log-probabilities.
+  ASSERT_EQ(c.logprobs.size(), local_logprobs.size());
+  for (size_t i = 0; i < local_logprobs.size(); ++i) {
+    EXPECT_NEAR(c.logprobs[i], local_logprobs[i], 1e-4) << "token " << i;
+  }
 }
 
 TEST_F(ServerTest, ConcurrentRequestsGetTheirOwnTokens) {
@@ -369,10 +394,19 @@ TEST(ServerProfileTest, SparsePolicyProfilesServeTheirRequests) {
   r.mutable_stopping()->set_ignore_eos(true);
   v1::GenerateRequest dense = r;
   r.set_profile("sparse");
+  EXPECT_EQ(server.Metric("strata_kv_policy_sparse_queries_total"), 0);
   const auto sparse_result = Generate(server.stub(), r);
   ASSERT_TRUE(sparse_result.status.ok()) << sparse_result.status.error_message();
   EXPECT_EQ(sparse_result.tokens.size(), 24u);
+  // It decoded sparsely: clustered once, then (query, layer) pairs over the
+  // selection on the one sparse layer, none densely for want of a slot.
+  const double sparse_queries = server.Metric("strata_kv_policy_sparse_queries_total");
+  EXPECT_GE(sparse_queries, 23);
+  EXPECT_GE(server.Metric("strata_kv_policy_clusterings_total"), 1);
+  EXPECT_EQ(server.Metric("strata_kv_policy_dense_no_slot_total"), 0);
+  // The default profile's request adds no sparse query.
   EXPECT_TRUE(Generate(server.stub(), dense).status.ok());
+  EXPECT_EQ(server.Metric("strata_kv_policy_sparse_queries_total"), sparse_queries);
 }
 
 TEST(ServerProfileTest, BadProfileFailsStartupWithAClearError) {
