@@ -9,7 +9,7 @@ packages=(
   libpcre2-dev libutf8proc-dev libsentencepiece-dev sentencepiece
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libyaml-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev clang-format
   prometheus-cpp-dev libmicrohttpd-dev
 )
 

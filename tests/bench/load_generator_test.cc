@@ -350,21 +350,8 @@ TEST(ValidateOptionsTest, ChecksEachFlag) {
 
 // The server under load: a `strata serve` child process (shared with the
 // router tests).
-class ServerProcess : public testing_util::ServerProcess {
- public:
-  ServerProcess() : testing_util::ServerProcess({"--grace-seconds", "5"}) {}
-};
-
-class BenchServeTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new ServerProcess(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static ServerProcess* server_;
-};
-ServerProcess* BenchServeTest::server_ = nullptr;
+constexpr const char* kBenchServerArgs[] = {"--grace-seconds", "5", nullptr};
+class BenchServeTest : public testing_util::SharedServerTest<kBenchServerArgs> {};
 
 TEST_F(BenchServeTest, OpenLoopRunCompletesEveryRequest) {
   LoadOptions o;

@@ -71,16 +71,7 @@ grpc::Status Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& req
   return reader->Finish();
 }
 
-class HardeningTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new ServerProcess(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static ServerProcess* server_;
-};
-ServerProcess* HardeningTest::server_ = nullptr;
+class HardeningTest : public testing_util::SharedServerTest<> {};
 
 TEST_F(HardeningTest, InvalidUtf8IsInvalidArgumentNamingTheField) {
   // GenerateRequest.text (field 2) = bytes ff fe: not UTF-8.

@@ -187,6 +187,23 @@ class ServerProcess {
   std::unique_ptr<v1::Generation::Stub> stub_;
 };
 
+// A test suite whose tests share one server, started with `extra_args`
+// before the suite's first test and stopped after its last.
+template <const char* const* kExtraArgs = nullptr>
+class SharedServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::vector<std::string> args;
+    for (const char* const* a = kExtraArgs; a != nullptr && *a != nullptr; ++a) args.push_back(*a);
+    server_ = new ServerProcess(args);
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    server_ = nullptr;
+  }
+  static inline ServerProcess* server_ = nullptr;
+};
+
 }  // namespace strata::testing_util
 
 #endif  // STRATA_TESTS_ROUTER_SERVER_PROCESS_H_

@@ -75,16 +75,7 @@ Completion Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& reque
   return c;
 }
 
-class ServerTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new ServerProcess(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static ServerProcess* server_;
-};
-ServerProcess* ServerTest::server_ = nullptr;
+class ServerTest : public testing_util::SharedServerTest<> {};
 
 TEST_F(ServerTest, StreamsTokensWithUsageAndLogprobs) {
   // Long enough (~0.1 s on two CPU cores) that tokens arrive over many
