@@ -102,6 +102,11 @@ void AsyncEngine::Loop() {
     if (batcher_.HasWork()) {
       auto events = batcher_.Step();
       steps_.fetch_add(1);
+      // Before the events: a client that sees its last token sees the
+      // statistics of the step that made it.
+      preemptions_ = batcher_.num_preemptions();
+      failed_sequences_ = batcher_.num_failed();
+      if (after_step_) after_step_();
       if (!events.ok()) {
         STRATA_LOG_ERROR("engine step failed: {}", events.status().ToString());
         FailAll(std::string(events.status().message()));
@@ -113,10 +118,7 @@ void AsyncEngine::Loop() {
           if (e.finish != FinishReason::kNone) sinks_.erase(it);
         }
       }
-      if (after_step_) after_step_();
     }
-    preemptions_ = batcher_.num_preemptions();
-    failed_sequences_ = batcher_.num_failed();
     waiting_ = batcher_.num_waiting();
     running_ = batcher_.num_running();
     free_pages_ = batcher_.free_pages();

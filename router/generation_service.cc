@@ -46,6 +46,9 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   // mu_. gRPC runs no reaction inline from StartWrite, Finish or TryCancel
   // (this reactor is not inlineable), so they may be called under mu_.
   void AdvanceLocked();
+  // The call ended from the client's side (cancellation, deadline, broken
+  // stream): stop the sequence and finish with the matching status.
+  void CancelLocked();
   void CountFinishLocked(const std::string& reason);
   void Unref();
 
@@ -235,31 +238,32 @@ void GenerateStream::OnWriteDone(bool ok) {
   if (ok) {
     undelivered_tokens_ -= in_flight_write_tokens_;
     in_flight_write_tokens_ = 0;
-  } else if (!cancelled_) {
-    // The stream broke (the client went away): nothing more can reach it.
-    cancelled_ = true;
-    cancel_status_ = grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed");
-    if (!engine_done_) {
-      CountFinishLocked("cancelled");
-      service_->engine_->Cancel(id_);
-    }
+  } else {
+    // The stream broke: the client went away or its deadline passed (a
+    // failed write can come before OnCancel says so).
+    CancelLocked();
   }
   AdvanceLocked();
 }
 
 void GenerateStream::OnCancel() {
   std::lock_guard<std::mutex> lock(mu_);
-  if (!cancelled_) {
-    cancelled_ = true;
-    const bool deadline = context_->deadline() <= std::chrono::system_clock::now() + kDeadlineTolerance;
-    cancel_status_ = deadline ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded")
-                              : grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
-    if (admitted_ && !engine_done_) {
-      CountFinishLocked(deadline ? "deadline_exceeded" : "cancelled");
-      service_->engine_->Cancel(id_);
-    }
-  }
+  CancelLocked();
   AdvanceLocked();
+}
+
+void GenerateStream::CancelLocked() {
+  if (cancelled_) return;
+  cancelled_ = true;
+  const bool deadline =
+      context_->deadline() <= std::chrono::system_clock::now() + kDeadlineTolerance;
+  cancel_status_ = deadline
+                       ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded")
+                       : grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+  if (admitted_ && !engine_done_) {
+    CountFinishLocked(deadline ? "deadline_exceeded" : "cancelled");
+    service_->engine_->Cancel(id_);
+  }
 }
 
 void GenerateStream::CountFinishLocked(const std::string& reason) {
