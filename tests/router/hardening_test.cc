@@ -229,7 +229,8 @@ TEST(ShutdownSignalTest, ASecondSignalDuringTheDrainExitsAtOnce) {
 }
 
 TEST(StartupTest, AKvCacheSmallerThanOneContextIsRefusedAtStart) {
-  const std::string cmd = std::string(STRATA_BINARY) + " serve --model " +
+  // `timeout`: a server that starts anyway must not hang the test.
+  const std::string cmd = "timeout 30 " + std::string(STRATA_BINARY) + " serve --model " +
                           testing_util::kTinyModel +
                           " --port 0 --metrics-port -1 --max-context 2048 --kv-pages 64 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
