@@ -26,7 +26,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
   --grace-seconds 5 > "$out/serve.out" 2> "$out/serve.err" &
 server=$!
 trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 150); do grep -q "listening on" "$out/serve.out" && break; sleep 0.2; done
+for _ in $(seq 150); do grep -qs "listening on" "$out/serve.out" && break; sleep 0.2; done
 address=$(sed -n 's/.*listening on \([^ ]*\) .*/\1/p' "$out/serve.out")
 metrics=$(sed -n 's/.*metrics on \([^ ]*\).*/\1/p' "$out/serve.out")
 [ -n "$address" ] || { echo "server did not start"; cat "$out/serve.err"; exit 1; }
