@@ -61,8 +61,8 @@ class AttentionFidelity {
       const int ctx = plan.host(i, engine::kPlanContextLen);
       const int seq = plan.host(i, engine::kPlanSeq);
       auto row_of = [&](const std::vector<float>& cache, int index, int kvh) {
-        const int64_t page = h.table[static_cast<size_t>(seq) * batch.max_blocks_per_seq +
-                                     index / page_size_];
+        const int64_t page =
+            h.table[static_cast<size_t>(seq) * batch.max_blocks_per_seq + index / page_size_];
         return &cache[((page * page_size_ + index % page_size_) * hkv + kvh) * d];
       };
       for (int head = 0; head < hq; ++head) {
@@ -143,7 +143,8 @@ absl::StatusOr<std::vector<RetrievalCase>> LoadRetrievalCases(const std::string&
     };
     nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_array() ||
-        !j.contains("answer") || !j["answer"].is_array() || !j.value("depth", nlohmann::json()).is_number()) {
+        !j.contains("answer") || !j["answer"].is_array() ||
+        !j.value("depth", nlohmann::json()).is_number()) {
       return bad("expected {\"length\", \"depth\", \"prompt\": [ids], \"answer\": [ids]}");
     }
     RetrievalCase c;
@@ -172,9 +173,9 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
   std::unique_ptr<kvtier::KvPolicyRunner> runner;
   if (config.type != "full") {
     STRATA_ASSIGN_OR_RETURN(
-        runner, kvtier::KvPolicyRunner::Create(
-                    model, {config},
-                    {.max_sparse_seqs = options.max_batch, .track_selection = true}));
+        runner,
+        kvtier::KvPolicyRunner::Create(
+            model, {config}, {.max_sparse_seqs = options.max_batch, .track_selection = true}));
   }
   AttentionFidelity fidelity(model->config(), model->options().page_size, options.topk);
   int fidelity_step = 0;
@@ -249,8 +250,8 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
   result.output_error = fidelity.error();
   result.attention_samples = fidelity.samples();
   if (runner != nullptr && runner->stats().selected_tokens > 0) {
-    result.reselection = static_cast<double>(runner->stats().reselected_tokens) /
-                         runner->stats().selected_tokens;
+    result.reselection =
+        static_cast<double>(runner->stats().reselected_tokens) / runner->stats().selected_tokens;
   }
   return result;
 }
@@ -264,8 +265,8 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
   const int pages_per_seq = (total + page - 1) / page;
   if (batch < 1 || batch > o.max_seqs || context < 1 || total > o.max_context ||
       int64_t{batch} * pages_per_seq > o.num_pages) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "kv-speed: batch ", batch, " x ", total, " tokens does not fit the model options"));
+    return absl::InvalidArgumentError(absl::StrCat("kv-speed: batch ", batch, " x ", total,
+                                                   " tokens does not fit the model options"));
   }
   std::vector<std::vector<int32_t>> tables(batch);
   for (int s = 0; s < batch; ++s) {
@@ -297,8 +298,8 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
   for (const kvtier::KvPolicyConfig& config : configs) {
     std::unique_ptr<kvtier::KvPolicyRunner> runner;
     if (config.type != "full") {
-      STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config},
-                                                                     {.max_sparse_seqs = batch}));
+      STRATA_ASSIGN_OR_RETURN(
+          runner, kvtier::KvPolicyRunner::Create(model, {config}, {.max_sparse_seqs = batch}));
     }
     STRATA_RETURN_IF_ERROR(model->set_attention_planner(runner.get()));
     SpeedResult r;

@@ -78,9 +78,9 @@ struct PolicyEval {
 };
 
 struct EvalOptions {
-  int generate_tokens = 0;   // per case; 0: the answer length
-  int max_batch = 16;        // sequences decoding together
-  int fidelity_steps = 2;    // decode steps with attention metrics (0: none)
+  int generate_tokens = 0;  // per case; 0: the answer length
+  int max_batch = 16;       // sequences decoding together
+  int fidelity_steps = 2;   // decode steps with attention metrics (0: none)
   int topk = 32;
   int query_in_decode = 0;  // prompt tokens fed through decode steps (see above)
 };

@@ -10,7 +10,7 @@
 namespace strata::cli {
 
 absl::StatusOr<std::unique_ptr<engine::Backend>> CreateBackend(const std::string& name,
-                                                              int cpu_threads) {
+                                                               int cpu_threads) {
   if (name == "cpu") return engine::CreateCpuBackend(cpu_threads);
   if (name == "cuda") {
 #if defined(STRATA_HAVE_CUDA)

@@ -15,7 +15,7 @@
 namespace strata::cli {
 
 absl::StatusOr<std::unique_ptr<engine::Backend>> CreateBackend(const std::string& name,
-                                                              int cpu_threads);
+                                                               int cpu_threads);
 
 }  // namespace strata::cli
 

@@ -64,7 +64,8 @@ class TokenPrinter {
   void TrailingText(const std::string& text) {
     if (text.empty()) return;
     if (f_.json) {
-      std::cout << nlohmann::json({{"text", text}}).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
+      std::cout << nlohmann::json({{"text", text}})
+                       .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)
                 << "\n";
     } else {
       std::fputs(text.c_str(), stdout);
@@ -74,16 +75,18 @@ class TokenPrinter {
   void Summary(size_t prompt_tokens, const std::string& finish, double load_s) {
     const double ttft = std::chrono::duration<double>(first_token_ - start_).count();
     const double decode_s = std::chrono::duration<double>(last_token_ - first_token_).count();
-    const double tok_s = completion_tokens_ > 1 && decode_s > 0 ? (completion_tokens_ - 1) / decode_s : 0.0;
+    const double tok_s =
+        completion_tokens_ > 1 && decode_s > 0 ? (completion_tokens_ - 1) / decode_s : 0.0;
     if (f_.json) {
-      nlohmann::json summary = {{"summary",
-                                 {{"prompt_tokens", prompt_tokens},
-                                  {"completion_tokens", completion_tokens_},
-                                  {"finish_reason", finish},
-                                  {"time_to_first_token_ms", ttft * 1e3},
-                                  {"decode_tokens_per_s", tok_s},
-                                  {"load_s", load_s},
-                                  {"backend", f_.server.empty() ? f_.backend : "server " + f_.server}}}};
+      nlohmann::json summary = {
+          {"summary",
+           {{"prompt_tokens", prompt_tokens},
+            {"completion_tokens", completion_tokens_},
+            {"finish_reason", finish},
+            {"time_to_first_token_ms", ttft * 1e3},
+            {"decode_tokens_per_s", tok_s},
+            {"load_s", load_s},
+            {"backend", f_.server.empty() ? f_.backend : "server " + f_.server}}}};
       std::cout << summary.dump() << "\n";
     } else {
       if (!f_.logprobs && has_text_) std::fputs("\n", stdout);
@@ -120,7 +123,7 @@ std::string FinishName(v1::FinishReason reason) {
 
 absl::StatusCode FromGrpc(grpc::StatusCode code) {
   return code == grpc::StatusCode::INVALID_ARGUMENT ? absl::StatusCode::kInvalidArgument
-                                                     : absl::StatusCode::kUnavailable;
+                                                    : absl::StatusCode::kUnavailable;
 }
 
 int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
@@ -159,7 +162,8 @@ int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
     const int n = response.token_ids_size();
     for (int i = 0; i < n; ++i) {
       // A response's text belongs to its tokens together; print it with the last.
-      printer.Token(response.token_ids(i), i < response.logprobs_size() ? response.logprobs(i) : 0.0f,
+      printer.Token(response.token_ids(i),
+                    i < response.logprobs_size() ? response.logprobs(i) : 0.0f,
                     i == n - 1 ? response.text() : "");
     }
     if (n == 0) printer.TrailingText(response.text());
@@ -180,14 +184,17 @@ int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
 }  // namespace
 
 void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
-  CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt, locally or from a server");
+  CLI::App* cmd =
+      app.add_subcommand("generate", "Generate text from a prompt, locally or from a server");
   cmd->add_option("--server", f.server, "HOST:PORT of a strata server (instead of a local model)");
-  cmd->add_option("--timeout", f.timeout_seconds, "With --server: deadline of the call in seconds (0: none)");
+  cmd->add_option("--timeout", f.timeout_seconds,
+                  "With --server: deadline of the call in seconds (0: none)");
   cmd->add_option("--model", f.model_dir, "Hugging Face model directory");
   auto* prompt = cmd->add_option("--prompt", f.prompt, "Prompt text");
   auto* ids = cmd->add_option("--prompt-ids", f.prompt_ids, "Prompt as comma-separated token ids");
   prompt->excludes(ids);
-  cmd->add_option("--max-tokens", f.max_tokens, "Tokens to generate")->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--max-tokens", f.max_tokens, "Tokens to generate")
+      ->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--temperature", f.temperature, "0 for greedy");
   cmd->add_option("--top-p", f.top_p, "Nucleus probability mass");
   cmd->add_option("--top-k", f.top_k, "Sample among the K most likely (0: all)");
@@ -202,8 +209,10 @@ void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
   cmd->add_option("--stop", f.stop, "Stop string (repeatable)");
   cmd->add_option("--stop-token-ids", f.stop_token_ids, "Comma-separated ids that end generation");
   cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
-  cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Prefill chunk size")->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype, "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
+  cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Prefill chunk size")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
+                  "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
       ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
   cmd->callback([&f, &exit_code] { exit_code = RunGenerate(f); });
 }
@@ -223,7 +232,8 @@ int RunGenerate(const GenerateFlags& f) {
     return RunRemote(f, *prompt_ids, *stop_ids);
   }
   if (f.model_dir.empty() && f.dummy_weights.empty()) {
-    return Fail(absl::InvalidArgumentError("give --model DIR, --dummy-weights PRESET or --server HOST:PORT"));
+    return Fail(absl::InvalidArgumentError(
+        "give --model DIR, --dummy-weights PRESET or --server HOST:PORT"));
   }
   auto backend = CreateBackend(f.backend, f.threads);
   if (!backend.ok()) return Fail(backend.status());
@@ -275,7 +285,8 @@ int RunGenerate(const GenerateFlags& f) {
       if (e.finish != engine::FinishReason::kNone) finish = e.finish;
     }
   }
-  printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)), loaded->load_seconds);
+  printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)),
+                  loaded->load_seconds);
   return 0;
 }
 

@@ -14,7 +14,7 @@
 namespace strata::cli {
 
 struct GenerateFlags {
-  std::string server;  // HOST:PORT of a strata server; empty: run locally
+  std::string server;          // HOST:PORT of a strata server; empty: run locally
   double timeout_seconds = 0;  // with --server: the call's deadline (0: none)
   std::string model_dir;
   std::string prompt;

@@ -93,7 +93,8 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
     cmd->add_option("--window-tokens", f.window_tokens, "Always-attended recent tokens");
     cmd->add_option("--tokens-per-cluster", f.tokens_per_cluster, "ClusterKV: tokens per cluster");
     cmd->add_option("--kmeans-iterations", f.kmeans_iterations, "ClusterKV: k-means iterations");
-    cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype, "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
+    cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
+                    "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
         ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
     cmd->add_option("--json", f.json, "Also write the results as JSON to FILE");
   };
@@ -134,11 +135,13 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
 
 int RunKvPolicies(const KvBenchFlags& f) {
   constexpr char kCmd[] = "strata bench kv-policies";
-  if (f.model.empty()) return ExitWithError(kCmd, absl::InvalidArgumentError("--model is required"));
+  if (f.model.empty())
+    return ExitWithError(kCmd, absl::InvalidArgumentError("--model is required"));
   auto configs = Configs(f);
   if (!configs.ok()) return ExitWithError(kCmd, configs.status());
   if (configs->empty() || (*configs)[0].type != "full") {
-    return ExitWithError(kCmd, absl::InvalidArgumentError("--policies must include full (the reference)"));
+    return ExitWithError(
+        kCmd, absl::InvalidArgumentError("--policies must include full (the reference)"));
   }
   // The eval set decides the context the model needs.
   engine::ModelOptions probe;
@@ -182,7 +185,8 @@ int RunKvPolicies(const KvBenchFlags& f) {
   // The table: one row per policy and budget.
   std::printf("%-10s %6s %9s %10s %11s %10s %12s", "policy", "budget", "accuracy", "agreement",
               "top32-recall", "out-error", "reselection");
-  for (const auto& [len, _] : evals[0].by_length) std::printf(" %8s", absl::StrCat("acc@", len).c_str());
+  for (const auto& [len, _] : evals[0].by_length)
+    std::printf(" %8s", absl::StrCat("acc@", len).c_str());
   std::printf("\n");
   nlohmann::json rows = nlohmann::json::array();
   for (const auto& e : evals) {
@@ -194,7 +198,8 @@ int RunKvPolicies(const KvBenchFlags& f) {
       std::printf(" %8.3f", count.rate());
       by_length[std::to_string(len)] = count.rate();
     }
-    for (const auto& [depth, count] : e.by_depth_percent) by_depth[std::to_string(depth)] = count.rate();
+    for (const auto& [depth, count] : e.by_depth_percent)
+      by_depth[std::to_string(depth)] = count.rate();
     std::printf("\n");
     rows.push_back({{"policy", e.config.type},
                     {"budget", e.config.budget_tokens},
@@ -213,7 +218,8 @@ int RunKvPolicies(const KvBenchFlags& f) {
   for (const auto& [depth, _] : evals[0].by_depth_percent) std::printf(" %5d", depth);
   std::printf("\n");
   for (const auto& e : evals) {
-    std::printf("%-10s %6d", e.config.type.c_str(), e.config.type == "full" ? 0 : e.config.budget_tokens);
+    std::printf("%-10s %6d", e.config.type.c_str(),
+                e.config.type == "full" ? 0 : e.config.budget_tokens);
     for (const auto& [depth, count] : e.by_depth_percent) std::printf(" %5.2f", count.rate());
     std::printf("\n");
   }
@@ -236,7 +242,8 @@ int RunKvSpeed(const KvBenchFlags& f) {
   auto configs = Configs(f);
   if (!configs.ok()) return ExitWithError(kCmd, configs.status());
   if (f.steps < 1 || f.warmup < 1 || f.context < 1) {
-    return ExitWithError(kCmd, absl::InvalidArgumentError("--steps, --warmup and --context must be >= 1"));
+    return ExitWithError(
+        kCmd, absl::InvalidArgumentError("--steps, --warmup and --context must be >= 1"));
   }
   const int max_batch = *std::max_element(f.batches.begin(), f.batches.end());
   engine::ModelOptions options;
@@ -252,7 +259,7 @@ int RunKvSpeed(const KvBenchFlags& f) {
   nlohmann::json rows = nlohmann::json::array();
   for (int batch : f.batches) {
     auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup,
-                                                f.op_timing);
+                                             f.op_timing);
     if (!results.ok()) return ExitWithError(kCmd, results.status());
     const double full_ms = (*results)[0].config.type == "full" ? (*results)[0].step_ms : 0.0;
     for (const auto& r : *results) {
@@ -274,7 +281,8 @@ int RunKvSpeed(const KvBenchFlags& f) {
         for (const engine::OpTime& t : r.op_times) {
           std::printf("    %-16s %10.1f %10.3f %8.3f\n", t.op.c_str(),
                       static_cast<double>(t.calls) / f.steps, t.ms, t.ms / r.timed_step_ms);
-          ops.push_back({{"op", t.op}, {"calls_per_step", static_cast<double>(t.calls) / f.steps},
+          ops.push_back({{"op", t.op},
+                         {"calls_per_step", static_cast<double>(t.calls) / f.steps},
                          {"ms_per_step", t.ms}});
         }
         std::printf("    %-16s %10s %10.3f %8.3f  (wall %.3f ms/step with timing on)\n",

@@ -15,7 +15,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::string log_level;
   CLI::Option* log_level_option =
-      app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off (default: $STRATA_LOG_LEVEL or warn)");
+      app.add_option("--log-level", log_level,
+                     "trace, debug, info, warn, error, off (default: $STRATA_LOG_LEVEL or warn)");
   int exit_code = 0;
   strata::cli::GenerateFlags generate_flags;
   strata::cli::AddGenerateCommand(app, generate_flags, exit_code);

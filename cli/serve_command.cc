@@ -35,32 +35,49 @@ int Fail(const absl::Status& status) { return ExitWithError("strata serve", stat
 }  // namespace
 
 void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
-  CLI::App* cmd = app.add_subcommand("serve", "Serve the gRPC Generate API (router, prefill and decode in one process)");
+  CLI::App* cmd = app.add_subcommand(
+      "serve", "Serve the gRPC Generate API (router, prefill and decode in one process)");
   cmd->add_option("--model", f.model_dir, "Hugging Face model directory");
-  cmd->add_option("--dummy-weights", f.dummy_weights, "Random weights: a preset, or \"config\" for --model's config");
+  cmd->add_option("--dummy-weights", f.dummy_weights,
+                  "Random weights: a preset, or \"config\" for --model's config");
   cmd->add_option("--host", f.host, "Address to listen on");
   cmd->add_option("--port", f.port, "gRPC port (0: pick a free one)")->check(CLI::Range(0, 65535));
-  cmd->add_option("--metrics-port", f.metrics_port, "HTTP port for /metrics (0: pick a free one; -1: off)")
+  cmd->add_option("--metrics-port", f.metrics_port,
+                  "HTTP port for /metrics (0: pick a free one; -1: off)")
       ->check(CLI::Range(-1, 65535));
   cmd->add_option("--backend", f.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
-  cmd->add_option("--max-seqs", f.max_seqs, "Sequences per decode batch")->check(CLI::Range(1, 4096));
-  cmd->add_option("--max-context", f.max_context, "Tokens per sequence (prompt + completion)")->check(CLI::Range(2, 1 << 22));
-  cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Tokens per step")->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--max-sparse-seqs", f.max_sparse_seqs,
-                  "Sequences of sparse-policy profiles decoding sparsely at once (more decode densely)")
+  cmd->add_option("--max-seqs", f.max_seqs, "Sequences per decode batch")
       ->check(CLI::Range(1, 4096));
-  cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype, "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
+  cmd->add_option("--max-context", f.max_context, "Tokens per sequence (prompt + completion)")
+      ->check(CLI::Range(2, 1 << 22));
+  cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Tokens per step")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option(
+         "--max-sparse-seqs", f.max_sparse_seqs,
+         "Sequences of sparse-policy profiles decoding sparsely at once (more decode densely)")
+      ->check(CLI::Range(1, 4096));
+  cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
+                  "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
       ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
-  cmd->add_option("--kv-pages", f.kv_pages, "KV cache pages of 16 tokens (0: max-seqs full contexts)")->check(CLI::Range(0, 1 << 24));
-  cmd->add_option("--max-in-flight", f.max_in_flight, "Requests admitted at once; more get RESOURCE_EXHAUSTED")->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--default-max-tokens", f.default_max_tokens, "max_tokens when a request sets none")->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--grace-seconds", f.grace_seconds, "On SIGTERM, how long in-flight requests may run on")->check(CLI::Range(0.0, 3600.0));
+  cmd->add_option("--kv-pages", f.kv_pages,
+                  "KV cache pages of 16 tokens (0: max-seqs full contexts)")
+      ->check(CLI::Range(0, 1 << 24));
+  cmd->add_option("--max-in-flight", f.max_in_flight,
+                  "Requests admitted at once; more get RESOURCE_EXHAUSTED")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--default-max-tokens", f.default_max_tokens,
+                  "max_tokens when a request sets none")
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--grace-seconds", f.grace_seconds,
+                  "On SIGTERM, how long in-flight requests may run on")
+      ->check(CLI::Range(0.0, 3600.0));
   cmd->add_option("--max-request-bytes", f.max_request_bytes,
                   "Largest serialized request accepted; larger ones get INVALID_ARGUMENT")
       ->check(CLI::Range(size_t{1} << 10, size_t{1} << 30));
-  cmd->add_option("--max-undelivered-tokens", f.max_undelivered_tokens,
-                  "Tokens a stream may have undelivered (its client not reading) before it is cancelled")
+  cmd->add_option(
+         "--max-undelivered-tokens", f.max_undelivered_tokens,
+         "Tokens a stream may have undelivered (its client not reading) before it is cancelled")
       ->check(CLI::Range(1, 1 << 24));
   cmd->add_option("--profile", f.profiles, "KV profile YAML file a request may name (repeatable)");
   cmd->callback([&f, &exit_code] { exit_code = RunServe(f); });
@@ -85,8 +102,10 @@ int RunServe(const ServeFlags& f) {
     auto profile = kvtier::LoadProfile(path);
     if (!profile.ok()) return Fail(profile.status());
     if (absl::Status s = kvtier::CheckSupported(*profile, path); !s.ok()) return Fail(s);
-    if (std::find(profile_names.begin(), profile_names.end(), profile->name) != profile_names.end()) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat(path, ": profile \"", profile->name, "\" is defined twice")));
+    if (std::find(profile_names.begin(), profile_names.end(), profile->name) !=
+        profile_names.end()) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat(path, ": profile \"", profile->name, "\" is defined twice")));
     }
     profile_names.push_back(profile->name);
     policies.push_back(profile->policy);
@@ -109,11 +128,12 @@ int RunServe(const ServeFlags& f) {
   // mid-stream: refuse it now, naming the numbers and the flags.
   const int64_t cache_tokens = int64_t{model.options().num_pages} * model.options().page_size;
   if (cache_tokens < model.options().max_context) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat(
-        "the KV cache holds ", cache_tokens, " tokens (--kv-pages ", model.options().num_pages,
-        " of ", model.options().page_size, "), less than one full context of ",
-        model.options().max_context, " tokens (--max-context): raise --kv-pages or lower "
-        "--max-context")));
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("the KV cache holds ", cache_tokens, " tokens (--kv-pages ",
+                     model.options().num_pages, " of ", model.options().page_size,
+                     "), less than one full context of ", model.options().max_context,
+                     " tokens (--max-context): raise --kv-pages or lower "
+                     "--max-context")));
   }
   STRATA_LOG_INFO("KV cache: {} pages of {} tokens, {} ({} bytes per token)",
                   model.options().num_pages, model.options().page_size,
@@ -146,9 +166,10 @@ int RunServe(const ServeFlags& f) {
                              std::move(after_step));
 
   router::ServiceOptions service_options;
-  service_options.model_name = !f.model_dir.empty()
-                                   ? std::filesystem::path(f.model_dir).lexically_normal().filename().string()
-                                   : f.dummy_weights;
+  service_options.model_name =
+      !f.model_dir.empty()
+          ? std::filesystem::path(f.model_dir).lexically_normal().filename().string()
+          : f.dummy_weights;
   if (service_options.model_name.empty()) service_options.model_name = f.model_dir;
   service_options.architecture = model.config().architecture;
   service_options.limits.context_length = model.options().max_context;
@@ -168,7 +189,8 @@ int RunServe(const ServeFlags& f) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(), &port);
+  builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(),
+                           &port);
   builder.RegisterService(&service);
   router::TransportOptions transport;
   transport.max_request_bytes = f.max_request_bytes;

@@ -20,7 +20,7 @@ struct ServeFlags {
   std::string model_dir;
   std::string dummy_weights;
   std::string host = "0.0.0.0";
-  int port = 50051;  // 0 picks a free port (printed on stdout)
+  int port = 50051;       // 0 picks a free port (printed on stdout)
   int metrics_port = -1;  // -1: no metrics endpoint; 0 picks a free port
   std::string backend = "cpu";
   int threads = 0;

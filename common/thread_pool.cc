@@ -57,7 +57,8 @@ void ThreadPool::WorkerLoop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
     work_cv_.wait(lock, [&] {
-      return stop_ || (job_ != nullptr && generation_ != seen_generation && next_chunk_ < num_chunks_);
+      return stop_ ||
+             (job_ != nullptr && generation_ != seen_generation && next_chunk_ < num_chunks_);
     });
     if (stop_) return;
     seen_generation = generation_;

@@ -260,7 +260,7 @@ class CudaBackend final : public engine::Backend {
   // (GrowKeepingGraphsSafe); freed once no graph is held (ReleaseGraph) or
   // with the backend, after the graphs.
   std::vector<DeviceBuffer> retired_buffers_;
-  DeviceBuffer cluster_workspace_;    // ClusterKeys scratch
+  DeviceBuffer cluster_workspace_;  // ClusterKeys scratch
   OpTimer op_timer_;
   bool capturing_ = false;             // between BeginCapture and EndCapture
   std::vector<CudaGraphExec> graphs_;  // by id

@@ -75,7 +75,9 @@ void AsyncEngine::Loop() {
     bool stopping;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !pending_.empty() || !cancels_.empty() || batcher_.HasWork(); });
+      cv_.wait(lock, [&] {
+        return stop_ || !pending_.empty() || !cancels_.empty() || batcher_.HasWork();
+      });
       pending.swap(pending_);
       cancels.swap(cancels_);
       stopping = stop_;

@@ -33,11 +33,11 @@ class AsyncEngine {
   using EventSink = std::function<void(const TokenEvent& event)>;
 
   struct Stats {
-    int waiting = 0;      // submitted, prefill not finished
-    int running = 0;      // decoding
-    int free_pages = 0;   // KV pages free
-    int total_pages = 0;  // KV pages in the cache
-    int64_t steps = 0;    // steps run so far
+    int waiting = 0;               // submitted, prefill not finished
+    int running = 0;               // decoding
+    int free_pages = 0;            // KV pages free
+    int total_pages = 0;           // KV pages in the cache
+    int64_t steps = 0;             // steps run so far
     int64_t preemptions = 0;       // sequences preempted (recomputed later)
     int64_t failed_sequences = 0;  // sequences ended by an error of their own
   };
@@ -71,7 +71,7 @@ class AsyncEngine {
   void FailAll(const std::string& error);
 
   Model* model_;
-  Batcher batcher_;  // touched only by the engine thread (and Validate, const)
+  Batcher batcher_;                      // touched only by the engine thread (and Validate, const)
   std::map<uint64_t, EventSink> sinks_;  // engine thread only
 
   mutable std::mutex mu_;

@@ -40,16 +40,13 @@ struct Batcher::Sequence {
   // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
   absl::flat_hash_set<int32_t> stop_ids;
   std::optional<IncrementalDetokenizer> detok;
-  std::string text;   // decoded output so far
+  std::string text;    // decoded output so far
   size_t emitted = 0;  // bytes of `text` already returned
   bool finished = false;
 };
 
 Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions options)
-    : model_(model),
-      tokenizer_(tokenizer),
-      options_(options),
-      pages_(model->options().num_pages) {
+    : model_(model), tokenizer_(tokenizer), options_(options), pages_(model->options().num_pages) {
   for (int id : model->config().eos_token_ids) eos_ids_.push_back(id);
   if (tokenizer_ != nullptr) {
     for (int32_t id : tokenizer_->eos_ids()) {
@@ -85,7 +82,8 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
   if (request.prompt.empty()) return bad("prompt is empty");
   for (int32_t id : request.prompt) {
     if (id < 0 || id >= config.vocab_size) {
-      return bad(absl::StrCat("prompt token id ", id, " outside the vocabulary of ", config.vocab_size));
+      return bad(
+          absl::StrCat("prompt token id ", id, " outside the vocabulary of ", config.vocab_size));
     }
   }
   for (int32_t id : request.decode_tokens) {
@@ -110,9 +108,11 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
                            request.decode_tokens.size(), " decode tokens leave");
     return bad(absl::StrCat(what, " no room in the context of ", opts.max_context));
   }
-  const int64_t pages_needed = (static_cast<int64_t>(request.prompt.size()) + opts.page_size) / opts.page_size;
+  const int64_t pages_needed =
+      (static_cast<int64_t>(request.prompt.size()) + opts.page_size) / opts.page_size;
   if (pages_needed > pages_.num_pages()) {
-    return bad(absl::StrCat("prompt needs ", pages_needed, " KV pages, the cache has ", pages_.num_pages()));
+    return bad(absl::StrCat("prompt needs ", pages_needed, " KV pages, the cache has ",
+                            pages_.num_pages()));
   }
   if (!request.stop_strings.empty() && tokenizer_ == nullptr) {
     return bad("stop strings need a tokenizer");
@@ -207,7 +207,8 @@ void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<To
     if (at != std::string::npos) match = std::min(match, at);
   }
   if (match != std::string::npos) {
-    events.back().text = seq.text.substr(seq.emitted, match > seq.emitted ? match - seq.emitted : 0);
+    events.back().text =
+        seq.text.substr(seq.emitted, match > seq.emitted ? match - seq.emitted : 0);
     seq.text.resize(std::max(match, seq.emitted));
     seq.emitted = seq.text.size();
     Finish(seq, FinishReason::kStop, events);
@@ -244,8 +245,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   StepInput in;
   in.query_start.push_back(0);
   std::vector<Sequence*> step_seqs;
-  std::vector<int> step_rows;  // chunk length per sequence in the step
-  std::vector<bool> samples;   // whether the sequence samples this step
+  std::vector<int> step_rows;         // chunk length per sequence in the step
+  std::vector<bool> samples;          // whether the sequence samples this step
   std::vector<SamplingRow> sampling;  // per logit row
   int budget = opts.max_batch_tokens;
   auto add_rows = [&](Sequence& seq, int count, bool sample) {
@@ -272,8 +273,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   };
 
   // 1. Decodes, oldest first; preempt the newest when pages run out.
-  for (size_t i = 0; i < running_.size() && budget > 0 &&
-                     static_cast<int>(step_seqs.size()) < opts.max_seqs;) {
+  for (size_t i = 0;
+       i < running_.size() && budget > 0 && static_cast<int>(step_seqs.size()) < opts.max_seqs;) {
     Sequence& seq = *running_[i];
     if (EnsurePages(seq, seq.num_computed + 1)) {
       add_rows(seq, 1, true);
@@ -331,7 +332,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       // the batch, computed row by row, go on.
       FailSequence(seq,
                    absl::StrCat("request ", seq.req.id, ": the model's logits at position ",
-                                seq.num_computed, " are not finite (NaN or infinity); the "
+                                seq.num_computed,
+                                " are not finite (NaN or infinity); the "
                                 "sequence was stopped"),
                    events);
       continue;

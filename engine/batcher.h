@@ -67,7 +67,7 @@ struct TokenEvent {
   float logprob = 0.0f;
   std::string text;  // complete UTF-8; empty for held-back bytes and specials
   FinishReason finish = FinishReason::kNone;  // set on the request's last event
-  std::string error;  // with kError: what went wrong
+  std::string error;                          // with kError: what went wrong
 };
 
 struct BatcherOptions {

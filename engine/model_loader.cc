@@ -33,9 +33,9 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
     if (has_tokenizer) {
       STRATA_ASSIGN_OR_RETURN(loaded.tokenizer, LoadTokenizer(source.model_dir));
       if (loaded.tokenizer->vocab_size() > config.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            source.model_dir, ": the tokenizer has ", loaded.tokenizer->vocab_size(),
-            " tokens but the model's vocab_size is ", config.vocab_size));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source.model_dir, ": the tokenizer has ", loaded.tokenizer->vocab_size(),
+                         " tokens but the model's vocab_size is ", config.vocab_size));
       }
     }
   }
@@ -45,9 +45,11 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backen
   } else {
     STRATA_ASSIGN_OR_RETURN(weights, LoadWeights(config, source.model_dir, *backend));
   }
-  STRATA_LOG_INFO("{}: {} layers, {:.1f}M parameters, {:.1f} MB of weights on {}", config.architecture,
-                  config.num_layers, config.NumParameters() / 1e6, weights.bytes / 1e6, backend->name());
-  STRATA_ASSIGN_OR_RETURN(loaded.model, Model::Create(config, std::move(weights), backend, options));
+  STRATA_LOG_INFO("{}: {} layers, {:.1f}M parameters, {:.1f} MB of weights on {}",
+                  config.architecture, config.num_layers, config.NumParameters() / 1e6,
+                  weights.bytes / 1e6, backend->name());
+  STRATA_ASSIGN_OR_RETURN(loaded.model,
+                          Model::Create(config, std::move(weights), backend, options));
   loaded.load_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return loaded;

@@ -21,8 +21,8 @@
 namespace strata::engine {
 
 struct ModelSource {
-  std::string model_dir;      // may be empty with a dummy preset
-  std::string dummy_preset;   // a preset name, or "config" for DIR's config
+  std::string model_dir;     // may be empty with a dummy preset
+  std::string dummy_preset;  // a preset name, or "config" for DIR's config
   uint64_t dummy_seed = 1234;
 };
 

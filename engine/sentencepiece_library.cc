@@ -53,8 +53,9 @@ const Shim& LoadShim() {
       if (s->create != nullptr) return s;
       tried.push_back(absl::StrCat(path, " (no StrataCreateSentencePieceProcessor)"));
     }
-    s->error = absl::StrCat("cannot load the sentencepiece shim ", kShimName,
-                            "; tried: ", tried.empty() ? "nothing found" : absl::StrJoin(tried, "; "));
+    s->error =
+        absl::StrCat("cannot load the sentencepiece shim ", kShimName,
+                     "; tried: ", tried.empty() ? "nothing found" : absl::StrJoin(tried, "; "));
     return s;
   }();
   return *shim;

@@ -115,7 +115,7 @@ uint16_t FloatToFp16(float f) {
   if (std::isnan(f)) return sign | 0x7e00;
   const float a = std::fabs(f);
   if (a >= 65520.0f) return sign | 0x7c00;
-  if (a < 6.103515625e-05f) {  // subnormal or zero in fp16
+  if (a < 6.103515625e-05f) {              // subnormal or zero in fp16
     const float scaled = a * 16777216.0f;  // a / 2^-24
     return sign | static_cast<uint16_t>(std::nearbyint(scaled));
   }

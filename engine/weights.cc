@@ -23,21 +23,22 @@ class Loader {
                                  int64_t cols) {
     int64_t rows = 0;
     for (const auto& p : parts) rows += p.second;
-    std::vector<int64_t> shape = cols > 0 ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{rows};
+    std::vector<int64_t> shape =
+        cols > 0 ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{rows};
     STRATA_ASSIGN_OR_RETURN(Tensor t, backend_.Allocate(backend_.activation_dtype(), shape));
     int64_t offset = 0;
     for (const auto& [name, part_rows] : parts) {
       STRATA_ASSIGN_OR_RETURN(TensorView view, files_.Get(name));
-      std::vector<int64_t> want = cols > 0 ? std::vector<int64_t>{part_rows, cols}
-                                           : std::vector<int64_t>{part_rows};
+      std::vector<int64_t> want =
+          cols > 0 ? std::vector<int64_t>{part_rows, cols} : std::vector<int64_t>{part_rows};
       if (view.shape != want) {
         return absl::InvalidArgumentError(absl::StrCat(
             view.file, ": tensor \"", name, "\" has shape [", absl::StrJoin(view.shape, ", "),
             "], expected [", absl::StrJoin(want, ", "), "] from config.json"));
       }
       if (view.dtype == DType::kI32) {
-        return absl::InvalidArgumentError(absl::StrCat(view.file, ": tensor \"", name,
-                                                       "\" has dtype I32; weights must be F32, F16 or BF16"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            view.file, ": tensor \"", name, "\" has dtype I32; weights must be F32, F16 or BF16"));
       }
       STRATA_RETURN_IF_ERROR(backend_.CopyFromHost(view.data, view.dtype, view.numel(), t, offset));
       offset += view.numel();
@@ -85,9 +86,9 @@ absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& c, const std::string
     }
     STRATA_ASSIGN_OR_RETURN(l.o_proj, load.One(p + "self_attn.o_proj.weight", h, q_rows));
     STRATA_ASSIGN_OR_RETURN(l.post_norm, load.One(p + "post_attention_layernorm.weight", h, 0));
-    STRATA_ASSIGN_OR_RETURN(l.gate_up, load.Stacked({{p + "mlp.gate_proj.weight", inter},
-                                                     {p + "mlp.up_proj.weight", inter}},
-                                                    h));
+    STRATA_ASSIGN_OR_RETURN(
+        l.gate_up,
+        load.Stacked({{p + "mlp.gate_proj.weight", inter}, {p + "mlp.up_proj.weight", inter}}, h));
     STRATA_ASSIGN_OR_RETURN(l.down, load.One(p + "mlp.down_proj.weight", h, inter));
     w.layers.push_back(std::move(l));
   }

@@ -34,7 +34,7 @@ struct LayerWeights {
 };
 
 struct ModelWeights {
-  Tensor embed;       // [V, H]
+  Tensor embed;  // [V, H]
   std::vector<LayerWeights> layers;
   Tensor final_norm;  // [H]
   Tensor lm_head;     // [V, H]; the same storage as embed when tied

@@ -76,7 +76,7 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   bool finish_called_ = false;
   bool cancelled_ = false;  // by the client, its deadline, or as too slow
   grpc::Status cancel_status_;
-  grpc::Status end_status_;    // after the last response
+  grpc::Status end_status_;  // after the last response
   // An admitted request is counted once in strata_requests_total, by what
   // ended it first: the engine's finish reason, or the client (cancelled,
   // deadline_exceeded, client_too_slow) while the sequence still ran.
@@ -102,10 +102,10 @@ GenerateStream::GenerateStream(GenerationService* service, grpc::CallbackServerC
   }
   if (service_->in_flight_.fetch_add(1) >= options.max_requests_in_flight) {
     service_->in_flight_.fetch_sub(1);
-    Reject(absl::ResourceExhaustedError(absl::StrCat("the server has ",
-                                                     options.max_requests_in_flight,
-                                                     " requests in flight; retry later")),
-           "queue_full");
+    Reject(
+        absl::ResourceExhaustedError(absl::StrCat("the server has ", options.max_requests_in_flight,
+                                                  " requests in flight; retry later")),
+        "queue_full");
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);  // the engine's first event waits for the rest
@@ -189,11 +189,11 @@ void GenerateStream::OnEngineEvent(const engine::TokenEvent& e, Clock::time_poin
       STRATA_LOG_INFO("request {}: {} tokens undelivered; the client is not reading, cancelling",
                       request_id_, undelivered_tokens_);
       cancelled_ = true;
-      cancel_status_ = grpc::Status(
-          grpc::StatusCode::RESOURCE_EXHAUSTED,
-          absl::StrCat("the client did not read its stream: ", undelivered_tokens_,
-                       " tokens undelivered (the limit is ",
-                       service_->options_.max_undelivered_tokens, ")"));
+      cancel_status_ =
+          grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                       absl::StrCat("the client did not read its stream: ", undelivered_tokens_,
+                                    " tokens undelivered (the limit is ",
+                                    service_->options_.max_undelivered_tokens, ")"));
       CountFinishLocked("client_too_slow");
       service_->engine_->Cancel(id_);
       context_->TryCancel();
@@ -257,9 +257,8 @@ void GenerateStream::CancelLocked() {
   cancelled_ = true;
   const bool deadline =
       context_->deadline() <= std::chrono::system_clock::now() + kDeadlineTolerance;
-  cancel_status_ = deadline
-                       ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded")
-                       : grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+  cancel_status_ = deadline ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "deadline exceeded")
+                            : grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
   if (admitted_ && !engine_done_) {
     CountFinishLocked(deadline ? "deadline_exceeded" : "cancelled");
     service_->engine_->Cancel(id_);

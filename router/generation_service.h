@@ -52,8 +52,8 @@ struct ServiceOptions {
 
 // The generated service with Generate and Tokenize taking raw bytes (parsed
 // by the router, see the file comment) and ModelInfo typed.
-using GenerationServiceBase = v1::Generation::WithRawCallbackMethod_Generate<
-    v1::Generation::WithRawCallbackMethod_Tokenize<
+using GenerationServiceBase =
+    v1::Generation::WithRawCallbackMethod_Generate<v1::Generation::WithRawCallbackMethod_Tokenize<
         v1::Generation::WithCallbackMethod_ModelInfo<v1::Generation::Service>>>;
 
 class GenerateStream;

@@ -4,8 +4,8 @@
 #include <cmath>
 
 #include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 
 namespace strata::router {
@@ -32,8 +32,8 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
   if (request.request_id().size() > kMaxRequestIdBytes) {
     return Bad("request_id", absl::StrCat("longer than ", kMaxRequestIdBytes, " bytes"));
   }
-  if (!request.profile().empty() &&
-      std::find(limits.profiles.begin(), limits.profiles.end(), request.profile()) == limits.profiles.end()) {
+  if (!request.profile().empty() && std::find(limits.profiles.begin(), limits.profiles.end(),
+                                              request.profile()) == limits.profiles.end()) {
     return Bad("profile", absl::StrCat("unknown profile ", QuoteUserInput(request.profile()),
                                        " (available: ", absl::StrJoin(limits.profiles, ", "), ")"));
   }
@@ -47,8 +47,8 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
     case v1::GenerateRequest::kText: {
       if (request.text().empty()) return Bad("text", "the prompt is empty");
       if (request.text().size() > kMaxTextBytes) {
-        return Bad("text", absl::StrCat("the prompt is ", request.text().size(),
-                                        " bytes; at most ", kMaxTextBytes));
+        return Bad("text", absl::StrCat("the prompt is ", request.text().size(), " bytes; at most ",
+                                        kMaxTextBytes));
       }
       if (tokenizer == nullptr) return Bad("text", "this server has no tokenizer; send token_ids");
       // Tokenizing megabytes takes a while: refuse at once a text too long
@@ -69,13 +69,14 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
     case v1::GenerateRequest::kTokenIds: {
       if (request.token_ids().ids().empty()) return Bad("token_ids", "the prompt is empty");
       if (request.token_ids().ids_size() >= limits.context_length) {
-        return Bad("token_ids", absl::StrCat("the prompt has ", request.token_ids().ids_size(),
-                                             " tokens; the context length is ",
-                                             limits.context_length));
+        return Bad("token_ids",
+                   absl::StrCat("the prompt has ", request.token_ids().ids_size(),
+                                " tokens; the context length is ", limits.context_length));
       }
       for (int32_t id : request.token_ids().ids()) {
         if (id < 0 || id >= limits.vocab_size) {
-          return Bad("token_ids", absl::StrCat("id ", id, " is outside the vocabulary [0, ", limits.vocab_size, ")"));
+          return Bad("token_ids", absl::StrCat("id ", id, " is outside the vocabulary [0, ",
+                                               limits.vocab_size, ")"));
         }
       }
       out.prompt.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
@@ -86,8 +87,8 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
   }
   if (static_cast<int>(out.prompt.size()) >= limits.context_length) {
     return Bad(request.input_case() == v1::GenerateRequest::kText ? "text" : "token_ids",
-               absl::StrCat("the prompt has ", out.prompt.size(),
-                            " tokens; the context length is ", limits.context_length));
+               absl::StrCat("the prompt has ", out.prompt.size(), " tokens; the context length is ",
+                            limits.context_length));
   }
 
   const v1::SamplingParams& s = request.sampling();
@@ -97,12 +98,14 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
   out.sampling.seed = s.has_seed() ? s.seed() : 0;
   if (!std::isfinite(out.sampling.temperature) || out.sampling.temperature < 0 ||
       out.sampling.temperature > 100) {
-    return Bad("sampling.temperature", absl::StrCat("must be in [0, 100], got ", out.sampling.temperature));
+    return Bad("sampling.temperature",
+               absl::StrCat("must be in [0, 100], got ", out.sampling.temperature));
   }
   if (!(out.sampling.top_p > 0 && out.sampling.top_p <= 1)) {
     return Bad("sampling.top_p", absl::StrCat("must be in (0, 1], got ", out.sampling.top_p));
   }
-  if (out.sampling.top_k < 0) return Bad("sampling.top_k", absl::StrCat("must be >= 0, got ", out.sampling.top_k));
+  if (out.sampling.top_k < 0)
+    return Bad("sampling.top_k", absl::StrCat("must be >= 0, got ", out.sampling.top_k));
 
   const v1::StoppingCriteria& stop = request.stopping();
   const int room = limits.context_length - static_cast<int>(out.prompt.size());
@@ -110,8 +113,8 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
     if (stop.max_tokens() == 0) return Bad("stopping.max_tokens", "must be at least 1");
     if (stop.max_tokens() >= static_cast<uint32_t>(limits.context_length)) {
       return Bad("stopping.max_tokens",
-                 absl::StrCat("must be in [1, ", limits.context_length, "), the context length; got ",
-                              stop.max_tokens()));
+                 absl::StrCat("must be in [1, ", limits.context_length,
+                              "), the context length; got ", stop.max_tokens()));
     }
     out.max_tokens = static_cast<int>(stop.max_tokens());
   } else {
@@ -124,7 +127,8 @@ absl::StatusOr<engine::GenerationRequest> ToEngineRequest(const v1::GenerateRequ
   }
   for (const std::string& str : stop.stop()) {
     if (str.empty() || str.size() > kMaxStopStringBytes) {
-      return Bad("stopping.stop", absl::StrCat("each stop string must be 1..", kMaxStopStringBytes, " bytes"));
+      return Bad("stopping.stop",
+                 absl::StrCat("each stop string must be 1..", kMaxStopStringBytes, " bytes"));
     }
     if (tokenizer == nullptr) return Bad("stopping.stop", "this server has no tokenizer");
     out.stop_strings.push_back(str);
@@ -167,7 +171,9 @@ int MaxTokenBytes(const engine::Tokenizer& tokenizer) {
 }
 
 std::string QuoteUserInput(std::string_view input, size_t max_bytes) {
-  std::string out = absl::StrCat("\"", absl::CHexEscape(absl::string_view(input.data(), std::min(input.size(), max_bytes))), "\"");
+  std::string out = absl::StrCat(
+      "\"", absl::CHexEscape(absl::string_view(input.data(), std::min(input.size(), max_bytes))),
+      "\"");
   if (input.size() > max_bytes) absl::StrAppend(&out, "... (", input.size(), " bytes)");
   return out;
 }

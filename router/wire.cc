@@ -60,9 +60,8 @@ absl::Status ParseMessage(const grpc::ByteBuffer& bytes, size_t max_bytes,
   const std::string& name = message->GetDescriptor()->name();
   const size_t size = bytes.Length();
   if (size > max_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(name, ": the request is ", size,
-                                                   " bytes; this server accepts at most ",
-                                                   max_bytes));
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ": the request is ", size, " bytes; this server accepts at most ", max_bytes));
   }
   grpc::ByteBuffer copy(bytes);  // shares the slices; the reader needs a mutable buffer
   grpc::ProtoBufferReader reader(&copy);
@@ -71,8 +70,8 @@ absl::Status ParseMessage(const grpc::ByteBuffer& bytes, size_t max_bytes,
   }
   t_last_protobuf_error.clear();
   if (!message->ParseFromZeroCopyStream(&reader)) {
-    std::string why = t_last_protobuf_error.empty() ? "not a valid serialized message"
-                                                    : t_last_protobuf_error;
+    std::string why =
+        t_last_protobuf_error.empty() ? "not a valid serialized message" : t_last_protobuf_error;
     t_last_protobuf_error.clear();
     return absl::InvalidArgumentError(absl::StrCat(name, ": cannot parse the request: ", why));
   }

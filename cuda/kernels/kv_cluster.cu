@@ -115,13 +115,13 @@ struct Workspace {
   size_t assign = 0;    // i32 [H, n]
   size_t keys_in = 0;   // u32 [H * n]: sort keys (seeding; radix-sort passes: head * C + cluster)
   size_t keys_out = 0;
-  size_t vals_in = 0;      // i32 [H * n]: sort values, t
-  size_t vals_out = 0;     // i32 [H * n]: seeding, then each pass's t in cluster order
-  size_t tile_counts = 0;  // i32 [2, H, C, tiles]: keys per (cluster, member tile), by pass parity
-  size_t tile_base = 0;    // i32 [H, C, tiles]: their first sorted position in the head
+  size_t vals_in = 0;       // i32 [H * n]: sort values, t
+  size_t vals_out = 0;      // i32 [H * n]: seeding, then each pass's t in cluster order
+  size_t tile_counts = 0;   // i32 [2, H, C, tiles]: keys per (cluster, member tile), by pass parity
+  size_t tile_base = 0;     // i32 [H, C, tiles]: their first sorted position in the head
   size_t block_counts = 0;  // i32 [H, C, blocks <= kResidentMaxBlocks]: BlockMembers::counts
   size_t block_starts = 0;  // i32 [H, C, blocks <= kResidentMaxBlocks]: BlockMembers::starts
-  size_t seg_begin = 0;    // i32 [H * C]: sorted positions of each cluster
+  size_t seg_begin = 0;     // i32 [H * C]: sorted positions of each cluster
   size_t seg_end = 0;
   size_t changed = 0;  // i32 [iterations]: whether a pass changed anything
   size_t best = 0;     // f32 [H * n]: seeding, each key's best score against the first seeds
@@ -131,8 +131,8 @@ struct Workspace {
   size_t total = 0;
   int end_bit = 1;         // radix-sort key bits of a pass: head * C + cluster
   int member_end_bit = 0;  // block-sort key bits of a member tile: cluster, t in tile
-  int head_bits = 0;     // bits of a head index (seeding sort: head, then similarity)
-  int seed_end_bit = 0;  // radix-sort key bits of the seeding sort
+  int head_bits = 0;       // bits of a head index (seeding sort: head, then similarity)
+  int seed_end_bit = 0;    // radix-sort key bits of the seeding sort
 };
 
 Workspace PlanWorkspace(const ClusterKeysParams& p) {

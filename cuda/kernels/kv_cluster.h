@@ -57,11 +57,11 @@ struct ClusterKeysParams {
   int begin = 0;  // first logical index clustered
   int count = 0;  // tokens clustered, >= 1
   int num_kv_heads = 0;
-  int head_dim = 0;  // a multiple of 8, at most 256
-  int num_clusters = 0;  // 1 <= num_clusters <= min(count, kClusterKeysMaxClusters)
-  int iterations = 0;    // >= 1
-  int first_block = 0;   // pool block of cluster 0
-  int max_blocks = 0;    // block stride of the pools
+  int head_dim = 0;            // a multiple of 8, at most 256
+  int num_clusters = 0;        // 1 <= num_clusters <= min(count, kClusterKeysMaxClusters)
+  int iterations = 0;          // >= 1
+  int first_block = 0;         // pool block of cluster 0
+  int max_blocks = 0;          // block stride of the pools
   void* centroids = nullptr;   // bf16 [num_kv_heads, max_blocks, head_dim]
   int32_t* extents = nullptr;  // [num_kv_heads, max_blocks, 2] = (first index, size)
   ClusterAssignKernel assign_kernel = ClusterAssignKernel::kAuto;

@@ -55,9 +55,9 @@ struct ScoreBlocksParams {
   int num_q_heads = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
-  int max_blocks = 0;      // block stride of summaries and scores
-  int max_num_blocks = 0;  // largest num_blocks among the entries (launch sizing)
-  bool key_bounds = false; // false: centroid dot product; true: Quest bound
+  int max_blocks = 0;               // block stride of summaries and scores
+  int max_num_blocks = 0;           // largest num_blocks among the entries (launch sizing)
+  bool key_bounds = false;          // false: centroid dot product; true: Quest bound
   const void* summary_a = nullptr;  // bf16 [slots, num_kv_heads, max_blocks, head_dim]
   const void* summary_b = nullptr;  // hi, for key_bounds
   float* scores = nullptr;          // [P, num_kv_heads, max_blocks]

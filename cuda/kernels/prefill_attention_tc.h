@@ -4,8 +4,8 @@
 // One thread block of 8 warps owns 256 query rows of one (sequence, kv head),
 // where a row is a (token, query head of the GQA group) pair, so every K/V
 // tile staged in shared memory serves all query heads of the group. Each warp
-// owns 32 rows (two m16 tiles sharing each K/V fragment); S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
-// fp32 accumulate), fragments come from shared memory through ldmatrix, the
+// owns 32 rows (two m16 tiles sharing each K/V fragment); S = Q K^T and O += P V run on mma.sync
+// m16n8k16 (bf16 in, fp32 accumulate), fragments come from shared memory through ldmatrix, the
 // 64-key K/V tiles are gathered per key row (one page lookup per row) with
 // cp.async into two stages, and the softmax is the usual fp32 online form in
 // registers, 32 keys at a time. Causal and sliding-window masks are applied

@@ -347,7 +347,6 @@ TEST(ValidateOptionsTest, ChecksEachFlag) {
 // ---------------------------------------------------------------------------
 // Integration: a real server
 
-
 // The server under load: a `strata serve` child process (shared with the
 // router tests).
 constexpr const char* kBenchServerArgs[] = {"--grace-seconds", "5", nullptr};

@@ -1,6 +1,8 @@
 // Continuous batching: sequences joining and leaving a running batch,
 // chunked prefill and preemption all give exactly the tokens each sequence
 // gets alone; stop conditions and cancellation behave as documented.
+#include "engine/batcher.h"
+
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -10,7 +12,6 @@
 #include <string>
 #include <vector>
 
-#include "engine/batcher.h"
 #include "engine/cpu_backend.h"
 #include "engine/model_loader.h"
 #include "gmock/gmock.h"
@@ -49,9 +50,10 @@ GenerationRequest Request(uint64_t id, std::vector<int32_t> prompt, int max_toke
 
 // Runs requests, adding request i before step arrivals[i]; returns tokens
 // per request id.
-std::map<uint64_t, std::vector<int32_t>> RunRequests(Batcher& batcher, const std::vector<GenerationRequest>& reqs,
-                                             const std::vector<int>& arrivals,
-                                             int* max_running = nullptr) {
+std::map<uint64_t, std::vector<int32_t>> RunRequests(Batcher& batcher,
+                                                     const std::vector<GenerationRequest>& reqs,
+                                                     const std::vector<int>& arrivals,
+                                                     int* max_running = nullptr) {
   std::map<uint64_t, std::vector<int32_t>> out;
   size_t next = 0;
   for (int step = 0; next < reqs.size() || batcher.HasWork(); ++step) {
@@ -172,7 +174,8 @@ TEST(BatcherTest, CancelFreesPagesAndReportsCancelled) {
   ASSERT_FALSE(events->empty());
   EXPECT_EQ((*events)[0].request_id, 1u);
   EXPECT_EQ((*events)[0].finish, FinishReason::kCancelled);
-  for (const auto& e : *events) EXPECT_TRUE(e.request_id != 1 || e.finish == FinishReason::kCancelled);
+  for (const auto& e : *events)
+    EXPECT_TRUE(e.request_id != 1 || e.finish == FinishReason::kCancelled);
   batcher.Cancel(2);
   ASSERT_TRUE(batcher.Step().ok());
   EXPECT_FALSE(batcher.HasWork());
@@ -250,13 +253,17 @@ TEST(BatcherTest, RejectsBadRequests) {
 // strings and text streaming can be checked without a real vocabulary).
 class LetterTokenizer : public Tokenizer {
  public:
-  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view, bool) const override { return std::vector<int32_t>{}; }
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view, bool) const override {
+    return std::vector<int32_t>{};
+  }
   absl::StatusOr<std::string> Decode(const std::vector<int32_t>& ids, bool) const override {
     std::string s;
     for (int32_t id : ids) s += TokenBytes(id);
     return s;
   }
-  std::string TokenBytes(int32_t id) const override { return std::string(1, static_cast<char>('a' + id % 26)); }
+  std::string TokenBytes(int32_t id) const override {
+    return std::string(1, static_cast<char>('a' + id % 26));
+  }
   bool IsSpecial(int32_t) const override { return false; }
   int32_t vocab_size() const override { return 512; }
   std::optional<int32_t> bos_id() const override { return std::nullopt; }

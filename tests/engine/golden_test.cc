@@ -123,7 +123,8 @@ TEST_P(GoldenTest, CpuGreedyMatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, GoldenTest,
-                         ::testing::Values("llama_gqa", "qwen2_tied", "llama3_rope", "mistral_window"));
+                         ::testing::Values("llama_gqa", "qwen2_tied", "llama3_rope",
+                                           "mistral_window"));
 
 }  // namespace
 }  // namespace strata::engine

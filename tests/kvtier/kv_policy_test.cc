@@ -42,8 +42,8 @@ TEST(KvPolicyTest, ClusterKvClustersThePromptThenEachWindow) {
   (*policy)->Advance(60, s, work);  // 59 cached + the query
   ASSERT_EQ(work.size(), 1u);
   EXPECT_EQ(work[0].begin, 4);
-  EXPECT_EQ(work[0].count, 48);     // up to the last window
-  EXPECT_EQ(work[0].clusters, 5);   // ceil(48 / 10)
+  EXPECT_EQ(work[0].count, 48);    // up to the last window
+  EXPECT_EQ(work[0].clusters, 5);  // ceil(48 / 10)
   EXPECT_EQ(s.num_blocks, 5);
   EXPECT_EQ(s.sink_end, 4);
   EXPECT_EQ(s.tail_begin, 52);
@@ -137,7 +137,8 @@ class SparseOpsTest : public ::testing::Test {
   }
   float* Row(Tensor& cache, int index, int h) {
     const int32_t page = table_.data_as<int32_t>()[index / kPageSize];
-    return cache.data_as<float>() + ((int64_t{page} * kPageSize + index % kPageSize) * kHkv + h) * kD;
+    return cache.data_as<float>() +
+           ((int64_t{page} * kPageSize + index % kPageSize) * kHkv + h) * kD;
   }
   std::unique_ptr<engine::Backend> backend_;
   Tensor k_, v_, table_;
@@ -226,9 +227,11 @@ TEST_F(SparseOpsTest, SelectTokensTakesBlocksByScoreUpToTheBudget) {
   // Head 0: block 1 (4 tokens), then block 2 truncated to 3 (block 3 is
   // beyond num_blocks).
   EXPECT_EQ(plan.key_count.data_as<int32_t>()[0], 2 + 7 + 3);
-  EXPECT_THAT(std::vector<int32_t>(idx, idx + 12), ElementsAre(0, 1, 8, 9, 10, 11, 12, 13, 14, 20, 21, 22));
+  EXPECT_THAT(std::vector<int32_t>(idx, idx + 12),
+              ElementsAre(0, 1, 8, 9, 10, 11, 12, 13, 14, 20, 21, 22));
   // Head 1: the tie goes to the lower block (0, 6 tokens), then 1 token of block 1.
-  EXPECT_THAT(std::vector<int32_t>(idx + 32, idx + 44), ElementsAre(0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22));
+  EXPECT_THAT(std::vector<int32_t>(idx + 32, idx + 44),
+              ElementsAre(0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22));
 }
 
 TEST_F(SparseOpsTest, SparseAttentionOverEveryKeyEqualsDenseDecode) {
@@ -339,7 +342,8 @@ TEST_P(PolicyModelTest, ASmallBudgetAttendsToSinksSelectionAndTail) {
   KvPolicyConfig c = Config(GetParam(), 24, 4, 16);
   c.tokens_per_cluster = 8;
   c.quest_page_tokens = 8;
-  auto runner = KvPolicyRunner::Create(model.get(), {c}, {.max_sparse_seqs = 4, .track_selection = true});
+  auto runner =
+      KvPolicyRunner::Create(model.get(), {c}, {.max_sparse_seqs = 4, .track_selection = true});
   ASSERT_TRUE(runner.ok()) << runner.status();
   int64_t checked = 0;
   (*runner)->set_observer([&](int, const Tensor&, const Tensor&, const Tensor&,
@@ -394,7 +398,8 @@ TEST(KvPolicyRunnerTest, SequencesBeyondTheSlotsDecodeDensely) {
 TEST(KvPolicyRunnerTest, PerRequestPoliciesAndErrors) {
   auto model = LoadGolden("llama_gqa");
   const auto dense = Generate(model.get());
-  auto runner = KvPolicyRunner::Create(model.get(), {Config("full", 0, 0, 0), Config("quest", 4096, 4, 16)});
+  auto runner =
+      KvPolicyRunner::Create(model.get(), {Config("full", 0, 0, 0), Config("quest", 4096, 4, 16)});
   ASSERT_TRUE(runner.ok());
   ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
   EXPECT_EQ(Generate(model.get(), 0), dense);

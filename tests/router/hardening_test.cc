@@ -89,8 +89,9 @@ TEST_F(HardeningTest, InvalidUtf8IsInvalidArgumentNamingTheField) {
 
 TEST_F(HardeningTest, UnparsableRequestIsInvalidArgumentWithAMessage) {
   // Field 2 claims 16 bytes and carries 3.
-  grpc::Status s =
-      RawCall(server_->channel(), "/strata.v1.Generation/Generate", std::string("\x12\x10" "abc"));
+  grpc::Status s = RawCall(server_->channel(), "/strata.v1.Generation/Generate",
+                           std::string("\x12\x10"
+                                       "abc"));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("cannot parse"));
 }
@@ -100,7 +101,9 @@ TEST_F(HardeningTest, NothingReachesStderrBelowTheLogLevel) {
   // client's mistakes, answered to the client; at the default level
   // (warn) the server's stderr stays empty.
   RawCall(server_->channel(), "/strata.v1.Generation/Generate", std::string("\x12\x02\xff\xfe", 4));
-  RawCall(server_->channel(), "/strata.v1.Generation/Generate", std::string("\x12\x10" "abc"));
+  RawCall(server_->channel(), "/strata.v1.Generation/Generate",
+          std::string("\x12\x10"
+                      "abc"));
   EXPECT_EQ(server_->Stderr(), "");
 }
 
@@ -174,8 +177,9 @@ TEST(SlowClientTest, AClientThatStopsReadingFreesItsSlotWhenGenerationEnds) {
   auto reader = stuck_stub->Generate(&stuck, r);
   // The generation ends on the server (its KV and slot free) though the
   // client has read nothing.
-  EXPECT_EQ(server.WaitForMetric("strata_requests_total{finish_reason=\"length\"}",
-                                 [](double v) { return v >= 1; }, std::chrono::seconds(120)),
+  EXPECT_EQ(server.WaitForMetric(
+                "strata_requests_total{finish_reason=\"length\"}", [](double v) { return v >= 1; },
+                std::chrono::seconds(120)),
             1);
   EXPECT_EQ(server.WaitForMetric("strata_requests_in_flight", [](double v) { return v == 0; }), 0);
   int tokens = 0;

@@ -1,7 +1,7 @@
 // ServerProcess: a `strata serve` child process on free loopback ports, for
 // tests that drive the server over real gRPC and HTTP (tests/router,
-// tests/bench). Its stderr goes to a file (Stderr()). Needs STRATA_BINARY (the strata executable) and
-// STRATA_SOURCE_DIR (for models/tiny-llama) defined by the test target.
+// tests/bench). Its stderr goes to a file (Stderr()). Needs STRATA_BINARY (the strata executable)
+// and STRATA_SOURCE_DIR (for models/tiny-llama) defined by the test target.
 //
 // Thread-safety: one thread owns it; the gRPC stub it hands out is
 // thread-safe.
@@ -19,10 +19,10 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <fstream>
-#include <iterator>
 #include <chrono>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <regex>
 #include <string>

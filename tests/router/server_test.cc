@@ -15,8 +15,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <regex>
 #include <string>
@@ -38,7 +38,8 @@ using Clock = std::chrono::steady_clock;
 using testing_util::ServerProcess;
 const std::string& kModel = testing_util::kTinyModel;
 
-v1::GenerateRequest TextRequest(const std::string& text, int max_tokens, float temperature = 0, uint64_t seed = 0) {
+v1::GenerateRequest TextRequest(const std::string& text, int max_tokens, float temperature = 0,
+                                uint64_t seed = 0) {
   v1::GenerateRequest r;
   r.set_text(text);
   r.mutable_sampling()->set_temperature(temperature);
@@ -108,9 +109,10 @@ TEST_F(ServerTest, StreamsTokensWithUsageAndLogprobs) {
 }
 
 TEST_F(ServerTest, MatchesLocalGenerateForTheSameSeed) {
-  const std::string cmd = std::string(STRATA_BINARY) + " generate --model " + kModel +
-                          " --prompt 'Return the number of' --max-tokens 20 --temperature 0.8 --top-p 0.9" +
-                          " --seed 11 --json --threads 2";
+  const std::string cmd =
+      std::string(STRATA_BINARY) + " generate --model " + kModel +
+      " --prompt 'Return the number of' --max-tokens 20 --temperature 0.8 --top-p 0.9" +
+      " --seed 11 --json --threads 2";
   FILE* p = popen(cmd.c_str(), "r");
   ASSERT_NE(p, nullptr);
   std::vector<int32_t> local;
@@ -137,15 +139,16 @@ TEST_F(ServerTest, MatchesLocalGenerateForTheSameSeed) {
 }
 
 TEST_F(ServerTest, ConcurrentRequestsGetTheirOwnTokens) {
-  const std::vector<std::string> prompts = {"Return the number of", "Create a new", "The default is",
-                                            "Raise an exception if", "This module provides",
-                                            "Return True if", "Set the value of", "Close the file"};
+  const std::vector<std::string> prompts = {
+      "Return the number of", "Create a new",   "The default is",   "Raise an exception if",
+      "This module provides", "Return True if", "Set the value of", "Close the file"};
   std::vector<Completion> alone;
   for (const auto& p : prompts) alone.push_back(Generate(server_->stub(), TextRequest(p, 16)));
   std::vector<Completion> together(prompts.size());
   std::vector<std::thread> threads;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    threads.emplace_back([&, i] { together[i] = Generate(server_->stub(), TextRequest(prompts[i], 16)); });
+    threads.emplace_back(
+        [&, i] { together[i] = Generate(server_->stub(), TextRequest(prompts[i], 16)); });
   }
   for (auto& t : threads) t.join();
   for (size_t i = 0; i < prompts.size(); ++i) {
@@ -156,7 +159,8 @@ TEST_F(ServerTest, ConcurrentRequestsGetTheirOwnTokens) {
 }
 
 TEST_F(ServerTest, CancellationMidStreamFreesKv) {
-  const double cancelled_before = server_->Metric("strata_requests_total{finish_reason=\"cancelled\"}");
+  const double cancelled_before =
+      server_->Metric("strata_requests_total{finish_reason=\"cancelled\"}");
   v1::GenerateRequest r = TextRequest("Return the number of", 1800);
   r.mutable_stopping()->set_ignore_eos(true);
   grpc::ClientContext ctx;
@@ -169,7 +173,8 @@ TEST_F(ServerTest, CancellationMidStreamFreesKv) {
   while (reader->Read(&resp)) {
   }
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
-  EXPECT_EQ(server_->WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
+  EXPECT_EQ(server_->WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }),
+            0);
   EXPECT_EQ(server_->WaitForMetric("strata_requests_total{finish_reason=\"cancelled\"}",
                                    [&](double v) { return v == cancelled_before + 1; }),
             cancelled_before + 1);
@@ -180,7 +185,8 @@ TEST_F(ServerTest, DeadlineExceededStopsTheSequence) {
   r.mutable_stopping()->set_ignore_eos(true);
   Completion c = Generate(server_->stub(), r, std::chrono::milliseconds(150));
   EXPECT_EQ(c.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
-  EXPECT_EQ(server_->WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
+  EXPECT_EQ(server_->WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }),
+            0);
   EXPECT_GE(server_->WaitForMetric("strata_requests_total{finish_reason=\"deadline_exceeded\"}",
                                    [](double v) { return v >= 1; }),
             1);
@@ -323,7 +329,8 @@ TEST(ServerShutdownTest, SigtermDrainsInFlightRequestsAndExitsZero) {
   EXPECT_EQ(last.finish_reason(), v1::FINISH_REASON_LENGTH);
   terminate.join();
   // Nothing listens any more.
-  Completion after = Generate(server.stub(), TextRequest("hello", 4), std::chrono::milliseconds(2000));
+  Completion after =
+      Generate(server.stub(), TextRequest("hello", 4), std::chrono::milliseconds(2000));
   EXPECT_FALSE(after.status.ok());
 }
 
@@ -374,10 +381,10 @@ TEST(ServerProfileTest, SparsePolicyProfilesServeTheirRequests) {
   // A ClusterKV profile small enough that a 300-token prompt is clustered
   // and decodes over sinks + 32 selected tokens + the tail; the default
   // profile stays dense in the same server.
-  const std::string path = WriteTemp(
-      "sparse_profile.yaml",
-      "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
-      "window_tokens: 16, tokens_per_cluster: 16, full_layers: 1}\n");
+  const std::string path =
+      WriteTemp("sparse_profile.yaml",
+                "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
+                "window_tokens: 16, tokens_per_cluster: 16, full_layers: 1}\n");
   ServerProcess server({"--profile", path});
   std::string prompt;
   for (int i = 0; i < 60; ++i) prompt += "Return the number of items in the list. ";
@@ -401,8 +408,10 @@ TEST(ServerProfileTest, SparsePolicyProfilesServeTheirRequests) {
 }
 
 TEST(ServerProfileTest, BadProfileFailsStartupWithAClearError) {
-  const std::string path = WriteTemp("bad_profile.yaml", "name: chat\nkv_policy: {type: full, budget: 3}\n");
-  const std::string cmd = std::string(STRATA_BINARY) + " serve --model " + kModel + " --port 0 --profile " + path + " 2>&1";
+  const std::string path =
+      WriteTemp("bad_profile.yaml", "name: chat\nkv_policy: {type: full, budget: 3}\n");
+  const std::string cmd = std::string(STRATA_BINARY) + " serve --model " + kModel +
+                          " --port 0 --profile " + path + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   ASSERT_NE(p, nullptr);
   std::string out;
