@@ -272,7 +272,9 @@ class Regex {
   static absl::StatusOr<std::unique_ptr<Regex>> Compile(std::string_view pattern, bool literal) {
     int error_code = 0;
     PCRE2_SIZE error_offset = 0;
-    uint32_t options = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
+    // PCRE2_LITERAL refuses PCRE2_UCP (which only changes how \d, \w and
+    // the like match, meaningless for a literal).
+    const uint32_t options = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
     pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                                      options, &error_code, &error_offset, nullptr);
     if (code == nullptr) {

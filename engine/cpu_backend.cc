@@ -184,16 +184,28 @@ class CpuBackend final : public Backend {
         std::memcpy(out, src, count * 4);
         break;
       case DType::kBF16: {
-        const auto* in = static_cast<const uint16_t*>(src);
+        // Bytes, not uint16_t: a safetensors header need not pad the data
+        // that follows it, so a tensor may start at an odd address.
+        const auto* in = static_cast<const uint8_t*>(src);
         pool_.ParallelFor(count, 1 << 16, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) out[i] = Bf16ToFloat(in[i]);
+          for (int64_t i = b; i < e; ++i) {
+            uint16_t bits;
+            std::memcpy(&bits, in + 2 * i, 2);
+            out[i] = Bf16ToFloat(bits);
+          }
         });
         break;
       }
       case DType::kF16: {
-        const auto* in = static_cast<const uint16_t*>(src);
+        // Bytes, not uint16_t: a safetensors header need not pad the data
+        // that follows it, so a tensor may start at an odd address.
+        const auto* in = static_cast<const uint8_t*>(src);
         pool_.ParallelFor(count, 1 << 16, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) out[i] = Fp16ToFloat(in[i]);
+          for (int64_t i = b; i < e; ++i) {
+            uint16_t bits;
+            std::memcpy(&bits, in + 2 * i, 2);
+            out[i] = Fp16ToFloat(bits);
+          }
         });
         break;
       }

@@ -31,7 +31,8 @@ class Fields {
     const auto it = j_.find(field);
     return it != j_.end() && !it->is_null();
   }
-  absl::StatusOr<int> Int(const std::string& field, std::optional<int> fallback = std::nullopt) const {
+  absl::StatusOr<int> Int(const std::string& field,
+                          std::optional<int> fallback = std::nullopt) const {
     const auto it = j_.find(field);
     if (it == j_.end() || it->is_null()) {
       if (fallback) return *fallback;
@@ -145,8 +146,8 @@ absl::StatusOr<RopeConfig> ParseRope(const json& root, const std::string& source
       return p.Error("high_freq_factor", "must exceed low_freq_factor");
     }
   } else {
-    return absl::UnimplementedError(
-        absl::StrCat(prefix, ": rope type \"", type, "\" is not supported (default, linear, llama3)"));
+    return absl::UnimplementedError(absl::StrCat(prefix, ": rope type \"", type,
+                                                 "\" is not supported (default, linear, llama3)"));
   }
   if (!(rope.factor > 0)) return p.Error("factor", "must be positive");
   return rope;
@@ -189,7 +190,7 @@ std::vector<float> ModelConfig::RopeInvFreq() const {
       const double wavelen = 2.0 * M_PI / f;
       if (wavelen > low_wavelen) {
         f = static_cast<float>(f / rope.factor);  // low frequencies: scaled
-      } else if (wavelen >= high_wavelen) {        // medium: interpolate
+      } else if (wavelen >= high_wavelen) {       // medium: interpolate
         const double smooth = (old_len / wavelen - rope.low_freq_factor) /
                               (rope.high_freq_factor - rope.low_freq_factor);
         f = static_cast<float>((1.0 - smooth) * f / rope.factor + smooth * f);
@@ -227,8 +228,7 @@ absl::Status ModelConfig::Validate() const {
   if (!(rope.theta > 0)) return bad("rope_theta must be positive");
   // Sizes the runtime multiplies out: the fused q/k/v row width must fit an
   // int, and the whole model int64 element counts with room to spare.
-  const int64_t qkv_width =
-      (int64_t{num_q_heads} + 2 * int64_t{num_kv_heads}) * int64_t{head_dim};
+  const int64_t qkv_width = (int64_t{num_q_heads} + 2 * int64_t{num_kv_heads}) * int64_t{head_dim};
   if (qkv_width > INT32_MAX) {
     return bad(absl::StrCat("num_attention_heads and num_key_value_heads are implausibly large (",
                             num_q_heads, ", ", num_kv_heads, ")"));
@@ -238,10 +238,12 @@ absl::Status ModelConfig::Validate() const {
                                ParameterCount(*this)));
   }
   for (int id : bos_token_ids) {
-    if (id < 0 || id >= vocab_size) return bad(absl::StrCat("bos_token_id ", id, " outside the vocabulary"));
+    if (id < 0 || id >= vocab_size)
+      return bad(absl::StrCat("bos_token_id ", id, " outside the vocabulary"));
   }
   for (int id : eos_token_ids) {
-    if (id < 0 || id >= vocab_size) return bad(absl::StrCat("eos_token_id ", id, " outside the vocabulary"));
+    if (id < 0 || id >= vocab_size)
+      return bad(absl::StrCat("eos_token_id ", id, " outside the vocabulary"));
   }
   return absl::OkStatus();
 }
@@ -269,7 +271,8 @@ absl::StatusOr<ModelConfig> ParseModelConfig(const std::string& json_text,
         "\" is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)"));
   }
   STRATA_ASSIGN_OR_RETURN(std::string act, f.String("hidden_act", "silu"));
-  if (act != "silu") return f.Error("hidden_act", absl::StrCat("\"", act, "\" is not supported (silu)"));
+  if (act != "silu")
+    return f.Error("hidden_act", absl::StrCat("\"", act, "\" is not supported (silu)"));
   STRATA_ASSIGN_OR_RETURN(c.vocab_size, f.Int("vocab_size"));
   STRATA_ASSIGN_OR_RETURN(c.hidden_size, f.Int("hidden_size"));
   STRATA_ASSIGN_OR_RETURN(c.intermediate_size, f.Int("intermediate_size"));
@@ -335,7 +338,9 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
   return config;
 }
 
-std::vector<std::string> PresetNames() { return {"llama-3-8b", "llama-3-1b", "qwen2-0.5b", "tiny"}; }
+std::vector<std::string> PresetNames() {
+  return {"llama-3-8b", "llama-3-1b", "qwen2-0.5b", "tiny"};
+}
 
 absl::StatusOr<ModelConfig> PresetModelConfig(const std::string& name) {
   ModelConfig c;
@@ -367,8 +372,8 @@ absl::StatusOr<ModelConfig> PresetModelConfig(const std::string& name) {
     c.num_layers = 2, c.num_q_heads = 4, c.num_kv_heads = 2, c.head_dim = 16;
     c.max_position_embeddings = 2048;
   } else {
-    return absl::InvalidArgumentError(absl::StrCat("unknown model preset \"", name,
-                                                   "\" (known: ", absl::StrJoin(PresetNames(), ", "), ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown model preset \"", name, "\" (known: ", absl::StrJoin(PresetNames(), ", "), ")"));
   }
   STRATA_RETURN_IF_ERROR(c.Validate());
   return c;

@@ -150,13 +150,13 @@ absl::StatusOr<std::unique_ptr<SafetensorsModel>> SafetensorsModel::Open(const s
     std::set<std::string> unique;
     for (const auto& [tensor, shard] : weight_map.items()) {
       if (!shard.is_string()) {
-        return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": weight_map[\"",
-                                                       tensor, "\"] is not a file name"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(index_path.string(), ": weight_map[\"", tensor, "\"] is not a file name"));
       }
       const std::string name = shard.get<std::string>();
       if (name.find('/') != std::string::npos || name == "..") {
-        return absl::InvalidArgumentError(
-            absl::StrCat(index_path.string(), ": shard name \"", name, "\" is not a plain file name"));
+        return absl::InvalidArgumentError(absl::StrCat(index_path.string(), ": shard name \"", name,
+                                                       "\" is not a plain file name"));
       }
       if (unique.insert(name).second) shard_names.push_back(name);
     }

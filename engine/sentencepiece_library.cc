@@ -38,13 +38,28 @@ std::vector<std::string> Candidates() {
   return paths;
 }
 
+// AddressSanitizer refuses to load a library with RTLD_DEEPBIND (its
+// interceptors would be bypassed). The sanitizer build loads the shim
+// without it; its tests load no other libprotobuf for it to clash with.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr int kDeepBind = 0;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr int kDeepBind = 0;
+#else
+constexpr int kDeepBind = RTLD_DEEPBIND;
+#endif
+#else
+constexpr int kDeepBind = RTLD_DEEPBIND;
+#endif
+
 const Shim& LoadShim() {
   static Shim* shim = [] {
     auto* s = new Shim;
     std::vector<std::string> tried;
     for (const std::string& path : Candidates()) {
       if (path.find('/') != std::string::npos && !std::filesystem::exists(path)) continue;
-      void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_DEEPBIND);
+      void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL | kDeepBind);
       if (handle == nullptr) {
         tried.push_back(absl::StrCat(path, " (", dlerror(), ")"));
         continue;

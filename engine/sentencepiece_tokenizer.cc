@@ -143,7 +143,8 @@ absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> SentencePieceTokenizer::
   tokenizer->processor_ = *std::move(processor);
   std::string error;
   if (!tokenizer->processor_->Load(model_proto, &error)) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a valid sentencepiece model: ", error));
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": not a valid sentencepiece model: ", error));
   }
   const SentencePieceProcessor& sp = *tokenizer->processor_;
   tokenizer->options_ = options;

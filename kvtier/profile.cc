@@ -24,19 +24,22 @@ class MapReader {
       : node_(node), path_(std::move(path)), source_(source) {}
 
   absl::Status Error(const std::string& key, const std::string& what) const {
-    return absl::InvalidArgumentError(absl::StrCat(source_, ": ", path_.empty() ? "" : path_ + ".", key, ": ", what));
+    return absl::InvalidArgumentError(
+        absl::StrCat(source_, ": ", path_.empty() ? "" : path_ + ".", key, ": ", what));
   }
 
   bool Has(const std::string& key) const { return node_[key].IsDefined() && !node_[key].IsNull(); }
 
-  absl::Status String(const std::string& key, std::string* out, const std::set<std::string>& allowed = {}) {
+  absl::Status String(const std::string& key, std::string* out,
+                      const std::set<std::string>& allowed = {}) {
     seen_.insert(key);
     if (!Has(key)) return absl::OkStatus();
     const YAML::Node v = node_[key];
     if (!v.IsScalar()) return Error(key, "must be a string");
     *out = v.Scalar();
     if (!allowed.empty() && allowed.count(*out) == 0) {
-      return Error(key, absl::StrCat("\"", *out, "\" is not one of ", absl::StrJoin(allowed, ", ")));
+      return Error(key,
+                   absl::StrCat("\"", *out, "\" is not one of ", absl::StrJoin(allowed, ", ")));
     }
     return absl::OkStatus();
   }
@@ -46,8 +49,10 @@ class MapReader {
     if (!Has(key)) return absl::OkStatus();
     const YAML::Node v = node_[key];
     int64_t value;
-    if (!v.IsScalar() || !absl::SimpleAtoi(v.Scalar(), &value)) return Error(key, "must be an integer");
-    if (value < min || value > max) return Error(key, absl::StrCat("must be in [", min, ", ", max, "], got ", value));
+    if (!v.IsScalar() || !absl::SimpleAtoi(v.Scalar(), &value))
+      return Error(key, "must be an integer");
+    if (value < min || value > max)
+      return Error(key, absl::StrCat("must be in [", min, ", ", max, "], got ", value));
     *out = static_cast<int>(value);
     return absl::OkStatus();
   }
@@ -86,7 +91,8 @@ class MapReader {
 };
 
 absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& source) {
-  if (!root.IsMap()) return absl::InvalidArgumentError(absl::StrCat(source, ": a profile must be a YAML map"));
+  if (!root.IsMap())
+    return absl::InvalidArgumentError(absl::StrCat(source, ": a profile must be a YAML map"));
   KvProfile p;
   MapReader top(root, "", source);
   STRATA_RETURN_IF_ERROR(top.String("name", &p.name));
@@ -101,7 +107,8 @@ absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& s
   STRATA_ASSIGN_OR_RETURN(YAML::Node policy_node, top.Map("kv_policy"));
   MapReader policy(policy_node, "kv_policy", source);
   KvPolicyConfig& k = p.policy;
-  STRATA_RETURN_IF_ERROR(policy.String("type", &k.type, {"full", "streaming", "quest", "clusterkv"}));
+  STRATA_RETURN_IF_ERROR(
+      policy.String("type", &k.type, {"full", "streaming", "quest", "clusterkv"}));
   STRATA_RETURN_IF_ERROR(policy.Int("budget_tokens", &k.budget_tokens, 1, 1 << 24));
   STRATA_RETURN_IF_ERROR(policy.Int("sink_tokens", &k.sink_tokens, 0, 1 << 20));
   STRATA_RETURN_IF_ERROR(policy.Int("window_tokens", &k.window_tokens, 0, 1 << 24));
@@ -118,10 +125,12 @@ absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& s
   STRATA_RETURN_IF_ERROR(tiers.Bytes("host_bytes", &t.host_bytes));
   STRATA_RETURN_IF_ERROR(tiers.String("ssd_path", &t.ssd_path));
   STRATA_RETURN_IF_ERROR(tiers.Bytes("ssd_bytes", &t.ssd_bytes));
-  STRATA_RETURN_IF_ERROR(tiers.String("ssd_write_admission", &t.ssd_write_admission, {"never", "cold", "always"}));
+  STRATA_RETURN_IF_ERROR(
+      tiers.String("ssd_write_admission", &t.ssd_write_admission, {"never", "cold", "always"}));
   STRATA_RETURN_IF_ERROR(tiers.NoUnknownKeys());
   if (t.ssd_bytes > 0 && t.ssd_path.empty()) return tiers.Error("ssd_bytes", "needs ssd_path");
-  if (!t.ssd_path.empty() && t.ssd_bytes == 0) return tiers.Error("ssd_path", "needs ssd_bytes > 0");
+  if (!t.ssd_path.empty() && t.ssd_bytes == 0)
+    return tiers.Error("ssd_path", "needs ssd_bytes > 0");
   STRATA_RETURN_IF_ERROR(top.NoUnknownKeys());
   return p;
 }
@@ -140,15 +149,24 @@ absl::StatusOr<int64_t> ParseByteSize(const std::string& text) {
   while (digits < s.size() && std::isdigit(static_cast<unsigned char>(s[digits]))) ++digits;
   int64_t value;
   if (digits == 0 || !absl::SimpleAtoi(s.substr(0, digits), &value)) {
-    return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is not a byte size (e.g. 8GiB)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("\"", text, "\" is not a byte size (e.g. 8GiB)"));
   }
   const std::string unit(absl::StripAsciiWhitespace(s.substr(digits)));
-  static const std::pair<const char*, int64_t> kUnits[] = {
-      {"", 1},          {"B", 1},           {"KB", 1000},      {"MB", 1000000},    {"GB", 1000000000},
-      {"TB", 1000000000000}, {"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", int64_t{1} << 30}, {"TiB", int64_t{1} << 40}};
+  static const std::pair<const char*, int64_t> kUnits[] = {{"", 1},
+                                                           {"B", 1},
+                                                           {"KB", 1000},
+                                                           {"MB", 1000000},
+                                                           {"GB", 1000000000},
+                                                           {"TB", 1000000000000},
+                                                           {"KiB", 1 << 10},
+                                                           {"MiB", 1 << 20},
+                                                           {"GiB", int64_t{1} << 30},
+                                                           {"TiB", int64_t{1} << 40}};
   for (const auto& [name, scale] : kUnits) {
     if (unit == name) {
-      if (value > INT64_MAX / scale) return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is too large"));
+      if (value > INT64_MAX / scale)
+        return absl::InvalidArgumentError(absl::StrCat("\"", text, "\" is too large"));
       return value * scale;
     }
   }
@@ -161,7 +179,8 @@ absl::StatusOr<KvProfile> ParseProfile(const std::string& yaml_text, const std::
   try {
     return ParseNode(YAML::Load(yaml_text), source);
   } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": invalid YAML at line ", e.mark.line + 1, ": ", e.msg));
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": invalid YAML at line ", e.mark.line + 1, ": ", e.msg));
   }
 }
 
@@ -173,11 +192,13 @@ absl::StatusOr<KvProfile> LoadProfile(const std::string& path) {
 absl::Status CheckSupported(const KvProfile& p, const std::string& source) {
   auto unsupported = [&](const std::string& key, const std::string& value) {
     return absl::UnimplementedError(absl::StrCat(source, ": ", key, " ", value,
-                                                 " is not available in this build yet (profile \"", p.name, "\")"));
+                                                 " is not available in this build yet (profile \"",
+                                                 p.name, "\")"));
   };
   if (p.codec != "bf16") return unsupported("codec", p.codec);
   if (p.tiers.gpu_bytes > 0) {
-    return unsupported("tiers.gpu_bytes", "(a per-profile GPU budget; size the cache with --kv-pages)");
+    return unsupported("tiers.gpu_bytes",
+                       "(a per-profile GPU budget; size the cache with --kv-pages)");
   }
   if (p.tiers.host_bytes > 0) return unsupported("tiers.host_bytes", "(a host tier)");
   if (!p.tiers.ssd_path.empty()) return unsupported("tiers.ssd_path", "(an SSD tier)");

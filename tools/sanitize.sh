@@ -36,11 +36,27 @@ if [ "$what" = build ]; then
 fi
 cmake --build "$build" -j "$(nproc)"
 
-export ASAN_OPTIONS=detect_leaks=1
-export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# Reports go to files, so those of the `strata serve` processes the
+# integration tests start (whose stderr the tests do not show) are seen too;
+# any report fails the run, after ctest has listed what failed.
+logs=$(cd "$build" && pwd)/sanitizer-logs
+rm -rf "$logs"
+mkdir -p "$logs"
+export ASAN_OPTIONS=detect_leaks=1:log_path=$logs/asan
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$logs/ubsan
 cd "$build"
-ctest --output-on-failure -j "$(nproc)" --timeout 900 -L unit
+status=0
+ctest --output-on-failure -j "$(nproc)" --timeout 900 -L unit || status=1
 case "$what" in
-  all) ctest --output-on-failure -j "$(nproc)" --timeout 900 -L integration -E '^cli\.generate$' ;;
-  full) ctest --output-on-failure -j "$(nproc)" --timeout 900 -L integration ;;
+  all) ctest --output-on-failure -j "$(nproc)" --timeout 900 -L integration -E '^cli\.generate$' ||
+    status=1 ;;
+  full) ctest --output-on-failure -j "$(nproc)" --timeout 900 -L integration || status=1 ;;
 esac
+if compgen -G "$logs/*" >/dev/null; then
+  for f in "$logs"/*; do
+    echo "=== sanitizer report $f" >&2
+    cat "$f" >&2
+  done
+  status=1
+fi
+exit $status

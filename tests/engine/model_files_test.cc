@@ -320,5 +320,21 @@ TEST(ModelFilesTest, TokenizerJsonIdsAreChecked) {
   }
 }
 
+TEST(ModelFilesTest, TokenizerJsonSplitOnALiteralStringLoads) {
+  // {"String": ...} patterns are literal: "." splits on dots only. (PCRE2
+  // refused the literal option together with Unicode properties, so every
+  // such tokenizer.json failed to load.)
+  auto tokenizer = BpeTokenizer::FromJson(R"({
+    "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+      {"type": "Split", "pattern": {"String": "."}, "behavior": "Isolated"},
+      {"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}]},
+    "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, ".": 2, "ab": 3}, "merges": ["a b"]}})",
+                                          "tokenizer.json");
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  auto ids = (*tokenizer)->Encode("ab.ab", /*add_special_tokens=*/false);
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  EXPECT_EQ(*ids, std::vector<int32_t>({3, 2, 3}));
+}
+
 }  // namespace
 }  // namespace strata::engine

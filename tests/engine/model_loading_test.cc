@@ -24,7 +24,8 @@ using testing_util::FixturePath;
 using testing_util::TempDir;
 
 // Builds a safetensors file from (name, dtype, shape) with zeroed data.
-std::string MakeSafetensors(const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& specs) {
+std::string MakeSafetensors(
+    const std::vector<std::tuple<std::string, std::string, std::vector<int64_t>>>& specs) {
   nlohmann::json header = nlohmann::json::object();
   uint64_t offset = 0;
   for (const auto& [name, dtype, shape] : specs) {
@@ -67,10 +68,12 @@ TEST(ModelConfigTest, ParsesEveryGoldenConfig) {
 }
 
 TEST(ModelConfigTest, AcceptsLegacyRopeScalingField) {
-  auto c = ParseModelConfig(R"({"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":256,
+  auto c =
+      ParseModelConfig(R"({"architectures":["LlamaForCausalLM"],"vocab_size":10,"hidden_size":256,
     "intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,
     "rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,
-    "high_freq_factor":4.0,"original_max_position_embeddings":8192}})", "config.json");
+    "high_freq_factor":4.0,"original_max_position_embeddings":8192}})",
+                       "config.json");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->rope.type, "llama3");
   EXPECT_DOUBLE_EQ(c->rope.factor, 8.0);
@@ -90,15 +93,21 @@ TEST(ModelConfigTest, RejectsBadConfigsWithClearErrors) {
     std::string json, message;
   } cases[] = {
       {"{not json", "not a valid JSON"},
-      {R"({"architectures":["GPT2LMHeadModel"],)" + base + "}", "GPT2LMHeadModel\" is not supported"},
+      {R"({"architectures":["GPT2LMHeadModel"],)" + base + "}",
+       "GPT2LMHeadModel\" is not supported"},
       {R"({"architectures":[],)" + base + "}", "architectures"},
       {R"({"architectures":["LlamaForCausalLM"],"vocab_size":10})", "hidden_size\" is missing"},
-      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"num_key_value_heads":3})", "must divide"},
-      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"hidden_size":"big"})", "must be an integer"},
-      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"rope_scaling":{"type":"yarn","factor":2}})",
+      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"num_key_value_heads":3})",
+       "must divide"},
+      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"hidden_size":"big"})",
+       "must be an integer"},
+      {R"({"architectures":["LlamaForCausalLM"],)" + base +
+           R"(,"rope_scaling":{"type":"yarn","factor":2}})",
        "rope type \"yarn\""},
-      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"hidden_act":"gelu"})", "hidden_act"},
-      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"eos_token_id":99})", "eos_token_id 99"},
+      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"hidden_act":"gelu"})",
+       "hidden_act"},
+      {R"({"architectures":["LlamaForCausalLM"],)" + base + R"(,"eos_token_id":99})",
+       "eos_token_id 99"},
   };
   for (const auto& c : cases) {
     auto parsed = ParseModelConfig(c.json, "dir/config.json");
@@ -192,7 +201,9 @@ TEST(ModelLoadingTest, MissingTensorWrongShapeWrongDtype) {
 
   dir.Write("model.safetensors", MakeSafetensors(with_norm(layer("F32", {8, 6}))));
   s = LoadFrom(dir.path());
-  EXPECT_THAT(std::string(s.message()), HasSubstr("\"model.layers.0.self_attn.q_proj.weight\" has shape [8, 6], expected [8, 8]"));
+  EXPECT_THAT(
+      std::string(s.message()),
+      HasSubstr("\"model.layers.0.self_attn.q_proj.weight\" has shape [8, 6], expected [8, 8]"));
   EXPECT_THAT(std::string(s.message()), HasSubstr(weights));
 
   dir.Write("model.safetensors", MakeSafetensors(with_norm(layer("I32", {8, 8}))));
@@ -206,7 +217,8 @@ TEST(ModelLoadingTest, ShardIndexErrors) {
   const std::string index = dir.path() + "/model.safetensors.index.json";
   // A shard that the index names but that is gone.
   std::filesystem::remove(dir.path() + "/model-00003-of-00007.safetensors");
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("model-00003-of-00007.safetensors"));
+  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()),
+              HasSubstr("model-00003-of-00007.safetensors"));
   dir.Write("model.safetensors.index.json", "{\"weight_map\": 7}");
   EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("weight_map"));
   dir.Write("model.safetensors.index.json", "not json");

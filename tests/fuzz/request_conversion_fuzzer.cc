@@ -39,6 +39,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   limits->context_length = 512;
   limits->vocab_size = config->vocab_size;
   limits->default_max_tokens = 256;
+  limits->max_token_bytes = strata::router::MaxTokenBytes(**tokenizer);
   limits->profiles = {"default", "long-doc"};
   return 0;
 }

@@ -29,7 +29,8 @@ tiers:
   ssd_path: /tmp/kv
   ssd_bytes: 1TiB
   ssd_write_admission: always
-)", "p.yaml");
+)",
+                        "p.yaml");
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(p->name, "long-doc");
   EXPECT_EQ(p->policy.type, "clusterkv");
@@ -68,7 +69,8 @@ TEST(ProfileTest, ErrorsNameTheFileAndKey) {
       {"name: x\ncodec: fp4\n", "codec: \"fp4\" is not one of"},
       {"name: x\nkv_policy: {type: h2o}\n", "kv_policy.type: \"h2o\" is not one of"},
       {"name: x\nkv_policy: {budget_tokens: -5}\n", "kv_policy.budget_tokens: must be in [1,"},
-      {"name: x\nkv_policy: {budget_tokens: lots}\n", "kv_policy.budget_tokens: must be an integer"},
+      {"name: x\nkv_policy: {budget_tokens: lots}\n",
+       "kv_policy.budget_tokens: must be an integer"},
       {"name: x\nkv_policy: {budgett_tokens: 5}\n", "kv_policy.budgett_tokens: unknown key"},
       {"name: x\ncolor: red\n", "color: unknown key"},
       {"name: x\ntiers: {gpu_bytes: 8XB}\n", "tiers.gpu_bytes: \"8XB\": unknown unit"},
