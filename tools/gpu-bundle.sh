@@ -4,7 +4,7 @@
 # copied to a GPU machine that has the NVIDIA driver and CUDA runtime
 # libraries (cuBLAS) but not the Debian packages strata builds against.
 #
-# On a GPU machine, from the repository root (after `tar xzf .gpu.tar.gz`):
+# On a GPU machine, from the repository root (after `tar xJf .gpu.tar.xz`):
 #   export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64
 #   STRATA_FIXTURES_DIR=$PWD/tests/fixtures .gpu/bin/strata_cuda_tests
 set -euo pipefail
@@ -28,6 +28,9 @@ cp -L "$(g++ -print-file-name=libstdc++.so.6)" .gpu/lib/
 # Symbols are not needed to run (and the bundle travels with the tree).
 strip --strip-unneeded .gpu/bin/strata .gpu/bin/strata_*_tests .gpu/bin/strata_kernel_bench .gpu/lib/*.so* 2>/dev/null || true
 # One compressed file is what travels to the GPU machine: unpack it there
-# with `tar xzf .gpu.tar.gz` in the repository root.
-tar czf .gpu.tar.gz .gpu
-du -sh .gpu .gpu.tar.gz
+# with `tar xJf .gpu.tar.xz` in the repository root. xz, not gzip: the
+# bundle and the tree must fit the 64 MiB a GPU call carries, and xz packs
+# the bundle about 15% smaller (34 vs 40 MB with every binary).
+rm -f .gpu.tar.gz
+tar cf - .gpu | xz -T0 -6 > .gpu.tar.xz
+du -sh .gpu .gpu.tar.xz
