@@ -207,7 +207,13 @@ int RunServe(const ServeFlags& f) {
   std::unique_ptr<MetricsServer> metrics_server;
   if (f.metrics_port >= 0) {
     metrics_server = std::make_unique<MetricsServer>(&scraped);
-    if (absl::Status s = metrics_server->Start(f.host, f.metrics_port); !s.ok()) return Fail(s);
+    if (absl::Status s = metrics_server->Start(f.host, f.metrics_port); !s.ok()) {
+      // The service must outlive the calls and sequences it started.
+      server->Shutdown();
+      server->Wait();
+      engine.Stop();
+      return Fail(s);
+    }
   }
   // One parseable line on stdout says where the server listens.
   std::printf("strata serve: listening on %s:%d", f.host.c_str(), port);

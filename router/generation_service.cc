@@ -174,9 +174,15 @@ void GenerateStream::OnEngineEvent(const engine::TokenEvent& e, Clock::time_poin
         usage->set_time_to_first_token_seconds(
             std::chrono::duration<double>(first_token_ - arrival_).count());
       }
-      end_status_ = e.finish == engine::FinishReason::kError
-                        ? grpc::Status(grpc::StatusCode::INTERNAL, e.error)
-                        : grpc::Status::OK;
+      // kCancelled reaches a call that is still open only when the server
+      // stopped the sequence itself (the client's own cancellation has
+      // finished the call already).
+      end_status_ =
+          e.finish == engine::FinishReason::kError
+              ? grpc::Status(grpc::StatusCode::INTERNAL, e.error)
+          : e.finish == engine::FinishReason::kCancelled
+              ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server stopped the request")
+              : grpc::Status::OK;
       CountFinishLocked(std::string(engine::FinishReasonName(e.finish)));
       // The engine has freed the sequence: its slot is free, whether or not
       // the client ever reads what is left.
@@ -185,15 +191,14 @@ void GenerateStream::OnEngineEvent(const engine::TokenEvent& e, Clock::time_poin
     } else if (undelivered_tokens_ > service_->options_.max_undelivered_tokens && !cancelled_ &&
                !finish_called_) {
       // The client's transport has taken nothing for this many tokens: it
-      // is not reading. Stop generating for it and end its call.
+      // is not reading. Stop generating for it and end its call. A write is
+      // stuck, so no status can be sent after it: the call is cancelled,
+      // and the client sees CANCELLED.
       STRATA_LOG_INFO("request {}: {} tokens undelivered; the client is not reading, cancelling",
                       request_id_, undelivered_tokens_);
       cancelled_ = true;
       cancel_status_ =
-          grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                       absl::StrCat("the client did not read its stream: ", undelivered_tokens_,
-                                    " tokens undelivered (the limit is ",
-                                    service_->options_.max_undelivered_tokens, ")"));
+          grpc::Status(grpc::StatusCode::CANCELLED, "the client did not read its stream");
       CountFinishLocked("client_too_slow");
       service_->engine_->Cancel(id_);
       context_->TryCancel();
@@ -215,7 +220,10 @@ void GenerateStream::AdvanceLocked() {
   if (absl::Status s = SerializeMessage(pending_, &out_); !s.ok()) {
     STRATA_LOG_ERROR("request {}: cannot serialize a response: {}", request_id_, s.ToString());
     finish_called_ = true;
-    if (!engine_done_) service_->engine_->Cancel(id_);
+    if (!engine_done_) {
+      CountFinishLocked("error");
+      service_->engine_->Cancel(id_);
+    }
     Finish(grpc::Status(grpc::StatusCode::INTERNAL, "cannot serialize a response"));
     return;
   }

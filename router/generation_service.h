@@ -16,7 +16,7 @@
 // from admission to the engine's last event. A client that stops reading
 // therefore loses nothing but its own stream: its slot is free once its
 // generation ends, and if it falls `max_undelivered_tokens` behind, its
-// sequence is cancelled (KV freed) and its call too.
+// sequence is cancelled (KV freed) and its call too (CANCELLED).
 //
 // Client cancellation or an expired deadline cancels the sequence in the
 // engine, which frees its KV before the next step.
@@ -61,7 +61,9 @@ class GenerateStream;
 class GenerationService final : public GenerationServiceBase {
  public:
   // engine, tokenizer (may be null) and metrics (may be null) must outlive
-  // the service, and the service every call (the gRPC server's Wait()).
+  // the service. The service must outlive every call and every sequence it
+  // submitted: stop the gRPC server (Shutdown, Wait) and then the engine
+  // (Stop) before destroying it.
   GenerationService(engine::AsyncEngine* engine, const engine::Tokenizer* tokenizer,
                     ServerMetrics* metrics, ServiceOptions options);
 

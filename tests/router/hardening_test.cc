@@ -123,7 +123,7 @@ TEST_F(HardeningTest, RequestOverTheSizeLimitIsInvalidArgumentNamingTheLimit) {
   v1::GenerateRequest r = TextRequest(std::string(20 << 20, 'a'), 4);
   grpc::Status s = Generate(server_->stub(), r);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
-  EXPECT_THAT(s.error_message(), HasSubstr("at most"));
+  EXPECT_THAT(s.error_message(), HasSubstr("this server accepts at most"));
 }
 
 TEST_F(HardeningTest, ErrorMessagesQuoteABoundedPrefixOfTheInput) {
@@ -210,7 +210,7 @@ TEST(SlowClientTest, UndeliveredTokensAreBoundedPerStream) {
   v1::GenerateResponse resp;
   int got = 0;
   while (reader->Read(&resp)) got += resp.token_ids_size();
-  EXPECT_FALSE(reader->Finish().ok());
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_LT(got, 1900);
 }
 
