@@ -237,15 +237,10 @@ TEST(StartupTest, AKvCacheSmallerThanOneContextIsRefusedAtStart) {
   const std::string cmd = "timeout 30 " + std::string(STRATA_BINARY) + " serve --model " +
                           testing_util::kTinyModel +
                           " --port 0 --metrics-port -1 --max-context 2048 --kv-pages 64 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char buf[512];
-  while (fgets(buf, sizeof(buf), p)) out += buf;
-  const int status = pclose(p);
-  EXPECT_NE(WEXITSTATUS(status), 0);
-  EXPECT_THAT(out, HasSubstr("less than one full context of 2048 tokens"));
-  EXPECT_THAT(out, Not(HasSubstr("listening")));
+  const testing_util::CommandResult r = testing_util::RunCommand(cmd);
+  EXPECT_NE(r.exit_status, 0);
+  EXPECT_THAT(r.output, HasSubstr("less than one full context of 2048 tokens"));
+  EXPECT_THAT(r.output, Not(HasSubstr("listening")));
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <functional>
 #include <iterator>
@@ -186,6 +187,23 @@ class ServerProcess {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Generation::Stub> stub_;
 };
+
+// Runs a shell command; returns its exit status and what it wrote to
+// stdout (append 2>&1 for stderr too).
+struct CommandResult {
+  int exit_status = -1;
+  std::string output;
+};
+inline CommandResult RunCommand(const std::string& command) {
+  CommandResult r;
+  FILE* p = popen(command.c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[512];
+  while (fgets(buf, sizeof(buf), p)) r.output += buf;
+  const int status = pclose(p);
+  r.exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
 
 // A test suite whose tests share one server, started with `extra_args`
 // before the suite's first test and stopped after its last.

@@ -412,15 +412,10 @@ TEST(ServerProfileTest, BadProfileFailsStartupWithAClearError) {
       WriteTemp("bad_profile.yaml", "name: chat\nkv_policy: {type: full, budget: 3}\n");
   const std::string cmd = std::string(STRATA_BINARY) + " serve --model " + kModel +
                           " --port 0 --profile " + path + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char buf[512];
-  while (fgets(buf, sizeof(buf), p)) out += buf;
-  const int status = pclose(p);
-  EXPECT_NE(WEXITSTATUS(status), 0);
-  EXPECT_THAT(out, HasSubstr("kv_policy.budget: unknown key"));
-  EXPECT_THAT(out, HasSubstr(path));
+  const testing_util::CommandResult r = testing_util::RunCommand(cmd);
+  EXPECT_NE(r.exit_status, 0);
+  EXPECT_THAT(r.output, HasSubstr("kv_policy.budget: unknown key"));
+  EXPECT_THAT(r.output, HasSubstr(path));
 }
 
 }  // namespace
