@@ -66,15 +66,6 @@ absl::Status RunWithTimeout(std::function<absl::Status()> load, const std::strin
                    " s (then returned: ", result.get().ToString(), ")"));
 }
 
-absl::Status LoadFrom(const std::string& dir) {
-  auto backend = CreateCpuBackend(1);
-  ModelOptions options;
-  options.max_context = 64;
-  options.max_seqs = 1;
-  options.max_batch_tokens = 16;
-  return LoadModel({dir, ""}, backend.get(), options).status();
-}
-
 std::string Message(const absl::Status& s) { return std::string(s.message()); }
 
 // A model directory with a valid config but `name` a FIFO.
@@ -96,7 +87,8 @@ class FifoModelDir {
 
 TEST(ModelFilesTest, FifoAsWeightsFailsFastNamingThePath) {
   FifoModelDir dir("models/llama_gqa", "model.safetensors");
-  const absl::Status s = RunWithTimeout([&] { return LoadFrom(dir.path()); }, dir.fifo());
+  const absl::Status s =
+      RunWithTimeout([&] { return testing_util::LoadModelStatus(dir.path()); }, dir.fifo());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_THAT(Message(s),
               AllOf(HasSubstr(dir.fifo()), HasSubstr("not a regular file"), HasSubstr("FIFO")));
@@ -104,14 +96,16 @@ TEST(ModelFilesTest, FifoAsWeightsFailsFastNamingThePath) {
 
 TEST(ModelFilesTest, FifoAsAShardFailsFast) {
   FifoModelDir dir("models/llama3_rope", "model-00004-of-00007.safetensors");
-  const absl::Status s = RunWithTimeout([&] { return LoadFrom(dir.path()); }, dir.fifo());
+  const absl::Status s =
+      RunWithTimeout([&] { return testing_util::LoadModelStatus(dir.path()); }, dir.fifo());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_THAT(Message(s), AllOf(HasSubstr(dir.fifo()), HasSubstr("not a regular file")));
 }
 
 TEST(ModelFilesTest, FifoAsTheShardIndexFailsFast) {
   FifoModelDir dir("models/llama3_rope", "model.safetensors.index.json");
-  const absl::Status s = RunWithTimeout([&] { return LoadFrom(dir.path()); }, dir.fifo());
+  const absl::Status s =
+      RunWithTimeout([&] { return testing_util::LoadModelStatus(dir.path()); }, dir.fifo());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   EXPECT_THAT(Message(s), AllOf(HasSubstr(dir.fifo()), HasSubstr("not a regular file")));
 }
@@ -146,7 +140,7 @@ TEST(ModelFilesTest, DirectoryAndDeviceAsWeightsAreRefused) {
     const std::string weights = dir.path() + "/model.safetensors";
     fs::remove(weights);
     fs::create_directory(weights);
-    EXPECT_THAT(Message(LoadFrom(dir.path())),
+    EXPECT_THAT(Message(testing_util::LoadModelStatus(dir.path())),
                 AllOf(HasSubstr(weights), HasSubstr("not a regular file (a directory)")));
   }
   {
@@ -155,7 +149,7 @@ TEST(ModelFilesTest, DirectoryAndDeviceAsWeightsAreRefused) {
     const std::string weights = dir.path() + "/model.safetensors";
     fs::remove(weights);
     fs::create_symlink("/dev/zero", weights);
-    EXPECT_THAT(Message(LoadFrom(dir.path())),
+    EXPECT_THAT(Message(testing_util::LoadModelStatus(dir.path())),
                 AllOf(HasSubstr(weights), HasSubstr("not a regular file (a character device)")));
   }
   // Both readers, directly.
@@ -171,7 +165,8 @@ TEST(ModelFilesTest, RegularFilesAndSymlinksToThemStillLoad) {
   const std::string weights = dir.path() + "/model.safetensors";
   fs::rename(weights, dir.path() + "/real.safetensors");
   fs::create_symlink(dir.path() + "/real.safetensors", weights);
-  EXPECT_TRUE(LoadFrom(dir.path()).ok()) << LoadFrom(dir.path());
+  EXPECT_TRUE(testing_util::LoadModelStatus(dir.path()).ok())
+      << testing_util::LoadModelStatus(dir.path());
   auto text = ReadFileToString(dir.path() + "/config.json");
   ASSERT_TRUE(text.ok()) << text.status();
   EXPECT_EQ(text->size(), fs::file_size(dir.path() + "/config.json"));

@@ -41,15 +41,6 @@ std::string MakeSafetensors(
   return out + h + std::string(offset, '\x01');
 }
 
-absl::Status LoadFrom(const std::string& dir) {
-  auto backend = CreateCpuBackend(1);
-  ModelOptions options;
-  options.max_context = 64;
-  options.max_seqs = 1;
-  options.max_batch_tokens = 16;
-  return LoadModel({dir, ""}, backend.get(), options).status();
-}
-
 TEST(ModelConfigTest, ParsesEveryGoldenConfig) {
   for (const char* name : {"llama_gqa", "qwen2_tied", "llama3_rope", "mistral_window"}) {
     auto c = LoadModelConfig(FixturePath(std::string("models/") + name));
@@ -158,12 +149,15 @@ TEST(SafetensorsTest, RejectsCorruptFiles) {
 }
 
 TEST(ModelLoadingTest, MissingDirectoryAndFiles) {
-  EXPECT_THAT(std::string(LoadFrom("/nonexistent/model").message()), HasSubstr("not a directory"));
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus("/nonexistent/model").message()),
+              HasSubstr("not a directory"));
   TempDir dir;
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("config.json"));
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus(dir.path()).message()),
+              HasSubstr("config.json"));
   dir.CopyFrom(FixturePath("models/llama_gqa"));
   std::filesystem::remove(dir.path() + "/model.safetensors");
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("no model.safetensors"));
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus(dir.path()).message()),
+              HasSubstr("no model.safetensors"));
 }
 
 TEST(ModelLoadingTest, MissingTensorWrongShapeWrongDtype) {
@@ -189,7 +183,7 @@ TEST(ModelLoadingTest, MissingTensorWrongShapeWrongDtype) {
         {"lm_head.weight", "F32", {4, 8}}};
   };
   dir.Write("model.safetensors", MakeSafetensors(layer("F32", {8, 8})));
-  absl::Status s = LoadFrom(dir.path());
+  absl::Status s = testing_util::LoadModelStatus(dir.path());
   EXPECT_THAT(std::string(s.message()), HasSubstr("missing tensor \"model.norm.weight\""));
 
   auto with_norm = [&](auto specs) {
@@ -197,17 +191,18 @@ TEST(ModelLoadingTest, MissingTensorWrongShapeWrongDtype) {
     return specs;
   };
   dir.Write("model.safetensors", MakeSafetensors(with_norm(layer("F32", {8, 8}))));
-  EXPECT_TRUE(LoadFrom(dir.path()).ok()) << LoadFrom(dir.path());
+  EXPECT_TRUE(testing_util::LoadModelStatus(dir.path()).ok())
+      << testing_util::LoadModelStatus(dir.path());
 
   dir.Write("model.safetensors", MakeSafetensors(with_norm(layer("F32", {8, 6}))));
-  s = LoadFrom(dir.path());
+  s = testing_util::LoadModelStatus(dir.path());
   EXPECT_THAT(
       std::string(s.message()),
       HasSubstr("\"model.layers.0.self_attn.q_proj.weight\" has shape [8, 6], expected [8, 8]"));
   EXPECT_THAT(std::string(s.message()), HasSubstr(weights));
 
   dir.Write("model.safetensors", MakeSafetensors(with_norm(layer("I32", {8, 8}))));
-  s = LoadFrom(dir.path());
+  s = testing_util::LoadModelStatus(dir.path());
   EXPECT_THAT(std::string(s.message()), HasSubstr("has dtype I32"));
 }
 
@@ -217,14 +212,17 @@ TEST(ModelLoadingTest, ShardIndexErrors) {
   const std::string index = dir.path() + "/model.safetensors.index.json";
   // A shard that the index names but that is gone.
   std::filesystem::remove(dir.path() + "/model-00003-of-00007.safetensors");
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()),
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus(dir.path()).message()),
               HasSubstr("model-00003-of-00007.safetensors"));
   dir.Write("model.safetensors.index.json", "{\"weight_map\": 7}");
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("weight_map"));
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus(dir.path()).message()),
+              HasSubstr("weight_map"));
   dir.Write("model.safetensors.index.json", "not json");
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("not valid JSON"));
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus(dir.path()).message()),
+              HasSubstr("not valid JSON"));
   dir.Write("model.safetensors.index.json", R"({"weight_map":{"a":"../../etc/passwd"}})");
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("not a plain file name"));
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus(dir.path()).message()),
+              HasSubstr("not a plain file name"));
 }
 
 TEST(ModelLoadingTest, TruncatedShard) {
@@ -232,7 +230,8 @@ TEST(ModelLoadingTest, TruncatedShard) {
   dir.CopyFrom(FixturePath("models/qwen2_tied"));
   const std::string path = dir.path() + "/model.safetensors";
   std::filesystem::resize_file(path, std::filesystem::file_size(path) - 100);
-  EXPECT_THAT(std::string(LoadFrom(dir.path()).message()), HasSubstr("truncated file?"));
+  EXPECT_THAT(std::string(testing_util::LoadModelStatus(dir.path()).message()),
+              HasSubstr("truncated file?"));
 }
 
 TEST(ModelLoadingTest, DummyWeightsFillTheTinyPresetWithRandomValues) {

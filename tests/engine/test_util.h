@@ -1,4 +1,5 @@
-// Shared helpers for engine tests: fixture paths and temporary directories.
+// Shared helpers for engine tests: fixture paths, temporary directories,
+// and loading a model directory.
 #ifndef STRATA_TESTS_ENGINE_TEST_UTIL_H_
 #define STRATA_TESTS_ENGINE_TEST_UTIL_H_
 
@@ -7,6 +8,9 @@
 #include <fstream>
 #include <string>
 
+#include "absl/status/status.h"
+#include "engine/cpu_backend.h"
+#include "engine/model_loader.h"
 #include "gtest/gtest.h"
 
 namespace strata::testing_util {
@@ -46,6 +50,18 @@ class TempDir {
  private:
   std::string path_;
 };
+
+// Loads the model directory `dir` on a one-thread CPU backend with a small
+// cache, and returns only whether it loaded: for tests of what loading
+// accepts and refuses.
+inline absl::Status LoadModelStatus(const std::string& dir) {
+  auto backend = engine::CreateCpuBackend(1);
+  engine::ModelOptions options;
+  options.max_context = 64;
+  options.max_seqs = 1;
+  options.max_batch_tokens = 16;
+  return engine::LoadModel({dir, ""}, backend.get(), options).status();
+}
 
 }  // namespace strata::testing_util
 
