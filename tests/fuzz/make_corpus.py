@@ -2,7 +2,7 @@
 """Writes the fuzz targets' seed corpora, tests/fuzz/corpus/<target>/, from
 the repository's fixtures (small excerpts of them) and a few edge cases.
 
-    python3 tests/fuzz/make_corpus.py
+    python3 tests/fuzz/make_corpus.py [target...]   # default: every target
 
 Deterministic; rerun after changing a fixture format. Needs protoc (for the
 request_conversion_fuzzer seeds). Crash reproducers added by hand under
@@ -243,15 +243,111 @@ def make_requests():
         write(t, name, data)
 
 
-def main():
-    make_safetensors()
-    make_model_config()
-    make_tokenizer_json()
-    make_tokenizer_encode()
-    make_profile()
-    make_requests()
+# --- kv_block_fuzzer: encoded KV blocks (kvtier/codec.h) ---------------------
+#
+# Written here independently of the C++ encoder: tests/kvtier/codec_test.cc
+# checks that every valid_* block passes Codec::Inspect and decodes, so this
+# is a second writer of the format. Scales and codes are arbitrary (any
+# values are a valid payload); what matters is the layout and the CRC.
+
+def crc32c(data, crc=0):
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def mask_crc(crc):
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0x9E3779B9) & 0xFFFFFFFF
+
+
+KV_CODECS = {"bf16": 0, "fp8_e4m3": 1, "int8": 2, "int4": 3}
+KV_DTYPES = {"f32": (0, 4), "f16": (1, 2), "bf16": (2, 2), "f8_e4m3": (3, 1)}
+
+
+def kv_payload_size(codec, dtype, n, d, key_group, value_group):
+    e = n * d
+    if codec == "bf16":
+        return 2 * e * KV_DTYPES[dtype][1]
+    if codec == "fp8_e4m3":
+        return 2 * d + 2 * n + 2 * e
+    codes = (e + 1) // 2 if codec == "int4" else e
+    return 4 * -(-n // key_group) * d + 4 * n * -(-d // value_group) + 2 * codes
+
+
+def kv_block(codec, dtype, n, d, payload, key_group=0, value_group=0, codec_byte=None,
+             reserved=0):
+    header = b"SKVB" + struct.pack(
+        "<BBBBIIIHHI", 1, KV_CODECS[codec] if codec_byte is None else codec_byte,
+        KV_DTYPES[dtype][0], 0, n, d, len(payload), key_group, value_group, reserved)
+    return header + struct.pack("<I", mask_crc(crc32c(payload, crc32c(header)))) + payload
+
+
+def fp16s(values):
+    return b"".join(struct.pack("<e", v) for v in values)
+
+
+def affine_payload(codec, n, d, key_group, value_group, seed):
+    pairs = -(-n // key_group) * d + n * -(-d // value_group)
+    params = fp16s([v for i in range(pairs) for v in (0.01 * (1 + i % 7), -0.05 * (i % 5))])
+    e = n * d
+
+    def codes(salt):
+        c = bytearray((salt + 37 * i) % 256 for i in range((e + 1) // 2 if codec == "int4" else e))
+        if codec == "int4" and e % 2:
+            c[-1] &= 0x0F  # the padding nibble is 0
+        return bytes(c)
+
+    return params + codes(seed) + codes(seed + 101)
+
+
+def make_kv_blocks():
+    t = "kv_block_fuzzer"
+    bf16 = b"".join(struct.pack("<H", 0x3F80 + 3 * i) for i in range(2 * 2 * 4))
+    write(t, "valid_raw_bf16.skvb", kv_block("bf16", "bf16", 2, 4, bf16))
+    f32 = b"".join(struct.pack("<f", 0.25 * i - 1) for i in range(2 * 1 * 3))
+    write(t, "valid_raw_f32.skvb", kv_block("bf16", "f32", 1, 3, f32))
+    n, d = 3, 4
+    fp8 = fp16s([0.01, 0.02, 0.5, 1.0]) + fp16s([0.1, 0.2, 0.3]) + bytes(
+        (11 * i) % 0x7F for i in range(2 * n * d))
+    write(t, "valid_fp8.skvb", kv_block("fp8_e4m3", "bf16", n, d, fp8))
+    affine = {  # name: codec, source dtype, tokens, head_dim, key_group, value_group
+        "valid_int8.skvb": ("int8", "f16", 5, 6, 128, 32),
+        "valid_int4_odd.skvb": ("int4", "f32", 3, 5, 128, 32),
+        "valid_int4_small_groups.skvb": ("int4", "f8_e4m3", 4, 6, 2, 4),
+        "valid_int8_two_key_groups.skvb": ("int8", "bf16", 130, 2, 128, 32),
+    }
+    for seed, (name, (codec, dtype, n, d, kg, vg)) in enumerate(affine.items()):
+        write(t, name, kv_block(codec, dtype, n, d, affine_payload(codec, n, d, kg, vg, seed), kg, vg))
+    good = kv_block("int8", "bf16", 2, 2, affine_payload("int8", 2, 2, 128, 32, 5), 128, 32)
+    write(t, "bad_crc.skvb", good[:-1] + bytes([good[-1] ^ 1]))
+    write(t, "truncated.skvb", good[:-3])
+    write(t, "unknown_codec.skvb", kv_block("int8", "bf16", 2, 2, b"", codec_byte=7))
+    write(t, "reserved_set.skvb", kv_block("bf16", "f32", 1, 1, bytes(8), reserved=1))
+    write(t, "payload_size_mismatch.skvb", kv_block("int4", "f32", 2, 2, bytes(10), 128, 32))
+    write(t, "short.skvb", b"SKVB\x01\x02\x00\x00" + bytes(4))
+
+
+TARGETS = {
+    "safetensors_fuzzer": make_safetensors,
+    "model_config_fuzzer": make_model_config,
+    "tokenizer_json_fuzzer": make_tokenizer_json,
+    "tokenizer_encode_fuzzer": make_tokenizer_encode,
+    "profile_fuzzer": make_profile,
+    "request_conversion_fuzzer": make_requests,
+    "kv_block_fuzzer": make_kv_blocks,
+}
+
+
+def main(argv):
+    for name in argv or TARGETS:
+        if name not in TARGETS:
+            sys.exit("make_corpus: no target %s (%s)" % (name, ", ".join(TARGETS)))
+        TARGETS[name]()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
