@@ -21,6 +21,7 @@
 #include "common/metrics_server.h"
 #include "engine/async_engine.h"
 #include "engine/model_loader.h"
+#include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
 #include "kvtier/profile.h"
 #include "router/generation_service.h"
@@ -98,6 +99,8 @@ int RunServe(const ServeFlags& f) {
   // Profiles first: a bad file should fail before the model loads.
   std::vector<std::string> profile_names = {kvtier::DefaultProfile().name};
   std::vector<kvtier::KvPolicyConfig> policies = {kvtier::DefaultProfile().policy};
+  // The host tier holds what the profiles ask for together.
+  int64_t host_bytes = 0;
   for (const std::string& path : f.profiles) {
     auto profile = kvtier::LoadProfile(path);
     if (!profile.ok()) return Fail(profile.status());
@@ -109,6 +112,7 @@ int RunServe(const ServeFlags& f) {
     }
     profile_names.push_back(profile->name);
     policies.push_back(profile->policy);
+    host_bytes += profile->tiers.host_bytes;
   }
 
   auto backend = CreateBackend(f.backend, f.threads);
@@ -151,19 +155,26 @@ int RunServe(const ServeFlags& f) {
     }
   }
 
+  auto kv_manager = kvtier::KvBlockManager::Create(loaded->model.get(), {.host_bytes = host_bytes});
+  if (!kv_manager.ok()) return Fail(kv_manager.status());
+  if (host_bytes > 0) {
+    STRATA_LOG_INFO("KV host tier: {} bytes pinned ({} pages of every layer)", host_bytes,
+                    host_bytes / (*kv_manager)->layout().record_bytes());
+  }
+
   prometheus::Registry registry;
   auto server_metrics = router::ServerMetrics::Create(&registry);
   if (!server_metrics.ok()) return Fail(server_metrics.status());
-  // The KV planner's statistics may be read on the engine thread only:
-  // publish them after each step.
-  std::function<void()> after_step;
-  if (kv_policies != nullptr) {
-    after_step = [runner = kv_policies.get(), m = server_metrics->get()] {
-      m->UpdateKvPolicyStats(runner->stats());
-    };
-  }
+  // The KV planner's and block manager's statistics may be read on the
+  // engine thread only: publish them after each step.
+  std::function<void()> after_step = [runner = kv_policies.get(), manager = kv_manager->get(),
+                                      m = server_metrics->get()] {
+    if (runner != nullptr) m->UpdateKvPolicyStats(runner->stats());
+    m->UpdateKvTierStats(manager->stats());
+  };
+  after_step();  // the gauges have their values before the first step
   engine::AsyncEngine engine(loaded->model.get(), loaded->tokenizer.get(), {},
-                             std::move(after_step));
+                             std::move(after_step), kv_manager->get());
 
   router::ServiceOptions service_options;
   service_options.model_name =

@@ -20,7 +20,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
+#include "cuda/copy_engine.h"
 #include "cuda/cuda_utils.h"
 #include "cuda/kernels/attention.h"
 #include "cuda/kernels/elementwise.h"
@@ -154,6 +156,37 @@ class CudaBackend final : public engine::Backend {
   absl::Status FillRandom(Tensor& t, uint64_t seed, float scale) override;
   absl::Status Fill(Tensor& t, float value) override;
   absl::Status Synchronize() override;
+  absl::StatusOr<engine::HostBuffer> AllocateHost(size_t bytes) override {
+    STRATA_RETURN_IF_ERROR(Activate());
+    return CopyEngine::AllocateHost(bytes);
+  }
+  absl::StatusOr<engine::CopyFence> CopyRowsToHost(std::span<const Tensor> tensors,
+                                                   std::span<const engine::RowCopy> rows,
+                                                   const engine::HostBuffer& host) override {
+    if (capturing_) return CaptureError("CopyRowsToHost");
+    STRATA_RETURN_IF_ERROR(Activate());
+    return copies_.CopyRows(tensors, rows, host, /*to_host=*/true, stream());
+  }
+  absl::StatusOr<engine::CopyFence> CopyRowsFromHost(const engine::HostBuffer& host,
+                                                     std::span<const engine::RowCopy> rows,
+                                                     std::span<const Tensor> tensors) override {
+    if (capturing_) return CaptureError("CopyRowsFromHost");
+    STRATA_RETURN_IF_ERROR(Activate());
+    return copies_.CopyRows(tensors, rows, host, /*to_host=*/false, stream());
+  }
+  absl::StatusOr<bool> FenceDone(engine::CopyFence fence) override {
+    STRATA_RETURN_IF_ERROR(Activate());
+    return copies_.FenceDone(fence);
+  }
+  absl::Status WaitFence(engine::CopyFence fence) override {
+    STRATA_RETURN_IF_ERROR(Activate());
+    return copies_.WaitFence(fence);
+  }
+  absl::Status ComputeAfterFence(engine::CopyFence fence) override {
+    if (capturing_) return CaptureError("ComputeAfterFence");
+    STRATA_RETURN_IF_ERROR(Activate());
+    return copies_.ComputeAfterFence(fence, stream());
+  }
   void SetOpTiming(bool enabled) override { op_timer_.set_enabled(enabled); }
   absl::Status BeginCapture() override;
   absl::StatusOr<int> EndCapture() override;
@@ -202,6 +235,9 @@ class CudaBackend final : public engine::Backend {
     LogIfError(cudaSetDevice(device_), "cudaSetDevice");
     if (stream_.get() != nullptr)
       LogIfError(cudaStreamSynchronize(stream_.get()), "cudaStreamSynchronize");
+    if (absl::Status s = copies_.WaitAll(); !s.ok()) {
+      STRATA_LOG_ERROR("cuda backend: copies at shutdown: {}", s.ToString());
+    }
   }
 
  private:
@@ -247,6 +283,7 @@ class CudaBackend final : public engine::Backend {
   int num_sms_ = 1;
   std::string name_;
   CudaStream stream_;
+  CopyEngine copies_;  // KV rows <-> host, on their own stream
   CublasHandle cublas_;
   CublasLtHandle cublas_lt_;
   DeviceBuffer gemm_workspace_;
@@ -297,6 +334,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
   backend->name_ = absl::StrCat("cuda:", device, " (", prop.name, ")");
 
   STRATA_ASSIGN_OR_RETURN(backend->stream_, CudaStream::Create());
+  STRATA_ASSIGN_OR_RETURN(backend->copies_, CopyEngine::Create());
   STRATA_ASSIGN_OR_RETURN(backend->cublas_, CublasHandle::Create());
   STRATA_CUBLAS_RETURN_IF_ERROR(cublasSetStream(backend->cublas_.get(), backend->stream()));
   STRATA_ASSIGN_OR_RETURN(backend->cublas_lt_, CublasLtHandle::Create());

@@ -7,8 +7,10 @@
 namespace strata::engine {
 
 AsyncEngine::AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOptions options,
-                         std::function<void()> after_step)
-    : model_(model), batcher_(model, tokenizer, options), after_step_(std::move(after_step)) {
+                         std::function<void()> after_step, KvMemory* kv_memory)
+    : model_(model),
+      batcher_(model, tokenizer, options, kv_memory),
+      after_step_(std::move(after_step)) {
   free_pages_ = batcher_.free_pages();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -45,11 +47,14 @@ AsyncEngine::Stats AsyncEngine::GetStats() const {
   Stats s;
   s.waiting = waiting_.load();
   s.running = running_.load();
+  s.swapped = swapped_.load();
   s.free_pages = free_pages_.load();
   s.total_pages = model_->options().num_pages;
   s.steps = steps_.load();
   s.preemptions = preemptions_.load();
   s.failed_sequences = failed_sequences_.load();
+  s.swapped_out = swapped_out_.load();
+  s.kv_lost = kv_lost_.load();
   return s;
 }
 
@@ -108,6 +113,8 @@ void AsyncEngine::Loop() {
       // statistics of the step that made it.
       preemptions_ = batcher_.num_preemptions();
       failed_sequences_ = batcher_.num_failed();
+      swapped_out_ = batcher_.num_swapped_out();
+      kv_lost_ = batcher_.num_kv_lost();
       if (after_step_) after_step_();
       if (!events.ok()) {
         STRATA_LOG_ERROR("engine step failed: {}", events.status().ToString());
@@ -123,6 +130,7 @@ void AsyncEngine::Loop() {
     }
     waiting_ = batcher_.num_waiting();
     running_ = batcher_.num_running();
+    swapped_ = batcher_.num_swapped();
     free_pages_ = batcher_.free_pages();
     if (stopping && !batcher_.HasWork()) {
       // Requests submitted after stop_ was set were refused; none remain.

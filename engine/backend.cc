@@ -147,3 +147,37 @@ absl::Status ValidateSampleTokens(absl::string_view op, const Tensor& logits, DT
 }
 
 }  // namespace strata::engine
+
+namespace strata::engine {
+
+absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> tensors,
+                               std::span<const RowCopy> rows, const HostBuffer& host) {
+  auto bad = [&](size_t i, const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": copy ", i, ": ", what));
+  };
+  if (!rows.empty() && !host.defined()) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": host buffer is undefined"));
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const RowCopy& c = rows[i];
+    if (c.tensor < 0 || static_cast<size_t>(c.tensor) >= tensors.size()) {
+      return bad(i, absl::StrCat("tensor ", c.tensor, " of ", tensors.size()));
+    }
+    const Tensor& t = tensors[c.tensor];
+    if (!t.defined() || t.rank() < 1 || t.dim(0) < 1) {
+      return bad(i, absl::StrCat("tensor ", c.tensor, " is undefined or empty"));
+    }
+    if (c.row < 0 || c.row >= t.dim(0)) {
+      return bad(
+          i, absl::StrCat("row ", c.row, " outside tensor ", c.tensor, " of ", t.dim(0), " rows"));
+    }
+    const int64_t row_bytes = static_cast<int64_t>(t.nbytes()) / t.dim(0);
+    if (c.host_offset < 0 || c.host_offset > static_cast<int64_t>(host.bytes) - row_bytes) {
+      return bad(i, absl::StrCat("host range [", c.host_offset, ", +", row_bytes,
+                                 ") outside the host buffer of ", host.bytes, " bytes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace strata::engine

@@ -21,6 +21,7 @@
 #define STRATA_ENGINE_BACKEND_H_
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
@@ -178,6 +179,39 @@ absl::Status ValidateSampleTokens(absl::string_view op, const Tensor& logits, DT
                                   const SamplingTable& sampling, const Tensor& token_ids,
                                   const Tensor& logprobs);
 
+// ---- Host memory and KV movement ---------------------------------------------
+
+// Host memory for the KV tiers (Backend::AllocateHost). On the CUDA backend
+// it is pinned and mapped into the device's address space, so copies run at
+// the bus's full rate and kernels may read it directly; on the CPU backend it
+// is ordinary aligned memory. Freed when the last copy of `storage` goes.
+struct HostBuffer {
+  std::shared_ptr<void> storage;
+  size_t bytes = 0;
+  bool defined() const { return storage != nullptr; }
+  uint8_t* data() const { return static_cast<uint8_t*>(storage.get()); }
+};
+
+// One row (along the first dimension: one page of a paged cache) of
+// tensors[tensor] and the host bytes [host_offset, host_offset + row bytes)
+// of a HostBuffer, where row bytes = nbytes() / dim(0).
+struct RowCopy {
+  int32_t tensor = 0;
+  int64_t row = 0;
+  int64_t host_offset = 0;
+};
+
+// A point in a backend's copy stream, done once every copy enqueued before
+// it has finished. kFenceDone is done from the start.
+using CopyFence = int64_t;
+inline constexpr CopyFence kFenceDone = 0;
+
+// Checks RowCopy lists before any byte moves: tensors defined with rows of
+// equal size within a tensor, rows and host ranges in bounds. InvalidArgument
+// naming `op` and the offending copy.
+absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> tensors,
+                               std::span<const RowCopy> rows, const HostBuffer& host);
+
 // Device time spent in one operator over a span of work
 // (Backend::TakeOpTimes).
 struct OpTime {
@@ -213,6 +247,33 @@ class Backend {
   virtual absl::Status Fill(Tensor& t, float value) = 0;
   // Waits for all enqueued work; reports asynchronous errors.
   virtual absl::Status Synchronize() = 0;
+
+  // ---- Host memory and KV movement -----------------------------------------
+  // Copies run on a copy stream of their own, so they overlap the compute
+  // stream's work; fences order the two where the data demands it.
+  //
+  // Allocates host memory for the KV tiers (see HostBuffer).
+  virtual absl::StatusOr<HostBuffer> AllocateHost(size_t bytes) = 0;
+  // Enqueues copies of device rows to host memory (CopyRowsToHost) or back
+  // (CopyRowsFromHost). They start after the work enqueued on the compute
+  // stream so far: a copy to the host sees every write before it, a copy to
+  // the device lands after every read of the rows' old contents. The host
+  // buffer and the tensors must stay alive until the returned fence is done;
+  // a copy to the device is seen by compute work only after
+  // ComputeAfterFence. Arguments are checked first (ValidateRowCopies).
+  virtual absl::StatusOr<CopyFence> CopyRowsToHost(std::span<const Tensor> tensors,
+                                                   std::span<const RowCopy> rows,
+                                                   const HostBuffer& host) = 0;
+  virtual absl::StatusOr<CopyFence> CopyRowsFromHost(const HostBuffer& host,
+                                                     std::span<const RowCopy> rows,
+                                                     std::span<const Tensor> tensors) = 0;
+  // Whether the fence is done, without waiting; reports copy errors.
+  virtual absl::StatusOr<bool> FenceDone(CopyFence fence) = 0;
+  // Blocks the calling thread until the fence is done.
+  virtual absl::Status WaitFence(CopyFence fence) = 0;
+  // Compute work enqueued from now on starts after the fence (the host does
+  // not wait).
+  virtual absl::Status ComputeAfterFence(CopyFence fence) = 0;
 
   // ---- Profiling ----------------------------------------------------------
   // While enabled, the backend records each operator's device time (the CUDA

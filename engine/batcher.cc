@@ -35,6 +35,7 @@ struct Batcher::Sequence {
   int generated = 0;
   size_t decode_fed = 0;  // req.decode_tokens appended to `tokens`
   bool sampled = false;   // this step computed its last token's logits
+  bool swapped = false;   // its KV (num_computed tokens) waits in the host tier
   std::vector<int32_t> pages;
   // Token ids that end the sequence: its stop_token_ids, and the model's
   // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
@@ -45,8 +46,13 @@ struct Batcher::Sequence {
   bool finished = false;
 };
 
-Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions options)
-    : model_(model), tokenizer_(tokenizer), options_(options), pages_(model->options().num_pages) {
+Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions options,
+                 KvMemory* kv_memory)
+    : model_(model), tokenizer_(tokenizer), options_(options), kv_(kv_memory) {
+  if (kv_ == nullptr) {
+    own_kv_ = std::make_unique<PagedKvMemory>(model->options().num_pages);
+    kv_ = own_kv_.get();
+  }
   for (int id : model->config().eos_token_ids) eos_ids_.push_back(id);
   if (tokenizer_ != nullptr) {
     for (int32_t id : tokenizer_->eos_ids()) {
@@ -61,7 +67,8 @@ absl::Status Batcher::Add(GenerationRequest request) {
   STRATA_RETURN_IF_ERROR(Validate(request));
   auto same_id = [&](const std::unique_ptr<Sequence>& s) { return s->req.id == request.id; };
   if (std::any_of(waiting_.begin(), waiting_.end(), same_id) ||
-      std::any_of(running_.begin(), running_.end(), same_id)) {
+      std::any_of(running_.begin(), running_.end(), same_id) ||
+      std::any_of(swapped_.begin(), swapped_.end(), same_id)) {
     return absl::InvalidArgumentError(
         absl::StrCat("request ", request.id, ": a request with this id is already running"));
   }
@@ -110,9 +117,9 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
   }
   const int64_t pages_needed =
       (static_cast<int64_t>(request.prompt.size()) + opts.page_size) / opts.page_size;
-  if (pages_needed > pages_.num_pages()) {
-    return bad(absl::StrCat("prompt needs ", pages_needed, " KV pages, the cache has ",
-                            pages_.num_pages()));
+  if (pages_needed > kv_->num_pages()) {
+    return bad(
+        absl::StrCat("prompt needs ", pages_needed, " KV pages, the cache has ", kv_->num_pages()));
   }
   if (!request.stop_strings.empty() && tokenizer_ == nullptr) {
     return bad("stop strings need a tokenizer");
@@ -136,17 +143,22 @@ void Batcher::Cancel(uint64_t request_id) {
     }
     return false;
   };
-  if (!cancel(waiting_)) cancel(running_);
+  if (cancel(waiting_) || cancel(running_)) return;
+  cancel(swapped_);
 }
 
 bool Batcher::EnsurePages(Sequence& seq, int tokens) {
   const int page_size = model_->options().page_size;
   const int needed = (tokens + page_size - 1) / page_size - static_cast<int>(seq.pages.size());
-  return needed <= 0 || pages_.Allocate(needed, seq.pages);
+  return needed <= 0 || kv_->AllocatePages(needed, seq.pages);
 }
 
 void Batcher::ReleaseKv(Sequence& seq) {
-  if (absl::Status s = pages_.Free(seq.pages); !s.ok()) {
+  if (seq.swapped) {
+    kv_->DropSwapped(static_cast<int64_t>(seq.req.id));
+    seq.swapped = false;
+  }
+  if (absl::Status s = kv_->FreePages(seq.pages); !s.ok()) {
     STRATA_LOG_ERROR("request {}: {}", seq.req.id, s.ToString());
   }
   if (AttentionPlanner* planner = model_->attention_planner(); planner != nullptr) {
@@ -154,10 +166,68 @@ void Batcher::ReleaseKv(Sequence& seq) {
   }
 }
 
-void Batcher::Preempt(Sequence& seq) {
+bool Batcher::Preempt(Sequence& seq) {
   ++num_preemptions_;
+  if (seq.num_computed > 0) {
+    // The KV policy's state (e.g. the sequence's clusters) stays with the
+    // planner: the KV comes back exactly as it was.
+    absl::StatusOr<bool> swapped =
+        kv_->SwapOut(static_cast<int64_t>(seq.req.id), seq.pages, seq.num_computed);
+    if (!swapped.ok()) {
+      STRATA_LOG_ERROR("request {}: swap-out failed, recomputing instead: {}", seq.req.id,
+                       swapped.status().ToString());
+    } else if (*swapped) {
+      seq.swapped = true;
+      ++num_swapped_out_;
+      return true;
+    }
+  }
   ReleaseKv(seq);
   seq.num_computed = 0;  // recomputed from its tokens (prompt + output so far)
+  return false;
+}
+
+bool Batcher::ReclaimYoungerPrompts(const Sequence& oldest) {
+  bool reclaimed = false;
+  for (auto it = waiting_.rbegin(); it != waiting_.rend() && it->get() != &oldest; ++it) {
+    Sequence& younger = **it;
+    if (younger.pages.empty()) continue;
+    ++num_preemptions_;
+    ReleaseKv(younger);
+    younger.num_computed = 0;
+    reclaimed = true;
+  }
+  return reclaimed;
+}
+
+absl::Status Batcher::ResumeSwapped() {
+  const int max_running = model_->options().max_seqs;
+  while (!swapped_.empty() && static_cast<int>(running_.size()) < max_running) {
+    Sequence& seq = *swapped_.front();
+    const int64_t id = static_cast<int64_t>(seq.req.id);
+    // Leave every running sequence a page to grow into this step, so that
+    // bringing one back does not preempt another at once.
+    if (kv_->num_free_pages() - kv_->SwapInPages(id) < static_cast<int>(running_.size())) break;
+    absl::StatusOr<bool> resumed = kv_->SwapIn(id, seq.pages);
+    if (resumed.ok() && !*resumed) break;
+    seq.swapped = false;
+    if (resumed.ok()) {
+      running_.push_back(std::move(swapped_.front()));
+      swapped_.pop_front();
+      continue;
+    }
+    if (!absl::IsDataLoss(resumed.status())) return resumed.status();
+    // The host copy is corrupt: never decode from it. The sequence starts
+    // over from its tokens, so its output does not change.
+    ++num_kv_lost_;
+    STRATA_LOG_WARN("request {}: {}; recomputing its {} tokens", seq.req.id,
+                    resumed.status().ToString(), seq.num_computed);
+    ReleaseKv(seq);
+    seq.num_computed = 0;
+    waiting_.push_front(std::move(swapped_.front()));
+    swapped_.pop_front();
+  }
+  return absl::OkStatus();
 }
 
 void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>& events) {
@@ -241,6 +311,9 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   for (uint64_t id : cancelled_) events.push_back({id, -1, 0.0f, "", FinishReason::kCancelled, ""});
   cancelled_.clear();
 
+  STRATA_RETURN_IF_ERROR(kv_->Poll());
+  STRATA_RETURN_IF_ERROR(ResumeSwapped());
+
   const ModelOptions& opts = model_->options();
   StepInput in;
   in.query_start.push_back(0);
@@ -282,8 +355,13 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       continue;
     }
     Sequence& victim = *running_.back();
-    Preempt(victim);
-    waiting_.push_front(std::move(running_.back()));
+    // Victims go newest first, so pushing each to the front keeps both
+    // queues oldest first.
+    if (Preempt(victim)) {
+      swapped_.push_front(std::move(running_.back()));
+    } else {
+      waiting_.push_front(std::move(running_.back()));
+    }
     running_.pop_back();
     // If the victim was `seq` itself, the loop ends (i == size).
   }
@@ -294,22 +372,41 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   for (auto& seq_ptr : waiting_) {
     if (prefill_budget <= 0 || static_cast<int>(step_seqs.size()) >= opts.max_seqs) break;
     Sequence& seq = *seq_ptr;
+    // Swapped sequences are older: no new prompt starts before they are back.
+    if (!swapped_.empty() && seq.pages.empty()) break;
     const int remaining = static_cast<int>(seq.tokens.size()) - seq.num_computed;
     const int chunk = std::min(remaining, prefill_budget);
-    if (!EnsurePages(seq, seq.num_computed + chunk)) break;  // wait for pages
+    if (!EnsurePages(seq, seq.num_computed + chunk) &&
+        !(step_seqs.empty() && ReclaimYoungerPrompts(seq) &&
+          EnsurePages(seq, seq.num_computed + chunk))) {
+      break;  // wait for pages
+    }
     add_rows(seq, chunk, chunk == remaining);
     prefill_budget -= chunk;
+  }
+  if (in.token_ids.empty() && running_.empty() && !swapped_.empty()) {
+    // Nothing could run and the oldest swapped sequence still does not fit
+    // beside the pages that waiting prompts hold: it gives up its host copy
+    // and is recomputed, so that the batcher always moves on.
+    Sequence& seq = *swapped_.front();
+    STRATA_LOG_WARN("request {}: cannot swap back in ({} pages free); recomputing it", seq.req.id,
+                    kv_->num_free_pages());
+    ReleaseKv(seq);
+    seq.num_computed = 0;
+    waiting_.push_front(std::move(swapped_.front()));
+    swapped_.pop_front();
+    return events;
   }
   if (in.token_ids.empty()) {
     // Nothing runs and the oldest waiting sequence still cannot get its
     // pages: it needs more than the whole cache. It ends with an error; the
     // requests behind it go on.
-    if (!waiting_.empty() && running_.empty()) {
+    if (!waiting_.empty() && running_.empty() && swapped_.empty()) {
       Sequence& seq = *waiting_.front();
       TokenEvent e{seq.req.id, -1, 0.0f, "", FinishReason::kError, ""};
       e.error = absl::StrCat("request ", seq.req.id, " needs ", seq.tokens.size(),
                              " tokens of KV cache; the cache holds ",
-                             int64_t{pages_.num_pages()} * opts.page_size);
+                             int64_t{kv_->num_pages()} * opts.page_size);
       events.push_back(std::move(e));
       ReleaseKv(seq);
       waiting_.pop_front();

@@ -12,9 +12,13 @@
 //     tokens, context length).
 // A sequence whose logits come out non-finite ends alone with kError (see
 // FailSequence); the rest of the batch carries on.
-// When KV pages run out, the newest running sequence is preempted: its
-// pages are freed and it is recomputed from its tokens later (its output so
-// far is kept, so the stream it produces does not change).
+// When KV pages run out, the newest running sequence is preempted. With a
+// host tier (KvMemory::SwapOut) its KV moves there and it resumes, oldest
+// first, when pages free up: swapped sequences come back before any new
+// prompt starts. Otherwise (or when the host tier is full) its pages are
+// freed and it is recomputed from its tokens later. Either way its output so
+// far is kept, so the stream it produces does not change; a host copy that
+// fails its check is dropped and the sequence recomputed.
 // A request's decode_tokens are fed after its prompt one decode step each,
 // as if they had been generated (nothing is emitted for them): the way a
 // new turn's question meets a long context whose KV has already been
@@ -33,8 +37,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "engine/kv_memory.h"
 #include "engine/model.h"
-#include "engine/page_allocator.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 
@@ -79,8 +83,11 @@ struct BatcherOptions {
 class Batcher {
  public:
   // tokenizer may be null (then events carry no text and stop strings are
-  // refused). Model and tokenizer must outlive the batcher.
-  Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions options = {});
+  // refused). kv_memory owns the KV pages (null: the model's pages alone,
+  // no host tier); it must have the model's page count. Model, tokenizer and
+  // kv_memory must outlive the batcher.
+  Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions options = {},
+          KvMemory* kv_memory = nullptr);
   ~Batcher();
 
   // Queues a request. InvalidArgument for an empty prompt, ids outside the
@@ -94,15 +101,23 @@ class Batcher {
   // is returned by the next Step. Unknown ids are ignored.
   void Cancel(uint64_t request_id);
 
-  bool HasWork() const { return !waiting_.empty() || !running_.empty() || !cancelled_.empty(); }
+  bool HasWork() const {
+    return !waiting_.empty() || !running_.empty() || !swapped_.empty() || !cancelled_.empty();
+  }
   // Runs one step; returns the tokens it produced.
   absl::StatusOr<std::vector<TokenEvent>> Step();
 
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
-  int free_pages() const { return pages_.num_free(); }
-  // Sequences preempted (KV freed, recomputed later) so far.
+  // Sequences whose KV waits in the host tier.
+  int num_swapped() const { return static_cast<int>(swapped_.size()); }
+  int free_pages() const { return kv_->num_free_pages(); }
+  // Sequences preempted so far (swapped to the host tier or recomputed).
   int64_t num_preemptions() const { return num_preemptions_; }
+  // Of those, sequences whose KV went to the host tier.
+  int64_t num_swapped_out() const { return num_swapped_out_; }
+  // Swapped sequences whose host copy failed its check and were recomputed.
+  int64_t num_kv_lost() const { return num_kv_lost_; }
   // Sequences ended by an error of their own (see FailSequence) so far.
   int64_t num_failed() const { return num_failed_; }
 
@@ -112,7 +127,17 @@ class Batcher {
   bool EnsurePages(Sequence& seq, int tokens);
   // Frees the sequence's KV pages and tells the model's planner it is gone.
   void ReleaseKv(Sequence& seq);
-  void Preempt(Sequence& seq);
+  // Swaps the sequence's KV to the host tier (true) or frees it for a
+  // recompute (false).
+  bool Preempt(Sequence& seq);
+  // When nothing else runs and `oldest` (a waiting prompt) cannot get the
+  // pages for its next chunk because younger prompts hold theirs, they give
+  // them back and restart later, so that prefills cannot block each other.
+  // True when any page was given back.
+  bool ReclaimYoungerPrompts(const Sequence& oldest);
+  // Brings swapped sequences back while pages allow; a failed host copy
+  // sends its sequence to be recomputed.
+  absl::Status ResumeSwapped();
   void Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>& events);
   // Ends one sequence with kError and `error`, freeing its KV; the step and
   // the other sequences go on.
@@ -122,13 +147,17 @@ class Batcher {
   Model* model_;
   const Tokenizer* tokenizer_;
   BatcherOptions options_;
-  PageAllocator pages_;
+  std::unique_ptr<KvMemory> own_kv_;  // when the caller gave none
+  KvMemory* kv_;
   std::vector<int32_t> eos_ids_;
   std::deque<std::unique_ptr<Sequence>> waiting_;   // prefill not finished
   std::vector<std::unique_ptr<Sequence>> running_;  // decoding
+  std::deque<std::unique_ptr<Sequence>> swapped_;   // KV in the host tier, oldest first
   std::vector<uint64_t> cancelled_;
   int64_t num_preemptions_ = 0;
   int64_t num_failed_ = 0;
+  int64_t num_swapped_out_ = 0;
+  int64_t num_kv_lost_ = 0;
 };
 
 }  // namespace strata::engine

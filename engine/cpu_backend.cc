@@ -260,6 +260,44 @@ class CpuBackend final : public Backend {
 
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
+  // Host memory is ordinary memory here, and copies finish before they
+  // return: every fence is done at once.
+  absl::StatusOr<HostBuffer> AllocateHost(size_t bytes) override {
+    const size_t rounded = std::max<size_t>(64, (bytes + 63) / 64 * 64);
+    void* p = std::aligned_alloc(64, rounded);
+    if (p == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("cpu AllocateHost: out of memory for ", bytes, " bytes"));
+    }
+    return HostBuffer{std::shared_ptr<void>(p, std::free), bytes};
+  }
+  absl::StatusOr<CopyFence> CopyRowsToHost(std::span<const Tensor> tensors,
+                                           std::span<const RowCopy> rows,
+                                           const HostBuffer& host) override {
+    STRATA_RETURN_IF_ERROR(ValidateRowCopies("CopyRowsToHost", tensors, rows, host));
+    for (const RowCopy& c : rows) {
+      const Tensor& t = tensors[c.tensor];
+      const size_t row_bytes = t.nbytes() / t.dim(0);
+      std::memcpy(host.data() + c.host_offset,
+                  static_cast<const char*>(t.data()) + c.row * row_bytes, row_bytes);
+    }
+    return kFenceDone;
+  }
+  absl::StatusOr<CopyFence> CopyRowsFromHost(const HostBuffer& host, std::span<const RowCopy> rows,
+                                             std::span<const Tensor> tensors) override {
+    STRATA_RETURN_IF_ERROR(ValidateRowCopies("CopyRowsFromHost", tensors, rows, host));
+    for (const RowCopy& c : rows) {
+      const Tensor& t = tensors[c.tensor];
+      const size_t row_bytes = t.nbytes() / t.dim(0);
+      std::memcpy(static_cast<char*>(t.data()) + c.row * row_bytes, host.data() + c.host_offset,
+                  row_bytes);
+    }
+    return kFenceDone;
+  }
+  absl::StatusOr<bool> FenceDone(CopyFence) override { return true; }
+  absl::Status WaitFence(CopyFence) override { return absl::OkStatus(); }
+  absl::Status ComputeAfterFence(CopyFence) override { return absl::OkStatus(); }
+
   absl::Status Gather(const Tensor& table, const Tensor& ids, Tensor& out) override {
     if (auto s = Expect("Gather", table, DType::kF32, 2, "table"); !s.ok()) return s;
     if (auto s = Expect("Gather", ids, DType::kI32, 1, "ids"); !s.ok()) return s;

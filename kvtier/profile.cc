@@ -200,7 +200,6 @@ absl::Status CheckSupported(const KvProfile& p, const std::string& source) {
     return unsupported("tiers.gpu_bytes",
                        "(a per-profile GPU budget; size the cache with --kv-pages)");
   }
-  if (p.tiers.host_bytes > 0) return unsupported("tiers.host_bytes", "(a host tier)");
   if (!p.tiers.ssd_path.empty()) return unsupported("tiers.ssd_path", "(an SSD tier)");
   return absl::OkStatus();
 }

@@ -72,7 +72,8 @@ absl::StatusOr<KvProfile> ParseProfile(const std::string& yaml_text, const std::
 absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 
 // Unimplemented naming the key when this build cannot run the profile yet
-// (today: any kv_policy.type, codec bf16, no host or SSD tier).
+// (today: any kv_policy.type, codec bf16, a host tier but no per-profile GPU
+// budget and no SSD tier).
 absl::Status CheckSupported(const KvProfile& profile, const std::string& source);
 
 // Parses "8GiB", "512 MB", "1024": InvalidArgument otherwise.

@@ -60,8 +60,10 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
     STRATA_ASSIGN_OR_RETURN(c.counter, metrics::AddCounter(r, name, help));
     return absl::OkStatus();
   };
-  STRATA_RETURN_IF_ERROR(counter(m->preemptions_, "strata_preemptions_total",
-                                 "Sequences preempted for KV pages (recomputed later)."));
+  STRATA_RETURN_IF_ERROR(
+      counter(m->preemptions_, "strata_preemptions_total",
+              "Sequences preempted for KV pages (swapped to the host tier, or recomputed "
+              "later)."));
   STRATA_RETURN_IF_ERROR(counter(m->failed_sequences_, "strata_sequences_failed_total",
                                  "Sequences ended by an error of their own (e.g. non-finite "
                                  "logits); the rest of their batch went on."));
@@ -73,6 +75,31 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "(--max-sparse-seqs) and decoded densely."));
   STRATA_RETURN_IF_ERROR(counter(m->clusterings_, "strata_kv_policy_clusterings_total",
                                  "ClusterKV k-means clusterings of a sequence's keys."));
+  STRATA_ASSIGN_OR_RETURN(m->swapped_,
+                          metrics::AddGauge(r, "strata_requests_swapped",
+                                            "Sequences paused with their KV in the host tier."));
+  STRATA_ASSIGN_OR_RETURN(m->host_used_,
+                          metrics::AddGauge(r, "strata_kv_host_bytes_used",
+                                            "Bytes of the host KV tier held by sequences or "
+                                            "copies in flight."));
+  STRATA_ASSIGN_OR_RETURN(m->host_total_, metrics::AddGauge(r, "strata_kv_host_bytes_total",
+                                                            "Bytes of the host KV tier."));
+  STRATA_ASSIGN_OR_RETURN(m->copies_in_flight_,
+                          metrics::AddGauge(r, "strata_kv_copies_in_flight",
+                                            "KV copies between tiers not finished yet."));
+  STRATA_RETURN_IF_ERROR(counter(m->swap_outs_, "strata_kv_swap_outs_total",
+                                 "Preempted sequences whose KV moved to the host tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->swap_ins_, "strata_kv_swap_ins_total",
+                                 "Swapped sequences whose KV came back to the GPU."));
+  STRATA_RETURN_IF_ERROR(counter(m->swap_outs_refused_, "strata_kv_swap_outs_refused_total",
+                                 "Preemptions the host tier had no room for (recomputed)."));
+  STRATA_RETURN_IF_ERROR(counter(m->bytes_to_host_, "strata_kv_bytes_to_host_total",
+                                 "KV bytes copied from the GPU to the host tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->bytes_from_host_, "strata_kv_bytes_from_host_total",
+                                 "KV bytes copied from the host tier to the GPU."));
+  STRATA_RETURN_IF_ERROR(counter(m->records_lost_, "strata_kv_host_records_lost_total",
+                                 "Host KV records that failed their CRC check; their sequences "
+                                 "were recomputed."));
   return m;
 }
 
@@ -105,6 +132,20 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   sparse_queries_.Advance(stats.sparse_queries);
   dense_no_slot_.Advance(stats.dense_no_slot);
   clusterings_.Advance(stats.clusterings);
+}
+
+void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
+  swapped_->Set(s.swapped_sequences);
+  host_used_->Set(static_cast<double>(s.host_bytes_used));
+  host_total_->Set(static_cast<double>(s.host_bytes_total));
+  copies_in_flight_->Set(s.copies_in_flight);
+  std::lock_guard<std::mutex> lock(totals_mu_);
+  swap_outs_.Advance(s.swap_outs);
+  swap_ins_.Advance(s.swap_ins);
+  swap_outs_refused_.Advance(s.swap_outs_refused);
+  bytes_to_host_.Advance(s.bytes_to_host);
+  bytes_from_host_.Advance(s.bytes_from_host);
+  records_lost_.Advance(s.host_records_lost);
 }
 
 }  // namespace strata::router

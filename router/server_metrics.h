@@ -12,7 +12,7 @@
 //   strata_requests_waiting / _running          in the engine's queue / batch
 //   strata_kv_cache_pages_used / _total, strata_kv_cache_usage_ratio
 //   strata_preemptions_total                    sequences preempted for KV
-//                                               pages (recomputed later)
+//                                               pages (swapped or recomputed)
 //   strata_sequences_failed_total               sequences ended by an error
 //                                               of their own
 //   strata_kv_policy_sparse_queries_total       (decode query, layer) pairs a
@@ -20,6 +20,17 @@
 //   strata_kv_policy_dense_no_slot_total        decode steps of sparse-policy
 //                                               sequences that found no slot
 //   strata_kv_policy_clusterings_total          ClusterKV clusterings
+//   strata_requests_swapped                     sequences paused with their
+//                                               KV in the host tier
+//   strata_kv_host_bytes_used / _total          the host tier's records in use
+//   strata_kv_copies_in_flight                  swap copies not finished
+//   strata_kv_swap_outs_total, _swap_ins_total  sequences moved to the host
+//                                               tier and back
+//   strata_kv_swap_outs_refused_total           preemptions the host tier had
+//                                               no room for (recomputed)
+//   strata_kv_bytes_to_host_total / _from_host_total
+//   strata_kv_host_records_lost_total           host records that failed
+//                                               their CRC (recomputed)
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -41,6 +52,7 @@
 #include "absl/status/statusor.h"
 #include "common/metrics.h"
 #include "engine/async_engine.h"
+#include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -67,6 +79,8 @@ class ServerMetrics {
   // totals). Thread-safe; cheap enough to call after every engine step,
   // on the engine thread, the only one that may read the runner's stats.
   void UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& stats);
+  // The same for the KV block manager's tiers (gauges and counters).
+  void UpdateKvTierStats(const kvtier::KvBlockManager::Stats& stats);
 
  private:
   ServerMetrics() = default;
@@ -82,6 +96,10 @@ class ServerMetrics {
   prometheus::Gauge* pages_used_ = nullptr;
   prometheus::Gauge* pages_total_ = nullptr;
   prometheus::Gauge* usage_ = nullptr;
+  prometheus::Gauge* swapped_ = nullptr;
+  prometheus::Gauge* host_used_ = nullptr;
+  prometheus::Gauge* host_total_ = nullptr;
+  prometheus::Gauge* copies_in_flight_ = nullptr;
 
   // Counters fed from running totals kept elsewhere: each update adds what
   // grew since the last one.
@@ -93,6 +111,8 @@ class ServerMetrics {
   std::mutex totals_mu_;
   TotalCounter preemptions_, failed_sequences_;
   TotalCounter sparse_queries_, dense_no_slot_, clusterings_;
+  TotalCounter swap_outs_, swap_ins_, swap_outs_refused_, bytes_to_host_, bytes_from_host_,
+      records_lost_;
 };
 
 }  // namespace strata::router

@@ -131,6 +131,33 @@ TEST(BatcherTest, PreemptionUnderPagePressureKeepsOutputs) {
   EXPECT_EQ(batcher.free_pages(), 30);
 }
 
+TEST(BatcherTest, PreemptedPromptsDoNotBlockEachOther) {
+  // Preempted sequences restart their prefill together; the oldest must get
+  // its pages even when younger restarted prompts hold some.
+  ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 256;
+  options.max_batch_tokens = 96;
+  options.page_size = 8;
+  options.num_pages = 40;  // 320 tokens for 4 sequences of up to 235
+  auto model = LoadGolden("llama_gqa", options);
+  Batcher batcher(model.get(), nullptr);
+  for (int i = 0; i < 4; ++i)
+    ASSERT_TRUE(batcher.Add(Request(i, RandomPrompt(60 + 25 * i, i), 60)).ok());
+  std::map<uint64_t, std::vector<TokenEvent>> events;
+  for (int step = 0; batcher.HasWork() && step < 2000; ++step) {
+    auto out = batcher.Step();
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (auto& e : *out) events[e.request_id].push_back(e);
+  }
+  EXPECT_GT(batcher.num_preemptions(), 0);
+  for (uint64_t id = 0; id < 4; ++id) {
+    ASSERT_EQ(events[id].size(), 60u) << "request " << id << ": " << events[id].back().error;
+    EXPECT_EQ(events[id].back().finish, FinishReason::kLength);
+  }
+  EXPECT_EQ(batcher.free_pages(), 40);
+}
+
 TEST(BatcherTest, ASequenceOutgrowingTheWholeCacheFailsAloneWithAnError) {
   ModelOptions options;
   options.max_seqs = 2;

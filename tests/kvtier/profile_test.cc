@@ -47,6 +47,10 @@ tiers:
   p->codec = "bf16";
   p->tiers = {};
   EXPECT_TRUE(CheckSupported(*p, "p.yaml").ok());
+  p->tiers.host_bytes = int64_t{8} << 30;  // a host tier is built
+  EXPECT_TRUE(CheckSupported(*p, "p.yaml").ok());
+  p->tiers.ssd_path = "/tmp/kv";
+  EXPECT_THAT(std::string(CheckSupported(*p, "p.yaml").message()), HasSubstr("tiers.ssd_path"));
 }
 
 TEST(ProfileTest, DefaultsAreTheDefaultProfile) {

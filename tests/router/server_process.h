@@ -40,16 +40,20 @@ namespace strata::testing_util {
 inline const std::string kTinyModel = std::string(STRATA_SOURCE_DIR) + "/models/tiny-llama";
 
 // See the file comment. Extra arguments are appended to the serve command
-// (a --grace-seconds among them replaces the default of 10).
+// (a --grace-seconds or --max-context among them replaces the default of 10
+// or 2048).
 class ServerProcess {
  public:
   explicit ServerProcess(std::vector<std::string> extra_args = {}) {
     std::vector<std::string> args = {STRATA_BINARY,    "serve",     "--model",   kTinyModel,
                                      "--host",         "127.0.0.1", "--port",    "0",
-                                     "--metrics-port", "0",         "--threads", "2",
-                                     "--max-context",  "2048"};
-    if (std::find(extra_args.begin(), extra_args.end(), "--grace-seconds") == extra_args.end()) {
-      extra_args.insert(extra_args.end(), {"--grace-seconds", "10"});
+                                     "--metrics-port", "0",         "--threads", "2"};
+    // Defaults that extra arguments may replace.
+    for (const auto& [flag, value] : {std::pair<std::string, std::string>{"--grace-seconds", "10"},
+                                      {"--max-context", "2048"}}) {
+      if (std::find(extra_args.begin(), extra_args.end(), flag) == extra_args.end()) {
+        extra_args.insert(extra_args.end(), {flag, value});
+      }
     }
     args.insert(args.end(), extra_args.begin(), extra_args.end());
     std::vector<char*> argv;

@@ -420,3 +420,46 @@ TEST(ServerProfileTest, BadProfileFailsStartupWithAClearError) {
 
 }  // namespace
 }  // namespace strata
+
+namespace strata {
+namespace {
+
+TEST(ServerHostTierTest, PreemptedRequestsSwapToTheHostTierAndStreamUnchanged) {
+  // A cache of 320 tokens for four requests of ~230 tokens each: the server
+  // must preempt; with a profile's host tier the preempted sequences swap
+  // out and back, and each stream equals the request served alone.
+  const std::string path =
+      WriteTemp("host_tier_profile.yaml", "name: roomy\ntiers: {host_bytes: 64MiB}\n");
+  ServerProcess server({"--profile", path, "--max-context", "256", "--kv-pages", "20"});
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < 4; ++i) {
+    std::string prompt;
+    for (int w = 0; w < 10 + 3 * i; ++w) prompt += "Return the number of items. ";
+    v1::GenerateRequest r = TextRequest(prompt, 150);
+    r.mutable_stopping()->set_ignore_eos(true);
+    requests.push_back(r);
+  }
+  std::vector<Completion> alone;
+  for (const auto& r : requests) alone.push_back(Generate(server.stub(), r));
+  EXPECT_EQ(server.Metric("strata_kv_swap_outs_total"), 0);
+  std::vector<Completion> together(requests.size());
+  std::vector<std::thread> clients;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    clients.emplace_back([&, i] { together[i] = Generate(server.stub(), requests[i]); });
+  }
+  for (auto& t : clients) t.join();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
+    EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+  }
+  EXPECT_GT(server.Metric("strata_kv_swap_outs_total"), 0);
+  EXPECT_EQ(server.Metric("strata_kv_swap_ins_total"), server.Metric("strata_kv_swap_outs_total"));
+  EXPECT_GT(server.Metric("strata_kv_host_bytes_total"), 0);
+  // Every page and host record is back.
+  EXPECT_EQ(server.WaitForMetric("strata_kv_host_bytes_used", [](double v) { return v == 0; }), 0);
+  EXPECT_EQ(server.WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
+  EXPECT_EQ(server.Metric("strata_kv_host_records_lost_total"), 0);
+}
+
+}  // namespace
+}  // namespace strata

@@ -1,0 +1,141 @@
+#include "cuda/copy_engine.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace strata::cuda {
+
+absl::StatusOr<CopyEngine> CopyEngine::Create() {
+  CopyEngine engine;
+  STRATA_ASSIGN_OR_RETURN(engine.stream_, CudaStream::Create());
+  STRATA_ASSIGN_OR_RETURN(engine.compute_mark_, CudaEvent::Create());
+  return engine;
+}
+
+absl::StatusOr<engine::HostBuffer> CopyEngine::AllocateHost(size_t bytes) {
+  void* p = nullptr;
+  const size_t rounded = std::max<size_t>(bytes, 64);
+  STRATA_CUDA_RETURN_IF_ERROR(
+      cudaHostAlloc(&p, rounded, cudaHostAllocPortable | cudaHostAllocMapped));
+  return engine::HostBuffer{std::shared_ptr<void>(p,
+                                                  [](void* q) {
+                                                    LogIfError(cudaFreeHost(q), "cudaFreeHost");
+                                                  }),
+                            bytes};
+}
+
+absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::Tensor> tensors,
+                                                       std::span<const engine::RowCopy> rows,
+                                                       const engine::HostBuffer& host,
+                                                       bool to_host, cudaStream_t compute) {
+  STRATA_RETURN_IF_ERROR(engine::ValidateRowCopies(to_host ? "CopyRowsToHost" : "CopyRowsFromHost",
+                                                   tensors, rows, host));
+  if (rows.empty()) return engine::kFenceDone;
+  dsts_.clear();
+  srcs_.clear();
+  sizes_.clear();
+  for (const engine::RowCopy& c : rows) {
+    const engine::Tensor& t = tensors[c.tensor];
+    const size_t row_bytes = t.nbytes() / static_cast<size_t>(t.dim(0));
+    char* device = static_cast<char*>(t.data()) + static_cast<size_t>(c.row) * row_bytes;
+    char* host_ptr = reinterpret_cast<char*>(host.data()) + c.host_offset;
+    void* dst = to_host ? static_cast<void*>(host_ptr) : static_cast<void*>(device);
+    const void* src = to_host ? static_cast<const void*>(device) : static_cast<const void*>(host_ptr);
+    // Adjacent on both sides: one longer copy.
+    if (!sizes_.empty() && static_cast<char*>(dsts_.back()) + sizes_.back() == dst &&
+        static_cast<const char*>(srcs_.back()) + sizes_.back() == src) {
+      sizes_.back() += row_bytes;
+      continue;
+    }
+    dsts_.push_back(dst);
+    srcs_.push_back(src);
+    sizes_.push_back(row_bytes);
+  }
+  // The copies follow the compute stream's work so far.
+  STRATA_RETURN_IF_ERROR(compute_mark_.Record(compute));
+  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), compute_mark_.get(), 0));
+  if (batch_supported_) {
+    cudaMemcpyAttributes attrs{};
+    attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    attrs.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+    size_t attrs_index = 0;
+    const cudaError_t batch =
+        cudaMemcpyBatchAsync(dsts_.data(), srcs_.data(), sizes_.data(), sizes_.size(), &attrs,
+                             &attrs_index, 1, stream_.get());
+    if (batch == cudaErrorNotSupported) {
+      cudaGetLastError();
+      batch_supported_ = false;  // an older driver: one call per copy below
+    } else {
+      STRATA_CUDA_RETURN_IF_ERROR(batch);
+    }
+  }
+  if (!batch_supported_) {
+    for (size_t i = 0; i < sizes_.size(); ++i) {
+      STRATA_CUDA_RETURN_IF_ERROR(
+          cudaMemcpyAsync(dsts_[i], srcs_[i], sizes_[i], cudaMemcpyDefault, stream_.get()));
+    }
+  }
+  Pending pending{next_fence_++, CudaEvent()};
+  if (!spare_.empty()) {
+    pending.done = std::move(spare_.back());
+    spare_.pop_back();
+  } else {
+    STRATA_ASSIGN_OR_RETURN(pending.done, CudaEvent::Create());
+  }
+  STRATA_RETURN_IF_ERROR(pending.done.Record(stream_.get()));
+  pending_.push_back(std::move(pending));
+  return pending_.back().fence;
+}
+
+absl::Status CopyEngine::Retire(bool wait_for, engine::CopyFence upto) {
+  while (!pending_.empty() && pending_.front().fence <= upto) {
+    Pending& p = pending_.front();
+    if (wait_for) {
+      STRATA_RETURN_IF_ERROR(p.done.Synchronize());
+    } else {
+      const cudaError_t state = cudaEventQuery(p.done.get());
+      if (state == cudaErrorNotReady) break;
+      STRATA_CUDA_RETURN_IF_ERROR(state);
+    }
+    done_upto_ = p.fence;
+    spare_.push_back(std::move(p.done));
+    pending_.pop_front();
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> CopyEngine::FenceDone(engine::CopyFence fence) {
+  if (fence >= next_fence_) {
+    return absl::InvalidArgumentError(absl::StrCat("copy fence ", fence, " was never issued"));
+  }
+  if (fence <= done_upto_) return true;
+  STRATA_RETURN_IF_ERROR(Retire(/*wait_for=*/false, fence));
+  return fence <= done_upto_;
+}
+
+absl::Status CopyEngine::WaitFence(engine::CopyFence fence) {
+  if (fence >= next_fence_) {
+    return absl::InvalidArgumentError(absl::StrCat("copy fence ", fence, " was never issued"));
+  }
+  return Retire(/*wait_for=*/true, fence);
+}
+
+absl::Status CopyEngine::ComputeAfterFence(engine::CopyFence fence, cudaStream_t compute) {
+  STRATA_ASSIGN_OR_RETURN(const bool done, FenceDone(fence));
+  if (done) return absl::OkStatus();
+  // Events on one stream complete in order: waiting for the first pending
+  // fence at or after `fence` waits for `fence` itself.
+  for (const Pending& p : pending_) {
+    if (p.fence >= fence) {
+      STRATA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(compute, p.done.get(), 0));
+      return absl::OkStatus();
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CopyEngine::WaitAll() { return Retire(/*wait_for=*/true, next_fence_ - 1); }
+
+}  // namespace strata::cuda

@@ -1,0 +1,74 @@
+// CopyEngine: the CUDA backend's asynchronous copies between device rows
+// (pages of the KV caches) and pinned host memory, on a stream of their own.
+//
+// Each call enqueues one batch of copies (cudaMemcpyBatchAsync: the copy
+// engines walk the list, so thousands of 32 KiB pages cost one call, not one
+// call each) after an event recorded on the compute stream, then records a
+// fence event. Fences are numbered in enqueue order; since they all live on
+// one stream, a fence is done exactly when its event is, and every earlier
+// fence is done too. Rows that are adjacent on both sides are merged into
+// one copy.
+//
+// Thread-safety: used by the backend's one thread at a time, like the
+// backend.
+#ifndef STRATA_CUDA_COPY_ENGINE_H_
+#define STRATA_CUDA_COPY_ENGINE_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <deque>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cuda/cuda_utils.h"
+#include "engine/backend.h"
+
+namespace strata::cuda {
+
+class CopyEngine {
+ public:
+  static absl::StatusOr<CopyEngine> Create();
+
+  // Pinned, device-mapped host memory (cudaHostAlloc, portable and mapped).
+  static absl::StatusOr<engine::HostBuffer> AllocateHost(size_t bytes);
+
+  // See engine::Backend::CopyRowsToHost / CopyRowsFromHost. `compute` is the
+  // stream whose work so far the copies follow.
+  absl::StatusOr<engine::CopyFence> CopyRows(std::span<const engine::Tensor> tensors,
+                                             std::span<const engine::RowCopy> rows,
+                                             const engine::HostBuffer& host, bool to_host,
+                                             cudaStream_t compute);
+  absl::StatusOr<bool> FenceDone(engine::CopyFence fence);
+  absl::Status WaitFence(engine::CopyFence fence);
+  // Makes `compute` wait for the fence on the device.
+  absl::Status ComputeAfterFence(engine::CopyFence fence, cudaStream_t compute);
+  // Waits for every copy (the backend's destructor calls it).
+  absl::Status WaitAll();
+
+ private:
+  struct Pending {
+    engine::CopyFence fence;
+    CudaEvent done;
+  };
+  // Pops the fences whose events completed; an error event is reported.
+  absl::Status Retire(bool wait_for, engine::CopyFence upto);
+
+  CudaStream stream_;
+  CudaEvent compute_mark_;
+  std::deque<Pending> pending_;     // ascending fences, not known done
+  std::vector<CudaEvent> spare_;    // events of retired fences, for reuse
+  engine::CopyFence next_fence_ = 1;
+  engine::CopyFence done_upto_ = 0;  // every fence <= this is done
+  bool batch_supported_ = true;      // cudaMemcpyBatchAsync worked (or was not tried)
+  // Scratch of the last batch (kept to avoid reallocating per call).
+  std::vector<void*> dsts_;
+  std::vector<const void*> srcs_;
+  std::vector<size_t> sizes_;
+};
+
+}  // namespace strata::cuda
+
+#endif  // STRATA_CUDA_COPY_ENGINE_H_

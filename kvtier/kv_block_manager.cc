@@ -1,0 +1,192 @@
+#include "kvtier/kv_block_manager.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+
+namespace strata::kvtier {
+
+absl::StatusOr<std::unique_ptr<KvBlockManager>> KvBlockManager::Create(
+    engine::Model* model, const KvBlockManagerOptions& options) {
+  if (options.host_bytes < 0) {
+    return absl::InvalidArgumentError("KV block manager: host_bytes must be >= 0");
+  }
+  STRATA_ASSIGN_OR_RETURN(KvLayout layout, KvLayout::Create(*model));
+  STRATA_ASSIGN_OR_RETURN(
+      HostPool host, HostPool::Create(model->backend(), options.host_bytes, layout.record_bytes()));
+  return std::unique_ptr<KvBlockManager>(
+      new KvBlockManager(model, std::move(layout), std::move(host)));
+}
+
+KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool host)
+    : model_(model),
+      layout_(std::move(layout)),
+      pages_(layout_.num_pages()),
+      host_(std::move(host)) {}
+
+bool KvBlockManager::AllocatePages(int count, std::vector<int32_t>& pages) {
+  return pages_.Allocate(count, pages);
+}
+
+absl::Status KvBlockManager::FreePages(std::vector<int32_t>& pages) { return pages_.Free(pages); }
+
+absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, std::vector<int32_t>& pages,
+                                             int tokens) {
+  const int page_size = layout_.page_size();
+  const int needed = (tokens + page_size - 1) / page_size;
+  if (tokens < 1 || needed > static_cast<int>(pages.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("swap-out of sequence ", seq_id, ": ", tokens,
+                                                   " tokens in ", pages.size(), " pages"));
+  }
+  if (swapped_.contains(seq_id)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("swap-out of sequence ", seq_id, ": already swapped"));
+  }
+  Swapped swapped;
+  swapped.tokens = tokens;
+  if (!host_.Allocate(needed, swapped.records)) {
+    ++counters_.swap_outs_refused;
+    return false;
+  }
+  copies_.clear();
+  for (int i = 0; i < needed; ++i) {
+    layout_.AppendRecordCopies(pages[i], host_.offset(swapped.records[i]), copies_);
+  }
+  engine::Backend& backend = model_->backend();
+  absl::StatusOr<engine::CopyFence> fence =
+      backend.CopyRowsToHost(layout_.caches(), copies_, host_.buffer());
+  absl::Status ordered = fence.ok() ? backend.ComputeAfterFence(*fence) : fence.status();
+  if (!ordered.ok()) {
+    // Nothing was enqueued (or the stream is broken): the pages stay with
+    // the sequence, the records go back.
+    if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
+    for (int32_t r : swapped.records) {
+      host_.Release(r);
+      host_.Unref(r);
+    }
+    return ordered;
+  }
+  swapped.fence = *fence;
+  STRATA_RETURN_IF_ERROR(pages_.Free(pages));
+  ++counters_.swap_outs;
+  counters_.bytes_to_host += needed * layout_.record_bytes();
+  swapped_.emplace(seq_id, std::move(swapped));
+  return true;
+}
+
+int KvBlockManager::SwapInPages(int64_t seq_id) const {
+  auto it = swapped_.find(seq_id);
+  return it == swapped_.end() ? 0 : static_cast<int>(it->second.records.size());
+}
+
+absl::Status KvBlockManager::Seal(Swapped& swapped) {
+  if (swapped.sealed) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(swapped.fence));
+  for (int32_t r : swapped.records) {
+    host_.Seal(r);
+    host_.Unref(r);  // the copy's reference: resident now
+  }
+  swapped.sealed = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, std::vector<int32_t>& pages) {
+  auto it = swapped_.find(seq_id);
+  if (it == swapped_.end()) {
+    return absl::NotFoundError(absl::StrCat("swap-in of sequence ", seq_id, ": not swapped"));
+  }
+  Swapped& swapped = it->second;
+  const int needed = static_cast<int>(swapped.records.size());
+  if (!pages.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("swap-in of sequence ", seq_id, ": it still holds ", pages.size(), " pages"));
+  }
+  if (pages_.num_free() < needed) return false;
+  STRATA_RETURN_IF_ERROR(Seal(swapped));
+  for (int32_t r : swapped.records) {
+    if (absl::Status s = host_.Verify(r); !s.ok()) {
+      ++counters_.host_records_lost;
+      DropSwapped(seq_id);
+      return absl::DataLossError(absl::StrCat("sequence ", seq_id, ": ", s.message()));
+    }
+  }
+  if (!pages_.Allocate(needed, pages)) return absl::InternalError("free pages vanished");
+  copies_.clear();
+  for (int i = 0; i < needed; ++i) {
+    layout_.AppendRecordCopies(pages[i], host_.offset(swapped.records[i]), copies_);
+    host_.Ref(swapped.records[i]);  // held by the copy
+  }
+  engine::Backend& backend = model_->backend();
+  absl::StatusOr<engine::CopyFence> fence =
+      backend.CopyRowsFromHost(host_.buffer(), copies_, layout_.caches());
+  absl::Status ordered = fence.ok() ? backend.ComputeAfterFence(*fence) : fence.status();
+  if (!ordered.ok()) {
+    if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
+    for (int32_t r : swapped.records) host_.Unref(r);
+    STRATA_RETURN_IF_ERROR(pages_.Free(pages));
+    return ordered;
+  }
+  // The sequence no longer owns the records; each is freed when the copy
+  // that reads it is done.
+  for (int32_t r : swapped.records) host_.Release(r);
+  in_flight_.push_back({*fence, std::move(swapped.records)});
+  ++counters_.swap_ins;
+  counters_.bytes_from_host += needed * layout_.record_bytes();
+  swapped_.erase(it);
+  return true;
+}
+
+void KvBlockManager::DropSwapped(int64_t seq_id) {
+  auto it = swapped_.find(seq_id);
+  if (it == swapped_.end()) return;
+  Swapped& swapped = it->second;
+  for (int32_t r : swapped.records) host_.Release(r);
+  // A copy still writing them holds a reference each until it is done.
+  if (!swapped.sealed) in_flight_.push_back({swapped.fence, std::move(swapped.records)});
+  swapped_.erase(it);
+}
+
+absl::Status KvBlockManager::Poll() {
+  engine::Backend& backend = model_->backend();
+  for (auto& [id, swapped] : swapped_) {
+    if (swapped.sealed) continue;
+    STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(swapped.fence));
+    if (done) STRATA_RETURN_IF_ERROR(Seal(swapped));
+  }
+  for (auto it = in_flight_.begin(); it != in_flight_.end();) {
+    STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(it->fence));
+    if (!done) {
+      ++it;
+      continue;
+    }
+    for (int32_t r : it->records) host_.Unref(r);
+    it = in_flight_.erase(it);
+  }
+  return absl::OkStatus();
+}
+
+KvBlockManager::Stats KvBlockManager::stats() const {
+  Stats s = counters_;
+  s.gpu_pages_total = pages_.num_pages();
+  s.gpu_pages_used = pages_.num_pages() - pages_.num_free();
+  s.host_bytes_total = int64_t{host_.num_records()} * host_.record_bytes();
+  s.host_bytes_used = int64_t{host_.num_records() - host_.num_free()} * host_.record_bytes();
+  s.swapped_sequences = static_cast<int>(swapped_.size());
+  s.copies_in_flight = static_cast<int>(in_flight_.size());
+  for (const auto& [id, swapped] : swapped_) s.copies_in_flight += !swapped.sealed;
+  return s;
+}
+
+bool KvBlockManager::Idle() const {
+  return pages_.num_free() == pages_.num_pages() && host_.num_free() == host_.num_records() &&
+         swapped_.empty() && in_flight_.empty();
+}
+
+std::vector<int32_t> KvBlockManager::HostRecordsOf(int64_t seq_id) const {
+  auto it = swapped_.find(seq_id);
+  return it == swapped_.end() ? std::vector<int32_t>() : it->second.records;
+}
+
+}  // namespace strata::kvtier

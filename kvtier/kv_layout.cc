@@ -1,0 +1,49 @@
+#include "kvtier/kv_layout.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace strata::kvtier {
+
+absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
+  KvLayout layout;
+  const engine::ModelConfig& config = model.config();
+  const engine::ModelOptions& options = model.options();
+  layout.num_layers_ = config.num_layers;
+  layout.num_kv_heads_ = config.num_kv_heads;
+  layout.head_dim_ = config.head_dim;
+  layout.page_size_ = options.page_size;
+  layout.num_pages_ = options.num_pages;
+  layout.dtype_ = model.kv_cache_dtype();
+  if (layout.num_layers_ < 1 || layout.num_kv_heads_ < 1 || layout.head_dim_ < 1 ||
+      layout.page_size_ < 1 || layout.num_pages_ < 1) {
+    return absl::InvalidArgumentError("KV layout: the model has no KV cache to lay out");
+  }
+  layout.page_bytes_ = int64_t{layout.page_size_} * layout.num_kv_heads_ * layout.head_dim_ *
+                       static_cast<int64_t>(engine::DTypeSize(layout.dtype_));
+  const std::vector<int64_t> expected = {layout.num_pages_ + 1, layout.page_size_,
+                                         layout.num_kv_heads_, layout.head_dim_};
+  for (int l = 0; l < layout.num_layers_; ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const engine::Tensor& cache = kv == 0 ? model.k_cache(l) : model.v_cache(l);
+      if (!cache.defined() || cache.dtype() != layout.dtype_ || cache.shape() != expected ||
+          static_cast<int64_t>(cache.nbytes()) != (layout.num_pages_ + 1) * layout.page_bytes_) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "KV layout: layer ", l, kv == 0 ? " K" : " V", " cache is ",
+            cache.defined() ? cache.DebugString() : "undefined", ", expected ",
+            engine::DTypeName(layout.dtype_), "[", absl::StrJoin(expected, ", "), "]"));
+      }
+      layout.caches_.push_back(cache);
+    }
+  }
+  return layout;
+}
+
+void KvLayout::AppendRecordCopies(int32_t page, int64_t record_offset,
+                                  std::vector<engine::RowCopy>& copies) const {
+  for (int t = 0; t < 2 * num_layers_; ++t) {
+    copies.push_back({t, page, record_offset + t * page_bytes_});
+  }
+}
+
+}  // namespace strata::kvtier

@@ -1,0 +1,322 @@
+// The block manager: the layout checked against the model, the host pool's
+// reference counts, and swap preemption through the batcher on the CPU
+// backend: outputs as if never preempted, corrupt host copies caught, and
+// every page and record back when the sequences are gone.
+#include "kvtier/kv_block_manager.h"
+
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/batcher.h"
+#include "engine/cpu_backend.h"
+#include "engine/model_loader.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvtier/kv_policy.h"
+#include "tests/engine/test_util.h"
+
+namespace strata::kvtier {
+namespace {
+
+std::unique_ptr<engine::Backend> g_backend = engine::CreateCpuBackend(2);
+
+std::unique_ptr<engine::Model> LoadGolden(const std::string& name, engine::ModelOptions options) {
+  auto loaded = engine::LoadModel({testing_util::FixturePath("models/" + name), ""},
+                                  g_backend.get(), options);
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  return std::move(loaded->model);
+}
+
+std::vector<int32_t> Prompt(int len, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(len);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % 500) + 3;
+  return p;
+}
+
+engine::GenerationRequest Request(uint64_t id, int prompt_len, int max_tokens, int policy = 0) {
+  engine::GenerationRequest r;
+  r.id = id;
+  r.prompt = Prompt(prompt_len, 7 + static_cast<uint32_t>(id));
+  r.max_tokens = max_tokens;
+  r.ignore_eos = true;
+  r.kv_policy = policy;
+  return r;
+}
+
+using Outputs = std::map<uint64_t, std::vector<int32_t>>;
+
+// Runs every request to its end; `on_step` runs before each step.
+Outputs RunAll(engine::Batcher& batcher, const std::vector<engine::GenerationRequest>& reqs,
+            const std::function<void(int step)>& on_step = nullptr) {
+  for (const auto& r : reqs) EXPECT_TRUE(batcher.Add(r).ok());
+  Outputs out;
+  for (int step = 0; batcher.HasWork() && step < 5000; ++step) {
+    if (on_step) on_step(step);
+    auto events = batcher.Step();
+    EXPECT_TRUE(events.ok()) << events.status();
+    if (!events.ok()) break;
+    for (const auto& e : *events) {
+      out[e.request_id].push_back(e.token_id);
+      if (e.finish != engine::FinishReason::kNone) {
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.request_id << ": " << e.error;
+      }
+    }
+  }
+  EXPECT_FALSE(batcher.HasWork());
+  return out;
+}
+
+engine::ModelOptions SmallCache(int num_pages) {
+  engine::ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 256;
+  options.max_batch_tokens = 96;
+  options.page_size = 8;
+  options.num_pages = num_pages;
+  return options;
+}
+
+TEST(KvLayoutTest, MatchesTheModelsCaches) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  auto layout = KvLayout::Create(*model);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  const engine::ModelConfig& c = model->config();
+  EXPECT_EQ(layout->num_layers(), c.num_layers);
+  EXPECT_EQ(layout->num_pages(), 40);
+  EXPECT_EQ(layout->page_bytes(), int64_t{8} * c.num_kv_heads * c.head_dim * 4);  // fp32 on CPU
+  EXPECT_EQ(layout->record_bytes(), 2 * c.num_layers * layout->page_bytes());
+  ASSERT_EQ(layout->caches().size(), 2u * c.num_layers);
+  EXPECT_EQ(layout->caches()[1].data(), model->v_cache(0).data());
+  std::vector<engine::RowCopy> copies;
+  layout->AppendRecordCopies(5, 1000, copies);
+  ASSERT_EQ(copies.size(), 2u * c.num_layers);
+  EXPECT_EQ(copies[3].tensor, 3);
+  EXPECT_EQ(copies[3].row, 5);
+  EXPECT_EQ(copies[3].host_offset, 1000 + 3 * layout->page_bytes());
+}
+
+TEST(HostPoolTest, ARecordIsFreedOnlyWhenItsLastCopyIsDone) {
+  auto pool = HostPool::Create(*g_backend, 4 * 64 + 10, 64);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  EXPECT_EQ(pool->num_records(), 4);
+  std::vector<int32_t> records;
+  ASSERT_TRUE(pool->Allocate(3, records));
+  EXPECT_FALSE(pool->Allocate(2, records));  // takes none
+  EXPECT_EQ(records.size(), 3u);
+  const int32_t r = records[0];
+  EXPECT_EQ(pool->state(r), HostPool::State::kInFlight);
+  std::memset(pool->data(r), 0x5a, 64);
+  pool->Seal(r);
+  pool->Unref(r);  // the filling copy is done
+  EXPECT_EQ(pool->state(r), HostPool::State::kResident);
+  EXPECT_TRUE(pool->Verify(r).ok());
+  pool->Ref(r);  // a copy reads it
+  pool->Release(r);
+  EXPECT_EQ(pool->num_free(), 1) << "released while a copy reads it: not free yet";
+  pool->Unref(r);
+  EXPECT_EQ(pool->num_free(), 2);
+  EXPECT_EQ(pool->state(r), HostPool::State::kFree);
+}
+
+TEST(HostPoolTest, VerifyCatchesAFlippedByte) {
+  auto pool = HostPool::Create(*g_backend, 128, 128);
+  ASSERT_TRUE(pool.ok());
+  std::vector<int32_t> records;
+  ASSERT_TRUE(pool->Allocate(1, records));
+  for (int i = 0; i < 128; ++i) pool->data(0)[i] = static_cast<uint8_t>(i);
+  pool->Seal(0);
+  pool->data(0)[77] ^= 0x10;
+  const absl::Status s = pool->Verify(0);
+  EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+  EXPECT_THAT(s.message(), ::testing::HasSubstr("CRC32C"));
+}
+
+// Four sequences of up to 280 tokens in a cache of 320: preemption is certain.
+std::vector<engine::GenerationRequest> PressureRequests(int policy = 0) {
+  std::vector<engine::GenerationRequest> reqs;
+  for (int i = 0; i < 4; ++i) reqs.push_back(Request(i, 60 + 25 * i, 60, policy));
+  return reqs;
+}
+
+Outputs Alone(engine::Model* model, const std::vector<engine::GenerationRequest>& reqs) {
+  Outputs alone;
+  for (const auto& r : reqs) {
+    engine::Batcher b(model, nullptr);
+    alone[r.id] = RunAll(b, {r})[r.id];
+  }
+  return alone;
+}
+
+TEST(SwapTest, PreemptedSequencesResumeFromTheHostTierWithTheirOutputsUnchanged) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  const auto reqs = PressureRequests();
+  const Outputs alone = Alone(model.get(), reqs);
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 30});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  engine::Batcher batcher(model.get(), nullptr, {}, manager->get());
+  const Outputs batched = RunAll(batcher, reqs);
+  const KvBlockManager::Stats stats = (*manager)->stats();
+  EXPECT_GT(batcher.num_preemptions(), 0);
+  EXPECT_EQ(batcher.num_swapped_out(), batcher.num_preemptions()) << "every preemption swapped";
+  EXPECT_EQ(stats.swap_ins, stats.swap_outs);
+  EXPECT_GT(stats.bytes_from_host, 0);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  EXPECT_TRUE((*manager)->Idle());
+}
+
+TEST(SwapTest, AFullHostTierFallsBackToRecomputing) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  const auto reqs = PressureRequests();
+  const Outputs alone = Alone(model.get(), reqs);
+  auto layout = KvLayout::Create(*model);
+  ASSERT_TRUE(layout.ok());
+  // Room for 3 pages: no sequence fits.
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = 3 * layout->record_bytes()});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  engine::Batcher batcher(model.get(), nullptr, {}, manager->get());
+  const Outputs batched = RunAll(batcher, reqs);
+  EXPECT_GT(batcher.num_preemptions(), 0);
+  EXPECT_EQ(batcher.num_swapped_out(), 0);
+  EXPECT_GT((*manager)->stats().swap_outs_refused, 0);
+  // Recomputed KV comes from a prefill instead of decode steps, whose fp32
+  // sums round differently: the tokens may drift from the unpreempted run
+  // after a while (which swapping avoids), but every request completes.
+  for (const auto& r : reqs) {
+    ASSERT_EQ(batched.at(r.id).size(), 60u) << "request " << r.id;
+    EXPECT_EQ(batched.at(r.id)[0], alone.at(r.id)[0]) << "request " << r.id;
+  }
+  EXPECT_TRUE((*manager)->Idle());
+}
+
+TEST(SwapTest, ACorruptHostCopyIsCaughtAndTheSequenceRecomputed) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  const auto reqs = PressureRequests();
+  const Outputs alone = Alone(model.get(), reqs);
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 30});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  KvBlockManager& m = **manager;
+  engine::Batcher batcher(model.get(), nullptr, {}, &m);
+  int corrupted = 0;
+  const Outputs batched = RunAll(batcher, reqs, [&](int) {
+    if (corrupted > 0) return;
+    for (uint64_t id = 0; id < 4; ++id) {
+      const std::vector<int32_t> records = m.HostRecordsOf(static_cast<int64_t>(id));
+      if (records.empty()) continue;
+      // A flipped byte in the middle of the sequence's last record (after
+      // its CRC was taken: Poll seals before the batcher resumes anyone).
+      ASSERT_TRUE(m.Poll().ok());
+      m.host_pool().data(records.back())[m.layout().page_bytes() + 3] ^= 0x40;
+      ++corrupted;
+      return;
+    }
+  });
+  ASSERT_EQ(corrupted, 1);
+  EXPECT_EQ(batcher.num_kv_lost(), 1);
+  EXPECT_EQ(m.stats().host_records_lost, 1);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  EXPECT_TRUE(m.Idle());
+}
+
+TEST(SwapTest, ClusterKvSequencesResumeWithTheirClustersIntact) {
+  // The KV policy keeps a swapped sequence's clusters: the resumed sequence
+  // decodes exactly as if it had never left the GPU.
+  engine::ModelOptions options = SmallCache(40);
+  auto model = LoadGolden("llama_gqa", options);
+  KvPolicyConfig c;
+  c.type = "clusterkv";
+  c.budget_tokens = 24;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.tokens_per_cluster = 8;
+  c.full_layers = 0;
+  auto runner = KvPolicyRunner::Create(model.get(), {c}, {.max_sparse_seqs = 4});
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
+  const auto reqs = PressureRequests();
+  // Without pressure: a cache that holds everything.
+  auto roomy = LoadGolden("llama_gqa", SmallCache(200));
+  auto roomy_runner = KvPolicyRunner::Create(roomy.get(), {c}, {.max_sparse_seqs = 4});
+  ASSERT_TRUE(roomy_runner.ok());
+  ASSERT_TRUE(roomy->set_attention_planner(roomy_runner->get()).ok());
+  engine::Batcher unpressured(roomy.get(), nullptr);
+  const Outputs expected = RunAll(unpressured, reqs);
+  EXPECT_EQ(unpressured.num_preemptions(), 0);
+
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 30});
+  ASSERT_TRUE(manager.ok());
+  engine::Batcher batcher(model.get(), nullptr, {}, manager->get());
+  const Outputs batched = RunAll(batcher, reqs);
+  EXPECT_GT(batcher.num_swapped_out(), 0);
+  EXPECT_GT((*runner)->stats().sparse_queries, 0);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), expected.at(r.id)) << "request " << r.id;
+  EXPECT_TRUE((*manager)->Idle());
+  EXPECT_EQ((*runner)->num_free_slots(), 4);
+}
+
+TEST(SwapTest, NothingLeaksAfterCancellationsAndPreemptions) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 30});
+  ASSERT_TRUE(manager.ok());
+  KvBlockManager& m = *manager->get();
+  engine::Batcher batcher(model.get(), nullptr, {}, &m);
+  std::mt19937 rng(11);
+  uint64_t next_id = 0;
+  int cancelled_swapped = 0;
+  for (int step = 0; step < 600; ++step) {
+    if (step < 400 && rng() % 3 == 0) {
+      ASSERT_TRUE(batcher.Add(Request(next_id++, 20 + rng() % 120, 10 + rng() % 80)).ok());
+    }
+    if (rng() % 7 == 0 && next_id > 0) batcher.Cancel(rng() % next_id);
+    if (rng() % 3 == 0) {
+      // A sequence paused in the host tier, its copy perhaps still running.
+      for (uint64_t id = 0; id < next_id; ++id) {
+        if (m.HostRecordsOf(static_cast<int64_t>(id)).empty()) continue;
+        batcher.Cancel(id);
+        ++cancelled_swapped;
+        break;
+      }
+    }
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+  }
+  while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
+  EXPECT_GT(batcher.num_swapped_out(), 10);
+  EXPECT_GT(cancelled_swapped, 0) << "some cancellations hit swapped sequences";
+  ASSERT_TRUE(m.Poll().ok());
+  EXPECT_TRUE(m.Idle());
+  const KvBlockManager::Stats s = m.stats();
+  EXPECT_EQ(s.gpu_pages_used, 0);
+  EXPECT_EQ(s.host_bytes_used, 0);
+  EXPECT_EQ(s.copies_in_flight, 0);
+}
+
+TEST(KvBlockManagerTest, RefusesBadSwapRequests) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 24});
+  ASSERT_TRUE(manager.ok());
+  KvBlockManager& m = **manager;
+  std::vector<int32_t> pages;
+  ASSERT_TRUE(m.AllocatePages(2, pages));
+  EXPECT_TRUE(absl::IsInvalidArgument(m.SwapOut(1, pages, 17).status()));  // 3 pages of tokens
+  std::vector<int32_t> none;
+  EXPECT_TRUE(absl::IsNotFound(m.SwapIn(9, none).status()));
+  ASSERT_TRUE(m.SwapOut(1, pages, 16).value());
+  EXPECT_TRUE(pages.empty());
+  std::vector<int32_t> other;
+  ASSERT_TRUE(m.AllocatePages(1, other));
+  EXPECT_TRUE(absl::IsFailedPrecondition(m.SwapOut(1, other, 1).status()));  // already swapped
+  EXPECT_TRUE(absl::IsInvalidArgument(m.SwapIn(1, other).status()));       // holds pages
+  ASSERT_TRUE(m.FreePages(other).ok());
+  ASSERT_TRUE(m.SwapIn(1, pages).value());
+  EXPECT_EQ(pages.size(), 2u);
+  ASSERT_TRUE(m.FreePages(pages).ok());
+  ASSERT_TRUE(m.Poll().ok());
+  EXPECT_TRUE(m.Idle());
+  EXPECT_FALSE(KvBlockManager::Create(model.get(), {.host_bytes = -1}).ok());
+}
+
+}  // namespace
+}  // namespace strata::kvtier
