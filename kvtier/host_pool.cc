@@ -2,8 +2,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/crc32c.h"
 #include "common/status_macros.h"
-#include "kvtier/crc32c.h"
 
 namespace strata::kvtier {
 

@@ -66,8 +66,8 @@ class HostPool {
   int64_t record_bytes_ = 0;
   std::vector<State> state_;
   std::vector<int32_t> refs_;
-  std::vector<uint32_t> crc_;    // masked CRC32C of resident records
-  std::vector<bool> released_;   // released while referenced
+  std::vector<uint32_t> crc_;   // masked CRC32C of resident records
+  std::vector<bool> released_;  // released while referenced
   std::vector<int32_t> free_;
 };
 

@@ -54,13 +54,13 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t host_bytes_total = 0;
     int64_t host_bytes_used = 0;  // records not free, copies in flight included
     int swapped_sequences = 0;
-    int copies_in_flight = 0;         // swap copies whose fence is not done
-    int64_t swap_outs = 0;            // sequences moved to the host tier
-    int64_t swap_outs_refused = 0;    // preemptions the host tier had no room for
-    int64_t swap_ins = 0;             // sequences brought back
+    int copies_in_flight = 0;       // swap copies whose fence is not done
+    int64_t swap_outs = 0;          // sequences moved to the host tier
+    int64_t swap_outs_refused = 0;  // preemptions the host tier had no room for
+    int64_t swap_ins = 0;           // sequences brought back
     int64_t bytes_to_host = 0;
     int64_t bytes_from_host = 0;
-    int64_t host_records_lost = 0;    // records that failed their CRC check
+    int64_t host_records_lost = 0;  // records that failed their CRC check
   };
 
   // The layout is checked against the model's caches (KvLayout::Create) and

@@ -1,5 +1,5 @@
-// Fuzzes the KV block decoder (kvtier/codec.h): Codec::Inspect and
-// Codec::Decode on arbitrary bytes must refuse or decode, never crash or
+// Fuzzes the KV block decoder (engine/kv_codec.h): KvCodec::Inspect and
+// KvCodec::Decode on arbitrary bytes must refuse or decode, never crash or
 // read outside the block. Random bytes essentially never pass the CRC, so
 // each input is also tried with its CRC field rewritten to match its bytes:
 // that reaches the header's field checks and the payload parsers. A block
@@ -10,25 +10,25 @@
 #include <span>
 #include <vector>
 
+#include "common/crc32c.h"
+#include "engine/kv_codec.h"
 #include "engine/tensor.h"
-#include "kvtier/codec.h"
-#include "kvtier/crc32c.h"
 
 namespace {
 
+using strata::KvBlockInfo;
 using strata::engine::DType;
-using strata::kvtier::BlockInfo;
-using strata::kvtier::Codec;
+using strata::engine::KvCodec;
 
 // Decodes are bounded so that a header claiming a huge (valid) shape with a
 // matching payload cannot make the fuzzer allocate gigabytes.
 constexpr size_t kMaxFuzzElements = size_t{1} << 20;
 
 void TryBlock(std::span<const uint8_t> block) {
-  auto info = Codec::Inspect(block);
+  auto info = KvCodec::Inspect(block);
   if (!info.ok()) {
     std::vector<float> k(1), v(1);  // a refused block must not be written out
-    (void)Codec::Decode(block, DType::kF32, k.data(), v.data(), nullptr);
+    (void)KvCodec::Decode(block, DType::kF32, k.data(), v.data(), nullptr);
     return;
   }
   const size_t elements = size_t{1} * info->tokens * info->head_dim;
@@ -36,11 +36,11 @@ void TryBlock(std::span<const uint8_t> block) {
   std::vector<float> k(elements), v(elements);
   for (DType out : {DType::kF32, DType::kF16, DType::kBF16, DType::kF8E4M3, DType::kI32}) {
     // Buffers of 4 bytes per element are large enough for every dtype.
-    BlockInfo decoded;
-    (void)Codec::Decode(block, out, k.data(), v.data(), &decoded);
+    KvBlockInfo decoded;
+    (void)KvCodec::Decode(block, out, k.data(), v.data(), &decoded);
   }
-  if (!Codec::Decode(block, DType::kF32, k.data(), v.data(), nullptr).ok()) __builtin_trap();
-  auto codec = Codec::Create(info->codec);
+  if (!KvCodec::Decode(block, DType::kF32, k.data(), v.data(), nullptr).ok()) __builtin_trap();
+  auto codec = KvCodec::Create(info->codec);
   if (!codec.ok()) __builtin_trap();
   std::vector<uint8_t> again((*codec)->EncodedBytes(info->tokens, info->head_dim, DType::kF32));
   if (!(*codec)
@@ -54,11 +54,11 @@ void TryBlock(std::span<const uint8_t> block) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   TryBlock(std::span<const uint8_t>(data, size));
-  if (size < strata::kvtier::kBlockHeaderBytes) return 0;
+  if (size < strata::kBlockHeaderBytes) return 0;
   std::vector<uint8_t> fixed(data, data + size);
-  uint32_t crc = strata::kvtier::Crc32c(fixed.data(), 28);
-  crc = strata::kvtier::Crc32cExtend(crc, fixed.data() + 32, size - 32);
-  const uint32_t masked = strata::kvtier::MaskCrc(crc);
+  uint32_t crc = strata::Crc32c(fixed.data(), 28);
+  crc = strata::Crc32cExtend(crc, fixed.data() + 32, size - 32);
+  const uint32_t masked = strata::MaskCrc(crc);
   for (int i = 0; i < 4; ++i) fixed[28 + i] = static_cast<uint8_t>(masked >> (8 * i));
   TryBlock(fixed);
   return 0;

@@ -50,7 +50,7 @@ using Outputs = std::map<uint64_t, std::vector<int32_t>>;
 
 // Runs every request to its end; `on_step` runs before each step.
 Outputs RunAll(engine::Batcher& batcher, const std::vector<engine::GenerationRequest>& reqs,
-            const std::function<void(int step)>& on_step = nullptr) {
+               const std::function<void(int step)>& on_step = nullptr) {
   for (const auto& r : reqs) EXPECT_TRUE(batcher.Add(r).ok());
   Outputs out;
   for (int step = 0; batcher.HasWork() && step < 5000; ++step) {
@@ -308,7 +308,7 @@ TEST(KvBlockManagerTest, RefusesBadSwapRequests) {
   std::vector<int32_t> other;
   ASSERT_TRUE(m.AllocatePages(1, other));
   EXPECT_TRUE(absl::IsFailedPrecondition(m.SwapOut(1, other, 1).status()));  // already swapped
-  EXPECT_TRUE(absl::IsInvalidArgument(m.SwapIn(1, other).status()));       // holds pages
+  EXPECT_TRUE(absl::IsInvalidArgument(m.SwapIn(1, other).status()));         // holds pages
   ASSERT_TRUE(m.FreePages(other).ok());
   ASSERT_TRUE(m.SwapIn(1, pages).value());
   EXPECT_EQ(pages.size(), 2u);

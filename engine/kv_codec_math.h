@@ -1,12 +1,12 @@
 // Number formats and quantisation arithmetic of the KV block codecs
-// (kvtier/codec.h), shared by the CPU codec and the CUDA kernels so that
+// (engine/kv_codec.h), shared by the CPU codec and the CUDA kernels so that
 // both produce and read the same bytes.
 //
 // Bit-for-bit agreement between host and device rests on three rules:
 //  - Every floating-point operation is one correctly rounded IEEE operation
 //    (AddRn/SubRn/MulRn/DivRn: __fadd_rn etc. on the device, which nvcc
 //    never contracts into FMAs; plain operators on the host, whose users
-//    compile with -ffp-contract=off, see kvtier/CMakeLists.txt; x86-64
+//    compile with -ffp-contract=off, see engine/CMakeLists.txt; x86-64
 //    without -mfma has no FMA to contract into anyway). Rounding to an
 //    integer is round-half-to-even on both sides (rintf in the default
 //    rounding mode; __float2int_rn).
@@ -24,8 +24,8 @@
 //    sequential loop.
 //
 // Thread-safety: pure functions.
-#ifndef STRATA_KVTIER_CODEC_MATH_H_
-#define STRATA_KVTIER_CODEC_MATH_H_
+#ifndef STRATA_ENGINE_KV_CODEC_MATH_H_
+#define STRATA_ENGINE_KV_CODEC_MATH_H_
 
 #include <cstdint>
 #if !defined(__CUDA_ARCH__)
@@ -42,7 +42,7 @@
 #endif
 #endif
 
-namespace strata::kvtier::codec_math {
+namespace strata::engine::kv_codec_math {
 
 inline constexpr uint32_t kCanonicalNanBits = 0x7fc00000u;
 inline constexpr float kFp8E4M3Max = 448.0f;
@@ -259,7 +259,7 @@ STRATA_HOST_DEVICE inline uint8_t FloatToFp8E4M3(float f) {
   return static_cast<uint8_t>(sign | rounded);
 }
 
-// --- the codecs' quantisation formulas (kvtier/codec.h states the format) ---
+// --- the codecs' quantisation formulas (engine/kv_codec.h states the format) ---
 
 // A scale that quantisation can divide by: positive and finite.
 STRATA_HOST_DEVICE inline bool ScaleUsable(float s) { return s > 0.0f && IsFinite(s); }
@@ -305,6 +305,6 @@ STRATA_HOST_DEVICE inline float AffineDequantize(int q, float s, float m) {
   return AddRn(MulRn(static_cast<float>(q), s), m);
 }
 
-}  // namespace strata::kvtier::codec_math
+}  // namespace strata::engine::kv_codec_math
 
-#endif  // STRATA_KVTIER_CODEC_MATH_H_
+#endif  // STRATA_ENGINE_KV_CODEC_MATH_H_

@@ -1,4 +1,4 @@
-#include "kvtier/codec.h"
+#include "engine/kv_codec.h"
 
 #include <algorithm>
 #include <bit>
@@ -9,14 +9,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "kvtier/codec_math.h"
-#include "kvtier/crc32c.h"
+#include "common/crc32c.h"
+#include "engine/kv_codec_math.h"
 
-namespace strata::kvtier {
+namespace strata::engine {
 namespace {
 
-namespace cm = codec_math;
-using engine::DType;
+namespace cm = kv_codec_math;
 
 // The raw codec's payload is the caller's tensor bytes, and callers' 16-bit
 // elements are read with the block's little-endian loads: both are only the
@@ -147,24 +146,24 @@ absl::Status CheckShape(int tokens, int head_dim, std::string_view what) {
 
 size_t CeilDiv(size_t a, size_t b) { return (a + b - 1) / b; }
 
-int QMax(CodecKind kind) { return kind == CodecKind::kInt8 ? 255 : 15; }
+int QMax(KvCodecKind kind) { return kind == KvCodecKind::kInt8 ? 255 : 15; }
 
-size_t CodeBytesPerTensor(CodecKind kind, size_t elements) {
-  return kind == CodecKind::kInt4 ? CeilDiv(elements, 2) : elements;
+size_t CodeBytesPerTensor(KvCodecKind kind, size_t elements) {
+  return kind == KvCodecKind::kInt4 ? CeilDiv(elements, 2) : elements;
 }
 
 // Payload size for a checked shape (n * D <= 2^26 and groups >= 1 for the
 // integer codecs, so nothing here overflows).
-uint64_t PayloadBytes(CodecKind kind, DType source, size_t n, size_t d, size_t key_group,
+uint64_t PayloadBytes(KvCodecKind kind, DType source, size_t n, size_t d, size_t key_group,
                       size_t value_group) {
   const size_t elements = n * d;
   switch (kind) {
-    case CodecKind::kBf16:
-      return 2 * elements * engine::DTypeSize(source);
-    case CodecKind::kFp8E4M3:
+    case KvCodecKind::kBf16:
+      return 2 * elements * DTypeSize(source);
+    case KvCodecKind::kFp8E4M3:
       return 2 * d + 2 * n + 2 * elements;
-    case CodecKind::kInt8:
-    case CodecKind::kInt4: {
+    case KvCodecKind::kInt8:
+    case KvCodecKind::kInt4: {
       const size_t key_params = 4 * CeilDiv(n, key_group) * d;
       const size_t value_params = 4 * n * CeilDiv(d, value_group);
       return key_params + value_params + 2 * CodeBytesPerTensor(kind, elements);
@@ -176,7 +175,7 @@ uint64_t PayloadBytes(CodecKind kind, DType source, size_t n, size_t d, size_t k
 // --- the header ---------------------------------------------------------------
 
 struct Header {
-  CodecKind codec;
+  KvCodecKind codec;
   DType source;
   int tokens;
   int head_dim;
@@ -224,11 +223,11 @@ absl::StatusOr<Header> CheckBlock(std::span<const uint8_t> block) {
     return Corrupt(absl::StrCat("version ", p[4], " is not supported (this build reads version ",
                                 kBlockVersion, ")"));
   }
-  if (p[5] > static_cast<uint8_t>(CodecKind::kInt4)) {
+  if (p[5] > static_cast<uint8_t>(KvCodecKind::kInt4)) {
     return Corrupt(absl::StrCat("unknown codec ", p[5]));
   }
   Header h;
-  h.codec = static_cast<CodecKind>(p[5]);
+  h.codec = static_cast<KvCodecKind>(p[5]);
   const std::optional<DType> source = DTypeFromWire(p[6]);
   if (!source) return Corrupt(absl::StrCat("unknown source dtype ", p[6]));
   h.source = *source;
@@ -254,11 +253,11 @@ absl::StatusOr<Header> CheckBlock(std::span<const uint8_t> block) {
   h.head_dim = static_cast<int>(head_dim);
   h.key_group = LoadLe16(p + 20);
   h.value_group = LoadLe16(p + 22);
-  const bool grouped = h.codec == CodecKind::kInt8 || h.codec == CodecKind::kInt4;
+  const bool grouped = h.codec == KvCodecKind::kInt8 || h.codec == KvCodecKind::kInt4;
   if (grouped ? (h.key_group == 0 || h.value_group == 0)
               : (h.key_group != 0 || h.value_group != 0)) {
     return Corrupt(absl::StrCat("key_group ", h.key_group, " and value_group ", h.value_group,
-                                " for codec ", Sv(CodecKindName(h.codec)), " (must be ",
+                                " for codec ", Sv(KvCodecKindName(h.codec)), " (must be ",
                                 grouped ? "at least 1)" : "0)"));
   }
   h.payload_bytes = LoadLe32(p + 16);
@@ -266,8 +265,8 @@ absl::StatusOr<Header> CheckBlock(std::span<const uint8_t> block) {
       PayloadBytes(h.codec, h.source, tokens, head_dim, h.key_group, h.value_group);
   if (h.payload_bytes != needed) {
     return Corrupt(absl::StrCat("header says ", h.payload_bytes, " payload bytes, but codec ",
-                                Sv(CodecKindName(h.codec)), " with ", tokens, " tokens x ",
-                                head_dim, " (", engine::DTypeName(h.source), ") needs ", needed));
+                                Sv(KvCodecKindName(h.codec)), " with ", tokens, " tokens x ",
+                                head_dim, " (", DTypeName(h.source), ") needs ", needed));
   }
   if (block.size() != kBlockHeaderBytes + needed) {
     return Corrupt(absl::StrCat(block.size(), " bytes, but the header says ", kBlockHeaderBytes,
@@ -282,8 +281,8 @@ absl::StatusOr<Header> CheckBlock(std::span<const uint8_t> block) {
   return h;
 }
 
-BlockInfo ToInfo(const Header& h) {
-  BlockInfo info;
+KvBlockInfo ToInfo(const Header& h) {
+  KvBlockInfo info;
   info.codec = h.codec;
   info.source = h.source;
   info.tokens = h.tokens;
@@ -301,7 +300,7 @@ absl::Status CheckEncodeArgs(const void* k, const void* v, DType source, int tok
   if (auto s = CheckShape(tokens, head_dim, "KV block encode"); !s.ok()) return s;
   if (!DTypeToWire(source)) {
     return absl::InvalidArgumentError(absl::StrCat("KV block encode: source dtype ",
-                                                   engine::DTypeName(source),
+                                                   DTypeName(source),
                                                    " (F32, F16, BF16 or F8_E4M3 expected)"));
   }
   if (k == nullptr || v == nullptr) {
@@ -310,11 +309,11 @@ absl::Status CheckEncodeArgs(const void* k, const void* v, DType source, int tok
   return absl::OkStatus();
 }
 
-class CodecBase : public Codec {
+class CodecBase : public KvCodec {
  public:
-  explicit CodecBase(CodecKind kind) : kind_(kind) {}
+  explicit CodecBase(KvCodecKind kind) : kind_(kind) {}
 
-  CodecKind kind() const final { return kind_; }
+  KvCodecKind kind() const final { return kind_; }
 
   size_t EncodedBytes(int tokens, int head_dim, DType source) const final {
     if (!CheckShape(tokens, head_dim, "").ok() || !DTypeToWire(source)) return 0;
@@ -327,10 +326,9 @@ class CodecBase : public Codec {
     if (auto s = CheckEncodeArgs(k, v, source, tokens, head_dim); !s.ok()) return s;
     const size_t bytes = EncodedBytes(tokens, head_dim, source);
     if (out.size() != bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("KV block encode: output is ", out.size(),
-                                                     " bytes; codec ", Sv(CodecKindName(kind_)),
-                                                     " with ", tokens, " tokens x ", head_dim, " (",
-                                                     engine::DTypeName(source), ") needs ", bytes));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KV block encode: output is ", out.size(), " bytes; codec ", Sv(KvCodecKindName(kind_)),
+          " with ", tokens, " tokens x ", head_dim, " (", DTypeName(source), ") needs ", bytes));
     }
     const Header h{.codec = kind_,
                    .source = source,
@@ -353,17 +351,17 @@ class CodecBase : public Codec {
                              std::span<uint8_t> payload) const = 0;
 
  private:
-  const CodecKind kind_;
+  const KvCodecKind kind_;
 };
 
 class RawCodec final : public CodecBase {
  public:
-  RawCodec() : CodecBase(CodecKind::kBf16) {}
+  RawCodec() : CodecBase(KvCodecKind::kBf16) {}
 
  protected:
   void EncodePayload(const void* k, const void* v, DType source, int n, int d,
                      std::span<uint8_t> payload) const override {
-    const size_t tensor_bytes = size_t{1} * n * d * engine::DTypeSize(source);
+    const size_t tensor_bytes = size_t{1} * n * d * DTypeSize(source);
     std::memcpy(payload.data(), k, tensor_bytes);
     std::memcpy(payload.data() + tensor_bytes, v, tensor_bytes);
   }
@@ -371,7 +369,7 @@ class RawCodec final : public CodecBase {
 
 class Fp8Codec final : public CodecBase {
  public:
-  Fp8Codec() : CodecBase(CodecKind::kFp8E4M3) {}
+  Fp8Codec() : CodecBase(KvCodecKind::kFp8E4M3) {}
 
  protected:
   void EncodePayload(const void* k, const void* v, DType source, int n, int d,
@@ -413,22 +411,22 @@ class Fp8Codec final : public CodecBase {
 };
 
 // Writes code q of element i of a tensor's code array.
-void PutCode(CodecKind kind, uint8_t* codes, size_t i, int q) {
-  if (kind == CodecKind::kInt8) {
+void PutCode(KvCodecKind kind, uint8_t* codes, size_t i, int q) {
+  if (kind == KvCodecKind::kInt8) {
     codes[i] = static_cast<uint8_t>(q);
   } else {
     codes[i / 2] |= static_cast<uint8_t>(q << (4 * (i & 1)));
   }
 }
 
-int GetCode(CodecKind kind, const uint8_t* codes, size_t i) {
-  if (kind == CodecKind::kInt8) return codes[i];
+int GetCode(KvCodecKind kind, const uint8_t* codes, size_t i) {
+  if (kind == KvCodecKind::kInt8) return codes[i];
   return (codes[i / 2] >> (4 * (i & 1))) & 0xf;
 }
 
 class AffineCodec final : public CodecBase {
  public:
-  explicit AffineCodec(CodecKind kind) : CodecBase(kind) {}
+  explicit AffineCodec(KvCodecKind kind) : CodecBase(kind) {}
 
  protected:
   int key_group() const override { return kKeyGroupTokens; }
@@ -436,7 +434,7 @@ class AffineCodec final : public CodecBase {
 
   void EncodePayload(const void* k, const void* v, DType source, int n, int d,
                      std::span<uint8_t> payload) const override {
-    const CodecKind codec = kind();
+    const KvCodecKind codec = kind();
     const int q_max = QMax(codec);
     const size_t elements = size_t{1} * n * d;
     const std::vector<float> kf = ToFloats(k, source, elements);
@@ -509,21 +507,21 @@ class AffineCodec final : public CodecBase {
 // --- decoding -----------------------------------------------------------------
 
 absl::Status CheckOutDtype(const Header& h, DType out) {
-  if (h.codec == CodecKind::kBf16) {
+  if (h.codec == KvCodecKind::kBf16) {
     if (out == DType::kF32 || out == h.source) return absl::OkStatus();
-    return absl::InvalidArgumentError(absl::StrCat(
-        "KV block decode: out dtype ", engine::DTypeName(out), " for a bf16 (raw) block of ",
-        engine::DTypeName(h.source), " (F32 or its source dtype expected)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV block decode: out dtype ", DTypeName(out), " for a bf16 (raw) block of ",
+                     DTypeName(h.source), " (F32 or its source dtype expected)"));
   }
   if (out == DType::kF32 || out == DType::kBF16) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("KV block decode: out dtype ", engine::DTypeName(out), " for a ",
-                   Sv(CodecKindName(h.codec)), " block (F32 or BF16 expected)"));
+  return absl::InvalidArgumentError(absl::StrCat("KV block decode: out dtype ", DTypeName(out),
+                                                 " for a ", Sv(KvCodecKindName(h.codec)),
+                                                 " block (F32 or BF16 expected)"));
 }
 
 void DecodeRaw(const Header& h, const uint8_t* payload, DType out, void* k_out, void* v_out) {
   const size_t elements = size_t{1} * h.tokens * h.head_dim;
-  const size_t tensor_bytes = elements * engine::DTypeSize(h.source);
+  const size_t tensor_bytes = elements * DTypeSize(h.source);
   if (out == h.source) {
     std::memcpy(k_out, payload, tensor_bytes);
     std::memcpy(v_out, payload + tensor_bytes, tensor_bytes);
@@ -591,51 +589,51 @@ void DecodeAffine(const Header& h, const uint8_t* payload, DType out, void* k_ou
 
 }  // namespace
 
-absl::StatusOr<CodecKind> ParseCodecKind(std::string_view name) {
-  for (CodecKind kind :
-       {CodecKind::kBf16, CodecKind::kFp8E4M3, CodecKind::kInt8, CodecKind::kInt4}) {
-    if (name == CodecKindName(kind)) return kind;
+absl::StatusOr<KvCodecKind> ParseKvCodecKind(std::string_view name) {
+  for (KvCodecKind kind :
+       {KvCodecKind::kBf16, KvCodecKind::kFp8E4M3, KvCodecKind::kInt8, KvCodecKind::kInt4}) {
+    if (name == KvCodecKindName(kind)) return kind;
   }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown codec \"", Sv(name), "\" (bf16, fp8_e4m3, int8 or int4)"));
 }
 
-std::string_view CodecKindName(CodecKind kind) {
+std::string_view KvCodecKindName(KvCodecKind kind) {
   switch (kind) {
-    case CodecKind::kBf16:
+    case KvCodecKind::kBf16:
       return "bf16";
-    case CodecKind::kFp8E4M3:
+    case KvCodecKind::kFp8E4M3:
       return "fp8_e4m3";
-    case CodecKind::kInt8:
+    case KvCodecKind::kInt8:
       return "int8";
-    case CodecKind::kInt4:
+    case KvCodecKind::kInt4:
       return "int4";
   }
   return "unknown";
 }
 
-absl::StatusOr<std::unique_ptr<Codec>> Codec::Create(CodecKind kind) {
+absl::StatusOr<std::unique_ptr<KvCodec>> KvCodec::Create(KvCodecKind kind) {
   switch (kind) {
-    case CodecKind::kBf16:
-      return std::unique_ptr<Codec>(new RawCodec());
-    case CodecKind::kFp8E4M3:
-      return std::unique_ptr<Codec>(new Fp8Codec());
-    case CodecKind::kInt8:
-    case CodecKind::kInt4:
-      return std::unique_ptr<Codec>(new AffineCodec(kind));
+    case KvCodecKind::kBf16:
+      return std::unique_ptr<KvCodec>(new RawCodec());
+    case KvCodecKind::kFp8E4M3:
+      return std::unique_ptr<KvCodec>(new Fp8Codec());
+    case KvCodecKind::kInt8:
+    case KvCodecKind::kInt4:
+      return std::unique_ptr<KvCodec>(new AffineCodec(kind));
   }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown codec kind ", static_cast<int>(kind), " (0 to 3)"));
 }
 
-absl::StatusOr<BlockInfo> Codec::Inspect(std::span<const uint8_t> block) {
+absl::StatusOr<KvBlockInfo> KvCodec::Inspect(std::span<const uint8_t> block) {
   absl::StatusOr<Header> h = CheckBlock(block);
   if (!h.ok()) return h.status();
   return ToInfo(*h);
 }
 
-absl::Status Codec::Decode(std::span<const uint8_t> block, DType out_dtype, void* k_out,
-                           void* v_out, BlockInfo* info_or_null) {
+absl::Status KvCodec::Decode(std::span<const uint8_t> block, DType out_dtype, void* k_out,
+                             void* v_out, KvBlockInfo* info_or_null) {
   absl::StatusOr<Header> h = CheckBlock(block);
   if (!h.ok()) return h.status();
   if (auto s = CheckOutDtype(*h, out_dtype); !s.ok()) return s;
@@ -644,14 +642,14 @@ absl::Status Codec::Decode(std::span<const uint8_t> block, DType out_dtype, void
   }
   const uint8_t* payload = block.data() + kBlockHeaderBytes;
   switch (h->codec) {
-    case CodecKind::kBf16:
+    case KvCodecKind::kBf16:
       DecodeRaw(*h, payload, out_dtype, k_out, v_out);
       break;
-    case CodecKind::kFp8E4M3:
+    case KvCodecKind::kFp8E4M3:
       DecodeFp8(*h, payload, out_dtype, k_out, v_out);
       break;
-    case CodecKind::kInt8:
-    case CodecKind::kInt4:
+    case KvCodecKind::kInt8:
+    case KvCodecKind::kInt4:
       DecodeAffine(*h, payload, out_dtype, k_out, v_out);
       break;
   }
@@ -659,4 +657,4 @@ absl::Status Codec::Decode(std::span<const uint8_t> block, DType out_dtype, void
   return absl::OkStatus();
 }
 
-}  // namespace strata::kvtier
+}  // namespace strata::engine

@@ -1,4 +1,4 @@
-#include "kvtier/crc32c.h"
+#include "common/crc32c.h"
 
 #include <chrono>
 #include <cstdint>
@@ -10,7 +10,7 @@
 
 #include "gtest/gtest.h"
 
-namespace strata::kvtier {
+namespace strata {
 namespace {
 
 using crc32c_internal::ExtendHardware;
@@ -154,4 +154,4 @@ TEST(Crc32cTest, DISABLED_Throughput) {
 }
 
 }  // namespace
-}  // namespace strata::kvtier
+}  // namespace strata

@@ -1,4 +1,4 @@
-#include "kvtier/crc32c.h"
+#include "common/crc32c.h"
 
 #include <array>
 #include <cstring>
@@ -8,7 +8,7 @@
 #define STRATA_CRC32C_X86 1
 #endif
 
-namespace strata::kvtier {
+namespace strata {
 namespace {
 
 // GF(2) polynomials modulo P are held in the reflected form the CRC register
@@ -163,4 +163,4 @@ uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) {
                                               : crc32c_internal::ExtendPortable(crc, data, n);
 }
 
-}  // namespace strata::kvtier
+}  // namespace strata

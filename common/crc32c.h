@@ -9,19 +9,19 @@
 // cycle, so three streams keep it busy). Measured on this project's 2-core
 // AMD EPYC build machine (g++ 12 -O2): 28 GB/s on a 1 MiB buffer (27.7 to
 // 28.5 over runs; one stream alone gives 9.6 GB/s); see the DISABLED_
-// Throughput test of tests/kvtier/crc32c_test.cc. Other CPUs take the
+// Throughput test of tests/common/crc32c_test.cc. Other CPUs take the
 // portable table-driven path, a byte at a time (0.45 GB/s): correct, but
 // the slow path. The build needs no -msse4.2: the instruction is used
 // through a function-level target attribute behind a runtime CPU check.
 //
 // Thread-safety: pure functions.
-#ifndef STRATA_KVTIER_CRC32C_H_
-#define STRATA_KVTIER_CRC32C_H_
+#ifndef STRATA_COMMON_CRC32C_H_
+#define STRATA_COMMON_CRC32C_H_
 
 #include <cstddef>
 #include <cstdint>
 
-namespace strata::kvtier {
+namespace strata {
 
 // The CRC32C of `data` appended to a buffer whose CRC32C is `crc`:
 // Crc32cExtend(Crc32c(a), b) == Crc32c(a || b). Crc32cExtend(0, ...) starts
@@ -61,6 +61,6 @@ uint32_t ShiftByZeroBytes(uint32_t crc_register, uint64_t n);
 
 }  // namespace crc32c_internal
 
-}  // namespace strata::kvtier
+}  // namespace strata
 
-#endif  // STRATA_KVTIER_CRC32C_H_
+#endif  // STRATA_COMMON_CRC32C_H_

@@ -1,9 +1,9 @@
-// kvtier::Codec: encodes one KV block for the host and SSD tiers and the
+// engine::KvCodec: encodes one KV block for the host and SSD tiers and the
 // wire, and decodes (and checks) blocks that come back.
 //
 // A block is one cluster (or page run) of one (layer, KV head): K rows
 // [tokens, head_dim] and V rows [tokens, head_dim], row-major, read from host
-// memory as engine::DType elements (kF32, kBF16, kF16 or kF8E4M3; kI32 is
+// memory as DType elements (kF32, kBF16, kF16 or kF8E4M3; kI32 is
 // refused). Every block names its codec and shape and carries a CRC32C, so
 // a reader needs nothing but the bytes; a block that fails its checks is
 // lost (absl::DataLossError), never decoded into wrong values.
@@ -13,9 +13,9 @@
 //   offset size
 //    0     4   magic "SKVB"
 //    4     1   version = 1
-//    5     1   codec (CodecKind)
+//    5     1   codec (KvCodecKind)
 //    6     1   source dtype: 0 f32, 1 f16, 2 bf16, 3 f8_e4m3 (fixed wire
-//              codes, independent of engine::DType's order)
+//              codes, independent of DType's order)
 //    7     1   flags = 0
 //    8     4   tokens n     in [1, 2^20]
 //   12     4   head_dim D   in [1, 1024], and n * D <= 2^26 (so that every
@@ -51,7 +51,7 @@
 //    high one; when n * D is odd the last byte's high nibble is padding,
 //    written as 0 (so ceil(n * D / 2) bytes per tensor; any D is accepted).
 //  Every operation above is one correctly rounded fp32 operation (see
-//  kvtier/codec_math.h, shared with the CUDA kernels, which must produce the
+//  engine/kv_codec_math.h, shared with the CUDA kernels, which must produce the
 //  same bytes).
 //
 // Bytes per token-head at D = 128, for a block of n tokens (plus the 32-byte
@@ -62,7 +62,7 @@
 //   int4     144 + 512 * ceil(n / 128) / n            (150.4 at n = 80)
 //
 // Round-trip error bounds, per element x of a group (keys: a channel's
-// tokens; values: a token's channels), all tested (tests/kvtier/codec_test.cc):
+// tokens; values: a token's channels), all tested (tests/engine/kv_codec_test.cc):
 //  - bf16: none, bit-exact.
 //  - fp8_e4m3, with the group's s and amax = max |x|:
 //      |x - x'| <= 2^-4 * |x| * (1 + 2^-16) + 2^-10 * s + 448 * 2^-25
@@ -91,10 +91,10 @@
 // whose lo is beyond +-65504 decodes to +-inf. Downstream, the batcher ends
 // sequences whose logits are not finite, so nothing is silently wrong.
 //
-// Thread-safety: a Codec is immutable and may be used from any number of
+// Thread-safety: a KvCodec is immutable and may be used from any number of
 // threads at once; Decode and Inspect are pure functions.
-#ifndef STRATA_KVTIER_CODEC_H_
-#define STRATA_KVTIER_CODEC_H_
+#ifndef STRATA_ENGINE_KV_CODEC_H_
+#define STRATA_ENGINE_KV_CODEC_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -106,9 +106,9 @@
 #include "absl/status/statusor.h"
 #include "engine/tensor.h"
 
-namespace strata::kvtier {
+namespace strata::engine {
 
-enum class CodecKind : uint8_t {
+enum class KvCodecKind : uint8_t {
   kBf16 = 0,  // raw: the cache's own dtype, bit-exact
   kFp8E4M3 = 1,
   kInt8 = 2,
@@ -117,9 +117,9 @@ enum class CodecKind : uint8_t {
 
 // "bf16" | "fp8_e4m3" | "int8" | "int4"; InvalidArgument naming the value
 // and the choices otherwise.
-absl::StatusOr<CodecKind> ParseCodecKind(std::string_view name);
+absl::StatusOr<KvCodecKind> ParseKvCodecKind(std::string_view name);
 // The profile name of a codec ("unknown" for a value outside the enum).
-std::string_view CodecKindName(CodecKind kind);
+std::string_view KvCodecKindName(KvCodecKind kind);
 
 inline constexpr size_t kBlockHeaderBytes = 32;
 inline constexpr uint8_t kBlockVersion = 1;
@@ -132,9 +132,9 @@ inline constexpr int kKeyGroupTokens = 128;
 inline constexpr int kValueGroupChannels = 32;
 
 // What a block's header says (once checked).
-struct BlockInfo {
-  CodecKind codec = CodecKind::kBf16;
-  engine::DType source = engine::DType::kF32;
+struct KvBlockInfo {
+  KvCodecKind codec = KvCodecKind::kBf16;
+  DType source = DType::kF32;
   int tokens = 0;
   int head_dim = 0;
   size_t bytes = 0;     // the whole block, header included
@@ -142,26 +142,26 @@ struct BlockInfo {
   int value_group = 0;  // int8/int4 only; 0 otherwise
 };
 
-class Codec {
+class KvCodec {
  public:
-  virtual ~Codec() = default;
+  virtual ~KvCodec() = default;
 
-  // InvalidArgument for a value outside CodecKind.
-  static absl::StatusOr<std::unique_ptr<Codec>> Create(CodecKind kind);
+  // InvalidArgument for a value outside KvCodecKind.
+  static absl::StatusOr<std::unique_ptr<KvCodec>> Create(KvCodecKind kind);
 
-  virtual CodecKind kind() const = 0;
+  virtual KvCodecKind kind() const = 0;
 
   // The exact size of the encoded block, header included; 0 when the shape
   // or source dtype is one Encode refuses.
-  virtual size_t EncodedBytes(int tokens, int head_dim, engine::DType source) const = 0;
+  virtual size_t EncodedBytes(int tokens, int head_dim, DType source) const = 0;
 
   // Encodes K and V ([tokens, head_dim] each, `source` elements, host
   // memory, any alignment) into `out`, whose size must be
   // EncodedBytes(tokens, head_dim, source). InvalidArgument for a shape
   // outside the limits above, a kI32 source, null inputs or a wrong out
   // size. Deterministic: the same input gives the same bytes.
-  virtual absl::Status Encode(const void* k, const void* v, engine::DType source, int tokens,
-                              int head_dim, std::span<uint8_t> out) const = 0;
+  virtual absl::Status Encode(const void* k, const void* v, DType source, int tokens, int head_dim,
+                              std::span<uint8_t> out) const = 0;
 
   // Checks a block as Inspect does, then decodes it into k_out and v_out
   // ([tokens, head_dim] each, out_dtype elements, host memory, sized from
@@ -172,17 +172,17 @@ class Codec {
   // is InvalidArgument; a block that fails its checks is DataLoss. Fills
   // *info_or_null when given. Never reads outside `block`, whatever its
   // bytes.
-  static absl::Status Decode(std::span<const uint8_t> block, engine::DType out_dtype, void* k_out,
-                             void* v_out, BlockInfo* info_or_null);
+  static absl::Status Decode(std::span<const uint8_t> block, DType out_dtype, void* k_out,
+                             void* v_out, KvBlockInfo* info_or_null);
 
   // Checks a block without decoding it: its size covers the header, magic,
   // version, codec, source dtype, flags and reserved fields, the shape and
   // groups are in range, payload_bytes matches what the shape needs and the
   // block's length, and the CRC matches. DataLoss naming the first problem
   // ("KV block: CRC mismatch (stored 0x..., computed 0x...)").
-  static absl::StatusOr<BlockInfo> Inspect(std::span<const uint8_t> block);
+  static absl::StatusOr<KvBlockInfo> Inspect(std::span<const uint8_t> block);
 };
 
-}  // namespace strata::kvtier
+}  // namespace strata::engine
 
-#endif  // STRATA_KVTIER_CODEC_H_
+#endif  // STRATA_ENGINE_KV_CODEC_H_

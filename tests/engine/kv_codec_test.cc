@@ -1,4 +1,4 @@
-#include "kvtier/codec.h"
+#include "engine/kv_codec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -12,22 +12,21 @@
 #include <string>
 #include <vector>
 
+#include "common/crc32c.h"
+#include "engine/kv_codec_math.h"
 #include "engine/tensor.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "kvtier/codec_math.h"
-#include "kvtier/crc32c.h"
 
-namespace strata::kvtier {
+namespace strata::engine {
 namespace {
 
-namespace cm = codec_math;
-using engine::DType;
+namespace cm = kv_codec_math;
 using ::testing::HasSubstr;
 
 constexpr DType kSources[] = {DType::kF32, DType::kBF16, DType::kF16, DType::kF8E4M3};
-constexpr CodecKind kKinds[] = {CodecKind::kBf16, CodecKind::kFp8E4M3, CodecKind::kInt8,
-                                CodecKind::kInt4};
+constexpr KvCodecKind kKinds[] = {KvCodecKind::kBf16, KvCodecKind::kFp8E4M3, KvCodecKind::kInt8,
+                                  KvCodecKind::kInt4};
 
 uint32_t Bits(float f) {
   uint32_t b;
@@ -41,15 +40,15 @@ float FromBits(uint32_t b) {
   return f;
 }
 
-// --- codec_math against engine/tensor.h's conversions -------------------------
+// --- kv_codec_math against engine/tensor.h's conversions -------------------------
 
 // Every fp16 rounding boundary: each representable value, the midpoints
 // between neighbours and the floats next to them, both signs.
 std::vector<float> Fp16Boundaries() {
   std::vector<float> out;
   for (uint32_t h = 0; h < 0x7c00; ++h) {
-    const float a = engine::Fp16ToFloat(static_cast<uint16_t>(h));
-    const float b = engine::Fp16ToFloat(static_cast<uint16_t>(h + 1));  // 0x7c00: inf
+    const float a = Fp16ToFloat(static_cast<uint16_t>(h));
+    const float b = Fp16ToFloat(static_cast<uint16_t>(h + 1));  // 0x7c00: inf
     const float mid = h + 1 == 0x7c00 ? 65520.0f : static_cast<float>((double(a) + b) / 2);
     for (float f : {a, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e30f),
                     std::nextafter(a, 1e30f)}) {
@@ -63,8 +62,8 @@ std::vector<float> Fp16Boundaries() {
 std::vector<float> Fp8Boundaries() {
   std::vector<float> out;
   for (uint32_t c = 0; c < 0x7e; ++c) {
-    const float a = engine::Fp8E4M3ToFloat(static_cast<uint8_t>(c));
-    const float b = engine::Fp8E4M3ToFloat(static_cast<uint8_t>(c + 1));
+    const float a = Fp8E4M3ToFloat(static_cast<uint8_t>(c));
+    const float b = Fp8E4M3ToFloat(static_cast<uint8_t>(c + 1));
     const float mid = static_cast<float>((double(a) + b) / 2);
     for (float f : {a, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e30f)}) {
       out.push_back(f);
@@ -99,33 +98,33 @@ uint64_t DenseSampleMismatches(Ours ours, Engine engine) {
 TEST(CodecMathTest, Fp16MatchesEngine) {
   for (uint32_t h = 0; h < 0x10000; ++h) {
     ASSERT_EQ(Bits(cm::Fp16BitsToFloat(static_cast<uint16_t>(h))),
-              Bits(engine::Fp16ToFloat(static_cast<uint16_t>(h))))
+              Bits(Fp16ToFloat(static_cast<uint16_t>(h))))
         << std::hex << h;
   }
   for (float f : Fp16Boundaries()) {
-    ASSERT_EQ(cm::FloatToFp16Bits(f), engine::FloatToFp16(f)) << std::hex << Bits(f);
+    ASSERT_EQ(cm::FloatToFp16Bits(f), FloatToFp16(f)) << std::hex << Bits(f);
   }
-  EXPECT_EQ(DenseSampleMismatches(cm::FloatToFp16Bits, engine::FloatToFp16), 0u);
+  EXPECT_EQ(DenseSampleMismatches(cm::FloatToFp16Bits, FloatToFp16), 0u);
 }
 
 TEST(CodecMathTest, Bf16MatchesEngine) {
   for (uint32_t b = 0; b < 0x10000; ++b) {
     ASSERT_EQ(Bits(cm::Bf16BitsToFloat(static_cast<uint16_t>(b))),
-              Bits(engine::Bf16ToFloat(static_cast<uint16_t>(b))));
+              Bits(Bf16ToFloat(static_cast<uint16_t>(b))));
   }
-  EXPECT_EQ(DenseSampleMismatches(cm::FloatToBf16Bits, engine::FloatToBf16), 0u);
+  EXPECT_EQ(DenseSampleMismatches(cm::FloatToBf16Bits, FloatToBf16), 0u);
 }
 
 TEST(CodecMathTest, Fp8E4M3MatchesEngine) {
   for (uint32_t c = 0; c < 256; ++c) {
     ASSERT_EQ(Bits(cm::Fp8E4M3ToFloat(static_cast<uint8_t>(c))),
-              Bits(engine::Fp8E4M3ToFloat(static_cast<uint8_t>(c))))
+              Bits(Fp8E4M3ToFloat(static_cast<uint8_t>(c))))
         << std::hex << c;
   }
   for (float f : Fp8Boundaries()) {
-    ASSERT_EQ(cm::FloatToFp8E4M3(f), engine::FloatToFp8E4M3(f)) << std::hex << Bits(f);
+    ASSERT_EQ(cm::FloatToFp8E4M3(f), FloatToFp8E4M3(f)) << std::hex << Bits(f);
   }
-  EXPECT_EQ(DenseSampleMismatches(cm::FloatToFp8E4M3, engine::FloatToFp8E4M3), 0u);
+  EXPECT_EQ(DenseSampleMismatches(cm::FloatToFp8E4M3, FloatToFp8E4M3), 0u);
 }
 
 // All 2^32 floats (half a minute); run by hand after changing a conversion:
@@ -134,8 +133,8 @@ TEST(CodecMathTest, DISABLED_ExhaustiveConversionsMatchEngine) {
   uint64_t fp16_mismatches = 0, fp8_mismatches = 0;
   for (uint64_t b = 0; b <= 0xffffffffull; ++b) {
     const float f = FromBits(static_cast<uint32_t>(b));
-    fp16_mismatches += cm::FloatToFp16Bits(f) != engine::FloatToFp16(f);
-    fp8_mismatches += cm::FloatToFp8E4M3(f) != engine::FloatToFp8E4M3(f);
+    fp16_mismatches += cm::FloatToFp16Bits(f) != FloatToFp16(f);
+    fp8_mismatches += cm::FloatToFp8E4M3(f) != FloatToFp8E4M3(f);
   }
   EXPECT_EQ(fp16_mismatches, 0u);
   EXPECT_EQ(fp8_mismatches, 0u);
@@ -175,7 +174,7 @@ struct Tensor {
 
 Tensor MakeTensor(const std::vector<float>& x, DType dtype) {
   Tensor t;
-  t.bytes.resize(x.size() * engine::DTypeSize(dtype));
+  t.bytes.resize(x.size() * DTypeSize(dtype));
   t.values.resize(x.size());
   for (size_t i = 0; i < x.size(); ++i) {
     switch (dtype) {
@@ -184,20 +183,20 @@ Tensor MakeTensor(const std::vector<float>& x, DType dtype) {
         t.values[i] = x[i];
         break;
       case DType::kBF16: {
-        const uint16_t b = engine::FloatToBf16(x[i]);
+        const uint16_t b = FloatToBf16(x[i]);
         std::memcpy(&t.bytes[2 * i], &b, 2);
-        t.values[i] = engine::Bf16ToFloat(b);
+        t.values[i] = Bf16ToFloat(b);
         break;
       }
       case DType::kF16: {
-        const uint16_t h = engine::FloatToFp16(x[i]);
+        const uint16_t h = FloatToFp16(x[i]);
         std::memcpy(&t.bytes[2 * i], &h, 2);
-        t.values[i] = engine::Fp16ToFloat(h);
+        t.values[i] = Fp16ToFloat(h);
         break;
       }
       case DType::kF8E4M3:
-        t.bytes[i] = engine::FloatToFp8E4M3(x[i]);
-        t.values[i] = engine::Fp8E4M3ToFloat(t.bytes[i]);
+        t.bytes[i] = FloatToFp8E4M3(x[i]);
+        t.values[i] = Fp8E4M3ToFloat(t.bytes[i]);
         break;
       case DType::kI32:
         ADD_FAILURE() << "no I32 data";
@@ -235,13 +234,13 @@ KvData MakeKv(int n, int d, DType dtype, uint32_t seed, float magnitude = 1.0f) 
   return {MakeTensor(k, dtype), MakeTensor(v, dtype)};
 }
 
-std::unique_ptr<Codec> MakeCodec(CodecKind kind) {
-  auto codec = Codec::Create(kind);
+std::unique_ptr<KvCodec> MakeCodec(KvCodecKind kind) {
+  auto codec = KvCodec::Create(kind);
   EXPECT_TRUE(codec.ok()) << codec.status();
   return std::move(*codec);
 }
 
-std::vector<uint8_t> Encode(const Codec& codec, const KvData& kv, DType dtype, int n, int d) {
+std::vector<uint8_t> Encode(const KvCodec& codec, const KvData& kv, DType dtype, int n, int d) {
   std::vector<uint8_t> block(codec.EncodedBytes(n, d, dtype));
   const absl::Status s = codec.Encode(kv.k.bytes.data(), kv.v.bytes.data(), dtype, n, d, block);
   EXPECT_TRUE(s.ok()) << s;
@@ -254,7 +253,7 @@ struct Decoded {
 
 Decoded DecodeF32(const std::vector<uint8_t>& block, int n, int d) {
   Decoded out{std::vector<float>(size_t{1} * n * d), std::vector<float>(size_t{1} * n * d)};
-  const absl::Status s = Codec::Decode(block, DType::kF32, out.k.data(), out.v.data(), nullptr);
+  const absl::Status s = KvCodec::Decode(block, DType::kF32, out.k.data(), out.v.data(), nullptr);
   EXPECT_TRUE(s.ok()) << s;
   return out;
 }
@@ -273,18 +272,18 @@ constexpr int kHeadDims[] = {16, 64, 72, 128};
 // --- names and creation ----------------------------------------------------------
 
 TEST(CodecTest, NamesRoundTrip) {
-  for (CodecKind kind : kKinds) {
-    auto parsed = ParseCodecKind(CodecKindName(kind));
+  for (KvCodecKind kind : kKinds) {
+    auto parsed = ParseKvCodecKind(KvCodecKindName(kind));
     ASSERT_TRUE(parsed.ok()) << parsed.status();
     EXPECT_EQ(*parsed, kind);
     EXPECT_EQ(MakeCodec(kind)->kind(), kind);
   }
-  EXPECT_EQ(CodecKindName(CodecKind::kFp8E4M3), "fp8_e4m3");
-  auto bad = ParseCodecKind("fp4");
+  EXPECT_EQ(KvCodecKindName(KvCodecKind::kFp8E4M3), "fp8_e4m3");
+  auto bad = ParseKvCodecKind("fp4");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("\"fp4\""));
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("bf16, fp8_e4m3, int8 or int4"));
-  EXPECT_EQ(Codec::Create(static_cast<CodecKind>(7)).status().code(),
+  EXPECT_EQ(KvCodec::Create(static_cast<KvCodecKind>(7)).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
@@ -296,29 +295,29 @@ TEST(CodecTest, EncodedBytesMatchesTheFormat) {
       for (DType dtype : kSources) {
         const size_t e = size_t{1} * n * d;
         const size_t gk = (n + 127) / 128, gv = (d + 31) / 32;
-        EXPECT_EQ(MakeCodec(CodecKind::kBf16)->EncodedBytes(n, d, dtype),
-                  32 + 2 * e * engine::DTypeSize(dtype));
-        EXPECT_EQ(MakeCodec(CodecKind::kFp8E4M3)->EncodedBytes(n, d, dtype),
+        EXPECT_EQ(MakeCodec(KvCodecKind::kBf16)->EncodedBytes(n, d, dtype),
+                  32 + 2 * e * DTypeSize(dtype));
+        EXPECT_EQ(MakeCodec(KvCodecKind::kFp8E4M3)->EncodedBytes(n, d, dtype),
                   32 + 2 * d + 2 * n + 2 * e);
-        EXPECT_EQ(MakeCodec(CodecKind::kInt8)->EncodedBytes(n, d, dtype),
+        EXPECT_EQ(MakeCodec(KvCodecKind::kInt8)->EncodedBytes(n, d, dtype),
                   32 + 4 * gk * d + 4 * n * gv + 2 * e);
-        EXPECT_EQ(MakeCodec(CodecKind::kInt4)->EncodedBytes(n, d, dtype),
+        EXPECT_EQ(MakeCodec(KvCodecKind::kInt4)->EncodedBytes(n, d, dtype),
                   32 + 4 * gk * d + 4 * n * gv + 2 * ((e + 1) / 2));
       }
     }
   }
   // Odd n * D for int4: the last byte is half padding.
-  EXPECT_EQ(MakeCodec(CodecKind::kInt4)->EncodedBytes(3, 5, DType::kF32),
+  EXPECT_EQ(MakeCodec(KvCodecKind::kInt4)->EncodedBytes(3, 5, DType::kF32),
             32u + 4 * 5 + 4 * 3 + 2 * 8);
   // codec.h's bytes per token-head at D = 128, n = 80 (header included):
   // 261.6, 278.8 and 150.8 times 80 tokens.
-  EXPECT_EQ(MakeCodec(CodecKind::kFp8E4M3)->EncodedBytes(80, 128, DType::kBF16), 20928u);
-  EXPECT_EQ(MakeCodec(CodecKind::kInt8)->EncodedBytes(80, 128, DType::kBF16), 22304u);
-  EXPECT_EQ(MakeCodec(CodecKind::kInt4)->EncodedBytes(80, 128, DType::kBF16), 12064u);
+  EXPECT_EQ(MakeCodec(KvCodecKind::kFp8E4M3)->EncodedBytes(80, 128, DType::kBF16), 20928u);
+  EXPECT_EQ(MakeCodec(KvCodecKind::kInt8)->EncodedBytes(80, 128, DType::kBF16), 22304u);
+  EXPECT_EQ(MakeCodec(KvCodecKind::kInt4)->EncodedBytes(80, 128, DType::kBF16), 12064u);
 }
 
 TEST(CodecTest, EncodeWritesExactlyEncodedBytesAndInspectAgrees) {
-  for (CodecKind kind : kKinds) {
+  for (KvCodecKind kind : kKinds) {
     auto codec = MakeCodec(kind);
     for (int n : kTokenCounts) {
       for (int d : {1, 3, 72}) {
@@ -335,14 +334,14 @@ TEST(CodecTest, EncodeWritesExactlyEncodedBytesAndInspectAgrees) {
                         .code(),
                     absl::StatusCode::kInvalidArgument);
           const std::vector<uint8_t> block = Encode(*codec, kv, dtype, n, d);
-          auto info = Codec::Inspect(block);
+          auto info = KvCodec::Inspect(block);
           ASSERT_TRUE(info.ok()) << info.status();
           EXPECT_EQ(info->codec, kind);
           EXPECT_EQ(info->source, dtype);
           EXPECT_EQ(info->tokens, n);
           EXPECT_EQ(info->head_dim, d);
           EXPECT_EQ(info->bytes, bytes);
-          const bool grouped = kind == CodecKind::kInt8 || kind == CodecKind::kInt4;
+          const bool grouped = kind == KvCodecKind::kInt8 || kind == KvCodecKind::kInt4;
           EXPECT_EQ(info->key_group, grouped ? 128 : 0);
           EXPECT_EQ(info->value_group, grouped ? 32 : 0);
         }
@@ -354,7 +353,7 @@ TEST(CodecTest, EncodeWritesExactlyEncodedBytesAndInspectAgrees) {
 // The header's bytes, field by field, for a raw block built by hand.
 TEST(CodecTest, HeaderLayout) {
   const float k[6] = {1, 2, 3, 4, 5, 6}, v[6] = {-1, -2, -3, -4, -5, -6};
-  auto codec = MakeCodec(CodecKind::kBf16);
+  auto codec = MakeCodec(KvCodecKind::kBf16);
   std::vector<uint8_t> block(codec->EncodedBytes(3, 2, DType::kF32));
   ASSERT_EQ(block.size(), 32u + 48u);
   ASSERT_TRUE(codec->Encode(k, v, DType::kF32, 3, 2, block).ok());
@@ -370,7 +369,7 @@ TEST(CodecTest, HeaderLayout) {
 
   // Source dtype wire codes and the int codecs' groups.
   const uint16_t kb[2] = {0x3c00, 0x4000}, vb[2] = {0, 0};
-  auto int8 = MakeCodec(CodecKind::kInt8);
+  auto int8 = MakeCodec(KvCodecKind::kInt8);
   block.assign(int8->EncodedBytes(1, 2, DType::kBF16), 0);
   ASSERT_TRUE(int8->Encode(kb, vb, DType::kBF16, 1, 2, block).ok());
   EXPECT_EQ(block[5], 2);  // int8
@@ -382,7 +381,7 @@ TEST(CodecTest, HeaderLayout) {
 // A hand-computed int8 block: keys [0, 1] over two tokens of one channel.
 TEST(CodecTest, Int8BytesForAKnownInput) {
   const float k[2] = {0.0f, 1.0f}, v[2] = {0.5f, -2.0f};
-  auto codec = MakeCodec(CodecKind::kInt8);
+  auto codec = MakeCodec(KvCodecKind::kInt8);
   std::vector<uint8_t> block(codec->EncodedBytes(2, 1, DType::kF32));
   ASSERT_EQ(block.size(), 32u + 4 + 8 + 2 + 2);
   ASSERT_TRUE(codec->Encode(k, v, DType::kF32, 2, 1, block).ok());
@@ -410,7 +409,7 @@ TEST(CodecTest, DecodesGroupsFromTheHeader) {
   const uint32_t payload = static_cast<uint32_t>(block.size() - 32);
   block[16] = static_cast<uint8_t>(payload);
   for (int i = 0; i < 2 * n * d; ++i) {  // scale 1.0 (0x3c00), zero i
-    const uint16_t zero = engine::FloatToFp16(static_cast<float>(i));
+    const uint16_t zero = FloatToFp16(static_cast<float>(i));
     block[32 + 4 * i + 1] = 0x3c;
     block[32 + 4 * i + 2] = static_cast<uint8_t>(zero);
     block[32 + 4 * i + 3] = static_cast<uint8_t>(zero >> 8);
@@ -427,15 +426,15 @@ TEST(CodecTest, DecodesGroupsFromTheHeader) {
 // --- round trips and error bounds -------------------------------------------------
 
 TEST(CodecTest, Bf16IsBitExactForEverySource) {
-  auto codec = MakeCodec(CodecKind::kBf16);
+  auto codec = MakeCodec(KvCodecKind::kBf16);
   for (int n : kTokenCounts) {
     for (int d : kHeadDims) {
       for (DType dtype : kSources) {
         const KvData kv = MakeKv(n, d, dtype, 7 * n + d);
         const std::vector<uint8_t> block = Encode(*codec, kv, dtype, n, d);
         std::vector<uint8_t> k(kv.k.bytes.size()), v(kv.v.bytes.size());
-        BlockInfo info;
-        ASSERT_TRUE(Codec::Decode(block, dtype, k.data(), v.data(), &info).ok());
+        KvBlockInfo info;
+        ASSERT_TRUE(KvCodec::Decode(block, dtype, k.data(), v.data(), &info).ok());
         EXPECT_EQ(k, kv.k.bytes);
         EXPECT_EQ(v, kv.v.bytes);
         EXPECT_EQ(info.bytes, block.size());
@@ -452,7 +451,7 @@ TEST(CodecTest, Bf16IsBitExactForEverySource) {
 // The bound codec.h states for fp8_e4m3, with s recomputed here from the
 // group's amax through engine's fp16 conversion.
 double Fp8Bound(float x, float amax) {
-  const double s = engine::Fp16ToFloat(engine::FloatToFp16(amax / 448.0f));
+  const double s = Fp16ToFloat(FloatToFp16(amax / 448.0f));
   return std::ldexp(std::fabs(x), -4) * (1 + std::ldexp(1.0, -16)) + std::ldexp(s, -10) +
          448 * std::ldexp(1.0, -25);
 }
@@ -460,22 +459,22 @@ double Fp8Bound(float x, float amax) {
 // The bound codec.h states for int8/int4 (group lo, hi; Q = 255 or 15).
 double AffineBound(float x, float lo, float hi, int q) {
   const double t = (double(hi) - lo) / q;
-  const double s = engine::Fp16ToFloat(engine::FloatToFp16((hi - lo) / static_cast<float>(q)));
-  const double m = engine::Fp16ToFloat(engine::FloatToFp16(lo));
+  const double s = Fp16ToFloat(FloatToFp16((hi - lo) / static_cast<float>(q)));
+  const double m = Fp16ToFloat(FloatToFp16(lo));
   return 0.5 * s + std::fabs(lo - m) + q * std::max(0.0, t - s) +
          std::ldexp(std::fabs(x) + std::fabs(m) + q * s, -22);
 }
 
 // Checks every element against its bound; returns the largest error/bound.
-double CheckQuantisedBounds(CodecKind kind, float magnitude) {
+double CheckQuantisedBounds(KvCodecKind kind, float magnitude) {
   auto codec = MakeCodec(kind);
-  const int q = kind == CodecKind::kInt8 ? 255 : 15;
+  const int q = kind == KvCodecKind::kInt8 ? 255 : 15;
   double worst_ratio = 0;  // error / bound, reported
   for (int n : kTokenCounts) {
     for (int d : kHeadDims) {
       for (DType dtype : kSources) {
-        SCOPED_TRACE(testing::Message() << CodecKindName(kind) << " n=" << n << " d=" << d
-                                        << " source=" << engine::DTypeName(dtype));
+        SCOPED_TRACE(testing::Message() << KvCodecKindName(kind) << " n=" << n << " d=" << d
+                                        << " source=" << DTypeName(dtype));
         const KvData kv = MakeKv(n, d, dtype, 31 * n + d, magnitude);
         const Decoded out = DecodeF32(Encode(*codec, kv, dtype, n, d), n, d);
         const std::vector<float>& k = kv.k.values;
@@ -487,7 +486,7 @@ double CheckQuantisedBounds(CodecKind kind, float magnitude) {
             ADD_FAILURE() << x << " decoded as " << y << ", bound " << bound;
           }
         };
-        if (kind == CodecKind::kFp8E4M3) {
+        if (kind == KvCodecKind::kFp8E4M3) {
           for (int c = 0; c < d; ++c) {
             float amax = 0;
             for (int t = 0; t < n; ++t) amax = std::max(amax, std::fabs(k[t * d + c]));
@@ -537,30 +536,32 @@ double CheckQuantisedBounds(CodecKind kind, float magnitude) {
 }
 
 // The bounds hold, and are not vacuous: some element comes close to its bound.
-TEST(CodecTest, Fp8WithinItsBound) { EXPECT_GT(CheckQuantisedBounds(CodecKind::kFp8E4M3, 1), 0.5); }
-TEST(CodecTest, Int8WithinItsBound) { EXPECT_GT(CheckQuantisedBounds(CodecKind::kInt8, 1), 0.5); }
-TEST(CodecTest, Int4WithinItsBound) { EXPECT_GT(CheckQuantisedBounds(CodecKind::kInt4, 1), 0.5); }
+TEST(CodecTest, Fp8WithinItsBound) {
+  EXPECT_GT(CheckQuantisedBounds(KvCodecKind::kFp8E4M3, 1), 0.5);
+}
+TEST(CodecTest, Int8WithinItsBound) { EXPECT_GT(CheckQuantisedBounds(KvCodecKind::kInt8, 1), 0.5); }
+TEST(CodecTest, Int4WithinItsBound) { EXPECT_GT(CheckQuantisedBounds(KvCodecKind::kInt4, 1), 0.5); }
 
 // Tiny magnitudes: fp16-subnormal scales and zero points, and scales that
 // round to zero.
 TEST(CodecTest, WithinBoundsAtTinyMagnitudes) {
-  for (CodecKind kind : {CodecKind::kFp8E4M3, CodecKind::kInt8, CodecKind::kInt4}) {
+  for (KvCodecKind kind : {KvCodecKind::kFp8E4M3, KvCodecKind::kInt8, KvCodecKind::kInt4}) {
     CheckQuantisedBounds(kind, 1e-3f);
     CheckQuantisedBounds(kind, 1e-6f);
   }
 }
 
 TEST(CodecTest, QuantisedBf16OutIsTheF32ResultRounded) {
-  for (CodecKind kind : {CodecKind::kFp8E4M3, CodecKind::kInt8, CodecKind::kInt4}) {
+  for (KvCodecKind kind : {KvCodecKind::kFp8E4M3, KvCodecKind::kInt8, KvCodecKind::kInt4}) {
     auto codec = MakeCodec(kind);
     const KvData kv = MakeKv(80, 72, DType::kBF16, 99);
     const std::vector<uint8_t> block = Encode(*codec, kv, DType::kBF16, 80, 72);
     const Decoded wide = DecodeF32(block, 80, 72);
     std::vector<uint16_t> k(80 * 72), v(80 * 72);
-    ASSERT_TRUE(Codec::Decode(block, DType::kBF16, k.data(), v.data(), nullptr).ok());
+    ASSERT_TRUE(KvCodec::Decode(block, DType::kBF16, k.data(), v.data(), nullptr).ok());
     for (size_t i = 0; i < k.size(); ++i) {
-      ASSERT_EQ(k[i], engine::FloatToBf16(wide.k[i]));
-      ASSERT_EQ(v[i], engine::FloatToBf16(wide.v[i]));
+      ASSERT_EQ(k[i], FloatToBf16(wide.k[i]));
+      ASSERT_EQ(v[i], FloatToBf16(wide.v[i]));
     }
   }
 }
@@ -568,15 +569,15 @@ TEST(CodecTest, QuantisedBf16OutIsTheF32ResultRounded) {
 TEST(CodecTest, ConstantGroupsDecodeToTheirFp16Value) {
   std::vector<float> x(64 * 16, 0.3f);
   const Tensor t = MakeTensor(x, DType::kF32);
-  for (CodecKind kind : {CodecKind::kInt8, CodecKind::kInt4}) {
+  for (KvCodecKind kind : {KvCodecKind::kInt8, KvCodecKind::kInt4}) {
     const KvData kv{t, t};
     const Decoded out = DecodeF32(Encode(*MakeCodec(kind), kv, DType::kF32, 64, 16), 64, 16);
-    for (float y : out.k) ASSERT_EQ(y, engine::Fp16ToFloat(engine::FloatToFp16(0.3f)));
+    for (float y : out.k) ASSERT_EQ(y, Fp16ToFloat(FloatToFp16(0.3f)));
   }
 }
 
 TEST(CodecTest, EncodeIsDeterministic) {
-  for (CodecKind kind : kKinds) {
+  for (KvCodecKind kind : kKinds) {
     for (DType dtype : kSources) {
       const KvData kv = MakeKv(129, 72, dtype, 5);
       const std::vector<uint8_t> a = Encode(*MakeCodec(kind), kv, dtype, 129, 72);
@@ -589,20 +590,20 @@ TEST(CodecTest, EncodeIsDeterministic) {
 // A non-finite input turns its group into NaN, never into finite values.
 TEST(CodecTest, NonFiniteInputsPoisonTheirGroup) {
   const int n = 40, d = 64;
-  for (CodecKind kind : {CodecKind::kFp8E4M3, CodecKind::kInt8, CodecKind::kInt4}) {
+  for (KvCodecKind kind : {KvCodecKind::kFp8E4M3, KvCodecKind::kInt8, KvCodecKind::kInt4}) {
     for (float bad : {std::numeric_limits<float>::quiet_NaN(),
                       std::numeric_limits<float>::infinity(), -1e30f}) {
       KvData kv = MakeKv(n, d, DType::kF32, 3);
       std::memcpy(&kv.k.bytes[4 * (5 * d + 7)], &bad, 4);   // token 5, channel 7
       std::memcpy(&kv.v.bytes[4 * (9 * d + 33)], &bad, 4);  // token 9, channel 33
       const Decoded out = DecodeF32(Encode(*MakeCodec(kind), kv, DType::kF32, n, d), n, d);
-      SCOPED_TRACE(testing::Message() << CodecKindName(kind) << " " << bad);
+      SCOPED_TRACE(testing::Message() << KvCodecKindName(kind) << " " << bad);
       for (int t = 0; t < n; ++t) {
         for (int c = 0; c < d; ++c) {
           const size_t i = size_t{1} * t * d + c;
           EXPECT_EQ(std::isnan(out.k[i]), c == 7) << t << "," << c;
           // Values: the token (fp8) or the token's channel group of 32 (int).
-          const bool v_group = t == 9 && (kind == CodecKind::kFp8E4M3 || c / 32 == 1);
+          const bool v_group = t == 9 && (kind == KvCodecKind::kFp8E4M3 || c / 32 == 1);
           EXPECT_EQ(std::isnan(out.v[i]), v_group) << t << "," << c;
         }
       }
@@ -612,49 +613,49 @@ TEST(CodecTest, NonFiniteInputsPoisonTheirGroup) {
 
 // --- corruption ----------------------------------------------------------------------
 
-std::vector<uint8_t> SmallBlock(CodecKind kind) {
+std::vector<uint8_t> SmallBlock(KvCodecKind kind) {
   const KvData kv = MakeKv(3, 8, DType::kBF16, 11);
   return Encode(*MakeCodec(kind), kv, DType::kBF16, 3, 8);
 }
 
 TEST(CodecTest, EverySingleByteFlipIsDataLoss) {
-  for (CodecKind kind : kKinds) {
+  for (KvCodecKind kind : kKinds) {
     const std::vector<uint8_t> block = SmallBlock(kind);
     std::vector<float> k(24), v(24);
     for (size_t i = 0; i < block.size(); ++i) {
       for (uint8_t flip : {0x01, 0x80, 0xff}) {
         std::vector<uint8_t> bad = block;
         bad[i] ^= flip;
-        const absl::Status s = Codec::Decode(bad, DType::kF32, k.data(), v.data(), nullptr);
+        const absl::Status s = KvCodec::Decode(bad, DType::kF32, k.data(), v.data(), nullptr);
         ASSERT_EQ(s.code(), absl::StatusCode::kDataLoss)
-            << CodecKindName(kind) << " byte " << i << " ^ " << int{flip} << ": " << s;
+            << KvCodecKindName(kind) << " byte " << i << " ^ " << int{flip} << ": " << s;
         EXPECT_THAT(std::string(s.message()), HasSubstr("KV block: "));
-        EXPECT_EQ(Codec::Inspect(bad).status().code(), absl::StatusCode::kDataLoss);
+        EXPECT_EQ(KvCodec::Inspect(bad).status().code(), absl::StatusCode::kDataLoss);
       }
     }
   }
 }
 
 TEST(CodecTest, TruncationAndExtensionAreDataLoss) {
-  for (CodecKind kind : kKinds) {
+  for (KvCodecKind kind : kKinds) {
     const std::vector<uint8_t> block = SmallBlock(kind);
     for (size_t len = 0; len < block.size(); ++len) {
-      const auto s = Codec::Inspect(std::span<const uint8_t>(block).first(len)).status();
+      const auto s = KvCodec::Inspect(std::span<const uint8_t>(block).first(len)).status();
       ASSERT_EQ(s.code(), absl::StatusCode::kDataLoss) << len;
     }
     std::vector<uint8_t> longer = block;
     longer.push_back(0);
-    EXPECT_EQ(Codec::Inspect(longer).status().code(), absl::StatusCode::kDataLoss);
+    EXPECT_EQ(KvCodec::Inspect(longer).status().code(), absl::StatusCode::kDataLoss);
   }
   const std::vector<uint8_t> twelve(12, 0);
-  EXPECT_EQ(std::string(Codec::Inspect(twelve).status().message()),
+  EXPECT_EQ(std::string(KvCodec::Inspect(twelve).status().message()),
             "KV block: 12 bytes, shorter than the 32-byte header");
 }
 
 TEST(CodecTest, CrcMismatchNamesBothValues) {
-  std::vector<uint8_t> block = SmallBlock(CodecKind::kInt8);
+  std::vector<uint8_t> block = SmallBlock(KvCodecKind::kInt8);
   block.back() ^= 1;
-  const absl::Status s = Codec::Inspect(block).status();
+  const absl::Status s = KvCodec::Inspect(block).status();
   EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss);
   EXPECT_THAT(std::string(s.message()),
               ::testing::MatchesRegex("KV block: CRC mismatch \\(stored 0x[0-9a-f]{8}, computed "
@@ -686,50 +687,50 @@ TEST(CodecTest, BadFieldsAreNamed) {
       {22, 4, "header says 92 payload bytes, but codec int8"},  // value groups of 4 channels
   };
   for (const Case& c : cases) {
-    std::vector<uint8_t> block = SmallBlock(CodecKind::kInt8);
+    std::vector<uint8_t> block = SmallBlock(KvCodecKind::kInt8);
     block[c.offset] = c.value;
     FixCrc(block);
-    const absl::Status s = Codec::Inspect(block).status();
+    const absl::Status s = KvCodec::Inspect(block).status();
     EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << c.message;
     EXPECT_THAT(std::string(s.message()), HasSubstr(c.message));
   }
-  std::vector<uint8_t> fp8 = SmallBlock(CodecKind::kFp8E4M3);
+  std::vector<uint8_t> fp8 = SmallBlock(KvCodecKind::kFp8E4M3);
   fp8[22] = 32;
   FixCrc(fp8);
-  EXPECT_THAT(std::string(Codec::Inspect(fp8).status().message()),
+  EXPECT_THAT(std::string(KvCodec::Inspect(fp8).status().message()),
               HasSubstr("key_group 0 and value_group 32 for codec fp8_e4m3 (must be 0)"));
   // tokens * head_dim beyond 2^26 with each in range.
-  std::vector<uint8_t> big = SmallBlock(CodecKind::kBf16);
+  std::vector<uint8_t> big = SmallBlock(KvCodecKind::kBf16);
   big[10] = 1;  // tokens 65539
   big[12] = 0;  // head_dim 1024
   big[13] = 4;
   FixCrc(big);
-  EXPECT_THAT(std::string(Codec::Inspect(big).status().message()), HasSubstr("exceeds 67108864"));
+  EXPECT_THAT(std::string(KvCodec::Inspect(big).status().message()), HasSubstr("exceeds 67108864"));
 }
 
 TEST(CodecTest, DecodeToAWrongDtypeIsInvalidArgument) {
   std::vector<float> k(24), v(24);
-  for (CodecKind kind : {CodecKind::kFp8E4M3, CodecKind::kInt8, CodecKind::kInt4}) {
+  for (KvCodecKind kind : {KvCodecKind::kFp8E4M3, KvCodecKind::kInt8, KvCodecKind::kInt4}) {
     const std::vector<uint8_t> block = SmallBlock(kind);
     for (DType out : {DType::kF16, DType::kF8E4M3, DType::kI32}) {
-      const absl::Status s = Codec::Decode(block, out, k.data(), v.data(), nullptr);
+      const absl::Status s = KvCodec::Decode(block, out, k.data(), v.data(), nullptr);
       EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
       EXPECT_THAT(std::string(s.message()), HasSubstr("F32 or BF16 expected"));
     }
   }
   // A raw block decodes to F32 or its own dtype only.
   const KvData kv = MakeKv(3, 8, DType::kF32, 1);
-  const std::vector<uint8_t> raw = Encode(*MakeCodec(CodecKind::kBf16), kv, DType::kF32, 3, 8);
-  const absl::Status s = Codec::Decode(raw, DType::kBF16, k.data(), v.data(), nullptr);
+  const std::vector<uint8_t> raw = Encode(*MakeCodec(KvCodecKind::kBf16), kv, DType::kF32, 3, 8);
+  const absl::Status s = KvCodec::Decode(raw, DType::kBF16, k.data(), v.data(), nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("F32 or its source dtype expected"));
-  EXPECT_EQ(Codec::Decode(raw, DType::kF32, nullptr, v.data(), nullptr).code(),
+  EXPECT_EQ(KvCodec::Decode(raw, DType::kF32, nullptr, v.data(), nullptr).code(),
             absl::StatusCode::kInvalidArgument);
 }
 
 TEST(CodecTest, EncodeRefusesBadArguments) {
   const std::vector<float> x(4096, 1.0f);
-  for (CodecKind kind : kKinds) {
+  for (KvCodecKind kind : kKinds) {
     auto codec = MakeCodec(kind);
     std::vector<uint8_t> out(codec->EncodedBytes(2, 2, DType::kF32));
     auto encode = [&](const void* k, DType dtype, int n, int d) {
@@ -766,14 +767,14 @@ TEST(CodecTest, SeedCorpusBlocksAreValid) {
     std::ifstream in(entry.path(), std::ios::binary);
     const std::vector<uint8_t> block((std::istreambuf_iterator<char>(in)),
                                      std::istreambuf_iterator<char>());
-    auto info = Codec::Inspect(block);
+    auto info = KvCodec::Inspect(block);
     ASSERT_TRUE(info.ok()) << name << ": " << info.status();
     std::vector<float> k(size_t{1} * info->tokens * info->head_dim), v(k.size());
-    EXPECT_TRUE(Codec::Decode(block, DType::kF32, k.data(), v.data(), nullptr).ok()) << name;
+    EXPECT_TRUE(KvCodec::Decode(block, DType::kF32, k.data(), v.data(), nullptr).ok()) << name;
     ++valid;
   }
   EXPECT_GE(valid, 4);
 }
 
 }  // namespace
-}  // namespace strata::kvtier
+}  // namespace strata::engine
