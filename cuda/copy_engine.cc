@@ -19,17 +19,15 @@ absl::StatusOr<engine::HostBuffer> CopyEngine::AllocateHost(size_t bytes) {
   const size_t rounded = std::max<size_t>(bytes, 64);
   STRATA_CUDA_RETURN_IF_ERROR(
       cudaHostAlloc(&p, rounded, cudaHostAllocPortable | cudaHostAllocMapped));
-  return engine::HostBuffer{std::shared_ptr<void>(p,
-                                                  [](void* q) {
-                                                    LogIfError(cudaFreeHost(q), "cudaFreeHost");
-                                                  }),
-                            bytes};
+  return engine::HostBuffer{
+      std::shared_ptr<void>(p, [](void* q) { LogIfError(cudaFreeHost(q), "cudaFreeHost"); }),
+      bytes};
 }
 
 absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::Tensor> tensors,
                                                        std::span<const engine::RowCopy> rows,
-                                                       const engine::HostBuffer& host,
-                                                       bool to_host, cudaStream_t compute) {
+                                                       const engine::HostBuffer& host, bool to_host,
+                                                       cudaStream_t compute) {
   STRATA_RETURN_IF_ERROR(engine::ValidateRowCopies(to_host ? "CopyRowsToHost" : "CopyRowsFromHost",
                                                    tensors, rows, host));
   if (rows.empty()) return engine::kFenceDone;
@@ -42,7 +40,8 @@ absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::T
     char* device = static_cast<char*>(t.data()) + static_cast<size_t>(c.row) * row_bytes;
     char* host_ptr = reinterpret_cast<char*>(host.data()) + c.host_offset;
     void* dst = to_host ? static_cast<void*>(host_ptr) : static_cast<void*>(device);
-    const void* src = to_host ? static_cast<const void*>(device) : static_cast<const void*>(host_ptr);
+    const void* src =
+        to_host ? static_cast<const void*>(device) : static_cast<const void*>(host_ptr);
     // Adjacent on both sides: one longer copy.
     if (!sizes_.empty() && static_cast<char*>(dsts_.back()) + sizes_.back() == dst &&
         static_cast<const char*>(srcs_.back()) + sizes_.back() == src) {

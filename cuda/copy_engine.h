@@ -58,8 +58,8 @@ class CopyEngine {
 
   CudaStream stream_;
   CudaEvent compute_mark_;
-  std::deque<Pending> pending_;     // ascending fences, not known done
-  std::vector<CudaEvent> spare_;    // events of retired fences, for reuse
+  std::deque<Pending> pending_;   // ascending fences, not known done
+  std::vector<CudaEvent> spare_;  // events of retired fences, for reuse
   engine::CopyFence next_fence_ = 1;
   engine::CopyFence done_upto_ = 0;  // every fence <= this is done
   bool batch_supported_ = true;      // cudaMemcpyBatchAsync worked (or was not tried)
