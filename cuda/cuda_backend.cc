@@ -227,6 +227,16 @@ class CudaBackend final : public engine::Backend {
   absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                                const Tensor& v_cache, const AttentionBatch& batch,
                                const engine::SparsePlan& plan, float scale, Tensor& out) override;
+  absl::Status OffloadBlocks(const Tensor&, const Tensor&, const engine::SequenceRange&,
+                             const Tensor&, int, int, int, engine::KvCodecKind,
+                             const engine::HostBuffer&, int64_t, int64_t,
+                             engine::TierTables&) override {
+    return absl::UnimplementedError("cuda OffloadBlocks: host-homed KV blocks are not built yet");
+  }
+  absl::Status RecallBlocks(Tensor&, Tensor&, const engine::AttentionBatch&, engine::SparsePlan&,
+                            const Tensor&, engine::TierTables&, engine::TierRing&) override {
+    return absl::UnimplementedError("cuda RecallBlocks: host-homed KV blocks are not built yet");
+  }
   absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                             Tensor& token_ids, Tensor& logprobs) override;
 

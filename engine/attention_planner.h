@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -57,6 +58,17 @@ class AttentionPlanner {
   // A step that GraphKey gave a key has run (replayed, recorded or direct):
   // the planner counts its statistics here, not in PlanLayer.
   virtual void CountGraphStep() {}
+  // After each step (its tokens are back on the host): the sequences whose
+  // KV could not be trusted in it, with why (e.g. a host block that failed
+  // its check). Their tokens of this step must not be used; the caller
+  // releases them (Release) and recomputes them. May wait for the device.
+  struct LostSequence {
+    int64_t seq_id;
+    std::string why;
+  };
+  virtual absl::StatusOr<std::vector<LostSequence>> EndStep() {
+    return std::vector<LostSequence>();
+  }
 };
 
 }  // namespace strata::engine

@@ -180,4 +180,21 @@ absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> ten
   return absl::OkStatus();
 }
 
+int64_t KvPieceUnitsBound(KvCodecKind codec, int head_dim, DType source, int64_t count,
+                          int64_t clusters) {
+  absl::StatusOr<std::unique_ptr<KvCodec>> c = KvCodec::Create(codec);
+  if (!c.ok()) return 0;
+  // Piece bytes are affine in the tokens, A + B n, give or take a padding
+  // byte (int4 with an odd element count): B from two sizes.
+  const int64_t one = static_cast<int64_t>((*c)->EncodedBytes(1, head_dim, source));
+  const int64_t two = static_cast<int64_t>((*c)->EncodedBytes(2, head_dim, source));
+  if (one == 0 || two == 0) return 0;
+  const int64_t per_token = two - one, fixed = one - per_token;
+  // Each piece wastes less than a unit to alignment; there are at most
+  // ceil(count / kKvPieceTokens) full pieces plus one partial per cluster.
+  const int64_t pieces = (count + kKvPieceTokens - 1) / kKvPieceTokens + clusters;
+  return pieces * ((fixed + 2 + 2 * kKvHostUnit - 1) / kKvHostUnit) +
+         (per_token * count + kKvHostUnit - 1) / kKvHostUnit;
+}
+
 }  // namespace strata::engine

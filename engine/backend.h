@@ -30,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "engine/kv_codec.h"
 #include "engine/sampler.h"
 #include "engine/tensor.h"
 
@@ -66,6 +67,17 @@ struct AttentionBatch {
   int page_size = 0;
   std::vector<int32_t> host_query_start;  // host copy of query_start
   std::vector<int32_t> host_context_len;  // host copy of context_len
+};
+
+// Host memory for the KV tiers (Backend::AllocateHost). On the CUDA backend
+// it is pinned and mapped into the device's address space, so copies run at
+// the bus's full rate and kernels may read it directly; on the CPU backend it
+// is ordinary aligned memory. Freed when the last copy of `storage` goes.
+struct HostBuffer {
+  std::shared_ptr<void> storage;
+  size_t bytes = 0;
+  bool defined() const { return storage != nullptr; }
+  uint8_t* data() const { return static_cast<uint8_t*>(storage.get()); }
 };
 
 // ---- Sparse decoding ------------------------------------------------------
@@ -145,6 +157,78 @@ struct SequenceRange {
   int count = 0;  // tokens
 };
 
+// ---- Tiered sparse decoding --------------------------------------------------
+//
+// A sparse sequence's blocks may have their home in host memory instead of
+// the paged cache ("host-homed"). OffloadBlocks encodes a layer's new blocks
+// there as KV blocks (engine/kv_codec.h) of at most kKvPieceTokens tokens
+// each ("pieces", stored at kKvHostUnit-aligned offsets), and a decode
+// step's RecallBlocks brings the host-homed blocks the step selected into a
+// ring of GPU cache slots, rewriting their key_index entries to those slots
+// (KvCacheSlotIndex), so SparseAttention reads them there without any host
+// round trip. The ring is ring_rows slots of pages of the paged caches that
+// the planner reserved for the sequence: the same pages in every layer, each
+// KV head using its own part of every slot.
+//
+// Ring positions grow without bound; position p is slot
+// ring_pages[(p % ring_rows) / page_size] * page_size + p % page_size. A
+// block is resident when its res_count tokens, written from ring position
+// res_start, have not been overwritten (res_start >= ring_head - ring_rows).
+// Recall of one (entry, KV head), with T the tokens this step takes from
+// host-homed blocks (T <= budget, ring_rows >= 2 * budget):
+//  1. a selected block with enough resident tokens at positions >= head + T
+//     - ring_rows stays where it is (a hit);
+//  2. other resident blocks, in ascending res_start, are copied to the head
+//     (a refresh: they would be overwritten by this step's writes);
+//  3. the rest are decoded from their host pieces to the head (a miss);
+// so the ring keeps blocks by recency of selection (least recently selected
+// first out). A piece that fails its checks (header, CRC) sets a bit in
+// the entry's slot's status and is not used; the step's token for that
+// sequence must not be used.
+inline constexpr int kKvPieceTokens = 64;
+inline constexpr int64_t kKvHostUnit = 64;
+
+// key_index values: >= 0 a logical index (paged cache), <= -2 a physical
+// cache slot.
+inline constexpr int32_t KvCacheSlotIndex(int64_t slot) { return static_cast<int32_t>(-2 - slot); }
+
+// Recall status bits (TierRing::status; RecallBlocks only sets them).
+enum KvRecallStatus : int32_t {
+  kRecallOk = 0,
+  kRecallBadBlock = 1,      // a piece failed its header or CRC check
+  kRecallRingTooSmall = 2,  // the selection does not fit the ring
+};
+
+// Statistics RecallBlocks accumulates (TierRing::stats, I32, added to).
+enum KvTierStat : int {
+  kStatHitTokens = 0,        // selected host-homed tokens found resident
+  kStatRefreshedTokens = 1,  // ... resident but copied ahead of the writes
+  kStatRecalledTokens = 2,   // ... decoded from host memory
+  kStatRecalledPieces = 3,
+  kStatRecalledKiB = 4,  // host bytes read, KiB (rounded up per piece)
+  kStatBadPieces = 5,
+  kKvTierStats = 6,
+};
+
+// One layer's tiering tables (device tensors, I32), by pool slot.
+struct TierTables {
+  Tensor piece_base;   // [slots, Hkv, max_blocks]: the block's first piece; -1 paged-cache home
+  Tensor piece_host;   // [slots, Hkv, max_pieces]: the piece's host offset in kKvHostUnit units
+  Tensor piece_count;  // [slots, Hkv]: pieces used
+  Tensor res_start;    // [slots, Hkv, max_blocks]: ring position of the resident tokens
+  Tensor res_count;    // [slots, Hkv, max_blocks]: tokens resident (0: none)
+  Tensor ring_head;    // [slots, Hkv]: the next ring position to write
+};
+
+// What every layer shares.
+struct TierRing {
+  Tensor ring_pages;  // I32 [slots, ring_rows / page_size]
+  int ring_rows = 0;  // a multiple of the page size
+  Tensor status;      // I32 [slots]: KvRecallStatus bits RecallBlocks set (cleared by the caller)
+  Tensor stats;       // I32 [kKvTierStats], added to by RecallBlocks
+  HostBuffer host;    // where the pieces are
+};
+
 // ---- Sampling --------------------------------------------------------------
 
 // Columns of SamplingTable::params: one row per sampled logits row. Floats
@@ -181,17 +265,6 @@ absl::Status ValidateSampleTokens(absl::string_view op, const Tensor& logits, DT
 
 // ---- Host memory and KV movement ---------------------------------------------
 
-// Host memory for the KV tiers (Backend::AllocateHost). On the CUDA backend
-// it is pinned and mapped into the device's address space, so copies run at
-// the bus's full rate and kernels may read it directly; on the CPU backend it
-// is ordinary aligned memory. Freed when the last copy of `storage` goes.
-struct HostBuffer {
-  std::shared_ptr<void> storage;
-  size_t bytes = 0;
-  bool defined() const { return storage != nullptr; }
-  uint8_t* data() const { return static_cast<uint8_t*>(storage.get()); }
-};
-
 // One row (along the first dimension: one page of a paged cache) of
 // tensors[tensor] and the host bytes [host_offset, host_offset + row bytes)
 // of a HostBuffer, where row bytes = nbytes() / dim(0).
@@ -205,6 +278,12 @@ struct RowCopy {
 // it has finished. kFenceDone is done from the start.
 using CopyFence = int64_t;
 inline constexpr CopyFence kFenceDone = 0;
+
+// Host units a head's pieces of `count` tokens in at most `clusters`
+// blocks take with `codec` (each piece of at most kKvPieceTokens tokens,
+// kKvHostUnit-aligned): what OffloadBlocks needs per head.
+int64_t KvPieceUnitsBound(KvCodecKind codec, int head_dim, DType source, int64_t count,
+                          int64_t clusters);
 
 // Checks RowCopy lists before any byte moves: tensors defined with rows of
 // equal size within a tensor, rows and host ranges in bounds. InvalidArgument
@@ -401,6 +480,30 @@ class Backend {
                                        const Tensor& k_cache, const Tensor& v_cache,
                                        const AttentionBatch& batch, const SparsePlan& plan,
                                        float scale, Tensor& out) = 0;
+
+  // ---- Tiered sparse decoding (see TierTables) -------------------------------
+  // Encodes blocks first_block, first_block + block_stride, ... below
+  // first_block + num_blocks of one sequence and layer (extents: one slot,
+  // [Hkv, max_blocks, 2]; their tokens in range's block table; the blocks
+  // skipped keep their home) into `host` with `codec`, each head's pieces packed
+  // from unit region_unit + h * units_per_head; sets their piece_base and
+  // piece_host entries (one slot of each table) and advances piece_count.
+  // InvalidArgument when a head's pieces would not fit its units (the
+  // caller sizes them with KvPieceUnitsBound). Runs after the work before
+  // it, like every operator; the host bytes are written when it completes.
+  virtual absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
+                                     const SequenceRange& range, const Tensor& extents,
+                                     int first_block, int num_blocks, int block_stride,
+                                     KvCodecKind codec, const HostBuffer& host, int64_t region_unit,
+                                     int64_t units_per_head, TierTables& slot_tables) = 0;
+  // Recalls the host-homed blocks each plan entry selected (SelectTokens
+  // ran) into its ring and rewrites their key_index entries (see above).
+  // extents and tables are the layer's (all slots); ring.status[slot] gets
+  // the KvRecallStatus bits of each entry's slot and ring.stats the
+  // KvTierStat counts added. No host round trip: replayable from graphs.
+  virtual absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, const AttentionBatch& batch,
+                                    SparsePlan& plan, const Tensor& extents, TierTables& tables,
+                                    TierRing& ring) = 0;
 
   // ---- Sampling -------------------------------------------------------------
   // Samples one token per row of logits [R, V] (activation dtype) with the

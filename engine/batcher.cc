@@ -36,6 +36,7 @@ struct Batcher::Sequence {
   size_t decode_fed = 0;  // req.decode_tokens appended to `tokens`
   bool sampled = false;   // this step computed its last token's logits
   bool swapped = false;   // its KV (num_computed tokens) waits in the host tier
+  bool lost = false;      // this step's KV was not trusted: recompute
   std::vector<int32_t> pages;
   // Token ids that end the sequence: its stop_token_ids, and the model's
   // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
@@ -415,9 +416,26 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   }
 
   STRATA_ASSIGN_OR_RETURN(std::vector<SampledToken> sampled, model_->ForwardSample(in, sampling));
+  // Sequences whose KV the planner could not trust this step: their tokens
+  // are dropped and they start over from their tokens.
+  absl::flat_hash_set<int64_t> lost;
+  if (AttentionPlanner* planner = model_->attention_planner(); planner != nullptr) {
+    STRATA_ASSIGN_OR_RETURN(std::vector<AttentionPlanner::LostSequence> lost_now,
+                            planner->EndStep());
+    for (const AttentionPlanner::LostSequence& l : lost_now) {
+      ++num_kv_lost_;
+      STRATA_LOG_WARN("request {}: {}; recomputing it", l.seq_id, l.why);
+      lost.insert(l.seq_id);
+    }
+  }
   size_t sample_index = 0;
   for (size_t k = 0; k < step_seqs.size(); ++k) {
     Sequence& seq = *step_seqs[k];
+    if (lost.contains(static_cast<int64_t>(seq.req.id))) {
+      sample_index += samples[k];
+      seq.lost = true;
+      continue;
+    }
     seq.num_computed += step_rows[k];
     seq.sampled = samples[k];
     if (!samples[k]) continue;
@@ -441,6 +459,20 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       continue;
     }
     EmitToken(seq, token, events);
+  }
+  if (!lost.empty()) {
+    for (auto it = running_.begin(); it != running_.end();) {
+      Sequence& seq = **it;
+      if (!seq.lost) {
+        ++it;
+        continue;
+      }
+      seq.lost = false;
+      ReleaseKv(seq);
+      seq.num_computed = 0;
+      waiting_.push_front(std::move(*it));
+      it = running_.erase(it);
+    }
   }
   // Sequences whose prompt is done join the running batch; finished leave.
   for (auto it = waiting_.begin(); it != waiting_.end();) {

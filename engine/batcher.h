@@ -116,7 +116,8 @@ class Batcher {
   int64_t num_preemptions() const { return num_preemptions_; }
   // Of those, sequences whose KV went to the host tier.
   int64_t num_swapped_out() const { return num_swapped_out_; }
-  // Swapped sequences whose host copy failed its check and were recomputed.
+  // Sequences whose KV in a lower tier failed its check (a swapped copy,
+  // or a block the planner recalled) and were recomputed.
   int64_t num_kv_lost() const { return num_kv_lost_; }
   // Sequences ended by an error of their own (see FailSequence) so far.
   int64_t num_failed() const { return num_failed_; }

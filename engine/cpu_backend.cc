@@ -12,6 +12,7 @@
 #include "absl/strings/string_view.h"
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
+#include "engine/cpu_kv_tiering.h"
 #include "engine/kmeans.h"
 #include "engine/sample_math.h"
 
@@ -718,6 +719,7 @@ class CpuBackend final : public Backend {
         const int n = plan.key_count.data_as<int32_t>()[list];
         const float* q = qkv.data_as<float>() + row * width + int64_t{h} * d;
         auto slot_of = [&](int32_t index) {
+          if (index <= -2) return int64_t{-2} - index;  // a recalled block's cache slot
           return int64_t{seq_table[index / batch.page_size]} * batch.page_size +
                  index % batch.page_size;
         };
@@ -743,6 +745,21 @@ class CpuBackend final : public Backend {
       }
     });
     return absl::OkStatus();
+  }
+
+  absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
+                             const SequenceRange& range, const Tensor& extents, int first_block,
+                             int num_blocks, int block_stride, KvCodecKind codec,
+                             const HostBuffer& host, int64_t region_unit, int64_t units_per_head,
+                             TierTables& slot_tables) override {
+    return cpu_tiering::OffloadBlocks(k_cache, v_cache, range, extents, first_block, num_blocks,
+                                      block_stride, codec, host, region_unit, units_per_head,
+                                      slot_tables);
+  }
+  absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, const AttentionBatch&,
+                            SparsePlan& plan, const Tensor& extents, TierTables& tables,
+                            TierRing& ring) override {
+    return cpu_tiering::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring);
   }
 
   absl::Status SampleTokens(const Tensor& logits, const SamplingTable& sampling, Tensor& token_ids,

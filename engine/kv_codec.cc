@@ -658,3 +658,13 @@ absl::Status KvCodec::Decode(std::span<const uint8_t> block, DType out_dtype, vo
 }
 
 }  // namespace strata::engine
+
+namespace strata::engine {
+
+size_t KvCodec::DeclaredBytes(std::span<const uint8_t> bytes) {
+  if (bytes.size() < kBlockHeaderBytes) return 0;
+  const size_t total = kBlockHeaderBytes + LoadLe32(bytes.data() + 16);
+  return total <= bytes.size() ? total : 0;
+}
+
+}  // namespace strata::engine

@@ -181,6 +181,11 @@ class KvCodec {
   // block's length, and the CRC matches. DataLoss naming the first problem
   // ("KV block: CRC mismatch (stored 0x..., computed 0x...)").
   static absl::StatusOr<KvBlockInfo> Inspect(std::span<const uint8_t> block);
+
+  // The length a block starting at bytes[0] declares (header + its
+  // payload_bytes), or 0 when `bytes` cannot hold it (or even the header):
+  // for reading a block out of a larger buffer before Inspect checks it.
+  static size_t DeclaredBytes(std::span<const uint8_t> bytes);
 };
 
 }  // namespace strata::engine

@@ -12,33 +12,55 @@ absl::StatusOr<HostPool> HostPool::Create(engine::Backend& backend, int64_t budg
   if (record_bytes < 1) return absl::InvalidArgumentError("host pool: record size must be >= 1");
   HostPool pool;
   pool.record_bytes_ = record_bytes;
-  const int64_t records = budget_bytes > 0 ? budget_bytes / record_bytes : 0;
+  pool.stride_ =
+      (record_bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
+  const int64_t records = budget_bytes > 0 ? budget_bytes / pool.stride_ : 0;
   if (records > INT32_MAX) {
     return absl::InvalidArgumentError(absl::StrCat("host pool: ", records, " records is too many"));
   }
   if (records > 0) {
-    STRATA_ASSIGN_OR_RETURN(pool.buffer_, backend.AllocateHost(records * record_bytes));
+    STRATA_ASSIGN_OR_RETURN(pool.buffer_, backend.AllocateHost(records * pool.stride_));
   }
   pool.state_.assign(records, State::kFree);
   pool.refs_.assign(records, 0);
   pool.crc_.assign(records, 0);
   pool.released_.assign(records, false);
-  pool.free_.reserve(records);
-  for (int64_t r = records - 1; r >= 0; --r) pool.free_.push_back(static_cast<int32_t>(r));
+  pool.num_free_ = static_cast<int>(records);
   return pool;
 }
 
 bool HostPool::Allocate(int count, std::vector<int32_t>& records) {
-  if (count < 0 || count > num_free()) return false;
-  for (int i = 0; i < count; ++i) {
-    const int32_t r = free_.back();
-    free_.pop_back();
-    state_[r] = State::kInFlight;
-    refs_[r] = 1;
-    released_[r] = false;
-    records.push_back(r);
+  if (count < 0 || count > num_free_) return false;
+  const int32_t n = num_records();
+  for (int taken = 0; taken < count; cursor_ = (cursor_ + 1) % n) {
+    if (state_[cursor_] != State::kFree) continue;
+    state_[cursor_] = State::kInFlight;
+    refs_[cursor_] = 1;
+    released_[cursor_] = false;
+    records.push_back(cursor_);
+    ++taken;
   }
+  num_free_ -= count;
   return true;
+}
+
+int32_t HostPool::AllocateRun(int count) {
+  if (count < 1 || count > num_free_) return -1;
+  const int32_t n = num_records();
+  int32_t run = 0;
+  for (int32_t r = 0; r < n; ++r) {
+    run = state_[r] == State::kFree ? run + 1 : 0;
+    if (run < count) continue;
+    const int32_t first = r - count + 1;
+    for (int32_t x = first; x <= r; ++x) {
+      state_[x] = State::kInFlight;
+      refs_[x] = 1;
+      released_[x] = false;
+    }
+    num_free_ -= count;
+    return first;
+  }
+  return -1;
 }
 
 void HostPool::Ref(int32_t record) {
@@ -51,7 +73,7 @@ void HostPool::Unref(int32_t record) {
   if (released_[record]) {
     state_[record] = State::kFree;
     released_[record] = false;
-    free_.push_back(record);
+    ++num_free_;
   } else {
     state_[record] = State::kResident;
   }
@@ -75,7 +97,7 @@ void HostPool::Release(int32_t record) {
     return;
   }
   state_[record] = State::kFree;
-  free_.push_back(record);
+  ++num_free_;
 }
 
 }  // namespace strata::kvtier

@@ -1,8 +1,11 @@
 // HostPool: the host tier's memory, as fixed-size records.
 //
 // One HostBuffer from the backend (pinned and device-mapped on CUDA) is cut
-// into records of one size (KvLayout::record_bytes(): a page of every
-// layer). Each record has a state and a reference count:
+// into records of one size (KvLayout::record_bytes(), rounded up to
+// engine::kKvHostUnit: a page of every layer). A swapped page takes one
+// record anywhere (Allocate); the host-homed blocks of a sequence's layer
+// take a run of consecutive records (AllocateRun), since the device finds
+// their pieces by offset. Each record has a state and a reference count:
 //   kFree -> (Allocate) kInFlight -> (its copy is done) kResident
 //   kResident -> (a copy reads it) kInFlight -> ...
 // A copy that reads or writes a record holds a reference for as long as it
@@ -36,10 +39,12 @@ class HostPool {
   HostPool() = default;
 
   int num_records() const { return static_cast<int>(state_.size()); }
-  int num_free() const { return static_cast<int>(free_.size()); }
+  int num_free() const { return num_free_; }
   int64_t record_bytes() const { return record_bytes_; }
+  // The distance between records: record_bytes rounded up to kKvHostUnit.
+  int64_t record_stride() const { return stride_; }
   const engine::HostBuffer& buffer() const { return buffer_; }
-  int64_t offset(int32_t record) const { return int64_t{record} * record_bytes_; }
+  int64_t offset(int32_t record) const { return int64_t{record} * stride_; }
   uint8_t* data(int32_t record) const { return buffer_.data() + offset(record); }
   State state(int32_t record) const { return state_[record]; }
   int refs(int32_t record) const { return refs_[record]; }
@@ -48,6 +53,9 @@ class HostPool {
   // each, for the copy that fills them); false (taking none) when fewer are
   // free.
   bool Allocate(int count, std::vector<int32_t>& records);
+  // Takes `count` consecutive free records (each as Allocate does) and
+  // returns the first; -1 (taking none) when no such run is free.
+  int32_t AllocateRun(int count);
   // A reference for a copy that reads a resident record (kInFlight).
   void Ref(int32_t record);
   // Drops a copy's reference. The last one makes a record resident again,
@@ -64,11 +72,13 @@ class HostPool {
  private:
   engine::HostBuffer buffer_;
   int64_t record_bytes_ = 0;
+  int64_t stride_ = 0;
   std::vector<State> state_;
   std::vector<int32_t> refs_;
   std::vector<uint32_t> crc_;   // masked CRC32C of resident records
   std::vector<bool> released_;  // released while referenced
-  std::vector<int32_t> free_;
+  int num_free_ = 0;
+  int32_t cursor_ = 0;  // where the next search for free records starts
 };
 
 }  // namespace strata::kvtier

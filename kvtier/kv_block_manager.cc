@@ -167,6 +167,25 @@ absl::Status KvBlockManager::Poll() {
   return absl::OkStatus();
 }
 
+std::optional<KvBlockManager::HostRegion> KvBlockManager::AllocateHostRegion(int64_t bytes) {
+  if (bytes < 1) return std::nullopt;
+  const int64_t records = (bytes + host_.record_stride() - 1) / host_.record_stride();
+  if (records > host_.num_free()) return std::nullopt;
+  const int32_t first = host_.AllocateRun(static_cast<int>(records));
+  if (first < 0) return std::nullopt;
+  // The records are the region owner's at once: the device fills them
+  // within the step.
+  for (int32_t r = first; r < first + records; ++r) host_.Unref(r);
+  return HostRegion{first, static_cast<int32_t>(records), host_.offset(first),
+                    records * host_.record_stride()};
+}
+
+void KvBlockManager::FreeHostRegion(const HostRegion& region) {
+  for (int32_t r = region.first_record; r < region.first_record + region.records; ++r) {
+    host_.Release(r);
+  }
+}
+
 KvBlockManager::Stats KvBlockManager::stats() const {
   Stats s = counters_;
   s.gpu_pages_total = pages_.num_pages();

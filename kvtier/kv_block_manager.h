@@ -28,6 +28,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -78,6 +79,21 @@ class KvBlockManager final : public engine::KvMemory {
   absl::StatusOr<bool> SwapIn(int64_t seq_id, std::vector<int32_t>& pages) override;
   void DropSwapped(int64_t seq_id) override;
   absl::Status Poll() override;
+
+  // ---- Host-homed blocks (KvPolicyRunner) ----------------------------------
+  // A run of host records that one offload of a sequence's blocks fills;
+  // the device writes and reads it only inside steps, which end
+  // synchronised, so freeing between steps is safe.
+  struct HostRegion {
+    int32_t first_record = -1;
+    int32_t records = 0;
+    int64_t offset = 0;  // bytes into host_buffer()
+    int64_t bytes = 0;
+  };
+  // Nullopt when no run of records that large is free.
+  std::optional<HostRegion> AllocateHostRegion(int64_t bytes);
+  void FreeHostRegion(const HostRegion& region);
+  const engine::HostBuffer& host_buffer() const { return host_.buffer(); }
 
   const KvLayout& layout() const { return layout_; }
   Stats stats() const;

@@ -5,6 +5,7 @@
 #include <iterator>
 
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 
 namespace strata::kvtier {
@@ -183,6 +184,10 @@ absl::StatusOr<std::unique_ptr<KvPolicyRunner>> KvPolicyRunner::Create(
       }
     }
   }
+  if (options.tier.block_stride < 1 || options.tier.ring_tokens < 0) {
+    return absl::InvalidArgumentError(
+        "kv policy runner: tier block_stride must be >= 1 and ring_tokens >= 0");
+  }
   std::unique_ptr<KvPolicyRunner> runner(new KvPolicyRunner(model, options));
   const int max_context = model->options().max_context;
   for (const KvPolicyConfig& c : policies) {
@@ -200,7 +205,8 @@ absl::StatusOr<std::unique_ptr<KvPolicyRunner>> KvPolicyRunner::Create(
 }
 
 absl::Status KvPolicyRunner::Allocate() {
-  if (max_keys_ == 0) return absl::OkStatus();  // only full policies
+  if (max_keys_ == 0) return absl::OkStatus();           // only full policies
+  if (!any_clusterkv_) options_.tier.manager = nullptr;  // only clusters are tiered
   engine::Backend& b = model_->backend();
   const engine::ModelConfig& config = model_->config();
   const int64_t slots = options_.max_sparse_seqs, hkv = config.num_kv_heads, d = config.head_dim,
@@ -232,7 +238,104 @@ absl::Status KvPolicyRunner::Allocate() {
                           b.Allocate(engine::DType::kI32, {entries, hkv, max_keys_}));
   STRATA_ASSIGN_OR_RETURN(plan_.key_count, b.Allocate(engine::DType::kI32, {entries, hkv}));
   for (int s = options_.max_sparse_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
+  if (Tiering()) {
+    // The ring holds at least two steps' selections (engine/backend.h).
+    int budget = 0;
+    for (const auto& p : policies_) {
+      if (p->kind() == PolicyKind::kClusterKv) budget = std::max(budget, p->Budget());
+    }
+    const int page_size = model_->options().page_size;
+    const int ring = std::max(options_.tier.ring_tokens, 2 * std::max(budget, 1));
+    ring_.ring_rows = (ring + page_size - 1) / page_size * page_size;
+    max_pieces_ =
+        CeilDiv(model_->options().max_context, engine::kKvPieceTokens) + static_cast<int>(blocks);
+    const int64_t pieces = max_pieces_;
+    for (int l = 0; l < config.num_layers; ++l) {
+      engine::TierTables t;
+      STRATA_ASSIGN_OR_RETURN(t.piece_base, b.Allocate(engine::DType::kI32, {slots, hkv, blocks}));
+      STRATA_ASSIGN_OR_RETURN(t.piece_host, b.Allocate(engine::DType::kI32, {slots, hkv, pieces}));
+      STRATA_ASSIGN_OR_RETURN(t.piece_count, b.Allocate(engine::DType::kI32, {slots, hkv}));
+      STRATA_ASSIGN_OR_RETURN(t.res_start, b.Allocate(engine::DType::kI32, {slots, hkv, blocks}));
+      STRATA_ASSIGN_OR_RETURN(t.res_count, b.Allocate(engine::DType::kI32, {slots, hkv, blocks}));
+      STRATA_ASSIGN_OR_RETURN(t.ring_head, b.Allocate(engine::DType::kI32, {slots, hkv}));
+      STRATA_RETURN_IF_ERROR(b.Fill(t.piece_base, -1));
+      STRATA_RETURN_IF_ERROR(b.Fill(t.piece_host, 0));
+      STRATA_RETURN_IF_ERROR(b.Fill(t.piece_count, 0));
+      STRATA_RETURN_IF_ERROR(b.Fill(t.res_start, 0));
+      STRATA_RETURN_IF_ERROR(b.Fill(t.res_count, 0));
+      STRATA_RETURN_IF_ERROR(b.Fill(t.ring_head, 0));
+      tier_.push_back(std::move(t));
+    }
+    STRATA_ASSIGN_OR_RETURN(ring_.ring_pages,
+                            b.Allocate(engine::DType::kI32, {slots, ring_.ring_rows / page_size}));
+    STRATA_ASSIGN_OR_RETURN(ring_.status, b.Allocate(engine::DType::kI32, {slots}));
+    STRATA_ASSIGN_OR_RETURN(ring_.stats, b.Allocate(engine::DType::kI32, {engine::kKvTierStats}));
+    STRATA_RETURN_IF_ERROR(b.Fill(ring_.ring_pages, 0));
+    STRATA_RETURN_IF_ERROR(b.Fill(ring_.status, 0));
+    STRATA_RETURN_IF_ERROR(b.Fill(ring_.stats, 0));
+    ring_.host = options_.tier.manager->host_buffer();
+  }
   return b.Synchronize();
+}
+
+engine::TierTables KvPolicyRunner::SlotTables(int layer, int slot) {
+  const engine::TierTables& t = tier_[layer];
+  return {t.piece_base.Row(slot), t.piece_host.Row(slot), t.piece_count.Row(slot),
+          t.res_start.Row(slot),  t.res_count.Row(slot),  t.ring_head.Row(slot)};
+}
+
+absl::Status KvPolicyRunner::StartTiering(Sequence& seq) {
+  const int page_size = model_->options().page_size;
+  if (!options_.tier.manager->AllocatePages(ring_.ring_rows / page_size, seq.ring_pages)) {
+    ++stats_.ring_refused;  // its clusters stay in the paged cache
+    return absl::OkStatus();
+  }
+  engine::Backend& b = model_->backend();
+  const int slot = seq.state.slot;
+  Tensor pages = ring_.ring_pages.Row(slot);
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(seq.ring_pages.data(), engine::DType::kI32,
+                                        static_cast<int64_t>(seq.ring_pages.size()), pages, 0));
+  for (int l = 0; l < model_->config().num_layers; ++l) {
+    engine::TierTables t = SlotTables(l, slot);
+    STRATA_RETURN_IF_ERROR(b.Fill(t.piece_base, -1));
+    STRATA_RETURN_IF_ERROR(b.Fill(t.piece_count, 0));
+    STRATA_RETURN_IF_ERROR(b.Fill(t.res_count, 0));
+    STRATA_RETURN_IF_ERROR(b.Fill(t.ring_head, 0));
+  }
+  ++stats_.tiered_sequences;
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::Offload(Sequence& seq, int layer, const engine::SequenceRange& range,
+                                     const SummaryWork& work, Tensor& k_cache, Tensor& v_cache) {
+  if (seq.ring_pages.empty()) return absl::OkStatus();
+  const engine::ModelConfig& config = model_->config();
+  const engine::KvCodecKind codec = options_.tier.codec;
+  const int64_t units = engine::KvPieceUnitsBound(codec, config.head_dim, model_->kv_cache_dtype(),
+                                                  work.count, work.clusters);
+  if (units <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "codec ", std::string(engine::KvCodecKindName(codec)), " cannot encode this model's KV"));
+  }
+  std::optional<KvBlockManager::HostRegion> region =
+      options_.tier.manager->AllocateHostRegion(units * config.num_kv_heads * engine::kKvHostUnit);
+  if (!region.has_value()) {
+    ++stats_.offload_refused;  // these clusters stay in the paged cache
+    return absl::OkStatus();
+  }
+  engine::TierTables t = SlotTables(layer, seq.state.slot);
+  const absl::Status offloaded = model_->backend().OffloadBlocks(
+      k_cache, v_cache, range, extents_[layer].Row(seq.state.slot), work.first_block, work.clusters,
+      options_.tier.block_stride, codec, ring_.host, region->offset / engine::kKvHostUnit, units,
+      t);
+  if (!offloaded.ok()) {
+    options_.tier.manager->FreeHostRegion(*region);
+    return offloaded;
+  }
+  seq.regions.push_back(*region);
+  ++stats_.offloads;
+  stats_.offloaded_bytes += region->bytes;
+  return absl::OkStatus();
 }
 
 absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
@@ -246,6 +349,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   }
   plan_.num_blocks_bound = 0;  // GraphKey may round it up
   graph_step_ = false;
+  step_tiered_ = false;
   for (int s = 0; s < num_input; ++s) {
     const int policy = in.kv_policies.empty() ? 0 : in.kv_policies[s];
     if (policy < 0 || policy >= num_policies()) {
@@ -265,7 +369,11 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
       it = sequences_.emplace(id, Sequence{policy, {}}).first;
       it->second.state.slot = free_slots_.back();
       free_slots_.pop_back();
+      if (Tiering() && p.kind() == PolicyKind::kClusterKv) {
+        STRATA_RETURN_IF_ERROR(StartTiering(it->second));
+      }
     }
+    step_tiered_ |= !it->second.ring_pages.empty();
     Sequence& seq = it->second;
     if (seq.policy != policy) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", id, " changed its kv policy"));
@@ -309,6 +417,8 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   std::stable_sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
     return KindOrder(a.policy->kind()) < KindOrder(b.policy->kind());
   });
+  // Recall status bits are per step (EndStep reads them).
+  if (step_tiered_) STRATA_RETURN_IF_ERROR(model_->backend().Fill(ring_.status, 0));
   return absl::OkStatus();
 }
 
@@ -402,6 +512,10 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
                                              e.policy->config().kmeans_iterations, w.first_block,
                                              centroids, extents));
         ++stats_.clusterings;
+        if (Tiering()) {
+          STRATA_RETURN_IF_ERROR(
+              Offload(sequences_.at(e.seq_id), layer, range, w, k_cache, v_cache));
+        }
       } else {
         Tensor lo = lo_[layer].Row(slot), hi = hi_[layer].Row(slot);
         STRATA_RETURN_IF_ERROR(b.KeyBounds(k_cache, range, e.policy->config().quest_page_tokens,
@@ -440,6 +554,10 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
                       engine::BlockScoring::kKeyBounds, lo_[layer], hi_[layer], scores_));
   }
   STRATA_RETURN_IF_ERROR(b.SelectTokens(scores_, extents_[layer], plan_));
+  if (step_tiered_) {
+    STRATA_RETURN_IF_ERROR(
+        b.RecallBlocks(k_cache, v_cache, *batch_, plan_, extents_[layer], tier_[layer], ring_));
+  }
   if (options_.track_selection) STRATA_RETURN_IF_ERROR(TrackSelection(layer));
   if (observer_) STRATA_RETURN_IF_ERROR(observer_(layer, qkv, k_cache, v_cache, *batch_, plan_));
   return &plan_;
@@ -486,8 +604,44 @@ void KvPolicyRunner::Release(int64_t seq_id) {
   last_selection_.erase(seq_id);
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end()) return;
-  free_slots_.push_back(it->second.state.slot);
+  Sequence& seq = it->second;
+  if (!seq.ring_pages.empty()) {
+    // Steps end synchronised: no kernel still reads the ring or the regions.
+    if (absl::Status s = options_.tier.manager->FreePages(seq.ring_pages); !s.ok()) {
+      STRATA_LOG_ERROR("sequence {}: ring pages: {}", seq_id, s.ToString());
+    }
+  }
+  for (const KvBlockManager::HostRegion& region : seq.regions) {
+    options_.tier.manager->FreeHostRegion(region);
+  }
+  free_slots_.push_back(seq.state.slot);
   sequences_.erase(it);
+}
+
+absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunner::EndStep() {
+  std::vector<LostSequence> lost;
+  if (!step_tiered_) return lost;
+  step_tiered_ = false;
+  engine::Backend& b = model_->backend();
+  std::vector<int32_t> status(ring_.status.numel()), counts(engine::kKvTierStats);
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(ring_.status, status.data()));
+  STRATA_RETURN_IF_ERROR(b.CopyToHost(ring_.stats, counts.data()));
+  STRATA_RETURN_IF_ERROR(b.Fill(ring_.stats, 0));
+  stats_.recall_hit_tokens += counts[engine::kStatHitTokens];
+  stats_.recall_refreshed_tokens += counts[engine::kStatRefreshedTokens];
+  stats_.recall_tokens += counts[engine::kStatRecalledTokens];
+  stats_.recall_pieces += counts[engine::kStatRecalledPieces];
+  stats_.recall_kib += counts[engine::kStatRecalledKiB];
+  stats_.recall_bad_pieces += counts[engine::kStatBadPieces];
+  for (const auto& [id, seq] : sequences_) {
+    const int32_t bits = status[seq.state.slot];
+    if (bits == engine::kRecallOk || seq.ring_pages.empty()) continue;
+    ++stats_.lost_sequences;
+    lost.push_back({id, (bits & engine::kRecallBadBlock) != 0
+                            ? "a host-homed KV block failed its check when recalled"
+                            : "its selection did not fit its GPU ring"});
+  }
+  return lost;
 }
 
 }  // namespace strata::kvtier

@@ -25,6 +25,17 @@
 // every layer), and the per-step SparsePlan. A sequence that finds no free
 // slot decodes densely (counted in Stats::dense_no_slot).
 //
+// With a KV block manager (KvTierOptions), ClusterKV clusters get their home
+// in the host tier: right after a layer's keys are clustered, its clusters
+// are encoded into a host region (Backend::OffloadBlocks), and each decode
+// step recalls the clusters it selects into a ring of GPU cache slots, pages
+// the manager lent the sequence (Backend::RecallBlocks, see TierTables in
+// engine/backend.h). A sequence for which the manager has no ring pages, or
+// a clustering for which the host tier has no room, keeps its clusters in
+// the paged cache; both are counted. After each step, a sequence whose
+// recall found a corrupt host block is reported lost (EndStep): the batcher
+// recomputes it, so a bad block never becomes tokens.
+//
 // Thread-safety: KvPolicy is immutable. KvPolicyRunner is driven by the
 // model's thread (it is the model's planner); stats() may be read by that
 // thread only.
@@ -44,6 +55,7 @@
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
 #include "engine/model.h"
+#include "kvtier/kv_block_manager.h"
 #include "kvtier/profile.h"
 
 namespace strata::kvtier {
@@ -96,6 +108,19 @@ class KvPolicy {
   KvPolicyConfig config_;
 };
 
+// Host-homed ClusterKV clusters (see the file comment).
+struct KvTierOptions {
+  KvBlockManager* manager = nullptr;  // null: clusters stay in the paged cache
+  engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+  // GPU cache slots a sequence's ring holds (each layer and KV head has its
+  // own part of every slot); 0: twice the largest budget. Rounded up to
+  // pages, and at least twice the budget.
+  int ring_tokens = 0;
+  // Offload only every n-th cluster of a clustering (benchmarks: 2 puts half
+  // of them in the host tier); 1: all.
+  int block_stride = 1;
+};
+
 struct KvPolicyRunnerOptions {
   // Sequences that can decode sparsely at once (pool slots); more decode
   // densely. Pools take slots x layers x (summaries + extents).
@@ -104,6 +129,7 @@ struct KvPolicyRunnerOptions {
   // previous step had selected too (Stats::reselected_tokens). Costs a
   // synchronisation per layer: for evaluation, not serving.
   bool track_selection = false;
+  KvTierOptions tier = {};
 };
 
 // Called after a layer's plan is selected, before its attention (evaluation
@@ -122,6 +148,19 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t clusterings = 0;        // ClusterKeys calls
     int64_t selected_tokens = 0;    // with track_selection: tokens taken from blocks
     int64_t reselected_tokens = 0;  // ... of which the same (seq, layer, head) had last step
+    // Host-homed clusters (KvTierOptions).
+    int64_t tiered_sequences = 0;         // sequences that got a ring
+    int64_t ring_refused = 0;             // ... that found no pages for one
+    int64_t offloads = 0;                 // (sequence, layer) clusterings moved to the host tier
+    int64_t offload_refused = 0;          // ... that found no room there (stayed on the GPU)
+    int64_t offloaded_bytes = 0;          // host bytes reserved for them
+    int64_t recall_hit_tokens = 0;        // selected host-homed tokens found in the ring
+    int64_t recall_refreshed_tokens = 0;  // ... found, then moved ahead of the writes
+    int64_t recall_tokens = 0;            // ... read from host memory
+    int64_t recall_pieces = 0;
+    int64_t recall_kib = 0;         // host KiB read
+    int64_t recall_bad_pieces = 0;  // pieces that failed their check
+    int64_t lost_sequences = 0;     // sequences recomputed because of them
   };
 
   // policies[i] serves requests with kv_policy i (0 is the default). The
@@ -148,6 +187,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   bool Replayable() const override { return !options_.track_selection && !observer_; }
   absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override;
   void CountGraphStep() override;
+  absl::StatusOr<std::vector<LostSequence>> EndStep() override;
   static constexpr int kBlocksBoundStep = 64;
 
   int num_policies() const { return static_cast<int>(policies_.size()); }
@@ -160,6 +200,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   struct Sequence {
     int policy = 0;
     SequenceState state;
+    // Host-homed clusters: the ring's pages, and the host regions its
+    // offloads filled (freed with the sequence).
+    std::vector<int32_t> ring_pages;
+    std::vector<KvBlockManager::HostRegion> regions;
   };
   // One planned decode query of this step.
   struct Entry {
@@ -177,6 +221,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
   absl::Status Allocate();
   absl::Status TrackSelection(int layer);
+  bool Tiering() const { return options_.tier.manager != nullptr; }
+  // Gives a new ClusterKV sequence its ring (if pages allow) and clears its
+  // slot's tiering tables.
+  absl::Status StartTiering(Sequence& seq);
+  // Moves the clusters `work` just formed in `layer` to the host tier.
+  absl::Status Offload(Sequence& seq, int layer, const engine::SequenceRange& range,
+                       const SummaryWork& work, engine::Tensor& k_cache, engine::Tensor& v_cache);
+  // The same layer's tables restricted to one pool slot.
+  engine::TierTables SlotTables(int layer, int slot);
 
   engine::Model* model_;
   KvPolicyRunnerOptions options_;
@@ -189,6 +242,11 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // Per layer: [slots, Hkv, max_blocks, D] summaries and [.., 2] extents.
   std::vector<engine::Tensor> centroids_, lo_, hi_, extents_;
   engine::Tensor scores_;  // F32 [slots, Hkv, max_blocks]
+  // Tiering: per layer (empty when off), and the ring every layer shares.
+  std::vector<engine::TierTables> tier_;
+  engine::TierRing ring_;
+  int max_pieces_ = 0;
+  bool step_tiered_ = false;  // some entry of this step has a ring
   engine::SparsePlan plan_;
   std::vector<int32_t> uploaded_;  // host entries last copied to plan_.entries
   // This step has a GraphKey: PlanLayer leaves the stats to CountGraphStep,

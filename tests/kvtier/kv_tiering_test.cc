@@ -1,0 +1,384 @@
+// ClusterKV clusters homed in the host tier: encoded there when they are
+// formed, recalled into a GPU ring by the decode steps that select them.
+// With the raw codec the tokens are those of clusters kept in the paged
+// cache; a corrupt host block is caught and its sequence recomputed; and
+// every ring page and host region is returned.
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/batcher.h"
+#include "engine/cpu_backend.h"
+#include "engine/model_loader.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
+#include "tests/engine/test_util.h"
+
+namespace strata::kvtier {
+namespace {
+
+using engine::DType;
+using engine::Tensor;
+
+std::unique_ptr<engine::Backend> g_backend = engine::CreateCpuBackend(2);
+
+// ---- The backend operators ------------------------------------------------------
+
+struct OpFixture {
+  static constexpr int kPages = 24, kPageSize = 4, kHkv = 2, kD = 16;
+  Tensor k, v, table, extents;
+  engine::TierTables tables;
+  engine::TierRing ring;
+  std::vector<float> k_orig, v_orig;
+  std::vector<int32_t> ext;  // [Hkv, blocks, 2]
+  int blocks = 0;
+
+  // One sequence of 64 tokens in pages 0..15; blocks cover [4, 60) per head
+  // in clusters of the given sizes; the ring is pages 16..23 (32 slots).
+  explicit OpFixture(const std::vector<int>& sizes) {
+    engine::Backend& b = *g_backend;
+    k = b.Allocate(DType::kF32, {kPages, kPageSize, kHkv, kD}).value();
+    v = b.Allocate(DType::kF32, {kPages, kPageSize, kHkv, kD}).value();
+    EXPECT_TRUE(b.FillRandom(k, 1, 1.0f).ok());
+    EXPECT_TRUE(b.FillRandom(v, 2, 1.0f).ok());
+    k_orig.assign(k.data_as<float>(), k.data_as<float>() + k.numel());
+    v_orig.assign(v.data_as<float>(), v.data_as<float>() + v.numel());
+    table = b.Allocate(DType::kI32, {16}).value();
+    for (int p = 0; p < 16; ++p) table.data_as<int32_t>()[p] = 15 - p;  // scrambled pages
+    blocks = static_cast<int>(sizes.size());
+    const int max_blocks = 16;
+    extents = b.Allocate(DType::kI32, {1, kHkv, max_blocks, 2}).value();
+    ext.assign(kHkv * max_blocks * 2, 0);
+    for (int h = 0; h < kHkv; ++h) {
+      int first = 4;
+      for (int j = 0; j < blocks; ++j) {
+        ext[(h * max_blocks + j) * 2] = first;
+        ext[(h * max_blocks + j) * 2 + 1] = sizes[j];
+        first += sizes[j];
+      }
+    }
+    std::copy(ext.begin(), ext.end(), extents.data_as<int32_t>());
+    auto i32 = [&](std::vector<int64_t> shape, int value) {
+      Tensor t = b.Allocate(DType::kI32, std::move(shape)).value();
+      EXPECT_TRUE(b.Fill(t, static_cast<float>(value)).ok());
+      return t;
+    };
+    tables = {i32({1, kHkv, max_blocks}, -1), i32({1, kHkv, 64}, 0), i32({1, kHkv}, 0),
+              i32({1, kHkv, max_blocks}, 0), i32({1, kHkv, max_blocks}, 0), i32({1, kHkv}, 0)};
+    ring.ring_rows = 32;
+    ring.ring_pages = i32({1, 8}, 0);
+    for (int p = 0; p < 8; ++p) ring.ring_pages.data_as<int32_t>()[p] = 16 + p;
+    ring.status = i32({1}, 0);
+    ring.stats = i32({engine::kKvTierStats}, 0);
+    ring.host = b.AllocateHost(1 << 20).value();
+  }
+
+  int64_t SlotOf(int index) const {
+    return int64_t{table.data_as<int32_t>()[index / kPageSize]} * kPageSize + index % kPageSize;
+  }
+  engine::TierTables Slot0() {
+    return {tables.piece_base.Row(0), tables.piece_host.Row(0), tables.piece_count.Row(0),
+            tables.res_start.Row(0),  tables.res_count.Row(0),  tables.ring_head.Row(0)};
+  }
+  absl::Status Offload(engine::KvCodecKind codec, int stride = 1) {
+    engine::SequenceRange range{table, kPageSize, 4, 56};
+    const int64_t units =
+        engine::KvPieceUnitsBound(codec, kD, DType::kF32, 56, blocks);
+    engine::TierTables t = Slot0();
+    return g_backend->OffloadBlocks(k, v, range, extents.Row(0), 0, blocks, stride, codec,
+                                    ring.host, 0, units, t);
+  }
+  // A plan of one decode entry selecting `order`'s blocks up to `budget`.
+  engine::SparsePlan Plan(const std::vector<int>& order, int budget) {
+    engine::Backend& b = *g_backend;
+    engine::SparsePlan plan;
+    plan.num_entries = 1;
+    plan.max_blocks = 16;
+    plan.max_keys = 80;
+    plan.host_entries = {0, 0, 0, blocks, budget, 4, 60, 64};
+    plan.entries = b.Allocate(DType::kI32, {1, engine::kSparsePlanFields}).value();
+    std::copy(plan.host_entries.begin(), plan.host_entries.end(), plan.entries.data_as<int32_t>());
+    plan.key_index = b.Allocate(DType::kI32, {1, kHkv, 80}).value();
+    plan.key_count = b.Allocate(DType::kI32, {1, kHkv}).value();
+    for (int h = 0; h < kHkv; ++h) {
+      int32_t* keys = plan.key_index.data_as<int32_t>() + h * 80;
+      int n = 0;
+      for (int t = 0; t < 4; ++t) keys[n++] = t;
+      int left = budget;
+      for (int j : order) {
+        const int take = std::min(left, ext[(h * 16 + j) * 2 + 1]);
+        for (int t = 0; t < take; ++t) keys[n++] = ext[(h * 16 + j) * 2] + t;
+        left -= take;
+        if (left == 0) break;
+      }
+      for (int t = 60; t < 64; ++t) keys[n++] = t;
+      plan.key_count.data_as<int32_t>()[h] = n;
+    }
+    return plan;
+  }
+  absl::Status Recall(engine::SparsePlan& plan) {
+    engine::AttentionBatch batch;
+    return g_backend->RecallBlocks(k, v, batch, plan, extents, tables, ring);
+  }
+  // Every selected key reads the original K and V of its logical index.
+  void ExpectKeysRead(const engine::SparsePlan& plan, const engine::SparsePlan& logical) {
+    for (int h = 0; h < kHkv; ++h) {
+      const int n = plan.key_count.data_as<int32_t>()[h];
+      for (int j = 0; j < n; ++j) {
+        const int32_t got = plan.key_index.data_as<int32_t>()[h * 80 + j];
+        const int32_t want = logical.key_index.data_as<int32_t>()[h * 80 + j];
+        const int64_t slot = got <= -2 ? -2 - got : SlotOf(got);
+        for (int x = 0; x < kD; ++x) {
+          const int64_t at = (slot * kHkv + h) * kD + x;
+          const int64_t orig = (SlotOf(want) * kHkv + h) * kD + x;
+          ASSERT_EQ(k.data_as<float>()[at], k_orig[orig]) << "head " << h << " key " << j;
+          ASSERT_EQ(v.data_as<float>()[at], v_orig[orig]) << "head " << h << " key " << j;
+        }
+      }
+    }
+  }
+  int32_t Stat(engine::KvTierStat s) const { return ring.stats.data_as<int32_t>()[s]; }
+  // Poisons the clustered tokens' paged rows: only the ring may be read.
+  void PoisonClusteredRows() {
+    for (int i = 4; i < 60; ++i) {
+      for (int h = 0; h < kHkv; ++h) {
+        for (int x = 0; x < kD; ++x) {
+          k.data_as<float>()[(SlotOf(i) * kHkv + h) * kD + x] = NAN;
+          v.data_as<float>()[(SlotOf(i) * kHkv + h) * kD + x] = NAN;
+        }
+      }
+    }
+  }
+};
+
+TEST(TierOpsTest, RecalledBlocksAreReadFromTheRingAndStayThereWhileSelected) {
+  OpFixture f({9, 1, 20, 6, 12, 8});
+  ASSERT_TRUE(f.Offload(engine::KvCodecKind::kBf16).ok());
+  EXPECT_EQ(f.tables.piece_count.data_as<int32_t>()[0], 6);  // one piece per block of <= 64
+  f.PoisonClusteredRows();
+  engine::SparsePlan plan = f.Plan({2, 0, 5}, 12);  // 12 tokens of block 2 (truncated)
+  const engine::SparsePlan logical = f.Plan({2, 0, 5}, 12);
+  ASSERT_TRUE(f.Recall(plan).ok());
+  EXPECT_EQ(f.ring.status.data_as<int32_t>()[0], 0);
+  f.ExpectKeysRead(plan, logical);
+  EXPECT_EQ(f.Stat(engine::kStatRecalledTokens), 2 * 12);
+  // The same selection again: all hits, nothing read from the host.
+  engine::SparsePlan again = f.Plan({2, 0, 5}, 12);
+  ASSERT_TRUE(f.Recall(again).ok());
+  f.ExpectKeysRead(again, logical);
+  EXPECT_EQ(f.Stat(engine::kStatHitTokens), 2 * 12);
+  EXPECT_EQ(f.Stat(engine::kStatRecalledTokens), 2 * 12);
+}
+
+TEST(TierOpsTest, EverySelectionReadsTheRightRowsAsTheRingTurnsOver) {
+  // Random selections over many steps: misses, hits and refreshes all
+  // happen, and every step's keys read the original rows (the raw codec:
+  // the others are checked against their error bounds in the codec tests).
+  OpFixture f({9, 1, 20, 6, 12, 8});
+  ASSERT_TRUE(f.Offload(engine::KvCodecKind::kBf16).ok());
+  f.PoisonClusteredRows();
+  std::mt19937 rng(5);
+  for (int step = 0; step < 200; ++step) {
+    std::vector<int> order = {0, 1, 2, 3, 4, 5};
+    std::shuffle(order.begin(), order.end(), rng);
+    const int budget = 1 + static_cast<int>(rng() % 16);  // ring 32 >= 2 x budget
+    engine::SparsePlan plan = f.Plan(order, budget);
+    const engine::SparsePlan logical = f.Plan(order, budget);
+    ASSERT_TRUE(f.Recall(plan).ok());
+    ASSERT_EQ(f.ring.status.data_as<int32_t>()[0], 0) << "step " << step;
+    f.ExpectKeysRead(plan, logical);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  EXPECT_GT(f.Stat(engine::kStatHitTokens), 0);
+  EXPECT_GT(f.Stat(engine::kStatRefreshedTokens), 0);
+  EXPECT_GT(f.Stat(engine::kStatRecalledTokens), 0);
+}
+
+TEST(TierOpsTest, HalfTheBlocksOffloadedTheRestReadFromThePagedCache) {
+  OpFixture f({9, 1, 20, 6, 12, 8});
+  ASSERT_TRUE(f.Offload(engine::KvCodecKind::kBf16, /*stride=*/2).ok());
+  const int32_t* base = f.tables.piece_base.data_as<int32_t>();
+  EXPECT_GE(base[0], 0);
+  EXPECT_EQ(base[1], -1);
+  EXPECT_GE(base[2], 0);
+  engine::SparsePlan plan = f.Plan({1, 2, 3}, 16);
+  const engine::SparsePlan logical = f.Plan({1, 2, 3}, 16);
+  ASSERT_TRUE(f.Recall(plan).ok());
+  f.ExpectKeysRead(plan, logical);
+  // Block 1 (paged) keeps its logical index; block 2 (host) reads the ring.
+  EXPECT_EQ(plan.key_index.data_as<int32_t>()[4], logical.key_index.data_as<int32_t>()[4]);
+  EXPECT_LE(plan.key_index.data_as<int32_t>()[5], -2);
+}
+
+TEST(TierOpsTest, ACorruptPieceIsReportedAndNotUsed) {
+  OpFixture f({9, 1, 20, 6, 12, 8});
+  ASSERT_TRUE(f.Offload(engine::KvCodecKind::kInt8).ok());
+  // A flipped byte in the first piece of head 0 (block 0).
+  const int32_t unit = f.tables.piece_host.data_as<int32_t>()[0];
+  f.ring.host.data()[unit * engine::kKvHostUnit + 40] ^= 0x01;
+  engine::SparsePlan plan = f.Plan({0, 2}, 12);
+  ASSERT_TRUE(f.Recall(plan).ok());
+  EXPECT_EQ(f.ring.status.data_as<int32_t>()[0], engine::kRecallBadBlock);
+  EXPECT_EQ(f.Stat(engine::kStatBadPieces), 1);
+}
+
+TEST(TierOpsTest, UnitsBoundCoversEveryClusteringOfTheTokens) {
+  std::mt19937 rng(9);
+  for (auto codec : {engine::KvCodecKind::kBf16, engine::KvCodecKind::kFp8E4M3,
+                     engine::KvCodecKind::kInt8, engine::KvCodecKind::kInt4}) {
+    auto c = engine::KvCodec::Create(codec).value();
+    for (int trial = 0; trial < 200; ++trial) {
+      const int d = 16 + 8 * static_cast<int>(rng() % 15);
+      const int clusters = 1 + static_cast<int>(rng() % 30);
+      std::vector<int> sizes(clusters);
+      int64_t count = 0;
+      for (int& s : sizes) count += s = static_cast<int>(rng() % 200);
+      int64_t units = 0;
+      for (int s : sizes) {
+        for (int off = 0; off < s; off += engine::kKvPieceTokens) {
+          const size_t bytes = c->EncodedBytes(std::min(64, s - off), d, DType::kBF16);
+          units += (static_cast<int64_t>(bytes) + engine::kKvHostUnit - 1) / engine::kKvHostUnit;
+        }
+      }
+      EXPECT_LE(units, engine::KvPieceUnitsBound(codec, d, DType::kBF16, count, clusters));
+    }
+  }
+}
+
+// ---- Whole models ---------------------------------------------------------------
+
+std::vector<int32_t> Prompt(int len, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(len);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % 500) + 3;
+  return p;
+}
+
+KvPolicyConfig ClusterKv() {
+  KvPolicyConfig c;
+  c.type = "clusterkv";
+  c.budget_tokens = 24;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.tokens_per_cluster = 8;
+  c.full_layers = 1;
+  return c;
+}
+
+struct Served {
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  KvPolicyRunner::Stats stats;
+  int64_t lost = 0;
+};
+
+// Three concurrent requests through a batcher with a ClusterKV runner,
+// with host-homed clusters when `tiered` (tier.manager is set here);
+// `corrupt` runs before each step.
+Served Serve(bool tiered, KvTierOptions tier = {}, int max_tokens = 40,
+             const std::function<void(KvBlockManager&, const KvPolicyRunner&)>& corrupt = nullptr,
+             bool* idle = nullptr) {
+  engine::ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 320;
+  options.max_batch_tokens = 96;
+  options.page_size = 8;
+  options.num_pages = 160;
+  auto loaded = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""},
+                                  g_backend.get(), options);
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  engine::Model* model = loaded->model.get();
+  auto manager = KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
+  EXPECT_TRUE(manager.ok()) << manager.status();
+  if (tiered) tier.manager = manager->get();
+  auto runner = KvPolicyRunner::Create(model, {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
+  EXPECT_TRUE(runner.ok()) << runner.status();
+  EXPECT_TRUE(model->set_attention_planner(runner->get()).ok());
+  Served out;
+  {
+    engine::Batcher batcher(model, nullptr, {}, manager->get());
+    const int lens[] = {150, 97, 180};
+    for (int i = 0; i < 3; ++i) {
+      engine::GenerationRequest r;
+      r.id = i;
+      r.prompt = Prompt(lens[i], 7 + i);
+      r.max_tokens = max_tokens;
+      r.ignore_eos = true;
+      EXPECT_TRUE(batcher.Add(r).ok());
+    }
+    while (batcher.HasWork()) {
+      if (corrupt) corrupt(**manager, **runner);
+      auto events = batcher.Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      for (const auto& e : *events) {
+        out.tokens[e.request_id].push_back(e.token_id);
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+      }
+    }
+    out.lost = batcher.num_kv_lost();
+  }
+  out.stats = (*runner)->stats();
+  if (idle != nullptr) *idle = (*manager)->Idle() && (*runner)->num_free_slots() == 4;
+  EXPECT_TRUE(model->set_attention_planner(nullptr).ok());
+  return out;
+}
+
+TEST(TieringTest, RawHostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
+  const Served gpu = Serve(false);
+  bool idle = false;
+  const Served host = Serve(true, {}, 40, nullptr, &idle);
+  EXPECT_EQ(gpu.stats.offloads, 0);
+  EXPECT_GT(host.stats.tiered_sequences, 0);
+  EXPECT_GT(host.stats.offloads, 0);
+  EXPECT_GT(host.stats.recall_tokens, 0);
+  EXPECT_GT(host.stats.recall_hit_tokens + host.stats.recall_refreshed_tokens, 0);
+  EXPECT_EQ(host.stats.recall_bad_pieces, 0);
+  for (uint64_t id = 0; id < 3; ++id) {
+    EXPECT_EQ(host.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
+  }
+  EXPECT_TRUE(idle) << "ring pages, host regions and slots all returned";
+}
+
+TEST(TieringTest, HalfTheClustersOnTheHostGiveTheSameTokens) {
+  const Served gpu = Serve(false);
+  const Served half = Serve(true, {.block_stride = 2});
+  EXPECT_GT(half.stats.recall_tokens, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(half.tokens.at(id), gpu.tokens.at(id));
+}
+
+TEST(TieringTest, QuantisedCodecsServeEveryRequest) {
+  for (auto codec : {engine::KvCodecKind::kFp8E4M3, engine::KvCodecKind::kInt8,
+                     engine::KvCodecKind::kInt4}) {
+    const Served s = Serve(true, {.codec = codec});
+    EXPECT_GT(s.stats.recall_tokens, 0) << engine::KvCodecKindName(codec);
+    for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(s.tokens.at(id).size(), 40u);
+  }
+}
+
+TEST(TieringTest, ACorruptHostBlockIsCaughtAndItsSequenceRecomputed) {
+  bool corrupted = false, idle = false;
+  const Served s = Serve(
+      true, {}, 40,
+      [&](KvBlockManager& m, const KvPolicyRunner& runner) {
+        if (corrupted || runner.stats().offloads == 0) return;
+        // Every 97th byte of the host tier's used part: whatever is recalled
+        // next fails its check.
+        const engine::HostBuffer& host = m.host_buffer();
+        const int64_t used = m.stats().host_bytes_used;
+        for (int64_t i = 40; i < used; i += 97) host.data()[i] ^= 0x20;
+        corrupted = true;
+      },
+      &idle);
+  ASSERT_TRUE(corrupted);
+  EXPECT_GT(s.stats.recall_bad_pieces, 0);
+  EXPECT_GT(s.lost, 0);
+  EXPECT_EQ(s.stats.lost_sequences, s.lost);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(s.tokens.at(id).size(), 40u) << "request " << id;
+  EXPECT_TRUE(idle);
+}
+
+}  // namespace
+}  // namespace strata::kvtier
