@@ -366,7 +366,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
         ++stats_.dense_no_slot;
         continue;
       }
-      it = sequences_.emplace(id, Sequence{policy, {}}).first;
+      it = sequences_.emplace(id, Sequence{policy, {}, {}, {}}).first;
       it->second.state.slot = free_slots_.back();
       free_slots_.pop_back();
       if (Tiering() && p.kind() == PolicyKind::kClusterKv) {
