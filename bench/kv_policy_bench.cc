@@ -258,7 +258,8 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
 
 absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     engine::Model* model, const std::vector<kvtier::KvPolicyConfig>& configs, int batch,
-    int context, int steps, int warmup, bool op_timing) {
+    int context, int steps, int warmup, bool op_timing, kvtier::KvBlockManager* manager,
+    const std::vector<TierMode>& tiers) {
   const engine::ModelOptions& o = model->options();
   const int page = o.page_size;
   const int total = context + warmup + steps * (op_timing ? 2 : 1);
@@ -270,8 +271,23 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
   }
   std::vector<std::vector<int32_t>> tables(batch);
   for (int s = 0; s < batch; ++s) {
+    if (manager != nullptr) {
+      if (!manager->AllocatePages(pages_per_seq, tables[s])) {
+        return absl::ResourceExhaustedError("kv-speed: the block manager has too few pages");
+      }
+      continue;
+    }
     for (int p = 0; p < pages_per_seq; ++p) tables[s].push_back(s * pages_per_seq + p);
   }
+  // The manager gets the pages back on every path.
+  struct ReturnPages {
+    kvtier::KvBlockManager* manager;
+    std::vector<std::vector<int32_t>>* tables;
+    ~ReturnPages() {
+      if (manager == nullptr) return;
+      for (auto& t : *tables) (void)manager->FreePages(t);
+    }
+  } return_pages{manager, &tables};
   std::mt19937 rng(1);
   auto random_id = [&] { return static_cast<int32_t>(rng() % model->config().vocab_size); };
 
@@ -295,15 +311,28 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
 
   std::vector<SpeedResult> results;
   int64_t next_id = 0;
+  std::vector<std::pair<kvtier::KvPolicyConfig, TierMode>> runs_of;
   for (const kvtier::KvPolicyConfig& config : configs) {
+    runs_of.push_back({config, TierMode()});
+    if (manager == nullptr || config.type != "clusterkv") continue;
+    for (const TierMode& mode : tiers) {
+      if (mode.block_stride > 0) runs_of.push_back({config, mode});
+    }
+  }
+  for (const auto& [config, mode] : runs_of) {
     std::unique_ptr<kvtier::KvPolicyRunner> runner;
     if (config.type != "full") {
-      STRATA_ASSIGN_OR_RETURN(
-          runner, kvtier::KvPolicyRunner::Create(model, {config}, {.max_sparse_seqs = batch}));
+      kvtier::KvPolicyRunnerOptions ro{.max_sparse_seqs = batch};
+      if (mode.block_stride > 0) {
+        ro.tier = {.manager = manager, .codec = mode.codec, .block_stride = mode.block_stride};
+      }
+      STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config}, ro));
     }
     STRATA_RETURN_IF_ERROR(model->set_attention_planner(runner.get()));
     SpeedResult r;
     r.config = config;
+    r.tier = mode.name;
+    kvtier::KvPolicyRunner::Stats before;
     r.batch = batch;
     r.context = context;
     r.prefill_s = prefill_s;
@@ -340,8 +369,19 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
         if (status = model->backend().TakeOpTimes().status(); !status.ok()) break;
         model->backend().SetOpTiming(true);
       }
+      if (k == warmup && runner != nullptr) before = runner->stats();
       const auto start = Clock::now();
       status = model->ForwardSample(in, rows).status();
+      if (status.ok() && runner != nullptr) {
+        // A serving step also collects the recall's status after its tokens.
+        absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> lost =
+            runner->EndStep();
+        status = lost.status();
+        if (lost.ok() && !lost->empty()) {
+          status = absl::DataLossError(
+              absl::StrCat("kv-speed: sequence ", (*lost)[0].seq_id, " lost: ", (*lost)[0].why));
+        }
+      }
       const double seconds = Seconds(start);
       if (k == 0) {
         r.first_step_ms = seconds * 1e3;
@@ -371,6 +411,16 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
       r.timed_step_ms = profiled * 1e3 / steps;
     }
     if (runner != nullptr) {
+      const kvtier::KvPolicyRunner::Stats& after = runner->stats();
+      // Refreshed tokens were found in the ring too (then moved within it).
+      const double hits =
+          static_cast<double>(after.recall_hit_tokens - before.recall_hit_tokens +
+                              after.recall_refreshed_tokens - before.recall_refreshed_tokens);
+      const double selected =
+          hits + static_cast<double>(after.recall_tokens - before.recall_tokens);
+      if (selected > 0) r.ring_hit_rate = hits / selected;
+      r.recall_mib_per_step =
+          static_cast<double>(after.recall_kib - before.recall_kib) / 1024.0 / (runs - warmup);
       for (int64_t id : ids) runner->Release(id);
     }
     const absl::Status unset = model->set_attention_planner(nullptr);

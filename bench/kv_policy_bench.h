@@ -40,6 +40,7 @@
 
 #include "absl/status/statusor.h"
 #include "engine/model.h"
+#include "kvtier/kv_block_manager.h"
 #include "kvtier/profile.h"
 
 namespace strata::bench {
@@ -106,14 +107,32 @@ struct SpeedResult {
   // is time the device waited for the host).
   std::vector<engine::OpTime> op_times;
   double timed_step_ms = 0.0;
+  // Host-homed clusters (TierMode): the mode's name ("gpu" when none), and
+  // over the steps after the warm-up the share of selected host-homed
+  // tokens the GPU ring held (hits and refreshes) and the host MiB read per
+  // step.
+  std::string tier = "gpu";
+  double ring_hit_rate = -1.0;
+  double recall_mib_per_step = 0.0;
+};
+
+// Where a ClusterKV config's clusters live in MeasureDecodeSpeed: every
+// block_stride-th cluster in the host tier (0: all on the GPU).
+struct TierMode {
+  std::string name = "gpu";
+  int block_stride = 0;
+  engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
 };
 
 // Prefills `batch` sequences of `context` tokens (random ids) once, then
 // for each config decodes `steps` timed steps after `warmup` untimed ones
 // (and, with `op_timing`, `steps` more with the backend's op timing on).
+// With a block manager, the sequences' pages come from it and each
+// ClusterKV config runs once per tier mode (the others once, on the GPU).
 absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     engine::Model* model, const std::vector<kvtier::KvPolicyConfig>& configs, int batch,
-    int context, int steps, int warmup, bool op_timing = false);
+    int context, int steps, int warmup, bool op_timing = false,
+    kvtier::KvBlockManager* manager = nullptr, const std::vector<TierMode>& tiers = {});
 
 }  // namespace strata::bench
 

@@ -125,6 +125,14 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
   speed->add_option("--warmup", f.warmup, "Untimed decode steps first (the first clusters)");
   speed->add_flag("--op-timing", f.op_timing,
                   "Also print each operator's device time per step (from extra steps)");
+  speed
+      ->add_option("--host-tiers", f.host_tiers,
+                   "Where ClusterKV's clusters live: gpu, half (every other one in pinned host "
+                   "memory), host (all there); each is a run")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"gpu", "half", "host"}));
+  speed->add_option("--codec", f.codec, "Codec of the clusters below the GPU")
+      ->check(CLI::IsMember({"bf16", "fp8_e4m3", "int8", "int4"}));
   speed->callback([&f, &exit_code] {
     if (f.policies.empty()) f.policies = {"full", "quest", "clusterkv"};
     if (f.budgets.empty()) f.budgets = {1024, 2048};
@@ -246,20 +254,54 @@ int RunKvSpeed(const KvBenchFlags& f) {
         kCmd, absl::InvalidArgumentError("--steps, --warmup and --context must be >= 1"));
   }
   const int max_batch = *std::max_element(f.batches.begin(), f.batches.end());
+  auto codec = engine::ParseKvCodecKind(f.codec);
+  if (!codec.ok()) return ExitWithError(kCmd, codec.status());
+  std::vector<bench::TierMode> tiers;
+  for (const std::string& t : f.host_tiers) {
+    tiers.push_back({t, t == "half" ? 2 : t == "host" ? 1 : 0, *codec});
+  }
+  const bool tiering = std::any_of(tiers.begin(), tiers.end(),
+                                   [](const bench::TierMode& m) { return m.block_stride > 0; });
   engine::ModelOptions options;
   options.max_seqs = max_batch;
   options.max_context = f.context + f.warmup + f.steps * (f.op_timing ? 2 : 1);
   options.max_batch_tokens = 8192;
   options.max_logit_rows = max_batch;
+  options.page_size = 16;
+  const int max_budget =
+      f.budgets.empty() ? 0 : *std::max_element(f.budgets.begin(), f.budgets.end());
+  if (tiering) {
+    // Each sequence's full context, and its ring of twice the budget.
+    const int context_pages = (options.max_context + options.page_size - 1) / options.page_size;
+    const int ring_pages = (2 * max_budget + options.page_size - 1) / options.page_size;
+    options.num_pages = max_batch * (context_pages + ring_pages);
+  }
   auto loaded = Load(f, options);
   if (!loaded.ok()) return ExitWithError(kCmd, loaded.status());
   engine::Model* model = loaded->model.model.get();
-  std::printf("%-10s %6s %5s %8s %12s %14s %10s %14s\n", "policy", "budget", "batch", "context",
-              "step_ms", "speedup_vs_full", "first_ms", "cluster_frac");
+  std::unique_ptr<kvtier::KvBlockManager> manager;
+  if (tiering) {
+    // Room for every sequence's clusters, every layer and head.
+    const engine::ModelConfig& c = model->config();
+    const int64_t clusters = options.max_context / std::max(f.tokens_per_cluster, 1) +
+                             8 * (options.max_context / std::max(f.window_tokens, 1) + 1);
+    const int64_t per_head = engine::KvPieceUnitsBound(*codec, c.head_dim, model->kv_cache_dtype(),
+                                                       options.max_context, clusters) *
+                             engine::kKvHostUnit;
+    const int64_t host_bytes = int64_t{max_batch} * c.num_layers * c.num_kv_heads * per_head;
+    std::fprintf(stderr, "kv-speed: host tier of %.1f GiB (pinned)\n",
+                 static_cast<double>(host_bytes) / (1 << 30));
+    auto created = kvtier::KvBlockManager::Create(model, {.host_bytes = host_bytes});
+    if (!created.ok()) return ExitWithError(kCmd, created.status());
+    manager = std::move(*created);
+  }
+  std::printf("%-10s %6s %5s %8s %5s %12s %14s %10s %14s %9s %10s\n", "policy", "budget", "batch",
+              "context", "tier", "step_ms", "speedup_vs_full", "first_ms", "cluster_frac",
+              "ring_hit", "recall_MiB");
   nlohmann::json rows = nlohmann::json::array();
   for (int batch : f.batches) {
     auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup,
-                                             f.op_timing);
+                                             f.op_timing, manager.get(), tiers);
     if (!results.ok()) return ExitWithError(kCmd, results.status());
     const double full_ms = (*results)[0].config.type == "full" ? (*results)[0].step_ms : 0.0;
     for (const auto& r : *results) {
@@ -270,9 +312,10 @@ int RunKvSpeed(const KvBenchFlags& f) {
           r.summary_ms >= 0 ? r.summary_ms : std::max(0.0, r.first_step_ms - r.step_ms);
       const double frac = summary_ms / 1e3 / r.prefill_s;
       const double speedup = full_ms > 0 ? full_ms / r.step_ms : 0.0;
-      std::printf("%-10s %6d %5d %8d %12.3f %14.2f %10.2f %14.4f\n", r.config.type.c_str(),
-                  r.config.type == "full" ? 0 : r.config.budget_tokens, batch, f.context, r.step_ms,
-                  speedup, r.first_step_ms, frac);
+      std::printf("%-10s %6d %5d %8d %5s %12.3f %14.2f %10.2f %14.4f %9.3f %10.2f\n",
+                  r.config.type.c_str(), r.config.type == "full" ? 0 : r.config.budget_tokens,
+                  batch, f.context, r.tier.c_str(), r.step_ms, speedup, r.first_step_ms, frac,
+                  r.ring_hit_rate, r.recall_mib_per_step);
       nlohmann::json ops = nlohmann::json::array();
       if (f.op_timing) {
         double device_ms = 0;
@@ -299,7 +342,11 @@ int RunKvSpeed(const KvBenchFlags& f) {
                       {"first_step_ms", r.first_step_ms},
                       {"prefill_s", r.prefill_s},
                       {"summary_ms", summary_ms},
-                      {"summary_over_prefill", frac}});
+                      {"summary_over_prefill", frac},
+                      {"tier", r.tier},
+                      {"codec", f.codec},
+                      {"ring_hit_rate", r.ring_hit_rate},
+                      {"recall_mib_per_step", r.recall_mib_per_step}});
     }
     std::fflush(stdout);
   }

@@ -6,7 +6,8 @@
 //       [--policies full,streaming,quest,clusterkv] [--budgets 256,512,1024,2048]
 //       [--full-layers 2] [--json FILE]
 //   strata bench kv-speed --dummy-weights llama-3-8b --backend cuda
-//       [--context 32768] [--batch 1,8] [--budgets 1024,2048] [--json FILE]
+//       [--context 32768] [--batch 1,8] [--budgets 1024,2048]
+//       [--host-tiers gpu,half,host] [--codec bf16] [--json FILE]
 //
 // Exit status: 0; 2 for invalid flags or inputs; 1 when a run fails.
 #ifndef STRATA_CLI_KV_BENCH_COMMAND_H_
@@ -44,6 +45,10 @@ struct KvBenchFlags {
   int steps = 20;
   int warmup = 3;
   bool op_timing = false;
+  // ClusterKV's clusters: gpu (all in the paged cache), half (every other
+  // cluster in the host tier), host (all there); with codec below the GPU.
+  std::vector<std::string> host_tiers;
+  std::string codec = "bf16";
   std::string json;
 };
 

@@ -31,6 +31,7 @@
 #include "cuda/kernels/kv_select.h"
 #include "cuda/kernels/sampling.h"
 #include "cuda/op_timer.h"
+#include "cuda/tiering.h"
 #include "engine/kmeans.h"
 
 namespace strata::cuda {
@@ -227,15 +228,25 @@ class CudaBackend final : public engine::Backend {
   absl::Status SparseAttention(const Tensor& qkv, const QkvLayout& layout, const Tensor& k_cache,
                                const Tensor& v_cache, const AttentionBatch& batch,
                                const engine::SparsePlan& plan, float scale, Tensor& out) override;
-  absl::Status OffloadBlocks(const Tensor&, const Tensor&, const engine::SequenceRange&,
-                             const Tensor&, int, int, int, engine::KvCodecKind,
-                             const engine::HostBuffer&, int64_t, int64_t,
-                             engine::TierTables&) override {
-    return absl::UnimplementedError("cuda OffloadBlocks: host-homed KV blocks are not built yet");
+  absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
+                             const engine::SequenceRange& range, const Tensor& extents,
+                             int first_block, int num_blocks, int block_stride,
+                             engine::KvCodecKind codec, const engine::HostBuffer& host,
+                             int64_t region_unit, int64_t units_per_head,
+                             engine::TierTables& slot_tables) override {
+    if (capturing_) return CaptureError("OffloadBlocks");
+    STRATA_RETURN_IF_ERROR(Activate());
+    OpTimer::Scope timed(&op_timer_, "OffloadBlocks", stream());
+    return cuda::OffloadBlocks(k_cache, v_cache, range, extents, first_block, num_blocks,
+                               block_stride, codec, host, region_unit, units_per_head, slot_tables,
+                               tier_workspace_, stream());
   }
-  absl::Status RecallBlocks(Tensor&, Tensor&, const engine::AttentionBatch&, engine::SparsePlan&,
-                            const Tensor&, engine::TierTables&, engine::TierRing&) override {
-    return absl::UnimplementedError("cuda RecallBlocks: host-homed KV blocks are not built yet");
+  absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, const engine::AttentionBatch&,
+                            engine::SparsePlan& plan, const Tensor& extents,
+                            engine::TierTables& tables, engine::TierRing& ring) override {
+    STRATA_RETURN_IF_ERROR(Activate());
+    OpTimer::Scope timed(&op_timer_, "RecallBlocks", stream());
+    return cuda::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring, stream());
   }
   absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                             Tensor& token_ids, Tensor& logprobs) override;
@@ -308,6 +319,7 @@ class CudaBackend final : public engine::Backend {
   // with the backend, after the graphs.
   std::vector<DeviceBuffer> retired_buffers_;
   DeviceBuffer cluster_workspace_;  // ClusterKeys scratch
+  DeviceBuffer tier_workspace_;     // OffloadBlocks' encode jobs
   OpTimer op_timer_;
   bool capturing_ = false;             // between BeginCapture and EndCapture
   std::vector<CudaGraphExec> graphs_;  // by id

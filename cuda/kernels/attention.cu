@@ -438,6 +438,8 @@ __global__ void __launch_bounds__(kDecodeThreads, DecodeBlocksPerSm(kMaxG, kSpar
       if (at >= 0) {
         const int page = table[page_pow2 ? at >> page_shift : at / page_size];
         slot[u] = page * page_size + (page_pow2 ? at & (page_size - 1) : at % page_size);
+      } else if (kSparse && at <= -2) {
+        slot[u] = -2 - at;  // a recalled block's cache slot (engine::KvCacheSlotIndex)
       }
     }
   };

@@ -65,8 +65,10 @@ struct PagedAttentionParams {
   // Sparse decode (engine::Backend::SparseAttention): when plan_entries is
   // set, the decode kernel's sequence x is plan entry x ([num_seqs,
   // kPlanFields] of cuda/kernels/kv_select.h): its query row is column 0, its
-  // block-table row column 1, and KV head h attends to exactly the logical
-  // indices key_index[x][h][0, key_count[x][h]). query_start and context_len
+  // block-table row column 1, and KV head h attends to exactly the keys
+  // key_index[x][h][0, key_count[x][h]): logical indices (>= 0), or cache
+  // slots s written as -2 - s (engine::KvCacheSlotIndex: clusters recalled
+  // from the host tier). query_start and context_len
   // are then unused, and max_context_len bounds key_count.
   const int32_t* plan_entries = nullptr;
   const int32_t* key_index = nullptr;  // [num_seqs, num_kv_heads, max_keys]

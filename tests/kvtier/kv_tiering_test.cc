@@ -66,8 +66,8 @@ struct OpFixture {
       EXPECT_TRUE(b.Fill(t, static_cast<float>(value)).ok());
       return t;
     };
-    tables = {i32({1, kHkv, max_blocks}, -1), i32({1, kHkv, 64}, 0), i32({1, kHkv}, 0),
-              i32({1, kHkv, max_blocks}, 0), i32({1, kHkv, max_blocks}, 0), i32({1, kHkv}, 0)};
+    tables = {i32({1, kHkv, max_blocks}, -1), i32({1, kHkv, 64}, 0),         i32({1, kHkv}, 0),
+              i32({1, kHkv, max_blocks}, 0),  i32({1, kHkv, max_blocks}, 0), i32({1, kHkv}, 0)};
     ring.ring_rows = 32;
     ring.ring_pages = i32({1, 8}, 0);
     for (int p = 0; p < 8; ++p) ring.ring_pages.data_as<int32_t>()[p] = 16 + p;
@@ -85,8 +85,7 @@ struct OpFixture {
   }
   absl::Status Offload(engine::KvCodecKind codec, int stride = 1) {
     engine::SequenceRange range{table, kPageSize, 4, 56};
-    const int64_t units =
-        engine::KvPieceUnitsBound(codec, kD, DType::kF32, 56, blocks);
+    const int64_t units = engine::KvPieceUnitsBound(codec, kD, DType::kF32, 56, blocks);
     engine::TierTables t = Slot0();
     return g_backend->OffloadBlocks(k, v, range, extents.Row(0), 0, blocks, stride, codec,
                                     ring.host, 0, units, t);
@@ -350,8 +349,8 @@ TEST(TieringTest, HalfTheClustersOnTheHostGiveTheSameTokens) {
 }
 
 TEST(TieringTest, QuantisedCodecsServeEveryRequest) {
-  for (auto codec : {engine::KvCodecKind::kFp8E4M3, engine::KvCodecKind::kInt8,
-                     engine::KvCodecKind::kInt4}) {
+  for (auto codec :
+       {engine::KvCodecKind::kFp8E4M3, engine::KvCodecKind::kInt8, engine::KvCodecKind::kInt4}) {
     const Served s = Serve(true, {.codec = codec});
     EXPECT_GT(s.stats.recall_tokens, 0) << engine::KvCodecKindName(codec);
     for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(s.tokens.at(id).size(), 40u);

@@ -1,0 +1,85 @@
+// Launchers for tiered sparse decoding on the GPU (engine::Backend::
+// OffloadBlocks and RecallBlocks; engine/backend.h, TierTables, states the
+// contract and engine/cpu_kv_tiering.cc is the reference):
+//  - LaunchOffloadLayout lays a layer's new clusters out as pieces in the
+//    host region (piece_base, piece_host, piece_count) and writes one
+//    encode job per piece for LaunchEncodeKvBlocks (kv_codec.h), which
+//    writes them straight into mapped host memory.
+//  - LaunchRecallBlocks, one CTA per (plan entry, KV head), finds the runs
+//    of the selection that SelectTokens wrote, keeps the hits, copies ahead
+//    the resident clusters the step's writes would overwrite, decodes the
+//    misses from mapped host memory (DecodeKvBlock, CRC checked) into the
+//    ring, and rewrites key_index to the ring's cache slots. Its ring
+//    evolves exactly as the CPU reference's.
+//
+// Thread-safety: no state; calls on one stream are ordered.
+#ifndef STRATA_CUDA_KERNELS_KV_TIER_H_
+#define STRATA_CUDA_KERNELS_KV_TIER_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "cuda/kernels/kv_codec.h"
+
+namespace strata::cuda::kernels {
+
+struct OffloadLayoutParams {
+  KvCodecKind codec = KvCodecKind::kBf16;
+  int cache_bytes = 2;  // 2: bf16 cache, 1: fp8
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  const int32_t* extents = nullptr;  // one slot [Hkv, max_blocks, 2]
+  int max_blocks = 0;
+  int first_block = 0;
+  int num_blocks = 0;
+  int block_stride = 1;
+  int64_t region_unit = 0;  // each head's units start at region_unit + h * units_per_head
+  int64_t units_per_head = 0;
+  int32_t* piece_base = nullptr;   // one slot [Hkv, max_blocks]
+  int32_t* piece_host = nullptr;   // one slot [Hkv, max_pieces]
+  int32_t* piece_count = nullptr;  // one slot [Hkv]
+  int max_pieces = 0;
+  // [Hkv, jobs_per_head]: one encode job per new piece, tokens 0 past them.
+  EncodeKvJob* jobs = nullptr;
+  int jobs_per_head = 0;
+  int32_t* overflow = nullptr;  // set to 1 when a head's pieces outgrow its units or jobs
+};
+cudaError_t LaunchOffloadLayout(const OffloadLayoutParams& params, cudaStream_t stream);
+
+struct RecallParams {
+  // The layer's caches [pages, page_size, Hkv, D]: bf16, or fp8 (kv_fp8).
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  bool kv_fp8 = false;
+  int page_size = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  const int32_t* entries = nullptr;  // [P, kPlanFields]
+  int num_entries = 0;
+  int32_t* key_index = nullptr;  // [P, Hkv, max_keys]
+  const int32_t* key_count = nullptr;
+  int max_keys = 0;
+  const int32_t* extents = nullptr;  // [slots, Hkv, max_blocks, 2]
+  int max_blocks = 0;
+  int max_num_blocks = 0;  // largest num_blocks of the entries (shared memory)
+  const int32_t* piece_base = nullptr;  // [slots, Hkv, max_blocks]
+  const int32_t* piece_host = nullptr;  // [slots, Hkv, max_pieces]
+  int max_pieces = 0;
+  int32_t* res_start = nullptr;  // [slots, Hkv, max_blocks]
+  int32_t* res_count = nullptr;
+  int32_t* ring_head = nullptr;  // [slots, Hkv]
+  const int32_t* ring_pages = nullptr;  // [slots, ring_rows / page_size]
+  int ring_rows = 0;
+  const uint8_t* host = nullptr;  // device pointer of the mapped host buffer
+  int64_t host_bytes = 0;
+  int32_t* status = nullptr;  // [slots]: KvRecallStatus bits
+  int32_t* stats = nullptr;   // [kKvTierStats]
+};
+// Shared memory the recall kernel takes for these params.
+size_t RecallSmemBytes(const RecallParams& params);
+cudaError_t LaunchRecallBlocks(const RecallParams& params, cudaStream_t stream);
+
+}  // namespace strata::cuda::kernels
+
+#endif  // STRATA_CUDA_KERNELS_KV_TIER_H_

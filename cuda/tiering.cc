@@ -1,0 +1,170 @@
+#include "cuda/tiering.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "cuda/kernels/kv_codec.h"
+#include "cuda/kernels/kv_tier.h"
+
+namespace strata::cuda {
+namespace {
+
+using engine::DType;
+using engine::Tensor;
+
+absl::Status Bad(const char* op, const std::string& what) {
+  return absl::InvalidArgumentError(absl::StrCat("cuda ", op, ": ", what));
+}
+
+absl::Status CheckCaches(const char* op, const Tensor& k, const Tensor& v) {
+  if (!k.defined() || k.rank() != 4 || k.shape() != v.shape() || k.dtype() != v.dtype() ||
+      (k.dtype() != DType::kBF16 && k.dtype() != DType::kF8E4M3) || k.dim(3) % 8 != 0) {
+    return Bad(op, "caches must be BF16 or F8_E4M3 [pages, page_size, Hkv, D], alike, D % 8 == 0");
+  }
+  return absl::OkStatus();
+}
+
+bool IsI32(const Tensor& t, std::initializer_list<int64_t> dims) {
+  return t.defined() && t.dtype() == DType::kI32 &&
+         t.shape() == std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+absl::StatusOr<const uint8_t*> DevicePointer(const engine::HostBuffer& host) {
+  void* device = nullptr;
+  STRATA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&device, host.data(), 0));
+  return static_cast<const uint8_t*>(device);
+}
+
+}  // namespace
+
+absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
+                           const engine::SequenceRange& range, const Tensor& extents,
+                           int first_block, int num_blocks, int block_stride,
+                           engine::KvCodecKind codec, const engine::HostBuffer& host,
+                           int64_t region_unit, int64_t units_per_head, engine::TierTables& t,
+                           DeviceBuffer& workspace, cudaStream_t stream) {
+  constexpr char kOp[] = "OffloadBlocks";
+  STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
+  const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
+  if (extents.dtype() != DType::kI32 || extents.rank() != 3 || extents.dim(0) != hkv ||
+      extents.dim(2) != 2 || !IsI32(t.piece_base, {hkv, extents.dim(1)}) ||
+      !IsI32(t.piece_count, {hkv}) || t.piece_host.rank() != 2 || t.piece_host.dim(0) != hkv) {
+    return Bad(kOp, "extents / tables are not one slot's");
+  }
+  const int64_t max_blocks = extents.dim(1), max_pieces = t.piece_host.dim(1);
+  if (first_block < 0 || num_blocks < 0 || block_stride < 1 ||
+      first_block + num_blocks > max_blocks) {
+    return Bad(kOp, absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ",
+                                 max_blocks));
+  }
+  if (!host.defined() || region_unit < 0 ||
+      (region_unit + hkv * units_per_head) * engine::kKvHostUnit >
+          static_cast<int64_t>(host.bytes) ||
+      region_unit + hkv * units_per_head > INT32_MAX) {
+    return Bad(kOp, "host region outside the host buffer");
+  }
+  if (num_blocks == 0) return absl::OkStatus();
+  STRATA_ASSIGN_OR_RETURN(const uint8_t* host_device, DevicePointer(host));
+  // At most one partial piece per block beyond the full ones.
+  const int64_t jobs_per_head = std::min<int64_t>(
+      max_pieces, (range.count + engine::kKvPieceTokens - 1) / engine::kKvPieceTokens + num_blocks);
+  const size_t job_bytes = static_cast<size_t>(hkv * jobs_per_head) * sizeof(kernels::EncodeKvJob);
+  STRATA_RETURN_IF_ERROR(workspace.EnsureSize(job_bytes + 16));
+  auto* jobs = static_cast<kernels::EncodeKvJob*>(workspace.data());
+  auto* overflow = reinterpret_cast<int32_t*>(static_cast<char*>(workspace.data()) + job_bytes);
+  STRATA_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(overflow, 0, 4, stream));
+  const int cache_bytes = k_cache.dtype() == DType::kBF16 ? 2 : 1;
+  kernels::OffloadLayoutParams layout;
+  layout.codec = codec;
+  layout.cache_bytes = cache_bytes;
+  layout.num_kv_heads = static_cast<int>(hkv);
+  layout.head_dim = static_cast<int>(d);
+  layout.extents = extents.data_as<int32_t>();
+  layout.max_blocks = static_cast<int>(max_blocks);
+  layout.first_block = first_block;
+  layout.num_blocks = num_blocks;
+  layout.block_stride = block_stride;
+  layout.region_unit = region_unit;
+  layout.units_per_head = units_per_head;
+  layout.piece_base = t.piece_base.data_as<int32_t>();
+  layout.piece_host = t.piece_host.data_as<int32_t>();
+  layout.piece_count = t.piece_count.data_as<int32_t>();
+  layout.max_pieces = static_cast<int>(max_pieces);
+  layout.jobs = jobs;
+  layout.jobs_per_head = static_cast<int>(jobs_per_head);
+  // A head whose pieces would not fit (the caller's bound is exact enough
+  // that this does not happen) writes nothing: its blocks stay paged.
+  layout.overflow = overflow;
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchOffloadLayout(layout, stream));
+  kernels::EncodeKvBlocksParams encode;
+  encode.codec = codec;
+  encode.k_cache = k_cache.data();
+  encode.v_cache = v_cache.data();
+  encode.kv_fp8 = cache_bytes == 1;
+  encode.block_table = range.block_table.data_as<int32_t>();
+  encode.max_blocks_per_seq = static_cast<int>(range.block_table.numel());
+  encode.page_size = range.page_size;
+  encode.num_kv_heads = static_cast<int>(hkv);
+  encode.head_dim = static_cast<int>(d);
+  encode.jobs = jobs;
+  encode.num_jobs = static_cast<int>(hkv * jobs_per_head);
+  encode.max_tokens = engine::kKvPieceTokens;
+  encode.out_base = const_cast<uint8_t*>(host_device);
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchEncodeKvBlocks(encode, stream));
+  return absl::OkStatus();
+}
+
+absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, engine::SparsePlan& plan,
+                          const Tensor& extents, engine::TierTables& t, engine::TierRing& ring,
+                          cudaStream_t stream) {
+  constexpr char kOp[] = "RecallBlocks";
+  STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
+  const int64_t hkv = k_cache.dim(2), page_size = k_cache.dim(1);
+  if (extents.dtype() != DType::kI32 || extents.rank() != 4 || extents.dim(1) != hkv ||
+      extents.dim(2) != plan.max_blocks) {
+    return Bad(kOp, "extents must be I32 [slots, Hkv, max_blocks, 2]");
+  }
+  const int64_t slots = extents.dim(0), max_blocks = extents.dim(2);
+  if (!IsI32(t.piece_base, {slots, hkv, max_blocks}) || t.piece_host.rank() != 3 ||
+      !IsI32(t.res_start, {slots, hkv, max_blocks}) ||
+      !IsI32(t.res_count, {slots, hkv, max_blocks}) || !IsI32(t.ring_head, {slots, hkv}) ||
+      ring.ring_rows <= 0 || ring.ring_rows % page_size != 0 ||
+      !IsI32(ring.ring_pages, {slots, ring.ring_rows / page_size}) ||
+      !IsI32(ring.status, {slots}) || ring.stats.numel() < engine::kKvTierStats ||
+      !ring.host.defined()) {
+    return Bad(kOp, "tier tables do not match the extents and the ring");
+  }
+  STRATA_ASSIGN_OR_RETURN(const uint8_t* host_device, DevicePointer(ring.host));
+  kernels::RecallParams p;
+  p.k_cache = k_cache.data();
+  p.v_cache = v_cache.data();
+  p.kv_fp8 = k_cache.dtype() == DType::kF8E4M3;
+  p.page_size = static_cast<int>(page_size);
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.head_dim = static_cast<int>(k_cache.dim(3));
+  p.entries = plan.entries.data_as<int32_t>();
+  p.num_entries = plan.num_entries;
+  p.key_index = plan.key_index.data_as<int32_t>();
+  p.key_count = plan.key_count.data_as<int32_t>();
+  p.max_keys = plan.max_keys;
+  p.extents = extents.data_as<int32_t>();
+  p.max_blocks = static_cast<int>(max_blocks);
+  p.max_num_blocks = static_cast<int>(max_blocks);  // steady shared memory for graphs
+  p.piece_base = t.piece_base.data_as<int32_t>();
+  p.piece_host = t.piece_host.data_as<int32_t>();
+  p.max_pieces = static_cast<int>(t.piece_host.dim(2));
+  p.res_start = t.res_start.data_as<int32_t>();
+  p.res_count = t.res_count.data_as<int32_t>();
+  p.ring_head = t.ring_head.data_as<int32_t>();
+  p.ring_pages = ring.ring_pages.data_as<int32_t>();
+  p.ring_rows = ring.ring_rows;
+  p.host = host_device;
+  p.host_bytes = static_cast<int64_t>(ring.host.bytes);
+  p.status = ring.status.data_as<int32_t>();
+  p.stats = ring.stats.data_as<int32_t>();
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRecallBlocks(p, stream));
+  return absl::OkStatus();
+}
+
+}  // namespace strata::cuda

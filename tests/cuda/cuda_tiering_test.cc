@@ -1,0 +1,481 @@
+// Host-homed ClusterKV clusters on the GPU: OffloadBlocks and RecallBlocks
+// against the CPU reference (the same rings, the same rewritten key lists,
+// the right rows read), whole models whose tokens do not depend on where the
+// clusters live (direct and graph-replayed steps, bf16 and fp8 caches), and
+// the recall's host-to-GPU bandwidth against cudaMemcpyAsync.
+#include <cuda_runtime_api.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "engine/batcher.h"
+#include "engine/model_loader.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
+#include "tests/cuda/cuda_test_util.h"
+
+namespace strata::cuda {
+namespace {
+
+using engine::Backend;
+using engine::DType;
+using engine::KvCodecKind;
+using engine::Tensor;
+using testing_util::CudaVsCpuTest;
+
+std::string FixturePath(const std::string& relative) {
+  return std::string(STRATA_FIXTURES_DIR) + "/" + relative;
+}
+
+// One sequence of 64 tokens (pages scrambled), clusters over [4, 60) of the
+// given sizes per head, a ring of 32 slots in pages 16..23 (see
+// tests/kvtier/kv_tiering_test.cc for the CPU-only version).
+struct Fixture {
+  static constexpr int kPages = 24, kPageSize = 4, kHkv = 2, kD = 16, kMaxBlocks = 16;
+  static constexpr int kMaxKeys = 80;
+  Backend* b;
+  Tensor k, v, table, extents;
+  engine::TierTables tables;
+  engine::TierRing ring;
+  std::vector<float> values_k, values_v;  // bf16-exact
+  std::vector<int32_t> ext, pages;
+  int blocks;
+
+  Fixture(Backend& backend, const std::vector<int>& sizes, uint64_t seed) : b(&backend) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal;
+    const int64_t n = int64_t{kPages} * kPageSize * kHkv * kD;
+    values_k.resize(n);
+    values_v.resize(n);
+    for (auto& x : values_k) x = testing_util::RoundBf16(normal(rng));
+    for (auto& x : values_v) x = testing_util::RoundBf16(normal(rng));
+    k = Upload({kPages, kPageSize, kHkv, kD}, values_k);
+    v = Upload({kPages, kPageSize, kHkv, kD}, values_v);
+    for (int p = 0; p < 16; ++p) pages.push_back(15 - p);
+    table = UploadI32({16}, pages);
+    blocks = static_cast<int>(sizes.size());
+    ext.assign(kHkv * kMaxBlocks * 2, 0);
+    for (int h = 0; h < kHkv; ++h) {
+      int first = 4;
+      for (int j = 0; j < blocks; ++j) {
+        ext[(h * kMaxBlocks + j) * 2] = first;
+        ext[(h * kMaxBlocks + j) * 2 + 1] = sizes[j];
+        first += sizes[j];
+      }
+    }
+    extents = UploadI32({1, kHkv, kMaxBlocks, 2}, ext);
+    tables = {Filled({1, kHkv, kMaxBlocks}, -1), Filled({1, kHkv, 64}, 0), Filled({1, kHkv}, 0),
+              Filled({1, kHkv, kMaxBlocks}, 0), Filled({1, kHkv, kMaxBlocks}, 0),
+              Filled({1, kHkv}, 0)};
+    ring.ring_rows = 32;
+    std::vector<int32_t> ring_pages(8);
+    std::iota(ring_pages.begin(), ring_pages.end(), 16);
+    ring.ring_pages = UploadI32({1, 8}, ring_pages);
+    ring.status = Filled({1}, 0);
+    ring.stats = Filled({engine::kKvTierStats}, 0);
+    ring.host = b->AllocateHost(1 << 20).value();
+  }
+  Tensor Upload(std::vector<int64_t> shape, const std::vector<float>& values) {
+    Tensor t = b->Allocate(b->activation_dtype(), std::move(shape)).value();
+    EXPECT_TRUE(b->CopyFromHost(values.data(), DType::kF32, t.numel(), t, 0).ok());
+    return t;
+  }
+  Tensor UploadI32(std::vector<int64_t> shape, const std::vector<int32_t>& values) {
+    Tensor t = b->Allocate(DType::kI32, std::move(shape)).value();
+    EXPECT_TRUE(b->CopyFromHost(values.data(), DType::kI32, t.numel(), t, 0).ok());
+    return t;
+  }
+  Tensor Filled(std::vector<int64_t> shape, int value) {
+    Tensor t = b->Allocate(DType::kI32, std::move(shape)).value();
+    EXPECT_TRUE(b->Fill(t, static_cast<float>(value)).ok());
+    return t;
+  }
+  std::vector<int32_t> I32(const Tensor& t) {
+    std::vector<int32_t> out(t.numel());
+    EXPECT_TRUE(b->CopyToHost(t, out.data()).ok());
+    return out;
+  }
+  int64_t SlotOf(int index) const {
+    return int64_t{pages[index / kPageSize]} * kPageSize + index % kPageSize;
+  }
+  absl::Status Offload(KvCodecKind codec, int stride = 1) {
+    engine::SequenceRange range{table, kPageSize, 4, 56};
+    const int64_t units = engine::KvPieceUnitsBound(codec, kD, k.dtype(), 56, blocks);
+    engine::TierTables t{tables.piece_base.Row(0), tables.piece_host.Row(0),
+                         tables.piece_count.Row(0), tables.res_start.Row(0),
+                         tables.res_count.Row(0),   tables.ring_head.Row(0)};
+    return b->OffloadBlocks(k, v, range, extents.Row(0), 0, blocks, stride, codec, ring.host, 0,
+                            units, t);
+  }
+  // The logical key list of one decode entry selecting `order` up to budget.
+  std::vector<int32_t> Keys(const std::vector<int>& order, int budget, std::vector<int32_t>& count) {
+    std::vector<int32_t> keys(kHkv * kMaxKeys, 0);
+    count.assign(kHkv, 0);
+    for (int h = 0; h < kHkv; ++h) {
+      int32_t* out = keys.data() + h * kMaxKeys;
+      int n = 0;
+      for (int t = 0; t < 4; ++t) out[n++] = t;
+      int left = budget;
+      for (int j : order) {
+        const int take = std::min(left, ext[(h * kMaxBlocks + j) * 2 + 1]);
+        for (int t = 0; t < take; ++t) out[n++] = ext[(h * kMaxBlocks + j) * 2] + t;
+        left -= take;
+        if (left == 0) break;
+      }
+      for (int t = 60; t < 64; ++t) out[n++] = t;
+      count[h] = n;
+    }
+    return keys;
+  }
+  // Runs a recall; returns the rewritten key list.
+  std::vector<int32_t> Recall(const std::vector<int>& order, int budget) {
+    std::vector<int32_t> count;
+    const std::vector<int32_t> keys = Keys(order, budget, count);
+    engine::SparsePlan plan;
+    plan.num_entries = 1;
+    plan.max_blocks = kMaxBlocks;
+    plan.max_keys = kMaxKeys;
+    plan.host_entries = {0, 0, 0, blocks, budget, 4, 60, 64};
+    plan.entries = UploadI32({1, engine::kSparsePlanFields}, plan.host_entries);
+    plan.key_index = UploadI32({1, kHkv, kMaxKeys}, keys);
+    plan.key_count = UploadI32({1, kHkv}, count);
+    engine::AttentionBatch batch;
+    EXPECT_TRUE(b->RecallBlocks(k, v, batch, plan, extents, tables, ring).ok());
+    return I32(plan.key_index);
+  }
+  // Every key of `got` reads the values of the logical key in `want`.
+  ::testing::AssertionResult KeysRead(const std::vector<int32_t>& got,
+                                      const std::vector<int32_t>& want, int n_per_head) {
+    std::vector<float> kk(k.numel()), vv(v.numel());
+    if (!b->CopyToHost(k, kk.data()).ok() || !b->CopyToHost(v, vv.data()).ok()) {
+      return ::testing::AssertionFailure() << "download";
+    }
+    for (int h = 0; h < kHkv; ++h) {
+      for (int j = 0; j < n_per_head; ++j) {
+        const int32_t g = got[h * kMaxKeys + j], w = want[h * kMaxKeys + j];
+        const int64_t slot = g <= -2 ? -2 - g : SlotOf(g);
+        for (int x = 0; x < kD; ++x) {
+          const int64_t at = (slot * kHkv + h) * kD + x, orig = (SlotOf(w) * kHkv + h) * kD + x;
+          if (kk[at] != values_k[orig] || vv[at] != values_v[orig]) {
+            return ::testing::AssertionFailure() << "head " << h << " key " << j << " (logical "
+                                                 << w << ", read " << g << ")";
+          }
+        }
+      }
+    }
+    return ::testing::AssertionSuccess();
+  }
+  void PoisonClusteredRows() {
+    std::vector<float> nan_k = values_k, nan_v = values_v;
+    for (int i = 4; i < 60; ++i) {
+      for (int h = 0; h < kHkv; ++h) {
+        for (int x = 0; x < kD; ++x) {
+          nan_k[(SlotOf(i) * kHkv + h) * kD + x] = NAN;
+          nan_v[(SlotOf(i) * kHkv + h) * kD + x] = NAN;
+        }
+      }
+    }
+    EXPECT_TRUE(b->CopyFromHost(nan_k.data(), DType::kF32, k.numel(), k, 0).ok());
+    EXPECT_TRUE(b->CopyFromHost(nan_v.data(), DType::kF32, v.numel(), v, 0).ok());
+  }
+};
+
+class CudaTierOpsTest : public CudaVsCpuTest {};
+
+TEST_F(CudaTierOpsTest, RecallMatchesTheCpuReferenceStepByStep) {
+  for (KvCodecKind codec : {KvCodecKind::kBf16, KvCodecKind::kInt8}) {
+    const std::vector<int> sizes = {9, 1, 20, 6, 12, 8, 0};
+    Fixture c(cpu(), sizes, seed_), g(cuda(), sizes, seed_);
+    STRATA_ASSERT_OK(c.Offload(codec, codec == KvCodecKind::kBf16 ? 1 : 2));
+    STRATA_ASSERT_OK(g.Offload(codec, codec == KvCodecKind::kBf16 ? 1 : 2));
+    EXPECT_EQ(c.I32(c.tables.piece_base), g.I32(g.tables.piece_base));
+    EXPECT_EQ(c.I32(c.tables.piece_count), g.I32(g.tables.piece_count));
+    if (codec != KvCodecKind::kBf16) {  // raw pieces are fp32 on the CPU, bf16 here
+      EXPECT_EQ(c.I32(c.tables.piece_host), g.I32(g.tables.piece_host));
+    }
+    g.PoisonClusteredRows();
+    std::mt19937 rng(static_cast<uint32_t>(seed_));
+    for (int step = 0; step < 60; ++step) {
+      std::vector<int> order = {0, 1, 2, 3, 4, 5, 6};
+      std::shuffle(order.begin(), order.end(), rng);
+      const int budget = 1 + static_cast<int>(rng() % 16);
+      const std::vector<int32_t> want_c = c.Recall(order, budget);
+      const std::vector<int32_t> want_g = g.Recall(order, budget);
+      ASSERT_EQ(want_g, want_c) << "step " << step << " " << Seed();
+      std::vector<int32_t> count;
+      const std::vector<int32_t> logical = g.Keys(order, budget, count);
+      if (codec == KvCodecKind::kBf16) {
+        ASSERT_TRUE(g.KeysRead(want_g, logical, count[0])) << "step " << step << " " << Seed();
+      }
+    }
+    std::vector<int32_t> stats_c = c.I32(c.ring.stats), stats_g = g.I32(g.ring.stats);
+    if (codec == KvCodecKind::kBf16) {
+      // Raw pieces hold the cache's dtype: fp32 on the CPU, twice the bytes.
+      stats_c[engine::kStatRecalledKiB] = stats_g[engine::kStatRecalledKiB] = 0;
+    }
+    EXPECT_EQ(stats_c, stats_g) << engine::KvCodecKindName(codec);
+    EXPECT_EQ(c.I32(c.tables.ring_head), g.I32(g.tables.ring_head));
+    EXPECT_EQ(g.I32(g.ring.status)[0], 0);
+  }
+}
+
+TEST_F(CudaTierOpsTest, ACorruptPieceIsReportedAndNotUsed) {
+  Fixture g(cuda(), {9, 1, 20, 6, 12, 8}, seed_);
+  STRATA_ASSERT_OK(g.Offload(KvCodecKind::kInt4));
+  STRATA_ASSERT_OK(cuda().Synchronize());
+  const int32_t unit = g.I32(g.tables.piece_host)[0];
+  g.ring.host.data()[unit * engine::kKvHostUnit + 45] ^= 0x04;
+  const std::vector<int32_t> keys = g.Recall({0, 2}, 12);
+  EXPECT_EQ(g.I32(g.ring.status)[0], engine::kRecallBadBlock);
+  EXPECT_EQ(g.I32(g.ring.stats)[engine::kStatBadPieces], 1);
+  // Block 0's keys still name its logical indices: nothing reads the ring.
+  EXPECT_EQ(keys[4], 4);
+}
+
+// ---- Whole models ------------------------------------------------------------------
+
+struct ModelRun {
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  kvtier::KvPolicyRunner::Stats stats;
+  int graphs = 0;
+  bool idle = false;
+};
+
+ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecKind codec) {
+  ModelRun out;
+  engine::ModelOptions options;
+  options.max_seqs = 8;
+  options.max_context = 400;
+  options.max_batch_tokens = 128;
+  options.page_size = 8;
+  options.num_pages = 600;
+  options.decode_graphs = graphs;
+  options.kv_cache = fp8 ? engine::KvCacheType::kFp8E4M3 : engine::KvCacheType::kActivation;
+  auto loaded = engine::LoadModel({FixturePath("models/llama_gqa"), ""}, &backend, options);
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  if (!loaded.ok()) return out;
+  engine::Model* model = loaded->model.get();
+  auto manager = kvtier::KvBlockManager::Create(model, {.host_bytes = int64_t{256} << 20});
+  EXPECT_TRUE(manager.ok()) << manager.status();
+  kvtier::KvPolicyConfig config;
+  config.type = "clusterkv";
+  config.budget_tokens = 48;
+  config.sink_tokens = 4;
+  config.window_tokens = 24;
+  config.tokens_per_cluster = 8;
+  config.kmeans_iterations = 5;
+  config.full_layers = 1;
+  kvtier::KvTierOptions tier;
+  if (tiered) tier = {.manager = manager->get(), .codec = codec};
+  auto runner = kvtier::KvPolicyRunner::Create(model, {config}, {.max_sparse_seqs = 8, .tier = tier});
+  EXPECT_TRUE(runner.ok()) << runner.status();
+  EXPECT_TRUE(model->set_attention_planner(runner->get()).ok());
+  {
+    engine::Batcher batcher(model, nullptr, {}, manager->get());
+    for (int step = 0; step < 500 && (step < 30 || batcher.HasWork()); ++step) {
+      if (step % 5 == 0 && step / 5 < 6) {
+        const int i = step / 5;
+        engine::GenerationRequest r;
+        r.id = i;
+        r.max_tokens = 60 + 13 * i;
+        r.ignore_eos = true;
+        for (int j = 0; j < 90 + 31 * i; ++j) r.prompt.push_back((41 * i + 3 * j) % 512);
+        EXPECT_TRUE(batcher.Add(r).ok());
+      }
+      auto events = batcher.Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      for (const auto& e : *events) out.tokens[e.request_id].push_back(e.token_id);
+    }
+  }
+  out.graphs = model->num_decode_graphs();
+  out.stats = (*runner)->stats();
+  out.idle = (*manager)->Idle() && (*runner)->num_free_slots() == 8;
+  EXPECT_TRUE(model->set_attention_planner(nullptr).ok());
+  return out;
+}
+
+class CudaTieringModelTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
+
+TEST_P(CudaTieringModelTest, HostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
+  auto backend = CreateCudaBackend(0);
+  if (!backend.ok()) GTEST_SKIP() << "no usable GPU: " << backend.status();
+  const auto [graphs, fp8] = GetParam();
+  const ModelRun gpu = RunModel(**backend, false, graphs, fp8, KvCodecKind::kBf16);
+  const ModelRun host = RunModel(**backend, true, graphs, fp8, KvCodecKind::kBf16);
+  EXPECT_GT(host.stats.offloads, 0);
+  EXPECT_GT(host.stats.recall_tokens, 0);
+  EXPECT_GT(host.stats.recall_hit_tokens, 0);
+  EXPECT_EQ(host.stats.recall_bad_pieces, 0);
+  if (graphs) {
+    EXPECT_GE(host.graphs, 2) << "tiered steps replay from graphs";
+  }
+  ASSERT_EQ(gpu.tokens.size(), 6u);
+  for (const auto& [id, tokens] : gpu.tokens) EXPECT_EQ(host.tokens.at(id), tokens) << id;
+  EXPECT_TRUE(host.idle);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, CudaTieringModelTest,
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool()),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param) ? "graphs" : "direct") +
+                                  (std::get<1>(info.param) ? "_fp8" : "_bf16");
+                         });
+
+TEST(CudaTieringModelCodecTest, QuantisedCodecsServeEveryRequest) {
+  auto backend = CreateCudaBackend(0);
+  if (!backend.ok()) GTEST_SKIP() << "no usable GPU: " << backend.status();
+  for (KvCodecKind codec : {KvCodecKind::kFp8E4M3, KvCodecKind::kInt8, KvCodecKind::kInt4}) {
+    const ModelRun run = RunModel(**backend, true, true, false, codec);
+    EXPECT_GT(run.stats.recall_tokens, 0);
+    EXPECT_EQ(run.stats.recall_bad_pieces, 0);
+    EXPECT_EQ(run.tokens.size(), 6u);
+    EXPECT_TRUE(run.idle);
+  }
+}
+
+// The recall's host-to-GPU bandwidth against cudaMemcpyAsync of the same
+// bytes from pinned memory, Llama-3-8B's KV shape (8 KV heads of 128):
+// `seqs` sequences of 32k clustered tokens in 64-token clusters, each step
+// selecting 16 clusters per head that no earlier step held (all misses),
+// so every selected byte crosses the bus. Run explicitly:
+//   strata_cuda_tests --gtest_also_run_disabled_tests \
+//     --gtest_filter='*RecallBandwidth*'
+TEST(CudaTieringBench, DISABLED_RecallBandwidth) {
+  auto created = CreateCudaBackend(0);
+  if (!created.ok()) GTEST_SKIP() << "no usable GPU: " << created.status();
+  Backend& b = **created;
+  constexpr int kSeqs = 8, kHkv = 8, kD = 128, kPageSize = 16, kTokens = 32768;
+  constexpr int kBlocks = kTokens / 64, kSelect = 16, kBudget = kSelect * 64;
+  constexpr int kRing = 2 * kBudget, kSeqPages = kTokens / kPageSize + 1;
+  constexpr int kRingPages = kRing / kPageSize;
+  const int64_t pages = int64_t{kSeqs} * (kSeqPages + kRingPages);
+  for (KvCodecKind codec : {KvCodecKind::kBf16, KvCodecKind::kInt8, KvCodecKind::kInt4}) {
+    Tensor k = b.Allocate(DType::kBF16, {pages, kPageSize, kHkv, kD}).value();
+    Tensor v = b.Allocate(DType::kBF16, {pages, kPageSize, kHkv, kD}).value();
+    STRATA_ASSERT_OK(b.FillRandom(k, 1, 1.0f));
+    STRATA_ASSERT_OK(b.FillRandom(v, 2, 1.0f));
+    std::vector<int32_t> table(int64_t{kSeqs} * kSeqPages), ring_pages(kSeqs * kRingPages);
+    std::iota(table.begin(), table.end(), 0);
+    std::iota(ring_pages.begin(), ring_pages.end(), kSeqs * kSeqPages);
+    Tensor tables_dev = b.Allocate(DType::kI32, {kSeqs, kSeqPages}).value();
+    STRATA_ASSERT_OK(b.CopyFromHost(table.data(), DType::kI32, table.size(), tables_dev, 0));
+    std::vector<int32_t> ext(int64_t{kSeqs} * kHkv * kBlocks * 2);
+    for (int s = 0; s < kSeqs; ++s)
+      for (int h = 0; h < kHkv; ++h)
+        for (int j = 0; j < kBlocks; ++j) {
+          ext[((int64_t{s} * kHkv + h) * kBlocks + j) * 2] = j * 64;
+          ext[((int64_t{s} * kHkv + h) * kBlocks + j) * 2 + 1] = 64;
+        }
+    Tensor extents = b.Allocate(DType::kI32, {kSeqs, kHkv, kBlocks, 2}).value();
+    STRATA_ASSERT_OK(b.CopyFromHost(ext.data(), DType::kI32, ext.size(), extents, 0));
+    auto filled = [&](std::vector<int64_t> shape, int value) {
+      Tensor t = b.Allocate(DType::kI32, std::move(shape)).value();
+      EXPECT_TRUE(b.Fill(t, static_cast<float>(value)).ok());
+      return t;
+    };
+    const int max_pieces = kBlocks;
+    engine::TierTables tables{filled({kSeqs, kHkv, kBlocks}, -1),
+                              filled({kSeqs, kHkv, max_pieces}, 0), filled({kSeqs, kHkv}, 0),
+                              filled({kSeqs, kHkv, kBlocks}, 0),  filled({kSeqs, kHkv, kBlocks}, 0),
+                              filled({kSeqs, kHkv}, 0)};
+    engine::TierRing ring;
+    ring.ring_rows = kRing;
+    ring.ring_pages = b.Allocate(DType::kI32, {kSeqs, kRingPages}).value();
+    STRATA_ASSERT_OK(b.CopyFromHost(ring_pages.data(), DType::kI32, ring_pages.size(),
+                                    ring.ring_pages, 0));
+    ring.status = filled({kSeqs}, 0);
+    ring.stats = filled({engine::kKvTierStats}, 0);
+    const int64_t units =
+        engine::KvPieceUnitsBound(codec, kD, DType::kBF16, kTokens, kBlocks);
+    ring.host = b.AllocateHost(kSeqs * kHkv * units * engine::kKvHostUnit).value();
+    for (int s = 0; s < kSeqs; ++s) {
+      engine::SequenceRange range{tables_dev.Row(s), kPageSize, 0, kTokens};
+      engine::TierTables t{tables.piece_base.Row(s), tables.piece_host.Row(s),
+                           tables.piece_count.Row(s), tables.res_start.Row(s),
+                           tables.res_count.Row(s),   tables.ring_head.Row(s)};
+      STRATA_ASSERT_OK(b.OffloadBlocks(k, v, range, extents.Row(s), 0, kBlocks, 1, codec,
+                                       ring.host, int64_t{s} * kHkv * units, units, t));
+    }
+    STRATA_ASSERT_OK(b.Synchronize());
+    // Plans: entry s selects clusters [16 i, 16 i + 16) at step i.
+    engine::SparsePlan plan;
+    plan.num_entries = kSeqs;
+    plan.max_blocks = kBlocks;
+    plan.max_keys = kBudget + 1;
+    for (int s = 0; s < kSeqs; ++s) {
+      const std::vector<int32_t> e = {s, s, s, kBlocks, kBudget, 0, kTokens, kTokens + 1};
+      plan.host_entries.insert(plan.host_entries.end(), e.begin(), e.end());
+    }
+    plan.entries = b.Allocate(DType::kI32, {kSeqs, engine::kSparsePlanFields}).value();
+    STRATA_ASSERT_OK(b.CopyFromHost(plan.host_entries.data(), DType::kI32,
+                                    plan.host_entries.size(), plan.entries, 0));
+    plan.key_index = b.Allocate(DType::kI32, {kSeqs, kHkv, plan.max_keys}).value();
+    plan.key_count = filled({kSeqs, kHkv}, kBudget + 1);
+    engine::AttentionBatch batch;
+    constexpr int kSteps = 12;
+    double recall_ms = 0;
+    int64_t bytes = 0;
+    for (int step = 0; step < kSteps + 2; ++step) {
+      std::vector<int32_t> keys(int64_t{kSeqs} * kHkv * plan.max_keys);
+      for (int64_t list = 0; list < int64_t{kSeqs} * kHkv; ++list) {
+        for (int j = 0; j < kBudget; ++j) {
+          keys[list * plan.max_keys + j] = ((step * kSelect) % kBlocks) * 64 + j;
+        }
+        keys[list * plan.max_keys + kBudget] = kTokens;
+      }
+      STRATA_ASSERT_OK(b.CopyFromHost(keys.data(), DType::kI32, keys.size(), plan.key_index, 0));
+      STRATA_ASSERT_OK(b.Fill(ring.stats, 0));
+      STRATA_ASSERT_OK(b.Synchronize());
+      const auto start = std::chrono::steady_clock::now();
+      STRATA_ASSERT_OK(b.RecallBlocks(k, v, batch, plan, extents, tables, ring));
+      STRATA_ASSERT_OK(b.Synchronize());
+      const double ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count();
+      std::vector<int32_t> stats(engine::kKvTierStats);
+      STRATA_ASSERT_OK(b.CopyToHost(ring.stats, stats.data()));
+      ASSERT_EQ(stats[engine::kStatRecalledTokens], kSeqs * kHkv * kBudget) << "all misses";
+      if (step >= 2) {  // the first steps warm up
+        recall_ms += ms;
+        bytes += int64_t{stats[engine::kStatRecalledKiB]} * 1024;
+      }
+    }
+    // cudaMemcpyAsync of the same bytes per step from pinned memory.
+    const int64_t step_bytes = bytes / kSteps;
+    void* device = nullptr;
+    ASSERT_EQ(cudaMalloc(&device, step_bytes), cudaSuccess);
+    cudaStream_t stream;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    double copy_ms = 0;
+    for (int step = 0; step < kSteps + 2; ++step) {
+      const auto start = std::chrono::steady_clock::now();
+      ASSERT_EQ(cudaMemcpyAsync(device, ring.host.data(), step_bytes, cudaMemcpyHostToDevice,
+                                stream),
+                cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      if (step >= 2) {
+        copy_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() -
+                                                             start)
+                       .count();
+      }
+    }
+    cudaFree(device);
+    cudaStreamDestroy(stream);
+    const double recall_gbs = static_cast<double>(bytes) / (recall_ms * 1e6);
+    const double copy_gbs = static_cast<double>(bytes) / (copy_ms * 1e6);
+    std::printf(
+        "recall_bandwidth codec=%s bytes_per_step=%.1fMiB recall=%.3fms (%.1f GB/s) "
+        "memcpy=%.3fms (%.1f GB/s) ratio=%.3f\n",
+        std::string(engine::KvCodecKindName(codec)).c_str(), step_bytes / 1048576.0,
+        recall_ms / kSteps, recall_gbs, copy_ms / kSteps, copy_gbs, recall_gbs / copy_gbs);
+  }
+}
+
+}  // namespace
+}  // namespace strata::cuda
