@@ -245,8 +245,14 @@ class CudaBackend final : public engine::Backend {
                             engine::SparsePlan& plan, const Tensor& extents,
                             engine::TierTables& tables, engine::TierRing& ring) override {
     STRATA_RETURN_IF_ERROR(Activate());
+    // Sized for the plan's capacity on the first (direct) step, so that
+    // recorded steps find it large enough.
+    STRATA_RETURN_IF_ERROR(
+        GrowKeepingGraphsSafe(recall_workspace_, cuda::RecallWorkspaceBytes(plan, k_cache)));
     OpTimer::Scope timed(&op_timer_, "RecallBlocks", stream());
-    return cuda::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring, stream());
+    return cuda::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring,
+                              recall_workspace_.data(), recall_workspace_.size(), 4 * num_sms_,
+                              stream());
   }
   absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                             Tensor& token_ids, Tensor& logprobs) override;
@@ -320,6 +326,7 @@ class CudaBackend final : public engine::Backend {
   std::vector<DeviceBuffer> retired_buffers_;
   DeviceBuffer cluster_workspace_;  // ClusterKeys scratch
   DeviceBuffer tier_workspace_;     // OffloadBlocks' encode jobs
+  DeviceBuffer recall_workspace_;   // RecallBlocks' list of missed pieces
   OpTimer op_timer_;
   bool capturing_ = false;             // between BeginCapture and EndCapture
   std::vector<CudaGraphExec> graphs_;  // by id

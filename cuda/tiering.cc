@@ -55,8 +55,8 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
   const int64_t max_blocks = extents.dim(1), max_pieces = t.piece_host.dim(1);
   if (first_block < 0 || num_blocks < 0 || block_stride < 1 ||
       first_block + num_blocks > max_blocks) {
-    return Bad(kOp, absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ",
-                                 max_blocks));
+    return Bad(kOp,
+               absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ", max_blocks));
   }
   if (!host.defined() || region_unit < 0 ||
       (region_unit + hkv * units_per_head) * engine::kKvHostUnit >
@@ -115,8 +115,17 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
   return absl::OkStatus();
 }
 
+size_t RecallWorkspaceBytes(const engine::SparsePlan& plan, const Tensor& k_cache) {
+  kernels::RecallParams p;
+  p.num_entries = plan.entries.defined() ? static_cast<int>(plan.entries.dim(0)) : 0;
+  p.num_kv_heads = k_cache.rank() == 4 ? static_cast<int>(k_cache.dim(2)) : 0;
+  p.max_keys = plan.max_keys;
+  return kernels::RecallWorkspaceBytes(p);
+}
+
 absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, engine::SparsePlan& plan,
                           const Tensor& extents, engine::TierTables& t, engine::TierRing& ring,
+                          void* workspace, size_t workspace_bytes, int decode_ctas,
                           cudaStream_t stream) {
   constexpr char kOp[] = "RecallBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
@@ -163,6 +172,9 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, engine::SparsePlan& 
   p.host_bytes = static_cast<int64_t>(ring.host.bytes);
   p.status = ring.status.data_as<int32_t>();
   p.stats = ring.stats.data_as<int32_t>();
+  p.workspace = workspace;
+  p.workspace_bytes = workspace_bytes;
+  p.decode_ctas = decode_ctas;
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRecallBlocks(p, stream));
   return absl::OkStatus();
 }

@@ -24,9 +24,16 @@ absl::Status OffloadBlocks(const engine::Tensor& k_cache, const engine::Tensor& 
                            engine::TierTables& slot_tables, DeviceBuffer& workspace,
                            cudaStream_t stream);
 
+// The device workspace RecallBlocks needs for plans of `plan`'s capacity
+// (its entries tensor), so that it does not change between steps.
+size_t RecallWorkspaceBytes(const engine::SparsePlan& plan, const engine::Tensor& k_cache);
+
+// `workspace` holds RecallWorkspaceBytes; `decode_ctas` CTAs decode the
+// missed pieces.
 absl::Status RecallBlocks(engine::Tensor& k_cache, engine::Tensor& v_cache,
                           engine::SparsePlan& plan, const engine::Tensor& extents,
-                          engine::TierTables& tables, engine::TierRing& ring, cudaStream_t stream);
+                          engine::TierTables& tables, engine::TierRing& ring, void* workspace,
+                          size_t workspace_bytes, int decode_ctas, cudaStream_t stream);
 
 }  // namespace strata::cuda
 

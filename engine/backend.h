@@ -182,9 +182,10 @@ struct SequenceRange {
 //     (a refresh: they would be overwritten by this step's writes);
 //  3. the rest are decoded from their host pieces to the head (a miss);
 // so the ring keeps blocks by recency of selection (least recently selected
-// first out). A piece that fails its checks (header, CRC) sets a bit in
-// the entry's slot's status and is not used; the step's token for that
-// sequence must not be used.
+// first out). Misses take their positions in selection order; a piece that
+// fails its checks (header, CRC) sets a bit in the entry's slot's status and
+// leaves its block not resident, and the step's token for that sequence
+// must not be used (its keys may read rows that were never written).
 inline constexpr int kKvPieceTokens = 64;
 inline constexpr int64_t kKvHostUnit = 64;
 

@@ -39,8 +39,8 @@ int64_t SlotOf(const int32_t* table, int page_size, int64_t index) {
 }  // namespace
 
 absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache, const SequenceRange& range,
-                           const Tensor& extents, int first_block, int num_blocks,
-                           int block_stride, KvCodecKind codec_kind, const HostBuffer& host, int64_t region_unit,
+                           const Tensor& extents, int first_block, int num_blocks, int block_stride,
+                           KvCodecKind codec_kind, const HostBuffer& host, int64_t region_unit,
                            int64_t units_per_head, TierTables& t) {
   constexpr char kOp[] = "OffloadBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
@@ -53,8 +53,8 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache, const S
   const int64_t max_blocks = extents.dim(1), max_pieces = t.piece_host.dim(1);
   if (first_block < 0 || num_blocks < 0 || block_stride < 1 ||
       first_block + num_blocks > max_blocks) {
-    return Bad(kOp, absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ",
-                                 max_blocks));
+    return Bad(kOp,
+               absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ", max_blocks));
   }
   if (!host.defined() || region_unit < 0 ||
       (region_unit + hkv * units_per_head) * kKvHostUnit > static_cast<int64_t>(host.bytes) ||
@@ -90,9 +90,9 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache, const S
           return Bad(kOp, absl::StrCat("head ", h, ": the pieces outgrow the ", units_per_head,
                                        " host units or ", max_pieces, " pieces reserved"));
         }
-        STRATA_RETURN_IF_ERROR(codec->Encode(
-            k_rows.data(), v_rows.data(), k_cache.dtype(), n, static_cast<int>(d),
-            std::span<uint8_t>(host.data() + unit * kKvHostUnit, bytes)));
+        STRATA_RETURN_IF_ERROR(
+            codec->Encode(k_rows.data(), v_rows.data(), k_cache.dtype(), n, static_cast<int>(d),
+                          std::span<uint8_t>(host.data() + unit * kKvHostUnit, bytes)));
         where[h * max_pieces + pieces++] = static_cast<int32_t>(unit);
         unit += units;
       }
@@ -102,8 +102,8 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache, const S
   return absl::OkStatus();
 }
 
-absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan,
-                          const Tensor& extents, TierTables& t, TierRing& ring) {
+absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, const Tensor& extents,
+                          TierTables& t, TierRing& ring) {
   constexpr char kOp[] = "RecallBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3), page_size = k_cache.dim(1);
@@ -155,12 +155,15 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan,
         int lo = 0, hi = blocks;  // last b with ext[b].first <= x
         while (hi - lo > 1) {
           const int mid = (lo + hi) / 2;
-          if (ext[mid * 2] <= x) lo = mid; else hi = mid;
+          if (ext[mid * 2] <= x)
+            lo = mid;
+          else
+            hi = mid;
         }
         const int32_t take = std::min(ext[lo * 2 + 1], key_count - tail - pos);
         if (take <= 0 || ext[lo * 2] != x) {
-          return absl::InternalError(absl::StrCat("cpu ", kOp, ": selection at ", pos,
-                                                  " does not start a block"));
+          return absl::InternalError(
+              absl::StrCat("cpu ", kOp, ": selection at ", pos, " does not start a block"));
         }
         runs.push_back({lo, pos, take});
         if (base[lo] >= 0) host_tokens += take;
@@ -186,8 +189,9 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan,
           miss.push_back(r);
         }
       }
-      std::sort(refresh.begin(), refresh.end(),
-                [&](const Run& a, const Run& b) { return res_start[a.block] < res_start[b.block]; });
+      std::sort(refresh.begin(), refresh.end(), [&](const Run& a, const Run& b) {
+        return res_start[a.block] < res_start[b.block];
+      });
       int32_t w = h0;
       for (const Run& r : refresh) {
         // Forward copies: each destination precedes its source (in positions
@@ -202,28 +206,36 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan,
         w += r.take;
         stats[kStatRefreshedTokens] += r.take;
       }
+      // Misses take their ring positions in selection order whether or not
+      // their pieces then pass their checks (a failed one is not resident,
+      // and its sequence's step is not used).
       for (const Run& r : miss) {
+        res_start[r.block] = w;
+        res_count[r.block] = r.take;
+        stats[kStatRecalledTokens] += r.take;
         const int32_t size = ext[r.block * 2 + 1];
         bool good = true;
-        for (int32_t off = 0; off < r.take && good; off += kKvPieceTokens) {
+        for (int32_t off = 0; off < r.take; off += kKvPieceTokens) {
           const int32_t piece = base[r.block] + off / kKvPieceTokens;
           const int64_t at = int64_t{where[piece]} * kKvHostUnit;
-          if (at < 0 || at >= static_cast<int64_t>(ring.host.bytes)) {
-            good = false;
-            break;
-          }
-          const std::span<const uint8_t> bytes(ring.host.data() + at, ring.host.bytes - at);
-          const size_t declared = KvCodec::DeclaredBytes(bytes);
-          absl::StatusOr<KvBlockInfo> info =
-              declared == 0 ? absl::DataLossError("short") : KvCodec::Inspect(bytes.first(declared));
           const int expect = std::min(kKvPieceTokens, size - off);
+          absl::StatusOr<KvBlockInfo> info = absl::DataLossError("outside the host buffer");
+          std::span<const uint8_t> block;
+          if (at >= 0 && at < static_cast<int64_t>(ring.host.bytes)) {
+            const std::span<const uint8_t> bytes(ring.host.data() + at, ring.host.bytes - at);
+            const size_t declared = KvCodec::DeclaredBytes(bytes);
+            if (declared > 0) {
+              block = bytes.first(declared);
+              info = KvCodec::Inspect(block);
+            }
+          }
           if (!info.ok() || info->tokens != expect || info->head_dim != d) {
+            ++stats[kStatBadPieces];
             good = false;
-            break;
+            continue;
           }
           ++stats[kStatRecalledPieces];
           stats[kStatRecalledKiB] += static_cast<int32_t>((info->bytes + 1023) / 1024);
-          const std::span<const uint8_t> block = bytes.subspan(0, info->bytes);
           const int n = std::min<int>(expect, r.take - off);
           if (info->codec == KvCodecKind::kBf16) {
             // Raw: the cache's own dtype, byte for byte.
@@ -232,10 +244,10 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan,
             STRATA_RETURN_IF_ERROR(
                 KvCodec::Decode(block, k_cache.dtype(), k_raw.data(), v_raw.data(), nullptr));
             for (int j = 0; j < n; ++j) {
-              std::memcpy(k.row(ring_slot(w + off + j), static_cast<int>(h)),
-                          &k_raw[j * row_bytes], row_bytes);
-              std::memcpy(v.row(ring_slot(w + off + j), static_cast<int>(h)),
-                          &v_raw[j * row_bytes], row_bytes);
+              std::memcpy(k.row(ring_slot(w + off + j), static_cast<int>(h)), &k_raw[j * row_bytes],
+                          row_bytes);
+              std::memcpy(v.row(ring_slot(w + off + j), static_cast<int>(h)), &v_raw[j * row_bytes],
+                          row_bytes);
             }
           } else {
             k_dec.resize(expect * d);
@@ -258,19 +270,14 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan,
           }
         }
         if (!good) {
-          ++stats[kStatBadPieces];
           status |= kRecallBadBlock;
           res_count[r.block] = 0;
-          continue;
         }
-        res_start[r.block] = w;
-        res_count[r.block] = r.take;
         w += r.take;
-        stats[kStatRecalledTokens] += r.take;
       }
       head = w;
       for (const Run& r : runs) {
-        if (base[r.block] < 0 || res_count[r.block] < r.take) continue;
+        if (base[r.block] < 0) continue;
         for (int32_t j = 0; j < r.take; ++j) {
           keys[r.pos + j] = KvCacheSlotIndex(ring_slot(res_start[r.block] + j));
         }

@@ -12,12 +12,12 @@
 namespace strata::engine::cpu_tiering {
 
 absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache, const SequenceRange& range,
-                           const Tensor& extents, int first_block, int num_blocks,
-                           int block_stride, KvCodecKind codec, const HostBuffer& host, int64_t region_unit,
+                           const Tensor& extents, int first_block, int num_blocks, int block_stride,
+                           KvCodecKind codec, const HostBuffer& host, int64_t region_unit,
                            int64_t units_per_head, TierTables& slot_tables);
 
-absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan,
-                          const Tensor& extents, TierTables& tables, TierRing& ring);
+absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, const Tensor& extents,
+                          TierTables& tables, TierRing& ring);
 
 }  // namespace strata::engine::cpu_tiering
 

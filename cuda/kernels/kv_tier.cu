@@ -1,5 +1,3 @@
-#include "cuda/kernels/kv_tier.h"
-
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -11,6 +9,7 @@
 
 #include "cuda/kernels/kv_codec.cuh"
 #include "cuda/kernels/kv_select.h"
+#include "cuda/kernels/kv_tier.h"
 #include "engine/backend.h"
 
 namespace strata::cuda::kernels {
@@ -75,8 +74,7 @@ __global__ void __launch_bounds__(kThreads) OffloadLayoutKernel(OffloadLayoutPar
         p.piece_base[static_cast<int64_t>(h) * p.max_blocks + b] = static_cast<int32_t>(piece);
         for (int off = 0; off < size; off += kPiece, ++piece) {
           const int n = min(kPiece, size - off);
-          p.piece_host[static_cast<int64_t>(h) * p.max_pieces + piece] =
-              static_cast<int32_t>(unit);
+          p.piece_host[static_cast<int64_t>(h) * p.max_pieces + piece] = static_cast<int32_t>(unit);
           jobs[piece - count0] = EncodeKvJob{0, h, first + off, n, unit * kUnit};
           unit += PieceUnits(p.codec, n, p.head_dim, p.cache_bytes);
         }
@@ -104,18 +102,27 @@ __global__ void __launch_bounds__(kThreads) OffloadLayoutKernel(OffloadLayoutPar
 
 // ---- Recall -----------------------------------------------------------------------
 
+// One missed piece: decode host piece `piece` of (slot, head) into ring
+// positions [dst, dst + rows).
+struct RecallJob {
+  int32_t slot, head, block, piece, dst, rows, expect, unused;
+};
+static_assert(sizeof(RecallJob) == 32);
+
 struct RecallSmem {
-  int32_t* first;       // [max_num_blocks]: the blocks' first logical index
-  int32_t* run_pos;     // [max_keys]: position of each run in the key list
-  int32_t* run_block;   // [max_keys]
-  int32_t* run_take;    // [max_keys]
-  int32_t* run_class;   // [max_keys]: 0 stays (hit or paged), 1 refresh, 2 miss, 3 failed
-  int32_t* run_start;   // [max_keys]: ring position after the step
-  int32_t* order;       // [max_keys]: refreshes by ascending old position
-  unsigned char* codec;  // KvDecodeSmemBytes(head_dim), also the refresh staging
+  int32_t* first;        // [max_num_blocks]: the blocks' first logical index
+  int32_t* run_pos;      // [max_keys]: position of each run in the key list
+  int32_t* run_block;    // [max_keys]
+  int32_t* run_take;     // [max_keys]
+  int32_t* run_class;    // [max_keys]: 0 stays (hit or paged), 1 refresh, 2 miss
+  int32_t* run_start;    // [max_keys]: ring position after the step
+  int32_t* order;        // [max_keys]: refreshes by ascending old position; then piece prefixes
+  unsigned char* stage;  // refresh staging
 };
 
 __host__ __device__ size_t Align16(size_t n) { return (n + 15) & ~size_t{15}; }
+
+__host__ __device__ size_t StageBytes(int head_dim) { return size_t{64} * head_dim * 2 * 2; }
 
 __host__ __device__ size_t RecallSmemLayout(const RecallParams& p, unsigned char* base,
                                             RecallSmem* out) {
@@ -133,14 +140,24 @@ __host__ __device__ size_t RecallSmemLayout(const RecallParams& p, unsigned char
   s.run_take = reinterpret_cast<int32_t*>(take(keys));
   s.run_class = reinterpret_cast<int32_t*>(take(keys));
   s.run_start = reinterpret_cast<int32_t*>(take(keys));
-  s.order = reinterpret_cast<int32_t*>(take(keys));
-  s.codec = take(KvDecodeSmemBytes(p.head_dim));
+  s.order = reinterpret_cast<int32_t*>(take(keys + 4));
+  s.stage = take(StageBytes(p.head_dim));
   if (out != nullptr) *out = s;
   return at;
 }
 
+// Jobs one (entry, head) list can add: a piece per run at most, plus one per
+// 64 selected tokens.
+__host__ __device__ int64_t JobsPerList(int max_keys) { return max_keys + max_keys / 64 + 1; }
+
+__device__ __forceinline__ int64_t RingSlot(const int32_t* ring_pages, int ring_rows, int page_size,
+                                            int32_t pos) {
+  const int r = pos % ring_rows;
+  return static_cast<int64_t>(ring_pages[r / page_size]) * page_size + r % page_size;
+}
+
 template <typename Cache>
-__global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
+__global__ void __launch_bounds__(kThreads) RecallPlanKernel(RecallParams p) {
   extern __shared__ __align__(16) unsigned char recall_smem[];
   using Scan = cub::BlockScan<int32_t, kThreads>;
   using Reduce = cub::BlockReduce<int32_t, kThreads>;
@@ -148,8 +165,8 @@ __global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
   } cubs;
-  __shared__ int32_t num_runs, host_tokens, head, num_refresh, bad;
-  __shared__ int32_t hits, refreshed, recalled, pieces, kib, bad_pieces;
+  __shared__ int32_t num_runs, host_tokens, head, num_refresh, job_base, num_jobs;
+  __shared__ int32_t hits, refreshed, recalled;
   RecallSmem s;
   RecallSmemLayout(p, recall_smem, &s);
 
@@ -162,22 +179,17 @@ __global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
   const int64_t list = static_cast<int64_t>(entry) * p.num_kv_heads + h;
   int32_t* keys = p.key_index + list * p.max_keys;
   const int seg_begin = fields[kPlanSinkEndCol];
-  const int seg_end =
-      p.key_count[list] - (fields[kPlanContextLenCol] - fields[kPlanTailBeginCol]);
+  const int seg_end = p.key_count[list] - (fields[kPlanContextLenCol] - fields[kPlanTailBeginCol]);
   const int32_t* ext = p.extents + sh * p.max_blocks * 2;
   const int32_t* base = p.piece_base + sh * p.max_blocks;
-  const int32_t* where = p.piece_host + sh * p.max_pieces;
   int32_t* res_start = p.res_start + sh * p.max_blocks;
   int32_t* res_count = p.res_count + sh * p.max_blocks;
   const int32_t* ring_pages =
       p.ring_pages + static_cast<int64_t>(slot) * (p.ring_rows / p.page_size);
   const int R = p.ring_rows;
-  auto ring_slot = [&](int32_t pos) {
-    const int r = pos % R;
-    return static_cast<int64_t>(ring_pages[r / p.page_size]) * p.page_size + r % p.page_size;
-  };
   auto row_offset = [&](int32_t pos) {
-    return (ring_slot(pos) * p.num_kv_heads + h) * static_cast<int64_t>(p.head_dim);
+    return (RingSlot(ring_pages, R, p.page_size, pos) * p.num_kv_heads + h) *
+           static_cast<int64_t>(p.head_dim);
   };
   // The block holding logical index x: the last whose extent starts at or
   // before it (extents ascend with the block; empty blocks share the next
@@ -186,7 +198,10 @@ __global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
     int lo = 0, hi = nb;
     while (hi - lo > 1) {
       const int mid = (lo + hi) >> 1;
-      if (s.first[mid] <= x) lo = mid; else hi = mid;
+      if (s.first[mid] <= x)
+        lo = mid;
+      else
+        hi = mid;
     }
     return lo;
   };
@@ -194,9 +209,9 @@ __global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
   for (int b = tid; b < nb; b += kThreads) s.first[b] = ext[b * 2];
   if (tid == 0) {
     num_runs = 0;
+    num_refresh = 0;
     head = p.ring_head[sh];
-    hits = refreshed = recalled = pieces = kib = bad_pieces = 0;
-    bad = 0;
+    hits = refreshed = recalled = 0;
   }
   __syncthreads();
   // 1. Runs: a position starts one when its key is a block's first index
@@ -242,21 +257,18 @@ __global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
     if (base[b] >= 0) {
       const bool resident = res_count[b] >= take && res_start[b] >= h0 - R;
       cls = resident && res_start[b] >= h0 + T - R ? 0 : resident ? 1 : 2;
+      if (cls == 0) atomicAdd(&hits, take);
     }
     s.run_class[r] = cls;
-    s.run_start[r] = cls == 0 && base[b] >= 0 ? res_start[b] : -1;
+    s.run_start[r] = base[b] >= 0 ? res_start[b] : -1;
   }
   __syncthreads();
   // Refreshes in ascending old position: each one's rank among them.
-  if (tid == 0) num_refresh = 0;
-  __syncthreads();
   for (int r = tid; r < runs; r += kThreads) {
     if (s.run_class[r] != 1) continue;
-    const int at = res_start[s.run_block[r]];
+    const int at = s.run_start[r];
     int rank = 0;
-    for (int q = 0; q < runs; ++q) {
-      rank += s.run_class[q] == 1 && res_start[s.run_block[q]] < at;
-    }
+    for (int q = 0; q < runs; ++q) rank += s.run_class[q] == 1 && s.run_start[q] < at;
     s.order[rank] = r;
     atomicAdd(&num_refresh, 1);
   }
@@ -266,37 +278,37 @@ __global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
   // the modulo, the destination is at most the source plus R), so no row is
   // overwritten before it is read.
   const int row_bytes = p.head_dim * static_cast<int>(sizeof(Cache));
-  const int stage_rows = static_cast<int>(KvDecodeSmemBytes(p.head_dim) / (2 * row_bytes));
+  const int row_words = row_bytes / 4;  // head_dim % 8 == 0
+  const int stage_rows = static_cast<int>(StageBytes(p.head_dim) / (2 * row_bytes));
   Cache* const kc = static_cast<Cache*>(p.k_cache);
   Cache* const vc = static_cast<Cache*>(p.v_cache);
+  uint32_t* const stage = reinterpret_cast<uint32_t*>(s.stage);
   int32_t w = h0;
   for (int i = 0; i < num_refresh; ++i) {
     const int r = s.order[i];
-    const int b = s.run_block[r], take = s.run_take[r];
-    const int32_t src = res_start[b];
+    const int take = s.run_take[r];
+    const int32_t src = s.run_start[r];
     const int gap = src + R - w;
     if (gap > 0) {
       const int chunk = min(gap, stage_rows);
       for (int done = 0; done < take; done += chunk) {
         const int rows = min(chunk, take - done);
-        const int words = rows * row_bytes / 4;  // row_bytes is a multiple of 4 (head_dim % 8)
-        uint32_t* stage = reinterpret_cast<uint32_t*>(s.codec);
+        const int words = rows * row_words;
         for (int x = tid; x < 2 * words; x += kThreads) {
           const int tensor = x / words, word = x % words;
-          const int row = word / (row_bytes / 4), in_row = word % (row_bytes / 4);
-          const Cache* from = (tensor == 0 ? kc : vc) + row_offset(src + done + row);
-          stage[x] = reinterpret_cast<const uint32_t*>(from)[in_row];
+          const Cache* from = (tensor == 0 ? kc : vc) + row_offset(src + done + word / row_words);
+          stage[x] = reinterpret_cast<const uint32_t*>(from)[word % row_words];
         }
         __syncthreads();
         for (int x = tid; x < 2 * words; x += kThreads) {
           const int tensor = x / words, word = x % words;
-          const int row = word / (row_bytes / 4), in_row = word % (row_bytes / 4);
-          Cache* to = (tensor == 0 ? kc : vc) + row_offset(w + done + row);
-          reinterpret_cast<uint32_t*>(to)[in_row] = stage[x];
+          Cache* to = (tensor == 0 ? kc : vc) + row_offset(w + done + word / row_words);
+          reinterpret_cast<uint32_t*>(to)[word % row_words] = stage[x];
         }
         __syncthreads();
       }
     }
+    __syncthreads();  // every thread read run_start[r] before it changes
     if (tid == 0) {
       s.run_start[r] = w;
       refreshed += take;
@@ -304,76 +316,122 @@ __global__ void __launch_bounds__(kThreads) RecallKernel(RecallParams p) {
     w += take;
   }
   __syncthreads();
-  // 5. Misses, in selection order, each piece decoded (and checked) from
-  // host memory; a failed one takes no ring positions.
-  for (int r = 0; r < runs; ++r) {
-    if (s.run_class[r] != 2) continue;
-    const int b = s.run_block[r], take = s.run_take[r], size = ext[b * 2 + 1];
-    bool good = true;
-    for (int off = 0; off < take && good; off += kPiece) {
-      const int expect = min(kPiece, size - off);
-      const int64_t at = static_cast<int64_t>(where[base[b] + off / kPiece]) * kUnit;
-      int got = static_cast<int>(KvBlockError::kTruncated);
-      if (at >= 0 && at < p.host_bytes) {
-        const int rows = min(expect, take - off);
-        got = DecodeKvBlock<kThreads>(
-            p.host + at, static_cast<size_t>(p.host_bytes - at), p.head_dim, kc, vc,
-            [&](int row) { return row_offset(w + off + row); }, rows, s.codec);
-        if (tid == 0 && got >= 0) {
-          // The block is still staged: its header gives its size.
-          const uint32_t payload = s.codec[16] | (s.codec[17] << 8) | (s.codec[18] << 16) |
-                                   (static_cast<uint32_t>(s.codec[19]) << 24);
-          ++pieces;
-          kib += static_cast<int32_t>((engine::kBlockHeaderBytes + payload + 1023) / 1024);
-        }
-      }
-      good = got == expect;
+  // 5. Misses take their positions in selection order; their pieces go on
+  // the list (prefix sums of the pieces in s.order).
+  if (tid == 0) {
+    int pieces = 0;
+    for (int r = 0; r < runs; ++r) {
+      s.order[r] = pieces;
+      if (s.run_class[r] != 2) continue;
+      s.run_start[r] = w;
+      w += s.run_take[r];
+      recalled += s.run_take[r];
+      pieces += (s.run_take[r] + kPiece - 1) / kPiece;
     }
-    if (tid == 0) {
-      if (good) {
-        s.run_start[r] = w;
-        recalled += take;
-      } else {
-        s.run_class[r] = 3;
-        ++bad_pieces;
-        bad = 1;
-      }
-    }
-    __syncthreads();
-    if (good) w += take;
-  }
-  // 6. Tables and key_index.
-  for (int r = tid; r < runs; r += kThreads) {
-    const int b = s.run_block[r];
-    if (base[b] < 0) continue;
-    if (s.run_class[r] == 0) {
-      atomicAdd(&hits, s.run_take[r]);
-    } else if (s.run_class[r] == 3) {
-      res_count[b] = 0;
-    } else {
-      res_start[b] = s.run_start[r];
-      res_count[b] = s.run_take[r];
-    }
+    s.order[runs] = pieces;
+    num_jobs = pieces;
+    job_base = pieces > 0 ? atomicAdd(static_cast<int32_t*>(p.workspace), pieces) : 0;
+    head = w;
   }
   __syncthreads();
+  RecallJob* const jobs = reinterpret_cast<RecallJob*>(static_cast<char*>(p.workspace) + 16);
+  const int64_t capacity = (static_cast<int64_t>(p.workspace_bytes) - 16) / sizeof(RecallJob);
+  const bool listed = job_base + num_jobs <= capacity;
+  for (int r = tid; r < runs; r += kThreads) {
+    if (s.run_class[r] != 2) continue;
+    const int b = s.run_block[r], take = s.run_take[r], size = ext[b * 2 + 1];
+    for (int k = 0; k * kPiece < take; ++k) {
+      const int64_t j = job_base + s.order[r] + k;
+      if (listed) {
+        jobs[j] = RecallJob{slot,
+                            h,
+                            b,
+                            base[b] + k,
+                            s.run_start[r] + k * kPiece,
+                            min(kPiece, take - k * kPiece),
+                            min(kPiece, size - k * kPiece),
+                            0};
+      }
+    }
+  }
+  // 6. Tables and key_index (a miss whose piece fails is made not resident
+  // by the decode kernel).
+  for (int r = tid; r < runs; r += kThreads) {
+    const int b = s.run_block[r];
+    if (base[b] < 0 || s.run_class[r] == 0) continue;
+    res_start[b] = s.run_start[r];
+    res_count[b] = listed || s.run_class[r] != 2 ? s.run_take[r] : 0;
+  }
   for (int pos = seg_begin + tid; runs > 0 && pos < seg_end; pos += kThreads) {
     int lo = 0, hi = runs;  // the run holding pos: the last starting at or before it
     while (hi - lo > 1) {
       const int mid = (lo + hi) >> 1;
-      if (s.run_pos[mid] <= pos) lo = mid; else hi = mid;
+      if (s.run_pos[mid] <= pos)
+        lo = mid;
+      else
+        hi = mid;
     }
-    if (base[s.run_block[lo]] < 0 || s.run_class[lo] == 3) continue;
-    keys[pos] = engine::KvCacheSlotIndex(ring_slot(s.run_start[lo] + pos - s.run_pos[lo]));
+    if (base[s.run_block[lo]] < 0) continue;
+    keys[pos] = engine::KvCacheSlotIndex(
+        RingSlot(ring_pages, R, p.page_size, s.run_start[lo] + pos - s.run_pos[lo]));
   }
   if (tid == 0) {
-    p.ring_head[sh] = w;
-    if (bad) atomicOr(p.status + slot, engine::kRecallBadBlock);
+    p.ring_head[sh] = head;
+    if (!listed) atomicOr(p.status + slot, engine::kRecallRingTooSmall);
     atomicAdd(p.stats + engine::kStatHitTokens, hits);
     atomicAdd(p.stats + engine::kStatRefreshedTokens, refreshed);
     atomicAdd(p.stats + engine::kStatRecalledTokens, recalled);
+  }
+}
+
+template <typename Cache>
+__global__ void __launch_bounds__(kThreads) RecallDecodeKernel(RecallParams p) {
+  extern __shared__ __align__(16) unsigned char decode_smem[];
+  __shared__ int32_t pieces, kib, bad;
+  if (threadIdx.x == 0) pieces = kib = bad = 0;
+  __syncthreads();
+  const int32_t count = *static_cast<const int32_t*>(p.workspace);
+  const RecallJob* const jobs =
+      reinterpret_cast<const RecallJob*>(static_cast<const char*>(p.workspace) + 16);
+  Cache* const kc = static_cast<Cache*>(p.k_cache);
+  Cache* const vc = static_cast<Cache*>(p.v_cache);
+  for (int32_t j = blockIdx.x; j < count; j += gridDim.x) {
+    const RecallJob job = jobs[j];
+    const int64_t sh = static_cast<int64_t>(job.slot) * p.num_kv_heads + job.head;
+    const int32_t* ring_pages =
+        p.ring_pages + static_cast<int64_t>(job.slot) * (p.ring_rows / p.page_size);
+    const int64_t at = static_cast<int64_t>(p.piece_host[sh * p.max_pieces + job.piece]) * kUnit;
+    int got = static_cast<int>(KvBlockError::kTruncated);
+    if (at >= 0 && at < p.host_bytes) {
+      got = DecodeKvBlock<kThreads>(
+          p.host + at, static_cast<size_t>(p.host_bytes - at), p.head_dim, kc, vc,
+          [&](int row) {
+            return (RingSlot(ring_pages, p.ring_rows, p.page_size, job.dst + row) * p.num_kv_heads +
+                    job.head) *
+                   static_cast<int64_t>(p.head_dim);
+          },
+          job.rows, decode_smem);
+    }
+    if (threadIdx.x == 0) {
+      if (got == job.expect) {
+        // The block is still staged: its header gives its size.
+        const unsigned char* hdr = decode_smem;
+        const uint32_t payload =
+            hdr[16] | (hdr[17] << 8) | (hdr[18] << 16) | (static_cast<uint32_t>(hdr[19]) << 24);
+        ++pieces;
+        kib += static_cast<int32_t>((engine::kBlockHeaderBytes + payload + 1023) / 1024);
+      } else {
+        ++bad;
+        p.res_count[sh * p.max_blocks + job.block] = 0;
+        atomicOr(p.status + job.slot, engine::kRecallBadBlock);
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0 && (pieces | kib | bad) != 0) {
     atomicAdd(p.stats + engine::kStatRecalledPieces, pieces);
     atomicAdd(p.stats + engine::kStatRecalledKiB, kib);
-    atomicAdd(p.stats + engine::kStatBadPieces, bad_pieces);
+    atomicAdd(p.stats + engine::kStatBadPieces, bad);
   }
 }
 
@@ -392,33 +450,47 @@ cudaError_t LaunchOffloadLayout(const OffloadLayoutParams& p, cudaStream_t strea
 
 size_t RecallSmemBytes(const RecallParams& p) { return RecallSmemLayout(p, nullptr, nullptr); }
 
+size_t RecallWorkspaceBytes(const RecallParams& p) {
+  return 16 + static_cast<size_t>(p.num_entries) * p.num_kv_heads * JobsPerList(p.max_keys) *
+                  sizeof(RecallJob);
+}
+
+namespace {
+
+template <typename Cache>
+cudaError_t LaunchRecall(const RecallParams& p, cudaStream_t stream) {
+  const size_t plan_smem = RecallSmemBytes(p);
+  const size_t decode_smem = KvDecodeSmemBytes(p.head_dim);
+  if (cudaError_t e =
+          cudaFuncSetAttribute(RecallPlanKernel<Cache>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(plan_smem));
+      e != cudaSuccess) {
+    return e;
+  }
+  if (cudaError_t e = cudaFuncSetAttribute(RecallDecodeKernel<Cache>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(decode_smem));
+      e != cudaSuccess) {
+    return e;
+  }
+  if (cudaError_t e = cudaMemsetAsync(p.workspace, 0, 4, stream); e != cudaSuccess) return e;
+  RecallPlanKernel<Cache><<<dim3(p.num_entries, p.num_kv_heads), kThreads, plan_smem, stream>>>(p);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  RecallDecodeKernel<Cache><<<p.decode_ctas, kThreads, decode_smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
 cudaError_t LaunchRecallBlocks(const RecallParams& p, cudaStream_t stream) {
   if (p.num_entries == 0) return cudaSuccess;
   if (p.k_cache == nullptr || p.v_cache == nullptr || p.entries == nullptr ||
       p.key_index == nullptr || p.key_count == nullptr || p.ring_rows <= 0 || p.page_size <= 0 ||
-      p.ring_rows % p.page_size != 0 || p.head_dim % 8 != 0 || p.host == nullptr) {
+      p.ring_rows % p.page_size != 0 || p.head_dim % 8 != 0 || p.host == nullptr ||
+      p.workspace == nullptr || p.workspace_bytes < RecallWorkspaceBytes(p) || p.decode_ctas < 1) {
     return cudaErrorInvalidValue;
   }
-  const size_t smem = RecallSmemBytes(p);
-  const dim3 grid(p.num_entries, p.num_kv_heads);
-  if (p.kv_fp8) {
-    auto kernel = RecallKernel<__nv_fp8_e4m3>;
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem));
-        e != cudaSuccess) {
-      return e;
-    }
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-  } else {
-    auto kernel = RecallKernel<__nv_bfloat16>;
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem));
-        e != cudaSuccess) {
-      return e;
-    }
-    kernel<<<grid, kThreads, smem, stream>>>(p);
-  }
-  return cudaGetLastError();
+  return p.kv_fp8 ? LaunchRecall<__nv_fp8_e4m3>(p, stream) : LaunchRecall<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace strata::cuda::kernels

@@ -5,12 +5,16 @@
 //    host region (piece_base, piece_host, piece_count) and writes one
 //    encode job per piece for LaunchEncodeKvBlocks (kv_codec.h), which
 //    writes them straight into mapped host memory.
-//  - LaunchRecallBlocks, one CTA per (plan entry, KV head), finds the runs
-//    of the selection that SelectTokens wrote, keeps the hits, copies ahead
-//    the resident clusters the step's writes would overwrite, decodes the
-//    misses from mapped host memory (DecodeKvBlock, CRC checked) into the
-//    ring, and rewrites key_index to the ring's cache slots. Its ring
-//    evolves exactly as the CPU reference's.
+//  - LaunchRecallBlocks runs two kernels. The plan kernel, one CTA per
+//    (plan entry, KV head), finds the runs of the selection that
+//    SelectTokens wrote, keeps the hits, copies ahead the resident clusters
+//    the step's writes would overwrite, gives the misses their ring
+//    positions, appends one job per missed piece to a device-side list,
+//    and rewrites key_index to the ring's cache slots. The decode kernel, a
+//    fixed grid of CTAs walking that list, decodes each piece from mapped
+//    host memory (DecodeKvBlock, CRC checked) into its rows: many pieces in
+//    flight at once, which is what keeps the bus busy. The ring evolves
+//    exactly as the CPU reference's.
 //
 // Thread-safety: no state; calls on one stream are ordered.
 #ifndef STRATA_CUDA_KERNELS_KV_TIER_H_
@@ -62,22 +66,28 @@ struct RecallParams {
   int max_keys = 0;
   const int32_t* extents = nullptr;  // [slots, Hkv, max_blocks, 2]
   int max_blocks = 0;
-  int max_num_blocks = 0;  // largest num_blocks of the entries (shared memory)
+  int max_num_blocks = 0;               // largest num_blocks of the entries (shared memory)
   const int32_t* piece_base = nullptr;  // [slots, Hkv, max_blocks]
   const int32_t* piece_host = nullptr;  // [slots, Hkv, max_pieces]
   int max_pieces = 0;
   int32_t* res_start = nullptr;  // [slots, Hkv, max_blocks]
   int32_t* res_count = nullptr;
-  int32_t* ring_head = nullptr;  // [slots, Hkv]
+  int32_t* ring_head = nullptr;         // [slots, Hkv]
   const int32_t* ring_pages = nullptr;  // [slots, ring_rows / page_size]
   int ring_rows = 0;
   const uint8_t* host = nullptr;  // device pointer of the mapped host buffer
   int64_t host_bytes = 0;
   int32_t* status = nullptr;  // [slots]: KvRecallStatus bits
   int32_t* stats = nullptr;   // [kKvTierStats]
+  // RecallWorkspaceBytes(params) of device memory (the piece list), and the
+  // decode kernel's CTAs (a few per SM).
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  int decode_ctas = 0;
 };
-// Shared memory the recall kernel takes for these params.
+// Shared memory the plan kernel takes for these params.
 size_t RecallSmemBytes(const RecallParams& params);
+size_t RecallWorkspaceBytes(const RecallParams& params);
 cudaError_t LaunchRecallBlocks(const RecallParams& params, cudaStream_t stream);
 
 }  // namespace strata::cuda::kernels
