@@ -171,15 +171,16 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
   PolicyEval result;
   result.config = config;
   std::unique_ptr<kvtier::KvPolicyRunner> runner;
+  const bool tiered = options.host_tier != nullptr && config.type == "clusterkv";
   if (config.type != "full") {
-    STRATA_ASSIGN_OR_RETURN(
-        runner,
-        kvtier::KvPolicyRunner::Create(
-            model, {config}, {.max_sparse_seqs = options.max_batch, .track_selection = true}));
+    kvtier::KvPolicyRunnerOptions ro{.max_sparse_seqs = options.max_batch,
+                                     .track_selection = !tiered};
+    if (tiered) ro.tier = {.manager = options.host_tier, .codec = options.codec};
+    STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config}, ro));
   }
   AttentionFidelity fidelity(model->config(), model->options().page_size, options.topk);
   int fidelity_step = 0;
-  if (runner != nullptr && options.fidelity_steps > 0) {
+  if (runner != nullptr && options.fidelity_steps > 0 && !tiered) {
     runner->set_observer([&](int layer, const Tensor& qkv, const Tensor& k, const Tensor& v,
                              const engine::AttentionBatch& batch,
                              const engine::SparsePlan& plan) -> absl::Status {
@@ -193,7 +194,7 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
   absl::Status status;
   for (size_t first = 0; first < cases.size() && status.ok(); first += options.max_batch) {
     const size_t last = std::min(cases.size(), first + options.max_batch);
-    engine::Batcher batcher(model, nullptr);
+    engine::Batcher batcher(model, nullptr, {}, tiered ? options.host_tier : nullptr);
     for (size_t i = first; i < last; ++i) {
       engine::GenerationRequest r;
       r.id = i;
@@ -252,6 +253,16 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
   if (runner != nullptr && runner->stats().selected_tokens > 0) {
     result.reselection =
         static_cast<double>(runner->stats().reselected_tokens) / runner->stats().selected_tokens;
+  }
+  if (tiered) {
+    const kvtier::KvPolicyRunner::Stats& st = runner->stats();
+    const double held = static_cast<double>(st.recall_hit_tokens + st.recall_refreshed_tokens);
+    if (held + st.recall_tokens > 0) result.ring_hit_rate = held / (held + st.recall_tokens);
+    if (st.lost_sequences > 0 || st.offload_refused > 0 || st.ring_refused > 0) {
+      return absl::InternalError(absl::StrCat("host tier: ", st.lost_sequences, " sequences lost, ",
+                                              st.offload_refused, " offloads and ", st.ring_refused,
+                                              " rings refused"));
+    }
   }
   return result;
 }

@@ -73,6 +73,7 @@ struct PolicyEval {
   double topk_recall = 1.0;
   double output_error = 0.0;
   double reselection = 0.0;
+  double ring_hit_rate = -1.0;    // host tier: selected host tokens the GPU ring held
   int64_t attention_samples = 0;  // (query head, layer, step) triples measured
   // The generated tokens per case (the dense run's are the reference).
   std::vector<std::vector<int32_t>> outputs;
@@ -84,6 +85,12 @@ struct EvalOptions {
   int fidelity_steps = 2;   // decode steps with attention metrics (0: none)
   int topk = 32;
   int query_in_decode = 0;  // prompt tokens fed through decode steps (see above)
+  // With a block manager: ClusterKV's clusters all live in its host tier,
+  // encoded with `codec`, and are recalled by the steps that select them.
+  // The attention metrics and reselection are not measured then (they
+  // read the selection, which the recall rewrites to cache slots).
+  kvtier::KvBlockManager* host_tier = nullptr;
+  engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
 };
 
 // Runs every case under `config` (type "full" runs densely). `reference`

@@ -107,6 +107,11 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
   acc->add_option("--fidelity-steps", f.fidelity_steps,
                   "Decode steps per batch with attention metrics (0: none)");
   acc->add_option("--max-cases", f.max_cases, "Use only the first N cases (0: all)");
+  acc->add_option("--tier-codecs", f.tier_codecs,
+                  "Also run each clusterkv config with every cluster in pinned host memory, "
+                  "once per codec listed (bf16, fp8_e4m3, int8, int4)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"bf16", "fp8_e4m3", "int8", "int4"}));
   acc->add_option("--query-in-decode", f.query_in_decode,
                   "Feed each prompt's last N tokens (the question) through decode steps, after "
                   "the context is prefilled and, by a sparse policy, summarised")
@@ -178,29 +183,68 @@ int RunKvPolicies(const KvBenchFlags& f) {
   options.max_seqs = f.max_batch;
   options.max_context = longest + std::max(f.generate, answer) + 1;
   options.max_batch_tokens = 4096;
+  const int max_budget =
+      f.budgets.empty() ? 0 : *std::max_element(f.budgets.begin(), f.budgets.end());
+  if (!f.tier_codecs.empty()) {
+    // Each sequence's context, and its ring of twice the budget.
+    const int page = options.page_size;
+    options.num_pages = f.max_batch * ((options.max_context + page - 1) / page +
+                                       (2 * max_budget + page - 1) / page);
+  }
   auto loaded = Load(f, options);
   if (!loaded.ok()) return ExitWithError(kCmd, loaded.status());
   engine::Model* model = loaded->model.model.get();
+  std::unique_ptr<kvtier::KvBlockManager> host_tier;
+  if (!f.tier_codecs.empty()) {
+    const engine::ModelConfig& c = model->config();
+    const int64_t clusters = options.max_context / std::max(f.tokens_per_cluster, 1) +
+                             8 * (options.max_context / std::max(f.window_tokens, 1) + 1);
+    const int64_t per_head =
+        engine::KvPieceUnitsBound(engine::KvCodecKind::kBf16, c.head_dim, model->kv_cache_dtype(),
+                                  options.max_context, clusters) *
+        engine::kKvHostUnit;
+    auto created = kvtier::KvBlockManager::Create(
+        model, {.host_bytes = int64_t{f.max_batch} * c.num_layers * c.num_kv_heads * per_head});
+    if (!created.ok()) return ExitWithError(kCmd, created.status());
+    host_tier = std::move(*created);
+  }
 
+  // Each config, then each clusterkv config once per host-tier codec.
+  std::vector<std::pair<kvtier::KvPolicyConfig, std::string>> runs;
+  for (const auto& config : *configs) runs.push_back({config, ""});
+  for (const std::string& codec : f.tier_codecs) {
+    for (const auto& config : *configs) {
+      if (config.type == "clusterkv") runs.push_back({config, codec});
+    }
+  }
   std::vector<bench::PolicyEval> evals;
-  for (const auto& config : *configs) {
-    auto r = bench::EvalPolicy(model, config, *cases, evals.empty() ? nullptr : &evals[0], eo);
+  std::vector<std::string> names;
+  for (const auto& [config, codec] : runs) {
+    bench::EvalOptions run_options = eo;
+    if (!codec.empty()) {
+      run_options.host_tier = host_tier.get();
+      run_options.codec = engine::ParseKvCodecKind(codec).value();
+    }
+    auto r =
+        bench::EvalPolicy(model, config, *cases, evals.empty() ? nullptr : &evals[0], run_options);
     if (!r.ok()) return ExitWithError(kCmd, r.status());
-    std::fprintf(stderr, "%s budget %d: accuracy %.3f\n", config.type.c_str(), config.budget_tokens,
-                 r->overall.rate());
+    names.push_back(codec.empty() ? config.type : absl::StrCat(config.type, "@host:", codec));
+    std::fprintf(stderr, "%s budget %d: accuracy %.3f\n", names.back().c_str(),
+                 config.budget_tokens, r->overall.rate());
     evals.push_back(std::move(*r));
   }
   // The table: one row per policy and budget.
-  std::printf("%-10s %6s %9s %10s %11s %10s %12s", "policy", "budget", "accuracy", "agreement",
-              "top32-recall", "out-error", "reselection");
+  std::printf("%-24s %6s %9s %10s %11s %10s %12s %9s", "policy", "budget", "accuracy", "agreement",
+              "top32-recall", "out-error", "reselection", "ring_hit");
   for (const auto& [len, _] : evals[0].by_length)
     std::printf(" %8s", absl::StrCat("acc@", len).c_str());
   std::printf("\n");
   nlohmann::json rows = nlohmann::json::array();
-  for (const auto& e : evals) {
-    std::printf("%-10s %6d %9.3f %10.3f %11.3f %10.4f %12.3f", e.config.type.c_str(),
+  for (size_t i = 0; i < evals.size(); ++i) {
+    const bench::PolicyEval& e = evals[i];
+    std::printf("%-24s %6d %9.3f %10.3f %11.3f %10.4f %12.3f %9.3f", names[i].c_str(),
                 e.config.type == "full" ? 0 : e.config.budget_tokens, e.overall.rate(),
-                e.greedy_agreement, e.topk_recall, e.output_error, e.reselection);
+                e.greedy_agreement, e.topk_recall, e.output_error, e.reselection, e.ring_hit_rate);
     nlohmann::json by_length, by_depth;
     for (const auto& [len, count] : e.by_length) {
       std::printf(" %8.3f", count.rate());
@@ -209,7 +253,8 @@ int RunKvPolicies(const KvBenchFlags& f) {
     for (const auto& [depth, count] : e.by_depth_percent)
       by_depth[std::to_string(depth)] = count.rate();
     std::printf("\n");
-    rows.push_back({{"policy", e.config.type},
+    rows.push_back({{"policy", names[i]},
+                    {"ring_hit_rate", e.ring_hit_rate},
                     {"budget", e.config.budget_tokens},
                     {"accuracy", e.overall.rate()},
                     {"cases", e.overall.total},
@@ -225,8 +270,9 @@ int RunKvPolicies(const KvBenchFlags& f) {
               "policy", "budget");
   for (const auto& [depth, _] : evals[0].by_depth_percent) std::printf(" %5d", depth);
   std::printf("\n");
-  for (const auto& e : evals) {
-    std::printf("%-10s %6d", e.config.type.c_str(),
+  for (size_t i = 0; i < evals.size(); ++i) {
+    const bench::PolicyEval& e = evals[i];
+    std::printf("%-24s %6d", names[i].c_str(),
                 e.config.type == "full" ? 0 : e.config.budget_tokens);
     for (const auto& [depth, count] : e.by_depth_percent) std::printf(" %5.2f", count.rate());
     std::printf("\n");

@@ -49,6 +49,9 @@ struct KvBenchFlags {
   // cluster in the host tier), host (all there); with codec below the GPU.
   std::vector<std::string> host_tiers;
   std::string codec = "bf16";
+  // kv-policies: each clusterkv config also with every cluster in the host
+  // tier, once per codec.
+  std::vector<std::string> tier_codecs;
   std::string json;
 };
 
