@@ -13,6 +13,9 @@
 #include "cli/exit_status.h"
 #include "engine/batcher.h"
 #include "engine/model_loader.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
+#include "kvtier/profile.h"
 #include "nlohmann/json.hpp"
 #include "strata/v1/generate.grpc.pb.h"
 
@@ -72,7 +75,9 @@ class TokenPrinter {
     }
   }
 
-  void Summary(size_t prompt_tokens, const std::string& finish, double load_s) {
+  // `kv` (local runs with a profile): the KV tiers' statistics.
+  void Summary(size_t prompt_tokens, const std::string& finish, double load_s,
+               const nlohmann::json& kv = nullptr) {
     const double ttft = std::chrono::duration<double>(first_token_ - start_).count();
     const double decode_s = std::chrono::duration<double>(last_token_ - first_token_).count();
     const double tok_s =
@@ -87,6 +92,7 @@ class TokenPrinter {
             {"decode_tokens_per_s", tok_s},
             {"load_s", load_s},
             {"backend", f_.server.empty() ? f_.backend : "server " + f_.server}}}};
+      if (!kv.is_null()) summary["summary"]["kv"] = kv;
       std::cout << summary.dump() << "\n";
     } else {
       if (!f_.logprobs && has_text_) std::fputs("\n", stdout);
@@ -214,6 +220,8 @@ void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
   cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
                   "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
       ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
+  cmd->add_option("--profile", f.profile,
+                  "KV profile YAML: its policy, codec and host tier, as strata serve uses them");
   cmd->callback([&f, &exit_code] { exit_code = RunGenerate(f); });
 }
 
@@ -226,14 +234,22 @@ int RunGenerate(const GenerateFlags& f) {
   auto stop_ids = ParseIds(f.stop_token_ids, "--stop-token-ids");
   if (!stop_ids.ok()) return Fail(stop_ids.status());
   if (!f.server.empty()) {
-    if (!f.model_dir.empty() || !f.dummy_weights.empty()) {
-      return Fail(absl::InvalidArgumentError("--server excludes --model and --dummy-weights"));
+    if (!f.model_dir.empty() || !f.dummy_weights.empty() || !f.profile.empty()) {
+      return Fail(absl::InvalidArgumentError(
+          "--server excludes --model, --dummy-weights and --profile (the server has its own)"));
     }
     return RunRemote(f, *prompt_ids, *stop_ids);
   }
   if (f.model_dir.empty() && f.dummy_weights.empty()) {
     return Fail(absl::InvalidArgumentError(
         "give --model DIR, --dummy-weights PRESET or --server HOST:PORT"));
+  }
+  kvtier::KvProfile profile = kvtier::DefaultProfile();
+  if (!f.profile.empty()) {
+    auto loaded_profile = kvtier::LoadProfile(f.profile);
+    if (!loaded_profile.ok()) return Fail(loaded_profile.status());
+    if (auto s = kvtier::CheckSupported(*loaded_profile, f.profile); !s.ok()) return Fail(s);
+    profile = *std::move(loaded_profile);
   }
   auto backend = CreateBackend(f.backend, f.threads);
   if (!backend.ok()) return Fail(backend.status());
@@ -249,9 +265,29 @@ int RunGenerate(const GenerateFlags& f) {
   auto kv_cache = engine::ParseKvCacheType(f.kv_cache_dtype);
   if (!kv_cache.ok()) return Fail(kv_cache.status());
   options.kv_cache = *kv_cache;
+  if (profile.tiers.host_bytes > 0 && profile.policy.type == "clusterkv") {
+    // The request's pages, and the ring its host-homed clusters are
+    // recalled into (twice the budget).
+    options.num_pages =
+        (options.max_context + options.page_size - 1) / options.page_size +
+        (2 * profile.policy.budget_tokens + options.page_size - 1) / options.page_size;
+  }
   auto loaded = engine::LoadModel(source, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Tokenizer* tokenizer = loaded->tokenizer.get();
+  engine::Model* model = loaded->model.get();
+  auto kv_manager = kvtier::KvBlockManager::Create(model, {.host_bytes = profile.tiers.host_bytes});
+  if (!kv_manager.ok()) return Fail(kv_manager.status());
+  std::unique_ptr<kvtier::KvPolicyRunner> runner;
+  if (profile.policy.type != "full") {
+    auto tier = kvtier::KvTierOptions::FromProfiles({profile}, kv_manager->get());
+    if (!tier.ok()) return Fail(tier.status());
+    auto created = kvtier::KvPolicyRunner::Create(model, {profile.policy},
+                                                  {.max_sparse_seqs = 1, .tier = *tier});
+    if (!created.ok()) return Fail(created.status());
+    runner = std::move(*created);
+    if (auto s = model->set_attention_planner(runner.get()); !s.ok()) return Fail(s);
+  }
 
   std::vector<int32_t> prompt = *prompt_ids;
   if (prompt.empty()) {
@@ -264,7 +300,7 @@ int RunGenerate(const GenerateFlags& f) {
     prompt = *std::move(encoded);
   }
 
-  engine::Batcher batcher(loaded->model.get(), tokenizer);
+  engine::Batcher batcher(model, tokenizer, {}, kv_manager->get());
   engine::GenerationRequest request;
   request.id = 1;
   request.prompt = prompt;
@@ -285,8 +321,31 @@ int RunGenerate(const GenerateFlags& f) {
       if (e.finish != engine::FinishReason::kNone) finish = e.finish;
     }
   }
+  nlohmann::json kv = nullptr;
+  if (!f.profile.empty()) {
+    const kvtier::KvBlockManager::Stats tiers = (*kv_manager)->stats();
+    kv = {{"profile", profile.name},
+          {"policy", profile.policy.type},
+          {"codec", profile.codec},
+          {"host_bytes", tiers.host_bytes_total},
+          {"swap_outs", tiers.swap_outs}};
+    if (runner != nullptr) {
+      const kvtier::KvPolicyRunner::Stats& s = runner->stats();
+      kv["sparse_queries"] = s.sparse_queries;
+      kv["clusterings"] = s.clusterings;
+      kv["offloads"] = s.offloads;
+      kv["offloaded_bytes"] = s.offloaded_bytes;
+      kv["recall_hit_tokens"] = s.recall_hit_tokens;
+      kv["recall_refreshed_tokens"] = s.recall_refreshed_tokens;
+      kv["recall_tokens"] = s.recall_tokens;
+      kv["recall_bytes"] = s.recall_kib * 1024;
+      kv["recall_bad_pieces"] = s.recall_bad_pieces;
+      kv["lost_sequences"] = s.lost_sequences;
+    }
+  }
   printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)),
-                  loaded->load_seconds);
+                  loaded->load_seconds, kv);
+  if (runner != nullptr) (void)model->set_attention_planner(nullptr);
   return 0;
 }
 

@@ -99,6 +99,7 @@ int RunServe(const ServeFlags& f) {
   // Profiles first: a bad file should fail before the model loads.
   std::vector<std::string> profile_names = {kvtier::DefaultProfile().name};
   std::vector<kvtier::KvPolicyConfig> policies = {kvtier::DefaultProfile().policy};
+  std::vector<kvtier::KvProfile> profiles = {kvtier::DefaultProfile()};
   // The host tier holds what the profiles ask for together.
   int64_t host_bytes = 0;
   for (const std::string& path : f.profiles) {
@@ -113,6 +114,7 @@ int RunServe(const ServeFlags& f) {
     profile_names.push_back(profile->name);
     policies.push_back(profile->policy);
     host_bytes += profile->tiers.host_bytes;
+    profiles.push_back(*profile);
   }
 
   auto backend = CreateBackend(f.backend, f.threads);
@@ -142,24 +144,27 @@ int RunServe(const ServeFlags& f) {
   STRATA_LOG_INFO("KV cache: {} pages of {} tokens, {} ({} bytes per token)",
                   model.options().num_pages, model.options().page_size,
                   engine::KvCacheTypeName(model.options().kv_cache), model.kv_bytes_per_token());
-  // Requests name a profile; its index selects the KV policy.
-  std::unique_ptr<kvtier::KvPolicyRunner> kv_policies;
-  if (std::any_of(policies.begin(), policies.end(),
-                  [](const kvtier::KvPolicyConfig& p) { return p.type != "full"; })) {
-    auto runner = kvtier::KvPolicyRunner::Create(loaded->model.get(), policies,
-                                                 {.max_sparse_seqs = f.max_sparse_seqs});
-    if (!runner.ok()) return Fail(runner.status());
-    kv_policies = std::move(*runner);
-    if (absl::Status s = loaded->model->set_attention_planner(kv_policies.get()); !s.ok()) {
-      return Fail(s);
-    }
-  }
-
   auto kv_manager = kvtier::KvBlockManager::Create(loaded->model.get(), {.host_bytes = host_bytes});
   if (!kv_manager.ok()) return Fail(kv_manager.status());
   if (host_bytes > 0) {
     STRATA_LOG_INFO("KV host tier: {} bytes pinned ({} pages of every layer)", host_bytes,
                     host_bytes / (*kv_manager)->layout().record_bytes());
+  }
+
+  // Requests name a profile; its index selects the KV policy.
+  std::unique_ptr<kvtier::KvPolicyRunner> kv_policies;
+  if (std::any_of(policies.begin(), policies.end(),
+                  [](const kvtier::KvPolicyConfig& p) { return p.type != "full"; })) {
+    // ClusterKV profiles with a host tier keep their clusters there.
+    auto tier = kvtier::KvTierOptions::FromProfiles(profiles, kv_manager->get());
+    if (!tier.ok()) return Fail(tier.status());
+    auto runner = kvtier::KvPolicyRunner::Create(
+        loaded->model.get(), policies, {.max_sparse_seqs = f.max_sparse_seqs, .tier = *tier});
+    if (!runner.ok()) return Fail(runner.status());
+    kv_policies = std::move(*runner);
+    if (absl::Status s = loaded->model->set_attention_planner(kv_policies.get()); !s.ok()) {
+      return Fail(s);
+    }
   }
 
   prometheus::Registry registry;

@@ -184,6 +184,11 @@ absl::StatusOr<std::unique_ptr<KvPolicyRunner>> KvPolicyRunner::Create(
       }
     }
   }
+  if (!options.tier.per_policy.empty() && options.tier.per_policy.size() != policies.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("kv policy runner: tier per_policy has ",
+                                                   options.tier.per_policy.size(), " entries for ",
+                                                   policies.size(), " policies"));
+  }
   if (options.tier.block_stride < 1 || options.tier.ring_tokens < 0) {
     return absl::InvalidArgumentError(
         "kv policy runner: tier block_stride must be >= 1 and ring_tokens >= 0");
@@ -278,6 +283,34 @@ absl::Status KvPolicyRunner::Allocate() {
   return b.Synchronize();
 }
 
+absl::StatusOr<KvTierOptions> KvTierOptions::FromProfiles(const std::vector<KvProfile>& profiles,
+                                                          KvBlockManager* manager) {
+  KvTierOptions tier;
+  bool any = false;
+  for (const KvProfile& p : profiles) {
+    if (p.policy.type == "clusterkv" && p.tiers.host_bytes > 0) {
+      STRATA_ASSIGN_OR_RETURN(engine::KvCodecKind codec, engine::ParseKvCodecKind(p.codec));
+      tier.per_policy.push_back(codec);
+      any = true;
+    } else {
+      tier.per_policy.push_back(std::nullopt);
+    }
+  }
+  if (any) tier.manager = manager;
+  return tier;
+}
+
+std::optional<engine::KvCodecKind> KvPolicyRunner::TierCodec(int policy) const {
+  if (!Tiering()) return std::nullopt;
+  if (options_.tier.per_policy.empty()) {
+    if (policies_[policy]->kind() != PolicyKind::kClusterKv) return std::nullopt;
+    return options_.tier.codec;
+  }
+  return policy < static_cast<int>(options_.tier.per_policy.size())
+             ? options_.tier.per_policy[policy]
+             : std::nullopt;
+}
+
 engine::TierTables KvPolicyRunner::SlotTables(int layer, int slot) {
   const engine::TierTables& t = tier_[layer];
   return {t.piece_base.Row(slot), t.piece_host.Row(slot), t.piece_count.Row(slot),
@@ -310,7 +343,7 @@ absl::Status KvPolicyRunner::Offload(Sequence& seq, int layer, const engine::Seq
                                      const SummaryWork& work, Tensor& k_cache, Tensor& v_cache) {
   if (seq.ring_pages.empty()) return absl::OkStatus();
   const engine::ModelConfig& config = model_->config();
-  const engine::KvCodecKind codec = options_.tier.codec;
+  const engine::KvCodecKind codec = TierCodec(seq.policy).value_or(options_.tier.codec);
   const int64_t units = engine::KvPieceUnitsBound(codec, config.head_dim, model_->kv_cache_dtype(),
                                                   work.count, work.clusters);
   if (units <= 0) {
@@ -369,7 +402,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
       it = sequences_.emplace(id, Sequence{policy, {}, {}, {}}).first;
       it->second.state.slot = free_slots_.back();
       free_slots_.pop_back();
-      if (Tiering() && p.kind() == PolicyKind::kClusterKv) {
+      if (p.kind() == PolicyKind::kClusterKv && TierCodec(policy).has_value()) {
         STRATA_RETURN_IF_ERROR(StartTiering(it->second));
       }
     }

@@ -46,6 +46,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string_view>
 #include <vector>
 
@@ -119,6 +120,16 @@ struct KvTierOptions {
   // Offload only every n-th cluster of a clustering (benchmarks: 2 puts half
   // of them in the host tier); 1: all.
   int block_stride = 1;
+  // Per policy index: the codec of its host-homed clusters, or nullopt to
+  // keep its clusters in the paged cache. Empty: every ClusterKV policy's
+  // clusters are host-homed with `codec`.
+  std::vector<std::optional<engine::KvCodecKind>> per_policy;
+
+  // The tiering a server's profiles ask for (profiles[i] is policy i):
+  // ClusterKV profiles with tiers.host_bytes > 0 get host-homed clusters in
+  // their codec; none when no profile asks (manager then unused).
+  static absl::StatusOr<KvTierOptions> FromProfiles(const std::vector<KvProfile>& profiles,
+                                                    KvBlockManager* manager);
 };
 
 struct KvPolicyRunnerOptions {
@@ -222,6 +233,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   absl::Status Allocate();
   absl::Status TrackSelection(int layer);
   bool Tiering() const { return options_.tier.manager != nullptr; }
+  // The codec of policy `policy`'s host-homed clusters; nullopt when its
+  // clusters stay in the paged cache.
+  std::optional<engine::KvCodecKind> TierCodec(int policy) const;
   // Gives a new ClusterKV sequence its ring (if pages allow) and clears its
   // slot's tiering tables.
   absl::Status StartTiering(Sequence& seq);

@@ -195,7 +195,6 @@ absl::Status CheckSupported(const KvProfile& p, const std::string& source) {
                                                  " is not available in this build yet (profile \"",
                                                  p.name, "\")"));
   };
-  if (p.codec != "bf16") return unsupported("codec", p.codec);
   if (p.tiers.gpu_bytes > 0) {
     return unsupported("tiers.gpu_bytes",
                        "(a per-profile GPU budget; size the cache with --kv-pages)");

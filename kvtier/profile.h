@@ -72,8 +72,10 @@ absl::StatusOr<KvProfile> ParseProfile(const std::string& yaml_text, const std::
 absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 
 // Unimplemented naming the key when this build cannot run the profile yet
-// (today: any kv_policy.type, codec bf16, a host tier but no per-profile GPU
-// budget and no SSD tier).
+// (today: any kv_policy.type and codec, a host tier, but no per-profile GPU
+// budget and no SSD tier). The codec applies to the clusters a ClusterKV
+// profile with a host tier keeps there; preempted sequences swap raw, so a
+// pause never changes their tokens.
 absl::Status CheckSupported(const KvProfile& profile, const std::string& source);
 
 // Parses "8GiB", "512 MB", "1024": InvalidArgument otherwise.

@@ -97,6 +97,24 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "KV bytes copied from the GPU to the host tier."));
   STRATA_RETURN_IF_ERROR(counter(m->bytes_from_host_, "strata_kv_bytes_from_host_total",
                                  "KV bytes copied from the host tier to the GPU."));
+  STRATA_RETURN_IF_ERROR(counter(m->offloads_, "strata_kv_offloads_total",
+                                 "(Sequence, layer) clusterings whose clusters moved to the host "
+                                 "tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->offload_refused_, "strata_kv_offload_refused_total",
+                                 "(Sequence, layer) clusterings kept on the GPU: the host tier "
+                                 "had no room."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->recall_tokens_,
+      metrics::FixedLabelCounter::Create(
+          r, "strata_kv_recall_tokens_total",
+          "Selected host-homed tokens of decode steps: hit (in the GPU ring), refreshed (moved "
+          "within it), recalled (read from host memory).",
+          "result", {"hit", "refreshed", "recalled"}));
+  STRATA_RETURN_IF_ERROR(counter(m->recall_bytes_, "strata_kv_recall_bytes_total",
+                                 "Host bytes the decode steps' recalls read."));
+  STRATA_RETURN_IF_ERROR(counter(m->recall_bad_, "strata_kv_recall_bad_pieces_total",
+                                 "Recalled KV pieces that failed their check; their sequences "
+                                 "were recomputed."));
   STRATA_RETURN_IF_ERROR(counter(m->records_lost_, "strata_kv_host_records_lost_total",
                                  "Host KV records that failed their CRC check; their sequences "
                                  "were recomputed."));
@@ -132,6 +150,17 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   sparse_queries_.Advance(stats.sparse_queries);
   dense_no_slot_.Advance(stats.dense_no_slot);
   clusterings_.Advance(stats.clusterings);
+  offloads_.Advance(stats.offloads);
+  offload_refused_.Advance(stats.offload_refused);
+  auto advance = [&](const char* result, int64_t total, int64_t& seen) {
+    if (total > seen) recall_tokens_.Increment(result, static_cast<double>(total - seen));
+    seen = std::max(seen, total);
+  };
+  advance("hit", stats.recall_hit_tokens, recall_seen_[0]);
+  advance("refreshed", stats.recall_refreshed_tokens, recall_seen_[1]);
+  advance("recalled", stats.recall_tokens, recall_seen_[2]);
+  recall_bytes_.Advance(stats.recall_kib * 1024);
+  recall_bad_.Advance(stats.recall_bad_pieces);
 }
 
 void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {

@@ -31,6 +31,18 @@
 //   strata_kv_bytes_to_host_total / _from_host_total
 //   strata_kv_host_records_lost_total           host records that failed
 //                                               their CRC (recomputed)
+//   strata_kv_offloads_total, _offload_refused_total  (sequence, layer)
+//                                               clusterings moved to the host
+//                                               tier / kept on the GPU for
+//                                               want of room
+//   strata_kv_recall_tokens_total{result}       selected host-homed tokens:
+//                                               hit (in the GPU ring),
+//                                               refreshed (moved within it),
+//                                               recalled (read from host)
+//   strata_kv_recall_bytes_total                host bytes the recalls read
+//   strata_kv_recall_bad_pieces_total           recalled pieces that failed
+//                                               their check (sequence
+//                                               recomputed)
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -113,6 +125,9 @@ class ServerMetrics {
   TotalCounter sparse_queries_, dense_no_slot_, clusterings_;
   TotalCounter swap_outs_, swap_ins_, swap_outs_refused_, bytes_to_host_, bytes_from_host_,
       records_lost_;
+  TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_;
+  metrics::FixedLabelCounter recall_tokens_;
+  int64_t recall_seen_[3] = {0, 0, 0};  // hit, refreshed, recalled
 };
 
 }  // namespace strata::router

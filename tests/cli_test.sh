@@ -77,4 +77,23 @@ echo "$out" | grep -Eq "^full +0 +2 +400 " || fail "kv-speed full row: $out"
 echo "$out" | grep -Eq "^clusterkv +64 +2 +400 " || fail "kv-speed clusterkv row: $out"
 echo "$out" | grep -q "device idle" || fail "kv-speed op timing: $out"
 expect_error "must be >= 1" bench kv-speed --dummy-weights tiny --steps 0
+# A ClusterKV profile whose clusters live in the host tier (raw codec) gives
+# the tokens of the same profile keeping them on the GPU, and the summary
+# shows the clusters moved there and recalled.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+policy='kv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, window_tokens: 16, tokens_per_cluster: 8, full_layers: 1}'
+printf 'name: gpu\n%s\n' "$policy" > "$tmp/gpu.yaml"
+printf 'name: host\n%s\ntiers: {host_bytes: 64MiB}\n' "$policy" > "$tmp/host.yaml"
+ids=$(seq -s, 10 300)
+gpu=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 --ignore-eos --json \
+      --profile "$tmp/gpu.yaml" 2>/dev/null) || fail "generate --profile gpu"
+host=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 --ignore-eos --json \
+       --profile "$tmp/host.yaml" 2>/dev/null) || fail "generate --profile host"
+[[ "$(grep -v summary <<< "$gpu")" == "$(grep -v summary <<< "$host")" ]] \
+  || fail "host-homed clusters changed the tokens"
+grep summary <<< "$host" | grep -Eq '"offloads":[1-9]' || fail "no offload: $host"
+grep summary <<< "$host" | grep -Eq '"recall_tokens":[1-9]' || fail "no recall: $host"
+printf 'name: x\ntiers: {ssd_path: /tmp/x}\n' > "$tmp/ssd.yaml"
+expect_error "tiers.ssd_path" generate --model "$model" --prompt hi --profile "$tmp/ssd.yaml"
 echo "cli tests passed"

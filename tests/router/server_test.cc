@@ -463,3 +463,39 @@ TEST(ServerHostTierTest, PreemptedRequestsSwapToTheHostTierAndStreamUnchanged) {
 
 }  // namespace
 }  // namespace strata
+
+namespace strata {
+namespace {
+
+TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt) {
+  // The same ClusterKV policy with and without a host tier in one server:
+  // the same tokens, the host one's clusters moved there and recalled, and
+  // every host byte back when the request ends.
+  const std::string policy =
+      "kv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, window_tokens: 16, "
+      "tokens_per_cluster: 16, full_layers: 1}\n";
+  const std::string gpu = WriteTemp("tier_gpu.yaml", "name: gpu\n" + policy);
+  const std::string host =
+      WriteTemp("tier_host.yaml", "name: host\ncodec: bf16\ntiers: {host_bytes: 32MiB}\n" + policy);
+  ServerProcess server({"--profile", gpu, "--profile", host});
+  std::string prompt;
+  for (int i = 0; i < 60; ++i) prompt += "Return the number of items in the list. ";
+  v1::GenerateRequest r = TextRequest(prompt, 24);
+  r.mutable_stopping()->set_ignore_eos(true);
+  r.set_profile("gpu");
+  const Completion on_gpu = Generate(server.stub(), r);
+  ASSERT_TRUE(on_gpu.status.ok()) << on_gpu.status.error_message();
+  EXPECT_EQ(server.Metric("strata_kv_offloads_total"), 0);
+  r.set_profile("host");
+  const Completion on_host = Generate(server.stub(), r);
+  ASSERT_TRUE(on_host.status.ok()) << on_host.status.error_message();
+  EXPECT_EQ(on_host.tokens, on_gpu.tokens);
+  EXPECT_GT(server.Metric("strata_kv_offloads_total"), 0);
+  EXPECT_GT(server.Metric("strata_kv_recall_tokens_total{result=\"recalled\"}"), 0);
+  EXPECT_GT(server.Metric("strata_kv_recall_bytes_total"), 0);
+  EXPECT_EQ(server.Metric("strata_kv_recall_bad_pieces_total"), 0);
+  EXPECT_EQ(server.WaitForMetric("strata_kv_host_bytes_used", [](double v) { return v == 0; }), 0);
+}
+
+}  // namespace
+}  // namespace strata
