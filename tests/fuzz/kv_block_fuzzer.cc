@@ -16,7 +16,7 @@
 
 namespace {
 
-using strata::KvBlockInfo;
+using strata::engine::KvBlockInfo;
 using strata::engine::DType;
 using strata::engine::KvCodec;
 
@@ -54,7 +54,7 @@ void TryBlock(std::span<const uint8_t> block) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   TryBlock(std::span<const uint8_t>(data, size));
-  if (size < strata::kBlockHeaderBytes) return 0;
+  if (size < strata::engine::kBlockHeaderBytes) return 0;
   std::vector<uint8_t> fixed(data, data + size);
   uint32_t crc = strata::Crc32c(fixed.data(), 28);
   crc = strata::Crc32cExtend(crc, fixed.data() + 32, size - 32);
