@@ -211,13 +211,15 @@ absl::Status Batcher::ResumeSwapped() {
     if (kv_->num_free_pages() - kv_->SwapInPages(id) < static_cast<int>(running_.size())) break;
     absl::StatusOr<bool> resumed = kv_->SwapIn(id, seq.pages);
     if (resumed.ok() && !*resumed) break;
-    seq.swapped = false;
+    // Any other error leaves the sequence swapped (its host copy is still
+    // the manager's, and a cancel drops it).
+    if (!resumed.ok() && !absl::IsDataLoss(resumed.status())) return resumed.status();
+    seq.swapped = false;  // back on the GPU, or its host copy already dropped
     if (resumed.ok()) {
       running_.push_back(std::move(swapped_.front()));
       swapped_.pop_front();
       continue;
     }
-    if (!absl::IsDataLoss(resumed.status())) return resumed.status();
     // The host copy is corrupt: never decode from it. The sequence starts
     // over from its tokens, so its output does not change.
     ++num_kv_lost_;

@@ -104,7 +104,8 @@ TEST_F(CudaCopyTest, BadListsAndFencesAreRefused) {
   const RowCopy past_rows{0, 4, 0};
   EXPECT_TRUE(absl::IsInvalidArgument(b().CopyRowsToHost({&t, 1}, {&past_rows, 1}, host).status()));
   const RowCopy no_tensor{1, 0, 0};
-  EXPECT_TRUE(absl::IsInvalidArgument(b().CopyRowsFromHost(host, {&no_tensor, 1}, {&t, 1}).status()));
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(b().CopyRowsFromHost(host, {&no_tensor, 1}, {&t, 1}).status()));
   EXPECT_TRUE(absl::IsInvalidArgument(b().FenceDone(1 << 30).status()));
   STRATA_ASSERT_OK_AND_ASSIGN(const bool done, b().FenceDone(engine::kFenceDone));
   EXPECT_TRUE(done);
@@ -148,24 +149,24 @@ TEST_F(CudaCopyTest, DISABLED_SwapBandwidth) {
     ASSERT_EQ(cudaMalloc(&device, total / 8), cudaSuccess);
     start = std::chrono::steady_clock::now();
     for (int k = 0; k < 8; ++k) {
-      ASSERT_EQ(cudaMemcpy(host.data() + k * (total / 8), device, total / 8,
-                           cudaMemcpyDeviceToHost),
-                cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpy(host.data() + k * (total / 8), device, total / 8, cudaMemcpyDeviceToHost),
+          cudaSuccess);
     }
     const double d2h_s = seconds(start);
     start = std::chrono::steady_clock::now();
     for (int k = 0; k < 8; ++k) {
-      ASSERT_EQ(cudaMemcpy(device, host.data() + k * (total / 8), total / 8,
-                           cudaMemcpyHostToDevice),
-                cudaSuccess);
+      ASSERT_EQ(
+          cudaMemcpy(device, host.data() + k * (total / 8), total / 8, cudaMemcpyHostToDevice),
+          cudaSuccess);
     }
     const double h2d_s = seconds(start);
     cudaFree(device);
     std::printf(
         "swap_bandwidth %.2f GiB in %zu rows of 32 KiB: out %.1f GB/s (contiguous %.1f, ratio "
         "%.2f), in %.1f GB/s (contiguous %.1f, ratio %.2f)\n",
-        total / 1073741824.0, rows.size(), total / out_s / 1e9, total / d2h_s / 1e9,
-        d2h_s / out_s, total / in_s / 1e9, total / h2d_s / 1e9, h2d_s / in_s);
+        total / 1073741824.0, rows.size(), total / out_s / 1e9, total / d2h_s / 1e9, d2h_s / out_s,
+        total / in_s / 1e9, total / h2d_s / 1e9, h2d_s / in_s);
   }
 }
 

@@ -16,8 +16,8 @@
 
 namespace {
 
-using strata::engine::KvBlockInfo;
 using strata::engine::DType;
+using strata::engine::KvBlockInfo;
 using strata::engine::KvCodec;
 
 // Decodes are bounded so that a header claiming a huge (valid) shape with a

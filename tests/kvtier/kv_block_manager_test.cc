@@ -293,6 +293,54 @@ TEST(SwapTest, NothingLeaksAfterCancellationsAndPreemptions) {
   EXPECT_EQ(s.copies_in_flight, 0);
 }
 
+// The block manager with a swap-in that fails once with a device error
+// (the copy stream broke), to see what the batcher does with the sequence.
+class FailingSwapIn final : public engine::KvMemory {
+ public:
+  explicit FailingSwapIn(KvBlockManager* m) : m_(m) {}
+  int num_pages() const override { return m_->num_pages(); }
+  int num_free_pages() const override { return m_->num_free_pages(); }
+  bool AllocatePages(int count, std::vector<int32_t>& pages) override {
+    return m_->AllocatePages(count, pages);
+  }
+  absl::Status FreePages(std::vector<int32_t>& pages) override { return m_->FreePages(pages); }
+  absl::StatusOr<bool> SwapOut(int64_t id, std::vector<int32_t>& pages, int tokens) override {
+    return m_->SwapOut(id, pages, tokens);
+  }
+  int SwapInPages(int64_t id) const override { return m_->SwapInPages(id); }
+  absl::StatusOr<bool> SwapIn(int64_t id, std::vector<int32_t>& pages) override {
+    if (failures_left_ > 0) {
+      --failures_left_;
+      return absl::InternalError("copy stream failed");
+    }
+    return m_->SwapIn(id, pages);
+  }
+  void DropSwapped(int64_t id) override { m_->DropSwapped(id); }
+  absl::Status Poll() override { return m_->Poll(); }
+
+ private:
+  KvBlockManager* m_;
+  int failures_left_ = 1;
+};
+
+TEST(SwapTest, AFailedSwapInLeavesTheHostCopyToBeDroppedByACancel) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 30});
+  ASSERT_TRUE(manager.ok());
+  FailingSwapIn memory(manager->get());
+  engine::Batcher batcher(model.get(), nullptr, {}, &memory);
+  for (const auto& r : PressureRequests()) ASSERT_TRUE(batcher.Add(r).ok());
+  absl::Status failed;
+  for (int step = 0; step < 2000 && batcher.HasWork() && failed.ok(); ++step) {
+    failed = batcher.Step().status();
+  }
+  ASSERT_TRUE(absl::IsInternal(failed)) << failed;  // the engine fails the step's requests
+  for (uint64_t id = 0; id < 4; ++id) batcher.Cancel(id);
+  while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
+  ASSERT_TRUE((*manager)->Poll().ok());
+  EXPECT_TRUE((*manager)->Idle()) << "the swapped sequence's host records were dropped";
+}
+
 TEST(KvBlockManagerTest, RefusesBadSwapRequests) {
   auto model = LoadGolden("llama_gqa", SmallCache(40));
   auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 24});
