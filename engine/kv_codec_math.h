@@ -284,7 +284,12 @@ struct AffineParams {
 };
 
 STRATA_HOST_DEVICE inline AffineParams AffineParamsFor(float lo, float hi, int q_max) {
-  return {FloatToFp16Bits(DivRn(SubRn(hi, lo), static_cast<float>(q_max))), FloatToFp16Bits(lo)};
+  const float scale = DivRn(SubRn(hi, lo), static_cast<float>(q_max));
+  // inf - inf is a NaN whose sign differs between x86 (negative) and the
+  // GPU (positive): one canonical NaN, so every encoder writes the same
+  // bytes for a group holding an infinity.
+  const uint16_t scale_bits = scale != scale ? uint16_t{0x7e00u} : FloatToFp16Bits(scale);
+  return {scale_bits, FloatToFp16Bits(lo)};
 }
 
 // clamp(rint((x - m) / s), 0, q_max), or 0 when s is not usable. Clamping

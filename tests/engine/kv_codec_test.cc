@@ -163,6 +163,14 @@ TEST(CodecMathTest, AffineQuantizeClampsAndRoundsHalfToEven) {
   EXPECT_TRUE(std::isnan(cm::AffineDequantize(0, std::numeric_limits<float>::infinity(), 1.0f)));
 }
 
+TEST(CodecMathTest, AGroupOfInfinitiesGetsTheCanonicalNanScale) {
+  // inf - inf: NaN, whose sign the CPU and the GPU would disagree on.
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(cm::AffineParamsFor(inf, inf, 15).scale_bits, 0x7e00);
+  EXPECT_EQ(cm::AffineParamsFor(-inf, -inf, 255).scale_bits, 0x7e00);
+  EXPECT_EQ(cm::AffineParamsFor(-inf, inf, 255).scale_bits, 0x7c00);  // inf, not NaN
+}
+
 // --- test data -----------------------------------------------------------------
 
 // Source bytes of K or V plus the fp32 values the codec sees (the source
