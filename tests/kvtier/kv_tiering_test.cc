@@ -379,5 +379,59 @@ TEST(TieringTest, ACorruptHostBlockIsCaughtAndItsSequenceRecomputed) {
   EXPECT_TRUE(idle);
 }
 
+TEST(TieringTest, NothingLeaksAfterCancellationsPreemptionsAndSwaps) {
+  // Host-homed clusters, a cache small enough to preempt (and swap), and
+  // cancellations at random steps: at the end every page (rings included),
+  // host record and region, and pool slot is back.
+  engine::ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 320;
+  options.max_batch_tokens = 96;
+  options.page_size = 8;
+  options.num_pages = 90;  // the rings take 4 x 6 pages of it
+  auto loaded = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""},
+                                  g_backend.get(), options);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  engine::Model* model = loaded->model.get();
+  auto manager = KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
+  ASSERT_TRUE(manager.ok());
+  KvBlockManager& m = **manager;
+  auto runner =
+      KvPolicyRunner::Create(model, {ClusterKv()}, {.max_sparse_seqs = 4, .tier = {.manager = &m}});
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
+  {
+    engine::Batcher batcher(model, nullptr, {}, &m);
+    std::mt19937 rng(21);
+    uint64_t next_id = 0;
+    for (int step = 0; step < 500; ++step) {
+      if (step < 300 && rng() % 4 == 0) {
+        engine::GenerationRequest r;
+        r.id = next_id++;
+        r.prompt = Prompt(60 + static_cast<int>(rng() % 140), static_cast<uint32_t>(r.id));
+        r.max_tokens = 20 + static_cast<int>(rng() % 60);
+        r.ignore_eos = true;
+        ASSERT_TRUE(batcher.Add(r).ok());
+      }
+      if (rng() % 9 == 0 && next_id > 0) batcher.Cancel(rng() % next_id);
+      auto events = batcher.Step();
+      ASSERT_TRUE(events.ok()) << events.status();
+      for (const auto& e : *events) ASSERT_NE(e.finish, engine::FinishReason::kError) << e.error;
+    }
+    while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
+    EXPECT_GT(batcher.num_preemptions(), 0);
+    EXPECT_GT(batcher.num_swapped_out(), 0);
+  }
+  const KvPolicyRunner::Stats& s = (*runner)->stats();
+  EXPECT_GT(s.offloads, 0);
+  EXPECT_GT(s.recall_tokens, 0);
+  EXPECT_EQ(s.lost_sequences, 0);
+  ASSERT_TRUE(m.Poll().ok());
+  EXPECT_TRUE(m.Idle()) << m.stats().gpu_pages_used << " pages, " << m.stats().host_bytes_used
+                        << " host bytes still held";
+  EXPECT_EQ((*runner)->num_free_slots(), 4);
+  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
+}
+
 }  // namespace
 }  // namespace strata::kvtier
