@@ -25,11 +25,6 @@ absl::Status CheckCaches(const char* op, const Tensor& k, const Tensor& v) {
   return absl::OkStatus();
 }
 
-bool IsI32(const Tensor& t, std::initializer_list<int64_t> dims) {
-  return t.defined() && t.dtype() == DType::kI32 &&
-         t.shape() == std::vector<int64_t>(dims.begin(), dims.end());
-}
-
 absl::StatusOr<const uint8_t*> DevicePointer(const engine::HostBuffer& host) {
   void* device = nullptr;
   STRATA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&device, host.data(), 0));
@@ -46,24 +41,11 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
                            DeviceBuffer& workspace, cudaStream_t stream) {
   constexpr char kOp[] = "OffloadBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
+  STRATA_RETURN_IF_ERROR(engine::ValidateOffloadBlocks("cuda OffloadBlocks", k_cache, extents,
+                                                       first_block, num_blocks, block_stride, host,
+                                                       region_unit, units_per_head, t));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
-  if (extents.dtype() != DType::kI32 || extents.rank() != 3 || extents.dim(0) != hkv ||
-      extents.dim(2) != 2 || !IsI32(t.piece_base, {hkv, extents.dim(1)}) ||
-      !IsI32(t.piece_count, {hkv}) || t.piece_host.rank() != 2 || t.piece_host.dim(0) != hkv) {
-    return Bad(kOp, "extents / tables are not one slot's");
-  }
   const int64_t max_blocks = extents.dim(1), max_pieces = t.piece_host.dim(1);
-  if (first_block < 0 || num_blocks < 0 || block_stride < 1 ||
-      first_block + num_blocks > max_blocks) {
-    return Bad(kOp,
-               absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ", max_blocks));
-  }
-  if (!host.defined() || region_unit < 0 ||
-      (region_unit + hkv * units_per_head) * engine::kKvHostUnit >
-          static_cast<int64_t>(host.bytes) ||
-      region_unit + hkv * units_per_head > INT32_MAX) {
-    return Bad(kOp, "host region outside the host buffer");
-  }
   if (num_blocks == 0) return absl::OkStatus();
   STRATA_ASSIGN_OR_RETURN(const uint8_t* host_device, DevicePointer(host));
   // At most one partial piece per block beyond the full ones.
@@ -129,21 +111,10 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, engine::SparsePlan& 
                           cudaStream_t stream) {
   constexpr char kOp[] = "RecallBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
+  STRATA_RETURN_IF_ERROR(
+      engine::ValidateRecallBlocks("cuda RecallBlocks", k_cache, plan, extents, t, ring));
   const int64_t hkv = k_cache.dim(2), page_size = k_cache.dim(1);
-  if (extents.dtype() != DType::kI32 || extents.rank() != 4 || extents.dim(1) != hkv ||
-      extents.dim(2) != plan.max_blocks) {
-    return Bad(kOp, "extents must be I32 [slots, Hkv, max_blocks, 2]");
-  }
-  const int64_t slots = extents.dim(0), max_blocks = extents.dim(2);
-  if (!IsI32(t.piece_base, {slots, hkv, max_blocks}) || t.piece_host.rank() != 3 ||
-      !IsI32(t.res_start, {slots, hkv, max_blocks}) ||
-      !IsI32(t.res_count, {slots, hkv, max_blocks}) || !IsI32(t.ring_head, {slots, hkv}) ||
-      ring.ring_rows <= 0 || ring.ring_rows % page_size != 0 ||
-      !IsI32(ring.ring_pages, {slots, ring.ring_rows / page_size}) ||
-      !IsI32(ring.status, {slots}) || ring.stats.numel() < engine::kKvTierStats ||
-      !ring.host.defined()) {
-    return Bad(kOp, "tier tables do not match the extents and the ring");
-  }
+  const int64_t max_blocks = extents.dim(2);
   STRATA_ASSIGN_OR_RETURN(const uint8_t* host_device, DevicePointer(ring.host));
   kernels::RecallParams p;
   p.k_cache = k_cache.data();

@@ -197,4 +197,78 @@ int64_t KvPieceUnitsBound(KvCodecKind codec, int head_dim, DType source, int64_t
          (per_token * count + kKvHostUnit - 1) / kKvHostUnit;
 }
 
+namespace {
+
+bool IsI32Shape(const Tensor& t, std::initializer_list<int64_t> dims) {
+  return t.defined() && t.dtype() == DType::kI32 &&
+         t.shape() == std::vector<int64_t>(dims.begin(), dims.end());
+}
+
+}  // namespace
+
+absl::Status ValidateOffloadBlocks(absl::string_view op, const Tensor& k_cache,
+                                   const Tensor& extents, int first_block, int num_blocks,
+                                   int block_stride, const HostBuffer& host, int64_t region_unit,
+                                   int64_t units_per_head, const TierTables& t) {
+  auto bad = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what));
+  };
+  if (!k_cache.defined() || k_cache.rank() != 4)
+    return bad("the cache is not [pages, page, Hkv, D]");
+  const int64_t hkv = k_cache.dim(2);
+  if (extents.dtype() != DType::kI32 || extents.rank() != 3 || extents.dim(0) != hkv ||
+      extents.dim(2) != 2 || !IsI32Shape(t.piece_base, {hkv, extents.dim(1)}) ||
+      !IsI32Shape(t.piece_count, {hkv}) || !t.piece_host.defined() ||
+      t.piece_host.dtype() != DType::kI32 || t.piece_host.rank() != 2 ||
+      t.piece_host.dim(0) != hkv) {
+    return bad("extents / tables are not one slot's");
+  }
+  const int64_t max_blocks = extents.dim(1);
+  if (first_block < 0 || num_blocks < 0 || block_stride < 1 ||
+      first_block + num_blocks > max_blocks) {
+    return bad(absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ", max_blocks));
+  }
+  if (!host.defined() || region_unit < 0 || units_per_head < 0 ||
+      (region_unit + hkv * units_per_head) * kKvHostUnit > static_cast<int64_t>(host.bytes) ||
+      region_unit + hkv * units_per_head > INT32_MAX) {
+    return bad("host region outside the host buffer");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateRecallBlocks(absl::string_view op, const Tensor& k_cache,
+                                  const SparsePlan& plan, const Tensor& extents,
+                                  const TierTables& t, const TierRing& ring) {
+  auto bad = [&](const std::string& what) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": ", what));
+  };
+  if (!k_cache.defined() || k_cache.rank() != 4)
+    return bad("the cache is not [pages, page, Hkv, D]");
+  const int64_t hkv = k_cache.dim(2), page_size = k_cache.dim(1);
+  if (extents.dtype() != DType::kI32 || extents.rank() != 4 || extents.dim(1) != hkv ||
+      extents.dim(2) != plan.max_blocks || extents.dim(3) != 2) {
+    return bad("extents must be I32 [slots, Hkv, max_blocks, 2]");
+  }
+  const int64_t slots = extents.dim(0), max_blocks = extents.dim(2);
+  if (!IsI32Shape(t.piece_base, {slots, hkv, max_blocks}) || !t.piece_host.defined() ||
+      t.piece_host.dtype() != DType::kI32 || t.piece_host.rank() != 3 ||
+      t.piece_host.dim(0) != slots || t.piece_host.dim(1) != hkv ||
+      !IsI32Shape(t.res_start, {slots, hkv, max_blocks}) ||
+      !IsI32Shape(t.res_count, {slots, hkv, max_blocks}) ||
+      !IsI32Shape(t.ring_head, {slots, hkv}) || ring.ring_rows <= 0 ||
+      ring.ring_rows % page_size != 0 ||
+      !IsI32Shape(ring.ring_pages, {slots, ring.ring_rows / page_size}) ||
+      !IsI32Shape(ring.status, {slots}) || !ring.stats.defined() ||
+      ring.stats.dtype() != DType::kI32 || ring.stats.numel() < kKvTierStats ||
+      !ring.host.defined()) {
+    return bad("tier tables do not match the extents and the ring");
+  }
+  for (int i = 0; i < plan.num_entries; ++i) {
+    if (plan.host(i, kPlanSlot) < 0 || plan.host(i, kPlanSlot) >= slots) {
+      return bad(absl::StrCat("plan entry ", i, ": slot outside the tables"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace strata::engine

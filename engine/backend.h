@@ -286,6 +286,20 @@ inline constexpr CopyFence kFenceDone = 0;
 int64_t KvPieceUnitsBound(KvCodecKind codec, int head_dim, DType source, int64_t count,
                           int64_t clusters);
 
+// Checks OffloadBlocks' arguments before any kernel reads them (the caches'
+// dtype is each backend's to check): extents and tables one slot's, the
+// blocks inside the extents, the host region inside the host buffer and
+// addressable in int32 units. InvalidArgument naming `op`.
+absl::Status ValidateOffloadBlocks(absl::string_view op, const Tensor& k_cache,
+                                   const Tensor& extents, int first_block, int num_blocks,
+                                   int block_stride, const HostBuffer& host, int64_t region_unit,
+                                   int64_t units_per_head, const TierTables& slot_tables);
+// The same for RecallBlocks: extents and tables of every slot, a ring of
+// whole pages, status per slot, the stats, the host buffer.
+absl::Status ValidateRecallBlocks(absl::string_view op, const Tensor& k_cache,
+                                  const SparsePlan& plan, const Tensor& extents,
+                                  const TierTables& tables, const TierRing& ring);
+
 // Checks RowCopy lists before any byte moves: tensors defined with rows of
 // equal size within a tensor, rows and host ranges in bounds. InvalidArgument
 // naming `op` and the offending copy.

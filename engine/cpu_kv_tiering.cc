@@ -44,23 +44,11 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache, const S
                            int64_t units_per_head, TierTables& t) {
   constexpr char kOp[] = "OffloadBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
+  STRATA_RETURN_IF_ERROR(ValidateOffloadBlocks("cpu OffloadBlocks", k_cache, extents, first_block,
+                                               num_blocks, block_stride, host, region_unit,
+                                               units_per_head, t));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3);
-  if (extents.dtype() != DType::kI32 || extents.rank() != 3 || extents.dim(0) != hkv ||
-      extents.dim(2) != 2 || t.piece_base.numel() != hkv * extents.dim(1) ||
-      t.piece_count.numel() != hkv || t.piece_host.rank() != 2 || t.piece_host.dim(0) != hkv) {
-    return Bad(kOp, "extents / tables are not one slot's");
-  }
   const int64_t max_blocks = extents.dim(1), max_pieces = t.piece_host.dim(1);
-  if (first_block < 0 || num_blocks < 0 || block_stride < 1 ||
-      first_block + num_blocks > max_blocks) {
-    return Bad(kOp,
-               absl::StrCat("blocks [", first_block, ", +", num_blocks, ") outside ", max_blocks));
-  }
-  if (!host.defined() || region_unit < 0 ||
-      (region_unit + hkv * units_per_head) * kKvHostUnit > static_cast<int64_t>(host.bytes) ||
-      region_unit + hkv * units_per_head > INT32_MAX) {
-    return Bad(kOp, "host region outside the host buffer");
-  }
   STRATA_ASSIGN_OR_RETURN(std::unique_ptr<KvCodec> codec, KvCodec::Create(codec_kind));
   const CacheView k{k_cache, hkv, d, DTypeSize(k_cache.dtype())};
   const CacheView v{v_cache, hkv, d, DTypeSize(v_cache.dtype())};
@@ -106,14 +94,10 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, co
                           TierTables& t, TierRing& ring) {
   constexpr char kOp[] = "RecallBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
+  STRATA_RETURN_IF_ERROR(ValidateRecallBlocks("cpu RecallBlocks", k_cache, plan, extents, t, ring));
   const int64_t hkv = k_cache.dim(2), d = k_cache.dim(3), page_size = k_cache.dim(1);
   const int64_t max_blocks = extents.dim(2), max_pieces = t.piece_host.dim(2);
   const int ring_rows = ring.ring_rows;
-  if (ring_rows <= 0 || ring_rows % page_size != 0 ||
-      ring.ring_pages.dim(1) * page_size != ring_rows ||
-      ring.status.numel() < ring.ring_pages.dim(0) || ring.stats.numel() < kKvTierStats) {
-    return Bad(kOp, "ring tables do not match the ring");
-  }
   const CacheView k{k_cache, hkv, d, DTypeSize(k_cache.dtype())};
   const CacheView v{v_cache, hkv, d, DTypeSize(v_cache.dtype())};
   const size_t row_bytes = d * k.elem;

@@ -123,7 +123,7 @@ struct KvTierOptions {
   // Per policy index: the codec of its host-homed clusters, or nullopt to
   // keep its clusters in the paged cache. Empty: every ClusterKV policy's
   // clusters are host-homed with `codec`.
-  std::vector<std::optional<engine::KvCodecKind>> per_policy;
+  std::vector<std::optional<engine::KvCodecKind>> per_policy = {};
 
   // The tiering a server's profiles ask for (profiles[i] is policy i):
   // ClusterKV profiles with tiers.host_bytes > 0 get host-homed clusters in
