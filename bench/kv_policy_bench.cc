@@ -283,7 +283,7 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
   std::vector<std::vector<int32_t>> tables(batch);
   for (int s = 0; s < batch; ++s) {
     if (manager != nullptr) {
-      if (!manager->AllocatePages(pages_per_seq, tables[s])) {
+      if (!manager->AllocatePages(engine::PageGroup::kLower, pages_per_seq, tables[s])) {
         return absl::ResourceExhaustedError("kv-speed: the block manager has too few pages");
       }
       continue;
@@ -296,7 +296,7 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     std::vector<std::vector<int32_t>>* tables;
     ~ReturnPages() {
       if (manager == nullptr) return;
-      for (auto& t : *tables) (void)manager->FreePages(t);
+      for (auto& t : *tables) (void)manager->FreePages(engine::PageGroup::kLower, t);
     }
   } return_pages{manager, &tables};
   std::mt19937 rng(1);

@@ -44,7 +44,10 @@ class AttentionPlanner {
 
   // `batch` holds the step's device tables; it stays valid until the step ends.
   virtual absl::Status BeginStep(const StepInput& input, const AttentionBatch& batch) = 0;
-  virtual absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const Tensor& qkv, Tensor& k_cache,
+  // `batch` is the step's batch as `layer` sees it: its page group's block
+  // table (AttentionBatch::UpperLayers for the upper layers).
+  virtual absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const AttentionBatch& batch,
+                                                      const Tensor& qkv, Tensor& k_cache,
                                                       Tensor& v_cache) = 0;
   virtual void Release(int64_t seq_id) = 0;
   // Whether GraphKey may ever give a key. When it may, graphed steps are
@@ -69,6 +72,15 @@ class AttentionPlanner {
   virtual absl::StatusOr<std::vector<LostSequence>> EndStep() {
     return std::vector<LostSequence>();
   }
+  // After EndStep, with two page groups (ModelOptions::num_upper_pages): the
+  // token ranges whose upper-layer KV this step moved to a lower tier and
+  // the planner will never read from the paged cache again, so the caller
+  // may free their upper pages (KvMemory::ReleaseUpper). Each is taken once.
+  struct OffGpuRange {
+    int64_t seq_id;
+    int begin, end;  // tokens [begin, end)
+  };
+  virtual std::vector<OffGpuRange> TakeOffGpuRanges() { return {}; }
 };
 
 }  // namespace strata::engine

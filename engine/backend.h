@@ -67,6 +67,16 @@ struct AttentionBatch {
   int page_size = 0;
   std::vector<int32_t> host_query_start;  // host copy of query_start
   std::vector<int32_t> host_context_len;  // host copy of context_len
+  // With two page groups (engine/kv_memory.h), the upper layers' block table
+  // [S, max_blocks_per_seq]; undefined with one. Kernels read block_table
+  // only: UpperLayers() gives the batch the upper layers see.
+  Tensor upper_block_table;
+  AttentionBatch UpperLayers() const {
+    AttentionBatch upper = *this;
+    upper.block_table = upper_block_table;
+    upper.upper_block_table = Tensor();
+    return upper;
+  }
 };
 
 // Host memory for the KV tiers (Backend::AllocateHost). On the CUDA backend

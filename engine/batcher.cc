@@ -37,7 +37,7 @@ struct Batcher::Sequence {
   bool sampled = false;   // this step computed its last token's logits
   bool swapped = false;   // its KV (num_computed tokens) waits in the host tier
   bool lost = false;      // this step's KV was not trusted: recompute
-  std::vector<int32_t> pages;
+  SequencePages pages;
   // Token ids that end the sequence: its stop_token_ids, and the model's
   // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
   absl::flat_hash_set<int32_t> stop_ids;
@@ -51,7 +51,8 @@ Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions option
                  KvMemory* kv_memory)
     : model_(model), tokenizer_(tokenizer), options_(options), kv_(kv_memory) {
   if (kv_ == nullptr) {
-    own_kv_ = std::make_unique<PagedKvMemory>(model->options().num_pages);
+    const ModelOptions& o = model->options();
+    own_kv_ = std::make_unique<PagedKvMemory>(o.page_size, o.num_pages, o.num_upper_pages);
     kv_ = own_kv_.get();
   }
   for (int id : model->config().eos_token_ids) eos_ids_.push_back(id);
@@ -118,9 +119,13 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
   }
   const int64_t pages_needed =
       (static_cast<int64_t>(request.prompt.size()) + opts.page_size) / opts.page_size;
-  if (pages_needed > kv_->num_pages()) {
-    return bad(
-        absl::StrCat("prompt needs ", pages_needed, " KV pages, the cache has ", kv_->num_pages()));
+  for (PageGroup group : {PageGroup::kLower, PageGroup::kUpper}) {
+    if (group == PageGroup::kUpper && !kv_->has_upper_group()) continue;
+    if (pages_needed > kv_->num_pages(group)) {
+      return bad(absl::StrCat("prompt needs ", pages_needed, " KV pages, the cache has ",
+                              kv_->num_pages(group),
+                              group == PageGroup::kUpper ? " in its upper layers" : ""));
+    }
   }
   if (!request.stop_strings.empty() && tokenizer_ == nullptr) {
     return bad("stop strings need a tokenizer");
@@ -130,6 +135,12 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
   }
   if (absl::Status s = request.sampling.Validate(); !s.ok()) return bad(std::string(s.message()));
   return absl::OkStatus();
+}
+
+int Batcher::MaxCachedPages() const {
+  int pages = kv_->num_pages(PageGroup::kLower);
+  if (kv_->has_upper_group()) pages = std::min(pages, kv_->num_pages(PageGroup::kUpper));
+  return pages;
 }
 
 void Batcher::Cancel(uint64_t request_id) {
@@ -148,18 +159,14 @@ void Batcher::Cancel(uint64_t request_id) {
   cancel(swapped_);
 }
 
-bool Batcher::EnsurePages(Sequence& seq, int tokens) {
-  const int page_size = model_->options().page_size;
-  const int needed = (tokens + page_size - 1) / page_size - static_cast<int>(seq.pages.size());
-  return needed <= 0 || kv_->AllocatePages(needed, seq.pages);
-}
+bool Batcher::EnsurePages(Sequence& seq, int tokens) { return kv_->Grow(seq.pages, tokens); }
 
 void Batcher::ReleaseKv(Sequence& seq) {
   if (seq.swapped) {
     kv_->DropSwapped(static_cast<int64_t>(seq.req.id));
     seq.swapped = false;
   }
-  if (absl::Status s = kv_->FreePages(seq.pages); !s.ok()) {
+  if (absl::Status s = kv_->Free(seq.pages); !s.ok()) {
     STRATA_LOG_ERROR("request {}: {}", seq.req.id, s.ToString());
   }
   if (AttentionPlanner* planner = model_->attention_planner(); planner != nullptr) {
@@ -208,7 +215,14 @@ absl::Status Batcher::ResumeSwapped() {
     const int64_t id = static_cast<int64_t>(seq.req.id);
     // Leave every running sequence a page to grow into this step, so that
     // bringing one back does not preempt another at once.
-    if (kv_->num_free_pages() - kv_->SwapInPages(id) < static_cast<int>(running_.size())) break;
+    const int headroom = static_cast<int>(running_.size());
+    if (kv_->num_free_pages(PageGroup::kLower) - kv_->SwapInPages(id, PageGroup::kLower) <
+            headroom ||
+        (kv_->has_upper_group() &&
+         kv_->num_free_pages(PageGroup::kUpper) - kv_->SwapInPages(id, PageGroup::kUpper) <
+             headroom)) {
+      break;
+    }
     absl::StatusOr<bool> resumed = kv_->SwapIn(id, seq.pages);
     if (resumed.ok() && !*resumed) break;
     // Any other error leaves the sequence swapped (its host copy is still
@@ -332,7 +346,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     }
     in.query_start.push_back(static_cast<int32_t>(in.token_ids.size()));
     in.context_len.push_back(seq.num_computed + count);
-    in.block_tables.push_back(seq.pages);
+    in.block_tables.push_back(seq.pages.lower);
+    if (kv_->has_upper_group()) in.upper_block_tables.push_back(seq.pages.upper);
     in.seq_ids.push_back(static_cast<int64_t>(seq.req.id));
     in.kv_policies.push_back(seq.req.kv_policy);
     if (sample) {
@@ -393,7 +408,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     // and is recomputed, so that the batcher always moves on.
     Sequence& seq = *swapped_.front();
     STRATA_LOG_WARN("request {}: cannot swap back in ({} pages free); recomputing it", seq.req.id,
-                    kv_->num_free_pages());
+                    kv_->num_free_pages(PageGroup::kLower));
     ReleaseKv(seq);
     seq.num_computed = 0;
     waiting_.push_front(std::move(swapped_.front()));
@@ -409,7 +424,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       TokenEvent e{seq.req.id, -1, 0.0f, "", FinishReason::kError, ""};
       e.error = absl::StrCat("request ", seq.req.id, " needs ", seq.tokens.size(),
                              " tokens of KV cache; the cache holds ",
-                             int64_t{kv_->num_pages()} * opts.page_size);
+                             int64_t{MaxCachedPages()} * opts.page_size);
       events.push_back(std::move(e));
       ReleaseKv(seq);
       waiting_.pop_front();
@@ -428,6 +443,16 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       ++num_kv_lost_;
       STRATA_LOG_WARN("request {}: {}; recomputing it", l.seq_id, l.why);
       lost.insert(l.seq_id);
+    }
+    if (kv_->has_upper_group()) {
+      for (const AttentionPlanner::OffGpuRange& r : planner->TakeOffGpuRanges()) {
+        if (lost.contains(r.seq_id)) continue;  // released below
+        for (Sequence* seq : step_seqs) {
+          if (static_cast<int64_t>(seq->req.id) != r.seq_id) continue;
+          STRATA_ASSIGN_OR_RETURN(const int freed, kv_->ReleaseUpper(seq->pages, r.begin, r.end));
+          num_upper_pages_released_ += freed;
+        }
+      }
     }
   }
   size_t sample_index = 0;

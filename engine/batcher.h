@@ -111,7 +111,8 @@ class Batcher {
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   // Sequences whose KV waits in the host tier.
   int num_swapped() const { return static_cast<int>(swapped_.size()); }
-  int free_pages() const { return kv_->num_free_pages(); }
+  // Free pages of the lower page group (of every layer with one group).
+  int free_pages() const { return kv_->num_free_pages(PageGroup::kLower); }
   // Sequences preempted so far (swapped to the host tier or recomputed).
   int64_t num_preemptions() const { return num_preemptions_; }
   // Of those, sequences whose KV went to the host tier.
@@ -121,11 +122,16 @@ class Batcher {
   int64_t num_kv_lost() const { return num_kv_lost_; }
   // Sequences ended by an error of their own (see FailSequence) so far.
   int64_t num_failed() const { return num_failed_; }
+  // Upper-layer pages freed because the planner moved their tokens' KV to a
+  // lower tier (AttentionPlanner::TakeOffGpuRanges).
+  int64_t num_upper_pages_released() const { return num_upper_pages_released_; }
 
  private:
   struct Sequence;
 
   bool EnsurePages(Sequence& seq, int tokens);
+  // Pages of the smaller group: the most a sequence can hold.
+  int MaxCachedPages() const;
   // Frees the sequence's KV pages and tells the model's planner it is gone.
   void ReleaseKv(Sequence& seq);
   // Swaps the sequence's KV to the host tier (true) or frees it for a
@@ -159,6 +165,7 @@ class Batcher {
   int64_t num_failed_ = 0;
   int64_t num_swapped_out_ = 0;
   int64_t num_kv_lost_ = 0;
+  int64_t num_upper_pages_released_ = 0;
 };
 
 }  // namespace strata::engine

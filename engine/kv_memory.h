@@ -8,6 +8,13 @@
 // kvtier::KvBlockManager is the implementation with tiers; PagedKvMemory
 // below is the GPU pages alone, for a batcher without one.
 //
+// Page groups. A model may split its layers into two groups with caches
+// and block tables of their own (ModelOptions::upper_first_layer): the
+// lower layers, which keep every token on the GPU, and the upper layers,
+// where a KV policy may home a sequence's older tokens in a lower tier and
+// free their pages (SequencePages::upper holds kPageOffGpu there). With one
+// group every layer is "lower" and the upper group has no pages.
+//
 // Sequences are named by the batcher's ids. Every method is called between
 // steps by the batcher's thread.
 //
@@ -24,37 +31,68 @@
 
 namespace strata::engine {
 
+enum class PageGroup { kLower = 0, kUpper = 1 };
+
+// An upper block table entry whose page was freed: the tokens' KV of the
+// upper layers lives only in a lower tier (never read from the paged cache).
+inline constexpr int32_t kPageOffGpu = -1;
+
+// One sequence's pages, in token order, per group.
+struct SequencePages {
+  std::vector<int32_t> lower;
+  // Empty when the model has one group; else as long as `lower`.
+  std::vector<int32_t> upper;
+  bool empty() const { return lower.empty() && upper.empty(); }
+};
+
 class KvMemory {
  public:
   virtual ~KvMemory() = default;
 
-  // The GPU tier: pages of the model's caches.
-  virtual int num_pages() const = 0;
-  virtual int num_free_pages() const = 0;
-  // Appends `count` free pages to `pages`; false (taking none) when fewer
-  // are free.
-  virtual bool AllocatePages(int count, std::vector<int32_t>& pages) = 0;
-  // Frees every page of `pages` and clears it. FailedPrecondition names a
-  // page that was not handed out (the others are freed).
-  virtual absl::Status FreePages(std::vector<int32_t>& pages) = 0;
+  // ---- The GPU tier: pages of the model's caches, per group --------------
+  virtual int page_size() const = 0;
+  virtual int num_pages(PageGroup group) const = 0;
+  virtual int num_free_pages(PageGroup group) const = 0;
+  bool has_upper_group() const { return num_pages(PageGroup::kUpper) > 0; }
+  // Appends `count` free pages of `group` to `pages`; false (taking none)
+  // when fewer are free.
+  virtual bool AllocatePages(PageGroup group, int count, std::vector<int32_t>& pages) = 0;
+  // Frees every page of `pages` (kPageOffGpu entries skipped) and clears it.
+  // FailedPrecondition names a page that was not handed out (the others are
+  // freed).
+  virtual absl::Status FreePages(PageGroup group, std::vector<int32_t>& pages) = 0;
+
+  // Extends `pages` to hold `tokens` tokens in every group; false (taking
+  // nothing) when a group has too few free pages.
+  bool Grow(SequencePages& pages, int tokens);
+  // Pages `pages` lacks to hold `tokens` tokens (the same in each group).
+  int PagesToGrow(const SequencePages& pages, int tokens) const;
+  // Frees every page of both groups and clears them.
+  absl::Status Free(SequencePages& pages);
+  // Frees the upper pages that lie wholly inside tokens [begin, end), whose
+  // upper-layer KV a KV policy no longer reads from the paged cache, and
+  // marks them kPageOffGpu. Returns how many were freed.
+  absl::StatusOr<int> ReleaseUpper(SequencePages& pages, int begin, int end);
 
   // ---- Swap (a host tier; the defaults have none) ----------------------
   // Moves the KV of the first `tokens` tokens held in `pages` to the host
   // tier and frees the pages (cleared); later compute that reuses them
-  // starts after the copy. False (nothing moved) when the host tier cannot
+  // starts after the copy. Upper entries that are kPageOffGpu stay so when
+  // the sequence comes back. False (nothing moved) when the host tier cannot
   // hold it; the caller then recomputes the sequence later.
-  virtual absl::StatusOr<bool> SwapOut(int64_t /*seq_id*/, std::vector<int32_t>& /*pages*/,
+  virtual absl::StatusOr<bool> SwapOut(int64_t /*seq_id*/, SequencePages& /*pages*/,
                                        int /*tokens*/) {
     return false;
   }
-  // Pages a swapped sequence needs to come back (0 when it is not swapped).
-  virtual int SwapInPages(int64_t /*seq_id*/) const { return 0; }
-  // Brings a swapped sequence's KV back into newly allocated pages, appended
-  // to `pages` (empty on entry); the next step's compute sees it. False
+  // Pages of `group` a swapped sequence needs to come back (0 when it is not
+  // swapped).
+  virtual int SwapInPages(int64_t /*seq_id*/, PageGroup /*group*/) const { return 0; }
+  // Brings a swapped sequence's KV back into newly allocated pages, set in
+  // `pages` (empty on entry); the next step's compute sees it. False
   // (nothing allocated) when too few pages are free. DataLoss when the host
   // copy is corrupt (its check failed): the host copy is dropped and the
   // caller recomputes the sequence. NotFound for a sequence not swapped.
-  virtual absl::StatusOr<bool> SwapIn(int64_t /*seq_id*/, std::vector<int32_t>& /*pages*/) {
+  virtual absl::StatusOr<bool> SwapIn(int64_t /*seq_id*/, SequencePages& /*pages*/) {
     return absl::NotFoundError("no host tier");
   }
   // Forgets a swapped sequence's host copy (cancelled while swapped).
@@ -64,19 +102,26 @@ class KvMemory {
   virtual absl::Status Poll() { return absl::OkStatus(); }
 };
 
-// The GPU pages alone: a KvMemory over a PageAllocator, with no host tier.
+// The GPU pages alone: a KvMemory over one PageAllocator per group, with no
+// host tier.
 class PagedKvMemory final : public KvMemory {
  public:
-  explicit PagedKvMemory(int num_pages) : pages_(num_pages) {}
-  int num_pages() const override { return pages_.num_pages(); }
-  int num_free_pages() const override { return pages_.num_free(); }
-  bool AllocatePages(int count, std::vector<int32_t>& pages) override {
-    return pages_.Allocate(count, pages);
+  // num_upper_pages 0: one group.
+  PagedKvMemory(int page_size, int num_pages, int num_upper_pages = 0)
+      : page_size_(page_size), lower_(num_pages), upper_(num_upper_pages) {}
+  int page_size() const override { return page_size_; }
+  int num_pages(PageGroup group) const override { return pool(group).num_pages(); }
+  int num_free_pages(PageGroup group) const override { return pool(group).num_free(); }
+  bool AllocatePages(PageGroup group, int count, std::vector<int32_t>& pages) override {
+    return pool(group).Allocate(count, pages);
   }
-  absl::Status FreePages(std::vector<int32_t>& pages) override { return pages_.Free(pages); }
+  absl::Status FreePages(PageGroup group, std::vector<int32_t>& pages) override;
 
  private:
-  PageAllocator pages_;
+  PageAllocator& pool(PageGroup g) { return g == PageGroup::kLower ? lower_ : upper_; }
+  const PageAllocator& pool(PageGroup g) const { return g == PageGroup::kLower ? lower_ : upper_; }
+  int page_size_;
+  PageAllocator lower_, upper_;
 };
 
 }  // namespace strata::engine

@@ -37,6 +37,14 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
   o.max_seqs = std::min(o.max_seqs, o.max_batch_tokens);
   const int blocks = (o.max_context + o.page_size - 1) / o.page_size;
   if (o.num_pages <= 0) o.num_pages = blocks * o.max_seqs;
+  if (o.num_upper_pages < 0 ||
+      (o.num_upper_pages > 0 &&
+       (o.upper_first_layer < 0 || o.upper_first_layer >= config.num_layers))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model options: two page groups need num_upper_pages >= 0 and upper_first_layer in [0, ",
+        config.num_layers, "), got ", o.num_upper_pages, " and ", o.upper_first_layer));
+  }
+  if (o.num_upper_pages == 0) o.upper_first_layer = 0;
   if (o.max_logit_rows <= 0) o.max_logit_rows = o.max_seqs;
   o.max_logit_rows = std::min(o.max_logit_rows, o.max_batch_tokens);
   std::unique_ptr<Model> model(new Model(config, std::move(weights), backend, o));
@@ -58,8 +66,10 @@ absl::Status Model::AllocateBuffers() {
   for (int i = 0; i < config_.num_layers; ++i) {
     // One page more than the sequences may use: padding rows of decode
     // graphs write their keys there.
-    const std::vector<int64_t> shape = {options_.num_pages + 1, options_.page_size,
-                                        config_.num_kv_heads, config_.head_dim};
+    const int pages =
+        page_group(i) == PageGroup::kUpper ? options_.num_upper_pages : options_.num_pages;
+    const std::vector<int64_t> shape = {pages + 1, options_.page_size, config_.num_kv_heads,
+                                        config_.head_dim};
     STRATA_ASSIGN_OR_RETURN(Tensor k, b.Allocate(kv_cache_dtype(), shape));
     STRATA_ASSIGN_OR_RETURN(Tensor v, b.Allocate(kv_cache_dtype(), shape));
     k_cache_.push_back(std::move(k));
@@ -76,6 +86,11 @@ absl::Status Model::AllocateBuffers() {
   STRATA_ASSIGN_OR_RETURN(query_start_, b.Allocate(DType::kI32, {s + 1}));
   STRATA_ASSIGN_OR_RETURN(context_len_, b.Allocate(DType::kI32, {s}));
   STRATA_ASSIGN_OR_RETURN(block_table_, b.Allocate(DType::kI32, {s, max_blocks_per_seq_}));
+  if (two_page_groups()) {
+    STRATA_ASSIGN_OR_RETURN(upper_slots_, b.Allocate(DType::kI32, {t}));
+    STRATA_ASSIGN_OR_RETURN(upper_block_table_, b.Allocate(DType::kI32, {s, max_blocks_per_seq_}));
+    host_upper_table_.assign(static_cast<size_t>(s) * max_blocks_per_seq_, 0);
+  }
   const int64_t logit_rows = options_.max_logit_rows;
   STRATA_ASSIGN_OR_RETURN(logit_rows_, b.Allocate(DType::kI32, {logit_rows}));
   STRATA_ASSIGN_OR_RETURN(residual_, b.Allocate(dt, {t, h}));
@@ -93,6 +108,7 @@ absl::Status Model::AllocateBuffers() {
   STRATA_ASSIGN_OR_RETURN(sampled_logprobs_, b.Allocate(DType::kF32, {logit_rows}));
   host_table_.assign(static_cast<size_t>(s) * max_blocks_per_seq_, 0);
   spare_page_ = options_.num_pages;
+  upper_spare_page_ = options_.num_upper_pages;
   return b.Synchronize();
 }
 
@@ -114,6 +130,10 @@ absl::Status Model::Validate(const StepInput& in) const {
   if (static_cast<int>(in.query_start.size()) != num_seqs + 1 || in.query_start[0] != 0 ||
       in.query_start.back() != t || static_cast<int>(in.block_tables.size()) != num_seqs) {
     return bad("query_start / block_tables do not match the sequences");
+  }
+  if (static_cast<int>(in.upper_block_tables.size()) != (two_page_groups() ? num_seqs : 0)) {
+    return bad(two_page_groups() ? "upper_block_tables must name every sequence"
+                                 : "upper_block_tables given to a model with one page group");
   }
   if ((!in.seq_ids.empty() && static_cast<int>(in.seq_ids.size()) != num_seqs) ||
       (!in.kv_policies.empty() && static_cast<int>(in.kv_policies.size()) != num_seqs)) {
@@ -148,6 +168,24 @@ absl::Status Model::Validate(const StepInput& in) const {
     for (int32_t page : table) {
       if (page < 0 || page >= options_.num_pages)
         return bad(absl::StrCat("page ", page, " outside the cache"));
+    }
+    if (two_page_groups()) {
+      const auto& upper = in.upper_block_tables[s];
+      if (upper.size() != table.size()) {
+        return bad(absl::StrCat("sequence ", s, ": upper block table of ", upper.size(),
+                                " pages, block table of ", table.size()));
+      }
+      for (int32_t page : upper) {
+        if (page != kPageOffGpu && (page < 0 || page >= options_.num_upper_pages))
+          return bad(absl::StrCat("upper page ", page, " outside the cache"));
+      }
+      // The step writes its tokens' keys: their pages must be on the GPU.
+      for (int pos = ctx - q_len; pos < ctx; pos += options_.page_size - pos % options_.page_size) {
+        if (upper[pos / options_.page_size] == kPageOffGpu) {
+          return bad(absl::StrCat("sequence ", s, ": position ", pos,
+                                  " is written but its upper page is off the GPU"));
+        }
+      }
     }
     for (int j = 0; j < q_len; ++j) {
       if (in.positions[in.query_start[s] + j] != ctx - q_len + j) {
@@ -355,14 +393,29 @@ absl::StatusOr<AttentionBatch> Model::Upload(const StepInput& in, int padding) {
   host_ids_.assign(in.token_ids.begin(), in.token_ids.end());
   host_positions_.assign(in.positions.begin(), in.positions.end());
   host_logit_rows_.assign(in.logit_rows.begin(), in.logit_rows.end());
+  const int ps = options_.page_size;
+  const bool two_groups = two_page_groups();
   host_slots_.resize(t);
+  if (two_groups) host_upper_slots_.resize(t);
   for (int s = 0; s < real_seqs; ++s) {
     const auto& table = in.block_tables[s];
     std::copy(table.begin(), table.end(), host_table_.begin() + int64_t{s} * max_blocks_per_seq_);
     for (int32_t r = in.query_start[s]; r < in.query_start[s + 1]; ++r) {
       const int32_t pos = in.positions[r];
-      host_slots_[r] =
-          table[pos / options_.page_size] * options_.page_size + pos % options_.page_size;
+      host_slots_[r] = table[pos / ps] * ps + pos % ps;
+    }
+    if (two_groups) {
+      // Off-GPU pages read the spare page: only attention whose results a
+      // sparse plan replaces reads them.
+      const auto& upper = in.upper_block_tables[s];
+      int32_t* row = host_upper_table_.data() + int64_t{s} * max_blocks_per_seq_;
+      for (size_t p = 0; p < upper.size(); ++p) {
+        row[p] = upper[p] == kPageOffGpu ? upper_spare_page_ : upper[p];
+      }
+      for (int32_t r = in.query_start[s]; r < in.query_start[s + 1]; ++r) {
+        const int32_t pos = in.positions[r];
+        host_upper_slots_[r] = upper[pos / ps] * ps + pos % ps;
+      }
     }
     batch.max_query_len = std::max(batch.max_query_len, in.query_start[s + 1] - in.query_start[s]);
     batch.max_context_len = std::max(batch.max_context_len, in.context_len[s]);
@@ -371,8 +424,12 @@ absl::StatusOr<AttentionBatch> Model::Upload(const StepInput& in, int padding) {
     const int row = real_tokens + k;
     host_ids_.push_back(0);
     host_positions_.push_back(0);
-    host_slots_[row] = spare_page_ * options_.page_size;
+    host_slots_[row] = spare_page_ * ps;
     host_table_[int64_t{real_seqs + k} * max_blocks_per_seq_] = spare_page_;
+    if (two_groups) {
+      host_upper_slots_[row] = upper_spare_page_ * ps;
+      host_upper_table_[int64_t{real_seqs + k} * max_blocks_per_seq_] = upper_spare_page_;
+    }
     batch.host_query_start.push_back(row + 1);
     batch.host_context_len.push_back(1);
     host_logit_rows_.push_back(row);
@@ -393,6 +450,15 @@ absl::StatusOr<AttentionBatch> Model::Upload(const StepInput& in, int padding) {
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_table_.data(), DType::kI32,
                                         int64_t{num_seqs} * max_blocks_per_seq_, batch.block_table,
                                         0));
+  if (two_groups) {
+    Tensor upper_slots = upper_slots_.Rows(0, t);
+    STRATA_RETURN_IF_ERROR(
+        b.CopyFromHost(host_upper_slots_.data(), DType::kI32, t, upper_slots, 0));
+    batch.upper_block_table = upper_block_table_.Rows(0, num_seqs);
+    STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_upper_table_.data(), DType::kI32,
+                                          int64_t{num_seqs} * max_blocks_per_seq_,
+                                          batch.upper_block_table, 0));
+  }
   if (rows_out > 0) {
     Tensor rows = logit_rows_.Rows(0, rows_out);
     STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_logit_rows_.data(), DType::kI32, rows_out, rows, 0));
@@ -403,7 +469,10 @@ absl::StatusOr<AttentionBatch> Model::Upload(const StepInput& in, int padding) {
 absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, int rows_out) {
   Backend& b = *backend_;
   const int num_seqs = batch.num_seqs;
-  Tensor ids = ids_.Rows(0, t), positions = positions_.Rows(0, t), slots = slots_.Rows(0, t);
+  Tensor ids = ids_.Rows(0, t), positions = positions_.Rows(0, t);
+  Tensor lower_slots = slots_.Rows(0, t);
+  Tensor upper_slots = two_page_groups() ? upper_slots_.Rows(0, t) : Tensor();
+  const AttentionBatch upper_batch = batch.UpperLayers();
 
   Tensor residual = residual_.Rows(0, t), normed = normed_.Rows(0, t), qkv = qkv_.Rows(0, t);
   Tensor attn = attn_.Rows(0, t), proj = proj_.Rows(0, t), gate_up = gate_up_.Rows(0, t),
@@ -419,24 +488,28 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
     } else {  // adds the previous layer's MLP output
       STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, l.input_norm, eps, normed));
     }
+    const bool upper = page_group(i) == PageGroup::kUpper;
+    const AttentionBatch& layer_batch = upper ? upper_batch : batch;
+    const Tensor& slots = upper ? upper_slots : lower_slots;
     STRATA_RETURN_IF_ERROR(b.Linear(normed, l.qkv, l.qkv_bias, qkv));
     STRATA_RETURN_IF_ERROR(
         b.RopeWriteKv(qkv, layout_, positions, inv_freq_, slots, k_cache_[i], v_cache_[i]));
     const SparsePlan* plan = nullptr;
     if (planner_ != nullptr) {
-      STRATA_ASSIGN_OR_RETURN(plan, planner_->PlanLayer(i, qkv, k_cache_[i], v_cache_[i]));
+      STRATA_ASSIGN_OR_RETURN(plan,
+                              planner_->PlanLayer(i, layer_batch, qkv, k_cache_[i], v_cache_[i]));
     }
     // A plan that covers every sequence of a pure decode step replaces the
     // dense attention; otherwise its rows overwrite the dense result.
     const bool sparse_only =
         plan != nullptr && plan->num_entries == num_seqs && batch.max_query_len == 1;
     if (!sparse_only) {
-      STRATA_RETURN_IF_ERROR(b.Attention(qkv, layout_, k_cache_[i], v_cache_[i], batch, scale,
+      STRATA_RETURN_IF_ERROR(b.Attention(qkv, layout_, k_cache_[i], v_cache_[i], layer_batch, scale,
                                          config_.sliding_window, attn));
     }
     if (plan != nullptr && plan->num_entries > 0) {
-      STRATA_RETURN_IF_ERROR(
-          b.SparseAttention(qkv, layout_, k_cache_[i], v_cache_[i], batch, *plan, scale, attn));
+      STRATA_RETURN_IF_ERROR(b.SparseAttention(qkv, layout_, k_cache_[i], v_cache_[i], layer_batch,
+                                               *plan, scale, attn));
     }
     STRATA_RETURN_IF_ERROR(b.Linear(attn, l.o_proj, Tensor(), proj));
     STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, l.post_norm, eps, normed));

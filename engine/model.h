@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
+#include "engine/kv_memory.h"
 #include "engine/model_config.h"
 #include "engine/sampler.h"
 #include "engine/weights.h"
@@ -63,6 +64,13 @@ struct ModelOptions {
   // the key) use graphs; it plans the padding rows too.
   bool decode_graphs = true;
   KvCacheType kv_cache = KvCacheType::kActivation;
+  // Page groups (engine/kv_memory.h). With num_upper_pages > 0, the layers
+  // from upper_first_layer on have caches of num_upper_pages pages and a
+  // block table of their own (StepInput::upper_block_tables), so that a KV
+  // policy that homes their older tokens in the host tier can free those
+  // pages while the lower layers keep every token. 0: one group.
+  int num_upper_pages = 0;
+  int upper_first_layer = 0;
 };
 
 // The tokens of one step, grouped by sequence (see AttentionBatch).
@@ -73,6 +81,11 @@ struct StepInput {
   std::vector<int32_t> context_len;  // [S]: cache length after this step
   // Per sequence, its pages in order (at least ceil(context_len / page_size)).
   std::vector<std::vector<int32_t>> block_tables;
+  // With two page groups (ModelOptions::num_upper_pages): per sequence, its
+  // pages of the upper layers, as long as its block_tables entry; an entry
+  // may be kPageOffGpu where no token of this step is written (a KV policy
+  // reads those tokens from elsewhere). Empty with one group.
+  std::vector<std::vector<int32_t>> upper_block_tables;
   // Rows whose next-token logits are wanted (e.g. each sequence's last row);
   // may be empty when no sequence samples in this step.
   std::vector<int32_t> logit_rows;
@@ -113,7 +126,15 @@ class Model {
   // recorded with another planner (they hold its buffers) are released.
   absl::Status set_attention_planner(AttentionPlanner* planner);
   AttentionPlanner* attention_planner() const { return planner_; }
-  // The layer's paged caches [num_pages, page_size, Hkv, D].
+  // Whether the layers split into two page groups, and the group of a layer.
+  bool two_page_groups() const { return options_.num_upper_pages > 0; }
+  PageGroup page_group(int layer) const {
+    return two_page_groups() && layer >= options_.upper_first_layer ? PageGroup::kUpper
+                                                                    : PageGroup::kLower;
+  }
+  // The layer's paged caches [pages + 1, page_size, Hkv, D], where pages is
+  // num_pages, or num_upper_pages in the upper group (the last page is the
+  // spare that padding rows write to).
   Tensor& k_cache(int layer) { return k_cache_[layer]; }
   Tensor& v_cache(int layer) { return v_cache_[layer]; }
   int64_t weight_bytes() const { return weights_.bytes; }
@@ -139,6 +160,7 @@ class Model {
   // spare page and ask for logits; and the layers plus lm_head over the
   // uploaded step (`tokens` rows, the first `rows_out` logit rows).
   absl::StatusOr<AttentionBatch> Upload(const StepInput& input, int padding);
+  // `batch` holds both groups' tables (AttentionBatch::upper_block_table).
   absl::StatusOr<Tensor> Compute(const AttentionBatch& batch, int64_t tokens, int rows_out);
   // Uploads the sampling rows (padded with greedy rows to `padded_rows`)
   // into sampling_table_; enqueues Backend::SampleTokens over logits with
@@ -166,10 +188,11 @@ class Model {
   Tensor inv_freq_;
   // Step buffers sized for max_batch_tokens / max_seqs.
   Tensor ids_, positions_, slots_, query_start_, context_len_, block_table_, logit_rows_;
+  Tensor upper_slots_, upper_block_table_;  // with two page groups
   Tensor residual_, normed_, qkv_, attn_, proj_, gate_up_, act_, last_, logits_;
   Tensor sample_params_, sampled_ids_, sampled_logprobs_;  // [max_logit_rows, ...]
   SamplingTable sampling_table_;                           // the last uploaded rows
-  std::vector<int32_t> host_slots_, host_table_;
+  std::vector<int32_t> host_slots_, host_table_, host_upper_slots_, host_upper_table_;
   // Host staging of a (padded) step's small arrays.
   std::vector<int32_t> host_ids_, host_positions_, host_logit_rows_;
 
@@ -179,7 +202,9 @@ class Model {
   std::map<std::vector<int32_t>, int> decode_graphs_;
   std::set<std::vector<int32_t>> decode_graphs_seen_;
   bool graphs_unsupported_ = false;
-  int spare_page_ = 0;  // a cache page no sequence owns: padding rows write here
+  // A cache page no sequence owns, per group: padding rows write there, and
+  // kPageOffGpu entries read it.
+  int spare_page_ = 0, upper_spare_page_ = 0;
 };
 
 }  // namespace strata::engine

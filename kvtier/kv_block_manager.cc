@@ -1,5 +1,6 @@
 #include "kvtier/kv_block_manager.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -23,22 +24,30 @@ absl::StatusOr<std::unique_ptr<KvBlockManager>> KvBlockManager::Create(
 KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool host)
     : model_(model),
       layout_(std::move(layout)),
-      pages_(layout_.num_pages()),
+      pages_(layout_.num_pages(engine::PageGroup::kLower)),
+      upper_pages_(layout_.num_pages(engine::PageGroup::kUpper)),
       host_(std::move(host)) {}
 
-bool KvBlockManager::AllocatePages(int count, std::vector<int32_t>& pages) {
-  return pages_.Allocate(count, pages);
+bool KvBlockManager::AllocatePages(engine::PageGroup group, int count,
+                                   std::vector<int32_t>& pages) {
+  return pool(group).Allocate(count, pages);
 }
 
-absl::Status KvBlockManager::FreePages(std::vector<int32_t>& pages) { return pages_.Free(pages); }
+absl::Status KvBlockManager::FreePages(engine::PageGroup group, std::vector<int32_t>& pages) {
+  std::erase(pages, engine::kPageOffGpu);
+  return pool(group).Free(pages);
+}
 
-absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, std::vector<int32_t>& pages,
+absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePages& pages,
                                              int tokens) {
   const int page_size = layout_.page_size();
   const int needed = (tokens + page_size - 1) / page_size;
-  if (tokens < 1 || needed > static_cast<int>(pages.size())) {
+  const bool two_groups = upper_pages_.num_pages() > 0;
+  if (tokens < 1 || needed > static_cast<int>(pages.lower.size()) ||
+      (two_groups ? pages.upper.size() != pages.lower.size() : !pages.upper.empty())) {
     return absl::InvalidArgumentError(absl::StrCat("swap-out of sequence ", seq_id, ": ", tokens,
-                                                   " tokens in ", pages.size(), " pages"));
+                                                   " tokens in ", pages.lower.size(), " lower and ",
+                                                   pages.upper.size(), " upper pages"));
   }
   if (swapped_.contains(seq_id)) {
     return absl::FailedPreconditionError(
@@ -52,7 +61,9 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, std::vector<int32_t
   }
   copies_.clear();
   for (int i = 0; i < needed; ++i) {
-    layout_.AppendRecordCopies(pages[i], host_.offset(swapped.records[i]), copies_);
+    const int32_t upper = two_groups ? pages.upper[i] : engine::kPageOffGpu;
+    if (two_groups) swapped.upper_off_gpu.push_back(upper == engine::kPageOffGpu);
+    layout_.AppendRecordCopies(pages.lower[i], upper, host_.offset(swapped.records[i]), copies_);
   }
   engine::Backend& backend = model_->backend();
   absl::StatusOr<engine::CopyFence> fence =
@@ -69,16 +80,20 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, std::vector<int32_t
     return ordered;
   }
   swapped.fence = *fence;
-  STRATA_RETURN_IF_ERROR(pages_.Free(pages));
+  STRATA_RETURN_IF_ERROR(Free(pages));
   ++counters_.swap_outs;
   counters_.bytes_to_host += needed * layout_.record_bytes();
   swapped_.emplace(seq_id, std::move(swapped));
   return true;
 }
 
-int KvBlockManager::SwapInPages(int64_t seq_id) const {
+int KvBlockManager::SwapInPages(int64_t seq_id, engine::PageGroup group) const {
   auto it = swapped_.find(seq_id);
-  return it == swapped_.end() ? 0 : static_cast<int>(it->second.records.size());
+  if (it == swapped_.end()) return 0;
+  const Swapped& swapped = it->second;
+  if (group == engine::PageGroup::kLower) return static_cast<int>(swapped.records.size());
+  return static_cast<int>(
+      std::count(swapped.upper_off_gpu.begin(), swapped.upper_off_gpu.end(), false));
 }
 
 absl::Status KvBlockManager::Seal(Swapped& swapped) {
@@ -92,18 +107,21 @@ absl::Status KvBlockManager::Seal(Swapped& swapped) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, std::vector<int32_t>& pages) {
+absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePages& pages) {
   auto it = swapped_.find(seq_id);
   if (it == swapped_.end()) {
     return absl::NotFoundError(absl::StrCat("swap-in of sequence ", seq_id, ": not swapped"));
   }
   Swapped& swapped = it->second;
   const int needed = static_cast<int>(swapped.records.size());
+  const int upper_needed = SwapInPages(seq_id, engine::PageGroup::kUpper);
+  const bool two_groups = upper_pages_.num_pages() > 0;
   if (!pages.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("swap-in of sequence ", seq_id, ": it still holds ", pages.size(), " pages"));
+    return absl::InvalidArgumentError(absl::StrCat("swap-in of sequence ", seq_id,
+                                                   ": it still holds ", pages.lower.size(),
+                                                   " lower and ", pages.upper.size(), " pages"));
   }
-  if (pages_.num_free() < needed) return false;
+  if (pages_.num_free() < needed || upper_pages_.num_free() < upper_needed) return false;
   STRATA_RETURN_IF_ERROR(Seal(swapped));
   for (int32_t r : swapped.records) {
     if (absl::Status s = host_.Verify(r); !s.ok()) {
@@ -112,10 +130,20 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, std::vector<int32_t>
       return absl::DataLossError(absl::StrCat("sequence ", seq_id, ": ", s.message()));
     }
   }
-  if (!pages_.Allocate(needed, pages)) return absl::InternalError("free pages vanished");
+  std::vector<int32_t> upper;
+  if (!pages_.Allocate(needed, pages.lower) || !upper_pages_.Allocate(upper_needed, upper)) {
+    return absl::InternalError("free pages vanished");
+  }
+  if (two_groups) {
+    // The upper pages go where the sequence had them; off-GPU stays so.
+    auto next = upper.begin();
+    for (bool off : swapped.upper_off_gpu)
+      pages.upper.push_back(off ? engine::kPageOffGpu : *next++);
+  }
   copies_.clear();
   for (int i = 0; i < needed; ++i) {
-    layout_.AppendRecordCopies(pages[i], host_.offset(swapped.records[i]), copies_);
+    layout_.AppendRecordCopies(pages.lower[i], two_groups ? pages.upper[i] : engine::kPageOffGpu,
+                               host_.offset(swapped.records[i]), copies_);
     host_.Ref(swapped.records[i]);  // held by the copy
   }
   engine::Backend& backend = model_->backend();
@@ -125,7 +153,7 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, std::vector<int32_t>
   if (!ordered.ok()) {
     if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
     for (int32_t r : swapped.records) host_.Unref(r);
-    STRATA_RETURN_IF_ERROR(pages_.Free(pages));
+    STRATA_RETURN_IF_ERROR(Free(pages));
     return ordered;
   }
   // The sequence no longer owns the records; each is freed when the copy
@@ -190,6 +218,8 @@ KvBlockManager::Stats KvBlockManager::stats() const {
   Stats s = counters_;
   s.gpu_pages_total = pages_.num_pages();
   s.gpu_pages_used = pages_.num_pages() - pages_.num_free();
+  s.upper_pages_total = upper_pages_.num_pages();
+  s.upper_pages_used = upper_pages_.num_pages() - upper_pages_.num_free();
   s.host_bytes_total = int64_t{host_.num_records()} * host_.record_bytes();
   s.host_bytes_used = int64_t{host_.num_records() - host_.num_free()} * host_.record_bytes();
   s.swapped_sequences = static_cast<int>(swapped_.size());
@@ -199,8 +229,9 @@ KvBlockManager::Stats KvBlockManager::stats() const {
 }
 
 bool KvBlockManager::Idle() const {
-  return pages_.num_free() == pages_.num_pages() && host_.num_free() == host_.num_records() &&
-         swapped_.empty() && in_flight_.empty();
+  return pages_.num_free() == pages_.num_pages() &&
+         upper_pages_.num_free() == upper_pages_.num_pages() &&
+         host_.num_free() == host_.num_records() && swapped_.empty() && in_flight_.empty();
 }
 
 std::vector<int32_t> KvBlockManager::HostRecordsOf(int64_t seq_id) const {

@@ -1,7 +1,8 @@
 // KvBlockManager: the one owner of a worker's KV memory.
 //
 // It hands out the GPU tier's pages (the model's paged caches, at fixed
-// addresses so recorded CUDA graphs stay valid) and keeps a host tier of
+// addresses so recorded CUDA graphs stay valid; one pool per page group,
+// engine/kv_memory.h) and keeps a host tier of
 // pinned, device-mapped records (HostPool). The batcher allocates through it
 // (it implements engine::KvMemory), and preemption moves a sequence's KV to
 // the host tier when there is room (SwapOut, the way vLLM's swap mode
@@ -50,8 +51,10 @@ struct KvBlockManagerOptions {
 class KvBlockManager final : public engine::KvMemory {
  public:
   struct Stats {
-    int gpu_pages_total = 0;
+    int gpu_pages_total = 0;  // the lower group (every layer with one group)
     int gpu_pages_used = 0;
+    int upper_pages_total = 0;  // the upper group (0 with one group)
+    int upper_pages_used = 0;
     int64_t host_bytes_total = 0;
     int64_t host_bytes_used = 0;  // records not free, copies in flight included
     int swapped_sequences = 0;
@@ -70,13 +73,14 @@ class KvBlockManager final : public engine::KvMemory {
       engine::Model* model, const KvBlockManagerOptions& options);
 
   // engine::KvMemory.
-  int num_pages() const override { return pages_.num_pages(); }
-  int num_free_pages() const override { return pages_.num_free(); }
-  bool AllocatePages(int count, std::vector<int32_t>& pages) override;
-  absl::Status FreePages(std::vector<int32_t>& pages) override;
-  absl::StatusOr<bool> SwapOut(int64_t seq_id, std::vector<int32_t>& pages, int tokens) override;
-  int SwapInPages(int64_t seq_id) const override;
-  absl::StatusOr<bool> SwapIn(int64_t seq_id, std::vector<int32_t>& pages) override;
+  int page_size() const override { return layout_.page_size(); }
+  int num_pages(engine::PageGroup group) const override { return pool(group).num_pages(); }
+  int num_free_pages(engine::PageGroup group) const override { return pool(group).num_free(); }
+  bool AllocatePages(engine::PageGroup group, int count, std::vector<int32_t>& pages) override;
+  absl::Status FreePages(engine::PageGroup group, std::vector<int32_t>& pages) override;
+  absl::StatusOr<bool> SwapOut(int64_t seq_id, engine::SequencePages& pages, int tokens) override;
+  int SwapInPages(int64_t seq_id, engine::PageGroup group) const override;
+  absl::StatusOr<bool> SwapIn(int64_t seq_id, engine::SequencePages& pages) override;
   void DropSwapped(int64_t seq_id) override;
   absl::Status Poll() override;
 
@@ -108,6 +112,9 @@ class KvBlockManager final : public engine::KvMemory {
  private:
   struct Swapped {
     std::vector<int32_t> records;  // one per page, in page order
+    // With two groups: the pages whose upper layers were off the GPU (the
+    // record holds no upper layers for them).
+    std::vector<bool> upper_off_gpu;
     int tokens = 0;
     engine::CopyFence fence = engine::kFenceDone;  // the copy to the host
     bool sealed = false;                           // copy landed, CRCs set
@@ -124,7 +131,13 @@ class KvBlockManager final : public engine::KvMemory {
 
   engine::Model* model_;
   KvLayout layout_;
-  engine::PageAllocator pages_;
+  engine::PageAllocator& pool(engine::PageGroup g) {
+    return g == engine::PageGroup::kLower ? pages_ : upper_pages_;
+  }
+  const engine::PageAllocator& pool(engine::PageGroup g) const {
+    return g == engine::PageGroup::kLower ? pages_ : upper_pages_;
+  }
+  engine::PageAllocator pages_, upper_pages_;
   HostPool host_;
   absl::flat_hash_map<int64_t, Swapped> swapped_;
   std::vector<InFlight> in_flight_;

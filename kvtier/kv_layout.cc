@@ -14,6 +14,9 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
   layout.head_dim_ = config.head_dim;
   layout.page_size_ = options.page_size;
   layout.num_pages_ = options.num_pages;
+  layout.num_upper_pages_ = options.num_upper_pages;
+  layout.upper_first_layer_ =
+      model.two_page_groups() ? options.upper_first_layer : config.num_layers;
   layout.dtype_ = model.kv_cache_dtype();
   if (layout.num_layers_ < 1 || layout.num_kv_heads_ < 1 || layout.head_dim_ < 1 ||
       layout.page_size_ < 1 || layout.num_pages_ < 1) {
@@ -21,13 +24,14 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
   }
   layout.page_bytes_ = int64_t{layout.page_size_} * layout.num_kv_heads_ * layout.head_dim_ *
                        static_cast<int64_t>(engine::DTypeSize(layout.dtype_));
-  const std::vector<int64_t> expected = {layout.num_pages_ + 1, layout.page_size_,
-                                         layout.num_kv_heads_, layout.head_dim_};
   for (int l = 0; l < layout.num_layers_; ++l) {
+    const int pages = l >= layout.upper_first_layer_ ? layout.num_upper_pages_ : layout.num_pages_;
+    const std::vector<int64_t> expected = {pages + 1, layout.page_size_, layout.num_kv_heads_,
+                                           layout.head_dim_};
     for (int kv = 0; kv < 2; ++kv) {
       const engine::Tensor& cache = kv == 0 ? model.k_cache(l) : model.v_cache(l);
       if (!cache.defined() || cache.dtype() != layout.dtype_ || cache.shape() != expected ||
-          static_cast<int64_t>(cache.nbytes()) != (layout.num_pages_ + 1) * layout.page_bytes_) {
+          static_cast<int64_t>(cache.nbytes()) != (pages + 1) * layout.page_bytes_) {
         return absl::FailedPreconditionError(absl::StrCat(
             "KV layout: layer ", l, kv == 0 ? " K" : " V", " cache is ",
             cache.defined() ? cache.DebugString() : "undefined", ", expected ",
@@ -39,10 +43,12 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
   return layout;
 }
 
-void KvLayout::AppendRecordCopies(int32_t page, int64_t record_offset,
+void KvLayout::AppendRecordCopies(int32_t lower, int32_t upper, int64_t record_offset,
                                   std::vector<engine::RowCopy>& copies) const {
   for (int t = 0; t < 2 * num_layers_; ++t) {
-    copies.push_back({t, page, record_offset + t * page_bytes_});
+    const bool in_upper = t / 2 >= upper_first_layer_;
+    if (in_upper && upper == engine::kPageOffGpu) continue;
+    copies.push_back({t, in_upper ? upper : lower, record_offset + t * page_bytes_});
   }
 }
 

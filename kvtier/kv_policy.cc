@@ -205,6 +205,18 @@ absl::StatusOr<std::unique_ptr<KvPolicyRunner>> KvPolicyRunner::Create(
     }
     runner->policies_.push_back(std::move(p));
   }
+  if (model->two_page_groups() && runner->Tiering()) {
+    // The ring's pages come from the upper group, so every layer that reads
+    // them must be an upper layer.
+    const int first = model->options().upper_first_layer;
+    for (int i = 0; i < runner->num_policies(); ++i) {
+      if (runner->TierCodec(i).has_value() && policies[i].full_layers < first) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "kv policy ", i, " keeps clusters in the host tier from layer ",
+            policies[i].full_layers, " but the model's upper page group starts at layer ", first));
+      }
+    }
+  }
   STRATA_RETURN_IF_ERROR(runner->Allocate());
   return runner;
 }
@@ -319,7 +331,8 @@ engine::TierTables KvPolicyRunner::SlotTables(int layer, int slot) {
 
 absl::Status KvPolicyRunner::StartTiering(Sequence& seq) {
   const int page_size = model_->options().page_size;
-  if (!options_.tier.manager->AllocatePages(ring_.ring_rows / page_size, seq.ring_pages)) {
+  if (!options_.tier.manager->AllocatePages(RingGroup(), ring_.ring_rows / page_size,
+                                            seq.ring_pages)) {
     ++stats_.ring_refused;  // its clusters stay in the paged cache
     return absl::OkStatus();
   }
@@ -339,9 +352,11 @@ absl::Status KvPolicyRunner::StartTiering(Sequence& seq) {
   return absl::OkStatus();
 }
 
-absl::Status KvPolicyRunner::Offload(Sequence& seq, int layer, const engine::SequenceRange& range,
-                                     const SummaryWork& work, Tensor& k_cache, Tensor& v_cache) {
-  if (seq.ring_pages.empty()) return absl::OkStatus();
+absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
+                                             const engine::SequenceRange& range,
+                                             const SummaryWork& work, Tensor& k_cache,
+                                             Tensor& v_cache) {
+  if (seq.ring_pages.empty()) return false;
   const engine::ModelConfig& config = model_->config();
   const engine::KvCodecKind codec = TierCodec(seq.policy).value_or(options_.tier.codec);
   const int64_t units = engine::KvPieceUnitsBound(codec, config.head_dim, model_->kv_cache_dtype(),
@@ -354,7 +369,7 @@ absl::Status KvPolicyRunner::Offload(Sequence& seq, int layer, const engine::Seq
       options_.tier.manager->AllocateHostRegion(units * config.num_kv_heads * engine::kKvHostUnit);
   if (!region.has_value()) {
     ++stats_.offload_refused;  // these clusters stay in the paged cache
-    return absl::OkStatus();
+    return false;
   }
   engine::TierTables t = SlotTables(layer, seq.state.slot);
   const absl::Status offloaded = model_->backend().OffloadBlocks(
@@ -368,12 +383,12 @@ absl::Status KvPolicyRunner::Offload(Sequence& seq, int layer, const engine::Seq
   seq.regions.push_back(*region);
   ++stats_.offloads;
   stats_.offloaded_bytes += region->bytes;
-  return absl::OkStatus();
+  // Every cluster of the range is in the host tier now (not every n-th).
+  return options_.tier.block_stride == 1;
 }
 
 absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
                                        const engine::AttentionBatch& batch) {
-  batch_ = &batch;
   entries_.clear();
   const int num_input = static_cast<int>(in.context_len.size());
   if (num_input > batch.num_seqs) {
@@ -518,24 +533,28 @@ void KvPolicyRunner::CountGraphStep() {
   stats_.sparse_queries += graph_sparse_queries_;
 }
 
-absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Tensor& qkv,
-                                                            Tensor& k_cache, Tensor& v_cache) {
+absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
+                                                            const engine::AttentionBatch& batch,
+                                                            const Tensor& qkv, Tensor& k_cache,
+                                                            Tensor& v_cache) {
   engine::Backend& b = model_->backend();
   const int page_size = model_->options().page_size;
   // The entries of this layer (policies whose full layers are behind), their
   // summary work first.
   std::vector<int32_t> host;
   int num_clusterkv = 0, num_quest = 0;
-  for (const Entry& e : entries_) {
+  for (Entry& e : entries_) {
     if (!e.policy->SparseLayer(layer)) {
       if (!graph_step_ && !e.padding) ++stats_.dense_queries;
       continue;
     }
     const int slot = e.fields[engine::kPlanSlot];
     engine::SequenceRange range;
-    range.block_table = batch_->block_table.Row(e.batch_seq);
+    range.block_table = batch.block_table.Row(e.batch_seq);
     range.page_size = page_size;
-    for (const SummaryWork& w : e.work) {
+    e.offloaded_layers.resize(e.work.size());
+    for (size_t wi = 0; wi < e.work.size(); ++wi) {
+      const SummaryWork& w = e.work[wi];
       range.begin = w.begin;
       range.count = w.count;
       Tensor extents = extents_[layer].Row(slot);
@@ -546,8 +565,10 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
                                              centroids, extents));
         ++stats_.clusterings;
         if (Tiering()) {
-          STRATA_RETURN_IF_ERROR(
-              Offload(sequences_.at(e.seq_id), layer, range, w, k_cache, v_cache));
+          STRATA_ASSIGN_OR_RETURN(const bool offloaded, Offload(sequences_.at(e.seq_id), layer,
+                                                                range, w, k_cache, v_cache));
+          e.offloaded_layers[wi] +=
+              offloaded && model_->page_group(layer) == engine::PageGroup::kUpper;
         }
       } else {
         Tensor lo = lo_[layer].Row(slot), hi = hi_[layer].Row(slot);
@@ -573,7 +594,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
   }
   plan_.host_entries = std::move(host);
   STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(
-      plan_, *batch_, qkv.dim(0), options_.max_sparse_seqs, model_->config().num_kv_heads));
+      plan_, batch, qkv.dim(0), options_.max_sparse_seqs, model_->config().num_kv_heads));
   const engine::QkvLayout layout{model_->config().num_q_heads, model_->config().num_kv_heads,
                                  model_->config().head_dim};
   if (num_clusterkv > 0) {
@@ -589,10 +610,10 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer, const Ten
   STRATA_RETURN_IF_ERROR(b.SelectTokens(scores_, extents_[layer], plan_));
   if (step_tiered_) {
     STRATA_RETURN_IF_ERROR(
-        b.RecallBlocks(k_cache, v_cache, *batch_, plan_, extents_[layer], tier_[layer], ring_));
+        b.RecallBlocks(k_cache, v_cache, batch, plan_, extents_[layer], tier_[layer], ring_));
   }
   if (options_.track_selection) STRATA_RETURN_IF_ERROR(TrackSelection(layer));
-  if (observer_) STRATA_RETURN_IF_ERROR(observer_(layer, qkv, k_cache, v_cache, *batch_, plan_));
+  if (observer_) STRATA_RETURN_IF_ERROR(observer_(layer, qkv, k_cache, v_cache, batch, plan_));
   return &plan_;
 }
 
@@ -640,7 +661,7 @@ void KvPolicyRunner::Release(int64_t seq_id) {
   Sequence& seq = it->second;
   if (!seq.ring_pages.empty()) {
     // Steps end synchronised: no kernel still reads the ring or the regions.
-    if (absl::Status s = options_.tier.manager->FreePages(seq.ring_pages); !s.ok()) {
+    if (absl::Status s = options_.tier.manager->FreePages(RingGroup(), seq.ring_pages); !s.ok()) {
       STRATA_LOG_ERROR("sequence {}: ring pages: {}", seq_id, s.ToString());
     }
   }
@@ -649,6 +670,23 @@ void KvPolicyRunner::Release(int64_t seq_id) {
   }
   free_slots_.push_back(seq.state.slot);
   sequences_.erase(it);
+}
+
+std::vector<engine::AttentionPlanner::OffGpuRange> KvPolicyRunner::TakeOffGpuRanges() {
+  std::vector<OffGpuRange> ranges;
+  if (!model_->two_page_groups()) return ranges;
+  const int upper_layers = model_->config().num_layers - model_->options().upper_first_layer;
+  for (Entry& e : entries_) {
+    for (size_t wi = 0; wi < e.offloaded_layers.size(); ++wi) {
+      // Freed only when no upper layer reads the range from the paged cache
+      // any more: every one of them has it in the host tier.
+      if (e.offloaded_layers[wi] != upper_layers) continue;
+      const SummaryWork& w = e.work[wi];
+      ranges.push_back({e.seq_id, w.begin, w.begin + w.count});
+    }
+    e.offloaded_layers.clear();
+  }
+  return ranges;
 }
 
 absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunner::EndStep() {

@@ -183,7 +183,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
 
   absl::Status BeginStep(const engine::StepInput& input,
                          const engine::AttentionBatch& batch) override;
-  absl::StatusOr<const engine::SparsePlan*> PlanLayer(int layer, const engine::Tensor& qkv,
+  absl::StatusOr<const engine::SparsePlan*> PlanLayer(int layer,
+                                                      const engine::AttentionBatch& batch,
+                                                      const engine::Tensor& qkv,
                                                       engine::Tensor& k_cache,
                                                       engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
@@ -199,6 +201,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override;
   void CountGraphStep() override;
   absl::StatusOr<std::vector<LostSequence>> EndStep() override;
+  // The clusterings of this step that went to the host tier in every upper
+  // layer (the model's two page groups; ClusterKV policies whose dense
+  // layers are exactly the lower group).
+  std::vector<OffGpuRange> TakeOffGpuRanges() override;
   static constexpr int kBlocksBoundStep = 64;
 
   int num_policies() const { return static_cast<int>(policies_.size()); }
@@ -211,8 +217,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   struct Sequence {
     int policy = 0;
     SequenceState state;
-    // Host-homed clusters: the ring's pages, and the host regions its
-    // offloads filled (freed with the sequence).
+    // Host-homed clusters: the ring's pages (of RingGroup()), and the host
+    // regions its offloads filled (freed with the sequence).
     std::vector<int32_t> ring_pages;
     std::vector<KvBlockManager::HostRegion> regions;
   };
@@ -227,6 +233,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // like the step's first entry so that the step stays sparse, over its
     // one key; not a sequence, and not counted in the stats.
     bool padding = false;
+    // Per work item: upper layers whose clusters it offloaded whole.
+    std::vector<int> offloaded_layers = {};
   };
 
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
@@ -239,9 +247,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // Gives a new ClusterKV sequence its ring (if pages allow) and clears its
   // slot's tiering tables.
   absl::Status StartTiering(Sequence& seq);
-  // Moves the clusters `work` just formed in `layer` to the host tier.
-  absl::Status Offload(Sequence& seq, int layer, const engine::SequenceRange& range,
-                       const SummaryWork& work, engine::Tensor& k_cache, engine::Tensor& v_cache);
+  // Moves the clusters `work` just formed in `layer` to the host tier; true
+  // when all of them went.
+  absl::StatusOr<bool> Offload(Sequence& seq, int layer, const engine::SequenceRange& range,
+                               const SummaryWork& work, engine::Tensor& k_cache,
+                               engine::Tensor& v_cache);
+  // The page group the ring's pages come from: the sparse layers'.
+  engine::PageGroup RingGroup() const {
+    return model_->page_group(model_->config().num_layers - 1);
+  }
   // The same layer's tables restricted to one pool slot.
   engine::TierTables SlotTables(int layer, int slot);
 
@@ -271,7 +285,6 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   absl::flat_hash_map<int64_t, Sequence> sequences_;
   std::vector<int> free_slots_;
   std::vector<Entry> entries_;  // this step's, ClusterKV first, then Quest, then streaming
-  const engine::AttentionBatch* batch_ = nullptr;
   PlanObserver observer_;
   Stats stats_;
   // track_selection: last step's selected indices per (seq, layer, kv head).

@@ -85,13 +85,14 @@ TEST(KvLayoutTest, MatchesTheModelsCaches) {
   ASSERT_TRUE(layout.ok()) << layout.status();
   const engine::ModelConfig& c = model->config();
   EXPECT_EQ(layout->num_layers(), c.num_layers);
-  EXPECT_EQ(layout->num_pages(), 40);
+  EXPECT_EQ(layout->num_pages(engine::PageGroup::kLower), 40);
+  EXPECT_EQ(layout->num_pages(engine::PageGroup::kUpper), 0);
   EXPECT_EQ(layout->page_bytes(), int64_t{8} * c.num_kv_heads * c.head_dim * 4);  // fp32 on CPU
   EXPECT_EQ(layout->record_bytes(), 2 * c.num_layers * layout->page_bytes());
   ASSERT_EQ(layout->caches().size(), 2u * c.num_layers);
   EXPECT_EQ(layout->caches()[1].data(), model->v_cache(0).data());
   std::vector<engine::RowCopy> copies;
-  layout->AppendRecordCopies(5, 1000, copies);
+  layout->AppendRecordCopies(5, engine::kPageOffGpu, 1000, copies);  // one group: upper unused
   ASSERT_EQ(copies.size(), 2u * c.num_layers);
   EXPECT_EQ(copies[3].tensor, 3);
   EXPECT_EQ(copies[3].row, 5);
@@ -298,17 +299,20 @@ TEST(SwapTest, NothingLeaksAfterCancellationsAndPreemptions) {
 class FailingSwapIn final : public engine::KvMemory {
  public:
   explicit FailingSwapIn(KvBlockManager* m) : m_(m) {}
-  int num_pages() const override { return m_->num_pages(); }
-  int num_free_pages() const override { return m_->num_free_pages(); }
-  bool AllocatePages(int count, std::vector<int32_t>& pages) override {
-    return m_->AllocatePages(count, pages);
+  int page_size() const override { return m_->page_size(); }
+  int num_pages(engine::PageGroup g) const override { return m_->num_pages(g); }
+  int num_free_pages(engine::PageGroup g) const override { return m_->num_free_pages(g); }
+  bool AllocatePages(engine::PageGroup g, int count, std::vector<int32_t>& pages) override {
+    return m_->AllocatePages(g, count, pages);
   }
-  absl::Status FreePages(std::vector<int32_t>& pages) override { return m_->FreePages(pages); }
-  absl::StatusOr<bool> SwapOut(int64_t id, std::vector<int32_t>& pages, int tokens) override {
+  absl::Status FreePages(engine::PageGroup g, std::vector<int32_t>& pages) override {
+    return m_->FreePages(g, pages);
+  }
+  absl::StatusOr<bool> SwapOut(int64_t id, engine::SequencePages& pages, int tokens) override {
     return m_->SwapOut(id, pages, tokens);
   }
-  int SwapInPages(int64_t id) const override { return m_->SwapInPages(id); }
-  absl::StatusOr<bool> SwapIn(int64_t id, std::vector<int32_t>& pages) override {
+  int SwapInPages(int64_t id, engine::PageGroup g) const override { return m_->SwapInPages(id, g); }
+  absl::StatusOr<bool> SwapIn(int64_t id, engine::SequencePages& pages) override {
     if (failures_left_ > 0) {
       --failures_left_;
       return absl::InternalError("copy stream failed");
@@ -346,21 +350,21 @@ TEST(KvBlockManagerTest, RefusesBadSwapRequests) {
   auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 24});
   ASSERT_TRUE(manager.ok());
   KvBlockManager& m = **manager;
-  std::vector<int32_t> pages;
-  ASSERT_TRUE(m.AllocatePages(2, pages));
+  engine::SequencePages pages;
+  ASSERT_TRUE(m.Grow(pages, 16));                                          // two pages of 8
   EXPECT_TRUE(absl::IsInvalidArgument(m.SwapOut(1, pages, 17).status()));  // 3 pages of tokens
-  std::vector<int32_t> none;
+  engine::SequencePages none;
   EXPECT_TRUE(absl::IsNotFound(m.SwapIn(9, none).status()));
   ASSERT_TRUE(m.SwapOut(1, pages, 16).value());
   EXPECT_TRUE(pages.empty());
-  std::vector<int32_t> other;
-  ASSERT_TRUE(m.AllocatePages(1, other));
+  engine::SequencePages other;
+  ASSERT_TRUE(m.Grow(other, 1));
   EXPECT_TRUE(absl::IsFailedPrecondition(m.SwapOut(1, other, 1).status()));  // already swapped
   EXPECT_TRUE(absl::IsInvalidArgument(m.SwapIn(1, other).status()));         // holds pages
-  ASSERT_TRUE(m.FreePages(other).ok());
+  ASSERT_TRUE(m.Free(other).ok());
   ASSERT_TRUE(m.SwapIn(1, pages).value());
-  EXPECT_EQ(pages.size(), 2u);
-  ASSERT_TRUE(m.FreePages(pages).ok());
+  EXPECT_EQ(pages.lower.size(), 2u);
+  ASSERT_TRUE(m.Free(pages).ok());
   ASSERT_TRUE(m.Poll().ok());
   EXPECT_TRUE(m.Idle());
   EXPECT_FALSE(KvBlockManager::Create(model.get(), {.host_bytes = -1}).ok());

@@ -271,6 +271,17 @@ struct Served {
   std::map<uint64_t, std::vector<int32_t>> tokens;
   KvPolicyRunner::Stats stats;
   int64_t lost = 0;
+  int64_t preemptions = 0;
+  int64_t swapped_out = 0;
+  int64_t upper_released = 0;
+};
+
+// The caches of a Serve run: `num_pages` of every layer, or with
+// upper_pages > 0 two page groups, the upper one from layer 1 (ClusterKv()'s
+// sparse layers).
+struct Cache {
+  int num_pages = 160;
+  int upper_pages = 0;
 };
 
 // Three concurrent requests through a batcher with a ClusterKV runner,
@@ -278,13 +289,15 @@ struct Served {
 // `corrupt` runs before each step.
 Served Serve(bool tiered, KvTierOptions tier = {}, int max_tokens = 40,
              const std::function<void(KvBlockManager&, const KvPolicyRunner&)>& corrupt = nullptr,
-             bool* idle = nullptr) {
+             bool* idle = nullptr, Cache cache = {}) {
   engine::ModelOptions options;
   options.max_seqs = 4;
   options.max_context = 320;
   options.max_batch_tokens = 96;
   options.page_size = 8;
-  options.num_pages = 160;
+  options.num_pages = cache.num_pages;
+  options.num_upper_pages = cache.upper_pages;
+  options.upper_first_layer = 1;
   auto loaded = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""},
                                   g_backend.get(), options);
   EXPECT_TRUE(loaded.ok()) << loaded.status();
@@ -318,9 +331,15 @@ Served Serve(bool tiered, KvTierOptions tier = {}, int max_tokens = 40,
       }
     }
     out.lost = batcher.num_kv_lost();
+    out.preemptions = batcher.num_preemptions();
+    out.swapped_out = batcher.num_swapped_out();
+    out.upper_released = batcher.num_upper_pages_released();
   }
   out.stats = (*runner)->stats();
-  if (idle != nullptr) *idle = (*manager)->Idle() && (*runner)->num_free_slots() == 4;
+  if (idle != nullptr) {
+    EXPECT_TRUE((*manager)->Poll().ok());
+    *idle = (*manager)->Idle() && (*runner)->num_free_slots() == 4;
+  }
   EXPECT_TRUE(model->set_attention_planner(nullptr).ok());
   return out;
 }
@@ -346,6 +365,49 @@ TEST(TieringTest, HalfTheClustersOnTheHostGiveTheSameTokens) {
   const Served half = Serve(true, {.block_stride = 2});
   EXPECT_GT(half.stats.recall_tokens, 0);
   for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(half.tokens.at(id), gpu.tokens.at(id));
+}
+
+TEST(TieringTest, UpperPagesOfHostHomedClustersAreFreedAndTheTokensStay) {
+  const Served gpu = Serve(false);
+  bool idle = false;
+  const Served freed = Serve(true, {}, 40, nullptr, &idle, {.upper_pages = 160});
+  EXPECT_GT(freed.stats.recall_tokens, 0);
+  EXPECT_GT(freed.upper_released, 0) << "pages wholly inside offloaded clusterings go";
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(freed.tokens.at(id), gpu.tokens.at(id));
+  EXPECT_TRUE(idle) << "both groups' pages, host regions and slots all returned";
+  // Half the clusters stay in the paged cache: no upper page may go.
+  const Served half = Serve(true, {.block_stride = 2}, 40, nullptr, nullptr, {.upper_pages = 160});
+  EXPECT_EQ(half.upper_released, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(half.tokens.at(id), gpu.tokens.at(id));
+}
+
+TEST(TieringTest, FreedUpperPagesLetMoreSequencesRunAtOnce) {
+  // An upper group too small for the three sequences' whole contexts (547
+  // tokens, 70 pages, plus their rings): without tiering they preempt each
+  // other; with host-homed clusters their upper pages shrink to sinks,
+  // tail and ring, and they all run to the end together.
+  const Cache small{.num_pages = 160, .upper_pages = 64};
+  const Served gpu = Serve(false, {}, 40, nullptr, nullptr, small);
+  bool idle = false;
+  const Served host = Serve(true, {}, 40, nullptr, &idle, small);
+  EXPECT_GT(gpu.preemptions, 0);
+  EXPECT_EQ(host.preemptions, 0);
+  EXPECT_GT(host.upper_released, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(host.tokens.at(id), gpu.tokens.at(id));
+  EXPECT_TRUE(idle);
+}
+
+TEST(TieringTest, SwapsKeepWhichUpperPagesAreOffTheGpu) {
+  // A lower group small enough to preempt with the host tier on: the
+  // swapped sequences come back with their upper pages off the GPU where
+  // they were, and the tokens do not change.
+  const Served gpu = Serve(false);
+  bool idle = false;
+  const Served swapped = Serve(true, {}, 40, nullptr, &idle, {.num_pages = 64, .upper_pages = 160});
+  EXPECT_GT(swapped.swapped_out, 0);
+  EXPECT_GT(swapped.upper_released, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(swapped.tokens.at(id), gpu.tokens.at(id));
+  EXPECT_TRUE(idle);
 }
 
 TEST(TieringTest, QuantisedCodecsServeEveryRequest) {
