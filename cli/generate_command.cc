@@ -265,12 +265,21 @@ int RunGenerate(const GenerateFlags& f) {
   auto kv_cache = engine::ParseKvCacheType(f.kv_cache_dtype);
   if (!kv_cache.ok()) return Fail(kv_cache.status());
   options.kv_cache = *kv_cache;
-  if (profile.tiers.host_bytes > 0 && profile.policy.type == "clusterkv") {
-    // The request's pages, and the ring its host-homed clusters are
-    // recalled into (twice the budget).
-    options.num_pages =
-        (options.max_context + options.page_size - 1) / options.page_size +
+  auto config = engine::LoadSourceConfig(source);
+  if (!config.ok()) return Fail(config.status());
+  if (profile.tiers.host_bytes > 0 && profile.policy.type == "clusterkv" &&
+      profile.policy.full_layers < config->num_layers) {
+    // Two page groups: the request's pages below the profile's sparse
+    // layers; from them its pages too (the prompt is prefilled whole before
+    // it is clustered) and the ring its host-homed clusters are recalled
+    // into (twice the budget). The upper pages of clusters in the host tier
+    // are freed as they go there.
+    const int context_pages = (options.max_context + options.page_size - 1) / options.page_size;
+    options.num_pages = context_pages;
+    options.num_upper_pages =
+        context_pages +
         (2 * profile.policy.budget_tokens + options.page_size - 1) / options.page_size;
+    options.upper_first_layer = profile.policy.full_layers;
   }
   auto loaded = engine::LoadModel(source, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
@@ -328,7 +337,9 @@ int RunGenerate(const GenerateFlags& f) {
           {"policy", profile.policy.type},
           {"codec", profile.codec},
           {"host_bytes", tiers.host_bytes_total},
-          {"swap_outs", tiers.swap_outs}};
+          {"swap_outs", tiers.swap_outs},
+          {"upper_pages", tiers.upper_pages_total},
+          {"upper_pages_released", batcher.num_upper_pages_released()}};
     if (runner != nullptr) {
       const kvtier::KvPolicyRunner::Stats& s = runner->stats();
       kv["sparse_queries"] = s.sparse_queries;

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/kv_capacity_bench.h"
 #include "bench/kv_policy_bench.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
@@ -143,6 +144,30 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
     if (f.budgets.empty()) f.budgets = {1024, 2048};
     if (f.batches.empty()) f.batches = {1, 8};
     exit_code = RunKvSpeed(f);
+  });
+  CLI::App* capacity = bench.add_subcommand(
+      "kv-capacity",
+      "Long sequences decoded at once on one GPU, and their decode tokens/s, with every token "
+      "on the GPU or ClusterKV's clusters in the host tier");
+  common(capacity);
+  capacity->add_option("--context", f.context, "Prompt tokens per sequence");
+  capacity->add_option("--seqs", f.seqs, "Concurrent sequences to reach, ascending")
+      ->delimiter(',');
+  capacity->add_option("--steps", f.steps, "Timed decode steps per point");
+  capacity->add_option("--warmup", f.warmup, "Untimed decode steps first");
+  capacity->add_option("--gpu-kv-gib", f.gpu_kv_gib, "GPU KV cache budget of every mode (GiB)");
+  capacity->add_option("--host-gib", f.host_gib, "Host tier of the host modes (GiB, pinned)");
+  capacity->add_option("--max-batch-tokens", f.max_batch_tokens, "Tokens per step");
+  capacity
+      ->add_option("--modes", f.modes,
+                   "full, clusterkv (all on the GPU), clusterkv@host:CODEC (clusters in the "
+                   "host tier; bf16, fp8_e4m3, int8, int4)")
+      ->delimiter(',');
+  capacity->callback([&f, &exit_code] {
+    if (f.budgets.empty()) f.budgets = {1024};
+    if (f.seqs.empty()) f.seqs = {4, 8, 12};
+    if (f.modes.empty()) f.modes = {"full", "clusterkv", "clusterkv@host:int4"};
+    exit_code = RunKvCapacity(f);
   });
 }
 
@@ -399,6 +424,86 @@ int RunKvSpeed(const KvBenchFlags& f) {
   nlohmann::json j = {{"model", f.model.empty() ? f.dummy_weights : f.model},
                       {"backend", f.backend},
                       {"results", rows}};
+  if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
+  return 0;
+}
+
+int RunKvCapacity(const KvBenchFlags& f) {
+  constexpr char kCmd[] = "strata bench kv-capacity";
+  bench::CapacityOptions o;
+  o.source = {f.model, f.dummy_weights};
+  auto kv_cache = engine::ParseKvCacheType(f.kv_cache_dtype);
+  if (!kv_cache.ok()) return ExitWithError(kCmd, kv_cache.status());
+  o.kv_cache = *kv_cache;
+  o.context = f.context;
+  o.gpu_kv_bytes = static_cast<int64_t>(f.gpu_kv_gib * (1 << 30));
+  o.host_bytes = static_cast<int64_t>(f.host_gib * (1 << 30));
+  o.seqs = f.seqs;
+  o.steps = f.steps;
+  o.warmup = f.warmup;
+  o.max_batch_tokens = f.max_batch_tokens;
+  for (const std::string& name : f.modes) {
+    bench::CapacityMode mode;
+    mode.name = name;
+    const size_t at = name.find("@host:");
+    const std::string type = name.substr(0, at);
+    if (type != "full" && type != "clusterkv") {
+      return ExitWithError(kCmd,
+                           absl::InvalidArgumentError(absl::StrCat("--modes: \"", name,
+                                                                   "\" is not full, clusterkv or "
+                                                                   "clusterkv@host:CODEC")));
+    }
+    mode.policy = MakeConfig(f, type, f.budgets.front());
+    if (at != std::string::npos) {
+      auto codec = engine::ParseKvCodecKind(name.substr(at + 6));
+      if (!codec.ok()) return ExitWithError(kCmd, codec.status());
+      if (type != "clusterkv") {
+        return ExitWithError(kCmd, absl::InvalidArgumentError(
+                                       "--modes: only clusterkv keeps clusters in the host tier"));
+      }
+      if (o.host_bytes <= 0) {
+        return ExitWithError(kCmd, absl::InvalidArgumentError(
+                                       absl::StrCat("--modes ", name, " needs --host-gib > 0")));
+      }
+      mode.host_codec = *codec;
+    }
+    o.modes.push_back(std::move(mode));
+  }
+  auto backend = CreateBackend(f.backend, f.threads);
+  if (!backend.ok()) return ExitWithError(kCmd, backend.status());
+  auto result = bench::RunKvCapacity(backend->get(), o);
+  if (!result.ok()) return ExitWithError(kCmd, result.status());
+  std::printf("%-22s %5s %5s %10s %12s %9s %11s %12s %s\n", "mode", "seqs", "fits", "step_ms",
+              "decode_tok/s", "ring_hit", "recall_MiB", "host_GiB", "upper_pages");
+  nlohmann::json points = nlohmann::json::array();
+  for (const bench::CapacityPoint& p : result->points) {
+    std::printf("%-22s %5d %5s %10.2f %12.1f %9.3f %11.1f %12.2f %d/%d %s\n", p.mode.c_str(),
+                p.seqs, p.fits ? "yes" : "no", p.step_ms, p.decode_tokens_per_s, p.ring_hit_rate,
+                p.recall_mib_per_step, static_cast<double>(p.host_bytes_used) / (1 << 30),
+                p.upper_pages_used, p.upper_pages_total, p.why.c_str());
+    points.push_back({{"mode", p.mode},
+                      {"seqs", p.seqs},
+                      {"fits", p.fits},
+                      {"step_ms", p.step_ms},
+                      {"decode_tokens_per_s", p.decode_tokens_per_s},
+                      {"ring_hit_rate", p.ring_hit_rate},
+                      {"recall_mib_per_step", p.recall_mib_per_step},
+                      {"host_bytes_used", p.host_bytes_used},
+                      {"upper_pages_used", p.upper_pages_used},
+                      {"upper_pages_total", p.upper_pages_total},
+                      {"why", p.why}});
+  }
+  nlohmann::json sizing = nlohmann::json::object();
+  for (const auto& [mode, text] : result->sizing) sizing[mode] = text;
+  nlohmann::json j = {{"model", f.model.empty() ? f.dummy_weights : f.model},
+                      {"backend", f.backend},
+                      {"context", f.context},
+                      {"gpu_kv_gib", f.gpu_kv_gib},
+                      {"host_gib", f.host_gib},
+                      {"budget", f.budgets.front()},
+                      {"steps", f.steps},
+                      {"sizing", sizing},
+                      {"points", points}};
   if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
   return 0;
 }

@@ -8,6 +8,9 @@
 //   strata bench kv-speed --dummy-weights llama-3-8b --backend cuda
 //       [--context 32768] [--batch 1,8] [--budgets 1024,2048]
 //       [--host-tiers gpu,half,host] [--codec bf16] [--json FILE]
+//   strata bench kv-capacity --dummy-weights llama-3-8b --backend cuda
+//       [--context 32768] [--gpu-kv-gib 50] [--host-gib 80] [--seqs 4,8,12,24,48]
+//       [--modes full,clusterkv,clusterkv@host:int4] [--json FILE]
 //
 // Exit status: 0; 2 for invalid flags or inputs; 1 when a run fails.
 #ifndef STRATA_CLI_KV_BENCH_COMMAND_H_
@@ -52,14 +55,21 @@ struct KvBenchFlags {
   // kv-policies: each clusterkv config also with every cluster in the host
   // tier, once per codec.
   std::vector<std::string> tier_codecs;
+  // kv-capacity (with context, steps, warmup and the first budget above)
+  std::vector<int> seqs;
+  std::vector<std::string> modes;  // full, clusterkv, clusterkv@host:CODEC
+  double gpu_kv_gib = 50;
+  double host_gib = 0;
+  int max_batch_tokens = 8192;
   std::string json;
 };
 
-// Registers kv-policies and kv-speed under `bench`.
+// Registers kv-policies, kv-speed and kv-capacity under `bench`.
 void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& flags, int& exit_code);
 
 int RunKvPolicies(const KvBenchFlags& flags);
 int RunKvSpeed(const KvBenchFlags& flags);
+int RunKvCapacity(const KvBenchFlags& flags);
 
 }  // namespace strata::cli
 

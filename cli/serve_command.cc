@@ -19,10 +19,12 @@
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/metrics_server.h"
+#include "common/status_macros.h"
 #include "engine/async_engine.h"
 #include "engine/model_loader.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
+#include "kvtier/kv_sizing.h"
 #include "kvtier/profile.h"
 #include "router/generation_service.h"
 #include "router/server_metrics.h"
@@ -32,6 +34,55 @@ namespace strata::cli {
 namespace {
 
 int Fail(const absl::Status& status) { return ExitWithError("strata serve", status); }
+
+// Sizes the KV cache from the profiles when they give a GPU budget or keep
+// clusters in the host tier (kvtier::SizeKvCacheForProfiles): the page
+// groups, and --max-seqs / --max-sparse-seqs grown to the sequences the
+// tiers hold unless they were given. Otherwise `options` stay as the flags
+// set them.
+absl::Status SizeFromProfiles(const ServeFlags& f, const std::vector<kvtier::KvProfile>& profiles,
+                              const engine::Backend& backend, engine::ModelOptions& options,
+                              int& max_sparse_seqs) {
+  int64_t gpu_bytes = 0;
+  bool tiered = false;
+  for (const kvtier::KvProfile& p : profiles) {
+    gpu_bytes += p.tiers.gpu_bytes;
+    tiered |= p.policy.type == "clusterkv" && p.tiers.host_bytes > 0;
+  }
+  if (gpu_bytes == 0 && !tiered) return absl::OkStatus();
+  if (gpu_bytes > 0 && f.kv_pages > 0) {
+    return absl::InvalidArgumentError(
+        "--kv-pages and the profiles' tiers.gpu_bytes both size the KV cache: give one");
+  }
+  STRATA_ASSIGN_OR_RETURN(const engine::ModelConfig config,
+                          engine::LoadSourceConfig({f.model_dir, f.dummy_weights}));
+  kvtier::KvSizingInput in;
+  in.config = config;
+  in.kv_dtype = options.kv_cache == engine::KvCacheType::kFp8E4M3 ? engine::DType::kF8E4M3
+                                                                  : backend.activation_dtype();
+  in.page_size = options.page_size;
+  in.max_context = std::min(options.max_context, config.max_position_embeddings);
+  const int64_t token_bytes = int64_t{2} * config.num_layers * config.num_kv_heads *
+                              config.head_dim *
+                              static_cast<int64_t>(engine::DTypeSize(in.kv_dtype));
+  const int64_t context_pages = (in.max_context + in.page_size - 1) / in.page_size;
+  in.gpu_bytes = gpu_bytes > 0 ? gpu_bytes
+                 : f.kv_pages > 0
+                     ? int64_t{f.kv_pages} * in.page_size * token_bytes
+                     : int64_t{options.max_seqs} * context_pages * in.page_size * token_bytes;
+  STRATA_ASSIGN_OR_RETURN(const kvtier::KvSizing sizing,
+                          kvtier::SizeKvCacheForProfiles(profiles, in));
+  options.num_pages = sizing.num_pages;
+  options.num_upper_pages = sizing.num_upper_pages;
+  options.upper_first_layer = sizing.upper_first_layer;
+  if (tiered) {
+    if (!f.max_seqs_given) options.max_seqs = std::max(options.max_seqs, sizing.sequences);
+    if (!f.max_sparse_seqs_given) max_sparse_seqs = std::max(max_sparse_seqs, sizing.sequences);
+  }
+  STRATA_LOG_INFO("KV cache of {} bytes: {}; up to {} sequences per step, {} sparse", in.gpu_bytes,
+                  sizing.Describe(), options.max_seqs, max_sparse_seqs);
+  return absl::OkStatus();
+}
 
 }  // namespace
 
@@ -48,21 +99,26 @@ void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
       ->check(CLI::Range(-1, 65535));
   cmd->add_option("--backend", f.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
-  cmd->add_option("--max-seqs", f.max_seqs, "Sequences per decode batch")
-      ->check(CLI::Range(1, 4096));
+  CLI::Option* max_seqs =
+      cmd->add_option("--max-seqs", f.max_seqs,
+                      "Sequences per decode batch (default 64, or what the KV tiers hold)")
+          ->check(CLI::Range(1, 4096));
   cmd->add_option("--max-context", f.max_context, "Tokens per sequence (prompt + completion)")
       ->check(CLI::Range(2, 1 << 22));
   cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Tokens per step")
       ->check(CLI::Range(1, 1 << 20));
-  cmd->add_option(
-         "--max-sparse-seqs", f.max_sparse_seqs,
-         "Sequences of sparse-policy profiles decoding sparsely at once (more decode densely)")
-      ->check(CLI::Range(1, 4096));
+  CLI::Option* max_sparse_seqs =
+      cmd->add_option("--max-sparse-seqs", f.max_sparse_seqs,
+                      "Sequences of sparse-policy profiles decoding sparsely at once (more decode "
+                      "densely; default 8, or what the KV tiers hold)")
+          ->check(CLI::Range(1, 4096));
   cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
                   "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
       ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
   cmd->add_option("--kv-pages", f.kv_pages,
-                  "KV cache pages of 16 tokens (0: max-seqs full contexts)")
+                  "KV cache of this many 16-token pages of every layer (0: the profiles' "
+                  "tiers.gpu_bytes, else max-seqs full contexts); with a host tier it is "
+                  "divided as kvtier/kv_sizing.h says")
       ->check(CLI::Range(0, 1 << 24));
   cmd->add_option("--max-in-flight", f.max_in_flight,
                   "Requests admitted at once; more get RESOURCE_EXHAUSTED")
@@ -81,7 +137,11 @@ void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
          "Tokens a stream may have undelivered (its client not reading) before it is cancelled")
       ->check(CLI::Range(1, 1 << 24));
   cmd->add_option("--profile", f.profiles, "KV profile YAML file a request may name (repeatable)");
-  cmd->callback([&f, &exit_code] { exit_code = RunServe(f); });
+  cmd->callback([&f, &exit_code, max_seqs, max_sparse_seqs] {
+    f.max_seqs_given = max_seqs->count() > 0;
+    f.max_sparse_seqs_given = max_sparse_seqs->count() > 0;
+    exit_code = RunServe(f);
+  });
 }
 
 int RunServe(const ServeFlags& f) {
@@ -127,6 +187,10 @@ int RunServe(const ServeFlags& f) {
   auto kv_cache = engine::ParseKvCacheType(f.kv_cache_dtype);
   if (!kv_cache.ok()) return Fail(kv_cache.status());
   options.kv_cache = *kv_cache;
+  int max_sparse = f.max_sparse_seqs;
+  if (absl::Status s = SizeFromProfiles(f, profiles, **backend, options, max_sparse); !s.ok()) {
+    return Fail(s);
+  }
   auto loaded = engine::LoadModel({f.model_dir, f.dummy_weights}, backend->get(), options);
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Model& model = *loaded->model;
@@ -158,8 +222,8 @@ int RunServe(const ServeFlags& f) {
     // ClusterKV profiles with a host tier keep their clusters there.
     auto tier = kvtier::KvTierOptions::FromProfiles(profiles, kv_manager->get());
     if (!tier.ok()) return Fail(tier.status());
-    auto runner = kvtier::KvPolicyRunner::Create(
-        loaded->model.get(), policies, {.max_sparse_seqs = f.max_sparse_seqs, .tier = *tier});
+    auto runner = kvtier::KvPolicyRunner::Create(loaded->model.get(), policies,
+                                                 {.max_sparse_seqs = max_sparse, .tier = *tier});
     if (!runner.ok()) return Fail(runner.status());
     kv_policies = std::move(*runner);
     if (absl::Status s = loaded->model->set_attention_planner(kv_policies.get()); !s.ok()) {

@@ -24,12 +24,13 @@ struct ServeFlags {
   int metrics_port = -1;  // -1: no metrics endpoint; 0 picks a free port
   std::string backend = "cpu";
   int threads = 0;
-  int max_seqs = 64;
+  int max_seqs = 64;  // grown to what the KV tiers hold unless given
   int max_context = 4096;
   int max_batch_tokens = 2048;
   int kv_pages = 0;
   std::string kv_cache_dtype = "auto";
-  int max_sparse_seqs = 8;
+  int max_sparse_seqs = 8;  // grown likewise
+  bool max_seqs_given = false, max_sparse_seqs_given = false;
   int max_in_flight = 256;
   size_t max_request_bytes = router::kDefaultMaxRequestBytes;
   int max_undelivered_tokens = 8192;

@@ -12,6 +12,7 @@ AsyncEngine::AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOption
       batcher_(model, tokenizer, options, kv_memory),
       after_step_(std::move(after_step)) {
   free_pages_ = batcher_.free_pages();
+  upper_free_pages_ = batcher_.free_upper_pages();
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -50,6 +51,9 @@ AsyncEngine::Stats AsyncEngine::GetStats() const {
   s.swapped = swapped_.load();
   s.free_pages = free_pages_.load();
   s.total_pages = model_->options().num_pages;
+  s.upper_free_pages = upper_free_pages_.load();
+  s.upper_total_pages = model_->options().num_upper_pages;
+  s.upper_pages_released = upper_pages_released_.load();
   s.steps = steps_.load();
   s.preemptions = preemptions_.load();
   s.failed_sequences = failed_sequences_.load();
@@ -115,6 +119,7 @@ void AsyncEngine::Loop() {
       failed_sequences_ = batcher_.num_failed();
       swapped_out_ = batcher_.num_swapped_out();
       kv_lost_ = batcher_.num_kv_lost();
+      upper_pages_released_ = batcher_.num_upper_pages_released();
       if (after_step_) after_step_();
       if (!events.ok()) {
         STRATA_LOG_ERROR("engine step failed: {}", events.status().ToString());
@@ -132,6 +137,7 @@ void AsyncEngine::Loop() {
     running_ = batcher_.num_running();
     swapped_ = batcher_.num_swapped();
     free_pages_ = batcher_.free_pages();
+    upper_free_pages_ = batcher_.free_upper_pages();
     if (stopping && !batcher_.HasWork()) {
       // Requests submitted after stop_ was set were refused; none remain.
       return;

@@ -33,16 +33,19 @@ class AsyncEngine {
   using EventSink = std::function<void(const TokenEvent& event)>;
 
   struct Stats {
-    int waiting = 0;               // submitted, prefill not finished
-    int running = 0;               // decoding
-    int swapped = 0;               // paused, KV in the host tier
-    int free_pages = 0;            // KV pages free
-    int total_pages = 0;           // KV pages in the cache
-    int64_t steps = 0;             // steps run so far
-    int64_t preemptions = 0;       // sequences preempted (swapped or recomputed later)
-    int64_t swapped_out = 0;       // of which swapped to the host tier
-    int64_t kv_lost = 0;           // swapped sequences whose host copy failed its check
-    int64_t failed_sequences = 0;  // sequences ended by an error of their own
+    int waiting = 0;                   // submitted, prefill not finished
+    int running = 0;                   // decoding
+    int swapped = 0;                   // paused, KV in the host tier
+    int free_pages = 0;                // KV pages free (the lower group's with two)
+    int total_pages = 0;               // KV pages in the cache
+    int upper_free_pages = 0;          // the upper page group's (engine/kv_memory.h)
+    int upper_total_pages = 0;         // ... 0 with one group
+    int64_t upper_pages_released = 0;  // freed as their tokens went to the host tier
+    int64_t steps = 0;                 // steps run so far
+    int64_t preemptions = 0;           // sequences preempted (swapped or recomputed later)
+    int64_t swapped_out = 0;           // of which swapped to the host tier
+    int64_t kv_lost = 0;               // swapped sequences whose host copy failed its check
+    int64_t failed_sequences = 0;      // sequences ended by an error of their own
   };
 
   // Model and tokenizer (may be null) must outlive the engine. `after_step`
@@ -83,9 +86,9 @@ class AsyncEngine {
   std::vector<uint64_t> cancels_;
   bool stop_ = false;
 
-  std::atomic<int> waiting_{0}, running_{0}, swapped_{0}, free_pages_{0};
+  std::atomic<int> waiting_{0}, running_{0}, swapped_{0}, free_pages_{0}, upper_free_pages_{0};
   std::atomic<int64_t> steps_{0}, preemptions_{0}, failed_sequences_{0}, swapped_out_{0},
-      kv_lost_{0};
+      kv_lost_{0}, upper_pages_released_{0};
   std::function<void()> after_step_;
   std::thread thread_;
 };

@@ -113,6 +113,7 @@ class Batcher {
   int num_swapped() const { return static_cast<int>(swapped_.size()); }
   // Free pages of the lower page group (of every layer with one group).
   int free_pages() const { return kv_->num_free_pages(PageGroup::kLower); }
+  int free_upper_pages() const { return kv_->num_free_pages(PageGroup::kUpper); }
   // Sequences preempted so far (swapped to the host tier or recomputed).
   int64_t num_preemptions() const { return num_preemptions_; }
   // Of those, sequences whose KV went to the host tier.

@@ -11,22 +11,23 @@
 
 namespace strata::engine {
 
+absl::StatusOr<ModelConfig> LoadSourceConfig(const ModelSource& source) {
+  if (!source.dummy_preset.empty() && source.dummy_preset != "config") {
+    return PresetModelConfig(source.dummy_preset);
+  }
+  if (source.model_dir.empty()) return absl::InvalidArgumentError("no model directory given");
+  if (!std::filesystem::is_directory(source.model_dir)) {
+    return absl::NotFoundError(absl::StrCat(source.model_dir, ": not a directory"));
+  }
+  return LoadModelConfig(source.model_dir);
+}
+
 absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backend,
                                       const ModelOptions& options) {
   namespace fs = std::filesystem;
   const auto start = std::chrono::steady_clock::now();
   LoadedModel loaded;
-  ModelConfig config;
-  const bool use_preset = !source.dummy_preset.empty() && source.dummy_preset != "config";
-  if (use_preset) {
-    STRATA_ASSIGN_OR_RETURN(config, PresetModelConfig(source.dummy_preset));
-  } else {
-    if (source.model_dir.empty()) return absl::InvalidArgumentError("no model directory given");
-    if (!fs::is_directory(source.model_dir)) {
-      return absl::NotFoundError(absl::StrCat(source.model_dir, ": not a directory"));
-    }
-    STRATA_ASSIGN_OR_RETURN(config, LoadModelConfig(source.model_dir));
-  }
+  STRATA_ASSIGN_OR_RETURN(ModelConfig config, LoadSourceConfig(source));
   if (!source.model_dir.empty()) {
     const bool has_tokenizer = fs::exists(fs::path(source.model_dir) / "tokenizer.json") ||
                                fs::exists(fs::path(source.model_dir) / "tokenizer.model");

@@ -35,6 +35,10 @@ struct LoadedModel {
 absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backend,
                                       const ModelOptions& options);
 
+// The config LoadModel would use, without loading anything else (to size
+// the options before the load).
+absl::StatusOr<ModelConfig> LoadSourceConfig(const ModelSource& source);
+
 }  // namespace strata::engine
 
 #endif  // STRATA_ENGINE_MODEL_LOADER_H_

@@ -195,10 +195,6 @@ absl::Status CheckSupported(const KvProfile& p, const std::string& source) {
                                                  " is not available in this build yet (profile \"",
                                                  p.name, "\")"));
   };
-  if (p.tiers.gpu_bytes > 0) {
-    return unsupported("tiers.gpu_bytes",
-                       "(a per-profile GPU budget; size the cache with --kv-pages)");
-  }
   if (!p.tiers.ssd_path.empty()) return unsupported("tiers.ssd_path", "(an SSD tier)");
   return absl::OkStatus();
 }

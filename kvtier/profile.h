@@ -49,7 +49,7 @@ struct KvPolicyConfig {
 };
 
 struct TierConfig {
-  int64_t gpu_bytes = 0;   // 0: whatever the KV cache was sized to
+  int64_t gpu_bytes = 0;   // 0: no share of its own (the server's flags size the cache)
   int64_t host_bytes = 0;  // 0: no host tier
   std::string ssd_path;    // empty: no SSD tier
   int64_t ssd_bytes = 0;
@@ -72,10 +72,12 @@ absl::StatusOr<KvProfile> ParseProfile(const std::string& yaml_text, const std::
 absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 
 // Unimplemented naming the key when this build cannot run the profile yet
-// (today: any kv_policy.type and codec, a host tier, but no per-profile GPU
-// budget and no SSD tier). The codec applies to the clusters a ClusterKV
-// profile with a host tier keeps there; preempted sequences swap raw, so a
-// pause never changes their tokens.
+// (today: any kv_policy.type and codec, GPU and host budgets, but no SSD
+// tier). A server's GPU KV cache is its profiles' gpu_bytes together, and
+// its host tier their host_bytes (kvtier/kv_sizing.h divides them; a
+// budget per workload is not enforced yet). The codec applies to the
+// clusters a ClusterKV profile with a host tier keeps there; preempted
+// sequences swap raw, so a pause never changes their tokens.
 absl::Status CheckSupported(const KvProfile& profile, const std::string& source);
 
 // Parses "8GiB", "512 MB", "1024": InvalidArgument otherwise.

@@ -56,10 +56,20 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                                              "KV cache pages in the cache."));
   STRATA_ASSIGN_OR_RETURN(m->usage_, metrics::AddGauge(r, "strata_kv_cache_usage_ratio",
                                                        "Fraction of KV cache pages in use."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->upper_used_,
+      metrics::AddGauge(r, "strata_kv_upper_pages_used",
+                        "Pages of the upper layers' page group held by sequences (0 with one "
+                        "group)."));
+  STRATA_ASSIGN_OR_RETURN(m->upper_total_, metrics::AddGauge(r, "strata_kv_upper_pages_total",
+                                                             "Pages of the upper layers' group."));
   auto counter = [&](TotalCounter& c, const char* name, const char* help) -> absl::Status {
     STRATA_ASSIGN_OR_RETURN(c.counter, metrics::AddCounter(r, name, help));
     return absl::OkStatus();
   };
+  STRATA_RETURN_IF_ERROR(counter(m->upper_released_, "strata_kv_upper_pages_released_total",
+                                 "Upper-layer pages freed because their tokens' KV went to the "
+                                 "host tier."));
   STRATA_RETURN_IF_ERROR(
       counter(m->preemptions_, "strata_preemptions_total",
               "Sequences preempted for KV pages (swapped to the host tier, or recomputed "
@@ -139,8 +149,17 @@ void ServerMetrics::UpdateGauges(const engine::AsyncEngine::Stats& s, int reques
   const int used = s.total_pages - s.free_pages;
   pages_used_->Set(used);
   pages_total_->Set(s.total_pages);
-  usage_->Set(s.total_pages > 0 ? static_cast<double>(used) / s.total_pages : 0.0);
+  const int upper_used = s.upper_total_pages - s.upper_free_pages;
+  upper_used_->Set(upper_used);
+  upper_total_->Set(s.upper_total_pages);
+  // Admission stops at whichever group fills first.
+  double usage = s.total_pages > 0 ? static_cast<double>(used) / s.total_pages : 0.0;
+  if (s.upper_total_pages > 0) {
+    usage = std::max(usage, static_cast<double>(upper_used) / s.upper_total_pages);
+  }
+  usage_->Set(usage);
   std::lock_guard<std::mutex> lock(totals_mu_);
+  upper_released_.Advance(s.upper_pages_released);
   preemptions_.Advance(s.preemptions);
   failed_sequences_.Advance(s.failed_sequences);
 }

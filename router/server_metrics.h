@@ -11,6 +11,12 @@
 //   strata_requests_in_flight                   admitted and not finished
 //   strata_requests_waiting / _running          in the engine's queue / batch
 //   strata_kv_cache_pages_used / _total, strata_kv_cache_usage_ratio
+//                                               (the usage of the fuller page
+//                                               group when there are two)
+//   strata_kv_upper_pages_used / _total         the upper layers' page group
+//                                               (0 with one group)
+//   strata_kv_upper_pages_released_total        upper pages freed as their
+//                                               tokens went to the host tier
 //   strata_preemptions_total                    sequences preempted for KV
 //                                               pages (swapped or recomputed)
 //   strata_sequences_failed_total               sequences ended by an error
@@ -108,6 +114,8 @@ class ServerMetrics {
   prometheus::Gauge* pages_used_ = nullptr;
   prometheus::Gauge* pages_total_ = nullptr;
   prometheus::Gauge* usage_ = nullptr;
+  prometheus::Gauge* upper_used_ = nullptr;
+  prometheus::Gauge* upper_total_ = nullptr;
   prometheus::Gauge* swapped_ = nullptr;
   prometheus::Gauge* host_used_ = nullptr;
   prometheus::Gauge* host_total_ = nullptr;
@@ -121,7 +129,7 @@ class ServerMetrics {
     void Advance(int64_t total);
   };
   std::mutex totals_mu_;
-  TotalCounter preemptions_, failed_sequences_;
+  TotalCounter preemptions_, failed_sequences_, upper_released_;
   TotalCounter sparse_queries_, dense_no_slot_, clusterings_;
   TotalCounter swap_outs_, swap_ins_, swap_outs_refused_, bytes_to_host_, bytes_from_host_,
       records_lost_;

@@ -79,7 +79,7 @@ echo "$out" | grep -q "device idle" || fail "kv-speed op timing: $out"
 expect_error "must be >= 1" bench kv-speed --dummy-weights tiny --steps 0
 # A ClusterKV profile whose clusters live in the host tier (raw codec) gives
 # the tokens of the same profile keeping them on the GPU, and the summary
-# shows the clusters moved there and recalled.
+# shows the clusters moved there and recalled, and their GPU pages freed.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 policy='kv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, window_tokens: 16, tokens_per_cluster: 8, full_layers: 1}'
@@ -94,6 +94,8 @@ host=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 -
   || fail "host-homed clusters changed the tokens"
 grep summary <<< "$host" | grep -Eq '"offloads":[1-9]' || fail "no offload: $host"
 grep summary <<< "$host" | grep -Eq '"recall_tokens":[1-9]' || fail "no recall: $host"
+grep summary <<< "$host" | grep -Eq '"upper_pages_released":[1-9]' \
+  || fail "no GPU page of host-homed clusters freed: $host"
 printf 'name: x\ntiers: {ssd_path: /tmp/x}\n' > "$tmp/ssd.yaml"
 expect_error "tiers.ssd_path" generate --model "$model" --prompt hi --profile "$tmp/ssd.yaml"
 echo "cli tests passed"

@@ -247,9 +247,13 @@ struct ModelRun {
   kvtier::KvPolicyRunner::Stats stats;
   int graphs = 0;
   bool idle = false;
+  int64_t upper_released = 0;
 };
 
-ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecKind codec) {
+// upper_pages > 0: two page groups, the upper one from layer 1 (the
+// policy's sparse layers), whose pages of offloaded clusterings are freed.
+ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecKind codec,
+                  int upper_pages = 0) {
   ModelRun out;
   engine::ModelOptions options;
   options.max_seqs = 8;
@@ -257,6 +261,8 @@ ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecK
   options.max_batch_tokens = 128;
   options.page_size = 8;
   options.num_pages = 600;
+  options.num_upper_pages = upper_pages;
+  options.upper_first_layer = 1;
   options.decode_graphs = graphs;
   options.kv_cache = fp8 ? engine::KvCacheType::kFp8E4M3 : engine::KvCacheType::kActivation;
   auto loaded = engine::LoadModel({FixturePath("models/llama_gqa"), ""}, &backend, options);
@@ -296,22 +302,26 @@ ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecK
       if (!events.ok()) break;
       for (const auto& e : *events) out.tokens[e.request_id].push_back(e.token_id);
     }
+    out.upper_released = batcher.num_upper_pages_released();
   }
   out.graphs = model->num_decode_graphs();
   out.stats = (*runner)->stats();
+  EXPECT_TRUE((*manager)->Poll().ok());
   out.idle = (*manager)->Idle() && (*runner)->num_free_slots() == 8;
   EXPECT_TRUE(model->set_attention_planner(nullptr).ok());
   return out;
 }
 
-class CudaTieringModelTest : public ::testing::TestWithParam<std::tuple<bool, bool>> {};
+// (graphs, fp8 cache, two page groups with the upper pages freed)
+class CudaTieringModelTest : public ::testing::TestWithParam<std::tuple<bool, bool, bool>> {};
 
 TEST_P(CudaTieringModelTest, HostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
   auto backend = CreateCudaBackend(0);
   if (!backend.ok()) GTEST_SKIP() << "no usable GPU: " << backend.status();
-  const auto [graphs, fp8] = GetParam();
+  const auto [graphs, fp8, freed] = GetParam();
   const ModelRun gpu = RunModel(**backend, false, graphs, fp8, KvCodecKind::kBf16);
-  const ModelRun host = RunModel(**backend, true, graphs, fp8, KvCodecKind::kBf16);
+  const ModelRun host = RunModel(**backend, true, graphs, fp8, KvCodecKind::kBf16, freed ? 300 : 0);
+  if (freed) EXPECT_GT(host.upper_released, 0);
   EXPECT_GT(host.stats.offloads, 0);
   EXPECT_GT(host.stats.recall_tokens, 0);
   EXPECT_GT(host.stats.recall_hit_tokens, 0);
@@ -325,10 +335,12 @@ TEST_P(CudaTieringModelTest, HostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CudaTieringModelTest,
-                         ::testing::Combine(::testing::Bool(), ::testing::Bool()),
+                         ::testing::Combine(::testing::Bool(), ::testing::Bool(),
+                                            ::testing::Bool()),
                          [](const auto& info) {
                            return std::string(std::get<0>(info.param) ? "graphs" : "direct") +
-                                  (std::get<1>(info.param) ? "_fp8" : "_bf16");
+                                  (std::get<1>(info.param) ? "_fp8" : "_bf16") +
+                                  (std::get<2>(info.param) ? "_freed" : "");
                          });
 
 TEST(CudaTieringModelCodecTest, QuantisedCodecsServeEveryRequest) {

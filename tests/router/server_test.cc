@@ -470,7 +470,7 @@ namespace {
 TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt) {
   // The same ClusterKV policy with and without a host tier in one server:
   // the same tokens, the host one's clusters moved there and recalled, and
-  // every host byte back when the request ends.
+  // every host byte and GPU page back when the request ends.
   const std::string policy =
       "kv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, window_tokens: 16, "
       "tokens_per_cluster: 16, full_layers: 1}\n";
@@ -495,6 +495,12 @@ TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt
   EXPECT_GT(server.Metric("strata_kv_recall_bytes_total"), 0);
   EXPECT_EQ(server.Metric("strata_kv_recall_bad_pieces_total"), 0);
   EXPECT_EQ(server.WaitForMetric("strata_kv_host_bytes_used", [](double v) { return v == 0; }), 0);
+  // The host profile's sparse layers got a page group of their own, whose
+  // pages of clusters in the host tier were freed, and every page is back.
+  EXPECT_GT(server.Metric("strata_kv_upper_pages_total"), 0);
+  EXPECT_GT(server.Metric("strata_kv_upper_pages_released_total"), 0);
+  EXPECT_EQ(server.WaitForMetric("strata_kv_upper_pages_used", [](double v) { return v == 0; }), 0);
+  EXPECT_EQ(server.Metric("strata_kv_cache_pages_used"), 0);
 }
 
 }  // namespace
