@@ -148,6 +148,8 @@ absl::Status RunMode(engine::Backend* backend, const CapacityOptions& o, const C
         point.ring_hit_rate = all > 0 ? hit / all : 0;
         point.recall_mib_per_step =
             static_cast<double>(s1.recall_kib - s0.recall_kib) / 1024.0 / o.steps;
+        point.recall_ms_per_step =
+            static_cast<double>(s1.recall_micros - s0.recall_micros) / 1e3 / o.steps;
       }
       const kvtier::KvBlockManager::Stats ms = run.manager->stats();
       point.host_bytes_used = ms.host_bytes_used;

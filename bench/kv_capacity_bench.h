@@ -56,6 +56,7 @@ struct CapacityPoint {
   double step_ms = 0;
   double ring_hit_rate = 0;  // host-homed selected tokens found in the ring
   double recall_mib_per_step = 0;
+  double recall_ms_per_step = 0;  // the recalls' device time
   int64_t host_bytes_used = 0;
   int upper_pages_used = 0, upper_pages_total = 0;
   std::string why;  // when it does not fit

@@ -351,6 +351,8 @@ int RunGenerate(const GenerateFlags& f) {
       kv["recall_tokens"] = s.recall_tokens;
       kv["recall_bytes"] = s.recall_kib * 1024;
       kv["recall_bad_pieces"] = s.recall_bad_pieces;
+      kv["recall_ms"] = static_cast<double>(s.recall_micros) / 1e3;
+      kv["recall_steps"] = s.recall_steps;
       kv["lost_sequences"] = s.lost_sequences;
     }
   }

@@ -473,14 +473,15 @@ int RunKvCapacity(const KvBenchFlags& f) {
   if (!backend.ok()) return ExitWithError(kCmd, backend.status());
   auto result = bench::RunKvCapacity(backend->get(), o);
   if (!result.ok()) return ExitWithError(kCmd, result.status());
-  std::printf("%-22s %5s %5s %10s %12s %9s %11s %12s %s\n", "mode", "seqs", "fits", "step_ms",
-              "decode_tok/s", "ring_hit", "recall_MiB", "host_GiB", "upper_pages");
+  std::printf("%-22s %5s %5s %10s %12s %9s %11s %10s %9s %s\n", "mode", "seqs", "fits", "step_ms",
+              "decode_tok/s", "ring_hit", "recall_MiB", "recall_ms", "host_GiB", "upper_pages");
   nlohmann::json points = nlohmann::json::array();
   for (const bench::CapacityPoint& p : result->points) {
-    std::printf("%-22s %5d %5s %10.2f %12.1f %9.3f %11.1f %12.2f %d/%d %s\n", p.mode.c_str(),
+    std::printf("%-22s %5d %5s %10.2f %12.1f %9.3f %11.1f %10.2f %9.2f %d/%d %s\n", p.mode.c_str(),
                 p.seqs, p.fits ? "yes" : "no", p.step_ms, p.decode_tokens_per_s, p.ring_hit_rate,
-                p.recall_mib_per_step, static_cast<double>(p.host_bytes_used) / (1 << 30),
-                p.upper_pages_used, p.upper_pages_total, p.why.c_str());
+                p.recall_mib_per_step, p.recall_ms_per_step,
+                static_cast<double>(p.host_bytes_used) / (1 << 30), p.upper_pages_used,
+                p.upper_pages_total, p.why.c_str());
     points.push_back({{"mode", p.mode},
                       {"seqs", p.seqs},
                       {"fits", p.fits},
@@ -488,6 +489,7 @@ int RunKvCapacity(const KvBenchFlags& f) {
                       {"decode_tokens_per_s", p.decode_tokens_per_s},
                       {"ring_hit_rate", p.ring_hit_rate},
                       {"recall_mib_per_step", p.recall_mib_per_step},
+                      {"recall_ms_per_step", p.recall_ms_per_step},
                       {"host_bytes_used", p.host_bytes_used},
                       {"upper_pages_used", p.upper_pages_used},
                       {"upper_pages_total", p.upper_pages_total},

@@ -218,7 +218,10 @@ enum KvTierStat : int {
   kStatRecalledPieces = 3,
   kStatRecalledKiB = 4,  // host bytes read, KiB (rounded up per piece)
   kStatBadPieces = 5,
-  kKvTierStats = 6,
+  // Microseconds the recall took on the device (or the CPU), from the start
+  // of its planning to its last piece decoded, summed over its calls.
+  kStatRecallMicros = 6,
+  kKvTierStats = 7,
 };
 
 // One layer's tiering tables (device tensors, I32), by pool slot.

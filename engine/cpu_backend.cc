@@ -1,6 +1,7 @@
 #include "engine/cpu_backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -759,7 +760,16 @@ class CpuBackend final : public Backend {
   absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, const AttentionBatch&,
                             SparsePlan& plan, const Tensor& extents, TierTables& tables,
                             TierRing& ring) override {
-    return cpu_tiering::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring);
+    const auto start = std::chrono::steady_clock::now();
+    absl::Status recalled =
+        cpu_tiering::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring);
+    if (recalled.ok()) {
+      const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                             std::chrono::steady_clock::now() - start)
+                             .count();
+      ring.stats.data_as<int32_t>()[kStatRecallMicros] += static_cast<int32_t>((ns + 999) / 1000);
+    }
+    return recalled;
   }
 
   absl::Status SampleTokens(const Tensor& logits, const SamplingTable& sampling, Tensor& token_ids,

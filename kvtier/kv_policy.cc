@@ -704,6 +704,8 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
   stats_.recall_pieces += counts[engine::kStatRecalledPieces];
   stats_.recall_kib += counts[engine::kStatRecalledKiB];
   stats_.recall_bad_pieces += counts[engine::kStatBadPieces];
+  stats_.recall_micros += counts[engine::kStatRecallMicros];
+  ++stats_.recall_steps;
   for (const auto& [id, seq] : sequences_) {
     const int32_t bits = status[seq.state.slot];
     if (bits == engine::kRecallOk || seq.ring_pages.empty()) continue;

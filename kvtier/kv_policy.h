@@ -171,7 +171,11 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t recall_pieces = 0;
     int64_t recall_kib = 0;         // host KiB read
     int64_t recall_bad_pieces = 0;  // pieces that failed their check
-    int64_t lost_sequences = 0;     // sequences recomputed because of them
+    // Device time of the recalls (planning to the last piece decoded), and
+    // the steps that recalled: their ratio is the recall latency per step.
+    int64_t recall_micros = 0;
+    int64_t recall_steps = 0;
+    int64_t lost_sequences = 0;  // sequences recomputed because of them
   };
 
   // policies[i] serves requests with kv_policy i (0 is the default). The

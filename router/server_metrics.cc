@@ -125,6 +125,14 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->recall_bad_, "strata_kv_recall_bad_pieces_total",
                                  "Recalled KV pieces that failed their check; their sequences "
                                  "were recomputed."));
+  STRATA_RETURN_IF_ERROR(counter(m->recall_steps_, "strata_kv_recall_steps_total",
+                                 "Decode steps that recalled host-homed KV."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->recall_seconds_,
+      metrics::AddCounter(r, "strata_kv_recall_seconds_total",
+                          "Device time of the recalls of host-homed KV (planning to the last "
+                          "piece decoded); over strata_kv_recall_steps_total, the recall latency "
+                          "per step."));
   STRATA_RETURN_IF_ERROR(counter(m->records_lost_, "strata_kv_host_records_lost_total",
                                  "Host KV records that failed their CRC check; their sequences "
                                  "were recomputed."));
@@ -180,6 +188,12 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   advance("recalled", stats.recall_tokens, recall_seen_[2]);
   recall_bytes_.Advance(stats.recall_kib * 1024);
   recall_bad_.Advance(stats.recall_bad_pieces);
+  recall_steps_.Advance(stats.recall_steps);
+  if (stats.recall_micros > recall_micros_seen_) {
+    recall_seconds_->Increment(static_cast<double>(stats.recall_micros - recall_micros_seen_) /
+                               1e6);
+    recall_micros_seen_ = stats.recall_micros;
+  }
 }
 
 void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {

@@ -49,6 +49,9 @@
 //   strata_kv_recall_bad_pieces_total           recalled pieces that failed
 //                                               their check (sequence
 //                                               recomputed)
+//   strata_kv_recall_seconds_total              device time of the recalls;
+//   strata_kv_recall_steps_total                over the steps that recalled:
+//                                               the recall latency per step
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -133,7 +136,9 @@ class ServerMetrics {
   TotalCounter sparse_queries_, dense_no_slot_, clusterings_;
   TotalCounter swap_outs_, swap_ins_, swap_outs_refused_, bytes_to_host_, bytes_from_host_,
       records_lost_;
-  TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_;
+  TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
+  prometheus::Counter* recall_seconds_ = nullptr;
+  int64_t recall_micros_seen_ = 0;
   metrics::FixedLabelCounter recall_tokens_;
   int64_t recall_seen_[3] = {0, 0, 0};  // hit, refreshed, recalled
 };

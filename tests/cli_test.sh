@@ -94,6 +94,7 @@ host=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 -
   || fail "host-homed clusters changed the tokens"
 grep summary <<< "$host" | grep -Eq '"offloads":[1-9]' || fail "no offload: $host"
 grep summary <<< "$host" | grep -Eq '"recall_tokens":[1-9]' || fail "no recall: $host"
+grep summary <<< "$host" | grep -Eq '"recall_steps":[1-9]' || fail "no recall time: $host"
 grep summary <<< "$host" | grep -Eq '"upper_pages_released":[1-9]' \
   || fail "no GPU page of host-homed clusters freed: $host"
 printf 'name: x\ntiers: {ssd_path: /tmp/x}\n' > "$tmp/ssd.yaml"

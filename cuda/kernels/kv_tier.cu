@@ -150,6 +150,12 @@ __host__ __device__ size_t RecallSmemLayout(const RecallParams& p, unsigned char
 // 64 selected tokens.
 __host__ __device__ int64_t JobsPerList(int max_keys) { return max_keys + max_keys / 64 + 1; }
 
+__device__ __forceinline__ uint64_t GlobalTimerNs() {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(ns));
+  return ns;
+}
+
 __device__ __forceinline__ int64_t RingSlot(const int32_t* ring_pages, int ring_rows, int page_size,
                                             int32_t pos) {
   const int r = pos % ring_rows;
@@ -171,6 +177,10 @@ __global__ void __launch_bounds__(kThreads) RecallPlanKernel(RecallParams p) {
   RecallSmemLayout(p, recall_smem, &s);
 
   const int entry = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+  if (entry == 0 && h == 0 && tid == 0) {
+    // The recall's start, for its device time (RecallDecodeKernel ends it).
+    *reinterpret_cast<uint64_t*>(static_cast<char*>(p.workspace) + 8) = GlobalTimerNs();
+  }
   const int32_t* fields = p.entries + static_cast<int64_t>(entry) * kPlanFields;
   const int slot = fields[kPlanSlotCol];
   const int nb = fields[kPlanNumBlocksCol];
@@ -433,6 +443,17 @@ __global__ void __launch_bounds__(kThreads) RecallDecodeKernel(RecallParams p) {
     atomicAdd(p.stats + engine::kStatRecalledKiB, kib);
     atomicAdd(p.stats + engine::kStatBadPieces, bad);
   }
+  if (threadIdx.x == 0) {
+    // The last CTA to finish adds the recall's device time.
+    __threadfence();
+    int32_t* done = static_cast<int32_t*>(p.workspace) + 1;
+    if (atomicAdd(done, 1) == static_cast<int32_t>(gridDim.x) - 1) {
+      const uint64_t start =
+          *reinterpret_cast<volatile uint64_t*>(static_cast<char*>(p.workspace) + 8);
+      const uint64_t micros = (GlobalTimerNs() - start) / 1000;
+      atomicAdd(p.stats + engine::kStatRecallMicros, static_cast<int32_t>(micros));
+    }
+  }
 }
 
 }  // namespace
@@ -473,7 +494,9 @@ cudaError_t LaunchRecall(const RecallParams& p, cudaStream_t stream) {
       e != cudaSuccess) {
     return e;
   }
-  if (cudaError_t e = cudaMemsetAsync(p.workspace, 0, 4, stream); e != cudaSuccess) return e;
+  // The job count, the decode CTAs done and the start time (RecallJob list
+  // from byte 16).
+  if (cudaError_t e = cudaMemsetAsync(p.workspace, 0, 16, stream); e != cudaSuccess) return e;
   RecallPlanKernel<Cache><<<dim3(p.num_entries, p.num_kv_heads), kThreads, plan_smem, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   RecallDecodeKernel<Cache><<<p.decode_ctas, kThreads, decode_smem, stream>>>(p);

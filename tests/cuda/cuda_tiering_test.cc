@@ -219,6 +219,10 @@ TEST_F(CudaTierOpsTest, RecallMatchesTheCpuReferenceStepByStep) {
       // Raw pieces hold the cache's dtype: fp32 on the CPU, twice the bytes.
       stats_c[engine::kStatRecalledKiB] = stats_g[engine::kStatRecalledKiB] = 0;
     }
+    // Each backend times its own recalls; both counted every one.
+    EXPECT_GT(stats_c[engine::kStatRecallMicros], 0);
+    EXPECT_GT(stats_g[engine::kStatRecallMicros], 0);
+    stats_c[engine::kStatRecallMicros] = stats_g[engine::kStatRecallMicros] = 0;
     EXPECT_EQ(stats_c, stats_g) << engine::KvCodecKindName(codec);
     EXPECT_EQ(c.I32(c.tables.ring_head), g.I32(g.tables.ring_head));
     EXPECT_EQ(g.I32(g.ring.status)[0], 0);
@@ -322,6 +326,8 @@ TEST_P(CudaTieringModelTest, HostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
   const ModelRun gpu = RunModel(**backend, false, graphs, fp8, KvCodecKind::kBf16);
   const ModelRun host = RunModel(**backend, true, graphs, fp8, KvCodecKind::kBf16, freed ? 300 : 0);
   if (freed) EXPECT_GT(host.upper_released, 0);
+  EXPECT_GT(host.stats.recall_steps, 0);
+  EXPECT_GT(host.stats.recall_micros, 0) << "the recalls' device time is measured";
   EXPECT_GT(host.stats.offloads, 0);
   EXPECT_GT(host.stats.recall_tokens, 0);
   EXPECT_GT(host.stats.recall_hit_tokens, 0);

@@ -354,6 +354,8 @@ TEST(TieringTest, RawHostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
   EXPECT_GT(host.stats.recall_tokens, 0);
   EXPECT_GT(host.stats.recall_hit_tokens + host.stats.recall_refreshed_tokens, 0);
   EXPECT_EQ(host.stats.recall_bad_pieces, 0);
+  EXPECT_GT(host.stats.recall_steps, 0);
+  EXPECT_GE(host.stats.recall_micros, host.stats.recall_steps) << "each recall takes >= 1 us";
   for (uint64_t id = 0; id < 3; ++id) {
     EXPECT_EQ(host.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
   }

@@ -494,6 +494,8 @@ TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt
   EXPECT_GT(server.Metric("strata_kv_recall_tokens_total{result=\"recalled\"}"), 0);
   EXPECT_GT(server.Metric("strata_kv_recall_bytes_total"), 0);
   EXPECT_EQ(server.Metric("strata_kv_recall_bad_pieces_total"), 0);
+  EXPECT_GT(server.Metric("strata_kv_recall_steps_total"), 0);
+  EXPECT_GT(server.Metric("strata_kv_recall_seconds_total"), 0);
   EXPECT_EQ(server.WaitForMetric("strata_kv_host_bytes_used", [](double v) { return v == 0; }), 0);
   // The host profile's sparse layers got a page group of their own, whose
   // pages of clusters in the host tier were freed, and every page is back.
