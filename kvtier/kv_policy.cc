@@ -365,24 +365,35 @@ absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
     return absl::InvalidArgumentError(absl::StrCat(
         "codec ", std::string(engine::KvCodecKindName(codec)), " cannot encode this model's KV"));
   }
-  std::optional<KvBlockManager::HostRegion> region =
-      options_.tier.manager->AllocateHostRegion(units * config.num_kv_heads * engine::kKvHostUnit);
-  if (!region.has_value()) {
-    ++stats_.offload_refused;  // these clusters stay in the paged cache
-    return false;
+  // The pieces of every head, packed: from the sequence's last region if
+  // its tail holds them, else from a new one.
+  const int64_t need = units * config.num_kv_heads;
+  std::optional<KvBlockManager::HostRegion> region;
+  if (seq.tail_units < need) {
+    region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit);
+    if (!region.has_value()) {
+      ++stats_.offload_refused;  // these clusters stay in the paged cache
+      return false;
+    }
   }
+  const int64_t first_unit =
+      region.has_value() ? region->offset / engine::kKvHostUnit : seq.tail_unit;
   engine::TierTables t = SlotTables(layer, seq.state.slot);
   const absl::Status offloaded = model_->backend().OffloadBlocks(
       k_cache, v_cache, range, extents_[layer].Row(seq.state.slot), work.first_block, work.clusters,
-      options_.tier.block_stride, codec, ring_.host, region->offset / engine::kKvHostUnit, units,
-      t);
+      options_.tier.block_stride, codec, ring_.host, first_unit, units, t);
   if (!offloaded.ok()) {
-    options_.tier.manager->FreeHostRegion(*region);
+    if (region.has_value()) options_.tier.manager->FreeHostRegion(*region);
     return offloaded;
   }
-  seq.regions.push_back(*region);
+  if (region.has_value()) {
+    seq.regions.push_back(*region);
+    stats_.offloaded_bytes += region->bytes;
+    seq.tail_units = region->bytes / engine::kKvHostUnit;
+  }
+  seq.tail_unit = first_unit + need;
+  seq.tail_units -= need;
   ++stats_.offloads;
-  stats_.offloaded_bytes += region->bytes;
   // Every cluster of the range is in the host tier now (not every n-th).
   return options_.tier.block_stride == 1;
 }

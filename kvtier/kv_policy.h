@@ -164,7 +164,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t ring_refused = 0;             // ... that found no pages for one
     int64_t offloads = 0;                 // (sequence, layer) clusterings moved to the host tier
     int64_t offload_refused = 0;          // ... that found no room there (stayed on the GPU)
-    int64_t offloaded_bytes = 0;          // host bytes reserved for them
+    int64_t offloaded_bytes = 0;          // host bytes reserved for them (whole records)
     int64_t recall_hit_tokens = 0;        // selected host-homed tokens found in the ring
     int64_t recall_refreshed_tokens = 0;  // ... found, then moved ahead of the writes
     int64_t recall_tokens = 0;            // ... read from host memory
@@ -225,6 +225,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // regions its offloads filled (freed with the sequence).
     std::vector<int32_t> ring_pages;
     std::vector<KvBlockManager::HostRegion> regions;
+    // The unused tail of the last region, in kKvHostUnit units: a later
+    // offload (a window's clusters, far less than a host record) takes it
+    // before asking for a region of whole records.
+    int64_t tail_unit = 0, tail_units = 0;
   };
   // One planned decode query of this step.
   struct Entry {

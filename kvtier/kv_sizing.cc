@@ -28,14 +28,17 @@ int64_t HostBytesPerSequence(const engine::ModelConfig& config, engine::DType kv
       CeilDiv(2 * config.num_layers * page_bytes, engine::kKvHostUnit) * engine::kKvHostUnit;
   const int window = std::max(policy.window_tokens, 1);
   const int prompt = std::max(context - window - policy.sink_tokens, 1);
-  auto region = [&](int64_t tokens, int64_t clusters) {
-    const int64_t units =
-        engine::KvPieceUnitsBound(codec, config.head_dim, kv_dtype, tokens, clusters);
-    return CeilDiv(units * config.num_kv_heads * engine::kKvHostUnit, record) * record;
+  auto bytes = [&](int64_t tokens, int64_t clusters) {
+    return engine::KvPieceUnitsBound(codec, config.head_dim, kv_dtype, tokens, clusters) *
+           config.num_kv_heads * engine::kKvHostUnit;
   };
+  // A layer's prompt clustering takes a region of whole records; the
+  // windows clustered later fill its tail first (KvPolicyRunner).
   const int64_t per_layer =
-      region(prompt, CeilDiv(prompt, std::max(policy.tokens_per_cluster, 1))) +
-      region(window, std::min(8, window));
+      CeilDiv(bytes(prompt, CeilDiv(prompt, std::max(policy.tokens_per_cluster, 1))) +
+                  bytes(window, std::min(8, window)),
+              record) *
+      record;
   const int sparse_layers = std::max(config.num_layers - policy.full_layers, 0);
   return per_layer * sparse_layers;
 }

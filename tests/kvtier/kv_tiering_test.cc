@@ -282,6 +282,7 @@ struct Served {
 struct Cache {
   int num_pages = 160;
   int upper_pages = 0;
+  int page_size = 8;
 };
 
 // Three concurrent requests through a batcher with a ClusterKV runner,
@@ -294,7 +295,7 @@ Served Serve(bool tiered, KvTierOptions tier = {}, int max_tokens = 40,
   options.max_seqs = 4;
   options.max_context = 320;
   options.max_batch_tokens = 96;
-  options.page_size = 8;
+  options.page_size = cache.page_size;
   options.num_pages = cache.num_pages;
   options.num_upper_pages = cache.upper_pages;
   options.upper_first_layer = 1;
@@ -360,6 +361,21 @@ TEST(TieringTest, RawHostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
     EXPECT_EQ(host.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
   }
   EXPECT_TRUE(idle) << "ring pages, host regions and slots all returned";
+}
+
+TEST(TieringTest, WindowClusteringsShareHostRecords) {
+  // 120 generated tokens: several windows of 16 clustered after each
+  // prompt, in each sparse layer. In int4 a window's pieces take a quarter
+  // of a host record (every layer's K and V page of 32 tokens); they fill
+  // the tail of the sequence's last region instead of taking a record
+  // each, so the offloads reserve fewer records than there are offloads.
+  const Served s = Serve(true, {.codec = engine::KvCodecKind::kInt4}, 120, nullptr, nullptr,
+                         {.num_pages = 40, .page_size = 32});
+  const int64_t record =
+      2 * 2 * 32 * 2 * 16 * 4;  // 2 layers x K,V x 32 tokens x 2 heads x 16, fp32
+  EXPECT_GT(s.stats.offloads, 6 * 3);
+  EXPECT_LT(s.stats.offloaded_bytes, s.stats.offloads * record) << s.stats.offloads << " offloads";
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(s.tokens.at(id).size(), 120u);
 }
 
 TEST(TieringTest, HalfTheClustersOnTheHostGiveTheSameTokens) {
