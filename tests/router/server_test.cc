@@ -418,6 +418,23 @@ TEST(ServerProfileTest, BadProfileFailsStartupWithAClearError) {
   EXPECT_THAT(r.output, HasSubstr(path));
 }
 
+TEST(ServerProfileTest, GpuBudgetsSizeTheCacheAndConflictWithKvPages) {
+  // A profile's tiers.gpu_bytes sizes the KV cache; a budget below one
+  // context is refused with the numbers, and --kv-pages beside it is
+  // ambiguous.
+  const std::string tiny = WriteTemp("tiny_gpu.yaml", "name: tiny\ntiers: {gpu_bytes: 1KiB}\n");
+  const std::string base =
+      std::string(STRATA_BINARY) + " serve --model " + kModel + " --port 0 --profile ";
+  testing_util::CommandResult r = testing_util::RunCommand(base + tiny + " 2>&1");
+  EXPECT_NE(r.exit_status, 0);
+  EXPECT_THAT(r.output, HasSubstr("1024 bytes of GPU KV cache hold"));
+  EXPECT_THAT(r.output, HasSubstr("less than one context"));
+  const std::string roomy = WriteTemp("roomy_gpu.yaml", "name: roomy\ntiers: {gpu_bytes: 64MiB}\n");
+  r = testing_util::RunCommand(base + roomy + " --kv-pages 100 2>&1");
+  EXPECT_NE(r.exit_status, 0);
+  EXPECT_THAT(r.output, HasSubstr("--kv-pages and the profiles' tiers.gpu_bytes"));
+}
+
 }  // namespace
 }  // namespace strata
 
