@@ -130,9 +130,12 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
       return absl::DataLossError(absl::StrCat("sequence ", seq_id, ": ", s.message()));
     }
   }
+  // Checked above: both pools have them (Allocate takes none when short).
   std::vector<int32_t> upper;
-  if (!pages_.Allocate(needed, pages.lower) || !upper_pages_.Allocate(upper_needed, upper)) {
-    return absl::InternalError("free pages vanished");
+  if (!pages_.Allocate(needed, pages.lower)) return absl::InternalError("free pages vanished");
+  if (!upper_pages_.Allocate(upper_needed, upper)) {
+    STRATA_RETURN_IF_ERROR(pages_.Free(pages.lower));
+    return absl::InternalError("free upper pages vanished");
   }
   if (two_groups) {
     // The upper pages go where the sequence had them; off-GPU stays so.
