@@ -2,11 +2,13 @@
 //   generate   generation from one prompt, locally or from a server (cli/generate_command.h)
 //   serve      the gRPC Generate API in one process (cli/serve_command.h)
 //   bench      benchmarks: `bench serve` loads a running server (cli/bench_command.h)
+//   profile    `profile check`: validate KV profiles (cli/profile_command.h)
 #include <cstdio>
 
 #include "CLI/CLI.hpp"
 #include "cli/bench_command.h"
 #include "cli/generate_command.h"
+#include "cli/profile_command.h"
 #include "cli/serve_command.h"
 #include "common/logging.h"
 
@@ -24,6 +26,8 @@ int main(int argc, char** argv) {
   strata::cli::AddServeCommand(app, serve_flags, exit_code);
   strata::cli::BenchFlags bench_flags;
   strata::cli::AddBenchCommand(app, bench_flags, exit_code);
+  strata::cli::ProfileFlags profile_flags;
+  strata::cli::AddProfileCommand(app, profile_flags, exit_code);
   app.parse_complete_callback([&] {
     if (log_level_option->count() > 0 && !strata::SetLogLevel(log_level)) {
       std::fprintf(stderr, "unknown --log-level %s\n", log_level.c_str());

@@ -117,6 +117,41 @@ absl::StatusOr<KvSizing> SizeKvCacheForProfiles(const std::vector<KvProfile>& pr
   return SizeKvCache(input);
 }
 
+std::vector<std::string> BudgetProblems(const KvProfile& profile, const KvSizingInput& input) {
+  std::vector<std::string> problems;
+  const bool tiered = profile.policy.type == "clusterkv" && profile.tiers.host_bytes > 0;
+  const int layers = input.config.num_layers;
+  if (tiered && profile.policy.full_layers >= layers) {
+    problems.push_back(absl::StrCat("kv_policy.full_layers: ", profile.policy.full_layers,
+                                    " leaves none of the model's ", layers,
+                                    " layers sparse, so tiers.host_bytes holds no cluster"));
+    return problems;
+  }
+  const auto codec = engine::ParseKvCodecKind(profile.codec);
+  if (!codec.ok()) {
+    problems.push_back(absl::StrCat("codec: ", codec.status().message()));
+    return problems;
+  }
+  if (tiered) {
+    const int64_t per_sequence = HostBytesPerSequence(input.config, input.kv_dtype, input.page_size,
+                                                      profile.policy, *codec, input.max_context);
+    if (profile.tiers.host_bytes < per_sequence) {
+      problems.push_back(absl::StrCat("tiers.host_bytes: ", profile.tiers.host_bytes,
+                                      " bytes cannot hold the clusters of one ", input.max_context,
+                                      "-token sequence, which take ", per_sequence, " bytes in ",
+                                      profile.codec));
+    }
+  }
+  if (profile.tiers.gpu_bytes > 0) {
+    KvSizingInput in = input;
+    in.gpu_bytes = profile.tiers.gpu_bytes;
+    if (absl::StatusOr<KvSizing> s = SizeKvCacheForProfiles({profile}, in); !s.ok()) {
+      problems.push_back(absl::StrCat("tiers.gpu_bytes: ", s.status().message()));
+    }
+  }
+  return problems;
+}
+
 std::string KvSizing::Describe() const {
   if (num_upper_pages == 0) {
     return absl::StrCat(num_pages, " pages of every layer, ", sequences, " full-context sequences");

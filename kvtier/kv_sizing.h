@@ -71,6 +71,14 @@ absl::StatusOr<KvSizing> SizeKvCache(const KvSizingInput& input);
 absl::StatusOr<KvSizing> SizeKvCacheForProfiles(const std::vector<KvProfile>& profiles,
                                                 KvSizingInput input);
 
+// What makes `profile`'s budgets impossible for a model (config, cache dtype,
+// page size and context as in `input`; input.gpu_bytes is ignored), one
+// line each naming the key: a GPU budget below one sequence's part that
+// stays on the GPU, a host tier that cannot hold one sequence's clusters,
+// a ClusterKV profile with a host tier but no sparse layer. Empty when the
+// budgets can be met.
+std::vector<std::string> BudgetProblems(const KvProfile& profile, const KvSizingInput& input);
+
 // Host bytes one sequence of `context` tokens takes with clusters of
 // `policy` in `codec`: its prompt clustering and one window's, in every
 // sparse layer, rounded to the host tier's records.

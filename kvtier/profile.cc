@@ -4,6 +4,8 @@
 
 #include <cctype>
 #include <set>
+#include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
@@ -75,12 +77,16 @@ class MapReader {
     return node_[key];
   }
 
+  // Every key not read, one line each.
   absl::Status NoUnknownKeys() const {
+    std::vector<std::string> unknown;
     for (const auto& kv : node_) {
       const std::string key = kv.first.Scalar();
-      if (seen_.count(key) == 0) return Error(key, "unknown key");
+      if (seen_.count(key) == 0)
+        unknown.push_back(std::string(Error(key, "unknown key").message()));
     }
-    return absl::OkStatus();
+    if (unknown.empty()) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrJoin(unknown, "\n"));
   }
 
  private:
@@ -90,48 +96,61 @@ class MapReader {
   std::set<std::string> seen_;
 };
 
+// Every problem of the profile is collected (one line each), not only the
+// first, so that one run of `strata profile check` lists them all.
 absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& source) {
   if (!root.IsMap())
     return absl::InvalidArgumentError(absl::StrCat(source, ": a profile must be a YAML map"));
+  std::vector<std::string> errors;
+  auto note = [&errors](const absl::Status& s) {
+    if (!s.ok()) errors.push_back(std::string(s.message()));
+  };
   KvProfile p;
   MapReader top(root, "", source);
-  STRATA_RETURN_IF_ERROR(top.String("name", &p.name));
-  if (p.name.empty()) return top.Error("name", "is required");
+  note(top.String("name", &p.name));
+  if (p.name.empty() && errors.empty()) note(top.Error("name", "is required"));
   for (char c : p.name) {
     if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
-      return top.Error("name", "may hold only letters, digits, '-', '_' and '.'");
+      note(top.Error("name", "may hold only letters, digits, '-', '_' and '.'"));
+      break;
     }
   }
-  STRATA_RETURN_IF_ERROR(top.String("codec", &p.codec, {"bf16", "fp8_e4m3", "int8", "int4"}));
+  note(top.String("codec", &p.codec, {"bf16", "fp8_e4m3", "int8", "int4"}));
 
-  STRATA_ASSIGN_OR_RETURN(YAML::Node policy_node, top.Map("kv_policy"));
-  MapReader policy(policy_node, "kv_policy", source);
-  KvPolicyConfig& k = p.policy;
-  STRATA_RETURN_IF_ERROR(
-      policy.String("type", &k.type, {"full", "streaming", "quest", "clusterkv"}));
-  STRATA_RETURN_IF_ERROR(policy.Int("budget_tokens", &k.budget_tokens, 1, 1 << 24));
-  STRATA_RETURN_IF_ERROR(policy.Int("sink_tokens", &k.sink_tokens, 0, 1 << 20));
-  STRATA_RETURN_IF_ERROR(policy.Int("window_tokens", &k.window_tokens, 0, 1 << 24));
-  STRATA_RETURN_IF_ERROR(policy.Int("tokens_per_cluster", &k.tokens_per_cluster, 1, 1 << 16));
-  STRATA_RETURN_IF_ERROR(policy.Int("kmeans_iterations", &k.kmeans_iterations, 1, 1000));
-  STRATA_RETURN_IF_ERROR(policy.Int("full_layers", &k.full_layers, 0, 1024));
-  STRATA_RETURN_IF_ERROR(policy.Int("quest_page_tokens", &k.quest_page_tokens, 1, 4096));
-  STRATA_RETURN_IF_ERROR(policy.NoUnknownKeys());
+  absl::StatusOr<YAML::Node> policy_node = top.Map("kv_policy");
+  note(policy_node.status());
+  if (policy_node.ok()) {
+    MapReader policy(*policy_node, "kv_policy", source);
+    KvPolicyConfig& k = p.policy;
+    note(policy.String("type", &k.type, {"full", "streaming", "quest", "clusterkv"}));
+    note(policy.Int("budget_tokens", &k.budget_tokens, 1, 1 << 24));
+    note(policy.Int("sink_tokens", &k.sink_tokens, 0, 1 << 20));
+    note(policy.Int("window_tokens", &k.window_tokens, 0, 1 << 24));
+    note(policy.Int("tokens_per_cluster", &k.tokens_per_cluster, 1, 1 << 16));
+    note(policy.Int("kmeans_iterations", &k.kmeans_iterations, 1, 1000));
+    note(policy.Int("full_layers", &k.full_layers, 0, 1024));
+    note(policy.Int("quest_page_tokens", &k.quest_page_tokens, 1, 4096));
+    note(policy.NoUnknownKeys());
+  }
 
-  STRATA_ASSIGN_OR_RETURN(YAML::Node tiers_node, top.Map("tiers"));
-  MapReader tiers(tiers_node, "tiers", source);
-  TierConfig& t = p.tiers;
-  STRATA_RETURN_IF_ERROR(tiers.Bytes("gpu_bytes", &t.gpu_bytes));
-  STRATA_RETURN_IF_ERROR(tiers.Bytes("host_bytes", &t.host_bytes));
-  STRATA_RETURN_IF_ERROR(tiers.String("ssd_path", &t.ssd_path));
-  STRATA_RETURN_IF_ERROR(tiers.Bytes("ssd_bytes", &t.ssd_bytes));
-  STRATA_RETURN_IF_ERROR(
-      tiers.String("ssd_write_admission", &t.ssd_write_admission, {"never", "cold", "always"}));
-  STRATA_RETURN_IF_ERROR(tiers.NoUnknownKeys());
-  if (t.ssd_bytes > 0 && t.ssd_path.empty()) return tiers.Error("ssd_bytes", "needs ssd_path");
-  if (!t.ssd_path.empty() && t.ssd_bytes == 0)
-    return tiers.Error("ssd_path", "needs ssd_bytes > 0");
-  STRATA_RETURN_IF_ERROR(top.NoUnknownKeys());
+  absl::StatusOr<YAML::Node> tiers_node = top.Map("tiers");
+  note(tiers_node.status());
+  if (tiers_node.ok()) {
+    MapReader tiers(*tiers_node, "tiers", source);
+    TierConfig& t = p.tiers;
+    note(tiers.Bytes("gpu_bytes", &t.gpu_bytes));
+    note(tiers.Bytes("host_bytes", &t.host_bytes));
+    note(tiers.String("ssd_path", &t.ssd_path));
+    note(tiers.Bytes("ssd_bytes", &t.ssd_bytes));
+    note(tiers.String("ssd_write_admission", &t.ssd_write_admission, {"never", "cold", "always"}));
+    note(tiers.NoUnknownKeys());
+    if (t.ssd_bytes > 0 && t.ssd_path.empty()) note(tiers.Error("ssd_bytes", "needs ssd_path"));
+    if (!t.ssd_path.empty() && t.ssd_bytes == 0) {
+      note(tiers.Error("ssd_path", "needs ssd_bytes > 0"));
+    }
+  }
+  note(top.NoUnknownKeys());
+  if (!errors.empty()) return absl::InvalidArgumentError(absl::StrJoin(errors, "\n"));
   return p;
 }
 

@@ -99,4 +99,32 @@ grep summary <<< "$host" | grep -Eq '"upper_pages_released":[1-9]' \
   || fail "no GPU page of host-homed clusters freed: $host"
 printf 'name: x\ntiers: {ssd_path: /tmp/x}\n' > "$tmp/ssd.yaml"
 expect_error "tiers.ssd_path" generate --model "$model" --prompt hi --profile "$tmp/ssd.yaml"
+
+# strata profile check: the shipped profiles hold 32k sequences of
+# Llama-3-8B's shape; a broken profile gets every problem on its own line
+# and exit status 2; budgets a model cannot meet are explained.
+"$strata" profile check "$src"/deploy/profiles/*.yaml --dummy-weights llama-3-8b \
+  --max-context 32768 > "$tmp/check.txt" || fail "shipped profiles: $(cat "$tmp/check.txt")"
+[[ $(grep -c ": ok" "$tmp/check.txt") == 3 ]] || fail "profile check: $(cat "$tmp/check.txt")"
+printf 'name: bad\ncodec: fp4\nkv_policy: {type: clusterkv, budget_tokens: lots}\ntiers: {host_bytes: 8XB}\n' \
+  > "$tmp/bad.yaml"
+set +e
+"$strata" profile check "$tmp/bad.yaml" > "$tmp/bad.txt"
+status=$?
+set -e
+[[ $status == 2 ]] || fail "profile check of a bad profile exited $status"
+[[ $(wc -l < "$tmp/bad.txt") == 3 ]] || fail "expected three problems: $(cat "$tmp/bad.txt")"
+grep -q 'codec: "fp4"' "$tmp/bad.txt" || fail "no codec error: $(cat "$tmp/bad.txt")"
+grep -q 'tiers.host_bytes: "8XB": unknown unit' "$tmp/bad.txt" || fail "no unit error"
+printf 'name: small\nkv_policy: {type: clusterkv}\ncodec: int4\ntiers: {gpu_bytes: 2GiB, host_bytes: 1GiB}\n' \
+  > "$tmp/small.yaml"
+set +e
+"$strata" profile check "$tmp/small.yaml" --dummy-weights llama-3-8b --max-context 32768 > "$tmp/small.txt"
+status=$?
+set -e
+[[ $status == 2 ]] || fail "profile check of impossible budgets exited $status"
+grep -q "tiers.gpu_bytes: .*cannot hold one sequence of 32768" "$tmp/small.txt" \
+  || fail "no GPU budget problem: $(cat "$tmp/small.txt")"
+grep -q "tiers.host_bytes: 1073741824 bytes cannot hold" "$tmp/small.txt" \
+  || fail "no host budget problem: $(cat "$tmp/small.txt")"
 echo "cli tests passed"

@@ -86,5 +86,37 @@ TEST(KvSizingTest, ABudgetBelowOneSequenceIsRefusedWithTheNumbers) {
   EXPECT_THAT(std::string(SizeKvCache(in).status().message()), HasSubstr("no sparse layer"));
 }
 
+TEST(KvSizingTest, BudgetProblemsNameTheKeyAndTheNumbers) {
+  KvSizingInput model = Llama8b32k();
+  KvProfile p;
+  p.name = "p";
+  p.policy = ClusterKv();
+  p.codec = "int4";
+  p.tiers.gpu_bytes = int64_t{24} << 30;
+  p.tiers.host_bytes = int64_t{64} << 30;
+  EXPECT_TRUE(BudgetProblems(p, model).empty());
+  // A GPU budget below the dense layers of one context, the resident part
+  // and one prompt; a host tier below one sequence's clusters.
+  p.tiers.gpu_bytes = int64_t{2} << 30;
+  p.tiers.host_bytes = int64_t{1} << 30;
+  std::vector<std::string> problems = BudgetProblems(p, model);
+  ASSERT_EQ(problems.size(), 2u);
+  EXPECT_THAT(problems[0], HasSubstr("tiers.host_bytes: 1073741824 bytes cannot hold"));
+  EXPECT_THAT(problems[0], HasSubstr("in int4"));
+  EXPECT_THAT(problems[1], HasSubstr("tiers.gpu_bytes:"));
+  EXPECT_THAT(problems[1], HasSubstr("cannot hold one sequence of 33280"));
+  // Exact attention: the budget must hold one whole context.
+  p.policy.type = "full";
+  problems = BudgetProblems(p, model);
+  ASSERT_EQ(problems.size(), 1u);
+  EXPECT_THAT(problems[0], HasSubstr("less than one context of 33280"));
+  // A host tier for clusters, but no sparse layer to take them from.
+  p.policy = ClusterKv();
+  p.policy.full_layers = 32;
+  problems = BudgetProblems(p, model);
+  ASSERT_EQ(problems.size(), 1u);
+  EXPECT_THAT(problems[0], HasSubstr("kv_policy.full_layers: 32 leaves none"));
+}
+
 }  // namespace
 }  // namespace strata::kvtier

@@ -1,5 +1,6 @@
 #include "kvtier/profile.h"
 
+#include <algorithm>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -88,6 +89,21 @@ TEST(ProfileTest, ErrorsNameTheFileAndKey) {
     EXPECT_THAT(std::string(p.status().message()), HasSubstr("dir/p.yaml")) << c.yaml;
   }
   EXPECT_EQ(LoadProfile("/nonexistent.yaml").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ProfileTest, EveryErrorIsListedOnItsOwnLine) {
+  auto p = ParseProfile(
+      "name: x\ncodec: fp4\nkv_policy: {budget_tokens: lots, colour: red}\n"
+      "tiers: {gpu_bytes: 8XB}\nextra: 1\n",
+      "p.yaml");
+  ASSERT_FALSE(p.ok());
+  const std::string m(p.status().message());
+  EXPECT_THAT(m, HasSubstr("p.yaml: codec: \"fp4\" is not one of"));
+  EXPECT_THAT(m, HasSubstr("p.yaml: kv_policy.budget_tokens: must be an integer"));
+  EXPECT_THAT(m, HasSubstr("p.yaml: kv_policy.colour: unknown key"));
+  EXPECT_THAT(m, HasSubstr("p.yaml: tiers.gpu_bytes: \"8XB\": unknown unit"));
+  EXPECT_THAT(m, HasSubstr("p.yaml: extra: unknown key"));
+  EXPECT_EQ(std::count(m.begin(), m.end(), '\n'), 4) << m;
 }
 
 TEST(ProfileTest, ByteSizes) {
