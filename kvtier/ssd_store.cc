@@ -1,0 +1,268 @@
+#include "kvtier/ssd_store.h"
+
+#include <rocksdb/db.h>
+#include <rocksdb/options.h>
+#include <rocksdb/slice.h>
+#include <rocksdb/write_batch.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/crc32c.h"
+#include "common/status_macros.h"
+
+namespace strata::kvtier {
+namespace {
+
+// A value's size is kept beside it, in a column family of small entries,
+// written in the same batch: the budget is counted and a range deleted
+// without reading the (blob) values back.
+std::string SizesFamily(const std::string& model) { return model + ".sizes"; }
+
+std::string EncodeSize(int64_t n) {
+  std::string s(8, '\0');
+  for (int i = 0; i < 8; ++i)
+    s[i] = static_cast<char>((static_cast<uint64_t>(n) >> (8 * i)) & 0xff);
+  return s;
+}
+
+int64_t DecodeSize(const rocksdb::Slice& s) {
+  if (s.size() != 8) return -1;
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<uint8_t>(s[i])) << (8 * i);
+  return static_cast<int64_t>(n);
+}
+
+std::string OwnerPrefix(SsdKey::Owner owner, uint64_t id) {
+  std::string s(9, '\0');
+  s[0] = static_cast<char>(owner);
+  for (int i = 0; i < 8; ++i) s[1 + i] = static_cast<char>((id >> (56 - 8 * i)) & 0xff);
+  return s;
+}
+
+// The smallest key above every key starting with `prefix`.
+std::string PrefixEnd(std::string prefix) {
+  while (!prefix.empty() && static_cast<uint8_t>(prefix.back()) == 0xff) prefix.pop_back();
+  if (!prefix.empty()) prefix.back() = static_cast<char>(static_cast<uint8_t>(prefix.back()) + 1);
+  return prefix;
+}
+
+absl::Status FromRocks(const rocksdb::Status& s, const std::string& what) {
+  if (s.ok()) return absl::OkStatus();
+  const std::string message = absl::StrCat(what, ": ", s.ToString());
+  if (s.IsNotFound()) return absl::NotFoundError(message);
+  if (s.IsCorruption()) return absl::DataLossError(message);
+  return absl::UnavailableError(message);
+}
+
+}  // namespace
+
+std::string SsdKey::Encode() const {
+  std::string s = OwnerPrefix(owner, id);
+  s.push_back(static_cast<char>(layer >> 8));
+  s.push_back(static_cast<char>(layer & 0xff));
+  s.push_back(static_cast<char>(kv_head >> 8));
+  s.push_back(static_cast<char>(kv_head & 0xff));
+  for (int i = 0; i < 4; ++i) s.push_back(static_cast<char>((block >> (24 - 8 * i)) & 0xff));
+  return s;
+}
+
+absl::StatusOr<std::unique_ptr<SsdStore>> SsdStore::Open(const SsdStoreOptions& options) {
+  if (options.path.empty() || options.model.empty() || options.budget_bytes < 1) {
+    return absl::InvalidArgumentError(
+        "SSD tier: give a path, a model name and a budget of at least one byte");
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(options.path, ec);
+  if (ec) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("SSD tier: cannot create the directory ", options.path, ": ", ec.message()));
+  }
+  rocksdb::DBOptions db_options;
+  db_options.create_if_missing = true;
+  db_options.create_missing_column_families = true;
+  rocksdb::ColumnFamilyOptions values;
+  values.compression = rocksdb::kNoCompression;  // KV bytes (often quantised) barely compress
+  values.enable_blob_files = true;
+  values.min_blob_size = static_cast<uint64_t>(std::max<int64_t>(options.min_blob_bytes, 0));
+  values.enable_blob_garbage_collection = true;
+  rocksdb::ColumnFamilyOptions sizes;
+  // Every family the database has is opened (other models' included): a
+  // RocksDB database must open them all.
+  std::vector<std::string> names;
+  if (!rocksdb::DB::ListColumnFamilies(db_options, options.path, &names).ok()) {
+    names = {rocksdb::kDefaultColumnFamilyName};
+  }
+  for (const std::string& wanted : {options.model, SizesFamily(options.model)}) {
+    if (std::find(names.begin(), names.end(), wanted) == names.end()) names.push_back(wanted);
+  }
+  std::vector<rocksdb::ColumnFamilyDescriptor> families;
+  for (const std::string& name : names) {
+    const bool is_sizes = name.size() > 6 && name.compare(name.size() - 6, 6, ".sizes") == 0;
+    families.emplace_back(name, is_sizes ? sizes : values);
+  }
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* db = nullptr;
+  const rocksdb::Status opened =
+      rocksdb::DB::Open(db_options, options.path, families, &handles, &db);
+  if (!opened.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("SSD tier: cannot open the database at ",
+                                                      options.path, ": ", opened.ToString()));
+  }
+  std::unique_ptr<SsdStore> store(new SsdStore());
+  store->options_ = options;
+  store->db_.reset(db);
+  store->handles_ = handles;
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (names[i] == options.model) store->family_ = handles[i];
+    if (names[i] == SizesFamily(options.model)) store->sizes_ = handles[i];
+  }
+  // A crashed predecessor's sequences are gone: their keys too. Prefixes
+  // stay, and count against the budget.
+  const std::string seq_begin(1, static_cast<char>(SsdKey::Owner::kSequence));
+  std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), store->sizes_));
+  int64_t kept = 0, stale = 0;
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    if (!it->key().starts_with(seq_begin)) {
+      kept += std::max<int64_t>(DecodeSize(it->value()), 0);
+    } else {
+      ++stale;
+    }
+  }
+  STRATA_RETURN_IF_ERROR(FromRocks(it->status(), "SSD tier: reading the stored sizes"));
+  it.reset();
+  if (stale > 0) {
+    STRATA_RETURN_IF_ERROR(store->DeleteRange(seq_begin, PrefixEnd(seq_begin)));
+  }
+  store->bytes_used_ = kept;
+  store->stale_keys_deleted_ = stale;
+  // A store that cannot be written fails now, not on the first eviction.
+  const SsdKey probe{SsdKey::Owner::kSequence, 0, 0, 0, 0};
+  rocksdb::WriteOptions write;
+  if (rocksdb::Status s = db->Put(write, store->sizes_, probe.Encode(), EncodeSize(0)); !s.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("SSD tier: cannot write the database at ", options.path, ": ", s.ToString()));
+  }
+  STRATA_RETURN_IF_ERROR(FromRocks(db->Delete(write, store->sizes_, probe.Encode()),
+                                   "SSD tier: deleting the write probe"));
+  return store;
+}
+
+SsdStore::~SsdStore() {
+  if (db_ == nullptr) return;
+  for (rocksdb::ColumnFamilyHandle* h : handles_) db_->DestroyColumnFamilyHandle(h);
+  db_->Close();
+}
+
+absl::Status SsdStore::Put(const SsdKey& key, std::span<const uint8_t> value) {
+  const int64_t bytes = static_cast<int64_t>(value.size()) + 4;
+  if (bytes_used_.fetch_add(bytes) + bytes > options_.budget_bytes) {
+    bytes_used_.fetch_sub(bytes);
+    ++puts_refused_;
+    return absl::ResourceExhaustedError(absl::StrCat("SSD tier: ", bytes, " bytes do not fit the ",
+                                                     options_.budget_bytes, "-byte budget"));
+  }
+  const std::string k = key.Encode();
+  std::string old;
+  if (db_->KeyMayExist(rocksdb::ReadOptions(), sizes_, k, &old) &&
+      db_->Get(rocksdb::ReadOptions(), sizes_, k, &old).ok()) {
+    bytes_used_.fetch_sub(bytes);
+    return absl::AlreadyExistsError("SSD tier: a block is written once; this key holds one");
+  }
+  std::string framed(reinterpret_cast<const char*>(value.data()), value.size());
+  const uint32_t crc = MaskCrc(Crc32c(value.data(), value.size()));
+  for (int i = 0; i < 4; ++i) framed.push_back(static_cast<char>((crc >> (8 * i)) & 0xff));
+  rocksdb::WriteBatch batch;
+  batch.Put(family_, k, framed);
+  batch.Put(sizes_, k, EncodeSize(bytes));
+  if (rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &batch); !s.ok()) {
+    bytes_used_.fetch_sub(bytes);
+    return FromRocks(s, absl::StrCat("SSD tier: writing to ", options_.path));
+  }
+  ++puts_;
+  bytes_written_ += bytes;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<uint8_t>> SsdStore::Get(const SsdKey& key) {
+  ++gets_;
+  rocksdb::PinnableSlice value;
+  const rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), family_, key.Encode(), &value);
+  if (s.IsNotFound()) {
+    ++misses_;
+    return absl::NotFoundError("SSD tier: no such block");
+  }
+  if (!s.ok()) {
+    if (s.IsCorruption()) ++corrupt_;
+    return FromRocks(s, absl::StrCat("SSD tier: reading from ", options_.path));
+  }
+  if (value.size() < 4) {
+    ++corrupt_;
+    return absl::DataLossError("SSD tier: a stored block is shorter than its checksum");
+  }
+  const size_t n = value.size() - 4;
+  const auto* bytes = reinterpret_cast<const uint8_t*>(value.data());
+  uint32_t stored = 0;
+  for (int i = 0; i < 4; ++i) stored |= static_cast<uint32_t>(bytes[n + i]) << (8 * i);
+  if (UnmaskCrc(stored) != Crc32c(bytes, n)) {
+    ++corrupt_;
+    return absl::DataLossError("SSD tier: a stored block failed its CRC32C check");
+  }
+  bytes_read_ += static_cast<int64_t>(value.size());
+  return std::vector<uint8_t>(bytes, bytes + n);
+}
+
+absl::Status SsdStore::Delete(const SsdKey& key) {
+  const std::string k = key.Encode();
+  return DeleteRange(k, k + '\0');
+}
+
+absl::Status SsdStore::DeleteOwner(SsdKey::Owner owner, uint64_t id) {
+  const std::string prefix = OwnerPrefix(owner, id);
+  return DeleteRange(prefix, PrefixEnd(prefix));
+}
+
+absl::Status SsdStore::DeleteRange(const std::string& begin, const std::string& end) {
+  rocksdb::ReadOptions read;
+  const rocksdb::Slice upper(end);
+  read.iterate_upper_bound = &upper;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(read, sizes_));
+  int64_t freed = 0, keys = 0;
+  for (it->Seek(begin); it->Valid(); it->Next()) {
+    freed += std::max<int64_t>(DecodeSize(it->value()), 0);
+    ++keys;
+  }
+  STRATA_RETURN_IF_ERROR(FromRocks(it->status(), "SSD tier: listing keys to delete"));
+  it.reset();
+  if (keys == 0) return absl::OkStatus();
+  rocksdb::WriteBatch batch;
+  batch.DeleteRange(family_, begin, end);
+  batch.DeleteRange(sizes_, begin, end);
+  STRATA_RETURN_IF_ERROR(FromRocks(db_->Write(rocksdb::WriteOptions(), &batch),
+                                   absl::StrCat("SSD tier: deleting from ", options_.path)));
+  bytes_used_ -= freed;
+  return absl::OkStatus();
+}
+
+absl::Status SsdStore::Flush() {
+  return FromRocks(db_->Flush(rocksdb::FlushOptions(), {family_, sizes_}),
+                   absl::StrCat("SSD tier: flushing ", options_.path));
+}
+
+SsdStore::Stats SsdStore::stats() const {
+  Stats s;
+  s.bytes_used = bytes_used_.load();
+  s.budget_bytes = options_.budget_bytes;
+  s.puts = puts_.load();
+  s.puts_refused = puts_refused_.load();
+  s.gets = gets_.load();
+  s.misses = misses_.load();
+  s.corrupt = corrupt_.load();
+  s.bytes_written = bytes_written_.load();
+  s.bytes_read = bytes_read_.load();
+  s.stale_keys_deleted = stale_keys_deleted_;
+  return s;
+}
+
+}  // namespace strata::kvtier
