@@ -50,6 +50,16 @@ class AttentionPlanner {
                                                       const Tensor& qkv, Tensor& k_cache,
                                                       Tensor& v_cache) = 0;
   virtual void Release(int64_t seq_id) = 0;
+  // The sequence's KV went to a lower tier while it is paused (swapped
+  // out): the planner may give back GPU memory it holds for the sequence
+  // alone (e.g. a recall ring), keeping what it needs to resume it. If it
+  // cannot take that memory back when the sequence next runs (Resume was
+  // not called, or memory went since), EndStep reports the sequence lost.
+  virtual void Pause(int64_t /*seq_id*/) {}
+  // Before a paused sequence runs again: takes back what Pause gave up.
+  // False (nothing taken) when that memory is not free now; the caller
+  // keeps the sequence paused and tries later.
+  virtual absl::StatusOr<bool> Resume(int64_t /*seq_id*/) { return true; }
   // Whether GraphKey may ever give a key. When it may, graphed steps are
   // padded to their batch bucket with one-token sequences past the input's
   // (BeginStep's batch holds them), which the planner must plan too for the

@@ -178,7 +178,8 @@ bool Batcher::Preempt(Sequence& seq) {
   ++num_preemptions_;
   if (seq.num_computed > 0) {
     // The KV policy's state (e.g. the sequence's clusters) stays with the
-    // planner: the KV comes back exactly as it was.
+    // planner, which may give back the GPU memory only the running
+    // sequence needs (Pause): the KV comes back exactly as it was.
     absl::StatusOr<bool> swapped =
         kv_->SwapOut(static_cast<int64_t>(seq.req.id), seq.pages, seq.num_computed);
     if (!swapped.ok()) {
@@ -187,6 +188,9 @@ bool Batcher::Preempt(Sequence& seq) {
     } else if (*swapped) {
       seq.swapped = true;
       ++num_swapped_out_;
+      if (AttentionPlanner* planner = model_->attention_planner(); planner != nullptr) {
+        planner->Pause(static_cast<int64_t>(seq.req.id));
+      }
       return true;
     }
   }
@@ -223,8 +227,17 @@ absl::Status Batcher::ResumeSwapped() {
              headroom)) {
       break;
     }
+    // The planner's part first (e.g. a recall ring), then the KV.
+    AttentionPlanner* planner = model_->attention_planner();
+    if (planner != nullptr) {
+      STRATA_ASSIGN_OR_RETURN(const bool ready, planner->Resume(id));
+      if (!ready) break;
+    }
     absl::StatusOr<bool> resumed = kv_->SwapIn(id, seq.pages);
-    if (resumed.ok() && !*resumed) break;
+    if (resumed.ok() && !*resumed) {
+      if (planner != nullptr) planner->Pause(id);
+      break;
+    }
     // Any other error leaves the sequence swapped (its host copy is still
     // the manager's, and a cancel drops it).
     if (!resumed.ok() && !absl::IsDataLoss(resumed.status())) return resumed.status();

@@ -352,6 +352,28 @@ absl::Status KvPolicyRunner::StartTiering(Sequence& seq) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<bool> KvPolicyRunner::ResumeRing(Sequence& seq) {
+  const int page_size = model_->options().page_size;
+  if (!options_.tier.manager->AllocatePages(RingGroup(), ring_.ring_rows / page_size,
+                                            seq.ring_pages)) {
+    return false;
+  }
+  engine::Backend& b = model_->backend();
+  const int slot = seq.state.slot;
+  Tensor pages = ring_.ring_pages.Row(slot);
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(seq.ring_pages.data(), engine::DType::kI32,
+                                        static_cast<int64_t>(seq.ring_pages.size()), pages, 0));
+  // Nothing is resident in the new ring: every selected piece is recalled.
+  for (int l = 0; l < model_->config().num_layers; ++l) {
+    engine::TierTables t = SlotTables(l, slot);
+    STRATA_RETURN_IF_ERROR(b.Fill(t.res_count, 0));
+    STRATA_RETURN_IF_ERROR(b.Fill(t.ring_head, 0));
+  }
+  seq.ring_paused = false;
+  ++stats_.ring_resumes;
+  return true;
+}
+
 absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
                                              const engine::SequenceRange& range,
                                              const SummaryWork& work, Tensor& k_cache,
@@ -430,6 +452,15 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
       free_slots_.pop_back();
       if (p.kind() == PolicyKind::kClusterKv && TierCodec(policy).has_value()) {
         STRATA_RETURN_IF_ERROR(StartTiering(it->second));
+      }
+    }
+    if (it->second.ring_paused) {
+      STRATA_ASSIGN_OR_RETURN(const bool resumed, ResumeRing(it->second));
+      if (!resumed) {
+        // Its clusters cannot be recalled without a ring: this step's token
+        // is dropped and the sequence recomputed (EndStep).
+        ring_lost_.push_back(id);
+        continue;
       }
     }
     step_tiered_ |= !it->second.ring_pages.empty();
@@ -665,6 +696,24 @@ absl::Status KvPolicyRunner::TrackSelection(int layer) {
   return absl::OkStatus();
 }
 
+void KvPolicyRunner::Pause(int64_t seq_id) {
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end() || it->second.ring_pages.empty()) return;
+  // Steps end synchronised: no kernel still reads the ring.
+  if (absl::Status s = options_.tier.manager->FreePages(RingGroup(), it->second.ring_pages);
+      !s.ok()) {
+    STRATA_LOG_ERROR("sequence {}: ring pages: {}", seq_id, s.ToString());
+  }
+  it->second.ring_paused = true;
+  ++stats_.ring_pauses;
+}
+
+absl::StatusOr<bool> KvPolicyRunner::Resume(int64_t seq_id) {
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end() || !it->second.ring_paused) return true;
+  return ResumeRing(it->second);
+}
+
 void KvPolicyRunner::Release(int64_t seq_id) {
   last_selection_.erase(seq_id);
   auto it = sequences_.find(seq_id);
@@ -702,6 +751,11 @@ std::vector<engine::AttentionPlanner::OffGpuRange> KvPolicyRunner::TakeOffGpuRan
 
 absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunner::EndStep() {
   std::vector<LostSequence> lost;
+  for (int64_t id : ring_lost_) {
+    ++stats_.lost_sequences;
+    lost.push_back({id, "no GPU pages were free for its recall ring when it resumed"});
+  }
+  ring_lost_.clear();
   if (!step_tiered_) return lost;
   step_tiered_ = false;
   engine::Backend& b = model_->backend();

@@ -176,6 +176,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t recall_micros = 0;
     int64_t recall_steps = 0;
     int64_t lost_sequences = 0;  // sequences recomputed because of them
+    int64_t ring_pauses = 0;     // rings given back by paused sequences
+    int64_t ring_resumes = 0;    // ... and taken again when they ran
   };
 
   // policies[i] serves requests with kv_policy i (0 is the default). The
@@ -193,6 +195,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                                                       engine::Tensor& k_cache,
                                                       engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
+  // Gives a paused tiered sequence's ring pages back; its host-homed
+  // clusters and their tables stay. Resume takes a ring again, empty (and
+  // the sequence's next step does if Resume was not called, reporting it
+  // lost when no pages are free).
+  void Pause(int64_t seq_id) override;
+  absl::StatusOr<bool> Resume(int64_t seq_id) override;
   // Replayable unless track_selection or an observer reads the plans back.
   // GraphKey then gives a key when no entry has summary work this step
   // (clustering, key bounds) and every sparse layer plans the same entries.
@@ -229,6 +237,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // offload (a window's clusters, far less than a host record) takes it
     // before asking for a region of whole records.
     int64_t tail_unit = 0, tail_units = 0;
+    bool ring_paused = false;  // Pause gave its ring back
   };
   // One planned decode query of this step.
   struct Entry {
@@ -255,6 +264,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // Gives a new ClusterKV sequence its ring (if pages allow) and clears its
   // slot's tiering tables.
   absl::Status StartTiering(Sequence& seq);
+  // Takes a paused sequence's ring again, empty (its pieces stay where they
+  // are); false when too few pages are free.
+  absl::StatusOr<bool> ResumeRing(Sequence& seq);
   // Moves the clusters `work` just formed in `layer` to the host tier; true
   // when all of them went.
   absl::StatusOr<bool> Offload(Sequence& seq, int layer, const engine::SequenceRange& range,
@@ -291,6 +303,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   int64_t graph_dense_queries_ = 0, graph_sparse_queries_ = 0;
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;
+  // Paused sequences that found no pages for their ring this step.
+  std::vector<int64_t> ring_lost_;
   std::vector<int> free_slots_;
   std::vector<Entry> entries_;  // this step's, ClusterKV first, then Quest, then streaming
   PlanObserver observer_;

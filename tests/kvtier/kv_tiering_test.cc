@@ -424,8 +424,76 @@ TEST(TieringTest, SwapsKeepWhichUpperPagesAreOffTheGpu) {
   const Served swapped = Serve(true, {}, 40, nullptr, &idle, {.num_pages = 64, .upper_pages = 160});
   EXPECT_GT(swapped.swapped_out, 0);
   EXPECT_GT(swapped.upper_released, 0);
+  // Paused sequences gave their rings back and took new ones to resume.
+  EXPECT_GT(swapped.stats.ring_pauses, 0);
+  EXPECT_EQ(swapped.stats.ring_resumes, swapped.stats.ring_pauses);
   for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(swapped.tokens.at(id), gpu.tokens.at(id));
   EXPECT_TRUE(idle);
+}
+
+TEST(TieringTest, APausedSequenceThatFindsNoRingIsRecomputed) {
+  // One tiered sequence whose ring is given back (Pause) after its
+  // clusters went to the host tier, with no Resume, while every free upper
+  // page is taken: its next step cannot take a ring again, so the sequence
+  // is reported lost and recomputed from its tokens when pages come back.
+  // (Its later tokens may differ from an uninterrupted run: the recomputed
+  // prompt clusters a longer context.)
+  const Served reference = Serve(false, {}, 40);
+  engine::ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 320;
+  options.max_batch_tokens = 96;
+  options.page_size = 8;
+  options.num_pages = 160;
+  options.num_upper_pages = 160;
+  options.upper_first_layer = 1;
+  auto loaded = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""},
+                                  g_backend.get(), options);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  engine::Model* model = loaded->model.get();
+  auto manager = KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
+  ASSERT_TRUE(manager.ok());
+  KvBlockManager& m = **manager;
+  auto runner =
+      KvPolicyRunner::Create(model, {ClusterKv()}, {.max_sparse_seqs = 4, .tier = {.manager = &m}});
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
+  std::vector<int32_t> tokens;
+  {
+    engine::Batcher batcher(model, nullptr, {}, &m);
+    engine::GenerationRequest r;
+    r.id = 2;  // Serve's third request
+    r.prompt = Prompt(180, 9);
+    r.max_tokens = 40;
+    r.ignore_eos = true;
+    ASSERT_TRUE(batcher.Add(r).ok());
+    std::vector<int32_t> hogged;
+    bool paused = false;
+    while (batcher.HasWork()) {
+      if (!paused && (*runner)->stats().offloads > 0) {
+        (*runner)->Pause(2);
+        paused = true;
+        ASSERT_TRUE(m.AllocatePages(engine::PageGroup::kUpper,
+                                    m.num_free_pages(engine::PageGroup::kUpper), hogged));
+      } else if (paused && batcher.num_kv_lost() > 0 && !hogged.empty()) {
+        ASSERT_TRUE(m.FreePages(engine::PageGroup::kUpper, hogged).ok());
+      }
+      auto events = batcher.Step();
+      ASSERT_TRUE(events.ok()) << events.status();
+      for (const auto& e : *events) {
+        ASSERT_NE(e.finish, engine::FinishReason::kError) << e.error;
+        tokens.push_back(e.token_id);
+      }
+    }
+    EXPECT_EQ(batcher.num_kv_lost(), 1);
+  }
+  EXPECT_EQ((*runner)->stats().ring_pauses, 1);
+  EXPECT_EQ((*runner)->stats().lost_sequences, 1);
+  ASSERT_EQ(tokens.size(), 40u);
+  EXPECT_EQ(tokens[0], reference.tokens.at(2)[0]) << "the first token is the prefill's";
+  ASSERT_TRUE(m.Poll().ok());
+  EXPECT_TRUE(m.Idle());
+  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
 }
 
 TEST(TieringTest, QuantisedCodecsServeEveryRequest) {
