@@ -484,6 +484,33 @@ TEST(ServerHostTierTest, PreemptedRequestsSwapToTheHostTierAndStreamUnchanged) {
 namespace strata {
 namespace {
 
+TEST(ServerHostTierTest, TheTiersSizeTheCacheAndGrowTheSequenceLimits) {
+  // A ClusterKV profile with a host tier: the GPU budget is divided into
+  // two page groups, and the sequence limits grow from their defaults (64
+  // per step, 8 sparse) to what the tiers hold; the startup log says so.
+  const std::string profile = WriteTemp(
+      "grow.yaml",
+      "name: grow\ncodec: int4\ntiers: {gpu_bytes: 64MiB, host_bytes: 256MiB}\n"
+      "kv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, window_tokens: 16, "
+      "tokens_per_cluster: 16, full_layers: 1}\n");
+  setenv("STRATA_LOG_LEVEL", "info", 1);
+  ServerProcess server({"--profile", profile, "--max-context", "512"});
+  unsetenv("STRATA_LOG_LEVEL");
+  const std::string log = server.Stderr();
+  const std::regex limits("up to ([0-9]+) sequences per step, ([0-9]+) sparse");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(log, m, limits)) << log;
+  EXPECT_GT(std::stoi(m[1]), 64) << log;
+  EXPECT_GT(std::stoi(m[2]), 8) << log;
+  EXPECT_GT(server.Metric("strata_kv_upper_pages_total"), 0);
+  // Given flags are kept.
+  setenv("STRATA_LOG_LEVEL", "info", 1);
+  ServerProcess fixed(
+      {"--profile", profile, "--max-context", "512", "--max-seqs", "3", "--max-sparse-seqs", "2"});
+  unsetenv("STRATA_LOG_LEVEL");
+  EXPECT_THAT(fixed.Stderr(), HasSubstr("up to 3 sequences per step, 2 sparse"));
+}
+
 TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt) {
   // The same ClusterKV policy with and without a host tier in one server:
   // the same tokens, the host one's clusters moved there and recalled, and
