@@ -329,46 +329,44 @@ engine::TierTables KvPolicyRunner::SlotTables(int layer, int slot) {
           t.res_start.Row(slot),  t.res_count.Row(slot),  t.ring_head.Row(slot)};
 }
 
-absl::Status KvPolicyRunner::StartTiering(Sequence& seq) {
+absl::StatusOr<bool> KvPolicyRunner::TakeRing(Sequence& seq) {
   const int page_size = model_->options().page_size;
   if (!options_.tier.manager->AllocatePages(RingGroup(), ring_.ring_rows / page_size,
                                             seq.ring_pages)) {
+    return false;
+  }
+  Tensor pages = ring_.ring_pages.Row(seq.state.slot);
+  STRATA_RETURN_IF_ERROR(model_->backend().CopyFromHost(seq.ring_pages.data(), engine::DType::kI32,
+                                                        static_cast<int64_t>(seq.ring_pages.size()),
+                                                        pages, 0));
+  // Nothing is resident in a new ring: every selected piece is recalled.
+  for (int l = 0; l < model_->config().num_layers; ++l) {
+    engine::TierTables t = SlotTables(l, seq.state.slot);
+    STRATA_RETURN_IF_ERROR(model_->backend().Fill(t.res_count, 0));
+    STRATA_RETURN_IF_ERROR(model_->backend().Fill(t.ring_head, 0));
+  }
+  return true;
+}
+
+absl::Status KvPolicyRunner::StartTiering(Sequence& seq) {
+  STRATA_ASSIGN_OR_RETURN(const bool taken, TakeRing(seq));
+  if (!taken) {
     ++stats_.ring_refused;  // its clusters stay in the paged cache
     return absl::OkStatus();
   }
-  engine::Backend& b = model_->backend();
-  const int slot = seq.state.slot;
-  Tensor pages = ring_.ring_pages.Row(slot);
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(seq.ring_pages.data(), engine::DType::kI32,
-                                        static_cast<int64_t>(seq.ring_pages.size()), pages, 0));
+  // No pieces yet.
   for (int l = 0; l < model_->config().num_layers; ++l) {
-    engine::TierTables t = SlotTables(l, slot);
-    STRATA_RETURN_IF_ERROR(b.Fill(t.piece_base, -1));
-    STRATA_RETURN_IF_ERROR(b.Fill(t.piece_count, 0));
-    STRATA_RETURN_IF_ERROR(b.Fill(t.res_count, 0));
-    STRATA_RETURN_IF_ERROR(b.Fill(t.ring_head, 0));
+    engine::TierTables t = SlotTables(l, seq.state.slot);
+    STRATA_RETURN_IF_ERROR(model_->backend().Fill(t.piece_base, -1));
+    STRATA_RETURN_IF_ERROR(model_->backend().Fill(t.piece_count, 0));
   }
   ++stats_.tiered_sequences;
   return absl::OkStatus();
 }
 
 absl::StatusOr<bool> KvPolicyRunner::ResumeRing(Sequence& seq) {
-  const int page_size = model_->options().page_size;
-  if (!options_.tier.manager->AllocatePages(RingGroup(), ring_.ring_rows / page_size,
-                                            seq.ring_pages)) {
-    return false;
-  }
-  engine::Backend& b = model_->backend();
-  const int slot = seq.state.slot;
-  Tensor pages = ring_.ring_pages.Row(slot);
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(seq.ring_pages.data(), engine::DType::kI32,
-                                        static_cast<int64_t>(seq.ring_pages.size()), pages, 0));
-  // Nothing is resident in the new ring: every selected piece is recalled.
-  for (int l = 0; l < model_->config().num_layers; ++l) {
-    engine::TierTables t = SlotTables(l, slot);
-    STRATA_RETURN_IF_ERROR(b.Fill(t.res_count, 0));
-    STRATA_RETURN_IF_ERROR(b.Fill(t.ring_head, 0));
-  }
+  STRATA_ASSIGN_OR_RETURN(const bool taken, TakeRing(seq));
+  if (!taken) return false;
   seq.ring_paused = false;
   ++stats_.ring_resumes;
   return true;

@@ -267,6 +267,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // Takes a paused sequence's ring again, empty (its pieces stay where they
   // are); false when too few pages are free.
   absl::StatusOr<bool> ResumeRing(Sequence& seq);
+  // StartTiering's and ResumeRing's common part: the ring's pages, in the
+  // slot's row of the ring table, with nothing resident; false (nothing
+  // taken) when too few pages are free.
+  absl::StatusOr<bool> TakeRing(Sequence& seq);
   // Moves the clusters `work` just formed in `layer` to the host tier; true
   // when all of them went.
   absl::StatusOr<bool> Offload(Sequence& seq, int layer, const engine::SequenceRange& range,

@@ -285,33 +285,59 @@ struct Cache {
   int page_size = 8;
 };
 
+// llama_gqa with `cache`'s pages, a block manager with a 64 MiB host tier,
+// and a ClusterKv() runner installed as its planner, its clusters
+// host-homed when `tiered` (tier.manager is set here). Uninstalls the
+// planner when it goes.
+struct TieredModel {
+  engine::LoadedModel loaded;
+  std::unique_ptr<KvBlockManager> manager;
+  std::unique_ptr<KvPolicyRunner> runner;
+
+  TieredModel(const Cache& cache, bool tiered, KvTierOptions tier = {}) {
+    engine::ModelOptions options;
+    options.max_seqs = 4;
+    options.max_context = 320;
+    options.max_batch_tokens = 96;
+    options.page_size = cache.page_size;
+    options.num_pages = cache.num_pages;
+    options.num_upper_pages = cache.upper_pages;
+    options.upper_first_layer = 1;
+    auto l = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""}, g_backend.get(),
+                               options);
+    EXPECT_TRUE(l.ok()) << l.status();
+    loaded = std::move(*l);
+    auto m = KvBlockManager::Create(model(), {.host_bytes = int64_t{64} << 20});
+    EXPECT_TRUE(m.ok()) << m.status();
+    manager = std::move(*m);
+    if (tiered) tier.manager = manager.get();
+    auto r = KvPolicyRunner::Create(model(), {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
+    EXPECT_TRUE(r.ok()) << r.status();
+    runner = std::move(*r);
+    EXPECT_TRUE(model()->set_attention_planner(runner.get()).ok());
+  }
+  ~TieredModel() { EXPECT_TRUE(model()->set_attention_planner(nullptr).ok()); }
+  engine::Model* model() { return loaded.model.get(); }
+  // Every page, host record and pool slot back, no copy in flight.
+  bool Idle() {
+    EXPECT_TRUE(manager->Poll().ok());
+    return manager->Idle() && runner->num_free_slots() == 4;
+  }
+};
+
 // Three concurrent requests through a batcher with a ClusterKV runner,
 // with host-homed clusters when `tiered` (tier.manager is set here);
 // `corrupt` runs before each step.
 Served Serve(bool tiered, KvTierOptions tier = {}, int max_tokens = 40,
              const std::function<void(KvBlockManager&, const KvPolicyRunner&)>& corrupt = nullptr,
              bool* idle = nullptr, Cache cache = {}) {
-  engine::ModelOptions options;
-  options.max_seqs = 4;
-  options.max_context = 320;
-  options.max_batch_tokens = 96;
-  options.page_size = cache.page_size;
-  options.num_pages = cache.num_pages;
-  options.num_upper_pages = cache.upper_pages;
-  options.upper_first_layer = 1;
-  auto loaded = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""},
-                                  g_backend.get(), options);
-  EXPECT_TRUE(loaded.ok()) << loaded.status();
-  engine::Model* model = loaded->model.get();
-  auto manager = KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
-  EXPECT_TRUE(manager.ok()) << manager.status();
-  if (tiered) tier.manager = manager->get();
-  auto runner = KvPolicyRunner::Create(model, {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
-  EXPECT_TRUE(runner.ok()) << runner.status();
-  EXPECT_TRUE(model->set_attention_planner(runner->get()).ok());
+  TieredModel t(cache, tiered, tier);
+  engine::Model* model = t.model();
+  KvBlockManager* manager = t.manager.get();
+  KvPolicyRunner* runner = t.runner.get();
   Served out;
   {
-    engine::Batcher batcher(model, nullptr, {}, manager->get());
+    engine::Batcher batcher(model, nullptr, {}, manager);
     const int lens[] = {150, 97, 180};
     for (int i = 0; i < 3; ++i) {
       engine::GenerationRequest r;
@@ -322,7 +348,7 @@ Served Serve(bool tiered, KvTierOptions tier = {}, int max_tokens = 40,
       EXPECT_TRUE(batcher.Add(r).ok());
     }
     while (batcher.HasWork()) {
-      if (corrupt) corrupt(**manager, **runner);
+      if (corrupt) corrupt(*manager, *runner);
       auto events = batcher.Step();
       EXPECT_TRUE(events.ok()) << events.status();
       if (!events.ok()) break;
@@ -336,12 +362,8 @@ Served Serve(bool tiered, KvTierOptions tier = {}, int max_tokens = 40,
     out.swapped_out = batcher.num_swapped_out();
     out.upper_released = batcher.num_upper_pages_released();
   }
-  out.stats = (*runner)->stats();
-  if (idle != nullptr) {
-    EXPECT_TRUE((*manager)->Poll().ok());
-    *idle = (*manager)->Idle() && (*runner)->num_free_slots() == 4;
-  }
-  EXPECT_TRUE(model->set_attention_planner(nullptr).ok());
+  out.stats = runner->stats();
+  if (idle != nullptr) *idle = t.Idle();
   return out;
 }
 
@@ -439,25 +461,10 @@ TEST(TieringTest, APausedSequenceThatFindsNoRingIsRecomputed) {
   // (Its later tokens may differ from an uninterrupted run: the recomputed
   // prompt clusters a longer context.)
   const Served reference = Serve(false, {}, 40);
-  engine::ModelOptions options;
-  options.max_seqs = 4;
-  options.max_context = 320;
-  options.max_batch_tokens = 96;
-  options.page_size = 8;
-  options.num_pages = 160;
-  options.num_upper_pages = 160;
-  options.upper_first_layer = 1;
-  auto loaded = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""},
-                                  g_backend.get(), options);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  engine::Model* model = loaded->model.get();
-  auto manager = KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
-  ASSERT_TRUE(manager.ok());
-  KvBlockManager& m = **manager;
-  auto runner =
-      KvPolicyRunner::Create(model, {ClusterKv()}, {.max_sparse_seqs = 4, .tier = {.manager = &m}});
-  ASSERT_TRUE(runner.ok()) << runner.status();
-  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
+  TieredModel t({.num_pages = 160, .upper_pages = 160}, /*tiered=*/true);
+  engine::Model* model = t.model();
+  KvBlockManager& m = *t.manager;
+  KvPolicyRunner* runner = t.runner.get();
   std::vector<int32_t> tokens;
   {
     engine::Batcher batcher(model, nullptr, {}, &m);
@@ -470,8 +477,8 @@ TEST(TieringTest, APausedSequenceThatFindsNoRingIsRecomputed) {
     std::vector<int32_t> hogged;
     bool paused = false;
     while (batcher.HasWork()) {
-      if (!paused && (*runner)->stats().offloads > 0) {
-        (*runner)->Pause(2);
+      if (!paused && runner->stats().offloads > 0) {
+        runner->Pause(2);
         paused = true;
         ASSERT_TRUE(m.AllocatePages(engine::PageGroup::kUpper,
                                     m.num_free_pages(engine::PageGroup::kUpper), hogged));
@@ -487,13 +494,11 @@ TEST(TieringTest, APausedSequenceThatFindsNoRingIsRecomputed) {
     }
     EXPECT_EQ(batcher.num_kv_lost(), 1);
   }
-  EXPECT_EQ((*runner)->stats().ring_pauses, 1);
-  EXPECT_EQ((*runner)->stats().lost_sequences, 1);
+  EXPECT_EQ(runner->stats().ring_pauses, 1);
+  EXPECT_EQ(runner->stats().lost_sequences, 1);
   ASSERT_EQ(tokens.size(), 40u);
   EXPECT_EQ(tokens[0], reference.tokens.at(2)[0]) << "the first token is the prefill's";
-  ASSERT_TRUE(m.Poll().ok());
-  EXPECT_TRUE(m.Idle());
-  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
+  EXPECT_TRUE(t.Idle());
 }
 
 TEST(TieringTest, QuantisedCodecsServeEveryRequest) {
@@ -531,23 +536,9 @@ TEST(TieringTest, NothingLeaksAfterCancellationsPreemptionsAndSwaps) {
   // Host-homed clusters, a cache small enough to preempt (and swap), and
   // cancellations at random steps: at the end every page (rings included),
   // host record and region, and pool slot is back.
-  engine::ModelOptions options;
-  options.max_seqs = 4;
-  options.max_context = 320;
-  options.max_batch_tokens = 96;
-  options.page_size = 8;
-  options.num_pages = 90;  // the rings take 4 x 6 pages of it
-  auto loaded = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""},
-                                  g_backend.get(), options);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  engine::Model* model = loaded->model.get();
-  auto manager = KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
-  ASSERT_TRUE(manager.ok());
-  KvBlockManager& m = **manager;
-  auto runner =
-      KvPolicyRunner::Create(model, {ClusterKv()}, {.max_sparse_seqs = 4, .tier = {.manager = &m}});
-  ASSERT_TRUE(runner.ok()) << runner.status();
-  ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
+  TieredModel t({.num_pages = 90}, /*tiered=*/true);  // the rings take 4 x 6 pages of it
+  engine::Model* model = t.model();
+  KvBlockManager& m = *t.manager;
   {
     engine::Batcher batcher(model, nullptr, {}, &m);
     std::mt19937 rng(21);
@@ -570,15 +561,15 @@ TEST(TieringTest, NothingLeaksAfterCancellationsPreemptionsAndSwaps) {
     EXPECT_GT(batcher.num_preemptions(), 0);
     EXPECT_GT(batcher.num_swapped_out(), 0);
   }
-  const KvPolicyRunner::Stats& s = (*runner)->stats();
+  const KvPolicyRunner::Stats& s = t.runner->stats();
   EXPECT_GT(s.offloads, 0);
   EXPECT_GT(s.recall_tokens, 0);
   EXPECT_EQ(s.lost_sequences, 0);
   ASSERT_TRUE(m.Poll().ok());
-  EXPECT_TRUE(m.Idle()) << m.stats().gpu_pages_used << " pages, " << m.stats().host_bytes_used
+  EXPECT_TRUE(m.Idle()) << m.stats().gpu_pages_used << " pages, " << m.stats().upper_pages_used
+                        << " upper pages, " << m.stats().host_bytes_used
                         << " host bytes still held";
-  EXPECT_EQ((*runner)->num_free_slots(), 4);
-  ASSERT_TRUE(model->set_attention_planner(nullptr).ok());
+  EXPECT_EQ(t.runner->num_free_slots(), 4);
 }
 
 }  // namespace
