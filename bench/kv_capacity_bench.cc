@@ -72,7 +72,9 @@ absl::Status RunMode(engine::Backend* backend, const CapacityOptions& o, const C
   if (mode.policy.type != "full") {
     kvtier::KvTierOptions tier;
     if (mode.host_codec.has_value()) {
-      tier = {.manager = run.manager.get(), .codec = *mode.host_codec};
+      tier = {.manager = run.manager.get(),
+              .codec = *mode.host_codec,
+              .prefetch_share = mode.prefetch_share};
     }
     STRATA_ASSIGN_OR_RETURN(
         run.runner, kvtier::KvPolicyRunner::Create(model, {mode.policy},
@@ -150,6 +152,8 @@ absl::Status RunMode(engine::Backend* backend, const CapacityOptions& o, const C
             static_cast<double>(s1.recall_kib - s0.recall_kib) / 1024.0 / o.steps;
         point.recall_ms_per_step =
             static_cast<double>(s1.recall_micros - s0.recall_micros) / 1e3 / o.steps;
+        point.prefetch_mib_per_step =
+            static_cast<double>(s1.prefetch_kib - s0.prefetch_kib) / 1024.0 / o.steps;
       }
       const kvtier::KvBlockManager::Stats ms = run.manager->stats();
       point.host_bytes_used = ms.host_bytes_used;

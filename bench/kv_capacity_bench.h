@@ -24,6 +24,7 @@
 #include "engine/backend.h"
 #include "engine/kv_codec.h"
 #include "engine/model_loader.h"
+#include "kvtier/kv_policy.h"
 #include "kvtier/profile.h"
 
 namespace strata::bench {
@@ -33,6 +34,7 @@ struct CapacityMode {
   kvtier::KvPolicyConfig policy;  // full or clusterkv
   // The codec of clusters kept in the host tier; nullopt: all on the GPU.
   std::optional<engine::KvCodecKind> host_codec;
+  double prefetch_share = kvtier::KvTierOptions().prefetch_share;
 };
 
 struct CapacityOptions {
@@ -56,7 +58,8 @@ struct CapacityPoint {
   double step_ms = 0;
   double ring_hit_rate = 0;  // host-homed selected tokens found in the ring
   double recall_mib_per_step = 0;
-  double recall_ms_per_step = 0;  // the recalls' device time
+  double recall_ms_per_step = 0;     // the recalls' device time
+  double prefetch_mib_per_step = 0;  // read by the prefetches (beside the layers)
   int64_t host_bytes_used = 0;
   int upper_pages_used = 0, upper_pages_total = 0;
   std::string why;  // when it does not fit

@@ -175,7 +175,11 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
   if (config.type != "full") {
     kvtier::KvPolicyRunnerOptions ro{.max_sparse_seqs = options.max_batch,
                                      .track_selection = !tiered};
-    if (tiered) ro.tier = {.manager = options.host_tier, .codec = options.codec};
+    if (tiered) {
+      ro.tier = {.manager = options.host_tier,
+                 .codec = options.codec,
+                 .prefetch_share = options.prefetch_share};
+    }
     STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config}, ro));
   }
   AttentionFidelity fidelity(model->config(), model->options().page_size, options.topk);
@@ -258,6 +262,8 @@ absl::StatusOr<PolicyEval> EvalPolicy(engine::Model* model, const kvtier::KvPoli
     const kvtier::KvPolicyRunner::Stats& st = runner->stats();
     const double held = static_cast<double>(st.recall_hit_tokens + st.recall_refreshed_tokens);
     if (held + st.recall_tokens > 0) result.ring_hit_rate = held / (held + st.recall_tokens);
+    result.recall_tokens = st.recall_tokens;
+    result.prefetch_tokens = st.prefetch_tokens;
     if (st.lost_sequences > 0 || st.offload_refused > 0 || st.ring_refused > 0) {
       return absl::InternalError(absl::StrCat("host tier: ", st.lost_sequences, " sequences lost, ",
                                               st.offload_refused, " offloads and ", st.ring_refused,
@@ -335,7 +341,10 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
     if (config.type != "full") {
       kvtier::KvPolicyRunnerOptions ro{.max_sparse_seqs = batch};
       if (mode.block_stride > 0) {
-        ro.tier = {.manager = manager, .codec = mode.codec, .block_stride = mode.block_stride};
+        ro.tier = {.manager = manager,
+                   .codec = mode.codec,
+                   .block_stride = mode.block_stride,
+                   .prefetch_share = mode.prefetch_share};
       }
       STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config}, ro));
     }
@@ -432,6 +441,8 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
       if (selected > 0) r.ring_hit_rate = hits / selected;
       r.recall_mib_per_step =
           static_cast<double>(after.recall_kib - before.recall_kib) / 1024.0 / (runs - warmup);
+      r.prefetch_mib_per_step =
+          static_cast<double>(after.prefetch_kib - before.prefetch_kib) / 1024.0 / (runs - warmup);
       for (int64_t id : ids) runner->Release(id);
     }
     const absl::Status unset = model->set_attention_planner(nullptr);

@@ -41,6 +41,7 @@
 #include "absl/status/statusor.h"
 #include "engine/model.h"
 #include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
 #include "kvtier/profile.h"
 
 namespace strata::bench {
@@ -74,6 +75,8 @@ struct PolicyEval {
   double output_error = 0.0;
   double reselection = 0.0;
   double ring_hit_rate = -1.0;    // host tier: selected host tokens the GPU ring held
+  int64_t recall_tokens = 0;      // ... that it did not (read from host memory)
+  int64_t prefetch_tokens = 0;    // host tokens the prefetches read
   int64_t attention_samples = 0;  // (query head, layer, step) triples measured
   // The generated tokens per case (the dense run's are the reference).
   std::vector<std::vector<int32_t>> outputs;
@@ -91,6 +94,7 @@ struct EvalOptions {
   // read the selection, which the recall rewrites to cache slots).
   kvtier::KvBlockManager* host_tier = nullptr;
   engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+  double prefetch_share = kvtier::KvTierOptions().prefetch_share;
 };
 
 // Runs every case under `config` (type "full" runs densely). `reference`
@@ -121,6 +125,7 @@ struct SpeedResult {
   std::string tier = "gpu";
   double ring_hit_rate = -1.0;
   double recall_mib_per_step = 0.0;
+  double prefetch_mib_per_step = 0.0;  // read by the prefetches (beside it)
 };
 
 // Where a ClusterKV config's clusters live in MeasureDecodeSpeed: every
@@ -129,6 +134,7 @@ struct TierMode {
   std::string name = "gpu";
   int block_stride = 0;
   engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+  double prefetch_share = kvtier::KvTierOptions().prefetch_share;
 };
 
 // Prefills `batch` sequences of `context` tokens (random ids) once, then

@@ -77,6 +77,16 @@ absl::Status WriteJson(const std::string& path, const nlohmann::json& j) {
   return absl::OkStatus();
 }
 
+// The prefetch shares of the host-tier runs, and the suffix naming a run's
+// (none when the flag was not given: one run, with the default).
+std::vector<double> PrefetchShares(const KvBenchFlags& f) {
+  if (f.prefetch_shares.empty()) return {kvtier::KvTierOptions().prefetch_share};
+  return f.prefetch_shares;
+}
+std::string PrefetchSuffix(const KvBenchFlags& f, double share) {
+  return f.prefetch_shares.empty() ? "" : absl::StrCat("/prefetch", share);
+}
+
 }  // namespace
 
 void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
@@ -97,6 +107,11 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
     cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
                     "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
         ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
+    cmd->add_option("--prefetch-shares", f.prefetch_shares,
+                    "Runs with clusters in the host tier: once per share of the budget that the "
+                    "next layer's guessed selection prefetches (0: none)")
+        ->delimiter(',')
+        ->check(CLI::Range(0.0, 1.0));
     cmd->add_option("--json", f.json, "Also write the results as JSON to FILE");
   };
   CLI::App* acc = bench.add_subcommand(
@@ -235,25 +250,42 @@ int RunKvPolicies(const KvBenchFlags& f) {
   }
 
   // Each config, then each clusterkv config once per host-tier codec.
-  std::vector<std::pair<kvtier::KvPolicyConfig, std::string>> runs;
+  struct Run {
+    kvtier::KvPolicyConfig config;
+    std::string codec;  // empty: on the GPU
+    double prefetch_share = 0;
+  };
+  std::vector<Run> runs;
   for (const auto& config : *configs) runs.push_back({config, ""});
   for (const std::string& codec : f.tier_codecs) {
-    for (const auto& config : *configs) {
-      if (config.type == "clusterkv") runs.push_back({config, codec});
+    for (const double share : PrefetchShares(f)) {
+      for (const auto& config : *configs) {
+        if (config.type == "clusterkv") runs.push_back({config, codec, share});
+      }
     }
   }
   std::vector<bench::PolicyEval> evals;
   std::vector<std::string> names;
-  for (const auto& [config, codec] : runs) {
+  for (const Run& run : runs) {
     bench::EvalOptions run_options = eo;
-    if (!codec.empty()) {
+    if (!run.codec.empty()) {
       run_options.host_tier = host_tier.get();
-      run_options.codec = engine::ParseKvCodecKind(codec).value();
+      run_options.codec = engine::ParseKvCodecKind(run.codec).value();
+      run_options.prefetch_share = run.prefetch_share;
     }
-    auto r =
-        bench::EvalPolicy(model, config, *cases, evals.empty() ? nullptr : &evals[0], run_options);
+    auto r = bench::EvalPolicy(model, run.config, *cases, evals.empty() ? nullptr : &evals[0],
+                               run_options);
     if (!r.ok()) return ExitWithError(kCmd, r.status());
-    names.push_back(codec.empty() ? config.type : absl::StrCat(config.type, "@host:", codec));
+    names.push_back(run.codec.empty() ? run.config.type
+                                      : absl::StrCat(run.config.type, "@host:", run.codec,
+                                                     PrefetchSuffix(f, run.prefetch_share)));
+    const kvtier::KvPolicyConfig& config = run.config;
+    if (!run.codec.empty()) {
+      std::fprintf(
+          stderr, "%s budget %d: ring hit rate %.3f, %lld tokens recalled, %lld prefetched\n",
+          names.back().c_str(), config.budget_tokens, r->ring_hit_rate,
+          static_cast<long long>(r->recall_tokens), static_cast<long long>(r->prefetch_tokens));
+    }
     std::fprintf(stderr, "%s budget %d: accuracy %.3f\n", names.back().c_str(),
                  config.budget_tokens, r->overall.rate());
     evals.push_back(std::move(*r));
@@ -280,6 +312,8 @@ int RunKvPolicies(const KvBenchFlags& f) {
     std::printf("\n");
     rows.push_back({{"policy", names[i]},
                     {"ring_hit_rate", e.ring_hit_rate},
+                    {"recall_tokens", e.recall_tokens},
+                    {"prefetch_tokens", e.prefetch_tokens},
                     {"budget", e.config.budget_tokens},
                     {"accuracy", e.overall.rate()},
                     {"cases", e.overall.total},
@@ -329,7 +363,14 @@ int RunKvSpeed(const KvBenchFlags& f) {
   if (!codec.ok()) return ExitWithError(kCmd, codec.status());
   std::vector<bench::TierMode> tiers;
   for (const std::string& t : f.host_tiers) {
-    tiers.push_back({t, t == "half" ? 2 : t == "host" ? 1 : 0, *codec});
+    const int stride = t == "half" ? 2 : t == "host" ? 1 : 0;
+    if (stride == 0) {
+      tiers.push_back({t, 0, *codec});
+      continue;
+    }
+    for (const double share : PrefetchShares(f)) {
+      tiers.push_back({t + PrefetchSuffix(f, share), stride, *codec, share});
+    }
   }
   const bool tiering = std::any_of(tiers.begin(), tiers.end(),
                                    [](const bench::TierMode& m) { return m.block_stride > 0; });
@@ -366,9 +407,9 @@ int RunKvSpeed(const KvBenchFlags& f) {
     if (!created.ok()) return ExitWithError(kCmd, created.status());
     manager = std::move(*created);
   }
-  std::printf("%-10s %6s %5s %8s %5s %12s %14s %10s %14s %9s %10s\n", "policy", "budget", "batch",
-              "context", "tier", "step_ms", "speedup_vs_full", "first_ms", "cluster_frac",
-              "ring_hit", "recall_MiB");
+  std::printf("%-10s %6s %5s %8s %5s %12s %14s %10s %14s %9s %10s %12s\n", "policy", "budget",
+              "batch", "context", "tier", "step_ms", "speedup_vs_full", "first_ms", "cluster_frac",
+              "ring_hit", "recall_MiB", "prefetch_MiB");
   nlohmann::json rows = nlohmann::json::array();
   for (int batch : f.batches) {
     auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup,
@@ -383,10 +424,10 @@ int RunKvSpeed(const KvBenchFlags& f) {
           r.summary_ms >= 0 ? r.summary_ms : std::max(0.0, r.first_step_ms - r.step_ms);
       const double frac = summary_ms / 1e3 / r.prefill_s;
       const double speedup = full_ms > 0 ? full_ms / r.step_ms : 0.0;
-      std::printf("%-10s %6d %5d %8d %5s %12.3f %14.2f %10.2f %14.4f %9.3f %10.2f\n",
+      std::printf("%-10s %6d %5d %8d %5s %12.3f %14.2f %10.2f %14.4f %9.3f %10.2f %12.2f\n",
                   r.config.type.c_str(), r.config.type == "full" ? 0 : r.config.budget_tokens,
                   batch, f.context, r.tier.c_str(), r.step_ms, speedup, r.first_step_ms, frac,
-                  r.ring_hit_rate, r.recall_mib_per_step);
+                  r.ring_hit_rate, r.recall_mib_per_step, r.prefetch_mib_per_step);
       nlohmann::json ops = nlohmann::json::array();
       if (f.op_timing) {
         double device_ms = 0;
@@ -417,7 +458,8 @@ int RunKvSpeed(const KvBenchFlags& f) {
                       {"tier", r.tier},
                       {"codec", f.codec},
                       {"ring_hit_rate", r.ring_hit_rate},
-                      {"recall_mib_per_step", r.recall_mib_per_step}});
+                      {"recall_mib_per_step", r.recall_mib_per_step},
+                      {"prefetch_mib_per_step", r.prefetch_mib_per_step}});
     }
     std::fflush(stdout);
   }
@@ -466,6 +508,13 @@ int RunKvCapacity(const KvBenchFlags& f) {
                                        absl::StrCat("--modes ", name, " needs --host-gib > 0")));
       }
       mode.host_codec = *codec;
+      for (const double share : PrefetchShares(f)) {
+        bench::CapacityMode run = mode;
+        run.prefetch_share = share;
+        run.name += PrefetchSuffix(f, share);
+        o.modes.push_back(std::move(run));
+      }
+      continue;
     }
     o.modes.push_back(std::move(mode));
   }
@@ -473,15 +522,16 @@ int RunKvCapacity(const KvBenchFlags& f) {
   if (!backend.ok()) return ExitWithError(kCmd, backend.status());
   auto result = bench::RunKvCapacity(backend->get(), o);
   if (!result.ok()) return ExitWithError(kCmd, result.status());
-  std::printf("%-22s %5s %5s %10s %12s %9s %11s %10s %9s %s\n", "mode", "seqs", "fits", "step_ms",
-              "decode_tok/s", "ring_hit", "recall_MiB", "recall_ms", "host_GiB", "upper_pages");
+  std::printf("%-33s %5s %5s %10s %12s %9s %11s %10s %12s %9s %s\n", "mode", "seqs", "fits",
+              "step_ms", "decode_tok/s", "ring_hit", "recall_MiB", "recall_ms", "prefetch_MiB",
+              "host_GiB", "upper_pages");
   nlohmann::json points = nlohmann::json::array();
   for (const bench::CapacityPoint& p : result->points) {
-    std::printf("%-22s %5d %5s %10.2f %12.1f %9.3f %11.1f %10.2f %9.2f %d/%d %s\n", p.mode.c_str(),
-                p.seqs, p.fits ? "yes" : "no", p.step_ms, p.decode_tokens_per_s, p.ring_hit_rate,
-                p.recall_mib_per_step, p.recall_ms_per_step,
-                static_cast<double>(p.host_bytes_used) / (1 << 30), p.upper_pages_used,
-                p.upper_pages_total, p.why.c_str());
+    std::printf("%-33s %5d %5s %10.2f %12.1f %9.3f %11.1f %10.2f %12.1f %9.2f %d/%d %s\n",
+                p.mode.c_str(), p.seqs, p.fits ? "yes" : "no", p.step_ms, p.decode_tokens_per_s,
+                p.ring_hit_rate, p.recall_mib_per_step, p.recall_ms_per_step,
+                p.prefetch_mib_per_step, static_cast<double>(p.host_bytes_used) / (1 << 30),
+                p.upper_pages_used, p.upper_pages_total, p.why.c_str());
     points.push_back({{"mode", p.mode},
                       {"seqs", p.seqs},
                       {"fits", p.fits},
@@ -490,6 +540,7 @@ int RunKvCapacity(const KvBenchFlags& f) {
                       {"ring_hit_rate", p.ring_hit_rate},
                       {"recall_mib_per_step", p.recall_mib_per_step},
                       {"recall_ms_per_step", p.recall_ms_per_step},
+                      {"prefetch_mib_per_step", p.prefetch_mib_per_step},
                       {"host_bytes_used", p.host_bytes_used},
                       {"upper_pages_used", p.upper_pages_used},
                       {"upper_pages_total", p.upper_pages_total},

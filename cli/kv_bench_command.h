@@ -55,6 +55,9 @@ struct KvBenchFlags {
   // kv-policies: each clusterkv config also with every cluster in the host
   // tier, once per codec.
   std::vector<std::string> tier_codecs;
+  // Runs with clusters in the host tier: once per value of
+  // KvTierOptions::prefetch_share (its default when none is given).
+  std::vector<double> prefetch_shares;
   // kv-capacity (with context, steps, warmup and the first budget above)
   std::vector<int> seqs;
   std::vector<std::string> modes;  // full, clusterkv, clusterkv@host:CODEC

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
@@ -50,6 +51,9 @@ constexpr int kStagingSlots = 4;
 constexpr size_t kStagingBytes = size_t{16} << 20;
 // cuBLASLt workspace; 32 MiB is what cuBLAS recommends for Hopper.
 constexpr size_t kGemmWorkspaceBytes = size_t{32} << 20;
+// CTAs per SM of a recall's decode kernel when it runs as side work
+// (BeginSideWork), beside the layer computing on the main stream.
+constexpr int kSideRecallCtasPerSm = 1;
 // GEMMs with at most this many tokens get their algorithm by timing up to
 // kAutotuneCandidates of cuBLASLt's heuristic candidates.
 constexpr int64_t kAutotuneMaxTokens = 64;
@@ -188,6 +192,9 @@ class CudaBackend final : public engine::Backend {
     STRATA_RETURN_IF_ERROR(Activate());
     return copies_.ComputeAfterFence(fence, stream());
   }
+  absl::Status BeginSideWork() override;
+  absl::Status EndSideWork() override;
+  absl::Status JoinSideWork() override;
   void SetOpTiming(bool enabled) override { op_timer_.set_enabled(enabled); }
   absl::Status BeginCapture() override;
   absl::StatusOr<int> EndCapture() override;
@@ -247,12 +254,16 @@ class CudaBackend final : public engine::Backend {
     STRATA_RETURN_IF_ERROR(Activate());
     // Sized for the plan's capacity on the first (direct) step, so that
     // recorded steps find it large enough.
+    // Side work has its own piece list, and fewer CTAs: it shares the SMs
+    // with the layer computing beside it, and a few CTAs per SM already
+    // keep enough host reads in flight to fill the PCIe link.
+    DeviceBuffer& workspace = on_side_ ? side_recall_workspace_ : recall_workspace_;
     STRATA_RETURN_IF_ERROR(
-        GrowKeepingGraphsSafe(recall_workspace_, cuda::RecallWorkspaceBytes(plan, k_cache)));
-    OpTimer::Scope timed(&op_timer_, "RecallBlocks", stream());
-    return cuda::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring,
-                              recall_workspace_.data(), recall_workspace_.size(), 4 * num_sms_,
-                              stream());
+        GrowKeepingGraphsSafe(workspace, cuda::RecallWorkspaceBytes(plan, k_cache)));
+    OpTimer::Scope timed(&op_timer_, on_side_ ? "RecallBlocks (side)" : "RecallBlocks", stream());
+    return cuda::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring, workspace.data(),
+                              workspace.size(),
+                              (on_side_ ? side_recall_ctas_per_sm_ : 4) * num_sms_, stream());
   }
   absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                             Tensor& token_ids, Tensor& logprobs) override;
@@ -262,6 +273,8 @@ class CudaBackend final : public engine::Backend {
     LogIfError(cudaSetDevice(device_), "cudaSetDevice");
     if (stream_.get() != nullptr)
       LogIfError(cudaStreamSynchronize(stream_.get()), "cudaStreamSynchronize");
+    if (side_stream_.get() != nullptr)
+      LogIfError(cudaStreamSynchronize(side_stream_.get()), "cudaStreamSynchronize");
     if (absl::Status s = copies_.WaitAll(); !s.ok()) {
       STRATA_LOG_ERROR("cuda backend: copies at shutdown: {}", s.ToString());
     }
@@ -273,7 +286,9 @@ class CudaBackend final : public engine::Backend {
   // Makes this backend's device current for the calling thread (cheap when
   // it already is), so a process can drive backends on several GPUs.
   absl::Status Activate() const;
-  cudaStream_t stream() const { return stream_.get(); }
+  // The queue operators go to: the side stream between BeginSideWork and
+  // EndSideWork, else the main one.
+  cudaStream_t stream() const { return on_side_ ? side_stream_.get() : stream_.get(); }
   // The operands of the Linear call a plan is made for (autotuning runs on
   // them; `out` is overwritten).
   struct GemmOperands {
@@ -310,7 +325,14 @@ class CudaBackend final : public engine::Backend {
   int num_sms_ = 1;
   std::string name_;
   CudaStream stream_;
-  CopyEngine copies_;  // KV rows <-> host, on their own stream
+  // Side work (BeginSideWork): its stream, the event it starts after, and
+  // the event the main stream joins on.
+  CudaStream side_stream_;
+  CudaEvent side_fork_, side_done_;
+  bool on_side_ = false;
+  int side_recall_ctas_per_sm_ = kSideRecallCtasPerSm;
+  bool side_pending_ = false;  // side work enqueued and not yet joined
+  CopyEngine copies_;          // KV rows <-> host, on their own stream
   CublasHandle cublas_;
   CublasLtHandle cublas_lt_;
   DeviceBuffer gemm_workspace_;
@@ -324,9 +346,10 @@ class CudaBackend final : public engine::Backend {
   // (GrowKeepingGraphsSafe); freed once no graph is held (ReleaseGraph) or
   // with the backend, after the graphs.
   std::vector<DeviceBuffer> retired_buffers_;
-  DeviceBuffer cluster_workspace_;  // ClusterKeys scratch
-  DeviceBuffer tier_workspace_;     // OffloadBlocks' encode jobs
-  DeviceBuffer recall_workspace_;   // RecallBlocks' list of missed pieces
+  DeviceBuffer cluster_workspace_;      // ClusterKeys scratch
+  DeviceBuffer tier_workspace_;         // OffloadBlocks' encode jobs
+  DeviceBuffer recall_workspace_;       // RecallBlocks' list of missed pieces
+  DeviceBuffer side_recall_workspace_;  // ... of the side work's recalls
   OpTimer op_timer_;
   bool capturing_ = false;             // between BeginCapture and EndCapture
   std::vector<CudaGraphExec> graphs_;  // by id
@@ -362,7 +385,18 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
   backend->num_sms_ = prop.multiProcessorCount;
   backend->name_ = absl::StrCat("cuda:", device, " (", prop.name, ")");
 
-  STRATA_ASSIGN_OR_RETURN(backend->stream_, CudaStream::Create());
+  // The model's work goes first: side work (recalls ahead of need) takes
+  // the SMs the layers leave free.
+  int lowest_priority = 0, highest_priority = 0;
+  STRATA_CUDA_RETURN_IF_ERROR(
+      cudaDeviceGetStreamPriorityRange(&lowest_priority, &highest_priority));
+  STRATA_ASSIGN_OR_RETURN(backend->stream_, CudaStream::Create(highest_priority));
+  STRATA_ASSIGN_OR_RETURN(backend->side_stream_, CudaStream::Create(lowest_priority));
+  if (const char* ctas = std::getenv("STRATA_SIDE_RECALL_CTAS"); ctas != nullptr) {
+    backend->side_recall_ctas_per_sm_ = std::atoi(ctas);
+  }
+  STRATA_ASSIGN_OR_RETURN(backend->side_fork_, CudaEvent::Create());
+  STRATA_ASSIGN_OR_RETURN(backend->side_done_, CudaEvent::Create());
   STRATA_ASSIGN_OR_RETURN(backend->copies_, CopyEngine::Create());
   STRATA_ASSIGN_OR_RETURN(backend->cublas_, CublasHandle::Create());
   STRATA_CUBLAS_RETURN_IF_ERROR(cublasSetStream(backend->cublas_.get(), backend->stream()));
@@ -532,7 +566,34 @@ absl::Status CudaBackend::Fill(Tensor& t, float value) {
 absl::Status CudaBackend::Synchronize() {
   if (capturing_) return CaptureError("Synchronize");
   STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_RETURN_IF_ERROR(JoinSideWork());
   return stream_.Synchronize();
+}
+
+absl::Status CudaBackend::BeginSideWork() {
+  if (on_side_) return absl::FailedPreconditionError("BeginSideWork inside side work");
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_RETURN_IF_ERROR(side_fork_.Record(stream_.get()));
+  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(side_stream_.get(), side_fork_.get(), 0));
+  on_side_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::EndSideWork() {
+  if (!on_side_) return absl::FailedPreconditionError("EndSideWork without BeginSideWork");
+  on_side_ = false;
+  STRATA_RETURN_IF_ERROR(side_done_.Record(side_stream_.get()));
+  side_pending_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::JoinSideWork() {
+  if (on_side_) return absl::FailedPreconditionError("JoinSideWork inside side work");
+  if (!side_pending_) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), side_done_.get(), 0));
+  side_pending_ = false;
+  return absl::OkStatus();
 }
 
 absl::Status CudaBackend::BeginCapture() {
@@ -551,6 +612,15 @@ absl::Status CudaBackend::BeginCapture() {
 
 absl::StatusOr<int> CudaBackend::EndCapture() {
   if (!capturing_) return absl::FailedPreconditionError("EndCapture without BeginCapture");
+  // A capture ends on the stream it began on, with every fork joined.
+  if (on_side_) {
+    on_side_ = false;
+    LogIfError(cudaEventRecord(side_done_.get(), side_stream_.get()), "cudaEventRecord");
+    side_pending_ = true;
+  }
+  if (absl::Status joined = JoinSideWork(); !joined.ok()) {
+    STRATA_LOG_ERROR("graph capture: joining side work: {}", joined.ToString());
+  }
   capturing_ = false;
   cudaGraph_t graph = nullptr;
   const cudaError_t end = cudaStreamEndCapture(stream(), &graph);

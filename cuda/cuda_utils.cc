@@ -62,9 +62,10 @@ void LogIfError(cudaError_t error, const char* what) {
 
 // ---- CudaStream -------------------------------------------------------------
 
-absl::StatusOr<CudaStream> CudaStream::Create() {
+absl::StatusOr<CudaStream> CudaStream::Create(int priority) {
   CudaStream stream;
-  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&stream.stream_, cudaStreamNonBlocking));
+  STRATA_CUDA_RETURN_IF_ERROR(
+      cudaStreamCreateWithPriority(&stream.stream_, cudaStreamNonBlocking, priority));
   return stream;
 }
 

@@ -69,7 +69,9 @@ void LogIfError(cudaError_t error, const char* what);
 // stream, so work on it never serialises with stray default-stream calls).
 class CudaStream {
  public:
-  static absl::StatusOr<CudaStream> Create();
+  // `priority` as cudaStreamCreateWithPriority takes it: lower numbers are
+  // scheduled first; 0 is the default (and the lowest).
+  static absl::StatusOr<CudaStream> Create(int priority = 0);
   CudaStream() = default;
   CudaStream(CudaStream&& other) noexcept : stream_(std::exchange(other.stream_, nullptr)) {}
   CudaStream& operator=(CudaStream&& other) noexcept;

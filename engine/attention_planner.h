@@ -49,6 +49,22 @@ class AttentionPlanner {
   virtual absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const AttentionBatch& batch,
                                                       const Tensor& qkv, Tensor& k_cache,
                                                       Tensor& v_cache) = 0;
+  // Prefetch. A planner that Prefetches() may be asked, after PlanLayer of
+  // layer - 1 in a pure decode step, whether it PrefetchesLayer(layer); if
+  // so the model guesses that layer's queries from layer - 1's input (the
+  // residual stream before layer - 1 adds to it) and `layer`'s own norm,
+  // projection and rotary embedding, and calls PrefetchLayer with them. The
+  // planner may then start fetching what it expects the layer to select as
+  // side work (Backend::BeginSideWork), which PlanLayer(layer) joins; it
+  // must not change what PlanLayer computes, only how fast. The answers
+  // must be the same for the steps that share a GraphKey.
+  virtual bool Prefetches() const { return false; }
+  virtual bool PrefetchesLayer(int /*layer*/) const { return false; }
+  virtual absl::Status PrefetchLayer(int /*layer*/, const AttentionBatch& /*batch*/,
+                                     const Tensor& /*guessed_qkv*/, Tensor& /*k_cache*/,
+                                     Tensor& /*v_cache*/) {
+    return absl::OkStatus();
+  }
   virtual void Release(int64_t seq_id) = 0;
   // The sequence's KV went to a lower tier while it is paused (swapped
   // out): the planner may give back GPU memory it holds for the sequence

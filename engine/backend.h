@@ -382,6 +382,20 @@ class Backend {
   // not wait).
   virtual absl::Status ComputeAfterFence(CopyFence fence) = 0;
 
+  // ---- Side work ----------------------------------------------------------
+  // Work that may run beside the operators enqueued after it (the KV
+  // policies recall a later layer's clusters while this layer computes).
+  // Operators called between BeginSideWork and EndSideWork go to a side
+  // queue, ordered after all work enqueued before BeginSideWork;
+  // JoinSideWork orders the work enqueued after it after that side work.
+  // Until the join, side work must not write what later main-queue work
+  // reads or writes, nor read what it writes. Graph captures record both
+  // queues (EndCapture and Synchronize join first). Backends with one queue
+  // (the CPU) run side work in line: the calls then do nothing.
+  virtual absl::Status BeginSideWork() { return absl::OkStatus(); }
+  virtual absl::Status EndSideWork() { return absl::OkStatus(); }
+  virtual absl::Status JoinSideWork() { return absl::OkStatus(); }
+
   // ---- Profiling ----------------------------------------------------------
   // While enabled, the backend records each operator's device time (the CUDA
   // backend with timing events; backends that cannot time record nothing).

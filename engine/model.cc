@@ -361,6 +361,14 @@ absl::Status Model::set_attention_planner(AttentionPlanner* planner) {
       ++it;
     }
   }
+  if (planner_ != nullptr && planner_->Prefetches() && !guess_qkv_.defined()) {
+    Backend& b = *backend_;
+    const int64_t rows = std::min(options_.max_seqs, options_.max_batch_tokens);
+    STRATA_ASSIGN_OR_RETURN(guess_normed_,
+                            b.Allocate(b.activation_dtype(), {rows, config_.hidden_size}));
+    STRATA_ASSIGN_OR_RETURN(guess_qkv_,
+                            b.Allocate(b.activation_dtype(), {rows, layout_.row_width()}));
+  }
   return absl::OkStatus();
 }
 
@@ -466,6 +474,24 @@ absl::StatusOr<AttentionBatch> Model::Upload(const StepInput& in, int padding) {
   return batch;
 }
 
+absl::Status Model::PrefetchNextLayer(int layer, const AttentionBatch& batch,
+                                      const Tensor& residual, const Tensor& positions) {
+  // The residual stream changes little from one layer's input to the next,
+  // so the next layer's own norm and projection of this layer's input
+  // guess its queries well enough to choose what to fetch (InfiniGen).
+  Backend& b = *backend_;
+  const LayerWeights& next = weights_.layers[layer];
+  const int64_t t = residual.dim(0);
+  Tensor normed = guess_normed_.Rows(0, t), qkv = guess_qkv_.Rows(0, t);
+  STRATA_RETURN_IF_ERROR(
+      b.RmsNorm(residual, next.input_norm, static_cast<float>(config_.rms_norm_eps), normed));
+  STRATA_RETURN_IF_ERROR(b.Linear(normed, next.qkv, next.qkv_bias, qkv));
+  STRATA_RETURN_IF_ERROR(b.Rope(qkv, layout_, positions, inv_freq_));
+  const bool upper = page_group(layer) == PageGroup::kUpper;
+  return planner_->PrefetchLayer(layer, upper ? batch.UpperLayers() : batch, qkv, k_cache_[layer],
+                                 v_cache_[layer]);
+}
+
 absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, int rows_out) {
   Backend& b = *backend_;
   const int num_seqs = batch.num_seqs;
@@ -498,6 +524,10 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
     if (planner_ != nullptr) {
       STRATA_ASSIGN_OR_RETURN(plan,
                               planner_->PlanLayer(i, layer_batch, qkv, k_cache_[i], v_cache_[i]));
+    }
+    if (planner_ != nullptr && i + 1 < config_.num_layers && batch.max_query_len == 1 &&
+        guess_qkv_.defined() && t <= guess_qkv_.dim(0) && planner_->PrefetchesLayer(i + 1)) {
+      STRATA_RETURN_IF_ERROR(PrefetchNextLayer(i + 1, batch, residual, positions));
     }
     // A plan that covers every sequence of a pure decode step replaces the
     // dense attention; otherwise its rows overwrite the dense result.

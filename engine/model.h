@@ -162,6 +162,10 @@ class Model {
   absl::StatusOr<AttentionBatch> Upload(const StepInput& input, int padding);
   // `batch` holds both groups' tables (AttentionBatch::upper_block_table).
   absl::StatusOr<Tensor> Compute(const AttentionBatch& batch, int64_t tokens, int rows_out);
+  // Guesses `layer`'s queries from the residual stream at the previous
+  // layer's input and hands them to the planner (AttentionPlanner::Prefetches).
+  absl::Status PrefetchNextLayer(int layer, const AttentionBatch& batch, const Tensor& residual,
+                                 const Tensor& positions);
   // Uploads the sampling rows (padded with greedy rows to `padded_rows`)
   // into sampling_table_; enqueues Backend::SampleTokens over logits with
   // it into sampled_ids_ / sampled_logprobs_; both.
@@ -190,6 +194,9 @@ class Model {
   Tensor ids_, positions_, slots_, query_start_, context_len_, block_table_, logit_rows_;
   Tensor upper_slots_, upper_block_table_;  // with two page groups
   Tensor residual_, normed_, qkv_, attn_, proj_, gate_up_, act_, last_, logits_;
+  // A prefetching planner's guessed queries of the next layer (decode
+  // steps: max_seqs rows), allocated when such a planner is installed.
+  Tensor guess_normed_, guess_qkv_;
   Tensor sample_params_, sampled_ids_, sampled_logprobs_;  // [max_logit_rows, ...]
   SamplingTable sampling_table_;                           // the last uploaded rows
   std::vector<int32_t> host_slots_, host_table_, host_upper_slots_, host_upper_table_;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <iterator>
 
 #include "absl/strings/str_cat.h"
@@ -291,6 +292,23 @@ absl::Status KvPolicyRunner::Allocate() {
     STRATA_RETURN_IF_ERROR(b.Fill(ring_.status, 0));
     STRATA_RETURN_IF_ERROR(b.Fill(ring_.stats, 0));
     ring_.host = options_.tier.manager->host_buffer();
+    if (options_.tier.prefetch_share > 0 && any_clusterkv_) {
+      guess_plan_.max_blocks = plan_.max_blocks;
+      STRATA_ASSIGN_OR_RETURN(
+          guess_plan_.entries,
+          b.Allocate(engine::DType::kI32, {entries, engine::kSparsePlanFields}));
+      guess_plan_.max_keys = plan_.max_keys;
+      STRATA_ASSIGN_OR_RETURN(guess_plan_.key_index,
+                              b.Allocate(engine::DType::kI32, {entries, hkv, max_keys_}));
+      STRATA_ASSIGN_OR_RETURN(guess_plan_.key_count,
+                              b.Allocate(engine::DType::kI32, {entries, hkv}));
+      STRATA_ASSIGN_OR_RETURN(guess_scores_,
+                              b.Allocate(engine::DType::kF32, {entries, hkv, blocks}));
+      STRATA_ASSIGN_OR_RETURN(guess_status_, b.Allocate(engine::DType::kI32, {slots}));
+      STRATA_ASSIGN_OR_RETURN(guess_stats_,
+                              b.Allocate(engine::DType::kI32, {engine::kKvTierStats}));
+      STRATA_RETURN_IF_ERROR(b.Fill(guess_stats_, 0));
+    }
   }
   return b.Synchronize();
 }
@@ -507,7 +525,115 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   });
   // Recall status bits are per step (EndStep reads them).
   if (step_tiered_) STRATA_RETURN_IF_ERROR(model_->backend().Fill(ring_.status, 0));
+  // Prefetch guesses from the summaries as they stand, so not while a
+  // layer's PlanLayer is about to add to them.
+  step_prefetch_ = step_tiered_ && Prefetches() &&
+                   std::none_of(entries_.begin(), entries_.end(),
+                                [](const Entry& e) { return !e.work.empty(); });
+  prefetched_layer_ = -1;
+  if (step_prefetch_) {
+    // The first layer that may be prefetched (layer 0 has no layer before
+    // it to prefetch in) needs its entries in plan_.entries before its own
+    // PlanLayer would upload them; the layers after it plan the same ones
+    // (or upload theirs, and are not prefetched).
+    for (int layer = 1; layer < model_->config().num_layers; ++layer) {
+      int num_clusterkv = 0;
+      std::vector<int32_t> host = LayerFields(layer, &num_clusterkv);
+      if (num_clusterkv == 0) continue;
+      STRATA_RETURN_IF_ERROR(UploadEntries(std::move(host)));
+      break;
+    }
+  }
   return absl::OkStatus();
+}
+
+std::vector<int32_t> KvPolicyRunner::LayerFields(int layer, int* num_clusterkv) const {
+  std::vector<int32_t> host;
+  int clusterkv = 0;
+  for (const Entry& e : entries_) {
+    if (!e.policy->SparseLayer(layer)) continue;
+    host.insert(host.end(), e.fields.begin(), e.fields.end());
+    clusterkv += e.policy->kind() == PolicyKind::kClusterKv;
+  }
+  if (num_clusterkv != nullptr) *num_clusterkv = clusterkv;
+  return host;
+}
+
+bool KvPolicyRunner::PrefetchesLayer(int layer) const {
+  if (!step_prefetch_) return false;
+  // The guessed plan reads plan_.entries, which must already hold the
+  // layer's entries: PlanLayer(layer) then uploads nothing over them.
+  int num_clusterkv = 0;
+  const std::vector<int32_t> host = LayerFields(layer, &num_clusterkv);
+  return num_clusterkv > 0 && host == uploaded_;
+}
+
+absl::Status KvPolicyRunner::PrefetchLayer(int layer, const engine::AttentionBatch& batch,
+                                           const Tensor& guessed_qkv, Tensor& k_cache,
+                                           Tensor& v_cache) {
+  if (!PrefetchesLayer(layer)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("kv policies: layer ", layer, " is not prefetched this step"));
+  }
+  engine::Backend& b = model_->backend();
+  int num_clusterkv = 0;
+  LayerFields(layer, &num_clusterkv);
+  // ClusterKV entries come first: the guessed plan is their prefix.
+  guess_plan_.entries = plan_.entries;
+  guess_plan_.host_entries.assign(uploaded_.begin(),
+                                  uploaded_.begin() + num_clusterkv * engine::kSparsePlanFields);
+  guess_plan_.num_entries = num_clusterkv;
+  guess_plan_.num_blocks_bound = plan_.num_blocks_bound;
+  STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(guess_plan_, batch, guessed_qkv.dim(0),
+                                                    options_.max_sparse_seqs,
+                                                    model_->config().num_kv_heads));
+  engine::TierRing guess_ring = ring_;
+  guess_ring.status = guess_status_;
+  guess_ring.stats = guess_stats_;
+  const engine::QkvLayout layout{model_->config().num_q_heads, model_->config().num_kv_heads,
+                                 model_->config().head_dim};
+  STRATA_RETURN_IF_ERROR(b.BeginSideWork());
+  prefetched_layer_ = layer;
+  absl::Status side =
+      b.ScoreBlocks(guessed_qkv, layout, guess_plan_, 0, num_clusterkv,
+                    engine::BlockScoring::kCentroid, centroids_[layer], Tensor(), guess_scores_);
+  if (side.ok()) side = b.SelectTokens(guess_scores_, extents_[layer], guess_plan_);
+  if (side.ok()) {
+    side = b.RecallBlocks(k_cache, v_cache, batch, guess_plan_, extents_[layer], tier_[layer],
+                          guess_ring);
+  }
+  const absl::Status end = b.EndSideWork();
+  return side.ok() ? end : side;
+}
+
+absl::Status KvPolicyRunner::UploadEntries(std::vector<int32_t> host) {
+  engine::Backend& b = model_->backend();
+  if (host == uploaded_) return absl::OkStatus();
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(host.data(), engine::DType::kI32,
+                                        static_cast<int64_t>(host.size()), plan_.entries, 0));
+  if (Prefetches()) {
+    std::vector<int32_t> guess = host;
+    for (size_t i = engine::kPlanBudget; i < guess.size(); i += engine::kSparsePlanFields) {
+      if (guess[i] > 0) {
+        guess[i] =
+            std::max(1, static_cast<int32_t>(std::lround(guess[i] * options_.tier.prefetch_share)));
+      }
+    }
+    if (guess != guess_uploaded_) {
+      STRATA_RETURN_IF_ERROR(b.CopyFromHost(guess.data(), engine::DType::kI32,
+                                            static_cast<int64_t>(guess.size()), guess_plan_.entries,
+                                            0));
+      guess_uploaded_ = std::move(guess);
+    }
+  }
+  uploaded_ = std::move(host);
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::JoinPrefetch() {
+  if (prefetched_layer_ < 0) return absl::OkStatus();
+  prefetched_layer_ = -1;
+  return model_->backend().JoinSideWork();
 }
 
 KvPolicyRunner::KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options)
@@ -554,13 +680,11 @@ absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
   }
   plan_.num_blocks_bound = std::min(
       max_blocks_, (most_blocks + kBlocksBoundStep - 1) / kBlocksBoundStep * kBlocksBoundStep);
-  if (!fields.empty() && fields != uploaded_) {
-    STRATA_RETURN_IF_ERROR(model_->backend().CopyFromHost(
-        fields.data(), engine::DType::kI32, static_cast<int64_t>(fields.size()), plan_.entries, 0));
-    uploaded_ = fields;
-  }
+  if (!fields.empty()) STRATA_RETURN_IF_ERROR(UploadEntries(fields));
   key.push_back(num_clusterkv);
   key.push_back(num_quest);
+  // Recordings with and without recalls, or prefetches, differ.
+  key.push_back(int{step_tiered_} + 2 * int{step_prefetch_});
   key.push_back(plan_.num_blocks_bound);
   graph_dense_queries_ = dense;
   graph_sparse_queries_ = sparse;
@@ -578,6 +702,8 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
                                                             const Tensor& qkv, Tensor& k_cache,
                                                             Tensor& v_cache) {
   engine::Backend& b = model_->backend();
+  // The prefetch of this layer reads and writes its tables and ring.
+  STRATA_RETURN_IF_ERROR(JoinPrefetch());
   const int page_size = model_->options().page_size;
   // The entries of this layer (policies whose full layers are behind), their
   // summary work first.
@@ -627,11 +753,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
       stats_.sparse_queries += !e.padding && e.policy->SparseLayer(layer);
   }
   plan_.num_entries = n;
-  if (host != uploaded_) {
-    STRATA_RETURN_IF_ERROR(b.CopyFromHost(host.data(), engine::DType::kI32,
-                                          static_cast<int64_t>(host.size()), plan_.entries, 0));
-    uploaded_ = host;
-  }
+  STRATA_RETURN_IF_ERROR(UploadEntries(host));
   plan_.host_entries = std::move(host);
   STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(
       plan_, batch, qkv.dim(0), options_.max_sparse_seqs, model_->config().num_kv_heads));
@@ -754,9 +876,19 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
     lost.push_back({id, "no GPU pages were free for its recall ring when it resumed"});
   }
   ring_lost_.clear();
+  STRATA_RETURN_IF_ERROR(JoinPrefetch());
   if (!step_tiered_) return lost;
   step_tiered_ = false;
   engine::Backend& b = model_->backend();
+  if (step_prefetch_) {
+    std::vector<int32_t> guessed(engine::kKvTierStats);
+    STRATA_RETURN_IF_ERROR(b.CopyToHost(guess_stats_, guessed.data()));
+    STRATA_RETURN_IF_ERROR(b.Fill(guess_stats_, 0));
+    stats_.prefetch_tokens += guessed[engine::kStatRecalledTokens];
+    stats_.prefetch_kib += guessed[engine::kStatRecalledKiB];
+    stats_.prefetch_micros += guessed[engine::kStatRecallMicros];
+    step_prefetch_ = false;
+  }
   std::vector<int32_t> status(ring_.status.numel()), counts(engine::kKvTierStats);
   STRATA_RETURN_IF_ERROR(b.CopyToHost(ring_.status, status.data()));
   STRATA_RETURN_IF_ERROR(b.CopyToHost(ring_.stats, counts.data()));

@@ -120,6 +120,13 @@ struct KvTierOptions {
   // Offload only every n-th cluster of a clustering (benchmarks: 2 puts half
   // of them in the host tier); 1: all.
   int block_stride = 1;
+  // Prefetch: during each layer, guess the next layer's selection (from
+  // its weights and this layer's input) and recall the host-homed clusters
+  // of its top-scored `prefetch_share` of the budget as side work, so that
+  // the next layer finds them in the ring. 0: no prefetch. A guess costs
+  // host reads where it is wrong, and the link is shared: a share below 1
+  // keeps to the clusters the guess is surest of.
+  double prefetch_share = 0.5;
   // Per policy index: the codec of its host-homed clusters, or nullopt to
   // keep its clusters in the paged cache. Empty: every ClusterKV policy's
   // clusters are host-homed with `codec`.
@@ -175,6 +182,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // the steps that recalled: their ratio is the recall latency per step.
     int64_t recall_micros = 0;
     int64_t recall_steps = 0;
+    // Prefetch (KvTierOptions::prefetch): host-homed tokens the guessed
+    // selections recalled ahead of their layers, the host KiB they read,
+    // and their device time (side work, beside the layers computing).
+    int64_t prefetch_tokens = 0;
+    int64_t prefetch_kib = 0;
+    int64_t prefetch_micros = 0;
     int64_t lost_sequences = 0;  // sequences recomputed because of them
     int64_t ring_pauses = 0;     // rings given back by paused sequences
     int64_t ring_resumes = 0;    // ... and taken again when they ran
@@ -194,6 +207,14 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                                                       const engine::Tensor& qkv,
                                                       engine::Tensor& k_cache,
                                                       engine::Tensor& v_cache) override;
+  // Prefetches (KvTierOptions::prefetch) in steps with a ring and no
+  // summary work, for the layers whose entries are already uploaded (all
+  // but a step's first sparse layer, unless the step replays from a graph).
+  bool Prefetches() const override { return guess_scores_.defined(); }
+  bool PrefetchesLayer(int layer) const override;
+  absl::Status PrefetchLayer(int layer, const engine::AttentionBatch& batch,
+                             const engine::Tensor& guessed_qkv, engine::Tensor& k_cache,
+                             engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
   // Gives a paused tiered sequence's ring pages back; its host-homed
   // clusters and their tables stay. Resume takes a ring again, empty (and
@@ -206,7 +227,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // (clustering, key bounds) and every sparse layer plans the same entries.
   // The key: this runner's instance number (recordings hold its buffers, so
   // no other runner, even one at the same address, may replay them), each
-  // layer's entry count, the ClusterKV / Quest split, and num_blocks_bound
+  // layer's entry count, the ClusterKV / Quest split, whether the step
+  // recalls and prefetches, and num_blocks_bound
   // (the entries' largest block count rounded up to kBlocksBoundStep, so a
   // recording serves until that many more blocks are appended).
   bool Replayable() const override { return !options_.track_selection && !observer_; }
@@ -282,6 +304,14 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   }
   // The same layer's tables restricted to one pool slot.
   engine::TierTables SlotTables(int layer, int slot);
+  // The host entries PlanLayer(layer) plans this step, and how many of them
+  // (the first) are ClusterKV's.
+  std::vector<int32_t> LayerFields(int layer, int* num_clusterkv = nullptr) const;
+  // Orders what follows after the prefetch side work, if any is pending.
+  absl::Status JoinPrefetch();
+  // Makes plan_.entries hold `host` (and the guessed plan's entries the
+  // same with the budgets cut to the prefetch share).
+  absl::Status UploadEntries(std::vector<int32_t> host);
 
   engine::Model* model_;
   KvPolicyRunnerOptions options_;
@@ -301,6 +331,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   bool step_tiered_ = false;  // some entry of this step has a ring
   engine::SparsePlan plan_;
   std::vector<int32_t> uploaded_;  // host entries last copied to plan_.entries
+  // Prefetch: the guessed selection's plan (plan_'s entries, its own key
+  // lists) and scores, the status and stats its recalls write (the status
+  // is never read: PlanLayer's own recall checks every piece it uses), the
+  // step's decision, and the layer whose side work PlanLayer must join.
+  engine::SparsePlan guess_plan_;
+  std::vector<int32_t> guess_uploaded_;  // host entries last copied to guess_plan_.entries
+  engine::Tensor guess_scores_, guess_status_, guess_stats_;
+  bool step_prefetch_ = false;
+  int prefetched_layer_ = -1;
   // This step has a GraphKey: PlanLayer leaves the stats to CountGraphStep,
   // which adds what PlanLayer would have.
   bool graph_step_ = false;

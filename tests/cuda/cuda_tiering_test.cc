@@ -325,13 +325,17 @@ TEST_P(CudaTieringModelTest, HostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
   const auto [graphs, fp8, freed] = GetParam();
   const ModelRun gpu = RunModel(**backend, false, graphs, fp8, KvCodecKind::kBf16);
   const ModelRun host = RunModel(**backend, true, graphs, fp8, KvCodecKind::kBf16, freed ? 300 : 0);
-  if (freed) EXPECT_GT(host.upper_released, 0);
+  if (freed) {
+    EXPECT_GT(host.upper_released, 0);
+  }
   EXPECT_GT(host.stats.recall_steps, 0);
   EXPECT_GT(host.stats.recall_micros, 0) << "the recalls' device time is measured";
   EXPECT_GT(host.stats.offloads, 0);
   EXPECT_GT(host.stats.recall_tokens, 0);
   EXPECT_GT(host.stats.recall_hit_tokens, 0);
   EXPECT_EQ(host.stats.recall_bad_pieces, 0);
+  EXPECT_GT(host.stats.prefetch_tokens, 0) << "the next layers' clusters are recalled as side work";
+  EXPECT_GT(host.stats.prefetch_micros, 0);
   if (graphs) {
     EXPECT_GE(host.graphs, 2) << "tiered steps replay from graphs";
   }

@@ -385,6 +385,31 @@ TEST(TieringTest, RawHostHomedClustersGiveTheTokensOfClustersOnTheGpu) {
   EXPECT_TRUE(idle) << "ring pages, host regions and slots all returned";
 }
 
+TEST(TieringTest, PrefetchRecallsAheadOfTheLayerAndKeepsTheTokens) {
+  const Served gpu = Serve(false);
+  const Served off = Serve(true, {.prefetch_share = 0});
+  bool idle = false;
+  const Served on = Serve(true, {.prefetch_share = 1}, 40, nullptr, &idle);
+  EXPECT_EQ(off.stats.prefetch_tokens, 0);
+  EXPECT_GT(on.stats.prefetch_tokens, 0);
+  EXPECT_GT(on.stats.prefetch_kib, 0);
+  // This two-layer fixture's residual stream changes too much between its
+  // layers for the guesses to help (bench kv-policies measures that on the
+  // trained models); what matters here is that they change no token.
+  EXPECT_EQ(on.stats.recall_bad_pieces, 0);
+  EXPECT_EQ(on.lost, 0);
+  for (uint64_t id = 0; id < 3; ++id) {
+    EXPECT_EQ(on.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
+    EXPECT_EQ(off.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
+  }
+  EXPECT_TRUE(idle) << "ring pages, host regions and slots all returned";
+  // With the upper pages of host-homed clusters freed, too.
+  const Served freed =
+      Serve(true, {.prefetch_share = 1}, 40, nullptr, nullptr, {.upper_pages = 160});
+  EXPECT_GT(freed.stats.prefetch_tokens, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(freed.tokens.at(id), gpu.tokens.at(id));
+}
+
 TEST(TieringTest, WindowClusteringsShareHostRecords) {
   // 120 generated tokens: several windows of 16 clustered after each
   // prompt, in each sparse layer. In int4 a window's pieces take a quarter
