@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 
 #include "absl/strings/numbers.h"
@@ -16,6 +17,7 @@
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
 #include "kvtier/profile.h"
+#include "kvtier/ssd_store.h"
 #include "nlohmann/json.hpp"
 #include "strata/v1/generate.grpc.pb.h"
 
@@ -285,7 +287,17 @@ int RunGenerate(const GenerateFlags& f) {
   if (!loaded.ok()) return Fail(loaded.status());
   const engine::Tokenizer* tokenizer = loaded->tokenizer.get();
   engine::Model* model = loaded->model.get();
-  auto kv_manager = kvtier::KvBlockManager::Create(model, {.host_bytes = profile.tiers.host_bytes});
+  // The profile's SSD tier is opened (and checked) even though one
+  // sequence is never paused: a bad path fails here as it would in serve.
+  auto ssd = kvtier::OpenSsdForProfiles(
+      {profile},
+      std::filesystem::path(source.model_dir.empty() ? source.dummy_preset : source.model_dir)
+          .lexically_normal()
+          .filename()
+          .string());
+  if (!ssd.ok()) return Fail(ssd.status());
+  auto kv_manager = kvtier::KvBlockManager::Create(
+      model, {.host_bytes = profile.tiers.host_bytes, .ssd = ssd->get()});
   if (!kv_manager.ok()) return Fail(kv_manager.status());
   std::unique_ptr<kvtier::KvPolicyRunner> runner;
   if (profile.policy.type != "full") {
@@ -338,6 +350,8 @@ int RunGenerate(const GenerateFlags& f) {
           {"codec", profile.codec},
           {"host_bytes", tiers.host_bytes_total},
           {"swap_outs", tiers.swap_outs},
+          {"ssd_bytes", *ssd != nullptr ? (*ssd)->stats().budget_bytes : 0},
+          {"ssd_swap_outs", tiers.ssd_swap_outs},
           {"upper_pages", tiers.upper_pages_total},
           {"upper_pages_released", batcher.num_upper_pages_released()}};
     if (runner != nullptr) {
@@ -353,6 +367,9 @@ int RunGenerate(const GenerateFlags& f) {
       kv["recall_bad_pieces"] = s.recall_bad_pieces;
       kv["recall_ms"] = static_cast<double>(s.recall_micros) / 1e3;
       kv["recall_steps"] = s.recall_steps;
+      kv["prefetch_tokens"] = s.prefetch_tokens;
+      kv["prefetch_bytes"] = s.prefetch_kib * 1024;
+      kv["prefetch_ms"] = static_cast<double>(s.prefetch_micros) / 1e3;
       kv["lost_sequences"] = s.lost_sequences;
     }
   }

@@ -26,6 +26,7 @@
 #include "kvtier/kv_policy.h"
 #include "kvtier/kv_sizing.h"
 #include "kvtier/profile.h"
+#include "kvtier/ssd_store.h"
 #include "router/generation_service.h"
 #include "router/server_metrics.h"
 #include "router/transport_options.h"
@@ -208,11 +209,25 @@ int RunServe(const ServeFlags& f) {
   STRATA_LOG_INFO("KV cache: {} pages of {} tokens, {} ({} bytes per token)",
                   model.options().num_pages, model.options().page_size,
                   engine::KvCacheTypeName(model.options().kv_cache), model.kv_bytes_per_token());
-  auto kv_manager = kvtier::KvBlockManager::Create(loaded->model.get(), {.host_bytes = host_bytes});
+  const std::string model_name =
+      !f.model_dir.empty()
+          ? std::filesystem::path(f.model_dir).lexically_normal().filename().string()
+          : f.dummy_weights;
+  // The SSD tier below the host tier (one database; declared before the
+  // block manager, which uses it until it goes).
+  auto ssd = kvtier::OpenSsdForProfiles(profiles, model_name.empty() ? f.model_dir : model_name);
+  if (!ssd.ok()) return Fail(ssd.status());
+  auto kv_manager = kvtier::KvBlockManager::Create(loaded->model.get(),
+                                                   {.host_bytes = host_bytes, .ssd = ssd->get()});
   if (!kv_manager.ok()) return Fail(kv_manager.status());
   if (host_bytes > 0) {
     STRATA_LOG_INFO("KV host tier: {} bytes pinned ({} pages of every layer)", host_bytes,
                     host_bytes / (*kv_manager)->layout().record_bytes());
+  }
+  if (*ssd != nullptr) {
+    const kvtier::SsdStore::Stats s = (*ssd)->stats();
+    STRATA_LOG_INFO("KV SSD tier: {} of {} bytes in use; {} keys a previous worker left deleted",
+                    s.bytes_used, s.budget_bytes, s.stale_keys_deleted);
   }
 
   // Requests name a profile; its index selects the KV policy.
@@ -237,20 +252,17 @@ int RunServe(const ServeFlags& f) {
   // The KV planner's and block manager's statistics may be read on the
   // engine thread only: publish them after each step.
   std::function<void()> after_step = [runner = kv_policies.get(), manager = kv_manager->get(),
-                                      m = server_metrics->get()] {
+                                      store = ssd->get(), m = server_metrics->get()] {
     if (runner != nullptr) m->UpdateKvPolicyStats(runner->stats());
     m->UpdateKvTierStats(manager->stats());
+    if (store != nullptr) m->UpdateSsdStats(store->stats());
   };
   after_step();  // the gauges have their values before the first step
   engine::AsyncEngine engine(loaded->model.get(), loaded->tokenizer.get(), {},
                              std::move(after_step), kv_manager->get());
 
   router::ServiceOptions service_options;
-  service_options.model_name =
-      !f.model_dir.empty()
-          ? std::filesystem::path(f.model_dir).lexically_normal().filename().string()
-          : f.dummy_weights;
-  if (service_options.model_name.empty()) service_options.model_name = f.model_dir;
+  service_options.model_name = model_name.empty() ? f.model_dir : model_name;
   service_options.architecture = model.config().architecture;
   service_options.limits.context_length = model.options().max_context;
   service_options.limits.vocab_size = model.config().vocab_size;

@@ -262,8 +262,8 @@ class CudaBackend final : public engine::Backend {
         GrowKeepingGraphsSafe(workspace, cuda::RecallWorkspaceBytes(plan, k_cache)));
     OpTimer::Scope timed(&op_timer_, on_side_ ? "RecallBlocks (side)" : "RecallBlocks", stream());
     return cuda::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring, workspace.data(),
-                              workspace.size(),
-                              (on_side_ ? side_recall_ctas_per_sm_ : 4) * num_sms_, stream());
+                              workspace.size(), (on_side_ ? kSideRecallCtasPerSm : 4) * num_sms_,
+                              stream());
   }
   absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                             Tensor& token_ids, Tensor& logprobs) override;
@@ -330,7 +330,6 @@ class CudaBackend final : public engine::Backend {
   CudaStream side_stream_;
   CudaEvent side_fork_, side_done_;
   bool on_side_ = false;
-  int side_recall_ctas_per_sm_ = kSideRecallCtasPerSm;
   bool side_pending_ = false;  // side work enqueued and not yet joined
   CopyEngine copies_;          // KV rows <-> host, on their own stream
   CublasHandle cublas_;
@@ -392,9 +391,6 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(int device) {
       cudaDeviceGetStreamPriorityRange(&lowest_priority, &highest_priority));
   STRATA_ASSIGN_OR_RETURN(backend->stream_, CudaStream::Create(highest_priority));
   STRATA_ASSIGN_OR_RETURN(backend->side_stream_, CudaStream::Create(lowest_priority));
-  if (const char* ctas = std::getenv("STRATA_SIDE_RECALL_CTAS"); ctas != nullptr) {
-    backend->side_recall_ctas_per_sm_ = std::atoi(ctas);
-  }
   STRATA_ASSIGN_OR_RETURN(backend->side_fork_, CudaEvent::Create());
   STRATA_ASSIGN_OR_RETURN(backend->side_done_, CudaEvent::Create());
   STRATA_ASSIGN_OR_RETURN(backend->copies_, CopyEngine::Create());

@@ -415,7 +415,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     add_rows(seq, chunk, chunk == remaining);
     prefill_budget -= chunk;
   }
-  if (in.token_ids.empty() && running_.empty() && !swapped_.empty()) {
+  if (in.token_ids.empty() && running_.empty() && !swapped_.empty() &&
+      !kv_->SwapMoving(static_cast<int64_t>(swapped_.front()->req.id))) {
     // Nothing could run and the oldest swapped sequence still does not fit
     // beside the pages that waiting prompts hold: it gives up its host copy
     // and is recomputed, so that the batcher always moves on.

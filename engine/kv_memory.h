@@ -95,6 +95,10 @@ class KvMemory {
   virtual absl::StatusOr<bool> SwapIn(int64_t /*seq_id*/, SequencePages& /*pages*/) {
     return absl::NotFoundError("no host tier");
   }
+  // Whether a swapped sequence's KV is moving between lower tiers (e.g. up
+  // from an SSD): SwapIn returns false until the move lands, whatever pages
+  // are free, and the caller waits for it instead of giving the copy up.
+  virtual bool SwapMoving(int64_t /*seq_id*/) const { return false; }
   // Forgets a swapped sequence's host copy (cancelled while swapped).
   virtual void DropSwapped(int64_t /*seq_id*/) {}
   // Called once per step before it is scheduled: finishes bookkeeping of

@@ -65,6 +65,8 @@ class HostPool {
   void Seal(int32_t record);
   // DataLoss naming the record when its bytes no longer match its CRC.
   absl::Status Verify(int32_t record) const;
+  // The masked CRC32C Seal stored.
+  uint32_t crc(int32_t record) const { return crc_[record]; }
   // The owner gives the record up; it is free now, or when its last
   // reference goes.
   void Release(int32_t record);

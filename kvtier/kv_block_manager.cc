@@ -14,19 +14,46 @@ absl::StatusOr<std::unique_ptr<KvBlockManager>> KvBlockManager::Create(
   if (options.host_bytes < 0) {
     return absl::InvalidArgumentError("KV block manager: host_bytes must be >= 0");
   }
+  if (options.ssd != nullptr &&
+      (options.host_bytes == 0 || !(options.ssd_high_water > 0 && options.ssd_high_water <= 1) ||
+       options.io_threads < 1)) {
+    return absl::InvalidArgumentError(
+        "KV block manager: an SSD tier needs a host tier, ssd_high_water in (0, 1] and "
+        "io_threads >= 1");
+  }
   STRATA_ASSIGN_OR_RETURN(KvLayout layout, KvLayout::Create(*model));
   STRATA_ASSIGN_OR_RETURN(
       HostPool host, HostPool::Create(model->backend(), options.host_bytes, layout.record_bytes()));
   return std::unique_ptr<KvBlockManager>(
-      new KvBlockManager(model, std::move(layout), std::move(host)));
+      new KvBlockManager(model, std::move(layout), std::move(host), options));
 }
 
-KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool host)
+KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool host,
+                               const KvBlockManagerOptions& options)
     : model_(model),
       layout_(std::move(layout)),
       pages_(layout_.num_pages(engine::PageGroup::kLower)),
       upper_pages_(layout_.num_pages(engine::PageGroup::kUpper)),
-      host_(std::move(host)) {}
+      host_(std::move(host)),
+      options_(options) {
+  if (options_.ssd != nullptr) {
+    mover_ = std::make_unique<RecordMover>(options_.ssd, options_.io_threads);
+  }
+}
+
+KvBlockManager::~KvBlockManager() {
+  if (mover_ == nullptr) return;
+  mover_.reset();  // the running moves finish
+  // Moves that finished and those never started alike: no key may stay.
+  for (const auto& [job, move] : moves_) {
+    (void)options_.ssd->DeleteOwner(SsdKey::Owner::kSequence, move.swap_id);
+  }
+  for (const auto& [id, swapped] : swapped_) {
+    if (swapped.tier != Tier::kHost) {
+      (void)options_.ssd->DeleteOwner(SsdKey::Owner::kSequence, swapped.swap_id);
+    }
+  }
+}
 
 bool KvBlockManager::AllocatePages(engine::PageGroup group, int count,
                                    std::vector<int32_t>& pages) {
@@ -55,6 +82,8 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePag
   }
   Swapped swapped;
   swapped.tokens = tokens;
+  swapped.pages = needed;
+  swapped.swap_id = next_swap_id_++;
   if (!host_.Allocate(needed, swapped.records)) {
     ++counters_.swap_outs_refused;
     return false;
@@ -91,7 +120,7 @@ int KvBlockManager::SwapInPages(int64_t seq_id, engine::PageGroup group) const {
   auto it = swapped_.find(seq_id);
   if (it == swapped_.end()) return 0;
   const Swapped& swapped = it->second;
-  if (group == engine::PageGroup::kLower) return static_cast<int>(swapped.records.size());
+  if (group == engine::PageGroup::kLower) return swapped.pages;
   return static_cast<int>(
       std::count(swapped.upper_off_gpu.begin(), swapped.upper_off_gpu.end(), false));
 }
@@ -113,13 +142,28 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
     return absl::NotFoundError(absl::StrCat("swap-in of sequence ", seq_id, ": not swapped"));
   }
   Swapped& swapped = it->second;
-  const int needed = static_cast<int>(swapped.records.size());
+  const int needed = swapped.pages;
   const int upper_needed = SwapInPages(seq_id, engine::PageGroup::kUpper);
   const bool two_groups = upper_pages_.num_pages() > 0;
   if (!pages.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("swap-in of sequence ", seq_id,
                                                    ": it still holds ", pages.lower.size(),
                                                    " lower and ", pages.upper.size(), " pages"));
+  }
+  switch (swapped.tier) {
+    case Tier::kHost:
+      break;
+    case Tier::kLost:
+      DropSwapped(seq_id);
+      return absl::DataLossError(
+          absl::StrCat("sequence ", seq_id, ": its KV failed a check when read back from the SSD"));
+    case Tier::kSsd:
+      // Up first, if the host tier has room; the caller asks again.
+      if (host_.num_free() >= needed) StartMove(seq_id, swapped, /*down=*/false);
+      return false;
+    case Tier::kToSsd:
+    case Tier::kFromSsd:
+      return false;
   }
   if (pages_.num_free() < needed || upper_pages_.num_free() < upper_needed) return false;
   STRATA_RETURN_IF_ERROR(Seal(swapped));
@@ -169,20 +213,33 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
   return true;
 }
 
+bool KvBlockManager::SwapMoving(int64_t seq_id) const {
+  auto it = swapped_.find(seq_id);
+  return it != swapped_.end() &&
+         (it->second.tier == Tier::kToSsd || it->second.tier == Tier::kFromSsd);
+}
+
 void KvBlockManager::DropSwapped(int64_t seq_id) {
   auto it = swapped_.find(seq_id);
   if (it == swapped_.end()) return;
   Swapped& swapped = it->second;
+  // A move in flight holds its records and deletes nothing of a sequence
+  // that went: FinishMove does, when it is done.
+  if (swapped.tier == Tier::kSsd) {
+    (void)options_.ssd->DeleteOwner(SsdKey::Owner::kSequence, swapped.swap_id);
+  }
   for (int32_t r : swapped.records) host_.Release(r);
   // A copy still writing them holds a reference each until it is done.
-  if (!swapped.sealed) in_flight_.push_back({swapped.fence, std::move(swapped.records)});
+  if (!swapped.sealed && swapped.tier == Tier::kHost) {
+    in_flight_.push_back({swapped.fence, std::move(swapped.records)});
+  }
   swapped_.erase(it);
 }
 
 absl::Status KvBlockManager::Poll() {
   engine::Backend& backend = model_->backend();
   for (auto& [id, swapped] : swapped_) {
-    if (swapped.sealed) continue;
+    if (swapped.sealed || swapped.tier != Tier::kHost) continue;
     STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(swapped.fence));
     if (done) STRATA_RETURN_IF_ERROR(Seal(swapped));
   }
@@ -195,7 +252,136 @@ absl::Status KvBlockManager::Poll() {
     for (int32_t r : it->records) host_.Unref(r);
     it = in_flight_.erase(it);
   }
+  if (mover_ != nullptr) STRATA_RETURN_IF_ERROR(PollSsd());
   return absl::OkStatus();
+}
+
+std::pair<const int64_t, KvBlockManager::Swapped>* KvBlockManager::Oldest(Tier tier) {
+  std::pair<const int64_t, Swapped>* oldest = nullptr;
+  for (auto& entry : swapped_) {
+    const Swapped& s = entry.second;
+    if (s.tier != tier || (tier == Tier::kHost && (!s.sealed || s.stays_in_host))) continue;
+    if (oldest == nullptr || s.swap_id < oldest->second.swap_id) oldest = &entry;
+  }
+  return oldest;
+}
+
+absl::Status KvBlockManager::PollSsd() {
+  for (const RecordMover::Done& done : mover_->TakeDone()) FinishMove(done);
+  const int total = host_.num_records();
+  const int high = static_cast<int>(options_.ssd_high_water * total);
+  // Records in use once the moves down in flight have freed theirs.
+  int used = total - host_.num_free();
+  for (const auto& [job, move] : moves_)
+    used -= move.down ? static_cast<int>(move.records.size()) : 0;
+  while (used > high) {
+    auto* oldest = Oldest(Tier::kHost);
+    if (oldest == nullptr) break;
+    used -= oldest->second.pages;
+    StartMove(oldest->first, oldest->second, /*down=*/true);
+  }
+  // Up ahead of need, oldest first, while that leaves room below half the
+  // high-water mark (so that the two directions do not chase each other).
+  for (;;) {
+    auto* oldest = Oldest(Tier::kSsd);
+    if (oldest == nullptr || used + oldest->second.pages > high / 2 ||
+        host_.num_free() < oldest->second.pages) {
+      break;
+    }
+    used += oldest->second.pages;
+    StartMove(oldest->first, oldest->second, /*down=*/false);
+  }
+  return absl::OkStatus();
+}
+
+void KvBlockManager::StartMove(int64_t seq_id, Swapped& swapped, bool down) {
+  RecordMover::Job job;
+  job.id = next_job_++;
+  job.swap_id = swapped.swap_id;
+  job.down = down;
+  job.record_bytes = layout_.record_bytes();
+  if (down) {
+    // Resident and sealed: the move reads them under a reference each.
+    for (int32_t r : swapped.records) host_.Ref(r);
+    swapped.tier = Tier::kToSsd;
+  } else {
+    // Checked by the callers: enough are free.
+    if (!host_.Allocate(swapped.pages, swapped.records)) return;
+    swapped.tier = Tier::kFromSsd;
+    swapped.sealed = false;
+  }
+  for (int32_t r : swapped.records) job.records.push_back(host_.data(r));
+  swapped.job = job.id;
+  moves_.emplace(job.id, Move{seq_id, swapped.swap_id, down, swapped.records});
+  mover_->Submit(std::move(job));
+}
+
+void KvBlockManager::FinishMove(const RecordMover::Done& done) {
+  auto m = moves_.find(done.id);
+  if (m == moves_.end()) return;
+  Move move = std::move(m->second);
+  moves_.erase(m);
+  auto it = swapped_.find(move.seq_id);
+  const bool owner_here = it != swapped_.end() && it->second.job == done.id;
+  if (!owner_here) {
+    // The sequence went (dropped, or back on the GPU) while its records
+    // moved: they go with the move's references, and its keys too.
+    for (int32_t r : move.records) host_.Unref(r);
+    (void)options_.ssd->DeleteOwner(SsdKey::Owner::kSequence, move.swap_id);
+    return;
+  }
+  Swapped& swapped = it->second;
+  swapped.job = 0;
+  if (move.down) {
+    for (int32_t r : move.records) host_.Unref(r);
+    if (!done.status.ok()) {
+      // The SSD is full or failing: the sequence stays in the host tier.
+      ++counters_.ssd_swap_outs_refused;
+      STRATA_LOG_WARN("sequence {}: stays in the host tier: {}", move.seq_id,
+                      done.status.ToString());
+      swapped.tier = Tier::kHost;
+      swapped.stays_in_host = true;
+      return;
+    }
+    swapped.crcs.clear();
+    for (int32_t r : swapped.records) {
+      swapped.crcs.push_back(host_.crc(r));
+      host_.Release(r);
+    }
+    swapped.records.clear();
+    swapped.tier = Tier::kSsd;
+    ++counters_.ssd_swap_outs;
+    counters_.ssd_bytes_written += done.bytes;
+    return;
+  }
+  absl::Status status = done.status;
+  for (size_t i = 0; i < swapped.records.size() && status.ok(); ++i) {
+    host_.Seal(swapped.records[i]);
+    if (host_.crc(swapped.records[i]) != swapped.crcs[i]) {
+      status = absl::DataLossError(absl::StrCat("record ", i,
+                                                " read back from the SSD differs "
+                                                "from the one swapped out (CRC32C)"));
+    }
+  }
+  if (!status.ok()) {
+    ++counters_.ssd_sequences_lost;
+    STRATA_LOG_WARN("sequence {}: its KV on the SSD is lost: {}", move.seq_id, status.ToString());
+    for (int32_t r : swapped.records) {
+      host_.Release(r);
+      host_.Unref(r);
+    }
+    swapped.records.clear();
+    swapped.tier = Tier::kLost;
+    return;
+  }
+  for (int32_t r : swapped.records) host_.Unref(r);  // the move's reference: resident now
+  swapped.crcs.clear();
+  swapped.sealed = true;
+  swapped.stays_in_host = true;
+  swapped.tier = Tier::kHost;
+  ++counters_.ssd_swap_ins;
+  counters_.ssd_bytes_read += done.bytes;
+  counters_.ssd_swap_in_micros += done.micros;
 }
 
 std::optional<KvBlockManager::HostRegion> KvBlockManager::AllocateHostRegion(int64_t bytes) {
@@ -227,14 +413,25 @@ KvBlockManager::Stats KvBlockManager::stats() const {
   s.host_bytes_used = int64_t{host_.num_records() - host_.num_free()} * host_.record_bytes();
   s.swapped_sequences = static_cast<int>(swapped_.size());
   s.copies_in_flight = static_cast<int>(in_flight_.size());
-  for (const auto& [id, swapped] : swapped_) s.copies_in_flight += !swapped.sealed;
+  for (const auto& [id, swapped] : swapped_) {
+    s.copies_in_flight += !swapped.sealed && swapped.tier == Tier::kHost;
+    s.sequences_on_ssd += swapped.tier == Tier::kSsd || swapped.tier == Tier::kToSsd;
+  }
+  s.ssd_moves_in_flight = static_cast<int>(moves_.size());
   return s;
 }
 
 bool KvBlockManager::Idle() const {
   return pages_.num_free() == pages_.num_pages() &&
          upper_pages_.num_free() == upper_pages_.num_pages() &&
-         host_.num_free() == host_.num_records() && swapped_.empty() && in_flight_.empty();
+         host_.num_free() == host_.num_records() && swapped_.empty() && in_flight_.empty() &&
+         moves_.empty();
+}
+
+std::optional<uint64_t> KvBlockManager::SsdSwapIdOf(int64_t seq_id) const {
+  auto it = swapped_.find(seq_id);
+  if (it == swapped_.end() || it->second.tier != Tier::kSsd) return std::nullopt;
+  return it->second.swap_id;
 }
 
 std::vector<int32_t> KvBlockManager::HostRecordsOf(int64_t seq_id) const {

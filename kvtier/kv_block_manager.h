@@ -22,6 +22,18 @@
 // A record is freed only when the last copy that reads it has finished
 // (HostPool's reference counts), so cancelling a sequence mid-copy is safe.
 //
+// With an SSD tier (SsdStore), swapped sequences go further down whole when
+// the host tier fills: Poll starts moving the oldest swapped sequence's
+// records to the SSD once more than ssd_high_water of the host records are
+// in use, on I/O threads (RecordMover); its host records are freed when the
+// writes have landed. SwapIn of a sequence on the SSD starts bringing it
+// back into host records and returns false (not yet); Poll also brings the
+// oldest ones back ahead of need while the host tier is below half the
+// high-water mark. A value that fails its check on the way up loses the
+// sequence (SwapIn: DataLoss, recomputed); a full SSD budget leaves the
+// sequence in the host tier. Its SSD keys are deleted when it comes back
+// up, is dropped, or the manager goes.
+//
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
 #ifndef STRATA_KVTIER_KV_BLOCK_MANAGER_H_
@@ -39,6 +51,8 @@
 #include "engine/page_allocator.h"
 #include "kvtier/host_pool.h"
 #include "kvtier/kv_layout.h"
+#include "kvtier/record_mover.h"
+#include "kvtier/ssd_store.h"
 
 namespace strata::kvtier {
 
@@ -46,6 +60,13 @@ struct KvBlockManagerOptions {
   // Bytes of the host tier (pinned memory, allocated at start); 0: none, and
   // preempted sequences are recomputed.
   int64_t host_bytes = 0;
+  // The SSD tier below the host tier (opened by the caller, and kept open
+  // while the manager lives); null: none.
+  SsdStore* ssd = nullptr;
+  // Share of the host records in use above which swapped sequences move
+  // down to the SSD, oldest first.
+  double ssd_high_water = 0.75;
+  int io_threads = 2;  // threads moving records to and from the SSD
 };
 
 class KvBlockManager final : public engine::KvMemory {
@@ -65,12 +86,25 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t bytes_to_host = 0;
     int64_t bytes_from_host = 0;
     int64_t host_records_lost = 0;  // records that failed their CRC check
+    // The SSD tier.
+    int sequences_on_ssd = 0;
+    int ssd_moves_in_flight = 0;
+    int64_t ssd_swap_outs = 0;          // swapped sequences moved down
+    int64_t ssd_swap_outs_refused = 0;  // ... that did not fit its budget (stayed in host)
+    int64_t ssd_swap_ins = 0;           // sequences brought back up
+    int64_t ssd_sequences_lost = 0;     // ... whose values failed a check (recomputed)
+    int64_t ssd_bytes_written = 0;
+    int64_t ssd_bytes_read = 0;
+    int64_t ssd_swap_in_micros = 0;  // time the swap-ins took on the I/O threads
   };
 
   // The layout is checked against the model's caches (KvLayout::Create) and
   // the host tier allocated now. The model must outlive the manager.
   static absl::StatusOr<std::unique_ptr<KvBlockManager>> Create(
       engine::Model* model, const KvBlockManagerOptions& options);
+  // Waits for the SSD moves that are running, and deletes the SSD keys of
+  // the sequences still swapped.
+  ~KvBlockManager() override;
 
   // engine::KvMemory.
   int page_size() const override { return layout_.page_size(); }
@@ -81,6 +115,7 @@ class KvBlockManager final : public engine::KvMemory {
   absl::StatusOr<bool> SwapOut(int64_t seq_id, engine::SequencePages& pages, int tokens) override;
   int SwapInPages(int64_t seq_id, engine::PageGroup group) const override;
   absl::StatusOr<bool> SwapIn(int64_t seq_id, engine::SequencePages& pages) override;
+  bool SwapMoving(int64_t seq_id) const override;
   void DropSwapped(int64_t seq_id) override;
   absl::Status Poll() override;
 
@@ -107,17 +142,48 @@ class KvBlockManager final : public engine::KvMemory {
   // The host records holding a swapped sequence's KV, in page order (empty
   // when it is not swapped); with host_pool(), for tests that inspect them.
   std::vector<int32_t> HostRecordsOf(int64_t seq_id) const;
+  // The SSD owner id of a swapped sequence's values while they are on the
+  // SSD (nullopt otherwise), for tests that inspect them.
+  std::optional<uint64_t> SsdSwapIdOf(int64_t seq_id) const;
   HostPool& host_pool() { return host_; }
 
  private:
+  // Where a swapped sequence's KV is.
+  enum class Tier {
+    kHost,     // in `records`
+    kToSsd,    // in `records`, being written to the SSD (`job`)
+    kSsd,      // on the SSD only (no records)
+    kFromSsd,  // being read into `records` (`job`)
+    kLost,     // a value failed its check on the way up: recompute
+  };
   struct Swapped {
-    std::vector<int32_t> records;  // one per page, in page order
+    std::vector<int32_t> records;  // one per page, in page order (kSsd: none)
+    int pages = 0;                 // records it takes in the host tier
     // With two groups: the pages whose upper layers were off the GPU (the
     // record holds no upper layers for them).
     std::vector<bool> upper_off_gpu;
     int tokens = 0;
     engine::CopyFence fence = engine::kFenceDone;  // the copy to the host
     bool sealed = false;                           // copy landed, CRCs set
+    Tier tier = Tier::kHost;
+    uint64_t swap_id = 0;  // names its SSD values (never reused)
+    uint64_t job = 0;      // the move in flight (kToSsd, kFromSsd)
+    // The records' CRCs from their swap-out, kept while they are on the SSD:
+    // what comes back up must match them (checked end to end, beside the
+    // store's own check of what it wrote).
+    std::vector<uint32_t> crcs;
+    // Brought back up from the SSD (moving it down again would chase the
+    // move up), or refused by it: it stays in the host tier until it is
+    // swapped in.
+    bool stays_in_host = false;
+  };
+  // An SSD move in flight: whose it is, and the records it holds a
+  // reference to (freed when it is done if their owner went meanwhile).
+  struct Move {
+    int64_t seq_id;
+    uint64_t swap_id;
+    bool down;
+    std::vector<int32_t> records;
   };
   // Records a copy still uses, freed (one reference each) when it is done.
   struct InFlight {
@@ -125,9 +191,17 @@ class KvBlockManager final : public engine::KvMemory {
     std::vector<int32_t> records;
   };
 
-  KvBlockManager(engine::Model* model, KvLayout layout, HostPool host);
+  KvBlockManager(engine::Model* model, KvLayout layout, HostPool host,
+                 const KvBlockManagerOptions& options);
   // Waits for the swap-out copy if needed, then seals its records.
   absl::Status Seal(Swapped& swapped);
+  // SSD tier: applies finished moves, then starts moves down (host too
+  // full) and up (room for the oldest on the SSD).
+  absl::Status PollSsd();
+  void StartMove(int64_t seq_id, Swapped& swapped, bool down);
+  void FinishMove(const RecordMover::Done& done);
+  // The swapped sequence swapped out first among those in `tier`.
+  std::pair<const int64_t, Swapped>* Oldest(Tier tier);
 
   engine::Model* model_;
   KvLayout layout_;
@@ -143,6 +217,12 @@ class KvBlockManager final : public engine::KvMemory {
   std::vector<InFlight> in_flight_;
   std::vector<engine::RowCopy> copies_;  // scratch
   Stats counters_;                       // the cumulative fields
+  KvBlockManagerOptions options_;
+  uint64_t next_swap_id_ = 1;
+  uint64_t next_job_ = 1;
+  absl::flat_hash_map<uint64_t, Move> moves_;  // by job id
+  // Destroyed first: its threads write into the host tier.
+  std::unique_ptr<RecordMover> mover_;
 };
 
 }  // namespace strata::kvtier

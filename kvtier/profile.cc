@@ -214,7 +214,11 @@ absl::Status CheckSupported(const KvProfile& p, const std::string& source) {
                                                  " is not available in this build yet (profile \"",
                                                  p.name, "\")"));
   };
-  if (!p.tiers.ssd_path.empty()) return unsupported("tiers.ssd_path", "(an SSD tier)");
+  if (!p.tiers.ssd_path.empty() && p.tiers.host_bytes == 0) {
+    return unsupported("tiers.ssd_path",
+                       "without tiers.host_bytes (the SSD tier sits below a host "
+                       "tier)");
+  }
   return absl::OkStatus();
 }
 

@@ -72,12 +72,16 @@ absl::StatusOr<KvProfile> ParseProfile(const std::string& yaml_text, const std::
 absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 
 // Unimplemented naming the key when this build cannot run the profile yet
-// (today: any kv_policy.type and codec, GPU and host budgets, but no SSD
-// tier). A server's GPU KV cache is its profiles' gpu_bytes together, and
-// its host tier their host_bytes (kvtier/kv_sizing.h divides them; a
-// budget per workload is not enforced yet). The codec applies to the
-// clusters a ClusterKV profile with a host tier keeps there; preempted
-// sequences swap raw, so a pause never changes their tokens.
+// (today: any kv_policy.type and codec, GPU, host and SSD budgets, the SSD
+// tier only below a host tier). A server's GPU KV cache is its profiles'
+// gpu_bytes together, its host tier their host_bytes (kvtier/kv_sizing.h
+// divides them; a budget per workload is not enforced yet), and its SSD
+// tier one database at their ssd_path with their ssd_bytes
+// (OpenSsdForProfiles). The codec applies to the clusters a ClusterKV
+// profile with a host tier keeps there; preempted sequences swap raw, so a
+// pause never changes their tokens. The SSD tier holds paused sequences
+// whole; host-homed clusters do not go down to it yet, so
+// ssd_write_admission is checked but not applied.
 absl::Status CheckSupported(const KvProfile& profile, const std::string& source);
 
 // Parses "8GiB", "512 MB", "1024": InvalidArgument otherwise.

@@ -265,4 +265,25 @@ SsdStore::Stats SsdStore::stats() const {
   return s;
 }
 
+absl::StatusOr<std::unique_ptr<SsdStore>> OpenSsdForProfiles(const std::vector<KvProfile>& profiles,
+                                                             const std::string& model) {
+  SsdStoreOptions options;
+  options.model = model;
+  std::string first;  // the profile that named the path
+  for (const KvProfile& p : profiles) {
+    if (p.tiers.ssd_path.empty()) continue;
+    if (options.path.empty()) {
+      options.path = p.tiers.ssd_path;
+      first = p.name;
+    } else if (p.tiers.ssd_path != options.path) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "profiles \"", first, "\" and \"", p.name, "\" name different tiers.ssd_path (",
+          options.path, ", ", p.tiers.ssd_path, "): a worker has one SSD database"));
+    }
+    options.budget_bytes += p.tiers.ssd_bytes;
+  }
+  if (options.path.empty()) return std::unique_ptr<SsdStore>();
+  return SsdStore::Open(options);
+}
+
 }  // namespace strata::kvtier

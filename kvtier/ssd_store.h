@@ -34,6 +34,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvtier/profile.h"
 
 namespace rocksdb {
 class DB;
@@ -107,6 +108,13 @@ class SsdStore {
   std::atomic<int64_t> bytes_written_{0}, bytes_read_{0};
   int64_t stale_keys_deleted_ = 0;
 };
+
+// The SSD tier a server's profiles ask for together: one database (a
+// worker has one) at the ssd_path they share, with their ssd_bytes summed,
+// and `model`'s column family. Null when no profile has an SSD tier;
+// InvalidArgument naming both when two profiles name different paths.
+absl::StatusOr<std::unique_ptr<SsdStore>> OpenSsdForProfiles(const std::vector<KvProfile>& profiles,
+                                                             const std::string& model);
 
 }  // namespace strata::kvtier
 

@@ -136,6 +136,36 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->records_lost_, "strata_kv_host_records_lost_total",
                                  "Host KV records that failed their CRC check; their sequences "
                                  "were recomputed."));
+  STRATA_RETURN_IF_ERROR(counter(m->prefetch_bytes_, "strata_kv_prefetch_bytes_total",
+                                 "Host bytes read ahead of a layer for the clusters its guessed "
+                                 "selection picked (beside the previous layer's compute)."));
+  STRATA_ASSIGN_OR_RETURN(m->ssd_sequences_,
+                          metrics::AddGauge(r, "strata_kv_ssd_sequences",
+                                            "Swapped sequences with their KV on the SSD tier "
+                                            "(or moving there)."));
+  STRATA_ASSIGN_OR_RETURN(m->ssd_used_, metrics::AddGauge(r, "strata_kv_ssd_bytes_used",
+                                                          "Bytes stored in the SSD KV tier."));
+  STRATA_ASSIGN_OR_RETURN(m->ssd_total_, metrics::AddGauge(r, "strata_kv_ssd_bytes_total",
+                                                           "The SSD KV tier's budget in bytes."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_swap_outs_, "strata_kv_ssd_swap_outs_total",
+                                 "Swapped sequences moved down from the host tier to the SSD."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_swap_ins_, "strata_kv_ssd_swap_ins_total",
+                                 "Swapped sequences brought back up from the SSD."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_swap_outs_refused_, "strata_kv_ssd_swap_outs_refused_total",
+                                 "Moves down the SSD refused (its budget full, or an I/O "
+                                 "error); the sequences stayed in the host tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_bytes_written_, "strata_kv_ssd_bytes_written_total",
+                                 "KV bytes written to the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_bytes_read_, "strata_kv_ssd_bytes_read_total",
+                                 "KV bytes read back from the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_lost_, "strata_kv_ssd_sequences_lost_total",
+                                 "Sequences whose KV failed a check on its way up from the SSD; "
+                                 "they were recomputed."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->ssd_swap_in_seconds_,
+      metrics::AddCounter(r, "strata_kv_ssd_swap_in_seconds_total",
+                          "Time the moves up from the SSD took on the I/O threads; over "
+                          "strata_kv_ssd_swap_ins_total, the latency of one."));
   return m;
 }
 
@@ -187,6 +217,7 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   advance("refreshed", stats.recall_refreshed_tokens, recall_seen_[1]);
   advance("recalled", stats.recall_tokens, recall_seen_[2]);
   recall_bytes_.Advance(stats.recall_kib * 1024);
+  prefetch_bytes_.Advance(stats.prefetch_kib * 1024);
   recall_bad_.Advance(stats.recall_bad_pieces);
   recall_steps_.Advance(stats.recall_steps);
   if (stats.recall_micros > recall_micros_seen_) {
@@ -208,6 +239,23 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
   bytes_to_host_.Advance(s.bytes_to_host);
   bytes_from_host_.Advance(s.bytes_from_host);
   records_lost_.Advance(s.host_records_lost);
+  ssd_sequences_->Set(s.sequences_on_ssd);
+  ssd_swap_outs_.Advance(s.ssd_swap_outs);
+  ssd_swap_ins_.Advance(s.ssd_swap_ins);
+  ssd_swap_outs_refused_.Advance(s.ssd_swap_outs_refused);
+  ssd_bytes_written_.Advance(s.ssd_bytes_written);
+  ssd_bytes_read_.Advance(s.ssd_bytes_read);
+  ssd_lost_.Advance(s.ssd_sequences_lost);
+  if (s.ssd_swap_in_micros > ssd_swap_in_micros_seen_) {
+    ssd_swap_in_seconds_->Increment(
+        static_cast<double>(s.ssd_swap_in_micros - ssd_swap_in_micros_seen_) / 1e6);
+    ssd_swap_in_micros_seen_ = s.ssd_swap_in_micros;
+  }
+}
+
+void ServerMetrics::UpdateSsdStats(const kvtier::SsdStore::Stats& s) {
+  ssd_used_->Set(static_cast<double>(s.bytes_used));
+  ssd_total_->Set(static_cast<double>(s.budget_bytes));
 }
 
 }  // namespace strata::router

@@ -52,6 +52,18 @@
 //   strata_kv_recall_seconds_total              device time of the recalls;
 //   strata_kv_recall_steps_total                over the steps that recalled:
 //                                               the recall latency per step
+//   strata_kv_prefetch_bytes_total              host bytes read ahead for the
+//                                               next layer's guessed selection
+//   strata_kv_ssd_sequences                     swapped sequences on the SSD
+//   strata_kv_ssd_bytes_used / _total           the SSD tier's bytes in use
+//   strata_kv_ssd_swap_outs_total, _swap_ins_total  swapped sequences moved
+//                                               down to the SSD and back up
+//   strata_kv_ssd_swap_outs_refused_total       moves down the SSD budget
+//                                               refused (stayed in host)
+//   strata_kv_ssd_bytes_written_total / _read_total
+//   strata_kv_ssd_swap_in_seconds_total         time the moves up took
+//   strata_kv_ssd_sequences_lost_total          sequences whose SSD copy
+//                                               failed a check (recomputed)
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -75,6 +87,7 @@
 #include "engine/async_engine.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
+#include "kvtier/ssd_store.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
@@ -102,6 +115,8 @@ class ServerMetrics {
   void UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& stats);
   // The same for the KV block manager's tiers (gauges and counters).
   void UpdateKvTierStats(const kvtier::KvBlockManager::Stats& stats);
+  // The SSD store's bytes (gauges).
+  void UpdateSsdStats(const kvtier::SsdStore::Stats& stats);
 
  private:
   ServerMetrics() = default;
@@ -123,6 +138,9 @@ class ServerMetrics {
   prometheus::Gauge* host_used_ = nullptr;
   prometheus::Gauge* host_total_ = nullptr;
   prometheus::Gauge* copies_in_flight_ = nullptr;
+  prometheus::Gauge* ssd_sequences_ = nullptr;
+  prometheus::Gauge* ssd_used_ = nullptr;
+  prometheus::Gauge* ssd_total_ = nullptr;
 
   // Counters fed from running totals kept elsewhere: each update adds what
   // grew since the last one.
@@ -137,6 +155,11 @@ class ServerMetrics {
   TotalCounter swap_outs_, swap_ins_, swap_outs_refused_, bytes_to_host_, bytes_from_host_,
       records_lost_;
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
+  TotalCounter prefetch_bytes_;
+  TotalCounter ssd_swap_outs_, ssd_swap_ins_, ssd_swap_outs_refused_, ssd_bytes_written_,
+      ssd_bytes_read_, ssd_lost_;
+  prometheus::Counter* ssd_swap_in_seconds_ = nullptr;
+  int64_t ssd_swap_in_micros_seen_ = 0;
   prometheus::Counter* recall_seconds_ = nullptr;
   int64_t recall_micros_seen_ = 0;
   metrics::FixedLabelCounter recall_tokens_;

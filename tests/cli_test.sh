@@ -99,6 +99,19 @@ grep summary <<< "$host" | grep -Eq '"upper_pages_released":[1-9]' \
   || fail "no GPU page of host-homed clusters freed: $host"
 printf 'name: x\ntiers: {ssd_path: /tmp/x}\n' > "$tmp/ssd.yaml"
 expect_error "tiers.ssd_path" generate --model "$model" --prompt hi --profile "$tmp/ssd.yaml"
+# An SSD tier whose directory cannot be created is a clear startup error;
+# one that can works, and is empty again afterwards.
+touch "$tmp/file"
+printf 'name: ssd\n%s\ntiers: {host_bytes: 64MiB, ssd_path: %s, ssd_bytes: 1GiB}\n' "$policy" \
+  "$tmp/file/kv" > "$tmp/ssd_bad.yaml"
+expect_error "$tmp/file/kv" generate --model "$model" --prompt hi --profile "$tmp/ssd_bad.yaml"
+printf 'name: ssd\n%s\ntiers: {host_bytes: 64MiB, ssd_path: %s, ssd_bytes: 1GiB}\n' "$policy" \
+  "$tmp/kv" > "$tmp/ssd_ok.yaml"
+ssd=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 --ignore-eos --json \
+      --profile "$tmp/ssd_ok.yaml" 2>/dev/null) || fail "generate --profile with an SSD tier"
+[[ "$(grep -v summary <<< "$gpu")" == "$(grep -v summary <<< "$ssd")" ]] \
+  || fail "an SSD tier changed the tokens"
+grep summary <<< "$ssd" | grep -Eq '"ssd_bytes":1073741824' || fail "no SSD tier: $ssd"
 
 # strata profile check: the shipped profiles hold 32k sequences of
 # Llama-3-8B's shape; a broken profile gets every problem on its own line

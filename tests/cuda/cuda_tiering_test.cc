@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <map>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -352,6 +353,81 @@ INSTANTIATE_TEST_SUITE_P(Modes, CudaTieringModelTest,
                                   (std::get<1>(info.param) ? "_fp8" : "_bf16") +
                                   (std::get<2>(info.param) ? "_freed" : "");
                          });
+
+// Two ClusterKV policies, the second with its clusters in the host tier
+// and their upper pages freed, on one model whose decode steps replay from
+// graphs. The untiered policy's request runs first and records graphs; the
+// tiered one's steps then have the same shape but recall from the host,
+// so they must not replay those recordings (they would read the freed
+// pages instead of the ring). Its tokens are those of the same request on
+// the GPU alone.
+std::vector<int32_t> RunTwoPolicies(Backend& backend, bool second_tiered) {
+  engine::ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 400;
+  options.max_batch_tokens = 128;
+  options.page_size = 8;
+  options.num_pages = 300;
+  options.num_upper_pages = 300;
+  options.upper_first_layer = 1;
+  options.decode_graphs = true;
+  auto loaded = engine::LoadModel({FixturePath("models/llama_gqa"), ""}, &backend, options);
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  if (!loaded.ok()) return {};
+  engine::Model* model = loaded->model.get();
+  auto manager = kvtier::KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
+  EXPECT_TRUE(manager.ok()) << manager.status();
+  kvtier::KvPolicyConfig config;
+  config.type = "clusterkv";
+  config.budget_tokens = 48;
+  config.sink_tokens = 4;
+  config.window_tokens = 24;
+  config.tokens_per_cluster = 8;
+  config.kmeans_iterations = 5;
+  config.full_layers = 1;
+  kvtier::KvTierOptions tier{.manager = manager->get()};
+  tier.per_policy = {std::nullopt, second_tiered ? std::optional(KvCodecKind::kBf16)
+                                                 : std::optional<KvCodecKind>()};
+  auto runner =
+      kvtier::KvPolicyRunner::Create(model, {config, config}, {.max_sparse_seqs = 4, .tier = tier});
+  EXPECT_TRUE(runner.ok()) << runner.status();
+  EXPECT_TRUE(model->set_attention_planner(runner->get()).ok());
+  std::vector<int32_t> tokens;
+  {
+    engine::Batcher batcher(model, nullptr, {}, manager->get());
+    for (int policy = 0; policy < 2; ++policy) {
+      engine::GenerationRequest r;
+      r.id = policy;
+      r.kv_policy = policy;
+      r.max_tokens = 60;
+      r.ignore_eos = true;
+      for (int j = 0; j < 150; ++j) r.prompt.push_back((7 * j + 11 * policy) % 512);
+      EXPECT_TRUE(batcher.Add(r).ok());
+      while (batcher.HasWork()) {
+        auto events = batcher.Step();
+        EXPECT_TRUE(events.ok()) << events.status();
+        if (!events.ok()) break;
+        for (const auto& e : *events) {
+          if (e.request_id == 1) tokens.push_back(e.token_id);
+        }
+      }
+    }
+    if (second_tiered) EXPECT_GT(batcher.num_upper_pages_released(), 0);
+  }
+  if (second_tiered) EXPECT_GT((*runner)->stats().recall_tokens, 0);
+  EXPECT_GE(model->num_decode_graphs(), 2);
+  EXPECT_TRUE(model->set_attention_planner(nullptr).ok());
+  return tokens;
+}
+
+TEST(CudaTieringModelTest, RecallingStepsDoNotReplayRecordingsWithoutRecalls) {
+  auto backend = CreateCudaBackend(0);
+  if (!backend.ok()) GTEST_SKIP() << "no usable GPU: " << backend.status();
+  const std::vector<int32_t> gpu = RunTwoPolicies(**backend, false);
+  const std::vector<int32_t> host = RunTwoPolicies(**backend, true);
+  ASSERT_EQ(gpu.size(), 60u);
+  EXPECT_EQ(host, gpu);
+}
 
 TEST(CudaTieringModelCodecTest, QuantisedCodecsServeEveryRequest) {
   auto backend = CreateCudaBackend(0);

@@ -4,9 +4,14 @@
 // every page and record back when the sequences are gone.
 #include "kvtier/kv_block_manager.h"
 
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/batcher.h"
@@ -15,6 +20,8 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvtier/kv_policy.h"
+#include "kvtier/record_mover.h"
+#include "kvtier/ssd_store.h"
 #include "tests/engine/test_util.h"
 
 namespace strata::kvtier {
@@ -368,6 +375,178 @@ TEST(KvBlockManagerTest, RefusesBadSwapRequests) {
   ASSERT_TRUE(m.Poll().ok());
   EXPECT_TRUE(m.Idle());
   EXPECT_FALSE(KvBlockManager::Create(model.get(), {.host_bytes = -1}).ok());
+}
+
+// ---- The SSD tier below the host tier --------------------------------------
+
+namespace fs = std::filesystem;
+
+// A RocksDB store in a fresh directory, removed with the fixture.
+class SsdSwapTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) /
+           ("ssd_swap_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    auto store = SsdStore::Open({dir_.string(), "llama_gqa", int64_t{1} << 30});
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+  }
+  void TearDown() override {
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+  // A host tier of `records` records over the SSD store; the oldest
+  // swapped sequence goes down as soon as a quarter of them are used.
+  std::unique_ptr<KvBlockManager> Manager(engine::Model* model, int records) {
+    auto layout = KvLayout::Create(*model);
+    EXPECT_TRUE(layout.ok());
+    auto m = KvBlockManager::Create(model, {.host_bytes = records * layout->record_bytes(),
+                                            .ssd = store_.get(),
+                                            .ssd_high_water = 0.25});
+    EXPECT_TRUE(m.ok()) << m.status();
+    return m.ok() ? std::move(*m) : nullptr;
+  }
+  // Runs every request to its end; steps that wait for the SSD yield.
+  static Outputs Run(engine::Batcher& batcher, const std::vector<engine::GenerationRequest>& reqs,
+                     const std::function<void()>& on_step = nullptr) {
+    for (const auto& r : reqs) EXPECT_TRUE(batcher.Add(r).ok());
+    Outputs out;
+    for (int step = 0; batcher.HasWork() && step < 100000; ++step) {
+      if (on_step) on_step();
+      auto events = batcher.Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      if (events->empty()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+      for (const auto& e : *events) {
+        out[e.request_id].push_back(e.token_id);
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.request_id << ": " << e.error;
+      }
+    }
+    EXPECT_FALSE(batcher.HasWork());
+    return out;
+  }
+
+  fs::path dir_;
+  std::unique_ptr<SsdStore> store_;
+};
+
+TEST_F(SsdSwapTest, PausedSequencesGoDownToTheSsdAndResumeWithTheirOutputsUnchanged) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  const auto reqs = PressureRequests();
+  const Outputs alone = Alone(model.get(), reqs);
+  auto m = Manager(model.get(), 64);
+  engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+  const Outputs batched = Run(batcher, reqs);
+  const KvBlockManager::Stats s = m->stats();
+  EXPECT_GT(batcher.num_swapped_out(), 0);
+  EXPECT_GT(s.ssd_swap_outs, 0) << "the host tier filled past its high-water mark";
+  EXPECT_EQ(s.ssd_swap_ins, s.ssd_swap_outs);
+  EXPECT_GT(s.ssd_bytes_read, 0);
+  EXPECT_EQ(s.ssd_sequences_lost, 0);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  EXPECT_TRUE(m->Idle());
+  EXPECT_EQ(store_->stats().bytes_used, 0) << "every swapped sequence's keys are gone";
+}
+
+TEST_F(SsdSwapTest, AValueChangedOnTheSsdIsCaughtAndTheSequenceRecomputed) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  const auto reqs = PressureRequests();
+  const Outputs alone = Alone(model.get(), reqs);
+  auto m = Manager(model.get(), 64);
+  engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+  int changed = 0;
+  const Outputs batched = Run(batcher, reqs, [&] {
+    if (changed > 0) return;
+    for (int64_t id = 0; id < 4; ++id) {
+      const std::optional<uint64_t> swap = m->SsdSwapIdOf(id);
+      if (!swap.has_value()) continue;
+      // Other bytes of the same size under the same key: the store's own
+      // check passes (it wrote them), the end-to-end CRC must not.
+      const SsdKey key = RecordMover::Key(*swap, 0);
+      absl::StatusOr<std::vector<uint8_t>> value = store_->Get(key);
+      ASSERT_TRUE(value.ok()) << value.status();
+      (*value)[5] ^= 0x20;
+      ASSERT_TRUE(store_->Delete(key).ok());
+      ASSERT_TRUE(store_->Put(key, *value).ok());
+      ++changed;
+      return;
+    }
+  });
+  ASSERT_EQ(changed, 1);
+  EXPECT_EQ(m->stats().ssd_sequences_lost, 1);
+  EXPECT_EQ(batcher.num_kv_lost(), 1);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  EXPECT_TRUE(m->Idle());
+  EXPECT_EQ(store_->stats().bytes_used, 0);
+}
+
+TEST_F(SsdSwapTest, NothingLeaksAfterCancellationsWhileOnOrMovingToTheSsd) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  auto m = Manager(model.get(), 64);
+  engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+  std::mt19937 rng(5);
+  uint64_t next_id = 0;
+  int cancelled_on_ssd = 0;
+  for (int step = 0; step < 800; ++step) {
+    if (step < 500 && rng() % 3 == 0) {
+      ASSERT_TRUE(batcher.Add(Request(next_id++, 20 + rng() % 120, 10 + rng() % 80)).ok());
+    }
+    if (rng() % 9 == 0 && next_id > 0) batcher.Cancel(rng() % next_id);
+    if (rng() % 4 == 0) {
+      for (uint64_t id = 0; id < next_id; ++id) {
+        if (!m->SsdSwapIdOf(static_cast<int64_t>(id)).has_value()) continue;
+        batcher.Cancel(id);
+        ++cancelled_on_ssd;
+        break;
+      }
+    }
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+  }
+  for (int i = 0; batcher.HasWork() && i < 100000; ++i) {
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+    if (events->empty()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  EXPECT_GT(m->stats().ssd_swap_outs, 3);
+  EXPECT_GT(cancelled_on_ssd, 0) << "some cancellations hit sequences on the SSD";
+  // Moves still running finish; then nothing is held anywhere.
+  for (int i = 0; i < 1000 && !m->Idle(); ++i) {
+    ASSERT_TRUE(m->Poll().ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_TRUE(m->Idle());
+  EXPECT_EQ(m->stats().host_bytes_used, 0);
+  EXPECT_EQ(store_->stats().bytes_used, 0);
+}
+
+TEST_F(SsdSwapTest, AFullSsdLeavesSequencesInTheHostTier) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  const auto reqs = PressureRequests();
+  const Outputs alone = Alone(model.get(), reqs);
+  store_.reset();
+  fs::remove_all(dir_);
+  auto small = SsdStore::Open({dir_.string(), "llama_gqa", 1024});  // below one record
+  ASSERT_TRUE(small.ok()) << small.status();
+  store_ = std::move(*small);
+  auto m = Manager(model.get(), 64);
+  engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+  const Outputs batched = Run(batcher, reqs);
+  EXPECT_GT(m->stats().ssd_swap_outs_refused, 0);
+  EXPECT_EQ(m->stats().ssd_swap_outs, 0);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  EXPECT_TRUE(m->Idle());
+  EXPECT_EQ(store_->stats().bytes_used, 0);
+}
+
+TEST_F(SsdSwapTest, RefusesAnSsdTierWithoutAHostTier) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  EXPECT_FALSE(KvBlockManager::Create(model.get(), {.ssd = store_.get()}).ok());
+  EXPECT_FALSE(KvBlockManager::Create(model.get(),
+                                      {.host_bytes = 1 << 20, .ssd = store_.get(), .io_threads = 0})
+                   .ok());
 }
 
 }  // namespace

@@ -41,7 +41,9 @@ tiers:
   EXPECT_EQ(p->tiers.gpu_bytes, int64_t{8} << 30);
   EXPECT_EQ(p->tiers.host_bytes, 64000000000);
   EXPECT_EQ(p->tiers.ssd_bytes, int64_t{1} << 40);
-  // This build has no SSD tier yet, and says which key is the reason.
+  EXPECT_TRUE(CheckSupported(*p, "p.yaml").ok());  // an SSD tier below a host tier
+  // Not without the host tier, and the key that is the reason is named.
+  p->tiers.host_bytes = 0;
   absl::Status s = CheckSupported(*p, "p.yaml");
   EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented);
   EXPECT_THAT(std::string(s.message()), HasSubstr("tiers.ssd_path"));
