@@ -86,6 +86,8 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePag
   swapped.swap_id = next_swap_id_++;
   if (!host_.Allocate(needed, swapped.records)) {
     ++counters_.swap_outs_refused;
+    // With an SSD below, make room for the next one that large.
+    if (mover_ != nullptr) wanted_free_records_ = std::max(wanted_free_records_, needed);
     return false;
   }
   copies_.clear();
@@ -274,12 +276,15 @@ absl::Status KvBlockManager::PollSsd() {
   int used = total - host_.num_free();
   for (const auto& [job, move] : moves_)
     used -= move.down ? static_cast<int>(move.records.size()) : 0;
-  while (used > high) {
+  // Down: past the high-water mark, or short of the room a refused
+  // swap-out needed.
+  while (used > high || total - used < wanted_free_records_) {
     auto* oldest = Oldest(Tier::kHost);
     if (oldest == nullptr) break;
     used -= oldest->second.pages;
     StartMove(oldest->first, oldest->second, /*down=*/true);
   }
+  if (total - used >= wanted_free_records_) wanted_free_records_ = 0;
   // Up ahead of need, oldest first, while that leaves room below half the
   // high-water mark (so that the two directions do not chase each other).
   for (;;) {

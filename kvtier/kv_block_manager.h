@@ -25,14 +25,12 @@
 // With an SSD tier (SsdStore), swapped sequences go further down whole when
 // the host tier fills: Poll starts moving the oldest swapped sequence's
 // records to the SSD once more than ssd_high_water of the host records are
-// in use, on I/O threads (RecordMover); its host records are freed when the
-// writes have landed. SwapIn of a sequence on the SSD starts bringing it
-// back into host records and returns false (not yet); Poll also brings the
-// oldest ones back ahead of need while the host tier is below half the
-// high-water mark. A value that fails its check on the way up loses the
-// sequence (SwapIn: DataLoss, recomputed); a full SSD budget leaves the
-// sequence in the host tier. Its SSD keys are deleted when it comes back
-// up, is dropped, or the manager goes.
+// in use, or a swap-out found too few free, on I/O threads (RecordMover); its host records are
+// freed when the writes have landed. SwapIn of a sequence on the SSD starts bringing it back into
+// host records and returns false (not yet); Poll also brings the oldest ones back ahead of need
+// while the host tier is below half the high-water mark. A value that fails its check on the way up
+// loses the sequence (SwapIn: DataLoss, recomputed); a full SSD budget leaves the sequence in the
+// host tier. Its SSD keys are deleted when it comes back up, is dropped, or the manager goes.
 //
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
@@ -219,6 +217,8 @@ class KvBlockManager final : public engine::KvMemory {
   Stats counters_;                       // the cumulative fields
   KvBlockManagerOptions options_;
   uint64_t next_swap_id_ = 1;
+  // Host records a refused swap-out needed: moves down make that much room.
+  int wanted_free_records_ = 0;
   uint64_t next_job_ = 1;
   absl::flat_hash_map<uint64_t, Move> moves_;  // by job id
   // Destroyed first: its threads write into the host tier.

@@ -18,6 +18,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <regex>
 #include <string>
 #include <thread>
@@ -509,6 +510,55 @@ TEST(ServerHostTierTest, TheTiersSizeTheCacheAndGrowTheSequenceLimits) {
       {"--profile", profile, "--max-context", "512", "--max-seqs", "3", "--max-sparse-seqs", "2"});
   unsetenv("STRATA_LOG_LEVEL");
   EXPECT_THAT(fixed.Stderr(), HasSubstr("up to 3 sequences per step, 2 sparse"));
+}
+
+TEST(ServerHostTierTest, PausedRequestsGoDownToTheSsdTierAndStreamUnchanged) {
+  // The preemption load above with a host tier of 16 pages of every layer
+  // over an SSD tier: the preempted sequences fill the host tier past its
+  // high-water mark, move down to RocksDB and come back, and each stream
+  // equals the request served alone. Everything is deleted afterwards.
+  const std::string dir = ::testing::TempDir() + "/strata_ssd_" + std::to_string(getpid());
+  std::filesystem::remove_all(dir);
+  const std::string path = WriteTemp(
+      "ssd_tier_profile.yaml",
+      "name: roomy\ntiers: {host_bytes: 512KiB, ssd_path: " + dir + ", ssd_bytes: 256MiB}\n");
+  {
+    ServerProcess server({"--profile", path, "--max-context", "256", "--kv-pages", "20"});
+    std::vector<v1::GenerateRequest> requests;
+    for (int i = 0; i < 4; ++i) {
+      std::string prompt;
+      for (int w = 0; w < 10 + 3 * i; ++w) prompt += "Return the number of items. ";
+      v1::GenerateRequest r = TextRequest(prompt, 150);
+      r.mutable_stopping()->set_ignore_eos(true);
+      requests.push_back(r);
+    }
+    std::vector<Completion> alone;
+    for (const auto& r : requests) alone.push_back(Generate(server.stub(), r));
+    // Which sequences are paused, and for how long, depends on how the
+    // clients' requests interleave: rounds until one went down.
+    for (int round = 0; round < 5 && server.Metric("strata_kv_ssd_swap_outs_total") == 0; ++round) {
+      std::vector<Completion> together(requests.size());
+      std::vector<std::thread> clients;
+      for (size_t i = 0; i < requests.size(); ++i) {
+        clients.emplace_back([&, i] { together[i] = Generate(server.stub(), requests[i]); });
+      }
+      for (auto& t : clients) t.join();
+      for (size_t i = 0; i < requests.size(); ++i) {
+        ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
+        EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
+      }
+    }
+    EXPECT_GT(server.Metric("strata_kv_ssd_swap_outs_total"), 0);
+    EXPECT_EQ(server.Metric("strata_kv_ssd_swap_ins_total"),
+              server.Metric("strata_kv_ssd_swap_outs_total"));
+    EXPECT_GT(server.Metric("strata_kv_ssd_bytes_read_total"), 0);
+    EXPECT_EQ(server.Metric("strata_kv_ssd_sequences_lost_total"), 0);
+    EXPECT_EQ(server.Metric("strata_kv_ssd_bytes_total"), 256 << 20);
+    EXPECT_EQ(server.WaitForMetric("strata_kv_ssd_bytes_used", [](double v) { return v == 0; }), 0);
+    EXPECT_EQ(server.WaitForMetric("strata_kv_host_bytes_used", [](double v) { return v == 0; }),
+              0);
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt) {
