@@ -125,8 +125,10 @@ struct KvTierOptions {
   // of its top-scored `prefetch_share` of the budget as side work, so that
   // the next layer finds them in the ring. 0: no prefetch. A guess costs
   // host reads where it is wrong, and the link is shared: a share below 1
-  // keeps to the clusters the guess is surest of.
-  double prefetch_share = 0.5;
+  // keeps to the clusters the guess is surest of. Off by default: where
+  // the recalls already fill the PCIe link (bench/RESULTS.md, 32k decode
+  // at batch 8) the extra reads cost more than the overlap saves.
+  double prefetch_share = 0;
   // Per policy index: the codec of its host-homed clusters, or nullopt to
   // keep its clusters in the paged cache. Empty: every ClusterKV policy's
   // clusters are host-homed with `codec`.

@@ -285,7 +285,7 @@ ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecK
   config.kmeans_iterations = 5;
   config.full_layers = 1;
   kvtier::KvTierOptions tier;
-  if (tiered) tier = {.manager = manager->get(), .codec = codec};
+  if (tiered) tier = {.manager = manager->get(), .codec = codec, .prefetch_share = 0.5};
   auto runner =
       kvtier::KvPolicyRunner::Create(model, {config}, {.max_sparse_seqs = 8, .tier = tier});
   EXPECT_TRUE(runner.ok()) << runner.status();
