@@ -162,7 +162,7 @@ int RunServe(const ServeFlags& f) {
   std::vector<kvtier::KvPolicyConfig> policies = {kvtier::DefaultProfile().policy};
   std::vector<kvtier::KvProfile> profiles = {kvtier::DefaultProfile()};
   // The host tier holds what the profiles ask for together.
-  int64_t host_bytes = 0;
+  int64_t host_bytes = 0, prefix_bytes = 0;
   for (const std::string& path : f.profiles) {
     auto profile = kvtier::LoadProfile(path);
     if (!profile.ok()) return Fail(profile.status());
@@ -175,6 +175,7 @@ int RunServe(const ServeFlags& f) {
     profile_names.push_back(profile->name);
     policies.push_back(profile->policy);
     host_bytes += profile->tiers.host_bytes;
+    prefix_bytes += profile->tiers.prefix_bytes;
     profiles.push_back(*profile);
   }
 
@@ -217,12 +218,21 @@ int RunServe(const ServeFlags& f) {
   // block manager, which uses it until it goes).
   auto ssd = kvtier::OpenSsdForProfiles(profiles, model_name.empty() ? f.model_dir : model_name);
   if (!ssd.ok()) return Fail(ssd.status());
-  auto kv_manager = kvtier::KvBlockManager::Create(loaded->model.get(),
-                                                   {.host_bytes = host_bytes, .ssd = ssd->get()});
+  // Stored prefixes are shared by every profile: the KV they name depends
+  // only on the model and its KV format.
+  auto kv_manager = kvtier::KvBlockManager::Create(
+      loaded->model.get(),
+      {.host_bytes = host_bytes,
+       .ssd = ssd->get(),
+       .prefix_bytes = prefix_bytes,
+       .prefix_space = absl::StrCat(model_name, "/", engine::KvCacheTypeName(options.kv_cache))});
   if (!kv_manager.ok()) return Fail(kv_manager.status());
   if (host_bytes > 0) {
     STRATA_LOG_INFO("KV host tier: {} bytes pinned ({} pages of every layer)", host_bytes,
                     host_bytes / (*kv_manager)->layout().record_bytes());
+  }
+  if (prefix_bytes > 0) {
+    STRATA_LOG_INFO("KV prefix store: {} bytes of the host tier", prefix_bytes);
   }
   if (*ssd != nullptr) {
     const kvtier::SsdStore::Stats s = (*ssd)->stats();

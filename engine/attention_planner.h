@@ -66,6 +66,10 @@ class AttentionPlanner {
     return absl::OkStatus();
   }
   virtual void Release(int64_t seq_id) = 0;
+  // Whether PlanLayer reorganised the sequence's paged KV (e.g. clustered
+  // its keys in place), so that its pages no longer hold its tokens in
+  // order: such KV is not stored for reuse by prefix.
+  virtual bool Reordered(int64_t /*seq_id*/) const { return false; }
   // The sequence's KV went to a lower tier while it is paused (swapped
   // out): the planner may give back GPU memory it holds for the sequence
   // alone (e.g. a recall ring), keeping what it needs to resume it. If it

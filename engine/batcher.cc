@@ -37,6 +37,8 @@ struct Batcher::Sequence {
   bool sampled = false;   // this step computed its last token's logits
   bool swapped = false;   // its KV (num_computed tokens) waits in the host tier
   bool lost = false;      // this step's KV was not trusted: recompute
+  int cached_tokens = 0;  // of its first prefill, loaded from a stored prefix
+  bool prefix_asked = false;
   SequencePages pages;
   // Token ids that end the sequence: its stop_token_ids, and the model's
   // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
@@ -270,7 +272,19 @@ void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>
     seq.emitted = seq.text.size();
   }
   events.back().finish = reason;
+  events.back().cached_tokens = seq.cached_tokens;
   seq.finished = true;
+  const AttentionPlanner* planner = model_->attention_planner();
+  if ((reason == FinishReason::kStop || reason == FinishReason::kLength) &&
+      (planner == nullptr || !planner->Reordered(static_cast<int64_t>(seq.req.id)))) {
+    // Its KV may serve a later request that starts with the same tokens
+    // (the next turn of a conversation, the same document again).
+    if (absl::Status s = kv_->StorePrefix(
+            std::span<const int32_t>(seq.tokens).first(seq.num_computed), seq.pages);
+        !s.ok()) {
+      STRATA_LOG_WARN("request {}: prefix not stored: {}", seq.req.id, s.ToString());
+    }
+  }
   ReleaseKv(seq);
 }
 
@@ -405,6 +419,21 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     Sequence& seq = *seq_ptr;
     // Swapped sequences are older: no new prompt starts before they are back.
     if (!swapped_.empty() && seq.pages.empty()) break;
+    if (seq.num_computed == 0 && seq.pages.empty() && seq.tokens.size() > 2) {
+      // A stored prefix saves computing its KV. Two tokens at least are
+      // computed, so that the rest is a prefill chunk (a lone token would
+      // look like a decode step to a sparse KV policy).
+      absl::StatusOr<int> loaded = kv_->LoadPrefix(
+          std::span<const int32_t>(seq.tokens).first(seq.tokens.size() - 1), seq.pages);
+      if (!loaded.ok()) {
+        STRATA_LOG_WARN("request {}: stored prefix not loaded: {}", seq.req.id,
+                        loaded.status().ToString());
+      } else {
+        seq.num_computed = *loaded;
+        if (!seq.prefix_asked) seq.cached_tokens = *loaded;
+      }
+      seq.prefix_asked = true;
+    }
     const int remaining = static_cast<int>(seq.tokens.size()) - seq.num_computed;
     const int chunk = std::min(remaining, prefill_budget);
     if (!EnsurePages(seq, seq.num_computed + chunk) &&

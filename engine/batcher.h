@@ -72,6 +72,9 @@ struct TokenEvent {
   std::string text;  // complete UTF-8; empty for held-back bytes and specials
   FinishReason finish = FinishReason::kNone;  // set on the request's last event
   std::string error;                          // with kError: what went wrong
+  // On the last event: prompt tokens whose KV came from a stored prefix
+  // (KvMemory::LoadPrefix) instead of being computed.
+  int cached_tokens = 0;
 };
 
 struct BatcherOptions {

@@ -23,6 +23,7 @@
 #define STRATA_ENGINE_KV_MEMORY_H_
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -104,6 +105,24 @@ class KvMemory {
   // Called once per step before it is scheduled: finishes bookkeeping of
   // copies that completed.
   virtual absl::Status Poll() { return absl::OkStatus(); }
+
+  // ---- Prefix reuse (a store of prompt KV; the defaults have none) -------
+  // For a sequence about to be computed from its first token (`pages`
+  // empty): brings the KV of the longest stored prefix of `tokens`, whole
+  // pages and at least one token short of all of them, into pages it
+  // allocates and sets in `pages`; the next step's compute sees it. Returns
+  // the tokens loaded (0: none, nothing allocated).
+  virtual absl::StatusOr<int> LoadPrefix(std::span<const int32_t> /*tokens*/,
+                                         SequencePages& /*pages*/) {
+    return 0;
+  }
+  // Before a finished sequence's pages are freed: keeps the KV of the whole
+  // pages of `tokens` (the tokens whose KV `pages` hold) for later
+  // sequences that start with them, as far as the store has room.
+  virtual absl::Status StorePrefix(std::span<const int32_t> /*tokens*/,
+                                   const SequencePages& /*pages*/) {
+    return absl::OkStatus();
+  }
 };
 
 // The GPU pages alone: a KvMemory over one PageAllocator per group, with no

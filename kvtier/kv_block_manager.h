@@ -22,15 +22,27 @@
 // A record is freed only when the last copy that reads it has finished
 // (HostPool's reference counts), so cancelling a sequence mid-copy is safe.
 //
-// With an SSD tier (SsdStore), swapped sequences go further down whole when
-// the host tier fills: Poll starts moving the oldest swapped sequence's
-// records to the SSD once more than ssd_high_water of the host records are
-// in use, or a swap-out found too few free, on I/O threads (RecordMover); its host records are
-// freed when the writes have landed. SwapIn of a sequence on the SSD starts bringing it back into
-// host records and returns false (not yet); Poll also brings the oldest ones back ahead of need
-// while the host tier is below half the high-water mark. A value that fails its check on the way up
-// loses the sequence (SwapIn: DataLoss, recomputed); a full SSD budget leaves the sequence in the
-// host tier. Its SSD keys are deleted when it comes back up, is dropped, or the manager goes.
+// With an SSD tier (SsdStore), swapped sequences go further down whole
+// when the host tier fills: Poll starts moving the oldest swapped
+// sequence's records to the SSD once more than ssd_high_water of the host
+// records are in use, or a swap-out found too few free, on I/O threads
+// (RecordMover); its host records are freed when the writes have landed.
+// SwapIn of a sequence on the SSD starts bringing it back into host
+// records and returns false (not yet); Poll also brings the oldest ones
+// back ahead of need while the host tier is below half the high-water
+// mark. A value that fails its check on the way up loses the sequence
+// (SwapIn: DataLoss, recomputed); a full SSD budget leaves the sequence in
+// the host tier. Its SSD keys are deleted when it comes back up, is
+// dropped, or the manager goes.
+//
+// Prefix reuse (prefix_bytes > 0): a finished sequence's whole pages are
+// copied to host records (StorePrefix), indexed by content (PrefixIndex's
+// chain keys under prefix_space), and a later sequence whose tokens start
+// with them gets that KV copied into its pages instead of computing it
+// (LoadPrefix). The stored prefixes take at most prefix_bytes of the host
+// tier, least recently used out first; a record that fails its CRC is
+// dropped and its part of the prompt computed. With two page groups the
+// store is off (their upper pages may be off the GPU).
 //
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
@@ -40,6 +52,8 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
+#include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -49,6 +63,7 @@
 #include "engine/page_allocator.h"
 #include "kvtier/host_pool.h"
 #include "kvtier/kv_layout.h"
+#include "kvtier/prefix_index.h"
 #include "kvtier/record_mover.h"
 #include "kvtier/ssd_store.h"
 
@@ -65,6 +80,11 @@ struct KvBlockManagerOptions {
   // down to the SSD, oldest first.
   double ssd_high_water = 0.75;
   int io_threads = 2;  // threads moving records to and from the SSD
+  // Host bytes stored prompt prefixes may take (part of host_bytes); 0:
+  // no prefix reuse. prefix_space names what may share KV (the model and
+  // its KV format): prefixes stored under another are never used.
+  int64_t prefix_bytes = 0;
+  std::string prefix_space;
 };
 
 class KvBlockManager final : public engine::KvMemory {
@@ -94,6 +114,14 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t ssd_bytes_written = 0;
     int64_t ssd_bytes_read = 0;
     int64_t ssd_swap_in_micros = 0;  // time the swap-ins took on the I/O threads
+    // Prefix reuse.
+    int64_t prefix_bytes_used = 0;  // host bytes of stored prefix pages
+    int64_t prefix_lookups = 0;     // sequences that asked
+    int64_t prefix_hits = 0;        // ... and got some of their KV
+    int64_t prefix_tokens_loaded = 0;
+    int64_t prefix_pages_stored = 0;
+    int64_t prefix_pages_evicted = 0;
+    int64_t prefix_records_lost = 0;  // failed their CRC (dropped, recomputed)
   };
 
   // The layout is checked against the model's caches (KvLayout::Create) and
@@ -116,6 +144,13 @@ class KvBlockManager final : public engine::KvMemory {
   bool SwapMoving(int64_t seq_id) const override;
   void DropSwapped(int64_t seq_id) override;
   absl::Status Poll() override;
+  absl::StatusOr<int> LoadPrefix(std::span<const int32_t> tokens,
+                                 engine::SequencePages& pages) override;
+  absl::Status StorePrefix(std::span<const int32_t> tokens,
+                           const engine::SequencePages& pages) override;
+  // Forgets every stored prefix (their records are freed once no copy
+  // reads them).
+  void ClearPrefixes();
 
   // ---- Host-homed blocks (KvPolicyRunner) ----------------------------------
   // A run of host records that one offload of a sequence's blocks fills;
@@ -134,8 +169,8 @@ class KvBlockManager final : public engine::KvMemory {
 
   const KvLayout& layout() const { return layout_; }
   Stats stats() const;
-  // Every GPU page and host record free and no copy in flight: nothing a
-  // sequence held is left behind.
+  // Every GPU page and host record free and no copy in flight, apart from
+  // stored prefixes: nothing a sequence held is left behind.
   bool Idle() const;
   // The host records holding a swapped sequence's KV, in page order (empty
   // when it is not swapped); with host_pool(), for tests that inspect them.
@@ -219,6 +254,19 @@ class KvBlockManager final : public engine::KvMemory {
   uint64_t next_swap_id_ = 1;
   // Host records a refused swap-out needed: moves down make that much room.
   int wanted_free_records_ = 0;
+  // Stored prefixes: the index (values are host records), how many records
+  // it holds and may hold, and the copies still filling records (indexed
+  // once they land, in Poll).
+  PrefixIndex prefixes_;
+  int prefix_records_ = 0;
+  int max_prefix_records_ = 0;
+  struct PendingPrefix {
+    engine::CopyFence fence;
+    std::vector<PrefixKey> keys;
+    std::vector<std::vector<int32_t>> tokens;
+    std::vector<int32_t> records;
+  };
+  std::vector<PendingPrefix> pending_prefixes_;
   uint64_t next_job_ = 1;
   absl::flat_hash_map<uint64_t, Move> moves_;  // by job id
   // Destroyed first: its threads write into the host tier.

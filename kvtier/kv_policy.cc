@@ -834,6 +834,12 @@ absl::StatusOr<bool> KvPolicyRunner::Resume(int64_t seq_id) {
   return ResumeRing(it->second);
 }
 
+bool KvPolicyRunner::Reordered(int64_t seq_id) const {
+  auto it = sequences_.find(seq_id);
+  return it != sequences_.end() && policies_[it->second.policy]->kind() == PolicyKind::kClusterKv &&
+         it->second.state.num_blocks > 0;
+}
+
 void KvPolicyRunner::Release(int64_t seq_id) {
   last_selection_.erase(seq_id);
   auto it = sequences_.find(seq_id);

@@ -218,6 +218,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                              const engine::Tensor& guessed_qkv, engine::Tensor& k_cache,
                              engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
+  // ClusterKV sequences once clustered (ClusterKeys reorders in place).
+  bool Reordered(int64_t seq_id) const override;
   // Gives a paused tiered sequence's ring pages back; its host-homed
   // clusters and their tables stay. Resume takes a ring again, empty (and
   // the sequence's next step does if Resume was not called, reporting it

@@ -77,6 +77,15 @@ bool PrefixIndex::Insert(const PrefixKey& key, std::span<const int32_t> block_to
   return true;
 }
 
+std::optional<int64_t> PrefixIndex::Erase(const PrefixKey& key) {
+  auto it = entries_.find(key);
+  if (it == entries_.end()) return std::nullopt;
+  const int64_t value = it->second.value;
+  lru_.erase(it->second.lru);
+  entries_.erase(it);
+  return value;
+}
+
 std::optional<int64_t> PrefixIndex::Evict() {
   for (auto it = lru_.begin(); it != lru_.end(); ++it) {
     auto entry = entries_.find(*it);

@@ -67,6 +67,9 @@ class PrefixIndex {
   // Removes the least recently used unreferenced entry and returns its
   // value; nullopt when every entry is referenced (or none is left).
   std::optional<int64_t> Evict();
+  // Removes `key` whatever its references (e.g. its KV failed a check) and
+  // returns its value; nullopt when absent.
+  std::optional<int64_t> Erase(const PrefixKey& key);
   // Whether `key` is stored (without touching its recency).
   bool Contains(const PrefixKey& key) const { return entries_.contains(key); }
 

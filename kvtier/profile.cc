@@ -140,11 +140,17 @@ absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& s
     TierConfig& t = p.tiers;
     note(tiers.Bytes("gpu_bytes", &t.gpu_bytes));
     note(tiers.Bytes("host_bytes", &t.host_bytes));
+    note(tiers.Bytes("prefix_bytes", &t.prefix_bytes));
     note(tiers.String("ssd_path", &t.ssd_path));
     note(tiers.Bytes("ssd_bytes", &t.ssd_bytes));
     note(tiers.String("ssd_write_admission", &t.ssd_write_admission, {"never", "cold", "always"}));
     note(tiers.NoUnknownKeys());
     if (t.ssd_bytes > 0 && t.ssd_path.empty()) note(tiers.Error("ssd_bytes", "needs ssd_path"));
+    if (t.prefix_bytes > t.host_bytes) {
+      note(tiers.Error("prefix_bytes",
+                       "is more than host_bytes (stored prefixes live in the host "
+                       "tier)"));
+    }
     if (!t.ssd_path.empty() && t.ssd_bytes == 0) {
       note(tiers.Error("ssd_path", "needs ssd_bytes > 0"));
     }

@@ -18,6 +18,7 @@
 //   tiers:
 //     gpu_bytes: 8GiB       # plain integers or KB/MB/GB/TB (1000) or KiB/MiB/GiB/TiB (1024)
 //     host_bytes: 64GiB
+//     prefix_bytes: 16GiB   # of host_bytes: prompt KV kept for reuse by prefix
 //     ssd_path: /var/lib/strata/kv
 //     ssd_bytes: 512GiB
 //     ssd_write_admission: cold   # never | cold | always
@@ -51,7 +52,10 @@ struct KvPolicyConfig {
 struct TierConfig {
   int64_t gpu_bytes = 0;   // 0: no share of its own (the server's flags size the cache)
   int64_t host_bytes = 0;  // 0: no host tier
-  std::string ssd_path;    // empty: no SSD tier
+  // Of host_bytes: finished requests' KV kept for later requests that start
+  // with the same tokens (prefix reuse); 0: none.
+  int64_t prefix_bytes = 0;
+  std::string ssd_path;  // empty: no SSD tier
   int64_t ssd_bytes = 0;
   std::string ssd_write_admission = "cold";
 };

@@ -170,6 +170,7 @@ void GenerateStream::OnEngineEvent(const engine::TokenEvent& e, Clock::time_poin
       v1::Usage* usage = pending_.mutable_usage();
       usage->set_prompt_tokens(prompt_tokens_);
       usage->set_completion_tokens(completion_tokens_);
+      usage->set_cached_prompt_tokens(static_cast<uint32_t>(e.cached_tokens));
       if (completion_tokens_ > 0) {
         usage->set_time_to_first_token_seconds(
             std::chrono::duration<double>(first_token_ - arrival_).count());

@@ -162,6 +162,22 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "Sequences whose KV failed a check on its way up from the SSD; "
                                  "they were recomputed."));
   STRATA_ASSIGN_OR_RETURN(
+      m->prefix_used_, metrics::AddGauge(r, "strata_kv_prefix_bytes_used",
+                                         "Host bytes of stored prompt prefixes kept for reuse."));
+  STRATA_RETURN_IF_ERROR(counter(m->prefix_lookups_, "strata_kv_prefix_lookups_total",
+                                 "Sequences that looked for a stored prefix of their tokens."));
+  STRATA_RETURN_IF_ERROR(counter(m->prefix_hits_, "strata_kv_prefix_hits_total",
+                                 "Sequences that loaded part of their KV from a stored prefix."));
+  STRATA_RETURN_IF_ERROR(counter(m->prefix_tokens_, "strata_kv_prefix_tokens_loaded_total",
+                                 "Prompt tokens whose KV was loaded instead of computed."));
+  STRATA_RETURN_IF_ERROR(counter(m->prefix_stored_, "strata_kv_prefix_pages_stored_total",
+                                 "KV pages of finished requests stored for reuse."));
+  STRATA_RETURN_IF_ERROR(counter(m->prefix_evicted_, "strata_kv_prefix_pages_evicted_total",
+                                 "Stored prefix pages evicted (least recently used first)."));
+  STRATA_RETURN_IF_ERROR(counter(m->prefix_lost_, "strata_kv_prefix_pages_lost_total",
+                                 "Stored prefix pages that failed their CRC check; their tokens "
+                                 "were computed instead."));
+  STRATA_ASSIGN_OR_RETURN(
       m->ssd_swap_in_seconds_,
       metrics::AddCounter(r, "strata_kv_ssd_swap_in_seconds_total",
                           "Time the moves up from the SSD took on the I/O threads; over "
@@ -240,6 +256,13 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
   bytes_from_host_.Advance(s.bytes_from_host);
   records_lost_.Advance(s.host_records_lost);
   ssd_sequences_->Set(s.sequences_on_ssd);
+  prefix_used_->Set(static_cast<double>(s.prefix_bytes_used));
+  prefix_lookups_.Advance(s.prefix_lookups);
+  prefix_hits_.Advance(s.prefix_hits);
+  prefix_tokens_.Advance(s.prefix_tokens_loaded);
+  prefix_stored_.Advance(s.prefix_pages_stored);
+  prefix_evicted_.Advance(s.prefix_pages_evicted);
+  prefix_lost_.Advance(s.prefix_records_lost);
   ssd_swap_outs_.Advance(s.ssd_swap_outs);
   ssd_swap_ins_.Advance(s.ssd_swap_ins);
   ssd_swap_outs_refused_.Advance(s.ssd_swap_outs_refused);

@@ -64,6 +64,13 @@
 //   strata_kv_ssd_swap_in_seconds_total         time the moves up took
 //   strata_kv_ssd_sequences_lost_total          sequences whose SSD copy
 //                                               failed a check (recomputed)
+//   strata_kv_prefix_bytes_used                 host bytes of stored prefixes
+//   strata_kv_prefix_lookups_total, _hits_total sequences that asked for a
+//                                               stored prefix / got one
+//   strata_kv_prefix_tokens_loaded_total        prompt tokens not computed
+//   strata_kv_prefix_pages_stored_total, _evicted_total
+//   strata_kv_prefix_pages_lost_total           stored pages that failed
+//                                               their CRC (computed instead)
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -141,6 +148,7 @@ class ServerMetrics {
   prometheus::Gauge* ssd_sequences_ = nullptr;
   prometheus::Gauge* ssd_used_ = nullptr;
   prometheus::Gauge* ssd_total_ = nullptr;
+  prometheus::Gauge* prefix_used_ = nullptr;
 
   // Counters fed from running totals kept elsewhere: each update adds what
   // grew since the last one.
@@ -156,6 +164,8 @@ class ServerMetrics {
       records_lost_;
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
   TotalCounter prefetch_bytes_;
+  TotalCounter prefix_lookups_, prefix_hits_, prefix_tokens_, prefix_stored_, prefix_evicted_,
+      prefix_lost_;
   TotalCounter ssd_swap_outs_, ssd_swap_ins_, ssd_swap_outs_refused_, ssd_bytes_written_,
       ssd_bytes_read_, ssd_lost_;
   prometheus::Counter* ssd_swap_in_seconds_ = nullptr;

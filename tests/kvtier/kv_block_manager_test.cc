@@ -549,5 +549,118 @@ TEST_F(SsdSwapTest, RefusesAnSsdTierWithoutAHostTier) {
                    .ok());
 }
 
+// ---- Prefix reuse -----------------------------------------------------------
+
+struct Served {
+  std::vector<int32_t> tokens;
+  int cached = 0;
+};
+
+Served Serve(engine::Batcher& batcher, const engine::GenerationRequest& r) {
+  EXPECT_TRUE(batcher.Add(r).ok());
+  Served out;
+  for (int step = 0; batcher.HasWork() && step < 2000; ++step) {
+    auto events = batcher.Step();
+    EXPECT_TRUE(events.ok()) << events.status();
+    if (!events.ok()) break;
+    for (const auto& e : *events) {
+      out.tokens.push_back(e.token_id);
+      if (e.finish != engine::FinishReason::kNone) out.cached = e.cached_tokens;
+    }
+  }
+  return out;
+}
+
+std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+TEST(PrefixReuseTest, PromptsThatStartWithStoredKvLoadItAndKeepTheirTokens) {
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  auto created = KvBlockManager::Create(
+      model.get(),
+      {.host_bytes = int64_t{64} << 20, .prefix_bytes = int64_t{32} << 20, .prefix_space = "t"});
+  ASSERT_TRUE(created.ok()) << created.status();
+  KvBlockManager& m = **created;
+  const int page = m.layout().page_size();
+  engine::GenerationRequest doc = Request(1, 100, 20);
+  // A request, a longer one on the same document, and the next turn of the
+  // first (its prompt, its answer, a new question).
+  engine::GenerationRequest same_doc = doc;
+  same_doc.id = 2;
+  same_doc.prompt = Concat(doc.prompt, Prompt(30, 99));
+  auto computed = [&](const engine::GenerationRequest& r) {
+    engine::Batcher plain(model.get(), nullptr);
+    return Serve(plain, r).tokens;
+  };
+  engine::Batcher batcher(model.get(), nullptr, {}, &m);
+  const Served first = Serve(batcher, doc);
+  EXPECT_EQ(first.cached, 0);
+  EXPECT_EQ(first.tokens, computed(doc));
+  ASSERT_TRUE(m.Poll().ok());
+  // 100 prompt + 19 generated tokens have KV: 14 whole pages stored.
+  EXPECT_EQ(m.stats().prefix_pages_stored, (100 + 19) / page);
+  const Served second = Serve(batcher, same_doc);
+  EXPECT_EQ(second.cached, 100 / page * page) << "the document's whole pages";
+  EXPECT_EQ(second.tokens, computed(same_doc));
+  engine::GenerationRequest next_turn = doc;
+  next_turn.id = 3;
+  next_turn.prompt = Concat(Concat(doc.prompt, first.tokens), Prompt(9, 5));
+  const Served third = Serve(batcher, next_turn);
+  EXPECT_EQ(third.cached, (100 + 19) / page * page) << "the whole first turn";
+  EXPECT_EQ(third.tokens, computed(next_turn));
+  const KvBlockManager::Stats s = m.stats();
+  EXPECT_EQ(s.prefix_hits, 2);
+  EXPECT_EQ(s.prefix_tokens_loaded, second.cached + third.cached);
+  EXPECT_GT(s.prefix_bytes_used, 0);
+  ASSERT_TRUE(m.Poll().ok());
+  EXPECT_TRUE(m.Idle()) << "only stored prefixes are left";
+  m.ClearPrefixes();
+  EXPECT_EQ(m.stats().prefix_bytes_used, 0);
+}
+
+TEST(PrefixReuseTest, ACorruptStoredPageIsComputedInsteadAndTheBudgetHolds) {
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  auto layout = KvLayout::Create(*model);
+  ASSERT_TRUE(layout.ok());
+  // Room for 4 stored pages.
+  auto created = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{64} << 20,
+                                                      .prefix_bytes = 4 * layout->record_bytes(),
+                                                      .prefix_space = "t"});
+  ASSERT_TRUE(created.ok()) << created.status();
+  KvBlockManager& m = **created;
+  const int page = m.layout().page_size();
+  engine::Batcher batcher(model.get(), nullptr, {}, &m);
+  // Another document first: its 4 pages are stored, then evicted (least
+  // recently used) for the next one's.
+  Serve(batcher, Request(9, 40, 4));
+  ASSERT_TRUE(m.Poll().ok());
+  engine::GenerationRequest doc = Request(1, 100, 8);
+  Serve(batcher, doc);
+  ASSERT_TRUE(m.Poll().ok());
+  EXPECT_EQ(m.stats().prefix_bytes_used, 4 * layout->record_bytes()) << "the budget holds";
+  EXPECT_EQ(m.stats().prefix_pages_evicted, 4);
+  // Flip a byte in every stored record: the next load finds the first one
+  // bad, drops it and computes the whole prompt.
+  for (int32_t r = 0; r < m.host_pool().num_records(); ++r) {
+    if (m.host_pool().state(r) == HostPool::State::kResident) m.host_pool().data(r)[7] ^= 0x01;
+  }
+  engine::GenerationRequest again = doc;
+  again.id = 7;
+  const Served served = Serve(batcher, again);
+  engine::Batcher plain(model.get(), nullptr);
+  EXPECT_EQ(served.cached, 0);
+  EXPECT_EQ(served.tokens, Serve(plain, again).tokens);
+  EXPECT_EQ(m.stats().prefix_records_lost, 1);
+  EXPECT_EQ(m.stats().prefix_hits, 0);
+}
+
+TEST(PrefixReuseTest, RefusesAPrefixBudgetLargerThanTheHostTier) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  EXPECT_FALSE(
+      KvBlockManager::Create(model.get(), {.host_bytes = 1 << 20, .prefix_bytes = 2 << 20}).ok());
+}
+
 }  // namespace
 }  // namespace strata::kvtier

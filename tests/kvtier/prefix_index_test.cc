@@ -83,7 +83,8 @@ TEST(PrefixIndexTest, EvictionSparesReferencedEntriesAndTakesTheOldestFirst) {
   PrefixIndex index(2);
   const std::vector<int32_t> t = Tokens(6);
   const std::vector<PrefixKey> chain = PrefixChain("m", t, 2);
-  for (int b = 0; b < 3; ++b) ASSERT_TRUE(index.Insert(chain[b], std::span(t).subspan(b * 2, 2), b));
+  for (int b = 0; b < 3; ++b)
+    ASSERT_TRUE(index.Insert(chain[b], std::span(t).subspan(b * 2, 2), b));
   // Block 0 and 1 looked up (referenced, and now the most recent).
   EXPECT_EQ(index.Lookup(std::span(chain).first(2), t), (std::vector<int64_t>{0, 1}));
   EXPECT_EQ(index.Evict(), 2) << "the only unreferenced entry";

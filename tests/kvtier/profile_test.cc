@@ -80,6 +80,8 @@ TEST(ProfileTest, ErrorsNameTheFileAndKey) {
       {"name: x\ncolor: red\n", "color: unknown key"},
       {"name: x\ntiers: {gpu_bytes: 8XB}\n", "tiers.gpu_bytes: \"8XB\": unknown unit"},
       {"name: x\ntiers: {ssd_bytes: 1GiB}\n", "tiers.ssd_bytes: needs ssd_path"},
+      {"name: x\ntiers: {host_bytes: 1GiB, prefix_bytes: 2GiB}\n",
+       "tiers.prefix_bytes: is more than host_bytes"},
       {"name: x\ntiers: [1, 2]\n", "tiers: must be a map"},
       {"name: [unclosed\n", "invalid YAML at line"},
       {"- a\n- b\n", "a profile must be a YAML map"},

@@ -561,6 +561,39 @@ TEST(ServerHostTierTest, PausedRequestsGoDownToTheSsdTierAndStreamUnchanged) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(ServerHostTierTest, RequestsThatStartWithAStoredPrefixLoadItAndSayHowMuch) {
+  // A document asked about twice, then the next turn of the first
+  // conversation: the later requests load the earlier KV instead of
+  // computing it, stream the tokens of a server without the store, and
+  // Usage says how many prompt tokens were loaded.
+  const std::string path = WriteTemp(
+      "prefix_profile.yaml", "name: docs\ntiers: {host_bytes: 64MiB, prefix_bytes: 32MiB}\n");
+  ServerProcess server({"--profile", path});
+  ServerProcess plain;
+  std::string document;
+  for (int i = 0; i < 30; ++i) document += "Return the number of items in the list. ";
+  v1::GenerateRequest first = TextRequest(document + "How many?", 16);
+  first.mutable_stopping()->set_ignore_eos(true);
+  first.set_profile("docs");
+  v1::GenerateRequest again = TextRequest(document + "And how many now?", 16);
+  again.mutable_stopping()->set_ignore_eos(true);
+  again.set_profile("docs");
+  const Completion a = Generate(server.stub(), first);
+  ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+  EXPECT_EQ(a.last.usage().cached_prompt_tokens(), 0u);
+  const Completion b = Generate(server.stub(), again);
+  ASSERT_TRUE(b.status.ok()) << b.status.error_message();
+  EXPECT_GT(b.last.usage().cached_prompt_tokens(), 200u) << "most of the document";
+  EXPECT_LT(b.last.usage().cached_prompt_tokens(), b.last.usage().prompt_tokens());
+  again.clear_profile();
+  EXPECT_EQ(b.tokens, Generate(plain.stub(), again).tokens);
+  EXPECT_EQ(server.Metric("strata_kv_prefix_hits_total"), 1);
+  EXPECT_EQ(server.Metric("strata_kv_prefix_tokens_loaded_total"),
+            b.last.usage().cached_prompt_tokens());
+  EXPECT_GT(server.Metric("strata_kv_prefix_bytes_used"), 0);
+  EXPECT_EQ(server.WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
+}
+
 TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt) {
   // The same ClusterKV policy with and without a host tier in one server:
   // the same tokens, the host one's clusters moved there and recalled, and
