@@ -166,6 +166,7 @@ int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
   v1::GenerateResponse response;
   size_t prompt_tokens = prompt_ids.size();
   std::string finish = "none";
+  nlohmann::json kv = nullptr;
   while (reader->Read(&response)) {
     const int n = response.token_ids_size();
     for (int i = 0; i < n; ++i) {
@@ -178,6 +179,7 @@ int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
     if (response.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
       finish = FinishName(response.finish_reason());
       prompt_tokens = response.usage().prompt_tokens();
+      kv = {{"cached_prompt_tokens", response.usage().cached_prompt_tokens()}};
     }
   }
   const grpc::Status status = reader->Finish();
@@ -185,7 +187,7 @@ int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
     return Fail(absl::Status(FromGrpc(status.error_code()),
                              absl::StrCat(f.server, ": ", status.error_message())));
   }
-  printer.Summary(prompt_tokens, finish, 0.0);
+  printer.Summary(prompt_tokens, finish, 0.0, kv);
   return 0;
 }
 
