@@ -84,7 +84,7 @@ struct KvBlockManagerOptions {
   // no prefix reuse. prefix_space names what may share KV (the model and
   // its KV format): prefixes stored under another are never used.
   int64_t prefix_bytes = 0;
-  std::string prefix_space;
+  std::string prefix_space = {};
 };
 
 class KvBlockManager final : public engine::KvMemory {

@@ -412,9 +412,13 @@ std::vector<int32_t> RunTwoPolicies(Backend& backend, bool second_tiered) {
         }
       }
     }
-    if (second_tiered) EXPECT_GT(batcher.num_upper_pages_released(), 0);
+    if (second_tiered) {
+      EXPECT_GT(batcher.num_upper_pages_released(), 0);
+    }
   }
-  if (second_tiered) EXPECT_GT((*runner)->stats().recall_tokens, 0);
+  if (second_tiered) {
+    EXPECT_GT((*runner)->stats().recall_tokens, 0);
+  }
   EXPECT_GE(model->num_decode_graphs(), 2);
   EXPECT_TRUE(model->set_attention_planner(nullptr).ok());
   return tokens;
