@@ -116,19 +116,15 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePag
     if (two_groups) swapped.upper_off_gpu.push_back(upper == engine::kPageOffGpu);
     layout_.AppendRecordCopies(pages.lower[i], upper, host_.offset(swapped.records[i]), copies_);
   }
-  engine::Backend& backend = model_->backend();
-  absl::StatusOr<engine::CopyFence> fence =
-      backend.CopyRowsToHost(layout_.caches(), copies_, host_.buffer());
-  absl::Status ordered = fence.ok() ? backend.ComputeAfterFence(*fence) : fence.status();
-  if (!ordered.ok()) {
-    // Nothing was enqueued (or the stream is broken): the pages stay with
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
+  if (!fence.ok()) {
+    // Nothing is running (or the stream is broken): the pages stay with
     // the sequence, the records go back.
-    if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
     for (int32_t r : swapped.records) {
       host_.Release(r);
       host_.Unref(r);
     }
-    return ordered;
+    return fence.status();
   }
   swapped.fence = *fence;
   STRATA_RETURN_IF_ERROR(Free(pages));
@@ -136,6 +132,19 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePag
   counters_.bytes_to_host += needed * layout_.record_bytes();
   swapped_.emplace(seq_id, std::move(swapped));
   return true;
+}
+
+absl::StatusOr<engine::CopyFence> KvBlockManager::EnqueueCopies(bool to_host) {
+  engine::Backend& backend = model_->backend();
+  absl::StatusOr<engine::CopyFence> fence =
+      to_host ? backend.CopyRowsToHost(layout_.caches(), copies_, host_.buffer())
+              : backend.CopyRowsFromHost(host_.buffer(), copies_, layout_.caches());
+  const absl::Status ordered = fence.ok() ? backend.ComputeAfterFence(*fence) : fence.status();
+  if (!ordered.ok()) {
+    if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
+    return ordered;
+  }
+  return fence;
 }
 
 int KvBlockManager::SwapInPages(int64_t seq_id, engine::PageGroup group) const {
@@ -215,15 +224,11 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
                                host_.offset(swapped.records[i]), copies_);
     host_.Ref(swapped.records[i]);  // held by the copy
   }
-  engine::Backend& backend = model_->backend();
-  absl::StatusOr<engine::CopyFence> fence =
-      backend.CopyRowsFromHost(host_.buffer(), copies_, layout_.caches());
-  absl::Status ordered = fence.ok() ? backend.ComputeAfterFence(*fence) : fence.status();
-  if (!ordered.ok()) {
-    if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/false);
+  if (!fence.ok()) {
     for (int32_t r : swapped.records) host_.Unref(r);
     STRATA_RETURN_IF_ERROR(Free(pages));
-    return ordered;
+    return fence.status();
   }
   // The sequence no longer owns the records; each is freed when the copy
   // that reads it is done.
@@ -331,18 +336,14 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
     pending.records.push_back(record[0]);
   }
   if (pending.records.empty()) return absl::OkStatus();
-  engine::Backend& backend = model_->backend();
-  absl::StatusOr<engine::CopyFence> fence =
-      backend.CopyRowsToHost(layout_.caches(), copies_, host_.buffer());
-  absl::Status ordered = fence.ok() ? backend.ComputeAfterFence(*fence) : fence.status();
-  if (!ordered.ok()) {
-    if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
+  if (!fence.ok()) {
     for (int32_t r : pending.records) {
       host_.Release(r);
       host_.Unref(r);
       --prefix_records_;
     }
-    return ordered;
+    return fence.status();
   }
   pending.fence = *fence;
   counters_.prefix_pages_stored += static_cast<int64_t>(pending.records.size());
@@ -393,15 +394,11 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
     records.push_back(r);
   }
   release();
-  engine::Backend& backend = model_->backend();
-  absl::StatusOr<engine::CopyFence> fence =
-      backend.CopyRowsFromHost(host_.buffer(), copies_, layout_.caches());
-  absl::Status ordered = fence.ok() ? backend.ComputeAfterFence(*fence) : fence.status();
-  if (!ordered.ok()) {
-    if (fence.ok()) STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/false);
+  if (!fence.ok()) {
     for (int32_t r : records) host_.Unref(r);
     STRATA_RETURN_IF_ERROR(Free(pages));
-    return ordered;
+    return fence.status();
   }
   in_flight_.push_back({*fence, std::move(records)});
   ++counters_.prefix_hits;

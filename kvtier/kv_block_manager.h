@@ -226,6 +226,10 @@ class KvBlockManager final : public engine::KvMemory {
 
   KvBlockManager(engine::Model* model, KvLayout layout, HostPool host,
                  const KvBlockManagerOptions& options);
+  // Enqueues copies_ between the caches and the host tier and orders the
+  // compute enqueued later after them. On an error nothing is left running
+  // (a copy that started is waited for).
+  absl::StatusOr<engine::CopyFence> EnqueueCopies(bool to_host);
   // Waits for the swap-out copy if needed, then seals its records.
   absl::Status Seal(Swapped& swapped);
   // SSD tier: applies finished moves, then starts moves down (host too

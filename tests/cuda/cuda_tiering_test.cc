@@ -255,6 +255,20 @@ struct ModelRun {
   int64_t upper_released = 0;
 };
 
+// ClusterKV over llama_gqa's second layer, with a budget that a few dozen
+// decode steps outgrow.
+kvtier::KvPolicyConfig SmallClusterKv() {
+  kvtier::KvPolicyConfig config;
+  config.type = "clusterkv";
+  config.budget_tokens = 48;
+  config.sink_tokens = 4;
+  config.window_tokens = 24;
+  config.tokens_per_cluster = 8;
+  config.kmeans_iterations = 5;
+  config.full_layers = 1;
+  return config;
+}
+
 // upper_pages > 0: two page groups, the upper one from layer 1 (the
 // policy's sparse layers), whose pages of offloaded clusterings are freed.
 ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecKind codec,
@@ -276,14 +290,7 @@ ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecK
   engine::Model* model = loaded->model.get();
   auto manager = kvtier::KvBlockManager::Create(model, {.host_bytes = int64_t{256} << 20});
   EXPECT_TRUE(manager.ok()) << manager.status();
-  kvtier::KvPolicyConfig config;
-  config.type = "clusterkv";
-  config.budget_tokens = 48;
-  config.sink_tokens = 4;
-  config.window_tokens = 24;
-  config.tokens_per_cluster = 8;
-  config.kmeans_iterations = 5;
-  config.full_layers = 1;
+  const kvtier::KvPolicyConfig config = SmallClusterKv();
   kvtier::KvTierOptions tier;
   if (tiered) tier = {.manager = manager->get(), .codec = codec, .prefetch_share = 0.5};
   auto runner =
@@ -377,14 +384,7 @@ std::vector<int32_t> RunTwoPolicies(Backend& backend, bool second_tiered) {
   engine::Model* model = loaded->model.get();
   auto manager = kvtier::KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20});
   EXPECT_TRUE(manager.ok()) << manager.status();
-  kvtier::KvPolicyConfig config;
-  config.type = "clusterkv";
-  config.budget_tokens = 48;
-  config.sink_tokens = 4;
-  config.window_tokens = 24;
-  config.tokens_per_cluster = 8;
-  config.kmeans_iterations = 5;
-  config.full_layers = 1;
+  const kvtier::KvPolicyConfig config = SmallClusterKv();
   kvtier::KvTierOptions tier{.manager = manager->get()};
   tier.per_policy = {std::nullopt, second_tiered ? std::optional(KvCodecKind::kBf16)
                                                  : std::optional<KvCodecKind>()};
