@@ -442,13 +442,9 @@ TEST(ServerProfileTest, GpuBudgetsSizeTheCacheAndConflictWithKvPages) {
 namespace strata {
 namespace {
 
-TEST(ServerHostTierTest, PreemptedRequestsSwapToTheHostTierAndStreamUnchanged) {
-  // A cache of 320 tokens for four requests of ~230 tokens each: the server
-  // must preempt; with a profile's host tier the preempted sequences swap
-  // out and back, and each stream equals the request served alone.
-  const std::string path =
-      WriteTemp("host_tier_profile.yaml", "name: roomy\ntiers: {host_bytes: 64MiB}\n");
-  ServerProcess server({"--profile", path, "--max-context", "256", "--kv-pages", "20"});
+// Four requests of ~230 tokens each: in a cache of 320 tokens the server
+// must preempt some of them.
+std::vector<v1::GenerateRequest> PreemptionLoad() {
   std::vector<v1::GenerateRequest> requests;
   for (int i = 0; i < 4; ++i) {
     std::string prompt;
@@ -457,15 +453,33 @@ TEST(ServerHostTierTest, PreemptedRequestsSwapToTheHostTierAndStreamUnchanged) {
     r.mutable_stopping()->set_ignore_eos(true);
     requests.push_back(r);
   }
-  std::vector<Completion> alone;
-  for (const auto& r : requests) alone.push_back(Generate(server.stub(), r));
-  EXPECT_EQ(server.Metric("strata_kv_swap_outs_total"), 0);
+  return requests;
+}
+
+// The requests sent at once, one client thread each.
+std::vector<Completion> GenerateTogether(v1::Generation::Stub& stub,
+                                         const std::vector<v1::GenerateRequest>& requests) {
   std::vector<Completion> together(requests.size());
   std::vector<std::thread> clients;
   for (size_t i = 0; i < requests.size(); ++i) {
-    clients.emplace_back([&, i] { together[i] = Generate(server.stub(), requests[i]); });
+    clients.emplace_back([&, i] { together[i] = Generate(stub, requests[i]); });
   }
   for (auto& t : clients) t.join();
+  return together;
+}
+
+TEST(ServerHostTierTest, PreemptedRequestsSwapToTheHostTierAndStreamUnchanged) {
+  // A cache of 320 tokens for four requests of ~230 tokens each: the server
+  // must preempt; with a profile's host tier the preempted sequences swap
+  // out and back, and each stream equals the request served alone.
+  const std::string path =
+      WriteTemp("host_tier_profile.yaml", "name: roomy\ntiers: {host_bytes: 64MiB}\n");
+  ServerProcess server({"--profile", path, "--max-context", "256", "--kv-pages", "20"});
+  const std::vector<v1::GenerateRequest> requests = PreemptionLoad();
+  std::vector<Completion> alone;
+  for (const auto& r : requests) alone.push_back(Generate(server.stub(), r));
+  EXPECT_EQ(server.Metric("strata_kv_swap_outs_total"), 0);
+  const std::vector<Completion> together = GenerateTogether(server.stub(), requests);
   for (size_t i = 0; i < requests.size(); ++i) {
     ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
     EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
@@ -524,25 +538,13 @@ TEST(ServerHostTierTest, PausedRequestsGoDownToTheSsdTierAndStreamUnchanged) {
       "name: roomy\ntiers: {host_bytes: 512KiB, ssd_path: " + dir + ", ssd_bytes: 256MiB}\n");
   {
     ServerProcess server({"--profile", path, "--max-context", "256", "--kv-pages", "20"});
-    std::vector<v1::GenerateRequest> requests;
-    for (int i = 0; i < 4; ++i) {
-      std::string prompt;
-      for (int w = 0; w < 10 + 3 * i; ++w) prompt += "Return the number of items. ";
-      v1::GenerateRequest r = TextRequest(prompt, 150);
-      r.mutable_stopping()->set_ignore_eos(true);
-      requests.push_back(r);
-    }
+    const std::vector<v1::GenerateRequest> requests = PreemptionLoad();
     std::vector<Completion> alone;
     for (const auto& r : requests) alone.push_back(Generate(server.stub(), r));
     // Which sequences are paused, and for how long, depends on how the
     // clients' requests interleave: rounds until one went down.
     for (int round = 0; round < 5 && server.Metric("strata_kv_ssd_swap_outs_total") == 0; ++round) {
-      std::vector<Completion> together(requests.size());
-      std::vector<std::thread> clients;
-      for (size_t i = 0; i < requests.size(); ++i) {
-        clients.emplace_back([&, i] { together[i] = Generate(server.stub(), requests[i]); });
-      }
-      for (auto& t : clients) t.join();
+      const std::vector<Completion> together = GenerateTogether(server.stub(), requests);
       for (size_t i = 0; i < requests.size(); ++i) {
         ASSERT_TRUE(together[i].status.ok()) << together[i].status.error_message();
         EXPECT_EQ(together[i].tokens, alone[i].tokens) << "request " << i;
