@@ -1,32 +1,85 @@
 #!/usr/bin/env bash
 # Time to first token of a long prompt whose KV a server keeps in its host
-# tier (prefix reuse), against the same server prefilling it. Runs on a GPU
-# machine from a bundle made by tools/gpu-bundle.sh: one `strata serve`
-# (Llama-3-8B shape, dummy weights, a profile with a host tier and a prefix
-# store), then three requests over gRPC: a warm-up with other tokens, the
-# prompt computed, and the prompt again with a new question (its document
-# loaded). Prints one JSON summary per request; logs go to $1.
+# tier, or on its SSD tier, against the same server prefilling it. Runs on a
+# GPU machine from a bundle made by tools/gpu-bundle.sh: `strata serve`
+# (Llama-3-8B shape, dummy weights, a profile with a host tier, a prefix
+# store and an SSD tier that keeps prefixes, written through), then over
+# gRPC: a warm-up with other tokens, the prompt computed, and the prompt
+# again with a new question (its document loaded from host memory). The
+# server is then stopped and started again (host memory empty; the page
+# cache dropped when we may), and the prompt asked once more: its document
+# comes up from the SSD. Last, fio reads a file on the same disk
+# sequentially, for the disk's bandwidth. Prints one JSON summary per
+# request and fio's result; logs go to $1. FIO names the fio binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
 context=${CONTEXT:-32768}
+fio=${FIO:-fio}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-tmp=$(mktemp -d)
-trap 'kill "$server" 2>/dev/null || true; rm -rf "$tmp"' EXIT
-# A 32k prompt's KV is 4 GiB at this shape: the store keeps two.
-printf 'name: docs\ntiers: {gpu_bytes: 24GiB, host_bytes: 10GiB, prefix_bytes: 9GiB}\n' > "$tmp/docs.yaml"
-.gpu/bin/strata serve --backend cuda --dummy-weights llama-3-8b --max-context $((context + 64)) --max-seqs 4 \
-  --profile "$tmp/docs.yaml" --host 127.0.0.1 --port 0 > "$out/prefix_serve.log" 2>&1 &
-server=$!
-for _ in $(seq 600); do grep -q "listening on" "$out/prefix_serve.log" && break; sleep 0.2; done
-address=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$out/prefix_serve.log")
-[[ -n "$address" ]] || { cat "$out/prefix_serve.log"; exit 1; }
+tmp=$(mktemp -d "$PWD/.prefix-ttft.XXXXXX")
+server=""
+trap '[[ -n "$server" ]] && kill "$server" 2>/dev/null; rm -rf "$tmp"' EXIT
+# A 32k prompt's KV is 4 GiB at this shape: the host store keeps two, the
+# SSD tier four.
+cat > "$tmp/docs.yaml" <<EOF
+name: docs
+tiers:
+  gpu_bytes: 24GiB
+  host_bytes: 10GiB
+  prefix_bytes: 9GiB
+  ssd_path: $tmp/kv
+  ssd_bytes: 20GiB
+  ssd_prefix_bytes: 17GiB
+  ssd_write_admission: always
+EOF
+start() {
+  .gpu/bin/strata serve --backend cuda --dummy-weights llama-3-8b --max-context $((context + 64)) \
+    --max-seqs 4 --profile "$tmp/docs.yaml" --host 127.0.0.1 --port 0 > "$out/$1" 2>&1 &
+  server=$!
+  for _ in $(seq 600); do grep -q "listening on" "$out/$1" && break; sleep 0.2; done
+  address=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$out/$1")
+  [[ -n "$address" ]] || { cat "$out/$1"; exit 1; }
+}
 ask() {
   .gpu/bin/strata generate --server "$address" --prompt-ids "$1" --max-tokens 4 --ignore-eos \
     --json | tail -1
 }
 document=$(seq -s, 1000 $((context + 999)))
+start prefix_serve.log
 echo "warm-up  $(ask "$(seq -s, 60000 $((context + 59999)))")"
 echo "computed $(ask "$document,11,12,13")"
-echo "loaded   $(ask "$document,21,22,23,24")"
+echo "host     $(ask "$document,21,22,23,24")"
+# Written through to the SSD on the I/O threads: give them time to land.
+sleep 10
+kill -TERM "$server"
+wait "$server" || true
+sync
+if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then
+  echo "page cache dropped"
+else
+  echo "page cache NOT dropped (not root): the SSD figure may be read from memory"
+fi
+start prefix_serve_restarted.log
+grep -o "stored prefix pages kept.*" "$out/prefix_serve_restarted.log" || true
+echo "ssd      $(ask "$document,31,32,33,34")"
+echo "ssd-warm $(ask "$document,41,42,43,44")"
+kill -TERM "$server"
+wait "$server" || true
+server=""
+du -sh "$tmp/kv"
+# The disk's sequential read: an 8 GiB file, 2 MiB reads, page cache bypassed.
+if command -v "$fio" > /dev/null; then
+  "$fio" --name=seqread --filename="$tmp/fio.dat" --rw=read --bs=2M --size=8G --direct=1 \
+    --ioengine=psync --numjobs=1 --output-format=terse --terse-version=3 > "$out/fio_read.txt"
+  # Field 7 of the terse format: read bandwidth in KiB/s.
+  echo "fio sequential read: $(cut -d';' -f7 "$out/fio_read.txt") KiB/s"
+  "$fio" --name=seqread4 --filename="$tmp/fio.dat" --rw=read --bs=2M --size=2G --direct=1 \
+    --ioengine=psync --numjobs=4 --offset_increment=2G --group_reporting \
+    --output-format=terse --terse-version=3 > "$out/fio_read4.txt"
+  echo "fio sequential read, 4 streams: $(cut -d';' -f7 "$out/fio_read4.txt") KiB/s"
+else
+  echo "no fio"
+fi

@@ -6,12 +6,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <thread>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
+#include "common/logging.h"
 #include "engine/batcher.h"
 #include "engine/model_loader.h"
 #include "kvtier/kv_block_manager.h"
@@ -298,8 +301,18 @@ int RunGenerate(const GenerateFlags& f) {
           .filename()
           .string());
   if (!ssd.ok()) return Fail(ssd.status());
-  auto kv_manager = kvtier::KvBlockManager::Create(
-      model, {.host_bytes = profile.tiers.host_bytes, .ssd = ssd->get()});
+  // As serve's: a profile's stored prefixes (on its SSD tier, from earlier
+  // runs or servers of the same model and KV format) serve this prompt too.
+  auto manager_options = kvtier::ManagerOptionsForProfiles(
+      {profile}, ssd->get(),
+      absl::StrCat(
+          std::filesystem::path(source.model_dir.empty() ? source.dummy_preset : source.model_dir)
+              .lexically_normal()
+              .filename()
+              .string(),
+          "/", engine::KvCacheTypeName(options.kv_cache)));
+  if (!manager_options.ok()) return Fail(manager_options.status());
+  auto kv_manager = kvtier::KvBlockManager::Create(model, *manager_options);
   if (!kv_manager.ok()) return Fail(kv_manager.status());
   std::unique_ptr<kvtier::KvPolicyRunner> runner;
   if (profile.policy.type != "full") {
@@ -339,10 +352,18 @@ int RunGenerate(const GenerateFlags& f) {
   while (batcher.HasWork()) {
     auto events = batcher.Step();
     if (!events.ok()) return Fail(events.status());
+    // Waiting for its stored prefix to come up from the SSD.
+    if (batcher.last_step_idle()) std::this_thread::sleep_for(std::chrono::microseconds(200));
     for (const engine::TokenEvent& e : *events) {
       if (e.token_id >= 0) printer.Token(e.token_id, e.logprob, e.text);
       if (e.finish != engine::FinishReason::kNone) finish = e.finish;
     }
+  }
+  // Its KV stored for the next run (host copies, then the SSD writes).
+  if (absl::StatusOr<bool> landed = (*kv_manager)->FinishPrefixWrites(std::chrono::seconds(60));
+      !landed.ok() || !*landed) {
+    STRATA_LOG_WARN("stored prefixes not all written to the SSD tier: {}",
+                    landed.ok() ? "timed out" : landed.status().ToString());
   }
   nlohmann::json kv = nullptr;
   if (!f.profile.empty()) {
@@ -355,7 +376,15 @@ int RunGenerate(const GenerateFlags& f) {
           {"ssd_bytes", *ssd != nullptr ? (*ssd)->stats().budget_bytes : 0},
           {"ssd_swap_outs", tiers.ssd_swap_outs},
           {"upper_pages", tiers.upper_pages_total},
-          {"upper_pages_released", batcher.num_upper_pages_released()}};
+          {"upper_pages_released", batcher.num_upper_pages_released()},
+          {"cached_prompt_tokens", tiers.prefix_tokens_loaded},
+          {"prefix_pages_stored", tiers.prefix_pages_stored},
+          {"ssd_prefix_pages", tiers.ssd_prefix_pages},
+          {"ssd_prefix_pages_written", tiers.ssd_prefix_pages_written},
+          {"ssd_prefix_pages_read", tiers.ssd_prefix_pages_read},
+          {"ssd_prefix_bytes_read", tiers.ssd_prefix_bytes_read},
+          {"ssd_prefix_read_ms", static_cast<double>(tiers.ssd_prefix_read_micros) / 1e3},
+          {"ssd_prefix_pages_lost", tiers.ssd_prefix_pages_lost}};
     if (runner != nullptr) {
       const kvtier::KvPolicyRunner::Stats& s = runner->stats();
       kv["sparse_queries"] = s.sparse_queries;

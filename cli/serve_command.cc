@@ -220,12 +220,11 @@ int RunServe(const ServeFlags& f) {
   if (!ssd.ok()) return Fail(ssd.status());
   // Stored prefixes are shared by every profile: the KV they name depends
   // only on the model and its KV format.
-  auto kv_manager = kvtier::KvBlockManager::Create(
-      loaded->model.get(),
-      {.host_bytes = host_bytes,
-       .ssd = ssd->get(),
-       .prefix_bytes = prefix_bytes,
-       .prefix_space = absl::StrCat(model_name, "/", engine::KvCacheTypeName(options.kv_cache))});
+  auto manager_options = kvtier::ManagerOptionsForProfiles(
+      profiles, ssd->get(),
+      absl::StrCat(model_name, "/", engine::KvCacheTypeName(options.kv_cache)));
+  if (!manager_options.ok()) return Fail(manager_options.status());
+  auto kv_manager = kvtier::KvBlockManager::Create(loaded->model.get(), *manager_options);
   if (!kv_manager.ok()) return Fail(kv_manager.status());
   if (host_bytes > 0) {
     STRATA_LOG_INFO("KV host tier: {} bytes pinned ({} pages of every layer)", host_bytes,
@@ -236,8 +235,11 @@ int RunServe(const ServeFlags& f) {
   }
   if (*ssd != nullptr) {
     const kvtier::SsdStore::Stats s = (*ssd)->stats();
-    STRATA_LOG_INFO("KV SSD tier: {} of {} bytes in use; {} keys a previous worker left deleted",
-                    s.bytes_used, s.budget_bytes, s.stale_keys_deleted);
+    STRATA_LOG_INFO(
+        "KV SSD tier: {} of {} bytes in use; {} keys a previous worker left deleted; {} stored "
+        "prefix pages kept ({} bytes of {} for prefixes)",
+        s.bytes_used, s.budget_bytes, s.stale_keys_deleted, (*kv_manager)->stats().ssd_prefix_pages,
+        (*kv_manager)->stats().ssd_prefix_bytes_used, manager_options->ssd_prefix_bytes);
   }
 
   // Requests name a profile; its index selects the KV policy.
@@ -347,6 +349,13 @@ int RunServe(const ServeFlags& f) {
   // fail. Give the transports a moment to write them out.
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   engine.Stop();
+  // Stored prefixes still on their way to the SSD land before it closes,
+  // so that the next start finds them.
+  if (absl::StatusOr<bool> landed = (*kv_manager)->FinishPrefixWrites(std::chrono::seconds(30));
+      !landed.ok() || !*landed) {
+    STRATA_LOG_WARN("stored prefixes not all written to the SSD tier before exit: {}",
+                    landed.ok() ? "timed out" : landed.status().ToString());
+  }
   if (metrics_server) metrics_server->Stop();
   std::printf("strata serve: stopped\n");
   return 0;

@@ -1,5 +1,6 @@
 #include "engine/async_engine.h"
 
+#include <chrono>
 #include <utility>
 
 #include "common/logging.h"
@@ -84,9 +85,16 @@ void AsyncEngine::Loop() {
     bool stopping;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] {
+      auto ready = [&] {
         return stop_ || !pending_.empty() || !cancels_.empty() || batcher_.HasWork();
-      });
+      };
+      // With KV copies or moves still finishing (stored prefixes on their
+      // way to the SSD), wake now and then to poll them.
+      if (batcher_.KvSettling()) {
+        cv_.wait_for(lock, std::chrono::milliseconds(1), ready);
+      } else {
+        cv_.wait(lock, ready);
+      }
       pending.swap(pending_);
       cancels.swap(cancels_);
       stopping = stop_;
@@ -110,6 +118,12 @@ void AsyncEngine::Loop() {
     }
     for (uint64_t id : cancels) batcher_.Cancel(id);
 
+    if (!batcher_.HasWork() && batcher_.KvSettling()) {
+      if (absl::Status s = batcher_.PollKv(); !s.ok()) {
+        STRATA_LOG_ERROR("KV memory poll failed: {}", s.ToString());
+      }
+      if (after_step_) after_step_();
+    }
     if (batcher_.HasWork()) {
       auto events = batcher_.Step();
       steps_.fetch_add(1);
@@ -132,6 +146,13 @@ void AsyncEngine::Loop() {
           if (e.finish != FinishReason::kNone) sinks_.erase(it);
         }
       }
+    }
+    if (batcher_.last_step_idle()) {
+      // Its sequences wait for KV coming up from the SSD: look again in a
+      // moment (or at once when a request or a cancellation arrives).
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(1),
+                   [&] { return stop_ || !pending_.empty() || !cancels_.empty(); });
     }
     waiting_ = batcher_.num_waiting();
     running_ = batcher_.num_running();

@@ -351,6 +351,7 @@ void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<To
 }
 
 absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
+  last_step_idle_ = false;
   std::vector<TokenEvent> events;
   for (uint64_t id : cancelled_) events.push_back({id, -1, 0.0f, "", FinishReason::kCancelled, ""});
   cancelled_.clear();
@@ -411,6 +412,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     // If the victim was `seq` itself, the loop ends (i == size).
   }
   // 2. Prefill chunks, oldest first, in the remaining budget.
+  bool prefix_arriving = false;  // a prompt waits for its stored prefix
   int prefill_budget = options_.max_prefill_tokens_per_step > 0
                            ? std::min(budget, options_.max_prefill_tokens_per_step)
                            : budget;
@@ -425,6 +427,12 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       // look like a decode step to a sparse KV policy).
       absl::StatusOr<int> loaded = kv_->LoadPrefix(
           std::span<const int32_t>(seq.tokens).first(seq.tokens.size() - 1), seq.pages);
+      if (absl::IsUnavailable(loaded.status())) {
+        // Its prefix is on its way up from a lower tier: asked again next
+        // step, and younger prompts may go first meanwhile.
+        prefix_arriving = true;
+        continue;
+      }
       if (!loaded.ok()) {
         STRATA_LOG_WARN("request {}: stored prefix not loaded: {}", seq.req.id,
                         loaded.status().ToString());
@@ -459,10 +467,11 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     return events;
   }
   if (in.token_ids.empty()) {
+    last_step_idle_ = events.empty();
     // Nothing runs and the oldest waiting sequence still cannot get its
     // pages: it needs more than the whole cache. It ends with an error; the
     // requests behind it go on.
-    if (!waiting_.empty() && running_.empty() && swapped_.empty()) {
+    if (!waiting_.empty() && running_.empty() && swapped_.empty() && !prefix_arriving) {
       Sequence& seq = *waiting_.front();
       TokenEvent e{seq.req.id, -1, 0.0f, "", FinishReason::kError, ""};
       e.error = absl::StrCat("request ", seq.req.id, " needs ", seq.tokens.size(),

@@ -107,8 +107,16 @@ class Batcher {
   bool HasWork() const {
     return !waiting_.empty() || !running_.empty() || !swapped_.empty() || !cancelled_.empty();
   }
+  // KvMemory::Settling, and its Poll: for a caller with no work to step
+  // that lets the KV memory's copies and moves finish.
+  bool KvSettling() const { return kv_->Settling(); }
+  absl::Status PollKv() { return kv_->Poll(); }
   // Runs one step; returns the tokens it produced.
   absl::StatusOr<std::vector<TokenEvent>> Step();
+  // Whether the last Step computed nothing while work remains: its
+  // sequences wait for KV moving between lower tiers (an SSD read), so the
+  // caller may pause briefly rather than step again at once.
+  bool last_step_idle() const { return last_step_idle_; }
 
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
@@ -170,6 +178,7 @@ class Batcher {
   int64_t num_swapped_out_ = 0;
   int64_t num_kv_lost_ = 0;
   int64_t num_upper_pages_released_ = 0;
+  bool last_step_idle_ = false;
 };
 
 }  // namespace strata::engine

@@ -105,6 +105,10 @@ class KvMemory {
   // Called once per step before it is scheduled: finishes bookkeeping of
   // copies that completed.
   virtual absl::Status Poll() { return absl::OkStatus(); }
+  // Whether copies or moves are in flight that only Poll finishes (e.g.
+  // stored prefixes on their way to an SSD): an idle caller keeps polling
+  // while this holds.
+  virtual bool Settling() const { return false; }
 
   // ---- Prefix reuse (a store of prompt KV; the defaults have none) -------
   // For a sequence about to be computed from its first token (`pages`

@@ -21,6 +21,12 @@ absl::StatusOr<std::unique_ptr<KvBlockManager>> KvBlockManager::Create(
                      "]: stored prefixes live in the host "
                      "tier"));
   }
+  if (options.ssd_prefix_bytes < 0 ||
+      (options.ssd_prefix_bytes > 0 && (options.ssd == nullptr || options.prefix_bytes == 0))) {
+    return absl::InvalidArgumentError(
+        "KV block manager: ssd_prefix_bytes > 0 needs an SSD tier and prefix_bytes > 0 (prefix "
+        "pages pass through the host tier)");
+  }
   if (options.ssd != nullptr &&
       (options.host_bytes == 0 || !(options.ssd_high_water > 0 && options.ssd_high_water <= 1) ||
        options.io_threads < 1)) {
@@ -31,8 +37,10 @@ absl::StatusOr<std::unique_ptr<KvBlockManager>> KvBlockManager::Create(
   STRATA_ASSIGN_OR_RETURN(KvLayout layout, KvLayout::Create(*model));
   STRATA_ASSIGN_OR_RETURN(
       HostPool host, HostPool::Create(model->backend(), options.host_bytes, layout.record_bytes()));
-  return std::unique_ptr<KvBlockManager>(
+  std::unique_ptr<KvBlockManager> manager(
       new KvBlockManager(model, std::move(layout), std::move(host), options));
+  if (options.ssd != nullptr) STRATA_RETURN_IF_ERROR(manager->IndexSsdPrefixes());
+  return manager;
 }
 
 KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool host,
@@ -96,13 +104,8 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePag
   swapped.tokens = tokens;
   swapped.pages = needed;
   swapped.swap_id = next_swap_id_++;
-  // Stored prefixes give way to a paused sequence.
-  while (host_.num_free() < needed) {
-    const std::optional<int64_t> evicted = prefixes_.Evict();
-    if (!evicted.has_value()) break;
-    host_.Release(static_cast<int32_t>(*evicted));
-    --prefix_records_;
-    ++counters_.prefix_pages_evicted;
+  // Stored prefixes give way to a paused sequence (at once: no SSD write).
+  while (host_.num_free() < needed && EvictHostPrefix(/*to_ssd=*/false)) {
   }
   if (!host_.Allocate(needed, swapped.records)) {
     ++counters_.swap_outs_refused;
@@ -280,138 +283,9 @@ absl::Status KvBlockManager::Poll() {
     it = in_flight_.erase(it);
   }
   // Stored prefixes whose copy landed are sealed and indexed.
-  for (auto it = pending_prefixes_.begin(); it != pending_prefixes_.end();) {
-    STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(it->fence));
-    if (!done) {
-      ++it;
-      continue;
-    }
-    for (size_t i = 0; i < it->records.size(); ++i) {
-      const int32_t r = it->records[i];
-      host_.Seal(r);
-      host_.Unref(r);
-      if (!prefixes_.Insert(it->keys[i], it->tokens[i], r)) {
-        host_.Release(r);  // stored meanwhile by another sequence
-        --prefix_records_;
-      }
-    }
-    it = pending_prefixes_.erase(it);
-  }
+  STRATA_RETURN_IF_ERROR(SealPendingPrefixes());
   if (mover_ != nullptr) STRATA_RETURN_IF_ERROR(PollSsd());
   return absl::OkStatus();
-}
-
-absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
-                                         const engine::SequencePages& pages) {
-  if (max_prefix_records_ == 0 || upper_pages_.num_pages() > 0) return absl::OkStatus();
-  const int page = layout_.page_size();
-  const size_t blocks = std::min(tokens.size() / page, pages.lower.size());
-  if (blocks == 0) return absl::OkStatus();
-  const std::vector<PrefixKey> chain =
-      PrefixChain(options_.prefix_space, tokens.first(blocks * page), page);
-  auto pending_has = [&](const PrefixKey& key) {
-    for (const PendingPrefix& p : pending_prefixes_) {
-      if (std::find(p.keys.begin(), p.keys.end(), key) != p.keys.end()) return true;
-    }
-    return false;
-  };
-  PendingPrefix pending;
-  copies_.clear();
-  for (size_t b = 0; b < chain.size(); ++b) {
-    if (prefixes_.Contains(chain[b]) || pending_has(chain[b])) continue;
-    while (prefix_records_ >= max_prefix_records_) {
-      const std::optional<int64_t> evicted = prefixes_.Evict();
-      if (!evicted.has_value()) break;
-      host_.Release(static_cast<int32_t>(*evicted));
-      --prefix_records_;
-      ++counters_.prefix_pages_evicted;
-    }
-    std::vector<int32_t> record;
-    if (prefix_records_ >= max_prefix_records_ || !host_.Allocate(1, record)) break;
-    ++prefix_records_;
-    layout_.AppendRecordCopies(pages.lower[b], engine::kPageOffGpu, host_.offset(record[0]),
-                               copies_);
-    pending.keys.push_back(chain[b]);
-    pending.tokens.emplace_back(tokens.begin() + b * page, tokens.begin() + (b + 1) * page);
-    pending.records.push_back(record[0]);
-  }
-  if (pending.records.empty()) return absl::OkStatus();
-  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
-  if (!fence.ok()) {
-    for (int32_t r : pending.records) {
-      host_.Release(r);
-      host_.Unref(r);
-      --prefix_records_;
-    }
-    return fence.status();
-  }
-  pending.fence = *fence;
-  counters_.prefix_pages_stored += static_cast<int64_t>(pending.records.size());
-  pending_prefixes_.push_back(std::move(pending));
-  return absl::OkStatus();
-}
-
-absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
-                                               engine::SequencePages& pages) {
-  if (max_prefix_records_ == 0 || upper_pages_.num_pages() > 0 || !pages.empty()) return 0;
-  const int page = layout_.page_size();
-  // At least the last token is computed: its logits are the next token's.
-  const size_t blocks = tokens.empty() ? 0 : (tokens.size() - 1) / page;
-  if (blocks == 0) return 0;
-  ++counters_.prefix_lookups;
-  const std::vector<PrefixKey> chain =
-      PrefixChain(options_.prefix_space, tokens.first(blocks * page), page);
-  const std::vector<int64_t> found = prefixes_.Lookup(chain, tokens);
-  auto release = [&] {
-    for (size_t i = 0; i < found.size(); ++i) prefixes_.Release(chain[i]);
-  };
-  size_t good = 0;
-  for (; good < found.size(); ++good) {
-    if (host_.Verify(static_cast<int32_t>(found[good])).ok()) continue;
-    // Corrupt: dropped, and that part of the prompt is computed instead.
-    ++counters_.prefix_records_lost;
-    STRATA_LOG_WARN("a stored prefix page failed its check; computing it instead");
-    if (prefixes_.Erase(chain[good]).has_value()) {
-      host_.Release(static_cast<int32_t>(found[good]));
-      --prefix_records_;
-    }
-    break;
-  }
-  if (good == 0 || pages_.num_free() < static_cast<int>(good)) {
-    release();
-    return 0;
-  }
-  if (!pages_.Allocate(static_cast<int>(good), pages.lower)) {
-    release();
-    return absl::InternalError("free pages vanished");
-  }
-  copies_.clear();
-  std::vector<int32_t> records;
-  for (size_t i = 0; i < good; ++i) {
-    const int32_t r = static_cast<int32_t>(found[i]);
-    layout_.AppendRecordCopies(pages.lower[i], engine::kPageOffGpu, host_.offset(r), copies_);
-    host_.Ref(r);  // held by the copy: an eviction meanwhile frees it after
-    records.push_back(r);
-  }
-  release();
-  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/false);
-  if (!fence.ok()) {
-    for (int32_t r : records) host_.Unref(r);
-    STRATA_RETURN_IF_ERROR(Free(pages));
-    return fence.status();
-  }
-  in_flight_.push_back({*fence, std::move(records)});
-  ++counters_.prefix_hits;
-  const int loaded = static_cast<int>(good) * page;
-  counters_.prefix_tokens_loaded += loaded;
-  return loaded;
-}
-
-void KvBlockManager::ClearPrefixes() {
-  for (std::optional<int64_t> r = prefixes_.Evict(); r.has_value(); r = prefixes_.Evict()) {
-    host_.Release(static_cast<int32_t>(*r));
-    --prefix_records_;
-  }
 }
 
 std::pair<const int64_t, KvBlockManager::Swapped>* KvBlockManager::Oldest(Tier tier) {
@@ -425,7 +299,13 @@ std::pair<const int64_t, KvBlockManager::Swapped>* KvBlockManager::Oldest(Tier t
 }
 
 absl::Status KvBlockManager::PollSsd() {
-  for (const RecordMover::Done& done : mover_->TakeDone()) FinishMove(done);
+  for (const RecordMover::Done& done : mover_->TakeDone()) {
+    if (prefix_moves_.contains(done.id)) {
+      FinishPrefixMove(done);
+    } else {
+      FinishMove(done);
+    }
+  }
   const int total = host_.num_records();
   const int high = static_cast<int>(options_.ssd_high_water * total);
   // Records in use once the moves down in flight have freed theirs.
@@ -580,14 +460,27 @@ KvBlockManager::Stats KvBlockManager::stats() const {
   }
   s.ssd_moves_in_flight = static_cast<int>(moves_.size());
   s.prefix_bytes_used = int64_t{prefix_records_} * host_.record_bytes();
+  s.ssd_prefix_bytes_used = ssd_prefix_bytes_;
+  s.ssd_prefix_pages = static_cast<int>(ssd_prefixes_.size());
   return s;
+}
+
+bool KvBlockManager::Settling() const {
+  if (!in_flight_.empty() || !moves_.empty() || !pending_prefixes_.empty() ||
+      !prefix_moves_.empty()) {
+    return true;
+  }
+  for (const auto& [id, swapped] : swapped_) {
+    if (!swapped.sealed && swapped.tier == Tier::kHost) return true;
+  }
+  return false;
 }
 
 bool KvBlockManager::Idle() const {
   return pages_.num_free() == pages_.num_pages() &&
          upper_pages_.num_free() == upper_pages_.num_pages() &&
          host_.num_free() + prefix_records_ == host_.num_records() && swapped_.empty() &&
-         in_flight_.empty() && moves_.empty() && pending_prefixes_.empty();
+         in_flight_.empty() && moves_.empty() && pending_prefixes_.empty() && prefix_moves_.empty();
 }
 
 std::optional<uint64_t> KvBlockManager::SsdSwapIdOf(int64_t seq_id) const {

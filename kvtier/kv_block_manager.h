@@ -43,17 +43,30 @@
 // tier, least recently used out first; a record that fails its CRC is
 // dropped and its part of the prompt computed. With two page groups the
 // store is off (their upper pages may be off the GPU).
+// With an SSD tier and ssd_prefix_bytes > 0, prefix pages also go down to
+// the SSD (ssd_admission: when the host store evicts them, or as soon as
+// they are stored), each value headed by its chain key, tokens and CRC, so
+// they outlive the process: a new manager indexes what its predecessor
+// stored. A prompt whose prefix continues on the SSD gets those pages read
+// back into host records on the I/O threads (LoadPrefix answers
+// Unavailable until they are up; the caller asks again), checked against
+// their header, then loaded as above. The SSD prefixes take at most
+// ssd_prefix_bytes, least recently used out first.
+// The prefix code lives in kv_block_manager_prefixes.cc.
 //
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
 #ifndef STRATA_KVTIER_KV_BLOCK_MANAGER_H_
 #define STRATA_KVTIER_KV_BLOCK_MANAGER_H_
 
+#include <chrono>
 #include <cstdint>
+#include <list>
 #include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -64,6 +77,7 @@
 #include "kvtier/host_pool.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/prefix_index.h"
+#include "kvtier/profile.h"
 #include "kvtier/record_mover.h"
 #include "kvtier/ssd_store.h"
 
@@ -85,6 +99,16 @@ struct KvBlockManagerOptions {
   // its KV format): prefixes stored under another are never used.
   int64_t prefix_bytes = 0;
   std::string prefix_space = {};
+  // SSD bytes stored prefixes may take (with `ssd` and prefix_bytes; part
+  // of the store's budget); 0: prefixes stay in the host tier. When a
+  // prefix page goes down (a profile's tiers.ssd_write_admission):
+  //  kNever: never; kCold: when the host store evicts it for a newer one;
+  //  kAlways: once stored (write-through; the host copy is then a cache).
+  int64_t ssd_prefix_bytes = 0;
+  enum class SsdAdmission { kNever, kCold, kAlways };
+  SsdAdmission ssd_admission = SsdAdmission::kCold;
+  // "never", "cold" or "always".
+  static absl::StatusOr<SsdAdmission> ParseSsdAdmission(std::string_view name);
 };
 
 class KvBlockManager final : public engine::KvMemory {
@@ -122,6 +146,18 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t prefix_pages_stored = 0;
     int64_t prefix_pages_evicted = 0;
     int64_t prefix_records_lost = 0;  // failed their CRC (dropped, recomputed)
+    // Prefixes on the SSD tier.
+    int64_t ssd_prefix_bytes_used = 0;     // stored there now (values and CRCs)
+    int ssd_prefix_pages = 0;              // ... pages
+    int64_t ssd_prefix_pages_written = 0;  // pages written down
+    int64_t ssd_prefix_pages_refused = 0;  // ... that did not fit or failed to write
+    int64_t ssd_prefix_pages_evicted = 0;  // deleted for newer ones (budget)
+    int64_t ssd_prefix_hits = 0;           // lookups that found pages there
+    int64_t ssd_prefix_pages_read = 0;     // pages brought back up
+    int64_t ssd_prefix_pages_lost = 0;     // ... that failed a check (deleted, computed)
+    int64_t ssd_prefix_bytes_read = 0;
+    int64_t ssd_prefix_read_micros = 0;    // the reads' time on the I/O threads
+    int64_t ssd_prefix_pages_indexed = 0;  // found at start (stored by a predecessor)
   };
 
   // The layout is checked against the model's caches (KvLayout::Create) and
@@ -144,12 +180,20 @@ class KvBlockManager final : public engine::KvMemory {
   bool SwapMoving(int64_t seq_id) const override;
   void DropSwapped(int64_t seq_id) override;
   absl::Status Poll() override;
+  bool Settling() const override;
+  // Unavailable while part of the prefix comes up from the SSD tier.
   absl::StatusOr<int> LoadPrefix(std::span<const int32_t> tokens,
                                  engine::SequencePages& pages) override;
   absl::Status StorePrefix(std::span<const int32_t> tokens,
                            const engine::SequencePages& pages) override;
-  // Forgets every stored prefix (their records are freed once no copy
-  // reads them).
+  // Waits (polling) until the prefix pages being stored have landed in
+  // their tiers (host copies sealed, SSD writes done); false when `timeout`
+  // passed first. For a clean exit: the destructor drops SSD writes still
+  // queued. Called on the thread that drives the manager, or after it
+  // stopped.
+  absl::StatusOr<bool> FinishPrefixWrites(std::chrono::milliseconds timeout);
+  // Forgets every prefix stored in the host tier (their records are freed
+  // once no copy reads them); with cold SSD admission they go down first.
   void ClearPrefixes();
 
   // ---- Host-homed blocks (KvPolicyRunner) ----------------------------------
@@ -240,6 +284,30 @@ class KvBlockManager final : public engine::KvMemory {
   // The swapped sequence swapped out first among those in `tier`.
   std::pair<const int64_t, Swapped>* Oldest(Tier tier);
 
+  // Prefixes (kv_block_manager_prefixes.cc).
+  // Evicts the least recently used unreferenced host prefix page, writing
+  // it down first when `to_ssd` and the admission is cold; false when none.
+  bool EvictHostPrefix(bool to_ssd);
+  // Seals and indexes stored prefixes whose copy landed (writing them
+  // down with write-through admission).
+  absl::Status SealPendingPrefixes();
+  // Indexes the prefixes a predecessor left on the SSD (and deletes what
+  // is over budget).
+  absl::Status IndexSsdPrefixes();
+  // Starts writing host prefix records down (each referenced until done);
+  // pages already there or that do not fit the budget are skipped.
+  void WritePrefixesDown(std::vector<PrefixIndex::Evicted> pages, bool release_records);
+  // Deletes the least recently used SSD prefix not moving; false when none.
+  bool EvictSsdPrefix();
+  // Starts reading chain[first, first + count) up into host records.
+  void ReadPrefixesUp(std::span<const PrefixKey> chain, std::span<const int32_t> tokens,
+                      size_t first, size_t count);
+  void FinishPrefixMove(const RecordMover::Done& done);
+  // The header stored before a prefix page on the SSD.
+  std::vector<uint8_t> PrefixHeader(const PrefixKey& key, std::span<const int32_t> tokens,
+                                    uint32_t crc) const;
+  int64_t PrefixHeaderBytes() const { return 28 + 4 * int64_t{layout_.page_size()}; }
+
   engine::Model* model_;
   KvLayout layout_;
   engine::PageAllocator& pool(engine::PageGroup g) {
@@ -271,11 +339,37 @@ class KvBlockManager final : public engine::KvMemory {
     std::vector<int32_t> records;
   };
   std::vector<PendingPrefix> pending_prefixes_;
+  // Prefix pages on the SSD, by their chain key's first word (the value's
+  // header holds the whole key and the tokens, checked when read back).
+  struct SsdPrefix {
+    int64_t bytes = 0;
+    enum class State { kStored, kWriting, kReading } state = State::kStored;
+    std::list<uint64_t>::iterator lru;  // in ssd_prefix_lru_, most recent at the back
+  };
+  absl::flat_hash_map<uint64_t, SsdPrefix> ssd_prefixes_;
+  std::list<uint64_t> ssd_prefix_lru_;
+  int64_t ssd_prefix_bytes_ = 0;  // in ssd_prefixes_
+  // A prefix move in flight: its pages, their records (referenced).
+  struct PrefixMove {
+    bool down = true;
+    std::vector<PrefixKey> keys;
+    std::vector<std::vector<int32_t>> tokens;
+    std::vector<int32_t> records;
+    bool release_records = false;  // down: the records were evicted (freed when done)
+  };
+  absl::flat_hash_map<uint64_t, PrefixMove> prefix_moves_;  // by job id
   uint64_t next_job_ = 1;
   absl::flat_hash_map<uint64_t, Move> moves_;  // by job id
   // Destroyed first: its threads write into the host tier.
   std::unique_ptr<RecordMover> mover_;
 };
+
+// The block manager a server's profiles ask for together: their host_bytes,
+// prefix_bytes and ssd_prefix_bytes summed, the most eager of the write
+// admissions of those with an SSD tier, over `ssd` (OpenSsdForProfiles).
+// prefix_space names the KV the prefixes hold (the model and its KV format).
+absl::StatusOr<KvBlockManagerOptions> ManagerOptionsForProfiles(
+    const std::vector<KvProfile>& profiles, SsdStore* ssd, std::string prefix_space);
 
 }  // namespace strata::kvtier
 

@@ -86,14 +86,14 @@ std::optional<int64_t> PrefixIndex::Erase(const PrefixKey& key) {
   return value;
 }
 
-std::optional<int64_t> PrefixIndex::Evict() {
+std::optional<PrefixIndex::Evicted> PrefixIndex::Evict() {
   for (auto it = lru_.begin(); it != lru_.end(); ++it) {
     auto entry = entries_.find(*it);
     if (entry->second.refs > 0) continue;
-    const int64_t value = entry->second.value;
+    Evicted evicted{*it, std::move(entry->second.tokens), entry->second.value};
     entries_.erase(entry);
     lru_.erase(it);
-    return value;
+    return evicted;
   }
   return std::nullopt;
 }

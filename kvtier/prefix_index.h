@@ -64,9 +64,15 @@ class PrefixIndex {
   // Stores block `block` of `tokens` (its key chain[block]) with `value`;
   // false (nothing stored) when the key is there already.
   bool Insert(const PrefixKey& key, std::span<const int32_t> block_tokens, int64_t value);
-  // Removes the least recently used unreferenced entry and returns its
-  // value; nullopt when every entry is referenced (or none is left).
-  std::optional<int64_t> Evict();
+  // Removes the least recently used unreferenced entry and returns it
+  // (e.g. to keep it in a lower tier); nullopt when every entry is
+  // referenced (or none is left).
+  struct Evicted {
+    PrefixKey key;
+    std::vector<int32_t> tokens;
+    int64_t value = 0;
+  };
+  std::optional<Evicted> Evict();
   // Removes `key` whatever its references (e.g. its KV failed a check) and
   // returns its value; nullopt when absent.
   std::optional<int64_t> Erase(const PrefixKey& key);

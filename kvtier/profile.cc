@@ -143,6 +143,7 @@ absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& s
     note(tiers.Bytes("prefix_bytes", &t.prefix_bytes));
     note(tiers.String("ssd_path", &t.ssd_path));
     note(tiers.Bytes("ssd_bytes", &t.ssd_bytes));
+    note(tiers.Bytes("ssd_prefix_bytes", &t.ssd_prefix_bytes));
     note(tiers.String("ssd_write_admission", &t.ssd_write_admission, {"never", "cold", "always"}));
     note(tiers.NoUnknownKeys());
     if (t.ssd_bytes > 0 && t.ssd_path.empty()) note(tiers.Error("ssd_bytes", "needs ssd_path"));
@@ -150,6 +151,13 @@ absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& s
       note(tiers.Error("prefix_bytes",
                        "is more than host_bytes (stored prefixes live in the host "
                        "tier)"));
+    }
+    if (t.ssd_prefix_bytes > t.ssd_bytes) {
+      note(tiers.Error("ssd_prefix_bytes", "is more than ssd_bytes (it is part of them)"));
+    }
+    if (t.ssd_prefix_bytes > 0 && t.prefix_bytes == 0) {
+      note(tiers.Error("ssd_prefix_bytes",
+                       "needs prefix_bytes > 0 (prefix pages pass through the host tier)"));
     }
     if (!t.ssd_path.empty() && t.ssd_bytes == 0) {
       note(tiers.Error("ssd_path", "needs ssd_bytes > 0"));

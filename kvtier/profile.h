@@ -21,6 +21,7 @@
 //     prefix_bytes: 16GiB   # of host_bytes: prompt KV kept for reuse by prefix
 //     ssd_path: /var/lib/strata/kv
 //     ssd_bytes: 512GiB
+//     ssd_prefix_bytes: 256GiB    # of ssd_bytes: stored prefixes (kept across restarts)
 //     ssd_write_admission: cold   # never | cold | always
 //
 // Which policies and codecs a server can run is checked separately
@@ -57,6 +58,11 @@ struct TierConfig {
   int64_t prefix_bytes = 0;
   std::string ssd_path;  // empty: no SSD tier
   int64_t ssd_bytes = 0;
+  // Of ssd_bytes: stored prefixes below the host tier's (needs
+  // prefix_bytes); they outlive the server. 0: none.
+  int64_t ssd_prefix_bytes = 0;
+  // When stored prefix pages go down to the SSD: never, cold (when the host
+  // tier's prefix store evicts them) or always (as soon as stored).
   std::string ssd_write_admission = "cold";
 };
 
@@ -84,8 +90,8 @@ absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 // (OpenSsdForProfiles). The codec applies to the clusters a ClusterKV
 // profile with a host tier keeps there; preempted sequences swap raw, so a
 // pause never changes their tokens. The SSD tier holds paused sequences
-// whole; host-homed clusters do not go down to it yet, so
-// ssd_write_admission is checked but not applied.
+// whole and stored prefixes (ssd_write_admission applies to them);
+// host-homed clusters do not go down to it yet.
 absl::Status CheckSupported(const KvProfile& profile, const std::string& source);
 
 // Parses "8GiB", "512 MB", "1024": InvalidArgument otherwise.

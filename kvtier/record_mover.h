@@ -1,14 +1,22 @@
 // RecordMover: moves host-tier records to and from the SSD tier on I/O
 // threads, so that the thread driving the model never waits for the disk.
 //
-// A job moves the records of one swap (a paused sequence's KV, one record
-// per page) down to the SSD store or back up into host records. Each record
-// is one value, keyed by (the swap's id, the record's index); ids are never
-// reused, so a job that outlives its sequence touches no other swap's keys.
-//  - Down: writes every record; when one write fails (the store's budget
-//    is full, an I/O error), deletes what the job wrote and reports why.
-//  - Up: reads every value into its record, checking its size (the store
-//    checks its CRC), then deletes the swap's keys.
+// A job moves a list of records down to the SSD store or back up into host
+// records, one value per record under the key the job gives for it,
+// optionally after a small per-record header (what the record holds, for a
+// value that outlives the process that wrote it). Two kinds of job:
+//  - A swap (swap_id != 0: a paused sequence's KV, one record per page,
+//    keyed by (swap_id, index); ids are never reused, so a job that
+//    outlives its sequence touches no other swap's keys). Down: when one
+//    write fails (the store's budget is full, an I/O error), deletes what
+//    the job wrote and reports why. Up: reads every value, then deletes the
+//    swap's keys.
+//  - Keyed values that stay (swap_id == 0: stored prefixes). Down: a write
+//    that fails deletes that key alone, and the others stand; the job ends
+//    with a flush, so that what it wrote survives a crash. Up: keys stay.
+// Up reads each value straight into its record (checking its size; the
+// store checks its CRC). Done says which records moved, so that a job that
+// failed part-way still serves the rest.
 // The caller keeps the records alive and referenced until it has taken the
 // job's completion (TakeDone): the I/O threads read or write them until
 // then.
@@ -35,16 +43,23 @@ class RecordMover {
  public:
   struct Job {
     uint64_t id = 0;       // the caller's, returned in Done
-    uint64_t swap_id = 0;  // the SSD owner id of the swap's values
+    uint64_t swap_id = 0;  // a swap's SSD owner id (keys: Key(swap_id, i)); 0: `keys`
     bool down = true;      // host -> SSD; false: SSD -> host
     std::vector<uint8_t*> records;
     int64_t record_bytes = 0;
+    std::vector<SsdKey> keys;  // swap_id == 0: one per record
+    // Bytes before each record in its value (0: none). Down: `headers`
+    // holds them, one per record; up: Done::headers receives them.
+    int64_t header_bytes = 0;
+    std::vector<std::vector<uint8_t>> headers;
   };
   struct Done {
     uint64_t id = 0;
-    absl::Status status;
-    int64_t bytes = 0;   // moved
-    int64_t micros = 0;  // from the job's start to its end
+    absl::Status status;                        // the first failure, if any
+    std::vector<bool> moved;                    // per record
+    std::vector<std::vector<uint8_t>> headers;  // up, with header_bytes: per record
+    int64_t bytes = 0;                          // moved (values' record bytes and headers)
+    int64_t micros = 0;                         // from the job's start to its end
   };
 
   // `store` outlives the mover; threads >= 1.

@@ -82,6 +82,10 @@ absl::StatusOr<std::unique_ptr<SsdStore>> SsdStore::Open(const SsdStoreOptions& 
   rocksdb::DBOptions db_options;
   db_options.create_if_missing = true;
   db_options.create_missing_column_families = true;
+  // Values are written without a log (Put): the two families of a batch
+  // must reach the disk together, or a crash could leave a value without
+  // its size (bytes never counted nor deleted) or the reverse.
+  db_options.atomic_flush = true;
   rocksdb::ColumnFamilyOptions values;
   values.compression = rocksdb::kNoCompression;  // KV bytes (often quantised) barely compress
   values.enable_blob_files = true;
@@ -155,8 +159,9 @@ SsdStore::~SsdStore() {
   db_->Close();
 }
 
-absl::Status SsdStore::Put(const SsdKey& key, std::span<const uint8_t> value) {
-  const int64_t bytes = static_cast<int64_t>(value.size()) + 4;
+absl::Status SsdStore::Put(const SsdKey& key, std::span<const uint8_t> head,
+                           std::span<const uint8_t> body) {
+  const int64_t bytes = static_cast<int64_t>(head.size() + body.size()) + 4;
   if (bytes_used_.fetch_add(bytes) + bytes > options_.budget_bytes) {
     bytes_used_.fetch_sub(bytes);
     ++puts_refused_;
@@ -170,13 +175,23 @@ absl::Status SsdStore::Put(const SsdKey& key, std::span<const uint8_t> value) {
     bytes_used_.fetch_sub(bytes);
     return absl::AlreadyExistsError("SSD tier: a block is written once; this key holds one");
   }
-  std::string framed(reinterpret_cast<const char*>(value.data()), value.size());
-  const uint32_t crc = MaskCrc(Crc32c(value.data(), value.size()));
+  std::string framed;
+  framed.reserve(static_cast<size_t>(bytes));
+  framed.append(reinterpret_cast<const char*>(head.data()), head.size());
+  framed.append(reinterpret_cast<const char*>(body.data()), body.size());
+  const uint32_t crc =
+      MaskCrc(Crc32c(reinterpret_cast<const uint8_t*>(framed.data()), framed.size()));
   for (int i = 0; i < 4; ++i) framed.push_back(static_cast<char>((crc >> (8 * i)) & 0xff));
   rocksdb::WriteBatch batch;
   batch.Put(family_, k, framed);
   batch.Put(sizes_, k, EncodeSize(bytes));
-  if (rocksdb::Status s = db_->Write(rocksdb::WriteOptions(), &batch); !s.ok()) {
+  // No write-ahead log: the store is a cache, and a value would otherwise
+  // be written twice (log, then blob file). A crash loses the values not
+  // yet flushed, with their sizes (one batch): they are simply absent at
+  // the next start. Close flushes (avoid_flush_during_shutdown is false).
+  rocksdb::WriteOptions write;
+  write.disableWAL = true;
+  if (rocksdb::Status s = db_->Write(write, &batch); !s.ok()) {
     bytes_used_.fetch_sub(bytes);
     return FromRocks(s, absl::StrCat("SSD tier: writing to ", options_.path));
   }
@@ -185,7 +200,8 @@ absl::Status SsdStore::Put(const SsdKey& key, std::span<const uint8_t> value) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<uint8_t>> SsdStore::Get(const SsdKey& key) {
+absl::Status SsdStore::Read(const SsdKey& key,
+                            const std::function<absl::Status(std::span<const uint8_t>)>& read) {
   ++gets_;
   rocksdb::PinnableSlice value;
   const rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), family_, key.Encode(), &value);
@@ -210,7 +226,54 @@ absl::StatusOr<std::vector<uint8_t>> SsdStore::Get(const SsdKey& key) {
     return absl::DataLossError("SSD tier: a stored block failed its CRC32C check");
   }
   bytes_read_ += static_cast<int64_t>(value.size());
-  return std::vector<uint8_t>(bytes, bytes + n);
+  return read({bytes, n});
+}
+
+absl::StatusOr<std::vector<uint8_t>> SsdStore::Get(const SsdKey& key) {
+  std::vector<uint8_t> out;
+  STRATA_RETURN_IF_ERROR(Read(key, [&](std::span<const uint8_t> value) {
+    out.assign(value.begin(), value.end());
+    return absl::OkStatus();
+  }));
+  return out;
+}
+
+absl::Status SsdStore::GetInto(const SsdKey& key, std::span<uint8_t> head,
+                               std::span<uint8_t> body) {
+  return Read(key, [&](std::span<const uint8_t> value) {
+    if (value.size() != head.size() + body.size()) {
+      return absl::DataLossError(absl::StrCat("SSD tier: a stored block holds ", value.size(),
+                                              " bytes, not ", head.size() + body.size()));
+    }
+    std::memcpy(head.data(), value.data(), head.size());
+    std::memcpy(body.data(), value.data() + head.size(), body.size());
+    return absl::OkStatus();
+  });
+}
+
+absl::StatusOr<std::vector<std::pair<uint64_t, int64_t>>> SsdStore::ListOwners(
+    SsdKey::Owner owner) {
+  const std::string begin(1, static_cast<char>(owner));
+  const std::string end = PrefixEnd(begin);
+  rocksdb::ReadOptions read;
+  const rocksdb::Slice upper(end);
+  read.iterate_upper_bound = &upper;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(read, sizes_));
+  std::vector<std::pair<uint64_t, int64_t>> owners;
+  for (it->Seek(begin); it->Valid(); it->Next()) {
+    const rocksdb::Slice k = it->key();
+    if (k.size() < 9) continue;
+    uint64_t id = 0;
+    for (int i = 0; i < 8; ++i) id = (id << 8) | static_cast<uint8_t>(k[1 + i]);
+    const int64_t bytes = std::max<int64_t>(DecodeSize(it->value()), 0);
+    if (!owners.empty() && owners.back().first == id) {
+      owners.back().second += bytes;
+    } else {
+      owners.emplace_back(id, bytes);
+    }
+  }
+  STRATA_RETURN_IF_ERROR(FromRocks(it->status(), "SSD tier: listing stored keys"));
+  return owners;
 }
 
 absl::Status SsdStore::Delete(const SsdKey& key) {

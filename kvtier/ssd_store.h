@@ -27,9 +27,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -79,9 +81,21 @@ class SsdStore {
   ~SsdStore();
 
   // ResourceExhausted (nothing written) when the budget cannot hold it.
-  absl::Status Put(const SsdKey& key, std::span<const uint8_t> value);
+  absl::Status Put(const SsdKey& key, std::span<const uint8_t> value) {
+    return Put(key, {}, value);
+  }
+  // Stores `head` followed by `body` as one value (e.g. a small header
+  // naming what a record holds, then the record), without joining them first.
+  absl::Status Put(const SsdKey& key, std::span<const uint8_t> head, std::span<const uint8_t> body);
   // NotFound when absent; DataLoss when the stored bytes fail a check.
   absl::StatusOr<std::vector<uint8_t>> Get(const SsdKey& key);
+  // Reads a value of exactly head.size() + body.size() bytes into the two
+  // (e.g. straight into a host record); DataLoss when it has another size
+  // or fails a check. Nothing is written to them on an error but DataLoss.
+  absl::Status GetInto(const SsdKey& key, std::span<uint8_t> head, std::span<uint8_t> body);
+  // Every id of `owner` with the bytes its keys hold, in key order (e.g. the
+  // prefixes a predecessor stored, to index them again at start).
+  absl::StatusOr<std::vector<std::pair<uint64_t, int64_t>>> ListOwners(SsdKey::Owner owner);
   // Deletes one key (its bytes go back to the budget); absent keys are fine.
   absl::Status Delete(const SsdKey& key);
   // Deletes every key of one owner (a sequence that ended).
@@ -95,6 +109,9 @@ class SsdStore {
   SsdStore() = default;
   // Deletes [begin, end) and gives its bytes back to the budget.
   absl::Status DeleteRange(const std::string& begin, const std::string& end);
+  // Reads a value and checks its CRC; `read` gets the bytes before it.
+  absl::Status Read(const SsdKey& key,
+                    const std::function<absl::Status(std::span<const uint8_t>)>& read);
 
   SsdStoreOptions options_;
   std::unique_ptr<rocksdb::DB> db_;

@@ -178,6 +178,35 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "Stored prefix pages that failed their CRC check; their tokens "
                                  "were computed instead."));
   STRATA_ASSIGN_OR_RETURN(
+      m->ssd_prefix_used_,
+      metrics::AddGauge(r, "strata_kv_ssd_prefix_bytes_used",
+                        "SSD bytes of stored prompt prefixes (kept across restarts)."));
+  STRATA_ASSIGN_OR_RETURN(m->ssd_prefix_pages_,
+                          metrics::AddGauge(r, "strata_kv_ssd_prefix_pages",
+                                            "Stored prompt prefix pages on the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_written_, "strata_kv_ssd_prefix_pages_written_total",
+                                 "Stored prefix pages written down to the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_refused_, "strata_kv_ssd_prefix_pages_refused_total",
+                                 "Prefix pages that did not fit the SSD prefix budget or failed "
+                                 "to write."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_evicted_, "strata_kv_ssd_prefix_pages_evicted_total",
+                                 "SSD prefix pages deleted for newer ones (least recently used)."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_hits_, "strata_kv_ssd_prefix_hits_total",
+                                 "Prompts whose stored prefix went on below the host tier, on "
+                                 "the SSD (read back up before they ran)."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_read_, "strata_kv_ssd_prefix_pages_read_total",
+                                 "Prefix pages read back up from the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_bytes_read_, "strata_kv_ssd_prefix_bytes_read_total",
+                                 "Bytes of prefix pages read back up from the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_lost_, "strata_kv_ssd_prefix_pages_lost_total",
+                                 "SSD prefix pages that failed a check on the way up (deleted; "
+                                 "their tokens computed)."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->ssd_prefix_read_seconds_,
+      metrics::AddCounter(r, "strata_kv_ssd_prefix_read_seconds_total",
+                          "Time the prefix reads from the SSD took on the I/O threads (summed "
+                          "over threads)."));
+  STRATA_ASSIGN_OR_RETURN(
       m->ssd_swap_in_seconds_,
       metrics::AddCounter(r, "strata_kv_ssd_swap_in_seconds_total",
                           "Time the moves up from the SSD took on the I/O threads; over "
@@ -269,6 +298,20 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
   ssd_bytes_written_.Advance(s.ssd_bytes_written);
   ssd_bytes_read_.Advance(s.ssd_bytes_read);
   ssd_lost_.Advance(s.ssd_sequences_lost);
+  ssd_prefix_used_->Set(static_cast<double>(s.ssd_prefix_bytes_used));
+  ssd_prefix_pages_->Set(s.ssd_prefix_pages);
+  ssd_prefix_written_.Advance(s.ssd_prefix_pages_written);
+  ssd_prefix_refused_.Advance(s.ssd_prefix_pages_refused);
+  ssd_prefix_evicted_.Advance(s.ssd_prefix_pages_evicted);
+  ssd_prefix_hits_.Advance(s.ssd_prefix_hits);
+  ssd_prefix_read_.Advance(s.ssd_prefix_pages_read);
+  ssd_prefix_bytes_read_.Advance(s.ssd_prefix_bytes_read);
+  ssd_prefix_lost_.Advance(s.ssd_prefix_pages_lost);
+  if (s.ssd_prefix_read_micros > ssd_prefix_read_micros_seen_) {
+    ssd_prefix_read_seconds_->Increment(
+        static_cast<double>(s.ssd_prefix_read_micros - ssd_prefix_read_micros_seen_) / 1e6);
+    ssd_prefix_read_micros_seen_ = s.ssd_prefix_read_micros;
+  }
   if (s.ssd_swap_in_micros > ssd_swap_in_micros_seen_) {
     ssd_swap_in_seconds_->Increment(
         static_cast<double>(s.ssd_swap_in_micros - ssd_swap_in_micros_seen_) / 1e6);

@@ -71,6 +71,12 @@
 //   strata_kv_prefix_pages_stored_total, _evicted_total
 //   strata_kv_prefix_pages_lost_total           stored pages that failed
 //                                               their CRC (computed instead)
+//   strata_kv_ssd_prefix_bytes_used, _pages     prefix pages on the SSD tier
+//   strata_kv_ssd_prefix_pages_written_total, _refused_total, _evicted_total
+//   strata_kv_ssd_prefix_hits_total             prompts whose prefix went
+//                                               on below, on the SSD
+//   strata_kv_ssd_prefix_pages_read_total, _bytes_read_total, _lost_total
+//   strata_kv_ssd_prefix_read_seconds_total     the reads' time (I/O threads)
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -170,6 +176,12 @@ class ServerMetrics {
       ssd_bytes_read_, ssd_lost_;
   prometheus::Counter* ssd_swap_in_seconds_ = nullptr;
   int64_t ssd_swap_in_micros_seen_ = 0;
+  prometheus::Gauge* ssd_prefix_used_ = nullptr;
+  prometheus::Gauge* ssd_prefix_pages_ = nullptr;
+  TotalCounter ssd_prefix_written_, ssd_prefix_refused_, ssd_prefix_evicted_, ssd_prefix_hits_,
+      ssd_prefix_read_, ssd_prefix_bytes_read_, ssd_prefix_lost_;
+  prometheus::Counter* ssd_prefix_read_seconds_ = nullptr;
+  int64_t ssd_prefix_read_micros_seen_ = 0;
   prometheus::Counter* recall_seconds_ = nullptr;
   int64_t recall_micros_seen_ = 0;
   metrics::FixedLabelCounter recall_tokens_;

@@ -112,6 +112,22 @@ ssd=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 --
 [[ "$(grep -v summary <<< "$gpu")" == "$(grep -v summary <<< "$ssd")" ]] \
   || fail "an SSD tier changed the tokens"
 grep summary <<< "$ssd" | grep -Eq '"ssd_bytes":1073741824' || fail "no SSD tier: $ssd"
+# Stored prefixes on the SSD outlive the process: a second run of the same
+# prompt loads its KV from the first run's SSD pages, with the same tokens.
+printf 'name: docs\ntiers: {host_bytes: 64MiB, prefix_bytes: 32MiB, ssd_path: %s, ssd_bytes: 1GiB, ssd_prefix_bytes: 512MiB, ssd_write_admission: always}\n' \
+  "$tmp/kv_prefix" > "$tmp/ssd_prefix.yaml"
+first=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 --ignore-eos --json \
+      --profile "$tmp/ssd_prefix.yaml" 2>/dev/null) || fail "generate with SSD prefixes"
+grep summary <<< "$first" | grep -Eq '"ssd_prefix_pages_written":[1-9]' \
+  || fail "no prefix page written to the SSD: $first"
+second=$("$strata" generate --model "$model" --prompt-ids "$ids" --max-tokens 24 --ignore-eos --json \
+      --profile "$tmp/ssd_prefix.yaml" 2>/dev/null) || fail "generate with SSD prefixes, again"
+[[ "$(grep -v summary <<< "$first")" == "$(grep -v summary <<< "$second")" ]] \
+  || fail "a prefix loaded from the SSD changed the tokens"
+grep summary <<< "$second" | grep -Eq '"cached_prompt_tokens":[1-9]' \
+  || fail "the second run computed its whole prompt: $second"
+grep summary <<< "$second" | grep -Eq '"ssd_prefix_pages_read":[1-9]' \
+  || fail "nothing read from the SSD: $second"
 
 # strata profile check: the shipped profiles hold 32k sequences of
 # Llama-3-8B's shape; a broken profile gets every problem on its own line

@@ -664,5 +664,172 @@ TEST(PrefixReuseTest, RefusesAPrefixBudgetLargerThanTheHostTier) {
       KvBlockManager::Create(model.get(), {.host_bytes = 1 << 20, .prefix_bytes = 2 << 20}).ok());
 }
 
+// ---- Prefixes on the SSD tier ---------------------------------------------
+
+class SsdPrefixTest : public SsdSwapTest {
+ protected:
+  // A host tier of 64 MiB with `host_pages` pages for prefixes, over the
+  // SSD store with `ssd_pages` prefix values.
+  std::unique_ptr<KvBlockManager> PrefixManager(engine::Model* model, int host_pages, int ssd_pages,
+                                                KvBlockManagerOptions::SsdAdmission admission) {
+    auto layout = KvLayout::Create(*model);
+    EXPECT_TRUE(layout.ok());
+    const int64_t value = layout->record_bytes() + 28 + 4 * layout->page_size() + 4;
+    auto m = KvBlockManager::Create(model, {.host_bytes = int64_t{64} << 20,
+                                            .ssd = store_.get(),
+                                            .prefix_bytes = host_pages * layout->record_bytes(),
+                                            .prefix_space = "t",
+                                            .ssd_prefix_bytes = ssd_pages * value,
+                                            .ssd_admission = admission});
+    EXPECT_TRUE(m.ok()) << m.status();
+    return m.ok() ? std::move(*m) : nullptr;
+  }
+  // Serves one request to its end; steps that wait for the SSD yield.
+  static Served ServeWaiting(engine::Batcher& batcher, const engine::GenerationRequest& r) {
+    EXPECT_TRUE(batcher.Add(r).ok());
+    Served out;
+    for (int step = 0; batcher.HasWork() && step < 100000; ++step) {
+      auto events = batcher.Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      if (batcher.last_step_idle()) std::this_thread::sleep_for(std::chrono::microseconds(200));
+      for (const auto& e : *events) {
+        out.tokens.push_back(e.token_id);
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+        if (e.finish != engine::FinishReason::kNone) out.cached = e.cached_tokens;
+      }
+    }
+    return out;
+  }
+  // Polls until no copy or SSD move is in flight.
+  static void Settle(KvBlockManager& m) {
+    for (int i = 0; i < 20000; ++i) {
+      ASSERT_TRUE(m.Poll().ok());
+      if (m.Idle()) return;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    FAIL() << "the block manager did not settle";
+  }
+  std::vector<int32_t> Computed(engine::Model* model, const engine::GenerationRequest& r) {
+    engine::Batcher plain(model, nullptr);
+    return Serve(plain, r).tokens;
+  }
+};
+
+TEST_F(SsdPrefixTest, PrefixesWrittenThroughOutliveTheManagerAndTheStore) {
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  engine::GenerationRequest doc = Request(1, 100, 8);
+  const int page = KvLayout::Create(*model)->page_size();
+  const int stored = (100 + 7) / page;
+  {
+    auto m = PrefixManager(model.get(), 32, 32, KvBlockManagerOptions::SsdAdmission::kAlways);
+    engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+    EXPECT_EQ(ServeWaiting(batcher, doc).tokens, Computed(model.get(), doc));
+    Settle(*m);
+    EXPECT_EQ(m->stats().ssd_prefix_pages_written, stored) << "written through";
+    EXPECT_EQ(m->stats().ssd_prefix_pages, stored);
+  }
+  // A new worker: the store opened again, a new manager indexes the pages.
+  store_.reset();
+  auto reopened = SsdStore::Open({dir_.string(), "llama_gqa", int64_t{1} << 30});
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  store_ = std::move(*reopened);
+  auto m = PrefixManager(model.get(), 32, 32, KvBlockManagerOptions::SsdAdmission::kAlways);
+  EXPECT_EQ(m->stats().ssd_prefix_pages_indexed, stored);
+  engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+  engine::GenerationRequest again = doc;
+  again.id = 2;
+  again.prompt = Concat(doc.prompt, Prompt(20, 7));
+  const Served served = ServeWaiting(batcher, again);
+  EXPECT_EQ(served.cached, 100 / page * page) << "the document's pages, from the SSD";
+  EXPECT_EQ(served.tokens, Computed(model.get(), again));
+  EXPECT_EQ(m->stats().ssd_prefix_pages_read, 100 / page);
+  EXPECT_EQ(m->stats().ssd_prefix_hits, 1);
+  Settle(*m);
+}
+
+TEST_F(SsdPrefixTest, ColdAdmissionWritesEvictedPagesAndTheBudgetsHold) {
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  const int page = KvLayout::Create(*model)->page_size();
+  // Room for 4 pages in the host store and 5 on the SSD.
+  auto m = PrefixManager(model.get(), 4, 5, KvBlockManagerOptions::SsdAdmission::kCold);
+  engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+  engine::GenerationRequest doc = Request(1, 100, 4);
+  ServeWaiting(batcher, doc);
+  Settle(*m);
+  EXPECT_EQ(m->stats().prefix_bytes_used, 4 * m->layout().record_bytes()) << "its first 4 pages";
+  EXPECT_EQ(m->stats().ssd_prefix_pages_written, 0) << "cold: nothing evicted yet";
+  // Another document evicts them from the host store: down they go.
+  ServeWaiting(batcher, Request(2, 100, 4));
+  Settle(*m);
+  EXPECT_EQ(m->stats().ssd_prefix_pages_written, 4);
+  // The first document again: its pages come up from the SSD (pushing the
+  // second's down, as far as the SSD budget goes), and the tokens are the
+  // same.
+  engine::GenerationRequest again = doc;
+  again.id = 3;
+  const Served served = ServeWaiting(batcher, again);
+  EXPECT_EQ(served.cached, 4 * page);
+  EXPECT_EQ(served.tokens, Computed(model.get(), again));
+  Settle(*m);
+  EXPECT_EQ(m->stats().ssd_prefix_pages_read, 4);
+  EXPECT_EQ(m->stats().ssd_prefix_pages, 5) << "the SSD budget holds";
+  EXPECT_GT(m->stats().ssd_prefix_pages_refused, 0);
+  EXPECT_EQ(store_->stats().bytes_used, m->stats().ssd_prefix_bytes_used);
+  EXPECT_TRUE(m->Idle());
+}
+
+TEST_F(SsdPrefixTest, ACorruptPageOnTheSsdIsComputedInstead) {
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  const int page = KvLayout::Create(*model)->page_size();
+  auto m = PrefixManager(model.get(), 32, 32, KvBlockManagerOptions::SsdAdmission::kAlways);
+  engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+  engine::GenerationRequest doc = Request(1, 100, 4);
+  ServeWaiting(batcher, doc);
+  Settle(*m);
+  m->ClearPrefixes();  // only the SSD copies are left
+  // Other bytes under one page's key, framed by the store (its own check
+  // passes): the header's CRC of the record must catch them.
+  auto owners = store_->ListOwners(SsdKey::Owner::kPrefix);
+  ASSERT_TRUE(owners.ok());
+  ASSERT_EQ(owners->size(), static_cast<size_t>((100 + 3) / page));
+  const SsdKey key{SsdKey::Owner::kPrefix, (*owners)[2].first, 0, 0, 0};
+  absl::StatusOr<std::vector<uint8_t>> value = store_->Get(key);
+  ASSERT_TRUE(value.ok());
+  value->back() ^= 0x10;
+  ASSERT_TRUE(store_->Delete(key).ok());
+  ASSERT_TRUE(store_->Put(key, *value).ok());
+  engine::GenerationRequest again = doc;
+  again.id = 2;
+  const Served served = ServeWaiting(batcher, again);
+  EXPECT_EQ(served.tokens, Computed(model.get(), again));
+  EXPECT_EQ(m->stats().ssd_prefix_pages_lost, 1);
+  EXPECT_LT(served.cached, 100 / page * page) << "not every page came back";
+  Settle(*m);
+  // The corrupt page was deleted, then stored again from the computed KV.
+  EXPECT_EQ(m->stats().ssd_prefix_pages, static_cast<int>(owners->size()));
+  EXPECT_EQ(store_->stats().bytes_used, m->stats().ssd_prefix_bytes_used);
+}
+
+TEST_F(SsdPrefixTest, AStartWithASmallerBudgetDeletesWhatIsOverIt) {
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  {
+    auto m = PrefixManager(model.get(), 32, 32, KvBlockManagerOptions::SsdAdmission::kAlways);
+    engine::Batcher batcher(model.get(), nullptr, {}, m.get());
+    ServeWaiting(batcher, Request(1, 100, 4));
+    Settle(*m);
+  }
+  auto m = PrefixManager(model.get(), 32, 2, KvBlockManagerOptions::SsdAdmission::kAlways);
+  EXPECT_EQ(m->stats().ssd_prefix_pages, 2);
+  auto owners = store_->ListOwners(SsdKey::Owner::kPrefix);
+  ASSERT_TRUE(owners.ok());
+  EXPECT_EQ(owners->size(), 2u);
+  EXPECT_FALSE(
+      KvBlockManager::Create(
+          model.get(), {.host_bytes = 1 << 20, .ssd = store_.get(), .ssd_prefix_bytes = 1 << 20})
+          .ok())
+      << "SSD prefixes without a host prefix store";
+}
+
 }  // namespace
 }  // namespace strata::kvtier

@@ -87,12 +87,12 @@ TEST(PrefixIndexTest, EvictionSparesReferencedEntriesAndTakesTheOldestFirst) {
     ASSERT_TRUE(index.Insert(chain[b], std::span(t).subspan(b * 2, 2), b));
   // Block 0 and 1 looked up (referenced, and now the most recent).
   EXPECT_EQ(index.Lookup(std::span(chain).first(2), t), (std::vector<int64_t>{0, 1}));
-  EXPECT_EQ(index.Evict(), 2) << "the only unreferenced entry";
-  EXPECT_EQ(index.Evict(), std::nullopt) << "the rest are referenced";
+  EXPECT_EQ(index.Evict().value().value, 2) << "the only unreferenced entry";
+  EXPECT_FALSE(index.Evict().has_value()) << "the rest are referenced";
   index.Release(chain[1]);
-  EXPECT_EQ(index.Evict(), 1);
+  EXPECT_EQ(index.Evict().value().value, 1);
   index.Release(chain[0]);
-  EXPECT_EQ(index.Evict(), 0);
+  EXPECT_EQ(index.Evict().value().value, 0);
   EXPECT_EQ(index.size(), 0);
 }
 

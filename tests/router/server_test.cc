@@ -596,6 +596,50 @@ TEST(ServerHostTierTest, RequestsThatStartWithAStoredPrefixLoadItAndSayHowMuch) 
   EXPECT_EQ(server.WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
 }
 
+TEST(ServerHostTierTest, StoredPrefixesOnTheSsdSurviveAKilledWorker) {
+  // A document's KV is stored and written through to the SSD tier; the
+  // server is killed (SIGKILL, nothing flushed at exit) and started again
+  // on the same directory: it indexes the pages its predecessor wrote, the
+  // document asked again comes up from the SSD, and the tokens are those
+  // of a server without any store.
+  const std::string dir = ::testing::TempDir() + "/strata_ssd_prefix_" + std::to_string(getpid());
+  std::filesystem::remove_all(dir);
+  const std::string path = WriteTemp(
+      "ssd_prefix_profile.yaml",
+      "name: docs\ntiers: {host_bytes: 64MiB, prefix_bytes: 32MiB, ssd_path: " + dir +
+          ", ssd_bytes: 256MiB, ssd_prefix_bytes: 128MiB, ssd_write_admission: always}\n");
+  std::string document;
+  for (int i = 0; i < 30; ++i) document += "Return the number of items in the list. ";
+  v1::GenerateRequest first = TextRequest(document + "How many?", 16);
+  first.mutable_stopping()->set_ignore_eos(true);
+  first.set_profile("docs");
+  v1::GenerateRequest again = TextRequest(document + "And how many now?", 16);
+  again.mutable_stopping()->set_ignore_eos(true);
+  again.set_profile("docs");
+  double written = 0;
+  {
+    ServerProcess server({"--profile", path});
+    const Completion a = Generate(server.stub(), first);
+    ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+    written = server.WaitForMetric("strata_kv_ssd_prefix_pages_written_total",
+                                   [](double v) { return v > 0; });
+    ASSERT_GT(written, 0);
+    server.Signal(SIGKILL);
+    server.Wait(std::chrono::seconds(10));
+  }
+  ServerProcess restarted({"--profile", path});
+  EXPECT_EQ(restarted.Metric("strata_kv_ssd_prefix_pages"), written);
+  const Completion b = Generate(restarted.stub(), again);
+  ASSERT_TRUE(b.status.ok()) << b.status.error_message();
+  EXPECT_GT(b.last.usage().cached_prompt_tokens(), 200u) << "most of the document, from the SSD";
+  EXPECT_GT(restarted.Metric("strata_kv_ssd_prefix_pages_read_total"), 0);
+  EXPECT_EQ(restarted.Metric("strata_kv_ssd_prefix_pages_lost_total"), 0);
+  ServerProcess plain;
+  again.clear_profile();
+  EXPECT_EQ(b.tokens, Generate(plain.stub(), again).tokens);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(ServerHostTierTest, ClusterKvProfilesWithAHostTierRecallTheirClustersFromIt) {
   // The same ClusterKV policy with and without a host tier in one server:
   // the same tokens, the host one's clusters moved there and recalled, and

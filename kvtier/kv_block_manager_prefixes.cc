@@ -1,0 +1,461 @@
+// KvBlockManager's prefix store: prompt KV kept by content in host records
+// and, below them, on the SSD tier (see kv_block_manager.h).
+#include <algorithm>
+#include <cstring>
+#include <thread>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/crc32c.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "kvtier/kv_block_manager.h"
+
+namespace strata::kvtier {
+namespace {
+
+// "SPF1": a prefix page's header, little-endian: magic, tokens per page,
+// the chain key's two words, the record's masked CRC32C, then the tokens.
+constexpr uint32_t kPrefixMagic = 0x31465053;
+
+void PutU32(std::vector<uint8_t>& out, uint32_t v) {
+  for (int i = 0; i < 4; ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
+}
+void PutU64(std::vector<uint8_t>& out, uint64_t v) {
+  for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(v >> (8 * i)));
+}
+uint64_t GetLe(const uint8_t* p, int bytes) {
+  uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+
+SsdKey PrefixSsdKey(const PrefixKey& key) {
+  return {SsdKey::Owner::kPrefix, key.words[0], 0, 0, 0};
+}
+
+}  // namespace
+
+absl::StatusOr<KvBlockManagerOptions::SsdAdmission> KvBlockManagerOptions::ParseSsdAdmission(
+    std::string_view name) {
+  if (name == "never") return SsdAdmission::kNever;
+  if (name == "cold") return SsdAdmission::kCold;
+  if (name == "always") return SsdAdmission::kAlways;
+  return absl::InvalidArgumentError(absl::StrCat("SSD write admission \"", std::string(name),
+                                                 "\": expected never, cold or always"));
+}
+
+absl::StatusOr<KvBlockManagerOptions> ManagerOptionsForProfiles(
+    const std::vector<KvProfile>& profiles, SsdStore* ssd, std::string prefix_space) {
+  KvBlockManagerOptions options;
+  options.ssd = ssd;
+  options.prefix_space = std::move(prefix_space);
+  options.ssd_admission = KvBlockManagerOptions::SsdAdmission::kNever;
+  for (const KvProfile& p : profiles) {
+    options.host_bytes += p.tiers.host_bytes;
+    options.prefix_bytes += p.tiers.prefix_bytes;
+    if (ssd == nullptr || p.tiers.ssd_path.empty()) continue;
+    options.ssd_prefix_bytes += p.tiers.ssd_prefix_bytes;
+    STRATA_ASSIGN_OR_RETURN(const KvBlockManagerOptions::SsdAdmission admission,
+                            KvBlockManagerOptions::ParseSsdAdmission(p.tiers.ssd_write_admission));
+    options.ssd_admission = std::max(options.ssd_admission, admission);
+  }
+  return options;
+}
+
+std::vector<uint8_t> KvBlockManager::PrefixHeader(const PrefixKey& key,
+                                                  std::span<const int32_t> tokens,
+                                                  uint32_t crc) const {
+  std::vector<uint8_t> header;
+  header.reserve(static_cast<size_t>(PrefixHeaderBytes()));
+  PutU32(header, kPrefixMagic);
+  PutU32(header, static_cast<uint32_t>(tokens.size()));
+  PutU64(header, key.words[0]);
+  PutU64(header, key.words[1]);
+  PutU32(header, crc);
+  for (int32_t t : tokens) PutU32(header, static_cast<uint32_t>(t));
+  return header;
+}
+
+bool KvBlockManager::EvictHostPrefix(bool to_ssd) {
+  std::optional<PrefixIndex::Evicted> evicted = prefixes_.Evict();
+  if (!evicted.has_value()) return false;
+  --prefix_records_;
+  ++counters_.prefix_pages_evicted;
+  if (to_ssd && options_.ssd_admission == KvBlockManagerOptions::SsdAdmission::kCold &&
+      options_.ssd_prefix_bytes > 0 && mover_ != nullptr) {
+    std::vector<PrefixIndex::Evicted> pages;
+    pages.push_back(std::move(*evicted));
+    WritePrefixesDown(std::move(pages), /*release_records=*/true);
+  } else {
+    host_.Release(static_cast<int32_t>(evicted->value));
+  }
+  return true;
+}
+
+bool KvBlockManager::EvictSsdPrefix() {
+  for (auto it = ssd_prefix_lru_.begin(); it != ssd_prefix_lru_.end(); ++it) {
+    auto entry = ssd_prefixes_.find(*it);
+    if (entry->second.state != SsdPrefix::State::kStored) continue;
+    if (absl::Status s = options_.ssd->DeleteOwner(SsdKey::Owner::kPrefix, *it); !s.ok()) {
+      STRATA_LOG_WARN("SSD tier: deleting a stored prefix page: {}", s.ToString());
+      return false;
+    }
+    ssd_prefix_bytes_ -= entry->second.bytes;
+    ssd_prefixes_.erase(entry);
+    ssd_prefix_lru_.erase(it);
+    ++counters_.ssd_prefix_pages_evicted;
+    return true;
+  }
+  return false;
+}
+
+absl::Status KvBlockManager::IndexSsdPrefixes() {
+  STRATA_ASSIGN_OR_RETURN(const auto owners, options_.ssd->ListOwners(SsdKey::Owner::kPrefix));
+  for (const auto& [id, bytes] : owners) {
+    ssd_prefix_lru_.push_back(id);
+    ssd_prefixes_[id] =
+        SsdPrefix{bytes, SsdPrefix::State::kStored, std::prev(ssd_prefix_lru_.end())};
+    ssd_prefix_bytes_ += bytes;
+  }
+  counters_.ssd_prefix_pages_indexed = static_cast<int64_t>(owners.size());
+  // A smaller budget than the predecessor's (none included): the rest goes.
+  while (ssd_prefix_bytes_ > options_.ssd_prefix_bytes && EvictSsdPrefix()) {
+  }
+  return absl::OkStatus();
+}
+
+void KvBlockManager::WritePrefixesDown(std::vector<PrefixIndex::Evicted> pages,
+                                       bool release_records) {
+  RecordMover::Job job;
+  job.id = next_job_++;
+  job.down = true;
+  job.record_bytes = layout_.record_bytes();
+  job.header_bytes = PrefixHeaderBytes();
+  PrefixMove move;
+  move.down = true;
+  move.release_records = release_records;
+  const int64_t value_bytes = job.header_bytes + job.record_bytes + 4;
+  for (PrefixIndex::Evicted& page : pages) {
+    const auto r = static_cast<int32_t>(page.value);
+    const uint64_t id = page.key.words[0];
+    bool skip = ssd_prefixes_.contains(id);
+    while (!skip && ssd_prefix_bytes_ + value_bytes > options_.ssd_prefix_bytes) {
+      if (!EvictSsdPrefix()) skip = true;
+    }
+    if (skip) {
+      if (!ssd_prefixes_.contains(id)) ++counters_.ssd_prefix_pages_refused;
+      if (release_records) host_.Release(r);
+      continue;
+    }
+    ssd_prefix_lru_.push_back(id);
+    ssd_prefixes_[id] =
+        SsdPrefix{value_bytes, SsdPrefix::State::kWriting, std::prev(ssd_prefix_lru_.end())};
+    ssd_prefix_bytes_ += value_bytes;
+    host_.Ref(r);  // the job's
+    if (release_records) host_.Release(r);
+    job.keys.push_back(PrefixSsdKey(page.key));
+    job.records.push_back(host_.data(r));
+    job.headers.push_back(PrefixHeader(page.key, page.tokens, host_.crc(r)));
+    move.keys.push_back(page.key);
+    move.tokens.push_back(std::move(page.tokens));
+    move.records.push_back(r);
+  }
+  if (job.records.empty()) return;
+  prefix_moves_.emplace(job.id, std::move(move));
+  mover_->Submit(std::move(job));
+}
+
+void KvBlockManager::ReadPrefixesUp(std::span<const PrefixKey> chain,
+                                    std::span<const int32_t> tokens, size_t first, size_t count) {
+  const int page = layout_.page_size();
+  std::vector<int32_t> records;
+  if (count == 0 || !host_.Allocate(static_cast<int>(count), records)) return;
+  prefix_records_ += static_cast<int>(count);  // held for the store from now on
+  // One job per I/O thread, so that the reads run side by side.
+  const size_t jobs = std::min<size_t>(count, static_cast<size_t>(options_.io_threads));
+  size_t next = 0;
+  for (size_t j = 0; j < jobs; ++j) {
+    const size_t n = count / jobs + (j < count % jobs ? 1 : 0);
+    RecordMover::Job job;
+    job.id = next_job_++;
+    job.down = false;
+    job.record_bytes = layout_.record_bytes();
+    job.header_bytes = PrefixHeaderBytes();
+    PrefixMove move;
+    move.down = false;
+    for (size_t i = next; i < next + n; ++i) {
+      const PrefixKey& key = chain[first + i];
+      SsdPrefix& entry = ssd_prefixes_.find(key.words[0])->second;  // the caller found it
+      entry.state = SsdPrefix::State::kReading;
+      ssd_prefix_lru_.splice(ssd_prefix_lru_.end(), ssd_prefix_lru_, entry.lru);
+      job.keys.push_back(PrefixSsdKey(key));
+      job.records.push_back(host_.data(records[i]));
+      move.keys.push_back(key);
+      const size_t at = (first + i) * static_cast<size_t>(page);
+      move.tokens.emplace_back(tokens.begin() + at, tokens.begin() + at + page);
+      move.records.push_back(records[i]);
+    }
+    next += n;
+    prefix_moves_.emplace(job.id, std::move(move));
+    mover_->Submit(std::move(job));
+  }
+  ++counters_.ssd_prefix_hits;
+}
+
+void KvBlockManager::FinishPrefixMove(const RecordMover::Done& done) {
+  auto m = prefix_moves_.find(done.id);
+  PrefixMove move = std::move(m->second);
+  prefix_moves_.erase(m);
+  auto forget = [&](uint64_t id, bool delete_key) {
+    auto it = ssd_prefixes_.find(id);
+    if (it == ssd_prefixes_.end()) return;
+    if (delete_key) (void)options_.ssd->DeleteOwner(SsdKey::Owner::kPrefix, id);
+    ssd_prefix_bytes_ -= it->second.bytes;
+    ssd_prefix_lru_.erase(it->second.lru);
+    ssd_prefixes_.erase(it);
+  };
+  if (move.down) {
+    for (size_t i = 0; i < move.records.size(); ++i) {
+      const uint64_t id = move.keys[i].words[0];
+      if (auto it = ssd_prefixes_.find(id); done.moved[i] && it != ssd_prefixes_.end()) {
+        it->second.state = SsdPrefix::State::kStored;
+        ++counters_.ssd_prefix_pages_written;
+      } else {
+        forget(id, /*delete_key=*/false);  // the mover deleted what it wrote
+        ++counters_.ssd_prefix_pages_refused;
+      }
+      host_.Unref(move.records[i]);
+    }
+    if (!done.status.ok()) {
+      STRATA_LOG_WARN("SSD tier: prefix pages not written: {}", done.status.ToString());
+    }
+    return;
+  }
+  const int page = layout_.page_size();
+  for (size_t i = 0; i < move.records.size(); ++i) {
+    const int32_t r = move.records[i];
+    const PrefixKey& key = move.keys[i];
+    host_.Seal(r);
+    host_.Unref(r);  // the job's reference
+    bool good = done.moved[i];
+    if (good) {
+      // The header must name this very page: the key's first word alone
+      // found it, and the CRC is the record's when it was stored.
+      const uint8_t* h = done.headers[i].data();
+      good = GetLe(h, 4) == kPrefixMagic && GetLe(h + 4, 4) == static_cast<uint64_t>(page) &&
+             GetLe(h + 8, 8) == key.words[0] && GetLe(h + 16, 8) == key.words[1] &&
+             static_cast<uint32_t>(GetLe(h + 24, 4)) == host_.crc(r);
+      for (int t = 0; good && t < page; ++t) {
+        good = static_cast<int32_t>(GetLe(h + 28 + 4 * t, 4)) == move.tokens[i][t];
+      }
+      if (!good) {
+        STRATA_LOG_WARN("SSD tier: a stored prefix page does not match its header; computing it");
+      }
+    }
+    if (auto it = ssd_prefixes_.find(key.words[0]); good && it != ssd_prefixes_.end()) {
+      it->second.state = SsdPrefix::State::kStored;
+      ++counters_.ssd_prefix_pages_read;
+      counters_.ssd_prefix_bytes_read += PrefixHeaderBytes() + layout_.record_bytes();
+      if (prefixes_.Insert(key, move.tokens[i], r)) continue;
+    } else {
+      // Corrupt or gone: deleted, and that part of a prompt is computed.
+      ++counters_.ssd_prefix_pages_lost;
+      forget(key.words[0], /*delete_key=*/true);
+    }
+    host_.Release(r);
+    --prefix_records_;
+  }
+  counters_.ssd_prefix_read_micros += done.micros;
+  if (!done.status.ok() && !absl::IsNotFound(done.status)) {
+    STRATA_LOG_WARN("SSD tier: prefix pages not read: {}", done.status.ToString());
+  }
+}
+
+absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
+                                         const engine::SequencePages& pages) {
+  if (max_prefix_records_ == 0 || upper_pages_.num_pages() > 0) return absl::OkStatus();
+  const int page = layout_.page_size();
+  const size_t blocks = std::min(tokens.size() / page, pages.lower.size());
+  if (blocks == 0) return absl::OkStatus();
+  const std::vector<PrefixKey> chain =
+      PrefixChain(options_.prefix_space, tokens.first(blocks * page), page);
+  auto pending_has = [&](const PrefixKey& key) {
+    for (const PendingPrefix& p : pending_prefixes_) {
+      if (std::find(p.keys.begin(), p.keys.end(), key) != p.keys.end()) return true;
+    }
+    return false;
+  };
+  PendingPrefix pending;
+  copies_.clear();
+  for (size_t b = 0; b < chain.size(); ++b) {
+    if (prefixes_.Contains(chain[b]) || pending_has(chain[b])) continue;
+    while (prefix_records_ >= max_prefix_records_ && EvictHostPrefix(/*to_ssd=*/true)) {
+    }
+    std::vector<int32_t> record;
+    if (prefix_records_ >= max_prefix_records_ || !host_.Allocate(1, record)) break;
+    ++prefix_records_;
+    layout_.AppendRecordCopies(pages.lower[b], engine::kPageOffGpu, host_.offset(record[0]),
+                               copies_);
+    pending.keys.push_back(chain[b]);
+    pending.tokens.emplace_back(tokens.begin() + b * page, tokens.begin() + (b + 1) * page);
+    pending.records.push_back(record[0]);
+  }
+  if (pending.records.empty()) return absl::OkStatus();
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
+  if (!fence.ok()) {
+    for (int32_t r : pending.records) {
+      host_.Release(r);
+      host_.Unref(r);
+      --prefix_records_;
+    }
+    return fence.status();
+  }
+  pending.fence = *fence;
+  counters_.prefix_pages_stored += static_cast<int64_t>(pending.records.size());
+  pending_prefixes_.push_back(std::move(pending));
+  return absl::OkStatus();
+}
+
+absl::Status KvBlockManager::SealPendingPrefixes() {
+  engine::Backend& backend = model_->backend();
+  const bool write_through =
+      options_.ssd_admission == KvBlockManagerOptions::SsdAdmission::kAlways &&
+      options_.ssd_prefix_bytes > 0 && mover_ != nullptr;
+  for (auto it = pending_prefixes_.begin(); it != pending_prefixes_.end();) {
+    STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(it->fence));
+    if (!done) {
+      ++it;
+      continue;
+    }
+    std::vector<PrefixIndex::Evicted> down;
+    for (size_t i = 0; i < it->records.size(); ++i) {
+      const int32_t r = it->records[i];
+      host_.Seal(r);
+      host_.Unref(r);
+      if (!prefixes_.Insert(it->keys[i], it->tokens[i], r)) {
+        host_.Release(r);  // stored meanwhile by another sequence
+        --prefix_records_;
+      } else if (write_through) {
+        down.push_back({it->keys[i], it->tokens[i], r});
+      }
+    }
+    if (!down.empty()) WritePrefixesDown(std::move(down), /*release_records=*/false);
+    it = pending_prefixes_.erase(it);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
+                                               engine::SequencePages& pages) {
+  if (max_prefix_records_ == 0 || upper_pages_.num_pages() > 0 || !pages.empty()) return 0;
+  const int page = layout_.page_size();
+  // At least the last token is computed: its logits are the next token's.
+  const size_t blocks = tokens.empty() ? 0 : (tokens.size() - 1) / page;
+  if (blocks == 0) return 0;
+  const std::vector<PrefixKey> chain =
+      PrefixChain(options_.prefix_space, tokens.first(blocks * page), page);
+  const std::vector<int64_t> found = prefixes_.Lookup(chain, tokens);
+  auto release = [&] {
+    for (size_t i = 0; i < found.size(); ++i) prefixes_.Release(chain[i]);
+  };
+  size_t good = 0;
+  for (; good < found.size(); ++good) {
+    if (host_.Verify(static_cast<int32_t>(found[good])).ok()) continue;
+    // Corrupt: dropped, and that part of the prompt is computed instead.
+    ++counters_.prefix_records_lost;
+    STRATA_LOG_WARN("a stored prefix page failed its check; computing it instead");
+    if (prefixes_.Erase(chain[good]).has_value()) {
+      host_.Release(static_cast<int32_t>(found[good]));
+      --prefix_records_;
+    }
+    break;
+  }
+  // The prefix may go on below, on the SSD: those pages come up first.
+  if (good == found.size() && !ssd_prefixes_.empty()) {
+    size_t end = good;
+    bool reading = false;
+    for (; end < chain.size(); ++end) {
+      auto it = ssd_prefixes_.find(chain[end].words[0]);
+      if (it == ssd_prefixes_.end() || it->second.state == SsdPrefix::State::kWriting) break;
+      if (it->second.state == SsdPrefix::State::kReading) {
+        reading = true;
+        break;
+      }
+    }
+    if (!reading && end > good) {
+      // Room in the host store for them, as far as it goes. They are
+      // marked first: the host pages evicted meanwhile may go down and
+      // make room on the SSD, but never by deleting these.
+      const size_t wanted = end - good;
+      for (size_t i = good; i < end; ++i) {
+        ssd_prefixes_.find(chain[i].words[0])->second.state = SsdPrefix::State::kReading;
+      }
+      while (prefix_records_ + static_cast<int>(wanted) > max_prefix_records_ &&
+             EvictHostPrefix(/*to_ssd=*/true)) {
+      }
+      for (size_t i = good; i < end; ++i) {
+        ssd_prefixes_.find(chain[i].words[0])->second.state = SsdPrefix::State::kStored;
+      }
+      const size_t count = std::min<size_t>(
+          wanted, static_cast<size_t>(std::max(
+                      0, std::min(max_prefix_records_ - prefix_records_, host_.num_free()))));
+      if (count > 0) {
+        ReadPrefixesUp(chain, tokens, good, count);
+        reading = true;
+      }
+    }
+    if (reading) {
+      release();
+      return absl::UnavailableError("a stored prefix is coming up from the SSD tier");
+    }
+  }
+  ++counters_.prefix_lookups;
+  if (good == 0 || pages_.num_free() < static_cast<int>(good)) {
+    release();
+    return 0;
+  }
+  if (!pages_.Allocate(static_cast<int>(good), pages.lower)) {
+    release();
+    return absl::InternalError("free pages vanished");
+  }
+  copies_.clear();
+  std::vector<int32_t> records;
+  for (size_t i = 0; i < good; ++i) {
+    const int32_t r = static_cast<int32_t>(found[i]);
+    layout_.AppendRecordCopies(pages.lower[i], engine::kPageOffGpu, host_.offset(r), copies_);
+    host_.Ref(r);  // held by the copy: an eviction meanwhile frees it after
+    records.push_back(r);
+  }
+  release();
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/false);
+  if (!fence.ok()) {
+    for (int32_t r : records) host_.Unref(r);
+    STRATA_RETURN_IF_ERROR(Free(pages));
+    return fence.status();
+  }
+  in_flight_.push_back({*fence, std::move(records)});
+  ++counters_.prefix_hits;
+  const int loaded = static_cast<int>(good) * page;
+  counters_.prefix_tokens_loaded += loaded;
+  return loaded;
+}
+
+absl::StatusOr<bool> KvBlockManager::FinishPrefixWrites(std::chrono::milliseconds timeout) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    STRATA_RETURN_IF_ERROR(Poll());
+    bool writing = !pending_prefixes_.empty();
+    for (const auto& [job, move] : prefix_moves_) writing |= move.down;
+    if (!writing) return true;
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+
+void KvBlockManager::ClearPrefixes() {
+  while (EvictHostPrefix(/*to_ssd=*/true)) {
+  }
+}
+
+}  // namespace strata::kvtier
