@@ -8,9 +8,11 @@
 # again with a new question (its document loaded from host memory). The
 # server is then stopped and started again (host memory empty; the page
 # cache dropped when we may), and the prompt asked once more: its document
-# comes up from the SSD. Last, fio reads a file on the same disk
-# sequentially, for the disk's bandwidth. Prints one JSON summary per
-# request and fio's result; logs go to $1. FIO names the fio binary.
+# comes up from the SSD. Last, the SSD tier's own bandwidth (`strata bench
+# kv-ssd`: records written to RocksDB and read back by 1-8 I/O threads)
+# and fio's sequential read of a file on the same disk. Prints one JSON
+# summary per request and the bandwidths; logs go to $1. FIO names the fio
+# binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
@@ -83,3 +85,5 @@ if command -v "$fio" > /dev/null; then
 else
   echo "no fio"
 fi
+rm -f "$tmp/fio.dat"
+.gpu/bin/strata bench kv-ssd --path "$tmp" --gib 8 --io-threads 1,2,4,8 --json "$out/kv_ssd.json"

@@ -8,6 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "bench/kv_capacity_bench.h"
 #include "bench/kv_policy_bench.h"
+#include "bench/kv_ssd_bench.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
 #include "common/status_macros.h"
@@ -178,6 +179,26 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
                    "full, clusterkv (all on the GPU), clusterkv@host:CODEC (clusters in the "
                    "host tier; bf16, fp8_e4m3, int8, int4)")
       ->delimiter(',');
+  CLI::App* ssd = bench.add_subcommand(
+      "kv-ssd",
+      "SSD tier bandwidth: host records written to RocksDB and read back by 1, 2, 4... I/O "
+      "threads, the page cache dropped before each read (as root)");
+  ssd->add_option("--path", f.ssd_path,
+                  "Directory on the disk to measure (a subdirectory is "
+                  "made and removed)")
+      ->required();
+  ssd->add_option("--value-kib", f.value_kib, "Bytes of one value (a host record), KiB")
+      ->check(CLI::Range(4, 1 << 20));
+  ssd->add_option("--gib", f.ssd_gib, "GiB written, then read back per thread count")
+      ->check(CLI::PositiveNumber);
+  ssd->add_option("--io-threads", f.io_threads, "I/O thread counts to read with")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 256));
+  ssd->add_option("--json", f.json, "Also write the results as JSON");
+  ssd->callback([&f, &exit_code] {
+    if (f.io_threads.empty()) f.io_threads = {1, 2, 4, 8};
+    exit_code = RunKvSsd(f);
+  });
   capacity->callback([&f, &exit_code] {
     if (f.budgets.empty()) f.budgets = {1024};
     if (f.seqs.empty()) f.seqs = {4, 8, 12};
@@ -557,6 +578,34 @@ int RunKvCapacity(const KvBenchFlags& f) {
                       {"steps", f.steps},
                       {"sizing", sizing},
                       {"points", points}};
+  if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
+  return 0;
+}
+
+int RunKvSsd(const KvBenchFlags& f) {
+  constexpr char kCmd[] = "strata bench kv-ssd";
+  bench::KvSsdBenchOptions options;
+  options.path = f.ssd_path;
+  options.value_bytes = f.value_kib << 10;
+  options.total_bytes = static_cast<int64_t>(f.ssd_gib * (int64_t{1} << 30));
+  options.io_threads = f.io_threads;
+  absl::StatusOr<bench::KvSsdBenchResult> result = bench::RunKvSsdBench(options);
+  if (!result.ok()) return ExitWithError(kCmd, result.status());
+  std::printf("kv-ssd: %lld values of %lld KiB; write %.2f GB/s (flushed)%s\n",
+              static_cast<long long>(result->values), static_cast<long long>(f.value_kib),
+              result->write_gbps,
+              result->page_cache_dropped ? "" : "; page cache NOT dropped (not root)");
+  nlohmann::json reads = nlohmann::json::array();
+  for (const auto& r : result->reads) {
+    std::printf("kv-ssd: read with %2d I/O threads: %.2f GB/s\n", r.io_threads, r.gbps);
+    reads.push_back({{"io_threads", r.io_threads}, {"gbps", r.gbps}});
+  }
+  nlohmann::json j = {{"path", f.ssd_path},
+                      {"value_bytes", options.value_bytes},
+                      {"values", result->values},
+                      {"write_gbps", result->write_gbps},
+                      {"page_cache_dropped", result->page_cache_dropped},
+                      {"reads", reads}};
   if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
   return 0;
 }

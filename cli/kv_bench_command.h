@@ -11,11 +11,14 @@
 //   strata bench kv-capacity --dummy-weights llama-3-8b --backend cuda
 //       [--context 32768] [--gpu-kv-gib 50] [--host-gib 80] [--seqs 4,8,12,24,48]
 //       [--modes full,clusterkv,clusterkv@host:int4] [--json FILE]
+//   strata bench kv-ssd --path DIR [--value-kib 2048] [--gib 8] [--io-threads 1,2,4,8]
+//       [--json FILE]
 //
 // Exit status: 0; 2 for invalid flags or inputs; 1 when a run fails.
 #ifndef STRATA_CLI_KV_BENCH_COMMAND_H_
 #define STRATA_CLI_KV_BENCH_COMMAND_H_
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -64,15 +67,21 @@ struct KvBenchFlags {
   double gpu_kv_gib = 50;
   double host_gib = 0;
   int max_batch_tokens = 8192;
+  // kv-ssd
+  std::string ssd_path;
+  int64_t value_kib = 2048;
+  double ssd_gib = 8;
+  std::vector<int> io_threads;
   std::string json;
 };
 
-// Registers kv-policies, kv-speed and kv-capacity under `bench`.
+// Registers kv-policies, kv-speed, kv-capacity and kv-ssd under `bench`.
 void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& flags, int& exit_code);
 
 int RunKvPolicies(const KvBenchFlags& flags);
 int RunKvSpeed(const KvBenchFlags& flags);
 int RunKvCapacity(const KvBenchFlags& flags);
+int RunKvSsd(const KvBenchFlags& flags);
 
 }  // namespace strata::cli
 

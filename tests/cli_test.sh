@@ -129,6 +129,12 @@ grep summary <<< "$second" | grep -Eq '"cached_prompt_tokens":[1-9]' \
 grep summary <<< "$second" | grep -Eq '"ssd_prefix_pages_read":[1-9]' \
   || fail "nothing read from the SSD: $second"
 
+# The SSD tier's bandwidth benchmark runs, and leaves nothing behind.
+"$strata" bench kv-ssd --path "$tmp/bench" --gib 0.01 --value-kib 64 --io-threads 1,2 \
+  > "$tmp/kv_ssd.txt" 2>&1 || fail "bench kv-ssd: $(cat "$tmp/kv_ssd.txt")"
+grep -q "read with  2 I/O threads" "$tmp/kv_ssd.txt" || fail "bench kv-ssd: $(cat "$tmp/kv_ssd.txt")"
+[[ -z "$(ls -A "$tmp/bench")" ]] || fail "bench kv-ssd left files"
+
 # strata profile check: the shipped profiles hold 32k sequences of
 # Llama-3-8B's shape; a broken profile gets every problem on its own line
 # and exit status 2; budgets a model cannot meet are explained.
