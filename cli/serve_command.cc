@@ -270,7 +270,21 @@ int RunServe(const ServeFlags& f) {
     if (store != nullptr) m->UpdateSsdStats(store->stats());
   };
   after_step();  // the gauges have their values before the first step
-  engine::AsyncEngine engine(loaded->model.get(), loaded->tokenizer.get(), {},
+  // Each profile with a GPU share may hold that part of the cache's pages
+  // (its gpu_bytes over the profiles' together), so that one workload's
+  // burst cannot take the pages of another.
+  engine::BatcherOptions batcher_options;
+  int64_t gpu_shares = 0;
+  for (const kvtier::KvProfile& p : profiles) gpu_shares += p.tiers.gpu_bytes;
+  for (const kvtier::KvProfile& p : profiles) {
+    const int64_t pages = model.options().num_pages;
+    const int cap = gpu_shares > 0 ? static_cast<int>(pages * p.tiers.gpu_bytes / gpu_shares) : 0;
+    batcher_options.max_pages_per_policy.push_back(cap);
+    if (cap > 0 && cap < pages) {
+      STRATA_LOG_INFO("profile {}: at most {} of the {} KV pages", p.name, cap, pages);
+    }
+  }
+  engine::AsyncEngine engine(loaded->model.get(), loaded->tokenizer.get(), batcher_options,
                              std::move(after_step), kv_manager->get());
 
   router::ServiceOptions service_options;

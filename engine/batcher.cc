@@ -161,7 +161,37 @@ void Batcher::Cancel(uint64_t request_id) {
   cancel(swapped_);
 }
 
-bool Batcher::EnsurePages(Sequence& seq, int tokens) { return kv_->Grow(seq.pages, tokens); }
+bool Batcher::EnsurePages(Sequence& seq, int tokens) {
+  return !OverCap(seq, tokens) && kv_->Grow(seq.pages, tokens);
+}
+
+int Batcher::page_cap(int policy) const {
+  if (policy < 0 || policy >= static_cast<int>(options_.max_pages_per_policy.size())) return 0;
+  const int cap = options_.max_pages_per_policy[policy];
+  if (cap <= 0) return 0;
+  const ModelOptions& opts = model_->options();
+  return std::max(cap, (opts.max_context + opts.page_size - 1) / opts.page_size);
+}
+
+int Batcher::pages_of_policy(int policy) const {
+  int pages = 0;
+  auto add = [&](const auto& queue) {
+    for (const auto& seq : queue) {
+      if (seq->req.kv_policy == policy) pages += static_cast<int>(seq->pages.lower.size());
+    }
+  };
+  add(running_);
+  add(waiting_);
+  return pages;
+}
+
+bool Batcher::OverCap(const Sequence& seq, int tokens) const {
+  const int cap = page_cap(seq.req.kv_policy);
+  if (cap == 0) return false;
+  const int page = model_->options().page_size;
+  const int more = (tokens + page - 1) / page - static_cast<int>(seq.pages.lower.size());
+  return more > 0 && pages_of_policy(seq.req.kv_policy) + more > cap;
+}
 
 void Batcher::ReleaseKv(Sequence& seq) {
   if (seq.swapped) {
@@ -222,6 +252,7 @@ absl::Status Batcher::ResumeSwapped() {
     // Leave every running sequence a page to grow into this step, so that
     // bringing one back does not preempt another at once.
     const int headroom = static_cast<int>(running_.size());
+    if (OverCap(seq, seq.num_computed)) break;
     if (kv_->num_free_pages(PageGroup::kLower) - kv_->SwapInPages(id, PageGroup::kLower) <
             headroom ||
         (kv_->has_upper_group() &&
@@ -400,16 +431,21 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       ++i;
       continue;
     }
-    Sequence& victim = *running_.back();
     // Victims go newest first, so pushing each to the front keeps both
-    // queues oldest first.
-    if (Preempt(victim)) {
-      swapped_.push_front(std::move(running_.back()));
-    } else {
-      waiting_.push_front(std::move(running_.back()));
+    // queues oldest first. A sequence at its workload's cap preempts the
+    // newest of its own workload (itself at the latest).
+    size_t v = running_.size() - 1;
+    if (OverCap(seq, seq.num_computed + 1)) {
+      while (v > i && running_[v]->req.kv_policy != seq.req.kv_policy) --v;
     }
-    running_.pop_back();
-    // If the victim was `seq` itself, the loop ends (i == size).
+    std::unique_ptr<Sequence> victim = std::move(running_[v]);
+    running_.erase(running_.begin() + static_cast<std::ptrdiff_t>(v));
+    if (Preempt(*victim)) {
+      swapped_.push_front(std::move(victim));
+    } else {
+      waiting_.push_front(std::move(victim));
+    }
+    // If the victim was `seq` itself, running_[i] is the next sequence.
   }
   // 2. Prefill chunks, oldest first, in the remaining budget.
   bool prefix_arriving = false;  // a prompt waits for its stored prefix
@@ -444,6 +480,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     }
     const int remaining = static_cast<int>(seq.tokens.size()) - seq.num_computed;
     const int chunk = std::min(remaining, prefill_budget);
+    // At its workload's cap: it waits, and other workloads' prompts go on.
+    if (OverCap(seq, seq.num_computed + chunk)) continue;
     if (!EnsurePages(seq, seq.num_computed + chunk) &&
         !(step_seqs.empty() && ReclaimYoungerPrompts(seq) &&
           EnsurePages(seq, seq.num_computed + chunk))) {

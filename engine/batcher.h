@@ -81,6 +81,13 @@ struct BatcherOptions {
   // Prefill tokens per step are limited by the model's max_batch_tokens;
   // this caps them lower so decodes are not starved by long prompts.
   int max_prefill_tokens_per_step = 0;  // 0: max_batch_tokens
+  // A workload's share of the GPU KV cache (a profile's tiers.gpu_bytes):
+  // max_pages_per_policy[i] caps the pages (of the lower group) that the
+  // requests with kv_policy i hold together; when one needs more, it waits
+  // or the newest of them is preempted, never a request of another
+  // workload. Missing or 0: no cap (the pages others leave free). A cap
+  // below one full context is raised to one, so a request always fits.
+  std::vector<int> max_pages_per_policy = {};
 };
 
 class Batcher {
@@ -125,6 +132,10 @@ class Batcher {
   // Free pages of the lower page group (of every layer with one group).
   int free_pages() const { return kv_->num_free_pages(PageGroup::kLower); }
   int free_upper_pages() const { return kv_->num_free_pages(PageGroup::kUpper); }
+  // GPU pages (of the lower group) the requests with kv_policy `policy`
+  // hold, and the cap they share (0: none; BatcherOptions).
+  int pages_of_policy(int policy) const;
+  int page_cap(int policy) const;
   // Sequences preempted so far (swapped to the host tier or recomputed).
   int64_t num_preemptions() const { return num_preemptions_; }
   // Of those, sequences whose KV went to the host tier.
@@ -142,6 +153,8 @@ class Batcher {
   struct Sequence;
 
   bool EnsurePages(Sequence& seq, int tokens);
+  // Whether growing `seq` to `tokens` would pass its workload's page cap.
+  bool OverCap(const Sequence& seq, int tokens) const;
   // Pages of the smaller group: the most a sequence can hold.
   int MaxCachedPages() const;
   // Frees the sequence's KV pages and tells the model's planner it is gone.

@@ -131,6 +131,48 @@ TEST(BatcherTest, PreemptionUnderPagePressureKeepsOutputs) {
   EXPECT_EQ(batcher.free_pages(), 30);
 }
 
+TEST(BatcherTest, AWorkloadStaysWithinItsPageCapAndOthersKeepTheRest) {
+  // Workload 1 may hold 24 pages (one full context); four of its requests
+  // would take 60, and two of workload 0 run beside them in a cache that
+  // holds everything. Workload 1 preempts only its own, never passes its
+  // cap, and every stream is the one its request gives alone.
+  ModelOptions options;
+  options.max_seqs = 6;
+  options.max_context = 96;
+  options.max_batch_tokens = 64;
+  options.page_size = 4;
+  options.num_pages = 100;
+  auto model = LoadGolden("llama_gqa", options);
+  std::vector<GenerationRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    reqs.push_back(Request(i, RandomPrompt(20, 3 + i), 40));
+    reqs.back().kv_policy = i < 4 ? 1 : 0;
+  }
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  for (const auto& r : reqs) {
+    Batcher b(model.get(), nullptr);
+    alone[r.id] = RunRequests(b, {r}, {0})[r.id];
+  }
+  Batcher batcher(model.get(), nullptr, {.max_pages_per_policy = {0, 10}});
+  EXPECT_EQ(batcher.page_cap(1), 24) << "raised to one full context";
+  EXPECT_EQ(batcher.page_cap(0), 0);
+  for (const auto& r : reqs) ASSERT_TRUE(batcher.Add(r).ok());
+  std::map<uint64_t, std::vector<int32_t>> batched;
+  int most = 0, most_other = 0;
+  while (batcher.HasWork()) {
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+    for (const auto& e : *events) batched[e.request_id].push_back(e.token_id);
+    most = std::max(most, batcher.pages_of_policy(1));
+    most_other = std::max(most_other, batcher.pages_of_policy(0));
+  }
+  EXPECT_EQ(most, 24) << "workload 1 filled its cap and never passed it";
+  EXPECT_EQ(most_other, 30) << "workload 0 was never preempted for it";
+  EXPECT_GT(batcher.num_preemptions(), 0);
+  for (const auto& r : reqs) EXPECT_EQ(batched[r.id], alone[r.id]) << "request " << r.id;
+  EXPECT_EQ(batcher.free_pages(), 100);
+}
+
 TEST(BatcherTest, PreemptedPromptsDoNotBlockEachOther) {
   // Preempted sequences restart their prefill together; the oldest must get
   // its pages even when younger restarted prompts hold some.
