@@ -67,7 +67,10 @@ absl::StatusOr<KvSsdBenchResult> RunKvSsdBench(const KvSsdBenchOptions& o) {
   std::filesystem::remove_all(dir);
   STRATA_ASSIGN_OR_RETURN(
       std::unique_ptr<kvtier::SsdStore> store,
-      kvtier::SsdStore::Open({dir.string(), "bench", values * (o.value_bytes + 4) + (1 << 20)}));
+      kvtier::SsdStore::Open({.path = dir.string(),
+                              .model = "bench",
+                              .budget_bytes = values * (o.value_bytes + 4) + (1 << 20),
+                              .direct_io = o.direct_io}));
   const int max_threads = *std::max_element(o.io_threads.begin(), o.io_threads.end());
   auto key = [](int64_t i) {
     return kvtier::SsdKey{kvtier::SsdKey::Owner::kPrefix, static_cast<uint64_t>(i + 1), 0, 0, 0};

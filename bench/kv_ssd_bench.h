@@ -22,6 +22,7 @@ struct KvSsdBenchOptions {
   int64_t value_bytes = int64_t{2} << 20;  // one host record (Llama-3-8B: 16 tokens, bf16)
   int64_t total_bytes = int64_t{8} << 30;  // written, then read back per thread count
   std::vector<int> io_threads = {1, 2, 4, 8};
+  bool direct_io = true;  // SsdStoreOptions::direct_io
 };
 
 struct KvSsdBenchResult {

@@ -46,8 +46,9 @@ start() {
   [[ -n "$address" ]] || { cat "$out/$1"; exit 1; }
 }
 ask() {
-  .gpu/bin/strata generate --server "$address" --prompt-ids "$1" --max-tokens 4 --ignore-eos \
-    --json | tail -1
+  echo "$1" > "$tmp/prompt.txt"
+  .gpu/bin/strata generate --server "$address" --prompt-ids "@$tmp/prompt.txt" --max-tokens 4 \
+    --ignore-eos --json | tail -1
 }
 document=$(seq -s, 1000 $((context + 999)))
 start prefix_serve.log
@@ -86,4 +87,5 @@ else
   echo "no fio"
 fi
 rm -f "$tmp/fio.dat"
-.gpu/bin/strata bench kv-ssd --path "$tmp" --gib 8 --io-threads 1,2,4,8 --json "$out/kv_ssd.json"
+.gpu/bin/strata bench kv-ssd --path "$tmp" --gib 4 --io-threads 2,4,8 --json "$out/kv_ssd.json"
+.gpu/bin/strata bench kv-ssd --path "$tmp" --gib 4 --io-threads 8 --buffered --json "$out/kv_ssd_buffered.json"

@@ -5,9 +5,11 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -204,7 +206,8 @@ void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
                   "With --server: deadline of the call in seconds (0: none)");
   cmd->add_option("--model", f.model_dir, "Hugging Face model directory");
   auto* prompt = cmd->add_option("--prompt", f.prompt, "Prompt text");
-  auto* ids = cmd->add_option("--prompt-ids", f.prompt_ids, "Prompt as comma-separated token ids");
+  auto* ids = cmd->add_option("--prompt-ids", f.prompt_ids,
+                              "Prompt as comma-separated token ids (@FILE: read them from FILE)");
   prompt->excludes(ids);
   cmd->add_option("--max-tokens", f.max_tokens, "Tokens to generate")
       ->check(CLI::Range(1, 1 << 20));
@@ -236,7 +239,18 @@ int RunGenerate(const GenerateFlags& f) {
   if (f.prompt.empty() && f.prompt_ids.empty()) {
     return Fail(absl::InvalidArgumentError("give --prompt TEXT or --prompt-ids 1,2,3"));
   }
-  auto prompt_ids = ParseIds(f.prompt_ids, "--prompt-ids");
+  // "@FILE": the ids are in a file (a long prompt passes the limit of one
+  // command-line argument).
+  std::string prompt_ids_text = f.prompt_ids;
+  if (absl::StartsWith(prompt_ids_text, "@")) {
+    std::ifstream in(prompt_ids_text.substr(1));
+    if (!in) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--prompt-ids: cannot read ", prompt_ids_text.substr(1))));
+    }
+    prompt_ids_text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  auto prompt_ids = ParseIds(prompt_ids_text, "--prompt-ids");
   if (!prompt_ids.ok()) return Fail(prompt_ids.status());
   auto stop_ids = ParseIds(f.stop_token_ids, "--stop-token-ids");
   if (!stop_ids.ok()) return Fail(stop_ids.status());

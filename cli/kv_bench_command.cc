@@ -194,6 +194,9 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
   ssd->add_option("--io-threads", f.io_threads, "I/O thread counts to read with")
       ->delimiter(',')
       ->check(CLI::Range(1, 256));
+  ssd->add_flag("--buffered", f.buffered,
+                "Through the page cache (the store's default is O_DIRECT where the file system "
+                "has it)");
   ssd->add_option("--json", f.json, "Also write the results as JSON");
   ssd->callback([&f, &exit_code] {
     if (f.io_threads.empty()) f.io_threads = {1, 2, 4, 8};
@@ -589,6 +592,7 @@ int RunKvSsd(const KvBenchFlags& f) {
   options.value_bytes = f.value_kib << 10;
   options.total_bytes = static_cast<int64_t>(f.ssd_gib * (int64_t{1} << 30));
   options.io_threads = f.io_threads;
+  options.direct_io = !f.buffered;
   absl::StatusOr<bench::KvSsdBenchResult> result = bench::RunKvSsdBench(options);
   if (!result.ok()) return ExitWithError(kCmd, result.status());
   std::printf("kv-ssd: %lld values of %lld KiB; write %.2f GB/s (flushed)%s\n",
@@ -605,6 +609,7 @@ int RunKvSsd(const KvBenchFlags& f) {
                       {"values", result->values},
                       {"write_gbps", result->write_gbps},
                       {"page_cache_dropped", result->page_cache_dropped},
+                      {"direct_io", options.direct_io},
                       {"reads", reads}};
   if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
   return 0;

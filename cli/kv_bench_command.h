@@ -72,6 +72,7 @@ struct KvBenchFlags {
   int64_t value_kib = 2048;
   double ssd_gib = 8;
   std::vector<int> io_threads;
+  bool buffered = false;  // kv-ssd: page-cache I/O instead of O_DIRECT
   std::string json;
 };
 

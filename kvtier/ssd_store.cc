@@ -108,8 +108,15 @@ absl::StatusOr<std::unique_ptr<SsdStore>> SsdStore::Open(const SsdStoreOptions& 
   }
   std::vector<rocksdb::ColumnFamilyHandle*> handles;
   rocksdb::DB* db = nullptr;
-  const rocksdb::Status opened =
-      rocksdb::DB::Open(db_options, options.path, families, &handles, &db);
+  db_options.use_direct_reads = options.direct_io;
+  db_options.use_direct_io_for_flush_and_compaction = options.direct_io;
+  rocksdb::Status opened = rocksdb::DB::Open(db_options, options.path, families, &handles, &db);
+  if (!opened.ok() && options.direct_io) {
+    // No O_DIRECT here (e.g. tmpfs): buffered, as the file system allows.
+    db_options.use_direct_reads = false;
+    db_options.use_direct_io_for_flush_and_compaction = false;
+    opened = rocksdb::DB::Open(db_options, options.path, families, &handles, &db);
+  }
   if (!opened.ok()) {
     return absl::FailedPreconditionError(absl::StrCat("SSD tier: cannot open the database at ",
                                                       options.path, ": ", opened.ToString()));
@@ -204,7 +211,12 @@ absl::Status SsdStore::Read(const SsdKey& key,
                             const std::function<absl::Status(std::span<const uint8_t>)>& read) {
   ++gets_;
   rocksdb::PinnableSlice value;
-  const rocksdb::Status s = db_->Get(rocksdb::ReadOptions(), family_, key.Encode(), &value);
+  // The value's own CRC32C (checked below) covers it end to end: RocksDB's
+  // block and blob checksums would read every byte once more.
+  rocksdb::ReadOptions options;
+  options.verify_checksums = false;
+  options.fill_cache = false;
+  const rocksdb::Status s = db_->Get(options, family_, key.Encode(), &value);
   if (s.IsNotFound()) {
     ++misses_;
     return absl::NotFoundError("SSD tier: no such block");

@@ -62,6 +62,11 @@ struct SsdStoreOptions {
   int64_t budget_bytes = 0;  // stored bytes allowed (values and their CRCs)
   // Values at least this large go to blob files.
   int64_t min_blob_bytes = 64 << 10;
+  // O_DIRECT reads, flushes and compactions: the host tier is the cache,
+  // so the page cache would only copy every value once more (and hold
+  // memory the host tier needs). A file system without O_DIRECT (tmpfs)
+  // falls back to buffered I/O.
+  bool direct_io = true;
 };
 
 class SsdStore {
