@@ -184,8 +184,8 @@ absl::Status SsdStore::Put(const SsdKey& key, std::span<const uint8_t> head,
   }
   std::string framed;
   framed.reserve(static_cast<size_t>(bytes));
-  framed.append(reinterpret_cast<const char*>(head.data()), head.size());
-  framed.append(reinterpret_cast<const char*>(body.data()), body.size());
+  if (!head.empty()) framed.append(reinterpret_cast<const char*>(head.data()), head.size());
+  if (!body.empty()) framed.append(reinterpret_cast<const char*>(body.data()), body.size());
   const uint32_t crc =
       MaskCrc(Crc32c(reinterpret_cast<const uint8_t*>(framed.data()), framed.size()));
   for (int i = 0; i < 4; ++i) framed.push_back(static_cast<char>((crc >> (8 * i)) & 0xff));
@@ -257,8 +257,9 @@ absl::Status SsdStore::GetInto(const SsdKey& key, std::span<uint8_t> head,
       return absl::DataLossError(absl::StrCat("SSD tier: a stored block holds ", value.size(),
                                               " bytes, not ", head.size() + body.size()));
     }
-    std::memcpy(head.data(), value.data(), head.size());
-    std::memcpy(body.data(), value.data() + head.size(), body.size());
+    // (memcpy of an empty span may not name its null pointer.)
+    if (!head.empty()) std::memcpy(head.data(), value.data(), head.size());
+    if (!body.empty()) std::memcpy(body.data(), value.data() + head.size(), body.size());
     return absl::OkStatus();
   });
 }
