@@ -1,5 +1,7 @@
 #include "kvtier/host_pool.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/crc32c.h"
@@ -81,6 +83,34 @@ void HostPool::Unref(int32_t record) {
 
 void HostPool::Seal(int32_t record) {
   crc_[record] = MaskCrc(Crc32c(data(record), static_cast<size_t>(record_bytes_)));
+}
+
+void HostPool::SealAll(std::span<const int32_t> records, ThreadPool* pool) {
+  if (pool == nullptr || records.size() < 2) {
+    for (int32_t r : records) Seal(r);
+    return;
+  }
+  pool->ParallelFor(static_cast<int64_t>(records.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) Seal(records[i]);
+  });
+}
+
+size_t HostPool::FirstCorrupt(std::span<const int32_t> records, ThreadPool* pool) const {
+  auto bad = [&](size_t i) {
+    return MaskCrc(Crc32c(data(records[i]), static_cast<size_t>(record_bytes_))) !=
+           crc_[records[i]];
+  };
+  if (pool == nullptr || records.size() < 2) {
+    for (size_t i = 0; i < records.size(); ++i) {
+      if (bad(i)) return i;
+    }
+    return records.size();
+  }
+  std::vector<char> failed(records.size(), 0);
+  pool->ParallelFor(static_cast<int64_t>(records.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) failed[i] = bad(static_cast<size_t>(i));
+  });
+  return static_cast<size_t>(std::find(failed.begin(), failed.end(), 1) - failed.begin());
 }
 
 absl::Status HostPool::Verify(int32_t record) const {

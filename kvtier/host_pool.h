@@ -20,10 +20,12 @@
 #define STRATA_KVTIER_HOST_POOL_H_
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/thread_pool.h"
 #include "engine/backend.h"
 
 namespace strata::kvtier {
@@ -65,6 +67,13 @@ class HostPool {
   void Seal(int32_t record);
   // DataLoss naming the record when its bytes no longer match its CRC.
   absl::Status Verify(int32_t record) const;
+  // Seal and Verify over many records, split over `pool`'s threads (null:
+  // this thread): a 32k-token prompt's KV is gigabytes, whose CRCs take
+  // one thread a good part of a second. Distinct records only.
+  void SealAll(std::span<const int32_t> records, ThreadPool* pool);
+  // The index in `records` of the first that fails its check;
+  // records.size() when every one passes.
+  size_t FirstCorrupt(std::span<const int32_t> records, ThreadPool* pool) const;
   // The masked CRC32C Seal stored.
   uint32_t crc(int32_t record) const { return crc_[record]; }
   // The owner gives the record up; it is free now, or when its last

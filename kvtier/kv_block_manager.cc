@@ -56,6 +56,7 @@ KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool h
     max_prefix_records_ = static_cast<int>(
         std::min<int64_t>(options_.prefix_bytes / layout_.record_bytes(), host_.num_records()));
   }
+  crc_pool_ = std::make_unique<ThreadPool>(std::max(options_.crc_threads, 1));
   if (options_.ssd != nullptr) {
     mover_ = std::make_unique<RecordMover>(options_.ssd, options_.io_threads);
   }
@@ -162,10 +163,8 @@ int KvBlockManager::SwapInPages(int64_t seq_id, engine::PageGroup group) const {
 absl::Status KvBlockManager::Seal(Swapped& swapped) {
   if (swapped.sealed) return absl::OkStatus();
   STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(swapped.fence));
-  for (int32_t r : swapped.records) {
-    host_.Seal(r);
-    host_.Unref(r);  // the copy's reference: resident now
-  }
+  host_.SealAll(swapped.records, crc_pool_.get());
+  for (int32_t r : swapped.records) host_.Unref(r);  // the copy's reference: resident now
   swapped.sealed = true;
   return absl::OkStatus();
 }
@@ -201,12 +200,12 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
   }
   if (pages_.num_free() < needed || upper_pages_.num_free() < upper_needed) return false;
   STRATA_RETURN_IF_ERROR(Seal(swapped));
-  for (int32_t r : swapped.records) {
-    if (absl::Status s = host_.Verify(r); !s.ok()) {
-      ++counters_.host_records_lost;
-      DropSwapped(seq_id);
-      return absl::DataLossError(absl::StrCat("sequence ", seq_id, ": ", s.message()));
-    }
+  if (const size_t bad = host_.FirstCorrupt(swapped.records, crc_pool_.get());
+      bad < swapped.records.size()) {
+    const absl::Status s = host_.Verify(swapped.records[bad]);
+    ++counters_.host_records_lost;
+    DropSwapped(seq_id);
+    return absl::DataLossError(absl::StrCat("sequence ", seq_id, ": ", s.message()));
   }
   // Checked above: both pools have them (Allocate takes none when short).
   std::vector<int32_t> upper;
@@ -396,8 +395,8 @@ void KvBlockManager::FinishMove(const RecordMover::Done& done) {
     return;
   }
   absl::Status status = done.status;
+  if (status.ok()) host_.SealAll(swapped.records, crc_pool_.get());
   for (size_t i = 0; i < swapped.records.size() && status.ok(); ++i) {
-    host_.Seal(swapped.records[i]);
     if (host_.crc(swapped.records[i]) != swapped.crcs[i]) {
       status = absl::DataLossError(absl::StrCat("record ", i,
                                                 " read back from the SSD differs "

@@ -94,6 +94,9 @@ struct KvBlockManagerOptions {
   // down to the SSD, oldest first.
   double ssd_high_water = 0.75;
   int io_threads = 2;  // threads moving records to and from the SSD
+  // Threads that compute and check the host records' CRCs when many are
+  // sealed or loaded at once (a long prompt's prefix, a long swap).
+  int crc_threads = 8;
   // Host bytes stored prompt prefixes may take (part of host_bytes); 0:
   // no prefix reuse. prefix_space names what may share KV (the model and
   // its KV format): prefixes stored under another are never used.
@@ -360,6 +363,7 @@ class KvBlockManager final : public engine::KvMemory {
   absl::flat_hash_map<uint64_t, PrefixMove> prefix_moves_;  // by job id
   uint64_t next_job_ = 1;
   absl::flat_hash_map<uint64_t, Move> moves_;  // by job id
+  std::unique_ptr<ThreadPool> crc_pool_;       // HostPool::SealAll / FirstCorrupt
   // Destroyed first: its threads write into the host tier.
   std::unique_ptr<RecordMover> mover_;
 };

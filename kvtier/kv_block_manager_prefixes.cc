@@ -233,10 +233,10 @@ void KvBlockManager::FinishPrefixMove(const RecordMover::Done& done) {
     return;
   }
   const int page = layout_.page_size();
+  host_.SealAll(move.records, crc_pool_.get());
   for (size_t i = 0; i < move.records.size(); ++i) {
     const int32_t r = move.records[i];
     const PrefixKey& key = move.keys[i];
-    host_.Seal(r);
     host_.Unref(r);  // the job's reference
     bool good = done.moved[i];
     if (good) {
@@ -329,9 +329,9 @@ absl::Status KvBlockManager::SealPendingPrefixes() {
       continue;
     }
     std::vector<PrefixIndex::Evicted> down;
+    host_.SealAll(it->records, crc_pool_.get());
     for (size_t i = 0; i < it->records.size(); ++i) {
       const int32_t r = it->records[i];
-      host_.Seal(r);
       host_.Unref(r);
       if (!prefixes_.Insert(it->keys[i], it->tokens[i], r)) {
         host_.Release(r);  // stored meanwhile by another sequence
@@ -359,21 +359,10 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
   auto release = [&] {
     for (size_t i = 0; i < found.size(); ++i) prefixes_.Release(chain[i]);
   };
-  size_t good = 0;
-  for (; good < found.size(); ++good) {
-    if (host_.Verify(static_cast<int32_t>(found[good])).ok()) continue;
-    // Corrupt: dropped, and that part of the prompt is computed instead.
-    ++counters_.prefix_records_lost;
-    STRATA_LOG_WARN("a stored prefix page failed its check; computing it instead");
-    if (prefixes_.Erase(chain[good]).has_value()) {
-      host_.Release(static_cast<int32_t>(found[good]));
-      --prefix_records_;
-    }
-    break;
-  }
   // The prefix may go on below, on the SSD: those pages come up first.
-  if (good == found.size() && !ssd_prefixes_.empty()) {
-    size_t end = good;
+  if (!ssd_prefixes_.empty()) {
+    const size_t from = found.size();
+    size_t end = from;
     bool reading = false;
     for (; end < chain.size(); ++end) {
       auto it = ssd_prefixes_.find(chain[end].words[0]);
@@ -383,25 +372,25 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
         break;
       }
     }
-    if (!reading && end > good) {
+    if (!reading && end > from) {
       // Room in the host store for them, as far as it goes. They are
       // marked first: the host pages evicted meanwhile may go down and
       // make room on the SSD, but never by deleting these.
-      const size_t wanted = end - good;
-      for (size_t i = good; i < end; ++i) {
+      const size_t wanted = end - from;
+      for (size_t i = from; i < end; ++i) {
         ssd_prefixes_.find(chain[i].words[0])->second.state = SsdPrefix::State::kReading;
       }
       while (prefix_records_ + static_cast<int>(wanted) > max_prefix_records_ &&
              EvictHostPrefix(/*to_ssd=*/true)) {
       }
-      for (size_t i = good; i < end; ++i) {
+      for (size_t i = from; i < end; ++i) {
         ssd_prefixes_.find(chain[i].words[0])->second.state = SsdPrefix::State::kStored;
       }
       const size_t count = std::min<size_t>(
           wanted, static_cast<size_t>(std::max(
                       0, std::min(max_prefix_records_ - prefix_records_, host_.num_free()))));
       if (count > 0) {
-        ReadPrefixesUp(chain, tokens, good, count);
+        ReadPrefixesUp(chain, tokens, from, count);
         reading = true;
       }
     }
@@ -411,30 +400,51 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
     }
   }
   ++counters_.prefix_lookups;
-  if (good == 0 || pages_.num_free() < static_cast<int>(good)) {
+  const size_t n = found.size();
+  if (n == 0 || pages_.num_free() < static_cast<int>(n)) {
     release();
     return 0;
   }
-  if (!pages_.Allocate(static_cast<int>(good), pages.lower)) {
+  if (!pages_.Allocate(static_cast<int>(n), pages.lower)) {
     release();
     return absl::InternalError("free pages vanished");
   }
+  // The copy starts first and the records' CRCs are checked while it runs
+  // (gigabytes for a long prompt: each takes a good part of the other's
+  // time). The compute that reads the pages waits for the copy; a record
+  // found corrupt meanwhile gives back its page and those after it, and
+  // that part of the prompt is computed, overwriting what the copy put
+  // there (the compute is ordered after it).
   copies_.clear();
-  std::vector<int32_t> records;
-  for (size_t i = 0; i < good; ++i) {
-    const int32_t r = static_cast<int32_t>(found[i]);
-    layout_.AppendRecordCopies(pages.lower[i], engine::kPageOffGpu, host_.offset(r), copies_);
-    host_.Ref(r);  // held by the copy: an eviction meanwhile frees it after
-    records.push_back(r);
+  const std::vector<int32_t> records(found.begin(), found.end());
+  for (size_t i = 0; i < n; ++i) {
+    layout_.AppendRecordCopies(pages.lower[i], engine::kPageOffGpu, host_.offset(records[i]),
+                               copies_);
+    host_.Ref(records[i]);  // held by the copy: an eviction meanwhile frees it after
   }
-  release();
   absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/false);
   if (!fence.ok()) {
     for (int32_t r : records) host_.Unref(r);
+    release();
     STRATA_RETURN_IF_ERROR(Free(pages));
     return fence.status();
   }
-  in_flight_.push_back({*fence, std::move(records)});
+  in_flight_.push_back({*fence, records});
+  const size_t good = host_.FirstCorrupt(records, crc_pool_.get());
+  release();
+  if (good < n) {
+    ++counters_.prefix_records_lost;
+    STRATA_LOG_WARN("a stored prefix page failed its check; computing it instead");
+    if (prefixes_.Erase(chain[good]).has_value()) {
+      host_.Release(records[good]);
+      --prefix_records_;
+    }
+    std::vector<int32_t> tail(pages.lower.begin() + static_cast<std::ptrdiff_t>(good),
+                              pages.lower.end());
+    pages.lower.resize(good);
+    STRATA_RETURN_IF_ERROR(pages_.Free(tail));
+    if (good == 0) return 0;
+  }
   ++counters_.prefix_hits;
   const int loaded = static_cast<int>(good) * page;
   counters_.prefix_tokens_loaded += loaded;
