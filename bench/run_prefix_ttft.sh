@@ -38,12 +38,19 @@ tiers:
   ssd_write_admission: always
 EOF
 start() {
-  .gpu/bin/strata serve --backend cuda --dummy-weights llama-3-8b --max-context $((context + 64)) \
-    --max-seqs 4 --profile "$tmp/docs.yaml" --host 127.0.0.1 --port 0 > "$out/$1" 2>&1 &
+  STRATA_LOG_LEVEL=info .gpu/bin/strata serve --backend cuda --dummy-weights llama-3-8b \
+    --max-context $((context + 64)) --max-seqs 4 --profile "$tmp/docs.yaml" --host 127.0.0.1 \
+    --port 0 --metrics-port 0 > "$out/$1" 2>&1 &
   server=$!
   for _ in $(seq 600); do grep -q "listening on" "$out/$1" && break; sleep 0.2; done
   address=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$out/$1")
+  metrics=$(sed -n 's/.*metrics on \([^ ]*\).*/\1/p' "$out/$1")
   [[ -n "$address" ]] || { cat "$out/$1"; exit 1; }
+}
+# The SSD prefix counters of the running server.
+ssd_metrics() {
+  python3 -c "import urllib.request; print(urllib.request.urlopen('http://$metrics/metrics').read().decode())" \
+    | grep -E "^strata_kv_(ssd_prefix|prefix)_" || true
 }
 ask() {
   echo "$1" > "$tmp/prompt.txt"
@@ -68,6 +75,7 @@ fi
 start prefix_serve_restarted.log
 grep -o "stored prefix pages kept.*" "$out/prefix_serve_restarted.log" || true
 echo "ssd      $(ask "$document,31,32,33,34")"
+ssd_metrics
 echo "ssd-warm $(ask "$document,41,42,43,44")"
 kill -TERM "$server"
 wait "$server" || true

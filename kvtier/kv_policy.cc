@@ -578,10 +578,11 @@ absl::Status KvPolicyRunner::PrefetchLayer(int layer, const engine::AttentionBat
   engine::Backend& b = model_->backend();
   int num_clusterkv = 0;
   LayerFields(layer, &num_clusterkv);
-  // ClusterKV entries come first: the guessed plan is their prefix.
-  guess_plan_.entries = plan_.entries;
-  guess_plan_.host_entries.assign(uploaded_.begin(),
-                                  uploaded_.begin() + num_clusterkv * engine::kSparsePlanFields);
+  // ClusterKV entries come first: the guessed plan is their prefix, with
+  // the budgets cut to the share (UploadEntries wrote them to its own
+  // entries; the device reads those, the CPU backend the host copy).
+  guess_plan_.host_entries.assign(
+      guess_uploaded_.begin(), guess_uploaded_.begin() + num_clusterkv * engine::kSparsePlanFields);
   guess_plan_.num_entries = num_clusterkv;
   guess_plan_.num_blocks_bound = plan_.num_blocks_bound;
   STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(guess_plan_, batch, guessed_qkv.dim(0),

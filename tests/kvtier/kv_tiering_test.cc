@@ -408,10 +408,13 @@ TEST(TieringTest, PrefetchRecallsAheadOfTheLayerAndKeepsTheTokens) {
       Serve(true, {.prefetch_share = 1}, 40, nullptr, nullptr, {.upper_pages = 160});
   EXPECT_GT(freed.stats.prefetch_tokens, 0);
   for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(freed.tokens.at(id), gpu.tokens.at(id));
-  // A share of the budget: the guess's last cluster may be cut short.
+  // A share of the budget: the guesses select that much (their own
+  // entries' budgets; the layers' own plans keep the whole budget, so the
+  // tokens stay).
   for (double share : {0.5, 0.3}) {
     const Served part = Serve(true, {.prefetch_share = share});
     EXPECT_GT(part.stats.prefetch_tokens, 0);
+    EXPECT_LT(part.stats.prefetch_tokens, on.stats.prefetch_tokens) << "share " << share;
     for (uint64_t id = 0; id < 3; ++id) {
       EXPECT_EQ(part.tokens.at(id), gpu.tokens.at(id)) << "share " << share << ", request " << id;
     }
