@@ -299,6 +299,8 @@ class KvBlockManager final : public engine::KvMemory {
   absl::Status IndexSsdPrefixes();
   // Starts writing host prefix records down (each referenced until done);
   // pages already there or that do not fit the budget are skipped.
+  // release_records: the pages were evicted, so their records are given up
+  // now (freed when the write is done, or at once if skipped).
   void WritePrefixesDown(std::vector<PrefixIndex::Evicted> pages, bool release_records);
   // Deletes the least recently used SSD prefix not moving; false when none.
   bool EvictSsdPrefix();
@@ -358,7 +360,6 @@ class KvBlockManager final : public engine::KvMemory {
     std::vector<PrefixKey> keys;
     std::vector<std::vector<int32_t>> tokens;
     std::vector<int32_t> records;
-    bool release_records = false;  // down: the records were evicted (freed when done)
   };
   absl::flat_hash_map<uint64_t, PrefixMove> prefix_moves_;  // by job id
   uint64_t next_job_ = 1;

@@ -134,7 +134,6 @@ void KvBlockManager::WritePrefixesDown(std::vector<PrefixIndex::Evicted> pages,
   job.header_bytes = PrefixHeaderBytes();
   PrefixMove move;
   move.down = true;
-  move.release_records = release_records;
   const int64_t value_bytes = job.header_bytes + job.record_bytes + 4;
   for (PrefixIndex::Evicted& page : pages) {
     const auto r = static_cast<int32_t>(page.value);
