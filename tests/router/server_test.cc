@@ -563,6 +563,17 @@ TEST(ServerHostTierTest, PausedRequestsGoDownToTheSsdTierAndStreamUnchanged) {
   std::filesystem::remove_all(dir);
 }
 
+// A question about a long document (the same 30 sentences every time),
+// 16 tokens, for the profile "docs" of the prefix tests.
+v1::GenerateRequest DocumentQuestion(const std::string& question) {
+  std::string document;
+  for (int i = 0; i < 30; ++i) document += "Return the number of items in the list. ";
+  v1::GenerateRequest r = TextRequest(document + question, 16);
+  r.mutable_stopping()->set_ignore_eos(true);
+  r.set_profile("docs");
+  return r;
+}
+
 TEST(ServerHostTierTest, RequestsThatStartWithAStoredPrefixLoadItAndSayHowMuch) {
   // A document asked about twice, then the next turn of the first
   // conversation: the later requests load the earlier KV instead of
@@ -572,14 +583,8 @@ TEST(ServerHostTierTest, RequestsThatStartWithAStoredPrefixLoadItAndSayHowMuch) 
       "prefix_profile.yaml", "name: docs\ntiers: {host_bytes: 64MiB, prefix_bytes: 32MiB}\n");
   ServerProcess server({"--profile", path});
   ServerProcess plain;
-  std::string document;
-  for (int i = 0; i < 30; ++i) document += "Return the number of items in the list. ";
-  v1::GenerateRequest first = TextRequest(document + "How many?", 16);
-  first.mutable_stopping()->set_ignore_eos(true);
-  first.set_profile("docs");
-  v1::GenerateRequest again = TextRequest(document + "And how many now?", 16);
-  again.mutable_stopping()->set_ignore_eos(true);
-  again.set_profile("docs");
+  v1::GenerateRequest first = DocumentQuestion("How many?");
+  v1::GenerateRequest again = DocumentQuestion("And how many now?");
   const Completion a = Generate(server.stub(), first);
   ASSERT_TRUE(a.status.ok()) << a.status.error_message();
   EXPECT_EQ(a.last.usage().cached_prompt_tokens(), 0u);
@@ -608,14 +613,8 @@ TEST(ServerHostTierTest, StoredPrefixesOnTheSsdSurviveAKilledWorker) {
       "ssd_prefix_profile.yaml",
       "name: docs\ntiers: {host_bytes: 64MiB, prefix_bytes: 32MiB, ssd_path: " + dir +
           ", ssd_bytes: 256MiB, ssd_prefix_bytes: 128MiB, ssd_write_admission: always}\n");
-  std::string document;
-  for (int i = 0; i < 30; ++i) document += "Return the number of items in the list. ";
-  v1::GenerateRequest first = TextRequest(document + "How many?", 16);
-  first.mutable_stopping()->set_ignore_eos(true);
-  first.set_profile("docs");
-  v1::GenerateRequest again = TextRequest(document + "And how many now?", 16);
-  again.mutable_stopping()->set_ignore_eos(true);
-  again.set_profile("docs");
+  v1::GenerateRequest first = DocumentQuestion("How many?");
+  v1::GenerateRequest again = DocumentQuestion("And how many now?");
   double written = 0;
   {
     ServerProcess server({"--profile", path});
