@@ -39,6 +39,10 @@ struct Batcher::Sequence {
   bool lost = false;      // this step's KV was not trusted: recompute
   int cached_tokens = 0;  // of its first prefill, loaded from a stored prefix
   bool prefix_asked = false;
+  // req.import_kv was loaded, failed or dropped: never asked again (a
+  // recompute computes the prompt here).
+  bool import_done = false;
+  size_t generated_emitted = 0;  // of req.generated
   SequencePages pages;
   // Token ids that end the sequence: its stop_token_ids, and the model's
   // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
@@ -108,10 +112,27 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
       return bad(absl::StrCat("stop token id ", id, " outside the vocabulary"));
     }
   }
+  for (const SampledToken& token : request.generated) {
+    if (token.id < 0 || token.id >= config.vocab_size) {
+      return bad(absl::StrCat("generated token id ", token.id, " outside the vocabulary of ",
+                              config.vocab_size));
+    }
+  }
+  if (request.import_kv != 0 && request.generated.empty()) {
+    return bad("imported KV needs the token generated after the prompt");
+  }
+  if (!request.generated.empty() && !request.decode_tokens.empty()) {
+    return bad("generated tokens and decode tokens cannot be combined");
+  }
+  if (static_cast<int64_t>(request.generated.size()) > request.max_tokens) {
+    return bad(absl::StrCat(request.generated.size(),
+                            " tokens already generated exceed max_tokens ", request.max_tokens));
+  }
   if (request.max_tokens <= 0) return bad("max_tokens must be positive");
   if (static_cast<int64_t>(request.prompt.size()) +
-          static_cast<int64_t>(request.decode_tokens.size()) >=
-      opts.max_context) {
+          static_cast<int64_t>(request.decode_tokens.size()) +
+          static_cast<int64_t>(request.generated.size()) >=
+      opts.max_context + (request.generated.empty() ? 0 : 1)) {
     const std::string what =
         request.decode_tokens.empty()
             ? absl::StrCat("prompt of ", request.prompt.size(), " tokens leaves")
@@ -194,6 +215,10 @@ bool Batcher::OverCap(const Sequence& seq, int tokens) const {
 }
 
 void Batcher::ReleaseKv(Sequence& seq) {
+  if (seq.req.import_kv != 0 && !seq.import_done) {
+    kv_->DropImported(seq.req.import_kv);
+    seq.import_done = true;
+  }
   if (seq.swapped) {
     kv_->DropSwapped(static_cast<int64_t>(seq.req.id));
     seq.swapped = false;
@@ -305,6 +330,20 @@ void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>
   events.back().finish = reason;
   events.back().cached_tokens = seq.cached_tokens;
   seq.finished = true;
+  if (seq.req.export_kv != 0 &&
+      (reason == FinishReason::kStop || reason == FinishReason::kLength)) {
+    // Its KV goes on to the worker that decodes it (copied before the
+    // pages are freed below).
+    if (absl::Status s =
+            kv_->ExportKv(seq.req.export_kv,
+                          std::span<const int32_t>(seq.tokens).first(seq.num_computed), seq.pages);
+        !s.ok()) {
+      ++num_failed_;
+      events.back().finish = FinishReason::kError;
+      events.back().error =
+          absl::StrCat("request ", seq.req.id, ": its KV was not exported: ", s.message());
+    }
+  }
   const AttentionPlanner* planner = model_->attention_planner();
   if ((reason == FinishReason::kStop || reason == FinishReason::kLength) &&
       (planner == nullptr || !planner->Reordered(static_cast<int64_t>(seq.req.id)))) {
@@ -388,6 +427,14 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   cancelled_.clear();
 
   STRATA_RETURN_IF_ERROR(kv_->Poll());
+  // Tokens generated elsewhere (GenerationRequest::generated) go out first,
+  // and may end their request at once.
+  for (auto& seq : waiting_) {
+    while (!seq->finished && seq->generated_emitted < seq->req.generated.size()) {
+      EmitToken(*seq, seq->req.generated[seq->generated_emitted++], events);
+    }
+  }
+  std::erase_if(waiting_, [](const std::unique_ptr<Sequence>& s) { return s->finished; });
   STRATA_RETURN_IF_ERROR(ResumeSwapped());
 
   const ModelOptions& opts = model_->options();
@@ -455,8 +502,27 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   for (auto& seq_ptr : waiting_) {
     if (prefill_budget <= 0 || static_cast<int>(step_seqs.size()) >= opts.max_seqs) break;
     Sequence& seq = *seq_ptr;
+    if (seq.finished) continue;
     // Swapped sequences are older: no new prompt starts before they are back.
     if (!swapped_.empty() && seq.pages.empty()) break;
+    if (seq.req.import_kv != 0 && !seq.import_done && seq.pages.empty()) {
+      // The prompt's KV was computed by another worker.
+      absl::StatusOr<bool> loaded = kv_->LoadImported(
+          seq.req.import_kv, std::span<const int32_t>(seq.tokens).first(seq.req.prompt.size()),
+          seq.pages);
+      if (loaded.ok() && !*loaded) break;  // wait for pages
+      seq.import_done = true;
+      if (!loaded.ok()) {
+        FailSequence(seq,
+                     absl::StrCat("request ", seq.req.id,
+                                  ": the prompt's KV from the prefill worker could not be used: ",
+                                  loaded.status().ToString()),
+                     events);
+        continue;
+      }
+      seq.num_computed = static_cast<int>(seq.req.prompt.size());
+      seq.prefix_asked = true;
+    }
     if (seq.num_computed == 0 && seq.pages.empty() && seq.tokens.size() > 2) {
       // A stored prefix saves computing its KV. Two tokens at least are
       // computed, so that the rest is a prefill chunk (a lone token would
@@ -490,6 +556,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     add_rows(seq, chunk, chunk == remaining);
     prefill_budget -= chunk;
   }
+  // Those that failed to load their KV are done (none is in this step).
+  std::erase_if(waiting_, [](const std::unique_ptr<Sequence>& s) { return s->finished; });
   if (in.token_ids.empty() && running_.empty() && !swapped_.empty() &&
       !kv_->SwapMoving(static_cast<int64_t>(swapped_.front()->req.id))) {
     // Nothing could run and the oldest swapped sequence still does not fit

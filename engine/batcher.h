@@ -59,6 +59,21 @@ struct GenerationRequest {
   // sampling starts (see the file comment); their steps emit no events and
   // do not count against max_tokens.
   std::vector<int32_t> decode_tokens;
+
+  // Disaggregated serving (see KvMemory's "other workers" part).
+  // Prefill side: when the request finishes, the KV of its prompt goes to
+  // KvMemory::ExportKv under this key before its pages are freed; a
+  // failed export ends it with kError. 0: none.
+  uint64_t export_kv = 0;
+  // Decode side: tokens already generated for this request elsewhere (the
+  // first token, sampled where the prompt was computed). They are emitted
+  // first, by the next step, through the same stop conditions as tokens
+  // generated here, and count against max_tokens.
+  std::vector<SampledToken> generated = {};
+  // Decode side: the transfer holding the prompt's KV (KvMemory::
+  // LoadImported): loaded instead of computed. A transfer that fails to
+  // load ends the request with kError naming why. 0: none.
+  uint64_t import_kv = 0;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };

@@ -127,6 +127,31 @@ class KvMemory {
                                    const SequencePages& /*pages*/) {
     return absl::OkStatus();
   }
+
+  // ---- KV from and for other workers (disaggregated serving) ------------
+  // Prefill side: before a finished sequence's pages are freed, hands the
+  // KV of `tokens` (the tokens whose KV `pages` hold) over under `key`, to
+  // be sent to the worker that decodes it. Unimplemented without a host
+  // tier; ResourceExhausted when it has no room now.
+  virtual absl::Status ExportKv(uint64_t /*key*/, std::span<const int32_t> /*tokens*/,
+                                const SequencePages& /*pages*/) {
+    return absl::UnimplementedError("KV export needs a KV block manager with a host tier");
+  }
+  // Decode side: for a sequence about to start (`pages` empty), brings the
+  // KV another worker computed for `tokens` and sent under `transfer_id`
+  // into pages it allocates and sets in `pages`. False (nothing allocated)
+  // when too few pages are free now: ask again. NotFound when no such
+  // transfer is held (never reserved, or its lease expired); DataLoss when
+  // a block failed its check; FailedPrecondition when blocks are missing or
+  // do not cover `tokens`. Once loaded, or after an error, the transfer is
+  // gone.
+  virtual absl::StatusOr<bool> LoadImported(uint64_t /*transfer_id*/,
+                                            std::span<const int32_t> /*tokens*/,
+                                            SequencePages& /*pages*/) {
+    return absl::NotFoundError("no KV transfers: this worker has no KV block manager");
+  }
+  // Forgets a transfer that will not be loaded (its request ended first).
+  virtual void DropImported(uint64_t /*transfer_id*/) {}
 };
 
 // The GPU pages alone: a KvMemory over one PageAllocator per group, with no

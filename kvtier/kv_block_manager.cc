@@ -34,11 +34,33 @@ absl::StatusOr<std::unique_ptr<KvBlockManager>> KvBlockManager::Create(
         "KV block manager: an SSD tier needs a host tier, ssd_high_water in (0, 1] and "
         "io_threads >= 1");
   }
+  if (options.landing_bytes < 0 ||
+      options.landing_bytes > options.host_bytes - options.prefix_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV block manager: landing_bytes ", options.landing_bytes,
+                     " must be in [0, host_bytes ", options.host_bytes, " - prefix_bytes ",
+                     options.prefix_bytes, "]: received KV lands in the host tier"));
+  }
   STRATA_ASSIGN_OR_RETURN(KvLayout layout, KvLayout::Create(*model));
   STRATA_ASSIGN_OR_RETURN(
       HostPool host, HostPool::Create(model->backend(), options.host_bytes, layout.record_bytes()));
   std::unique_ptr<KvBlockManager> manager(
       new KvBlockManager(model, std::move(layout), std::move(host), options));
+  if (options.landing_bytes > 0) {
+    HostPool& host = manager->host_;
+    const int records = static_cast<int>(options.landing_bytes / host.record_stride());
+    std::vector<int32_t> landing;
+    if (records < 1 || !host.Allocate(records, landing)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "KV block manager: landing_bytes ", options.landing_bytes, " hold ", records,
+          " records of ", host.record_stride(), " bytes; the host tier has ", host.num_free()));
+    }
+    // The landing area's for good: resident, never released.
+    for (int32_t r : landing) host.Unref(r);
+    manager->landing_ = std::make_unique<LandingArea>(
+        std::move(landing), reinterpret_cast<std::byte*>(host.buffer().data()),
+        host.record_stride(), host.record_bytes());
+  }
   if (options.ssd != nullptr) STRATA_RETURN_IF_ERROR(manager->IndexSsdPrefixes());
   return manager;
 }
@@ -283,6 +305,7 @@ absl::Status KvBlockManager::Poll() {
   }
   // Stored prefixes whose copy landed are sealed and indexed.
   STRATA_RETURN_IF_ERROR(SealPendingPrefixes());
+  STRATA_RETURN_IF_ERROR(PollTransfers());
   if (mover_ != nullptr) STRATA_RETURN_IF_ERROR(PollSsd());
   return absl::OkStatus();
 }
@@ -461,12 +484,17 @@ KvBlockManager::Stats KvBlockManager::stats() const {
   s.prefix_bytes_used = int64_t{prefix_records_} * host_.record_bytes();
   s.ssd_prefix_bytes_used = ssd_prefix_bytes_;
   s.ssd_prefix_pages = static_cast<int>(ssd_prefixes_.size());
+  s.exports_held = static_cast<int>(exports_.size());
+  if (landing_ != nullptr) {
+    s.landing_records_total = landing_->num_records();
+    s.landing_records_free = landing_->num_free();
+  }
   return s;
 }
 
 bool KvBlockManager::Settling() const {
   if (!in_flight_.empty() || !moves_.empty() || !pending_prefixes_.empty() ||
-      !prefix_moves_.empty()) {
+      !prefix_moves_.empty() || !exports_.empty() || !landing_in_flight_.empty()) {
     return true;
   }
   for (const auto& [id, swapped] : swapped_) {
@@ -476,10 +504,13 @@ bool KvBlockManager::Settling() const {
 }
 
 bool KvBlockManager::Idle() const {
+  const int landing = landing_ == nullptr ? 0 : landing_->num_records();
   return pages_.num_free() == pages_.num_pages() &&
          upper_pages_.num_free() == upper_pages_.num_pages() &&
-         host_.num_free() + prefix_records_ == host_.num_records() && swapped_.empty() &&
-         in_flight_.empty() && moves_.empty() && pending_prefixes_.empty() && prefix_moves_.empty();
+         host_.num_free() + prefix_records_ + landing == host_.num_records() && swapped_.empty() &&
+         in_flight_.empty() && moves_.empty() && pending_prefixes_.empty() &&
+         prefix_moves_.empty() && exports_.empty() && landing_in_flight_.empty() &&
+         (landing_ == nullptr || landing_->num_free() == landing);
 }
 
 std::optional<uint64_t> KvBlockManager::SsdSwapIdOf(int64_t seq_id) const {

@@ -54,6 +54,16 @@
 // ssd_prefix_bytes, least recently used out first.
 // The prefix code lives in kv_block_manager_prefixes.cc.
 //
+// Disaggregated serving (kv_block_manager_transfer.cc). On a prefill
+// worker, a finished prompt's pages are copied to host records (ExportKv)
+// and, once sealed, handed to the export sink (the prefill service, which
+// sends them to the decode worker); the records are held until the sink's
+// owner calls ReleaseExport (from any thread). On a decode worker, KV
+// arriving from prefill workers lands in a set of host records set aside at
+// start (landing_area(), written by the transport's thread), and
+// LoadImported checks each block's CRC and copies it into the sequence's
+// pages. Reservations whose lease ends are dropped in Poll.
+//
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
 #ifndef STRATA_KVTIER_KV_BLOCK_MANAGER_H_
@@ -61,6 +71,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <memory>
 #include <optional>
@@ -69,13 +80,16 @@
 #include <string_view>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "engine/kv_memory.h"
 #include "engine/model.h"
 #include "engine/page_allocator.h"
 #include "kvtier/host_pool.h"
 #include "kvtier/kv_layout.h"
+#include "kvtier/landing_area.h"
 #include "kvtier/prefix_index.h"
 #include "kvtier/profile.h"
 #include "kvtier/record_mover.h"
@@ -110,6 +124,9 @@ struct KvBlockManagerOptions {
   int64_t ssd_prefix_bytes = 0;
   enum class SsdAdmission { kNever, kCold, kAlways };
   SsdAdmission ssd_admission = SsdAdmission::kCold;
+  // Host bytes set aside (part of host_bytes) for KV that prefill workers
+  // send this worker (decode workers; landing_area()); 0: none.
+  int64_t landing_bytes = 0;
   // "never", "cold" or "always".
   static absl::StatusOr<SsdAdmission> ParseSsdAdmission(std::string_view name);
 };
@@ -161,6 +178,16 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t ssd_prefix_bytes_read = 0;
     int64_t ssd_prefix_read_micros = 0;    // the reads' time on the I/O threads
     int64_t ssd_prefix_pages_indexed = 0;  // found at start (stored by a predecessor)
+    // Disaggregated serving.
+    int64_t kv_exports = 0;            // prompts whose KV was handed over
+    int64_t kv_export_bytes = 0;       // ... host bytes copied
+    int exports_held = 0;              // ... not yet released by the sender
+    int64_t kv_imports = 0;            // transfers loaded into pages
+    int64_t kv_import_bytes = 0;       // ... their bytes
+    int64_t kv_imports_failed = 0;     // ... that failed (missing or corrupt blocks)
+    int64_t kv_transfers_expired = 0;  // reservations whose lease ended first
+    int landing_records_total = 0;
+    int landing_records_free = 0;
   };
 
   // The layout is checked against the model's caches (KvLayout::Create) and
@@ -195,6 +222,39 @@ class KvBlockManager final : public engine::KvMemory {
   // queued. Called on the thread that drives the manager, or after it
   // stopped.
   absl::StatusOr<bool> FinishPrefixWrites(std::chrono::milliseconds timeout);
+
+  // ---- Disaggregated serving (see the file comment) ------------------------
+  absl::Status ExportKv(uint64_t key, std::span<const int32_t> tokens,
+                        const engine::SequencePages& pages) override;
+  absl::StatusOr<bool> LoadImported(uint64_t transfer_id, std::span<const int32_t> tokens,
+                                    engine::SequencePages& pages) override;
+  void DropImported(uint64_t transfer_id) override;
+  // A prompt's KV, sealed in host records, ready to send: one block per
+  // token page (a host record: kv_layout.h), with its masked CRC32C.
+  struct ExportedKv {
+    uint64_t key = 0;
+    int tokens = 0;
+    struct Block {
+      std::span<const std::byte> data;
+      uint32_t crc = 0;
+      int tokens = 0;  // tokens of the page it holds
+    };
+    std::vector<Block> blocks;
+  };
+  // Called on the manager's thread (in Poll) for each export once sealed;
+  // must return quickly. The blocks stay valid until ReleaseExport(key).
+  using ExportSink = std::function<void(ExportedKv exported)>;
+  void set_export_sink(ExportSink sink) { export_sink_ = std::move(sink); }
+  // Gives an export's records back (its blocks were sent, or never will
+  // be). Thread-safe: the records are freed by the next Poll. Destroy the
+  // manager only once nothing reads an export.
+  void ReleaseExport(uint64_t key);
+  // Where KV sent by prefill workers lands (null without landing_bytes).
+  // Thread-safe, and outlives nothing: the transport's receiver must stop
+  // before the manager goes.
+  LandingArea* landing_area() { return landing_.get(); }
+  // Bytes of one block on the wire (a host record).
+  int64_t block_bytes() const { return layout_.record_bytes(); }
   // Forgets every prefix stored in the host tier (their records are freed
   // once no copy reads them); with cold SSD admission they go down first.
   void ClearPrefixes();
@@ -365,6 +425,22 @@ class KvBlockManager final : public engine::KvMemory {
   uint64_t next_job_ = 1;
   absl::flat_hash_map<uint64_t, Move> moves_;  // by job id
   std::unique_ptr<ThreadPool> crc_pool_;       // HostPool::SealAll / FirstCorrupt
+  // Disaggregated serving: exports by key (records held until released),
+  // the keys released from other threads, and copies that read landing
+  // records (freed to the landing area when done).
+  struct Export {
+    engine::CopyFence fence;
+    std::vector<int32_t> records;
+    int tokens = 0;
+    bool sealed = false;
+  };
+  absl::Status PollTransfers();
+  absl::flat_hash_map<uint64_t, Export> exports_;
+  ExportSink export_sink_;
+  absl::Mutex released_mu_;
+  std::vector<uint64_t> released_exports_ ABSL_GUARDED_BY(released_mu_);
+  std::unique_ptr<LandingArea> landing_;
+  std::vector<InFlight> landing_in_flight_;
   // Destroyed first: its threads write into the host tier.
   std::unique_ptr<RecordMover> mover_;
 };

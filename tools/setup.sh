@@ -10,7 +10,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libyaml-cpp-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   clang libclang-rt-14-dev clang-format
-  prometheus-cpp-dev libmicrohttpd-dev librocksdb-dev libssl-dev
+  prometheus-cpp-dev libmicrohttpd-dev librocksdb-dev libssl-dev libucx-dev ucx-utils
 )
 
 missing=()

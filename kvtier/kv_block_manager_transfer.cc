@@ -1,0 +1,195 @@
+// KvBlockManager's part in disaggregated serving: a prefill worker's
+// exports and a decode worker's imports (see kv_block_manager.h).
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "kvtier/kv_block_manager.h"
+
+namespace strata::kvtier {
+
+absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tokens,
+                                      const engine::SequencePages& pages) {
+  const int page_size = layout_.page_size();
+  const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
+  const bool two_groups = upper_pages_.num_pages() > 0;
+  if (tokens.empty() || needed > static_cast<int>(pages.lower.size()) ||
+      (two_groups && pages.upper.size() != pages.lower.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("KV export ", key, ": ", tokens.size(),
+                                                   " tokens in ", pages.lower.size(), " pages"));
+  }
+  if (exports_.contains(key)) {
+    return absl::AlreadyExistsError(absl::StrCat("KV export ", key, " is already held"));
+  }
+  if (two_groups) {
+    for (int i = 0; i < needed; ++i) {
+      if (pages.upper[i] == engine::kPageOffGpu) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("KV export ", key, ": page ", i,
+                         " of the upper layers is off the GPU (its KV policy moved it)"));
+      }
+    }
+  }
+  // Stored prefixes give way, as they do to a swap.
+  while (host_.num_free() < needed && EvictHostPrefix(/*to_ssd=*/false)) {
+  }
+  Export exported;
+  exported.tokens = static_cast<int>(tokens.size());
+  if (!host_.Allocate(needed, exported.records)) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV export ", key, " needs ", needed, " host records; ", host_.num_free(),
+                     " are free (the host tier holds exports until they are sent)"));
+  }
+  copies_.clear();
+  for (int i = 0; i < needed; ++i) {
+    layout_.AppendRecordCopies(pages.lower[i], two_groups ? pages.upper[i] : engine::kPageOffGpu,
+                               host_.offset(exported.records[i]), copies_);
+  }
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
+  if (!fence.ok()) {
+    for (int32_t r : exported.records) {
+      host_.Release(r);
+      host_.Unref(r);
+    }
+    return fence.status();
+  }
+  exported.fence = *fence;
+  ++counters_.kv_exports;
+  counters_.kv_export_bytes += needed * layout_.record_bytes();
+  exports_.emplace(key, std::move(exported));
+  return absl::OkStatus();
+}
+
+void KvBlockManager::ReleaseExport(uint64_t key) {
+  absl::MutexLock lock(&released_mu_);
+  released_exports_.push_back(key);
+}
+
+absl::Status KvBlockManager::PollTransfers() {
+  engine::Backend& backend = model_->backend();
+  std::vector<uint64_t> released;
+  {
+    absl::MutexLock lock(&released_mu_);
+    released.swap(released_exports_);
+  }
+  for (uint64_t key : released) {
+    auto it = exports_.find(key);
+    if (it == exports_.end()) continue;
+    Export& e = it->second;
+    for (int32_t r : e.records) host_.Release(r);
+    // A copy still writing them holds a reference each until it is done.
+    if (!e.sealed) in_flight_.push_back({e.fence, std::move(e.records)});
+    exports_.erase(it);
+  }
+  const int page_size = layout_.page_size();
+  for (auto& [key, e] : exports_) {
+    if (e.sealed) continue;
+    STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(e.fence));
+    if (!done) continue;
+    host_.SealAll(e.records, crc_pool_.get());
+    for (int32_t r : e.records) host_.Unref(r);  // the copy's reference: resident now
+    e.sealed = true;
+    if (!export_sink_) continue;
+    ExportedKv out;
+    out.key = key;
+    out.tokens = e.tokens;
+    for (size_t i = 0; i < e.records.size(); ++i) {
+      const int32_t r = e.records[i];
+      out.blocks.push_back(
+          {std::span<const std::byte>(reinterpret_cast<const std::byte*>(host_.data(r)),
+                                      static_cast<size_t>(layout_.record_bytes())),
+           host_.crc(r), std::min(page_size, e.tokens - static_cast<int>(i) * page_size)});
+    }
+    export_sink_(std::move(out));
+  }
+  if (landing_ != nullptr) {
+    for (auto it = landing_in_flight_.begin(); it != landing_in_flight_.end();) {
+      STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(it->fence));
+      if (!done) {
+        ++it;
+        continue;
+      }
+      landing_->Free(it->records);
+      it = landing_in_flight_.erase(it);
+    }
+    counters_.kv_transfers_expired += landing_->Expire(absl::Now());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
+                                                  std::span<const int32_t> tokens,
+                                                  engine::SequencePages& pages) {
+  if (landing_ == nullptr) {
+    return absl::NotFoundError(
+        "KV transfers need a landing area (this worker takes no KV from prefill workers)");
+  }
+  const int page_size = layout_.page_size();
+  const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
+  const bool two_groups = upper_pages_.num_pages() > 0;
+  if (!pages.empty() || tokens.empty()) {
+    landing_->Drop(transfer_id);
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer ", transfer_id, ": loaded into a sequence holding pages"));
+  }
+  if (!landing_->Holds(transfer_id)) {
+    return absl::NotFoundError(absl::StrCat(
+        "KV transfer ", transfer_id, " is not held here (never reserved, or its lease ended)"));
+  }
+  if (pages_.num_free() < needed || (two_groups && upper_pages_.num_free() < needed)) return false;
+  absl::StatusOr<std::vector<LandingArea::Block>> blocks = landing_->Take(transfer_id);
+  if (!blocks.ok()) {
+    ++counters_.kv_imports_failed;
+    return blocks.status();
+  }
+  std::vector<int32_t> records;
+  for (const LandingArea::Block& b : *blocks) records.push_back(b.record);
+  auto fail = [&](absl::Status status) {
+    ++counters_.kv_imports_failed;
+    landing_->Free(records);
+    return status;
+  };
+  if (static_cast<int>(blocks->size()) != needed) {
+    return fail(absl::FailedPreconditionError(
+        absl::StrCat("KV transfer ", transfer_id, " brought ", blocks->size(), " pages for ",
+                     tokens.size(), " tokens (", needed, " pages)")));
+  }
+  // Each block against the CRC its header carried, on the CRC threads.
+  host_.SealAll(records, crc_pool_.get());
+  for (size_t i = 0; i < records.size(); ++i) {
+    if (host_.crc(records[i]) != (*blocks)[i].crc) {
+      return fail(absl::DataLossError(
+          absl::StrCat("KV transfer ", transfer_id, ": block ", i, " of ", records.size(),
+                       " does not match its CRC32C (corrupt on the way)")));
+    }
+  }
+  if (!pages_.Allocate(needed, pages.lower))
+    return fail(absl::InternalError("free pages vanished"));
+  if (two_groups && !upper_pages_.Allocate(needed, pages.upper)) {
+    STRATA_RETURN_IF_ERROR(pages_.Free(pages.lower));
+    return fail(absl::InternalError("free upper pages vanished"));
+  }
+  copies_.clear();
+  for (int i = 0; i < needed; ++i) {
+    layout_.AppendRecordCopies(pages.lower[i], two_groups ? pages.upper[i] : engine::kPageOffGpu,
+                               host_.offset(records[i]), copies_);
+  }
+  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/false);
+  if (!fence.ok()) {
+    STRATA_RETURN_IF_ERROR(Free(pages));
+    return fail(fence.status());
+  }
+  landing_in_flight_.push_back({*fence, std::move(records)});
+  ++counters_.kv_imports;
+  counters_.kv_import_bytes += needed * layout_.record_bytes();
+  return true;
+}
+
+void KvBlockManager::DropImported(uint64_t transfer_id) {
+  if (landing_ != nullptr) landing_->Drop(transfer_id);
+}
+
+}  // namespace strata::kvtier

@@ -1,0 +1,142 @@
+#include "kvtier/kv_wire.h"
+
+#include <bit>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/crc32c.h"
+
+namespace strata::kvtier {
+namespace {
+
+constexpr uint32_t kMagic = 0x31564b53;  // "SKV1"
+constexpr uint16_t kVersion = 1;
+constexpr size_t kHeaderCrcAt = 56;
+
+template <typename T>
+void Put(std::array<std::byte, KvBlockHeader::kBytes>& out, size_t at, T value) {
+  static_assert(std::endian::native == std::endian::little, "the wire is little-endian");
+  std::memcpy(out.data() + at, &value, sizeof(T));
+}
+
+template <typename T>
+T Get(std::span<const std::byte> in, size_t at) {
+  T value;
+  std::memcpy(&value, in.data() + at, sizeof(T));
+  return value;
+}
+
+absl::Status Differs(absl::string_view field, int64_t sent, int64_t here) {
+  return absl::FailedPreconditionError(
+      absl::StrCat("KV block: ", field, " differs: the sender's ", sent, ", this worker's ", here));
+}
+
+}  // namespace
+
+KvWireFormat KvWireFormat::Of(const KvLayout& layout) {
+  return KvWireFormat{layout.num_layers(), layout.num_kv_heads(),      layout.head_dim(),
+                      layout.page_size(),  layout.upper_first_layer(), layout.dtype()};
+}
+
+std::array<std::byte, KvBlockHeader::kBytes> EncodeKvBlockHeader(const KvBlockHeader& h) {
+  std::array<std::byte, KvBlockHeader::kBytes> out{};
+  Put<uint32_t>(out, 0, kMagic);
+  Put<uint16_t>(out, 4, kVersion);
+  Put<uint16_t>(out, 6, static_cast<uint16_t>(h.kind));
+  Put<uint64_t>(out, 8, h.transfer_id);
+  Put<uint32_t>(out, 16, h.index);
+  Put<uint32_t>(out, 20, h.count);
+  Put<uint32_t>(out, 24, h.tokens);
+  Put<uint8_t>(out, 28, static_cast<uint8_t>(h.codec));
+  Put<uint8_t>(out, 29, static_cast<uint8_t>(h.format.dtype));
+  Put<uint16_t>(out, 32, static_cast<uint16_t>(h.format.layers));
+  Put<uint16_t>(out, 34, static_cast<uint16_t>(h.format.kv_heads));
+  Put<uint16_t>(out, 36, static_cast<uint16_t>(h.format.head_dim));
+  Put<uint16_t>(out, 38, static_cast<uint16_t>(h.format.page_size));
+  Put<uint16_t>(out, 40, static_cast<uint16_t>(h.format.upper_first_layer));
+  Put<uint32_t>(out, 44, h.payload_crc);
+  Put<uint64_t>(out, 48, h.payload_bytes);
+  Put<uint32_t>(out, kHeaderCrcAt, MaskCrc(Crc32c(out.data(), kHeaderCrcAt)));
+  return out;
+}
+
+absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
+                                                 const KvWireFormat& expected) {
+  if (in.size() != KvBlockHeader::kBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV block header of ", in.size(), " bytes; expected ", KvBlockHeader::kBytes));
+  }
+  if (Get<uint32_t>(in, 0) != kMagic) {
+    return absl::InvalidArgumentError("KV block header: bad magic (not a strata KV block)");
+  }
+  if (Get<uint16_t>(in, 4) != kVersion) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV block header: version ", Get<uint16_t>(in, 4), "; this worker reads ", kVersion));
+  }
+  if (MaskCrc(Crc32c(in.data(), kHeaderCrcAt)) != Get<uint32_t>(in, kHeaderCrcAt)) {
+    return absl::DataLossError("KV block header: its CRC32C does not match (corrupt on the way)");
+  }
+  KvBlockHeader h;
+  if (Get<uint16_t>(in, 6) != static_cast<uint16_t>(KvBlockHeader::Kind::kPageRecord)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV block header: unknown kind ", Get<uint16_t>(in, 6)));
+  }
+  h.transfer_id = Get<uint64_t>(in, 8);
+  h.index = Get<uint32_t>(in, 16);
+  h.count = Get<uint32_t>(in, 20);
+  h.tokens = Get<uint32_t>(in, 24);
+  const uint8_t codec = Get<uint8_t>(in, 28);
+  const uint8_t dtype = Get<uint8_t>(in, 29);
+  h.format.layers = Get<uint16_t>(in, 32);
+  h.format.kv_heads = Get<uint16_t>(in, 34);
+  h.format.head_dim = Get<uint16_t>(in, 36);
+  h.format.page_size = Get<uint16_t>(in, 38);
+  h.format.upper_first_layer = Get<uint16_t>(in, 40);
+  h.payload_crc = Get<uint32_t>(in, 44);
+  h.payload_bytes = Get<uint64_t>(in, 48);
+  if (h.count == 0 || h.index >= h.count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV block header: block ", h.index, " of ", h.count));
+  }
+  if (codec != static_cast<uint8_t>(engine::KvCodecKind::kBf16)) {
+    // Page records travel in the caches' own bytes; coded clusters are a
+    // kind of their own.
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV block header: codec ", codec, " for a page record; page records are sent raw"));
+  }
+  h.codec = engine::KvCodecKind::kBf16;
+  if (dtype != static_cast<uint8_t>(expected.dtype)) {
+    return Differs("dtype", dtype, static_cast<int>(expected.dtype));
+  }
+  h.format.dtype = expected.dtype;
+  if (h.format.layers != expected.layers)
+    return Differs("layers", h.format.layers, expected.layers);
+  if (h.format.kv_heads != expected.kv_heads) {
+    return Differs("KV heads", h.format.kv_heads, expected.kv_heads);
+  }
+  if (h.format.head_dim != expected.head_dim) {
+    return Differs("head dim", h.format.head_dim, expected.head_dim);
+  }
+  if (h.format.page_size != expected.page_size) {
+    return Differs("page size", h.format.page_size, expected.page_size);
+  }
+  if (h.format.upper_first_layer != expected.upper_first_layer) {
+    return Differs("upper first layer", h.format.upper_first_layer, expected.upper_first_layer);
+  }
+  if (h.tokens < 1 || h.tokens > static_cast<uint32_t>(expected.page_size)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV block header: ", h.tokens, " tokens in a page of ", expected.page_size));
+  }
+  if (h.payload_bytes != static_cast<uint64_t>(expected.record_bytes())) {
+    return absl::InvalidArgumentError(absl::StrCat("KV block header: payload of ", h.payload_bytes,
+                                                   " bytes; a page record has ",
+                                                   expected.record_bytes()));
+  }
+  return h;
+}
+
+uint32_t KvPayloadCrc(std::span<const std::byte> payload) {
+  return MaskCrc(Crc32c(payload.data(), payload.size()));
+}
+
+}  // namespace strata::kvtier

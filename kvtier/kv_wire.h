@@ -1,0 +1,81 @@
+// The KV block wire format: what a prefill worker sends a decode worker.
+//
+// A prompt's KV travels as the block manager's host records (kv_layout.h:
+// one token page of every layer, K and V), one message per page, each with
+// a fixed 64-byte header (little-endian):
+//
+//   0  magic "SKV1"          4  version u16, kind u16 (1: page record)
+//   8  transfer id u64       16 index u32, count u32 (blocks in the transfer)
+//   24 tokens u32 (tokens the page holds), codec u8, dtype u8, u16 0
+//   32 layers u16, KV heads u16, head dim u16, page size u16
+//   40 upper first layer u16, u16 0, payload CRC u32 (masked CRC32C)
+//   48 payload bytes u64     56 header CRC u32 (masked, of bytes 0..56), u32 0
+//
+// The receiver checks the header before it takes the payload (ParseKvBlock
+// Header: a corrupt or foreign header, or a layout that differs from its
+// own, is refused with an error naming the field and both values), and the
+// payload's CRC once it has landed (KvBlockManager::LoadImported), so a
+// block that went wrong on the way fails its request alone.
+//
+// Thread-safety: free functions over values.
+#ifndef STRATA_KVTIER_KV_WIRE_H_
+#define STRATA_KVTIER_KV_WIRE_H_
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "absl/status/statusor.h"
+#include "engine/kv_codec.h"
+#include "engine/tensor.h"
+#include "kvtier/kv_layout.h"
+
+namespace strata::kvtier {
+
+// The shape both ends must share for their KV to be interchangeable.
+struct KvWireFormat {
+  int layers = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  int page_size = 0;
+  int upper_first_layer = 0;
+  engine::DType dtype = engine::DType::kBF16;
+  int64_t record_bytes() const {
+    return 2 * int64_t{layers} * page_size * kv_heads * head_dim *
+           static_cast<int64_t>(engine::DTypeSize(dtype));
+  }
+  static KvWireFormat Of(const KvLayout& layout);
+};
+
+struct KvBlockHeader {
+  static constexpr size_t kBytes = 64;
+  enum class Kind : uint16_t { kPageRecord = 1 };
+  Kind kind = Kind::kPageRecord;
+  uint64_t transfer_id = 0;
+  uint32_t index = 0;
+  uint32_t count = 0;
+  uint32_t tokens = 0;
+  // How the payload is coded: kBf16 is the caches' own bytes.
+  engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+  KvWireFormat format;
+  uint32_t payload_crc = 0;  // masked CRC32C
+  uint64_t payload_bytes = 0;
+};
+
+std::array<std::byte, KvBlockHeader::kBytes> EncodeKvBlockHeader(const KvBlockHeader& header);
+
+// Parses and checks a header against the receiver's own format: DataLoss
+// for a header whose CRC fails, InvalidArgument for one that is not a KV
+// block header (size, magic, version, kind, index past count, a payload
+// size that does not match the shape, an unknown codec), FailedPrecondition
+// naming the field for a format that differs from `expected`.
+absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> bytes,
+                                                 const KvWireFormat& expected);
+
+// The masked CRC32C a page record's payload carries.
+uint32_t KvPayloadCrc(std::span<const std::byte> payload);
+
+}  // namespace strata::kvtier
+
+#endif  // STRATA_KVTIER_KV_WIRE_H_

@@ -1,0 +1,164 @@
+#include "kvtier/landing_area.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace strata::kvtier {
+
+LandingArea::LandingArea(std::vector<int32_t> records, std::byte* base, int64_t stride,
+                         int64_t record_bytes)
+    : base_(base),
+      stride_(stride),
+      record_bytes_(record_bytes),
+      all_records_(records.size()),
+      free_(std::move(records)) {}
+
+absl::Status LandingArea::Reserve(uint64_t id, int blocks, absl::Time lease_end) {
+  if (blocks < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer ", id, ": ", blocks, " blocks to reserve"));
+  }
+  absl::MutexLock lock(&mu_);
+  if (transfers_.contains(id)) {
+    return absl::AlreadyExistsError(absl::StrCat("KV transfer ", id, " is already reserved"));
+  }
+  if (static_cast<size_t>(blocks) > free_.size()) {
+    return absl::ResourceExhaustedError(absl::StrCat("KV transfer ", id, " needs ", blocks,
+                                                     " host records to land in; ", free_.size(),
+                                                     " of ", all_records_, " are free"));
+  }
+  Transfer t;
+  t.lease_end = lease_end;
+  t.states.assign(blocks, State::kReserved);
+  for (int i = 0; i < blocks; ++i) {
+    t.blocks.push_back({free_.back(), 0});
+    free_.pop_back();
+  }
+  transfers_.emplace(id, std::move(t));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::span<std::byte>> LandingArea::Place(uint64_t id, uint32_t index, uint32_t count,
+                                                        size_t bytes) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || it->second.dropped) {
+    return absl::NotFoundError(
+        absl::StrCat("KV transfer ", id, " is not reserved here (or its lease ended)"));
+  }
+  Transfer& t = it->second;
+  if (count != t.blocks.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("KV transfer ", id, ": sent as ", count,
+                                                   " blocks, reserved for ", t.blocks.size()));
+  }
+  if (index >= count) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer ", id, ": block ", index, " of ", count));
+  }
+  if (bytes != static_cast<size_t>(record_bytes_)) {
+    return absl::InvalidArgumentError(absl::StrCat("KV transfer ", id, ": block of ", bytes,
+                                                   " bytes; records hold ", record_bytes_));
+  }
+  if (t.states[index] != State::kReserved) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("KV transfer ", id, ": block ", index, " was sent twice"));
+  }
+  t.states[index] = State::kWriting;
+  return std::span<std::byte>(base_ + int64_t{t.blocks[index].record} * stride_,
+                              static_cast<size_t>(record_bytes_));
+}
+
+void LandingArea::Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || index >= it->second.states.size() ||
+      it->second.states[index] != State::kWriting) {
+    return;
+  }
+  Transfer& t = it->second;
+  t.states[index] = status.ok() ? State::kLanded : State::kFailed;
+  t.blocks[index].crc = crc;
+  if (t.dropped) DropLocked(it);
+}
+
+absl::StatusOr<std::vector<LandingArea::Block>> LandingArea::Take(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || it->second.dropped) {
+    return absl::NotFoundError(
+        absl::StrCat("KV transfer ", id, " is not held here (never reserved, or its lease ended)"));
+  }
+  Transfer& t = it->second;
+  for (size_t i = 0; i < t.states.size(); ++i) {
+    if (t.states[i] == State::kLanded) continue;
+    const std::string error =
+        absl::StrCat("KV transfer ", id, ": block ", i, " of ", t.states.size(), " ",
+                     t.states[i] == State::kFailed ? "failed on the way" : "has not arrived");
+    DropLocked(it);  // may forget `t`
+    return absl::FailedPreconditionError(error);
+  }
+  std::vector<Block> blocks = std::move(t.blocks);
+  transfers_.erase(it);
+  return blocks;
+}
+
+void LandingArea::Free(std::span<const int32_t> records) {
+  absl::MutexLock lock(&mu_);
+  free_.insert(free_.end(), records.begin(), records.end());
+}
+
+void LandingArea::Drop(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it != transfers_.end()) DropLocked(it);
+}
+
+void LandingArea::DropLocked(absl::flat_hash_map<uint64_t, Transfer>::iterator it) {
+  Transfer& t = it->second;
+  t.dropped = true;
+  bool writing = false;
+  for (size_t i = 0; i < t.states.size(); ++i) {
+    if (t.states[i] == State::kWriting) {
+      writing = true;
+    } else if (t.blocks[i].record >= 0) {
+      free_.push_back(t.blocks[i].record);
+      t.blocks[i].record = -1;
+    }
+  }
+  if (!writing) transfers_.erase(it);
+}
+
+int LandingArea::Expire(absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  int expired = 0;
+  std::vector<uint64_t> ids;
+  for (const auto& [id, t] : transfers_) {
+    if (!t.dropped && t.lease_end < now) ids.push_back(id);
+  }
+  for (uint64_t id : ids) {
+    DropLocked(transfers_.find(id));
+    ++expired;
+  }
+  return expired;
+}
+
+bool LandingArea::Holds(uint64_t id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  return it != transfers_.end() && !it->second.dropped;
+}
+
+int LandingArea::num_free() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(free_.size());
+}
+
+int LandingArea::num_transfers() const {
+  absl::MutexLock lock(&mu_);
+  int n = 0;
+  for (const auto& [id, t] : transfers_) n += !t.dropped;
+  return n;
+}
+
+}  // namespace strata::kvtier

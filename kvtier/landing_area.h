@@ -1,0 +1,102 @@
+// LandingArea: host records where KV sent by other workers lands.
+//
+// A decode worker receives a prompt's KV from the prefill worker that
+// computed it, one page record per message (kvtier/kv_wire.h), on the KV
+// transport's thread, while the block manager's thread runs steps. The
+// area is a fixed set of the host tier's records, set aside when the block
+// manager starts, so a block lands once, in pinned, device-mapped memory,
+// and is copied from there straight into the sequence's pages
+// (KvBlockManager::LoadImported).
+//
+// A transfer's life:
+//   Reserve(id, blocks, lease)   before the prefill worker is asked to send;
+//                                takes its records now (or fails at once)
+//   Place(id, index) / Landed    per block, on the transport's thread
+//   Take(id)                     by the block manager: every block landed;
+//                                the records are the caller's until Free
+// A reservation still held when its lease ends (the request died, the
+// prefill worker never sent) is dropped by Expire, and Drop drops one at
+// once. A record that the transport is writing is freed only when its
+// Landed comes, so no late write touches a record handed to another.
+//
+// Thread-safety: thread-safe.
+#ifndef STRATA_KVTIER_LANDING_AREA_H_
+#define STRATA_KVTIER_LANDING_AREA_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+
+namespace strata::kvtier {
+
+class LandingArea {
+ public:
+  // The records `records` (indices into the host tier), each record_bytes
+  // long at base + record * stride.
+  LandingArea(std::vector<int32_t> records, std::byte* base, int64_t stride, int64_t record_bytes);
+
+  struct Block {
+    int32_t record = -1;
+    uint32_t crc = 0;  // the payload CRC its header carried
+  };
+
+  // ResourceExhausted when fewer than `blocks` records are free,
+  // AlreadyExists for an id held already, InvalidArgument for blocks < 1.
+  absl::Status Reserve(uint64_t id, int blocks, absl::Time lease_end);
+  // Where block `index` of transfer `id` lands (record_bytes); the caller
+  // writes it and then calls Landed. NotFound for an id not reserved (or
+  // expired), InvalidArgument for a bad index, size or block count,
+  // AlreadyExists for a block placed twice.
+  absl::StatusOr<std::span<std::byte>> Place(uint64_t id, uint32_t index, uint32_t count,
+                                             size_t bytes);
+  // Block `index` has landed with the payload CRC its header named (OK),
+  // or failed on the way (then Take fails).
+  void Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status);
+  // Every block of the transfer, in order, once all have landed; the
+  // transfer is gone and its records are the caller's (Free them once
+  // read). FailedPrecondition naming the first block missing or failed
+  // (the transfer is dropped), NotFound for an id not held.
+  absl::StatusOr<std::vector<Block>> Take(uint64_t id);
+  void Free(std::span<const int32_t> records);
+  // Drops a transfer (unknown ids are ignored).
+  void Drop(uint64_t id);
+  // Drops the transfers whose lease ended before `now`; returns how many.
+  int Expire(absl::Time now);
+
+  bool Holds(uint64_t id) const;
+  int num_records() const { return static_cast<int>(all_records_); }
+  int num_free() const;
+  int num_transfers() const;
+  int64_t record_bytes() const { return record_bytes_; }
+
+ private:
+  enum class State : uint8_t { kReserved, kWriting, kLanded, kFailed };
+  struct Transfer {
+    std::vector<Block> blocks;
+    std::vector<State> states;
+    absl::Time lease_end;
+    bool dropped = false;  // waiting for blocks being written
+  };
+  // Frees the records of a dropped transfer that nothing writes, and
+  // forgets it once none is written.
+  void DropLocked(absl::flat_hash_map<uint64_t, Transfer>::iterator it)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  std::byte* base_;
+  int64_t stride_, record_bytes_;
+  size_t all_records_;
+  mutable absl::Mutex mu_;
+  std::vector<int32_t> free_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, Transfer> transfers_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace strata::kvtier
+
+#endif  // STRATA_KVTIER_LANDING_AREA_H_

@@ -1,0 +1,423 @@
+// Disaggregated serving's KV hand-over on the CPU backend: a prefill
+// worker's batcher exports a prompt's KV, its blocks travel in the wire
+// format into a decode worker's landing area, and the decode worker's
+// batcher loads them and decodes the same tokens as one worker doing both;
+// corrupt, missing and expired transfers fail their request alone, and
+// nothing is left behind on either side.
+#include <cstring>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "engine/batcher.h"
+#include "engine/cpu_backend.h"
+#include "engine/model_loader.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
+#include "kvtier/kv_wire.h"
+#include "kvtier/landing_area.h"
+#include "tests/engine/test_util.h"
+
+namespace strata::kvtier {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::unique_ptr<engine::Backend> g_backend = engine::CreateCpuBackend(2);
+
+std::unique_ptr<engine::Model> LoadGolden(const std::string& name, engine::ModelOptions options) {
+  auto loaded = engine::LoadModel({testing_util::FixturePath("models/" + name), ""},
+                                  g_backend.get(), options);
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  return std::move(loaded->model);
+}
+
+engine::ModelOptions SmallCache(int num_pages) {
+  engine::ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 256;
+  options.max_batch_tokens = 96;
+  options.page_size = 8;
+  options.num_pages = num_pages;
+  return options;
+}
+
+std::vector<int32_t> Prompt(int len, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(len);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % 500) + 3;
+  return p;
+}
+
+// ---- The wire format --------------------------------------------------------
+
+KvWireFormat Format() {
+  return {.layers = 2, .kv_heads = 2, .head_dim = 16, .page_size = 8, .upper_first_layer = 2};
+}
+
+KvBlockHeader Header() {
+  KvBlockHeader h;
+  h.transfer_id = 42;
+  h.index = 3;
+  h.count = 5;
+  h.tokens = 8;
+  h.format = Format();
+  h.payload_crc = 0x1234;
+  h.payload_bytes = static_cast<uint64_t>(Format().record_bytes());
+  return h;
+}
+
+TEST(KvWireTest, AHeaderRoundTrips) {
+  const auto bytes = EncodeKvBlockHeader(Header());
+  auto parsed = ParseKvBlockHeader(bytes, Format());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->transfer_id, 42u);
+  EXPECT_EQ(parsed->index, 3u);
+  EXPECT_EQ(parsed->count, 5u);
+  EXPECT_EQ(parsed->tokens, 8u);
+  EXPECT_EQ(parsed->payload_crc, 0x1234u);
+  EXPECT_EQ(parsed->payload_bytes, static_cast<uint64_t>(Format().record_bytes()));
+}
+
+TEST(KvWireTest, EveryFlippedByteOfAHeaderIsCaught) {
+  const auto good = EncodeKvBlockHeader(Header());
+  for (size_t i = 0; i < good.size(); ++i) {
+    auto bad = good;
+    bad[i] ^= std::byte{0x10};
+    if (i >= 60) continue;  // the reserved tail is not covered (always zero)
+    EXPECT_FALSE(ParseKvBlockHeader(bad, Format()).ok()) << "byte " << i;
+  }
+  EXPECT_TRUE(
+      absl::IsInvalidArgument(ParseKvBlockHeader(std::span(good).first(10), Format()).status()));
+}
+
+TEST(KvWireTest, AnotherLayoutIsRefusedNamingTheField) {
+  KvWireFormat mine = Format();
+  mine.kv_heads = 4;
+  const absl::Status s = ParseKvBlockHeader(EncodeKvBlockHeader(Header()), mine).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_THAT(s.message(), HasSubstr("KV heads differs: the sender's 2, this worker's 4"));
+  KvBlockHeader h = Header();
+  h.payload_bytes = 100;
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
+              HasSubstr("payload of 100 bytes"));
+  h = Header();
+  h.index = 5;
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
+              HasSubstr("block 5 of 5"));
+}
+
+// ---- The landing area -------------------------------------------------------
+
+class LandingAreaTest : public ::testing::Test {
+ protected:
+  static constexpr int64_t kBytes = 64;
+  LandingAreaTest()
+      : memory_(8 * kBytes), area_({0, 1, 2, 3, 4, 5, 6, 7}, memory_.data(), kBytes, kBytes) {}
+  std::vector<std::byte> memory_;
+  LandingArea area_;
+  absl::Time later_ = absl::Now() + absl::Hours(1);
+};
+
+TEST_F(LandingAreaTest, BlocksLandAndAreTakenInOrder) {
+  ASSERT_TRUE(area_.Reserve(1, 3, later_).ok());
+  EXPECT_EQ(area_.num_free(), 5);
+  for (uint32_t i : {2u, 0u, 1u}) {
+    auto where = area_.Place(1, i, 3, kBytes);
+    ASSERT_TRUE(where.ok()) << where.status();
+    std::memset(where->data(), static_cast<int>(i + 1), where->size());
+    area_.Landed(1, i, 100 + i, absl::OkStatus());
+  }
+  auto blocks = area_.Take(1);
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  ASSERT_EQ(blocks->size(), 3u);
+  for (uint32_t i = 0; i < 3; ++i) {
+    EXPECT_EQ((*blocks)[i].crc, 100 + i);
+    EXPECT_EQ(memory_[(*blocks)[i].record * kBytes], std::byte(i + 1));
+  }
+  EXPECT_FALSE(area_.Holds(1));
+  std::vector<int32_t> records;
+  for (const auto& b : *blocks) records.push_back(b.record);
+  area_.Free(records);
+  EXPECT_EQ(area_.num_free(), 8);
+}
+
+TEST_F(LandingAreaTest, RefusesWhatDoesNotFitOrWasNotReserved) {
+  EXPECT_TRUE(absl::IsResourceExhausted(area_.Reserve(1, 9, later_)));
+  ASSERT_TRUE(area_.Reserve(1, 2, later_).ok());
+  EXPECT_TRUE(absl::IsAlreadyExists(area_.Reserve(1, 1, later_)));
+  EXPECT_TRUE(absl::IsNotFound(area_.Place(2, 0, 2, kBytes).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(area_.Place(1, 0, 3, kBytes).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(area_.Place(1, 0, 2, kBytes - 1).status()));
+  ASSERT_TRUE(area_.Place(1, 0, 2, kBytes).ok());
+  EXPECT_TRUE(absl::IsAlreadyExists(area_.Place(1, 0, 2, kBytes).status()));
+  area_.Landed(1, 0, 0, absl::OkStatus());
+  const absl::Status missing = area_.Take(1).status();
+  EXPECT_THAT(missing.message(), HasSubstr("block 1 of 2 has not arrived"));
+  EXPECT_EQ(area_.num_free(), 8) << "a failed take drops the transfer";
+}
+
+TEST_F(LandingAreaTest, AnExpiredLeaseFreesItsRecordsOnceNothingWritesThem) {
+  const absl::Time soon = absl::Now() + absl::Milliseconds(1);
+  ASSERT_TRUE(area_.Reserve(1, 4, soon).ok());
+  ASSERT_TRUE(area_.Place(1, 0, 4, kBytes).ok());  // being written
+  EXPECT_EQ(area_.Expire(soon + absl::Seconds(1)), 1);
+  EXPECT_FALSE(area_.Holds(1));
+  EXPECT_EQ(area_.num_free(), 7) << "the record being written stays out";
+  EXPECT_TRUE(absl::IsNotFound(area_.Place(1, 1, 4, kBytes).status()));
+  area_.Landed(1, 0, 0, absl::OkStatus());
+  EXPECT_EQ(area_.num_free(), 8);
+  EXPECT_EQ(area_.num_transfers(), 0);
+}
+
+// ---- Prefill on one worker, decode on another ---------------------------------
+
+// One worker of either kind: a model, its block manager and a batcher.
+struct Worker {
+  Worker(int landing_records, const KvPolicyConfig* policy = nullptr) {
+    model = LoadGolden("llama_gqa", SmallCache(80));
+    if (policy != nullptr) {
+      auto created = KvPolicyRunner::Create(model.get(), {*policy}, {.max_sparse_seqs = 4});
+      EXPECT_TRUE(created.ok()) << created.status();
+      runner = std::move(*created);
+      EXPECT_TRUE(model->set_attention_planner(runner.get()).ok());
+    }
+    auto layout = KvLayout::Create(*model);
+    EXPECT_TRUE(layout.ok());
+    const int64_t record = (layout->record_bytes() + 63) / 64 * 64;
+    auto created = KvBlockManager::Create(
+        model.get(), {.host_bytes = record * 64, .landing_bytes = record * landing_records});
+    EXPECT_TRUE(created.ok()) << created.status();
+    manager = std::move(*created);
+    manager->set_export_sink([this](KvBlockManager::ExportedKv e) { exports.push_back(e); });
+    batcher = std::make_unique<engine::Batcher>(model.get(), nullptr, engine::BatcherOptions{},
+                                                manager.get());
+  }
+  std::vector<engine::TokenEvent> RunToEnd() {
+    std::vector<engine::TokenEvent> events;
+    for (int step = 0; batcher->HasWork() && step < 2000; ++step) {
+      auto out = batcher->Step();
+      EXPECT_TRUE(out.ok()) << out.status();
+      if (!out.ok()) break;
+      events.insert(events.end(), out->begin(), out->end());
+    }
+    EXPECT_TRUE(manager->Poll().ok());
+    return events;
+  }
+  std::unique_ptr<engine::Model> model;
+  std::unique_ptr<KvPolicyRunner> runner;
+  std::unique_ptr<KvBlockManager> manager;
+  std::unique_ptr<engine::Batcher> batcher;
+  std::vector<KvBlockManager::ExportedKv> exports;
+};
+
+std::vector<int32_t> Tokens(const std::vector<engine::TokenEvent>& events) {
+  std::vector<int32_t> tokens;
+  for (const auto& e : events) tokens.push_back(e.token_id);
+  return tokens;
+}
+
+engine::GenerationRequest Request(uint64_t id, int prompt_len, int max_tokens) {
+  engine::GenerationRequest r;
+  r.id = id;
+  r.prompt = Prompt(prompt_len, 11 + static_cast<uint32_t>(id));
+  r.max_tokens = max_tokens;
+  r.ignore_eos = true;
+  return r;
+}
+
+// What the prefill worker does: the prompt alone, its first token sampled,
+// its KV exported under `key`.
+engine::TokenEvent Prefill(Worker& p, const engine::GenerationRequest& r, uint64_t key) {
+  engine::GenerationRequest pr = r;
+  pr.max_tokens = 1;
+  pr.export_kv = key;
+  EXPECT_TRUE(p.batcher->Add(pr).ok());
+  const std::vector<engine::TokenEvent> events = p.RunToEnd();
+  EXPECT_EQ(events.size(), 1u);
+  return events.empty() ? engine::TokenEvent{} : events[0];
+}
+
+// What the transport does: each block of the export, in the wire format,
+// into the decode worker's landing area; `corrupt` flips a payload byte of
+// that block on the way.
+void Send(Worker& p, Worker& d, uint64_t transfer_id, int corrupt = -1) {
+  ASSERT_EQ(p.exports.size(), 1u);
+  const KvBlockManager::ExportedKv e = p.exports.back();
+  p.exports.clear();
+  const KvWireFormat format = KvWireFormat::Of(d.manager->layout());
+  for (size_t i = 0; i < e.blocks.size(); ++i) {
+    KvBlockHeader h;
+    h.transfer_id = transfer_id;
+    h.index = static_cast<uint32_t>(i);
+    h.count = static_cast<uint32_t>(e.blocks.size());
+    h.tokens = static_cast<uint32_t>(e.blocks[i].tokens);
+    h.format = KvWireFormat::Of(p.manager->layout());
+    h.payload_crc = e.blocks[i].crc;
+    h.payload_bytes = e.blocks[i].data.size();
+    EXPECT_EQ(KvPayloadCrc(e.blocks[i].data), h.payload_crc);
+    auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), format);
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    auto where = d.manager->landing_area()->Place(parsed->transfer_id, parsed->index, parsed->count,
+                                                  parsed->payload_bytes);
+    ASSERT_TRUE(where.ok()) << where.status();
+    std::memcpy(where->data(), e.blocks[i].data.data(), where->size());
+    if (static_cast<int>(i) == corrupt) (*where)[where->size() / 2] ^= std::byte{1};
+    d.manager->landing_area()->Landed(parsed->transfer_id, parsed->index, parsed->payload_crc,
+                                      absl::OkStatus());
+  }
+  p.manager->ReleaseExport(e.key);
+}
+
+engine::GenerationRequest DecodeRequest(const engine::GenerationRequest& r,
+                                        const engine::TokenEvent& first, uint64_t transfer_id) {
+  engine::GenerationRequest dr = r;
+  dr.generated = {{first.token_id, first.logprob}};
+  dr.import_kv = transfer_id;
+  return dr;
+}
+
+void ExpectNothingLeft(Worker& w) {
+  ASSERT_TRUE(w.manager->Poll().ok());
+  EXPECT_TRUE(w.manager->Idle());
+  EXPECT_EQ(w.manager->stats().exports_held, 0);
+  if (w.manager->landing_area() != nullptr) {
+    EXPECT_EQ(w.manager->landing_area()->num_transfers(), 0);
+  }
+}
+
+void ExpectSameTokensAsOneWorker(const KvPolicyConfig* policy) {
+  Worker p(0, policy), d(64, policy), alone(0, policy);
+  const int page = d.manager->layout().page_size();
+  for (int prompt_len : {5, 8, 61, 120}) {
+    SCOPED_TRACE(prompt_len);
+    const engine::GenerationRequest r = Request(prompt_len, prompt_len, 40);
+    ASSERT_TRUE(alone.batcher->Add(r).ok());
+    const std::vector<int32_t> expected = Tokens(alone.RunToEnd());
+    ASSERT_EQ(expected.size(), 40u);
+
+    const uint64_t transfer = 1000 + prompt_len;
+    ASSERT_TRUE(
+        d.manager->landing_area()
+            ->Reserve(transfer, (prompt_len + page - 1) / page, absl::Now() + absl::Hours(1))
+            .ok());
+    const engine::TokenEvent first = Prefill(p, r, 7);
+    EXPECT_EQ(first.finish, engine::FinishReason::kLength) << first.error;
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+    ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+    const std::vector<engine::TokenEvent> events = d.RunToEnd();
+    EXPECT_EQ(Tokens(events), expected) << "the first token is streamed by the decode worker too";
+    EXPECT_EQ(events.back().finish, engine::FinishReason::kLength);
+  }
+  if (d.runner != nullptr) {
+    EXPECT_GT(d.runner->stats().sparse_queries, 0);
+    EXPECT_GT(d.runner->stats().clusterings, 0) << "clustered on the decode worker";
+  }
+  EXPECT_EQ(d.manager->stats().kv_imports, 4);
+  EXPECT_EQ(p.manager->stats().kv_exports, 4);
+  ExpectNothingLeft(p);
+  ExpectNothingLeft(d);
+}
+
+TEST(DisaggregatedKvTest, DecodingImportedKvGivesTheTokensOfOneWorker) {
+  ExpectSameTokensAsOneWorker(nullptr);
+}
+
+TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
+  KvPolicyConfig c;
+  c.type = "clusterkv";
+  c.budget_tokens = 24;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.tokens_per_cluster = 8;
+  c.full_layers = 0;
+  ExpectSameTokensAsOneWorker(&c);
+}
+
+TEST(DisaggregatedKvTest, ACorruptBlockFailsItsRequestAloneWithAClearError) {
+  Worker p(0), d(64);
+  const int page = d.manager->layout().page_size();
+  const engine::GenerationRequest bad = Request(1, 50, 10), good = Request(2, 40, 10);
+  for (const auto* r : {&bad, &good}) {
+    ASSERT_TRUE(d.manager->landing_area()
+                    ->Reserve(r->id, (static_cast<int>(r->prompt.size()) + page - 1) / page,
+                              absl::Now() + absl::Hours(1))
+                    .ok());
+    const engine::TokenEvent first = Prefill(p, *r, r->id);
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, r->id, r == &bad ? 3 : -1));
+    ASSERT_TRUE(d.batcher->Add(DecodeRequest(*r, first, r->id)).ok());
+  }
+  std::map<uint64_t, engine::TokenEvent> last;
+  for (const auto& e : d.RunToEnd()) last[e.request_id] = e;
+  EXPECT_EQ(last[1].finish, engine::FinishReason::kError);
+  EXPECT_THAT(last[1].error, HasSubstr("block 3 of 7 does not match its CRC32C"));
+  EXPECT_EQ(last[2].finish, engine::FinishReason::kLength) << last[2].error;
+  EXPECT_EQ(d.manager->stats().kv_imports_failed, 1);
+  ExpectNothingLeft(p);
+  ExpectNothingLeft(d);
+}
+
+TEST(DisaggregatedKvTest, ATransferThatNeverCameOrExpiredFailsItsRequest) {
+  Worker d(64);
+  engine::GenerationRequest r = Request(1, 30, 5);
+  r.generated = {{17, -1.0f}};
+  r.import_kv = 99;  // never reserved
+  ASSERT_TRUE(d.batcher->Add(r).ok());
+  // An expired one: reserved, half sent, its lease over.
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(5, 4, absl::Now() - absl::Seconds(1)).ok());
+  ASSERT_TRUE(d.manager->landing_area()->Place(5, 0, 4, d.manager->block_bytes()).ok());
+  d.manager->landing_area()->Landed(5, 0, 0, absl::OkStatus());
+  engine::GenerationRequest expired = Request(2, 30, 5);
+  expired.generated = {{17, -1.0f}};
+  expired.import_kv = 5;
+  ASSERT_TRUE(d.batcher->Add(expired).ok());
+  std::map<uint64_t, engine::TokenEvent> last;
+  for (const auto& e : d.RunToEnd()) last[e.request_id] = e;
+  EXPECT_EQ(last[1].finish, engine::FinishReason::kError);
+  EXPECT_THAT(last[1].error, HasSubstr("KV transfer 99 is not held here"));
+  EXPECT_EQ(last[2].finish, engine::FinishReason::kError);
+  EXPECT_EQ(d.manager->stats().kv_transfers_expired, 1);
+  ExpectNothingLeft(d);
+}
+
+TEST(DisaggregatedKvTest, AFirstTokenThatStopsEndsTheRequestAndDropsItsTransfer) {
+  Worker d(64);
+  engine::GenerationRequest r = Request(1, 30, 5);
+  r.stop_token_ids = {17};
+  r.generated = {{17, -1.0f}};
+  r.import_kv = 8;
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(8, 4, absl::Now() + absl::Hours(1)).ok());
+  ASSERT_TRUE(d.batcher->Add(r).ok());
+  const std::vector<engine::TokenEvent> events = d.RunToEnd();
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].token_id, 17);
+  EXPECT_EQ(events[0].finish, engine::FinishReason::kStop);
+  ExpectNothingLeft(d);
+}
+
+TEST(DisaggregatedKvTest, AnExportWithNoRoomFailsItsRequestAndFreesItsPages) {
+  auto model = LoadGolden("llama_gqa", SmallCache(80));
+  auto manager = KvBlockManager::Create(model.get(), {.host_bytes = 0});
+  ASSERT_TRUE(manager.ok());
+  engine::Batcher batcher(model.get(), nullptr, {}, manager->get());
+  engine::GenerationRequest r = Request(1, 30, 1);
+  r.export_kv = 3;
+  ASSERT_TRUE(batcher.Add(r).ok());
+  std::vector<engine::TokenEvent> events;
+  while (batcher.HasWork()) {
+    auto out = batcher.Step();
+    ASSERT_TRUE(out.ok());
+    events.insert(events.end(), out->begin(), out->end());
+  }
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].finish, engine::FinishReason::kError);
+  EXPECT_THAT(events[0].error, HasSubstr("its KV was not exported"));
+  EXPECT_TRUE((*manager)->Idle());
+}
+
+}  // namespace
+}  // namespace strata::kvtier
