@@ -1,6 +1,9 @@
 // The strata binary. Subcommands:
 //   generate   generation from one prompt, locally or from a server (cli/generate_command.h)
 //   serve      the gRPC Generate API in one process (cli/serve_command.h)
+//   prefill    a prefill worker of a disaggregated deployment (cli/serve_command.h)
+//   decode     a decode worker of a disaggregated deployment (cli/serve_command.h)
+//   router     the gRPC Generate API in front of prefill and decode workers (cli/router_command.h)
 //   bench      benchmarks: `bench serve` loads a running server (cli/bench_command.h)
 //   profile    `profile check`: validate KV profiles (cli/profile_command.h)
 #include <cstdio>
@@ -9,6 +12,7 @@
 #include "cli/bench_command.h"
 #include "cli/generate_command.h"
 #include "cli/profile_command.h"
+#include "cli/router_command.h"
 #include "cli/serve_command.h"
 #include "common/logging.h"
 
@@ -24,6 +28,10 @@ int main(int argc, char** argv) {
   strata::cli::AddGenerateCommand(app, generate_flags, exit_code);
   strata::cli::ServeFlags serve_flags;
   strata::cli::AddServeCommand(app, serve_flags, exit_code);
+  strata::cli::ServeFlags prefill_flags, decode_flags;
+  strata::cli::AddWorkerCommands(app, prefill_flags, decode_flags, exit_code);
+  strata::cli::RouterFlags router_flags;
+  strata::cli::AddRouterCommand(app, router_flags, exit_code);
   strata::cli::BenchFlags bench_flags;
   strata::cli::AddBenchCommand(app, bench_flags, exit_code);
   strata::cli::ProfileFlags profile_flags;

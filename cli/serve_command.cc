@@ -4,6 +4,7 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -20,21 +21,46 @@
 #include "common/metrics.h"
 #include "common/metrics_server.h"
 #include "common/status_macros.h"
+#include "decode/kv_receiver.h"
+#include "decode/remote_prefill.h"
 #include "engine/async_engine.h"
 #include "engine/model_loader.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
 #include "kvtier/kv_sizing.h"
+#include "kvtier/kv_wire.h"
 #include "kvtier/profile.h"
 #include "kvtier/ssd_store.h"
+#include "kvtier/ucx_transport.h"
+#include "prefill/prefill_worker.h"
 #include "router/generation_service.h"
+#include "router/heartbeat_client.h"
 #include "router/server_metrics.h"
 #include "router/transport_options.h"
+#include "router/worker_service.h"
 
 namespace strata::cli {
 namespace {
 
-int Fail(const absl::Status& status) { return ExitWithError("strata serve", status); }
+// What a worker's KV looks like; a prefill and a decode worker exchange KV
+// only when theirs match.
+std::string KvFormatName(const kvtier::KvLayout& layout) {
+  return absl::StrCat(engine::DTypeName(layout.dtype()), "/layers", layout.num_layers(), "/heads",
+                      layout.num_kv_heads(), "x", layout.head_dim(), "/page", layout.page_size(),
+                      "/upper", layout.upper_first_layer());
+}
+
+const char* CommandName(ServeFlags::Role role) {
+  switch (role) {
+    case ServeFlags::Role::kPrefill:
+      return "strata prefill";
+    case ServeFlags::Role::kDecode:
+      return "strata decode";
+    case ServeFlags::Role::kServe:
+      break;
+  }
+  return "strata serve";
+}
 
 // Sizes the KV cache from the profiles when they give a GPU budget or keep
 // clusters in the host tier (kvtier::SizeKvCacheForProfiles): the page
@@ -85,11 +111,8 @@ absl::Status SizeFromProfiles(const ServeFlags& f, const std::vector<kvtier::KvP
   return absl::OkStatus();
 }
 
-}  // namespace
-
-void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
-  CLI::App* cmd = app.add_subcommand(
-      "serve", "Serve the gRPC Generate API (router, prefill and decode in one process)");
+// The flags `serve`, `prefill` and `decode` share; sets the callback.
+void AddEngineFlags(CLI::App* cmd, ServeFlags& f, int& exit_code) {
   cmd->add_option("--model", f.model_dir, "Hugging Face model directory");
   cmd->add_option("--dummy-weights", f.dummy_weights,
                   "Random weights: a preset, or \"config\" for --model's config");
@@ -145,7 +168,59 @@ void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
   });
 }
 
+void AddWorkerFlags(CLI::App* cmd, ServeFlags& f) {
+  cmd->add_option("--router", f.router,
+                  "host:port of the router's control service to heartbeat to (empty: found by "
+                  "the router's DNS discovery instead)");
+  cmd->add_option("--advertise", f.advertise,
+                  "host:port the router and other workers reach this worker at (default: "
+                  "--host:--port, with this host's name for 0.0.0.0)");
+  cmd->add_option("--heartbeat-seconds", f.heartbeat_seconds, "Heartbeat interval")
+      ->check(CLI::Range(0.05, 60.0));
+}
+
+}  // namespace
+
+void AddServeCommand(CLI::App& app, ServeFlags& f, int& exit_code) {
+  CLI::App* cmd = app.add_subcommand(
+      "serve", "Serve the gRPC Generate API (router, prefill and decode in one process)");
+  AddEngineFlags(cmd, f, exit_code);
+}
+
+void AddWorkerCommands(CLI::App& app, ServeFlags& p, ServeFlags& d, int& exit_code) {
+  p.role = ServeFlags::Role::kPrefill;
+  CLI::App* prefill = app.add_subcommand(
+      "prefill", "A prefill worker: computes prompts and sends their KV to decode workers");
+  AddEngineFlags(prefill, p, exit_code);
+  AddWorkerFlags(prefill, p);
+  prefill
+      ->add_option("--kv-export-bytes", p.kv_export_bytes,
+                   "Host bytes where computed KV waits until it has been sent")
+      ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 42));
+  d.role = ServeFlags::Role::kDecode;
+  CLI::App* decode = app.add_subcommand(
+      "decode", "A decode worker: takes prompts' KV from prefill workers and decodes");
+  AddEngineFlags(decode, d, exit_code);
+  AddWorkerFlags(decode, d);
+  decode
+      ->add_option("--kv-landing-bytes", d.kv_landing_bytes,
+                   "Host bytes KV sent by prefill workers lands in")
+      ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 42));
+  decode
+      ->add_option("--prefill-timeout-seconds", d.prefill_timeout_seconds,
+                   "Deadline of a prefill worker's call; past it the prompt is computed here")
+      ->check(CLI::Range(0.1, 3600.0));
+  decode
+      ->add_option("--kv-lease-seconds", d.kv_lease_seconds,
+                   "How long room reserved for a prompt's KV waits for it")
+      ->check(CLI::Range(0.1, 3600.0));
+}
+
 int RunServe(const ServeFlags& f) {
+  const char* command = CommandName(f.role);
+  auto Fail = [command](const absl::Status& status) { return ExitWithError(command, status); };
+  const bool prefill_worker = f.role == ServeFlags::Role::kPrefill;
+  const bool decode_worker = f.role == ServeFlags::Role::kDecode;
   if (f.model_dir.empty() && f.dummy_weights.empty()) {
     return Fail(absl::InvalidArgumentError("give --model DIR or --dummy-weights PRESET"));
   }
@@ -224,6 +299,13 @@ int RunServe(const ServeFlags& f) {
       profiles, ssd->get(),
       absl::StrCat(model_name, "/", engine::KvCacheTypeName(options.kv_cache)));
   if (!manager_options.ok()) return Fail(manager_options.status());
+  // A prefill worker keeps computed KV in its host tier until it is sent;
+  // a decode worker has KV sent to it land in its own.
+  if (prefill_worker) manager_options->host_bytes += f.kv_export_bytes;
+  if (decode_worker) {
+    manager_options->host_bytes += f.kv_landing_bytes;
+    manager_options->landing_bytes = f.kv_landing_bytes;
+  }
   auto kv_manager = kvtier::KvBlockManager::Create(loaded->model.get(), *manager_options);
   if (!kv_manager.ok()) return Fail(kv_manager.status());
   if (host_bytes > 0) {
@@ -303,6 +385,46 @@ int RunServe(const ServeFlags& f) {
   router::GenerationService service(&engine, loaded->tokenizer.get(), server_metrics->get(),
                                     service_options);
 
+  // Disaggregated workers: the KV transport, the prefill or decode side of
+  // the hand-over, and the internal Worker service.
+  std::unique_ptr<prefill::NoKvReceiver> no_kv;
+  std::unique_ptr<decode::KvReceiver> kv_receiver;
+  std::unique_ptr<kvtier::UcxTransport> kv_transport;
+  std::unique_ptr<prefill::PrefillWorker> prefiller;
+  std::unique_ptr<decode::RemotePrefill> remote_prefill;
+  std::unique_ptr<router::WorkerService> worker_service;
+  kvtier::KvBlockManager* manager = kv_manager->get();
+  if (prefill_worker || decode_worker) {
+    kvtier::Transport::Receiver* receiver;
+    if (prefill_worker) {
+      no_kv = std::make_unique<prefill::NoKvReceiver>();
+      receiver = no_kv.get();
+    } else {
+      kv_receiver = std::make_unique<decode::KvReceiver>(
+          manager->landing_area(), kvtier::KvWireFormat::Of(manager->layout()));
+      receiver = kv_receiver.get();
+    }
+    auto transport = kvtier::UcxTransport::Create({.name = command}, receiver);
+    if (!transport.ok()) return Fail(transport.status());
+    kv_transport = std::move(*transport);
+    const engine::HostBuffer& host = manager->host_buffer();
+    if (host.defined() && host.bytes > 0) {
+      if (absl::Status s = kv_transport->RegisterMemory(host.data(), host.bytes); !s.ok()) {
+        return Fail(s);
+      }
+    }
+    STRATA_LOG_INFO("KV transport: UCX over {}", kv_transport->resources());
+    if (prefill_worker) {
+      prefiller = std::make_unique<prefill::PrefillWorker>(&engine, manager, kv_transport.get());
+    } else {
+      remote_prefill = std::make_unique<decode::RemotePrefill>(
+          manager->landing_area(), model.options().page_size, kv_transport->local_address(),
+          decode::RemotePrefillOptions{.lease = absl::Seconds(f.kv_lease_seconds),
+                                       .timeout = absl::Seconds(f.prefill_timeout_seconds)});
+      service.set_remote_prefill(remote_prefill.get());
+    }
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -310,12 +432,56 @@ int RunServe(const ServeFlags& f) {
   builder.AddListeningPort(absl::StrCat(f.host, ":", f.port), grpc::InsecureServerCredentials(),
                            &port);
   builder.RegisterService(&service);
+  std::unique_ptr<router::HeartbeatClient> heartbeat;
+  std::function<std::pair<internal::v1::WorkerInfo, internal::v1::WorkerLoad>()> describe;
+  if (kv_transport != nullptr) {
+    // The Worker service is registered before the port is known: its
+    // description is completed once the server listens (below).
+    const int64_t page_bytes = model.kv_bytes_per_token() * model.options().page_size;
+    auto load = [&engine, manager, page_bytes] {
+      return router::WorkerLoadOf(engine.GetStats(), manager, page_bytes);
+    };
+    worker_service =
+        std::make_unique<router::WorkerService>(load, prefiller.get(), service_options.limits);
+    describe = [ws = worker_service.get()] { return ws->Snapshot(); };
+    builder.RegisterService(worker_service.get());
+  }
   router::TransportOptions transport;
   transport.max_request_bytes = f.max_request_bytes;
   router::ApplyTransportOptions(transport, &builder);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return Fail(absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port)));
+  }
+  if (worker_service != nullptr) {
+    std::string advertise = f.advertise;
+    if (advertise.empty()) {
+      char hostname[256] = {};
+      gethostname(hostname, sizeof(hostname) - 1);
+      advertise =
+          absl::StrCat(f.host == "0.0.0.0" || f.host == "::" ? hostname : f.host, ":", port);
+    }
+    internal::v1::WorkerInfo info;
+    info.set_worker_id(
+        absl::StrCat(advertise, "/", getpid(), "/", absl::ToUnixMicros(absl::Now())));
+    info.set_role(prefill_worker ? internal::v1::WORKER_ROLE_PREFILL
+                                 : internal::v1::WORKER_ROLE_DECODE);
+    info.set_grpc_address(advertise);
+    info.set_kv_address(kv_transport->local_address());
+    info.set_model(service_options.model_name);
+    info.set_kv_format(KvFormatName(manager->layout()));
+    for (const std::string& name : profile_names) info.add_profiles(name);
+    worker_service->set_info(info);
+    if (!f.router.empty()) {
+      heartbeat = std::make_unique<router::HeartbeatClient>(
+          f.router, absl::Seconds(f.heartbeat_seconds), describe);
+      if (absl::Status s = heartbeat->Start(); !s.ok()) {
+        server->Shutdown();
+        server->Wait();
+        engine.Stop();
+        return Fail(s);
+      }
+    }
   }
 
   // /metrics refreshes the gauges from the engine before each scrape.
@@ -334,7 +500,7 @@ int RunServe(const ServeFlags& f) {
     }
   }
   // One parseable line on stdout says where the server listens.
-  std::printf("strata serve: listening on %s:%d", f.host.c_str(), port);
+  std::printf("%s: listening on %s:%d", command, f.host.c_str(), port);
   if (metrics_server) std::printf(" metrics on %s:%d", f.host.c_str(), metrics_server->port());
   std::printf("\n");
   std::fflush(stdout);
@@ -344,14 +510,16 @@ int RunServe(const ServeFlags& f) {
   STRATA_LOG_WARN("received signal {}: draining (grace {} s); a second signal exits at once",
                   signal_number, f.grace_seconds);
   // A second SIGTERM or SIGINT during the drain: the operator wants out now.
-  std::thread([signals] {
+  std::thread([signals, command] {
     int second = 0;
     sigset_t wait_for = signals;
     sigwait(&wait_for, &second);
-    std::fprintf(stderr, "strata serve: second signal %d during the drain, exiting now\n", second);
+    std::fprintf(stderr, "%s: second signal %d during the drain, exiting now\n", command, second);
     std::_Exit(128 + second);
   }).detach();
   server->GetHealthCheckService()->SetServingStatus(false);
+  // The router stops sending new work here within one heartbeat.
+  if (worker_service != nullptr) worker_service->set_draining(true);
   // Refuses new calls now; in-flight calls may finish until the deadline,
   // after which gRPC cancels them (their handlers cancel the sequences).
   server->Shutdown(std::chrono::system_clock::now() +
@@ -363,6 +531,11 @@ int RunServe(const ServeFlags& f) {
   // fail. Give the transports a moment to write them out.
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   engine.Stop();
+  if (heartbeat != nullptr) heartbeat->Stop();
+  // Sends in flight fail (and release their exports) before the worker
+  // that started them goes.
+  kv_transport.reset();
+  prefiller.reset();
   // Stored prefixes still on their way to the SSD land before it closes,
   // so that the next start finds them.
   if (absl::StatusOr<bool> landed = (*kv_manager)->FinishPrefixWrites(std::chrono::seconds(30));
@@ -371,7 +544,7 @@ int RunServe(const ServeFlags& f) {
                     landed.ok() ? "timed out" : landed.status().ToString());
   }
   if (metrics_server) metrics_server->Stop();
-  std::printf("strata serve: stopped\n");
+  std::printf("%s: stopped\n", command);
   return 0;
 }
 

@@ -4,6 +4,14 @@
 // in-flight ones may finish within the grace period and are cancelled after
 // it, and the process exits 0; a second signal during the drain exits at
 // once (128 + the signal).
+//
+// `strata prefill` and `strata decode`: the same process as one worker of a
+// disaggregated deployment (proto/strata/internal/v1/worker.proto). Both
+// serve the internal Worker service beside the public one, open a UCX KV
+// transport, and heartbeat to the router given by --router (or are found
+// by the router's DNS discovery). A prefill worker computes prompts and
+// sends their KV to decode workers (prefill/prefill_worker.h); a decode
+// worker lands it in its host tier (decode/) and decodes.
 #ifndef STRATA_CLI_SERVE_COMMAND_H_
 #define STRATA_CLI_SERVE_COMMAND_H_
 
@@ -37,9 +45,21 @@ struct ServeFlags {
   int default_max_tokens = 256;
   double grace_seconds = 30;
   std::vector<std::string> profiles;  // KV profile YAML files
+  // Disaggregated workers (`prefill`, `decode`).
+  enum class Role { kServe, kPrefill, kDecode } role = Role::kServe;
+  std::string router;     // host:port of the router's Control service ("": none)
+  std::string advertise;  // host:port peers reach the Worker service at ("": host:port)
+  double heartbeat_seconds = 0.5;
+  int64_t kv_landing_bytes = int64_t{1} << 30;  // decode: host bytes KV lands in
+  int64_t kv_export_bytes = int64_t{1} << 30;   // prefill: host bytes exports wait in
+  double prefill_timeout_seconds = 60;          // decode: a prefill call's deadline
+  double kv_lease_seconds = 30;                 // decode: a reservation's lease
 };
 
 void AddServeCommand(CLI::App& app, ServeFlags& flags, int& exit_code);
+// `prefill` and `decode`.
+void AddWorkerCommands(CLI::App& app, ServeFlags& prefill_flags, ServeFlags& decode_flags,
+                       int& exit_code);
 int RunServe(const ServeFlags& flags);
 
 }  // namespace strata::cli

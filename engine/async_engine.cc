@@ -24,6 +24,7 @@ absl::Status AsyncEngine::Submit(GenerationRequest request, EventSink sink) {
   std::lock_guard<std::mutex> lock(mu_);
   if (stop_) return absl::UnavailableError("the engine is shutting down");
   waiting_.fetch_add(1);
+  queued_prompt_tokens_.fetch_add(static_cast<int64_t>(request.prompt.size()));
   pending_.emplace_back(std::move(request), std::move(sink));
   cv_.notify_one();
   return absl::OkStatus();
@@ -48,6 +49,7 @@ void AsyncEngine::Stop() {
 AsyncEngine::Stats AsyncEngine::GetStats() const {
   Stats s;
   s.waiting = waiting_.load();
+  s.queued_prompt_tokens = queued_prompt_tokens_.load();
   s.running = running_.load();
   s.swapped = swapped_.load();
   s.free_pages = free_pages_.load();
@@ -155,6 +157,7 @@ void AsyncEngine::Loop() {
                    [&] { return stop_ || !pending_.empty() || !cancels_.empty(); });
     }
     waiting_ = batcher_.num_waiting();
+    queued_prompt_tokens_ = batcher_.queued_prompt_tokens();
     running_ = batcher_.num_running();
     swapped_ = batcher_.num_swapped();
     free_pages_ = batcher_.free_pages();

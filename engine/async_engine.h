@@ -34,6 +34,7 @@ class AsyncEngine {
 
   struct Stats {
     int waiting = 0;                   // submitted, prefill not finished
+    int64_t queued_prompt_tokens = 0;  // ... their prompt tokens still to compute
     int running = 0;                   // decoding
     int swapped = 0;                   // paused, KV in the host tier
     int free_pages = 0;                // KV pages free (the lower group's with two)
@@ -87,6 +88,7 @@ class AsyncEngine {
   bool stop_ = false;
 
   std::atomic<int> waiting_{0}, running_{0}, swapped_{0}, free_pages_{0}, upper_free_pages_{0};
+  std::atomic<int64_t> queued_prompt_tokens_{0};
   std::atomic<int64_t> steps_{0}, preemptions_{0}, failed_sequences_{0}, swapped_out_{0},
       kv_lost_{0}, upper_pages_released_{0};
   std::function<void()> after_step_;

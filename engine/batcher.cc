@@ -160,6 +160,14 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
   return absl::OkStatus();
 }
 
+int64_t Batcher::queued_prompt_tokens() const {
+  int64_t tokens = 0;
+  for (const auto& seq : waiting_) {
+    tokens += static_cast<int64_t>(seq->tokens.size()) - seq->num_computed;
+  }
+  return tokens;
+}
+
 int Batcher::MaxCachedPages() const {
   int pages = kv_->num_pages(PageGroup::kLower);
   if (kv_->has_upper_group()) pages = std::min(pages, kv_->num_pages(PageGroup::kUpper));

@@ -142,6 +142,9 @@ class Batcher {
 
   int num_running() const { return static_cast<int>(running_.size()); }
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
+  // Prompt tokens of waiting sequences still to compute (what a router
+  // balances prefill work on).
+  int64_t queued_prompt_tokens() const;
   // Sequences whose KV waits in the host tier.
   int num_swapped() const { return static_cast<int>(swapped_.size()); }
   // Free pages of the lower page group (of every layer with one group).

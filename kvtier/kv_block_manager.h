@@ -243,8 +243,12 @@ class KvBlockManager final : public engine::KvMemory {
   };
   // Called on the manager's thread (in Poll) for each export once sealed;
   // must return quickly. The blocks stay valid until ReleaseExport(key).
+  // Thread-safe: may be set while the manager's thread runs.
   using ExportSink = std::function<void(ExportedKv exported)>;
-  void set_export_sink(ExportSink sink) { export_sink_ = std::move(sink); }
+  void set_export_sink(ExportSink sink) {
+    absl::MutexLock lock(&released_mu_);
+    export_sink_ = std::move(sink);
+  }
   // Gives an export's records back (its blocks were sent, or never will
   // be). Thread-safe: the records are freed by the next Poll. Destroy the
   // manager only once nothing reads an export.
@@ -436,8 +440,8 @@ class KvBlockManager final : public engine::KvMemory {
   };
   absl::Status PollTransfers();
   absl::flat_hash_map<uint64_t, Export> exports_;
-  ExportSink export_sink_;
   absl::Mutex released_mu_;
+  ExportSink export_sink_ ABSL_GUARDED_BY(released_mu_);
   std::vector<uint64_t> released_exports_ ABSL_GUARDED_BY(released_mu_);
   std::unique_ptr<LandingArea> landing_;
   std::vector<InFlight> landing_in_flight_;

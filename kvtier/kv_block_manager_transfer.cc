@@ -71,9 +71,11 @@ void KvBlockManager::ReleaseExport(uint64_t key) {
 absl::Status KvBlockManager::PollTransfers() {
   engine::Backend& backend = model_->backend();
   std::vector<uint64_t> released;
+  ExportSink sink;
   {
     absl::MutexLock lock(&released_mu_);
     released.swap(released_exports_);
+    sink = export_sink_;
   }
   for (uint64_t key : released) {
     auto it = exports_.find(key);
@@ -92,7 +94,7 @@ absl::Status KvBlockManager::PollTransfers() {
     host_.SealAll(e.records, crc_pool_.get());
     for (int32_t r : e.records) host_.Unref(r);  // the copy's reference: resident now
     e.sealed = true;
-    if (!export_sink_) continue;
+    if (!sink) continue;
     ExportedKv out;
     out.key = key;
     out.tokens = e.tokens;
@@ -103,7 +105,7 @@ absl::Status KvBlockManager::PollTransfers() {
                                       static_cast<size_t>(layout_.record_bytes())),
            host_.crc(r), std::min(page_size, e.tokens - static_cast<int>(i) * page_size)});
     }
-    export_sink_(std::move(out));
+    sink(std::move(out));
   }
   if (landing_ != nullptr) {
     for (auto it = landing_in_flight_.begin(); it != landing_in_flight_.end();) {

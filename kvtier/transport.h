@@ -13,7 +13,10 @@
 //
 // Failures are per message and per peer, never a hang:
 //  - a send that does not complete within send_timeout fails with
-//    DeadlineExceeded, and its request is cancelled;
+//    DeadlineExceeded, and its request is cancelled (where the network
+//    cannot cancel one request, e.g. UCX 1.13 once the payload is in its
+//    hands, the peer's endpoint is closed instead: its other sends in
+//    flight fail as for a peer that went away);
 //  - a peer that goes away fails its sends in flight with Unavailable, its
 //    receives in flight (Landed with an error), and is reported once to
 //    Receiver::PeerFailed; a later Send to that address connects afresh;

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <mutex>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -40,6 +41,13 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 
   // Runs on the engine thread.
   void OnEngineEvent(const engine::TokenEvent& event, Clock::time_point at);
+  // Hands the request to the engine (admitted_ set). Requires mu_.
+  void SubmitLocked(engine::GenerationRequest request);
+  // Has a prefill worker compute the prompt first (see the service's
+  // comment); OnPrefilled (a gRPC thread) then submits it.
+  void StartRemotePrefill(const std::string& address, const v1::GenerateRequest& request,
+                          engine::GenerationRequest engine_request);
+  void OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> result);
   // Ends a call that was never admitted.
   void Reject(const absl::Status& status, const std::string& reason);
   // Starts the next write, or the call's finish, when one is due. Requires
@@ -55,7 +63,8 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   GenerationService* const service_;
   grpc::CallbackServerContext* const context_;
   const Clock::time_point arrival_ = Clock::now();
-  // gRPC's reference, plus the engine's while it holds the sequence.
+  // gRPC's reference, plus the engine's while it holds the sequence, plus
+  // the remote prefill's while it runs.
   std::atomic<int> refs_{1};
 
   std::mutex mu_;
@@ -83,6 +92,10 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   bool finish_counted_ = false;
   int completion_tokens_ = 0;
   Clock::time_point first_token_, last_token_;
+  // A remote prefill in flight, and the request waiting for it.
+  std::shared_ptr<decode::RemotePrefill::Call> prefill_call_;
+  bool prefilling_ = false;
+  std::optional<engine::GenerationRequest> held_request_;
 };
 
 GenerateStream::GenerateStream(GenerationService* service, grpc::CallbackServerContext* context,
@@ -108,14 +121,84 @@ GenerateStream::GenerateStream(GenerationService* service, grpc::CallbackServerC
         "queue_full");
     return;
   }
+  engine::GenerationRequest engine_request = *std::move(converted);
+  std::string prefill_address;
+  if (service_->remote_prefill_ != nullptr) {
+    auto [begin, end] = context_->client_metadata().equal_range(kPrefillAddressKey);
+    if (begin != end) prefill_address.assign(begin->second.data(), begin->second.size());
+  }
   std::lock_guard<std::mutex> lock(mu_);  // the engine's first event waits for the rest
   admitted_ = true;
   id_ = service_->next_id_.fetch_add(1);
   request_id_ = request.request_id().empty() ? absl::StrCat("req-", id_) : request.request_id();
   return_logprobs_ = request.return_logprobs();
-  engine::GenerationRequest engine_request = *std::move(converted);
   engine_request.id = id_;
   prompt_tokens_ = static_cast<int>(engine_request.prompt.size());
+  if (!prefill_address.empty()) {
+    StartRemotePrefill(prefill_address, request, std::move(engine_request));
+    return;
+  }
+  SubmitLocked(std::move(engine_request));
+}
+
+void GenerateStream::StartRemotePrefill(const std::string& address,
+                                        const v1::GenerateRequest& request,
+                                        engine::GenerationRequest engine_request) {
+  internal::v1::PrefillRequest prefill;
+  prefill.set_request_id(request_id_);
+  prefill.mutable_prompt_ids()->Add(engine_request.prompt.begin(), engine_request.prompt.end());
+  *prefill.mutable_sampling() = request.sampling();
+  prefill.set_return_logprobs(request.return_logprobs());
+  prefill.set_profile(request.profile());
+  held_request_ = std::move(engine_request);
+  prefilling_ = true;
+  refs_.fetch_add(1);  // the prefill's, dropped by OnPrefilled
+  // `done` may run at once (no room to land the KV): not under mu_.
+  mu_.unlock();
+  auto call = service_->remote_prefill_->Start(
+      address, std::move(prefill),
+      [this](absl::StatusOr<decode::RemotePrefill::Result> r) { OnPrefilled(std::move(r)); });
+  mu_.lock();
+  if (prefilling_) {
+    prefill_call_ = std::move(call);
+    if (cancelled_ && prefill_call_ != nullptr) prefill_call_->Cancel();
+  }
+}
+
+void GenerateStream::OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> result) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    prefilling_ = false;
+    prefill_call_.reset();
+    if (cancelled_) {
+      if (result.ok()) service_->remote_prefill_->Drop(result->transfer_id);
+      admitted_ = false;
+      service_->in_flight_.fetch_sub(1);
+      AdvanceLocked();
+    } else if (result.ok()) {
+      held_request_->generated = {result->first};
+      held_request_->import_kv = result->transfer_id;
+      SubmitLocked(*std::move(held_request_));
+    } else if (absl::IsUnavailable(result.status()) || absl::IsDeadlineExceeded(result.status()) ||
+               absl::IsResourceExhausted(result.status())) {
+      // The prefill worker is gone, stuck or full, or there is no room
+      // here for its KV: the prompt is computed here instead.
+      STRATA_LOG_WARN("request {}: remote prefill failed, computing the prompt here: {}",
+                      request_id_, result.status().ToString());
+      service_->prefill_fallbacks_.fetch_add(1);
+      SubmitLocked(*std::move(held_request_));
+    } else {
+      admitted_ = false;
+      service_->in_flight_.fetch_sub(1);
+      CountFinishLocked("error");
+      finish_called_ = true;
+      Finish(ToGrpcStatus(result.status()));
+    }
+  }
+  Unref();
+}
+
+void GenerateStream::SubmitLocked(engine::GenerationRequest engine_request) {
   refs_.fetch_add(1);  // the engine's, dropped with its last event
   absl::Status submitted = service_->engine_->Submit(
       std::move(engine_request),
@@ -272,6 +355,8 @@ void GenerateStream::CancelLocked() {
     CountFinishLocked(deadline ? "deadline_exceeded" : "cancelled");
     service_->engine_->Cancel(id_);
   }
+  // OnPrefilled then releases the request.
+  if (prefilling_ && prefill_call_ != nullptr) prefill_call_->Cancel();
 }
 
 void GenerateStream::CountFinishLocked(const std::string& reason) {

@@ -21,6 +21,15 @@
 // Client cancellation or an expired deadline cancels the sequence in the
 // engine, which frees its KV before the next step.
 //
+// On a decode worker (set_remote_prefill), a call from the router whose
+// metadata names a prefill worker (kPrefillAddressKey) has its prompt
+// computed there: the stream reserves room for the KV, waits for the
+// prefill worker's first token (its KV landed here by then), and submits
+// the request with that token and the KV to the engine, which streams the
+// token at once and decodes the rest. A prefill worker that cannot be
+// reached or does not answer in time leaves the prompt to be computed here,
+// so the request still completes.
+//
 // Thread-safety: gRPC calls the handlers from many threads and the engine
 // calls the streams' sinks from its own; the service's state is atomics and
 // each stream's state is under its own mutex.
@@ -30,6 +39,7 @@
 #include <atomic>
 #include <string>
 
+#include "decode/remote_prefill.h"
 #include "engine/async_engine.h"
 #include "engine/tokenizer.h"
 #include "router/request_conversion.h"
@@ -58,6 +68,10 @@ using GenerationServiceBase =
 
 class GenerateStream;
 
+// The metadata key of the prefill worker's address on a Generate call from
+// the router to a decode worker (strata/internal/v1/worker.proto).
+inline constexpr char kPrefillAddressKey[] = "strata-prefill-address";
+
 class GenerationService final : public GenerationServiceBase {
  public:
   // engine, tokenizer (may be null) and metrics (may be null) must outlive
@@ -76,6 +90,12 @@ class GenerationService final : public GenerationServiceBase {
                                       const v1::ModelInfoRequest* request,
                                       v1::ModelInfoResponse* response) override;
 
+  // Makes this a decode worker that has prompts computed by prefill workers
+  // (see the file comment). Set before serving; must outlive the service.
+  void set_remote_prefill(decode::RemotePrefill* remote) { remote_prefill_ = remote; }
+  // Requests whose remote prefill failed and were computed here instead.
+  int64_t prefill_fallbacks() const { return prefill_fallbacks_.load(); }
+
   // Requests admitted whose sequence the engine still holds.
   int requests_in_flight() const { return in_flight_.load(); }
   // Generate calls gRPC has not finished with (admitted or not).
@@ -91,6 +111,8 @@ class GenerationService final : public GenerationServiceBase {
   std::atomic<int> in_flight_{0};
   std::atomic<int> open_streams_{0};
   std::atomic<uint64_t> next_id_{1};
+  decode::RemotePrefill* remote_prefill_ = nullptr;
+  std::atomic<int64_t> prefill_fallbacks_{0};
 };
 
 }  // namespace strata::router

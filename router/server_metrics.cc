@@ -161,6 +161,21 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->ssd_lost_, "strata_kv_ssd_sequences_lost_total",
                                  "Sequences whose KV failed a check on its way up from the SSD; "
                                  "they were recomputed."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_exports_, "strata_kv_exports_total",
+                                 "Prompts whose KV this prefill worker sent to a decode worker."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_export_bytes_, "strata_kv_export_bytes_total",
+                                 "Bytes of KV this prefill worker sent to decode workers."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_imports_, "strata_kv_imports_total",
+                                 "Prompts whose KV this decode worker took from a prefill "
+                                 "worker instead of computing it."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_import_bytes_, "strata_kv_import_bytes_total",
+                                 "Bytes of KV this decode worker took from prefill workers."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_imports_failed_, "strata_kv_imports_failed_total",
+                                 "KV transfers refused when loaded (a block corrupt or missing); "
+                                 "their requests failed."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_transfers_expired_, "strata_kv_transfers_expired_total",
+                                 "Room reserved for a prompt's KV given back when its lease "
+                                 "ended first."));
   STRATA_ASSIGN_OR_RETURN(
       m->prefix_used_, metrics::AddGauge(r, "strata_kv_prefix_bytes_used",
                                          "Host bytes of stored prompt prefixes kept for reuse."));
@@ -286,6 +301,12 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
   records_lost_.Advance(s.host_records_lost);
   ssd_sequences_->Set(s.sequences_on_ssd);
   prefix_used_->Set(static_cast<double>(s.prefix_bytes_used));
+  kv_exports_.Advance(s.kv_exports);
+  kv_export_bytes_.Advance(s.kv_export_bytes);
+  kv_imports_.Advance(s.kv_imports);
+  kv_import_bytes_.Advance(s.kv_import_bytes);
+  kv_imports_failed_.Advance(s.kv_imports_failed);
+  kv_transfers_expired_.Advance(s.kv_transfers_expired);
   prefix_lookups_.Advance(s.prefix_lookups);
   prefix_hits_.Advance(s.prefix_hits);
   prefix_tokens_.Advance(s.prefix_tokens_loaded);

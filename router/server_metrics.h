@@ -77,6 +77,12 @@
 //                                               on below, on the SSD
 //   strata_kv_ssd_prefix_pages_read_total, _bytes_read_total, _lost_total
 //   strata_kv_ssd_prefix_read_seconds_total     the reads' time (I/O threads)
+//   strata_kv_exports_total, _export_bytes_total  prompts' KV a prefill worker
+//                                               handed to decode workers
+//   strata_kv_imports_total, _import_bytes_total  KV a decode worker took from
+//                                               prefill workers
+//   strata_kv_imports_failed_total              ... refused (corrupt, missing)
+//   strata_kv_transfers_expired_total           reservations whose lease ended
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -172,6 +178,8 @@ class ServerMetrics {
   TotalCounter prefetch_bytes_;
   TotalCounter prefix_lookups_, prefix_hits_, prefix_tokens_, prefix_stored_, prefix_evicted_,
       prefix_lost_;
+  TotalCounter kv_exports_, kv_export_bytes_, kv_imports_, kv_import_bytes_, kv_imports_failed_,
+      kv_transfers_expired_;
   TotalCounter ssd_swap_outs_, ssd_swap_ins_, ssd_swap_outs_refused_, ssd_bytes_written_,
       ssd_bytes_read_, ssd_lost_;
   prometheus::Counter* ssd_swap_in_seconds_ = nullptr;

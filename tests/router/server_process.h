@@ -1,4 +1,5 @@
-// ServerProcess: a `strata serve` child process on free loopback ports, for
+// ServerProcess: a `strata serve` child process (or `strata prefill` /
+// `strata decode`, see ServerProcess::Worker) on free loopback ports, for
 // tests that drive the server over real gRPC and HTTP (tests/router,
 // tests/bench). Its stderr goes to a file (Stderr()). Needs STRATA_BINARY (the strata executable)
 // and STRATA_SOURCE_DIR (for models/tiny-llama) defined by the test target.
@@ -44,10 +45,13 @@ inline const std::string kTinyModel = std::string(STRATA_SOURCE_DIR) + "/models/
 // or 2048).
 class ServerProcess {
  public:
-  explicit ServerProcess(std::vector<std::string> extra_args = {}) {
-    std::vector<std::string> args = {STRATA_BINARY,    "serve",     "--model",   kTinyModel,
-                                     "--host",         "127.0.0.1", "--port",    "0",
-                                     "--metrics-port", "0",         "--threads", "2"};
+  explicit ServerProcess(std::vector<std::string> extra_args = {},
+                         const std::string& subcommand = "serve") {
+    std::vector<std::string> args = {STRATA_BINARY,    subcommand,  "--model", kTinyModel,
+                                     "--host",         "127.0.0.1", "--port",  "0",
+                                     "--metrics-port", "0"};
+    // The router runs no model.
+    if (subcommand != "router") args.insert(args.end(), {"--threads", "2"});
     // Defaults that extra arguments may replace.
     for (const auto& [flag, value] : {std::pair<std::string, std::string>{"--grace-seconds", "10"},
                                       {"--max-context", "2048"}}) {

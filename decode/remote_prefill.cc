@@ -1,0 +1,76 @@
+#include "decode/remote_prefill.h"
+
+#include <random>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace strata::decode {
+namespace {
+
+// Transfer ids differ between this worker's lives, so a block of a transfer
+// from before a restart never lands in a new one.
+uint64_t FirstTransferId() {
+  std::random_device random;
+  return (uint64_t{random()} << 32 | random()) & ~uint64_t{0xffffff};
+}
+
+absl::Status FromGrpc(const grpc::Status& s, const std::string& address) {
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat("prefill worker ", address, ": ", s.error_message()));
+}
+
+}  // namespace
+
+RemotePrefill::RemotePrefill(kvtier::LandingArea* area, int page_size, std::string kv_address,
+                             RemotePrefillOptions options)
+    : area_(area),
+      page_size_(page_size),
+      kv_address_(std::move(kv_address)),
+      options_(options),
+      next_transfer_(FirstTransferId()) {}
+
+internal::v1::Worker::Stub* RemotePrefill::StubFor(const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  auto& stub = stubs_[address];
+  if (stub == nullptr) {
+    stub = internal::v1::Worker::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  }
+  return stub.get();
+}
+
+std::shared_ptr<RemotePrefill::Call> RemotePrefill::Start(const std::string& prefill_address,
+                                                          internal::v1::PrefillRequest request,
+                                                          Done done) {
+  const uint64_t transfer_id = next_transfer_.fetch_add(1) + 1;
+  const int blocks = (request.prompt_ids_size() + page_size_ - 1) / page_size_;
+  if (absl::Status s = area_->Reserve(transfer_id, blocks, absl::Now() + options_.lease); !s.ok()) {
+    done(s);
+    return nullptr;
+  }
+  auto call = std::make_shared<Call>();
+  call->request_ = std::move(request);
+  call->request_.set_kv_destination(kv_address_);
+  call->request_.set_transfer_id(transfer_id);
+  call->context_.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
+  internal::v1::Worker::Stub* stub = StubFor(prefill_address);
+  stub->async()->Prefill(
+      &call->context_, &call->request_, &call->response_,
+      [this, call, transfer_id, prefill_address, done = std::move(done)](grpc::Status status) {
+        if (!status.ok()) {
+          area_->Drop(transfer_id);
+          done(FromGrpc(status, prefill_address));
+          return;
+        }
+        Result result;
+        result.transfer_id = transfer_id;
+        result.first = {call->response_.first_token(), call->response_.first_logprob()};
+        result.response = call->response_;
+        done(std::move(result));
+      });
+  return call;
+}
+
+}  // namespace strata::decode

@@ -1,0 +1,93 @@
+// RemotePrefill: a decode worker asking a prefill worker to compute a
+// prompt and send its KV here.
+//
+// Start() reserves room in the block manager's landing area for the
+// prompt's pages (a lease: a prefill worker that never sends, or a request
+// that dies, gives the room back within `lease`), then calls the prefill
+// worker's Worker.Prefill (strata/internal/v1/worker.proto) with this
+// worker's KV transport address and the transfer id. The prefill worker
+// answers once every block has landed, with the first token. `done` gets
+// the transfer id (for GenerationRequest::import_kv) and that token, or the
+// error; on an error the reservation is dropped. Channels to prefill
+// workers are made once per address and reused.
+//
+// Thread-safety: thread-safe. `done` runs once, on a gRPC thread (or on the
+// caller's when the reservation fails), and must return quickly.
+#ifndef STRATA_DECODE_REMOTE_PREFILL_H_
+#define STRATA_DECODE_REMOTE_PREFILL_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "engine/sampler.h"
+#include "kvtier/landing_area.h"
+#include "strata/internal/v1/worker.grpc.pb.h"
+
+namespace strata::decode {
+
+struct RemotePrefillOptions {
+  // How long a reservation waits for its blocks and its load.
+  absl::Duration lease = absl::Seconds(30);
+  // The Prefill call's deadline.
+  absl::Duration timeout = absl::Seconds(60);
+};
+
+class RemotePrefill {
+ public:
+  struct Result {
+    uint64_t transfer_id = 0;
+    engine::SampledToken first;
+    internal::v1::PrefillResponse response;  // the prefill worker's counts
+  };
+  using Done = std::function<void(absl::StatusOr<Result> result)>;
+
+  // A call in flight; Cancel() ends it early (`done` then gets Cancelled).
+  class Call {
+   public:
+    void Cancel() { context_.TryCancel(); }
+
+   private:
+    friend class RemotePrefill;
+    grpc::ClientContext context_;
+    internal::v1::PrefillRequest request_;
+    internal::v1::PrefillResponse response_;
+  };
+
+  // `area` must outlive this; kv_address is this worker's KV transport
+  // address; page_size the tokens of one block.
+  RemotePrefill(kvtier::LandingArea* area, int page_size, std::string kv_address,
+                RemotePrefillOptions options = {});
+
+  // `request` has the prompt, sampling and profile; the destination and
+  // transfer id are set here. Returns the call (null when `done` already
+  // ran with an error, e.g. no room to land the KV).
+  std::shared_ptr<Call> Start(const std::string& prefill_address,
+                              internal::v1::PrefillRequest request, Done done);
+  // Gives back a transfer whose KV will not be loaded (its request ended).
+  void Drop(uint64_t transfer_id) { area_->Drop(transfer_id); }
+
+ private:
+  internal::v1::Worker::Stub* StubFor(const std::string& address);
+
+  kvtier::LandingArea* area_;
+  int page_size_;
+  std::string kv_address_;
+  RemotePrefillOptions options_;
+  std::atomic<uint64_t> next_transfer_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::unique_ptr<internal::v1::Worker::Stub>> stubs_
+      ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace strata::decode
+
+#endif  // STRATA_DECODE_REMOTE_PREFILL_H_

@@ -1,0 +1,191 @@
+#include "prefill/prefill_worker.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+
+namespace strata::prefill {
+
+PrefillWorker::PrefillWorker(engine::AsyncEngine* engine, kvtier::KvBlockManager* manager,
+                             kvtier::Transport* transport)
+    : engine_(engine),
+      manager_(manager),
+      transport_(transport),
+      format_(kvtier::KvWireFormat::Of(manager->layout())) {
+  manager_->set_export_sink(
+      [this](kvtier::KvBlockManager::ExportedKv exported) { OnExport(std::move(exported)); });
+}
+
+PrefillWorker::~PrefillWorker() { manager_->set_export_sink(nullptr); }
+
+absl::Status PrefillWorker::Start(engine::GenerationRequest request, std::string destination,
+                                  uint64_t transfer_id, Done done) {
+  const uint64_t id = request.id;
+  if (destination.empty() || transfer_id == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefill of request ", id, ": no KV destination or transfer id"));
+  }
+  if (!request.decode_tokens.empty() || !request.generated.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefill of request ", id, ": decode or generated tokens given"));
+  }
+  // The prompt alone: the first token is sampled here, and every stop
+  // condition is the decode worker's, which sees that token too.
+  request.max_tokens = 1;
+  request.ignore_eos = true;
+  request.stop_strings.clear();
+  request.stop_token_ids.clear();
+  request.export_kv = id;
+  {
+    absl::MutexLock lock(&mu_);
+    if (requests_.contains(id)) {
+      return absl::AlreadyExistsError(absl::StrCat("prefill of request ", id, " is running"));
+    }
+    Request& r = requests_[id];
+    r.destination = std::move(destination);
+    r.transfer_id = transfer_id;
+    r.done = std::move(done);
+  }
+  absl::Status submitted = engine_->Submit(
+      std::move(request), [this, id](const engine::TokenEvent& e) { OnEvent(id, e); });
+  if (!submitted.ok()) {
+    absl::MutexLock lock(&mu_);
+    requests_.erase(id);
+  }
+  return submitted;
+}
+
+void PrefillWorker::OnEvent(uint64_t id, const engine::TokenEvent& e) {
+  if (e.finish == engine::FinishReason::kNone) return;
+  std::function<void()> call;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = requests_.find(id);
+    if (it == requests_.end()) return;
+    Request& r = it->second;
+    r.engine_finished = true;
+    if (e.token_id >= 0) r.first = engine::SampledToken{e.token_id, e.logprob};
+    r.cached_prompt_tokens = e.cached_tokens;
+    const bool ok =
+        e.finish == engine::FinishReason::kLength || e.finish == engine::FinishReason::kStop;
+    r.expect_export = ok && r.first.has_value();
+    if (!ok && r.error.ok()) {
+      r.error = e.finish == engine::FinishReason::kCancelled
+                    ? absl::CancelledError(absl::StrCat("prefill of request ", id, " cancelled"))
+                    : absl::InternalError(e.error);
+    }
+    call = SettleLocked(id);
+  }
+  if (call) call();
+}
+
+void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
+  const uint64_t id = exported.key;
+  std::string destination;
+  std::vector<std::pair<std::span<const std::byte>, std::span<const std::byte>>> sends;
+  std::function<void()> call;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = requests_.find(id);
+    if (it == requests_.end() || !it->second.error.ok()) {
+      // Cancelled or failed meanwhile: nobody sends it.
+      manager_->ReleaseExport(id);
+      if (it != requests_.end()) {
+        it->second.exported = true;
+        call = SettleLocked(id);
+      }
+    } else {
+      Request& r = it->second;
+      r.exported = true;
+      destination = r.destination;
+      r.headers.resize(exported.blocks.size());
+      const int64_t element = 2;  // the raw KV's bytes per value (bf16)
+      for (size_t i = 0; i < exported.blocks.size(); ++i) {
+        const auto& block = exported.blocks[i];
+        kvtier::KvBlockHeader h;
+        h.transfer_id = r.transfer_id;
+        h.index = static_cast<uint32_t>(i);
+        h.count = static_cast<uint32_t>(exported.blocks.size());
+        h.tokens = static_cast<uint32_t>(block.tokens);
+        h.format = format_;
+        h.payload_crc = block.crc;
+        h.payload_bytes = block.data.size();
+        r.headers[i] = kvtier::EncodeKvBlockHeader(h);
+        sends.emplace_back(r.headers[i], block.data);
+        r.result.wire_bytes += static_cast<int64_t>(block.data.size());
+        r.result.raw_bytes += int64_t{2} * format_.layers * block.tokens * format_.kv_heads *
+                              format_.head_dim * element;
+      }
+      r.result.blocks = static_cast<int>(exported.blocks.size());
+      r.sends_pending = static_cast<int>(sends.size());
+    }
+  }
+  if (call) call();
+  for (const auto& [header, payload] : sends) {
+    absl::Status sent = transport_->Send(destination, header, payload,
+                                         [this, id](absl::Status s) { OnSent(id, s); });
+    if (!sent.ok()) OnSent(id, sent);
+  }
+}
+
+void PrefillWorker::OnSent(uint64_t id, const absl::Status& status) {
+  std::function<void()> call;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = requests_.find(id);
+    if (it == requests_.end()) return;
+    Request& r = it->second;
+    --r.sends_pending;
+    if (!status.ok() && r.error.ok()) {
+      r.error = absl::Status(status.code(), absl::StrCat("prefill of request ", id,
+                                                         ": sending its KV: ", status.message()));
+    }
+    if (r.sends_pending == 0) manager_->ReleaseExport(id);
+    call = SettleLocked(id);
+  }
+  if (call) call();
+}
+
+std::function<void()> PrefillWorker::SettleLocked(uint64_t id) {
+  auto it = requests_.find(id);
+  Request& r = it->second;
+  std::function<void()> call;
+  if (r.done) {
+    if (!r.error.ok()) {
+      call = [done = std::move(r.done), error = r.error] { done(error); };
+    } else if (r.exported && r.sends_pending == 0 && r.first.has_value()) {
+      r.result.first = *r.first;
+      r.result.cached_prompt_tokens = r.cached_prompt_tokens;
+      call = [done = std::move(r.done), result = r.result] { done(result); };
+    }
+    if (call) r.done = nullptr;
+  }
+  if (!r.done && r.sends_pending == 0 && r.engine_finished && (!r.expect_export || r.exported)) {
+    requests_.erase(it);
+  }
+  return call;
+}
+
+void PrefillWorker::Cancel(uint64_t request_id) {
+  std::function<void()> call;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = requests_.find(request_id);
+    if (it == requests_.end()) return;
+    if (it->second.error.ok()) {
+      it->second.error =
+          absl::CancelledError(absl::StrCat("prefill of request ", request_id, " cancelled"));
+    }
+    call = SettleLocked(request_id);
+  }
+  engine_->Cancel(request_id);
+  if (call) call();
+}
+
+int PrefillWorker::num_requests() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(requests_.size());
+}
+
+}  // namespace strata::prefill

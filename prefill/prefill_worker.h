@@ -1,0 +1,115 @@
+// PrefillWorker: computes prompts for decode workers and sends them the KV.
+//
+// Start() submits a prompt to the engine as a one-token request whose KV is
+// exported (engine::GenerationRequest::export_kv): the engine samples the
+// first token, and the block manager copies the prompt's pages to host
+// records and hands them over (KvBlockManager's export sink, on the engine
+// thread). Each page record then goes to the decode worker over the KV
+// transport as one message in the wire format (kvtier/kv_wire.h), tagged
+// with the decode worker's transfer id. Once every block has landed there,
+// the export is released and `done` gets the first token.
+//
+// Any failure (the engine's, a refused or timed-out send, a decode worker
+// that went away) is `done`'s error, and the export is released once no
+// send reads it. Cancel() stops a request: `done` gets Cancelled at once,
+// and whatever it holds is released when its sends (bounded by the
+// transport's timeout) are over.
+//
+// Thread-safety: thread-safe. `done` runs once, on the engine's or the
+// transport's thread, and must return quickly.
+#ifndef STRATA_PREFILL_PREFILL_WORKER_H_
+#define STRATA_PREFILL_PREFILL_WORKER_H_
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/async_engine.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_wire.h"
+#include "kvtier/transport.h"
+
+namespace strata::prefill {
+
+// A prefill worker's KV transport receives nothing: it only sends.
+class NoKvReceiver final : public kvtier::Transport::Receiver {
+ public:
+  absl::StatusOr<std::span<std::byte>> Allocate(std::string_view, std::span<const std::byte>,
+                                                size_t) override {
+    return absl::FailedPreconditionError("a prefill worker takes no KV blocks");
+  }
+  void Landed(std::string_view, std::span<const std::byte>, std::span<std::byte>,
+              absl::Status) override {}
+  void PeerFailed(std::string_view, const absl::Status&) override {}
+};
+
+class PrefillWorker {
+ public:
+  struct Result {
+    engine::SampledToken first;
+    int blocks = 0;
+    int64_t wire_bytes = 0;  // payloads sent
+    int64_t raw_bytes = 0;   // the same KV as raw 16-bit values
+    int cached_prompt_tokens = 0;
+  };
+  using Done = std::function<void(absl::StatusOr<Result> result)>;
+
+  // The engine must run over `manager` (with a host tier: exports live
+  // there). Installs the manager's export sink. All three must outlive the
+  // worker, and the worker every request it started (Stop first).
+  PrefillWorker(engine::AsyncEngine* engine, kvtier::KvBlockManager* manager,
+                kvtier::Transport* transport);
+  ~PrefillWorker();
+
+  // Computes `request`'s prompt (its id unique among this worker's
+  // requests; max_tokens, ignore_eos and export_kv are set here) and sends
+  // its KV to the transport at `destination` under `transfer_id`.
+  // InvalidArgument for a request the engine refuses; `done` then never
+  // runs.
+  absl::Status Start(engine::GenerationRequest request, std::string destination,
+                     uint64_t transfer_id, Done done);
+  // Stops a request (unknown or finished ids are ignored).
+  void Cancel(uint64_t request_id);
+  // Requests started and not yet done, and those whose sends still run.
+  int num_requests() const;
+
+ private:
+  struct Request {
+    std::string destination;
+    uint64_t transfer_id = 0;
+    Done done;  // empty once called
+    std::optional<engine::SampledToken> first;
+    int cached_prompt_tokens = 0;
+    // The export's sends: headers live until their send is done.
+    std::vector<std::array<std::byte, kvtier::KvBlockHeader::kBytes>> headers;
+    int sends_pending = 0;
+    bool engine_finished = false;  // its last event came
+    bool expect_export = false;    // ... and it was a success: an export follows
+    bool exported = false;         // the export came (and is released once sent)
+    absl::Status error;
+    Result result;
+  };
+  void OnEvent(uint64_t id, const engine::TokenEvent& event);
+  void OnExport(kvtier::KvBlockManager::ExportedKv exported);
+  void OnSent(uint64_t id, const absl::Status& status);
+  // Calls `done` if it is due and forgets the request once nothing of it
+  // runs; returns the callback to run outside the lock.
+  std::function<void()> SettleLocked(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  engine::AsyncEngine* engine_;
+  kvtier::KvBlockManager* manager_;
+  kvtier::Transport* transport_;
+  kvtier::KvWireFormat format_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<uint64_t, Request> requests_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace strata::prefill
+
+#endif  // STRATA_PREFILL_PREFILL_WORKER_H_

@@ -1,0 +1,204 @@
+// Disaggregated serving end to end: `strata prefill` and `strata decode`
+// processes on loopback, the prompt computed by the prefill worker, its KV
+// sent over UCX to the decode worker, which decodes. The tokens equal those
+// of one worker computing everything; a prefill worker that is gone leaves
+// the prompt to the decode worker; and both workers describe themselves on
+// the internal Worker service.
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "strata/internal/v1/worker.grpc.pb.h"
+#include "strata/v1/generate.grpc.pb.h"
+#include "tests/router/server_process.h"
+
+namespace strata {
+namespace {
+
+using ::testing::HasSubstr;
+using testing_util::ServerProcess;
+
+// Small host buffers: the tiny model's page records are small.
+const std::vector<std::string> kPrefillArgs = {"--kv-export-bytes", "16777216", "--max-seqs", "8"};
+const std::vector<std::string> kDecodeArgs = {"--kv-landing-bytes", "16777216", "--max-seqs", "8"};
+
+struct Completion {
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;
+  v1::GenerateResponse last;
+  grpc::Status status;
+};
+
+Completion Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& request,
+                    const std::string& prefill_address = "") {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  if (!prefill_address.empty()) ctx.AddMetadata("strata-prefill-address", prefill_address);
+  Completion c;
+  auto reader = stub.Generate(&ctx, request);
+  v1::GenerateResponse r;
+  while (reader->Read(&r)) {
+    c.tokens.insert(c.tokens.end(), r.token_ids().begin(), r.token_ids().end());
+    c.logprobs.insert(c.logprobs.end(), r.logprobs().begin(), r.logprobs().end());
+    c.last = r;
+  }
+  c.status = reader->Finish();
+  return c;
+}
+
+v1::GenerateRequest Request(int prompt_tokens, int max_tokens, uint32_t seed) {
+  v1::GenerateRequest r;
+  for (int i = 0; i < prompt_tokens; ++i) {
+    r.mutable_token_ids()->add_ids(static_cast<int32_t>((seed * 7919u + i * 104729u) % 500 + 3));
+  }
+  r.mutable_sampling()->set_temperature(0);
+  r.mutable_stopping()->set_max_tokens(max_tokens);
+  r.mutable_stopping()->set_ignore_eos(true);
+  r.set_return_logprobs(true);
+  return r;
+}
+
+internal::v1::DescribeResponse Describe(const std::string& address) {
+  auto stub = internal::v1::Worker::NewStub(
+      grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  internal::v1::DescribeResponse out;
+  EXPECT_TRUE(stub->Describe(&ctx, {}, &out).ok());
+  return out;
+}
+
+TEST(DisaggregatedTest, APromptPrefilledElsewhereDecodesToTheSameTokens) {
+  ServerProcess prefill(kPrefillArgs, "prefill");
+  ServerProcess decode(kDecodeArgs, "decode");
+  for (auto [prompt, max_tokens] : {std::pair{7, 20}, {40, 24}, {300, 16}}) {
+    SCOPED_TRACE(prompt);
+    const v1::GenerateRequest r = Request(prompt, max_tokens, static_cast<uint32_t>(prompt));
+    const Completion here = Generate(decode.stub(), r);
+    ASSERT_TRUE(here.status.ok()) << here.status.error_message();
+    const Completion split = Generate(decode.stub(), r, prefill.address());
+    ASSERT_TRUE(split.status.ok()) << split.status.error_message() << decode.Stderr();
+    EXPECT_EQ(split.tokens, here.tokens);
+    ASSERT_EQ(split.logprobs.size(), here.logprobs.size());
+    for (size_t i = 0; i < here.logprobs.size(); ++i) {
+      EXPECT_NEAR(split.logprobs[i], here.logprobs[i], 1e-4) << i;
+    }
+    EXPECT_EQ(split.last.usage().prompt_tokens(), static_cast<uint32_t>(prompt));
+    EXPECT_EQ(split.last.usage().completion_tokens(), static_cast<uint32_t>(max_tokens));
+  }
+  // The KV crossed: the decode worker took three transfers.
+  EXPECT_THAT(decode.Metrics(), HasSubstr("strata_kv_imports_total 3"));
+  const internal::v1::DescribeResponse p = Describe(prefill.address());
+  const internal::v1::DescribeResponse d = Describe(decode.address());
+  EXPECT_EQ(p.info().role(), internal::v1::WORKER_ROLE_PREFILL);
+  EXPECT_EQ(d.info().role(), internal::v1::WORKER_ROLE_DECODE);
+  EXPECT_FALSE(d.info().kv_address().empty());
+  EXPECT_EQ(p.info().kv_format(), d.info().kv_format());
+  EXPECT_GT(d.load().host_kv_total_bytes(), 0);
+  EXPECT_EQ(p.load().running_sequences(), 0);
+}
+
+TEST(DisaggregatedTest, AGonePrefillWorkerLeavesThePromptToTheDecodeWorker) {
+  ServerProcess decode(kDecodeArgs, "decode");
+  const v1::GenerateRequest r = Request(50, 12, 3);
+  const Completion here = Generate(decode.stub(), r);
+  ASSERT_TRUE(here.status.ok());
+  std::string gone;
+  {
+    ServerProcess prefill(kPrefillArgs, "prefill");
+    gone = prefill.address();
+  }  // killed
+  const Completion fallback = Generate(decode.stub(), r, gone);
+  ASSERT_TRUE(fallback.status.ok()) << fallback.status.error_message();
+  EXPECT_EQ(fallback.tokens, here.tokens);
+  EXPECT_THAT(decode.Stderr(), HasSubstr("remote prefill failed, computing the prompt here"));
+}
+
+TEST(DisaggregatedTest, ABadPrefillRequestIsRefusedNamingTheField) {
+  ServerProcess prefill(kPrefillArgs, "prefill");
+  auto stub = internal::v1::Worker::NewStub(
+      grpc::CreateChannel(prefill.address(), grpc::InsecureChannelCredentials()));
+  internal::v1::PrefillRequest bad;
+  bad.set_request_id("r1");
+  bad.add_prompt_ids(5);
+  bad.set_kv_destination("nowhere");
+  bad.set_transfer_id(1);
+  bad.mutable_sampling()->set_temperature(-1);
+  grpc::ClientContext ctx;
+  internal::v1::PrefillResponse out;
+  const grpc::Status s = stub->Prefill(&ctx, bad, &out);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("temperature"));
+  // A destination that is not a KV transport address: the prompt is
+  // computed, and the send is refused without reaching anyone.
+  internal::v1::PrefillRequest nowhere = bad;
+  nowhere.mutable_sampling()->set_temperature(0);
+  grpc::ClientContext ctx2;
+  const grpc::Status s2 = stub->Prefill(&ctx2, nowhere, &out);
+  EXPECT_FALSE(s2.ok());
+  EXPECT_THAT(s2.error_message(), HasSubstr("sending its KV"));
+}
+
+// Generate through the router until it answers OK (its discovery has found
+// a decode worker), at most `timeout`.
+Completion GenerateOnceReady(v1::Generation::Stub& stub, const v1::GenerateRequest& r,
+                             std::chrono::seconds timeout = std::chrono::seconds(20)) {
+  const auto end = std::chrono::steady_clock::now() + timeout;
+  Completion c;
+  do {
+    c = Generate(stub, r);
+    if (c.status.error_code() != grpc::StatusCode::UNAVAILABLE) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  } while (std::chrono::steady_clock::now() < end);
+  return c;
+}
+
+TEST(DisaggregatedTest, TheRouterSendsLongPromptsThroughAPrefillWorker) {
+  ServerProcess prefill(kPrefillArgs, "prefill");
+  ServerProcess decode(kDecodeArgs, "decode");
+  ServerProcess router({"--workers", prefill.address(), "--workers", decode.address(),
+                        "--prefill-threshold-tokens", "32", "--heartbeat-seconds", "0.2"},
+                       "router");
+  const v1::GenerateRequest long_prompt = Request(120, 16, 5), short_prompt = Request(9, 16, 6);
+  for (const v1::GenerateRequest* r : {&long_prompt, &short_prompt}) {
+    const Completion direct = Generate(decode.stub(), *r);
+    ASSERT_TRUE(direct.status.ok());
+    const Completion routed = GenerateOnceReady(router.stub(), *r);
+    ASSERT_TRUE(routed.status.ok()) << routed.status.error_message() << router.Stderr();
+    EXPECT_EQ(routed.tokens, direct.tokens);
+    EXPECT_EQ(routed.last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  }
+  // Only the long prompt crossed from the prefill worker.
+  EXPECT_THAT(prefill.Metrics(), HasSubstr("strata_kv_exports_total 1"));
+  EXPECT_THAT(decode.Metrics(), HasSubstr("strata_kv_imports_total 1"));
+}
+
+TEST(DisaggregatedTest, ADeadDecodeWorkerLeavesSchedulingAndRequestsGoOn) {
+  ServerProcess decode1(kDecodeArgs, "decode");
+  auto decode2 = std::make_unique<ServerProcess>(kDecodeArgs, "decode");
+  ServerProcess router({"--workers", decode1.address(), "--workers", decode2->address(),
+                        "--heartbeat-seconds", "0.2", "--worker-expiry-seconds", "1"},
+                       "router");
+  const v1::GenerateRequest r = Request(20, 8, 9);
+  const Completion before = GenerateOnceReady(router.stub(), r);
+  ASSERT_TRUE(before.status.ok()) << before.status.error_message();
+  decode2.reset();  // killed: SIGKILL, no drain
+  // Every request succeeds: one that picks the dead worker before it
+  // expires is retried on the live one, and after the expiry none picks it.
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 10; ++i) {
+    const Completion c = Generate(router.stub(), r);
+    ASSERT_TRUE(c.status.ok()) << i << ": " << c.status.error_message();
+    EXPECT_EQ(c.tokens, before.tokens);
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+}  // namespace
+}  // namespace strata
