@@ -416,6 +416,11 @@ int RunServe(const ServeFlags& f) {
     STRATA_LOG_INFO("KV transport: UCX over {}", kv_transport->resources());
     if (prefill_worker) {
       prefiller = std::make_unique<prefill::PrefillWorker>(&engine, manager, kv_transport.get());
+      // Chaos testing of decode workers: corrupt every n-th KV block sent.
+      if (const char* n = std::getenv("STRATA_FAULT_CORRUPT_KV_BLOCKS"); n != nullptr) {
+        prefiller->set_corrupt_every_nth_block(std::atoi(n));
+        STRATA_LOG_WARN("STRATA_FAULT_CORRUPT_KV_BLOCKS={}: corrupting KV blocks on purpose", n);
+      }
     } else {
       remote_prefill = std::make_unique<decode::RemotePrefill>(
           manager->landing_area(), model.options().page_size, kv_transport->local_address(),
@@ -487,6 +492,11 @@ int RunServe(const ServeFlags& f) {
   // /metrics refreshes the gauges from the engine before each scrape.
   metrics::RefreshingCollectable scraped(&registry, [&] {
     (*server_metrics)->UpdateGauges(engine.GetStats(), service.requests_in_flight());
+    if (const kvtier::LandingArea* landing = manager->landing_area(); landing != nullptr) {
+      (*server_metrics)
+          ->UpdateLandingArea(int64_t{landing->num_free()} * landing->record_bytes(),
+                              int64_t{landing->num_records()} * landing->record_bytes());
+    }
   });
   std::unique_ptr<MetricsServer> metrics_server;
   if (f.metrics_port >= 0) {

@@ -472,8 +472,11 @@ KvBlockManager::Stats KvBlockManager::stats() const {
   s.gpu_pages_used = pages_.num_pages() - pages_.num_free();
   s.upper_pages_total = upper_pages_.num_pages();
   s.upper_pages_used = upper_pages_.num_pages() - upper_pages_.num_free();
-  s.host_bytes_total = int64_t{host_.num_records()} * host_.record_bytes();
-  s.host_bytes_used = int64_t{host_.num_records() - host_.num_free()} * host_.record_bytes();
+  // The landing area is set aside for good: reported on its own.
+  const int landing = landing_ == nullptr ? 0 : landing_->num_records();
+  s.host_bytes_total = int64_t{host_.num_records() - landing} * host_.record_bytes();
+  s.host_bytes_used =
+      int64_t{host_.num_records() - host_.num_free() - landing} * host_.record_bytes();
   s.swapped_sequences = static_cast<int>(swapped_.size());
   s.copies_in_flight = static_cast<int>(in_flight_.size());
   for (const auto& [id, swapped] : swapped_) {

@@ -138,8 +138,8 @@ class KvBlockManager final : public engine::KvMemory {
     int gpu_pages_used = 0;
     int upper_pages_total = 0;  // the upper group (0 with one group)
     int upper_pages_used = 0;
-    int64_t host_bytes_total = 0;
-    int64_t host_bytes_used = 0;  // records not free, copies in flight included
+    int64_t host_bytes_total = 0;  // the landing area's records excluded (below)
+    int64_t host_bytes_used = 0;   // records not free, copies in flight included
     int swapped_sequences = 0;
     int copies_in_flight = 0;       // swap copies whose fence is not done
     int64_t swap_outs = 0;          // sequences moved to the host tier

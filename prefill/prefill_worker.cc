@@ -43,6 +43,7 @@ absl::Status PrefillWorker::Start(engine::GenerationRequest request, std::string
       return absl::AlreadyExistsError(absl::StrCat("prefill of request ", id, " is running"));
     }
     Request& r = requests_[id];
+    r.started = std::chrono::steady_clock::now();
     r.destination = std::move(destination);
     r.transfer_id = transfer_id;
     r.done = std::move(done);
@@ -65,6 +66,7 @@ void PrefillWorker::OnEvent(uint64_t id, const engine::TokenEvent& e) {
     if (it == requests_.end()) return;
     Request& r = it->second;
     r.engine_finished = true;
+    r.first_at = std::chrono::steady_clock::now();
     if (e.token_id >= 0) r.first = engine::SampledToken{e.token_id, e.logprob};
     r.cached_prompt_tokens = e.cached_tokens;
     const bool ok =
@@ -113,6 +115,10 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
         h.payload_bytes = block.data.size();
         r.headers[i] = kvtier::EncodeKvBlockHeader(h);
         sends.emplace_back(r.headers[i], block.data);
+        if (corrupt_every_nth_block_ > 0 && ++blocks_sent_ % corrupt_every_nth_block_ == 0) {
+          // The export's own record: nobody else reads it.
+          const_cast<std::byte&>(block.data[block.data.size() / 2]) ^= std::byte{0x40};
+        }
         r.result.wire_bytes += static_cast<int64_t>(block.data.size());
         r.result.raw_bytes += int64_t{2} * format_.layers * block.tokens * format_.kv_heads *
                               format_.head_dim * element;
@@ -157,6 +163,9 @@ std::function<void()> PrefillWorker::SettleLocked(uint64_t id) {
     } else if (r.exported && r.sends_pending == 0 && r.first.has_value()) {
       r.result.first = *r.first;
       r.result.cached_prompt_tokens = r.cached_prompt_tokens;
+      r.result.compute_seconds = std::chrono::duration<double>(r.first_at - r.started).count();
+      r.result.transfer_seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - r.first_at).count();
       call = [done = std::move(r.done), result = r.result] { done(result); };
     }
     if (call) r.done = nullptr;

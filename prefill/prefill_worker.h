@@ -21,6 +21,7 @@
 #define STRATA_PREFILL_PREFILL_WORKER_H_
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -57,6 +58,9 @@ class PrefillWorker {
     int64_t wire_bytes = 0;  // payloads sent
     int64_t raw_bytes = 0;   // the same KV as raw 16-bit values
     int cached_prompt_tokens = 0;
+    // Start to the first token, and from then until every block landed.
+    double compute_seconds = 0;
+    double transfer_seconds = 0;
   };
   using Done = std::function<void(absl::StatusOr<Result> result)>;
 
@@ -65,6 +69,11 @@ class PrefillWorker {
   // worker, and the worker every request it started (Stop first).
   PrefillWorker(engine::AsyncEngine* engine, kvtier::KvBlockManager* manager,
                 kvtier::Transport* transport);
+
+  // Fault injection for tests of the receiving side: every n-th block sent
+  // has a byte flipped after its CRC was taken, as if corrupted on the way
+  // (0: never). Set before serving.
+  void set_corrupt_every_nth_block(int n) { corrupt_every_nth_block_ = n; }
   ~PrefillWorker();
 
   // Computes `request`'s prompt (its id unique among this worker's
@@ -85,6 +94,7 @@ class PrefillWorker {
     uint64_t transfer_id = 0;
     Done done;  // empty once called
     std::optional<engine::SampledToken> first;
+    std::chrono::steady_clock::time_point started, first_at;
     int cached_prompt_tokens = 0;
     // The export's sends: headers live until their send is done.
     std::vector<std::array<std::byte, kvtier::KvBlockHeader::kBytes>> headers;
@@ -106,7 +116,9 @@ class PrefillWorker {
   kvtier::KvBlockManager* manager_;
   kvtier::Transport* transport_;
   kvtier::KvWireFormat format_;
+  int corrupt_every_nth_block_ = 0;
   mutable absl::Mutex mu_;
+  int64_t blocks_sent_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<uint64_t, Request> requests_ ABSL_GUARDED_BY(mu_);
 };
 

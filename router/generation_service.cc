@@ -176,6 +176,12 @@ void GenerateStream::OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> r
       service_->in_flight_.fetch_sub(1);
       AdvanceLocked();
     } else if (result.ok()) {
+      if (service_->metrics_) {
+        const internal::v1::PrefillResponse& r = result->response;
+        service_->metrics_->ObserveRemotePrefill(r.compute_seconds(), r.transfer_seconds(),
+                                                 static_cast<int64_t>(r.wire_bytes()),
+                                                 static_cast<int64_t>(r.raw_bytes()));
+      }
       held_request_->generated = {result->first};
       held_request_->import_kv = result->transfer_id;
       SubmitLocked(*std::move(held_request_));
@@ -186,6 +192,7 @@ void GenerateStream::OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> r
       STRATA_LOG_WARN("request {}: remote prefill failed, computing the prompt here: {}",
                       request_id_, result.status().ToString());
       service_->prefill_fallbacks_.fetch_add(1);
+      if (service_->metrics_) service_->metrics_->OnPrefillFallback();
       SubmitLocked(*std::move(held_request_));
     } else {
       admitted_ = false;

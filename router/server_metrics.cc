@@ -177,6 +177,40 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "Room reserved for a prompt's KV given back when its lease "
                                  "ended first."));
   STRATA_ASSIGN_OR_RETURN(
+      m->exports_held_,
+      metrics::AddGauge(r, "strata_kv_exports_held",
+                        "Prompts' KV this prefill worker holds in its host tier until sent."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->landing_free_,
+      metrics::AddGauge(r, "strata_kv_landing_bytes_free",
+                        "Free host bytes where KV sent by prefill workers lands."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->landing_total_, metrics::AddGauge(r, "strata_kv_landing_bytes_total",
+                                           "Host bytes set aside for KV sent by prefill workers."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->transfer_seconds_,
+      metrics::AddHistogram(r, "strata_kv_transfer_seconds",
+                            "A prompt's KV, from its first token sampled on the prefill worker "
+                            "to every block landed on this decode worker.",
+                            latency));
+  STRATA_ASSIGN_OR_RETURN(
+      m->remote_prefill_seconds_,
+      metrics::AddHistogram(r, "strata_prefill_remote_seconds",
+                            "A prompt's compute on the prefill worker, from its arrival there "
+                            "to its first token.",
+                            latency));
+  STRATA_ASSIGN_OR_RETURN(m->wire_bytes_,
+                          metrics::AddCounter(r, "strata_kv_wire_bytes_total",
+                                              "Bytes of KV received from prefill workers."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->raw_bytes_, metrics::AddCounter(r, "strata_kv_raw_bytes_total",
+                                         "The KV received from prefill workers, as raw bf16."));
+  STRATA_ASSIGN_OR_RETURN(
+      m->prefill_fallbacks_,
+      metrics::AddCounter(r, "strata_prefill_fallbacks_total",
+                          "Prompts computed on this decode worker because their prefill "
+                          "worker failed or could not be reached."));
+  STRATA_ASSIGN_OR_RETURN(
       m->prefix_used_, metrics::AddGauge(r, "strata_kv_prefix_bytes_used",
                                          "Host bytes of stored prompt prefixes kept for reuse."));
   STRATA_RETURN_IF_ERROR(counter(m->prefix_lookups_, "strata_kv_prefix_lookups_total",
@@ -301,6 +335,7 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
   records_lost_.Advance(s.host_records_lost);
   ssd_sequences_->Set(s.sequences_on_ssd);
   prefix_used_->Set(static_cast<double>(s.prefix_bytes_used));
+  exports_held_->Set(s.exports_held);
   kv_exports_.Advance(s.kv_exports);
   kv_export_bytes_.Advance(s.kv_export_bytes);
   kv_imports_.Advance(s.kv_imports);
@@ -339,6 +374,21 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
     ssd_swap_in_micros_seen_ = s.ssd_swap_in_micros;
   }
 }
+
+void ServerMetrics::UpdateLandingArea(int64_t free_bytes, int64_t total_bytes) {
+  landing_free_->Set(static_cast<double>(free_bytes));
+  landing_total_->Set(static_cast<double>(total_bytes));
+}
+
+void ServerMetrics::ObserveRemotePrefill(double compute_seconds, double transfer_seconds,
+                                         int64_t wire_bytes, int64_t raw_bytes) {
+  remote_prefill_seconds_->Observe(compute_seconds);
+  transfer_seconds_->Observe(transfer_seconds);
+  wire_bytes_->Increment(static_cast<double>(wire_bytes));
+  raw_bytes_->Increment(static_cast<double>(raw_bytes));
+}
+
+void ServerMetrics::OnPrefillFallback() { prefill_fallbacks_->Increment(); }
 
 void ServerMetrics::UpdateSsdStats(const kvtier::SsdStore::Stats& s) {
   ssd_used_->Set(static_cast<double>(s.bytes_used));

@@ -83,6 +83,18 @@
 //                                               prefill workers
 //   strata_kv_imports_failed_total              ... refused (corrupt, missing)
 //   strata_kv_transfers_expired_total           reservations whose lease ended
+//   strata_kv_exports_held                      exports not yet sent (prefill)
+//   strata_kv_landing_bytes_free, _total        where sent KV lands (decode)
+//   strata_kv_transfer_seconds                  histogram: a prompt's KV, from
+//                                               its first token sampled on the
+//                                               prefill worker to every block
+//                                               landed here (decode)
+//   strata_prefill_remote_seconds               histogram: the prefill
+//                                               worker's compute of a prompt
+//   strata_kv_wire_bytes_total, _raw_bytes_total  KV received, and the same
+//                                               KV as raw bf16 (decode)
+//   strata_prefill_fallbacks_total              prompts computed here because
+//                                               the prefill worker failed
 //
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
@@ -128,6 +140,13 @@ class ServerMetrics {
   // Refreshes the gauges and the engine's counters (called before each
   // scrape).
   void UpdateGauges(const engine::AsyncEngine::Stats& stats, int requests_in_flight);
+  // A decode worker's landing area (thread-safe to read at any time).
+  void UpdateLandingArea(int64_t free_bytes, int64_t total_bytes);
+  // A prompt computed by a prefill worker: its compute and transfer times
+  // and the KV's bytes on the wire and as raw bf16.
+  void ObserveRemotePrefill(double compute_seconds, double transfer_seconds, int64_t wire_bytes,
+                            int64_t raw_bytes);
+  void OnPrefillFallback();
   // Brings the KV policy counters up to `stats` (the runner's running
   // totals). Thread-safe; cheap enough to call after every engine step,
   // on the engine thread, the only one that may read the runner's stats.
@@ -161,6 +180,14 @@ class ServerMetrics {
   prometheus::Gauge* ssd_used_ = nullptr;
   prometheus::Gauge* ssd_total_ = nullptr;
   prometheus::Gauge* prefix_used_ = nullptr;
+  prometheus::Gauge* exports_held_ = nullptr;
+  prometheus::Gauge* landing_free_ = nullptr;
+  prometheus::Gauge* landing_total_ = nullptr;
+  prometheus::Histogram* transfer_seconds_ = nullptr;
+  prometheus::Histogram* remote_prefill_seconds_ = nullptr;
+  prometheus::Counter* wire_bytes_ = nullptr;
+  prometheus::Counter* raw_bytes_ = nullptr;
+  prometheus::Counter* prefill_fallbacks_ = nullptr;
 
   // Counters fed from running totals kept elsewhere: each update adds what
   // grew since the last one.

@@ -51,6 +51,8 @@ class PrefillCall final : public grpc::ServerUnaryReactor {
     out_->set_wire_bytes(static_cast<uint64_t>(result->wire_bytes));
     out_->set_raw_bytes(static_cast<uint64_t>(result->raw_bytes));
     out_->set_cached_prompt_tokens(static_cast<uint32_t>(result->cached_prompt_tokens));
+    out_->set_compute_seconds(result->compute_seconds);
+    out_->set_transfer_seconds(result->transfer_seconds);
     Finish(grpc::Status::OK);
   }
   void OnCancel() override {

@@ -3,15 +3,16 @@
 # Idempotent: does nothing (and prints nothing) when everything is present.
 set -euo pipefail
 
-packages=(
-  build-essential cmake ninja-build ccache pkg-config git python3
-  libabsl-dev nlohmann-json3-dev libfmt-dev libspdlog-dev libcli11-dev
-  libpcre2-dev libutf8proc-dev libsentencepiece-dev sentencepiece
-  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libyaml-cpp-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
-  clang libclang-rt-14-dev clang-format
-  prometheus-cpp-dev libmicrohttpd-dev librocksdb-dev libssl-dev libucx-dev ucx-utils
-)
+# The package lists live in tools/packages/ (build.txt: the toolchain and
+# -dev packages; runtime.txt: the libraries the binary loads, which
+# deploy/Dockerfile's runtime stage installs from the same file).
+packages=()
+for list in build.txt runtime.txt; do
+  while IFS= read -r line || [ -n "$line" ]; do
+    read -ra words <<<"${line%%#*}"
+    packages+=(${words[@]+"${words[@]}"})
+  done <"$(dirname "$0")/packages/$list"
+done
 
 missing=()
 for p in "${packages[@]}"; do

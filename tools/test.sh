@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/build.sh
 bash tools/check_format.sh
+bash tools/check_deploy.sh
 (cd build && ctest --output-on-failure -j "$(nproc)" --timeout 900)
 bash tools/sanitize.sh
 bash tools/fuzz.sh "${STRATA_FUZZ_SECONDS:-60}"

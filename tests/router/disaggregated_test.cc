@@ -6,7 +6,9 @@
 // the internal Worker service.
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <thread>
@@ -74,7 +76,17 @@ internal::v1::DescribeResponse Describe(const std::string& address) {
   return out;
 }
 
-TEST(DisaggregatedTest, APromptPrefilledElsewhereDecodesToTheSameTokens) {
+// Over TCP alone, and with shared memory offered too (UCX keeps to TCP
+// for endpoints that must notice a dead peer, but must accept the setting).
+class DisaggregatedTest : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override { setenv("UCX_TLS", GetParam(), 1); }
+  void TearDown() override { unsetenv("UCX_TLS"); }
+};
+
+INSTANTIATE_TEST_SUITE_P(UcxTransports, DisaggregatedTest, ::testing::Values("tcp", "sm,tcp"));
+
+TEST_P(DisaggregatedTest, APromptPrefilledElsewhereDecodesToTheSameTokens) {
   ServerProcess prefill(kPrefillArgs, "prefill");
   ServerProcess decode(kDecodeArgs, "decode");
   for (auto [prompt, max_tokens] : {std::pair{7, 20}, {40, 24}, {300, 16}}) {
@@ -104,7 +116,7 @@ TEST(DisaggregatedTest, APromptPrefilledElsewhereDecodesToTheSameTokens) {
   EXPECT_EQ(p.load().running_sequences(), 0);
 }
 
-TEST(DisaggregatedTest, AGonePrefillWorkerLeavesThePromptToTheDecodeWorker) {
+TEST(DisaggregatedRoutingTest, AGonePrefillWorkerLeavesThePromptToTheDecodeWorker) {
   ServerProcess decode(kDecodeArgs, "decode");
   const v1::GenerateRequest r = Request(50, 12, 3);
   const Completion here = Generate(decode.stub(), r);
@@ -120,7 +132,7 @@ TEST(DisaggregatedTest, AGonePrefillWorkerLeavesThePromptToTheDecodeWorker) {
   EXPECT_THAT(decode.Stderr(), HasSubstr("remote prefill failed, computing the prompt here"));
 }
 
-TEST(DisaggregatedTest, ABadPrefillRequestIsRefusedNamingTheField) {
+TEST(DisaggregatedRoutingTest, ABadPrefillRequestIsRefusedNamingTheField) {
   ServerProcess prefill(kPrefillArgs, "prefill");
   auto stub = internal::v1::Worker::NewStub(
       grpc::CreateChannel(prefill.address(), grpc::InsecureChannelCredentials()));
@@ -159,7 +171,7 @@ Completion GenerateOnceReady(v1::Generation::Stub& stub, const v1::GenerateReque
   return c;
 }
 
-TEST(DisaggregatedTest, TheRouterSendsLongPromptsThroughAPrefillWorker) {
+TEST(DisaggregatedRoutingTest, TheRouterSendsLongPromptsThroughAPrefillWorker) {
   ServerProcess prefill(kPrefillArgs, "prefill");
   ServerProcess decode(kDecodeArgs, "decode");
   ServerProcess router({"--workers", prefill.address(), "--workers", decode.address(),
@@ -179,7 +191,7 @@ TEST(DisaggregatedTest, TheRouterSendsLongPromptsThroughAPrefillWorker) {
   EXPECT_THAT(decode.Metrics(), HasSubstr("strata_kv_imports_total 1"));
 }
 
-TEST(DisaggregatedTest, ADeadDecodeWorkerLeavesSchedulingAndRequestsGoOn) {
+TEST(DisaggregatedRoutingTest, ADeadDecodeWorkerLeavesSchedulingAndRequestsGoOn) {
   ServerProcess decode1(kDecodeArgs, "decode");
   auto decode2 = std::make_unique<ServerProcess>(kDecodeArgs, "decode");
   ServerProcess router({"--workers", decode1.address(), "--workers", decode2->address(),
@@ -198,6 +210,150 @@ TEST(DisaggregatedTest, ADeadDecodeWorkerLeavesSchedulingAndRequestsGoOn) {
     EXPECT_EQ(c.tokens, before.tokens);
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+// Every pool a request can hold on a worker is empty again: GPU pages,
+// host records, exports waiting to be sent, room reserved to land KV.
+void ExpectPoolsEmpty(ServerProcess& worker, const std::string& name) {
+  SCOPED_TRACE(name);
+  auto zero = [](double v) { return v == 0; };
+  EXPECT_EQ(worker.WaitForMetric("strata_kv_cache_pages_used", zero), 0);
+  EXPECT_EQ(worker.WaitForMetric("strata_kv_host_bytes_used", zero), 0);
+  EXPECT_EQ(worker.WaitForMetric("strata_kv_exports_held", zero), 0);
+  const double total = worker.Metric("strata_kv_landing_bytes_total");
+  EXPECT_EQ(
+      worker.WaitForMetric("strata_kv_landing_bytes_free", [&](double v) { return v == total; }),
+      total);
+}
+
+// A prompt long enough that its prefill and transfer take a while on the
+// tiny model.
+constexpr int kLongPrompt = 1500;
+
+TEST(DisaggregatedFailureTest, TwoOfEachGiveTheTokensOfServeForTheSameSeeds) {
+  ServerProcess serve({"--max-seqs", "8"});
+  ServerProcess p1(kPrefillArgs, "prefill"), p2(kPrefillArgs, "prefill");
+  ServerProcess d1(kDecodeArgs, "decode"), d2(kDecodeArgs, "decode");
+  ServerProcess router(
+      {"--workers", p1.address(), "--workers", p2.address(), "--workers", d1.address(), "--workers",
+       d2.address(), "--prefill-threshold-tokens", "32", "--heartbeat-seconds", "0.2"},
+      "router");
+  for (int i = 0; i < 8; ++i) {
+    v1::GenerateRequest r = Request(i % 2 == 0 ? 200 + 40 * i : 12, 24, 100 + i);
+    r.mutable_sampling()->set_temperature(0.8f);
+    r.mutable_sampling()->set_seed(1000 + i);
+    const Completion expected = Generate(serve.stub(), r);
+    ASSERT_TRUE(expected.status.ok());
+    const Completion routed = GenerateOnceReady(router.stub(), r);
+    ASSERT_TRUE(routed.status.ok()) << routed.status.error_message();
+    EXPECT_EQ(routed.tokens, expected.tokens) << "request " << i;
+  }
+  const double exports =
+      p1.Metric("strata_kv_exports_total") + p2.Metric("strata_kv_exports_total");
+  EXPECT_EQ(exports, 4) << "the four long prompts went through prefill workers";
+  for (auto [w, name] : {std::pair{&p1, "p1"}, {&p2, "p2"}, {&d1, "d1"}, {&d2, "d2"}}) {
+    ExpectPoolsEmpty(*w, name);
+  }
+}
+
+TEST(DisaggregatedFailureTest, AKilledDecodeWorkerFailsItsStreamsWithinTwoSeconds) {
+  ServerProcess d1(kDecodeArgs, "decode");
+  auto d2 = std::make_unique<ServerProcess>(kDecodeArgs, "decode");
+  ServerProcess router(
+      {"--workers", d1.address(), "--workers", d2->address(), "--heartbeat-seconds", "0.2"},
+      "router");
+  ASSERT_TRUE(GenerateOnceReady(router.stub(), Request(10, 2, 1)).status.ok());
+  // Let both workers be seen before the streams are spread over them.
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  constexpr int kStreams = 4;
+  struct Stream {
+    std::atomic<bool> started{false};
+    grpc::Status status;
+    std::chrono::steady_clock::time_point ended;
+  };
+  std::vector<Stream> streams(kStreams);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+      auto reader = router.stub().Generate(&ctx, Request(20, 1900, 50 + i));
+      v1::GenerateResponse r;
+      while (reader->Read(&r)) streams[i].started = true;
+      streams[i].status = reader->Finish();
+      streams[i].ended = std::chrono::steady_clock::now();
+    });
+  }
+  for (auto& s : streams) {
+    while (!s.started) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  const auto killed = std::chrono::steady_clock::now();
+  d2.reset();  // SIGKILL mid-stream
+  for (auto& t : threads) t.join();
+  int failed = 0, completed = 0;
+  for (const Stream& s : streams) {
+    if (s.status.ok()) {
+      ++completed;
+      continue;
+    }
+    ++failed;
+    EXPECT_EQ(s.status.error_code(), grpc::StatusCode::UNAVAILABLE) << s.status.error_message();
+    EXPECT_LT(s.ended - killed, std::chrono::seconds(2));
+  }
+  EXPECT_GT(failed, 0) << "some streams were on the killed worker";
+  EXPECT_GT(completed, 0) << "the others complete";
+  ExpectPoolsEmpty(d1, "d1");
+}
+
+TEST(DisaggregatedFailureTest, APrefillWorkerKilledMidTransferLeavesNothingBehind) {
+  auto prefill = std::make_unique<ServerProcess>(kPrefillArgs, "prefill");
+  ServerProcess decode(kDecodeArgs, "decode");
+  const v1::GenerateRequest r = Request(kLongPrompt, 8, 77);
+  const Completion expected = Generate(decode.stub(), r);
+  ASSERT_TRUE(expected.status.ok());
+  Completion split;
+  std::thread client([&] { split = Generate(decode.stub(), r, prefill->address()); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  prefill.reset();  // SIGKILL while it computes or sends
+  client.join();
+  // The decode worker computes the prompt itself: the same tokens.
+  ASSERT_TRUE(split.status.ok()) << split.status.error_message();
+  EXPECT_EQ(split.tokens, expected.tokens);
+  ExpectPoolsEmpty(decode, "decode");
+}
+
+TEST(DisaggregatedFailureTest, ACancelDuringATransferFreesBothWorkers) {
+  ServerProcess prefill(kPrefillArgs, "prefill");
+  ServerProcess decode(kDecodeArgs, "decode");
+  for (int delay_ms : {5, 20, 60}) {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("strata-prefill-address", prefill.address());
+    auto reader = decode.stub().Generate(&ctx, Request(kLongPrompt, 200, delay_ms));
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    ctx.TryCancel();
+    v1::GenerateResponse out;
+    while (reader->Read(&out)) {
+    }
+    EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  }
+  ExpectPoolsEmpty(prefill, "prefill");
+  ExpectPoolsEmpty(decode, "decode");
+  // Both still serve.
+  EXPECT_TRUE(Generate(decode.stub(), Request(60, 4, 1), prefill.address()).status.ok());
+}
+
+TEST(DisaggregatedFailureTest, ABlockCorruptedOnTheWayFailsItsRequestWithAClearError) {
+  setenv("STRATA_FAULT_CORRUPT_KV_BLOCKS", "3", 1);
+  ServerProcess prefill(kPrefillArgs, "prefill");
+  unsetenv("STRATA_FAULT_CORRUPT_KV_BLOCKS");
+  ServerProcess decode(kDecodeArgs, "decode");
+  const Completion c = Generate(decode.stub(), Request(100, 8, 4), prefill.address());
+  EXPECT_EQ(c.status.error_code(), grpc::StatusCode::INTERNAL);
+  EXPECT_THAT(c.status.error_message(), HasSubstr("does not match its CRC32C"));
+  EXPECT_TRUE(c.tokens.size() <= 1u) << "at most the first token, never a wrong one after it";
+  EXPECT_EQ(decode.Metric("strata_kv_imports_failed_total"), 1);
+  ExpectPoolsEmpty(prefill, "prefill");
+  ExpectPoolsEmpty(decode, "decode");
 }
 
 }  // namespace
