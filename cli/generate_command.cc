@@ -144,6 +144,7 @@ int RunRemote(const GenerateFlags& f, const std::vector<int32_t>& prompt_ids,
   auto channel = grpc::CreateChannel(f.server, grpc::InsecureChannelCredentials());
   auto stub = v1::Generation::NewStub(channel);
   v1::GenerateRequest request;
+  request.set_profile(f.server_profile);
   if (prompt_ids.empty()) {
     request.set_text(f.prompt);
   } else {
@@ -232,6 +233,9 @@ void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
       ->check(CLI::IsMember({"auto", "fp8", "fp8_e4m3"}));
   cmd->add_option("--profile", f.profile,
                   "KV profile YAML: its policy, codec and host tier, as strata serve uses them");
+  cmd->add_option("--server-profile", f.server_profile,
+                  "With --server: the name of the server's profile the request uses (see its "
+                  "ModelInfo; default: the server's default)");
   cmd->callback([&f, &exit_code] { exit_code = RunGenerate(f); });
 }
 
@@ -260,6 +264,9 @@ int RunGenerate(const GenerateFlags& f) {
           "--server excludes --model, --dummy-weights and --profile (the server has its own)"));
     }
     return RunRemote(f, *prompt_ids, *stop_ids);
+  }
+  if (!f.server_profile.empty()) {
+    return Fail(absl::InvalidArgumentError("--server-profile needs --server"));
   }
   if (f.model_dir.empty() && f.dummy_weights.empty()) {
     return Fail(absl::InvalidArgumentError(

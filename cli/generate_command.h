@@ -35,6 +35,7 @@ struct GenerateFlags {
   int max_batch_tokens = 2048;
   std::string kv_cache_dtype = "auto";
   std::string profile;  // KV profile YAML (policy, codec, host tier), as serve takes
+  std::string server_profile;  // with --server: the server's profile the request names
 };
 
 // Registers the subcommand; `run` is called with its flags when chosen.
