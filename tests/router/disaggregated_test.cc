@@ -112,7 +112,7 @@ TEST_P(DisaggregatedTest, APromptPrefilledElsewhereDecodesToTheSameTokens) {
   EXPECT_EQ(d.info().role(), internal::v1::WORKER_ROLE_DECODE);
   EXPECT_FALSE(d.info().kv_address().empty());
   EXPECT_EQ(p.info().kv_format(), d.info().kv_format());
-  EXPECT_GT(d.load().host_kv_total_bytes(), 0);
+  EXPECT_GT(d.load().gpu_kv_total_bytes(), 0);
   EXPECT_EQ(p.load().running_sequences(), 0);
 }
 
