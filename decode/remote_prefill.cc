@@ -46,12 +46,15 @@ std::shared_ptr<RemotePrefill::Call> RemotePrefill::Start(const std::string& pre
                                                           Done done) {
   const uint64_t transfer_id = next_transfer_.fetch_add(1) + 1;
   const int blocks = (request.prompt_ids_size() + page_size_ - 1) / page_size_;
-  if (absl::Status s = area_->Reserve(transfer_id, blocks, absl::Now() + options_.lease); !s.ok()) {
+  if (absl::Status s =
+          area_->Reserve(transfer_id, blocks, absl::Now() + options_.timeout + options_.lease);
+      !s.ok()) {
     done(s);
     return nullptr;
   }
   auto call = std::make_shared<Call>();
   call->request_ = std::move(request);
+  call->request_.set_request_id(absl::StrCat(call->request_.request_id(), "/", transfer_id));
   call->request_.set_kv_destination(kv_address_);
   call->request_.set_transfer_id(transfer_id);
   call->context_.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
@@ -64,6 +67,9 @@ std::shared_ptr<RemotePrefill::Call> RemotePrefill::Start(const std::string& pre
           done(FromGrpc(status, prefill_address));
           return;
         }
+        // Landed: now its owner's to load or drop, however long the
+        // request waits for its turn.
+        area_->Extend(transfer_id, absl::InfiniteFuture());
         Result result;
         result.transfer_id = transfer_id;
         result.first = {call->response_.first_token(), call->response_.first_logprob()};

@@ -2,14 +2,17 @@
 // prompt and send its KV here.
 //
 // Start() reserves room in the block manager's landing area for the
-// prompt's pages (a lease: a prefill worker that never sends, or a request
-// that dies, gives the room back within `lease`), then calls the prefill
+// prompt's pages (a lease: a prefill worker that never sends gives the
+// room back `lease` after the call's deadline), then calls the prefill
 // worker's Worker.Prefill (strata/internal/v1/worker.proto) with this
 // worker's KV transport address and the transfer id. The prefill worker
 // answers once every block has landed, with the first token. `done` gets
 // the transfer id (for GenerationRequest::import_kv) and that token, or the
-// error; on an error the reservation is dropped. Channels to prefill
-// workers are made once per address and reused.
+// error; on an error the reservation is dropped. On success the transfer
+// is held with no lease: its owner hands it to the engine (which drops it
+// on every path) or drops it (Drop). The prefill worker sees the request
+// id suffixed with the transfer id, unique across decode workers' calls.
+// Channels to prefill workers are made once per address and reused.
 //
 // Thread-safety: thread-safe. `done` runs once, on a gRPC thread (or on the
 // caller's when the reservation fails), and must return quickly.
@@ -35,7 +38,7 @@
 namespace strata::decode {
 
 struct RemotePrefillOptions {
-  // How long a reservation waits for its blocks and its load.
+  // How long past the call's deadline a reservation waits for its blocks.
   absl::Duration lease = absl::Seconds(30);
   // The Prefill call's deadline.
   absl::Duration timeout = absl::Seconds(60);

@@ -72,7 +72,11 @@ Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions option
 Batcher::~Batcher() = default;
 
 absl::Status Batcher::Add(GenerationRequest request) {
-  STRATA_RETURN_IF_ERROR(Validate(request));
+  if (absl::Status s = Validate(request); !s.ok()) {
+    // Its KV from another worker will never be loaded.
+    if (request.import_kv != 0) kv_->DropImported(request.import_kv);
+    return s;
+  }
   auto same_id = [&](const std::unique_ptr<Sequence>& s) { return s->req.id == request.id; };
   if (std::any_of(waiting_.begin(), waiting_.end(), same_id) ||
       std::any_of(running_.begin(), running_.end(), same_id) ||

@@ -129,6 +129,14 @@ void LandingArea::DropLocked(absl::flat_hash_map<uint64_t, Transfer>::iterator i
   if (!writing) transfers_.erase(it);
 }
 
+bool LandingArea::Extend(uint64_t id, absl::Time lease_end) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || it->second.dropped) return false;
+  it->second.lease_end = lease_end;
+  return true;
+}
+
 int LandingArea::Expire(absl::Time now) {
   absl::MutexLock lock(&mu_);
   int expired = 0;

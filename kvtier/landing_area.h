@@ -67,6 +67,10 @@ class LandingArea {
   void Free(std::span<const int32_t> records);
   // Drops a transfer (unknown ids are ignored).
   void Drop(uint64_t id);
+  // Moves a transfer's lease (absl::InfiniteFuture(): held until taken or
+  // dropped, for a transfer whose request is now the engine's, which
+  // drops it on every path). False when it is not held.
+  bool Extend(uint64_t id, absl::Time lease_end);
   // Drops the transfers whose lease ended before `now`; returns how many.
   int Expire(absl::Time now);
 

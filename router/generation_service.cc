@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "router/wire.h"
+#include "router/worker_registry.h"
 
 namespace strata::router {
 namespace {
@@ -125,7 +126,13 @@ GenerateStream::GenerateStream(GenerationService* service, grpc::CallbackServerC
   std::string prefill_address;
   if (service_->remote_prefill_ != nullptr) {
     auto [begin, end] = context_->client_metadata().equal_range(kPrefillAddressKey);
-    if (begin != end) prefill_address.assign(begin->second.data(), begin->second.size());
+    if (begin != end) {
+      prefill_address.assign(begin->second.data(), begin->second.size());
+      if (absl::Status s = ValidateHostPort(prefill_address, kPrefillAddressKey); !s.ok()) {
+        Reject(s, "invalid_argument");
+        return;
+      }
+    }
   }
   std::lock_guard<std::mutex> lock(mu_);  // the engine's first event waits for the rest
   admitted_ = true;
@@ -185,6 +192,8 @@ void GenerateStream::OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> r
       held_request_->generated = {result->first};
       held_request_->import_kv = result->transfer_id;
       SubmitLocked(*std::move(held_request_));
+      // Refused by the engine: nobody will load the transfer.
+      if (!admitted_) service_->remote_prefill_->Drop(result->transfer_id);
     } else if (absl::IsUnavailable(result.status()) || absl::IsDeadlineExceeded(result.status()) ||
                absl::IsResourceExhausted(result.status())) {
       // The prefill worker is gone, stuck or full, or there is no room

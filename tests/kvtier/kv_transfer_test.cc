@@ -399,6 +399,28 @@ TEST(DisaggregatedKvTest, AFirstTokenThatStopsEndsTheRequestAndDropsItsTransfer)
   ExpectNothingLeft(d);
 }
 
+TEST(DisaggregatedKvTest, ARefusedRequestDropsItsTransfer) {
+  Worker d(64);
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(4, 2, absl::Now() + absl::Hours(1)).ok());
+  engine::GenerationRequest r = Request(1, 10, 0);  // max_tokens 0: refused
+  r.generated = {{17, -1.0f}};
+  r.import_kv = 4;
+  EXPECT_FALSE(d.batcher->Add(r).ok());
+  EXPECT_FALSE(d.manager->landing_area()->Holds(4));
+  ExpectNothingLeft(d);
+}
+
+TEST_F(LandingAreaTest, AHeldTransferOutlivesItsFirstLease) {
+  const absl::Time soon = absl::Now() + absl::Milliseconds(1);
+  ASSERT_TRUE(area_.Reserve(1, 2, soon).ok());
+  ASSERT_TRUE(area_.Extend(1, absl::InfiniteFuture()));
+  EXPECT_EQ(area_.Expire(soon + absl::Hours(1)), 0);
+  EXPECT_TRUE(area_.Holds(1));
+  area_.Drop(1);
+  EXPECT_FALSE(area_.Extend(1, absl::InfiniteFuture()));
+  EXPECT_EQ(area_.num_free(), 8);
+}
+
 TEST(DisaggregatedKvTest, AnExportWithNoRoomFailsItsRequestAndFreesItsPages) {
   auto model = LoadGolden("llama_gqa", SmallCache(80));
   auto manager = KvBlockManager::Create(model.get(), {.host_bytes = 0});
