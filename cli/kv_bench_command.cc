@@ -9,6 +9,7 @@
 #include "bench/kv_capacity_bench.h"
 #include "bench/kv_policy_bench.h"
 #include "bench/kv_ssd_bench.h"
+#include "bench/transfer_bench.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
 #include "common/status_macros.h"
@@ -202,6 +203,45 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
     if (f.io_threads.empty()) f.io_threads = {1, 2, 4, 8};
     exit_code = RunKvSsd(f);
   });
+  CLI::App* transfer = bench.add_subcommand(
+      "transfer",
+      "KV blocks between two processes over the UCX transport: GB/s per block size (alone it "
+      "starts its own receiver process)");
+  CLI::Option* serve = transfer->add_flag("--serve", f.transfer_serve,
+                                          "Be the receiver: wait for senders on --host/--port");
+  CLI::Option* connect = transfer->add_option(
+      "--connect", f.transfer_connect, "Be the sender, to the receiver (--serve) at HOST:PORT");
+  serve->excludes(connect);
+  transfer
+      ->add_option("--host", f.transfer_host,
+                   "--serve: numeric address to listen on (0.0.0.0: every interface)")
+      ->needs(serve);
+  transfer->add_option("--port", f.transfer_port, "--serve: TCP port (0: any; printed)")
+      ->check(CLI::Range(0, 65535))
+      ->needs(serve);
+  transfer->add_flag("--once", f.transfer_once, "--serve: exit after one sender")->needs(serve);
+  transfer
+      ->add_option("--sizes", f.transfer_sizes,
+                   "Payload bytes of one message, each a multiple of 4K (16K, 1M, ...)")
+      ->delimiter(',');
+  transfer->add_option("--gib", f.transfer_gib, "GiB of payload sent per size")
+      ->check(CLI::PositiveNumber);
+  transfer->add_option("--count", f.transfer_count, "Messages per size (instead of --gib)")
+      ->check(CLI::PositiveNumber);
+  transfer->add_option("--window", f.transfer_window, "Messages in flight")
+      ->check(CLI::Range(1, 1024));
+  transfer
+      ->add_option("--warmup", f.transfer_warmup,
+                   "Untimed messages per size first (default: twice the window)")
+      ->check(CLI::NonNegativeNumber);
+  transfer->add_option("--rndv-threshold", f.transfer_rndv_threshold,
+                       "Payloads of at least this size go by rendezvous, smaller ones eagerly "
+                       "(default: the transport's, 16K)");
+  transfer->add_flag("--one-buffer", f.transfer_one_buffer,
+                     "Send from one buffer and land every message in one, as ucx_perftest does "
+                     "(cache-warm), instead of rings of distinct slots");
+  transfer->add_flag("--json", f.transfer_json, "Print the results as JSON instead of a table");
+  transfer->callback([&f, &exit_code] { exit_code = RunTransfer(f); });
   capacity->callback([&f, &exit_code] {
     if (f.budgets.empty()) f.budgets = {1024};
     if (f.seqs.empty()) f.seqs = {4, 8, 12};
@@ -612,6 +652,84 @@ int RunKvSsd(const KvBenchFlags& f) {
                       {"direct_io", options.direct_io},
                       {"reads", reads}};
   if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
+  return 0;
+}
+
+int RunTransfer(const KvBenchFlags& f) {
+  constexpr char kCmd[] = "strata bench transfer";
+  if (f.transfer_serve) {
+    bench::TransferServeOptions o;
+    o.host = f.transfer_host;
+    o.port = f.transfer_port;
+    o.once = f.transfer_once;
+    o.listening = [](const std::string& address) {
+      // A parent that spawned this receiver reads this line for the port.
+      std::printf("strata bench transfer: receiver listening on %s\n", address.c_str());
+      std::fflush(stdout);
+    };
+    absl::Status s = bench::ServeTransferBench(o);
+    return s.ok() ? 0 : ExitWithError(kCmd, s);
+  }
+  bench::TransferBenchOptions o;
+  if (!f.transfer_sizes.empty()) {
+    o.sizes.clear();
+    for (const std::string& text : f.transfer_sizes) {
+      absl::StatusOr<int64_t> size = bench::ParseTransferSize(text);
+      if (!size.ok()) return ExitWithError(kCmd, size.status());
+      o.sizes.push_back(*size);
+    }
+  }
+  o.count = f.transfer_count;
+  o.total_bytes = static_cast<int64_t>(f.transfer_gib * static_cast<double>(int64_t{1} << 30));
+  o.window = f.transfer_window;
+  o.warmup = f.transfer_warmup;
+  o.one_buffer = f.transfer_one_buffer;
+  if (!f.transfer_rndv_threshold.empty()) {
+    absl::StatusOr<int64_t> threshold = bench::ParseTransferSize(f.transfer_rndv_threshold);
+    if (!threshold.ok()) return ExitWithError(kCmd, threshold.status());
+    o.rndv_threshold = static_cast<size_t>(*threshold);
+  }
+  if (absl::Status s = bench::ValidateTransferOptions(o); !s.ok()) return ExitWithError(kCmd, s);
+  absl::StatusOr<bench::TransferBenchResult> result =
+      f.transfer_connect.empty()
+          ? bench::RunTransferBenchWithChild(
+                {"bench", "transfer", "--serve", "--host", "127.0.0.1", "--port", "0", "--once"}, o)
+          : bench::RunTransferBench(f.transfer_connect, o);
+  if (!result.ok()) return ExitWithError(kCmd, result.status());
+  nlohmann::json sizes = nlohmann::json::array();
+  for (const auto& r : result->sizes) {
+    sizes.push_back({{"bytes", r.bytes},
+                     {"messages", r.messages},
+                     {"seconds", r.seconds},
+                     {"gbps", r.gbps},
+                     {"p50_us", r.p50_us},
+                     {"p99_us", r.p99_us}});
+  }
+  if (f.transfer_json) {
+    nlohmann::json j = {{"transport", "ucx"},
+                        {"resources", result->resources},
+                        {"window", result->window},
+                        {"rndv_threshold", o.rndv_threshold},
+                        {"one_buffer", result->one_buffer},
+                        {"receiver", f.transfer_connect.empty() ? "child" : f.transfer_connect},
+                        // Warm-up messages included; the run fails unless it
+                        // is every message sent.
+                        {"receiver_landed", result->landed},
+                        {"sizes", sizes}};
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("transfer: UCX transport, %d in flight, %s; UCX resources [%s]\n", result->window,
+              result->one_buffer ? "one buffer each side" : "rings of distinct slots",
+              result->resources.c_str());
+  std::printf("%10s %10s %9s %12s %12s\n", "size", "messages", "GB/s", "p50 ms", "p99 ms");
+  for (const auto& r : result->sizes) {
+    const std::string size = r.bytes >= (1 << 20) && r.bytes % (1 << 20) == 0
+                                 ? absl::StrCat(r.bytes >> 20, " MiB")
+                                 : absl::StrCat(r.bytes >> 10, " KiB");
+    std::printf("%10s %10lld %9.3f %12.3f %12.3f\n", size.c_str(),
+                static_cast<long long>(r.messages), r.gbps, r.p50_us / 1000, r.p99_us / 1000);
+  }
   return 0;
 }
 

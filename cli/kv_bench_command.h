@@ -13,6 +13,11 @@
 //       [--modes full,clusterkv,clusterkv@host:int4] [--json FILE]
 //   strata bench kv-ssd --path DIR [--value-kib 2048] [--gib 8] [--io-threads 1,2,4,8]
 //       [--json FILE]
+//   strata bench transfer [--sizes 16K,64K,256K,1M,2M,4M] [--gib 1 | --count N]
+//       [--window 16] [--warmup N] [--rndv-threshold 16K] [--one-buffer] [--json]
+//       (alone: spawns its own receiver)
+//   strata bench transfer --serve [--host 127.0.0.1] [--port P] [--once]
+//   strata bench transfer --connect HOST:PORT [the sender's flags above]
 //
 // Exit status: 0; 2 for invalid flags or inputs; 1 when a run fails.
 #ifndef STRATA_CLI_KV_BENCH_COMMAND_H_
@@ -74,15 +79,31 @@ struct KvBenchFlags {
   std::vector<int> io_threads;
   bool buffered = false;  // kv-ssd: page-cache I/O instead of O_DIRECT
   std::string json;
+  // transfer (bench/transfer_bench.h)
+  bool transfer_serve = false;
+  std::string transfer_connect;
+  std::string transfer_host = "127.0.0.1";
+  int transfer_port = 0;
+  bool transfer_once = false;
+  std::vector<std::string> transfer_sizes;
+  double transfer_gib = 1;
+  int64_t transfer_count = 0;
+  int transfer_window = 16;
+  int64_t transfer_warmup = -1;
+  std::string transfer_rndv_threshold;  // default: the transport's
+  bool transfer_one_buffer = false;
+  bool transfer_json = false;  // JSON on stdout instead of the table
 };
 
-// Registers kv-policies, kv-speed, kv-capacity and kv-ssd under `bench`.
+// Registers kv-policies, kv-speed, kv-capacity, kv-ssd and transfer under
+// `bench`.
 void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& flags, int& exit_code);
 
 int RunKvPolicies(const KvBenchFlags& flags);
 int RunKvSpeed(const KvBenchFlags& flags);
 int RunKvCapacity(const KvBenchFlags& flags);
 int RunKvSsd(const KvBenchFlags& flags);
+int RunTransfer(const KvBenchFlags& flags);
 
 }  // namespace strata::cli
 

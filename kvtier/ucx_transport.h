@@ -60,8 +60,11 @@ struct UcxTransportOptions {
   std::string name = "ucx";
   std::chrono::milliseconds send_timeout{10000};
   // Payloads of at least this many bytes go by rendezvous (zero-copy into
-  // the receiver's memory); smaller ones eagerly.
-  size_t rndv_threshold = 16384;
+  // the receiver's memory); smaller ones eagerly. Over TCP a rendezvous
+  // costs a request and a reply before the data: below ~32 KiB the eager
+  // copy is cheaper (bench/RESULTS.md, the KV transfer between processes);
+  // KV blocks (0.5-2 MiB) always go by rendezvous.
+  size_t rndv_threshold = 32768;
 };
 
 class UcxTransport final : public Transport {

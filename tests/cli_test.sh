@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# End-to-end checks of `strata generate` on the bundled tiny model, and of
-# `strata bench kv-policies` on the bundled retrieval model.
+# End-to-end checks of `strata generate` on the bundled tiny model, of
+# `strata bench kv-policies` on the bundled retrieval model, and of the
+# other `strata bench` and `strata profile` commands that need no GPU.
 # Usage: cli_test.sh STRATA_BINARY SOURCE_DIR
 set -euo pipefail
 strata=$1
@@ -134,6 +135,22 @@ grep summary <<< "$second" | grep -Eq '"ssd_prefix_pages_read":[1-9]' \
   > "$tmp/kv_ssd.txt" 2>&1 || fail "bench kv-ssd: $(cat "$tmp/kv_ssd.txt")"
 grep -q "read with  2 I/O threads" "$tmp/kv_ssd.txt" || fail "bench kv-ssd: $(cat "$tmp/kv_ssd.txt")"
 [[ -z "$(ls -A "$tmp/bench")" ]] || fail "bench kv-ssd left files"
+
+# The KV transfer benchmark between two processes (it spawns its own
+# receiver): a positive bandwidth per size, every message counted.
+"$strata" bench transfer --sizes 16K,1M --count 8 --json > "$tmp/transfer.json" 2> "$tmp/transfer.err" \
+  || fail "bench transfer: $(cat "$tmp/transfer.err")"
+python3 - "$tmp/transfer.json" <<'PY' || fail "bench transfer JSON: $(cat "$tmp/transfer.json")"
+import json, sys
+j = json.load(open(sys.argv[1]))
+sizes = j["sizes"]
+assert [s["bytes"] for s in sizes] == [16384, 1048576], sizes
+for s in sizes:
+    assert s["messages"] == 8 and s["gbps"] > 0 and s["p99_us"] >= s["p50_us"] > 0, s
+# Each size's 8 messages after twice the window of warm-up ones.
+assert j["receiver_landed"] == 2 * (8 + 2 * j["window"]), j
+PY
+expect_error "multiple of 4 KiB" bench transfer --sizes 1000 --count 1
 
 # strata profile check: the shipped profiles hold 32k sequences of
 # Llama-3-8B's shape; a broken profile gets every problem on its own line

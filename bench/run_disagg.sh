@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Disaggregated serving against `strata serve` on one GPU machine: prefill
+# and decode workers as separate processes sharing the GPU(s), behind a
+# router, against one `strata serve` on the same GPU (Llama-3-8B shape,
+# dummy weights). For each prompt length (PROMPTS, default "8192 32768"):
+# one request through each setup after a warm-up, reporting its time to
+# first token and decode speed, and from the decode worker's metrics the
+# prompt's compute time on the prefill worker, its KV transfer time (first
+# token sampled -> every block landed) and bytes on the wire. Then a mixed
+# load (`strata bench serve`) through each, for inter-token latency.
+# Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
+# PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-out}
+prompts=${PROMPTS:-"8192 32768"}
+prefill_gpu=${PREFILL_GPU:-0}
+decode_gpu=${DECODE_GPU:-0}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+strata=.gpu/bin/strata
+tmp=$(mktemp -d "$PWD/.disagg.XXXXXX")
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
+max=0
+for p in $prompts; do [ "$p" -gt "$max" ] && max=$p; done
+context=$((max + 128))
+# Two sequences of the longest context in each worker's cache (16-token
+# pages); the host buffers hold one prompt's KV (128 KiB a token) and more.
+pages=$(((2 * context + 15) / 16))
+host=$((max * 131072 + (512 << 20)))
+common=(--backend cuda --dummy-weights llama-3-8b --max-context "$context" --max-seqs 8
+  --kv-pages "$pages" --host 127.0.0.1 --port 0 --metrics-port 0)
+
+start() {  # start LOG ENV... -- ARGS...: sets $address and $metrics
+  local log=$1
+  shift
+  local envs=()
+  while [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  env "${envs[@]}" STRATA_LOG_LEVEL=info "$strata" "$@" >"$out/$log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 900); do grep -q "listening on" "$out/$log" && break; sleep 0.2; done
+  address=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$out/$log" | head -1)
+  metrics=$(sed -n 's/.*metrics on \([^ ]*\).*/\1/p' "$out/$log" | head -1)
+  [[ -n "$address" ]] || { tail -20 "$out/$log"; exit 1; }
+}
+metric() {  # metric ADDRESS NAME
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.request
+addr, name = sys.argv[1:]
+text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+print(sum(float(l.split()[-1]) for l in text.splitlines() if l.split(" ")[0] == name))
+PY
+}
+ask() {  # ask SERVER LENGTH SEED: one request, its JSON summary
+  python3 -c "import random; r=random.Random($3); print(','.join(str(r.randrange(1000, 120000)) for _ in range($2)))" >"$tmp/prompt.txt"
+  "$strata" generate --server "$1" --prompt-ids "@$tmp/prompt.txt" --max-tokens 64 \
+    --ignore-eos --temperature 0 --json --timeout 600 | tail -1
+}
+stop_all() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  pids=()
+}
+
+echo "== strata serve (one process)"
+start serve.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- serve "${common[@]}"
+serve=$address
+ask "$serve" 1024 1 >/dev/null  # warm-up
+for p in $prompts; do echo "serve $p $(ask "$serve" "$p" "$p")"; done
+stop_all
+
+echo "== router + prefill worker + decode worker"
+start prefill.log CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
+  --kv-export-bytes "$host"
+prefill=$address
+prefill_metrics=$metrics
+start decode.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
+  --kv-landing-bytes "$host"
+decode=$address
+decode_metrics=$metrics
+start router.log -- router --dummy-weights llama-3-8b --max-context "$context" --host 127.0.0.1 \
+  --port 0 --metrics-port 0 --workers "$prefill" --workers "$decode" \
+  --prefill-threshold-tokens 256 --heartbeat-seconds 0.2
+router=$address
+for _ in $(seq 50); do ask "$router" 1024 1 >/dev/null 2>&1 && break; sleep 0.2; done  # warm-up
+for p in $prompts; do
+  before=()
+  for m in strata_prefill_remote_seconds_sum strata_kv_transfer_seconds_sum \
+    strata_kv_wire_bytes_total strata_kv_raw_bytes_total; do
+    before+=("$(metric "$decode_metrics" "$m")")
+  done
+  summary=$(ask "$router" "$p" "$p")
+  after=()
+  for m in strata_prefill_remote_seconds_sum strata_kv_transfer_seconds_sum \
+    strata_kv_wire_bytes_total strata_kv_raw_bytes_total; do
+    after+=("$(metric "$decode_metrics" "$m")")
+  done
+  python3 - "$p" "$summary" "${before[@]}" "${after[@]}" <<'PY'
+import json, sys
+p, summary = sys.argv[1], json.loads(sys.argv[2])["summary"]
+b = [float(x) for x in sys.argv[3:7]]; a = [float(x) for x in sys.argv[7:11]]
+compute, transfer, wire, raw = (a[i] - b[i] for i in range(4))
+print(f"disagg {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
+      f"decode_tok_s={summary['decode_tokens_per_s']:.1f} prefill_s={compute:.3f} "
+      f"transfer_s={transfer:.3f} transfer/prefill={transfer / compute if compute else 0:.2f} "
+      f"wire_GB={wire / 1e9:.3f} raw_bf16_GB={raw / 1e9:.3f} "
+      f"wire_GB_per_s={wire / transfer / 1e9 if transfer else 0:.2f}")
+PY
+done
+echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
+stop_all
