@@ -43,6 +43,7 @@ struct Batcher::Sequence {
   // recompute computes the prompt here).
   bool import_done = false;
   size_t generated_emitted = 0;  // of req.generated
+  bool export_done = false;      // req.export_kv's final export was made
   SequencePages pages;
   // Token ids that end the sequence: its stop_token_ids, and the model's
   // eos ids unless ignore_eos. A set, so a long list costs O(1) per token.
@@ -182,6 +183,7 @@ void Batcher::Cancel(uint64_t request_id) {
   auto cancel = [&](auto& container) {
     for (auto it = container.begin(); it != container.end(); ++it) {
       if ((*it)->req.id == request_id) {
+        EndExport(**it);
         ReleaseKv(**it);
         container.erase(it);
         cancelled_.push_back(request_id);
@@ -224,6 +226,15 @@ bool Batcher::OverCap(const Sequence& seq, int tokens) const {
   const int page = model_->options().page_size;
   const int more = (tokens + page - 1) / page - static_cast<int>(seq.pages.lower.size());
   return more > 0 && pages_of_policy(seq.req.kv_policy) + more > cap;
+}
+
+void Batcher::EndExport(Sequence& seq) {
+  if (seq.req.export_kv != 0 && !seq.export_done) {
+    // Ended (cancelled, failed) before its KV was all handed over: what
+    // was is dropped.
+    kv_->DropExport(seq.req.export_kv);
+    seq.export_done = true;
+  }
 }
 
 void Batcher::ReleaseKv(Sequence& seq) {
@@ -346,10 +357,12 @@ void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>
       (reason == FinishReason::kStop || reason == FinishReason::kLength)) {
     // Its KV goes on to the worker that decodes it (copied before the
     // pages are freed below).
-    if (absl::Status s =
-            kv_->ExportKv(seq.req.export_kv,
-                          std::span<const int32_t>(seq.tokens).first(seq.num_computed), seq.pages);
+    seq.export_done = true;
+    if (absl::Status s = kv_->ExportKv(seq.req.export_kv,
+                                       std::span<const int32_t>(seq.tokens).first(seq.num_computed),
+                                       seq.pages, /*final=*/true);
         !s.ok()) {
+      kv_->DropExport(seq.req.export_kv);
       ++num_failed_;
       events.back().finish = FinishReason::kError;
       events.back().error =
@@ -375,6 +388,7 @@ void Batcher::FailSequence(Sequence& seq, const std::string& error,
   ++num_failed_;
   events.push_back({seq.req.id, -1, 0.0f, "", FinishReason::kError, error});
   seq.finished = true;
+  EndExport(seq);
   ReleaseKv(seq);
 }
 
@@ -596,6 +610,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
                              " tokens of KV cache; the cache holds ",
                              int64_t{MaxCachedPages()} * opts.page_size);
       events.push_back(std::move(e));
+      EndExport(seq);
       ReleaseKv(seq);
       waiting_.pop_front();
     }
@@ -635,7 +650,19 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     }
     seq.num_computed += step_rows[k];
     seq.sampled = samples[k];
-    if (!samples[k]) continue;
+    if (!samples[k]) {
+      if (seq.req.export_kv != 0) {
+        // The pages this chunk completed leave now, while the rest of the
+        // prompt is computed (a failure here is retried by the next call).
+        if (absl::Status s = kv_->ExportKv(
+                seq.req.export_kv, std::span<const int32_t>(seq.tokens).first(seq.num_computed),
+                seq.pages, /*final=*/false);
+            !s.ok()) {
+          STRATA_LOG_WARN("request {}: KV export deferred: {}", seq.req.id, s.ToString());
+        }
+      }
+      continue;
+    }
     const SampledToken& token = sampled[sample_index++];
     if (!std::isfinite(token.logprob)) {
       // The model's output for this sequence is NaN or infinite (bad

@@ -61,9 +61,10 @@ struct GenerationRequest {
   std::vector<int32_t> decode_tokens;
 
   // Disaggregated serving (see KvMemory's "other workers" part).
-  // Prefill side: when the request finishes, the KV of its prompt goes to
-  // KvMemory::ExportKv under this key before its pages are freed; a
-  // failed export ends it with kError. 0: none.
+  // Prefill side: the KV of its prompt goes to KvMemory::ExportKv under
+  // this key, page by page as its prefill chunks complete them, the rest
+  // when it finishes (before its pages are freed); a failed final export
+  // ends it with kError. 0: none.
   uint64_t export_kv = 0;
   // Decode side: tokens already generated for this request elsewhere (the
   // first token, sampled where the prompt was computed). They are emitted
@@ -177,6 +178,8 @@ class Batcher {
   int MaxCachedPages() const;
   // Frees the sequence's KV pages and tells the model's planner it is gone.
   void ReleaseKv(Sequence& seq);
+  // A sequence that ends without its final export drops what it exported.
+  void EndExport(Sequence& seq);
   // Swaps the sequence's KV to the host tier (true) or frees it for a
   // recompute (false).
   bool Preempt(Sequence& seq);

@@ -129,14 +129,20 @@ class KvMemory {
   }
 
   // ---- KV from and for other workers (disaggregated serving) ------------
-  // Prefill side: before a finished sequence's pages are freed, hands the
-  // KV of `tokens` (the tokens whose KV `pages` hold) over under `key`, to
-  // be sent to the worker that decodes it. Unimplemented without a host
-  // tier; ResourceExhausted when it has no room now.
+  // Prefill side: hands the KV of `tokens` (the tokens whose KV `pages`
+  // hold) over under `key`, to be sent to the worker that decodes it, as
+  // the prompt is computed: each call exports the whole pages not exported
+  // yet, so a long prompt's KV leaves chunk by chunk while the rest is
+  // computed; the `final` call (the prompt done, before its pages are
+  // freed) exports the rest, the last page partial. Unimplemented without
+  // a host tier; ResourceExhausted when it has no room now (a later call
+  // tries again).
   virtual absl::Status ExportKv(uint64_t /*key*/, std::span<const int32_t> /*tokens*/,
-                                const SequencePages& /*pages*/) {
+                                const SequencePages& /*pages*/, bool /*final*/) {
     return absl::UnimplementedError("KV export needs a KV block manager with a host tier");
   }
+  // Forgets an export whose sequence ended before its final call.
+  virtual void DropExport(uint64_t /*key*/) {}
   // Decode side: for a sequence about to start (`pages` empty), brings the
   // KV another worker computed for `tokens` and sent under `transfer_id`
   // into pages it allocates and sets in `pages`. False (nothing allocated)

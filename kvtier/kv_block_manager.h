@@ -55,10 +55,13 @@
 // The prefix code lives in kv_block_manager_prefixes.cc.
 //
 // Disaggregated serving (kv_block_manager_transfer.cc). On a prefill
-// worker, a finished prompt's pages are copied to host records (ExportKv)
-// and, once sealed, handed to the export sink (the prefill service, which
-// sends them to the decode worker); the records are held until the sink's
-// owner calls ReleaseExport (from any thread). On a decode worker, KV
+// worker, a prompt's pages are copied to host records as its prefill
+// chunks complete them (ExportKv; the final call adds the rest) and, once
+// sealed, handed to the export sink in order (the prefill service, which
+// sends them to the decode worker while the prompt's next chunks compute);
+// the records are held until the sink's owner calls ReleaseExport (from
+// any thread), or the sequence ends without its final export
+// (DropExport). On a decode worker, KV
 // arriving from prefill workers lands in a set of host records set aside at
 // start (landing_area(), written by the transport's thread), and
 // LoadImported checks each block's CRC and copies it into the sequence's
@@ -71,6 +74,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <list>
 #include <memory>
@@ -225,15 +229,19 @@ class KvBlockManager final : public engine::KvMemory {
 
   // ---- Disaggregated serving (see the file comment) ------------------------
   absl::Status ExportKv(uint64_t key, std::span<const int32_t> tokens,
-                        const engine::SequencePages& pages) override;
+                        const engine::SequencePages& pages, bool final) override;
+  void DropExport(uint64_t key) override;
   absl::StatusOr<bool> LoadImported(uint64_t transfer_id, std::span<const int32_t> tokens,
                                     engine::SequencePages& pages) override;
   void DropImported(uint64_t transfer_id) override;
-  // A prompt's KV, sealed in host records, ready to send: one block per
-  // token page (a host record: kv_layout.h), with its masked CRC32C.
+  // Part of a prompt's KV, sealed in host records, ready to send: one
+  // block per token page (a host record: kv_layout.h), with its masked
+  // CRC32C, from page first_block on; `final` on the last part (which may
+  // have no blocks).
   struct ExportedKv {
     uint64_t key = 0;
-    int tokens = 0;
+    int first_block = 0;
+    bool final = false;
     struct Block {
       std::span<const std::byte> data;
       uint32_t crc = 0;
@@ -241,8 +249,9 @@ class KvBlockManager final : public engine::KvMemory {
     };
     std::vector<Block> blocks;
   };
-  // Called on the manager's thread (in Poll) for each export once sealed;
-  // must return quickly. The blocks stay valid until ReleaseExport(key).
+  // Called on the manager's thread (in Poll) for each part of an export
+  // once sealed, in order; must return quickly. The blocks stay valid until
+  // ReleaseExport(key).
   // Thread-safe: may be set while the manager's thread runs.
   using ExportSink = std::function<void(ExportedKv exported)>;
   void set_export_sink(ExportSink sink) {
@@ -433,12 +442,21 @@ class KvBlockManager final : public engine::KvMemory {
   // the keys released from other threads, and copies that read landing
   // records (freed to the landing area when done).
   struct Export {
-    engine::CopyFence fence;
-    std::vector<int32_t> records;
-    int tokens = 0;
-    bool sealed = false;
+    std::vector<int32_t> records;  // one per page exported so far
+    // Parts whose copy is not yet sealed and delivered, in order.
+    struct Part {
+      engine::CopyFence fence;
+      int first = 0;  // records[first, first + count)
+      int count = 0;
+      int tokens = 0;  // the prompt's tokens with KV when it was made
+      bool final = false;
+    };
+    std::deque<Part> pending;
+    bool final = false;  // its last part was made
   };
   absl::Status PollTransfers();
+  // Gives an export's records back (each when no copy writes it).
+  void FreeExport(absl::flat_hash_map<uint64_t, Export>::iterator it);
   absl::flat_hash_map<uint64_t, Export> exports_;
   absl::Mutex released_mu_;
   ExportSink export_sink_ ABSL_GUARDED_BY(released_mu_);

@@ -12,7 +12,7 @@
 namespace strata::kvtier {
 
 absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tokens,
-                                      const engine::SequencePages& pages) {
+                                      const engine::SequencePages& pages, bool final) {
   const int page_size = layout_.page_size();
   const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
   const bool two_groups = upper_pages_.num_pages() > 0;
@@ -21,11 +21,18 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
     return absl::InvalidArgumentError(absl::StrCat("KV export ", key, ": ", tokens.size(),
                                                    " tokens in ", pages.lower.size(), " pages"));
   }
-  if (exports_.contains(key)) {
-    return absl::AlreadyExistsError(absl::StrCat("KV export ", key, " is already held"));
+  auto it = exports_.find(key);
+  if (it != exports_.end() && it->second.final) {
+    return absl::AlreadyExistsError(absl::StrCat("KV export ", key, " is already complete"));
   }
+  // Whole pages as the prompt's chunks complete them; the last page, whole
+  // or not, with the final call.
+  const int from = it == exports_.end() ? 0 : static_cast<int>(it->second.records.size());
+  const int upto = std::max(from, final ? needed : static_cast<int>(tokens.size()) / page_size);
+  const int count = upto - from;
+  if (count == 0 && !final) return absl::OkStatus();
   if (two_groups) {
-    for (int i = 0; i < needed; ++i) {
+    for (int i = from; i < upto; ++i) {
       if (pages.upper[i] == engine::kPageOffGpu) {
         return absl::FailedPreconditionError(
             absl::StrCat("KV export ", key, ": page ", i,
@@ -34,38 +41,68 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
     }
   }
   // Stored prefixes give way, as they do to a swap.
-  while (host_.num_free() < needed && EvictHostPrefix(/*to_ssd=*/false)) {
+  while (host_.num_free() < count && EvictHostPrefix(/*to_ssd=*/false)) {
   }
-  Export exported;
-  exported.tokens = static_cast<int>(tokens.size());
-  if (!host_.Allocate(needed, exported.records)) {
+  std::vector<int32_t> records;
+  if (!host_.Allocate(count, records)) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("KV export ", key, " needs ", needed, " host records; ", host_.num_free(),
+        absl::StrCat("KV export ", key, " needs ", count, " host records; ", host_.num_free(),
                      " are free (the host tier holds exports until they are sent)"));
   }
-  copies_.clear();
-  for (int i = 0; i < needed; ++i) {
-    layout_.AppendRecordCopies(pages.lower[i], two_groups ? pages.upper[i] : engine::kPageOffGpu,
-                               host_.offset(exported.records[i]), copies_);
-  }
-  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
-  if (!fence.ok()) {
-    for (int32_t r : exported.records) {
-      host_.Release(r);
-      host_.Unref(r);
+  Export::Part part;
+  part.first = from;
+  part.count = count;
+  part.tokens = static_cast<int>(tokens.size());
+  part.final = final;
+  part.fence = engine::kFenceDone;
+  if (count > 0) {
+    copies_.clear();
+    for (int i = 0; i < count; ++i) {
+      layout_.AppendRecordCopies(pages.lower[from + i],
+                                 two_groups ? pages.upper[from + i] : engine::kPageOffGpu,
+                                 host_.offset(records[i]), copies_);
     }
-    return fence.status();
+    absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
+    if (!fence.ok()) {
+      for (int32_t r : records) {
+        host_.Release(r);
+        host_.Unref(r);
+      }
+      return fence.status();
+    }
+    part.fence = *fence;
   }
-  exported.fence = *fence;
-  ++counters_.kv_exports;
-  counters_.kv_export_bytes += needed * layout_.record_bytes();
-  exports_.emplace(key, std::move(exported));
+  Export& e = exports_[key];
+  e.records.insert(e.records.end(), records.begin(), records.end());
+  e.pending.push_back(part);
+  e.final = final;
+  if (final) ++counters_.kv_exports;
+  counters_.kv_export_bytes += count * layout_.record_bytes();
   return absl::OkStatus();
 }
 
 void KvBlockManager::ReleaseExport(uint64_t key) {
   absl::MutexLock lock(&released_mu_);
   released_exports_.push_back(key);
+}
+
+void KvBlockManager::DropExport(uint64_t key) {
+  auto it = exports_.find(key);
+  if (it != exports_.end()) FreeExport(it);
+}
+
+void KvBlockManager::FreeExport(absl::flat_hash_map<uint64_t, Export>::iterator it) {
+  Export& e = it->second;
+  // Parts still being copied hold their records' copy references until
+  // their fence is done.
+  for (size_t i = 0; i < e.records.size(); ++i) host_.Release(e.records[i]);
+  for (const Export::Part& part : e.pending) {
+    if (part.count == 0) continue;
+    in_flight_.push_back(
+        {part.fence, std::vector<int32_t>(e.records.begin() + part.first,
+                                          e.records.begin() + part.first + part.count)});
+  }
+  exports_.erase(it);
 }
 
 absl::Status KvBlockManager::PollTransfers() {
@@ -79,33 +116,35 @@ absl::Status KvBlockManager::PollTransfers() {
   }
   for (uint64_t key : released) {
     auto it = exports_.find(key);
-    if (it == exports_.end()) continue;
-    Export& e = it->second;
-    for (int32_t r : e.records) host_.Release(r);
-    // A copy still writing them holds a reference each until it is done.
-    if (!e.sealed) in_flight_.push_back({e.fence, std::move(e.records)});
-    exports_.erase(it);
+    if (it != exports_.end()) FreeExport(it);
   }
   const int page_size = layout_.page_size();
   for (auto& [key, e] : exports_) {
-    if (e.sealed) continue;
-    STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(e.fence));
-    if (!done) continue;
-    host_.SealAll(e.records, crc_pool_.get());
-    for (int32_t r : e.records) host_.Unref(r);  // the copy's reference: resident now
-    e.sealed = true;
-    if (!sink) continue;
-    ExportedKv out;
-    out.key = key;
-    out.tokens = e.tokens;
-    for (size_t i = 0; i < e.records.size(); ++i) {
-      const int32_t r = e.records[i];
-      out.blocks.push_back(
-          {std::span<const std::byte>(reinterpret_cast<const std::byte*>(host_.data(r)),
-                                      static_cast<size_t>(layout_.record_bytes())),
-           host_.crc(r), std::min(page_size, e.tokens - static_cast<int>(i) * page_size)});
+    // In order: a part goes out only after the ones before it.
+    while (!e.pending.empty()) {
+      const Export::Part part = e.pending.front();
+      STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(part.fence));
+      if (!done) break;
+      const std::span<const int32_t> records =
+          std::span<const int32_t>(e.records).subspan(part.first, part.count);
+      host_.SealAll(records, crc_pool_.get());
+      for (int32_t r : records) host_.Unref(r);  // the copy's reference: resident now
+      e.pending.pop_front();
+      if (!sink) continue;
+      ExportedKv out;
+      out.key = key;
+      out.first_block = part.first;
+      out.final = part.final;
+      for (int i = 0; i < part.count; ++i) {
+        const int32_t r = records[i];
+        const int page = part.first + i;
+        out.blocks.push_back(
+            {std::span<const std::byte>(reinterpret_cast<const std::byte*>(host_.data(r)),
+                                        static_cast<size_t>(layout_.record_bytes())),
+             host_.crc(r), std::min(page_size, part.tokens - page * page_size)});
+      }
+      sink(std::move(out));
     }
-    sink(std::move(out));
   }
   if (landing_ != nullptr) {
     for (auto it = landing_in_flight_.begin(); it != landing_in_flight_.end();) {

@@ -44,6 +44,8 @@ absl::Status PrefillWorker::Start(engine::GenerationRequest request, std::string
     }
     Request& r = requests_[id];
     r.started = std::chrono::steady_clock::now();
+    r.total_blocks =
+        (static_cast<int>(request.prompt.size()) + format_.page_size - 1) / format_.page_size;
     r.destination = std::move(destination);
     r.transfer_id = transfer_id;
     r.done = std::move(done);
@@ -90,31 +92,27 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
   {
     absl::MutexLock lock(&mu_);
     auto it = requests_.find(id);
-    if (it == requests_.end() || !it->second.error.ok()) {
-      // Cancelled or failed meanwhile: nobody sends it.
-      manager_->ReleaseExport(id);
-      if (it != requests_.end()) {
-        it->second.exported = true;
-        call = SettleLocked(id);
-      }
-    } else {
-      Request& r = it->second;
-      r.exported = true;
+    if (it == requests_.end()) {
+      manager_->ReleaseExport(id);  // nobody sends it
+      return;
+    }
+    Request& r = it->second;
+    r.exported |= exported.final;
+    if (r.error.ok()) {
       destination = r.destination;
-      r.headers.resize(exported.blocks.size());
       const int64_t element = 2;  // the raw KV's bytes per value (bf16)
       for (size_t i = 0; i < exported.blocks.size(); ++i) {
         const auto& block = exported.blocks[i];
         kvtier::KvBlockHeader h;
         h.transfer_id = r.transfer_id;
-        h.index = static_cast<uint32_t>(i);
-        h.count = static_cast<uint32_t>(exported.blocks.size());
+        h.index = static_cast<uint32_t>(exported.first_block + static_cast<int>(i));
+        h.count = static_cast<uint32_t>(r.total_blocks);
         h.tokens = static_cast<uint32_t>(block.tokens);
         h.format = format_;
         h.payload_crc = block.crc;
         h.payload_bytes = block.data.size();
-        r.headers[i] = kvtier::EncodeKvBlockHeader(h);
-        sends.emplace_back(r.headers[i], block.data);
+        r.headers.push_back(kvtier::EncodeKvBlockHeader(h));
+        sends.emplace_back(r.headers.back(), block.data);
         if (corrupt_every_nth_block_ > 0 && ++blocks_sent_ % corrupt_every_nth_block_ == 0) {
           // The export's own record: nobody else reads it.
           const_cast<std::byte&>(block.data[block.data.size() / 2]) ^= std::byte{0x40};
@@ -123,9 +121,11 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
         r.result.raw_bytes += int64_t{2} * format_.layers * block.tokens * format_.kv_heads *
                               format_.head_dim * element;
       }
-      r.result.blocks = static_cast<int>(exported.blocks.size());
-      r.sends_pending = static_cast<int>(sends.size());
+      r.result.blocks += static_cast<int>(exported.blocks.size());
+      r.sends_pending += static_cast<int>(sends.size());
     }
+    MaybeReleaseLocked(id, r);
+    call = SettleLocked(id);
   }
   if (call) call();
   for (const auto& [header, payload] : sends) {
@@ -133,6 +133,10 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
                                          [this, id](absl::Status s) { OnSent(id, s); });
     if (!sent.ok()) OnSent(id, sent);
   }
+}
+
+void PrefillWorker::MaybeReleaseLocked(uint64_t id, const Request& r) {
+  if (r.sends_pending == 0 && (r.exported || !r.error.ok())) manager_->ReleaseExport(id);
 }
 
 void PrefillWorker::OnSent(uint64_t id, const absl::Status& status) {
@@ -147,7 +151,7 @@ void PrefillWorker::OnSent(uint64_t id, const absl::Status& status) {
       r.error = absl::Status(status.code(), absl::StrCat("prefill of request ", id,
                                                          ": sending its KV: ", status.message()));
     }
-    if (r.sends_pending == 0) manager_->ReleaseExport(id);
+    MaybeReleaseLocked(id, r);
     call = SettleLocked(id);
   }
   if (call) call();
@@ -186,6 +190,7 @@ void PrefillWorker::Cancel(uint64_t request_id) {
       it->second.error =
           absl::CancelledError(absl::StrCat("prefill of request ", request_id, " cancelled"));
     }
+    MaybeReleaseLocked(request_id, it->second);
     call = SettleLocked(request_id);
   }
   engine_->Cancel(request_id);

@@ -1,13 +1,15 @@
 // PrefillWorker: computes prompts for decode workers and sends them the KV.
 //
 // Start() submits a prompt to the engine as a one-token request whose KV is
-// exported (engine::GenerationRequest::export_kv): the engine samples the
-// first token, and the block manager copies the prompt's pages to host
-// records and hands them over (KvBlockManager's export sink, on the engine
-// thread). Each page record then goes to the decode worker over the KV
-// transport as one message in the wire format (kvtier/kv_wire.h), tagged
-// with the decode worker's transfer id. Once every block has landed there,
-// the export is released and `done` gets the first token.
+// exported (engine::GenerationRequest::export_kv): as each prefill chunk
+// completes pages, the block manager copies them to host records and hands
+// them over (KvBlockManager's export sink, on the engine thread), and the
+// rest when the first token is sampled. Each page record goes to the
+// decode worker over the KV transport at once, as one message in the wire
+// format (kvtier/kv_wire.h) tagged with the decode worker's transfer id,
+// so a long prompt's KV travels while its later chunks compute. Once every
+// block has landed there, the export is released and `done` gets the
+// first token.
 //
 // Any failure (the engine's, a refused or timed-out send, a decode worker
 // that went away) is `done`'s error, and the export is released once no
@@ -23,6 +25,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <optional>
 #include <string>
@@ -96,12 +99,14 @@ class PrefillWorker {
     std::optional<engine::SampledToken> first;
     std::chrono::steady_clock::time_point started, first_at;
     int cached_prompt_tokens = 0;
-    // The export's sends: headers live until their send is done.
-    std::vector<std::array<std::byte, kvtier::KvBlockHeader::kBytes>> headers;
+    int total_blocks = 0;  // the prompt's pages
+    // The export's sends: headers live until their send is done (a deque:
+    // parts append without moving earlier ones).
+    std::deque<std::array<std::byte, kvtier::KvBlockHeader::kBytes>> headers;
     int sends_pending = 0;
     bool engine_finished = false;  // its last event came
-    bool expect_export = false;    // ... and it was a success: an export follows
-    bool exported = false;         // the export came (and is released once sent)
+    bool expect_export = false;    // ... and it was a success: the final part follows
+    bool exported = false;         // the final part came (released once sent)
     absl::Status error;
     Result result;
   };
@@ -111,6 +116,9 @@ class PrefillWorker {
   // Calls `done` if it is due and forgets the request once nothing of it
   // runs; returns the callback to run outside the lock.
   std::function<void()> SettleLocked(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Releases the export once no send reads it and no part will follow (or
+  // the request failed; a part that comes later is released on arrival).
+  void MaybeReleaseLocked(uint64_t id, const Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   engine::AsyncEngine* engine_;
   kvtier::KvBlockManager* manager_;

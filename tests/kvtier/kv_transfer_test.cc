@@ -242,35 +242,41 @@ engine::TokenEvent Prefill(Worker& p, const engine::GenerationRequest& r, uint64
   return events.empty() ? engine::TokenEvent{} : events[0];
 }
 
-// What the transport does: each block of the export, in the wire format,
-// into the decode worker's landing area; `corrupt` flips a payload byte of
-// that block on the way.
+// What the transport does: each block of the export's parts, in the wire
+// format, into the decode worker's landing area; `corrupt` flips a payload
+// byte of that block on the way.
 void Send(Worker& p, Worker& d, uint64_t transfer_id, int corrupt = -1) {
-  ASSERT_EQ(p.exports.size(), 1u);
-  const KvBlockManager::ExportedKv e = p.exports.back();
-  p.exports.clear();
+  ASSERT_FALSE(p.exports.empty());
+  ASSERT_TRUE(p.exports.back().final);
+  int total = 0;
+  for (const auto& part : p.exports) total += static_cast<int>(part.blocks.size());
   const KvWireFormat format = KvWireFormat::Of(d.manager->layout());
-  for (size_t i = 0; i < e.blocks.size(); ++i) {
-    KvBlockHeader h;
-    h.transfer_id = transfer_id;
-    h.index = static_cast<uint32_t>(i);
-    h.count = static_cast<uint32_t>(e.blocks.size());
-    h.tokens = static_cast<uint32_t>(e.blocks[i].tokens);
-    h.format = KvWireFormat::Of(p.manager->layout());
-    h.payload_crc = e.blocks[i].crc;
-    h.payload_bytes = e.blocks[i].data.size();
-    EXPECT_EQ(KvPayloadCrc(e.blocks[i].data), h.payload_crc);
-    auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), format);
-    ASSERT_TRUE(parsed.ok()) << parsed.status();
-    auto where = d.manager->landing_area()->Place(parsed->transfer_id, parsed->index, parsed->count,
-                                                  parsed->payload_bytes);
-    ASSERT_TRUE(where.ok()) << where.status();
-    std::memcpy(where->data(), e.blocks[i].data.data(), where->size());
-    if (static_cast<int>(i) == corrupt) (*where)[where->size() / 2] ^= std::byte{1};
-    d.manager->landing_area()->Landed(parsed->transfer_id, parsed->index, parsed->payload_crc,
-                                      absl::OkStatus());
+  int next = 0;
+  for (const KvBlockManager::ExportedKv& e : p.exports) {
+    ASSERT_EQ(e.first_block, next) << "parts come in order";
+    for (size_t i = 0; i < e.blocks.size(); ++i, ++next) {
+      KvBlockHeader h;
+      h.transfer_id = transfer_id;
+      h.index = static_cast<uint32_t>(next);
+      h.count = static_cast<uint32_t>(total);
+      h.tokens = static_cast<uint32_t>(e.blocks[i].tokens);
+      h.format = KvWireFormat::Of(p.manager->layout());
+      h.payload_crc = e.blocks[i].crc;
+      h.payload_bytes = e.blocks[i].data.size();
+      EXPECT_EQ(KvPayloadCrc(e.blocks[i].data), h.payload_crc);
+      auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), format);
+      ASSERT_TRUE(parsed.ok()) << parsed.status();
+      auto where = d.manager->landing_area()->Place(parsed->transfer_id, parsed->index,
+                                                    parsed->count, parsed->payload_bytes);
+      ASSERT_TRUE(where.ok()) << where.status();
+      std::memcpy(where->data(), e.blocks[i].data.data(), where->size());
+      if (next == corrupt) (*where)[where->size() / 2] ^= std::byte{1};
+      d.manager->landing_area()->Landed(parsed->transfer_id, parsed->index, parsed->payload_crc,
+                                        absl::OkStatus());
+    }
   }
-  p.manager->ReleaseExport(e.key);
+  p.manager->ReleaseExport(p.exports.back().key);
+  p.exports.clear();
 }
 
 engine::GenerationRequest DecodeRequest(const engine::GenerationRequest& r,
@@ -307,6 +313,9 @@ void ExpectSameTokensAsOneWorker(const KvPolicyConfig* policy) {
             .ok());
     const engine::TokenEvent first = Prefill(p, r, 7);
     EXPECT_EQ(first.finish, engine::FinishReason::kLength) << first.error;
+    // A prompt longer than a step's tokens (96) leaves in parts: the pages
+    // its first chunk completed before the rest was computed.
+    if (prompt_len > 96) EXPECT_GE(p.exports.size(), 2u);
     ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
     ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
     const std::vector<engine::TokenEvent> events = d.RunToEnd();
@@ -397,6 +406,22 @@ TEST(DisaggregatedKvTest, AFirstTokenThatStopsEndsTheRequestAndDropsItsTransfer)
   EXPECT_EQ(events[0].token_id, 17);
   EXPECT_EQ(events[0].finish, engine::FinishReason::kStop);
   ExpectNothingLeft(d);
+}
+
+TEST(DisaggregatedKvTest, APrefillCancelledMidPromptDropsWhatItExported) {
+  Worker p(0);
+  engine::GenerationRequest r = Request(1, 200, 1);
+  r.export_kv = 9;
+  ASSERT_TRUE(p.batcher->Add(r).ok());
+  ASSERT_TRUE(p.batcher->Step().ok());  // the first chunk: 96 of 200 tokens
+  ASSERT_TRUE(p.manager->Poll().ok());
+  ASSERT_EQ(p.exports.size(), 1u) << "its first pages left before the rest was computed";
+  EXPECT_EQ(p.exports[0].blocks.size(), 96u / 8);
+  EXPECT_FALSE(p.exports[0].final);
+  EXPECT_EQ(p.manager->stats().exports_held, 1);
+  p.batcher->Cancel(1);
+  p.RunToEnd();
+  ExpectNothingLeft(p);
 }
 
 TEST(DisaggregatedKvTest, ARefusedRequestDropsItsTransfer) {

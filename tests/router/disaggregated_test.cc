@@ -27,7 +27,9 @@ using ::testing::HasSubstr;
 using testing_util::ServerProcess;
 
 // Small host buffers: the tiny model's page records are small.
-const std::vector<std::string> kPrefillArgs = {"--kv-export-bytes", "16777216", "--max-seqs", "8"};
+// Prefill chunks of 256 tokens: a long prompt's KV leaves in parts.
+const std::vector<std::string> kPrefillArgs = {"--kv-export-bytes",  "16777216", "--max-seqs", "8",
+                                               "--max-batch-tokens", "256"};
 const std::vector<std::string> kDecodeArgs = {"--kv-landing-bytes", "16777216", "--max-seqs", "8"};
 
 struct Completion {
@@ -311,13 +313,17 @@ TEST(DisaggregatedFailureTest, APrefillWorkerKilledMidTransferLeavesNothingBehin
   const v1::GenerateRequest r = Request(kLongPrompt, 8, 77);
   const Completion expected = Generate(decode.stub(), r);
   ASSERT_TRUE(expected.status.ok());
+  // The two connect once, before: UCX 1.13 aborts a process whose peer
+  // dies while their connection is being set up (an assertion in its
+  // wireup), which this test is not about.
+  ASSERT_TRUE(Generate(decode.stub(), Request(300, 2, 5), prefill->address()).status.ok());
   Completion split;
   std::thread client([&] { split = Generate(decode.stub(), r, prefill->address()); });
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   prefill.reset();  // SIGKILL while it computes or sends
   client.join();
   // The decode worker computes the prompt itself: the same tokens.
-  ASSERT_TRUE(split.status.ok()) << split.status.error_message();
+  ASSERT_TRUE(split.status.ok()) << split.status.error_message() << decode.Stderr();
   EXPECT_EQ(split.tokens, expected.tokens);
   ExpectPoolsEmpty(decode, "decode");
 }
