@@ -9,12 +9,15 @@
 # token sampled -> every block landed) and bytes on the wire. Then a mixed
 # load (`strata bench serve`) through each, for inter-token latency.
 # Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
-# PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0).
+# PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
+# CHUNKS the prefill worker's --max-batch-tokens values to try (default
+# 2048: a prompt's KV leaves in parts as its chunks complete).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
 prompts=${PROMPTS:-"8192 32768"}
 prefill_gpu=${PREFILL_GPU:-0}
+chunks=${CHUNKS:-2048}
 decode_gpu=${DECODE_GPU:-0}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -72,16 +75,17 @@ ask "$serve" 1024 1 >/dev/null  # warm-up
 for p in $prompts; do echo "serve $p $(ask "$serve" "$p" "$p")"; done
 stop_all
 
-echo "== router + prefill worker + decode worker"
-start prefill.log CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
-  --kv-export-bytes "$host"
+for chunk in $chunks; do
+echo "== router + prefill worker (chunks of $chunk tokens) + decode worker"
+start "prefill-$chunk.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
+  --kv-export-bytes "$host" --max-batch-tokens "$chunk"
 prefill=$address
 prefill_metrics=$metrics
-start decode.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
+start "decode-$chunk.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
   --kv-landing-bytes "$host"
 decode=$address
 decode_metrics=$metrics
-start router.log -- router --dummy-weights llama-3-8b --max-context "$context" --host 127.0.0.1 \
+start "router-$chunk.log" -- router --dummy-weights llama-3-8b --max-context "$context" --host 127.0.0.1 \
   --port 0 --metrics-port 0 --workers "$prefill" --workers "$decode" \
   --prefill-threshold-tokens 256 --heartbeat-seconds 0.2
 router=$address
@@ -98,12 +102,13 @@ for p in $prompts; do
     strata_kv_wire_bytes_total strata_kv_raw_bytes_total; do
     after+=("$(metric "$decode_metrics" "$m")")
   done
-  python3 - "$p" "$summary" "${before[@]}" "${after[@]}" <<'PY'
-import json, sys
+  chunk=$chunk python3 - "$p" "$summary" "${before[@]}" "${after[@]}" <<'PY'
+import json, os, sys
+chunk = os.environ["chunk"]
 p, summary = sys.argv[1], json.loads(sys.argv[2])["summary"]
 b = [float(x) for x in sys.argv[3:7]]; a = [float(x) for x in sys.argv[7:11]]
 compute, transfer, wire, raw = (a[i] - b[i] for i in range(4))
-print(f"disagg {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
+print(f"disagg chunk={chunk} {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
       f"decode_tok_s={summary['decode_tokens_per_s']:.1f} prefill_s={compute:.3f} "
       f"transfer_s={transfer:.3f} transfer/prefill={transfer / compute if compute else 0:.2f} "
       f"wire_GB={wire / 1e9:.3f} raw_bf16_GB={raw / 1e9:.3f} "
@@ -112,3 +117,4 @@ PY
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
 stop_all
+done
