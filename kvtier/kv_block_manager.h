@@ -61,11 +61,11 @@
 // sends them to the decode worker while the prompt's next chunks compute);
 // the records are held until the sink's owner calls ReleaseExport (from
 // any thread), or the sequence ends without its final export
-// (DropExport). On a decode worker, KV
-// arriving from prefill workers lands in a set of host records set aside at
-// start (landing_area(), written by the transport's thread), and
-// LoadImported checks each block's CRC and copies it into the sequence's
-// pages. Reservations whose lease ends are dropped in Poll.
+// (DropExport). On a decode worker, KV arriving from prefill workers lands
+// in a set of host records set aside at start (landing_area(), written and
+// CRC-checked block by block on the transport's thread), and LoadImported
+// copies it into the sequence's pages. Reservations whose lease ends are
+// dropped in Poll.
 //
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).

@@ -198,15 +198,7 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
         absl::StrCat("KV transfer ", transfer_id, " brought ", blocks->size(), " pages for ",
                      tokens.size(), " tokens (", needed, " pages)")));
   }
-  // Each block against the CRC its header carried, on the CRC threads.
-  host_.SealAll(records, crc_pool_.get());
-  for (size_t i = 0; i < records.size(); ++i) {
-    if (host_.crc(records[i]) != (*blocks)[i].crc) {
-      return fail(absl::DataLossError(
-          absl::StrCat("KV transfer ", transfer_id, ": block ", i, " of ", records.size(),
-                       " does not match its CRC32C (corrupt on the way)")));
-    }
-  }
+  // Each block was checked against its header's CRC as it landed.
   if (!pages_.Allocate(needed, pages.lower))
     return fail(absl::InternalError("free pages vanished"));
   if (two_groups && !upper_pages_.Allocate(needed, pages.upper)) {

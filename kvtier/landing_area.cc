@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/crc32c.h"
 
 namespace strata::kvtier {
 
@@ -70,14 +71,25 @@ absl::StatusOr<std::span<std::byte>> LandingArea::Place(uint64_t id, uint32_t in
 }
 
 void LandingArea::Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status) {
+  int32_t record = -1;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = transfers_.find(id);
+    if (it == transfers_.end() || index >= it->second.states.size() ||
+        it->second.states[index] != State::kWriting) {
+      return;
+    }
+    record = it->second.blocks[index].record;
+  }
+  // Checked here, on the transport's thread as each block arrives, so that
+  // loading a long prompt's KV does not stall the engine on gigabytes of
+  // CRCs. The record stays this writer's until its state changes below.
+  const bool intact = status.ok() && MaskCrc(Crc32c(base_ + int64_t{record} * stride_,
+                                                    static_cast<size_t>(record_bytes_))) == crc;
   absl::MutexLock lock(&mu_);
   auto it = transfers_.find(id);
-  if (it == transfers_.end() || index >= it->second.states.size() ||
-      it->second.states[index] != State::kWriting) {
-    return;
-  }
   Transfer& t = it->second;
-  t.states[index] = status.ok() ? State::kLanded : State::kFailed;
+  t.states[index] = !status.ok() ? State::kFailed : intact ? State::kLanded : State::kCorrupt;
   t.blocks[index].crc = crc;
   if (t.dropped) DropLocked(it);
 }
@@ -92,11 +104,16 @@ absl::StatusOr<std::vector<LandingArea::Block>> LandingArea::Take(uint64_t id) {
   Transfer& t = it->second;
   for (size_t i = 0; i < t.states.size(); ++i) {
     if (t.states[i] == State::kLanded) continue;
-    const std::string error =
-        absl::StrCat("KV transfer ", id, ": block ", i, " of ", t.states.size(), " ",
-                     t.states[i] == State::kFailed ? "failed on the way" : "has not arrived");
+    const std::string where =
+        absl::StrCat("KV transfer ", id, ": block ", i, " of ", t.states.size());
+    const State state = t.states[i];
     DropLocked(it);  // may forget `t`
-    return absl::FailedPreconditionError(error);
+    if (state == State::kCorrupt) {
+      return absl::DataLossError(
+          absl::StrCat(where, " does not match its CRC32C (corrupt on the way)"));
+    }
+    return absl::FailedPreconditionError(
+        absl::StrCat(where, state == State::kFailed ? " failed on the way" : " has not arrived"));
   }
   std::vector<Block> blocks = std::move(t.blocks);
   transfers_.erase(it);

@@ -57,12 +57,15 @@ class LandingArea {
   absl::StatusOr<std::span<std::byte>> Place(uint64_t id, uint32_t index, uint32_t count,
                                              size_t bytes);
   // Block `index` has landed with the payload CRC its header named (OK),
-  // or failed on the way (then Take fails).
+  // or failed on the way (then Take fails). Checks the payload against
+  // the CRC here (the caller's thread, as each block arrives): a mismatch
+  // makes Take fail with DataLoss naming the block.
   void Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status);
-  // Every block of the transfer, in order, once all have landed; the
-  // transfer is gone and its records are the caller's (Free them once
-  // read). FailedPrecondition naming the first block missing or failed
-  // (the transfer is dropped), NotFound for an id not held.
+  // Every block of the transfer, in order, once all have landed intact;
+  // the transfer is gone and its records are the caller's (Free them once
+  // read). DataLoss naming the first block that failed its CRC,
+  // FailedPrecondition naming the first block missing or failed (the
+  // transfer is dropped either way), NotFound for an id not held.
   absl::StatusOr<std::vector<Block>> Take(uint64_t id);
   void Free(std::span<const int32_t> records);
   // Drops a transfer (unknown ids are ignored).
@@ -81,7 +84,7 @@ class LandingArea {
   int64_t record_bytes() const { return record_bytes_; }
 
  private:
-  enum class State : uint8_t { kReserved, kWriting, kLanded, kFailed };
+  enum class State : uint8_t { kReserved, kWriting, kLanded, kFailed, kCorrupt };
   struct Transfer {
     std::vector<Block> blocks;
     std::vector<State> states;

@@ -130,13 +130,12 @@ TEST_F(LandingAreaTest, BlocksLandAndAreTakenInOrder) {
     auto where = area_.Place(1, i, 3, kBytes);
     ASSERT_TRUE(where.ok()) << where.status();
     std::memset(where->data(), static_cast<int>(i + 1), where->size());
-    area_.Landed(1, i, 100 + i, absl::OkStatus());
+    area_.Landed(1, i, KvPayloadCrc(*where), absl::OkStatus());
   }
   auto blocks = area_.Take(1);
   ASSERT_TRUE(blocks.ok()) << blocks.status();
   ASSERT_EQ(blocks->size(), 3u);
   for (uint32_t i = 0; i < 3; ++i) {
-    EXPECT_EQ((*blocks)[i].crc, 100 + i);
     EXPECT_EQ(memory_[(*blocks)[i].record * kBytes], std::byte(i + 1));
   }
   EXPECT_FALSE(area_.Holds(1));
@@ -153,12 +152,29 @@ TEST_F(LandingAreaTest, RefusesWhatDoesNotFitOrWasNotReserved) {
   EXPECT_TRUE(absl::IsNotFound(area_.Place(2, 0, 2, kBytes).status()));
   EXPECT_TRUE(absl::IsInvalidArgument(area_.Place(1, 0, 3, kBytes).status()));
   EXPECT_TRUE(absl::IsInvalidArgument(area_.Place(1, 0, 2, kBytes - 1).status()));
-  ASSERT_TRUE(area_.Place(1, 0, 2, kBytes).ok());
+  auto where = area_.Place(1, 0, 2, kBytes);
+  ASSERT_TRUE(where.ok());
   EXPECT_TRUE(absl::IsAlreadyExists(area_.Place(1, 0, 2, kBytes).status()));
-  area_.Landed(1, 0, 0, absl::OkStatus());
+  area_.Landed(1, 0, KvPayloadCrc(*where), absl::OkStatus());
   const absl::Status missing = area_.Take(1).status();
   EXPECT_THAT(missing.message(), HasSubstr("block 1 of 2 has not arrived"));
   EXPECT_EQ(area_.num_free(), 8) << "a failed take drops the transfer";
+}
+
+TEST_F(LandingAreaTest, ABlockThatDoesNotMatchItsCrcIsCaughtAsItLands) {
+  ASSERT_TRUE(area_.Reserve(1, 2, later_).ok());
+  for (uint32_t i : {0u, 1u}) {
+    auto where = area_.Place(1, i, 2, kBytes);
+    ASSERT_TRUE(where.ok());
+    std::memset(where->data(), 7, where->size());
+    const uint32_t crc = KvPayloadCrc(*where);
+    if (i == 1) (*where)[3] = std::byte{8};  // changed after its CRC was taken
+    area_.Landed(1, i, crc, absl::OkStatus());
+  }
+  const absl::Status corrupt = area_.Take(1).status();
+  EXPECT_TRUE(absl::IsDataLoss(corrupt)) << corrupt;
+  EXPECT_THAT(corrupt.message(), HasSubstr("block 1 of 2 does not match its CRC32C"));
+  EXPECT_EQ(area_.num_free(), 8);
 }
 
 TEST_F(LandingAreaTest, AnExpiredLeaseFreesItsRecordsOnceNothingWritesThem) {
