@@ -34,7 +34,7 @@ struct GenerateFlags {
   int threads = 0;
   int max_batch_tokens = 2048;
   std::string kv_cache_dtype = "auto";
-  std::string profile;  // KV profile YAML (policy, codec, host tier), as serve takes
+  std::string profile;         // KV profile YAML (policy, codec, host tier), as serve takes
   std::string server_profile;  // with --server: the server's profile the request names
 };
 
