@@ -5,6 +5,8 @@
 // corrupt, missing and expired transfers fail their request alone, and
 // nothing is left behind on either side.
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <random>
 #include <string>
@@ -109,6 +111,21 @@ TEST(KvWireTest, AnotherLayoutIsRefusedNamingTheField) {
   h.index = 5;
   EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
               HasSubstr("block 5 of 5"));
+}
+
+TEST(KvWireTest, TheFuzzersValidSeedParses) {
+  // tests/fuzz/make_corpus.py writes the wire format on its own: the seed
+  // must be what the encoder writes, or the fuzzer starts from nothing.
+  std::ifstream in(testing_util::FixturePath("../fuzz/corpus/kv_wire_fuzzer/valid.skvh"),
+                   std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  KvWireFormat llama = {
+      .layers = 32, .kv_heads = 8, .head_dim = 128, .page_size = 16, .upper_first_layer = 32};
+  auto parsed = ParseKvBlockHeader(
+      std::span(reinterpret_cast<const std::byte*>(bytes.data()), bytes.size()), llama);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->transfer_id, 7u);
+  EXPECT_EQ(parsed->count, 4u);
 }
 
 // ---- The landing area -------------------------------------------------------
