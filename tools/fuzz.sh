@@ -18,7 +18,7 @@ shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(safetensors_fuzzer model_config_fuzzer tokenizer_json_fuzzer tokenizer_encode_fuzzer
-    profile_fuzzer request_conversion_fuzzer kv_block_fuzzer)
+    profile_fuzzer request_conversion_fuzzer kv_block_fuzzer kv_wire_fuzzer)
 fi
 
 build=${STRATA_ASAN_BUILD_DIR:-build-asan}
