@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cli/exit_status.h"
+#include "cli/shutdown.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/metrics_server.h"
@@ -80,11 +81,7 @@ int RunRouter(const RouterFlags& f) {
   if (f.model_dir.empty() && f.dummy_weights.empty()) {
     return Fail(absl::InvalidArgumentError("give --model DIR or --dummy-weights PRESET"));
   }
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = BlockShutdownSignals();
 
   std::vector<std::string> profile_names = {kvtier::DefaultProfile().name};
   for (const std::string& path : f.profiles) {
@@ -185,22 +182,7 @@ int RunRouter(const RouterFlags& f) {
   std::printf("\n");
   std::fflush(stdout);
 
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
-  STRATA_LOG_WARN("received signal {}: draining (grace {} s); a second signal exits at once",
-                  signal_number, f.grace_seconds);
-  std::thread([signals] {
-    int second = 0;
-    sigset_t wait_for = signals;
-    sigwait(&wait_for, &second);
-    std::fprintf(stderr, "strata router: second signal %d during the drain, exiting now\n", second);
-    std::_Exit(128 + second);
-  }).detach();
-  server->GetHealthCheckService()->SetServingStatus(false);
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(f.grace_seconds * 1000)));
-  server->Wait();
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  DrainOnSignal("strata router", signals, *server, f.grace_seconds);
   if (discovery != nullptr) discovery->Stop();
   service.reset();  // waits for the worker calls still being cancelled
   if (metrics_server) metrics_server->Stop();

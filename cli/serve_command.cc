@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
+#include "cli/shutdown.h"
 #include "common/logging.h"
 #include "common/metrics.h"
 #include "common/metrics_server.h"
@@ -226,11 +227,7 @@ int RunServe(const ServeFlags& f) {
   }
   // Block the shutdown signals in every thread; the main thread waits for
   // them with sigwait once the server runs.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = BlockShutdownSignals();
 
   // Profiles first: a bad file should fail before the model loads.
   std::vector<std::string> profile_names = {kvtier::DefaultProfile().name};
@@ -515,31 +512,10 @@ int RunServe(const ServeFlags& f) {
   std::printf("\n");
   std::fflush(stdout);
 
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
-  STRATA_LOG_WARN("received signal {}: draining (grace {} s); a second signal exits at once",
-                  signal_number, f.grace_seconds);
-  // A second SIGTERM or SIGINT during the drain: the operator wants out now.
-  std::thread([signals, command] {
-    int second = 0;
-    sigset_t wait_for = signals;
-    sigwait(&wait_for, &second);
-    std::fprintf(stderr, "%s: second signal %d during the drain, exiting now\n", command, second);
-    std::_Exit(128 + second);
-  }).detach();
-  server->GetHealthCheckService()->SetServingStatus(false);
-  // The router stops sending new work here within one heartbeat.
-  if (worker_service != nullptr) worker_service->set_draining(true);
-  // Refuses new calls now; in-flight calls may finish until the deadline,
-  // after which gRPC cancels them (their handlers cancel the sequences).
-  server->Shutdown(std::chrono::system_clock::now() +
-                   std::chrono::milliseconds(static_cast<int64_t>(f.grace_seconds * 1000)));
-  server->Wait();
-  // Wait() returns once every handler has returned, but a call's final
-  // status may still sit in the transport's buffers; exiting at once can
-  // cut it off, and a client that received every token would see its call
-  // fail. Give the transports a moment to write them out.
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  DrainOnSignal(command, signals, *server, f.grace_seconds, [&] {
+    // The router stops sending new work here within one heartbeat.
+    if (worker_service != nullptr) worker_service->set_draining(true);
+  });
   engine.Stop();
   if (heartbeat != nullptr) heartbeat->Stop();
   // Sends in flight fail (and release their exports) before the worker

@@ -402,16 +402,17 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationService::Generate(
   return new GenerateStream(this, context, *request);
 }
 
-grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* context,
-                                                      const grpc::ByteBuffer* bytes,
-                                                      grpc::ByteBuffer* response) {
+grpc::ServerUnaryReactor* AnswerTokenize(grpc::CallbackServerContext* context,
+                                         const grpc::ByteBuffer& bytes,
+                                         const engine::Tokenizer* tokenizer,
+                                         size_t max_request_bytes, grpc::ByteBuffer* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   v1::TokenizeRequest request;
-  if (absl::Status s = ParseMessage(*bytes, options_.limits.max_request_bytes, &request); !s.ok()) {
+  if (absl::Status s = ParseMessage(bytes, max_request_bytes, &request); !s.ok()) {
     reactor->Finish(ToGrpcStatus(s));
     return reactor;
   }
-  auto ids = TokenizeText(request, tokenizer_);
+  auto ids = TokenizeText(request, tokenizer);
   if (!ids.ok()) {
     reactor->Finish(ToGrpcStatus(ids.status()));
     return reactor;
@@ -422,18 +423,34 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
   return reactor;
 }
 
-grpc::ServerUnaryReactor* GenerationService::ModelInfo(grpc::CallbackServerContext* context,
-                                                       const v1::ModelInfoRequest*,
-                                                       v1::ModelInfoResponse* response) {
-  response->set_name(options_.model_name);
-  response->set_architecture(options_.architecture);
-  response->set_context_length(options_.limits.context_length);
-  response->set_vocab_size(options_.limits.vocab_size);
-  for (const auto& p : options_.limits.profiles) response->add_profiles(p);
-  response->set_default_profile(options_.default_profile);
+grpc::ServerUnaryReactor* AnswerModelInfo(grpc::CallbackServerContext* context,
+                                          const std::string& model_name,
+                                          const std::string& architecture,
+                                          const RequestLimits& limits,
+                                          const std::string& default_profile,
+                                          v1::ModelInfoResponse* response) {
+  response->set_name(model_name);
+  response->set_architecture(architecture);
+  response->set_context_length(limits.context_length);
+  response->set_vocab_size(limits.vocab_size);
+  for (const auto& p : limits.profiles) response->add_profiles(p);
+  response->set_default_profile(default_profile);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* context,
+                                                      const grpc::ByteBuffer* bytes,
+                                                      grpc::ByteBuffer* response) {
+  return AnswerTokenize(context, *bytes, tokenizer_, options_.limits.max_request_bytes, response);
+}
+
+grpc::ServerUnaryReactor* GenerationService::ModelInfo(grpc::CallbackServerContext* context,
+                                                       const v1::ModelInfoRequest*,
+                                                       v1::ModelInfoResponse* response) {
+  return AnswerModelInfo(context, options_.model_name, options_.architecture, options_.limits,
+                         options_.default_profile, response);
 }
 
 }  // namespace strata::router

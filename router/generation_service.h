@@ -68,6 +68,21 @@ using GenerationServiceBase =
 
 class GenerateStream;
 
+// Tokenize and ModelInfo as every strata.v1.Generation front end answers
+// them (this service and the router's): the raw request parsed and its
+// text tokenized with `tokenizer` (null: refused), and the served model
+// described.
+grpc::ServerUnaryReactor* AnswerTokenize(grpc::CallbackServerContext* context,
+                                         const grpc::ByteBuffer& request,
+                                         const engine::Tokenizer* tokenizer,
+                                         size_t max_request_bytes, grpc::ByteBuffer* response);
+grpc::ServerUnaryReactor* AnswerModelInfo(grpc::CallbackServerContext* context,
+                                          const std::string& model_name,
+                                          const std::string& architecture,
+                                          const RequestLimits& limits,
+                                          const std::string& default_profile,
+                                          v1::ModelInfoResponse* response);
+
 // The metadata key of the prefill worker's address on a Generate call from
 // the router to a decode worker (strata/internal/v1/worker.proto).
 inline constexpr char kPrefillAddressKey[] = "strata-prefill-address";

@@ -484,35 +484,14 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* RouterService::Generate(
 grpc::ServerUnaryReactor* RouterService::Tokenize(grpc::CallbackServerContext* context,
                                                   const grpc::ByteBuffer* bytes,
                                                   grpc::ByteBuffer* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  v1::TokenizeRequest request;
-  if (absl::Status s = ParseMessage(*bytes, options_.limits.max_request_bytes, &request); !s.ok()) {
-    reactor->Finish(ToGrpcStatus(s));
-    return reactor;
-  }
-  auto ids = TokenizeText(request, tokenizer_);
-  if (!ids.ok()) {
-    reactor->Finish(ToGrpcStatus(ids.status()));
-    return reactor;
-  }
-  v1::TokenizeResponse out;
-  out.mutable_token_ids()->Add(ids->begin(), ids->end());
-  reactor->Finish(ToGrpcStatus(SerializeMessage(out, response)));
-  return reactor;
+  return AnswerTokenize(context, *bytes, tokenizer_, options_.limits.max_request_bytes, response);
 }
 
 grpc::ServerUnaryReactor* RouterService::ModelInfo(grpc::CallbackServerContext* context,
                                                    const v1::ModelInfoRequest*,
                                                    v1::ModelInfoResponse* response) {
-  response->set_name(options_.model_name);
-  response->set_architecture(options_.architecture);
-  response->set_context_length(options_.limits.context_length);
-  response->set_vocab_size(options_.limits.vocab_size);
-  for (const auto& profile : options_.limits.profiles) response->add_profiles(profile);
-  response->set_default_profile(options_.default_profile);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return AnswerModelInfo(context, options_.model_name, options_.architecture, options_.limits,
+                         options_.default_profile, response);
 }
 
 }  // namespace strata::router
