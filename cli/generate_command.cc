@@ -423,6 +423,13 @@ int RunGenerate(const GenerateFlags& f) {
       kv["prefetch_bytes"] = s.prefetch_kib * 1024;
       kv["prefetch_ms"] = static_cast<double>(s.prefetch_micros) / 1e3;
       kv["lost_sequences"] = s.lost_sequences;
+      kv["ssd_cluster_spills"] = s.spills;
+      kv["ssd_clusters_spilled"] = s.spilled_clusters;
+      kv["ssd_cluster_spills_refused"] = s.spills_refused;
+      kv["ssd_hard_misses"] = s.hard_misses;
+      kv["ssd_hard_miss_bytes"] = s.hard_miss_bytes;
+      kv["ssd_hard_miss_ms"] = static_cast<double>(s.hard_miss_micros) / 1e3;
+      kv["ssd_hard_miss_failed"] = s.hard_miss_failed;
     }
   }
   printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)),

@@ -258,12 +258,19 @@ class CudaBackend final : public engine::Backend {
     // with the layer computing beside it, and a few CTAs per SM already
     // keep enough host reads in flight to fill the PCIe link.
     DeviceBuffer& workspace = on_side_ ? side_recall_workspace_ : recall_workspace_;
+    // Pieces below host memory are fetched on the main stream only (a side
+    // recall must not wait for the host).
+    if (on_side_ && ring.fetcher != nullptr) {
+      return absl::InvalidArgumentError("RecallBlocks: side work cannot fetch pieces");
+    }
+    STRATA_ASSIGN_OR_RETURN(cuda::RecallFetchContext * fetch,
+                            recall_fetch_.ForRecall(tables.layer, ring.fetcher, capturing_));
     STRATA_RETURN_IF_ERROR(
         GrowKeepingGraphsSafe(workspace, cuda::RecallWorkspaceBytes(plan, k_cache)));
     OpTimer::Scope timed(&op_timer_, on_side_ ? "RecallBlocks (side)" : "RecallBlocks", stream());
     return cuda::RecallBlocks(k_cache, v_cache, plan, extents, tables, ring, workspace.data(),
                               workspace.size(), (on_side_ ? kSideRecallCtasPerSm : 4) * num_sms_,
-                              stream());
+                              fetch, stream());
   }
   absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                             Tensor& token_ids, Tensor& logprobs) override;
@@ -349,6 +356,9 @@ class CudaBackend final : public engine::Backend {
   DeviceBuffer tier_workspace_;         // OffloadBlocks' encode jobs
   DeviceBuffer recall_workspace_;       // RecallBlocks' list of missed pieces
   DeviceBuffer side_recall_workspace_;  // ... of the side work's recalls
+  // The main stream's recalls' fetch lists and host functions, by layer
+  // (graphs hold their addresses: declared before graphs_).
+  cuda::RecallFetchContexts recall_fetch_;
   OpTimer op_timer_;
   bool capturing_ = false;             // between BeginCapture and EndCapture
   std::vector<CudaGraphExec> graphs_;  // by id

@@ -1,6 +1,8 @@
 #include "cuda/tiering.h"
 
 #include <algorithm>
+#include <cstddef>
+#include <span>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -11,7 +13,24 @@ namespace strata::cuda {
 namespace {
 
 using engine::DType;
+using engine::PieceFetcher;
 using engine::Tensor;
+using kernels::kRecallFetchCapacity;
+using kernels::RecallFetchPiece;
+
+// The fetch list is handed to the fetcher as it is laid out.
+static_assert(sizeof(RecallFetchPiece) == sizeof(PieceFetcher::Piece) &&
+              offsetof(RecallFetchPiece, slot) == offsetof(PieceFetcher::Piece, slot) &&
+              offsetof(RecallFetchPiece, head) == offsetof(PieceFetcher::Piece, head) &&
+              offsetof(RecallFetchPiece, piece) == offsetof(PieceFetcher::Piece, piece));
+
+// A RecallFetchContext's pinned memory: the count, the list, the offsets.
+constexpr size_t kFetchListAt = 16;
+constexpr size_t kFetchOffsetsAt =
+    kFetchListAt + (sizeof(RecallFetchPiece) * kRecallFetchCapacity + 15) / 16 * 16;
+constexpr size_t kFetchBytes = kFetchOffsetsAt + sizeof(int64_t) * kRecallFetchCapacity;
+// Layers a backend keeps fetch contexts for.
+constexpr int kMaxFetchLayers = 1 << 16;
 
 absl::Status Bad(const char* op, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat("cuda ", op, ": ", what));
@@ -97,6 +116,66 @@ absl::Status OffloadBlocks(const Tensor& k_cache, const Tensor& v_cache,
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<RecallFetchContext>> RecallFetchContext::Create(int layer) {
+  std::unique_ptr<RecallFetchContext> c(new RecallFetchContext(layer));
+  STRATA_CUDA_RETURN_IF_ERROR(
+      cudaHostAlloc(&c->host_, kFetchBytes, cudaHostAllocPortable | cudaHostAllocMapped));
+  void* device = nullptr;
+  STRATA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&device, c->host_, 0));
+  char* const host = static_cast<char*>(c->host_);
+  char* const dev = static_cast<char*>(device);
+  c->list_.count = reinterpret_cast<int32_t*>(host);
+  *c->list_.count = 0;
+  c->pieces_ = reinterpret_cast<const RecallFetchPiece*>(host + kFetchListAt);
+  c->list_.pieces = reinterpret_cast<RecallFetchPiece*>(dev + kFetchListAt);
+  c->offsets_ = reinterpret_cast<int64_t*>(host + kFetchOffsetsAt);
+  c->list_.offsets = reinterpret_cast<const int64_t*>(dev + kFetchOffsetsAt);
+  c->list_.fn = &RecallFetchContext::Fetch;
+  c->list_.arg = c.get();
+  c->scratch_.resize(kRecallFetchCapacity);
+  return c;
+}
+
+RecallFetchContext::~RecallFetchContext() {
+  if (host_ != nullptr) LogIfError(cudaFreeHost(host_), "cudaFreeHost");
+}
+
+void RecallFetchContext::Fetch(void* context) {
+  auto* c = static_cast<RecallFetchContext*>(context);
+  // Pieces past the capacity were not listed (they fail as bad pieces).
+  const int n = std::clamp(*c->list_.count, 0, kRecallFetchCapacity);
+  if (n == 0) return;
+  std::fill_n(c->offsets_, n, int64_t{-1});
+  PieceFetcher* const fetcher = c->fetcher_.load(std::memory_order_acquire);
+  if (fetcher == nullptr) return;
+  for (int i = 0; i < n; ++i) {
+    c->scratch_[i] = {c->pieces_[i].slot, c->pieces_[i].head, c->pieces_[i].piece};
+  }
+  fetcher->Fetch(c->layer_, std::span<const PieceFetcher::Piece>(c->scratch_.data(), n),
+                 std::span<int64_t>(c->offsets_, n));
+}
+
+absl::StatusOr<RecallFetchContext*> RecallFetchContexts::ForRecall(int layer, PieceFetcher* fetcher,
+                                                                   bool capturing) {
+  if (fetcher == nullptr) return nullptr;
+  if (layer < 0 || layer >= kMaxFetchLayers) {
+    return Bad("RecallBlocks", absl::StrCat("tables of layer ", layer, " cannot fetch pieces"));
+  }
+  if (static_cast<size_t>(layer) >= by_layer_.size()) by_layer_.resize(layer + 1);
+  std::unique_ptr<RecallFetchContext>& context = by_layer_[layer];
+  if (context == nullptr) {
+    if (capturing) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("RecallBlocks' first fetch for layer ", layer,
+                       " (pinned memory to allocate) is not allowed while a graph is being "
+                       "captured"));
+    }
+    STRATA_ASSIGN_OR_RETURN(context, RecallFetchContext::Create(layer));
+  }
+  context->set_fetcher(fetcher);
+  return context.get();
+}
+
 size_t RecallWorkspaceBytes(const engine::SparsePlan& plan, const Tensor& k_cache) {
   kernels::RecallParams p;
   p.num_entries = plan.entries.defined() ? static_cast<int>(plan.entries.dim(0)) : 0;
@@ -108,7 +187,7 @@ size_t RecallWorkspaceBytes(const engine::SparsePlan& plan, const Tensor& k_cach
 absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, engine::SparsePlan& plan,
                           const Tensor& extents, engine::TierTables& t, engine::TierRing& ring,
                           void* workspace, size_t workspace_bytes, int decode_ctas,
-                          cudaStream_t stream) {
+                          RecallFetchContext* fetch, cudaStream_t stream) {
   constexpr char kOp[] = "RecallBlocks";
   STRATA_RETURN_IF_ERROR(CheckCaches(kOp, k_cache, v_cache));
   STRATA_RETURN_IF_ERROR(
@@ -146,6 +225,7 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, engine::SparsePlan& 
   p.workspace = workspace;
   p.workspace_bytes = workspace_bytes;
   p.decode_ctas = decode_ctas;
+  if (fetch != nullptr) p.fetch = fetch->list();
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRecallBlocks(p, stream));
   return absl::OkStatus();
 }

@@ -199,6 +199,34 @@ struct SequenceRange {
 inline constexpr int kKvPieceTokens = 64;
 inline constexpr int64_t kKvHostUnit = 64;
 
+// A host-homed piece may also live below host memory (on the SSD tier):
+// its piece_host entry is then kPieceBelowHost, and a recall that misses
+// it asks the ring's fetcher (TierRing::fetcher) to bring it into the host
+// buffer first, waiting for it (a hard miss). Without a fetcher such a
+// piece fails like a bad one.
+inline constexpr int32_t kPieceBelowHost = -1;
+
+// Brings pieces that live below host memory into the ring's host buffer
+// during RecallBlocks (implemented by the tier below, kvtier's
+// ClusterSpill). Called on the CPU backend inline, and on CUDA from a host
+// callback of the recall's stream, once per layer that misses such pieces,
+// so it must not call CUDA and the stream waits until it returns. Calls
+// never overlap.
+class PieceFetcher {
+ public:
+  struct Piece {
+    int32_t slot = 0;  // pool slot of the sequence (TierTables rows)
+    int32_t head = 0;  // KV head
+    int32_t piece = 0;
+  };
+  virtual ~PieceFetcher() = default;
+  // Sets offsets[i] to the byte offset into the ring's host buffer where
+  // pieces[i]'s encoded block now is, or -1 when it cannot be had (not
+  // stored, failed its check): RecallBlocks then treats it as a bad piece.
+  // The bytes stay there until the next call.
+  virtual void Fetch(int layer, std::span<const Piece> pieces, std::span<int64_t> offsets) = 0;
+};
+
 // key_index values: >= 0 a logical index (paged cache), <= -2 a physical
 // cache slot.
 inline constexpr int32_t KvCacheSlotIndex(int64_t slot) { return static_cast<int32_t>(-2 - slot); }
@@ -232,6 +260,7 @@ struct TierTables {
   Tensor res_start;    // [slots, Hkv, max_blocks]: ring position of the resident tokens
   Tensor res_count;    // [slots, Hkv, max_blocks]: tokens resident (0: none)
   Tensor ring_head;    // [slots, Hkv]: the next ring position to write
+  int layer = 0;       // the layer these tables are for (PieceFetcher::Fetch)
 };
 
 // What every layer shares.
@@ -241,6 +270,9 @@ struct TierRing {
   Tensor status;      // I32 [slots]: KvRecallStatus bits RecallBlocks set (cleared by the caller)
   Tensor stats;       // I32 [kKvTierStats], added to by RecallBlocks
   HostBuffer host;    // where the pieces are
+  // Where pieces below host memory come from; null: there are none (a
+  // kPieceBelowHost entry is then a bad piece).
+  PieceFetcher* fetcher = nullptr;
 };
 
 // ---- Sampling --------------------------------------------------------------

@@ -108,6 +108,8 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, co
     int32_t block, pos, take;
   };
   std::vector<Run> runs;
+  std::vector<PieceFetcher::Piece> fetch;
+  std::vector<int64_t> fetched;
   for (int i = 0; i < plan.num_entries; ++i) {
     const int64_t slot = plan.host(i, kPlanSlot);
     const int blocks = plan.host(i, kPlanNumBlocks);
@@ -198,10 +200,24 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, co
         res_count[r.block] = r.take;
         stats[kStatRecalledTokens] += r.take;
         const int32_t size = ext[r.block * 2 + 1];
+        // Pieces below host memory come up first (a hard miss), the run's
+        // together; the fetcher keeps them in place until its next call.
+        fetch.clear();
+        for (int32_t off = 0; off < r.take; off += kKvPieceTokens) {
+          const int32_t piece = base[r.block] + off / kKvPieceTokens;
+          if (where[piece] == kPieceBelowHost && ring.fetcher != nullptr) {
+            fetch.push_back({static_cast<int32_t>(slot), static_cast<int32_t>(h), piece});
+          }
+        }
+        fetched.assign(fetch.size(), -1);
+        if (!fetch.empty()) ring.fetcher->Fetch(t.layer, fetch, fetched);
+        size_t next_fetched = 0;
         bool good = true;
         for (int32_t off = 0; off < r.take; off += kKvPieceTokens) {
           const int32_t piece = base[r.block] + off / kKvPieceTokens;
-          const int64_t at = int64_t{where[piece]} * kKvHostUnit;
+          const int64_t at = where[piece] == kPieceBelowHost
+                                 ? (ring.fetcher != nullptr ? fetched[next_fetched++] : -1)
+                                 : int64_t{where[piece]} * kKvHostUnit;
           const int expect = std::min(kKvPieceTokens, size - off);
           absl::StatusOr<KvBlockInfo> info = absl::DataLossError("outside the host buffer");
           std::span<const uint8_t> block;

@@ -466,6 +466,13 @@ void KvBlockManager::FreeHostRegion(const HostRegion& region) {
   }
 }
 
+double KvBlockManager::HostUsedShare() const {
+  const int landing = landing_ == nullptr ? 0 : landing_->num_records();
+  const int total = host_.num_records() - landing;
+  return total <= 0 ? 0.0
+                    : static_cast<double>(host_.num_records() - host_.num_free() - landing) / total;
+}
+
 KvBlockManager::Stats KvBlockManager::stats() const {
   Stats s = counters_;
   s.gpu_pages_total = pages_.num_pages();

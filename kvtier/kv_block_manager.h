@@ -286,6 +286,12 @@ class KvBlockManager final : public engine::KvMemory {
   std::optional<HostRegion> AllocateHostRegion(int64_t bytes);
   void FreeHostRegion(const HostRegion& region);
   const engine::HostBuffer& host_buffer() const { return host_.buffer(); }
+  // The SSD tier (null: none), and a fresh owner id for a sequence's values
+  // there (never reused, shared with the swaps' ids).
+  SsdStore* ssd() const { return options_.ssd; }
+  uint64_t NewSsdOwner() { return next_swap_id_++; }
+  // Share of the host tier's records in use (the landing area excluded).
+  double HostUsedShare() const;
 
   const KvLayout& layout() const { return layout_; }
   Stats stats() const;

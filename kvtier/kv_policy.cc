@@ -282,6 +282,7 @@ absl::Status KvPolicyRunner::Allocate() {
       STRATA_RETURN_IF_ERROR(b.Fill(t.res_start, 0));
       STRATA_RETURN_IF_ERROR(b.Fill(t.res_count, 0));
       STRATA_RETURN_IF_ERROR(b.Fill(t.ring_head, 0));
+      t.layer = l;
       tier_.push_back(std::move(t));
     }
     STRATA_ASSIGN_OR_RETURN(ring_.ring_pages,
@@ -292,6 +293,18 @@ absl::Status KvPolicyRunner::Allocate() {
     STRATA_RETURN_IF_ERROR(b.Fill(ring_.status, 0));
     STRATA_RETURN_IF_ERROR(b.Fill(ring_.stats, 0));
     ring_.host = options_.tier.manager->host_buffer();
+    for (int p = 0; p < num_policies(); ++p) {
+      if (options_.tier.manager->ssd() == nullptr || !TierCodec(p).has_value() ||
+          p >= static_cast<int>(options_.tier.spill_admission.size()) ||
+          options_.tier.spill_admission[p] == KvBlockManagerOptions::SsdAdmission::kNever) {
+        continue;
+      }
+      ClusterSpill::Options spill;
+      spill.host_data = const_cast<uint8_t*>(ring_.host.data());
+      spill.io_threads = options_.tier.spill_io_threads;
+      spill_ = std::make_unique<ClusterSpill>(options_.tier.manager->ssd(), spill);
+      break;
+    }
     if (options_.tier.prefetch_share > 0 && any_clusterkv_) {
       guess_plan_.max_blocks = plan_.max_blocks;
       STRATA_ASSIGN_OR_RETURN(
@@ -318,13 +331,19 @@ absl::StatusOr<KvTierOptions> KvTierOptions::FromProfiles(const std::vector<KvPr
   KvTierOptions tier;
   bool any = false;
   for (const KvProfile& p : profiles) {
+    KvBlockManagerOptions::SsdAdmission admission = KvBlockManagerOptions::SsdAdmission::kNever;
     if (p.policy.type == "clusterkv" && p.tiers.host_bytes > 0) {
       STRATA_ASSIGN_OR_RETURN(engine::KvCodecKind codec, engine::ParseKvCodecKind(p.codec));
       tier.per_policy.push_back(codec);
       any = true;
+      if (!p.tiers.ssd_path.empty() && p.tiers.ssd_bytes > 0) {
+        STRATA_ASSIGN_OR_RETURN(
+            admission, KvBlockManagerOptions::ParseSsdAdmission(p.tiers.ssd_write_admission));
+      }
     } else {
       tier.per_policy.push_back(std::nullopt);
     }
+    tier.spill_admission.push_back(admission);
   }
   if (any) tier.manager = manager;
   return tier;
@@ -367,16 +386,18 @@ absl::StatusOr<bool> KvPolicyRunner::TakeRing(Sequence& seq) {
 }
 
 absl::Status KvPolicyRunner::StartTiering(Sequence& seq) {
-  STRATA_ASSIGN_OR_RETURN(const bool taken, TakeRing(seq));
-  if (!taken) {
-    ++stats_.ring_refused;  // its clusters stay in the paged cache
-    return absl::OkStatus();
-  }
-  // No pieces yet.
+  // No pieces yet, whatever the slot's last sequence left: a sequence
+  // without a ring is still in the step's recall, which must find every one
+  // of its blocks at home in the paged cache.
   for (int l = 0; l < model_->config().num_layers; ++l) {
     engine::TierTables t = SlotTables(l, seq.state.slot);
     STRATA_RETURN_IF_ERROR(model_->backend().Fill(t.piece_base, -1));
     STRATA_RETURN_IF_ERROR(model_->backend().Fill(t.piece_count, 0));
+  }
+  STRATA_ASSIGN_OR_RETURN(const bool taken, TakeRing(seq));
+  if (!taken) {
+    ++stats_.ring_refused;  // its clusters stay in the paged cache
+    return absl::OkStatus();
   }
   ++stats_.tiered_sequences;
   return absl::OkStatus();
@@ -411,6 +432,7 @@ absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
     region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit);
     if (!region.has_value()) {
       ++stats_.offload_refused;  // these clusters stay in the paged cache
+      offload_refused_since_poll_ = true;
       return false;
     }
   }
@@ -447,6 +469,8 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   plan_.num_blocks_bound = 0;  // GraphKey may round it up
   graph_step_ = false;
   step_tiered_ = false;
+  step_fetch_ = false;
+  ++step_count_;
   for (int s = 0; s < num_input; ++s) {
     const int policy = in.kv_policies.empty() ? 0 : in.kv_policies[s];
     if (policy < 0 || policy >= num_policies()) {
@@ -463,7 +487,9 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
         ++stats_.dense_no_slot;
         continue;
       }
-      it = sequences_.emplace(id, Sequence{policy, {}, {}, {}}).first;
+      Sequence fresh;
+      fresh.policy = policy;
+      it = sequences_.emplace(id, std::move(fresh)).first;
       it->second.state.slot = free_slots_.back();
       free_slots_.pop_back();
       if (p.kind() == PolicyKind::kClusterKv && TierCodec(policy).has_value()) {
@@ -481,6 +507,8 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
     }
     step_tiered_ |= !it->second.ring_pages.empty();
     Sequence& seq = it->second;
+    seq.last_step = step_count_;
+    step_fetch_ |= seq.spilled;
     if (seq.policy != policy) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", id, " changed its kv policy"));
     }
@@ -525,6 +553,9 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   });
   // Recall status bits are per step (EndStep reads them).
   if (step_tiered_) STRATA_RETURN_IF_ERROR(model_->backend().Fill(ring_.status, 0));
+  // Clusters below host memory come up through the spill.
+  step_fetch_ &= step_tiered_;
+  ring_.fetcher = step_fetch_ ? spill_.get() : nullptr;
   // Prefetch guesses from the summaries as they stand, so not while a
   // layer's PlanLayer is about to add to them.
   step_prefetch_ = step_tiered_ && Prefetches() &&
@@ -591,6 +622,7 @@ absl::Status KvPolicyRunner::PrefetchLayer(int layer, const engine::AttentionBat
   engine::TierRing guess_ring = ring_;
   guess_ring.status = guess_status_;
   guess_ring.stats = guess_stats_;
+  guess_ring.fetcher = nullptr;  // a guess never waits for the SSD
   const engine::QkvLayout layout{model_->config().num_q_heads, model_->config().num_kv_heads,
                                  model_->config().head_dim};
   STRATA_RETURN_IF_ERROR(b.BeginSideWork());
@@ -685,7 +717,7 @@ absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
   key.push_back(num_clusterkv);
   key.push_back(num_quest);
   // Recordings with and without recalls, or prefetches, differ.
-  key.push_back(int{step_tiered_} + 2 * int{step_prefetch_});
+  key.push_back(int{step_tiered_} + 2 * int{step_prefetch_} + 4 * int{step_fetch_});
   key.push_back(plan_.num_blocks_bound);
   graph_dense_queries_ = dense;
   graph_sparse_queries_ = sparse;
@@ -852,11 +884,22 @@ void KvPolicyRunner::Release(int64_t seq_id) {
       STRATA_LOG_ERROR("sequence {}: ring pages: {}", seq_id, s.ToString());
     }
   }
+  if (spill_ != nullptr) {
+    // Stops a batch being written (it reads the regions) and deletes the
+    // sequence's values.
+    spill_->Forget(seq_id);
+    if (seq.pending_spill.has_value()) {
+      for (const KvBlockManager::HostRegion& r : seq.pending_spill->regions) {
+        options_.tier.manager->FreeHostRegion(r);
+      }
+    }
+  }
   for (const KvBlockManager::HostRegion& region : seq.regions) {
     options_.tier.manager->FreeHostRegion(region);
   }
   free_slots_.push_back(seq.state.slot);
   sequences_.erase(it);
+  if (spill_ != nullptr) MaybeFreeStaging();
 }
 
 std::vector<engine::AttentionPlanner::OffGpuRange> KvPolicyRunner::TakeOffGpuRanges() {
@@ -884,7 +927,10 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
   }
   ring_lost_.clear();
   STRATA_RETURN_IF_ERROR(JoinPrefetch());
-  if (!step_tiered_) return lost;
+  if (!step_tiered_) {
+    STRATA_RETURN_IF_ERROR(PollSpill());
+    return lost;
+  }
   step_tiered_ = false;
   engine::Backend& b = model_->backend();
   if (step_prefetch_) {
@@ -916,6 +962,7 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
                             ? "a host-homed KV block failed its check when recalled"
                             : "its selection did not fit its GPU ring"});
   }
+  STRATA_RETURN_IF_ERROR(PollSpill());
   return lost;
 }
 

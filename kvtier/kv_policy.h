@@ -36,6 +36,14 @@
 // recall found a corrupt host block is reported lost (EndStep): the batcher
 // recomputes it, so a bad block never becomes tokens.
 //
+// With the manager's SSD tier and a policy whose admission allows it
+// (KvTierOptions::spill_admission), a sequence's host-homed clusters go
+// further down (kvtier/cluster_spill.h; kv_policy_spill.cc): after a step,
+// when the host tier fills, the clusters of the sequence that ran least
+// recently are written to the SSD, then marked below host in its tables
+// and their host memory freed. A step whose recall selects one of them
+// fetches it from the SSD (the step waits: a hard miss, counted).
+//
 // Thread-safety: KvPolicy is immutable. KvPolicyRunner is driven by the
 // model's thread (it is the model's planner); stats() may be read by that
 // thread only.
@@ -56,6 +64,7 @@
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
 #include "engine/model.h"
+#include "kvtier/cluster_spill.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/profile.h"
 
@@ -133,6 +142,19 @@ struct KvTierOptions {
   // keep its clusters in the paged cache. Empty: every ClusterKV policy's
   // clusters are host-homed with `codec`.
   std::vector<std::optional<engine::KvCodecKind>> per_policy = {};
+  // Clusters below the host tier (kvtier/cluster_spill.h), with the
+  // manager's SSD tier. Per policy index (missing: kNever), when its
+  // host-homed clusters go down: kNever: they stay in host memory; kCold:
+  // once the host tier is fuller than spill_high_water, the sequences that
+  // ran least recently first (paused ones before them); kAlways: as soon as
+  // they are offloaded. A sequence's clusters on the SSD come back inside
+  // the decode step that selects them (a hard miss).
+  std::vector<KvBlockManagerOptions::SsdAdmission> spill_admission = {};
+  double spill_high_water = 0.75;
+  // Benchmarks: send only every n-th cluster of a sequence down (its host
+  // memory is then kept); 1: all, and their host memory is freed.
+  int spill_stride = 1;
+  int spill_io_threads = 4;
 
   // The tiering a server's profiles ask for (profiles[i] is policy i):
   // ClusterKV profiles with tiers.host_bytes > 0 get host-homed clusters in
@@ -190,6 +212,19 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t prefetch_tokens = 0;
     int64_t prefetch_kib = 0;
     int64_t prefetch_micros = 0;
+    // Clusters below the host tier: batches of a sequence's clusters sent
+    // down and marked there (their host memory freed), batches the SSD
+    // refused (kept in host memory), and the clusters a step had to fetch
+    // from the SSD (hard misses: their bytes, the time steps waited, pieces
+    // that could not be had), and the bytes stored there now.
+    int64_t spills = 0;
+    int64_t spilled_clusters = 0;
+    int64_t spills_refused = 0;
+    int64_t hard_misses = 0;
+    int64_t hard_miss_bytes = 0;
+    int64_t hard_miss_micros = 0;
+    int64_t hard_miss_failed = 0;
+    int64_t ssd_cluster_bytes = 0;
     int64_t lost_sequences = 0;  // sequences recomputed because of them
     int64_t ring_pauses = 0;     // rings given back by paused sequences
     int64_t ring_resumes = 0;    // ... and taken again when they ran
@@ -249,6 +284,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   const KvPolicy& policy(int i) const { return *policies_[i]; }
   const Stats& stats() const { return stats_; }
   int num_free_slots() const { return static_cast<int>(free_slots_.size()); }
+  // Clusters below the host tier; null when no policy sends them down.
+  const ClusterSpill* spill() const { return spill_.get(); }
   void set_observer(PlanObserver observer) { observer_ = std::move(observer); }
 
  private:
@@ -264,6 +301,24 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // before asking for a region of whole records.
     int64_t tail_unit = 0, tail_units = 0;
     bool ring_paused = false;  // Pause gave its ring back
+    // Clusters below the host tier: the sequence's SSD owner id (0: none
+    // yet), the step it last ran in, whether some of its pieces are below
+    // host memory, and a batch being written (its regions, freed once it is
+    // stored; the pieces it marks below host, per layer and head).
+    uint64_t spill_owner = 0;
+    int64_t last_step = 0;
+    bool spilled = false;
+    bool strided_spill_done = false;  // spill_stride > 1: sent down once
+    int64_t spill_retry_step = 0;     // refused by the SSD: not before this step
+    struct PendingSpill {
+      uint64_t tag = 0;
+      std::vector<KvBlockManager::HostRegion> regions;
+      // Per (layer, head): piece_host[0, count) as they were, with those
+      // the batch sends down set to kPieceBelowHost.
+      std::vector<std::vector<std::vector<int32_t>>> piece_host;
+      int64_t clusters = 0;
+    };
+    std::optional<PendingSpill> pending_spill;
   };
   // One planned decode query of this step.
   struct Entry {
@@ -317,6 +372,22 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // same with the budgets cut to the prefetch share).
   absl::Status UploadEntries(std::vector<int32_t> host);
 
+  // Clusters below the host tier (kv_policy_spill.cc). The policy of
+  // `policy` sends clusters down (an SSD tier and its admission allow it).
+  bool Spills(int policy) const;
+  // After a step: applies the batches written since, and starts one when
+  // the host tier asks for it.
+  absl::Status PollSpill();
+  // Sends a sequence's clusters in host memory down (queues a batch).
+  absl::Status StartSpill(int64_t id, Sequence& seq);
+  // Applies a batch that is stored: its pieces are marked below host and
+  // its regions freed; or, refused, its regions go back to the sequence.
+  absl::Status FinishSpill(Sequence& seq, bool stored);
+  // Makes the staging area that fetched clusters land in exist (false
+  // when host memory is short), or frees it when nothing is below host.
+  bool EnsureStaging();
+  void MaybeFreeStaging();
+
   engine::Model* model_;
   KvPolicyRunnerOptions options_;
   int32_t instance_;  // distinct for every runner of the process
@@ -348,6 +419,17 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // which adds what PlanLayer would have.
   bool graph_step_ = false;
   int64_t graph_dense_queries_ = 0, graph_sparse_queries_ = 0;
+
+  // Clusters below the host tier: the spill (null without an SSD tier or
+  // a policy that spills), its staging area, a step counter, an offload
+  // refused for room since the last poll, and whether this step's recalls
+  // may fetch from below host (part of the graph key).
+  std::unique_ptr<ClusterSpill> spill_;
+  std::optional<KvBlockManager::HostRegion> staging_;
+  int64_t step_count_ = 0;
+  bool offload_refused_since_poll_ = false;
+  uint64_t next_spill_tag_ = 1;
+  bool step_fetch_ = false;
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;
   // Paused sequences that found no pages for their ring this step.

@@ -61,8 +61,11 @@ struct TierConfig {
   // Of ssd_bytes: stored prefixes below the host tier's (needs
   // prefix_bytes); they outlive the server. 0: none.
   int64_t ssd_prefix_bytes = 0;
-  // When stored prefix pages go down to the SSD: never, cold (when the host
-  // tier's prefix store evicts them) or always (as soon as stored).
+  // When stored prefix pages and host-homed ClusterKV clusters go down to
+  // the SSD: never; cold (prefixes when the host tier's prefix store evicts
+  // them, clusters when the host tier passes its high-water mark, least
+  // recently run sequences first); or always (as soon as stored or
+  // offloaded).
   std::string ssd_write_admission = "cold";
 };
 
@@ -90,8 +93,8 @@ absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 // (OpenSsdForProfiles). The codec applies to the clusters a ClusterKV
 // profile with a host tier keeps there; preempted sequences swap raw, so a
 // pause never changes their tokens. The SSD tier holds paused sequences
-// whole and stored prefixes (ssd_write_admission applies to them);
-// host-homed clusters do not go down to it yet.
+// whole, stored prefixes and host-homed clusters (ssd_write_admission
+// applies to the last two).
 absl::Status CheckSupported(const KvProfile& profile, const std::string& source);
 
 // Parses "8GiB", "512 MB", "1024": InvalidArgument otherwise.

@@ -139,6 +139,30 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->prefetch_bytes_, "strata_kv_prefetch_bytes_total",
                                  "Host bytes read ahead of a layer for the clusters its guessed "
                                  "selection picked (beside the previous layer's compute)."));
+  STRATA_RETURN_IF_ERROR(counter(m->cluster_spills_, "strata_kv_ssd_cluster_spills_total",
+                                 "Batches of a sequence's host-homed clusters sent down to the "
+                                 "SSD tier."));
+  STRATA_RETURN_IF_ERROR(
+      counter(m->clusters_spilled_, "strata_kv_ssd_clusters_spilled_total",
+              "Host-homed (layer, KV head) clusters sent down to the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->cluster_spills_refused_,
+                                 "strata_kv_ssd_cluster_spills_refused_total",
+                                 "Batches of clusters the SSD tier had no room for (they stayed "
+                                 "in host memory)."));
+  STRATA_ASSIGN_OR_RETURN(m->ssd_cluster_bytes_,
+                          metrics::AddGauge(r, "strata_kv_ssd_cluster_bytes",
+                                            "Bytes of host-homed clusters on the SSD tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->hard_misses_, "strata_kv_ssd_hard_misses_total",
+                                 "Clusters a decode step selected that were only on the SSD "
+                                 "tier (the step waited for them)."));
+  STRATA_RETURN_IF_ERROR(counter(m->hard_miss_bytes_, "strata_kv_ssd_hard_miss_bytes_total",
+                                 "Bytes the hard misses read from the SSD tier."));
+  STRATA_ASSIGN_OR_RETURN(m->hard_miss_seconds_,
+                          metrics::AddCounter(r, "strata_kv_ssd_hard_miss_seconds_total",
+                                              "Time decode steps waited for hard misses."));
+  STRATA_RETURN_IF_ERROR(counter(m->hard_miss_failed_, "strata_kv_ssd_hard_miss_failed_total",
+                                 "Pieces a hard miss could not have (missing or corrupt); their "
+                                 "sequences were recomputed."));
   STRATA_ASSIGN_OR_RETURN(m->ssd_sequences_,
                           metrics::AddGauge(r, "strata_kv_ssd_sequences",
                                             "Swapped sequences with their KV on the SSD tier "
@@ -314,6 +338,18 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   prefetch_bytes_.Advance(stats.prefetch_kib * 1024);
   recall_bad_.Advance(stats.recall_bad_pieces);
   recall_steps_.Advance(stats.recall_steps);
+  cluster_spills_.Advance(stats.spills);
+  clusters_spilled_.Advance(stats.spilled_clusters);
+  cluster_spills_refused_.Advance(stats.spills_refused);
+  hard_misses_.Advance(stats.hard_misses);
+  hard_miss_bytes_.Advance(stats.hard_miss_bytes);
+  hard_miss_failed_.Advance(stats.hard_miss_failed);
+  ssd_cluster_bytes_->Set(static_cast<double>(stats.ssd_cluster_bytes));
+  if (stats.hard_miss_micros > hard_miss_micros_seen_) {
+    hard_miss_seconds_->Increment(
+        static_cast<double>(stats.hard_miss_micros - hard_miss_micros_seen_) / 1e6);
+    hard_miss_micros_seen_ = stats.hard_miss_micros;
+  }
   if (stats.recall_micros > recall_micros_seen_) {
     recall_seconds_->Increment(static_cast<double>(stats.recall_micros - recall_micros_seen_) /
                                1e6);

@@ -52,6 +52,17 @@
 //   strata_kv_recall_seconds_total              device time of the recalls;
 //   strata_kv_recall_steps_total                over the steps that recalled:
 //                                               the recall latency per step
+//   strata_kv_ssd_cluster_spills_total          batches of a sequence's host-
+//                                               homed clusters sent to the SSD
+//   strata_kv_ssd_clusters_spilled_total        ... their clusters
+//   strata_kv_ssd_cluster_spills_refused_total  ... the SSD had no room for
+//   strata_kv_ssd_cluster_bytes                 bytes of clusters on the SSD
+//   strata_kv_ssd_hard_misses_total             clusters a decode step had to
+//                                               fetch from the SSD
+//   strata_kv_ssd_hard_miss_bytes_total         ... their bytes
+//   strata_kv_ssd_hard_miss_seconds_total       ... time the steps waited
+//   strata_kv_ssd_hard_miss_failed_total        ... pieces that could not be
+//                                               had (sequence recomputed)
 //   strata_kv_prefetch_bytes_total              host bytes read ahead for the
 //                                               next layer's guessed selection
 //   strata_kv_ssd_sequences                     swapped sequences on the SSD
@@ -203,6 +214,11 @@ class ServerMetrics {
       records_lost_;
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
   TotalCounter prefetch_bytes_;
+  TotalCounter cluster_spills_, clusters_spilled_, cluster_spills_refused_, hard_misses_,
+      hard_miss_bytes_, hard_miss_failed_;
+  prometheus::Counter* hard_miss_seconds_ = nullptr;
+  int64_t hard_miss_micros_seen_ = 0;
+  prometheus::Gauge* ssd_cluster_bytes_ = nullptr;
   TotalCounter prefix_lookups_, prefix_hits_, prefix_tokens_, prefix_stored_, prefix_evicted_,
       prefix_lost_;
   TotalCounter kv_exports_, kv_export_bytes_, kv_imports_, kv_import_bytes_, kv_imports_failed_,

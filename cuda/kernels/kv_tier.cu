@@ -102,12 +102,30 @@ __global__ void __launch_bounds__(kThreads) OffloadLayoutKernel(OffloadLayoutPar
 
 // ---- Recall -----------------------------------------------------------------------
 
+// The workspace: this header, then the RecallJob list.
+constexpr size_t kWsJobs = 0;          // int32: jobs listed
+constexpr size_t kWsDone = 4;          // int32: decode CTAs done
+constexpr size_t kWsStart = 8;         // uint64: the recall's start (globaltimer ns)
+constexpr size_t kWsFetched = 16;      // int32: pieces put on the fetch list
+constexpr size_t kWsHeaderBytes = 32;  // keeps the jobs 16-byte aligned
+
+// RecallJob::fetched of a piece read where piece_host says, and of one
+// below host memory that did not fit the fetch list.
+constexpr int32_t kNotFetched = -1;
+constexpr int32_t kFetchOverflow = -2;
+
 // One missed piece: decode host piece `piece` of (slot, head) into ring
-// positions [dst, dst + rows).
+// positions [dst, dst + rows). `fetched`: its index in the fetch list, or
+// kNotFetched / kFetchOverflow.
 struct RecallJob {
-  int32_t slot, head, block, piece, dst, rows, expect, unused;
+  int32_t slot, head, block, piece, dst, rows, expect, fetched;
 };
 static_assert(sizeof(RecallJob) == 32);
+
+template <typename T>
+__device__ __forceinline__ T* WorkspaceAt(void* workspace, size_t offset) {
+  return reinterpret_cast<T*>(static_cast<char*>(workspace) + offset);
+}
 
 struct RecallSmem {
   int32_t* first;        // [max_num_blocks]: the blocks' first logical index
@@ -179,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) RecallPlanKernel(RecallParams p) {
   const int entry = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
   if (entry == 0 && h == 0 && tid == 0) {
     // The recall's start, for its device time (RecallDecodeKernel ends it).
-    *reinterpret_cast<uint64_t*>(static_cast<char*>(p.workspace) + 8) = GlobalTimerNs();
+    *WorkspaceAt<uint64_t>(p.workspace, kWsStart) = GlobalTimerNs();
   }
   const int32_t* fields = p.entries + static_cast<int64_t>(entry) * kPlanFields;
   const int slot = fields[kPlanSlotCol];
@@ -340,28 +358,38 @@ __global__ void __launch_bounds__(kThreads) RecallPlanKernel(RecallParams p) {
     }
     s.order[runs] = pieces;
     num_jobs = pieces;
-    job_base = pieces > 0 ? atomicAdd(static_cast<int32_t*>(p.workspace), pieces) : 0;
+    job_base = pieces > 0 ? atomicAdd(WorkspaceAt<int32_t>(p.workspace, kWsJobs), pieces) : 0;
     head = w;
   }
   __syncthreads();
-  RecallJob* const jobs = reinterpret_cast<RecallJob*>(static_cast<char*>(p.workspace) + 16);
-  const int64_t capacity = (static_cast<int64_t>(p.workspace_bytes) - 16) / sizeof(RecallJob);
+  RecallJob* const jobs = WorkspaceAt<RecallJob>(p.workspace, kWsHeaderBytes);
+  const int64_t capacity =
+      (static_cast<int64_t>(p.workspace_bytes) - static_cast<int64_t>(kWsHeaderBytes)) /
+      static_cast<int64_t>(sizeof(RecallJob));
   const bool listed = job_base + num_jobs <= capacity;
-  for (int r = tid; r < runs; r += kThreads) {
+  const int32_t* const where = p.piece_host + sh * p.max_pieces;
+  for (int r = tid; listed && r < runs; r += kThreads) {
     if (s.run_class[r] != 2) continue;
     const int b = s.run_block[r], take = s.run_take[r], size = ext[b * 2 + 1];
     for (int k = 0; k * kPiece < take; ++k) {
       const int64_t j = job_base + s.order[r] + k;
-      if (listed) {
-        jobs[j] = RecallJob{slot,
-                            h,
-                            b,
-                            base[b] + k,
-                            s.run_start[r] + k * kPiece,
-                            min(kPiece, take - k * kPiece),
-                            min(kPiece, size - k * kPiece),
-                            0};
+      const int32_t piece = base[b] + k;
+      // A piece below host memory goes on the fetch list, whose answer the
+      // decode kernel reads instead of piece_host.
+      int32_t fetched = kNotFetched;
+      if (p.fetch.pieces != nullptr && where[piece] == engine::kPieceBelowHost) {
+        const int32_t at = atomicAdd(WorkspaceAt<int32_t>(p.workspace, kWsFetched), 1);
+        fetched = at < kRecallFetchCapacity ? at : kFetchOverflow;
+        if (at < kRecallFetchCapacity) p.fetch.pieces[at] = RecallFetchPiece{slot, h, piece};
       }
+      jobs[j] = RecallJob{slot,
+                          h,
+                          b,
+                          piece,
+                          s.run_start[r] + k * kPiece,
+                          min(kPiece, take - k * kPiece),
+                          min(kPiece, size - k * kPiece),
+                          fetched};
     }
   }
   // 6. Tables and key_index (a miss whose piece fails is made not resident
@@ -400,9 +428,8 @@ __global__ void __launch_bounds__(kThreads) RecallDecodeKernel(RecallParams p) {
   __shared__ int32_t pieces, kib, bad;
   if (threadIdx.x == 0) pieces = kib = bad = 0;
   __syncthreads();
-  const int32_t count = *static_cast<const int32_t*>(p.workspace);
-  const RecallJob* const jobs =
-      reinterpret_cast<const RecallJob*>(static_cast<const char*>(p.workspace) + 16);
+  const int32_t count = *WorkspaceAt<const int32_t>(p.workspace, kWsJobs);
+  const RecallJob* const jobs = WorkspaceAt<const RecallJob>(p.workspace, kWsHeaderBytes);
   Cache* const kc = static_cast<Cache*>(p.k_cache);
   Cache* const vc = static_cast<Cache*>(p.v_cache);
   for (int32_t j = blockIdx.x; j < count; j += gridDim.x) {
@@ -410,7 +437,14 @@ __global__ void __launch_bounds__(kThreads) RecallDecodeKernel(RecallParams p) {
     const int64_t sh = static_cast<int64_t>(job.slot) * p.num_kv_heads + job.head;
     const int32_t* ring_pages =
         p.ring_pages + static_cast<int64_t>(job.slot) * (p.ring_rows / p.page_size);
-    const int64_t at = static_cast<int64_t>(p.piece_host[sh * p.max_pieces + job.piece]) * kUnit;
+    int64_t at = -1;  // kFetchOverflow: a bad piece
+    if (job.fetched == kNotFetched) {
+      at = static_cast<int64_t>(p.piece_host[sh * p.max_pieces + job.piece]) * kUnit;
+    } else if (job.fetched >= 0) {
+      // The host function wrote it after the plan kernel: read from memory,
+      // not a cache.
+      at = *static_cast<const volatile int64_t*>(p.fetch.offsets + job.fetched);
+    }
     int got = static_cast<int>(KvBlockError::kTruncated);
     if (at >= 0 && at < p.host_bytes) {
       got = DecodeKvBlock<kThreads>(
@@ -446,10 +480,9 @@ __global__ void __launch_bounds__(kThreads) RecallDecodeKernel(RecallParams p) {
   if (threadIdx.x == 0) {
     // The last CTA to finish adds the recall's device time.
     __threadfence();
-    int32_t* done = static_cast<int32_t*>(p.workspace) + 1;
-    if (atomicAdd(done, 1) == static_cast<int32_t>(gridDim.x) - 1) {
-      const uint64_t start =
-          *reinterpret_cast<volatile uint64_t*>(static_cast<char*>(p.workspace) + 8);
+    if (atomicAdd(WorkspaceAt<int32_t>(p.workspace, kWsDone), 1) ==
+        static_cast<int32_t>(gridDim.x) - 1) {
+      const uint64_t start = *WorkspaceAt<volatile uint64_t>(p.workspace, kWsStart);
       const uint64_t micros = (GlobalTimerNs() - start) / 1000;
       atomicAdd(p.stats + engine::kStatRecallMicros, static_cast<int32_t>(micros));
     }
@@ -472,8 +505,8 @@ cudaError_t LaunchOffloadLayout(const OffloadLayoutParams& p, cudaStream_t strea
 size_t RecallSmemBytes(const RecallParams& p) { return RecallSmemLayout(p, nullptr, nullptr); }
 
 size_t RecallWorkspaceBytes(const RecallParams& p) {
-  return 16 + static_cast<size_t>(p.num_entries) * p.num_kv_heads * JobsPerList(p.max_keys) *
-                  sizeof(RecallJob);
+  return kWsHeaderBytes + static_cast<size_t>(p.num_entries) * p.num_kv_heads *
+                              JobsPerList(p.max_keys) * sizeof(RecallJob);
 }
 
 namespace {
@@ -494,11 +527,23 @@ cudaError_t LaunchRecall(const RecallParams& p, cudaStream_t stream) {
       e != cudaSuccess) {
     return e;
   }
-  // The job count, the decode CTAs done and the start time (RecallJob list
-  // from byte 16).
-  if (cudaError_t e = cudaMemsetAsync(p.workspace, 0, 16, stream); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaMemsetAsync(p.workspace, 0, kWsHeaderBytes, stream); e != cudaSuccess) {
+    return e;
+  }
   RecallPlanKernel<Cache><<<dim3(p.num_entries, p.num_kv_heads), kThreads, plan_smem, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  if (p.fetch.pieces != nullptr) {
+    // The list is in host memory already; its length follows, then the
+    // host answers (the stream waits for it).
+    if (cudaError_t e = cudaMemcpyAsync(p.fetch.count, static_cast<char*>(p.workspace) + kWsFetched,
+                                        sizeof(int32_t), cudaMemcpyDeviceToHost, stream);
+        e != cudaSuccess) {
+      return e;
+    }
+    if (cudaError_t e = cudaLaunchHostFunc(stream, p.fetch.fn, p.fetch.arg); e != cudaSuccess) {
+      return e;
+    }
+  }
   RecallDecodeKernel<Cache><<<p.decode_ctas, kThreads, decode_smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -510,7 +555,9 @@ cudaError_t LaunchRecallBlocks(const RecallParams& p, cudaStream_t stream) {
   if (p.k_cache == nullptr || p.v_cache == nullptr || p.entries == nullptr ||
       p.key_index == nullptr || p.key_count == nullptr || p.ring_rows <= 0 || p.page_size <= 0 ||
       p.ring_rows % p.page_size != 0 || p.head_dim % 8 != 0 || p.host == nullptr ||
-      p.workspace == nullptr || p.workspace_bytes < RecallWorkspaceBytes(p) || p.decode_ctas < 1) {
+      p.workspace == nullptr || p.workspace_bytes < RecallWorkspaceBytes(p) || p.decode_ctas < 1 ||
+      (p.fetch.pieces != nullptr &&
+       (p.fetch.count == nullptr || p.fetch.offsets == nullptr || p.fetch.fn == nullptr))) {
     return cudaErrorInvalidValue;
   }
   return p.kv_fp8 ? LaunchRecall<__nv_fp8_e4m3>(p, stream) : LaunchRecall<__nv_bfloat16>(p, stream);

@@ -15,6 +15,13 @@
 //    host memory (DecodeKvBlock, CRC checked) into its rows: many pieces in
 //    flight at once, which is what keeps the bus busy. The ring evolves
 //    exactly as the CPU reference's.
+//  - Pieces below host memory (engine::kPieceBelowHost), when the params
+//    carry a fetch list: the plan kernel also lists the missed ones there
+//    (mapped host memory), the list's length is copied to the host, a host
+//    function of the stream (cudaLaunchHostFunc) answers each with its byte
+//    offset in the host buffer (or -1), and the decode kernel reads those
+//    pieces from there. Every step is a stream operation, so a graph
+//    records it; the host function runs at each replay.
 //
 // Thread-safety: no state; calls on one stream are ordered.
 #ifndef STRATA_CUDA_KERNELS_KV_TIER_H_
@@ -51,6 +58,29 @@ struct OffloadLayoutParams {
 };
 cudaError_t LaunchOffloadLayout(const OffloadLayoutParams& params, cudaStream_t stream);
 
+// One entry of a recall's fetch list: a missed piece below host memory
+// (the layout of engine::PieceFetcher::Piece).
+struct RecallFetchPiece {
+  int32_t slot, head, piece;
+};
+static_assert(sizeof(RecallFetchPiece) == 12);
+// Entries one recall's fetch list holds; missed pieces below host memory
+// past it fail like bad pieces.
+inline constexpr int kRecallFetchCapacity = 8192;
+
+// The fetch list of a recall (RecallParams::fetch): pinned host memory at
+// addresses that do not change while graphs may replay the recall.
+struct RecallFetchList {
+  RecallFetchPiece* pieces = nullptr;  // device pointer, [kRecallFetchCapacity]
+  int32_t* count = nullptr;            // host pointer: pieces listed (may exceed the capacity)
+  const int64_t* offsets = nullptr;    // device pointer, [kRecallFetchCapacity]: fn's answers
+  // Runs on the host once the list and its count are there; sets
+  // offsets[i] for i < min(count, capacity) to the byte offset of piece i in
+  // the host buffer, or < 0 (a bad piece).
+  cudaHostFn_t fn = nullptr;
+  void* arg = nullptr;
+};
+
 struct RecallParams {
   // The layer's caches [pages, page_size, Hkv, D]: bf16, or fp8 (kv_fp8).
   void* k_cache = nullptr;
@@ -84,6 +114,9 @@ struct RecallParams {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   int decode_ctas = 0;
+  // Pieces below host memory: fetched through `fetch` when fetch.pieces is
+  // set, else bad pieces.
+  RecallFetchList fetch;
 };
 // Shared memory the plan kernel takes for these params.
 size_t RecallSmemBytes(const RecallParams& params);

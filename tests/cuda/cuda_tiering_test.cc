@@ -1,20 +1,27 @@
 // Host-homed ClusterKV clusters on the GPU: OffloadBlocks and RecallBlocks
 // against the CPU reference (the same rings, the same rewritten key lists,
-// the right rows read), whole models whose tokens do not depend on where the
-// clusters live (direct and graph-replayed steps, bf16 and fp8 caches), and
-// the recall's host-to-GPU bandwidth against cudaMemcpyAsync.
+// the right rows read, pieces below host memory fetched on the way, also
+// from replayed graphs), whole models whose tokens do not depend on where
+// the clusters live (direct and graph-replayed steps, bf16 and fp8 caches),
+// and the recall's host-to-GPU bandwidth against cudaMemcpyAsync.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <optional>
 #include <random>
+#include <set>
+#include <span>
+#include <tuple>
 #include <vector>
 
 #include "engine/batcher.h"
+#include "engine/kv_codec.h"
 #include "engine/model_loader.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
@@ -32,6 +39,61 @@ using testing_util::CudaVsCpuTest;
 std::string FixturePath(const std::string& relative) {
   return std::string(STRATA_FIXTURES_DIR) + "/" + relative;
 }
+
+// The tier below host memory, for tests: keeps the encoded blocks of the
+// pieces moved below host memory (Keep), and on each Fetch copies those
+// asked for into a staging area of the host buffer (8 bytes past 64-byte
+// boundaries, so not 16-byte aligned), wiping the previous call's first.
+class StagingFetcher : public engine::PieceFetcher {
+ public:
+  // (layer, slot, head, piece)
+  using Request = std::tuple<int, int32_t, int32_t, int32_t>;
+
+  StagingFetcher(engine::HostBuffer host, int64_t staging) : host_(host), staging_(staging) {}
+
+  void Keep(int32_t slot, int32_t head, int32_t piece, std::vector<uint8_t> block) {
+    blocks_[{slot, head, piece}] = std::move(block);
+  }
+  // Fetch answers -1 for this piece.
+  void Fail(int32_t slot, int32_t head, int32_t piece) { fail_.insert({slot, head, piece}); }
+
+  void Fetch(int layer, std::span<const Piece> pieces, std::span<int64_t> offsets) override {
+    ++calls_;
+    std::memset(host_.data() + staging_, 0xA5, used_);
+    int64_t at = staging_;
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const Piece& p = pieces[i];
+      requests_.emplace_back(layer, p.slot, p.head, p.piece);
+      const auto it = blocks_.find({p.slot, p.head, p.piece});
+      if (it == blocks_.end() || fail_.contains({p.slot, p.head, p.piece}) ||
+          at + 8 + static_cast<int64_t>(it->second.size()) > static_cast<int64_t>(host_.bytes)) {
+        offsets[i] = -1;
+        continue;
+      }
+      std::memcpy(host_.data() + at + 8, it->second.data(), it->second.size());
+      offsets[i] = at + 8;
+      at += (8 + static_cast<int64_t>(it->second.size()) + 63) / 64 * 64;
+    }
+    used_ = at - staging_;
+  }
+
+  int calls() const { return calls_; }
+  std::vector<Request> sorted_requests() const {
+    std::vector<Request> out = requests_;
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+ private:
+  using Key = std::tuple<int32_t, int32_t, int32_t>;
+  engine::HostBuffer host_;
+  int64_t staging_;
+  int64_t used_ = 0;
+  int calls_ = 0;
+  std::map<Key, std::vector<uint8_t>> blocks_;
+  std::set<Key> fail_;
+  std::vector<Request> requests_;
+};
 
 // One sequence of 64 tokens (pages scrambled), clusters over [4, 60) of the
 // given sizes per head, a ring of 32 slots in pages 16..23 (see
@@ -134,8 +196,8 @@ struct Fixture {
     }
     return keys;
   }
-  // Runs a recall; returns the rewritten key list.
-  std::vector<int32_t> Recall(const std::vector<int>& order, int budget) {
+  // The plan of one decode entry selecting `order` up to budget.
+  engine::SparsePlan Plan(const std::vector<int>& order, int budget) {
     std::vector<int32_t> count;
     const std::vector<int32_t> keys = Keys(order, budget, count);
     engine::SparsePlan plan;
@@ -146,9 +208,53 @@ struct Fixture {
     plan.entries = UploadI32({1, engine::kSparsePlanFields}, plan.host_entries);
     plan.key_index = UploadI32({1, kHkv, kMaxKeys}, keys);
     plan.key_count = UploadI32({1, kHkv}, count);
+    return plan;
+  }
+  absl::Status RecallPlan(engine::SparsePlan& plan) {
     engine::AttentionBatch batch;
-    EXPECT_TRUE(b->RecallBlocks(k, v, batch, plan, extents, tables, ring).ok());
+    return b->RecallBlocks(k, v, batch, plan, extents, tables, ring);
+  }
+  // Runs a recall; returns the rewritten key list.
+  std::vector<int32_t> Recall(const std::vector<int>& order, int budget) {
+    engine::SparsePlan plan = Plan(order, budget);
+    const absl::Status s = RecallPlan(plan);
+    EXPECT_TRUE(s.ok()) << s;
     return I32(plan.key_index);
+  }
+  // Moves every head's pieces of blocks `which` below host memory: their
+  // encoded blocks go to each of `fetchers`, their host bytes are wiped and
+  // their piece_host entries become kPieceBelowHost. Returns the requests
+  // they may see at `layer`.
+  std::set<StagingFetcher::Request> MoveBelowHost(const std::vector<int>& which,
+                                                  const std::vector<StagingFetcher*>& fetchers,
+                                                  int layer) {
+    EXPECT_TRUE(b->Synchronize().ok());  // the offload's bytes are written
+    const std::vector<int32_t> base = I32(tables.piece_base);
+    std::vector<int32_t> where = I32(tables.piece_host);
+    const int64_t max_pieces = tables.piece_host.dim(2);
+    std::set<StagingFetcher::Request> moved;
+    for (int h = 0; h < kHkv; ++h) {
+      for (int j : which) {
+        const int size = ext[(h * kMaxBlocks + j) * 2 + 1];
+        for (int i = 0; i * engine::kKvPieceTokens < size; ++i) {
+          const int32_t piece = base[h * kMaxBlocks + j] + i;
+          int32_t& unit = where[h * max_pieces + piece];
+          uint8_t* bytes = ring.host.data() + int64_t{unit} * engine::kKvHostUnit;
+          const size_t n = engine::KvCodec::DeclaredBytes(std::span<const uint8_t>(
+              bytes, ring.host.bytes - int64_t{unit} * engine::kKvHostUnit));
+          EXPECT_GT(n, 0u);
+          for (StagingFetcher* f : fetchers) f->Keep(0, h, piece, {bytes, bytes + n});
+          std::memset(bytes, 0, n);
+          unit = engine::kPieceBelowHost;
+          moved.emplace(layer, 0, h, piece);
+        }
+      }
+    }
+    EXPECT_TRUE(
+        b->CopyFromHost(where.data(), DType::kI32, tables.piece_host.numel(), tables.piece_host, 0)
+            .ok());
+    tables.layer = layer;
+    return moved;
   }
   // Every key of `got` reads the values of the logical key in `want`.
   ::testing::AssertionResult KeysRead(const std::vector<int32_t>& got,
@@ -243,6 +349,200 @@ TEST_F(CudaTierOpsTest, ACorruptPieceIsReportedAndNotUsed) {
   EXPECT_EQ(g.I32(g.tables.res_count)[0], 0);
   EXPECT_GT(g.I32(g.tables.res_count)[2], 0);
   EXPECT_LE(keys[4], -2);
+}
+
+// Pieces below host memory: blocks 0 and 2 of every head are fetched
+// through each backend's fetcher whenever they miss (their host bytes are
+// gone), with the rings, key lists and statistics of the CPU reference.
+TEST_F(CudaTierOpsTest, PiecesBelowHostMemoryAreFetchedAsOnTheCpu) {
+  constexpr int kLayer = 3;
+  constexpr int64_t kStaging = 512 << 10;
+  for (KvCodecKind codec : {KvCodecKind::kBf16, KvCodecKind::kInt8}) {
+    SCOPED_TRACE(engine::KvCodecKindName(codec));
+    const std::vector<int> sizes = {9, 1, 20, 6, 12, 8, 0};
+    Fixture c(cpu(), sizes, seed_), g(cuda(), sizes, seed_);
+    STRATA_ASSERT_OK(c.Offload(codec));
+    STRATA_ASSERT_OK(g.Offload(codec));
+    StagingFetcher c_fetch(c.ring.host, kStaging), g_fetch(g.ring.host, kStaging);
+    const auto moved = c.MoveBelowHost({0, 2}, {&c_fetch}, kLayer);
+    EXPECT_EQ(g.MoveBelowHost({0, 2}, {&g_fetch}, kLayer), moved);
+    c.ring.fetcher = &c_fetch;
+    g.ring.fetcher = &g_fetch;
+    g.PoisonClusteredRows();
+    std::mt19937 rng(static_cast<uint32_t>(seed_));
+    for (int step = 0; step < 60; ++step) {
+      std::vector<int> order = {0, 1, 2, 3, 4, 5, 6};
+      std::shuffle(order.begin(), order.end(), rng);
+      const int budget = 1 + static_cast<int>(rng() % 16);
+      const std::vector<int32_t> want_c = c.Recall(order, budget);
+      const std::vector<int32_t> want_g = g.Recall(order, budget);
+      ASSERT_EQ(want_g, want_c) << "step " << step << " " << Seed();
+      ASSERT_EQ(g.I32(g.ring.status)[0], 0) << "step " << step << " " << Seed();
+      std::vector<int32_t> count;
+      const std::vector<int32_t> logical = g.Keys(order, budget, count);
+      if (codec == KvCodecKind::kBf16) {
+        ASSERT_TRUE(g.KeysRead(want_g, logical, count[0])) << "step " << step << " " << Seed();
+      }
+    }
+    EXPECT_EQ(c.I32(c.ring.status)[0], 0);
+    std::vector<int32_t> stats_c = c.I32(c.ring.stats), stats_g = g.I32(g.ring.stats);
+    EXPECT_EQ(stats_g[engine::kStatBadPieces], 0);
+    if (codec == KvCodecKind::kBf16) {
+      stats_c[engine::kStatRecalledKiB] = stats_g[engine::kStatRecalledKiB] = 0;
+    }
+    stats_c[engine::kStatRecallMicros] = stats_g[engine::kStatRecallMicros] = 0;
+    EXPECT_EQ(stats_c, stats_g);
+    EXPECT_EQ(c.I32(c.tables.ring_head), g.I32(g.tables.ring_head));
+    EXPECT_EQ(c.I32(c.tables.res_start), g.I32(g.tables.res_start));
+    EXPECT_EQ(c.I32(c.tables.res_count), g.I32(g.tables.res_count));
+    EXPECT_EQ(c.I32(c.tables.piece_base), g.I32(g.tables.piece_base));
+    if (codec != KvCodecKind::kBf16) {
+      EXPECT_EQ(c.I32(c.tables.piece_host), g.I32(g.tables.piece_host));
+    }
+    // The same pieces asked for (the CPU asks per missed block, the GPU
+    // once per recall), all of them moved ones.
+    const std::vector<StagingFetcher::Request> asked = g_fetch.sorted_requests();
+    EXPECT_FALSE(asked.empty());
+    EXPECT_EQ(asked, c_fetch.sorted_requests());
+    for (const StagingFetcher::Request& r : asked) EXPECT_TRUE(moved.contains(r));
+    EXPECT_LE(g_fetch.calls(), 60);
+  }
+}
+
+TEST_F(CudaTierOpsTest, APieceTheFetcherCannotHaveIsABadPiece) {
+  constexpr int64_t kStaging = 512 << 10;
+  const std::vector<int> sizes = {9, 1, 20, 6, 12, 8};
+  Fixture c(cpu(), sizes, seed_), g(cuda(), sizes, seed_);
+  STRATA_ASSERT_OK(c.Offload(KvCodecKind::kInt8));
+  STRATA_ASSERT_OK(g.Offload(KvCodecKind::kInt8));
+  StagingFetcher c_fetch(c.ring.host, kStaging), g_fetch(g.ring.host, kStaging);
+  c.MoveBelowHost({0, 2}, {&c_fetch}, 1);
+  g.MoveBelowHost({0, 2}, {&g_fetch}, 1);
+  // Block 0's piece of head 0.
+  const int32_t piece = g.I32(g.tables.piece_base)[0];
+  c_fetch.Fail(0, 0, piece);
+  g_fetch.Fail(0, 0, piece);
+  c.ring.fetcher = &c_fetch;
+  g.ring.fetcher = &g_fetch;
+  const std::vector<int32_t> keys = g.Recall({0, 2}, 12);
+  EXPECT_EQ(keys, c.Recall({0, 2}, 12));
+  EXPECT_EQ(g.I32(g.ring.status)[0], engine::kRecallBadBlock);
+  EXPECT_EQ(g.I32(g.ring.stats)[engine::kStatBadPieces], 1);
+  std::vector<int32_t> res_count = g.I32(g.tables.res_count);
+  EXPECT_EQ(res_count[0], 0) << "block 0 of head 0 is not resident";
+  EXPECT_GT(res_count[2], 0);
+  EXPECT_GT(res_count[Fixture::kMaxBlocks + 0], 0) << "head 1 fetched its block 0";
+  EXPECT_EQ(res_count, c.I32(c.tables.res_count));
+  EXPECT_EQ(g_fetch.sorted_requests(), c_fetch.sorted_requests());
+  EXPECT_EQ(g_fetch.sorted_requests().size(), 4u);
+  // Without a fetcher the piece below host memory is a bad piece too, and
+  // nothing is asked for.
+  for (Fixture* f : {&c, &g}) {
+    f->ring.fetcher = nullptr;
+    STRATA_ASSERT_OK(f->b->Fill(f->ring.status, 0));
+  }
+  const std::vector<int32_t> again = g.Recall({0, 2}, 12);
+  EXPECT_EQ(again, c.Recall({0, 2}, 12));
+  EXPECT_EQ(g.I32(g.ring.status)[0], engine::kRecallBadBlock);
+  EXPECT_EQ(g.I32(g.ring.stats)[engine::kStatBadPieces], 2);
+  EXPECT_EQ(g.I32(g.tables.res_count)[0], 0);
+  EXPECT_EQ(g.I32(g.tables.res_count), c.I32(c.tables.res_count));
+  EXPECT_EQ(g_fetch.sorted_requests().size(), 4u);
+  std::vector<int32_t> stats_c = c.I32(c.ring.stats), stats_g = g.I32(g.ring.stats);
+  stats_c[engine::kStatRecallMicros] = stats_g[engine::kStatRecallMicros] = 0;
+  EXPECT_EQ(stats_c, stats_g);
+}
+
+// A recorded recall fetches at every replay, through the fetcher of the
+// layer's latest RecallBlocks call.
+TEST_F(CudaTierOpsTest, ReplayedRecallsFetchThroughTheLatestFetcher) {
+  constexpr int kLayer = 5, kBudget = 14;
+  constexpr int64_t kStaging = 512 << 10;
+  const std::vector<int> sizes = {9, 1, 20, 6, 12, 8};
+  Fixture c(cpu(), sizes, seed_), g(cuda(), sizes, seed_);
+  STRATA_ASSERT_OK(c.Offload(KvCodecKind::kInt8));
+  STRATA_ASSERT_OK(g.Offload(KvCodecKind::kInt8));
+  StagingFetcher c_first(c.ring.host, kStaging), c_second(c.ring.host, kStaging);
+  StagingFetcher g_first(g.ring.host, kStaging), g_second(g.ring.host, kStaging);
+  c.MoveBelowHost({0, 2}, {&c_first, &c_second}, kLayer);
+  g.MoveBelowHost({0, 2}, {&g_first, &g_second}, kLayer);
+  std::mt19937 rng(static_cast<uint32_t>(seed_));
+  auto next_order = [&] {
+    std::vector<int> order = {0, 1, 2, 3, 4, 5};
+    std::shuffle(order.begin(), order.end(), rng);
+    return order;
+  };
+  // A direct step, then the recording (which runs nothing).
+  c.ring.fetcher = &c_first;
+  g.ring.fetcher = &g_first;
+  std::vector<int> order = next_order();
+  ASSERT_EQ(g.Recall(order, kBudget), c.Recall(order, kBudget));
+  const int first_calls = g_first.calls();
+  order = next_order();
+  engine::SparsePlan plan = g.Plan(order, kBudget);
+  STRATA_ASSERT_OK(g.b->BeginCapture());
+  const absl::Status recorded = g.RecallPlan(plan);
+  absl::StatusOr<int> graph = g.b->EndCapture();
+  STRATA_ASSERT_OK(recorded);
+  STRATA_ASSERT_OK(graph.status());
+  EXPECT_EQ(g_first.calls(), first_calls);
+  // A direct step with another fetcher: the replays fetch through it.
+  c.ring.fetcher = &c_second;
+  g.ring.fetcher = &g_second;
+  ASSERT_EQ(g.Recall(order, kBudget), c.Recall(order, kBudget));
+  const int direct_calls = g_second.calls();
+  for (int step = 0; step < 40; ++step) {
+    order = next_order();
+    std::vector<int32_t> count;
+    const std::vector<int32_t> keys = g.Keys(order, kBudget, count);
+    STRATA_ASSERT_OK(g.b->CopyFromHost(keys.data(), DType::kI32, keys.size(), plan.key_index, 0));
+    STRATA_ASSERT_OK(g.b->CopyFromHost(count.data(), DType::kI32, count.size(), plan.key_count, 0));
+    STRATA_ASSERT_OK(g.b->ReplayGraph(*graph));
+    ASSERT_EQ(g.I32(plan.key_index), c.Recall(order, kBudget)) << "step " << step << " " << Seed();
+  }
+  STRATA_ASSERT_OK(g.b->ReleaseGraph(*graph));
+  EXPECT_EQ(g_first.calls(), first_calls);
+  EXPECT_GT(g_second.calls(), direct_calls) << "the replays fetch";
+  EXPECT_EQ(g_first.sorted_requests(), c_first.sorted_requests());
+  EXPECT_EQ(g_second.sorted_requests(), c_second.sorted_requests());
+  EXPECT_EQ(g.I32(g.ring.status)[0], 0);
+  EXPECT_EQ(c.I32(c.ring.status)[0], 0);
+  std::vector<int32_t> stats_c = c.I32(c.ring.stats), stats_g = g.I32(g.ring.stats);
+  stats_c[engine::kStatRecallMicros] = stats_g[engine::kStatRecallMicros] = 0;
+  EXPECT_EQ(stats_c, stats_g);
+  EXPECT_EQ(c.I32(c.tables.res_start), g.I32(g.tables.res_start));
+  EXPECT_EQ(c.I32(c.tables.res_count), g.I32(g.tables.res_count));
+  EXPECT_EQ(c.I32(c.tables.ring_head), g.I32(g.tables.ring_head));
+}
+
+TEST_F(CudaTierOpsTest, FetchesOnlyOnTheMainStreamAndNotFirstInACapture) {
+  Fixture g(cuda(), {9, 1, 20, 6, 12, 8}, seed_);
+  STRATA_ASSERT_OK(g.Offload(KvCodecKind::kInt8));
+  StagingFetcher fetch(g.ring.host, 512 << 10);
+  g.MoveBelowHost({0}, {&fetch}, 2);
+  g.ring.fetcher = &fetch;
+  engine::SparsePlan plan = g.Plan({0, 2}, 12);
+  STRATA_ASSERT_OK(g.b->BeginSideWork());
+  const absl::Status side = g.RecallPlan(plan);
+  STRATA_ASSERT_OK(g.b->EndSideWork());
+  STRATA_ASSERT_OK(g.b->JoinSideWork());
+  EXPECT_TRUE(absl::IsInvalidArgument(side)) << side;
+  g.tables.layer = -1;
+  EXPECT_TRUE(absl::IsInvalidArgument(g.RecallPlan(plan)));
+  // A layer's first fetch needs memory that a capture cannot allocate.
+  g.tables.layer = 4077;
+  STRATA_ASSERT_OK(g.b->BeginCapture());
+  const absl::Status captured = g.RecallPlan(plan);
+  absl::StatusOr<int> graph = g.b->EndCapture();
+  if (graph.ok()) STRATA_ASSERT_OK(g.b->ReleaseGraph(*graph));
+  EXPECT_TRUE(absl::IsFailedPrecondition(captured)) << captured;
+  EXPECT_EQ(fetch.calls(), 0);
+  g.tables.layer = 2;
+  STRATA_ASSERT_OK(g.RecallPlan(plan));
+  STRATA_ASSERT_OK(g.b->Synchronize());
+  EXPECT_EQ(fetch.calls(), 1);
+  EXPECT_EQ(fetch.sorted_requests().size(), 2u);
+  EXPECT_EQ(g.I32(g.ring.status)[0], 0);
 }
 
 // ---- Whole models ------------------------------------------------------------------

@@ -1,15 +1,22 @@
 // ClusterKV clusters homed in the host tier: encoded there when they are
 // formed, recalled into a GPU ring by the decode steps that select them.
 // With the raw codec the tokens are those of clusters kept in the paged
-// cache; a corrupt host block is caught and its sequence recomputed; and
-// every ring page and host region is returned.
+// cache; pieces below host memory come up through the ring's fetcher; a
+// corrupt host block is caught and its sequence recomputed; and every ring
+// page and host region is returned.
+#include <algorithm>
+#include <cstring>
 #include <map>
 #include <random>
+#include <set>
+#include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "engine/batcher.h"
 #include "engine/cpu_backend.h"
+#include "engine/kv_codec.h"
 #include "engine/model_loader.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -222,6 +229,158 @@ TEST(TierOpsTest, ACorruptPieceIsReportedAndNotUsed) {
   ASSERT_TRUE(f.Recall(plan).ok());
   EXPECT_EQ(f.ring.status.data_as<int32_t>()[0], engine::kRecallBadBlock);
   EXPECT_EQ(f.Stat(engine::kStatBadPieces), 1);
+}
+
+// The tier below host memory, for tests: keeps the encoded blocks of the
+// pieces moved below host memory, and on each Fetch copies those asked for
+// into a staging area of the host buffer (8 bytes past 64-byte boundaries),
+// wiping the previous call's first.
+class StagingFetcher : public engine::PieceFetcher {
+ public:
+  using Key = std::tuple<int32_t, int32_t, int32_t>;  // (slot, head, piece)
+
+  StagingFetcher(engine::HostBuffer host, int64_t staging) : host_(host), staging_(staging) {}
+
+  void Keep(const Key& key, std::vector<uint8_t> block) { blocks_[key] = std::move(block); }
+  // Fetch answers `offset` for this piece.
+  void Answer(const Key& key, int64_t offset) { answers_[key] = offset; }
+
+  void Fetch(int layer, std::span<const Piece> pieces, std::span<int64_t> offsets) override {
+    layers_.insert(layer);
+    calls_.emplace_back();
+    std::memset(host_.data() + staging_, 0xA5, used_);
+    int64_t at = staging_;
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const Key key{pieces[i].slot, pieces[i].head, pieces[i].piece};
+      calls_.back().push_back(key);
+      if (const auto it = answers_.find(key); it != answers_.end()) {
+        offsets[i] = it->second;
+        continue;
+      }
+      const auto it = blocks_.find(key);
+      if (it == blocks_.end()) {
+        offsets[i] = -1;
+        continue;
+      }
+      std::memcpy(host_.data() + at + 8, it->second.data(), it->second.size());
+      offsets[i] = at + 8;
+      at += (8 + static_cast<int64_t>(it->second.size()) + 63) / 64 * 64;
+    }
+    used_ = at - staging_;
+  }
+
+  const std::vector<std::vector<Key>>& calls() const { return calls_; }
+  const std::set<int>& layers() const { return layers_; }
+
+ private:
+  engine::HostBuffer host_;
+  int64_t staging_;
+  int64_t used_ = 0;
+  std::map<Key, std::vector<uint8_t>> blocks_;
+  std::map<Key, int64_t> answers_;
+  std::vector<std::vector<Key>> calls_;
+  std::set<int> layers_;
+};
+
+// Moves every head's pieces of blocks `which` below host memory: their
+// encoded blocks go to `fetcher`, their host bytes are wiped and their
+// piece_host entries become kPieceBelowHost. Returns the pieces moved.
+std::set<StagingFetcher::Key> MoveBelowHost(OpFixture& f, const std::vector<int>& which,
+                                            StagingFetcher& fetcher) {
+  const int32_t* base = f.tables.piece_base.data_as<int32_t>();
+  int32_t* where = f.tables.piece_host.data_as<int32_t>();
+  const int64_t max_blocks = f.tables.piece_base.dim(2), max_pieces = f.tables.piece_host.dim(2);
+  std::set<StagingFetcher::Key> moved;
+  for (int h = 0; h < OpFixture::kHkv; ++h) {
+    for (int j : which) {
+      const int size = f.ext[(h * max_blocks + j) * 2 + 1];
+      for (int i = 0; i * engine::kKvPieceTokens < size; ++i) {
+        const int32_t piece = base[h * max_blocks + j] + i;
+        int32_t& unit = where[h * max_pieces + piece];
+        const int64_t at = int64_t{unit} * engine::kKvHostUnit;
+        uint8_t* bytes = f.ring.host.data() + at;
+        const size_t n =
+            engine::KvCodec::DeclaredBytes(std::span<const uint8_t>(bytes, f.ring.host.bytes - at));
+        EXPECT_GT(n, 0u);
+        fetcher.Keep({0, h, piece}, {bytes, bytes + n});
+        std::memset(bytes, 0, n);
+        unit = engine::kPieceBelowHost;
+        moved.insert({0, h, piece});
+      }
+    }
+  }
+  return moved;
+}
+
+TEST(TierOpsTest, PiecesBelowHostMemoryComeUpThroughTheFetcher) {
+  OpFixture f({9, 1, 20, 6, 12, 8});
+  ASSERT_TRUE(f.Offload(engine::KvCodecKind::kBf16).ok());
+  StagingFetcher fetcher(f.ring.host, 512 << 10);
+  const std::set<StagingFetcher::Key> moved = MoveBelowHost(f, {0, 2}, fetcher);
+  ASSERT_EQ(moved.size(), 4u);  // one piece per block and head
+  f.tables.layer = 7;
+  f.ring.fetcher = &fetcher;
+  f.PoisonClusteredRows();
+  std::mt19937 rng(11);
+  for (int step = 0; step < 200; ++step) {
+    std::vector<int> order = {0, 1, 2, 3, 4, 5};
+    std::shuffle(order.begin(), order.end(), rng);
+    const int budget = 1 + static_cast<int>(rng() % 16);
+    engine::SparsePlan plan = f.Plan(order, budget);
+    const engine::SparsePlan logical = f.Plan(order, budget);
+    ASSERT_TRUE(f.Recall(plan).ok());
+    ASSERT_EQ(f.ring.status.data_as<int32_t>()[0], 0) << "step " << step;
+    f.ExpectKeysRead(plan, logical);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  EXPECT_EQ(f.Stat(engine::kStatBadPieces), 0);
+  EXPECT_GT(f.Stat(engine::kStatRecalledTokens), 0);
+  EXPECT_GT(f.Stat(engine::kStatHitTokens), 0);
+  // Every miss of a moved piece, and only those, asked for it: one call per
+  // missed block (their pieces together), at the tables' layer.
+  ASSERT_FALSE(fetcher.calls().empty());
+  EXPECT_EQ(fetcher.layers(), std::set<int>{7});
+  std::set<StagingFetcher::Key> asked;
+  for (const auto& call : fetcher.calls()) {
+    ASSERT_EQ(call.size(), 1u);
+    EXPECT_TRUE(moved.contains(call[0]));
+    asked.insert(call[0]);
+  }
+  EXPECT_EQ(asked, moved);
+  EXPECT_LE(static_cast<int64_t>(fetcher.calls().size()), f.Stat(engine::kStatRecalledPieces));
+}
+
+TEST(TierOpsTest, APieceBelowHostMemoryThatDoesNotComeUpIsABadPiece) {
+  OpFixture f({9, 1, 20, 6, 12, 8});
+  ASSERT_TRUE(f.Offload(engine::KvCodecKind::kInt8).ok());
+  StagingFetcher fetcher(f.ring.host, 512 << 10);
+  MoveBelowHost(f, {0, 2}, fetcher);
+  const int32_t* base = f.tables.piece_base.data_as<int32_t>();
+  const int32_t* res_count = f.tables.res_count.data_as<int32_t>();
+  const int max_blocks = 16;
+  // Head 0's block 0 cannot be had; head 1's lies past the host buffer.
+  fetcher.Answer({0, 0, base[0]}, -1);
+  fetcher.Answer({0, 1, base[max_blocks]}, static_cast<int64_t>(f.ring.host.bytes));
+  f.ring.fetcher = &fetcher;
+  engine::SparsePlan plan = f.Plan({0, 2}, 12);
+  ASSERT_TRUE(f.Recall(plan).ok());
+  EXPECT_EQ(f.ring.status.data_as<int32_t>()[0], engine::kRecallBadBlock);
+  EXPECT_EQ(f.Stat(engine::kStatBadPieces), 2);
+  EXPECT_EQ(res_count[0], 0);
+  EXPECT_EQ(res_count[max_blocks], 0);
+  EXPECT_GT(res_count[2], 0);
+  EXPECT_GT(res_count[max_blocks + 2], 0);
+  EXPECT_EQ(fetcher.calls().size(), 4u);
+  // Without a fetcher a piece below host memory is a bad piece too, and
+  // nothing is asked for.
+  f.ring.fetcher = nullptr;
+  f.ring.status.data_as<int32_t>()[0] = 0;
+  engine::SparsePlan again = f.Plan({0, 2}, 12);
+  ASSERT_TRUE(f.Recall(again).ok());
+  EXPECT_EQ(f.ring.status.data_as<int32_t>()[0], engine::kRecallBadBlock);
+  EXPECT_EQ(f.Stat(engine::kStatBadPieces), 4);
+  EXPECT_EQ(res_count[0], 0);
+  EXPECT_EQ(fetcher.calls().size(), 4u);
 }
 
 TEST(TierOpsTest, UnitsBoundCoversEveryClusteringOfTheTokens) {

@@ -1,0 +1,302 @@
+#include "kvtier/cluster_spill.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <utility>
+
+#include "common/logging.h"
+
+namespace strata::kvtier {
+namespace {
+
+int64_t MicrosSince(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() -
+                                                               start)
+      .count();
+}
+
+SsdKey KeyOf(uint64_t owner, uint32_t layer, uint32_t head, uint32_t block) {
+  return {SsdKey::Owner::kSequence, owner, static_cast<uint16_t>(layer),
+          static_cast<uint16_t>(head), block};
+}
+
+}  // namespace
+
+ClusterSpill::ClusterSpill(SsdStore* store, const Options& options)
+    : store_(store),
+      options_(options),
+      read_pool_(std::max(1, options.io_threads)),
+      write_pool_(std::max(1, options.io_threads)) {
+  writer_ = std::thread([this] { WriterLoop(); });
+}
+
+ClusterSpill::~ClusterSpill() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    cancel_writing_ = true;
+  }
+  queue_cv_.notify_all();
+  writer_.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [id, seq] : sequences_) {
+    if (absl::Status s = store_->DeleteOwner(SsdKey::Owner::kSequence, seq.owner); !s.ok()) {
+      STRATA_LOG_ERROR("sequence {}: spilled clusters not deleted: {}", id, s.ToString());
+    }
+  }
+}
+
+void ClusterSpill::Write(uint64_t owner, Batch batch) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Sequence& seq = sequences_[batch.seq_id];
+    seq.owner = owner;
+    seq.slot = batch.slot;
+    ++seq.writing;
+    ++stats_.batches_in_flight;
+    queue_.push_back({owner, std::move(batch)});
+  }
+  queue_cv_.notify_one();
+}
+
+std::vector<ClusterSpill::Done> ClusterSpill::Poll() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return std::exchange(done_, {});
+}
+
+void ClusterSpill::Forget(int64_t seq_id) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) return;
+  const size_t queued = queue_.size();
+  std::erase_if(queue_, [&](const Queued& q) { return q.batch.seq_id == seq_id; });
+  it->second.writing -= static_cast<int>(queued - queue_.size());
+  stats_.batches_in_flight -= static_cast<int>(queued - queue_.size());
+  if (has_writing_seq_ && writing_seq_ == seq_id) {
+    cancel_writing_ = true;
+    batch_done_cv_.wait(lock, [&] { return !(has_writing_seq_ && writing_seq_ == seq_id); });
+  }
+  DropLocked(sequences_.find(seq_id));
+}
+
+void ClusterSpill::SetStaging(int64_t offset, int64_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  staging_offset_ = offset;
+  staging_bytes_ = bytes;
+}
+
+bool ClusterSpill::Writing(int64_t seq_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sequences_.find(seq_id);
+  return it != sequences_.end() && it->second.writing > 0;
+}
+
+bool ClusterSpill::HasClusters(int64_t seq_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sequences_.find(seq_id);
+  return it != sequences_.end() && !it->second.clusters.empty();
+}
+
+ClusterSpill::Stats ClusterSpill::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  Stats s = stats_;
+  s.bytes_resident = 0;
+  s.sequences = 0;
+  for (const auto& [id, seq] : sequences_) {
+    s.bytes_resident += seq.bytes;
+    s.sequences += !seq.clusters.empty();
+  }
+  return s;
+}
+
+void ClusterSpill::DropLocked(absl::flat_hash_map<int64_t, Sequence>::iterator it) {
+  if (!it->second.clusters.empty()) {
+    if (absl::Status s = store_->DeleteOwner(SsdKey::Owner::kSequence, it->second.owner); !s.ok()) {
+      STRATA_LOG_ERROR("sequence {}: spilled clusters not deleted: {}", it->first, s.ToString());
+    }
+  }
+  auto slot = slot_seq_.find(it->second.slot);
+  if (slot != slot_seq_.end() && slot->second == it->first) slot_seq_.erase(slot);
+  sequences_.erase(it);
+}
+
+void ClusterSpill::WriterLoop() {
+  for (;;) {
+    Queued q;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      if (stopping_) return;  // queued batches are dropped with the spill
+      q = std::move(queue_.front());
+      queue_.pop_front();
+      writing_seq_ = q.batch.seq_id;
+      has_writing_seq_ = true;
+      cancel_writing_ = false;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    int64_t bytes = 0;
+    absl::Status status = WriteBatch(q, &bytes);
+    std::lock_guard<std::mutex> lock(mu_);
+    --stats_.batches_in_flight;
+    has_writing_seq_ = false;
+    batch_done_cv_.notify_all();
+    if (cancel_writing_) continue;  // Forget deletes what it wrote
+    Sequence& seq = sequences_.at(q.batch.seq_id);
+    --seq.writing;
+    if (status.ok()) {
+      ++stats_.batches_written;
+      stats_.clusters_written += static_cast<int64_t>(q.batch.clusters.size());
+      stats_.bytes_written += bytes;
+      stats_.write_micros += MicrosSince(start);
+      for (Cluster& c : q.batch.clusters) {
+        seq.bytes += c.bytes;
+        seq.firsts[ClusterId(c.layer, c.head, 0)].push_back({c.first_piece, c.block});
+        seq.clusters[ClusterId(c.layer, c.head, c.block)] =
+            StoredCluster{c.bytes, c.first_piece, std::move(c.piece_offsets)};
+      }
+      for (auto& [key, firsts] : seq.firsts) std::sort(firsts.begin(), firsts.end());
+      slot_seq_[seq.slot] = q.batch.seq_id;
+    } else {
+      ++stats_.batches_refused;
+    }
+    done_.push_back({q.batch.seq_id, q.batch.tag, std::move(status)});
+  }
+}
+
+absl::Status ClusterSpill::WriteBatch(const Queued& q, int64_t* bytes) {
+  const std::vector<Cluster>& clusters = q.batch.clusters;
+  std::vector<absl::Status> results(clusters.size());
+  write_pool_.ParallelFor(static_cast<int64_t>(clusters.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const Cluster& c = clusters[i];
+      if (cancel_writing_) {
+        results[i] = absl::CancelledError("the sequence ended");
+        continue;
+      }
+      results[i] = store_->Put(KeyOf(q.owner, c.layer, c.head, c.block),
+                               std::span<const uint8_t>(options_.host_data + c.host_offset,
+                                                        static_cast<size_t>(c.bytes)));
+    }
+  });
+  absl::Status first;
+  for (size_t i = 0; i < clusters.size(); ++i) {
+    if (results[i].ok()) {
+      *bytes += clusters[i].bytes;
+    } else if (first.ok()) {
+      first = results[i];
+    }
+  }
+  if (first.ok()) return first;
+  // All or nothing: the batch's clusters stay in host memory.
+  for (size_t i = 0; i < clusters.size(); ++i) {
+    if (!results[i].ok()) continue;
+    const Cluster& c = clusters[i];
+    if (absl::Status s = store_->Delete(KeyOf(q.owner, c.layer, c.head, c.block)); !s.ok()) {
+      STRATA_LOG_ERROR("sequence {}: a refused batch's value not deleted: {}", q.batch.seq_id,
+                       s.ToString());
+    }
+  }
+  *bytes = 0;
+  return first;
+}
+
+void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece> pieces,
+                         std::span<int64_t> offsets) {
+  const auto start = std::chrono::steady_clock::now();
+  std::fill(offsets.begin(), offsets.end(), int64_t{-1});
+  // What to read: each cluster once, at its place in the staging area.
+  struct Read {
+    SsdKey key;
+    int64_t at = 0;  // bytes into the staging area
+    int64_t bytes = 0;
+    std::atomic<bool> ok{false};
+  };
+  std::vector<std::unique_ptr<Read>> reads;
+  std::vector<std::pair<size_t, int64_t>> piece_read(pieces.size(), {SIZE_MAX, 0});
+  int64_t failed = 0;
+  int64_t staging_offset = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    staging_offset = staging_offset_;
+    absl::flat_hash_map<std::pair<int64_t, uint64_t>, size_t> read_of;
+    int64_t cursor = 0;
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      const engine::PieceFetcher::Piece& p = pieces[i];
+      auto seq_it = slot_seq_.find(p.slot);
+      if (seq_it == slot_seq_.end()) {
+        continue;
+      }
+      const Sequence& seq = sequences_.at(seq_it->second);
+      auto firsts = seq.firsts.find(ClusterId(layer, p.head, 0));
+      if (firsts == seq.firsts.end()) {
+        continue;
+      }
+      auto after = std::upper_bound(firsts->second.begin(), firsts->second.end(),
+                                    std::pair<int32_t, uint32_t>{p.piece, UINT32_MAX});
+      if (after == firsts->second.begin()) {
+        continue;
+      }
+      const uint32_t block = std::prev(after)->second;
+      const uint64_t id = ClusterId(layer, p.head, block);
+      const StoredCluster& c = seq.clusters.at(id);
+      const int64_t index = p.piece - c.first_piece;
+      if (index < 0 || index >= static_cast<int64_t>(c.piece_offsets.size())) {
+        continue;
+      }
+      auto [it, added] = read_of.try_emplace({seq_it->second, id}, reads.size());
+      if (added) {
+        const int64_t span =
+            (c.bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
+        if (cursor + span > staging_bytes_) {
+          read_of.erase(it);
+          continue;  // does not fit this call: lost (logged below)
+        }
+        auto r = std::make_unique<Read>();
+        r->key = KeyOf(seq.owner, layer, p.head, block);
+        r->at = cursor;
+        r->bytes = c.bytes;
+        reads.push_back(std::move(r));
+        cursor += span;
+      }
+      piece_read[i] = {it->second, c.piece_offsets[index]};
+    }
+  }
+  read_pool_.ParallelFor(static_cast<int64_t>(reads.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      Read& r = *reads[i];
+      const absl::Status s =
+          store_->GetInto(r.key, {},
+                          std::span<uint8_t>(options_.host_data + staging_offset + r.at,
+                                             static_cast<size_t>(r.bytes)));
+      if (s.ok()) {
+        r.ok = true;
+      } else {
+        STRATA_LOG_WARN("spilled cluster (layer {}, head {}, block {}) not read: {}", r.key.layer,
+                        r.key.kv_head, r.key.block, s.ToString());
+      }
+    }
+  });
+  int64_t bytes = 0;
+  for (const auto& r : reads) bytes += r->ok ? r->bytes : 0;
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const auto [read, offset] = piece_read[i];
+    if (read == SIZE_MAX || !reads[read]->ok) {
+      ++failed;
+      continue;
+    }
+    offsets[i] = staging_offset + reads[read]->at + offset;
+  }
+  if (failed > 0) {
+    STRATA_LOG_WARN("layer {}: {} of {} pieces below host memory could not be fetched", layer,
+                    failed, pieces.size());
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.hard_misses += static_cast<int64_t>(reads.size());
+  stats_.hard_miss_pieces += static_cast<int64_t>(pieces.size());
+  stats_.bytes_read += bytes;
+  stats_.fetch_micros += MicrosSince(start);
+  stats_.fetches_failed += failed;
+}
+
+}  // namespace strata::kvtier

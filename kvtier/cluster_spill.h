@@ -1,0 +1,185 @@
+// ClusterSpill: host-homed ClusterKV clusters (KvPolicyRunner's tiering)
+// moved one tier further down, to the SSD, and fetched back inside the
+// decode step that selects them.
+//
+// Writing down. The runner hands Write a sequence's clusters that are in
+// host memory (a snapshot of its tier tables: per layer and KV head, each
+// cluster's pieces and where they lie). A writer thread stores each
+// (layer, KV head, cluster) as one SSD value, keyed by the sequence's
+// spill owner id: the cluster's pieces byte for byte as they lie in host
+// memory, each an encoded KV block with its own header and CRC, so the
+// value needs no re-encoding either way. When every value of the batch is
+// stored, Poll reports it done, and the runner marks those pieces
+// kPieceBelowHost on the device and frees their host memory. A write that
+// fails (the SSD budget is full, an I/O error) deletes what the batch
+// wrote and is reported refused: the clusters stay in host memory.
+//
+// Fetching up (engine::PieceFetcher). A recall that misses a piece below
+// host memory calls Fetch, from the step: each cluster asked for is read
+// (in parallel on I/O threads) into a staging area of host memory that
+// the next call reuses, and decoded from there into the GPU ring; the
+// decode step waits for it, and it counts as a hard miss. A value that is
+// missing or fails the store's CRC gives -1: the recall treats it as a bad
+// piece, and the sequence is recomputed from its tokens (the pieces' own
+// CRCs are checked by the recall as for any host piece).
+//
+// Forget drops a sequence: a batch of it being written stops after the
+// values in progress, queued ones are dropped, and its values are deleted;
+// it returns only then, so the caller may free the batch's host memory.
+//
+// Thread-safety: Write, Poll, Forget and the accessors are called by the
+// thread that drives the model; Fetch from the step (on the CUDA backend a
+// host callback thread of the stream) while that thread runs. A mutex
+// guards what both touch.
+#ifndef STRATA_KVTIER_CLUSTER_SPILL_H_
+#define STRATA_KVTIER_CLUSTER_SPILL_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "common/thread_pool.h"
+#include "engine/backend.h"
+#include "kvtier/ssd_store.h"
+
+namespace strata::kvtier {
+
+class ClusterSpill final : public engine::PieceFetcher {
+ public:
+  struct Options {
+    // The host buffer the recall reads (the block manager's): the clusters
+    // written lie in it, and fetched ones land in its staging area
+    // (SetStaging), so that offsets into it are offsets the recall reads.
+    uint8_t* host_data = nullptr;
+    int io_threads = 4;  // parallel reads in Fetch, and writes of a batch
+  };
+  struct Stats {
+    int64_t batches_written = 0;  // Write batches stored
+    int64_t batches_refused = 0;  // ... that the SSD refused (stayed in host)
+    int64_t clusters_written = 0;
+    int64_t bytes_written = 0;
+    int64_t write_micros = 0;
+    int64_t hard_misses = 0;       // clusters fetched in a step
+    int64_t hard_miss_pieces = 0;  // ... their pieces asked for
+    int64_t bytes_read = 0;        // ... bytes read
+    int64_t fetch_micros = 0;      // time the steps waited for them
+    int64_t fetches_failed = 0;    // pieces that could not be had (-1)
+    int64_t bytes_resident = 0;    // on the SSD now
+    int sequences = 0;             // with values on the SSD now
+    int batches_in_flight = 0;
+  };
+
+  // One cluster of a batch: its pieces [first_piece, first_piece + pieces)
+  // lie at host bytes [host_offset, host_offset + bytes), piece i at
+  // host_offset + piece_offsets[i].
+  struct Cluster {
+    uint16_t layer = 0;
+    uint16_t head = 0;
+    uint32_t block = 0;
+    int32_t first_piece = 0;
+    int64_t host_offset = 0;
+    int64_t bytes = 0;
+    std::vector<int64_t> piece_offsets;
+  };
+  struct Batch {
+    int64_t seq_id = 0;
+    int slot = 0;  // the sequence's pool slot (Fetch names pieces by slot)
+    std::vector<Cluster> clusters;
+    uint64_t tag = 0;  // the caller's, returned by Poll
+  };
+  struct Done {
+    int64_t seq_id = 0;
+    uint64_t tag = 0;
+    absl::Status status;  // ok: every cluster is on the SSD
+  };
+
+  // `store` and the host memory outlive the spill.
+  ClusterSpill(SsdStore* store, const Options& options);
+  // Waits for the batch being written; deletes every value still stored.
+  ~ClusterSpill() override;
+  ClusterSpill(const ClusterSpill&) = delete;
+  ClusterSpill& operator=(const ClusterSpill&) = delete;
+
+  // Queues a batch; `owner` names the sequence's values (SsdKey id, never
+  // reused across sequences; the same for every batch of one sequence).
+  // The host bytes must stay as they are until Poll reports the batch.
+  void Write(uint64_t owner, Batch batch);
+  // The batches finished since the last call.
+  std::vector<Done> Poll();
+  // The sequence ends: its batches stop (Poll reports none of them) and
+  // its values are deleted before this returns.
+  void Forget(int64_t seq_id);
+  // Where fetched clusters land: bytes [offset, offset + bytes) of the
+  // host buffer (bytes 0: nowhere, every fetch fails). Set between steps.
+  void SetStaging(int64_t offset, int64_t bytes);
+  // Whether a batch of the sequence is queued or being written.
+  bool Writing(int64_t seq_id) const;
+  // Whether any of the sequence's clusters are on the SSD.
+  bool HasClusters(int64_t seq_id) const;
+  Stats stats() const;
+
+  // engine::PieceFetcher.
+  void Fetch(int layer, std::span<const engine::PieceFetcher::Piece> pieces,
+             std::span<int64_t> offsets) override;
+
+ private:
+  struct StoredCluster {
+    int64_t bytes = 0;
+    int32_t first_piece = 0;
+    std::vector<int64_t> piece_offsets;
+  };
+  struct Sequence {
+    uint64_t owner = 0;
+    int slot = 0;
+    int writing = 0;  // batches queued or being written
+    // By (layer, head, block): the clusters on the SSD; by (layer, head):
+    // their first pieces and blocks, sorted, to find a piece's cluster.
+    absl::flat_hash_map<uint64_t, StoredCluster> clusters;
+    absl::flat_hash_map<uint64_t, std::vector<std::pair<int32_t, uint32_t>>> firsts;
+    int64_t bytes = 0;
+  };
+  struct Queued {
+    uint64_t owner;
+    Batch batch;
+  };
+  static uint64_t ClusterId(uint32_t layer, uint32_t head, uint32_t block) {
+    return (uint64_t{layer} << 48) | (uint64_t{head} << 32) | block;
+  }
+  void WriterLoop();
+  // Writes one batch (on the writer thread); deletes what it wrote on a failure.
+  absl::Status WriteBatch(const Queued& q, int64_t* bytes);
+  // Deletes a sequence's values and forgets it (mu_ held, none of its
+  // batches queued or being written).
+  void DropLocked(absl::flat_hash_map<int64_t, Sequence>::iterator it);
+
+  SsdStore* store_;
+  Options options_;
+  int64_t staging_offset_ = 0, staging_bytes_ = 0;  // guarded by mu_
+  ThreadPool read_pool_, write_pool_;
+
+  mutable std::mutex mu_;
+  std::condition_variable queue_cv_;
+  std::condition_variable batch_done_cv_;
+  std::deque<Queued> queue_;
+  int64_t writing_seq_ = -1;  // the sequence whose batch is being written
+  bool has_writing_seq_ = false;
+  std::atomic<bool> cancel_writing_{false};  // Forget stops that batch
+  bool stopping_ = false;
+  std::vector<Done> done_;
+  absl::flat_hash_map<int64_t, Sequence> sequences_;
+  absl::flat_hash_map<int, int64_t> slot_seq_;  // sequences with clusters, by slot
+  Stats stats_;
+  std::thread writer_;  // last: started once the rest is built
+};
+
+}  // namespace strata::kvtier
+
+#endif  // STRATA_KVTIER_CLUSTER_SPILL_H_

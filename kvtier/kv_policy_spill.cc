@@ -1,0 +1,230 @@
+// KvPolicyRunner: host-homed clusters sent below the host tier, to the SSD
+// (kvtier/cluster_spill.h; the runner's file comment in kv_policy.h).
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "engine/kv_codec.h"
+#include "kvtier/kv_policy.h"
+
+namespace strata::kvtier {
+namespace {
+
+// Steps a sequence whose clusters the SSD refused waits before asking again.
+constexpr int64_t kSpillRetrySteps = 64;
+
+}  // namespace
+
+bool KvPolicyRunner::Spills(int policy) const {
+  if (spill_ == nullptr || !TierCodec(policy).has_value()) return false;
+  const auto& admission = options_.tier.spill_admission;
+  return policy < static_cast<int>(admission.size()) &&
+         admission[policy] != KvBlockManagerOptions::SsdAdmission::kNever;
+}
+
+bool KvPolicyRunner::EnsureStaging() {
+  if (staging_.has_value()) return true;
+  // A layer's fetches for every sparse sequence: each (sequence, KV head)
+  // takes at most a ring's worth of tokens, in clusters of a few tokens at
+  // least, in the largest codec (raw).
+  const engine::ModelConfig& config = model_->config();
+  const int64_t units = engine::KvPieceUnitsBound(engine::KvCodecKind::kBf16, config.head_dim,
+                                                  model_->kv_cache_dtype(), ring_.ring_rows,
+                                                  ring_.ring_rows / 16 + 1);
+  const int64_t bytes =
+      units * engine::kKvHostUnit * config.num_kv_heads * options_.max_sparse_seqs;
+  staging_ = options_.tier.manager->AllocateHostRegion(bytes);
+  if (!staging_.has_value()) return false;
+  spill_->SetStaging(staging_->offset, staging_->bytes);
+  return true;
+}
+
+void KvPolicyRunner::MaybeFreeStaging() {
+  if (!staging_.has_value()) return;
+  const ClusterSpill::Stats s = spill_->stats();
+  if (s.sequences > 0 || s.batches_in_flight > 0) return;
+  // No piece is below host: no step fetches into it.
+  spill_->SetStaging(0, 0);
+  options_.tier.manager->FreeHostRegion(*staging_);
+  staging_.reset();
+}
+
+absl::Status KvPolicyRunner::StartSpill(int64_t id, Sequence& seq) {
+  engine::Backend& b = model_->backend();
+  const engine::ModelConfig& config = model_->config();
+  const int hkv = config.num_kv_heads, slot = seq.state.slot;
+  const int max_blocks = static_cast<int>(extents_[0].dim(2));
+  const int stride = std::max(1, options_.tier.spill_stride);
+  const engine::HostBuffer& host = ring_.host;
+  ClusterSpill::Batch batch;
+  batch.seq_id = id;
+  batch.slot = slot;
+  Sequence::PendingSpill pending;
+  pending.piece_host.resize(config.num_layers);
+  std::vector<int32_t> base, where, count, ext;
+  for (int l = 0; l < config.num_layers; ++l) {
+    engine::TierTables t = SlotTables(l, slot);
+    count.resize(hkv);
+    STRATA_RETURN_IF_ERROR(b.CopyToHost(t.piece_count, count.data()));
+    if (std::all_of(count.begin(), count.end(), [](int32_t c) { return c == 0; })) continue;
+    base.resize(t.piece_base.numel());
+    where.resize(t.piece_host.numel());
+    ext.resize(int64_t{hkv} * max_blocks * 2);
+    STRATA_RETURN_IF_ERROR(b.CopyToHost(t.piece_base, base.data()));
+    STRATA_RETURN_IF_ERROR(b.CopyToHost(t.piece_host, where.data()));
+    STRATA_RETURN_IF_ERROR(b.CopyToHost(extents_[l].Row(slot), ext.data()));
+    pending.piece_host[l].resize(hkv);
+    for (int h = 0; h < hkv; ++h) {
+      std::vector<int32_t> marked(where.begin() + int64_t{h} * max_pieces_,
+                                  where.begin() + int64_t{h} * max_pieces_ + count[h]);
+      bool any = false;
+      for (int blk = 0; blk < seq.state.num_blocks && blk < max_blocks; ++blk) {
+        const int32_t first = base[int64_t{h} * max_blocks + blk];
+        if (first < 0 || blk % stride != 0) continue;
+        const int32_t size = ext[(int64_t{h} * max_blocks + blk) * 2 + 1];
+        const int32_t pieces = (size + engine::kKvPieceTokens - 1) / engine::kKvPieceTokens;
+        if (pieces == 0 || first + pieces > count[h]) continue;
+        if (marked[first] == engine::kPieceBelowHost) continue;  // down already
+        // A cluster's pieces lie one after another in its head's part of
+        // the region (OffloadBlocks): one value, copied as it lies.
+        const int64_t start = int64_t{marked[first]} * engine::kKvHostUnit;
+        const int64_t last = int64_t{marked[first + pieces - 1]} * engine::kKvHostUnit;
+        if (start < 0 || last < start || last >= static_cast<int64_t>(host.bytes)) {
+          return absl::InternalError(absl::StrCat("sequence ", id, " layer ", l, " head ", h,
+                                                  " cluster ", blk, ": pieces out of place"));
+        }
+        const size_t last_bytes = engine::KvCodec::DeclaredBytes(
+            std::span<const uint8_t>(host.data() + last, host.bytes - last));
+        if (last_bytes == 0) {
+          return absl::InternalError(absl::StrCat("sequence ", id, " layer ", l, " head ", h,
+                                                  " cluster ", blk,
+                                                  ": no block at its last piece"));
+        }
+        ClusterSpill::Cluster c;
+        c.layer = static_cast<uint16_t>(l);
+        c.head = static_cast<uint16_t>(h);
+        c.block = static_cast<uint32_t>(blk);
+        c.first_piece = first;
+        c.host_offset = start;
+        c.bytes = last + static_cast<int64_t>(last_bytes) - start;
+        for (int32_t p = first; p < first + pieces; ++p) {
+          c.piece_offsets.push_back(int64_t{marked[p]} * engine::kKvHostUnit - start);
+          marked[p] = engine::kPieceBelowHost;
+        }
+        batch.clusters.push_back(std::move(c));
+        any = true;
+      }
+      if (any) pending.piece_host[l][h] = std::move(marked);
+    }
+  }
+  if (stride > 1) seq.strided_spill_done = true;
+  if (batch.clusters.empty()) return absl::OkStatus();
+  if (seq.spill_owner == 0) seq.spill_owner = options_.tier.manager->NewSsdOwner();
+  pending.tag = next_spill_tag_++;
+  pending.clusters = static_cast<int64_t>(batch.clusters.size());
+  batch.tag = pending.tag;
+  if (stride == 1) {
+    // Every cluster of these regions goes: they are freed once it is
+    // stored, and the next offload starts a region of its own.
+    pending.regions = std::move(seq.regions);
+    seq.regions.clear();
+    seq.tail_units = 0;
+  }
+  seq.pending_spill = std::move(pending);
+  spill_->Write(seq.spill_owner, std::move(batch));
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::FinishSpill(Sequence& seq, bool stored) {
+  Sequence::PendingSpill pending = std::move(*seq.pending_spill);
+  seq.pending_spill.reset();
+  if (!stored) {
+    // The clusters stay in host memory; the SSD is asked again later (it
+    // may have room once other sequences end), not at every step.
+    for (const KvBlockManager::HostRegion& r : pending.regions) seq.regions.push_back(r);
+    seq.spill_retry_step = step_count_ + kSpillRetrySteps;
+    return absl::OkStatus();
+  }
+  // Steps end synchronised: no recall reads these tables or regions now.
+  engine::Backend& b = model_->backend();
+  const int hkv = model_->config().num_kv_heads;
+  for (size_t l = 0; l < pending.piece_host.size(); ++l) {
+    for (int h = 0; h < static_cast<int>(pending.piece_host[l].size()); ++h) {
+      const std::vector<int32_t>& marked = pending.piece_host[l][h];
+      if (marked.empty()) continue;
+      STRATA_RETURN_IF_ERROR(
+          b.CopyFromHost(marked.data(), engine::DType::kI32, static_cast<int64_t>(marked.size()),
+                         tier_[l].piece_host, (int64_t{seq.state.slot} * hkv + h) * max_pieces_));
+    }
+  }
+  for (const KvBlockManager::HostRegion& r : pending.regions) {
+    options_.tier.manager->FreeHostRegion(r);
+  }
+  // The first batch's own room makes the staging area's when the host
+  // tier is full; without one every fetch fails and the sequences that
+  // need a cluster from below are recomputed.
+  if (!EnsureStaging()) {
+    STRATA_LOG_WARN("no host memory for the staging area of clusters fetched from the SSD");
+  }
+  seq.spilled = true;
+  ++stats_.spills;
+  stats_.spilled_clusters += pending.clusters;
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::PollSpill() {
+  if (spill_ == nullptr) return absl::OkStatus();
+  for (const ClusterSpill::Done& done : spill_->Poll()) {
+    auto it = sequences_.find(done.seq_id);
+    if (it == sequences_.end() || !it->second.pending_spill.has_value() ||
+        it->second.pending_spill->tag != done.tag) {
+      continue;
+    }
+    if (!done.status.ok()) {
+      STRATA_LOG_WARN("sequence {}: clusters stay in host memory: {}", done.seq_id,
+                      done.status.ToString());
+    }
+    STRATA_RETURN_IF_ERROR(FinishSpill(it->second, done.status.ok()));
+  }
+  // One batch at a time: the next starts when the last is applied.
+  bool writing = false;
+  for (const auto& [id, seq] : sequences_) writing |= seq.pending_spill.has_value();
+  const bool pressure = offload_refused_since_poll_ ||
+                        options_.tier.manager->HostUsedShare() > options_.tier.spill_high_water;
+  offload_refused_since_poll_ = false;
+  if (!writing) {
+    Sequence* pick = nullptr;
+    int64_t pick_id = 0;
+    auto colder = [](const Sequence& a, const Sequence& b) {
+      if (a.ring_paused != b.ring_paused) return a.ring_paused;
+      return a.last_step < b.last_step;
+    };
+    for (auto& [id, seq] : sequences_) {
+      if (!Spills(seq.policy) || seq.regions.empty() || seq.strided_spill_done ||
+          seq.spill_retry_step > step_count_) {
+        continue;
+      }
+      const bool always =
+          options_.tier.spill_admission[seq.policy] == KvBlockManagerOptions::SsdAdmission::kAlways;
+      if (!always && !pressure) continue;
+      if (pick == nullptr || colder(seq, *pick)) {
+        pick = &seq;
+        pick_id = id;
+      }
+    }
+    if (pick != nullptr) STRATA_RETURN_IF_ERROR(StartSpill(pick_id, *pick));
+  }
+  MaybeFreeStaging();
+  const ClusterSpill::Stats s = spill_->stats();
+  stats_.spills_refused = s.batches_refused;
+  stats_.hard_misses = s.hard_misses;
+  stats_.hard_miss_bytes = s.bytes_read;
+  stats_.hard_miss_micros = s.fetch_micros;
+  stats_.hard_miss_failed = s.fetches_failed;
+  stats_.ssd_cluster_bytes = s.bytes_resident;
+  return absl::OkStatus();
+}
+
+}  // namespace strata::kvtier

@@ -1,0 +1,359 @@
+// Host-homed ClusterKV clusters sent below the host tier to the SSD
+// (kvtier/cluster_spill.h): greedy tokens are those of clusters on the GPU
+// or in host memory, a value that fails its check loses its sequence (it is
+// recomputed, the tokens unchanged), a full SSD leaves the clusters in host
+// memory, and nothing is left behind in any pool or in RocksDB.
+#include "kvtier/cluster_spill.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/batcher.h"
+#include "engine/cpu_backend.h"
+#include "engine/model_loader.h"
+#include "gtest/gtest.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
+#include "kvtier/ssd_store.h"
+#include "tests/engine/test_util.h"
+
+namespace strata::kvtier {
+namespace {
+
+namespace fs = std::filesystem;
+using Admission = KvBlockManagerOptions::SsdAdmission;
+
+std::unique_ptr<engine::Backend> g_backend = engine::CreateCpuBackend(2);
+
+std::vector<int32_t> Prompt(int len, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(len);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % 500) + 3;
+  return p;
+}
+
+KvPolicyConfig ClusterKv() {
+  KvPolicyConfig c;
+  c.type = "clusterkv";
+  c.budget_tokens = 24;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.tokens_per_cluster = 8;
+  c.full_layers = 1;
+  return c;
+}
+
+struct Setup {
+  bool tiered = true;                        // clusters homed in host memory
+  Admission admission = Admission::kAlways;  // ... and sent to the SSD
+  double high_water = 0.75;
+  int64_t ssd_budget = int64_t{1} << 30;
+  int num_pages = 160;
+};
+
+// llama_gqa, a block manager with a 64 MiB host tier over a RocksDB store
+// in a fresh directory, and a ClusterKv() runner whose host-homed clusters
+// go down to it.
+class SpillModel {
+ public:
+  explicit SpillModel(const Setup& setup) {
+    dir_ = fs::path(::testing::TempDir()) /
+           ("cluster_spill_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    auto store = SsdStore::Open({dir_.string(), "llama_gqa", setup.ssd_budget});
+    EXPECT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+    engine::ModelOptions options;
+    options.max_seqs = 4;
+    options.max_context = 320;
+    options.max_batch_tokens = 96;
+    options.page_size = 8;
+    options.num_pages = setup.num_pages;
+    auto l = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""}, g_backend.get(),
+                               options);
+    EXPECT_TRUE(l.ok()) << l.status();
+    loaded_ = std::move(*l);
+    auto m =
+        KvBlockManager::Create(model(), {.host_bytes = int64_t{64} << 20, .ssd = store_.get()});
+    EXPECT_TRUE(m.ok()) << m.status();
+    manager_ = std::move(*m);
+    KvTierOptions tier;
+    if (setup.tiered) tier.manager = manager_.get();
+    tier.spill_admission = {setup.admission};
+    tier.spill_high_water = setup.high_water;
+    auto r = KvPolicyRunner::Create(model(), {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
+    EXPECT_TRUE(r.ok()) << r.status();
+    runner_ = std::move(*r);
+    EXPECT_TRUE(model()->set_attention_planner(runner_.get()).ok());
+  }
+  ~SpillModel() {
+    EXPECT_TRUE(model()->set_attention_planner(nullptr).ok());
+    runner_.reset();
+    manager_.reset();
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+  engine::Model* model() { return loaded_.model.get(); }
+  KvBlockManager& manager() { return *manager_; }
+  KvPolicyRunner& runner() { return *runner_; }
+  SsdStore& store() { return *store_; }
+  // Every page, host record and pool slot back, and nothing in RocksDB.
+  ::testing::AssertionResult Idle() {
+    if (!manager_->Poll().ok()) return ::testing::AssertionFailure() << "poll";
+    if (!manager_->Idle()) {
+      return ::testing::AssertionFailure()
+             << manager_->stats().host_bytes_used << " host bytes, "
+             << manager_->stats().gpu_pages_used << " pages still held";
+    }
+    if (runner_->num_free_slots() != 4) return ::testing::AssertionFailure() << "slots held";
+    if (store_->stats().bytes_used != 0) {
+      return ::testing::AssertionFailure() << store_->stats().bytes_used << " bytes on the SSD";
+    }
+    return ::testing::AssertionSuccess();
+  }
+
+ private:
+  fs::path dir_;
+  std::unique_ptr<SsdStore> store_;
+  engine::LoadedModel loaded_;
+  std::unique_ptr<KvBlockManager> manager_;
+  std::unique_ptr<KvPolicyRunner> runner_;
+};
+
+struct Served {
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  KvPolicyRunner::Stats stats;
+  ClusterSpill::Stats spill;
+  int64_t lost = 0;
+  bool idle = false;
+};
+
+using Tokens = std::map<uint64_t, std::vector<int32_t>>;
+
+// Three concurrent greedy requests; `before_step` runs before each step
+// with the tokens so far.
+Served Serve(const Setup& setup,
+             const std::function<void(SpillModel&, const Tokens&)>& before_step = nullptr) {
+  SpillModel m(setup);
+  Served out;
+  {
+    engine::Batcher batcher(m.model(), nullptr, {}, &m.manager());
+    const int lens[] = {150, 97, 180};
+    for (int i = 0; i < 3; ++i) {
+      engine::GenerationRequest r;
+      r.id = i;
+      r.prompt = Prompt(lens[i], 7 + i);
+      r.max_tokens = 60;
+      r.ignore_eos = true;
+      EXPECT_TRUE(batcher.Add(r).ok());
+    }
+    while (batcher.HasWork()) {
+      if (before_step) before_step(m, out.tokens);
+      auto events = batcher.Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      for (const auto& e : *events) {
+        out.tokens[e.request_id].push_back(e.token_id);
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+      }
+    }
+    out.lost = batcher.num_kv_lost();
+  }
+  out.stats = m.runner().stats();
+  if (m.runner().spill() != nullptr) out.spill = m.runner().spill()->stats();
+  out.idle = m.Idle();
+  EXPECT_TRUE(out.idle) << m.Idle();
+  return out;
+}
+
+TEST(ClusterSpillTest, ClustersOnTheSsdGiveTheTokensOfClustersOnTheGpuOrInHostMemory) {
+  const Served gpu = Serve({.tiered = false});
+  const Served host = Serve({.admission = Admission::kNever});
+  const Served ssd = Serve({.admission = Admission::kAlways});
+  EXPECT_EQ(host.stats.spills, 0);
+  EXPECT_GT(host.stats.offloads, 0);
+  EXPECT_GT(ssd.stats.spills, 0);
+  EXPECT_GT(ssd.spill.clusters_written, 0);
+  EXPECT_GT(ssd.spill.hard_misses, 0) << "some selected cluster came from the SSD";
+  EXPECT_GT(ssd.spill.bytes_read, 0);
+  EXPECT_EQ(ssd.spill.fetches_failed, 0);
+  EXPECT_EQ(ssd.stats.recall_bad_pieces, 0);
+  EXPECT_EQ(ssd.lost, 0);
+  for (uint64_t id = 0; id < 3; ++id) {
+    ASSERT_EQ(gpu.tokens.at(id).size(), 60u);
+    EXPECT_EQ(host.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
+    EXPECT_EQ(ssd.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
+  }
+}
+
+TEST(ClusterSpillTest, ColdAdmissionWaitsForTheHighWaterMark) {
+  const Served below = Serve({.admission = Admission::kCold, .high_water = 1.0});
+  EXPECT_EQ(below.stats.spills, 0) << "64 MiB of host memory never fills here";
+  const Served above = Serve({.admission = Admission::kCold, .high_water = 0.0});
+  EXPECT_GT(above.stats.spills, 0);
+  EXPECT_GT(above.spill.hard_misses, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(above.tokens.at(id), below.tokens.at(id));
+}
+
+TEST(ClusterSpillTest, AValueThatFailsItsCheckLosesItsSequenceNotItsTokens) {
+  const Served clean = Serve({.admission = Admission::kNever});
+  bool corrupted = false;
+  std::map<uint64_t, size_t> tokens_at_corruption;
+  const Served s =
+      Serve({.admission = Admission::kAlways}, [&](SpillModel& m, const Tokens& so_far) {
+        if (corrupted || m.runner().stats().spills == 0) return;
+        for (uint64_t id = 0; id < 3; ++id) {
+          auto it = so_far.find(id);
+          tokens_at_corruption[id] = it == so_far.end() ? 0 : it->second.size();
+        }
+        // Rewrite every stored cluster with one byte of its first piece's
+        // payload flipped and a valid store CRC: only the piece's own CRC can
+        // tell.
+        auto owners = m.store().ListOwners(SsdKey::Owner::kSequence);
+        ASSERT_TRUE(owners.ok()) << owners.status();
+        for (const auto& [owner, bytes] : *owners) {
+          for (uint16_t layer = 0; layer < 2; ++layer) {
+            for (uint16_t head = 0; head < 4; ++head) {
+              for (uint32_t block = 0; block < 64; ++block) {
+                const SsdKey key{SsdKey::Owner::kSequence, owner, layer, head, block};
+                auto value = m.store().Get(key);
+                if (!value.ok()) continue;
+                ASSERT_GT(value->size(), 80u);
+                (*value)[70] ^= 0x10;
+                ASSERT_TRUE(m.store().Delete(key).ok());
+                ASSERT_TRUE(m.store().Put(key, *value).ok());
+                corrupted = true;
+              }
+            }
+          }
+        }
+      });
+  ASSERT_TRUE(corrupted);
+  EXPECT_GT(s.stats.recall_bad_pieces, 0) << "the piece's CRC caught it";
+  EXPECT_GT(s.lost, 0);
+  EXPECT_EQ(s.stats.lost_sequences, s.lost);
+  // A recomputed ClusterKV sequence clusters its prompt and the tokens it
+  // generated together, so its later tokens may differ from a run that
+  // clustered them as they came; every request still completes, and up
+  // to the corruption the tokens are the clean run's.
+  for (uint64_t id = 0; id < 3; ++id) {
+    ASSERT_EQ(s.tokens.at(id).size(), 60u) << "request " << id;
+    const size_t before = tokens_at_corruption[id];
+    EXPECT_TRUE(std::equal(s.tokens.at(id).begin(), s.tokens.at(id).begin() + before,
+                           clean.tokens.at(id).begin()))
+        << "request " << id;
+  }
+}
+
+TEST(ClusterSpillTest, AFullSsdLeavesTheClustersInHostMemory) {
+  const Served host = Serve({.admission = Admission::kNever});
+  const Served full = Serve({.admission = Admission::kAlways, .ssd_budget = 4096});
+  EXPECT_EQ(full.stats.spills, 0);
+  EXPECT_GT(full.spill.batches_refused, 0);
+  EXPECT_EQ(full.spill.hard_misses, 0);
+  EXPECT_EQ(full.lost, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(full.tokens.at(id), host.tokens.at(id));
+}
+
+TEST(ClusterSpillTest, NothingLeaksAfterCancellationsPreemptionsAndSpills) {
+  // Clusters sent down as soon as they are offloaded, a cache small enough
+  // to preempt, and cancellations at random steps (some while a batch is
+  // being written): at the end every page, host record, pool slot and SSD
+  // value is gone.
+  SpillModel m({.admission = Admission::kAlways, .num_pages = 90});
+  {
+    engine::Batcher batcher(m.model(), nullptr, {}, &m.manager());
+    std::mt19937 rng(33);
+    uint64_t next_id = 0;
+    for (int step = 0; step < 500; ++step) {
+      if (step < 300 && rng() % 4 == 0) {
+        engine::GenerationRequest r;
+        r.id = next_id++;
+        r.prompt = Prompt(60 + static_cast<int>(rng() % 140), static_cast<uint32_t>(r.id));
+        r.max_tokens = 20 + static_cast<int>(rng() % 60);
+        r.ignore_eos = true;
+        ASSERT_TRUE(batcher.Add(r).ok());
+      }
+      if (rng() % 9 == 0 && next_id > 0) batcher.Cancel(rng() % next_id);
+      auto events = batcher.Step();
+      ASSERT_TRUE(events.ok()) << events.status();
+      for (const auto& e : *events) ASSERT_NE(e.finish, engine::FinishReason::kError) << e.error;
+    }
+    while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
+    EXPECT_GT(batcher.num_preemptions(), 0);
+  }
+  EXPECT_GT(m.runner().stats().spills, 0);
+  EXPECT_GT(m.runner().spill()->stats().hard_misses, 0);
+  EXPECT_EQ(m.runner().stats().lost_sequences, 0);
+  EXPECT_EQ(m.runner().spill()->stats().sequences, 0);
+  EXPECT_TRUE(m.Idle());
+}
+
+// A sequence that finds no pages for its ring keeps its clusters in the
+// paged cache, even in a pool slot whose tables a tiered sequence left
+// behind, and while another sequence's ring makes the step recall: its
+// tokens are those of a run without host-homed clusters.
+TEST(SlotReuseTest, ARingRefusedInASlotATieredSequenceUsedKeepsItsTokens) {
+  auto request = [](uint64_t id, int len) {
+    engine::GenerationRequest r;
+    r.id = id;
+    r.prompt = Prompt(len, 40 + static_cast<uint32_t>(id));
+    r.max_tokens = 40;
+    r.ignore_eos = true;
+    return r;
+  };
+  // Request 1 (150 tokens) alone until it decodes, then request 2 (60).
+  // `hold` pages are taken while request 1 starts decoding.
+  auto serve = [&](SpillModel& m, int hold) {
+    std::map<uint64_t, std::vector<int32_t>> tokens;
+    engine::Batcher batcher(m.model(), nullptr, {}, &m.manager());
+    std::vector<int32_t> held;
+    if (hold > 0) EXPECT_TRUE(m.manager().AllocatePages(engine::PageGroup::kLower, hold, held));
+    EXPECT_TRUE(batcher.Add(request(1, 150)).ok());
+    while (batcher.HasWork()) {
+      auto events = batcher.Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      for (const auto& e : *events) {
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+        tokens[e.request_id].push_back(e.token_id);
+      }
+      if (tokens[1].size() == 2) {
+        if (!held.empty()) EXPECT_TRUE(m.manager().FreePages(engine::PageGroup::kLower, held).ok());
+        EXPECT_TRUE(batcher.Add(request(2, 60)).ok());
+      }
+    }
+    return tokens;
+  };
+  std::map<uint64_t, std::vector<int32_t>> want;
+  {
+    SpillModel plain({.tiered = false});
+    want = serve(plain, 0);
+  }
+  SpillModel m({.admission = Admission::kNever});
+  {
+    engine::Batcher batcher(m.model(), nullptr, {}, &m.manager());
+    ASSERT_TRUE(batcher.Add(request(0, 180)).ok());  // fills slot 0's tables
+    while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
+  }
+  ASSERT_GT(m.runner().stats().offloads, 0);
+  // Request 1 decodes in slot 0 again. 150 tokens take 19 pages of 8: with
+  // 24 left it finds 5 free at its first decode step, and a ring takes 6.
+  const auto got = serve(m, 160 - 24);
+  EXPECT_EQ(m.runner().stats().ring_refused, 1);
+  EXPECT_EQ(m.runner().stats().tiered_sequences, 2) << "requests 0 and 2";
+  EXPECT_GT(m.runner().stats().recall_tokens, 0);
+  for (uint64_t id : {1, 2}) {
+    ASSERT_EQ(got.at(id).size(), 40u);
+    EXPECT_EQ(got.at(id), want.at(id)) << "request " << id;
+  }
+}
+
+}  // namespace
+}  // namespace strata::kvtier
