@@ -345,6 +345,14 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
                    .codec = mode.codec,
                    .block_stride = mode.block_stride,
                    .prefetch_share = mode.prefetch_share};
+        if (mode.spill_stride > 0) {
+          if (manager->ssd() == nullptr) {
+            return absl::InvalidArgumentError("kv-speed: clusters on the SSD need an SSD tier");
+          }
+          ro.tier.spill_admission = {kvtier::KvBlockManagerOptions::SsdAdmission::kAlways};
+          ro.tier.spill_stride = mode.spill_stride;
+          ro.tier.spill_io_threads = mode.spill_io_threads;
+        }
       }
       STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config}, ro));
     }
@@ -389,7 +397,24 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
         if (status = model->backend().TakeOpTimes().status(); !status.ok()) break;
         model->backend().SetOpTiming(true);
       }
-      if (k == warmup && runner != nullptr) before = runner->stats();
+      if (k == warmup && runner != nullptr) {
+        if (mode.spill_stride > 0) {
+          // The clusters bound for the SSD are there before the timing.
+          absl::StatusOr<bool> settled = runner->SettleSpills(std::chrono::minutes(10));
+          if (!settled.ok()) {
+            status = settled.status();
+            break;
+          }
+          if (!*settled || runner->stats().spills < batch) {
+            status = absl::DeadlineExceededError(absl::StrCat(
+                "kv-speed: ", runner->stats().spills, " of ", batch,
+                " sequences' clusters reached the SSD (refused: ", runner->stats().spills_refused,
+                ")"));
+            break;
+          }
+        }
+        before = runner->stats();
+      }
       const auto start = Clock::now();
       status = model->ForwardSample(in, rows).status();
       if (status.ok() && runner != nullptr) {
@@ -443,6 +468,13 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
           static_cast<double>(after.recall_kib - before.recall_kib) / 1024.0 / (runs - warmup);
       r.prefetch_mib_per_step =
           static_cast<double>(after.prefetch_kib - before.prefetch_kib) / 1024.0 / (runs - warmup);
+      r.hard_misses_per_step =
+          static_cast<double>(after.hard_misses - before.hard_misses) / (runs - warmup);
+      r.ssd_mib_per_step = static_cast<double>(after.hard_miss_bytes - before.hard_miss_bytes) /
+                           (1 << 20) / (runs - warmup);
+      r.ssd_wait_ms_per_step =
+          static_cast<double>(after.hard_miss_micros - before.hard_miss_micros) / 1e3 /
+          (runs - warmup);
       for (int64_t id : ids) runner->Release(id);
     }
     const absl::Status unset = model->set_attention_planner(nullptr);

@@ -126,15 +126,25 @@ struct SpeedResult {
   double ring_hit_rate = -1.0;
   double recall_mib_per_step = 0.0;
   double prefetch_mib_per_step = 0.0;  // read by the prefetches (beside it)
+  // With clusters below the host tier (TierMode::spill_stride): per timed
+  // step, the clusters fetched from the SSD, their MiB, and the time the
+  // step waited for them.
+  double hard_misses_per_step = 0.0;
+  double ssd_mib_per_step = 0.0;
+  double ssd_wait_ms_per_step = 0.0;
 };
 
 // Where a ClusterKV config's clusters live in MeasureDecodeSpeed: every
-// block_stride-th cluster in the host tier (0: all on the GPU).
+// block_stride-th cluster in the host tier (0: all on the GPU), and of
+// those every spill_stride-th on the manager's SSD tier (0: none), sent
+// down before the timed steps.
 struct TierMode {
   std::string name = "gpu";
   int block_stride = 0;
   engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
   double prefetch_share = kvtier::KvTierOptions().prefetch_share;
+  int spill_stride = 0;
+  int spill_io_threads = 8;
 };
 
 // Prefills `batch` sequences of `context` tokens (random ids) once, then

@@ -151,9 +151,15 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
   speed
       ->add_option("--host-tiers", f.host_tiers,
                    "Where ClusterKV's clusters live: gpu, half (every other one in pinned host "
-                   "memory), host (all there); each is a run")
+                   "memory), host (all there), ssd2/ssd4/ssd10 (all there, and every N-th on "
+                   "the SSD tier at --ssd-path); each is a run")
       ->delimiter(',')
-      ->check(CLI::IsMember({"gpu", "half", "host"}));
+      ->check(CLI::IsMember({"gpu", "half", "host", "ssd2", "ssd4", "ssd10"}));
+  speed->add_option("--ssd-path", f.ssd_path,
+                    "RocksDB directory of the SSD tier for the ssdN runs (created, and emptied "
+                    "at the end)");
+  speed->add_option("--ssd-io-threads", f.io_threads, "Threads reading clusters from the SSD")
+      ->delimiter(',');
   speed->add_option("--codec", f.codec, "Codec of the clusters below the GPU")
       ->check(CLI::IsMember({"bf16", "fp8_e4m3", "int8", "int4"}));
   speed->callback([&f, &exit_code] {
@@ -426,15 +432,22 @@ int RunKvSpeed(const KvBenchFlags& f) {
   auto codec = engine::ParseKvCodecKind(f.codec);
   if (!codec.ok()) return ExitWithError(kCmd, codec.status());
   std::vector<bench::TierMode> tiers;
+  bool ssd_runs = false;
   for (const std::string& t : f.host_tiers) {
-    const int stride = t == "half" ? 2 : t == "host" ? 1 : 0;
+    const int stride = t == "half" ? 2 : t == "gpu" ? 0 : 1;
     if (stride == 0) {
       tiers.push_back({t, 0, *codec});
       continue;
     }
+    const int spill_stride = t.starts_with("ssd") ? std::stoi(t.substr(3)) : 0;
+    ssd_runs |= spill_stride > 0;
     for (const double share : PrefetchShares(f)) {
-      tiers.push_back({t + PrefetchSuffix(f, share), stride, *codec, share});
+      tiers.push_back({t + PrefetchSuffix(f, share), stride, *codec, share, spill_stride,
+                       f.io_threads.empty() ? 8 : f.io_threads[0]});
     }
+  }
+  if (ssd_runs && f.ssd_path.empty()) {
+    return ExitWithError(kCmd, absl::InvalidArgumentError("the ssdN tiers need --ssd-path"));
   }
   const bool tiering = std::any_of(tiers.begin(), tiers.end(),
                                    [](const bench::TierMode& m) { return m.block_stride > 0; });
@@ -455,6 +468,8 @@ int RunKvSpeed(const KvBenchFlags& f) {
   auto loaded = Load(f, options);
   if (!loaded.ok()) return ExitWithError(kCmd, loaded.status());
   engine::Model* model = loaded->model.model.get();
+  // Declared before the manager, which must go first.
+  std::unique_ptr<kvtier::SsdStore> ssd;
   std::unique_ptr<kvtier::KvBlockManager> manager;
   if (tiering) {
     // Room for every sequence's clusters, every layer and head.
@@ -467,13 +482,21 @@ int RunKvSpeed(const KvBenchFlags& f) {
     const int64_t host_bytes = int64_t{max_batch} * c.num_layers * c.num_kv_heads * per_head;
     std::fprintf(stderr, "kv-speed: host tier of %.1f GiB (pinned)\n",
                  static_cast<double>(host_bytes) / (1 << 30));
-    auto created = kvtier::KvBlockManager::Create(model, {.host_bytes = host_bytes});
+    if (ssd_runs) {
+      // Room for every cluster (at most one run's are there at a time).
+      auto store = kvtier::SsdStore::Open({f.ssd_path, "kv-speed", 2 * host_bytes});
+      if (!store.ok()) return ExitWithError(kCmd, store.status());
+      ssd = std::move(*store);
+    }
+    auto created =
+        kvtier::KvBlockManager::Create(model, {.host_bytes = host_bytes, .ssd = ssd.get()});
     if (!created.ok()) return ExitWithError(kCmd, created.status());
     manager = std::move(*created);
   }
-  std::printf("%-10s %6s %5s %8s %5s %12s %14s %10s %14s %9s %10s %12s\n", "policy", "budget",
-              "batch", "context", "tier", "step_ms", "speedup_vs_full", "first_ms", "cluster_frac",
-              "ring_hit", "recall_MiB", "prefetch_MiB");
+  std::printf("%-10s %6s %5s %8s %5s %12s %14s %10s %14s %9s %10s %12s %10s %8s %10s\n", "policy",
+              "budget", "batch", "context", "tier", "step_ms", "speedup_vs_full", "first_ms",
+              "cluster_frac", "ring_hit", "recall_MiB", "prefetch_MiB", "ssd_misses", "ssd_MiB",
+              "ssd_wait_ms");
   nlohmann::json rows = nlohmann::json::array();
   for (int batch : f.batches) {
     auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup,
@@ -488,10 +511,13 @@ int RunKvSpeed(const KvBenchFlags& f) {
           r.summary_ms >= 0 ? r.summary_ms : std::max(0.0, r.first_step_ms - r.step_ms);
       const double frac = summary_ms / 1e3 / r.prefill_s;
       const double speedup = full_ms > 0 ? full_ms / r.step_ms : 0.0;
-      std::printf("%-10s %6d %5d %8d %5s %12.3f %14.2f %10.2f %14.4f %9.3f %10.2f %12.2f\n",
-                  r.config.type.c_str(), r.config.type == "full" ? 0 : r.config.budget_tokens,
-                  batch, f.context, r.tier.c_str(), r.step_ms, speedup, r.first_step_ms, frac,
-                  r.ring_hit_rate, r.recall_mib_per_step, r.prefetch_mib_per_step);
+      std::printf(
+          "%-10s %6d %5d %8d %5s %12.3f %14.2f %10.2f %14.4f %9.3f %10.2f %12.2f %10.1f %8.2f "
+          "%10.3f\n",
+          r.config.type.c_str(), r.config.type == "full" ? 0 : r.config.budget_tokens, batch,
+          f.context, r.tier.c_str(), r.step_ms, speedup, r.first_step_ms, frac, r.ring_hit_rate,
+          r.recall_mib_per_step, r.prefetch_mib_per_step, r.hard_misses_per_step,
+          r.ssd_mib_per_step, r.ssd_wait_ms_per_step);
       nlohmann::json ops = nlohmann::json::array();
       if (f.op_timing) {
         double device_ms = 0;
@@ -523,7 +549,10 @@ int RunKvSpeed(const KvBenchFlags& f) {
                       {"codec", f.codec},
                       {"ring_hit_rate", r.ring_hit_rate},
                       {"recall_mib_per_step", r.recall_mib_per_step},
-                      {"prefetch_mib_per_step", r.prefetch_mib_per_step}});
+                      {"prefetch_mib_per_step", r.prefetch_mib_per_step},
+                      {"ssd_hard_misses_per_step", r.hard_misses_per_step},
+                      {"ssd_mib_per_step", r.ssd_mib_per_step},
+                      {"ssd_wait_ms_per_step", r.ssd_wait_ms_per_step}});
     }
     std::fflush(stdout);
   }

@@ -57,7 +57,9 @@ struct KvBenchFlags {
   int warmup = 3;
   bool op_timing = false;
   // ClusterKV's clusters: gpu (all in the paged cache), half (every other
-  // cluster in the host tier), host (all there); with codec below the GPU.
+  // cluster in the host tier), host (all there), ssdN (all in the host
+  // tier, and every N-th of them on an SSD tier at ssd_path, with
+  // io_threads' first value reading); with codec below the GPU.
   std::vector<std::string> host_tiers;
   std::string codec = "bf16";
   // kv-policies: each clusterkv config also with every cluster in the host

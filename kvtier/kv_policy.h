@@ -51,6 +51,7 @@
 #define STRATA_KVTIER_KV_POLICY_H_
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -286,6 +287,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   int num_free_slots() const { return static_cast<int>(free_slots_.size()); }
   // Clusters below the host tier; null when no policy sends them down.
   const ClusterSpill* spill() const { return spill_.get(); }
+  // Between steps (benchmarks, tests): polls the spill until no batch is
+  // being written and none would start; false when `timeout` passed first.
+  absl::StatusOr<bool> SettleSpills(std::chrono::milliseconds timeout);
   void set_observer(PlanObserver observer) { observer_ = std::move(observer); }
 
  private:

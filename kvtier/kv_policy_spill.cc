@@ -1,7 +1,9 @@
 // KvPolicyRunner: host-homed clusters sent below the host tier, to the SSD
 // (kvtier/cluster_spill.h; the runner's file comment in kv_policy.h).
 #include <algorithm>
+#include <chrono>
 #include <limits>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -225,6 +227,26 @@ absl::Status KvPolicyRunner::PollSpill() {
   stats_.hard_miss_failed = s.fetches_failed;
   stats_.ssd_cluster_bytes = s.bytes_resident;
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> KvPolicyRunner::SettleSpills(std::chrono::milliseconds timeout) {
+  if (spill_ == nullptr) return true;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    STRATA_RETURN_IF_ERROR(PollSpill());
+    bool busy = false;
+    for (const auto& [id, seq] : sequences_) {
+      busy |= seq.pending_spill.has_value();
+      // A batch PollSpill would start next (admission kAlways).
+      busy |=
+          Spills(seq.policy) && !seq.regions.empty() && !seq.strided_spill_done &&
+          seq.spill_retry_step <= step_count_ &&
+          options_.tier.spill_admission[seq.policy] == KvBlockManagerOptions::SsdAdmission::kAlways;
+    }
+    if (!busy) return true;
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 }  // namespace strata::kvtier
