@@ -78,6 +78,16 @@ echo "$out" | grep -Eq "^full +0 +2 +400 " || fail "kv-speed full row: $out"
 echo "$out" | grep -Eq "^clusterkv +64 +2 +400 " || fail "kv-speed clusterkv row: $out"
 echo "$out" | grep -q "device idle" || fail "kv-speed op timing: $out"
 expect_error "must be >= 1" bench kv-speed --dummy-weights tiny --steps 0
+# Every fourth host-homed cluster on an SSD tier: the steps fetch some of
+# them from RocksDB (hard misses), and nothing is left there at the end.
+kvs=$(mktemp -d)
+out=$("$strata" bench kv-speed --dummy-weights tiny --context 400 --batch 2 --budgets 64 \
+      --full-layers 1 --window-tokens 64 --policies clusterkv --host-tiers host,ssd4 \
+      --ssd-path "$kvs/db" --steps 6 2>/dev/null) || fail "bench kv-speed ssd4"
+awk '$1 == "clusterkv" && $5 == "ssd4" && $13 > 0 { found = 1 } END { exit !found }' <<< "$out" \
+  || fail "kv-speed ssd4 row without hard misses: $out"
+expect_error "need --ssd-path" bench kv-speed --dummy-weights tiny --host-tiers ssd4
+rm -rf "$kvs"
 # A ClusterKV profile whose clusters live in the host tier (raw codec) gives
 # the tokens of the same profile keeping them on the GPU, and the summary
 # shows the clusters moved there and recalled, and their GPU pages freed.
