@@ -86,6 +86,7 @@ absl::Status Batcher::Add(GenerationRequest request) {
         absl::StrCat("request ", request.id, ": a request with this id is already running"));
   }
   auto seq = std::make_unique<Sequence>(std::move(request));
+  seq->pages.workload = seq->req.kv_policy;
   seq->stop_ids.insert(seq->req.stop_token_ids.begin(), seq->req.stop_token_ids.end());
   if (!seq->req.ignore_eos) seq->stop_ids.insert(eos_ids_.begin(), eos_ids_.end());
   if (tokenizer_ != nullptr) seq->detok.emplace(tokenizer_, /*skip_special_tokens=*/true);

@@ -43,6 +43,9 @@ struct SequencePages {
   std::vector<int32_t> lower;
   // Empty when the model has one group; else as long as `lower`.
   std::vector<int32_t> upper;
+  // The workload the KV belongs to (its request's kv_policy: one per
+  // profile), which a KV memory with per-workload budgets charges.
+  int workload = 0;
   bool empty() const { return lower.empty() && upper.empty(); }
 };
 

@@ -123,9 +123,17 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePag
     return absl::FailedPreconditionError(
         absl::StrCat("swap-out of sequence ", seq_id, ": already swapped"));
   }
+  // A workload at its line pauses no more sequences in host memory (they
+  // are recomputed), whatever room the others leave.
+  if (const int64_t limit = WorkloadRecordLimit(pages.workload);
+      limit >= 0 && WorkloadHostBytes(pages.workload) / host_.record_bytes() + needed > limit) {
+    ++counters_.swap_outs_refused;
+    return false;
+  }
   Swapped swapped;
   swapped.tokens = tokens;
   swapped.pages = needed;
+  swapped.workload = pages.workload;
   swapped.swap_id = next_swap_id_++;
   // Stored prefixes give way to a paused sequence (at once: no SSD write).
   while (host_.num_free() < needed && EvictHostPrefix(/*to_ssd=*/false)) {
@@ -447,20 +455,52 @@ void KvBlockManager::FinishMove(const RecordMover::Done& done) {
   counters_.ssd_swap_in_micros += done.micros;
 }
 
-std::optional<KvBlockManager::HostRegion> KvBlockManager::AllocateHostRegion(int64_t bytes) {
+int64_t KvBlockManager::WorkloadRecordLimit(int workload) const {
+  if (workload < 0 || workload >= static_cast<int>(options_.workload_host_bytes.size()) ||
+      options_.workload_host_bytes[workload] < 0) {
+    return -1;
+  }
+  return options_.workload_host_bytes[workload] / host_.record_bytes();
+}
+
+int64_t KvBlockManager::WorkloadHostBytes(int workload) const {
+  auto it = region_records_.find(workload);
+  int64_t records = it == region_records_.end() ? 0 : it->second;
+  for (const auto& [id, swapped] : swapped_) {
+    if (swapped.workload == workload) records += static_cast<int64_t>(swapped.records.size());
+  }
+  return records * host_.record_bytes();
+}
+
+double KvBlockManager::WorkloadHostShare(int workload) const {
+  const int64_t limit = WorkloadRecordLimit(workload);
+  if (limit < 0) return 0.0;
+  if (limit == 0) return 1.0;
+  return static_cast<double>(WorkloadHostBytes(workload)) /
+         static_cast<double>(limit * host_.record_bytes());
+}
+
+std::optional<KvBlockManager::HostRegion> KvBlockManager::AllocateHostRegion(int64_t bytes,
+                                                                             int workload) {
   if (bytes < 1) return std::nullopt;
   const int64_t records = (bytes + host_.record_stride() - 1) / host_.record_stride();
   if (records > host_.num_free()) return std::nullopt;
+  if (const int64_t limit = WorkloadRecordLimit(workload);
+      limit >= 0 && WorkloadHostBytes(workload) / host_.record_bytes() + records > limit) {
+    return std::nullopt;
+  }
   const int32_t first = host_.AllocateRun(static_cast<int>(records));
   if (first < 0) return std::nullopt;
   // The records are the region owner's at once: the device fills them
   // within the step.
   for (int32_t r = first; r < first + records; ++r) host_.Unref(r);
+  if (workload >= 0) region_records_[workload] += records;
   return HostRegion{first, static_cast<int32_t>(records), host_.offset(first),
-                    records * host_.record_stride()};
+                    records * host_.record_stride(), workload};
 }
 
 void KvBlockManager::FreeHostRegion(const HostRegion& region) {
+  if (region.workload >= 0) region_records_[region.workload] -= region.records;
   for (int32_t r = region.first_record; r < region.first_record + region.records; ++r) {
     host_.Release(r);
   }

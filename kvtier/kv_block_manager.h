@@ -131,6 +131,12 @@ struct KvBlockManagerOptions {
   // Host bytes set aside (part of host_bytes) for KV that prefill workers
   // send this worker (decode workers; landing_area()); 0: none.
   int64_t landing_bytes = 0;
+  // Per workload (SequencePages::workload, one per profile): the host bytes
+  // its paused sequences and host-homed clusters may hold together (its
+  // profile's host_bytes less its prefix_bytes); at that line its swap-outs
+  // and regions are refused, whatever the others leave free. Negative, or
+  // no entry: no line of its own (a profile without host_bytes).
+  std::vector<int64_t> workload_host_bytes = {};
   // "never", "cold" or "always".
   static absl::StatusOr<SsdAdmission> ParseSsdAdmission(std::string_view name);
 };
@@ -281,9 +287,11 @@ class KvBlockManager final : public engine::KvMemory {
     int32_t records = 0;
     int64_t offset = 0;  // bytes into host_buffer()
     int64_t bytes = 0;
+    int workload = -1;  // charged to (-1: none)
   };
-  // Nullopt when no run of records that large is free.
-  std::optional<HostRegion> AllocateHostRegion(int64_t bytes);
+  // Nullopt when no run of records that large is free, or `workload`
+  // (-1: none) would pass its line (workload_host_bytes).
+  std::optional<HostRegion> AllocateHostRegion(int64_t bytes, int workload = -1);
   void FreeHostRegion(const HostRegion& region);
   const engine::HostBuffer& host_buffer() const { return host_.buffer(); }
   // The SSD tier (null: none), and a fresh owner id for a sequence's values
@@ -292,6 +300,11 @@ class KvBlockManager final : public engine::KvMemory {
   uint64_t NewSsdOwner() { return next_swap_id_++; }
   // Share of the host tier's records in use (the landing area excluded).
   double HostUsedShare() const;
+  // Host bytes a workload holds (its swapped sequences' records in host
+  // memory and its regions), and the share of its line they are (0 without
+  // a line).
+  int64_t WorkloadHostBytes(int workload) const;
+  double WorkloadHostShare(int workload) const;
 
   const KvLayout& layout() const { return layout_; }
   Stats stats() const;
@@ -335,6 +348,7 @@ class KvBlockManager final : public engine::KvMemory {
     // move up), or refused by it: it stays in the host tier until it is
     // swapped in.
     bool stays_in_host = false;
+    int workload = 0;  // SequencePages::workload
   };
   // An SSD move in flight: whose it is, and the records it holds a
   // reference to (freed when it is done if their owner went meanwhile).
@@ -356,6 +370,8 @@ class KvBlockManager final : public engine::KvMemory {
   // compute enqueued later after them. On an error nothing is left running
   // (a copy that started is waited for).
   absl::StatusOr<engine::CopyFence> EnqueueCopies(bool to_host);
+  // Records a workload's line allows (-1: no line).
+  int64_t WorkloadRecordLimit(int workload) const;
   // Waits for the swap-out copy if needed, then seals its records.
   absl::Status Seal(Swapped& swapped);
   // SSD tier: applies finished moves, then starts moves down (host too
@@ -403,6 +419,7 @@ class KvBlockManager final : public engine::KvMemory {
   engine::PageAllocator pages_, upper_pages_;
   HostPool host_;
   absl::flat_hash_map<int64_t, Swapped> swapped_;
+  absl::flat_hash_map<int, int64_t> region_records_;  // by workload
   std::vector<InFlight> in_flight_;
   std::vector<engine::RowCopy> copies_;  // scratch
   Stats counters_;                       // the cumulative fields

@@ -54,6 +54,10 @@ absl::StatusOr<KvBlockManagerOptions> ManagerOptionsForProfiles(
   for (const KvProfile& p : profiles) {
     options.host_bytes += p.tiers.host_bytes;
     options.prefix_bytes += p.tiers.prefix_bytes;
+    // A profile without a host tier of its own uses what is free, as one
+    // without gpu_bytes does on the GPU.
+    options.workload_host_bytes.push_back(
+        p.tiers.host_bytes > 0 ? p.tiers.host_bytes - p.tiers.prefix_bytes : -1);
     if (ssd == nullptr || p.tiers.ssd_path.empty()) continue;
     options.ssd_prefix_bytes += p.tiers.ssd_prefix_bytes;
     STRATA_ASSIGN_OR_RETURN(const KvBlockManagerOptions::SsdAdmission admission,

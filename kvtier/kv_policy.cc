@@ -429,7 +429,7 @@ absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
   const int64_t need = units * config.num_kv_heads;
   std::optional<KvBlockManager::HostRegion> region;
   if (seq.tail_units < need) {
-    region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit);
+    region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit, seq.policy);
     if (!region.has_value()) {
       ++stats_.offload_refused;  // these clusters stay in the paged cache
       offload_refused_since_poll_ = true;

@@ -210,7 +210,10 @@ absl::Status KvPolicyRunner::PollSpill() {
       }
       const bool always =
           options_.tier.spill_admission[seq.policy] == KvBlockManagerOptions::SsdAdmission::kAlways;
-      if (!always && !pressure) continue;
+      if (!always && !pressure &&
+          options_.tier.manager->WorkloadHostShare(seq.policy) <= options_.tier.spill_high_water) {
+        continue;
+      }
       if (pick == nullptr || colder(seq, *pick)) {
         pick = &seq;
         pick_id = id;

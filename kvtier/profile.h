@@ -88,9 +88,11 @@ absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 // (today: any kv_policy.type and codec, GPU, host and SSD budgets, the SSD
 // tier only below a host tier). A server's GPU KV cache is its profiles'
 // gpu_bytes together, its host tier their host_bytes (kvtier/kv_sizing.h
-// divides them; a budget per workload is not enforced yet), and its SSD
-// tier one database at their ssd_path with their ssd_bytes
-// (OpenSsdForProfiles). The codec applies to the clusters a ClusterKV
+// divides them), and its SSD tier one database at their ssd_path with
+// their ssd_bytes (OpenSsdForProfiles). Each workload keeps within its own
+// gpu_bytes (the batcher's page caps) and host_bytes less prefix_bytes
+// (the block manager's lines for its paused sequences and host-homed
+// clusters); stored prefixes and the SSD budget are shared. The codec applies to the clusters a ClusterKV
 // profile with a host tier keeps there; preempted sequences swap raw, so a
 // pause never changes their tokens. The SSD tier holds paused sequences
 // whole, stored prefixes and host-homed clusters (ssd_write_admission

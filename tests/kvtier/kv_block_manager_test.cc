@@ -352,6 +352,59 @@ TEST(SwapTest, AFailedSwapInLeavesTheHostCopyToBeDroppedByACancel) {
   EXPECT_TRUE((*manager)->Idle()) << "the swapped sequence's host records were dropped";
 }
 
+TEST(KvBlockManagerTest, AWorkloadAtItsHostLinePausesNoMoreWhateverTheOthersLeave) {
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  // 16 MiB of host tier; workload 0 may hold two records, workload 1 has no
+  // host tier of its own, workload 2 no line.
+  auto created = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 24});
+  ASSERT_TRUE(created.ok());
+  const int64_t record = (*created)->layout().record_bytes();
+  auto manager = KvBlockManager::Create(
+      model.get(), {.host_bytes = int64_t{1} << 24, .workload_host_bytes = {2 * record, 0, -1}});
+  ASSERT_TRUE(manager.ok());
+  KvBlockManager& m = **manager;
+  auto paused = [&](int64_t id, int workload, int tokens) {
+    engine::SequencePages pages;
+    pages.workload = workload;
+    EXPECT_TRUE(m.Grow(pages, tokens));
+    absl::StatusOr<bool> out = m.SwapOut(id, pages, tokens);
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (!pages.empty()) EXPECT_TRUE(m.Free(pages).ok());
+    return out.value_or(false);
+  };
+  EXPECT_TRUE(paused(1, 0, 16));  // two records: at its line
+  EXPECT_FALSE(paused(2, 0, 1));  // one more is refused
+  EXPECT_FALSE(paused(3, 1, 1));  // no host tier of its own
+  EXPECT_TRUE(paused(4, 2, 24));  // the rest is free for the others
+  EXPECT_EQ(m.WorkloadHostBytes(0), 2 * record);
+  EXPECT_DOUBLE_EQ(m.WorkloadHostShare(0), 1.0);
+  // Host regions count against the same line.
+  EXPECT_FALSE(m.AllocateHostRegion(1, 0).has_value());
+  std::optional<KvBlockManager::HostRegion> region = m.AllocateHostRegion(record, 2);
+  ASSERT_TRUE(region.has_value());
+  EXPECT_EQ(m.WorkloadHostBytes(2), 4 * record);
+  m.DropSwapped(1);
+  std::optional<KvBlockManager::HostRegion> mine = m.AllocateHostRegion(record, 0);
+  ASSERT_TRUE(mine.has_value()) << "room again once its paused sequence went";
+  m.FreeHostRegion(*mine);
+  m.FreeHostRegion(*region);
+  m.DropSwapped(4);
+  EXPECT_EQ(m.WorkloadHostBytes(0), 0);
+  EXPECT_EQ(m.WorkloadHostBytes(2), 0);
+  ASSERT_TRUE(m.Poll().ok());
+  EXPECT_TRUE(m.Idle());
+}
+
+TEST(KvBlockManagerTest, EachProfileWithAHostTierGetsItsLine) {
+  KvProfile with_host;
+  with_host.tiers.host_bytes = int64_t{64} << 20;
+  with_host.tiers.prefix_bytes = int64_t{16} << 20;
+  auto options = ManagerOptionsForProfiles({DefaultProfile(), with_host}, nullptr, "m/bf16");
+  ASSERT_TRUE(options.ok()) << options.status();
+  EXPECT_EQ(options->host_bytes, int64_t{64} << 20);
+  EXPECT_EQ(options->workload_host_bytes, (std::vector<int64_t>{-1, int64_t{48} << 20}));
+}
+
 TEST(KvBlockManagerTest, RefusesBadSwapRequests) {
   auto model = LoadGolden("llama_gqa", SmallCache(40));
   auto manager = KvBlockManager::Create(model.get(), {.host_bytes = int64_t{1} << 24});
