@@ -39,6 +39,7 @@ struct Batcher::Sequence {
   bool lost = false;      // this step's KV was not trusted: recompute
   int cached_tokens = 0;  // of its first prefill, loaded from a stored prefix
   bool prefix_asked = false;
+  bool prompt_stored = false;  // its prompt's KV went to the prefix store
   // req.import_kv was loaded, failed or dropped: never asked again (a
   // recompute computes the prompt here).
   bool import_done = false;
@@ -677,6 +678,19 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
                                 "sequence was stopped"),
                    events);
       continue;
+    }
+    if (!seq.prompt_stored) {
+      // The prompt's KV is complete: it is stored now, before a KV policy
+      // that reorders it in place (ClusterKV, at the first decode step)
+      // does, so that a later request starting with the same document or
+      // conversation loads it instead of computing it (what the request
+      // generates is stored when it ends, where the KV stays in order).
+      seq.prompt_stored = true;
+      if (absl::Status s = kv_->StorePrefix(
+              std::span<const int32_t>(seq.tokens).first(seq.num_computed), seq.pages);
+          !s.ok()) {
+        STRATA_LOG_WARN("request {}: prompt not stored: {}", seq.req.id, s.ToString());
+      }
     }
     if (seq.decode_fed < seq.req.decode_tokens.size()) {
       // Validate() left room for every decode token before max_context.

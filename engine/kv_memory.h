@@ -123,9 +123,10 @@ class KvMemory {
                                          SequencePages& /*pages*/) {
     return 0;
   }
-  // Before a finished sequence's pages are freed: keeps the KV of the whole
-  // pages of `tokens` (the tokens whose KV `pages` hold) for later
-  // sequences that start with them, as far as the store has room.
+  // When a sequence's prompt is computed (before a KV policy reorders its
+  // pages) and before a finished sequence's pages are freed: keeps the KV
+  // of the whole pages of `tokens` (the tokens whose KV `pages` hold) for
+  // later sequences that start with them, as far as the store has room.
   virtual absl::Status StorePrefix(std::span<const int32_t> /*tokens*/,
                                    const SequencePages& /*pages*/) {
     return absl::OkStatus();

@@ -35,14 +35,17 @@
 // the host tier. Its SSD keys are deleted when it comes back up, is
 // dropped, or the manager goes.
 //
-// Prefix reuse (prefix_bytes > 0): a finished sequence's whole pages are
-// copied to host records (StorePrefix), indexed by content (PrefixIndex's
+// Prefix reuse (prefix_bytes > 0): a sequence's whole pages are copied to
+// host records (StorePrefix: its prompt's when the prefill completes, the
+// rest when it ends; pages stored already are kept, not copied again),
+// indexed by content (PrefixIndex's
 // chain keys under prefix_space), and a later sequence whose tokens start
 // with them gets that KV copied into its pages instead of computing it
 // (LoadPrefix). The stored prefixes take at most prefix_bytes of the host
 // tier, least recently used out first; a record that fails its CRC is
-// dropped and its part of the prompt computed. With two page groups the
-// store is off (their upper pages may be off the GPU).
+// dropped and its part of the prompt computed. With two page groups a
+// record holds a page of both, and a prefix ends at the first page whose
+// upper layers are off the GPU.
 // With an SSD tier and ssd_prefix_bytes > 0, prefix pages also go down to
 // the SSD (ssd_admission: when the host store evicts them, or as soon as
 // they are stored), each value headed by its chain key, tokens and CRC, so
@@ -407,6 +410,11 @@ class KvBlockManager final : public engine::KvMemory {
   std::vector<uint8_t> PrefixHeader(const PrefixKey& key, std::span<const int32_t> tokens,
                                     uint32_t crc) const;
   int64_t PrefixHeaderBytes() const { return 28 + 4 * int64_t{layout_.page_size()}; }
+  // The upper page of a sequence's i-th token page (kPageOffGpu with one
+  // group), for AppendRecordCopies.
+  static int32_t UpperOf(const engine::SequencePages& pages, size_t i) {
+    return i < pages.upper.size() ? pages.upper[i] : engine::kPageOffGpu;
+  }
 
   engine::Model* model_;
   KvLayout layout_;

@@ -277,9 +277,19 @@ void KvBlockManager::FinishPrefixMove(const RecordMover::Done& done) {
 
 absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
                                          const engine::SequencePages& pages) {
-  if (max_prefix_records_ == 0 || upper_pages_.num_pages() > 0) return absl::OkStatus();
+  if (max_prefix_records_ == 0) return absl::OkStatus();
   const int page = layout_.page_size();
-  const size_t blocks = std::min(tokens.size() / page, pages.lower.size());
+  size_t blocks = std::min(tokens.size() / page, pages.lower.size());
+  if (upper_pages_.num_pages() > 0) {
+    // With two groups a record holds both: the pages whose upper layers
+    // left the GPU (their clusters live in a lower tier) end the prefix.
+    size_t whole = 0;
+    while (whole < blocks && whole < pages.upper.size() &&
+           pages.upper[whole] != engine::kPageOffGpu) {
+      ++whole;
+    }
+    blocks = whole;
+  }
   if (blocks == 0) return absl::OkStatus();
   const std::vector<PrefixKey> chain =
       PrefixChain(options_.prefix_space, tokens.first(blocks * page), page);
@@ -289,6 +299,10 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
     }
     return false;
   };
+  // The chain's pages stored already (the prompt's, when the request ends)
+  // are held while the rest is stored: evicting its own head for its tail
+  // would leave a prefix no lookup can reach.
+  const size_t held = prefixes_.Lookup(chain, tokens.first(blocks * page)).size();
   PendingPrefix pending;
   copies_.clear();
   for (size_t b = 0; b < chain.size(); ++b) {
@@ -298,12 +312,12 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
     std::vector<int32_t> record;
     if (prefix_records_ >= max_prefix_records_ || !host_.Allocate(1, record)) break;
     ++prefix_records_;
-    layout_.AppendRecordCopies(pages.lower[b], engine::kPageOffGpu, host_.offset(record[0]),
-                               copies_);
+    layout_.AppendRecordCopies(pages.lower[b], UpperOf(pages, b), host_.offset(record[0]), copies_);
     pending.keys.push_back(chain[b]);
     pending.tokens.emplace_back(tokens.begin() + b * page, tokens.begin() + (b + 1) * page);
     pending.records.push_back(record[0]);
   }
+  for (size_t b = 0; b < held; ++b) prefixes_.Release(chain[b]);
   if (pending.records.empty()) return absl::OkStatus();
   absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
   if (!fence.ok()) {
@@ -351,7 +365,7 @@ absl::Status KvBlockManager::SealPendingPrefixes() {
 
 absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
                                                engine::SequencePages& pages) {
-  if (max_prefix_records_ == 0 || upper_pages_.num_pages() > 0 || !pages.empty()) return 0;
+  if (max_prefix_records_ == 0 || !pages.empty()) return 0;
   const int page = layout_.page_size();
   // At least the last token is computed: its logits are the next token's.
   const size_t blocks = tokens.empty() ? 0 : (tokens.size() - 1) / page;
@@ -404,12 +418,16 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
   }
   ++counters_.prefix_lookups;
   const size_t n = found.size();
-  if (n == 0 || pages_.num_free() < static_cast<int>(n)) {
+  const bool two_groups = upper_pages_.num_pages() > 0;
+  if (n == 0 || pages_.num_free() < static_cast<int>(n) ||
+      (two_groups && upper_pages_.num_free() < static_cast<int>(n))) {
     release();
     return 0;
   }
-  if (!pages_.Allocate(static_cast<int>(n), pages.lower)) {
+  if (!pages_.Allocate(static_cast<int>(n), pages.lower) ||
+      (two_groups && !upper_pages_.Allocate(static_cast<int>(n), pages.upper))) {
     release();
+    STRATA_RETURN_IF_ERROR(Free(pages));
     return absl::InternalError("free pages vanished");
   }
   // The copy starts first and the records' CRCs are checked while it runs
@@ -421,7 +439,7 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
   copies_.clear();
   const std::vector<int32_t> records(found.begin(), found.end());
   for (size_t i = 0; i < n; ++i) {
-    layout_.AppendRecordCopies(pages.lower[i], engine::kPageOffGpu, host_.offset(records[i]),
+    layout_.AppendRecordCopies(pages.lower[i], UpperOf(pages, i), host_.offset(records[i]),
                                copies_);
     host_.Ref(records[i]);  // held by the copy: an eviction meanwhile frees it after
   }
@@ -446,6 +464,12 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
                               pages.lower.end());
     pages.lower.resize(good);
     STRATA_RETURN_IF_ERROR(pages_.Free(tail));
+    if (two_groups) {
+      std::vector<int32_t> upper_tail(pages.upper.begin() + static_cast<std::ptrdiff_t>(good),
+                                      pages.upper.end());
+      pages.upper.resize(good);
+      STRATA_RETURN_IF_ERROR(upper_pages_.Free(upper_tail));
+    }
     if (good == 0) return 0;
   }
   ++counters_.prefix_hits;

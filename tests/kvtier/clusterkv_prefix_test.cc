@@ -1,0 +1,151 @@
+// Prefix reuse under a KV policy that reorders the cache (ClusterKV
+// clusters a sequence's keys in place at its first decode step): the
+// prompt's KV is stored when its prefill completes, before the reorder, so
+// a later request with the same document loads it and computes only its
+// own tokens; its greedy tokens are those of a run that computed it all.
+// Also with two page groups, the clusters homed in host memory and their
+// upper pages freed.
+#include <map>
+#include <random>
+#include <vector>
+
+#include "engine/batcher.h"
+#include "engine/cpu_backend.h"
+#include "engine/model_loader.h"
+#include "gtest/gtest.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
+#include "tests/engine/test_util.h"
+
+namespace strata::kvtier {
+namespace {
+
+std::unique_ptr<engine::Backend> g_backend = engine::CreateCpuBackend(2);
+
+std::vector<int32_t> Tokens(int len, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> p(len);
+  for (auto& t : p) t = static_cast<int32_t>(rng() % 500) + 3;
+  return p;
+}
+
+KvPolicyConfig ClusterKv() {
+  KvPolicyConfig c;
+  c.type = "clusterkv";
+  c.budget_tokens = 24;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.tokens_per_cluster = 8;
+  c.full_layers = 1;
+  return c;
+}
+
+struct Completion {
+  std::vector<int32_t> tokens;
+  int cached = 0;
+};
+
+// llama_gqa with a ClusterKv() runner over a block manager whose host tier
+// stores prefixes (when `store`); with `two_groups` the layers from 1 on
+// have their own pages and the clusters are homed in host memory.
+class Server {
+ public:
+  Server(bool store, bool two_groups) {
+    engine::ModelOptions options;
+    options.max_seqs = 4;
+    options.max_context = 320;
+    options.max_batch_tokens = 96;
+    options.page_size = 8;
+    options.num_pages = 120;
+    options.num_upper_pages = two_groups ? 120 : 0;
+    options.upper_first_layer = 1;
+    auto l = engine::LoadModel({testing_util::FixturePath("models/llama_gqa"), ""}, g_backend.get(),
+                               options);
+    EXPECT_TRUE(l.ok()) << l.status();
+    loaded_ = std::move(*l);
+    auto m = KvBlockManager::Create(model(), {.host_bytes = int64_t{64} << 20,
+                                              .prefix_bytes = store ? int64_t{16} << 20 : 0,
+                                              .prefix_space = "llama_gqa/f32"});
+    EXPECT_TRUE(m.ok()) << m.status();
+    manager_ = std::move(*m);
+    KvTierOptions tier;
+    if (two_groups) tier.manager = manager_.get();
+    auto r = KvPolicyRunner::Create(model(), {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
+    EXPECT_TRUE(r.ok()) << r.status();
+    runner_ = std::move(*r);
+    EXPECT_TRUE(model()->set_attention_planner(runner_.get()).ok());
+    batcher_ = std::make_unique<engine::Batcher>(model(), nullptr, engine::BatcherOptions{},
+                                                 manager_.get());
+  }
+  ~Server() {
+    batcher_.reset();
+    EXPECT_TRUE(model()->set_attention_planner(nullptr).ok());
+  }
+  engine::Model* model() { return loaded_.model.get(); }
+  KvBlockManager& manager() { return *manager_; }
+  const KvPolicyRunner& runner() const { return *runner_; }
+
+  Completion Generate(uint64_t id, std::vector<int32_t> prompt) {
+    engine::GenerationRequest r;
+    r.id = id;
+    r.prompt = std::move(prompt);
+    r.max_tokens = 30;
+    r.ignore_eos = true;
+    EXPECT_TRUE(batcher_->Add(r).ok());
+    Completion run;
+    while (batcher_->HasWork()) {
+      auto events = batcher_->Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      for (const auto& e : *events) {
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+        run.tokens.push_back(e.token_id);
+        if (e.finish != engine::FinishReason::kNone) run.cached = e.cached_tokens;
+      }
+    }
+    // The stored pages are sealed (indexed) by the next poll.
+    EXPECT_TRUE(manager_->Poll().ok());
+    return run;
+  }
+
+ private:
+  engine::LoadedModel loaded_;
+  std::unique_ptr<KvBlockManager> manager_;
+  std::unique_ptr<KvPolicyRunner> runner_;
+  std::unique_ptr<engine::Batcher> batcher_;
+};
+
+std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+class ClusterKvPrefixTest : public ::testing::TestWithParam<bool> {};
+
+TEST_P(ClusterKvPrefixTest, ASecondQuestionOnTheSameDocumentLoadsItAndKeepsItsTokens) {
+  const bool two_groups = GetParam();
+  const std::vector<int32_t> doc = Tokens(160, 3);
+  const std::vector<int32_t> first = Concat(doc, Tokens(12, 4));
+  const std::vector<int32_t> second = Concat(doc, Tokens(9, 5));
+  Server plain(/*store=*/false, two_groups);
+  const Completion want = plain.Generate(2, second);
+  Server s(/*store=*/true, two_groups);
+  const Completion asked = s.Generate(1, first);
+  EXPECT_EQ(asked.cached, 0);
+  EXPECT_GT(s.runner().stats().clusterings, 0) << "its keys were clustered (reordered)";
+  const Completion again = s.Generate(2, second);
+  EXPECT_EQ(again.cached, 160) << "the document's 20 whole pages";
+  EXPECT_EQ(again.tokens, want.tokens);
+  EXPECT_EQ(s.manager().stats().prefix_hits, 1);
+  if (two_groups) {
+    EXPECT_GT(s.runner().stats().offloads, 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Groups, ClusterKvPrefixTest, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "TwoGroupsHostHomed" : "OneGroup";
+                         });
+
+}  // namespace
+}  // namespace strata::kvtier
