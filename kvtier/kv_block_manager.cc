@@ -347,6 +347,16 @@ absl::Status KvBlockManager::PollSsd() {
   while (used > high || total - used < wanted_free_records_) {
     auto* oldest = Oldest(Tier::kHost);
     if (oldest == nullptr) break;
+    Swapped& s = oldest->second;
+    if (s.workload >= 0 && s.workload < static_cast<int>(options_.workload_ssd_bytes.size()) &&
+        options_.workload_ssd_bytes[s.workload] >= 0 &&
+        WorkloadSsdBytes(s.workload) + int64_t{s.pages} * layout_.record_bytes() >
+            options_.workload_ssd_bytes[s.workload]) {
+      // Its workload's SSD line is full: it stays in host memory.
+      s.stays_in_host = true;
+      ++counters_.ssd_swap_outs_refused;
+      continue;
+    }
     used -= oldest->second.pages;
     StartMove(oldest->first, oldest->second, /*down=*/true);
   }
@@ -479,6 +489,31 @@ double KvBlockManager::WorkloadHostShare(int workload) const {
   return static_cast<double>(WorkloadHostBytes(workload)) /
          static_cast<double>(limit * host_.record_bytes());
 }
+
+int64_t KvBlockManager::WorkloadSsdBytes(int workload) const {
+  auto it = ssd_charged_.find(workload);
+  int64_t bytes = it == ssd_charged_.end() ? 0 : it->second;
+  for (const auto& [id, swapped] : swapped_) {
+    if (swapped.workload == workload &&
+        (swapped.tier == Tier::kToSsd || swapped.tier == Tier::kSsd ||
+         swapped.tier == Tier::kFromSsd)) {
+      bytes += int64_t{swapped.pages} * layout_.record_bytes();
+    }
+  }
+  return bytes;
+}
+
+bool KvBlockManager::ChargeSsd(int workload, int64_t bytes) {
+  if (workload >= 0 && workload < static_cast<int>(options_.workload_ssd_bytes.size()) &&
+      options_.workload_ssd_bytes[workload] >= 0 &&
+      WorkloadSsdBytes(workload) + bytes > options_.workload_ssd_bytes[workload]) {
+    return false;
+  }
+  ssd_charged_[workload] += bytes;
+  return true;
+}
+
+void KvBlockManager::RefundSsd(int workload, int64_t bytes) { ssd_charged_[workload] -= bytes; }
 
 std::optional<KvBlockManager::HostRegion> KvBlockManager::AllocateHostRegion(int64_t bytes,
                                                                              int workload) {

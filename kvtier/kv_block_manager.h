@@ -140,6 +140,11 @@ struct KvBlockManagerOptions {
   // and regions are refused, whatever the others leave free. Negative, or
   // no entry: no line of its own (a profile without host_bytes).
   std::vector<int64_t> workload_host_bytes = {};
+  // The same on the SSD tier (its profile's ssd_bytes less its
+  // ssd_prefix_bytes): its paused sequences moved down and the host-homed
+  // clusters charged to it (ChargeSsd). Past it a paused sequence stays in
+  // host memory and a batch of clusters is not sent down.
+  std::vector<int64_t> workload_ssd_bytes = {};
   // "never", "cold" or "always".
   static absl::StatusOr<SsdAdmission> ParseSsdAdmission(std::string_view name);
 };
@@ -308,6 +313,13 @@ class KvBlockManager final : public engine::KvMemory {
   // a line).
   int64_t WorkloadHostBytes(int workload) const;
   double WorkloadHostShare(int workload) const;
+  // SSD bytes a workload holds (its paused sequences there and what was
+  // charged to it). ChargeSsd adds `bytes` (host-homed clusters about to be
+  // written) unless that passes its line (false: nothing charged);
+  // RefundSsd gives them back when they are deleted or refused.
+  int64_t WorkloadSsdBytes(int workload) const;
+  bool ChargeSsd(int workload, int64_t bytes);
+  void RefundSsd(int workload, int64_t bytes);
 
   const KvLayout& layout() const { return layout_; }
   Stats stats() const;
@@ -428,6 +440,7 @@ class KvBlockManager final : public engine::KvMemory {
   HostPool host_;
   absl::flat_hash_map<int64_t, Swapped> swapped_;
   absl::flat_hash_map<int, int64_t> region_records_;  // by workload
+  absl::flat_hash_map<int, int64_t> ssd_charged_;     // by workload (ChargeSsd)
   std::vector<InFlight> in_flight_;
   std::vector<engine::RowCopy> copies_;  // scratch
   Stats counters_;                       // the cumulative fields

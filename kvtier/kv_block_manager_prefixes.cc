@@ -58,6 +58,9 @@ absl::StatusOr<KvBlockManagerOptions> ManagerOptionsForProfiles(
     // without gpu_bytes does on the GPU.
     options.workload_host_bytes.push_back(
         p.tiers.host_bytes > 0 ? p.tiers.host_bytes - p.tiers.prefix_bytes : -1);
+    options.workload_ssd_bytes.push_back(ssd != nullptr && !p.tiers.ssd_path.empty()
+                                             ? p.tiers.ssd_bytes - p.tiers.ssd_prefix_bytes
+                                             : -1);
     if (ssd == nullptr || p.tiers.ssd_path.empty()) continue;
     options.ssd_prefix_bytes += p.tiers.ssd_prefix_bytes;
     STRATA_ASSIGN_OR_RETURN(const KvBlockManagerOptions::SsdAdmission admission,

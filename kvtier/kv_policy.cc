@@ -888,6 +888,7 @@ void KvPolicyRunner::Release(int64_t seq_id) {
     // Stops a batch being written (it reads the regions) and deletes the
     // sequence's values.
     spill_->Forget(seq_id);
+    options_.tier.manager->RefundSsd(seq.policy, seq.ssd_charged);
     if (seq.pending_spill.has_value()) {
       for (const KvBlockManager::HostRegion& r : seq.pending_spill->regions) {
         options_.tier.manager->FreeHostRegion(r);

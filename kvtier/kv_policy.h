@@ -314,6 +314,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     bool spilled = false;
     bool strided_spill_done = false;  // spill_stride > 1: sent down once
     int64_t spill_retry_step = 0;     // refused by the SSD: not before this step
+    int64_t ssd_charged = 0;          // SSD bytes charged to its workload (ChargeSsd)
     struct PendingSpill {
       uint64_t tag = 0;
       std::vector<KvBlockManager::HostRegion> regions;
@@ -321,6 +322,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
       // the batch sends down set to kPieceBelowHost.
       std::vector<std::vector<std::vector<int32_t>>> piece_host;
       int64_t clusters = 0;
+      int64_t bytes = 0;  // of its values
     };
     std::optional<PendingSpill> pending_spill;
   };
@@ -434,6 +436,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   bool offload_refused_since_poll_ = false;
   uint64_t next_spill_tag_ = 1;
   bool step_fetch_ = false;
+  int64_t spills_over_line_ = 0;  // batches past their workload's SSD line
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;
   // Paused sequences that found no pages for their ring this step.

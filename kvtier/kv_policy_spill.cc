@@ -123,6 +123,14 @@ absl::Status KvPolicyRunner::StartSpill(int64_t id, Sequence& seq) {
   }
   if (stride > 1) seq.strided_spill_done = true;
   if (batch.clusters.empty()) return absl::OkStatus();
+  for (const ClusterSpill::Cluster& c : batch.clusters) pending.bytes += c.bytes;
+  if (!options_.tier.manager->ChargeSsd(seq.policy, pending.bytes)) {
+    // Past its workload's SSD line: the clusters stay in host memory.
+    ++spills_over_line_;
+    seq.spill_retry_step = step_count_ + kSpillRetrySteps;
+    return absl::OkStatus();
+  }
+  seq.ssd_charged += pending.bytes;
   if (seq.spill_owner == 0) seq.spill_owner = options_.tier.manager->NewSsdOwner();
   pending.tag = next_spill_tag_++;
   pending.clusters = static_cast<int64_t>(batch.clusters.size());
@@ -145,6 +153,8 @@ absl::Status KvPolicyRunner::FinishSpill(Sequence& seq, bool stored) {
   if (!stored) {
     // The clusters stay in host memory; the SSD is asked again later (it
     // may have room once other sequences end), not at every step.
+    options_.tier.manager->RefundSsd(seq.policy, pending.bytes);
+    seq.ssd_charged -= pending.bytes;
     for (const KvBlockManager::HostRegion& r : pending.regions) seq.regions.push_back(r);
     seq.spill_retry_step = step_count_ + kSpillRetrySteps;
     return absl::OkStatus();
@@ -223,7 +233,7 @@ absl::Status KvPolicyRunner::PollSpill() {
   }
   MaybeFreeStaging();
   const ClusterSpill::Stats s = spill_->stats();
-  stats_.spills_refused = s.batches_refused;
+  stats_.spills_refused = s.batches_refused + spills_over_line_;
   stats_.hard_misses = s.hard_misses;
   stats_.hard_miss_bytes = s.bytes_read;
   stats_.hard_miss_micros = s.fetch_micros;

@@ -92,7 +92,8 @@ absl::StatusOr<KvProfile> LoadProfile(const std::string& path);
 // their ssd_bytes (OpenSsdForProfiles). Each workload keeps within its own
 // gpu_bytes (the batcher's page caps) and host_bytes less prefix_bytes
 // (the block manager's lines for its paused sequences and host-homed
-// clusters); stored prefixes and the SSD budget are shared. The codec applies to the clusters a
+// clusters), and ssd_bytes less ssd_prefix_bytes on the SSD tier; stored
+// prefixes are shared. The codec applies to the clusters a
 // ClusterKV profile with a host tier keeps there; preempted sequences swap raw, so a pause never
 // changes their tokens. The SSD tier holds paused sequences whole, stored prefixes and host-homed
 // clusters (ssd_write_admission applies to the last two).
