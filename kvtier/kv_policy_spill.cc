@@ -112,7 +112,12 @@ absl::Status KvPolicyRunner::StartSpill(int64_t id, Sequence& seq) {
         c.host_offset = start;
         c.bytes = last + static_cast<int64_t>(last_bytes) - start;
         for (int32_t p = first; p < first + pieces; ++p) {
-          c.piece_offsets.push_back(int64_t{marked[p]} * engine::kKvHostUnit - start);
+          const int64_t offset = int64_t{marked[p]} * engine::kKvHostUnit - start;
+          if (marked[p] < 0 || offset < 0 || offset >= c.bytes) {
+            return absl::InternalError(absl::StrCat("sequence ", id, " layer ", l, " head ", h,
+                                                    " cluster ", blk, ": pieces out of place"));
+          }
+          c.piece_offsets.push_back(offset);
           marked[p] = engine::kPieceBelowHost;
         }
         batch.clusters.push_back(std::move(c));
@@ -229,7 +234,13 @@ absl::Status KvPolicyRunner::PollSpill() {
         pick_id = id;
       }
     }
-    if (pick != nullptr) STRATA_RETURN_IF_ERROR(StartSpill(pick_id, *pick));
+    if (pick != nullptr) {
+      if (absl::Status s = StartSpill(pick_id, *pick); !s.ok()) {
+        // Its clusters stay in host memory; serving goes on.
+        STRATA_LOG_ERROR("sequence {}: clusters not sent to the SSD: {}", pick_id, s.ToString());
+        pick->spill_retry_step = std::numeric_limits<int64_t>::max();
+      }
+    }
   }
   MaybeFreeStaging();
   const ClusterSpill::Stats s = spill_->stats();
