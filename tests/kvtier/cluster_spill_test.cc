@@ -12,6 +12,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/batcher.h"
@@ -316,6 +317,114 @@ TEST(ClusterSpillTest, NothingLeaksAfterCancellationsPreemptionsAndSpills) {
   EXPECT_EQ(m.runner().spill()->stats().sequences, 0);
   EXPECT_EQ(m.manager().WorkloadSsdBytes(0), 0) << "every charge refunded";
   EXPECT_TRUE(m.Idle());
+}
+
+// ---- ClusterSpill alone, over a host buffer of its own -------------------
+
+class ClusterSpillUnitTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) /
+           ("cluster_spill_unit_" + std::to_string(getpid()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    auto store = SsdStore::Open({dir_.string(), "m", int64_t{1} << 26});
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = std::move(*store);
+    host_.assign(1 << 20, 0);
+    for (size_t i = 0; i < 4096; ++i) host_[i] = static_cast<uint8_t>(i * 7 + 1);
+  }
+  void TearDown() override {
+    store_.reset();
+    fs::remove_all(dir_);
+  }
+  // One cluster (layer 1, head 0, block 3) of two pieces, at host bytes
+  // [128, 128 + 640): pieces 5 and 6 at 128 and 448.
+  ClusterSpill::Batch OneCluster(int64_t seq_id, int slot) {
+    ClusterSpill::Batch batch;
+    batch.seq_id = seq_id;
+    batch.slot = slot;
+    batch.clusters.push_back({1, 0, 3, 5, 128, 640, {0, 320}});
+    return batch;
+  }
+  // Polls until a batch is reported.
+  std::vector<ClusterSpill::Done> WaitDone(ClusterSpill& spill) {
+    for (int i = 0; i < 10000; ++i) {
+      std::vector<ClusterSpill::Done> done = spill.Poll();
+      if (!done.empty()) return done;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return {};
+  }
+  fs::path dir_;
+  std::unique_ptr<SsdStore> store_;
+  std::vector<uint8_t> host_;
+};
+
+TEST_F(ClusterSpillUnitTest, FetchedPiecesAreTheBytesWrittenAndUnknownOnesFail) {
+  ClusterSpill spill(store_.get(), {.host_data = host_.data(), .io_threads = 2});
+  spill.SetStaging(int64_t{512} << 10, 4096);
+  spill.Write(77, OneCluster(9, 2));
+  const std::vector<ClusterSpill::Done> done = WaitDone(spill);
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_TRUE(done[0].status.ok()) << done[0].status;
+  EXPECT_TRUE(spill.HasClusters(9));
+  // The host copy may change now: what comes back is what was written.
+  const std::vector<uint8_t> written(host_.begin() + 128, host_.begin() + 768);
+  std::fill(host_.begin(), host_.begin() + 4096, 0);
+  const std::vector<engine::PieceFetcher::Piece> pieces = {
+      {2, 0, 6}, {2, 0, 5}, {3, 0, 5}, {2, 1, 5}, {2, 0, 7}};
+  std::vector<int64_t> offsets(pieces.size());
+  spill.Fetch(1, pieces, offsets);
+  ASSERT_GE(offsets[0], int64_t{512} << 10);
+  EXPECT_EQ(offsets[0] - offsets[1], 320) << "one read, the piece at its place in it";
+  EXPECT_TRUE(std::equal(written.begin(), written.end(), host_.begin() + offsets[1]));
+  EXPECT_EQ(offsets[2], -1) << "another slot";
+  EXPECT_EQ(offsets[3], -1) << "another head";
+  EXPECT_EQ(offsets[4], -1) << "past the cluster's pieces";
+  std::vector<int64_t> other_layer(1);
+  spill.Fetch(0, std::span(pieces).first(1), other_layer);
+  EXPECT_EQ(other_layer[0], -1);
+  const ClusterSpill::Stats s = spill.stats();
+  EXPECT_EQ(s.hard_misses, 1);
+  EXPECT_EQ(s.bytes_read, 640);
+  EXPECT_EQ(s.fetches_failed, 4);
+  EXPECT_EQ(s.bytes_resident, 640);
+  spill.Forget(9);
+  EXPECT_EQ(store_->stats().bytes_used, 0);
+  EXPECT_FALSE(spill.HasClusters(9));
+}
+
+TEST_F(ClusterSpillUnitTest, AClusterThatDoesNotFitTheStagingAreaFailsAlone) {
+  ClusterSpill spill(store_.get(), {.host_data = host_.data(), .io_threads = 2});
+  spill.SetStaging(int64_t{512} << 10, 700);  // one 640-byte cluster, not two
+  ClusterSpill::Batch batch = OneCluster(9, 2);
+  batch.clusters.push_back({1, 0, 4, 7, 1024, 640, {0, 320}});
+  spill.Write(77, batch);
+  ASSERT_EQ(WaitDone(spill).size(), 1u);
+  const std::vector<engine::PieceFetcher::Piece> pieces = {{2, 0, 5}, {2, 0, 7}};
+  std::vector<int64_t> offsets(2);
+  spill.Fetch(1, pieces, offsets);
+  EXPECT_GE(offsets[0], 0);
+  EXPECT_EQ(offsets[1], -1);
+  spill.SetStaging(0, 0);  // none: every fetch fails
+  spill.Fetch(1, pieces, offsets);
+  EXPECT_EQ(offsets[0], -1);
+}
+
+TEST_F(ClusterSpillUnitTest, ABatchPastTheBudgetIsRefusedAndLeavesNothing) {
+  auto small = SsdStore::Open({(dir_ / "small").string(), "m", 1000});
+  ASSERT_TRUE(small.ok()) << small.status();
+  ClusterSpill spill(small->get(), {.host_data = host_.data(), .io_threads = 2});
+  ClusterSpill::Batch batch = OneCluster(9, 2);
+  batch.clusters.push_back({1, 0, 4, 7, 1024, 640, {0, 320}});  // 1280 bytes in all
+  spill.Write(77, batch);
+  const std::vector<ClusterSpill::Done> done = WaitDone(spill);
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_TRUE(absl::IsResourceExhausted(done[0].status)) << done[0].status;
+  EXPECT_FALSE(spill.HasClusters(9));
+  EXPECT_EQ((*small)->stats().bytes_used, 0) << "the value that fit was deleted again";
+  EXPECT_EQ(spill.stats().batches_refused, 1);
 }
 
 // A sequence that finds no pages for its ring keeps its clusters in the
