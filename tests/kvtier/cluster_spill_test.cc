@@ -23,6 +23,7 @@
 #include "kvtier/kv_policy.h"
 #include "kvtier/ssd_store.h"
 #include "tests/engine/test_util.h"
+#include "tests/kvtier/kv_test_util.h"
 
 namespace strata::kvtier {
 namespace {
@@ -33,22 +34,10 @@ using Admission = KvBlockManagerOptions::SsdAdmission;
 std::unique_ptr<engine::Backend> g_backend = engine::CreateCpuBackend(2);
 
 std::vector<int32_t> Prompt(int len, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> p(len);
-  for (auto& t : p) t = static_cast<int32_t>(rng() % 500) + 3;
-  return p;
+  return testing_util::RandomPrompt(len, seed);
 }
 
-KvPolicyConfig ClusterKv() {
-  KvPolicyConfig c;
-  c.type = "clusterkv";
-  c.budget_tokens = 24;
-  c.sink_tokens = 4;
-  c.window_tokens = 16;
-  c.tokens_per_cluster = 8;
-  c.full_layers = 1;
-  return c;
-}
+KvPolicyConfig ClusterKv() { return testing_util::SmallClusterKv(); }
 
 struct Setup {
   bool tiered = true;                        // clusters homed in host memory

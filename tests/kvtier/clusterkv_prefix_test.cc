@@ -16,6 +16,7 @@
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
 #include "tests/engine/test_util.h"
+#include "tests/kvtier/kv_test_util.h"
 
 namespace strata::kvtier {
 namespace {
@@ -23,22 +24,10 @@ namespace {
 std::unique_ptr<engine::Backend> g_backend = engine::CreateCpuBackend(2);
 
 std::vector<int32_t> Tokens(int len, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> p(len);
-  for (auto& t : p) t = static_cast<int32_t>(rng() % 500) + 3;
-  return p;
+  return testing_util::RandomPrompt(len, seed);
 }
 
-KvPolicyConfig ClusterKv() {
-  KvPolicyConfig c;
-  c.type = "clusterkv";
-  c.budget_tokens = 24;
-  c.sink_tokens = 4;
-  c.window_tokens = 16;
-  c.tokens_per_cluster = 8;
-  c.full_layers = 1;
-  return c;
-}
+KvPolicyConfig ClusterKv() { return testing_util::SmallClusterKv(); }
 
 struct Completion {
   std::vector<int32_t> tokens;
