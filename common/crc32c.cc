@@ -157,6 +157,15 @@ uint32_t ShiftByZeroBytes(uint32_t crc_register, uint64_t n) {
 
 }  // namespace crc32c_internal
 
+// The standard CRC (init and final xor ~0) of a || b is the register
+// product Crc32c(a) * x^(8|b|) xor Crc32c(b): the ~0 terms cancel.
+Crc32cCombiner::Crc32cCombiner(uint64_t piece_bytes) : piece_bytes_(piece_bytes) {
+  const uint32_t k = XPow8N(piece_bytes);
+  for (int j = 0; j < 4; ++j) {
+    for (uint32_t b = 0; b < 256; ++b) shift_[j][b] = MultModP(b << (8 * j), k);
+  }
+}
+
 uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) {
   if (n == 0) return crc;
   return crc32c_internal::HardwareAvailable() ? crc32c_internal::ExtendHardware(crc, data, n)

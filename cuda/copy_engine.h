@@ -45,6 +45,11 @@ class CopyEngine {
   absl::Status WaitFence(engine::CopyFence fence);
   // Makes `compute` wait for the fence on the device.
   absl::Status ComputeAfterFence(engine::CopyFence fence, cudaStream_t compute);
+  // See engine::Backend::ChecksumRows: a kernel on the copy stream, after
+  // the copies enqueued so far, writes the rows' CRCs to mapped host memory;
+  // the calling thread waits for it.
+  absl::Status ChecksumRows(std::span<const engine::Tensor> tensors,
+                            std::span<const engine::RowCopy> rows, std::span<uint32_t> crcs);
   // Waits for every copy (the backend's destructor calls it).
   absl::Status WaitAll();
 
@@ -67,6 +72,9 @@ class CopyEngine {
   std::vector<void*> dsts_;
   std::vector<const void*> srcs_;
   std::vector<size_t> sizes_;
+  // ChecksumRows' row list and results, mapped for the kernel; grown as
+  // needed and reused.
+  engine::HostBuffer checksum_scratch_;
 };
 
 }  // namespace strata::cuda

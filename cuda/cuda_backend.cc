@@ -179,6 +179,12 @@ class CudaBackend final : public engine::Backend {
     STRATA_RETURN_IF_ERROR(Activate());
     return copies_.CopyRows(tensors, rows, host, /*to_host=*/false, stream());
   }
+  absl::Status ChecksumRows(std::span<const Tensor> tensors, std::span<const engine::RowCopy> rows,
+                            std::span<uint32_t> crcs) override {
+    if (capturing_) return CaptureError("ChecksumRows");
+    STRATA_RETURN_IF_ERROR(Activate());
+    return copies_.ChecksumRows(tensors, rows, crcs);
+  }
   absl::StatusOr<bool> FenceDone(engine::CopyFence fence) override {
     STRATA_RETURN_IF_ERROR(Activate());
     return copies_.FenceDone(fence);

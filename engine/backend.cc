@@ -150,12 +150,16 @@ absl::Status ValidateSampleTokens(absl::string_view op, const Tensor& logits, DT
 
 namespace strata::engine {
 
-absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> tensors,
-                               std::span<const RowCopy> rows, const HostBuffer& host) {
+namespace {
+
+// The row checks of ValidateRowCopies and ValidateChecksumRows; host ranges
+// only where there is a host buffer.
+absl::Status ValidateRows(absl::string_view op, std::span<const Tensor> tensors,
+                          std::span<const RowCopy> rows, const HostBuffer* host) {
   auto bad = [&](size_t i, const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(op, ": copy ", i, ": ", what));
   };
-  if (!rows.empty() && !host.defined()) {
+  if (host != nullptr && !rows.empty() && !host->defined()) {
     return absl::InvalidArgumentError(absl::StrCat(op, ": host buffer is undefined"));
   }
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -171,13 +175,30 @@ absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> ten
       return bad(
           i, absl::StrCat("row ", c.row, " outside tensor ", c.tensor, " of ", t.dim(0), " rows"));
     }
+    if (host == nullptr) continue;
     const int64_t row_bytes = static_cast<int64_t>(t.nbytes()) / t.dim(0);
-    if (c.host_offset < 0 || c.host_offset > static_cast<int64_t>(host.bytes) - row_bytes) {
+    if (c.host_offset < 0 || c.host_offset > static_cast<int64_t>(host->bytes) - row_bytes) {
       return bad(i, absl::StrCat("host range [", c.host_offset, ", +", row_bytes,
-                                 ") outside the host buffer of ", host.bytes, " bytes"));
+                                 ") outside the host buffer of ", host->bytes, " bytes"));
     }
   }
   return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> tensors,
+                               std::span<const RowCopy> rows, const HostBuffer& host) {
+  return ValidateRows(op, tensors, rows, &host);
+}
+
+absl::Status ValidateChecksumRows(absl::string_view op, std::span<const Tensor> tensors,
+                                  std::span<const RowCopy> rows, std::span<const uint32_t> crcs) {
+  if (crcs.size() != rows.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", crcs.size(), " CRC slots for ", rows.size(), " rows"));
+  }
+  return ValidateRows(op, tensors, rows, nullptr);
 }
 
 int64_t KvPieceUnitsBound(KvCodecKind codec, int head_dim, DType source, int64_t count,

@@ -350,6 +350,9 @@ absl::Status ValidateRecallBlocks(absl::string_view op, const Tensor& k_cache,
 // naming `op` and the offending copy.
 absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> tensors,
                                std::span<const RowCopy> rows, const HostBuffer& host);
+// The same for ChecksumRows (host offsets unused), and one CRC per row.
+absl::Status ValidateChecksumRows(absl::string_view op, std::span<const Tensor> tensors,
+                                  std::span<const RowCopy> rows, std::span<const uint32_t> crcs);
 
 // Device time spent in one operator over a span of work
 // (Backend::TakeOpTimes).
@@ -413,6 +416,15 @@ class Backend {
   // Compute work enqueued from now on starts after the fence (the host does
   // not wait).
   virtual absl::Status ComputeAfterFence(CopyFence fence) = 0;
+  // The CRC32C (common/crc32c.h) of each device row that `rows` names (its
+  // tensor and row; host offsets unused) into crcs[i], computed once every
+  // copy enqueued so far has landed; blocks until they are known. KV read up
+  // from the host tier is checked where it landed, at device memory speed,
+  // instead of in host memory before its copy (gigabytes for a long prompt,
+  // which the host's cores check slower than the bus copies them).
+  // Arguments are checked first (ValidateChecksumRows).
+  virtual absl::Status ChecksumRows(std::span<const Tensor> tensors, std::span<const RowCopy> rows,
+                                    std::span<uint32_t> crcs) = 0;
 
   // ---- Side work ----------------------------------------------------------
   // Work that may run beside the operators enqueued after it (the KV

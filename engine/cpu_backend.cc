@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/crc32c.h"
 #include "common/status_macros.h"
 #include "common/thread_pool.h"
 #include "engine/cpu_kv_tiering.h"
@@ -295,6 +296,16 @@ class CpuBackend final : public Backend {
                   row_bytes);
     }
     return kFenceDone;
+  }
+  absl::Status ChecksumRows(std::span<const Tensor> tensors, std::span<const RowCopy> rows,
+                            std::span<uint32_t> crcs) override {
+    STRATA_RETURN_IF_ERROR(ValidateChecksumRows("ChecksumRows", tensors, rows, crcs));
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Tensor& t = tensors[rows[i].tensor];
+      const size_t row_bytes = t.nbytes() / t.dim(0);
+      crcs[i] = Crc32c(static_cast<const char*>(t.data()) + rows[i].row * row_bytes, row_bytes);
+    }
+    return absl::OkStatus();
   }
   absl::StatusOr<bool> FenceDone(CopyFence) override { return true; }
   absl::Status WaitFence(CopyFence) override { return absl::OkStatus(); }

@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/crc32c.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
 
@@ -181,6 +182,27 @@ absl::StatusOr<engine::CopyFence> KvBlockManager::EnqueueCopies(bool to_host) {
   return fence;
 }
 
+absl::StatusOr<size_t> KvBlockManager::FirstCorruptCopied(std::span<const int32_t> records) {
+  row_crcs_.resize(copies_.size());
+  STRATA_RETURN_IF_ERROR(model_->backend().ChecksumRows(layout_.caches(), copies_, row_crcs_));
+  const int64_t row_bytes = layout_.page_bytes();
+  const Crc32cCombiner rows(static_cast<uint64_t>(row_bytes));
+  size_t c = 0;
+  for (size_t i = 0; i < records.size(); ++i) {
+    const int64_t base = host_.offset(records[i]);
+    uint32_t crc = 0;  // the CRC of no bytes
+    int64_t covered = 0;
+    while (c < copies_.size() && copies_[c].host_offset == base + covered) {
+      crc = rows.Combine(crc, row_crcs_[c++]);
+      covered += row_bytes;
+    }
+    const bool bad = covered == layout_.record_bytes() ? MaskCrc(crc) != host_.crc(records[i])
+                                                       : !host_.Verify(records[i]).ok();
+    if (bad) return i;
+  }
+  return records.size();
+}
+
 int KvBlockManager::SwapInPages(int64_t seq_id, engine::PageGroup group) const {
   auto it = swapped_.find(seq_id);
   if (it == swapped_.end()) return 0;
@@ -230,13 +252,6 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
   }
   if (pages_.num_free() < needed || upper_pages_.num_free() < upper_needed) return false;
   STRATA_RETURN_IF_ERROR(Seal(swapped));
-  if (const size_t bad = host_.FirstCorrupt(swapped.records, crc_pool_.get());
-      bad < swapped.records.size()) {
-    const absl::Status s = host_.Verify(swapped.records[bad]);
-    ++counters_.host_records_lost;
-    DropSwapped(seq_id);
-    return absl::DataLossError(absl::StrCat("sequence ", seq_id, ": ", s.message()));
-  }
   // Checked above: both pools have them (Allocate takes none when short).
   std::vector<int32_t> upper;
   if (!pages_.Allocate(needed, pages.lower)) return absl::InternalError("free pages vanished");
@@ -262,10 +277,25 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
     STRATA_RETURN_IF_ERROR(Free(pages));
     return fence.status();
   }
+  // The copy holds its references until it is done.
+  in_flight_.push_back({*fence, swapped.records});
+  // Checked where the copy landed (the host's cores would take longer than
+  // the copy over a long sequence's gigabytes).
+  const absl::StatusOr<size_t> first_bad = FirstCorruptCopied(swapped.records);
+  if (!first_bad.ok() || *first_bad < swapped.records.size()) {
+    // The pages go back only once nothing writes them.
+    STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(*fence));
+    STRATA_RETURN_IF_ERROR(Free(pages));
+    if (!first_bad.ok()) return first_bad.status();
+    ++counters_.host_records_lost;
+    const int32_t record = swapped.records[*first_bad];
+    DropSwapped(seq_id);
+    return absl::DataLossError(absl::StrCat("sequence ", seq_id, ": host record ", record,
+                                            " no longer matches its CRC32C"));
+  }
   // The sequence no longer owns the records; each is freed when the copy
   // that reads it is done.
   for (int32_t r : swapped.records) host_.Release(r);
-  in_flight_.push_back({*fence, std::move(swapped.records)});
   ++counters_.swap_ins;
   counters_.bytes_from_host += needed * layout_.record_bytes();
   swapped_.erase(it);

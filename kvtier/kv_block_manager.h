@@ -385,6 +385,15 @@ class KvBlockManager final : public engine::KvMemory {
   // compute enqueued later after them. On an error nothing is left running
   // (a copy that started is waited for).
   absl::StatusOr<engine::CopyFence> EnqueueCopies(bool to_host);
+  // After EnqueueCopies(to_host = false) of `records` (copies_ holds their
+  // rows, record by record, as KvLayout::AppendRecordCopies lists them):
+  // the index of the first record whose bytes, where they landed on the
+  // device, fail the CRC it was sealed with; records.size() when all pass.
+  // The device checksums each row (Backend::ChecksumRows) and the row CRCs
+  // are folded into the record's; a record whose rows do not cover it whole
+  // (upper layers off the GPU) is checked in host memory. Waits for the
+  // copies.
+  absl::StatusOr<size_t> FirstCorruptCopied(std::span<const int32_t> records);
   // Records a workload's line allows (-1: no line).
   int64_t WorkloadRecordLimit(int workload) const;
   // Waits for the swap-out copy if needed, then seals its records.
@@ -443,6 +452,7 @@ class KvBlockManager final : public engine::KvMemory {
   absl::flat_hash_map<int, int64_t> ssd_charged_;     // by workload (ChargeSsd)
   std::vector<InFlight> in_flight_;
   std::vector<engine::RowCopy> copies_;  // scratch
+  std::vector<uint32_t> row_crcs_;       // scratch of FirstCorruptCopied
   Stats counters_;                       // the cumulative fields
   KvBlockManagerOptions options_;
   uint64_t next_swap_id_ = 1;

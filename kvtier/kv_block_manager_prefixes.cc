@@ -433,12 +433,11 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
     STRATA_RETURN_IF_ERROR(Free(pages));
     return absl::InternalError("free pages vanished");
   }
-  // The copy starts first and the records' CRCs are checked while it runs
-  // (gigabytes for a long prompt: each takes a good part of the other's
-  // time). The compute that reads the pages waits for the copy; a record
-  // found corrupt meanwhile gives back its page and those after it, and
-  // that part of the prompt is computed, overwriting what the copy put
-  // there (the compute is ordered after it).
+  // The records' CRCs are checked where the copy lands, on the device
+  // (gigabytes for a long prompt: the host's cores would take longer than
+  // the copy). A record found corrupt gives back its page and those after
+  // it, and that part of the prompt is computed, overwriting what the copy
+  // put there (the compute is ordered after it).
   copies_.clear();
   const std::vector<int32_t> records(found.begin(), found.end());
   for (size_t i = 0; i < n; ++i) {
@@ -454,8 +453,15 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
     return fence.status();
   }
   in_flight_.push_back({*fence, records});
-  const size_t good = host_.FirstCorrupt(records, crc_pool_.get());
+  absl::StatusOr<size_t> first_corrupt = FirstCorruptCopied(records);
   release();
+  if (!first_corrupt.ok()) {
+    // The pages go back only once nothing writes them.
+    STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(*fence));
+    STRATA_RETURN_IF_ERROR(Free(pages));
+    return first_corrupt.status();
+  }
+  const size_t good = *first_corrupt;
   if (good < n) {
     ++counters_.prefix_records_lost;
     STRATA_LOG_WARN("a stored prefix page failed its check; computing it instead");

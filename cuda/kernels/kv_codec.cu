@@ -109,6 +109,15 @@ __global__ void __launch_bounds__(kCodecThreads)
   if (threadIdx.x == 0) crcs[blockIdx.x] = crc;
 }
 
+__global__ void __launch_bounds__(kCodecThreads)
+    RowCrc32cKernel(const Crc32cRow* rows, uint32_t* crcs) {
+  __shared__ __align__(16) unsigned char scratch[kKvCrcScratchBytes];
+  const Crc32cRow row = rows[blockIdx.x];
+  const uint32_t crc =
+      BlockCrc32cExtend<kCodecThreads>(0, row.data, static_cast<size_t>(row.bytes), scratch);
+  if (threadIdx.x == 0) crcs[blockIdx.x] = crc;
+}
+
 // Sets the kernel's dynamic shared memory limit when above the default 48
 // KiB (per device, so on every launch); refuses more than the device has.
 template <typename Kernel>
@@ -166,6 +175,16 @@ cudaError_t LaunchDecodeKvBlocks(const DecodeKvBlocksParams& p, cudaStream_t str
   }
   if (p.num_jobs == 0) return cudaSuccess;
   return p.out_fp8 ? LaunchDecodeFor<fp8>(p, stream) : LaunchDecodeFor<bf16>(p, stream);
+}
+
+cudaError_t LaunchRowCrc32c(const Crc32cRow* rows, int num_rows, uint32_t* crcs,
+                            cudaStream_t stream) {
+  if (num_rows < 0 || (num_rows > 0 && (rows == nullptr || crcs == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  if (num_rows == 0) return cudaSuccess;
+  RowCrc32cKernel<<<num_rows, kCodecThreads, 0, stream>>>(rows, crcs);
+  return cudaGetLastError();
 }
 
 cudaError_t LaunchBlockCrc32c(const uint8_t* base, const Crc32cJob* jobs, int num_jobs,

@@ -174,6 +174,20 @@ struct DecodeKvBlocksParams {
 // cudaErrorInvalidValue for bad params.
 cudaError_t LaunchDecodeKvBlocks(const DecodeKvBlocksParams& params, cudaStream_t stream);
 
+// ---- CRC32C of device rows -----------------------------------------------------
+
+// One row to checksum: `bytes` bytes at `data` (device memory).
+struct Crc32cRow {
+  const uint8_t* data;
+  int64_t bytes;
+};
+
+// crcs[j] = strata::Crc32c(rows[j].data, rows[j].bytes) for j < num_rows,
+// one CTA per row. `rows` and `crcs` may be mapped host memory.
+// cudaErrorInvalidValue for bad params.
+cudaError_t LaunchRowCrc32c(const Crc32cRow* rows, int num_rows, uint32_t* crcs,
+                            cudaStream_t stream);
+
 // ---- CRC32C (tests) ------------------------------------------------------------
 
 struct Crc32cJob {

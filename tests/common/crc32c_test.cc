@@ -103,6 +103,24 @@ TEST(Crc32cTest, ShiftByZeroBytesIsAppendingZeros) {
   }
 }
 
+TEST(Crc32cTest, CombinerFoldsPieceCrcsIntoTheWholeCrc) {
+  for (size_t piece : {size_t{1}, size_t{7}, size_t{4096}, size_t{32768}}) {
+    SCOPED_TRACE(piece);
+    const std::vector<uint8_t> data = RandomBytes(piece * 5, static_cast<uint32_t>(piece));
+    const Crc32cCombiner combiner(piece);
+    EXPECT_EQ(combiner.piece_bytes(), piece);
+    uint32_t folded = 0;  // the CRC of no bytes
+    for (size_t i = 0; i < 5; ++i) {
+      folded = combiner.Combine(folded, Crc32c(data.data() + i * piece, piece));
+      EXPECT_EQ(folded, Crc32c(data.data(), (i + 1) * piece)) << "after piece " << i;
+    }
+    // A piece out of place changes the fold.
+    uint32_t swapped =
+        combiner.Combine(Crc32c(data.data() + piece, piece), Crc32c(data.data(), piece));
+    EXPECT_NE(swapped, Crc32c(data.data(), 2 * piece));
+  }
+}
+
 TEST(Crc32cTest, MaskRoundTripsAndChangesTheValue) {
   std::mt19937 rng(5);
   for (int i = 0; i < 10000; ++i) {

@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "common/crc32c.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace strata::cuda {
@@ -111,6 +112,56 @@ TEST_F(CudaCopyTest, BadListsAndFencesAreRefused) {
   EXPECT_TRUE(done);
 }
 
+TEST_F(CudaCopyTest, RowChecksumsAreThoseOfTheBytesJustCopiedUp) {
+  // Two tensors of different row sizes (32 KiB and an odd 100 bytes); the
+  // checksums are asked for right after the copy, without waiting for it.
+  constexpr int kRows = 512, kBigWords = 8192, kSmallWords = 25;
+  Tensor big = b().Allocate(DType::kI32, {kRows, kBigWords}).value();
+  Tensor small = b().Allocate(DType::kI32, {kRows, kSmallWords}).value();
+  STRATA_ASSERT_OK(b().Fill(big, 0));
+  STRATA_ASSERT_OK(b().Fill(small, 0));
+  const int64_t big_bytes = kBigWords * 4, small_bytes = kSmallWords * 4;
+  const int64_t total = kRows * (big_bytes + small_bytes);
+  STRATA_ASSERT_OK_AND_ASSIGN(engine::HostBuffer host, b().AllocateHost(total));
+  std::mt19937 rng(5);
+  for (int64_t i = 0; i < total; ++i) host.data()[i] = static_cast<uint8_t>(rng());
+  std::vector<RowCopy> rows;
+  std::vector<uint32_t> want;
+  int64_t offset = 0;
+  for (int i = 0; i < kRows; ++i) {
+    const bool is_big = i % 3 != 0;
+    const int64_t bytes = is_big ? big_bytes : small_bytes;
+    rows.push_back({is_big ? 0 : 1, kRows - 1 - i, offset});
+    want.push_back(Crc32c(host.data() + offset, static_cast<size_t>(bytes)));
+    offset += bytes;
+  }
+  const std::vector<Tensor> tensors = {big, small};
+  STRATA_ASSERT_OK(b().CopyRowsFromHost(host, rows, tensors).status());
+  std::vector<uint32_t> got(rows.size());
+  STRATA_ASSERT_OK(b().ChecksumRows(tensors, rows, got));
+  EXPECT_EQ(got, want);
+  // One flipped bit on the device changes its row's CRC alone.
+  const uint8_t flipped = host.data()[rows[4].host_offset + 1000] ^ 0x10;
+  const int32_t word = [&] {
+    int32_t w;
+    std::memcpy(&w, host.data() + rows[4].host_offset + 1000, 4);
+    std::memcpy(reinterpret_cast<uint8_t*>(&w), &flipped, 1);
+    return w;
+  }();
+  STRATA_ASSERT_OK(b().CopyFromHost(&word, DType::kI32, 1, big, rows[4].row * kBigWords + 250));
+  STRATA_ASSERT_OK(b().Synchronize());
+  STRATA_ASSERT_OK(b().ChecksumRows(tensors, rows, got));
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EXPECT_EQ(got[i] != want[i], i == 4) << "row " << i;
+  }
+  // Bad lists are refused.
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      b().ChecksumRows(tensors, rows, std::span<uint32_t>(got.data(), got.size() - 1))));
+  const RowCopy past_rows{0, kRows, 0};
+  uint32_t one = 0;
+  EXPECT_TRUE(absl::IsInvalidArgument(b().ChecksumRows(tensors, {&past_rows, 1}, {&one, 1})));
+}
+
 // Swapping one 32k-token sequence of Llama-3-8B's shape (32 layers x K and V
 // pages of 16 tokens x 8 heads x 128, bf16: 32 KiB rows, 4 GiB in all) out
 // and back, against one contiguous cudaMemcpyAsync of the same bytes.
@@ -143,6 +194,12 @@ TEST_F(CudaCopyTest, DISABLED_SwapBandwidth) {
     STRATA_ASSERT_OK_AND_ASSIGN(engine::CopyFence in, b().CopyRowsFromHost(host, rows, caches));
     STRATA_ASSERT_OK(b().WaitFence(in));
     const double in_s = seconds(start);
+    // The copied rows' checksums on the device (KvBlockManager checks a
+    // loaded prefix with them).
+    std::vector<uint32_t> crcs(rows.size());
+    start = std::chrono::steady_clock::now();
+    STRATA_ASSERT_OK(b().ChecksumRows(caches, rows, crcs));
+    const double crc_s = seconds(start);
     // One contiguous copy of the same bytes each way (from one cache
     // tensor, repeated: 2 x layers x pages x 32 KiB).
     void* device = nullptr;
@@ -164,9 +221,9 @@ TEST_F(CudaCopyTest, DISABLED_SwapBandwidth) {
     cudaFree(device);
     std::printf(
         "swap_bandwidth %.2f GiB in %zu rows of 32 KiB: out %.1f GB/s (contiguous %.1f, ratio "
-        "%.2f), in %.1f GB/s (contiguous %.1f, ratio %.2f)\n",
+        "%.2f), in %.1f GB/s (contiguous %.1f, ratio %.2f), device CRC32C %.1f GB/s\n",
         total / 1073741824.0, rows.size(), total / out_s / 1e9, total / d2h_s / 1e9, d2h_s / out_s,
-        total / in_s / 1e9, total / h2d_s / 1e9, h2d_s / in_s);
+        total / in_s / 1e9, total / h2d_s / 1e9, h2d_s / in_s, total / crc_s / 1e9);
   }
 }
 
