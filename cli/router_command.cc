@@ -52,6 +52,14 @@ void AddRouterCommand(CLI::App& app, RouterFlags& f, int& exit_code) {
   cmd->add_option("--prefill-threshold-tokens", f.prefill_threshold_tokens,
                   "Prompts shorter than this are prefilled on the decode worker")
       ->check(CLI::Range(0, 1 << 24));
+  cmd->add_option("--prefix-routing", f.prefix_routing,
+                  "Send a prompt to the decode worker that was sent its start before, and "
+                  "compute it there when what that worker does not hold is shorter than "
+                  "--prefill-threshold-tokens");
+  cmd->add_option("--prefix-routing-max-extra-load", f.prefix_routing_max_extra_load,
+                  "How much busier (about that many more running sequences) the worker holding "
+                  "a prompt's start may be than the least loaded one, and still get it")
+      ->check(CLI::Range(0.0, 1e6));
   cmd->add_option("--max-context", f.max_context, "Tokens per sequence (prompt + completion)")
       ->check(CLI::Range(2, 1 << 22));
   cmd->add_option("--max-in-flight", f.max_in_flight,
@@ -130,6 +138,8 @@ int RunRouter(const RouterFlags& f) {
   options.limits.profiles = profile_names;
   options.default_profile = profile_names.front();
   options.prefill_threshold_tokens = f.prefill_threshold_tokens;
+  options.prefix_affinity = f.prefix_routing;
+  options.prefix_affinity_max_extra_load = f.prefix_routing_max_extra_load;
   options.max_requests_in_flight = f.max_in_flight;
   // 16-bit KV, K and V, every layer: what a request's tokens take on a
   // decode worker's GPU or host tier.

@@ -27,6 +27,8 @@ struct RouterFlags {
   int metrics_port = -1;
   std::vector<std::string> workers;  // host:port or dns:///name:port, polled
   int prefill_threshold_tokens = 256;
+  bool prefix_routing = true;
+  double prefix_routing_max_extra_load = 4.0;
   int max_context = 4096;
   int max_in_flight = 1024;
   int default_max_tokens = 256;

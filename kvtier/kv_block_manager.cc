@@ -599,6 +599,14 @@ KvBlockManager::Stats KvBlockManager::stats() const {
   s.prefix_bytes_used = int64_t{prefix_records_} * host_.record_bytes();
   s.ssd_prefix_bytes_used = ssd_prefix_bytes_;
   s.ssd_prefix_pages = static_cast<int>(ssd_prefixes_.size());
+  // Pages often sit in both tiers (written through, or read back up): the
+  // larger tier bounds what the store holds, not their sum.
+  const int64_t ssd_prefix_pages =
+      options_.ssd != nullptr && options_.ssd_prefix_bytes > 0 && mover_ != nullptr
+          ? options_.ssd_prefix_bytes / layout_.record_bytes()
+          : 0;
+  s.prefix_capacity_tokens =
+      std::max<int64_t>(max_prefix_records_, ssd_prefix_pages) * layout_.page_size();
   s.exports_held = static_cast<int>(exports_.size());
   if (landing_ != nullptr) {
     s.landing_records_total = landing_->num_records();

@@ -184,6 +184,8 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t prefix_pages_stored = 0;
     int64_t prefix_pages_evicted = 0;
     int64_t prefix_records_lost = 0;  // failed their CRC (dropped, recomputed)
+    // Tokens the prefix store can keep, host and SSD tiers together.
+    int64_t prefix_capacity_tokens = 0;
     // Prefixes on the SSD tier.
     int64_t ssd_prefix_bytes_used = 0;     // stored there now (values and CRCs)
     int ssd_prefix_pages = 0;              // ... pages

@@ -158,6 +158,10 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   int64_t prompt_tokens_ = 0;
   int64_t kv_bytes_ = 0;
   std::string prefill_address_;  // empty: the decode worker prefills
+  // With prefix affinity: the prompt's block keys, and the tokens relayed
+  // (what the worker stores with the prompt when the request ends).
+  std::vector<uint64_t> prompt_keys_;
+  std::vector<int32_t> generated_;
   // The call to a decode worker now running (null between attempts and
   // after the last), the workers tried, and how each failed.
   UpstreamCall* upstream_ = nullptr;
@@ -213,7 +217,14 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
       request.profile().empty() ? options.default_profile : request.profile();
   prompt_tokens_ = static_cast<int64_t>(engine_request.prompt.size());
   kv_bytes_ = (prompt_tokens_ + engine_request.max_tokens) * options.kv_bytes_per_token;
-  auto decode = service_->registry_->PickDecode(profile, kv_bytes_);
+  PrefixAffinity* affinity = service_->affinity_.get();
+  DecodePreference prefer{.max_extra_load = options.prefix_affinity_max_extra_load};
+  if (affinity != nullptr) {
+    prompt_keys_ = affinity->Keys(engine_request.prompt);
+    prefer.holders = affinity->Holders(prompt_keys_);
+  }
+  auto decode = service_->registry_->PickDecode(profile, kv_bytes_, {},
+                                                prefer.holders.empty() ? nullptr : &prefer);
   if (!decode.ok()) {
     // Whatever the registry's reason (none registered, none live, none
     // serving the profile, none with room), the request is valid and the
@@ -223,11 +234,20 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
   }
   if (prompt_tokens_ < options.prefill_threshold_tokens) {
     service_->prefill_skipped_.fetch_add(1);
+    if (service_->metrics_) service_->metrics_->OnRouted("short_prompt");
+  } else if (decode->prefix_tokens > 0 &&
+             prompt_tokens_ - decode->prefix_tokens < options.prefill_threshold_tokens) {
+    // The worker holds all but a short rest: it loads the stored part and
+    // computes the rest itself, sooner than a transfer would bring it.
+    service_->prefix_routed_.fetch_add(1);
+    if (service_->metrics_) service_->metrics_->OnRouted("stored_prefix");
   } else if (auto prefill = service_->registry_->PickPrefill(profile); prefill.ok()) {
     prefill_address_ = prefill->grpc_address;
     service_->registry_->NoteAssigned(prefill->worker_id, prompt_tokens_);
+    if (service_->metrics_) service_->metrics_->OnRouted("prefill_worker");
   } else {
     service_->prefill_unavailable_.fetch_add(1);
+    if (service_->metrics_) service_->metrics_->OnRouted("no_prefill_worker");
     STRATA_LOG_DEBUG("no prefill worker for a {}-token prompt; the decode worker computes it: {}",
                      prompt_tokens_, prefill.status().ToString());
   }
@@ -253,6 +273,10 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
 
 void RouteStream::StartAttemptLocked(PickedWorker worker) {
   service_->registry_->NoteAssigned(worker.worker_id, prompt_tokens_, kv_bytes_);
+  if (service_->affinity_ != nullptr) {
+    // The worker will hold the prompt's KV once it has computed or loaded it.
+    service_->affinity_->Record(worker.worker_id, prompt_keys_, worker.prefix_capacity_tokens);
+  }
   tried_.push_back(worker.worker_id);
   auto stub = service_->StubFor(worker.grpc_address);
   auto* call = new UpstreamCall(this, std::move(worker));
@@ -289,6 +313,9 @@ void RouteStream::OnUpstreamRead(UpstreamCall* call, bool ok) {
   v1::GenerateResponse& response = call->response();
   const Clock::time_point now = Clock::now();
   const int tokens = response.token_ids_size();
+  if (service_->affinity_ != nullptr) {
+    generated_.insert(generated_.end(), response.token_ids().begin(), response.token_ids().end());
+  }
   if (tokens > 0) {
     if (tokens_relayed_ == 0) {
       first_token_ = now;
@@ -345,6 +372,15 @@ void RouteStream::OnUpstreamDone(UpstreamCall* call, const grpc::Status& status)
     if (cancelled_ || finish_called_ || end_status_.has_value()) {
       AdvanceLocked();
     } else if (status.ok()) {
+      if (service_->affinity_ != nullptr && !generated_.empty()) {
+        // The worker stores the prompt with what it generated (the start of
+        // the conversation's next turn).
+        std::vector<int32_t> whole(forward_.token_ids().ids().begin(),
+                                   forward_.token_ids().ids().end());
+        whole.insert(whole.end(), generated_.begin(), generated_.end());
+        service_->affinity_->Record(call->worker().worker_id, service_->affinity_->Keys(whole),
+                                    call->worker().prefix_capacity_tokens);
+      }
       // Counted by the last response already; a stream without one is odd.
       EndLocked(grpc::Status::OK, "error");
     } else if (status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED &&
@@ -435,7 +471,13 @@ void RouteStream::Unref() {
 
 RouterService::RouterService(WorkerRegistry* registry, const engine::Tokenizer* tokenizer,
                              ServerMetrics* metrics, RouterServiceOptions options)
-    : registry_(registry), tokenizer_(tokenizer), metrics_(metrics), options_(std::move(options)) {
+    : registry_(registry),
+      tokenizer_(tokenizer),
+      metrics_(metrics),
+      options_(std::move(options)),
+      affinity_(options_.prefix_affinity
+                    ? std::make_unique<PrefixAffinity>(options_.prefix_affinity_options)
+                    : nullptr) {
   RouteLibraryLogs();
 }
 

@@ -54,6 +54,7 @@
 #include "absl/time/time.h"
 #include "engine/tokenizer.h"
 #include "router/generation_service.h"
+#include "router/prefix_affinity.h"
 #include "router/request_conversion.h"
 #include "router/server_metrics.h"
 #include "router/worker_registry.h"
@@ -82,6 +83,14 @@ struct RouterServiceOptions {
   // KV bytes one token takes on a decode worker: a request is sent only to
   // a worker with room for its prompt and max_tokens (0: any worker).
   int64_t kv_bytes_per_token = 0;
+  // Prefix-aware routing (router/prefix_affinity.h): a prompt goes to the
+  // decode worker that was sent its start before (within the load
+  // allowance), and when what that worker does not hold is shorter than
+  // prefill_threshold_tokens it is computed there, without a prefill
+  // worker. Off: decode workers are picked by load alone.
+  bool prefix_affinity = true;
+  PrefixAffinityOptions prefix_affinity_options;
+  double prefix_affinity_max_extra_load = 4.0;
 };
 
 class RouteStream;
@@ -114,6 +123,11 @@ class RouterService final : public GenerationServiceBase {
   int64_t prefill_skipped() const { return prefill_skipped_.load(); }
   // ... and because no prefill worker was available for a long prompt.
   int64_t prefill_unavailable() const { return prefill_unavailable_.load(); }
+  // ... and because the decode worker picked holds the prompt's start.
+  int64_t prefix_routed() const { return prefix_routed_.load(); }
+  // What the router remembers of the workers' stored prompts (null when
+  // prefix_affinity is off).
+  const PrefixAffinity* prefix_affinity() const { return affinity_.get(); }
   // Admitted requests not yet over.
   int requests_in_flight() const { return in_flight_.load(); }
 
@@ -144,6 +158,8 @@ class RouterService final : public GenerationServiceBase {
   std::atomic<int64_t> retries_{0};
   std::atomic<int64_t> prefill_skipped_{0};
   std::atomic<int64_t> prefill_unavailable_{0};
+  std::atomic<int64_t> prefix_routed_{0};
+  const std::unique_ptr<PrefixAffinity> affinity_;
 
   absl::Mutex channels_mu_;
   absl::flat_hash_map<std::string, Upstream> channels_ ABSL_GUARDED_BY(channels_mu_);

@@ -24,6 +24,12 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                               r, "strata_requests_rejected_total",
                               "Generate requests refused before admission, by reason.", "reason",
                               {"invalid_argument", "queue_full", "unavailable"}));
+  STRATA_ASSIGN_OR_RETURN(
+      m->routes_,
+      metrics::FixedLabelCounter::Create(
+          r, "strata_router_routes_total",
+          "Requests the router sent to a decode worker, by where their prompt was computed.",
+          "route", {"prefill_worker", "short_prompt", "stored_prefix", "no_prefill_worker"}));
 
   STRATA_ASSIGN_OR_RETURN(std::vector<double> latency,
                           metrics::ExponentialBuckets(0.0005, 2.0, 18));
@@ -293,6 +299,8 @@ void ServerMetrics::TotalCounter::Advance(int64_t total) {
 }
 
 void ServerMetrics::OnRejected(const std::string& reason) { rejected_.Increment(reason); }
+
+void ServerMetrics::OnRouted(const std::string& route) { routes_.Increment(route); }
 void ServerMetrics::OnAdmitted(Duration d) { overhead_->Observe(Seconds(d)); }
 void ServerMetrics::OnFinished(const std::string& reason) { finished_.Increment(reason); }
 void ServerMetrics::ObserveTimeToFirstToken(Duration d) { ttft_->Observe(Seconds(d)); }

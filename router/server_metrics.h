@@ -8,6 +8,11 @@
 //   strata_router_overhead_seconds              request arrival to hand-off to
 //                                               the engine (validation,
 //                                               tokenization, admission)
+//   strata_router_routes_total{route}           `strata router`: how a prompt
+//                                               was computed: prefill_worker,
+//                                               short_prompt or stored_prefix
+//                                               (on the decode worker), or
+//                                               no_prefill_worker (none free)
 //   strata_requests_in_flight                   admitted and not finished
 //   strata_requests_waiting / _running          in the engine's queue / batch
 //   strata_kv_cache_pages_used / _total, strata_kv_cache_usage_ratio
@@ -144,6 +149,8 @@ class ServerMetrics {
   static absl::StatusOr<std::unique_ptr<ServerMetrics>> Create(prometheus::Registry* registry);
 
   void OnRejected(const std::string& reason);
+  // The router sent a request on `route` (see strata_router_routes_total).
+  void OnRouted(const std::string& route);
   void OnAdmitted(Duration router_overhead);
   void OnFinished(const std::string& finish_reason);
   void ObserveTimeToFirstToken(Duration d);
@@ -172,6 +179,7 @@ class ServerMetrics {
 
   metrics::FixedLabelCounter finished_;
   metrics::FixedLabelCounter rejected_;
+  metrics::FixedLabelCounter routes_;
   prometheus::Histogram* ttft_ = nullptr;
   prometheus::Histogram* itl_ = nullptr;
   prometheus::Histogram* overhead_ = nullptr;

@@ -153,7 +153,8 @@ absl::Status WorkerRegistry::Validate(const WorkerInfo& info, const WorkerLoad& 
   const std::pair<const char*, int64_t> counts[] = {
       {"queued_prefill_tokens", load.queued_prefill_tokens()},
       {"waiting_sequences", load.waiting_sequences()},
-      {"running_sequences", load.running_sequences()}};
+      {"running_sequences", load.running_sequences()},
+      {"prefix_capacity_tokens", load.prefix_capacity_tokens()}};
   for (const auto& [field, value] : counts) {
     if (absl::Status s = CheckNotNegative(field, value); !s.ok()) return s;
   }
@@ -283,8 +284,10 @@ absl::StatusOr<std::vector<const WorkerRegistry::Entry*>> WorkerRegistry::Candid
 
 namespace {
 
-PickedWorker ToPicked(const WorkerInfo& info) {
-  return PickedWorker{info.worker_id(), info.grpc_address(), info.kv_address()};
+PickedWorker ToPicked(const WorkerInfo& info, const WorkerLoad& load) {
+  PickedWorker picked{info.worker_id(), info.grpc_address(), info.kv_address()};
+  picked.prefix_capacity_tokens = load.prefix_capacity_tokens();
+  return picked;
 }
 
 }  // namespace
@@ -305,7 +308,8 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickPrefill(const std::string& prof
     }
     if (queued == best) ties.push_back(e);
   }
-  return ToPicked(ties[prefill_turn_++ % ties.size()]->info);
+  const Entry* picked = ties[prefill_turn_++ % ties.size()];
+  return ToPicked(picked->info, picked->load);
 }
 
 double WorkerRegistry::DecodeScore(const WorkerLoad& load, int pending_sequences,
@@ -327,7 +331,8 @@ double WorkerRegistry::DecodeScore(const WorkerLoad& load, int pending_sequences
 
 absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profile,
                                                         int64_t kv_bytes_needed,
-                                                        const std::vector<std::string>& exclude) {
+                                                        const std::vector<std::string>& exclude,
+                                                        const DecodePreference* prefer) {
   if (kv_bytes_needed < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("kv_bytes_needed is negative (", kv_bytes_needed, ")"));
@@ -351,6 +356,7 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
   }
   double best = std::numeric_limits<double>::infinity();
   std::vector<const Entry*> ties;
+  std::vector<std::pair<const Entry*, double>> eligible;  // with room, and their scores
   int64_t most_free = std::numeric_limits<int64_t>::min();
   const Entry* most_free_worker = nullptr;
   for (const Entry* e : *candidates) {
@@ -362,6 +368,7 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
     }
     if (free < kv_bytes_needed) continue;
     const double score = DecodeScore(e->load, e->pending_sequences, e->pending_kv_bytes);
+    eligible.emplace_back(e, score);
     if (score < best) {
       best = score;
       ties.clear();
@@ -374,7 +381,25 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
         " bytes of KV free (GPU and host tiers; the most free: ", std::max<int64_t>(0, most_free),
         " on ", most_free_worker->info.worker_id(), ")"));
   }
-  return ToPicked(ties[decode_turn_++ % ties.size()]->info);
+  if (prefer != nullptr) {
+    // The holder of the longest stored start whose load is within the
+    // allowance of the least loaded's.
+    for (const auto& [worker_id, tokens] : prefer->holders) {
+      for (const auto& [e, score] : eligible) {
+        // A worker that reports no prefix store now (restarted with
+        // another configuration) holds nothing, whatever was sent it.
+        if (e->info.worker_id() != worker_id || e->load.prefix_capacity_tokens() <= 0 ||
+            score > best + prefer->max_extra_load) {
+          continue;
+        }
+        PickedWorker picked = ToPicked(e->info, e->load);
+        picked.prefix_tokens = tokens;
+        return picked;
+      }
+    }
+  }
+  const Entry* picked = ties[decode_turn_++ % ties.size()];
+  return ToPicked(picked->info, picked->load);
 }
 
 void WorkerRegistry::NoteAssigned(const std::string& worker_id, int64_t prompt_tokens,

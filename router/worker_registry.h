@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -61,6 +62,22 @@ struct PickedWorker {
   std::string worker_id;
   std::string grpc_address;  // host:port of its Worker service
   std::string kv_address;    // its KV transport address
+  // Prompt tokens its prefix store can keep (WorkerLoad), and those of this
+  // request's prompt it is thought to hold (DecodePreference; 0 otherwise).
+  int64_t prefix_capacity_tokens = 0;
+  int64_t prefix_tokens = 0;
+};
+
+// Decode workers a request would rather go to: those holding its prompt's
+// start in their prefix store (router/prefix_affinity.h), which load it
+// instead of computing it.
+struct DecodePreference {
+  // (worker_id, prompt tokens it holds), most first.
+  std::vector<std::pair<std::string, int64_t>> holders;
+  // A holder is picked while its DecodeScore is at most this much above the
+  // least loaded worker's (about that many more running sequences): reuse
+  // is worth a somewhat busier worker, not an overloaded one.
+  double max_extra_load = 4.0;
 };
 
 class WorkerRegistry {
@@ -120,9 +137,12 @@ class WorkerRegistry {
   // Errors as PickPrefill's, and Unavailable when none has room. Workers
   // whose id is in `exclude` are passed over (the router retrying a request
   // elsewhere after its worker failed); Unavailable, naming them, when they
-  // were the only candidates.
+  // were the only candidates. With `prefer`, the first of its holders that
+  // has room and is within its load allowance is picked instead (its
+  // prefix_tokens set).
   absl::StatusOr<PickedWorker> PickDecode(const std::string& profile, int64_t kv_bytes_needed,
-                                          const std::vector<std::string>& exclude = {});
+                                          const std::vector<std::string>& exclude = {},
+                                          const DecodePreference* prefer = nullptr);
 
   // The router sent a request to `worker_id`: a prefill worker counts
   // prompt_tokens more queued; a decode worker one more running sequence

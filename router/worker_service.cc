@@ -20,6 +20,7 @@ internal::v1::WorkerLoad WorkerLoadOf(const engine::AsyncEngine::Stats& engine,
     const kvtier::KvBlockManager::Stats s = manager->stats();
     load.set_host_kv_total_bytes(s.host_bytes_total);
     load.set_host_kv_free_bytes(s.host_bytes_total - s.host_bytes_used);
+    load.set_prefix_capacity_tokens(s.prefix_capacity_tokens);
   }
   return load;
 }

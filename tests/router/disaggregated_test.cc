@@ -193,6 +193,48 @@ TEST(DisaggregatedRoutingTest, TheRouterSendsLongPromptsThroughAPrefillWorker) {
   EXPECT_THAT(decode.Metrics(), HasSubstr("strata_kv_imports_total 1"));
 }
 
+TEST(DisaggregatedRoutingTest, ADocumentAskedAgainIsComputedOnTheDecodeWorkerHoldingIt) {
+  // The decode worker keeps prompts in its prefix store; the router sends
+  // the same document with another question back to it, without the
+  // prefill worker, and the worker loads the document's KV.
+  const std::string profile = ::testing::TempDir() + "disagg_docs_profile.yaml";
+  {
+    FILE* f = fopen(profile.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    fputs("name: docs\ntiers: {host_bytes: 64MiB, prefix_bytes: 32MiB}\n", f);
+    fclose(f);
+  }
+  std::vector<std::string> prefill_args = kPrefillArgs, decode_args = kDecodeArgs;
+  for (auto* args : {&prefill_args, &decode_args}) {
+    args->insert(args->end(), {"--profile", profile});
+  }
+  ServerProcess prefill(prefill_args, "prefill");
+  ServerProcess decode(decode_args, "decode");
+  ServerProcess router(
+      {"--workers", prefill.address(), "--workers", decode.address(), "--prefill-threshold-tokens",
+       "32", "--heartbeat-seconds", "0.2", "--profile", profile},
+      "router");
+  const v1::GenerateRequest document = Request(200, 8, 11);
+  auto asking = [&](int question) {
+    v1::GenerateRequest r = document;
+    for (int i = 0; i < 3; ++i) r.mutable_token_ids()->add_ids(400 + 10 * question + i);
+    return r;
+  };
+  const Completion first = GenerateOnceReady(router.stub(), asking(1));
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message() << router.Stderr();
+  EXPECT_EQ(first.last.usage().cached_prompt_tokens(), 0u);
+  const Completion again = Generate(router.stub(), asking(2));
+  ASSERT_TRUE(again.status.ok()) << again.status.error_message() << router.Stderr();
+  EXPECT_GE(again.last.usage().cached_prompt_tokens(), 176u) << "the document's whole pages";
+  EXPECT_EQ(router.Metric("strata_router_routes_total{route=\"stored_prefix\"}"), 1);
+  EXPECT_EQ(decode.Metric("strata_kv_prefix_hits_total"), 1);
+  EXPECT_EQ(prefill.Metric("strata_kv_exports_total"),
+            router.Metric("strata_router_routes_total{route=\"prefill_worker\"}"));
+  // The tokens of a worker that computed the whole prompt.
+  ServerProcess plain(kDecodeArgs, "decode");
+  EXPECT_EQ(again.tokens, Generate(plain.stub(), asking(2)).tokens);
+}
+
 TEST(DisaggregatedRoutingTest, ADeadDecodeWorkerLeavesSchedulingAndRequestsGoOn) {
   ServerProcess decode1(kDecodeArgs, "decode");
   auto decode2 = std::make_unique<ServerProcess>(kDecodeArgs, "decode");

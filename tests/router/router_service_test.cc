@@ -414,6 +414,94 @@ TEST_F(RouterServiceTest, LongPromptsNameThePrefillWorkerAndShortOnesDoNot) {
             (2 * (kThreshold + 16) + (kThreshold - 1 + 16)) * 1024);
 }
 
+// A prompt whose start the router sent a decode worker before goes back to
+// that worker, and is computed there when the rest is short.
+TEST_F(RouterServiceTest, APromptGoesBackToTheWorkerHoldingItsStart) {
+  FakeDecodeWorker* d1 = AddDecode("d1", FakeDecodeWorker::Mode::kEcho);
+  FakeDecodeWorker* d2 = AddDecode("d2", FakeDecodeWorker::Mode::kEcho);
+  auto report = [&](const std::string& id, int running, int64_t capacity) {
+    WorkerLoad load = DecodeLoad(running);
+    load.set_prefix_capacity_tokens(capacity);
+    const size_t i = id == "d1" ? 0 : 1;
+    ASSERT_TRUE(registry_
+                    .Update(Info(id, internal::v1::WORKER_ROLE_DECODE, fake_servers_[i]->address()),
+                            load, WorkerRegistry::Source::kHeartbeat)
+                    .ok());
+  };
+  report("d1", 0, 1000);
+  report("d2", 0, 1000);
+  Register("p1", internal::v1::WORKER_ROLE_PREFILL, kPrefillAddress);
+  RouterServiceOptions options = DefaultOptions();
+  options.prefix_affinity_options.block_tokens = 4;
+  StartRouter(options);
+  auto with_tail = [](int document, int tail, int tail_first) {
+    v1::GenerateRequest r = Prompt(document);
+    for (int i = 0; i < tail; ++i) r.mutable_token_ids()->add_ids(tail_first + i);
+    return r;
+  };
+  auto callee = [&] { return d1->calls() > d2->calls() ? d1 : d2; };
+
+  // The document with a question: computed by the prefill worker.
+  Outcome out = Generate(with_tail(40, 3, 500));
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  FakeDecodeWorker* holder = callee();
+  FakeDecodeWorker* other = holder == d1 ? d2 : d1;
+  const std::string holder_id = holder == d1 ? "d1" : "d2";
+  EXPECT_EQ(holder->last_prefill_address(), std::optional<std::string>(kPrefillAddress));
+
+  // Another question about it: to the holder, without the prefill worker
+  // (the rest, 3 tokens and the 0-3 of a partial block, is below 8).
+  out = Generate(with_tail(40, 3, 600));
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(holder->calls(), 2);
+  EXPECT_EQ(holder->last_prefill_address(), std::nullopt);
+  EXPECT_EQ(service_->prefix_routed(), 1);
+  EXPECT_THAT(MetricsText(), HasSubstr("strata_router_routes_total{route=\"stored_prefix\"} 1"));
+
+  // The next turn of that conversation (the prompt, what was generated and
+  // a short new message) too: the router remembers the answer as well.
+  v1::GenerateRequest next = with_tail(40, 3, 600);
+  for (const auto& r : out.responses) {
+    for (int32_t id : r.token_ids()) next.mutable_token_ids()->add_ids(id);
+  }
+  for (int i = 0; i < 2; ++i) next.mutable_token_ids()->add_ids(900 + i);
+  out = Generate(next);
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(holder->calls(), 3);
+  EXPECT_EQ(holder->last_prefill_address(), std::nullopt);
+  EXPECT_EQ(service_->prefix_routed(), 2);
+
+  // The document with a long new part: still the holder (it loads the
+  // start), but the prefill worker computes the prompt.
+  out = Generate(with_tail(40, 20, 700));
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(holder->calls(), 4);
+  EXPECT_EQ(holder->last_prefill_address(), std::optional<std::string>(kPrefillAddress));
+  EXPECT_EQ(service_->prefix_routed(), 2);
+
+  // A busy holder (beyond the load allowance) is passed over: the other
+  // worker takes the request, through the prefill worker.
+  report(holder_id, 10, 1000);
+  report(holder_id == "d1" ? "d2" : "d1", 0, 1000);
+  const int other_calls = other->calls();
+  out = Generate(with_tail(40, 3, 800));
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(other->calls(), other_calls + 1);
+  EXPECT_EQ(other->last_prefill_address(), std::optional<std::string>(kPrefillAddress));
+  EXPECT_EQ(service_->prefix_routed(), 2);
+
+  // Workers that report no prefix store (restarted so) hold nothing: the
+  // request goes through the prefill worker, and the router forgets what
+  // it sent the one it picked.
+  report(holder_id, 0, 0);
+  report(holder_id == "d1" ? "d2" : "d1", 0, 0);
+  ASSERT_EQ(service_->prefix_affinity()->num_workers(), 2);
+  out = Generate(with_tail(40, 3, 900));
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_EQ(service_->prefix_routed(), 2);
+  EXPECT_EQ(service_->prefix_affinity()->num_workers(), 1);
+}
+
 TEST_F(RouterServiceTest, FailureBeforeStreamingIsRetriedOnAnotherWorker) {
   // d1 is idler, so picked first.
   FakeDecodeWorker* d1 = AddDecode("d1", FakeDecodeWorker::Mode::kFailBefore, 0);

@@ -210,6 +210,8 @@ TEST_F(WorkerRegistryTest, ValidationErrorsNameTheField) {
        absl::StatusCode::kInvalidArgument, "WorkerLoad.queued_prefill_tokens is negative (-1)"},
       {"running", [](WorkerInfo*, WorkerLoad* l) { l->set_running_sequences(-2); },
        absl::StatusCode::kInvalidArgument, "WorkerLoad.running_sequences is negative"},
+      {"prefix_capacity", [](WorkerInfo*, WorkerLoad* l) { l->set_prefix_capacity_tokens(-16); },
+       absl::StatusCode::kInvalidArgument, "WorkerLoad.prefix_capacity_tokens is negative"},
       {"waiting", [](WorkerInfo*, WorkerLoad* l) { l->set_waiting_sequences(-3); },
        absl::StatusCode::kInvalidArgument, "WorkerLoad.waiting_sequences is negative"},
       {"gpu_free_negative", [](WorkerInfo*, WorkerLoad* l) { l->set_gpu_kv_free_bytes(-1); },
