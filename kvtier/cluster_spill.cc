@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <utility>
 
 #include "common/logging.h"
@@ -24,10 +25,10 @@ SsdKey KeyOf(uint64_t owner, uint32_t layer, uint32_t head, uint32_t block) {
 }  // namespace
 
 ClusterSpill::ClusterSpill(SsdStore* store, const Options& options)
-    : store_(store),
-      options_(options),
-      read_pool_(std::max(1, options.io_threads)),
-      write_pool_(std::max(1, options.io_threads)) {
+    : store_(store), options_(options), write_pool_(std::max(1, options.io_threads)) {
+  for (int i = 0; i < std::max(1, options.io_threads); ++i) {
+    readers_.emplace_back([this] { ReaderLoop(); });
+  }
   writer_ = std::thread([this] { WriterLoop(); });
 }
 
@@ -38,7 +39,9 @@ ClusterSpill::~ClusterSpill() {
     cancel_writing_ = true;
   }
   queue_cv_.notify_all();
+  read_cv_.notify_all();
   writer_.join();
+  for (std::thread& reader : readers_) reader.join();
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& [id, seq] : sequences_) {
     if (absl::Status s = store_->DeleteOwner(SsdKey::Owner::kSequence, seq.owner); !s.ok()) {
@@ -206,22 +209,17 @@ void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece>
   const auto start = std::chrono::steady_clock::now();
   std::fill(offsets.begin(), offsets.end(), int64_t{-1});
   // What to read: each cluster once, at its place in the staging area.
-  struct Read {
-    SsdKey key;
-    int64_t at = 0;  // bytes into the staging area
-    int64_t bytes = 0;
-    std::atomic<bool> ok{false};
-  };
-  std::vector<std::unique_ptr<Read>> reads;
+  std::vector<std::shared_ptr<ReadJob>> reads;
   std::vector<std::pair<size_t, int64_t>> piece_read(pieces.size(), {SIZE_MAX, 0});
-  int64_t failed = 0;
   int64_t staging_offset = 0;
+  bool stalled = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    stalled = stats_.stalled;
     staging_offset = staging_offset_;
     absl::flat_hash_map<std::pair<int64_t, uint64_t>, size_t> read_of;
     int64_t cursor = 0;
-    for (size_t i = 0; i < pieces.size(); ++i) {
+    for (size_t i = 0; i < pieces.size() && !stalled; ++i) {
       const engine::PieceFetcher::Piece& p = pieces[i];
       auto seq_it = slot_seq_.find(p.slot);
       if (seq_it == slot_seq_.end()) {
@@ -252,51 +250,109 @@ void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece>
           read_of.erase(it);
           continue;  // does not fit this call: lost (logged below)
         }
-        auto r = std::make_unique<Read>();
+        auto r = std::make_shared<ReadJob>();
         r->key = KeyOf(seq.owner, layer, p.head, block);
-        r->at = cursor;
-        r->bytes = c.bytes;
+        r->dest = options_.host_data + staging_offset + cursor;
+        r->buffer.resize(static_cast<size_t>(c.bytes));
         reads.push_back(std::move(r));
         cursor += span;
       }
       piece_read[i] = {it->second, c.piece_offsets[index]};
     }
   }
-  read_pool_.ParallelFor(static_cast<int64_t>(reads.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      Read& r = *reads[i];
-      const absl::Status s =
-          store_->GetInto(r.key, {},
-                          std::span<uint8_t>(options_.host_data + staging_offset + r.at,
-                                             static_cast<size_t>(r.bytes)));
-      if (s.ok()) {
-        r.ok = true;
-      } else {
-        STRATA_LOG_WARN("spilled cluster (layer {}, head {}, block {}) not read: {}", r.key.layer,
-                        r.key.kv_head, r.key.block, s.ToString());
-      }
-    }
-  });
+  bool timed_out = false;
   int64_t bytes = 0;
-  for (const auto& r : reads) bytes += r->ok ? r->bytes : 0;
+  std::vector<char> read_ok(reads.size(), 0);
+  if (!reads.empty()) {
+    auto wait = std::make_shared<FetchWait>();
+    wait->remaining = static_cast<int>(reads.size());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (std::shared_ptr<ReadJob>& r : reads) {
+        r->wait = wait;
+        read_queue_.push_back(r);
+      }
+      reads_outstanding_ += static_cast<int>(reads.size());
+    }
+    read_cv_.notify_all();
+    std::unique_lock<std::mutex> wait_lock(wait->mu);
+    if (!wait->cv.wait_for(wait_lock, options_.fetch_timeout,
+                           [&] { return wait->remaining == 0; })) {
+      wait->abandoned = true;  // nothing more lands in the staging area
+      timed_out = true;
+    }
+    for (size_t i = 0; i < reads.size(); ++i) {
+      read_ok[i] = reads[i]->ok;
+      if (reads[i]->ok) bytes += static_cast<int64_t>(reads[i]->buffer.size());
+    }
+  }
+  int64_t failed = 0;
   for (size_t i = 0; i < pieces.size(); ++i) {
     const auto [read, offset] = piece_read[i];
-    if (read == SIZE_MAX || !reads[read]->ok) {
+    if (read == SIZE_MAX || !read_ok[read]) {
       ++failed;
       continue;
     }
-    offsets[i] = staging_offset + reads[read]->at + offset;
+    offsets[i] = (reads[read]->dest - options_.host_data) + offset;
   }
-  if (failed > 0) {
+  if (timed_out) {
+    STRATA_LOG_ERROR(
+        "layer {}: the SSD did not return {} clusters within {} ms; their sequences are "
+        "recomputed, and every fetch fails until the reads return",
+        layer, reads.size(), options_.fetch_timeout.count());
+  } else if (failed > 0 && !stalled) {
     STRATA_LOG_WARN("layer {}: {} of {} pieces below host memory could not be fetched", layer,
                     failed, pieces.size());
   }
   std::lock_guard<std::mutex> lock(mu_);
+  if (timed_out) {
+    ++stats_.fetch_timeouts;
+    stats_.stalled = reads_outstanding_ > 0;
+  }
   stats_.hard_misses += static_cast<int64_t>(reads.size());
   stats_.hard_miss_pieces += static_cast<int64_t>(pieces.size());
   stats_.bytes_read += bytes;
   stats_.fetch_micros += MicrosSince(start);
   stats_.fetches_failed += failed;
+}
+
+void ClusterSpill::ReaderLoop() {
+  for (;;) {
+    std::shared_ptr<ReadJob> job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      read_cv_.wait(lock, [&] { return stopping_ || !read_queue_.empty(); });
+      if (read_queue_.empty()) return;  // stopping, nothing left
+      job = std::move(read_queue_.front());
+      read_queue_.pop_front();
+    }
+    FetchWait& wait = *job->wait;
+    bool abandoned = false;
+    {
+      std::lock_guard<std::mutex> lock(wait.mu);
+      abandoned = wait.abandoned;
+    }
+    absl::Status s = absl::CancelledError("the fetch gave up");
+    if (!abandoned) {
+      if (options_.before_read) options_.before_read();
+      s = store_->GetInto(job->key, {}, job->buffer);
+      if (!s.ok()) {
+        STRATA_LOG_WARN("spilled cluster (layer {}, head {}, block {}) not read: {}",
+                        job->key.layer, job->key.kv_head, job->key.block, s.ToString());
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(wait.mu);
+      if (s.ok() && !wait.abandoned) {
+        std::memcpy(job->dest, job->buffer.data(), job->buffer.size());
+        job->ok = true;
+      }
+      --wait.remaining;
+    }
+    wait.cv.notify_all();
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--reads_outstanding_ == 0) stats_.stalled = false;
+  }
 }
 
 }  // namespace strata::kvtier

@@ -21,7 +21,13 @@
 // decode step waits for it, and it counts as a hard miss. A value that is
 // missing or fails the store's CRC gives -1: the recall treats it as a bad
 // piece, and the sequence is recomputed from its tokens (the pieces' own
-// CRCs are checked by the recall as for any host piece).
+// CRCs are checked by the recall as for any host piece). The step waits at
+// most fetch_timeout: reads still running then give -1 too, and until
+// they have all returned the SSD counts as stalled and every fetch fails
+// at once (a disk that stops answering costs recomputation, not a hung
+// step). Reads land in buffers of their own and are copied into the
+// staging area only while their fetch still waits for them, so a late one
+// never writes where a later step reads.
 //
 // Forget drops a sequence: a batch of it being written stops after the
 // values in progress, queued ones are dropped, and its values are deleted;
@@ -35,9 +41,11 @@
 #define STRATA_KVTIER_CLUSTER_SPILL_H_
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -60,6 +68,11 @@ class ClusterSpill final : public engine::PieceFetcher {
     // (SetStaging), so that offsets into it are offsets the recall reads.
     uint8_t* host_data = nullptr;
     int io_threads = 4;  // parallel reads in Fetch, and writes of a batch
+    // How long a step waits for its reads (see above).
+    std::chrono::milliseconds fetch_timeout{2000};
+    // Tests only: called on the I/O thread before each read (a test blocks
+    // it to stand for a disk that stops answering).
+    std::function<void()> before_read;
   };
   struct Stats {
     int64_t batches_written = 0;  // Write batches stored
@@ -72,6 +85,8 @@ class ClusterSpill final : public engine::PieceFetcher {
     int64_t bytes_read = 0;        // ... bytes read
     int64_t fetch_micros = 0;      // time the steps waited for them
     int64_t fetches_failed = 0;    // pieces that could not be had (-1)
+    int64_t fetch_timeouts = 0;    // fetches that gave up on reads still running
+    bool stalled = false;          // reads a fetch gave up on are still running
     int64_t bytes_resident = 0;    // on the SSD now
     int sequences = 0;             // with values on the SSD now
     int batches_in_flight = 0;
@@ -153,6 +168,23 @@ class ClusterSpill final : public engine::PieceFetcher {
   static uint64_t ClusterId(uint32_t layer, uint32_t head, uint32_t block) {
     return (uint64_t{layer} << 48) | (uint64_t{head} << 32) | block;
   }
+  // One value read for a Fetch, into a buffer of its own; copied into the
+  // staging area by the reader only while the fetch still waits for it.
+  struct FetchWait;
+  struct ReadJob {
+    SsdKey key;
+    uint8_t* dest = nullptr;  // in the staging area
+    std::vector<uint8_t> buffer;
+    bool ok = false;  // guarded by wait->mu
+    std::shared_ptr<FetchWait> wait;
+  };
+  struct FetchWait {
+    std::mutex mu;
+    std::condition_variable cv;
+    int remaining = 0;
+    bool abandoned = false;  // the fetch gave up: copy nothing more
+  };
+  void ReaderLoop();
   void WriterLoop();
   // Writes one batch (on the writer thread); deletes what it wrote on a failure.
   absl::Status WriteBatch(const Queued& q, int64_t* bytes);
@@ -163,7 +195,7 @@ class ClusterSpill final : public engine::PieceFetcher {
   SsdStore* store_;
   Options options_;
   int64_t staging_offset_ = 0, staging_bytes_ = 0;  // guarded by mu_
-  ThreadPool read_pool_, write_pool_;
+  ThreadPool write_pool_;
 
   mutable std::mutex mu_;
   std::condition_variable queue_cv_;
@@ -177,6 +209,11 @@ class ClusterSpill final : public engine::PieceFetcher {
   absl::flat_hash_map<int64_t, Sequence> sequences_;
   absl::flat_hash_map<int, int64_t> slot_seq_;  // sequences with clusters, by slot
   Stats stats_;
+  // The readers' queue, and the reads queued or running (under mu_).
+  std::condition_variable read_cv_;
+  std::deque<std::shared_ptr<ReadJob>> read_queue_;
+  int reads_outstanding_ = 0;
+  std::vector<std::thread> readers_;
   std::thread writer_;  // last: started once the rest is built
 };
 

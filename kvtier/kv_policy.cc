@@ -302,6 +302,7 @@ absl::Status KvPolicyRunner::Allocate() {
       ClusterSpill::Options spill;
       spill.host_data = const_cast<uint8_t*>(ring_.host.data());
       spill.io_threads = options_.tier.spill_io_threads;
+      spill.fetch_timeout = options_.tier.spill_fetch_timeout;
       spill_ = std::make_unique<ClusterSpill>(options_.tier.manager->ssd(), spill);
       break;
     }

@@ -156,6 +156,9 @@ struct KvTierOptions {
   // memory is then kept); 1: all, and their host memory is freed.
   int spill_stride = 1;
   int spill_io_threads = 4;
+  // How long a decode step waits for clusters it fetches from the SSD
+  // before it recomputes their sequences instead (ClusterSpill).
+  std::chrono::milliseconds spill_fetch_timeout{2000};
 
   // The tiering a server's profiles ask for (profiles[i] is policy i):
   // ClusterKV profiles with tiers.host_bytes > 0 get host-homed clusters in
@@ -225,6 +228,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t hard_miss_bytes = 0;
     int64_t hard_miss_micros = 0;
     int64_t hard_miss_failed = 0;
+    int64_t hard_miss_timeouts = 0;  // fetches that gave up on a stalled SSD
     int64_t ssd_cluster_bytes = 0;
     int64_t lost_sequences = 0;  // sequences recomputed because of them
     int64_t ring_pauses = 0;     // rings given back by paused sequences

@@ -249,6 +249,7 @@ absl::Status KvPolicyRunner::PollSpill() {
   stats_.hard_miss_bytes = s.bytes_read;
   stats_.hard_miss_micros = s.fetch_micros;
   stats_.hard_miss_failed = s.fetches_failed;
+  stats_.hard_miss_timeouts = s.fetch_timeouts;
   stats_.ssd_cluster_bytes = s.bytes_resident;
   return absl::OkStatus();
 }

@@ -68,6 +68,8 @@
 //   strata_kv_ssd_hard_miss_seconds_total       ... time the steps waited
 //   strata_kv_ssd_hard_miss_failed_total        ... pieces that could not be
 //                                               had (sequence recomputed)
+//   strata_kv_ssd_hard_miss_timeouts_total      ... fetches the SSD did not
+//                                               answer in time (recomputed)
 //   strata_kv_prefetch_bytes_total              host bytes read ahead for the
 //                                               next layer's guessed selection
 //   strata_kv_ssd_sequences                     swapped sequences on the SSD
@@ -223,7 +225,7 @@ class ServerMetrics {
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
   TotalCounter prefetch_bytes_;
   TotalCounter cluster_spills_, clusters_spilled_, cluster_spills_refused_, hard_misses_,
-      hard_miss_bytes_, hard_miss_failed_;
+      hard_miss_bytes_, hard_miss_failed_, hard_miss_timeouts_;
   prometheus::Counter* hard_miss_seconds_ = nullptr;
   int64_t hard_miss_micros_seen_ = 0;
   prometheus::Gauge* ssd_cluster_bytes_ = nullptr;

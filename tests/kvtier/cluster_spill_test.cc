@@ -7,9 +7,12 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -382,6 +385,70 @@ TEST_F(ClusterSpillUnitTest, FetchedPiecesAreTheBytesWrittenAndUnknownOnesFail) 
   spill.Forget(9);
   EXPECT_EQ(store_->stats().bytes_used, 0);
   EXPECT_FALSE(spill.HasClusters(9));
+}
+
+TEST_F(ClusterSpillUnitTest, AStalledSsdFailsFetchesInTimeAndLateReadsLandNowhere) {
+  // The disk stops answering: reads block until the test lets them go.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool blocked = false, release = false;
+  int reads_started = 0;
+  ClusterSpill::Options options{.host_data = host_.data(), .io_threads = 2};
+  options.fetch_timeout = std::chrono::milliseconds(100);
+  options.before_read = [&] {
+    std::unique_lock<std::mutex> lock(mu);
+    ++reads_started;
+    cv.wait(lock, [&] { return !blocked || release; });
+  };
+  ClusterSpill spill(store_.get(), options);
+  spill.SetStaging(int64_t{512} << 10, 4096);
+  spill.Write(77, OneCluster(9, 2));
+  ASSERT_EQ(WaitDone(spill).size(), 1u);
+  const std::vector<uint8_t> written(host_.begin() + 128, host_.begin() + 768);
+  const std::vector<engine::PieceFetcher::Piece> pieces = {{2, 0, 5}, {2, 0, 6}};
+  std::vector<int64_t> offsets(2);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    blocked = true;
+  }
+  // The staging area holds what a later step would read: a late read must
+  // not overwrite it.
+  std::fill(host_.begin() + (512 << 10), host_.begin() + (512 << 10) + 4096, 0xAB);
+  auto start = std::chrono::steady_clock::now();
+  spill.Fetch(1, pieces, offsets);
+  auto waited = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(offsets, (std::vector<int64_t>{-1, -1}));
+  EXPECT_GE(waited, std::chrono::milliseconds(100));
+  EXPECT_LT(waited, std::chrono::seconds(2)) << "the step gave up at the timeout";
+  ClusterSpill::Stats st = spill.stats();
+  EXPECT_EQ(st.fetch_timeouts, 1);
+  EXPECT_TRUE(st.stalled);
+  // While the read is out, fetches fail at once, without queuing more.
+  start = std::chrono::steady_clock::now();
+  spill.Fetch(1, pieces, offsets);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(50));
+  EXPECT_EQ(offsets, (std::vector<int64_t>{-1, -1}));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(reads_started, 1);
+    release = true;
+  }
+  cv.notify_all();
+  for (int i = 0; i < 2000 && spill.stats().stalled; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_FALSE(spill.stats().stalled) << "the late read returned";
+  EXPECT_TRUE(std::all_of(host_.begin() + (512 << 10), host_.begin() + (512 << 10) + 4096,
+                          [](uint8_t b) { return b == 0xAB; }))
+      << "the read the step gave up on wrote into the staging area";
+  // The disk answers again: fetches work.
+  spill.Fetch(1, pieces, offsets);
+  ASSERT_GE(offsets[0], 0);
+  EXPECT_TRUE(std::equal(written.begin(), written.end(), host_.begin() + offsets[0]));
+  st = spill.stats();
+  EXPECT_EQ(st.fetches_failed, 4);
+  EXPECT_EQ(st.bytes_read, 640);
+  spill.Forget(9);
 }
 
 TEST_F(ClusterSpillUnitTest, AClusterThatDoesNotFitTheStagingAreaFailsAlone) {
