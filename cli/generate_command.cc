@@ -405,7 +405,8 @@ int RunGenerate(const GenerateFlags& f) {
           {"ssd_prefix_pages_read", tiers.ssd_prefix_pages_read},
           {"ssd_prefix_bytes_read", tiers.ssd_prefix_bytes_read},
           {"ssd_prefix_read_ms", static_cast<double>(tiers.ssd_prefix_read_micros) / 1e3},
-          {"ssd_prefix_pages_lost", tiers.ssd_prefix_pages_lost}};
+          {"ssd_prefix_pages_lost", tiers.ssd_prefix_pages_lost},
+          {"ssd_reads_timed_out", tiers.ssd_reads_timed_out}};
     if (runner != nullptr) {
       const kvtier::KvPolicyRunner::Stats& s = runner->stats();
       kv["sparse_queries"] = s.sparse_queries;

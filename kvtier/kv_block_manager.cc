@@ -81,7 +81,8 @@ KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool h
   }
   crc_pool_ = std::make_unique<ThreadPool>(std::max(options_.crc_threads, 1));
   if (options_.ssd != nullptr) {
-    mover_ = std::make_unique<RecordMover>(options_.ssd, options_.io_threads);
+    mover_ =
+        std::make_unique<RecordMover>(options_.ssd, options_.io_threads, options_.ssd_before_read);
   }
 }
 
@@ -246,9 +247,32 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
       // Up first, if the host tier has room; the caller asks again.
       if (host_.num_free() >= needed) StartMove(seq_id, swapped, /*down=*/false);
       return false;
-    case Tier::kToSsd:
     case Tier::kFromSsd:
+      if (MoveTimedOut(swapped)) {
+        // The disk stopped answering: the sequence is recomputed; the
+        // reads keep its records until they return (FinishMove).
+        ++counters_.ssd_reads_timed_out;
+        DropSwapped(seq_id);
+        return absl::DataLossError(absl::StrCat("sequence ", seq_id,
+                                                ": the SSD tier did not return its KV within ",
+                                                options_.ssd_read_timeout.count(), " ms"));
+      }
       return false;
+    case Tier::kToSsd:
+      if (!MoveTimedOut(swapped)) return false;
+      // The disk stopped taking writes: the sequence comes back from its
+      // records, which the write only reads; the write keeps its
+      // references until it returns, and then deletes what it wrote
+      // (FinishMove: the job is no longer the sequence's).
+      ++counters_.ssd_reads_timed_out;
+      STRATA_LOG_WARN(
+          "sequence {}: its move to the SSD tier did not finish within {} ms; "
+          "resumed from the host tier",
+          seq_id, options_.ssd_read_timeout.count());
+      swapped.tier = Tier::kHost;
+      swapped.job = 0;
+      swapped.stays_in_host = true;
+      break;
   }
   if (pages_.num_free() < needed || upper_pages_.num_free() < upper_needed) return false;
   STRATA_RETURN_IF_ERROR(Seal(swapped));
@@ -304,8 +328,18 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
 
 bool KvBlockManager::SwapMoving(int64_t seq_id) const {
   auto it = swapped_.find(seq_id);
+  // A move past its time is not waited for: SwapIn takes the sequence
+  // back from its records (down) or gives it up (up).
   return it != swapped_.end() &&
-         (it->second.tier == Tier::kToSsd || it->second.tier == Tier::kFromSsd);
+         (it->second.tier == Tier::kToSsd || it->second.tier == Tier::kFromSsd) &&
+         !MoveTimedOut(it->second);
+}
+
+bool KvBlockManager::MoveTimedOut(const Swapped& swapped) const {
+  if ((swapped.tier != Tier::kFromSsd && swapped.tier != Tier::kToSsd)) return false;
+  auto m = moves_.find(swapped.job);
+  return m != moves_.end() &&
+         std::chrono::steady_clock::now() - m->second.started > options_.ssd_read_timeout;
 }
 
 void KvBlockManager::DropSwapped(int64_t seq_id) {
@@ -423,7 +457,8 @@ void KvBlockManager::StartMove(int64_t seq_id, Swapped& swapped, bool down) {
   }
   for (int32_t r : swapped.records) job.records.push_back(host_.data(r));
   swapped.job = job.id;
-  moves_.emplace(job.id, Move{seq_id, swapped.swap_id, down, swapped.records});
+  moves_.emplace(job.id, Move{seq_id, swapped.swap_id, down, swapped.records,
+                              std::chrono::steady_clock::now()});
   mover_->Submit(std::move(job));
 }
 

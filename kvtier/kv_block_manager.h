@@ -115,6 +115,15 @@ struct KvBlockManagerOptions {
   // down to the SSD, oldest first.
   double ssd_high_water = 0.75;
   int io_threads = 2;  // threads moving records to and from the SSD
+  // How long a sequence or a prompt waits for the SSD tier. Past it a
+  // paused sequence being read up is recomputed from its tokens (SwapIn
+  // answers DataLoss), one being written down resumes from its host
+  // records, and a prompt computes the part of its stored prefix still
+  // being read. The stalled reads and writes keep their host records until
+  // they return, then free them.
+  std::chrono::milliseconds ssd_read_timeout{30000};
+  // Tests only: called on an I/O thread before each SSD read.
+  std::function<void()> ssd_before_read = nullptr;
   // Threads that compute and check the host records' CRCs when many are
   // sealed or loaded at once (a long prompt's prefix, a long swap).
   int crc_threads = 8;
@@ -176,6 +185,9 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t ssd_bytes_written = 0;
     int64_t ssd_bytes_read = 0;
     int64_t ssd_swap_in_micros = 0;  // time the swap-ins took on the I/O threads
+    // Reads from the SSD given up on after ssd_read_timeout: swap-ins
+    // (sequence recomputed) and prefix pages (computed).
+    int64_t ssd_reads_timed_out = 0;
     // Prefix reuse.
     int64_t prefix_bytes_used = 0;  // host bytes of stored prefix pages
     int64_t prefix_lookups = 0;     // sequences that asked
@@ -374,7 +386,11 @@ class KvBlockManager final : public engine::KvMemory {
     uint64_t swap_id;
     bool down;
     std::vector<int32_t> records;
+    std::chrono::steady_clock::time_point started;
   };
+  // Whether the move of a swapped sequence (kToSsd, kFromSsd) has run past
+  // ssd_read_timeout.
+  bool MoveTimedOut(const Swapped& swapped) const;
   // Records a copy still uses, freed (one reference each) when it is done.
   struct InFlight {
     engine::CopyFence fence;
@@ -479,6 +495,8 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t bytes = 0;
     enum class State { kStored, kWriting, kReading } state = State::kStored;
     std::list<uint64_t>::iterator lru;  // in ssd_prefix_lru_, most recent at the back
+    std::chrono::steady_clock::time_point read_since = {};  // kReading: when it started
+    bool timed_out = false;  // counted as given up on (kReading past the timeout)
   };
   absl::flat_hash_map<uint64_t, SsdPrefix> ssd_prefixes_;
   std::list<uint64_t> ssd_prefix_lru_;

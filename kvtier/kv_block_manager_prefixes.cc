@@ -194,6 +194,7 @@ void KvBlockManager::ReadPrefixesUp(std::span<const PrefixKey> chain,
       const PrefixKey& key = chain[first + i];
       SsdPrefix& entry = ssd_prefixes_.find(key.words[0])->second;  // the caller found it
       entry.state = SsdPrefix::State::kReading;
+      entry.read_since = std::chrono::steady_clock::now();
       ssd_prefix_lru_.splice(ssd_prefix_lru_.end(), ssd_prefix_lru_, entry.lru);
       job.keys.push_back(PrefixSsdKey(key));
       job.records.push_back(host_.data(records[i]));
@@ -261,6 +262,7 @@ void KvBlockManager::FinishPrefixMove(const RecordMover::Done& done) {
     }
     if (auto it = ssd_prefixes_.find(key.words[0]); good && it != ssd_prefixes_.end()) {
       it->second.state = SsdPrefix::State::kStored;
+      it->second.timed_out = false;
       ++counters_.ssd_prefix_pages_read;
       counters_.ssd_prefix_bytes_read += PrefixHeaderBytes() + layout_.record_bytes();
       if (prefixes_.Insert(key, move.tokens[i], r)) continue;
@@ -388,6 +390,17 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
       auto it = ssd_prefixes_.find(chain[end].words[0]);
       if (it == ssd_prefixes_.end() || it->second.state == SsdPrefix::State::kWriting) break;
       if (it->second.state == SsdPrefix::State::kReading) {
+        // A read past its time is not waited for: the prompt computes
+        // the rest (the page is stored when the read returns, if ever).
+        if (std::chrono::steady_clock::now() - it->second.read_since > options_.ssd_read_timeout) {
+          if (!it->second.timed_out) {
+            it->second.timed_out = true;
+            ++counters_.ssd_reads_timed_out;
+            STRATA_LOG_WARN("SSD tier: a stored prefix page was not read within {} ms; computed",
+                            options_.ssd_read_timeout.count());
+          }
+          break;
+        }
         reading = true;
         break;
       }

@@ -8,7 +8,8 @@
 
 namespace strata::kvtier {
 
-RecordMover::RecordMover(SsdStore* store, int threads) : store_(store) {
+RecordMover::RecordMover(SsdStore* store, int threads, std::function<void()> before_read)
+    : store_(store), before_read_(std::move(before_read)) {
   for (int i = 0; i < std::max(threads, 1); ++i) threads_.emplace_back([this] { Run(); });
 }
 
@@ -81,6 +82,7 @@ RecordMover::Done RecordMover::Move(const Job& job) {
     } else {
       const std::span<uint8_t> head =
           header > 0 ? std::span<uint8_t>(done.headers[i]) : std::span<uint8_t>();
+      if (before_read_) before_read_();
       status = store_->GetInto(key, head, {job.records[i], bytes});
     }
     if (status.ok()) {

@@ -29,6 +29,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -62,8 +63,10 @@ class RecordMover {
     int64_t micros = 0;                         // from the job's start to its end
   };
 
-  // `store` outlives the mover; threads >= 1.
-  RecordMover(SsdStore* store, int threads);
+  // `store` outlives the mover; threads >= 1. before_read (tests only) is
+  // called on the I/O thread before each read (a test blocks it to stand
+  // for a disk that stops answering).
+  RecordMover(SsdStore* store, int threads, std::function<void()> before_read = nullptr);
   ~RecordMover();
   RecordMover(const RecordMover&) = delete;
   RecordMover& operator=(const RecordMover&) = delete;
@@ -82,6 +85,7 @@ class RecordMover {
   Done Move(const Job& job);
 
   SsdStore* store_;
+  const std::function<void()> before_read_;
   absl::Mutex mu_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
   std::vector<Done> done_ ABSL_GUARDED_BY(mu_);

@@ -283,6 +283,9 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->ssd_prefix_lost_, "strata_kv_ssd_prefix_pages_lost_total",
                                  "SSD prefix pages that failed a check on the way up (deleted; "
                                  "their tokens computed)."));
+  STRATA_RETURN_IF_ERROR(counter(m->ssd_reads_timed_out_, "strata_kv_ssd_reads_timed_out_total",
+                                 "Swap-ins and prefix pages the SSD tier did not return within "
+                                 "the read timeout (recomputed)."));
   STRATA_ASSIGN_OR_RETURN(
       m->ssd_prefix_read_seconds_,
       metrics::AddCounter(r, "strata_kv_ssd_prefix_read_seconds_total",
@@ -411,6 +414,7 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
   ssd_prefix_read_.Advance(s.ssd_prefix_pages_read);
   ssd_prefix_bytes_read_.Advance(s.ssd_prefix_bytes_read);
   ssd_prefix_lost_.Advance(s.ssd_prefix_pages_lost);
+  ssd_reads_timed_out_.Advance(s.ssd_reads_timed_out);
   if (s.ssd_prefix_read_micros > ssd_prefix_read_micros_seen_) {
     ssd_prefix_read_seconds_->Increment(
         static_cast<double>(s.ssd_prefix_read_micros - ssd_prefix_read_micros_seen_) / 1e6);

@@ -95,6 +95,9 @@
 //                                               on below, on the SSD
 //   strata_kv_ssd_prefix_pages_read_total, _bytes_read_total, _lost_total
 //   strata_kv_ssd_prefix_read_seconds_total     the reads' time (I/O threads)
+//   strata_kv_ssd_reads_timed_out_total         swap-ins and prefix pages the
+//                                               SSD did not return in time
+//                                               (recomputed)
 //   strata_kv_exports_total, _export_bytes_total  prompts' KV a prefill worker
 //                                               handed to decode workers
 //   strata_kv_imports_total, _import_bytes_total  KV a decode worker took from
@@ -240,7 +243,7 @@ class ServerMetrics {
   prometheus::Gauge* ssd_prefix_used_ = nullptr;
   prometheus::Gauge* ssd_prefix_pages_ = nullptr;
   TotalCounter ssd_prefix_written_, ssd_prefix_refused_, ssd_prefix_evicted_, ssd_prefix_hits_,
-      ssd_prefix_read_, ssd_prefix_bytes_read_, ssd_prefix_lost_;
+      ssd_prefix_read_, ssd_prefix_bytes_read_, ssd_prefix_lost_, ssd_reads_timed_out_;
   prometheus::Counter* ssd_prefix_read_seconds_ = nullptr;
   int64_t ssd_prefix_read_micros_seen_ = 0;
   prometheus::Counter* recall_seconds_ = nullptr;

@@ -7,8 +7,10 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -481,8 +483,42 @@ class SsdSwapTest : public ::testing::Test {
     return out;
   }
 
+  // Makes the SSD's first read hang until Release (a disk that stops
+  // answering one request); the others go through.
+  std::function<void()> HangFirstRead() {
+    return [this] {
+      std::unique_lock<std::mutex> lock(hang_mu_);
+      if (reads_++ > 0) return;
+      hang_cv_.wait(lock, [this] { return released_; });
+    };
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(hang_mu_);
+      released_ = true;
+    }
+    hang_cv_.notify_all();
+  }
+  int reads() {
+    std::lock_guard<std::mutex> lock(hang_mu_);
+    return reads_;
+  }
+  // Polls until no copy or SSD move is in flight.
+  static void Settle(KvBlockManager& m) {
+    for (int i = 0; i < 20000; ++i) {
+      ASSERT_TRUE(m.Poll().ok());
+      if (m.Idle()) return;
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+    FAIL() << "the block manager did not settle";
+  }
+
   fs::path dir_;
   std::unique_ptr<SsdStore> store_;
+  std::mutex hang_mu_;
+  std::condition_variable hang_cv_;
+  int reads_ = 0;
+  bool released_ = false;
 };
 
 TEST_F(SsdSwapTest, PausedSequencesGoDownToTheSsdAndResumeWithTheirOutputsUnchanged) {
@@ -532,6 +568,34 @@ TEST_F(SsdSwapTest, AValueChangedOnTheSsdIsCaughtAndTheSequenceRecomputed) {
   EXPECT_EQ(batcher.num_kv_lost(), 1);
   for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
   EXPECT_TRUE(m->Idle());
+  EXPECT_EQ(store_->stats().bytes_used, 0);
+}
+
+TEST_F(SsdSwapTest, ASequenceWhoseReadTheSsdDoesNotReturnIsRecomputedInTime) {
+  // One read hangs: the sequence waiting for it is recomputed after the
+  // read timeout, with its tokens unchanged, instead of waiting forever;
+  // when the read returns at last, its records and keys go.
+  auto model = LoadGolden("llama_gqa", SmallCache(40));
+  const auto reqs = PressureRequests();
+  const Outputs alone = Alone(model.get(), reqs);
+  auto layout = KvLayout::Create(*model);
+  ASSERT_TRUE(layout.ok());
+  KvBlockManagerOptions options{
+      .host_bytes = 64 * layout->record_bytes(), .ssd = store_.get(), .ssd_high_water = 0.25};
+  options.ssd_read_timeout = std::chrono::milliseconds(50);
+  options.ssd_before_read = HangFirstRead();
+  auto m = KvBlockManager::Create(model.get(), options);
+  ASSERT_TRUE(m.ok()) << m.status();
+  engine::Batcher batcher(model.get(), nullptr, {}, m->get());
+  const Outputs batched = Run(batcher, reqs);
+  ASSERT_GE(reads(), 1) << "a sequence came up from the SSD";
+  EXPECT_EQ((*m)->stats().ssd_reads_timed_out, 1);
+  EXPECT_EQ(batcher.num_kv_lost(), 1);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  EXPECT_FALSE((*m)->Idle()) << "the hung read still holds its records";
+  Release();
+  Settle(**m);
+  EXPECT_EQ((*m)->stats().host_bytes_used, 0);
   EXPECT_EQ(store_->stats().bytes_used, 0);
 }
 
@@ -754,15 +818,6 @@ class SsdPrefixTest : public SsdSwapTest {
     }
     return out;
   }
-  // Polls until no copy or SSD move is in flight.
-  static void Settle(KvBlockManager& m) {
-    for (int i = 0; i < 20000; ++i) {
-      ASSERT_TRUE(m.Poll().ok());
-      if (m.Idle()) return;
-      std::this_thread::sleep_for(std::chrono::microseconds(200));
-    }
-    FAIL() << "the block manager did not settle";
-  }
   std::vector<int32_t> Computed(engine::Model* model, const engine::GenerationRequest& r) {
     engine::Batcher plain(model, nullptr);
     return Serve(plain, r).tokens;
@@ -862,6 +917,39 @@ TEST_F(SsdPrefixTest, ACorruptPageOnTheSsdIsComputedInstead) {
   // The corrupt page was deleted, then stored again from the computed KV.
   EXPECT_EQ(m->stats().ssd_prefix_pages, static_cast<int>(owners->size()));
   EXPECT_EQ(store_->stats().bytes_used, m->stats().ssd_prefix_bytes_used);
+}
+
+TEST_F(SsdPrefixTest, APrefixPageTheSsdDoesNotReturnIsComputedInTime) {
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  auto layout = KvLayout::Create(*model);
+  ASSERT_TRUE(layout.ok());
+  const int64_t value = layout->record_bytes() + 28 + 4 * layout->page_size() + 4;
+  KvBlockManagerOptions options{.host_bytes = int64_t{64} << 20,
+                                .ssd = store_.get(),
+                                .prefix_bytes = 32 * layout->record_bytes(),
+                                .prefix_space = "t",
+                                .ssd_prefix_bytes = 32 * value,
+                                .ssd_admission = KvBlockManagerOptions::SsdAdmission::kAlways};
+  options.ssd_read_timeout = std::chrono::milliseconds(50);
+  options.ssd_before_read = HangFirstRead();
+  auto m = KvBlockManager::Create(model.get(), options);
+  ASSERT_TRUE(m.ok()) << m.status();
+  engine::Batcher batcher(model.get(), nullptr, {}, m->get());
+  engine::GenerationRequest doc = Request(1, 100, 4);
+  ServeWaiting(batcher, doc);
+  Settle(**m);
+  (*m)->ClearPrefixes();  // only the SSD copies are left
+  engine::GenerationRequest again = doc;
+  again.id = 2;
+  const auto start = std::chrono::steady_clock::now();
+  const Served served = ServeWaiting(batcher, again);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  EXPECT_EQ(served.tokens, Computed(model.get(), again));
+  EXPECT_EQ(served.cached, 0) << "the document's first page never came up";
+  EXPECT_EQ((*m)->stats().ssd_reads_timed_out, 1);
+  Release();
+  Settle(**m);
+  EXPECT_EQ(store_->stats().bytes_used, (*m)->stats().ssd_prefix_bytes_used);
 }
 
 TEST_F(SsdPrefixTest, AStartWithASmallerBudgetDeletesWhatIsOverIt) {
