@@ -10,6 +10,69 @@
 
 namespace strata::cuda {
 
+namespace {
+
+// The kernels' view of a mapped buffer holding a job list and statuses.
+absl::StatusOr<kernels::PageBlocksParams> PageParams(const engine::HostBuffer& jobs, int num_jobs,
+                                                     const engine::HostBuffer& host,
+                                                     const engine::Tensor& cache, bool kv_fp8) {
+  kernels::PageBlocksParams p;
+  p.kv_fp8 = kv_fp8;
+  p.page_size = static_cast<int>(cache.dim(1));
+  p.num_kv_heads = static_cast<int>(cache.dim(2));
+  p.head_dim = static_cast<int>(cache.dim(3));
+  void* jobs_device = nullptr;
+  void* host_device = nullptr;
+  STRATA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&jobs_device, jobs.data(), 0));
+  STRATA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&host_device, host.data(), 0));
+  p.jobs = static_cast<const kernels::PageBlockJob*>(jobs_device);
+  p.num_jobs = num_jobs;
+  p.host = static_cast<uint8_t*>(host_device);
+  p.status = reinterpret_cast<int32_t*>(static_cast<uint8_t*>(jobs_device) +
+                                        size_t(num_jobs) * sizeof(kernels::PageBlockJob));
+  return p;
+}
+
+// The statuses after the kernel: each must be the job's `want` (encode:
+// its bytes; decode: its tokens).
+absl::Status CheckPageStatuses(const engine::HostBuffer& jobs, int num_jobs, bool decode) {
+  const auto* list = reinterpret_cast<const kernels::PageBlockJob*>(jobs.data());
+  const auto* status = reinterpret_cast<const int32_t*>(
+      jobs.data() + size_t(num_jobs) * sizeof(kernels::PageBlockJob));
+  for (int j = 0; j < num_jobs; ++j) {
+    const int64_t want = decode ? list[j].tokens : list[j].bytes;
+    if (status[j] == want) continue;
+    const char* why = "a block of another shape than asked for";
+    switch (static_cast<kernels::KvBlockError>(status[j])) {
+      case kernels::KvBlockError::kBadHeader:
+        why = "a bad header";
+        break;
+      case kernels::KvBlockError::kBadCrc:
+        why = "a CRC32C mismatch";
+        break;
+      case kernels::KvBlockError::kTruncated:
+        why = "truncated";
+        break;
+      case kernels::KvBlockError::kTooLarge:
+        why = "too large to decode";
+        break;
+      case kernels::KvBlockError::kWrongHeadDim:
+        why = "another head_dim";
+        break;
+      case kernels::KvBlockError::kBadJob:
+        why = "a job outside the caches";
+        break;
+    }
+    const std::string what = absl::StrCat(decode ? "KV block decode" : "KV block encode",
+                                          ": block ", j, " (page ", list[j].page, ", head ",
+                                          list[j].head, "): ", why, " (status ", status[j], ")");
+    return decode ? absl::DataLossError(what) : absl::InternalError(what);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<CopyEngine> CopyEngine::Create() {
   CopyEngine engine;
   STRATA_ASSIGN_OR_RETURN(engine.stream_, CudaStream::Create());
@@ -79,7 +142,11 @@ absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::T
           cudaMemcpyAsync(dsts_[i], srcs_[i], sizes_[i], cudaMemcpyDefault, stream_.get()));
     }
   }
-  Pending pending{next_fence_++, CudaEvent()};
+  return RecordFence(engine::HostBuffer(), 0);
+}
+
+absl::StatusOr<engine::CopyFence> CopyEngine::RecordFence(engine::HostBuffer jobs, int num_jobs) {
+  Pending pending{next_fence_++, CudaEvent(), std::move(jobs), num_jobs};
   if (!spare_.empty()) {
     pending.done = std::move(spare_.back());
     spare_.pop_back();
@@ -89,6 +156,74 @@ absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::T
   STRATA_RETURN_IF_ERROR(pending.done.Record(stream_.get()));
   pending_.push_back(std::move(pending));
   return pending_.back().fence;
+}
+
+absl::StatusOr<engine::HostBuffer> CopyEngine::PageJobs(
+    std::span<const engine::Tensor> k_caches, std::span<const engine::Tensor> v_caches,
+    std::span<const engine::KvBlockCopy> blocks) {
+  const size_t list_bytes = blocks.size() * sizeof(kernels::PageBlockJob);
+  STRATA_ASSIGN_OR_RETURN(engine::HostBuffer buffer,
+                          AllocateHost(list_bytes + blocks.size() * sizeof(int32_t)));
+  auto* jobs = reinterpret_cast<kernels::PageBlockJob*>(buffer.data());
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const engine::KvBlockCopy& b = blocks[i];
+    jobs[i] = {k_caches[b.layer].data(),
+               v_caches[b.layer].data(),
+               b.page,
+               b.head,
+               b.tokens,
+               0,
+               b.host_offset,
+               b.bytes};
+  }
+  return buffer;
+}
+
+absl::StatusOr<engine::CopyFence> CopyEngine::EncodeBlocks(
+    engine::KvCodecKind codec, bool kv_fp8, std::span<const engine::Tensor> k_caches,
+    std::span<const engine::Tensor> v_caches, std::span<const engine::KvBlockCopy> blocks,
+    const engine::HostBuffer& host, cudaStream_t compute) {
+  STRATA_RETURN_IF_ERROR(
+      engine::ValidateKvBlockCopies("EncodeBlocksToHost", k_caches, v_caches, blocks, host));
+  if (blocks.empty()) return engine::kFenceDone;
+  if (blocks.size() > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("EncodeBlocksToHost: ", blocks.size(), " blocks"));
+  }
+  STRATA_ASSIGN_OR_RETURN(engine::HostBuffer jobs, PageJobs(k_caches, v_caches, blocks));
+  const int n = static_cast<int>(blocks.size());
+  STRATA_ASSIGN_OR_RETURN(kernels::PageBlocksParams p,
+                          PageParams(jobs, n, host, k_caches[blocks[0].layer], kv_fp8));
+  p.codec = codec;
+  STRATA_RETURN_IF_ERROR(compute_mark_.Record(compute));
+  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), compute_mark_.get(), 0));
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchEncodePageBlocks(p, stream_.get()));
+  return RecordFence(std::move(jobs), n);
+}
+
+absl::Status CopyEngine::DecodeBlocks(bool kv_fp8, const engine::HostBuffer& host,
+                                      std::span<const engine::KvBlockCopy> blocks,
+                                      std::span<const engine::Tensor> k_caches,
+                                      std::span<const engine::Tensor> v_caches,
+                                      cudaStream_t compute) {
+  STRATA_RETURN_IF_ERROR(
+      engine::ValidateKvBlockCopies("DecodeBlocksFromHost", k_caches, v_caches, blocks, host));
+  if (blocks.empty()) return absl::OkStatus();
+  if (blocks.size() > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("DecodeBlocksFromHost: ", blocks.size(), " blocks"));
+  }
+  STRATA_ASSIGN_OR_RETURN(engine::HostBuffer jobs, PageJobs(k_caches, v_caches, blocks));
+  const int n = static_cast<int>(blocks.size());
+  STRATA_ASSIGN_OR_RETURN(kernels::PageBlocksParams p,
+                          PageParams(jobs, n, host, k_caches[blocks[0].layer], kv_fp8));
+  // After every read of the rows enqueued so far.
+  STRATA_RETURN_IF_ERROR(compute_mark_.Record(compute));
+  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), compute_mark_.get(), 0));
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchDecodePageBlocks(p, stream_.get()));
+  // Waited for here: the compute enqueued after this returns follows it.
+  STRATA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
+  return CheckPageStatuses(jobs, n, /*decode=*/true);
 }
 
 absl::Status CopyEngine::Retire(bool wait_for, engine::CopyFence upto) {
@@ -103,7 +238,10 @@ absl::Status CopyEngine::Retire(bool wait_for, engine::CopyFence upto) {
     }
     done_upto_ = p.fence;
     spare_.push_back(std::move(p.done));
+    const absl::Status encoded =
+        p.num_jobs > 0 ? CheckPageStatuses(p.jobs, p.num_jobs, /*decode=*/false) : absl::OkStatus();
     pending_.pop_front();
+    STRATA_RETURN_IF_ERROR(encoded);
   }
   return absl::OkStatus();
 }

@@ -50,6 +50,22 @@ class CopyEngine {
   // the calling thread waits for it.
   absl::Status ChecksumRows(std::span<const engine::Tensor> tensors,
                             std::span<const engine::RowCopy> rows, std::span<uint32_t> crcs);
+  // See engine::Backend::EncodeBlocksToHost / DecodeBlocksFromHost: the
+  // codec kernels run on the copy stream after the compute stream's work so
+  // far, reading (encode) or writing (decode) mapped host memory. `kv_fp8`:
+  // the caches hold fp8 e4m3 (else bf16). An encode's job list and status
+  // stay alive with its fence; each block's status is checked when the
+  // fence is retired (an error then names the block). Decode waits.
+  absl::StatusOr<engine::CopyFence> EncodeBlocks(engine::KvCodecKind codec, bool kv_fp8,
+                                                 std::span<const engine::Tensor> k_caches,
+                                                 std::span<const engine::Tensor> v_caches,
+                                                 std::span<const engine::KvBlockCopy> blocks,
+                                                 const engine::HostBuffer& host,
+                                                 cudaStream_t compute);
+  absl::Status DecodeBlocks(bool kv_fp8, const engine::HostBuffer& host,
+                            std::span<const engine::KvBlockCopy> blocks,
+                            std::span<const engine::Tensor> k_caches,
+                            std::span<const engine::Tensor> v_caches, cudaStream_t compute);
   // Waits for every copy (the backend's destructor calls it).
   absl::Status WaitAll();
 
@@ -57,7 +73,18 @@ class CopyEngine {
   struct Pending {
     engine::CopyFence fence;
     CudaEvent done;
+    // An encode's job list and per-block status (mapped), checked when the
+    // fence is retired; empty for copies.
+    engine::HostBuffer jobs;
+    int num_jobs = 0;
   };
+  // Fills a mapped buffer with the codec kernels' job list for `blocks`
+  // and room for their statuses after it.
+  absl::StatusOr<engine::HostBuffer> PageJobs(std::span<const engine::Tensor> k_caches,
+                                              std::span<const engine::Tensor> v_caches,
+                                              std::span<const engine::KvBlockCopy> blocks);
+  // Records a new fence on the copy stream.
+  absl::StatusOr<engine::CopyFence> RecordFence(engine::HostBuffer jobs, int num_jobs);
   // Pops the fences whose events completed; an error event is reported.
   absl::Status Retire(bool wait_for, engine::CopyFence upto);
 

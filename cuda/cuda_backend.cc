@@ -185,6 +185,41 @@ class CudaBackend final : public engine::Backend {
     STRATA_RETURN_IF_ERROR(Activate());
     return copies_.ChecksumRows(tensors, rows, crcs);
   }
+  absl::StatusOr<engine::CopyFence> EncodeBlocksToHost(engine::KvCodecKind codec,
+                                                       std::span<const Tensor> k_caches,
+                                                       std::span<const Tensor> v_caches,
+                                                       std::span<const engine::KvBlockCopy> blocks,
+                                                       const engine::HostBuffer& host) override {
+    if (capturing_) return CaptureError("EncodeBlocksToHost");
+    STRATA_RETURN_IF_ERROR(Activate());
+    STRATA_ASSIGN_OR_RETURN(const bool fp8, CachesFp8("EncodeBlocksToHost", k_caches));
+    return copies_.EncodeBlocks(codec, fp8, k_caches, v_caches, blocks, host, stream());
+  }
+  absl::Status DecodeBlocksFromHost(const engine::HostBuffer& host,
+                                    std::span<const engine::KvBlockCopy> blocks,
+                                    std::span<const Tensor> k_caches,
+                                    std::span<const Tensor> v_caches) override {
+    if (capturing_) return CaptureError("DecodeBlocksFromHost");
+    STRATA_RETURN_IF_ERROR(Activate());
+    STRATA_ASSIGN_OR_RETURN(const bool fp8, CachesFp8("DecodeBlocksFromHost", k_caches));
+    return copies_.DecodeBlocks(fp8, host, blocks, k_caches, v_caches, stream());
+  }
+  // Whether KV caches hold fp8 e4m3 (else bf16); InvalidArgument for other
+  // dtypes or a mix.
+  static absl::StatusOr<bool> CachesFp8(absl::string_view op, std::span<const Tensor> caches) {
+    bool fp8 = false;
+    for (size_t i = 0; i < caches.size(); ++i) {
+      const DType d = caches[i].dtype();
+      if (d != DType::kBF16 && d != DType::kF8E4M3) {
+        return absl::InvalidArgumentError(absl::StrCat(op, ": cache ", i, " is not bf16 or fp8"));
+      }
+      if (i > 0 && (d == DType::kF8E4M3) != fp8) {
+        return absl::InvalidArgumentError(absl::StrCat(op, ": caches of mixed dtypes"));
+      }
+      fp8 = d == DType::kF8E4M3;
+    }
+    return fp8;
+  }
   absl::StatusOr<bool> FenceDone(engine::CopyFence fence) override {
     STRATA_RETURN_IF_ERROR(Activate());
     return copies_.FenceDone(fence);

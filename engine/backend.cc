@@ -192,6 +192,52 @@ absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> ten
   return ValidateRows(op, tensors, rows, &host);
 }
 
+absl::Status ValidateKvBlockCopies(absl::string_view op, std::span<const Tensor> k_caches,
+                                   std::span<const Tensor> v_caches,
+                                   std::span<const KvBlockCopy> blocks, const HostBuffer& host) {
+  if (k_caches.size() != v_caches.size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(op, ": ", k_caches.size(), " K caches and ", v_caches.size(), " V caches"));
+  }
+  for (size_t l = 0; l < k_caches.size(); ++l) {
+    const Tensor& k = k_caches[l];
+    const Tensor& v = v_caches[l];
+    if (!k.defined() || !v.defined() || k.rank() != 4 || k.shape() != v.shape() ||
+        k.dtype() != v.dtype()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          op, ": layer ", l, "'s caches are not a pair of [pages, page_size, kv_heads, head_dim]"));
+    }
+  }
+  if (!blocks.empty() && !host.defined()) {
+    return absl::InvalidArgumentError(absl::StrCat(op, ": host buffer is undefined"));
+  }
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    const KvBlockCopy& b = blocks[i];
+    auto bad = [&](const std::string& what) {
+      return absl::InvalidArgumentError(absl::StrCat(op, ": block ", i, ": ", what));
+    };
+    if (b.layer < 0 || static_cast<size_t>(b.layer) >= k_caches.size()) {
+      return bad(absl::StrCat("layer ", b.layer, " of ", k_caches.size()));
+    }
+    const Tensor& k = k_caches[b.layer];
+    if (b.page < 0 || b.page >= k.dim(0)) {
+      return bad(absl::StrCat("page ", b.page, " of ", k.dim(0)));
+    }
+    if (b.head < 0 || b.head >= k.dim(2)) {
+      return bad(absl::StrCat("head ", b.head, " of ", k.dim(2)));
+    }
+    if (b.tokens < 1 || b.tokens > k.dim(1)) {
+      return bad(absl::StrCat(b.tokens, " tokens in a page of ", k.dim(1)));
+    }
+    if (b.bytes < 1 || b.host_offset < 0 || b.host_offset > static_cast<int64_t>(host.bytes) ||
+        b.bytes > static_cast<int64_t>(host.bytes) - b.host_offset) {
+      return bad(absl::StrCat("host range [", b.host_offset, ", +", b.bytes,
+                              ") outside the host buffer of ", host.bytes, " bytes"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateChecksumRows(absl::string_view op, std::span<const Tensor> tensors,
                                   std::span<const RowCopy> rows, std::span<const uint32_t> crcs) {
   if (crcs.size() != rows.size()) {

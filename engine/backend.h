@@ -354,6 +354,30 @@ absl::Status ValidateRowCopies(absl::string_view op, std::span<const Tensor> ten
 absl::Status ValidateChecksumRows(absl::string_view op, std::span<const Tensor> tensors,
                                   std::span<const RowCopy> rows, std::span<const uint32_t> crcs);
 
+// One (page, KV head) block of one layer's paged caches, coded with a KV
+// block codec (engine/kv_codec.h) in host memory: the first `tokens` tokens
+// of row `page` of k_caches[layer] and v_caches[layer] ([pages, page_size,
+// kv_heads, head_dim] each), head `head`, as one KvCodec block at host
+// bytes [host_offset, host_offset + bytes). Encoding writes exactly
+// KvCodec::EncodedBytes(tokens, head_dim, cache dtype) bytes, which `bytes`
+// must equal; decoding reads at most `bytes`. KV pages travel between
+// workers this way (Backend::EncodeBlocksToHost / DecodeBlocksFromHost).
+struct KvBlockCopy {
+  int32_t layer = 0;
+  int32_t page = 0;
+  int32_t head = 0;
+  int32_t tokens = 0;
+  int64_t host_offset = 0;
+  int64_t bytes = 0;
+};
+
+// Checks KvBlockCopy lists: caches of equal count and rank 4, each block's
+// layer, page, head and tokens inside them, its host range inside the host
+// buffer. InvalidArgument naming `op` and the offending block.
+absl::Status ValidateKvBlockCopies(absl::string_view op, std::span<const Tensor> k_caches,
+                                   std::span<const Tensor> v_caches,
+                                   std::span<const KvBlockCopy> blocks, const HostBuffer& host);
+
 // Device time spent in one operator over a span of work
 // (Backend::TakeOpTimes).
 struct OpTime {
@@ -425,6 +449,27 @@ class Backend {
   // Arguments are checked first (ValidateChecksumRows).
   virtual absl::Status ChecksumRows(std::span<const Tensor> tensors, std::span<const RowCopy> rows,
                                     std::span<uint32_t> crcs) = 0;
+  // Encodes blocks of the paged caches with `codec` into host memory (what
+  // a prefill worker sends: a quarter to a half of the raw bytes). It
+  // starts after the compute enqueued so far, like CopyRowsToHost; the host
+  // bytes are written once the returned fence is done. The blocks' host
+  // ranges must not overlap. Arguments are checked first
+  // (ValidateKvBlockCopies; each block's bytes its encoded size).
+  virtual absl::StatusOr<CopyFence> EncodeBlocksToHost(KvCodecKind codec,
+                                                       std::span<const Tensor> k_caches,
+                                                       std::span<const Tensor> v_caches,
+                                                       std::span<const KvBlockCopy> blocks,
+                                                       const HostBuffer& host) = 0;
+  // Decodes blocks from host memory into the paged caches, after every
+  // read of those rows enqueued so far; compute enqueued afterwards sees
+  // them. Waits until they are decoded: DataLoss naming the first block
+  // that fails its check (a CRC, a header that is not the block asked for:
+  // another head_dim or token count), after which the rows of any block may
+  // hold anything. Arguments are checked first (ValidateKvBlockCopies).
+  virtual absl::Status DecodeBlocksFromHost(const HostBuffer& host,
+                                            std::span<const KvBlockCopy> blocks,
+                                            std::span<const Tensor> k_caches,
+                                            std::span<const Tensor> v_caches) = 0;
 
   // ---- Side work ----------------------------------------------------------
   // Work that may run beside the operators enqueued after it (the KV

@@ -132,6 +132,30 @@ SampledToken SampleRow(const float* logits, int64_t vocab, const SamplingRow& ro
   return result(chosen < 0 ? best : chosen);
 }
 
+// The first b.tokens rows of head b.head of page b.page of a paged cache
+// ([pages, page_size, kv_heads, head_dim]), packed as [tokens, head_dim].
+void GatherHeadRows(const Tensor& cache, const KvBlockCopy& b, std::vector<uint8_t>& rows) {
+  const size_t row = static_cast<size_t>(cache.dim(3)) * DTypeSize(cache.dtype());
+  const size_t token_stride = row * static_cast<size_t>(cache.dim(2));
+  const auto* page = static_cast<const uint8_t*>(cache.data()) +
+                     static_cast<size_t>(b.page) * token_stride * static_cast<size_t>(cache.dim(1));
+  rows.resize(row * static_cast<size_t>(b.tokens));
+  for (int t = 0; t < b.tokens; ++t) {
+    std::memcpy(rows.data() + t * row, page + t * token_stride + b.head * row, row);
+  }
+}
+
+// The inverse: rows packed as [tokens, head_dim] into the page's head.
+void ScatterHeadRows(const std::vector<uint8_t>& rows, const KvBlockCopy& b, const Tensor& cache) {
+  const size_t row = static_cast<size_t>(cache.dim(3)) * DTypeSize(cache.dtype());
+  const size_t token_stride = row * static_cast<size_t>(cache.dim(2));
+  auto* page = static_cast<uint8_t*>(cache.data()) +
+               static_cast<size_t>(b.page) * token_stride * static_cast<size_t>(cache.dim(1));
+  for (int t = 0; t < b.tokens; ++t) {
+    std::memcpy(page + t * token_stride + b.head * row, rows.data() + t * row, row);
+  }
+}
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int num_threads) : pool_(num_threads) {}
@@ -304,6 +328,65 @@ class CpuBackend final : public Backend {
       const Tensor& t = tensors[rows[i].tensor];
       const size_t row_bytes = t.nbytes() / t.dim(0);
       crcs[i] = Crc32c(static_cast<const char*>(t.data()) + rows[i].row * row_bytes, row_bytes);
+    }
+    return absl::OkStatus();
+  }
+  absl::StatusOr<CopyFence> EncodeBlocksToHost(KvCodecKind codec, std::span<const Tensor> k_caches,
+                                               std::span<const Tensor> v_caches,
+                                               std::span<const KvBlockCopy> blocks,
+                                               const HostBuffer& host) override {
+    STRATA_RETURN_IF_ERROR(
+        ValidateKvBlockCopies("EncodeBlocksToHost", k_caches, v_caches, blocks, host));
+    STRATA_ASSIGN_OR_RETURN(std::unique_ptr<KvCodec> coder, KvCodec::Create(codec));
+    std::vector<uint8_t> k_rows, v_rows;
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const KvBlockCopy& b = blocks[i];
+      const Tensor& k = k_caches[b.layer];
+      const int head_dim = static_cast<int>(k.dim(3));
+      const size_t want = coder->EncodedBytes(b.tokens, head_dim, k.dtype());
+      if (want != static_cast<size_t>(b.bytes)) {
+        return absl::InvalidArgumentError(absl::StrCat("EncodeBlocksToHost: block ", i,
+                                                       " is given ", b.bytes,
+                                                       " host bytes; it encodes to ", want));
+      }
+      GatherHeadRows(k, b, k_rows);
+      GatherHeadRows(v_caches[b.layer], b, v_rows);
+      STRATA_RETURN_IF_ERROR(coder->Encode(
+          k_rows.data(), v_rows.data(), k.dtype(), b.tokens, head_dim,
+          std::span<uint8_t>(host.data() + b.host_offset, static_cast<size_t>(b.bytes))));
+    }
+    return kFenceDone;
+  }
+  absl::Status DecodeBlocksFromHost(const HostBuffer& host, std::span<const KvBlockCopy> blocks,
+                                    std::span<const Tensor> k_caches,
+                                    std::span<const Tensor> v_caches) override {
+    STRATA_RETURN_IF_ERROR(
+        ValidateKvBlockCopies("DecodeBlocksFromHost", k_caches, v_caches, blocks, host));
+    std::vector<uint8_t> k_rows, v_rows;
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const KvBlockCopy& b = blocks[i];
+      const Tensor& k = k_caches[b.layer];
+      const std::span<const uint8_t> in(host.data() + b.host_offset, static_cast<size_t>(b.bytes));
+      const size_t declared = KvCodec::DeclaredBytes(in);
+      absl::StatusOr<KvBlockInfo> info = declared == 0 ? absl::DataLossError("KV block: truncated")
+                                                       : KvCodec::Inspect(in.first(declared));
+      if (info.ok() && (info->tokens != b.tokens || info->head_dim != k.dim(3))) {
+        info = absl::DataLossError(absl::StrCat("KV block: ", info->tokens, " tokens of head_dim ",
+                                                info->head_dim, ", expected ", b.tokens, " of ",
+                                                k.dim(3)));
+      }
+      if (!info.ok()) {
+        return absl::DataLossError(absl::StrCat("DecodeBlocksFromHost: block ", i, " (layer ",
+                                                b.layer, ", page ", b.page, ", head ", b.head,
+                                                "): ", info.status().message()));
+      }
+      const size_t row_bytes = static_cast<size_t>(k.dim(3)) * DTypeSize(k.dtype());
+      k_rows.resize(row_bytes * static_cast<size_t>(b.tokens));
+      v_rows.resize(k_rows.size());
+      STRATA_RETURN_IF_ERROR(
+          KvCodec::Decode(in.first(declared), k.dtype(), k_rows.data(), v_rows.data(), nullptr));
+      ScatterHeadRows(k_rows, b, k_caches[b.layer]);
+      ScatterHeadRows(v_rows, b, v_caches[b.layer]);
     }
     return absl::OkStatus();
   }

@@ -41,6 +41,55 @@ struct PlainRowOffset {
   __device__ int64_t operator()(int r) const { return (first_row + r) * row_stride; }
 };
 
+// Element offset of token r of one page in a paged cache (head 0).
+struct PageRowOffset {
+  int64_t first_row;   // page * page_size
+  int64_t row_stride;  // num_kv_heads * head_dim
+  __device__ int64_t operator()(int r) const { return (first_row + r) * row_stride; }
+};
+
+__device__ bool PageJobOk(const PageBlocksParams& p, const PageBlockJob& job) {
+  return job.k_cache != nullptr && job.v_cache != nullptr && job.page >= 0 && job.head >= 0 &&
+         job.head < p.num_kv_heads && job.tokens >= 1 && job.tokens <= p.page_size &&
+         job.tokens <= kKvCodecMaxTokens && job.host_offset >= 0 && job.bytes >= 0;
+}
+
+template <typename Cache>
+__global__ void __launch_bounds__(kCodecThreads) EncodePageBlocksKernel(PageBlocksParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const PageBlockJob job = p.jobs[blockIdx.x];
+  const size_t want = KvBlockBytes(p.codec, job.tokens, p.head_dim, sizeof(Cache));
+  if (!PageJobOk(p, job) || static_cast<size_t>(job.bytes) != want) {  // uniform
+    if (threadIdx.x == 0) p.status[blockIdx.x] = static_cast<int32_t>(KvBlockError::kBadJob);
+    return;
+  }
+  const int64_t head_offset = int64_t{job.head} * p.head_dim;
+  const Cache* k = static_cast<const Cache*>(job.k_cache) + head_offset;
+  const Cache* v = static_cast<const Cache*>(job.v_cache) + head_offset;
+  const PageRowOffset rows{int64_t{job.page} * p.page_size, int64_t{p.num_kv_heads} * p.head_dim};
+  const size_t bytes = EncodeKvBlock<kCodecThreads>(p.codec, k, v, rows, job.tokens, p.head_dim,
+                                                    p.host + job.host_offset, smem);
+  if (threadIdx.x == 0) p.status[blockIdx.x] = static_cast<int32_t>(bytes);
+}
+
+template <typename Cache>
+__global__ void __launch_bounds__(kCodecThreads) DecodePageBlocksKernel(PageBlocksParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const PageBlockJob job = p.jobs[blockIdx.x];
+  if (!PageJobOk(p, job)) {  // uniform
+    if (threadIdx.x == 0) p.status[blockIdx.x] = static_cast<int32_t>(KvBlockError::kBadJob);
+    return;
+  }
+  const int64_t head_offset = int64_t{job.head} * p.head_dim;
+  Cache* k = static_cast<Cache*>(const_cast<void*>(job.k_cache)) + head_offset;
+  Cache* v = static_cast<Cache*>(const_cast<void*>(job.v_cache)) + head_offset;
+  const int status = DecodeKvBlock<kCodecThreads>(
+      p.host + job.host_offset, static_cast<size_t>(job.bytes), p.head_dim, k, v,
+      PageRowOffset{int64_t{job.page} * p.page_size, int64_t{p.num_kv_heads} * p.head_dim},
+      job.tokens, smem);
+  if (threadIdx.x == 0) p.status[blockIdx.x] = status;
+}
+
 template <typename Cache>
 __global__ void __launch_bounds__(kCodecThreads) EncodeKvBlocksKernel(EncodeKvBlocksParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -152,7 +201,45 @@ cudaError_t LaunchDecodeFor(const DecodeKvBlocksParams& p, cudaStream_t stream) 
   return cudaGetLastError();
 }
 
+bool PageParamsOk(const PageBlocksParams& p) {
+  return p.jobs != nullptr && p.host != nullptr && p.status != nullptr && p.num_jobs >= 0 &&
+         p.page_size >= 1 && p.num_kv_heads >= 1 && p.head_dim >= 1 &&
+         p.head_dim <= engine::kMaxBlockHeadDim && static_cast<int>(p.codec) >= 0 &&
+         p.codec <= KvCodecKind::kInt4;
+}
+
+template <typename Cache>
+cudaError_t LaunchEncodePagesFor(const PageBlocksParams& p, cudaStream_t stream) {
+  const int max_tokens = p.page_size < kKvCodecMaxTokens ? p.page_size : kKvCodecMaxTokens;
+  const size_t smem = KvCodecSmemBytes(p.codec, max_tokens, p.head_dim, sizeof(Cache));
+  cudaError_t err = PrepareSmem(EncodePageBlocksKernel<Cache>, smem);
+  if (err != cudaSuccess) return err;
+  EncodePageBlocksKernel<Cache><<<p.num_jobs, kCodecThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Cache>
+cudaError_t LaunchDecodePagesFor(const PageBlocksParams& p, cudaStream_t stream) {
+  const size_t smem = KvDecodeSmemBytes(p.head_dim);
+  cudaError_t err = PrepareSmem(DecodePageBlocksKernel<Cache>, smem);
+  if (err != cudaSuccess) return err;
+  DecodePageBlocksKernel<Cache><<<p.num_jobs, kCodecThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t LaunchEncodePageBlocks(const PageBlocksParams& p, cudaStream_t stream) {
+  if (!PageParamsOk(p)) return cudaErrorInvalidValue;
+  if (p.num_jobs == 0) return cudaSuccess;
+  return p.kv_fp8 ? LaunchEncodePagesFor<fp8>(p, stream) : LaunchEncodePagesFor<bf16>(p, stream);
+}
+
+cudaError_t LaunchDecodePageBlocks(const PageBlocksParams& p, cudaStream_t stream) {
+  if (!PageParamsOk(p)) return cudaErrorInvalidValue;
+  if (p.num_jobs == 0) return cudaSuccess;
+  return p.kv_fp8 ? LaunchDecodePagesFor<fp8>(p, stream) : LaunchDecodePagesFor<bf16>(p, stream);
+}
 
 cudaError_t LaunchEncodeKvBlocks(const EncodeKvBlocksParams& p, cudaStream_t stream) {
   if (static_cast<int>(p.codec) < 0 || p.codec > KvCodecKind::kInt4 || p.k_cache == nullptr ||

@@ -174,6 +174,43 @@ struct DecodeKvBlocksParams {
 // cudaErrorInvalidValue for bad params.
 cudaError_t LaunchDecodeKvBlocks(const DecodeKvBlocksParams& params, cudaStream_t stream);
 
+// ---- Pages to and from host memory, a block per (layer, page, KV head) --------
+
+// One block: the first `tokens` tokens of page `page` of one layer's caches
+// ([pages, page_size, num_kv_heads, head_dim]), head `head`, coded at host
+// bytes [host_offset, host_offset + bytes) (encode: exactly the block's
+// size; decode: bytes readable).
+struct PageBlockJob {
+  const void* k_cache;  // the layer's caches (device)
+  const void* v_cache;
+  int32_t page;
+  int32_t head;
+  int32_t tokens;
+  int32_t unused;
+  int64_t host_offset;
+  int64_t bytes;
+};
+static_assert(sizeof(PageBlockJob) == 48);
+
+struct PageBlocksParams {
+  KvCodecKind codec = KvCodecKind::kBf16;  // encode only (decode reads the header)
+  bool kv_fp8 = false;                     // the caches hold fp8 e4m3 (else bf16)
+  int page_size = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  const PageBlockJob* jobs = nullptr;  // device or mapped host memory
+  int num_jobs = 0;
+  uint8_t* host = nullptr;  // mapped host memory: encode writes, decode reads
+  // [num_jobs]: encode: the block's bytes; decode: its tokens; or a
+  // KvBlockError (kBadJob for a job outside the params).
+  int32_t* status = nullptr;
+};
+// One CTA per job; at most kKvCodecMaxTokens tokens per job.
+// cudaErrorInvalidValue for bad params.
+cudaError_t LaunchEncodePageBlocks(const PageBlocksParams& params, cudaStream_t stream);
+// Decodes into the caches (k_cache / v_cache of each job, written through).
+cudaError_t LaunchDecodePageBlocks(const PageBlocksParams& params, cudaStream_t stream);
+
 // ---- CRC32C of device rows -----------------------------------------------------
 
 // One row to checksum: `bytes` bytes at `data` (device memory).
