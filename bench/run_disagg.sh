@@ -11,13 +11,16 @@
 # Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
 # PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
 # CHUNKS the prefill worker's --max-batch-tokens values to try (default
-# 2048: a prompt's KV leaves in parts as its chunks complete).
+# 2048: a prompt's KV leaves in parts as its chunks complete); CODECS the
+# profile codecs the KV crosses in (default "bf16 int8": raw pages, and
+# int8 blocks coded and decoded on the GPUs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
 prompts=${PROMPTS:-"8192 32768"}
 prefill_gpu=${PREFILL_GPU:-0}
 chunks=${CHUNKS:-2048}
+codecs=${CODECS:-"bf16 int8"}
 decode_gpu=${DECODE_GPU:-0}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -75,19 +78,22 @@ ask "$serve" 1024 1 >/dev/null  # warm-up
 for p in $prompts; do echo "serve $p $(ask "$serve" "$p" "$p")"; done
 stop_all
 
+for codec in $codecs; do
+printf 'name: wire\ncodec: %s\n' "$codec" >"$tmp/wire-$codec.yaml"
+profile=(--profile "$tmp/wire-$codec.yaml")
 for chunk in $chunks; do
-echo "== router + prefill worker (chunks of $chunk tokens) + decode worker"
-start "prefill-$chunk.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
-  --kv-export-bytes "$host" --max-batch-tokens "$chunk"
+echo "== router + prefill worker (chunks of $chunk tokens) + decode worker, KV in $codec"
+start "prefill-$codec-$chunk.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
+  "${profile[@]}" --kv-export-bytes "$host" --max-batch-tokens "$chunk"
 prefill=$address
 prefill_metrics=$metrics
-start "decode-$chunk.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
-  --kv-landing-bytes "$host"
+start "decode-$codec-$chunk.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
+  "${profile[@]}" --kv-landing-bytes "$host"
 decode=$address
 decode_metrics=$metrics
-start "router-$chunk.log" -- router --dummy-weights llama-3-8b --max-context "$context" --host 127.0.0.1 \
-  --port 0 --metrics-port 0 --workers "$prefill" --workers "$decode" \
-  --prefill-threshold-tokens 256 --heartbeat-seconds 0.2
+start "router-$codec-$chunk.log" -- router --dummy-weights llama-3-8b --max-context "$context" \
+  "${profile[@]}" --host 127.0.0.1 --port 0 --metrics-port 0 --workers "$prefill" \
+  --workers "$decode" --prefill-threshold-tokens 256 --heartbeat-seconds 0.2
 router=$address
 for _ in $(seq 50); do ask "$router" 1024 1 >/dev/null 2>&1 && break; sleep 0.2; done  # warm-up
 for p in $prompts; do
@@ -102,13 +108,13 @@ for p in $prompts; do
     strata_kv_wire_bytes_total strata_kv_raw_bytes_total; do
     after+=("$(metric "$decode_metrics" "$m")")
   done
-  chunk=$chunk python3 - "$p" "$summary" "${before[@]}" "${after[@]}" <<'PY'
+  chunk=$chunk codec=$codec python3 - "$p" "$summary" "${before[@]}" "${after[@]}" <<'PY'
 import json, os, sys
-chunk = os.environ["chunk"]
+chunk, codec = os.environ["chunk"], os.environ["codec"]
 p, summary = sys.argv[1], json.loads(sys.argv[2])["summary"]
 b = [float(x) for x in sys.argv[3:7]]; a = [float(x) for x in sys.argv[7:11]]
 compute, transfer, wire, raw = (a[i] - b[i] for i in range(4))
-print(f"disagg chunk={chunk} {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
+print(f"disagg codec={codec} chunk={chunk} {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
       f"decode_tok_s={summary['decode_tokens_per_s']:.1f} prefill_s={compute:.3f} "
       f"transfer_s={transfer:.3f} transfer/prefill={transfer / compute if compute else 0:.2f} "
       f"wire_GB={wire / 1e9:.3f} raw_bf16_GB={raw / 1e9:.3f} "
@@ -117,4 +123,5 @@ PY
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
 stop_all
+done
 done

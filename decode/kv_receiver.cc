@@ -14,7 +14,9 @@ absl::StatusOr<std::span<std::byte>> KvReceiver::Allocate(std::string_view /*pee
                                                 " bytes, the message carries ", payload_bytes));
   }
   absl::StatusOr<std::span<std::byte>> where =
-      h.ok() ? area_->Place(h->transfer_id, h->index, h->count, payload_bytes) : h.status();
+      h.ok() ? area_->Place(h->transfer_id, h->index, h->count, payload_bytes, h->codec,
+                            static_cast<int>(h->tokens))
+             : h.status();
   if (!where.ok()) blocks_refused_.fetch_add(1);
   return where;
 }

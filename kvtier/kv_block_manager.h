@@ -75,6 +75,7 @@
 #ifndef STRATA_KVTIER_KV_BLOCK_MANAGER_H_
 #define STRATA_KVTIER_KV_BLOCK_MANAGER_H_
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -154,6 +155,9 @@ struct KvBlockManagerOptions {
   // clusters charged to it (ChargeSsd). Past it a paused sequence stays in
   // host memory and a batch of clusters is not sent down.
   std::vector<int64_t> workload_ssd_bytes = {};
+  // The codec a workload's exported pages travel in (its profile's codec;
+  // no entry: raw, the caches' own bytes). See kvtier/kv_wire.h.
+  std::vector<engine::KvCodecKind> workload_wire_codec = {};
   // "never", "cold" or "always".
   static absl::StatusOr<SsdAdmission> ParseSsdAdmission(std::string_view name);
 };
@@ -272,8 +276,9 @@ class KvBlockManager final : public engine::KvMemory {
     bool final = false;
     struct Block {
       std::span<const std::byte> data;
-      uint32_t crc = 0;
-      int tokens = 0;  // tokens of the page it holds
+      uint32_t crc = 0;  // masked CRC32C of `data` (KvPayloadCrc)
+      int tokens = 0;    // tokens of the page it holds
+      engine::KvCodecKind codec = engine::KvCodecKind::kBf16;  // of `data`
     };
     std::vector<Block> blocks;
   };
@@ -524,11 +529,19 @@ class KvBlockManager final : public engine::KvMemory {
       int count = 0;
       int tokens = 0;  // the prompt's tokens with KV when it was made
       bool final = false;
+      // Raw records (kBf16), or coded pages of `bytes` each.
+      engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+      std::vector<int64_t> bytes;
     };
     std::deque<Part> pending;
     bool final = false;  // its last part was made
   };
   absl::Status PollTransfers();
+  // The codec a workload's pages are exported in, and a coder for it.
+  engine::KvCodecKind WireCodec(int workload) const;
+  const engine::KvCodec& Coder(engine::KvCodecKind codec);
+  std::array<std::unique_ptr<engine::KvCodec>, 4> coders_;
+  std::vector<engine::KvBlockCopy> blocks_;  // scratch of coded exports and imports
   // Gives an export's records back (each when no copy writes it).
   void FreeExport(absl::flat_hash_map<uint64_t, Export>::iterator it);
   absl::flat_hash_map<uint64_t, Export> exports_;

@@ -61,6 +61,8 @@ absl::StatusOr<KvBlockManagerOptions> ManagerOptionsForProfiles(
     options.workload_ssd_bytes.push_back(ssd != nullptr && !p.tiers.ssd_path.empty()
                                              ? p.tiers.ssd_bytes - p.tiers.ssd_prefix_bytes
                                              : -1);
+    STRATA_ASSIGN_OR_RETURN(const engine::KvCodecKind codec, engine::ParseKvCodecKind(p.codec));
+    options.workload_wire_codec.push_back(codec);
     if (ssd == nullptr || p.tiers.ssd_path.empty()) continue;
     options.ssd_prefix_bytes += p.tiers.ssd_prefix_bytes;
     STRATA_ASSIGN_OR_RETURN(const KvBlockManagerOptions::SsdAdmission admission,

@@ -8,6 +8,7 @@
 #include "common/logging.h"
 #include "common/status_macros.h"
 #include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_wire.h"
 
 namespace strata::kvtier {
 
@@ -55,14 +56,35 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
   part.tokens = static_cast<int>(tokens.size());
   part.final = final;
   part.fence = engine::kFenceDone;
+  part.codec = WireCodec(pages.workload);
+  int64_t bytes = int64_t{count} * layout_.record_bytes();
   if (count > 0) {
-    copies_.clear();
-    for (int i = 0; i < count; ++i) {
-      layout_.AppendRecordCopies(pages.lower[from + i],
-                                 two_groups ? pages.upper[from + i] : engine::kPageOffGpu,
-                                 host_.offset(records[i]), copies_);
+    absl::StatusOr<engine::CopyFence> fence;
+    if (part.codec == engine::KvCodecKind::kBf16) {
+      copies_.clear();
+      for (int i = 0; i < count; ++i) {
+        layout_.AppendRecordCopies(pages.lower[from + i],
+                                   two_groups ? pages.upper[from + i] : engine::kPageOffGpu,
+                                   host_.offset(records[i]), copies_);
+      }
+      fence = EnqueueCopies(/*to_host=*/true);
+    } else {
+      // Coded on the device as it leaves: the wire carries a quarter to a
+      // half of the raw bytes.
+      const engine::KvCodec& coder = Coder(part.codec);
+      blocks_.clear();
+      bytes = 0;
+      for (int i = 0; i < count; ++i) {
+        const int page_tokens =
+            std::min(page_size, static_cast<int>(tokens.size()) - (from + i) * page_size);
+        part.bytes.push_back(layout_.AppendRecordBlocks(
+            pages.lower[from + i], two_groups ? pages.upper[from + i] : engine::kPageOffGpu,
+            page_tokens, coder, host_.offset(records[i]), blocks_));
+        bytes += part.bytes.back();
+      }
+      fence = model_->backend().EncodeBlocksToHost(part.codec, layout_.k_caches(),
+                                                   layout_.v_caches(), blocks_, host_.buffer());
     }
-    absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
     if (!fence.ok()) {
       for (int32_t r : records) {
         host_.Release(r);
@@ -77,8 +99,21 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
   e.pending.push_back(part);
   e.final = final;
   if (final) ++counters_.kv_exports;
-  counters_.kv_export_bytes += count * layout_.record_bytes();
+  counters_.kv_export_bytes += bytes;
   return absl::OkStatus();
+}
+
+engine::KvCodecKind KvBlockManager::WireCodec(int workload) const {
+  if (workload < 0 || static_cast<size_t>(workload) >= options_.workload_wire_codec.size()) {
+    return engine::KvCodecKind::kBf16;
+  }
+  return options_.workload_wire_codec[static_cast<size_t>(workload)];
+}
+
+const engine::KvCodec& KvBlockManager::Coder(engine::KvCodecKind codec) {
+  std::unique_ptr<engine::KvCodec>& coder = coders_[static_cast<size_t>(codec) & 3];
+  if (coder == nullptr) coder = *engine::KvCodec::Create(codec);  // every kind exists
+  return *coder;
 }
 
 void KvBlockManager::ReleaseExport(uint64_t key) {
@@ -127,7 +162,8 @@ absl::Status KvBlockManager::PollTransfers() {
       if (!done) break;
       const std::span<const int32_t> records =
           std::span<const int32_t>(e.records).subspan(part.first, part.count);
-      host_.SealAll(records, crc_pool_.get());
+      const bool raw = part.codec == engine::KvCodecKind::kBf16;
+      if (raw) host_.SealAll(records, crc_pool_.get());
       for (int32_t r : records) host_.Unref(r);  // the copy's reference: resident now
       e.pending.pop_front();
       if (!sink) continue;
@@ -138,10 +174,11 @@ absl::Status KvBlockManager::PollTransfers() {
       for (int i = 0; i < part.count; ++i) {
         const int32_t r = records[i];
         const int page = part.first + i;
-        out.blocks.push_back(
-            {std::span<const std::byte>(reinterpret_cast<const std::byte*>(host_.data(r)),
-                                        static_cast<size_t>(layout_.record_bytes())),
-             host_.crc(r), std::min(page_size, part.tokens - page * page_size)});
+        const std::span<const std::byte> data(
+            reinterpret_cast<const std::byte*>(host_.data(r)),
+            static_cast<size_t>(raw ? layout_.record_bytes() : part.bytes[i]));
+        out.blocks.push_back({data, raw ? host_.crc(r) : KvPayloadCrc(data),
+                              std::min(page_size, part.tokens - page * page_size), part.codec});
       }
       sink(std::move(out));
     }
@@ -198,6 +235,17 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
         absl::StrCat("KV transfer ", transfer_id, " brought ", blocks->size(), " pages for ",
                      tokens.size(), " tokens (", needed, " pages)")));
   }
+  // A coded page must hold exactly the tokens the prompt has there (fewer
+  // would leave rows of the page unwritten).
+  for (int i = 0; i < needed; ++i) {
+    const LandingArea::Block& b = (*blocks)[i];
+    const int page_tokens = std::min(page_size, static_cast<int>(tokens.size()) - i * page_size);
+    if (b.codec != engine::KvCodecKind::kBf16 && b.tokens != page_tokens) {
+      return fail(absl::FailedPreconditionError(
+          absl::StrCat("KV transfer ", transfer_id, ": block ", i, " holds ", b.tokens,
+                       " tokens; the prompt has ", page_tokens, " in that page")));
+    }
+  }
   // Each block was checked against its header's CRC as it landed.
   if (!pages_.Allocate(needed, pages.lower))
     return fail(absl::InternalError("free pages vanished"));
@@ -206,18 +254,42 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
     return fail(absl::InternalError("free upper pages vanished"));
   }
   copies_.clear();
+  blocks_.clear();
+  int64_t bytes = 0;
   for (int i = 0; i < needed; ++i) {
-    layout_.AppendRecordCopies(pages.lower[i], two_groups ? pages.upper[i] : engine::kPageOffGpu,
-                               host_.offset(records[i]), copies_);
+    const LandingArea::Block& b = (*blocks)[i];
+    const int32_t upper = two_groups ? pages.upper[i] : engine::kPageOffGpu;
+    if (b.codec == engine::KvCodecKind::kBf16) {
+      layout_.AppendRecordCopies(pages.lower[i], upper, host_.offset(records[i]), copies_);
+    } else {
+      layout_.AppendRecordBlocks(pages.lower[i], upper, b.tokens, Coder(b.codec),
+                                 host_.offset(records[i]), blocks_);
+    }
+    bytes += b.bytes;
   }
-  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/false);
-  if (!fence.ok()) {
-    STRATA_RETURN_IF_ERROR(Free(pages));
-    return fail(fence.status());
+  if (!blocks_.empty()) {
+    // Decoded on the device, straight from the landing records; each
+    // block's own CRC is checked there too.
+    const absl::Status decoded = model_->backend().DecodeBlocksFromHost(
+        host_.buffer(), blocks_, layout_.k_caches(), layout_.v_caches());
+    if (!decoded.ok()) {
+      STRATA_RETURN_IF_ERROR(Free(pages));
+      return fail(
+          absl::DataLossError(absl::StrCat("KV transfer ", transfer_id, ": ", decoded.message())));
+    }
   }
-  landing_in_flight_.push_back({*fence, std::move(records)});
+  engine::CopyFence fence = engine::kFenceDone;
+  if (!copies_.empty()) {
+    absl::StatusOr<engine::CopyFence> copied = EnqueueCopies(/*to_host=*/false);
+    if (!copied.ok()) {
+      STRATA_RETURN_IF_ERROR(Free(pages));
+      return fail(copied.status());
+    }
+    fence = *copied;
+  }
+  landing_in_flight_.push_back({fence, std::move(records)});
   ++counters_.kv_imports;
-  counters_.kv_import_bytes += needed * layout_.record_bytes();
+  counters_.kv_import_bytes += bytes;
   return true;
 }
 

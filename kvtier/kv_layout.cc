@@ -38,6 +38,7 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
             engine::DTypeName(layout.dtype_), "[", absl::StrJoin(expected, ", "), "]"));
       }
       layout.caches_.push_back(cache);
+      (kv == 0 ? layout.k_caches_ : layout.v_caches_).push_back(cache);
     }
   }
   return layout;
@@ -50,6 +51,26 @@ void KvLayout::AppendRecordCopies(int32_t lower, int32_t upper, int64_t record_o
     if (in_upper && upper == engine::kPageOffGpu) continue;
     copies.push_back({t, in_upper ? upper : lower, record_offset + t * page_bytes_});
   }
+}
+
+int64_t KvLayout::CodedRecordBytes(const engine::KvCodec& codec, int tokens) const {
+  return int64_t{num_layers_} * num_kv_heads_ *
+         static_cast<int64_t>(codec.EncodedBytes(tokens, head_dim_, dtype_));
+}
+
+int64_t KvLayout::AppendRecordBlocks(int32_t lower, int32_t upper, int tokens,
+                                     const engine::KvCodec& codec, int64_t record_offset,
+                                     std::vector<engine::KvBlockCopy>& blocks) const {
+  const auto block_bytes = static_cast<int64_t>(codec.EncodedBytes(tokens, head_dim_, dtype_));
+  int64_t at = record_offset;
+  for (int l = 0; l < num_layers_; ++l) {
+    const int32_t page = l >= upper_first_layer_ ? upper : lower;
+    for (int h = 0; h < num_kv_heads_; ++h) {
+      blocks.push_back({l, page, h, tokens, at, block_bytes});
+      at += block_bytes;
+    }
+  }
+  return at - record_offset;
 }
 
 }  // namespace strata::kvtier

@@ -56,13 +56,27 @@ class KvLayout {
   void AppendRecordCopies(int32_t lower, int32_t upper, int64_t record_offset,
                           std::vector<engine::RowCopy>& copies) const;
 
+  // The same page coded with a block codec, for the wire: one block per
+  // (layer, KV head), layer-major, of the page's first `tokens` tokens,
+  // packed from `record_offset` on (Backend::EncodeBlocksToHost /
+  // DecodeBlocksFromHost over k_caches() and v_caches()). Returns the
+  // page's coded bytes (at most record_bytes() for every codec).
+  int64_t AppendRecordBlocks(int32_t lower, int32_t upper, int tokens, const engine::KvCodec& codec,
+                             int64_t record_offset, std::vector<engine::KvBlockCopy>& blocks) const;
+  // The coded bytes of a page of `tokens` tokens (0 when the codec refuses
+  // the shape).
+  int64_t CodedRecordBytes(const engine::KvCodec& codec, int tokens) const;
+  // The caches by layer, K and V apart (the block codec calls take them so).
+  const std::vector<engine::Tensor>& k_caches() const { return k_caches_; }
+  const std::vector<engine::Tensor>& v_caches() const { return v_caches_; }
+
  private:
   KvLayout() = default;
   int num_layers_ = 0, num_kv_heads_ = 0, head_dim_ = 0, page_size_ = 0, num_pages_ = 0;
   int num_upper_pages_ = 0, upper_first_layer_ = 0;
   engine::DType dtype_ = engine::DType::kF32;
   int64_t page_bytes_ = 0;
-  std::vector<engine::Tensor> caches_;
+  std::vector<engine::Tensor> caches_, k_caches_, v_caches_;
 };
 
 }  // namespace strata::kvtier

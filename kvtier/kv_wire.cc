@@ -98,13 +98,10 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
     return absl::InvalidArgumentError(
         absl::StrCat("KV block header: block ", h.index, " of ", h.count));
   }
-  if (codec != static_cast<uint8_t>(engine::KvCodecKind::kBf16)) {
-    // Page records travel in the caches' own bytes; coded clusters are a
-    // kind of their own.
-    return absl::InvalidArgumentError(absl::StrCat(
-        "KV block header: codec ", codec, " for a page record; page records are sent raw"));
+  if (codec > static_cast<uint8_t>(engine::KvCodecKind::kInt4)) {
+    return absl::InvalidArgumentError(absl::StrCat("KV block header: unknown codec ", codec));
   }
-  h.codec = engine::KvCodecKind::kBf16;
+  h.codec = static_cast<engine::KvCodecKind>(codec);
   if (dtype != static_cast<uint8_t>(expected.dtype)) {
     return Differs("dtype", dtype, static_cast<int>(expected.dtype));
   }
@@ -127,12 +124,23 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
     return absl::InvalidArgumentError(
         absl::StrCat("KV block header: ", h.tokens, " tokens in a page of ", expected.page_size));
   }
-  if (h.payload_bytes != static_cast<uint64_t>(expected.record_bytes())) {
-    return absl::InvalidArgumentError(absl::StrCat("KV block header: payload of ", h.payload_bytes,
-                                                   " bytes; a page record has ",
-                                                   expected.record_bytes()));
+  // Raw: the record as the caches hold it. Coded: a block per (layer, KV
+  // head) of the page's tokens (KvLayout::AppendRecordBlocks).
+  const uint64_t want = static_cast<uint64_t>(expected.coded_record_bytes(h.codec, h.tokens));
+  if (h.payload_bytes != want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV block header: payload of ", h.payload_bytes, " bytes; a page record of ", h.tokens,
+        " tokens in ", std::string(engine::KvCodecKindName(h.codec)), " has ", want));
   }
   return h;
+}
+
+int64_t KvWireFormat::coded_record_bytes(engine::KvCodecKind codec, int tokens) const {
+  if (codec == engine::KvCodecKind::kBf16) return record_bytes();
+  absl::StatusOr<std::unique_ptr<engine::KvCodec>> coder = engine::KvCodec::Create(codec);
+  if (!coder.ok()) return 0;
+  return int64_t{layers} * kv_heads *
+         static_cast<int64_t>((*coder)->EncodedBytes(tokens, head_dim, dtype));
 }
 
 uint32_t KvPayloadCrc(std::span<const std::byte> payload) {

@@ -1,8 +1,11 @@
 // The KV block wire format: what a prefill worker sends a decode worker.
 //
 // A prompt's KV travels as the block manager's host records (kv_layout.h:
-// one token page of every layer, K and V), one message per page, each with
-// a fixed 64-byte header (little-endian):
+// one token page of every layer, K and V), one message per page: raw (codec
+// bf16: the caches' own bytes, record_bytes) or coded with the sender's
+// profile codec (one engine::KvCodec block per layer and KV head of the
+// page's tokens, each with its own CRC: KvLayout::AppendRecordBlocks), each
+// with a fixed 64-byte header (little-endian):
 //
 //   0  magic "SKV1"          4  version u16, kind u16 (1: page record)
 //   8  transfer id u64       16 index u32, count u32 (blocks in the transfer)
@@ -45,6 +48,10 @@ struct KvWireFormat {
     return 2 * int64_t{layers} * page_size * kv_heads * head_dim *
            static_cast<int64_t>(engine::DTypeSize(dtype));
   }
+  // A page record's payload: record_bytes() raw (kBf16), else one `codec`
+  // block per (layer, KV head) of the page's `tokens` tokens (0 for a shape
+  // the codec refuses).
+  int64_t coded_record_bytes(engine::KvCodecKind codec, int tokens) const;
   static KvWireFormat Of(const KvLayout& layout);
 };
 

@@ -41,7 +41,8 @@ absl::Status LandingArea::Reserve(uint64_t id, int blocks, absl::Time lease_end)
 }
 
 absl::StatusOr<std::span<std::byte>> LandingArea::Place(uint64_t id, uint32_t index, uint32_t count,
-                                                        size_t bytes) {
+                                                        size_t bytes, engine::KvCodecKind codec,
+                                                        int tokens) {
   absl::MutexLock lock(&mu_);
   auto it = transfers_.find(id);
   if (it == transfers_.end() || it->second.dropped) {
@@ -57,7 +58,8 @@ absl::StatusOr<std::span<std::byte>> LandingArea::Place(uint64_t id, uint32_t in
     return absl::InvalidArgumentError(
         absl::StrCat("KV transfer ", id, ": block ", index, " of ", count));
   }
-  if (bytes != static_cast<size_t>(record_bytes_)) {
+  if (bytes == 0 || bytes > static_cast<size_t>(record_bytes_) ||
+      (codec == engine::KvCodecKind::kBf16 && bytes != static_cast<size_t>(record_bytes_))) {
     return absl::InvalidArgumentError(absl::StrCat("KV transfer ", id, ": block of ", bytes,
                                                    " bytes; records hold ", record_bytes_));
   }
@@ -66,12 +68,16 @@ absl::StatusOr<std::span<std::byte>> LandingArea::Place(uint64_t id, uint32_t in
         absl::StrCat("KV transfer ", id, ": block ", index, " was sent twice"));
   }
   t.states[index] = State::kWriting;
-  return std::span<std::byte>(base_ + int64_t{t.blocks[index].record} * stride_,
-                              static_cast<size_t>(record_bytes_));
+  Block& block = t.blocks[index];
+  block.bytes = static_cast<int64_t>(bytes);
+  block.codec = codec;
+  block.tokens = tokens;
+  return std::span<std::byte>(base_ + int64_t{block.record} * stride_, bytes);
 }
 
 void LandingArea::Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status) {
   int32_t record = -1;
+  int64_t bytes = 0;
   {
     absl::MutexLock lock(&mu_);
     auto it = transfers_.find(id);
@@ -80,12 +86,13 @@ void LandingArea::Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::
       return;
     }
     record = it->second.blocks[index].record;
+    bytes = it->second.blocks[index].bytes;
   }
   // Checked here, on the transport's thread as each block arrives, so that
   // loading a long prompt's KV does not stall the engine on gigabytes of
   // CRCs. The record stays this writer's until its state changes below.
   const bool intact = status.ok() && MaskCrc(Crc32c(base_ + int64_t{record} * stride_,
-                                                    static_cast<size_t>(record_bytes_))) == crc;
+                                                    static_cast<size_t>(bytes))) == crc;
   absl::MutexLock lock(&mu_);
   auto it = transfers_.find(id);
   Transfer& t = it->second;

@@ -33,6 +33,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "engine/kv_codec.h"
 
 namespace strata::kvtier {
 
@@ -45,17 +46,25 @@ class LandingArea {
   struct Block {
     int32_t record = -1;
     uint32_t crc = 0;  // the payload CRC its header carried
+    // The payload as placed: its bytes (at most record_bytes), codec and
+    // the page's tokens.
+    int64_t bytes = 0;
+    engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+    int tokens = 0;
   };
 
   // ResourceExhausted when fewer than `blocks` records are free,
   // AlreadyExists for an id held already, InvalidArgument for blocks < 1.
   absl::Status Reserve(uint64_t id, int blocks, absl::Time lease_end);
-  // Where block `index` of transfer `id` lands (record_bytes); the caller
-  // writes it and then calls Landed. NotFound for an id not reserved (or
-  // expired), InvalidArgument for a bad index, size or block count,
-  // AlreadyExists for a block placed twice.
+  // Where block `index` of transfer `id` lands (`bytes`, at most
+  // record_bytes, in `codec` with `tokens` tokens); the caller writes it and
+  // then calls Landed. NotFound for an id not reserved (or expired),
+  // InvalidArgument for a bad index, size or block count, AlreadyExists
+  // for a block placed twice.
   absl::StatusOr<std::span<std::byte>> Place(uint64_t id, uint32_t index, uint32_t count,
-                                             size_t bytes);
+                                             size_t bytes,
+                                             engine::KvCodecKind codec = engine::KvCodecKind::kBf16,
+                                             int tokens = 0);
   // Block `index` has landed with the payload CRC its header named (OK),
   // or failed on the way (then Take fails). Checks the payload against
   // the CRC here (the caller's thread, as each block arrives): a mismatch

@@ -100,7 +100,8 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
     r.exported |= exported.final;
     if (r.error.ok()) {
       destination = r.destination;
-      const int64_t element = 2;  // the raw KV's bytes per value (bf16)
+      // The raw KV's bytes per value (the caches' dtype).
+      const auto element = static_cast<int64_t>(engine::DTypeSize(format_.dtype));
       for (size_t i = 0; i < exported.blocks.size(); ++i) {
         const auto& block = exported.blocks[i];
         kvtier::KvBlockHeader h;
@@ -108,6 +109,7 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
         h.index = static_cast<uint32_t>(exported.first_block + static_cast<int>(i));
         h.count = static_cast<uint32_t>(r.total_blocks);
         h.tokens = static_cast<uint32_t>(block.tokens);
+        h.codec = block.codec;
         h.format = format_;
         h.payload_crc = block.crc;
         h.payload_bytes = block.data.size();

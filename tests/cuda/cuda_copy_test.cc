@@ -162,6 +162,108 @@ TEST_F(CudaCopyTest, RowChecksumsAreThoseOfTheBytesJustCopiedUp) {
   EXPECT_TRUE(absl::IsInvalidArgument(b().ChecksumRows(tensors, {&past_rows, 1}, {&one, 1})));
 }
 
+// Pages coded for the wire on the GPU (EncodeBlocksToHost) are the CPU
+// codec's bytes of the same rows, and decode (DecodeBlocksFromHost) back
+// into the right page rows only, as the CPU codec decodes them.
+TEST_F(CudaCopyTest, CodedPageBlocksAreTheCpuCodecsBothWays) {
+  constexpr int kPages = 5, kPageSize = 16, kHeads = 2, kHeadDim = 128;
+  std::vector<Tensor> k, v, k_out, v_out;
+  for (int l = 0; l < 2; ++l) {
+    for (auto* list : {&k, &v, &k_out, &v_out}) {
+      Tensor t = b().Allocate(DType::kBF16, {kPages, kPageSize, kHeads, kHeadDim}).value();
+      if (list == &k || list == &v) {
+        STRATA_ASSERT_OK(b().FillRandom(t, 11 + 2 * l + (list == &v), 2.0f));
+      } else {
+        STRATA_ASSERT_OK(b().Fill(t, 0));
+      }
+      list->push_back(t);
+    }
+  }
+  const int64_t page_bytes = int64_t{kPageSize} * kHeads * kHeadDim * 2;
+  // Every page of both layers, raw, to read rows on the host.
+  auto rows_of = [&](const std::vector<Tensor>& caches) {
+    std::vector<Tensor> both;
+    both.insert(both.end(), caches.begin(), caches.end());
+    engine::HostBuffer raw = b().AllocateHost(both.size() * kPages * page_bytes).value();
+    std::vector<RowCopy> rows;
+    for (int t = 0; t < static_cast<int>(both.size()); ++t) {
+      for (int p = 0; p < kPages; ++p)
+        rows.push_back({t, p, (int64_t{t} * kPages + p) * page_bytes});
+    }
+    const engine::CopyFence f = b().CopyRowsToHost(both, rows, raw).value();
+    EXPECT_TRUE(b().WaitFence(f).ok());
+    return raw;
+  };
+  // The bf16 rows [tokens, head_dim] of one head of a page, from a raw dump.
+  auto head_rows = [&](const engine::HostBuffer& raw, int cache, int page, int head, int tokens) {
+    std::vector<uint8_t> out(size_t(tokens) * kHeadDim * 2);
+    for (int t = 0; t < tokens; ++t) {
+      std::memcpy(out.data() + size_t(t) * kHeadDim * 2,
+                  raw.data() + (int64_t{cache} * kPages + page) * page_bytes +
+                      (int64_t{t} * kHeads + head) * kHeadDim * 2,
+                  kHeadDim * 2);
+    }
+    return out;
+  };
+  const engine::HostBuffer k_raw = rows_of(k), v_raw = rows_of(v);
+  for (engine::KvCodecKind codec : {engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8,
+                                    engine::KvCodecKind::kFp8E4M3, engine::KvCodecKind::kInt4}) {
+    SCOPED_TRACE(static_cast<int>(codec));
+    auto coder = engine::KvCodec::Create(codec).value();
+    std::vector<engine::KvBlockCopy> blocks;
+    int64_t at = 0;
+    for (const auto& [page, tokens] : {std::pair{4, 9}, std::pair{0, 16}}) {
+      for (int l = 0; l < 2; ++l) {
+        for (int h = 0; h < kHeads; ++h) {
+          const auto bytes =
+              static_cast<int64_t>(coder->EncodedBytes(tokens, kHeadDim, DType::kBF16));
+          blocks.push_back({l, page, h, tokens, at, bytes});
+          at += bytes;
+        }
+      }
+    }
+    engine::HostBuffer host = b().AllocateHost(at).value();
+    STRATA_ASSERT_OK_AND_ASSIGN(engine::CopyFence f,
+                                b().EncodeBlocksToHost(codec, k, v, blocks, host));
+    STRATA_ASSERT_OK(b().WaitFence(f));
+    for (const engine::KvBlockCopy& blk : blocks) {
+      const std::vector<uint8_t> kr = head_rows(k_raw, blk.layer, blk.page, blk.head, blk.tokens);
+      const std::vector<uint8_t> vr = head_rows(v_raw, blk.layer, blk.page, blk.head, blk.tokens);
+      std::vector<uint8_t> want(static_cast<size_t>(blk.bytes));
+      STRATA_ASSERT_OK(
+          coder->Encode(kr.data(), vr.data(), DType::kBF16, blk.tokens, kHeadDim, want));
+      ASSERT_EQ(std::memcmp(want.data(), host.data() + blk.host_offset, want.size()), 0)
+          << "layer " << blk.layer << " page " << blk.page << " head " << blk.head;
+    }
+    for (const auto& caches : {&k_out, &v_out}) {
+      for (const Tensor& t : *caches) STRATA_ASSERT_OK(b().Fill(const_cast<Tensor&>(t), 0));
+    }
+    STRATA_ASSERT_OK(b().DecodeBlocksFromHost(host, blocks, k_out, v_out));
+    const engine::HostBuffer k_got = rows_of(k_out), v_got = rows_of(v_out);
+    for (const engine::KvBlockCopy& blk : blocks) {
+      std::vector<uint8_t> kd(size_t(blk.tokens) * kHeadDim * 2), vd(kd.size());
+      STRATA_ASSERT_OK(engine::KvCodec::Decode(
+          std::span<const uint8_t>(host.data() + blk.host_offset, size_t(blk.bytes)), DType::kBF16,
+          kd.data(), vd.data(), nullptr));
+      ASSERT_EQ(head_rows(k_got, blk.layer, blk.page, blk.head, blk.tokens), kd);
+      ASSERT_EQ(head_rows(v_got, blk.layer, blk.page, blk.head, blk.tokens), vd);
+    }
+    // Rows outside the blocks stay zero: page 4 past token 9, pages 1-3.
+    for (int l = 0; l < 2; ++l) {
+      for (int p = 1; p < kPages; ++p) {
+        const uint8_t* row = k_got.data() + (int64_t{l} * kPages + p) * page_bytes;
+        const int64_t from = p == 4 ? int64_t{9} * kHeads * kHeadDim * 2 : 0;
+        for (int64_t i = from; i < page_bytes; ++i) ASSERT_EQ(row[i], 0) << "page " << p;
+      }
+    }
+    // A damaged block: DataLoss naming it.
+    host.data()[blocks[3].host_offset + blocks[3].bytes - 7] ^= 0x21;
+    const absl::Status bad = b().DecodeBlocksFromHost(host, blocks, k_out, v_out);
+    EXPECT_TRUE(absl::IsDataLoss(bad)) << bad;
+    EXPECT_NE(bad.message().find("block 3"), std::string::npos) << bad;
+  }
+}
+
 // Swapping one 32k-token sequence of Llama-3-8B's shape (32 layers x K and V
 // pages of 16 tokens x 8 heads x 128, bf16: 32 KiB rows, 4 GiB in all) out
 // and back, against one contiguous cudaMemcpyAsync of the same bytes.

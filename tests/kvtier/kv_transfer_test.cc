@@ -4,6 +4,7 @@
 // batcher loads them and decodes the same tokens as one worker doing both;
 // corrupt, missing and expired transfers fail their request alone, and
 // nothing is left behind on either side.
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <iterator>
@@ -95,6 +96,27 @@ TEST(KvWireTest, EveryFlippedByteOfAHeaderIsCaught) {
   }
   EXPECT_TRUE(
       absl::IsInvalidArgument(ParseKvBlockHeader(std::span(good).first(10), Format()).status()));
+}
+
+TEST(KvWireTest, ACodedPageRecordCarriesItsBlocksBytes) {
+  KvBlockHeader h = Header();
+  h.codec = engine::KvCodecKind::kInt8;
+  h.tokens = 5;
+  const int64_t want = Format().coded_record_bytes(engine::KvCodecKind::kInt8, 5);
+  ASSERT_GT(want, 0);
+  EXPECT_LT(want, Format().record_bytes());
+  h.payload_bytes = static_cast<uint64_t>(want);
+  auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), Format());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->codec, engine::KvCodecKind::kInt8);
+  // The raw size, or a size for other tokens, is refused.
+  h.payload_bytes = static_cast<uint64_t>(Format().record_bytes());
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
+              HasSubstr("a page record of 5 tokens in int8 has"));
+  h = Header();
+  h.codec = static_cast<engine::KvCodecKind>(9);
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
+              HasSubstr("unknown codec 9"));
 }
 
 TEST(KvWireTest, AnotherLayoutIsRefusedNamingTheField) {
@@ -211,7 +233,8 @@ TEST_F(LandingAreaTest, AnExpiredLeaseFreesItsRecordsOnceNothingWritesThem) {
 
 // One worker of either kind: a model, its block manager and a batcher.
 struct Worker {
-  Worker(int landing_records, const KvPolicyConfig* policy = nullptr) {
+  Worker(int landing_records, const KvPolicyConfig* policy = nullptr,
+         engine::KvCodecKind wire_codec = engine::KvCodecKind::kBf16) {
     model = LoadGolden("llama_gqa", SmallCache(80));
     if (policy != nullptr) {
       auto created = KvPolicyRunner::Create(model.get(), {*policy}, {.max_sparse_seqs = 4});
@@ -222,8 +245,10 @@ struct Worker {
     auto layout = KvLayout::Create(*model);
     EXPECT_TRUE(layout.ok());
     const int64_t record = (layout->record_bytes() + 63) / 64 * 64;
-    auto created = KvBlockManager::Create(
-        model.get(), {.host_bytes = record * 64, .landing_bytes = record * landing_records});
+    KvBlockManagerOptions options{.host_bytes = record * 64,
+                                  .landing_bytes = record * landing_records};
+    options.workload_wire_codec = {wire_codec};
+    auto created = KvBlockManager::Create(model.get(), options);
     EXPECT_TRUE(created.ok()) << created.status();
     manager = std::move(*created);
     manager->set_export_sink([this](KvBlockManager::ExportedKv e) { exports.push_back(e); });
@@ -293,14 +318,16 @@ void Send(Worker& p, Worker& d, uint64_t transfer_id, int corrupt = -1) {
       h.index = static_cast<uint32_t>(next);
       h.count = static_cast<uint32_t>(total);
       h.tokens = static_cast<uint32_t>(e.blocks[i].tokens);
+      h.codec = e.blocks[i].codec;
       h.format = KvWireFormat::Of(p.manager->layout());
       h.payload_crc = e.blocks[i].crc;
       h.payload_bytes = e.blocks[i].data.size();
       EXPECT_EQ(KvPayloadCrc(e.blocks[i].data), h.payload_crc);
       auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), format);
       ASSERT_TRUE(parsed.ok()) << parsed.status();
-      auto where = d.manager->landing_area()->Place(parsed->transfer_id, parsed->index,
-                                                    parsed->count, parsed->payload_bytes);
+      auto where = d.manager->landing_area()->Place(
+          parsed->transfer_id, parsed->index, parsed->count, parsed->payload_bytes, parsed->codec,
+          static_cast<int>(parsed->tokens));
       ASSERT_TRUE(where.ok()) << where.status();
       std::memcpy(where->data(), e.blocks[i].data.data(), where->size());
       if (next == corrupt) (*where)[where->size() / 2] ^= std::byte{1};
@@ -378,6 +405,124 @@ TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
   c.tokens_per_cluster = 8;
   c.full_layers = 0;
   ExpectSameTokensAsOneWorker(&c);
+}
+
+// Pages coded on the wire (the profile's codec): a fraction of the raw
+// bytes, decoded into the decode worker's pages; requests complete with
+// nothing left behind. (Greedy tokens may differ from one worker's: the
+// codecs are lossy; the next test checks the rows themselves.)
+TEST(DisaggregatedKvTest, CodedPagesTravelInAFractionOfTheBytes) {
+  for (engine::KvCodecKind codec :
+       {engine::KvCodecKind::kInt8, engine::KvCodecKind::kFp8E4M3, engine::KvCodecKind::kInt4}) {
+    SCOPED_TRACE(static_cast<int>(codec));
+    Worker p(0, nullptr, codec), d(64), alone(0);
+    const int page = d.manager->layout().page_size();
+    const int64_t record = d.manager->layout().record_bytes();
+    for (int prompt_len : {5, 61, 120}) {
+      SCOPED_TRACE(prompt_len);
+      const engine::GenerationRequest r = Request(prompt_len, prompt_len, 24);
+      ASSERT_TRUE(alone.batcher->Add(r).ok());
+      const std::vector<int32_t> expected = Tokens(alone.RunToEnd());
+      const uint64_t transfer = 2000 + prompt_len;
+      const int pages = (prompt_len + page - 1) / page;
+      ASSERT_TRUE(
+          d.manager->landing_area()->Reserve(transfer, pages, absl::Now() + absl::Hours(1)).ok());
+      const engine::TokenEvent first = Prefill(p, r, 9);
+      int64_t wire = 0;
+      for (const auto& part : p.exports) {
+        for (const auto& b : part.blocks) {
+          EXPECT_EQ(b.codec, codec);
+          wire += static_cast<int64_t>(b.data.size());
+        }
+      }
+      EXPECT_LT(wire, int64_t{pages} * record * 7 / 10) << "coded, not raw";
+      ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+      ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+      const std::vector<engine::TokenEvent> events = d.RunToEnd();
+      ASSERT_EQ(events.size(), 24u);
+      EXPECT_EQ(events.back().finish, engine::FinishReason::kLength) << events.back().error;
+      EXPECT_EQ(events.front().token_id, expected.front()) << "sampled on the prefill worker";
+    }
+    EXPECT_EQ(d.manager->stats().kv_imports, 3);
+    EXPECT_EQ(d.manager->stats().kv_imports_failed, 0);
+    ExpectNothingLeft(p);
+    ExpectNothingLeft(d);
+  }
+}
+
+TEST(DisaggregatedKvTest, CodedPagesDecodeIntoTheRowsTheyCameFrom) {
+  // The same prompt exported raw (the exact rows, page by page) and coded
+  // in int8; the coded one is loaded into the decode worker's pages, whose
+  // rows must be the raw ones within int8's error, page for page.
+  Worker raw_p(0), coded_p(0, nullptr, engine::KvCodecKind::kInt8), d(64);
+  const KvLayout& layout = d.manager->layout();
+  const int page = layout.page_size();
+  const engine::GenerationRequest r = Request(1, 61, 4);
+  Prefill(raw_p, r, 1);
+  std::vector<std::vector<float>> raw;  // per page: the record as floats
+  for (const auto& part : raw_p.exports) {
+    for (const auto& b : part.blocks) {
+      ASSERT_EQ(b.codec, engine::KvCodecKind::kBf16);
+      raw.emplace_back(b.data.size() / sizeof(float));
+      std::memcpy(raw.back().data(), b.data.data(), b.data.size());
+    }
+  }
+  raw_p.manager->ReleaseExport(raw_p.exports.back().key);
+  raw_p.exports.clear();
+  const int pages = (61 + page - 1) / page;
+  ASSERT_EQ(static_cast<int>(raw.size()), pages);
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(5, pages, absl::Now() + absl::Hours(1)).ok());
+  Prefill(coded_p, r, 2);
+  ASSERT_NO_FATAL_FAILURE(Send(coded_p, d, 5));
+  engine::SequencePages loaded;
+  absl::StatusOr<bool> done = d.manager->LoadImported(5, r.prompt, loaded);
+  ASSERT_TRUE(done.ok()) << done.status();
+  ASSERT_TRUE(*done);
+  ASSERT_EQ(static_cast<int>(loaded.lower.size()), pages);
+  const int64_t row_floats = int64_t{page} * layout.num_kv_heads() * layout.head_dim();
+  const int64_t token_floats = int64_t{layout.num_kv_heads()} * layout.head_dim();
+  for (int i = 0; i < pages; ++i) {
+    const int tokens = std::min(page, 61 - i * page);
+    for (int t = 0; t < 2 * layout.num_layers(); ++t) {
+      const float* got = static_cast<const float*>(layout.caches()[t].data()) +
+                         int64_t{loaded.lower[i]} * row_floats;
+      const float* want = raw[i].data() + t * row_floats;
+      for (int64_t k = 0; k < tokens * token_floats; k += layout.head_dim()) {
+        float scale = 0;
+        for (int c = 0; c < layout.head_dim(); ++c) scale = std::max(scale, std::fabs(want[k + c]));
+        for (int c = 0; c < layout.head_dim(); ++c) {
+          ASSERT_NEAR(got[k + c], want[k + c], 0.02f * scale + 1e-4f)
+              << "page " << i << ", cache " << t << ", element " << k + c;
+        }
+      }
+    }
+  }
+  ASSERT_TRUE(d.manager->Free(loaded).ok());
+  ExpectNothingLeft(raw_p);
+  ExpectNothingLeft(coded_p);
+  ExpectNothingLeft(d);
+}
+
+TEST(DisaggregatedKvTest, ACodedBlockCorruptedOnTheWayFailsItsRequestAlone) {
+  Worker p(0, nullptr, engine::KvCodecKind::kInt8), d(64);
+  const int page = d.manager->layout().page_size();
+  const engine::GenerationRequest bad = Request(1, 50, 10), good = Request(2, 40, 10);
+  for (const auto* r : {&bad, &good}) {
+    ASSERT_TRUE(d.manager->landing_area()
+                    ->Reserve(r->id, (static_cast<int>(r->prompt.size()) + page - 1) / page,
+                              absl::Now() + absl::Hours(1))
+                    .ok());
+    const engine::TokenEvent first = Prefill(p, *r, r->id);
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, r->id, r == &bad ? 2 : -1));
+    ASSERT_TRUE(d.batcher->Add(DecodeRequest(*r, first, r->id)).ok());
+  }
+  std::map<uint64_t, engine::TokenEvent> last;
+  for (const auto& e : d.RunToEnd()) last[e.request_id] = e;
+  EXPECT_EQ(last[1].finish, engine::FinishReason::kError);
+  EXPECT_THAT(last[1].error, HasSubstr("block 2 of 7 does not match its CRC32C"));
+  EXPECT_EQ(last[2].finish, engine::FinishReason::kLength) << last[2].error;
+  ExpectNothingLeft(p);
+  ExpectNothingLeft(d);
 }
 
 TEST(DisaggregatedKvTest, ACorruptBlockFailsItsRequestAloneWithAClearError) {

@@ -118,6 +118,40 @@ TEST_P(DisaggregatedTest, APromptPrefilledElsewhereDecodesToTheSameTokens) {
   EXPECT_EQ(p.load().running_sequences(), 0);
 }
 
+TEST(DisaggregatedRoutingTest, APromptsKvCrossesInItsProfilesCodec) {
+  // The profile's codec is the wire's: int8 pages, decoded on the decode
+  // worker; the bytes on the wire are a fraction of the raw KV's.
+  const std::string profile = ::testing::TempDir() + "disagg_int8_profile.yaml";
+  {
+    FILE* f = fopen(profile.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    fputs("name: wire\ncodec: int8\n", f);
+    fclose(f);
+  }
+  std::vector<std::string> prefill_args = kPrefillArgs, decode_args = kDecodeArgs;
+  for (auto* args : {&prefill_args, &decode_args})
+    args->insert(args->end(), {"--profile", profile});
+  ServerProcess prefill(prefill_args, "prefill");
+  ServerProcess decode(decode_args, "decode");
+  v1::GenerateRequest r = Request(300, 16, 21);
+  r.set_profile("wire");
+  const Completion here = Generate(decode.stub(), r);
+  ASSERT_TRUE(here.status.ok()) << here.status.error_message();
+  const Completion split = Generate(decode.stub(), r, prefill.address());
+  ASSERT_TRUE(split.status.ok()) << split.status.error_message() << decode.Stderr();
+  ASSERT_EQ(split.tokens.size(), here.tokens.size());
+  EXPECT_EQ(split.tokens.front(), here.tokens.front()) << "sampled before the KV left";
+  EXPECT_EQ(decode.Metric("strata_kv_imports_total"), 1);
+  const double wire = decode.Metric("strata_kv_wire_bytes_total");
+  const double raw = decode.Metric("strata_kv_raw_bytes_total");
+  EXPECT_GT(wire, 0);
+  EXPECT_LT(wire, 0.7 * raw) << "int8 on the wire, not raw";
+  const double landing = decode.Metric("strata_kv_landing_bytes_total");
+  EXPECT_EQ(
+      decode.WaitForMetric("strata_kv_landing_bytes_free", [&](double v) { return v == landing; }),
+      landing);
+}
+
 TEST(DisaggregatedRoutingTest, AGonePrefillWorkerLeavesThePromptToTheDecodeWorker) {
   ServerProcess decode(kDecodeArgs, "decode");
   const v1::GenerateRequest r = Request(50, 12, 3);
