@@ -162,8 +162,21 @@ absl::StatusOr<engine::HostBuffer> CopyEngine::PageJobs(
     std::span<const engine::Tensor> k_caches, std::span<const engine::Tensor> v_caches,
     std::span<const engine::KvBlockCopy> blocks) {
   const size_t list_bytes = blocks.size() * sizeof(kernels::PageBlockJob);
-  STRATA_ASSIGN_OR_RETURN(engine::HostBuffer buffer,
-                          AllocateHost(list_bytes + blocks.size() * sizeof(int32_t)));
+  const size_t needed = list_bytes + blocks.size() * sizeof(int32_t);
+  engine::HostBuffer buffer;
+  for (size_t i = 0; i < spare_jobs_.size(); ++i) {
+    if (spare_jobs_[i].bytes >= needed) {
+      buffer = std::move(spare_jobs_[i]);
+      spare_jobs_.erase(spare_jobs_.begin() + static_cast<std::ptrdiff_t>(i));
+      break;
+    }
+  }
+  if (!buffer.defined()) {
+    // Rounded up to a power of two (from 64 KiB), so that a few sizes serve.
+    size_t bytes = size_t{64} << 10;
+    while (bytes < needed) bytes *= 2;
+    STRATA_ASSIGN_OR_RETURN(buffer, AllocateHost(bytes));
+  }
   auto* jobs = reinterpret_cast<kernels::PageBlockJob*>(buffer.data());
   for (size_t i = 0; i < blocks.size(); ++i) {
     const engine::KvBlockCopy& b = blocks[i];
@@ -223,7 +236,9 @@ absl::Status CopyEngine::DecodeBlocks(bool kv_fp8, const engine::HostBuffer& hos
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchDecodePageBlocks(p, stream_.get()));
   // Waited for here: the compute enqueued after this returns follows it.
   STRATA_CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream_.get()));
-  return CheckPageStatuses(jobs, n, /*decode=*/true);
+  const absl::Status decoded = CheckPageStatuses(jobs, n, /*decode=*/true);
+  if (spare_jobs_.size() < 8) spare_jobs_.push_back(std::move(jobs));
+  return decoded;
 }
 
 absl::Status CopyEngine::Retire(bool wait_for, engine::CopyFence upto) {
@@ -240,6 +255,7 @@ absl::Status CopyEngine::Retire(bool wait_for, engine::CopyFence upto) {
     spare_.push_back(std::move(p.done));
     const absl::Status encoded =
         p.num_jobs > 0 ? CheckPageStatuses(p.jobs, p.num_jobs, /*decode=*/false) : absl::OkStatus();
+    if (p.jobs.defined() && spare_jobs_.size() < 8) spare_jobs_.push_back(std::move(p.jobs));
     pending_.pop_front();
     STRATA_RETURN_IF_ERROR(encoded);
   }

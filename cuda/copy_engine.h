@@ -92,6 +92,10 @@ class CopyEngine {
   CudaEvent compute_mark_;
   std::deque<Pending> pending_;   // ascending fences, not known done
   std::vector<CudaEvent> spare_;  // events of retired fences, for reuse
+  // Job buffers of retired codec calls, for reuse: freeing pinned memory
+  // (cudaFreeHost) waits for the whole device, which an export per prefill
+  // chunk must not do.
+  std::vector<engine::HostBuffer> spare_jobs_;
   engine::CopyFence next_fence_ = 1;
   engine::CopyFence done_upto_ = 0;  // every fence <= this is done
   bool batch_supported_ = true;      // cudaMemcpyBatchAsync worked (or was not tried)

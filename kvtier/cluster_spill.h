@@ -72,7 +72,7 @@ class ClusterSpill final : public engine::PieceFetcher {
     std::chrono::milliseconds fetch_timeout{2000};
     // Tests only: called on the I/O thread before each read (a test blocks
     // it to stand for a disk that stops answering).
-    std::function<void()> before_read;
+    std::function<void()> before_read = nullptr;
   };
   struct Stats {
     int64_t batches_written = 0;  // Write batches stored

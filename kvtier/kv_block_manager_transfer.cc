@@ -177,8 +177,16 @@ absl::Status KvBlockManager::PollTransfers() {
         const std::span<const std::byte> data(
             reinterpret_cast<const std::byte*>(host_.data(r)),
             static_cast<size_t>(raw ? layout_.record_bytes() : part.bytes[i]));
-        out.blocks.push_back({data, raw ? host_.crc(r) : KvPayloadCrc(data),
+        out.blocks.push_back({data, raw ? host_.crc(r) : 0u,
                               std::min(page_size, part.tokens - page * page_size), part.codec});
+      }
+      if (!raw) {
+        // The coded payloads' CRCs, on the CRC threads (a long prompt's
+        // part is hundreds of megabytes).
+        crc_pool_->ParallelFor(part.count, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i)
+            out.blocks[i].crc = KvPayloadCrc(out.blocks[i].data);
+        });
       }
       sink(std::move(out));
     }

@@ -73,7 +73,7 @@ struct PickedWorker {
 // instead of computing it.
 struct DecodePreference {
   // (worker_id, prompt tokens it holds), most first.
-  std::vector<std::pair<std::string, int64_t>> holders;
+  std::vector<std::pair<std::string, int64_t>> holders = {};
   // A holder is picked while its DecodeScore is at most this much above the
   // least loaded worker's (about that many more running sequences): reuse
   // is worth a somewhat busier worker, not an overloaded one.
