@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "engine/batcher.h"
 #include "engine/cpu_backend.h"
@@ -503,8 +504,10 @@ TEST(DisaggregatedKvTest, CodedPagesDecodeIntoTheRowsTheyCameFrom) {
   ExpectNothingLeft(d);
 }
 
-TEST(DisaggregatedKvTest, ACodedBlockCorruptedOnTheWayFailsItsRequestAlone) {
-  Worker p(0, nullptr, engine::KvCodecKind::kInt8), d(64);
+// Two requests, raw or coded with `codec`; block `corrupt` of the first is
+// flipped on the way: it fails alone, naming the block, and nothing stays.
+void ExpectACorruptBlockFailsItsRequestAlone(engine::KvCodecKind codec, int corrupt) {
+  Worker p(0, nullptr, codec), d(64);
   const int page = d.manager->layout().page_size();
   const engine::GenerationRequest bad = Request(1, 50, 10), good = Request(2, 40, 10);
   for (const auto* r : {&bad, &good}) {
@@ -513,39 +516,26 @@ TEST(DisaggregatedKvTest, ACodedBlockCorruptedOnTheWayFailsItsRequestAlone) {
                               absl::Now() + absl::Hours(1))
                     .ok());
     const engine::TokenEvent first = Prefill(p, *r, r->id);
-    ASSERT_NO_FATAL_FAILURE(Send(p, d, r->id, r == &bad ? 2 : -1));
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, r->id, r == &bad ? corrupt : -1));
     ASSERT_TRUE(d.batcher->Add(DecodeRequest(*r, first, r->id)).ok());
   }
   std::map<uint64_t, engine::TokenEvent> last;
   for (const auto& e : d.RunToEnd()) last[e.request_id] = e;
   EXPECT_EQ(last[1].finish, engine::FinishReason::kError);
-  EXPECT_THAT(last[1].error, HasSubstr("block 2 of 7 does not match its CRC32C"));
+  EXPECT_THAT(last[1].error,
+              HasSubstr(absl::StrCat("block ", corrupt, " of 7 does not match its CRC32C")));
   EXPECT_EQ(last[2].finish, engine::FinishReason::kLength) << last[2].error;
+  EXPECT_EQ(d.manager->stats().kv_imports_failed, 1);
   ExpectNothingLeft(p);
   ExpectNothingLeft(d);
 }
 
 TEST(DisaggregatedKvTest, ACorruptBlockFailsItsRequestAloneWithAClearError) {
-  Worker p(0), d(64);
-  const int page = d.manager->layout().page_size();
-  const engine::GenerationRequest bad = Request(1, 50, 10), good = Request(2, 40, 10);
-  for (const auto* r : {&bad, &good}) {
-    ASSERT_TRUE(d.manager->landing_area()
-                    ->Reserve(r->id, (static_cast<int>(r->prompt.size()) + page - 1) / page,
-                              absl::Now() + absl::Hours(1))
-                    .ok());
-    const engine::TokenEvent first = Prefill(p, *r, r->id);
-    ASSERT_NO_FATAL_FAILURE(Send(p, d, r->id, r == &bad ? 3 : -1));
-    ASSERT_TRUE(d.batcher->Add(DecodeRequest(*r, first, r->id)).ok());
-  }
-  std::map<uint64_t, engine::TokenEvent> last;
-  for (const auto& e : d.RunToEnd()) last[e.request_id] = e;
-  EXPECT_EQ(last[1].finish, engine::FinishReason::kError);
-  EXPECT_THAT(last[1].error, HasSubstr("block 3 of 7 does not match its CRC32C"));
-  EXPECT_EQ(last[2].finish, engine::FinishReason::kLength) << last[2].error;
-  EXPECT_EQ(d.manager->stats().kv_imports_failed, 1);
-  ExpectNothingLeft(p);
-  ExpectNothingLeft(d);
+  ExpectACorruptBlockFailsItsRequestAlone(engine::KvCodecKind::kBf16, 3);
+}
+
+TEST(DisaggregatedKvTest, ACodedBlockCorruptedOnTheWayFailsItsRequestAlone) {
+  ExpectACorruptBlockFailsItsRequestAlone(engine::KvCodecKind::kInt8, 2);
 }
 
 TEST(DisaggregatedKvTest, ATransferThatNeverCameOrExpiredFailsItsRequest) {
