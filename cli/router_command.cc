@@ -25,6 +25,7 @@
 #include "router/server_metrics.h"
 #include "router/transport_options.h"
 #include "router/worker_discovery.h"
+#include "router/worker_pool_metrics.h"
 #include "router/worker_registry.h"
 
 namespace strata::cli {
@@ -126,6 +127,8 @@ int RunRouter(const RouterFlags& f) {
   prometheus::Registry prometheus_registry;
   auto server_metrics = router::ServerMetrics::Create(&prometheus_registry);
   if (!server_metrics.ok()) return Fail(server_metrics.status());
+  auto pool_metrics = router::WorkerPoolMetrics::Create(&prometheus_registry);
+  if (!pool_metrics.ok()) return Fail(pool_metrics.status());
 
   router::RouterServiceOptions options;
   options.model_name = model_name;
@@ -177,6 +180,7 @@ int RunRouter(const RouterFlags& f) {
   }
   metrics::RefreshingCollectable scraped(&prometheus_registry, [&] {
     (*server_metrics)->UpdateGauges(engine::AsyncEngine::Stats{}, service->requests_in_flight());
+    (*pool_metrics)->Update(registry);
   });
   std::unique_ptr<MetricsServer> metrics_server;
   if (f.metrics_port >= 0) {

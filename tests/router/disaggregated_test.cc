@@ -225,6 +225,10 @@ TEST(DisaggregatedRoutingTest, TheRouterSendsLongPromptsThroughAPrefillWorker) {
   // Only the long prompt crossed from the prefill worker.
   EXPECT_THAT(prefill.Metrics(), HasSubstr("strata_kv_exports_total 1"));
   EXPECT_THAT(decode.Metrics(), HasSubstr("strata_kv_imports_total 1"));
+  // The router shows its pools.
+  EXPECT_EQ(router.Metric("strata_router_workers{role=\"prefill\",state=\"schedulable\"}"), 1);
+  EXPECT_EQ(router.Metric("strata_router_workers{role=\"decode\",state=\"schedulable\"}"), 1);
+  EXPECT_GT(router.Metric("strata_router_pool_kv_total_bytes{role=\"decode\",tier=\"gpu\"}"), 0);
 }
 
 TEST(DisaggregatedRoutingTest, ADocumentAskedAgainIsComputedOnTheDecodeWorkerHoldingIt) {
