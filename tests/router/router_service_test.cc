@@ -25,6 +25,7 @@
 #include "router/server_metrics.h"
 #include "router/worker_registry.h"
 #include "strata/v1/generate.grpc.pb.h"
+#include "tests/router/worker_test_util.h"
 
 namespace strata::router {
 namespace {
@@ -209,16 +210,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* FakeDecodeWorker::Generate(
 }
 
 WorkerInfo Info(const std::string& id, internal::v1::WorkerRole role, const std::string& address) {
-  WorkerInfo info;
-  info.set_worker_id(id);
-  info.set_role(role);
-  info.set_grpc_address(address);
-  info.set_kv_address("kv-" + id);
-  info.set_model("tiny");
-  info.set_kv_format("bf16");
-  info.add_profiles("default");
-  info.add_profiles("sparse");
-  return info;
+  return testing_util::TestWorkerInfo(id, role, address, {"default", "sparse"});
 }
 
 // `running` sequences make a worker less preferred than an idle one.

@@ -9,6 +9,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
+#include "tests/router/worker_test_util.h"
 
 namespace strata::router {
 namespace {
@@ -18,15 +19,7 @@ using internal::v1::WorkerLoad;
 using ::testing::HasSubstr;
 
 WorkerInfo Info(const std::string& id, internal::v1::WorkerRole role, const std::string& address) {
-  WorkerInfo info;
-  info.set_worker_id(id);
-  info.set_role(role);
-  info.set_grpc_address(address);
-  info.set_kv_address("kv-" + id);
-  info.set_model("tiny");
-  info.set_kv_format("bf16");
-  info.add_profiles("default");
-  return info;
+  return testing_util::TestWorkerInfo(id, role, address);
 }
 
 TEST(WorkerPoolMetricsTest, PoolsAreSummedOverSchedulableWorkersAndCountedByState) {

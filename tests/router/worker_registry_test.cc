@@ -7,6 +7,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/router/worker_test_util.h"
 
 namespace strata::router {
 namespace {
@@ -21,15 +22,7 @@ constexpr int64_t kGiB = int64_t{1} << 30;
 
 WorkerInfo Info(const std::string& id, internal::v1::WorkerRole role, const std::string& address,
                 std::vector<std::string> profiles = {"default"}) {
-  WorkerInfo info;
-  info.set_worker_id(id);
-  info.set_role(role);
-  info.set_grpc_address(address);
-  info.set_kv_address("kv-" + id);
-  info.set_model("tiny");
-  info.set_kv_format("bf16");
-  for (const auto& p : profiles) info.add_profiles(p);
-  return info;
+  return testing_util::TestWorkerInfo(id, role, address, profiles);
 }
 
 WorkerInfo Prefill(const std::string& id, const std::string& address,
