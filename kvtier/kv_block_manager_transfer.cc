@@ -82,8 +82,18 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
             page_tokens, coder, host_.offset(records[i]), blocks_));
         bytes += part.bytes.back();
       }
-      fence = model_->backend().EncodeBlocksToHost(part.codec, layout_.k_caches(),
-                                                   layout_.v_caches(), blocks_, host_.buffer());
+      engine::Backend& backend = model_->backend();
+      fence = backend.EncodeBlocksToHost(part.codec, layout_.k_caches(), layout_.v_caches(),
+                                         blocks_, host_.buffer());
+      // As for a copy (EnqueueCopies): compute enqueued later, which may
+      // write these pages once the sequence frees them, waits for the
+      // encode that reads them.
+      if (fence.ok()) {
+        if (absl::Status ordered = backend.ComputeAfterFence(*fence); !ordered.ok()) {
+          STRATA_RETURN_IF_ERROR(backend.WaitFence(*fence));
+          fence = ordered;
+        }
+      }
     }
     if (!fence.ok()) {
       for (int32_t r : records) {
