@@ -18,6 +18,9 @@ cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
 context=${CONTEXT:-32768}
 fio=${FIO:-fio}
+# STRATA names the binary (another build, to compare); HOST_ONLY=1 stops
+# after the requests served from host memory.
+strata=${STRATA:-.gpu/bin/strata}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -38,7 +41,7 @@ tiers:
   ssd_write_admission: always
 EOF
 start() {
-  STRATA_LOG_LEVEL=info .gpu/bin/strata serve --backend cuda --dummy-weights llama-3-8b \
+  STRATA_LOG_LEVEL=${STRATA_LOG_LEVEL:-debug} "$strata" serve --backend cuda --dummy-weights llama-3-8b \
     --max-context $((context + 64)) --max-seqs 4 --profile "$tmp/docs.yaml" --host 127.0.0.1 \
     --port 0 --metrics-port 0 > "$out/$1" 2>&1 &
   server=$!
@@ -54,7 +57,7 @@ ssd_metrics() {
 }
 ask() {
   echo "$1" > "$tmp/prompt.txt"
-  .gpu/bin/strata generate --server "$address" --prompt-ids "@$tmp/prompt.txt" --max-tokens 4 \
+  "$strata" generate --server "$address" --prompt-ids "@$tmp/prompt.txt" --max-tokens 4 \
     --ignore-eos --json | tail -1
 }
 document=$(seq -s, 1000 $((context + 999)))
@@ -64,6 +67,14 @@ echo "computed $(ask "$document,11,12,13")"
 echo "host     $(ask "$document,21,22,23,24")"
 # Written through to the SSD on the I/O threads: give them time to land.
 sleep 10
+# Again from host memory, with nothing of the earlier requests still
+# being stored or written down.
+echo "host-settled $(ask "$document,25,26,27,28")"
+if [[ "${HOST_ONLY:-0}" == 1 ]]; then
+  kill -TERM "$server"
+  wait "$server" || true
+  exit 0
+fi
 kill -TERM "$server"
 wait "$server" || true
 sync
@@ -95,5 +106,5 @@ else
   echo "no fio"
 fi
 rm -f "$tmp/fio.dat"
-.gpu/bin/strata bench kv-ssd --path "$tmp" --gib 4 --io-threads 2,4,8 --json "$out/kv_ssd.json"
-.gpu/bin/strata bench kv-ssd --path "$tmp" --gib 4 --io-threads 8 --buffered --json "$out/kv_ssd_buffered.json"
+"$strata" bench kv-ssd --path "$tmp" --gib 4 --io-threads 2,4,8 --json "$out/kv_ssd.json"
+"$strata" bench kv-ssd --path "$tmp" --gib 4 --io-threads 8 --buffered --json "$out/kv_ssd_buffered.json"

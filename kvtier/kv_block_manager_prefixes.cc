@@ -1,6 +1,7 @@
 // KvBlockManager's prefix store: prompt KV kept by content in host records
 // and, below them, on the SSD tier (see kv_block_manager.h).
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <thread>
 #include <utility>
@@ -453,6 +454,7 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
   // the copy). A record found corrupt gives back its page and those after
   // it, and that part of the prompt is computed, overwriting what the copy
   // put there (the compute is ordered after it).
+  const auto started = std::chrono::steady_clock::now();
   copies_.clear();
   const std::vector<int32_t> records(found.begin(), found.end());
   for (size_t i = 0; i < n; ++i) {
@@ -468,8 +470,16 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
     return fence.status();
   }
   in_flight_.push_back({*fence, records});
+  const auto enqueued = std::chrono::steady_clock::now();
   absl::StatusOr<size_t> first_corrupt = FirstCorruptCopied(records);
   release();
+  auto ms = [](auto from, auto to) {
+    return std::chrono::duration<double, std::milli>(to - from).count();
+  };
+  const auto checked = std::chrono::steady_clock::now();
+  STRATA_LOG_DEBUG(
+      "stored prefix: {} pages ({} copies) enqueued in {:.1f} ms, copied and checked in {:.1f} ms",
+      n, copies_.size(), ms(started, enqueued), ms(enqueued, checked));
   if (!first_corrupt.ok()) {
     // The pages go back only once nothing writes them.
     STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(*fence));
