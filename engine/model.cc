@@ -6,13 +6,19 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "engine/communicator.h"
 
 namespace strata::engine {
 
 Model::Model(const ModelConfig& config, ModelWeights weights, Backend* backend,
-             const ModelOptions& options)
-    : config_(config), weights_(std::move(weights)), backend_(backend), options_(options) {
-  layout_ = {config.num_q_heads, config.num_kv_heads, config.head_dim};
+             const ModelOptions& options, const TensorParallelShard& shard, Communicator* comm)
+    : config_(config),
+      weights_(std::move(weights)),
+      backend_(backend),
+      options_(options),
+      shard_(shard),
+      comm_(comm) {
+  layout_ = {shard.q_heads, shard.kv_heads, config.head_dim};
 }
 
 absl::StatusOr<KvCacheType> ParseKvCacheType(std::string_view name) {
@@ -28,7 +34,21 @@ const char* KvCacheTypeName(KvCacheType type) {
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
                                                      ModelWeights weights, Backend* backend,
-                                                     const ModelOptions& options) {
+                                                     const ModelOptions& options,
+                                                     Communicator* comm) {
+  STRATA_ASSIGN_OR_RETURN(
+      const TensorParallelShard shard,
+      ShardModel(config, comm != nullptr ? comm->rank() : 0, comm != nullptr ? comm->size() : 1));
+  // The weights must be this rank's share (LoadWeights with the shard).
+  const int64_t qkv_rows = int64_t{shard.q_heads + 2 * shard.kv_heads} * config.head_dim;
+  if (weights.layers.size() != static_cast<size_t>(config.num_layers) ||
+      (config.num_layers > 0 && (weights.layers[0].qkv.dim(0) != qkv_rows ||
+                                 weights.layers[0].gate_up.dim(0) != 2 * shard.intermediate)) ||
+      weights.lm_head.dim(0) != shard.vocab) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model: the weights are not rank ", shard.rank, " of ", shard.size,
+                     "'s share of the config (load them with its TensorParallelShard)"));
+  }
   ModelOptions o = options;
   if (o.max_batch_tokens <= 0 || o.max_seqs <= 0 || o.max_context <= 0 || o.page_size <= 0) {
     return absl::InvalidArgumentError("model options: sizes must be positive");
@@ -47,14 +67,14 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Create(const ModelConfig& config,
   if (o.num_upper_pages == 0) o.upper_first_layer = 0;
   if (o.max_logit_rows <= 0) o.max_logit_rows = o.max_seqs;
   o.max_logit_rows = std::min(o.max_logit_rows, o.max_batch_tokens);
-  std::unique_ptr<Model> model(new Model(config, std::move(weights), backend, o));
+  std::unique_ptr<Model> model(new Model(config, std::move(weights), backend, o, shard, comm));
   model->max_blocks_per_seq_ = blocks;
   STRATA_RETURN_IF_ERROR(model->AllocateBuffers());
   return model;
 }
 
 int64_t Model::kv_bytes_per_token() const {
-  return int64_t{2} * config_.num_layers * config_.num_kv_heads * config_.head_dim *
+  return int64_t{2} * config_.num_layers * shard_.kv_heads * config_.head_dim *
          static_cast<int64_t>(DTypeSize(kv_cache_dtype()));
 }
 
@@ -62,13 +82,13 @@ absl::Status Model::AllocateBuffers() {
   Backend& b = *backend_;
   const DType dt = b.activation_dtype();
   const int64_t t = options_.max_batch_tokens, s = options_.max_seqs;
-  const int64_t h = config_.hidden_size, inter = config_.intermediate_size;
+  const int64_t h = config_.hidden_size, inter = shard_.intermediate;
   for (int i = 0; i < config_.num_layers; ++i) {
     // One page more than the sequences may use: padding rows of decode
     // graphs write their keys there.
     const int pages =
         page_group(i) == PageGroup::kUpper ? options_.num_upper_pages : options_.num_pages;
-    const std::vector<int64_t> shape = {pages + 1, options_.page_size, config_.num_kv_heads,
+    const std::vector<int64_t> shape = {pages + 1, options_.page_size, shard_.kv_heads,
                                         config_.head_dim};
     STRATA_ASSIGN_OR_RETURN(Tensor k, b.Allocate(kv_cache_dtype(), shape));
     STRATA_ASSIGN_OR_RETURN(Tensor v, b.Allocate(kv_cache_dtype(), shape));
@@ -96,13 +116,15 @@ absl::Status Model::AllocateBuffers() {
   STRATA_ASSIGN_OR_RETURN(residual_, b.Allocate(dt, {t, h}));
   STRATA_ASSIGN_OR_RETURN(normed_, b.Allocate(dt, {t, h}));
   STRATA_ASSIGN_OR_RETURN(qkv_, b.Allocate(dt, {t, layout_.row_width()}));
-  STRATA_ASSIGN_OR_RETURN(attn_,
-                          b.Allocate(dt, {t, int64_t{config_.num_q_heads} * config_.head_dim}));
+  STRATA_ASSIGN_OR_RETURN(attn_, b.Allocate(dt, {t, int64_t{shard_.q_heads} * config_.head_dim}));
   STRATA_ASSIGN_OR_RETURN(proj_, b.Allocate(dt, {t, h}));
   STRATA_ASSIGN_OR_RETURN(gate_up_, b.Allocate(dt, {t, 2 * inter}));
   STRATA_ASSIGN_OR_RETURN(act_, b.Allocate(dt, {t, inter}));
   STRATA_ASSIGN_OR_RETURN(last_, b.Allocate(dt, {logit_rows, h}));
   STRATA_ASSIGN_OR_RETURN(logits_, b.Allocate(dt, {logit_rows, config_.vocab_size}));
+  if (shard_.size > 1) {
+    STRATA_ASSIGN_OR_RETURN(rank_logits_, b.Allocate(dt, {logit_rows, shard_.vocab}));
+  }
   STRATA_ASSIGN_OR_RETURN(sample_params_, b.Allocate(DType::kI32, {logit_rows, kSamplingFields}));
   STRATA_ASSIGN_OR_RETURN(sampled_ids_, b.Allocate(DType::kI32, {logit_rows}));
   STRATA_ASSIGN_OR_RETURN(sampled_logprobs_, b.Allocate(DType::kF32, {logit_rows}));
@@ -196,7 +218,34 @@ absl::Status Model::Validate(const StepInput& in) const {
   return absl::OkStatus();
 }
 
+absl::Status Model::EndStep(absl::Status own) {
+  if (!own.ok() && comm_ != nullptr && !absl::IsInvalidArgument(own)) {
+    // A refused input is refused alike by every rank, before any
+    // collective; any other failure may leave the other ranks waiting in
+    // one.
+    comm_->Abort(absl::StrCat("rank ", shard_.rank, ": ", own.message()));
+  }
+  if (followers_ == nullptr) return own;
+  absl::Status others = followers_->Finish();
+  return !own.ok() ? own : others;
+}
+
 absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
+  if (followers_ != nullptr) followers_->Start({&in, {}, /*sample=*/false});
+  absl::StatusOr<std::vector<float>> out = ForwardOnRank(in);
+  STRATA_RETURN_IF_ERROR(EndStep(out.status()));
+  return out;
+}
+
+absl::StatusOr<std::vector<SampledToken>> Model::ForwardSample(const StepInput& in,
+                                                               std::span<const SamplingRow> rows) {
+  if (followers_ != nullptr) followers_->Start({&in, rows, /*sample=*/true});
+  absl::StatusOr<std::vector<SampledToken>> out = ForwardSampleOnRank(in, rows);
+  STRATA_RETURN_IF_ERROR(EndStep(out.status()));
+  return out;
+}
+
+absl::StatusOr<std::vector<float>> Model::ForwardOnRank(const StepInput& in) {
   STRATA_ASSIGN_OR_RETURN(Tensor logits, RunStep(in));
   if (!logits.defined()) return std::vector<float>();
   std::vector<float> out(static_cast<size_t>(logits.numel()));
@@ -204,8 +253,8 @@ absl::StatusOr<std::vector<float>> Model::Forward(const StepInput& in) {
   return out;
 }
 
-absl::StatusOr<std::vector<SampledToken>> Model::ForwardSample(const StepInput& in,
-                                                               std::span<const SamplingRow> rows) {
+absl::StatusOr<std::vector<SampledToken>> Model::ForwardSampleOnRank(
+    const StepInput& in, std::span<const SamplingRow> rows) {
   if (rows.size() != in.logit_rows.size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "forward step: ", rows.size(), " sampling rows for ", in.logit_rows.size(), " logit rows"));
@@ -350,6 +399,11 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
 
 absl::Status Model::set_attention_planner(AttentionPlanner* planner) {
   if (planner == planner_) return absl::OkStatus();
+  if (planner != nullptr && shard_.size > 1) {
+    return absl::UnimplementedError(
+        "KV policies with tensor parallelism: not supported yet (each rank would need its own "
+        "planner over its KV heads)");
+  }
   planner_ = planner;
   // Keys longer than (bucket, context bound) carry a planner's GraphKey.
   for (auto it = decode_graphs_.begin(); it != decode_graphs_.end();) {
@@ -444,6 +498,14 @@ absl::StatusOr<AttentionBatch> Model::Upload(const StepInput& in, int padding) {
     batch.max_query_len = std::max(batch.max_query_len, 1);
     batch.max_context_len = std::max(batch.max_context_len, 1);
   }
+  if (shard_.size > 1) {
+    // The rank's embedding rows hold its ids; the row past them is zero,
+    // and the all-reduce after the lookup adds the owner's row.
+    for (int32_t& id : host_ids_) {
+      const int64_t local = id - shard_.first_vocab;
+      id = static_cast<int32_t>(local >= 0 && local < shard_.vocab ? local : shard_.vocab);
+    }
+  }
   Tensor ids = ids_.Rows(0, t), positions = positions_.Rows(0, t), slots = slots_.Rows(0, t);
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_ids_.data(), DType::kI32, t, ids, 0));
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(host_positions_.data(), DType::kI32, t, positions, 0));
@@ -507,6 +569,7 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
   const float scale = 1.0f / std::sqrt(static_cast<float>(config_.head_dim));
 
   STRATA_RETURN_IF_ERROR(b.Gather(weights_.embed, ids, residual));
+  if (comm_ != nullptr) STRATA_RETURN_IF_ERROR(comm_->AllReduceSum(residual));
   for (int i = 0; i < config_.num_layers; ++i) {
     const LayerWeights& l = weights_.layers[i];
     if (i == 0) {
@@ -542,10 +605,13 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
                                                *plan, scale, attn));
     }
     STRATA_RETURN_IF_ERROR(b.Linear(attn, l.o_proj, Tensor(), proj));
+    // Row-parallel projections: each rank's is a partial sum.
+    if (comm_ != nullptr) STRATA_RETURN_IF_ERROR(comm_->AllReduceSum(proj));
     STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, l.post_norm, eps, normed));
     STRATA_RETURN_IF_ERROR(b.Linear(normed, l.gate_up, Tensor(), gate_up));
     STRATA_RETURN_IF_ERROR(b.SiluMul(gate_up, act));
     STRATA_RETURN_IF_ERROR(b.Linear(act, l.down, Tensor(), proj));
+    if (comm_ != nullptr) STRATA_RETURN_IF_ERROR(comm_->AllReduceSum(proj));
   }
   // Only the requested rows go through the final norm and lm_head; a step
   // of prefill chunks that end mid-prompt needs none.
@@ -554,7 +620,15 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
   STRATA_RETURN_IF_ERROR(b.AddRmsNorm(residual, proj, weights_.final_norm, eps, normed));
   STRATA_RETURN_IF_ERROR(b.Gather(normed, rows, last));
   Tensor logits = logits_.Rows(0, rows_out);
-  STRATA_RETURN_IF_ERROR(b.Linear(last, weights_.lm_head, Tensor(), logits));
+  if (shard_.size == 1) {
+    STRATA_RETURN_IF_ERROR(b.Linear(last, weights_.lm_head, Tensor(), logits));
+    return logits;
+  }
+  // Each rank's logits cover its vocabulary; every rank gathers them all
+  // and samples the same tokens.
+  Tensor rank_logits = rank_logits_.Rows(0, rows_out);
+  STRATA_RETURN_IF_ERROR(b.Linear(last, weights_.lm_head, Tensor(), rank_logits));
+  STRATA_RETURN_IF_ERROR(comm_->AllGather(rank_logits, logits));
   return logits;
 }
 

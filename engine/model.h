@@ -10,6 +10,12 @@
 // norm and lm_head. Activation buffers are allocated once, for the largest
 // step the options allow, so a step allocates nothing.
 //
+// With a Communicator the model is one rank of a tensor-parallel group
+// (engine/tensor_parallel.h): it holds its share of the weights and of the
+// KV heads, and the step's collectives meet the other ranks'. The leader
+// (rank 0) is the one the batcher drives; set_followers makes the others
+// take each of its steps.
+//
 // Thread-safety: one thread at a time (it drives a Backend).
 #ifndef STRATA_ENGINE_MODEL_H_
 #define STRATA_ENGINE_MODEL_H_
@@ -29,6 +35,7 @@
 #include "engine/kv_memory.h"
 #include "engine/model_config.h"
 #include "engine/sampler.h"
+#include "engine/tensor_parallel.h"
 #include "engine/weights.h"
 
 namespace strata::engine {
@@ -101,11 +108,16 @@ struct StepInput {
 // model pads no further than its own limits).
 int DecodeGraphBucket(int seqs);
 
+class Communicator;
+
 class Model {
  public:
+  // `comm` (not owned; may be null: one rank) makes this model its rank of
+  // a tensor-parallel group; `weights` must then be that rank's share.
   static absl::StatusOr<std::unique_ptr<Model>> Create(const ModelConfig& config,
                                                        ModelWeights weights, Backend* backend,
-                                                       const ModelOptions& options);
+                                                       const ModelOptions& options,
+                                                       Communicator* comm = nullptr);
 
   // Runs the step; returns logits [logit_rows.size(), vocab] in fp32.
   // Validates the input (ids in the vocabulary, positions in the context,
@@ -117,6 +129,10 @@ class Model {
   // match logit_rows or a row's parameters are invalid.
   absl::StatusOr<std::vector<SampledToken>> ForwardSample(const StepInput& input,
                                                           std::span<const SamplingRow> rows);
+
+  // The leader's steps run on the other ranks too (not owned; null: none).
+  void set_followers(RankFollowers* followers) { followers_ = followers; }
+  const TensorParallelShard& shard() const { return shard_; }
 
   const ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }
@@ -132,7 +148,8 @@ class Model {
     return two_page_groups() && layer >= options_.upper_first_layer ? PageGroup::kUpper
                                                                     : PageGroup::kLower;
   }
-  // The layer's paged caches [pages + 1, page_size, Hkv, D], where pages is
+  // The layer's paged caches [pages + 1, page_size, Hkv, D] (Hkv: this
+  // rank's KV heads), where pages is
   // num_pages, or num_upper_pages in the upper group (the last page is the
   // spare that padding rows write to).
   Tensor& k_cache(int layer) { return k_cache_[layer]; }
@@ -149,7 +166,14 @@ class Model {
 
  private:
   Model(const ModelConfig& config, ModelWeights weights, Backend* backend,
-        const ModelOptions& options);
+        const ModelOptions& options, const TensorParallelShard& shard, Communicator* comm);
+  // Forward / ForwardSample on this rank alone (the followers run these).
+  absl::StatusOr<std::vector<float>> ForwardOnRank(const StepInput& input);
+  absl::StatusOr<std::vector<SampledToken>> ForwardSampleOnRank(const StepInput& input,
+                                                                std::span<const SamplingRow> rows);
+  // After this rank's step: a failure that may strand the other ranks in a
+  // collective aborts the group; waits for the followers. The first error.
+  absl::Status EndStep(absl::Status own);
   absl::Status AllocateBuffers();
   absl::Status Validate(const StepInput& input) const;
   // The forward pass shared by Forward and ForwardSample: returns the
@@ -185,6 +209,9 @@ class Model {
   Backend* backend_;
   AttentionPlanner* planner_ = nullptr;
   ModelOptions options_;
+  TensorParallelShard shard_;
+  Communicator* comm_ = nullptr;
+  RankFollowers* followers_ = nullptr;
   QkvLayout layout_;
   int max_blocks_per_seq_ = 0;
 
@@ -194,6 +221,7 @@ class Model {
   Tensor ids_, positions_, slots_, query_start_, context_len_, block_table_, logit_rows_;
   Tensor upper_slots_, upper_block_table_;  // with two page groups
   Tensor residual_, normed_, qkv_, attn_, proj_, gate_up_, act_, last_, logits_;
+  Tensor rank_logits_;  // with several ranks: this rank's vocabulary's logits
   // A prefetching planner's guessed queries of the next layer (decode
   // steps: max_seqs rows), allocated when such a planner is installed.
   Tensor guess_normed_, guess_qkv_;

@@ -11,11 +11,15 @@
 #define STRATA_ENGINE_MODEL_LOADER_H_
 
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
+#include "engine/communicator.h"
 #include "engine/model.h"
+#include "engine/tensor_parallel.h"
 #include "engine/tokenizer.h"
 
 namespace strata::engine {
@@ -28,11 +32,24 @@ struct ModelSource {
 
 struct LoadedModel {
   std::unique_ptr<Tokenizer> tokenizer;  // null when there is none
-  std::unique_ptr<Model> model;
+  std::unique_ptr<Model> model;          // with tensor parallelism, rank 0
   double load_seconds = 0;
+  // With tensor parallelism: ranks 1..N-1, and the runner that makes them
+  // take rank 0's steps (declared last: it stops before they go).
+  std::vector<std::unique_ptr<Model>> followers;
+  std::unique_ptr<TensorParallelRunner> runner;
 };
 
 absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, Backend* backend,
+                                      const ModelOptions& options);
+
+// A model split over the ranks of a tensor-parallel group: rank i's share
+// of the weights goes to backends[i] (loaded side by side, a thread per
+// rank), and its collectives go through comms[i]. The ranks' KV caches hold
+// their KV heads only, so with the same num_pages each holds 1 / N of the
+// KV. One rank (with its communicator) runs the collectives too.
+absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, std::span<Backend* const> backends,
+                                      std::span<Communicator* const> comms,
                                       const ModelOptions& options);
 
 // The config LoadModel would use, without loading anything else (to size

@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
 #include "engine/model_config.h"
+#include "engine/tensor_parallel.h"
 
 namespace strata::engine {
 
@@ -33,6 +34,8 @@ struct LayerWeights {
   Tensor down;        // [H, I]
 };
 
+// Shapes with one rank; a tensor-parallel rank holds its share
+// (LoadWeights with a TensorParallelShard).
 struct ModelWeights {
   Tensor embed;  // [V, H]
   std::vector<LayerWeights> layers;
@@ -45,6 +48,16 @@ absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& config, const std::s
                                          Backend& backend);
 absl::StatusOr<ModelWeights> DummyWeights(const ModelConfig& config, Backend& backend,
                                           uint64_t seed);
+// A tensor-parallel rank's share (engine/tensor_parallel.h), read straight
+// from the memory map: its row blocks of the column-parallel projections,
+// its column blocks of the row-parallel ones, its vocabulary rows of the
+// embedding (plus a zero row that other ranks' ids read, with several
+// ranks) and of the LM head; the norms whole. Dummy weights draw each
+// rank's share at random.
+absl::StatusOr<ModelWeights> LoadWeights(const ModelConfig& config, const std::string& model_dir,
+                                         Backend& backend, const TensorParallelShard& shard);
+absl::StatusOr<ModelWeights> DummyWeights(const ModelConfig& config, Backend& backend,
+                                          uint64_t seed, const TensorParallelShard& shard);
 
 }  // namespace strata::engine
 

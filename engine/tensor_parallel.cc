@@ -1,0 +1,114 @@
+#include "engine/tensor_parallel.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "engine/model.h"
+
+namespace strata::engine {
+
+absl::StatusOr<TensorParallelShard> ShardModel(const ModelConfig& c, int rank, int size) {
+  if (size < 1 || rank < 0 || rank >= size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor parallelism: rank ", rank, " of ", size, " ranks"));
+  }
+  auto refuse = [&](std::string_view what, int64_t n) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor parallelism: ", c.architecture, "'s ", n, " ", std::string(what),
+                     " do not split over ", size, " ranks (--tensor-parallel must divide them)"));
+  };
+  if (c.num_q_heads % size != 0) return refuse("query heads", c.num_q_heads);
+  if (c.num_kv_heads % size != 0 && size % c.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("tensor parallelism: ", c.architecture, "'s ", c.num_kv_heads,
+                     " KV heads neither split over nor replicate onto ", size,
+                     " ranks (one of the two numbers must divide the other)"));
+  }
+  if (c.intermediate_size % size != 0) return refuse("intermediate channels", c.intermediate_size);
+  if (c.vocab_size % size != 0) return refuse("vocabulary entries", c.vocab_size);
+  TensorParallelShard s;
+  s.rank = rank;
+  s.size = size;
+  s.q_heads = c.num_q_heads / size;
+  s.first_q_head = rank * s.q_heads;
+  if (c.num_kv_heads >= size) {
+    s.kv_heads = c.num_kv_heads / size;
+    s.first_kv_head = rank * s.kv_heads;
+  } else {
+    // Fewer KV heads than ranks: each rank holds the one its query heads
+    // read (N / Hkv ranks hold each).
+    s.kv_heads = 1;
+    s.first_kv_head = s.first_q_head / (c.num_q_heads / c.num_kv_heads);
+  }
+  s.intermediate = c.intermediate_size / size;
+  s.first_intermediate = rank * s.intermediate;
+  s.vocab = c.vocab_size / size;
+  s.first_vocab = rank * s.vocab;
+  return s;
+}
+
+TensorParallelRunner::TensorParallelRunner(std::vector<Model*> followers) {
+  for (Model* model : followers) {
+    auto rank = std::make_unique<Rank>();
+    rank->model = model;
+    ranks_.push_back(std::move(rank));
+  }
+  for (auto& rank : ranks_) {
+    Rank* r = rank.get();
+    r->thread = std::thread([this, r] { Loop(*r); });
+  }
+}
+
+TensorParallelRunner::~TensorParallelRunner() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  for (auto& rank : ranks_) rank->thread.join();
+}
+
+void TensorParallelRunner::Start(const StepCall& call) {
+  absl::MutexLock lock(&mu_);
+  call_ = call;
+  for (auto& rank : ranks_) {
+    rank->has_call = true;
+    rank->done = false;
+  }
+}
+
+absl::Status TensorParallelRunner::Finish() {
+  absl::MutexLock lock(&mu_);
+  absl::Status first;
+  for (auto& rank : ranks_) {
+    Rank& r = *rank;
+    auto done = [&r]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return r.done; };
+    mu_.Await(absl::Condition(&done));
+    if (first.ok() && !r.status.ok()) first = r.status;
+  }
+  return first;
+}
+
+void TensorParallelRunner::Loop(Rank& rank) {
+  for (;;) {
+    StepCall call;
+    {
+      absl::MutexLock lock(&mu_);
+      auto called = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return rank.has_call || stopping_; };
+      mu_.Await(absl::Condition(&called));
+      if (!rank.has_call) return;  // stopping
+      rank.has_call = false;
+      call = call_;
+    }
+    absl::Status status;
+    if (call.sample) {
+      status = rank.model->ForwardSample(*call.input, call.rows).status();
+    } else {
+      status = rank.model->Forward(*call.input).status();
+    }
+    absl::MutexLock lock(&mu_);
+    rank.status = std::move(status);
+    rank.done = true;
+  }
+}
+
+}  // namespace strata::engine

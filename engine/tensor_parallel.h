@@ -1,0 +1,108 @@
+// Tensor parallelism: how a model splits across the ranks of a group, and
+// the runner that makes every rank take each step the leader takes.
+//
+// The split (Megatron-LM's, as vLLM and SGLang do it):
+//  - attention: each rank owns Hq / N query heads and the KV heads they
+//    read: Hkv / N of them, or, with fewer KV heads than ranks, one KV head
+//    replicated on N / Hkv ranks. The qkv projection is split by those
+//    heads (column-parallel), o_proj by the same columns (row-parallel),
+//    followed by an all-reduce of its output.
+//  - MLP: gate/up split by the intermediate dimension, down by the same
+//    columns, then an all-reduce.
+//  - embedding and LM head split by vocabulary: a rank's embedding rows
+//    cover its ids (others read a zero row) and an all-reduce completes the
+//    lookup; each rank's logits cover its ids and an all-gather joins them
+//    before sampling, so every rank samples the same tokens.
+//  - norms are replicated.
+// Each rank's KV cache holds its own KV heads only: KV per token per GPU is
+// 1 / N of the model's (times the replication when Hkv < N).
+//
+// Thread-safety: TensorParallelShard is a value. TensorParallelRunner: one
+// thread (the leader's) calls Start / Finish.
+#ifndef STRATA_ENGINE_TENSOR_PARALLEL_H_
+#define STRATA_ENGINE_TENSOR_PARALLEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "engine/model_config.h"
+#include "engine/sampler.h"
+
+namespace strata::engine {
+
+class Communicator;
+class Model;
+struct StepInput;
+
+// What rank `rank` of `size` holds of a model.
+struct TensorParallelShard {
+  int rank = 0;
+  int size = 1;
+  int q_heads = 0, first_q_head = 0;    // its query heads
+  int kv_heads = 0, first_kv_head = 0;  // the KV heads they read
+  int64_t intermediate = 0, first_intermediate = 0;
+  int64_t vocab = 0, first_vocab = 0;  // its token ids
+};
+
+// The rank's share, or InvalidArgument saying which dimension does not
+// split over `size` ranks (query heads, KV heads, intermediate size and
+// vocabulary must divide by it; KV heads may instead divide it).
+absl::StatusOr<TensorParallelShard> ShardModel(const ModelConfig& config, int rank, int size);
+
+// One step of the leader's, for the other ranks to take too.
+struct StepCall {
+  const StepInput* input = nullptr;
+  std::span<const SamplingRow> rows;  // ForwardSample's; empty for Forward
+  bool sample = false;                // ForwardSample (else Forward)
+};
+
+// Makes the ranks other than the leader take the leader's steps: the
+// leader's Model calls Start before it computes a step and Finish after,
+// and each other rank's Model runs the same call on a thread of its own,
+// meeting the leader in the step's collectives.
+class RankFollowers {
+ public:
+  virtual ~RankFollowers() = default;
+  // The call (and what it points to) stays valid until Finish returns.
+  virtual void Start(const StepCall& call) = 0;
+  // Waits for every other rank's step; the first error among them.
+  virtual absl::Status Finish() = 0;
+};
+
+// The RankFollowers of a group: a thread per rank 1..N-1, each running its
+// rank's Model. (A rank whose step fails, other than on a refused input,
+// which every rank refuses alike before any collective, aborts the group's
+// communicator itself: see Model.)
+class TensorParallelRunner : public RankFollowers {
+ public:
+  // `followers` are ranks 1..N-1; not owned, they must outlive the runner.
+  explicit TensorParallelRunner(std::vector<Model*> followers);
+  ~TensorParallelRunner() override;
+
+  void Start(const StepCall& call) override;
+  absl::Status Finish() override;
+
+ private:
+  struct Rank {
+    Model* model = nullptr;
+    std::thread thread;
+    bool has_call = false;  // guarded by mu_
+    bool done = false;      // guarded by mu_
+    absl::Status status;    // guarded by mu_
+  };
+  void Loop(Rank& rank);
+
+  absl::Mutex mu_;
+  std::vector<std::unique_ptr<Rank>> ranks_;
+  StepCall call_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace strata::engine
+
+#endif  // STRATA_ENGINE_TENSOR_PARALLEL_H_
