@@ -316,6 +316,8 @@ class CudaBackend final : public engine::Backend {
   absl::Status SampleTokens(const Tensor& logits, const engine::SamplingTable& sampling,
                             Tensor& token_ids, Tensor& logprobs) override;
 
+  CudaStreamInfo stream_info() const { return {device_, stream()}; }
+
   ~CudaBackend() override {
     // Finish queued work before members (buffers, handles) are released.
     LogIfError(cudaSetDevice(device_), "cudaSetDevice");
@@ -1551,6 +1553,15 @@ absl::Status CudaBackend::SampleTokens(const Tensor& logits, const engine::Sampl
 absl::StatusOr<std::unique_ptr<engine::Backend>> CreateCudaBackend(int device) {
   STRATA_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> backend, CudaBackend::Create(device));
   return std::unique_ptr<engine::Backend>(std::move(backend));
+}
+
+absl::StatusOr<CudaStreamInfo> StreamOf(engine::Backend& backend) {
+  const auto* cuda = dynamic_cast<const CudaBackend*>(&backend);
+  if (cuda == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("backend ", std::string(backend.name()), " is not a CUDA backend"));
+  }
+  return cuda->stream_info();
 }
 
 }  // namespace strata::cuda

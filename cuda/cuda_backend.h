@@ -13,6 +13,8 @@
 #ifndef STRATA_CUDA_CUDA_BACKEND_H_
 #define STRATA_CUDA_CUDA_BACKEND_H_
 
+#include <cuda_runtime_api.h>
+
 #include <memory>
 
 #include "absl/status/statusor.h"
@@ -25,6 +27,19 @@ namespace strata::cuda {
 // InvalidArgument for a device index that does not exist, and other errors
 // when the device is present but cannot be set up.
 absl::StatusOr<std::unique_ptr<engine::Backend>> CreateCudaBackend(int device = 0);
+
+// Where a CUDA backend enqueues its operators now: its device, and its
+// compute stream (its side stream between BeginSideWork and EndSideWork).
+// For work issued outside the backend that must be ordered with its
+// operators and recorded into its graphs, such as NCCL collectives
+// (cuda/nccl_communicator.h). The stream belongs to the backend.
+struct CudaStreamInfo {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+};
+// InvalidArgument when `backend` is not a CUDA backend. Like the backend, to
+// be called from the thread driving it.
+absl::StatusOr<CudaStreamInfo> StreamOf(engine::Backend& backend);
 
 }  // namespace strata::cuda
 
