@@ -217,15 +217,23 @@ void AddGenerateCommand(CLI::App& app, GenerateFlags& f, int& exit_code) {
   cmd->add_option("--top-k", f.top_k, "Sample among the K most likely (0: all)");
   cmd->add_option("--seed", f.seed, "Sampling seed");
   cmd->add_option("--backend", f.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--dummy-weights", f.dummy_weights,
-                  "Random weights: a preset (llama-3-8b, llama-3-1b, qwen2-0.5b, tiny) or "
-                  "\"config\" for --model's config");
+  cmd->add_option(
+      "--dummy-weights", f.dummy_weights,
+      "Random weights: a preset (llama-3-8b, llama-3-70b, llama-3-1b, qwen2-0.5b, tiny) or "
+      "\"config\" for --model's config");
   cmd->add_flag("--logprobs", f.logprobs, "Print each token's log-probability");
   cmd->add_flag("--json", f.json, "One JSON object per token, then a summary object");
   cmd->add_flag("--ignore-eos", f.ignore_eos, "Keep generating past end-of-sequence tokens");
   cmd->add_option("--stop", f.stop, "Stop string (repeatable)");
   cmd->add_option("--stop-token-ids", f.stop_token_ids, "Comma-separated ids that end generation");
   cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
+  cmd->add_option("--tensor-parallel", f.tensor_parallel,
+                  "Split the model over N ranks (GPUs 0..N-1 on cuda, through NCCL)")
+      ->check(CLI::Range(1, 64));
+  cmd->add_option("--collective-timeout-seconds", f.collective_timeout_seconds,
+                  "Seconds a tensor-parallel rank waits for the others in a collective before "
+                  "the step fails")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--max-batch-tokens", f.max_batch_tokens, "Prefill chunk size")
       ->check(CLI::Range(1, 1 << 20));
   cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
@@ -279,8 +287,14 @@ int RunGenerate(const GenerateFlags& f) {
     if (auto s = kvtier::CheckSupported(*loaded_profile, f.profile); !s.ok()) return Fail(s);
     profile = *std::move(loaded_profile);
   }
-  auto backend = CreateBackend(f.backend, f.threads);
-  if (!backend.ok()) return Fail(backend.status());
+  if (absl::Status s = CheckTensorParallelSupport(f.tensor_parallel, {profile}, "generate");
+      !s.ok()) {
+    return Fail(s);
+  }
+  auto ranks = CreateRanks(
+      f.backend, f.threads, f.tensor_parallel,
+      std::chrono::milliseconds(static_cast<int64_t>(f.collective_timeout_seconds * 1000)));
+  if (!ranks.ok()) return Fail(ranks.status());
 
   engine::ModelSource source{f.model_dir, f.dummy_weights};
   // Size the context for this one request.
@@ -309,8 +323,8 @@ int RunGenerate(const GenerateFlags& f) {
         (2 * profile.policy.budget_tokens + options.page_size - 1) / options.page_size;
     options.upper_first_layer = profile.policy.full_layers;
   }
-  auto loaded = engine::LoadModel(source, backend->get(), options);
-  if (!loaded.ok()) return Fail(loaded.status());
+  if (absl::Status s = LoadRanks(**ranks, source, options); !s.ok()) return Fail(s);
+  engine::LoadedModel* loaded = &(*ranks)->loaded;
   const engine::Tokenizer* tokenizer = loaded->tokenizer.get();
   engine::Model* model = loaded->model.get();
   // The profile's SSD tier is opened (and checked) even though one

@@ -32,6 +32,8 @@ struct GenerateFlags {
   std::vector<std::string> stop;
   std::string stop_token_ids;
   int threads = 0;
+  int tensor_parallel = 1;                 // ranks the model is split over
+  double collective_timeout_seconds = 60;  // a rank's longest wait in a collective
   int max_batch_tokens = 2048;
   std::string kv_cache_dtype = "auto";
   std::string profile;         // KV profile YAML (policy, codec, host tier), as serve takes

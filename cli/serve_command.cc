@@ -82,8 +82,12 @@ absl::Status SizeFromProfiles(const ServeFlags& f, const std::vector<kvtier::KvP
     return absl::InvalidArgumentError(
         "--kv-pages and the profiles' tiers.gpu_bytes both size the KV cache: give one");
   }
-  STRATA_ASSIGN_OR_RETURN(const engine::ModelConfig config,
+  STRATA_ASSIGN_OR_RETURN(engine::ModelConfig config,
                           engine::LoadSourceConfig({f.model_dir, f.dummy_weights}));
+  // Each GPU's cache holds its rank's KV heads only: the budget is per GPU.
+  STRATA_ASSIGN_OR_RETURN(const engine::TensorParallelShard shard,
+                          engine::ShardModel(config, 0, f.tensor_parallel));
+  config.num_kv_heads = shard.kv_heads;
   kvtier::KvSizingInput in;
   in.config = config;
   in.kv_dtype = options.kv_cache == engine::KvCacheType::kFp8E4M3 ? engine::DType::kF8E4M3
@@ -124,6 +128,13 @@ void AddEngineFlags(CLI::App* cmd, ServeFlags& f, int& exit_code) {
       ->check(CLI::Range(-1, 65535));
   cmd->add_option("--backend", f.backend, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--threads", f.threads, "CPU backend threads (0: all cores)");
+  cmd->add_option("--tensor-parallel", f.tensor_parallel,
+                  "Split the model over N ranks (GPUs 0..N-1 on cuda, through NCCL)")
+      ->check(CLI::Range(1, 64));
+  cmd->add_option("--collective-timeout-seconds", f.collective_timeout_seconds,
+                  "Seconds a tensor-parallel rank waits for the others in a collective before "
+                  "the step fails")
+      ->check(CLI::PositiveNumber);
   CLI::Option* max_seqs =
       cmd->add_option("--max-seqs", f.max_seqs,
                       "Sequences per decode batch (default 64, or what the KV tiers hold)")
@@ -251,8 +262,16 @@ int RunServe(const ServeFlags& f) {
     profiles.push_back(*profile);
   }
 
-  auto backend = CreateBackend(f.backend, f.threads);
-  if (!backend.ok()) return Fail(backend.status());
+  if (absl::Status s = CheckTensorParallelSupport(
+          f.tensor_parallel, profiles,
+          prefill_worker ? "prefill" : (decode_worker ? "decode" : "serve"));
+      !s.ok()) {
+    return Fail(s);
+  }
+  auto ranks = CreateRanks(
+      f.backend, f.threads, f.tensor_parallel,
+      std::chrono::milliseconds(static_cast<int64_t>(f.collective_timeout_seconds * 1000)));
+  if (!ranks.ok()) return Fail(ranks.status());
   engine::ModelOptions options;
   options.max_seqs = f.max_seqs;
   options.max_context = f.max_context;
@@ -262,11 +281,14 @@ int RunServe(const ServeFlags& f) {
   if (!kv_cache.ok()) return Fail(kv_cache.status());
   options.kv_cache = *kv_cache;
   int max_sparse = f.max_sparse_seqs;
-  if (absl::Status s = SizeFromProfiles(f, profiles, **backend, options, max_sparse); !s.ok()) {
+  if (absl::Status s = SizeFromProfiles(f, profiles, (*ranks)->leader(), options, max_sparse);
+      !s.ok()) {
     return Fail(s);
   }
-  auto loaded = engine::LoadModel({f.model_dir, f.dummy_weights}, backend->get(), options);
-  if (!loaded.ok()) return Fail(loaded.status());
+  if (absl::Status s = LoadRanks(**ranks, {f.model_dir, f.dummy_weights}, options); !s.ok()) {
+    return Fail(s);
+  }
+  engine::LoadedModel* loaded = &(*ranks)->loaded;
   const engine::Model& model = *loaded->model;
   // A cache that cannot hold one full context would fail long requests
   // mid-stream: refuse it now, naming the numbers and the flags.

@@ -32,6 +32,9 @@ struct ServeFlags {
   int metrics_port = -1;  // -1: no metrics endpoint; 0 picks a free port
   std::string backend = "cpu";
   int threads = 0;
+  int tensor_parallel = 1;  // ranks the model is split over
+  double collective_timeout_seconds =
+      60;             // a rank that does not join a collective by then fails the step
   int max_seqs = 64;  // grown to what the KV tiers hold unless given
   int max_context = 4096;
   int max_batch_tokens = 2048;

@@ -339,7 +339,7 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& model_dir) {
 }
 
 std::vector<std::string> PresetNames() {
-  return {"llama-3-8b", "llama-3-1b", "qwen2-0.5b", "tiny"};
+  return {"llama-3-8b", "llama-3-70b", "llama-3-1b", "qwen2-0.5b", "tiny"};
 }
 
 absl::StatusOr<ModelConfig> PresetModelConfig(const std::string& name) {
@@ -348,6 +348,13 @@ absl::StatusOr<ModelConfig> PresetModelConfig(const std::string& name) {
     c.architecture = "LlamaForCausalLM";
     c.vocab_size = 128256, c.hidden_size = 4096, c.intermediate_size = 14336;
     c.num_layers = 32, c.num_q_heads = 32, c.num_kv_heads = 8, c.head_dim = 128;
+    c.max_position_embeddings = 131072;
+    c.rope = {"llama3", 500000.0, 8.0, 1.0, 4.0, 8192.0};
+    c.bos_token_ids = {128000}, c.eos_token_ids = {128001, 128009};
+  } else if (name == "llama-3-70b") {  // Llama-3.1-70B shapes: 141 GB in bf16, two H100s at least
+    c.architecture = "LlamaForCausalLM";
+    c.vocab_size = 128256, c.hidden_size = 8192, c.intermediate_size = 28672;
+    c.num_layers = 80, c.num_q_heads = 64, c.num_kv_heads = 8, c.head_dim = 128;
     c.max_position_embeddings = 131072;
     c.rope = {"llama3", 500000.0, 8.0, 1.0, 4.0, 8192.0};
     c.bos_token_ids = {128000}, c.eos_token_ids = {128001, 128009};

@@ -10,7 +10,7 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
   const engine::ModelConfig& config = model.config();
   const engine::ModelOptions& options = model.options();
   layout.num_layers_ = config.num_layers;
-  layout.num_kv_heads_ = config.num_kv_heads;
+  layout.num_kv_heads_ = model.shard().kv_heads;  // this rank's (all with one rank)
   layout.head_dim_ = config.head_dim;
   layout.page_size_ = options.page_size;
   layout.num_pages_ = options.num_pages;

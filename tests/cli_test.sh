@@ -33,6 +33,16 @@ a=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 -
 b=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 --top-p 0.95 --top-k 50 --seed 7 --max-tokens 16 --json)
 [[ $(echo "$a" | grep -v summary) == "$(echo "$b" | grep -v summary)" ]] || fail "same seed, different tokens"
 
+# Tensor parallelism: the model split over 2 and 4 ranks (threads of the
+# CPU backend) samples the tokens one rank does, seed for seed (the
+# logprobs differ in the last digits: the sums run in another order).
+token_ids() { echo "$1" | grep -v summary | python3 -c 'import json, sys; print([json.loads(l)["token_id"] for l in sys.stdin])'; }
+for tp in 2 4; do
+  c=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 --top-p 0.95 --top-k 50 --seed 7 --max-tokens 16 --json --tensor-parallel $tp)
+  [[ $(token_ids "$a") == "$(token_ids "$c")" ]] \
+    || fail "--tensor-parallel $tp sampled other tokens than one rank: $(token_ids "$c")"
+done
+
 # An fp8 e4m3 KV cache generates text too (its accuracy cost is measured
 # in bench/RESULTS.md).
 out=$("$strata" generate --model "$model" --prompt "Return the number of" --max-tokens 12 \
@@ -60,6 +70,10 @@ expect_error "--backend" generate --model "$model" --prompt hi --backend tpu
 expect_error "unknown model preset" generate --dummy-weights gpt-5 --prompt-ids 1
 expect_error "is not a token id" generate --model "$model" --prompt-ids 1,x
 expect_error "--kv-cache-dtype" generate --model "$model" --prompt hi --kv-cache-dtype int3
+expect_error "do not split over 3 ranks" generate --model "$model" --prompt hi --tensor-parallel 3
+expect_error "not supported with tensor parallelism yet" generate --model "$model" --prompt hi \
+  --tensor-parallel 2 --profile "$src/deploy/profiles/chat.yaml"
+expect_error "on a prefill worker: not supported yet" prefill --model "$model" --tensor-parallel 2
 expect_error "is not one of" bench kv-policies --model "$src/models/retrieval-llama" --policies full,h2o
 
 # The KV-policy accuracy benchmark on the trained retrieval model: two

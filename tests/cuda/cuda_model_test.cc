@@ -4,6 +4,7 @@
 // 32 greedy tokens (the fixture prompts have wide greedy margins), and a
 // mixed continuous batch giving the same greedy tokens as each sequence
 // alone. Skips without a GPU.
+#include <chrono>
 #include <cmath>
 #include <map>
 #include <random>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "cuda/cuda_backend.h"
+#include "cuda/nccl_communicator.h"
 #include "engine/batcher.h"
 #include "engine/model_loader.h"
 #include "engine/safetensors.h"
@@ -72,22 +74,10 @@ std::vector<int32_t> Generate(engine::Model* model, const GenerationRequest& r) 
   return tokens;
 }
 
-class CudaGoldenTest : public ::testing::TestWithParam<std::string> {};
-
-TEST_P(CudaGoldenTest, LogitsWithinBf16ToleranceAndSameGreedyTokens) {
-  auto backend = MakeBackendOrSkip();
-  if (!backend) GTEST_SKIP() << "no usable GPU";
-  const std::string dir = FixturePath("models/" + GetParam());
-  ModelOptions options;
-  options.max_seqs = 4;
-  options.max_context = 128;
-  options.max_batch_tokens = 64;
-  options.max_logit_rows = 64;
-  auto loaded = engine::LoadModel({dir, ""}, backend.get(), options);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  engine::Model& model = *loaded->model;
+// The golden checks on `model` (loaded with GoldenOptions).
+void ExpectGolden(engine::Model& model, const std::string& name, const ModelOptions& options) {
   const int vocab = model.config().vocab_size;
-  for (const Golden& gold : ReadGolden(dir)) {
+  for (const Golden& gold : ReadGolden(FixturePath("models/" + name))) {
     const int n = static_cast<int>(gold.prompt.size());
     engine::StepInput in;
     in.token_ids = gold.prompt;
@@ -113,15 +103,57 @@ TEST_P(CudaGoldenTest, LogitsWithinBf16ToleranceAndSameGreedyTokens) {
     // the same weights and prompt (both measured against the fp32 logits).
     const double limit = std::max(2.0 * gold.transformers_bf16_error, 5e-3);
     std::printf("%s prompt of %d tokens: max row relative error %.2e (transformers bf16: %.2e)\n",
-                GetParam().c_str(), n, worst, gold.transformers_bf16_error);
-    EXPECT_LT(worst, limit) << GetParam();
+                name.c_str(), n, worst, gold.transformers_bf16_error);
+    EXPECT_LT(worst, limit) << name;
 
     GenerationRequest r;
     r.prompt = gold.prompt;
     r.max_tokens = static_cast<int>(gold.greedy.size());
     r.ignore_eos = true;
-    EXPECT_EQ(Generate(&model, r), gold.greedy) << GetParam() << " prompt of " << n;
+    EXPECT_EQ(Generate(&model, r), gold.greedy) << name << " prompt of " << n;
   }
+}
+
+ModelOptions GoldenOptions() {
+  ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 128;
+  options.max_batch_tokens = 64;
+  options.max_logit_rows = 64;
+  return options;
+}
+
+class CudaGoldenTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaGoldenTest, LogitsWithinBf16ToleranceAndSameGreedyTokens) {
+  auto backend = MakeBackendOrSkip();
+  if (!backend) GTEST_SKIP() << "no usable GPU";
+  const ModelOptions options = GoldenOptions();
+  auto loaded =
+      engine::LoadModel({FixturePath("models/" + GetParam()), ""}, backend.get(), options);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectGolden(*loaded->model, GetParam(), options);
+}
+
+// The same through the tensor-parallel path with one rank: its all-reduces
+// go through NCCL (on the backend's stream, and into decode graphs).
+TEST_P(CudaGoldenTest, OneNcclRankGivesTheSameResults) {
+  // Declared first, destroyed last: NCCL keeps a communicator until the
+  // graphs that recorded its collectives are gone with the backend.
+  std::vector<std::unique_ptr<engine::Communicator>> comms;
+  auto backend = MakeBackendOrSkip();
+  if (!backend) GTEST_SKIP() << "no usable GPU";
+  if (auto version = NcclVersion(); !version.ok()) GTEST_SKIP() << version.status();
+  std::vector<engine::Backend*> backends = {backend.get()};
+  auto group = CreateNcclGroup(backends, std::chrono::seconds(60));
+  ASSERT_TRUE(group.ok()) << group.status();
+  comms = *std::move(group);
+  std::vector<engine::Communicator*> ranks = {comms[0].get()};
+  const ModelOptions options = GoldenOptions();
+  auto loaded =
+      engine::LoadModel({FixturePath("models/" + GetParam()), ""}, backends, ranks, options);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectGolden(*loaded->model, GetParam(), options);
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaGoldenTest,
