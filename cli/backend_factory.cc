@@ -108,14 +108,12 @@ absl::Status CheckTensorParallelSupport(int tensor_parallel,
         "`strata serve --tensor-parallel N` or workers of one rank"));
   }
   for (const kvtier::KvProfile& p : profiles) {
-    const bool tiers =
-        p.tiers.host_bytes > 0 || p.tiers.prefix_bytes > 0 || !p.tiers.ssd_path.empty();
-    if (tiers || p.policy.type != "full") {
+    if (p.policy.type != "full") {
       return absl::UnimplementedError(absl::StrCat(
-          "--tensor-parallel ", tensor_parallel, " with profile \"", p.name,
-          "\": ", tiers ? "host or SSD tiers and stored prefixes" : "KV policies other than full",
-          " are not supported with tensor parallelism yet (they would hold rank 0's KV heads "
-          "only); use a profile with GPU tiers and the full policy"));
+          "--tensor-parallel ", tensor_parallel, " with profile \"", p.name, "\": KV policy ",
+          p.policy.type,
+          " is not supported with tensor parallelism yet (each rank would need its own policy "
+          "over its KV heads); use the full policy"));
     }
   }
   return absl::OkStatus();

@@ -345,7 +345,9 @@ int RunGenerate(const GenerateFlags& f) {
               .lexically_normal()
               .filename()
               .string(),
-          "/", engine::KvCacheTypeName(options.kv_cache)));
+          "/", engine::KvCacheTypeName(options.kv_cache),
+          // A record of several ranks holds each rank's heads apart.
+          f.tensor_parallel > 1 ? absl::StrCat("/tp", f.tensor_parallel) : ""));
   if (!manager_options.ok()) return Fail(manager_options.status());
   auto kv_manager = kvtier::KvBlockManager::Create(model, *manager_options);
   if (!kv_manager.ok()) return Fail(kv_manager.status());

@@ -313,10 +313,11 @@ int RunServe(const ServeFlags& f) {
   auto ssd = kvtier::OpenSsdForProfiles(profiles, model_name.empty() ? f.model_dir : model_name);
   if (!ssd.ok()) return Fail(ssd.status());
   // Stored prefixes are shared by every profile: the KV they name depends
-  // only on the model and its KV format.
+  // only on the model, its KV format and how its records split over ranks.
   auto manager_options = kvtier::ManagerOptionsForProfiles(
       profiles, ssd->get(),
-      absl::StrCat(model_name, "/", engine::KvCacheTypeName(options.kv_cache)));
+      absl::StrCat(model_name, "/", engine::KvCacheTypeName(options.kv_cache),
+                   f.tensor_parallel > 1 ? absl::StrCat("/tp", f.tensor_parallel) : ""));
   if (!manager_options.ok()) return Fail(manager_options.status());
   // A prefill worker keeps computed KV in its host tier until it is sent;
   // a decode worker has KV sent to it land in its own.

@@ -17,7 +17,8 @@ Model::Model(const ModelConfig& config, ModelWeights weights, Backend* backend,
       backend_(backend),
       options_(options),
       shard_(shard),
-      comm_(comm) {
+      comm_(comm),
+      ranks_{this} {
   layout_ = {shard.q_heads, shard.kv_heads, config.head_dim};
 }
 

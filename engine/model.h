@@ -132,6 +132,10 @@ class Model {
 
   // The leader's steps run on the other ranks too (not owned; null: none).
   void set_followers(RankFollowers* followers) { followers_ = followers; }
+  // Every rank's model, the leader's (this) first, for what holds KV on
+  // all of them (kvtier::KvDevice); not owned. Just this one by default.
+  void set_ranks(std::vector<Model*> ranks) { ranks_ = std::move(ranks); }
+  const std::vector<Model*>& ranks() const { return ranks_; }
   const TensorParallelShard& shard() const { return shard_; }
 
   const ModelConfig& config() const { return config_; }
@@ -212,6 +216,7 @@ class Model {
   TensorParallelShard shard_;
   Communicator* comm_ = nullptr;
   RankFollowers* followers_ = nullptr;
+  std::vector<Model*> ranks_;
   QkvLayout layout_;
   int max_blocks_per_seq_ = 0;
 

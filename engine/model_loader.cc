@@ -121,6 +121,9 @@ absl::StatusOr<LoadedModel> LoadModel(const ModelSource& source, std::span<Backe
     followers.push_back(loaded.followers.back().get());
   }
   if (!followers.empty()) {
+    std::vector<Model*> all = {loaded.model.get()};
+    all.insert(all.end(), followers.begin(), followers.end());
+    loaded.model->set_ranks(std::move(all));
     loaded.runner = std::make_unique<TensorParallelRunner>(std::move(followers));
     loaded.model->set_followers(loaded.runner.get());
   }

@@ -69,6 +69,7 @@ absl::StatusOr<std::unique_ptr<KvBlockManager>> KvBlockManager::Create(
 KvBlockManager::KvBlockManager(engine::Model* model, KvLayout layout, HostPool host,
                                const KvBlockManagerOptions& options)
     : model_(model),
+      device_(std::make_unique<KvDevice>(*model, 2 * layout.num_layers())),
       layout_(std::move(layout)),
       pages_(layout_.num_pages(engine::PageGroup::kLower)),
       upper_pages_(layout_.num_pages(engine::PageGroup::kUpper)),
@@ -171,7 +172,7 @@ absl::StatusOr<bool> KvBlockManager::SwapOut(int64_t seq_id, engine::SequencePag
 }
 
 absl::StatusOr<engine::CopyFence> KvBlockManager::EnqueueCopies(bool to_host) {
-  engine::Backend& backend = model_->backend();
+  KvDevice& backend = *device_;
   absl::StatusOr<engine::CopyFence> fence =
       to_host ? backend.CopyRowsToHost(layout_.caches(), copies_, host_.buffer())
               : backend.CopyRowsFromHost(host_.buffer(), copies_, layout_.caches());
@@ -185,7 +186,7 @@ absl::StatusOr<engine::CopyFence> KvBlockManager::EnqueueCopies(bool to_host) {
 
 absl::StatusOr<size_t> KvBlockManager::FirstCorruptCopied(std::span<const int32_t> records) {
   row_crcs_.resize(copies_.size());
-  STRATA_RETURN_IF_ERROR(model_->backend().ChecksumRows(layout_.caches(), copies_, row_crcs_));
+  STRATA_RETURN_IF_ERROR(device_->ChecksumRows(layout_.caches(), copies_, row_crcs_));
   const int64_t row_bytes = layout_.page_bytes();
   const Crc32cCombiner rows(static_cast<uint64_t>(row_bytes));
   size_t c = 0;
@@ -215,7 +216,7 @@ int KvBlockManager::SwapInPages(int64_t seq_id, engine::PageGroup group) const {
 
 absl::Status KvBlockManager::Seal(Swapped& swapped) {
   if (swapped.sealed) return absl::OkStatus();
-  STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(swapped.fence));
+  STRATA_RETURN_IF_ERROR(device_->WaitFence(swapped.fence));
   host_.SealAll(swapped.records, crc_pool_.get());
   for (int32_t r : swapped.records) host_.Unref(r);  // the copy's reference: resident now
   swapped.sealed = true;
@@ -308,7 +309,7 @@ absl::StatusOr<bool> KvBlockManager::SwapIn(int64_t seq_id, engine::SequencePage
   const absl::StatusOr<size_t> first_bad = FirstCorruptCopied(swapped.records);
   if (!first_bad.ok() || *first_bad < swapped.records.size()) {
     // The pages go back only once nothing writes them.
-    STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(*fence));
+    STRATA_RETURN_IF_ERROR(device_->WaitFence(*fence));
     STRATA_RETURN_IF_ERROR(Free(pages));
     if (!first_bad.ok()) return first_bad.status();
     ++counters_.host_records_lost;
@@ -360,7 +361,7 @@ void KvBlockManager::DropSwapped(int64_t seq_id) {
 }
 
 absl::Status KvBlockManager::Poll() {
-  engine::Backend& backend = model_->backend();
+  KvDevice& backend = *device_;
   for (auto& [id, swapped] : swapped_) {
     if (swapped.sealed || swapped.tier != Tier::kHost) continue;
     STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(swapped.fence));

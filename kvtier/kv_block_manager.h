@@ -96,6 +96,7 @@
 #include "engine/model.h"
 #include "engine/page_allocator.h"
 #include "kvtier/host_pool.h"
+#include "kvtier/kv_device.h"
 #include "kvtier/kv_layout.h"
 #include "kvtier/landing_area.h"
 #include "kvtier/prefix_index.h"
@@ -461,6 +462,9 @@ class KvBlockManager final : public engine::KvMemory {
   }
 
   engine::Model* model_;
+  // The copies to and from the caches: the model's backend, or every
+  // tensor-parallel rank's (a record holds every rank's part of a page).
+  std::unique_ptr<KvDevice> device_;
   KvLayout layout_;
   engine::PageAllocator& pool(engine::PageGroup g) {
     return g == engine::PageGroup::kLower ? pages_ : upper_pages_;

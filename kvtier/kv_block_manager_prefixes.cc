@@ -343,7 +343,7 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
 }
 
 absl::Status KvBlockManager::SealPendingPrefixes() {
-  engine::Backend& backend = model_->backend();
+  KvDevice& backend = *device_;
   const bool write_through =
       options_.ssd_admission == KvBlockManagerOptions::SsdAdmission::kAlways &&
       options_.ssd_prefix_bytes > 0 && mover_ != nullptr;
@@ -482,7 +482,7 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
       n, copies_.size(), ms(started, enqueued), ms(enqueued, checked));
   if (!first_corrupt.ok()) {
     // The pages go back only once nothing writes them.
-    STRATA_RETURN_IF_ERROR(model_->backend().WaitFence(*fence));
+    STRATA_RETURN_IF_ERROR(device_->WaitFence(*fence));
     STRATA_RETURN_IF_ERROR(Free(pages));
     return first_corrupt.status();
   }

@@ -82,7 +82,7 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
             page_tokens, coder, host_.offset(records[i]), blocks_));
         bytes += part.bytes.back();
       }
-      engine::Backend& backend = model_->backend();
+      KvDevice& backend = *device_;
       fence = backend.EncodeBlocksToHost(part.codec, layout_.k_caches(), layout_.v_caches(),
                                          blocks_, host_.buffer());
       // As for a copy (EnqueueCopies): compute enqueued later, which may
@@ -151,7 +151,7 @@ void KvBlockManager::FreeExport(absl::flat_hash_map<uint64_t, Export>::iterator 
 }
 
 absl::Status KvBlockManager::PollTransfers() {
-  engine::Backend& backend = model_->backend();
+  KvDevice& backend = *device_;
   std::vector<uint64_t> released;
   ExportSink sink;
   {
@@ -288,7 +288,7 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
   if (!blocks_.empty()) {
     // Decoded on the device, straight from the landing records; each
     // block's own CRC is checked there too.
-    const absl::Status decoded = model_->backend().DecodeBlocksFromHost(
+    const absl::Status decoded = device_->DecodeBlocksFromHost(
         host_.buffer(), blocks_, layout_.k_caches(), layout_.v_caches());
     if (!decoded.ok()) {
       STRATA_RETURN_IF_ERROR(Free(pages));

@@ -24,21 +24,32 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
   }
   layout.page_bytes_ = int64_t{layout.page_size_} * layout.num_kv_heads_ * layout.head_dim_ *
                        static_cast<int64_t>(engine::DTypeSize(layout.dtype_));
-  for (int l = 0; l < layout.num_layers_; ++l) {
-    const int pages = l >= layout.upper_first_layer_ ? layout.num_upper_pages_ : layout.num_pages_;
-    const std::vector<int64_t> expected = {pages + 1, layout.page_size_, layout.num_kv_heads_,
-                                           layout.head_dim_};
-    for (int kv = 0; kv < 2; ++kv) {
-      const engine::Tensor& cache = kv == 0 ? model.k_cache(l) : model.v_cache(l);
-      if (!cache.defined() || cache.dtype() != layout.dtype_ || cache.shape() != expected ||
-          static_cast<int64_t>(cache.nbytes()) != (pages + 1) * layout.page_bytes_) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "KV layout: layer ", l, kv == 0 ? " K" : " V", " cache is ",
-            cache.defined() ? cache.DebugString() : "undefined", ", expected ",
-            engine::DTypeName(layout.dtype_), "[", absl::StrJoin(expected, ", "), "]"));
+  layout.num_ranks_ = static_cast<int>(model.ranks().size());
+  for (int r = 0; r < layout.num_ranks_; ++r) {
+    engine::Model& rank = *model.ranks()[r];
+    if (rank.shard().kv_heads != layout.num_kv_heads_) {
+      return absl::FailedPreconditionError(absl::StrCat("KV layout: rank ", r, " holds ",
+                                                        rank.shard().kv_heads, " KV heads, rank 0 ",
+                                                        layout.num_kv_heads_));
+    }
+    for (int l = 0; l < layout.num_layers_; ++l) {
+      const int pages =
+          l >= layout.upper_first_layer_ ? layout.num_upper_pages_ : layout.num_pages_;
+      const std::vector<int64_t> expected = {pages + 1, layout.page_size_, layout.num_kv_heads_,
+                                             layout.head_dim_};
+      for (int kv = 0; kv < 2; ++kv) {
+        const engine::Tensor& cache = kv == 0 ? rank.k_cache(l) : rank.v_cache(l);
+        if (!cache.defined() || cache.dtype() != layout.dtype_ || cache.shape() != expected ||
+            static_cast<int64_t>(cache.nbytes()) != (pages + 1) * layout.page_bytes_) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "KV layout: ", layout.num_ranks_ > 1 ? absl::StrCat("rank ", r, "'s ") : "", "layer ",
+              l, kv == 0 ? " K" : " V", " cache is ",
+              cache.defined() ? cache.DebugString() : "undefined", ", expected ",
+              engine::DTypeName(layout.dtype_), "[", absl::StrJoin(expected, ", "), "]"));
+        }
+        layout.caches_.push_back(cache);
+        if (r == 0) (kv == 0 ? layout.k_caches_ : layout.v_caches_).push_back(cache);
       }
-      layout.caches_.push_back(cache);
-      (kv == 0 ? layout.k_caches_ : layout.v_caches_).push_back(cache);
     }
   }
   return layout;
@@ -46,8 +57,8 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
 
 void KvLayout::AppendRecordCopies(int32_t lower, int32_t upper, int64_t record_offset,
                                   std::vector<engine::RowCopy>& copies) const {
-  for (int t = 0; t < 2 * num_layers_; ++t) {
-    const bool in_upper = t / 2 >= upper_first_layer_;
+  for (int t = 0; t < num_ranks_ * 2 * num_layers_; ++t) {
+    const bool in_upper = t % (2 * num_layers_) / 2 >= upper_first_layer_;
     if (in_upper && upper == engine::kPageOffGpu) continue;
     copies.push_back({t, in_upper ? upper : lower, record_offset + t * page_bytes_});
   }

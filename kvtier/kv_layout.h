@@ -11,6 +11,12 @@
 // into fewer where pages are adjacent. A record's upper layers come from
 // the sequence's upper page, and are left out when that is off the GPU.
 //
+// With tensor parallelism each rank's caches hold its own KV heads
+// (engine/tensor_parallel.h), and a record holds every rank's part of the
+// page: rank 0's 2 x layers rows, then rank 1's, and so on; caches() lists
+// the ranks' caches in that order, so the copy calls (kvtier::KvDevice)
+// send each rank its rows.
+//
 // Create() derives the shapes from the model's config and options and
 // checks every cache tensor against them (dtype, shape, one allocation per
 // tensor), so a mismatch fails at start, not as a stray copy.
@@ -33,7 +39,9 @@ class KvLayout {
   static absl::StatusOr<KvLayout> Create(engine::Model& model);
 
   int num_layers() const { return num_layers_; }
+  // A rank's KV heads (all of them with one rank).
   int num_kv_heads() const { return num_kv_heads_; }
+  int num_ranks() const { return num_ranks_; }
   int head_dim() const { return head_dim_; }
   int page_size() const { return page_size_; }
   // Pages sequences may use in each group (the spare pages excluded); the
@@ -46,9 +54,11 @@ class KvLayout {
   engine::DType dtype() const { return dtype_; }
   // Bytes of one page of one layer's K (or V).
   int64_t page_bytes() const { return page_bytes_; }
-  // Bytes of one page of every layer, K and V: one host record.
-  int64_t record_bytes() const { return 2 * num_layers_ * page_bytes_; }
-  // The caches as the copy calls take them: K of layer l at 2l, V at 2l + 1.
+  // Bytes of one page of every layer, K and V, of every rank: one host
+  // record.
+  int64_t record_bytes() const { return int64_t{num_ranks_} * 2 * num_layers_ * page_bytes_; }
+  // The caches as the copy calls take them: rank r's K of layer l at
+  // r * 2 * layers + 2l, its V at the index after.
   const std::vector<engine::Tensor>& caches() const { return caches_; }
   // Appends the row copies that move one token page (`lower` in the lower
   // layers, `upper` in the upper ones; upper is ignored with one group and
@@ -66,14 +76,15 @@ class KvLayout {
   // The coded bytes of a page of `tokens` tokens (0 when the codec refuses
   // the shape).
   int64_t CodedRecordBytes(const engine::KvCodec& codec, int tokens) const;
-  // The caches by layer, K and V apart (the block codec calls take them so).
+  // Rank 0's caches by layer, K and V apart (the block codec calls take
+  // them so; they code one rank's KV).
   const std::vector<engine::Tensor>& k_caches() const { return k_caches_; }
   const std::vector<engine::Tensor>& v_caches() const { return v_caches_; }
 
  private:
   KvLayout() = default;
   int num_layers_ = 0, num_kv_heads_ = 0, head_dim_ = 0, page_size_ = 0, num_pages_ = 0;
-  int num_upper_pages_ = 0, upper_first_layer_ = 0;
+  int num_upper_pages_ = 0, upper_first_layer_ = 0, num_ranks_ = 1;
   engine::DType dtype_ = engine::DType::kF32;
   int64_t page_bytes_ = 0;
   std::vector<engine::Tensor> caches_, k_caches_, v_caches_;

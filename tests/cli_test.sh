@@ -42,6 +42,19 @@ for tp in 2 4; do
   [[ $(token_ids "$a") == "$(token_ids "$c")" ]] \
     || fail "--tensor-parallel $tp sampled other tokens than one rank: $(token_ids "$c")"
 done
+# With a host tier and a prefix store: records hold every rank's KV.
+tiers_dir=$(mktemp -d)
+cat > "$tiers_dir/tiers.yaml" <<EOF
+name: tiers
+kv_policy:
+  type: full
+tiers:
+  host_bytes: 64MiB
+  prefix_bytes: 32MiB
+EOF
+c=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 --top-p 0.95 --top-k 50 --seed 7 --max-tokens 16 --json --tensor-parallel 2 --profile "$tiers_dir/tiers.yaml")
+[[ $(token_ids "$a") == "$(token_ids "$c")" ]] || fail "--tensor-parallel 2 with a host tier: $(token_ids "$c")"
+rm -rf "$tiers_dir"
 
 # An fp8 e4m3 KV cache generates text too (its accuracy cost is measured
 # in bench/RESULTS.md).
@@ -71,8 +84,8 @@ expect_error "unknown model preset" generate --dummy-weights gpt-5 --prompt-ids 
 expect_error "is not a token id" generate --model "$model" --prompt-ids 1,x
 expect_error "--kv-cache-dtype" generate --model "$model" --prompt hi --kv-cache-dtype int3
 expect_error "do not split over 3 ranks" generate --model "$model" --prompt hi --tensor-parallel 3
-expect_error "not supported with tensor parallelism yet" generate --model "$model" --prompt hi \
-  --tensor-parallel 2 --profile "$src/deploy/profiles/chat.yaml"
+expect_error "KV policy clusterkv is not supported with tensor parallelism yet" generate \
+  --model "$model" --prompt hi --tensor-parallel 2 --profile "$src/deploy/profiles/agent.yaml"
 expect_error "on a prefill worker: not supported yet" prefill --model "$model" --tensor-parallel 2
 expect_error "is not one of" bench kv-policies --model "$src/models/retrieval-llama" --policies full,h2o
 

@@ -1,0 +1,241 @@
+// The block manager over a tensor-parallel group (CPU ranks): a host record
+// holds every rank's part of a page, and the copies go to each rank's
+// backend (kvtier/kv_device.h). Sequences preempted to the host tier and the
+// SSD tier, and prompts loaded from the prefix store, give the tokens one
+// rank gives; a corrupt byte in any rank's part is caught.
+#include <chrono>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "engine/batcher.h"
+#include "engine/cpu_backend.h"
+#include "engine/in_process_communicator.h"
+#include "engine/model_loader.h"
+#include "gtest/gtest.h"
+#include "kvtier/kv_block_manager.h"
+#include "kvtier/ssd_store.h"
+#include "tests/engine/test_util.h"
+#include "tests/kvtier/kv_test_util.h"
+
+namespace strata::kvtier {
+namespace {
+
+namespace fs = std::filesystem;
+using Outputs = std::map<uint64_t, std::vector<int32_t>>;
+
+engine::ModelOptions SmallCache(int num_pages) {
+  engine::ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 256;
+  options.max_batch_tokens = 96;
+  options.page_size = 8;
+  options.num_pages = num_pages;
+  return options;
+}
+
+// A golden model over `ranks` CPU ranks (one: no group).
+struct Ranks {
+  std::vector<std::unique_ptr<engine::Communicator>> comms;
+  std::vector<std::unique_ptr<engine::Backend>> backends;
+  engine::LoadedModel loaded;
+  engine::Model* model() { return loaded.model.get(); }
+};
+
+std::unique_ptr<Ranks> Load(int ranks, const engine::ModelOptions& options) {
+  auto r = std::make_unique<Ranks>();
+  const engine::ModelSource source{testing_util::FixturePath("models/llama_gqa"), ""};
+  std::vector<engine::Backend*> backends;
+  for (int i = 0; i < ranks; ++i) {
+    r->backends.push_back(engine::CreateCpuBackend(1));
+    backends.push_back(r->backends.back().get());
+  }
+  absl::StatusOr<engine::LoadedModel> loaded = absl::UnknownError("");
+  if (ranks == 1) {
+    loaded = engine::LoadModel(source, backends[0], options);
+  } else {
+    auto comms = engine::CreateInProcessGroup(ranks, std::chrono::seconds(30));
+    EXPECT_TRUE(comms.ok());
+    r->comms = *std::move(comms);
+    std::vector<engine::Communicator*> comm_ptrs;
+    for (auto& c : r->comms) comm_ptrs.push_back(c.get());
+    loaded = engine::LoadModel(source, backends, comm_ptrs, options);
+  }
+  EXPECT_TRUE(loaded.ok()) << loaded.status();
+  if (!loaded.ok()) return nullptr;
+  r->loaded = *std::move(loaded);
+  return r;
+}
+
+engine::GenerationRequest Request(uint64_t id, int prompt_len, int max_tokens) {
+  engine::GenerationRequest r;
+  r.id = id;
+  r.prompt = testing_util::RandomPrompt(prompt_len, 7 + static_cast<uint32_t>(id));
+  r.max_tokens = max_tokens;
+  r.ignore_eos = true;
+  return r;
+}
+
+// Four sequences that do not fit a 40-page cache together.
+std::vector<engine::GenerationRequest> PressureRequests() {
+  std::vector<engine::GenerationRequest> reqs;
+  for (int i = 0; i < 4; ++i) reqs.push_back(Request(i, 60 + 25 * i, 60));
+  return reqs;
+}
+
+// Runs every request to its end; steps that wait for a lower tier yield.
+Outputs RunAll(engine::Batcher& batcher, const std::vector<engine::GenerationRequest>& reqs) {
+  for (const auto& r : reqs) EXPECT_TRUE(batcher.Add(r).ok());
+  Outputs out;
+  for (int step = 0; batcher.HasWork() && step < 100000; ++step) {
+    auto events = batcher.Step();
+    EXPECT_TRUE(events.ok()) << events.status();
+    if (!events.ok()) break;
+    if (events->empty()) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    for (const auto& e : *events) {
+      out[e.request_id].push_back(e.token_id);
+      EXPECT_NE(e.finish, engine::FinishReason::kError) << e.request_id << ": " << e.error;
+    }
+  }
+  EXPECT_FALSE(batcher.HasWork());
+  return out;
+}
+
+// Each request alone on one rank with room for it: the tokens to match.
+Outputs OneRankAlone(const std::vector<engine::GenerationRequest>& reqs) {
+  auto one = Load(1, SmallCache(200));
+  Outputs alone;
+  for (const auto& r : reqs) {
+    engine::Batcher b(one->model(), nullptr);
+    alone[r.id] = RunAll(b, {r})[r.id];
+  }
+  return alone;
+}
+
+class TensorParallelTiersTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(TensorParallelTiersTest, PreemptedSequencesResumeFromTheHostTierWithOneRanksTokens) {
+  const auto reqs = PressureRequests();
+  const Outputs alone = OneRankAlone(reqs);
+  auto ranks = Load(GetParam(), SmallCache(40));
+  ASSERT_NE(ranks, nullptr);
+  auto manager = KvBlockManager::Create(ranks->model(), {.host_bytes = int64_t{1} << 30});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  EXPECT_EQ((*manager)->layout().num_ranks(), GetParam());
+  engine::Batcher batcher(ranks->model(), nullptr, {}, manager->get());
+  const Outputs batched = RunAll(batcher, reqs);
+  EXPECT_GT(batcher.num_swapped_out(), 0);
+  const KvBlockManager::Stats s = (*manager)->stats();
+  EXPECT_EQ(s.swap_ins, s.swap_outs);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  EXPECT_TRUE((*manager)->Idle());
+}
+
+TEST_P(TensorParallelTiersTest, PausedSequencesGoDownToTheSsdAndBackWithOneRanksTokens) {
+  const fs::path dir = fs::path(::testing::TempDir()) /
+                       ("tp_ssd_" + std::to_string(getpid()) + "_" + std::to_string(GetParam()));
+  fs::remove_all(dir);
+  auto store = SsdStore::Open({dir.string(), "llama_gqa", int64_t{1} << 30});
+  ASSERT_TRUE(store.ok()) << store.status();
+  const auto reqs = PressureRequests();
+  const Outputs alone = OneRankAlone(reqs);
+  auto ranks = Load(GetParam(), SmallCache(40));
+  ASSERT_NE(ranks, nullptr);
+  auto layout = KvLayout::Create(*ranks->model());
+  ASSERT_TRUE(layout.ok());
+  auto manager = KvBlockManager::Create(
+      ranks->model(),
+      {.host_bytes = 64 * layout->record_bytes(), .ssd = store->get(), .ssd_high_water = 0.25});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  {
+    engine::Batcher batcher(ranks->model(), nullptr, {}, manager->get());
+    const Outputs batched = RunAll(batcher, reqs);
+    const KvBlockManager::Stats s = (*manager)->stats();
+    EXPECT_GT(s.ssd_swap_outs, 0);
+    EXPECT_EQ(s.ssd_swap_ins, s.ssd_swap_outs);
+    EXPECT_EQ(s.ssd_sequences_lost, 0);
+    for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), alone.at(r.id)) << "request " << r.id;
+  }
+  EXPECT_EQ((*store)->stats().bytes_used, 0) << "every swapped sequence's keys are gone";
+  manager->reset();
+  store->reset();
+  fs::remove_all(dir);
+}
+
+std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+struct Served {
+  std::vector<int32_t> tokens;
+  int cached = 0;
+};
+
+Served Serve(engine::Batcher& batcher, const engine::GenerationRequest& r) {
+  EXPECT_TRUE(batcher.Add(r).ok());
+  Served served;
+  for (int step = 0; batcher.HasWork() && step < 10000; ++step) {
+    auto events = batcher.Step();
+    EXPECT_TRUE(events.ok()) << events.status();
+    if (!events.ok()) break;
+    for (const auto& e : *events) {
+      served.tokens.push_back(e.token_id);
+      if (e.finish != engine::FinishReason::kNone) served.cached = e.cached_tokens;
+    }
+  }
+  return served;
+}
+
+TEST_P(TensorParallelTiersTest, AStoredPromptIsLoadedOnEveryRankWithOneRanksTokens) {
+  const engine::GenerationRequest doc = Request(1, 100, 12);
+  engine::GenerationRequest same_doc = doc;
+  same_doc.id = 2;
+  same_doc.prompt = Concat(doc.prompt, testing_util::RandomPrompt(30, 99));
+  const Outputs alone = OneRankAlone({doc, same_doc});
+  auto ranks = Load(GetParam(), SmallCache(60));
+  ASSERT_NE(ranks, nullptr);
+  auto manager = KvBlockManager::Create(
+      ranks->model(),
+      {.host_bytes = int64_t{64} << 20, .prefix_bytes = int64_t{32} << 20, .prefix_space = "t"});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  KvBlockManager& m = **manager;
+  engine::Batcher batcher(ranks->model(), nullptr, {}, &m);
+  EXPECT_EQ(Serve(batcher, doc).tokens, alone.at(1));
+  // Another prompt overwrites the pages the document used, so what the
+  // next one reads is what the load put there, on every rank.
+  Serve(batcher, Request(5, 230, 2));
+  ASSERT_TRUE(m.Poll().ok());
+  const Served second = Serve(batcher, same_doc);
+  EXPECT_EQ(second.cached, 96) << "the document's whole pages";
+  EXPECT_EQ(second.tokens, alone.at(2));
+
+  // A flipped byte in the last rank's part of every stored record: the
+  // device check (each rank's rows, folded in order) finds the first bad
+  // page and the prompt is computed instead.
+  const int64_t last_rank_part = m.layout().record_bytes() / GetParam() * (GetParam() - 1);
+  for (int32_t r = 0; r < m.host_pool().num_records(); ++r) {
+    if (m.host_pool().state(r) == HostPool::State::kResident) {
+      m.host_pool().data(r)[last_rank_part + 5] ^= 0x10;
+    }
+  }
+  engine::GenerationRequest again = same_doc;
+  again.id = 3;
+  const Served third = Serve(batcher, again);
+  EXPECT_EQ(third.cached, 0);
+  EXPECT_EQ(third.tokens, alone.at(2));
+  EXPECT_EQ(m.stats().prefix_records_lost, 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, TensorParallelTiersTest, ::testing::Values(2, 4),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return "tp" + std::to_string(info.param);
+                         });
+
+}  // namespace
+}  // namespace strata::kvtier
