@@ -108,12 +108,12 @@ absl::Status CheckTensorParallelSupport(int tensor_parallel,
         "`strata serve --tensor-parallel N` or workers of one rank"));
   }
   for (const kvtier::KvProfile& p : profiles) {
-    if (p.policy.type != "full") {
+    if (p.policy.type == "clusterkv" && p.tiers.host_bytes > 0) {
       return absl::UnimplementedError(absl::StrCat(
-          "--tensor-parallel ", tensor_parallel, " with profile \"", p.name, "\": KV policy ",
-          p.policy.type,
-          " is not supported with tensor parallelism yet (each rank would need its own policy "
-          "over its KV heads); use the full policy"));
+          "--tensor-parallel ", tensor_parallel, " with profile \"", p.name,
+          "\": ClusterKV clusters homed in the host tier are not supported with tensor "
+          "parallelism yet (the ranks would share its host regions from their own threads); "
+          "drop host_bytes from the profile to keep its clusters on the GPUs"));
     }
   }
   return absl::OkStatus();

@@ -351,15 +351,16 @@ int RunGenerate(const GenerateFlags& f) {
   if (!manager_options.ok()) return Fail(manager_options.status());
   auto kv_manager = kvtier::KvBlockManager::Create(model, *manager_options);
   if (!kv_manager.ok()) return Fail(kv_manager.status());
-  std::unique_ptr<kvtier::KvPolicyRunner> runner;
+  std::unique_ptr<kvtier::RankedKvPolicies> policies;  // a runner per rank
+  kvtier::KvPolicyRunner* runner = nullptr;            // rank 0's, for its statistics
   if (profile.policy.type != "full") {
     auto tier = kvtier::KvTierOptions::FromProfiles({profile}, kv_manager->get());
     if (!tier.ok()) return Fail(tier.status());
-    auto created = kvtier::KvPolicyRunner::Create(model, {profile.policy},
-                                                  {.max_sparse_seqs = 1, .tier = *tier});
-    if (!created.ok()) return Fail(created.status());
-    runner = std::move(*created);
-    if (auto s = model->set_attention_planner(runner.get()); !s.ok()) return Fail(s);
+    auto installed = kvtier::RankedKvPolicies::Install(model, {profile.policy},
+                                                       {.max_sparse_seqs = 1, .tier = *tier});
+    if (!installed.ok()) return Fail(installed.status());
+    policies = std::move(*installed);
+    runner = &policies->leader();
   }
 
   std::vector<int32_t> prompt = *prompt_ids;
@@ -452,7 +453,7 @@ int RunGenerate(const GenerateFlags& f) {
   }
   printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)),
                   loaded->load_seconds, kv);
-  if (runner != nullptr) (void)model->set_attention_planner(nullptr);
+  policies.reset();  // the planners off the models before they go
   return 0;
 }
 

@@ -345,19 +345,17 @@ int RunServe(const ServeFlags& f) {
   }
 
   // Requests name a profile; its index selects the KV policy.
-  std::unique_ptr<kvtier::KvPolicyRunner> kv_policies;
+  // With tensor parallelism, a runner per rank over its KV heads.
+  std::unique_ptr<kvtier::RankedKvPolicies> kv_policies;
   if (std::any_of(policies.begin(), policies.end(),
                   [](const kvtier::KvPolicyConfig& p) { return p.type != "full"; })) {
     // ClusterKV profiles with a host tier keep their clusters there.
     auto tier = kvtier::KvTierOptions::FromProfiles(profiles, kv_manager->get());
     if (!tier.ok()) return Fail(tier.status());
-    auto runner = kvtier::KvPolicyRunner::Create(loaded->model.get(), policies,
-                                                 {.max_sparse_seqs = max_sparse, .tier = *tier});
-    if (!runner.ok()) return Fail(runner.status());
-    kv_policies = std::move(*runner);
-    if (absl::Status s = loaded->model->set_attention_planner(kv_policies.get()); !s.ok()) {
-      return Fail(s);
-    }
+    auto installed = kvtier::RankedKvPolicies::Install(
+        loaded->model.get(), policies, {.max_sparse_seqs = max_sparse, .tier = *tier});
+    if (!installed.ok()) return Fail(installed.status());
+    kv_policies = std::move(*installed);
   }
 
   prometheus::Registry registry;
@@ -365,8 +363,9 @@ int RunServe(const ServeFlags& f) {
   if (!server_metrics.ok()) return Fail(server_metrics.status());
   // The KV planner's and block manager's statistics may be read on the
   // engine thread only: publish them after each step.
-  std::function<void()> after_step = [runner = kv_policies.get(), manager = kv_manager->get(),
-                                      store = ssd->get(), m = server_metrics->get()] {
+  std::function<void()> after_step = [runner = kv_policies ? &kv_policies->leader() : nullptr,
+                                      manager = kv_manager->get(), store = ssd->get(),
+                                      m = server_metrics->get()] {
     if (runner != nullptr) m->UpdateKvPolicyStats(runner->stats());
     m->UpdateKvTierStats(manager->stats());
     if (store != nullptr) m->UpdateSsdStats(store->stats());

@@ -400,11 +400,6 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
 
 absl::Status Model::set_attention_planner(AttentionPlanner* planner) {
   if (planner == planner_) return absl::OkStatus();
-  if (planner != nullptr && shard_.size > 1) {
-    return absl::UnimplementedError(
-        "KV policies with tensor parallelism: not supported yet (each rank would need its own "
-        "planner over its KV heads)");
-  }
   planner_ = planner;
   // Keys longer than (bucket, context bound) carry a planner's GraphKey.
   for (auto it = decode_graphs_.begin(); it != decode_graphs_.end();) {

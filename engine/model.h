@@ -144,6 +144,8 @@ class Model {
   // Decode steps ask `planner` (may be null: dense attention) which tokens to
   // attend to. Not owned; must outlive the model's use of it. Decode graphs
   // recorded with another planner (they hold its buffers) are released.
+  // With tensor parallelism each rank's model has its own planner over its
+  // KV heads, and the leader's is a RankedPlanner over all of them.
   absl::Status set_attention_planner(AttentionPlanner* planner);
   AttentionPlanner* attention_planner() const { return planner_; }
   // Whether the layers split into two page groups, and the group of a layer.

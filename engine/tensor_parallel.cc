@@ -1,5 +1,6 @@
 #include "engine/tensor_parallel.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -109,6 +110,67 @@ void TensorParallelRunner::Loop(Rank& rank) {
     rank.status = std::move(status);
     rank.done = true;
   }
+}
+
+void RankedPlanner::Release(int64_t seq_id) {
+  for (AttentionPlanner* p : ranks_) p->Release(seq_id);
+}
+
+bool RankedPlanner::Reordered(int64_t seq_id) const {
+  // Every rank reorders alike (the same policy on the same tokens); any
+  // that did makes the sequence's KV unfit to store by prefix.
+  for (const AttentionPlanner* p : ranks_) {
+    if (p->Reordered(seq_id)) return true;
+  }
+  return false;
+}
+
+void RankedPlanner::Pause(int64_t seq_id) {
+  for (AttentionPlanner* p : ranks_) p->Pause(seq_id);
+}
+
+absl::StatusOr<bool> RankedPlanner::Resume(int64_t seq_id) {
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    absl::StatusOr<bool> resumed = ranks_[r]->Resume(seq_id);
+    if (!resumed.ok() || !*resumed) {
+      // The ranks that took it back give it up again: it stays paused on
+      // all of them until all can.
+      for (size_t back = 0; back < r; ++back) ranks_[back]->Pause(seq_id);
+      return resumed;
+    }
+  }
+  return true;
+}
+
+absl::StatusOr<std::vector<AttentionPlanner::LostSequence>> RankedPlanner::EndStep() {
+  std::vector<LostSequence> lost;
+  absl::Status first;
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    absl::StatusOr<std::vector<LostSequence>> rank_lost = ranks_[r]->EndStep();
+    if (!rank_lost.ok()) {
+      if (first.ok()) first = rank_lost.status();
+      continue;
+    }
+    for (LostSequence& l : *rank_lost) {
+      const bool known = std::any_of(lost.begin(), lost.end(),
+                                     [&](const LostSequence& k) { return k.seq_id == l.seq_id; });
+      if (!known) {
+        if (r > 0) l.why = absl::StrCat("rank ", r, ": ", l.why);
+        lost.push_back(std::move(l));
+      }
+    }
+  }
+  if (!first.ok()) return first;
+  return lost;
+}
+
+std::vector<AttentionPlanner::OffGpuRange> RankedPlanner::TakeOffGpuRanges() {
+  // Every rank moves the same token ranges (its heads of them); the pages
+  // are shared, so rank 0's say which to free, and the others' are taken
+  // so that they do not pile up.
+  std::vector<OffGpuRange> ranges = ranks_[0]->TakeOffGpuRanges();
+  for (size_t r = 1; r < ranks_.size(); ++r) (void)ranks_[r]->TakeOffGpuRanges();
+  return ranges;
 }
 
 }  // namespace strata::engine

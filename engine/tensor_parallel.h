@@ -24,12 +24,14 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "engine/attention_planner.h"
 #include "engine/model_config.h"
 #include "engine/sampler.h"
 
@@ -101,6 +103,54 @@ class TensorParallelRunner : public RankFollowers {
   std::vector<std::unique_ptr<Rank>> ranks_;
   StepCall call_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+// The attention planner of rank 0's model when every rank plans over its
+// own KV heads (a KV policy per rank, engine/attention_planner.h). A step's
+// calls (BeginStep, PlanLayer, GraphKey, ...) are each rank model's own, on
+// its own planner: here they go to rank 0's. The calls that follow a
+// sequence's life, which the batcher makes on rank 0's model between steps
+// (Release, Pause, Resume, EndStep, ...), go to every rank's planner, and
+// their answers combine: a sequence resumes only where every rank could
+// take it back (the others give it up again), and one lost on any rank is
+// lost.
+//
+// Thread-safety: as AttentionPlanner (the leader's thread; the other ranks
+// are idle between steps).
+class RankedPlanner : public AttentionPlanner {
+ public:
+  // Rank 0's planner first; not owned.
+  explicit RankedPlanner(std::vector<AttentionPlanner*> ranks) : ranks_(std::move(ranks)) {}
+
+  absl::Status BeginStep(const StepInput& input, const AttentionBatch& batch) override {
+    return ranks_[0]->BeginStep(input, batch);
+  }
+  absl::StatusOr<const SparsePlan*> PlanLayer(int layer, const AttentionBatch& batch,
+                                              const Tensor& qkv, Tensor& k_cache,
+                                              Tensor& v_cache) override {
+    return ranks_[0]->PlanLayer(layer, batch, qkv, k_cache, v_cache);
+  }
+  bool Prefetches() const override { return ranks_[0]->Prefetches(); }
+  bool PrefetchesLayer(int layer) const override { return ranks_[0]->PrefetchesLayer(layer); }
+  absl::Status PrefetchLayer(int layer, const AttentionBatch& batch, const Tensor& guessed_qkv,
+                             Tensor& k_cache, Tensor& v_cache) override {
+    return ranks_[0]->PrefetchLayer(layer, batch, guessed_qkv, k_cache, v_cache);
+  }
+  bool Replayable() const override { return ranks_[0]->Replayable(); }
+  absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override {
+    return ranks_[0]->GraphKey();
+  }
+  void CountGraphStep() override { ranks_[0]->CountGraphStep(); }
+
+  void Release(int64_t seq_id) override;
+  bool Reordered(int64_t seq_id) const override;
+  void Pause(int64_t seq_id) override;
+  absl::StatusOr<bool> Resume(int64_t seq_id) override;
+  absl::StatusOr<std::vector<LostSequence>> EndStep() override;
+  std::vector<OffGpuRange> TakeOffGpuRanges() override;
+
+ private:
+  std::vector<AttentionPlanner*> ranks_;
 };
 
 }  // namespace strata::engine

@@ -185,6 +185,20 @@ absl::StatusOr<std::unique_ptr<KvPolicyRunner>> KvPolicyRunner::Create(
       }
     }
   }
+  if (model->shard().size > model->config().num_kv_heads) {
+    // A KV head replicated on several ranks is read by query heads split
+    // among them: a rank would select its tokens for its own query heads
+    // only, not for the head's whole group as one rank does.
+    for (const KvPolicyConfig& c : policies) {
+      if (c.type == "quest" || c.type == "clusterkv") {
+        return absl::UnimplementedError(absl::StrCat(
+            "kv_policy.type ", c.type, " over ", model->shard().size,
+            " tensor-parallel ranks: the ", "model's ", model->config().num_kv_heads,
+            " KV heads would be replicated, and a replicated head's selection split among its "
+            "ranks; not supported yet (use --tensor-parallel at most the KV heads)"));
+      }
+    }
+  }
   if (!options.tier.per_policy.empty() && options.tier.per_policy.size() != policies.size()) {
     return absl::InvalidArgumentError(absl::StrCat("kv policy runner: tier per_policy has ",
                                                    options.tier.per_policy.size(), " entries for ",
@@ -227,8 +241,8 @@ absl::Status KvPolicyRunner::Allocate() {
   if (!any_clusterkv_) options_.tier.manager = nullptr;  // only clusters are tiered
   engine::Backend& b = model_->backend();
   const engine::ModelConfig& config = model_->config();
-  const int64_t slots = options_.max_sparse_seqs, hkv = config.num_kv_heads, d = config.head_dim,
-                blocks = std::max(max_blocks_, 1);
+  const int64_t slots = options_.max_sparse_seqs, hkv = model_->shard().kv_heads,
+                d = config.head_dim, blocks = std::max(max_blocks_, 1);
   const engine::DType dt = b.activation_dtype();
   for (int l = 0; l < config.num_layers; ++l) {
     STRATA_ASSIGN_OR_RETURN(Tensor ext, b.Allocate(engine::DType::kI32, {slots, hkv, blocks, 2}));
@@ -427,7 +441,7 @@ absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
   }
   // The pieces of every head, packed: from the sequence's last region if
   // its tail holds them, else from a new one.
-  const int64_t need = units * config.num_kv_heads;
+  const int64_t need = units * model_->shard().kv_heads;
   std::optional<KvBlockManager::HostRegion> region;
   if (seq.tail_units < need) {
     region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit, seq.policy);
@@ -617,14 +631,13 @@ absl::Status KvPolicyRunner::PrefetchLayer(int layer, const engine::AttentionBat
       guess_uploaded_.begin(), guess_uploaded_.begin() + num_clusterkv * engine::kSparsePlanFields);
   guess_plan_.num_entries = num_clusterkv;
   guess_plan_.num_blocks_bound = plan_.num_blocks_bound;
-  STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(guess_plan_, batch, guessed_qkv.dim(0),
-                                                    options_.max_sparse_seqs,
-                                                    model_->config().num_kv_heads));
+  STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(
+      guess_plan_, batch, guessed_qkv.dim(0), options_.max_sparse_seqs, model_->shard().kv_heads));
   engine::TierRing guess_ring = ring_;
   guess_ring.status = guess_status_;
   guess_ring.stats = guess_stats_;
   guess_ring.fetcher = nullptr;  // a guess never waits for the SSD
-  const engine::QkvLayout layout{model_->config().num_q_heads, model_->config().num_kv_heads,
+  const engine::QkvLayout layout{model_->shard().q_heads, model_->shard().kv_heads,
                                  model_->config().head_dim};
   STRATA_RETURN_IF_ERROR(b.BeginSideWork());
   prefetched_layer_ = layer;
@@ -790,8 +803,8 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
   STRATA_RETURN_IF_ERROR(UploadEntries(host));
   plan_.host_entries = std::move(host);
   STRATA_RETURN_IF_ERROR(engine::ValidateSparsePlan(
-      plan_, batch, qkv.dim(0), options_.max_sparse_seqs, model_->config().num_kv_heads));
-  const engine::QkvLayout layout{model_->config().num_q_heads, model_->config().num_kv_heads,
+      plan_, batch, qkv.dim(0), options_.max_sparse_seqs, model_->shard().kv_heads));
+  const engine::QkvLayout layout{model_->shard().q_heads, model_->shard().kv_heads,
                                  model_->config().head_dim};
   if (num_clusterkv > 0) {
     STRATA_RETURN_IF_ERROR(b.ScoreBlocks(qkv, layout, plan_, 0, num_clusterkv,
@@ -815,7 +828,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
 
 absl::Status KvPolicyRunner::TrackSelection(int layer) {
   engine::Backend& b = model_->backend();
-  const int hkv = model_->config().num_kv_heads;
+  const int hkv = model_->shard().kv_heads;
   std::vector<int32_t> index(plan_.key_index.numel()), count(plan_.key_count.numel());
   STRATA_RETURN_IF_ERROR(b.CopyToHost(plan_.key_index, index.data()));
   STRATA_RETURN_IF_ERROR(b.CopyToHost(plan_.key_count, count.data()));
@@ -966,6 +979,45 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
   }
   STRATA_RETURN_IF_ERROR(PollSpill());
   return lost;
+}
+
+absl::StatusOr<std::unique_ptr<RankedKvPolicies>> RankedKvPolicies::Install(
+    engine::Model* model, const std::vector<KvPolicyConfig>& policies,
+    const KvPolicyRunnerOptions& options) {
+  const std::vector<engine::Model*>& ranks = model->ranks();
+  if (ranks.size() > 1 && options.tier.manager != nullptr) {
+    return absl::UnimplementedError(
+        "KV policies with host-homed clusters over several tensor-parallel ranks: not supported "
+        "yet (use a clusterkv profile without host_bytes, or one rank)");
+  }
+  std::unique_ptr<RankedKvPolicies> installed(new RankedKvPolicies(model));
+  std::vector<engine::AttentionPlanner*> planners;
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    absl::StatusOr<std::unique_ptr<KvPolicyRunner>> runner =
+        KvPolicyRunner::Create(ranks[r], policies, options);
+    if (!runner.ok()) {
+      return absl::Status(runner.status().code(),
+                          ranks.size() > 1
+                              ? absl::StrCat("rank ", r, ": ", runner.status().message())
+                              : std::string(runner.status().message()));
+    }
+    planners.push_back(runner->get());
+    installed->runners_.push_back(*std::move(runner));
+  }
+  for (size_t r = 1; r < ranks.size(); ++r) {
+    STRATA_RETURN_IF_ERROR(ranks[r]->set_attention_planner(planners[r]));
+  }
+  engine::AttentionPlanner* leader = planners.front();
+  if (ranks.size() > 1) {
+    installed->ranked_ = std::make_unique<engine::RankedPlanner>(planners);
+    leader = installed->ranked_.get();
+  }
+  STRATA_RETURN_IF_ERROR(model->set_attention_planner(leader));
+  return installed;
+}
+
+RankedKvPolicies::~RankedKvPolicies() {
+  for (engine::Model* rank : model_->ranks()) (void)rank->set_attention_planner(nullptr);
 }
 
 }  // namespace strata::kvtier

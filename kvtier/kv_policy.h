@@ -65,6 +65,7 @@
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
 #include "engine/model.h"
+#include "engine/tensor_parallel.h"
 #include "kvtier/cluster_spill.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/profile.h"
@@ -451,6 +452,34 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   Stats stats_;
   // track_selection: last step's selected indices per (seq, layer, kv head).
   absl::flat_hash_map<int64_t, std::vector<std::vector<int32_t>>> last_selection_;
+};
+
+// The KV policies of a model on every rank of its tensor-parallel group: a
+// KvPolicyRunner per rank over that rank's KV heads, each its rank model's
+// planner, and an engine::RankedPlanner over them as the leader's (with one
+// rank, the runner itself). Host-homed clusters are not supported over
+// several ranks yet (the ranks would share the block manager's host regions
+// from their own threads): Unimplemented.
+//
+// Thread-safety: as KvPolicyRunner.
+class RankedKvPolicies {
+ public:
+  static absl::StatusOr<std::unique_ptr<RankedKvPolicies>> Install(
+      engine::Model* model, const std::vector<KvPolicyConfig>& policies,
+      const KvPolicyRunnerOptions& options);
+  // Takes the planners off the ranks' models.
+  ~RankedKvPolicies();
+
+  // Rank 0's runner (its statistics stand for the ranks': they plan the
+  // same sequences).
+  KvPolicyRunner& leader() { return *runners_.front(); }
+
+ private:
+  explicit RankedKvPolicies(engine::Model* model) : model_(model) {}
+
+  engine::Model* model_;
+  std::vector<std::unique_ptr<KvPolicyRunner>> runners_;
+  std::unique_ptr<engine::RankedPlanner> ranked_;
 };
 
 }  // namespace strata::kvtier

@@ -36,7 +36,7 @@ bool KvPolicyRunner::EnsureStaging() {
                                                   model_->kv_cache_dtype(), ring_.ring_rows,
                                                   ring_.ring_rows / 16 + 1);
   const int64_t bytes =
-      units * engine::kKvHostUnit * config.num_kv_heads * options_.max_sparse_seqs;
+      units * engine::kKvHostUnit * model_->shard().kv_heads * options_.max_sparse_seqs;
   staging_ = options_.tier.manager->AllocateHostRegion(bytes);
   if (!staging_.has_value()) return false;
   spill_->SetStaging(staging_->offset, staging_->bytes);
@@ -56,7 +56,7 @@ void KvPolicyRunner::MaybeFreeStaging() {
 absl::Status KvPolicyRunner::StartSpill(int64_t id, Sequence& seq) {
   engine::Backend& b = model_->backend();
   const engine::ModelConfig& config = model_->config();
-  const int hkv = config.num_kv_heads, slot = seq.state.slot;
+  const int hkv = model_->shard().kv_heads, slot = seq.state.slot;
   const int max_blocks = static_cast<int>(extents_[0].dim(2));
   const int stride = std::max(1, options_.tier.spill_stride);
   const engine::HostBuffer& host = ring_.host;
@@ -166,7 +166,7 @@ absl::Status KvPolicyRunner::FinishSpill(Sequence& seq, bool stored) {
   }
   // Steps end synchronised: no recall reads these tables or regions now.
   engine::Backend& b = model_->backend();
-  const int hkv = model_->config().num_kv_heads;
+  const int hkv = model_->shard().kv_heads;
   for (size_t l = 0; l < pending.piece_host.size(); ++l) {
     for (int h = 0; h < static_cast<int>(pending.piece_host[l].size()); ++h) {
       const std::vector<int32_t>& marked = pending.piece_host[l][h];

@@ -54,6 +54,21 @@ tiers:
 EOF
 c=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 --top-p 0.95 --top-k 50 --seed 7 --max-tokens 16 --json --tensor-parallel 2 --profile "$tiers_dir/tiers.yaml")
 [[ $(token_ids "$a") == "$(token_ids "$c")" ]] || fail "--tensor-parallel 2 with a host tier: $(token_ids "$c")"
+# ClusterKV on every rank over its KV heads: one rank's tokens.
+cat > "$tiers_dir/ckv.yaml" <<EOF
+name: ckv
+kv_policy:
+  type: clusterkv
+  budget_tokens: 32
+  sink_tokens: 4
+  window_tokens: 16
+  tokens_per_cluster: 8
+  full_layers: 0
+EOF
+prompt=$(seq -s, 3 120)
+c1=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv.yaml")
+c2=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv.yaml" --tensor-parallel 2)
+[[ $(token_ids "$c1") == "$(token_ids "$c2")" ]] || fail "clusterkv over 2 ranks: $(token_ids "$c2") vs $(token_ids "$c1")"
 rm -rf "$tiers_dir"
 
 # An fp8 e4m3 KV cache generates text too (its accuracy cost is measured
@@ -84,7 +99,7 @@ expect_error "unknown model preset" generate --dummy-weights gpt-5 --prompt-ids 
 expect_error "is not a token id" generate --model "$model" --prompt-ids 1,x
 expect_error "--kv-cache-dtype" generate --model "$model" --prompt hi --kv-cache-dtype int3
 expect_error "do not split over 3 ranks" generate --model "$model" --prompt hi --tensor-parallel 3
-expect_error "KV policy clusterkv is not supported with tensor parallelism yet" generate \
+expect_error "homed in the host tier are not supported with tensor parallelism yet" generate \
   --model "$model" --prompt hi --tensor-parallel 2 --profile "$src/deploy/profiles/agent.yaml"
 expect_error "on a prefill worker: not supported yet" prefill --model "$model" --tensor-parallel 2
 expect_error "is not one of" bench kv-policies --model "$src/models/retrieval-llama" --policies full,h2o

@@ -17,8 +17,10 @@
 #include "engine/cpu_backend.h"
 #include "engine/in_process_communicator.h"
 #include "engine/model_loader.h"
+#include "engine/tensor_parallel.h"
 #include "gtest/gtest.h"
 #include "kvtier/kv_block_manager.h"
+#include "kvtier/kv_policy.h"
 #include "kvtier/ssd_store.h"
 #include "tests/engine/test_util.h"
 #include "tests/kvtier/kv_test_util.h"
@@ -231,6 +233,111 @@ TEST_P(TensorParallelTiersTest, AStoredPromptIsLoadedOnEveryRankWithOneRanksToke
   EXPECT_EQ(third.tokens, alone.at(2));
   EXPECT_EQ(m.stats().prefix_records_lost, 1);
 }
+
+KvPolicyConfig Policy(const std::string& type) {
+  KvPolicyConfig c;
+  c.type = type;
+  c.budget_tokens = 24;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.tokens_per_cluster = 8;
+  c.quest_page_tokens = 8;
+  c.full_layers = 0;
+  return c;
+}
+
+class TensorParallelPoliciesTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
+
+// Each rank selects over its own KV heads; a head's selection depends on
+// that head alone, so the ranks together attend to what one rank does,
+// and preempted sequences come back with their policy state intact.
+TEST_P(TensorParallelPoliciesTest, EachRankPlansItsHeadsAndTheTokensAreOneRanks) {
+  const auto& [type, ranks] = GetParam();
+  const KvPolicyConfig policy = Policy(type);
+  // Twice as many sequences as sparse slots: the later ones run sparse
+  // only if every rank's planner was told the earlier ones ended.
+  std::vector<engine::GenerationRequest> reqs = PressureRequests();
+  for (int i = 0; i < 4; ++i) reqs.push_back(Request(10 + i, 50 + 10 * i, 40));
+  auto one = Load(1, SmallCache(200));
+  auto one_policy = RankedKvPolicies::Install(one->model(), {policy}, {.max_sparse_seqs = 4});
+  ASSERT_TRUE(one_policy.ok()) << one_policy.status();
+  engine::Batcher unpressured(one->model(), nullptr);
+  const Outputs expected = RunAll(unpressured, reqs);
+
+  std::vector<std::unique_ptr<KvPolicyRunner>> owned;  // outlives the group's use
+  auto group = Load(ranks, SmallCache(40));
+  ASSERT_NE(group, nullptr);
+  // A KV policy per rank over its KV heads; the leader's model plans
+  // through a RankedPlanner over them all.
+  std::vector<KvPolicyRunner*> runners;
+  for (engine::Model* rank : group->model()->ranks()) {
+    auto runner = KvPolicyRunner::Create(rank, {policy}, {.max_sparse_seqs = 4});
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    runners.push_back(runner->get());
+    owned.push_back(*std::move(runner));
+  }
+  std::vector<engine::AttentionPlanner*> planners(runners.begin(), runners.end());
+  engine::RankedPlanner ranked(planners);
+  for (size_t r = 1; r < runners.size(); ++r) {
+    ASSERT_TRUE(group->model()->ranks()[r]->set_attention_planner(runners[r]).ok());
+  }
+  ASSERT_TRUE(group->model()->set_attention_planner(&ranked).ok());
+  auto manager = KvBlockManager::Create(group->model(), {.host_bytes = int64_t{1} << 30});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  engine::Batcher batcher(group->model(), nullptr, {}, manager->get());
+  const Outputs batched = RunAll(batcher, reqs);
+  EXPECT_GT(batcher.num_swapped_out(), 0);
+  for (const auto& r : reqs) EXPECT_EQ(batched.at(r.id), expected.at(r.id)) << "request " << r.id;
+  for (KvPolicyRunner* runner : runners) {
+    EXPECT_EQ(runner->stats().sparse_queries, runners[0]->stats().sparse_queries)
+        << "every rank planned the same sparse queries";
+    EXPECT_EQ(runner->stats().dense_no_slot, 0);
+  }
+  EXPECT_GT(runners[0]->stats().sparse_queries, 0);
+  for (engine::Model* rank : group->model()->ranks()) {
+    ASSERT_TRUE(rank->set_attention_planner(nullptr).ok());
+  }
+}
+
+TEST(TensorParallelPoliciesTest, QuerySelectedPoliciesOverReplicatedKvHeadsAreRefused) {
+  // llama_gqa has 2 KV heads: over 4 ranks each is on two of them.
+  auto group = Load(4, SmallCache(40));
+  ASSERT_NE(group, nullptr);
+  for (const char* type : {"quest", "clusterkv"}) {
+    auto runner = KvPolicyRunner::Create(group->model(), {Policy(type)}, {.max_sparse_seqs = 4});
+    EXPECT_TRUE(absl::IsUnimplemented(runner.status())) << type << ": " << runner.status();
+    EXPECT_NE(runner.status().message().find("replicated"), std::string_view::npos);
+  }
+}
+
+TEST(TensorParallelPoliciesTest, InstallPutsAPolicyOnEveryRankAndTakesThemOff) {
+  auto group = Load(2, SmallCache(40));
+  ASSERT_NE(group, nullptr);
+  {
+    auto installed =
+        RankedKvPolicies::Install(group->model(), {Policy("clusterkv")}, {.max_sparse_seqs = 4});
+    ASSERT_TRUE(installed.ok()) << installed.status();
+    for (engine::Model* rank : group->model()->ranks()) {
+      EXPECT_NE(rank->attention_planner(), nullptr);
+    }
+    engine::Batcher batcher(group->model(), nullptr);
+    RunAll(batcher, {Request(1, 60, 10)});
+    EXPECT_GT((*installed)->leader().stats().sparse_queries, 0);
+  }
+  for (engine::Model* rank : group->model()->ranks()) {
+    EXPECT_EQ(rank->attention_planner(), nullptr);
+  }
+}
+
+// Streaming selects by position alone, so it also runs over replicated
+// heads; quest and clusterkv over 2 ranks, where each holds one KV head.
+INSTANTIATE_TEST_SUITE_P(
+    Policies, TensorParallelPoliciesTest,
+    ::testing::Values(std::make_tuple("streaming", 2), std::make_tuple("streaming", 4),
+                      std::make_tuple("quest", 2), std::make_tuple("clusterkv", 2)),
+    [](const ::testing::TestParamInfo<std::tuple<std::string, int>>& info) {
+      return std::get<0>(info.param) + "_tp" + std::to_string(std::get<1>(info.param));
+    });
 
 INSTANTIATE_TEST_SUITE_P(Ranks, TensorParallelTiersTest, ::testing::Values(2, 4),
                          [](const ::testing::TestParamInfo<int>& info) {
