@@ -1,5 +1,11 @@
-// Tensor parallelism: how a model splits across the ranks of a group, and
-// the runner that makes every rank take each step the leader takes.
+// Tensor parallelism: how a model splits across the ranks of a group, the
+// runner that makes every rank take each step the leader takes, and the
+// planner that lets each rank run a KV policy over its own KV heads.
+//
+// One process, a thread per rank (per GPU): rank 0's thread runs the
+// batcher and hands each step to the others by pointer, which costs about
+// 1% of a decode step (bench/RESULTS.md); a process per rank would add the
+// step's serialisation and a second owner of the KV per process.
 //
 // The split (Megatron-LM's, as vLLM and SGLang do it):
 //  - attention: each rank owns Hq / N query heads and the KV heads they
@@ -17,8 +23,8 @@
 // Each rank's KV cache holds its own KV heads only: KV per token per GPU is
 // 1 / N of the model's (times the replication when Hkv < N).
 //
-// Thread-safety: TensorParallelShard is a value. TensorParallelRunner: one
-// thread (the leader's) calls Start / Finish.
+// Thread-safety: TensorParallelShard is a value. TensorParallelRunner and
+// RankedPlanner: one thread (the leader's) calls them.
 #ifndef STRATA_ENGINE_TENSOR_PARALLEL_H_
 #define STRATA_ENGINE_TENSOR_PARALLEL_H_
 
