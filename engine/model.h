@@ -137,6 +137,8 @@ class Model {
   void set_ranks(std::vector<Model*> ranks) { ranks_ = std::move(ranks); }
   const std::vector<Model*>& ranks() const { return ranks_; }
   const TensorParallelShard& shard() const { return shard_; }
+  // This rank's communicator (null with one rank and no group).
+  Communicator* communicator() const { return comm_; }
 
   const ModelConfig& config() const { return config_; }
   const ModelOptions& options() const { return options_; }

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "engine/communicator.h"
 
 namespace strata::kvtier {
 namespace {
@@ -185,20 +186,6 @@ absl::StatusOr<std::unique_ptr<KvPolicyRunner>> KvPolicyRunner::Create(
       }
     }
   }
-  if (model->shard().size > model->config().num_kv_heads) {
-    // A KV head replicated on several ranks is read by query heads split
-    // among them: a rank would select its tokens for its own query heads
-    // only, not for the head's whole group as one rank does.
-    for (const KvPolicyConfig& c : policies) {
-      if (c.type == "quest" || c.type == "clusterkv") {
-        return absl::UnimplementedError(absl::StrCat(
-            "kv_policy.type ", c.type, " over ", model->shard().size,
-            " tensor-parallel ranks: the ", "model's ", model->config().num_kv_heads,
-            " KV heads would be replicated, and a replicated head's selection split among its "
-            "ranks; not supported yet (use --tensor-parallel at most the KV heads)"));
-      }
-    }
-  }
   if (!options.tier.per_policy.empty() && options.tier.per_policy.size() != policies.size()) {
     return absl::InvalidArgumentError(absl::StrCat("kv policy runner: tier per_policy has ",
                                                    options.tier.per_policy.size(), " entries for ",
@@ -261,7 +248,19 @@ absl::Status KvPolicyRunner::Allocate() {
   // Per plan entry: the sequences of a step, and the padding rows of a
   // graphed step of that many (BeginStep).
   const int64_t entries = engine::DecodeGraphBucket(options_.max_sparse_seqs);
-  STRATA_ASSIGN_OR_RETURN(scores_, b.Allocate(engine::DType::kF32, {entries, hkv, blocks}));
+  if (model_->shard().size > config.num_kv_heads && model_->communicator() != nullptr) {
+    // This rank's KV head is replicated: its query heads are some of the
+    // head's group, and a block's score sums over the whole group. Each
+    // rank scores into its head's row of a buffer with a row per KV head,
+    // and an all-reduce adds the rows of the ranks that share each head
+    // (the others' rows are zero).
+    STRATA_ASSIGN_OR_RETURN(
+        shared_scores_,
+        b.Allocate(engine::DType::kF32, {config.num_kv_heads, entries, hkv, blocks}));
+    scores_ = shared_scores_.Row(model_->shard().first_kv_head);
+  } else {
+    STRATA_ASSIGN_OR_RETURN(scores_, b.Allocate(engine::DType::kF32, {entries, hkv, blocks}));
+  }
   plan_.max_blocks = static_cast<int>(blocks);
   plan_.max_keys = max_keys_;
   STRATA_ASSIGN_OR_RETURN(plan_.entries,
@@ -806,6 +805,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
       plan_, batch, qkv.dim(0), options_.max_sparse_seqs, model_->shard().kv_heads));
   const engine::QkvLayout layout{model_->shard().q_heads, model_->shard().kv_heads,
                                  model_->config().head_dim};
+  if (shared_scores_.defined()) STRATA_RETURN_IF_ERROR(b.Fill(shared_scores_, 0.0f));
   if (num_clusterkv > 0) {
     STRATA_RETURN_IF_ERROR(b.ScoreBlocks(qkv, layout, plan_, 0, num_clusterkv,
                                          engine::BlockScoring::kCentroid, centroids_[layer],
@@ -815,6 +815,10 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
     STRATA_RETURN_IF_ERROR(
         b.ScoreBlocks(qkv, layout, plan_, num_clusterkv, num_clusterkv + num_quest,
                       engine::BlockScoring::kKeyBounds, lo_[layer], hi_[layer], scores_));
+  }
+  if (shared_scores_.defined()) {
+    // Every rank plans the same entries, so every rank joins here.
+    STRATA_RETURN_IF_ERROR(model_->communicator()->AllReduceSum(shared_scores_));
   }
   STRATA_RETURN_IF_ERROR(b.SelectTokens(scores_, extents_[layer], plan_));
   if (step_tiered_) {

@@ -410,6 +410,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // Per layer: [slots, Hkv, max_blocks, D] summaries and [.., 2] extents.
   std::vector<engine::Tensor> centroids_, lo_, hi_, extents_;
   engine::Tensor scores_;  // F32 [slots, Hkv, max_blocks]
+  // With a replicated KV head (tensor parallelism, more ranks than KV
+  // heads): F32 [model's KV heads, slots, 1, max_blocks], scores_ being
+  // this rank's head's row; summed over the ranks each step.
+  engine::Tensor shared_scores_;
   // Tiering: per layer (empty when off), and the ring every layer shares.
   std::vector<engine::TierTables> tier_;
   engine::TierRing ring_;

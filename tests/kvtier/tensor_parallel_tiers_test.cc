@@ -299,17 +299,6 @@ TEST_P(TensorParallelPoliciesTest, EachRankPlansItsHeadsAndTheTokensAreOneRanks)
   }
 }
 
-TEST(TensorParallelPoliciesTest, QuerySelectedPoliciesOverReplicatedKvHeadsAreRefused) {
-  // llama_gqa has 2 KV heads: over 4 ranks each is on two of them.
-  auto group = Load(4, SmallCache(40));
-  ASSERT_NE(group, nullptr);
-  for (const char* type : {"quest", "clusterkv"}) {
-    auto runner = KvPolicyRunner::Create(group->model(), {Policy(type)}, {.max_sparse_seqs = 4});
-    EXPECT_TRUE(absl::IsUnimplemented(runner.status())) << type << ": " << runner.status();
-    EXPECT_NE(runner.status().message().find("replicated"), std::string_view::npos);
-  }
-}
-
 TEST(TensorParallelPoliciesTest, InstallPutsAPolicyOnEveryRankAndTakesThemOff) {
   auto group = Load(2, SmallCache(40));
   ASSERT_NE(group, nullptr);
@@ -329,15 +318,16 @@ TEST(TensorParallelPoliciesTest, InstallPutsAPolicyOnEveryRankAndTakesThemOff) {
   }
 }
 
-// Streaming selects by position alone, so it also runs over replicated
-// heads; quest and clusterkv over 2 ranks, where each holds one KV head.
-INSTANTIATE_TEST_SUITE_P(
-    Policies, TensorParallelPoliciesTest,
-    ::testing::Values(std::make_tuple("streaming", 2), std::make_tuple("streaming", 4),
-                      std::make_tuple("quest", 2), std::make_tuple("clusterkv", 2)),
-    [](const ::testing::TestParamInfo<std::tuple<std::string, int>>& info) {
-      return std::get<0>(info.param) + "_tp" + std::to_string(std::get<1>(info.param));
-    });
+// Over 2 ranks each holds one of llama_gqa's 2 KV heads; over 4 each head
+// is on two ranks, each with one of its two query heads, and the block
+// scores of the two are summed across them before selection.
+INSTANTIATE_TEST_SUITE_P(Policies, TensorParallelPoliciesTest,
+                         ::testing::Combine(::testing::Values("streaming", "quest", "clusterkv"),
+                                            ::testing::Values(2, 4)),
+                         [](const ::testing::TestParamInfo<std::tuple<std::string, int>>& info) {
+                           return std::get<0>(info.param) + "_tp" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
 INSTANTIATE_TEST_SUITE_P(Ranks, TensorParallelTiersTest, ::testing::Values(2, 4),
                          [](const ::testing::TestParamInfo<int>& info) {
