@@ -9,11 +9,11 @@ cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-# strata loads NCCL at run time; on the GPU machine it lives only in
-# PyTorch's environment. Without it the NCCL tests skip.
-nccl_lib=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/nccl/lib
-[ -e "$nccl_lib/libnccl.so.2" ] && export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$nccl_lib
-# NVLink multicast stays off on the shared GPU machines (KINDS.md).
+# strata loads NCCL at run time: NCCL_LIB names the folder that holds
+# libnccl.so.2 when the library path does not (e.g. a Python environment's
+# site-packages/nvidia/nccl/lib). Without NCCL the NCCL tests skip.
+if [ -n "${NCCL_LIB:-}" ]; then export LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$NCCL_LIB; fi
+# NVLink multicast stays off unless asked for.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 export STRATA_FIXTURES_DIR=$PWD/tests/fixtures
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
