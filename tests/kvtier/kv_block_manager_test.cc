@@ -25,6 +25,7 @@
 #include "kvtier/record_mover.h"
 #include "kvtier/ssd_store.h"
 #include "tests/engine/test_util.h"
+#include "tests/kvtier/kv_test_util.h"
 
 namespace strata::kvtier {
 namespace {
@@ -673,30 +674,9 @@ TEST_F(SsdSwapTest, RefusesAnSsdTierWithoutAHostTier) {
 
 // ---- Prefix reuse -----------------------------------------------------------
 
-struct Served {
-  std::vector<int32_t> tokens;
-  int cached = 0;
-};
-
-Served Serve(engine::Batcher& batcher, const engine::GenerationRequest& r) {
-  EXPECT_TRUE(batcher.Add(r).ok());
-  Served out;
-  for (int step = 0; batcher.HasWork() && step < 2000; ++step) {
-    auto events = batcher.Step();
-    EXPECT_TRUE(events.ok()) << events.status();
-    if (!events.ok()) break;
-    for (const auto& e : *events) {
-      out.tokens.push_back(e.token_id);
-      if (e.finish != engine::FinishReason::kNone) out.cached = e.cached_tokens;
-    }
-  }
-  return out;
-}
-
-std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
+using testing_util::Concat;
+using testing_util::Serve;
+using testing_util::Served;
 
 TEST(PrefixReuseTest, PromptsThatStartWithStoredKvLoadItAndKeepTheirTokens) {
   auto model = LoadGolden("llama_gqa", SmallCache(60));

@@ -169,30 +169,9 @@ TEST_P(TensorParallelTiersTest, PausedSequencesGoDownToTheSsdAndBackWithOneRanks
   fs::remove_all(dir);
 }
 
-std::vector<int32_t> Concat(std::vector<int32_t> a, const std::vector<int32_t>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
-struct Served {
-  std::vector<int32_t> tokens;
-  int cached = 0;
-};
-
-Served Serve(engine::Batcher& batcher, const engine::GenerationRequest& r) {
-  EXPECT_TRUE(batcher.Add(r).ok());
-  Served served;
-  for (int step = 0; batcher.HasWork() && step < 10000; ++step) {
-    auto events = batcher.Step();
-    EXPECT_TRUE(events.ok()) << events.status();
-    if (!events.ok()) break;
-    for (const auto& e : *events) {
-      served.tokens.push_back(e.token_id);
-      if (e.finish != engine::FinishReason::kNone) served.cached = e.cached_tokens;
-    }
-  }
-  return served;
-}
+using testing_util::Concat;
+using testing_util::Serve;
+using testing_util::Served;
 
 TEST_P(TensorParallelTiersTest, AStoredPromptIsLoadedOnEveryRankWithOneRanksTokens) {
   const engine::GenerationRequest doc = Request(1, 100, 12);
