@@ -51,38 +51,46 @@ const std::vector<KvDevice::RankFence>* KvDevice::Parts(engine::CopyFence fence)
   return it == fences_.end() ? nullptr : &it->second;
 }
 
-absl::StatusOr<engine::CopyFence> KvDevice::CopyRowsToHost(std::span<const engine::Tensor> tensors,
-                                                           std::span<const engine::RowCopy> rows,
-                                                           const engine::HostBuffer& host) {
-  if (num_ranks() == 1) return backends_[0]->CopyRowsToHost(tensors, rows, host);
+absl::StatusOr<engine::CopyFence> KvDevice::CopyByRank(std::span<const engine::Tensor> tensors,
+                                                       std::span<const engine::RowCopy> rows,
+                                                       const RankCopy& copy) {
   STRATA_RETURN_IF_ERROR(SplitByRank(rows));
   std::vector<RankFence> fences;
   for (int r = 0; r < num_ranks(); ++r) {
     if (rank_rows_[r].empty()) continue;
-    STRATA_ASSIGN_OR_RETURN(
-        const engine::CopyFence f,
-        backends_[r]->CopyRowsToHost(tensors.subspan(r * tensors_per_rank_, tensors_per_rank_),
-                                     rank_rows_[r], host));
-    fences.push_back({r, f});
+    absl::StatusOr<engine::CopyFence> f = copy(
+        *backends_[r], tensors.subspan(r * tensors_per_rank_, tensors_per_rank_), rank_rows_[r]);
+    if (!f.ok()) {
+      // The caller frees what the copies touch once this fails: the ranks
+      // already copying finish first.
+      for (const RankFence& issued : fences) {
+        (void)backends_[issued.rank]->WaitFence(issued.fence);
+      }
+      return f.status();
+    }
+    fences.push_back({r, *f});
   }
   return Combine(std::move(fences));
+}
+
+absl::StatusOr<engine::CopyFence> KvDevice::CopyRowsToHost(std::span<const engine::Tensor> tensors,
+                                                           std::span<const engine::RowCopy> rows,
+                                                           const engine::HostBuffer& host) {
+  if (num_ranks() == 1) return backends_[0]->CopyRowsToHost(tensors, rows, host);
+  return CopyByRank(
+      tensors, rows,
+      [&](engine::Backend& b, std::span<const engine::Tensor> caches,
+          std::span<const engine::RowCopy> own) { return b.CopyRowsToHost(caches, own, host); });
 }
 
 absl::StatusOr<engine::CopyFence> KvDevice::CopyRowsFromHost(
     const engine::HostBuffer& host, std::span<const engine::RowCopy> rows,
     std::span<const engine::Tensor> tensors) {
   if (num_ranks() == 1) return backends_[0]->CopyRowsFromHost(host, rows, tensors);
-  STRATA_RETURN_IF_ERROR(SplitByRank(rows));
-  std::vector<RankFence> fences;
-  for (int r = 0; r < num_ranks(); ++r) {
-    if (rank_rows_[r].empty()) continue;
-    STRATA_ASSIGN_OR_RETURN(
-        const engine::CopyFence f,
-        backends_[r]->CopyRowsFromHost(host, rank_rows_[r],
-                                       tensors.subspan(r * tensors_per_rank_, tensors_per_rank_)));
-    fences.push_back({r, f});
-  }
-  return Combine(std::move(fences));
+  return CopyByRank(
+      tensors, rows,
+      [&](engine::Backend& b, std::span<const engine::Tensor> caches,
+          std::span<const engine::RowCopy> own) { return b.CopyRowsFromHost(host, own, caches); });
 }
 
 absl::StatusOr<bool> KvDevice::FenceDone(engine::CopyFence fence) {

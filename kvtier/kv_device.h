@@ -24,6 +24,7 @@
 #include <span>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "engine/backend.h"
 #include "engine/model.h"
@@ -74,6 +75,13 @@ class KvDevice {
     int rank = 0;
     engine::CopyFence fence = engine::kFenceDone;
   };
+  // Issues `copy` on each rank with rows, over that rank's caches; one
+  // fence for all. On a rank's failure, waits for the ranks already copying.
+  using RankCopy = absl::FunctionRef<absl::StatusOr<engine::CopyFence>(
+      engine::Backend&, std::span<const engine::Tensor>, std::span<const engine::RowCopy>)>;
+  absl::StatusOr<engine::CopyFence> CopyByRank(std::span<const engine::Tensor> tensors,
+                                               std::span<const engine::RowCopy> rows,
+                                               const RankCopy& copy);
   // A fence for the ranks' fences (kFenceDone when all are).
   engine::CopyFence Combine(std::vector<RankFence> fences);
   // The ranks' fences of `fence` (empty: done, or unknown and so done).
