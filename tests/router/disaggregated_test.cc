@@ -347,7 +347,11 @@ TEST(DisaggregatedFailureTest, AKilledDecodeWorkerFailsItsStreamsWithinTwoSecond
   ASSERT_TRUE(GenerateOnceReady(router.stub(), Request(10, 2, 1)).status.ok());
   // Let both workers be seen before the streams are spread over them.
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  constexpr int kStreams = 4;
+  // Streams long enough to be mid-stream when the worker is killed (they
+  // all have their first token by then), short enough that the survivors
+  // finish well within the deadline on a loaded machine under the
+  // sanitizers (2 streams of 1900 tokens took 30-60 s there).
+  constexpr int kStreams = 4, kStreamTokens = 400;
   struct Stream {
     std::atomic<bool> started{false};
     grpc::Status status;
@@ -359,7 +363,7 @@ TEST(DisaggregatedFailureTest, AKilledDecodeWorkerFailsItsStreamsWithinTwoSecond
     threads.emplace_back([&, i] {
       grpc::ClientContext ctx;
       ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-      auto reader = router.stub().Generate(&ctx, Request(20, 1900, 50 + i));
+      auto reader = router.stub().Generate(&ctx, Request(20, kStreamTokens, 50 + i));
       v1::GenerateResponse r;
       while (reader->Read(&r)) streams[i].started = true;
       streams[i].status = reader->Finish();
