@@ -98,15 +98,8 @@ absl::Status LoadRanks(ModelRanks& ranks, const engine::ModelSource& source,
 }
 
 absl::Status CheckTensorParallelSupport(int tensor_parallel,
-                                        const std::vector<kvtier::KvProfile>& profiles,
-                                        std::string_view role) {
+                                        const std::vector<kvtier::KvProfile>& profiles) {
   if (tensor_parallel <= 1) return absl::OkStatus();
-  if (role == "prefill" || role == "decode") {
-    return absl::UnimplementedError(absl::StrCat(
-        "--tensor-parallel ", tensor_parallel, " on a ", std::string(role),
-        " worker: not supported yet (a prompt's KV would have to cross rank to rank); run "
-        "`strata serve --tensor-parallel N` or workers of one rank"));
-  }
   for (const kvtier::KvProfile& p : profiles) {
     if (p.policy.type == "clusterkv" && p.tiers.host_bytes > 0) {
       return absl::UnimplementedError(absl::StrCat(

@@ -47,13 +47,12 @@ absl::Status LoadRanks(ModelRanks& ranks, const engine::ModelSource& source,
                        const engine::ModelOptions& options);
 
 // What tensor parallelism does not do yet, refused with the reason:
-// ClusterKV clusters homed in the host tier, and prefill or decode workers
-// (their KV would have to cross rank to rank). The host and SSD tiers and
-// stored prefixes hold every rank's KV (kvtier/kv_device.h), and each rank
-// runs the KV policy over its own KV heads (kvtier::RankedKvPolicies).
+// ClusterKV clusters homed in the host tier. The host and SSD tiers, stored
+// prefixes and KV transfers between workers hold every rank's KV
+// (kvtier/kv_device.h), and each rank runs the KV policy over its own KV
+// heads (kvtier::RankedKvPolicies).
 absl::Status CheckTensorParallelSupport(int tensor_parallel,
-                                        const std::vector<kvtier::KvProfile>& profiles,
-                                        std::string_view role);
+                                        const std::vector<kvtier::KvProfile>& profiles);
 
 }  // namespace strata::cli
 

@@ -287,8 +287,7 @@ int RunGenerate(const GenerateFlags& f) {
     if (auto s = kvtier::CheckSupported(*loaded_profile, f.profile); !s.ok()) return Fail(s);
     profile = *std::move(loaded_profile);
   }
-  if (absl::Status s = CheckTensorParallelSupport(f.tensor_parallel, {profile}, "generate");
-      !s.ok()) {
+  if (absl::Status s = CheckTensorParallelSupport(f.tensor_parallel, {profile}); !s.ok()) {
     return Fail(s);
   }
   auto ranks = CreateRanks(

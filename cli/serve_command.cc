@@ -46,9 +46,12 @@ namespace {
 // What a worker's KV looks like; a prefill and a decode worker exchange KV
 // only when theirs match.
 std::string KvFormatName(const kvtier::KvLayout& layout) {
+  // A rank's KV heads; with tensor parallelism the ranks too, since each
+  // rank's rows cross to the same rank.
   return absl::StrCat(engine::DTypeName(layout.dtype()), "/layers", layout.num_layers(), "/heads",
                       layout.num_kv_heads(), "x", layout.head_dim(), "/page", layout.page_size(),
-                      "/upper", layout.upper_first_layer());
+                      "/upper", layout.upper_first_layer(),
+                      layout.num_ranks() > 1 ? absl::StrCat("/tp", layout.num_ranks()) : "");
 }
 
 const char* CommandName(ServeFlags::Role role) {
@@ -262,10 +265,7 @@ int RunServe(const ServeFlags& f) {
     profiles.push_back(*profile);
   }
 
-  if (absl::Status s = CheckTensorParallelSupport(
-          f.tensor_parallel, profiles,
-          prefill_worker ? "prefill" : (decode_worker ? "decode" : "serve"));
-      !s.ok()) {
+  if (absl::Status s = CheckTensorParallelSupport(f.tensor_parallel, profiles); !s.ok()) {
     return Fail(s);
   }
   auto ranks = CreateRanks(
@@ -444,7 +444,8 @@ int RunServe(const ServeFlags& f) {
       remote_prefill = std::make_unique<decode::RemotePrefill>(
           manager->landing_area(), model.options().page_size, kv_transport->local_address(),
           decode::RemotePrefillOptions{.lease = absl::Seconds(f.kv_lease_seconds),
-                                       .timeout = absl::Seconds(f.prefill_timeout_seconds)});
+                                       .timeout = absl::Seconds(f.prefill_timeout_seconds),
+                                       .kv_format = KvFormatName(manager->layout())});
       service.set_remote_prefill(remote_prefill.get());
     }
   }

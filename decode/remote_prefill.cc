@@ -57,6 +57,7 @@ std::shared_ptr<RemotePrefill::Call> RemotePrefill::Start(const std::string& pre
   call->request_.set_request_id(absl::StrCat(call->request_.request_id(), "/", transfer_id));
   call->request_.set_kv_destination(kv_address_);
   call->request_.set_transfer_id(transfer_id);
+  call->request_.set_kv_format(options_.kv_format);
   call->context_.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
   internal::v1::Worker::Stub* stub = StubFor(prefill_address);
   stub->async()->Prefill(

@@ -42,6 +42,9 @@ struct RemotePrefillOptions {
   absl::Duration lease = absl::Seconds(30);
   // The Prefill call's deadline.
   absl::Duration timeout = absl::Seconds(60);
+  // This worker's KV format (WorkerInfo.kv_format), sent with every call:
+  // a prefill worker of another format refuses before computing.
+  std::string kv_format;
 };
 
 class RemotePrefill {

@@ -12,6 +12,7 @@ KvDevice::KvDevice(const engine::Model& model, int tensors_per_rank)
   for (engine::Model* rank : model.ranks()) backends_.push_back(&rank->backend());
   rank_rows_.resize(backends_.size());
   rank_index_.resize(backends_.size());
+  rank_blocks_.resize(backends_.size());
 }
 
 absl::StatusOr<engine::HostBuffer> KvDevice::AllocateHost(size_t bytes) {
@@ -34,6 +35,22 @@ absl::Status KvDevice::SplitByRank(std::span<const engine::RowCopy> rows) {
     own.tensor -= rank * tensors_per_rank_;
     rank_rows_[rank].push_back(own);
     rank_index_[rank].push_back(i);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvDevice::SplitBlocksByRank(std::span<const engine::KvBlockCopy> blocks) {
+  const int layers = tensors_per_rank_ / 2;
+  for (auto& own : rank_blocks_) own.clear();
+  for (const engine::KvBlockCopy& block : blocks) {
+    const int rank = block.layer / layers;
+    if (block.layer < 0 || rank >= num_ranks()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KV block copy: layer ", block.layer, " of ", num_ranks() * layers));
+    }
+    engine::KvBlockCopy own = block;
+    own.layer -= rank * layers;
+    rank_blocks_[rank].push_back(own);
   }
   return absl::OkStatus();
 }
@@ -149,20 +166,56 @@ absl::StatusOr<engine::CopyFence> KvDevice::EncodeBlocksToHost(
     engine::KvCodecKind codec, std::span<const engine::Tensor> k_caches,
     std::span<const engine::Tensor> v_caches, std::span<const engine::KvBlockCopy> blocks,
     const engine::HostBuffer& host) {
-  if (num_ranks() != 1) {
-    return absl::UnimplementedError("KV wire codecs with tensor parallelism: not supported yet");
+  if (num_ranks() == 1) {
+    return backends_[0]->EncodeBlocksToHost(codec, k_caches, v_caches, blocks, host);
   }
-  return backends_[0]->EncodeBlocksToHost(codec, k_caches, v_caches, blocks, host);
+  const size_t layers = static_cast<size_t>(tensors_per_rank_ / 2);
+  if (k_caches.size() != layers * backends_.size() || v_caches.size() != k_caches.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("KV block encode: ", k_caches.size(), " K and ",
+                                                   v_caches.size(), " V caches for ", num_ranks(),
+                                                   " ranks of ", layers, " layers"));
+  }
+  STRATA_RETURN_IF_ERROR(SplitBlocksByRank(blocks));
+  std::vector<RankFence> fences;
+  for (int r = 0; r < num_ranks(); ++r) {
+    if (rank_blocks_[r].empty()) continue;
+    absl::StatusOr<engine::CopyFence> f = backends_[r]->EncodeBlocksToHost(
+        codec, k_caches.subspan(r * layers, layers), v_caches.subspan(r * layers, layers),
+        rank_blocks_[r], host);
+    if (!f.ok()) {
+      // As for a copy: the caller frees the records the others write into.
+      for (const RankFence& issued : fences) {
+        (void)backends_[issued.rank]->WaitFence(issued.fence);
+      }
+      return f.status();
+    }
+    fences.push_back({r, *f});
+  }
+  return Combine(std::move(fences));
 }
 
 absl::Status KvDevice::DecodeBlocksFromHost(const engine::HostBuffer& host,
                                             std::span<const engine::KvBlockCopy> blocks,
                                             std::span<const engine::Tensor> k_caches,
                                             std::span<const engine::Tensor> v_caches) {
-  if (num_ranks() != 1) {
-    return absl::UnimplementedError("KV wire codecs with tensor parallelism: not supported yet");
+  if (num_ranks() == 1) return backends_[0]->DecodeBlocksFromHost(host, blocks, k_caches, v_caches);
+  const size_t layers = static_cast<size_t>(tensors_per_rank_ / 2);
+  if (k_caches.size() != layers * backends_.size() || v_caches.size() != k_caches.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("KV block decode: ", k_caches.size(), " K and ",
+                                                   v_caches.size(), " V caches for ", num_ranks(),
+                                                   " ranks of ", layers, " layers"));
   }
-  return backends_[0]->DecodeBlocksFromHost(host, blocks, k_caches, v_caches);
+  STRATA_RETURN_IF_ERROR(SplitBlocksByRank(blocks));
+  for (int r = 0; r < num_ranks(); ++r) {
+    if (rank_blocks_[r].empty()) continue;
+    absl::Status decoded = backends_[r]->DecodeBlocksFromHost(host, rank_blocks_[r],
+                                                              k_caches.subspan(r * layers, layers),
+                                                              v_caches.subspan(r * layers, layers));
+    if (!decoded.ok()) {
+      return absl::Status(decoded.code(), absl::StrCat("rank ", r, ": ", decoded.message()));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace strata::kvtier

@@ -55,12 +55,16 @@ class KvDevice {
   absl::Status ComputeAfterFence(engine::CopyFence fence);
   absl::Status ChecksumRows(std::span<const engine::Tensor> tensors,
                             std::span<const engine::RowCopy> rows, std::span<uint32_t> crcs);
-  // The wire codecs work on one rank's caches: Unimplemented with several.
+  // As engine::Backend's, with `k_caches` and `v_caches` every rank's by
+  // layer (rank r's layer l at r * layers + l, as the blocks' `layer`
+  // counts): each rank codes its own blocks.
   absl::StatusOr<engine::CopyFence> EncodeBlocksToHost(engine::KvCodecKind codec,
                                                        std::span<const engine::Tensor> k_caches,
                                                        std::span<const engine::Tensor> v_caches,
                                                        std::span<const engine::KvBlockCopy> blocks,
                                                        const engine::HostBuffer& host);
+  // Returns once every rank has decoded and checked its blocks (the ranks
+  // one after another).
   absl::Status DecodeBlocksFromHost(const engine::HostBuffer& host,
                                     std::span<const engine::KvBlockCopy> blocks,
                                     std::span<const engine::Tensor> k_caches,
@@ -70,6 +74,9 @@ class KvDevice {
   // Splits `rows` by rank into rank_rows_ (tensor indices made the rank's
   // own); InvalidArgument for a tensor past the last rank's.
   absl::Status SplitByRank(std::span<const engine::RowCopy> rows);
+  // Splits `blocks` by rank into rank_blocks_ (layers made the rank's own);
+  // InvalidArgument for a layer past the last rank's.
+  absl::Status SplitBlocksByRank(std::span<const engine::KvBlockCopy> blocks);
   // A rank's fence: which backend issued it, and its id there.
   struct RankFence {
     int rank = 0;
@@ -92,6 +99,7 @@ class KvDevice {
   std::vector<std::vector<engine::RowCopy>> rank_rows_;
   std::vector<std::vector<size_t>> rank_index_;  // rank_rows_[r][i] is rows[rank_index_[r][i]]
   std::vector<uint32_t> rank_crcs_;
+  std::vector<std::vector<engine::KvBlockCopy>> rank_blocks_;
   // Fences handed out for several ranks, by id: each rank's own. A fence
   // found done is forgotten; an id no longer here is done.
   std::map<engine::CopyFence, std::vector<RankFence>> fences_;

@@ -48,7 +48,7 @@ absl::StatusOr<KvLayout> KvLayout::Create(engine::Model& model) {
               engine::DTypeName(layout.dtype_), "[", absl::StrJoin(expected, ", "), "]"));
         }
         layout.caches_.push_back(cache);
-        if (r == 0) (kv == 0 ? layout.k_caches_ : layout.v_caches_).push_back(cache);
+        (kv == 0 ? layout.k_caches_ : layout.v_caches_).push_back(cache);
       }
     }
   }
@@ -65,7 +65,7 @@ void KvLayout::AppendRecordCopies(int32_t lower, int32_t upper, int64_t record_o
 }
 
 int64_t KvLayout::CodedRecordBytes(const engine::KvCodec& codec, int tokens) const {
-  return int64_t{num_layers_} * num_kv_heads_ *
+  return int64_t{num_ranks_} * num_layers_ * num_kv_heads_ *
          static_cast<int64_t>(codec.EncodedBytes(tokens, head_dim_, dtype_));
 }
 
@@ -74,11 +74,13 @@ int64_t KvLayout::AppendRecordBlocks(int32_t lower, int32_t upper, int tokens,
                                      std::vector<engine::KvBlockCopy>& blocks) const {
   const auto block_bytes = static_cast<int64_t>(codec.EncodedBytes(tokens, head_dim_, dtype_));
   int64_t at = record_offset;
-  for (int l = 0; l < num_layers_; ++l) {
-    const int32_t page = l >= upper_first_layer_ ? upper : lower;
-    for (int h = 0; h < num_kv_heads_; ++h) {
-      blocks.push_back({l, page, h, tokens, at, block_bytes});
-      at += block_bytes;
+  for (int r = 0; r < num_ranks_; ++r) {
+    for (int l = 0; l < num_layers_; ++l) {
+      const int32_t page = l >= upper_first_layer_ ? upper : lower;
+      for (int h = 0; h < num_kv_heads_; ++h) {
+        blocks.push_back({r * num_layers_ + l, page, h, tokens, at, block_bytes});
+        at += block_bytes;
+      }
     }
   }
   return at - record_offset;

@@ -67,17 +67,19 @@ class KvLayout {
                           std::vector<engine::RowCopy>& copies) const;
 
   // The same page coded with a block codec, for the wire: one block per
-  // (layer, KV head), layer-major, of the page's first `tokens` tokens,
-  // packed from `record_offset` on (Backend::EncodeBlocksToHost /
-  // DecodeBlocksFromHost over k_caches() and v_caches()). Returns the
-  // page's coded bytes (at most record_bytes() for every codec).
+  // (rank, layer, KV head), rank-major then layer-major, of the page's
+  // first `tokens` tokens, packed from `record_offset` on
+  // (KvDevice::EncodeBlocksToHost / DecodeBlocksFromHost over k_caches()
+  // and v_caches(); a block's `layer` indexes those, rank r's layer l at
+  // r * layers + l). Returns the page's coded bytes (at most
+  // record_bytes() for every codec).
   int64_t AppendRecordBlocks(int32_t lower, int32_t upper, int tokens, const engine::KvCodec& codec,
                              int64_t record_offset, std::vector<engine::KvBlockCopy>& blocks) const;
   // The coded bytes of a page of `tokens` tokens (0 when the codec refuses
   // the shape).
   int64_t CodedRecordBytes(const engine::KvCodec& codec, int tokens) const;
-  // Rank 0's caches by layer, K and V apart (the block codec calls take
-  // them so; they code one rank's KV).
+  // Every rank's caches by layer, K and V apart (the block codec calls
+  // take them so): rank r's layer l at r * layers + l.
   const std::vector<engine::Tensor>& k_caches() const { return k_caches_; }
   const std::vector<engine::Tensor>& v_caches() const { return v_caches_; }
 

@@ -1,5 +1,6 @@
 #include "kvtier/kv_wire.h"
 
+#include <algorithm>
 #include <bit>
 #include <cstring>
 
@@ -35,7 +36,8 @@ absl::Status Differs(absl::string_view field, int64_t sent, int64_t here) {
 
 KvWireFormat KvWireFormat::Of(const KvLayout& layout) {
   return KvWireFormat{layout.num_layers(), layout.num_kv_heads(),      layout.head_dim(),
-                      layout.page_size(),  layout.upper_first_layer(), layout.dtype()};
+                      layout.page_size(),  layout.upper_first_layer(), layout.dtype(),
+                      layout.num_ranks()};
 }
 
 std::array<std::byte, KvBlockHeader::kBytes> EncodeKvBlockHeader(const KvBlockHeader& h) {
@@ -49,6 +51,7 @@ std::array<std::byte, KvBlockHeader::kBytes> EncodeKvBlockHeader(const KvBlockHe
   Put<uint32_t>(out, 24, h.tokens);
   Put<uint8_t>(out, 28, static_cast<uint8_t>(h.codec));
   Put<uint8_t>(out, 29, static_cast<uint8_t>(h.format.dtype));
+  Put<uint16_t>(out, 30, static_cast<uint16_t>(h.format.ranks));
   Put<uint16_t>(out, 32, static_cast<uint16_t>(h.format.layers));
   Put<uint16_t>(out, 34, static_cast<uint16_t>(h.format.kv_heads));
   Put<uint16_t>(out, 36, static_cast<uint16_t>(h.format.head_dim));
@@ -87,6 +90,7 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
   h.tokens = Get<uint32_t>(in, 24);
   const uint8_t codec = Get<uint8_t>(in, 28);
   const uint8_t dtype = Get<uint8_t>(in, 29);
+  h.format.ranks = std::max<int>(1, Get<uint16_t>(in, 30));
   h.format.layers = Get<uint16_t>(in, 32);
   h.format.kv_heads = Get<uint16_t>(in, 34);
   h.format.head_dim = Get<uint16_t>(in, 36);
@@ -106,6 +110,11 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
     return Differs("dtype", dtype, static_cast<int>(expected.dtype));
   }
   h.format.dtype = expected.dtype;
+  if (h.format.ranks != expected.ranks) {
+    // Each rank's rows go to the same rank here: another tensor-parallel
+    // size would need the KV heads regrouped.
+    return Differs("tensor-parallel ranks", h.format.ranks, expected.ranks);
+  }
   if (h.format.layers != expected.layers)
     return Differs("layers", h.format.layers, expected.layers);
   if (h.format.kv_heads != expected.kv_heads) {
@@ -124,8 +133,8 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
     return absl::InvalidArgumentError(
         absl::StrCat("KV block header: ", h.tokens, " tokens in a page of ", expected.page_size));
   }
-  // Raw: the record as the caches hold it. Coded: a block per (layer, KV
-  // head) of the page's tokens (KvLayout::AppendRecordBlocks).
+  // Raw: the record as the caches hold it. Coded: a block per (rank,
+  // layer, KV head) of the page's tokens (KvLayout::AppendRecordBlocks).
   const uint64_t want = static_cast<uint64_t>(expected.coded_record_bytes(h.codec, h.tokens));
   if (h.payload_bytes != want) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -139,7 +148,7 @@ int64_t KvWireFormat::coded_record_bytes(engine::KvCodecKind codec, int tokens) 
   if (codec == engine::KvCodecKind::kBf16) return record_bytes();
   absl::StatusOr<std::unique_ptr<engine::KvCodec>> coder = engine::KvCodec::Create(codec);
   if (!coder.ok()) return 0;
-  return int64_t{layers} * kv_heads *
+  return int64_t{ranks} * layers * kv_heads *
          static_cast<int64_t>((*coder)->EncodedBytes(tokens, head_dim, dtype));
 }
 

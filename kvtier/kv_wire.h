@@ -9,10 +9,15 @@
 //
 //   0  magic "SKV1"          4  version u16, kind u16 (1: page record)
 //   8  transfer id u64       16 index u32, count u32 (blocks in the transfer)
-//   24 tokens u32 (tokens the page holds), codec u8, dtype u8, u16 0
-//   32 layers u16, KV heads u16, head dim u16, page size u16
+//   24 tokens u32 (tokens the page holds), codec u8, dtype u8, ranks u16
+//   32 layers u16, KV heads u16 (a rank's), head dim u16, page size u16
 //   40 upper first layer u16, u16 0, payload CRC u32 (masked CRC32C)
 //   48 payload bytes u64     56 header CRC u32 (masked, of bytes 0..56), u32 0
+//
+// With tensor parallelism a record holds every rank's part of the page,
+// rank by rank (kv_layout.h), coded or not: rank r's rows land on the
+// receiver's rank r, so both ends must have as many ranks (the field
+// `ranks`; 0, as senders wrote before it existed, reads as 1).
 //
 // The receiver checks the header before it takes the payload (ParseKvBlock
 // Header: a corrupt or foreign header, or a layout that differs from its
@@ -44,13 +49,15 @@ struct KvWireFormat {
   int page_size = 0;
   int upper_first_layer = 0;
   engine::DType dtype = engine::DType::kBF16;
+  // Tensor-parallel ranks; kv_heads is each rank's.
+  int ranks = 1;
   int64_t record_bytes() const {
-    return 2 * int64_t{layers} * page_size * kv_heads * head_dim *
+    return int64_t{ranks} * 2 * layers * page_size * kv_heads * head_dim *
            static_cast<int64_t>(engine::DTypeSize(dtype));
   }
   // A page record's payload: record_bytes() raw (kBf16), else one `codec`
-  // block per (layer, KV head) of the page's `tokens` tokens (0 for a shape
-  // the codec refuses).
+  // block per (rank, layer, KV head) of the page's `tokens` tokens (0 for a
+  // shape the codec refuses).
   int64_t coded_record_bytes(engine::KvCodecKind codec, int tokens) const;
   static KvWireFormat Of(const KvLayout& layout);
 };

@@ -195,9 +195,11 @@ void GenerateStream::OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> r
       // Refused by the engine: nobody will load the transfer.
       if (!admitted_) service_->remote_prefill_->Drop(result->transfer_id);
     } else if (absl::IsUnavailable(result.status()) || absl::IsDeadlineExceeded(result.status()) ||
-               absl::IsResourceExhausted(result.status())) {
-      // The prefill worker is gone, stuck or full, or there is no room
-      // here for its KV: the prompt is computed here instead.
+               absl::IsResourceExhausted(result.status()) ||
+               absl::IsFailedPrecondition(result.status())) {
+      // The prefill worker is gone, stuck or full, its KV format is not
+      // this worker's, or there is no room here for its KV: the prompt is
+      // computed here instead.
       STRATA_LOG_WARN("request {}: remote prefill failed, computing the prompt here: {}",
                       request_id_, result.status().ToString());
       service_->prefill_fallbacks_.fetch_add(1);

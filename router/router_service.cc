@@ -241,7 +241,8 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
     // computes the rest itself, sooner than a transfer would bring it.
     service_->prefix_routed_.fetch_add(1);
     if (service_->metrics_) service_->metrics_->OnRouted("stored_prefix");
-  } else if (auto prefill = service_->registry_->PickPrefill(profile); prefill.ok()) {
+  } else if (auto prefill = service_->registry_->PickPrefill(profile, decode->kv_format);
+             prefill.ok()) {
     prefill_address_ = prefill->grpc_address;
     service_->registry_->NoteAssigned(prefill->worker_id, prompt_tokens_);
     if (service_->metrics_) service_->metrics_->OnRouted("prefill_worker");

@@ -285,19 +285,35 @@ absl::StatusOr<std::vector<const WorkerRegistry::Entry*>> WorkerRegistry::Candid
 namespace {
 
 PickedWorker ToPicked(const WorkerInfo& info, const WorkerLoad& load) {
-  PickedWorker picked{info.worker_id(), info.grpc_address(), info.kv_address()};
+  PickedWorker picked{info.worker_id(), info.grpc_address(), info.kv_address(), info.kv_format()};
   picked.prefix_capacity_tokens = load.prefix_capacity_tokens();
   return picked;
 }
 
 }  // namespace
 
-absl::StatusOr<PickedWorker> WorkerRegistry::PickPrefill(const std::string& profile) {
+absl::StatusOr<PickedWorker> WorkerRegistry::PickPrefill(const std::string& profile,
+                                                         const std::string& kv_format) {
   absl::MutexLock lock(&mu_);
   const absl::Time now = Now();
   DropStaleLocked(now);
   auto candidates = CandidatesLocked(internal::v1::WORKER_ROLE_PREFILL, profile, now);
   if (!candidates.ok()) return candidates.status();
+  if (!kv_format.empty()) {
+    std::set<std::string> others;
+    std::erase_if(*candidates, [&](const Entry* e) {
+      if (e->info.kv_format() == kv_format) return false;
+      others.insert(e->info.kv_format());
+      return true;
+    });
+    if (candidates->empty()) {
+      return absl::NotFoundError(
+          absl::StrCat("no prefill worker has KV format '", kv_format, "' (theirs: '",
+                       absl::StrJoin(others, "', '"),
+                       "'); a prompt's KV crosses only between workers of one "
+                       "layout and tensor-parallel size"));
+    }
+  }
   int64_t best = std::numeric_limits<int64_t>::max();
   std::vector<const Entry*> ties;
   for (const Entry* e : *candidates) {

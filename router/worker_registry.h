@@ -62,6 +62,7 @@ struct PickedWorker {
   std::string worker_id;
   std::string grpc_address;  // host:port of its Worker service
   std::string kv_address;    // its KV transport address
+  std::string kv_format;     // its WorkerInfo.kv_format
   // Prompt tokens its prefix store can keep (WorkerLoad), and those of this
   // request's prompt it is thought to hold (DecodePreference; 0 otherwise).
   int64_t prefix_capacity_tokens = 0;
@@ -126,10 +127,14 @@ class WorkerRegistry {
                       Source source);
 
   // The schedulable prefill worker serving `profile` with the fewest prompt
-  // tokens queued (reported plus noted since); ties go round-robin.
+  // tokens queued (reported plus noted since); ties go round-robin. With a
+  // kv_format, only workers of that KV format (the decode worker's: its
+  // KV could not cross otherwise, e.g. between tensor-parallel sizes).
   // Unavailable when none is registered or none is schedulable, NotFound
-  // when none serves the profile; the message says which.
-  absl::StatusOr<PickedWorker> PickPrefill(const std::string& profile);
+  // when none serves the profile or has the KV format; the message says
+  // which.
+  absl::StatusOr<PickedWorker> PickPrefill(const std::string& profile,
+                                           const std::string& kv_format = "");
 
   // The schedulable decode worker serving `profile` whose free KV (GPU and
   // host tiers, less what was noted since its report) covers

@@ -136,6 +136,14 @@ grpc::ServerUnaryReactor* WorkerService::Prefill(grpc::CallbackServerContext* co
   {
     absl::MutexLock lock(&mu_);
     if (draining_) return fail(absl::UnavailableError("this prefill worker is draining"));
+    if (!request->kv_format().empty() && !info_.kv_format().empty() &&
+        request->kv_format() != info_.kv_format()) {
+      return fail(absl::FailedPreconditionError(absl::StrCat(
+          "kv_format: the decode worker's KV format ", QuoteUserInput(request->kv_format()),
+          " is not this prefill worker's \"", info_.kv_format(),
+          "\" (a prompt's KV crosses only between workers of one layout and tensor-parallel "
+          "size)")));
+    }
   }
   // Validated as the Generate request of the same prompt would be.
   v1::GenerateRequest as_generate;

@@ -101,7 +101,6 @@ expect_error "--kv-cache-dtype" generate --model "$model" --prompt hi --kv-cache
 expect_error "do not split over 3 ranks" generate --model "$model" --prompt hi --tensor-parallel 3
 expect_error "homed in the host tier are not supported with tensor parallelism yet" generate \
   --model "$model" --prompt hi --tensor-parallel 2 --profile "$src/deploy/profiles/agent.yaml"
-expect_error "on a prefill worker: not supported yet" prefill --model "$model" --tensor-parallel 2
 expect_error "is not one of" bench kv-policies --model "$src/models/retrieval-llama" --policies full,h2o
 
 # The KV-policy accuracy benchmark on the trained retrieval model: two

@@ -1,17 +1,23 @@
 // Inputs and helpers the KV-tier tests share: random prompts, the small
 // ClusterKV configuration that clusters llama_gqa's short prompts (a few
-// dozen clusters, a budget well below the context), and serving one
-// request to its end.
+// dozen clusters, a budget well below the context), serving one request
+// to its end, and delivering a prefill worker's exported KV into a decode
+// worker's landing area as the transport does.
 #ifndef STRATA_TESTS_KVTIER_KV_TEST_UTIL_H_
 #define STRATA_TESTS_KVTIER_KV_TEST_UTIL_H_
 
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "engine/batcher.h"
 #include "gtest/gtest.h"
+#include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
+#include "kvtier/kv_wire.h"
+#include "kvtier/landing_area.h"
 
 namespace strata::testing_util {
 
@@ -61,6 +67,51 @@ inline Served Serve(engine::Batcher& batcher, const engine::GenerationRequest& r
     }
   }
   return out;
+}
+
+// What the transport does with a prefill worker's exports (its parts, in
+// order, the last one final): each block with a header in the sender's
+// wire format, parsed against the receiver's (an error of ParseKvBlock
+// Header is returned, as the receiver would refuse it), placed in the
+// receiver's landing area under `transfer_id` and landed; `corrupt` flips
+// a payload byte of that block on the way.
+inline absl::Status Deliver(const std::vector<kvtier::KvBlockManager::ExportedKv>& exports,
+                            const kvtier::KvLayout& sender, kvtier::KvBlockManager& receiver,
+                            uint64_t transfer_id, int corrupt = -1) {
+  if (exports.empty() || !exports.back().final) {
+    return absl::FailedPreconditionError("no complete export to deliver");
+  }
+  int total = 0;
+  for (const auto& part : exports) total += static_cast<int>(part.blocks.size());
+  const kvtier::KvWireFormat format = kvtier::KvWireFormat::Of(receiver.layout());
+  int next = 0;
+  for (const kvtier::KvBlockManager::ExportedKv& e : exports) {
+    if (e.first_block != next) return absl::InternalError("export parts out of order");
+    for (size_t i = 0; i < e.blocks.size(); ++i, ++next) {
+      kvtier::KvBlockHeader h;
+      h.transfer_id = transfer_id;
+      h.index = static_cast<uint32_t>(next);
+      h.count = static_cast<uint32_t>(total);
+      h.tokens = static_cast<uint32_t>(e.blocks[i].tokens);
+      h.codec = e.blocks[i].codec;
+      h.format = kvtier::KvWireFormat::Of(sender);
+      h.payload_crc = e.blocks[i].crc;
+      h.payload_bytes = e.blocks[i].data.size();
+      EXPECT_EQ(kvtier::KvPayloadCrc(e.blocks[i].data), h.payload_crc);
+      absl::StatusOr<kvtier::KvBlockHeader> parsed =
+          kvtier::ParseKvBlockHeader(kvtier::EncodeKvBlockHeader(h), format);
+      if (!parsed.ok()) return parsed.status();
+      auto where = receiver.landing_area()->Place(parsed->transfer_id, parsed->index, parsed->count,
+                                                  parsed->payload_bytes, parsed->codec,
+                                                  static_cast<int>(parsed->tokens));
+      if (!where.ok()) return where.status();
+      std::memcpy(where->data(), e.blocks[i].data.data(), where->size());
+      if (next == corrupt) (*where)[where->size() / 2] ^= std::byte{1};
+      receiver.landing_area()->Landed(parsed->transfer_id, parsed->index, parsed->payload_crc,
+                                      absl::OkStatus());
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace strata::testing_util

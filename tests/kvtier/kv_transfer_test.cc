@@ -25,6 +25,7 @@
 #include "kvtier/kv_wire.h"
 #include "kvtier/landing_area.h"
 #include "tests/engine/test_util.h"
+#include "tests/kvtier/kv_test_util.h"
 
 namespace strata::kvtier {
 namespace {
@@ -134,6 +135,27 @@ TEST(KvWireTest, AnotherLayoutIsRefusedNamingTheField) {
   h.index = 5;
   EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
               HasSubstr("block 5 of 5"));
+}
+
+TEST(KvWireTest, TheSendersTensorParallelRanksMustBeTheReceivers) {
+  // A record of 2 ranks holds both ranks' rows: twice one rank's bytes,
+  // raw or coded.
+  KvWireFormat two = Format();
+  two.ranks = 2;
+  EXPECT_EQ(two.record_bytes(), 2 * Format().record_bytes());
+  EXPECT_EQ(two.coded_record_bytes(engine::KvCodecKind::kInt8, 5),
+            2 * Format().coded_record_bytes(engine::KvCodecKind::kInt8, 5));
+  KvBlockHeader h = Header();
+  h.format = two;
+  h.payload_bytes = static_cast<uint64_t>(two.record_bytes());
+  auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), two);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->format.ranks, 2);
+  // Rank r's rows land on rank r: a worker of another size refuses them.
+  const absl::Status s = ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(s)) << s;
+  EXPECT_THAT(s.message(),
+              HasSubstr("tensor-parallel ranks differs: the sender's 2, this worker's 1"));
 }
 
 TEST(KvWireTest, TheFuzzersValidSeedParses) {
@@ -301,41 +323,13 @@ engine::TokenEvent Prefill(Worker& p, const engine::GenerationRequest& r, uint64
   return events.empty() ? engine::TokenEvent{} : events[0];
 }
 
-// What the transport does: each block of the export's parts, in the wire
-// format, into the decode worker's landing area; `corrupt` flips a payload
-// byte of that block on the way.
+// What the transport does (testing_util::Deliver); the prefill worker then
+// frees its export.
 void Send(Worker& p, Worker& d, uint64_t transfer_id, int corrupt = -1) {
   ASSERT_FALSE(p.exports.empty());
-  ASSERT_TRUE(p.exports.back().final);
-  int total = 0;
-  for (const auto& part : p.exports) total += static_cast<int>(part.blocks.size());
-  const KvWireFormat format = KvWireFormat::Of(d.manager->layout());
-  int next = 0;
-  for (const KvBlockManager::ExportedKv& e : p.exports) {
-    ASSERT_EQ(e.first_block, next) << "parts come in order";
-    for (size_t i = 0; i < e.blocks.size(); ++i, ++next) {
-      KvBlockHeader h;
-      h.transfer_id = transfer_id;
-      h.index = static_cast<uint32_t>(next);
-      h.count = static_cast<uint32_t>(total);
-      h.tokens = static_cast<uint32_t>(e.blocks[i].tokens);
-      h.codec = e.blocks[i].codec;
-      h.format = KvWireFormat::Of(p.manager->layout());
-      h.payload_crc = e.blocks[i].crc;
-      h.payload_bytes = e.blocks[i].data.size();
-      EXPECT_EQ(KvPayloadCrc(e.blocks[i].data), h.payload_crc);
-      auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), format);
-      ASSERT_TRUE(parsed.ok()) << parsed.status();
-      auto where = d.manager->landing_area()->Place(
-          parsed->transfer_id, parsed->index, parsed->count, parsed->payload_bytes, parsed->codec,
-          static_cast<int>(parsed->tokens));
-      ASSERT_TRUE(where.ok()) << where.status();
-      std::memcpy(where->data(), e.blocks[i].data.data(), where->size());
-      if (next == corrupt) (*where)[where->size() / 2] ^= std::byte{1};
-      d.manager->landing_area()->Landed(parsed->transfer_id, parsed->index, parsed->payload_crc,
-                                        absl::OkStatus());
-    }
-  }
+  const absl::Status delivered =
+      testing_util::Deliver(p.exports, p.manager->layout(), *d.manager, transfer_id, corrupt);
+  ASSERT_TRUE(delivered.ok()) << delivered;
   p.manager->ReleaseExport(p.exports.back().key);
   p.exports.clear();
 }

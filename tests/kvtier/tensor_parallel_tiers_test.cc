@@ -13,11 +13,14 @@
 #include <tuple>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "engine/batcher.h"
 #include "engine/cpu_backend.h"
 #include "engine/in_process_communicator.h"
 #include "engine/model_loader.h"
 #include "engine/tensor_parallel.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
@@ -211,6 +214,130 @@ TEST_P(TensorParallelTiersTest, AStoredPromptIsLoadedOnEveryRankWithOneRanksToke
   EXPECT_EQ(third.cached, 0);
   EXPECT_EQ(third.tokens, alone.at(2));
   EXPECT_EQ(m.stats().prefix_records_lost, 1);
+}
+
+// ---- KV crossing between a prefill and a decode worker ------------------------
+
+// A worker over `ranks` ranks with a host tier (and room to land
+// `landing_records` pages), sending its exports' pages in `wire_codec`.
+struct TransferWorker {
+  TransferWorker(int ranks, int landing_records, engine::KvCodecKind wire_codec) {
+    group = Load(ranks, SmallCache(80));
+    if (group == nullptr) return;
+    auto layout = KvLayout::Create(*group->model());
+    EXPECT_TRUE(layout.ok()) << layout.status();
+    const int64_t record = (layout->record_bytes() + 63) / 64 * 64;
+    KvBlockManagerOptions options{.host_bytes = record * 64,
+                                  .landing_bytes = record * landing_records};
+    options.workload_wire_codec = {wire_codec};
+    auto created = KvBlockManager::Create(group->model(), options);
+    EXPECT_TRUE(created.ok()) << created.status();
+    manager = *std::move(created);
+    manager->set_export_sink([this](KvBlockManager::ExportedKv e) { exports.push_back(e); });
+    batcher = std::make_unique<engine::Batcher>(group->model(), nullptr, engine::BatcherOptions{},
+                                                manager.get());
+  }
+  std::unique_ptr<Ranks> group;
+  std::unique_ptr<KvBlockManager> manager;
+  std::unique_ptr<engine::Batcher> batcher;
+  std::vector<KvBlockManager::ExportedKv> exports;
+};
+
+// The prompt computed on `p` (its first token sampled there, its KV
+// exported), delivered to `d` and decoded there: the decode worker's tokens,
+// or empty with a failure recorded. `refused` gets the delivery's error
+// when the blocks are refused.
+std::vector<int32_t> PrefillThenDecode(TransferWorker& p, TransferWorker& d,
+                                       const engine::GenerationRequest& r, uint64_t transfer,
+                                       absl::Status* refused = nullptr) {
+  const int page = d.manager->layout().page_size();
+  EXPECT_TRUE(d.manager->landing_area()
+                  ->Reserve(transfer, (static_cast<int>(r.prompt.size()) + page - 1) / page,
+                            absl::Now() + absl::Hours(1))
+                  .ok());
+  engine::GenerationRequest pr = r;
+  pr.max_tokens = 1;
+  pr.export_kv = transfer;
+  const Served first = Serve(*p.batcher, pr);
+  EXPECT_EQ(first.tokens.size(), 1u);
+  EXPECT_TRUE(p.manager->Poll().ok());
+  const absl::Status delivered =
+      testing_util::Deliver(p.exports, p.manager->layout(), *d.manager, transfer);
+  p.manager->ReleaseExport(transfer);
+  p.exports.clear();
+  EXPECT_TRUE(p.manager->Poll().ok());
+  if (!delivered.ok()) {
+    d.manager->DropImported(transfer);
+    if (refused != nullptr) *refused = delivered;
+    return {};
+  }
+  engine::GenerationRequest dr = r;
+  dr.generated = {{first.tokens.empty() ? 0 : first.tokens[0], 0.0f}};
+  dr.import_kv = transfer;
+  std::vector<int32_t> tokens = Serve(*d.batcher, dr).tokens;
+  EXPECT_TRUE(d.manager->Poll().ok());
+  return tokens;
+}
+
+void ExpectNothingHeld(TransferWorker& w) {
+  ASSERT_TRUE(w.manager->Poll().ok());
+  EXPECT_TRUE(w.manager->Idle());
+  EXPECT_EQ(w.manager->stats().exports_held, 0);
+  if (w.manager->landing_area() != nullptr) {
+    EXPECT_EQ(w.manager->landing_area()->num_transfers(), 0);
+  }
+}
+
+class TensorParallelTransferTest
+    : public ::testing::TestWithParam<std::tuple<int, engine::KvCodecKind>> {};
+
+// Prefill and decode workers of the same tensor-parallel size: a page's
+// record carries every rank's rows (coded per rank, per KV head, with a
+// codec), and rank r's rows land on the decode worker's rank r. The tokens
+// are those of one-rank workers exchanging the same prompt in the same
+// codec, and, raw, those of one rank computing everything.
+TEST_P(TensorParallelTransferTest, APromptsKvCrossesRankToRankWithOneRanksTokens) {
+  const auto& [ranks, codec] = GetParam();
+  TransferWorker one_p(1, 0, codec), one_d(1, 64, engine::KvCodecKind::kBf16);
+  TransferWorker p(ranks, 0, codec), d(ranks, 64, engine::KvCodecKind::kBf16);
+  ASSERT_NE(p.manager, nullptr);
+  ASSERT_NE(d.manager, nullptr);
+  EXPECT_EQ(KvWireFormat::Of(d.manager->layout()).ranks, ranks);
+  uint64_t transfer = 100;
+  for (int prompt_len : {5, 61, 120}) {
+    SCOPED_TRACE(prompt_len);
+    engine::GenerationRequest r = Request(prompt_len, prompt_len, 24);
+    const std::vector<int32_t> one = PrefillThenDecode(one_p, one_d, r, ++transfer);
+    ASSERT_EQ(one.size(), 24u);
+    EXPECT_EQ(PrefillThenDecode(p, d, r, ++transfer), one);
+    if (codec == engine::KvCodecKind::kBf16) {
+      EXPECT_EQ(one, OneRankAlone({r}).at(r.id)) << "raw KV: the tokens of one worker";
+    }
+  }
+  EXPECT_EQ(d.manager->stats().kv_imports, 3);
+  EXPECT_EQ(d.manager->stats().kv_imports_failed, 0);
+  for (TransferWorker* w : {&one_p, &one_d, &p, &d}) ExpectNothingHeld(*w);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    RanksAndCodecs, TensorParallelTransferTest,
+    ::testing::Combine(::testing::Values(2, 4),
+                       ::testing::Values(engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8)),
+    [](const ::testing::TestParamInfo<std::tuple<int, engine::KvCodecKind>>& info) {
+      return absl::StrCat("tp", std::get<0>(info.param), "_",
+                          std::string(engine::KvCodecKindName(std::get<1>(info.param))));
+    });
+
+TEST(TensorParallelTransferTest, AWorkerOfAnotherSizeRefusesTheBlocksNamingTheField) {
+  TransferWorker p(2, 0, engine::KvCodecKind::kBf16), d(1, 64, engine::KvCodecKind::kBf16);
+  absl::Status refused;
+  EXPECT_TRUE(PrefillThenDecode(p, d, Request(1, 40, 8), 7, &refused).empty());
+  EXPECT_TRUE(absl::IsFailedPrecondition(refused)) << refused;
+  EXPECT_THAT(
+      std::string(refused.message()),
+      ::testing::HasSubstr("tensor-parallel ranks differs: the sender's 2, this worker's 1"));
+  ExpectNothingHeld(p);
+  ExpectNothingHeld(d);
 }
 
 KvPolicyConfig Policy(const std::string& type) {

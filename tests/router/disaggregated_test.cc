@@ -308,6 +308,52 @@ void ExpectPoolsEmpty(ServerProcess& worker, const std::string& name) {
       total);
 }
 
+// Workers of two tensor-parallel ranks: a page's record carries both ranks'
+// rows, which land on the same rank. A prefill worker of another size is
+// never paired with the decode worker by the router, and asked directly it
+// refuses before computing, so the decode worker computes the prompt.
+TEST(DisaggregatedTensorParallelTest, WorkersOfTwoRanksExchangeKvRankToRank) {
+  std::vector<std::string> prefill2 = kPrefillArgs, decode2 = kDecodeArgs;
+  for (auto* args : {&prefill2, &decode2}) args->insert(args->end(), {"--tensor-parallel", "2"});
+  ServerProcess p1(kPrefillArgs, "prefill"), p2(prefill2, "prefill");
+  ServerProcess d2(decode2, "decode");
+  ServerProcess one({"--max-seqs", "8"});
+  const internal::v1::DescribeResponse described = Describe(d2.address());
+  EXPECT_THAT(described.info().kv_format(), HasSubstr("/tp2"));
+  EXPECT_EQ(Describe(p2.address()).info().kv_format(), described.info().kv_format());
+  EXPECT_NE(Describe(p1.address()).info().kv_format(), described.info().kv_format());
+
+  const v1::GenerateRequest r = Request(300, 16, 31);
+  const Completion expected = Generate(one.stub(), r);
+  ASSERT_TRUE(expected.status.ok()) << expected.status.error_message();
+  const Completion split = Generate(d2.stub(), r, p2.address());
+  ASSERT_TRUE(split.status.ok()) << split.status.error_message() << d2.Stderr();
+  EXPECT_EQ(split.tokens, expected.tokens) << "the tokens of one rank";
+  EXPECT_EQ(d2.Metric("strata_kv_imports_total"), 1);
+
+  const Completion refused = Generate(d2.stub(), r, p1.address());
+  ASSERT_TRUE(refused.status.ok()) << refused.status.error_message();
+  EXPECT_EQ(refused.tokens, expected.tokens);
+  EXPECT_THAT(d2.Stderr(), HasSubstr("remote prefill failed, computing the prompt here"));
+  EXPECT_THAT(d2.Stderr(), HasSubstr("is not this prefill worker's"));
+  EXPECT_EQ(p1.Metric("strata_kv_exports_total"), 0) << "refused before computing";
+
+  // Behind a router, long prompts go to the prefill worker of the decode
+  // worker's size, however idle the other is.
+  ServerProcess router(
+      {"--workers", p1.address(), "--workers", p2.address(), "--workers", d2.address(),
+       "--prefill-threshold-tokens", "32", "--heartbeat-seconds", "0.2"},
+      "router");
+  for (int i = 0; i < 3; ++i) {
+    const Completion routed = GenerateOnceReady(router.stub(), Request(200 + i, 8, 40 + i));
+    ASSERT_TRUE(routed.status.ok()) << routed.status.error_message() << router.Stderr();
+  }
+  EXPECT_EQ(p1.Metric("strata_kv_exports_total"), 0);
+  EXPECT_EQ(p2.Metric("strata_kv_exports_total"), 4);
+  ExpectPoolsEmpty(p2, "p2");
+  ExpectPoolsEmpty(d2, "d2");
+}
+
 // A prompt long enough that its prefill and transfer take a while on the
 // tiny model.
 constexpr int kLongPrompt = 1500;

@@ -252,6 +252,28 @@ TEST_F(WorkerRegistryTest, EmptyExpectationsAcceptAnyModel) {
   EXPECT_EQ(snapshot[0].source, Source::kDiscovered);
 }
 
+TEST_F(WorkerRegistryTest, APrefillWorkerIsPickedOnlyForADecodeWorkerOfItsKvFormat) {
+  // A router that accepts any format (workers of two tensor-parallel sizes
+  // behind it): a prompt's KV crosses only between workers of one format.
+  WorkerRegistryOptions options = Options();
+  options.kv_format.clear();
+  WorkerRegistry mixed(options);
+  WorkerInfo tp1 = Prefill("p1", "h:1"), tp2 = Prefill("p2", "h:2");
+  tp1.set_kv_format("bf16/heads8");
+  tp2.set_kv_format("bf16/heads4/tp2");
+  ASSERT_TRUE(mixed.Update(tp1, PrefillLoad(0), Source::kHeartbeat).ok());
+  ASSERT_TRUE(mixed.Update(tp2, PrefillLoad(9000), Source::kHeartbeat).ok());
+  auto picked = mixed.PickPrefill("default", "bf16/heads4/tp2");
+  ASSERT_TRUE(picked.ok()) << picked.status();
+  EXPECT_EQ(picked->worker_id, "p2") << "the busier one, of the decode worker's format";
+  EXPECT_EQ(picked->kv_format, "bf16/heads4/tp2");
+  EXPECT_EQ(mixed.PickPrefill("default")->worker_id, "p1") << "any format: the least queued";
+  const absl::Status none = mixed.PickPrefill("default", "bf16/heads2/tp4").status();
+  EXPECT_TRUE(absl::IsNotFound(none)) << none;
+  EXPECT_THAT(none.message(), AllOf(HasSubstr("no prefill worker has KV format 'bf16/heads2/tp4'"),
+                                    HasSubstr("'bf16/heads4/tp2', 'bf16/heads8'")));
+}
+
 TEST_F(WorkerRegistryTest, PrefillPicksLeastQueuedTokens) {
   ASSERT_TRUE(registry_.Update(Prefill("p1", "h:1"), PrefillLoad(5000), Source::kHeartbeat).ok());
   ASSERT_TRUE(registry_.Update(Prefill("p2", "h:2"), PrefillLoad(100), Source::kHeartbeat).ok());
