@@ -97,19 +97,4 @@ absl::Status LoadRanks(ModelRanks& ranks, const engine::ModelSource& source,
   return absl::OkStatus();
 }
 
-absl::Status CheckTensorParallelSupport(int tensor_parallel,
-                                        const std::vector<kvtier::KvProfile>& profiles) {
-  if (tensor_parallel <= 1) return absl::OkStatus();
-  for (const kvtier::KvProfile& p : profiles) {
-    if (p.policy.type == "clusterkv" && p.tiers.host_bytes > 0) {
-      return absl::UnimplementedError(absl::StrCat(
-          "--tensor-parallel ", tensor_parallel, " with profile \"", p.name,
-          "\": ClusterKV clusters homed in the host tier are not supported with tensor "
-          "parallelism yet (the ranks would share its host regions from their own threads); "
-          "drop host_bytes from the profile to keep its clusters on the GPUs"));
-    }
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace strata::cli

@@ -17,7 +17,6 @@
 #include "engine/backend.h"
 #include "engine/communicator.h"
 #include "engine/model_loader.h"
-#include "kvtier/profile.h"
 
 namespace strata::cli {
 
@@ -45,14 +44,6 @@ absl::StatusOr<std::unique_ptr<ModelRanks>> CreateRanks(
 // Loads the model over the ranks into ranks.loaded.
 absl::Status LoadRanks(ModelRanks& ranks, const engine::ModelSource& source,
                        const engine::ModelOptions& options);
-
-// What tensor parallelism does not do yet, refused with the reason:
-// ClusterKV clusters homed in the host tier. The host and SSD tiers, stored
-// prefixes and KV transfers between workers hold every rank's KV
-// (kvtier/kv_device.h), and each rank runs the KV policy over its own KV
-// heads (kvtier::RankedKvPolicies).
-absl::Status CheckTensorParallelSupport(int tensor_parallel,
-                                        const std::vector<kvtier::KvProfile>& profiles);
 
 }  // namespace strata::cli
 

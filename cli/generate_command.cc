@@ -287,9 +287,6 @@ int RunGenerate(const GenerateFlags& f) {
     if (auto s = kvtier::CheckSupported(*loaded_profile, f.profile); !s.ok()) return Fail(s);
     profile = *std::move(loaded_profile);
   }
-  if (absl::Status s = CheckTensorParallelSupport(f.tensor_parallel, {profile}); !s.ok()) {
-    return Fail(s);
-  }
   auto ranks = CreateRanks(
       f.backend, f.threads, f.tensor_parallel,
       std::chrono::milliseconds(static_cast<int64_t>(f.collective_timeout_seconds * 1000)));

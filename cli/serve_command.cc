@@ -265,9 +265,6 @@ int RunServe(const ServeFlags& f) {
     profiles.push_back(*profile);
   }
 
-  if (absl::Status s = CheckTensorParallelSupport(f.tensor_parallel, profiles); !s.ok()) {
-    return Fail(s);
-  }
   auto ranks = CreateRanks(
       f.backend, f.threads, f.tensor_parallel,
       std::chrono::milliseconds(static_cast<int64_t>(f.collective_timeout_seconds * 1000)));

@@ -380,12 +380,27 @@ engine::TierTables KvPolicyRunner::SlotTables(int layer, int slot) {
           t.res_start.Row(slot),  t.res_count.Row(slot),  t.ring_head.Row(slot)};
 }
 
-absl::StatusOr<bool> KvPolicyRunner::TakeRing(Sequence& seq) {
-  const int page_size = model_->options().page_size;
-  if (!options_.tier.manager->AllocatePages(RingGroup(), ring_.ring_rows / page_size,
-                                            seq.ring_pages)) {
-    return false;
+bool KvPolicyRunner::TakeRingPages(Sequence& seq) {
+  const int pages = ring_.ring_rows / model_->options().page_size;
+  const int64_t round = ++seq.ring_round;
+  if (options_.tier.shared != nullptr) {
+    return options_.tier.shared->TakeRing(seq.id, round, RingGroup(), pages, seq.ring_pages);
   }
+  return options_.tier.manager->AllocatePages(RingGroup(), pages, seq.ring_pages);
+}
+
+void KvPolicyRunner::GiveRingPages(int64_t seq_id, Sequence& seq) {
+  // Steps end synchronised: no kernel still reads the ring.
+  const absl::Status s =
+      options_.tier.shared != nullptr
+          ? options_.tier.shared->GiveRing(seq_id, seq.ring_round, RingGroup(), seq.ring_pages)
+          : options_.tier.manager->FreePages(RingGroup(), seq.ring_pages);
+  if (!s.ok()) STRATA_LOG_ERROR("sequence {}: ring pages: {}", seq_id, s.ToString());
+  seq.ring_pages.clear();
+}
+
+absl::StatusOr<bool> KvPolicyRunner::TakeRing(Sequence& seq) {
+  if (!TakeRingPages(seq)) return false;
   Tensor pages = ring_.ring_pages.Row(seq.state.slot);
   STRATA_RETURN_IF_ERROR(model_->backend().CopyFromHost(seq.ring_pages.data(), engine::DType::kI32,
                                                         static_cast<int64_t>(seq.ring_pages.size()),
@@ -443,6 +458,7 @@ absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
   const int64_t need = units * model_->shard().kv_heads;
   std::optional<KvBlockManager::HostRegion> region;
   if (seq.tail_units < need) {
+    std::unique_lock<std::mutex> lock = LockManager();
     region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit, seq.policy);
     if (!region.has_value()) {
       ++stats_.offload_refused;  // these clusters stay in the paged cache
@@ -457,7 +473,10 @@ absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
       k_cache, v_cache, range, extents_[layer].Row(seq.state.slot), work.first_block, work.clusters,
       options_.tier.block_stride, codec, ring_.host, first_unit, units, t);
   if (!offloaded.ok()) {
-    if (region.has_value()) options_.tier.manager->FreeHostRegion(*region);
+    if (region.has_value()) {
+      std::unique_lock<std::mutex> lock = LockManager();
+      options_.tier.manager->FreeHostRegion(*region);
+    }
     return offloaded;
   }
   if (region.has_value()) {
@@ -502,6 +521,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
         continue;
       }
       Sequence fresh;
+      fresh.id = id;
       fresh.policy = policy;
       it = sequences_.emplace(id, std::move(fresh)).first;
       it->second.state.slot = free_slots_.back();
@@ -870,11 +890,7 @@ absl::Status KvPolicyRunner::TrackSelection(int layer) {
 void KvPolicyRunner::Pause(int64_t seq_id) {
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end() || it->second.ring_pages.empty()) return;
-  // Steps end synchronised: no kernel still reads the ring.
-  if (absl::Status s = options_.tier.manager->FreePages(RingGroup(), it->second.ring_pages);
-      !s.ok()) {
-    STRATA_LOG_ERROR("sequence {}: ring pages: {}", seq_id, s.ToString());
-  }
+  GiveRingPages(seq_id, it->second);
   it->second.ring_paused = true;
   ++stats_.ring_pauses;
 }
@@ -896,25 +912,24 @@ void KvPolicyRunner::Release(int64_t seq_id) {
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end()) return;
   Sequence& seq = it->second;
-  if (!seq.ring_pages.empty()) {
-    // Steps end synchronised: no kernel still reads the ring or the regions.
-    if (absl::Status s = options_.tier.manager->FreePages(RingGroup(), seq.ring_pages); !s.ok()) {
-      STRATA_LOG_ERROR("sequence {}: ring pages: {}", seq_id, s.ToString());
-    }
-  }
-  if (spill_ != nullptr) {
-    // Stops a batch being written (it reads the regions) and deletes the
-    // sequence's values.
-    spill_->Forget(seq_id);
-    options_.tier.manager->RefundSsd(seq.policy, seq.ssd_charged);
-    if (seq.pending_spill.has_value()) {
-      for (const KvBlockManager::HostRegion& r : seq.pending_spill->regions) {
-        options_.tier.manager->FreeHostRegion(r);
+  // Steps end synchronised: no kernel still reads the ring or the regions.
+  if (!seq.ring_pages.empty()) GiveRingPages(seq_id, seq);
+  // Stops a batch being written (it reads the regions) and deletes the
+  // sequence's values.
+  if (spill_ != nullptr) spill_->Forget(seq_id);
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    if (spill_ != nullptr) {
+      options_.tier.manager->RefundSsd(seq.policy, seq.ssd_charged);
+      if (seq.pending_spill.has_value()) {
+        for (const KvBlockManager::HostRegion& r : seq.pending_spill->regions) {
+          options_.tier.manager->FreeHostRegion(r);
+        }
       }
     }
-  }
-  for (const KvBlockManager::HostRegion& region : seq.regions) {
-    options_.tier.manager->FreeHostRegion(region);
+    for (const KvBlockManager::HostRegion& region : seq.regions) {
+      options_.tier.manager->FreeHostRegion(region);
+    }
   }
   free_slots_.push_back(seq.state.slot);
   sequences_.erase(it);
@@ -989,16 +1004,17 @@ absl::StatusOr<std::unique_ptr<RankedKvPolicies>> RankedKvPolicies::Install(
     engine::Model* model, const std::vector<KvPolicyConfig>& policies,
     const KvPolicyRunnerOptions& options) {
   const std::vector<engine::Model*>& ranks = model->ranks();
-  if (ranks.size() > 1 && options.tier.manager != nullptr) {
-    return absl::UnimplementedError(
-        "KV policies with host-homed clusters over several tensor-parallel ranks: not supported "
-        "yet (use a clusterkv profile without host_bytes, or one rank)");
-  }
   std::unique_ptr<RankedKvPolicies> installed(new RankedKvPolicies(model));
+  KvPolicyRunnerOptions rank_options = options;
+  if (ranks.size() > 1 && options.tier.manager != nullptr) {
+    installed->shared_ =
+        std::make_unique<RankSharedTier>(options.tier.manager, static_cast<int>(ranks.size()));
+    rank_options.tier.shared = installed->shared_.get();
+  }
   std::vector<engine::AttentionPlanner*> planners;
   for (size_t r = 0; r < ranks.size(); ++r) {
     absl::StatusOr<std::unique_ptr<KvPolicyRunner>> runner =
-        KvPolicyRunner::Create(ranks[r], policies, options);
+        KvPolicyRunner::Create(ranks[r], policies, rank_options);
     if (!runner.ok()) {
       return absl::Status(runner.status().code(),
                           ranks.size() > 1

@@ -69,6 +69,7 @@
 #include "kvtier/cluster_spill.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/profile.h"
+#include "kvtier/rank_shared_tier.h"
 
 namespace strata::kvtier {
 
@@ -160,6 +161,10 @@ struct KvTierOptions {
   // How long a decode step waits for clusters it fetches from the SSD
   // before it recomputes their sequences instead (ClusterSpill).
   std::chrono::milliseconds spill_fetch_timeout{2000};
+  // With tensor parallelism, what the ranks' runners share (their calls
+  // into `manager`, and their sequences' ring pages); set by
+  // RankedKvPolicies. Null: one runner.
+  RankSharedTier* shared = nullptr;
 
   // The tiering a server's profiles ask for (profiles[i] is policy i):
   // ClusterKV profiles with tiers.host_bytes > 0 get host-homed clusters in
@@ -299,6 +304,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
 
  private:
   struct Sequence {
+    int64_t id = 0;
     int policy = 0;
     SequenceState state;
     // Host-homed clusters: the ring's pages (of RingGroup()), and the host
@@ -310,6 +316,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // before asking for a region of whole records.
     int64_t tail_unit = 0, tail_units = 0;
     bool ring_paused = false;  // Pause gave its ring back
+    int64_t ring_round = 0;    // rings taken so far (RankSharedTier's rounds)
     // Clusters below the host tier: the sequence's SSD owner id (0: none
     // yet), the step it last ran in, whether some of its pieces are below
     // host memory, and a batch being written (its regions, freed once it is
@@ -349,6 +356,16 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
   absl::Status Allocate();
   absl::Status TrackSelection(int layer);
+  // Holds the calls into the manager of this runner's rank against the
+  // other ranks' (a no-op lock with one rank).
+  std::unique_lock<std::mutex> LockManager() const {
+    return options_.tier.shared != nullptr ? options_.tier.shared->Lock()
+                                           : std::unique_lock<std::mutex>();
+  }
+  // A sequence's ring pages from the manager, or the pages the other ranks
+  // share (RankSharedTier); and back.
+  bool TakeRingPages(Sequence& seq);
+  void GiveRingPages(int64_t seq_id, Sequence& seq);
   bool Tiering() const { return options_.tier.manager != nullptr; }
   // The codec of policy `policy`'s host-homed clusters; nullopt when its
   // clusters stay in the paged cache.
@@ -461,9 +478,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
 // The KV policies of a model on every rank of its tensor-parallel group: a
 // KvPolicyRunner per rank over that rank's KV heads, each its rank model's
 // planner, and an engine::RankedPlanner over them as the leader's (with one
-// rank, the runner itself). Host-homed clusters are not supported over
-// several ranks yet (the ranks would share the block manager's host regions
-// from their own threads): Unimplemented.
+// rank, the runner itself). With host-homed clusters over several ranks,
+// the runners share a RankSharedTier: each rank homes its own heads'
+// clusters in host regions of its own, and a sequence's ring is the same
+// pages on every rank.
 //
 // Thread-safety: as KvPolicyRunner.
 class RankedKvPolicies {
@@ -482,6 +500,7 @@ class RankedKvPolicies {
   explicit RankedKvPolicies(engine::Model* model) : model_(model) {}
 
   engine::Model* model_;
+  std::unique_ptr<RankSharedTier> shared_;  // outlives the runners
   std::vector<std::unique_ptr<KvPolicyRunner>> runners_;
   std::unique_ptr<engine::RankedPlanner> ranked_;
 };

@@ -37,7 +37,10 @@ bool KvPolicyRunner::EnsureStaging() {
                                                   ring_.ring_rows / 16 + 1);
   const int64_t bytes =
       units * engine::kKvHostUnit * model_->shard().kv_heads * options_.max_sparse_seqs;
-  staging_ = options_.tier.manager->AllocateHostRegion(bytes);
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    staging_ = options_.tier.manager->AllocateHostRegion(bytes);
+  }
   if (!staging_.has_value()) return false;
   spill_->SetStaging(staging_->offset, staging_->bytes);
   return true;
@@ -49,6 +52,7 @@ void KvPolicyRunner::MaybeFreeStaging() {
   if (s.sequences > 0 || s.batches_in_flight > 0) return;
   // No piece is below host: no step fetches into it.
   spill_->SetStaging(0, 0);
+  std::unique_lock<std::mutex> lock = LockManager();
   options_.tier.manager->FreeHostRegion(*staging_);
   staging_.reset();
 }
@@ -129,14 +133,17 @@ absl::Status KvPolicyRunner::StartSpill(int64_t id, Sequence& seq) {
   if (stride > 1) seq.strided_spill_done = true;
   if (batch.clusters.empty()) return absl::OkStatus();
   for (const ClusterSpill::Cluster& c : batch.clusters) pending.bytes += c.bytes;
-  if (!options_.tier.manager->ChargeSsd(seq.policy, pending.bytes)) {
-    // Past its workload's SSD line: the clusters stay in host memory.
-    ++spills_over_line_;
-    seq.spill_retry_step = step_count_ + kSpillRetrySteps;
-    return absl::OkStatus();
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    if (!options_.tier.manager->ChargeSsd(seq.policy, pending.bytes)) {
+      // Past its workload's SSD line: the clusters stay in host memory.
+      ++spills_over_line_;
+      seq.spill_retry_step = step_count_ + kSpillRetrySteps;
+      return absl::OkStatus();
+    }
+    seq.ssd_charged += pending.bytes;
+    if (seq.spill_owner == 0) seq.spill_owner = options_.tier.manager->NewSsdOwner();
   }
-  seq.ssd_charged += pending.bytes;
-  if (seq.spill_owner == 0) seq.spill_owner = options_.tier.manager->NewSsdOwner();
   pending.tag = next_spill_tag_++;
   pending.clusters = static_cast<int64_t>(batch.clusters.size());
   batch.tag = pending.tag;
@@ -158,7 +165,10 @@ absl::Status KvPolicyRunner::FinishSpill(Sequence& seq, bool stored) {
   if (!stored) {
     // The clusters stay in host memory; the SSD is asked again later (it
     // may have room once other sequences end), not at every step.
-    options_.tier.manager->RefundSsd(seq.policy, pending.bytes);
+    {
+      std::unique_lock<std::mutex> lock = LockManager();
+      options_.tier.manager->RefundSsd(seq.policy, pending.bytes);
+    }
     seq.ssd_charged -= pending.bytes;
     for (const KvBlockManager::HostRegion& r : pending.regions) seq.regions.push_back(r);
     seq.spill_retry_step = step_count_ + kSpillRetrySteps;
@@ -176,8 +186,11 @@ absl::Status KvPolicyRunner::FinishSpill(Sequence& seq, bool stored) {
                          tier_[l].piece_host, (int64_t{seq.state.slot} * hkv + h) * max_pieces_));
     }
   }
-  for (const KvBlockManager::HostRegion& r : pending.regions) {
-    options_.tier.manager->FreeHostRegion(r);
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    for (const KvBlockManager::HostRegion& r : pending.regions) {
+      options_.tier.manager->FreeHostRegion(r);
+    }
   }
   // The first batch's own room makes the staging area's when the host
   // tier is full; without one every fetch fails and the sequences that
@@ -208,8 +221,11 @@ absl::Status KvPolicyRunner::PollSpill() {
   // One batch at a time: the next starts when the last is applied.
   bool writing = false;
   for (const auto& [id, seq] : sequences_) writing |= seq.pending_spill.has_value();
-  const bool pressure = offload_refused_since_poll_ ||
-                        options_.tier.manager->HostUsedShare() > options_.tier.spill_high_water;
+  bool pressure = offload_refused_since_poll_;
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    pressure |= options_.tier.manager->HostUsedShare() > options_.tier.spill_high_water;
+  }
   offload_refused_since_poll_ = false;
   if (!writing) {
     Sequence* pick = nullptr;
@@ -225,9 +241,13 @@ absl::Status KvPolicyRunner::PollSpill() {
       }
       const bool always =
           options_.tier.spill_admission[seq.policy] == KvBlockManagerOptions::SsdAdmission::kAlways;
-      if (!always && !pressure &&
-          options_.tier.manager->WorkloadHostShare(seq.policy) <= options_.tier.spill_high_water) {
-        continue;
+      if (!always && !pressure) {
+        double share;
+        {
+          std::unique_lock<std::mutex> held = LockManager();
+          share = options_.tier.manager->WorkloadHostShare(seq.policy);
+        }
+        if (share <= options_.tier.spill_high_water) continue;
       }
       if (pick == nullptr || colder(seq, *pick)) {
         pick = &seq;

@@ -69,6 +69,21 @@ prompt=$(seq -s, 3 120)
 c1=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv.yaml")
 c2=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv.yaml" --tensor-parallel 2)
 [[ $(token_ids "$c1") == "$(token_ids "$c2")" ]] || fail "clusterkv over 2 ranks: $(token_ids "$c2") vs $(token_ids "$c1")"
+# ... and with its clusters homed in the host tier, every rank's.
+cat > "$tiers_dir/ckv_host.yaml" <<EOF
+name: ckv_host
+kv_policy:
+  type: clusterkv
+  budget_tokens: 32
+  sink_tokens: 4
+  window_tokens: 16
+  tokens_per_cluster: 8
+  full_layers: 0
+tiers:
+  host_bytes: 64MiB
+EOF
+c3=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv_host.yaml" --tensor-parallel 2)
+[[ $(token_ids "$c1") == "$(token_ids "$c3")" ]] || fail "host-homed clusterkv over 2 ranks: $(token_ids "$c3") vs $(token_ids "$c1")"
 rm -rf "$tiers_dir"
 
 # An fp8 e4m3 KV cache generates text too (its accuracy cost is measured
@@ -99,8 +114,6 @@ expect_error "unknown model preset" generate --dummy-weights gpt-5 --prompt-ids 
 expect_error "is not a token id" generate --model "$model" --prompt-ids 1,x
 expect_error "--kv-cache-dtype" generate --model "$model" --prompt hi --kv-cache-dtype int3
 expect_error "do not split over 3 ranks" generate --model "$model" --prompt hi --tensor-parallel 3
-expect_error "homed in the host tier are not supported with tensor parallelism yet" generate \
-  --model "$model" --prompt hi --tensor-parallel 2 --profile "$src/deploy/profiles/agent.yaml"
 expect_error "is not one of" bench kv-policies --model "$src/models/retrieval-llama" --policies full,h2o
 
 # The KV-policy accuracy benchmark on the trained retrieval model: two

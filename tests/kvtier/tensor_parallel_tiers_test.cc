@@ -405,6 +405,91 @@ TEST_P(TensorParallelPoliciesTest, EachRankPlansItsHeadsAndTheTokensAreOneRanks)
   }
 }
 
+// ClusterKV with its clusters homed in the host tier, on every rank: each
+// rank clusters and offloads its own KV heads into host regions of its own
+// and recalls them into a ring that is the same GPU pages on every rank.
+// The tokens are one rank's, and the group holds no more GPU pages than one
+// rank does at any step (one ring per sequence, not one per rank).
+struct TieredRun {
+  Outputs tokens;
+  int max_pages_used = 0;
+  KvPolicyRunner::Stats leader;
+  bool idle = false;
+};
+
+// With `ssd`, every rank's clusters also go down to it as soon as they are
+// offloaded (admission always), and come back up inside the steps.
+TieredRun ServeHostHomed(int ranks, const std::vector<engine::GenerationRequest>& reqs,
+                         SsdStore* ssd = nullptr) {
+  TieredRun run;
+  auto group = Load(ranks, SmallCache(160));
+  EXPECT_NE(group, nullptr);
+  if (group == nullptr) return run;
+  auto manager =
+      KvBlockManager::Create(group->model(), {.host_bytes = int64_t{64} << 20, .ssd = ssd});
+  EXPECT_TRUE(manager.ok()) << manager.status();
+  KvBlockManager& m = **manager;
+  {
+    KvTierOptions tier{.manager = manager->get()};
+    if (ssd != nullptr) tier.spill_admission = {KvBlockManagerOptions::SsdAdmission::kAlways};
+    auto installed = RankedKvPolicies::Install(group->model(), {testing_util::SmallClusterKv()},
+                                               {.max_sparse_seqs = 4, .tier = tier});
+    EXPECT_TRUE(installed.ok()) << installed.status();
+    if (!installed.ok()) return run;
+    engine::Batcher batcher(group->model(), nullptr, {}, &m);
+    for (const auto& r : reqs) EXPECT_TRUE(batcher.Add(r).ok());
+    for (int step = 0; batcher.HasWork() && step < 10000; ++step) {
+      auto events = batcher.Step();
+      EXPECT_TRUE(events.ok()) << events.status();
+      if (!events.ok()) break;
+      for (const auto& e : *events) {
+        run.tokens[e.request_id].push_back(e.token_id);
+        EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+      }
+      run.max_pages_used = std::max(run.max_pages_used, m.stats().gpu_pages_used);
+    }
+    run.leader = (*installed)->leader().stats();
+  }
+  EXPECT_TRUE(m.Poll().ok());
+  run.idle = m.Idle();
+  return run;
+}
+
+TEST_P(TensorParallelTiersTest, HostHomedClustersOnEveryRankGiveOneRanksTokens) {
+  std::vector<engine::GenerationRequest> reqs;
+  for (int i = 0; i < 3; ++i) reqs.push_back(Request(i, 97 + 40 * i, 40));
+  const TieredRun one = ServeHostHomed(1, reqs);
+  const TieredRun group = ServeHostHomed(GetParam(), reqs);
+  EXPECT_GT(group.leader.tiered_sequences, 0);
+  EXPECT_EQ(group.leader.ring_refused, 0);
+  EXPECT_GT(group.leader.offloads, 0);
+  EXPECT_GT(group.leader.recall_tokens, 0);
+  EXPECT_EQ(group.leader.recall_bad_pieces, 0);
+  for (const auto& r : reqs) EXPECT_EQ(group.tokens.at(r.id), one.tokens.at(r.id)) << r.id;
+  EXPECT_EQ(group.max_pages_used, one.max_pages_used) << "one ring per sequence, shared by ranks";
+  EXPECT_TRUE(group.idle) << "ring pages and every rank's host regions returned";
+}
+
+TEST_P(TensorParallelTiersTest, EveryRanksClustersGoDownToTheSsdAndComeBackWithOneRanksTokens) {
+  const fs::path dir = fs::path(::testing::TempDir()) /
+                       ("tp_spill_" + std::to_string(getpid()) + "_" + std::to_string(GetParam()));
+  fs::remove_all(dir);
+  auto store = SsdStore::Open({dir.string(), "llama_gqa", int64_t{1} << 30});
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::vector<engine::GenerationRequest> reqs;
+  for (int i = 0; i < 3; ++i) reqs.push_back(Request(i, 97 + 40 * i, 40));
+  const TieredRun one = ServeHostHomed(1, reqs);
+  const TieredRun group = ServeHostHomed(GetParam(), reqs, store->get());
+  EXPECT_GT(group.leader.spills, 0);
+  EXPECT_GT(group.leader.hard_misses, 0) << "clusters fetched back from the SSD";
+  EXPECT_EQ(group.leader.hard_miss_failed, 0);
+  for (const auto& r : reqs) EXPECT_EQ(group.tokens.at(r.id), one.tokens.at(r.id)) << r.id;
+  EXPECT_TRUE(group.idle);
+  EXPECT_EQ((*store)->stats().bytes_used, 0) << "every rank's values deleted";
+  store->reset();
+  fs::remove_all(dir);
+}
+
 TEST(TensorParallelPoliciesTest, InstallPutsAPolicyOnEveryRankAndTakesThemOff) {
   auto group = Load(2, SmallCache(40));
   ASSERT_NE(group, nullptr);
