@@ -445,6 +445,7 @@ int RunGenerate(const GenerateFlags& f) {
       kv["ssd_hard_miss_ms"] = static_cast<double>(s.hard_miss_micros) / 1e3;
       kv["ssd_hard_miss_failed"] = s.hard_miss_failed;
       kv["ssd_hard_miss_timeouts"] = s.hard_miss_timeouts;
+      kv["ssd_cluster_writes_abandoned"] = s.spill_writes_abandoned;
     }
   }
   printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)),

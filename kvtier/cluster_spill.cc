@@ -68,19 +68,34 @@ std::vector<ClusterSpill::Done> ClusterSpill::Poll() {
   return std::exchange(done_, {});
 }
 
-void ClusterSpill::Forget(int64_t seq_id) {
+bool ClusterSpill::Forget(int64_t seq_id) {
   std::unique_lock<std::mutex> lock(mu_);
   auto it = sequences_.find(seq_id);
-  if (it == sequences_.end()) return;
+  if (it == sequences_.end() || it->second.forgotten) return true;
   const size_t queued = queue_.size();
   std::erase_if(queue_, [&](const Queued& q) { return q.batch.seq_id == seq_id; });
   it->second.writing -= static_cast<int>(queued - queue_.size());
   stats_.batches_in_flight -= static_cast<int>(queued - queue_.size());
   if (has_writing_seq_ && writing_seq_ == seq_id) {
     cancel_writing_ = true;
-    batch_done_cv_.wait(lock, [&] { return !(has_writing_seq_ && writing_seq_ == seq_id); });
+    if (!batch_done_cv_.wait_for(lock, options_.forget_timeout,
+                                 [&] { return !(has_writing_seq_ && writing_seq_ == seq_id); })) {
+      // The SSD holds the write: the writer drops the sequence when it
+      // returns. Its slot is free for the next sequence's fetches now.
+      it = sequences_.find(seq_id);
+      it->second.forgotten = true;
+      auto slot = slot_seq_.find(it->second.slot);
+      if (slot != slot_seq_.end() && slot->second == seq_id) slot_seq_.erase(slot);
+      ++stats_.forget_timeouts;
+      STRATA_LOG_WARN(
+          "sequence {}: its clusters' write to the SSD has not returned in {} ms; "
+          "its host memory stays until it does",
+          seq_id, options_.forget_timeout.count());
+      return false;
+    }
   }
   DropLocked(sequences_.find(seq_id));
+  return true;
 }
 
 void ClusterSpill::SetStaging(int64_t offset, int64_t bytes) {
@@ -114,10 +129,10 @@ ClusterSpill::Stats ClusterSpill::stats() const {
 }
 
 void ClusterSpill::DropLocked(absl::flat_hash_map<int64_t, Sequence>::iterator it) {
-  if (!it->second.clusters.empty()) {
-    if (absl::Status s = store_->DeleteOwner(SsdKey::Owner::kSequence, it->second.owner); !s.ok()) {
-      STRATA_LOG_ERROR("sequence {}: spilled clusters not deleted: {}", it->first, s.ToString());
-    }
+  // Every value under the owner, recorded or not: a batch that finished
+  // writing as Forget cancelled it is not recorded in `clusters`.
+  if (absl::Status s = store_->DeleteOwner(SsdKey::Owner::kSequence, it->second.owner); !s.ok()) {
+    STRATA_LOG_ERROR("sequence {}: spilled clusters not deleted: {}", it->first, s.ToString());
   }
   auto slot = slot_seq_.find(it->second.slot);
   if (slot != slot_seq_.end() && slot->second == it->first) slot_seq_.erase(slot);
@@ -144,6 +159,16 @@ void ClusterSpill::WriterLoop() {
     --stats_.batches_in_flight;
     has_writing_seq_ = false;
     batch_done_cv_.notify_all();
+    auto forgotten = sequences_.find(q.batch.seq_id);
+    if (forgotten != sequences_.end() && forgotten->second.forgotten) {
+      // Forget gave up on this write: what it wrote was deleted (a
+      // cancelled batch deletes its values), the rest goes now, and the
+      // caller may free the batch's host memory.
+      DropLocked(forgotten);
+      done_.push_back({q.batch.seq_id, q.batch.tag, absl::CancelledError("the sequence ended"),
+                       /*forgotten=*/true});
+      continue;
+    }
     if (cancel_writing_) continue;  // Forget deletes what it wrote
     Sequence& seq = sequences_.at(q.batch.seq_id);
     --seq.writing;
@@ -177,6 +202,7 @@ absl::Status ClusterSpill::WriteBatch(const Queued& q, int64_t* bytes) {
         results[i] = absl::CancelledError("the sequence ended");
         continue;
       }
+      if (options_.before_write) options_.before_write();
       results[i] = store_->Put(KeyOf(q.owner, c.layer, c.head, c.block),
                                std::span<const uint8_t>(options_.host_data + c.host_offset,
                                                         static_cast<size_t>(c.bytes)));

@@ -31,7 +31,12 @@
 //
 // Forget drops a sequence: a batch of it being written stops after the
 // values in progress, queued ones are dropped, and its values are deleted;
-// it returns only then, so the caller may free the batch's host memory.
+// it returns true then, and the caller may free the batch's host memory.
+// It waits at most forget_timeout for the values in progress: a write the
+// SSD does not finish by then (a disk that stops answering) leaves Forget
+// returning false, and the sequence's host memory must stay until Poll
+// reports the batch (Done::forgotten), once the write has returned and the
+// values are deleted. An ended sequence never holds the engine up.
 //
 // Thread-safety: Write, Poll, Forget and the accessors are called by the
 // thread that drives the model; Fetch from the step (on the CUDA backend a
@@ -70,9 +75,13 @@ class ClusterSpill final : public engine::PieceFetcher {
     int io_threads = 4;  // parallel reads in Fetch, and writes of a batch
     // How long a step waits for its reads (see above).
     std::chrono::milliseconds fetch_timeout{2000};
-    // Tests only: called on the I/O thread before each read (a test blocks
-    // it to stand for a disk that stops answering).
+    // How long Forget waits for a batch being written (see above).
+    std::chrono::milliseconds forget_timeout{2000};
+    // Tests only: called on the I/O thread before each read, and before
+    // each value written (a test blocks them to stand for a disk that
+    // stops answering).
     std::function<void()> before_read = nullptr;
+    std::function<void()> before_write = nullptr;
   };
   struct Stats {
     int64_t batches_written = 0;  // Write batches stored
@@ -86,6 +95,7 @@ class ClusterSpill final : public engine::PieceFetcher {
     int64_t fetch_micros = 0;      // time the steps waited for them
     int64_t fetches_failed = 0;    // pieces that could not be had (-1)
     int64_t fetch_timeouts = 0;    // fetches that gave up on reads still running
+    int64_t forget_timeouts = 0;   // Forget calls that left a stalled write behind
     bool stalled = false;          // reads a fetch gave up on are still running
     int64_t bytes_resident = 0;    // on the SSD now
     int sequences = 0;             // with values on the SSD now
@@ -114,6 +124,10 @@ class ClusterSpill final : public engine::PieceFetcher {
     int64_t seq_id = 0;
     uint64_t tag = 0;
     absl::Status status;  // ok: every cluster is on the SSD
+    // The sequence was forgotten while this batch was being written (Forget
+    // returned false): its values are deleted now, and the batch's host
+    // memory is the caller's again.
+    bool forgotten = false;
   };
 
   // `store` and the host memory outlive the spill.
@@ -129,9 +143,11 @@ class ClusterSpill final : public engine::PieceFetcher {
   void Write(uint64_t owner, Batch batch);
   // The batches finished since the last call.
   std::vector<Done> Poll();
-  // The sequence ends: its batches stop (Poll reports none of them) and
-  // its values are deleted before this returns.
-  void Forget(int64_t seq_id);
+  // The sequence ends: its batches stop and its values are deleted before
+  // this returns true; false when a batch being written outlived
+  // forget_timeout (see the file comment: Poll reports it, forgotten, once
+  // it returns; no other batch of the sequence is reported).
+  bool Forget(int64_t seq_id);
   // Where fetched clusters land: bytes [offset, offset + bytes) of the
   // host buffer (bytes 0: nowhere, every fetch fails). Set between steps.
   void SetStaging(int64_t offset, int64_t bytes);
@@ -154,7 +170,8 @@ class ClusterSpill final : public engine::PieceFetcher {
   struct Sequence {
     uint64_t owner = 0;
     int slot = 0;
-    int writing = 0;  // batches queued or being written
+    int writing = 0;         // batches queued or being written
+    bool forgotten = false;  // Forget gave up waiting for its write
     // By (layer, head, block): the clusters on the SSD; by (layer, head):
     // their first pieces and blocks, sorted, to find a piece's cluster.
     absl::flat_hash_map<uint64_t, StoredCluster> clusters;

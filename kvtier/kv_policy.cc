@@ -316,6 +316,8 @@ absl::Status KvPolicyRunner::Allocate() {
       spill.host_data = const_cast<uint8_t*>(ring_.host.data());
       spill.io_threads = options_.tier.spill_io_threads;
       spill.fetch_timeout = options_.tier.spill_fetch_timeout;
+      spill.forget_timeout = options_.tier.spill_fetch_timeout;
+      spill.before_write = options_.tier.spill_before_write;
       spill_ = std::make_unique<ClusterSpill>(options_.tier.manager->ssd(), spill);
       break;
     }
@@ -915,22 +917,24 @@ void KvPolicyRunner::Release(int64_t seq_id) {
   // Steps end synchronised: no kernel still reads the ring or the regions.
   if (!seq.ring_pages.empty()) GiveRingPages(seq_id, seq);
   // Stops a batch being written (it reads the regions) and deletes the
-  // sequence's values.
-  if (spill_ != nullptr) spill_->Forget(seq_id);
+  // sequence's values. A write the SSD holds past the spill's timeout
+  // still reads the regions: they are freed when it returns (PollSpill).
+  const bool settled = spill_ == nullptr || spill_->Forget(seq_id);
+  std::vector<KvBlockManager::HostRegion> regions = std::move(seq.regions);
+  if (seq.pending_spill.has_value()) {
+    regions.insert(regions.end(), seq.pending_spill->regions.begin(),
+                   seq.pending_spill->regions.end());
+  }
   {
     std::unique_lock<std::mutex> lock = LockManager();
-    if (spill_ != nullptr) {
-      options_.tier.manager->RefundSsd(seq.policy, seq.ssd_charged);
-      if (seq.pending_spill.has_value()) {
-        for (const KvBlockManager::HostRegion& r : seq.pending_spill->regions) {
-          options_.tier.manager->FreeHostRegion(r);
-        }
+    if (spill_ != nullptr) options_.tier.manager->RefundSsd(seq.policy, seq.ssd_charged);
+    if (settled) {
+      for (const KvBlockManager::HostRegion& region : regions) {
+        options_.tier.manager->FreeHostRegion(region);
       }
     }
-    for (const KvBlockManager::HostRegion& region : seq.regions) {
-      options_.tier.manager->FreeHostRegion(region);
-    }
   }
+  if (!settled) orphaned_regions_[seq_id] = std::move(regions);
   free_slots_.push_back(seq.state.slot);
   sequences_.erase(it);
   if (spill_ != nullptr) MaybeFreeStaging();

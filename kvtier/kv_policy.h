@@ -159,8 +159,12 @@ struct KvTierOptions {
   int spill_stride = 1;
   int spill_io_threads = 4;
   // How long a decode step waits for clusters it fetches from the SSD
-  // before it recomputes their sequences instead (ClusterSpill).
+  // before it recomputes their sequences instead, and a released sequence
+  // for the write of its clusters before it leaves their host memory to be
+  // freed once the write returns (ClusterSpill).
   std::chrono::milliseconds spill_fetch_timeout{2000};
+  // Tests only: ClusterSpill::Options::before_write.
+  std::function<void()> spill_before_write = nullptr;
   // With tensor parallelism, what the ranks' runners share (their calls
   // into `manager`, and their sequences' ring pages); set by
   // RankedKvPolicies. Null: one runner.
@@ -235,6 +239,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t hard_miss_micros = 0;
     int64_t hard_miss_failed = 0;
     int64_t hard_miss_timeouts = 0;  // fetches that gave up on a stalled SSD
+    // Released sequences whose clusters' write the SSD held past the
+    // timeout (their host memory freed once it returned).
+    int64_t spill_writes_abandoned = 0;
     int64_t ssd_cluster_bytes = 0;
     int64_t lost_sequences = 0;  // sequences recomputed because of them
     int64_t ring_pauses = 0;     // rings given back by paused sequences
@@ -465,6 +472,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   int64_t spills_over_line_ = 0;  // batches past their workload's SSD line
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;
+  // The host regions of released sequences whose clusters' write to the
+  // SSD outlived ClusterSpill's forget_timeout: freed when it returns.
+  absl::flat_hash_map<int64_t, std::vector<KvBlockManager::HostRegion>> orphaned_regions_;
   // Paused sequences that found no pages for their ring this step.
   std::vector<int64_t> ring_lost_;
   std::vector<int> free_slots_;

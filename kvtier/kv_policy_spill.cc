@@ -207,6 +207,20 @@ absl::Status KvPolicyRunner::FinishSpill(Sequence& seq, bool stored) {
 absl::Status KvPolicyRunner::PollSpill() {
   if (spill_ == nullptr) return absl::OkStatus();
   for (const ClusterSpill::Done& done : spill_->Poll()) {
+    if (done.forgotten) {
+      // A released sequence's write the SSD held returned: its host
+      // memory is free now.
+      auto orphan = orphaned_regions_.find(done.seq_id);
+      if (orphan == orphaned_regions_.end()) continue;
+      {
+        std::unique_lock<std::mutex> lock = LockManager();
+        for (const KvBlockManager::HostRegion& r : orphan->second) {
+          options_.tier.manager->FreeHostRegion(r);
+        }
+      }
+      orphaned_regions_.erase(orphan);
+      continue;
+    }
     auto it = sequences_.find(done.seq_id);
     if (it == sequences_.end() || !it->second.pending_spill.has_value() ||
         it->second.pending_spill->tag != done.tag) {
@@ -270,6 +284,7 @@ absl::Status KvPolicyRunner::PollSpill() {
   stats_.hard_miss_micros = s.fetch_micros;
   stats_.hard_miss_failed = s.fetches_failed;
   stats_.hard_miss_timeouts = s.fetch_timeouts;
+  stats_.spill_writes_abandoned = s.forget_timeouts;
   stats_.ssd_cluster_bytes = s.bytes_resident;
   return absl::OkStatus();
 }

@@ -172,6 +172,10 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->hard_miss_timeouts_, "strata_kv_ssd_hard_miss_timeouts_total",
                                  "Hard misses whose reads the SSD did not return in time; their "
                                  "sequences were recomputed."));
+  STRATA_RETURN_IF_ERROR(counter(m->spill_writes_abandoned_,
+                                 "strata_kv_ssd_cluster_writes_abandoned_total",
+                                 "Ended sequences whose clusters' write the SSD did not finish in "
+                                 "time; their host memory was freed once it returned."));
   STRATA_ASSIGN_OR_RETURN(m->ssd_sequences_,
                           metrics::AddGauge(r, "strata_kv_ssd_sequences",
                                             "Swapped sequences with their KV on the SSD tier "
@@ -359,6 +363,7 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   hard_miss_bytes_.Advance(stats.hard_miss_bytes);
   hard_miss_failed_.Advance(stats.hard_miss_failed);
   hard_miss_timeouts_.Advance(stats.hard_miss_timeouts);
+  spill_writes_abandoned_.Advance(stats.spill_writes_abandoned);
   ssd_cluster_bytes_->Set(static_cast<double>(stats.ssd_cluster_bytes));
   if (stats.hard_miss_micros > hard_miss_micros_seen_) {
     hard_miss_seconds_->Increment(

@@ -70,6 +70,9 @@
 //                                               had (sequence recomputed)
 //   strata_kv_ssd_hard_miss_timeouts_total      ... fetches the SSD did not
 //                                               answer in time (recomputed)
+//   strata_kv_ssd_cluster_writes_abandoned_total ended sequences whose
+//                                               clusters' write the SSD held
+//                                               past the timeout
 //   strata_kv_prefetch_bytes_total              host bytes read ahead for the
 //                                               next layer's guessed selection
 //   strata_kv_ssd_sequences                     swapped sequences on the SSD
@@ -228,7 +231,7 @@ class ServerMetrics {
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
   TotalCounter prefetch_bytes_;
   TotalCounter cluster_spills_, clusters_spilled_, cluster_spills_refused_, hard_misses_,
-      hard_miss_bytes_, hard_miss_failed_, hard_miss_timeouts_;
+      hard_miss_bytes_, hard_miss_failed_, hard_miss_timeouts_, spill_writes_abandoned_;
   prometheus::Counter* hard_miss_seconds_ = nullptr;
   int64_t hard_miss_micros_seen_ = 0;
   prometheus::Gauge* ssd_cluster_bytes_ = nullptr;

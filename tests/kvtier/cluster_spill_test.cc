@@ -48,7 +48,9 @@ struct Setup {
   double high_water = 0.75;
   int64_t ssd_budget = int64_t{1} << 30;
   int num_pages = 160;
-  int64_t ssd_line = -1;  // the workload's own SSD line (-1: none)
+  int64_t ssd_line = -1;                          // the workload's own SSD line (-1: none)
+  std::chrono::milliseconds spill_timeout{2000};  // KvTierOptions::spill_fetch_timeout
+  std::function<void()> before_write = nullptr;   // ... ::spill_before_write
 };
 
 // llama_gqa, a block manager with a 64 MiB host tier over a RocksDB store
@@ -83,6 +85,8 @@ class SpillModel {
     if (setup.tiered) tier.manager = manager_.get();
     tier.spill_admission = {setup.admission};
     tier.spill_high_water = setup.high_water;
+    tier.spill_fetch_timeout = setup.spill_timeout;
+    tier.spill_before_write = setup.before_write;
     auto r = KvPolicyRunner::Create(model(), {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
     EXPECT_TRUE(r.ok()) << r.status();
     runner_ = std::move(*r);
@@ -311,6 +315,59 @@ TEST(ClusterSpillTest, NothingLeaksAfterCancellationsPreemptionsAndSpills) {
   EXPECT_TRUE(m.Idle());
 }
 
+TEST(ClusterSpillTest, ASequenceEndingWhileTheSsdHoldsItsWriteDoesNotHoldTheEngineUp) {
+  // The disk stops answering writes. A cancelled sequence whose clusters
+  // are being written ends within the timeout; its host memory stays
+  // until the write returns, and then everything is given back.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stall = true, writing = false;
+  SpillModel m({.admission = Admission::kAlways,
+                .spill_timeout = std::chrono::milliseconds(100),
+                .before_write = [&] {
+                  std::unique_lock<std::mutex> lock(mu);
+                  writing = true;
+                  cv.notify_all();
+                  cv.wait(lock, [&] { return !stall; });
+                }});
+  {
+    engine::Batcher batcher(m.model(), nullptr, {}, &m.manager());
+    engine::GenerationRequest r;
+    r.id = 1;
+    r.prompt = Prompt(150, 3);
+    r.max_tokens = 40;
+    r.ignore_eos = true;
+    ASSERT_TRUE(batcher.Add(r).ok());
+    for (int step = 0; step < 200; ++step) {
+      ASSERT_TRUE(batcher.Step().ok());
+      std::lock_guard<std::mutex> lock(mu);
+      if (writing) break;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      ASSERT_TRUE(writing) << "a batch of the sequence's clusters is being written";
+    }
+    batcher.Cancel(1);
+    const auto start = std::chrono::steady_clock::now();
+    while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(2))
+        << "the release waited for the stalled write";
+  }
+  EXPECT_EQ(m.runner().spill()->stats().forget_timeouts, 1);
+  EXPECT_FALSE(m.Idle()) << "the write still reads the sequence's host memory";
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    stall = false;
+  }
+  cv.notify_all();
+  // The runner frees the memory when it polls the spill after the write.
+  for (int i = 0; i < 5000 && !m.Idle(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    ASSERT_TRUE(m.runner().SettleSpills(std::chrono::seconds(1)).ok());
+  }
+  EXPECT_TRUE(m.Idle());
+}
+
 // ---- ClusterSpill alone, over a host buffer of its own -------------------
 
 class ClusterSpillUnitTest : public ::testing::Test {
@@ -449,6 +506,51 @@ TEST_F(ClusterSpillUnitTest, AStalledSsdFailsFetchesInTimeAndLateReadsLandNowher
   EXPECT_EQ(st.fetches_failed, 4);
   EXPECT_EQ(st.bytes_read, 640);
   spill.Forget(9);
+}
+
+TEST_F(ClusterSpillUnitTest, ForgettingASequenceWhoseWriteTheSsdHoldsReturnsInTime) {
+  // The disk stops answering a write: Forget gives up waiting after its
+  // timeout, and the batch is reported, forgotten, once the write returns,
+  // with nothing of the sequence left on the SSD.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool writing = false, release = false;
+  ClusterSpill::Options options{.host_data = host_.data(), .io_threads = 1};
+  options.forget_timeout = std::chrono::milliseconds(100);
+  options.before_write = [&] {
+    std::unique_lock<std::mutex> lock(mu);
+    writing = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return release; });
+  };
+  ClusterSpill spill(store_.get(), options);
+  ClusterSpill::Batch batch = OneCluster(9, 2);
+  batch.tag = 5;
+  spill.Write(77, batch);
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return writing; });
+  }
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_FALSE(spill.Forget(9)) << "the write is still out";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(1000));
+  EXPECT_EQ(spill.stats().forget_timeouts, 1);
+  EXPECT_TRUE(spill.Poll().empty()) << "nothing to free yet: the write reads the host memory";
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  const std::vector<ClusterSpill::Done> done = WaitDone(spill);
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_TRUE(done[0].forgotten);
+  EXPECT_EQ(done[0].seq_id, 9);
+  EXPECT_EQ(done[0].tag, 5u);
+  EXPECT_EQ(store_->stats().bytes_used, 0) << "what the late write stored is deleted";
+  const ClusterSpill::Stats st = spill.stats();
+  EXPECT_EQ(st.sequences, 0);
+  EXPECT_EQ(st.batches_in_flight, 0);
+  EXPECT_TRUE(spill.Forget(9)) << "already gone";
 }
 
 TEST_F(ClusterSpillUnitTest, AClusterThatDoesNotFitTheStagingAreaFailsAlone) {
