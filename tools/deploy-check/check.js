@@ -271,6 +271,12 @@ function checkPodWorkload(source, obj, objs, configMaps) {
       if (gpuRequest !== undefined && quantityNumber(gpuRequest) !== gpuLimit) {
         report(source, obj, `${cpath}.resources.requests.nvidia.com/gpu`, "must equal the limit");
       }
+      // A rank per GPU: fewer GPUs than ranks fails at start, more idle.
+      const tp = Number(last(flags, "--tensor-parallel") || 1);
+      if (gpuLimit >= 1 && tp !== gpuLimit) {
+        report(source, obj, `${cpath}.args`,
+          `--tensor-parallel ${tp} on a pod with ${gpuLimit} GPUs: strata runs a rank per GPU, so they must be equal`);
+      }
       if (last(flags, "--backend") !== "cuda") {
         report(source, obj, `${cpath}.args`, `--backend is ${last(flags, "--backend") || "cpu (the default)"}, not cuda, on a GPU pod`);
       }
