@@ -68,15 +68,12 @@ const std::vector<KvDevice::RankFence>* KvDevice::Parts(engine::CopyFence fence)
   return it == fences_.end() ? nullptr : &it->second;
 }
 
-absl::StatusOr<engine::CopyFence> KvDevice::CopyByRank(std::span<const engine::Tensor> tensors,
-                                                       std::span<const engine::RowCopy> rows,
-                                                       const RankCopy& copy) {
-  STRATA_RETURN_IF_ERROR(SplitByRank(rows));
+absl::StatusOr<engine::CopyFence> KvDevice::IssueOnRanks(absl::FunctionRef<bool(int)> has_work,
+                                                         const RankIssue& issue) {
   std::vector<RankFence> fences;
   for (int r = 0; r < num_ranks(); ++r) {
-    if (rank_rows_[r].empty()) continue;
-    absl::StatusOr<engine::CopyFence> f = copy(
-        *backends_[r], tensors.subspan(r * tensors_per_rank_, tensors_per_rank_), rank_rows_[r]);
+    if (!has_work(r)) continue;
+    absl::StatusOr<engine::CopyFence> f = issue(r);
     if (!f.ok()) {
       // The caller frees what the copies touch once this fails: the ranks
       // already copying finish first.
@@ -88,6 +85,30 @@ absl::StatusOr<engine::CopyFence> KvDevice::CopyByRank(std::span<const engine::T
     fences.push_back({r, *f});
   }
   return Combine(std::move(fences));
+}
+
+absl::StatusOr<engine::CopyFence> KvDevice::CopyByRank(std::span<const engine::Tensor> tensors,
+                                                       std::span<const engine::RowCopy> rows,
+                                                       const RankCopy& copy) {
+  STRATA_RETURN_IF_ERROR(SplitByRank(rows));
+  return IssueOnRanks([&](int r) { return !rank_rows_[r].empty(); },
+                      [&](int r) {
+                        return copy(*backends_[r],
+                                    tensors.subspan(r * tensors_per_rank_, tensors_per_rank_),
+                                    rank_rows_[r]);
+                      });
+}
+
+absl::Status KvDevice::CheckCodecCaches(std::string_view op,
+                                        std::span<const engine::Tensor> k_caches,
+                                        std::span<const engine::Tensor> v_caches) const {
+  const size_t layers = static_cast<size_t>(tensors_per_rank_ / 2);
+  if (k_caches.size() != layers * backends_.size() || v_caches.size() != k_caches.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV block ", std::string(op), ": ", k_caches.size(), " K and ", v_caches.size(),
+        " V caches for ", num_ranks(), " ranks of ", layers, " layers"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<engine::CopyFence> KvDevice::CopyRowsToHost(std::span<const engine::Tensor> tensors,
@@ -169,29 +190,15 @@ absl::StatusOr<engine::CopyFence> KvDevice::EncodeBlocksToHost(
   if (num_ranks() == 1) {
     return backends_[0]->EncodeBlocksToHost(codec, k_caches, v_caches, blocks, host);
   }
-  const size_t layers = static_cast<size_t>(tensors_per_rank_ / 2);
-  if (k_caches.size() != layers * backends_.size() || v_caches.size() != k_caches.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("KV block encode: ", k_caches.size(), " K and ",
-                                                   v_caches.size(), " V caches for ", num_ranks(),
-                                                   " ranks of ", layers, " layers"));
-  }
+  STRATA_RETURN_IF_ERROR(CheckCodecCaches("encode", k_caches, v_caches));
   STRATA_RETURN_IF_ERROR(SplitBlocksByRank(blocks));
-  std::vector<RankFence> fences;
-  for (int r = 0; r < num_ranks(); ++r) {
-    if (rank_blocks_[r].empty()) continue;
-    absl::StatusOr<engine::CopyFence> f = backends_[r]->EncodeBlocksToHost(
-        codec, k_caches.subspan(r * layers, layers), v_caches.subspan(r * layers, layers),
-        rank_blocks_[r], host);
-    if (!f.ok()) {
-      // As for a copy: the caller frees the records the others write into.
-      for (const RankFence& issued : fences) {
-        (void)backends_[issued.rank]->WaitFence(issued.fence);
-      }
-      return f.status();
-    }
-    fences.push_back({r, *f});
-  }
-  return Combine(std::move(fences));
+  const size_t layers = static_cast<size_t>(tensors_per_rank_ / 2);
+  return IssueOnRanks([&](int r) { return !rank_blocks_[r].empty(); },
+                      [&](int r) {
+                        return backends_[r]->EncodeBlocksToHost(
+                            codec, k_caches.subspan(r * layers, layers),
+                            v_caches.subspan(r * layers, layers), rank_blocks_[r], host);
+                      });
 }
 
 absl::Status KvDevice::DecodeBlocksFromHost(const engine::HostBuffer& host,
@@ -199,13 +206,9 @@ absl::Status KvDevice::DecodeBlocksFromHost(const engine::HostBuffer& host,
                                             std::span<const engine::Tensor> k_caches,
                                             std::span<const engine::Tensor> v_caches) {
   if (num_ranks() == 1) return backends_[0]->DecodeBlocksFromHost(host, blocks, k_caches, v_caches);
-  const size_t layers = static_cast<size_t>(tensors_per_rank_ / 2);
-  if (k_caches.size() != layers * backends_.size() || v_caches.size() != k_caches.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("KV block decode: ", k_caches.size(), " K and ",
-                                                   v_caches.size(), " V caches for ", num_ranks(),
-                                                   " ranks of ", layers, " layers"));
-  }
+  STRATA_RETURN_IF_ERROR(CheckCodecCaches("decode", k_caches, v_caches));
   STRATA_RETURN_IF_ERROR(SplitBlocksByRank(blocks));
+  const size_t layers = static_cast<size_t>(tensors_per_rank_ / 2);
   for (int r = 0; r < num_ranks(); ++r) {
     if (rank_blocks_[r].empty()) continue;
     absl::Status decoded = backends_[r]->DecodeBlocksFromHost(host, rank_blocks_[r],

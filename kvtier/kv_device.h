@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <map>
 #include <span>
+#include <string_view>
 #include <vector>
 
 #include "absl/functional/function_ref.h"
@@ -82,8 +83,17 @@ class KvDevice {
     int rank = 0;
     engine::CopyFence fence = engine::kFenceDone;
   };
-  // Issues `copy` on each rank with rows, over that rank's caches; one
-  // fence for all. On a rank's failure, waits for the ranks already copying.
+  // Calls `issue(r)` for each rank r that has_work(r): one fence for all.
+  // On a rank's failure, waits for the ranks already issued.
+  using RankIssue = absl::FunctionRef<absl::StatusOr<engine::CopyFence>(int rank)>;
+  absl::StatusOr<engine::CopyFence> IssueOnRanks(absl::FunctionRef<bool(int)> has_work,
+                                                 const RankIssue& issue);
+  // InvalidArgument unless there are a K and a V cache per layer of every
+  // rank (the block codec calls).
+  absl::Status CheckCodecCaches(std::string_view op, std::span<const engine::Tensor> k_caches,
+                                std::span<const engine::Tensor> v_caches) const;
+  // Issues `copy` on each rank with rows, over that rank's caches (as
+  // IssueOnRanks).
   using RankCopy = absl::FunctionRef<absl::StatusOr<engine::CopyFence>(
       engine::Backend&, std::span<const engine::Tensor>, std::span<const engine::RowCopy>)>;
   absl::StatusOr<engine::CopyFence> CopyByRank(std::span<const engine::Tensor> tensors,

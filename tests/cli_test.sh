@@ -55,33 +55,18 @@ EOF
 c=$("$strata" generate --model "$model" --prompt-ids 0,5,6,7 --temperature 0.9 --top-p 0.95 --top-k 50 --seed 7 --max-tokens 16 --json --tensor-parallel 2 --profile "$tiers_dir/tiers.yaml")
 [[ $(token_ids "$a") == "$(token_ids "$c")" ]] || fail "--tensor-parallel 2 with a host tier: $(token_ids "$c")"
 # ClusterKV on every rank over its KV heads: one rank's tokens.
-cat > "$tiers_dir/ckv.yaml" <<EOF
-name: ckv
-kv_policy:
-  type: clusterkv
-  budget_tokens: 32
-  sink_tokens: 4
-  window_tokens: 16
-  tokens_per_cluster: 8
-  full_layers: 0
-EOF
+# clusterkv_profile NAME [YAML]: a small ClusterKV profile, YAML appended.
+clusterkv_profile() {
+  printf 'name: %s\nkv_policy:\n  type: clusterkv\n  budget_tokens: 32\n  sink_tokens: 4\n  window_tokens: 16\n  tokens_per_cluster: 8\n  full_layers: 0\n%s' \
+    "$1" "${2:-}" > "$tiers_dir/$1.yaml"
+}
+clusterkv_profile ckv
 prompt=$(seq -s, 3 120)
 c1=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv.yaml")
 c2=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv.yaml" --tensor-parallel 2)
 [[ $(token_ids "$c1") == "$(token_ids "$c2")" ]] || fail "clusterkv over 2 ranks: $(token_ids "$c2") vs $(token_ids "$c1")"
 # ... and with its clusters homed in the host tier, every rank's.
-cat > "$tiers_dir/ckv_host.yaml" <<EOF
-name: ckv_host
-kv_policy:
-  type: clusterkv
-  budget_tokens: 32
-  sink_tokens: 4
-  window_tokens: 16
-  tokens_per_cluster: 8
-  full_layers: 0
-tiers:
-  host_bytes: 64MiB
-EOF
+clusterkv_profile ckv_host $'tiers:\n  host_bytes: 64MiB\n'
 c3=$("$strata" generate --model "$model" --prompt-ids "$prompt" --max-tokens 24 --json --profile "$tiers_dir/ckv_host.yaml" --tensor-parallel 2)
 [[ $(token_ids "$c1") == "$(token_ids "$c3")" ]] || fail "host-homed clusterkv over 2 ranks: $(token_ids "$c3") vs $(token_ids "$c1")"
 rm -rf "$tiers_dir"
