@@ -79,6 +79,12 @@ const char* FinishReasonLabel(v1::FinishReason reason) {
 // from the call's start until its OnDone has told the stream, and holds a
 // reference on the stream meanwhile. Its reads are started by the stream
 // only (under the stream's mutex), one at a time.
+//
+// The stream starts a read from its client's write completion, outside
+// this call's reactions, so the call holds itself open with a hold
+// (AddHold) until the stream will start no more reads: without it, gRPC
+// may end the call (its status in, no read outstanding) and free it just
+// as the stream starts the next read.
 class UpstreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> {
  public:
   UpstreamCall(RouteStream* stream, PickedWorker worker)
@@ -91,11 +97,25 @@ class UpstreamCall final : public grpc::ClientReadReactor<v1::GenerateResponse> 
   v1::GenerateResponse& response() { return response_; }
   const PickedWorker& worker() const { return worker_; }
 
+  // Under the stream's mutex. Taken before the call starts.
+  void TakeHoldLocked() {
+    AddHold();
+    held_ = true;
+  }
+  // The stream will start no more reads: the call may end.
+  void ReleaseHoldLocked() {
+    if (!held_) return;
+    held_ = false;
+    RemoveHold();
+  }
+  bool held() const { return held_; }
+
  private:
   RouteStream* const stream_;
   const PickedWorker worker_;
   grpc::ClientContext context_;
   v1::GenerateResponse response_;
+  bool held_ = false;  // guarded by the stream's mutex
 };
 
 // One Generate call from a client: the reactor gRPC drives, and the relay
@@ -292,6 +312,7 @@ void RouteStream::StartAttemptLocked(PickedWorker worker) {
   refs_.fetch_add(1);  // the UpstreamCall's, dropped after its OnDone
   upstream_ = call;
   stub->async()->Generate(&ctx, &forward_, call);
+  call->TakeHoldLocked();
   call->StartRead(&call->response());
   call->StartCall();
 }
@@ -304,13 +325,15 @@ void RouteStream::Reject(const absl::Status& status, const std::string& reason) 
 }
 
 void RouteStream::OnUpstreamRead(UpstreamCall* call, bool ok) {
-  // !ok: the worker's stream ended; its status follows in OnUpstreamDone.
-  if (!ok) return;
   ServerMetrics* metrics = service_->metrics_;
   std::lock_guard<std::mutex> lock(mu_);
-  // The client is gone: the worker's call is being cancelled, and nothing
-  // more is read from it.
-  if (cancelled_ || finish_called_ || end_status_.has_value()) return;
+  // !ok: the worker's stream ended; its status follows in OnUpstreamDone.
+  // Or the client is gone: the worker's call is being cancelled, and
+  // nothing more is read from it.
+  if (!ok || cancelled_ || finish_called_ || end_status_.has_value()) {
+    call->ReleaseHoldLocked();
+    return;
+  }
   v1::GenerateResponse& response = call->response();
   const Clock::time_point now = Clock::now();
   const int tokens = response.token_ids_size();
@@ -343,6 +366,7 @@ void RouteStream::OnUpstreamRead(UpstreamCall* call, bool ok) {
     STRATA_LOG_ERROR("request {}: cannot serialize a response: {}", forward_.request_id(),
                      s.ToString());
     call->context().TryCancel();
+    call->ReleaseHoldLocked();
     EndLocked(grpc::Status(grpc::StatusCode::INTERNAL, "cannot serialize a response"), "error");
     return;
   }
@@ -358,10 +382,15 @@ void RouteStream::OnWriteDone(bool ok) {
     // The client's stream broke: it went away or its deadline passed (a
     // failed write can come before OnCancel says so).
     CancelLocked();
-  } else if (upstream_ != nullptr && !cancelled_ && !end_status_.has_value()) {
-    // Only now the worker's next response: the client's pace is the
-    // worker's.
-    upstream_->StartRead(&upstream_->response());
+  }
+  if (upstream_ != nullptr) {
+    if (!cancelled_ && !end_status_.has_value() && upstream_->held()) {
+      // Only now the worker's next response: the client's pace is the
+      // worker's.
+      upstream_->StartRead(&upstream_->response());
+    } else {
+      upstream_->ReleaseHoldLocked();
+    }
   }
   AdvanceLocked();
 }
