@@ -27,6 +27,7 @@ kvtier::KvPolicyConfig MakeConfig(const KvBenchFlags& f, const std::string& type
   c.sink_tokens = f.sink_tokens;
   c.window_tokens = f.window_tokens;
   c.tokens_per_cluster = f.tokens_per_cluster;
+  c.cluster_chunk_tokens = f.cluster_chunk_tokens;
   c.kmeans_iterations = f.kmeans_iterations;
   c.full_layers = f.full_layers;
   return c;
@@ -105,6 +106,8 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
     cmd->add_option("--sink-tokens", f.sink_tokens, "Always-attended first tokens");
     cmd->add_option("--window-tokens", f.window_tokens, "Always-attended recent tokens");
     cmd->add_option("--tokens-per-cluster", f.tokens_per_cluster, "ClusterKV: tokens per cluster");
+    cmd->add_option("--cluster-chunk-tokens", f.cluster_chunk_tokens,
+                    "ClusterKV: cluster the prompt in chunks of this many positions (0: whole)");
     cmd->add_option("--kmeans-iterations", f.kmeans_iterations, "ClusterKV: k-means iterations");
     cmd->add_option("--kv-cache-dtype", f.kv_cache_dtype,
                     "KV cache storage: auto (the activation dtype) or fp8_e4m3 (fp8)")
@@ -308,6 +311,7 @@ int RunKvPolicies(const KvBenchFlags& f) {
   if (!f.tier_codecs.empty()) {
     const engine::ModelConfig& c = model->config();
     const int64_t clusters = options.max_context / std::max(f.tokens_per_cluster, 1) +
+                             options.max_context / std::max(f.cluster_chunk_tokens, 1) +
                              8 * (options.max_context / std::max(f.window_tokens, 1) + 1);
     const int64_t per_head =
         engine::KvPieceUnitsBound(engine::KvCodecKind::kBf16, c.head_dim, model->kv_cache_dtype(),
@@ -414,6 +418,7 @@ int RunKvPolicies(const KvBenchFlags& f) {
                       {"sink_tokens", f.sink_tokens},
                       {"window_tokens", f.window_tokens},
                       {"tokens_per_cluster", f.tokens_per_cluster},
+                      {"cluster_chunk_tokens", f.cluster_chunk_tokens},
                       {"kmeans_iterations", f.kmeans_iterations},
                       {"results", rows}};
   if (absl::Status s = WriteJson(f.json, j); !s.ok()) return ExitWithError(kCmd, s);
@@ -475,6 +480,7 @@ int RunKvSpeed(const KvBenchFlags& f) {
     // Room for every sequence's clusters, every layer and head.
     const engine::ModelConfig& c = model->config();
     const int64_t clusters = options.max_context / std::max(f.tokens_per_cluster, 1) +
+                             options.max_context / std::max(f.cluster_chunk_tokens, 1) +
                              8 * (options.max_context / std::max(f.window_tokens, 1) + 1);
     const int64_t per_head = engine::KvPieceUnitsBound(*codec, c.head_dim, model->kv_cache_dtype(),
                                                        options.max_context, clusters) *

@@ -43,6 +43,7 @@ struct KvBenchFlags {
   int sink_tokens = 16;
   int window_tokens = 320;
   int tokens_per_cluster = 80;
+  int cluster_chunk_tokens = 0;  // kvtier::KvPolicyConfig's
   int kmeans_iterations = 20;
   int max_batch = 16;
   int generate = 0;

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <iterator>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
@@ -79,7 +80,10 @@ class ClusterKvPolicy final : public KvPolicy {
   PolicyKind kind() const override { return PolicyKind::kClusterKv; }
   int Window() const { return std::max(config_.window_tokens, 1); }
   int MaxBlocks(int max_context) const override {
-    return CeilDiv(max_context, config_.tokens_per_cluster) +
+    // With chunks, each may end in a partial cluster.
+    const int chunks =
+        config_.cluster_chunk_tokens > 0 ? CeilDiv(max_context, config_.cluster_chunk_tokens) : 0;
+    return CeilDiv(max_context, config_.tokens_per_cluster) + chunks +
            kClustersPerWindow * CeilDiv(max_context, Window());
   }
   int MaxKeys(int max_context) const override {
@@ -95,9 +99,11 @@ class ClusterKvPolicy final : public KvPolicy {
       // it fills at least one cluster.
       const int count = context_len - window - s.sink_end;
       if (count >= config_.tokens_per_cluster) {
-        const int clusters = CeilDiv(count, config_.tokens_per_cluster);
-        work.push_back({SummaryWork::kCluster, s.sink_end, count, clusters, 0});
-        s.num_blocks = clusters;
+        for (const auto& [begin, end] : PromptChunks(s.sink_end, s.sink_end + count)) {
+          const int clusters = CeilDiv(end - begin, config_.tokens_per_cluster);
+          work.push_back({SummaryWork::kCluster, begin, end - begin, clusters, s.num_blocks});
+          s.num_blocks += clusters;
+        }
         s.tail_begin = s.sink_end + count;
       }
     }
@@ -108,6 +114,34 @@ class ClusterKvPolicy final : public KvPolicy {
       s.num_blocks += clusters;
       s.tail_begin += window;
     }
+  }
+
+ private:
+  // The prompt's clustered span [begin, end) as it is clustered: whole, or
+  // cut at the multiples of cluster_chunk_tokens. A piece shorter than a
+  // cluster (the span's first, after the sinks, or its last) joins its
+  // neighbour, so only the span's first and last pieces depend on where
+  // the span starts and ends.
+  std::vector<std::pair<int, int>> PromptChunks(int begin, int end) const {
+    const int n = config_.cluster_chunk_tokens;
+    if (n <= 0) return {{begin, end}};
+    std::vector<std::pair<int, int>> chunks;
+    for (int at = begin; at < end;) {
+      const int next = std::min(end, (at / n + 1) * n);
+      chunks.push_back({at, next});
+      at = next;
+    }
+    if (chunks.size() > 1 &&
+        chunks.front().second - chunks.front().first < config_.tokens_per_cluster) {
+      chunks[1].first = chunks.front().first;
+      chunks.erase(chunks.begin());
+    }
+    if (chunks.size() > 1 &&
+        chunks.back().second - chunks.back().first < config_.tokens_per_cluster) {
+      chunks[chunks.size() - 2].second = chunks.back().second;
+      chunks.pop_back();
+    }
+    return chunks;
   }
 };
 
@@ -153,10 +187,16 @@ std::string_view PolicyKindName(PolicyKind kind) {
 absl::StatusOr<std::unique_ptr<KvPolicy>> KvPolicy::Create(const KvPolicyConfig& c) {
   STRATA_ASSIGN_OR_RETURN(PolicyKind kind, ParsePolicyKind(c.type));
   if (c.budget_tokens < 0 || c.sink_tokens < 0 || c.window_tokens < 0 || c.full_layers < 0 ||
-      c.tokens_per_cluster < 1 || c.kmeans_iterations < 1 || c.quest_page_tokens < 1) {
+      c.tokens_per_cluster < 1 || c.kmeans_iterations < 1 || c.quest_page_tokens < 1 ||
+      c.cluster_chunk_tokens < 0) {
     return absl::InvalidArgumentError(
-        "kv_policy: budget, sinks, window and full_layers must be >= 0; tokens_per_cluster, "
-        "kmeans_iterations and quest_page_tokens >= 1");
+        "kv_policy: budget, sinks, window, full_layers and cluster_chunk_tokens must be >= 0; "
+        "tokens_per_cluster, kmeans_iterations and quest_page_tokens >= 1");
+  }
+  if (c.cluster_chunk_tokens % c.tokens_per_cluster != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv_policy.cluster_chunk_tokens: ", c.cluster_chunk_tokens,
+                     " is not a multiple of tokens_per_cluster (", c.tokens_per_cluster, ")"));
   }
   switch (kind) {
     case PolicyKind::kFull:

@@ -15,7 +15,9 @@
 //     unfinished page.
 //   - clusterkv (ClusterKV): at the first decode step the keys between the
 //     sinks and the last window are clustered (k-means, cosine, about one
-//     cluster per tokens_per_cluster) and reordered cluster-major; each time
+//     cluster per tokens_per_cluster; whole, or with cluster_chunk_tokens
+//     in chunks of that many positions, each on its own) and reordered
+//     cluster-major; each time
 //     the unclustered tail reaches 2 x window tokens its oldest window
 //     becomes 8 more clusters. Blocks are clusters, scored by q . centroid.
 // The first full_layers layers always attend densely.

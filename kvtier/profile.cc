@@ -128,6 +128,7 @@ absl::StatusOr<KvProfile> ParseNode(const YAML::Node& root, const std::string& s
     note(policy.Int("window_tokens", &k.window_tokens, 0, 1 << 24));
     note(policy.Int("tokens_per_cluster", &k.tokens_per_cluster, 1, 1 << 16));
     note(policy.Int("kmeans_iterations", &k.kmeans_iterations, 1, 1000));
+    note(policy.Int("cluster_chunk_tokens", &k.cluster_chunk_tokens, 0, 1 << 24));
     note(policy.Int("full_layers", &k.full_layers, 0, 1024));
     note(policy.Int("quest_page_tokens", &k.quest_page_tokens, 1, 4096));
     note(policy.NoUnknownKeys());

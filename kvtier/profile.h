@@ -46,6 +46,12 @@ struct KvPolicyConfig {
   int window_tokens = 320;
   int tokens_per_cluster = 80;
   int kmeans_iterations = 20;
+  // ClusterKV: 0 clusters the prompt in one k-means per layer and KV head;
+  // N (a multiple of tokens_per_cluster) clusters it in chunks of
+  // positions [kN, (k+1)N), each on its own, so that the clusters of a
+  // prompt's first chunks depend on those chunks' tokens alone, whatever
+  // follows them (and each k-means is over N keys, not the whole prompt).
+  int cluster_chunk_tokens = 0;
   int full_layers = 2;
   int quest_page_tokens = 16;
 };

@@ -5,6 +5,7 @@
 #include "kvtier/kv_policy.h"
 
 #include <algorithm>
+#include <array>
 #include <map>
 #include <numeric>
 #include <random>
@@ -59,6 +60,49 @@ TEST(KvPolicyTest, ClusterKvClustersThePromptThenEachWindow) {
   EXPECT_EQ(s.num_blocks, 13);
   EXPECT_EQ(s.tail_begin, 60);
   EXPECT_LE(13, (*policy)->MaxBlocks(68));
+}
+
+TEST(KvPolicyTest, ClusterKvClustersThePromptInChunksOfAlignedPositions) {
+  KvPolicyConfig c = Config("clusterkv", 100, 4, 8);
+  c.tokens_per_cluster = 10;
+  c.cluster_chunk_tokens = 20;
+  auto policy = KvPolicy::Create(c);
+  ASSERT_TRUE(policy.ok()) << policy.status();
+  // The span [4, 70): chunks [4, 20), [20, 40), [40, 60), [60, 70).
+  SequenceState s;
+  std::vector<SummaryWork> work;
+  (*policy)->Advance(78, s, work);
+  ASSERT_EQ(work.size(), 4u);
+  const std::vector<std::array<int, 4>> want = {
+      {4, 16, 2, 0}, {20, 20, 2, 2}, {40, 20, 2, 4}, {60, 10, 1, 6}};
+  for (size_t i = 0; i < want.size(); ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_EQ(work[i].begin, want[i][0]);
+    EXPECT_EQ(work[i].count, want[i][1]);
+    EXPECT_EQ(work[i].clusters, want[i][2]);
+    EXPECT_EQ(work[i].first_block, want[i][3]);
+  }
+  EXPECT_EQ(s.num_blocks, 7);
+  EXPECT_EQ(s.tail_begin, 70);
+  EXPECT_LE(s.num_blocks, (*policy)->MaxBlocks(78));
+  // A shorter prompt with the same start clusters its first chunks alike;
+  // a last piece shorter than a cluster joins the chunk before it.
+  SequenceState longer;
+  std::vector<SummaryWork> more;
+  (*policy)->Advance(71, longer, more);  // span [4, 63)
+  ASSERT_EQ(more.size(), 3u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(more[i].begin, work[i].begin);
+    EXPECT_EQ(more[i].count, work[i].count);
+    EXPECT_EQ(more[i].first_block, work[i].first_block);
+  }
+  EXPECT_EQ(more[2].begin, 40);
+  EXPECT_EQ(more[2].count, 23);
+  // The chunk must hold whole clusters.
+  c.cluster_chunk_tokens = 25;
+  EXPECT_THAT(KvPolicy::Create(c).status().message(),
+              ::testing::HasSubstr(
+                  "cluster_chunk_tokens: 25 is not a multiple of tokens_per_cluster (10)"));
 }
 
 TEST(KvPolicyTest, ClusterKvWaitsForAFullCluster) {
@@ -316,15 +360,23 @@ std::map<uint64_t, std::vector<int32_t>> Generate(engine::Model* model, int poli
   return out;
 }
 
-class PolicyModelTest : public ::testing::TestWithParam<std::string> {};
+// "clusterkv_chunked": ClusterKV clustering the prompt in 32-token chunks.
+class PolicyModelTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  KvPolicyConfig ParamConfig(int budget) const {
+    const bool chunked = GetParam() == "clusterkv_chunked";
+    KvPolicyConfig c = Config(chunked ? "clusterkv" : GetParam(), budget, 4, 16);
+    c.tokens_per_cluster = 8;
+    c.quest_page_tokens = 8;
+    if (chunked) c.cluster_chunk_tokens = 32;
+    return c;
+  }
+};
 
 TEST_P(PolicyModelTest, ABudgetCoveringTheContextGivesTheDenseTokens) {
   auto model = LoadGolden("llama_gqa");
   const auto dense = Generate(model.get());
-  KvPolicyConfig c = Config(GetParam(), 4096, 4, 16);
-  c.tokens_per_cluster = 8;
-  c.quest_page_tokens = 8;
-  auto runner = KvPolicyRunner::Create(model.get(), {c});
+  auto runner = KvPolicyRunner::Create(model.get(), {ParamConfig(4096)});
   ASSERT_TRUE(runner.ok()) << runner.status();
   ASSERT_TRUE(model->set_attention_planner(runner->get()).ok());
   const auto sparse = Generate(model.get());
@@ -332,18 +384,18 @@ TEST_P(PolicyModelTest, ABudgetCoveringTheContextGivesTheDenseTokens) {
   EXPECT_EQ(sparse, dense);
   EXPECT_GT((*runner)->stats().sparse_queries, 0);
   EXPECT_EQ((*runner)->num_free_slots(), 8);  // every sequence released
-  if (GetParam() == "clusterkv") {
-    EXPECT_GT((*runner)->stats().clusterings, 0);
+  if (GetParam() == "clusterkv") EXPECT_GT((*runner)->stats().clusterings, 0);
+  if (GetParam() == "clusterkv_chunked") {
+    // The prompts' spans after the sinks and before the window, [4, 82),
+    // [4, 135) and [4, 165), in 3, 4 and 5 chunks, in every layer.
+    EXPECT_GE((*runner)->stats().clusterings, (3 + 4 + 5) * model->config().num_layers);
   }
 }
 
 TEST_P(PolicyModelTest, ASmallBudgetAttendsToSinksSelectionAndTail) {
   auto model = LoadGolden("llama_gqa");
-  KvPolicyConfig c = Config(GetParam(), 24, 4, 16);
-  c.tokens_per_cluster = 8;
-  c.quest_page_tokens = 8;
-  auto runner =
-      KvPolicyRunner::Create(model.get(), {c}, {.max_sparse_seqs = 4, .track_selection = true});
+  auto runner = KvPolicyRunner::Create(model.get(), {ParamConfig(24)},
+                                       {.max_sparse_seqs = 4, .track_selection = true});
   ASSERT_TRUE(runner.ok()) << runner.status();
   int64_t checked = 0;
   (*runner)->set_observer([&](int, const Tensor&, const Tensor&, const Tensor&,
@@ -379,7 +431,7 @@ TEST_P(PolicyModelTest, ASmallBudgetAttendsToSinksSelectionAndTail) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Policies, PolicyModelTest,
-                         ::testing::Values("clusterkv", "quest", "streaming"));
+                         ::testing::Values("clusterkv", "clusterkv_chunked", "quest", "streaming"));
 
 TEST(KvPolicyRunnerTest, SequencesBeyondTheSlotsDecodeDensely) {
   auto model = LoadGolden("llama_gqa");
