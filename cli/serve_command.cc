@@ -12,8 +12,10 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <mutex>
 #include <thread>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "cli/backend_factory.h"
 #include "cli/exit_status.h"
@@ -360,13 +362,30 @@ int RunServe(const ServeFlags& f) {
   if (!server_metrics.ok()) return Fail(server_metrics.status());
   // The KV planner's and block manager's statistics may be read on the
   // engine thread only: publish them after each step.
-  std::function<void()> after_step = [runner = kv_policies ? &kv_policies->leader() : nullptr,
-                                      manager = kv_manager->get(), store = ssd->get(),
-                                      m = server_metrics->get()] {
-    if (runner != nullptr) m->UpdateKvPolicyStats(runner->stats());
-    m->UpdateKvTierStats(manager->stats());
-    if (store != nullptr) m->UpdateSsdStats(store->stats());
-  };
+  // A step that breaks the tensor-parallel group turns the health service
+  // to NOT_SERVING, so that the orchestrator restarts the worker. The
+  // server is known once it listens, and forgotten before it goes.
+  struct HealthServer {
+    std::mutex mu;
+    grpc::Server* server = nullptr;
+  } health;
+  std::function<void()> after_step =
+      [runner = kv_policies ? &kv_policies->leader() : nullptr, manager = kv_manager->get(),
+       store = ssd->get(), m = server_metrics->get(), comm = loaded->model->communicator(), &health,
+       reported = false]() mutable {
+        if (runner != nullptr) m->UpdateKvPolicyStats(runner->stats());
+        m->UpdateKvTierStats(manager->stats());
+        if (store != nullptr) m->UpdateSsdStats(store->stats());
+        if (comm == nullptr || reported) return;
+        if (absl::Status s = comm->Health(); !s.ok()) {
+          std::lock_guard<std::mutex> lock(health.mu);
+          if (health.server == nullptr) return;
+          STRATA_LOG_ERROR("the tensor-parallel group is broken ({}): health is NOT_SERVING",
+                           std::string(s.message()));
+          health.server->GetHealthCheckService()->SetServingStatus(false);
+          reported = true;
+        }
+      };
   after_step();  // the gauges have their values before the first step
   // Each profile with a GPU share may hold that part of the cache's pages
   // (its gpu_bytes over the profiles' together), so that one workload's
@@ -475,6 +494,14 @@ int RunServe(const ServeFlags& f) {
   if (server == nullptr || port == 0) {
     return Fail(absl::UnavailableError(absl::StrCat("cannot listen on ", f.host, ":", f.port)));
   }
+  {
+    std::lock_guard<std::mutex> lock(health.mu);
+    health.server = server.get();
+  }
+  absl::Cleanup forget_server = [&health] {
+    std::lock_guard<std::mutex> lock(health.mu);
+    health.server = nullptr;
+  };
   if (worker_service != nullptr) {
     std::string advertise = f.advertise;
     if (advertise.empty()) {

@@ -459,6 +459,7 @@ class NcclCommunicator final : public engine::Communicator {
     group_->Break(
         absl::StrCat("tensor-parallel group aborted by rank ", rank(), ": ", std::string(reason)));
   }
+  absl::Status Health() const override { return group_->Health(); }
 
  private:
   struct Queue {

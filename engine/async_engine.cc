@@ -3,7 +3,9 @@
 #include <chrono>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "engine/communicator.h"
 
 namespace strata::engine {
 
@@ -19,8 +21,19 @@ AsyncEngine::AsyncEngine(Model* model, const Tokenizer* tokenizer, BatcherOption
 
 AsyncEngine::~AsyncEngine() { Stop(); }
 
+absl::Status AsyncEngine::Health() const {
+  const Communicator* comm = model_->communicator();
+  if (comm == nullptr) return absl::OkStatus();
+  const absl::Status group = comm->Health();
+  if (group.ok()) return group;
+  return absl::UnavailableError(absl::StrCat("this worker's tensor-parallel group is broken (",
+                                             group.message(),
+                                             "): it serves nothing more until it is restarted"));
+}
+
 absl::Status AsyncEngine::Submit(GenerationRequest request, EventSink sink) {
   if (absl::Status s = batcher_.Validate(request); !s.ok()) return s;
+  if (absl::Status s = Health(); !s.ok()) return s;
   std::lock_guard<std::mutex> lock(mu_);
   if (stop_) return absl::UnavailableError("the engine is shutting down");
   waiting_.fetch_add(1);
@@ -62,6 +75,7 @@ AsyncEngine::Stats AsyncEngine::GetStats() const {
   s.failed_sequences = failed_sequences_.load();
   s.swapped_out = swapped_out_.load();
   s.kv_lost = kv_lost_.load();
+  s.broken = !Health().ok();
   return s;
 }
 

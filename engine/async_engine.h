@@ -7,7 +7,9 @@
 // A sequence whose own step goes wrong (non-finite logits) gets a final
 // kError event alone. If a whole step fails (a backend error), every
 // request in flight gets a final kError event and the engine keeps serving
-// new requests.
+// new requests, unless the step broke the model's tensor-parallel group:
+// then it refuses every new request (Health, Submit), for a group that
+// lost a rank stays broken until the process restarts.
 //
 // Thread-safety: every public method is thread-safe. Sinks are called on the
 // engine thread and must return quickly (e.g. push into a queue).
@@ -47,6 +49,7 @@ class AsyncEngine {
     int64_t swapped_out = 0;           // of which swapped to the host tier
     int64_t kv_lost = 0;               // swapped sequences whose host copy failed its check
     int64_t failed_sequences = 0;      // sequences ended by an error of their own
+    bool broken = false;               // the tensor-parallel group is broken (Health)
   };
 
   // Model and tokenizer (may be null) must outlive the engine. `after_step`
@@ -62,7 +65,7 @@ class AsyncEngine {
 
   // Validates and queues a request; the sink then receives its events, the
   // last one with a finish reason. InvalidArgument as Batcher::Add;
-  // Unavailable after Stop.
+  // Unavailable after Stop or once Health is not OK.
   absl::Status Submit(GenerationRequest request, EventSink sink);
   // Stops a request; its sink receives a final kCancelled event (unless it
   // already finished). Unknown ids are ignored.
@@ -72,6 +75,10 @@ class AsyncEngine {
   void Stop();
 
   Stats GetStats() const;
+  // OK while the engine can serve; Unavailable naming the reason once the
+  // model's tensor-parallel group is broken (a rank failed or did not
+  // join a collective in time).
+  absl::Status Health() const;
 
  private:
   void Loop();

@@ -53,6 +53,10 @@ class Communicator {
   // Breaks the group: collectives waiting on any rank fail now, later ones
   // fail at once. For a rank that fails outside a collective.
   virtual void Abort(std::string_view reason) = 0;
+  // OK while the group works; once it is broken (Abort, a collective that
+  // timed out), Aborted with the reason. A broken group stays broken: the
+  // process must be restarted. Any thread.
+  virtual absl::Status Health() const = 0;
 };
 
 }  // namespace strata::engine

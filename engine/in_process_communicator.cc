@@ -68,6 +68,10 @@ class Group {
     if (broken_.empty())
       broken_ = absl::StrCat("tensor-parallel group aborted: ", std::string(reason));
   }
+  absl::Status Health() {
+    absl::MutexLock lock(&mu_);
+    return broken_.empty() ? absl::OkStatus() : absl::AbortedError(broken_);
+  }
 
  private:
   absl::Status Barrier(int rank, std::string_view op) {
@@ -174,6 +178,7 @@ class InProcessCommunicator : public Communicator {
   }
 
   void Abort(std::string_view reason) override { group_->Abort(reason); }
+  absl::Status Health() const override { return group_->Health(); }
 
  private:
   std::shared_ptr<Group> group_;

@@ -16,6 +16,9 @@ internal::v1::WorkerLoad WorkerLoadOf(const engine::AsyncEngine::Stats& engine,
   load.set_running_sequences(engine.running);
   load.set_gpu_kv_free_bytes(int64_t{engine.free_pages} * page_bytes);
   load.set_gpu_kv_total_bytes(int64_t{engine.total_pages} * page_bytes);
+  // A broken tensor-parallel group serves nothing more: schedule nothing
+  // on it, as on a worker that drains.
+  if (engine.broken) load.set_draining(true);
   if (manager != nullptr) {
     const kvtier::KvBlockManager::Stats s = manager->stats();
     load.set_host_kv_total_bytes(s.host_bytes_total);

@@ -8,15 +8,18 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "engine/async_engine.h"
 #include "engine/batcher.h"
 #include "engine/cpu_backend.h"
 #include "engine/in_process_communicator.h"
 #include "engine/model_loader.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/engine/test_util.h"
 
@@ -393,6 +396,50 @@ TEST(TensorParallelTest, ARefusedStepIsRefusedByEveryRankAndTheGroupGoesOn) {
   EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
   auto good = group->loaded.model->Forward(PromptStep({1, 2, 3, 4}, 16));
   EXPECT_TRUE(good.ok()) << good.status();
+}
+
+TEST(TensorParallelTest, AnEngineWhoseGroupBrokeRefusesRequestsAndSaysWhy) {
+  // A rank that fails breaks the group for good: the engine then refuses
+  // every request at once, naming why, instead of failing each one after
+  // a step (or a collective's timeout).
+  const std::string dir = FixturePath("models/llama_gqa");
+  ModelOptions options;
+  options.max_seqs = 2;
+  options.max_context = 64;
+  options.max_batch_tokens = 32;
+  auto group = LoadGroup(dir, 2, options);
+  ASSERT_NE(group, nullptr);
+  AsyncEngine engine(group->loaded.model.get(), nullptr);
+  auto generate = [&](uint64_t id) {
+    GenerationRequest r;
+    r.id = id;
+    r.prompt = {1, 2, 3, 4};
+    r.max_tokens = 4;
+    r.ignore_eos = true;
+    auto done = std::make_shared<std::promise<FinishReason>>();
+    absl::Status submitted = engine.Submit(r, [done](const TokenEvent& e) {
+      if (e.finish != FinishReason::kNone) done->set_value(e.finish);
+    });
+    if (!submitted.ok()) return submitted;
+    auto finished = done->get_future();
+    if (finished.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+      return absl::DeadlineExceededError("no final event");
+    }
+    return finished.get() == FinishReason::kLength ? absl::OkStatus()
+                                                   : absl::InternalError("not kLength");
+  };
+  ASSERT_TRUE(generate(1).ok());
+  EXPECT_TRUE(engine.Health().ok());
+  EXPECT_FALSE(engine.GetStats().broken);
+  group->comms[1]->Abort("rank 1 lost its device");
+  const absl::Status refused = generate(2);
+  EXPECT_TRUE(absl::IsUnavailable(refused)) << refused;
+  EXPECT_THAT(std::string(refused.message()),
+              ::testing::AllOf(::testing::HasSubstr("tensor-parallel group is broken"),
+                               ::testing::HasSubstr("rank 1 lost its device")));
+  EXPECT_TRUE(absl::IsUnavailable(engine.Health()));
+  EXPECT_TRUE(engine.GetStats().broken);
+  engine.Stop();
 }
 
 }  // namespace
