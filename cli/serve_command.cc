@@ -369,14 +369,25 @@ int RunServe(const ServeFlags& f) {
     std::mutex mu;
     grpc::Server* server = nullptr;
   } health;
+  // Chaos testing: break the tensor-parallel group after n steps, as a
+  // rank that failed would.
+  int64_t break_group_after = -1;
+  if (const char* n = std::getenv("STRATA_FAULT_BREAK_GROUP_AFTER_STEPS"); n != nullptr) {
+    break_group_after = std::atoll(n) + 1;  // the call below is not a step
+    STRATA_LOG_WARN(
+        "STRATA_FAULT_BREAK_GROUP_AFTER_STEPS={}: breaking the tensor-parallel group "
+        "on purpose",
+        n);
+  }
   std::function<void()> after_step =
       [runner = kv_policies ? &kv_policies->leader() : nullptr, manager = kv_manager->get(),
        store = ssd->get(), m = server_metrics->get(), comm = loaded->model->communicator(), &health,
-       reported = false]() mutable {
+       reported = false, break_group_after]() mutable {
         if (runner != nullptr) m->UpdateKvPolicyStats(runner->stats());
         m->UpdateKvTierStats(manager->stats());
         if (store != nullptr) m->UpdateSsdStats(store->stats());
         if (comm == nullptr || reported) return;
+        if (break_group_after > 0 && --break_group_after == 0) comm->Abort("fault injection");
         if (absl::Status s = comm->Health(); !s.ok()) {
           std::lock_guard<std::mutex> lock(health.mu);
           if (health.server == nullptr) return;

@@ -243,5 +243,29 @@ TEST(StartupTest, AKvCacheSmallerThanOneContextIsRefusedAtStart) {
   EXPECT_THAT(r.output, Not(HasSubstr("listening")));
 }
 
+TEST(TensorParallelFailureTest, ABrokenGroupTakesTheServerOutOfService) {
+  // A rank fails mid-request (injected: the group is aborted after 5
+  // steps). The request in flight fails; later ones are refused at once
+  // with UNAVAILABLE naming the broken group, and the health service says
+  // NOT_SERVING, so that an orchestrator restarts the server.
+  setenv("STRATA_FAULT_BREAK_GROUP_AFTER_STEPS", "5", 1);
+  ServerProcess server({"--tensor-parallel", "2", "--max-seqs", "2"});
+  unsetenv("STRATA_FAULT_BREAK_GROUP_AFTER_STEPS");
+  EXPECT_EQ(server.HealthStatus(), 1);
+  int tokens = 0;
+  const grpc::Status broken =
+      Generate(server.stub(), TextRequest("Return the number of", 40), &tokens);
+  EXPECT_FALSE(broken.ok());
+  EXPECT_LT(tokens, 40);
+  const auto start = Clock::now();
+  const grpc::Status refused = Generate(server.stub(), TextRequest("Return the number of", 4));
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(2)) << "refused, not timed out";
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  EXPECT_THAT(refused.error_message(), HasSubstr("tensor-parallel group is broken"));
+  EXPECT_THAT(refused.error_message(), HasSubstr("fault injection"));
+  EXPECT_EQ(server.HealthStatus(), 2) << "NOT_SERVING";
+  EXPECT_THAT(server.Stderr(), HasSubstr("health is NOT_SERVING"));
+}
+
 }  // namespace
 }  // namespace strata

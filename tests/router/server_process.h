@@ -10,6 +10,7 @@
 #define STRATA_TESTS_ROUTER_SERVER_PROCESS_H_
 
 #include <fcntl.h>
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -21,11 +22,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
 #include <functional>
 #include <iterator>
 #include <memory>
+#include <mutex>
 #include <regex>
 #include <string>
 #include <thread>
@@ -143,6 +146,36 @@ class ServerProcess {
   v1::Generation::Stub& stub() { return *stub_; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   std::shared_ptr<grpc::Channel> channel() { return channel_; }
+
+  // grpc.health.v1.Health/Check of the whole server: 1 SERVING, 2
+  // NOT_SERVING (the response's field 1), -1 when the call failed.
+  int HealthStatus() {
+    grpc::GenericStub generic(channel_);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Slice empty;
+    grpc::ByteBuffer request(&empty, 1), response;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    grpc::Status status;
+    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                      &response, [&](grpc::Status s) {
+                        std::lock_guard<std::mutex> lock(mu);
+                        status = s;
+                        done = true;
+                        cv.notify_one();
+                      });
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    std::vector<grpc::Slice> slices;
+    if (!status.ok() || !response.Dump(&slices).ok()) return -1;
+    std::string bytes;
+    for (auto& s : slices) bytes += std::string(reinterpret_cast<const char*>(s.begin()), s.size());
+    // An empty message is the default, 0 (UNKNOWN).
+    if (bytes.empty()) return 0;
+    return bytes.size() == 2 && bytes[0] == '\x08' ? bytes[1] : -1;
+  }
 
   // GET /metrics over a raw socket.
   std::string Metrics() {
