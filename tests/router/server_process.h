@@ -43,6 +43,40 @@ namespace strata::testing_util {
 
 inline const std::string kTinyModel = std::string(STRATA_SOURCE_DIR) + "/models/tiny-llama";
 
+// Calls `method` with `request` as its serialized request; the response's
+// bytes go to `response` (if given). For requests a typed stub cannot send
+// (malformed ones) and services without generated stubs (grpc.health.v1).
+inline grpc::Status RawUnaryCall(const std::shared_ptr<grpc::Channel>& channel,
+                                 const std::string& method, const std::string& request,
+                                 std::string* response = nullptr) {
+  grpc::GenericStub generic(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  grpc::Slice slice(request);
+  grpc::ByteBuffer request_buffer(&slice, 1), response_buffer;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  generic.UnaryCall(&ctx, method, grpc::StubOptions(), &request_buffer, &response_buffer,
+                    [&](grpc::Status s) {
+                      std::lock_guard<std::mutex> lock(mu);
+                      status = s;
+                      done = true;
+                      cv.notify_one();
+                    });
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done; });
+  if (status.ok() && response != nullptr) {
+    std::vector<grpc::Slice> slices;
+    if (!response_buffer.Dump(&slices).ok())
+      return grpc::Status(grpc::StatusCode::INTERNAL, "dump");
+    response->clear();
+    for (auto& s : slices) response->append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  return status;
+}
+
 // See the file comment. Extra arguments are appended to the serve command
 // (a --grace-seconds or --max-context among them replaces the default of 10
 // or 2048).
@@ -150,30 +184,9 @@ class ServerProcess {
   // grpc.health.v1.Health/Check of the whole server: 1 SERVING, 2
   // NOT_SERVING (the response's field 1), -1 when the call failed.
   int HealthStatus() {
-    grpc::GenericStub generic(channel_);
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    grpc::Slice empty;
-    grpc::ByteBuffer request(&empty, 1), response;
-    std::mutex mu;
-    std::condition_variable cv;
-    bool done = false;
-    grpc::Status status;
-    generic.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                      &response, [&](grpc::Status s) {
-                        std::lock_guard<std::mutex> lock(mu);
-                        status = s;
-                        done = true;
-                        cv.notify_one();
-                      });
-    std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return done; });
-    std::vector<grpc::Slice> slices;
-    if (!status.ok() || !response.Dump(&slices).ok()) return -1;
     std::string bytes;
-    for (auto& s : slices) bytes += std::string(reinterpret_cast<const char*>(s.begin()), s.size());
-    // An empty message is the default, 0 (UNKNOWN).
-    if (bytes.empty()) return 0;
+    if (!RawUnaryCall(channel_, "/grpc.health.v1.Health/Check", "", &bytes).ok()) return -1;
+    if (bytes.empty()) return 0;  // the default: UNKNOWN
     return bytes.size() == 2 && bytes[0] == '\x08' ? bytes[1] : -1;
   }
 
