@@ -19,7 +19,9 @@ out=${1:-gpu-out}
 context=${CONTEXT:-32768}
 fio=${FIO:-fio}
 # STRATA names the binary (another build, to compare); HOST_ONLY=1 stops
-# after the requests served from host memory.
+# after the requests served from host memory; NO_SSD=1 (with HOST_ONLY)
+# leaves the SSD tier out of the profile, so no write-through runs beside
+# the host requests.
 strata=${STRATA:-.gpu/bin/strata}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -40,6 +42,9 @@ tiers:
   ssd_prefix_bytes: 17GiB
   ssd_write_admission: always
 EOF
+if [[ "${NO_SSD:-0}" == 1 ]]; then
+  sed -i '/ssd_/d' "$tmp/docs.yaml"
+fi
 start() {
   STRATA_LOG_LEVEL=${STRATA_LOG_LEVEL:-debug} "$strata" serve --backend cuda --dummy-weights llama-3-8b \
     --max-context $((context + 64)) --max-seqs 4 --profile "$tmp/docs.yaml" --host 127.0.0.1 \

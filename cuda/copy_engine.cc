@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "cuda/kernels/kv_codec.h"
+#include "cuda/kernels/row_copy.h"
 
 namespace strata::cuda {
 
@@ -100,11 +101,19 @@ absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::T
   dsts_.clear();
   srcs_.clear();
   sizes_.clear();
+  const bool by_kernel = !to_host && from_host_ == FromHostCopier::kKernel;
+  char* host_base = reinterpret_cast<char*>(host.data());
+  if (by_kernel) {
+    // The kernel reads the host bytes through their device address.
+    void* mapped = nullptr;
+    STRATA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&mapped, host.data(), 0));
+    host_base = static_cast<char*>(mapped);
+  }
   for (const engine::RowCopy& c : rows) {
     const engine::Tensor& t = tensors[c.tensor];
     const size_t row_bytes = t.nbytes() / static_cast<size_t>(t.dim(0));
     char* device = static_cast<char*>(t.data()) + static_cast<size_t>(c.row) * row_bytes;
-    char* host_ptr = reinterpret_cast<char*>(host.data()) + c.host_offset;
+    char* host_ptr = host_base + c.host_offset;
     void* dst = to_host ? static_cast<void*>(host_ptr) : static_cast<void*>(device);
     const void* src =
         to_host ? static_cast<const void*>(device) : static_cast<const void*>(host_ptr);
@@ -118,9 +127,29 @@ absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::T
     srcs_.push_back(src);
     sizes_.push_back(row_bytes);
   }
+  if (by_kernel && sizes_.size() > static_cast<size_t>(std::numeric_limits<int>::max())) {
+    return absl::InvalidArgumentError(absl::StrCat("CopyRowsFromHost: ", sizes_.size(), " pieces"));
+  }
+  engine::HostBuffer jobs;
+  if (by_kernel) {
+    STRATA_ASSIGN_OR_RETURN(jobs, TakeJobBuffer(sizes_.size() * sizeof(kernels::RowCopyJob)));
+    auto* list = reinterpret_cast<kernels::RowCopyJob*>(jobs.data());
+    for (size_t i = 0; i < sizes_.size(); ++i) {
+      list[i] = {srcs_[i], dsts_[i], static_cast<int64_t>(sizes_[i])};
+    }
+  }
   // The copies follow the compute stream's work so far.
   STRATA_RETURN_IF_ERROR(compute_mark_.Record(compute));
   STRATA_CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_.get(), compute_mark_.get(), 0));
+  if (by_kernel) {
+    void* list_device = nullptr;
+    STRATA_CUDA_RETURN_IF_ERROR(cudaHostGetDevicePointer(&list_device, jobs.data(), 0));
+    STRATA_CUDA_RETURN_IF_ERROR(
+        kernels::LaunchCopyRows(static_cast<const kernels::RowCopyJob*>(list_device),
+                                static_cast<int>(sizes_.size()), from_host_ctas_, stream_.get()));
+    // The list stays alive with the fence (no statuses to check: num_jobs 0).
+    return RecordFence(std::move(jobs), 0);
+  }
   if (batch_supported_) {
     cudaMemcpyAttributes attrs{};
     attrs.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
@@ -145,6 +174,25 @@ absl::StatusOr<engine::CopyFence> CopyEngine::CopyRows(std::span<const engine::T
   return RecordFence(engine::HostBuffer(), 0);
 }
 
+void CopyEngine::SetFromHostCopier(FromHostCopier copier, int ctas) {
+  from_host_ = copier;
+  from_host_ctas_ = std::max(1, ctas);
+}
+
+absl::StatusOr<engine::HostBuffer> CopyEngine::TakeJobBuffer(size_t needed) {
+  for (size_t i = 0; i < spare_jobs_.size(); ++i) {
+    if (spare_jobs_[i].bytes >= needed) {
+      engine::HostBuffer buffer = std::move(spare_jobs_[i]);
+      spare_jobs_.erase(spare_jobs_.begin() + static_cast<std::ptrdiff_t>(i));
+      return buffer;
+    }
+  }
+  // Rounded up to a power of two (from 64 KiB), so that a few sizes serve.
+  size_t bytes = size_t{64} << 10;
+  while (bytes < needed) bytes *= 2;
+  return AllocateHost(bytes);
+}
+
 absl::StatusOr<engine::CopyFence> CopyEngine::RecordFence(engine::HostBuffer jobs, int num_jobs) {
   Pending pending{next_fence_++, CudaEvent(), std::move(jobs), num_jobs};
   if (!spare_.empty()) {
@@ -162,21 +210,8 @@ absl::StatusOr<engine::HostBuffer> CopyEngine::PageJobs(
     std::span<const engine::Tensor> k_caches, std::span<const engine::Tensor> v_caches,
     std::span<const engine::KvBlockCopy> blocks) {
   const size_t list_bytes = blocks.size() * sizeof(kernels::PageBlockJob);
-  const size_t needed = list_bytes + blocks.size() * sizeof(int32_t);
-  engine::HostBuffer buffer;
-  for (size_t i = 0; i < spare_jobs_.size(); ++i) {
-    if (spare_jobs_[i].bytes >= needed) {
-      buffer = std::move(spare_jobs_[i]);
-      spare_jobs_.erase(spare_jobs_.begin() + static_cast<std::ptrdiff_t>(i));
-      break;
-    }
-  }
-  if (!buffer.defined()) {
-    // Rounded up to a power of two (from 64 KiB), so that a few sizes serve.
-    size_t bytes = size_t{64} << 10;
-    while (bytes < needed) bytes *= 2;
-    STRATA_ASSIGN_OR_RETURN(buffer, AllocateHost(bytes));
-  }
+  STRATA_ASSIGN_OR_RETURN(engine::HostBuffer buffer,
+                          TakeJobBuffer(list_bytes + blocks.size() * sizeof(int32_t)));
   auto* jobs = reinterpret_cast<kernels::PageBlockJob*>(buffer.data());
   for (size_t i = 0; i < blocks.size(); ++i) {
     const engine::KvBlockCopy& b = blocks[i];

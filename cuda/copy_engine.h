@@ -7,7 +7,8 @@
 // fence event. Fences are numbered in enqueue order; since they all live on
 // one stream, a fence is done exactly when its event is, and every earlier
 // fence is done too. Rows that are adjacent on both sides are merged into
-// one copy.
+// one copy. Copies to the device are done by default by a kernel reading
+// the mapped host memory (kernels/row_copy.h says why), on the same stream.
 //
 // Thread-safety: used by the backend's one thread at a time, like the
 // backend.
@@ -24,6 +25,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cuda/cuda_utils.h"
+#include "cuda/kernels/row_copy.h"
 #include "engine/backend.h"
 
 namespace strata::cuda {
@@ -31,6 +33,13 @@ namespace strata::cuda {
 class CopyEngine {
  public:
   static absl::StatusOr<CopyEngine> Create();
+
+  // Who moves the rows of a copy to the device.
+  enum class FromHostCopier {
+    kKernel,       // kernels::LaunchCopyRows with `ctas` CTAs (the default)
+    kCopyEngines,  // one cudaMemcpyBatchAsync, as the copies to the host
+  };
+  void SetFromHostCopier(FromHostCopier copier, int ctas);
 
   // Pinned, device-mapped host memory (cudaHostAlloc, portable and mapped).
   static absl::StatusOr<engine::HostBuffer> AllocateHost(size_t bytes);
@@ -74,7 +83,9 @@ class CopyEngine {
     engine::CopyFence fence;
     CudaEvent done;
     // An encode's job list and per-block status (mapped), checked when the
-    // fence is retired; empty for copies.
+    // fence is retired (num_jobs of them); a kernel copy's job list, kept
+    // until then (num_jobs 0: nothing to check); empty for the copy
+    // engines' copies.
     engine::HostBuffer jobs;
     int num_jobs = 0;
   };
@@ -83,6 +94,9 @@ class CopyEngine {
   absl::StatusOr<engine::HostBuffer> PageJobs(std::span<const engine::Tensor> k_caches,
                                               std::span<const engine::Tensor> v_caches,
                                               std::span<const engine::KvBlockCopy> blocks);
+  // A mapped buffer of at least `needed` bytes for a job list: a spare one
+  // or a new one.
+  absl::StatusOr<engine::HostBuffer> TakeJobBuffer(size_t needed);
   // Records a new fence on the copy stream.
   absl::StatusOr<engine::CopyFence> RecordFence(engine::HostBuffer jobs, int num_jobs);
   // Pops the fences whose events completed; an error event is reported.
@@ -92,13 +106,15 @@ class CopyEngine {
   CudaEvent compute_mark_;
   std::deque<Pending> pending_;   // ascending fences, not known done
   std::vector<CudaEvent> spare_;  // events of retired fences, for reuse
-  // Job buffers of retired codec calls, for reuse: freeing pinned memory
+  // Job buffers of retired codec and kernel copy calls, for reuse: freeing pinned memory
   // (cudaFreeHost) waits for the whole device, which an export per prefill
   // chunk must not do.
   std::vector<engine::HostBuffer> spare_jobs_;
   engine::CopyFence next_fence_ = 1;
   engine::CopyFence done_upto_ = 0;  // every fence <= this is done
   bool batch_supported_ = true;      // cudaMemcpyBatchAsync worked (or was not tried)
+  FromHostCopier from_host_ = FromHostCopier::kKernel;
+  int from_host_ctas_ = kernels::kRowCopyCtas;
   // Scratch of the last batch (kept to avoid reallocating per call).
   std::vector<void*> dsts_;
   std::vector<const void*> srcs_;

@@ -194,12 +194,16 @@ absl::StatusOr<size_t> KvBlockManager::FirstCorruptCopied(std::span<const int32_
     const int64_t base = host_.offset(records[i]);
     uint32_t crc = 0;  // the CRC of no bytes
     int64_t covered = 0;
-    while (c < copies_.size() && copies_[c].host_offset == base + covered) {
+    // Up to the record's end: the next record may start right after it.
+    while (c < copies_.size() && covered < layout_.record_bytes() &&
+           copies_[c].host_offset == base + covered) {
       crc = rows.Combine(crc, row_crcs_[c++]);
       covered += row_bytes;
     }
-    const bool bad = covered == layout_.record_bytes() ? MaskCrc(crc) != host_.crc(records[i])
-                                                       : !host_.Verify(records[i]).ok();
+    const bool whole = covered == layout_.record_bytes();
+    if (!whole) ++counters_.records_checked_in_host_memory;
+    const bool bad =
+        whole ? MaskCrc(crc) != host_.crc(records[i]) : !host_.Verify(records[i]).ok();
     if (bad) return i;
   }
   return records.size();

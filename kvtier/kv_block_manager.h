@@ -180,6 +180,10 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t bytes_to_host = 0;
     int64_t bytes_from_host = 0;
     int64_t host_records_lost = 0;  // records that failed their CRC check
+    // Records read up whose rows the device's CRCs did not cover whole (a
+    // record's upper layers off the GPU), checked in host memory instead:
+    // one core's pass over the record, an order slower than the device.
+    int64_t records_checked_in_host_memory = 0;
     // The SSD tier.
     int sequences_on_ssd = 0;
     int ssd_moves_in_flight = 0;

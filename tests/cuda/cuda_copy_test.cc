@@ -2,19 +2,24 @@
 // (engine::Backend::CopyRowsToHost / CopyRowsFromHost, cuda/copy_engine.h):
 // bytes land where the RowCopy list says, copies follow the compute
 // stream's earlier work, compute that follows ComputeAfterFence sees the
-// copied rows, and fences report completion. The bandwidth of swapping a
-// 32k-token Llama-3-8B-shaped sequence's pages is timed against one
-// contiguous cudaMemcpyAsync (a disabled test, run explicitly).
+// copied rows, and fences report completion; both ways of moving rows to
+// the device (the row copy kernel, the copy engines) land the same bytes.
+// The bandwidth of swapping a 32k-token Llama-3-8B-shaped sequence's pages
+// is timed against one contiguous cudaMemcpyAsync, for both (a disabled
+// test, run explicitly).
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/crc32c.h"
+#include "cuda/copy_engine.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace strata::cuda {
@@ -94,6 +99,65 @@ TEST_F(CudaCopyTest, CopiesFollowTheComputeStreamsEarlierWork) {
     STRATA_ASSERT_OK(b().WaitFence(f));
     const int32_t* h = reinterpret_cast<const int32_t*>(host.data());
     for (int64_t i = 0; i < kRows * kWords; i += 4099) ASSERT_EQ(h[i], round) << "element " << i;
+  }
+}
+
+TEST_F(CudaCopyTest, CopiesToTheDeviceLandAfterTheComputeStreamsEarlierWork) {
+  // A large fill of the rows enqueued just before the copy back: the copy
+  // must land after it, not under it.
+  constexpr int64_t kRows = 256, kWords = 1 << 16;  // 64 MiB
+  Tensor t = b().Allocate(DType::kI32, {kRows, kWords}).value();
+  STRATA_ASSERT_OK_AND_ASSIGN(engine::HostBuffer host, b().AllocateHost(kRows * kWords * 4));
+  std::vector<int32_t> got(kRows * kWords);
+  for (int round = 1; round <= 3; ++round) {
+    auto* h = reinterpret_cast<int32_t*>(host.data());
+    for (int64_t i = 0; i < kRows * kWords; ++i) h[i] = -round;
+    STRATA_ASSERT_OK(b().Fill(t, static_cast<float>(round)));
+    std::vector<RowCopy> rows;
+    for (int64_t i = 0; i < kRows; ++i) rows.push_back({0, i, i * kWords * 4});
+    STRATA_ASSERT_OK_AND_ASSIGN(engine::CopyFence f, b().CopyRowsFromHost(host, rows, {&t, 1}));
+    STRATA_ASSERT_OK(b().ComputeAfterFence(f));
+    STRATA_ASSERT_OK(b().CopyToHost(t, got.data()));
+    for (int64_t i = 0; i < kRows * kWords; i += 4099) ASSERT_EQ(got[i], -round) << "element " << i;
+  }
+}
+
+TEST_F(CudaCopyTest, BothFromHostCopiersLandTheSameBytes) {
+  // Rows of 16-byte words at aligned offsets (the kernel's wide path), and
+  // rows of 4004 bytes at offsets that are not (its byte path); rows 5..8
+  // adjacent both ways (one merged piece).
+  for (const int words : {1024, 1001}) {
+    constexpr int kRows = 48;
+    const int64_t row_bytes = int64_t{words} * 4;
+    STRATA_ASSERT_OK_AND_ASSIGN(engine::HostBuffer host, b().AllocateHost(kRows * row_bytes + 64));
+    auto* h = reinterpret_cast<int32_t*>(host.data() + 4);
+    for (int64_t i = 0; i < kRows * words; ++i) h[i] = static_cast<int32_t>(i * 2654435761u);
+    std::vector<int> perm(kRows);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin() + 9, perm.end(), std::mt19937(5));
+    std::vector<RowCopy> rows;
+    for (int i = 0; i < kRows; ++i) rows.push_back({0, perm[i], 4 + int64_t{i} * row_bytes});
+    for (const auto copier :
+         {CopyEngine::FromHostCopier::kKernel, CopyEngine::FromHostCopier::kCopyEngines}) {
+      STRATA_ASSERT_OK_AND_ASSIGN(CopyEngine engine, CopyEngine::Create());
+      engine.SetFromHostCopier(copier, /*ctas=*/5);  // fewer CTAs than pieces: they stride
+      Tensor t = b().Allocate(DType::kI32, {kRows, words}).value();
+      STRATA_ASSERT_OK(b().Fill(t, 0));
+      STRATA_ASSERT_OK(b().Synchronize());
+      STRATA_ASSERT_OK_AND_ASSIGN(engine::CopyFence f,
+                                  engine.CopyRows({&t, 1}, rows, host, /*to_host=*/false, nullptr));
+      STRATA_ASSERT_OK(engine.WaitFence(f));
+      std::vector<int32_t> got(int64_t{kRows} * words);
+      STRATA_ASSERT_OK(b().CopyToHost(t, got.data()));
+      for (int i = 0; i < kRows; ++i) {
+        ASSERT_EQ(
+            std::memcmp(got.data() + int64_t{perm[i]} * words, h + int64_t{i} * words, row_bytes),
+            0)
+            << "row " << i << ", " << words << " words, "
+            << (copier == CopyEngine::FromHostCopier::kKernel ? "kernel" : "copy engines");
+      }
+      STRATA_ASSERT_OK(engine.WaitAll());
+    }
   }
 }
 
@@ -296,6 +360,26 @@ TEST_F(CudaCopyTest, DISABLED_SwapBandwidth) {
     STRATA_ASSERT_OK_AND_ASSIGN(engine::CopyFence in, b().CopyRowsFromHost(host, rows, caches));
     STRATA_ASSERT_OK(b().WaitFence(in));
     const double in_s = seconds(start);
+    // The same copy by each copier of a CopyEngine of its own: the copy
+    // engines, and the kernel at several CTA counts.
+    std::string by_copier;
+    for (const int ctas : {0, 16, 32, 64, 132, 264}) {
+      STRATA_ASSERT_OK_AND_ASSIGN(CopyEngine engine, CopyEngine::Create());
+      engine.SetFromHostCopier(ctas == 0 ? CopyEngine::FromHostCopier::kCopyEngines
+                                         : CopyEngine::FromHostCopier::kKernel,
+                               std::max(ctas, 1));
+      start = std::chrono::steady_clock::now();
+      STRATA_ASSERT_OK_AND_ASSIGN(engine::CopyFence f,
+                                  engine.CopyRows(caches, rows, host, /*to_host=*/false, nullptr));
+      const double enqueue_s = seconds(start);
+      STRATA_ASSERT_OK(engine.WaitFence(f));
+      const double s = seconds(start);
+      by_copier += ctas == 0 ? std::string(" copy engines") : " kernel " + std::to_string(ctas);
+      char line[96];
+      std::snprintf(line, sizeof(line), " %.1f GB/s (enqueue %.1f ms);", total / s / 1e9,
+                    enqueue_s * 1e3);
+      by_copier += line;
+    }
     // The copied rows' checksums on the device (KvBlockManager checks a
     // loaded prefix with them).
     std::vector<uint32_t> crcs(rows.size());
@@ -323,9 +407,11 @@ TEST_F(CudaCopyTest, DISABLED_SwapBandwidth) {
     cudaFree(device);
     std::printf(
         "swap_bandwidth %.2f GiB in %zu rows of 32 KiB: out %.1f GB/s (contiguous %.1f, ratio "
-        "%.2f), in %.1f GB/s (contiguous %.1f, ratio %.2f), device CRC32C %.1f GB/s\n",
+        "%.2f), in %.1f GB/s (contiguous %.1f, ratio %.2f), device CRC32C %.1f GB/s; in by "
+        "copier:%s\n",
         total / 1073741824.0, rows.size(), total / out_s / 1e9, total / d2h_s / 1e9, d2h_s / out_s,
-        total / in_s / 1e9, total / h2d_s / 1e9, h2d_s / in_s, total / crc_s / 1e9);
+        total / in_s / 1e9, total / h2d_s / 1e9, h2d_s / in_s, total / crc_s / 1e9,
+        by_copier.c_str());
   }
 }
 

@@ -716,6 +716,9 @@ TEST(PrefixReuseTest, PromptsThatStartWithStoredKvLoadItAndKeepTheirTokens) {
   EXPECT_EQ(s.prefix_hits, 2);
   EXPECT_EQ(s.prefix_tokens_loaded, second.cached + third.cached);
   EXPECT_GT(s.prefix_bytes_used, 0);
+  // Each loaded record was vouched for by the device's row CRCs, none
+  // checked again in host memory (the records lie back to back there).
+  EXPECT_EQ(s.records_checked_in_host_memory, 0);
   ASSERT_TRUE(m.Poll().ok());
   EXPECT_TRUE(m.Idle()) << "only stored prefixes are left";
   m.ClearPrefixes();
