@@ -276,14 +276,14 @@ void Run(const std::vector<std::string>& sections) {
       Check(b.FillRandom(vc, 3, 1.0f), "fill");
     };
     const double t_fill = TimeIt(b, 5, 3, refill);
-    const double t =
-        TimeIt(b, 5, 3,
-               [&] {
-                 refill();
-                 Check(b.ClusterKeys(kc, vc, range, clusters, passes, 0, centroids, extents),
-                       "cluster");
-               }) -
-        t_fill;
+    const double t = TimeIt(b, 5, 3,
+                            [&] {
+                              refill();
+                              Check(b.ClusterKeys(kc, vc, range, clusters, passes, 0, centroids,
+                                                  extents, nullptr),
+                                    "cluster");
+                            }) -
+                     t_fill;
     Report({"clustering 32k keys x 8 heads, 409 clusters, 20 passes: time", t * 1e3, "ms", 0, "-"});
     const double flops = 2.0 * passes * heads * n * clusters * d;
     Report({"clustering: assignment FLOPs over the whole clustering time", flops / t / 1e12,

@@ -60,10 +60,12 @@ text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decod
 print(sum(float(l.split()[-1]) for l in text.splitlines() if l.split(" ")[0] == name))
 PY
 }
-ask() {  # ask SERVER LENGTH SEED: one request, its JSON summary
+ask() {  # ask SERVER LENGTH SEED [PROFILE]: one request, its JSON summary
   python3 -c "import random; r=random.Random($3); print(','.join(str(r.randrange(1000, 120000)) for _ in range($2)))" >"$tmp/prompt.txt"
+  local named=()
+  [[ -n "${4:-}" ]] && named=(--server-profile "$4")
   "$strata" generate --server "$1" --prompt-ids "@$tmp/prompt.txt" --max-tokens 64 \
-    --ignore-eos --temperature 0 --json --timeout 600 | tail -1
+    --ignore-eos --temperature 0 --json --timeout 600 "${named[@]}" | tail -1
 }
 stop_all() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -95,14 +97,16 @@ start "router-$codec-$chunk.log" -- router --dummy-weights llama-3-8b --max-cont
   "${profile[@]}" --host 127.0.0.1 --port 0 --metrics-port 0 --workers "$prefill" \
   --workers "$decode" --prefill-threshold-tokens 256 --heartbeat-seconds 0.2
 router=$address
-for _ in $(seq 50); do ask "$router" 1024 1 >/dev/null 2>&1 && break; sleep 0.2; done  # warm-up
+# Requests name the profile: the KV crosses in its codec (the workers'
+# default profile sends bf16).
+for _ in $(seq 50); do ask "$router" 1024 1 wire >/dev/null 2>&1 && break; sleep 0.2; done  # warm-up
 for p in $prompts; do
   before=()
   for m in strata_prefill_remote_seconds_sum strata_kv_transfer_seconds_sum \
     strata_kv_wire_bytes_total strata_kv_raw_bytes_total; do
     before+=("$(metric "$decode_metrics" "$m")")
   done
-  summary=$(ask "$router" "$p" "$p")
+  summary=$(ask "$router" "$p" "$p" wire)
   after=()
   for m in strata_prefill_remote_seconds_sum strata_kv_transfer_seconds_sum \
     strata_kv_wire_bytes_total strata_kv_raw_bytes_total; do

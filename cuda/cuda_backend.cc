@@ -263,7 +263,9 @@ class CudaBackend final : public engine::Backend {
 
   absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const engine::SequenceRange& range,
                            int num_clusters, int iterations, int first_block, Tensor& centroids,
-                           Tensor& extents) override;
+                           Tensor& extents, Tensor* order) override;
+  absl::Status ReorderKeys(Tensor& k_cache, Tensor& v_cache, const engine::SequenceRange& range,
+                           const Tensor& order) override;
   absl::Status KeyBounds(const Tensor& k_cache, const engine::SequenceRange& range,
                          int block_tokens, int first_block, Tensor& lo, Tensor& hi,
                          Tensor& extents) override;
@@ -1308,7 +1310,7 @@ static_assert(kernels::kClusterSeedSimilarityBits == engine::kSeedSimilarityBits
 absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
                                       const engine::SequenceRange& range, int num_clusters,
                                       int iterations, int first_block, Tensor& centroids,
-                                      Tensor& extents) {
+                                      Tensor& extents, Tensor* order) {
   OpTimer::Scope timed(&op_timer_, "ClusterKeys", stream());
   constexpr char kOp[] = "ClusterKeys";
   STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
@@ -1349,9 +1351,44 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
   p.max_blocks = static_cast<int>(centroids.dim(1));
   p.centroids = centroids.data();
   p.extents = extents.data_as<int32_t>();
+  if (order != nullptr) {
+    STRATA_RETURN_IF_ERROR(Check(order->defined() && order->dtype() == DType::kI32 &&
+                                     order->shape() == std::vector<int64_t>{hkv, range.count},
+                                 kOp, "order must be I32 [Hkv, count]", {order}));
+    p.order = order->data_as<int32_t>();
+  }
   STRATA_RETURN_IF_ERROR(Activate());
   STRATA_RETURN_IF_ERROR(cluster_workspace_.EnsureSize(kernels::ClusterKeysWorkspaceBytes(p)));
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchClusterKeys(p, cluster_workspace_.data(), stream()));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ReorderKeys(Tensor& k_cache, Tensor& v_cache,
+                                      const engine::SequenceRange& range, const Tensor& order) {
+  OpTimer::Scope timed(&op_timer_, "ReorderKeys", stream());
+  constexpr char kOp[] = "ReorderKeys";
+  STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
+  STRATA_RETURN_IF_ERROR(Check(v_cache.defined() && v_cache.shape() == k_cache.shape() &&
+                                   v_cache.dtype() == k_cache.dtype() && Aligned16(v_cache.data()),
+                               kOp, "v_cache must match k_cache", {&k_cache, &v_cache}));
+  const int64_t hkv = k_cache.dim(2);
+  STRATA_RETURN_IF_ERROR(Check(order.defined() && order.dtype() == DType::kI32 &&
+                                   order.shape() == std::vector<int64_t>{hkv, range.count},
+                               kOp, "order must be I32 [Hkv, count]", {&order}));
+  kernels::ReorderKeysParams p;
+  p.k_cache = k_cache.data();
+  p.v_cache = v_cache.data();
+  p.kv_fp8 = k_cache.dtype() == DType::kF8E4M3;
+  p.block_table = range.block_table.data_as<int32_t>();
+  p.page_size = range.page_size;
+  p.begin = range.begin;
+  p.count = range.count;
+  p.num_kv_heads = static_cast<int>(hkv);
+  p.head_dim = static_cast<int>(k_cache.dim(3));
+  p.order = order.data_as<int32_t>();
+  STRATA_RETURN_IF_ERROR(Activate());
+  STRATA_RETURN_IF_ERROR(cluster_workspace_.EnsureSize(kernels::ReorderKeysWorkspaceBytes(p)));
+  STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchReorderKeys(p, cluster_workspace_.data(), stream()));
   return absl::OkStatus();
 }
 

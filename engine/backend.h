@@ -578,10 +578,21 @@ class Backend {
   // first_block + j of the pools gets centroid c_j and extent
   // (begin + tokens of clusters < j, size of j).
   // centroids: activation dtype [Hkv, max_blocks, D]; extents: kI32
-  // [Hkv, max_blocks, 2] (one pool slot).
+  // [Hkv, max_blocks, 2] (one pool slot). `order`, when not null, kI32
+  // [Hkv, count], gets the reordering: logical index begin + i of head h
+  // now holds the key that was at begin + order[h][i] (what ReorderKeys
+  // takes to redo it on the same keys without the k-means).
   virtual absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
                                    int num_clusters, int iterations, int first_block,
-                                   Tensor& centroids, Tensor& extents) = 0;
+                                   Tensor& centroids, Tensor& extents, Tensor* order) = 0;
+  // Reorders the K and V rows of the range per KV head as ClusterKeys did
+  // when it returned `order` (kI32 [Hkv, count]), without clustering: a
+  // stored prompt's clusters are reused so. `order` must hold a permutation
+  // of [0, count) per head; the caller checks that (it comes from storage),
+  // and a backend that cannot check it on the device keeps its reads inside
+  // the range whatever it holds.
+  virtual absl::Status ReorderKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
+                                   const Tensor& order) = 0;
   // Quest's page summaries: block first_block + j covers logical indices
   // [begin + j * block_tokens, + block_tokens) (range.count is a multiple of
   // block_tokens); lo / hi [Hkv, max_blocks, D] get the per-channel min and

@@ -608,7 +608,7 @@ class CpuBackend final : public Backend {
   // ---- Sparse decoding -----------------------------------------------------
   absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
                            int num_clusters, int iterations, int first_block, Tensor& centroids,
-                           Tensor& extents) override {
+                           Tensor& extents, Tensor* order_out) override {
     constexpr char kOp[] = "ClusterKeys";
     STRATA_RETURN_IF_ERROR(CheckCache(kOp, k_cache, v_cache));
     const int hkv = static_cast<int>(k_cache.dim(2)), d = static_cast<int>(k_cache.dim(3));
@@ -624,6 +624,7 @@ class CpuBackend final : public Backend {
     const int64_t max_blocks = centroids.dim(1);
     if (extents.dim(1) != max_blocks)
       return ShapeError(kOp, "centroids and extents differ in max_blocks");
+    if (order_out != nullptr) STRATA_RETURN_IF_ERROR(CheckOrder(kOp, *order_out, hkv, range.count));
     std::vector<int64_t> slots(range.count);
     for (int t = 0; t < range.count; ++t) slots[t] = Slot(range, range.begin + t);
     std::vector<float> keys(static_cast<size_t>(range.count) * d);
@@ -643,13 +644,10 @@ class CpuBackend final : public Backend {
       std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
         return result->assignment[a] < result->assignment[b];
       });
-      for (int t = 0; t < range.count; ++t) {
-        std::memcpy(&k_rows[t * row_bytes], CacheRowBytes(k_cache, slots[order[t]], h), row_bytes);
-        std::memcpy(&v_rows[t * row_bytes], CacheRowBytes(v_cache, slots[order[t]], h), row_bytes);
-      }
-      for (int t = 0; t < range.count; ++t) {
-        std::memcpy(CacheRowBytes(k_cache, slots[t], h), &k_rows[t * row_bytes], row_bytes);
-        std::memcpy(CacheRowBytes(v_cache, slots[t], h), &v_rows[t * row_bytes], row_bytes);
+      ReorderHead(k_cache, v_cache, slots, h, order.data(), k_rows, v_rows);
+      if (order_out != nullptr) {
+        std::copy(order.begin(), order.end(),
+                  order_out->data_as<int32_t>() + int64_t{h} * range.count);
       }
       int32_t start = range.begin;
       for (int j = 0; j < num_clusters; ++j) {
@@ -660,6 +658,37 @@ class CpuBackend final : public Backend {
         extents.data_as<int32_t>()[block * 2 + 1] = result->sizes[j];
         start += result->sizes[j];
       }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ReorderKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
+                           const Tensor& order) override {
+    constexpr char kOp[] = "ReorderKeys";
+    STRATA_RETURN_IF_ERROR(CheckCache(kOp, k_cache, v_cache));
+    const int hkv = static_cast<int>(k_cache.dim(2)), d = static_cast<int>(k_cache.dim(3));
+    STRATA_RETURN_IF_ERROR(CheckRange(kOp, range, k_cache));
+    STRATA_RETURN_IF_ERROR(CheckOrder(kOp, order, hkv, range.count));
+    // Every head's order is checked before any row moves.
+    std::vector<uint8_t> seen(range.count);
+    for (int h = 0; h < hkv; ++h) {
+      std::fill(seen.begin(), seen.end(), 0);
+      const int32_t* o = order.data_as<int32_t>() + int64_t{h} * range.count;
+      for (int i = 0; i < range.count; ++i) {
+        if (o[i] < 0 || o[i] >= range.count || seen[o[i]]++ != 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(kOp, ": head ", h, "'s order is not a permutation of [0, ", range.count,
+                           "): entry ", i, " is ", o[i]));
+        }
+      }
+    }
+    std::vector<int64_t> slots(range.count);
+    for (int t = 0; t < range.count; ++t) slots[t] = Slot(range, range.begin + t);
+    const size_t row_bytes = static_cast<size_t>(d) * DTypeSize(k_cache.dtype());
+    std::vector<uint8_t> k_rows(range.count * row_bytes), v_rows(range.count * row_bytes);
+    for (int h = 0; h < hkv; ++h) {
+      ReorderHead(k_cache, v_cache, slots, h, order.data_as<int32_t>() + int64_t{h} * range.count,
+                  k_rows, v_rows);
     }
     return absl::OkStatus();
   }
@@ -948,6 +977,32 @@ class CpuBackend final : public Backend {
       if (table[p] < 0 || table[p] >= cache.dim(0)) return ShapeError(op, "page outside the cache");
     }
     return absl::OkStatus();
+  }
+  // A reorder's order: kI32 [hkv, count].
+  static absl::Status CheckOrder(absl::string_view op, const Tensor& order, int hkv, int count) {
+    if (!order.defined() || order.dtype() != DType::kI32 ||
+        order.shape() != std::vector<int64_t>{hkv, count}) {
+      return ShapeError(op, absl::StrCat("order must be I32 [", hkv, ", ", count, "], got ",
+                                         order.DebugString()));
+    }
+    return absl::OkStatus();
+  }
+  // Head h's rows at slots[0..n) become the rows that were at
+  // slots[order[i]] (moved as bytes: fp8 rows are not re-rounded); the row
+  // buffers are scratch of n rows each.
+  static void ReorderHead(Tensor& k_cache, Tensor& v_cache, const std::vector<int64_t>& slots,
+                          int h, const int32_t* order, std::vector<uint8_t>& k_rows,
+                          std::vector<uint8_t>& v_rows) {
+    const size_t row_bytes = static_cast<size_t>(k_cache.dim(3)) * DTypeSize(k_cache.dtype());
+    const size_t n = slots.size();
+    for (size_t t = 0; t < n; ++t) {
+      std::memcpy(&k_rows[t * row_bytes], CacheRowBytes(k_cache, slots[order[t]], h), row_bytes);
+      std::memcpy(&v_rows[t * row_bytes], CacheRowBytes(v_cache, slots[order[t]], h), row_bytes);
+    }
+    for (size_t t = 0; t < n; ++t) {
+      std::memcpy(CacheRowBytes(k_cache, slots[t], h), &k_rows[t * row_bytes], row_bytes);
+      std::memcpy(CacheRowBytes(v_cache, slots[t], h), &v_rows[t * row_bytes], row_bytes);
+    }
   }
   static absl::Status CheckPool(absl::string_view op, const Tensor& t, DType dtype, int hkv,
                                 int64_t last_dim, int blocks_needed, absl::string_view name) {

@@ -202,8 +202,7 @@ absl::StatusOr<size_t> KvBlockManager::FirstCorruptCopied(std::span<const int32_
     }
     const bool whole = covered == layout_.record_bytes();
     if (!whole) ++counters_.records_checked_in_host_memory;
-    const bool bad =
-        whole ? MaskCrc(crc) != host_.crc(records[i]) : !host_.Verify(records[i]).ok();
+    const bool bad = whole ? MaskCrc(crc) != host_.crc(records[i]) : !host_.Verify(records[i]).ok();
     if (bad) return i;
   }
   return records.size();

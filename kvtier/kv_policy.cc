@@ -836,7 +836,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
         Tensor centroids = centroids_[layer].Row(slot);
         STRATA_RETURN_IF_ERROR(b.ClusterKeys(k_cache, v_cache, range, w.clusters,
                                              e.policy->config().kmeans_iterations, w.first_block,
-                                             centroids, extents));
+                                             centroids, extents, nullptr));
         ++stats_.clusterings;
         if (Tiering()) {
           STRATA_ASSIGN_OR_RETURN(const bool offloaded, Offload(sequences_.at(e.seq_id), layer,

@@ -271,7 +271,9 @@ __global__ void __launch_bounds__(kCopyThreads)
   const int rows = heads * n;
   for (int r = blockIdx.x * rows_per_block + local; r < rows; r += gridDim.x * rows_per_block) {
     const int i = r / heads, h = r - i * heads;
-    const int t = sorted_t[int64_t{h} * n + i];
+    // Clamped: an order read from storage (ReorderKeys) cannot make the
+    // copy read outside the range, whatever it holds.
+    const int t = min(max(sorted_t[int64_t{h} * n + i], 0), n - 1);
     const uint4 v = *reinterpret_cast<const uint4*>(scratch + (int64_t{h} * n + t) * d + c * 8);
     const int64_t slot = SlotOf(table, page_size, begin + i);
     Store8FromBf16(cache + (slot * heads + h) * d + c * 8, v);
@@ -2178,10 +2180,56 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   ScatterRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
       scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, v_cache);
-  return cudaGetLastError();
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (p.order != nullptr) {
+    return cudaMemcpyAsync(p.order, vals_out, static_cast<size_t>(items) * sizeof(int32_t),
+                           cudaMemcpyDeviceToDevice, stream);
+  }
+  return cudaSuccess;
+}
+
+bool Valid(const ReorderKeysParams& p) {
+  return p.k_cache != nullptr && p.v_cache != nullptr && p.block_table != nullptr &&
+         p.order != nullptr && p.page_size >= 1 && p.begin >= 0 && p.count >= 1 &&
+         p.num_kv_heads >= 1 && p.head_dim >= 8 && p.head_dim % 8 == 0 &&
+         p.head_dim <= kMaxHeadDimCluster && int64_t{p.begin} + p.count <= INT32_MAX &&
+         int64_t{p.num_kv_heads} * p.count <= INT32_MAX;
+}
+
+template <typename Cache>
+cudaError_t LaunchReorderKeysFor(const ReorderKeysParams& p, void* workspace, cudaStream_t stream) {
+  if (!Valid(p) || workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 256 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  bf16* scratch = static_cast<bf16*>(workspace);
+  const int heads = p.num_kv_heads, n = p.count, d = p.head_dim;
+  const int64_t items = int64_t{heads} * n;
+  Cache* k_cache = static_cast<Cache*>(p.k_cache);
+  Cache* v_cache = static_cast<Cache*>(p.v_cache);
+  for (Cache* cache : {k_cache, v_cache}) {
+    GatherRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
+        cache, p.block_table, p.page_size, p.begin, n, heads, d, scratch);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    ScatterRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
+        scratch, p.order, p.block_table, p.page_size, p.begin, n, heads, d, cache);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace
+
+size_t ReorderKeysWorkspaceBytes(const ReorderKeysParams& params) {
+  return static_cast<size_t>(params.num_kv_heads) * static_cast<size_t>(params.count) *
+         static_cast<size_t>(params.head_dim) * sizeof(bf16);
+}
+
+cudaError_t LaunchReorderKeys(const ReorderKeysParams& params, void* workspace,
+                              cudaStream_t stream) {
+  return params.kv_fp8 ? LaunchReorderKeysFor<__nv_fp8_e4m3>(params, workspace, stream)
+                       : LaunchReorderKeysFor<bf16>(params, workspace, stream);
+}
 
 cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
                               cudaStream_t stream) {

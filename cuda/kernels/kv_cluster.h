@@ -64,6 +64,8 @@ struct ClusterKeysParams {
   int max_blocks = 0;          // block stride of the pools
   void* centroids = nullptr;   // bf16 [num_kv_heads, max_blocks, head_dim]
   int32_t* extents = nullptr;  // [num_kv_heads, max_blocks, 2] = (first index, size)
+  // Null, or [num_kv_heads, count]: the reorder applied (Backend::ClusterKeys).
+  int32_t* order = nullptr;
   ClusterAssignKernel assign_kernel = ClusterAssignKernel::kAuto;
   ClusterMemberOrder member_order = ClusterMemberOrder::kAuto;
 };
@@ -83,6 +85,26 @@ size_t ClusterKeysWorkspaceBytes(const ClusterKeysParams& params);
 // Enqueues the clustering; `workspace` holds ClusterKeysWorkspaceBytes bytes
 // (256-byte aligned).
 cudaError_t LaunchClusterKeys(const ClusterKeysParams& params, void* workspace,
+                              cudaStream_t stream);
+
+// Backend::ReorderKeys: the rows of [begin, begin + count) of every KV head
+// reordered by `order` as ClusterKeys reorders them, without the k-means.
+struct ReorderKeysParams {
+  void* k_cache = nullptr;  // as ClusterKeysParams'
+  void* v_cache = nullptr;
+  bool kv_fp8 = false;
+  const int32_t* block_table = nullptr;
+  int page_size = 0;
+  int begin = 0;
+  int count = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  // [num_kv_heads, count]: row begin + i of head h gets the row that was at
+  // begin + order[h][i]; entries outside [0, count) are clamped into it.
+  const int32_t* order = nullptr;
+};
+size_t ReorderKeysWorkspaceBytes(const ReorderKeysParams& params);
+cudaError_t LaunchReorderKeys(const ReorderKeysParams& params, void* workspace,
                               cudaStream_t stream);
 
 }  // namespace strata::cuda::kernels

@@ -645,8 +645,8 @@ class CudaClusterTest : public CudaSparseOpsTest {
         Tensor ext, UploadI32(be, {s.hkv, s.max_blocks, 2},
                               std::vector<int32_t>(size_t{2} * s.hkv * s.max_blocks, -1)));
     if (variant == nullptr) {
-      STRATA_ASSERT_OK(
-          be.ClusterKeys(kc, vc, range, s.clusters, s.iterations, s.first_block, cen, ext));
+      STRATA_ASSERT_OK(be.ClusterKeys(kc, vc, range, s.clusters, s.iterations, s.first_block, cen,
+                                      ext, nullptr));
     } else {
       kernels::ClusterKeysParams p;
       p.k_cache = kc.data();
@@ -938,6 +938,82 @@ TEST_F(CudaClusterTest, RandomKeysAreConsistent) {
   }
 }
 
+// ReorderKeys with the order a clustering returned redoes that clustering's
+// reorder on the same keys, byte for byte (bf16 and fp8 caches); a bad
+// order is clamped inside the range. Timed at the 32k-token Llama-3-8B
+// shape against the clustering itself.
+TEST_F(CudaClusterTest, ReorderKeysRedoesAClusteringFromItsOrder) {
+  const int hkv = 8, d = 128, page_size = 16, begin = 16;
+  for (const int count : {2000, 32768}) {
+    for (const DType dtype : {DType::kBF16, DType::kF8E4M3}) {
+      const int clusters = count / 80, iterations = 20;
+      const int pages = (begin + count + page_size - 1) / page_size;
+      std::vector<Tensor> caches;
+      for (int i = 0; i < 4; ++i) {  // k, v, and their twins
+        STRATA_ASSERT_OK_AND_ASSIGN(Tensor t, cuda().Allocate(dtype, {pages, page_size, hkv, d}));
+        STRATA_ASSERT_OK(cuda().FillRandom(t, seed_ + i % 2, 1.0f));
+        caches.push_back(std::move(t));
+      }
+      SequenceRange range;
+      STRATA_ASSERT_OK_AND_ASSIGN(range.block_table,
+                                  UploadI32(cuda(), {pages}, ShuffledPages(pages)));
+      range.page_size = page_size;
+      range.begin = begin;
+      range.count = count;
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor cen, cuda().Allocate(DType::kBF16, {hkv, 512, d}));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor ext, cuda().Allocate(DType::kI32, {hkv, 512, 2}));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor order, cuda().Allocate(DType::kI32, {hkv, count}));
+      STRATA_ASSERT_OK(cuda().Synchronize());
+      auto start = std::chrono::steady_clock::now();
+      STRATA_ASSERT_OK(cuda().ClusterKeys(caches[0], caches[1], range, clusters, iterations, 0, cen,
+                                          ext, &order));
+      STRATA_ASSERT_OK(cuda().Synchronize());
+      const double cluster_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count();
+      start = std::chrono::steady_clock::now();
+      STRATA_ASSERT_OK(cuda().ReorderKeys(caches[2], caches[3], range, order));
+      STRATA_ASSERT_OK(cuda().Synchronize());
+      const double reorder_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count();
+      STRATA_ASSERT_OK_AND_ASSIGN(std::vector<int32_t> o, DownloadI32(cuda(), order));
+      for (int h = 0; h < hkv; ++h) {
+        std::vector<int32_t> sorted(o.begin() + int64_t{h} * count,
+                                    o.begin() + int64_t{h + 1} * count);
+        std::sort(sorted.begin(), sorted.end());
+        for (int i = 0; i < count; ++i) ASSERT_EQ(sorted[i], i) << "head " << h;
+      }
+      for (int kv = 0; kv < 2; ++kv) {
+        std::vector<uint8_t> a(caches[kv].nbytes()), b(caches[kv].nbytes());
+        ASSERT_EQ(cudaMemcpy(a.data(), caches[kv].data(), a.size(), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(b.data(), caches[kv + 2].data(), b.size(), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        ASSERT_EQ(a, b) << (kv == 0 ? "K" : "V") << ", " << DTypeName(dtype) << ", " << count;
+      }
+      std::printf("[ReorderKeys] count %d, Hkv %d, D %d, %s: reorder %.3f ms, clustering %.3f ms\n",
+                  count, hkv, d, std::string(DTypeName(dtype)).c_str(), reorder_ms, cluster_ms);
+    }
+  }
+  // Garbage in the order: clamped, nothing read or written outside.
+  const int count = 64, pages = (begin + count) / page_size;
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor kc, cuda().Allocate(DType::kBF16, {pages, page_size, hkv, d}));
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor vc, cuda().Allocate(DType::kBF16, {pages, page_size, hkv, d}));
+  SequenceRange range;
+  STRATA_ASSERT_OK_AND_ASSIGN(range.block_table, UploadI32(cuda(), {pages}, ShuffledPages(pages)));
+  range.page_size = page_size;
+  range.begin = begin;
+  range.count = count;
+  std::vector<int32_t> bad(hkv * count, 1 << 30);
+  bad[3] = -7;
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor order, UploadI32(cuda(), {hkv, count}, bad));
+  STRATA_ASSERT_OK(cuda().ReorderKeys(kc, vc, range, order));
+  STRATA_ASSERT_OK(cuda().Synchronize());
+  STRATA_ASSERT_OK_AND_ASSIGN(Tensor wrong, cuda().Allocate(DType::kI32, {hkv, count + 1}));
+  EXPECT_EQ(cuda().ReorderKeys(kc, vc, range, wrong).code(), absl::StatusCode::kInvalidArgument);
+}
+
 // The 32k-token prefill case of Llama-3-8B (8 KV heads, D 128, C = 410,
 // 20 iterations) on uniform random keys, which never converge early: the
 // worst case. Prints the time; checks only that the result is a partition.
@@ -957,12 +1033,12 @@ TEST_F(CudaClusterTest, Timing32k) {
   STRATA_ASSERT_OK_AND_ASSIGN(Tensor cen, cuda().Allocate(DType::kBF16, {hkv, 512, d}));
   STRATA_ASSERT_OK_AND_ASSIGN(Tensor ext, cuda().Allocate(DType::kI32, {hkv, 512, 2}));
   // Warm-up (workspace allocation, attribute setup).
-  STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext));
+  STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext, nullptr));
   STRATA_ASSERT_OK(cuda().Synchronize());
   const int reps = 3;
   const auto start = std::chrono::steady_clock::now();
   for (int r = 0; r < reps; ++r) {
-    STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext));
+    STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext, nullptr));
   }
   STRATA_ASSERT_OK(cuda().Synchronize());
   const double ms =

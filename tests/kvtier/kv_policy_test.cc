@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <map>
 #include <numeric>
 #include <random>
+#include <string>
 
 #include "engine/batcher.h"
 #include "engine/cpu_backend.h"
@@ -203,7 +205,7 @@ TEST_F(SparseOpsTest, ClusterKeysReordersEachHeadClusterMajor) {
   Tensor centroids = *backend_->Allocate(engine::DType::kF32, {kHkv, 6, kD});
   Tensor extents = *backend_->Allocate(engine::DType::kI32, {kHkv, 6, 2});
   engine::SequenceRange range{table_, kPageSize, 3, 26};
-  ASSERT_TRUE(backend_->ClusterKeys(k_, v_, range, 2, 10, 1, centroids, extents).ok());
+  ASSERT_TRUE(backend_->ClusterKeys(k_, v_, range, 2, 10, 1, centroids, extents, nullptr).ok());
   const int32_t* ext = extents.data_as<int32_t>();
   // Head 0: the even positions (direction 0, seed key 3 is odd -> cluster 0
   // is direction 1) form one run, the odd ones the other.
@@ -227,6 +229,38 @@ TEST_F(SparseOpsTest, ClusterKeysReordersEachHeadClusterMajor) {
       EXPECT_EQ(it->second, std::vector<float>(Row(v_, i, h), Row(v_, i, h) + kD));
     }
   }
+}
+
+TEST_F(SparseOpsTest, ReorderKeysRedoesAClusteringFromItsOrder) {
+  // The same keys twice: one copy clustered (its order kept), the other
+  // reordered from that order alone; both caches end alike, byte for byte.
+  Tensor k2 = *backend_->Allocate(engine::DType::kF32, {kPages, kPageSize, kHkv, kD});
+  Tensor v2 = *backend_->Allocate(engine::DType::kF32, {kPages, kPageSize, kHkv, kD});
+  std::memcpy(k2.data(), k_.data(), k_.nbytes());
+  std::memcpy(v2.data(), v_.data(), v_.nbytes());
+  Tensor centroids = *backend_->Allocate(engine::DType::kF32, {kHkv, 4, kD});
+  Tensor extents = *backend_->Allocate(engine::DType::kI32, {kHkv, 4, 2});
+  Tensor order = *backend_->Allocate(engine::DType::kI32, {kHkv, 26});
+  engine::SequenceRange range{table_, kPageSize, 3, 26};
+  ASSERT_TRUE(backend_->ClusterKeys(k_, v_, range, 3, 10, 0, centroids, extents, &order).ok());
+  bool moved = false;
+  for (int i = 0; i < 26; ++i) moved |= order.data_as<int32_t>()[i] != i;
+  EXPECT_TRUE(moved) << "random keys: the clustering moves some";
+  ASSERT_TRUE(backend_->ReorderKeys(k2, v2, range, order).ok());
+  EXPECT_EQ(std::memcmp(k2.data(), k_.data(), k_.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(v2.data(), v_.data(), v_.nbytes()), 0);
+  // An order that is not a permutation is refused before any row moves.
+  std::memcpy(k2.data(), k_.data(), k_.nbytes());
+  order.data_as<int32_t>()[26 + 5] = order.data_as<int32_t>()[26 + 6];  // head 1: a repeat
+  const absl::Status repeated = backend_->ReorderKeys(k2, v2, range, order);
+  EXPECT_EQ(repeated.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(repeated.message().find("head 1"), std::string::npos) << repeated;
+  EXPECT_EQ(std::memcmp(k2.data(), k_.data(), k_.nbytes()), 0);
+  order.data_as<int32_t>()[26 + 5] = 26;  // out of range
+  EXPECT_EQ(backend_->ReorderKeys(k2, v2, range, order).code(), absl::StatusCode::kInvalidArgument);
+  Tensor short_order = *backend_->Allocate(engine::DType::kI32, {kHkv, 25});
+  EXPECT_EQ(backend_->ReorderKeys(k2, v2, range, short_order).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(SparseOpsTest, KeyBoundsAreChannelMinMax) {
