@@ -21,7 +21,11 @@ fio=${FIO:-fio}
 # STRATA names the binary (another build, to compare); HOST_ONLY=1 stops
 # after the requests served from host memory; NO_SSD=1 (with HOST_ONLY)
 # leaves the SSD tier out of the profile, so no write-through runs beside
-# the host requests.
+# the host requests. CLUSTERKV=1 (with HOST_ONLY) adds a ClusterKV policy
+# that clusters the prompt in chunks of 2048 tokens and asks for 2 tokens:
+# the second is the first decode step, where the prompt is clustered (the
+# first host request keeps the chunks' clusterings, the settled one
+# reuses them); the decode speed reported is that step's.
 strata=${STRATA:-.gpu/bin/strata}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -45,6 +49,23 @@ EOF
 if [[ "${NO_SSD:-0}" == 1 ]]; then
   sed -i '/ssd_/d' "$tmp/docs.yaml"
 fi
+max_tokens=4
+named=()
+if [[ "${CLUSTERKV:-0}" == 1 ]]; then
+  cat >> "$tmp/docs.yaml" <<EOF
+kv_policy:
+  type: clusterkv
+  budget_tokens: 1024
+  sink_tokens: 16
+  window_tokens: 320
+  tokens_per_cluster: 80
+  kmeans_iterations: 20
+  full_layers: 2
+  cluster_chunk_tokens: 2048
+EOF
+  max_tokens=2
+  named=(--server-profile docs)
+fi
 start() {
   STRATA_LOG_LEVEL=${STRATA_LOG_LEVEL:-debug} "$strata" serve --backend cuda --dummy-weights llama-3-8b \
     --max-context $((context + 64)) --max-seqs 4 --profile "$tmp/docs.yaml" --host 127.0.0.1 \
@@ -62,8 +83,8 @@ ssd_metrics() {
 }
 ask() {
   echo "$1" > "$tmp/prompt.txt"
-  "$strata" generate --server "$address" --prompt-ids "@$tmp/prompt.txt" --max-tokens 4 \
-    --ignore-eos --json | tail -1
+  "$strata" generate --server "$address" --prompt-ids "@$tmp/prompt.txt" --max-tokens "$max_tokens" \
+    "${named[@]}" --ignore-eos --json | tail -1
 }
 document=$(seq -s, 1000 $((context + 999)))
 start prefix_serve.log
@@ -76,6 +97,8 @@ sleep 10
 # being stored or written down.
 echo "host-settled $(ask "$document,25,26,27,28")"
 if [[ "${HOST_ONLY:-0}" == 1 ]]; then
+  python3 -c "import urllib.request; print(urllib.request.urlopen('http://$metrics/metrics').read().decode())" \
+    | grep -E "^strata_kv_policy_clusterings" || true
   kill -TERM "$server"
   wait "$server" || true
   exit 0

@@ -424,6 +424,8 @@ int RunGenerate(const GenerateFlags& f) {
       const kvtier::KvPolicyRunner::Stats& s = runner->stats();
       kv["sparse_queries"] = s.sparse_queries;
       kv["clusterings"] = s.clusterings;
+      kv["clusterings_reused"] = s.reused_clusterings;
+      kv["clusterings_kept"] = s.kept_clusterings;
       kv["offloads"] = s.offloads;
       kv["offloaded_bytes"] = s.offloaded_bytes;
       kv["recall_hit_tokens"] = s.recall_hit_tokens;

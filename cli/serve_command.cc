@@ -345,14 +345,19 @@ int RunServe(const ServeFlags& f) {
 
   // Requests name a profile; its index selects the KV policy.
   // With tensor parallelism, a runner per rank over its KV heads.
+  std::unique_ptr<kvtier::ClusteringStore> clusterings;  // outlives the runners
   std::unique_ptr<kvtier::RankedKvPolicies> kv_policies;
   if (std::any_of(policies.begin(), policies.end(),
                   [](const kvtier::KvPolicyConfig& p) { return p.type != "full"; })) {
     // ClusterKV profiles with a host tier keep their clusters there.
     auto tier = kvtier::KvTierOptions::FromProfiles(profiles, kv_manager->get());
     if (!tier.ok()) return Fail(tier.status());
+    // ClusterKV profiles that store prefixes keep their prompt chunks'
+    // clusterings too.
+    clusterings = kvtier::ClusteringStoreForProfiles(profiles);
     auto installed = kvtier::RankedKvPolicies::Install(
-        loaded->model.get(), policies, {.max_sparse_seqs = max_sparse, .tier = *tier});
+        loaded->model.get(), policies,
+        {.max_sparse_seqs = max_sparse, .tier = *tier, .clusterings = clusterings.get()});
     if (!installed.ok()) return Fail(installed.status());
     kv_policies = std::move(*installed);
   }

@@ -27,6 +27,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,14 @@ class AttentionPlanner {
     return absl::OkStatus();
   }
   virtual void Release(int64_t seq_id) = 0;
+  // Before a sequence's first step (again after it is recomputed): the
+  // first `loaded_tokens` tokens of its prompt were loaded from stored
+  // prefixes (KvMemory::LoadPrefix), pages whose bytes `page_crcs` name
+  // (KvMemory::LoadedPrefixCrcs). A planner may reuse what it computed
+  // before on those exact bytes (ClusterKV's clusterings,
+  // kvtier/clustering_store.h) and keep what it computes on them now.
+  virtual void NotePrompt(int64_t /*seq_id*/, int /*loaded_tokens*/,
+                          std::span<const uint32_t> /*page_crcs*/) {}
   // Whether PlanLayer reorganised the sequence's paged KV (e.g. clustered
   // its keys in place), so that its pages no longer hold its tokens in
   // order: such KV is not stored for reuse by prefix.

@@ -569,6 +569,10 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       } else {
         seq.num_computed = *loaded;
         if (!seq.prefix_asked) seq.cached_tokens = *loaded;
+        if (*loaded > 0 && model_->attention_planner() != nullptr) {
+          model_->attention_planner()->NotePrompt(static_cast<int64_t>(seq.req.id), *loaded,
+                                                  kv_->LoadedPrefixCrcs());
+        }
       }
       seq.prefix_asked = true;
     }

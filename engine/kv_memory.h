@@ -123,6 +123,10 @@ class KvMemory {
                                          SequencePages& /*pages*/) {
     return 0;
   }
+  // The stored CRC32C of each page the last LoadPrefix loaded, in order:
+  // what names those pages' bytes exactly (a KV policy keys what it
+  // computes on them by it; AttentionPlanner::NotePrompt).
+  virtual std::vector<uint32_t> LoadedPrefixCrcs() const { return {}; }
   // When a sequence's prompt is computed (before a KV policy reorders its
   // pages) and before a finished sequence's pages are freed: keeps the KV
   // of the whole pages of `tokens` (the tokens whose KV `pages` hold) for

@@ -62,6 +62,13 @@ Tensor Tensor::Row(int64_t i) const {
   return view;
 }
 
+Tensor Tensor::View(std::vector<int64_t> shape) const {
+  Tensor view = *this;
+  view.shape_ = std::move(shape);
+  assert(view.numel() <= numel());
+  return view;
+}
+
 std::string Tensor::DebugString() const {
   return absl::StrCat(DTypeName(dtype_), "[", absl::StrJoin(shape_, ", "), "]");
 }

@@ -54,6 +54,9 @@ class Tensor {
   // Row i along the first dimension with that dimension dropped (e.g. one
   // pool slot of [slots, H, B, D] as [H, B, D]), sharing storage.
   Tensor Row(int64_t i) const;
+  // The first numel(shape) elements as a tensor of `shape`, sharing storage
+  // (a scratch buffer viewed at the size one call needs).
+  Tensor View(std::vector<int64_t> shape) const;
 
   std::string DebugString() const;
 

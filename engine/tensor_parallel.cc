@@ -116,6 +116,11 @@ void RankedPlanner::Release(int64_t seq_id) {
   for (AttentionPlanner* p : ranks_) p->Release(seq_id);
 }
 
+void RankedPlanner::NotePrompt(int64_t seq_id, int loaded_tokens,
+                               std::span<const uint32_t> page_crcs) {
+  for (AttentionPlanner* p : ranks_) p->NotePrompt(seq_id, loaded_tokens, page_crcs);
+}
+
 bool RankedPlanner::Reordered(int64_t seq_id) const {
   // Every rank reorders alike (the same policy on the same tokens); any
   // that did makes the sequence's KV unfit to store by prefix.

@@ -149,6 +149,7 @@ class RankedPlanner : public AttentionPlanner {
   void CountGraphStep() override { ranks_[0]->CountGraphStep(); }
 
   void Release(int64_t seq_id) override;
+  void NotePrompt(int64_t seq_id, int loaded_tokens, std::span<const uint32_t> page_crcs) override;
   bool Reordered(int64_t seq_id) const override;
   void Pause(int64_t seq_id) override;
   absl::StatusOr<bool> Resume(int64_t seq_id) override;

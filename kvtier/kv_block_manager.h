@@ -252,6 +252,7 @@ class KvBlockManager final : public engine::KvMemory {
   void DropSwapped(int64_t seq_id) override;
   absl::Status Poll() override;
   bool Settling() const override;
+  std::vector<uint32_t> LoadedPrefixCrcs() const override { return loaded_crcs_; }
   // Unavailable while part of the prefix comes up from the SSD tier.
   absl::StatusOr<int> LoadPrefix(std::span<const int32_t> tokens,
                                  engine::SequencePages& pages) override;
@@ -484,6 +485,7 @@ class KvBlockManager final : public engine::KvMemory {
   std::vector<InFlight> in_flight_;
   std::vector<engine::RowCopy> copies_;  // scratch
   std::vector<uint32_t> row_crcs_;       // scratch of FirstCorruptCopied
+  std::vector<uint32_t> loaded_crcs_;    // the last LoadPrefix's (LoadedPrefixCrcs)
   Stats counters_;                       // the cumulative fields
   KvBlockManagerOptions options_;
   uint64_t next_swap_id_ = 1;

@@ -373,6 +373,7 @@ absl::Status KvBlockManager::SealPendingPrefixes() {
 
 absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
                                                engine::SequencePages& pages) {
+  loaded_crcs_.clear();
   if (max_prefix_records_ == 0 || !pages.empty()) return 0;
   const int page = layout_.page_size();
   // At least the last token is computed: its logits are the next token's.
@@ -512,6 +513,7 @@ absl::StatusOr<int> KvBlockManager::LoadPrefix(std::span<const int32_t> tokens,
     if (good == 0) return 0;
   }
   ++counters_.prefix_hits;
+  for (size_t i = 0; i < good; ++i) loaded_crcs_.push_back(host_.crc(records[i]));
   const int loaded = static_cast<int>(good) * page;
   counters_.prefix_tokens_loaded += loaded;
   return loaded;

@@ -591,6 +591,9 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
     Entry e{&p, s, id, {}, {}};
     const int ctx = in.context_len[s];
     p.Advance(ctx, seq.state, e.work);
+    if (options_.clusterings != nullptr && !e.work.empty()) {
+      STRATA_RETURN_IF_ERROR(FindClusterings(e));
+    }
     e.fields[engine::kPlanRow] = in.query_start[s];
     e.fields[engine::kPlanSeq] = s;
     e.fields[engine::kPlanSlot] = seq.state.slot;
@@ -827,17 +830,29 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
     range.block_table = batch.block_table.Row(e.batch_seq);
     range.page_size = page_size;
     e.offloaded_layers.resize(e.work.size());
+    // Stored clusterings to redo (ClusteringStore), their centroids and
+    // extents written first.
+    std::vector<Tensor> reuse_orders;
+    if (!e.reuse.empty()) {
+      STRATA_ASSIGN_OR_RETURN(reuse_orders, PrepareReuse(e, layer, slot));
+    }
     for (size_t wi = 0; wi < e.work.size(); ++wi) {
       const SummaryWork& w = e.work[wi];
       range.begin = w.begin;
       range.count = w.count;
       Tensor extents = extents_[layer].Row(slot);
       if (w.kind == SummaryWork::kCluster) {
-        Tensor centroids = centroids_[layer].Row(slot);
-        STRATA_RETURN_IF_ERROR(b.ClusterKeys(k_cache, v_cache, range, w.clusters,
-                                             e.policy->config().kmeans_iterations, w.first_block,
-                                             centroids, extents, nullptr));
-        ++stats_.clusterings;
+        if (wi < reuse_orders.size() && reuse_orders[wi].defined()) {
+          STRATA_RETURN_IF_ERROR(b.ReorderKeys(k_cache, v_cache, range, reuse_orders[wi]));
+          ++stats_.reused_clusterings;
+        } else {
+          Tensor centroids = centroids_[layer].Row(slot);
+          Tensor order_view;
+          STRATA_RETURN_IF_ERROR(b.ClusterKeys(
+              k_cache, v_cache, range, w.clusters, e.policy->config().kmeans_iterations,
+              w.first_block, centroids, extents, KeptOrder(e, wi, layer, order_view)));
+          ++stats_.clusterings;
+        }
         if (Tiering()) {
           STRATA_ASSIGN_OR_RETURN(const bool offloaded, Offload(sequences_.at(e.seq_id), layer,
                                                                 range, w, k_cache, v_cache));
@@ -951,6 +966,7 @@ bool KvPolicyRunner::Reordered(int64_t seq_id) const {
 
 void KvPolicyRunner::Release(int64_t seq_id) {
   last_selection_.erase(seq_id);
+  noted_prompts_.erase(seq_id);
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end()) return;
   Sequence& seq = it->second;
@@ -1005,6 +1021,7 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
   }
   ring_lost_.clear();
   STRATA_RETURN_IF_ERROR(JoinPrefetch());
+  if (options_.clusterings != nullptr) STRATA_RETURN_IF_ERROR(KeepClusterings());
   if (!step_tiered_) {
     STRATA_RETURN_IF_ERROR(PollSpill());
     return lost;

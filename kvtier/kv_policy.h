@@ -46,6 +46,13 @@
 // and their host memory freed. A step whose recall selects one of them
 // fetches it from the SSD (the step waits: a hard miss, counted).
 //
+// With a ClusteringStore (KvPolicyRunnerOptions::clusterings), a prompt
+// chunk's clustering computed on keys loaded from stored prefix pages is
+// kept under those pages' CRCs, and a later sequence that loads the same
+// pages reorders its keys by it (Backend::ReorderKeys) and takes its
+// centroids instead of running the k-means (kv_policy_reuse.cc; the
+// batcher names the pages through NotePrompt).
+//
 // Thread-safety: KvPolicy is immutable. KvPolicyRunner is driven by the
 // model's thread (it is the model's planner); stats() may be read by that
 // thread only.
@@ -58,6 +65,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -69,6 +77,7 @@
 #include "engine/model.h"
 #include "engine/tensor_parallel.h"
 #include "kvtier/cluster_spill.h"
+#include "kvtier/clustering_store.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/profile.h"
 #include "kvtier/rank_shared_tier.h"
@@ -78,6 +87,17 @@ namespace strata::kvtier {
 enum class PolicyKind { kFull, kStreaming, kQuest, kClusterKv };
 absl::StatusOr<PolicyKind> ParsePolicyKind(std::string_view type);
 std::string_view PolicyKindName(PolicyKind kind);
+
+// A prompt chunk's clustering as ClusteringStore keeps it, parsed and
+// checked (kv_policy_reuse.cc): per sparse layer of its policy, per KV
+// head, the reorder (count entries, a permutation), the centroids (clusters
+// x head_dim, fp32) and the cluster sizes (clusters, summing to count).
+struct StoredClustering {
+  int begin = 0, count = 0, clusters = 0, layers = 0, heads = 0, head_dim = 0;
+  std::vector<int32_t> order;    // [layers, heads, count]
+  std::vector<float> centroids;  // [layers, heads, clusters, head_dim]
+  std::vector<int32_t> sizes;    // [layers, heads, clusters]
+};
 
 // A sparse sequence's bookkeeping (the same for every layer).
 struct SequenceState {
@@ -188,6 +208,9 @@ struct KvPolicyRunnerOptions {
   // synchronisation per layer: for evaluation, not serving.
   bool track_selection = false;
   KvTierOptions tier = {};
+  // Clusterings of prompt chunks kept and reused (see the file comment);
+  // null: none. Shared by the ranks of a tensor-parallel group.
+  ClusteringStore* clusterings = nullptr;
 };
 
 // Called after a layer's plan is selected, before its attention (evaluation
@@ -200,10 +223,14 @@ using PlanObserver =
 class KvPolicyRunner final : public engine::AttentionPlanner {
  public:
   struct Stats {
-    int64_t sparse_queries = 0;     // (decode query, layer) pairs attended sparsely
-    int64_t dense_queries = 0;      // decode queries of sparse policies on dense layers
-    int64_t dense_no_slot = 0;      // decode steps of sequences that found no slot
-    int64_t clusterings = 0;        // ClusterKeys calls
+    int64_t sparse_queries = 0;  // (decode query, layer) pairs attended sparsely
+    int64_t dense_queries = 0;   // decode queries of sparse policies on dense layers
+    int64_t dense_no_slot = 0;   // decode steps of sequences that found no slot
+    int64_t clusterings = 0;     // ClusterKeys calls
+    // ClusteringStore: (chunk, layer) clusterings redone from a stored one
+    // (ReorderKeys instead of ClusterKeys), and chunks' clusterings kept.
+    int64_t reused_clusterings = 0;
+    int64_t kept_clusterings = 0;
     int64_t selected_tokens = 0;    // with track_selection: tokens taken from blocks
     int64_t reselected_tokens = 0;  // ... of which the same (seq, layer, head) had last step
     // Host-homed clusters (KvTierOptions).
@@ -273,6 +300,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                              const engine::Tensor& guessed_qkv, engine::Tensor& k_cache,
                              engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
+  void NotePrompt(int64_t seq_id, int loaded_tokens, std::span<const uint32_t> page_crcs) override;
   // ClusterKV sequences once clustered (ClusterKeys reorders in place).
   bool Reordered(int64_t seq_id) const override;
   // Gives a paused tiered sequence's ring pages back; its host-homed
@@ -360,7 +388,29 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     bool padding = false;
     // Per work item: upper layers whose clusters it offloaded whole.
     std::vector<int> offloaded_layers = {};
+    // ClusteringStore (kv_policy_reuse.cc), per work item: a stored
+    // clustering to redo (null: none), and the key to keep the one
+    // computed under (nullopt: not kept); the kept ones' orders, every
+    // sparse layer's, in `kept_orders`.
+    std::vector<std::shared_ptr<const StoredClustering>> reuse = {};
+    std::vector<std::optional<PrefixKey>> keep = {};
+    engine::Tensor kept_orders = {};
+    std::vector<int64_t> kept_offsets = {};  // per work item, in elements per sparse layer
   };
+
+  // ClusteringStore (kv_policy_reuse.cc). After Advance in BeginStep: finds
+  // the entry's stored clusterings and marks those to keep.
+  absl::Status FindClusterings(Entry& e);
+  // In PlanLayer, before the entry's summary work: writes the layer's
+  // reused centroids and extents into the slot's pools and uploads their
+  // orders (returned per work item, empty where none).
+  absl::StatusOr<std::vector<engine::Tensor>> PrepareReuse(const Entry& e, int layer, int slot);
+  // The order tensor ClusterKeys fills for a kept work item in `layer`
+  // (null when not kept).
+  engine::Tensor* KeptOrder(Entry& e, size_t wi, int layer, engine::Tensor& view);
+  // In EndStep: reads the kept clusterings back and stores them.
+  absl::Status KeepClusterings();
+  int SparseLayerIndex(const KvPolicy& policy, int layer) const;
 
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
   absl::Status Allocate();
@@ -474,6 +524,14 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   int64_t spills_over_line_ = 0;  // batches past their workload's SSD line
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;
+  // NotePrompt's: per sequence not yet planned, its loaded tokens and their
+  // pages' CRCs.
+  struct NotedPrompt {
+    int loaded_tokens = 0;
+    std::vector<uint32_t> page_crcs;
+  };
+  absl::flat_hash_map<int64_t, NotedPrompt> noted_prompts_;
+  engine::Tensor reuse_orders_;  // scratch: the orders PrepareReuse uploads
   // The host regions of released sequences whose clusters' write to the
   // SSD outlived ClusterSpill's forget_timeout: freed when it returns.
   absl::flat_hash_map<int64_t, std::vector<KvBlockManager::HostRegion>> orphaned_regions_;

@@ -91,6 +91,13 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "(--max-sparse-seqs) and decoded densely."));
   STRATA_RETURN_IF_ERROR(counter(m->clusterings_, "strata_kv_policy_clusterings_total",
                                  "ClusterKV k-means clusterings of a sequence's keys."));
+  STRATA_RETURN_IF_ERROR(counter(m->clusterings_reused_,
+                                 "strata_kv_policy_clusterings_reused_total",
+                                 "(Prompt chunk, layer) ClusterKV clusterings redone from one "
+                                 "stored for the same loaded prefix pages, instead of a k-means."));
+  STRATA_RETURN_IF_ERROR(counter(m->clusterings_kept_, "strata_kv_policy_clusterings_kept_total",
+                                 "Prompt chunks whose ClusterKV clustering, computed on loaded "
+                                 "prefix pages, was stored for reuse."));
   STRATA_ASSIGN_OR_RETURN(m->swapped_,
                           metrics::AddGauge(r, "strata_requests_swapped",
                                             "Sequences paused with their KV in the host tier."));
@@ -343,6 +350,8 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   sparse_queries_.Advance(stats.sparse_queries);
   dense_no_slot_.Advance(stats.dense_no_slot);
   clusterings_.Advance(stats.clusterings);
+  clusterings_reused_.Advance(stats.reused_clusterings);
+  clusterings_kept_.Advance(stats.kept_clusterings);
   offloads_.Advance(stats.offloads);
   offload_refused_.Advance(stats.offload_refused);
   auto advance = [&](const char* result, int64_t total, int64_t& seen) {

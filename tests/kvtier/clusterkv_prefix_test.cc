@@ -4,7 +4,10 @@
 // a later request with the same document loads it and computes only its
 // own tokens; its greedy tokens are those of a run that computed it all.
 // Also with two page groups, the clusters homed in host memory and their
-// upper pages freed.
+// upper pages freed. With a ClusteringStore and the prompt clustered in
+// chunks, a chunk's clustering computed on loaded pages is kept, and the
+// next request that loads those pages redoes it from the store instead of
+// running the k-means, with the same tokens.
 #include <map>
 #include <random>
 #include <vector>
@@ -39,7 +42,8 @@ struct Completion {
 // have their own pages and the clusters are homed in host memory.
 class Server {
  public:
-  Server(bool store, bool two_groups) {
+  // `reuse`: a ClusteringStore, and the prompt clustered in chunks of 32.
+  Server(bool store, bool two_groups, bool reuse = false) {
     engine::ModelOptions options;
     options.max_seqs = 4;
     options.max_context = 320;
@@ -59,7 +63,13 @@ class Server {
     manager_ = std::move(*m);
     KvTierOptions tier;
     if (two_groups) tier.manager = manager_.get();
-    auto r = KvPolicyRunner::Create(model(), {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
+    KvPolicyConfig policy = ClusterKv();
+    if (reuse) {
+      policy.cluster_chunk_tokens = 32;
+      clusterings_ = std::make_unique<ClusteringStore>(int64_t{8} << 20);
+    }
+    auto r = KvPolicyRunner::Create(
+        model(), {policy}, {.max_sparse_seqs = 4, .tier = tier, .clusterings = clusterings_.get()});
     EXPECT_TRUE(r.ok()) << r.status();
     runner_ = std::move(*r);
     EXPECT_TRUE(model()->set_attention_planner(runner_.get()).ok());
@@ -73,6 +83,7 @@ class Server {
   engine::Model* model() { return loaded_.model.get(); }
   KvBlockManager& manager() { return *manager_; }
   const KvPolicyRunner& runner() const { return *runner_; }
+  ClusteringStore& clusterings() { return *clusterings_; }
 
   Completion Generate(uint64_t id, std::vector<int32_t> prompt) {
     engine::GenerationRequest r;
@@ -99,6 +110,7 @@ class Server {
 
  private:
   engine::LoadedModel loaded_;
+  std::unique_ptr<ClusteringStore> clusterings_;
   std::unique_ptr<KvBlockManager> manager_;
   std::unique_ptr<KvPolicyRunner> runner_;
   std::unique_ptr<engine::Batcher> batcher_;
@@ -129,6 +141,53 @@ TEST_P(ClusterKvPrefixTest, ASecondQuestionOnTheSameDocumentLoadsItAndKeepsItsTo
   if (two_groups) {
     EXPECT_GT(s.runner().stats().offloads, 0);
   }
+}
+
+TEST_P(ClusterKvPrefixTest, AStoredClusteringIsRedoneFromTheStoreWithTheSameTokens) {
+  const bool two_groups = GetParam();
+  const std::vector<int32_t> doc = Tokens(160, 3);
+  const std::vector<int32_t> first = Concat(doc, Tokens(12, 4));
+  const std::vector<int32_t> second = Concat(doc, Tokens(9, 5));
+  const std::vector<int32_t> third = Concat(doc, Tokens(9, 6));
+  // What the k-means gives: a server that computes every prompt.
+  Server plain(/*store=*/false, two_groups, /*reuse=*/true);
+  const Completion want_second = plain.Generate(2, second);
+  const Completion want_third = plain.Generate(3, third);
+  EXPECT_EQ(plain.runner().stats().kept_clusterings, 0) << "nothing loaded, nothing kept";
+
+  Server s(/*store=*/true, two_groups, /*reuse=*/true);
+  s.Generate(1, first);  // computes the document: its pages are stored
+  const int64_t clusterings_first = s.runner().stats().clusterings;
+  const Completion loaded = s.Generate(2, second);
+  EXPECT_EQ(loaded.cached, 160);
+  EXPECT_EQ(loaded.tokens, want_second.tokens);
+  // Its span [4, 154) in chunks [4, 32), [32, 64), ..., [128, 154), all on
+  // loaded pages: each chunk's clustering is kept.
+  EXPECT_EQ(s.runner().stats().kept_clusterings, 5);
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 0);
+  const int64_t clusterings_before = s.runner().stats().clusterings;
+  const int64_t kmeans_second = clusterings_before - clusterings_first;
+  const Completion reused = s.Generate(3, third);
+  EXPECT_EQ(reused.cached, 160);
+  EXPECT_EQ(reused.tokens, want_third.tokens) << "the k-means' tokens";
+  const int sparse_layers = s.model()->config().num_layers - ClusterKv().full_layers;
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers);
+  // The prompt's chunks ran no k-means; the generated tokens' windows did.
+  EXPECT_EQ(s.runner().stats().clusterings - clusterings_before,
+            kmeans_second - 5 * sparse_layers);
+  EXPECT_EQ(s.clusterings().stats().hits, 5);
+  if (two_groups) {
+    EXPECT_GT(s.runner().stats().offloads, 0);
+  }
+
+  // A stored clustering that no longer matches its CRC is dropped, and the
+  // chunk clustered again: the same tokens.
+  EXPECT_EQ(s.clusterings().FlipBitsForTesting(40), 5);
+  const Completion recomputed = s.Generate(4, third);
+  EXPECT_EQ(recomputed.tokens, want_third.tokens);
+  EXPECT_EQ(s.clusterings().stats().lost, 5);
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers) << "none more";
+  EXPECT_EQ(s.runner().stats().kept_clusterings, 10) << "kept again";
 }
 
 INSTANTIATE_TEST_SUITE_P(Groups, ClusterKvPrefixTest, ::testing::Bool(),

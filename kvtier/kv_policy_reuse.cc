@@ -1,0 +1,298 @@
+// KvPolicyRunner's reuse of prompt chunks' ClusterKV clusterings through a
+// ClusteringStore (see kv_policy.h and clustering_store.h).
+//
+// A chunk's clustering is kept only when the sequence loaded the chunk's
+// pages from stored prefixes, and it is kept under those pages' stored
+// CRCs: a later sequence finds it only by loading the very same bytes, so
+// redoing the reorder and taking the centroids gives it exactly what the
+// k-means would have (the k-means is deterministic on its keys).
+//
+// A stored value: a header (magic, version, begin, count, clusters, sparse
+// layers, KV heads, head_dim as int32), then per sparse layer the reorder
+// (int32 [heads, count]), the centroids (fp32 [heads, clusters, head_dim])
+// and the cluster sizes (int32 [heads, clusters]).
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "kvtier/kv_policy.h"
+#include "kvtier/prefix_index.h"
+
+namespace strata::kvtier {
+
+using engine::Tensor;
+
+namespace {
+
+constexpr int32_t kMagic = 0x4c434b53;  // "SKCL"
+constexpr int32_t kVersion = 1;
+constexpr int kHeaderWords = 8;
+
+int64_t ValueBytes(int64_t count, int64_t clusters, int64_t layers, int64_t heads, int64_t d) {
+  return int64_t{kHeaderWords} * 4 + layers * heads * (count * 4 + clusters * d * 4 + clusters * 4);
+}
+
+// The stored clustering in `value` for `want`'s shape, checked: every
+// head's order a permutation of [0, count), its sizes summing to count.
+absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
+    const std::vector<uint8_t>& value, const StoredClustering& want) {
+  int32_t header[kHeaderWords];
+  if (value.size() < sizeof(header)) return absl::DataLossError("shorter than its header");
+  std::memcpy(header, value.data(), sizeof(header));
+  const int32_t expected[kHeaderWords] = {kMagic,        kVersion,    want.begin, want.count,
+                                          want.clusters, want.layers, want.heads, want.head_dim};
+  for (int i = 0; i < kHeaderWords; ++i) {
+    if (header[i] != expected[i]) {
+      return absl::DataLossError(
+          absl::StrCat("header word ", i, " is ", header[i], ", expected ", expected[i]));
+    }
+  }
+  const int64_t n = want.count, c = want.clusters, layers = want.layers, heads = want.heads,
+                d = want.head_dim;
+  if (static_cast<int64_t>(value.size()) != ValueBytes(n, c, layers, heads, d)) {
+    return absl::DataLossError(
+        absl::StrCat(value.size(), " bytes, expected ", ValueBytes(n, c, layers, heads, d)));
+  }
+  auto parsed = std::make_shared<StoredClustering>(want);
+  parsed->order.resize(layers * heads * n);
+  parsed->centroids.resize(layers * heads * c * d);
+  parsed->sizes.resize(layers * heads * c);
+  const uint8_t* at = value.data() + sizeof(header);
+  std::vector<uint8_t> seen(n);
+  for (int64_t l = 0; l < layers; ++l) {
+    std::memcpy(&parsed->order[l * heads * n], at, heads * n * 4);
+    at += heads * n * 4;
+    std::memcpy(&parsed->centroids[l * heads * c * d], at, heads * c * d * 4);
+    at += heads * c * d * 4;
+    std::memcpy(&parsed->sizes[l * heads * c], at, heads * c * 4);
+    at += heads * c * 4;
+    for (int64_t h = 0; h < heads; ++h) {
+      std::fill(seen.begin(), seen.end(), 0);
+      const int32_t* order = &parsed->order[(l * heads + h) * n];
+      for (int64_t i = 0; i < n; ++i) {
+        if (order[i] < 0 || order[i] >= n || seen[order[i]]++ != 0) {
+          return absl::DataLossError(
+              absl::StrCat("layer ", l, " head ", h, ": the order is not a permutation"));
+        }
+      }
+      int64_t total = 0;
+      for (int64_t j = 0; j < c; ++j) {
+        const int32_t size = parsed->sizes[(l * heads + h) * c + j];
+        if (size < 0) return absl::DataLossError("a negative cluster size");
+        total += size;
+      }
+      if (total != n) {
+        return absl::DataLossError(
+            absl::StrCat("layer ", l, " head ", h, ": cluster sizes sum to ", total));
+      }
+    }
+  }
+  return std::shared_ptr<const StoredClustering>(std::move(parsed));
+}
+
+}  // namespace
+
+int KvPolicyRunner::SparseLayerIndex(const KvPolicy& policy, int layer) const {
+  return layer - policy.config().full_layers;
+}
+
+void KvPolicyRunner::NotePrompt(int64_t seq_id, int loaded_tokens,
+                                std::span<const uint32_t> page_crcs) {
+  if (options_.clusterings == nullptr || loaded_tokens <= 0) return;
+  noted_prompts_[seq_id] = {loaded_tokens,
+                            std::vector<uint32_t>(page_crcs.begin(), page_crcs.end())};
+}
+
+absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
+  auto noted = noted_prompts_.find(e.seq_id);
+  if (noted == noted_prompts_.end()) return absl::OkStatus();
+  const NotedPrompt prompt = std::move(noted->second);
+  noted_prompts_.erase(noted);  // its prompt's clusterings are this step's
+  const KvPolicyConfig& config = e.policy->config();
+  const int layers = model_->config().num_layers - config.full_layers;
+  // Only a first clustering (blocks from 0 on) writes whole pool rows.
+  if (e.policy->kind() != PolicyKind::kClusterKv || layers <= 0 || e.work.empty() ||
+      e.work.front().first_block != 0) {
+    return absl::OkStatus();
+  }
+  const int page = model_->options().page_size;
+  const int heads = model_->shard().kv_heads, d = model_->config().head_dim;
+  e.reuse.assign(e.work.size(), nullptr);
+  e.keep.assign(e.work.size(), std::nullopt);
+  e.kept_offsets.assign(e.work.size(), -1);
+  int64_t kept_elems = 0;
+  for (size_t wi = 0; wi < e.work.size(); ++wi) {
+    const SummaryWork& w = e.work[wi];
+    if (w.kind != SummaryWork::kCluster || w.begin + w.count > prompt.loaded_tokens) continue;
+    const size_t first_page = static_cast<size_t>(w.begin / page);
+    const size_t last_page = static_cast<size_t>((w.begin + w.count - 1) / page);
+    if (last_page >= prompt.page_crcs.size()) continue;
+    // The pages' bytes, and everything the clustering depends on besides.
+    std::vector<int32_t> words;
+    for (size_t p = first_page; p <= last_page; ++p) {
+      words.push_back(static_cast<int32_t>(prompt.page_crcs[p]));
+    }
+    const std::string space = absl::StrCat(
+        "clusterkv/v1/rank ", model_->shard().rank, " of ", model_->shard().size, "/layers ",
+        config.full_layers, "+", layers, "/iterations ", config.kmeans_iterations, "/", w.begin,
+        "+", w.count, " in ", w.clusters, "/heads ", heads, "/d ", d);
+    const std::vector<PrefixKey> key = PrefixChain(space, words, static_cast<int>(words.size()));
+    if (key.empty()) continue;  // OpenSSL could not hash: neither reused nor kept
+    StoredClustering want;
+    want.begin = w.begin;
+    want.count = w.count;
+    want.clusters = w.clusters;
+    want.layers = layers;
+    want.heads = heads;
+    want.head_dim = d;
+    if (std::optional<std::vector<uint8_t>> value = options_.clusterings->Take(key[0])) {
+      absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
+          ParseClustering(*value, want);
+      if (parsed.ok()) {
+        e.reuse[wi] = *std::move(parsed);
+        continue;
+      }
+      STRATA_LOG_WARN("sequence {}: a stored clustering of tokens [{}, {}) was not used: {}",
+                      e.seq_id, w.begin, w.begin + w.count, std::string(parsed.status().message()));
+    }
+    e.keep[wi] = key[0];
+    e.kept_offsets[wi] = kept_elems;
+    kept_elems += int64_t{heads} * w.count;
+  }
+  if (kept_elems > 0) {
+    STRATA_ASSIGN_OR_RETURN(e.kept_orders,
+                            model_->backend().Allocate(engine::DType::kI32, {layers, kept_elems}));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Tensor>> KvPolicyRunner::PrepareReuse(const Entry& e, int layer,
+                                                                 int slot) {
+  std::vector<Tensor> orders(e.work.size());
+  const int li = SparseLayerIndex(*e.policy, layer);
+  const int heads = model_->shard().kv_heads, d = model_->config().head_dim;
+  const int64_t max_blocks = max_blocks_;
+  // The slot's whole rows (the clusterings computed after this in the
+  // layer write their own blocks over the rest).
+  std::vector<float> centroids(static_cast<size_t>(heads * max_blocks * d), 0.0f);
+  std::vector<int32_t> extents(static_cast<size_t>(heads * max_blocks * 2), 0);
+  std::vector<int32_t> host_orders;
+  std::vector<int64_t> offsets(e.work.size(), -1);
+  for (size_t wi = 0; wi < e.work.size(); ++wi) {
+    if (e.reuse[wi] == nullptr) continue;
+    const StoredClustering& s = *e.reuse[wi];
+    const SummaryWork& w = e.work[wi];
+    const int64_t n = s.count, c = s.clusters;
+    offsets[wi] = static_cast<int64_t>(host_orders.size());
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t stored = int64_t{li} * heads + h;
+      std::memcpy(&centroids[(h * max_blocks + w.first_block) * d], &s.centroids[stored * c * d],
+                  static_cast<size_t>(c * d) * sizeof(float));
+      int32_t start = w.begin;
+      for (int64_t j = 0; j < c; ++j) {
+        const int32_t size = s.sizes[stored * c + j];
+        extents[(h * max_blocks + w.first_block + j) * 2] = start;
+        extents[(h * max_blocks + w.first_block + j) * 2 + 1] = size;
+        start += size;
+      }
+      host_orders.insert(host_orders.end(), s.order.begin() + stored * n,
+                         s.order.begin() + (stored + 1) * n);
+    }
+  }
+  if (host_orders.empty()) return orders;
+  engine::Backend& b = model_->backend();
+  Tensor centroid_row = centroids_[layer].Row(slot), extent_row = extents_[layer].Row(slot);
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(centroids.data(), engine::DType::kF32,
+                                        static_cast<int64_t>(centroids.size()), centroid_row, 0));
+  STRATA_RETURN_IF_ERROR(b.CopyFromHost(extents.data(), engine::DType::kI32,
+                                        static_cast<int64_t>(extents.size()), extent_row, 0));
+  const auto total = static_cast<int64_t>(host_orders.size());
+  if (!reuse_orders_.defined() || reuse_orders_.numel() < total) {
+    STRATA_ASSIGN_OR_RETURN(reuse_orders_, b.Allocate(engine::DType::kI32, {total}));
+  }
+  STRATA_RETURN_IF_ERROR(
+      b.CopyFromHost(host_orders.data(), engine::DType::kI32, total, reuse_orders_, 0));
+  for (size_t wi = 0; wi < e.work.size(); ++wi) {
+    if (offsets[wi] < 0) continue;
+    const int64_t n = e.work[wi].count;
+    orders[wi] = reuse_orders_.Rows(offsets[wi], offsets[wi] + heads * n).View({heads, n});
+  }
+  return orders;
+}
+
+Tensor* KvPolicyRunner::KeptOrder(Entry& e, size_t wi, int layer, Tensor& view) {
+  if (wi >= e.keep.size() || !e.keep[wi].has_value()) return nullptr;
+  const int64_t heads = model_->shard().kv_heads, n = e.work[wi].count;
+  view = e.kept_orders.Row(SparseLayerIndex(*e.policy, layer))
+             .Rows(e.kept_offsets[wi], e.kept_offsets[wi] + heads * n)
+             .View({heads, n});
+  return &view;
+}
+
+absl::Status KvPolicyRunner::KeepClusterings() {
+  engine::Backend& b = model_->backend();
+  for (Entry& e : entries_) {
+    if (!e.kept_orders.defined()) continue;
+    const Tensor kept = std::move(e.kept_orders);
+    e.kept_orders = Tensor();
+    auto it = sequences_.find(e.seq_id);
+    if (it == sequences_.end()) continue;
+    const int slot = it->second.state.slot;
+    const int full = e.policy->config().full_layers;
+    const int layers = model_->config().num_layers - full;
+    const int64_t heads = model_->shard().kv_heads, d = model_->config().head_dim;
+    const int64_t max_blocks = max_blocks_, per_layer = kept.dim(1);
+    std::vector<int32_t> orders(kept.numel());
+    STRATA_RETURN_IF_ERROR(b.CopyToHost(kept, orders.data()));
+    std::vector<std::vector<float>> centroids(layers);
+    std::vector<std::vector<int32_t>> extents(layers);
+    for (int li = 0; li < layers; ++li) {
+      const Tensor c = centroids_[full + li].Row(slot), x = extents_[full + li].Row(slot);
+      centroids[li].resize(c.numel());
+      extents[li].resize(x.numel());
+      STRATA_RETURN_IF_ERROR(b.CopyToHost(c, centroids[li].data()));
+      STRATA_RETURN_IF_ERROR(b.CopyToHost(x, extents[li].data()));
+    }
+    for (size_t wi = 0; wi < e.work.size(); ++wi) {
+      if (!e.keep[wi].has_value()) continue;
+      const SummaryWork& w = e.work[wi];
+      const int64_t n = w.count, c = w.clusters;
+      std::vector<uint8_t> value(ValueBytes(n, c, layers, heads, d));
+      const int32_t header[kHeaderWords] = {kMagic,
+                                            kVersion,
+                                            w.begin,
+                                            w.count,
+                                            w.clusters,
+                                            layers,
+                                            static_cast<int32_t>(heads),
+                                            static_cast<int32_t>(d)};
+      uint8_t* at = value.data();
+      std::memcpy(at, header, sizeof(header));
+      at += sizeof(header);
+      for (int li = 0; li < layers; ++li) {
+        std::memcpy(at, &orders[li * per_layer + e.kept_offsets[wi]], heads * n * 4);
+        at += heads * n * 4;
+        for (int64_t h = 0; h < heads; ++h) {
+          std::memcpy(at, &centroids[li][(h * max_blocks + w.first_block) * d], c * d * 4);
+          at += c * d * 4;
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+          for (int64_t j = 0; j < c; ++j) {
+            const int32_t size = extents[li][(h * max_blocks + w.first_block + j) * 2 + 1];
+            std::memcpy(at, &size, 4);
+            at += 4;
+          }
+        }
+      }
+      if (options_.clusterings->Put(*e.keep[wi], std::move(value))) ++stats_.kept_clusterings;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace strata::kvtier
