@@ -22,10 +22,10 @@ fio=${FIO:-fio}
 # after the requests served from host memory; NO_SSD=1 (with HOST_ONLY)
 # leaves the SSD tier out of the profile, so no write-through runs beside
 # the host requests. CLUSTERKV=1 (with HOST_ONLY) adds a ClusterKV policy
-# that clusters the prompt in chunks of 2048 tokens and asks for 2 tokens:
-# the second is the first decode step, where the prompt is clustered (the
-# first host request keeps the chunks' clusterings, the settled one
-# reuses them); the decode speed reported is that step's.
+# that clusters the prompt in chunks of 2000 tokens (whole pages and clusters) and asks for 16
+# tokens: the first decode step clusters the prompt (the first host
+# request keeps the chunks' clusterings, the settled one asks the same
+# question and reuses them; their tokens are compared).
 strata=${STRATA:-.gpu/bin/strata}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -61,9 +61,9 @@ kv_policy:
   tokens_per_cluster: 80
   kmeans_iterations: 20
   full_layers: 2
-  cluster_chunk_tokens: 2048
+  cluster_chunk_tokens: 2000
 EOF
-  max_tokens=2
+  max_tokens=16
   named=(--server-profile docs)
 fi
 start() {
@@ -81,21 +81,36 @@ ssd_metrics() {
   python3 -c "import urllib.request; print(urllib.request.urlopen('http://$metrics/metrics').read().decode())" \
     | grep -E "^strata_kv_(ssd_prefix|prefix)_" || true
 }
-ask() {
+ask() {  # ask PROMPT: its summary; its token ids in $tmp/last.ids
   echo "$1" > "$tmp/prompt.txt"
   "$strata" generate --server "$address" --prompt-ids "@$tmp/prompt.txt" --max-tokens "$max_tokens" \
-    "${named[@]}" --ignore-eos --json | tail -1
+    "${named[@]}" --ignore-eos --json > "$tmp/last.json"
+  grep -o '"token_id":[0-9]*' "$tmp/last.json" > "$tmp/last.ids" || true
+  tail -1 "$tmp/last.json"
 }
 document=$(seq -s, 1000 $((context + 999)))
 start prefix_serve.log
 echo "warm-up  $(ask "$(seq -s, 60000 $((context + 59999)))")"
 echo "computed $(ask "$document,11,12,13")"
 echo "host     $(ask "$document,21,22,23,24")"
+cp "$tmp/last.ids" "$tmp/host.ids"
 # Written through to the SSD on the I/O threads: give them time to land.
 sleep 10
 # Again from host memory, with nothing of the earlier requests still
-# being stored or written down.
-echo "host-settled $(ask "$document,25,26,27,28")"
+# being stored or written down. With CLUSTERKV the same question as the
+# host request's: its clusterings are reused, and its tokens must be those
+# the k-means gave.
+settled_question=25,26,27,28
+[[ "${CLUSTERKV:-0}" == 1 ]] && settled_question=21,22,23,24
+echo "host-settled $(ask "$document,$settled_question")"
+if [[ "${CLUSTERKV:-0}" == 1 ]]; then
+  if cmp -s "$tmp/host.ids" "$tmp/last.ids"; then
+    echo "clusterings reused: the same $(wc -l < "$tmp/last.ids") tokens as the k-means"
+  else
+    echo "clusterings reused: TOKENS DIFFER from the k-means"
+    paste "$tmp/host.ids" "$tmp/last.ids" | head -20
+  fi
+fi
 if [[ "${HOST_ONLY:-0}" == 1 ]]; then
   python3 -c "import urllib.request; print(urllib.request.urlopen('http://$metrics/metrics').read().decode())" \
     | grep -E "^strata_kv_policy_clusterings" || true
