@@ -11,6 +11,8 @@
 // layers, KV heads, head_dim as int32), then per sparse layer the reorder
 // (int32 [heads, count]), the centroids (fp32 [heads, clusters, head_dim])
 // and the cluster sizes (int32 [heads, clusters]).
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -174,6 +176,9 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
 absl::StatusOr<std::vector<Tensor>> KvPolicyRunner::PrepareReuse(const Entry& e, int layer,
                                                                  int slot) {
   std::vector<Tensor> orders(e.work.size());
+  if (std::all_of(e.reuse.begin(), e.reuse.end(), [](const auto& r) { return r == nullptr; })) {
+    return orders;  // only clusterings to keep
+  }
   const int li = SparseLayerIndex(*e.policy, layer);
   const int heads = model_->shard().kv_heads, d = model_->config().head_dim;
   const int64_t max_blocks = max_blocks_;
@@ -238,6 +243,7 @@ absl::Status KvPolicyRunner::KeepClusterings() {
   engine::Backend& b = model_->backend();
   for (Entry& e : entries_) {
     if (!e.kept_orders.defined()) continue;
+    const auto started = std::chrono::steady_clock::now();
     const Tensor kept = std::move(e.kept_orders);
     e.kept_orders = Tensor();
     auto it = sequences_.find(e.seq_id);
@@ -291,6 +297,10 @@ absl::Status KvPolicyRunner::KeepClusterings() {
       }
       if (options_.clusterings->Put(*e.keep[wi], std::move(value))) ++stats_.kept_clusterings;
     }
+    STRATA_LOG_DEBUG(
+        "sequence {}: clusterings of {} layers read back and kept in {:.1f} ms", e.seq_id, layers,
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
+            .count());
   }
   return absl::OkStatus();
 }

@@ -173,8 +173,7 @@ TEST_P(ClusterKvPrefixTest, AStoredClusteringIsRedoneFromTheStoreWithTheSameToke
   const int sparse_layers = s.model()->config().num_layers - ClusterKv().full_layers;
   EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers);
   // The prompt's chunks ran no k-means; the generated tokens' windows did.
-  EXPECT_EQ(s.runner().stats().clusterings - clusterings_before,
-            kmeans_second - 5 * sparse_layers);
+  EXPECT_EQ(s.runner().stats().clusterings - clusterings_before, kmeans_second - 5 * sparse_layers);
   EXPECT_EQ(s.clusterings().stats().hits, 5);
   if (two_groups) {
     EXPECT_GT(s.runner().stats().offloads, 0);

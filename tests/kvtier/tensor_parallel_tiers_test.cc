@@ -22,6 +22,7 @@
 #include "engine/tensor_parallel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kvtier/clustering_store.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
 #include "kvtier/ssd_store.h"
@@ -468,6 +469,56 @@ TEST_P(TensorParallelTiersTest, HostHomedClustersOnEveryRankGiveOneRanksTokens) 
   for (const auto& r : reqs) EXPECT_EQ(group.tokens.at(r.id), one.tokens.at(r.id)) << r.id;
   EXPECT_EQ(group.max_pages_used, one.max_pages_used) << "one ring per sequence, shared by ranks";
   EXPECT_TRUE(group.idle) << "ring pages and every rank's host regions returned";
+}
+
+// Stored clusterings (ClusteringStore) on every rank: the request that
+// loads a stored document keeps each rank's clusterings of its own KV
+// heads, the next one redoes them from the store; the tokens are those of
+// one rank running the k-means.
+TEST_P(TensorParallelTiersTest, EveryRankReusesItsStoredClusteringsWithOneRanksTokens) {
+  KvPolicyConfig policy = testing_util::SmallClusterKv();
+  policy.cluster_chunk_tokens = 32;
+  const std::vector<int32_t> doc = testing_util::RandomPrompt(160, 3);
+  auto ask = [&](uint64_t id, uint32_t question) {
+    engine::GenerationRequest r;
+    r.id = id;
+    r.prompt = testing_util::Concat(doc, testing_util::RandomPrompt(9, question));
+    r.max_tokens = 30;
+    r.ignore_eos = true;
+    return r;
+  };
+  const std::vector<engine::GenerationRequest> reqs = {ask(1, 4), ask(2, 5), ask(3, 5)};
+  Outputs want;
+  {
+    auto one = Load(1, SmallCache(200));
+    ASSERT_NE(one, nullptr);
+    auto installed = RankedKvPolicies::Install(one->model(), {policy}, {.max_sparse_seqs = 4});
+    ASSERT_TRUE(installed.ok()) << installed.status();
+    for (const auto& r : reqs) {
+      engine::Batcher b(one->model(), nullptr);
+      want[r.id] = RunAll(b, {r})[r.id];
+    }
+  }
+  auto group = Load(GetParam(), SmallCache(160));
+  ASSERT_NE(group, nullptr);
+  auto manager = KvBlockManager::Create(
+      group->model(),
+      {.host_bytes = int64_t{64} << 20, .prefix_bytes = int64_t{32} << 20, .prefix_space = "t"});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  ClusteringStore clusterings(int64_t{8} << 20);
+  auto installed = RankedKvPolicies::Install(group->model(), {policy},
+                                             {.max_sparse_seqs = 4, .clusterings = &clusterings});
+  ASSERT_TRUE(installed.ok()) << installed.status();
+  engine::Batcher batcher(group->model(), nullptr, {}, manager->get());
+  for (const auto& r : reqs) {
+    EXPECT_EQ(RunAll(batcher, {r})[r.id], want[r.id]) << r.id;
+    ASSERT_TRUE((*manager)->Poll().ok());  // seals the stored pages
+  }
+  const KvPolicyRunner::Stats& s = (*installed)->leader().stats();
+  const int sparse_layers = group->model()->config().num_layers - policy.full_layers;
+  EXPECT_EQ(s.kept_clusterings, 5) << "request 2's five chunks, on loaded pages";
+  EXPECT_EQ(s.reused_clusterings, 5 * sparse_layers) << "request 3's";
+  EXPECT_EQ(clusterings.stats().hits, 5 * GetParam()) << "each rank its own";
 }
 
 TEST_P(TensorParallelTiersTest, EveryRanksClustersGoDownToTheSsdAndComeBackWithOneRanksTokens) {
