@@ -91,12 +91,14 @@ std::string_view PolicyKindName(PolicyKind kind);
 // A prompt chunk's clustering as ClusteringStore keeps it, parsed and
 // checked (kv_policy_reuse.cc): per sparse layer of its policy, per KV
 // head, the reorder (count entries, a permutation), the centroids (clusters
-// x head_dim, fp32) and the cluster sizes (clusters, summing to count).
+// x head_dim, in the policy pools' dtype) and the cluster sizes (clusters,
+// summing to count).
 struct StoredClustering {
   int begin = 0, count = 0, clusters = 0, layers = 0, heads = 0, head_dim = 0;
-  std::vector<int32_t> order;    // [layers, heads, count]
-  std::vector<float> centroids;  // [layers, heads, clusters, head_dim]
-  std::vector<int32_t> sizes;    // [layers, heads, clusters]
+  engine::DType centroid_dtype = engine::DType::kF32;
+  std::vector<int32_t> order;      // [layers, heads, count]
+  std::vector<uint8_t> centroids;  // [layers, heads, clusters, head_dim] elements
+  std::vector<int32_t> sizes;      // [layers, heads, clusters]
 };
 
 // A sparse sequence's bookkeeping (the same for every layer).
@@ -280,6 +282,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // policies[i] serves requests with kv_policy i (0 is the default). The
   // runner sizes its pools for `model` and installs nothing: the caller does
   // model->set_attention_planner(runner).
+  // Waits for a read-back of kept clusterings still in flight (it writes
+  // the runner's staging buffer).
+  ~KvPolicyRunner() override;
   static absl::StatusOr<std::unique_ptr<KvPolicyRunner>> Create(
       engine::Model* model, const std::vector<KvPolicyConfig>& policies,
       const KvPolicyRunnerOptions& options = {});
@@ -408,8 +413,11 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // The order tensor ClusterKeys fills for a kept work item in `layer`
   // (null when not kept).
   engine::Tensor* KeptOrder(Entry& e, size_t wi, int layer, engine::Tensor& view);
-  // In EndStep: reads the kept clusterings back and stores them.
+  // In EndStep: starts reading this step's kept clusterings back on the
+  // copy stream (KeepingRead), and stores those whose read is done.
   absl::Status KeepClusterings();
+  // Stores a finished read's clusterings; waits for it when `wait`.
+  absl::StatusOr<bool> FinishKeeping(bool wait);
   int SparseLayerIndex(const KvPolicy& policy, int layer) const;
 
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
@@ -532,6 +540,22 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   };
   absl::flat_hash_map<int64_t, NotedPrompt> noted_prompts_;
   engine::Tensor reuse_orders_;  // scratch: the orders PrepareReuse uploads
+  // A read-back of kept clusterings in flight (one at a time): the rows of
+  // the sequence's orders, centroids and extents copied into `staging`
+  // (pinned, reused) once `fence` is done.
+  struct KeepingRead {
+    engine::CopyFence fence = engine::kFenceDone;
+    std::vector<SummaryWork> work;
+    std::vector<std::optional<PrefixKey>> keys;
+    std::vector<int64_t> offsets;
+    engine::Tensor orders;  // the device orders, alive until the copy is done
+    int layers = 0;
+    int64_t per_layer = 0;  // order elements a layer
+    int64_t centroid_row_bytes = 0, extent_row_bytes = 0;
+    engine::DType centroid_dtype = engine::DType::kF32;
+  };
+  std::optional<KeepingRead> keeping_;
+  engine::HostBuffer keep_staging_;
   // The host regions of released sequences whose clusters' write to the
   // SSD outlived ClusterSpill's forget_timeout: freed when it returns.
   absl::flat_hash_map<int64_t, std::vector<KvBlockManager::HostRegion>> orphaned_regions_;

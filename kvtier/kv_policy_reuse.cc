@@ -8,9 +8,14 @@
 // k-means would have (the k-means is deterministic on its keys).
 //
 // A stored value: a header (magic, version, begin, count, clusters, sparse
-// layers, KV heads, head_dim as int32), then per sparse layer the reorder
-// (int32 [heads, count]), the centroids (fp32 [heads, clusters, head_dim])
-// and the cluster sizes (int32 [heads, clusters]).
+// layers, KV heads, head_dim, the centroids' dtype, as int32), then per
+// sparse layer the reorder (int32 [heads, count]), the centroids ([heads,
+// clusters, head_dim] in the pools' dtype) and the cluster sizes (int32
+// [heads, clusters]).
+//
+// Keeping reads the clusterings back on the copy stream after the step that
+// made them (the compute after it waits for the copy on the device, not
+// the host), and stores them at a later step once the copy is done.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -33,10 +38,13 @@ namespace {
 
 constexpr int32_t kMagic = 0x4c434b53;  // "SKCL"
 constexpr int32_t kVersion = 1;
-constexpr int kHeaderWords = 8;
+constexpr int kHeaderWords = 9;
 
-int64_t ValueBytes(int64_t count, int64_t clusters, int64_t layers, int64_t heads, int64_t d) {
-  return int64_t{kHeaderWords} * 4 + layers * heads * (count * 4 + clusters * d * 4 + clusters * 4);
+// `element`: the bytes of a centroid element (the pools' dtype).
+int64_t ValueBytes(int64_t count, int64_t clusters, int64_t layers, int64_t heads, int64_t d,
+                   int64_t element) {
+  return int64_t{kHeaderWords} * 4 +
+         layers * heads * (count * 4 + clusters * d * element + clusters * 4);
 }
 
 // The stored clustering in `value` for `want`'s shape, checked: every
@@ -46,8 +54,10 @@ absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
   int32_t header[kHeaderWords];
   if (value.size() < sizeof(header)) return absl::DataLossError("shorter than its header");
   std::memcpy(header, value.data(), sizeof(header));
-  const int32_t expected[kHeaderWords] = {kMagic,        kVersion,    want.begin, want.count,
-                                          want.clusters, want.layers, want.heads, want.head_dim};
+  const int32_t expected[kHeaderWords] = {
+      kMagic,     kVersion,      want.begin,
+      want.count, want.clusters, want.layers,
+      want.heads, want.head_dim, static_cast<int32_t>(want.centroid_dtype)};
   for (int i = 0; i < kHeaderWords; ++i) {
     if (header[i] != expected[i]) {
       return absl::DataLossError(
@@ -56,21 +66,22 @@ absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
   }
   const int64_t n = want.count, c = want.clusters, layers = want.layers, heads = want.heads,
                 d = want.head_dim;
-  if (static_cast<int64_t>(value.size()) != ValueBytes(n, c, layers, heads, d)) {
-    return absl::DataLossError(
-        absl::StrCat(value.size(), " bytes, expected ", ValueBytes(n, c, layers, heads, d)));
+  const auto element = static_cast<int64_t>(engine::DTypeSize(want.centroid_dtype));
+  const int64_t bytes = ValueBytes(n, c, layers, heads, d, element);
+  if (static_cast<int64_t>(value.size()) != bytes) {
+    return absl::DataLossError(absl::StrCat(value.size(), " bytes, expected ", bytes));
   }
   auto parsed = std::make_shared<StoredClustering>(want);
   parsed->order.resize(layers * heads * n);
-  parsed->centroids.resize(layers * heads * c * d);
+  parsed->centroids.resize(layers * heads * c * d * element);
   parsed->sizes.resize(layers * heads * c);
   const uint8_t* at = value.data() + sizeof(header);
   std::vector<uint8_t> seen(n);
   for (int64_t l = 0; l < layers; ++l) {
     std::memcpy(&parsed->order[l * heads * n], at, heads * n * 4);
     at += heads * n * 4;
-    std::memcpy(&parsed->centroids[l * heads * c * d], at, heads * c * d * 4);
-    at += heads * c * d * 4;
+    std::memcpy(&parsed->centroids[l * heads * c * d * element], at, heads * c * d * element);
+    at += heads * c * d * element;
     std::memcpy(&parsed->sizes[l * heads * c], at, heads * c * 4);
     at += heads * c * 4;
     for (int64_t h = 0; h < heads; ++h) {
@@ -152,6 +163,7 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
     want.layers = layers;
     want.heads = heads;
     want.head_dim = d;
+    want.centroid_dtype = centroids_[config.full_layers].dtype();
     if (std::optional<std::vector<uint8_t>> value = options_.clusterings->Take(key[0])) {
       absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
           ParseClustering(*value, want);
@@ -184,7 +196,10 @@ absl::StatusOr<std::vector<Tensor>> KvPolicyRunner::PrepareReuse(const Entry& e,
   const int64_t max_blocks = max_blocks_;
   // The slot's whole rows (the clusterings computed after this in the
   // layer write their own blocks over the rest).
-  std::vector<float> centroids(static_cast<size_t>(heads * max_blocks * d), 0.0f);
+  // Centroids as the pools hold them (bf16 on the GPU, fp32 on the CPU).
+  const engine::DType dtype = centroids_[layer].dtype();
+  const auto element = static_cast<int64_t>(engine::DTypeSize(dtype));
+  std::vector<uint8_t> centroids(static_cast<size_t>(heads * max_blocks * d * element), 0);
   std::vector<int32_t> extents(static_cast<size_t>(heads * max_blocks * 2), 0);
   std::vector<int32_t> host_orders;
   std::vector<int64_t> offsets(e.work.size(), -1);
@@ -196,8 +211,8 @@ absl::StatusOr<std::vector<Tensor>> KvPolicyRunner::PrepareReuse(const Entry& e,
     offsets[wi] = static_cast<int64_t>(host_orders.size());
     for (int64_t h = 0; h < heads; ++h) {
       const int64_t stored = int64_t{li} * heads + h;
-      std::memcpy(&centroids[(h * max_blocks + w.first_block) * d], &s.centroids[stored * c * d],
-                  static_cast<size_t>(c * d) * sizeof(float));
+      std::memcpy(&centroids[(h * max_blocks + w.first_block) * d * element],
+                  &s.centroids[stored * c * d * element], static_cast<size_t>(c * d * element));
       int32_t start = w.begin;
       for (int64_t j = 0; j < c; ++j) {
         const int32_t size = s.sizes[stored * c + j];
@@ -212,8 +227,8 @@ absl::StatusOr<std::vector<Tensor>> KvPolicyRunner::PrepareReuse(const Entry& e,
   if (host_orders.empty()) return orders;
   engine::Backend& b = model_->backend();
   Tensor centroid_row = centroids_[layer].Row(slot), extent_row = extents_[layer].Row(slot);
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(centroids.data(), engine::DType::kF32,
-                                        static_cast<int64_t>(centroids.size()), centroid_row, 0));
+  STRATA_RETURN_IF_ERROR(
+      b.CopyFromHost(centroids.data(), dtype, heads * max_blocks * d, centroid_row, 0));
   STRATA_RETURN_IF_ERROR(b.CopyFromHost(extents.data(), engine::DType::kI32,
                                         static_cast<int64_t>(extents.size()), extent_row, 0));
   const auto total = static_cast<int64_t>(host_orders.size());
@@ -239,70 +254,134 @@ Tensor* KvPolicyRunner::KeptOrder(Entry& e, size_t wi, int layer, Tensor& view) 
   return &view;
 }
 
+KvPolicyRunner::~KvPolicyRunner() {
+  if (keeping_.has_value()) {
+    if (absl::Status s = model_->backend().WaitFence(keeping_->fence); !s.ok()) {
+      STRATA_LOG_WARN("kept clusterings: {}", std::string(s.message()));
+    }
+  }
+}
+
 absl::Status KvPolicyRunner::KeepClusterings() {
+  STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/false).status());
   engine::Backend& b = model_->backend();
   for (Entry& e : entries_) {
     if (!e.kept_orders.defined()) continue;
-    const auto started = std::chrono::steady_clock::now();
-    const Tensor kept = std::move(e.kept_orders);
-    e.kept_orders = Tensor();
     auto it = sequences_.find(e.seq_id);
     if (it == sequences_.end()) continue;
+    // One read at a time, through one staging buffer.
+    STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/true).status());
+    KeepingRead read;
+    read.work = e.work;
+    read.keys = e.keep;
+    read.offsets = e.kept_offsets;
+    read.orders = std::move(e.kept_orders);
+    e.kept_orders = Tensor();
     const int slot = it->second.state.slot;
     const int full = e.policy->config().full_layers;
-    const int layers = model_->config().num_layers - full;
-    const int64_t heads = model_->shard().kv_heads, d = model_->config().head_dim;
-    const int64_t max_blocks = max_blocks_, per_layer = kept.dim(1);
-    std::vector<int32_t> orders(kept.numel());
-    STRATA_RETURN_IF_ERROR(b.CopyToHost(kept, orders.data()));
-    std::vector<std::vector<float>> centroids(layers);
-    std::vector<std::vector<int32_t>> extents(layers);
-    for (int li = 0; li < layers; ++li) {
-      const Tensor c = centroids_[full + li].Row(slot), x = extents_[full + li].Row(slot);
-      centroids[li].resize(c.numel());
-      extents[li].resize(x.numel());
-      STRATA_RETURN_IF_ERROR(b.CopyToHost(c, centroids[li].data()));
-      STRATA_RETURN_IF_ERROR(b.CopyToHost(x, extents[li].data()));
+    read.layers = model_->config().num_layers - full;
+    read.per_layer = read.orders.dim(1);
+    const Tensor& centroids = centroids_[full];
+    read.centroid_dtype = centroids.dtype();
+    read.centroid_row_bytes = static_cast<int64_t>(centroids.nbytes()) / centroids.dim(0);
+    read.extent_row_bytes = static_cast<int64_t>(extents_[full].nbytes()) / extents_[full].dim(0);
+    const auto order_bytes = static_cast<int64_t>(read.orders.nbytes());
+    const int64_t bytes =
+        order_bytes + read.layers * (read.centroid_row_bytes + read.extent_row_bytes);
+    if (!keep_staging_.defined() || static_cast<int64_t>(keep_staging_.bytes) < bytes) {
+      keep_staging_ = engine::HostBuffer();
+      STRATA_ASSIGN_OR_RETURN(keep_staging_, b.AllocateHost(static_cast<size_t>(bytes)));
     }
-    for (size_t wi = 0; wi < e.work.size(); ++wi) {
-      if (!e.keep[wi].has_value()) continue;
-      const SummaryWork& w = e.work[wi];
-      const int64_t n = w.count, c = w.clusters;
-      std::vector<uint8_t> value(ValueBytes(n, c, layers, heads, d));
-      const int32_t header[kHeaderWords] = {kMagic,
-                                            kVersion,
-                                            w.begin,
-                                            w.count,
-                                            w.clusters,
-                                            layers,
-                                            static_cast<int32_t>(heads),
-                                            static_cast<int32_t>(d)};
-      uint8_t* at = value.data();
-      std::memcpy(at, header, sizeof(header));
-      at += sizeof(header);
-      for (int li = 0; li < layers; ++li) {
-        std::memcpy(at, &orders[li * per_layer + e.kept_offsets[wi]], heads * n * 4);
-        at += heads * n * 4;
-        for (int64_t h = 0; h < heads; ++h) {
-          std::memcpy(at, &centroids[li][(h * max_blocks + w.first_block) * d], c * d * 4);
-          at += c * d * 4;
-        }
-        for (int64_t h = 0; h < heads; ++h) {
-          for (int64_t j = 0; j < c; ++j) {
-            const int32_t size = extents[li][(h * max_blocks + w.first_block + j) * 2 + 1];
-            std::memcpy(at, &size, 4);
-            at += 4;
-          }
-        }
-      }
-      if (options_.clusterings->Put(*e.keep[wi], std::move(value))) ++stats_.kept_clusterings;
+    // Rows: the orders' layers, then each layer's centroid row of the
+    // slot, then each layer's extent row.
+    std::vector<Tensor> tensors = {read.orders};
+    std::vector<engine::RowCopy> rows;
+    for (int li = 0; li < read.layers; ++li) {
+      rows.push_back({0, li, li * read.per_layer * 4});
     }
-    STRATA_LOG_DEBUG(
-        "sequence {}: clusterings of {} layers read back and kept in {:.1f} ms", e.seq_id, layers,
-        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
-            .count());
+    for (int li = 0; li < read.layers; ++li) {
+      tensors.push_back(centroids_[full + li]);
+      rows.push_back({static_cast<int32_t>(tensors.size() - 1), slot,
+                      order_bytes + li * read.centroid_row_bytes});
+    }
+    for (int li = 0; li < read.layers; ++li) {
+      tensors.push_back(extents_[full + li]);
+      rows.push_back(
+          {static_cast<int32_t>(tensors.size() - 1), slot,
+           order_bytes + read.layers * read.centroid_row_bytes + li * read.extent_row_bytes});
+    }
+    STRATA_ASSIGN_OR_RETURN(read.fence, b.CopyRowsToHost(tensors, rows, keep_staging_));
+    // The copy reads the slot's rows: later compute (another sequence
+    // clustering into the slot) waits for it, on the device.
+    STRATA_RETURN_IF_ERROR(b.ComputeAfterFence(read.fence));
+    keeping_ = std::move(read);
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
+  if (!keeping_.has_value()) return true;
+  engine::Backend& b = model_->backend();
+  if (wait) {
+    STRATA_RETURN_IF_ERROR(b.WaitFence(keeping_->fence));
+  } else {
+    STRATA_ASSIGN_OR_RETURN(const bool done, b.FenceDone(keeping_->fence));
+    if (!done) return false;
+  }
+  const auto started = std::chrono::steady_clock::now();
+  const KeepingRead read = std::move(*keeping_);
+  keeping_.reset();
+  const int64_t heads = model_->shard().kv_heads, d = model_->config().head_dim;
+  const int64_t max_blocks = max_blocks_;
+  const auto element = static_cast<int64_t>(engine::DTypeSize(read.centroid_dtype));
+  const uint8_t* staged = keep_staging_.data();
+  const auto* orders = reinterpret_cast<const int32_t*>(staged);
+  const uint8_t* centroid_rows = staged + read.orders.nbytes();
+  const uint8_t* extent_rows = centroid_rows + read.layers * read.centroid_row_bytes;
+  int kept = 0;
+  for (size_t wi = 0; wi < read.work.size(); ++wi) {
+    if (!read.keys[wi].has_value()) continue;
+    const SummaryWork& w = read.work[wi];
+    const int64_t n = w.count, c = w.clusters;
+    std::vector<uint8_t> value(ValueBytes(n, c, read.layers, heads, d, element));
+    const int32_t header[kHeaderWords] = {kMagic,
+                                          kVersion,
+                                          w.begin,
+                                          w.count,
+                                          w.clusters,
+                                          read.layers,
+                                          static_cast<int32_t>(heads),
+                                          static_cast<int32_t>(d),
+                                          static_cast<int32_t>(read.centroid_dtype)};
+    uint8_t* at = value.data();
+    std::memcpy(at, header, sizeof(header));
+    at += sizeof(header);
+    for (int li = 0; li < read.layers; ++li) {
+      std::memcpy(at, &orders[li * read.per_layer + read.offsets[wi]], heads * n * 4);
+      at += heads * n * 4;
+      const uint8_t* row = centroid_rows + li * read.centroid_row_bytes;
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(at, row + (h * max_blocks + w.first_block) * d * element, c * d * element);
+        at += c * d * element;
+      }
+      const auto* extents =
+          reinterpret_cast<const int32_t*>(extent_rows + li * read.extent_row_bytes);
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t j = 0; j < c; ++j) {
+          std::memcpy(at, &extents[(h * max_blocks + w.first_block + j) * 2 + 1], 4);
+          at += 4;
+        }
+      }
+    }
+    if (options_.clusterings->Put(*read.keys[wi], std::move(value))) ++kept;
+  }
+  stats_.kept_clusterings += kept;
+  STRATA_LOG_DEBUG(
+      "{} chunk clusterings of {} layers kept in {:.1f} ms, read back beside the steps", kept,
+      read.layers,
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
+          .count());
+  return true;
 }
 
 }  // namespace strata::kvtier
