@@ -1304,6 +1304,14 @@ absl::Status CheckPoolSlot(const char* op, const char* name, const Tensor& t, DT
   return absl::OkStatus();
 }
 
+// A reorder of a sequence range: I32 [Hkv, count] (ClusterKeys,
+// ReorderKeys).
+absl::Status CheckOrder(const char* op, const Tensor& order, int64_t hkv, int count) {
+  return Check(order.defined() && order.dtype() == DType::kI32 &&
+                   order.shape() == std::vector<int64_t>{hkv, count},
+               op, "order must be I32 [Hkv, count]", {&order});
+}
+
 // The kernel ranks seed candidates in the CPU reference's buckets.
 static_assert(kernels::kClusterSeedSimilarityBits == engine::kSeedSimilarityBits);
 
@@ -1352,9 +1360,7 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
   p.centroids = centroids.data();
   p.extents = extents.data_as<int32_t>();
   if (order != nullptr) {
-    STRATA_RETURN_IF_ERROR(Check(order->defined() && order->dtype() == DType::kI32 &&
-                                     order->shape() == std::vector<int64_t>{hkv, range.count},
-                                 kOp, "order must be I32 [Hkv, count]", {order}));
+    STRATA_RETURN_IF_ERROR(CheckOrder(kOp, *order, hkv, range.count));
     p.order = order->data_as<int32_t>();
   }
   STRATA_RETURN_IF_ERROR(Activate());
@@ -1372,9 +1378,7 @@ absl::Status CudaBackend::ReorderKeys(Tensor& k_cache, Tensor& v_cache,
                                    v_cache.dtype() == k_cache.dtype() && Aligned16(v_cache.data()),
                                kOp, "v_cache must match k_cache", {&k_cache, &v_cache}));
   const int64_t hkv = k_cache.dim(2);
-  STRATA_RETURN_IF_ERROR(Check(order.defined() && order.dtype() == DType::kI32 &&
-                                   order.shape() == std::vector<int64_t>{hkv, range.count},
-                               kOp, "order must be I32 [Hkv, count]", {&order}));
+  STRATA_RETURN_IF_ERROR(CheckOrder(kOp, order, hkv, range.count));
   kernels::ReorderKeysParams p;
   p.k_cache = k_cache.data();
   p.v_cache = v_cache.data();
