@@ -576,12 +576,20 @@ TEST_F(RouterServiceTest, AWorkerStreamEndingWhileTheClientIsWrittenToIsSafe) {
   StartRouter();
   std::vector<std::thread> clients;
   std::atomic<int> wrong{0};
-  // 4 clients: each may hold two of the router's 8 in-flight slots (its
-  // last request's until the router lets go of it, and its next).
+  // 4 clients against the router's 8 in-flight slots. The router lets go
+  // of a request's slot when gRPC is done with its call, which under load
+  // can come after the client has its status and has sent more: a request
+  // refused for admission (RESOURCE_EXHAUSTED) is asked again.
   for (int c = 0; c < 4; ++c) {
     clients.emplace_back([&] {
       for (int i = 0; i < 100; ++i) {
-        const Outcome out = Generate(Prompt(3));
+        Outcome out = Generate(Prompt(3));
+        for (int retry = 0;
+             retry < 200 && out.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED;
+             ++retry) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          out = Generate(Prompt(3));
+        }
         if (out.status.error_code() != grpc::StatusCode::UNAVAILABLE ||
             out.tokens() != std::vector<int32_t>{10, 11}) {
           if (++wrong < 4) {
