@@ -451,6 +451,7 @@ class NcclCommunicator final : public engine::Communicator {
   int rank() const override { return rank_->index; }
   int size() const override { return group_->size(); }
   std::string_view name() const override { return "nccl"; }
+  std::chrono::milliseconds timeout() const override { return group_->timeout; }
 
   absl::Status AllReduceSum(Tensor& data) override;
   absl::Status AllGather(const Tensor& in, Tensor& out) override;

@@ -23,6 +23,7 @@
 #ifndef STRATA_ENGINE_COMMUNICATOR_H_
 #define STRATA_ENGINE_COMMUNICATOR_H_
 
+#include <chrono>
 #include <string_view>
 
 #include "absl/status/status.h"
@@ -38,6 +39,8 @@ class Communicator {
   virtual int size() const = 0;
   // "in-process", "nccl": for logs and errors.
   virtual std::string_view name() const = 0;
+  // How long a collective waits for every rank before it fails.
+  virtual std::chrono::milliseconds timeout() const = 0;
 
   // data = the sum over ranks of every rank's data, in place. Every rank
   // ends with the same values (the in-process group adds in rank order).

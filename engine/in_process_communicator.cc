@@ -32,6 +32,7 @@ class Group {
       : size_(size), timeout_(timeout), posted_(size), here_(size, false) {}
 
   int size() const { return size_; }
+  std::chrono::milliseconds timeout() const { return timeout_; }
 
   // Posts `rank`'s part and waits until every rank has posted its own;
   // then checks that they agree. On success every posted tensor may be
@@ -120,6 +121,7 @@ class InProcessCommunicator : public Communicator {
   int rank() const override { return rank_; }
   int size() const override { return group_->size(); }
   std::string_view name() const override { return "in-process"; }
+  std::chrono::milliseconds timeout() const override { return group_->timeout(); }
 
   absl::Status AllReduceSum(Tensor& data) override {
     if (!data.defined() || data.dtype() != DType::kF32) {

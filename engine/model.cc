@@ -1,10 +1,14 @@
 #include "engine/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/logging.h"
 #include "common/status_macros.h"
 #include "engine/communicator.h"
 
@@ -227,7 +231,28 @@ absl::Status Model::EndStep(absl::Status own) {
     comm_->Abort(absl::StrCat("rank ", shard_.rank, ": ", own.message()));
   }
   if (followers_ == nullptr) return own;
-  absl::Status others = followers_->Finish();
+  // The other ranks end their step within a collective's timeout of this
+  // one's: a rank waiting in a collective fails by then. One that does not
+  // is stuck outside any (a hung device, a runaway loop): the group is
+  // aborted, which releases ranks that were about to enter a collective,
+  // and given that long again.
+  const std::chrono::milliseconds timeout =
+      comm_ != nullptr ? comm_->timeout() : std::chrono::milliseconds(60000);
+  absl::Status others = followers_->Finish(timeout);
+  if (absl::IsDeadlineExceeded(others)) {
+    if (comm_ != nullptr) comm_->Abort(std::string(others.message()));
+    if (absl::Status again = followers_->Finish(timeout); absl::IsDeadlineExceeded(again)) {
+      // Their step's input and the KV they write must stay theirs while
+      // they may still run: nothing here can go on safely. Exiting lets
+      // the orchestrator restart the worker, as it would a broken group.
+      STRATA_LOG_ERROR(
+          "{}, even after the group was aborted: exiting so that the worker is "
+          "restarted",
+          std::string(again.message()));
+      std::fflush(nullptr);
+      std::_Exit(EXIT_FAILURE);
+    }
+  }
   return !own.ok() ? own : others;
 }
 

@@ -14,7 +14,11 @@
 // (engine/tensor_parallel.h): it holds its share of the weights and of the
 // KV heads, and the step's collectives meet the other ranks'. The leader
 // (rank 0) is the one the batcher drives; set_followers makes the others
-// take each of its steps.
+// take each of its steps. The leader waits for them a collective's timeout
+// after its own step, and as long again after aborting the group; a rank
+// still not back is stuck outside any collective (a hung device), and
+// since it may still use the step's input and the KV, the process exits
+// with an error naming it, for the orchestrator to restart it.
 //
 // Thread-safety: one thread at a time (it drives a Backend).
 #ifndef STRATA_ENGINE_MODEL_H_

@@ -1,9 +1,15 @@
 #include "engine/tensor_parallel.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/time.h"
+#include "common/logging.h"
 #include "engine/model.h"
 
 namespace strata::engine {
@@ -49,6 +55,10 @@ absl::StatusOr<TensorParallelShard> ShardModel(const ModelConfig& c, int rank, i
 }
 
 TensorParallelRunner::TensorParallelRunner(std::vector<Model*> followers) {
+  if (const char* n = std::getenv("STRATA_FAULT_STALL_RANK_AFTER_STEPS"); n != nullptr) {
+    stall_after_ = std::atoll(n);
+    STRATA_LOG_WARN("STRATA_FAULT_STALL_RANK_AFTER_STEPS={}: the last rank stalls on purpose", n);
+  }
   for (Model* model : followers) {
     auto rank = std::make_unique<Rank>();
     rank->model = model;
@@ -77,14 +87,24 @@ void TensorParallelRunner::Start(const StepCall& call) {
   }
 }
 
-absl::Status TensorParallelRunner::Finish() {
+absl::Status TensorParallelRunner::Finish(std::chrono::milliseconds timeout) {
+  const absl::Time deadline = absl::Now() + absl::FromChrono(timeout);
   absl::MutexLock lock(&mu_);
   absl::Status first;
-  for (auto& rank : ranks_) {
-    Rank& r = *rank;
+  std::vector<std::string> stuck;
+  for (size_t i = 0; i < ranks_.size(); ++i) {
+    Rank& r = *ranks_[i];
     auto done = [&r]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return r.done; };
-    mu_.Await(absl::Condition(&done));
+    if (!mu_.AwaitWithDeadline(absl::Condition(&done), deadline)) {
+      stuck.push_back(absl::StrCat(i + 1));
+      continue;
+    }
     if (first.ok() && !r.status.ok()) first = r.status;
+  }
+  if (!stuck.empty()) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("tensor-parallel rank(s) ", absl::StrJoin(stuck, ", "),
+                     " did not finish their step within ", timeout.count(), " ms"));
   }
   return first;
 }
@@ -100,6 +120,7 @@ void TensorParallelRunner::Loop(Rank& rank) {
       rank.has_call = false;
       call = call_;
     }
+    if (Stalled(rank)) return;
     absl::Status status;
     if (call.sample) {
       status = rank.model->ForwardSample(*call.input, call.rows).status();
@@ -110,6 +131,16 @@ void TensorParallelRunner::Loop(Rank& rank) {
     rank.status = std::move(status);
     rank.done = true;
   }
+}
+
+bool TensorParallelRunner::Stalled(Rank& rank) {
+  if (stall_after_ < 0 || &rank != ranks_.back().get() || ++rank.steps <= stall_after_) {
+    return false;
+  }
+  STRATA_LOG_WARN("fault injection: rank {} stalls before its step", ranks_.size());
+  absl::MutexLock lock(&mu_);
+  mu_.Await(absl::Condition(&stopping_));
+  return true;
 }
 
 void RankedPlanner::Release(int64_t seq_id) {

@@ -76,10 +76,14 @@ struct StepCall {
 class RankFollowers {
  public:
   virtual ~RankFollowers() = default;
-  // The call (and what it points to) stays valid until Finish returns.
+  // The call (and what it points to) stays valid until Finish returns OK
+  // or with the ranks' own error.
   virtual void Start(const StepCall& call) = 0;
-  // Waits for every other rank's step; the first error among them.
-  virtual absl::Status Finish() = 0;
+  // Waits at most `timeout` for every other rank's step: the first error
+  // among them, or DeadlineExceeded naming the ranks still in it. Those
+  // ranks still use the call: the caller may not let it go (Model exits
+  // the process when they do not come back; see Model::EndStep).
+  virtual absl::Status Finish(std::chrono::milliseconds timeout) = 0;
 };
 
 // The RankFollowers of a group: a thread per rank 1..N-1, each running its
@@ -93,7 +97,7 @@ class TensorParallelRunner : public RankFollowers {
   ~TensorParallelRunner() override;
 
   void Start(const StepCall& call) override;
-  absl::Status Finish() override;
+  absl::Status Finish(std::chrono::milliseconds timeout) override;
 
  private:
   struct Rank {
@@ -102,13 +106,19 @@ class TensorParallelRunner : public RankFollowers {
     bool has_call = false;  // guarded by mu_
     bool done = false;      // guarded by mu_
     absl::Status status;    // guarded by mu_
+    int64_t steps = 0;      // its thread's
   };
   void Loop(Rank& rank);
+  // Chaos testing (STRATA_FAULT_STALL_RANK_AFTER_STEPS=n): the last rank
+  // stops taking steps after n, stuck outside any collective, until the
+  // runner stops; true then.
+  bool Stalled(Rank& rank);
 
   absl::Mutex mu_;
   std::vector<std::unique_ptr<Rank>> ranks_;
   StepCall call_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t stall_after_ = -1;
 };
 
 // The attention planner of rank 0's model when every rank plans over its

@@ -250,5 +250,27 @@ TEST(TensorParallelFailureTest, ABrokenGroupTakesTheServerOutOfService) {
   EXPECT_THAT(server.Stderr(), HasSubstr("health is NOT_SERVING"));
 }
 
+TEST(TensorParallelFailureTest, ARankStuckOutsideACollectiveEndsTheServerInsteadOfHangingIt) {
+  // A rank stops taking steps (injected: it stalls before its sixth, in no
+  // collective). The leader's next collective times out (1 s) and breaks
+  // the group; the stuck rank is waited for that long twice more, then the
+  // server exits naming it, so that an orchestrator restarts it, and the
+  // client's stream ends with an error instead of hanging.
+  setenv("STRATA_FAULT_STALL_RANK_AFTER_STEPS", "5", 1);
+  ServerProcess server(
+      {"--tensor-parallel", "2", "--max-seqs", "2", "--collective-timeout-seconds", "1"});
+  unsetenv("STRATA_FAULT_STALL_RANK_AFTER_STEPS");
+  const auto start = Clock::now();
+  int tokens = 0;
+  const grpc::Status failed =
+      Generate(server.stub(), TextRequest("Return the number of", 40), &tokens);
+  EXPECT_FALSE(failed.ok());
+  EXPECT_LT(tokens, 40);
+  EXPECT_LT(Clock::now() - start, std::chrono::seconds(20)) << "ended, not hung";
+  EXPECT_EQ(server.Wait(std::chrono::seconds(20)), EXIT_FAILURE);
+  EXPECT_THAT(server.Stderr(), HasSubstr("rank(s) 1 did not finish their step within 1000 ms"));
+  EXPECT_THAT(server.Stderr(), HasSubstr("exiting so that the worker is restarted"));
+}
+
 }  // namespace
 }  // namespace strata
