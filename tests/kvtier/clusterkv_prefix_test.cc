@@ -85,11 +85,11 @@ class Server {
   const KvPolicyRunner& runner() const { return *runner_; }
   ClusteringStore& clusterings() { return *clusterings_; }
 
-  Completion Generate(uint64_t id, std::vector<int32_t> prompt) {
+  Completion Generate(uint64_t id, std::vector<int32_t> prompt, int max_tokens = 30) {
     engine::GenerationRequest r;
     r.id = id;
     r.prompt = std::move(prompt);
-    r.max_tokens = 30;
+    r.max_tokens = max_tokens;
     r.ignore_eos = true;
     EXPECT_TRUE(batcher_->Add(r).ok());
     Completion run;
@@ -187,6 +187,25 @@ TEST_P(ClusterKvPrefixTest, AStoredClusteringIsRedoneFromTheStoreWithTheSameToke
   EXPECT_EQ(s.clusterings().stats().lost, 5);
   EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers) << "none more";
   EXPECT_EQ(s.runner().stats().kept_clusterings, 10) << "kept again";
+}
+
+TEST_P(ClusterKvPrefixTest, AClusteringKeptByARequestThatEndedAtOnceServesTheNext) {
+  // The keeping request ends with the step that clustered (two tokens: the
+  // prompt's and one decode step), so no later step of its own stores what
+  // it kept; the steps that prefill the next request do, before its first
+  // decode step looks for it.
+  const bool two_groups = GetParam();
+  const std::vector<int32_t> doc = Tokens(160, 3);
+  const std::vector<int32_t> question = Concat(doc, Tokens(9, 5));
+  Server plain(/*store=*/false, two_groups, /*reuse=*/true);
+  const Completion want = plain.Generate(3, question);
+  Server s(/*store=*/true, two_groups, /*reuse=*/true);
+  s.Generate(1, Concat(doc, Tokens(12, 4)));
+  s.Generate(2, question, /*max_tokens=*/2);
+  const Completion reused = s.Generate(3, question);
+  EXPECT_EQ(reused.tokens, want.tokens);
+  EXPECT_EQ(s.runner().stats().kept_clusterings, 5);
+  EXPECT_GT(s.runner().stats().reused_clusterings, 0) << "request 2's clusterings were there";
 }
 
 INSTANTIATE_TEST_SUITE_P(Groups, ClusterKvPrefixTest, ::testing::Bool(),
