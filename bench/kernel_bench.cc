@@ -280,7 +280,7 @@ void Run(const std::vector<std::string>& sections) {
                             [&] {
                               refill();
                               Check(b.ClusterKeys(kc, vc, range, clusters, passes, 0, centroids,
-                                                  extents, nullptr),
+                                                  extents, nullptr, engine::ClusterRows::kReorder),
                                     "cluster");
                             }) -
                      t_fill;

@@ -13,7 +13,11 @@
 # CHUNKS the prefill worker's --max-batch-tokens values to try (default
 # 2048: a prompt's KV leaves in parts as its chunks complete); CODECS the
 # profile codecs the KV crosses in (default "bf16 int8": raw pages, and
-# int8 blocks coded and decoded on the GPUs).
+# int8 blocks coded and decoded on the GPUs). POLICY=clusterkv gives both
+# setups the long-document ClusterKV policy (whole-prompt clustering): the
+# prefill worker then clusters the prompt and sends the clusterings, and
+# the decode worker's first step (second_token_ms) redoes them instead of
+# running the k-means; serve clusters at its first decode step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
@@ -22,6 +26,14 @@ prefill_gpu=${PREFILL_GPU:-0}
 chunks=${CHUNKS:-2048}
 codecs=${CODECS:-"bf16 int8"}
 decode_gpu=${DECODE_GPU:-0}
+policy=${POLICY:-}
+policy_yaml=""
+if [ "$policy" = clusterkv ]; then
+  policy_yaml="kv_policy: {type: clusterkv, budget_tokens: 1024, sink_tokens: 16, window_tokens: 320, tokens_per_cluster: 80, kmeans_iterations: 20, full_layers: 2}"
+elif [ -n "$policy" ]; then
+  echo "POLICY: clusterkv or nothing" >&2
+  exit 2
+fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 export LD_LIBRARY_PATH=$PWD/.gpu/lib:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -74,14 +86,15 @@ stop_all() {
 }
 
 echo "== strata serve (one process)"
-start serve.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- serve "${common[@]}"
+printf 'name: wire\n%s\n' "$policy_yaml" >"$tmp/serve.yaml"
+start serve.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- serve "${common[@]}" --profile "$tmp/serve.yaml"
 serve=$address
-ask "$serve" 1024 1 >/dev/null  # warm-up
-for p in $prompts; do echo "serve $p $(ask "$serve" "$p" "$p")"; done
+ask "$serve" 1024 1 wire >/dev/null  # warm-up
+for p in $prompts; do echo "serve $p $(ask "$serve" "$p" "$p" wire)"; done
 stop_all
 
 for codec in $codecs; do
-printf 'name: wire\ncodec: %s\n' "$codec" >"$tmp/wire-$codec.yaml"
+printf 'name: wire\ncodec: %s\n%s\n' "$codec" "$policy_yaml" >"$tmp/wire-$codec.yaml"
 profile=(--profile "$tmp/wire-$codec.yaml")
 for chunk in $chunks; do
 echo "== router + prefill worker (chunks of $chunk tokens) + decode worker, KV in $codec"
@@ -119,13 +132,15 @@ p, summary = sys.argv[1], json.loads(sys.argv[2])["summary"]
 b = [float(x) for x in sys.argv[3:7]]; a = [float(x) for x in sys.argv[7:11]]
 compute, transfer, wire, raw = (a[i] - b[i] for i in range(4))
 print(f"disagg codec={codec} chunk={chunk} {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
-      f"decode_tok_s={summary['decode_tokens_per_s']:.1f} prefill_s={compute:.3f} "
+      f"decode_tok_s={summary['decode_tokens_per_s']:.1f} "
+      f"second_token_ms={summary.get('second_token_ms', 0):.1f} prefill_s={compute:.3f} "
       f"transfer_s={transfer:.3f} transfer/prefill={transfer / compute if compute else 0:.2f} "
       f"wire_GB={wire / 1e9:.3f} raw_bf16_GB={raw / 1e9:.3f} "
       f"wire_GB_per_s={wire / transfer / 1e9 if transfer else 0:.2f}")
 PY
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
+echo "clusterings: prefill k-means $(metric "$prefill_metrics" strata_kv_policy_clusterings_total) exported $(metric "$prefill_metrics" strata_kv_policy_clusterings_exported_total); decode k-means $(metric "$decode_metrics" strata_kv_policy_clusterings_total) imported $(metric "$decode_metrics" strata_kv_policy_clusterings_imported_total)"
 stop_all
 done
 done

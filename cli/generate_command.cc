@@ -57,6 +57,7 @@ class TokenPrinter {
 
   void Token(int32_t id, float logprob, const std::string& text) {
     const auto now = Clock::now();
+    if (completion_tokens_ == 1) second_token_ = now;
     if (completion_tokens_++ == 0) first_token_ = now;
     last_token_ = now;
     if (f_.json) {
@@ -97,6 +98,12 @@ class TokenPrinter {
             {"finish_reason", finish},
             {"time_to_first_token_ms", ttft * 1e3},
             {"decode_tokens_per_s", tok_s},
+            // The first decode step (where a KV policy first organises
+            // the prompt, e.g. ClusterKV's k-means).
+            {"second_token_ms",
+             completion_tokens_ > 1
+                 ? std::chrono::duration<double, std::milli>(second_token_ - first_token_).count()
+                 : 0.0},
             {"load_s", load_s},
             {"backend", f_.server.empty() ? f_.backend : "server " + f_.server}}}};
       if (!kv.is_null()) summary["summary"]["kv"] = kv;
@@ -115,7 +122,7 @@ class TokenPrinter {
   const GenerateFlags& f_;
   const bool has_text_;
   const Clock::time_point start_ = Clock::now();
-  Clock::time_point first_token_ = start_, last_token_ = start_;
+  Clock::time_point first_token_ = start_, second_token_ = start_, last_token_ = start_;
   int completion_tokens_ = 0;
 };
 
@@ -426,6 +433,7 @@ int RunGenerate(const GenerateFlags& f) {
       kv["clusterings"] = s.clusterings;
       kv["clusterings_reused"] = s.reused_clusterings;
       kv["clusterings_kept"] = s.kept_clusterings;
+      kv["clusterings_imported"] = s.imported_clusterings;
       kv["offloads"] = s.offloads;
       kv["offloaded_bytes"] = s.offloaded_bytes;
       kv["recall_hit_tokens"] = s.recall_hit_tokens;

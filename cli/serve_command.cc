@@ -355,9 +355,14 @@ int RunServe(const ServeFlags& f) {
     // ClusterKV profiles that store prefixes keep their prompt chunks'
     // clusterings too.
     clusterings = kvtier::ClusteringStoreForProfiles(profiles);
+    // A prefill worker of one rank clusters the ClusterKV prompts it
+    // exports, for the decode worker (the ranks' would each need sending).
     auto installed = kvtier::RankedKvPolicies::Install(
         loaded->model.get(), policies,
-        {.max_sparse_seqs = max_sparse, .tier = *tier, .clusterings = clusterings.get()});
+        {.max_sparse_seqs = max_sparse,
+         .tier = *tier,
+         .clusterings = clusterings.get(),
+         .exports = prefill_worker && f.tensor_parallel == 1 ? kv_manager->get() : nullptr});
     if (!installed.ok()) return Fail(installed.status());
     kv_policies = std::move(*installed);
   }

@@ -263,7 +263,7 @@ class CudaBackend final : public engine::Backend {
 
   absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const engine::SequenceRange& range,
                            int num_clusters, int iterations, int first_block, Tensor& centroids,
-                           Tensor& extents, Tensor* order) override;
+                           Tensor& extents, Tensor* order, engine::ClusterRows rows) override;
   absl::Status ReorderKeys(Tensor& k_cache, Tensor& v_cache, const engine::SequenceRange& range,
                            const Tensor& order) override;
   absl::Status KeyBounds(const Tensor& k_cache, const engine::SequenceRange& range,
@@ -1318,7 +1318,7 @@ static_assert(kernels::kClusterSeedSimilarityBits == engine::kSeedSimilarityBits
 absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
                                       const engine::SequenceRange& range, int num_clusters,
                                       int iterations, int first_block, Tensor& centroids,
-                                      Tensor& extents, Tensor* order) {
+                                      Tensor& extents, Tensor* order, engine::ClusterRows rows) {
   OpTimer::Scope timed(&op_timer_, "ClusterKeys", stream());
   constexpr char kOp[] = "ClusterKeys";
   STRATA_RETURN_IF_ERROR(CheckSequenceRange(kOp, k_cache, range));
@@ -1362,6 +1362,11 @@ absl::Status CudaBackend::ClusterKeys(Tensor& k_cache, Tensor& v_cache,
   if (order != nullptr) {
     STRATA_RETURN_IF_ERROR(CheckOrder(kOp, *order, hkv, range.count));
     p.order = order->data_as<int32_t>();
+  }
+  p.reorder_cache = rows == engine::ClusterRows::kReorder;
+  if (!p.reorder_cache && order == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kOp, ": leaving the rows in place needs an order to return"));
   }
   STRATA_RETURN_IF_ERROR(Activate());
   STRATA_RETURN_IF_ERROR(cluster_workspace_.EnsureSize(kernels::ClusterKeysWorkspaceBytes(p)));

@@ -14,9 +14,11 @@ absl::StatusOr<std::span<std::byte>> KvReceiver::Allocate(std::string_view /*pee
                                                 " bytes, the message carries ", payload_bytes));
   }
   absl::StatusOr<std::span<std::byte>> where =
-      h.ok() ? area_->Place(h->transfer_id, h->index, h->count, payload_bytes, h->codec,
-                            static_cast<int>(h->tokens))
-             : h.status();
+      !h.ok() ? absl::StatusOr<std::span<std::byte>>(h.status())
+      : h->kind == kvtier::KvBlockHeader::Kind::kPlannerState
+          ? area_->PlaceState(h->transfer_id, h->index, h->count, payload_bytes)
+          : area_->Place(h->transfer_id, h->index, h->count, payload_bytes, h->codec,
+                         static_cast<int>(h->tokens));
   if (!where.ok()) blocks_refused_.fetch_add(1);
   return where;
 }
@@ -26,6 +28,10 @@ void KvReceiver::Landed(std::string_view /*peer*/, std::span<const std::byte> he
   // Allocate parsed it already: it parses.
   absl::StatusOr<kvtier::KvBlockHeader> h = kvtier::ParseKvBlockHeader(header, format_);
   if (!h.ok()) return;
+  if (h->kind == kvtier::KvBlockHeader::Kind::kPlannerState) {
+    area_->StateLanded(h->transfer_id, h->index, h->payload_crc, status);
+    return;
+  }
   area_->Landed(h->transfer_id, h->index, h->payload_crc, status);
   if (status.ok()) {
     blocks_landed_.fetch_add(1);

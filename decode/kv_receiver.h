@@ -5,8 +5,10 @@
 // own KV format before taking the payload (a foreign, corrupt or
 // mismatched header is refused, which fails that block's send, and so its
 // request, alone), and lands the payload in the block manager's landing
-// area at the place its transfer reserved; the payload's CRC is checked
-// when the KV is loaded (KvBlockManager::LoadImported).
+// area at the place its transfer reserved (a planner-state message, in the
+// transfer's own heap buffer: LandingArea::PlaceState); the payload's CRC
+// is checked as it lands, and a mismatch fails the transfer when the KV is
+// loaded (KvBlockManager::LoadImported).
 //
 // Thread-safety: thread-safe (called on the transport's thread).
 #ifndef STRATA_DECODE_KV_RECEIVER_H_

@@ -75,6 +75,19 @@ class AttentionPlanner {
   // kvtier/clustering_store.h) and keep what it computes on them now.
   virtual void NotePrompt(int64_t /*seq_id*/, int /*loaded_tokens*/,
                           std::span<const uint32_t> /*page_crcs*/) {}
+  // Disaggregated serving, prefill side: the sequence's prompt
+  // (prompt_tokens) is computed here and its KV exported under `export_key`
+  // (KvMemory::ExportKv) to a worker that decodes it. At the step that
+  // completes the prompt, a planner may compute from the prompt's KV what
+  // that worker's first decode step would (ClusterKV's clustering), without
+  // changing the cache, and hand it over with the export
+  // (KvMemory::AddExportPlannerState).
+  virtual void NoteExport(int64_t /*seq_id*/, uint64_t /*export_key*/, int /*prompt_tokens*/) {}
+  // Decode side: before the sequence's first step, what the prefill
+  // worker's planner computed on the prompt KV it sent
+  // (KvMemory::TakeImportedPlannerState), each value checked by the planner
+  // before use and used instead of computing it where it fits.
+  virtual void NoteImportedState(int64_t /*seq_id*/, std::vector<std::vector<uint8_t>> /*state*/) {}
   // Whether PlanLayer reorganised the sequence's paged KV (e.g. clustered
   // its keys in place), so that its pages no longer hold its tokens in
   // order: such KV is not stored for reuse by prefix.

@@ -106,6 +106,12 @@ struct HostBuffer {
 //   summaries: activation dtype [slots, Hkv, max_blocks, D]
 //   extents:   kI32 [slots, Hkv, max_blocks, 2] = (first logical index, size)
 
+// What Backend::ClusterKeys does with the clustered K and V rows.
+enum class ClusterRows {
+  kReorder,  // reorders them cluster-major in the cache
+  kLeave,    // leaves them: only the order that would do it is returned
+};
+
 // Columns of SparsePlan::entries: one row per planned decode query.
 enum SparsePlanField : int {
   kPlanRow = 0,         // the query's row in qkv and out
@@ -581,10 +587,16 @@ class Backend {
   // [Hkv, max_blocks, 2] (one pool slot). `order`, when not null, kI32
   // [Hkv, count], gets the reordering: logical index begin + i of head h
   // now holds the key that was at begin + order[h][i] (what ReorderKeys
-  // takes to redo it on the same keys without the k-means).
+  // takes to redo it on the same keys without the k-means). With
+  // ClusterRows::kLeave the rows stay where they are and only `order` (then
+  // required), the centroids and the extents are written: what the
+  // reordering would be, for a worker that decodes from these keys
+  // elsewhere (a prefill worker's export; the rows here serve other
+  // readers as they are).
   virtual absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
                                    int num_clusters, int iterations, int first_block,
-                                   Tensor& centroids, Tensor& extents, Tensor* order) = 0;
+                                   Tensor& centroids, Tensor& extents, Tensor* order,
+                                   ClusterRows rows) = 0;
   // Reorders the K and V rows of the range per KV head as ClusterKeys did
   // when it returned `order` (kI32 [Hkv, count]), without clustering: a
   // stored prompt's clusters are reused so. `order` must hold a permutation

@@ -550,6 +550,11 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       }
       seq.num_computed = static_cast<int>(seq.req.prompt.size());
       seq.prefix_asked = true;
+      if (std::vector<std::vector<uint8_t>> state = kv_->TakeImportedPlannerState();
+          !state.empty() && model_->attention_planner() != nullptr) {
+        model_->attention_planner()->NoteImportedState(static_cast<int64_t>(seq.req.id),
+                                                       std::move(state));
+      }
     }
     if (seq.num_computed == 0 && seq.pages.empty() && seq.tokens.size() > 2) {
       // A stored prefix saves computing its KV. Two tokens at least are
@@ -584,6 +589,11 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
         !(step_seqs.empty() && ReclaimYoungerPrompts(seq) &&
           EnsurePages(seq, seq.num_computed + chunk))) {
       break;  // wait for pages
+    }
+    if (seq.req.export_kv != 0 && model_->attention_planner() != nullptr) {
+      // Again after a recomputation (Release forgot it).
+      model_->attention_planner()->NoteExport(static_cast<int64_t>(seq.req.id), seq.req.export_kv,
+                                              static_cast<int>(seq.tokens.size()));
     }
     add_rows(seq, chunk, chunk == remaining);
     prefill_budget -= chunk;

@@ -608,7 +608,7 @@ class CpuBackend final : public Backend {
   // ---- Sparse decoding -----------------------------------------------------
   absl::Status ClusterKeys(Tensor& k_cache, Tensor& v_cache, const SequenceRange& range,
                            int num_clusters, int iterations, int first_block, Tensor& centroids,
-                           Tensor& extents, Tensor* order_out) override {
+                           Tensor& extents, Tensor* order_out, ClusterRows rows) override {
     constexpr char kOp[] = "ClusterKeys";
     STRATA_RETURN_IF_ERROR(CheckCache(kOp, k_cache, v_cache));
     const int hkv = static_cast<int>(k_cache.dim(2)), d = static_cast<int>(k_cache.dim(3));
@@ -625,6 +625,9 @@ class CpuBackend final : public Backend {
     if (extents.dim(1) != max_blocks)
       return ShapeError(kOp, "centroids and extents differ in max_blocks");
     if (order_out != nullptr) STRATA_RETURN_IF_ERROR(CheckOrder(kOp, *order_out, hkv, range.count));
+    if (rows == ClusterRows::kLeave && order_out == nullptr) {
+      return ShapeError(kOp, "leaving the rows in place needs an order to return");
+    }
     std::vector<int64_t> slots(range.count);
     for (int t = 0; t < range.count; ++t) slots[t] = Slot(range, range.begin + t);
     std::vector<float> keys(static_cast<size_t>(range.count) * d);
@@ -644,7 +647,9 @@ class CpuBackend final : public Backend {
       std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
         return result->assignment[a] < result->assignment[b];
       });
-      ReorderHead(k_cache, v_cache, slots, h, order.data(), k_rows, v_rows);
+      if (rows == ClusterRows::kReorder) {
+        ReorderHead(k_cache, v_cache, slots, h, order.data(), k_rows, v_rows);
+      }
       if (order_out != nullptr) {
         std::copy(order.begin(), order.end(),
                   order_out->data_as<int32_t>() + int64_t{h} * range.count);

@@ -151,6 +151,11 @@ class KvMemory {
   }
   // Forgets an export whose sequence ended before its final call.
   virtual void DropExport(uint64_t /*key*/) {}
+  // Prefill side: what the KV policy computed on the export's prompt
+  // (AttentionPlanner::NoteExport), sent after its KV. Called at most once
+  // per export, before its final ExportKv.
+  virtual void AddExportPlannerState(uint64_t /*key*/,
+                                     std::vector<std::vector<uint8_t>> /*state*/) {}
   // Decode side: for a sequence about to start (`pages` empty), brings the
   // KV another worker computed for `tokens` and sent under `transfer_id`
   // into pages it allocates and sets in `pages`. False (nothing allocated)
@@ -166,6 +171,9 @@ class KvMemory {
   }
   // Forgets a transfer that will not be loaded (its request ended first).
   virtual void DropImported(uint64_t /*transfer_id*/) {}
+  // After a LoadImported that loaded: the planner state that came with the
+  // transfer (AddExportPlannerState on the sender), taken once.
+  virtual std::vector<std::vector<uint8_t>> TakeImportedPlannerState() { return {}; }
 };
 
 // The GPU pages alone: a KvMemory over one PageAllocator per group, with no

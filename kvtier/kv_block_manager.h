@@ -269,9 +269,14 @@ class KvBlockManager final : public engine::KvMemory {
   absl::Status ExportKv(uint64_t key, std::span<const int32_t> tokens,
                         const engine::SequencePages& pages, bool final) override;
   void DropExport(uint64_t key) override;
+  // Held with the export and handed over with its final part.
+  void AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) override;
   absl::StatusOr<bool> LoadImported(uint64_t transfer_id, std::span<const int32_t> tokens,
                                     engine::SequencePages& pages) override;
   void DropImported(uint64_t transfer_id) override;
+  std::vector<std::vector<uint8_t>> TakeImportedPlannerState() override {
+    return std::move(imported_planner_state_);
+  }
   // Part of a prompt's KV, sealed in host records, ready to send: one
   // block per token page (a host record: kv_layout.h), with its masked
   // CRC32C, from page first_block on; `final` on the last part (which may
@@ -287,6 +292,9 @@ class KvBlockManager final : public engine::KvMemory {
       engine::KvCodecKind codec = engine::KvCodecKind::kBf16;  // of `data`
     };
     std::vector<Block> blocks;
+    // On the final part: what the KV policy computed on the prompt
+    // (AddExportPlannerState), to send after the blocks.
+    std::vector<std::span<const std::byte>> planner_state;
   };
   // Called on the manager's thread (in Poll) for each part of an export
   // once sealed, in order; must return quickly. The blocks stay valid until
@@ -485,8 +493,11 @@ class KvBlockManager final : public engine::KvMemory {
   std::vector<InFlight> in_flight_;
   std::vector<engine::RowCopy> copies_;  // scratch
   std::vector<uint32_t> row_crcs_;       // scratch of FirstCorruptCopied
-  std::vector<uint32_t> loaded_crcs_;    // the last LoadPrefix's (LoadedPrefixCrcs)
-  Stats counters_;                       // the cumulative fields
+  std::vector<uint32_t> loaded_crcs_;
+  // The last LoadImported's planner state (TakeImportedPlannerState).
+  std::vector<std::vector<uint8_t>>
+      imported_planner_state_;  // the last LoadPrefix's (LoadedPrefixCrcs)
+  Stats counters_;              // the cumulative fields
   KvBlockManagerOptions options_;
   uint64_t next_swap_id_ = 1;
   // Host records a refused swap-out needed: moves down make that much room.
@@ -544,7 +555,8 @@ class KvBlockManager final : public engine::KvMemory {
       std::vector<int64_t> bytes;
     };
     std::deque<Part> pending;
-    bool final = false;  // its last part was made
+    bool final = false;                               // its last part was made
+    std::vector<std::vector<uint8_t>> planner_state;  // AddExportPlannerState's
   };
   absl::Status PollTransfers();
   // The codec a workload's pages are exported in, and a coder for it.

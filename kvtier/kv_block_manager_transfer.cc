@@ -131,6 +131,11 @@ void KvBlockManager::ReleaseExport(uint64_t key) {
   released_exports_.push_back(key);
 }
 
+void KvBlockManager::AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) {
+  Export& e = exports_[key];
+  if (!e.final) e.planner_state = std::move(state);
+}
+
 void KvBlockManager::DropExport(uint64_t key) {
   auto it = exports_.find(key);
   if (it != exports_.end()) FreeExport(it);
@@ -198,6 +203,11 @@ absl::Status KvBlockManager::PollTransfers() {
             out.blocks[i].crc = KvPayloadCrc(out.blocks[i].data);
         });
       }
+      if (part.final) {
+        for (const std::vector<uint8_t>& value : e.planner_state) {
+          out.planner_state.push_back(std::as_bytes(std::span<const uint8_t>(value)));
+        }
+      }
       sink(std::move(out));
     }
   }
@@ -236,7 +246,10 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
         "KV transfer ", transfer_id, " is not held here (never reserved, or its lease ended)"));
   }
   if (pages_.num_free() < needed || (two_groups && upper_pages_.num_free() < needed)) return false;
-  absl::StatusOr<std::vector<LandingArea::Block>> blocks = landing_->Take(transfer_id);
+  imported_planner_state_.clear();
+  std::vector<std::vector<uint8_t>> planner_state;
+  absl::StatusOr<std::vector<LandingArea::Block>> blocks =
+      landing_->Take(transfer_id, &planner_state);
   if (!blocks.ok()) {
     ++counters_.kv_imports_failed;
     return blocks.status();
@@ -306,6 +319,7 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
     fence = *copied;
   }
   landing_in_flight_.push_back({fence, std::move(records)});
+  imported_planner_state_ = std::move(planner_state);
   ++counters_.kv_imports;
   counters_.kv_import_bytes += bytes;
   return true;

@@ -536,6 +536,9 @@ absl::StatusOr<bool> KvPolicyRunner::Offload(Sequence& seq, int layer,
 absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
                                        const engine::AttentionBatch& batch) {
   entries_.clear();
+  // Left by a step that failed before EndStep: their slots come back.
+  for (const ExportEntry& x : export_entries_) free_slots_.push_back(x.slot);
+  export_entries_.clear();
   const int num_input = static_cast<int>(in.context_len.size());
   if (num_input > batch.num_seqs) {
     return absl::InvalidArgumentError(
@@ -555,7 +558,12 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
     const KvPolicy& p = *policies_[policy];
     if (p.kind() == PolicyKind::kFull) continue;
     const int64_t id = in.seq_ids.empty() ? s : in.seq_ids[s];
-    if (in.query_start[s + 1] - in.query_start[s] != 1) continue;  // a prefill chunk
+    if (in.query_start[s + 1] - in.query_start[s] != 1) {  // a prefill chunk
+      if (!pending_exports_.empty()) {
+        STRATA_RETURN_IF_ERROR(PlanExport(s, id, policy, in.context_len[s]));
+      }
+      continue;
+    }
     auto it = sequences_.find(id);
     if (it == sequences_.end()) {
       if (free_slots_.empty()) {
@@ -591,7 +599,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
     Entry e{&p, s, id, {}, {}};
     const int ctx = in.context_len[s];
     p.Advance(ctx, seq.state, e.work);
-    if (options_.clusterings != nullptr && !e.work.empty()) {
+    if (!e.work.empty() && noted_prompts_.contains(id)) {
       STRATA_RETURN_IF_ERROR(FindClusterings(e));
     }
     e.fields[engine::kPlanRow] = in.query_start[s];
@@ -754,7 +762,7 @@ KvPolicyRunner::KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions
 }
 
 absl::StatusOr<std::optional<std::vector<int32_t>>> KvPolicyRunner::GraphKey() {
-  if (!Replayable()) return std::nullopt;
+  if (!Replayable() || !export_entries_.empty()) return std::nullopt;
   int most_blocks = 0;
   for (const Entry& e : entries_) {
     if (!e.work.empty()) return std::nullopt;
@@ -820,6 +828,29 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
   // summary work first.
   std::vector<int32_t> host;
   int num_clusterkv = 0, num_quest = 0;
+  for (ExportEntry& x : export_entries_) {
+    if (!x.policy->SparseLayer(layer)) continue;
+    engine::SequenceRange range;
+    range.block_table = batch.block_table.Row(x.batch_seq);
+    range.page_size = page_size;
+    const int li = SparseLayerIndex(*x.policy, layer);
+    for (size_t wi = 0; wi < x.work.size(); ++wi) {
+      const SummaryWork& w = x.work[wi];
+      range.begin = w.begin;
+      range.count = w.count;
+      const int64_t heads = model_->shard().kv_heads;
+      Tensor order = x.orders.Row(li)
+                         .Rows(x.offsets[wi], x.offsets[wi] + heads * w.count)
+                         .View({heads, w.count});
+      Tensor centroids = centroids_[layer].Row(x.slot), extents = extents_[layer].Row(x.slot);
+      // The rows stay: the export and the prefix store take the prompt's
+      // KV as computed, and the decode worker redoes the order.
+      STRATA_RETURN_IF_ERROR(
+          b.ClusterKeys(k_cache, v_cache, range, w.clusters, x.policy->config().kmeans_iterations,
+                        w.first_block, centroids, extents, &order, engine::ClusterRows::kLeave));
+      ++stats_.clusterings;
+    }
+  }
   for (Entry& e : entries_) {
     if (!e.policy->SparseLayer(layer)) {
       if (!graph_step_ && !e.padding) ++stats_.dense_queries;
@@ -848,9 +879,10 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
         } else {
           Tensor centroids = centroids_[layer].Row(slot);
           Tensor order_view;
-          STRATA_RETURN_IF_ERROR(b.ClusterKeys(
-              k_cache, v_cache, range, w.clusters, e.policy->config().kmeans_iterations,
-              w.first_block, centroids, extents, KeptOrder(e, wi, layer, order_view)));
+          STRATA_RETURN_IF_ERROR(
+              b.ClusterKeys(k_cache, v_cache, range, w.clusters,
+                            e.policy->config().kmeans_iterations, w.first_block, centroids, extents,
+                            KeptOrder(e, wi, layer, order_view), engine::ClusterRows::kReorder));
           ++stats_.clusterings;
         }
         if (Tiering()) {
@@ -967,6 +999,7 @@ bool KvPolicyRunner::Reordered(int64_t seq_id) const {
 void KvPolicyRunner::Release(int64_t seq_id) {
   last_selection_.erase(seq_id);
   noted_prompts_.erase(seq_id);
+  pending_exports_.erase(seq_id);
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end()) return;
   Sequence& seq = it->second;
@@ -1022,6 +1055,7 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
   ring_lost_.clear();
   STRATA_RETURN_IF_ERROR(JoinPrefetch());
   if (options_.clusterings != nullptr) STRATA_RETURN_IF_ERROR(KeepClusterings());
+  if (!export_entries_.empty()) STRATA_RETURN_IF_ERROR(HandOverExports());
   if (!step_tiered_) {
     STRATA_RETURN_IF_ERROR(PollSpill());
     return lost;

@@ -53,6 +53,16 @@
 // centroids instead of running the k-means (kv_policy_reuse.cc; the
 // batcher names the pages through NotePrompt).
 //
+// Disaggregated serving (kv_policy_reuse.cc): a prefill worker's runner
+// (KvPolicyRunnerOptions::exports) clusters an exported ClusterKV prompt at
+// the step that completes it, as the decode worker's first decode step
+// would, leaving the cache as it is (engine::ClusterRows::kLeave: the
+// pages go out and into the prefix store unchanged), and hands the
+// clusterings, in the ClusteringStore's value format, to the export
+// (KvMemory::AddExportPlannerState). The decode worker's runner is given
+// them with the KV (NoteImportedState) and redoes them as it redoes stored
+// ones: its first decode step reorders instead of running the k-means.
+//
 // Thread-safety: KvPolicy is immutable. KvPolicyRunner is driven by the
 // model's thread (it is the model's planner); stats() may be read by that
 // thread only.
@@ -74,6 +84,7 @@
 #include "absl/status/statusor.h"
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
+#include "engine/kv_memory.h"
 #include "engine/model.h"
 #include "engine/tensor_parallel.h"
 #include "kvtier/cluster_spill.h"
@@ -213,6 +224,10 @@ struct KvPolicyRunnerOptions {
   // Clusterings of prompt chunks kept and reused (see the file comment);
   // null: none. Shared by the ranks of a tensor-parallel group.
   ClusteringStore* clusterings = nullptr;
+  // A prefill worker's KV memory (one rank): the clusterings of exported
+  // prompts are computed here and handed to it (see the file comment);
+  // null: none are.
+  engine::KvMemory* exports = nullptr;
 };
 
 // Called after a layer's plan is selected, before its attention (evaluation
@@ -233,6 +248,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // (ReorderKeys instead of ClusterKeys), and chunks' clusterings kept.
     int64_t reused_clusterings = 0;
     int64_t kept_clusterings = 0;
+    // Disaggregated serving: prompt chunks' clusterings computed for an
+    // export (prefill side), and (chunk, layer) clusterings redone from
+    // those that came with imported KV (decode side; also counted in
+    // reused_clusterings).
+    int64_t exported_clusterings = 0;
+    int64_t imported_clusterings = 0;
     int64_t selected_tokens = 0;    // with track_selection: tokens taken from blocks
     int64_t reselected_tokens = 0;  // ... of which the same (seq, layer, head) had last step
     // Host-homed clusters (KvTierOptions).
@@ -306,6 +327,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                              engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
   void NotePrompt(int64_t seq_id, int loaded_tokens, std::span<const uint32_t> page_crcs) override;
+  // With KvPolicyRunnerOptions::exports and one rank; otherwise ignored.
+  void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
+  void NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) override;
   // ClusterKV sequences once clustered (ClusterKeys reorders in place).
   bool Reordered(int64_t seq_id) const override;
   // Gives a paused tiered sequence's ring pages back; its host-homed
@@ -416,8 +440,21 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // In EndStep: starts reading this step's kept clusterings back on the
   // copy stream (KeepingRead), and stores those whose read is done.
   absl::Status KeepClusterings();
-  // Stores a finished read's clusterings; waits for it when `wait`.
+  // Stores a finished read's clusterings (or hands them to the export it
+  // is for); waits for it when `wait`.
   absl::StatusOr<bool> FinishKeeping(bool wait);
+  // Starts reading `read`'s work items' clusterings back from pool slot
+  // `slot` (its orders, the slot's centroid and extent rows of every sparse
+  // layer after `full_layers`); one read at a time.
+  struct KeepingRead;
+  absl::Status StartReading(KeepingRead read, int slot, int full_layers);
+  // In BeginStep, for a prefill chunk that completes an exported prompt
+  // (NoteExport): plans its clustering as the decode worker's first step
+  // would (an ExportEntry).
+  absl::Status PlanExport(int batch_seq, int64_t seq_id, int policy, int context_len);
+  // In EndStep: reads this step's exported clusterings back and hands them
+  // to their exports.
+  absl::Status HandOverExports();
   int SparseLayerIndex(const KvPolicy& policy, int layer) const;
 
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
@@ -537,8 +574,29 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   struct NotedPrompt {
     int loaded_tokens = 0;
     std::vector<uint32_t> page_crcs;
+    // NoteImportedState's: clusterings a prefill worker computed on the
+    // prompt (ClusteringStore's value format).
+    std::vector<std::vector<uint8_t>> imported;
   };
   absl::flat_hash_map<int64_t, NotedPrompt> noted_prompts_;
+  // NoteExport's: per sequence whose prompt is not yet complete, its export
+  // key and prompt length; and this step's clusterings for exports, each in
+  // a pool slot of its own for the step.
+  struct PendingExport {
+    uint64_t key = 0;
+    int prompt_tokens = 0;
+  };
+  absl::flat_hash_map<int64_t, PendingExport> pending_exports_;
+  struct ExportEntry {
+    const KvPolicy* policy = nullptr;
+    int batch_seq = 0;
+    uint64_t key = 0;
+    int slot = -1;
+    std::vector<SummaryWork> work;
+    engine::Tensor orders;         // I32 [sparse layers, heads x the work's tokens]
+    std::vector<int64_t> offsets;  // per work item, in elements per sparse layer
+  };
+  std::vector<ExportEntry> export_entries_;
   engine::Tensor reuse_orders_;  // scratch: the orders PrepareReuse uploads
   // A read-back of kept clusterings in flight (one at a time): the rows of
   // the sequence's orders, centroids and extents copied into `staging`
@@ -548,6 +606,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     std::vector<SummaryWork> work;
     std::vector<std::optional<PrefixKey>> keys;
     std::vector<int64_t> offsets;
+    // For an export (its key, not 0): every work item's clustering goes to
+    // it, and the slot is freed once read.
+    uint64_t export_key = 0;
+    int export_slot = -1;
     engine::Tensor orders;  // the device orders, alive until the copy is done
     int layers = 0;
     int64_t per_layer = 0;  // order elements a layer

@@ -16,6 +16,13 @@
 // Keeping reads the clusterings back on the copy stream after the step that
 // made them (the compute after it waits for the copy on the device, not
 // the host), and stores them at a later step once the copy is done.
+//
+// Exports (disaggregated serving) use the same values: a prefill worker's
+// runner clusters an exported prompt without moving its rows, reads the
+// clusterings back at the end of that step (waiting for them: the sequence
+// ends with the step, and its export's last part follows at once) and
+// hands them to the export; the decode worker's runner takes them in place
+// of stored ones, checked alike.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -121,6 +128,16 @@ void KvPolicyRunner::NotePrompt(int64_t seq_id, int loaded_tokens,
                             std::vector<uint32_t>(page_crcs.begin(), page_crcs.end())};
 }
 
+void KvPolicyRunner::NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) {
+  if (options_.exports == nullptr || model_->shard().size != 1 || export_key == 0) return;
+  pending_exports_[seq_id] = {export_key, prompt_tokens};
+}
+
+void KvPolicyRunner::NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) {
+  if (state.empty()) return;
+  noted_prompts_[seq_id].imported = std::move(state);
+}
+
 absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   auto noted = noted_prompts_.find(e.seq_id);
   if (noted == noted_prompts_.end()) return absl::OkStatus();
@@ -138,6 +155,42 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   e.reuse.assign(e.work.size(), nullptr);
   e.keep.assign(e.work.size(), std::nullopt);
   e.kept_offsets.assign(e.work.size(), -1);
+  if (!prompt.imported.empty()) {
+    // Computed by the prefill worker on the KV it sent: each work item
+    // takes the value for its very chunk, if one came and it checks out.
+    for (size_t wi = 0; wi < e.work.size(); ++wi) {
+      const SummaryWork& w = e.work[wi];
+      if (w.kind != SummaryWork::kCluster) continue;
+      StoredClustering want;
+      want.begin = w.begin;
+      want.count = w.count;
+      want.clusters = w.clusters;
+      want.layers = layers;
+      want.heads = heads;
+      want.head_dim = d;
+      want.centroid_dtype = centroids_[config.full_layers].dtype();
+      for (const std::vector<uint8_t>& value : prompt.imported) {
+        int32_t chunk[3];  // header words 2..4: begin, count, clusters
+        if (value.size() < 5 * sizeof(int32_t)) continue;
+        std::memcpy(chunk, value.data() + 2 * sizeof(int32_t), sizeof(chunk));
+        if (chunk[0] != w.begin || chunk[1] != w.count) continue;
+        absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
+            ParseClustering(value, want);
+        if (parsed.ok()) {
+          e.reuse[wi] = *std::move(parsed);
+          stats_.imported_clusterings += layers;
+        } else {
+          STRATA_LOG_WARN(
+              "sequence {}: the prefill worker's clustering of tokens [{}, {}) was not used (the "
+              "k-means runs here): {}",
+              e.seq_id, w.begin, w.begin + w.count, std::string(parsed.status().message()));
+        }
+        break;
+      }
+    }
+    return absl::OkStatus();
+  }
+  if (options_.clusterings == nullptr) return absl::OkStatus();
   int64_t kept_elems = 0;
   for (size_t wi = 0; wi < e.work.size(); ++wi) {
     const SummaryWork& w = e.work[wi];
@@ -264,58 +317,118 @@ KvPolicyRunner::~KvPolicyRunner() {
 
 absl::Status KvPolicyRunner::KeepClusterings() {
   STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/false).status());
-  engine::Backend& b = model_->backend();
   for (Entry& e : entries_) {
     if (!e.kept_orders.defined()) continue;
     auto it = sequences_.find(e.seq_id);
     if (it == sequences_.end()) continue;
-    // One read at a time, through one staging buffer.
-    STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/true).status());
     KeepingRead read;
     read.work = e.work;
     read.keys = e.keep;
     read.offsets = e.kept_offsets;
     read.orders = std::move(e.kept_orders);
     e.kept_orders = Tensor();
-    const int slot = it->second.state.slot;
-    const int full = e.policy->config().full_layers;
-    read.layers = model_->config().num_layers - full;
-    read.per_layer = read.orders.dim(1);
-    const Tensor& centroids = centroids_[full];
-    read.centroid_dtype = centroids.dtype();
-    read.centroid_row_bytes = static_cast<int64_t>(centroids.nbytes()) / centroids.dim(0);
-    read.extent_row_bytes = static_cast<int64_t>(extents_[full].nbytes()) / extents_[full].dim(0);
-    const auto order_bytes = static_cast<int64_t>(read.orders.nbytes());
-    const int64_t bytes =
-        order_bytes + read.layers * (read.centroid_row_bytes + read.extent_row_bytes);
-    if (!keep_staging_.defined() || static_cast<int64_t>(keep_staging_.bytes) < bytes) {
-      keep_staging_ = engine::HostBuffer();
-      STRATA_ASSIGN_OR_RETURN(keep_staging_, b.AllocateHost(static_cast<size_t>(bytes)));
-    }
-    // Rows: the orders' layers, then each layer's centroid row of the
-    // slot, then each layer's extent row.
-    std::vector<Tensor> tensors = {read.orders};
-    std::vector<engine::RowCopy> rows;
-    for (int li = 0; li < read.layers; ++li) {
-      rows.push_back({0, li, li * read.per_layer * 4});
-    }
-    for (int li = 0; li < read.layers; ++li) {
-      tensors.push_back(centroids_[full + li]);
-      rows.push_back({static_cast<int32_t>(tensors.size() - 1), slot,
-                      order_bytes + li * read.centroid_row_bytes});
-    }
-    for (int li = 0; li < read.layers; ++li) {
-      tensors.push_back(extents_[full + li]);
-      rows.push_back(
-          {static_cast<int32_t>(tensors.size() - 1), slot,
-           order_bytes + read.layers * read.centroid_row_bytes + li * read.extent_row_bytes});
-    }
-    STRATA_ASSIGN_OR_RETURN(read.fence, b.CopyRowsToHost(tensors, rows, keep_staging_));
-    // The copy reads the slot's rows: later compute (another sequence
-    // clustering into the slot) waits for it, on the device.
-    STRATA_RETURN_IF_ERROR(b.ComputeAfterFence(read.fence));
-    keeping_ = std::move(read);
+    STRATA_RETURN_IF_ERROR(
+        StartReading(std::move(read), it->second.state.slot, e.policy->config().full_layers));
   }
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::PlanExport(int batch_seq, int64_t seq_id, int policy,
+                                        int context_len) {
+  auto it = pending_exports_.find(seq_id);
+  if (it == pending_exports_.end() || context_len != it->second.prompt_tokens) {
+    return absl::OkStatus();
+  }
+  const PendingExport pending = it->second;
+  pending_exports_.erase(it);
+  const KvPolicy& p = *policies_[policy];
+  const int layers = model_->config().num_layers - p.config().full_layers;
+  if (p.kind() != PolicyKind::kClusterKv || layers <= 0 || free_slots_.empty()) {
+    return absl::OkStatus();  // the decode worker clusters it itself
+  }
+  ExportEntry x;
+  x.policy = &p;
+  x.batch_seq = batch_seq;
+  x.key = pending.key;
+  // The decode worker's first step: the prompt and its first token.
+  SequenceState state;
+  p.Advance(context_len + 1, state, x.work);
+  int64_t elems = 0;
+  for (const SummaryWork& w : x.work) {
+    if (w.kind != SummaryWork::kCluster || w.begin + w.count > context_len) {
+      return absl::OkStatus();  // not what a ClusterKV prompt gives: nothing sent
+    }
+    x.offsets.push_back(elems);
+    elems += int64_t{model_->shard().kv_heads} * w.count;
+  }
+  if (elems == 0) return absl::OkStatus();
+  STRATA_ASSIGN_OR_RETURN(x.orders,
+                          model_->backend().Allocate(engine::DType::kI32, {layers, elems}));
+  x.slot = free_slots_.back();
+  free_slots_.pop_back();
+  export_entries_.push_back(std::move(x));
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::HandOverExports() {
+  std::vector<ExportEntry> entries = std::move(export_entries_);
+  export_entries_.clear();
+  for (ExportEntry& x : entries) {
+    KeepingRead read;
+    read.work = x.work;
+    read.keys.assign(x.work.size(), std::nullopt);
+    read.offsets = x.offsets;
+    read.orders = std::move(x.orders);
+    read.export_key = x.key;
+    read.export_slot = x.slot;
+    STRATA_RETURN_IF_ERROR(StartReading(std::move(read), x.slot, x.policy->config().full_layers));
+    // The sequence ends with this step and its export's last part follows
+    // now: the clusterings go with it.
+    STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/true).status());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::StartReading(KeepingRead read, int slot, int full) {
+  engine::Backend& b = model_->backend();
+  // One read at a time, through one staging buffer.
+  STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/true).status());
+  read.layers = model_->config().num_layers - full;
+  read.per_layer = read.orders.dim(1);
+  const Tensor& centroids = centroids_[full];
+  read.centroid_dtype = centroids.dtype();
+  read.centroid_row_bytes = static_cast<int64_t>(centroids.nbytes()) / centroids.dim(0);
+  read.extent_row_bytes = static_cast<int64_t>(extents_[full].nbytes()) / extents_[full].dim(0);
+  const auto order_bytes = static_cast<int64_t>(read.orders.nbytes());
+  const int64_t bytes =
+      order_bytes + read.layers * (read.centroid_row_bytes + read.extent_row_bytes);
+  if (!keep_staging_.defined() || static_cast<int64_t>(keep_staging_.bytes) < bytes) {
+    keep_staging_ = engine::HostBuffer();
+    STRATA_ASSIGN_OR_RETURN(keep_staging_, b.AllocateHost(static_cast<size_t>(bytes)));
+  }
+  // Rows: the orders' layers, then each layer's centroid row of the
+  // slot, then each layer's extent row.
+  std::vector<Tensor> tensors = {read.orders};
+  std::vector<engine::RowCopy> rows;
+  for (int li = 0; li < read.layers; ++li) {
+    rows.push_back({0, li, li * read.per_layer * 4});
+  }
+  for (int li = 0; li < read.layers; ++li) {
+    tensors.push_back(centroids_[full + li]);
+    rows.push_back({static_cast<int32_t>(tensors.size() - 1), slot,
+                    order_bytes + li * read.centroid_row_bytes});
+  }
+  for (int li = 0; li < read.layers; ++li) {
+    tensors.push_back(extents_[full + li]);
+    rows.push_back(
+        {static_cast<int32_t>(tensors.size() - 1), slot,
+         order_bytes + read.layers * read.centroid_row_bytes + li * read.extent_row_bytes});
+  }
+  STRATA_ASSIGN_OR_RETURN(read.fence, b.CopyRowsToHost(tensors, rows, keep_staging_));
+  // The copy reads the slot's rows: later compute (another sequence
+  // clustering into the slot) waits for it, on the device.
+  STRATA_RETURN_IF_ERROR(b.ComputeAfterFence(read.fence));
+  keeping_ = std::move(read);
   return absl::OkStatus();
 }
 
@@ -339,8 +452,9 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
   const uint8_t* centroid_rows = staged + read.orders.nbytes();
   const uint8_t* extent_rows = centroid_rows + read.layers * read.centroid_row_bytes;
   int kept = 0;
+  std::vector<std::vector<uint8_t>> exported;
   for (size_t wi = 0; wi < read.work.size(); ++wi) {
-    if (!read.keys[wi].has_value()) continue;
+    if (!read.keys[wi].has_value() && read.export_key == 0) continue;
     const SummaryWork& w = read.work[wi];
     const int64_t n = w.count, c = w.clusters;
     std::vector<uint8_t> value(ValueBytes(n, c, read.layers, heads, d, element));
@@ -373,9 +487,19 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
         }
       }
     }
-    if (options_.clusterings->Put(*read.keys[wi], std::move(value))) ++kept;
+    if (read.export_key != 0) {
+      exported.push_back(std::move(value));
+    } else if (options_.clusterings->Put(*read.keys[wi], std::move(value))) {
+      ++kept;
+    }
   }
   stats_.kept_clusterings += kept;
+  if (read.export_key != 0) {
+    stats_.exported_clusterings += static_cast<int64_t>(exported.size());
+    options_.exports->AddExportPlannerState(read.export_key, std::move(exported));
+    free_slots_.push_back(read.export_slot);  // read: the next clustering may take it
+    return true;
+  }
   STRATA_LOG_DEBUG(
       "{} chunk clusterings of {} layers kept in {:.1f} ms, read back beside the steps", kept,
       read.layers,

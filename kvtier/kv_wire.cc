@@ -80,10 +80,12 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
     return absl::DataLossError("KV block header: its CRC32C does not match (corrupt on the way)");
   }
   KvBlockHeader h;
-  if (Get<uint16_t>(in, 6) != static_cast<uint16_t>(KvBlockHeader::Kind::kPageRecord)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("KV block header: unknown kind ", Get<uint16_t>(in, 6)));
+  const uint16_t kind = Get<uint16_t>(in, 6);
+  if (kind != static_cast<uint16_t>(KvBlockHeader::Kind::kPageRecord) &&
+      kind != static_cast<uint16_t>(KvBlockHeader::Kind::kPlannerState)) {
+    return absl::InvalidArgumentError(absl::StrCat("KV block header: unknown kind ", kind));
   }
+  h.kind = static_cast<KvBlockHeader::Kind>(kind);
   h.transfer_id = Get<uint64_t>(in, 8);
   h.index = Get<uint32_t>(in, 16);
   h.count = Get<uint32_t>(in, 20);
@@ -128,6 +130,16 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
   }
   if (h.format.upper_first_layer != expected.upper_first_layer) {
     return Differs("upper first layer", h.format.upper_first_layer, expected.upper_first_layer);
+  }
+  if (h.kind == KvBlockHeader::Kind::kPlannerState) {
+    if (h.tokens != 0 || h.codec != engine::KvCodecKind::kBf16 || h.payload_bytes == 0 ||
+        h.payload_bytes > KvBlockHeader::kMaxPlannerStateBytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KV block header: planner state of ", h.tokens, " tokens, codec ",
+                       std::string(engine::KvCodecKindName(h.codec)), ", ", h.payload_bytes,
+                       " bytes (0 tokens, bf16, 1 byte to 1 GiB)"));
+    }
+    return h;
   }
   if (h.tokens < 1 || h.tokens > static_cast<uint32_t>(expected.page_size)) {
     return absl::InvalidArgumentError(

@@ -7,12 +7,19 @@
 // page's tokens, each with its own CRC: KvLayout::AppendRecordBlocks), each
 // with a fixed 64-byte header (little-endian):
 //
-//   0  magic "SKV1"          4  version u16, kind u16 (1: page record)
+//   0  magic "SKV1"          4  version u16, kind u16 (1: page record,
+//                               2: planner state)
 //   8  transfer id u64       16 index u32, count u32 (blocks in the transfer)
 //   24 tokens u32 (tokens the page holds), codec u8, dtype u8, ranks u16
 //   32 layers u16, KV heads u16 (a rank's), head dim u16, page size u16
 //   40 upper first layer u16, u16 0, payload CRC u32 (masked CRC32C)
 //   48 payload bytes u64     56 header CRC u32 (masked, of bytes 0..56), u32 0
+//
+// After a transfer's pages may come planner-state messages (kind 2): what
+// the prefill worker's KV policy computed on the prompt (ClusterKV's
+// clusterings, kvtier/kv_policy.h), value `index` of `count`, tokens 0,
+// codec bf16, the payload opaque here (its CRC checked as it lands, its
+// content by the decode worker's KV policy), at most kMaxPlannerStateBytes.
 //
 // With tensor parallelism a record holds every rank's part of the page,
 // rank by rank (kv_layout.h), coded or not: rank r's rows land on the
@@ -64,7 +71,8 @@ struct KvWireFormat {
 
 struct KvBlockHeader {
   static constexpr size_t kBytes = 64;
-  enum class Kind : uint16_t { kPageRecord = 1 };
+  enum class Kind : uint16_t { kPageRecord = 1, kPlannerState = 2 };
+  static constexpr uint64_t kMaxPlannerStateBytes = uint64_t{1} << 30;
   Kind kind = Kind::kPageRecord;
   uint64_t transfer_id = 0;
   uint32_t index = 0;

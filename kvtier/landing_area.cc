@@ -101,7 +101,63 @@ void LandingArea::Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::
   if (t.dropped) DropLocked(it);
 }
 
-absl::StatusOr<std::vector<LandingArea::Block>> LandingArea::Take(uint64_t id) {
+absl::StatusOr<std::span<std::byte>> LandingArea::PlaceState(uint64_t id, uint32_t index,
+                                                             uint32_t count, size_t bytes) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || it->second.dropped) {
+    return absl::NotFoundError(
+        absl::StrCat("KV transfer ", id, " is not reserved here (or its lease ended)"));
+  }
+  Transfer& t = it->second;
+  if (count == 0 || count > kMaxStateValues || index >= count ||
+      (!t.values.empty() && count != t.values.size())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer ", id, ": planner state value ", index, " of ", count));
+  }
+  const int64_t budget = static_cast<int64_t>(t.blocks.size()) * record_bytes_ / 8;
+  if (bytes == 0 || t.value_bytes + static_cast<int64_t>(bytes) > budget) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "KV transfer ", id, ": planner state of ", t.value_bytes + static_cast<int64_t>(bytes),
+        " bytes; a transfer of ", t.blocks.size(), " pages takes at most ", budget));
+  }
+  if (t.values.empty()) t.values.resize(count);
+  StateValue& value = t.values[index];
+  if (value.state != State::kReserved) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("KV transfer ", id, ": planner state value ", index, " was sent twice"));
+  }
+  value.state = State::kWriting;
+  value.data.resize(bytes);
+  t.value_bytes += static_cast<int64_t>(bytes);
+  return std::as_writable_bytes(std::span<uint8_t>(value.data));
+}
+
+void LandingArea::StateLanded(uint64_t id, uint32_t index, uint32_t crc,
+                              const absl::Status& status) {
+  const uint8_t* data = nullptr;
+  size_t bytes = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = transfers_.find(id);
+    if (it == transfers_.end() || index >= it->second.values.size() ||
+        it->second.values[index].state != State::kWriting) {
+      return;
+    }
+    data = it->second.values[index].data.data();
+    bytes = it->second.values[index].data.size();
+  }
+  // The buffer stays this writer's until its state changes below.
+  const bool intact = status.ok() && MaskCrc(Crc32c(data, bytes)) == crc;
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  Transfer& t = it->second;
+  t.values[index].state = !status.ok() ? State::kFailed : intact ? State::kLanded : State::kCorrupt;
+  if (t.dropped) DropLocked(it);
+}
+
+absl::StatusOr<std::vector<LandingArea::Block>> LandingArea::Take(
+    uint64_t id, std::vector<std::vector<uint8_t>>* state) {
   absl::MutexLock lock(&mu_);
   auto it = transfers_.find(id);
   if (it == transfers_.end() || it->second.dropped) {
@@ -121,6 +177,23 @@ absl::StatusOr<std::vector<LandingArea::Block>> LandingArea::Take(uint64_t id) {
     }
     return absl::FailedPreconditionError(
         absl::StrCat(where, state == State::kFailed ? " failed on the way" : " has not arrived"));
+  }
+  for (size_t i = 0; i < t.values.size(); ++i) {
+    if (t.values[i].state == State::kLanded) continue;
+    const std::string where =
+        absl::StrCat("KV transfer ", id, ": planner state value ", i, " of ", t.values.size());
+    const State value_state = t.values[i].state;
+    DropLocked(it);  // may forget `t`
+    if (value_state == State::kCorrupt) {
+      return absl::DataLossError(
+          absl::StrCat(where, " does not match its CRC32C (corrupt on the way)"));
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        where, value_state == State::kFailed ? " failed on the way" : " has not arrived"));
+  }
+  if (state != nullptr) {
+    state->clear();
+    for (StateValue& value : t.values) state->push_back(std::move(value.data));
   }
   std::vector<Block> blocks = std::move(t.blocks);
   transfers_.erase(it);
@@ -142,6 +215,7 @@ void LandingArea::DropLocked(absl::flat_hash_map<uint64_t, Transfer>::iterator i
   Transfer& t = it->second;
   t.dropped = true;
   bool writing = false;
+  for (const StateValue& value : t.values) writing |= value.state == State::kWriting;
   for (size_t i = 0; i < t.states.size(); ++i) {
     if (t.states[i] == State::kWriting) {
       writing = true;

@@ -12,8 +12,13 @@
 //   Reserve(id, blocks, lease)   before the prefill worker is asked to send;
 //                                takes its records now (or fails at once)
 //   Place(id, index) / Landed    per block, on the transport's thread
-//   Take(id)                     by the block manager: every block landed;
-//                                the records are the caller's until Free
+//   PlaceState / StateLanded     per planner-state value (what the prefill
+//                                worker's KV policy computed on the prompt),
+//                                in heap memory the transfer owns, at most
+//                                an eighth of its records' bytes in all
+//   Take(id)                     by the block manager: every block and state
+//                                value landed; the records are the caller's
+//                                until Free
 // A reservation still held when its lease ends (the request died, the
 // prefill worker never sent) is dropped by Expire, and Drop drops one at
 // once. A record that the transport is writing is freed only when its
@@ -70,12 +75,20 @@ class LandingArea {
   // the CRC here (the caller's thread, as each block arrives): a mismatch
   // makes Take fail with DataLoss naming the block.
   void Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status);
+  // The same for planner-state value `index` of `count` (count the same
+  // for every value of the transfer, at most kMaxStateValues).
+  absl::StatusOr<std::span<std::byte>> PlaceState(uint64_t id, uint32_t index, uint32_t count,
+                                                  size_t bytes);
+  void StateLanded(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status);
+  static constexpr uint32_t kMaxStateValues = 4096;
   // Every block of the transfer, in order, once all have landed intact;
   // the transfer is gone and its records are the caller's (Free them once
   // read). DataLoss naming the first block that failed its CRC,
   // FailedPrecondition naming the first block missing or failed (the
-  // transfer is dropped either way), NotFound for an id not held.
-  absl::StatusOr<std::vector<Block>> Take(uint64_t id);
+  // transfer is dropped either way), NotFound for an id not held. The
+  // planner-state values that came go to `state` (when not null).
+  absl::StatusOr<std::vector<Block>> Take(uint64_t id,
+                                          std::vector<std::vector<uint8_t>>* state = nullptr);
   void Free(std::span<const int32_t> records);
   // Drops a transfer (unknown ids are ignored).
   void Drop(uint64_t id);
@@ -94,9 +107,17 @@ class LandingArea {
 
  private:
   enum class State : uint8_t { kReserved, kWriting, kLanded, kFailed, kCorrupt };
+  struct StateValue {
+    std::vector<uint8_t> data;
+    State state = State::kReserved;
+  };
   struct Transfer {
     std::vector<Block> blocks;
     std::vector<State> states;
+    // Planner state: sized by the first value placed (its count); each
+    // value's buffer stays put while it is written.
+    std::vector<StateValue> values;
+    int64_t value_bytes = 0;
     absl::Time lease_end;
     bool dropped = false;  // waiting for blocks being written
   };

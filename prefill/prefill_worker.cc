@@ -123,6 +123,23 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
         r.result.raw_bytes += int64_t{2} * format_.layers * block.tokens * format_.kv_heads *
                               format_.head_dim * element;
       }
+      // Then what the KV policy computed on the prompt (the final part's).
+      for (size_t i = 0; i < exported.planner_state.size(); ++i) {
+        const std::span<const std::byte> value = exported.planner_state[i];
+        kvtier::KvBlockHeader h;
+        h.kind = kvtier::KvBlockHeader::Kind::kPlannerState;
+        h.transfer_id = r.transfer_id;
+        h.index = static_cast<uint32_t>(i);
+        h.count = static_cast<uint32_t>(exported.planner_state.size());
+        h.tokens = 0;
+        h.format = format_;
+        h.payload_crc = kvtier::KvPayloadCrc(value);
+        h.payload_bytes = value.size();
+        r.headers.push_back(kvtier::EncodeKvBlockHeader(h));
+        sends.emplace_back(r.headers.back(), value);
+        r.result.wire_bytes += static_cast<int64_t>(value.size());
+        r.result.planner_state_bytes += static_cast<int64_t>(value.size());
+      }
       r.result.blocks += static_cast<int>(exported.blocks.size());
       r.sends_pending += static_cast<int>(sends.size());
     }

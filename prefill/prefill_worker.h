@@ -7,9 +7,11 @@
 // rest when the first token is sampled. Each page record goes to the
 // decode worker over the KV transport at once, as one message in the wire
 // format (kvtier/kv_wire.h) tagged with the decode worker's transfer id,
-// so a long prompt's KV travels while its later chunks compute. Once every
-// block has landed there, the export is released and `done` gets the
-// first token.
+// so a long prompt's KV travels while its later chunks compute. With the
+// final part come the values the KV policy computed on the prompt for the
+// decode worker (ClusterKV's clusterings: kvtier/kv_policy.h), each sent as
+// a planner-state message. Once every message has landed there, the export
+// is released and `done` gets the first token.
 //
 // Any failure (the engine's, a refused or timed-out send, a decode worker
 // that went away) is `done`'s error, and the export is released once no
@@ -60,6 +62,9 @@ class PrefillWorker {
     int blocks = 0;
     int64_t wire_bytes = 0;  // payloads sent
     int64_t raw_bytes = 0;   // the same KV as raw 16-bit values
+    // Of wire_bytes: what the KV policy computed on the prompt (ClusterKV's
+    // clusterings), sent after the pages.
+    int64_t planner_state_bytes = 0;
     int cached_prompt_tokens = 0;
     // Start to the first token, and from then until every block landed.
     double compute_seconds = 0;

@@ -98,6 +98,14 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->clusterings_kept_, "strata_kv_policy_clusterings_kept_total",
                                  "Prompt chunks whose ClusterKV clustering, computed on loaded "
                                  "prefix pages, was stored for reuse."));
+  STRATA_RETURN_IF_ERROR(counter(m->clusterings_exported_,
+                                 "strata_kv_policy_clusterings_exported_total",
+                                 "Prompt chunks clustered on a prefill worker and sent with their "
+                                 "KV to the decode worker."));
+  STRATA_RETURN_IF_ERROR(counter(m->clusterings_imported_,
+                                 "strata_kv_policy_clusterings_imported_total",
+                                 "(Prompt chunk, layer) ClusterKV clusterings redone from those a "
+                                 "prefill worker sent with the KV, instead of a k-means."));
   STRATA_ASSIGN_OR_RETURN(m->swapped_,
                           metrics::AddGauge(r, "strata_requests_swapped",
                                             "Sequences paused with their KV in the host tier."));
@@ -352,6 +360,8 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   clusterings_.Advance(stats.clusterings);
   clusterings_reused_.Advance(stats.reused_clusterings);
   clusterings_kept_.Advance(stats.kept_clusterings);
+  clusterings_exported_.Advance(stats.exported_clusterings);
+  clusterings_imported_.Advance(stats.imported_clusterings);
   offloads_.Advance(stats.offloads);
   offload_refused_.Advance(stats.offload_refused);
   auto advance = [&](const char* result, int64_t total, int64_t& seen) {

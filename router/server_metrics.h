@@ -34,6 +34,10 @@
 //   strata_kv_policy_clusterings_reused_total   ... redone from a stored one
 //   strata_kv_policy_clusterings_kept_total     prompt chunks' clusterings
 //                                               stored for reuse
+//   strata_kv_policy_clusterings_exported_total prompt chunks clustered on a
+//                                               prefill worker, sent with the KV
+//   strata_kv_policy_clusterings_imported_total (chunk, layer) clusterings
+//                                               redone from those sent
 //   strata_requests_swapped                     sequences paused with their
 //                                               KV in the host tier
 //   strata_kv_host_bytes_used / _total          the host tier's records in use
@@ -229,7 +233,7 @@ class ServerMetrics {
   std::mutex totals_mu_;
   TotalCounter preemptions_, failed_sequences_, upper_released_;
   TotalCounter sparse_queries_, dense_no_slot_, clusterings_, clusterings_reused_,
-      clusterings_kept_;
+      clusterings_kept_, clusterings_exported_, clusterings_imported_;
   TotalCounter swap_outs_, swap_ins_, swap_outs_refused_, bytes_to_host_, bytes_from_host_,
       records_lost_;
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;

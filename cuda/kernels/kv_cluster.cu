@@ -1920,7 +1920,8 @@ bool Valid(const ClusterKeysParams& p) {
          int64_t{p.first_block} + p.num_clusters <= p.max_blocks &&
          int64_t{p.begin} + p.count <= INT32_MAX &&
          int64_t{p.num_kv_heads} * p.count <= INT32_MAX &&
-         int64_t{p.num_kv_heads} * p.num_clusters <= INT32_MAX;
+         int64_t{p.num_kv_heads} * p.num_clusters <= INT32_MAX &&
+         (p.reorder_cache || p.order != nullptr);
 }
 
 }  // namespace
@@ -2172,15 +2173,17 @@ cudaError_t LaunchClusterKeysFor(const ClusterKeysParams& params, void* workspac
       seg_begin, seg_end, centroid, p.begin, d, c, p.first_block, p.max_blocks,
       static_cast<bf16*>(p.centroids), p.extents);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  ScatterRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
-      scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, k_cache);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  GatherRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
-      v_cache, p.block_table, p.page_size, p.begin, n, heads, d, scratch);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  ScatterRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
-      scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, v_cache);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (p.reorder_cache) {
+    ScatterRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
+        scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, k_cache);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    GatherRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
+        v_cache, p.block_table, p.page_size, p.begin, n, heads, d, scratch);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    ScatterRowsKernel<<<CopyGrid(items, d), kCopyThreads, 0, stream>>>(
+        scratch, vals_out, p.block_table, p.page_size, p.begin, n, heads, d, v_cache);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
   if (p.order != nullptr) {
     return cudaMemcpyAsync(p.order, vals_out, static_cast<size_t>(items) * sizeof(int32_t),
                            cudaMemcpyDeviceToDevice, stream);

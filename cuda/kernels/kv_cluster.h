@@ -66,6 +66,9 @@ struct ClusterKeysParams {
   int32_t* extents = nullptr;  // [num_kv_heads, max_blocks, 2] = (first index, size)
   // Null, or [num_kv_heads, count]: the reorder applied (Backend::ClusterKeys).
   int32_t* order = nullptr;
+  // False: the cache's rows stay in place and only `order` (then required)
+  // says how they would move (engine::ClusterRows::kLeave).
+  bool reorder_cache = true;
   ClusterAssignKernel assign_kernel = ClusterAssignKernel::kAuto;
   ClusterMemberOrder member_order = ClusterMemberOrder::kAuto;
 };

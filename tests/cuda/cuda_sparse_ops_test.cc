@@ -646,7 +646,7 @@ class CudaClusterTest : public CudaSparseOpsTest {
                               std::vector<int32_t>(size_t{2} * s.hkv * s.max_blocks, -1)));
     if (variant == nullptr) {
       STRATA_ASSERT_OK(be.ClusterKeys(kc, vc, range, s.clusters, s.iterations, s.first_block, cen,
-                                      ext, nullptr));
+                                      ext, nullptr, engine::ClusterRows::kReorder));
     } else {
       kernels::ClusterKeysParams p;
       p.k_cache = kc.data();
@@ -963,14 +963,44 @@ TEST_F(CudaClusterTest, ReorderKeysRedoesAClusteringFromItsOrder) {
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor cen, cuda().Allocate(DType::kBF16, {hkv, 512, d}));
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor ext, cuda().Allocate(DType::kI32, {hkv, 512, 2}));
       STRATA_ASSERT_OK_AND_ASSIGN(Tensor order, cuda().Allocate(DType::kI32, {hkv, count}));
+      // The twins clustered first without moving their rows (a prefill
+      // worker's export): their bytes stay, and the order, centroids and
+      // extents are the in-place clustering's below.
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor left_cen, cuda().Allocate(DType::kBF16, {hkv, 512, d}));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor left_ext, cuda().Allocate(DType::kI32, {hkv, 512, 2}));
+      STRATA_ASSERT_OK_AND_ASSIGN(Tensor left_order, cuda().Allocate(DType::kI32, {hkv, count}));
+      STRATA_ASSERT_OK(cuda().Fill(cen, 0.0f));
+      STRATA_ASSERT_OK(cuda().Fill(left_cen, 0.0f));
+      STRATA_ASSERT_OK(cuda().Fill(ext, 0));
+      STRATA_ASSERT_OK(cuda().Fill(left_ext, 0));
+      STRATA_ASSERT_OK(cuda().ClusterKeys(caches[2], caches[3], range, clusters, iterations, 0,
+                                          left_cen, left_ext, &left_order,
+                                          engine::ClusterRows::kLeave));
       STRATA_ASSERT_OK(cuda().Synchronize());
+      for (int kv = 0; kv < 2; ++kv) {
+        std::vector<uint8_t> a(caches[kv].nbytes()), b(caches[kv].nbytes());
+        ASSERT_EQ(cudaMemcpy(a.data(), caches[kv].data(), a.size(), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(b.data(), caches[kv + 2].data(), b.size(), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        ASSERT_EQ(a, b) << "kLeave moved " << (kv == 0 ? "K" : "V") << " rows";
+      }
       auto start = std::chrono::steady_clock::now();
       STRATA_ASSERT_OK(cuda().ClusterKeys(caches[0], caches[1], range, clusters, iterations, 0, cen,
-                                          ext, &order));
+                                          ext, &order, engine::ClusterRows::kReorder));
       STRATA_ASSERT_OK(cuda().Synchronize());
       const double cluster_ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
               .count();
+      for (const auto& [in_place, left] :
+           {std::pair{&order, &left_order}, {&cen, &left_cen}, {&ext, &left_ext}}) {
+        std::vector<uint8_t> a(in_place->nbytes()), b(left->nbytes());
+        ASSERT_EQ(cudaMemcpy(a.data(), in_place->data(), a.size(), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        ASSERT_EQ(cudaMemcpy(b.data(), left->data(), b.size(), cudaMemcpyDeviceToHost),
+                  cudaSuccess);
+        ASSERT_EQ(a, b) << "kLeave's clustering differs, " << DTypeName(dtype) << ", " << count;
+      }
       start = std::chrono::steady_clock::now();
       STRATA_ASSERT_OK(cuda().ReorderKeys(caches[2], caches[3], range, order));
       STRATA_ASSERT_OK(cuda().Synchronize());
@@ -1033,12 +1063,14 @@ TEST_F(CudaClusterTest, Timing32k) {
   STRATA_ASSERT_OK_AND_ASSIGN(Tensor cen, cuda().Allocate(DType::kBF16, {hkv, 512, d}));
   STRATA_ASSERT_OK_AND_ASSIGN(Tensor ext, cuda().Allocate(DType::kI32, {hkv, 512, 2}));
   // Warm-up (workspace allocation, attribute setup).
-  STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext, nullptr));
+  STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext, nullptr,
+                                      engine::ClusterRows::kReorder));
   STRATA_ASSERT_OK(cuda().Synchronize());
   const int reps = 3;
   const auto start = std::chrono::steady_clock::now();
   for (int r = 0; r < reps; ++r) {
-    STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext, nullptr));
+    STRATA_ASSERT_OK(cuda().ClusterKeys(kc, vc, range, clusters, iterations, 0, cen, ext, nullptr,
+                                        engine::ClusterRows::kReorder));
   }
   STRATA_ASSERT_OK(cuda().Synchronize());
   const double ms =

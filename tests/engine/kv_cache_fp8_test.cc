@@ -195,7 +195,9 @@ TEST_F(CpuFp8CacheTest, ClusterKeysAndKeyBoundsMatchRoundedF32Cache) {
     Tensor k = Make(dtype, shape, k_values), v = Make(dtype, shape, v_values);
     Tensor centroids = Make(DType::kF32, {hkv, 8, d}, std::vector<float>(hkv * 8 * d, 0.0f));
     Tensor extents = MakeI32({hkv, 8, 2}, std::vector<int32_t>(hkv * 8 * 2, 0));
-    ASSERT_TRUE(cpu_->ClusterKeys(k, v, range, 6, 5, 1, centroids, extents, nullptr).ok());
+    ASSERT_TRUE(cpu_->ClusterKeys(k, v, range, 6, 5, 1, centroids, extents, nullptr,
+                                  engine::ClusterRows::kReorder)
+                    .ok());
     Tensor lo = Make(DType::kF32, {hkv, 8, d}, std::vector<float>(hkv * 8 * d, 0.0f));
     Tensor hi = Make(DType::kF32, {hkv, 8, d}, std::vector<float>(hkv * 8 * d, 0.0f));
     Tensor quest_extents = MakeI32({hkv, 8, 2}, std::vector<int32_t>(hkv * 8 * 2, 0));

@@ -205,7 +205,10 @@ TEST_F(SparseOpsTest, ClusterKeysReordersEachHeadClusterMajor) {
   Tensor centroids = *backend_->Allocate(engine::DType::kF32, {kHkv, 6, kD});
   Tensor extents = *backend_->Allocate(engine::DType::kI32, {kHkv, 6, 2});
   engine::SequenceRange range{table_, kPageSize, 3, 26};
-  ASSERT_TRUE(backend_->ClusterKeys(k_, v_, range, 2, 10, 1, centroids, extents, nullptr).ok());
+  ASSERT_TRUE(backend_
+                  ->ClusterKeys(k_, v_, range, 2, 10, 1, centroids, extents, nullptr,
+                                engine::ClusterRows::kReorder)
+                  .ok());
   const int32_t* ext = extents.data_as<int32_t>();
   // Head 0: the even positions (direction 0, seed key 3 is odd -> cluster 0
   // is direction 1) form one run, the odd ones the other.
@@ -242,7 +245,10 @@ TEST_F(SparseOpsTest, ReorderKeysRedoesAClusteringFromItsOrder) {
   Tensor extents = *backend_->Allocate(engine::DType::kI32, {kHkv, 4, 2});
   Tensor order = *backend_->Allocate(engine::DType::kI32, {kHkv, 26});
   engine::SequenceRange range{table_, kPageSize, 3, 26};
-  ASSERT_TRUE(backend_->ClusterKeys(k_, v_, range, 3, 10, 0, centroids, extents, &order).ok());
+  ASSERT_TRUE(backend_
+                  ->ClusterKeys(k_, v_, range, 3, 10, 0, centroids, extents, &order,
+                                engine::ClusterRows::kReorder)
+                  .ok());
   bool moved = false;
   for (int i = 0; i < 26; ++i) moved |= order.data_as<int32_t>()[i] != i;
   EXPECT_TRUE(moved) << "random keys: the clustering moves some";
@@ -260,6 +266,49 @@ TEST_F(SparseOpsTest, ReorderKeysRedoesAClusteringFromItsOrder) {
   EXPECT_EQ(backend_->ReorderKeys(k2, v2, range, order).code(), absl::StatusCode::kInvalidArgument);
   Tensor short_order = *backend_->Allocate(engine::DType::kI32, {kHkv, 25});
   EXPECT_EQ(backend_->ReorderKeys(k2, v2, range, short_order).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(SparseOpsTest, ClusteringThatLeavesTheRowsReturnsTheOrderItWouldApply) {
+  // A prefill worker clusters its export's keys so: the cache keeps its
+  // bytes, and the order, centroids and extents are those of the in-place
+  // clustering of the same keys.
+  Tensor k2 = *backend_->Allocate(engine::DType::kF32, {kPages, kPageSize, kHkv, kD});
+  Tensor v2 = *backend_->Allocate(engine::DType::kF32, {kPages, kPageSize, kHkv, kD});
+  std::memcpy(k2.data(), k_.data(), k_.nbytes());
+  std::memcpy(v2.data(), v_.data(), v_.nbytes());
+  Tensor centroids[2], extents[2], order[2];
+  for (int i = 0; i < 2; ++i) {
+    centroids[i] = *backend_->Allocate(engine::DType::kF32, {kHkv, 4, kD});
+    extents[i] = *backend_->Allocate(engine::DType::kI32, {kHkv, 4, 2});
+    order[i] = *backend_->Allocate(engine::DType::kI32, {kHkv, 26});
+    ASSERT_TRUE(backend_->Fill(centroids[i], 0.0f).ok());  // the block past the clusters
+    ASSERT_TRUE(backend_->Fill(extents[i], 0).ok());
+  }
+  engine::SequenceRange range{table_, kPageSize, 3, 26};
+  ASSERT_TRUE(backend_
+                  ->ClusterKeys(k2, v2, range, 3, 10, 0, centroids[0], extents[0], &order[0],
+                                engine::ClusterRows::kLeave)
+                  .ok());
+  EXPECT_EQ(std::memcmp(k2.data(), k_.data(), k_.nbytes()), 0) << "the K rows moved";
+  EXPECT_EQ(std::memcmp(v2.data(), v_.data(), v_.nbytes()), 0) << "the V rows moved";
+  ASSERT_TRUE(backend_
+                  ->ClusterKeys(k_, v_, range, 3, 10, 0, centroids[1], extents[1], &order[1],
+                                engine::ClusterRows::kReorder)
+                  .ok());
+  EXPECT_NE(std::memcmp(k2.data(), k_.data(), k_.nbytes()), 0) << "random keys: some move";
+  for (Tensor* t : {order, centroids, extents}) {
+    EXPECT_EQ(std::memcmp(t[0].data(), t[1].data(), t[0].nbytes()), 0);
+  }
+  // Redoing the returned order gives the in-place clustering's cache.
+  ASSERT_TRUE(backend_->ReorderKeys(k2, v2, range, order[0]).ok());
+  EXPECT_EQ(std::memcmp(k2.data(), k_.data(), k_.nbytes()), 0);
+  EXPECT_EQ(std::memcmp(v2.data(), v_.data(), v_.nbytes()), 0);
+  // There is nothing to return the clustering in without an order.
+  EXPECT_EQ(backend_
+                ->ClusterKeys(k2, v2, range, 3, 10, 0, centroids[0], extents[0], nullptr,
+                              engine::ClusterRows::kLeave)
+                .code(),
             absl::StatusCode::kInvalidArgument);
 }
 

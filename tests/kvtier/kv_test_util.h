@@ -77,7 +77,7 @@ inline Served Serve(engine::Batcher& batcher, const engine::GenerationRequest& r
 // a payload byte of that block on the way.
 inline absl::Status Deliver(const std::vector<kvtier::KvBlockManager::ExportedKv>& exports,
                             const kvtier::KvLayout& sender, kvtier::KvBlockManager& receiver,
-                            uint64_t transfer_id, int corrupt = -1) {
+                            uint64_t transfer_id, int corrupt = -1, int corrupt_state = -1) {
   if (exports.empty() || !exports.back().final) {
     return absl::FailedPreconditionError("no complete export to deliver");
   }
@@ -110,6 +110,28 @@ inline absl::Status Deliver(const std::vector<kvtier::KvBlockManager::ExportedKv
       receiver.landing_area()->Landed(parsed->transfer_id, parsed->index, parsed->payload_crc,
                                       absl::OkStatus());
     }
+  }
+  // Then the planner state of the final part, as the prefill worker sends it.
+  const auto& state = exports.back().planner_state;
+  for (size_t i = 0; i < state.size(); ++i) {
+    kvtier::KvBlockHeader h;
+    h.kind = kvtier::KvBlockHeader::Kind::kPlannerState;
+    h.transfer_id = transfer_id;
+    h.index = static_cast<uint32_t>(i);
+    h.count = static_cast<uint32_t>(state.size());
+    h.format = kvtier::KvWireFormat::Of(sender);
+    h.payload_crc = kvtier::KvPayloadCrc(state[i]);
+    h.payload_bytes = state[i].size();
+    absl::StatusOr<kvtier::KvBlockHeader> parsed =
+        kvtier::ParseKvBlockHeader(kvtier::EncodeKvBlockHeader(h), format);
+    if (!parsed.ok()) return parsed.status();
+    auto where = receiver.landing_area()->PlaceState(parsed->transfer_id, parsed->index,
+                                                     parsed->count, parsed->payload_bytes);
+    if (!where.ok()) return where.status();
+    std::memcpy(where->data(), state[i].data(), where->size());
+    if (static_cast<int>(i) == corrupt_state) (*where)[where->size() / 3] ^= std::byte{4};
+    receiver.landing_area()->StateLanded(parsed->transfer_id, parsed->index, parsed->payload_crc,
+                                         absl::OkStatus());
   }
   return absl::OkStatus();
 }

@@ -239,6 +239,72 @@ TEST_F(LandingAreaTest, ABlockThatDoesNotMatchItsCrcIsCaughtAsItLands) {
   EXPECT_EQ(area_.num_free(), 8);
 }
 
+TEST(KvWireTest, APlannerStateHeaderRoundTripsAndIsChecked) {
+  KvBlockHeader h = Header();
+  h.kind = KvBlockHeader::Kind::kPlannerState;
+  h.index = 1;
+  h.count = 2;
+  h.tokens = 0;
+  h.payload_bytes = 12345;
+  auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), Format());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->kind, KvBlockHeader::Kind::kPlannerState);
+  EXPECT_EQ(parsed->payload_bytes, 12345u);
+  for (auto bad : {std::pair<uint32_t, uint64_t>{3, 12345}, {0, 0}, {0, uint64_t{2} << 30}}) {
+    h.tokens = bad.first;
+    h.payload_bytes = bad.second;
+    const absl::Status refused = ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status();
+    EXPECT_TRUE(absl::IsInvalidArgument(refused)) << refused;
+    EXPECT_THAT(refused.message(), HasSubstr("planner state"));
+  }
+}
+
+TEST_F(LandingAreaTest, PlannerStateLandsBesideTheBlocksWithinItsShare) {
+  // Two pages of 64 bytes: at most 16 bytes of planner state.
+  ASSERT_TRUE(area_.Reserve(1, 2, later_).ok());
+  for (uint32_t i : {0u, 1u}) {
+    auto where = area_.Place(1, i, 2, kBytes);
+    ASSERT_TRUE(where.ok());
+    area_.Landed(1, i, KvPayloadCrc(*where), absl::OkStatus());
+  }
+  EXPECT_TRUE(absl::IsInvalidArgument(area_.PlaceState(1, 0, 2, 17).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(area_.PlaceState(1, 2, 2, 4).status()));
+  EXPECT_TRUE(absl::IsNotFound(area_.PlaceState(2, 0, 2, 4).status()));
+  for (uint32_t i : {1u, 0u}) {
+    auto where = area_.PlaceState(1, i, 2, 8);
+    ASSERT_TRUE(where.ok()) << where.status();
+    std::memset(where->data(), static_cast<int>(10 + i), where->size());
+    area_.StateLanded(1, i, KvPayloadCrc(*where), absl::OkStatus());
+  }
+  EXPECT_TRUE(absl::IsInvalidArgument(area_.PlaceState(1, 0, 2, 1).status()) ||
+              absl::IsAlreadyExists(area_.PlaceState(1, 0, 2, 1).status()));
+  std::vector<std::vector<uint8_t>> state;
+  auto blocks = area_.Take(1, &state);
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  ASSERT_EQ(state.size(), 2u);
+  EXPECT_EQ(state[0], std::vector<uint8_t>(8, 10));
+  EXPECT_EQ(state[1], std::vector<uint8_t>(8, 11));
+  std::vector<int32_t> records;
+  for (const auto& b : *blocks) records.push_back(b.record);
+  area_.Free(records);
+
+  // A value changed on the way fails the transfer as it is taken.
+  ASSERT_TRUE(area_.Reserve(2, 1, later_).ok());
+  auto where = area_.Place(2, 0, 1, kBytes);
+  ASSERT_TRUE(where.ok());
+  area_.Landed(2, 0, KvPayloadCrc(*where), absl::OkStatus());
+  auto value = area_.PlaceState(2, 0, 1, 8);
+  ASSERT_TRUE(value.ok());
+  const uint32_t crc = KvPayloadCrc(*value);
+  (*value)[2] ^= std::byte{1};
+  area_.StateLanded(2, 0, crc, absl::OkStatus());
+  const absl::Status corrupt = area_.Take(2, &state).status();
+  EXPECT_TRUE(absl::IsDataLoss(corrupt)) << corrupt;
+  EXPECT_THAT(corrupt.message(), HasSubstr("planner state value 0 of 1 does not match"));
+  EXPECT_EQ(area_.num_free(), 8);
+  EXPECT_EQ(area_.num_transfers(), 0);
+}
+
 TEST_F(LandingAreaTest, AnExpiredLeaseFreesItsRecordsOnceNothingWritesThem) {
   const absl::Time soon = absl::Now() + absl::Milliseconds(1);
   ASSERT_TRUE(area_.Reserve(1, 4, soon).ok());
@@ -256,15 +322,12 @@ TEST_F(LandingAreaTest, AnExpiredLeaseFreesItsRecordsOnceNothingWritesThem) {
 
 // One worker of either kind: a model, its block manager and a batcher.
 struct Worker {
+  // export_clusterings: a prefill worker's runner, which clusters the
+  // ClusterKV prompts it exports (KvPolicyRunnerOptions::exports).
   Worker(int landing_records, const KvPolicyConfig* policy = nullptr,
-         engine::KvCodecKind wire_codec = engine::KvCodecKind::kBf16) {
+         engine::KvCodecKind wire_codec = engine::KvCodecKind::kBf16,
+         bool export_clusterings = false) {
     model = LoadGolden("llama_gqa", SmallCache(80));
-    if (policy != nullptr) {
-      auto created = KvPolicyRunner::Create(model.get(), {*policy}, {.max_sparse_seqs = 4});
-      EXPECT_TRUE(created.ok()) << created.status();
-      runner = std::move(*created);
-      EXPECT_TRUE(model->set_attention_planner(runner.get()).ok());
-    }
     auto layout = KvLayout::Create(*model);
     EXPECT_TRUE(layout.ok());
     const int64_t record = (layout->record_bytes() + 63) / 64 * 64;
@@ -275,6 +338,14 @@ struct Worker {
     EXPECT_TRUE(created.ok()) << created.status();
     manager = std::move(*created);
     manager->set_export_sink([this](KvBlockManager::ExportedKv e) { exports.push_back(e); });
+    if (policy != nullptr) {
+      auto runner_created = KvPolicyRunner::Create(
+          model.get(), {*policy},
+          {.max_sparse_seqs = 4, .exports = export_clusterings ? manager.get() : nullptr});
+      EXPECT_TRUE(runner_created.ok()) << runner_created.status();
+      runner = std::move(*runner_created);
+      EXPECT_TRUE(model->set_attention_planner(runner.get()).ok());
+    }
     batcher = std::make_unique<engine::Batcher>(model.get(), nullptr, engine::BatcherOptions{},
                                                 manager.get());
   }
@@ -325,10 +396,10 @@ engine::TokenEvent Prefill(Worker& p, const engine::GenerationRequest& r, uint64
 
 // What the transport does (testing_util::Deliver); the prefill worker then
 // frees its export.
-void Send(Worker& p, Worker& d, uint64_t transfer_id, int corrupt = -1) {
+void Send(Worker& p, Worker& d, uint64_t transfer_id, int corrupt = -1, int corrupt_state = -1) {
   ASSERT_FALSE(p.exports.empty());
-  const absl::Status delivered =
-      testing_util::Deliver(p.exports, p.manager->layout(), *d.manager, transfer_id, corrupt);
+  const absl::Status delivered = testing_util::Deliver(p.exports, p.manager->layout(), *d.manager,
+                                                       transfer_id, corrupt, corrupt_state);
   ASSERT_TRUE(delivered.ok()) << delivered;
   p.manager->ReleaseExport(p.exports.back().key);
   p.exports.clear();
@@ -400,6 +471,84 @@ TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
   c.tokens_per_cluster = 8;
   c.full_layers = 0;
   ExpectSameTokensAsOneWorker(&c);
+}
+
+// A prefill worker that runs ClusterKV clusters the prompts it exports, as
+// the decode worker's first step would, without moving their rows, and
+// sends the clusterings after the pages: the decode worker redoes them
+// (a reorder) instead of running the k-means, and its tokens are those of
+// one worker doing everything. A clustering corrupted on the way fails its
+// request alone, with nothing left behind.
+TEST(DisaggregatedKvTest, ClusterKvPromptsAreClusteredOnThePrefillWorker) {
+  KvPolicyConfig c;
+  c.type = "clusterkv";
+  c.budget_tokens = 24;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.tokens_per_cluster = 8;
+  c.cluster_chunk_tokens = 32;
+  c.full_layers = 1;
+  Worker p(0, &c, engine::KvCodecKind::kBf16, /*export_clusterings=*/true), d(64, &c), alone(0, &c);
+  const int page = d.manager->layout().page_size();
+  const int sparse_layers = p.model->config().num_layers - c.full_layers;
+  int64_t exported = 0;
+  for (int prompt_len : {8, 61, 150}) {
+    SCOPED_TRACE(prompt_len);
+    const engine::GenerationRequest r = Request(prompt_len, prompt_len, 24);
+    const int64_t alone_before = alone.runner->stats().clusterings;
+    ASSERT_TRUE(alone.batcher->Add(r).ok());
+    const std::vector<int32_t> expected = Tokens(alone.RunToEnd());
+    const int64_t alone_clusterings = alone.runner->stats().clusterings - alone_before;
+
+    const uint64_t transfer = 2000 + prompt_len;
+    ASSERT_TRUE(
+        d.manager->landing_area()
+            ->Reserve(transfer, (prompt_len + page - 1) / page, absl::Now() + absl::Hours(1))
+            .ok());
+    const int64_t p_before = p.runner->stats().exported_clusterings;
+    const engine::TokenEvent first = Prefill(p, r, 7);
+    ASSERT_FALSE(p.exports.empty());
+    const int64_t chunks = p.runner->stats().exported_clusterings - p_before;
+    EXPECT_EQ(static_cast<int64_t>(p.exports.back().planner_state.size()), chunks);
+    exported += chunks;
+    // The prefill worker's pages went out as computed: one worker that
+    // loads them gets its tokens (checked by the decode worker's below).
+    const int64_t d_before = d.runner->stats().clusterings;
+    const int64_t imported_before = d.runner->stats().imported_clusterings;
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+    ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+    const std::vector<engine::TokenEvent> events = d.RunToEnd();
+    EXPECT_EQ(Tokens(events), expected);
+    const int64_t imported = d.runner->stats().imported_clusterings - imported_before;
+    EXPECT_EQ(imported, chunks * sparse_layers);
+    EXPECT_EQ(d.runner->stats().clusterings - d_before, alone_clusterings - imported)
+        << "the prompt's k-means ran on the prefill worker only";
+    if (prompt_len == 150) EXPECT_GE(chunks, 3) << "a long prompt clusters in several chunks";
+    if (prompt_len == 8) EXPECT_EQ(chunks, 0) << "nothing to cluster";
+  }
+  EXPECT_GT(exported, 0);
+  EXPECT_EQ(d.runner->stats().reused_clusterings, d.runner->stats().imported_clusterings);
+
+  // A clustering corrupted on the way: the transfer fails its CRC as it
+  // is loaded, and its request ends with the error.
+  const engine::GenerationRequest r = Request(90, 150, 8);
+  const uint64_t transfer = 3000;
+  ASSERT_TRUE(d.manager->landing_area()
+                  ->Reserve(transfer, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                  .ok());
+  const engine::TokenEvent first = Prefill(p, r, 8);
+  ASSERT_FALSE(p.exports.back().planner_state.empty());
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer, /*corrupt=*/-1, /*corrupt_state=*/1));
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+  const std::vector<engine::TokenEvent> events = d.RunToEnd();
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().finish, engine::FinishReason::kError);
+  EXPECT_NE(events.back().error.find("planner state value 1"), std::string::npos)
+      << events.back().error;
+  EXPECT_NE(events.back().error.find("CRC32C"), std::string::npos) << events.back().error;
+  ExpectNothingLeft(p);
+  ExpectNothingLeft(d);
+  EXPECT_EQ(p.runner->num_free_slots(), 4) << "the export's slot came back";
 }
 
 // Pages coded on the wire (the profile's codec): a fraction of the raw

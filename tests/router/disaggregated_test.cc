@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -488,6 +489,46 @@ TEST(DisaggregatedFailureTest, ABlockCorruptedOnTheWayFailsItsRequestWithAClearE
   EXPECT_THAT(c.status.error_message(), HasSubstr("does not match its CRC32C"));
   EXPECT_TRUE(c.tokens.size() <= 1u) << "at most the first token, never a wrong one after it";
   EXPECT_EQ(decode.Metric("strata_kv_imports_failed_total"), 1);
+  ExpectPoolsEmpty(prefill, "prefill");
+  ExpectPoolsEmpty(decode, "decode");
+}
+
+TEST(DisaggregatedRoutingTest, AClusterKvPromptIsClusteredOnThePrefillWorker) {
+  // The prefill worker runs the prompt's k-means and sends the clusterings
+  // after the pages; the decode worker redoes them instead of clustering,
+  // with the tokens of a worker that does everything itself.
+  const std::string profile = ::testing::TempDir() + "disagg_clusterkv_profile.yaml";
+  {
+    FILE* f = fopen(profile.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    fputs(
+        "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
+        "window_tokens: 16, tokens_per_cluster: 16, cluster_chunk_tokens: 96, full_layers: 1}\n",
+        f);
+    fclose(f);
+  }
+  std::vector<std::string> prefill_args = kPrefillArgs, decode_args = kDecodeArgs;
+  for (auto* args : {&prefill_args, &decode_args})
+    args->insert(args->end(), {"--profile", profile});
+  ServerProcess prefill(prefill_args, "prefill");
+  ServerProcess decode(decode_args, "decode");
+  v1::GenerateRequest r = Request(300, 12, 5);
+  r.set_profile("sparse");
+  const Completion here = Generate(decode.stub(), r);
+  ASSERT_TRUE(here.status.ok()) << here.status.error_message();
+  const double kmeans_here = decode.Metric("strata_kv_policy_clusterings_total");
+  EXPECT_GT(kmeans_here, 0);
+  const Completion split = Generate(decode.stub(), r, prefill.address());
+  ASSERT_TRUE(split.status.ok()) << split.status.error_message() << decode.Stderr();
+  EXPECT_EQ(split.tokens, here.tokens);
+  const double exported = prefill.Metric("strata_kv_policy_clusterings_exported_total");
+  EXPECT_GE(exported, 3) << "the prompt's chunks of 96 tokens";
+  // Per chunk, one for each sparse layer.
+  const double imported = decode.Metric("strata_kv_policy_clusterings_imported_total");
+  EXPECT_GE(imported, exported);
+  EXPECT_EQ(std::fmod(imported, exported), 0.0);
+  EXPECT_EQ(decode.Metric("strata_kv_policy_clusterings_total"), kmeans_here)
+      << "no k-means on the decode worker for the prompt it was sent";
   ExpectPoolsEmpty(prefill, "prefill");
   ExpectPoolsEmpty(decode, "decode");
 }
