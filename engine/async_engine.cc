@@ -140,6 +140,14 @@ void AsyncEngine::Loop() {
       }
       if (after_step_) after_step_();
     }
+    // A prefill worker's first token goes out now, not after the step that
+    // loads the prompt's KV and decodes the next one.
+    for (const TokenEvent& e : batcher_.TakeGeneratedTokens()) {
+      auto it = sinks_.find(e.request_id);
+      if (it == sinks_.end()) continue;
+      it->second(e);
+      if (e.finish != FinishReason::kNone) sinks_.erase(it);
+    }
     if (batcher_.HasWork()) {
       auto events = batcher_.Step();
       steps_.fetch_add(1);

@@ -448,6 +448,17 @@ void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<To
   }
 }
 
+std::vector<TokenEvent> Batcher::TakeGeneratedTokens() {
+  std::vector<TokenEvent> events;
+  for (auto& seq : waiting_) {
+    while (!seq->finished && seq->generated_emitted < seq->req.generated.size()) {
+      EmitToken(*seq, seq->req.generated[seq->generated_emitted++], events);
+    }
+  }
+  std::erase_if(waiting_, [](const std::unique_ptr<Sequence>& s) { return s->finished; });
+  return events;
+}
+
 absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   last_step_idle_ = false;
   std::vector<TokenEvent> events;
@@ -455,14 +466,9 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   cancelled_.clear();
 
   STRATA_RETURN_IF_ERROR(kv_->Poll());
-  // Tokens generated elsewhere (GenerationRequest::generated) go out first,
-  // and may end their request at once.
-  for (auto& seq : waiting_) {
-    while (!seq->finished && seq->generated_emitted < seq->req.generated.size()) {
-      EmitToken(*seq, seq->req.generated[seq->generated_emitted++], events);
-    }
-  }
-  std::erase_if(waiting_, [](const std::unique_ptr<Sequence>& s) { return s->finished; });
+  // Tokens generated elsewhere go out first, and may end their request.
+  std::vector<TokenEvent> generated = TakeGeneratedTokens();
+  events.insert(events.end(), generated.begin(), generated.end());
   STRATA_RETURN_IF_ERROR(ResumeSwapped());
 
   const ModelOptions& opts = model_->options();

@@ -136,6 +136,12 @@ class Batcher {
   absl::Status PollKv() { return kv_->Poll(); }
   // Runs one step; returns the tokens it produced.
   absl::StatusOr<std::vector<TokenEvent>> Step();
+  // The tokens of waiting requests that were generated elsewhere
+  // (GenerationRequest::generated: a prefill worker's first token), which
+  // a Step would emit first: a caller that streams may take them before
+  // the step, so that they need not wait for it (loading the prompt's KV,
+  // the first decode step).
+  std::vector<TokenEvent> TakeGeneratedTokens();
   // Whether the last Step computed nothing while work remains: its
   // sequences wait for KV moving between lower tiers (an SSD read), so the
   // caller may pause briefly rather than step again at once.

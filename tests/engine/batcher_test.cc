@@ -6,12 +6,15 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "engine/async_engine.h"
 #include "engine/cpu_backend.h"
 #include "engine/model_loader.h"
 #include "gmock/gmock.h"
@@ -107,6 +110,38 @@ TEST_P(BatchInvarianceTest, MixedBatchEqualsEachSequenceAlone) {
 
 INSTANTIATE_TEST_SUITE_P(Models, BatchInvarianceTest,
                          ::testing::Values("llama_gqa", "qwen2_tied", "mistral_window"));
+
+TEST(AsyncEngineTest, ATokenGeneratedElsewhereIsStreamedBeforeTheStepThatContinuesIt) {
+  // A decode worker's request carries the prefill worker's first token:
+  // it reaches the client before any step runs (loading the prompt's KV
+  // and decoding the next token may take a while), then the rest follow.
+  ModelOptions options;
+  options.max_seqs = 2;
+  options.max_context = 64;
+  options.page_size = 4;
+  options.num_pages = 32;
+  auto model = LoadGolden("llama_gqa", options);
+  AsyncEngine engine(model.get(), nullptr);
+  GenerationRequest r = Request(1, RandomPrompt(12, 3), 4);
+  r.generated = {{42, -0.5f}};
+  std::mutex mu;
+  std::vector<std::pair<int32_t, int64_t>> seen;  // token, steps run when it arrived
+  std::promise<void> done;
+  ASSERT_TRUE(engine
+                  .Submit(r,
+                          [&](const TokenEvent& e) {
+                            std::lock_guard<std::mutex> lock(mu);
+                            if (e.token_id >= 0)
+                              seen.push_back({e.token_id, engine.GetStats().steps});
+                            if (e.finish != FinishReason::kNone) done.set_value();
+                          })
+                  .ok());
+  done.get_future().wait();
+  std::lock_guard<std::mutex> lock(mu);
+  ASSERT_EQ(seen.size(), 4u);
+  EXPECT_EQ(seen[0], (std::pair<int32_t, int64_t>{42, 0}));
+  EXPECT_GT(seen[1].second, 0);
+}
 
 TEST(BatcherTest, PreemptionUnderPagePressureKeepsOutputs) {
   ModelOptions options;
