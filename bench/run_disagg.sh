@@ -9,7 +9,7 @@
 # token sampled -> every block landed) and bytes on the wire. Then a mixed
 # load (`strata bench serve`) through each, for inter-token latency.
 # Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
-# PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
+# LOG_LEVEL sets the processes' log level (default info). PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
 # CHUNKS the prefill worker's --max-batch-tokens values to try (default
 # 2048: a prompt's KV leaves in parts as its chunks complete); CODECS the
 # profile codecs the KV crosses in (default "bf16 int8": raw pages, and
@@ -57,7 +57,7 @@ start() {  # start LOG ENV... -- ARGS...: sets $address and $metrics
   local envs=()
   while [ "$1" != -- ]; do envs+=("$1"); shift; done
   shift
-  env "${envs[@]}" STRATA_LOG_LEVEL=info "$strata" "$@" >"$out/$log" 2>&1 &
+  env "${envs[@]}" STRATA_LOG_LEVEL="${LOG_LEVEL:-info}" "$strata" "$@" >"$out/$log" 2>&1 &
   pids+=($!)
   for _ in $(seq 900); do grep -q "listening on" "$out/$log" && break; sleep 0.2; done
   address=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$out/$log" | head -1)

@@ -638,6 +638,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   std::stable_sort(entries_.begin(), entries_.end(), [](const Entry& a, const Entry& b) {
     return KindOrder(a.policy->kind()) < KindOrder(b.policy->kind());
   });
+  STRATA_RETURN_IF_ERROR(StageReuses());
   // Recall status bits are per step (EndStep reads them).
   if (step_tiered_) STRATA_RETURN_IF_ERROR(model_->backend().Fill(ring_.status, 0));
   // Clusters below host memory come up through the spill.
@@ -861,12 +862,9 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
     range.block_table = batch.block_table.Row(e.batch_seq);
     range.page_size = page_size;
     e.offloaded_layers.resize(e.work.size());
-    // Stored clusterings to redo (ClusteringStore), their centroids and
-    // extents written first.
-    std::vector<Tensor> reuse_orders;
-    if (!e.reuse.empty()) {
-      STRATA_ASSIGN_OR_RETURN(reuse_orders, PrepareReuse(e, layer, slot));
-    }
+    // Stored or imported clusterings to redo: their centroids and extents
+    // are in the slot's rows already (StageReuses).
+    const std::vector<Tensor> reuse_orders = ReuseOrders(e, layer);
     for (size_t wi = 0; wi < e.work.size(); ++wi) {
       const SummaryWork& w = e.work[wi];
       range.begin = w.begin;

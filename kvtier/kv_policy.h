@@ -423,6 +423,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // sparse layer's, in `kept_orders`.
     std::vector<std::shared_ptr<const StoredClustering>> reuse = {};
     std::vector<std::optional<PrefixKey>> keep = {};
+    engine::Tensor reuse_orders = {};         // StageReuses': [sparse layers, ...]
+    std::vector<int64_t> reuse_offsets = {};  // per work item, in elements per layer
     engine::Tensor kept_orders = {};
     std::vector<int64_t> kept_offsets = {};  // per work item, in elements per sparse layer
   };
@@ -430,10 +432,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // ClusteringStore (kv_policy_reuse.cc). After Advance in BeginStep: finds
   // the entry's stored clusterings and marks those to keep.
   absl::Status FindClusterings(Entry& e);
-  // In PlanLayer, before the entry's summary work: writes the layer's
-  // reused centroids and extents into the slot's pools and uploads their
-  // orders (returned per work item, empty where none).
-  absl::StatusOr<std::vector<engine::Tensor>> PrepareReuse(const Entry& e, int layer, int slot);
+  // At the end of BeginStep: the reused clusterings of every entry go up
+  // in one copy, before the step's compute: their orders (every sparse
+  // layer's, into Entry::reuse_orders) and their centroids and extents
+  // (into the slot's pool rows; the clusterings computed in the step write
+  // their own blocks after).
+  absl::Status StageReuses();
+  // In PlanLayer: the layer's reused orders per work item (undefined where
+  // none).
+  std::vector<engine::Tensor> ReuseOrders(const Entry& e, int layer) const;
   // The order tensor ClusterKeys fills for a kept work item in `layer`
   // (null when not kept).
   engine::Tensor* KeptOrder(Entry& e, size_t wi, int layer, engine::Tensor& view);
@@ -597,7 +604,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     std::vector<int64_t> offsets;  // per work item, in elements per sparse layer
   };
   std::vector<ExportEntry> export_entries_;
-  engine::Tensor reuse_orders_;  // scratch: the orders PrepareReuse uploads
+  // StageReuses' pinned staging buffer and its copy in flight.
+  engine::HostBuffer reuse_staging_;
+  engine::CopyFence reuse_fence_ = engine::kFenceDone;
   // A read-back of kept clusterings in flight (one at a time): the rows of
   // the sequence's orders, centroids and extents copied into `staging`
   // (pinned, reused) once `fence` is done.

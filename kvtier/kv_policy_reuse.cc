@@ -83,7 +83,9 @@ absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
   parsed->centroids.resize(layers * heads * c * d * element);
   parsed->sizes.resize(layers * heads * c);
   const uint8_t* at = value.data() + sizeof(header);
-  std::vector<uint8_t> seen(n);
+  // seen[t] is the (layer, head) that last took t, plus one: no clearing
+  // between heads.
+  std::vector<int32_t> seen(n, 0);
   for (int64_t l = 0; l < layers; ++l) {
     std::memcpy(&parsed->order[l * heads * n], at, heads * n * 4);
     at += heads * n * 4;
@@ -92,10 +94,10 @@ absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
     std::memcpy(&parsed->sizes[l * heads * c], at, heads * c * 4);
     at += heads * c * 4;
     for (int64_t h = 0; h < heads; ++h) {
-      std::fill(seen.begin(), seen.end(), 0);
+      const auto mark = static_cast<int32_t>(l * heads + h + 1);
       const int32_t* order = &parsed->order[(l * heads + h) * n];
       for (int64_t i = 0; i < n; ++i) {
-        if (order[i] < 0 || order[i] >= n || seen[order[i]]++ != 0) {
+        if (order[i] < 0 || order[i] >= n || std::exchange(seen[order[i]], mark) == mark) {
           return absl::DataLossError(
               absl::StrCat("layer ", l, " head ", h, ": the order is not a permutation"));
         }
@@ -158,6 +160,7 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   if (!prompt.imported.empty()) {
     // Computed by the prefill worker on the KV it sent: each work item
     // takes the value for its very chunk, if one came and it checks out.
+    const auto started = std::chrono::steady_clock::now();
     for (size_t wi = 0; wi < e.work.size(); ++wi) {
       const SummaryWork& w = e.work[wi];
       if (w.kind != SummaryWork::kCluster) continue;
@@ -188,6 +191,11 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
         break;
       }
     }
+    STRATA_LOG_DEBUG(
+        "sequence {}: {} clusterings from the prefill worker checked in {:.1f} ms", e.seq_id,
+        prompt.imported.size(),
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
+            .count());
     return absl::OkStatus();
   }
   if (options_.clusterings == nullptr) return absl::OkStatus();
@@ -238,62 +246,123 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<Tensor>> KvPolicyRunner::PrepareReuse(const Entry& e, int layer,
-                                                                 int slot) {
-  std::vector<Tensor> orders(e.work.size());
-  if (std::all_of(e.reuse.begin(), e.reuse.end(), [](const auto& r) { return r == nullptr; })) {
-    return orders;  // only clusterings to keep
+absl::Status KvPolicyRunner::StageReuses() {
+  // The staging buffer's last copy must be done before it is written again
+  // (long done: it was enqueued a step ago at least).
+  engine::Backend& b = model_->backend();
+  if (reuse_fence_ != engine::kFenceDone) {
+    STRATA_RETURN_IF_ERROR(b.WaitFence(reuse_fence_));
+    reuse_fence_ = engine::kFenceDone;
   }
-  const int li = SparseLayerIndex(*e.policy, layer);
-  const int heads = model_->shard().kv_heads, d = model_->config().head_dim;
+  const auto started = std::chrono::steady_clock::now();
+  const int64_t heads = model_->shard().kv_heads, d = model_->config().head_dim;
   const int64_t max_blocks = max_blocks_;
-  // The slot's whole rows (the clusterings computed after this in the
-  // layer write their own blocks over the rest).
-  // Centroids as the pools hold them (bf16 on the GPU, fp32 on the CPU).
-  const engine::DType dtype = centroids_[layer].dtype();
-  const auto element = static_cast<int64_t>(engine::DTypeSize(dtype));
-  std::vector<uint8_t> centroids(static_cast<size_t>(heads * max_blocks * d * element), 0);
-  std::vector<int32_t> extents(static_cast<size_t>(heads * max_blocks * 2), 0);
-  std::vector<int32_t> host_orders;
-  std::vector<int64_t> offsets(e.work.size(), -1);
-  for (size_t wi = 0; wi < e.work.size(); ++wi) {
-    if (e.reuse[wi] == nullptr) continue;
-    const StoredClustering& s = *e.reuse[wi];
-    const SummaryWork& w = e.work[wi];
-    const int64_t n = s.count, c = s.clusters;
-    offsets[wi] = static_cast<int64_t>(host_orders.size());
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t stored = int64_t{li} * heads + h;
-      std::memcpy(&centroids[(h * max_blocks + w.first_block) * d * element],
-                  &s.centroids[stored * c * d * element], static_cast<size_t>(c * d * element));
-      int32_t start = w.begin;
-      for (int64_t j = 0; j < c; ++j) {
-        const int32_t size = s.sizes[stored * c + j];
-        extents[(h * max_blocks + w.first_block + j) * 2] = start;
-        extents[(h * max_blocks + w.first_block + j) * 2 + 1] = size;
-        start += size;
+  // Per entry with a reuse: its orders' rows (one per sparse layer), then
+  // each layer's centroid row of its slot, then each layer's extent row.
+  struct Staged {
+    Entry* e;
+    int full, layers;
+    int64_t per_layer, at;
+  };
+  std::vector<Staged> staged;
+  int64_t bytes = 0;
+  for (Entry& e : entries_) {
+    if (std::all_of(e.reuse.begin(), e.reuse.end(), [](const auto& r) { return r == nullptr; })) {
+      continue;
+    }
+    const int full = e.policy->config().full_layers;
+    Staged st{&e, full, model_->config().num_layers - full, 0, bytes};
+    e.reuse_offsets.assign(e.work.size(), -1);
+    for (size_t wi = 0; wi < e.work.size(); ++wi) {
+      if (e.reuse[wi] == nullptr) continue;
+      e.reuse_offsets[wi] = st.per_layer;
+      st.per_layer += heads * e.work[wi].count;
+    }
+    STRATA_ASSIGN_OR_RETURN(e.reuse_orders,
+                            b.Allocate(engine::DType::kI32, {st.layers, st.per_layer}));
+    const auto centroid_row =
+        static_cast<int64_t>(centroids_[full].nbytes()) / centroids_[full].dim(0);
+    const auto extent_row = static_cast<int64_t>(extents_[full].nbytes()) / extents_[full].dim(0);
+    bytes += st.layers * (st.per_layer * 4 + centroid_row + extent_row);
+    staged.push_back(st);
+  }
+  if (staged.empty()) return absl::OkStatus();
+  if (!reuse_staging_.defined() || static_cast<int64_t>(reuse_staging_.bytes) < bytes) {
+    reuse_staging_ = engine::HostBuffer();
+    STRATA_ASSIGN_OR_RETURN(reuse_staging_, b.AllocateHost(static_cast<size_t>(bytes)));
+  }
+  std::vector<Tensor> tensors;
+  std::vector<engine::RowCopy> rows;
+  uint8_t* base = reuse_staging_.data();
+  for (const Staged& st : staged) {
+    const Entry& e = *st.e;
+    const int slot = e.fields[engine::kPlanSlot];
+    const engine::DType dtype = centroids_[st.full].dtype();
+    const auto element = static_cast<int64_t>(engine::DTypeSize(dtype));
+    const int64_t centroid_row = heads * max_blocks * d * element;
+    const int64_t extent_row = heads * max_blocks * 2 * 4;
+    const int64_t orders_at = st.at;
+    const int64_t centroids_at = orders_at + st.layers * st.per_layer * 4;
+    const int64_t extents_at = centroids_at + st.layers * centroid_row;
+    tensors.push_back(e.reuse_orders);
+    const auto orders_tensor = static_cast<int32_t>(tensors.size() - 1);
+    for (int li = 0; li < st.layers; ++li) {
+      auto* orders = reinterpret_cast<int32_t*>(base + orders_at + li * st.per_layer * 4);
+      uint8_t* centroids = base + centroids_at + li * centroid_row;
+      auto* extents = reinterpret_cast<int32_t*>(base + extents_at + li * extent_row);
+      // Only the reused clusters' blocks are written: the rest of the row
+      // is never read before the step's own clusterings write it.
+      for (size_t wi = 0; wi < e.work.size(); ++wi) {
+        if (e.reuse[wi] == nullptr) continue;
+        const StoredClustering& s = *e.reuse[wi];
+        const SummaryWork& w = e.work[wi];
+        const int64_t n = s.count, c = s.clusters;
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t stored = int64_t{li} * heads + h;
+          std::memcpy(centroids + (h * max_blocks + w.first_block) * d * element,
+                      &s.centroids[stored * c * d * element], static_cast<size_t>(c * d * element));
+          int32_t first = w.begin;
+          for (int64_t j = 0; j < c; ++j) {
+            const int32_t size = s.sizes[stored * c + j];
+            extents[(h * max_blocks + w.first_block + j) * 2] = first;
+            extents[(h * max_blocks + w.first_block + j) * 2 + 1] = size;
+            first += size;
+          }
+        }
+        std::memcpy(orders + e.reuse_offsets[wi], &s.order[int64_t{li} * heads * n],
+                    static_cast<size_t>(heads * n * 4));
       }
-      host_orders.insert(host_orders.end(), s.order.begin() + stored * n,
-                         s.order.begin() + (stored + 1) * n);
+      rows.push_back({orders_tensor, li, orders_at + li * st.per_layer * 4});
+      tensors.push_back(centroids_[st.full + li]);
+      rows.push_back(
+          {static_cast<int32_t>(tensors.size() - 1), slot, centroids_at + li * centroid_row});
+      tensors.push_back(extents_[st.full + li]);
+      rows.push_back(
+          {static_cast<int32_t>(tensors.size() - 1), slot, extents_at + li * extent_row});
     }
   }
-  if (host_orders.empty()) return orders;
-  engine::Backend& b = model_->backend();
-  Tensor centroid_row = centroids_[layer].Row(slot), extent_row = extents_[layer].Row(slot);
-  STRATA_RETURN_IF_ERROR(
-      b.CopyFromHost(centroids.data(), dtype, heads * max_blocks * d, centroid_row, 0));
-  STRATA_RETURN_IF_ERROR(b.CopyFromHost(extents.data(), engine::DType::kI32,
-                                        static_cast<int64_t>(extents.size()), extent_row, 0));
-  const auto total = static_cast<int64_t>(host_orders.size());
-  if (!reuse_orders_.defined() || reuse_orders_.numel() < total) {
-    STRATA_ASSIGN_OR_RETURN(reuse_orders_, b.Allocate(engine::DType::kI32, {total}));
-  }
-  STRATA_RETURN_IF_ERROR(
-      b.CopyFromHost(host_orders.data(), engine::DType::kI32, total, reuse_orders_, 0));
+  STRATA_ASSIGN_OR_RETURN(reuse_fence_, b.CopyRowsFromHost(reuse_staging_, rows, tensors));
+  // The step's compute (the reorders, the scoring) reads what landed.
+  STRATA_RETURN_IF_ERROR(b.ComputeAfterFence(reuse_fence_));
+  STRATA_LOG_DEBUG(
+      "clusterings of {} sequences staged for reuse in {:.1f} ms ({} bytes up in one copy)",
+      staged.size(),
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count(),
+      bytes);
+  return absl::OkStatus();
+}
+
+std::vector<Tensor> KvPolicyRunner::ReuseOrders(const Entry& e, int layer) const {
+  std::vector<Tensor> orders(e.work.size());
+  if (!e.reuse_orders.defined()) return orders;
+  const int li = SparseLayerIndex(*e.policy, layer);
+  const int64_t heads = model_->shard().kv_heads;
   for (size_t wi = 0; wi < e.work.size(); ++wi) {
-    if (offsets[wi] < 0) continue;
+    if (e.reuse_offsets[wi] < 0) continue;
     const int64_t n = e.work[wi].count;
-    orders[wi] = reuse_orders_.Rows(offsets[wi], offsets[wi] + heads * n).View({heads, n});
+    orders[wi] = e.reuse_orders.Row(li)
+                     .Rows(e.reuse_offsets[wi], e.reuse_offsets[wi] + heads * n)
+                     .View({heads, n});
   }
   return orders;
 }
@@ -308,6 +377,11 @@ Tensor* KvPolicyRunner::KeptOrder(Entry& e, size_t wi, int layer, Tensor& view) 
 }
 
 KvPolicyRunner::~KvPolicyRunner() {
+  if (reuse_fence_ != engine::kFenceDone) {
+    if (absl::Status s = model_->backend().WaitFence(reuse_fence_); !s.ok()) {
+      STRATA_LOG_WARN("reused clusterings: {}", std::string(s.message()));
+    }
+  }
   if (keeping_.has_value()) {
     if (absl::Status s = model_->backend().WaitFence(keeping_->fence); !s.ok()) {
       STRATA_LOG_WARN("kept clusterings: {}", std::string(s.message()));
@@ -373,6 +447,7 @@ absl::Status KvPolicyRunner::PlanExport(int batch_seq, int64_t seq_id, int polic
 absl::Status KvPolicyRunner::HandOverExports() {
   std::vector<ExportEntry> entries = std::move(export_entries_);
   export_entries_.clear();
+  const auto started = std::chrono::steady_clock::now();
   for (ExportEntry& x : entries) {
     KeepingRead read;
     read.work = x.work;
@@ -386,6 +461,10 @@ absl::Status KvPolicyRunner::HandOverExports() {
     // now: the clusterings go with it.
     STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/true).status());
   }
+  STRATA_LOG_DEBUG(
+      "clusterings of {} exported prompts read back and handed over in {:.1f} ms", entries.size(),
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
+          .count());
   return absl::OkStatus();
 }
 
