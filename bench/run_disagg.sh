@@ -6,8 +6,11 @@
 # one request through each setup after a warm-up, reporting its time to
 # first token and decode speed, and from the decode worker's metrics the
 # prompt's compute time on the prefill worker, its KV transfer time (first
-# token sampled -> every block landed) and bytes on the wire. Then a mixed
-# load (`strata bench serve`) through each, for inter-token latency.
+# token sampled -> every block landed) and bytes on the wire. With MIXED=1,
+# then a mixed load through each (`strata bench serve`, 6 streams of 48
+# requests: 40 short, 1024-token prompts and 128 tokens out, and 8 long,
+# 16384-token prompts and 16 out, shuffled), for the inter-token latency
+# of the short ones while long prompts arrive.
 # Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
 # LOG_LEVEL sets the processes' log level (default info). PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
 # CHUNKS the prefill worker's --max-batch-tokens values to try (default
@@ -72,6 +75,23 @@ text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decod
 print(sum(float(l.split()[-1]) for l in text.splitlines() if l.split(" ")[0] == name))
 PY
 }
+mixed() {  # mixed SERVER NAME: the mixed load through SERVER, its summary lines
+  [[ "${MIXED:-0}" = 1 ]] || return 0
+  python3 - "$tmp/mixed.jsonl" <<'PY'
+import json, random, sys
+r = random.Random(7)
+reqs = [(1024, 128)] * 40 + [(16384, 16)] * 8
+r.shuffle(reqs)
+with open(sys.argv[1], "w") as f:
+    for n, out in reqs:
+        f.write(json.dumps({"prompt_ids": [r.randrange(1000, 120000) for _ in range(n)],
+                            "max_tokens": out}) + "\n")
+PY
+  "$strata" bench serve --server "$1" --dataset "$tmp/mixed.jsonl" --ignore-eos --concurrency 6 \
+    --num-requests 48 --temperature 0 --quiet --json "$out/mixed-$2.json" >"$out/mixed-$2.txt" 2>&1 ||
+    { tail -5 "$out/mixed-$2.txt"; return 0; }
+  echo "mixed $2:"; grep -E "TTFT|ITL|throughput|requests" "$out/mixed-$2.txt" | head -8
+}
 ask() {  # ask SERVER LENGTH SEED [PROFILE]: one request, its JSON summary
   python3 -c "import random; r=random.Random($3); print(','.join(str(r.randrange(1000, 120000)) for _ in range($2)))" >"$tmp/prompt.txt"
   local named=()
@@ -91,6 +111,7 @@ start serve.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- serve "${common[@]}" --pro
 serve=$address
 ask "$serve" 1024 1 wire >/dev/null  # warm-up
 for p in $prompts; do echo "serve $p $(ask "$serve" "$p" "$p" wire)"; done
+mixed "$serve" serve
 stop_all
 
 for codec in $codecs; do
@@ -140,6 +161,7 @@ print(f"disagg codec={codec} chunk={chunk} {p} ttft_ms={summary['time_to_first_t
 PY
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
+mixed "$router" "disagg-$codec-$chunk"
 echo "clusterings: prefill k-means $(metric "$prefill_metrics" strata_kv_policy_clusterings_total) exported $(metric "$prefill_metrics" strata_kv_policy_clusterings_exported_total); decode k-means $(metric "$decode_metrics" strata_kv_policy_clusterings_total) imported $(metric "$decode_metrics" strata_kv_policy_clusterings_imported_total)"
 stop_all
 done

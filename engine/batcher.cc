@@ -543,8 +543,9 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       // The prompt's KV was computed by another worker.
       absl::StatusOr<bool> loaded = kv_->LoadImported(
           seq.req.import_kv, std::span<const int32_t>(seq.tokens).first(seq.req.prompt.size()),
-          seq.pages);
-      if (loaded.ok() && !*loaded) break;  // wait for pages
+          seq.pages, running_.empty() ? 0 : options_.max_import_bytes_per_step);
+      if (loaded.ok() && !*loaded) break;                  // wait for pages
+      if (absl::IsUnavailable(loaded.status())) continue;  // the rest next step
       seq.import_done = true;
       if (!loaded.ok()) {
         FailSequence(seq,

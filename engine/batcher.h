@@ -97,6 +97,12 @@ struct BatcherOptions {
   // Prefill tokens per step are limited by the model's max_batch_tokens;
   // this caps them lower so decodes are not starved by long prompts.
   int max_prefill_tokens_per_step = 0;  // 0: max_batch_tokens
+  // While sequences are decoding, a prompt's KV sent by a prefill worker
+  // (GenerationRequest::import_kv) is brought into its pages this many
+  // bytes a step at most (about 5 ms of PCIe at 50 GB/s), so that a long
+  // prompt's gigabytes do not hold their next token up; with nothing else
+  // running it is loaded at once. 0: always at once.
+  int64_t max_import_bytes_per_step = int64_t{256} << 20;
   // A workload's share of the GPU KV cache (a profile's tiers.gpu_bytes):
   // max_pages_per_policy[i] caps the pages (of the lower group) that the
   // requests with kv_policy i hold together; when one needs more, it waits

@@ -159,14 +159,18 @@ class KvMemory {
   // Decode side: for a sequence about to start (`pages` empty), brings the
   // KV another worker computed for `tokens` and sent under `transfer_id`
   // into pages it allocates and sets in `pages`. False (nothing allocated)
-  // when too few pages are free now: ask again. NotFound when no such
-  // transfer is held (never reserved, or its lease expired); DataLoss when
-  // a block failed its check; FailedPrecondition when blocks are missing or
-  // do not cover `tokens`. Once loaded, or after an error, the transfer is
-  // gone.
+  // when too few pages are free now: ask again. With max_bytes > 0, a call
+  // moves about that many bytes of the transfer at most (whole pages, one
+  // at least) and answers Unavailable while pages remain: ask again (a
+  // step's share, so that the steps of running sequences are not held up
+  // by a long prompt's KV); the pages are held meanwhile. NotFound when no
+  // such transfer is held (never reserved, or its lease expired); DataLoss
+  // when a block failed its check; FailedPrecondition when blocks are
+  // missing or do not cover `tokens`. Once loaded, or after an error, the
+  // transfer is gone; DropImported drops one part-loaded too.
   virtual absl::StatusOr<bool> LoadImported(uint64_t /*transfer_id*/,
                                             std::span<const int32_t> /*tokens*/,
-                                            SequencePages& /*pages*/) {
+                                            SequencePages& /*pages*/, int64_t /*max_bytes*/) {
     return absl::NotFoundError("no KV transfers: this worker has no KV block manager");
   }
   // Forgets a transfer that will not be loaded (its request ended first).

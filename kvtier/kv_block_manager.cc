@@ -656,7 +656,8 @@ KvBlockManager::Stats KvBlockManager::stats() const {
 
 bool KvBlockManager::Settling() const {
   if (!in_flight_.empty() || !moves_.empty() || !pending_prefixes_.empty() ||
-      !prefix_moves_.empty() || !exports_.empty() || !landing_in_flight_.empty()) {
+      !prefix_moves_.empty() || !exports_.empty() || !landing_in_flight_.empty() ||
+      !importing_.empty()) {
     return true;
   }
   for (const auto& [id, swapped] : swapped_) {
@@ -672,7 +673,7 @@ bool KvBlockManager::Idle() const {
          host_.num_free() + prefix_records_ + landing == host_.num_records() && swapped_.empty() &&
          in_flight_.empty() && moves_.empty() && pending_prefixes_.empty() &&
          prefix_moves_.empty() && exports_.empty() && landing_in_flight_.empty() &&
-         (landing_ == nullptr || landing_->num_free() == landing);
+         importing_.empty() && (landing_ == nullptr || landing_->num_free() == landing);
 }
 
 std::optional<uint64_t> KvBlockManager::SsdSwapIdOf(int64_t seq_id) const {

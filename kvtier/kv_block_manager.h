@@ -67,8 +67,12 @@
 // (DropExport). On a decode worker, KV arriving from prefill workers lands
 // in a set of host records set aside at start (landing_area(), written and
 // CRC-checked block by block on the transport's thread), and LoadImported
-// copies it into the sequence's pages. Reservations whose lease ends are
-// dropped in Poll.
+// copies it into the sequence's pages, all at once or a share per call
+// while other sequences run (a long prompt's KV is gigabytes: loaded at
+// once it would hold their next step up that long). Reservations whose
+// lease ends are dropped in Poll. With the final part of an export come
+// the KV policy's values computed on the prompt (AddExportPlannerState),
+// and with an import they go to the caller (TakeImportedPlannerState).
 //
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
@@ -272,7 +276,7 @@ class KvBlockManager final : public engine::KvMemory {
   // Held with the export and handed over with its final part.
   void AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) override;
   absl::StatusOr<bool> LoadImported(uint64_t transfer_id, std::span<const int32_t> tokens,
-                                    engine::SequencePages& pages) override;
+                                    engine::SequencePages& pages, int64_t max_bytes) override;
   void DropImported(uint64_t transfer_id) override;
   std::vector<std::vector<uint8_t>> TakeImportedPlannerState() override {
     return std::move(imported_planner_state_);
@@ -572,6 +576,21 @@ class KvBlockManager final : public engine::KvMemory {
   std::vector<uint64_t> released_exports_ ABSL_GUARDED_BY(released_mu_);
   std::unique_ptr<LandingArea> landing_;
   std::vector<InFlight> landing_in_flight_;
+  // Transfers being loaded a part at a time (LoadImported with max_bytes):
+  // their pages, held from the first call, and blocks from `next` on still
+  // in landing records (record -1: handed to landing_in_flight_).
+  struct Import {
+    int tokens = 0;
+    engine::SequencePages pages;
+    std::vector<LandingArea::Block> blocks;
+    int next = 0;
+    engine::CopyFence last_fence = engine::kFenceDone;  // its last copy into the pages
+    std::vector<std::vector<uint8_t>> planner_state;
+  };
+  absl::flat_hash_map<uint64_t, Import> importing_;
+  // LoadImported's first call: takes the transfer from the landing area
+  // and allocates its pages (false: too few are free).
+  absl::StatusOr<bool> StartImport(uint64_t transfer_id, std::span<const int32_t> tokens);
   // Destroyed first: its threads write into the host tier.
   std::unique_ptr<RecordMover> mover_;
 };

@@ -228,36 +228,117 @@ absl::Status KvBlockManager::PollTransfers() {
 
 absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
                                                   std::span<const int32_t> tokens,
-                                                  engine::SequencePages& pages) {
+                                                  engine::SequencePages& pages, int64_t max_bytes) {
   if (landing_ == nullptr) {
     return absl::NotFoundError(
         "KV transfers need a landing area (this worker takes no KV from prefill workers)");
   }
-  const int page_size = layout_.page_size();
-  const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
-  const bool two_groups = upper_pages_.num_pages() > 0;
   if (!pages.empty() || tokens.empty()) {
-    landing_->Drop(transfer_id);
+    DropImported(transfer_id);
     return absl::InvalidArgumentError(
         absl::StrCat("KV transfer ", transfer_id, ": loaded into a sequence holding pages"));
   }
+  auto it = importing_.find(transfer_id);
+  if (it == importing_.end()) {
+    STRATA_ASSIGN_OR_RETURN(const bool started, StartImport(transfer_id, tokens));
+    if (!started) return false;
+    it = importing_.find(transfer_id);
+  }
+  Import& im = it->second;
+  if (im.tokens != static_cast<int>(tokens.size())) {
+    DropImported(transfer_id);
+    ++counters_.kv_imports_failed;
+    return absl::InvalidArgumentError(absl::StrCat("KV transfer ", transfer_id, ": loading ",
+                                                   im.tokens, " tokens, then asked for ",
+                                                   tokens.size()));
+  }
+  // The next pages, up to max_bytes of what landed (at least one page).
+  const int needed = static_cast<int>(im.blocks.size());
+  const bool two_groups = upper_pages_.num_pages() > 0;
+  copies_.clear();
+  blocks_.clear();
+  int64_t bytes = 0;
+  const int first = im.next;
+  while (im.next < needed && (im.next == first || max_bytes <= 0 || bytes < max_bytes)) {
+    const int i = im.next++;
+    const LandingArea::Block& b = im.blocks[i];
+    const int32_t upper = two_groups ? im.pages.upper[i] : engine::kPageOffGpu;
+    if (b.codec == engine::KvCodecKind::kBf16) {
+      layout_.AppendRecordCopies(im.pages.lower[i], upper, host_.offset(b.record), copies_);
+    } else {
+      layout_.AppendRecordBlocks(im.pages.lower[i], upper, b.tokens, Coder(b.codec),
+                                 host_.offset(b.record), blocks_);
+    }
+    bytes += b.bytes;
+  }
+  std::vector<int32_t> records;
+  for (int i = first; i < im.next; ++i) records.push_back(im.blocks[i].record);
+  absl::Status moved = absl::OkStatus();
+  if (!blocks_.empty()) {
+    // Decoded on the device, straight from the landing records; each
+    // block's own CRC is checked there too.
+    const absl::Status decoded = device_->DecodeBlocksFromHost(
+        host_.buffer(), blocks_, layout_.k_caches(), layout_.v_caches());
+    if (!decoded.ok()) {
+      moved =
+          absl::DataLossError(absl::StrCat("KV transfer ", transfer_id, ": ", decoded.message()));
+    }
+  }
+  engine::CopyFence fence = engine::kFenceDone;
+  if (moved.ok() && !copies_.empty()) {
+    absl::StatusOr<engine::CopyFence> copied = EnqueueCopies(/*to_host=*/false);
+    if (copied.ok()) {
+      fence = *copied;
+      im.last_fence = fence;
+    } else {
+      moved = copied.status();
+    }
+  }
+  if (!moved.ok()) {
+    landing_->Free(records);
+    for (int i = first; i < im.next; ++i) im.blocks[i].record = -1;
+    DropImported(transfer_id);
+    ++counters_.kv_imports_failed;
+    return moved;
+  }
+  // Freed once the copy that reads them is done.
+  landing_in_flight_.push_back({fence, std::move(records)});
+  for (int i = first; i < im.next; ++i) im.blocks[i].record = -1;
+  counters_.kv_import_bytes += bytes;
+  if (im.next < needed) {
+    return absl::UnavailableError(
+        absl::StrCat("KV transfer ", transfer_id, ": ", im.next, " of ", needed, " pages loaded"));
+  }
+  pages = std::move(im.pages);
+  imported_planner_state_ = std::move(im.planner_state);
+  importing_.erase(it);
+  ++counters_.kv_imports;
+  return true;
+}
+
+absl::StatusOr<bool> KvBlockManager::StartImport(uint64_t transfer_id,
+                                                 std::span<const int32_t> tokens) {
+  const int page_size = layout_.page_size();
+  const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
+  const bool two_groups = upper_pages_.num_pages() > 0;
   if (!landing_->Holds(transfer_id)) {
     return absl::NotFoundError(absl::StrCat(
         "KV transfer ", transfer_id, " is not held here (never reserved, or its lease ended)"));
   }
   if (pages_.num_free() < needed || (two_groups && upper_pages_.num_free() < needed)) return false;
   imported_planner_state_.clear();
-  std::vector<std::vector<uint8_t>> planner_state;
+  Import im;
+  im.tokens = static_cast<int>(tokens.size());
   absl::StatusOr<std::vector<LandingArea::Block>> blocks =
-      landing_->Take(transfer_id, &planner_state);
+      landing_->Take(transfer_id, &im.planner_state);
   if (!blocks.ok()) {
     ++counters_.kv_imports_failed;
     return blocks.status();
   }
-  std::vector<int32_t> records;
-  for (const LandingArea::Block& b : *blocks) records.push_back(b.record);
   auto fail = [&](absl::Status status) {
     ++counters_.kv_imports_failed;
+    std::vector<int32_t> records;
+    for (const LandingArea::Block& b : *blocks) records.push_back(b.record);
     landing_->Free(records);
     return status;
   };
@@ -278,55 +359,38 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
     }
   }
   // Each block was checked against its header's CRC as it landed.
-  if (!pages_.Allocate(needed, pages.lower))
+  if (!pages_.Allocate(needed, im.pages.lower)) {
     return fail(absl::InternalError("free pages vanished"));
-  if (two_groups && !upper_pages_.Allocate(needed, pages.upper)) {
-    STRATA_RETURN_IF_ERROR(pages_.Free(pages.lower));
+  }
+  if (two_groups && !upper_pages_.Allocate(needed, im.pages.upper)) {
+    STRATA_RETURN_IF_ERROR(pages_.Free(im.pages.lower));
     return fail(absl::InternalError("free upper pages vanished"));
   }
-  copies_.clear();
-  blocks_.clear();
-  int64_t bytes = 0;
-  for (int i = 0; i < needed; ++i) {
-    const LandingArea::Block& b = (*blocks)[i];
-    const int32_t upper = two_groups ? pages.upper[i] : engine::kPageOffGpu;
-    if (b.codec == engine::KvCodecKind::kBf16) {
-      layout_.AppendRecordCopies(pages.lower[i], upper, host_.offset(records[i]), copies_);
-    } else {
-      layout_.AppendRecordBlocks(pages.lower[i], upper, b.tokens, Coder(b.codec),
-                                 host_.offset(records[i]), blocks_);
-    }
-    bytes += b.bytes;
-  }
-  if (!blocks_.empty()) {
-    // Decoded on the device, straight from the landing records; each
-    // block's own CRC is checked there too.
-    const absl::Status decoded = device_->DecodeBlocksFromHost(
-        host_.buffer(), blocks_, layout_.k_caches(), layout_.v_caches());
-    if (!decoded.ok()) {
-      STRATA_RETURN_IF_ERROR(Free(pages));
-      return fail(
-          absl::DataLossError(absl::StrCat("KV transfer ", transfer_id, ": ", decoded.message())));
-    }
-  }
-  engine::CopyFence fence = engine::kFenceDone;
-  if (!copies_.empty()) {
-    absl::StatusOr<engine::CopyFence> copied = EnqueueCopies(/*to_host=*/false);
-    if (!copied.ok()) {
-      STRATA_RETURN_IF_ERROR(Free(pages));
-      return fail(copied.status());
-    }
-    fence = *copied;
-  }
-  landing_in_flight_.push_back({fence, std::move(records)});
-  imported_planner_state_ = std::move(planner_state);
-  ++counters_.kv_imports;
-  counters_.kv_import_bytes += bytes;
+  im.blocks = *std::move(blocks);
+  importing_.emplace(transfer_id, std::move(im));
   return true;
 }
 
 void KvBlockManager::DropImported(uint64_t transfer_id) {
   if (landing_ != nullptr) landing_->Drop(transfer_id);
+  auto it = importing_.find(transfer_id);
+  if (it == importing_.end()) return;
+  Import& im = it->second;
+  // Its pages are free to others only once no copy writes them.
+  if (im.last_fence != engine::kFenceDone) {
+    if (absl::Status s = device_->WaitFence(im.last_fence); !s.ok()) {
+      STRATA_LOG_ERROR("KV transfer {}: {}", transfer_id, s.ToString());
+    }
+  }
+  std::vector<int32_t> records;
+  for (const LandingArea::Block& b : im.blocks) {
+    if (b.record >= 0) records.push_back(b.record);
+  }
+  landing_->Free(records);
+  if (absl::Status s = Free(im.pages); !s.ok()) {
+    STRATA_LOG_ERROR("KV transfer {}: {}", transfer_id, s.ToString());
+  }
+  importing_.erase(it);
 }
 
 }  // namespace strata::kvtier

@@ -10,6 +10,7 @@
 #include <iterator>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -551,6 +552,73 @@ TEST(DisaggregatedKvTest, ClusterKvPromptsAreClusteredOnThePrefillWorker) {
   EXPECT_EQ(p.runner->num_free_slots(), 4) << "the export's slot came back";
 }
 
+// While a sequence decodes, an imported prompt's KV comes into its pages a
+// share a step (BatcherOptions::max_import_bytes_per_step): the running
+// sequence keeps getting a token every step meanwhile, and both get the
+// tokens of one worker. A request cancelled half-loaded leaves nothing.
+TEST(DisaggregatedKvTest, AnImportLoadsAShareAStepWhileOthersDecode) {
+  Worker p(0), d(64), alone(0);
+  const int page = d.manager->layout().page_size();
+  engine::BatcherOptions options;
+  options.max_import_bytes_per_step = 2 * d.manager->layout().record_bytes();
+  d.batcher = std::make_unique<engine::Batcher>(d.model.get(), nullptr, options, d.manager.get());
+  const engine::GenerationRequest running = Request(1, 20, 60);
+  const engine::GenerationRequest imported = Request(2, 150, 12);
+  ASSERT_TRUE(alone.batcher->Add(running).ok());
+  const std::vector<int32_t> running_alone = Tokens(alone.RunToEnd());
+  ASSERT_TRUE(alone.batcher->Add(imported).ok());
+  const std::vector<int32_t> imported_alone = Tokens(alone.RunToEnd());
+
+  ASSERT_TRUE(d.batcher->Add(running).ok());
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  auto step = [&] {
+    auto out = d.batcher->Step();
+    EXPECT_TRUE(out.ok()) << out.status();
+    std::set<uint64_t> got;
+    if (out.ok()) {
+      for (const engine::TokenEvent& e : *out) {
+        if (e.token_id >= 0) tokens[e.request_id].push_back(e.token_id);
+        if (e.token_id >= 0) got.insert(e.request_id);
+      }
+    }
+    return got;
+  };
+  for (int i = 0; i < 4; ++i) step();  // the running sequence decodes
+  const int pages = (150 + page - 1) / page;
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(10, pages, absl::Now() + absl::Hours(1)).ok());
+  const engine::TokenEvent first = Prefill(p, imported, 7);
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, 10));
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(imported, first, 10)).ok());
+  int loading_steps = 0;
+  while (d.manager->stats().kv_imports == 0) {
+    ASSERT_LT(loading_steps, 100);
+    const std::set<uint64_t> got = step();
+    EXPECT_TRUE(got.contains(1)) << "the running sequence got no token in step " << loading_steps;
+    ++loading_steps;
+  }
+  EXPECT_GE(loading_steps, pages / 2 - 1) << "two pages a step";
+  while (d.batcher->HasWork()) step();
+  EXPECT_EQ(tokens[1], running_alone);
+  EXPECT_EQ(tokens[2], imported_alone);
+
+  // Cancelled half-loaded: its pages and records go back.
+  ASSERT_TRUE(d.batcher->Add(running).ok());
+  for (int i = 0; i < 2; ++i) step();
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(11, pages, absl::Now() + absl::Hours(1)).ok());
+  engine::GenerationRequest again = imported;
+  again.id = 3;
+  const engine::TokenEvent first_again = Prefill(p, again, 8);
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, 11));
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(again, first_again, 11)).ok());
+  step();
+  step();
+  EXPECT_EQ(d.manager->stats().kv_imports, 1) << "still loading";
+  d.batcher->Cancel(3);
+  while (d.batcher->HasWork()) step();
+  ExpectNothingLeft(p);
+  ExpectNothingLeft(d);
+}
+
 // Pages coded on the wire (the profile's codec): a fraction of the raw
 // bytes, decoded into the decode worker's pages; requests complete with
 // nothing left behind. (Greedy tokens may differ from one worker's: the
@@ -619,7 +687,7 @@ TEST(DisaggregatedKvTest, CodedPagesDecodeIntoTheRowsTheyCameFrom) {
   Prefill(coded_p, r, 2);
   ASSERT_NO_FATAL_FAILURE(Send(coded_p, d, 5));
   engine::SequencePages loaded;
-  absl::StatusOr<bool> done = d.manager->LoadImported(5, r.prompt, loaded);
+  absl::StatusOr<bool> done = d.manager->LoadImported(5, r.prompt, loaded, /*max_bytes=*/0);
   ASSERT_TRUE(done.ok()) << done.status();
   ASSERT_TRUE(*done);
   ASSERT_EQ(static_cast<int>(loaded.lower.size()), pages);
