@@ -12,7 +12,8 @@
 # 16384-token prompts and 16 out, shuffled), for the inter-token latency
 # of the short ones while long prompts arrive.
 # Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
-# LOG_LEVEL sets the processes' log level (default info). PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
+# LOG_LEVEL sets the processes' log level (default info); IMPORT_BYTES the
+# decode worker's --kv-import-bytes-per-step. PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
 # CHUNKS the prefill worker's --max-batch-tokens values to try (default
 # 2048: a prompt's KV leaves in parts as its chunks complete); CODECS the
 # profile codecs the KV crosses in (default "bf16 int8": raw pages, and
@@ -124,7 +125,7 @@ start "prefill-$codec-$chunk.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill
 prefill=$address
 prefill_metrics=$metrics
 start "decode-$codec-$chunk.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
-  "${profile[@]}" --kv-landing-bytes "$host"
+  "${profile[@]}" --kv-landing-bytes "$host" ${IMPORT_BYTES:+--kv-import-bytes-per-step "$IMPORT_BYTES"}
 decode=$address
 decode_metrics=$metrics
 start "router-$codec-$chunk.log" -- router --dummy-weights llama-3-8b --max-context "$context" \

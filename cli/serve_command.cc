@@ -224,6 +224,12 @@ void AddWorkerCommands(CLI::App& app, ServeFlags& p, ServeFlags& d, int& exit_co
                    "Host bytes KV sent by prefill workers lands in")
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 42));
   decode
+      ->add_option("--kv-import-bytes-per-step", d.kv_import_bytes_per_step,
+                   "Bytes of a prompt's KV from a prefill worker loaded into the cache a step "
+                   "while other sequences decode, so their next token is not held up "
+                   "(0: all at once)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 42));
+  decode
       ->add_option("--prefill-timeout-seconds", d.prefill_timeout_seconds,
                    "Deadline of a prefill worker's call; past it the prompt is computed here")
       ->check(CLI::Range(0.1, 3600.0));
@@ -412,6 +418,7 @@ int RunServe(const ServeFlags& f) {
   // (its gpu_bytes over the profiles' together), so that one workload's
   // burst cannot take the pages of another.
   engine::BatcherOptions batcher_options;
+  batcher_options.max_import_bytes_per_step = f.kv_import_bytes_per_step;
   int64_t gpu_shares = 0;
   for (const kvtier::KvProfile& p : profiles) gpu_shares += p.tiers.gpu_bytes;
   for (const kvtier::KvProfile& p : profiles) {

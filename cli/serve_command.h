@@ -54,9 +54,12 @@ struct ServeFlags {
   std::string advertise;  // host:port peers reach the Worker service at ("": host:port)
   double heartbeat_seconds = 0.5;
   int64_t kv_landing_bytes = int64_t{1} << 30;  // decode: host bytes KV lands in
-  int64_t kv_export_bytes = int64_t{1} << 30;   // prefill: host bytes exports wait in
-  double prefill_timeout_seconds = 60;          // decode: a prefill call's deadline
-  double kv_lease_seconds = 30;                 // decode: a reservation's lease
+  // decode: bytes of an imported prompt's KV loaded a step while others
+  // decode (engine::BatcherOptions::max_import_bytes_per_step; 0: at once)
+  int64_t kv_import_bytes_per_step = int64_t{256} << 20;
+  int64_t kv_export_bytes = int64_t{1} << 30;  // prefill: host bytes exports wait in
+  double prefill_timeout_seconds = 60;         // decode: a prefill call's deadline
+  double kv_lease_seconds = 30;                // decode: a reservation's lease
 };
 
 void AddServeCommand(CLI::App& app, ServeFlags& flags, int& exit_code);
