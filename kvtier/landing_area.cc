@@ -115,7 +115,8 @@ absl::StatusOr<std::span<std::byte>> LandingArea::PlaceState(uint64_t id, uint32
     return absl::InvalidArgumentError(
         absl::StrCat("KV transfer ", id, ": planner state value ", index, " of ", count));
   }
-  const int64_t budget = static_cast<int64_t>(t.blocks.size()) * record_bytes_ / 8;
+  // Bounded by the KV it comes with (a clustering is a few percent of it).
+  const int64_t budget = static_cast<int64_t>(t.blocks.size()) * record_bytes_;
   if (bytes == 0 || t.value_bytes + static_cast<int64_t>(bytes) > budget) {
     return absl::InvalidArgumentError(absl::StrCat(
         "KV transfer ", id, ": planner state of ", t.value_bytes + static_cast<int64_t>(bytes),

@@ -15,7 +15,7 @@
 //   PlaceState / StateLanded     per planner-state value (what the prefill
 //                                worker's KV policy computed on the prompt),
 //                                in heap memory the transfer owns, at most
-//                                an eighth of its records' bytes in all
+//                                as many bytes as its records in all
 //   Take(id)                     by the block manager: every block and state
 //                                value landed; the records are the caller's
 //                                until Free
