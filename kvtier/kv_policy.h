@@ -82,6 +82,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/thread_pool.h"
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
 #include "engine/kv_memory.h"
@@ -627,6 +628,10 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   };
   std::optional<KeepingRead> keeping_;
   engine::HostBuffer keep_staging_;
+  // Packs read-back clusterings into values (FinishKeeping), made on first
+  // use.
+  static constexpr int kPackThreads = 8;
+  std::unique_ptr<ThreadPool> pack_pool_;
   // The host regions of released sequences whose clusters' write to the
   // SSD outlived ClusterSpill's forget_timeout: freed when it returns.
   absl::flat_hash_map<int64_t, std::vector<KvBlockManager::HostRegion>> orphaned_regions_;
