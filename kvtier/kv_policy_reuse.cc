@@ -157,6 +157,18 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   e.reuse.assign(e.work.size(), nullptr);
   e.keep.assign(e.work.size(), std::nullopt);
   e.kept_offsets.assign(e.work.size(), -1);
+  // The shape a work item's clustering has (what a value must hold).
+  auto wanted = [&](const SummaryWork& w) {
+    StoredClustering want;
+    want.begin = w.begin;
+    want.count = w.count;
+    want.clusters = w.clusters;
+    want.layers = layers;
+    want.heads = heads;
+    want.head_dim = d;
+    want.centroid_dtype = centroids_[config.full_layers].dtype();
+    return want;
+  };
   if (!prompt.imported.empty()) {
     // Computed by the prefill worker on the KV it sent: each work item
     // takes the value for its very chunk, if one came and it checks out.
@@ -164,14 +176,7 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
     for (size_t wi = 0; wi < e.work.size(); ++wi) {
       const SummaryWork& w = e.work[wi];
       if (w.kind != SummaryWork::kCluster) continue;
-      StoredClustering want;
-      want.begin = w.begin;
-      want.count = w.count;
-      want.clusters = w.clusters;
-      want.layers = layers;
-      want.heads = heads;
-      want.head_dim = d;
-      want.centroid_dtype = centroids_[config.full_layers].dtype();
+      const StoredClustering want = wanted(w);
       for (const std::vector<uint8_t>& value : prompt.imported) {
         int32_t chunk[3];  // header words 2..4: begin, count, clusters
         if (value.size() < 5 * sizeof(int32_t)) continue;
@@ -217,14 +222,7 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
         "+", w.count, " in ", w.clusters, "/heads ", heads, "/d ", d);
     const std::vector<PrefixKey> key = PrefixChain(space, words, static_cast<int>(words.size()));
     if (key.empty()) continue;  // OpenSSL could not hash: neither reused nor kept
-    StoredClustering want;
-    want.begin = w.begin;
-    want.count = w.count;
-    want.clusters = w.clusters;
-    want.layers = layers;
-    want.heads = heads;
-    want.head_dim = d;
-    want.centroid_dtype = centroids_[config.full_layers].dtype();
+    const StoredClustering want = wanted(w);
     if (std::optional<std::vector<uint8_t>> value = options_.clusterings->Take(key[0])) {
       absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
           ParseClustering(*value, want);

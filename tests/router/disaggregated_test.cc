@@ -33,6 +33,23 @@ const std::vector<std::string> kPrefillArgs = {"--kv-export-bytes",  "16777216",
                                                "--max-batch-tokens", "256"};
 const std::vector<std::string> kDecodeArgs = {"--kv-landing-bytes", "16777216", "--max-seqs", "8"};
 
+// A profile file in the test's temporary directory; its path.
+std::string WriteProfile(const std::string& name, const std::string& yaml) {
+  const std::string path = ::testing::TempDir() + name;
+  FILE* f = fopen(path.c_str(), "w");
+  EXPECT_NE(f, nullptr) << path;
+  if (f != nullptr) {
+    fputs(yaml.c_str(), f);
+    fclose(f);
+  }
+  return path;
+}
+
+std::vector<std::string> WithProfile(std::vector<std::string> args, const std::string& profile) {
+  args.insert(args.end(), {"--profile", profile});
+  return args;
+}
+
 struct Completion {
   std::vector<int32_t> tokens;
   std::vector<float> logprobs;
@@ -122,18 +139,9 @@ TEST_P(DisaggregatedTest, APromptPrefilledElsewhereDecodesToTheSameTokens) {
 TEST(DisaggregatedRoutingTest, APromptsKvCrossesInItsProfilesCodec) {
   // The profile's codec is the wire's: int8 pages, decoded on the decode
   // worker; the bytes on the wire are a fraction of the raw KV's.
-  const std::string profile = ::testing::TempDir() + "disagg_int8_profile.yaml";
-  {
-    FILE* f = fopen(profile.c_str(), "w");
-    ASSERT_NE(f, nullptr);
-    fputs("name: wire\ncodec: int8\n", f);
-    fclose(f);
-  }
-  std::vector<std::string> prefill_args = kPrefillArgs, decode_args = kDecodeArgs;
-  for (auto* args : {&prefill_args, &decode_args})
-    args->insert(args->end(), {"--profile", profile});
-  ServerProcess prefill(prefill_args, "prefill");
-  ServerProcess decode(decode_args, "decode");
+  const std::string profile = WriteProfile("disagg_int8_profile.yaml", "name: wire\ncodec: int8\n");
+  ServerProcess prefill(WithProfile(kPrefillArgs, profile), "prefill");
+  ServerProcess decode(WithProfile(kDecodeArgs, profile), "decode");
   v1::GenerateRequest r = Request(300, 16, 21);
   r.set_profile("wire");
   const Completion here = Generate(decode.stub(), r);
@@ -497,21 +505,12 @@ TEST(DisaggregatedRoutingTest, AClusterKvPromptIsClusteredOnThePrefillWorker) {
   // The prefill worker runs the prompt's k-means and sends the clusterings
   // after the pages; the decode worker redoes them instead of clustering,
   // with the tokens of a worker that does everything itself.
-  const std::string profile = ::testing::TempDir() + "disagg_clusterkv_profile.yaml";
-  {
-    FILE* f = fopen(profile.c_str(), "w");
-    ASSERT_NE(f, nullptr);
-    fputs(
-        "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
-        "window_tokens: 16, tokens_per_cluster: 16, cluster_chunk_tokens: 96, full_layers: 1}\n",
-        f);
-    fclose(f);
-  }
-  std::vector<std::string> prefill_args = kPrefillArgs, decode_args = kDecodeArgs;
-  for (auto* args : {&prefill_args, &decode_args})
-    args->insert(args->end(), {"--profile", profile});
-  ServerProcess prefill(prefill_args, "prefill");
-  ServerProcess decode(decode_args, "decode");
+  const std::string profile = WriteProfile(
+      "disagg_clusterkv_profile.yaml",
+      "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
+      "window_tokens: 16, tokens_per_cluster: 16, cluster_chunk_tokens: 96, full_layers: 1}\n");
+  ServerProcess prefill(WithProfile(kPrefillArgs, profile), "prefill");
+  ServerProcess decode(WithProfile(kDecodeArgs, profile), "decode");
   v1::GenerateRequest r = Request(300, 12, 5);
   r.set_profile("sparse");
   const Completion here = Generate(decode.stub(), r);
