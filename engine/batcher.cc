@@ -589,7 +589,12 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       seq.prefix_asked = true;
     }
     const int remaining = static_cast<int>(seq.tokens.size()) - seq.num_computed;
-    const int chunk = std::min(remaining, prefill_budget);
+    int chunk = std::min(remaining, prefill_budget);
+    // Nor is a prompt's last token left alone for the next step: a
+    // one-token chunk would look like a decode step to a sparse KV policy,
+    // which would organise the prompt (ClusterKV reorders it) before the
+    // prompt is complete.
+    if (remaining - chunk == 1 && chunk > 1) --chunk;
     // At its workload's cap: it waits, and other workloads' prompts go on.
     if (OverCap(seq, seq.num_computed + chunk)) continue;
     if (!EnsurePages(seq, seq.num_computed + chunk) &&

@@ -492,7 +492,7 @@ TEST(DisaggregatedKvTest, ClusterKvPromptsAreClusteredOnThePrefillWorker) {
   const int page = d.manager->layout().page_size();
   const int sparse_layers = p.model->config().num_layers - c.full_layers;
   int64_t exported = 0;
-  for (int prompt_len : {8, 61, 150}) {
+  for (int prompt_len : {8, 61, 97, 150}) {
     SCOPED_TRACE(prompt_len);
     const engine::GenerationRequest r = Request(prompt_len, prompt_len, 24);
     const int64_t alone_before = alone.runner->stats().clusterings;
