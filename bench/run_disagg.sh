@@ -7,8 +7,8 @@
 # first token and decode speed, and from the decode worker's metrics the
 # prompt's compute time on the prefill worker, its KV transfer time (first
 # token sampled -> every block landed) and bytes on the wire. With MIXED=1,
-# then a mixed load through each (`strata bench serve`, 6 streams of 48
-# requests: 40 short, 1024-token prompts and 128 tokens out, and 8 long,
+# then a mixed load through each (`strata bench serve`, 6 streams of 32
+# requests: 26 short, 1024-token prompts and 96 tokens out, and 6 long,
 # 16384-token prompts and 16 out, shuffled), for the inter-token latency
 # of the short ones while long prompts arrive.
 # Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
@@ -81,7 +81,7 @@ mixed() {  # mixed SERVER NAME: the mixed load through SERVER, its summary lines
   python3 - "$tmp/mixed.jsonl" <<'PY'
 import json, random, sys
 r = random.Random(7)
-reqs = [(1024, 128)] * 40 + [(16384, 16)] * 8
+reqs = [(1024, 96)] * 26 + [(16384, 16)] * 6
 r.shuffle(reqs)
 with open(sys.argv[1], "w") as f:
     for n, out in reqs:
@@ -89,7 +89,7 @@ with open(sys.argv[1], "w") as f:
                             "max_tokens": out}) + "\n")
 PY
   "$strata" bench serve --server "$1" --dataset "$tmp/mixed.jsonl" --ignore-eos --concurrency 6 \
-    --num-requests 48 --temperature 0 --quiet --json "$out/mixed-$2.json" >"$out/mixed-$2.txt" 2>&1 ||
+    --num-requests 32 --temperature 0 --quiet --json "$out/mixed-$2.json" >"$out/mixed-$2.txt" 2>&1 ||
     { tail -5 "$out/mixed-$2.txt"; return 0; }
   echo "mixed $2:"; grep -E "TTFT|ITL|throughput|requests" "$out/mixed-$2.txt" | head -8
 }
