@@ -91,7 +91,7 @@ PY
   "$strata" bench serve --server "$1" --dataset "$tmp/mixed.jsonl" --ignore-eos --concurrency 6 \
     --num-requests 32 --temperature 0 --quiet --json "$out/mixed-$2.json" >"$out/mixed-$2.txt" 2>&1 ||
     { tail -5 "$out/mixed-$2.txt"; return 0; }
-  echo "mixed $2:"; grep -E "TTFT|ITL|throughput|requests" "$out/mixed-$2.txt" | head -8
+  echo "mixed $2:"; grep -E "latency|TTFT|ITL|throughput|completed|failed" "$out/mixed-$2.txt" | head -9
 }
 ask() {  # ask SERVER LENGTH SEED [PROFILE]: one request, its JSON summary
   python3 -c "import random; r=random.Random($3); print(','.join(str(r.randrange(1000, 120000)) for _ in range($2)))" >"$tmp/prompt.txt"
