@@ -93,12 +93,21 @@ PY
     { tail -5 "$out/mixed-$2.txt"; return 0; }
   echo "mixed $2:"; grep -E "latency|TTFT|ITL|throughput|completed|failed" "$out/mixed-$2.txt" | head -9
 }
-ask() {  # ask SERVER LENGTH SEED [PROFILE]: one request, its JSON summary
+ask() {  # ask SERVER LENGTH SEED [PROFILE]: one request, its JSON summary (tokens: $tmp/last.jsonl)
   python3 -c "import random; r=random.Random($3); print(','.join(str(r.randrange(1000, 120000)) for _ in range($2)))" >"$tmp/prompt.txt"
   local named=()
   [[ -n "${4:-}" ]] && named=(--server-profile "$4")
   "$strata" generate --server "$1" --prompt-ids "@$tmp/prompt.txt" --max-tokens 64 \
-    --ignore-eos --temperature 0 --json --timeout 600 "${named[@]}" | tail -1
+    --ignore-eos --temperature 0 --json --timeout 600 "${named[@]}" >"$tmp/last.jsonl"
+  tail -1 "$tmp/last.jsonl"
+}
+same_tokens() {  # same_tokens FILE: whether the last request's tokens are FILE's
+  python3 - "$1" "$tmp/last.jsonl" <<'PY'
+import json, sys
+ids = [[json.loads(l)["token_id"] for l in open(f) if '"token_id"' in l] for f in sys.argv[1:]]
+same = sum(a == b for a, b in zip(*ids))
+print(f"tokens equal to serve's: {same} of {len(ids[0])}" + (" (all)" if ids[0] == ids[1] else ""))
+PY
 }
 stop_all() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
@@ -108,10 +117,16 @@ stop_all() {
 
 echo "== strata serve (one process)"
 printf 'name: wire\n%s\n' "$policy_yaml" >"$tmp/serve.yaml"
-start serve.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- serve "${common[@]}" --profile "$tmp/serve.yaml"
+# Prefill chunks as the prefill worker's first setting, so that greedy
+# tokens compare (same chunks, same rounding).
+start serve.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- serve "${common[@]}" --profile "$tmp/serve.yaml" \
+  --max-batch-tokens "${chunks%% *}"
 serve=$address
 ask "$serve" 1024 1 wire >/dev/null  # warm-up
-for p in $prompts; do echo "serve $p $(ask "$serve" "$p" "$p" wire)"; done
+for p in $prompts; do
+  echo "serve $p $(ask "$serve" "$p" "$p" wire)"
+  cp "$tmp/last.jsonl" "$tmp/serve-$p.jsonl"
+done
 mixed "$serve" serve
 stop_all
 
@@ -160,6 +175,7 @@ print(f"disagg codec={codec} chunk={chunk} {p} ttft_ms={summary['time_to_first_t
       f"wire_GB={wire / 1e9:.3f} raw_bf16_GB={raw / 1e9:.3f} "
       f"wire_GB_per_s={wire / transfer / 1e9 if transfer else 0:.2f}")
 PY
+  same_tokens "$tmp/serve-$p.jsonl"
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
 mixed "$router" "disagg-$codec-$chunk"
