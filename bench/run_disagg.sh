@@ -11,17 +11,24 @@
 # requests: 26 short, 1024-token prompts and 96 tokens out, and 6 long,
 # 16384-token prompts and 16 out, shuffled), for the inter-token latency
 # of the short ones while long prompts arrive.
-# Runs from a bundle made by tools/gpu-bundle.sh; logs go to $1.
-# LOG_LEVEL sets the processes' log level (default info); IMPORT_BYTES the
-# decode worker's --kv-import-bytes-per-step. PREFILL_GPU / DECODE_GPU pick the workers' devices (default 0 and 0);
-# CHUNKS the prefill worker's --max-batch-tokens values to try (default
-# 2048: a prompt's KV leaves in parts as its chunks complete); CODECS the
-# profile codecs the KV crosses in (default "bf16 int8": raw pages, and
-# int8 blocks coded and decoded on the GPUs). POLICY=clusterkv gives both
-# setups the long-document ClusterKV policy (whole-prompt clustering): the
-# prefill worker then clusters the prompt and sends the clusterings, and
-# the decode worker's first step (second_token_ms) redoes them instead of
-# running the k-means; serve clusters at its first decode step.
+# Each disaggregated request's greedy tokens are compared with serve's
+# (which prefills in the same chunks). Runs from a bundle made by
+# tools/gpu-bundle.sh; logs go to $1.
+#   CHUNKS        the prefill worker's --max-batch-tokens values to try
+#                 (default 2048: a prompt's KV leaves in parts as its
+#                 chunks complete)
+#   CODECS        the profile codecs the KV crosses in (default "bf16
+#                 int8": raw pages, and int8 blocks coded and decoded on
+#                 the GPUs)
+#   POLICY        clusterkv: both setups get the long-document ClusterKV
+#                 policy (whole-prompt clustering); the prefill worker then
+#                 clusters the prompt and sends the clusterings, and the
+#                 decode worker's first step (second_token_ms) redoes them
+#                 instead of running the k-means; serve clusters at its
+#                 first decode step
+#   IMPORT_BYTES  the decode worker's --kv-import-bytes-per-step
+#   LOG_LEVEL     the processes' log level (default info)
+#   PREFILL_GPU, DECODE_GPU  the workers' devices (default 0 and 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-gpu-out}
