@@ -590,7 +590,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     }
     const int remaining = static_cast<int>(seq.tokens.size()) - seq.num_computed;
     int chunk = std::min(remaining, prefill_budget);
-    // Nor is a prompt's last token left alone for the next step: a
+    // A prompt's last token is never left alone for the next step: a
     // one-token chunk would look like a decode step to a sparse KV policy,
     // which would organise the prompt (ClusterKV reorders it) before the
     // prompt is complete.
