@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/crc32c.h"
+#include "common/status_macros.h"
 
 namespace strata::kvtier {
 
@@ -40,16 +41,21 @@ absl::Status LandingArea::Reserve(uint64_t id, int blocks, absl::Time lease_end)
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::span<std::byte>> LandingArea::Place(uint64_t id, uint32_t index, uint32_t count,
-                                                        size_t bytes, engine::KvCodecKind codec,
-                                                        int tokens) {
-  absl::MutexLock lock(&mu_);
+absl::StatusOr<LandingArea::Transfer*> LandingArea::HeldLocked(uint64_t id) {
   auto it = transfers_.find(id);
   if (it == transfers_.end() || it->second.dropped) {
     return absl::NotFoundError(
         absl::StrCat("KV transfer ", id, " is not reserved here (or its lease ended)"));
   }
-  Transfer& t = it->second;
+  return &it->second;
+}
+
+absl::StatusOr<std::span<std::byte>> LandingArea::Place(uint64_t id, uint32_t index, uint32_t count,
+                                                        size_t bytes, engine::KvCodecKind codec,
+                                                        int tokens) {
+  absl::MutexLock lock(&mu_);
+  STRATA_ASSIGN_OR_RETURN(Transfer * held, HeldLocked(id));
+  Transfer& t = *held;
   if (count != t.blocks.size()) {
     return absl::InvalidArgumentError(absl::StrCat("KV transfer ", id, ": sent as ", count,
                                                    " blocks, reserved for ", t.blocks.size()));
@@ -104,12 +110,8 @@ void LandingArea::Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::
 absl::StatusOr<std::span<std::byte>> LandingArea::PlaceState(uint64_t id, uint32_t index,
                                                              uint32_t count, size_t bytes) {
   absl::MutexLock lock(&mu_);
-  auto it = transfers_.find(id);
-  if (it == transfers_.end() || it->second.dropped) {
-    return absl::NotFoundError(
-        absl::StrCat("KV transfer ", id, " is not reserved here (or its lease ended)"));
-  }
-  Transfer& t = it->second;
+  STRATA_ASSIGN_OR_RETURN(Transfer * held, HeldLocked(id));
+  Transfer& t = *held;
   if (count == 0 || count > kMaxStateValues || index >= count ||
       (!t.values.empty() && count != t.values.size())) {
     return absl::InvalidArgumentError(

@@ -121,6 +121,9 @@ class LandingArea {
     absl::Time lease_end;
     bool dropped = false;  // waiting for blocks being written
   };
+  // A transfer that is reserved and not dropped (NotFound otherwise), for
+  // a block or value to be placed in.
+  absl::StatusOr<Transfer*> HeldLocked(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees the records of a dropped transfer that nothing writes, and
   // forgets it once none is written.
   void DropLocked(absl::flat_hash_map<uint64_t, Transfer>::iterator it)

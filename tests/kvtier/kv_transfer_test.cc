@@ -458,11 +458,8 @@ void ExpectSameTokensAsOneWorker(const KvPolicyConfig* policy) {
   ExpectNothingLeft(d);
 }
 
-TEST(DisaggregatedKvTest, DecodingImportedKvGivesTheTokensOfOneWorker) {
-  ExpectSameTokensAsOneWorker(nullptr);
-}
-
-TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
+// ClusterKV for the tiny model's short prompts.
+KvPolicyConfig SmallClusterKv() {
   KvPolicyConfig c;
   c.type = "clusterkv";
   c.budget_tokens = 24;
@@ -470,6 +467,15 @@ TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
   c.window_tokens = 16;
   c.tokens_per_cluster = 8;
   c.full_layers = 0;
+  return c;
+}
+
+TEST(DisaggregatedKvTest, DecodingImportedKvGivesTheTokensOfOneWorker) {
+  ExpectSameTokensAsOneWorker(nullptr);
+}
+
+TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
+  const KvPolicyConfig c = SmallClusterKv();
   ExpectSameTokensAsOneWorker(&c);
 }
 
@@ -480,12 +486,7 @@ TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
 // one worker doing everything. A clustering corrupted on the way fails its
 // request alone, with nothing left behind.
 TEST(DisaggregatedKvTest, ClusterKvPromptsAreClusteredOnThePrefillWorker) {
-  KvPolicyConfig c;
-  c.type = "clusterkv";
-  c.budget_tokens = 24;
-  c.sink_tokens = 4;
-  c.window_tokens = 16;
-  c.tokens_per_cluster = 8;
+  KvPolicyConfig c = SmallClusterKv();
   c.cluster_chunk_tokens = 32;
   c.full_layers = 1;
   Worker p(0, &c, engine::KvCodecKind::kBf16, /*export_clusterings=*/true), d(64, &c), alone(0, &c);
