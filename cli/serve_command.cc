@@ -368,7 +368,8 @@ int RunServe(const ServeFlags& f) {
         {.max_sparse_seqs = max_sparse,
          .tier = *tier,
          .clusterings = clusterings.get(),
-         .exports = prefill_worker && f.tensor_parallel == 1 ? kv_manager->get() : nullptr});
+         .exports = prefill_worker && f.tensor_parallel == 1 ? kv_manager->get() : nullptr,
+         .imports = decode_worker});
     if (!installed.ok()) return Fail(installed.status());
     kv_policies = std::move(*installed);
   }

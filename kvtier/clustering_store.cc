@@ -52,12 +52,13 @@ ClusteringStore::Stats ClusteringStore::stats() const {
   return stats_;
 }
 
-int ClusteringStore::FlipBitsForTesting(size_t offset) {
+int ClusteringStore::FlipBitsForTesting(size_t offset, bool keep_crc) {
   absl::MutexLock lock(&mu_);
   int flipped = 0;
   for (auto& [key, entry] : entries_) {
     if (offset >= entry.value.size()) continue;
     entry.value[offset] ^= 0x10;
+    if (keep_crc) entry.crc = MaskCrc(Crc32c(entry.value.data(), entry.value.size()));
     ++flipped;
   }
   return flipped;

@@ -61,8 +61,9 @@ class ClusteringStore {
   Stats stats() const;
 
   // Tests: flips one bit of byte `offset` of every stored value that has
-  // one; returns how many.
-  int FlipBitsForTesting(size_t offset);
+  // one; returns how many. With `keep_crc`, the CRC is taken again after
+  // (a value wrong in content that its CRC does not catch).
+  int FlipBitsForTesting(size_t offset, bool keep_crc = false);
 
  private:
   struct Entry {

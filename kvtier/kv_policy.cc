@@ -379,6 +379,17 @@ absl::Status KvPolicyRunner::Allocate() {
       STRATA_RETURN_IF_ERROR(b.Fill(guess_stats_, 0));
     }
   }
+  if (any_clusterkv_) {
+    // Pinned now rather than in the first request that reuses, keeps or
+    // exports a prompt's clusterings (kv_policy_reuse.cc).
+    const bool exports = options_.exports != nullptr && model_->shard().size == 1;
+    if (options_.clusterings != nullptr || options_.imports) {
+      STRATA_RETURN_IF_ERROR(ReserveStaging(reuse_staging_, OneSequenceStagingBytes()));
+    }
+    if (options_.clusterings != nullptr || exports) {
+      STRATA_RETURN_IF_ERROR(ReserveStaging(keep_staging_, OneSequenceStagingBytes()));
+    }
+  }
   return b.Synchronize();
 }
 

@@ -100,17 +100,20 @@ enum class PolicyKind { kFull, kStreaming, kQuest, kClusterKv };
 absl::StatusOr<PolicyKind> ParsePolicyKind(std::string_view type);
 std::string_view PolicyKindName(PolicyKind kind);
 
-// A prompt chunk's clustering as ClusteringStore keeps it, parsed and
-// checked (kv_policy_reuse.cc): per sparse layer of its policy, per KV
-// head, the reorder (count entries, a permutation), the centroids (clusters
-// x head_dim, in the policy pools' dtype) and the cluster sizes (clusters,
-// summing to count).
+// A prompt chunk's clustering as ClusteringStore keeps it, checked
+// (kv_policy_reuse.cc): per sparse layer of its policy, per KV head, the
+// reorder (count int32, a permutation), the centroids (clusters x head_dim,
+// in the policy pools' dtype) and the cluster sizes (clusters int32,
+// summing to count). Read in place from the value that carried it (tens of
+// megabytes for a long prompt: not copied); copy the bytes out.
 struct StoredClustering {
   int begin = 0, count = 0, clusters = 0, layers = 0, heads = 0, head_dim = 0;
   engine::DType centroid_dtype = engine::DType::kF32;
-  std::vector<int32_t> order;      // [layers, heads, count]
-  std::vector<uint8_t> centroids;  // [layers, heads, clusters, head_dim] elements
-  std::vector<int32_t> sizes;      // [layers, heads, clusters]
+  std::vector<uint8_t> value;
+
+  const uint8_t* Order(int64_t layer, int64_t head) const;
+  const uint8_t* Centroids(int64_t layer, int64_t head) const;
+  const uint8_t* Sizes(int64_t layer, int64_t head) const;
 };
 
 // A sparse sequence's bookkeeping (the same for every layer).
@@ -229,6 +232,11 @@ struct KvPolicyRunnerOptions {
   // prompts are computed here and handed to it (see the file comment);
   // null: none are.
   engine::KvMemory* exports = nullptr;
+  // A decode worker: clusterings come with imported KV (NoteImportedState).
+  // Like `clusterings` and `exports`, makes the runner allocate its pinned
+  // staging for one sequence of the model's context at start, not in the
+  // first request that needs it (pinning 100 MB takes tens of ms).
+  bool imports = false;
 };
 
 // Called after a layer's plan is selected, before its attention (evaluation
@@ -628,10 +636,18 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   };
   std::optional<KeepingRead> keeping_;
   engine::HostBuffer keep_staging_;
-  // Packs read-back clusterings into values (FinishKeeping), made on first
-  // use.
+  // Packs read-back clusterings into values (FinishKeeping), checks those
+  // received and stages them for reuse, made on first use.
   static constexpr int kPackThreads = 8;
   std::unique_ptr<ThreadPool> pack_pool_;
+  ThreadPool& PackPool();
+  // Makes `buffer` hold at least `bytes` (pinned), growing it at least
+  // twofold so that a run of longer prompts pins rarely.
+  absl::Status ReserveStaging(engine::HostBuffer& buffer, int64_t bytes);
+  // The staging one sequence of the model's context needs: reading back
+  // (keep_staging_) or reusing (reuse_staging_) its clusterings. Its
+  // orders, and every sparse layer's centroid and extent rows of a slot.
+  int64_t OneSequenceStagingBytes() const;
   // The host regions of released sequences whose clusters' write to the
   // SSD outlived ClusterSpill's forget_timeout: freed when it returns.
   absl::flat_hash_map<int64_t, std::vector<KvBlockManager::HostRegion>> orphaned_regions_;

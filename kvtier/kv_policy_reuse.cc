@@ -54,10 +54,19 @@ int64_t ValueBytes(int64_t count, int64_t clusters, int64_t layers, int64_t head
          layers * heads * (count * 4 + clusters * d * element + clusters * 4);
 }
 
-// The stored clustering in `value` for `want`'s shape, checked: every
-// head's order a permutation of [0, count), its sizes summing to count.
+// The bytes of a layer's block in a value of `s`'s shape.
+int64_t LayerBytes(const StoredClustering& s) {
+  const auto element = static_cast<int64_t>(engine::DTypeSize(s.centroid_dtype));
+  return int64_t{s.heads} * (int64_t{s.count} * 4 + int64_t{s.clusters} * s.head_dim * element +
+                             int64_t{s.clusters} * 4);
+}
+
+// `value` as the stored clustering of `want`'s shape, checked: every head's
+// order a permutation of [0, count), its sizes summing to count. The
+// layers are checked in parallel on `pool` (a 32k prompt's value holds
+// 7.8 million order entries).
 absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
-    const std::vector<uint8_t>& value, const StoredClustering& want) {
+    std::vector<uint8_t> value, const StoredClustering& want, ThreadPool& pool) {
   int32_t header[kHeaderWords];
   if (value.size() < sizeof(header)) return absl::DataLossError("shorter than its header");
   std::memcpy(header, value.data(), sizeof(header));
@@ -71,53 +80,98 @@ absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
           absl::StrCat("header word ", i, " is ", header[i], ", expected ", expected[i]));
     }
   }
-  const int64_t n = want.count, c = want.clusters, layers = want.layers, heads = want.heads,
-                d = want.head_dim;
+  const int64_t n = want.count, c = want.clusters, layers = want.layers, heads = want.heads;
   const auto element = static_cast<int64_t>(engine::DTypeSize(want.centroid_dtype));
-  const int64_t bytes = ValueBytes(n, c, layers, heads, d, element);
+  const int64_t bytes = ValueBytes(n, c, layers, heads, want.head_dim, element);
   if (static_cast<int64_t>(value.size()) != bytes) {
     return absl::DataLossError(absl::StrCat(value.size(), " bytes, expected ", bytes));
   }
   auto parsed = std::make_shared<StoredClustering>(want);
-  parsed->order.resize(layers * heads * n);
-  parsed->centroids.resize(layers * heads * c * d * element);
-  parsed->sizes.resize(layers * heads * c);
-  const uint8_t* at = value.data() + sizeof(header);
-  // seen[t] is the (layer, head) that last took t, plus one: no clearing
-  // between heads.
-  std::vector<int32_t> seen(n, 0);
-  for (int64_t l = 0; l < layers; ++l) {
-    std::memcpy(&parsed->order[l * heads * n], at, heads * n * 4);
-    at += heads * n * 4;
-    std::memcpy(&parsed->centroids[l * heads * c * d * element], at, heads * c * d * element);
-    at += heads * c * d * element;
-    std::memcpy(&parsed->sizes[l * heads * c], at, heads * c * 4);
-    at += heads * c * 4;
-    for (int64_t h = 0; h < heads; ++h) {
-      const auto mark = static_cast<int32_t>(l * heads + h + 1);
-      const int32_t* order = &parsed->order[(l * heads + h) * n];
-      for (int64_t i = 0; i < n; ++i) {
-        if (order[i] < 0 || order[i] >= n || std::exchange(seen[order[i]], mark) == mark) {
-          return absl::DataLossError(
-              absl::StrCat("layer ", l, " head ", h, ": the order is not a permutation"));
+  parsed->value = std::move(value);
+  const StoredClustering& s = *parsed;
+  std::vector<std::string> errors(static_cast<size_t>(layers));
+  pool.ParallelFor(layers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> order(n), sizes(c);
+    // seen[t] is the head that last took t, plus one: no clearing between
+    // heads.
+    std::vector<int32_t> seen(n, 0);
+    for (int64_t l = begin; l < end; ++l) {
+      std::fill(seen.begin(), seen.end(), 0);
+      for (int64_t h = 0; h < heads && errors[l].empty(); ++h) {
+        std::memcpy(order.data(), s.Order(l, h), n * 4);
+        const auto mark = static_cast<int32_t>(h + 1);
+        for (int64_t i = 0; i < n; ++i) {
+          if (order[i] < 0 || order[i] >= n || std::exchange(seen[order[i]], mark) == mark) {
+            errors[l] = absl::StrCat("layer ", l, " head ", h, ": the order is not a permutation");
+            break;
+          }
+        }
+        if (!errors[l].empty()) break;
+        std::memcpy(sizes.data(), s.Sizes(l, h), c * 4);
+        int64_t total = 0;
+        for (int64_t j = 0; j < c; ++j) {
+          if (sizes[j] < 0) {
+            errors[l] = absl::StrCat("layer ", l, " head ", h, ": a negative cluster size");
+            break;
+          }
+          total += sizes[j];
+        }
+        if (errors[l].empty() && total != n) {
+          errors[l] = absl::StrCat("layer ", l, " head ", h, ": cluster sizes sum to ", total);
         }
       }
-      int64_t total = 0;
-      for (int64_t j = 0; j < c; ++j) {
-        const int32_t size = parsed->sizes[(l * heads + h) * c + j];
-        if (size < 0) return absl::DataLossError("a negative cluster size");
-        total += size;
-      }
-      if (total != n) {
-        return absl::DataLossError(
-            absl::StrCat("layer ", l, " head ", h, ": cluster sizes sum to ", total));
-      }
     }
+  });
+  for (const std::string& error : errors) {
+    if (!error.empty()) return absl::DataLossError(error);
   }
   return std::shared_ptr<const StoredClustering>(std::move(parsed));
 }
 
 }  // namespace
+
+const uint8_t* StoredClustering::Order(int64_t layer, int64_t head) const {
+  return value.data() + kHeaderWords * 4 + layer * LayerBytes(*this) + head * count * 4;
+}
+
+const uint8_t* StoredClustering::Centroids(int64_t layer, int64_t head) const {
+  const auto element = static_cast<int64_t>(engine::DTypeSize(centroid_dtype));
+  return value.data() + kHeaderWords * 4 + layer * LayerBytes(*this) + int64_t{heads} * count * 4 +
+         head * clusters * head_dim * element;
+}
+
+const uint8_t* StoredClustering::Sizes(int64_t layer, int64_t head) const {
+  const auto element = static_cast<int64_t>(engine::DTypeSize(centroid_dtype));
+  return value.data() + kHeaderWords * 4 + layer * LayerBytes(*this) + int64_t{heads} * count * 4 +
+         int64_t{heads} * clusters * head_dim * element + head * clusters * 4;
+}
+
+ThreadPool& KvPolicyRunner::PackPool() {
+  if (pack_pool_ == nullptr) pack_pool_ = std::make_unique<ThreadPool>(kPackThreads);
+  return *pack_pool_;
+}
+
+absl::Status KvPolicyRunner::ReserveStaging(engine::HostBuffer& buffer, int64_t bytes) {
+  if (buffer.defined() && static_cast<int64_t>(buffer.bytes) >= bytes) return absl::OkStatus();
+  const int64_t grown =
+      std::max(bytes, buffer.defined() ? 2 * static_cast<int64_t>(buffer.bytes) : 0);
+  buffer = engine::HostBuffer();
+  STRATA_ASSIGN_OR_RETURN(buffer, model_->backend().AllocateHost(static_cast<size_t>(grown)));
+  return absl::OkStatus();
+}
+
+int64_t KvPolicyRunner::OneSequenceStagingBytes() const {
+  if (centroids_.empty()) return 0;
+  int full = model_->config().num_layers;
+  for (const auto& p : policies_) {
+    if (p->kind() == PolicyKind::kClusterKv) full = std::min(full, p->config().full_layers);
+  }
+  const int64_t layers = model_->config().num_layers - full;
+  const auto centroid_row = static_cast<int64_t>(centroids_[0].nbytes()) / centroids_[0].dim(0);
+  const auto extent_row = static_cast<int64_t>(extents_[0].nbytes()) / extents_[0].dim(0);
+  return layers * (int64_t{model_->shard().kv_heads} * model_->options().max_context * 4 +
+                   centroid_row + extent_row);
+}
 
 int KvPolicyRunner::SparseLayerIndex(const KvPolicy& policy, int layer) const {
   return layer - policy.config().full_layers;
@@ -143,7 +197,7 @@ void KvPolicyRunner::NoteImportedState(int64_t seq_id, std::vector<std::vector<u
 absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   auto noted = noted_prompts_.find(e.seq_id);
   if (noted == noted_prompts_.end()) return absl::OkStatus();
-  const NotedPrompt prompt = std::move(noted->second);
+  NotedPrompt prompt = std::move(noted->second);
   noted_prompts_.erase(noted);  // its prompt's clusterings are this step's
   const KvPolicyConfig& config = e.policy->config();
   const int layers = model_->config().num_layers - config.full_layers;
@@ -177,13 +231,13 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
       const SummaryWork& w = e.work[wi];
       if (w.kind != SummaryWork::kCluster) continue;
       const StoredClustering want = wanted(w);
-      for (const std::vector<uint8_t>& value : prompt.imported) {
+      for (std::vector<uint8_t>& value : prompt.imported) {
         int32_t chunk[3];  // header words 2..4: begin, count, clusters
         if (value.size() < 5 * sizeof(int32_t)) continue;
         std::memcpy(chunk, value.data() + 2 * sizeof(int32_t), sizeof(chunk));
         if (chunk[0] != w.begin || chunk[1] != w.count) continue;
         absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
-            ParseClustering(value, want);
+            ParseClustering(std::move(value), want, PackPool());
         if (parsed.ok()) {
           e.reuse[wi] = *std::move(parsed);
           stats_.imported_clusterings += layers;
@@ -225,7 +279,7 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
     const StoredClustering want = wanted(w);
     if (std::optional<std::vector<uint8_t>> value = options_.clusterings->Take(key[0])) {
       absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
-          ParseClustering(*value, want);
+          ParseClustering(*std::move(value), want, PackPool());
       if (parsed.ok()) {
         e.reuse[wi] = *std::move(parsed);
         continue;
@@ -285,18 +339,22 @@ absl::Status KvPolicyRunner::StageReuses() {
     staged.push_back(st);
   }
   if (staged.empty()) return absl::OkStatus();
-  if (!reuse_staging_.defined() || static_cast<int64_t>(reuse_staging_.bytes) < bytes) {
-    reuse_staging_ = engine::HostBuffer();
-    STRATA_ASSIGN_OR_RETURN(reuse_staging_, b.AllocateHost(static_cast<size_t>(bytes)));
-  }
+  STRATA_RETURN_IF_ERROR(ReserveStaging(reuse_staging_, bytes));
+  const auto reserved = std::chrono::steady_clock::now();
   std::vector<Tensor> tensors;
   std::vector<engine::RowCopy> rows;
   uint8_t* base = reuse_staging_.data();
+  // Where (entry, sparse layer) pairs are staged; filled in parallel below.
+  struct Fill {
+    const Staged* st;
+    int li;
+    int64_t orders_at, centroids_at, extents_at;
+  };
+  std::vector<Fill> fills;
   for (const Staged& st : staged) {
     const Entry& e = *st.e;
     const int slot = e.fields[engine::kPlanSlot];
-    const engine::DType dtype = centroids_[st.full].dtype();
-    const auto element = static_cast<int64_t>(engine::DTypeSize(dtype));
+    const auto element = static_cast<int64_t>(engine::DTypeSize(centroids_[st.full].dtype()));
     const int64_t centroid_row = heads * max_blocks * d * element;
     const int64_t extent_row = heads * max_blocks * 2 * 4;
     const int64_t orders_at = st.at;
@@ -305,48 +363,58 @@ absl::Status KvPolicyRunner::StageReuses() {
     tensors.push_back(e.reuse_orders);
     const auto orders_tensor = static_cast<int32_t>(tensors.size() - 1);
     for (int li = 0; li < st.layers; ++li) {
-      auto* orders = reinterpret_cast<int32_t*>(base + orders_at + li * st.per_layer * 4);
-      uint8_t* centroids = base + centroids_at + li * centroid_row;
-      auto* extents = reinterpret_cast<int32_t*>(base + extents_at + li * extent_row);
-      // Only the reused clusters' blocks are written: the rest of the row
-      // is never read before the step's own clusterings write it.
+      fills.push_back({&st, li, orders_at + li * st.per_layer * 4, centroids_at + li * centroid_row,
+                       extents_at + li * extent_row});
+      rows.push_back({orders_tensor, li, fills.back().orders_at});
+      tensors.push_back(centroids_[st.full + li]);
+      rows.push_back({static_cast<int32_t>(tensors.size() - 1), slot, fills.back().centroids_at});
+      tensors.push_back(extents_[st.full + li]);
+      rows.push_back({static_cast<int32_t>(tensors.size() - 1), slot, fills.back().extents_at});
+    }
+  }
+  PackPool().ParallelFor(static_cast<int64_t>(fills.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> sizes;
+    for (int64_t f = begin; f < end; ++f) {
+      const Fill& fill = fills[f];
+      const Entry& e = *fill.st->e;
+      const int li = fill.li;
+      auto* orders = reinterpret_cast<int32_t*>(base + fill.orders_at);
+      uint8_t* centroids = base + fill.centroids_at;
+      auto* extents = reinterpret_cast<int32_t*>(base + fill.extents_at);
+      // Only the reused clusters' blocks are written: the rest of the
+      // row is never read before the step's own clusterings write it.
       for (size_t wi = 0; wi < e.work.size(); ++wi) {
         if (e.reuse[wi] == nullptr) continue;
         const StoredClustering& s = *e.reuse[wi];
         const SummaryWork& w = e.work[wi];
         const int64_t n = s.count, c = s.clusters;
+        const auto element = static_cast<int64_t>(engine::DTypeSize(s.centroid_dtype));
+        sizes.resize(static_cast<size_t>(c));
         for (int64_t h = 0; h < heads; ++h) {
-          const int64_t stored = int64_t{li} * heads + h;
           std::memcpy(centroids + (h * max_blocks + w.first_block) * d * element,
-                      &s.centroids[stored * c * d * element], static_cast<size_t>(c * d * element));
+                      s.Centroids(li, h), static_cast<size_t>(c * d * element));
+          std::memcpy(sizes.data(), s.Sizes(li, h), static_cast<size_t>(c * 4));
           int32_t first = w.begin;
           for (int64_t j = 0; j < c; ++j) {
-            const int32_t size = s.sizes[stored * c + j];
             extents[(h * max_blocks + w.first_block + j) * 2] = first;
-            extents[(h * max_blocks + w.first_block + j) * 2 + 1] = size;
-            first += size;
+            extents[(h * max_blocks + w.first_block + j) * 2 + 1] = sizes[j];
+            first += sizes[j];
           }
+          std::memcpy(orders + e.reuse_offsets[wi] + h * n, s.Order(li, h),
+                      static_cast<size_t>(n * 4));
         }
-        std::memcpy(orders + e.reuse_offsets[wi], &s.order[int64_t{li} * heads * n],
-                    static_cast<size_t>(heads * n * 4));
       }
-      rows.push_back({orders_tensor, li, orders_at + li * st.per_layer * 4});
-      tensors.push_back(centroids_[st.full + li]);
-      rows.push_back(
-          {static_cast<int32_t>(tensors.size() - 1), slot, centroids_at + li * centroid_row});
-      tensors.push_back(extents_[st.full + li]);
-      rows.push_back(
-          {static_cast<int32_t>(tensors.size() - 1), slot, extents_at + li * extent_row});
     }
-  }
+  });
   STRATA_ASSIGN_OR_RETURN(reuse_fence_, b.CopyRowsFromHost(reuse_staging_, rows, tensors));
   // The step's compute (the reorders, the scoring) reads what landed.
   STRATA_RETURN_IF_ERROR(b.ComputeAfterFence(reuse_fence_));
   STRATA_LOG_DEBUG(
-      "clusterings of {} sequences staged for reuse in {:.1f} ms ({} bytes up in one copy)",
+      "clusterings of {} sequences staged for reuse in {:.1f} ms ({:.1f} ms pinning staging; {} "
+      "bytes up in one copy)",
       staged.size(),
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count(),
-      bytes);
+      std::chrono::duration<double, std::milli>(reserved - started).count(), bytes);
   return absl::OkStatus();
 }
 
@@ -479,10 +547,7 @@ absl::Status KvPolicyRunner::StartReading(KeepingRead read, int slot, int full) 
   const auto order_bytes = static_cast<int64_t>(read.orders.nbytes());
   const int64_t bytes =
       order_bytes + read.layers * (read.centroid_row_bytes + read.extent_row_bytes);
-  if (!keep_staging_.defined() || static_cast<int64_t>(keep_staging_.bytes) < bytes) {
-    keep_staging_ = engine::HostBuffer();
-    STRATA_ASSIGN_OR_RETURN(keep_staging_, b.AllocateHost(static_cast<size_t>(bytes)));
-  }
+  STRATA_RETURN_IF_ERROR(ReserveStaging(keep_staging_, bytes));
   // Rows: the orders' layers, then each layer's centroid row of the
   // slot, then each layer's extent row.
   std::vector<Tensor> tensors = {read.orders};
@@ -549,9 +614,8 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
                                           static_cast<int32_t>(read.centroid_dtype)};
     std::memcpy(values.back().data(), header, sizeof(header));
   }
-  if (pack_pool_ == nullptr) pack_pool_ = std::make_unique<ThreadPool>(kPackThreads);
   const auto layers = static_cast<int64_t>(read.layers);
-  pack_pool_->ParallelFor(
+  PackPool().ParallelFor(
       static_cast<int64_t>(items.size()) * layers, 1, [&](int64_t begin, int64_t end) {
         for (int64_t job = begin; job < end; ++job) {
           const size_t k = static_cast<size_t>(job / layers);

@@ -187,6 +187,15 @@ TEST_P(ClusterKvPrefixTest, AStoredClusteringIsRedoneFromTheStoreWithTheSameToke
   EXPECT_EQ(s.clusterings().stats().lost, 5);
   EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers) << "none more";
   EXPECT_EQ(s.runner().stats().kept_clusterings, 10) << "kept again";
+
+  // One that passes its CRC but whose order is not a permutation is not
+  // used either: byte 39 is the high byte of the first order entry (after
+  // the 9-word header), which the flip puts out of range.
+  EXPECT_EQ(s.clusterings().FlipBitsForTesting(39, /*keep_crc=*/true), 5);
+  const Completion checked = s.Generate(5, third);
+  EXPECT_EQ(checked.tokens, want_third.tokens);
+  EXPECT_EQ(s.clusterings().stats().lost, 5) << "their CRCs matched";
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers) << "none more";
 }
 
 TEST_P(ClusterKvPrefixTest, AClusteringKeptByARequestThatEndedAtOnceServesTheNext) {
