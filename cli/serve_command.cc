@@ -485,6 +485,11 @@ int RunServe(const ServeFlags& f) {
         prefiller->set_corrupt_every_nth_block(std::atoi(n));
         STRATA_LOG_WARN("STRATA_FAULT_CORRUPT_KV_BLOCKS={}: corrupting KV blocks on purpose", n);
       }
+      if (const char* ms = std::getenv("STRATA_FAULT_DELAY_FINAL_KV_MS"); ms != nullptr) {
+        prefiller->set_final_send_delay(std::chrono::milliseconds(std::atoi(ms)));
+        STRATA_LOG_WARN("STRATA_FAULT_DELAY_FINAL_KV_MS={}: delaying each prompt's last KV blocks",
+                        ms);
+      }
     } else {
       remote_prefill = std::make_unique<decode::RemotePrefill>(
           manager->landing_area(), model.options().page_size, kv_transport->local_address(),

@@ -43,7 +43,7 @@ internal::v1::Worker::Stub* RemotePrefill::StubFor(const std::string& address) {
 
 std::shared_ptr<RemotePrefill::Call> RemotePrefill::Start(const std::string& prefill_address,
                                                           internal::v1::PrefillRequest request,
-                                                          Done done) {
+                                                          First first, Done done) {
   const uint64_t transfer_id = next_transfer_.fetch_add(1) + 1;
   const int blocks = (request.prompt_ids_size() + page_size_ - 1) / page_size_;
   if (absl::Status s =
@@ -53,31 +53,64 @@ std::shared_ptr<RemotePrefill::Call> RemotePrefill::Start(const std::string& pre
     return nullptr;
   }
   auto call = std::make_shared<Call>();
+  call->owner_ = this;
+  call->transfer_id_ = transfer_id;
+  call->address_ = prefill_address;
+  call->first_ = std::move(first);
+  call->done_ = std::move(done);
   call->request_ = std::move(request);
   call->request_.set_request_id(absl::StrCat(call->request_.request_id(), "/", transfer_id));
   call->request_.set_kv_destination(kv_address_);
   call->request_.set_transfer_id(transfer_id);
   call->request_.set_kv_format(options_.kv_format);
   call->context_.set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
-  internal::v1::Worker::Stub* stub = StubFor(prefill_address);
-  stub->async()->Prefill(
-      &call->context_, &call->request_, &call->response_,
-      [this, call, transfer_id, prefill_address, done = std::move(done)](grpc::Status status) {
-        if (!status.ok()) {
-          area_->Drop(transfer_id);
-          done(FromGrpc(status, prefill_address));
-          return;
-        }
-        // Landed: now its owner's to load or drop, however long the
-        // request waits for its turn.
-        area_->Extend(transfer_id, absl::InfiniteFuture());
-        Result result;
-        result.transfer_id = transfer_id;
-        result.first = {call->response_.first_token(), call->response_.first_logprob()};
-        result.response = call->response_;
-        done(std::move(result));
-      });
+  call->self_ = call;
+  StubFor(prefill_address)->async()->Prefill(&call->context_, &call->request_, call.get());
+  call->StartRead(&call->response_);
+  call->StartCall();
   return call;
+}
+
+void RemotePrefill::Call::OnReadDone(bool ok) {
+  if (!ok) return;  // OnDone follows
+  if (response_.kv_landed()) {
+    landed_ = true;
+    landed_response_ = response_;
+  } else if (first_) {
+    taken_ = first_(transfer_id_, {response_.first_token(), response_.first_logprob()});
+    first_ = nullptr;
+  }
+  StartRead(&response_);
+}
+
+void RemotePrefill::Call::OnDone(const grpc::Status& status) {
+  // The last reaction: this call goes with it.
+  const std::shared_ptr<Call> self = std::move(self_);
+  kvtier::LandingArea* area = owner_->area_;
+  absl::Status error;
+  if (!status.ok()) {
+    error = FromGrpc(status, address_);
+  } else if (!landed_) {
+    error = absl::UnavailableError(
+        absl::StrCat("prefill worker ", address_, " ended its answer before the KV had landed"));
+  }
+  if (!error.ok()) {
+    if (taken_) {
+      area->SenderFailed(transfer_id_, error);
+    } else {
+      area->Drop(transfer_id_);
+    }
+    done_(error);
+    return;
+  }
+  // Landed: now its owner's to load or drop, however long the request
+  // waits for its turn.
+  area->SenderDone(transfer_id_);
+  Result result;
+  result.transfer_id = transfer_id_;
+  result.first = {landed_response_.first_token(), landed_response_.first_logprob()};
+  result.response = landed_response_;
+  done_(std::move(result));
 }
 
 }  // namespace strata::decode

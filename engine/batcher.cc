@@ -529,7 +529,9 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     // If the victim was `seq` itself, running_[i] is the next sequence.
   }
   // 2. Prefill chunks, oldest first, in the remaining budget.
-  bool prefix_arriving = false;  // a prompt waits for its stored prefix
+  // A prompt waits for KV on its way: its stored prefix from the SSD, or
+  // its transfer from a prefill worker.
+  bool kv_arriving = false;
   int prefill_budget = options_.max_prefill_tokens_per_step > 0
                            ? std::min(budget, options_.max_prefill_tokens_per_step)
                            : budget;
@@ -544,23 +546,32 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       absl::StatusOr<bool> loaded = kv_->LoadImported(
           seq.req.import_kv, std::span<const int32_t>(seq.tokens).first(seq.req.prompt.size()),
           seq.pages, running_.empty() ? 0 : options_.max_import_bytes_per_step);
-      if (loaded.ok() && !*loaded) break;                  // wait for pages
-      if (absl::IsUnavailable(loaded.status())) continue;  // the rest next step
+      if (loaded.ok() && !*loaded) break;          // wait for pages
+      if (absl::IsUnavailable(loaded.status())) {  // still arriving, or the rest next step
+        kv_arriving = true;
+        continue;
+      }
       seq.import_done = true;
-      if (!loaded.ok()) {
+      if (absl::IsAborted(loaded.status()) && seq.req.import_fallback) {
+        // Its sender failed after the first token went out: the prompt and
+        // that token are computed here, as a prompt of its own would be.
+        STRATA_LOG_WARN("request {}: computing the prompt here: {}", seq.req.id,
+                        loaded.status().ToString());
+      } else if (!loaded.ok()) {
         FailSequence(seq,
                      absl::StrCat("request ", seq.req.id,
                                   ": the prompt's KV from the prefill worker could not be used: ",
                                   loaded.status().ToString()),
                      events);
         continue;
-      }
-      seq.num_computed = static_cast<int>(seq.req.prompt.size());
-      seq.prefix_asked = true;
-      if (std::vector<std::vector<uint8_t>> state = kv_->TakeImportedPlannerState();
-          !state.empty() && model_->attention_planner() != nullptr) {
-        model_->attention_planner()->NoteImportedState(static_cast<int64_t>(seq.req.id),
-                                                       std::move(state));
+      } else {
+        seq.num_computed = static_cast<int>(seq.req.prompt.size());
+        seq.prefix_asked = true;
+        if (std::vector<std::vector<uint8_t>> state = kv_->TakeImportedPlannerState();
+            !state.empty() && model_->attention_planner() != nullptr) {
+          model_->attention_planner()->NoteImportedState(static_cast<int64_t>(seq.req.id),
+                                                         std::move(state));
+        }
       }
     }
     if (seq.num_computed == 0 && seq.pages.empty() && seq.tokens.size() > 2) {
@@ -572,7 +583,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       if (absl::IsUnavailable(loaded.status())) {
         // Its prefix is on its way up from a lower tier: asked again next
         // step, and younger prompts may go first meanwhile.
-        prefix_arriving = true;
+        kv_arriving = true;
         continue;
       }
       if (!loaded.ok()) {
@@ -631,7 +642,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     // Nothing runs and the oldest waiting sequence still cannot get its
     // pages: it needs more than the whole cache. It ends with an error; the
     // requests behind it go on.
-    if (!waiting_.empty() && running_.empty() && swapped_.empty() && !prefix_arriving) {
+    if (!waiting_.empty() && running_.empty() && swapped_.empty() && !kv_arriving) {
       Sequence& seq = *waiting_.front();
       TokenEvent e{seq.req.id, -1, 0.0f, "", FinishReason::kError, ""};
       e.error = absl::StrCat("request ", seq.req.id, " needs ", seq.tokens.size(),

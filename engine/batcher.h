@@ -72,9 +72,13 @@ struct GenerationRequest {
   // generated here, and count against max_tokens.
   std::vector<SampledToken> generated = {};
   // Decode side: the transfer holding the prompt's KV (KvMemory::
-  // LoadImported): loaded instead of computed. A transfer that fails to
-  // load ends the request with kError naming why. 0: none.
+  // LoadImported): loaded instead of computed. The request may come before
+  // the KV has all landed (it waits, its generated tokens emitted). A
+  // transfer that fails to load ends the request with kError naming why;
+  // except, with `import_fallback`, one whose sender failed (Aborted): the
+  // prompt is then computed here, and the request goes on. 0: none.
   uint64_t import_kv = 0;
+  bool import_fallback = false;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };

@@ -163,11 +163,15 @@ class KvMemory {
   // moves about that many bytes of the transfer at most (whole pages, one
   // at least) and answers Unavailable while pages remain: ask again (a
   // step's share, so that the steps of running sequences are not held up
-  // by a long prompt's KV); the pages are held meanwhile. NotFound when no
-  // such transfer is held (never reserved, or its lease expired); DataLoss
-  // when a block failed its check; FailedPrecondition when blocks are
-  // missing or do not cover `tokens`. Once loaded, or after an error, the
-  // transfer is gone; DropImported drops one part-loaded too.
+  // by a long prompt's KV); the pages are held meanwhile. Unavailable too
+  // while the sender has not said it is done (the request may start
+  // before its KV has all landed: its first token streams meanwhile).
+  // NotFound when no such transfer is held (never reserved, or its lease
+  // expired); Aborted when its sender failed (the prompt can be computed
+  // here instead); DataLoss when a block failed its check;
+  // FailedPrecondition when blocks are missing or do not cover `tokens`.
+  // Once loaded, or after an error, the transfer is gone; DropImported
+  // drops one part-loaded too.
   virtual absl::StatusOr<bool> LoadImported(uint64_t /*transfer_id*/,
                                             std::span<const int32_t> /*tokens*/,
                                             SequencePages& /*pages*/, int64_t /*max_bytes*/) {

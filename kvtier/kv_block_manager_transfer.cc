@@ -321,9 +321,13 @@ absl::StatusOr<bool> KvBlockManager::StartImport(uint64_t transfer_id,
   const int page_size = layout_.page_size();
   const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
   const bool two_groups = upper_pages_.num_pages() > 0;
-  if (!landing_->Holds(transfer_id)) {
-    return absl::NotFoundError(absl::StrCat(
-        "KV transfer ", transfer_id, " is not held here (never reserved, or its lease ended)"));
+  absl::StatusOr<bool> ready = landing_->Ready(transfer_id);
+  if (!ready.ok()) {
+    if (absl::IsAborted(ready.status())) ++counters_.kv_imports_failed;
+    return ready.status();
+  }
+  if (!*ready) {
+    return absl::UnavailableError(absl::StrCat("KV transfer ", transfer_id, " is still arriving"));
   }
   if (pages_.num_free() < needed || (two_groups && upper_pages_.num_free() < needed)) return false;
   imported_planner_state_.clear();

@@ -230,12 +230,38 @@ void LandingArea::DropLocked(absl::flat_hash_map<uint64_t, Transfer>::iterator i
   if (!writing) transfers_.erase(it);
 }
 
-bool LandingArea::Extend(uint64_t id, absl::Time lease_end) {
+bool LandingArea::SenderDone(uint64_t id) {
   absl::MutexLock lock(&mu_);
   auto it = transfers_.find(id);
   if (it == transfers_.end() || it->second.dropped) return false;
-  it->second.lease_end = lease_end;
+  it->second.sender_done = true;
+  it->second.lease_end = absl::InfiniteFuture();
   return true;
+}
+
+bool LandingArea::SenderFailed(uint64_t id, const absl::Status& status) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || it->second.dropped) return false;
+  it->second.sender_error =
+      status.ok() ? absl::UnknownError("the sender failed without saying why") : status;
+  return true;
+}
+
+absl::StatusOr<bool> LandingArea::Ready(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || it->second.dropped) {
+    return absl::NotFoundError(
+        absl::StrCat("KV transfer ", id, " is not held here (never reserved, or its lease ended)"));
+  }
+  if (!it->second.sender_error.ok()) {
+    const absl::Status error = it->second.sender_error;
+    DropLocked(it);
+    return absl::AbortedError(
+        absl::StrCat("KV transfer ", id, ": its sender failed: ", error.ToString()));
+  }
+  return it->second.sender_done;
 }
 
 int LandingArea::Expire(absl::Time now) {

@@ -16,9 +16,13 @@
 //                                worker's KV policy computed on the prompt),
 //                                in heap memory the transfer owns, at most
 //                                as many bytes as its records in all
-//   Take(id)                     by the block manager: every block and state
-//                                value landed; the records are the caller's
-//                                until Free
+//   SenderDone(id)               the sender's word that everything it sent
+//                                has landed (a prefill worker answers once
+//                                its sends are acknowledged); or
+//   SenderFailed(id, status)     that it will not all land
+//   Take(id)                     by the block manager, once Ready: every
+//                                block and state value landed; the records
+//                                are the caller's until Free
 // A reservation still held when its lease ends (the request died, the
 // prefill worker never sent) is dropped by Expire, and Drop drops one at
 // once. A record that the transport is writing is freed only when its
@@ -90,12 +94,21 @@ class LandingArea {
   absl::StatusOr<std::vector<Block>> Take(uint64_t id,
                                           std::vector<std::vector<uint8_t>>* state = nullptr);
   void Free(std::span<const int32_t> records);
+  // The sender finished: everything it sent has landed (an error of a
+  // block placed shows in Take). The transfer is held until taken or
+  // dropped, with no lease: its request is the engine's now (which drops
+  // it on every path). False when it is not held.
+  bool SenderDone(uint64_t id);
+  // The sender failed (`status`: why) and not everything will land; Ready
+  // then says so. The records stay until the transfer is dropped. False
+  // when it is not held.
+  bool SenderFailed(uint64_t id, const absl::Status& status);
+  // Whether Take may be called: true once SenderDone, false while the
+  // sender runs; Aborted naming the sender's error after SenderFailed (the
+  // transfer is dropped then), NotFound for an id not held.
+  absl::StatusOr<bool> Ready(uint64_t id);
   // Drops a transfer (unknown ids are ignored).
   void Drop(uint64_t id);
-  // Moves a transfer's lease (absl::InfiniteFuture(): held until taken or
-  // dropped, for a transfer whose request is now the engine's, which
-  // drops it on every path). False when it is not held.
-  bool Extend(uint64_t id, absl::Time lease_end);
   // Drops the transfers whose lease ended before `now`; returns how many.
   int Expire(absl::Time now);
 
@@ -120,6 +133,8 @@ class LandingArea {
     int64_t value_bytes = 0;
     absl::Time lease_end;
     bool dropped = false;  // waiting for blocks being written
+    bool sender_done = false;
+    absl::Status sender_error;  // SenderFailed's
   };
   // A transfer that is reserved and not dropped (NotFound otherwise), for
   // a block or value to be placed in.

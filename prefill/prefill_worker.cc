@@ -1,5 +1,6 @@
 #include "prefill/prefill_worker.h"
 
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -20,7 +21,7 @@ PrefillWorker::PrefillWorker(engine::AsyncEngine* engine, kvtier::KvBlockManager
 PrefillWorker::~PrefillWorker() { manager_->set_export_sink(nullptr); }
 
 absl::Status PrefillWorker::Start(engine::GenerationRequest request, std::string destination,
-                                  uint64_t transfer_id, Done done) {
+                                  uint64_t transfer_id, First first, Done done) {
   const uint64_t id = request.id;
   if (destination.empty() || transfer_id == 0) {
     return absl::InvalidArgumentError(
@@ -48,6 +49,7 @@ absl::Status PrefillWorker::Start(engine::GenerationRequest request, std::string
         (static_cast<int>(request.prompt.size()) + format_.page_size - 1) / format_.page_size;
     r.destination = std::move(destination);
     r.transfer_id = transfer_id;
+    r.first_token = std::move(first);
     r.done = std::move(done);
   }
   absl::Status submitted = engine_->Submit(
@@ -62,6 +64,8 @@ absl::Status PrefillWorker::Start(engine::GenerationRequest request, std::string
 void PrefillWorker::OnEvent(uint64_t id, const engine::TokenEvent& e) {
   if (e.finish == engine::FinishReason::kNone) return;
   std::function<void()> call;
+  First first;
+  double compute_seconds = 0;
   {
     absl::MutexLock lock(&mu_);
     auto it = requests_.find(id);
@@ -79,8 +83,15 @@ void PrefillWorker::OnEvent(uint64_t id, const engine::TokenEvent& e) {
                     ? absl::CancelledError(absl::StrCat("prefill of request ", id, " cancelled"))
                     : absl::InternalError(e.error);
     }
+    if (r.expect_export && r.error.ok() && r.first_token) {
+      first = std::move(r.first_token);
+      r.first_token = nullptr;
+      compute_seconds = std::chrono::duration<double>(r.first_at - r.started).count();
+    }
     call = SettleLocked(id);
   }
+  // The token goes out now; its KV's last blocks follow.
+  if (first) first(engine::SampledToken{e.token_id, e.logprob}, compute_seconds);
   if (call) call();
 }
 
@@ -147,6 +158,9 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
     call = SettleLocked(id);
   }
   if (call) call();
+  if (exported.final && final_send_delay_.count() > 0 && !sends.empty()) {
+    std::this_thread::sleep_for(final_send_delay_);
+  }
   for (const auto& [header, payload] : sends) {
     absl::Status sent = transport_->Send(destination, header, payload,
                                          [this, id](absl::Status s) { OnSent(id, s); });

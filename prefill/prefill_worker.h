@@ -10,8 +10,10 @@
 // so a long prompt's KV travels while its later chunks compute. With the
 // final part come the values the KV policy computed on the prompt for the
 // decode worker (ClusterKV's clusterings: kvtier/kv_policy.h), each sent as
-// a planner-state message. Once every message has landed there, the export
-// is released and `done` gets the first token.
+// a planner-state message. `first` gets the first token as soon as it is
+// sampled (the client may have it while the last blocks travel); once
+// every message has landed, the export is released and `done` gets the
+// counts.
 //
 // Any failure (the engine's, a refused or timed-out send, a decode worker
 // that went away) is `done`'s error, and the export is released once no
@@ -19,8 +21,9 @@
 // and whatever it holds is released when its sends (bounded by the
 // transport's timeout) are over.
 //
-// Thread-safety: thread-safe. `done` runs once, on the engine's or the
-// transport's thread, and must return quickly.
+// Thread-safety: thread-safe. `first` runs at most once, on the engine's
+// thread, before `done`; `done` runs once, on the engine's or the
+// transport's thread. Both must return quickly.
 #ifndef STRATA_PREFILL_PREFILL_WORKER_H_
 #define STRATA_PREFILL_PREFILL_WORKER_H_
 
@@ -71,6 +74,8 @@ class PrefillWorker {
     double transfer_seconds = 0;
   };
   using Done = std::function<void(absl::StatusOr<Result> result)>;
+  // The first token, and the seconds from Start to it.
+  using First = std::function<void(engine::SampledToken first, double compute_seconds)>;
 
   // The engine must run over `manager` (with a host tier: exports live
   // there). Installs the manager's export sink. All three must outlive the
@@ -82,15 +87,18 @@ class PrefillWorker {
   // has a byte flipped after its CRC was taken, as if corrupted on the way
   // (0: never). Set before serving.
   void set_corrupt_every_nth_block(int n) { corrupt_every_nth_block_ = n; }
+  // Fault injection for tests of a slow network: the final part's sends
+  // start this late (the engine thread waits). Set before serving.
+  void set_final_send_delay(std::chrono::milliseconds delay) { final_send_delay_ = delay; }
   ~PrefillWorker();
 
   // Computes `request`'s prompt (its id unique among this worker's
   // requests; max_tokens, ignore_eos and export_kv are set here) and sends
   // its KV to the transport at `destination` under `transfer_id`.
-  // InvalidArgument for a request the engine refuses; `done` then never
-  // runs.
+  // InvalidArgument for a request the engine refuses; neither callback
+  // then runs. `first` may be empty.
   absl::Status Start(engine::GenerationRequest request, std::string destination,
-                     uint64_t transfer_id, Done done);
+                     uint64_t transfer_id, First first, Done done);
   // Stops a request (unknown or finished ids are ignored).
   void Cancel(uint64_t request_id);
   // Requests started and not yet done, and those whose sends still run.
@@ -100,7 +108,8 @@ class PrefillWorker {
   struct Request {
     std::string destination;
     uint64_t transfer_id = 0;
-    Done done;  // empty once called
+    First first_token;  // empty once called
+    Done done;          // empty once called
     std::optional<engine::SampledToken> first;
     std::chrono::steady_clock::time_point started, first_at;
     int cached_prompt_tokens = 0;
@@ -130,6 +139,7 @@ class PrefillWorker {
   kvtier::Transport* transport_;
   kvtier::KvWireFormat format_;
   int corrupt_every_nth_block_ = 0;
+  std::chrono::milliseconds final_send_delay_{0};
   mutable absl::Mutex mu_;
   int64_t blocks_sent_ ABSL_GUARDED_BY(mu_) = 0;
   absl::flat_hash_map<uint64_t, Request> requests_ ABSL_GUARDED_BY(mu_);

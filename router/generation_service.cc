@@ -48,6 +48,11 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   // comment); OnPrefilled (a gRPC thread) then submits it.
   void StartRemotePrefill(const std::string& address, const v1::GenerateRequest& request,
                           engine::GenerationRequest engine_request);
+  // The prefill worker's first token (a gRPC thread): the request goes to
+  // the engine at once, which streams the token and waits for the KV.
+  // False when it does not take the transfer (the call is cancelled, or
+  // the engine refused the request).
+  bool OnFirstToken(uint64_t transfer_id, engine::SampledToken first);
   void OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> result);
   // Ends a call that was never admitted.
   void Reject(const absl::Status& status, const std::string& reason);
@@ -93,9 +98,11 @@ class GenerateStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   bool finish_counted_ = false;
   int completion_tokens_ = 0;
   Clock::time_point first_token_, last_token_;
-  // A remote prefill in flight, and the request waiting for it.
+  // A remote prefill in flight, and the request waiting for it (until the
+  // first token hands it to the engine: submitted_at_first_token_).
   std::shared_ptr<decode::RemotePrefill::Call> prefill_call_;
   bool prefilling_ = false;
+  bool submitted_at_first_token_ = false;
   std::optional<engine::GenerationRequest> held_request_;
 };
 
@@ -164,6 +171,9 @@ void GenerateStream::StartRemotePrefill(const std::string& address,
   mu_.unlock();
   auto call = service_->remote_prefill_->Start(
       address, std::move(prefill),
+      [this](uint64_t transfer_id, engine::SampledToken first) {
+        return OnFirstToken(transfer_id, first);
+      },
       [this](absl::StatusOr<decode::RemotePrefill::Result> r) { OnPrefilled(std::move(r)); });
   mu_.lock();
   if (prefilling_) {
@@ -172,12 +182,53 @@ void GenerateStream::StartRemotePrefill(const std::string& address,
   }
 }
 
+bool GenerateStream::OnFirstToken(uint64_t transfer_id, engine::SampledToken first) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cancelled_ || !held_request_.has_value()) return false;
+  held_request_->generated = {first};
+  held_request_->import_kv = transfer_id;
+  // A prefill worker that fails from now on leaves the prompt to this
+  // worker's engine: the client has the token already.
+  held_request_->import_fallback = true;
+  SubmitLocked(*std::move(held_request_));
+  held_request_.reset();
+  // Refused by the engine (the call is finished): the prefill goes on
+  // unread, and its transfer is dropped when it ends.
+  if (!admitted_) {
+    if (prefill_call_ != nullptr) prefill_call_->Cancel();
+    return false;
+  }
+  submitted_at_first_token_ = true;
+  return true;
+}
+
 void GenerateStream::OnPrefilled(absl::StatusOr<decode::RemotePrefill::Result> result) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     prefilling_ = false;
     prefill_call_.reset();
-    if (cancelled_) {
+    if (submitted_at_first_token_) {
+      // The engine has the request and its transfer: RemotePrefill has
+      // told the landing area how the prefill ended.
+      if (result.ok()) {
+        if (service_->metrics_) {
+          const internal::v1::PrefillResponse& r = result->response;
+          service_->metrics_->ObserveRemotePrefill(r.compute_seconds(), r.transfer_seconds(),
+                                                   static_cast<int64_t>(r.wire_bytes()),
+                                                   static_cast<int64_t>(r.raw_bytes()));
+        }
+      } else if (!cancelled_ && !engine_done_) {
+        STRATA_LOG_WARN(
+            "request {}: remote prefill failed after its first token, computing the "
+            "prompt here: {}",
+            request_id_, result.status().ToString());
+        service_->prefill_fallbacks_.fetch_add(1);
+        if (service_->metrics_) service_->metrics_->OnPrefillFallback();
+      }
+    } else if (!held_request_.has_value()) {
+      // The engine refused it at the first token: nobody loads the KV.
+      if (result.ok()) service_->remote_prefill_->Drop(result->transfer_id);
+    } else if (cancelled_) {
       if (result.ok()) service_->remote_prefill_->Drop(result->transfer_id);
       admitted_ = false;
       service_->in_flight_.fetch_sub(1);

@@ -1,5 +1,6 @@
 #include "router/worker_service.h"
 
+#include <deque>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -28,36 +29,60 @@ internal::v1::WorkerLoad WorkerLoadOf(const engine::AsyncEngine::Stats& engine,
   return load;
 }
 
-// One Prefill call: finished by the prefill worker's `done`, or early by the
-// caller's cancellation (which stops the prefill; `done` then finds the
-// call finished).
-class PrefillCall final : public grpc::ServerUnaryReactor {
+// One Prefill call: two answers (the first token, then the counts once the
+// KV has landed) and the finish, written one at a time; finished by the
+// prefill worker's `done`, or early by the caller's cancellation (which
+// stops the prefill; `done` then finds the call finished).
+class PrefillCall final : public grpc::ServerWriteReactor<internal::v1::PrefillResponse> {
  public:
-  PrefillCall(WorkerService* service, std::string request_id, internal::v1::PrefillResponse* out)
-      : service_(service), request_id_(std::move(request_id)), out_(out) {}
+  PrefillCall(WorkerService* service, std::string request_id)
+      : service_(service), request_id_(std::move(request_id)) {}
 
   void Start(uint64_t engine_id) {
     absl::MutexLock lock(&mu_);
     engine_id_ = engine_id;
   }
+  void First(engine::SampledToken first, double compute_seconds) {
+    internal::v1::PrefillResponse out;
+    out.set_first_token(first.id);
+    out.set_first_logprob(first.logprob);
+    out.set_compute_seconds(compute_seconds);
+    absl::MutexLock lock(&mu_);
+    if (finishing_) return;
+    queue_.push_back(std::move(out));
+    AdvanceLocked();
+  }
   void Done(absl::StatusOr<prefill::PrefillWorker::Result> result) {
     service_->Forget(request_id_);
     absl::MutexLock lock(&mu_);
-    if (finished_) return;
-    finished_ = true;
+    if (finishing_) return;
+    finishing_ = true;
     if (!result.ok()) {
-      Finish(ToGrpcStatus(result.status()));
-      return;
+      status_ = ToGrpcStatus(result.status());
+    } else {
+      internal::v1::PrefillResponse out;
+      out.set_kv_landed(true);
+      out.set_first_token(result->first.id);
+      out.set_first_logprob(result->first.logprob);
+      out.set_blocks(static_cast<uint32_t>(result->blocks));
+      out.set_wire_bytes(static_cast<uint64_t>(result->wire_bytes));
+      out.set_raw_bytes(static_cast<uint64_t>(result->raw_bytes));
+      out.set_cached_prompt_tokens(static_cast<uint32_t>(result->cached_prompt_tokens));
+      out.set_compute_seconds(result->compute_seconds);
+      out.set_transfer_seconds(result->transfer_seconds);
+      queue_.push_back(std::move(out));
     }
-    out_->set_first_token(result->first.id);
-    out_->set_first_logprob(result->first.logprob);
-    out_->set_blocks(static_cast<uint32_t>(result->blocks));
-    out_->set_wire_bytes(static_cast<uint64_t>(result->wire_bytes));
-    out_->set_raw_bytes(static_cast<uint64_t>(result->raw_bytes));
-    out_->set_cached_prompt_tokens(static_cast<uint32_t>(result->cached_prompt_tokens));
-    out_->set_compute_seconds(result->compute_seconds);
-    out_->set_transfer_seconds(result->transfer_seconds);
-    Finish(grpc::Status::OK);
+    AdvanceLocked();
+  }
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    if (!ok) {
+      // The stream broke (the caller went away): nothing more goes out.
+      queue_.clear();
+      if (!finishing_) return;  // OnCancel stops the prefill; `done` finishes
+    }
+    AdvanceLocked();
   }
   void OnCancel() override {
     uint64_t id;
@@ -76,12 +101,32 @@ class PrefillCall final : public grpc::ServerUnaryReactor {
   std::shared_ptr<PrefillCall> self_;
 
  private:
+  // One write at a time; the finish once the last has gone.
+  void AdvanceLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return;
+    if (!queue_.empty()) {
+      writing_ = true;
+      out_ = std::move(queue_.front());
+      queue_.pop_front();
+      StartWrite(&out_);
+      return;
+    }
+    if (finishing_) {
+      finished_ = true;
+      Finish(status_);
+    }
+  }
+
   WorkerService* service_;
   std::string request_id_;
-  internal::v1::PrefillResponse* out_;
   absl::Mutex mu_;
   uint64_t engine_id_ = 0;
-  bool finished_ = false;
+  std::deque<internal::v1::PrefillResponse> queue_ ABSL_GUARDED_BY(mu_);
+  internal::v1::PrefillResponse out_ ABSL_GUARDED_BY(mu_);  // the write in flight
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;  // `done` came (or an early refusal)
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_ ABSL_GUARDED_BY(mu_);
 };
 
 WorkerService::WorkerService(std::function<internal::v1::WorkerLoad()> load,
@@ -118,14 +163,20 @@ grpc::ServerUnaryReactor* WorkerService::Describe(grpc::CallbackServerContext* c
   return reactor;
 }
 
-grpc::ServerUnaryReactor* WorkerService::Prefill(grpc::CallbackServerContext* context,
-                                                 const internal::v1::PrefillRequest* request,
-                                                 internal::v1::PrefillResponse* response) {
-  auto fail = [&](const absl::Status& status) {
-    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-    reactor->Finish(ToGrpcStatus(status));
-    return reactor;
-  };
+namespace {
+
+// Finishes a Prefill call at once with `status`, and deletes itself.
+class RefusedPrefill final : public grpc::ServerWriteReactor<internal::v1::PrefillResponse> {
+ public:
+  explicit RefusedPrefill(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerWriteReactor<internal::v1::PrefillResponse>* WorkerService::Prefill(
+    grpc::CallbackServerContext* /*context*/, const internal::v1::PrefillRequest* request) {
+  auto fail = [](const absl::Status& status) { return new RefusedPrefill(status); };
   if (prefill_ == nullptr) {
     return fail(absl::UnimplementedError("this worker does not prefill (it is a decode worker)"));
   }
@@ -167,14 +218,17 @@ grpc::ServerUnaryReactor* WorkerService::Prefill(grpc::CallbackServerContext* co
           absl::StrCat("request_id ", QuoteUserInput(request->request_id()), " is running")));
     }
   }
-  auto call = std::make_shared<PrefillCall>(this, request->request_id(), response);
+  auto call = std::make_shared<PrefillCall>(this, request->request_id());
   call->self_ = call;
   call->Start(id);
-  absl::Status started =
-      prefill_->Start(*std::move(converted), request->kv_destination(), request->transfer_id(),
-                      [call](absl::StatusOr<prefill::PrefillWorker::Result> result) {
-                        call->Done(std::move(result));
-                      });
+  absl::Status started = prefill_->Start(
+      *std::move(converted), request->kv_destination(), request->transfer_id(),
+      [call](engine::SampledToken first, double compute_seconds) {
+        call->First(first, compute_seconds);
+      },
+      [call](absl::StatusOr<prefill::PrefillWorker::Result> result) {
+        call->Done(std::move(result));
+      });
   if (!started.ok()) call->Done(started);
   return call.get();
 }

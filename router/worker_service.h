@@ -7,8 +7,9 @@
 //    of its prompt ids, sampling and profile would be validated
 //    (INVALID_ARGUMENT naming the field), then runs it on the
 //    prefill::PrefillWorker, which sends the KV to the decode worker named
-//    in the request; answers with the first token once the KV has landed
-//    there. The caller's cancellation or deadline stops it.
+//    in the request; answers with the first token as soon as it is
+//    sampled, and again with the counts once the KV has landed there. The
+//    caller's cancellation or deadline stops it.
 //  - Cancel: stops a running prefill by its request id.
 //
 // Thread-safety: gRPC calls the handlers from many threads; the service's
@@ -56,9 +57,8 @@ class WorkerService final : public internal::v1::Worker::CallbackService {
   grpc::ServerUnaryReactor* Describe(grpc::CallbackServerContext* context,
                                      const internal::v1::DescribeRequest* request,
                                      internal::v1::DescribeResponse* response) override;
-  grpc::ServerUnaryReactor* Prefill(grpc::CallbackServerContext* context,
-                                    const internal::v1::PrefillRequest* request,
-                                    internal::v1::PrefillResponse* response) override;
+  grpc::ServerWriteReactor<internal::v1::PrefillResponse>* Prefill(
+      grpc::CallbackServerContext* context, const internal::v1::PrefillRequest* request) override;
   grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
                                    const internal::v1::CancelRequest* request,
                                    internal::v1::CancelResponse* response) override;

@@ -73,11 +73,13 @@ inline Served Serve(engine::Batcher& batcher, const engine::GenerationRequest& r
 // order, the last one final): each block with a header in the sender's
 // wire format, parsed against the receiver's (an error of ParseKvBlock
 // Header is returned, as the receiver would refuse it), placed in the
-// receiver's landing area under `transfer_id` and landed; `corrupt` flips
-// a payload byte of that block on the way.
+// receiver's landing area under `transfer_id` and landed, and the sender
+// then done (LandingArea::SenderDone, unless `sender_done` is false);
+// `corrupt` flips a payload byte of that block on the way.
 inline absl::Status Deliver(const std::vector<kvtier::KvBlockManager::ExportedKv>& exports,
                             const kvtier::KvLayout& sender, kvtier::KvBlockManager& receiver,
-                            uint64_t transfer_id, int corrupt = -1, int corrupt_state = -1) {
+                            uint64_t transfer_id, int corrupt = -1, int corrupt_state = -1,
+                            bool sender_done = true) {
   if (exports.empty() || !exports.back().final) {
     return absl::FailedPreconditionError("no complete export to deliver");
   }
@@ -133,6 +135,8 @@ inline absl::Status Deliver(const std::vector<kvtier::KvBlockManager::ExportedKv
     receiver.landing_area()->StateLanded(parsed->transfer_id, parsed->index, parsed->payload_crc,
                                          absl::OkStatus());
   }
+  // And the sender's word that it is done, as its Prefill answer brings it.
+  if (sender_done) receiver.landing_area()->SenderDone(transfer_id);
   return absl::OkStatus();
 }
 

@@ -787,6 +787,96 @@ TEST(DisaggregatedKvTest, AFirstTokenThatStopsEndsTheRequestAndDropsItsTransfer)
   ExpectNothingLeft(d);
 }
 
+TEST(DisaggregatedKvTest, ARequestStartsAtItsFirstTokenAndLoadsItsKvOnceTheSenderIsDone) {
+  // The decode worker takes the request as soon as the prefill worker's
+  // first token comes: the token goes out at once, and the request waits
+  // for its KV (others go on meanwhile) until the sender says all landed.
+  Worker p(0), d(64), alone(0);
+  const engine::GenerationRequest r = Request(1, 61, 12);
+  ASSERT_TRUE(alone.batcher->Add(r).ok());
+  const std::vector<int32_t> expected = Tokens(alone.RunToEnd());
+  const engine::GenerationRequest other = Request(2, 20, 12);
+  ASSERT_TRUE(alone.batcher->Add(other).ok());
+  const std::vector<int32_t> expected_other = Tokens(alone.RunToEnd());
+
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(21, 8, absl::Now() + absl::Hours(1)).ok());
+  const engine::TokenEvent first = Prefill(p, r, 7);
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, 21)).ok());
+  ASSERT_TRUE(d.batcher->Add(other).ok());
+  std::vector<int32_t> tokens, other_tokens;
+  auto step = [&] {
+    auto events = d.batcher->Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+    for (const auto& e : *events) (e.request_id == 1 ? tokens : other_tokens).push_back(e.token_id);
+  };
+  ASSERT_NO_FATAL_FAILURE(step());
+  EXPECT_EQ(tokens, std::vector<int32_t>{first.token_id}) << "streamed before the KV landed";
+  // The blocks land, but the sender has not said it is done: still waiting.
+  const absl::Status delivered =
+      testing_util::Deliver(p.exports, p.manager->layout(), *d.manager, 21, -1, -1,
+                            /*sender_done=*/false);
+  ASSERT_TRUE(delivered.ok()) << delivered;
+  p.manager->ReleaseExport(p.exports.back().key);
+  p.exports.clear();
+  for (int i = 0; i < 5; ++i) ASSERT_NO_FATAL_FAILURE(step());
+  EXPECT_EQ(tokens.size(), 1u);
+  EXPECT_EQ(d.manager->stats().kv_imports, 0);
+  EXPECT_GE(other_tokens.size(), 5u) << "the other request decodes meanwhile";
+  ASSERT_TRUE(d.manager->landing_area()->SenderDone(21));
+  for (const auto& e : d.RunToEnd()) {
+    (e.request_id == 1 ? tokens : other_tokens).push_back(e.token_id);
+  }
+  EXPECT_EQ(tokens, expected);
+  EXPECT_EQ(other_tokens, expected_other);
+  EXPECT_EQ(d.manager->stats().kv_imports, 1);
+  ExpectNothingLeft(p);
+  ExpectNothingLeft(d);
+}
+
+TEST(DisaggregatedKvTest, ASenderFailingAfterTheFirstTokenLeavesThePromptToThisWorker) {
+  // With import_fallback (the first token is out), the prompt and that
+  // token are computed here: the same tokens as one worker. Without it the
+  // request fails, naming the sender's error. Nothing is left either way.
+  Worker p(0), d(64), alone(0);
+  const engine::GenerationRequest r = Request(1, 61, 12);
+  ASSERT_TRUE(alone.batcher->Add(r).ok());
+  const std::vector<int32_t> expected = Tokens(alone.RunToEnd());
+  for (const bool fallback : {true, false}) {
+    SCOPED_TRACE(fallback);
+    const uint64_t transfer = fallback ? 31 : 32;
+    ASSERT_TRUE(d.manager->landing_area()->Reserve(transfer, 8, absl::Now() + absl::Hours(1)).ok());
+    const engine::TokenEvent first = Prefill(p, r, 7);
+    p.manager->ReleaseExport(p.exports.back().key);
+    p.exports.clear();
+    engine::GenerationRequest dr = DecodeRequest(r, first, transfer);
+    dr.import_fallback = fallback;
+    ASSERT_TRUE(d.batcher->Add(dr).ok());
+    // Alone and waiting for its KV: it is not taken for a prompt too large
+    // to ever fit.
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(d.batcher->Step().ok());
+    ASSERT_TRUE(d.manager->landing_area()->Holds(transfer));
+    // A block lands, then the sender fails.
+    const auto placed = d.manager->landing_area()->Place(transfer, 0, 8, d.manager->block_bytes());
+    ASSERT_TRUE(placed.ok()) << placed.status();
+    d.manager->landing_area()->Landed(transfer, 0, 0, absl::OkStatus());
+    ASSERT_TRUE(d.manager->landing_area()->SenderFailed(
+        transfer, absl::UnavailableError("prefill worker p: peer went away")));
+    const std::vector<engine::TokenEvent> events = d.RunToEnd();
+    ASSERT_FALSE(events.empty());
+    if (fallback) {
+      EXPECT_EQ(Tokens(events), std::vector<int32_t>(expected.begin() + 1, expected.end()));
+      EXPECT_EQ(events.back().finish, engine::FinishReason::kLength);
+    } else {
+      EXPECT_EQ(events.back().finish, engine::FinishReason::kError);
+      EXPECT_THAT(events.back().error,
+                  HasSubstr("its sender failed: UNAVAILABLE: prefill worker p: peer went away"));
+    }
+    EXPECT_EQ(d.manager->stats().kv_imports, 0);
+    ExpectNothingLeft(p);
+    ExpectNothingLeft(d);
+  }
+}
+
 TEST(DisaggregatedKvTest, APrefillCancelledMidPromptDropsWhatItExported) {
   Worker p(0);
   engine::GenerationRequest r = Request(1, 200, 1);
@@ -814,15 +904,34 @@ TEST(DisaggregatedKvTest, ARefusedRequestDropsItsTransfer) {
   ExpectNothingLeft(d);
 }
 
-TEST_F(LandingAreaTest, AHeldTransferOutlivesItsFirstLease) {
+TEST_F(LandingAreaTest, ATransferIsReadyOnlyOnceItsSenderIsDoneAndThenHasNoLease) {
   const absl::Time soon = absl::Now() + absl::Milliseconds(1);
   ASSERT_TRUE(area_.Reserve(1, 2, soon).ok());
-  ASSERT_TRUE(area_.Extend(1, absl::InfiniteFuture()));
+  EXPECT_EQ(area_.Ready(1).value_or(true), false) << "its sender still sends";
+  ASSERT_TRUE(area_.SenderDone(1));
+  EXPECT_EQ(area_.Ready(1).value_or(false), true);
   EXPECT_EQ(area_.Expire(soon + absl::Hours(1)), 0);
   EXPECT_TRUE(area_.Holds(1));
   area_.Drop(1);
-  EXPECT_FALSE(area_.Extend(1, absl::InfiniteFuture()));
+  EXPECT_FALSE(area_.SenderDone(1));
+  EXPECT_TRUE(absl::IsNotFound(area_.Ready(1).status()));
   EXPECT_EQ(area_.num_free(), 8);
+}
+
+TEST_F(LandingAreaTest, ASenderThatFailedMakesItsTransferAbortedAndDropsIt) {
+  ASSERT_TRUE(area_.Reserve(1, 2, absl::Now() + absl::Hours(1)).ok());
+  auto where = area_.Place(1, 0, 2, static_cast<size_t>(area_.record_bytes()));
+  ASSERT_TRUE(where.ok()) << where.status();
+  ASSERT_TRUE(area_.SenderFailed(1, absl::UnavailableError("peer went away")));
+  // A block still being written keeps its record until it lands.
+  const absl::Status ready = area_.Ready(1).status();
+  EXPECT_TRUE(absl::IsAborted(ready)) << ready;
+  EXPECT_THAT(ready.message(), HasSubstr("its sender failed: UNAVAILABLE: peer went away"));
+  EXPECT_FALSE(area_.Holds(1));
+  EXPECT_LT(area_.num_free(), 8);
+  area_.Landed(1, 0, 0, absl::CancelledError("late"));
+  EXPECT_EQ(area_.num_free(), 8);
+  EXPECT_EQ(area_.num_transfers(), 0);
 }
 
 TEST(DisaggregatedKvTest, AnExportWithNoRoomFailsItsRequestAndFreesItsPages) {

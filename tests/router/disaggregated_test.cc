@@ -187,17 +187,29 @@ TEST(DisaggregatedRoutingTest, ABadPrefillRequestIsRefusedNamingTheField) {
   bad.set_kv_destination("nowhere");
   bad.set_transfer_id(1);
   bad.mutable_sampling()->set_temperature(-1);
-  grpc::ClientContext ctx;
-  internal::v1::PrefillResponse out;
-  const grpc::Status s = stub->Prefill(&ctx, bad, &out);
+  // Each call's answers, then its status.
+  auto call = [&](const internal::v1::PrefillRequest& request) {
+    grpc::ClientContext ctx;
+    std::vector<internal::v1::PrefillResponse> answers;
+    auto reader = stub->Prefill(&ctx, request);
+    internal::v1::PrefillResponse out;
+    while (reader->Read(&out)) answers.push_back(out);
+    return std::make_pair(answers, reader->Finish());
+  };
+  const auto [refused_answers, s] = call(bad);
+  EXPECT_TRUE(refused_answers.empty());
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("temperature"));
   // A destination that is not a KV transport address: the prompt is
-  // computed, and the send is refused without reaching anyone.
+  // computed, its first token answered at once, and the send is refused
+  // without reaching anyone.
   internal::v1::PrefillRequest nowhere = bad;
   nowhere.mutable_sampling()->set_temperature(0);
-  grpc::ClientContext ctx2;
-  const grpc::Status s2 = stub->Prefill(&ctx2, nowhere, &out);
+  const auto [answers, s2] = call(nowhere);
+  ASSERT_EQ(answers.size(), 1u) << "the first token, before the KV is sent";
+  EXPECT_FALSE(answers[0].kv_landed());
+  EXPECT_GE(answers[0].first_token(), 0);
+  EXPECT_GT(answers[0].compute_seconds(), 0);
   EXPECT_FALSE(s2.ok());
   EXPECT_THAT(s2.error_message(), HasSubstr("sending its KV"));
 }
@@ -444,6 +456,40 @@ TEST(DisaggregatedFailureTest, AKilledDecodeWorkerFailsItsStreamsWithinTwoSecond
   EXPECT_GT(failed, 0) << "some streams were on the killed worker";
   EXPECT_GT(completed, 0) << "the others complete";
   ExpectPoolsEmpty(d1, "d1");
+}
+
+TEST(DisaggregatedRoutingTest, TheFirstTokenReachesTheClientWhileThePromptsKvTravels) {
+  // The prefill worker's last KV blocks leave 1.5 s late: its first token
+  // must not wait for them.
+  setenv("STRATA_FAULT_DELAY_FINAL_KV_MS", "1500", 1);
+  ServerProcess prefill(kPrefillArgs, "prefill");
+  unsetenv("STRATA_FAULT_DELAY_FINAL_KV_MS");
+  ServerProcess decode(kDecodeArgs, "decode");
+  const v1::GenerateRequest r = Request(kLongPrompt, 6, 21);
+  const Completion expected = Generate(decode.stub(), r);
+  ASSERT_TRUE(expected.status.ok());
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  ctx.AddMetadata("strata-prefill-address", prefill.address());
+  auto reader = decode.stub().Generate(&ctx, r);
+  std::vector<int32_t> tokens;
+  std::vector<std::chrono::steady_clock::time_point> arrived;
+  v1::GenerateResponse out;
+  while (reader->Read(&out)) {
+    for (int32_t t : out.token_ids()) {
+      tokens.push_back(t);
+      arrived.push_back(std::chrono::steady_clock::now());
+    }
+  }
+  const grpc::Status status = reader->Finish();
+  ASSERT_TRUE(status.ok()) << status.error_message() << decode.Stderr();
+  EXPECT_EQ(tokens, expected.tokens);
+  ASSERT_GE(arrived.size(), 2u);
+  EXPECT_GT(arrived[1] - arrived[0], std::chrono::milliseconds(1000))
+      << "the first token came with the KV, not before it";
+  EXPECT_EQ(decode.Metric("strata_kv_imports_total"), 1);
+  ExpectPoolsEmpty(prefill, "prefill");
+  ExpectPoolsEmpty(decode, "decode");
 }
 
 TEST(DisaggregatedFailureTest, APrefillWorkerKilledMidTransferLeavesNothingBehind) {
