@@ -81,8 +81,12 @@ class AttentionPlanner {
   // completes the prompt, a planner may compute from the prompt's KV what
   // that worker's first decode step would (ClusterKV's clustering), without
   // changing the cache, and hand it over with the export
-  // (KvMemory::AddExportPlannerState).
+  // (KvMemory::AddExportPlannerState), then or by a later Poll.
   virtual void NoteExport(int64_t /*seq_id*/, uint64_t /*export_key*/, int /*prompt_tokens*/) {}
+  // Between steps, and while the engine idles with KV work in flight:
+  // finishes what a step left running (e.g. hands an export the values it
+  // read back after the step: KvMemory::ExpectExportPlannerState).
+  virtual absl::Status Poll() { return absl::OkStatus(); }
   // Decode side: before the sequence's first step, what the prefill
   // worker's planner computed on the prompt KV it sent
   // (KvMemory::TakeImportedPlannerState), each value checked by the planner

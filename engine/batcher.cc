@@ -448,6 +448,14 @@ void Batcher::EmitToken(Sequence& seq, const SampledToken& token, std::vector<To
   }
 }
 
+absl::Status Batcher::PollKv() {
+  // The planner first: what it hands the KV memory goes out in this poll.
+  if (AttentionPlanner* planner = model_->attention_planner(); planner != nullptr) {
+    STRATA_RETURN_IF_ERROR(planner->Poll());
+  }
+  return kv_->Poll();
+}
+
 std::vector<TokenEvent> Batcher::TakeGeneratedTokens() {
   std::vector<TokenEvent> events;
   for (auto& seq : waiting_) {
@@ -465,7 +473,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
   for (uint64_t id : cancelled_) events.push_back({id, -1, 0.0f, "", FinishReason::kCancelled, ""});
   cancelled_.clear();
 
-  STRATA_RETURN_IF_ERROR(kv_->Poll());
+  STRATA_RETURN_IF_ERROR(PollKv());
   // Tokens generated elsewhere go out first, and may end their request.
   std::vector<TokenEvent> generated = TakeGeneratedTokens();
   events.insert(events.end(), generated.begin(), generated.end());

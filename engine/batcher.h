@@ -143,7 +143,8 @@ class Batcher {
   // KvMemory::Settling, and its Poll: for a caller with no work to step
   // that lets the KV memory's copies and moves finish.
   bool KvSettling() const { return kv_->Settling(); }
-  absl::Status PollKv() { return kv_->Poll(); }
+  // Polls the KV memory and the attention planner's work between steps.
+  absl::Status PollKv();
   // Runs one step; returns the tokens it produced.
   absl::StatusOr<std::vector<TokenEvent>> Step();
   // The tokens of waiting requests that were generated elsewhere

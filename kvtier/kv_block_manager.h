@@ -71,8 +71,11 @@
 // while other sequences run (a long prompt's KV is gigabytes: loaded at
 // once it would hold their next step up that long). Reservations whose
 // lease ends are dropped in Poll. With the final part of an export come
-// the KV policy's values computed on the prompt (AddExportPlannerState),
-// and with an import they go to the caller (TakeImportedPlannerState).
+// the KV policy's values computed on the prompt (AddExportPlannerState);
+// when they are expected (ExpectExportPlannerState) and come after the
+// pages' last part, that part is not final and a final part of the values
+// alone follows. With an import they go to the caller
+// (TakeImportedPlannerState).
 //
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
@@ -275,6 +278,7 @@ class KvBlockManager final : public engine::KvMemory {
   void DropExport(uint64_t key) override;
   // Held with the export and handed over with its final part.
   void AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) override;
+  void ExpectExportPlannerState(uint64_t key) override;
   absl::StatusOr<bool> LoadImported(uint64_t transfer_id, std::span<const int32_t> tokens,
                                     engine::SequencePages& pages, int64_t max_bytes) override;
   void DropImported(uint64_t transfer_id) override;
@@ -561,6 +565,9 @@ class KvBlockManager final : public engine::KvMemory {
     std::deque<Part> pending;
     bool final = false;                               // its last part was made
     std::vector<std::vector<uint8_t>> planner_state;  // AddExportPlannerState's
+    // ExpectExportPlannerState: the end waits for the planner state; and
+    // whether it came, and whether the export's end was delivered.
+    bool state_expected = false, state_came = false, ended = false;
   };
   absl::Status PollTransfers();
   // The codec a workload's pages are exported in, and a coder for it.

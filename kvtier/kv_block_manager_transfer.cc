@@ -132,9 +132,17 @@ void KvBlockManager::ReleaseExport(uint64_t key) {
 }
 
 void KvBlockManager::AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) {
-  Export& e = exports_[key];
-  if (!e.final) e.planner_state = std::move(state);
+  // Expected first (ExpectExportPlannerState): an export gone by now was
+  // dropped or released, and nothing is sent.
+  auto it = exports_.find(key);
+  if (it == exports_.end()) return;
+  Export& e = it->second;
+  if (e.ended || e.state_came) return;
+  e.planner_state = std::move(state);
+  e.state_came = true;
 }
+
+void KvBlockManager::ExpectExportPlannerState(uint64_t key) { exports_[key].state_expected = true; }
 
 void KvBlockManager::DropExport(uint64_t key) {
   auto it = exports_.find(key);
@@ -185,7 +193,9 @@ absl::Status KvBlockManager::PollTransfers() {
       ExportedKv out;
       out.key = key;
       out.first_block = part.first;
-      out.final = part.final;
+      // An expected planner state not yet here ends the export later.
+      out.final = part.final && (!e.state_expected || e.state_came);
+      e.ended |= out.final;
       for (int i = 0; i < part.count; ++i) {
         const int32_t r = records[i];
         const int page = part.first + i;
@@ -203,10 +213,22 @@ absl::Status KvBlockManager::PollTransfers() {
             out.blocks[i].crc = KvPayloadCrc(out.blocks[i].data);
         });
       }
-      if (part.final) {
+      if (out.final) {
         for (const std::vector<uint8_t>& value : e.planner_state) {
           out.planner_state.push_back(std::as_bytes(std::span<const uint8_t>(value)));
         }
+      }
+      sink(std::move(out));
+    }
+    if (sink && e.final && e.pending.empty() && !e.ended && e.state_came) {
+      // The planner state came after the pages: the export's end.
+      ExportedKv out;
+      out.key = key;
+      out.first_block = static_cast<int>(e.records.size());
+      out.final = true;
+      e.ended = true;
+      for (const std::vector<uint8_t>& value : e.planner_state) {
+        out.planner_state.push_back(std::as_bytes(std::span<const uint8_t>(value)));
       }
       sink(std::move(out));
     }

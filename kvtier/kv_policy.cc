@@ -841,27 +841,9 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
   std::vector<int32_t> host;
   int num_clusterkv = 0, num_quest = 0;
   for (ExportEntry& x : export_entries_) {
-    if (!x.policy->SparseLayer(layer)) continue;
-    engine::SequenceRange range;
-    range.block_table = batch.block_table.Row(x.batch_seq);
-    range.page_size = page_size;
-    const int li = SparseLayerIndex(*x.policy, layer);
-    for (size_t wi = 0; wi < x.work.size(); ++wi) {
-      const SummaryWork& w = x.work[wi];
-      range.begin = w.begin;
-      range.count = w.count;
-      const int64_t heads = model_->shard().kv_heads;
-      Tensor order = x.orders.Row(li)
-                         .Rows(x.offsets[wi], x.offsets[wi] + heads * w.count)
-                         .View({heads, w.count});
-      Tensor centroids = centroids_[layer].Row(x.slot), extents = extents_[layer].Row(x.slot);
-      // The rows stay: the export and the prefix store take the prompt's
-      // KV as computed, and the decode worker redoes the order.
-      STRATA_RETURN_IF_ERROR(
-          b.ClusterKeys(k_cache, v_cache, range, w.clusters, x.policy->config().kmeans_iterations,
-                        w.first_block, centroids, extents, &order, engine::ClusterRows::kLeave));
-      ++stats_.clusterings;
-    }
+    // Clustered at the end of the step (HandOverExports), after its token
+    // is sampled: here only the layer's block table is noted.
+    if (x.policy->SparseLayer(layer)) x.block_tables[layer] = batch.block_table.Row(x.batch_seq);
   }
   for (Entry& e : entries_) {
     if (!e.policy->SparseLayer(layer)) {

@@ -339,6 +339,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // With KvPolicyRunnerOptions::exports and one rank; otherwise ignored.
   void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
   void NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) override;
+  // Hands exports the clusterings read back since (HandOverExports).
+  absl::Status Poll() override;
   // ClusterKV sequences once clustered (ClusterKeys reorders in place).
   bool Reordered(int64_t seq_id) const override;
   // Gives a paused tiered sequence's ring pages back; its host-homed
@@ -468,8 +470,11 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // (NoteExport): plans its clustering as the decode worker's first step
   // would (an ExportEntry).
   absl::Status PlanExport(int batch_seq, int64_t seq_id, int policy, int context_len);
-  // In EndStep: reads this step's exported clusterings back and hands them
-  // to their exports.
+  // In EndStep, after the step's tokens are sampled: clusters this step's
+  // exported prompts (so their first token does not wait for the k-means)
+  // and starts reading the clusterings back; Poll hands them to their
+  // exports once read (KvMemory::ExpectExportPlannerState holds the
+  // exports' end for them meanwhile).
   absl::Status HandOverExports();
   int SparseLayerIndex(const KvPolicy& policy, int layer) const;
 
@@ -611,6 +616,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     std::vector<SummaryWork> work;
     engine::Tensor orders;         // I32 [sparse layers, heads x the work's tokens]
     std::vector<int64_t> offsets;  // per work item, in elements per sparse layer
+    // Per layer: the sequence's row of the step's block table (PlanLayer
+    // notes it; defined for sparse layers).
+    std::vector<engine::Tensor> block_tables;
   };
   std::vector<ExportEntry> export_entries_;
   // StageReuses' pinned staging buffer and its copy in flight.
@@ -633,6 +641,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t per_layer = 0;  // order elements a layer
     int64_t centroid_row_bytes = 0, extent_row_bytes = 0;
     engine::DType centroid_dtype = engine::DType::kF32;
+    std::chrono::steady_clock::time_point started;  // the copy enqueued
   };
   std::optional<KeepingRead> keeping_;
   engine::HostBuffer keep_staging_;

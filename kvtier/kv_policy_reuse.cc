@@ -490,6 +490,7 @@ absl::Status KvPolicyRunner::PlanExport(int batch_seq, int64_t seq_id, int polic
   x.policy = &p;
   x.batch_seq = batch_seq;
   x.key = pending.key;
+  x.block_tables.resize(static_cast<size_t>(model_->config().num_layers));
   // The decode worker's first step: the prompt and its first token.
   SequenceState state;
   p.Advance(context_len + 1, state, x.work);
@@ -514,7 +515,35 @@ absl::Status KvPolicyRunner::HandOverExports() {
   std::vector<ExportEntry> entries = std::move(export_entries_);
   export_entries_.clear();
   const auto started = std::chrono::steady_clock::now();
+  engine::Backend& b = model_->backend();
+  const int64_t heads = model_->shard().kv_heads;
   for (ExportEntry& x : entries) {
+    // The k-means of every sparse layer, enqueued after the step's
+    // sampling. The rows stay: the export and the prefix store take the
+    // prompt's KV as computed, and the decode worker redoes the order.
+    for (int layer = 0; layer < model_->config().num_layers; ++layer) {
+      if (!x.block_tables[layer].defined()) continue;
+      engine::SequenceRange range;
+      range.block_table = x.block_tables[layer];
+      range.page_size = model_->options().page_size;
+      const int li = SparseLayerIndex(*x.policy, layer);
+      for (size_t wi = 0; wi < x.work.size(); ++wi) {
+        const SummaryWork& w = x.work[wi];
+        range.begin = w.begin;
+        range.count = w.count;
+        Tensor order = x.orders.Row(li)
+                           .Rows(x.offsets[wi], x.offsets[wi] + heads * w.count)
+                           .View({heads, w.count});
+        Tensor centroids = centroids_[layer].Row(x.slot), extents = extents_[layer].Row(x.slot);
+        STRATA_RETURN_IF_ERROR(b.ClusterKeys(model_->k_cache(layer), model_->v_cache(layer), range,
+                                             w.clusters, x.policy->config().kmeans_iterations,
+                                             w.first_block, centroids, extents, &order,
+                                             engine::ClusterRows::kLeave));
+        ++stats_.clusterings;
+      }
+    }
+    // The export's end waits for them (its pages may go first).
+    options_.exports->ExpectExportPlannerState(x.key);
     KeepingRead read;
     read.work = x.work;
     read.keys.assign(x.work.size(), std::nullopt);
@@ -523,16 +552,17 @@ absl::Status KvPolicyRunner::HandOverExports() {
     read.export_key = x.key;
     read.export_slot = x.slot;
     STRATA_RETURN_IF_ERROR(StartReading(std::move(read), x.slot, x.policy->config().full_layers));
-    // The sequence ends with this step and its export's last part follows
-    // now: the clusterings go with it.
-    STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/true).status());
   }
   STRATA_LOG_DEBUG(
-      "clusterings of {} exported prompts read back and handed over in {:.1f} ms", entries.size(),
+      "clusterings of {} exported prompts enqueued in {:.1f} ms", entries.size(),
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
           .count());
-  return absl::OkStatus();
+  // Handed over now where the read is done already (a synchronous
+  // backend), else by Poll.
+  return FinishKeeping(/*wait=*/false).status();
 }
+
+absl::Status KvPolicyRunner::Poll() { return FinishKeeping(/*wait=*/false).status(); }
 
 absl::Status KvPolicyRunner::StartReading(KeepingRead read, int slot, int full) {
   engine::Backend& b = model_->backend();
@@ -567,6 +597,7 @@ absl::Status KvPolicyRunner::StartReading(KeepingRead read, int slot, int full) 
          order_bytes + read.layers * read.centroid_row_bytes + li * read.extent_row_bytes});
   }
   STRATA_ASSIGN_OR_RETURN(read.fence, b.CopyRowsToHost(tensors, rows, keep_staging_));
+  read.started = std::chrono::steady_clock::now();
   // The copy reads the slot's rows: later compute (another sequence
   // clustering into the slot) waits for it, on the device.
   STRATA_RETURN_IF_ERROR(b.ComputeAfterFence(read.fence));
@@ -658,6 +689,13 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
     stats_.exported_clusterings += static_cast<int64_t>(exported.size());
     options_.exports->AddExportPlannerState(read.export_key, std::move(exported));
     free_slots_.push_back(read.export_slot);  // read: the next clustering may take it
+    STRATA_LOG_DEBUG(
+        "clusterings of export {} packed in {:.1f} ms, {:.1f} ms after the step that made them",
+        read.export_key,
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
+            .count(),
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - read.started)
+            .count());
     return true;
   }
   STRATA_LOG_DEBUG(

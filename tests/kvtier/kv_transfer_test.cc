@@ -877,6 +877,52 @@ TEST(DisaggregatedKvTest, ASenderFailingAfterTheFirstTokenLeavesThePromptToThisW
   }
 }
 
+TEST(DisaggregatedKvTest, APlannerStateThatComesAfterThePagesEndsTheExport) {
+  // On the GPU the prompt's clusterings are read back after its step: the
+  // pages' last part goes without them, not final, and a final part of
+  // the values alone follows. One released first sends nothing more.
+  Worker p(0), d(64);
+  const engine::GenerationRequest r = Request(1, 61, 4);
+  p.manager->ExpectExportPlannerState(7);
+  const engine::TokenEvent first = Prefill(p, r, 7);
+  ASSERT_FALSE(p.exports.empty());
+  EXPECT_FALSE(p.exports.back().final) << "its planner state is still to come";
+  EXPECT_EQ(p.exports.back().first_block + p.exports.back().blocks.size(), 8u);
+  p.manager->AddExportPlannerState(7, {std::vector<uint8_t>(40, 3)});
+  ASSERT_TRUE(p.manager->Poll().ok());
+  ASSERT_TRUE(p.exports.back().final);
+  EXPECT_TRUE(p.exports.back().blocks.empty());
+  EXPECT_EQ(p.exports.back().first_block, 8);
+  ASSERT_EQ(p.exports.back().planner_state.size(), 1u);
+  EXPECT_EQ(p.exports.back().planner_state[0].size(), 40u);
+  // It crosses like any export, the value with it.
+  ASSERT_TRUE(d.manager->landing_area()->Reserve(5, 8, absl::Now() + absl::Hours(1)).ok());
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, 5));
+  std::vector<std::vector<uint8_t>> state;
+  auto blocks = d.manager->landing_area()->Take(5, &state);
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  EXPECT_EQ(blocks->size(), 8u);
+  ASSERT_EQ(state.size(), 1u);
+  EXPECT_EQ(state[0], std::vector<uint8_t>(40, 3));
+  std::vector<int32_t> records;
+  for (const auto& b : *blocks) records.push_back(b.record);
+  d.manager->landing_area()->Free(records);
+  ExpectNothingLeft(d);
+  EXPECT_GE(first.token_id, 0);
+
+  // Released before its state came: the state is dropped on arrival.
+  p.manager->ExpectExportPlannerState(8);
+  Prefill(p, Request(2, 30, 4), 8);
+  ASSERT_FALSE(p.exports.back().final);
+  p.manager->ReleaseExport(8);
+  p.exports.clear();
+  ASSERT_TRUE(p.manager->Poll().ok());
+  p.manager->AddExportPlannerState(8, {std::vector<uint8_t>(40, 3)});
+  ASSERT_TRUE(p.manager->Poll().ok());
+  EXPECT_TRUE(p.exports.empty());
+  ExpectNothingLeft(p);
+}
+
 TEST(DisaggregatedKvTest, APrefillCancelledMidPromptDropsWhatItExported) {
   Worker p(0);
   engine::GenerationRequest r = Request(1, 200, 1);
