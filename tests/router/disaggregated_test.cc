@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -489,6 +490,63 @@ TEST(DisaggregatedRoutingTest, TheFirstTokenReachesTheClientWhileThePromptsKvTra
       << "the first token came with the KV, not before it";
   EXPECT_EQ(decode.Metric("strata_kv_imports_total"), 1);
   ExpectPoolsEmpty(prefill, "prefill");
+  ExpectPoolsEmpty(decode, "decode");
+}
+
+// A stream through a prefill worker whose last KV blocks leave 1.5 s late
+// (STRATA_FAULT_DELAY_FINAL_KV_MS): `at_first_token` runs once the client
+// has the first token, while those blocks wait.
+Completion GenerateWithLateKv(ServerProcess& decode, const std::string& prefill_address,
+                              const v1::GenerateRequest& r,
+                              const std::function<void(grpc::ClientContext&)>& at_first_token) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  ctx.AddMetadata("strata-prefill-address", prefill_address);
+  auto reader = decode.stub().Generate(&ctx, r);
+  Completion c;
+  v1::GenerateResponse out;
+  while (reader->Read(&out)) {
+    const bool first = c.tokens.empty() && out.token_ids_size() > 0;
+    c.tokens.insert(c.tokens.end(), out.token_ids().begin(), out.token_ids().end());
+    if (first) at_first_token(ctx);
+  }
+  c.status = reader->Finish();
+  return c;
+}
+
+TEST(DisaggregatedFailureTest, ACancelAfterTheFirstTokenWhileTheKvTravelsFreesBothWorkers) {
+  setenv("STRATA_FAULT_DELAY_FINAL_KV_MS", "1500", 1);
+  ServerProcess prefill(kPrefillArgs, "prefill");
+  unsetenv("STRATA_FAULT_DELAY_FINAL_KV_MS");
+  ServerProcess decode(kDecodeArgs, "decode");
+  const Completion c = GenerateWithLateKv(decode, prefill.address(), Request(kLongPrompt, 8, 31),
+                                          [](grpc::ClientContext& ctx) { ctx.TryCancel(); });
+  EXPECT_EQ(c.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_EQ(c.tokens.size(), 1u);
+  ExpectPoolsEmpty(prefill, "prefill");
+  ExpectPoolsEmpty(decode, "decode");
+  EXPECT_TRUE(Generate(decode.stub(), Request(60, 4, 1), prefill.address()).status.ok())
+      << "both still serve";
+}
+
+TEST(DisaggregatedFailureTest, APrefillWorkerKilledAfterItsFirstTokenLeavesThePromptHere) {
+  // The client has the first token; the prefill worker dies before its
+  // last blocks leave. The decode worker computes the prompt and that token
+  // itself, and the client gets the tokens of one worker.
+  setenv("STRATA_FAULT_DELAY_FINAL_KV_MS", "1500", 1);
+  auto prefill = std::make_unique<ServerProcess>(kPrefillArgs, "prefill");
+  unsetenv("STRATA_FAULT_DELAY_FINAL_KV_MS");
+  ServerProcess decode(kDecodeArgs, "decode");
+  const v1::GenerateRequest r = Request(kLongPrompt, 8, 41);
+  const Completion expected = Generate(decode.stub(), r);
+  ASSERT_TRUE(expected.status.ok());
+  // Connected once before (see the test below).
+  ASSERT_TRUE(Generate(decode.stub(), Request(300, 2, 5), prefill->address()).status.ok());
+  const Completion c = GenerateWithLateKv(decode, prefill->address(), r,
+                                          [&](grpc::ClientContext&) { prefill.reset(); });
+  ASSERT_TRUE(c.status.ok()) << c.status.error_message() << decode.Stderr();
+  EXPECT_EQ(c.tokens, expected.tokens);
+  EXPECT_EQ(decode.Metric("strata_prefill_fallbacks_total"), 1);
   ExpectPoolsEmpty(decode, "decode");
 }
 
