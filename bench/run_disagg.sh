@@ -54,6 +54,8 @@ pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
 max=0
 for p in $prompts; do [ "$p" -gt "$max" ] && max=$p; done
+# The mixed load's long prompts (16384 tokens) must fit too.
+[ "${MIXED:-0}" = 1 ] && [ "$max" -lt 16384 ] && max=16384
 context=$((max + 128))
 # Two sequences of the longest context in each worker's cache (16-token
 # pages); the host buffers hold one prompt's KV (128 KiB a token) and more.

@@ -470,12 +470,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // (NoteExport): plans its clustering as the decode worker's first step
   // would (an ExportEntry).
   absl::Status PlanExport(int batch_seq, int64_t seq_id, int policy, int context_len);
-  // In EndStep, after the step's tokens are sampled: clusters this step's
-  // exported prompts (so their first token does not wait for the k-means)
-  // and starts reading the clusterings back; Poll hands them to their
-  // exports once read (KvMemory::ExpectExportPlannerState holds the
-  // exports' end for them meanwhile).
+  // In EndStep: this step's exported prompts are clustered by the next
+  // Poll, which comes after the step's events are out (so their first
+  // token waits neither for the k-means nor for its launches), and before
+  // the next step's compute, which may reuse their pages. The exports' end
+  // waits for the clusterings meanwhile (KvMemory::ExpectExportPlannerState).
   absl::Status HandOverExports();
+  // In Poll: enqueues those prompts' k-means and starts reading the
+  // clusterings back; a later Poll hands them to their exports once read.
+  absl::Status ClusterExports();
   int SparseLayerIndex(const KvPolicy& policy, int layer) const;
 
   KvPolicyRunner(engine::Model* model, const KvPolicyRunnerOptions& options);
@@ -621,6 +624,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     std::vector<engine::Tensor> block_tables;
   };
   std::vector<ExportEntry> export_entries_;
+  std::vector<ExportEntry> exports_to_cluster_;  // HandOverExports' for Poll
   // StageReuses' pinned staging buffer and its copy in flight.
   engine::HostBuffer reuse_staging_;
   engine::CopyFence reuse_fence_ = engine::kFenceDone;

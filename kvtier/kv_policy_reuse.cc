@@ -512,15 +512,25 @@ absl::Status KvPolicyRunner::PlanExport(int batch_seq, int64_t seq_id, int polic
 }
 
 absl::Status KvPolicyRunner::HandOverExports() {
-  std::vector<ExportEntry> entries = std::move(export_entries_);
+  // The export's end waits for the clusterings (its pages may go first).
+  for (const ExportEntry& x : export_entries_) options_.exports->ExpectExportPlannerState(x.key);
+  exports_to_cluster_.insert(exports_to_cluster_.end(),
+                             std::make_move_iterator(export_entries_.begin()),
+                             std::make_move_iterator(export_entries_.end()));
   export_entries_.clear();
+  return absl::OkStatus();
+}
+
+absl::Status KvPolicyRunner::ClusterExports() {
+  std::vector<ExportEntry> entries = std::move(exports_to_cluster_);
+  exports_to_cluster_.clear();
   const auto started = std::chrono::steady_clock::now();
   engine::Backend& b = model_->backend();
   const int64_t heads = model_->shard().kv_heads;
   for (ExportEntry& x : entries) {
-    // The k-means of every sparse layer, enqueued after the step's
-    // sampling. The rows stay: the export and the prefix store take the
-    // prompt's KV as computed, and the decode worker redoes the order.
+    // The k-means of every sparse layer. The rows stay: the export and the
+    // prefix store take the prompt's KV as computed, and the decode worker
+    // redoes the order.
     for (int layer = 0; layer < model_->config().num_layers; ++layer) {
       if (!x.block_tables[layer].defined()) continue;
       engine::SequenceRange range;
@@ -542,8 +552,6 @@ absl::Status KvPolicyRunner::HandOverExports() {
         ++stats_.clusterings;
       }
     }
-    // The export's end waits for them (its pages may go first).
-    options_.exports->ExpectExportPlannerState(x.key);
     KeepingRead read;
     read.work = x.work;
     read.keys.assign(x.work.size(), std::nullopt);
@@ -557,12 +565,14 @@ absl::Status KvPolicyRunner::HandOverExports() {
       "clusterings of {} exported prompts enqueued in {:.1f} ms", entries.size(),
       std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started)
           .count());
-  // Handed over now where the read is done already (a synchronous
-  // backend), else by Poll.
-  return FinishKeeping(/*wait=*/false).status();
+  return absl::OkStatus();
 }
 
-absl::Status KvPolicyRunner::Poll() { return FinishKeeping(/*wait=*/false).status(); }
+absl::Status KvPolicyRunner::Poll() {
+  if (!exports_to_cluster_.empty()) STRATA_RETURN_IF_ERROR(ClusterExports());
+  // Handed over as soon as read (at once where copies are synchronous).
+  return FinishKeeping(/*wait=*/false).status();
+}
 
 absl::Status KvPolicyRunner::StartReading(KeepingRead read, int slot, int full) {
   engine::Backend& b = model_->backend();
