@@ -724,6 +724,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const LoadOptions& o) {
       request.mutable_token_ids()->mutable_ids()->Add(p.ids.begin(), p.ids.end());
     }
     request.mutable_sampling()->set_temperature(o.temperature);
+    request.set_profile(o.profile);
     // A per-request seed keeps sampled runs reproducible.
     request.mutable_sampling()->set_seed(o.seed + static_cast<uint64_t>(i));
     request.mutable_stopping()->set_max_tokens(static_cast<uint32_t>(p.max_tokens));

@@ -258,6 +258,7 @@ struct LoadOptions {
   std::string dataset;  // JSON-lines file (instead of synthetic prompts)
   bool dataset_ignore_eos = false;
   float temperature = 0;           // 0: greedy
+  std::string profile;             // every request's (empty: the server's default)
   uint64_t seed = 0;               // arrivals and synthetic prompts
   double request_timeout_s = 300;  // each call's deadline
   double connect_timeout_s = 10;

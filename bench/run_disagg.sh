@@ -10,7 +10,8 @@
 # then a mixed load through each (`strata bench serve`, 6 streams of 32
 # requests: 26 short, 1024-token prompts and 96 tokens out, and 6 long,
 # 16384-token prompts and 16 out, shuffled), for the inter-token latency
-# of the short ones while long prompts arrive.
+# of the short ones while long prompts arrive (its requests name the
+# profile, so their KV crosses in CODECS' codec too).
 # Each disaggregated request's greedy tokens are compared with serve's
 # (which prefills in the same chunks). Runs from a bundle made by
 # tools/gpu-bundle.sh; logs go to $1.
@@ -85,7 +86,7 @@ text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decod
 print(sum(float(l.split()[-1]) for l in text.splitlines() if l.split(" ")[0] == name))
 PY
 }
-mixed() {  # mixed SERVER NAME: the mixed load through SERVER, its summary lines
+mixed() {  # mixed SERVER NAME [PROFILE]: the mixed load through SERVER, its summary lines
   [[ "${MIXED:-0}" = 1 ]] || return 0
   python3 - "$tmp/mixed.jsonl" <<'PY'
 import json, random, sys
@@ -98,6 +99,7 @@ with open(sys.argv[1], "w") as f:
                             "max_tokens": out}) + "\n")
 PY
   "$strata" bench serve --server "$1" --dataset "$tmp/mixed.jsonl" --ignore-eos --concurrency 6 \
+    ${3:+--profile "$3"} \
     --num-requests 32 --temperature 0 --quiet --json "$out/mixed-$2.json" >"$out/mixed-$2.txt" 2>&1 ||
     { tail -5 "$out/mixed-$2.txt"; return 0; }
   echo "mixed $2:"; grep -E "latency|TTFT|ITL|throughput|completed|failed" "$out/mixed-$2.txt" | head -9
@@ -136,7 +138,7 @@ for p in $prompts; do
   echo "serve $p $(ask "$serve" "$p" "$p" wire)"
   cp "$tmp/last.jsonl" "$tmp/serve-$p.jsonl"
 done
-mixed "$serve" serve
+mixed "$serve" serve wire
 stop_all
 
 for codec in $codecs; do
@@ -187,7 +189,7 @@ PY
   same_tokens "$tmp/serve-$p.jsonl"
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
-mixed "$router" "disagg-$codec-$chunk"
+mixed "$router" "disagg-$codec-$chunk" wire
 echo "clusterings: prefill k-means $(metric "$prefill_metrics" strata_kv_policy_clusterings_total) exported $(metric "$prefill_metrics" strata_kv_policy_clusterings_exported_total); decode k-means $(metric "$decode_metrics" strata_kv_policy_clusterings_total) imported $(metric "$decode_metrics" strata_kv_policy_clusterings_imported_total)"
 stop_all
 done

@@ -41,6 +41,8 @@ void AddBenchCommand(CLI::App& app, BenchFlags& f, int& exit_code) {
       "--ignore-eos", f.ignore_eos,
       "With --dataset: generate max_tokens past end-of-sequence (synthetic runs always do)");
   cmd->add_option("--temperature", f.temperature, "Sampling temperature (0: greedy)");
+  cmd->add_option("--profile", f.profile,
+                  "The serving profile every request names (its KV policy, tiers and codec)");
   cmd->add_option("--seed", f.seed, "Seed of the arrivals and synthetic prompts");
   cmd->add_option("--request-timeout", f.request_timeout_s, "Each request's deadline in seconds");
   cmd->add_option("--channels", f.channels, "gRPC channels (connections), used round-robin");
@@ -75,6 +77,7 @@ int RunBenchServe(const BenchFlags& f) {
   o.dataset = f.dataset;
   o.dataset_ignore_eos = f.ignore_eos;
   o.temperature = f.temperature;
+  o.profile = f.profile;
   o.seed = f.seed;
   o.request_timeout_s = f.request_timeout_s;
   o.channels = f.channels;
@@ -104,6 +107,7 @@ int RunBenchServe(const BenchFlags& f) {
                    {"len_jitter", f.len_jitter},
                    {"dataset", f.dataset},
                    {"temperature", f.temperature},
+                   {"profile", f.profile},
                    {"seed", f.seed},
                    {"request_timeout_s", f.request_timeout_s},
                    {"channels", f.channels}};

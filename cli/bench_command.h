@@ -30,6 +30,7 @@ struct BenchFlags {
   std::string dataset;
   bool ignore_eos = false;
   float temperature = 0;
+  std::string profile;  // every request names it (empty: the server's default)
   uint64_t seed = 0;
   double request_timeout_s = 300;
   int channels = 1;
