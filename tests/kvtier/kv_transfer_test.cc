@@ -415,6 +415,12 @@ engine::GenerationRequest DecodeRequest(const engine::GenerationRequest& r,
   return dr;
 }
 
+// The tokens `alone` gives `r`, computing its prompt itself.
+std::vector<int32_t> OneWorkersTokens(Worker& alone, const engine::GenerationRequest& r) {
+  EXPECT_TRUE(alone.batcher->Add(r).ok());
+  return Tokens(alone.RunToEnd());
+}
+
 void ExpectNothingLeft(Worker& w) {
   ASSERT_TRUE(w.manager->Poll().ok());
   EXPECT_TRUE(w.manager->Idle());
@@ -794,12 +800,9 @@ TEST(DisaggregatedKvTest, ARequestStartsAtItsFirstTokenAndLoadsItsKvOnceTheSende
   // first token comes: the token goes out at once, and the request waits
   // for its KV (others go on meanwhile) until the sender says all landed.
   Worker p(0), d(64), alone(0);
-  const engine::GenerationRequest r = Request(1, 61, 12);
-  ASSERT_TRUE(alone.batcher->Add(r).ok());
-  const std::vector<int32_t> expected = Tokens(alone.RunToEnd());
-  const engine::GenerationRequest other = Request(2, 20, 12);
-  ASSERT_TRUE(alone.batcher->Add(other).ok());
-  const std::vector<int32_t> expected_other = Tokens(alone.RunToEnd());
+  const engine::GenerationRequest r = Request(1, 61, 12), other = Request(2, 20, 12);
+  const std::vector<int32_t> expected = OneWorkersTokens(alone, r);
+  const std::vector<int32_t> expected_other = OneWorkersTokens(alone, other);
 
   ASSERT_TRUE(d.manager->landing_area()->Reserve(21, 8, absl::Now() + absl::Hours(1)).ok());
   const engine::TokenEvent first = Prefill(p, r, 7);
@@ -841,8 +844,7 @@ TEST(DisaggregatedKvTest, ASenderFailingAfterTheFirstTokenLeavesThePromptToThisW
   // request fails, naming the sender's error. Nothing is left either way.
   Worker p(0), d(64), alone(0);
   const engine::GenerationRequest r = Request(1, 61, 12);
-  ASSERT_TRUE(alone.batcher->Add(r).ok());
-  const std::vector<int32_t> expected = Tokens(alone.RunToEnd());
+  const std::vector<int32_t> expected = OneWorkersTokens(alone, r);
   for (const bool fallback : {true, false}) {
     SCOPED_TRACE(fallback);
     const uint64_t transfer = fallback ? 31 : 32;
