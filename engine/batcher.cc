@@ -170,6 +170,9 @@ absl::Status Batcher::Validate(const GenerationRequest& request) const {
 int64_t Batcher::queued_prompt_tokens() const {
   int64_t tokens = 0;
   for (const auto& seq : waiting_) {
+    // A prompt whose KV is on its way from a prefill worker is not
+    // computed here.
+    if (seq->req.import_kv != 0 && !seq->import_done) continue;
     tokens += static_cast<int64_t>(seq->tokens.size()) - seq->num_computed;
   }
   return tokens;

@@ -825,6 +825,7 @@ TEST(DisaggregatedKvTest, ARequestStartsAtItsFirstTokenAndLoadsItsKvOnceTheSende
   p.exports.clear();
   for (int i = 0; i < 5; ++i) ASSERT_NO_FATAL_FAILURE(step());
   EXPECT_EQ(tokens.size(), 1u);
+  EXPECT_EQ(d.batcher->queued_prompt_tokens(), 0) << "its prompt is not computed here";
   EXPECT_EQ(d.manager->stats().kv_imports, 0);
   EXPECT_GE(other_tokens.size(), 5u) << "the other request decodes meanwhile";
   ASSERT_TRUE(d.manager->landing_area()->SenderDone(21));
