@@ -62,6 +62,14 @@ context=$((max + 128))
 # pages); the host buffers hold one prompt's KV (128 KiB a token) and more.
 pages=$(((2 * context + 15) / 16))
 host=$((max * 131072 + (512 << 20)))
+if [ "${MIXED:-0}" = 1 ]; then
+  # The mixed load keeps 6 requests in flight, up to 6 of them long: room
+  # for all of them in the cache, and for 3 long prompts' KV landing at
+  # once, so that neither the router's admission nor a full landing area
+  # (which leaves the prompt to the decode worker) decides what is measured.
+  pages=$((pages > 6 * (16384 + 128) / 16 ? pages : 6 * (16384 + 128) / 16))
+  host=$((host > 3 * 16384 * 131072 + (512 << 20) ? host : 3 * 16384 * 131072 + (512 << 20)))
+fi
 common=(--backend cuda --dummy-weights llama-3-8b --max-context "$context" --max-seqs 8
   --kv-pages "$pages" --host 127.0.0.1 --port 0 --metrics-port 0)
 
