@@ -131,6 +131,11 @@ struct KvBlockManagerOptions {
   // being read. The stalled reads and writes keep their host records until
   // they return, then free them.
   std::chrono::milliseconds ssd_read_timeout{30000};
+  // How long an export whose pages have all gone waits for the planner
+  // state it expects (ExpectExportPlannerState) before it ends without it
+  // (the decode worker then computes it): a planner that failed must not
+  // hold the export, and the request, until the receiver's lease ends.
+  std::chrono::milliseconds planner_state_timeout{5000};
   // Tests only: called on an I/O thread before each SSD read.
   std::function<void()> ssd_before_read = nullptr;
   // Threads that compute and check the host records' CRCs when many are
@@ -568,6 +573,8 @@ class KvBlockManager final : public engine::KvMemory {
     // ExpectExportPlannerState: the end waits for the planner state; and
     // whether it came, and whether the export's end was delivered.
     bool state_expected = false, state_came = false, ended = false;
+    // When its pages' last part went without the expected state.
+    std::optional<std::chrono::steady_clock::time_point> pages_sent;
   };
   absl::Status PollTransfers();
   // The codec a workload's pages are exported in, and a coder for it.

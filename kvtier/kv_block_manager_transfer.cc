@@ -220,6 +220,18 @@ absl::Status KvBlockManager::PollTransfers() {
       }
       sink(std::move(out));
     }
+    if (sink && e.final && e.pending.empty() && !e.ended && !e.state_came) {
+      const auto now = std::chrono::steady_clock::now();
+      if (!e.pages_sent.has_value()) e.pages_sent = now;
+      if (now - *e.pages_sent > options_.planner_state_timeout) {
+        STRATA_LOG_WARN(
+            "KV export {}: the planner state it expects did not come in {} ms; it "
+            "ends without it",
+            key, options_.planner_state_timeout.count());
+        e.planner_state.clear();
+        e.state_came = true;
+      }
+    }
     if (sink && e.final && e.pending.empty() && !e.ended && e.state_came) {
       // The planner state came after the pages: the export's end.
       ExportedKv out;

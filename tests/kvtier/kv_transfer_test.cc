@@ -4,6 +4,7 @@
 // batcher loads them and decodes the same tokens as one worker doing both;
 // corrupt, missing and expired transfers fail their request alone, and
 // nothing is left behind on either side.
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <fstream>
@@ -12,6 +13,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -334,6 +336,9 @@ struct Worker {
     KvBlockManagerOptions options{.host_bytes = record * 64,
                                   .landing_bytes = record * landing_records};
     options.workload_wire_codec = {wire_codec};
+    // Short, for the test of a planner state that never comes; on the CPU
+    // a planner hands its state over within the poll that follows the step.
+    options.planner_state_timeout = std::chrono::milliseconds(100);
     auto created = KvBlockManager::Create(model.get(), options);
     EXPECT_TRUE(created.ok()) << created.status();
     manager = std::move(*created);
@@ -914,6 +919,25 @@ TEST(DisaggregatedKvTest, APlannerStateThatComesAfterThePagesEndsTheExport) {
   d.manager->landing_area()->Free(records);
   ExpectNothingLeft(d);
   EXPECT_GE(first.token_id, 0);
+
+  // One whose state never comes ends without it after the timeout (a
+  // planner that failed holds nothing for longer).
+  {
+    Worker q(0);
+    q.manager->ExpectExportPlannerState(9);
+    Prefill(q, Request(3, 30, 4), 9);
+    ASSERT_FALSE(q.exports.back().final);
+    ASSERT_TRUE(q.manager->Poll().ok());
+    EXPECT_FALSE(q.exports.back().final) << "within the timeout";
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    ASSERT_TRUE(q.manager->Poll().ok());
+    ASSERT_TRUE(q.exports.back().final);
+    EXPECT_TRUE(q.exports.back().blocks.empty());
+    EXPECT_TRUE(q.exports.back().planner_state.empty());
+    q.manager->ReleaseExport(9);
+    q.exports.clear();
+    ExpectNothingLeft(q);
+  }
 
   // Released before its state came: the state is dropped on arrival.
   p.manager->ExpectExportPlannerState(8);
