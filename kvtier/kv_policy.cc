@@ -841,8 +841,8 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
   std::vector<int32_t> host;
   int num_clusterkv = 0, num_quest = 0;
   for (ExportEntry& x : export_entries_) {
-    // Clustered at the end of the step (HandOverExports), after its token
-    // is sampled: here only the layer's block table is noted.
+    // Clustered after the step, once its token is out (ClusterExports):
+    // here only the layer's block table is noted.
     if (x.policy->SparseLayer(layer)) x.block_tables[layer] = batch.block_table.Row(x.batch_seq);
   }
   for (Entry& e : entries_) {

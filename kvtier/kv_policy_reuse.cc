@@ -18,11 +18,12 @@
 // the host), and stores them at a later step once the copy is done.
 //
 // Exports (disaggregated serving) use the same values: a prefill worker's
-// runner clusters an exported prompt without moving its rows, reads the
-// clusterings back at the end of that step (waiting for them: the sequence
-// ends with the step, and its export's last part follows at once) and
-// hands them to the export; the decode worker's runner takes them in place
-// of stored ones, checked alike.
+// runner clusters an exported prompt without moving its rows, after the
+// step that completes it has delivered its first token (the next Poll),
+// reads the clusterings back on the copy stream and hands them to the
+// export once read (a later Poll; the export's end waits for them); the
+// decode worker's runner takes them in place of stored ones, checked
+// alike.
 #include <algorithm>
 #include <chrono>
 #include <cstring>
