@@ -339,7 +339,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // With KvPolicyRunnerOptions::exports and one rank; otherwise ignored.
   void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
   void NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) override;
-  // Hands exports the clusterings read back since (HandOverExports).
+  // Launches the k-means of the prompts HandOverExports left (ClusterExports)
+  // and hands exports the clusterings read back since.
   absl::Status Poll() override;
   // ClusterKV sequences once clustered (ClusterKeys reorders in place).
   bool Reordered(int64_t seq_id) const override;
