@@ -66,6 +66,10 @@ void AddRouterCommand(CLI::App& app, RouterFlags& f, int& exit_code) {
   cmd->add_option("--max-in-flight", f.max_in_flight,
                   "Requests relayed at once; more get RESOURCE_EXHAUSTED")
       ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--queue-timeout-seconds", f.queue_timeout_seconds,
+                  "How long a request may wait for a decode worker with room for its KV; then "
+                  "UNAVAILABLE (0: at once)")
+      ->check(CLI::Range(0.0, 3600.0));
   cmd->add_option("--default-max-tokens", f.default_max_tokens,
                   "max_tokens when a request sets none")
       ->check(CLI::Range(1, 1 << 20));
@@ -144,6 +148,7 @@ int RunRouter(const RouterFlags& f) {
   options.prefix_affinity = f.prefix_routing;
   options.prefix_affinity_max_extra_load = f.prefix_routing_max_extra_load;
   options.max_requests_in_flight = f.max_in_flight;
+  options.queue_timeout = absl::Seconds(f.queue_timeout_seconds);
   // 16-bit KV, K and V, every layer: what a request's tokens take on a
   // decode worker's GPU or host tier.
   options.kv_bytes_per_token =
@@ -179,7 +184,10 @@ int RunRouter(const RouterFlags& f) {
     }
   }
   metrics::RefreshingCollectable scraped(&prometheus_registry, [&] {
-    (*server_metrics)->UpdateGauges(engine::AsyncEngine::Stats{}, service->requests_in_flight());
+    // strata_requests_waiting: those waiting for a decode worker with room.
+    (*server_metrics)
+        ->UpdateGauges(engine::AsyncEngine::Stats{.waiting = service->requests_queued()},
+                       service->requests_in_flight());
     (*pool_metrics)->Update(registry);
   });
   std::unique_ptr<MetricsServer> metrics_server;

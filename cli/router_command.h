@@ -31,6 +31,7 @@ struct RouterFlags {
   double prefix_routing_max_extra_load = 4.0;
   int max_context = 4096;
   int max_in_flight = 1024;
+  double queue_timeout_seconds = 30;
   int default_max_tokens = 256;
   size_t max_request_bytes = router::kDefaultMaxRequestBytes;
   double grace_seconds = 30;

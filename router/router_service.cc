@@ -27,6 +27,11 @@ constexpr auto kDeadlineTolerance = std::chrono::milliseconds(100);
 // Attempts on decode workers per request: the first and one retry.
 constexpr int kMaxAttempts = 2;
 
+// How often requests waiting for a decode worker with room look again.
+// Room appears with a worker's report (every heartbeat, typically 0.5-1 s)
+// or a new worker, so a few milliseconds of delay are nothing against it.
+constexpr auto kQueueRetryInterval = std::chrono::milliseconds(10);
+
 // Channels to decode worker addresses kept before those of workers the
 // registry no longer knows are dropped (workers come and go; the cache
 // must not grow with every address ever seen).
@@ -58,6 +63,13 @@ std::string DescribeFailure(const PickedWorker& worker, const grpc::Status& stat
   return absl::StrCat(Describe(worker), " failed", when, ": ",
                       absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code())),
                       ": ", status.error_message());
+}
+
+// `timeout` after `arrival`; never for a timeout of a year or more (an
+// infinite one included).
+Clock::time_point QueueDeadline(Clock::time_point arrival, absl::Duration timeout) {
+  if (timeout >= absl::Hours(24 * 365)) return Clock::time_point::max();
+  return arrival + absl::ToChronoNanoseconds(std::max(timeout, absl::ZeroDuration()));
 }
 
 const char* FinishReasonLabel(v1::FinishReason reason) {
@@ -136,6 +148,16 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   void OnCancel() override;
   void OnDone() override;
 
+  // The queue's turn for this stream, waiting for a decode worker with room
+  // (RouterService::DispatchLoop): picks one and starts the call, or ends
+  // the call when its client left or it waited queue_timeout. True while it
+  // must wait on. `behind_another`: an earlier request of its profile still
+  // waits, and this one may not overtake it.
+  bool OnQueueTurn(bool behind_another);
+  const std::string& profile() const { return profile_; }
+  // Drops a reference (gRPC's, an UpstreamCall's or the queue's).
+  void Unref();
+
   // From the current UpstreamCall's reactions.
   void OnUpstreamRead(UpstreamCall* call, bool ok);
   void OnUpstreamDone(UpstreamCall* call, const grpc::Status& status);
@@ -145,6 +167,16 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 
   // Ends a call that was not admitted, or admitted and not forwarded.
   void Reject(const absl::Status& status, const std::string& reason);
+  void RejectLocked(const absl::Status& status, const std::string& reason);
+  // Picks a decode worker and calls it (RouteLocked), or ends the call when
+  // no worker can take the request. True when it must wait for one with
+  // room instead (and may, within queue_deadline_).
+  bool RouteOrWaitLocked();
+  // Picks a prefill worker for `decode` when the prompt wants one, and
+  // calls `decode` with the request.
+  void RouteLocked(PickedWorker decode);
+  // Ends a waiting request whose queue_deadline_ passed.
+  void EndWaitLocked();
   // Calls `worker` with the request (a new UpstreamCall). Requires mu_.
   void StartAttemptLocked(PickedWorker worker);
   // Picks another decode worker after the current one failed and calls it;
@@ -160,10 +192,11 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   bool ClientDeadlinePassed() const {
     return client_deadline_ <= std::chrono::system_clock::now() + kDeadlineTolerance;
   }
-  void Unref();
 
   RouterService* const service_;
   const Clock::time_point arrival_ = Clock::now();
+  // Until when the request may wait for a decode worker with room.
+  const Clock::time_point queue_deadline_;
   // Copied from the call's context, which is not to be touched once the
   // call is finished (the worker's call may outlive it).
   const std::chrono::system_clock::time_point client_deadline_;
@@ -171,12 +204,18 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   std::atomic<int> refs_{1};
   bool admitted_ = false;  // holds one of the service's in-flight slots
 
+  // Set before the stream can wait in the queue, and not changed after.
+  std::string profile_;
+  DecodePreference prefer_;
+
   std::mutex mu_;
   // The request as the decode workers get it; read by gRPC while a call
   // to one starts, so it stays put.
   v1::GenerateRequest forward_;
   int64_t prompt_tokens_ = 0;
   int64_t kv_bytes_ = 0;
+  // Why the last pick found no decode worker with room (while waiting).
+  std::string wait_reason_;
   std::string prefill_address_;  // empty: the decode worker prefills
   // With prefix affinity: the prompt's block keys, and the tokens relayed
   // (what the worker stores with the prompt when the request ends).
@@ -210,7 +249,9 @@ void UpstreamCall::OnDone(const grpc::Status& status) {
 
 RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* context,
                          const grpc::ByteBuffer& bytes)
-    : service_(service), client_deadline_(context->deadline()) {
+    : service_(service),
+      queue_deadline_(QueueDeadline(arrival_, service->options_.queue_timeout)),
+      client_deadline_(context->deadline()) {
   service_->StreamStarted();
   const RouterServiceOptions& options = service_->options_;
   v1::GenerateRequest request;
@@ -233,35 +274,97 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
   }
   admitted_ = true;
   const engine::GenerationRequest& engine_request = *converted;
-  const std::string profile =
-      request.profile().empty() ? options.default_profile : request.profile();
+  profile_ = request.profile().empty() ? options.default_profile : request.profile();
   prompt_tokens_ = static_cast<int64_t>(engine_request.prompt.size());
   kv_bytes_ = (prompt_tokens_ + engine_request.max_tokens) * options.kv_bytes_per_token;
-  PrefixAffinity* affinity = service_->affinity_.get();
-  DecodePreference prefer{.max_extra_load = options.prefix_affinity_max_extra_load};
-  if (affinity != nullptr) {
+  prefer_.max_extra_load = options.prefix_affinity_max_extra_load;
+  if (PrefixAffinity* affinity = service_->affinity_.get(); affinity != nullptr) {
     prompt_keys_ = affinity->Keys(engine_request.prompt);
-    prefer.holders = affinity->Holders(prompt_keys_);
+    prefer_.holders = affinity->Holders(prompt_keys_);
   }
-  auto decode = service_->registry_->PickDecode(profile, kv_bytes_, {},
-                                                prefer.holders.empty() ? nullptr : &prefer);
-  if (!decode.ok()) {
-    // Whatever the registry's reason (none registered, none live, none
-    // serving the profile, none with room), the request is valid and the
-    // pool cannot take it now.
-    Reject(absl::UnavailableError(decode.status().message()), "unavailable");
-    return;
+
+  // The decode worker gets the prompt as ids (the router tokenized it) and
+  // the settings the router validated, spelled out: its own defaults
+  // (profile, max_tokens) need not be the router's.
+  forward_ = std::move(request);
+  forward_.mutable_token_ids()->mutable_ids()->Assign(engine_request.prompt.begin(),
+                                                      engine_request.prompt.end());
+  forward_.clear_add_special_tokens();
+  forward_.set_profile(profile_);
+  forward_.mutable_stopping()->set_max_tokens(static_cast<uint32_t>(engine_request.max_tokens));
+  if (forward_.request_id().empty()) {
+    forward_.set_request_id(absl::StrCat("req-", service_->next_id_.fetch_add(1)));
   }
+
+  std::lock_guard<std::mutex> lock(mu_);  // the call's first reactions wait for the rest
+  // First come, first served: behind any request already waiting.
+  if (service_->requests_queued() > 0 || RouteOrWaitLocked()) {
+    refs_.fetch_add(1);  // the queue's, dropped when the stream leaves it
+    service_->Enqueue(this);
+  }
+}
+
+bool RouteStream::RouteOrWaitLocked() {
+  auto decode = service_->registry_->PickDecode(profile_, kv_bytes_, {},
+                                                prefer_.holders.empty() ? nullptr : &prefer_);
+  if (decode.ok()) {
+    RouteLocked(*std::move(decode));
+    return false;
+  }
+  const absl::Status& status = decode.status();
+  if (status.code() == absl::StatusCode::kResourceExhausted &&
+      service_->options_.queue_timeout > absl::ZeroDuration()) {
+    // No worker has room now; one will when requests end.
+    wait_reason_ = std::string(status.message());
+    if (Clock::now() < queue_deadline_) return true;
+    EndWaitLocked();
+  } else if (status.code() == absl::StatusCode::kOutOfRange) {
+    RejectLocked(absl::InvalidArgumentError(absl::StrCat(
+                     "the prompt's ", prompt_tokens_, " tokens and max_tokens ",
+                     forward_.stopping().max_tokens(),
+                     " need more KV than any decode worker holds: ", status.message())),
+                 "invalid_argument");
+  } else {
+    // None registered, none live, none serving the profile: the request is
+    // valid and the pool cannot take it now.
+    RejectLocked(absl::UnavailableError(status.message()), "unavailable");
+  }
+  return false;
+}
+
+void RouteStream::EndWaitLocked() {
+  RejectLocked(absl::UnavailableError(absl::StrCat(
+                   "no decode worker had room for the request's KV within ",
+                   absl::FormatDuration(service_->options_.queue_timeout), ": ", wait_reason_)),
+               "queue_timeout");
+}
+
+bool RouteStream::OnQueueTurn(bool behind_another) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cancelled_ || finish_called_ || end_status_.has_value()) {
+    // The client left while the request waited (its call is finished).
+    AdvanceLocked();
+    return false;
+  }
+  if (!behind_another) return RouteOrWaitLocked();
+  if (Clock::now() < queue_deadline_) return true;
+  if (wait_reason_.empty()) wait_reason_ = "earlier requests of its profile were still waiting";
+  EndWaitLocked();
+  return false;
+}
+
+void RouteStream::RouteLocked(PickedWorker decode) {
+  const RouterServiceOptions& options = service_->options_;
   if (prompt_tokens_ < options.prefill_threshold_tokens) {
     service_->prefill_skipped_.fetch_add(1);
     if (service_->metrics_) service_->metrics_->OnRouted("short_prompt");
-  } else if (decode->prefix_tokens > 0 &&
-             prompt_tokens_ - decode->prefix_tokens < options.prefill_threshold_tokens) {
+  } else if (decode.prefix_tokens > 0 &&
+             prompt_tokens_ - decode.prefix_tokens < options.prefill_threshold_tokens) {
     // The worker holds all but a short rest: it loads the stored part and
     // computes the rest itself, sooner than a transfer would bring it.
     service_->prefix_routed_.fetch_add(1);
     if (service_->metrics_) service_->metrics_->OnRouted("stored_prefix");
-  } else if (auto prefill = service_->registry_->PickPrefill(profile, decode->kv_format);
+  } else if (auto prefill = service_->registry_->PickPrefill(profile_, decode.kv_format);
              prefill.ok()) {
     prefill_address_ = prefill->grpc_address;
     service_->registry_->NoteAssigned(prefill->worker_id, prompt_tokens_);
@@ -272,24 +375,9 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
     STRATA_LOG_DEBUG("no prefill worker for a {}-token prompt; the decode worker computes it: {}",
                      prompt_tokens_, prefill.status().ToString());
   }
-
-  // The decode worker gets the prompt as ids (the router tokenized it) and
-  // the settings the router validated, spelled out: its own defaults
-  // (profile, max_tokens) need not be the router's.
-  forward_ = std::move(request);
-  forward_.mutable_token_ids()->mutable_ids()->Assign(engine_request.prompt.begin(),
-                                                      engine_request.prompt.end());
-  forward_.clear_add_special_tokens();
-  forward_.set_profile(profile);
-  forward_.mutable_stopping()->set_max_tokens(static_cast<uint32_t>(engine_request.max_tokens));
-  if (forward_.request_id().empty()) {
-    forward_.set_request_id(absl::StrCat("req-", service_->next_id_.fetch_add(1)));
-  }
-
-  std::lock_guard<std::mutex> lock(mu_);  // the call's first reactions wait for the rest
   service_->forwarded_.fetch_add(1);
   if (service_->metrics_) service_->metrics_->OnAdmitted(Clock::now() - arrival_);
-  StartAttemptLocked(*std::move(decode));
+  StartAttemptLocked(std::move(decode));
 }
 
 void RouteStream::StartAttemptLocked(PickedWorker worker) {
@@ -318,8 +406,13 @@ void RouteStream::StartAttemptLocked(PickedWorker worker) {
 }
 
 void RouteStream::Reject(const absl::Status& status, const std::string& reason) {
-  if (service_->metrics_) service_->metrics_->OnRejected(reason);
   std::lock_guard<std::mutex> lock(mu_);
+  RejectLocked(status, reason);
+}
+
+void RouteStream::RejectLocked(const absl::Status& status, const std::string& reason) {
+  if (service_->metrics_) service_->metrics_->OnRejected(reason);
+  finish_counted_ = true;  // a refusal, not a request that ran
   finish_called_ = true;
   Finish(ToGrpcStatus(status));
 }
@@ -442,7 +535,7 @@ void RouteStream::OnUpstreamDone(UpstreamCall* call, const grpc::Status& status)
 
 bool RouteStream::RetryLocked() {
   if (static_cast<int>(tried_.size()) >= kMaxAttempts) return false;
-  auto decode = service_->registry_->PickDecode(forward_.profile(), kv_bytes_, tried_);
+  auto decode = service_->registry_->PickDecode(profile_, kv_bytes_, tried_);
   if (!decode.ok()) {
     failures_.push_back(absl::StrCat("no decode worker to retry on: ", decode.status().message()));
     return false;
@@ -509,11 +602,62 @@ RouterService::RouterService(WorkerRegistry* registry, const engine::Tokenizer* 
                     ? std::make_unique<PrefixAffinity>(options_.prefix_affinity_options)
                     : nullptr) {
   RouteLibraryLogs();
+  dispatcher_ = std::thread([this] { DispatchLoop(); });
 }
 
 RouterService::~RouterService() {
-  std::unique_lock<std::mutex> lock(streams_mu_);
-  streams_cv_.wait(lock, [this] { return live_streams_ == 0; });
+  {
+    // The queue lets go of the streams of the calls the server cancelled.
+    std::unique_lock<std::mutex> lock(streams_mu_);
+    streams_cv_.wait(lock, [this] { return live_streams_ == 0; });
+  }
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    stop_dispatching_ = true;
+  }
+  queue_cv_.notify_all();
+  dispatcher_.join();
+}
+
+void RouterService::Enqueue(RouteStream* stream) {
+  queued_.fetch_add(1);
+  {
+    std::lock_guard<std::mutex> lock(queue_mu_);
+    queue_.push_back(stream);
+  }
+  queue_cv_.notify_all();
+}
+
+void RouterService::DispatchLoop() {
+  std::unique_lock<std::mutex> lock(queue_mu_);
+  while (!stop_dispatching_) {
+    if (queue_.empty()) {
+      queue_cv_.wait(lock, [this] { return stop_dispatching_ || !queue_.empty(); });
+      continue;
+    }
+    std::deque<RouteStream*> turn;
+    turn.swap(queue_);
+    lock.unlock();
+    // In arrival order; a stream's mutex is never taken under queue_mu_
+    // (a stream enqueues itself under its own).
+    std::deque<RouteStream*> waiting;
+    absl::flat_hash_set<std::string> blocked_profiles;
+    for (RouteStream* stream : turn) {
+      if (stream->OnQueueTurn(blocked_profiles.contains(stream->profile()))) {
+        waiting.push_back(stream);
+        blocked_profiles.insert(stream->profile());
+      } else {
+        queued_.fetch_sub(1);
+        stream->Unref();
+      }
+    }
+    lock.lock();
+    // Ahead of those that arrived meanwhile.
+    queue_.insert(queue_.begin(), waiting.begin(), waiting.end());
+    if (!queue_.empty()) {
+      queue_cv_.wait_for(lock, kQueueRetryInterval, [this] { return stop_dispatching_; });
+    }
+  }
 }
 
 void RouterService::StreamStarted() {

@@ -13,6 +13,16 @@
 // the decode worker: cheaper than a KV transfer for a short one, and a
 // request that still completes for a long one.
 //
+// When no decode worker has room for the request's KV now, the request
+// waits in a first-come-first-served queue (per profile: a request is not
+// overtaken by a later one of its profile) until a worker reports room, for
+// at most queue_timeout, then fails UNAVAILABLE naming the closest worker.
+// Waiting requests hold their in-flight slot, so max_requests_in_flight
+// bounds the queue too. A request larger than any worker could hold even
+// empty is refused at once (INVALID_ARGUMENT), as is one when no worker is
+// registered or live (UNAVAILABLE). A client that cancels, or whose
+// deadline passes, leaves the queue at once.
+//
 // The decode worker's responses are relayed one by one, each written to the
 // client before the next is read from the worker, so that a client reading
 // slowly slows the worker's stream (gRPC flow control reaches through the
@@ -34,8 +44,9 @@
 // Tokenize and ModelInfo are answered by the router itself.
 //
 // Thread-safety: gRPC calls the handlers, and the reactors of the calls to
-// workers, from many threads; the service's state is atomics and a mutex
-// over the channel cache, and each request's state is under its own mutex.
+// workers, from many threads; the service's state is atomics, a mutex over
+// the channel cache and one over the queue (whose thread retries the
+// waiting requests), and each request's state is under its own mutex.
 #ifndef STRATA_ROUTER_ROUTER_SERVICE_H_
 #define STRATA_ROUTER_ROUTER_SERVICE_H_
 
@@ -44,9 +55,11 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
@@ -75,8 +88,11 @@ struct RouterServiceOptions {
   // worker, without a prefill worker (0: every prompt goes to one).
   int prefill_threshold_tokens = 256;
   // Requests relayed at once (from admission until both the client's call
-  // and the worker's are over).
+  // and the worker's are over), waiting ones included.
   int max_requests_in_flight = 1024;
+  // How long a request may wait for a decode worker with room for its KV
+  // (0: it fails at once).
+  absl::Duration queue_timeout = absl::Seconds(30);
   // Bounds a whole call to a decode worker, retry included, when sooner
   // than the client's deadline. 0: the client's deadline only.
   absl::Duration worker_call_timeout = absl::ZeroDuration();
@@ -130,6 +146,8 @@ class RouterService final : public GenerationServiceBase {
   const PrefixAffinity* prefix_affinity() const { return affinity_.get(); }
   // Admitted requests not yet over.
   int requests_in_flight() const { return in_flight_.load(); }
+  // Admitted requests waiting for a decode worker with room.
+  int requests_queued() const { return queued_.load(); }
 
  private:
   friend class RouteStream;
@@ -146,6 +164,13 @@ class RouterService final : public GenerationServiceBase {
   // destructor can wait for the last one.
   void StreamStarted();
   void StreamGone();
+
+  // Puts a stream (and a reference the caller took for the queue) at the
+  // queue's end.
+  void Enqueue(RouteStream* stream);
+  // The dispatcher thread: gives each waiting stream its turn, oldest
+  // first, every kQueueRetryInterval while any waits.
+  void DispatchLoop();
 
   WorkerRegistry* const registry_;
   const engine::Tokenizer* const tokenizer_;
@@ -167,6 +192,15 @@ class RouterService final : public GenerationServiceBase {
   std::mutex streams_mu_;
   std::condition_variable streams_cv_;
   int live_streams_ = 0;  // guarded by streams_mu_
+
+  // Streams waiting for a decode worker with room, oldest first (and those
+  // the dispatcher holds during a turn, in queued_).
+  std::atomic<int> queued_{0};
+  std::mutex queue_mu_;
+  std::condition_variable queue_cv_;
+  std::deque<RouteStream*> queue_;  // guarded by queue_mu_
+  bool stop_dispatching_ = false;   // guarded by queue_mu_
+  std::thread dispatcher_;
 };
 
 }  // namespace strata::router

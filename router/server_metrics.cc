@@ -23,7 +23,7 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                           metrics::FixedLabelCounter::Create(
                               r, "strata_requests_rejected_total",
                               "Generate requests refused before admission, by reason.", "reason",
-                              {"invalid_argument", "queue_full", "unavailable"}));
+                              {"invalid_argument", "queue_full", "queue_timeout", "unavailable"}));
   STRATA_ASSIGN_OR_RETURN(
       m->routes_,
       metrics::FixedLabelCounter::Create(

@@ -130,6 +130,7 @@
 // The counters have a child from the start for each reason strata gives
 // (finish_reason: stop, length, cancelled, deadline_exceeded,
 // client_too_slow, error; reason: invalid_argument, queue_full,
+// queue_timeout (`strata router`: no decode worker had room in time),
 // unavailable), so each renders as 0 before its first event; any other
 // reason counts as "other", so that the label values stay a fixed set.
 //

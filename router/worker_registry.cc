@@ -375,7 +375,14 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
   std::vector<std::pair<const Entry*, double>> eligible;  // with room, and their scores
   int64_t most_free = std::numeric_limits<int64_t>::min();
   const Entry* most_free_worker = nullptr;
+  int64_t largest = std::numeric_limits<int64_t>::min();
+  const Entry* largest_worker = nullptr;
   for (const Entry* e : *candidates) {
+    const int64_t total = e->load.gpu_kv_total_bytes() + e->load.host_kv_total_bytes();
+    if (total > largest) {
+      largest = total;
+      largest_worker = e;
+    }
     const int64_t free =
         e->load.gpu_kv_free_bytes() + e->load.host_kv_free_bytes() - e->pending_kv_bytes;
     if (free > most_free) {
@@ -391,8 +398,14 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
     }
     if (score == best) ties.push_back(e);
   }
+  if (ties.empty() && largest < kv_bytes_needed) {
+    return absl::OutOfRangeError(absl::StrCat(
+        "no decode worker serving profile '", profile, "' can ever hold ", kv_bytes_needed,
+        " bytes of KV (GPU and host tiers; the largest: ", std::max<int64_t>(0, largest), " on ",
+        largest_worker->info.worker_id(), ")"));
+  }
   if (ties.empty()) {
-    return absl::UnavailableError(absl::StrCat(
+    return absl::ResourceExhaustedError(absl::StrCat(
         "no decode worker serving profile '", profile, "' has ", kv_bytes_needed,
         " bytes of KV free (GPU and host tiers; the most free: ", std::max<int64_t>(0, most_free),
         " on ", most_free_worker->info.worker_id(), ")"));

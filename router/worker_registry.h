@@ -139,7 +139,9 @@ class WorkerRegistry {
   // The schedulable decode worker serving `profile` whose free KV (GPU and
   // host tiers, less what was noted since its report) covers
   // kv_bytes_needed, with the lowest DecodeScore; ties go round-robin.
-  // Errors as PickPrefill's, and Unavailable when none has room. Workers
+  // Errors as PickPrefill's; ResourceExhausted when none has room now, and
+  // OutOfRange when none could hold it even empty (its tiers' totals are
+  // all smaller). Both name the worker closest to it. Workers
   // whose id is in `exclude` are passed over (the router retrying a request
   // elsewhere after its worker failed); Unavailable, naming them, when they
   // were the only candidates. With `prefer`, the first of its holders that

@@ -316,6 +316,38 @@ TEST(DisaggregatedRoutingTest, ADeadDecodeWorkerLeavesSchedulingAndRequestsGoOn)
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
+// A decode worker whose cache holds one request at a time: the router
+// keeps the others waiting until the worker reports room again, and every
+// request completes (none is refused for want of room).
+TEST(DisaggregatedRoutingTest, RequestsWaitForADecodeWorkerWithRoomInsteadOfFailing) {
+  ServerProcess decode({"--kv-pages", "8", "--max-context", "128", "--max-seqs", "8"}, "decode");
+  ServerProcess router({"--workers", decode.address(), "--heartbeat-seconds", "0.2",
+                        "--max-context", "128", "--queue-timeout-seconds", "30"},
+                       "router");
+  // 60 + 50 tokens: most of the 128 the cache holds.
+  const Completion first = GenerateOnceReady(router.stub(), Request(60, 50, 1));
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  // (Those refused before the router's discovery found the worker.)
+  const double unavailable_before =
+      router.Metric("strata_requests_rejected_total{reason=\"unavailable\"}");
+  constexpr int kRequests = 4;
+  std::vector<Completion> done(kRequests);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kRequests; ++i) {
+    clients.emplace_back([&, i] { done[i] = Generate(router.stub(), Request(60, 50, 1)); });
+  }
+  for (std::thread& t : clients) t.join();
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_TRUE(done[i].status.ok()) << i << ": " << done[i].status.error_message();
+    EXPECT_EQ(done[i].tokens, first.tokens) << i;
+  }
+  EXPECT_EQ(router.Metric("strata_requests_rejected_total{reason=\"unavailable\"}"),
+            unavailable_before);
+  EXPECT_EQ(router.Metric("strata_requests_rejected_total{reason=\"queue_timeout\"}"), 0);
+  EXPECT_EQ(router.WaitForMetric("strata_requests_waiting", [](double v) { return v == 0; }), 0);
+  EXPECT_EQ(decode.WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; }), 0);
+}
+
 // Every pool a request can hold on a worker is empty again: GPU pages,
 // host records, exports waiting to be sent, room reserved to land KV.
 void ExpectPoolsEmpty(ServerProcess& worker, const std::string& name) {

@@ -284,6 +284,20 @@ class RouterServiceTest : public ::testing::Test {
                     .ok());
   }
 
+  // The decode worker `id` (the index-th fake added) reports `free` bytes of
+  // KV free of `total`.
+  void ReportRoom(const std::string& id, size_t index, int64_t free,
+                  int64_t total = int64_t{1} << 30) {
+    WorkerLoad load = DecodeLoad(0);
+    load.set_gpu_kv_total_bytes(total);
+    load.set_gpu_kv_free_bytes(free);
+    ASSERT_TRUE(
+        registry_
+            .Update(Info(id, internal::v1::WORKER_ROLE_DECODE, fake_servers_.at(index)->address()),
+                    load, WorkerRegistry::Source::kHeartbeat)
+            .ok());
+  }
+
   void StartRouter(RouterServiceOptions options = DefaultOptions()) {
     auto metrics = ServerMetrics::Create(&metrics_registry_);
     ASSERT_TRUE(metrics.ok()) << metrics.status();
@@ -728,6 +742,122 @@ TEST_F(RouterServiceTest, AdmissionIsBounded) {
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   // The slot is free once both calls are over.
   ASSERT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(2));
+}
+
+// Prompt(3) with the default 16 tokens to generate: 19 KiB of KV.
+constexpr int64_t kSmallRequestKv = 19 * 1024;
+
+TEST_F(RouterServiceTest, ARequestWaitsForADecodeWorkerWithRoomForItsKv) {
+  FakeDecodeWorker* d1 = AddDecode("d1", FakeDecodeWorker::Mode::kEcho, 0, 3);
+  ReportRoom("d1", 0, kSmallRequestKv - 1);
+  StartRouter();
+  Outcome out;
+  std::thread client([&] { out = Generate(Prompt(3)); });
+  ASSERT_LT(WaitFor([&] { return service_->requests_queued() == 1; }), absl::Seconds(2));
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(d1->calls(), 0);
+  EXPECT_EQ(service_->requests_in_flight(), 1);
+  // The worker's next report has room: the request goes within a few ms.
+  ReportRoom("d1", 0, kSmallRequestKv);
+  client.join();
+  ASSERT_TRUE(out.status.ok()) << out.status.error_message();
+  EXPECT_THAT(out.tokens(), ElementsAre(10, 11, 12));
+  EXPECT_EQ(d1->calls(), 1);
+  EXPECT_EQ(service_->requests_queued(), 0);
+  EXPECT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(2));
+  EXPECT_THAT(MetricsText(), HasSubstr("strata_requests_total{finish_reason=\"length\"} 1"));
+}
+
+TEST_F(RouterServiceTest, ARequestWaitingLongerThanTheQueueTimeoutIsUnavailableNamingWhy) {
+  FakeDecodeWorker* d1 = AddDecode("d1", FakeDecodeWorker::Mode::kEcho);
+  ReportRoom("d1", 0, 1000);
+  RouterServiceOptions options = DefaultOptions();
+  options.queue_timeout = absl::Milliseconds(300);
+  StartRouter(options);
+  const absl::Time start = absl::Now();
+  const Outcome out = Generate(Prompt(3));
+  const absl::Duration waited = absl::Now() - start;
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(out.status.error_message(),
+              AllOf(HasSubstr("no decode worker had room for the request's KV within 300ms"),
+                    HasSubstr("has 19456 bytes of KV free"), HasSubstr("1000 on d1")));
+  EXPECT_GE(waited, absl::Milliseconds(290));
+  EXPECT_LT(waited, absl::Seconds(2));
+  EXPECT_EQ(d1->calls(), 0);
+  EXPECT_EQ(service_->requests_queued(), 0);
+  EXPECT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(2));
+  EXPECT_THAT(MetricsText(),
+              HasSubstr("strata_requests_rejected_total{reason=\"queue_timeout\"} 1"));
+
+  // With no queue timeout, at once.
+  router_server_->Shutdown();
+  options.queue_timeout = absl::ZeroDuration();
+  StartRouter(options);
+  const Outcome now = Generate(Prompt(3));
+  EXPECT_EQ(now.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(now.status.error_message(), HasSubstr("has 19456 bytes of KV free"));
+}
+
+TEST_F(RouterServiceTest, AClientThatLeavesWhileItsRequestWaitsLeavesTheQueue) {
+  FakeDecodeWorker* d1 = AddDecode("d1", FakeDecodeWorker::Mode::kEcho);
+  ReportRoom("d1", 0, 1000);
+  StartRouter();
+  // Cancelled.
+  grpc::ClientContext context;
+  auto reader = stub_->Generate(&context, Prompt(3));
+  ASSERT_LT(WaitFor([&] { return service_->requests_queued() == 1; }), absl::Seconds(2));
+  context.TryCancel();
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_LT(WaitFor([&] { return service_->requests_queued() == 0; }), absl::Seconds(1));
+  // Its deadline passing.
+  const Outcome out = Generate(Prompt(3), std::chrono::milliseconds(300));
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(1));
+  EXPECT_EQ(service_->requests_queued(), 0);
+  // Room now reaches no one.
+  ReportRoom("d1", 0, int64_t{1} << 30);
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_EQ(d1->calls(), 0);
+  EXPECT_THAT(MetricsText(),
+              AllOf(HasSubstr("strata_requests_total{finish_reason=\"cancelled\"} 1"),
+                    HasSubstr("strata_requests_total{finish_reason=\"deadline_exceeded\"} 1")));
+}
+
+TEST_F(RouterServiceTest, AWaitingRequestIsNotOvertakenByALaterOneOfItsProfile) {
+  FakeDecodeWorker* d1 = AddDecode("d1", FakeDecodeWorker::Mode::kEcho, 0, 3);
+  // Room for the small request, not for the large one (116 KiB).
+  ReportRoom("d1", 0, 3 * kSmallRequestKv);
+  StartRouter();
+  Outcome large, small;
+  std::thread first([&] { large = Generate(Prompt(100)); });
+  ASSERT_LT(WaitFor([&] { return service_->requests_queued() == 1; }), absl::Seconds(2));
+  std::thread second([&] { small = Generate(Prompt(3)); });
+  ASSERT_LT(WaitFor([&] { return service_->requests_queued() == 2; }), absl::Seconds(2));
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_EQ(d1->calls(), 0);
+  ReportRoom("d1", 0, int64_t{1} << 30);
+  first.join();
+  second.join();
+  EXPECT_TRUE(large.status.ok()) << large.status.error_message();
+  EXPECT_TRUE(small.status.ok()) << small.status.error_message();
+  EXPECT_EQ(d1->calls(), 2);
+}
+
+TEST_F(RouterServiceTest, ARequestNoDecodeWorkerCouldEverHoldIsRefusedAtOnce) {
+  FakeDecodeWorker* d1 = AddDecode("d1", FakeDecodeWorker::Mode::kEcho);
+  ReportRoom("d1", 0, 100 * 1024, 100 * 1024);
+  StartRouter();  // waiting would be allowed for 30 s
+  const absl::Time start = absl::Now();
+  const Outcome out = Generate(Prompt(200));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1));
+  EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(out.status.error_message(),
+              AllOf(HasSubstr("the prompt's 200 tokens and max_tokens 16"),
+                    HasSubstr("can ever hold 221184 bytes"), HasSubstr("102400 on d1")));
+  EXPECT_EQ(d1->calls(), 0);
+  EXPECT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(2));
+  // One that fits still goes.
+  EXPECT_TRUE(Generate(Prompt(3)).status.ok());
 }
 
 TEST_F(RouterServiceTest, ModelInfoAndTokenizeAreAnsweredLocally) {

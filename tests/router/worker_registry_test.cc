@@ -374,14 +374,21 @@ TEST_F(WorkerRegistryTest, DecodeCapacityFiltering) {
   EXPECT_EQ(PickDecodeId(kGiB), "d1");          // idle, and room enough
   EXPECT_EQ(PickDecodeId(3 * kGiB), "d1");      // GPU and host together
   EXPECT_EQ(PickDecodeId(3 * kGiB + 1), "d2");  // only the busy one has room
+  // No room now: a request may wait for some.
   auto none = registry_.PickDecode("default", 6 * kGiB);
-  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(none.status().message(),
               AllOf(HasSubstr("has 6442450944 bytes of KV free"), HasSubstr("5368709120 on d2")));
   // What the router sent since counts against the room.
   registry_.NoteAssigned("d2", 0, 4 * kGiB);
   EXPECT_EQ(registry_.PickDecode("default", 3 * kGiB + 1).status().code(),
-            absl::StatusCode::kUnavailable);
+            absl::StatusCode::kResourceExhausted);
+  // More than any worker holds even empty (d1: 10 GiB GPU and 4 GiB host):
+  // waiting would not help.
+  auto never = registry_.PickDecode("default", 14 * kGiB + 1);
+  EXPECT_EQ(never.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(never.status().message(),
+              AllOf(HasSubstr("can ever hold 15032385537 bytes"), HasSubstr("15032385536 on d1")));
   EXPECT_EQ(registry_.PickDecode("default", -1).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
@@ -403,7 +410,10 @@ TEST_F(WorkerRegistryTest, DecodeExcludesWorkersById) {
   EXPECT_THAT(none.status().message(), AllOf(HasSubstr("d1"), HasSubstr("d2")));
   // Capacity still applies to the workers left.
   EXPECT_EQ(registry_.PickDecode("default", 11 * kGiB, {"d1"}).status().code(),
-            absl::StatusCode::kUnavailable);
+            absl::StatusCode::kOutOfRange);
+  registry_.NoteAssigned("d2", 0, 5 * kGiB);
+  EXPECT_EQ(registry_.PickDecode("default", 6 * kGiB, {"d1"}).status().code(),
+            absl::StatusCode::kResourceExhausted);
 }
 
 }  // namespace
