@@ -639,12 +639,22 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
   // the (value, layer) blocks are filled in parallel (a 32k prompt's are
   // tens of megabytes).
   std::vector<size_t> items;
-  std::vector<std::vector<uint8_t>> values;
   for (size_t wi = 0; wi < read.work.size(); ++wi) {
-    if (!read.keys[wi].has_value() && read.export_key == 0) continue;
-    const SummaryWork& w = read.work[wi];
-    items.push_back(wi);
-    values.emplace_back(ValueBytes(w.count, w.clusters, read.layers, heads, d, element));
+    if (read.keys[wi].has_value() || read.export_key != 0) items.push_back(wi);
+  }
+  // Allocated on the pool too: a value's fresh pages are faulted in (and
+  // zeroed) as it is sized, tens of milliseconds for a 32k prompt's on one
+  // thread.
+  std::vector<std::vector<uint8_t>> values(items.size());
+  PackPool().ParallelFor(static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const SummaryWork& w = read.work[items[static_cast<size_t>(k)]];
+      values[static_cast<size_t>(k)].resize(
+          static_cast<size_t>(ValueBytes(w.count, w.clusters, read.layers, heads, d, element)));
+    }
+  });
+  for (size_t k = 0; k < items.size(); ++k) {
+    const SummaryWork& w = read.work[items[k]];
     const int32_t header[kHeaderWords] = {kMagic,
                                           kVersion,
                                           w.begin,
@@ -654,7 +664,7 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
                                           static_cast<int32_t>(heads),
                                           static_cast<int32_t>(d),
                                           static_cast<int32_t>(read.centroid_dtype)};
-    std::memcpy(values.back().data(), header, sizeof(header));
+    std::memcpy(values[k].data(), header, sizeof(header));
   }
   const auto layers = static_cast<int64_t>(read.layers);
   PackPool().ParallelFor(
