@@ -3,6 +3,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -139,9 +140,18 @@ bool MeetsSlo(const RequestRecord& record, const Slo& slo) {
   return true;
 }
 
-Report BuildReport(const std::vector<RequestRecord>& records, double duration_s, const Slo& slo) {
+Report BuildReport(const std::vector<RequestRecord>& records, double duration_s, const Slo& slo,
+                   int64_t split_prompt_tokens) {
   Report r;
   r.slo = slo;
+  r.split_prompt_tokens = std::max<int64_t>(0, split_prompt_tokens);
+  // Per class (shorter prompts, the others): ttft, itl, e2e.
+  std::vector<std::array<std::vector<double>, 3>> by_class(r.split_prompt_tokens > 0 ? 2 : 0);
+  if (r.split_prompt_tokens > 0) {
+    r.by_prompt.resize(2);
+    r.by_prompt[0].name = absl::StrCat("prompt < ", r.split_prompt_tokens);
+    r.by_prompt[1].name = absl::StrCat("prompt >= ", r.split_prompt_tokens);
+  }
   r.duration_s = duration_s;
   r.issued = static_cast<int64_t>(records.size());
   std::vector<double> ttft, itl, e2e;
@@ -162,6 +172,14 @@ Report BuildReport(const std::vector<RequestRecord>& records, double duration_s,
     ++r.completed;
     r.input_tokens += rec.prompt_tokens;
     r.output_tokens += rec.output_tokens;
+    if (!by_class.empty()) {
+      const size_t c = rec.prompt_tokens < r.split_prompt_tokens ? 0 : 1;
+      ++r.by_prompt[c].completed;
+      if (slo.enabled() && MeetsSlo(rec, slo)) ++r.by_prompt[c].good;
+      if (rec.ttft_s >= 0) by_class[c][0].push_back(rec.ttft_s * 1e3);
+      for (double v : rec.itl_s) by_class[c][1].push_back(v * 1e3);
+      by_class[c][2].push_back(rec.e2e_s * 1e3);
+    }
     if (rec.ttft_s >= 0) {
       ttft.push_back(rec.ttft_s * 1e3);
       const size_t quarter =
@@ -182,6 +200,11 @@ Report BuildReport(const std::vector<RequestRecord>& records, double duration_s,
   r.ttft_ms = Summarize(std::move(ttft));
   r.itl_ms = Summarize(std::move(itl));
   r.e2e_ms = Summarize(std::move(e2e));
+  for (size_t c = 0; c < by_class.size(); ++c) {
+    r.by_prompt[c].ttft_ms = Summarize(std::move(by_class[c][0]));
+    r.by_prompt[c].itl_ms = Summarize(std::move(by_class[c][1]));
+    r.by_prompt[c].e2e_ms = Summarize(std::move(by_class[c][2]));
+  }
   for (auto& q : ttft_by_quarter) r.ttft_p99_ms_by_quarter.push_back(Summarize(std::move(q)).p99);
   return r;
 }
@@ -211,6 +234,14 @@ std::string FormatReport(const Report& r) {
   row("TTFT", r.ttft_ms);
   row("ITL", r.itl_ms);
   row("E2E", r.e2e_ms);
+  for (const Report::PromptClass& c : r.by_prompt) {
+    absl::StrAppendFormat(&out, "  %s: %d completed", c.name, c.completed);
+    if (r.slo.enabled()) absl::StrAppendFormat(&out, ", %d met the objectives", c.good);
+    absl::StrAppendFormat(&out, "\n");
+    row("  TTFT", c.ttft_ms);
+    row("  ITL", c.itl_ms);
+    row("  E2E", c.e2e_ms);
+  }
   std::vector<std::string> quarters;
   for (double v : r.ttft_p99_ms_by_quarter) quarters.push_back(absl::StrFormat("%.2f", v));
   absl::StrAppendFormat(&out, "  TTFT p99 by quarter of the run (ms): %s\n",
@@ -247,6 +278,16 @@ nlohmann::json ReportToJson(const Report& r) {
       {"max_send_lag_ms", r.max_send_lag_ms},
       {"max_in_flight", r.max_in_flight},
   };
+  j["split_prompt_tokens"] = r.split_prompt_tokens;
+  j["by_prompt"] = nlohmann::json::array();
+  for (const Report::PromptClass& c : r.by_prompt) {
+    j["by_prompt"].push_back({{"name", c.name},
+                              {"completed", c.completed},
+                              {"good", c.good},
+                              {"ttft_ms", DistributionToJson(c.ttft_ms)},
+                              {"itl_ms", DistributionToJson(c.itl_ms)},
+                              {"e2e_ms", DistributionToJson(c.e2e_ms)}});
+  }
   if (r.slo.enabled()) {
     j["slo"] = {{"ttft_ms", r.slo.ttft_ms},
                 {"itl_ms", r.slo.itl_ms},
@@ -768,7 +809,7 @@ absl::StatusOr<BenchResult> RunBenchmark(const LoadOptions& o) {
   double duration_s = 0;
   int64_t max_in_flight = 0;
   result.records = tracker.TakeRecords(&duration_s, &max_in_flight);
-  result.report = BuildReport(result.records, duration_s, o.slo);
+  result.report = BuildReport(result.records, duration_s, o.slo, o.split_prompt_tokens);
   result.report.server = o.server;
   result.report.model = result.model.name;
   result.report.arrivals = o.rate > 0 ? absl::StrFormat("poisson %g req/s", o.rate)

@@ -132,6 +132,18 @@ struct Report {
   Slo slo;
   int64_t good = 0;
   double goodput = 0;  // good requests / s (0 unless slo.enabled())
+  // A mixed load's classes apart: under a mix of long and short prompts the
+  // pooled ITL percentiles mix the long requests' own gaps (e.g. between a
+  // disaggregated prefill's first token and the KV's landing) with the
+  // stalls that long prefills cause the short requests.
+  struct PromptClass {
+    std::string name;  // "prompt < N" or "prompt >= N"
+    int64_t completed = 0;
+    int64_t good = 0;
+    Distribution ttft_ms, itl_ms, e2e_ms;
+  };
+  int64_t split_prompt_tokens = 0;  // 0: by_prompt is empty
+  std::vector<PromptClass> by_prompt;
   // Filled by RunBenchmark: how the run was driven.
   std::string server;
   std::string model;
@@ -141,7 +153,10 @@ struct Report {
 };
 
 // Builds the report from the records of a run that lasted duration_s.
-Report BuildReport(const std::vector<RequestRecord>& records, double duration_s, const Slo& slo);
+// With split_prompt_tokens > 0, also the latencies of the requests with
+// shorter prompts and of the others, apart (Report::by_prompt).
+Report BuildReport(const std::vector<RequestRecord>& records, double duration_s, const Slo& slo,
+                   int64_t split_prompt_tokens = 0);
 
 // A human-readable table (several lines, ending with a newline).
 std::string FormatReport(const Report& report);
@@ -264,6 +279,9 @@ struct LoadOptions {
   double connect_timeout_s = 10;
   int channels = 1;  // gRPC channels (TCP connections), round-robin
   Slo slo;
+  // > 0: the report also gives the latencies of the requests with prompts
+  // shorter than this and of the others apart (Report::by_prompt).
+  int64_t split_prompt_tokens = 0;
   // Called about once per progress_interval_s with a one-line status (from
   // the calling thread); null: silent.
   std::function<void(const std::string&)> progress;

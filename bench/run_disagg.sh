@@ -10,8 +10,9 @@
 # then a mixed load through each (`strata bench serve`, 6 streams of 32
 # requests: 26 short, 1024-token prompts and 96 tokens out, and 6 long,
 # 16384-token prompts and 16 out, shuffled), for the inter-token latency
-# of the short ones while long prompts arrive (its requests name the
-# profile, so their KV crosses in CODECS' codec too).
+# of the short ones while long prompts arrive, reported apart from the
+# long ones' (its requests name the profile, so their KV crosses in
+# CODECS' codec too).
 # Each disaggregated request's greedy tokens are compared with serve's
 # (which prefills in the same chunks). Runs from a bundle made by
 # tools/gpu-bundle.sh; logs go to $1.
@@ -107,10 +108,10 @@ with open(sys.argv[1], "w") as f:
                             "max_tokens": out}) + "\n")
 PY
   "$strata" bench serve --server "$1" --dataset "$tmp/mixed.jsonl" --ignore-eos --concurrency 6 \
-    ${3:+--profile "$3"} \
+    ${3:+--profile "$3"} --split-prompt-tokens 4096 \
     --num-requests 32 --temperature 0 --quiet --json "$out/mixed-$2.json" >"$out/mixed-$2.txt" 2>&1 ||
     { tail -5 "$out/mixed-$2.txt"; return 0; }
-  echo "mixed $2:"; grep -E "latency|TTFT|ITL|throughput|completed|failed" "$out/mixed-$2.txt" | head -9
+  echo "mixed $2:"; grep -E "latency|TTFT|ITL|throughput|completed|failed" "$out/mixed-$2.txt" | head -16
 }
 ask() {  # ask SERVER LENGTH SEED [PROFILE]: one request, its JSON summary (tokens: $tmp/last.jsonl)
   python3 -c "import random; r=random.Random($3); print(','.join(str(r.randrange(1000, 120000)) for _ in range($2)))" >"$tmp/prompt.txt"

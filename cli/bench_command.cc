@@ -51,6 +51,10 @@ void AddBenchCommand(CLI::App& app, BenchFlags& f, int& exit_code) {
   cmd->add_option("--slo-itl-stat", f.slo_itl_stat,
                   "Which per-request ITL --slo-itl-ms bounds: mean (time per output token) or p99")
       ->check(CLI::IsMember({"mean", "p99"}));
+  cmd->add_option("--split-prompt-tokens", f.split_prompt_tokens,
+                  "Also report the latencies of requests with prompts shorter than N tokens and "
+                  "of the others apart (a mixed load's classes)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   cmd->add_option("--json", f.json, "Also write the results as JSON to FILE");
   cmd->add_flag("--fail-on-error", f.fail_on_error, "Exit 1 when any request failed");
   cmd->add_flag("--quiet", f.quiet, "No progress lines on stderr");
@@ -84,6 +88,7 @@ int RunBenchServe(const BenchFlags& f) {
   o.slo.ttft_ms = f.slo_ttft_ms;
   o.slo.itl_ms = f.slo_itl_ms;
   o.slo.itl_stat = f.slo_itl_stat == "p99" ? bench::ItlStat::kP99 : bench::ItlStat::kMean;
+  o.split_prompt_tokens = f.split_prompt_tokens;
   if (!f.quiet) {
     o.progress = [](const std::string& line) { std::fprintf(stderr, "%s\n", line.c_str()); };
   }

@@ -35,6 +35,7 @@ struct BenchFlags {
   double request_timeout_s = 300;
   int channels = 1;
   double slo_ttft_ms = 0;
+  int64_t split_prompt_tokens = 0;
   double slo_itl_ms = 0;
   std::string slo_itl_stat = "mean";
   std::string json;

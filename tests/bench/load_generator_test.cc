@@ -142,6 +142,36 @@ TEST(ReportTest, CountsThroughputsAndGoodput) {
   EXPECT_THAT(table, HasSubstr("TTFT"));
 }
 
+TEST(ReportTest, SplitsTheLatenciesOfShortAndLongPrompts) {
+  std::vector<RequestRecord> records = {
+      Ok(0.0, 0.010, {0.020, 0.020}, /*prompt=*/100),    // short
+      Ok(0.5, 0.012, {0.040, 0.020}, /*prompt=*/1000),   // short
+      Ok(1.0, 0.300, {0.150, 0.020}, /*prompt=*/16000),  // long: a 150 ms gap
+      Failed("UNAVAILABLE", "down"),
+  };
+  Slo slo;
+  slo.ttft_ms = 100;
+  const Report r = BuildReport(records, 2.0, slo, /*split_prompt_tokens=*/4096);
+  ASSERT_EQ(r.by_prompt.size(), 2u);
+  EXPECT_EQ(r.by_prompt[0].name, "prompt < 4096");
+  EXPECT_EQ(r.by_prompt[0].completed, 2);
+  EXPECT_EQ(r.by_prompt[0].good, 2);
+  EXPECT_NEAR(r.by_prompt[0].itl_ms.max, 40, 1e-9);
+  EXPECT_NEAR(r.by_prompt[0].ttft_ms.mean, 11, 1e-9);
+  EXPECT_EQ(r.by_prompt[1].completed, 1);
+  EXPECT_EQ(r.by_prompt[1].good, 0);
+  EXPECT_NEAR(r.by_prompt[1].itl_ms.max, 150, 1e-9);
+  EXPECT_EQ(r.itl_ms.count, 6);  // the pooled figures are unchanged
+  const nlohmann::json j = ReportToJson(r);
+  EXPECT_EQ(j["split_prompt_tokens"], 4096);
+  EXPECT_EQ(j["by_prompt"][1]["name"], "prompt >= 4096");
+  EXPECT_DOUBLE_EQ(j["by_prompt"][1]["itl_ms"]["max"].get<double>(), 150);
+  EXPECT_THAT(FormatReport(r), HasSubstr("prompt >= 4096: 1 completed, 0 met the objectives"));
+  // Without a split, none.
+  EXPECT_TRUE(BuildReport(records, 2.0, slo).by_prompt.empty());
+  EXPECT_TRUE(ReportToJson(BuildReport(records, 2.0, slo))["by_prompt"].empty());
+}
+
 TEST(ReportTest, NoSloMeansNoGoodput) {
   const Report r = BuildReport({Ok(0, 0.01, {0.01})}, 1.0, Slo{});
   EXPECT_EQ(r.good, 0);
