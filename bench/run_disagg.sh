@@ -29,6 +29,10 @@
 #                 instead of running the k-means; serve clusters at its
 #                 first decode step
 #   IMPORT_BYTES  the decode worker's --kv-import-bytes-per-step
+#   LAYER_PARTS   the prefill worker's --kv-export-layer-parts values to
+#                 try (default 4: the last chunk's pages leave in 4 parts
+#                 of 8 layers as its step computes them; 1: whole, after
+#                 the step)
 #   LOG_LEVEL     the processes' log level (default info)
 #   PREFILL_GPU, DECODE_GPU  the workers' devices (default 0 and 0)
 set -euo pipefail
@@ -37,6 +41,7 @@ out=${1:-gpu-out}
 prompts=${PROMPTS:-"8192 32768"}
 prefill_gpu=${PREFILL_GPU:-0}
 chunks=${CHUNKS:-2048}
+layer_parts=${LAYER_PARTS:-4}
 codecs=${CODECS:-"bf16 int8"}
 decode_gpu=${DECODE_GPU:-0}
 policy=${POLICY:-}
@@ -154,16 +159,18 @@ for codec in $codecs; do
 printf 'name: wire\ncodec: %s\n%s\n' "$codec" "$policy_yaml" >"$tmp/wire-$codec.yaml"
 profile=(--profile "$tmp/wire-$codec.yaml")
 for chunk in $chunks; do
-echo "== router + prefill worker (chunks of $chunk tokens) + decode worker, KV in $codec"
-start "prefill-$codec-$chunk.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
-  "${profile[@]}" --kv-export-bytes "$host" --max-batch-tokens "$chunk"
+for parts in $layer_parts; do
+echo "== router + prefill worker (chunks of $chunk tokens, last chunk in $parts layer parts) + decode worker, KV in $codec"
+start "prefill-$codec-$chunk-$parts.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
+  "${profile[@]}" --kv-export-bytes "$host" --max-batch-tokens "$chunk" \
+  --kv-export-layer-parts "$parts"
 prefill=$address
 prefill_metrics=$metrics
-start "decode-$codec-$chunk.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
+start "decode-$codec-$chunk-$parts.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
   "${profile[@]}" --kv-landing-bytes "$host" ${IMPORT_BYTES:+--kv-import-bytes-per-step "$IMPORT_BYTES"}
 decode=$address
 decode_metrics=$metrics
-start "router-$codec-$chunk.log" -- router --dummy-weights llama-3-8b --max-context "$context" \
+start "router-$codec-$chunk-$parts.log" -- router --dummy-weights llama-3-8b --max-context "$context" \
   "${profile[@]}" --host 127.0.0.1 --port 0 --metrics-port 0 --workers "$prefill" \
   --workers "$decode" --prefill-threshold-tokens 256 --heartbeat-seconds 0.2
 router=$address
@@ -182,13 +189,13 @@ for p in $prompts; do
     strata_kv_wire_bytes_total strata_kv_raw_bytes_total; do
     after+=("$(metric "$decode_metrics" "$m")")
   done
-  chunk=$chunk codec=$codec python3 - "$p" "$summary" "${before[@]}" "${after[@]}" <<'PY'
+  chunk=$chunk codec=$codec parts=$parts python3 - "$p" "$summary" "${before[@]}" "${after[@]}" <<'PY'
 import json, os, sys
-chunk, codec = os.environ["chunk"], os.environ["codec"]
+chunk, codec, parts = os.environ["chunk"], os.environ["codec"], os.environ["parts"]
 p, summary = sys.argv[1], json.loads(sys.argv[2])["summary"]
 b = [float(x) for x in sys.argv[3:7]]; a = [float(x) for x in sys.argv[7:11]]
 compute, transfer, wire, raw = (a[i] - b[i] for i in range(4))
-print(f"disagg codec={codec} chunk={chunk} {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
+print(f"disagg codec={codec} chunk={chunk} parts={parts} {p} ttft_ms={summary['time_to_first_token_ms']:.1f} "
       f"decode_tok_s={summary['decode_tokens_per_s']:.1f} "
       f"second_token_ms={summary.get('second_token_ms', 0):.1f} prefill_s={compute:.3f} "
       f"transfer_s={transfer:.3f} transfer/prefill={transfer / compute if compute else 0:.2f} "
@@ -198,8 +205,9 @@ PY
   same_tokens "$tmp/serve-$p.jsonl"
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
-mixed "$router" "disagg-$codec-$chunk" wire
+mixed "$router" "disagg-$codec-$chunk-$parts" wire
 echo "clusterings: prefill k-means $(metric "$prefill_metrics" strata_kv_policy_clusterings_total) exported $(metric "$prefill_metrics" strata_kv_policy_clusterings_exported_total); decode k-means $(metric "$decode_metrics" strata_kv_policy_clusterings_total) imported $(metric "$decode_metrics" strata_kv_policy_clusterings_imported_total)"
 stop_all
+done
 done
 done

@@ -214,6 +214,11 @@ void AddWorkerCommands(CLI::App& app, ServeFlags& p, ServeFlags& d, int& exit_co
       ->add_option("--kv-export-bytes", p.kv_export_bytes,
                    "Host bytes where computed KV waits until it has been sent")
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 42));
+  prefill
+      ->add_option("--kv-export-layer-parts", p.kv_export_layer_parts,
+                   "A prompt's last pages leave in this many parts of consecutive layers, each "
+                   "as soon as the last step has computed its layers (1: whole, after the step)")
+      ->check(CLI::Range(1, 255));
   d.role = ServeFlags::Role::kDecode;
   CLI::App* decode = app.add_subcommand(
       "decode", "A decode worker: takes prompts' KV from prefill workers and decodes");
@@ -326,7 +331,10 @@ int RunServe(const ServeFlags& f) {
   if (!manager_options.ok()) return Fail(manager_options.status());
   // A prefill worker keeps computed KV in its host tier until it is sent;
   // a decode worker has KV sent to it land in its own.
-  if (prefill_worker) manager_options->host_bytes += f.kv_export_bytes;
+  if (prefill_worker) {
+    manager_options->host_bytes += f.kv_export_bytes;
+    manager_options->export_layer_parts = f.kv_export_layer_parts;
+  }
   if (decode_worker) {
     manager_options->host_bytes += f.kv_landing_bytes;
     manager_options->landing_bytes = f.kv_landing_bytes;

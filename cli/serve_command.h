@@ -58,8 +58,11 @@ struct ServeFlags {
   // decode (engine::BatcherOptions::max_import_bytes_per_step; 0: at once)
   int64_t kv_import_bytes_per_step = int64_t{256} << 20;
   int64_t kv_export_bytes = int64_t{1} << 30;  // prefill: host bytes exports wait in
-  double prefill_timeout_seconds = 60;         // decode: a prefill call's deadline
-  double kv_lease_seconds = 30;                // decode: a reservation's lease
+  // prefill: the parts of consecutive layers a prompt's last pages leave in
+  // as its last step computes them (KvBlockManagerOptions::export_layer_parts)
+  int kv_export_layer_parts = 4;
+  double prefill_timeout_seconds = 60;  // decode: a prefill call's deadline
+  double kv_lease_seconds = 30;         // decode: a reservation's lease
 };
 
 void AddServeCommand(CLI::App& app, ServeFlags& flags, int& exit_code);

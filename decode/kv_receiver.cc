@@ -17,6 +17,13 @@ absl::StatusOr<std::span<std::byte>> KvReceiver::Allocate(std::string_view /*pee
       !h.ok() ? absl::StatusOr<std::span<std::byte>>(h.status())
       : h->kind == kvtier::KvBlockHeader::Kind::kPlannerState
           ? area_->PlaceState(h->transfer_id, h->index, h->count, payload_bytes)
+      : h->is_part()
+          // The header was checked against this worker's format: its
+          // layers are the record's, in one rank.
+          ? area_->PlacePart(h->transfer_id, h->index, h->count, h->first_layer, h->part_layers,
+                             format_.layers,
+                             format_.layer_bytes(h->codec, static_cast<int>(h->tokens)), h->codec,
+                             static_cast<int>(h->tokens))
           : area_->Place(h->transfer_id, h->index, h->count, payload_bytes, h->codec,
                          static_cast<int>(h->tokens));
   if (!where.ok()) blocks_refused_.fetch_add(1);
@@ -32,7 +39,12 @@ void KvReceiver::Landed(std::string_view /*peer*/, std::span<const std::byte> he
     area_->StateLanded(h->transfer_id, h->index, h->payload_crc, status);
     return;
   }
-  area_->Landed(h->transfer_id, h->index, h->payload_crc, status);
+  if (h->is_part()) {
+    area_->PartLanded(h->transfer_id, h->index, h->first_layer, h->part_layers, h->payload_crc,
+                      status);
+  } else {
+    area_->Landed(h->transfer_id, h->index, h->payload_crc, status);
+  }
   if (status.ok()) {
     blocks_landed_.fetch_add(1);
     bytes_landed_.fetch_add(static_cast<int64_t>(payload.size()));

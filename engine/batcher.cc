@@ -62,6 +62,9 @@ Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions option
     const ModelOptions& o = model->options();
     own_kv_ = std::make_unique<PagedKvMemory>(o.page_size, o.num_pages, o.num_upper_pages);
     kv_ = own_kv_.get();
+  } else {
+    // A prompt's KV may leave as its last step is computed (ExportByLayer).
+    model_->set_layer_kv_observer(kv_);
   }
   for (int id : model->config().eos_token_ids) eos_ids_.push_back(id);
   if (tokenizer_ != nullptr) {
@@ -71,7 +74,9 @@ Batcher::Batcher(Model* model, const Tokenizer* tokenizer, BatcherOptions option
   }
 }
 
-Batcher::~Batcher() = default;
+Batcher::~Batcher() {
+  if (own_kv_ == nullptr) model_->set_layer_kv_observer(nullptr);
+}
 
 absl::Status Batcher::Add(GenerationRequest request) {
   if (absl::Status s = Validate(request); !s.ok()) {
@@ -667,6 +672,17 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     return events;
   }
 
+  for (size_t k = 0; k < step_seqs.size(); ++k) {
+    Sequence& seq = *step_seqs[k];
+    if (seq.req.export_kv != 0 && !seq.export_done && samples[k] &&
+        seq.num_computed + step_rows[k] == static_cast<int>(seq.tokens.size()) &&
+        seq.generated == 0) {
+      // The prompt's last chunk: its KV may leave layer by layer as this
+      // step computes it.
+      kv_->ExportByLayer(seq.req.export_kv,
+                         std::span<const int32_t>(seq.tokens).first(seq.tokens.size()), seq.pages);
+    }
+  }
   STRATA_ASSIGN_OR_RETURN(std::vector<SampledToken> sampled, model_->ForwardSample(in, sampling));
   // Sequences whose KV the planner could not trust this step: their tokens
   // are dropped and they start over from their tokens.

@@ -28,6 +28,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "engine/layer_kv_observer.h"
 #include "engine/page_allocator.h"
 
 namespace strata::engine {
@@ -49,9 +50,11 @@ struct SequencePages {
   bool empty() const { return lower.empty() && upper.empty(); }
 };
 
-class KvMemory {
+// As a LayerKvObserver (Model::set_layer_kv_observer), it may move a
+// prompt's KV out layer by layer as a step is enqueued (ExportByLayer).
+class KvMemory : public LayerKvObserver {
  public:
-  virtual ~KvMemory() = default;
+  ~KvMemory() override = default;
 
   // ---- The GPU tier: pages of the model's caches, per group --------------
   virtual int page_size() const = 0;
@@ -149,6 +152,17 @@ class KvMemory {
                                 const SequencePages& /*pages*/, bool /*final*/) {
     return absl::UnimplementedError("KV export needs a KV block manager with a host tier");
   }
+  // Prefill side, before the step that computes the rest of export `key`'s
+  // prompt (`tokens`, all of it, in `pages`): the KV of the pages not
+  // exported yet may leave layer by layer as that step's forward writes it
+  // (LayerKvWritten), beside the later layers' compute rather than after
+  // the step; the final ExportKv then ends the export. Whether it will;
+  // false leaves it all to the final ExportKv.
+  virtual bool ExportByLayer(uint64_t /*key*/, std::span<const int32_t> /*tokens*/,
+                             const SequencePages& /*pages*/) {
+    return false;
+  }
+  absl::Status LayerKvWritten(int /*layer*/) override { return absl::OkStatus(); }
   // Forgets an export whose sequence ended before its final call.
   virtual void DropExport(uint64_t /*key*/) {}
   // Prefill side: what the KV policy computed on the export's prompt

@@ -397,10 +397,12 @@ absl::StatusOr<bool> Model::SampleDecodeGraph(const StepInput& in,
         return compute_and_sample();
       }
       if (begin.ok()) {
+        capturing_ = true;
         const absl::Status recorded = [&]() -> absl::Status {
           STRATA_ASSIGN_OR_RETURN(Tensor logits, Compute(batch, bucket, bucket));
           return SampleUploaded(logits, bucket);
         }();
+        capturing_ = false;
         absl::StatusOr<int> graph = b.EndCapture();
         if (recorded.ok() && graph.ok()) it = decode_graphs_.emplace(key, *graph).first;
       }
@@ -604,6 +606,9 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
     STRATA_RETURN_IF_ERROR(b.Linear(normed, l.qkv, l.qkv_bias, qkv));
     STRATA_RETURN_IF_ERROR(
         b.RopeWriteKv(qkv, layout_, positions, inv_freq_, slots, k_cache_[i], v_cache_[i]));
+    if (layer_kv_observer_ != nullptr && !capturing_) {
+      STRATA_RETURN_IF_ERROR(layer_kv_observer_->LayerKvWritten(i));
+    }
     const SparsePlan* plan = nullptr;
     if (planner_ != nullptr) {
       STRATA_ASSIGN_OR_RETURN(plan,

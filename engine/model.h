@@ -37,6 +37,7 @@
 #include "engine/attention_planner.h"
 #include "engine/backend.h"
 #include "engine/kv_memory.h"
+#include "engine/layer_kv_observer.h"
 #include "engine/model_config.h"
 #include "engine/sampler.h"
 #include "engine/tensor_parallel.h"
@@ -154,6 +155,10 @@ class Model {
   // KV heads, and the leader's is a RankedPlanner over all of them.
   absl::Status set_attention_planner(AttentionPlanner* planner);
   AttentionPlanner* attention_planner() const { return planner_; }
+  // Told of each layer's KV writes as a step is enqueued (may be null). Not
+  // owned; must outlive the model's use of it. Steps run from a recorded
+  // graph (decode) do not tell it.
+  void set_layer_kv_observer(LayerKvObserver* observer) { layer_kv_observer_ = observer; }
   // Whether the layers split into two page groups, and the group of a layer.
   bool two_page_groups() const { return options_.num_upper_pages > 0; }
   PageGroup page_group(int layer) const {
@@ -220,6 +225,8 @@ class Model {
   ModelWeights weights_;
   Backend* backend_;
   AttentionPlanner* planner_ = nullptr;
+  LayerKvObserver* layer_kv_observer_ = nullptr;
+  bool capturing_ = false;  // a decode graph is being recorded
   ModelOptions options_;
   TensorParallelShard shard_;
   Communicator* comm_ = nullptr;

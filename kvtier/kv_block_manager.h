@@ -136,6 +136,13 @@ struct KvBlockManagerOptions {
   // (the decode worker then computes it): a planner that failed must not
   // hold the export, and the request, until the receiver's lease ends.
   std::chrono::milliseconds planner_state_timeout{5000};
+  // The parts of consecutive layers a prompt's last chunk of pages leaves
+  // in, each copied out as the step's forward completes its layers
+  // (ExportByLayer) and sent as its own messages (kv_wire.h), so that what
+  // is left to send after the prompt's last step is the last part's. 1:
+  // the last chunk's pages leave whole after the step. Needs one rank and
+  // one page group (else whole too).
+  int export_layer_parts = 4;
   // Tests only: called on an I/O thread before each SSD read.
   std::function<void()> ssd_before_read = nullptr;
   // Threads that compute and check the host records' CRCs when many are
@@ -280,6 +287,9 @@ class KvBlockManager final : public engine::KvMemory {
   // ---- Disaggregated serving (see the file comment) ------------------------
   absl::Status ExportKv(uint64_t key, std::span<const int32_t> tokens,
                         const engine::SequencePages& pages, bool final) override;
+  bool ExportByLayer(uint64_t key, std::span<const int32_t> tokens,
+                     const engine::SequencePages& pages) override;
+  absl::Status LayerKvWritten(int layer) override;
   void DropExport(uint64_t key) override;
   // Held with the export and handed over with its final part.
   void AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) override;
@@ -291,9 +301,10 @@ class KvBlockManager final : public engine::KvMemory {
     return std::move(imported_planner_state_);
   }
   // Part of a prompt's KV, sealed in host records, ready to send: one
-  // block per token page (a host record: kv_layout.h), with its masked
-  // CRC32C, from page first_block on; `final` on the last part (which may
-  // have no blocks).
+  // block per token page (a host record: kv_layout.h), or the same layers
+  // of each page (part_layers > 0: parts of the pages that ExportByLayer
+  // sent), with its masked CRC32C, from page first_block on; `final` on the
+  // last part (which may have no blocks).
   struct ExportedKv {
     uint64_t key = 0;
     int first_block = 0;
@@ -303,6 +314,10 @@ class KvBlockManager final : public engine::KvMemory {
       uint32_t crc = 0;  // masked CRC32C of `data` (KvPayloadCrc)
       int tokens = 0;    // tokens of the page it holds
       engine::KvCodecKind codec = engine::KvCodecKind::kBf16;  // of `data`
+      // The record's layers [first_layer, first_layer + part_layers) alone
+      // (part_layers 0: the whole record).
+      int first_layer = 0;
+      int part_layers = 0;
     };
     std::vector<Block> blocks;
     // On the final part: what the KV policy computed on the prompt
@@ -566,6 +581,11 @@ class KvBlockManager final : public engine::KvMemory {
       // Raw records (kBf16), or coded pages of `bytes` each.
       engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
       std::vector<int64_t> bytes;
+      // ExportByLayer's: these layers of each page, at `offset` into its
+      // record (`bytes` are theirs); part_layers 0: whole records.
+      int first_layer = 0;
+      int part_layers = 0;
+      std::vector<int64_t> offsets;
     };
     std::deque<Part> pending;
     bool final = false;                               // its last part was made
@@ -576,6 +596,19 @@ class KvBlockManager final : public engine::KvMemory {
     // When its pages' last part went without the expected state.
     std::optional<std::chrono::steady_clock::time_point> pages_sent;
   };
+  // Exports armed by ExportByLayer for the step being enqueued: their
+  // pages [first, first + count) of records, whose layers from next_layer
+  // on are still to copy out.
+  struct LayerExport {
+    uint64_t key = 0;
+    int first = 0;
+    int count = 0;
+    int tokens = 0;
+    engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+    std::vector<int32_t> pages;  // the pages' (lower group)
+    int next_layer = 0;
+  };
+  std::vector<LayerExport> layer_exports_;
   absl::Status PollTransfers();
   // The codec a workload's pages are exported in, and a coder for it.
   engine::KvCodecKind WireCodec(int workload) const;

@@ -26,6 +26,21 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
   if (it != exports_.end() && it->second.final) {
     return absl::AlreadyExistsError(absl::StrCat("KV export ", key, " is already complete"));
   }
+  if (final && it != exports_.end()) {
+    for (const LayerExport& le : layer_exports_) {
+      if (le.key == key) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "KV export ", key, ": layers ", le.next_layer,
+            " on of its last pages were never copied out (the step's forward ended early)"));
+      }
+    }
+    if (!it->second.pending.empty() && it->second.pending.back().part_layers > 0) {
+      // Its last pages left layer by layer during the step: compute
+      // enqueued later, which may write them once the sequence frees them,
+      // waits for their last copy (the copies run in order).
+      STRATA_RETURN_IF_ERROR(device_->ComputeAfterFence(it->second.pending.back().fence));
+    }
+  }
   // Whole pages as the prompt's chunks complete them; the last page, whole
   // or not, with the final call.
   const int from = it == exports_.end() ? 0 : static_cast<int>(it->second.records.size());
@@ -113,6 +128,109 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
   return absl::OkStatus();
 }
 
+bool KvBlockManager::ExportByLayer(uint64_t key, std::span<const int32_t> tokens,
+                                   const engine::SequencePages& pages) {
+  const int layers = layout_.num_layers();
+  if (options_.export_layer_parts <= 1 || layout_.num_ranks() != 1 ||
+      upper_pages_.num_pages() > 0 || layers < 2 || layers > KvBlockHeader::kMaxPartLayers ||
+      layers > LandingArea::kMaxLayers || tokens.empty()) {
+    return false;
+  }
+  const int page_size = layout_.page_size();
+  const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
+  if (needed > static_cast<int>(pages.lower.size())) return false;
+  auto it = exports_.find(key);
+  if (it != exports_.end() && it->second.final) return false;
+  for (const LayerExport& le : layer_exports_) {
+    if (le.key == key) return false;
+  }
+  const int from = it == exports_.end() ? 0 : static_cast<int>(it->second.records.size());
+  const int count = needed - from;
+  if (count <= 0) return false;
+  while (host_.num_free() < count && EvictHostPrefix(/*to_ssd=*/false)) {
+  }
+  std::vector<int32_t> records;
+  if (!host_.Allocate(count, records)) return false;  // the final ExportKv says why
+  // Allocate's reference on each record is the entry's until its last
+  // part is enqueued; each part takes one of its own.
+  Export& e = exports_[key];
+  e.records.insert(e.records.end(), records.begin(), records.end());
+  LayerExport le;
+  le.key = key;
+  le.first = from;
+  le.count = count;
+  le.tokens = static_cast<int>(tokens.size());
+  le.codec = WireCodec(pages.workload);
+  le.pages.assign(pages.lower.begin() + from, pages.lower.begin() + needed);
+  layer_exports_.push_back(std::move(le));
+  return true;
+}
+
+absl::Status KvBlockManager::LayerKvWritten(int layer) {
+  if (layer_exports_.empty()) return absl::OkStatus();
+  const int layers = layout_.num_layers();
+  const int per_part = (layers + options_.export_layer_parts - 1) / options_.export_layer_parts;
+  const int page_size = layout_.page_size();
+  KvDevice& backend = *device_;
+  for (auto it = layer_exports_.begin(); it != layer_exports_.end();) {
+    LayerExport& le = *it;
+    const int end = std::min(layers, le.next_layer + per_part);
+    if (layer + 1 != end) {
+      ++it;
+      continue;
+    }
+    Export& e = exports_[le.key];
+    const std::span<const int32_t> records =
+        std::span<const int32_t>(e.records).subspan(le.first, le.count);
+    Export::Part part;
+    part.first = le.first;
+    part.count = le.count;
+    part.tokens = le.tokens;
+    part.codec = le.codec;
+    part.first_layer = le.next_layer;
+    part.part_layers = end - le.next_layer;
+    const bool raw = le.codec == engine::KvCodecKind::kBf16;
+    const engine::KvCodec* coder = raw ? nullptr : &Coder(le.codec);
+    copies_.clear();
+    blocks_.clear();
+    int64_t bytes = 0;
+    for (int i = 0; i < le.count; ++i) {
+      const int page_tokens = std::min(page_size, le.tokens - (le.first + i) * page_size);
+      int64_t offset = 0;
+      part.bytes.push_back(layout_.AppendRecordLayers(
+          le.pages[static_cast<size_t>(i)], engine::kPageOffGpu, page_tokens, coder,
+          host_.offset(records[static_cast<size_t>(i)]), le.next_layer, end, copies_, blocks_,
+          &offset));
+      part.offsets.push_back(offset);
+      bytes += part.bytes.back();
+    }
+    // After the layers' writes enqueued so far, beside the later layers'
+    // compute; the compute waits for them only at the final ExportKv.
+    absl::StatusOr<engine::CopyFence> fence =
+        raw ? backend.CopyRowsToHost(layout_.caches(), copies_, host_.buffer())
+            : backend.EncodeBlocksToHost(le.codec, layout_.k_caches(), layout_.v_caches(), blocks_,
+                                         host_.buffer());
+    if (!fence.ok()) {
+      // The final ExportKv finds the entry gone and fails its request.
+      for (int32_t r : records) host_.Unref(r);
+      it = layer_exports_.erase(it);
+      return fence.status();
+    }
+    for (int32_t r : records) host_.Ref(r);
+    part.fence = *fence;
+    e.pending.push_back(std::move(part));
+    counters_.kv_export_bytes += bytes;
+    le.next_layer = end;
+    if (end == layers) {
+      for (int32_t r : records) host_.Unref(r);  // Allocate's
+      it = layer_exports_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return absl::OkStatus();
+}
+
 engine::KvCodecKind KvBlockManager::WireCodec(int workload) const {
   if (workload < 0 || static_cast<size_t>(workload) >= options_.workload_wire_codec.size()) {
     return engine::KvCodecKind::kBf16;
@@ -151,6 +269,16 @@ void KvBlockManager::DropExport(uint64_t key) {
 
 void KvBlockManager::FreeExport(absl::flat_hash_map<uint64_t, Export>::iterator it) {
   Export& e = it->second;
+  // Armed and not all copied out (its sequence ended in the step): the
+  // records' Allocate references go with the entry.
+  for (auto le = layer_exports_.begin(); le != layer_exports_.end();) {
+    if (le->key != it->first) {
+      ++le;
+      continue;
+    }
+    for (int i = 0; i < le->count; ++i) host_.Unref(e.records[static_cast<size_t>(le->first + i)]);
+    le = layer_exports_.erase(le);
+  }
   // Parts still being copied hold their records' copy references until
   // their fence is done.
   for (size_t i = 0; i < e.records.size(); ++i) host_.Release(e.records[i]);
@@ -186,7 +314,8 @@ absl::Status KvBlockManager::PollTransfers() {
       const std::span<const int32_t> records =
           std::span<const int32_t>(e.records).subspan(part.first, part.count);
       const bool raw = part.codec == engine::KvCodecKind::kBf16;
-      if (raw) host_.SealAll(records, crc_pool_.get());
+      const bool layered = part.part_layers > 0;
+      if (raw && !layered) host_.SealAll(records, crc_pool_.get());
       for (int32_t r : records) host_.Unref(r);  // the copy's reference: resident now
       e.pending.pop_front();
       if (!sink) continue;
@@ -200,12 +329,13 @@ absl::Status KvBlockManager::PollTransfers() {
         const int32_t r = records[i];
         const int page = part.first + i;
         const std::span<const std::byte> data(
-            reinterpret_cast<const std::byte*>(host_.data(r)),
-            static_cast<size_t>(raw ? layout_.record_bytes() : part.bytes[i]));
-        out.blocks.push_back({data, raw ? host_.crc(r) : 0u,
-                              std::min(page_size, part.tokens - page * page_size), part.codec});
+            reinterpret_cast<const std::byte*>(host_.data(r)) + (layered ? part.offsets[i] : 0),
+            static_cast<size_t>(raw && !layered ? layout_.record_bytes() : part.bytes[i]));
+        out.blocks.push_back({data, raw && !layered ? host_.crc(r) : 0u,
+                              std::min(page_size, part.tokens - page * page_size), part.codec,
+                              part.first_layer, part.part_layers});
       }
-      if (!raw) {
+      if (!raw || layered) {
         // The coded payloads' CRCs, on the CRC threads (a long prompt's
         // part is hundreds of megabytes).
         crc_pool_->ParallelFor(part.count, 1, [&](int64_t begin, int64_t end) {

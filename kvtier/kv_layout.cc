@@ -64,6 +64,33 @@ void KvLayout::AppendRecordCopies(int32_t lower, int32_t upper, int64_t record_o
   }
 }
 
+int64_t KvLayout::AppendRecordLayers(int32_t lower, int32_t upper, int tokens,
+                                     const engine::KvCodec* codec, int64_t record_offset,
+                                     int layer_begin, int layer_end,
+                                     std::vector<engine::RowCopy>& copies,
+                                     std::vector<engine::KvBlockCopy>& blocks,
+                                     int64_t* offset) const {
+  if (codec == nullptr) {
+    *offset = int64_t{layer_begin} * 2 * page_bytes_;
+    for (int t = 2 * layer_begin; t < 2 * layer_end; ++t) {
+      const bool in_upper = t / 2 >= upper_first_layer_;
+      copies.push_back({t, in_upper ? upper : lower, record_offset + t * page_bytes_});
+    }
+    return int64_t{layer_end - layer_begin} * 2 * page_bytes_;
+  }
+  const auto block_bytes = static_cast<int64_t>(codec->EncodedBytes(tokens, head_dim_, dtype_));
+  *offset = int64_t{layer_begin} * num_kv_heads_ * block_bytes;
+  int64_t at = record_offset + *offset;
+  for (int l = layer_begin; l < layer_end; ++l) {
+    const int32_t page = l >= upper_first_layer_ ? upper : lower;
+    for (int h = 0; h < num_kv_heads_; ++h) {
+      blocks.push_back({l, page, h, tokens, at, block_bytes});
+      at += block_bytes;
+    }
+  }
+  return at - record_offset - *offset;
+}
+
 int64_t KvLayout::CodedRecordBytes(const engine::KvCodec& codec, int tokens) const {
   return int64_t{num_ranks_} * num_layers_ * num_kv_heads_ *
          static_cast<int64_t>(codec.EncodedBytes(tokens, head_dim_, dtype_));

@@ -75,6 +75,15 @@ class KvLayout {
   // record_bytes() for every codec).
   int64_t AppendRecordBlocks(int32_t lower, int32_t upper, int tokens, const engine::KvCodec& codec,
                              int64_t record_offset, std::vector<engine::KvBlockCopy>& blocks) const;
+
+  // Layers [layer_begin, layer_end) of one page alone, where the whole
+  // record has them (one rank only: a rank's layers are contiguous in the
+  // record), raw (codec null: the row copies) or coded. Returns those
+  // layers' bytes, and sets *offset to where they start in the record.
+  int64_t AppendRecordLayers(int32_t lower, int32_t upper, int tokens, const engine::KvCodec* codec,
+                             int64_t record_offset, int layer_begin, int layer_end,
+                             std::vector<engine::RowCopy>& copies,
+                             std::vector<engine::KvBlockCopy>& blocks, int64_t* offset) const;
   // The coded bytes of a page of `tokens` tokens (0 when the codec refuses
   // the shape).
   int64_t CodedRecordBytes(const engine::KvCodec& codec, int tokens) const;

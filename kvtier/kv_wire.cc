@@ -57,6 +57,8 @@ std::array<std::byte, KvBlockHeader::kBytes> EncodeKvBlockHeader(const KvBlockHe
   Put<uint16_t>(out, 36, static_cast<uint16_t>(h.format.head_dim));
   Put<uint16_t>(out, 38, static_cast<uint16_t>(h.format.page_size));
   Put<uint16_t>(out, 40, static_cast<uint16_t>(h.format.upper_first_layer));
+  Put<uint8_t>(out, 42, static_cast<uint8_t>(h.first_layer));
+  Put<uint8_t>(out, 43, static_cast<uint8_t>(h.part_layers));
   Put<uint32_t>(out, 44, h.payload_crc);
   Put<uint64_t>(out, 48, h.payload_bytes);
   Put<uint32_t>(out, kHeaderCrcAt, MaskCrc(Crc32c(out.data(), kHeaderCrcAt)));
@@ -98,6 +100,8 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
   h.format.head_dim = Get<uint16_t>(in, 36);
   h.format.page_size = Get<uint16_t>(in, 38);
   h.format.upper_first_layer = Get<uint16_t>(in, 40);
+  h.first_layer = Get<uint8_t>(in, 42);
+  h.part_layers = Get<uint8_t>(in, 43);
   h.payload_crc = Get<uint32_t>(in, 44);
   h.payload_bytes = Get<uint64_t>(in, 48);
   if (h.count == 0 || h.index >= h.count) {
@@ -131,6 +135,9 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
   if (h.format.upper_first_layer != expected.upper_first_layer) {
     return Differs("upper first layer", h.format.upper_first_layer, expected.upper_first_layer);
   }
+  if (h.kind == KvBlockHeader::Kind::kPlannerState && (h.first_layer != 0 || h.part_layers != 0)) {
+    return absl::InvalidArgumentError("KV block header: a planner state value in layer parts");
+  }
   if (h.kind == KvBlockHeader::Kind::kPlannerState) {
     if (h.tokens != 0 || h.codec != engine::KvCodecKind::kBf16 || h.payload_bytes == 0 ||
         h.payload_bytes > KvBlockHeader::kMaxPlannerStateBytes) {
@@ -145,13 +152,28 @@ absl::StatusOr<KvBlockHeader> ParseKvBlockHeader(std::span<const std::byte> in,
     return absl::InvalidArgumentError(
         absl::StrCat("KV block header: ", h.tokens, " tokens in a page of ", expected.page_size));
   }
+  if (h.is_part()) {
+    if (expected.ranks != 1 || h.first_layer + h.part_layers > expected.layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("KV block header: layers ", h.first_layer, " to ",
+                       h.first_layer + h.part_layers - 1, " of a page record of ", expected.layers,
+                       " layers and ", expected.ranks, " ranks (parts need one rank)"));
+    }
+  } else if (h.first_layer != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("KV block header: a whole record from layer ",
+                                                   h.first_layer, " (0 layers in its part)"));
+  }
   // Raw: the record as the caches hold it. Coded: a block per (rank,
   // layer, KV head) of the page's tokens (KvLayout::AppendRecordBlocks).
-  const uint64_t want = static_cast<uint64_t>(expected.coded_record_bytes(h.codec, h.tokens));
+  // A part: its layers' share.
+  const uint64_t want = static_cast<uint64_t>(
+      h.is_part() ? h.part_layers * expected.layer_bytes(h.codec, static_cast<int>(h.tokens))
+                  : expected.coded_record_bytes(h.codec, static_cast<int>(h.tokens)));
   if (h.payload_bytes != want) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "KV block header: payload of ", h.payload_bytes, " bytes; a page record of ", h.tokens,
-        " tokens in ", std::string(engine::KvCodecKindName(h.codec)), " has ", want));
+        "KV block header: payload of ", h.payload_bytes, " bytes; a page record",
+        h.is_part() ? absl::StrCat("'s ", h.part_layers, " layers") : std::string(), " of ",
+        h.tokens, " tokens in ", std::string(engine::KvCodecKindName(h.codec)), " has ", want));
   }
   return h;
 }

@@ -5,14 +5,18 @@
 // bf16: the caches' own bytes, record_bytes) or coded with the sender's
 // profile codec (one engine::KvCodec block per layer and KV head of the
 // page's tokens, each with its own CRC: KvLayout::AppendRecordBlocks), each
-// with a fixed 64-byte header (little-endian):
+// with a fixed 64-byte header (little-endian). A page may also travel in
+// parts of consecutive layers, one message each (the prompt's last chunk
+// leaves layer by layer as it is computed): a part's payload is the
+// record's bytes of those layers, which are contiguous with one rank.
 //
 //   0  magic "SKV1"          4  version u16, kind u16 (1: page record,
 //                               2: planner state)
 //   8  transfer id u64       16 index u32, count u32 (blocks in the transfer)
 //   24 tokens u32 (tokens the page holds), codec u8, dtype u8, ranks u16
 //   32 layers u16, KV heads u16 (a rank's), head dim u16, page size u16
-//   40 upper first layer u16, u16 0, payload CRC u32 (masked CRC32C)
+//   40 upper first layer u16, part's first layer u8, part's layers u8
+//      (0: the whole record), payload CRC u32 (masked CRC32C)
 //   48 payload bytes u64     56 header CRC u32 (masked, of bytes 0..56), u32 0
 //
 // After a transfer's pages may come planner-state messages (kind 2): what
@@ -66,6 +70,11 @@ struct KvWireFormat {
   // block per (rank, layer, KV head) of the page's `tokens` tokens (0 for a
   // shape the codec refuses).
   int64_t coded_record_bytes(engine::KvCodecKind codec, int tokens) const;
+  // One layer's share of it (with one rank, a part's payload is `layers`
+  // times this, at `first_layer` times this into the record).
+  int64_t layer_bytes(engine::KvCodecKind codec, int tokens) const {
+    return layers > 0 ? coded_record_bytes(codec, tokens) / (int64_t{ranks} * layers) : 0;
+  }
   static KvWireFormat Of(const KvLayout& layout);
 };
 
@@ -83,6 +92,13 @@ struct KvBlockHeader {
   KvWireFormat format;
   uint32_t payload_crc = 0;  // masked CRC32C
   uint64_t payload_bytes = 0;
+  // A page record's layers [first_layer, first_layer + part_layers) alone;
+  // part_layers 0: the whole record. Parts need one rank and at most
+  // kMaxPartLayers layers.
+  int first_layer = 0;
+  int part_layers = 0;
+  static constexpr int kMaxPartLayers = 255;
+  bool is_part() const { return part_layers > 0; }
 };
 
 std::array<std::byte, KvBlockHeader::kBytes> EncodeKvBlockHeader(const KvBlockHeader& header);

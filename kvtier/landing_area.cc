@@ -107,6 +107,99 @@ void LandingArea::Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::
   if (t.dropped) DropLocked(it);
 }
 
+absl::StatusOr<std::span<std::byte>> LandingArea::PlacePart(uint64_t id, uint32_t index,
+                                                            uint32_t count, int first_layer,
+                                                            int part_layers, int layers,
+                                                            int64_t layer_bytes,
+                                                            engine::KvCodecKind codec, int tokens) {
+  absl::MutexLock lock(&mu_);
+  STRATA_ASSIGN_OR_RETURN(Transfer * held, HeldLocked(id));
+  Transfer& t = *held;
+  if (count != t.blocks.size() || index >= count) {
+    return absl::InvalidArgumentError(absl::StrCat("KV transfer ", id, ": block ", index, " of ",
+                                                   count, "; reserved for ", t.blocks.size()));
+  }
+  if (layers < 1 || layers > kMaxLayers || first_layer < 0 || part_layers < 1 ||
+      first_layer + part_layers > layers || layer_bytes < 1 ||
+      int64_t{layers} * layer_bytes > record_bytes_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer ", id, ": block ", index, ": layers ", first_layer, " to ",
+                     first_layer + part_layers - 1, " of ", layers, ", ", layer_bytes,
+                     " bytes each; records hold ", record_bytes_));
+  }
+  auto found = t.parts.find(index);
+  if (found == t.parts.end()) {
+    if (t.states[index] != State::kReserved) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("KV transfer ", id, ": block ", index, " was sent twice"));
+    }
+    found = t.parts.emplace(index, Parts{.layers = layers, .layer_bytes = layer_bytes}).first;
+    t.states[index] = State::kWriting;
+    Block& block = t.blocks[index];
+    block.bytes = int64_t{layers} * layer_bytes;
+    block.codec = codec;
+    block.tokens = tokens;
+  }
+  Parts& parts = found->second;
+  const Block& block = t.blocks[index];
+  if (parts.layers != layers || parts.layer_bytes != layer_bytes || block.codec != codec ||
+      block.tokens != tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV transfer ", id, ": a part of block ", index,
+                     " disagrees with the block's first part (layers, bytes, codec or tokens)"));
+  }
+  for (int l = first_layer; l < first_layer + part_layers; ++l) {
+    if (parts.placed[l]) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("KV transfer ", id, ": layer ", l, " of block ", index, " was sent twice"));
+    }
+  }
+  for (int l = first_layer; l < first_layer + part_layers; ++l) parts.placed[l] = true;
+  ++parts.writing;
+  return std::span<std::byte>(base_ + int64_t{block.record} * stride_ + first_layer * layer_bytes,
+                              static_cast<size_t>(part_layers * layer_bytes));
+}
+
+void LandingArea::PartLanded(uint64_t id, uint32_t index, int first_layer, int part_layers,
+                             uint32_t crc, const absl::Status& status) {
+  std::byte* data = nullptr;
+  int64_t bytes = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = transfers_.find(id);
+    if (it == transfers_.end()) return;
+    auto parts = it->second.parts.find(index);
+    if (parts == it->second.parts.end() || first_layer < 0 || part_layers < 1 ||
+        first_layer + part_layers > parts->second.layers || !parts->second.placed[first_layer] ||
+        parts->second.landed[first_layer] || parts->second.writing == 0) {
+      return;
+    }
+    data = base_ + int64_t{it->second.blocks[index].record} * stride_ +
+           first_layer * parts->second.layer_bytes;
+    bytes = part_layers * parts->second.layer_bytes;
+  }
+  // As in Landed: the part's layers stay this writer's until `writing`
+  // drops below.
+  const bool intact = status.ok() && MaskCrc(Crc32c(data, static_cast<size_t>(bytes))) == crc;
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  Transfer& t = it->second;
+  Parts& parts = t.parts.find(index)->second;
+  --parts.writing;
+  for (int l = first_layer; l < first_layer + part_layers; ++l) parts.landed[l] = true;
+  if (!status.ok()) {
+    parts.error = State::kFailed;
+  } else if (!intact && parts.error != State::kFailed) {
+    parts.error = State::kCorrupt;
+  }
+  if (parts.writing == 0 && parts.error != State::kLanded) {
+    t.states[index] = parts.error;
+  } else if (parts.writing == 0 && static_cast<int>(parts.landed.count()) == parts.layers) {
+    t.states[index] = State::kLanded;
+  }
+  if (t.dropped) DropLocked(it);
+}
+
 absl::StatusOr<std::span<std::byte>> LandingArea::PlaceState(uint64_t id, uint32_t index,
                                                              uint32_t count, size_t bytes) {
   absl::MutexLock lock(&mu_);
@@ -220,7 +313,11 @@ void LandingArea::DropLocked(absl::flat_hash_map<uint64_t, Transfer>::iterator i
   bool writing = false;
   for (const StateValue& value : t.values) writing |= value.state == State::kWriting;
   for (size_t i = 0; i < t.states.size(); ++i) {
-    if (t.states[i] == State::kWriting) {
+    // A block in parts is written only while a part is in flight.
+    auto parts = t.parts.find(static_cast<uint32_t>(i));
+    const bool written =
+        parts != t.parts.end() ? parts->second.writing > 0 : t.states[i] == State::kWriting;
+    if (written) {
       writing = true;
     } else if (t.blocks[i].record >= 0) {
       free_.push_back(t.blocks[i].record);

@@ -11,7 +11,9 @@
 // A transfer's life:
 //   Reserve(id, blocks, lease)   before the prefill worker is asked to send;
 //                                takes its records now (or fails at once)
-//   Place(id, index) / Landed    per block, on the transport's thread
+//   Place(id, index) / Landed    per block, on the transport's thread (or
+//   PlacePart / PartLanded       per part of a block's layers, when the
+//                                prompt's last pages leave layer by layer)
 //   PlaceState / StateLanded     per planner-state value (what the prefill
 //                                worker's KV policy computed on the prompt),
 //                                in heap memory the transfer owns, at most
@@ -32,6 +34,7 @@
 #ifndef STRATA_KVTIER_LANDING_AREA_H_
 #define STRATA_KVTIER_LANDING_AREA_H_
 
+#include <bitset>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -79,6 +82,21 @@ class LandingArea {
   // the CRC here (the caller's thread, as each block arrives): a mismatch
   // makes Take fail with DataLoss naming the block.
   void Landed(uint64_t id, uint32_t index, uint32_t crc, const absl::Status& status);
+  // Part of block `index`: layers [first_layer, first_layer + part_layers)
+  // of a record of `layers` layers of `layer_bytes` each (layers *
+  // layer_bytes at most record_bytes), in `codec` with `tokens` tokens; where
+  // those layers go in the block's record. The block is whole once every
+  // layer has landed. Errors as Place's, and InvalidArgument for layers out
+  // of range or a part that disagrees with the block's earlier parts;
+  // AlreadyExists for a layer sent twice or a block also sent whole.
+  absl::StatusOr<std::span<std::byte>> PlacePart(uint64_t id, uint32_t index, uint32_t count,
+                                                 int first_layer, int part_layers, int layers,
+                                                 int64_t layer_bytes, engine::KvCodecKind codec,
+                                                 int tokens);
+  // Landed for a part PlacePart placed (its payload checked here as well).
+  void PartLanded(uint64_t id, uint32_t index, int first_layer, int part_layers, uint32_t crc,
+                  const absl::Status& status);
+  static constexpr int kMaxLayers = 256;
   // The same for planner-state value `index` of `count` (count the same
   // for every value of the transfer, at most kMaxStateValues).
   absl::StatusOr<std::span<std::byte>> PlaceState(uint64_t id, uint32_t index, uint32_t count,
@@ -124,9 +142,19 @@ class LandingArea {
     std::vector<uint8_t> data;
     State state = State::kReserved;
   };
+  // A block that comes in parts: its state is kWriting until every layer
+  // has landed (kLanded) or, with no part in flight, one failed.
+  struct Parts {
+    int layers = 0;
+    int64_t layer_bytes = 0;
+    std::bitset<kMaxLayers> placed, landed;
+    int writing = 0;               // parts placed and not landed
+    State error = State::kLanded;  // kFailed or kCorrupt once a part was
+  };
   struct Transfer {
     std::vector<Block> blocks;
     std::vector<State> states;
+    absl::flat_hash_map<uint32_t, Parts> parts;  // by block, for those sent in parts
     // Planner state: sized by the first value placed (its count); each
     // value's buffer stays put while it is written.
     std::vector<StateValue> values;

@@ -124,6 +124,8 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
         h.format = format_;
         h.payload_crc = block.crc;
         h.payload_bytes = block.data.size();
+        h.first_layer = block.first_layer;
+        h.part_layers = block.part_layers;
         r.headers.push_back(kvtier::EncodeKvBlockHeader(h));
         sends.emplace_back(r.headers.back(), block.data);
         if (corrupt_every_nth_block_ > 0 && ++blocks_sent_ % corrupt_every_nth_block_ == 0) {
@@ -131,8 +133,10 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
           const_cast<std::byte&>(block.data[block.data.size() / 2]) ^= std::byte{0x40};
         }
         r.result.wire_bytes += static_cast<int64_t>(block.data.size());
-        r.result.raw_bytes += int64_t{2} * format_.layers * block.tokens * format_.kv_heads *
-                              format_.head_dim * element;
+        // A part carries its layers' share.
+        const int layers = block.part_layers > 0 ? block.part_layers : format_.layers;
+        r.result.raw_bytes +=
+            int64_t{2} * layers * block.tokens * format_.kv_heads * format_.head_dim * element;
       }
       // Then what the KV policy computed on the prompt (the final part's).
       for (size_t i = 0; i < exported.planner_state.size(); ++i) {
@@ -158,7 +162,13 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
     call = SettleLocked(id);
   }
   if (call) call();
-  if (exported.final && final_send_delay_.count() > 0 && !sends.empty()) {
+  // The prompt's last blocks: the export's end, or the last layers of the
+  // pages that left layer by layer.
+  const bool last_blocks =
+      exported.final ||
+      (!exported.blocks.empty() && exported.blocks[0].part_layers > 0 &&
+       exported.blocks[0].first_layer + exported.blocks[0].part_layers == format_.layers);
+  if (last_blocks && final_send_delay_.count() > 0 && !sends.empty()) {
     std::this_thread::sleep_for(final_send_delay_);
   }
   for (const auto& [header, payload] : sends) {

@@ -34,7 +34,9 @@ void Try(std::span<const std::byte> bytes) {
   if (!reparsed.ok() || reparsed->transfer_id != parsed->transfer_id ||
       reparsed->index != parsed->index || reparsed->count != parsed->count ||
       reparsed->tokens != parsed->tokens || reparsed->payload_crc != parsed->payload_crc ||
-      reparsed->payload_bytes != parsed->payload_bytes) {
+      reparsed->payload_bytes != parsed->payload_bytes ||
+      reparsed->first_layer != parsed->first_layer ||
+      reparsed->part_layers != parsed->part_layers) {
     __builtin_trap();
   }
 }

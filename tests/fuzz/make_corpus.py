@@ -346,12 +346,12 @@ TARGETS = {
 
 def kv_wire_header(transfer=7, index=0, count=4, tokens=16, codec=0, dtype=2, layers=32,
                    heads=8, dim=128, page=16, upper=32, payload_crc=0, payload_bytes=None,
-                   ranks=1):
+                   ranks=1, first_layer=0, part_layers=0):
     if payload_bytes is None:
-        payload_bytes = ranks * 2 * layers * page * heads * dim * 2
-    head = struct.pack("<IHHQIIIBBHHHHHHHIQ", 0x31564B53, 1, 1, transfer, index, count, tokens,
-                       codec, dtype, ranks, layers, heads, dim, page, upper, 0, payload_crc,
-                       payload_bytes)
+        payload_bytes = ranks * 2 * (part_layers or layers) * page * heads * dim * 2
+    head = struct.pack("<IHHQIIIBBHHHHHHBBIQ", 0x31564B53, 1, 1, transfer, index, count, tokens,
+                       codec, dtype, ranks, layers, heads, dim, page, upper, first_layer,
+                       part_layers, payload_crc, payload_bytes)
     return head + struct.pack("<II", mask_crc(crc32c(head)), 0)
 
 
@@ -363,6 +363,7 @@ def make_kv_wire():
     write(t, "index_past_count.skvh", kv_wire_header(index=4))
     write(t, "coded.skvh", kv_wire_header(codec=2))
     write(t, "two_ranks.skvh", kv_wire_header(ranks=2))
+    write(t, "layer_part.skvh", kv_wire_header(first_layer=8, part_layers=8))
     bad = bytearray(kv_wire_header())
     bad[20] ^= 1
     write(t, "bad_crc.skvh", bytes(bad))

@@ -6,9 +6,11 @@
 #ifndef STRATA_TESTS_KVTIER_KV_TEST_UTIL_H_
 #define STRATA_TESTS_KVTIER_KV_TEST_UTIL_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <set>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -83,34 +85,54 @@ inline absl::Status Deliver(const std::vector<kvtier::KvBlockManager::ExportedKv
   if (exports.empty() || !exports.back().final) {
     return absl::FailedPreconditionError("no complete export to deliver");
   }
+  // Pages, each whole or in parts of its layers (the same pages again, the
+  // next layers).
   int total = 0;
-  for (const auto& part : exports) total += static_cast<int>(part.blocks.size());
+  for (const auto& part : exports) {
+    total = std::max(total, part.first_block + static_cast<int>(part.blocks.size()));
+  }
   const kvtier::KvWireFormat format = kvtier::KvWireFormat::Of(receiver.layout());
-  int next = 0;
+  std::set<int> corrupted;
   for (const kvtier::KvBlockManager::ExportedKv& e : exports) {
-    if (e.first_block != next) return absl::InternalError("export parts out of order");
-    for (size_t i = 0; i < e.blocks.size(); ++i, ++next) {
+    for (size_t i = 0; i < e.blocks.size(); ++i) {
+      const int index = e.first_block + static_cast<int>(i);
       kvtier::KvBlockHeader h;
       h.transfer_id = transfer_id;
-      h.index = static_cast<uint32_t>(next);
+      h.index = static_cast<uint32_t>(index);
       h.count = static_cast<uint32_t>(total);
       h.tokens = static_cast<uint32_t>(e.blocks[i].tokens);
       h.codec = e.blocks[i].codec;
       h.format = kvtier::KvWireFormat::Of(sender);
       h.payload_crc = e.blocks[i].crc;
       h.payload_bytes = e.blocks[i].data.size();
+      h.first_layer = e.blocks[i].first_layer;
+      h.part_layers = e.blocks[i].part_layers;
       EXPECT_EQ(kvtier::KvPayloadCrc(e.blocks[i].data), h.payload_crc);
       absl::StatusOr<kvtier::KvBlockHeader> parsed =
           kvtier::ParseKvBlockHeader(kvtier::EncodeKvBlockHeader(h), format);
       if (!parsed.ok()) return parsed.status();
-      auto where = receiver.landing_area()->Place(parsed->transfer_id, parsed->index, parsed->count,
-                                                  parsed->payload_bytes, parsed->codec,
-                                                  static_cast<int>(parsed->tokens));
+      kvtier::LandingArea& area = *receiver.landing_area();
+      auto where =
+          parsed->is_part()
+              ? area.PlacePart(parsed->transfer_id, parsed->index, parsed->count,
+                               parsed->first_layer, parsed->part_layers, format.layers,
+                               format.layer_bytes(parsed->codec, static_cast<int>(parsed->tokens)),
+                               parsed->codec, static_cast<int>(parsed->tokens))
+              : area.Place(parsed->transfer_id, parsed->index, parsed->count, parsed->payload_bytes,
+                           parsed->codec, static_cast<int>(parsed->tokens));
       if (!where.ok()) return where.status();
+      if (where->size() != e.blocks[i].data.size()) return absl::InternalError("sizes differ");
       std::memcpy(where->data(), e.blocks[i].data.data(), where->size());
-      if (next == corrupt) (*where)[where->size() / 2] ^= std::byte{1};
-      receiver.landing_area()->Landed(parsed->transfer_id, parsed->index, parsed->payload_crc,
-                                      absl::OkStatus());
+      // The first message of block `corrupt` (its first part, or it whole).
+      if (index == corrupt && corrupted.insert(index).second) {
+        (*where)[where->size() / 2] ^= std::byte{1};
+      }
+      if (parsed->is_part()) {
+        area.PartLanded(parsed->transfer_id, parsed->index, parsed->first_layer,
+                        parsed->part_layers, parsed->payload_crc, absl::OkStatus());
+      } else {
+        area.Landed(parsed->transfer_id, parsed->index, parsed->payload_crc, absl::OkStatus());
+      }
     }
   }
   // Then the planner state of the final part, as the prefill worker sends it.

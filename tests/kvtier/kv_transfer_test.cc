@@ -161,6 +161,44 @@ TEST(KvWireTest, TheSendersTensorParallelRanksMustBeTheReceivers) {
               HasSubstr("tensor-parallel ranks differs: the sender's 2, this worker's 1"));
 }
 
+TEST(KvWireTest, APartOfAPagesLayersCarriesThoseLayersBytes) {
+  KvBlockHeader h = Header();
+  h.codec = engine::KvCodecKind::kInt8;
+  h.tokens = 5;
+  h.first_layer = 1;
+  h.part_layers = 1;
+  const int64_t layer = Format().layer_bytes(engine::KvCodecKind::kInt8, 5);
+  EXPECT_EQ(2 * layer, Format().coded_record_bytes(engine::KvCodecKind::kInt8, 5));
+  h.payload_bytes = static_cast<uint64_t>(layer);
+  auto parsed = ParseKvBlockHeader(EncodeKvBlockHeader(h), Format());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_TRUE(parsed->is_part());
+  EXPECT_EQ(parsed->first_layer, 1);
+  EXPECT_EQ(parsed->part_layers, 1);
+  // The whole record's bytes for one layer, layers past the record's, a
+  // whole record that names a first layer, and parts with two ranks are
+  // refused.
+  h.payload_bytes = static_cast<uint64_t>(2 * layer);
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
+              HasSubstr("a page record's 1 layers of 5 tokens in int8 has"));
+  h.payload_bytes = static_cast<uint64_t>(layer);
+  h.first_layer = 2;
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
+              HasSubstr("layers 2 to 2 of a page record of 2 layers"));
+  h = Header();
+  h.first_layer = 1;
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), Format()).status().message(),
+              HasSubstr("a whole record from layer 1"));
+  KvWireFormat two = Format();
+  two.ranks = 2;
+  h = Header();
+  h.format = two;
+  h.part_layers = 1;
+  h.payload_bytes = static_cast<uint64_t>(two.layer_bytes(engine::KvCodecKind::kBf16, 8));
+  EXPECT_THAT(ParseKvBlockHeader(EncodeKvBlockHeader(h), two).status().message(),
+              HasSubstr("parts need one rank"));
+}
+
 TEST(KvWireTest, TheFuzzersValidSeedParses) {
   // tests/fuzz/make_corpus.py writes the wire format on its own: the seed
   // must be what the encoder writes, or the fuzzer starts from nothing.
@@ -239,6 +277,70 @@ TEST_F(LandingAreaTest, ABlockThatDoesNotMatchItsCrcIsCaughtAsItLands) {
   const absl::Status corrupt = area_.Take(1).status();
   EXPECT_TRUE(absl::IsDataLoss(corrupt)) << corrupt;
   EXPECT_THAT(corrupt.message(), HasSubstr("block 1 of 2 does not match its CRC32C"));
+  EXPECT_EQ(area_.num_free(), 8);
+}
+
+TEST_F(LandingAreaTest, ABlockInPartsIsWholeOnceEveryLayerLanded) {
+  // Records of 64 bytes: 4 layers of 16.
+  ASSERT_TRUE(area_.Reserve(1, 2, later_).ok());
+  const auto kInt8 = engine::KvCodecKind::kInt8;
+  // Block 0 in two parts, the later layers first; block 1 whole.
+  for (auto [first, layers] : {std::pair{2, 2}, {0, 2}}) {
+    auto where = area_.PlacePart(1, 0, 2, first, layers, 4, 16, kInt8, 8);
+    ASSERT_TRUE(where.ok()) << where.status();
+    EXPECT_EQ(where->size(), static_cast<size_t>(layers * 16));
+    std::memset(where->data(), first + 1, where->size());
+    area_.PartLanded(1, 0, first, layers, KvPayloadCrc(*where), absl::OkStatus());
+  }
+  // A layer sent twice, a part that disagrees, and the block sent whole too.
+  EXPECT_TRUE(absl::IsAlreadyExists(area_.PlacePart(1, 0, 2, 1, 1, 4, 16, kInt8, 8).status()));
+  EXPECT_TRUE(absl::IsAlreadyExists(area_.Place(1, 0, 2, kBytes).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(area_.PlacePart(1, 1, 2, 0, 1, 4, 32, kInt8, 8).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(area_.PlacePart(1, 1, 2, 3, 2, 4, 16, kInt8, 8).status()));
+  auto whole = area_.Place(1, 1, 2, 48, kInt8, 8);
+  ASSERT_TRUE(whole.ok());
+  area_.Landed(1, 1, KvPayloadCrc(*whole), absl::OkStatus());
+  auto blocks = area_.Take(1);
+  ASSERT_TRUE(blocks.ok()) << blocks.status();
+  EXPECT_EQ((*blocks)[0].bytes, 64);
+  EXPECT_EQ((*blocks)[0].tokens, 8);
+  const std::byte* record = memory_.data() + (*blocks)[0].record * kBytes;
+  EXPECT_EQ(record[0], std::byte{1});
+  EXPECT_EQ(record[31], std::byte{1});
+  EXPECT_EQ(record[32], std::byte{3});
+  EXPECT_EQ(record[63], std::byte{3});
+  std::vector<int32_t> records;
+  for (const auto& b : *blocks) records.push_back(b.record);
+  area_.Free(records);
+  EXPECT_EQ(area_.num_free(), 8);
+}
+
+TEST_F(LandingAreaTest, ACorruptPartFailsItsBlockAndADropWaitsForPartsInFlight) {
+  const auto kInt8 = engine::KvCodecKind::kInt8;
+  ASSERT_TRUE(area_.Reserve(1, 1, later_).ok());
+  auto first = area_.PlacePart(1, 0, 1, 0, 2, 4, 16, kInt8, 8);
+  auto second = area_.PlacePart(1, 0, 1, 2, 2, 4, 16, kInt8, 8);
+  ASSERT_TRUE(first.ok() && second.ok());
+  std::memset(first->data(), 5, first->size());
+  const uint32_t crc = KvPayloadCrc(*first);
+  (*first)[0] = std::byte{6};  // changed on the way
+  area_.PartLanded(1, 0, 0, 2, crc, absl::OkStatus());
+  // Dropped while the second part is written: its record stays until then.
+  area_.Drop(1);
+  EXPECT_EQ(area_.num_free(), 7);
+  area_.PartLanded(1, 0, 2, 2, KvPayloadCrc(*second), absl::OkStatus());
+  EXPECT_EQ(area_.num_free(), 8);
+  EXPECT_EQ(area_.num_transfers(), 0);
+
+  ASSERT_TRUE(area_.Reserve(2, 1, later_).ok());
+  auto part = area_.PlacePart(2, 0, 1, 0, 4, 4, 16, kInt8, 8);
+  ASSERT_TRUE(part.ok());
+  const uint32_t good = KvPayloadCrc(*part);
+  (*part)[7] ^= std::byte{1};
+  area_.PartLanded(2, 0, 0, 4, good, absl::OkStatus());
+  const absl::Status corrupt = area_.Take(2).status();
+  EXPECT_TRUE(absl::IsDataLoss(corrupt)) << corrupt;
+  EXPECT_THAT(corrupt.message(), HasSubstr("block 0 of 1 does not match its CRC32C"));
   EXPECT_EQ(area_.num_free(), 8);
 }
 
@@ -455,6 +557,21 @@ void ExpectSameTokensAsOneWorker(const KvPolicyConfig* policy) {
     // A prompt longer than a step's tokens (96) leaves in parts: the pages
     // its first chunk completed before the rest was computed.
     if (prompt_len > 96) EXPECT_GE(p.exports.size(), 2u);
+    // The last chunk's pages left layer by layer as its step computed them
+    // (KvBlockManagerOptions::export_layer_parts): a part per layer of the
+    // two, then the export's end.
+    const int layers = p.manager->layout().num_layers();
+    std::vector<int> part_first_layers;
+    for (const auto& e : p.exports) {
+      if (!e.blocks.empty() && e.blocks[0].part_layers > 0) {
+        part_first_layers.push_back(e.blocks[0].first_layer);
+      }
+    }
+    EXPECT_EQ(static_cast<int>(part_first_layers.size()), layers);
+    for (int l = 0; l < static_cast<int>(part_first_layers.size()); ++l) {
+      EXPECT_EQ(part_first_layers[l], l);
+    }
+    EXPECT_TRUE(p.exports.back().final && p.exports.back().blocks.empty());
     ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
     ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
     const std::vector<engine::TokenEvent> events = d.RunToEnd();
@@ -684,18 +801,23 @@ TEST(DisaggregatedKvTest, CodedPagesDecodeIntoTheRowsTheyCameFrom) {
   const int page = layout.page_size();
   const engine::GenerationRequest r = Request(1, 61, 4);
   Prefill(raw_p, r, 1);
-  std::vector<std::vector<float>> raw;  // per page: the record as floats
+  const int pages = (61 + page - 1) / page;
+  // Per page: the record as floats, put together from its parts.
+  std::vector<std::vector<float>> raw(
+      pages, std::vector<float>(static_cast<size_t>(layout.record_bytes()) / sizeof(float)));
+  const int64_t layer_bytes = layout.record_bytes() / layout.num_layers();
   for (const auto& part : raw_p.exports) {
-    for (const auto& b : part.blocks) {
+    for (size_t i = 0; i < part.blocks.size(); ++i) {
+      const auto& b = part.blocks[i];
       ASSERT_EQ(b.codec, engine::KvCodecKind::kBf16);
-      raw.emplace_back(b.data.size() / sizeof(float));
-      std::memcpy(raw.back().data(), b.data.data(), b.data.size());
+      ASSERT_LT(part.first_block + i, raw.size());
+      std::memcpy(reinterpret_cast<std::byte*>(raw[part.first_block + i].data()) +
+                      b.first_layer * layer_bytes,
+                  b.data.data(), b.data.size());
     }
   }
   raw_p.manager->ReleaseExport(raw_p.exports.back().key);
   raw_p.exports.clear();
-  const int pages = (61 + page - 1) / page;
-  ASSERT_EQ(static_cast<int>(raw.size()), pages);
   ASSERT_TRUE(d.manager->landing_area()->Reserve(5, pages, absl::Now() + absl::Hours(1)).ok());
   Prefill(coded_p, r, 2);
   ASSERT_NO_FATAL_FAILURE(Send(coded_p, d, 5));
