@@ -672,6 +672,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     return events;
   }
 
+  bool layer_exports = false;
   for (size_t k = 0; k < step_seqs.size(); ++k) {
     Sequence& seq = *step_seqs[k];
     if (seq.req.export_kv != 0 && !seq.export_done && samples[k] &&
@@ -679,11 +680,14 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
         seq.generated == 0) {
       // The prompt's last chunk: its KV may leave layer by layer as this
       // step computes it.
-      kv_->ExportByLayer(seq.req.export_kv,
-                         std::span<const int32_t>(seq.tokens).first(seq.tokens.size()), seq.pages);
+      layer_exports |= kv_->ExportByLayer(
+          seq.req.export_kv, std::span<const int32_t>(seq.tokens).first(seq.tokens.size()),
+          seq.pages);
     }
   }
-  STRATA_ASSIGN_OR_RETURN(std::vector<SampledToken> sampled, model_->ForwardSample(in, sampling));
+  absl::StatusOr<std::vector<SampledToken>> forward = model_->ForwardSample(in, sampling);
+  if (layer_exports) STRATA_RETURN_IF_ERROR(kv_->FinishLayerExports());
+  STRATA_ASSIGN_OR_RETURN(std::vector<SampledToken> sampled, std::move(forward));
   // Sequences whose KV the planner could not trust this step: their tokens
   // are dropped and they start over from their tokens.
   absl::flat_hash_set<int64_t> lost;

@@ -163,6 +163,12 @@ class KvMemory : public LayerKvObserver {
     return false;
   }
   absl::Status LayerKvWritten(int /*layer*/) override { return absl::OkStatus(); }
+  // After the forward of a step that ExportByLayer armed (ended well or
+  // not): compute enqueued from now on, which may write the pages once
+  // their sequences free them, waits for the copies the step started; an
+  // export whose layers were not all copied out (the forward ended early)
+  // fails at its final ExportKv.
+  virtual absl::Status FinishLayerExports() { return absl::OkStatus(); }
   // Forgets an export whose sequence ended before its final call.
   virtual void DropExport(uint64_t /*key*/) {}
   // Prefill side: what the KV policy computed on the export's prompt

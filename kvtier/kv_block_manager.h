@@ -290,6 +290,7 @@ class KvBlockManager final : public engine::KvMemory {
   bool ExportByLayer(uint64_t key, std::span<const int32_t> tokens,
                      const engine::SequencePages& pages) override;
   absl::Status LayerKvWritten(int layer) override;
+  absl::Status FinishLayerExports() override;
   void DropExport(uint64_t key) override;
   // Held with the export and handed over with its final part.
   void AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) override;
@@ -595,6 +596,9 @@ class KvBlockManager final : public engine::KvMemory {
     bool state_expected = false, state_came = false, ended = false;
     // When its pages' last part went without the expected state.
     std::optional<std::chrono::steady_clock::time_point> pages_sent;
+    // ExportByLayer armed it for a forward that ended before its last
+    // layer: its final ExportKv fails.
+    bool layers_missing = false;
   };
   // Exports armed by ExportByLayer for the step being enqueued: their
   // pages [first, first + count) of records, whose layers from next_layer
@@ -609,6 +613,8 @@ class KvBlockManager final : public engine::KvMemory {
     int next_layer = 0;
   };
   std::vector<LayerExport> layer_exports_;
+  // The last copy LayerKvWritten enqueued in the step (FinishLayerExports).
+  engine::CopyFence layer_fence_ = engine::kFenceDone;
   absl::Status PollTransfers();
   // The codec a workload's pages are exported in, and a coder for it.
   engine::KvCodecKind WireCodec(int workload) const;

@@ -26,20 +26,11 @@ absl::Status KvBlockManager::ExportKv(uint64_t key, std::span<const int32_t> tok
   if (it != exports_.end() && it->second.final) {
     return absl::AlreadyExistsError(absl::StrCat("KV export ", key, " is already complete"));
   }
-  if (final && it != exports_.end()) {
-    for (const LayerExport& le : layer_exports_) {
-      if (le.key == key) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "KV export ", key, ": layers ", le.next_layer,
-            " on of its last pages were never copied out (the step's forward ended early)"));
-      }
-    }
-    if (!it->second.pending.empty() && it->second.pending.back().part_layers > 0) {
-      // Its last pages left layer by layer during the step: compute
-      // enqueued later, which may write them once the sequence frees them,
-      // waits for their last copy (the copies run in order).
-      STRATA_RETURN_IF_ERROR(device_->ComputeAfterFence(it->second.pending.back().fence));
-    }
+  if (final && it != exports_.end() && it->second.layers_missing) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("KV export ", key,
+                     ": its last pages' later layers were never copied out (the step's forward "
+                     "ended early)"));
   }
   // Whole pages as the prompt's chunks complete them; the last page, whole
   // or not, with the final call.
@@ -211,13 +202,15 @@ absl::Status KvBlockManager::LayerKvWritten(int layer) {
             : backend.EncodeBlocksToHost(le.codec, layout_.k_caches(), layout_.v_caches(), blocks_,
                                          host_.buffer());
     if (!fence.ok()) {
-      // The final ExportKv finds the entry gone and fails its request.
+      // The final ExportKv fails its request.
+      e.layers_missing = true;
       for (int32_t r : records) host_.Unref(r);
       it = layer_exports_.erase(it);
       return fence.status();
     }
     for (int32_t r : records) host_.Ref(r);
     part.fence = *fence;
+    layer_fence_ = *fence;
     e.pending.push_back(std::move(part));
     counters_.kv_export_bytes += bytes;
     le.next_layer = end;
@@ -229,6 +222,19 @@ absl::Status KvBlockManager::LayerKvWritten(int layer) {
     }
   }
   return absl::OkStatus();
+}
+
+absl::Status KvBlockManager::FinishLayerExports() {
+  for (const LayerExport& le : layer_exports_) {
+    Export& e = exports_[le.key];
+    e.layers_missing = true;
+    for (int i = 0; i < le.count; ++i) host_.Unref(e.records[static_cast<size_t>(le.first + i)]);
+  }
+  layer_exports_.clear();
+  const engine::CopyFence fence = layer_fence_;
+  layer_fence_ = engine::kFenceDone;
+  // The copies run in order: waiting for the last waits for them all.
+  return fence == engine::kFenceDone ? absl::OkStatus() : device_->ComputeAfterFence(fence);
 }
 
 engine::KvCodecKind KvBlockManager::WireCodec(int workload) const {

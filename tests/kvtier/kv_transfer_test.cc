@@ -1074,6 +1074,47 @@ TEST(DisaggregatedKvTest, APlannerStateThatComesAfterThePagesEndsTheExport) {
   ExpectNothingLeft(p);
 }
 
+TEST(DisaggregatedKvTest, AForwardThatEndsBeforeItsLastLayerFailsTheExportAndFreesIt) {
+  // What the batcher does around a step whose forward fails after its
+  // first layer: the export armed for it fails at its final call, clearly,
+  // and nothing is left once it is dropped.
+  Worker p(0);
+  const int page = p.manager->layout().page_size();
+  const std::vector<int32_t> tokens = Prompt(20, 5);
+  engine::SequencePages pages;
+  const int needed = (20 + page - 1) / page;
+  ASSERT_TRUE(p.manager->AllocatePages(engine::PageGroup::kLower, needed, pages.lower));
+  ASSERT_TRUE(p.manager->ExportByLayer(4, tokens, pages));
+  EXPECT_FALSE(p.manager->ExportByLayer(4, tokens, pages)) << "armed once";
+  ASSERT_TRUE(p.manager->LayerKvWritten(0).ok());  // the first of two layers
+  ASSERT_TRUE(p.manager->FinishLayerExports().ok());
+  const absl::Status final = p.manager->ExportKv(4, tokens, pages, /*final=*/true);
+  EXPECT_TRUE(absl::IsFailedPrecondition(final)) << final;
+  EXPECT_THAT(final.message(), HasSubstr("later layers were never copied out"));
+  p.manager->DropExport(4);
+  ASSERT_TRUE(p.manager->FreePages(engine::PageGroup::kLower, pages.lower).ok());
+  ExpectNothingLeft(p);
+  EXPECT_EQ(p.manager->stats().host_bytes_used, 0);
+
+  // Whole, the same calls end it with a part per layer.
+  ASSERT_TRUE(p.manager->AllocatePages(engine::PageGroup::kLower, needed, pages.lower));
+  ASSERT_TRUE(p.manager->ExportByLayer(5, tokens, pages));
+  ASSERT_TRUE(p.manager->LayerKvWritten(0).ok());
+  ASSERT_TRUE(p.manager->LayerKvWritten(1).ok());
+  ASSERT_TRUE(p.manager->FinishLayerExports().ok());
+  ASSERT_TRUE(p.manager->ExportKv(5, tokens, pages, /*final=*/true).ok());
+  ASSERT_TRUE(p.manager->Poll().ok());
+  ASSERT_EQ(p.exports.size(), 3u);
+  EXPECT_EQ(p.exports[0].blocks.size(), static_cast<size_t>(needed));
+  EXPECT_EQ(p.exports[1].blocks[0].first_layer, 1);
+  EXPECT_TRUE(p.exports[2].final);
+  p.manager->ReleaseExport(5);
+  p.exports.clear();
+  ASSERT_TRUE(p.manager->FreePages(engine::PageGroup::kLower, pages.lower).ok());
+  ExpectNothingLeft(p);
+  EXPECT_EQ(p.manager->stats().host_bytes_used, 0);
+}
+
 TEST(DisaggregatedKvTest, APrefillCancelledMidPromptDropsWhatItExported) {
   Worker p(0);
   engine::GenerationRequest r = Request(1, 200, 1);
