@@ -21,6 +21,11 @@ class LayerKvObserver {
   // Layer `layer` of the step being enqueued is written; an error fails
   // the step.
   virtual absl::Status LayerKvWritten(int layer) = 0;
+  // Every layer of the step is enqueued: the host would now only wait for
+  // the step's results, and may spend that time on work that follows the
+  // device's progress (handing over the KV copied out of the first
+  // layers as each copy completes). An error fails the step.
+  virtual absl::Status LayersEnqueued() { return absl::OkStatus(); }
 };
 
 }  // namespace strata::engine

@@ -639,6 +639,9 @@ absl::StatusOr<Tensor> Model::Compute(const AttentionBatch& batch, int64_t t, in
     STRATA_RETURN_IF_ERROR(b.Linear(act, l.down, Tensor(), proj));
     if (comm_ != nullptr) STRATA_RETURN_IF_ERROR(comm_->AllReduceSum(proj));
   }
+  if (layer_kv_observer_ != nullptr && !capturing_) {
+    STRATA_RETURN_IF_ERROR(layer_kv_observer_->LayersEnqueued());
+  }
   // Only the requested rows go through the final norm and lm_head; a step
   // of prefill chunks that end mid-prompt needs none.
   if (rows_out == 0) return Tensor();

@@ -290,6 +290,7 @@ class KvBlockManager final : public engine::KvMemory {
   bool ExportByLayer(uint64_t key, std::span<const int32_t> tokens,
                      const engine::SequencePages& pages) override;
   absl::Status LayerKvWritten(int layer) override;
+  absl::Status LayersEnqueued() override;
   absl::Status FinishLayerExports() override;
   void DropExport(uint64_t key) override;
   // Held with the export and handed over with its final part.
@@ -616,6 +617,11 @@ class KvBlockManager final : public engine::KvMemory {
   // The last copy LayerKvWritten enqueued in the step (FinishLayerExports).
   engine::CopyFence layer_fence_ = engine::kFenceDone;
   absl::Status PollTransfers();
+  // Hands each export's parts whose copies are done to `sink`, in order.
+  absl::Status HandOverExports(const ExportSink& sink);
+  // The exports whose last pages were all copied out layer by layer in the
+  // step being enqueued (LayersEnqueued).
+  std::vector<uint64_t> layer_keys_;
   // The codec a workload's pages are exported in, and a coder for it.
   engine::KvCodecKind WireCodec(int workload) const;
   const engine::KvCodec& Coder(engine::KvCodecKind codec);

@@ -1,6 +1,8 @@
 // KvBlockManager's part in disaggregated serving: a prefill worker's
 // exports and a decode worker's imports (see kv_block_manager.h).
 #include <algorithm>
+#include <chrono>
+#include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -215,6 +217,7 @@ absl::Status KvBlockManager::LayerKvWritten(int layer) {
     counters_.kv_export_bytes += bytes;
     le.next_layer = end;
     if (end == layers) {
+      layer_keys_.push_back(le.key);
       for (int32_t r : records) host_.Unref(r);  // Allocate's
       it = layer_exports_.erase(it);
     } else {
@@ -231,6 +234,7 @@ absl::Status KvBlockManager::FinishLayerExports() {
     for (int i = 0; i < le.count; ++i) host_.Unref(e.records[static_cast<size_t>(le.first + i)]);
   }
   layer_exports_.clear();
+  layer_keys_.clear();
   const engine::CopyFence fence = layer_fence_;
   layer_fence_ = engine::kFenceDone;
   // The copies run in order: waiting for the last waits for them all.
@@ -297,19 +301,8 @@ void KvBlockManager::FreeExport(absl::flat_hash_map<uint64_t, Export>::iterator 
   exports_.erase(it);
 }
 
-absl::Status KvBlockManager::PollTransfers() {
+absl::Status KvBlockManager::HandOverExports(const ExportSink& sink) {
   KvDevice& backend = *device_;
-  std::vector<uint64_t> released;
-  ExportSink sink;
-  {
-    absl::MutexLock lock(&released_mu_);
-    released.swap(released_exports_);
-    sink = export_sink_;
-  }
-  for (uint64_t key : released) {
-    auto it = exports_.find(key);
-    if (it != exports_.end()) FreeExport(it);
-  }
   const int page_size = layout_.page_size();
   for (auto& [key, e] : exports_) {
     // In order: a part goes out only after the ones before it.
@@ -381,6 +374,54 @@ absl::Status KvBlockManager::PollTransfers() {
       sink(std::move(out));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status KvBlockManager::LayersEnqueued() {
+  if (layer_keys_.empty()) return absl::OkStatus();
+  ExportSink sink;
+  {
+    absl::MutexLock lock(&released_mu_);
+    sink = export_sink_;
+  }
+  // The host has nothing to do until the step's results: it hands over
+  // each layer part as its copy completes, so that the parts go out while
+  // the later layers compute, rather than at the poll after the step. Not
+  // the last part of each (copied beside the last layer, it would hold up
+  // the step's results): the poll after the step sends it.
+  const int layers = layout_.num_layers();
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+  while (true) {
+    STRATA_RETURN_IF_ERROR(HandOverExports(sink));
+    bool waiting = false;
+    for (uint64_t key : layer_keys_) {
+      auto it = exports_.find(key);
+      if (it == exports_.end()) continue;
+      for (const Export::Part& part : it->second.pending) {
+        waiting |= part.part_layers > 0 && part.first_layer + part.part_layers < layers;
+      }
+    }
+    if (!waiting || std::chrono::steady_clock::now() > give_up) break;
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  layer_keys_.clear();
+  return absl::OkStatus();
+}
+
+absl::Status KvBlockManager::PollTransfers() {
+  KvDevice& backend = *device_;
+  std::vector<uint64_t> released;
+  ExportSink sink;
+  {
+    absl::MutexLock lock(&released_mu_);
+    released.swap(released_exports_);
+    sink = export_sink_;
+  }
+  for (uint64_t key : released) {
+    auto it = exports_.find(key);
+    if (it != exports_.end()) FreeExport(it);
+  }
+  STRATA_RETURN_IF_ERROR(HandOverExports(sink));
   if (landing_ != nullptr) {
     for (auto it = landing_in_flight_.begin(); it != landing_in_flight_.end();) {
       STRATA_ASSIGN_OR_RETURN(const bool done, backend.FenceDone(it->fence));

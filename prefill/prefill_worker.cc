@@ -157,18 +157,26 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
       }
       r.result.blocks += static_cast<int>(exported.blocks.size());
       r.sends_pending += static_cast<int>(sends.size());
+      if (final_send_delay_.count() > 0) {
+        // The prompt's last blocks wait for the export's end (handed over
+        // after the step that samples the first token), and leave late.
+        const bool last_layers =
+            !exported.blocks.empty() && exported.blocks[0].part_layers > 0 &&
+            exported.blocks[0].first_layer + exported.blocks[0].part_layers == format_.layers;
+        if (last_layers) {
+          r.held.insert(r.held.end(), sends.begin(), sends.end());
+          sends.clear();
+        } else if (exported.final) {
+          sends.insert(sends.end(), r.held.begin(), r.held.end());
+          r.held.clear();
+        }
+      }
     }
     MaybeReleaseLocked(id, r);
     call = SettleLocked(id);
   }
   if (call) call();
-  // The prompt's last blocks: the export's end, or the last layers of the
-  // pages that left layer by layer.
-  const bool last_blocks =
-      exported.final ||
-      (!exported.blocks.empty() && exported.blocks[0].part_layers > 0 &&
-       exported.blocks[0].first_layer + exported.blocks[0].part_layers == format_.layers);
-  if (last_blocks && final_send_delay_.count() > 0 && !sends.empty()) {
+  if (exported.final && final_send_delay_.count() > 0 && !sends.empty()) {
     std::this_thread::sleep_for(final_send_delay_);
   }
   for (const auto& [header, payload] : sends) {
@@ -178,7 +186,12 @@ void PrefillWorker::OnExport(kvtier::KvBlockManager::ExportedKv exported) {
   }
 }
 
-void PrefillWorker::MaybeReleaseLocked(uint64_t id, const Request& r) {
+void PrefillWorker::MaybeReleaseLocked(uint64_t id, Request& r) {
+  if (!r.error.ok() && !r.held.empty()) {
+    // Held sends of a request that failed never go.
+    r.sends_pending -= static_cast<int>(r.held.size());
+    r.held.clear();
+  }
   if (r.sends_pending == 0 && (r.exported || !r.error.ok())) manager_->ReleaseExport(id);
 }
 

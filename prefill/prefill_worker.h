@@ -118,6 +118,9 @@ class PrefillWorker {
     // parts append without moving earlier ones).
     std::deque<std::array<std::byte, kvtier::KvBlockHeader::kBytes>> headers;
     int sends_pending = 0;
+    // Faults only (set_final_send_delay): the last layers' sends, held
+    // until the export's end.
+    std::vector<std::pair<std::span<const std::byte>, std::span<const std::byte>>> held;
     bool engine_finished = false;  // its last event came
     bool expect_export = false;    // ... and it was a success: the final part follows
     bool exported = false;         // the final part came (released once sent)
@@ -132,7 +135,7 @@ class PrefillWorker {
   std::function<void()> SettleLocked(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Releases the export once no send reads it and no part will follow (or
   // the request failed; a part that comes later is released on arrival).
-  void MaybeReleaseLocked(uint64_t id, const Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void MaybeReleaseLocked(uint64_t id, Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   engine::AsyncEngine* engine_;
   kvtier::KvBlockManager* manager_;

@@ -201,18 +201,22 @@ TEST(DisaggregatedRoutingTest, ABadPrefillRequestIsRefusedNamingTheField) {
   EXPECT_TRUE(refused_answers.empty());
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(s.error_message(), HasSubstr("temperature"));
-  // A destination that is not a KV transport address: the prompt is
-  // computed, its first token answered at once, and the send is refused
-  // without reaching anyone.
+  // A destination that is not a KV transport address: the send is refused
+  // without reaching anyone, and the call fails naming it. The prompt's
+  // KV leaves as its last step computes it, so the call fails before its
+  // first token (the decode worker then computes the prompt itself).
   internal::v1::PrefillRequest nowhere = bad;
   nowhere.mutable_sampling()->set_temperature(0);
   const auto [answers, s2] = call(nowhere);
-  ASSERT_EQ(answers.size(), 1u) << "the first token, before the KV is sent";
-  EXPECT_FALSE(answers[0].kv_landed());
-  EXPECT_GE(answers[0].first_token(), 0);
-  EXPECT_GT(answers[0].compute_seconds(), 0);
+  EXPECT_TRUE(answers.empty());
   EXPECT_FALSE(s2.ok());
   EXPECT_THAT(s2.error_message(), HasSubstr("sending its KV"));
+  // A longer prompt's first chunk leaves before its last step: the same.
+  internal::v1::PrefillRequest longer = nowhere;
+  for (int i = 0; i < 600; ++i) longer.add_prompt_ids(3 + i % 400);
+  const auto [longer_answers, s3] = call(longer);
+  EXPECT_TRUE(longer_answers.empty());
+  EXPECT_THAT(s3.error_message(), HasSubstr("sending its KV"));
 }
 
 // Generate through the router until it answers OK (its discovery has found
