@@ -147,7 +147,11 @@ printf 'name: wire\n%s\n' "$policy_yaml" >"$tmp/serve.yaml"
 start serve.log CUDA_VISIBLE_DEVICES="$decode_gpu" -- serve "${common[@]}" --profile "$tmp/serve.yaml" \
   --max-batch-tokens "${chunks%% *}"
 serve=$address
-ask "$serve" 1024 1 wire >/dev/null  # warm-up
+# Warm-ups of the longest prompt: the first long prompt through a process
+# also pays for first touches (pinned records, the transport's memory
+# registrations), which a serving process has long done.
+ask "$serve" 1024 1 wire >/dev/null
+ask "$serve" "$max" 2 wire >/dev/null
 for p in $prompts; do
   echo "serve $p $(ask "$serve" "$p" "$p" wire)"
   cp "$tmp/last.jsonl" "$tmp/serve-$p.jsonl"
@@ -177,6 +181,7 @@ router=$address
 # Requests name the profile: the KV crosses in its codec (the workers'
 # default profile sends bf16).
 for _ in $(seq 50); do ask "$router" 1024 1 wire >/dev/null 2>&1 && break; sleep 0.2; done  # warm-up
+ask "$router" "$max" 2 wire >/dev/null
 for p in $prompts; do
   before=()
   for m in strata_prefill_remote_seconds_sum strata_kv_transfer_seconds_sum \
