@@ -127,6 +127,10 @@ int RunRouter(const RouterFlags& f) {
   router::WorkerRegistryOptions registry_options;
   registry_options.model = model_name;
   registry_options.expiry = absl::Seconds(f.worker_expiry_seconds);
+  // For workers that do not say what a token of their KV takes: 16-bit KV,
+  // K and V, every layer.
+  registry_options.default_kv_bytes_per_token =
+      int64_t{2} * 2 * config->num_layers * config->num_kv_heads * config->head_dim;
   router::WorkerRegistry registry(registry_options);
   prometheus::Registry prometheus_registry;
   auto server_metrics = router::ServerMetrics::Create(&prometheus_registry);
@@ -149,10 +153,7 @@ int RunRouter(const RouterFlags& f) {
   options.prefix_affinity_max_extra_load = f.prefix_routing_max_extra_load;
   options.max_requests_in_flight = f.max_in_flight;
   options.queue_timeout = absl::Seconds(f.queue_timeout_seconds);
-  // 16-bit KV, K and V, every layer: what a request's tokens take on a
-  // decode worker's GPU or host tier.
-  options.kv_bytes_per_token =
-      int64_t{2} * 2 * config->num_layers * config->num_kv_heads * config->head_dim;
+  options.admit_by_kv = true;
   auto service = std::make_unique<router::RouterService>(&registry, tokenizer.get(),
                                                          server_metrics->get(), options);
   router::ControlService control(&registry, absl::Seconds(f.heartbeat_seconds));

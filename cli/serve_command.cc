@@ -561,6 +561,8 @@ int RunServe(const ServeFlags& f) {
     info.set_kv_address(kv_transport->local_address());
     info.set_model(service_options.model_name);
     info.set_kv_format(KvFormatName(manager->layout()));
+    // The unit of its load's KV bytes (WorkerLoadOf's page bytes).
+    info.set_kv_bytes_per_token(loaded->model->kv_bytes_per_token());
     for (const std::string& name : profile_names) info.add_profiles(name);
     worker_service->set_info(info);
     if (!f.router.empty()) {

@@ -213,7 +213,7 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   // to one starts, so it stays put.
   v1::GenerateRequest forward_;
   int64_t prompt_tokens_ = 0;
-  int64_t kv_bytes_ = 0;
+  int64_t kv_tokens_ = 0;  // of KV the request needs on a decode worker
   // Why the last pick found no decode worker with room (while waiting).
   std::string wait_reason_;
   std::string prefill_address_;  // empty: the decode worker prefills
@@ -276,7 +276,7 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
   const engine::GenerationRequest& engine_request = *converted;
   profile_ = request.profile().empty() ? options.default_profile : request.profile();
   prompt_tokens_ = static_cast<int64_t>(engine_request.prompt.size());
-  kv_bytes_ = (prompt_tokens_ + engine_request.max_tokens) * options.kv_bytes_per_token;
+  if (options.admit_by_kv) kv_tokens_ = prompt_tokens_ + engine_request.max_tokens;
   prefer_.max_extra_load = options.prefix_affinity_max_extra_load;
   if (PrefixAffinity* affinity = service_->affinity_.get(); affinity != nullptr) {
     prompt_keys_ = affinity->Keys(engine_request.prompt);
@@ -305,7 +305,7 @@ RouteStream::RouteStream(RouterService* service, grpc::CallbackServerContext* co
 }
 
 bool RouteStream::RouteOrWaitLocked() {
-  auto decode = service_->registry_->PickDecode(profile_, kv_bytes_, {},
+  auto decode = service_->registry_->PickDecode(profile_, kv_tokens_, {},
                                                 prefer_.holders.empty() ? nullptr : &prefer_);
   if (decode.ok()) {
     RouteLocked(*std::move(decode));
@@ -381,7 +381,7 @@ void RouteStream::RouteLocked(PickedWorker decode) {
 }
 
 void RouteStream::StartAttemptLocked(PickedWorker worker) {
-  service_->registry_->NoteAssigned(worker.worker_id, prompt_tokens_, kv_bytes_);
+  service_->registry_->NoteAssigned(worker.worker_id, prompt_tokens_, kv_tokens_);
   if (service_->affinity_ != nullptr) {
     // The worker will hold the prompt's KV once it has computed or loaded it.
     service_->affinity_->Record(worker.worker_id, prompt_keys_, worker.prefix_capacity_tokens);
@@ -535,7 +535,7 @@ void RouteStream::OnUpstreamDone(UpstreamCall* call, const grpc::Status& status)
 
 bool RouteStream::RetryLocked() {
   if (static_cast<int>(tried_.size()) >= kMaxAttempts) return false;
-  auto decode = service_->registry_->PickDecode(profile_, kv_bytes_, tried_);
+  auto decode = service_->registry_->PickDecode(profile_, kv_tokens_, tried_);
   if (!decode.ok()) {
     failures_.push_back(absl::StrCat("no decode worker to retry on: ", decode.status().message()));
     return false;

@@ -96,9 +96,10 @@ struct RouterServiceOptions {
   // Bounds a whole call to a decode worker, retry included, when sooner
   // than the client's deadline. 0: the client's deadline only.
   absl::Duration worker_call_timeout = absl::ZeroDuration();
-  // KV bytes one token takes on a decode worker: a request is sent only to
-  // a worker with room for its prompt and max_tokens (0: any worker).
-  int64_t kv_bytes_per_token = 0;
+  // A request is sent only to a decode worker with room for the KV of its
+  // prompt and max_tokens (in the worker's bytes per token: its
+  // WorkerInfo, else the registry's default). Off: any worker.
+  bool admit_by_kv = false;
   // Prefix-aware routing (router/prefix_affinity.h): a prompt goes to the
   // decode worker that was sent its start before (within the load
   // allowance), and when what that worker does not hold is shorter than

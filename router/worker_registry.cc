@@ -142,6 +142,10 @@ absl::Status WorkerRegistry::Validate(const WorkerInfo& info, const WorkerLoad& 
   }
   if (info.model().empty()) return absl::InvalidArgumentError("WorkerInfo.model is empty");
   if (info.kv_format().empty()) return absl::InvalidArgumentError("WorkerInfo.kv_format is empty");
+  if (info.kv_bytes_per_token() < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("WorkerInfo.kv_bytes_per_token is negative (",
+                                                   info.kv_bytes_per_token(), ")"));
+  }
   if (info.profiles().empty()) {
     return absl::InvalidArgumentError("WorkerInfo.profiles is empty: the worker serves no profile");
   }
@@ -346,12 +350,12 @@ double WorkerRegistry::DecodeScore(const WorkerLoad& load, int pending_sequences
 }
 
 absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profile,
-                                                        int64_t kv_bytes_needed,
+                                                        int64_t kv_tokens_needed,
                                                         const std::vector<std::string>& exclude,
                                                         const DecodePreference* prefer) {
-  if (kv_bytes_needed < 0) {
+  if (kv_tokens_needed < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("kv_bytes_needed is negative (", kv_bytes_needed, ")"));
+        absl::StrCat("kv_tokens_needed is negative (", kv_tokens_needed, ")"));
   }
   absl::MutexLock lock(&mu_);
   const absl::Time now = Now();
@@ -373,23 +377,27 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
   double best = std::numeric_limits<double>::infinity();
   std::vector<const Entry*> ties;
   std::vector<std::pair<const Entry*, double>> eligible;  // with room, and their scores
+  // In tokens: workers' bytes per token differ with their cache types.
   int64_t most_free = std::numeric_limits<int64_t>::min();
   const Entry* most_free_worker = nullptr;
   int64_t largest = std::numeric_limits<int64_t>::min();
   const Entry* largest_worker = nullptr;
   for (const Entry* e : *candidates) {
-    const int64_t total = e->load.gpu_kv_total_bytes() + e->load.host_kv_total_bytes();
+    const int64_t per_token = KvBytesPerToken(*e);
+    const int64_t total =
+        (e->load.gpu_kv_total_bytes() + e->load.host_kv_total_bytes()) / per_token;
     if (total > largest) {
       largest = total;
       largest_worker = e;
     }
     const int64_t free =
-        e->load.gpu_kv_free_bytes() + e->load.host_kv_free_bytes() - e->pending_kv_bytes;
+        (e->load.gpu_kv_free_bytes() + e->load.host_kv_free_bytes() - e->pending_kv_bytes) /
+        per_token;
     if (free > most_free) {
       most_free = free;
       most_free_worker = e;
     }
-    if (free < kv_bytes_needed) continue;
+    if (free < kv_tokens_needed) continue;
     const double score = DecodeScore(e->load, e->pending_sequences, e->pending_kv_bytes);
     eligible.emplace_back(e, score);
     if (score < best) {
@@ -398,17 +406,17 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
     }
     if (score == best) ties.push_back(e);
   }
-  if (ties.empty() && largest < kv_bytes_needed) {
+  if (ties.empty() && largest < kv_tokens_needed) {
     return absl::OutOfRangeError(absl::StrCat(
-        "no decode worker serving profile '", profile, "' can ever hold ", kv_bytes_needed,
-        " bytes of KV (GPU and host tiers; the largest: ", std::max<int64_t>(0, largest), " on ",
-        largest_worker->info.worker_id(), ")"));
+        "no decode worker serving profile '", profile, "' can ever hold ", kv_tokens_needed,
+        " tokens of KV (GPU and host tiers; the largest: ", std::max<int64_t>(0, largest),
+        " tokens on ", largest_worker->info.worker_id(), ")"));
   }
   if (ties.empty()) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "no decode worker serving profile '", profile, "' has ", kv_bytes_needed,
-        " bytes of KV free (GPU and host tiers; the most free: ", std::max<int64_t>(0, most_free),
-        " on ", most_free_worker->info.worker_id(), ")"));
+        "no decode worker serving profile '", profile, "' has room for ", kv_tokens_needed,
+        " tokens of KV (GPU and host tiers; the most free: ", std::max<int64_t>(0, most_free),
+        " tokens on ", most_free_worker->info.worker_id(), ")"));
   }
   if (prefer != nullptr) {
     // The holder of the longest stored start whose load is within the
@@ -432,7 +440,7 @@ absl::StatusOr<PickedWorker> WorkerRegistry::PickDecode(const std::string& profi
 }
 
 void WorkerRegistry::NoteAssigned(const std::string& worker_id, int64_t prompt_tokens,
-                                  int64_t kv_bytes) {
+                                  int64_t kv_tokens) {
   absl::MutexLock lock(&mu_);
   auto it = workers_.find(worker_id);
   if (it == workers_.end()) return;
@@ -441,7 +449,7 @@ void WorkerRegistry::NoteAssigned(const std::string& worker_id, int64_t prompt_t
     e.pending_prefill_tokens += std::max<int64_t>(0, prompt_tokens);
   } else {
     ++e.pending_sequences;
-    e.pending_kv_bytes += std::max<int64_t>(0, kv_bytes);
+    e.pending_kv_bytes += std::max<int64_t>(0, kv_tokens) * KvBytesPerToken(e);
   }
 }
 

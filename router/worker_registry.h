@@ -55,6 +55,9 @@ struct WorkerRegistryOptions {
   int drop_after_expiries = 10;
   // The time; null: absl::Now. Tests inject a fake clock.
   std::function<absl::Time()> clock;
+  // KV bytes a token takes on a decode worker that does not say
+  // (WorkerInfo.kv_bytes_per_token 0). 1: KV needs count bytes.
+  int64_t default_kv_bytes_per_token = 1;
 };
 
 // The worker a request goes to.
@@ -138,7 +141,9 @@ class WorkerRegistry {
 
   // The schedulable decode worker serving `profile` whose free KV (GPU and
   // host tiers, less what was noted since its report) covers
-  // kv_bytes_needed, with the lowest DecodeScore; ties go round-robin.
+  // kv_tokens_needed tokens of KV (in its own bytes per token,
+  // WorkerInfo.kv_bytes_per_token), with the lowest DecodeScore; ties go
+  // round-robin.
   // Errors as PickPrefill's; ResourceExhausted when none has room now, and
   // OutOfRange when none could hold it even empty (its tiers' totals are
   // all smaller). Both name the worker closest to it. Workers
@@ -147,15 +152,15 @@ class WorkerRegistry {
   // were the only candidates. With `prefer`, the first of its holders that
   // has room and is within its load allowance is picked instead (its
   // prefix_tokens set).
-  absl::StatusOr<PickedWorker> PickDecode(const std::string& profile, int64_t kv_bytes_needed,
+  absl::StatusOr<PickedWorker> PickDecode(const std::string& profile, int64_t kv_tokens_needed,
                                           const std::vector<std::string>& exclude = {},
                                           const DecodePreference* prefer = nullptr);
 
   // The router sent a request to `worker_id`: a prefill worker counts
   // prompt_tokens more queued; a decode worker one more running sequence
-  // holding kv_bytes more KV. Until its next report. Unknown ids are
+  // holding kv_tokens more tokens of KV. Until its next report. Unknown ids are
   // ignored (the worker went since it was picked).
-  void NoteAssigned(const std::string& worker_id, int64_t prompt_tokens, int64_t kv_bytes = 0);
+  void NoteAssigned(const std::string& worker_id, int64_t prompt_tokens, int64_t kv_tokens = 0);
 
   // Every worker known, by worker_id.
   std::vector<WorkerState> Snapshot() const;
@@ -193,6 +198,12 @@ class WorkerRegistry {
   };
 
   absl::Time Now() const;
+  // The KV bytes a token takes on the worker.
+  int64_t KvBytesPerToken(const Entry& e) const {
+    return e.info.kv_bytes_per_token() > 0
+               ? e.info.kv_bytes_per_token()
+               : std::max<int64_t>(1, options_.default_kv_bytes_per_token);
+  }
   // Forgets workers not heard from for drop_after_expiries expiries.
   void DropStaleLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The entries of `role` schedulable now that serve `profile`, sorted by

@@ -249,6 +249,7 @@ class RouterServiceTest : public ::testing::Test {
     options.model = "tiny";
     options.kv_format = "bf16";
     options.expiry = absl::Seconds(60);  // never within a test
+    options.default_kv_bytes_per_token = 1024;
     return options;
   }
 
@@ -262,7 +263,7 @@ class RouterServiceTest : public ::testing::Test {
     options.limits.profiles = {"default", "sparse"};
     options.prefill_threshold_tokens = kThreshold;
     options.max_requests_in_flight = 8;
-    options.kv_bytes_per_token = 1024;
+    options.admit_by_kv = true;
     return options;
   }
 
@@ -763,7 +764,8 @@ TEST_F(RouterServiceTest, ARequestWaitsForADecodeWorkerWithRoomForItsKv) {
   ASSERT_TRUE(out.status.ok()) << out.status.error_message();
   EXPECT_THAT(out.tokens(), ElementsAre(10, 11, 12));
   EXPECT_EQ(d1->calls(), 1);
-  EXPECT_EQ(service_->requests_queued(), 0);
+  // (The queue lets go of the stream just after its call started.)
+  EXPECT_LT(WaitFor([&] { return service_->requests_queued() == 0; }), absl::Seconds(1));
   EXPECT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(2));
   EXPECT_THAT(MetricsText(), HasSubstr("strata_requests_total{finish_reason=\"length\"} 1"));
 }
@@ -780,11 +782,12 @@ TEST_F(RouterServiceTest, ARequestWaitingLongerThanTheQueueTimeoutIsUnavailableN
   EXPECT_EQ(out.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_THAT(out.status.error_message(),
               AllOf(HasSubstr("no decode worker had room for the request's KV within 300ms"),
-                    HasSubstr("has 19456 bytes of KV free"), HasSubstr("1000 on d1")));
+                    HasSubstr("has room for 19 tokens of KV"), HasSubstr("0 tokens on d1")));
   EXPECT_GE(waited, absl::Milliseconds(290));
   EXPECT_LT(waited, absl::Seconds(2));
   EXPECT_EQ(d1->calls(), 0);
-  EXPECT_EQ(service_->requests_queued(), 0);
+  // (The queue lets go of the stream just after it ended the call.)
+  EXPECT_LT(WaitFor([&] { return service_->requests_queued() == 0; }), absl::Seconds(1));
   EXPECT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(2));
   EXPECT_THAT(MetricsText(),
               HasSubstr("strata_requests_rejected_total{reason=\"queue_timeout\"} 1"));
@@ -795,7 +798,7 @@ TEST_F(RouterServiceTest, ARequestWaitingLongerThanTheQueueTimeoutIsUnavailableN
   StartRouter(options);
   const Outcome now = Generate(Prompt(3));
   EXPECT_EQ(now.status.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_THAT(now.status.error_message(), HasSubstr("has 19456 bytes of KV free"));
+  EXPECT_THAT(now.status.error_message(), HasSubstr("has room for 19 tokens of KV"));
 }
 
 TEST_F(RouterServiceTest, AClientThatLeavesWhileItsRequestWaitsLeavesTheQueue) {
@@ -853,7 +856,7 @@ TEST_F(RouterServiceTest, ARequestNoDecodeWorkerCouldEverHoldIsRefusedAtOnce) {
   EXPECT_EQ(out.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   EXPECT_THAT(out.status.error_message(),
               AllOf(HasSubstr("the prompt's 200 tokens and max_tokens 16"),
-                    HasSubstr("can ever hold 221184 bytes"), HasSubstr("102400 on d1")));
+                    HasSubstr("can ever hold 216 tokens"), HasSubstr("100 tokens on d1")));
   EXPECT_EQ(d1->calls(), 0);
   EXPECT_LT(WaitFor([&] { return service_->requests_in_flight() == 0; }), absl::Seconds(2));
   // One that fits still goes.

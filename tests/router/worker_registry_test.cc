@@ -377,8 +377,8 @@ TEST_F(WorkerRegistryTest, DecodeCapacityFiltering) {
   // No room now: a request may wait for some.
   auto none = registry_.PickDecode("default", 6 * kGiB);
   EXPECT_EQ(none.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_THAT(none.status().message(),
-              AllOf(HasSubstr("has 6442450944 bytes of KV free"), HasSubstr("5368709120 on d2")));
+  EXPECT_THAT(none.status().message(), AllOf(HasSubstr("has room for 6442450944 tokens of KV"),
+                                             HasSubstr("5368709120 tokens on d2")));
   // What the router sent since counts against the room.
   registry_.NoteAssigned("d2", 0, 4 * kGiB);
   EXPECT_EQ(registry_.PickDecode("default", 3 * kGiB + 1).status().code(),
@@ -387,10 +387,33 @@ TEST_F(WorkerRegistryTest, DecodeCapacityFiltering) {
   // waiting would not help.
   auto never = registry_.PickDecode("default", 14 * kGiB + 1);
   EXPECT_EQ(never.status().code(), absl::StatusCode::kOutOfRange);
-  EXPECT_THAT(never.status().message(),
-              AllOf(HasSubstr("can ever hold 15032385537 bytes"), HasSubstr("15032385536 on d1")));
+  EXPECT_THAT(never.status().message(), AllOf(HasSubstr("can ever hold 15032385537 tokens"),
+                                              HasSubstr("15032385536 tokens on d1")));
   EXPECT_EQ(registry_.PickDecode("default", -1).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(WorkerRegistryTest, ATokenOfKvIsCountedInEachWorkersOwnBytes) {
+  // The same free bytes hold twice the tokens on a worker whose cache
+  // takes half the bytes a token (fp8 against bf16).
+  WorkerInfo bf16 = Decode("d1", "h:1"), fp8 = Decode("d2", "h:2");
+  bf16.set_kv_bytes_per_token(1024);
+  fp8.set_kv_bytes_per_token(512);
+  ASSERT_TRUE(registry_.Update(bf16, DecodeLoad(0, 0, kGiB), Source::kHeartbeat).ok());
+  ASSERT_TRUE(registry_.Update(fp8, DecodeLoad(5, 0, kGiB), Source::kHeartbeat).ok());
+  EXPECT_EQ(PickDecodeId(kGiB / 1024), "d1");  // the idler one, room enough
+  EXPECT_EQ(PickDecodeId(kGiB / 1024 + 1), "d2");
+  EXPECT_EQ(PickDecodeId(kGiB / 512), "d2");
+  auto none = registry_.PickDecode("default", kGiB / 512 + 1);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(none.status().message(), HasSubstr("the most free: 2097152 tokens on d2"));
+  // What was sent since counts in the worker's own bytes.
+  registry_.NoteAssigned("d2", 0, kGiB / 1024);
+  EXPECT_EQ(registry_.Snapshot()[1].pending_kv_bytes, kGiB / 2);
+  // A negative size is refused.
+  fp8.set_kv_bytes_per_token(-1);
+  EXPECT_THAT(registry_.Update(fp8, DecodeLoad(0, 0), Source::kHeartbeat).message(),
+              HasSubstr("WorkerInfo.kv_bytes_per_token is negative"));
 }
 
 TEST_F(WorkerRegistryTest, DecodeExcludesWorkersById) {
