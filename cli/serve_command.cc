@@ -520,7 +520,9 @@ int RunServe(const ServeFlags& f) {
   if (kv_transport != nullptr) {
     // The Worker service is registered before the port is known: its
     // description is completed once the server listens (below).
-    const int64_t page_bytes = model.kv_bytes_per_token() * model.options().page_size;
+    // Every rank's rows: the unit of the host tier's records, which the
+    // router adds to the GPU tier's.
+    const int64_t page_bytes = manager->layout().record_bytes();
     auto load = [&engine, manager, page_bytes] {
       return router::WorkerLoadOf(engine.GetStats(), manager, page_bytes);
     };
@@ -562,7 +564,7 @@ int RunServe(const ServeFlags& f) {
     info.set_model(service_options.model_name);
     info.set_kv_format(KvFormatName(manager->layout()));
     // The unit of its load's KV bytes (WorkerLoadOf's page bytes).
-    info.set_kv_bytes_per_token(loaded->model->kv_bytes_per_token());
+    info.set_kv_bytes_per_token(manager->layout().record_bytes() / manager->layout().page_size());
     for (const std::string& name : profile_names) info.add_profiles(name);
     worker_service->set_info(info);
     if (!f.router.empty()) {

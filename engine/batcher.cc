@@ -680,9 +680,7 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
         seq.generated == 0) {
       // The prompt's last chunk: its KV may leave layer by layer as this
       // step computes it.
-      layer_exports |= kv_->ExportByLayer(
-          seq.req.export_kv, std::span<const int32_t>(seq.tokens).first(seq.tokens.size()),
-          seq.pages);
+      layer_exports |= kv_->ExportByLayer(seq.req.export_kv, seq.tokens, seq.pages);
     }
   }
   absl::StatusOr<std::vector<SampledToken>> forward = model_->ForwardSample(in, sampling);

@@ -34,7 +34,8 @@
 namespace strata::router {
 
 // A worker's load from its engine and block manager (null: GPU pages only,
-// page_bytes each across every layer).
+// page_bytes each across every layer and every tensor-parallel rank, as a
+// host record holds them, so that the GPU and host tiers add up).
 internal::v1::WorkerLoad WorkerLoadOf(const engine::AsyncEngine::Stats& engine,
                                       const kvtier::KvBlockManager* manager, int64_t page_bytes);
 

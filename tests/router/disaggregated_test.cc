@@ -380,6 +380,13 @@ TEST(DisaggregatedTensorParallelTest, WorkersOfTwoRanksExchangeKvRankToRank) {
   EXPECT_THAT(described.info().kv_format(), HasSubstr("/tp2"));
   EXPECT_EQ(Describe(p2.address()).info().kv_format(), described.info().kv_format());
   EXPECT_NE(Describe(p1.address()).info().kv_format(), described.info().kv_format());
+  // Their KV bytes count every rank's rows, as one rank's do the whole
+  // model's: the router counts tokens of room alike.
+  const internal::v1::DescribeResponse one_rank = Describe(p1.address());
+  const internal::v1::DescribeResponse two_ranks = Describe(p2.address());
+  EXPECT_GT(one_rank.info().kv_bytes_per_token(), 0);
+  EXPECT_EQ(two_ranks.info().kv_bytes_per_token(), one_rank.info().kv_bytes_per_token());
+  EXPECT_EQ(two_ranks.load().gpu_kv_total_bytes(), one_rank.load().gpu_kv_total_bytes());
 
   const v1::GenerateRequest r = Request(300, 16, 31);
   const Completion expected = Generate(one.stub(), r);
