@@ -597,9 +597,16 @@ TEST(ServerHostTierTest, StoredPrefixesOnTheSsdSurviveAKilledWorker) {
     ServerProcess server({"--profile", path});
     const Completion a = Generate(server.stub(), first);
     ASSERT_TRUE(a.status.ok()) << a.status.error_message();
+    // The pages are stored twice (the prompt's after its prefill, the last
+    // one with generated tokens when the request ends) and each store is
+    // written down on the I/O threads: wait for the request to end, then
+    // for every page it stored to be on the SSD, before the kill.
+    server.WaitForMetric("strata_kv_cache_pages_used", [](double v) { return v == 0; });
+    const double stored = server.Metric("strata_kv_prefix_pages_stored_total");
+    ASSERT_GT(stored, 0);
     written = server.WaitForMetric("strata_kv_ssd_prefix_pages_written_total",
-                                   [](double v) { return v > 0; });
-    ASSERT_GT(written, 0);
+                                   [&](double v) { return v == stored; });
+    ASSERT_EQ(written, stored);
     server.Signal(SIGKILL);
     server.Wait(std::chrono::seconds(10));
   }
