@@ -26,6 +26,7 @@
 #define STRATA_ENGINE_ATTENTION_PLANNER_H_
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -75,6 +76,17 @@ class AttentionPlanner {
   // kvtier/clustering_store.h) and keep what it computes on them now.
   virtual void NotePrompt(int64_t /*seq_id*/, int /*loaded_tokens*/,
                           std::span<const uint32_t> /*page_crcs*/) {}
+  // After the sequence's prompt is computed (before its first decode step)
+  // and its first `stored_tokens` tokens' whole pages were stored
+  // (KvMemory::StorePrefix): `page_crcs` answers, from the thread that
+  // drives the model, what KvMemory::PrefixStoreCrcs does for that store
+  // (nullopt while its copies are in flight). The pages this sequence
+  // computes on are the bytes stored, so a planner may keep what it
+  // computes on them under their CRCs as for loaded pages (NotePrompt),
+  // and the first sequence that loads them reuses it.
+  using StoredPageCrcs = std::function<std::optional<std::vector<uint32_t>>()>;
+  virtual void NoteStoredPrompt(int64_t /*seq_id*/, int /*stored_tokens*/,
+                                StoredPageCrcs /*page_crcs*/) {}
   // Disaggregated serving, prefill side: the sequence's prompt
   // (prompt_tokens) is computed here and its KV exported under `export_key`
   // (KvMemory::ExportKv) to a worker that decodes it. At the step that

@@ -756,6 +756,11 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
               std::span<const int32_t>(seq.tokens).first(seq.num_computed), seq.pages);
           !s.ok()) {
         STRATA_LOG_WARN("request {}: prompt not stored: {}", seq.req.id, s.ToString());
+      } else if (const uint64_t store = kv_->LastPrefixStore();
+                 store != 0 && model_->attention_planner() != nullptr) {
+        model_->attention_planner()->NoteStoredPrompt(
+            static_cast<int64_t>(seq.req.id), seq.num_computed,
+            [kv = kv_, store] { return kv->PrefixStoreCrcs(store); });
       }
     }
     if (seq.decode_fed < seq.req.decode_tokens.size()) {

@@ -23,6 +23,7 @@
 #define STRATA_ENGINE_KV_MEMORY_H_
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -137,6 +138,20 @@ class KvMemory : public LayerKvObserver {
   virtual absl::Status StorePrefix(std::span<const int32_t> /*tokens*/,
                                    const SequencePages& /*pages*/) {
     return absl::OkStatus();
+  }
+  // The last StorePrefix call, as an id for PrefixStoreCrcs (0: it stored
+  // no page).
+  virtual uint64_t LastPrefixStore() const { return 0; }
+  // The stored CRC32C of each page that store `id` stored, by page index
+  // from the first page of its tokens (0 for a page it did not store: one
+  // stored before by another sequence, or one refused); what
+  // LoadedPrefixCrcs will give a sequence that loads those pages, so a KV
+  // policy may key what it computed on them by it, as for loaded pages
+  // (AttentionPlanner::NoteStoredPrompt). nullopt while the store's copies
+  // are in flight; empty for an id no longer remembered (only the latest
+  // stores are).
+  virtual std::optional<std::vector<uint32_t>> PrefixStoreCrcs(uint64_t /*id*/) {
+    return std::vector<uint32_t>{};
   }
 
   // ---- KV from and for other workers (disaggregated serving) ------------

@@ -2,13 +2,14 @@
 //
 // A ClusterKV policy that clusters the prompt in aligned chunks
 // (kv_policy.cluster_chunk_tokens) computes each chunk's clusters from that
-// chunk's keys alone. When those keys were loaded from stored prefix pages,
-// the pages' CRCs name them exactly, so the clustering computed on them
-// (per sparse layer and KV head: the reorder ClusterKeys applied, the
-// centroids, the cluster sizes) holds for every later sequence that loads
-// the same pages: that sequence reorders its keys by the stored order
-// (Backend::ReorderKeys, a tenth of the k-means' time) and takes the
-// centroids, with the tokens the k-means would have given.
+// chunk's keys alone. When those keys lie in stored prefix pages (loaded
+// from the store, or computed by the sequence and stored by it before it
+// clustered them), the pages' CRCs name them exactly, so the clustering
+// computed on them (per sparse layer and KV head: the reorder ClusterKeys
+// applied, the centroids, the cluster sizes) holds for every later
+// sequence that loads the same pages: that sequence reorders its keys by
+// the stored order (Backend::ReorderKeys, a tenth of the k-means' time)
+// and takes the centroids, with the tokens the k-means would have given.
 //
 // Values are opaque bytes to the store (KvPolicyRunner writes and reads
 // them), kept in host memory under a 128-bit key, least recently used

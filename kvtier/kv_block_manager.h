@@ -277,6 +277,10 @@ class KvBlockManager final : public engine::KvMemory {
                                  engine::SequencePages& pages) override;
   absl::Status StorePrefix(std::span<const int32_t> tokens,
                            const engine::SequencePages& pages) override;
+  uint64_t LastPrefixStore() const override { return last_prefix_store_; }
+  // Seals the stores whose copies are done first (a call between polls
+  // sees them).
+  std::optional<std::vector<uint32_t>> PrefixStoreCrcs(uint64_t id) override;
   // Waits (polling) until the prefix pages being stored have landed in
   // their tiers (host copies sealed, SSD writes done); false when `timeout`
   // passed first. For a clean exit: the destructor drops SSD writes still
@@ -540,11 +544,23 @@ class KvBlockManager final : public engine::KvMemory {
   int max_prefix_records_ = 0;
   struct PendingPrefix {
     engine::CopyFence fence;
+    uint64_t store = 0;  // the StorePrefix call (PrefixStores)
     std::vector<PrefixKey> keys;
     std::vector<std::vector<int32_t>> tokens;
     std::vector<int32_t> records;
+    std::vector<int> pages;  // each record's page index in its tokens
   };
   std::vector<PendingPrefix> pending_prefixes_;
+  // The latest StorePrefix calls (PrefixStoreCrcs): per call, each page's
+  // stored CRC once sealed (0: not stored by it).
+  struct PrefixStore {
+    uint64_t id = 0;
+    bool sealed = false;
+    std::vector<uint32_t> crcs;
+  };
+  static constexpr size_t kPrefixStoresKept = 64;
+  std::deque<PrefixStore> prefix_stores_;
+  uint64_t next_prefix_store_ = 0, last_prefix_store_ = 0;
   // Prefix pages on the SSD, by their chain key's first word (the value's
   // header holds the whole key and the tokens, checked when read back).
   struct SsdPrefix {

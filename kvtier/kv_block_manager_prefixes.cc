@@ -285,6 +285,7 @@ void KvBlockManager::FinishPrefixMove(const RecordMover::Done& done) {
 
 absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
                                          const engine::SequencePages& pages) {
+  last_prefix_store_ = 0;
   if (max_prefix_records_ == 0) return absl::OkStatus();
   const int page = layout_.page_size();
   size_t blocks = std::min(tokens.size() / page, pages.lower.size());
@@ -324,6 +325,7 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
     pending.keys.push_back(chain[b]);
     pending.tokens.emplace_back(tokens.begin() + b * page, tokens.begin() + (b + 1) * page);
     pending.records.push_back(record[0]);
+    pending.pages.push_back(static_cast<int>(b));
   }
   for (size_t b = 0; b < held; ++b) prefixes_.Release(chain[b]);
   if (pending.records.empty()) return absl::OkStatus();
@@ -337,9 +339,25 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
     return fence.status();
   }
   pending.fence = *fence;
+  pending.store = ++next_prefix_store_;
+  last_prefix_store_ = pending.store;
+  if (prefix_stores_.size() == kPrefixStoresKept) prefix_stores_.pop_front();
+  prefix_stores_.push_back({pending.store, false, std::vector<uint32_t>(chain.size(), 0)});
   counters_.prefix_pages_stored += static_cast<int64_t>(pending.records.size());
   pending_prefixes_.push_back(std::move(pending));
   return absl::OkStatus();
+}
+
+std::optional<std::vector<uint32_t>> KvBlockManager::PrefixStoreCrcs(uint64_t id) {
+  if (absl::Status s = SealPendingPrefixes(); !s.ok()) {
+    STRATA_LOG_WARN("prefix store: {}", s.ToString());
+  }
+  for (const PrefixStore& store : prefix_stores_) {
+    if (store.id != id) continue;
+    if (!store.sealed) return std::nullopt;
+    return store.crcs;
+  }
+  return std::vector<uint32_t>{};
 }
 
 absl::Status KvBlockManager::SealPendingPrefixes() {
@@ -355,16 +373,22 @@ absl::Status KvBlockManager::SealPendingPrefixes() {
     }
     std::vector<PrefixIndex::Evicted> down;
     host_.SealAll(it->records, crc_pool_.get());
+    PrefixStore* store = nullptr;
+    for (PrefixStore& s : prefix_stores_) {
+      if (s.id == it->store) store = &s;
+    }
     for (size_t i = 0; i < it->records.size(); ++i) {
       const int32_t r = it->records[i];
       host_.Unref(r);
       if (!prefixes_.Insert(it->keys[i], it->tokens[i], r)) {
         host_.Release(r);  // stored meanwhile by another sequence
         --prefix_records_;
-      } else if (write_through) {
-        down.push_back({it->keys[i], it->tokens[i], r});
+        continue;
       }
+      if (store != nullptr) store->crcs[static_cast<size_t>(it->pages[i])] = host_.crc(r);
+      if (write_through) down.push_back({it->keys[i], it->tokens[i], r});
     }
+    if (store != nullptr) store->sealed = true;
     if (!down.empty()) WritePrefixesDown(std::move(down), /*release_records=*/false);
     it = pending_prefixes_.erase(it);
   }

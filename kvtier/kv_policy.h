@@ -336,11 +336,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                              engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
   void NotePrompt(int64_t seq_id, int loaded_tokens, std::span<const uint32_t> page_crcs) override;
+  // With one rank (the calls come from the thread that drives it);
+  // otherwise ignored.
+  void NoteStoredPrompt(int64_t seq_id, int stored_tokens, StoredPageCrcs page_crcs) override;
   // With KvPolicyRunnerOptions::exports and one rank; otherwise ignored.
   void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
   void NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) override;
   // Launches the k-means of the prompts HandOverExports left (ClusterExports)
-  // and hands exports the clusterings read back since.
+  // and hands exports the clusterings read back since; keeps those computed
+  // on stored pages whose CRCs are known now (NoteStoredPrompt).
   absl::Status Poll() override;
   // ClusterKV sequences once clustered (ClusterKeys reorders in place).
   bool Reordered(int64_t seq_id) const override;
@@ -417,6 +421,16 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     std::optional<PendingSpill> pending_spill;
   };
   // One planned decode query of this step.
+  // A kept clustering's key before its pages' CRCs are all known: the
+  // words of the pages it was computed on (a page's CRC where it was
+  // loaded, 0 where it was stored by this sequence), filled in from
+  // `stored` (NoteStoredPrompt's) once that store is sealed.
+  struct LaterKey {
+    std::string space;
+    size_t first_page = 0;
+    std::vector<uint32_t> words;
+    std::shared_ptr<const StoredPageCrcs> stored;
+  };
   struct Entry {
     const KvPolicy* policy;
     int batch_seq;
@@ -431,10 +445,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     std::vector<int> offloaded_layers = {};
     // ClusteringStore (kv_policy_reuse.cc), per work item: a stored
     // clustering to redo (null: none), and the key to keep the one
-    // computed under (nullopt: not kept); the kept ones' orders, every
-    // sparse layer's, in `kept_orders`.
+    // computed under (nullopt: not kept), or what makes that key once the
+    // pages' stored CRCs are known (null: none); the kept ones' orders,
+    // every sparse layer's, in `kept_orders`.
     std::vector<std::shared_ptr<const StoredClustering>> reuse = {};
     std::vector<std::optional<PrefixKey>> keep = {};
+    std::vector<std::shared_ptr<const LaterKey>> keep_later = {};
     engine::Tensor reuse_orders = {};         // StageReuses': [sparse layers, ...]
     std::vector<int64_t> reuse_offsets = {};  // per work item, in elements per layer
     engine::Tensor kept_orders = {};
@@ -595,10 +611,13 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
 
   absl::flat_hash_map<int64_t, Sequence> sequences_;
   // NotePrompt's: per sequence not yet planned, its loaded tokens and their
-  // pages' CRCs.
+  // pages' CRCs; NoteStoredPrompt's: its stored tokens, and what gives their
+  // pages' CRCs once stored.
   struct NotedPrompt {
     int loaded_tokens = 0;
     std::vector<uint32_t> page_crcs;
+    int stored_tokens = 0;
+    std::shared_ptr<const StoredPageCrcs> stored;
     // NoteImportedState's: clusterings a prefill worker computed on the
     // prompt (ClusteringStore's value format).
     std::vector<std::vector<uint8_t>> imported;
@@ -632,10 +651,21 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // A read-back of kept clusterings in flight (one at a time): the rows of
   // the sequence's orders, centroids and extents copied into `staging`
   // (pinned, reused) once `fence` is done.
+  // Clusterings read back and packed whose keys wait for the stored CRCs of
+  // their pages (Poll keeps them then); dropped after kAwaitLimit.
+  struct AwaitedKeep {
+    std::shared_ptr<const LaterKey> key;
+    std::vector<uint8_t> value;
+    std::chrono::steady_clock::time_point since;
+  };
+  static constexpr std::chrono::seconds kAwaitLimit{30};
+  std::vector<AwaitedKeep> awaited_keeps_;
+  void KeepAwaited();
   struct KeepingRead {
     engine::CopyFence fence = engine::kFenceDone;
     std::vector<SummaryWork> work;
     std::vector<std::optional<PrefixKey>> keys;
+    std::vector<std::shared_ptr<const LaterKey>> later;  // empty for an export
     std::vector<int64_t> offsets;
     // For an export (its key, not 0): every work item's clustering goes to
     // it, and the slot is freed once read.

@@ -181,8 +181,16 @@ int KvPolicyRunner::SparseLayerIndex(const KvPolicy& policy, int layer) const {
 void KvPolicyRunner::NotePrompt(int64_t seq_id, int loaded_tokens,
                                 std::span<const uint32_t> page_crcs) {
   if (options_.clusterings == nullptr || loaded_tokens <= 0) return;
-  noted_prompts_[seq_id] = {loaded_tokens,
-                            std::vector<uint32_t>(page_crcs.begin(), page_crcs.end())};
+  NotedPrompt& noted = noted_prompts_[seq_id];
+  noted.loaded_tokens = loaded_tokens;
+  noted.page_crcs.assign(page_crcs.begin(), page_crcs.end());
+}
+
+void KvPolicyRunner::NoteStoredPrompt(int64_t seq_id, int stored_tokens, StoredPageCrcs page_crcs) {
+  if (options_.clusterings == nullptr || model_->shard().size != 1 || stored_tokens <= 0) return;
+  NotedPrompt& noted = noted_prompts_[seq_id];
+  noted.stored_tokens = stored_tokens;
+  noted.stored = std::make_shared<const StoredPageCrcs>(std::move(page_crcs));
 }
 
 void KvPolicyRunner::NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) {
@@ -211,6 +219,7 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   const int heads = model_->shard().kv_heads, d = model_->config().head_dim;
   e.reuse.assign(e.work.size(), nullptr);
   e.keep.assign(e.work.size(), std::nullopt);
+  e.keep_later.assign(e.work.size(), nullptr);
   e.kept_offsets.assign(e.work.size(), -1);
   // The shape a work item's clustering has (what a value must hold).
   auto wanted = [&](const SummaryWork& w) {
@@ -262,19 +271,37 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   int64_t kept_elems = 0;
   for (size_t wi = 0; wi < e.work.size(); ++wi) {
     const SummaryWork& w = e.work[wi];
-    if (w.kind != SummaryWork::kCluster || w.begin + w.count > prompt.loaded_tokens) continue;
+    if (w.kind != SummaryWork::kCluster) continue;
     const size_t first_page = static_cast<size_t>(w.begin / page);
     const size_t last_page = static_cast<size_t>((w.begin + w.count - 1) / page);
-    if (last_page >= prompt.page_crcs.size()) continue;
+    const bool loaded =
+        w.begin + w.count <= prompt.loaded_tokens && last_page < prompt.page_crcs.size();
+    // Computed here on pages this sequence stored (some may be loaded):
+    // kept once their CRCs are known.
+    const bool stored = prompt.stored != nullptr && w.begin + w.count <= prompt.stored_tokens;
+    if (!loaded && !stored) continue;
     // The pages' bytes, and everything the clustering depends on besides.
-    std::vector<int32_t> words;
-    for (size_t p = first_page; p <= last_page; ++p) {
-      words.push_back(static_cast<int32_t>(prompt.page_crcs[p]));
-    }
     const std::string space = absl::StrCat(
         "clusterkv/v1/rank ", model_->shard().rank, " of ", model_->shard().size, "/layers ",
         config.full_layers, "+", layers, "/iterations ", config.kmeans_iterations, "/", w.begin,
         "+", w.count, " in ", w.clusters, "/heads ", heads, "/d ", d);
+    if (!loaded) {
+      auto later = std::make_shared<LaterKey>();
+      later->space = space;
+      later->first_page = first_page;
+      for (size_t p = first_page; p <= last_page; ++p) {
+        later->words.push_back(p < prompt.page_crcs.size() ? prompt.page_crcs[p] : 0);
+      }
+      later->stored = prompt.stored;
+      e.keep_later[wi] = std::move(later);
+      e.kept_offsets[wi] = kept_elems;
+      kept_elems += int64_t{heads} * w.count;
+      continue;
+    }
+    std::vector<int32_t> words;
+    for (size_t p = first_page; p <= last_page; ++p) {
+      words.push_back(static_cast<int32_t>(prompt.page_crcs[p]));
+    }
     const std::vector<PrefixKey> key = PrefixChain(space, words, static_cast<int>(words.size()));
     if (key.empty()) continue;  // OpenSSL could not hash: neither reused nor kept
     const StoredClustering want = wanted(w);
@@ -435,7 +462,9 @@ std::vector<Tensor> KvPolicyRunner::ReuseOrders(const Entry& e, int layer) const
 }
 
 Tensor* KvPolicyRunner::KeptOrder(Entry& e, size_t wi, int layer, Tensor& view) {
-  if (wi >= e.keep.size() || !e.keep[wi].has_value()) return nullptr;
+  const bool kept = (wi < e.keep.size() && e.keep[wi].has_value()) ||
+                    (wi < e.keep_later.size() && e.keep_later[wi] != nullptr);
+  if (!kept) return nullptr;
   const int64_t heads = model_->shard().kv_heads, n = e.work[wi].count;
   view = e.kept_orders.Row(SparseLayerIndex(*e.policy, layer))
              .Rows(e.kept_offsets[wi], e.kept_offsets[wi] + heads * n)
@@ -465,6 +494,7 @@ absl::Status KvPolicyRunner::KeepClusterings() {
     KeepingRead read;
     read.work = e.work;
     read.keys = e.keep;
+    read.later = e.keep_later;
     read.offsets = e.kept_offsets;
     read.orders = std::move(e.kept_orders);
     e.kept_orders = Tensor();
@@ -572,7 +602,40 @@ absl::Status KvPolicyRunner::ClusterExports() {
 absl::Status KvPolicyRunner::Poll() {
   if (!exports_to_cluster_.empty()) STRATA_RETURN_IF_ERROR(ClusterExports());
   // Handed over as soon as read (at once where copies are synchronous).
-  return FinishKeeping(/*wait=*/false).status();
+  STRATA_RETURN_IF_ERROR(FinishKeeping(/*wait=*/false).status());
+  KeepAwaited();
+  return absl::OkStatus();
+}
+
+void KvPolicyRunner::KeepAwaited() {
+  const auto now = std::chrono::steady_clock::now();
+  int kept = 0;
+  for (auto it = awaited_keeps_.begin(); it != awaited_keeps_.end();) {
+    const LaterKey& later = *it->key;
+    const std::optional<std::vector<uint32_t>> crcs = (*later.stored)();
+    if (!crcs.has_value() && now - it->since < kAwaitLimit) {
+      ++it;  // the store's copies are still in flight
+      continue;
+    }
+    // Every page's CRC, or it is not kept: a page not stored by this
+    // sequence (stored before by another, whose bytes may differ from the
+    // ones clustered here), or a store no longer remembered.
+    std::vector<int32_t> words;
+    for (size_t i = 0; i < later.words.size(); ++i) {
+      uint32_t crc = later.words[i];
+      const size_t page = later.first_page + i;
+      if (crc == 0 && crcs.has_value() && page < crcs->size()) crc = (*crcs)[page];
+      if (crc == 0) break;
+      words.push_back(static_cast<int32_t>(crc));
+    }
+    if (words.size() == later.words.size()) {
+      const std::vector<PrefixKey> key =
+          PrefixChain(later.space, words, static_cast<int>(words.size()));
+      if (!key.empty() && options_.clusterings->Put(key[0], std::move(it->value))) ++kept;
+    }
+    it = awaited_keeps_.erase(it);
+  }
+  stats_.kept_clusterings += kept;
 }
 
 absl::Status KvPolicyRunner::StartReading(KeepingRead read, int slot, int full) {
@@ -640,7 +703,10 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
   // tens of megabytes).
   std::vector<size_t> items;
   for (size_t wi = 0; wi < read.work.size(); ++wi) {
-    if (read.keys[wi].has_value() || read.export_key != 0) items.push_back(wi);
+    if (read.keys[wi].has_value() || read.export_key != 0 ||
+        (wi < read.later.size() && read.later[wi] != nullptr)) {
+      items.push_back(wi);
+    }
   }
   // Allocated on the pool too: a value's fresh pages are faulted in (and
   // zeroed) as it is sized, tens of milliseconds for a 32k prompt's on one
@@ -701,6 +767,10 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
     std::vector<uint8_t>& value = values[k];
     if (read.export_key != 0) {
       exported.push_back(std::move(value));
+    } else if (!read.keys[wi].has_value()) {
+      // Its key waits for the CRCs of the pages it was computed on.
+      awaited_keeps_.push_back(
+          {read.later[wi], std::move(value), std::chrono::steady_clock::now()});
     } else if (options_.clusterings->Put(*read.keys[wi], std::move(value))) {
       ++kept;
     }

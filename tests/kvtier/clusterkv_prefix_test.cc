@@ -5,9 +5,9 @@
 // own tokens; its greedy tokens are those of a run that computed it all.
 // Also with two page groups, the clusters homed in host memory and their
 // upper pages freed. With a ClusteringStore and the prompt clustered in
-// chunks, a chunk's clustering computed on loaded pages is kept, and the
-// next request that loads those pages redoes it from the store instead of
-// running the k-means, with the same tokens.
+// chunks, a chunk's clustering computed on pages the request loaded or
+// stored is kept, and the next request that loads those pages redoes it
+// from the store instead of running the k-means, with the same tokens.
 #include <map>
 #include <random>
 #include <vector>
@@ -152,69 +152,76 @@ TEST_P(ClusterKvPrefixTest, AStoredClusteringIsRedoneFromTheStoreWithTheSameToke
   // What the k-means gives: a server that computes every prompt.
   Server plain(/*store=*/false, two_groups, /*reuse=*/true);
   const Completion want_second = plain.Generate(2, second);
+  const int64_t kmeans_before_third = plain.runner().stats().clusterings;
   const Completion want_third = plain.Generate(3, third);
-  EXPECT_EQ(plain.runner().stats().kept_clusterings, 0) << "nothing loaded, nothing kept";
+  const int64_t kmeans_third = plain.runner().stats().clusterings - kmeans_before_third;
+  EXPECT_EQ(plain.runner().stats().kept_clusterings, 0) << "nothing stored, nothing kept";
+  const int sparse_layers = plain.model()->config().num_layers - ClusterKv().full_layers;
 
   Server s(/*store=*/true, two_groups, /*reuse=*/true);
   s.Generate(1, first);  // computes the document: its pages are stored
-  const int64_t clusterings_first = s.runner().stats().clusterings;
-  const Completion loaded = s.Generate(2, second);
-  EXPECT_EQ(loaded.cached, 160);
-  EXPECT_EQ(loaded.tokens, want_second.tokens);
-  // Its span [4, 154) in chunks [4, 32), [32, 64), ..., [128, 154), all on
-  // loaded pages: each chunk's clustering is kept.
+  // Its span [4, 157) in chunks [4, 32), [32, 64), ..., [128, 157), all on
+  // pages it stored: each chunk's clustering is kept, under the CRCs those
+  // pages were stored with.
   EXPECT_EQ(s.runner().stats().kept_clusterings, 5);
   EXPECT_EQ(s.runner().stats().reused_clusterings, 0);
+  const Completion loaded = s.Generate(2, second);
+  EXPECT_EQ(loaded.cached, 160);
+  EXPECT_EQ(loaded.tokens, want_second.tokens) << "the k-means' tokens";
+  // Its span [4, 154): the first four chunks are the first request's,
+  // redone from the store; the last, [128, 154), is its own, kept.
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 4 * sparse_layers);
+  EXPECT_EQ(s.runner().stats().kept_clusterings, 6);
   const int64_t clusterings_before = s.runner().stats().clusterings;
-  const int64_t kmeans_second = clusterings_before - clusterings_first;
   const Completion reused = s.Generate(3, third);
   EXPECT_EQ(reused.cached, 160);
   EXPECT_EQ(reused.tokens, want_third.tokens) << "the k-means' tokens";
-  const int sparse_layers = s.model()->config().num_layers - ClusterKv().full_layers;
-  EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers);
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 9 * sparse_layers);
   // The prompt's chunks ran no k-means; the generated tokens' windows did.
-  EXPECT_EQ(s.runner().stats().clusterings - clusterings_before, kmeans_second - 5 * sparse_layers);
-  EXPECT_EQ(s.clusterings().stats().hits, 5);
+  EXPECT_EQ(s.runner().stats().clusterings - clusterings_before, kmeans_third - 5 * sparse_layers);
+  EXPECT_EQ(s.clusterings().stats().hits, 4 + 5);
   if (two_groups) {
     EXPECT_GT(s.runner().stats().offloads, 0);
   }
 
   // A stored clustering that no longer matches its CRC is dropped, and the
   // chunk clustered again: the same tokens.
-  EXPECT_EQ(s.clusterings().FlipBitsForTesting(40), 5);
+  EXPECT_EQ(s.clusterings().FlipBitsForTesting(40), 6);
   const Completion recomputed = s.Generate(4, third);
   EXPECT_EQ(recomputed.tokens, want_third.tokens);
   EXPECT_EQ(s.clusterings().stats().lost, 5);
-  EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers) << "none more";
-  EXPECT_EQ(s.runner().stats().kept_clusterings, 10) << "kept again";
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 9 * sparse_layers) << "none more";
+  EXPECT_EQ(s.runner().stats().kept_clusterings, 11) << "kept again";
 
   // One that passes its CRC but whose order is not a permutation is not
   // used either: byte 39 is the high byte of the first order entry (after
   // the 9-word header), which the flip puts out of range.
-  EXPECT_EQ(s.clusterings().FlipBitsForTesting(39, /*keep_crc=*/true), 5);
+  EXPECT_EQ(s.clusterings().FlipBitsForTesting(39, /*keep_crc=*/true), 6);
   const Completion checked = s.Generate(5, third);
   EXPECT_EQ(checked.tokens, want_third.tokens);
   EXPECT_EQ(s.clusterings().stats().lost, 5) << "their CRCs matched";
-  EXPECT_EQ(s.runner().stats().reused_clusterings, 5 * sparse_layers) << "none more";
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 9 * sparse_layers) << "none more";
 }
 
 TEST_P(ClusterKvPrefixTest, AClusteringKeptByARequestThatEndedAtOnceServesTheNext) {
-  // The keeping request ends with the step that clustered (two tokens: the
-  // prompt's and one decode step), so no later step of its own stores what
-  // it kept; the steps that prefill the next request do, before its first
-  // decode step looks for it.
+  // The request that computes the document ends with the step that
+  // clustered it (two tokens: the prompt's and one decode step), so no later
+  // step of its own reads back what it kept, nor sees its pages' CRCs; the
+  // steps that prefill the next request do both, before its first decode
+  // step looks for them.
   const bool two_groups = GetParam();
   const std::vector<int32_t> doc = Tokens(160, 3);
   const std::vector<int32_t> question = Concat(doc, Tokens(9, 5));
   Server plain(/*store=*/false, two_groups, /*reuse=*/true);
   const Completion want = plain.Generate(3, question);
   Server s(/*store=*/true, two_groups, /*reuse=*/true);
-  s.Generate(1, Concat(doc, Tokens(12, 4)));
-  s.Generate(2, question, /*max_tokens=*/2);
+  s.Generate(1, Concat(doc, Tokens(12, 4)), /*max_tokens=*/2);
   const Completion reused = s.Generate(3, question);
   EXPECT_EQ(reused.tokens, want.tokens);
-  EXPECT_EQ(s.runner().stats().kept_clusterings, 5);
-  EXPECT_GT(s.runner().stats().reused_clusterings, 0) << "request 2's clusterings were there";
+  const int sparse_layers = s.model()->config().num_layers - ClusterKv().full_layers;
+  EXPECT_EQ(s.runner().stats().reused_clusterings, 4 * sparse_layers)
+      << "request 1's clusterings were there";
+  EXPECT_EQ(s.runner().stats().kept_clusterings, 5 + 1) << "request 1's, and request 3's last";
 }
 
 INSTANTIATE_TEST_SUITE_P(Groups, ClusterKvPrefixTest, ::testing::Bool(),

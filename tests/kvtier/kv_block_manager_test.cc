@@ -725,6 +725,53 @@ TEST(PrefixReuseTest, PromptsThatStartWithStoredKvLoadItAndKeepTheirTokens) {
   EXPECT_EQ(m.stats().prefix_bytes_used, 0);
 }
 
+TEST(PrefixReuseTest, AStoreNamesThePagesItStoredByTheCrcsALaterLoadSees) {
+  // What a KV policy keys what it computed on a prompt by
+  // (AttentionPlanner::NoteStoredPrompt): each page's CRC as the store that
+  // stored it sealed it, 0 for the pages it did not store, and the same
+  // CRCs a request that loads those pages is told (LoadedPrefixCrcs).
+  auto model = LoadGolden("llama_gqa", SmallCache(60));
+  auto created = KvBlockManager::Create(
+      model.get(),
+      {.host_bytes = int64_t{64} << 20, .prefix_bytes = int64_t{32} << 20, .prefix_space = "t"});
+  ASSERT_TRUE(created.ok()) << created.status();
+  KvBlockManager& m = **created;
+  const int page = m.layout().page_size();
+  EXPECT_EQ(m.LastPrefixStore(), 0u);
+  engine::GenerationRequest doc = Request(1, 100, 20);
+  engine::Batcher batcher(model.get(), nullptr, {}, &m);
+  Serve(batcher, doc);
+  // The batcher stored twice: the prompt once computed, then the pages
+  // that what it generated completed, when it ended.
+  const uint64_t at_end = m.LastPrefixStore();
+  ASSERT_GE(at_end, 2u);
+  const std::optional<std::vector<uint32_t>> prompt = m.PrefixStoreCrcs(at_end - 1);
+  const std::optional<std::vector<uint32_t>> ended = m.PrefixStoreCrcs(at_end);
+  ASSERT_TRUE(prompt.has_value() && ended.has_value()) << "sealed once their copies are done";
+  ASSERT_EQ(prompt->size(), static_cast<size_t>(100 / page));
+  ASSERT_EQ(ended->size(), static_cast<size_t>((100 + 19) / page));
+  for (size_t p = 0; p < ended->size(); ++p) {
+    if (p < prompt->size()) {
+      EXPECT_NE((*prompt)[p], 0u) << p;
+      EXPECT_EQ((*ended)[p], 0u) << p << ": stored by the prompt's store";
+    } else {
+      EXPECT_NE((*ended)[p], 0u) << p;
+    }
+  }
+  engine::GenerationRequest same_doc = doc;
+  same_doc.id = 2;
+  same_doc.prompt = Concat(doc.prompt, Prompt(30, 99));
+  EXPECT_EQ(Serve(batcher, same_doc).cached, 100 / page * page);
+  // Its last LoadPrefix: the document's pages, then none (its own store).
+  std::vector<uint32_t> stored = *prompt;
+  EXPECT_EQ(m.LoadedPrefixCrcs(), stored);
+  EXPECT_TRUE(m.PrefixStoreCrcs(at_end + 1000)->empty()) << "no such store";
+  for (int i = 0; i < 70; ++i) {
+    Serve(batcher, Request(10 + i, 9, 1));  // a page of its own to store
+  }
+  EXPECT_TRUE(m.PrefixStoreCrcs(at_end)->empty()) << "only the latest stores are remembered";
+}
+
 TEST(PrefixReuseTest, ACorruptStoredPageIsComputedInsteadAndTheBudgetHolds) {
   auto model = LoadGolden("llama_gqa", SmallCache(60));
   auto layout = KvLayout::Create(*model);
