@@ -456,6 +456,9 @@ int RunGenerate(const GenerateFlags& f) {
       kv["ssd_hard_miss_failed"] = s.hard_miss_failed;
       kv["ssd_hard_miss_timeouts"] = s.hard_miss_timeouts;
       kv["ssd_cluster_writes_abandoned"] = s.spill_writes_abandoned;
+      kv["ssd_cluster_promotions"] = s.promotions;
+      kv["ssd_clusters_promoted"] = s.promoted_clusters;
+      kv["ssd_cluster_promoted_bytes"] = s.promoted_bytes;
     }
   }
   printer.Summary(prompt.size(), std::string(engine::FinishReasonName(finish)),

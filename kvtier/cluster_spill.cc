@@ -76,10 +76,18 @@ bool ClusterSpill::Forget(int64_t seq_id) {
   std::erase_if(queue_, [&](const Queued& q) { return q.batch.seq_id == seq_id; });
   it->second.writing -= static_cast<int>(queued - queue_.size());
   stats_.batches_in_flight -= static_cast<int>(queued - queue_.size());
-  if (has_writing_seq_ && writing_seq_ == seq_id) {
-    cancel_writing_ = true;
-    if (!batch_done_cv_.wait_for(lock, options_.forget_timeout,
-                                 [&] { return !(has_writing_seq_ && writing_seq_ == seq_id); })) {
+  const size_t promote_queued = promote_queue_.size();
+  std::erase_if(promote_queue_,
+                [&](const PromoteJob& j) { return j.state->promotion.seq_id == seq_id; });
+  it->second.promoting -= static_cast<int>(promote_queued - promote_queue_.size());
+  auto busy = [&] {
+    auto seq = sequences_.find(seq_id);
+    return (has_writing_seq_ && writing_seq_ == seq_id) ||
+           (seq != sequences_.end() && seq->second.promoting > 0);
+  };
+  if (busy()) {
+    if (has_writing_seq_ && writing_seq_ == seq_id) cancel_writing_ = true;
+    if (!batch_done_cv_.wait_for(lock, options_.forget_timeout, [&] { return !busy(); })) {
       // The SSD holds the write: the writer drops the sequence when it
       // returns. Its slot is free for the next sequence's fetches now.
       it = sequences_.find(seq_id);
@@ -88,7 +96,7 @@ bool ClusterSpill::Forget(int64_t seq_id) {
       if (slot != slot_seq_.end() && slot->second == seq_id) slot_seq_.erase(slot);
       ++stats_.forget_timeouts;
       STRATA_LOG_WARN(
-          "sequence {}: its clusters' write to the SSD has not returned in {} ms; "
+          "sequence {}: its clusters' write to, or read from, the SSD has not returned in {} ms; "
           "its host memory stays until it does",
           seq_id, options_.forget_timeout.count());
       return false;
@@ -139,6 +147,128 @@ void ClusterSpill::DropLocked(absl::flat_hash_map<int64_t, Sequence>::iterator i
   sequences_.erase(it);
 }
 
+void ClusterSpill::DropForgottenLocked(int64_t seq_id, uint64_t tag) {
+  DropLocked(sequences_.find(seq_id));
+  done_.push_back({seq_id, tag, absl::CancelledError("the sequence ended"), /*forgotten=*/true});
+}
+
+int64_t ClusterSpill::PromotionBytes(int64_t seq_id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) return 0;
+  const Sequence& seq = it->second;
+  if (seq.writing > 0 || seq.promoting > 0 || seq.forgotten) return 0;
+  int64_t bytes = 0;
+  for (const auto& [id, c] : seq.clusters) {
+    bytes += (c.bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
+  }
+  return bytes;
+}
+
+void ClusterSpill::Promote(int64_t seq_id, int64_t host_offset, uint64_t tag) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto state = std::make_shared<PromotionState>();
+    state->promotion.seq_id = seq_id;
+    state->promotion.tag = tag;
+    state->started = std::chrono::steady_clock::now();
+    auto it = sequences_.find(seq_id);
+    if (it != sequences_.end() && !it->second.forgotten) {
+      Sequence& seq = it->second;
+      int64_t cursor = host_offset;
+      for (const auto& [id, c] : seq.clusters) {
+        PromotedCluster p;
+        p.layer = static_cast<uint16_t>(id >> 48);
+        p.head = static_cast<uint16_t>((id >> 32) & 0xffff);
+        p.block = static_cast<uint32_t>(id & 0xffffffff);
+        p.first_piece = c.first_piece;
+        p.host_offset = cursor;
+        p.bytes = c.bytes;
+        p.piece_offsets = c.piece_offsets;
+        promote_queue_.push_back(
+            {KeyOf(seq.owner, p.layer, p.head, p.block),
+             std::span<uint8_t>(options_.host_data + cursor, static_cast<size_t>(c.bytes)),
+             state->promotion.clusters.size(), state});
+        state->promotion.clusters.push_back(std::move(p));
+        cursor += (c.bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
+      }
+      seq.promoting += static_cast<int>(state->promotion.clusters.size());
+    }
+    state->ok.assign(state->promotion.clusters.size(), 0);
+    state->remaining = static_cast<int>(state->promotion.clusters.size());
+    if (state->remaining == 0) {
+      state->promotion.clusters.clear();
+      promotions_done_.push_back(std::move(state->promotion));
+      ++stats_.promotions;
+      return;
+    }
+  }
+  read_cv_.notify_all();
+}
+
+std::vector<ClusterSpill::Promotion> ClusterSpill::PollPromotions() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return std::exchange(promotions_done_, {});
+}
+
+void ClusterSpill::Promoted(int64_t seq_id, std::span<const PromotedCluster> clusters) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end()) return;
+  Sequence& seq = it->second;
+  for (const PromotedCluster& p : clusters) {
+    auto c = seq.clusters.find(ClusterId(p.layer, p.head, p.block));
+    if (c == seq.clusters.end()) continue;
+    seq.bytes -= c->second.bytes;
+    seq.clusters.erase(c);
+    auto firsts = seq.firsts.find(ClusterId(p.layer, p.head, 0));
+    if (firsts != seq.firsts.end()) {
+      std::erase(firsts->second, std::pair<int32_t, uint32_t>{p.first_piece, p.block});
+    }
+    if (absl::Status s = store_->Delete(KeyOf(seq.owner, p.layer, p.head, p.block)); !s.ok()) {
+      STRATA_LOG_ERROR("sequence {}: a promoted cluster's value not deleted: {}", seq_id,
+                       s.ToString());
+    }
+  }
+}
+
+void ClusterSpill::ReadForPromotion(const PromoteJob& job) {
+  if (options_.before_read) options_.before_read();
+  const absl::Status s = store_->GetInto(job.key, {}, job.dest);
+  if (!s.ok()) {
+    STRATA_LOG_WARN("spilled cluster (layer {}, head {}, block {}) not promoted: {}", job.key.layer,
+                    job.key.kv_head, job.key.block, s.ToString());
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  PromotionState& state = *job.state;
+  state.ok[job.index] = s.ok();
+  const int64_t seq_id = state.promotion.seq_id;
+  auto it = sequences_.find(seq_id);
+  if (it != sequences_.end()) --it->second.promoting;
+  batch_done_cv_.notify_all();  // Forget may wait for it
+  if (it != sequences_.end() && it->second.forgotten) {
+    // Forget gave up waiting (its queued reads were dropped): the last
+    // read back drops the sequence, unless a write still runs.
+    if (it->second.promoting == 0 && !(has_writing_seq_ && writing_seq_ == seq_id)) {
+      DropForgottenLocked(seq_id, state.promotion.tag);
+    }
+    return;
+  }
+  if (--state.remaining > 0 || it == sequences_.end()) return;
+  Promotion done;
+  done.seq_id = seq_id;
+  done.tag = state.promotion.tag;
+  for (size_t i = 0; i < state.ok.size(); ++i) {
+    if (!state.ok[i]) continue;
+    stats_.bytes_promoted += state.promotion.clusters[i].bytes;
+    done.clusters.push_back(std::move(state.promotion.clusters[i]));
+  }
+  ++stats_.promotions;
+  stats_.clusters_promoted += static_cast<int64_t>(done.clusters.size());
+  stats_.promote_micros += MicrosSince(state.started);
+  promotions_done_.push_back(std::move(done));
+}
+
 void ClusterSpill::WriterLoop() {
   for (;;) {
     Queued q;
@@ -162,11 +292,10 @@ void ClusterSpill::WriterLoop() {
     auto forgotten = sequences_.find(q.batch.seq_id);
     if (forgotten != sequences_.end() && forgotten->second.forgotten) {
       // Forget gave up on this write: what it wrote was deleted (a
-      // cancelled batch deletes its values), the rest goes now, and the
-      // caller may free the batch's host memory.
-      DropLocked(forgotten);
-      done_.push_back({q.batch.seq_id, q.batch.tag, absl::CancelledError("the sequence ended"),
-                       /*forgotten=*/true});
+      // cancelled batch deletes its values), the rest goes once no read
+      // of a promotion runs either, and the caller may free the host
+      // memory then.
+      if (forgotten->second.promoting == 0) DropForgottenLocked(q.batch.seq_id, q.batch.tag);
       continue;
     }
     if (cancel_writing_) continue;  // Forget deletes what it wrote
@@ -347,8 +476,17 @@ void ClusterSpill::ReaderLoop() {
     std::shared_ptr<ReadJob> job;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      read_cv_.wait(lock, [&] { return stopping_ || !read_queue_.empty(); });
-      if (read_queue_.empty()) return;  // stopping, nothing left
+      read_cv_.wait(lock,
+                    [&] { return stopping_ || !read_queue_.empty() || !promote_queue_.empty(); });
+      if (read_queue_.empty()) {
+        // A step's fetches first; promotions are dropped with the spill.
+        if (stopping_) return;
+        PromoteJob promote = std::move(promote_queue_.front());
+        promote_queue_.pop_front();
+        lock.unlock();
+        ReadForPromotion(promote);
+        continue;
+      }
       job = std::move(read_queue_.front());
       read_queue_.pop_front();
     }

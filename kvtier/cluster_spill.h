@@ -29,14 +29,25 @@
 // staging area only while their fetch still waits for them, so a late one
 // never writes where a later step reads.
 //
+// Promoting (Promote). A sequence running again whose clusters are on the
+// SSD may have them read back into host memory the caller allocated, on
+// the I/O threads, behind the steps' own fetches (a step waits behind at
+// most the one value each reader is reading). PollPromotions reports the
+// clusters read and checked; the caller points its tables at their host
+// copies between steps and then calls Promoted, which deletes their values
+// (until then a step still fetches them from the SSD). A value that could
+// not be read stays where it is, fetched as before.
+//
 // Forget drops a sequence: a batch of it being written stops after the
-// values in progress, queued ones are dropped, and its values are deleted;
-// it returns true then, and the caller may free the batch's host memory.
-// It waits at most forget_timeout for the values in progress: a write the
+// values in progress, queued ones are dropped (promotion reads too), and
+// its values are deleted; it returns true then, and the caller may free
+// the batch's (and a promotion's) host memory. It waits at most
+// forget_timeout for the values in progress: a write or promotion read the
 // SSD does not finish by then (a disk that stops answering) leaves Forget
 // returning false, and the sequence's host memory must stay until Poll
-// reports the batch (Done::forgotten), once the write has returned and the
-// values are deleted. An ended sequence never holds the engine up.
+// reports it (Done::forgotten, for a batch or a promotion), once it has
+// returned and the values are deleted.
+// An ended sequence never holds the engine up.
 //
 // Thread-safety: Write, Poll, Forget and the accessors are called by the
 // thread that drives the model; Fetch from the step (on the CUDA backend a
@@ -89,16 +100,20 @@ class ClusterSpill final : public engine::PieceFetcher {
     int64_t clusters_written = 0;
     int64_t bytes_written = 0;
     int64_t write_micros = 0;
-    int64_t hard_misses = 0;       // clusters fetched in a step
-    int64_t hard_miss_pieces = 0;  // ... their pieces asked for
-    int64_t bytes_read = 0;        // ... bytes read
-    int64_t fetch_micros = 0;      // time the steps waited for them
-    int64_t fetches_failed = 0;    // pieces that could not be had (-1)
-    int64_t fetch_timeouts = 0;    // fetches that gave up on reads still running
-    int64_t forget_timeouts = 0;   // Forget calls that left a stalled write behind
-    bool stalled = false;          // reads a fetch gave up on are still running
-    int64_t bytes_resident = 0;    // on the SSD now
-    int sequences = 0;             // with values on the SSD now
+    int64_t hard_misses = 0;        // clusters fetched in a step
+    int64_t hard_miss_pieces = 0;   // ... their pieces asked for
+    int64_t bytes_read = 0;         // ... bytes read
+    int64_t fetch_micros = 0;       // time the steps waited for them
+    int64_t fetches_failed = 0;     // pieces that could not be had (-1)
+    int64_t fetch_timeouts = 0;     // fetches that gave up on reads still running
+    int64_t forget_timeouts = 0;    // Forget calls that left a stalled write behind
+    int64_t promotions = 0;         // Promote calls reported
+    int64_t clusters_promoted = 0;  // ... clusters read back into host memory
+    int64_t bytes_promoted = 0;
+    int64_t promote_micros = 0;  // from Promote to the last read
+    bool stalled = false;        // reads a fetch gave up on are still running
+    int64_t bytes_resident = 0;  // on the SSD now
+    int sequences = 0;           // with values on the SSD now
     int batches_in_flight = 0;
   };
 
@@ -129,6 +144,23 @@ class ClusterSpill final : public engine::PieceFetcher {
     // memory is the caller's again.
     bool forgotten = false;
   };
+  // A cluster read back by Promote: its pieces [first_piece, first_piece +
+  // piece_offsets.size()) now lie at host bytes host_offset +
+  // piece_offsets[i].
+  struct PromotedCluster {
+    uint16_t layer = 0;
+    uint16_t head = 0;
+    uint32_t block = 0;
+    int32_t first_piece = 0;
+    int64_t host_offset = 0;
+    int64_t bytes = 0;
+    std::vector<int64_t> piece_offsets;
+  };
+  struct Promotion {
+    int64_t seq_id = 0;
+    uint64_t tag = 0;
+    std::vector<PromotedCluster> clusters;  // read and checked; the rest stay
+  };
 
   // `store` and the host memory outlive the spill.
   ClusterSpill(SsdStore* store, const Options& options);
@@ -151,6 +183,19 @@ class ClusterSpill final : public engine::PieceFetcher {
   // Where fetched clusters land: bytes [offset, offset + bytes) of the
   // host buffer (bytes 0: nowhere, every fetch fails). Set between steps.
   void SetStaging(int64_t offset, int64_t bytes);
+  // Host bytes Promote needs for every cluster of the sequence on the SSD
+  // (each rounded up to whole host units); 0 when it has none, or a batch
+  // or promotion of it is in flight.
+  int64_t PromotionBytes(int64_t seq_id) const;
+  // Reads those clusters into host bytes [host_offset, host_offset +
+  // PromotionBytes(seq_id)) (see the file comment); `tag` is the caller's,
+  // returned by PollPromotions. The bytes are written until it reports it.
+  void Promote(int64_t seq_id, int64_t host_offset, uint64_t tag);
+  // The promotions finished since the last call.
+  std::vector<Promotion> PollPromotions();
+  // The caller's tables point at these clusters' host copies now: their
+  // values are deleted, and fetches no longer look for them.
+  void Promoted(int64_t seq_id, std::span<const PromotedCluster> clusters);
   // Whether a batch of the sequence is queued or being written.
   bool Writing(int64_t seq_id) const;
   // Whether any of the sequence's clusters are on the SSD.
@@ -171,6 +216,7 @@ class ClusterSpill final : public engine::PieceFetcher {
     uint64_t owner = 0;
     int slot = 0;
     int writing = 0;         // batches queued or being written
+    int promoting = 0;       // promotion reads queued or running
     bool forgotten = false;  // Forget gave up waiting for its write
     // By (layer, head, block): the clusters on the SSD; by (layer, head):
     // their first pieces and blocks, sorted, to find a piece's cluster.
@@ -201,13 +247,32 @@ class ClusterSpill final : public engine::PieceFetcher {
     int remaining = 0;
     bool abandoned = false;  // the fetch gave up: copy nothing more
   };
+  // One value of a promotion, read straight into its host bytes.
+  struct PromotionState;
+  struct PromoteJob {
+    SsdKey key;
+    std::span<uint8_t> dest;
+    size_t index = 0;  // in state->promotion.clusters
+    std::shared_ptr<PromotionState> state;
+  };
+  struct PromotionState {
+    Promotion promotion;  // every cluster asked for
+    std::vector<char> ok;
+    int remaining = 0;
+    std::chrono::steady_clock::time_point started;
+  };
   void ReaderLoop();
   void WriterLoop();
+  // A reader's promotion read (mu_ not held).
+  void ReadForPromotion(const PromoteJob& job);
   // Writes one batch (on the writer thread); deletes what it wrote on a failure.
   absl::Status WriteBatch(const Queued& q, int64_t* bytes);
   // Deletes a sequence's values and forgets it (mu_ held, none of its
   // batches queued or being written).
   void DropLocked(absl::flat_hash_map<int64_t, Sequence>::iterator it);
+  // A forgotten sequence whose last write or promotion read returned:
+  // dropped, and reported (Done::forgotten; mu_ held).
+  void DropForgottenLocked(int64_t seq_id, uint64_t tag);
 
   SsdStore* store_;
   Options options_;
@@ -229,6 +294,8 @@ class ClusterSpill final : public engine::PieceFetcher {
   // The readers' queue, and the reads queued or running (under mu_).
   std::condition_variable read_cv_;
   std::deque<std::shared_ptr<ReadJob>> read_queue_;
+  std::deque<PromoteJob> promote_queue_;  // taken when read_queue_ is empty
+  std::vector<Promotion> promotions_done_;
   int reads_outstanding_ = 0;
   std::vector<std::thread> readers_;
   std::thread writer_;  // last: started once the rest is built

@@ -996,15 +996,17 @@ void KvPolicyRunner::Release(int64_t seq_id) {
   Sequence& seq = it->second;
   // Steps end synchronised: no kernel still reads the ring or the regions.
   if (!seq.ring_pages.empty()) GiveRingPages(seq_id, seq);
-  // Stops a batch being written (it reads the regions) and deletes the
-  // sequence's values. A write the SSD holds past the spill's timeout
-  // still reads the regions: they are freed when it returns (PollSpill).
+  // Stops a batch being written (it reads the regions) or a promotion
+  // (it writes one) and deletes the sequence's values. A write the SSD holds past the spill's
+  // timeout still reads the regions: they are freed when it returns (PollSpill).
   const bool settled = spill_ == nullptr || spill_->Forget(seq_id);
   std::vector<KvBlockManager::HostRegion> regions = std::move(seq.regions);
   if (seq.pending_spill.has_value()) {
     regions.insert(regions.end(), seq.pending_spill->regions.begin(),
                    seq.pending_spill->regions.end());
   }
+  // A promotion's reads land in its region until Forget has them done.
+  if (seq.pending_promotion.has_value()) regions.push_back(seq.pending_promotion->region);
   {
     std::unique_lock<std::mutex> lock = LockManager();
     if (spill_ != nullptr) options_.tier.manager->RefundSsd(seq.policy, seq.ssd_charged);

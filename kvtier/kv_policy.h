@@ -44,7 +44,11 @@
 // when the host tier fills, the clusters of the sequence that ran least
 // recently are written to the SSD, then marked below host in its tables
 // and their host memory freed. A step whose recall selects one of them
-// fetches it from the SSD (the step waits: a hard miss, counted).
+// fetches it from the SSD (the step waits: a hard miss, counted). With
+// kCold admission, a sequence on the SSD that runs again while the host
+// tier is below the high-water mark is promoted: its clusters are read back
+// into host memory on the I/O threads, and once they are there its tables
+// point at them, so later steps recall them from host memory.
 //
 // With a ClusteringStore (KvPolicyRunnerOptions::clusterings), a prompt
 // chunk's clustering computed on keys loaded from stored prefix pages is
@@ -303,6 +307,11 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // Released sequences whose clusters' write the SSD held past the
     // timeout (their host memory freed once it returned).
     int64_t spill_writes_abandoned = 0;
+    // Sequences running again whose clusters on the SSD were read back into
+    // host memory ahead of the steps that select them, and those clusters.
+    int64_t promotions = 0;
+    int64_t promoted_clusters = 0;
+    int64_t promoted_bytes = 0;
     int64_t ssd_cluster_bytes = 0;
     int64_t lost_sequences = 0;  // sequences recomputed because of them
     int64_t ring_pauses = 0;     // rings given back by paused sequences
@@ -379,8 +388,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   int num_free_slots() const { return static_cast<int>(free_slots_.size()); }
   // Clusters below the host tier; null when no policy sends them down.
   const ClusterSpill* spill() const { return spill_.get(); }
+  // Moves KvTierOptions::spill_high_water between steps (a tier budget
+  // changed at run time; tests).
+  void set_spill_high_water(double share) { options_.tier.spill_high_water = share; }
   // Between steps (benchmarks, tests): polls the spill until no batch is
-  // being written and none would start; false when `timeout` passed first.
+  // being written or promotion read and none would start; false when
+  // `timeout` passed first.
   absl::StatusOr<bool> SettleSpills(std::chrono::milliseconds timeout);
   void set_observer(PlanObserver observer) { observer_ = std::move(observer); }
 
@@ -419,6 +432,15 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
       int64_t bytes = 0;  // of its values
     };
     std::optional<PendingSpill> pending_spill;
+    // Its clusters on the SSD being read back into host memory (kCold
+    // admission: it runs again and the host tier has room): the region they
+    // land in, the sequence's once PollSpill points its tables at them.
+    struct PendingPromotion {
+      uint64_t tag = 0;
+      KvBlockManager::HostRegion region;
+    };
+    std::optional<PendingPromotion> pending_promotion;
+    int64_t promote_retry_step = 0;  // not promoted again before this step
   };
   // One planned decode query of this step.
   // A kept clustering's key before its pages' CRCs are all known: the
@@ -548,14 +570,19 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // Clusters below the host tier (kv_policy_spill.cc). The policy of
   // `policy` sends clusters down (an SSD tier and its admission allow it).
   bool Spills(int policy) const;
-  // After a step: applies the batches written since, and starts one when
-  // the host tier asks for it.
+  // After a step: applies the batches written and promotions read since,
+  // and starts a batch when the host tier asks for it, or else a promotion
+  // of a sequence that ran in the step when the host tier has room.
   absl::Status PollSpill();
   // Sends a sequence's clusters in host memory down (queues a batch).
   absl::Status StartSpill(int64_t id, Sequence& seq);
   // Applies a batch that is stored: its pieces are marked below host and
   // its regions freed; or, refused, its regions go back to the sequence.
   absl::Status FinishSpill(Sequence& seq, bool stored);
+  // Promotion: starts one (false: none fit the host tier's room), and
+  // points a sequence's tables at the clusters read back.
+  absl::StatusOr<bool> StartPromotion(int64_t id, Sequence& seq);
+  absl::Status FinishPromotion(int64_t id, Sequence& seq, ClusterSpill::Promotion& promotion);
   // Makes the staging area that fetched clusters land in exist (false
   // when host memory is short), or frees it when nothing is below host.
   bool EnsureStaging();

@@ -204,8 +204,105 @@ absl::Status KvPolicyRunner::FinishSpill(Sequence& seq, bool stored) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<bool> KvPolicyRunner::StartPromotion(int64_t id, Sequence& seq) {
+  const int64_t bytes = spill_->PromotionBytes(id);
+  if (bytes == 0) return false;
+  std::optional<KvBlockManager::HostRegion> region;
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    KvBlockManager& manager = *options_.tier.manager;
+    region = manager.AllocateHostRegion(bytes, seq.policy);
+    // Room means staying at or below the mark that would send clusters
+    // down again: a promotion must not make the next spill.
+    if (region.has_value() &&
+        (manager.HostUsedShare() > options_.tier.spill_high_water ||
+         manager.WorkloadHostShare(seq.policy) > options_.tier.spill_high_water)) {
+      manager.FreeHostRegion(*region);
+      region.reset();
+    }
+  }
+  if (!region.has_value()) return false;
+  seq.pending_promotion = Sequence::PendingPromotion{next_spill_tag_++, *region};
+  spill_->Promote(id, region->offset, seq.pending_promotion->tag);
+  return true;
+}
+
+absl::Status KvPolicyRunner::FinishPromotion(int64_t id, Sequence& seq,
+                                             ClusterSpill::Promotion& promotion) {
+  const Sequence::PendingPromotion pending = *seq.pending_promotion;
+  seq.pending_promotion.reset();
+  if (promotion.clusters.empty()) {
+    // None could be read: they stay on the SSD, fetched as before.
+    std::unique_lock<std::mutex> lock = LockManager();
+    options_.tier.manager->FreeHostRegion(pending.region);
+    seq.promote_retry_step = step_count_ + kSpillRetrySteps;
+    return absl::OkStatus();
+  }
+  // Steps end synchronised: no recall reads these tables now. Each
+  // (layer, head) the promotion touches: its piece places as they are,
+  // the promoted pieces pointed at their host copies.
+  engine::Backend& b = model_->backend();
+  const int hkv = model_->shard().kv_heads;
+  std::sort(promotion.clusters.begin(), promotion.clusters.end(),
+            [](const ClusterSpill::PromotedCluster& a, const ClusterSpill::PromotedCluster& c) {
+              return std::pair(a.layer, a.head) < std::pair(c.layer, c.head);
+            });
+  std::vector<int32_t> where;
+  int64_t bytes = 0;
+  for (size_t i = 0; i < promotion.clusters.size();) {
+    const int layer = promotion.clusters[i].layer, head = promotion.clusters[i].head;
+    if (layer >= static_cast<int>(tier_.size()) || head >= hkv) {
+      return absl::InternalError(absl::StrCat("sequence ", id, ": a promoted cluster of layer ",
+                                              layer, " head ", head, " is out of the model"));
+    }
+    const engine::TierTables t = SlotTables(layer, seq.state.slot);
+    where.resize(static_cast<size_t>(t.piece_host.numel()));
+    STRATA_RETURN_IF_ERROR(b.CopyToHost(t.piece_host, where.data()));
+    int32_t* places = where.data() + int64_t{head} * max_pieces_;
+    for (; i < promotion.clusters.size() && promotion.clusters[i].layer == layer &&
+           promotion.clusters[i].head == head;
+         ++i) {
+      const ClusterSpill::PromotedCluster& c = promotion.clusters[i];
+      for (size_t p = 0; p < c.piece_offsets.size(); ++p) {
+        const int64_t piece = c.first_piece + static_cast<int64_t>(p);
+        if (piece < 0 || piece >= max_pieces_ || places[piece] != engine::kPieceBelowHost) {
+          return absl::InternalError(absl::StrCat("sequence ", id, " layer ", layer, " head ", head,
+                                                  ": promoted piece ", piece,
+                                                  " was not below host memory"));
+        }
+        places[piece] =
+            static_cast<int32_t>((c.host_offset + c.piece_offsets[p]) / engine::kKvHostUnit);
+      }
+      bytes += c.bytes;
+    }
+    STRATA_RETURN_IF_ERROR(b.CopyFromHost(places, engine::DType::kI32, max_pieces_,
+                                          tier_[layer].piece_host,
+                                          (int64_t{seq.state.slot} * hkv + head) * max_pieces_));
+  }
+  seq.regions.push_back(pending.region);
+  spill_->Promoted(id, promotion.clusters);
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    options_.tier.manager->RefundSsd(seq.policy, bytes);
+  }
+  seq.ssd_charged -= bytes;
+  seq.spilled = spill_->HasClusters(id);
+  ++stats_.promotions;
+  stats_.promoted_clusters += static_cast<int64_t>(promotion.clusters.size());
+  stats_.promoted_bytes += bytes;
+  return absl::OkStatus();
+}
+
 absl::Status KvPolicyRunner::PollSpill() {
   if (spill_ == nullptr) return absl::OkStatus();
+  for (ClusterSpill::Promotion& promotion : spill_->PollPromotions()) {
+    auto it = sequences_.find(promotion.seq_id);
+    if (it == sequences_.end() || !it->second.pending_promotion.has_value() ||
+        it->second.pending_promotion->tag != promotion.tag) {
+      continue;  // released meanwhile: its region went with it
+    }
+    STRATA_RETURN_IF_ERROR(FinishPromotion(promotion.seq_id, it->second, promotion));
+  }
   for (const ClusterSpill::Done& done : spill_->Poll()) {
     if (done.forgotten) {
       // A released sequence's write the SSD held returned: its host
@@ -232,9 +329,12 @@ absl::Status KvPolicyRunner::PollSpill() {
     }
     STRATA_RETURN_IF_ERROR(FinishSpill(it->second, done.status.ok()));
   }
-  // One batch at a time: the next starts when the last is applied.
+  // One batch or promotion at a time: the next starts when the last is
+  // applied.
   bool writing = false;
-  for (const auto& [id, seq] : sequences_) writing |= seq.pending_spill.has_value();
+  for (const auto& [id, seq] : sequences_) {
+    writing |= seq.pending_spill.has_value() || seq.pending_promotion.has_value();
+  }
   bool pressure = offload_refused_since_poll_;
   {
     std::unique_lock<std::mutex> lock = LockManager();
@@ -274,6 +374,20 @@ absl::Status KvPolicyRunner::PollSpill() {
         STRATA_LOG_ERROR("sequence {}: clusters not sent to the SSD: {}", pick_id, s.ToString());
         pick->spill_retry_step = std::numeric_limits<int64_t>::max();
       }
+    } else if (!pressure) {
+      // Ahead of the steps that would fetch its clusters one by one: a
+      // sequence on the SSD that ran in the last step comes back up.
+      for (auto& [id, seq] : sequences_) {
+        if (!seq.spilled || seq.ring_paused || seq.last_step != step_count_ ||
+            seq.promote_retry_step > step_count_ || !Spills(seq.policy) ||
+            options_.tier.spill_admission[seq.policy] !=
+                KvBlockManagerOptions::SsdAdmission::kCold) {
+          continue;
+        }
+        STRATA_ASSIGN_OR_RETURN(const bool started, StartPromotion(id, seq));
+        if (started) break;
+        seq.promote_retry_step = step_count_ + kSpillRetrySteps;
+      }
     }
   }
   MaybeFreeStaging();
@@ -296,7 +410,7 @@ absl::StatusOr<bool> KvPolicyRunner::SettleSpills(std::chrono::milliseconds time
     STRATA_RETURN_IF_ERROR(PollSpill());
     bool busy = false;
     for (const auto& [id, seq] : sequences_) {
-      busy |= seq.pending_spill.has_value();
+      busy |= seq.pending_spill.has_value() || seq.pending_promotion.has_value();
       // A batch PollSpill would start next (admission kAlways).
       busy |=
           Spills(seq.policy) && !seq.regions.empty() && !seq.strided_spill_done &&

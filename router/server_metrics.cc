@@ -191,6 +191,14 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "strata_kv_ssd_cluster_writes_abandoned_total",
                                  "Ended sequences whose clusters' write the SSD did not finish in "
                                  "time; their host memory was freed once it returned."));
+  STRATA_RETURN_IF_ERROR(counter(m->cluster_promotions_, "strata_kv_ssd_cluster_promotions_total",
+                                 "Sequences running again whose clusters on the SSD tier were "
+                                 "read back into host memory ahead of the steps selecting them."));
+  STRATA_RETURN_IF_ERROR(counter(m->clusters_promoted_, "strata_kv_ssd_clusters_promoted_total",
+                                 "Clusters read back from the SSD tier into host memory."));
+  STRATA_RETURN_IF_ERROR(counter(m->cluster_promoted_bytes_,
+                                 "strata_kv_ssd_cluster_promoted_bytes_total",
+                                 "Bytes of the clusters read back from the SSD tier."));
   STRATA_ASSIGN_OR_RETURN(m->ssd_sequences_,
                           metrics::AddGauge(r, "strata_kv_ssd_sequences",
                                             "Swapped sequences with their KV on the SSD tier "
@@ -383,6 +391,9 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   hard_miss_failed_.Advance(stats.hard_miss_failed);
   hard_miss_timeouts_.Advance(stats.hard_miss_timeouts);
   spill_writes_abandoned_.Advance(stats.spill_writes_abandoned);
+  cluster_promotions_.Advance(stats.promotions);
+  clusters_promoted_.Advance(stats.promoted_clusters);
+  cluster_promoted_bytes_.Advance(stats.promoted_bytes);
   ssd_cluster_bytes_->Set(static_cast<double>(stats.ssd_cluster_bytes));
   if (stats.hard_miss_micros > hard_miss_micros_seen_) {
     hard_miss_seconds_->Increment(

@@ -80,6 +80,11 @@
 //   strata_kv_ssd_cluster_writes_abandoned_total ended sequences whose
 //                                               clusters' write the SSD held
 //                                               past the timeout
+//   strata_kv_ssd_cluster_promotions_total      sequences running again whose
+//                                               clusters came back up from
+//                                               the SSD to host memory
+//   strata_kv_ssd_clusters_promoted_total       ... those clusters
+//   strata_kv_ssd_cluster_promoted_bytes_total  ... their bytes
 //   strata_kv_prefetch_bytes_total              host bytes read ahead for the
 //                                               next layer's guessed selection
 //   strata_kv_ssd_sequences                     swapped sequences on the SSD
@@ -240,7 +245,8 @@ class ServerMetrics {
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
   TotalCounter prefetch_bytes_;
   TotalCounter cluster_spills_, clusters_spilled_, cluster_spills_refused_, hard_misses_,
-      hard_miss_bytes_, hard_miss_failed_, hard_miss_timeouts_, spill_writes_abandoned_;
+      hard_miss_bytes_, hard_miss_failed_, hard_miss_timeouts_, spill_writes_abandoned_,
+      cluster_promotions_, clusters_promoted_, cluster_promoted_bytes_;
   prometheus::Counter* hard_miss_seconds_ = nullptr;
   int64_t hard_miss_micros_seen_ = 0;
   prometheus::Gauge* ssd_cluster_bytes_ = nullptr;

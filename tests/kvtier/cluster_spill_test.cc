@@ -255,6 +255,37 @@ TEST(ClusterSpillTest, AValueThatFailsItsCheckLosesItsSequenceNotItsTokens) {
   }
 }
 
+TEST(ClusterSpillTest, SequencesOnTheSsdThatRunAgainComeBackUpWithTheirTokens) {
+  // Cold admission with the host tier past its mark (0): clusters go down
+  // and steps fetch them (hard misses). Once the host tier has room (mark
+  // 1), each sequence that runs is promoted: its clusters are read back
+  // into host memory on the I/O threads, later steps recall them from
+  // there without a hard miss, and the tokens are those of clusters that
+  // never left host memory.
+  const Served host = Serve({.admission = Admission::kNever});
+  int steps = 0;
+  int64_t misses_once_up = -1;
+  const Served s =
+      Serve({.admission = Admission::kCold, .high_water = 0.0}, [&](SpillModel& m, const Tokens&) {
+        if (++steps == 25) m.runner().set_spill_high_water(1.0);
+        const ClusterSpill::Stats spill = m.runner().spill()->stats();
+        if (steps > 25 && misses_once_up < 0 && spill.sequences == 0) {
+          misses_once_up = spill.hard_misses;
+        }
+      });
+  EXPECT_GT(s.stats.spills, 0);
+  EXPECT_GT(s.stats.promotions, 0);
+  EXPECT_GT(s.stats.promoted_clusters, 0);
+  EXPECT_GT(s.stats.promoted_bytes, 0);
+  EXPECT_EQ(s.spill.clusters_promoted, s.stats.promoted_clusters);
+  EXPECT_GT(s.spill.hard_misses, 0) << "before the mark moved";
+  ASSERT_GE(misses_once_up, 0) << "every sequence came back up";
+  EXPECT_EQ(s.spill.hard_misses, misses_once_up) << "no step fetched from the SSD after";
+  EXPECT_EQ(s.stats.recall_bad_pieces, 0);
+  EXPECT_EQ(s.lost, 0);
+  for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(s.tokens.at(id), host.tokens.at(id));
+}
+
 TEST(ClusterSpillTest, AFullSsdLeavesTheClustersInHostMemory) {
   const Served host = Serve({.admission = Admission::kNever});
   const Served full = Serve({.admission = Admission::kAlways, .ssd_budget = 4096});
@@ -274,41 +305,62 @@ TEST(ClusterSpillTest, AWorkloadAtItsSsdLineKeepsItsClustersInHostMemory) {
   for (uint64_t id = 0; id < 3; ++id) EXPECT_EQ(lined.tokens.at(id), host.tokens.at(id));
 }
 
-TEST(ClusterSpillTest, NothingLeaksAfterCancellationsPreemptionsAndSpills) {
-  // Clusters sent down as soon as they are offloaded, a cache small enough
-  // to preempt, and cancellations at random steps (some while a batch is
-  // being written): at the end every page, host record, pool slot and SSD
-  // value is gone.
-  SpillModel m({.admission = Admission::kAlways, .num_pages = 90});
-  {
-    engine::Batcher batcher(m.model(), nullptr, {}, &m.manager());
-    std::mt19937 rng(33);
-    uint64_t next_id = 0;
-    for (int step = 0; step < 500; ++step) {
-      if (step < 300 && rng() % 4 == 0) {
-        engine::GenerationRequest r;
-        r.id = next_id++;
-        r.prompt = Prompt(60 + static_cast<int>(rng() % 140), static_cast<uint32_t>(r.id));
-        r.max_tokens = 20 + static_cast<int>(rng() % 60);
-        r.ignore_eos = true;
-        ASSERT_TRUE(batcher.Add(r).ok());
-      }
-      if (rng() % 9 == 0 && next_id > 0) batcher.Cancel(rng() % next_id);
-      if (step % 3 == 0) {
-        // Now and then the writes catch up (between, cancellations meet
-        // batches being written).
-        auto settled = m.runner().SettleSpills(std::chrono::seconds(30));
-        ASSERT_TRUE(settled.ok() && *settled) << settled.status();
-      }
-      auto events = batcher.Step();
-      ASSERT_TRUE(events.ok()) << events.status();
-      for (const auto& e : *events) ASSERT_NE(e.finish, engine::FinishReason::kError) << e.error;
+// Requests arriving and cancelled at random steps (some while a batch is
+// being written or read back) in a cache small enough to preempt;
+// `each_step` runs before each step.
+void ServeWithCancellations(SpillModel& m,
+                            const std::function<void(int step, std::mt19937& rng)>& each_step) {
+  engine::Batcher batcher(m.model(), nullptr, {}, &m.manager());
+  std::mt19937 rng(33);
+  uint64_t next_id = 0;
+  for (int step = 0; step < 500; ++step) {
+    if (step < 300 && rng() % 4 == 0) {
+      engine::GenerationRequest r;
+      r.id = next_id++;
+      r.prompt = Prompt(60 + static_cast<int>(rng() % 140), static_cast<uint32_t>(r.id));
+      r.max_tokens = 20 + static_cast<int>(rng() % 60);
+      r.ignore_eos = true;
+      ASSERT_TRUE(batcher.Add(r).ok());
     }
-    while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
-    EXPECT_GT(batcher.num_preemptions(), 0);
+    if (rng() % 9 == 0 && next_id > 0) batcher.Cancel(rng() % next_id);
+    if (each_step) each_step(step, rng);
+    if (step % 3 == 0) {
+      // Now and then the writes catch up (between, cancellations meet
+      // batches being written).
+      auto settled = m.runner().SettleSpills(std::chrono::seconds(30));
+      ASSERT_TRUE(settled.ok() && *settled) << settled.status();
+    }
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+    for (const auto& e : *events) ASSERT_NE(e.finish, engine::FinishReason::kError) << e.error;
   }
+  while (batcher.HasWork()) ASSERT_TRUE(batcher.Step().ok());
+  EXPECT_GT(batcher.num_preemptions(), 0);
+}
+
+TEST(ClusterSpillTest, NothingLeaksAfterCancellationsPreemptionsAndSpills) {
+  // Clusters sent down as soon as they are offloaded: at the end every
+  // page, host record, pool slot and SSD value is gone.
+  SpillModel m({.admission = Admission::kAlways, .num_pages = 90});
+  ServeWithCancellations(m, nullptr);
   EXPECT_GT(m.runner().stats().spills, 0);
   EXPECT_GT(m.runner().spill()->stats().hard_misses, 0);
+  EXPECT_EQ(m.runner().stats().lost_sequences, 0);
+  EXPECT_EQ(m.runner().spill()->stats().sequences, 0);
+  EXPECT_EQ(m.manager().WorkloadSsdBytes(0), 0) << "every charge refunded";
+  EXPECT_TRUE(m.Idle());
+}
+
+TEST(ClusterSpillTest, NothingLeaksWhenSequencesGoDownAndComeBackUpAmidCancellations) {
+  // Cold admission with the host tier's mark moving between 0 (clusters go
+  // down) and 1 (sequences that run come back up) every few steps, so that
+  // cancellations and preemptions meet promotions being read.
+  SpillModel m({.admission = Admission::kCold, .num_pages = 90});
+  ServeWithCancellations(m, [&](int step, std::mt19937& rng) {
+    if (step % 7 == 0) m.runner().set_spill_high_water(rng() % 2 == 0 ? 0.0 : 1.0);
+  });
+  EXPECT_GT(m.runner().stats().spills, 0);
+  EXPECT_GT(m.runner().stats().promotions, 0);
   EXPECT_EQ(m.runner().stats().lost_sequences, 0);
   EXPECT_EQ(m.runner().spill()->stats().sequences, 0);
   EXPECT_EQ(m.manager().WorkloadSsdBytes(0), 0) << "every charge refunded";
@@ -550,6 +602,105 @@ TEST_F(ClusterSpillUnitTest, ForgettingASequenceWhoseWriteTheSsdHoldsReturnsInTi
   const ClusterSpill::Stats st = spill.stats();
   EXPECT_EQ(st.sequences, 0);
   EXPECT_EQ(st.batches_in_flight, 0);
+  EXPECT_TRUE(spill.Forget(9)) << "already gone";
+}
+
+TEST_F(ClusterSpillUnitTest, APromotedClusterIsTheBytesWrittenAndLeavesTheSsdWhenAppliedOnly) {
+  ClusterSpill spill(store_.get(), {.host_data = host_.data(), .io_threads = 2});
+  spill.SetStaging(int64_t{512} << 10, 4096);
+  spill.Write(77, OneCluster(9, 2));
+  ASSERT_EQ(WaitDone(spill).size(), 1u);
+  const std::vector<uint8_t> written(host_.begin() + 128, host_.begin() + 768);
+  const int64_t unit = engine::kKvHostUnit;
+  EXPECT_EQ(spill.PromotionBytes(9), (640 + unit - 1) / unit * unit);
+  EXPECT_EQ(spill.PromotionBytes(10), 0) << "no such sequence";
+  const int64_t to = int64_t{256} << 10;
+  spill.Promote(9, to, 4);
+  std::vector<ClusterSpill::Promotion> done;
+  for (int i = 0; i < 10000 && done.empty(); ++i) {
+    done = spill.PollPromotions();
+    if (done.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_EQ(done[0].seq_id, 9);
+  EXPECT_EQ(done[0].tag, 4u);
+  ASSERT_EQ(done[0].clusters.size(), 1u);
+  const ClusterSpill::PromotedCluster& c = done[0].clusters[0];
+  EXPECT_EQ(c.layer, 1);
+  EXPECT_EQ(c.head, 0);
+  EXPECT_EQ(c.block, 3u);
+  EXPECT_EQ(c.first_piece, 5);
+  EXPECT_EQ(c.host_offset, to);
+  EXPECT_EQ(c.bytes, 640);
+  EXPECT_EQ(c.piece_offsets, (std::vector<int64_t>{0, 320}));
+  EXPECT_TRUE(std::equal(written.begin(), written.end(), host_.begin() + to));
+  // Until the caller's tables point at the copy, a step still fetches it
+  // from the SSD.
+  EXPECT_TRUE(spill.HasClusters(9));
+  std::vector<int64_t> offsets(1);
+  const std::vector<engine::PieceFetcher::Piece> piece = {{2, 0, 5}};
+  spill.Fetch(1, piece, offsets);
+  EXPECT_GE(offsets[0], 0);
+  spill.Promoted(9, done[0].clusters);
+  EXPECT_FALSE(spill.HasClusters(9));
+  EXPECT_EQ(store_->stats().bytes_used, 0) << "its value is deleted";
+  spill.Fetch(1, piece, offsets);
+  EXPECT_EQ(offsets[0], -1) << "no longer on the SSD";
+  const ClusterSpill::Stats st = spill.stats();
+  EXPECT_EQ(st.promotions, 1);
+  EXPECT_EQ(st.clusters_promoted, 1);
+  EXPECT_EQ(st.bytes_promoted, 640);
+  EXPECT_EQ(st.bytes_resident, 0);
+  EXPECT_EQ(st.sequences, 0);
+  EXPECT_TRUE(spill.Forget(9));
+}
+
+TEST_F(ClusterSpillUnitTest, ForgettingASequenceWhosePromotionTheSsdHoldsReturnsInTime) {
+  // The disk stops answering a promotion's read: Forget gives up waiting
+  // after its timeout (the read writes host memory the caller must keep),
+  // and the sequence is reported forgotten once the read returns, with
+  // nothing of it left on the SSD and no promotion reported.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool hold = false, reading = false, release = false;
+  ClusterSpill::Options options{.host_data = host_.data(), .io_threads = 1};
+  options.forget_timeout = std::chrono::milliseconds(100);
+  options.before_read = [&] {
+    std::unique_lock<std::mutex> lock(mu);
+    if (!hold) return;
+    reading = true;
+    cv.notify_all();
+    cv.wait(lock, [&] { return release; });
+  };
+  ClusterSpill spill(store_.get(), options);
+  spill.Write(77, OneCluster(9, 2));
+  ASSERT_EQ(WaitDone(spill).size(), 1u);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    hold = true;
+  }
+  spill.Promote(9, int64_t{256} << 10, 4);
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return reading; });
+  }
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_FALSE(spill.Forget(9)) << "the read is still out";
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(1000));
+  EXPECT_EQ(spill.stats().forget_timeouts, 1);
+  EXPECT_TRUE(spill.Poll().empty()) << "nothing to free yet: the read writes the host memory";
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    release = true;
+  }
+  cv.notify_all();
+  const std::vector<ClusterSpill::Done> done = WaitDone(spill);
+  ASSERT_EQ(done.size(), 1u);
+  EXPECT_TRUE(done[0].forgotten);
+  EXPECT_EQ(done[0].seq_id, 9);
+  EXPECT_TRUE(spill.PollPromotions().empty());
+  EXPECT_EQ(store_->stats().bytes_used, 0);
+  EXPECT_EQ(spill.stats().sequences, 0);
   EXPECT_TRUE(spill.Forget(9)) << "already gone";
 }
 
