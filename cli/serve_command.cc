@@ -369,15 +369,16 @@ int RunServe(const ServeFlags& f) {
     // ClusterKV profiles that store prefixes keep their prompt chunks'
     // clusterings too.
     clusterings = kvtier::ClusteringStoreForProfiles(profiles);
-    // A prefill worker of one rank clusters the ClusterKV prompts it
-    // exports, for the decode worker (the ranks' would each need sending).
-    auto installed = kvtier::RankedKvPolicies::Install(
-        loaded->model.get(), policies,
-        {.max_sparse_seqs = max_sparse,
-         .tier = *tier,
-         .clusterings = clusterings.get(),
-         .exports = prefill_worker && f.tensor_parallel == 1 ? kv_manager->get() : nullptr,
-         .imports = decode_worker});
+    // A prefill worker clusters the ClusterKV prompts it exports, for the
+    // decode worker (each rank its KV heads; the decode worker's ranks
+    // take them when it has as many).
+    auto installed =
+        kvtier::RankedKvPolicies::Install(loaded->model.get(), policies,
+                                          {.max_sparse_seqs = max_sparse,
+                                           .tier = *tier,
+                                           .clusterings = clusterings.get(),
+                                           .exports = prefill_worker ? kv_manager->get() : nullptr,
+                                           .imports = decode_worker});
     if (!installed.ok()) return Fail(installed.status());
     kv_policies = std::move(*installed);
   }

@@ -104,6 +104,11 @@ class AttentionPlanner {
   // (KvMemory::TakeImportedPlannerState), each value checked by the planner
   // before use and used instead of computing it where it fits.
   virtual void NoteImportedState(int64_t /*seq_id*/, std::vector<std::vector<uint8_t>> /*state*/) {}
+  // Tensor parallelism: the rank whose planner a value of that state is
+  // for (each rank's planner computed its own on the prefill worker); -1:
+  // every rank's; any other: none (e.g. the prefill worker had another
+  // number of ranks).
+  virtual int ImportedStateRank(std::span<const uint8_t> /*value*/) const { return -1; }
   // Whether PlanLayer reorganised the sequence's paged KV (e.g. clustered
   // its keys in place), so that its pages no longer hold its tokens in
   // order: such KV is not stored for reuse by prefix.

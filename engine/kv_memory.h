@@ -188,12 +188,15 @@ class KvMemory : public LayerKvObserver {
   virtual void DropExport(uint64_t /*key*/) {}
   // Prefill side: what the KV policy computed on the export's prompt
   // (AttentionPlanner::NoteExport), sent after its KV. Called at most once
-  // per export, before or after its final ExportKv; after it, only when
-  // ExpectExportPlannerState said it would come (the export's end waits).
+  // per export and planner (a tensor-parallel group has one per rank; the
+  // values are sent together), before or after its final ExportKv; after
+  // it, only when ExpectExportPlannerState said it would come (the export's
+  // end waits).
   virtual void AddExportPlannerState(uint64_t /*key*/,
                                      std::vector<std::vector<uint8_t>> /*state*/) {}
   // The export does not end before AddExportPlannerState (its pages go
-  // meanwhile). Called before its final ExportKv.
+  // meanwhile): as many calls as this one has had. Called before its final
+  // ExportKv.
   virtual void ExpectExportPlannerState(uint64_t /*key*/) {}
   // Decode side: for a sequence about to start (`pages` empty), brings the
   // KV another worker computed for `tokens` and sent under `transfer_id`

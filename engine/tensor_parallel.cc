@@ -152,6 +152,37 @@ void RankedPlanner::NotePrompt(int64_t seq_id, int loaded_tokens,
   for (AttentionPlanner* p : ranks_) p->NotePrompt(seq_id, loaded_tokens, page_crcs);
 }
 
+void RankedPlanner::NoteStoredPrompt(int64_t seq_id, int stored_tokens, StoredPageCrcs page_crcs) {
+  for (AttentionPlanner* p : ranks_) p->NoteStoredPrompt(seq_id, stored_tokens, page_crcs);
+}
+
+void RankedPlanner::NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) {
+  for (AttentionPlanner* p : ranks_) p->NoteExport(seq_id, export_key, prompt_tokens);
+}
+
+void RankedPlanner::NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) {
+  std::vector<std::vector<std::vector<uint8_t>>> per_rank(ranks_.size());
+  for (std::vector<uint8_t>& value : state) {
+    const int rank = ranks_[0]->ImportedStateRank(value);
+    if (rank == -1) {
+      for (auto& mine : per_rank) mine.push_back(value);
+    } else if (rank >= 0 && rank < static_cast<int>(ranks_.size())) {
+      per_rank[static_cast<size_t>(rank)].push_back(std::move(value));
+    }
+  }
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    if (!per_rank[r].empty()) ranks_[r]->NoteImportedState(seq_id, std::move(per_rank[r]));
+  }
+}
+
+absl::Status RankedPlanner::Poll() {
+  absl::Status first;
+  for (AttentionPlanner* p : ranks_) {
+    if (absl::Status s = p->Poll(); !s.ok() && first.ok()) first = std::move(s);
+  }
+  return first;
+}
+
 bool RankedPlanner::Reordered(int64_t seq_id) const {
   // Every rank reorders alike (the same policy on the same tokens); any
   // that did makes the sequence's KV unfit to store by prefix.

@@ -160,6 +160,12 @@ class RankedPlanner : public AttentionPlanner {
 
   void Release(int64_t seq_id) override;
   void NotePrompt(int64_t seq_id, int loaded_tokens, std::span<const uint32_t> page_crcs) override;
+  void NoteStoredPrompt(int64_t seq_id, int stored_tokens, StoredPageCrcs page_crcs) override;
+  void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
+  // Each value to the rank rank 0's planner names (ImportedStateRank).
+  void NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) override;
+  // Every rank's, in rank order (the first error is returned, after all ran).
+  absl::Status Poll() override;
   bool Reordered(int64_t seq_id) const override;
   void Pause(int64_t seq_id) override;
   absl::StatusOr<bool> Resume(int64_t seq_id) override;

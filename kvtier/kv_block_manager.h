@@ -608,9 +608,11 @@ class KvBlockManager final : public engine::KvMemory {
     std::deque<Part> pending;
     bool final = false;                               // its last part was made
     std::vector<std::vector<uint8_t>> planner_state;  // AddExportPlannerState's
-    // ExpectExportPlannerState: the end waits for the planner state; and
-    // whether it came, and whether the export's end was delivered.
+    // ExpectExportPlannerState: the end waits for the planner state (from
+    // as many planners as expected it); and whether it all came, and
+    // whether the export's end was delivered.
     bool state_expected = false, state_came = false, ended = false;
+    int state_parts_expected = 0, state_parts_came = 0;
     // When its pages' last part went without the expected state.
     std::optional<std::chrono::steady_clock::time_point> pages_sent;
     // ExportByLayer armed it for a forward that ended before its last

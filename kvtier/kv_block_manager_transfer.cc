@@ -266,11 +266,16 @@ void KvBlockManager::AddExportPlannerState(uint64_t key, std::vector<std::vector
   if (it == exports_.end()) return;
   Export& e = it->second;
   if (e.ended || e.state_came) return;
-  e.planner_state = std::move(state);
-  e.state_came = true;
+  e.planner_state.insert(e.planner_state.end(), std::make_move_iterator(state.begin()),
+                         std::make_move_iterator(state.end()));
+  e.state_came = ++e.state_parts_came >= std::max(1, e.state_parts_expected);
 }
 
-void KvBlockManager::ExpectExportPlannerState(uint64_t key) { exports_[key].state_expected = true; }
+void KvBlockManager::ExpectExportPlannerState(uint64_t key) {
+  Export& e = exports_[key];
+  e.state_expected = true;
+  ++e.state_parts_expected;
+}
 
 void KvBlockManager::DropExport(uint64_t key) {
   auto it = exports_.find(key);

@@ -382,7 +382,7 @@ absl::Status KvPolicyRunner::Allocate() {
   if (any_clusterkv_) {
     // Pinned now rather than in the first request that reuses, keeps or
     // exports a prompt's clusterings (kv_policy_reuse.cc).
-    const bool exports = options_.exports != nullptr && model_->shard().size == 1;
+    const bool exports = options_.exports != nullptr;
     if (options_.clusterings != nullptr || options_.imports) {
       STRATA_RETURN_IF_ERROR(ReserveStaging(reuse_staging_, OneSequenceStagingBytes()));
     }

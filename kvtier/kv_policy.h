@@ -108,10 +108,12 @@ std::string_view PolicyKindName(PolicyKind kind);
 // (kv_policy_reuse.cc): per sparse layer of its policy, per KV head, the
 // reorder (count int32, a permutation), the centroids (clusters x head_dim,
 // in the policy pools' dtype) and the cluster sizes (clusters int32,
-// summing to count). Read in place from the value that carried it (tens of
-// megabytes for a long prompt: not copied); copy the bytes out.
+// summing to count), for the KV heads of one tensor-parallel rank. Read in
+// place from the value that carried it (tens of megabytes for a long
+// prompt: not copied); copy the bytes out.
 struct StoredClustering {
   int begin = 0, count = 0, clusters = 0, layers = 0, heads = 0, head_dim = 0;
+  int rank = 0, ranks = 1;
   engine::DType centroid_dtype = engine::DType::kF32;
   std::vector<uint8_t> value;
 
@@ -345,12 +347,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
                              engine::Tensor& v_cache) override;
   void Release(int64_t seq_id) override;
   void NotePrompt(int64_t seq_id, int loaded_tokens, std::span<const uint32_t> page_crcs) override;
-  // With one rank (the calls come from the thread that drives it);
-  // otherwise ignored.
+  // With a ClusteringStore; otherwise ignored.
   void NoteStoredPrompt(int64_t seq_id, int stored_tokens, StoredPageCrcs page_crcs) override;
-  // With KvPolicyRunnerOptions::exports and one rank; otherwise ignored.
+  // With KvPolicyRunnerOptions::exports; otherwise ignored.
   void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
   void NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) override;
+  int ImportedStateRank(std::span<const uint8_t> value) const override;
   // Launches the k-means of the prompts HandOverExports left (ClusterExports)
   // and hands exports the clusterings read back since; keeps those computed
   // on stored pages whose CRCs are known now (NoteStoredPrompt).
@@ -752,6 +754,8 @@ class RankedKvPolicies {
   // Rank 0's runner (its statistics stand for the ranks': they plan the
   // same sequences).
   KvPolicyRunner& leader() { return *runners_.front(); }
+  const KvPolicyRunner& rank(int r) const { return *runners_[static_cast<size_t>(r)]; }
+  int num_ranks() const { return static_cast<int>(runners_.size()); }
 
  private:
   explicit RankedKvPolicies(engine::Model* model) : model_(model) {}

@@ -1,17 +1,18 @@
 // KvPolicyRunner's reuse of prompt chunks' ClusterKV clusterings through a
 // ClusteringStore (see kv_policy.h and clustering_store.h).
 //
-// A chunk's clustering is kept only when the sequence loaded the chunk's
-// pages from stored prefixes, and it is kept under those pages' stored
-// CRCs: a later sequence finds it only by loading the very same bytes, so
-// redoing the reorder and taking the centroids gives it exactly what the
-// k-means would have (the k-means is deterministic on its keys).
+// A chunk's clustering is kept only when the chunk's pages are stored
+// prefix pages (loaded by the sequence, or stored by it when its prompt was
+// computed, before it clustered them), and it is kept under those pages'
+// stored CRCs: a later sequence finds it only by loading the very same
+// bytes, so redoing the reorder and taking the centroids gives it exactly
+// what the k-means would have (the k-means is deterministic on its keys).
 //
 // A stored value: a header (magic, version, begin, count, clusters, sparse
-// layers, KV heads, head_dim, the centroids' dtype, as int32), then per
-// sparse layer the reorder (int32 [heads, count]), the centroids ([heads,
-// clusters, head_dim] in the pools' dtype) and the cluster sizes (int32
-// [heads, clusters]).
+// layers, KV heads, head_dim, the centroids' dtype, the tensor-parallel
+// rank and the ranks, as int32), then per sparse layer the reorder (int32
+// [heads, count]), the centroids ([heads, clusters, head_dim] in the pools'
+// dtype) and the cluster sizes (int32 [heads, clusters]).
 //
 // Keeping reads the clusterings back on the copy stream after the step that
 // made them (the compute after it waits for the copy on the device, not
@@ -23,7 +24,9 @@
 // reads the clusterings back on the copy stream and hands them to the
 // export once read (a later Poll; the export's end waits for them); the
 // decode worker's runner takes them in place of stored ones, checked
-// alike.
+// alike. Under tensor parallelism every rank's runner does so for its KV
+// heads, and each rank of the decode worker takes its own rank's values
+// (none when the two workers' rank counts differ: it clusters then).
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -45,8 +48,9 @@ using engine::Tensor;
 namespace {
 
 constexpr int32_t kMagic = 0x4c434b53;  // "SKCL"
-constexpr int32_t kVersion = 1;
-constexpr int kHeaderWords = 9;
+constexpr int32_t kVersion = 2;
+constexpr int kHeaderWords = 11;
+constexpr int kRankWord = 9;  // then the ranks
 
 // `element`: the bytes of a centroid element (the pools' dtype).
 int64_t ValueBytes(int64_t count, int64_t clusters, int64_t layers, int64_t heads, int64_t d,
@@ -74,7 +78,8 @@ absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
   const int32_t expected[kHeaderWords] = {
       kMagic,     kVersion,      want.begin,
       want.count, want.clusters, want.layers,
-      want.heads, want.head_dim, static_cast<int32_t>(want.centroid_dtype)};
+      want.heads, want.head_dim, static_cast<int32_t>(want.centroid_dtype),
+      want.rank,  want.ranks};
   for (int i = 0; i < kHeaderWords; ++i) {
     if (header[i] != expected[i]) {
       return absl::DataLossError(
@@ -187,15 +192,26 @@ void KvPolicyRunner::NotePrompt(int64_t seq_id, int loaded_tokens,
 }
 
 void KvPolicyRunner::NoteStoredPrompt(int64_t seq_id, int stored_tokens, StoredPageCrcs page_crcs) {
-  if (options_.clusterings == nullptr || model_->shard().size != 1 || stored_tokens <= 0) return;
+  if (options_.clusterings == nullptr || stored_tokens <= 0) return;
   NotedPrompt& noted = noted_prompts_[seq_id];
   noted.stored_tokens = stored_tokens;
   noted.stored = std::make_shared<const StoredPageCrcs>(std::move(page_crcs));
 }
 
 void KvPolicyRunner::NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) {
-  if (options_.exports == nullptr || model_->shard().size != 1 || export_key == 0) return;
+  if (options_.exports == nullptr || export_key == 0) return;
   pending_exports_[seq_id] = {export_key, prompt_tokens};
+}
+
+int KvPolicyRunner::ImportedStateRank(std::span<const uint8_t> value) const {
+  int32_t header[kHeaderWords];
+  if (value.size() < sizeof(header)) return -2;  // no rank's: each clusters
+  std::memcpy(header, value.data(), sizeof(header));
+  if (header[0] != kMagic || header[1] != kVersion ||
+      header[kRankWord + 1] != model_->shard().size) {
+    return -2;
+  }
+  return header[kRankWord];
 }
 
 void KvPolicyRunner::NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) {
@@ -231,6 +247,8 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
     want.heads = heads;
     want.head_dim = d;
     want.centroid_dtype = centroids_[config.full_layers].dtype();
+    want.rank = model_->shard().rank;
+    want.ranks = model_->shard().size;
     return want;
   };
   if (!prompt.imported.empty()) {
@@ -242,10 +260,14 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
       if (w.kind != SummaryWork::kCluster) continue;
       const StoredClustering want = wanted(w);
       for (std::vector<uint8_t>& value : prompt.imported) {
-        int32_t chunk[3];  // header words 2..4: begin, count, clusters
-        if (value.size() < 5 * sizeof(int32_t)) continue;
-        std::memcpy(chunk, value.data() + 2 * sizeof(int32_t), sizeof(chunk));
-        if (chunk[0] != w.begin || chunk[1] != w.count) continue;
+        int32_t header[kHeaderWords];
+        if (value.size() < sizeof(header)) continue;
+        std::memcpy(header, value.data(), sizeof(header));
+        // Its very chunk, of this rank's KV heads.
+        if (header[2] != w.begin || header[3] != w.count || header[kRankWord] != want.rank ||
+            header[kRankWord + 1] != want.ranks) {
+          continue;
+        }
         absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
             ParseClustering(std::move(value), want, PackPool());
         if (parsed.ok()) {
@@ -544,7 +566,10 @@ absl::Status KvPolicyRunner::PlanExport(int batch_seq, int64_t seq_id, int polic
 
 absl::Status KvPolicyRunner::HandOverExports() {
   // The export's end waits for the clusterings (its pages may go first).
-  for (const ExportEntry& x : export_entries_) options_.exports->ExpectExportPlannerState(x.key);
+  {
+    std::unique_lock<std::mutex> lock = LockManager();
+    for (const ExportEntry& x : export_entries_) options_.exports->ExpectExportPlannerState(x.key);
+  }
   exports_to_cluster_.insert(exports_to_cluster_.end(),
                              std::make_move_iterator(export_entries_.begin()),
                              std::make_move_iterator(export_entries_.end()));
@@ -729,7 +754,9 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
                                           read.layers,
                                           static_cast<int32_t>(heads),
                                           static_cast<int32_t>(d),
-                                          static_cast<int32_t>(read.centroid_dtype)};
+                                          static_cast<int32_t>(read.centroid_dtype),
+                                          model_->shard().rank,
+                                          model_->shard().size};
     std::memcpy(values[k].data(), header, sizeof(header));
   }
   const auto layers = static_cast<int64_t>(read.layers);
@@ -778,7 +805,10 @@ absl::StatusOr<bool> KvPolicyRunner::FinishKeeping(bool wait) {
   stats_.kept_clusterings += kept;
   if (read.export_key != 0) {
     stats_.exported_clusterings += static_cast<int64_t>(exported.size());
-    options_.exports->AddExportPlannerState(read.export_key, std::move(exported));
+    {
+      std::unique_lock<std::mutex> lock = LockManager();
+      options_.exports->AddExportPlannerState(read.export_key, std::move(exported));
+    }
     free_slots_.push_back(read.export_slot);  // read: the next clustering may take it
     STRATA_LOG_DEBUG(
         "clusterings of export {} packed in {:.1f} ms, {:.1f} ms after the step that made them",

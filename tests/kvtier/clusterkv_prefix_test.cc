@@ -194,9 +194,9 @@ TEST_P(ClusterKvPrefixTest, AStoredClusteringIsRedoneFromTheStoreWithTheSameToke
   EXPECT_EQ(s.runner().stats().kept_clusterings, 11) << "kept again";
 
   // One that passes its CRC but whose order is not a permutation is not
-  // used either: byte 39 is the high byte of the first order entry (after
-  // the 9-word header), which the flip puts out of range.
-  EXPECT_EQ(s.clusterings().FlipBitsForTesting(39, /*keep_crc=*/true), 6);
+  // used either: byte 47 is the high byte of the first order entry (after
+  // the 11-word header), which the flip puts out of range.
+  EXPECT_EQ(s.clusterings().FlipBitsForTesting(47, /*keep_crc=*/true), 6);
   const Completion checked = s.Generate(5, third);
   EXPECT_EQ(checked.tokens, want_third.tokens);
   EXPECT_EQ(s.clusterings().stats().lost, 5) << "their CRCs matched";

@@ -220,9 +220,12 @@ TEST_P(TensorParallelTiersTest, AStoredPromptIsLoadedOnEveryRankWithOneRanksToke
 // ---- KV crossing between a prefill and a decode worker ------------------------
 
 // A worker over `ranks` ranks with a host tier (and room to land
-// `landing_records` pages), sending its exports' pages in `wire_codec`.
+// `landing_records` pages), sending its exports' pages in `wire_codec`;
+// with `policy`, its ranks run it, a prefill worker (no landing room)
+// clustering the ClusterKV prompts it exports.
 struct TransferWorker {
-  TransferWorker(int ranks, int landing_records, engine::KvCodecKind wire_codec) {
+  TransferWorker(int ranks, int landing_records, engine::KvCodecKind wire_codec,
+                 const KvPolicyConfig* policy = nullptr) {
     group = Load(ranks, SmallCache(80));
     if (group == nullptr) return;
     auto layout = KvLayout::Create(*group->model());
@@ -235,11 +238,21 @@ struct TransferWorker {
     EXPECT_TRUE(created.ok()) << created.status();
     manager = *std::move(created);
     manager->set_export_sink([this](KvBlockManager::ExportedKv e) { exports.push_back(e); });
+    if (policy != nullptr) {
+      auto installed =
+          RankedKvPolicies::Install(group->model(), {*policy},
+                                    {.max_sparse_seqs = 4,
+                                     .exports = landing_records == 0 ? manager.get() : nullptr,
+                                     .imports = landing_records > 0});
+      EXPECT_TRUE(installed.ok()) << installed.status();
+      if (installed.ok()) policies = *std::move(installed);
+    }
     batcher = std::make_unique<engine::Batcher>(group->model(), nullptr, engine::BatcherOptions{},
                                                 manager.get());
   }
   std::unique_ptr<Ranks> group;
   std::unique_ptr<KvBlockManager> manager;
+  std::unique_ptr<RankedKvPolicies> policies;  // outlives the batcher
   std::unique_ptr<engine::Batcher> batcher;
   std::vector<KvBlockManager::ExportedKv> exports;
 };
@@ -261,7 +274,9 @@ std::vector<int32_t> PrefillThenDecode(TransferWorker& p, TransferWorker& d,
   pr.export_kv = transfer;
   const Served first = Serve(*p.batcher, pr);
   EXPECT_EQ(first.tokens.size(), 1u);
-  EXPECT_TRUE(p.manager->Poll().ok());
+  // What the engine does while it idles: the planner hands the export what
+  // it computed on the prompt, which goes out with the export's end.
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(p.batcher->PollKv().ok());
   const absl::Status delivered =
       testing_util::Deliver(p.exports, p.manager->layout(), *d.manager, transfer);
   p.manager->ReleaseExport(transfer);
@@ -269,7 +284,11 @@ std::vector<int32_t> PrefillThenDecode(TransferWorker& p, TransferWorker& d,
   EXPECT_TRUE(p.manager->Poll().ok());
   if (!delivered.ok()) {
     d.manager->DropImported(transfer);
-    if (refused != nullptr) *refused = delivered;
+    if (refused != nullptr) {
+      *refused = delivered;
+    } else {
+      ADD_FAILURE() << delivered;
+    }
     return {};
   }
   engine::GenerationRequest dr = r;
@@ -328,6 +347,45 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat("tp", std::get<0>(info.param), "_",
                           std::string(engine::KvCodecKindName(std::get<1>(info.param))));
     });
+
+// A tensor-parallel prefill worker running ClusterKV clusters an exported
+// prompt on every rank, each its own KV heads, and the clusterings of all
+// ranks go with the KV; each rank of a decode worker of the same size
+// takes its own and redoes them (a reorder) instead of running the
+// k-means. The tokens are those of one rank computing everything.
+TEST_P(TensorParallelTiersTest, EveryRankClustersAnExportedPromptAndItsDecodeRankRedoesIt) {
+  KvPolicyConfig policy = testing_util::SmallClusterKv();
+  policy.cluster_chunk_tokens = 32;
+  const int ranks = GetParam();
+  TransferWorker p(ranks, 0, engine::KvCodecKind::kBf16, &policy);
+  TransferWorker d(ranks, 64, engine::KvCodecKind::kBf16, &policy);
+  ASSERT_NE(p.policies, nullptr);
+  ASSERT_NE(d.policies, nullptr);
+  auto one = Load(1, SmallCache(200));
+  ASSERT_NE(one, nullptr);
+  auto alone = RankedKvPolicies::Install(one->model(), {policy}, {.max_sparse_seqs = 4});
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  uint64_t transfer = 500;
+  for (int prompt_len : {61, 150}) {
+    SCOPED_TRACE(prompt_len);
+    const engine::GenerationRequest r = Request(prompt_len, prompt_len, 24);
+    engine::Batcher b(one->model(), nullptr);
+    const std::vector<int32_t> want = RunAll(b, {r})[r.id];
+    ASSERT_EQ(want.size(), 24u);
+    EXPECT_EQ(PrefillThenDecode(p, d, r, ++transfer), want);
+  }
+  const int sparse_layers = one->model()->config().num_layers - policy.full_layers;
+  const int64_t chunks = p.policies->rank(0).stats().exported_clusterings;
+  EXPECT_GE(chunks, 3) << "the long prompt clusters in several chunks";
+  for (int rank = 0; rank < ranks; ++rank) {
+    SCOPED_TRACE(rank);
+    EXPECT_EQ(p.policies->rank(rank).stats().exported_clusterings, chunks);
+    const KvPolicyRunner::Stats& s = d.policies->rank(rank).stats();
+    EXPECT_EQ(s.imported_clusterings, chunks * sparse_layers) << "its own rank's";
+    EXPECT_EQ(s.reused_clusterings, s.imported_clusterings);
+  }
+  for (TransferWorker* w : {&p, &d}) ExpectNothingHeld(*w);
+}
 
 TEST(TensorParallelTransferTest, AWorkerOfAnotherSizeRefusesTheBlocksNamingTheField) {
   TransferWorker p(2, 0, engine::KvCodecKind::kBf16), d(1, 64, engine::KvCodecKind::kBf16);
@@ -516,9 +574,9 @@ TEST_P(TensorParallelTiersTest, EveryRankReusesItsStoredClusteringsWithOneRanksT
   }
   const KvPolicyRunner::Stats& s = (*installed)->leader().stats();
   const int sparse_layers = group->model()->config().num_layers - policy.full_layers;
-  EXPECT_EQ(s.kept_clusterings, 5) << "request 2's five chunks, on loaded pages";
-  EXPECT_EQ(s.reused_clusterings, 5 * sparse_layers) << "request 3's";
-  EXPECT_EQ(clusterings.stats().hits, 5 * GetParam()) << "each rank its own";
+  EXPECT_EQ(s.kept_clusterings, 5) << "request 1's five chunks, on the pages it stored";
+  EXPECT_EQ(s.reused_clusterings, 10 * sparse_layers) << "requests 2 and 3";
+  EXPECT_EQ(clusterings.stats().hits, 10 * GetParam()) << "each rank its own";
 }
 
 TEST_P(TensorParallelTiersTest, EveryRanksClustersGoDownToTheSsdAndComeBackWithOneRanksTokens) {

@@ -648,16 +648,25 @@ TEST(DisaggregatedFailureTest, ABlockCorruptedOnTheWayFailsItsRequestWithAClearE
   ExpectPoolsEmpty(decode, "decode");
 }
 
-TEST(DisaggregatedRoutingTest, AClusterKvPromptIsClusteredOnThePrefillWorker) {
+class DisaggregatedClusterKvTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(DisaggregatedClusterKvTest, AClusterKvPromptIsClusteredOnThePrefillWorker) {
   // The prefill worker runs the prompt's k-means and sends the clusterings
   // after the pages; the decode worker redoes them instead of clustering,
-  // with the tokens of a worker that does everything itself.
+  // with the tokens of a worker that does everything itself. With tensor
+  // parallelism, every rank clusters its KV heads and the decode worker's
+  // rank of the same number takes them (the metrics are rank 0's).
   const std::string profile = WriteProfile(
       "disagg_clusterkv_profile.yaml",
       "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
       "window_tokens: 16, tokens_per_cluster: 16, cluster_chunk_tokens: 96, full_layers: 1}\n");
-  ServerProcess prefill(WithProfile(kPrefillArgs, profile), "prefill");
-  ServerProcess decode(WithProfile(kDecodeArgs, profile), "decode");
+  std::vector<std::string> prefill_args = WithProfile(kPrefillArgs, profile);
+  std::vector<std::string> decode_args = WithProfile(kDecodeArgs, profile);
+  for (auto* args : {&prefill_args, &decode_args}) {
+    args->insert(args->end(), {"--tensor-parallel", std::to_string(GetParam())});
+  }
+  ServerProcess prefill(prefill_args, "prefill");
+  ServerProcess decode(decode_args, "decode");
   v1::GenerateRequest r = Request(300, 12, 5);
   r.set_profile("sparse");
   const Completion here = Generate(decode.stub(), r);
@@ -678,6 +687,11 @@ TEST(DisaggregatedRoutingTest, AClusterKvPromptIsClusteredOnThePrefillWorker) {
   ExpectPoolsEmpty(prefill, "prefill");
   ExpectPoolsEmpty(decode, "decode");
 }
+
+INSTANTIATE_TEST_SUITE_P(Ranks, DisaggregatedClusterKvTest, ::testing::Values(1, 2),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return "tp" + std::to_string(info.param);
+                         });
 
 }  // namespace
 }  // namespace strata
