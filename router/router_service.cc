@@ -167,6 +167,8 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
 
   // Ends a call that was not admitted, or admitted and not forwarded.
   void Reject(const absl::Status& status, const std::string& reason);
+  // Sends the client's status (once), giving the in-flight slot back first.
+  void FinishLocked(const grpc::Status& status);
   void RejectLocked(const absl::Status& status, const std::string& reason);
   // Picks a decode worker and calls it (RouteLocked), or ends the call when
   // no worker can take the request. True when it must wait for one with
@@ -203,6 +205,10 @@ class RouteStream final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   // gRPC's reference, plus one per UpstreamCall alive.
   std::atomic<int> refs_{1};
   bool admitted_ = false;  // holds one of the service's in-flight slots
+  // The slot goes back as the status is sent (FinishLocked), before the
+  // client can ask again, not once gRPC is done with the call; under mu_,
+  // and read by the last Unref.
+  bool slot_released_ = false;
 
   // Set before the stream can wait in the queue, and not changed after.
   std::string profile_;
@@ -413,8 +419,16 @@ void RouteStream::Reject(const absl::Status& status, const std::string& reason) 
 void RouteStream::RejectLocked(const absl::Status& status, const std::string& reason) {
   if (service_->metrics_) service_->metrics_->OnRejected(reason);
   finish_counted_ = true;  // a refusal, not a request that ran
+  FinishLocked(ToGrpcStatus(status));
+}
+
+void RouteStream::FinishLocked(const grpc::Status& status) {
   finish_called_ = true;
-  Finish(ToGrpcStatus(status));
+  if (admitted_ && !slot_released_) {
+    slot_released_ = true;
+    service_->in_flight_.fetch_sub(1);
+  }
+  Finish(status);
 }
 
 void RouteStream::OnUpstreamRead(UpstreamCall* call, bool ok) {
@@ -554,8 +568,7 @@ void RouteStream::EndLocked(grpc::Status status, const char* finish_reason) {
 
 void RouteStream::AdvanceLocked() {
   if (finish_called_ || writing_ || !end_status_.has_value()) return;
-  finish_called_ = true;
-  Finish(*end_status_);
+  FinishLocked(*end_status_);
 }
 
 void RouteStream::OnCancel() {
@@ -587,7 +600,7 @@ void RouteStream::OnDone() { Unref(); }
 void RouteStream::Unref() {
   if (refs_.fetch_sub(1) != 1) return;
   RouterService* service = service_;
-  if (admitted_) service->in_flight_.fetch_sub(1);
+  if (admitted_ && !slot_released_) service->in_flight_.fetch_sub(1);
   delete this;
   service->StreamGone();
 }

@@ -5,12 +5,12 @@
 // Generate parses, validates and tokenizes the request exactly as `strata
 // serve` does (ToEngineRequest: the same INVALID_ARGUMENT messages), admits
 // it against a bounded number of requests in flight (RESOURCE_EXHAUSTED
-// beyond it), picks a decode worker with room for the request's KV and,
-// for a prompt of at least prefill_threshold_tokens, a prefill worker, and
-// calls the decode worker's own Generation.Generate with the prompt as token
-// ids and the prefill worker's address in the call's metadata. A shorter
-// prompt, or one for which no prefill worker is available, is computed on
-// the decode worker: cheaper than a KV transfer for a short one, and a
+// beyond it; a request's slot is free again as its status is sent, so a
+// client that asks again once answered is not refused), picks a decode worker with room for the
+// request's KV and, for a prompt of at least prefill_threshold_tokens, a prefill worker, and calls
+// the decode worker's own Generation.Generate with the prompt as token ids and the prefill worker's
+// address in the call's metadata. A shorter prompt, or one for which no prefill worker is
+// available, is computed on the decode worker: cheaper than a KV transfer for a short one, and a
 // request that still completes for a long one.
 //
 // When no decode worker has room for the request's KV now, the request
@@ -145,7 +145,7 @@ class RouterService final : public GenerationServiceBase {
   // What the router remembers of the workers' stored prompts (null when
   // prefix_affinity is off).
   const PrefixAffinity* prefix_affinity() const { return affinity_.get(); }
-  // Admitted requests not yet over.
+  // Admitted requests whose status is not yet sent.
   int requests_in_flight() const { return in_flight_.load(); }
   // Admitted requests waiting for a decode worker with room.
   int requests_queued() const { return queued_.load(); }
