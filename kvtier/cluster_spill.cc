@@ -212,20 +212,28 @@ std::vector<ClusterSpill::Promotion> ClusterSpill::PollPromotions() {
 }
 
 void ClusterSpill::Promoted(int64_t seq_id, std::span<const PromotedCluster> clusters) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = sequences_.find(seq_id);
-  if (it == sequences_.end()) return;
-  Sequence& seq = it->second;
-  for (const PromotedCluster& p : clusters) {
-    auto c = seq.clusters.find(ClusterId(p.layer, p.head, p.block));
-    if (c == seq.clusters.end()) continue;
-    seq.bytes -= c->second.bytes;
-    seq.clusters.erase(c);
-    auto firsts = seq.firsts.find(ClusterId(p.layer, p.head, 0));
-    if (firsts != seq.firsts.end()) {
-      std::erase(firsts->second, std::pair<int32_t, uint32_t>{p.first_piece, p.block});
+  std::vector<SsdKey> keys;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = sequences_.find(seq_id);
+    if (it == sequences_.end()) return;
+    Sequence& seq = it->second;
+    for (const PromotedCluster& p : clusters) {
+      auto c = seq.clusters.find(ClusterId(p.layer, p.head, p.block));
+      if (c == seq.clusters.end()) continue;
+      seq.bytes -= c->second.bytes;
+      seq.clusters.erase(c);
+      auto firsts = seq.firsts.find(ClusterId(p.layer, p.head, 0));
+      if (firsts != seq.firsts.end()) {
+        std::erase(firsts->second, std::pair<int32_t, uint32_t>{p.first_piece, p.block});
+      }
+      keys.push_back(KeyOf(seq.owner, p.layer, p.head, p.block));
     }
-    if (absl::Status s = store_->Delete(KeyOf(seq.owner, p.layer, p.head, p.block)); !s.ok()) {
+  }
+  // Out of the lock: no fetch finds them any more, and a step's reads are
+  // not held up behind the deletes.
+  for (const SsdKey& key : keys) {
+    if (absl::Status s = store_->Delete(key); !s.ok()) {
       STRATA_LOG_ERROR("sequence {}: a promoted cluster's value not deleted: {}", seq_id,
                        s.ToString());
     }

@@ -106,7 +106,7 @@ class ClusterSpill final : public engine::PieceFetcher {
     int64_t fetch_micros = 0;       // time the steps waited for them
     int64_t fetches_failed = 0;     // pieces that could not be had (-1)
     int64_t fetch_timeouts = 0;     // fetches that gave up on reads still running
-    int64_t forget_timeouts = 0;    // Forget calls that left a stalled write behind
+    int64_t forget_timeouts = 0;    // Forget calls that left a stalled write or read behind
     int64_t promotions = 0;         // Promote calls reported
     int64_t clusters_promoted = 0;  // ... clusters read back into host memory
     int64_t bytes_promoted = 0;

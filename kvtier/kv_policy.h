@@ -306,8 +306,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t hard_miss_micros = 0;
     int64_t hard_miss_failed = 0;
     int64_t hard_miss_timeouts = 0;  // fetches that gave up on a stalled SSD
-    // Released sequences whose clusters' write the SSD held past the
-    // timeout (their host memory freed once it returned).
+    // Released sequences whose clusters' write (or read back) the SSD held
+    // past the timeout (their host memory freed once it returned).
     int64_t spill_writes_abandoned = 0;
     // Sequences running again whose clusters on the SSD were read back into
     // host memory ahead of the steps that select them, and those clusters.
@@ -440,6 +440,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     struct PendingPromotion {
       uint64_t tag = 0;
       KvBlockManager::HostRegion region;
+      std::chrono::steady_clock::time_point started;
     };
     std::optional<PendingPromotion> pending_promotion;
     int64_t promote_retry_step = 0;  // not promoted again before this step

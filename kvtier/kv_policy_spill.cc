@@ -222,7 +222,8 @@ absl::StatusOr<bool> KvPolicyRunner::StartPromotion(int64_t id, Sequence& seq) {
     }
   }
   if (!region.has_value()) return false;
-  seq.pending_promotion = Sequence::PendingPromotion{next_spill_tag_++, *region};
+  seq.pending_promotion =
+      Sequence::PendingPromotion{next_spill_tag_++, *region, std::chrono::steady_clock::now()};
   spill_->Promote(id, region->offset, seq.pending_promotion->tag);
   return true;
 }
@@ -240,46 +241,66 @@ absl::Status KvPolicyRunner::FinishPromotion(int64_t id, Sequence& seq,
   }
   // Steps end synchronised: no recall reads these tables now. Each
   // (layer, head) the promotion touches: its piece places as they are,
-  // the promoted pieces pointed at their host copies.
+  // the promoted pieces pointed at their host copies; all checked before
+  // any is written, so a promotion that does not fit the tables changes
+  // nothing (the region stays the sequence's, freed with it).
   engine::Backend& b = model_->backend();
   const int hkv = model_->shard().kv_heads;
   std::sort(promotion.clusters.begin(), promotion.clusters.end(),
             [](const ClusterSpill::PromotedCluster& a, const ClusterSpill::PromotedCluster& c) {
               return std::pair(a.layer, a.head) < std::pair(c.layer, c.head);
             });
-  std::vector<int32_t> where;
+  struct Row {
+    int layer = 0, head = 0;
+    std::vector<int32_t> places;
+  };
+  std::vector<Row> rows;
+  absl::Status fits = absl::OkStatus();
   int64_t bytes = 0;
-  for (size_t i = 0; i < promotion.clusters.size();) {
+  std::vector<int32_t> where;
+  for (size_t i = 0; i < promotion.clusters.size() && fits.ok();) {
     const int layer = promotion.clusters[i].layer, head = promotion.clusters[i].head;
     if (layer >= static_cast<int>(tier_.size()) || head >= hkv) {
-      return absl::InternalError(absl::StrCat("sequence ", id, ": a promoted cluster of layer ",
+      fits = absl::InternalError(absl::StrCat("sequence ", id, ": a promoted cluster of layer ",
                                               layer, " head ", head, " is out of the model"));
+      break;
     }
     const engine::TierTables t = SlotTables(layer, seq.state.slot);
     where.resize(static_cast<size_t>(t.piece_host.numel()));
-    STRATA_RETURN_IF_ERROR(b.CopyToHost(t.piece_host, where.data()));
-    int32_t* places = where.data() + int64_t{head} * max_pieces_;
+    fits = b.CopyToHost(t.piece_host, where.data());
+    if (!fits.ok()) break;
+    Row row{layer, head,
+            std::vector<int32_t>(where.begin() + int64_t{head} * max_pieces_,
+                                 where.begin() + int64_t{head + 1} * max_pieces_)};
     for (; i < promotion.clusters.size() && promotion.clusters[i].layer == layer &&
-           promotion.clusters[i].head == head;
+           promotion.clusters[i].head == head && fits.ok();
          ++i) {
       const ClusterSpill::PromotedCluster& c = promotion.clusters[i];
       for (size_t p = 0; p < c.piece_offsets.size(); ++p) {
         const int64_t piece = c.first_piece + static_cast<int64_t>(p);
-        if (piece < 0 || piece >= max_pieces_ || places[piece] != engine::kPieceBelowHost) {
-          return absl::InternalError(absl::StrCat("sequence ", id, " layer ", layer, " head ", head,
+        if (piece < 0 || piece >= max_pieces_ || row.places[piece] != engine::kPieceBelowHost) {
+          fits = absl::InternalError(absl::StrCat("sequence ", id, " layer ", layer, " head ", head,
                                                   ": promoted piece ", piece,
                                                   " was not below host memory"));
+          break;
         }
-        places[piece] =
+        row.places[piece] =
             static_cast<int32_t>((c.host_offset + c.piece_offsets[p]) / engine::kKvHostUnit);
       }
       bytes += c.bytes;
     }
-    STRATA_RETURN_IF_ERROR(b.CopyFromHost(places, engine::DType::kI32, max_pieces_,
-                                          tier_[layer].piece_host,
-                                          (int64_t{seq.state.slot} * hkv + head) * max_pieces_));
+    rows.push_back(std::move(row));
   }
   seq.regions.push_back(pending.region);
+  if (!fits.ok()) {
+    seq.promote_retry_step = std::numeric_limits<int64_t>::max();
+    return fits;
+  }
+  for (const Row& row : rows) {
+    STRATA_RETURN_IF_ERROR(b.CopyFromHost(
+        row.places.data(), engine::DType::kI32, max_pieces_, tier_[row.layer].piece_host,
+        (int64_t{seq.state.slot} * hkv + row.head) * max_pieces_));
+  }
   spill_->Promoted(id, promotion.clusters);
   {
     std::unique_lock<std::mutex> lock = LockManager();
@@ -287,6 +308,8 @@ absl::Status KvPolicyRunner::FinishPromotion(int64_t id, Sequence& seq,
   }
   seq.ssd_charged -= bytes;
   seq.spilled = spill_->HasClusters(id);
+  // Some could not be read: not asked again at every step.
+  if (seq.spilled) seq.promote_retry_step = step_count_ + kSpillRetrySteps;
   ++stats_.promotions;
   stats_.promoted_clusters += static_cast<int64_t>(promotion.clusters.size());
   stats_.promoted_bytes += bytes;
@@ -330,10 +353,14 @@ absl::Status KvPolicyRunner::PollSpill() {
     STRATA_RETURN_IF_ERROR(FinishSpill(it->second, done.status.ok()));
   }
   // One batch or promotion at a time: the next starts when the last is
-  // applied.
+  // applied. A promotion the SSD holds past the fetch timeout (a disk that
+  // stops answering) holds no batch of another sequence up.
   bool writing = false;
+  const auto now = std::chrono::steady_clock::now();
   for (const auto& [id, seq] : sequences_) {
-    writing |= seq.pending_spill.has_value() || seq.pending_promotion.has_value();
+    writing |= seq.pending_spill.has_value() ||
+               (seq.pending_promotion.has_value() &&
+                now - seq.pending_promotion->started < options_.tier.spill_fetch_timeout);
   }
   bool pressure = offload_refused_since_poll_;
   {
@@ -350,7 +377,7 @@ absl::Status KvPolicyRunner::PollSpill() {
     };
     for (auto& [id, seq] : sequences_) {
       if (!Spills(seq.policy) || seq.regions.empty() || seq.strided_spill_done ||
-          seq.spill_retry_step > step_count_) {
+          seq.spill_retry_step > step_count_ || seq.pending_promotion.has_value()) {
         continue;
       }
       const bool always =
@@ -374,11 +401,13 @@ absl::Status KvPolicyRunner::PollSpill() {
         STRATA_LOG_ERROR("sequence {}: clusters not sent to the SSD: {}", pick_id, s.ToString());
         pick->spill_retry_step = std::numeric_limits<int64_t>::max();
       }
-    } else if (!pressure) {
+    } else if (!pressure && !spill_->stats().stalled) {
       // Ahead of the steps that would fetch its clusters one by one: a
-      // sequence on the SSD that ran in the last step comes back up.
+      // sequence on the SSD that ran in the last step comes back up (not
+      // one sent down every n-th cluster: its host copies stayed).
       for (auto& [id, seq] : sequences_) {
         if (!seq.spilled || seq.ring_paused || seq.last_step != step_count_ ||
+            seq.strided_spill_done || seq.pending_promotion.has_value() ||
             seq.promote_retry_step > step_count_ || !Spills(seq.policy) ||
             options_.tier.spill_admission[seq.policy] !=
                 KvBlockManagerOptions::SsdAdmission::kCold) {

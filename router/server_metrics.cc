@@ -189,8 +189,9 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
                                  "sequences were recomputed."));
   STRATA_RETURN_IF_ERROR(counter(m->spill_writes_abandoned_,
                                  "strata_kv_ssd_cluster_writes_abandoned_total",
-                                 "Ended sequences whose clusters' write the SSD did not finish in "
-                                 "time; their host memory was freed once it returned."));
+                                 "Ended sequences whose clusters' write to (or read back from) the "
+                                 "SSD did not finish in time; their host memory was freed once it "
+                                 "returned."));
   STRATA_RETURN_IF_ERROR(counter(m->cluster_promotions_, "strata_kv_ssd_cluster_promotions_total",
                                  "Sequences running again whose clusters on the SSD tier were "
                                  "read back into host memory ahead of the steps selecting them."));

@@ -78,8 +78,9 @@
 //   strata_kv_ssd_hard_miss_timeouts_total      ... fetches the SSD did not
 //                                               answer in time (recomputed)
 //   strata_kv_ssd_cluster_writes_abandoned_total ended sequences whose
-//                                               clusters' write the SSD held
-//                                               past the timeout
+//                                               clusters' write (or read
+//                                               back) the SSD held past the
+//                                               timeout
 //   strata_kv_ssd_cluster_promotions_total      sequences running again whose
 //                                               clusters came back up from
 //                                               the SSD to host memory
