@@ -144,18 +144,9 @@ class ClusterSpill final : public engine::PieceFetcher {
     // memory is the caller's again.
     bool forgotten = false;
   };
-  // A cluster read back by Promote: its pieces [first_piece, first_piece +
-  // piece_offsets.size()) now lie at host bytes host_offset +
-  // piece_offsets[i].
-  struct PromotedCluster {
-    uint16_t layer = 0;
-    uint16_t head = 0;
-    uint32_t block = 0;
-    int32_t first_piece = 0;
-    int64_t host_offset = 0;
-    int64_t bytes = 0;
-    std::vector<int64_t> piece_offsets;
-  };
+  // A cluster read back by Promote, described as one written: its pieces
+  // now lie at host bytes host_offset + piece_offsets[i].
+  using PromotedCluster = Cluster;
   struct Promotion {
     int64_t seq_id = 0;
     uint64_t tag = 0;

@@ -392,7 +392,13 @@ TEST(ClusterSpillTest, ASequenceEndingWhileTheSsdHoldsItsWriteDoesNotHoldTheEngi
     ASSERT_TRUE(batcher.Add(r).ok());
     for (int step = 0; step < 200; ++step) {
       ASSERT_TRUE(batcher.Step().ok());
-      std::lock_guard<std::mutex> lock(mu);
+      // Once a batch is queued, its write starts before the next step (on a
+      // loaded machine the writer may otherwise start only after the
+      // sequence ended, and then writes nothing).
+      std::unique_lock<std::mutex> lock(mu);
+      if (m.runner().spill()->stats().batches_in_flight > 0) {
+        cv.wait_for(lock, std::chrono::seconds(5), [&] { return writing; });
+      }
       if (writing) break;
     }
     {
