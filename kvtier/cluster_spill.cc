@@ -17,6 +17,12 @@ int64_t MicrosSince(std::chrono::steady_clock::time_point start) {
       .count();
 }
 
+// `bytes` rounded up to whole host units (where a value lands in host
+// memory, the next one starts at a unit).
+int64_t WholeUnits(int64_t bytes) {
+  return (bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
+}
+
 SsdKey KeyOf(uint64_t owner, uint32_t layer, uint32_t head, uint32_t block) {
   return {SsdKey::Owner::kSequence, owner, static_cast<uint16_t>(layer),
           static_cast<uint16_t>(head), block};
@@ -159,9 +165,7 @@ int64_t ClusterSpill::PromotionBytes(int64_t seq_id) const {
   const Sequence& seq = it->second;
   if (seq.writing > 0 || seq.promoting > 0 || seq.forgotten) return 0;
   int64_t bytes = 0;
-  for (const auto& [id, c] : seq.clusters) {
-    bytes += (c.bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
-  }
+  for (const auto& [id, c] : seq.clusters) bytes += WholeUnits(c.bytes);
   return bytes;
 }
 
@@ -190,7 +194,7 @@ void ClusterSpill::Promote(int64_t seq_id, int64_t host_offset, uint64_t tag) {
              std::span<uint8_t>(options_.host_data + cursor, static_cast<size_t>(c.bytes)),
              state->promotion.clusters.size(), state});
         state->promotion.clusters.push_back(std::move(p));
-        cursor += (c.bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
+        cursor += WholeUnits(c.bytes);
       }
       seq.promoting += static_cast<int>(state->promotion.clusters.size());
     }
@@ -407,8 +411,7 @@ void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece>
       }
       auto [it, added] = read_of.try_emplace({seq_it->second, id}, reads.size());
       if (added) {
-        const int64_t span =
-            (c.bytes + engine::kKvHostUnit - 1) / engine::kKvHostUnit * engine::kKvHostUnit;
+        const int64_t span = WholeUnits(c.bytes);
         if (cursor + span > staging_bytes_) {
           read_of.erase(it);
           continue;  // does not fit this call: lost (logged below)
