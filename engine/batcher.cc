@@ -393,6 +393,24 @@ void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>
   ReleaseKv(seq);
 }
 
+void Batcher::StorePrompt(Sequence& seq) {
+  // The prompt's KV is complete: it is stored now, before a KV policy that
+  // reorders it in place (ClusterKV, at the first decode step) does, so
+  // that a later request starting with the same document or conversation
+  // loads it instead of computing it (what the request generates is stored
+  // when it ends, where the KV stays in order).
+  if (absl::Status s =
+          kv_->StorePrefix(std::span<const int32_t>(seq.tokens).first(seq.num_computed), seq.pages);
+      !s.ok()) {
+    STRATA_LOG_WARN("request {}: prompt not stored: {}", seq.req.id, s.ToString());
+  } else if (const uint64_t store = kv_->LastPrefixStore();
+             store != 0 && model_->attention_planner() != nullptr) {
+    model_->attention_planner()->NoteStoredPrompt(
+        static_cast<int64_t>(seq.req.id), seq.num_computed,
+        [kv = kv_, store] { return kv->PrefixStoreCrcs(store); });
+  }
+}
+
 void Batcher::FailSequence(Sequence& seq, const std::string& error,
                            std::vector<TokenEvent>& events) {
   ++num_failed_;
@@ -583,8 +601,15 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       } else {
         seq.num_computed = static_cast<int>(seq.req.prompt.size());
         seq.prefix_asked = true;
-        if (std::vector<std::vector<uint8_t>> state = kv_->TakeImportedPlannerState();
-            !state.empty() && model_->attention_planner() != nullptr) {
+        std::vector<std::vector<uint8_t>> state = kv_->TakeImportedPlannerState();
+        // The prompt's KV is complete now, as after its last prefill chunk
+        // (StorePrompt): stored before the first decode step reorders it,
+        // and only when it came exact (a lossy wire codec's KV is not what
+        // computing the prompt gives). Its first sampled step is a decode
+        // step, after which the pages are no longer in token order.
+        seq.prompt_stored = true;
+        if (kv_->ImportedKvExact()) StorePrompt(seq);
+        if (!state.empty() && model_->attention_planner() != nullptr) {
           model_->attention_planner()->NoteImportedState(static_cast<int64_t>(seq.req.id),
                                                          std::move(state));
         }
@@ -746,22 +771,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       continue;
     }
     if (!seq.prompt_stored) {
-      // The prompt's KV is complete: it is stored now, before a KV policy
-      // that reorders it in place (ClusterKV, at the first decode step)
-      // does, so that a later request starting with the same document or
-      // conversation loads it instead of computing it (what the request
-      // generates is stored when it ends, where the KV stays in order).
       seq.prompt_stored = true;
-      if (absl::Status s = kv_->StorePrefix(
-              std::span<const int32_t>(seq.tokens).first(seq.num_computed), seq.pages);
-          !s.ok()) {
-        STRATA_LOG_WARN("request {}: prompt not stored: {}", seq.req.id, s.ToString());
-      } else if (const uint64_t store = kv_->LastPrefixStore();
-                 store != 0 && model_->attention_planner() != nullptr) {
-        model_->attention_planner()->NoteStoredPrompt(
-            static_cast<int64_t>(seq.req.id), seq.num_computed,
-            [kv = kv_, store] { return kv->PrefixStoreCrcs(store); });
-      }
+      StorePrompt(seq);
     }
     if (seq.decode_fed < seq.req.decode_tokens.size()) {
       // Validate() left room for every decode token before max_context.

@@ -209,6 +209,9 @@ class Batcher {
   // sends its sequence to be recomputed.
   absl::Status ResumeSwapped();
   void Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>& events);
+  // Keeps the KV of a sequence's computed (or imported) prompt as a prefix
+  // for later requests, while its pages are in token order.
+  void StorePrompt(Sequence& seq);
   // Ends one sequence with kError and `error`, freeing its KV; the step and
   // the other sequences go on.
   void FailSequence(Sequence& seq, const std::string& error, std::vector<TokenEvent>& events);

@@ -224,6 +224,10 @@ class KvMemory : public LayerKvObserver {
   // After a LoadImported that loaded: the planner state that came with the
   // transfer (AddExportPlannerState on the sender), taken once.
   virtual std::vector<std::vector<uint8_t>> TakeImportedPlannerState() { return {}; }
+  // After a LoadImported that loaded: whether every page came as the
+  // caches' own bytes (not coded by a lossy codec), so that the KV is what
+  // computing the prompt here gives and may be stored as a prefix.
+  virtual bool ImportedKvExact() const { return false; }
 };
 
 // The GPU pages alone: a KvMemory over one PageAllocator per group, with no

@@ -306,6 +306,7 @@ class KvBlockManager final : public engine::KvMemory {
   std::vector<std::vector<uint8_t>> TakeImportedPlannerState() override {
     return std::move(imported_planner_state_);
   }
+  bool ImportedKvExact() const override { return imported_exact_; }
   // Part of a prompt's KV, sealed in host records, ready to send: one
   // block per token page (a host record: kv_layout.h), or the same layers
   // of each page (part_layers > 0: parts of the pages that ExportByLayer
@@ -527,11 +528,12 @@ class KvBlockManager final : public engine::KvMemory {
   std::vector<InFlight> in_flight_;
   std::vector<engine::RowCopy> copies_;  // scratch
   std::vector<uint32_t> row_crcs_;       // scratch of FirstCorruptCopied
-  std::vector<uint32_t> loaded_crcs_;
-  // The last LoadImported's planner state (TakeImportedPlannerState).
-  std::vector<std::vector<uint8_t>>
-      imported_planner_state_;  // the last LoadPrefix's (LoadedPrefixCrcs)
-  Stats counters_;              // the cumulative fields
+  std::vector<uint32_t> loaded_crcs_;    // the last LoadPrefix's (LoadedPrefixCrcs)
+  // The last LoadImported's planner state (TakeImportedPlannerState), and
+  // whether all its pages came raw (ImportedKvExact).
+  std::vector<std::vector<uint8_t>> imported_planner_state_;
+  bool imported_exact_ = false;
+  Stats counters_;  // the cumulative fields
   KvBlockManagerOptions options_;
   uint64_t next_swap_id_ = 1;
   // Host records a refused swap-out needed: moves down make that much room.
@@ -663,6 +665,7 @@ class KvBlockManager final : public engine::KvMemory {
     int next = 0;
     engine::CopyFence last_fence = engine::kFenceDone;  // its last copy into the pages
     std::vector<std::vector<uint8_t>> planner_state;
+    bool exact = true;  // every page loaded so far came raw
   };
   absl::flat_hash_map<uint64_t, Import> importing_;
   // LoadImported's first call: takes the transfer from the landing area

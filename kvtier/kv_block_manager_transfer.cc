@@ -482,6 +482,7 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
     if (b.codec == engine::KvCodecKind::kBf16) {
       layout_.AppendRecordCopies(im.pages.lower[i], upper, host_.offset(b.record), copies_);
     } else {
+      im.exact = false;
       layout_.AppendRecordBlocks(im.pages.lower[i], upper, b.tokens, Coder(b.codec),
                                  host_.offset(b.record), blocks_);
     }
@@ -527,6 +528,7 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
   }
   pages = std::move(im.pages);
   imported_planner_state_ = std::move(im.planner_state);
+  imported_exact_ = im.exact;
   importing_.erase(it);
   ++counters_.kv_imports;
   return true;
@@ -547,6 +549,7 @@ absl::StatusOr<bool> KvBlockManager::StartImport(uint64_t transfer_id,
   }
   if (pages_.num_free() < needed || (two_groups && upper_pages_.num_free() < needed)) return false;
   imported_planner_state_.clear();
+  imported_exact_ = false;
   Import im;
   im.tokens = static_cast<int>(tokens.size());
   absl::StatusOr<std::vector<LandingArea::Block>> blocks =

@@ -428,16 +428,18 @@ TEST_F(LandingAreaTest, AnExpiredLeaseFreesItsRecordsOnceNothingWritesThem) {
 struct Worker {
   // export_clusterings: a prefill worker's runner, which clusters the
   // ClusterKV prompts it exports (KvPolicyRunnerOptions::exports).
+  // prefix_records: host records stored prompt prefixes may take.
   Worker(int landing_records, const KvPolicyConfig* policy = nullptr,
          engine::KvCodecKind wire_codec = engine::KvCodecKind::kBf16,
-         bool export_clusterings = false) {
+         bool export_clusterings = false, int prefix_records = 0) {
     model = LoadGolden("llama_gqa", SmallCache(80));
     auto layout = KvLayout::Create(*model);
     EXPECT_TRUE(layout.ok());
     const int64_t record = (layout->record_bytes() + 63) / 64 * 64;
-    KvBlockManagerOptions options{.host_bytes = record * 64,
+    KvBlockManagerOptions options{.host_bytes = record * (64 + prefix_records),
                                   .landing_bytes = record * landing_records};
     options.workload_wire_codec = {wire_codec};
+    options.prefix_bytes = record * prefix_records;
     // Short, for the test of a planner state that never comes; on the CPU
     // a planner hands its state over within the poll that follows the step.
     options.planner_state_timeout = std::chrono::milliseconds(100);
@@ -686,6 +688,50 @@ TEST(DisaggregatedKvTest, ClusterKvPromptsAreClusteredOnThePrefillWorker) {
 // share a step (BatcherOptions::max_import_bytes_per_step): the running
 // sequence keeps getting a token every step meanwhile, and both get the
 // tokens of one worker. A request cancelled half-loaded leaves nothing.
+// A decode worker that keeps prefixes keeps an imported prompt's KV as it
+// came, before ClusterKV's first decode step reorders its pages in place: a
+// later prompt that starts with part of it, computed on that worker, loads
+// those pages and gets the tokens of computing everything. Pages stored
+// after the reorder would hold other positions' keys (later ones among
+// them). A prompt that came coded (lossy) is not kept.
+TEST(DisaggregatedKvTest, AnImportedPromptIsKeptAsAPrefixInItsOrderAndOnlyWhenLossless) {
+  const KvPolicyConfig c = SmallClusterKv();
+  for (const engine::KvCodecKind codec : {engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8}) {
+    SCOPED_TRACE(engine::KvCodecKindName(codec));
+    Worker p(0, &c, codec), d(64, &c, engine::KvCodecKind::kBf16, false, /*prefix_records=*/32),
+        alone(0, &c);
+    const int page = d.manager->layout().page_size();
+    const engine::GenerationRequest r = Request(5, 120, 8);
+    const uint64_t transfer = 4000;
+    ASSERT_TRUE(d.manager->landing_area()
+                    ->Reserve(transfer, (120 + page - 1) / page, absl::Now() + absl::Hours(1))
+                    .ok());
+    const engine::TokenEvent first = Prefill(p, r, 9);
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+    ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+    ASSERT_EQ(d.RunToEnd().back().finish, engine::FinishReason::kLength);
+    ASSERT_GT(d.runner->stats().sparse_queries, 0);
+
+    // Its first 48 tokens, then others.
+    engine::GenerationRequest next = Request(6, 0, 16);
+    next.prompt.assign(r.prompt.begin(), r.prompt.begin() + 48);
+    const std::vector<int32_t> more = Prompt(24, 77);
+    next.prompt.insert(next.prompt.end(), more.begin(), more.end());
+    const std::vector<int32_t> expected = OneWorkersTokens(alone, next);
+    const int64_t loaded_before = d.manager->stats().prefix_tokens_loaded;
+    ASSERT_TRUE(d.batcher->Add(next).ok());
+    EXPECT_EQ(Tokens(d.RunToEnd()), expected);
+    const int64_t loaded = d.manager->stats().prefix_tokens_loaded - loaded_before;
+    if (codec == engine::KvCodecKind::kBf16) {
+      EXPECT_EQ(loaded, 48) << "the imported prompt's pages were kept";
+    } else {
+      EXPECT_EQ(loaded, 0) << "a lossy import is not kept";
+    }
+    ExpectNothingLeft(p);
+    ExpectNothingLeft(d);
+  }
+}
+
 TEST(DisaggregatedKvTest, AnImportLoadsAShareAStepWhileOthersDecode) {
   Worker p(0), d(64), alone(0);
   const int page = d.manager->layout().page_size();
