@@ -381,7 +381,16 @@ int RunServe(const ServeFlags& f) {
                                            .imports = decode_worker});
     if (!installed.ok()) return Fail(installed.status());
     kv_policies = std::move(*installed);
+    // A decode worker's imported ClusterKV prompts go straight into the
+    // host tier where the clusterings that came with them allow.
+    if (kv_policies->num_ranks() == 1 && kv_policies->leader().AdmitsImports()) {
+      (*kv_manager)->set_import_admitter(&kv_policies->leader());
+    }
   }
+  // Before the runners go (declared after them).
+  absl::Cleanup no_admitter = [manager = kv_manager->get()] {
+    manager->set_import_admitter(nullptr);
+  };
 
   prometheus::Registry registry;
   auto server_metrics = router::ServerMetrics::Create(&registry);

@@ -577,9 +577,14 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
     if (!swapped_.empty() && seq.pages.empty()) break;
     if (seq.req.import_kv != 0 && !seq.import_done && seq.pages.empty()) {
       // The prompt's KV was computed by another worker.
-      absl::StatusOr<bool> loaded = kv_->LoadImported(
-          seq.req.import_kv, std::span<const int32_t>(seq.tokens).first(seq.req.prompt.size()),
-          seq.pages, running_.empty() ? 0 : options_.max_import_bytes_per_step);
+      // Named for admission (a KV policy taking part of it straight into a
+      // lower tier) only when its next step is a decode step.
+      const int64_t admit_as =
+          seq.tokens.size() == seq.req.prompt.size() + 1 ? static_cast<int64_t>(seq.req.id) : -1;
+      absl::StatusOr<bool> loaded =
+          kv_->LoadImported(admit_as, seq.req.import_kv,
+                            std::span<const int32_t>(seq.tokens).first(seq.req.prompt.size()),
+                            seq.pages, running_.empty() ? 0 : options_.max_import_bytes_per_step);
       if (loaded.ok() && !*loaded) break;          // wait for pages
       if (absl::IsUnavailable(loaded.status())) {  // still arriving, or the rest next step
         kv_arriving = true;

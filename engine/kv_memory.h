@@ -213,8 +213,12 @@ class KvMemory : public LayerKvObserver {
   // here instead); DataLoss when a block failed its check;
   // FailedPrecondition when blocks are missing or do not cover `tokens`.
   // Once loaded, or after an error, the transfer is gone; DropImported
-  // drops one part-loaded too.
-  virtual absl::StatusOr<bool> LoadImported(uint64_t /*transfer_id*/,
+  // drops one part-loaded too. The sequence (the batcher's id, and
+  // pages.workload) is named so that a KV policy may take the upper layers
+  // of some of its tokens straight into a lower tier (their upper entries
+  // are then kPageOffGpu); its first step must then be a decode step
+  // (seq_id < 0 when it is not: nothing is admitted).
+  virtual absl::StatusOr<bool> LoadImported(int64_t /*seq_id*/, uint64_t /*transfer_id*/,
                                             std::span<const int32_t> /*tokens*/,
                                             SequencePages& /*pages*/, int64_t /*max_bytes*/) {
     return absl::NotFoundError("no KV transfers: this worker has no KV block manager");

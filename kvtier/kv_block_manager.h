@@ -75,7 +75,11 @@
 // when they are expected (ExpectExportPlannerState) and come after the
 // pages' last part, that part is not final and a final part of the values
 // alone follows. With an import they go to the caller
-// (TakeImportedPlannerState).
+// (TakeImportedPlannerState). With an ImportAdmitter (a decode worker's KV
+// policy whose ClusterKV clusters live in the host tier), the upper layers
+// of the tokens those values cluster go from the landing records straight
+// into the host tier when the import starts, and their upper pages are
+// never allocated (kPageOffGpu).
 //
 // Thread-safety: not thread-safe; driven by the batcher's thread. stats()
 // is read on that thread too (e.g. in AsyncEngine's after-step hook).
@@ -182,6 +186,45 @@ struct KvBlockManagerOptions {
   static absl::StatusOr<SsdAdmission> ParseSsdAdmission(std::string_view name);
 };
 
+// Takes the upper layers of part of an imported prompt's KV straight from
+// the landing records into a lower tier (a KV policy's host-homed clusters:
+// KvPolicyRunner), so that the upper pages of those tokens are never
+// allocated, copied to the GPU, reordered and offloaded again. Called by
+// KvBlockManager::LoadImported on its thread, between steps.
+class ImportAdmitter {
+ public:
+  // A page of an imported prompt as it landed: a host record, raw (kBf16:
+  // the caches' own bytes, its CRC checked as it landed) or coded (one
+  // block per layer and KV head, each with its CRC, checked when decoded).
+  struct LandedPage {
+    const uint8_t* bytes = nullptr;
+    engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+    int tokens = 0;
+  };
+  struct Range {
+    int begin = 0, end = 0;  // tokens; empty: none
+  };
+  virtual ~ImportAdmitter() = default;
+  // The tokens whose upper-layer KV Admit would take for sequence seq_id
+  // (its workload; `tokens` prompt tokens, whose first decode step follows;
+  // the first kStateHeadBytes of each value of the prefill worker's planner
+  // state): cheap, nothing taken. Empty when it would take none (then the
+  // whole prompt goes to the GPU as before).
+  static constexpr size_t kStateHeadBytes = 64;
+  virtual Range PlanAdmission(int64_t seq_id, int workload, int tokens,
+                              std::span<const std::vector<uint8_t>> state_heads) = 0;
+  // Takes what PlanAdmission named, from `pages` (every page of the
+  // prompt). On success the sequence holds it until its KV policy releases
+  // the sequence (or DropAdmitted). An error (a coded block that fails its
+  // check: DataLoss) takes nothing and fails the import.
+  virtual absl::StatusOr<Range> Admit(int64_t seq_id, int workload, int tokens,
+                                      std::span<const std::vector<uint8_t>> state,
+                                      std::span<const LandedPage> pages) = 0;
+  // A sequence admitted whose import then failed or was dropped: what it
+  // took is freed.
+  virtual void DropAdmitted(int64_t seq_id) = 0;
+};
+
 class KvBlockManager final : public engine::KvMemory {
  public:
   struct Stats {
@@ -239,12 +282,16 @@ class KvBlockManager final : public engine::KvMemory {
     int64_t ssd_prefix_read_micros = 0;    // the reads' time on the I/O threads
     int64_t ssd_prefix_pages_indexed = 0;  // found at start (stored by a predecessor)
     // Disaggregated serving.
-    int64_t kv_exports = 0;            // prompts whose KV was handed over
-    int64_t kv_export_bytes = 0;       // ... host bytes copied
-    int exports_held = 0;              // ... not yet released by the sender
-    int64_t kv_imports = 0;            // transfers loaded into pages
-    int64_t kv_import_bytes = 0;       // ... their bytes
-    int64_t kv_imports_failed = 0;     // ... that failed (missing or corrupt blocks)
+    int64_t kv_exports = 0;         // prompts whose KV was handed over
+    int64_t kv_export_bytes = 0;    // ... host bytes copied
+    int exports_held = 0;           // ... not yet released by the sender
+    int64_t kv_imports = 0;         // transfers loaded into pages
+    int64_t kv_import_bytes = 0;    // ... their bytes
+    int64_t kv_imports_failed = 0;  // ... that failed (missing or corrupt blocks)
+    // ... whose upper layers of some tokens went straight to a lower tier
+    // (ImportAdmitter), and the upper pages they did not take.
+    int64_t kv_imports_admitted = 0;
+    int64_t kv_import_upper_pages_saved = 0;
     int64_t kv_transfers_expired = 0;  // reservations whose lease ended first
     int landing_records_total = 0;
     int landing_records_free = 0;
@@ -300,8 +347,9 @@ class KvBlockManager final : public engine::KvMemory {
   // Held with the export and handed over with its final part.
   void AddExportPlannerState(uint64_t key, std::vector<std::vector<uint8_t>> state) override;
   void ExpectExportPlannerState(uint64_t key) override;
-  absl::StatusOr<bool> LoadImported(uint64_t transfer_id, std::span<const int32_t> tokens,
-                                    engine::SequencePages& pages, int64_t max_bytes) override;
+  absl::StatusOr<bool> LoadImported(int64_t seq_id, uint64_t transfer_id,
+                                    std::span<const int32_t> tokens, engine::SequencePages& pages,
+                                    int64_t max_bytes) override;
   void DropImported(uint64_t transfer_id) override;
   std::vector<std::vector<uint8_t>> TakeImportedPlannerState() override {
     return std::move(imported_planner_state_);
@@ -344,6 +392,10 @@ class KvBlockManager final : public engine::KvMemory {
   // be). Thread-safe: the records are freed by the next Poll. Destroy the
   // manager only once nothing reads an export.
   void ReleaseExport(uint64_t key);
+  // Decode workers: who may take imported prompts' upper layers straight
+  // into a lower tier (null: nobody; every page goes to the GPU). Set
+  // between steps; `admitter` must outlive its use or be unset first.
+  void set_import_admitter(ImportAdmitter* admitter) { admitter_ = admitter; }
   // Where KV sent by prefill workers lands (null without landing_bytes).
   // Thread-safe, and outlives nothing: the transport's receiver must stop
   // before the manager goes.
@@ -666,11 +718,17 @@ class KvBlockManager final : public engine::KvMemory {
     engine::CopyFence last_fence = engine::kFenceDone;  // its last copy into the pages
     std::vector<std::vector<uint8_t>> planner_state;
     bool exact = true;  // every page loaded so far came raw
+    // Admitted (ImportAdmitter): its sequence, and whether the admitter
+    // holds its upper layers of some tokens (their upper pages are off).
+    int64_t seq_id = 0;
+    bool admitted = false;
   };
   absl::flat_hash_map<uint64_t, Import> importing_;
   // LoadImported's first call: takes the transfer from the landing area
   // and allocates its pages (false: too few are free).
-  absl::StatusOr<bool> StartImport(uint64_t transfer_id, std::span<const int32_t> tokens);
+  absl::StatusOr<bool> StartImport(int64_t seq_id, int workload, uint64_t transfer_id,
+                                   std::span<const int32_t> tokens);
+  ImportAdmitter* admitter_ = nullptr;
   // Destroyed first: its threads write into the host tier.
   std::unique_ptr<RecordMover> mover_;
 };

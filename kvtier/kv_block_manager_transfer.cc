@@ -442,7 +442,20 @@ absl::Status KvBlockManager::PollTransfers() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
+namespace {
+
+// Pages of a prompt of `pages` pages that lie wholly inside `range`.
+int PagesInside(const ImportAdmitter::Range& range, int page_size, int pages) {
+  int inside = 0;
+  for (int i = 0; i < pages; ++i) {
+    inside += i * page_size >= range.begin && (i + 1) * page_size <= range.end;
+  }
+  return inside;
+}
+
+}  // namespace
+
+absl::StatusOr<bool> KvBlockManager::LoadImported(int64_t seq_id, uint64_t transfer_id,
                                                   std::span<const int32_t> tokens,
                                                   engine::SequencePages& pages, int64_t max_bytes) {
   if (landing_ == nullptr) {
@@ -456,7 +469,8 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
   }
   auto it = importing_.find(transfer_id);
   if (it == importing_.end()) {
-    STRATA_ASSIGN_OR_RETURN(const bool started, StartImport(transfer_id, tokens));
+    STRATA_ASSIGN_OR_RETURN(const bool started,
+                            StartImport(seq_id, pages.workload, transfer_id, tokens));
     if (!started) return false;
     it = importing_.find(transfer_id);
   }
@@ -485,6 +499,9 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
       im.exact = false;
       layout_.AppendRecordBlocks(im.pages.lower[i], upper, b.tokens, Coder(b.codec),
                                  host_.offset(b.record), blocks_);
+      // An admitted page's upper layers are in the admitter's tier.
+      std::erase_if(blocks_,
+                    [](const engine::KvBlockCopy& c) { return c.page == engine::kPageOffGpu; });
     }
     bytes += b.bytes;
   }
@@ -534,7 +551,7 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(uint64_t transfer_id,
   return true;
 }
 
-absl::StatusOr<bool> KvBlockManager::StartImport(uint64_t transfer_id,
+absl::StatusOr<bool> KvBlockManager::StartImport(int64_t seq_id, int workload, uint64_t transfer_id,
                                                  std::span<const int32_t> tokens) {
   const int page_size = layout_.page_size();
   const int needed = (static_cast<int>(tokens.size()) + page_size - 1) / page_size;
@@ -547,18 +564,46 @@ absl::StatusOr<bool> KvBlockManager::StartImport(uint64_t transfer_id,
   if (!*ready) {
     return absl::UnavailableError(absl::StrCat("KV transfer ", transfer_id, " is still arriving"));
   }
-  if (pages_.num_free() < needed || (two_groups && upper_pages_.num_free() < needed)) return false;
+  if (pages_.num_free() < needed) return false;
+  // An admitter may take the upper layers of some of the prompt's pages
+  // (wholly inside its range) straight from the landing records: those
+  // need no upper page.
+  ImportAdmitter::Range admit;
+  int upper_needed = needed;
+  if (two_groups && admitter_ != nullptr && layout_.num_ranks() == 1 && seq_id >= 0) {
+    const std::vector<std::vector<uint8_t>> heads =
+        landing_->PlannerStateHeads(transfer_id, ImportAdmitter::kStateHeadBytes);
+    if (!heads.empty()) {
+      admit = admitter_->PlanAdmission(seq_id, workload, static_cast<int>(tokens.size()), heads);
+      upper_needed -= PagesInside(admit, page_size, needed);
+    }
+  }
+  // What the admitter reserved goes back on every path that does not end
+  // with the import started (DropAdmitted ignores a sequence it does not
+  // hold).
+  const bool reserved = admit.end > admit.begin;
+  auto drop_admission = [&] {
+    if (reserved) admitter_->DropAdmitted(seq_id);
+  };
+  if (two_groups && upper_pages_.num_free() < upper_needed) {
+    drop_admission();
+    return false;
+  }
   imported_planner_state_.clear();
   imported_exact_ = false;
   Import im;
   im.tokens = static_cast<int>(tokens.size());
+  im.seq_id = seq_id;
+  im.pages.workload = workload;
   absl::StatusOr<std::vector<LandingArea::Block>> blocks =
       landing_->Take(transfer_id, &im.planner_state);
   if (!blocks.ok()) {
+    drop_admission();
     ++counters_.kv_imports_failed;
     return blocks.status();
   }
   auto fail = [&](absl::Status status) {
+    drop_admission();
     ++counters_.kv_imports_failed;
     std::vector<int32_t> records;
     for (const LandingArea::Block& b : *blocks) records.push_back(b.record);
@@ -582,12 +627,42 @@ absl::StatusOr<bool> KvBlockManager::StartImport(uint64_t transfer_id,
     }
   }
   // Each block was checked against its header's CRC as it landed.
+  if (reserved) {
+    std::vector<ImportAdmitter::LandedPage> landed;
+    landed.reserve(blocks->size());
+    for (const LandingArea::Block& b : *blocks) {
+      landed.push_back({host_.buffer().data() + host_.offset(b.record), b.codec, b.tokens});
+    }
+    absl::StatusOr<ImportAdmitter::Range> admitted = admitter_->Admit(
+        seq_id, workload, static_cast<int>(tokens.size()), im.planner_state, landed);
+    if (!admitted.ok()) {
+      return fail(absl::Status(
+          admitted.status().code(),
+          absl::StrCat("KV transfer ", transfer_id, ": ", admitted.status().message())));
+    }
+    admit = *admitted;
+    im.admitted = admit.end > admit.begin;
+  }
   if (!pages_.Allocate(needed, im.pages.lower)) {
     return fail(absl::InternalError("free pages vanished"));
   }
-  if (two_groups && !upper_pages_.Allocate(needed, im.pages.upper)) {
-    STRATA_RETURN_IF_ERROR(pages_.Free(im.pages.lower));
-    return fail(absl::InternalError("free upper pages vanished"));
+  if (two_groups) {
+    std::vector<int32_t> upper;
+    const int off = im.admitted ? PagesInside(admit, page_size, needed) : 0;
+    if (!upper_pages_.Allocate(needed - off, upper)) {
+      if (absl::Status s = pages_.Free(im.pages.lower); !s.ok()) return fail(s);
+      return fail(absl::InternalError("free upper pages vanished"));
+    }
+    auto next = upper.begin();
+    for (int i = 0; i < needed; ++i) {
+      const bool inside =
+          im.admitted && i * page_size >= admit.begin && (i + 1) * page_size <= admit.end;
+      im.pages.upper.push_back(inside ? engine::kPageOffGpu : *next++);
+    }
+    if (im.admitted) {
+      ++counters_.kv_imports_admitted;
+      counters_.kv_import_upper_pages_saved += off;
+    }
   }
   im.blocks = *std::move(blocks);
   importing_.emplace(transfer_id, std::move(im));
@@ -613,6 +688,7 @@ void KvBlockManager::DropImported(uint64_t transfer_id) {
   if (absl::Status s = Free(im.pages); !s.ok()) {
     STRATA_LOG_ERROR("KV transfer {}: {}", transfer_id, s.ToString());
   }
+  if (im.admitted && admitter_ != nullptr) admitter_->DropAdmitted(im.seq_id);
   importing_.erase(it);
 }
 

@@ -596,7 +596,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
       if (!resumed) {
         // Its clusters cannot be recalled without a ring: this step's token
         // is dropped and the sequence recomputed (EndStep).
-        ring_lost_.push_back(id);
+        ring_lost_.push_back({id, "no GPU pages were free for its recall ring when it resumed"});
         continue;
       }
     }
@@ -610,7 +610,24 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
     Entry e{&p, s, id, {}, {}};
     const int ctx = in.context_len[s];
     p.Advance(ctx, seq.state, e.work);
-    if (!e.work.empty() && noted_prompts_.contains(id)) {
+    if (seq.admission.has_value()) {
+      // Its chunks' upper layers are in the host tier (Admit): this must be
+      // the step they were admitted for, or the sequence cannot decode.
+      Sequence::Admission admission = *std::move(seq.admission);
+      seq.admission.reset();
+      noted_prompts_.erase(id);
+      if (!admission.encoded || ctx != admission.context_len || e.work != admission.work) {
+        ring_lost_.push_back({id, absl::StrCat("its first step (context ", ctx,
+                                               ") is not the decode step its imported KV was "
+                                               "admitted for (context ",
+                                               admission.context_len, ")")});
+        continue;
+      }
+      e.reuse = std::move(admission.reuse);
+      e.admitted = true;
+      stats_.imported_clusterings += static_cast<int64_t>(e.work.size()) *
+                                     (model_->config().num_layers - p.config().full_layers);
+    } else if (!e.work.empty() && noted_prompts_.contains(id)) {
       STRATA_RETURN_IF_ERROR(FindClusterings(e));
     }
     e.fields[engine::kPlanRow] = in.query_start[s];
@@ -865,7 +882,11 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
       Tensor extents = extents_[layer].Row(slot);
       if (w.kind == SummaryWork::kCluster) {
         if (wi < reuse_orders.size() && reuse_orders[wi].defined()) {
-          STRATA_RETURN_IF_ERROR(b.ReorderKeys(k_cache, v_cache, range, reuse_orders[wi]));
+          // An admitted import's rows are not on the GPU: its clusters are
+          // in the host tier already, in this order.
+          if (!e.admitted) {
+            STRATA_RETURN_IF_ERROR(b.ReorderKeys(k_cache, v_cache, range, reuse_orders[wi]));
+          }
           ++stats_.reused_clusterings;
         } else {
           Tensor centroids = centroids_[layer].Row(slot);
@@ -876,7 +897,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
                             KeptOrder(e, wi, layer, order_view), engine::ClusterRows::kReorder));
           ++stats_.clusterings;
         }
-        if (Tiering()) {
+        if (Tiering() && !e.admitted) {
           STRATA_ASSIGN_OR_RETURN(const bool offloaded, Offload(sequences_.at(e.seq_id), layer,
                                                                 range, w, k_cache, v_cache));
           e.offloaded_layers[wi] +=
@@ -1041,9 +1062,9 @@ std::vector<engine::AttentionPlanner::OffGpuRange> KvPolicyRunner::TakeOffGpuRan
 
 absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunner::EndStep() {
   std::vector<LostSequence> lost;
-  for (int64_t id : ring_lost_) {
+  for (auto& [id, why] : ring_lost_) {
     ++stats_.lost_sequences;
-    lost.push_back({id, "no GPU pages were free for its recall ring when it resumed"});
+    lost.push_back({id, std::move(why)});
   }
   ring_lost_.clear();
   STRATA_RETURN_IF_ERROR(JoinPrefetch());

@@ -67,6 +67,17 @@
 // them with the KV (NoteImportedState) and redoes them as it redoes stored
 // ones: its first decode step reorders instead of running the k-means.
 //
+// Imported prompts straight into the host tier (kv_policy_admit.cc): a
+// decode worker's runner with host-homed clusters (one rank, the upper page
+// group exactly the sparse layers) is the block manager's ImportAdmitter.
+// When a transfer's clusterings cover every chunk its first decode step
+// would cluster, the runner reserves the sequence's slot, ring and host
+// regions, and encodes those chunks' upper-layer KV from the landing
+// records into its host regions cluster-major (as Offload would after the
+// reorder), filling its tier tables: the upper pages of those tokens are
+// never allocated, copied up, reordered and offloaded again. Its first
+// decode step then only stages the centroids and extents.
+//
 // Thread-safety: KvPolicy is immutable. KvPolicyRunner is driven by the
 // model's thread (it is the model's planner); stats() may be read by that
 // thread only.
@@ -122,6 +133,16 @@ struct StoredClustering {
   const uint8_t* Sizes(int64_t layer, int64_t head) const;
 };
 
+// A ClusteringStore value (or one a prefill worker sent) as the clustering
+// of `want`'s shape, checked: its header, its size, every head's order a
+// permutation of [0, count), its sizes summing to count (the layers in
+// parallel on `pool`: a 32k prompt's value holds 7.8 million order
+// entries). DataLoss naming what is wrong.
+absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
+    std::vector<uint8_t> value, const StoredClustering& want, ThreadPool& pool);
+// Whether a value's header names `want`'s shape (its first 44 bytes only).
+bool ClusteringHeaderIs(std::span<const uint8_t> value, const StoredClustering& want);
+
 // A sparse sequence's bookkeeping (the same for every layer).
 struct SequenceState {
   int slot = -1;       // pool slot
@@ -137,6 +158,7 @@ struct SummaryWork {
   int count = 0;        // tokens
   int clusters = 0;     // kCluster: clusters to form
   int first_block = 0;  // pool block of the first new block
+  bool operator==(const SummaryWork&) const = default;
 };
 
 class KvPolicy {
@@ -252,7 +274,7 @@ using PlanObserver =
                                const engine::Tensor& v_cache, const engine::AttentionBatch& batch,
                                const engine::SparsePlan& plan)>;
 
-class KvPolicyRunner final : public engine::AttentionPlanner {
+class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmitter {
  public:
   struct Stats {
     int64_t sparse_queries = 0;  // (decode query, layer) pairs attended sparsely
@@ -315,6 +337,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     int64_t promoted_clusters = 0;
     int64_t promoted_bytes = 0;
     int64_t ssd_cluster_bytes = 0;
+    // Imported prompts whose upper layers went straight into the host tier
+    // (ImportAdmitter), their (chunk, layer) clusterings, and the time
+    // their encoding took.
+    int64_t admitted_sequences = 0;
+    int64_t admitted_clusterings = 0;
+    int64_t admit_micros = 0;
     int64_t lost_sequences = 0;  // sequences recomputed because of them
     int64_t ring_pauses = 0;     // rings given back by paused sequences
     int64_t ring_resumes = 0;    // ... and taken again when they ran
@@ -349,6 +377,21 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   void NotePrompt(int64_t seq_id, int loaded_tokens, std::span<const uint32_t> page_crcs) override;
   // With a ClusteringStore; otherwise ignored.
   void NoteStoredPrompt(int64_t seq_id, int stored_tokens, StoredPageCrcs page_crcs) override;
+  // ImportAdmitter (see the file comment); the manager calls them from
+  // LoadImported, on the model's thread.
+  // Whether this runner may admit imports at all (KvPolicyRunnerOptions::
+  // imports, host-homed clusters, two page groups, one rank): then it is
+  // meant to be its manager's set_import_admitter (the wiring's to set, as
+  // it installs the planner).
+  bool AdmitsImports() const {
+    return Tiering() && options_.imports && model_->two_page_groups() && model_->shard().size == 1;
+  }
+  Range PlanAdmission(int64_t seq_id, int workload, int tokens,
+                      std::span<const std::vector<uint8_t>> state_heads) override;
+  absl::StatusOr<Range> Admit(int64_t seq_id, int workload, int tokens,
+                              std::span<const std::vector<uint8_t>> state,
+                              std::span<const LandedPage> pages) override;
+  void DropAdmitted(int64_t seq_id) override;
   // With KvPolicyRunnerOptions::exports; otherwise ignored.
   void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
   void NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) override;
@@ -444,6 +487,16 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     };
     std::optional<PendingPromotion> pending_promotion;
     int64_t promote_retry_step = 0;  // not promoted again before this step
+    // Admitted from an import (ImportAdmitter) and not yet stepped: the
+    // context of the decode step it was planned for, that step's work, and
+    // each work item's clustering (set by Admit).
+    struct Admission {
+      int context_len = 0;
+      std::vector<SummaryWork> work;
+      std::vector<std::shared_ptr<const StoredClustering>> reuse;
+      bool encoded = false;
+    };
+    std::optional<Admission> admission;
   };
   // One planned decode query of this step.
   // A kept clustering's key before its pages' CRCs are all known: the
@@ -466,6 +519,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
     // like the step's first entry so that the step stays sparse, over its
     // one key; not a sequence, and not counted in the stats.
     bool padding = false;
+    // Its work's clusters are in the host tier already (an admitted
+    // import): the step neither reorders nor offloads them.
+    bool admitted = false;
     // Per work item: upper layers whose clusters it offloaded whole.
     std::vector<int> offloaded_layers = {};
     // ClusteringStore (kv_policy_reuse.cc), per work item: a stored
@@ -485,6 +541,9 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // ClusteringStore (kv_policy_reuse.cc). After Advance in BeginStep: finds
   // the entry's stored clusterings and marks those to keep.
   absl::Status FindClusterings(Entry& e);
+  // The shape a work item's clustering has under `policy` (what a stored
+  // or imported value must hold).
+  StoredClustering WantedClustering(const KvPolicy& policy, const SummaryWork& w) const;
   // At the end of BeginStep: the reused clusterings of every entry go up
   // in one copy, before the step's compute: their orders (every sparse
   // layer's, into Entry::reuse_orders) and their centroids and extents
@@ -725,8 +784,20 @@ class KvPolicyRunner final : public engine::AttentionPlanner {
   // The host regions of released sequences whose clusters' write to the
   // SSD outlived ClusterSpill's forget_timeout: freed when it returns.
   absl::flat_hash_map<int64_t, std::vector<KvBlockManager::HostRegion>> orphaned_regions_;
-  // Paused sequences that found no pages for their ring this step.
-  std::vector<int64_t> ring_lost_;
+  // Sequences this step cannot decode (EndStep reports them lost): paused
+  // ones that found no pages for their ring, admitted ones whose first step
+  // was not the one they were admitted for; and why.
+  std::vector<std::pair<int64_t, std::string>> ring_lost_;
+  // Admit's encoding of one sparse layer's (index li) chunks into the
+  // host tier for KV head h, from the region at first_unit: its pieces
+  // written, its rows of the slot's tier tables filled (host copies of
+  // piece_base, piece_host and piece_count, uploaded after).
+  absl::Status EncodeAdmittedHead(const Sequence& seq, int li, int h, engine::KvCodecKind codec,
+                                  std::span<const LandedPage> pages, int64_t first_unit,
+                                  std::span<const int64_t> units_per_head, int32_t* base,
+                                  int32_t* where, int32_t* count);
+  // The (layer, work item) host units per head Admit reserves.
+  std::vector<int64_t> AdmittedUnits(const Sequence& seq) const;
   std::vector<int> free_slots_;
   std::vector<Entry> entries_;  // this step's, ClusterKV first, then Quest, then streaming
   PlanObserver observer_;

@@ -28,6 +28,7 @@
 // heads, and each rank of the decode worker takes its own rank's values
 // (none when the two workers' rank counts differ: it clusters then).
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <memory>
@@ -66,20 +67,29 @@ int64_t LayerBytes(const StoredClustering& s) {
                              int64_t{s.clusters} * 4);
 }
 
-// `value` as the stored clustering of `want`'s shape, checked: every head's
-// order a permutation of [0, count), its sizes summing to count. The
-// layers are checked in parallel on `pool` (a 32k prompt's value holds
-// 7.8 million order entries).
+// The header a value of `want`'s shape has.
+std::array<int32_t, kHeaderWords> ExpectedHeader(const StoredClustering& want) {
+  return {kMagic,     kVersion,      want.begin,
+          want.count, want.clusters, want.layers,
+          want.heads, want.head_dim, static_cast<int32_t>(want.centroid_dtype),
+          want.rank,  want.ranks};
+}
+
+}  // namespace
+
+bool ClusteringHeaderIs(std::span<const uint8_t> value, const StoredClustering& want) {
+  std::array<int32_t, kHeaderWords> header;
+  if (value.size() < sizeof(header)) return false;
+  std::memcpy(header.data(), value.data(), sizeof(header));
+  return header == ExpectedHeader(want);
+}
+
 absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
     std::vector<uint8_t> value, const StoredClustering& want, ThreadPool& pool) {
   int32_t header[kHeaderWords];
   if (value.size() < sizeof(header)) return absl::DataLossError("shorter than its header");
   std::memcpy(header, value.data(), sizeof(header));
-  const int32_t expected[kHeaderWords] = {
-      kMagic,     kVersion,      want.begin,
-      want.count, want.clusters, want.layers,
-      want.heads, want.head_dim, static_cast<int32_t>(want.centroid_dtype),
-      want.rank,  want.ranks};
+  const std::array<int32_t, kHeaderWords> expected = ExpectedHeader(want);
   for (int i = 0; i < kHeaderWords; ++i) {
     if (header[i] != expected[i]) {
       return absl::DataLossError(
@@ -133,8 +143,6 @@ absl::StatusOr<std::shared_ptr<const StoredClustering>> ParseClustering(
   }
   return std::shared_ptr<const StoredClustering>(std::move(parsed));
 }
-
-}  // namespace
 
 const uint8_t* StoredClustering::Order(int64_t layer, int64_t head) const {
   return value.data() + kHeaderWords * 4 + layer * LayerBytes(*this) + head * count * 4;
@@ -219,6 +227,21 @@ void KvPolicyRunner::NoteImportedState(int64_t seq_id, std::vector<std::vector<u
   noted_prompts_[seq_id].imported = std::move(state);
 }
 
+StoredClustering KvPolicyRunner::WantedClustering(const KvPolicy& policy,
+                                                  const SummaryWork& w) const {
+  StoredClustering want;
+  want.begin = w.begin;
+  want.count = w.count;
+  want.clusters = w.clusters;
+  want.layers = model_->config().num_layers - policy.config().full_layers;
+  want.heads = model_->shard().kv_heads;
+  want.head_dim = model_->config().head_dim;
+  want.centroid_dtype = centroids_[policy.config().full_layers].dtype();
+  want.rank = model_->shard().rank;
+  want.ranks = model_->shard().size;
+  return want;
+}
+
 absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   auto noted = noted_prompts_.find(e.seq_id);
   if (noted == noted_prompts_.end()) return absl::OkStatus();
@@ -237,20 +260,7 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   e.keep.assign(e.work.size(), std::nullopt);
   e.keep_later.assign(e.work.size(), nullptr);
   e.kept_offsets.assign(e.work.size(), -1);
-  // The shape a work item's clustering has (what a value must hold).
-  auto wanted = [&](const SummaryWork& w) {
-    StoredClustering want;
-    want.begin = w.begin;
-    want.count = w.count;
-    want.clusters = w.clusters;
-    want.layers = layers;
-    want.heads = heads;
-    want.head_dim = d;
-    want.centroid_dtype = centroids_[config.full_layers].dtype();
-    want.rank = model_->shard().rank;
-    want.ranks = model_->shard().size;
-    return want;
-  };
+  auto wanted = [&](const SummaryWork& w) { return WantedClustering(*e.policy, w); };
   if (!prompt.imported.empty()) {
     // Computed by the prefill worker on the KV it sent: each work item
     // takes the value for its very chunk, if one came and it checks out.

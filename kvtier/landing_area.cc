@@ -252,6 +252,19 @@ void LandingArea::StateLanded(uint64_t id, uint32_t index, uint32_t crc,
   if (t.dropped) DropLocked(it);
 }
 
+std::vector<std::vector<uint8_t>> LandingArea::PlannerStateHeads(uint64_t id, size_t bytes) const {
+  std::vector<std::vector<uint8_t>> heads;
+  absl::MutexLock lock(&mu_);
+  auto it = transfers_.find(id);
+  if (it == transfers_.end() || it->second.dropped) return heads;
+  for (const StateValue& value : it->second.values) {
+    if (value.state != State::kLanded) continue;
+    const size_t n = std::min(bytes, value.data.size());
+    heads.emplace_back(value.data.begin(), value.data.begin() + static_cast<std::ptrdiff_t>(n));
+  }
+  return heads;
+}
+
 absl::StatusOr<std::vector<LandingArea::Block>> LandingArea::Take(
     uint64_t id, std::vector<std::vector<uint8_t>>* state) {
   absl::MutexLock lock(&mu_);

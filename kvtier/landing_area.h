@@ -112,6 +112,11 @@ class LandingArea {
   absl::StatusOr<std::vector<Block>> Take(uint64_t id,
                                           std::vector<std::vector<uint8_t>>* state = nullptr);
   void Free(std::span<const int32_t> records);
+  // The first `bytes` bytes (or fewer) of each planner-state value of a
+  // transfer that have landed intact, copied (a value's header, to decide
+  // what to do with the transfer before taking it); empty when none or the
+  // id is not held.
+  std::vector<std::vector<uint8_t>> PlannerStateHeads(uint64_t id, size_t bytes) const;
   // The sender finished: everything it sent has landed (an error of a
   // block placed shows in Take). The transfer is held until taken or
   // dropped, with no lease: its request is the engine's now (which drops

@@ -234,6 +234,12 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->kv_imports_failed_, "strata_kv_imports_failed_total",
                                  "KV transfers refused when loaded (a block corrupt or missing); "
                                  "their requests failed."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_imports_admitted_, "strata_kv_imports_admitted_total",
+                                 "Imported ClusterKV prompts whose upper layers went from the "
+                                 "landing records straight into the host tier."));
+  STRATA_RETURN_IF_ERROR(counter(m->kv_import_upper_pages_saved_,
+                                 "strata_kv_import_upper_pages_saved_total",
+                                 "Upper-group GPU pages those imports never took."));
   STRATA_RETURN_IF_ERROR(counter(m->kv_transfers_expired_, "strata_kv_transfers_expired_total",
                                  "Room reserved for a prompt's KV given back when its lease "
                                  "ended first."));
@@ -428,6 +434,8 @@ void ServerMetrics::UpdateKvTierStats(const kvtier::KvBlockManager::Stats& s) {
   kv_imports_.Advance(s.kv_imports);
   kv_import_bytes_.Advance(s.kv_import_bytes);
   kv_imports_failed_.Advance(s.kv_imports_failed);
+  kv_imports_admitted_.Advance(s.kv_imports_admitted);
+  kv_import_upper_pages_saved_.Advance(s.kv_import_upper_pages_saved);
   kv_transfers_expired_.Advance(s.kv_transfers_expired);
   prefix_lookups_.Advance(s.prefix_lookups);
   prefix_hits_.Advance(s.prefix_hits);

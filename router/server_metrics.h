@@ -119,6 +119,9 @@
 //   strata_kv_imports_total, _import_bytes_total  KV a decode worker took from
 //                                               prefill workers
 //   strata_kv_imports_failed_total              ... refused (corrupt, missing)
+//   strata_kv_imports_admitted_total,           ... whose upper layers went
+//     _import_upper_pages_saved_total           straight to the host tier,
+//                                               and the GPU pages not taken
 //   strata_kv_transfers_expired_total           reservations whose lease ended
 //   strata_kv_exports_held                      exports not yet sent (prefill)
 //   strata_kv_landing_bytes_free, _total        where sent KV lands (decode)
@@ -254,7 +257,7 @@ class ServerMetrics {
   TotalCounter prefix_lookups_, prefix_hits_, prefix_tokens_, prefix_stored_, prefix_evicted_,
       prefix_lost_;
   TotalCounter kv_exports_, kv_export_bytes_, kv_imports_, kv_import_bytes_, kv_imports_failed_,
-      kv_transfers_expired_;
+      kv_imports_admitted_, kv_import_upper_pages_saved_, kv_transfers_expired_;
   TotalCounter ssd_swap_outs_, ssd_swap_ins_, ssd_swap_outs_refused_, ssd_bytes_written_,
       ssd_bytes_read_, ssd_lost_;
   prometheus::Counter* ssd_swap_in_seconds_ = nullptr;

@@ -429,14 +429,24 @@ struct Worker {
   // export_clusterings: a prefill worker's runner, which clusters the
   // ClusterKV prompts it exports (KvPolicyRunnerOptions::exports).
   // prefix_records: host records stored prompt prefixes may take.
+  // tiered: the layers from 1 on have their own pages, and the policy's
+  // clusters are homed in the host tier; a decode worker (landing room)
+  // then admits imported prompts straight into it when `admit`.
   Worker(int landing_records, const KvPolicyConfig* policy = nullptr,
          engine::KvCodecKind wire_codec = engine::KvCodecKind::kBf16,
-         bool export_clusterings = false, int prefix_records = 0) {
-    model = LoadGolden("llama_gqa", SmallCache(80));
+         bool export_clusterings = false, int prefix_records = 0, bool tiered = false,
+         bool admit = true) {
+    engine::ModelOptions model_options = SmallCache(80);
+    if (tiered) {
+      model_options.num_upper_pages = 80;
+      model_options.upper_first_layer = 1;
+    }
+    model = LoadGolden("llama_gqa", model_options);
     auto layout = KvLayout::Create(*model);
     EXPECT_TRUE(layout.ok());
     const int64_t record = (layout->record_bytes() + 63) / 64 * 64;
-    KvBlockManagerOptions options{.host_bytes = record * (64 + prefix_records),
+    // Tiered: as much again for the host-homed clusters.
+    KvBlockManagerOptions options{.host_bytes = record * (64 + prefix_records + (tiered ? 64 : 0)),
                                   .landing_bytes = record * landing_records};
     options.workload_wire_codec = {wire_codec};
     options.prefix_bytes = record * prefix_records;
@@ -448,12 +458,18 @@ struct Worker {
     manager = std::move(*created);
     manager->set_export_sink([this](KvBlockManager::ExportedKv e) { exports.push_back(e); });
     if (policy != nullptr) {
-      auto runner_created = KvPolicyRunner::Create(
-          model.get(), {*policy},
-          {.max_sparse_seqs = 4, .exports = export_clusterings ? manager.get() : nullptr});
+      KvTierOptions tier;
+      if (tiered) tier.manager = manager.get();
+      auto runner_created =
+          KvPolicyRunner::Create(model.get(), {*policy},
+                                 {.max_sparse_seqs = 4,
+                                  .tier = tier,
+                                  .exports = export_clusterings ? manager.get() : nullptr,
+                                  .imports = landing_records > 0});
       EXPECT_TRUE(runner_created.ok()) << runner_created.status();
       runner = std::move(*runner_created);
       EXPECT_TRUE(model->set_attention_planner(runner.get()).ok());
+      if (admit && runner->AdmitsImports()) manager->set_import_admitter(runner.get());
     }
     batcher = std::make_unique<engine::Batcher>(model.get(), nullptr, engine::BatcherOptions{},
                                                 manager.get());
@@ -732,6 +748,110 @@ TEST(DisaggregatedKvTest, AnImportedPromptIsKeptAsAPrefixInItsOrderAndOnlyWhenLo
   }
 }
 
+// A decode worker whose ClusterKV clusters live in the host tier takes an
+// imported prompt's upper layers straight from the landing records into
+// it, cluster by cluster in the prefill worker's clusterings: the upper
+// pages inside the clustered chunks are never allocated, no k-means and no
+// reorder run, and the tokens are those of one worker computing everything
+// (bf16), and the same bytes as admitting it through the GPU (int8 on the
+// wire). Nothing is left behind.
+TEST(DisaggregatedKvTest, AnImportedClusterKvPromptGoesStraightIntoTheHostTier) {
+  KvPolicyConfig c = SmallClusterKv();
+  c.cluster_chunk_tokens = 32;
+  c.full_layers = 1;
+  for (const engine::KvCodecKind codec : {engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8}) {
+    SCOPED_TRACE(engine::KvCodecKindName(codec));
+    Worker p(0, &c, codec, /*export_clusterings=*/true, 0, /*tiered=*/true);
+    Worker d(64, &c, codec, false, 0, /*tiered=*/true);
+    Worker through_gpu(64, &c, codec, false, 0, /*tiered=*/true, /*admit=*/false);
+    Worker alone(0, &c, codec, false, 0, /*tiered=*/true);
+    ASSERT_TRUE(d.runner->AdmitsImports());
+    const int page = d.manager->layout().page_size();
+    for (int prompt_len : {61, 97, 150}) {
+      SCOPED_TRACE(prompt_len);
+      const engine::GenerationRequest r = Request(prompt_len, prompt_len, 24);
+      const std::vector<int32_t> expected = OneWorkersTokens(alone, r);
+      std::vector<int32_t> tokens[2];
+      Worker* decoders[2] = {&d, &through_gpu};
+      for (int i = 0; i < 2; ++i) {
+        Worker& w = *decoders[i];
+        const uint64_t transfer = 5000 + prompt_len;
+        ASSERT_TRUE(
+            w.manager->landing_area()
+                ->Reserve(transfer, (prompt_len + page - 1) / page, absl::Now() + absl::Hours(1))
+                .ok());
+        const engine::TokenEvent first = Prefill(p, r, 11);
+        ASSERT_NO_FATAL_FAILURE(Send(p, w, transfer));
+        ASSERT_TRUE(w.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+        tokens[i] = Tokens(w.RunToEnd());
+      }
+      EXPECT_EQ(tokens[0], tokens[1]) << "the same as through the GPU";
+      if (codec == engine::KvCodecKind::kBf16) EXPECT_EQ(tokens[0], expected);
+      ExpectNothingLeft(d);
+      EXPECT_EQ(d.runner->num_free_slots(), 4);
+    }
+    const KvPolicyRunner::Stats& s = d.runner->stats();
+    EXPECT_EQ(s.admitted_sequences, 3);
+    EXPECT_EQ(s.clusterings, through_gpu.runner->stats().clusterings)
+        << "no k-means of the prompt (only of the windows decoding adds)";
+    EXPECT_EQ(s.reused_clusterings, s.imported_clusterings);
+    EXPECT_EQ(s.admitted_clusterings, s.imported_clusterings);
+    EXPECT_GT(s.recall_tokens, 0) << "decoded from the host tier";
+    EXPECT_EQ(d.manager->stats().kv_imports_admitted, 3);
+    // The clustered chunks' whole pages in the upper group, never taken:
+    // e.g. 150 tokens: sinks 4, the chunks up to the last 2 x window.
+    EXPECT_GT(d.manager->stats().kv_import_upper_pages_saved, 10);
+    EXPECT_EQ(through_gpu.runner->stats().admitted_sequences, 0);
+    EXPECT_EQ(through_gpu.manager->stats().kv_import_upper_pages_saved, 0);
+  }
+}
+
+// What an admission reserved goes back when its import fails, and the
+// request alone fails: a clustering corrupted on the way, a page corrupted
+// on the way, a request cancelled while its KV loads a share a step.
+TEST(DisaggregatedKvTest, AFailedAdmissionFailsItsRequestAloneAndLeavesNothing) {
+  KvPolicyConfig c = SmallClusterKv();
+  c.cluster_chunk_tokens = 32;
+  c.full_layers = 1;
+  Worker p(0, &c, engine::KvCodecKind::kInt8, true, 0, true);
+  Worker d(64, &c, engine::KvCodecKind::kInt8, false, 0, true);
+  const int page = d.manager->layout().page_size();
+  const engine::GenerationRequest r = Request(1, 150, 8);
+  for (const bool corrupt_state : {true, false}) {
+    SCOPED_TRACE(corrupt_state ? "a clustering" : "a page");
+    const uint64_t transfer = 6000 + corrupt_state;
+    ASSERT_TRUE(d.manager->landing_area()
+                    ->Reserve(transfer, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                    .ok());
+    const engine::TokenEvent first = Prefill(p, r, 12);
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer, corrupt_state ? -1 : 10, corrupt_state ? 0 : -1));
+    ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+    const std::vector<engine::TokenEvent> events = d.RunToEnd();
+    ASSERT_FALSE(events.empty());
+    EXPECT_EQ(events.back().finish, engine::FinishReason::kError);
+    EXPECT_NE(events.back().error.find("CRC32C"), std::string::npos) << events.back().error;
+    ExpectNothingLeft(d);
+    EXPECT_EQ(d.runner->num_free_slots(), 4);
+    EXPECT_EQ(d.runner->stats().admitted_sequences, 0);
+  }
+  // Dropped while it loads a share at a time (its request ended).
+  const uint64_t transfer = 6100;
+  ASSERT_TRUE(d.manager->landing_area()
+                  ->Reserve(transfer, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                  .ok());
+  Prefill(p, r, 13);
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+  engine::SequencePages loaded;
+  absl::StatusOr<bool> part =
+      d.manager->LoadImported(42, transfer, r.prompt, loaded, /*max_bytes=*/1);
+  EXPECT_TRUE(absl::IsUnavailable(part.status())) << part.status();
+  EXPECT_EQ(d.runner->stats().admitted_sequences, 1);
+  EXPECT_EQ(d.runner->num_free_slots(), 3) << "held by the admission";
+  d.manager->DropImported(transfer);
+  EXPECT_EQ(d.runner->num_free_slots(), 4);
+  ExpectNothingLeft(d);
+}
+
 TEST(DisaggregatedKvTest, AnImportLoadsAShareAStepWhileOthersDecode) {
   Worker p(0), d(64), alone(0);
   const int page = d.manager->layout().page_size();
@@ -868,7 +988,7 @@ TEST(DisaggregatedKvTest, CodedPagesDecodeIntoTheRowsTheyCameFrom) {
   Prefill(coded_p, r, 2);
   ASSERT_NO_FATAL_FAILURE(Send(coded_p, d, 5));
   engine::SequencePages loaded;
-  absl::StatusOr<bool> done = d.manager->LoadImported(5, r.prompt, loaded, /*max_bytes=*/0);
+  absl::StatusOr<bool> done = d.manager->LoadImported(1, 5, r.prompt, loaded, /*max_bytes=*/0);
   ASSERT_TRUE(done.ok()) << done.status();
   ASSERT_TRUE(*done);
   ASSERT_EQ(static_cast<int>(loaded.lower.size()), pages);

@@ -688,6 +688,31 @@ TEST_P(DisaggregatedClusterKvTest, AClusterKvPromptIsClusteredOnThePrefillWorker
   ExpectPoolsEmpty(decode, "decode");
 }
 
+// With its clusters homed in the host tier, the decode worker takes the
+// prompt's upper layers from the landing records straight into that tier
+// (no GPU pages for them, no reorder, no offload), with the same tokens.
+TEST(DisaggregatedClusterKvHostTierTest, AnImportedPromptGoesStraightIntoTheHostTier) {
+  const std::string profile = WriteProfile(
+      "disagg_clusterkv_host_profile.yaml",
+      "name: sparse\nkv_policy: {type: clusterkv, budget_tokens: 32, sink_tokens: 4, "
+      "window_tokens: 16, tokens_per_cluster: 16, cluster_chunk_tokens: 96, full_layers: 1}\n"
+      "tiers: {host_bytes: 64MiB}\n");
+  ServerProcess prefill(WithProfile(kPrefillArgs, profile), "prefill");
+  ServerProcess decode(WithProfile(kDecodeArgs, profile), "decode");
+  v1::GenerateRequest r = Request(300, 12, 5);
+  r.set_profile("sparse");
+  const Completion here = Generate(decode.stub(), r);
+  ASSERT_TRUE(here.status.ok()) << here.status.error_message();
+  EXPECT_GT(decode.Metric("strata_kv_offloads_total"), 0) << "clusters in the host tier";
+  const Completion split = Generate(decode.stub(), r, prefill.address());
+  ASSERT_TRUE(split.status.ok()) << split.status.error_message() << decode.Stderr();
+  EXPECT_EQ(split.tokens, here.tokens);
+  EXPECT_EQ(decode.Metric("strata_kv_imports_admitted_total"), 1) << decode.Stderr();
+  EXPECT_GT(decode.Metric("strata_kv_import_upper_pages_saved_total"), 0);
+  ExpectPoolsEmpty(prefill, "prefill");
+  ExpectPoolsEmpty(decode, "decode");
+}
+
 INSTANTIATE_TEST_SUITE_P(Ranks, DisaggregatedClusterKvTest, ::testing::Values(1, 2),
                          [](const ::testing::TestParamInfo<int>& info) {
                            return "tp" + std::to_string(info.param);

@@ -1,0 +1,347 @@
+// KvPolicyRunner as the block manager's ImportAdmitter: an imported ClusterKV
+// prompt's upper layers go from the landing records straight into the host
+// tier (see kv_policy.h).
+//
+// The prefill worker sent the prompt's pages in token order and, with them,
+// the clusterings its runner computed on them (the values FindClusterings
+// takes). The decode worker's first decode step would copy every page up,
+// reorder each chunk's rows by those clusterings (ReorderKeys) and encode
+// the clusters into the host tier (OffloadBlocks), then free the upper
+// pages wholly inside the chunks. Admission does the same on the host, from
+// the landing records: for each sparse layer, KV head and cluster, the
+// cluster's rows are gathered in the clustering's order and encoded into
+// pieces exactly as OffloadBlocks lays them out (per head, cluster by
+// cluster, pieces of at most kKvPieceTokens tokens from the head's units),
+// and the slot's tier tables are filled. The upper pages of those tokens
+// are never allocated; the first decode step only stages the centroids and
+// extents (StageReuses) and recalls as any later step does.
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "engine/kv_codec.h"
+#include "kvtier/kv_policy.h"
+
+namespace strata::kvtier {
+
+using engine::Tensor;
+
+std::vector<int64_t> KvPolicyRunner::AdmittedUnits(const Sequence& seq) const {
+  const engine::KvCodecKind codec = TierCodec(seq.policy).value_or(options_.tier.codec);
+  std::vector<int64_t> units;
+  for (const SummaryWork& w : seq.admission->work) {
+    units.push_back(engine::KvPieceUnitsBound(codec, model_->config().head_dim,
+                                              model_->kv_cache_dtype(), w.count, w.clusters));
+  }
+  return units;
+}
+
+ImportAdmitter::Range KvPolicyRunner::PlanAdmission(
+    int64_t seq_id, int workload, int tokens, std::span<const std::vector<uint8_t>> state_heads) {
+  const Range none;
+  if (!AdmitsImports() || workload < 0 || workload >= num_policies() ||
+      options_.tier.block_stride != 1 || sequences_.contains(seq_id) || free_slots_.empty()) {
+    return none;
+  }
+  const KvPolicy& p = *policies_[workload];
+  if (p.kind() != PolicyKind::kClusterKv || !TierCodec(workload).has_value() ||
+      p.config().full_layers != model_->options().upper_first_layer) {
+    return none;
+  }
+  // The work of the first decode step (the prompt and the first token).
+  Sequence seq;
+  seq.id = seq_id;
+  seq.policy = workload;
+  Sequence::Admission admission;
+  admission.context_len = tokens + 1;
+  p.Advance(admission.context_len, seq.state, admission.work);
+  if (admission.work.empty()) return none;
+  int end = admission.work.front().begin;
+  for (const SummaryWork& w : admission.work) {
+    if (w.kind != SummaryWork::kCluster || w.begin != end || w.count <= 0) return none;
+    end = w.begin + w.count;
+    const StoredClustering want = WantedClustering(p, w);
+    if (std::none_of(state_heads.begin(), state_heads.end(),
+                     [&](const std::vector<uint8_t>& v) { return ClusteringHeaderIs(v, want); })) {
+      return none;  // a chunk the prefill worker did not cluster: the k-means runs here
+    }
+  }
+  seq.state = SequenceState{};  // Advance runs again at the step
+  seq.admission = std::move(admission);
+  // Everything admission needs is taken now, so that Admit cannot run out.
+  const std::vector<int64_t> units = AdmittedUnits(seq);
+  if (std::any_of(units.begin(), units.end(), [](int64_t u) { return u <= 0; })) return none;
+  const int layers = model_->config().num_layers - p.config().full_layers;
+  const int64_t heads = model_->shard().kv_heads;
+  seq.state.slot = free_slots_.back();
+  auto give_back = [&] {
+    std::unique_lock<std::mutex> lock = LockManager();
+    for (const KvBlockManager::HostRegion& region : seq.regions) {
+      options_.tier.manager->FreeHostRegion(region);
+    }
+    seq.regions.clear();
+  };
+  for (int li = 0; li < layers; ++li) {
+    int64_t need = 0;
+    for (int64_t u : units) need += u * heads;
+    std::optional<KvBlockManager::HostRegion> region;
+    {
+      std::unique_lock<std::mutex> lock = LockManager();
+      region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit, workload);
+    }
+    if (!region.has_value()) {
+      give_back();
+      return none;  // no room: the pages go to the GPU, offloaded as before
+    }
+    seq.regions.push_back(*region);
+  }
+  absl::Status started = StartTiering(seq);
+  if (!started.ok() || seq.ring_pages.empty()) {
+    if (!started.ok()) STRATA_LOG_WARN("sequence {}: {}", seq_id, started.ToString());
+    if (!seq.ring_pages.empty()) GiveRingPages(seq_id, seq);
+    give_back();
+    return none;
+  }
+  free_slots_.pop_back();
+  const Range range{seq.admission->work.front().begin, end};
+  sequences_.emplace(seq_id, std::move(seq));
+  return range;
+}
+
+absl::Status KvPolicyRunner::EncodeAdmittedHead(const Sequence& seq, int li, int h,
+                                                engine::KvCodecKind codec_kind,
+                                                std::span<const LandedPage> pages,
+                                                int64_t first_unit,
+                                                std::span<const int64_t> units_per_head,
+                                                int32_t* base, int32_t* where, int32_t* count) {
+  const Sequence::Admission& admission = *seq.admission;
+  const int layer = policies_[seq.policy]->config().full_layers + li;
+  const int page_size = model_->options().page_size;
+  const int heads = model_->shard().kv_heads, d = model_->config().head_dim;
+  const engine::DType dtype = model_->kv_cache_dtype();
+  const auto elem = static_cast<int64_t>(engine::DTypeSize(dtype));
+  const int64_t row = d * elem;  // one token's K (or V) of one head
+  const int64_t page_bytes = int64_t{page_size} * heads * row;
+  const int first_token = admission.work.front().begin;
+  const int end_token = admission.work.back().begin + admission.work.back().count;
+  STRATA_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvCodec> codec,
+                          engine::KvCodec::Create(codec_kind));
+  // The head's K and V of tokens [first_token, end_token), in token order.
+  const int64_t span_tokens = end_token - first_token;
+  std::vector<uint8_t> k(static_cast<size_t>(span_tokens * row)), v(k.size());
+  std::vector<uint8_t> k_page, v_page;
+  for (int p = first_token / page_size; p * page_size < end_token; ++p) {
+    const LandedPage& page = pages[static_cast<size_t>(p)];
+    const int page_tokens = std::min(page_size, end_token - p * page_size);
+    const int lo = std::max(first_token - p * page_size, 0);  // rows of the page taken
+    const uint8_t *kp = nullptr, *vp = nullptr;
+    int64_t stride = row;
+    if (page.codec == engine::KvCodecKind::kBf16) {
+      // The record: layer l's K page then its V page ([page, heads, d]).
+      kp = page.bytes + int64_t{2} * layer * page_bytes + h * row;
+      vp = kp + page_bytes;
+      stride = heads * row;
+    } else {
+      // Coded: one block per (layer, head) of the page's tokens.
+      STRATA_ASSIGN_OR_RETURN(std::unique_ptr<engine::KvCodec> wire,
+                              engine::KvCodec::Create(page.codec));
+      const auto block = static_cast<int64_t>(wire->EncodedBytes(page.tokens, d, dtype));
+      const int prompt_tokens =
+          std::min(page_size, static_cast<int>(admission.context_len - 1) - p * page_size);
+      if (block <= 0 || page.tokens != prompt_tokens) {
+        return absl::DataLossError(absl::StrCat("page ", p, " holds ", page.tokens,
+                                                " tokens coded; the prompt has ", prompt_tokens,
+                                                " there"));
+      }
+      k_page.resize(static_cast<size_t>(page.tokens * row));
+      v_page.resize(k_page.size());
+      const uint8_t* at = page.bytes + (int64_t{layer} * heads + h) * block;
+      engine::KvBlockInfo info;
+      STRATA_RETURN_IF_ERROR(
+          engine::KvCodec::Decode(std::span<const uint8_t>(at, static_cast<size_t>(block)), dtype,
+                                  k_page.data(), v_page.data(), &info));
+      if (info.tokens != page.tokens || info.head_dim != d) {
+        return absl::DataLossError(absl::StrCat("page ", p, " layer ", layer, " head ", h,
+                                                ": a block of ", info.tokens, " x ", info.head_dim,
+                                                ", expected ", page.tokens, " x ", d));
+      }
+      kp = k_page.data();
+      vp = v_page.data();
+    }
+    for (int t = lo; t < page_tokens; ++t) {
+      const int64_t to = (int64_t{p} * page_size + t - first_token) * row;
+      std::memcpy(&k[to], kp + t * stride, row);
+      std::memcpy(&v[to], vp + t * stride, row);
+    }
+  }
+  // The pieces, as OffloadBlocks lays them out.
+  const int64_t max_pieces = max_pieces_;
+  std::vector<uint8_t> k_rows(engine::kKvPieceTokens * row), v_rows(k_rows.size());
+  std::vector<int32_t> order, sizes;
+  int64_t region_unit = first_unit;
+  int32_t pieces = 0;
+  for (size_t wi = 0; wi < admission.work.size(); ++wi) {
+    const SummaryWork& w = admission.work[wi];
+    const StoredClustering& s = *admission.reuse[wi];
+    order.resize(static_cast<size_t>(w.count));
+    sizes.resize(static_cast<size_t>(w.clusters));
+    std::memcpy(order.data(), s.Order(li, h), order.size() * 4);
+    std::memcpy(sizes.data(), s.Sizes(li, h), sizes.size() * 4);
+    int64_t unit = region_unit + h * units_per_head[wi];
+    const int64_t end = unit + units_per_head[wi];
+    int32_t first = 0;  // the cluster's first position in the chunk's order
+    for (int c = 0; c < w.clusters; ++c) {
+      base[w.first_block + c] = pieces;
+      for (int32_t off = 0; off < sizes[c]; off += engine::kKvPieceTokens) {
+        const int n = std::min<int>(engine::kKvPieceTokens, sizes[c] - off);
+        for (int j = 0; j < n; ++j) {
+          const int64_t t = w.begin + order[first + off + j] - first_token;
+          std::memcpy(&k_rows[j * row], &k[t * row], row);
+          std::memcpy(&v_rows[j * row], &v[t * row], row);
+        }
+        const size_t bytes = codec->EncodedBytes(n, d, dtype);
+        const int64_t units =
+            (static_cast<int64_t>(bytes) + engine::kKvHostUnit - 1) / engine::kKvHostUnit;
+        if (bytes == 0 || unit + units > end || pieces >= max_pieces) {
+          return absl::InternalError(absl::StrCat("head ", h, ": the pieces outgrow the ",
+                                                  units_per_head[wi], " host units or ", max_pieces,
+                                                  " pieces reserved"));
+        }
+        STRATA_RETURN_IF_ERROR(codec->Encode(
+            k_rows.data(), v_rows.data(), dtype, n, d,
+            std::span<uint8_t>(ring_.host.data() + unit * engine::kKvHostUnit, bytes)));
+        where[pieces++] = static_cast<int32_t>(unit);
+        unit += units;
+      }
+      first += sizes[c];
+    }
+    region_unit += units_per_head[wi] * heads;
+  }
+  *count = pieces;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ImportAdmitter::Range> KvPolicyRunner::Admit(
+    int64_t seq_id, int workload, int tokens, std::span<const std::vector<uint8_t>> state,
+    std::span<const LandedPage> pages) {
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end() || !it->second.admission.has_value() ||
+      it->second.admission->encoded || it->second.policy != workload ||
+      it->second.admission->context_len != tokens + 1) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("sequence ", seq_id, " was not planned for admission"));
+  }
+  const auto started = std::chrono::steady_clock::now();
+  Sequence& seq = it->second;
+  Sequence::Admission& admission = *seq.admission;
+  const KvPolicy& p = *policies_[seq.policy];
+  const int page_size = model_->options().page_size;
+  const int needed = (tokens + page_size - 1) / page_size;
+  absl::Status status = absl::OkStatus();
+  if (static_cast<int>(pages.size()) != needed) {
+    status = absl::FailedPreconditionError(
+        absl::StrCat(pages.size(), " pages landed for ", tokens, " tokens"));
+  }
+  // Each chunk's clustering, checked (a value that fails fails the import:
+  // its pages' upper layers are nowhere else).
+  admission.reuse.assign(admission.work.size(), nullptr);
+  for (size_t wi = 0; wi < admission.work.size() && status.ok(); ++wi) {
+    const StoredClustering want = WantedClustering(p, admission.work[wi]);
+    auto value = std::find_if(state.begin(), state.end(), [&](const std::vector<uint8_t>& v) {
+      return ClusteringHeaderIs(v, want);
+    });
+    if (value == state.end()) {
+      status = absl::DataLossError(absl::StrCat("no clustering of tokens [", want.begin, ", ",
+                                                want.begin + want.count, ") came"));
+      break;
+    }
+    absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
+        ParseClustering(*value, want, PackPool());
+    if (!parsed.ok()) {
+      status = absl::DataLossError(absl::StrCat("the clustering of tokens [", want.begin, ", ",
+                                                want.begin + want.count,
+                                                ") is unusable: ", parsed.status().message()));
+      break;
+    }
+    admission.reuse[wi] = *std::move(parsed);
+  }
+  const int layers = model_->config().num_layers - p.config().full_layers;
+  const int heads = model_->shard().kv_heads;
+  const engine::KvCodecKind codec = TierCodec(seq.policy).value_or(options_.tier.codec);
+  const std::vector<int64_t> units = AdmittedUnits(seq);
+  // Per sparse layer: its slot's table rows, built here, uploaded after.
+  struct Rows {
+    std::vector<int32_t> base, where, count;
+  };
+  std::vector<Rows> rows(static_cast<size_t>(layers));
+  for (Rows& r : rows) {
+    r.base.assign(static_cast<size_t>(heads) * max_blocks_, -1);
+    r.where.assign(static_cast<size_t>(heads) * max_pieces_, 0);
+    r.count.assign(static_cast<size_t>(heads), 0);
+  }
+  // One task per (layer, head): each writes its own units and table rows.
+  std::vector<absl::Status> errors(static_cast<size_t>(layers) * heads);
+  if (status.ok()) {
+    PackPool().ParallelFor(int64_t{layers} * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int li = static_cast<int>(task / heads), h = static_cast<int>(task % heads);
+        Rows& r = rows[static_cast<size_t>(li)];
+        errors[static_cast<size_t>(task)] =
+            EncodeAdmittedHead(seq, li, h, codec, pages,
+                               seq.regions[static_cast<size_t>(li)].offset / engine::kKvHostUnit,
+                               units, r.base.data() + int64_t{h} * max_blocks_,
+                               r.where.data() + int64_t{h} * max_pieces_, r.count.data() + h);
+      }
+    });
+    for (const absl::Status& e : errors) {
+      if (!e.ok()) {
+        status = e;
+        break;
+      }
+    }
+  }
+  engine::Backend& b = model_->backend();
+  for (int li = 0; li < layers && status.ok(); ++li) {
+    engine::TierTables t = SlotTables(p.config().full_layers + li, seq.state.slot);
+    const Rows& r = rows[static_cast<size_t>(li)];
+    status.Update(b.CopyFromHost(r.base.data(), engine::DType::kI32,
+                                 static_cast<int64_t>(r.base.size()), t.piece_base, 0));
+    status.Update(b.CopyFromHost(r.where.data(), engine::DType::kI32,
+                                 static_cast<int64_t>(r.where.size()), t.piece_host, 0));
+    status.Update(b.CopyFromHost(r.count.data(), engine::DType::kI32,
+                                 static_cast<int64_t>(r.count.size()), t.piece_count, 0));
+  }
+  if (!status.ok()) {
+    DropAdmitted(seq_id);
+    return status;
+  }
+  admission.encoded = true;
+  // Every region is full to its end: later offloads take regions of their own.
+  seq.tail_units = 0;
+  ++stats_.admitted_sequences;
+  stats_.offloads += layers;
+  for (const KvBlockManager::HostRegion& region : seq.regions) {
+    stats_.offloaded_bytes += region.bytes;
+  }
+  stats_.admitted_clusterings += static_cast<int64_t>(admission.work.size()) * layers;
+  stats_.admit_micros += std::chrono::duration_cast<std::chrono::microseconds>(
+                             std::chrono::steady_clock::now() - started)
+                             .count();
+  return Range{admission.work.front().begin,
+               admission.work.back().begin + admission.work.back().count};
+}
+
+void KvPolicyRunner::DropAdmitted(int64_t seq_id) {
+  auto it = sequences_.find(seq_id);
+  if (it == sequences_.end() || !it->second.admission.has_value()) return;
+  Release(seq_id);
+}
+
+}  // namespace strata::kvtier
