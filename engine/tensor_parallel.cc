@@ -197,16 +197,29 @@ void RankedPlanner::Pause(int64_t seq_id) {
 }
 
 absl::StatusOr<bool> RankedPlanner::Resume(int64_t seq_id) {
+  // Every rank is asked, even after one refused: a rank counts what it
+  // tries for a sequence (kvtier::RankSharedTier matches the ranks' rings
+  // by that count), so stopping at the first refusal would leave the ranks
+  // out of step, and a later step would resume the sequence on some ranks
+  // only, planning different entries on each.
+  absl::Status first;
+  bool all = true;
+  std::vector<bool> took(ranks_.size(), false);
   for (size_t r = 0; r < ranks_.size(); ++r) {
     absl::StatusOr<bool> resumed = ranks_[r]->Resume(seq_id);
-    if (!resumed.ok() || !*resumed) {
-      // The ranks that took it back give it up again: it stays paused on
-      // all of them until all can.
-      for (size_t back = 0; back < r; ++back) ranks_[back]->Pause(seq_id);
-      return resumed;
+    if (!resumed.ok() && first.ok()) first = resumed.status();
+    took[r] = resumed.ok() && *resumed;
+    all &= took[r];
+  }
+  if (!all) {
+    // The ranks that took it back give it up again: it stays paused on
+    // all of them until all can.
+    for (size_t r = 0; r < ranks_.size(); ++r) {
+      if (took[r]) ranks_[r]->Pause(seq_id);
     }
   }
-  return true;
+  if (!first.ok()) return first;
+  return all;
 }
 
 absl::StatusOr<std::vector<AttentionPlanner::LostSequence>> RankedPlanner::EndStep() {

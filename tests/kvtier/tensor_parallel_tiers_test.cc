@@ -579,6 +579,58 @@ TEST_P(TensorParallelTiersTest, EveryRankReusesItsStoredClusteringsWithOneRanksT
   EXPECT_EQ(clusterings.stats().hits, 10 * GetParam()) << "each rank its own";
 }
 
+// A paused tiered sequence whose ring cannot be taken back (no pages free)
+// stays paused on every rank, and each rank counts the attempt: when pages
+// are free again, every rank resumes it in the same step and plans it, and
+// the tokens are one rank's. (Asking the ranks only up to the first
+// refusal left their ring counts apart; a later step then resumed the
+// sequence on some ranks only, and the group broke on mismatched
+// collectives.)
+TEST_P(TensorParallelTiersTest, ARefusedResumeLeavesEveryRankInStep) {
+  const std::vector<engine::GenerationRequest> reqs = {Request(1, 97, 30)};
+  const TieredRun one = ServeHostHomed(1, reqs);
+  auto group = Load(GetParam(), SmallCache(160));
+  ASSERT_NE(group, nullptr);
+  auto manager = KvBlockManager::Create(group->model(), {.host_bytes = int64_t{64} << 20});
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  KvBlockManager& m = **manager;
+  auto installed =
+      RankedKvPolicies::Install(group->model(), {testing_util::SmallClusterKv()},
+                                {.max_sparse_seqs = 4, .tier = {.manager = manager->get()}});
+  ASSERT_TRUE(installed.ok()) << installed.status();
+  engine::Batcher batcher(group->model(), nullptr, {}, &m);
+  ASSERT_TRUE(batcher.Add(reqs[0]).ok());
+  engine::AttentionPlanner* planner = group->model()->attention_planner();
+  std::vector<int32_t> tokens;
+  int refusals = 0;
+  for (int step = 0; batcher.HasWork() && step < 1000; ++step) {
+    if (step == 5 || step == 8) {
+      // Between steps: paused, then not resumed for lack of pages, twice.
+      planner->Pause(1);
+      std::vector<int32_t> hog;
+      const engine::PageGroup ring_group = engine::PageGroup::kLower;
+      ASSERT_TRUE(m.AllocatePages(ring_group, m.num_free_pages(ring_group), hog));
+      absl::StatusOr<bool> resumed = planner->Resume(1);
+      ASSERT_TRUE(resumed.ok()) << resumed.status();
+      refusals += !*resumed;
+      ASSERT_TRUE(m.FreePages(ring_group, hog).ok());
+    }
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+    for (const auto& e : *events) {
+      EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+      tokens.push_back(e.token_id);
+    }
+  }
+  EXPECT_EQ(refusals, 2);
+  EXPECT_EQ(tokens, one.tokens.at(1));
+  for (int r = 0; r < (*installed)->num_ranks(); ++r) {
+    EXPECT_EQ((*installed)->rank(r).stats().ring_resumes,
+              (*installed)->leader().stats().ring_resumes);
+  }
+  EXPECT_EQ((*installed)->leader().stats().ring_resumes, 2) << "each in its next step";
+}
+
 TEST_P(TensorParallelTiersTest, EveryRanksClustersGoDownToTheSsdAndComeBackWithOneRanksTokens) {
   const fs::path dir = fs::path(::testing::TempDir()) /
                        ("tp_spill_" + std::to_string(getpid()) + "_" + std::to_string(GetParam()));
