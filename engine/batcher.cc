@@ -40,6 +40,9 @@ struct Batcher::Sequence {
   int cached_tokens = 0;  // of its first prefill, loaded from a stored prefix
   bool prefix_asked = false;
   bool prompt_stored = false;  // its prompt's KV went to the prefix store
+  // Its KV came from another worker coded by a lossy codec: not what
+  // computing it here gives, so never stored as a prefix.
+  bool kv_inexact = false;
   // req.import_kv was loaded, failed or dropped: never asked again (a
   // recompute computes the prompt here).
   bool import_done = false;
@@ -248,6 +251,7 @@ void Batcher::EndExport(Sequence& seq) {
 }
 
 void Batcher::ReleaseKv(Sequence& seq) {
+  seq.kv_inexact = false;  // its KV is gone: what is computed next is this worker's
   if (seq.req.import_kv != 0 && !seq.import_done) {
     kv_->DropImported(seq.req.import_kv);
     seq.import_done = true;
@@ -380,7 +384,7 @@ void Batcher::Finish(Sequence& seq, FinishReason reason, std::vector<TokenEvent>
     }
   }
   const AttentionPlanner* planner = model_->attention_planner();
-  if ((reason == FinishReason::kStop || reason == FinishReason::kLength) &&
+  if ((reason == FinishReason::kStop || reason == FinishReason::kLength) && !seq.kv_inexact &&
       (planner == nullptr || !planner->Reordered(static_cast<int64_t>(seq.req.id)))) {
     // Its KV may serve a later request that starts with the same tokens
     // (the next turn of a conversation, the same document again).
@@ -613,7 +617,8 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
         // computing the prompt gives). Its first sampled step is a decode
         // step, after which the pages are no longer in token order.
         seq.prompt_stored = true;
-        if (kv_->ImportedKvExact()) StorePrompt(seq);
+        seq.kv_inexact = !kv_->ImportedKvExact();
+        if (!seq.kv_inexact) StorePrompt(seq);
         if (!state.empty() && model_->attention_planner() != nullptr) {
           model_->attention_planner()->NoteImportedState(static_cast<int64_t>(seq.req.id),
                                                          std::move(state));
@@ -798,6 +803,16 @@ absl::StatusOr<std::vector<TokenEvent>> Batcher::Step() {
       seq.num_computed = 0;
       waiting_.push_front(std::move(*it));
       it = running_.erase(it);
+    }
+    // A sequence's first decode step may come from waiting_ (one whose
+    // prompt's KV was imported): it starts over from its tokens too.
+    for (auto& seq_ptr : waiting_) {
+      Sequence& seq = *seq_ptr;
+      if (!seq.lost) continue;
+      seq.lost = false;
+      seq.sampled = false;
+      ReleaseKv(seq);
+      seq.num_computed = 0;
     }
   }
   // Sequences whose prompt is done join the running batch; finished leave.

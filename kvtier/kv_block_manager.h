@@ -208,20 +208,26 @@ class ImportAdmitter {
   // The tokens whose upper-layer KV Admit would take for sequence seq_id
   // (its workload; `tokens` prompt tokens, whose first decode step follows;
   // the first kStateHeadBytes of each value of the prefill worker's planner
-  // state): cheap, nothing taken. Empty when it would take none (then the
-  // whole prompt goes to the GPU as before).
+  // state): cheap, nothing reserved. Empty when it would take none (then
+  // the whole prompt goes to the GPU as before).
   static constexpr size_t kStateHeadBytes = 64;
   virtual Range PlanAdmission(int64_t seq_id, int workload, int tokens,
                               std::span<const std::vector<uint8_t>> state_heads) = 0;
+  // Reserves what admitting the planned range needs (its pool slot, GPU
+  // ring pages, host regions), so that Admit cannot run out: false (nothing
+  // reserved) when something is short. Held until Admit's sequence is
+  // released or DropAdmitted.
+  virtual bool ReserveAdmission(int64_t seq_id, int workload, int tokens) = 0;
   // Takes what PlanAdmission named, from `pages` (every page of the
   // prompt). On success the sequence holds it until its KV policy releases
-  // the sequence (or DropAdmitted). An error (a coded block that fails its
-  // check: DataLoss) takes nothing and fails the import.
+  // the sequence (or DropAdmitted). An error takes nothing and drops the
+  // reservation: DataLoss (a coded block or a clustering that fails its
+  // check) fails the import; another lets the pages go to the GPU.
   virtual absl::StatusOr<Range> Admit(int64_t seq_id, int workload, int tokens,
                                       std::span<const std::vector<uint8_t>> state,
                                       std::span<const LandedPage> pages) = 0;
-  // A sequence admitted whose import then failed or was dropped: what it
-  // took is freed.
+  // A sequence reserved or admitted whose import then failed or was
+  // dropped: what it holds is freed (nothing for one it does not hold).
   virtual void DropAdmitted(int64_t seq_id) = 0;
 };
 

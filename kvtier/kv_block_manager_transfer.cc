@@ -569,23 +569,31 @@ absl::StatusOr<bool> KvBlockManager::StartImport(int64_t seq_id, int workload, u
   // (wholly inside its range) straight from the landing records: those
   // need no upper page.
   ImportAdmitter::Range admit;
-  int upper_needed = needed;
+  bool reserved = false;
   if (two_groups && admitter_ != nullptr && layout_.num_ranks() == 1 && seq_id >= 0) {
     const std::vector<std::vector<uint8_t>> heads =
         landing_->PlannerStateHeads(transfer_id, ImportAdmitter::kStateHeadBytes);
     if (!heads.empty()) {
       admit = admitter_->PlanAdmission(seq_id, workload, static_cast<int>(tokens.size()), heads);
-      upper_needed -= PagesInside(admit, page_size, needed);
     }
+    const int upper = needed - PagesInside(admit, page_size, needed);
+    if (admit.end > admit.begin && upper_pages_.num_free() >= upper) {
+      reserved = admitter_->ReserveAdmission(seq_id, workload, static_cast<int>(tokens.size()));
+      // Its ring came from the upper pages too.
+      if (reserved && upper_pages_.num_free() < upper) {
+        admitter_->DropAdmitted(seq_id);
+        reserved = false;
+      }
+    }
+    if (!reserved) admit = {};
   }
   // What the admitter reserved goes back on every path that does not end
-  // with the import started (DropAdmitted ignores a sequence it does not
-  // hold).
-  const bool reserved = admit.end > admit.begin;
+  // with the import started.
   auto drop_admission = [&] {
     if (reserved) admitter_->DropAdmitted(seq_id);
+    reserved = false;
   };
-  if (two_groups && upper_pages_.num_free() < upper_needed) {
+  if (two_groups && upper_pages_.num_free() < needed - PagesInside(admit, page_size, needed)) {
     drop_admission();
     return false;
   }
@@ -635,23 +643,35 @@ absl::StatusOr<bool> KvBlockManager::StartImport(int64_t seq_id, int workload, u
     }
     absl::StatusOr<ImportAdmitter::Range> admitted = admitter_->Admit(
         seq_id, workload, static_cast<int>(tokens.size()), im.planner_state, landed);
-    if (!admitted.ok()) {
-      return fail(absl::Status(
-          admitted.status().code(),
+    reserved = false;  // Admit drops it on an error
+    if (admitted.ok()) {
+      admit = *admitted;
+      im.admitted = admit.end > admit.begin;
+    } else if (absl::IsDataLoss(admitted.status())) {
+      return fail(absl::DataLossError(
           absl::StrCat("KV transfer ", transfer_id, ": ", admitted.status().message())));
+    } else {
+      // The pages go to the GPU as they would without an admitter.
+      STRATA_LOG_WARN("KV transfer {}: not admitted straight into the host tier: {}", transfer_id,
+                      admitted.status().ToString());
+      admit = {};
     }
-    admit = *admitted;
-    im.admitted = admit.end > admit.begin;
   }
   if (!pages_.Allocate(needed, im.pages.lower)) {
+    if (im.admitted) admitter_->DropAdmitted(seq_id);
     return fail(absl::InternalError("free pages vanished"));
   }
   if (two_groups) {
     std::vector<int32_t> upper;
     const int off = im.admitted ? PagesInside(admit, page_size, needed) : 0;
     if (!upper_pages_.Allocate(needed - off, upper)) {
+      // (After an admission error, the pages the admission would have
+      // saved may be short: the import fails.)
+      if (im.admitted) admitter_->DropAdmitted(seq_id);
       if (absl::Status s = pages_.Free(im.pages.lower); !s.ok()) return fail(s);
-      return fail(absl::InternalError("free upper pages vanished"));
+      return fail(absl::ResourceExhaustedError(absl::StrCat("KV transfer ", transfer_id, ": ",
+                                                            needed - off, " upper pages needed, ",
+                                                            upper_pages_.num_free(), " free")));
     }
     auto next = upper.begin();
     for (int i = 0; i < needed; ++i) {

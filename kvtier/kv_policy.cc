@@ -881,12 +881,15 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
       range.count = w.count;
       Tensor extents = extents_[layer].Row(slot);
       if (w.kind == SummaryWork::kCluster) {
+        if (e.admitted) {
+          // An admitted import: its rows are not on the GPU, its clusters
+          // are in the host tier already (Admit), its centroids and extents
+          // staged (StageReuses).
+          ++stats_.reused_clusterings;
+          continue;
+        }
         if (wi < reuse_orders.size() && reuse_orders[wi].defined()) {
-          // An admitted import's rows are not on the GPU: its clusters are
-          // in the host tier already, in this order.
-          if (!e.admitted) {
-            STRATA_RETURN_IF_ERROR(b.ReorderKeys(k_cache, v_cache, range, reuse_orders[wi]));
-          }
+          STRATA_RETURN_IF_ERROR(b.ReorderKeys(k_cache, v_cache, range, reuse_orders[wi]));
           ++stats_.reused_clusterings;
         } else {
           Tensor centroids = centroids_[layer].Row(slot);
@@ -897,7 +900,7 @@ absl::StatusOr<const SparsePlan*> KvPolicyRunner::PlanLayer(int layer,
                             KeptOrder(e, wi, layer, order_view), engine::ClusterRows::kReorder));
           ++stats_.clusterings;
         }
-        if (Tiering() && !e.admitted) {
+        if (Tiering()) {
           STRATA_ASSIGN_OR_RETURN(const bool offloaded, Offload(sequences_.at(e.seq_id), layer,
                                                                 range, w, k_cache, v_cache));
           e.offloaded_layers[wi] +=

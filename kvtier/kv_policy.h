@@ -388,6 +388,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
   }
   Range PlanAdmission(int64_t seq_id, int workload, int tokens,
                       std::span<const std::vector<uint8_t>> state_heads) override;
+  bool ReserveAdmission(int64_t seq_id, int workload, int tokens) override;
   absl::StatusOr<Range> Admit(int64_t seq_id, int workload, int tokens,
                               std::span<const std::vector<uint8_t>> state,
                               std::span<const LandedPage> pages) override;
@@ -431,6 +432,12 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
   const KvPolicy& policy(int i) const { return *policies_[i]; }
   const Stats& stats() const { return stats_; }
   int num_free_slots() const { return static_cast<int>(free_slots_.size()); }
+  // The host regions a sequence's clusters are homed in (tests that
+  // inspect them).
+  std::vector<KvBlockManager::HostRegion> HostRegionsOf(int64_t seq_id) const {
+    auto it = sequences_.find(seq_id);
+    return it == sequences_.end() ? std::vector<KvBlockManager::HostRegion>{} : it->second.regions;
+  }
   // Clusters below the host tier; null when no policy sends them down.
   const ClusterSpill* spill() const { return spill_.get(); }
   // Moves KvTierOptions::spill_high_water between steps (a tier budget
@@ -796,6 +803,11 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
                                   std::span<const LandedPage> pages, int64_t first_unit,
                                   std::span<const int64_t> units_per_head, int32_t* base,
                                   int32_t* where, int32_t* count);
+  // The work of an admitted sequence's first decode step (every item a
+  // chunk to cluster, contiguous), or nullopt when this runner would not
+  // admit sequence seq_id of `workload` with a prompt of `tokens` tokens.
+  std::optional<std::vector<SummaryWork>> AdmissionWork(int64_t seq_id, int workload,
+                                                        int tokens) const;
   // The (layer, work item) host units per head Admit reserves.
   std::vector<int64_t> AdmittedUnits(const Sequence& seq) const;
   std::vector<int> free_slots_;

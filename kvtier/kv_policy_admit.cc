@@ -18,7 +18,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,43 +45,63 @@ std::vector<int64_t> KvPolicyRunner::AdmittedUnits(const Sequence& seq) const {
   return units;
 }
 
-ImportAdmitter::Range KvPolicyRunner::PlanAdmission(
-    int64_t seq_id, int workload, int tokens, std::span<const std::vector<uint8_t>> state_heads) {
-  const Range none;
+std::optional<std::vector<SummaryWork>> KvPolicyRunner::AdmissionWork(int64_t seq_id, int workload,
+                                                                      int tokens) const {
   if (!AdmitsImports() || workload < 0 || workload >= num_policies() ||
       options_.tier.block_stride != 1 || sequences_.contains(seq_id) || free_slots_.empty()) {
-    return none;
+    return std::nullopt;
   }
+  // The caches' rows are decoded and encoded on the host: f32 or bf16.
+  const engine::DType dtype = model_->kv_cache_dtype();
+  if (dtype != engine::DType::kF32 && dtype != engine::DType::kBF16) return std::nullopt;
   const KvPolicy& p = *policies_[workload];
   if (p.kind() != PolicyKind::kClusterKv || !TierCodec(workload).has_value() ||
       p.config().full_layers != model_->options().upper_first_layer) {
-    return none;
+    return std::nullopt;
   }
-  // The work of the first decode step (the prompt and the first token).
+  // The work of the first decode step (the prompt and the first token):
+  // chunks to cluster, one after another.
+  SequenceState state;
+  std::vector<SummaryWork> work;
+  p.Advance(tokens + 1, state, work);
+  if (work.empty()) return std::nullopt;
+  int end = work.front().begin;
+  for (const SummaryWork& w : work) {
+    if (w.kind != SummaryWork::kCluster || w.begin != end || w.count <= 0) return std::nullopt;
+    end = w.begin + w.count;
+  }
+  return work;
+}
+
+ImportAdmitter::Range KvPolicyRunner::PlanAdmission(
+    int64_t seq_id, int workload, int tokens, std::span<const std::vector<uint8_t>> state_heads) {
+  const std::optional<std::vector<SummaryWork>> work = AdmissionWork(seq_id, workload, tokens);
+  if (!work.has_value()) return {};
+  for (const SummaryWork& w : *work) {
+    const StoredClustering want = WantedClustering(*policies_[workload], w);
+    if (std::none_of(state_heads.begin(), state_heads.end(),
+                     [&](const std::vector<uint8_t>& v) { return ClusteringHeaderIs(v, want); })) {
+      return {};  // a chunk the prefill worker did not cluster: the k-means runs here
+    }
+  }
+  return {work->front().begin, work->back().begin + work->back().count};
+}
+
+bool KvPolicyRunner::ReserveAdmission(int64_t seq_id, int workload, int tokens) {
+  std::optional<std::vector<SummaryWork>> work = AdmissionWork(seq_id, workload, tokens);
+  if (!work.has_value()) return false;
   Sequence seq;
   seq.id = seq_id;
   seq.policy = workload;
-  Sequence::Admission admission;
-  admission.context_len = tokens + 1;
-  p.Advance(admission.context_len, seq.state, admission.work);
-  if (admission.work.empty()) return none;
-  int end = admission.work.front().begin;
-  for (const SummaryWork& w : admission.work) {
-    if (w.kind != SummaryWork::kCluster || w.begin != end || w.count <= 0) return none;
-    end = w.begin + w.count;
-    const StoredClustering want = WantedClustering(p, w);
-    if (std::none_of(state_heads.begin(), state_heads.end(),
-                     [&](const std::vector<uint8_t>& v) { return ClusteringHeaderIs(v, want); })) {
-      return none;  // a chunk the prefill worker did not cluster: the k-means runs here
-    }
-  }
-  seq.state = SequenceState{};  // Advance runs again at the step
-  seq.admission = std::move(admission);
-  // Everything admission needs is taken now, so that Admit cannot run out.
+  seq.admission.emplace();
+  seq.admission->context_len = tokens + 1;
+  seq.admission->work = *std::move(work);
   const std::vector<int64_t> units = AdmittedUnits(seq);
-  if (std::any_of(units.begin(), units.end(), [](int64_t u) { return u <= 0; })) return none;
-  const int layers = model_->config().num_layers - p.config().full_layers;
+  if (std::any_of(units.begin(), units.end(), [](int64_t u) { return u <= 0; })) return false;
+  const int layers = model_->config().num_layers - policies_[workload]->config().full_layers;
   const int64_t heads = model_->shard().kv_heads;
+  int64_t need = 0;
+  for (int64_t u : units) need += u * heads;
   seq.state.slot = free_slots_.back();
   auto give_back = [&] {
     std::unique_lock<std::mutex> lock = LockManager();
@@ -88,31 +110,30 @@ ImportAdmitter::Range KvPolicyRunner::PlanAdmission(
     }
     seq.regions.clear();
   };
+  // A region per sparse layer, its pieces addressed in int32 host units.
   for (int li = 0; li < layers; ++li) {
-    int64_t need = 0;
-    for (int64_t u : units) need += u * heads;
     std::optional<KvBlockManager::HostRegion> region;
     {
       std::unique_lock<std::mutex> lock = LockManager();
       region = options_.tier.manager->AllocateHostRegion(need * engine::kKvHostUnit, workload);
     }
-    if (!region.has_value()) {
+    if (region.has_value()) seq.regions.push_back(*region);
+    if (!region.has_value() ||
+        region->offset / engine::kKvHostUnit + need > std::numeric_limits<int32_t>::max()) {
       give_back();
-      return none;  // no room: the pages go to the GPU, offloaded as before
+      return false;  // no room: the pages go to the GPU, offloaded as before
     }
-    seq.regions.push_back(*region);
   }
   absl::Status started = StartTiering(seq);
   if (!started.ok() || seq.ring_pages.empty()) {
     if (!started.ok()) STRATA_LOG_WARN("sequence {}: {}", seq_id, started.ToString());
     if (!seq.ring_pages.empty()) GiveRingPages(seq_id, seq);
     give_back();
-    return none;
+    return false;
   }
   free_slots_.pop_back();
-  const Range range{seq.admission->work.front().begin, end};
   sequences_.emplace(seq_id, std::move(seq));
-  return range;
+  return true;
 }
 
 absl::Status KvPolicyRunner::EncodeAdmittedHead(const Sequence& seq, int li, int h,
@@ -162,16 +183,27 @@ absl::Status KvPolicyRunner::EncodeAdmittedHead(const Sequence& seq, int li, int
       }
       k_page.resize(static_cast<size_t>(page.tokens * row));
       v_page.resize(k_page.size());
-      const uint8_t* at = page.bytes + (int64_t{layer} * heads + h) * block;
-      engine::KvBlockInfo info;
-      STRATA_RETURN_IF_ERROR(
-          engine::KvCodec::Decode(std::span<const uint8_t>(at, static_cast<size_t>(block)), dtype,
-                                  k_page.data(), v_page.data(), &info));
-      if (info.tokens != page.tokens || info.head_dim != d) {
-        return absl::DataLossError(absl::StrCat("page ", p, " layer ", layer, " head ", h,
-                                                ": a block of ", info.tokens, " x ", info.head_dim,
-                                                ", expected ", page.tokens, " x ", d));
+      const std::span<const uint8_t> bytes(page.bytes + (int64_t{layer} * heads + h) * block,
+                                           static_cast<size_t>(block));
+      // The block's own header says what Decode writes: it is checked
+      // against the page before anything is decoded into the page's rows
+      // (its CRC is the sender's, so it proves nothing about the shape).
+      absl::StatusOr<engine::KvBlockInfo> info = engine::KvCodec::Inspect(bytes);
+      if (!info.ok()) {
+        return absl::DataLossError(
+            absl::StrCat("page ", p, " layer ", layer, " head ", h, ": ", info.status().message()));
       }
+      if (info->tokens != page.tokens || info->head_dim != d || info->codec != page.codec ||
+          static_cast<int64_t>(info->bytes) != block) {
+        return absl::DataLossError(absl::StrCat("page ", p, " layer ", layer, " head ", h, ": a ",
+                                                std::string(engine::KvCodecKindName(info->codec)),
+                                                " block of ", info->tokens, " x ", info->head_dim,
+                                                " in ", info->bytes, " bytes, expected ",
+                                                std::string(engine::KvCodecKindName(page.codec)),
+                                                " ", page.tokens, " x ", d, " in ", block));
+      }
+      STRATA_RETURN_IF_ERROR(
+          engine::KvCodec::Decode(bytes, dtype, k_page.data(), v_page.data(), nullptr));
       kp = k_page.data();
       vp = v_page.data();
     }

@@ -386,12 +386,15 @@ absl::Status KvPolicyRunner::StageReuses() {
     Staged st{&e, full, model_->config().num_layers - full, 0, bytes};
     e.reuse_offsets.assign(e.work.size(), -1);
     for (size_t wi = 0; wi < e.work.size(); ++wi) {
-      if (e.reuse[wi] == nullptr) continue;
+      // An admitted import's rows are never reordered on the GPU: no orders.
+      if (e.reuse[wi] == nullptr || e.admitted) continue;
       e.reuse_offsets[wi] = st.per_layer;
       st.per_layer += heads * e.work[wi].count;
     }
-    STRATA_ASSIGN_OR_RETURN(e.reuse_orders,
-                            b.Allocate(engine::DType::kI32, {st.layers, st.per_layer}));
+    if (st.per_layer > 0) {
+      STRATA_ASSIGN_OR_RETURN(e.reuse_orders,
+                              b.Allocate(engine::DType::kI32, {st.layers, st.per_layer}));
+    }
     const auto centroid_row =
         static_cast<int64_t>(centroids_[full].nbytes()) / centroids_[full].dim(0);
     const auto extent_row = static_cast<int64_t>(extents_[full].nbytes()) / extents_[full].dim(0);
@@ -420,12 +423,15 @@ absl::Status KvPolicyRunner::StageReuses() {
     const int64_t orders_at = st.at;
     const int64_t centroids_at = orders_at + st.layers * st.per_layer * 4;
     const int64_t extents_at = centroids_at + st.layers * centroid_row;
-    tensors.push_back(e.reuse_orders);
-    const auto orders_tensor = static_cast<int32_t>(tensors.size() - 1);
+    int32_t orders_tensor = -1;
+    if (st.per_layer > 0) {
+      tensors.push_back(e.reuse_orders);
+      orders_tensor = static_cast<int32_t>(tensors.size() - 1);
+    }
     for (int li = 0; li < st.layers; ++li) {
       fills.push_back({&st, li, orders_at + li * st.per_layer * 4, centroids_at + li * centroid_row,
                        extents_at + li * extent_row});
-      rows.push_back({orders_tensor, li, fills.back().orders_at});
+      if (orders_tensor >= 0) rows.push_back({orders_tensor, li, fills.back().orders_at});
       tensors.push_back(centroids_[st.full + li]);
       rows.push_back({static_cast<int32_t>(tensors.size() - 1), slot, fills.back().centroids_at});
       tensors.push_back(extents_[st.full + li]);
@@ -460,8 +466,10 @@ absl::Status KvPolicyRunner::StageReuses() {
             extents[(h * max_blocks + w.first_block + j) * 2 + 1] = sizes[j];
             first += sizes[j];
           }
-          std::memcpy(orders + e.reuse_offsets[wi] + h * n, s.Order(li, h),
-                      static_cast<size_t>(n * 4));
+          if (e.reuse_offsets[wi] >= 0) {
+            std::memcpy(orders + e.reuse_offsets[wi] + h * n, s.Order(li, h),
+                        static_cast<size_t>(n * 4));
+          }
         }
       }
     }

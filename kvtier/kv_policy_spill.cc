@@ -376,8 +376,11 @@ absl::Status KvPolicyRunner::PollSpill() {
       return a.last_step < b.last_step;
     };
     for (auto& [id, seq] : sequences_) {
+      // An admitted import waiting for its first step has no clusters in
+      // its tables yet to send down.
       if (!Spills(seq.policy) || seq.regions.empty() || seq.strided_spill_done ||
-          seq.spill_retry_step > step_count_ || seq.pending_promotion.has_value()) {
+          seq.spill_retry_step > step_count_ || seq.pending_promotion.has_value() ||
+          seq.admission.has_value()) {
         continue;
       }
       const bool always =
@@ -443,7 +446,7 @@ absl::StatusOr<bool> KvPolicyRunner::SettleSpills(std::chrono::milliseconds time
       // A batch PollSpill would start next (admission kAlways).
       busy |=
           Spills(seq.policy) && !seq.regions.empty() && !seq.strided_spill_done &&
-          seq.spill_retry_step <= step_count_ &&
+          seq.spill_retry_step <= step_count_ && !seq.admission.has_value() &&
           options_.tier.spill_admission[seq.policy] == KvBlockManagerOptions::SsdAdmission::kAlways;
     }
     if (!busy) return true;

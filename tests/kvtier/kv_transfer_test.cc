@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/crc32c.h"
 #include "engine/batcher.h"
 #include "engine/cpu_backend.h"
 #include "engine/model_loader.h"
@@ -711,41 +712,45 @@ TEST(DisaggregatedKvTest, ClusterKvPromptsAreClusteredOnThePrefillWorker) {
 // after the reorder would hold other positions' keys (later ones among
 // them). A prompt that came coded (lossy) is not kept.
 TEST(DisaggregatedKvTest, AnImportedPromptIsKeptAsAPrefixInItsOrderAndOnlyWhenLossless) {
-  const KvPolicyConfig c = SmallClusterKv();
-  for (const engine::KvCodecKind codec : {engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8}) {
-    SCOPED_TRACE(engine::KvCodecKindName(codec));
-    Worker p(0, &c, codec), d(64, &c, engine::KvCodecKind::kBf16, false, /*prefix_records=*/32),
-        alone(0, &c);
-    const int page = d.manager->layout().page_size();
-    const engine::GenerationRequest r = Request(5, 120, 8);
-    const uint64_t transfer = 4000;
-    ASSERT_TRUE(d.manager->landing_area()
-                    ->Reserve(transfer, (120 + page - 1) / page, absl::Now() + absl::Hours(1))
-                    .ok());
-    const engine::TokenEvent first = Prefill(p, r, 9);
-    ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
-    ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
-    ASSERT_EQ(d.RunToEnd().back().finish, engine::FinishReason::kLength);
-    ASSERT_GT(d.runner->stats().sparse_queries, 0);
+  const KvPolicyConfig clusterkv = SmallClusterKv();
+  // With no sparse policy the whole sequence is stored when it ends too.
+  for (const KvPolicyConfig* c : {&clusterkv, static_cast<const KvPolicyConfig*>(nullptr)})
+    for (const engine::KvCodecKind codec :
+         {engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8}) {
+      SCOPED_TRACE(engine::KvCodecKindName(codec));
+      SCOPED_TRACE(c != nullptr ? "clusterkv" : "full");
+      Worker p(0, c, codec), d(64, c, engine::KvCodecKind::kBf16, false, /*prefix_records=*/32),
+          alone(0, c);
+      const int page = d.manager->layout().page_size();
+      const engine::GenerationRequest r = Request(5, 120, 8);
+      const uint64_t transfer = 4000;
+      ASSERT_TRUE(d.manager->landing_area()
+                      ->Reserve(transfer, (120 + page - 1) / page, absl::Now() + absl::Hours(1))
+                      .ok());
+      const engine::TokenEvent first = Prefill(p, r, 9);
+      ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+      ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+      ASSERT_EQ(d.RunToEnd().back().finish, engine::FinishReason::kLength);
+      if (c != nullptr) ASSERT_GT(d.runner->stats().sparse_queries, 0);
 
-    // Its first 48 tokens, then others.
-    engine::GenerationRequest next = Request(6, 0, 16);
-    next.prompt.assign(r.prompt.begin(), r.prompt.begin() + 48);
-    const std::vector<int32_t> more = Prompt(24, 77);
-    next.prompt.insert(next.prompt.end(), more.begin(), more.end());
-    const std::vector<int32_t> expected = OneWorkersTokens(alone, next);
-    const int64_t loaded_before = d.manager->stats().prefix_tokens_loaded;
-    ASSERT_TRUE(d.batcher->Add(next).ok());
-    EXPECT_EQ(Tokens(d.RunToEnd()), expected);
-    const int64_t loaded = d.manager->stats().prefix_tokens_loaded - loaded_before;
-    if (codec == engine::KvCodecKind::kBf16) {
-      EXPECT_EQ(loaded, 48) << "the imported prompt's pages were kept";
-    } else {
-      EXPECT_EQ(loaded, 0) << "a lossy import is not kept";
+      // Its first 48 tokens, then others.
+      engine::GenerationRequest next = Request(6, 0, 16);
+      next.prompt.assign(r.prompt.begin(), r.prompt.begin() + 48);
+      const std::vector<int32_t> more = Prompt(24, 77);
+      next.prompt.insert(next.prompt.end(), more.begin(), more.end());
+      const std::vector<int32_t> expected = OneWorkersTokens(alone, next);
+      const int64_t loaded_before = d.manager->stats().prefix_tokens_loaded;
+      ASSERT_TRUE(d.batcher->Add(next).ok());
+      EXPECT_EQ(Tokens(d.RunToEnd()), expected);
+      const int64_t loaded = d.manager->stats().prefix_tokens_loaded - loaded_before;
+      if (codec == engine::KvCodecKind::kBf16) {
+        EXPECT_EQ(loaded, 48) << "the imported prompt's pages were kept";
+      } else {
+        EXPECT_EQ(loaded, 0) << "a lossy import is not kept";
+      }
+      ExpectNothingLeft(p);
+      ExpectNothingLeft(d);
     }
-    ExpectNothingLeft(p);
-    ExpectNothingLeft(d);
-  }
 }
 
 // A decode worker whose ClusterKV clusters live in the host tier takes an
@@ -834,6 +839,48 @@ TEST(DisaggregatedKvTest, AFailedAdmissionFailsItsRequestAloneAndLeavesNothing) 
     EXPECT_EQ(d.runner->num_free_slots(), 4);
     EXPECT_EQ(d.runner->stats().admitted_sequences, 0);
   }
+  // A block whose header names another shape of the same size (8 tokens
+  // of 16 channels sent as 16 of 8), its CRCs made right by the sender:
+  // refused by its header before anything is decoded.
+  {
+    const uint64_t transfer = 6050;
+    ASSERT_TRUE(d.manager->landing_area()
+                    ->Reserve(transfer, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                    .ok());
+    const engine::TokenEvent first = Prefill(p, r, 14);
+    auto codec = engine::KvCodec::Create(engine::KvCodecKind::kInt8);
+    ASSERT_TRUE(codec.ok());
+    const int d_head = d.model->config().head_dim, heads = d.manager->layout().num_kv_heads();
+    const size_t block = (*codec)->EncodedBytes(page, d_head, d.model->kv_cache_dtype());
+    ASSERT_EQ((*codec)->EncodedBytes(d_head, page, d.model->kv_cache_dtype()), block);
+    bool forged = false;
+    for (KvBlockManager::ExportedKv& e : p.exports) {
+      if (e.first_block > 10 || e.blocks.empty() || e.blocks[0].part_layers > 0 ||
+          e.first_block + static_cast<int>(e.blocks.size()) <= 10) {
+        continue;
+      }
+      KvBlockManager::ExportedKv::Block& b = e.blocks[10 - e.first_block];
+      // Page 10, layer 1 (an upper layer), head 0.
+      auto* bytes = reinterpret_cast<uint8_t*>(const_cast<std::byte*>(b.data.data())) +
+                    size_t{1} * heads * block;
+      const uint32_t tokens = d_head, dim = page;
+      std::memcpy(bytes + 8, &tokens, 4);
+      std::memcpy(bytes + 12, &dim, 4);
+      const uint32_t crc = MaskCrc(Crc32cExtend(Crc32c(bytes, 28), bytes + 32, block - 32));
+      std::memcpy(bytes + 28, &crc, 4);
+      b.crc = KvPayloadCrc(b.data);
+      forged = true;
+    }
+    ASSERT_TRUE(forged);
+    ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+    ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+    const std::vector<engine::TokenEvent> events = d.RunToEnd();
+    ASSERT_FALSE(events.empty());
+    EXPECT_EQ(events.back().finish, engine::FinishReason::kError);
+    EXPECT_THAT(events.back().error, HasSubstr("page 10 layer 1 head 0: a int8 block of 16 x 8"));
+    ExpectNothingLeft(d);
+    EXPECT_EQ(d.runner->num_free_slots(), 4);
+  }
   // Dropped while it loads a share at a time (its request ended).
   const uint64_t transfer = 6100;
   ASSERT_TRUE(d.manager->landing_area()
@@ -850,6 +897,64 @@ TEST(DisaggregatedKvTest, AFailedAdmissionFailsItsRequestAloneAndLeavesNothing) 
   d.manager->DropImported(transfer);
   EXPECT_EQ(d.runner->num_free_slots(), 4);
   ExpectNothingLeft(d);
+}
+
+// An admitted import whose host copy goes bad before its first decode step
+// (its recall finds a piece that fails its check) is recomputed from its
+// tokens like any sequence whose KV is lost, though that step took it from
+// the waiting queue: it ends with the tokens of computing everything.
+TEST(DisaggregatedKvTest, AnAdmittedImportLostAtItsFirstStepIsRecomputed) {
+  KvPolicyConfig c = SmallClusterKv();
+  c.cluster_chunk_tokens = 32;
+  c.full_layers = 1;
+  Worker p(0, &c, engine::KvCodecKind::kBf16, true, 0, true);
+  Worker d(64, &c, engine::KvCodecKind::kBf16, false, 0, true);
+  Worker alone(0, &c, engine::KvCodecKind::kBf16, false, 0, true);
+  engine::BatcherOptions options;
+  options.max_import_bytes_per_step = 2 * d.manager->layout().record_bytes();
+  d.batcher = std::make_unique<engine::Batcher>(d.model.get(), nullptr, options, d.manager.get());
+  const engine::GenerationRequest running = Request(1, 20, 40);
+  const engine::GenerationRequest imported = Request(2, 150, 12);
+  const std::vector<int32_t> running_alone = OneWorkersTokens(alone, running);
+  const std::vector<int32_t> imported_alone = OneWorkersTokens(alone, imported);
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  auto step = [&] {
+    auto out = d.batcher->Step();
+    ASSERT_TRUE(out.ok()) << out.status();
+    for (const engine::TokenEvent& e : *out) {
+      EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+      if (e.token_id >= 0) tokens[e.request_id].push_back(e.token_id);
+    }
+  };
+  ASSERT_TRUE(d.batcher->Add(running).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_NO_FATAL_FAILURE(step());
+  const int page = d.manager->layout().page_size();
+  ASSERT_TRUE(d.manager->landing_area()
+                  ->Reserve(20, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                  .ok());
+  const engine::TokenEvent first = Prefill(p, imported, 15);
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, 20));
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(imported, first, 20)).ok());
+  ASSERT_NO_FATAL_FAILURE(step());
+  ASSERT_EQ(d.manager->stats().kv_imports_admitted, 1);
+  ASSERT_EQ(d.manager->stats().kv_imports, 0) << "still loading a share a step";
+  // Every host unit of its clusters flipped.
+  const std::vector<KvBlockManager::HostRegion> regions = d.runner->HostRegionsOf(2);
+  ASSERT_FALSE(regions.empty());
+  uint8_t* host = d.manager->host_buffer().data();
+  for (const KvBlockManager::HostRegion& region : regions) {
+    for (int64_t at = 0; at < region.bytes; at += engine::kKvHostUnit) {
+      host[region.offset + at + 5] ^= 0x40;
+    }
+  }
+  for (int i = 0; d.batcher->HasWork() && i < 500; ++i) ASSERT_NO_FATAL_FAILURE(step());
+  EXPECT_FALSE(d.batcher->HasWork());
+  EXPECT_GT(d.runner->stats().recall_bad_pieces, 0);
+  EXPECT_EQ(d.runner->stats().lost_sequences, 1);
+  EXPECT_EQ(tokens[1], running_alone);
+  EXPECT_EQ(tokens[2], imported_alone) << "recomputed here";
+  ExpectNothingLeft(d);
+  EXPECT_EQ(d.runner->num_free_slots(), 4);
 }
 
 TEST(DisaggregatedKvTest, AnImportLoadsAShareAStepWhileOthersDecode) {
