@@ -93,9 +93,10 @@ bool KvPolicyRunner::ReserveAdmission(int64_t seq_id, int workload, int tokens) 
   Sequence seq;
   seq.id = seq_id;
   seq.policy = workload;
-  seq.admission.emplace();
-  seq.admission->context_len = tokens + 1;
-  seq.admission->work = *std::move(work);
+  Sequence::Admission admission;
+  admission.context_len = tokens + 1;
+  admission.work = *std::move(work);
+  seq.admission = std::move(admission);
   const std::vector<int64_t> units = AdmittedUnits(seq);
   if (std::any_of(units.begin(), units.end(), [](int64_t u) { return u <= 0; })) return false;
   const int layers = model_->config().num_layers - policies_[workload]->config().full_layers;
