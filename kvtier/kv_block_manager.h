@@ -563,6 +563,17 @@ class KvBlockManager final : public engine::KvMemory {
   int64_t PrefixHeaderBytes() const { return 28 + 4 * int64_t{layout_.page_size()}; }
   // The upper page of a sequence's i-th token page (kPageOffGpu with one
   // group), for AppendRecordCopies.
+  // Keeps the whole pages of `tokens` as stored prefix pages, as
+  // StorePrefix does from a sequence's GPU pages, from raw host records in
+  // page order (an import's landing records, whose upper layers may never
+  // reach the GPU).
+  absl::Status StorePrefixFromRecords(std::span<const int32_t> tokens,
+                                      std::span<const int32_t> records);
+  // StorePrefix's common part: the first `blocks` pages of `tokens` not
+  // stored yet get a record each, filled by fill(page, record) (host bytes
+  // now, or row copies appended to copies_, enqueued after).
+  absl::Status StorePrefixPages(std::span<const int32_t> tokens, size_t blocks,
+                                const std::function<void(size_t, int32_t)>& fill);
   static int32_t UpperOf(const engine::SequencePages& pages, size_t i) {
     return i < pages.upper.size() ? pages.upper[i] : engine::kPageOffGpu;
   }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <thread>
 #include <utility>
 
@@ -299,7 +300,28 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
     }
     blocks = whole;
   }
+  copies_.clear();
+  return StorePrefixPages(tokens, blocks, [&](size_t b, int32_t record) {
+    layout_.AppendRecordCopies(pages.lower[b], UpperOf(pages, b), host_.offset(record), copies_);
+  });
+}
+
+absl::Status KvBlockManager::StorePrefixFromRecords(std::span<const int32_t> tokens,
+                                                    std::span<const int32_t> records) {
+  last_prefix_store_ = 0;
+  if (max_prefix_records_ == 0) return absl::OkStatus();
+  const size_t blocks = std::min(tokens.size() / layout_.page_size(), records.size());
+  copies_.clear();
+  return StorePrefixPages(tokens, blocks, [&](size_t b, int32_t record) {
+    std::memcpy(host_.data(record), host_.data(records[b]),
+                static_cast<size_t>(layout_.record_bytes()));
+  });
+}
+
+absl::Status KvBlockManager::StorePrefixPages(std::span<const int32_t> tokens, size_t blocks,
+                                              const std::function<void(size_t, int32_t)>& fill) {
   if (blocks == 0) return absl::OkStatus();
+  const int page = layout_.page_size();
   const std::vector<PrefixKey> chain =
       PrefixChain(options_.prefix_space, tokens.first(blocks * page), page);
   auto pending_has = [&](const PrefixKey& key) {
@@ -313,7 +335,6 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
   // would leave a prefix no lookup can reach.
   const size_t held = prefixes_.Lookup(chain, tokens.first(blocks * page)).size();
   PendingPrefix pending;
-  copies_.clear();
   for (size_t b = 0; b < chain.size(); ++b) {
     if (prefixes_.Contains(chain[b]) || pending_has(chain[b])) continue;
     while (prefix_records_ >= max_prefix_records_ && EvictHostPrefix(/*to_ssd=*/true)) {
@@ -321,7 +342,7 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
     std::vector<int32_t> record;
     if (prefix_records_ >= max_prefix_records_ || !host_.Allocate(1, record)) break;
     ++prefix_records_;
-    layout_.AppendRecordCopies(pages.lower[b], UpperOf(pages, b), host_.offset(record[0]), copies_);
+    fill(b, record[0]);
     pending.keys.push_back(chain[b]);
     pending.tokens.emplace_back(tokens.begin() + b * page, tokens.begin() + (b + 1) * page);
     pending.records.push_back(record[0]);
@@ -329,7 +350,9 @@ absl::Status KvBlockManager::StorePrefix(std::span<const int32_t> tokens,
   }
   for (size_t b = 0; b < held; ++b) prefixes_.Release(chain[b]);
   if (pending.records.empty()) return absl::OkStatus();
-  absl::StatusOr<engine::CopyFence> fence = EnqueueCopies(/*to_host=*/true);
+  // Device copies, when `fill` appended some; host copies are done.
+  absl::StatusOr<engine::CopyFence> fence =
+      copies_.empty() ? engine::kFenceDone : EnqueueCopies(/*to_host=*/true);
   if (!fence.ok()) {
     for (int32_t r : pending.records) {
       host_.Release(r);

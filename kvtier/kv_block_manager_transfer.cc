@@ -684,6 +684,18 @@ absl::StatusOr<bool> KvBlockManager::StartImport(int64_t seq_id, int workload, u
       counters_.kv_import_upper_pages_saved += off;
     }
   }
+  if (im.admitted && std::all_of(blocks->begin(), blocks->end(), [](const LandingArea::Block& b) {
+        return b.codec == engine::KvCodecKind::kBf16;
+      })) {
+    // The prompt came exact and its clustered pages' upper layers will
+    // never be on the GPU, where StorePrefix copies from: its prefix pages
+    // are kept from the landing records, while they are all here.
+    std::vector<int32_t> records;
+    for (const LandingArea::Block& b : *blocks) records.push_back(b.record);
+    if (absl::Status s = StorePrefixFromRecords(tokens, records); !s.ok()) {
+      STRATA_LOG_WARN("KV transfer {}: prompt not stored: {}", transfer_id, s.ToString());
+    }
+  }
   im.blocks = *std::move(blocks);
   importing_.emplace(transfer_id, std::move(im));
   return true;

@@ -767,7 +767,7 @@ TEST(DisaggregatedKvTest, AnImportedClusterKvPromptGoesStraightIntoTheHostTier) 
   for (const engine::KvCodecKind codec : {engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8}) {
     SCOPED_TRACE(engine::KvCodecKindName(codec));
     Worker p(0, &c, codec, /*export_clusterings=*/true, 0, /*tiered=*/true);
-    Worker d(64, &c, codec, false, 0, /*tiered=*/true);
+    Worker d(64, &c, codec, false, /*prefix_records=*/32, /*tiered=*/true);
     Worker through_gpu(64, &c, codec, false, 0, /*tiered=*/true, /*admit=*/false);
     Worker alone(0, &c, codec, false, 0, /*tiered=*/true);
     ASSERT_TRUE(d.runner->AdmitsImports());
@@ -808,6 +808,22 @@ TEST(DisaggregatedKvTest, AnImportedClusterKvPromptGoesStraightIntoTheHostTier) 
     EXPECT_GT(d.manager->stats().kv_import_upper_pages_saved, 10);
     EXPECT_EQ(through_gpu.runner->stats().admitted_sequences, 0);
     EXPECT_EQ(through_gpu.manager->stats().kv_import_upper_pages_saved, 0);
+
+    // The last prompt's pages were kept as a prefix from the landing
+    // records when it came exact: a prompt starting with its first 48
+    // tokens loads them, with the tokens of computing everything.
+    engine::GenerationRequest next = Request(9, 0, 16);
+    const std::vector<int32_t> last = Request(150, 150, 1).prompt;
+    next.prompt.assign(last.begin(), last.begin() + 48);
+    const std::vector<int32_t> more = Prompt(24, 78);
+    next.prompt.insert(next.prompt.end(), more.begin(), more.end());
+    const std::vector<int32_t> next_expected = OneWorkersTokens(alone, next);
+    const int64_t loaded_before = d.manager->stats().prefix_tokens_loaded;
+    ASSERT_TRUE(d.batcher->Add(next).ok());
+    EXPECT_EQ(Tokens(d.RunToEnd()), next_expected);
+    EXPECT_EQ(d.manager->stats().prefix_tokens_loaded - loaded_before,
+              codec == engine::KvCodecKind::kBf16 ? 48 : 0);
+    ExpectNothingLeft(d);
   }
 }
 
