@@ -226,8 +226,15 @@ class ImportAdmitter {
   virtual absl::StatusOr<Range> Admit(int64_t seq_id, int workload, int tokens,
                                       std::span<const std::vector<uint8_t>> state,
                                       std::span<const LandedPage> pages) = 0;
+  // Admit may leave its encoding running on threads of its own, reading
+  // `pages` (which stay put until this says it is done or DropAdmitted
+  // returns): true once done and applied; false while it runs; an error
+  // (DataLoss for a block or clustering that failed its check) when it
+  // failed, the admission then dropped and the import to fail.
+  virtual absl::StatusOr<bool> AdmitDone(int64_t seq_id) = 0;
   // A sequence reserved or admitted whose import then failed or was
-  // dropped: what it holds is freed (nothing for one it does not hold).
+  // dropped: what it holds is freed (nothing for one it does not hold),
+  // once its encoding, if running, has stopped.
   virtual void DropAdmitted(int64_t seq_id) = 0;
 };
 
@@ -739,6 +746,7 @@ class KvBlockManager final : public engine::KvMemory {
     // holds its upper layers of some tokens (their upper pages are off).
     int64_t seq_id = 0;
     bool admitted = false;
+    bool admitting = false;  // its encoding runs (ImportAdmitter::AdmitDone)
   };
   absl::flat_hash_map<uint64_t, Import> importing_;
   // LoadImported's first call: takes the transfer from the landing area

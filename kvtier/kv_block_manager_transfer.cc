@@ -475,6 +475,23 @@ absl::StatusOr<bool> KvBlockManager::LoadImported(int64_t seq_id, uint64_t trans
     it = importing_.find(transfer_id);
   }
   Import& im = it->second;
+  if (im.admitting) {
+    // Its upper layers are being encoded into the host tier, from the
+    // landing records: none is freed (no page loaded) before that is done.
+    absl::StatusOr<bool> done = admitter_->AdmitDone(im.seq_id);
+    if (!done.ok()) {
+      im.admitted = im.admitting = false;  // the admitter dropped it
+      DropImported(transfer_id);
+      ++counters_.kv_imports_failed;
+      return absl::Status(done.status().code(),
+                          absl::StrCat("KV transfer ", transfer_id, ": ", done.status().message()));
+    }
+    if (!*done) {
+      return absl::UnavailableError(
+          absl::StrCat("KV transfer ", transfer_id, ": its clusters are going into the host tier"));
+    }
+    im.admitting = false;
+  }
   if (im.tokens != static_cast<int>(tokens.size())) {
     DropImported(transfer_id);
     ++counters_.kv_imports_failed;
@@ -646,7 +663,7 @@ absl::StatusOr<bool> KvBlockManager::StartImport(int64_t seq_id, int workload, u
     reserved = false;  // Admit drops it on an error
     if (admitted.ok()) {
       admit = *admitted;
-      im.admitted = admit.end > admit.begin;
+      im.admitted = im.admitting = admit.end > admit.begin;
     } else if (absl::IsDataLoss(admitted.status())) {
       return fail(absl::DataLossError(
           absl::StrCat("KV transfer ", transfer_id, ": ", admitted.status().message())));
@@ -706,6 +723,8 @@ void KvBlockManager::DropImported(uint64_t transfer_id) {
   auto it = importing_.find(transfer_id);
   if (it == importing_.end()) return;
   Import& im = it->second;
+  // The admitter stops reading the landing records before they go.
+  if (im.admitted && admitter_ != nullptr) admitter_->DropAdmitted(im.seq_id);
   // Its pages are free to others only once no copy writes them.
   if (im.last_fence != engine::kFenceDone) {
     if (absl::Status s = device_->WaitFence(im.last_fence); !s.ok()) {
@@ -720,7 +739,6 @@ void KvBlockManager::DropImported(uint64_t transfer_id) {
   if (absl::Status s = Free(im.pages); !s.ok()) {
     STRATA_LOG_ERROR("KV transfer {}: {}", transfer_id, s.ToString());
   }
-  if (im.admitted && admitter_ != nullptr) admitter_->DropAdmitted(im.seq_id);
   importing_.erase(it);
 }
 

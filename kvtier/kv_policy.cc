@@ -1012,6 +1012,7 @@ bool KvPolicyRunner::Reordered(int64_t seq_id) const {
 }
 
 void KvPolicyRunner::Release(int64_t seq_id) {
+  JoinAdmitJob(seq_id);  // it writes the sequence's host regions
   last_selection_.erase(seq_id);
   noted_prompts_.erase(seq_id);
   pending_exports_.erase(seq_id);

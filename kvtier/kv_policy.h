@@ -85,6 +85,7 @@
 #define STRATA_KVTIER_KV_POLICY_H_
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -92,6 +93,7 @@
 #include <optional>
 #include <span>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -232,6 +234,8 @@ struct KvTierOptions {
   std::chrono::milliseconds spill_fetch_timeout{2000};
   // Tests only: ClusterSpill::Options::before_write.
   std::function<void()> spill_before_write = nullptr;
+  // Tests only: called on an import admission's thread before it encodes.
+  std::function<void()> admit_before_encode = nullptr;
   // With tensor parallelism, what the ranks' runners share (their calls
   // into `manager`, and their sequences' ring pages); set by
   // RankedKvPolicies. Null: one runner.
@@ -392,6 +396,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
   absl::StatusOr<Range> Admit(int64_t seq_id, int workload, int tokens,
                               std::span<const std::vector<uint8_t>> state,
                               std::span<const LandedPage> pages) override;
+  absl::StatusOr<bool> AdmitDone(int64_t seq_id) override;
   void DropAdmitted(int64_t seq_id) override;
   // With KvPolicyRunnerOptions::exports; otherwise ignored.
   void NoteExport(int64_t seq_id, uint64_t export_key, int prompt_tokens) override;
@@ -795,14 +800,38 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
   // ones that found no pages for their ring, admitted ones whose first step
   // was not the one they were admitted for; and why.
   std::vector<std::pair<int64_t, std::string>> ring_lost_;
-  // Admit's encoding of one sparse layer's (index li) chunks into the
-  // host tier for KV head h, from the region at first_unit: its pieces
-  // written, its rows of the slot's tier tables filled (host copies of
-  // piece_base, piece_host and piece_count, uploaded after).
-  absl::Status EncodeAdmittedHead(const Sequence& seq, int li, int h, engine::KvCodecKind codec,
-                                  std::span<const LandedPage> pages, int64_t first_unit,
-                                  std::span<const int64_t> units_per_head, int32_t* base,
-                                  int32_t* where, int32_t* count);
+  // An admission's encoding, run on its own thread (over admit_pool_)
+  // while the steps go on: everything it reads is its own copy (the
+  // sequence's entry in sequences_ may move meanwhile) or stays put until
+  // it is joined (the landing records, the host regions). AdmitDone joins
+  // it and uploads the tables; DropAdmitted and Release join it first.
+  struct AdmitJob {
+    int policy = 0;
+    Sequence::Admission admission;
+    engine::KvCodecKind codec = engine::KvCodecKind::kBf16;
+    std::vector<int64_t> units;       // per work item, host units per head
+    std::vector<int64_t> first_unit;  // per sparse layer, its region's
+    std::vector<LandedPage> pages;
+    // Per sparse layer: the slot's table rows, built by the encode.
+    struct Rows {
+      std::vector<int32_t> base, where, count;
+    };
+    std::vector<Rows> rows;
+    std::vector<absl::Status> errors;  // per (layer, head)
+    std::chrono::steady_clock::time_point started;
+    std::atomic<bool> done{false};
+    std::thread thread;
+  };
+  absl::flat_hash_map<int64_t, std::unique_ptr<AdmitJob>> admit_jobs_;
+  std::unique_ptr<ThreadPool> admit_pool_;
+  // Waits for a sequence's admission job, if any, and forgets it.
+  void JoinAdmitJob(int64_t seq_id);
+  // The job's encoding of one sparse layer's (index li) chunks into the
+  // host tier for KV head h: its pieces written, its rows of the slot's
+  // tier tables filled (host copies of piece_base, piece_host and
+  // piece_count).
+  absl::Status EncodeAdmittedHead(const AdmitJob& job, int li, int h, int32_t* base, int32_t* where,
+                                  int32_t* count) const;
   // The work of an admitted sequence's first decode step (every item a
   // chunk to cluster, contiguous), or nullopt when this runner would not
   // admit sequence seq_id of `workload` with a prompt of `tokens` tokens.

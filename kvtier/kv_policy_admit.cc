@@ -137,14 +137,14 @@ bool KvPolicyRunner::ReserveAdmission(int64_t seq_id, int workload, int tokens) 
   return true;
 }
 
-absl::Status KvPolicyRunner::EncodeAdmittedHead(const Sequence& seq, int li, int h,
-                                                engine::KvCodecKind codec_kind,
-                                                std::span<const LandedPage> pages,
-                                                int64_t first_unit,
-                                                std::span<const int64_t> units_per_head,
-                                                int32_t* base, int32_t* where, int32_t* count) {
-  const Sequence::Admission& admission = *seq.admission;
-  const int layer = policies_[seq.policy]->config().full_layers + li;
+absl::Status KvPolicyRunner::EncodeAdmittedHead(const AdmitJob& job, int li, int h, int32_t* base,
+                                                int32_t* where, int32_t* count) const {
+  const Sequence::Admission& admission = job.admission;
+  const std::span<const LandedPage> pages = job.pages;
+  const std::span<const int64_t> units_per_head = job.units;
+  const int64_t first_unit = job.first_unit[static_cast<size_t>(li)];
+  const engine::KvCodecKind codec_kind = job.codec;
+  const int layer = policies_[job.policy]->config().full_layers + li;
   const int page_size = model_->options().page_size;
   const int heads = model_->shard().kv_heads, d = model_->config().head_dim;
   const engine::DType dtype = model_->kv_cache_dtype();
@@ -266,12 +266,11 @@ absl::StatusOr<ImportAdmitter::Range> KvPolicyRunner::Admit(
     std::span<const LandedPage> pages) {
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end() || !it->second.admission.has_value() ||
-      it->second.admission->encoded || it->second.policy != workload ||
-      it->second.admission->context_len != tokens + 1) {
+      it->second.admission->encoded || admit_jobs_.contains(seq_id) ||
+      it->second.policy != workload || it->second.admission->context_len != tokens + 1) {
     return absl::FailedPreconditionError(
         absl::StrCat("sequence ", seq_id, " was not planned for admission"));
   }
-  const auto started = std::chrono::steady_clock::now();
   Sequence& seq = it->second;
   Sequence::Admission& admission = *seq.admission;
   const KvPolicy& p = *policies_[seq.policy];
@@ -305,57 +304,98 @@ absl::StatusOr<ImportAdmitter::Range> KvPolicyRunner::Admit(
     }
     admission.reuse[wi] = *std::move(parsed);
   }
-  const int layers = model_->config().num_layers - p.config().full_layers;
-  const int heads = model_->shard().kv_heads;
-  const engine::KvCodecKind codec = TierCodec(seq.policy).value_or(options_.tier.codec);
-  const std::vector<int64_t> units = AdmittedUnits(seq);
-  // Per sparse layer: its slot's table rows, built here, uploaded after.
-  struct Rows {
-    std::vector<int32_t> base, where, count;
-  };
-  std::vector<Rows> rows(static_cast<size_t>(layers));
-  for (Rows& r : rows) {
-    r.base.assign(static_cast<size_t>(heads) * max_blocks_, -1);
-    r.where.assign(static_cast<size_t>(heads) * max_pieces_, 0);
-    r.count.assign(static_cast<size_t>(heads), 0);
-  }
-  // One task per (layer, head): each writes its own units and table rows.
-  std::vector<absl::Status> errors(static_cast<size_t>(layers) * heads);
-  if (status.ok()) {
-    PackPool().ParallelFor(int64_t{layers} * heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int li = static_cast<int>(task / heads), h = static_cast<int>(task % heads);
-        Rows& r = rows[static_cast<size_t>(li)];
-        errors[static_cast<size_t>(task)] =
-            EncodeAdmittedHead(seq, li, h, codec, pages,
-                               seq.regions[static_cast<size_t>(li)].offset / engine::kKvHostUnit,
-                               units, r.base.data() + int64_t{h} * max_blocks_,
-                               r.where.data() + int64_t{h} * max_pieces_, r.count.data() + h);
-      }
-    });
-    for (const absl::Status& e : errors) {
-      if (!e.ok()) {
-        status = e;
-        break;
-      }
-    }
-  }
-  engine::Backend& b = model_->backend();
-  for (int li = 0; li < layers && status.ok(); ++li) {
-    engine::TierTables t = SlotTables(p.config().full_layers + li, seq.state.slot);
-    const Rows& r = rows[static_cast<size_t>(li)];
-    status.Update(b.CopyFromHost(r.base.data(), engine::DType::kI32,
-                                 static_cast<int64_t>(r.base.size()), t.piece_base, 0));
-    status.Update(b.CopyFromHost(r.where.data(), engine::DType::kI32,
-                                 static_cast<int64_t>(r.where.size()), t.piece_host, 0));
-    status.Update(b.CopyFromHost(r.count.data(), engine::DType::kI32,
-                                 static_cast<int64_t>(r.count.size()), t.piece_count, 0));
-  }
   if (!status.ok()) {
     DropAdmitted(seq_id);
     return status;
   }
-  admission.encoded = true;
+  // The encoding goes on beside the steps; AdmitDone applies it.
+  const int layers = model_->config().num_layers - p.config().full_layers;
+  const int heads = model_->shard().kv_heads;
+  auto job = std::make_unique<AdmitJob>();
+  job->policy = seq.policy;
+  job->admission = admission;
+  job->codec = TierCodec(seq.policy).value_or(options_.tier.codec);
+  job->units = AdmittedUnits(seq);
+  for (const KvBlockManager::HostRegion& region : seq.regions) {
+    job->first_unit.push_back(region.offset / engine::kKvHostUnit);
+  }
+  job->pages.assign(pages.begin(), pages.end());
+  job->rows.resize(static_cast<size_t>(layers));
+  for (AdmitJob::Rows& r : job->rows) {
+    r.base.assign(static_cast<size_t>(heads) * max_blocks_, -1);
+    r.where.assign(static_cast<size_t>(heads) * max_pieces_, 0);
+    r.count.assign(static_cast<size_t>(heads), 0);
+  }
+  job->errors.resize(static_cast<size_t>(layers) * heads);
+  job->started = std::chrono::steady_clock::now();
+  if (admit_pool_ == nullptr) admit_pool_ = std::make_unique<ThreadPool>(kPackThreads);
+  AdmitJob* raw = job.get();
+  job->thread = std::thread([this, raw, layers, heads] {
+    if (options_.tier.admit_before_encode) options_.tier.admit_before_encode();
+    // One task per (layer, head): each writes its own units and table rows.
+    admit_pool_->ParallelFor(int64_t{layers} * heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int li = static_cast<int>(task / heads), h = static_cast<int>(task % heads);
+        AdmitJob::Rows& r = raw->rows[static_cast<size_t>(li)];
+        raw->errors[static_cast<size_t>(task)] =
+            EncodeAdmittedHead(*raw, li, h, r.base.data() + int64_t{h} * max_blocks_,
+                               r.where.data() + int64_t{h} * max_pieces_, r.count.data() + h);
+      }
+    });
+    raw->done.store(true, std::memory_order_release);
+  });
+  admit_jobs_.emplace(seq_id, std::move(job));
+  return Range{admission.work.front().begin,
+               admission.work.back().begin + admission.work.back().count};
+}
+
+absl::StatusOr<bool> KvPolicyRunner::AdmitDone(int64_t seq_id) {
+  auto job_it = admit_jobs_.find(seq_id);
+  if (job_it == admit_jobs_.end()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("sequence ", seq_id, " has no admission under way"));
+  }
+  AdmitJob& job = *job_it->second;
+  if (!job.done.load(std::memory_order_acquire)) return false;
+  job.thread.join();
+  absl::Status status = absl::OkStatus();
+  for (const absl::Status& e : job.errors) {
+    if (!e.ok()) {
+      status = e;
+      break;
+    }
+  }
+  auto it = sequences_.find(seq_id);
+  if (status.ok() && it == sequences_.end()) {
+    status = absl::InternalError(absl::StrCat("sequence ", seq_id, " left during its admission"));
+  }
+  const int layers = static_cast<int>(job.rows.size());
+  if (status.ok()) {
+    Sequence& seq = it->second;
+    const int full = policies_[seq.policy]->config().full_layers;
+    engine::Backend& b = model_->backend();
+    for (int li = 0; li < layers && status.ok(); ++li) {
+      engine::TierTables t = SlotTables(full + li, seq.state.slot);
+      const AdmitJob::Rows& r = job.rows[static_cast<size_t>(li)];
+      status.Update(b.CopyFromHost(r.base.data(), engine::DType::kI32,
+                                   static_cast<int64_t>(r.base.size()), t.piece_base, 0));
+      status.Update(b.CopyFromHost(r.where.data(), engine::DType::kI32,
+                                   static_cast<int64_t>(r.where.size()), t.piece_host, 0));
+      status.Update(b.CopyFromHost(r.count.data(), engine::DType::kI32,
+                                   static_cast<int64_t>(r.count.size()), t.piece_count, 0));
+    }
+  }
+  const auto micros = std::chrono::duration_cast<std::chrono::microseconds>(
+                          std::chrono::steady_clock::now() - job.started)
+                          .count();
+  const int64_t chunks = static_cast<int64_t>(job.admission.work.size());
+  admit_jobs_.erase(job_it);
+  if (!status.ok()) {
+    DropAdmitted(seq_id);
+    return status;
+  }
+  Sequence& seq = it->second;
+  seq.admission->encoded = true;
   // Every region is full to its end: later offloads take regions of their own.
   seq.tail_units = 0;
   ++stats_.admitted_sequences;
@@ -363,15 +403,22 @@ absl::StatusOr<ImportAdmitter::Range> KvPolicyRunner::Admit(
   for (const KvBlockManager::HostRegion& region : seq.regions) {
     stats_.offloaded_bytes += region.bytes;
   }
-  stats_.admitted_clusterings += static_cast<int64_t>(admission.work.size()) * layers;
-  stats_.admit_micros += std::chrono::duration_cast<std::chrono::microseconds>(
-                             std::chrono::steady_clock::now() - started)
-                             .count();
-  return Range{admission.work.front().begin,
-               admission.work.back().begin + admission.work.back().count};
+  stats_.admitted_clusterings += chunks * layers;
+  stats_.admit_micros += micros;
+  return true;
+}
+
+void KvPolicyRunner::JoinAdmitJob(int64_t seq_id) {
+  auto job = admit_jobs_.find(seq_id);
+  if (job == admit_jobs_.end()) return;
+  // Its threads write the sequence's host regions and read the landing
+  // records: neither may go before they stop.
+  if (job->second->thread.joinable()) job->second->thread.join();
+  admit_jobs_.erase(job);
 }
 
 void KvPolicyRunner::DropAdmitted(int64_t seq_id) {
+  JoinAdmitJob(seq_id);
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end() || !it->second.admission.has_value()) return;
   Release(seq_id);

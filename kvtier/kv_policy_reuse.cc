@@ -513,6 +513,9 @@ Tensor* KvPolicyRunner::KeptOrder(Entry& e, size_t wi, int layer, Tensor& view) 
 }
 
 KvPolicyRunner::~KvPolicyRunner() {
+  for (auto& [id, job] : admit_jobs_) {
+    if (job->thread.joinable()) job->thread.join();
+  }
   if (reuse_fence_ != engine::kFenceDone) {
     if (absl::Status s = model_->backend().WaitFence(reuse_fence_); !s.ok()) {
       STRATA_LOG_WARN("reused clusterings: {}", std::string(s.message()));

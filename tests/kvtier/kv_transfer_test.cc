@@ -6,10 +6,12 @@
 // nothing is left behind on either side.
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <mutex>
 #include <random>
 #include <set>
 #include <string>
@@ -477,7 +479,12 @@ struct Worker {
   }
   std::vector<engine::TokenEvent> RunToEnd() {
     std::vector<engine::TokenEvent> events;
-    for (int step = 0; batcher->HasWork() && step < 2000; ++step) {
+    // Steps may only wait for work beside them (an import's clusters being
+    // encoded): bounded by time as well as by count.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    for (int step = 0;
+         batcher->HasWork() && (step < 2000 || std::chrono::steady_clock::now() < give_up);
+         ++step) {
       auto out = batcher->Step();
       EXPECT_TRUE(out.ok()) << out.status();
       if (!out.ok()) break;
@@ -905,10 +912,11 @@ TEST(DisaggregatedKvTest, AFailedAdmissionFailsItsRequestAloneAndLeavesNothing) 
   Prefill(p, r, 13);
   ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
   engine::SequencePages loaded;
+  const int64_t admitted_before = d.manager->stats().kv_imports_admitted;
   absl::StatusOr<bool> part =
       d.manager->LoadImported(42, transfer, r.prompt, loaded, /*max_bytes=*/1);
   EXPECT_TRUE(absl::IsUnavailable(part.status())) << part.status();
-  EXPECT_EQ(d.runner->stats().admitted_sequences, 1);
+  EXPECT_EQ(d.manager->stats().kv_imports_admitted - admitted_before, 1);
   EXPECT_EQ(d.runner->num_free_slots(), 3) << "held by the admission";
   d.manager->DropImported(transfer);
   EXPECT_EQ(d.runner->num_free_slots(), 4);
@@ -951,7 +959,13 @@ TEST(DisaggregatedKvTest, AnAdmittedImportLostAtItsFirstStepIsRecomputed) {
   const engine::TokenEvent first = Prefill(p, imported, 15);
   ASSERT_NO_FATAL_FAILURE(Send(p, d, 20));
   ASSERT_TRUE(d.batcher->Add(DecodeRequest(imported, first, 20)).ok());
-  ASSERT_NO_FATAL_FAILURE(step());
+  // Stepped until its clusters are in the host tier (encoded beside the
+  // steps), its pages still loading a share a step.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (d.runner->stats().admitted_sequences == 0) {
+    ASSERT_LT(std::chrono::steady_clock::now(), give_up);
+    ASSERT_NO_FATAL_FAILURE(step());
+  }
   ASSERT_EQ(d.manager->stats().kv_imports_admitted, 1);
   ASSERT_EQ(d.manager->stats().kv_imports, 0) << "still loading a share a step";
   // Every host unit of its clusters flipped.
@@ -971,6 +985,122 @@ TEST(DisaggregatedKvTest, AnAdmittedImportLostAtItsFirstStepIsRecomputed) {
   EXPECT_EQ(tokens[2], imported_alone) << "recomputed here";
   ExpectNothingLeft(d);
   EXPECT_EQ(d.runner->num_free_slots(), 4);
+}
+
+// An admission encodes beside the steps: while it is held up, the running
+// sequence keeps getting a token every step and the import waits; once it
+// goes on, the import completes with one worker's tokens. A request
+// cancelled while its admission encodes is dropped once the encoding has
+// stopped (it reads the landing records and writes the host regions), with
+// nothing left behind.
+TEST(DisaggregatedKvTest, AnAdmissionEncodesBesideTheStepsAndACancelWaitsForIt) {
+  KvPolicyConfig c = SmallClusterKv();
+  c.cluster_chunk_tokens = 32;
+  c.full_layers = 1;
+  Worker p(0, &c, engine::KvCodecKind::kBf16, true, 0, true);
+  Worker alone(0, &c, engine::KvCodecKind::kBf16, false, 0, true);
+  // The decode worker, its admissions held at a gate.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool open = false;
+  int waiting = 0;
+  Worker d(64, &c, engine::KvCodecKind::kBf16, false, 0, true);
+  {
+    KvTierOptions tier;
+    tier.manager = d.manager.get();
+    tier.admit_before_encode = [&] {
+      std::unique_lock<std::mutex> lock(mu);
+      ++waiting;
+      cv.notify_all();
+      cv.wait(lock, [&] { return open; });
+    };
+    d.batcher.reset();
+    d.manager->set_import_admitter(nullptr);
+    ASSERT_TRUE(d.model->set_attention_planner(nullptr).ok());
+    auto runner = KvPolicyRunner::Create(d.model.get(), {c},
+                                         {.max_sparse_seqs = 4, .tier = tier, .imports = true});
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    d.runner = *std::move(runner);
+    ASSERT_TRUE(d.model->set_attention_planner(d.runner.get()).ok());
+    d.manager->set_import_admitter(d.runner.get());
+    d.batcher = std::make_unique<engine::Batcher>(d.model.get(), nullptr, engine::BatcherOptions{},
+                                                  d.manager.get());
+  }
+  auto wait_held = [&](int n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(10), [&] { return waiting >= n; });
+  };
+  const engine::GenerationRequest running = Request(1, 20, 40);
+  const engine::GenerationRequest imported = Request(2, 150, 12);
+  const std::vector<int32_t> running_alone = OneWorkersTokens(alone, running);
+  const std::vector<int32_t> imported_alone = OneWorkersTokens(alone, imported);
+  std::map<uint64_t, std::vector<int32_t>> tokens;
+  auto step = [&] {
+    std::set<uint64_t> got;
+    auto out = d.batcher->Step();
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (!out.ok()) return got;
+    for (const engine::TokenEvent& e : *out) {
+      EXPECT_NE(e.finish, engine::FinishReason::kError) << e.error;
+      if (e.token_id >= 0) tokens[e.request_id].push_back(e.token_id);
+      if (e.token_id >= 0) got.insert(e.request_id);
+    }
+    return got;
+  };
+  const int page = d.manager->layout().page_size();
+  ASSERT_TRUE(d.batcher->Add(running).ok());
+  step();
+  ASSERT_TRUE(d.manager->landing_area()
+                  ->Reserve(30, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                  .ok());
+  const engine::TokenEvent imported_first = Prefill(p, imported, 16);
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, 30));
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(imported, imported_first, 30)).ok());
+  step();
+  ASSERT_TRUE(wait_held(1));
+  for (int i = 0; i < 10; ++i) {
+    EXPECT_TRUE(step().contains(1)) << "the running sequence's token in step " << i;
+  }
+  EXPECT_EQ(d.manager->stats().kv_imports, 0) << "waits for its clusters";
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    open = true;
+  }
+  cv.notify_all();
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (d.batcher->HasWork() && std::chrono::steady_clock::now() < give_up) step();
+  EXPECT_EQ(tokens[1], running_alone);
+  EXPECT_EQ(tokens[2], imported_alone);
+  EXPECT_EQ(d.runner->stats().admitted_sequences, 1);
+
+  // Cancelled while its admission is held: the cancel returns once the
+  // encoding has stopped.
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    open = false;
+  }
+  ASSERT_TRUE(d.manager->landing_area()
+                  ->Reserve(31, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                  .ok());
+  engine::GenerationRequest again = imported;
+  again.id = 3;
+  const engine::TokenEvent first = Prefill(p, again, 17);
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, 31));
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(again, first, 31)).ok());
+  step();
+  ASSERT_TRUE(wait_held(2));
+  std::thread opener([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::lock_guard<std::mutex> lock(mu);
+    open = true;
+    cv.notify_all();
+  });
+  d.batcher->Cancel(3);
+  while (d.batcher->HasWork()) step();
+  opener.join();
+  ExpectNothingLeft(d);
+  EXPECT_EQ(d.runner->num_free_slots(), 4);
+  EXPECT_EQ(d.runner->stats().admitted_sequences, 1) << "the cancelled one never applied";
 }
 
 TEST(DisaggregatedKvTest, AnImportLoadsAShareAStepWhileOthersDecode) {
