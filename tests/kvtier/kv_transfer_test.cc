@@ -626,6 +626,15 @@ KvPolicyConfig SmallClusterKv() {
   return c;
 }
 
+// SmallClusterKv() clustered in chunks of 32 above one dense layer: the
+// upper page group of a tiered Worker is exactly its sparse layers.
+KvPolicyConfig ChunkedClusterKv() {
+  KvPolicyConfig c = SmallClusterKv();
+  c.cluster_chunk_tokens = 32;
+  c.full_layers = 1;
+  return c;
+}
+
 TEST(DisaggregatedKvTest, DecodingImportedKvGivesTheTokensOfOneWorker) {
   ExpectSameTokensAsOneWorker(nullptr);
 }
@@ -642,9 +651,7 @@ TEST(DisaggregatedKvTest, ClusterKvDecodesImportedKvAsItsOwn) {
 // one worker doing everything. A clustering corrupted on the way fails its
 // request alone, with nothing left behind.
 TEST(DisaggregatedKvTest, ClusterKvPromptsAreClusteredOnThePrefillWorker) {
-  KvPolicyConfig c = SmallClusterKv();
-  c.cluster_chunk_tokens = 32;
-  c.full_layers = 1;
+  const KvPolicyConfig c = ChunkedClusterKv();
   Worker p(0, &c, engine::KvCodecKind::kBf16, /*export_clusterings=*/true), d(64, &c), alone(0, &c);
   const int page = d.manager->layout().page_size();
   const int sparse_layers = p.model->config().num_layers - c.full_layers;
@@ -768,9 +775,7 @@ TEST(DisaggregatedKvTest, AnImportedPromptIsKeptAsAPrefixInItsOrderAndOnlyWhenLo
 // (bf16), and the same bytes as admitting it through the GPU (int8 on the
 // wire). Nothing is left behind.
 TEST(DisaggregatedKvTest, AnImportedClusterKvPromptGoesStraightIntoTheHostTier) {
-  KvPolicyConfig c = SmallClusterKv();
-  c.cluster_chunk_tokens = 32;
-  c.full_layers = 1;
+  const KvPolicyConfig c = ChunkedClusterKv();
   for (const engine::KvCodecKind codec : {engine::KvCodecKind::kBf16, engine::KvCodecKind::kInt8}) {
     SCOPED_TRACE(engine::KvCodecKindName(codec));
     Worker p(0, &c, codec, /*export_clusterings=*/true, 0, /*tiered=*/true);
@@ -838,9 +843,7 @@ TEST(DisaggregatedKvTest, AnImportedClusterKvPromptGoesStraightIntoTheHostTier) 
 // request alone fails: a clustering corrupted on the way, a page corrupted
 // on the way, a request cancelled while its KV loads a share a step.
 TEST(DisaggregatedKvTest, AFailedAdmissionFailsItsRequestAloneAndLeavesNothing) {
-  KvPolicyConfig c = SmallClusterKv();
-  c.cluster_chunk_tokens = 32;
-  c.full_layers = 1;
+  const KvPolicyConfig c = ChunkedClusterKv();
   Worker p(0, &c, engine::KvCodecKind::kInt8, true, 0, true);
   Worker d(64, &c, engine::KvCodecKind::kInt8, false, 0, true);
   const int page = d.manager->layout().page_size();
@@ -928,9 +931,7 @@ TEST(DisaggregatedKvTest, AFailedAdmissionFailsItsRequestAloneAndLeavesNothing) 
 // tokens like any sequence whose KV is lost, though that step took it from
 // the waiting queue: it ends with the tokens of computing everything.
 TEST(DisaggregatedKvTest, AnAdmittedImportLostAtItsFirstStepIsRecomputed) {
-  KvPolicyConfig c = SmallClusterKv();
-  c.cluster_chunk_tokens = 32;
-  c.full_layers = 1;
+  const KvPolicyConfig c = ChunkedClusterKv();
   Worker p(0, &c, engine::KvCodecKind::kBf16, true, 0, true);
   Worker d(64, &c, engine::KvCodecKind::kBf16, false, 0, true);
   Worker alone(0, &c, engine::KvCodecKind::kBf16, false, 0, true);
@@ -994,9 +995,7 @@ TEST(DisaggregatedKvTest, AnAdmittedImportLostAtItsFirstStepIsRecomputed) {
 // stopped (it reads the landing records and writes the host regions), with
 // nothing left behind.
 TEST(DisaggregatedKvTest, AnAdmissionEncodesBesideTheStepsAndACancelWaitsForIt) {
-  KvPolicyConfig c = SmallClusterKv();
-  c.cluster_chunk_tokens = 32;
-  c.full_layers = 1;
+  const KvPolicyConfig c = ChunkedClusterKv();
   Worker p(0, &c, engine::KvCodecKind::kBf16, true, 0, true);
   Worker alone(0, &c, engine::KvCodecKind::kBf16, false, 0, true);
   // The decode worker, its admissions held at a gate.
