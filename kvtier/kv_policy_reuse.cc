@@ -224,6 +224,9 @@ int KvPolicyRunner::ImportedStateRank(std::span<const uint8_t> value) const {
 
 void KvPolicyRunner::NoteImportedState(int64_t seq_id, std::vector<std::vector<uint8_t>> state) {
   if (state.empty()) return;
+  // An admitted import took its clusterings already (Admit): the values
+  // (tens of megabytes for a long prompt) are not held again.
+  if (auto it = sequences_.find(seq_id); it != sequences_.end() && it->second.admission) return;
   noted_prompts_[seq_id].imported = std::move(state);
 }
 

@@ -938,7 +938,10 @@ TEST(DisaggregatedKvTest, AnAdmittedImportLostAtItsFirstStepIsRecomputed) {
   engine::BatcherOptions options;
   options.max_import_bytes_per_step = 2 * d.manager->layout().record_bytes();
   d.batcher = std::make_unique<engine::Batcher>(d.model.get(), nullptr, options, d.manager.get());
-  const engine::GenerationRequest running = Request(1, 20, 40);
+  // Long enough to run until the import is loaded, however long the
+  // encoding beside the steps takes (with nothing running, an import loads
+  // at once, and its first decode step would come before the test's flip).
+  const engine::GenerationRequest running = Request(1, 20, 220);
   const engine::GenerationRequest imported = Request(2, 150, 12);
   const std::vector<int32_t> running_alone = OneWorkersTokens(alone, running);
   const std::vector<int32_t> imported_alone = OneWorkersTokens(alone, imported);
