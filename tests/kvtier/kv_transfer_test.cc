@@ -1091,6 +1091,7 @@ TEST(DisaggregatedKvTest, AnAdmissionEncodesBesideTheStepsAndACancelWaitsForIt) 
   ASSERT_TRUE(d.batcher->Add(DecodeRequest(again, first, 31)).ok());
   step();
   ASSERT_TRUE(wait_held(2));
+  const auto cancelled = std::chrono::steady_clock::now();
   std::thread opener([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     std::lock_guard<std::mutex> lock(mu);
@@ -1099,6 +1100,8 @@ TEST(DisaggregatedKvTest, AnAdmissionEncodesBesideTheStepsAndACancelWaitsForIt) 
   });
   d.batcher->Cancel(3);
   while (d.batcher->HasWork()) step();
+  EXPECT_GE(std::chrono::steady_clock::now() - cancelled, std::chrono::milliseconds(50))
+      << "the drop waited for the held encoding";
   opener.join();
   ExpectNothingLeft(d);
   EXPECT_EQ(d.runner->num_free_slots(), 4);
