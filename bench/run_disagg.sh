@@ -28,6 +28,14 @@
 #                 decode worker's first step (second_token_ms) redoes them
 #                 instead of running the k-means; serve clusters at its
 #                 first decode step
+#                 clusterkv-host: the same with its clusters homed in a
+#                 16 GiB host tier; the decode worker then puts an
+#                 imported prompt's cold clusters straight into that tier
+#                 from the landed KV (import admission), and its log
+#                 (LOG_LEVEL=debug) times the encoding, against a plain
+#                 copy of as many bytes on 8 threads measured first
+#   ADMISSION     the decode worker's --kv-import-admission values to try
+#                 (default true; "true false" measures what it saves)
 #   IMPORT_BYTES  the decode worker's --kv-import-bytes-per-step
 #   LAYER_PARTS   the prefill worker's --kv-export-layer-parts values to
 #                 try (default 4: the last chunk's pages leave in 4 parts
@@ -46,10 +54,12 @@ codecs=${CODECS:-"bf16 int8"}
 decode_gpu=${DECODE_GPU:-0}
 policy=${POLICY:-}
 policy_yaml=""
-if [ "$policy" = clusterkv ]; then
+admissions=${ADMISSION:-true}
+if [ "$policy" = clusterkv ] || [ "$policy" = clusterkv-host ]; then
   policy_yaml="kv_policy: {type: clusterkv, budget_tokens: 1024, sink_tokens: 16, window_tokens: 320, tokens_per_cluster: 80, kmeans_iterations: 20, full_layers: 2}"
+  [ "$policy" = clusterkv-host ] && policy_yaml="$policy_yaml"$'\n'"tiers: {host_bytes: 16GiB}"
 elif [ -n "$policy" ]; then
-  echo "POLICY: clusterkv or nothing" >&2
+  echo "POLICY: clusterkv, clusterkv-host or nothing" >&2
   exit 2
 fi
 mkdir -p "$out"
@@ -140,6 +150,25 @@ stop_all() {
   pids=()
 }
 
+if [ "$policy" = clusterkv-host ]; then
+  # What the admission's encoding is measured against: a plain copy of a
+  # 32k prompt's sparse layers (3.75 GiB of bf16) on 8 threads.
+  python3 - <<'PY'
+import threading, time
+import numpy as np
+n = 30 * 32768 * 131072 // 32
+src = np.ones(n, np.uint8); dst = np.empty_like(src); dst.fill(0)
+def part(i):
+    s = slice(i * n // 8, (i + 1) * n // 8)
+    np.copyto(dst[s], src[s])
+for _ in range(3):
+    t = time.perf_counter()
+    ts = [threading.Thread(target=part, args=(i,)) for i in range(8)]
+    [x.start() for x in ts]; [x.join() for x in ts]
+    dt = time.perf_counter() - t
+    print(f"plain host copy, 8 threads: {n / 1e6:.1f} MB in {dt * 1e3:.1f} ms ({n / dt / 1e9:.2f} GB/s)")
+PY
+fi
 echo "== strata serve (one process)"
 printf 'name: wire\n%s\n' "$policy_yaml" >"$tmp/serve.yaml"
 # Prefill chunks as the prefill worker's first setting, so that greedy
@@ -164,17 +193,19 @@ printf 'name: wire\ncodec: %s\n%s\n' "$codec" "$policy_yaml" >"$tmp/wire-$codec.
 profile=(--profile "$tmp/wire-$codec.yaml")
 for chunk in $chunks; do
 for parts in $layer_parts; do
-echo "== router + prefill worker (chunks of $chunk tokens, last chunk in $parts layer parts) + decode worker, KV in $codec"
-start "prefill-$codec-$chunk-$parts.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
+for admission in $admissions; do
+echo "== router + prefill worker (chunks of $chunk tokens, last chunk in $parts layer parts) + decode worker (admission $admission), KV in $codec"
+start "prefill-$codec-$chunk-$parts-$admission.log" CUDA_VISIBLE_DEVICES="$prefill_gpu" -- prefill "${common[@]}" \
   "${profile[@]}" --kv-export-bytes "$host" --max-batch-tokens "$chunk" \
   --kv-export-layer-parts "$parts"
 prefill=$address
 prefill_metrics=$metrics
-start "decode-$codec-$chunk-$parts.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
-  "${profile[@]}" --kv-landing-bytes "$host" ${IMPORT_BYTES:+--kv-import-bytes-per-step "$IMPORT_BYTES"}
+start "decode-$codec-$chunk-$parts-$admission.log" CUDA_VISIBLE_DEVICES="$decode_gpu" -- decode "${common[@]}" \
+  "${profile[@]}" --kv-landing-bytes "$host" ${IMPORT_BYTES:+--kv-import-bytes-per-step "$IMPORT_BYTES"} \
+  --kv-import-admission "$admission"
 decode=$address
 decode_metrics=$metrics
-start "router-$codec-$chunk-$parts.log" -- router --dummy-weights llama-3-8b --max-context "$context" \
+start "router-$codec-$chunk-$parts-$admission.log" -- router --dummy-weights llama-3-8b --max-context "$context" \
   "${profile[@]}" --host 127.0.0.1 --port 0 --metrics-port 0 --workers "$prefill" \
   --workers "$decode" --prefill-threshold-tokens 256 --heartbeat-seconds 0.2
 router=$address
@@ -210,9 +241,12 @@ PY
   same_tokens "$tmp/serve-$p.jsonl"
 done
 echo "exports $(metric "$prefill_metrics" strata_kv_exports_total) imports $(metric "$decode_metrics" strata_kv_imports_total) fallbacks $(metric "$decode_metrics" strata_prefill_fallbacks_total)"
-mixed "$router" "disagg-$codec-$chunk-$parts" wire
+mixed "$router" "disagg-$codec-$chunk-$parts-$admission" wire
 echo "clusterings: prefill k-means $(metric "$prefill_metrics" strata_kv_policy_clusterings_total) exported $(metric "$prefill_metrics" strata_kv_policy_clusterings_exported_total); decode k-means $(metric "$decode_metrics" strata_kv_policy_clusterings_total) imported $(metric "$decode_metrics" strata_kv_policy_clusterings_imported_total)"
+echo "admitted imports $(metric "$decode_metrics" strata_kv_imports_admitted_total), upper pages never on the GPU $(metric "$decode_metrics" strata_kv_import_upper_pages_saved_total)"
+grep -h "admitted .* chunks" "$out/decode-$codec-$chunk-$parts-$admission.log" 2>/dev/null | sed 's/^.*sequence/  sequence/' || true
 stop_all
+done
 done
 done
 done

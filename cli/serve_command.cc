@@ -235,6 +235,12 @@ void AddWorkerCommands(CLI::App& app, ServeFlags& p, ServeFlags& d, int& exit_co
                    "(0: all at once)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 42));
   decode
+      ->add_option("--kv-import-admission", d.kv_import_admission,
+                   "Put the cold clusters of an imported ClusterKV prompt straight into the host "
+                   "tier from the landed KV, where the prefill worker's clusterings allow "
+                   "(false: through the GPU, as a prompt computed here)")
+      ->capture_default_str();
+  decode
       ->add_option("--prefill-timeout-seconds", d.prefill_timeout_seconds,
                    "Deadline of a prefill worker's call; past it the prompt is computed here")
       ->check(CLI::Range(0.1, 3600.0));
@@ -383,7 +389,8 @@ int RunServe(const ServeFlags& f) {
     kv_policies = std::move(*installed);
     // A decode worker's imported ClusterKV prompts go straight into the
     // host tier where the clusterings that came with them allow.
-    if (kv_policies->num_ranks() == 1 && kv_policies->leader().AdmitsImports()) {
+    if (f.kv_import_admission && kv_policies->num_ranks() == 1 &&
+        kv_policies->leader().AdmitsImports()) {
       (*kv_manager)->set_import_admitter(&kv_policies->leader());
     }
   }

@@ -57,6 +57,9 @@ struct ServeFlags {
   // decode: bytes of an imported prompt's KV loaded a step while others
   // decode (engine::BatcherOptions::max_import_bytes_per_step; 0: at once)
   int64_t kv_import_bytes_per_step = int64_t{256} << 20;
+  // decode: imported ClusterKV prompts go straight into the host tier
+  // where their clusterings allow (KvBlockManager::set_import_admitter)
+  bool kv_import_admission = true;
   int64_t kv_export_bytes = int64_t{1} << 30;  // prefill: host bytes exports wait in
   // prefill: the parts of consecutive layers a prompt's last pages leave in
   // as its last step computes them (KvBlockManagerOptions::export_layer_parts)

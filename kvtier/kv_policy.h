@@ -819,6 +819,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
     std::vector<Rows> rows;
     std::vector<absl::Status> errors;  // per (layer, head)
     std::chrono::steady_clock::time_point started;
+    std::chrono::steady_clock::time_point finished;  // written before `done`
     std::atomic<bool> done{false};
     std::thread thread;
   };

@@ -342,6 +342,7 @@ absl::StatusOr<ImportAdmitter::Range> KvPolicyRunner::Admit(
                                r.where.data() + int64_t{h} * max_pieces_, r.count.data() + h);
       }
     });
+    raw->finished = std::chrono::steady_clock::now();
     raw->done.store(true, std::memory_order_release);
   });
   admit_jobs_.emplace(seq_id, std::move(job));
@@ -389,6 +390,19 @@ absl::StatusOr<bool> KvPolicyRunner::AdmitDone(int64_t seq_id) {
                           std::chrono::steady_clock::now() - job.started)
                           .count();
   const int64_t chunks = static_cast<int64_t>(job.admission.work.size());
+  if (status.ok()) {
+    // What the encoding wrote and how fast: the host regions filled, from
+    // the admission's start to its last task (not to this poll).
+    int64_t bytes = 0;
+    for (const KvBlockManager::HostRegion& region : it->second.regions) bytes += region.bytes;
+    const double encode_ms =
+        std::chrono::duration<double, std::milli>(job.finished - job.started).count();
+    STRATA_LOG_DEBUG(
+        "sequence {}: admitted {} chunks x {} sparse layers into the host tier, {:.1f} MB in "
+        "{:.1f} ms ({:.2f} GB/s), applied {:.1f} ms after",
+        seq_id, chunks, layers, bytes / 1e6, encode_ms,
+        encode_ms > 0 ? bytes / encode_ms / 1e6 : 0.0, micros / 1e3 - encode_ms);
+  }
   admit_jobs_.erase(job_it);
   if (!status.ok()) {
     DropAdmitted(seq_id);

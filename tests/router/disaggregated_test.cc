@@ -711,6 +711,18 @@ TEST(DisaggregatedClusterKvHostTierTest, AnImportedPromptGoesStraightIntoTheHost
   EXPECT_GT(decode.Metric("strata_kv_import_upper_pages_saved_total"), 0);
   ExpectPoolsEmpty(prefill, "prefill");
   ExpectPoolsEmpty(decode, "decode");
+
+  // With the admission turned off the prompt goes through the GPU, to the
+  // same tokens.
+  std::vector<std::string> off_args = WithProfile(kDecodeArgs, profile);
+  off_args.insert(off_args.end(), {"--kv-import-admission", "false"});
+  ServerProcess off(off_args, "decode");
+  const Completion through_gpu = Generate(off.stub(), r, prefill.address());
+  ASSERT_TRUE(through_gpu.status.ok()) << through_gpu.status.error_message() << off.Stderr();
+  EXPECT_EQ(through_gpu.tokens, here.tokens);
+  EXPECT_EQ(off.Metric("strata_kv_imports_total"), 1);
+  EXPECT_EQ(off.Metric("strata_kv_imports_admitted_total"), 0);
+  ExpectPoolsEmpty(off, "decode");
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, DisaggregatedClusterKvTest, ::testing::Values(1, 2),
