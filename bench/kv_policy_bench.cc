@@ -352,6 +352,7 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
           ro.tier.spill_admission = {kvtier::KvBlockManagerOptions::SsdAdmission::kAlways};
           ro.tier.spill_stride = mode.spill_stride;
           ro.tier.spill_io_threads = mode.spill_io_threads;
+          ro.tier.spill_read_ahead = mode.spill_read_ahead;
         }
       }
       STRATA_ASSIGN_OR_RETURN(runner, kvtier::KvPolicyRunner::Create(model, {config}, ro));
@@ -475,6 +476,8 @@ absl::StatusOr<std::vector<SpeedResult>> MeasureDecodeSpeed(
       r.ssd_wait_ms_per_step =
           static_cast<double>(after.hard_miss_micros - before.hard_miss_micros) / 1e3 /
           (runs - warmup);
+      r.read_ahead_used_per_step =
+          static_cast<double>(after.read_ahead_used - before.read_ahead_used) / (runs - warmup);
       for (int64_t id : ids) runner->Release(id);
     }
     const absl::Status unset = model->set_attention_planner(nullptr);

@@ -132,6 +132,8 @@ struct SpeedResult {
   double hard_misses_per_step = 0.0;
   double ssd_mib_per_step = 0.0;
   double ssd_wait_ms_per_step = 0.0;
+  // ... of those hard misses, the ones read ahead (spill_read_ahead).
+  double read_ahead_used_per_step = 0.0;
 };
 
 // Where a ClusterKV config's clusters live in MeasureDecodeSpeed: every
@@ -145,6 +147,7 @@ struct TierMode {
   double prefetch_share = kvtier::KvTierOptions().prefetch_share;
   int spill_stride = 0;
   int spill_io_threads = 8;
+  bool spill_read_ahead = kvtier::KvTierOptions().spill_read_ahead;
 };
 
 // Prefills `batch` sequences of `context` tokens (random ids) once, then

@@ -5,7 +5,10 @@
 # 1024): every tenth cluster of each (layer, KV head) is written to RocksDB
 # before the timed steps and its host copy is no longer read, so a step
 # whose recall misses it in the GPU ring fetches it from the SSD (a hard
-# miss) while the step waits. Also runs the CUDA tiering tests (the recall's
+# miss) while the step waits. Each ssd10 run is made with and without reads
+# ahead (ssd10+ra: each layer starts the SSD reads of the next layer's
+# guessed selection; ssd10-ra: the step reads them when it selects them;
+# READ_AHEAD narrows it to one). Also runs the CUDA tiering tests (the recall's
 # fetch path against the CPU reference). Runs on a GPU machine from a
 # bundle made by tools/gpu-bundle.sh; logs go to $1.
 set -euo pipefail
@@ -25,6 +28,7 @@ tail -3 "$out/cuda_tiering_tests.log"
 .gpu/bin/strata bench kv-speed --backend cuda --dummy-weights llama-3-8b --context "$context" \
   --batch "$batches" --budgets 1024 --policies clusterkv --host-tiers host,ssd10 \
   --ssd-path "$tmp/kv" --ssd-io-threads "${IO_THREADS:-16}" --steps 20 --warmup 3 \
+  --ssd-read-ahead "${READ_AHEAD:-true,false}" \
   --json "$out/cluster_ssd.json" 2>"$out/cluster_ssd.err" | tee "$out/cluster_ssd.txt" || status=1
 tail -5 "$out/cluster_ssd.err"
 df -h "$tmp" | tail -1

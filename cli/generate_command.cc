@@ -455,6 +455,9 @@ int RunGenerate(const GenerateFlags& f) {
       kv["ssd_hard_miss_ms"] = static_cast<double>(s.hard_miss_micros) / 1e3;
       kv["ssd_hard_miss_failed"] = s.hard_miss_failed;
       kv["ssd_hard_miss_timeouts"] = s.hard_miss_timeouts;
+      kv["ssd_read_ahead_clusters"] = s.read_ahead_clusters;
+      kv["ssd_read_ahead_bytes"] = s.read_ahead_bytes;
+      kv["ssd_hard_misses_read_ahead"] = s.read_ahead_used;
       kv["ssd_cluster_writes_abandoned"] = s.spill_writes_abandoned;
       kv["ssd_cluster_promotions"] = s.promotions;
       kv["ssd_clusters_promoted"] = s.promoted_clusters;

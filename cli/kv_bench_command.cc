@@ -163,6 +163,12 @@ void AddKvBenchCommands(CLI::App& bench, KvBenchFlags& f, int& exit_code) {
                     "at the end)");
   speed->add_option("--ssd-io-threads", f.io_threads, "Threads reading clusters from the SSD")
       ->delimiter(',');
+  speed
+      ->add_option("--ssd-read-ahead", f.ssd_read_ahead,
+                   "Whether each layer starts the SSD reads of the next layer's guessed "
+                   "selection (KvTierOptions::spill_read_ahead); true,false makes each ssdN run "
+                   "twice, named ssdN+ra and ssdN-ra")
+      ->delimiter(',');
   speed->add_option("--codec", f.codec, "Codec of the clusters below the GPU")
       ->check(CLI::IsMember({"bf16", "fp8_e4m3", "int8", "int4"}));
   speed->callback([&f, &exit_code] {
@@ -446,9 +452,17 @@ int RunKvSpeed(const KvBenchFlags& f) {
     }
     const int spill_stride = t.starts_with("ssd") ? std::stoi(t.substr(3)) : 0;
     ssd_runs |= spill_stride > 0;
+    std::vector<bool> read_ahead = f.ssd_read_ahead;
+    if (spill_stride == 0 || read_ahead.empty()) {
+      read_ahead = {kvtier::KvTierOptions().spill_read_ahead};
+    }
     for (const double share : PrefetchShares(f)) {
-      tiers.push_back({t + PrefetchSuffix(f, share), stride, *codec, share, spill_stride,
-                       f.io_threads.empty() ? 8 : f.io_threads[0]});
+      for (const bool ahead : read_ahead) {
+        const std::string suffix =
+            f.ssd_read_ahead.size() > 1 && spill_stride > 0 ? (ahead ? "+ra" : "-ra") : "";
+        tiers.push_back({t + PrefetchSuffix(f, share) + suffix, stride, *codec, share, spill_stride,
+                         f.io_threads.empty() ? 8 : f.io_threads[0], ahead});
+      }
     }
   }
   if (ssd_runs && f.ssd_path.empty()) {
@@ -499,10 +513,10 @@ int RunKvSpeed(const KvBenchFlags& f) {
     if (!created.ok()) return ExitWithError(kCmd, created.status());
     manager = std::move(*created);
   }
-  std::printf("%-10s %6s %5s %8s %5s %12s %14s %10s %14s %9s %10s %12s %10s %8s %10s\n", "policy",
-              "budget", "batch", "context", "tier", "step_ms", "speedup_vs_full", "first_ms",
-              "cluster_frac", "ring_hit", "recall_MiB", "prefetch_MiB", "ssd_misses", "ssd_MiB",
-              "ssd_wait_ms");
+  std::printf("%-10s %6s %5s %8s %5s %12s %14s %10s %14s %9s %10s %12s %10s %8s %10s %9s\n",
+              "policy", "budget", "batch", "context", "tier", "step_ms", "speedup_vs_full",
+              "first_ms", "cluster_frac", "ring_hit", "recall_MiB", "prefetch_MiB", "ssd_misses",
+              "ssd_MiB", "ssd_wait_ms", "ssd_ahead");
   nlohmann::json rows = nlohmann::json::array();
   for (int batch : f.batches) {
     auto results = bench::MeasureDecodeSpeed(model, *configs, batch, f.context, f.steps, f.warmup,
@@ -519,11 +533,11 @@ int RunKvSpeed(const KvBenchFlags& f) {
       const double speedup = full_ms > 0 ? full_ms / r.step_ms : 0.0;
       std::printf(
           "%-10s %6d %5d %8d %5s %12.3f %14.2f %10.2f %14.4f %9.3f %10.2f %12.2f %10.1f %8.2f "
-          "%10.3f\n",
+          "%10.3f %9.1f\n",
           r.config.type.c_str(), r.config.type == "full" ? 0 : r.config.budget_tokens, batch,
           f.context, r.tier.c_str(), r.step_ms, speedup, r.first_step_ms, frac, r.ring_hit_rate,
           r.recall_mib_per_step, r.prefetch_mib_per_step, r.hard_misses_per_step,
-          r.ssd_mib_per_step, r.ssd_wait_ms_per_step);
+          r.ssd_mib_per_step, r.ssd_wait_ms_per_step, r.read_ahead_used_per_step);
       nlohmann::json ops = nlohmann::json::array();
       if (f.op_timing) {
         double device_ms = 0;
@@ -558,7 +572,8 @@ int RunKvSpeed(const KvBenchFlags& f) {
                       {"prefetch_mib_per_step", r.prefetch_mib_per_step},
                       {"ssd_hard_misses_per_step", r.hard_misses_per_step},
                       {"ssd_mib_per_step", r.ssd_mib_per_step},
-                      {"ssd_wait_ms_per_step", r.ssd_wait_ms_per_step}});
+                      {"ssd_wait_ms_per_step", r.ssd_wait_ms_per_step},
+                      {"ssd_hard_misses_read_ahead_per_step", r.read_ahead_used_per_step}});
     }
     std::fflush(stdout);
   }

@@ -80,6 +80,8 @@ struct KvBenchFlags {
   int64_t value_kib = 2048;
   double ssd_gib = 8;
   std::vector<int> io_threads;
+  // kv-speed: the ssdN runs with and/or without reads ahead.
+  std::vector<bool> ssd_read_ahead;
   bool buffered = false;  // kv-ssd: page-cache I/O instead of O_DIRECT
   std::string json;
   // transfer (bench/transfer_bench.h)

@@ -302,12 +302,14 @@ class CudaBackend final : public engine::Backend {
     // keep enough host reads in flight to fill the PCIe link.
     DeviceBuffer& workspace = on_side_ ? side_recall_workspace_ : recall_workspace_;
     // Pieces below host memory are fetched on the main stream only (a side
-    // recall must not wait for the host).
-    if (on_side_ && ring.fetcher != nullptr) {
+    // recall must not wait for the host); side work may only read ahead,
+    // through fetch lists of its own.
+    if (on_side_ && ring.fetcher != nullptr && !ring.list_only) {
       return absl::InvalidArgumentError("RecallBlocks: side work cannot fetch pieces");
     }
     STRATA_ASSIGN_OR_RETURN(cuda::RecallFetchContext * fetch,
-                            recall_fetch_.ForRecall(tables.layer, ring.fetcher, capturing_));
+                            (on_side_ ? side_recall_fetch_ : recall_fetch_)
+                                .ForRecall(tables.layer, ring.fetcher, capturing_));
     STRATA_RETURN_IF_ERROR(
         GrowKeepingGraphsSafe(workspace, cuda::RecallWorkspaceBytes(plan, k_cache)));
     OpTimer::Scope timed(&op_timer_, on_side_ ? "RecallBlocks (side)" : "RecallBlocks", stream());
@@ -404,6 +406,7 @@ class CudaBackend final : public engine::Backend {
   // The main stream's recalls' fetch lists and host functions, by layer
   // (graphs hold their addresses: declared before graphs_).
   cuda::RecallFetchContexts recall_fetch_;
+  cuda::RecallFetchContexts side_recall_fetch_;  // side work's reads ahead
   OpTimer op_timer_;
   bool capturing_ = false;             // between BeginCapture and EndCapture
   std::vector<CudaGraphExec> graphs_;  // by id

@@ -226,6 +226,7 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, engine::SparsePlan& 
   p.workspace_bytes = workspace_bytes;
   p.decode_ctas = decode_ctas;
   if (fetch != nullptr) p.fetch = fetch->list();
+  p.list_only = ring.list_only;
   STRATA_CUDA_RETURN_IF_ERROR(kernels::LaunchRecallBlocks(p, stream));
   return absl::OkStatus();
 }

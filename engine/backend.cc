@@ -330,6 +330,9 @@ absl::Status ValidateRecallBlocks(absl::string_view op, const Tensor& k_cache,
       !ring.host.defined()) {
     return bad("tier tables do not match the extents and the ring");
   }
+  if (ring.list_only && ring.fetcher == nullptr) {
+    return bad("a read-ahead recall (list_only) has no fetcher to list pieces to");
+  }
   for (int i = 0; i < plan.num_entries; ++i) {
     if (plan.host(i, kPlanSlot) < 0 || plan.host(i, kPlanSlot) >= slots) {
       return bad(absl::StrCat("plan entry ", i, ": slot outside the tables"));

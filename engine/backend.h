@@ -217,7 +217,8 @@ inline constexpr int32_t kPieceBelowHost = -1;
 // ClusterSpill). Called on the CPU backend inline, and on CUDA from a host
 // callback of the recall's stream, once per layer that misses such pieces,
 // so it must not call CUDA and the stream waits until it returns. Calls
-// never overlap.
+// through one fetcher never overlap; a read-ahead recall (TierRing::
+// list_only) names a fetcher of its own, which may be called beside them.
 class PieceFetcher {
  public:
   struct Piece {
@@ -279,6 +280,12 @@ struct TierRing {
   // Where pieces below host memory come from; null: there are none (a
   // kPieceBelowHost entry is then a bad piece).
   PieceFetcher* fetcher = nullptr;
+  // Read ahead only (a guessed selection's recall on the side stream, with
+  // a fetcher that starts reads and answers at once): RecallBlocks hands
+  // the fetcher the selection's missed pieces below host memory, ignores
+  // its answers, and changes nothing else (no ring row, table, key_index,
+  // status or stat). Needs a fetcher.
+  bool list_only = false;
 };
 
 // ---- Sampling --------------------------------------------------------------

@@ -155,6 +155,23 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, co
         if (base[lo] >= 0) host_tokens += take;
         pos += take;
       }
+      if (ring.list_only) {
+        // Read ahead: the missed pieces below host memory, listed; nothing
+        // else changes.
+        for (const Run& r : runs) {
+          if (base[r.block] < 0) continue;
+          if (res_count[r.block] >= r.take && res_start[r.block] >= int64_t{head} - ring_rows) {
+            continue;  // resident
+          }
+          for (int32_t off = 0; off < r.take; off += kKvPieceTokens) {
+            const int32_t piece = base[r.block] + off / kKvPieceTokens;
+            if (where[piece] == kPieceBelowHost) {
+              fetch.push_back({static_cast<int32_t>(slot), static_cast<int32_t>(h), piece});
+            }
+          }
+        }
+        continue;
+      }
       if (host_tokens * 2 > ring_rows) {
         status |= kRecallRingTooSmall;
         continue;
@@ -283,6 +300,10 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, co
         }
       }
     }
+  }
+  if (ring.list_only && !fetch.empty()) {
+    fetched.assign(fetch.size(), -1);
+    ring.fetcher->Fetch(t.layer, fetch, fetched);  // the answers are not used
   }
   return absl::OkStatus();
 }

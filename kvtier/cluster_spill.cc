@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <utility>
 
 #include "common/logging.h"
@@ -76,6 +77,7 @@ std::vector<ClusterSpill::Done> ClusterSpill::Poll() {
 
 bool ClusterSpill::Forget(int64_t seq_id) {
   std::unique_lock<std::mutex> lock(mu_);
+  DropReadsAheadLocked(seq_id);
   auto it = sequences_.find(seq_id);
   if (it == sequences_.end() || it->second.forgotten) return true;
   const size_t queued = queue_.size();
@@ -219,6 +221,7 @@ void ClusterSpill::Promoted(int64_t seq_id, std::span<const PromotedCluster> clu
   std::vector<SsdKey> keys;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    DropReadsAheadLocked(seq_id);
     auto it = sequences_.find(seq_id);
     if (it == sequences_.end()) return;
     Sequence& seq = it->second;
@@ -371,12 +374,82 @@ absl::Status ClusterSpill::WriteBatch(const Queued& q, int64_t* bytes) {
   return first;
 }
 
+std::optional<ClusterSpill::Found> ClusterSpill::FindLocked(
+    int layer, const engine::PieceFetcher::Piece& p) const {
+  auto seq_it = slot_seq_.find(p.slot);
+  if (seq_it == slot_seq_.end()) return std::nullopt;
+  const Sequence& seq = sequences_.at(seq_it->second);
+  auto firsts = seq.firsts.find(ClusterId(layer, p.head, 0));
+  if (firsts == seq.firsts.end()) return std::nullopt;
+  auto after = std::upper_bound(firsts->second.begin(), firsts->second.end(),
+                                std::pair<int32_t, uint32_t>{p.piece, UINT32_MAX});
+  if (after == firsts->second.begin()) return std::nullopt;
+  const uint32_t block = std::prev(after)->second;
+  const uint64_t id = ClusterId(layer, p.head, block);
+  const StoredCluster& c = seq.clusters.at(id);
+  const int64_t index = p.piece - c.first_piece;
+  if (index < 0 || index >= static_cast<int64_t>(c.piece_offsets.size())) return std::nullopt;
+  return Found{seq_it->second, id, &seq, &c, index};
+}
+
+void ClusterSpill::DropReadsAheadLocked(int64_t seq_id) {
+  absl::erase_if(ahead_, [&](const auto& entry) {
+    if (seq_id >= 0 && entry.first.first != seq_id) return false;
+    ReadJob& job = *entry.second;
+    std::lock_guard<std::mutex> lock(job.wait->mu);
+    job.dropped = true;  // a queued read is not made
+    ahead_bytes_ -= static_cast<int64_t>(job.buffer.size());
+    return true;
+  });
+  if (ahead_.empty()) ahead_layer_ = -1;
+}
+
+void ClusterSpill::StartReadsAhead(int layer, std::span<const engine::PieceFetcher::Piece> pieces,
+                                   std::span<int64_t> offsets) {
+  std::fill(offsets.begin(), offsets.end(), int64_t{-1});
+  int queued = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // A disk that stopped answering gets no more reads.
+    if (stats_.stalled) return;
+    if (ahead_layer_ != layer) {
+      DropReadsAheadLocked(-1);
+      ahead_layer_ = layer;
+    }
+    auto wait = std::make_shared<FetchWait>();
+    for (const engine::PieceFetcher::Piece& p : pieces) {
+      const std::optional<Found> found = FindLocked(layer, p);
+      if (!found.has_value() || ahead_.contains({found->seq_id, found->id})) continue;
+      const int64_t bytes = found->cluster->bytes;
+      if (ahead_bytes_ + bytes > staging_bytes_) break;  // as much as one fetch could take
+      auto r = std::make_shared<ReadJob>();
+      r->key = KeyOf(found->seq->owner, layer, static_cast<uint32_t>(p.head),
+                     static_cast<uint32_t>(found->id & 0xffffffff));
+      r->buffer.resize(static_cast<size_t>(bytes));
+      r->ahead = true;
+      r->wait = wait;
+      ahead_.emplace(std::make_pair(found->seq_id, found->id), r);
+      ahead_queue_.push_back(std::move(r));
+      ahead_bytes_ += bytes;
+      ++queued;
+    }
+    if (queued == 0) return;
+    wait->remaining = queued;
+    reads_outstanding_ += queued;
+    stats_.read_ahead_clusters += queued;
+  }
+  read_cv_.notify_all();
+}
+
 void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece> pieces,
                          std::span<int64_t> offsets) {
   const auto start = std::chrono::steady_clock::now();
+  const auto deadline = start + options_.fetch_timeout;
   std::fill(offsets.begin(), offsets.end(), int64_t{-1});
   // What to read: each cluster once, at its place in the staging area.
+  // Those read ahead are taken (`ahead[i]`: their reads), the rest read now.
   std::vector<std::shared_ptr<ReadJob>> reads;
+  std::vector<char> ahead;
   std::vector<std::pair<size_t, int64_t>> piece_read(pieces.size(), {SIZE_MAX, 0});
   int64_t staging_offset = 0;
   bool stalled = false;
@@ -384,72 +457,90 @@ void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece>
     std::lock_guard<std::mutex> lock(mu_);
     stalled = stats_.stalled;
     staging_offset = staging_offset_;
+    // Reads ahead of another layer will not be asked for.
+    if (ahead_layer_ != layer) DropReadsAheadLocked(-1);
     absl::flat_hash_map<std::pair<int64_t, uint64_t>, size_t> read_of;
     int64_t cursor = 0;
     for (size_t i = 0; i < pieces.size() && !stalled; ++i) {
-      const engine::PieceFetcher::Piece& p = pieces[i];
-      auto seq_it = slot_seq_.find(p.slot);
-      if (seq_it == slot_seq_.end()) {
-        continue;
-      }
-      const Sequence& seq = sequences_.at(seq_it->second);
-      auto firsts = seq.firsts.find(ClusterId(layer, p.head, 0));
-      if (firsts == seq.firsts.end()) {
-        continue;
-      }
-      auto after = std::upper_bound(firsts->second.begin(), firsts->second.end(),
-                                    std::pair<int32_t, uint32_t>{p.piece, UINT32_MAX});
-      if (after == firsts->second.begin()) {
-        continue;
-      }
-      const uint32_t block = std::prev(after)->second;
-      const uint64_t id = ClusterId(layer, p.head, block);
-      const StoredCluster& c = seq.clusters.at(id);
-      const int64_t index = p.piece - c.first_piece;
-      if (index < 0 || index >= static_cast<int64_t>(c.piece_offsets.size())) {
-        continue;
-      }
-      auto [it, added] = read_of.try_emplace({seq_it->second, id}, reads.size());
+      const std::optional<Found> found = FindLocked(layer, pieces[i]);
+      if (!found.has_value()) continue;
+      auto [it, added] = read_of.try_emplace({found->seq_id, found->id}, reads.size());
       if (added) {
-        const int64_t span = WholeUnits(c.bytes);
+        const int64_t span = WholeUnits(found->cluster->bytes);
         if (cursor + span > staging_bytes_) {
           read_of.erase(it);
           continue;  // does not fit this call: lost (logged below)
         }
-        auto r = std::make_shared<ReadJob>();
-        r->key = KeyOf(seq.owner, layer, p.head, block);
-        r->dest = options_.host_data + staging_offset + cursor;
-        r->buffer.resize(static_cast<size_t>(c.bytes));
-        reads.push_back(std::move(r));
+        uint8_t* const dest = options_.host_data + staging_offset + cursor;
         cursor += span;
+        auto taken = ahead_.find({found->seq_id, found->id});
+        if (taken != ahead_.end()) {
+          // Read ahead: the buffer is copied to `dest` below, once read.
+          std::shared_ptr<ReadJob> r = std::move(taken->second);
+          ahead_bytes_ -= static_cast<int64_t>(r->buffer.size());
+          ahead_.erase(taken);
+          r->dest = dest;
+          reads.push_back(std::move(r));
+          ahead.push_back(1);
+        } else {
+          auto r = std::make_shared<ReadJob>();
+          r->key = KeyOf(found->seq->owner, layer, static_cast<uint32_t>(pieces[i].head),
+                         static_cast<uint32_t>(found->id & 0xffffffff));
+          r->dest = dest;
+          r->buffer.resize(static_cast<size_t>(found->cluster->bytes));
+          reads.push_back(std::move(r));
+          ahead.push_back(0);
+        }
       }
-      piece_read[i] = {it->second, c.piece_offsets[index]};
+      piece_read[i] = {it->second, found->cluster->piece_offsets[found->index]};
     }
   }
   bool timed_out = false;
-  int64_t bytes = 0;
+  int64_t bytes = 0, used_ahead = 0;
   std::vector<char> read_ok(reads.size(), 0);
   if (!reads.empty()) {
     auto wait = std::make_shared<FetchWait>();
-    wait->remaining = static_cast<int>(reads.size());
+    int fresh = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (std::shared_ptr<ReadJob>& r : reads) {
-        r->wait = wait;
-        read_queue_.push_back(r);
+      for (size_t i = 0; i < reads.size(); ++i) {
+        if (ahead[i]) continue;
+        reads[i]->wait = wait;
+        read_queue_.push_back(reads[i]);
+        ++fresh;
       }
-      reads_outstanding_ += static_cast<int>(reads.size());
+      reads_outstanding_ += fresh;
+      wait->remaining = fresh;
     }
-    read_cv_.notify_all();
-    std::unique_lock<std::mutex> wait_lock(wait->mu);
-    if (!wait->cv.wait_for(wait_lock, options_.fetch_timeout,
-                           [&] { return wait->remaining == 0; })) {
-      wait->abandoned = true;  // nothing more lands in the staging area
-      timed_out = true;
+    if (fresh > 0) read_cv_.notify_all();
+    // The reads ahead first: each is copied here once its reader is done
+    // with it (its reader never writes the staging area).
+    for (size_t i = 0; i < reads.size(); ++i) {
+      if (!ahead[i]) continue;
+      ReadJob& r = *reads[i];
+      std::unique_lock<std::mutex> lock(r.wait->mu);
+      if (!r.wait->cv.wait_until(lock, deadline, [&] { return r.done; })) {
+        r.dropped = true;
+        timed_out = true;
+        continue;
+      }
+      if (!r.ok) continue;
+      std::memcpy(r.dest, r.buffer.data(), r.buffer.size());
+      read_ok[i] = 1;
+      ++used_ahead;
+    }
+    {
+      std::unique_lock<std::mutex> wait_lock(wait->mu);
+      if (!wait->cv.wait_until(wait_lock, deadline, [&] { return wait->remaining == 0; })) {
+        wait->abandoned = true;  // nothing more lands in the staging area
+        timed_out = true;
+      }
+      for (size_t i = 0; i < reads.size(); ++i) {
+        if (!ahead[i]) read_ok[i] = reads[i]->ok;
+      }
     }
     for (size_t i = 0; i < reads.size(); ++i) {
-      read_ok[i] = reads[i]->ok;
-      if (reads[i]->ok) bytes += static_cast<int64_t>(reads[i]->buffer.size());
+      if (read_ok[i]) bytes += static_cast<int64_t>(reads[i]->buffer.size());
     }
   }
   int64_t failed = 0;
@@ -478,6 +569,7 @@ void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece>
   stats_.hard_misses += static_cast<int64_t>(reads.size());
   stats_.hard_miss_pieces += static_cast<int64_t>(pieces.size());
   stats_.bytes_read += bytes;
+  stats_.read_ahead_used += used_ahead;
   stats_.fetch_micros += MicrosSince(start);
   stats_.fetches_failed += failed;
 }
@@ -487,28 +579,34 @@ void ClusterSpill::ReaderLoop() {
     std::shared_ptr<ReadJob> job;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      read_cv_.wait(lock,
-                    [&] { return stopping_ || !read_queue_.empty() || !promote_queue_.empty(); });
-      if (read_queue_.empty()) {
-        // A step's fetches first; promotions are dropped with the spill.
-        if (stopping_) return;
+      read_cv_.wait(lock, [&] {
+        return stopping_ || !read_queue_.empty() || !ahead_queue_.empty() ||
+               !promote_queue_.empty();
+      });
+      if (!read_queue_.empty()) {
+        job = std::move(read_queue_.front());
+        read_queue_.pop_front();
+      } else if (stopping_) {
+        return;  // reads ahead and promotions are dropped with the spill
+      } else if (!ahead_queue_.empty()) {
+        job = std::move(ahead_queue_.front());
+        ahead_queue_.pop_front();
+      } else {
         PromoteJob promote = std::move(promote_queue_.front());
         promote_queue_.pop_front();
         lock.unlock();
         ReadForPromotion(promote);
         continue;
       }
-      job = std::move(read_queue_.front());
-      read_queue_.pop_front();
     }
     FetchWait& wait = *job->wait;
-    bool abandoned = false;
+    bool skip = false;
     {
       std::lock_guard<std::mutex> lock(wait.mu);
-      abandoned = wait.abandoned;
+      skip = wait.abandoned || job->dropped;
     }
     absl::Status s = absl::CancelledError("the fetch gave up");
-    if (!abandoned) {
+    if (!skip) {
       if (options_.before_read) options_.before_read();
       s = store_->GetInto(job->key, {}, job->buffer);
       if (!s.ok()) {
@@ -518,14 +616,19 @@ void ClusterSpill::ReaderLoop() {
     }
     {
       std::lock_guard<std::mutex> lock(wait.mu);
-      if (s.ok() && !wait.abandoned) {
-        std::memcpy(job->dest, job->buffer.data(), job->buffer.size());
+      // A read for a Fetch lands in the staging area while the fetch still
+      // waits; a read ahead stays in its buffer (the Fetch that takes it
+      // copies it).
+      if (s.ok() && !wait.abandoned && !job->dropped) {
+        if (!job->ahead) std::memcpy(job->dest, job->buffer.data(), job->buffer.size());
         job->ok = true;
       }
+      job->done = true;
       --wait.remaining;
     }
     wait.cv.notify_all();
     std::lock_guard<std::mutex> lock(mu_);
+    if (job->ahead && s.ok()) stats_.read_ahead_bytes += static_cast<int64_t>(job->buffer.size());
     if (--reads_outstanding_ == 0) stats_.stalled = false;
   }
 }

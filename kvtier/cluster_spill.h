@@ -29,6 +29,18 @@
 // staging area only while their fetch still waits for them, so a late one
 // never writes where a later step reads.
 //
+// Reading ahead (read_ahead(), a second PieceFetcher, for the recall of a
+// guessed selection: engine::TierRing::list_only). It never waits: it
+// answers every piece -1 at once and queues reads of the clusters on the
+// SSD those pieces belong to, each into a buffer of its own, while the
+// layer before the one guessed computes. A step's Fetch of that layer then
+// takes a cluster read ahead (copied into the staging area) or still
+// being read (waited for) instead of reading it again. The reads ahead of
+// one layer are kept until a read ahead or a Fetch of another layer drops
+// them (their queued reads are then not made); they hold at most the
+// staging area's bytes. Readers take a step's fetches first, reads ahead
+// next, promotions last.
+//
 // Promoting (Promote). A sequence running again whose clusters are on the
 // SSD may have them read back into host memory the caller allocated, on
 // the I/O threads, behind the steps' own fetches (a step waits behind at
@@ -50,9 +62,9 @@
 // An ended sequence never holds the engine up.
 //
 // Thread-safety: Write, Poll, Forget and the accessors are called by the
-// thread that drives the model; Fetch from the step (on the CUDA backend a
-// host callback thread of the stream) while that thread runs. A mutex
-// guards what both touch.
+// thread that drives the model; Fetch and the read ahead from the step (on
+// the CUDA backend host callback threads of the streams, the two possibly
+// at once) while that thread runs. A mutex guards what they share.
 #ifndef STRATA_KVTIER_CLUSTER_SPILL_H_
 #define STRATA_KVTIER_CLUSTER_SPILL_H_
 
@@ -64,6 +76,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <thread>
 #include <vector>
@@ -100,15 +113,18 @@ class ClusterSpill final : public engine::PieceFetcher {
     int64_t clusters_written = 0;
     int64_t bytes_written = 0;
     int64_t write_micros = 0;
-    int64_t hard_misses = 0;        // clusters fetched in a step
-    int64_t hard_miss_pieces = 0;   // ... their pieces asked for
-    int64_t bytes_read = 0;         // ... bytes read
-    int64_t fetch_micros = 0;       // time the steps waited for them
-    int64_t fetches_failed = 0;     // pieces that could not be had (-1)
-    int64_t fetch_timeouts = 0;     // fetches that gave up on reads still running
-    int64_t forget_timeouts = 0;    // Forget calls that left a stalled write or read behind
-    int64_t promotions = 0;         // Promote calls reported
-    int64_t clusters_promoted = 0;  // ... clusters read back into host memory
+    int64_t hard_misses = 0;          // clusters fetched in a step
+    int64_t hard_miss_pieces = 0;     // ... their pieces asked for
+    int64_t bytes_read = 0;           // ... bytes read
+    int64_t fetch_micros = 0;         // time the steps waited for them
+    int64_t fetches_failed = 0;       // pieces that could not be had (-1)
+    int64_t fetch_timeouts = 0;       // fetches that gave up on reads still running
+    int64_t read_ahead_clusters = 0;  // clusters whose reads ahead were queued
+    int64_t read_ahead_bytes = 0;     // ... the bytes they read
+    int64_t read_ahead_used = 0;      // hard misses a read ahead served
+    int64_t forget_timeouts = 0;      // Forget calls that left a stalled write or read behind
+    int64_t promotions = 0;           // Promote calls reported
+    int64_t clusters_promoted = 0;    // ... clusters read back into host memory
     int64_t bytes_promoted = 0;
     int64_t promote_micros = 0;  // from Promote to the last read
     bool stalled = false;        // reads a fetch gave up on are still running
@@ -196,8 +212,20 @@ class ClusterSpill final : public engine::PieceFetcher {
   // engine::PieceFetcher.
   void Fetch(int layer, std::span<const engine::PieceFetcher::Piece> pieces,
              std::span<int64_t> offsets) override;
+  // The fetcher of reads ahead (see above); lives as long as the spill.
+  engine::PieceFetcher* read_ahead() { return &read_ahead_; }
 
  private:
+  class ReadAhead final : public engine::PieceFetcher {
+   public:
+    explicit ReadAhead(ClusterSpill* spill) : spill_(spill) {}
+    void Fetch(int layer, std::span<const Piece> pieces, std::span<int64_t> offsets) override {
+      spill_->StartReadsAhead(layer, pieces, offsets);
+    }
+
+   private:
+    ClusterSpill* spill_;
+  };
   struct StoredCluster {
     int64_t bytes = 0;
     int32_t first_piece = 0;
@@ -223,15 +251,35 @@ class ClusterSpill final : public engine::PieceFetcher {
     return (uint64_t{layer} << 48) | (uint64_t{head} << 32) | block;
   }
   // One value read for a Fetch, into a buffer of its own; copied into the
-  // staging area by the reader only while the fetch still waits for it.
+  // staging area by the reader only while the fetch still waits for it. A
+  // read ahead has no `dest`: the Fetch that takes it copies the buffer.
   struct FetchWait;
   struct ReadJob {
     SsdKey key;
     uint8_t* dest = nullptr;  // in the staging area
     std::vector<uint8_t> buffer;
-    bool ok = false;  // guarded by wait->mu
+    bool ok = false;       // guarded by wait->mu
+    bool done = false;     // ... the read returned (or was skipped)
+    bool dropped = false;  // ... a read ahead no longer wanted
+    bool ahead = false;    // a read ahead (set once, before it is queued)
     std::shared_ptr<FetchWait> wait;
   };
+  // The cluster a fetched piece belongs to (mu_ held): its sequence and
+  // ClusterId, its value's description and the piece's index in it; null
+  // when the SSD has no such piece.
+  struct Found {
+    int64_t seq_id = 0;
+    uint64_t id = 0;
+    const Sequence* seq = nullptr;
+    const StoredCluster* cluster = nullptr;
+    int64_t index = 0;
+  };
+  std::optional<Found> FindLocked(int layer, const engine::PieceFetcher::Piece& p) const;
+  // ReadAhead::Fetch.
+  void StartReadsAhead(int layer, std::span<const engine::PieceFetcher::Piece> pieces,
+                       std::span<int64_t> offsets);
+  // Drops the reads ahead (mu_ held): of sequence seq_id, or all when -1.
+  void DropReadsAheadLocked(int64_t seq_id);
   struct FetchWait {
     std::mutex mu;
     std::condition_variable cv;
@@ -285,7 +333,14 @@ class ClusterSpill final : public engine::PieceFetcher {
   // The readers' queue, and the reads queued or running (under mu_).
   std::condition_variable read_cv_;
   std::deque<std::shared_ptr<ReadJob>> read_queue_;
-  std::deque<PromoteJob> promote_queue_;  // taken when read_queue_ is empty
+  std::deque<std::shared_ptr<ReadJob>> ahead_queue_;  // taken when read_queue_ is empty
+  std::deque<PromoteJob> promote_queue_;              // taken when both are empty
+  // The reads ahead of layer ahead_layer_, by (sequence, ClusterId), and
+  // their bytes.
+  absl::flat_hash_map<std::pair<int64_t, uint64_t>, std::shared_ptr<ReadJob>> ahead_;
+  int ahead_layer_ = -1;
+  int64_t ahead_bytes_ = 0;
+  ReadAhead read_ahead_{this};
   std::vector<Promotion> promotions_done_;
   int reads_outstanding_ = 0;
   std::vector<std::thread> readers_;

@@ -361,7 +361,9 @@ absl::Status KvPolicyRunner::Allocate() {
       spill_ = std::make_unique<ClusterSpill>(options_.tier.manager->ssd(), spill);
       break;
     }
-    if (options_.tier.prefetch_share > 0 && any_clusterkv_) {
+    if ((options_.tier.prefetch_share > 0 ||
+         (spill_ != nullptr && options_.tier.spill_read_ahead)) &&
+        any_clusterkv_) {
       guess_plan_.max_blocks = plan_.max_blocks;
       STRATA_ASSIGN_OR_RETURN(
           guess_plan_.entries,
@@ -675,6 +677,7 @@ absl::Status KvPolicyRunner::BeginStep(const engine::StepInput& in,
   // Prefetch guesses from the summaries as they stand, so not while a
   // layer's PlanLayer is about to add to them.
   step_prefetch_ = step_tiered_ && Prefetches() &&
+                   (options_.tier.prefetch_share > 0 || (step_fetch_ && ReadsAhead())) &&
                    std::none_of(entries_.begin(), entries_.end(),
                                 [](const Entry& e) { return !e.work.empty(); });
   prefetched_layer_ = -1;
@@ -737,7 +740,13 @@ absl::Status KvPolicyRunner::PrefetchLayer(int layer, const engine::AttentionBat
   engine::TierRing guess_ring = ring_;
   guess_ring.status = guess_status_;
   guess_ring.stats = guess_stats_;
-  guess_ring.fetcher = nullptr;  // a guess never waits for the SSD
+  // A guess never waits for the SSD; it may start reads from it. Without
+  // a prefetch share it only does that.
+  guess_ring.fetcher = step_fetch_ && ReadsAhead() ? spill_->read_ahead() : nullptr;
+  guess_ring.list_only = options_.tier.prefetch_share <= 0;
+  if (guess_ring.list_only && guess_ring.fetcher == nullptr) {
+    return absl::InternalError("kv policies: a guess with neither prefetch nor read ahead");
+  }
   const engine::QkvLayout layout{model_->shard().q_heads, model_->shard().kv_heads,
                                  model_->config().head_dim};
   STRATA_RETURN_IF_ERROR(b.BeginSideWork());
@@ -762,7 +771,8 @@ absl::Status KvPolicyRunner::UploadEntries(std::vector<int32_t> host) {
   if (Prefetches()) {
     std::vector<int32_t> guess = host;
     for (size_t i = engine::kPlanBudget; i < guess.size(); i += engine::kSparsePlanFields) {
-      if (guess[i] > 0) {
+      // Only reading ahead: the whole budget.
+      if (guess[i] > 0 && options_.tier.prefetch_share > 0) {
         guess[i] =
             std::max(1, static_cast<int32_t>(std::lround(guess[i] * options_.tier.prefetch_share)));
       }

@@ -227,6 +227,14 @@ struct KvTierOptions {
   // memory is then kept); 1: all, and their host memory is freed.
   int spill_stride = 1;
   int spill_io_threads = 4;
+  // With clusters below host memory: in a step that may fetch them, each
+  // layer guesses the next layer's selection (as prefetch does, with the
+  // whole budget when prefetch_share is 0) and starts the SSD reads of the
+  // clusters it would miss (ClusterSpill::read_ahead), so that the next
+  // layer's hard misses find them read or reading. Costs each layer of
+  // such a step a guess (the next layer's QKV projection of one token per
+  // sequence, its centroid scores and selection) on the side stream.
+  bool spill_read_ahead = true;
   // How long a decode step waits for clusters it fetches from the SSD
   // before it recomputes their sequences instead, and a released sequence
   // for the write of its clusters before it leaves their host memory to be
@@ -332,6 +340,11 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
     int64_t hard_miss_micros = 0;
     int64_t hard_miss_failed = 0;
     int64_t hard_miss_timeouts = 0;  // fetches that gave up on a stalled SSD
+    // Reads ahead (KvTierOptions::spill_read_ahead): clusters whose SSD
+    // reads a guess started, and the hard misses they served.
+    int64_t read_ahead_clusters = 0;
+    int64_t read_ahead_bytes = 0;
+    int64_t read_ahead_used = 0;
     // Released sequences whose clusters' write (or read back) the SSD held
     // past the timeout (their host memory freed once it returned).
     int64_t spill_writes_abandoned = 0;
@@ -372,6 +385,7 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
   // Prefetches (KvTierOptions::prefetch) in steps with a ring and no
   // summary work, for the layers whose entries are already uploaded (all
   // but a step's first sparse layer, unless the step replays from a graph).
+  // (Also to read clusters below host memory ahead: spill_read_ahead.)
   bool Prefetches() const override { return guess_scores_.defined(); }
   bool PrefetchesLayer(int layer) const override;
   absl::Status PrefetchLayer(int layer, const engine::AttentionBatch& batch,
@@ -635,6 +649,8 @@ class KvPolicyRunner final : public engine::AttentionPlanner, public ImportAdmit
   // The host entries PlanLayer(layer) plans this step, and how many of them
   // (the first) are ClusterKV's.
   std::vector<int32_t> LayerFields(int layer, int* num_clusterkv = nullptr) const;
+  // Whether guesses read clusters below host memory ahead.
+  bool ReadsAhead() const { return spill_ != nullptr && options_.tier.spill_read_ahead; }
   // Orders what follows after the prefetch side work, if any is pending.
   absl::Status JoinPrefetch();
   // Makes plan_.entries hold `host` (and the guessed plan's entries the

@@ -430,6 +430,9 @@ absl::Status KvPolicyRunner::PollSpill() {
   stats_.hard_miss_micros = s.fetch_micros;
   stats_.hard_miss_failed = s.fetches_failed;
   stats_.hard_miss_timeouts = s.fetch_timeouts;
+  stats_.read_ahead_clusters = s.read_ahead_clusters;
+  stats_.read_ahead_bytes = s.read_ahead_bytes;
+  stats_.read_ahead_used = s.read_ahead_used;
   stats_.spill_writes_abandoned = s.forget_timeouts;
   stats_.ssd_cluster_bytes = s.bytes_resident;
   return absl::OkStatus();

@@ -176,6 +176,14 @@ absl::StatusOr<std::unique_ptr<ServerMetrics>> ServerMetrics::Create(prometheus:
   STRATA_RETURN_IF_ERROR(counter(m->hard_misses_, "strata_kv_ssd_hard_misses_total",
                                  "Clusters a decode step selected that were only on the SSD "
                                  "tier (the step waited for them)."));
+  STRATA_RETURN_IF_ERROR(counter(m->read_ahead_used_, "strata_kv_ssd_hard_misses_read_ahead_total",
+                                 "Hard misses whose cluster the layer before had started "
+                                 "reading from the SSD tier (a guessed selection)."));
+  STRATA_RETURN_IF_ERROR(counter(m->read_ahead_clusters_, "strata_kv_ssd_read_ahead_clusters_total",
+                                 "Clusters read from the SSD tier ahead of the layer whose "
+                                 "guessed selection missed them."));
+  STRATA_RETURN_IF_ERROR(counter(m->read_ahead_bytes_, "strata_kv_ssd_read_ahead_bytes_total",
+                                 "Bytes of those reads ahead."));
   STRATA_RETURN_IF_ERROR(counter(m->hard_miss_bytes_, "strata_kv_ssd_hard_miss_bytes_total",
                                  "Bytes the hard misses read from the SSD tier."));
   STRATA_ASSIGN_OR_RETURN(m->hard_miss_seconds_,
@@ -397,6 +405,9 @@ void ServerMetrics::UpdateKvPolicyStats(const kvtier::KvPolicyRunner::Stats& sta
   hard_miss_bytes_.Advance(stats.hard_miss_bytes);
   hard_miss_failed_.Advance(stats.hard_miss_failed);
   hard_miss_timeouts_.Advance(stats.hard_miss_timeouts);
+  read_ahead_used_.Advance(stats.read_ahead_used);
+  read_ahead_clusters_.Advance(stats.read_ahead_clusters);
+  read_ahead_bytes_.Advance(stats.read_ahead_bytes);
   spill_writes_abandoned_.Advance(stats.spill_writes_abandoned);
   cluster_promotions_.Advance(stats.promotions);
   clusters_promoted_.Advance(stats.promoted_clusters);

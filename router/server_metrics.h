@@ -77,6 +77,10 @@
 //                                               had (sequence recomputed)
 //   strata_kv_ssd_hard_miss_timeouts_total      ... fetches the SSD did not
 //                                               answer in time (recomputed)
+//   strata_kv_ssd_hard_misses_read_ahead_total  ... found read (or reading)
+//                                               ahead by the previous layer
+//   strata_kv_ssd_read_ahead_clusters_total     clusters read ahead of need
+//   strata_kv_ssd_read_ahead_bytes_total        ... their bytes
 //   strata_kv_ssd_cluster_writes_abandoned_total ended sequences whose
 //                                               clusters' write (or read
 //                                               back) the SSD held past the
@@ -249,8 +253,9 @@ class ServerMetrics {
   TotalCounter offloads_, offload_refused_, recall_bytes_, recall_bad_, recall_steps_;
   TotalCounter prefetch_bytes_;
   TotalCounter cluster_spills_, clusters_spilled_, cluster_spills_refused_, hard_misses_,
-      hard_miss_bytes_, hard_miss_failed_, hard_miss_timeouts_, spill_writes_abandoned_,
-      cluster_promotions_, clusters_promoted_, cluster_promoted_bytes_;
+      read_ahead_used_, read_ahead_clusters_, read_ahead_bytes_, hard_miss_bytes_,
+      hard_miss_failed_, hard_miss_timeouts_, spill_writes_abandoned_, cluster_promotions_,
+      clusters_promoted_, cluster_promoted_bytes_;
   prometheus::Counter* hard_miss_seconds_ = nullptr;
   int64_t hard_miss_micros_seen_ = 0;
   prometheus::Gauge* ssd_cluster_bytes_ = nullptr;

@@ -273,6 +273,22 @@ __global__ void __launch_bounds__(kThreads) RecallPlanKernel(RecallParams p) {
   if (tid == 0) host_tokens = sum;
   __syncthreads();
   const int T = host_tokens;
+  if (p.list_only) {
+    // Read ahead: every piece of a missed block below host memory goes on
+    // the fetch list; nothing else is written.
+    const int32_t* const below = p.piece_host + sh * p.max_pieces;
+    for (int r = tid; r < runs; r += kThreads) {
+      const int b = s.run_block[r], take = s.run_take[r];
+      if (base[b] < 0 || (res_count[b] >= take && res_start[b] >= head - R)) continue;
+      for (int k = 0; k * kPiece < take; ++k) {
+        const int32_t piece = base[b] + k;
+        if (below[piece] != engine::kPieceBelowHost) continue;
+        const int32_t at = atomicAdd(WorkspaceAt<int32_t>(p.workspace, kWsFetched), 1);
+        if (at < kRecallFetchCapacity) p.fetch.pieces[at] = RecallFetchPiece{slot, h, piece};
+      }
+    }
+    return;
+  }
   if (2 * T > R) {
     if (tid == 0) atomicOr(p.status + slot, engine::kRecallRingTooSmall);
     return;
@@ -544,6 +560,7 @@ cudaError_t LaunchRecall(const RecallParams& p, cudaStream_t stream) {
       return e;
     }
   }
+  if (p.list_only) return cudaSuccess;  // nothing to decode
   RecallDecodeKernel<Cache><<<p.decode_ctas, kThreads, decode_smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -557,7 +574,8 @@ cudaError_t LaunchRecallBlocks(const RecallParams& p, cudaStream_t stream) {
       p.ring_rows % p.page_size != 0 || p.head_dim % 8 != 0 || p.host == nullptr ||
       p.workspace == nullptr || p.workspace_bytes < RecallWorkspaceBytes(p) || p.decode_ctas < 1 ||
       (p.fetch.pieces != nullptr &&
-       (p.fetch.count == nullptr || p.fetch.offsets == nullptr || p.fetch.fn == nullptr))) {
+       (p.fetch.count == nullptr || p.fetch.offsets == nullptr || p.fetch.fn == nullptr)) ||
+      (p.list_only && p.fetch.pieces == nullptr)) {
     return cudaErrorInvalidValue;
   }
   return p.kv_fp8 ? LaunchRecall<__nv_fp8_e4m3>(p, stream) : LaunchRecall<__nv_bfloat16>(p, stream);

@@ -22,6 +22,9 @@
 //    offset in the host buffer (or -1), and the decode kernel reads those
 //    pieces from there. Every step is a stream operation, so a graph
 //    records it; the host function runs at each replay.
+//  - Read ahead (RecallParams::list_only): only the plan kernel's list of
+//    missed pieces below host memory and the host function; the ring, the
+//    tables and key_index stay as they are.
 //
 // Thread-safety: no state; calls on one stream are ordered.
 #ifndef STRATA_CUDA_KERNELS_KV_TIER_H_
@@ -117,6 +120,10 @@ struct RecallParams {
   // Pieces below host memory: fetched through `fetch` when fetch.pieces is
   // set, else bad pieces.
   RecallFetchList fetch;
+  // Read ahead only (engine::TierRing::list_only; needs `fetch`): the plan
+  // kernel lists the missed pieces below host memory and writes nothing
+  // else, the host function runs, and no piece is decoded.
+  bool list_only = false;
 };
 // Shared memory the plan kernel takes for these params.
 size_t RecallSmemBytes(const RecallParams& params);

@@ -409,6 +409,82 @@ TEST_F(CudaTierOpsTest, PiecesBelowHostMemoryAreFetchedAsOnTheCpu) {
   }
 }
 
+// A read ahead (TierRing::list_only) on the side stream hands its fetcher
+// the pieces below host memory that the same plan's recall would fetch, as
+// the CPU does, and changes no table, key, ring row, status or stat.
+TEST_F(CudaTierOpsTest, AReadAheadListsWhatTheRecallWouldFetchAndChangesNothing) {
+  constexpr int kLayer = 5;
+  const std::vector<int> sizes = {9, 1, 20, 6, 12, 8, 0};
+  Fixture c(cpu(), sizes, seed_), g(cuda(), sizes, seed_);
+  STRATA_ASSERT_OK(c.Offload(KvCodecKind::kInt8));
+  STRATA_ASSERT_OK(g.Offload(KvCodecKind::kInt8));
+  StagingFetcher c_fetch(c.ring.host, 512 << 10), g_fetch(g.ring.host, 512 << 10);
+  StagingFetcher c_ahead(c.ring.host, 768 << 10), g_ahead(g.ring.host, 768 << 10);
+  const auto moved = c.MoveBelowHost({0, 2, 4}, {&c_fetch, &c_ahead}, kLayer);
+  EXPECT_EQ(g.MoveBelowHost({0, 2, 4}, {&g_fetch, &g_ahead}, kLayer), moved);
+  c.ring.fetcher = &c_fetch;
+  g.ring.fetcher = &g_fetch;
+  std::mt19937 rng(static_cast<uint32_t>(seed_));
+  int listed = 0;
+  for (int step = 0; step < 40; ++step) {
+    std::vector<int> order = {0, 1, 2, 3, 4, 5, 6};
+    std::shuffle(order.begin(), order.end(), rng);
+    const int budget = 1 + static_cast<int>(rng() % 16);
+    for (Fixture* f : {&c, &g}) {
+      const bool gpu = f == &g;
+      StagingFetcher& ahead = gpu ? g_ahead : c_ahead;
+      StagingFetcher& fetch = gpu ? g_fetch : c_fetch;
+      const std::vector<int32_t> tables_before[] = {
+          f->I32(f->tables.ring_head), f->I32(f->tables.res_start), f->I32(f->tables.res_count),
+          f->I32(f->ring.status), f->I32(f->ring.stats)};
+      std::vector<float> k_before(f->k.numel());
+      ASSERT_TRUE(f->b->CopyToHost(f->k, k_before.data()).ok());
+      engine::SparsePlan plan = f->Plan(order, budget);
+      const std::vector<int32_t> keys_before = f->I32(plan.key_index);
+      engine::TierRing read_ahead = f->ring;
+      read_ahead.fetcher = &ahead;
+      read_ahead.list_only = true;
+      const size_t ahead_before = ahead.sorted_requests().size();
+      STRATA_ASSERT_OK(f->b->BeginSideWork());
+      engine::AttentionBatch batch;
+      const absl::Status side =
+          f->b->RecallBlocks(f->k, f->v, batch, plan, f->extents, f->tables, read_ahead);
+      STRATA_ASSERT_OK(f->b->EndSideWork());
+      STRATA_ASSERT_OK(f->b->JoinSideWork());
+      STRATA_ASSERT_OK(side);
+      STRATA_ASSERT_OK(f->b->Synchronize());
+      const std::vector<int32_t> tables_after[] = {
+          f->I32(f->tables.ring_head), f->I32(f->tables.res_start), f->I32(f->tables.res_count),
+          f->I32(f->ring.status), f->I32(f->ring.stats)};
+      for (int t = 0; t < 5; ++t) ASSERT_EQ(tables_after[t], tables_before[t]) << "table " << t;
+      ASSERT_EQ(f->I32(plan.key_index), keys_before) << "step " << step;
+      std::vector<float> k_after(f->k.numel());
+      ASSERT_TRUE(f->b->CopyToHost(f->k, k_after.data()).ok());
+      ASSERT_EQ(std::memcmp(k_after.data(), k_before.data(), k_after.size() * sizeof(float)), 0);
+      // The recall of the same plan fetches exactly what was read ahead.
+      std::vector<StagingFetcher::Request> ahead_now = ahead.sorted_requests();
+      const size_t fetch_before = fetch.sorted_requests().size();
+      STRATA_ASSERT_OK(f->RecallPlan(plan));
+      STRATA_ASSERT_OK(f->b->Synchronize());
+      ASSERT_EQ(ahead_now.size() - ahead_before, fetch.sorted_requests().size() - fetch_before)
+          << "step " << step << (gpu ? " gpu" : " cpu");
+      if (gpu) listed += static_cast<int>(ahead_now.size() - ahead_before);
+    }
+  }
+  EXPECT_GT(listed, 0);
+  EXPECT_EQ(g_ahead.sorted_requests(), c_ahead.sorted_requests());
+  EXPECT_EQ(g_fetch.sorted_requests(), c_fetch.sorted_requests());
+  EXPECT_EQ(g_ahead.sorted_requests(), g_fetch.sorted_requests());
+  // Without a fetcher a read ahead is refused.
+  engine::SparsePlan plan = g.Plan({0, 2}, 12);
+  engine::TierRing no_fetcher = g.ring;
+  no_fetcher.fetcher = nullptr;
+  no_fetcher.list_only = true;
+  engine::AttentionBatch batch;
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      g.b->RecallBlocks(g.k, g.v, batch, plan, g.extents, g.tables, no_fetcher)));
+}
+
 TEST_F(CudaTierOpsTest, APieceTheFetcherCannotHaveIsABadPiece) {
   constexpr int64_t kStaging = 512 << 10;
   const std::vector<int> sizes = {9, 1, 20, 6, 12, 8};

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <filesystem>
@@ -51,6 +52,7 @@ struct Setup {
   int64_t ssd_line = -1;                          // the workload's own SSD line (-1: none)
   std::chrono::milliseconds spill_timeout{2000};  // KvTierOptions::spill_fetch_timeout
   std::function<void()> before_write = nullptr;   // ... ::spill_before_write
+  bool read_ahead = true;                         // ... ::spill_read_ahead
 };
 
 // llama_gqa, a block manager with a 64 MiB host tier over a RocksDB store
@@ -87,6 +89,7 @@ class SpillModel {
     tier.spill_high_water = setup.high_water;
     tier.spill_fetch_timeout = setup.spill_timeout;
     tier.spill_before_write = setup.before_write;
+    tier.spill_read_ahead = setup.read_ahead;
     auto r = KvPolicyRunner::Create(model(), {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
     EXPECT_TRUE(r.ok()) << r.status();
     runner_ = std::move(*r);
@@ -193,6 +196,27 @@ TEST(ClusterSpillTest, ClustersOnTheSsdGiveTheTokensOfClustersOnTheGpuOrInHostMe
     ASSERT_EQ(gpu.tokens.at(id).size(), 60u);
     EXPECT_EQ(host.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
     EXPECT_EQ(ssd.tokens.at(id), gpu.tokens.at(id)) << "request " << id;
+  }
+}
+
+// Each layer of a step that may fetch from the SSD guesses the next
+// layer's selection and starts its reads: the steps' hard misses find some
+// of them read, with the same tokens as without.
+TEST(ClusterSpillTest, ReadsAheadServeHardMissesWithTheSameTokens) {
+  const Served without = Serve({.admission = Admission::kAlways, .read_ahead = false});
+  const Served with = Serve({.admission = Admission::kAlways, .read_ahead = true});
+  EXPECT_EQ(without.spill.read_ahead_clusters, 0);
+  EXPECT_GT(without.spill.hard_misses, 0);
+  EXPECT_GT(with.spill.read_ahead_clusters, 0);
+  EXPECT_GT(with.spill.read_ahead_used, 0) << "no hard miss found its cluster read ahead";
+  EXPECT_LE(with.spill.read_ahead_used, with.spill.hard_misses);
+  EXPECT_EQ(with.stats.read_ahead_used, with.spill.read_ahead_used);
+  EXPECT_EQ(with.spill.fetches_failed, 0);
+  EXPECT_EQ(with.stats.recall_bad_pieces, 0);
+  EXPECT_EQ(with.lost, 0);
+  for (uint64_t id = 0; id < 3; ++id) {
+    ASSERT_EQ(without.tokens.at(id).size(), 60u);
+    EXPECT_EQ(with.tokens.at(id), without.tokens.at(id)) << "request " << id;
   }
 }
 
@@ -564,6 +588,117 @@ TEST_F(ClusterSpillUnitTest, AStalledSsdFailsFetchesInTimeAndLateReadsLandNowher
   EXPECT_EQ(st.fetches_failed, 4);
   EXPECT_EQ(st.bytes_read, 640);
   spill.Forget(9);
+}
+
+// A read ahead answers at once and reads each cluster once: the Fetch of
+// its layer copies what was read, or waits for the read still running; a
+// read ahead of another layer, or the sequence's end, drops it.
+TEST_F(ClusterSpillUnitTest, AReadAheadIsReadOnceAndTakenByTheFetchOfItsLayerOnly) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool hold = false;
+  int reads = 0;
+  ClusterSpill::Options options{.host_data = host_.data(), .io_threads = 2};
+  options.before_read = [&] {
+    std::unique_lock<std::mutex> lock(mu);
+    ++reads;
+    cv.notify_all();
+    cv.wait(lock, [&] { return !hold; });
+  };
+  ClusterSpill spill(store_.get(), options);
+  spill.SetStaging(int64_t{512} << 10, 4096);
+  spill.Write(77, OneCluster(9, 2));
+  ASSERT_EQ(WaitDone(spill).size(), 1u);
+  const std::vector<uint8_t> written(host_.begin() + 128, host_.begin() + 768);
+  std::fill(host_.begin(), host_.begin() + 4096, 0);
+  const std::vector<engine::PieceFetcher::Piece> pieces = {{2, 0, 5}, {2, 0, 6}};
+  auto reads_now = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return reads;
+  };
+  auto wait_reads = [&](int n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(10), [&] { return reads >= n; });
+  };
+  auto read_ahead = [&](int layer) {
+    std::vector<int64_t> answers(pieces.size(), 0);
+    spill.read_ahead()->Fetch(layer, pieces, answers);
+    return answers;
+  };
+  // 1. Read ahead and done: the fetch copies it and reads nothing more.
+  EXPECT_EQ(read_ahead(1), (std::vector<int64_t>{-1, -1})) << "a read ahead never answers";
+  for (int i = 0; i < 10000 && spill.stats().read_ahead_bytes < 640; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  ASSERT_EQ(spill.stats().read_ahead_bytes, 640);
+  std::vector<int64_t> offsets(pieces.size());
+  spill.Fetch(1, pieces, offsets);
+  ASSERT_GE(offsets[0], int64_t{512} << 10);
+  EXPECT_TRUE(std::equal(written.begin(), written.end(), host_.begin() + offsets[0]));
+  EXPECT_EQ(offsets[1] - offsets[0], 320);
+  EXPECT_EQ(reads_now(), 1) << "read once";
+  EXPECT_EQ(spill.stats().read_ahead_used, 1);
+  EXPECT_EQ(spill.stats().hard_misses, 1);
+  EXPECT_EQ(spill.stats().bytes_read, 640);
+
+  // 2. Still being read when the fetch comes: the fetch waits for that read.
+  std::fill(host_.begin() + (512 << 10), host_.begin() + (512 << 10) + 4096, 0);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    hold = true;
+  }
+  read_ahead(1);
+  ASSERT_TRUE(wait_reads(2));
+  std::atomic<bool> fetched{false};
+  std::thread step([&] {
+    spill.Fetch(1, pieces, offsets);
+    fetched = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(fetched) << "the fetch did not wait for the read ahead";
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    hold = false;
+  }
+  cv.notify_all();
+  step.join();
+  ASSERT_GE(offsets[0], 0);
+  EXPECT_TRUE(std::equal(written.begin(), written.end(), host_.begin() + offsets[0]));
+  EXPECT_EQ(reads_now(), 2) << "the fetch read nothing itself";
+  EXPECT_EQ(spill.stats().read_ahead_used, 2);
+
+  // 3. A read ahead of another layer drops it: the fetch reads again.
+  read_ahead(1);
+  ASSERT_TRUE(wait_reads(3));
+  read_ahead(0);  // nothing of layer 0 is stored
+  spill.Fetch(1, pieces, offsets);
+  ASSERT_GE(offsets[0], 0);
+  EXPECT_TRUE(std::equal(written.begin(), written.end(), host_.begin() + offsets[0]));
+  EXPECT_EQ(reads_now(), 4);
+  EXPECT_EQ(spill.stats().read_ahead_used, 2);
+  EXPECT_EQ(spill.stats().read_ahead_clusters, 3);
+
+  // 4. The sequence ends while its read ahead is held: Forget does not wait
+  // for it (it holds none of the sequence's host memory), and nothing is
+  // left once it returns.
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    hold = true;
+  }
+  read_ahead(1);
+  ASSERT_TRUE(wait_reads(5));
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_TRUE(spill.Forget(9));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::milliseconds(500));
+  EXPECT_EQ(store_->stats().bytes_used, 0);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    hold = false;
+  }
+  cv.notify_all();
+  spill.Fetch(1, pieces, offsets);
+  EXPECT_EQ(offsets, (std::vector<int64_t>{-1, -1}));
+  EXPECT_EQ(reads_now(), 5);
 }
 
 TEST_F(ClusterSpillUnitTest, ForgettingASequenceWhoseWriteTheSsdHoldsReturnsInTime) {
