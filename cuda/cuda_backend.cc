@@ -237,6 +237,7 @@ class CudaBackend final : public engine::Backend {
   absl::Status EndSideWork() override;
   absl::Status JoinSideWork() override;
   void SetOpTiming(bool enabled) override { op_timer_.set_enabled(enabled); }
+  bool SupportsGraphs() const override { return true; }
   absl::Status BeginCapture() override;
   absl::StatusOr<int> EndCapture() override;
   absl::Status ReplayGraph(int graph) override;

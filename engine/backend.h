@@ -517,7 +517,8 @@ class Backend {
   // workspace): the caller then abandons the capture with EndCapture and
   // runs the step directly. ReplayGraph returns FailedPrecondition when it
   // cannot replay now (the CUDA backend: while op timing is on). Backends
-  // without graphs return Unimplemented.
+  // without graphs return Unimplemented, and say so in SupportsGraphs.
+  virtual bool SupportsGraphs() const { return false; }
   virtual absl::Status BeginCapture() {
     return absl::UnimplementedError(std::string(name()) + " backend has no graphs");
   }

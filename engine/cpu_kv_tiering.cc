@@ -157,7 +157,8 @@ absl::Status RecallBlocks(Tensor& k_cache, Tensor& v_cache, SparsePlan& plan, co
       }
       if (ring.list_only) {
         // Read ahead: the missed pieces below host memory, listed; nothing
-        // else changes.
+        // else changes (nothing for a selection the ring cannot hold).
+        if (host_tokens * 2 > ring_rows) continue;
         for (const Run& r : runs) {
           if (base[r.block] < 0) continue;
           if (res_count[r.block] >= r.take && res_start[r.block] >= int64_t{head} - ring_rows) {

@@ -292,7 +292,10 @@ absl::StatusOr<std::vector<SampledToken>> Model::ForwardSampleOnRank(
     }
   }
   bool sampled = false;
-  if (options_.decode_graphs && !graphs_unsupported_) {
+  // A backend without graphs never pads a step to its graph bucket: under
+  // tensor parallelism every rank must take a step with the same rows, and
+  // whether a rank's key was seen before is its planner's own history.
+  if (options_.decode_graphs && backend_->SupportsGraphs() && !graphs_unsupported_) {
     STRATA_ASSIGN_OR_RETURN(sampled, SampleDecodeGraph(in, rows));
   }
   const int n = static_cast<int>(rows.size());

@@ -398,10 +398,15 @@ void ClusterSpill::DropReadsAheadLocked(int64_t seq_id) {
     ReadJob& job = *entry.second;
     std::lock_guard<std::mutex> lock(job.wait->mu);
     job.dropped = true;  // a queued read is not made
-    ahead_bytes_ -= static_cast<int64_t>(job.buffer.size());
+    ahead_bytes_ -= job.bytes;
     return true;
   });
   if (ahead_.empty()) ahead_layer_ = -1;
+}
+
+void ClusterSpill::DropReadsAhead() {
+  std::lock_guard<std::mutex> lock(mu_);
+  DropReadsAheadLocked(-1);
 }
 
 void ClusterSpill::StartReadsAhead(int layer, std::span<const engine::PieceFetcher::Piece> pieces,
@@ -425,7 +430,7 @@ void ClusterSpill::StartReadsAhead(int layer, std::span<const engine::PieceFetch
       auto r = std::make_shared<ReadJob>();
       r->key = KeyOf(found->seq->owner, layer, static_cast<uint32_t>(p.head),
                      static_cast<uint32_t>(found->id & 0xffffffff));
-      r->buffer.resize(static_cast<size_t>(bytes));
+      r->bytes = bytes;  // its buffer is allocated by the reader that reads it
       r->ahead = true;
       r->wait = wait;
       ahead_.emplace(std::make_pair(found->seq_id, found->id), r);
@@ -474,15 +479,26 @@ void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece>
         uint8_t* const dest = options_.host_data + staging_offset + cursor;
         cursor += span;
         auto taken = ahead_.find({found->seq_id, found->id});
+        bool started = false;
         if (taken != ahead_.end()) {
-          // Read ahead: the buffer is copied to `dest` below, once read.
+          // A read ahead that a reader has started is taken (its buffer is
+          // copied to `dest` below, once read); one still queued behind
+          // others is dropped and read now, ahead of them.
           std::shared_ptr<ReadJob> r = std::move(taken->second);
-          ahead_bytes_ -= static_cast<int64_t>(r->buffer.size());
+          ahead_bytes_ -= r->bytes;
           ahead_.erase(taken);
-          r->dest = dest;
-          reads.push_back(std::move(r));
-          ahead.push_back(1);
-        } else {
+          {
+            std::lock_guard<std::mutex> job_lock(r->wait->mu);
+            started = r->started;
+            if (!started) r->dropped = true;
+          }
+          if (started) {
+            r->dest = dest;
+            reads.push_back(std::move(r));
+            ahead.push_back(1);
+          }
+        }
+        if (!started) {
           auto r = std::make_shared<ReadJob>();
           r->key = KeyOf(found->seq->owner, layer, static_cast<uint32_t>(pieces[i].head),
                          static_cast<uint32_t>(found->id & 0xffffffff));
@@ -566,6 +582,8 @@ void ClusterSpill::Fetch(int layer, std::span<const engine::PieceFetcher::Piece>
     ++stats_.fetch_timeouts;
     stats_.stalled = reads_outstanding_ > 0;
   }
+  // A disk that stopped answering gets none of the reads ahead still queued.
+  if (timed_out || stalled) DropReadsAheadLocked(-1);
   stats_.hard_misses += static_cast<int64_t>(reads.size());
   stats_.hard_miss_pieces += static_cast<int64_t>(pieces.size());
   stats_.bytes_read += bytes;
@@ -583,14 +601,19 @@ void ClusterSpill::ReaderLoop() {
         return stopping_ || !read_queue_.empty() || !ahead_queue_.empty() ||
                !promote_queue_.empty();
       });
+      // A step's fetches first; then reads ahead, leaving one reader to
+      // promotions while some wait (they end a sequence's hard misses).
+      const bool ahead_capped =
+          !promote_queue_.empty() && ahead_reading_ + 1 >= static_cast<int>(readers_.size());
       if (!read_queue_.empty()) {
         job = std::move(read_queue_.front());
         read_queue_.pop_front();
       } else if (stopping_) {
         return;  // reads ahead and promotions are dropped with the spill
-      } else if (!ahead_queue_.empty()) {
+      } else if (!ahead_queue_.empty() && !ahead_capped) {
         job = std::move(ahead_queue_.front());
         ahead_queue_.pop_front();
+        ++ahead_reading_;
       } else {
         PromoteJob promote = std::move(promote_queue_.front());
         promote_queue_.pop_front();
@@ -604,8 +627,10 @@ void ClusterSpill::ReaderLoop() {
     {
       std::lock_guard<std::mutex> lock(wait.mu);
       skip = wait.abandoned || job->dropped;
+      job->started = !skip;
     }
     absl::Status s = absl::CancelledError("the fetch gave up");
+    if (!skip && job->ahead) job->buffer.resize(static_cast<size_t>(job->bytes));
     if (!skip) {
       if (options_.before_read) options_.before_read();
       s = store_->GetInto(job->key, {}, job->buffer);
@@ -628,7 +653,10 @@ void ClusterSpill::ReaderLoop() {
     }
     wait.cv.notify_all();
     std::lock_guard<std::mutex> lock(mu_);
-    if (job->ahead && s.ok()) stats_.read_ahead_bytes += static_cast<int64_t>(job->buffer.size());
+    if (job->ahead) {
+      --ahead_reading_;
+      if (s.ok()) stats_.read_ahead_bytes += job->bytes;
+    }
     if (--reads_outstanding_ == 0) stats_.stalled = false;
   }
 }

@@ -34,12 +34,14 @@
 // answers every piece -1 at once and queues reads of the clusters on the
 // SSD those pieces belong to, each into a buffer of its own, while the
 // layer before the one guessed computes. A step's Fetch of that layer then
-// takes a cluster read ahead (copied into the staging area) or still
-// being read (waited for) instead of reading it again. The reads ahead of
-// one layer are kept until a read ahead or a Fetch of another layer drops
-// them (their queued reads are then not made); they hold at most the
-// staging area's bytes. Readers take a step's fetches first, reads ahead
-// next, promotions last.
+// takes a cluster read ahead (copied into the staging area) or being read
+// (waited for) instead of reading it again; one still queued is read anew
+// ahead of the others. The reads ahead of one layer are kept until a read
+// ahead or a Fetch of another layer, DropReadsAhead or a timed-out fetch
+// drops them (their queued reads are then not made); those queued hold
+// at most the staging area's bytes, and take their buffers when read.
+// Readers take a step's fetches first, reads ahead next (leaving one
+// reader to promotions while any wait), promotions last.
 //
 // Promoting (Promote). A sequence running again whose clusters are on the
 // SSD may have them read back into host memory the caller allocated, on
@@ -214,6 +216,8 @@ class ClusterSpill final : public engine::PieceFetcher {
              std::span<int64_t> offsets) override;
   // The fetcher of reads ahead (see above); lives as long as the spill.
   engine::PieceFetcher* read_ahead() { return &read_ahead_; }
+  // Drops the reads ahead (the step that would have taken them ended).
+  void DropReadsAhead();
 
  private:
   class ReadAhead final : public engine::PieceFetcher {
@@ -261,7 +265,9 @@ class ClusterSpill final : public engine::PieceFetcher {
     bool ok = false;       // guarded by wait->mu
     bool done = false;     // ... the read returned (or was skipped)
     bool dropped = false;  // ... a read ahead no longer wanted
+    bool started = false;  // ... a reader took it (not dropped then)
     bool ahead = false;    // a read ahead (set once, before it is queued)
+    int64_t bytes = 0;     // a read ahead's value bytes (its buffer's, once read)
     std::shared_ptr<FetchWait> wait;
   };
   // The cluster a fetched piece belongs to (mu_ held): its sequence and
@@ -340,6 +346,7 @@ class ClusterSpill final : public engine::PieceFetcher {
   absl::flat_hash_map<std::pair<int64_t, uint64_t>, std::shared_ptr<ReadJob>> ahead_;
   int ahead_layer_ = -1;
   int64_t ahead_bytes_ = 0;
+  int ahead_reading_ = 0;  // reads ahead being read
   ReadAhead read_ahead_{this};
   std::vector<Promotion> promotions_done_;
   int reads_outstanding_ = 0;

@@ -740,11 +740,14 @@ absl::Status KvPolicyRunner::PrefetchLayer(int layer, const engine::AttentionBat
   engine::TierRing guess_ring = ring_;
   guess_ring.status = guess_status_;
   guess_ring.stats = guess_stats_;
-  // A guess never waits for the SSD; it may start reads from it. Without
-  // a prefetch share it only does that.
-  guess_ring.fetcher = step_fetch_ && ReadsAhead() ? spill_->read_ahead() : nullptr;
-  guess_ring.list_only = options_.tier.prefetch_share <= 0;
-  if (guess_ring.list_only && guess_ring.fetcher == nullptr) {
+  guess_ring.fetcher = nullptr;  // a guess never waits for the SSD
+  // It may start reads from it (a read-ahead recall, which changes nothing
+  // else), before its prefetch, if any, recalls from host memory.
+  engine::TierRing read_ahead = guess_ring;
+  read_ahead.fetcher = step_fetch_ && ReadsAhead() ? spill_->read_ahead() : nullptr;
+  read_ahead.list_only = true;
+  const bool prefetch = options_.tier.prefetch_share > 0;
+  if (!prefetch && read_ahead.fetcher == nullptr) {
     return absl::InternalError("kv policies: a guess with neither prefetch nor read ahead");
   }
   const engine::QkvLayout layout{model_->shard().q_heads, model_->shard().kv_heads,
@@ -755,7 +758,11 @@ absl::Status KvPolicyRunner::PrefetchLayer(int layer, const engine::AttentionBat
       b.ScoreBlocks(guessed_qkv, layout, guess_plan_, 0, num_clusterkv,
                     engine::BlockScoring::kCentroid, centroids_[layer], Tensor(), guess_scores_);
   if (side.ok()) side = b.SelectTokens(guess_scores_, extents_[layer], guess_plan_);
-  if (side.ok()) {
+  if (side.ok() && read_ahead.fetcher != nullptr) {
+    side = b.RecallBlocks(k_cache, v_cache, batch, guess_plan_, extents_[layer], tier_[layer],
+                          read_ahead);
+  }
+  if (side.ok() && prefetch) {
     side = b.RecallBlocks(k_cache, v_cache, batch, guess_plan_, extents_[layer], tier_[layer],
                           guess_ring);
   }
@@ -1097,6 +1104,9 @@ absl::StatusOr<std::vector<engine::AttentionPlanner::LostSequence>> KvPolicyRunn
     stats_.prefetch_tokens += guessed[engine::kStatRecalledTokens];
     stats_.prefetch_kib += guessed[engine::kStatRecalledKiB];
     stats_.prefetch_micros += guessed[engine::kStatRecallMicros];
+    // What the step's last layers read ahead is no step's to take (the
+    // copy above waited for the step, its host functions included).
+    if (step_fetch_ && ReadsAhead()) spill_->DropReadsAhead();
     step_prefetch_ = false;
   }
   std::vector<int32_t> status(ring_.status.numel()), counts(engine::kKvTierStats);

@@ -275,7 +275,9 @@ __global__ void __launch_bounds__(kThreads) RecallPlanKernel(RecallParams p) {
   const int T = host_tokens;
   if (p.list_only) {
     // Read ahead: every piece of a missed block below host memory goes on
-    // the fetch list; nothing else is written.
+    // the fetch list; nothing else is written (nothing for a selection the
+    // ring cannot hold).
+    if (2 * T > R) return;
     const int32_t* const below = p.piece_host + sh * p.max_pieces;
     for (int r = tid; r < runs; r += kThreads) {
       const int b = s.run_block[r], take = s.run_take[r];

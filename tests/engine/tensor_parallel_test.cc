@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -379,6 +380,70 @@ TEST(TensorParallelTest, ALeaderWhoseFollowersNeverComeFailsItsStepInTime) {
   // The group stays broken: later steps fail at once, not after a timeout.
   auto again = loaded->model->Forward(PromptStep({1, 2, 3, 4}, options.page_size));
   EXPECT_TRUE(absl::IsAborted(again.status())) << again.status();
+}
+
+// A planner that plans nothing (dense attention) and gives the steps'
+// graph keys: the same one each step (`fixed`), or a new one each step.
+class KeyingPlanner : public AttentionPlanner {
+ public:
+  explicit KeyingPlanner(bool fixed) : fixed_(fixed) {}
+  absl::Status BeginStep(const StepInput&, const AttentionBatch&) override {
+    ++steps_;
+    return absl::OkStatus();
+  }
+  absl::StatusOr<const SparsePlan*> PlanLayer(int, const AttentionBatch&, const Tensor&, Tensor&,
+                                              Tensor&) override {
+    return nullptr;
+  }
+  void Release(int64_t) override {}
+  bool Replayable() const override { return true; }
+  absl::StatusOr<std::optional<std::vector<int32_t>>> GraphKey() override {
+    return std::vector<int32_t>{fixed_ ? 0 : steps_};
+  }
+  int steps() const { return steps_; }
+
+ private:
+  const bool fixed_;
+  int steps_ = 0;
+};
+
+// The ranks' planners key their steps apart (each rank's KV policy has its
+// own state, e.g. which of its clusters are on the SSD yet): on a backend
+// without graphs every rank still takes each decode step with the same
+// rows. (Before, a rank that had seen its key twice stopped padding the
+// step to its graph bucket while another still padded: 3 rows against 4
+// in the step's first collective.)
+TEST(TensorParallelTest, RanksWhosePlannersKeyStepsApartTakeTheSameRows) {
+  ModelOptions options;
+  options.max_seqs = 4;
+  options.max_context = 64;
+  options.max_batch_tokens = 64;
+  options.max_logit_rows = 64;
+  options.num_pages = 32;
+  auto group = LoadGroup(FixturePath("models/llama_gqa"), 2, options);
+  ASSERT_NE(group, nullptr);
+  KeyingPlanner leader(/*fixed=*/true), follower(/*fixed=*/false);
+  ASSERT_TRUE(group->loaded.model->set_attention_planner(&leader).ok());
+  ASSERT_TRUE(group->loaded.followers[0]->set_attention_planner(&follower).ok());
+  Batcher batcher(group->loaded.model.get(), nullptr);
+  for (int i = 0; i < 3; ++i) {  // three sequences: a graph bucket of 4
+    GenerationRequest req;
+    req.id = i;
+    req.prompt = {5 + i, 17, 300, 2, 9};
+    req.max_tokens = 6;
+    req.ignore_eos = true;
+    ASSERT_TRUE(batcher.Add(req).ok());
+  }
+  int tokens = 0;
+  while (batcher.HasWork()) {
+    auto events = batcher.Step();
+    ASSERT_TRUE(events.ok()) << events.status();
+    tokens += static_cast<int>(events->size());
+  }
+  EXPECT_EQ(tokens, 18);
+  EXPECT_GE(leader.steps(), 5);
+  EXPECT_TRUE(group->loaded.model->set_attention_planner(nullptr).ok());
+  EXPECT_TRUE(group->loaded.followers[0]->set_attention_planner(nullptr).ok());
 }
 
 TEST(TensorParallelTest, ARefusedStepIsRefusedByEveryRankAndTheGroupGoesOn) {
