@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <numeric>
 #include <optional>
@@ -25,6 +26,7 @@
 #include "engine/model_loader.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
+#include "kvtier/ssd_store.h"
 #include "tests/cuda/cuda_test_util.h"
 
 namespace strata::cuda {
@@ -647,8 +649,11 @@ kvtier::KvPolicyConfig SmallClusterKv() {
 
 // upper_pages > 0: two page groups, the upper one from layer 1 (the
 // policy's sparse layers), whose pages of offloaded clusterings are freed.
+// `ssd`: the host-homed clusters also go down to it as soon as they are
+// offloaded, and come back up inside the steps (read ahead or not).
 ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecKind codec,
-                  int upper_pages = 0, double prefetch_share = 0) {
+                  int upper_pages = 0, double prefetch_share = 0, kvtier::SsdStore* ssd = nullptr,
+                  bool read_ahead = true) {
   ModelRun out;
   engine::ModelOptions options;
   options.max_seqs = 8;
@@ -664,11 +669,16 @@ ModelRun RunModel(Backend& backend, bool tiered, bool graphs, bool fp8, KvCodecK
   EXPECT_TRUE(loaded.ok()) << loaded.status();
   if (!loaded.ok()) return out;
   engine::Model* model = loaded->model.get();
-  auto manager = kvtier::KvBlockManager::Create(model, {.host_bytes = int64_t{256} << 20});
+  auto manager =
+      kvtier::KvBlockManager::Create(model, {.host_bytes = int64_t{256} << 20, .ssd = ssd});
   EXPECT_TRUE(manager.ok()) << manager.status();
   const kvtier::KvPolicyConfig config = SmallClusterKv();
   kvtier::KvTierOptions tier;
   if (tiered) tier = {.manager = manager->get(), .codec = codec, .prefetch_share = prefetch_share};
+  if (tiered && ssd != nullptr) {
+    tier.spill_admission = {kvtier::KvBlockManagerOptions::SsdAdmission::kAlways};
+    tier.spill_read_ahead = read_ahead;
+  }
   auto runner =
       kvtier::KvPolicyRunner::Create(model, {config}, {.max_sparse_seqs = 8, .tier = tier});
   EXPECT_TRUE(runner.ok()) << runner.status();
@@ -741,6 +751,44 @@ TEST(CudaTieringPrefetchTest, PrefetchedClustersGiveTheTokensOfClustersOnTheGpu)
       EXPECT_EQ(host.tokens.at(id), tokens) << "share " << share << ", request " << id;
     }
   }
+}
+
+// Clusters on the SSD come up inside the steps, each layer reading the next
+// one's guessed clusters ahead on the side stream (recorded in the decode
+// graphs with its host function), with the tokens of clusters on the GPU;
+// with a prefetch from host memory beside it too.
+TEST(CudaTieringSsdTest, ClustersReadAheadFromTheSsdGiveTheTokensOfClustersOnTheGpu) {
+  auto backend = CreateCudaBackend(0);
+  if (!backend.ok()) GTEST_SKIP() << "no usable GPU: " << backend.status();
+  const ModelRun gpu = RunModel(**backend, false, true, false, KvCodecKind::kBf16);
+  ASSERT_EQ(gpu.tokens.size(), 6u);
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / "cuda_tiering_ssd_read_ahead";
+  for (const bool graphs : {false, true}) {
+    for (const double share : {0.0, 0.5}) {
+      for (const bool read_ahead : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << "graphs " << graphs << ", prefetch share " << share
+                                          << ", read ahead " << read_ahead);
+        std::filesystem::remove_all(dir);
+        auto store = kvtier::SsdStore::Open({dir.string(), "llama_gqa", int64_t{1} << 30});
+        ASSERT_TRUE(store.ok()) << store.status();
+        const ModelRun ssd = RunModel(**backend, true, graphs, false, KvCodecKind::kBf16, 0, share,
+                                      store->get(), read_ahead);
+        EXPECT_GT(ssd.stats.spills, 0);
+        EXPECT_GT(ssd.stats.hard_misses, 0);
+        EXPECT_EQ(ssd.stats.hard_miss_failed, 0);
+        EXPECT_EQ(ssd.stats.recall_bad_pieces, 0);
+        if (read_ahead) {
+          EXPECT_GT(ssd.stats.read_ahead_used, 0) << "no hard miss was read ahead";
+        } else {
+          EXPECT_EQ(ssd.stats.read_ahead_clusters, 0);
+        }
+        for (const auto& [id, tokens] : gpu.tokens) EXPECT_EQ(ssd.tokens.at(id), tokens) << id;
+        EXPECT_TRUE(ssd.idle);
+      }
+    }
+  }
+  std::filesystem::remove_all(dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CudaTieringModelTest,

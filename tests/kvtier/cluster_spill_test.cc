@@ -53,6 +53,7 @@ struct Setup {
   std::chrono::milliseconds spill_timeout{2000};  // KvTierOptions::spill_fetch_timeout
   std::function<void()> before_write = nullptr;   // ... ::spill_before_write
   bool read_ahead = true;                         // ... ::spill_read_ahead
+  double prefetch_share = 0;                      // ... ::prefetch_share
 };
 
 // llama_gqa, a block manager with a 64 MiB host tier over a RocksDB store
@@ -90,6 +91,7 @@ class SpillModel {
     tier.spill_fetch_timeout = setup.spill_timeout;
     tier.spill_before_write = setup.before_write;
     tier.spill_read_ahead = setup.read_ahead;
+    tier.prefetch_share = setup.prefetch_share;
     auto r = KvPolicyRunner::Create(model(), {ClusterKv()}, {.max_sparse_seqs = 4, .tier = tier});
     EXPECT_TRUE(r.ok()) << r.status();
     runner_ = std::move(*r);
@@ -214,9 +216,17 @@ TEST(ClusterSpillTest, ReadsAheadServeHardMissesWithTheSameTokens) {
   EXPECT_EQ(with.spill.fetches_failed, 0);
   EXPECT_EQ(with.stats.recall_bad_pieces, 0);
   EXPECT_EQ(with.lost, 0);
+  // Beside a prefetch from host memory too (two recalls of the guess: the
+  // read ahead, then the prefetch).
+  const Served prefetching =
+      Serve({.admission = Admission::kAlways, .read_ahead = true, .prefetch_share = 0.5});
+  EXPECT_GT(prefetching.spill.read_ahead_used, 0);
+  EXPECT_GT(prefetching.stats.prefetch_tokens, 0);
+  EXPECT_EQ(prefetching.stats.recall_bad_pieces, 0);
   for (uint64_t id = 0; id < 3; ++id) {
     ASSERT_EQ(without.tokens.at(id).size(), 60u);
     EXPECT_EQ(with.tokens.at(id), without.tokens.at(id)) << "request " << id;
+    EXPECT_EQ(prefetching.tokens.at(id), without.tokens.at(id)) << "request " << id;
   }
 }
 
