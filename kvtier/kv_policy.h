@@ -66,6 +66,9 @@
 // (KvMemory::AddExportPlannerState). The decode worker's runner is given
 // them with the KV (NoteImportedState) and redoes them as it redoes stored
 // ones: its first decode step reorders instead of running the k-means.
+// With a ClusteringStore it keeps them too, under the pages the batcher
+// stored the prompt in (an exact import), for a later prompt that loads
+// them (not yet for an import admitted straight into the host tier).
 //
 // Imported prompts straight into the host tier (kv_policy_admit.cc): a
 // decode worker's runner with host-homed clusters (one rank, the upper page

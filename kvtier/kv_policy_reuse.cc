@@ -264,6 +264,28 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
   e.keep_later.assign(e.work.size(), nullptr);
   e.kept_offsets.assign(e.work.size(), -1);
   auto wanted = [&](const SummaryWork& w) { return WantedClustering(*e.policy, w); };
+  // What a clustering of chunk `w` is kept under: the pages' bytes, and
+  // everything the clustering depends on besides.
+  auto space_of = [&](const SummaryWork& w) {
+    return absl::StrCat("clusterkv/v1/rank ", model_->shard().rank, " of ", model_->shard().size,
+                        "/layers ", config.full_layers, "+", layers, "/iterations ",
+                        config.kmeans_iterations, "/", w.begin, "+", w.count, " in ", w.clusters,
+                        "/heads ", heads, "/d ", d);
+  };
+  // The key of a chunk of pages this sequence stored, once their CRCs are
+  // known.
+  auto later_key = [&](const SummaryWork& w) {
+    const size_t first_page = static_cast<size_t>(w.begin / page);
+    const size_t last_page = static_cast<size_t>((w.begin + w.count - 1) / page);
+    auto later = std::make_shared<LaterKey>();
+    later->space = space_of(w);
+    later->first_page = first_page;
+    for (size_t p = first_page; p <= last_page; ++p) {
+      later->words.push_back(p < prompt.page_crcs.size() ? prompt.page_crcs[p] : 0);
+    }
+    later->stored = prompt.stored;
+    return later;
+  };
   if (!prompt.imported.empty()) {
     // Computed by the prefill worker on the KV it sent: each work item
     // takes the value for its very chunk, if one came and it checks out.
@@ -281,11 +303,21 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
             header[kRankWord + 1] != want.ranks) {
           continue;
         }
+        // The prompt was stored as a prefix (it came exact): its clustering
+        // is kept with it, for a later prompt that loads those pages.
+        const bool keep = options_.clusterings != nullptr && prompt.stored != nullptr &&
+                          w.begin + w.count <= prompt.stored_tokens;
+        std::vector<uint8_t> kept;
+        if (keep) kept = value;
         absl::StatusOr<std::shared_ptr<const StoredClustering>> parsed =
             ParseClustering(std::move(value), want, PackPool());
         if (parsed.ok()) {
           e.reuse[wi] = *std::move(parsed);
           stats_.imported_clusterings += layers;
+          if (keep) {
+            awaited_keeps_.push_back(
+                {later_key(w), std::move(kept), std::chrono::steady_clock::now()});
+          }
         } else {
           STRATA_LOG_WARN(
               "sequence {}: the prefill worker's clustering of tokens [{}, {}) was not used (the "
@@ -315,20 +347,9 @@ absl::Status KvPolicyRunner::FindClusterings(Entry& e) {
     // kept once their CRCs are known.
     const bool stored = prompt.stored != nullptr && w.begin + w.count <= prompt.stored_tokens;
     if (!loaded && !stored) continue;
-    // The pages' bytes, and everything the clustering depends on besides.
-    const std::string space = absl::StrCat(
-        "clusterkv/v1/rank ", model_->shard().rank, " of ", model_->shard().size, "/layers ",
-        config.full_layers, "+", layers, "/iterations ", config.kmeans_iterations, "/", w.begin,
-        "+", w.count, " in ", w.clusters, "/heads ", heads, "/d ", d);
+    const std::string space = space_of(w);
     if (!loaded) {
-      auto later = std::make_shared<LaterKey>();
-      later->space = space;
-      later->first_page = first_page;
-      for (size_t p = first_page; p <= last_page; ++p) {
-        later->words.push_back(p < prompt.page_crcs.size() ? prompt.page_crcs[p] : 0);
-      }
-      later->stored = prompt.stored;
-      e.keep_later[wi] = std::move(later);
+      e.keep_later[wi] = later_key(w);
       e.kept_offsets[wi] = kept_elems;
       kept_elems += int64_t{heads} * w.count;
       continue;

@@ -26,6 +26,7 @@
 #include "engine/model_loader.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "kvtier/clustering_store.h"
 #include "kvtier/kv_block_manager.h"
 #include "kvtier/kv_policy.h"
 #include "kvtier/kv_wire.h"
@@ -435,10 +436,11 @@ struct Worker {
   // tiered: the layers from 1 on have their own pages, and the policy's
   // clusters are homed in the host tier; a decode worker (landing room)
   // then admits imported prompts straight into it when `admit`.
+  // clusterings: where the runner keeps prompts' clusterings for reuse.
   Worker(int landing_records, const KvPolicyConfig* policy = nullptr,
          engine::KvCodecKind wire_codec = engine::KvCodecKind::kBf16,
          bool export_clusterings = false, int prefix_records = 0, bool tiered = false,
-         bool admit = true) {
+         bool admit = true, ClusteringStore* clusterings = nullptr) {
     engine::ModelOptions model_options = SmallCache(80);
     if (tiered) {
       model_options.num_upper_pages = 80;
@@ -467,6 +469,7 @@ struct Worker {
           KvPolicyRunner::Create(model.get(), {*policy},
                                  {.max_sparse_seqs = 4,
                                   .tier = tier,
+                                  .clusterings = clusterings,
                                   .exports = export_clusterings ? manager.get() : nullptr,
                                   .imports = landing_records > 0});
       EXPECT_TRUE(runner_created.ok()) << runner_created.status();
@@ -765,6 +768,50 @@ TEST(DisaggregatedKvTest, AnImportedPromptIsKeptAsAPrefixInItsOrderAndOnlyWhenLo
       ExpectNothingLeft(p);
       ExpectNothingLeft(d);
     }
+}
+
+// A decode worker with a ClusteringStore keeps the clusterings that came
+// with an exact imported prompt under the pages it stored the prompt in: a
+// later prompt that loads those pages redoes them instead of running the
+// k-means, with one worker's tokens.
+TEST(DisaggregatedKvTest, AnImportedPromptsClusteringsAreKeptWithItsPages) {
+  const KvPolicyConfig c = ChunkedClusterKv();
+  ClusteringStore store(int64_t{64} << 20);
+  Worker p(0, &c, engine::KvCodecKind::kBf16, /*export_clusterings=*/true);
+  Worker d(64, &c, engine::KvCodecKind::kBf16, false, /*prefix_records=*/32, false, true, &store);
+  Worker alone(0, &c);
+  const int page = d.manager->layout().page_size();
+  const engine::GenerationRequest r = Request(5, 150, 8);
+  const uint64_t transfer = 4100;
+  ASSERT_TRUE(d.manager->landing_area()
+                  ->Reserve(transfer, (150 + page - 1) / page, absl::Now() + absl::Hours(1))
+                  .ok());
+  const engine::TokenEvent first = Prefill(p, r, 9);
+  ASSERT_NO_FATAL_FAILURE(Send(p, d, transfer));
+  ASSERT_TRUE(d.batcher->Add(DecodeRequest(r, first, transfer)).ok());
+  ASSERT_EQ(d.RunToEnd().back().finish, engine::FinishReason::kLength);
+  ASSERT_GT(d.runner->stats().imported_clusterings, 0);
+  EXPECT_GT(d.runner->stats().kept_clusterings, 0) << "the imported clusterings were not kept";
+
+  // The same document with another question.
+  engine::GenerationRequest next = Request(6, 0, 16);
+  next.prompt.assign(r.prompt.begin(), r.prompt.begin() + 128);
+  const std::vector<int32_t> more = Prompt(20, 99);
+  next.prompt.insert(next.prompt.end(), more.begin(), more.end());
+  const int64_t alone_before = alone.runner->stats().clusterings;
+  const std::vector<int32_t> expected = OneWorkersTokens(alone, next);
+  const int64_t alone_clusterings = alone.runner->stats().clusterings - alone_before;
+  const KvPolicyRunner::Stats before = d.runner->stats();
+  ASSERT_TRUE(d.batcher->Add(next).ok());
+  EXPECT_EQ(Tokens(d.RunToEnd()), expected);
+  const KvPolicyRunner::Stats after = d.runner->stats();
+  EXPECT_GT(d.manager->stats().prefix_tokens_loaded, 0);
+  EXPECT_GT(after.reused_clusterings, before.reused_clusterings)
+      << "the kept clusterings were not reused";
+  EXPECT_LT(after.clusterings - before.clusterings, alone_clusterings)
+      << "the k-means ran for every chunk";
+  ExpectNothingLeft(p);
+  ExpectNothingLeft(d);
 }
 
 // A decode worker whose ClusterKV clusters live in the host tier takes an
