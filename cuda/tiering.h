@@ -35,7 +35,9 @@ absl::Status OffloadBlocks(const engine::Tensor& k_cache, const engine::Tensor& 
 // (its entries tensor), so that it does not change between steps.
 size_t RecallWorkspaceBytes(const engine::SparsePlan& plan, const engine::Tensor& k_cache);
 
-// Where a layer's recalls on the main stream fetch pieces below host
+// Where a layer's recalls on one stream (the backend keeps one set of
+// these for the main stream's fetches, one for the side stream's reads
+// ahead, engine::TierRing::list_only) fetch pieces below host
 // memory (engine::PieceFetcher) from: the fetch list (pinned, device-mapped
 // host memory the plan kernel writes and the decode kernel reads) and the
 // host function of the stream that hands it to the fetcher. Graphs that
@@ -76,7 +78,7 @@ class RecallFetchContext {
 // The contexts of one backend, by layer.
 class RecallFetchContexts {
  public:
-  // The context a main-stream recall of `layer` with `fetcher` uses, which
+  // The context a recall of `layer` with `fetcher` uses, which
   // then fetches through `fetcher`; null when `fetcher` is (the layer's
   // context, if any, keeps its fetcher). A layer's first context allocates
   // pinned memory: FailedPrecondition while `capturing`. InvalidArgument for
